@@ -1,0 +1,42 @@
+# Two commands matter: `make demo` (whole pipeline on synthetic data) and `make test`.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+LANDING ?= data/landing
+WORKDIR ?= data/work
+PATIENTS ?= 1000
+SEED ?= 7
+
+.PHONY: install test lint demo ui bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check pipelines fhirlake deid tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/pytest
+
+demo: install
+	$(BIN)/ehr keys init
+	$(BIN)/ehr generate --patients $(PATIENTS) --seed $(SEED) --out $(LANDING)/synthetic
+	$(BIN)/ehr run --input $(LANDING) --workdir $(WORKDIR)
+	@echo "Open the Dagster UI with: make ui   (then http://127.0.0.1:3000)"
+
+ui: install
+	EHR_LANDING=$(LANDING) EHR_WORKDIR=$(WORKDIR) $(BIN)/dagster dev -w workspace.yaml
+
+bench: install
+	$(BIN)/ehr bench ingest --patients $(PATIENTS)
+
+clean:
+	rm -rf data .dagster_home/storage .dagster_home/history .dagster_home/schedules

@@ -1,0 +1,195 @@
+"""Envelope encryption for the PHI vault.
+
+Each owner (a patient pseudonym, or ``_shared`` for resources outside any patient compartment)
+gets its own random 256-bit data key. Data keys are stored only wrapped by the key provider's
+KEK, in the ``data_keys`` table. Records are sealed with AES-256-GCM; the ciphertext starts with
+a format byte and the data key's id, so every ciphertext names the key it needs, and the
+associated data binds it to the record it belongs to.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import duckdb
+import pyarrow as pa
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from deid.errors import InvalidCiphertext, KeyDestroyedError
+from deid.keys import KEY_BYTES, NONCE_BYTES, KeyProvider, WrappedKey
+
+SEALED_FORMAT = b"\x01"
+KEY_ID_BYTES = 16
+_HEADER = len(SEALED_FORMAT) + KEY_ID_BYTES
+_TAG_BYTES = 16
+SHARED_OWNER = "_shared"
+
+RandomBytes = Callable[[int], bytes]
+Clock = Callable[[], datetime]
+
+DATA_KEYS_DDL = """
+CREATE TABLE IF NOT EXISTS data_keys (
+    key_id BLOB PRIMARY KEY,
+    owner VARCHAR NOT NULL,
+    kek_id VARCHAR NOT NULL,
+    wrapped BLOB,
+    created_at TIMESTAMPTZ NOT NULL,
+    destroyed_at TIMESTAMPTZ
+)
+"""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class DataKey:
+    """A plaintext data key; lives only in memory."""
+
+    key_id: bytes
+    key: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.key_id) != KEY_ID_BYTES:
+            raise ValueError(f"key id must be {KEY_ID_BYTES} bytes, got {len(self.key_id)}")
+        if len(self.key) != KEY_BYTES:
+            raise ValueError(f"data key must be {KEY_BYTES} bytes, got {len(self.key)}")
+
+    def __repr__(self) -> str:  # never print key material
+        return f"DataKey(key_id={self.key_id.hex()})"
+
+
+def seal(
+    key: DataKey, plaintext: bytes, aad: bytes, random_bytes: RandomBytes = os.urandom
+) -> bytes:
+    """AES-256-GCM: ``0x01 || key_id || nonce || ciphertext || tag``."""
+    nonce = random_bytes(NONCE_BYTES)
+    header = SEALED_FORMAT + key.key_id
+    return header + nonce + AESGCM(key.key).encrypt(nonce, plaintext, header + aad)
+
+
+def sealed_key_id(blob: bytes) -> bytes:
+    """The data key id a sealed blob needs."""
+    if len(blob) < _HEADER + NONCE_BYTES + _TAG_BYTES or blob[:1] != SEALED_FORMAT:
+        raise InvalidCiphertext("not a sealed blob of a known format")
+    return blob[1:_HEADER]
+
+
+def open_sealed(key: DataKey, blob: bytes, aad: bytes) -> bytes:
+    """Decrypt and authenticate; any change to the blob or the associated data fails."""
+    if sealed_key_id(blob) != key.key_id:
+        raise InvalidCiphertext(
+            f"blob was sealed under data key {sealed_key_id(blob).hex()}, not {key.key_id.hex()}"
+        )
+    header, nonce, body = (
+        blob[:_HEADER],
+        blob[_HEADER : _HEADER + NONCE_BYTES],
+        blob[_HEADER + NONCE_BYTES :],
+    )
+    try:
+        return AESGCM(key.key).decrypt(nonce, body, header + aad)
+    except InvalidTag as exc:
+        raise InvalidCiphertext("authentication failed (tampered blob or wrong record)") from exc
+
+
+def _wrap_context(owner: str, key_id: bytes) -> bytes:
+    return b"ehr-dek/1|" + owner.encode() + b"|" + key_id
+
+
+class DataKeyStore:
+    """Per-owner data keys, persisted wrapped in the ``data_keys`` table of a DuckDB warehouse.
+
+    New keys are buffered and written by :meth:`flush` in one insert, so a batch touching many
+    patients pays one write, not one per patient; callers flush before committing ciphertexts.
+    """
+
+    def __init__(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        provider: KeyProvider,
+        *,
+        random_bytes: RandomBytes = os.urandom,
+        clock: Clock = _utcnow,
+    ) -> None:
+        self._con = con
+        self._provider = provider
+        self._random_bytes = random_bytes
+        self._clock = clock
+        con.execute(DATA_KEYS_DDL)
+        self._by_owner: dict[str, bytes] = {}
+        self._cache: dict[bytes, DataKey] = {}
+        self._pending: list[tuple[bytes, str, WrappedKey]] = []
+        rows = con.execute(
+            "SELECT owner, key_id FROM data_keys WHERE destroyed_at IS NULL"
+        ).fetchall()
+        for owner, key_id in rows:
+            self._by_owner[owner] = bytes(key_id)
+
+    def for_owner(self, owner: str) -> DataKey:
+        """The owner's live data key, created on first use."""
+        key_id = self._by_owner.get(owner)
+        if key_id is not None:
+            return self.by_id(key_id)
+        key_id = self._random_bytes(KEY_ID_BYTES)
+        key = DataKey(key_id, self._random_bytes(KEY_BYTES))
+        wrapped = self._provider.wrap(key.key, _wrap_context(owner, key_id))
+        self._pending.append((key_id, owner, wrapped))
+        self._by_owner[owner] = key_id
+        self._cache[key_id] = key
+        return key
+
+    def by_id(self, key_id: bytes) -> DataKey:
+        """Unwrap (and cache) the data key with this id."""
+        cached = self._cache.get(key_id)
+        if cached is not None:
+            return cached
+        rows = self._con.execute(
+            "SELECT owner, kek_id, wrapped, destroyed_at FROM data_keys WHERE key_id = ?",
+            [key_id],
+        ).fetchall()
+        if not rows:
+            raise KeyDestroyedError(f"data key {key_id.hex()} does not exist")
+        owner, kek_id, wrapped, destroyed_at = rows[0]
+        if destroyed_at is not None or wrapped is None:
+            raise KeyDestroyedError(f"data key {key_id.hex()} was destroyed")
+        plain = self._provider.unwrap(
+            WrappedKey(kek_id, bytes(wrapped)), _wrap_context(owner, key_id)
+        )
+        key = DataKey(key_id, plain)
+        self._cache[key_id] = key
+        return key
+
+    def open(self, blob: bytes, aad: bytes) -> bytes:
+        """Decrypt a sealed blob with whichever data key it names."""
+        return open_sealed(self.by_id(sealed_key_id(blob)), blob, aad)
+
+    def flush(self) -> int:
+        """Persist keys created since the last flush; returns how many."""
+        if not self._pending:
+            return 0
+        now = self._clock()
+        table = pa.table(
+            {
+                "key_id": pa.array([k for k, _, _ in self._pending], pa.binary()),
+                "owner": pa.array([o for _, o, _ in self._pending], pa.string()),
+                "kek_id": pa.array([w.kek_id for _, _, w in self._pending], pa.string()),
+                "wrapped": pa.array([w.blob for _, _, w in self._pending], pa.binary()),
+                "created_at": pa.array([now] * len(self._pending), pa.timestamp("us", tz="UTC")),
+            }
+        )
+        self._con.register("_new_data_keys", table)
+        try:
+            self._con.execute(
+                "INSERT INTO data_keys (key_id, owner, kek_id, wrapped, created_at) "
+                "SELECT key_id, owner, kek_id, wrapped, created_at FROM _new_data_keys"
+            )
+        finally:
+            self._con.unregister("_new_data_keys")
+        count = len(self._pending)
+        self._pending.clear()
+        return count

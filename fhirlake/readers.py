@@ -1,0 +1,245 @@
+"""Streaming readers for FHIR R4 files: Bundles or single resources (``.json``), Bulk-export
+NDJSON (``.ndjson``), and gzip of either. Every record keeps its file and position.
+
+NDJSON is read line by line, so memory stays flat whatever the file size. A ``.json`` file is
+one JSON document and is parsed whole; bundles are what EHRs export per patient or per page, so
+a single document stays small even when an export is large.
+"""
+
+from __future__ import annotations
+
+import gzip
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal, cast
+
+import orjson
+from fhir.resources.R4B.bundle import Bundle
+from pydantic import ValidationError
+
+from fhirlake.references import literal_target
+from fhirlake.validation import describe_validation_error
+
+BOM = b"\xef\xbb\xbf"
+FileKind = Literal["json", "ndjson"]
+_SUFFIXES: dict[str, FileKind] = {
+    ".json": "json",
+    ".ndjson": "ndjson",
+    ".json.gz": "json",
+    ".ndjson.gz": "ndjson",
+}
+# Files an export carries beside its data: the Bulk Data status log, our generator's summary.
+_NOT_DATA = {"log.ndjson", "log.ndjson.gz"}
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """A data file of a batch, with its index in the batch's ordered file list."""
+
+    index: int
+    path: Path
+    kind: FileKind
+
+
+@dataclass(frozen=True, slots=True)
+class SkippedFile:
+    path: Path
+    reason: str
+
+
+@dataclass(slots=True)
+class BundleContext:
+    """What an entry needs from its enclosing Bundle: fullUrl → (type, id)."""
+
+    urn_map: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RawRecord:
+    """One record as read: the resource bytes, or the reason it could not be read."""
+
+    file_index: int
+    position: int  # 1-based NDJSON line, or 1-based Bundle entry (1 for a single resource)
+    raw: bytes | None
+    error: tuple[str, str] | None = None
+    bundle: BundleContext | None = None
+
+
+def file_kind(path: Path) -> FileKind | None:
+    name = path.name.lower()
+    for suffix, kind in _SUFFIXES.items():
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+def list_batch_files(root: Path) -> tuple[list[SourceFile], list[SkippedFile]]:
+    """Data files directly in ``root`` (or ``root`` itself when it is a file), sorted by name."""
+    candidates = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
+    files: list[SourceFile] = []
+    skipped: list[SkippedFile] = []
+    for path in candidates:
+        kind = file_kind(path)
+        if path.name.startswith((".", "_")) or path.name.lower() in _NOT_DATA:
+            skipped.append(SkippedFile(path, "not a data file (export metadata)"))
+        elif kind is None:
+            skipped.append(SkippedFile(path, "not a FHIR data file extension"))
+        else:
+            files.append(SourceFile(len(files), path, kind))
+    return files, skipped
+
+
+def _open(path: Path) -> IO[bytes]:
+    if path.name.lower().endswith(".gz"):
+        return cast(IO[bytes], gzip.open(path, "rb"))
+    return path.open("rb")
+
+
+def iter_records(source: SourceFile) -> Iterator[RawRecord]:
+    """The records of one file, in file order."""
+    if source.kind == "ndjson":
+        yield from _ndjson_records(source)
+    else:
+        yield from _json_records(source)
+
+
+def _ndjson_records(source: SourceFile) -> Iterator[RawRecord]:
+    with _open(source.path) as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if lineno == 1 and line.startswith(BOM):
+                line = line[len(BOM) :]
+            line = line.strip()
+            if line:
+                yield RawRecord(source.index, lineno, line)
+
+
+def _json_records(source: SourceFile) -> Iterator[RawRecord]:
+    with _open(source.path) as handle:
+        data = handle.read()
+    if data.startswith(BOM):
+        data = data[len(BOM) :]
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        yield RawRecord(
+            source.index, 1, data, ("invalid_json", f"not valid JSON ({exc.msg} at char {exc.pos})")
+        )
+        return
+    if isinstance(obj, dict) and obj.get("resourceType") == "Bundle" and "entry" in obj:
+        yield from bundle_records(source.index, obj)
+    else:
+        yield RawRecord(source.index, 1, data)
+
+
+_BUNDLE_TYPES = {
+    "document",
+    "message",
+    "transaction",
+    "transaction-response",
+    "batch",
+    "batch-response",
+    "history",
+    "searchset",
+    "collection",
+}
+
+
+def _bundle_shell_error(bundle: dict[str, Any]) -> tuple[str, str] | None:
+    """Validate the Bundle without its entries' resources (each is validated on its own)."""
+    btype = bundle.get("type")
+    if btype not in _BUNDLE_TYPES:
+        return ("invalid_bundle", "Bundle.type is missing or not a Bundle type code")
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return ("invalid_bundle", "Bundle.entry is not a list")
+    shell = dict(bundle)
+    shell["entry"] = [
+        {k: v for k, v in e.items() if k != "resource"} if isinstance(e, dict) else e
+        for e in entries
+    ]
+    try:
+        Bundle.model_validate(shell)
+    except ValidationError as exc:
+        return ("invalid_bundle", describe_validation_error("Bundle", exc))
+    except (ValueError, TypeError) as exc:
+        return ("invalid_bundle", f"Bundle: {type(exc).__name__}")
+    return None
+
+
+def _urn_uuid(full_url: Any) -> str | None:
+    if isinstance(full_url, str) and full_url.startswith("urn:uuid:"):
+        candidate = full_url[len("urn:uuid:") :]
+        try:
+            return str(uuid.UUID(candidate)) if candidate else None
+        except ValueError:
+            return None
+    return None
+
+
+def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecord]:
+    """One record per Bundle entry. Bundle-level defects are reported on every entry, so that
+    each record that came in is accounted for."""
+    entries = bundle.get("entry")
+    shell_error = _bundle_shell_error(bundle)
+    if not isinstance(entries, list) or not entries:
+        if shell_error is not None:
+            yield RawRecord(file_index, 1, orjson.dumps(bundle), shell_error)
+        return
+    context = BundleContext()
+    seen_full_urls: set[str] = set()
+    duplicate_positions: set[int] = set()
+    for position, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+            continue
+        resource = entry["resource"]
+        full_url = entry.get("fullUrl")
+        if not isinstance(resource.get("id"), str) and _urn_uuid(full_url):
+            # transaction POSTs may omit the id; the urn:uuid is the id a server would keep
+            resource["id"] = _urn_uuid(full_url)
+        if not isinstance(full_url, str) or not full_url:
+            continue
+        if full_url in seen_full_urls:
+            duplicate_positions.add(position)
+            continue
+        seen_full_urls.add(full_url)
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if isinstance(rtype, str) and isinstance(rid, str):
+            context.urn_map[full_url] = (rtype, rid)
+        else:
+            target = literal_target(full_url)
+            if target is not None:
+                context.urn_map[full_url] = target
+    for position, entry in enumerate(entries, start=1):
+        if not isinstance(entry, dict):
+            yield RawRecord(
+                file_index,
+                position,
+                orjson.dumps(entry),
+                shell_error or ("invalid_bundle_entry", "Bundle entry is not an object"),
+            )
+            continue
+        resource = entry.get("resource")
+        raw = orjson.dumps(resource if resource is not None else entry)
+        if shell_error is not None:
+            yield RawRecord(file_index, position, raw, shell_error)
+        elif not isinstance(resource, dict):
+            method = (
+                entry.get("request", {}).get("method")
+                if isinstance(entry.get("request"), dict)
+                else None
+            )
+            what = f" (request {method})" if isinstance(method, str) and method.isalpha() else ""
+            yield RawRecord(
+                file_index, position, raw, ("unsupported_entry", f"entry has no resource{what}")
+            )
+        elif position in duplicate_positions:
+            yield RawRecord(
+                file_index,
+                position,
+                raw,
+                ("duplicate_full_url", "fullUrl repeats an earlier entry"),
+            )
+        else:
+            yield RawRecord(file_index, position, raw, None, context)

@@ -1,0 +1,168 @@
+"""FHIR references: find them in a resource, classify them, and name the patient compartment."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+RefKind = Literal["contained", "urn", "relative", "absolute", "conditional", "other"]
+
+_RELATIVE = re.compile(
+    r"^(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
+_ABSOLUTE = re.compile(
+    r"^https?://\S+?/(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})"
+    r"(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
+_CONDITIONAL = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)\?(?P<query>.+)$")
+
+# Search parameters of the R4 Patient CompartmentDefinition that point at the patient, per
+# resource type, reduced to the element names that carry them.
+PATIENT_COMPARTMENT_ELEMENTS: dict[str, tuple[str, ...]] = {
+    "Account": ("subject",),
+    "AdverseEvent": ("subject",),
+    "AllergyIntolerance": ("patient", "recorder", "asserter"),
+    "Appointment": ("participant",),
+    "AppointmentResponse": ("actor",),
+    "AuditEvent": ("patient",),
+    "Basic": ("subject",),
+    "BodyStructure": ("patient",),
+    "CarePlan": ("subject",),
+    "CareTeam": ("subject",),
+    "ChargeItem": ("subject",),
+    "Claim": ("patient",),
+    "ClaimResponse": ("patient",),
+    "ClinicalImpression": ("subject",),
+    "Communication": ("subject",),
+    "CommunicationRequest": ("subject",),
+    "Composition": ("subject",),
+    "Condition": ("subject",),
+    "Consent": ("patient",),
+    "Coverage": ("beneficiary", "subscriber", "policyHolder"),
+    "CoverageEligibilityRequest": ("patient",),
+    "CoverageEligibilityResponse": ("patient",),
+    "DetectedIssue": ("patient",),
+    "Device": ("patient",),
+    "DeviceRequest": ("subject",),
+    "DeviceUseStatement": ("subject",),
+    "DiagnosticReport": ("subject",),
+    "DocumentManifest": ("subject",),
+    "DocumentReference": ("subject",),
+    "Encounter": ("subject",),
+    "EnrollmentRequest": ("candidate",),
+    "EpisodeOfCare": ("patient",),
+    "ExplanationOfBenefit": ("patient",),
+    "FamilyMemberHistory": ("patient",),
+    "Flag": ("subject",),
+    "Goal": ("subject",),
+    "Group": ("member",),
+    "ImagingStudy": ("subject",),
+    "Immunization": ("patient",),
+    "ImmunizationEvaluation": ("patient",),
+    "ImmunizationRecommendation": ("patient",),
+    "Invoice": ("subject", "recipient"),
+    "List": ("subject",),
+    "MeasureReport": ("subject",),
+    "Media": ("subject",),
+    "MedicationAdministration": ("subject",),
+    "MedicationDispense": ("subject",),
+    "MedicationRequest": ("subject",),
+    "MedicationStatement": ("subject",),
+    "MolecularSequence": ("patient",),
+    "NutritionOrder": ("patient",),
+    "Observation": ("subject",),
+    "Person": ("link",),
+    "Procedure": ("subject",),
+    "Provenance": ("target", "patient"),
+    "QuestionnaireResponse": ("subject", "author"),
+    "RelatedPerson": ("patient",),
+    "RequestGroup": ("subject",),
+    "ResearchSubject": ("individual",),
+    "RiskAssessment": ("subject",),
+    "Schedule": ("actor",),
+    "ServiceRequest": ("subject",),
+    "Specimen": ("subject",),
+    "SupplyDelivery": ("patient",),
+    "SupplyRequest": ("requester",),
+    "VisionPrescription": ("patient",),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """One ``reference`` string found in a resource, with the element path it sits at."""
+
+    path: str
+    value: str
+
+    @property
+    def kind(self) -> RefKind:
+        return classify(self.value)
+
+
+def classify(value: str) -> RefKind:
+    if value.startswith("#"):
+        return "contained"
+    if value.startswith("urn:uuid:") or value.startswith("urn:oid:"):
+        return "urn"
+    if _RELATIVE.match(value):
+        return "relative"
+    if _CONDITIONAL.match(value):
+        return "conditional"
+    if _ABSOLUTE.match(value):
+        return "absolute"
+    return "other"
+
+
+def literal_target(value: str) -> tuple[str, str] | None:
+    """``(type, id)`` for a relative or absolute literal reference, else None."""
+    match = _RELATIVE.match(value) or _ABSOLUTE.match(value)
+    if match is None:
+        return None
+    return match.group("type"), match.group("id")
+
+
+def conditional_target(value: str) -> tuple[str, str] | None:
+    """``(type, normalised criteria)`` for a conditional reference, else None.
+
+    Only ``identifier=system|value`` criteria are resolvable: it is what bulk exporters
+    (Synthea among them) emit, and the only criterion that names one resource.
+    """
+    match = _CONDITIONAL.match(value)
+    if match is None:
+        return None
+    query = match.group("query")
+    if not query.startswith("identifier=") or "&" in query:
+        return None
+    return match.group("type"), query[len("identifier=") :]
+
+
+def iter_references(node: Any, path: str = "") -> Iterator[Reference]:
+    """Every ``reference`` string in a resource, skipping contained resources' own graph."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "contained":
+                continue
+            if key == "reference" and isinstance(value, str):
+                yield Reference(path or "reference", value)
+            elif isinstance(value, dict | list):
+                yield from iter_references(value, f"{path}.{key}" if path else key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from iter_references(item, path)
+
+
+def compartment_elements(resource_type: str) -> tuple[str, ...]:
+    return PATIENT_COMPARTMENT_ELEMENTS.get(resource_type, ())
+
+
+def identifier_criteria(resource: dict[str, Any]) -> list[str]:
+    """``system|value`` for every identifier of a resource (what conditional refs match)."""
+    out = []
+    for ident in resource.get("identifier") or []:
+        if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+            system = ident.get("system") if isinstance(ident.get("system"), str) else ""
+            out.append(f"{system}|{ident['value']}")
+    return out

@@ -1,0 +1,152 @@
+"""Check one FHIR R4 record: parse (orjson), validate (fhir.resources R4B), extract what ingest
+needs. Runs in worker processes, so it takes and returns plain picklable values.
+
+Messages are built from schema locations and error types only, never from the input's values:
+a validation error must not carry PHI into the quarantine table or a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from functools import cache
+from typing import Any, NamedTuple
+
+import orjson
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource
+from pydantic import ValidationError
+
+from fhirlake.references import compartment_elements, identifier_criteria, iter_references
+
+_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+MAX_ERRORS_IN_MESSAGE = 3
+
+
+class Checked(NamedTuple):
+    """Outcome of checking one record. ``code`` is None when the record is valid."""
+
+    code: str | None
+    message: str
+    resource_type: str | None = None
+    resource_id: str | None = None
+    version_id: str | None = None
+    last_updated: str | None = None
+    content_digest: bytes = b""
+    references: tuple[tuple[str, str], ...] = ()
+    patient_refs: tuple[str, ...] = ()
+    identifiers: tuple[str, ...] = ()
+    assigned_raw: bytes | None = None  # the record with a server-assigned id, when it had none
+
+
+@cache
+def model_class(resource_type: str) -> type[Resource] | None:
+    """The R4B model for a resource type name, or None for unknown names and datatypes."""
+    try:
+        cls = get_fhir_model_class(resource_type)
+    except (KeyError, ValueError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, Resource) else None
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def describe_validation_error(resource_type: str, exc: ValidationError) -> str:
+    """A PHI-free summary: element paths and error kinds, never the offending values."""
+    parts = []
+    errors = exc.errors(include_url=False, include_input=True)
+    for err in errors[:MAX_ERRORS_IN_MESSAGE]:
+        loc = tuple(err.get("loc", ()))
+        kind = err.get("type", "invalid")
+        if kind == "extra_forbidden":
+            # the unknown key itself is input data and may be anything
+            where = _loc(loc[:-1])
+            parts.append(f"{resource_type}{'.' + where if where else ''}: unknown element")
+            continue
+        msg = str(err.get("msg", ""))
+        value = err.get("input")
+        if isinstance(value, str | int | float) and len(str(value)) >= 2 and str(value) in msg:
+            msg = ""
+        where = _loc(loc)
+        detail = f"{kind}" + (f" ({msg})" if msg else "")
+        parts.append(f"{resource_type}{'.' + where if where else ''}: {detail}")
+    more = len(errors) - MAX_ERRORS_IN_MESSAGE
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _patient_refs(resource_type: str, obj: dict[str, Any]) -> tuple[str, ...]:
+    refs = []
+    for element in compartment_elements(resource_type):
+        for ref in iter_references(obj.get(element)):
+            refs.append(ref.value)
+    return tuple(refs)
+
+
+def check_record(raw: bytes) -> Checked:
+    """Parse and validate one resource; extract ids, references and identifiers."""
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        # orjson's message names a position, not the content
+        return Checked("invalid_json", f"not valid JSON ({exc.msg} at char {exc.pos})")
+    if not isinstance(obj, dict):
+        return Checked("not_a_resource", f"a JSON {type(obj).__name__}, not an object")
+    resource_type = obj.get("resourceType")
+    if not isinstance(resource_type, str) or not resource_type:
+        return Checked("not_a_resource", "missing or empty resourceType")
+    cls = model_class(resource_type)
+    if cls is None:
+        name = resource_type if re.fullmatch(r"[A-Za-z]{1,64}", resource_type) else "(invalid)"
+        return Checked("unknown_resource_type", f"{name} is not an R4 resource type")
+    assigned_raw = None
+    if "id" not in obj:
+        # a server assigns ids to resources posted without one; derive it from the content so
+        # that the same record always gets the same id
+        digest = hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        obj["id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, f"urn:ehr:content:{digest}"))
+        assigned_raw = orjson.dumps(obj)
+    resource_id = _str_or_none(obj.get("id"))
+    raw_meta = obj.get("meta")
+    meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
+    patient_refs = _patient_refs(resource_type, obj)
+
+    def failed(code: str, message: str) -> Checked:
+        return Checked(code, message, resource_type, resource_id, patient_refs=patient_refs)
+
+    if resource_id is None or not _ID.match(resource_id):
+        return failed("invalid_id", f"{resource_type}.id is not a valid FHIR id")
+    try:
+        cls.model_validate_json(assigned_raw or raw)
+    except ValidationError as exc:
+        return failed("schema_violation", describe_validation_error(resource_type, exc))
+    except (ValueError, TypeError) as exc:
+        return failed("schema_violation", f"{resource_type}: {type(exc).__name__}")
+    canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
+    return Checked(
+        None,
+        "",
+        resource_type,
+        resource_id,
+        _str_or_none(meta.get("versionId")),
+        _str_or_none(meta.get("lastUpdated")),
+        hashlib.sha256(canonical).digest(),
+        tuple((r.path, r.value) for r in iter_references(obj)),
+        patient_refs,
+        tuple(identifier_criteria(obj)),
+        assigned_raw,
+    )
+
+
+def check_chunk(raws: list[bytes]) -> list[Checked]:
+    """Worker entry point: check a chunk of records in order."""
+    return [check_record(raw) for raw in raws]

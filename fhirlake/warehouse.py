@@ -1,0 +1,140 @@
+"""The DuckDB warehouse: one file holding the ingest ledger, the encrypted PHI vault, the
+quarantine and the reference graph. Nothing in it is plaintext PHI: resources and file names
+are sealed, ids are keyed pseudonyms, and messages are built from schema paths only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+
+from deid.vault import DATA_KEYS_DDL
+
+SCHEMA = [
+    DATA_KEYS_DDL,
+    """
+    CREATE TABLE IF NOT EXISTS batches (
+        batch_id VARCHAR PRIMARY KEY,
+        seq BIGINT NOT NULL,
+        ingested_at TIMESTAMPTZ,
+        report JSON
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS source_files (
+        batch_id VARCHAR NOT NULL,
+        file_index INTEGER NOT NULL,
+        file_id VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        bytes BIGINT NOT NULL,
+        records BIGINT NOT NULL,
+        name_sealed BLOB NOT NULL,
+        PRIMARY KEY (batch_id, file_index)
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS record_ledger (
+        batch_id VARCHAR NOT NULL,
+        file_index INTEGER NOT NULL,
+        position BIGINT NOT NULL,
+        status VARCHAR NOT NULL,
+        outcome VARCHAR NOT NULL,
+        resource_type VARCHAR,
+        resource_key VARCHAR
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS phi_vault (
+        resource_key VARCHAR NOT NULL,
+        resource_type VARCHAR NOT NULL,
+        patient_key VARCHAR,
+        version_id VARCHAR,
+        last_updated VARCHAR,
+        content_mac VARCHAR NOT NULL,
+        batch_id VARCHAR NOT NULL,
+        file_index INTEGER NOT NULL,
+        position BIGINT NOT NULL,
+        ingest_seq BIGINT NOT NULL,
+        sealed BLOB NOT NULL,
+        aad BLOB NOT NULL
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS phi_vault_stage (
+        resource_key VARCHAR NOT NULL,
+        resource_type VARCHAR NOT NULL,
+        patient_key VARCHAR,
+        patient_ref_key VARCHAR,
+        version_id VARCHAR,
+        last_updated VARCHAR,
+        content_mac VARCHAR NOT NULL,
+        batch_id VARCHAR NOT NULL,
+        file_index INTEGER NOT NULL,
+        position BIGINT NOT NULL,
+        ingest_seq BIGINT NOT NULL,
+        sealed BLOB NOT NULL,
+        aad BLOB NOT NULL
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS quarantine (
+        batch_id VARCHAR NOT NULL,
+        file_index INTEGER NOT NULL,
+        file_id VARCHAR NOT NULL,
+        position BIGINT NOT NULL,
+        reason_code VARCHAR NOT NULL,
+        message VARCHAR NOT NULL,
+        resource_type VARCHAR,
+        patient_key VARCHAR,
+        sealed BLOB NOT NULL,
+        aad BLOB NOT NULL,
+        quarantined_at TIMESTAMPTZ NOT NULL
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS resource_references (
+        batch_id VARCHAR NOT NULL,
+        resource_key VARCHAR NOT NULL,
+        content_mac VARCHAR NOT NULL,
+        path VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        target_type VARCHAR,
+        target_key VARCHAR NOT NULL,
+        resolved BOOLEAN
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS identifier_index (
+        batch_id VARCHAR NOT NULL,
+        criteria_key VARCHAR NOT NULL,
+        resource_key VARCHAR NOT NULL,
+        resource_type VARCHAR NOT NULL
+    )""",
+    # The newest version of each resource: numeric versionId first, then lastUpdated, then the
+    # order it arrived in.
+    """
+    CREATE OR REPLACE VIEW phi_vault_current AS
+    SELECT * EXCLUDE (rn) FROM (
+        SELECT *, row_number() OVER (
+            PARTITION BY resource_key
+            ORDER BY TRY_CAST(version_id AS BIGINT) DESC NULLS LAST,
+                     last_updated DESC NULLS LAST, ingest_seq DESC
+        ) AS rn
+        FROM phi_vault
+    ) WHERE rn = 1""",
+]
+
+BATCH_TABLES = (
+    "source_files",
+    "record_ledger",
+    "phi_vault",
+    "phi_vault_stage",
+    "quarantine",
+    "resource_references",
+    "identifier_index",
+)
+
+
+def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse file, creating its schema when writable."""
+    path = Path(path)
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path), read_only=read_only)
+    if not read_only:
+        for ddl in SCHEMA:
+            con.execute(ddl)
+    return con

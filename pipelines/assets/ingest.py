@@ -1,0 +1,134 @@
+"""Stage ``ingest``: landing → one streaming pass → quarantine + encrypted PHI vault."""
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetSpec,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+    multi_asset,
+)
+
+from fhirlake.batches import batch_source
+from fhirlake.ingest import ingest_batch, reconcile_batch
+from fhirlake.readers import list_batch_files
+from pipelines.partitions import batch_partitions
+from pipelines.resources import (
+    IngestSettings,
+    KeyProviderResource,
+    LandingResource,
+    WarehouseResource,
+)
+
+WAREHOUSE_POOL = "warehouse"  # DuckDB takes one writer at a time
+
+
+@asset(group_name="ingest", partitions_def=batch_partitions)
+def landing_batch(context: AssetExecutionContext, landing: LandingResource) -> MaterializeResult:
+    """Inventory of one batch of FHIR files in the landing folder (counts and sizes only)."""
+    source = batch_source(Path(landing.path), context.partition_key)
+    files, skipped = list_batch_files(source.path)
+    kinds: dict[str, int] = {}
+    for f in files:
+        kinds[f.kind] = kinds.get(f.kind, 0) + 1
+    return MaterializeResult(
+        metadata={
+            "files": len(files),
+            "skipped_files": len(skipped),
+            "bytes": sum(f.path.stat().st_size for f in files),
+            "files_by_kind": MetadataValue.json(kinds),
+            "fingerprint": source.fingerprint,
+        }
+    )
+
+
+def _count_table(counts: dict[str, int]) -> MetadataValue:
+    rows = "\n".join(f"| {k} | {v} |" for k, v in sorted(counts.items()))
+    return MetadataValue.md("| kind | count |\n|---|---|\n" + rows if counts else "none")
+
+
+@multi_asset(
+    specs=[
+        AssetSpec(
+            "phi_vault",
+            group_name="ingest",
+            deps=[landing_batch],
+            description="Accepted original resources, AES-256-GCM under per-patient data keys.",
+        ),
+        AssetSpec(
+            "quarantine",
+            group_name="ingest",
+            deps=[landing_batch],
+            description="Rejected records, encrypted, with reason code, message and position.",
+        ),
+    ],
+    check_specs=[
+        AssetCheckSpec(
+            "records_reconcile",
+            asset="phi_vault",
+            blocking=True,
+            description="Records in = accepted + quarantined, each matching its table.",
+        )
+    ],
+    partitions_def=batch_partitions,
+    pool=WAREHOUSE_POOL,
+)
+def ingest(
+    context: AssetExecutionContext,
+    landing: LandingResource,
+    warehouse: WarehouseResource,
+    keys: KeyProviderResource,
+    ingest_settings: IngestSettings,
+) -> Iterator[MaterializeResult | AssetCheckResult]:
+    """One streaming pass over a batch: parse, validate (R4B), resolve, encrypt, write."""
+    source = batch_source(Path(landing.path), context.partition_key)
+    report = ingest_batch(
+        warehouse.path,
+        context.partition_key,
+        source.path,
+        keys.provider(),
+        workers=ingest_settings.worker_count(),
+    )
+    context.log.info(
+        f"batch {report.batch_id}: {report.records_in} records, {report.accepted} accepted, "
+        f"{report.quarantined} quarantined in {report.seconds:.1f}s"
+    )
+    rate = report.records_in / report.seconds if report.seconds else 0.0
+    vault_meta: dict[str, Any] = {
+        "records_in": report.records_in,
+        "accepted": report.accepted,
+        "patients": report.patients,
+        "outcomes": MetadataValue.json(report.outcomes),
+        "resources_by_type": _count_table(report.resources_by_type),
+        "references": report.references,
+        "unresolved_references": report.unresolved_references,
+        "records_per_second": round(rate, 1),
+        "workers": report.workers,
+    }
+    yield MaterializeResult(asset_key="phi_vault", metadata=vault_meta)
+    yield MaterializeResult(
+        asset_key="quarantine",
+        metadata={
+            "quarantined": report.quarantined,
+            "reasons": _count_table(report.quarantine_reasons),
+        },
+    )
+    con = warehouse.connect(read_only=True)
+    try:
+        rec = reconcile_batch(con, context.partition_key)
+    finally:
+        con.close()
+    yield AssetCheckResult(
+        check_name="records_reconcile",
+        asset_key="phi_vault",
+        passed=rec.passed,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={k: v for k, v in rec.to_dict().items() if isinstance(v, int | bool)},
+    )

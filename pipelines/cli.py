@@ -1,0 +1,114 @@
+"""The ``ehr`` command line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from deid.errors import DeidError
+from deid.keys import default_key_file, init_keyring
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Privacy-preserving EHR platform: FHIR ingestion, de-identification, features."""
+
+
+@main.command()
+@click.option("--patients", type=click.IntRange(min=1), required=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True)
+@click.option("--format", "fmt", type=click.Choice(["bundle", "ndjson"]), default="bundle")
+@click.option("--defect-rate", type=click.FloatRange(0.0, 1.0), default=0.0, show_default=True)
+def generate(patients: int, seed: int, out_dir: Path, fmt: str, defect_rate: float) -> None:
+    """Write synthetic, Synthea-shaped FHIR R4 patients (deterministic for a seed)."""
+    from fhirlake.synthetic import generate as run_generate
+
+    summary = run_generate(
+        out_dir,
+        patients,
+        seed=seed,
+        fmt="ndjson" if fmt == "ndjson" else "bundle",
+        defect_rate=defect_rate,
+    )
+    click.echo(
+        f"wrote {summary.patients} patients, {summary.resources} resources "
+        f"in {summary.files} files to {out_dir}"
+    )
+
+
+@main.group()
+def keys() -> None:
+    """Key material: the key-encryption key and the pseudonym key."""
+
+
+@keys.command("init")
+@click.option("--key-file", type=click.Path(path_type=Path), default=None)
+def keys_init(key_file: Path | None) -> None:
+    """Create local key material (default ~/.ehr/keyring.json, mode 0600) unless it exists."""
+    path = key_file or default_key_file()
+    repo_root = Path(__file__).resolve().parent.parent
+    if path.resolve().is_relative_to(repo_root):
+        raise click.UsageError("key material must live outside the repository")
+    created = init_keyring(path)
+    click.echo(f"{'created' if created else 'kept existing'} keyring at {path}")
+
+
+@main.command()
+@click.option("--input", "input_dir", type=click.Path(path_type=Path, exists=True), required=True)
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/work"))
+@click.option("--key-file", type=str, default=None)
+@click.option("--workers", type=int, default=0, help="validation processes (0 = one per core)")
+def run(input_dir: Path, workdir: Path, key_file: str | None, workers: int) -> None:
+    """Materialise the whole asset graph for an input folder and write run_summary.json."""
+    from pipelines.run import SUMMARY_FILE, run_pipeline
+
+    try:
+        summary = run_pipeline(input_dir, workdir, key_file=key_file, workers=workers)
+    except DeidError as exc:
+        raise click.ClickException(str(exc)) from exc
+    ingest = summary["stages"]["ingest"]
+    click.echo(
+        f"ingest: {ingest['records_in']} records in, {ingest['accepted']} accepted, "
+        f"{ingest['quarantined']} quarantined; vault holds {ingest['vault_resources_current']} "
+        f"resources of {ingest['vault_patients']} patients"
+    )
+    for batch in ingest["batches"]:
+        rec = batch["reconciliation"]
+        click.echo(f"  batch {batch['batch']}: reconciled={rec['passed']}")
+    click.echo(f"summary: {workdir / SUMMARY_FILE}")
+    if not summary["success"]:
+        click.echo("some runs failed: open the Dagster UI (make ui) for details", err=True)
+        sys.exit(1)
+
+
+@main.group()
+def quarantine() -> None:
+    """Inspect quarantined records (reasons and positions; contents stay encrypted)."""
+
+
+@quarantine.command("list")
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/work"))
+@click.option("--limit", type=int, default=50, show_default=True)
+def quarantine_list(workdir: Path, limit: int) -> None:
+    """Quarantined records: batch, file pseudonym, position, reason."""
+    from fhirlake import warehouse
+
+    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT batch_id, file_id, position, reason_code, message FROM quarantine "
+            "ORDER BY batch_id, file_index, position LIMIT ?",
+            [limit],
+        ).fetchall()
+    finally:
+        con.close()
+    for row in rows:
+        click.echo(json.dumps(dict(zip(["batch", "file", "position", "reason", "message"], row))))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""The one Dagster code location of the platform."""
+
+from __future__ import annotations
+
+from dagster import AssetsDefinition, Definitions
+
+from pipelines.assets.ingest import ingest, landing_batch
+from pipelines.resources import (
+    IngestSettings,
+    KeyProviderResource,
+    LandingResource,
+    WarehouseResource,
+    default_landing,
+    default_workdir,
+)
+from pipelines.sensors import batch_job, landing_sensor
+
+
+def build_resources(
+    workdir: str | None = None,
+    landing: str | None = None,
+    key_file: str | None = None,
+    workers: int = 0,
+) -> dict[str, object]:
+    """Resources for a workdir and landing folder; defaults come from EHR_* variables."""
+    return {
+        "warehouse": WarehouseResource(workdir=workdir or default_workdir()),
+        "landing": LandingResource(path=landing or default_landing()),
+        "keys": KeyProviderResource(key_file=key_file),
+        "ingest_settings": IngestSettings(workers=workers),
+    }
+
+
+all_assets: list[AssetsDefinition] = [landing_batch, ingest]
+
+defs = Definitions(
+    assets=all_assets,
+    jobs=[batch_job],
+    sensors=[landing_sensor],
+    resources=build_resources(),
+)

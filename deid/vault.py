@@ -120,7 +120,11 @@ class DataKeyStore:
         self._provider = provider
         self._random_bytes = random_bytes
         self._clock = clock
-        con.execute(DATA_KEYS_DDL)
+        has_table = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'data_keys'"
+        ).fetchall()[0][0]
+        if not has_table:  # a read-only connection to a warehouse never needs to create it
+            con.execute(DATA_KEYS_DDL)
         self._by_owner: dict[str, bytes] = {}
         self._cache: dict[bytes, DataKey] = {}
         self._pending: list[tuple[bytes, str, WrappedKey]] = []

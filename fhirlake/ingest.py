@@ -237,7 +237,9 @@ class BatchIngestor:
         urn:uuid names no entry of its Bundle (a dangling reference)."""
         kind = classify(value)
         if kind == "urn":
-            target = record.bundle.urn_map.get(value) if record.bundle else None
+            if record.bundle is None:
+                return None  # outside a Bundle a urn names nothing we can look up
+            target = record.bundle.urn_map.get(value)
             if target is None:
                 return False
             return kind, target[0], self.pseudo.resource_key(*target)

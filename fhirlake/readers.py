@@ -188,7 +188,7 @@ def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecor
             yield RawRecord(file_index, 1, orjson.dumps(bundle), shell_error)
         return
     context = BundleContext()
-    seen_full_urls: set[str] = set()
+    seen_full_urls: set[tuple[str, Any]] = set()
     duplicate_positions: set[int] = set()
     for position, entry in enumerate(entries, start=1):
         if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
@@ -200,10 +200,13 @@ def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecor
             resource["id"] = _urn_uuid(full_url)
         if not isinstance(full_url, str) or not full_url:
             continue
-        if full_url in seen_full_urls:
+        # bdl-7: a fullUrl may repeat only with a different meta.versionId
+        meta = resource.get("meta")
+        version = meta.get("versionId") if isinstance(meta, dict) else None
+        if (full_url, version) in seen_full_urls:
             duplicate_positions.add(position)
             continue
-        seen_full_urls.add(full_url)
+        seen_full_urls.add((full_url, version))
         rtype, rid = resource.get("resourceType"), resource.get("id")
         if isinstance(rtype, str) and isinstance(rid, str):
             context.urn_map[full_url] = (rtype, rid)
@@ -239,7 +242,7 @@ def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecor
                 file_index,
                 position,
                 raw,
-                ("duplicate_full_url", "fullUrl repeats an earlier entry"),
+                ("duplicate_full_url", "fullUrl and versionId repeat an earlier entry"),
             )
         else:
             yield RawRecord(file_index, position, raw, None, context)

@@ -140,10 +140,14 @@ def conditional_target(value: str) -> tuple[str, str] | None:
 
 
 def iter_references(node: Any, path: str = "") -> Iterator[Reference]:
-    """Every ``reference`` string in a resource, skipping contained resources' own graph."""
+    """Every ``reference`` string in a resource, skipping the graphs of resources nested in it
+    (contained ones, and those a Bundle or Parameters carries), which resolve in their own
+    context."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "contained":
+            if key == "contained" or (
+                key == "resource" and isinstance(value, dict) and "resourceType" in value
+            ):
                 continue
             if key == "reference" and isinstance(value, str):
                 yield Reference(path or "reference", value)

@@ -80,6 +80,29 @@ def describe_validation_error(resource_type: str, exc: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+def empty_element(node: Any, path: str = "") -> str | None:
+    """The path of the first empty array, object or string (FHIR's ele-1 forbids them)."""
+    if isinstance(node, dict):
+        if not node:
+            return path or "(root)"
+        for key, value in node.items():
+            if key == "div":  # XHTML is checked by the model, not here
+                continue
+            found = empty_element(value, f"{path}.{key}" if path else key)
+            if found:
+                return found
+    elif isinstance(node, list):
+        if not node:
+            return path
+        for index, item in enumerate(node):
+            found = empty_element(item, f"{path}[{index}]")
+            if found:
+                return found
+    elif node == "":  # whitespace-only strings are valid; empty ones are not
+        return path
+    return None
+
+
 def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -125,6 +148,11 @@ def check_record(raw: bytes) -> Checked:
 
     if resource_id is None or not _ID.match(resource_id):
         return failed("invalid_id", f"{resource_type}.id is not a valid FHIR id")
+    empty = empty_element(obj)
+    if empty is not None:
+        # the path names schema elements only; an unknown key is caught by the model below
+        where = empty if cls.model_fields.get(empty.split(".")[0].split("[")[0]) else "(element)"
+        return failed("schema_violation", f"{resource_type}.{where}: empty element (ele-1)")
     try:
         cls.model_validate_json(assigned_raw or raw)
     except ValidationError as exc:

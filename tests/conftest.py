@@ -1,0 +1,36 @@
+"""Shared fixtures: throw-away key material and the third-party reference data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deid.keys import FileKeyProvider, init_keyring
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """``../shared/data``; tests that need it skip cleanly when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not present")
+    return SHARED_DATA
+
+
+@pytest.fixture
+def key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh keyring outside the repository, selected through EHR_KEY_FILE."""
+    path = tmp_path / "keys" / "keyring.json"
+    init_keyring(path)
+    monkeypatch.setenv("EHR_KEY_FILE", str(path))
+    monkeypatch.delenv("EHR_KEK", raising=False)
+    monkeypatch.delenv("EHR_PSEUDONYM_KEY", raising=False)
+    return path
+
+
+@pytest.fixture
+def key_provider(key_file: Path) -> FileKeyProvider:
+    return FileKeyProvider.load(key_file)

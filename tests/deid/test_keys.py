@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import base64
+import json
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from deid.errors import InvalidCiphertext, KeyMaterialError
+from deid.keys import (
+    EnvKeyProvider,
+    FileKeyProvider,
+    WrappedKey,
+    init_keyring,
+    load_key_provider,
+)
+
+
+def counter_bytes(start: int = 0):
+    state = {"n": start}
+
+    def random_bytes(n: int) -> bytes:
+        out = bytes((state["n"] + i) % 256 for i in range(n))
+        state["n"] += n
+        return out
+
+    return random_bytes
+
+
+def fixed_clock() -> datetime:
+    return datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_init_keyring_is_private_and_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "k" / "keyring.json"
+    assert init_keyring(path) is True
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    before = path.read_bytes()
+    assert init_keyring(path) is False
+    assert path.read_bytes() == before
+
+
+def test_keyring_is_deterministic_with_injected_randomness(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    init_keyring(a, random_bytes=counter_bytes(), clock=fixed_clock)
+    init_keyring(b, random_bytes=counter_bytes(), clock=fixed_clock)
+    assert a.read_bytes() == b.read_bytes()
+    doc = json.loads(a.read_text())
+    kek = base64.b64decode(doc["keks"][doc["active_kek"]]["key"])
+    assert kek == bytes(range(32))
+
+
+def test_wrap_unwrap_round_trip_and_context_binding(tmp_path: Path) -> None:
+    path = tmp_path / "keyring.json"
+    init_keyring(path)
+    provider = FileKeyProvider.load(path)
+    data_key = bytes(range(32))
+    wrapped = provider.wrap(data_key, b"owner-a")
+    assert wrapped.kek_id == provider.active_kek_id()
+    assert provider.unwrap(wrapped, b"owner-a") == data_key
+    with pytest.raises(InvalidCiphertext):
+        provider.unwrap(wrapped, b"owner-b")
+    tampered = WrappedKey(wrapped.kek_id, wrapped.blob[:-1] + bytes([wrapped.blob[-1] ^ 1]))
+    with pytest.raises(InvalidCiphertext):
+        provider.unwrap(tampered, b"owner-a")
+
+
+def test_wrong_kek_cannot_unwrap(tmp_path: Path) -> None:
+    init_keyring(tmp_path / "one.json")
+    init_keyring(tmp_path / "two.json")
+    one = FileKeyProvider.load(tmp_path / "one.json")
+    two = FileKeyProvider.load(tmp_path / "two.json")
+    wrapped = one.wrap(b"\x01" * 32, b"ctx")
+    with pytest.raises(KeyMaterialError, match="not available"):
+        two.unwrap(wrapped, b"ctx")
+    # same id, different key material: authentication must fail
+    forged = WrappedKey(two.active_kek_id(), wrapped.blob)
+    with pytest.raises(InvalidCiphertext):
+        two.unwrap(forged, b"ctx")
+
+
+def test_env_provider(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EHR_KEK", base64.b64encode(b"k" * 32).decode())
+    monkeypatch.setenv("EHR_PSEUDONYM_KEY", base64.b64encode(b"p" * 32).decode())
+    provider = load_key_provider()
+    assert isinstance(provider, EnvKeyProvider)
+    assert provider.active_kek_id().startswith("env-")
+    assert provider.pseudonym_key() == b"p" * 32
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"EHR_KEK": "not base64!"}, "must both be set"),
+        ({"EHR_KEK": "not base64!", "EHR_PSEUDONYM_KEY": "AAAA"}, "not valid base64"),
+        ({"EHR_KEK": base64.b64encode(b"short").decode(), "EHR_PSEUDONYM_KEY": "AAAA"}, "32 bytes"),
+    ],
+)
+def test_env_provider_rejects_bad_material(env: dict[str, str], message: str) -> None:
+    with pytest.raises(KeyMaterialError, match=message):
+        EnvKeyProvider.from_environ(env)
+
+
+def test_missing_key_file_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(KeyMaterialError, match="ehr keys init"):
+        FileKeyProvider.load(tmp_path / "absent.json")
+
+
+def test_errors_never_contain_key_material(tmp_path: Path) -> None:
+    path = tmp_path / "keyring.json"
+    init_keyring(path)
+    doc = json.loads(path.read_text())
+    doc["pseudonym_key"] = doc["pseudonym_key"][:-4]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(KeyMaterialError) as info:
+        FileKeyProvider.load(path)
+    assert doc["pseudonym_key"] not in str(info.value)

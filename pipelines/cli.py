@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -108,6 +109,50 @@ def quarantine_list(workdir: Path, limit: int) -> None:
         con.close()
     for row in rows:
         click.echo(json.dumps(dict(zip(["batch", "file", "position", "reason", "message"], row))))
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: print throughput, memory and ratios to baselines."""
+
+
+@bench.command("ingest")
+@click.option("--patients", type=click.IntRange(min=1), default=None)
+@click.option("--input", "input_dir", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--workers", type=int, default=0, help="0 = one per core")
+@click.option("--double", is_flag=True, help="also run on twice the patients (memory growth)")
+def bench_ingest_cmd(
+    patients: int | None, input_dir: Path | None, seed: int, workers: int, double: bool
+) -> None:
+    """Ingest throughput against orjson parsing and single-core R4B validation."""
+    import os
+    import tempfile
+
+    from pipelines.bench import bench_ingest, generated_input
+
+    if (patients is None) == (input_dir is None):
+        raise click.UsageError("give exactly one of --patients or --input")
+    workers = workers or (os.cpu_count() or 1)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="ehr-bench-input-") as tmp:
+        if input_dir is not None:
+            results.append(bench_ingest(input_dir, workers, label=str(input_dir.name)))
+        else:
+            assert patients is not None
+            sizes = [patients, patients * 2] if double else [patients]
+            for n in sizes:
+                folder = generated_input(n, seed, Path(tmp))
+                results.append(bench_ingest(folder, workers, label=f"{n} patients"))
+                shutil.rmtree(folder)
+    for result in results:
+        click.echo(f"== ingest benchmark: {result['label']}")
+        for key, value in result.items():
+            if key != "label":
+                click.echo(f"  {key:32s} {value}")
+    if len(results) == 2:
+        growth = results[1]["peak_rss_mib_main"] / max(results[0]["peak_rss_mib_main"], 1e-9)
+        click.echo(f"  peak RSS growth when the input doubles: {growth:.2f}x")
 
 
 if __name__ == "__main__":

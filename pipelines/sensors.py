@@ -20,7 +20,6 @@ from pipelines.resources import LandingResource
 batch_job = define_asset_job(
     "ingest_batch_job",
     selection=AssetSelection.all(),
-    partitions_def=batch_partitions,
     description="Materialise every stage for one landing batch.",
 )
 

@@ -1,0 +1,126 @@
+"""Benchmarks that print numbers and ratios (never asserted in tests).
+
+``ehr bench ingest`` measures, on one input: parsing alone (orjson), validating alone
+(fhir.resources R4B, one core), and the whole ingest pass (parse + validate + resolve +
+encrypt + write, all cores), with peak memory of the ingest process and its workers.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from deid.keys import init_keyring, load_key_provider
+from fhirlake.ingest import ingest_batch
+from fhirlake.readers import iter_records, list_batch_files
+from fhirlake.validation import model_class
+
+
+@dataclass
+class Baselines:
+    records: int
+    bytes: int
+    parse_seconds: float
+    validate_seconds: float
+
+
+def measure_baselines(folder: Path) -> Baselines:
+    """Stream the input once; time only the orjson parse, then only the R4B validation, of
+    every record (reading the files is excluded from both)."""
+    files, _ = list_batch_files(folder)
+    parse = validate = 0.0
+    records = size = 0
+    for source in files:
+        size += source.path.stat().st_size
+        for record in iter_records(source):
+            raw = record.raw or b""
+            records += 1
+            t0 = time.perf_counter()
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parse += time.perf_counter() - t0
+                continue
+            t1 = time.perf_counter()
+            parse += t1 - t0
+            cls = model_class(obj.get("resourceType", "")) if isinstance(obj, dict) else None
+            if cls is None:
+                continue
+            t2 = time.perf_counter()
+            try:
+                cls.model_validate_json(raw)
+            except ValueError:
+                pass
+            validate += time.perf_counter() - t2
+    return Baselines(records, size, parse, validate)
+
+
+def _ingest_child(folder: str, warehouse: str, key_file: str, workers: int, out: Any) -> None:
+    started = time.perf_counter()
+    report = ingest_batch(
+        Path(warehouse), "bench", Path(folder), load_key_provider(key_file), workers=workers
+    )
+    seconds = time.perf_counter() - started
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out.send({"seconds": seconds, "report": report.to_dict(), "rss_kib": [own, children]})
+
+
+def measure_ingest(folder: Path, workdir: Path, key_file: Path, workers: int) -> dict[str, Any]:
+    """Run the ingest in a fresh process, so its peak memory is its own."""
+    ctx = multiprocessing.get_context("spawn")
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(
+        target=_ingest_child,
+        args=(str(folder), str(workdir / "bench.duckdb"), str(key_file), workers, sender),
+    )
+    proc.start()
+    result: dict[str, Any] = receiver.recv()
+    proc.join()
+    return result
+
+
+def bench_ingest(folder: Path, workers: int, label: str = "") -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="ehr-bench-") as tmp:
+        tmp_path = Path(tmp)
+        key_file = tmp_path / "keys" / "keyring.json"
+        init_keyring(key_file)
+        base = measure_baselines(folder)
+        run = measure_ingest(folder, tmp_path, key_file, workers)
+    seconds = run["seconds"]
+    own_kib, child_kib = run["rss_kib"]
+    return {
+        "label": label,
+        "records": base.records,
+        "megabytes": round(base.bytes / 1e6, 1),
+        "workers": workers,
+        "ingest_seconds": round(seconds, 2),
+        "resources_per_second": round(base.records / seconds, 1),
+        "megabytes_per_second": round(base.bytes / 1e6 / seconds, 2),
+        "parse_only_seconds": round(base.parse_seconds, 2),
+        "validate_only_seconds": round(base.validate_seconds, 2),
+        "ratio_ingest_to_parse": round(seconds / base.parse_seconds, 2),
+        "ratio_ingest_to_validate_1core": round(seconds / base.validate_seconds, 2),
+        "peak_rss_mib_main": round(own_kib / 1024, 1),
+        "peak_rss_mib_worker": round(child_kib / 1024, 1),
+        "accepted": run["report"]["accepted"],
+        "quarantined": run["report"]["quarantined"],
+    }
+
+
+def generated_input(patients: int, seed: int, root: Path) -> Path:
+    from fhirlake.synthetic import generate
+
+    out = root / f"synthetic-{patients}"
+    if out.exists():
+        shutil.rmtree(out)
+    generate(out, patients, seed=seed, fmt="bundle")
+    return out

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from dagster import DagsterInstance, build_sensor_context, materialize
+
+from fhirlake import warehouse
+from pipelines.definitions import all_assets, build_resources
+from pipelines.sensors import landing_sensor
+
+
+def _landing(tmp_path: Path) -> Path:
+    landing = tmp_path / "landing"
+    batch = landing / "export-1"
+    batch.mkdir(parents=True)
+    lines = [
+        orjson.dumps({"resourceType": "Patient", "id": "p1", "gender": "female"}),
+        orjson.dumps(
+            {
+                "resourceType": "Condition",
+                "id": "c1",
+                "subject": {"reference": "Patient/p1"},
+                "code": {"text": "x"},
+            }
+        ),
+        b'{"resourceType": "Patient", "id": ',
+    ]
+    (batch / "data.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+    return landing
+
+
+def test_materialize_ingest_partition(tmp_path: Path, key_file: Path) -> None:
+    landing = _landing(tmp_path)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    result = materialize(
+        all_assets,
+        partition_key="export-1",
+        instance=instance,
+        resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
+    )
+    assert result.success
+    vault = result.asset_materializations_for_node("ingest")
+    by_key = {m.asset_key.to_user_string(): m.metadata for m in vault}
+    assert by_key["phi_vault"]["accepted"].value == 2
+    assert by_key["quarantine"]["quarantined"].value == 1
+    checks = result.get_asset_check_evaluations()
+    assert [c.passed for c in checks] == [True]
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb", read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM phi_vault").fetchall()[0][0] == 2
+    finally:
+        con.close()
+
+
+def test_sensor_registers_new_and_changed_batches(tmp_path: Path) -> None:
+    landing = _landing(tmp_path)
+    resources = build_resources(str(tmp_path / "work"), str(landing))
+    context = build_sensor_context(resources={"landing": resources["landing"]})
+    first = landing_sensor(context)
+    assert [r.partition_key for r in first.run_requests] == ["export-1"]
+    assert first.dynamic_partitions_requests[0].partition_keys == ["export-1"]
+    context = build_sensor_context(cursor=first.cursor, resources={"landing": resources["landing"]})
+    assert landing_sensor(context).run_requests == []
+    (landing / "export-1" / "more.ndjson").write_bytes(b'{"resourceType": "Patient", "id": "p9"}\n')
+    context = build_sensor_context(cursor=first.cursor, resources={"landing": resources["landing"]})
+    again = landing_sensor(context)
+    assert [r.partition_key for r in again.run_requests] == ["export-1"]
+    assert again.dynamic_partitions_requests == []

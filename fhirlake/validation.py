@@ -80,27 +80,44 @@ def describe_validation_error(resource_type: str, exc: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
-def empty_element(node: Any, path: str = "") -> str | None:
-    """The path of the first empty array, object or string (FHIR's ele-1 forbids them)."""
-    if isinstance(node, dict):
-        if not node:
-            return path or "(root)"
-        for key, value in node.items():
-            if key == "div":  # XHTML is checked by the model, not here
-                continue
-            found = empty_element(value, f"{path}.{key}" if path else key)
-            if found:
-                return found
-    elif isinstance(node, list):
-        if not node:
-            return path
-        for index, item in enumerate(node):
-            found = empty_element(item, f"{path}[{index}]")
-            if found:
-                return found
-    elif node == "":  # whitespace-only strings are valid; empty ones are not
-        return path
-    return None
+def scan_resource(obj: dict[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
+    """One walk over a resource: every ``reference`` string with its element path, and the path
+    of the first empty array, object or string (FHIR's ele-1 forbids them). Resources nested
+    in this one (contained, or carried by a Bundle or Parameters) resolve in their own context
+    and are skipped. Paths are built only for hits: the walk runs on every record."""
+    refs: list[tuple[str, str]] = []
+    empty: list[str] = []
+    stack: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if not node and not empty:
+                empty.append(".".join(stack))
+            for key, value in node.items():
+                kind = type(value)
+                if kind is dict or kind is list:
+                    if key == "contained" or (key == "resource" and "resourceType" in value):
+                        continue
+                    stack.append(key)
+                    walk(value)
+                    stack.pop()
+                elif kind is str:
+                    if key == "reference":
+                        refs.append((".".join(stack) or "reference", value))
+                    elif not value and not empty:
+                        empty.append(".".join([*stack, key]))
+        elif isinstance(node, list):
+            if not node and not empty:
+                empty.append(".".join(stack))
+            for item in node:
+                kind = type(item)
+                if kind is dict or kind is list:
+                    walk(item)
+                elif kind is str and not item and not empty:
+                    empty.append(".".join(stack))
+
+    walk(obj)
+    return refs, (empty[0] or "(root)") if empty else None
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -142,13 +159,13 @@ def check_record(raw: bytes) -> Checked:
     raw_meta = obj.get("meta")
     meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     patient_refs = _patient_refs(resource_type, obj)
+    references, empty = scan_resource(obj)
 
     def failed(code: str, message: str) -> Checked:
         return Checked(code, message, resource_type, resource_id, patient_refs=patient_refs)
 
     if resource_id is None or not _ID.match(resource_id):
         return failed("invalid_id", f"{resource_type}.id is not a valid FHIR id")
-    empty = empty_element(obj)
     if empty is not None:
         # the path names schema elements only; an unknown key is caught by the model below
         where = empty if cls.model_fields.get(empty.split(".")[0].split("[")[0]) else "(element)"
@@ -159,7 +176,6 @@ def check_record(raw: bytes) -> Checked:
         return failed("schema_violation", describe_validation_error(resource_type, exc))
     except (ValueError, TypeError) as exc:
         return failed("schema_violation", f"{resource_type}: {type(exc).__name__}")
-    canonical = orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)
     return Checked(
         None,
         "",
@@ -167,8 +183,9 @@ def check_record(raw: bytes) -> Checked:
         resource_id,
         _str_or_none(meta.get("versionId")),
         _str_or_none(meta.get("lastUpdated")),
-        hashlib.sha256(canonical).digest(),
-        tuple((r.path, r.value) for r in iter_references(obj)),
+        # bytes as received: the same file always yields the same digest, so re-ingest is a no-op
+        hashlib.sha256(assigned_raw or raw).digest(),
+        tuple(references),
         patient_refs,
         tuple(identifier_criteria(obj)),
         assigned_raw,

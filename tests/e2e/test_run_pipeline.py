@@ -1,0 +1,65 @@
+"""The whole pipeline through `ehr run`: real Dagster runs in tmp_path, then a PHI scan of every
+file the run wrote."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from phi_canaries import patient_canaries, scan_for_canaries
+
+from fhirlake.synthetic import generate
+from pipelines.run import run_pipeline
+
+pytestmark = pytest.mark.e2e
+
+
+def _assert_accounted(summary: dict) -> None:
+    ingest = summary["stages"]["ingest"]
+    assert ingest["records_in"] == ingest["accepted"] + ingest["quarantined"]
+    for batch in ingest["batches"]:
+        assert batch["reconciliation"]["passed"], batch["batch"]
+
+
+def test_synthetic_with_defects_end_to_end(tmp_path: Path, key_file: Path) -> None:
+    landing = tmp_path / "landing"
+    gen = generate(landing / "bundles", 40, seed=11, fmt="bundle", defect_rate=0.03)
+    generate(landing / "bulk", 40, seed=12, fmt="ndjson", defect_rate=0.03)
+    workdir = tmp_path / "work"
+    summary = run_pipeline(landing, workdir, workers=2)
+    assert summary["success"]
+    _assert_accounted(summary)
+    ingest = summary["stages"]["ingest"]
+    assert ingest["quarantined"] > 0
+    assert ingest["vault_patients"] >= 80
+    on_disk = json.loads((workdir / "run_summary.json").read_text())
+    assert on_disk["stages"]["ingest"]["records_in"] == ingest["records_in"]
+    assert gen.patients == 40
+
+    canaries = patient_canaries(landing)
+    assert len(canaries) > 200
+    assert scan_for_canaries(workdir, canaries) == {}
+
+
+def test_rerun_is_idempotent(tmp_path: Path, key_file: Path) -> None:
+    landing = tmp_path / "landing"
+    generate(landing / "b", 10, seed=3)
+    first = run_pipeline(landing, tmp_path / "work", workers=1)
+    second = run_pipeline(landing, tmp_path / "work", workers=1)
+    a, b = first["stages"]["ingest"], second["stages"]["ingest"]
+    assert a["vault_resources_current"] == b["vault_resources_current"]
+    assert a["batches"][0]["outcomes"] == b["batches"][0]["outcomes"]
+
+
+def test_synthea_sample_leaves_no_phi(tmp_path: Path, key_file: Path, shared_data: Path) -> None:
+    landing = tmp_path / "landing"
+    shutil.copytree(shared_data / "synthea_small", landing)  # tmp copy: file names carry names
+    summary = run_pipeline(landing, tmp_path / "work", workers=2)
+    assert summary["success"]
+    _assert_accounted(summary)
+    assert summary["stages"]["ingest"]["quarantined"] == 0
+    canaries = patient_canaries(landing)
+    assert any("Neomi684" in c for c in canaries)
+    assert scan_for_canaries(tmp_path / "work", canaries) == {}

@@ -11,6 +11,7 @@ import hashlib
 import hmac
 
 PSEUDONYM_HEX_CHARS = 32  # 128 bits: collision-free at any realistic patient count
+_CACHE_LIMIT = 200_000  # references repeat (every resource names its patient): memoise a window
 
 
 class Pseudonymizer:
@@ -20,14 +21,23 @@ class Pseudonymizer:
         if len(key) < 32:
             raise ValueError(f"pseudonym key must be at least 32 bytes, got {len(key)}")
         self._key = key
+        self._cache: dict[tuple[str, str], str] = {}
 
-    def token(self, domain: str, value: str) -> str:
-        """Pseudonym of ``value`` within ``domain`` (hex, 128 bits)."""
+    def token(self, domain: str, value: str, *, memoise: bool = True) -> str:
+        """Pseudonym of ``value`` within ``domain`` (hex, 128 bits). Values seen once only
+        (content digests) pass ``memoise=False`` to keep the window for repeating ones."""
+        cached = self._cache.get((domain, value)) if memoise else None
+        if cached is not None:
+            return cached
         if not domain or "\x00" in domain:
             raise ValueError("domain must be a non-empty string without NUL")
         message = domain.encode() + b"\x00" + value.encode("utf-8")
-        digest = hmac.new(self._key, message, hashlib.sha256).hexdigest()
-        return digest[:PSEUDONYM_HEX_CHARS]
+        token = hmac.digest(self._key, message, hashlib.sha256).hex()[:PSEUDONYM_HEX_CHARS]
+        if memoise:
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[(domain, value)] = token
+        return token
 
     def resource_key(self, resource_type: str, resource_id: str) -> str:
         """Pseudonym of the logical resource ``Type/id``; also the patient pseudonym."""

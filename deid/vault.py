@@ -63,6 +63,15 @@ class DataKey:
     def __repr__(self) -> str:  # never print key material
         return f"DataKey(key_id={self.key_id.hex()})"
 
+    @property
+    def aead(self) -> AESGCM:
+        """The cipher for this key, built once: its key schedule costs more than a short seal."""
+        cached: AESGCM | None = self.__dict__.get("_aead")
+        if cached is None:
+            cached = AESGCM(self.key)
+            object.__setattr__(self, "_aead", cached)
+        return cached
+
 
 def seal(
     key: DataKey, plaintext: bytes, aad: bytes, random_bytes: RandomBytes = os.urandom
@@ -70,7 +79,7 @@ def seal(
     """AES-256-GCM: ``0x01 || key_id || nonce || ciphertext || tag``."""
     nonce = random_bytes(NONCE_BYTES)
     header = SEALED_FORMAT + key.key_id
-    return header + nonce + AESGCM(key.key).encrypt(nonce, plaintext, header + aad)
+    return header + nonce + key.aead.encrypt(nonce, plaintext, header + aad)
 
 
 def sealed_key_id(blob: bytes) -> bytes:
@@ -92,7 +101,7 @@ def open_sealed(key: DataKey, blob: bytes, aad: bytes) -> bytes:
         blob[_HEADER + NONCE_BYTES :],
     )
     try:
-        return AESGCM(key.key).decrypt(nonce, body, header + aad)
+        return key.aead.decrypt(nonce, body, header + aad)
     except InvalidTag as exc:
         raise InvalidCiphertext("authentication failed (tampered blob or wrong record)") from exc
 

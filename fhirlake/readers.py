@@ -146,25 +146,62 @@ _BUNDLE_TYPES = {
 }
 
 
+_ENTRY_KEYS = {
+    "id",
+    "extension",
+    "modifierExtension",
+    "link",
+    "fullUrl",
+    "resource",
+    "search",
+    "request",
+    "response",
+}
+_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"}
+
+
+def _entry_shell_error(position: int, entry: Any) -> str | None:
+    """Bundle.entry minus its resource, checked by hand: the R4B model costs as much per entry
+    as validating a small resource, and the resource itself is validated on its own."""
+    if not isinstance(entry, dict):
+        return f"Bundle.entry[{position}]: not an object"
+    if not entry.keys() <= _ENTRY_KEYS:
+        return f"Bundle.entry[{position}]: unknown element"
+    full_url = entry.get("fullUrl")
+    if full_url is not None and (not isinstance(full_url, str) or not full_url.strip()):
+        return f"Bundle.entry[{position}].fullUrl: not a non-empty uri"
+    request = entry.get("request")
+    if request is not None:
+        if not isinstance(request, dict) or request.get("method") not in _METHODS:
+            return f"Bundle.entry[{position}].request.method: missing or not an HTTP verb code"
+        if not isinstance(request.get("url"), str) or not request["url"].strip():
+            return f"Bundle.entry[{position}].request.url: missing"
+    response = entry.get("response")
+    if response is not None and (
+        not isinstance(response, dict) or not isinstance(response.get("status"), str)
+    ):
+        return f"Bundle.entry[{position}].response.status: missing"
+    return None
+
+
 def _bundle_shell_error(bundle: dict[str, Any]) -> tuple[str, str] | None:
-    """Validate the Bundle without its entries' resources (each is validated on its own)."""
+    """Validate the Bundle without its entries (R4B model) and each entry's envelope."""
     btype = bundle.get("type")
     if btype not in _BUNDLE_TYPES:
         return ("invalid_bundle", "Bundle.type is missing or not a Bundle type code")
     entries = bundle.get("entry")
     if not isinstance(entries, list):
         return ("invalid_bundle", "Bundle.entry is not a list")
-    shell = dict(bundle)
-    shell["entry"] = [
-        {k: v for k, v in e.items() if k != "resource"} if isinstance(e, dict) else e
-        for e in entries
-    ]
     try:
-        Bundle.model_validate(shell)
+        Bundle.model_validate({k: v for k, v in bundle.items() if k != "entry"})
     except ValidationError as exc:
         return ("invalid_bundle", describe_validation_error("Bundle", exc))
     except (ValueError, TypeError) as exc:
         return ("invalid_bundle", f"Bundle: {type(exc).__name__}")
+    for position, entry in enumerate(entries, start=1):
+        problem = _entry_shell_error(position, entry)
+        if problem is not None:
+            return ("invalid_bundle", problem)
     return None
 
 

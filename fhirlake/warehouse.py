@@ -56,22 +56,6 @@ SCHEMA = [
         aad BLOB NOT NULL
     )""",
     """
-    CREATE TABLE IF NOT EXISTS phi_vault_stage (
-        resource_key VARCHAR NOT NULL,
-        resource_type VARCHAR NOT NULL,
-        patient_key VARCHAR,
-        patient_ref_key VARCHAR,
-        version_id VARCHAR,
-        last_updated VARCHAR,
-        content_mac VARCHAR NOT NULL,
-        batch_id VARCHAR NOT NULL,
-        file_index INTEGER NOT NULL,
-        position BIGINT NOT NULL,
-        ingest_seq BIGINT NOT NULL,
-        sealed BLOB NOT NULL,
-        aad BLOB NOT NULL
-    )""",
-    """
     CREATE TABLE IF NOT EXISTS quarantine (
         batch_id VARCHAR NOT NULL,
         file_index INTEGER NOT NULL,
@@ -121,7 +105,6 @@ BATCH_TABLES = (
     "source_files",
     "record_ledger",
     "phi_vault",
-    "phi_vault_stage",
     "quarantine",
     "resource_references",
     "identifier_index",

@@ -57,6 +57,7 @@ def run_pipeline(
                 resources=resources,
                 raise_on_error=False,
                 tags={"ehr/entry": "ehr run"},
+                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
             )
             runs.append({"batch": batch.key, "run_id": result.run_id, "success": result.success})
     summary = build_summary(workdir, [b.key for b in batches], runs)

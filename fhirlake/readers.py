@@ -2,8 +2,9 @@
 NDJSON (``.ndjson``), and gzip of either. Every record keeps its file and position.
 
 NDJSON is read line by line, so memory stays flat whatever the file size. A ``.json`` file is
-one JSON document and is parsed whole; bundles are what EHRs export per patient or per page, so
-a single document stays small even when an export is large.
+one JSON document: below ``STREAM_JSON_BYTES`` it is parsed whole with orjson (fast, and what
+per-patient or per-page bundles need); above it a Bundle is streamed entry by entry with ijson
+(its C backend), in two passes: one collecting fullUrls, one yielding entries.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
+import ijson
 import orjson
 from fhir.resources.R4B.bundle import Bundle
 from pydantic import ValidationError
@@ -32,6 +34,7 @@ _SUFFIXES: dict[str, FileKind] = {
 }
 # Files an export carries beside its data: the Bulk Data status log, our generator's summary.
 _NOT_DATA = {"log.ndjson", "log.ndjson.gz"}
+STREAM_JSON_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,12 +100,82 @@ def _open(path: Path) -> IO[bytes]:
     return path.open("rb")
 
 
-def iter_records(source: SourceFile) -> Iterator[RawRecord]:
+def iter_records(source: SourceFile, stream_above: int = STREAM_JSON_BYTES) -> Iterator[RawRecord]:
     """The records of one file, in file order."""
     if source.kind == "ndjson":
         yield from _ndjson_records(source)
+    elif source.path.stat().st_size > stream_above and _streamable_bundle(source.path):
+        yield from _streamed_bundle_records(source)
     else:
         yield from _json_records(source)
+
+
+def _open_unbommed(path: Path) -> IO[bytes]:
+    handle = _open(path)
+    if handle.read(3) != BOM:
+        handle.seek(0)
+    return handle
+
+
+def _streamable_bundle(path: Path) -> bool:
+    """True when the document is a Bundle (read from its first events only)."""
+    try:
+        with _open_unbommed(path) as handle:
+            for prefix, event, value in ijson.parse(handle):
+                if prefix == "resourceType" and event == "string":
+                    return bool(value == "Bundle")
+                if prefix == "" and event == "end_map":
+                    return False
+    except ijson.JSONError:
+        return False
+    return False
+
+
+def _streamed_bundle_records(source: SourceFile) -> Iterator[RawRecord]:
+    """A large Bundle, entry by entry, with memory bounded by the largest entry."""
+    shell: dict[str, Any] = {}
+    # first pass: only fullUrl, type and id of each entry, for the urn map
+    context = BundleContext()
+    current: dict[str, str] = {}
+    try:
+        with _open_unbommed(source.path) as handle:
+            for prefix, event, value in ijson.parse(handle, use_float=True):
+                if prefix in ("resourceType", "type", "id") and event == "string":
+                    shell[prefix] = value
+                elif prefix == "entry.item.fullUrl" and event == "string":
+                    current["fullUrl"] = value
+                elif prefix == "entry.item.resource.resourceType" and event == "string":
+                    current["type"] = value
+                elif prefix == "entry.item.resource.id" and event == "string":
+                    current["id"] = value
+                elif prefix == "entry.item" and event == "end_map":
+                    if {"fullUrl", "type", "id"} <= current.keys():
+                        target = (current["type"], current["id"])
+                        context.urn_map.setdefault(current["fullUrl"], target)
+                    current = {}
+    except ijson.JSONError:
+        # ijson's message can quote input; report the position-free fact only
+        yield RawRecord(source.index, 1, None, ("invalid_json", "not valid JSON (streamed)"))
+        return
+    if shell.get("type") not in _BUNDLE_TYPES:
+        error = ("invalid_bundle", "Bundle.type is missing or not a Bundle type code")
+    else:
+        error = None
+    with _open_unbommed(source.path) as handle:
+        for position, entry in enumerate(ijson.items(handle, "entry.item", use_float=True), 1):
+            problem = _entry_shell_error(position, entry)
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            raw = orjson.dumps(resource if resource is not None else entry)
+            if error or problem:
+                yield RawRecord(
+                    source.index, position, raw, error or ("invalid_bundle", problem or "")
+                )
+            elif not isinstance(resource, dict):
+                yield RawRecord(
+                    source.index, position, raw, ("unsupported_entry", "entry has no resource")
+                )
+            else:
+                yield RawRecord(source.index, position, raw, None, context)
 
 
 def _ndjson_records(source: SourceFile) -> Iterator[RawRecord]:

@@ -101,3 +101,30 @@ def test_broken_bundle_accounts_for_every_entry(tmp_path: Path) -> None:
         "invalid_bundle",
         "invalid_json",
     ]
+
+
+def test_large_bundles_stream_to_the_same_records(shared_data: Path) -> None:
+    from fhirlake.readers import SourceFile
+
+    path = next(iter(sorted((shared_data / "synthea_small").glob("*.json"))))
+    source = SourceFile(0, path, "json")
+    whole = list(iter_records(source))
+    streamed = list(iter_records(source, stream_above=0))  # force the ijson path
+    assert len(streamed) == len(whole)
+    for a, b in zip(whole, streamed, strict=True):
+        assert (a.position, a.error) == (b.position, b.error)
+        assert orjson.loads(a.raw) == orjson.loads(b.raw)
+        assert a.bundle is not None and b.bundle is not None
+        assert a.bundle.urn_map == b.bundle.urn_map
+
+
+def test_streamed_bundle_defects(tmp_path: Path) -> None:
+    from fhirlake.readers import SourceFile
+
+    bad_type = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Patient"}}]}
+    (tmp_path / "a.json").write_bytes(orjson.dumps(bad_type))
+    (tmp_path / "b.json").write_bytes(b'{"resourceType": "Bundle", "type": "batch", "entry": [')
+    a = list(iter_records(SourceFile(0, tmp_path / "a.json", "json"), stream_above=0))
+    assert [r.error[0] for r in a if r.error] == ["invalid_bundle"]
+    b = list(iter_records(SourceFile(1, tmp_path / "b.json", "json"), stream_above=0))
+    assert [r.error[0] for r in b if r.error] == ["invalid_json"]

@@ -11,7 +11,7 @@ import hashlib
 import hmac
 
 PSEUDONYM_HEX_CHARS = 32  # 128 bits: collision-free at any realistic patient count
-_CACHE_LIMIT = 200_000  # references repeat (every resource names its patient): memoise a window
+_CACHE_LIMIT = 50_000  # references repeat (every resource names its patient): memoise a window
 
 
 class Pseudonymizer:

@@ -538,8 +538,10 @@ def ingest_batch(
     workers = workers if workers is not None else (os.cpu_count() or 1)
     files, skipped = list_batch_files(source)
     con = warehouse.connect(warehouse_path)
+    # No batch-wide transaction: DuckDB holds uncommitted rows in memory, so memory would grow
+    # with the batch. Each flush commits; a failed batch is re-run, and start() first removes
+    # whatever that batch wrote, so the retry lands on a clean slate.
     try:
-        con.execute("BEGIN TRANSACTION")
         ingestor = BatchIngestor(con, provider, batch_id, workers)
         ingestor.start()
         ingestor.register_files(files, skipped)
@@ -552,10 +554,6 @@ def ingest_batch(
             "UPDATE batches SET ingested_at = ?, report = ? WHERE batch_id = ?",
             [datetime.now(UTC), orjson.dumps(report.to_dict()).decode(), batch_id],
         )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     finally:
         con.close()
     return report

@@ -111,12 +111,17 @@ BATCH_TABLES = (
 )
 
 
-def connect(path: Path | str, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+DEFAULT_MEMORY_LIMIT = "256MB"  # DuckDB spills beyond it; ingest memory must not scale with input
+
+
+def connect(
+    path: Path | str, read_only: bool = False, memory_limit: str = DEFAULT_MEMORY_LIMIT
+) -> duckdb.DuckDBPyConnection:
     """Open the warehouse file, creating its schema when writable."""
     path = Path(path)
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(str(path), read_only=read_only)
+    con = duckdb.connect(str(path), read_only=read_only, config={"memory_limit": memory_limit})
     if not read_only:
         for ddl in SCHEMA:
             con.execute(ddl)

@@ -1,0 +1,146 @@
+"""PHI leak scan: look for what we know is PHI (canaries taken from the vault) in released data.
+
+Canaries are names, identifier values, address lines, phone numbers, emails and full birth
+dates of the patients a batch touches. Released text is case-folded and searched with one
+Aho-Corasick automaton (pyahocorasick), base64 runs are decoded and searched too (clinical notes
+travel as base64 attachments). Results name canary kinds and row pseudonyms, never the canary.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ahocorasick
+
+_BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{24,}={0,2}")
+_DIGITS = re.compile(r"\D+")
+MIN_TEXT = 4  # shorter names match inside ordinary words
+MIN_DIGITS = 7
+
+
+@dataclass(frozen=True)
+class LeakHit:
+    kind: str
+    row: str  # the released row's pseudonym, never the matched text
+
+
+@dataclass
+class LeakScanResult:
+    scanned_rows: int = 0
+    canaries: int = 0
+    hits: list[LeakHit] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.hits
+
+    def by_kind(self) -> dict[str, int]:
+        return dict(Counter(h.kind for h in self.hits))
+
+
+def _strings(node: Any) -> Iterable[str]:
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from _strings(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _strings(item)
+
+
+class CanarySet:
+    """Canaries of a set of patients, compiled into one automaton."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[str, str] = {}
+        self._automaton: Any = None
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+    def add(self, kind: str, text: str) -> None:
+        folded = " ".join(text.casefold().split())
+        if kind == "phone":
+            digits = _DIGITS.sub("", folded)
+            if len(digits) >= MIN_DIGITS:
+                self._kinds.setdefault(digits, kind)
+        if len(folded) >= MIN_TEXT:
+            self._kinds.setdefault(folded, kind)
+        self._automaton = None
+
+    def add_patient(self, patient: dict[str, Any]) -> None:
+        """Every direct identifier of a Patient resource."""
+        for name in patient.get("name") or []:
+            given = [g for g in name.get("given") or [] if isinstance(g, str)]
+            family = name.get("family") if isinstance(name.get("family"), str) else ""
+            for part in [*given, family]:
+                self.add("name", part)
+            if given and family:
+                self.add("name", f"{given[0]} {family}")
+        for ident in patient.get("identifier") or []:
+            if isinstance(ident.get("value"), str):
+                self.add("identifier", ident["value"])
+        for addr in patient.get("address") or []:
+            for line in addr.get("line") or []:
+                if isinstance(line, str):
+                    self.add("address", line)
+        for telecom in patient.get("telecom") or []:
+            value = telecom.get("value")
+            if isinstance(value, str):
+                self.add("email" if telecom.get("system") == "email" else "phone", value)
+        birth = patient.get("birthDate")
+        if isinstance(birth, str) and len(birth) == 10:
+            self.add("birth_date", birth)
+
+    def _compiled(self) -> Any:
+        if self._automaton is None:
+            automaton = ahocorasick.Automaton()
+            for text, kind in self._kinds.items():
+                automaton.add_word(text, (kind, len(text)))
+            automaton.make_automaton()
+            self._automaton = automaton
+        return self._automaton
+
+    def find(self, text: str) -> list[str]:
+        """Kinds of the canaries found in ``text`` as whole tokens (not inside longer words)."""
+        if not self._kinds:
+            return []
+        folded = text.casefold()
+        found = []
+        for end, (kind, length) in self._compiled().iter(folded):
+            start = end - length + 1
+            before = folded[start - 1] if start > 0 else " "
+            after = folded[end + 1] if end + 1 < len(folded) else " "
+            if not before.isalnum() and not after.isalnum():
+                found.append(kind)
+        return found
+
+    def scan_value(self, value: Any) -> list[str]:
+        """Kinds found in any string of a JSON value, including decoded base64 runs."""
+        kinds: list[str] = []
+        for text in _strings(value):
+            kinds.extend(self.find(text))
+            for run in _BASE64_RUN.findall(text):
+                try:
+                    decoded = base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
+                except (binascii.Error, ValueError):
+                    continue
+                kinds.extend(self.find(decoded.decode("utf-8", "replace")))
+        return kinds
+
+
+def scan_rows(canaries: CanarySet, rows: Iterable[tuple[str, Any]]) -> LeakScanResult:
+    """Scan released rows given as (row pseudonym, JSON-like value)."""
+    result = LeakScanResult(canaries=len(canaries))
+    for row_id, value in rows:
+        result.scanned_rows += 1
+        for kind in canaries.scan_value(value):
+            result.hits.append(LeakHit(kind, row_id))
+    return result

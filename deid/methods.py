@@ -1,0 +1,147 @@
+"""De-identification methods on single values, as the Microsoft FHIR anonymizer defines them,
+with our authenticated ``encrypt`` (AES-256-GCM instead of unauthenticated AES-CBC).
+
+Each function is pure: keys, randomness and the reference date come in as arguments, so every
+method has known-answer tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Callable
+from datetime import date, datetime, timedelta
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+AGE_LIMIT = 89  # HIPAA: ages over 89 are aggregated into "90 or older"
+DEFAULT_DATE_SHIFT_DAYS = 50
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
+_DATETIME = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?$"
+)
+RandomBytes = Callable[[int], bytes]
+
+
+def _years_between(born: date, today: date) -> int:
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+def _parse_partial(value: str) -> tuple[int, int | None, int | None] | None:
+    match = _DATE.match(value) or _DATETIME.match(value)
+    if match is None:
+        return None
+    year, month, day = match.group(1), match.group(2), match.group(3)
+    return int(year), int(month) if month else None, int(day) if day else None
+
+
+def is_over_age_limit(value: str, today: date) -> bool:
+    """True when a (birth) date lies more than 89 years before ``today``."""
+    parts = _parse_partial(value)
+    if parts is None:
+        return False
+    year, month, day = parts
+    born = date(year, month or 1, day or 1)
+    return _years_between(born, today) > AGE_LIMIT
+
+
+def redact_date_partially(value: str, today: date) -> str | None:
+    """Keep the year only; nothing at all when the date is more than 89 years ago."""
+    parts = _parse_partial(value)
+    if parts is None or is_over_age_limit(value, today):
+        return None
+    return f"{parts[0]:04d}"
+
+
+def redact_zip_partially(value: str, restricted_zip3: frozenset[str]) -> str:
+    """ZIP to its first three digits ("12345" → "12300"); restricted three-digit areas (fewer
+    than 20,000 people, per HIPAA) become "00000"."""
+    digits = re.sub(r"\D", "", value)
+    if len(digits) < 3:
+        return "0" * len(value)
+    zip3 = digits[:3]
+    if zip3 in restricted_zip3:
+        return "0" * 5
+    return zip3 + "0" * (min(len(digits), 5) - 3)
+
+
+def redact_age_partially(value: float) -> bool:
+    """Whether an age value may be kept (ages over 89 are redacted)."""
+    return value <= AGE_LIMIT
+
+
+def date_shift_days(key: bytes, scope: str, max_days: int = DEFAULT_DATE_SHIFT_DAYS) -> int:
+    """A secret, stable offset in [-max_days, max_days] \\ {0} for one scope (a patient, a
+    resource): HMAC-SHA256 of the scope under the date-shift key."""
+    if max_days < 1:
+        raise ValueError(f"max_days must be at least 1, got {max_days}")
+    digest = hmac.digest(key, b"ehr-date-shift/1\x00" + scope.encode(), hashlib.sha256)
+    # zero is excluded: a shift of nothing would reveal the date
+    draw = int.from_bytes(digest[:8], "big") % (2 * max_days)
+    return draw - max_days if draw < max_days else draw - max_days + 1
+
+
+def shift_date(value: str, days: int) -> str:
+    """Shift a date, dateTime or instant by ``days``. Partial dates (year, year-month) carry
+    too little to shift and are kept; a time of day is dropped to midnight (as the Microsoft
+    anonymizer does) with its zone kept, since hours and minutes also identify an event."""
+    match = _DATETIME.match(value)
+    if match is not None:
+        year, month, day = int(match.group(1)), int(match.group(2)), int(match.group(3))
+        shifted = date(year, month, day) + timedelta(days=days)
+        zone = match.group(8) or ""
+        return f"{shifted.isoformat()}T00:00:00{zone}"
+    match = _DATE.match(value)
+    if match is None:
+        raise ValueError("not a FHIR date, dateTime or instant")
+    if match.group(3) is None:
+        return value
+    shifted = date(int(match.group(1)), int(match.group(2)), int(match.group(3)))
+    return (shifted + timedelta(days=days)).isoformat()
+
+
+def crypto_hash(value: str, key: bytes) -> str:
+    """HMAC-SHA256 of the value, lower-case hex (the Microsoft anonymizer's cryptoHash)."""
+    return hmac.new(key, value.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def encrypt_value(
+    value: str, key: bytes, aad: bytes = b"", random_bytes: RandomBytes = os.urandom
+) -> str:
+    """AES-256-GCM, base64 of ``nonce || ciphertext || tag``: authenticated, unlike the
+    anonymizer's AES-CBC, so a changed value is detected on decryption."""
+    if len(key) != 32:
+        raise ValueError(f"encrypt key must be 32 bytes, got {len(key)}")
+    nonce = random_bytes(12)
+    sealed = AESGCM(key).encrypt(nonce, value.encode("utf-8"), b"ehr-field/1|" + aad)
+    return base64.b64encode(nonce + sealed).decode()
+
+
+def decrypt_value(token: str, key: bytes, aad: bytes = b"") -> str:
+    """Inverse of :func:`encrypt_value`; raises on any change of the token or the context."""
+    raw = base64.b64decode(token, validate=True)
+    return AESGCM(key).decrypt(raw[:12], raw[12:], b"ehr-field/1|" + aad).decode("utf-8")
+
+
+def perturb_number(
+    value: float,
+    span: float,
+    range_type: str,
+    round_to: int,
+    uniform: Callable[[float, float], float],
+) -> float:
+    """Add uniform noise: ``fixed`` within ±span/2, ``proportional`` within ±value·span/2."""
+    if span < 0:
+        raise ValueError("span must not be negative")
+    if range_type not in ("fixed", "proportional"):
+        raise ValueError(f"rangeType must be 'fixed' or 'proportional', got {range_type!r}")
+    half = span / 2 if range_type == "fixed" else abs(value) * span / 2
+    noisy = value + uniform(-half, half)
+    return round(noisy, round_to) if round_to > 0 else float(round(noisy))
+
+
+def today_utc() -> date:
+    return datetime.now().date()

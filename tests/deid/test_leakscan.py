@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import base64
+
+from deid.leakscan import CanarySet, scan_rows
+
+PATIENT = {
+    "resourceType": "Patient",
+    "name": [{"family": "Quillfeather", "given": ["Marisol", "Jo"]}],
+    "identifier": [{"value": "999-12-3456"}, {"value": "MRN778812"}],
+    "address": [{"line": ["42 Wallaby Way"]}],
+    "telecom": [
+        {"system": "phone", "value": "(555) 013-4477"},
+        {"system": "email", "value": "marisol.q@example.org"},
+    ],
+    "birthDate": "1948-02-29",
+}
+
+
+def canaries() -> CanarySet:
+    c = CanarySet()
+    c.add_patient(PATIENT)
+    return c
+
+
+def test_clean_release_passes() -> None:
+    rows = [("p1", {"resourceType": "Patient", "id": "ab12", "birthDate": "1948"})]
+    result = scan_rows(canaries(), rows)
+    assert result.passed and result.scanned_rows == 1 and result.canaries > 5
+
+
+def test_planted_leaks_are_found_case_folded_and_in_base64() -> None:
+    note = base64.b64encode(b"Seen today: MARISOL QUILLFEATHER, dob 1948-02-29").decode()
+    rows = [
+        ("r1", {"note": [{"text": "pt quillfeather called"}]}),
+        ("r2", {"attachment": {"data": note}}),
+        ("r3", {"telecom": "5550134477"}),
+        ("r4", {"identifier": "MRN778812"}),
+        ("r5", {"text": "short name Jo and marisolxyz do not count"}),
+    ]
+    result = scan_rows(canaries(), rows)
+    assert not result.passed
+    assert {h.row for h in result.hits} == {"r1", "r2", "r3", "r4"}
+    assert result.by_kind()["name"] >= 2
+    assert "birth_date" in result.by_kind()
+    # results name rows and kinds, never the text that matched
+    assert all("quill" not in repr(h).lower() for h in result.hits)

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from deid.methods import (
+    crypto_hash,
+    date_shift_days,
+    decrypt_value,
+    encrypt_value,
+    perturb_number,
+    redact_date_partially,
+    redact_zip_partially,
+    shift_date,
+)
+
+TODAY = date(2026, 11, 28)
+RESTRICTED = frozenset({"036", "059"})
+
+
+def test_crypto_hash_known_answer() -> None:
+    # the Microsoft anonymizer's own output for Patient.id "example" under key "123"
+    assert crypto_hash("example", b"123") == (
+        "698d54f0494528a759f19c8e87a9f99e75a5881b9267ee3926bcf62c992d84ba"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2000-01-01", "2000"),
+        ("2000-01", "2000"),
+        ("1936-11-29", "1936"),  # 89 today: kept as a year
+        ("1936-11-28", None),  # 90 today: nothing left
+        ("1930-05-01", None),
+        ("2010-03-04T10:00:00Z", "2010"),
+    ],
+)
+def test_partial_date_redaction(value: str, expected: str | None) -> None:
+    assert redact_date_partially(value, TODAY) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [("12345", "12300"), ("03601", "00000"), ("05901-1234", "00000"), ("98052-6399", "98000")],
+)
+def test_partial_zip(value: str, expected: str) -> None:
+    assert redact_zip_partially(value, RESTRICTED) == expected
+
+
+def test_date_shift_offsets_are_secret_stable_and_in_range() -> None:
+    offsets = {date_shift_days(b"k" * 32, f"patient-{i}") for i in range(2000)}
+    assert 0 not in offsets
+    assert min(offsets) == -50 and max(offsets) == 50
+    assert date_shift_days(b"k" * 32, "p") == date_shift_days(b"k" * 32, "p")
+    other_key = [date_shift_days(b"j" * 32, f"patient-{i}") for i in range(50)]
+    assert other_key != [date_shift_days(b"k" * 32, f"patient-{i}") for i in range(50)]
+    with pytest.raises(ValueError, match="max_days"):
+        date_shift_days(b"k", "p", 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "days", "expected"),
+    [
+        ("2000-01-01", 41, "2000-02-11"),
+        ("2000-01-01T01:01:01-01:00", 41, "2000-02-11T00:00:00-01:00"),
+        ("2016-02-29T23:59:59.123Z", -1, "2016-02-28T00:00:00Z"),
+        ("2002", 10, "2002"),
+        ("2002-07", 10, "2002-07"),
+    ],
+)
+def test_shift_date(value: str, days: int, expected: str) -> None:
+    assert shift_date(value, days) == expected
+
+
+def test_shift_date_rejects_non_dates() -> None:
+    with pytest.raises(ValueError, match="not a FHIR date"):
+        shift_date("yesterday", 3)
+
+
+def test_encrypt_is_authenticated() -> None:
+    key = bytes(range(32))
+    token = encrypt_value("MRN-778812", key, aad=b"Patient/1", random_bytes=lambda n: b"\0" * n)
+    assert "MRN" not in token
+    assert decrypt_value(token, key, aad=b"Patient/1") == "MRN-778812"
+    with pytest.raises(Exception):
+        decrypt_value(token, key, aad=b"Patient/2")
+    tampered = token[:-4] + ("AAAA" if token[-4:] != "AAAA" else "BBBB")
+    with pytest.raises(Exception):
+        decrypt_value(tampered, key, aad=b"Patient/1")
+
+
+def test_perturb_stays_in_span() -> None:
+    assert perturb_number(100.0, 10.0, "fixed", 0, lambda lo, hi: hi) == 105.0
+    assert perturb_number(100.0, 0.1, "proportional", 1, lambda lo, hi: lo) == 95.0
+    with pytest.raises(ValueError, match="rangeType"):
+        perturb_number(1.0, 1.0, "bogus", 0, lambda lo, hi: 0.0)

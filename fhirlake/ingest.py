@@ -319,7 +319,7 @@ class BatchIngestor:
             return
         resource_key = self.pseudo.resource_key(rtype, checked.resource_id)
         content_mac = self.pseudo.token("content", checked.content_digest.hex(), memoise=False)
-        refs: list[tuple[str, str, str, str]] = []
+        refs: list[tuple[str, str, str, str, str]] = []
         for path, value in checked.references:
             target = self._target(record, value)
             if target is False:
@@ -332,14 +332,17 @@ class BatchIngestor:
                 )
                 return
             if isinstance(target, tuple):
-                refs.append((path, *target))
-        for path, kind, target_type, target_key in refs:
+                # the reference text, keyed: de-identification maps it to its target later,
+                # when the Bundle that gave a urn:uuid its meaning is long gone
+                refs.append((path, self.pseudo.token("reference", value), *target))
+        for path, ref_mac, kind, target_type, target_key in refs:
             self.buffers.add(
                 "resource_references",
                 batch_id=self.batch_id,
                 resource_key=resource_key,
                 content_mac=content_mac,
                 path=path,
+                ref_mac=ref_mac,
                 kind=kind,
                 target_type=target_type,
                 target_key=target_key,

@@ -75,6 +75,7 @@ SCHEMA = [
         resource_key VARCHAR NOT NULL,
         content_mac VARCHAR NOT NULL,
         path VARCHAR NOT NULL,
+        ref_mac VARCHAR NOT NULL,
         kind VARCHAR NOT NULL,
         target_type VARCHAR,
         target_key VARCHAR NOT NULL,
@@ -87,6 +88,8 @@ SCHEMA = [
         resource_key VARCHAR NOT NULL,
         resource_type VARCHAR NOT NULL
     )""",
+    # warehouses created before the column existed
+    "ALTER TABLE resource_references ADD COLUMN IF NOT EXISTS ref_mac VARCHAR",
     # The newest version of each resource: numeric versionId first, then lastUpdated, then the
     # order it arrived in.
     """

@@ -94,6 +94,9 @@ def shift_date(value: str, days: int) -> str:
         shifted = date(year, month, day) + timedelta(days=days)
         zone = match.group(8) or ""
         return f"{shifted.isoformat()}T00:00:00{zone}"
+    zoned = re.match(r"^(\d{4}-\d{2}-\d{2})(?:Z|[+-]\d{2}:\d{2})$", value)
+    if zoned is not None:  # a date with a zone but no time: the zone means nothing left
+        return (date.fromisoformat(zoned.group(1)) + timedelta(days=days)).isoformat()
     match = _DATE.match(value)
     if match is None:
         raise ValueError("not a FHIR date, dateTime or instant")

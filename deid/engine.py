@@ -1,0 +1,449 @@
+"""Apply a compiled policy to one resource, with the Microsoft anonymizer's semantics: rules run
+in order, and each primitive value is handled by the first rule whose path reaches it (directly
+or through a complex element that contains it); later rules never touch it again. Elements
+emptied by redaction are removed, and the resource is labelled in ``meta.security`` with what
+was done to it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import date
+from decimal import Decimal
+from typing import Any
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from deid import methods
+from deid.errors import DeidError
+from deid.policy import Policy, Rule
+from deid.pseudonym import Pseudonymizer
+from fhirlake.fhirpath import FhirPathError, Node
+
+SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+_LABELS = {
+    "REDACTED": "redacted",
+    "ABSTRED": "abstracted",
+    "CRYTOHASH": "cryptographic hash function",
+    "MASKED": "masked",
+    "PERTURBED": "exact value is replaced with another exact value",
+    "SUBSTITUTED": "exact value is replaced with a predefined value",
+    "GENERALIZED": "exact value is replaced with a general value",
+    "PSEUDED": "pseudonymized",
+}
+_METHOD_LABEL = {
+    "redact": "REDACTED",
+    "dateshift": "PERTURBED",
+    "cryptohash": "CRYTOHASH",
+    "encrypt": "MASKED",
+    "perturb": "PERTURBED",
+    "substitute": "SUBSTITUTED",
+    "generalize": "GENERALIZED",
+    "pseudonymize": "PSEUDED",
+}
+_DATEISH = re.compile(r"^\d{4}(-\d{2}(-\d{2}((T[\d:.]+)?(Z|[+-]\d{2}:\d{2})?)?)?)?$")
+
+
+class ProcessingError(DeidError):
+    """A resource the policy cannot be applied to (e.g. an unknown modifierExtension)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class DeidSecrets:
+    """Keys for the methods that need one, derived from the pseudonym key unless a policy
+    carries its own (as the anonymizer's own test configurations do)."""
+
+    crypto_hash_key: bytes
+    date_shift_key: bytes
+    encrypt_key: bytes
+    pseudonymizer: Pseudonymizer
+
+    @classmethod
+    def derive(cls, pseudonym_key: bytes, policy: Policy) -> DeidSecrets:
+        def hkdf(label: bytes) -> bytes:
+            return HKDF(hashes.SHA256(), 32, salt=None, info=b"ehr-deid/1|" + label).derive(
+                pseudonym_key
+            )
+
+        p = policy.parameters
+        return cls(
+            crypto_hash_key=p.crypto_hash_key.encode() if p.crypto_hash_key else hkdf(b"hash"),
+            date_shift_key=p.date_shift_key.encode() if p.date_shift_key else hkdf(b"date"),
+            encrypt_key=hkdf(b"encrypt") if not p.encrypt_key else _encrypt_key(p.encrypt_key),
+            pseudonymizer=Pseudonymizer(pseudonym_key),
+        )
+
+
+def _encrypt_key(text: str) -> bytes:
+    raw = text.encode()
+    if len(raw) != 32:
+        raise DeidError("parameters.encryptKey must be 32 bytes for AES-256-GCM")
+    return raw
+
+
+@dataclass
+class DeidOutcome:
+    resource: dict[str, Any]
+    rule_counts: Counter[int] = field(default_factory=Counter)
+    labels: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _Leaf:
+    parent: dict[str, Any] | list[Any]
+    key: str | int
+    fhir_type: str | None
+    name: str
+
+    @property
+    def value(self) -> Any:
+        return self.parent[self.key]  # type: ignore[index]
+
+    def set(self, value: Any) -> None:
+        self.parent[self.key] = value  # type: ignore[index]
+
+
+_REMOVED = object()
+
+
+def _leaves(node: Node) -> Iterator[_Leaf]:
+    """The primitive values a matched node holds (itself, when primitive)."""
+    if node.parent is None or node.key is None:
+        container: Any = {"_": node.value}
+        yield from _walk(node.value, container, "_", node.fhir_type, node.name or "")
+        return
+    parent: Any = node.parent
+    key: str | int = node.key
+    if node.index is not None:
+        parent, key = node.parent[node.key], node.index
+    yield from _walk(node.value, parent, key, node.fhir_type, node.name or "")
+
+
+def _walk(
+    value: Any, parent: Any, key: str | int, fhir_type: str | None, name: str
+) -> Iterator[_Leaf]:
+    if isinstance(value, dict):
+        for k in list(value):
+            if k == "resourceType":
+                continue
+            # Age is the one complex type whose leaves a partial redaction needs to recognise
+            yield from _walk(value[k], value, k, fhir_type if fhir_type == "Age" else None, k)
+    elif isinstance(value, list):
+        for i in range(len(value)):
+            yield from _walk(value[i], value, i, fhir_type, name)
+    else:
+        yield _Leaf(parent, key, fhir_type, name)
+
+
+def _prune(node: Any) -> Any:
+    """Drop removed values and the arrays and objects left empty by them."""
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            pruned = _prune(v)
+            if pruned is not _REMOVED:
+                out[k] = pruned
+        return out if out else _REMOVED
+    if isinstance(node, list):
+        items = [p for p in (_prune(v) for v in node) if p is not _REMOVED]
+        return items if items else _REMOVED
+    return node
+
+
+class Deidentifier:
+    """A policy bound to its secrets, applied resource by resource."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        secrets: DeidSecrets,
+        *,
+        today: date | None = None,
+        rng: random.Random | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.policy = policy
+        self.secrets = secrets
+        self.today = today or methods.today_utc()
+        self.rng = rng or random.Random()
+        self.random_bytes = random_bytes
+
+    # -- scope and references ---------------------------------------------------------------
+    def _shift_days(self, resource: dict[str, Any], patient_scope: str | None) -> int:
+        params = self.policy.parameters
+        if params.date_shift_scope == "patient" and patient_scope:
+            scope = f"patient:{patient_scope}"
+        else:
+            scope = f"{resource.get('resourceType')}/{resource.get('id', '')}"
+        return methods.date_shift_days(self.secrets.date_shift_key, scope, params.date_shift_days)
+
+    def _pseudonymize(self, leaf: _Leaf, resource: dict[str, Any], resolve: Resolver) -> Any:
+        value = leaf.value
+        if not isinstance(value, str):
+            return _REMOVED
+        pseudo = self.secrets.pseudonymizer
+        if leaf.name == "id" and leaf.parent is resource:
+            return pseudo.resource_key(str(resource.get("resourceType")), value)
+        if leaf.name == "reference":
+            target = resolve(value)
+            return f"{target[0]}/{target[1]}" if target else _REMOVED
+        if leaf.name == "id":  # contained resources keep local ids; they join within the resource
+            return value
+        return pseudo.token("value", value)
+
+    # -- methods on one primitive -------------------------------------------------------------
+    def _apply(
+        self,
+        rule: Rule,
+        leaf: _Leaf,
+        resource: dict[str, Any],
+        shift: int,
+        resolve: Resolver,
+        outcome: DeidOutcome,
+    ) -> None:
+        method, params, value = rule.method, self.policy.parameters, leaf.value
+        result: Any = value
+        label = _METHOD_LABEL.get(method)
+        if method == "keep":
+            return
+        if method == "redact":
+            result = _REMOVED
+            if params.partial_dates and isinstance(value, str) and _DATEISH.match(value):
+                partial = methods.redact_date_partially(value, self.today)
+                result = partial if partial is not None else _REMOVED
+            elif params.partial_zip_codes and leaf.name == "postalCode" and isinstance(value, str):
+                result, label = (
+                    methods.redact_zip_partially(value, params.restricted_zip3),
+                    "ABSTRED",
+                )
+            elif params.partial_ages and leaf.fhir_type == "Age" and isinstance(value, int | float):
+                if methods.redact_age_partially(float(value)):
+                    result, label = value, "ABSTRED"
+        elif method == "dateshift":
+            if isinstance(value, str) and _DATEISH.match(value):
+                result = methods.shift_date(value, shift)
+                if result == value:
+                    return
+        elif method == "cryptohash":
+            if isinstance(value, str):
+                if leaf.name == "reference" and value.startswith("#"):
+                    result = "#" + methods.crypto_hash(value[1:], self.secrets.crypto_hash_key)
+                elif leaf.name == "reference" and "/" in value:
+                    head, _, tail = value.rpartition("/")
+                    result = f"{head}/{methods.crypto_hash(tail, self.secrets.crypto_hash_key)}"
+                else:
+                    result = methods.crypto_hash(value, self.secrets.crypto_hash_key)
+        elif method == "encrypt":
+            if isinstance(value, str):
+                aad = f"{resource.get('resourceType')}/{leaf.name}".encode()
+                result = methods.encrypt_value(
+                    value, self.secrets.encrypt_key, aad, self.random_bytes
+                )
+        elif method == "perturb":
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                result = methods.perturb_number(
+                    float(value),
+                    float(rule.options["span"]),
+                    str(rule.options.get("rangeType", "fixed")),
+                    int(rule.options.get("roundTo", 0)),
+                    self.rng.uniform,
+                )
+                if isinstance(value, int) and int(rule.options.get("roundTo", 0)) == 0:
+                    result = int(result)
+        elif method == "generalize":
+            result = self._generalize(rule, value)
+        elif method == "pseudonymize":
+            result = self._pseudonymize(leaf, resource, resolve)
+        if result is _REMOVED:
+            label = "REDACTED"
+            sibling = f"_{leaf.key}" if isinstance(leaf.key, str) else None
+            if sibling and isinstance(leaf.parent, dict) and sibling in leaf.parent:
+                leaf.parent[sibling] = _REMOVED  # extensions on a removed primitive go too
+        leaf.set(result)
+        outcome.rule_counts[rule.index] += 1
+        if label:
+            outcome.labels.add(label)
+
+    def _generalize(self, rule: Rule, value: Any) -> Any:
+        for condition, result in rule.cases:
+            matched = condition.evaluate(value)  # a primitive root is $this
+            if matched and matched[0].value is True:
+                out = result.evaluate(value)
+                if not out:
+                    return _REMOVED
+                generalised = out[0].value
+                return (
+                    int(generalised)
+                    if isinstance(generalised, Decimal)
+                    and generalised == int(generalised)
+                    and isinstance(value, int)
+                    else generalised
+                )
+        return value if rule.options.get("otherValues", "redact") == "keep" else _REMOVED
+
+    # -- one resource -------------------------------------------------------------------------
+    def apply(
+        self,
+        resource: dict[str, Any],
+        *,
+        patient_scope: str | None = None,
+        resolve: Resolver | None = None,
+    ) -> DeidOutcome:
+        """De-identify a copy of ``resource``. ``resolve`` maps a reference string to the
+        pseudonymous (type, id) of its target, or None when it cannot be resolved.
+
+        Resources nested in it (contained ones, Bundle entries, Parameters) are de-identified
+        first, each as the resource it is, and the outer rules leave them alone afterwards.
+        A rule that cannot be evaluated is a processing error: ``raise`` (the default) raises
+        :class:`ProcessingError`, ``skip`` releases an empty resource, ``keep`` keeps the
+        value unchanged."""
+        work = copy.deepcopy(resource)
+        outcome = DeidOutcome(work)
+        resolver = resolve or _literal_resolver(self.secrets.pseudonymizer)
+        done: set[tuple[int, str | int]] = set()
+        try:
+            self._process(work, patient_scope, resolver, outcome, done)
+        except FhirPathError as exc:
+            if self.policy.processing_errors == "raise":
+                raise ProcessingError(
+                    "processing_error", f"{resource.get('resourceType')}: {exc}"
+                ) from exc
+            if self.policy.processing_errors == "skip":
+                empty: dict[str, Any] = {"resourceType": resource.get("resourceType")}
+                _label(empty, {"REDACTED"})
+                outcome.resource = empty
+                return outcome
+            outcome.resource = copy.deepcopy(resource)
+            return outcome
+        outcome.resource = work
+        return outcome
+
+    def _process(
+        self,
+        work: dict[str, Any],
+        patient_scope: str | None,
+        resolver: Resolver,
+        outcome: DeidOutcome,
+        done: set[tuple[int, str | int]],
+        top: bool = True,
+    ) -> None:
+        params = self.policy.parameters
+        rtype = str(work.get("resourceType"))
+        if params.extension_allow_list is not None:
+            for mod in work.get("modifierExtension") or []:
+                if not isinstance(mod, dict) or mod.get("url") not in params.extension_allow_list:
+                    raise ProcessingError(
+                        "unknown_modifier_extension",
+                        f"{rtype}: modifierExtension not on the allow-list",
+                    )
+        for nested, standalone in _nested_resources(work):
+            inner = DeidOutcome(nested)
+            # Bundle entries are resources of their own and carry their own labels; contained
+            # ones are labelled through their container
+            self._process(nested, patient_scope, resolver, inner, done, top=standalone)
+            outcome.rule_counts.update(inner.rule_counts)
+            outcome.labels |= inner.labels
+            for leaf in _walk(nested, {"_": nested}, "_", None, ""):
+                done.add((id(leaf.parent), leaf.key))
+        labels: set[str] = set()
+        local = DeidOutcome(work)
+        shift = self._shift_days(work, patient_scope)
+        for rule in self.policy.plan_for(rtype):
+            for node in rule.compiled.evaluate(work):
+                if rule.method == "substitute":
+                    self._substitute(rule, node, done, local)
+                    continue
+                for leaf in _leaves(node):
+                    marker = (id(leaf.parent), leaf.key)
+                    if marker in done:
+                        continue
+                    done.add(marker)
+                    self._apply(rule, leaf, work, shift, resolver, local)
+        outcome.rule_counts.update(local.rule_counts)
+        labels |= local.labels
+        outcome.labels |= labels
+        pruned = _prune(work)
+        kept = pruned if isinstance(pruned, dict) else {}
+        work.clear()
+        work.update(kept)
+        work.setdefault("resourceType", rtype)
+        if top:  # nested resources are labelled through the resource that carries them
+            _label(work, outcome.labels)
+
+    def _substitute(
+        self, rule: Rule, node: Node, done: set[tuple[int, str | int]], outcome: DeidOutcome
+    ) -> None:
+        """Replace a node with the configured value, keeping whatever an earlier rule already
+        decided inside it (as the anonymizer does)."""
+        leaves = list(_leaves(node))
+        if not isinstance(node.value, dict):
+            if leaves and (id(leaves[0].parent), leaves[0].key) in done:
+                return
+            node.replace(copy.deepcopy(rule.options["replaceWith"]))
+        else:
+            decided = {
+                key
+                for key, value in node.value.items()
+                if any(
+                    (id(leaf.parent), leaf.key) in done
+                    for leaf in _walk(value, node.value, key, None, key)
+                )
+            }
+            replacement = copy.deepcopy(rule.options["replaceWith"])
+            if isinstance(replacement, dict):
+                replacement.update({k: node.value[k] for k in decided})
+            node.replace(replacement)
+        for leaf in _leaves(node):
+            done.add((id(leaf.parent), leaf.key))
+        outcome.rule_counts[rule.index] += 1
+        outcome.labels.add("SUBSTITUTED")
+
+
+def _nested_resources(work: dict[str, Any]) -> list[tuple[dict[str, Any], bool]]:
+    """Resources carried inside this one, and whether each stands on its own: contained ones
+    do not; Bundle entries and Parameters values do."""
+    found = [(c, False) for c in work.get("contained") or [] if isinstance(c, dict)]
+    for entry in work.get("entry") or []:
+        if isinstance(entry, dict) and isinstance(entry.get("resource"), dict):
+            found.append((entry["resource"], True))
+    for param in work.get("parameter") or []:
+        if isinstance(param, dict) and isinstance(param.get("resource"), dict):
+            found.append((param["resource"], True))
+    return found
+
+
+def _label(resource: dict[str, Any], labels: set[str]) -> None:
+    if not labels:
+        return
+    security = resource.setdefault("meta", {}).setdefault("security", [])
+    present = {s.get("code") for s in security if isinstance(s, dict)}
+    for code, display in _LABELS.items():
+        if code in labels and code not in present:
+            security.append({"system": SECURITY_SYSTEM, "code": code, "display": display})
+
+
+Resolver = Callable[[str], tuple[str, str] | None]
+
+
+def _literal_resolver(pseudonymizer: Pseudonymizer) -> Resolver:
+    """Relative and absolute literal references, pseudonymised by type and id."""
+    from fhirlake.references import literal_target
+
+    def resolve(value: str) -> tuple[str, str] | None:
+        target = literal_target(value)
+        if target is None:
+            return None
+        return target[0], pseudonymizer.resource_key(*target)
+
+    return resolve

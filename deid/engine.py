@@ -232,9 +232,13 @@ class Deidentifier:
                     result, label = value, "ABSTRED"
         elif method == "dateshift":
             if isinstance(value, str) and _DATEISH.match(value):
-                result = methods.shift_date(value, shift)
-                if result == value:
-                    return
+                if leaf.name == "birthDate" and methods.is_over_age_limit(value, self.today):
+                    # HIPAA's "90 or older": the year that makes the patient 90 today
+                    result, label = f"{self.today.year - methods.AGE_LIMIT - 1:04d}", "ABSTRED"
+                else:
+                    result = methods.shift_date(value, shift)
+                    if result == value:
+                        return
         elif method == "cryptohash":
             if isinstance(value, str):
                 if leaf.name == "reference" and value.startswith("#"):

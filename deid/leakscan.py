@@ -44,15 +44,39 @@ class LeakScanResult:
         return dict(Counter(h.kind for h in self.hits))
 
 
-def _strings(node: Any) -> Iterable[str]:
+# Resources about providers, not patients: their names (a practice named after a town or a
+# person) are not patient PHI, so single name parts are not searched in them.
+_PROVIDER_TYPES = {
+    "Organization",
+    "Location",
+    "Practitioner",
+    "PractitionerRole",
+    "HealthcareService",
+    "Endpoint",
+    "Medication",
+    "Substance",
+}
+_TERMINOLOGY_EXTENSIONS = {
+    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+    "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity",
+}
+
+
+def _strings(node: Any, terminology: bool = False) -> Iterable[tuple[str, bool]]:
+    """Every string with a flag for terminology text: a Coding's display, or the text of a
+    race/ethnicity category. Surnames such as Black or White are also category names, so
+    single name parts are not searched there; everything else still is."""
     if isinstance(node, str):
-        yield node
+        yield node, terminology
     elif isinstance(node, dict):
-        for value in node.values():
-            yield from _strings(value)
+        coding = "system" in node and "code" in node
+        category = node.get("url") in _TERMINOLOGY_EXTENSIONS
+        for key, value in node.items():
+            term = terminology or (coding and key == "display") or category
+            yield from _strings(value, term)
     elif isinstance(node, list):
         for item in node:
-            yield from _strings(item)
+            yield from _strings(item, terminology)
 
 
 class CanarySet:
@@ -83,7 +107,7 @@ class CanarySet:
             for part in [*given, family]:
                 self.add("name", part)
             if given and family:
-                self.add("name", f"{given[0]} {family}")
+                self.add("full_name", f"{given[0]} {family}")
         for ident in patient.get("identifier") or []:
             if isinstance(ident.get("value"), str):
                 self.add("identifier", ident["value"])
@@ -108,8 +132,9 @@ class CanarySet:
             self._automaton = automaton
         return self._automaton
 
-    def find(self, text: str) -> list[str]:
-        """Kinds of the canaries found in ``text`` as whole tokens (not inside longer words)."""
+    def find(self, text: str, terminology: bool = False) -> list[str]:
+        """Kinds of the canaries found in ``text`` as whole tokens (not inside longer words);
+        in terminology text, single name parts are not counted."""
         if not self._kinds:
             return []
         folded = text.casefold()
@@ -119,14 +144,18 @@ class CanarySet:
             before = folded[start - 1] if start > 0 else " "
             after = folded[end + 1] if end + 1 < len(folded) else " "
             if not before.isalnum() and not after.isalnum():
-                found.append(kind)
+                if not (terminology and kind == "name"):
+                    found.append(kind)
         return found
 
     def scan_value(self, value: Any) -> list[str]:
-        """Kinds found in any string of a JSON value, including decoded base64 runs."""
+        """Kinds found in any string of a JSON value, including decoded base64 runs. Single
+        name parts are not searched in terminology text or in provider resources; full names,
+        identifiers, addresses, phones, emails and birth dates are searched everywhere."""
         kinds: list[str] = []
-        for text in _strings(value):
-            kinds.extend(self.find(text))
+        provider = isinstance(value, dict) and value.get("resourceType") in _PROVIDER_TYPES
+        for text, terminology in _strings(value, provider):
+            kinds.extend(self.find(text, terminology))
             for run in _BASE64_RUN.findall(text):
                 try:
                     decoded = base64.b64decode(run + "=" * (-len(run) % 4), validate=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dagster import AssetsDefinition, Definitions
 
+from pipelines.assets.deid import deid_resources, released_patients
 from pipelines.assets.ingest import ingest, landing_batch
 from pipelines.resources import (
+    DeidSettings,
     IngestSettings,
     KeyProviderResource,
     LandingResource,
@@ -28,10 +30,13 @@ def build_resources(
         "landing": LandingResource(path=landing or default_landing()),
         "keys": KeyProviderResource(key_file=key_file),
         "ingest_settings": IngestSettings(workers=workers),
+        "deid_settings": DeidSettings(),
     }
 
 
-all_assets: list[AssetsDefinition] = [landing_batch, ingest]
+batch_assets: list[AssetsDefinition] = [landing_batch, ingest, deid_resources]
+release_assets: list[AssetsDefinition] = [released_patients]
+all_assets: list[AssetsDefinition] = batch_assets + release_assets
 
 defs = Definitions(
     assets=all_assets,

@@ -59,3 +59,11 @@ class IngestSettings(ConfigurableResource):
 
     def worker_count(self) -> int:
         return self.workers or (os.cpu_count() or 1)
+
+
+class DeidSettings(ConfigurableResource):
+    """The de-identification profile (``research`` or ``safe_harbor``) and the k of the
+    released patient table."""
+
+    profile: str = "research"
+    k: int = 5

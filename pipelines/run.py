@@ -13,7 +13,7 @@ from dagster import DagsterInstance, materialize
 from fhirlake import warehouse
 from fhirlake.batches import discover_batches
 from fhirlake.ingest import reconcile_batch
-from pipelines.definitions import all_assets, build_resources
+from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.partitions import batch_partitions
 
 SUMMARY_FILE = "run_summary.json"
@@ -49,21 +49,41 @@ def run_pipeline(
         new = [b.key for b in batches if b.key not in existing]
         if new:
             instance.add_dynamic_partitions(batch_partitions.name or "batches", new)
+        run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
         for batch in batches:
             result = materialize(
-                all_assets,
+                batch_assets,
                 partition_key=batch.key,
                 instance=instance,
                 resources=resources,
                 raise_on_error=False,
                 tags={"ehr/entry": "ehr run"},
-                run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+                run_config=run_config,
             )
-            runs.append({"batch": batch.key, "run_id": result.run_id, "success": result.success})
+            runs.append(_run_record(batch.key, result))
+        # whole-release assets once, after every batch (a blocked batch blocks the release)
+        if all(r["success"] for r in runs):
+            result = materialize(
+                release_assets,
+                instance=instance,
+                resources=resources,
+                raise_on_error=False,
+                tags={"ehr/entry": "ehr run"},
+                run_config=run_config,
+            )
+            runs.append(_run_record(None, result))
     summary = build_summary(workdir, [b.key for b in batches], runs)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+def _run_record(batch: str | None, result: Any) -> dict[str, Any]:
+    checks = {
+        f"{c.asset_key.to_user_string()}:{c.check_name}": c.passed
+        for c in result.get_asset_check_evaluations()
+    }
+    return {"batch": batch, "run_id": result.run_id, "success": result.success, "checks": checks}
 
 
 def build_summary(
@@ -90,6 +110,7 @@ def build_summary(
         vault_row = con.execute(
             "SELECT count(*), count(DISTINCT patient_key) FROM phi_vault_current"
         ).fetchall()[0]
+        deid = _deid_summary(con)
     finally:
         con.close()
     ingest_totals = {
@@ -105,6 +126,31 @@ def build_summary(
                 "vault_resources_current": int(vault_row[0]),
                 "vault_patients": int(vault_row[1]),
                 "batches": batches,
-            }
+            },
+            "deid": deid,
         },
     }
+
+
+def _deid_summary(con: Any) -> dict[str, Any]:
+    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    if "deid_resources" not in tables:
+        return {}
+    released = dict(
+        con.execute(
+            "SELECT resource_type, count(*) FROM deid_resources GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    )
+    withheld = dict(
+        con.execute("SELECT reason_code, count(*) FROM deid_errors GROUP BY 1").fetchall()
+    )
+    out: dict[str, Any] = {
+        "released": sum(released.values()),
+        "released_by_type": released,
+        "withheld": withheld,
+    }
+    if "released_patients" in tables:
+        out["released_patients"] = con.execute("SELECT count(*) FROM released_patients").fetchall()[
+            0
+        ][0]
+    return out

@@ -19,7 +19,7 @@ from pipelines.resources import LandingResource
 
 batch_job = define_asset_job(
     "ingest_batch_job",
-    selection=AssetSelection.all(),
+    selection=AssetSelection.groups("ingest", "deid") - AssetSelection.assets("released_patients"),
     description="Materialise every stage for one landing batch.",
 )
 

@@ -45,3 +45,25 @@ def test_planted_leaks_are_found_case_folded_and_in_base64() -> None:
     assert "birth_date" in result.by_kind()
     # results name rows and kinds, never the text that matched
     assert all("quill" not in repr(h).lower() for h in result.hits)
+
+
+def test_surnames_that_are_category_names_do_not_trip_terminology() -> None:
+    c = CanarySet()
+    c.add_patient({"name": [{"family": "Black", "given": ["Anna"]}], "identifier": []})
+    race = {
+        "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race",
+        "extension": [
+            {
+                "url": "ombCategory",
+                "valueCoding": {
+                    "system": "urn:oid:2.16.840.1.113883.6.238",
+                    "code": "2054-5",
+                    "display": "Black or African American",
+                },
+            },
+            {"url": "text", "valueString": "Black or African American"},
+        ],
+    }
+    assert scan_rows(c, [("p", {"extension": [race]})]).passed
+    assert not scan_rows(c, [("p", {"note": "seen: Black"})]).passed
+    assert not scan_rows(c, [("p", {"display": "Anna Black"})]).passed  # full name anywhere

@@ -17,6 +17,11 @@ pytestmark = pytest.mark.e2e
 
 
 def _assert_accounted(summary: dict) -> None:
+    for run in summary["runs"]:
+        assert all(run["checks"].values()), run
+    assert any("released_patients:k_anonymity" in r["checks"] for r in summary["runs"])
+    deid = summary["stages"]["deid"]
+    assert deid["released"] == summary["stages"]["ingest"]["vault_resources_current"]
     ingest = summary["stages"]["ingest"]
     assert ingest["records_in"] == ingest["accepted"] + ingest["quarantined"]
     for batch in ingest["batches"]:

@@ -6,7 +6,7 @@ import orjson
 from dagster import DagsterInstance, build_sensor_context, materialize
 
 from fhirlake import warehouse
-from pipelines.definitions import all_assets, build_resources
+from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.sensors import landing_sensor
 
 
@@ -35,7 +35,7 @@ def test_materialize_ingest_partition(tmp_path: Path, key_file: Path) -> None:
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("batches", ["export-1"])
     result = materialize(
-        all_assets,
+        batch_assets,
         partition_key="export-1",
         instance=instance,
         resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
@@ -45,8 +45,17 @@ def test_materialize_ingest_partition(tmp_path: Path, key_file: Path) -> None:
     by_key = {m.asset_key.to_user_string(): m.metadata for m in vault}
     assert by_key["phi_vault"]["accepted"].value == 2
     assert by_key["quarantine"]["quarantined"].value == 1
-    checks = result.get_asset_check_evaluations()
-    assert [c.passed for c in checks] == [True]
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"records_reconcile": True, "phi_leak_scan": True}
+    deid = result.asset_materializations_for_node("deid_resources")[0].metadata
+    assert deid["released"].value == 2 and deid["policy"].value == "research"
+    release = materialize(
+        release_assets,
+        instance=instance,
+        resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
+    )
+    assert release.success
+    assert [c.passed for c in release.get_asset_check_evaluations()] == [True]
     con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb", read_only=True)
     try:
         assert con.execute("SELECT count(*) FROM phi_vault").fetchall()[0][0] == 2

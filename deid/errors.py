@@ -20,3 +20,7 @@ class InvalidCiphertext(DeidError):  # noqa: N818 - mirrors cryptography's Inval
 
 class KeyDestroyedError(DeidError):
     """The data key was destroyed (crypto-shredded); its ciphertexts are unreadable by design."""
+
+
+class AuditLogError(DeidError):
+    """The audit log cannot be written or read."""

@@ -268,5 +268,22 @@ def bench_ingest_cmd(
         click.echo(f"  peak RSS growth when the input doubles: {growth:.2f}x")
 
 
+@bench.command("deid")
+@click.option("--patients", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--profile", type=click.Choice(["research", "safe_harbor"]), default="research")
+def bench_deid_cmd(patients: int, seed: int, profile: str) -> None:
+    """De-identification throughput against orjson parsing of the same resources."""
+    import tempfile
+
+    from pipelines.bench import bench_deid, generated_input
+
+    with tempfile.TemporaryDirectory(prefix="ehr-bench-input-") as tmp:
+        result = bench_deid(generated_input(patients, seed, Path(tmp)), profile)
+    click.echo(f"== de-identification benchmark: {patients} patients")
+    for key, value in result.items():
+        click.echo(f"  {key:32s} {value}")
+
+
 if __name__ == "__main__":
     main()

@@ -363,10 +363,14 @@ class Deidentifier:
         labels: set[str] = set()
         local = DeidOutcome(work)
         shift = self._shift_days(work, patient_scope)
+        # values change in place but the tree keeps its shape until pruning, so one
+        # descendant walk serves every nodesByType/nodesByName rule (substitute resets it)
+        walks: dict[int, list[Node]] = {}
         for rule in self.policy.plan_for(rtype):
-            for node in rule.compiled.evaluate(work):
+            for node in rule.compiled.evaluate(work, cache=walks):
                 if rule.method == "substitute":
                     self._substitute(rule, node, done, local)
+                    walks.clear()
                     continue
                 for leaf in _leaves(node):
                     marker = (id(leaf.parent), leaf.key)

@@ -442,9 +442,20 @@ def _type_matches(node: Node, name: str) -> bool:
 
 
 class _Context:
-    def __init__(self, root: Node, variables: dict[str, Any]) -> None:
+    def __init__(
+        self, root: Node, variables: dict[str, Any], cache: dict[int, list[Node]] | None
+    ) -> None:
         self.root = root
         self.variables = variables
+        self.cache = cache
+
+    def descendants(self, node: Node) -> list[Node]:
+        if self.cache is None:
+            return _descendants(node)
+        found = self.cache.get(id(node.value))
+        if found is None:
+            found = self.cache[id(node.value)] = _descendants(node)
+        return found
 
 
 def _reference_key(node: Node, type_filter: str | None) -> Any:
@@ -587,6 +598,10 @@ def _name_arg(args: tuple[Ast, ...]) -> str:
     raise FhirPathError("expected a type or element name")
 
 
+def _nodes_by(base: Coll, ctx: _Context, attribute: str, wanted: str) -> Coll:
+    return [d for n in base for d in ctx.descendants(n) if getattr(d, attribute) == wanted]
+
+
 def _per_item(base: Coll, args: tuple[Ast, ...], ctx: _Context) -> list[tuple[Node, Coll]]:
     return [(n, _eval(args[0], [n], ctx)) for n in base]
 
@@ -622,12 +637,8 @@ _FUNCTIONS: dict[str, Callable[[Coll, tuple[Ast, ...], _Context], Coll]] = {
     "ofType": lambda b, a, c: [n for n in b if _type_matches(n, _name_arg(a))],
     "is": lambda b, a, c: _lit(bool(b) and _type_matches(b[0], _name_arg(a))) if b else [],
     "as": lambda b, a, c: [n for n in b if _type_matches(n, _name_arg(a))],
-    "nodesByType": lambda b, a, c: [
-        d for n in b for d in _descendants(n) if d.fhir_type == _name_arg(a)
-    ],
-    "nodesByName": lambda b, a, c: [
-        d for n in b for d in _descendants(n) if d.name == _name_arg(a)
-    ],
+    "nodesByType": lambda b, a, c: _nodes_by(b, c, "fhir_type", _name_arg(a)),
+    "nodesByName": lambda b, a, c: _nodes_by(b, c, "name", _name_arg(a)),
     "children": lambda b, a, c: [x for n in b for x in _children(n)],
     "descendants": lambda b, a, c: [x for n in b for x in _descendants(n)],
     "extension": lambda b, a, c: [
@@ -678,10 +689,19 @@ class CompiledPath:
     def __repr__(self) -> str:
         return f"CompiledPath({self.expr!r})"
 
-    def evaluate(self, resource: Any, variables: dict[str, Any] | None = None) -> list[Node]:
-        """Evaluate against a resource (or any JSON value, which becomes ``$this``)."""
+    def evaluate(
+        self,
+        resource: Any,
+        variables: dict[str, Any] | None = None,
+        cache: dict[int, list[Node]] | None = None,
+    ) -> list[Node]:
+        """Evaluate against a resource (or any JSON value, which becomes ``$this``).
+
+        ``cache`` may be shared by several expressions evaluated on the same, structurally
+        unchanged resource: the descendant walks behind ``nodesByType``/``nodesByName`` are
+        then done once, not once per expression."""
         root = _root(resource)
-        return _eval(self._ast, [root], _Context(root, dict(variables or {})))
+        return _eval(self._ast, [root], _Context(root, dict(variables or {}), cache))
 
 
 @cache

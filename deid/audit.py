@@ -1,64 +1,242 @@
 """An append-only, hash-chained audit log of privacy-relevant acts (re-identification,
 erasure, key rotation).
 
-Each JSON line carries the MAC of the line before it and its own HMAC-SHA256 under an audit key
-derived (HKDF) from the pseudonym key, so editing, removing or reordering entries breaks the
-chain, and forging a consistent chain needs the keys. The head (last sequence number and MAC)
-is also kept in a side file, so cutting entries off the end is detected too.
+One JSON object per line. Each entry carries the MAC of the entry before it (``prev``) and its
+own HMAC-SHA256 (``mac``) over the canonical JSON of every other field, under an audit key
+derived with HKDF from the pseudonym key: editing, removing or reordering entries breaks the
+chain, and writing a consistent forged chain needs the keys. The head of the log (last ``seq``
+and ``mac``, itself authenticated) is also kept in a side file ``<log>.head``, so cutting
+entries off the end is detected too.
+
+Entries name pseudonyms, key ids and counts, never original identifiers. Appending fails closed:
+a log whose tail does not match its head anchor, or whose last entry does not verify under this
+key, is not written to (run :meth:`AuditLog.verify` to see why).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import getpass
 import hashlib
 import hmac
 import json
 import os
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from deid.errors import AuditLogError
+from deid.keys import KeyProvider
 
 GENESIS = "0" * 64
+AUDIT_KEY_BYTES = 32
+AUDIT_KEY_INFO = b"ehr-audit-log/1"
+HEAD_FORMAT = "ehr-audit-head/1"
+ENTRY_FIELDS = ("seq", "at", "actor", "action", "subject", "reason", "details", "prev", "mac")
+
 Clock = Callable[[], datetime]
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 def audit_key(pseudonym_key: bytes) -> bytes:
-    return HKDF(hashes.SHA256(), 32, salt=None, info=b"ehr-audit-log/1").derive(pseudonym_key)
+    """The audit MAC key: HKDF-SHA256 of the pseudonym key, bound to this use."""
+    if len(pseudonym_key) < 32:
+        raise ValueError(f"pseudonym key must be at least 32 bytes, got {len(pseudonym_key)}")
+    return HKDF(hashes.SHA256(), AUDIT_KEY_BYTES, salt=None, info=AUDIT_KEY_INFO).derive(
+        pseudonym_key
+    )
 
 
-def _canonical(entry: dict[str, Any]) -> bytes:
-    return json.dumps(entry, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+def default_actor() -> str:
+    """The operating-system user running the process."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (containers without a passwd entry)
+        return f"uid-{os.getuid()}"
 
 
-@dataclass
+def _canonical(value: Any) -> bytes:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+@dataclass(frozen=True)
 class AuditVerification:
+    """The outcome of :meth:`AuditLog.verify`; problems name entry positions, never contents."""
+
     ok: bool
     entries: int
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Head:
+    seq: int
+    mac: str
+
+
 class AuditLog:
-    """Append and verify; entries name pseudonyms and key ids, never original identifiers."""
+    """Append entries to, read and verify one hash-chained audit log file."""
 
-    def __init__(self, path: Path, key: bytes, clock: Clock | None = None) -> None:
+    def __init__(self, path: Path, key: bytes, *, clock: Clock = _utcnow) -> None:
         if len(key) < 32:
-            raise ValueError("audit key must be at least 32 bytes")
-        self.path = path
-        self.head_path = path.with_name(path.name + ".head")
+            raise ValueError(f"audit key must be at least 32 bytes, got {len(key)}")
+        self.path = Path(path)
+        self.head_path = self.path.with_name(self.path.name + ".head")
         self._key = key
-        self._clock = clock or (lambda: datetime.now(UTC))
+        self._clock = clock
 
-    def _mac(self, entry: dict[str, Any]) -> str:
+    @classmethod
+    def for_provider(cls, path: Path, provider: KeyProvider, *, clock: Clock = _utcnow) -> AuditLog:
+        """The log at ``path`` keyed with the audit key derived from ``provider``."""
+        return cls(path, audit_key(provider.pseudonym_key()), clock=clock)
+
+    # -- MACs -----------------------------------------------------------------------------
+    def _entry_mac(self, entry: dict[str, Any]) -> str:
         body = {k: v for k, v in entry.items() if k != "mac"}
         return hmac.new(self._key, _canonical(body), hashlib.sha256).hexdigest()
+
+    def _head_mac(self, seq: int, mac: str) -> str:
+        message = _canonical({"format": HEAD_FORMAT, "seq": seq, "mac": mac})
+        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+
+    # -- files and locks ------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self, exclusive: bool) -> Iterator[IO[str]]:
+        """The log file opened for append and read, under an flock: exclusive for writers,
+        shared for readers, so a reader never sees half an append (line without anchor)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "a+", encoding="utf-8", newline="\n") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+            try:
+                yield handle
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _read_all(handle: IO[str]) -> str:
+        handle.seek(0)
+        return handle.read()
+
+    def _read_head(self) -> dict[str, Any] | None:
+        """The anchor document, None when there is none; AuditLogError when unreadable."""
+        try:
+            text = self.head_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise AuditLogError("audit head anchor is unreadable") from exc
+        try:
+            head = json.loads(text)
+        except ValueError as exc:
+            raise AuditLogError("audit head anchor is not JSON") from exc
+        if not isinstance(head, dict):
+            raise AuditLogError("audit head anchor is not a JSON object")
+        return head
+
+    def _authentic_head(self, head: dict[str, Any]) -> _Head | None:
+        seq, mac, anchor_mac = head.get("seq"), head.get("mac"), head.get("anchor_mac")
+        if not isinstance(seq, int) or not isinstance(mac, str) or not isinstance(anchor_mac, str):
+            return None
+        if not hmac.compare_digest(anchor_mac, self._head_mac(seq, mac)):
+            return None
+        return _Head(seq, mac)
+
+    def _write_head(self, seq: int, mac: str) -> None:
+        document = {
+            "format": HEAD_FORMAT,
+            "seq": seq,
+            "mac": mac,
+            "anchor_mac": self._head_mac(seq, mac),
+        }
+        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(document) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.head_path)
+        _fsync_dir(self.head_path.parent)
+
+    # -- appending ------------------------------------------------------------------------
+    def _tail(self, text: str) -> list[dict[str, Any]]:
+        """The last two entries of the log text, checked enough to chain onto; raises
+        AuditLogError when the log cannot be safely appended to."""
+        if text and not text.endswith("\n"):
+            raise AuditLogError(
+                "audit log ends with an incomplete line; run `ehr audit verify` before writing"
+            )
+        lines = [line for line in text.splitlines() if line.strip()]
+        tail: list[dict[str, Any]] = []
+        for line in lines[-2:]:
+            try:
+                entry = json.loads(line)
+            except ValueError as exc:
+                raise AuditLogError("audit log's last entries are not JSON") from exc
+            if not isinstance(entry, dict) or not isinstance(entry.get("seq"), int):
+                raise AuditLogError("audit log's last entries are not audit entries")
+            tail.append(entry)
+        if tail and not hmac.compare_digest(
+            str(tail[-1].get("mac", "")), self._entry_mac(tail[-1])
+        ):
+            raise AuditLogError(
+                f"audit entry {tail[-1]['seq']} does not verify under this key "
+                "(edited entry or a different key); run `ehr audit verify`"
+            )
+        self._check_anchor(tail)
+        return tail
+
+    def _check_anchor(self, tail: list[dict[str, Any]]) -> None:
+        document = self._read_head()
+        if document is None:
+            first_append_interrupted = (
+                len(tail) == 1 and tail[0]["seq"] == 0 and tail[0].get("prev") == GENESIS
+            )
+            if tail and not first_append_interrupted:
+                raise AuditLogError("audit head anchor is missing; run `ehr audit verify`")
+            return
+        head = self._authentic_head(document)
+        if head is None:
+            raise AuditLogError("audit head anchor does not verify under this key")
+        if not tail:
+            raise AuditLogError(
+                f"audit log is empty but its anchor says seq {head.seq} (truncated)"
+            )
+        last = tail[-1]
+        if head.seq == last["seq"] and hmac.compare_digest(head.mac, str(last["mac"])):
+            return
+        # An append interrupted between the line and its anchor: the line is authentic
+        # (its MAC verified above) and chains onto the anchored entry. The next anchor
+        # write repairs it.
+        if (
+            len(tail) == 2
+            and head.seq == tail[0]["seq"] == last["seq"] - 1
+            and hmac.compare_digest(head.mac, str(tail[0].get("mac", "")))
+            and last.get("prev") == head.mac
+        ):
+            return
+        raise AuditLogError(
+            f"audit log ends at seq {last['seq']} but its anchor says {head.seq}; "
+            "run `ehr audit verify`"
+        )
+
+    def check_appendable(self) -> None:
+        """Raise AuditLogError unless an entry could be appended now. Callers about to do
+        something irreversible check first, so the act is never left unaudited."""
+        with self._locked(exclusive=True) as handle:
+            self._tail(self._read_all(handle))
 
     def append(
         self,
@@ -68,69 +246,154 @@ class AuditLog:
         details: dict[str, Any] | None = None,
         actor: str | None = None,
     ) -> dict[str, Any]:
-        if not action:
-            raise ValueError("action must not be empty")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+", encoding="utf-8") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)  # one writer at a time, across processes
-            try:
-                handle.seek(0)
-                lines = [ln for ln in handle.read().splitlines() if ln.strip()]
-                last = json.loads(lines[-1]) if lines else None
-                entry: dict[str, Any] = {
-                    "seq": (last["seq"] + 1) if last else 0,
-                    "at": self._clock().isoformat(),
-                    "actor": actor or getpass.getuser(),
-                    "action": action,
-                    "subject": subject,
-                    "reason": reason,
-                    "details": details or {},
-                    "prev": last["mac"] if last else GENESIS,
-                }
-                entry["mac"] = self._mac(entry)
-                handle.seek(0, os.SEEK_END)
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-                tmp = self.head_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"seq": entry["seq"], "mac": entry["mac"]}))
-                os.replace(tmp, self.head_path)
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        """Append one entry (durably, with its anchor) and return it.
+
+        ``subject`` is a pseudonym or key id, never an original identifier; ``details`` holds
+        counts and ids and must be JSON-serialisable.
+        """
+        if not action or not action.strip():
+            raise ValueError("action must be a non-empty string")
+        if not subject or not subject.strip():
+            raise ValueError("subject must be a non-empty string")
+        if details is not None and not isinstance(details, dict):
+            raise ValueError("details must be a dict")
+        actor = actor if actor is not None else default_actor()
+        if not actor.strip():
+            raise ValueError("actor must be a non-empty string")
+        at = self._clock()
+        if at.tzinfo is None or at.utcoffset() is None:
+            raise ValueError("the audit clock must return timezone-aware datetimes")
+        body: dict[str, Any] = {
+            "seq": 0,
+            "at": at.astimezone(UTC).isoformat(),
+            "actor": actor,
+            "action": action,
+            "subject": subject,
+            "reason": reason,
+            "details": dict(details or {}),
+            "prev": GENESIS,
+        }
+        try:
+            _canonical(body)
+        except (TypeError, ValueError) as exc:
+            raise ValueError("details must be JSON-serialisable (no NaN or infinity)") from exc
+        with self._locked(exclusive=True) as handle:
+            tail = self._tail(self._read_all(handle))
+            if tail:
+                body["seq"] = tail[-1]["seq"] + 1
+                body["prev"] = str(tail[-1]["mac"])
+            entry = {**body, "mac": self._entry_mac(body)}
+            handle.seek(0, os.SEEK_END)
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+            self._write_head(entry["seq"], entry["mac"])
         return entry
 
+    # -- reading and verifying ------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:
+        """Every entry, in file order (AuditLogError when a line is not a JSON object)."""
         if not self.path.exists():
             return []
-        try:
-            return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
-        except ValueError as exc:
-            raise AuditLogError("audit log has a line that is not JSON") from exc
+        with self._locked(exclusive=False) as handle:
+            text = self._read_all(handle)
+        entries = []
+        for position, line in enumerate(ln for ln in text.splitlines() if ln.strip()):
+            try:
+                entry = json.loads(line)
+            except ValueError as exc:
+                raise AuditLogError(f"audit entry {position} is not JSON") from exc
+            if not isinstance(entry, dict):
+                raise AuditLogError(f"audit entry {position} is not a JSON object")
+            entries.append(entry)
+        return entries
 
     def verify(self) -> AuditVerification:
+        """Check every entry's MAC, the sequence, the chain and the head anchor."""
+        if self.path.exists():
+            with self._locked(exclusive=False) as handle:
+                text = self._read_all(handle)
+                head_problem, head_doc = self._load_head_for_verify()
+        else:
+            text = ""
+            head_problem, head_doc = self._load_head_for_verify()
         problems: list[str] = []
-        try:
-            entries = self.entries()
-        except AuditLogError as exc:
-            return AuditVerification(False, 0, [str(exc)])
-        prev = GENESIS
-        for position, entry in enumerate(entries):
+        if text and not text.endswith("\n"):
+            problems.append("end of log: incomplete last line (interrupted write or truncated)")
+        lines = [line for line in text.splitlines() if line.strip()]
+        prev: str | None = GENESIS
+        last: dict[str, Any] | None = None
+        for position, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = None
+            if not isinstance(entry, dict):
+                problems.append(f"entry {position}: not a JSON object (corrupted)")
+                prev, last = None, None
+                continue
+            missing = [name for name in ENTRY_FIELDS if name not in entry]
+            extra = sorted(set(entry) - set(ENTRY_FIELDS))
+            if missing:
+                problems.append(f"entry {position}: missing {', '.join(missing)} (edited)")
+            if extra:
+                problems.append(f"entry {position}: unexpected {', '.join(extra)} (edited)")
             seq = entry.get("seq")
             if seq != position:
                 problems.append(f"entry {position}: seq {seq} out of order (removed or reordered)")
-            if entry.get("prev") != prev:
-                problems.append(f"entry {position}: chain broken (removed or reordered)")
-            if not hmac.compare_digest(str(entry.get("mac", "")), self._mac(entry)):
-                problems.append(f"entry {position}: mac mismatch (edited or forged)")
-            prev = str(entry.get("mac", ""))
-        if self.head_path.exists():
-            head = json.loads(self.head_path.read_text())
-            last_seq = entries[-1]["seq"] if entries else -1
-            if head.get("seq") != last_seq or (entries and head.get("mac") != entries[-1]["mac"]):
+            if prev is not None and entry.get("prev") != prev:
                 problems.append(
-                    f"head anchor: log ends at seq {last_seq}, anchor says {head.get('seq')} "
-                    "(truncated or replaced)"
+                    f"entry {position}: chain broken, prev does not match the entry before "
+                    "(removed or reordered)"
                 )
-        elif entries:
-            problems.append("head anchor missing")
-        return AuditVerification(not problems, len(entries), problems)
+            if not hmac.compare_digest(str(entry.get("mac", "")), self._entry_mac(entry)):
+                problems.append(f"entry {position}: mac mismatch (edited)")
+            prev, last = str(entry.get("mac", "")), entry
+        problems.extend(self._verify_head(head_problem, head_doc, lines, last))
+        return AuditVerification(not problems, len(lines), problems)
+
+    def _load_head_for_verify(self) -> tuple[str | None, dict[str, Any] | None]:
+        try:
+            return None, self._read_head()
+        except AuditLogError as exc:
+            return f"head anchor: {exc}", None
+
+    def _verify_head(
+        self,
+        head_problem: str | None,
+        document: dict[str, Any] | None,
+        lines: list[str],
+        last: dict[str, Any] | None,
+    ) -> list[str]:
+        if head_problem is not None:
+            return [head_problem]
+        if document is None:
+            return ["head anchor: missing (log replaced, or anchor deleted)"] if lines else []
+        head = self._authentic_head(document)
+        if head is None:
+            return ["head anchor: does not verify under this key (edited, or a different key)"]
+        if not lines:
+            return [f"head anchor: log is empty, anchor says {head.seq} (truncated)"]
+        if last is None:
+            return ["head anchor: last entry is corrupted, cannot compare"]
+        last_seq = last.get("seq")
+        if not isinstance(last_seq, int):
+            return [f"head anchor: last entry has no seq, anchor says {head.seq}"]
+        if head.seq > last_seq:
+            return [f"head anchor: log ends at seq {last_seq}, anchor says {head.seq} (truncated)"]
+        if head.seq < last_seq:
+            return [
+                f"head anchor: log ends at seq {last_seq}, anchor says {head.seq} "
+                "(anchor not updated: interrupted append, or an old anchor restored)"
+            ]
+        if not hmac.compare_digest(head.mac, str(last.get("mac", ""))):
+            return [f"head anchor: entry {last_seq} is not the anchored one (replaced)"]
+        return []
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -24,3 +24,15 @@ class KeyDestroyedError(DeidError):
 
 class AuditLogError(DeidError):
     """The audit log cannot be written or read."""
+
+
+class KeyRotationError(DeidError):
+    """The key-encryption key cannot be rotated here (environment or KMS keys, unknown KEKs)."""
+
+
+class PatientNotFoundError(DeidError):
+    """No patient with that pseudonym is in the vault."""
+
+
+class ErasureIncompleteError(DeidError):
+    """The warehouse erasure was committed, but an erasure hook failed; run it again."""

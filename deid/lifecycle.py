@@ -1,11 +1,22 @@
 """Key lifecycle and the privacy officer's acts: KEK rotation, crypto-shredding a patient, and
-audited re-identification. Every act is written to the audit log."""
+audited re-identification. Every act is written to the audit log (:mod:`deid.audit`).
+
+Erasure convention: every released or derived table that holds patient-level rows names the
+patient in a ``patient_id`` column holding the patient pseudonym, and code that keeps patient
+data outside the warehouse (an online feature store, caches) registers a purge function in
+:data:`ERASURE_HOOKS`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
-from collections.abc import Callable
+import re
+import stat
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,37 +24,191 @@ from typing import Any
 
 import duckdb
 import orjson
+import pyarrow as pa
 
 from deid.audit import AuditLog
-from deid.errors import DeidError, KeyDestroyedError
+from deid.errors import (
+    AuditLogError,
+    DeidError,
+    ErasureIncompleteError,
+    InvalidCiphertext,
+    KeyDestroyedError,
+    KeyMaterialError,
+    KeyRotationError,
+    PatientNotFoundError,
+)
 from deid.keys import (
     ENV_KEK,
+    KEYRING_FORMAT,
     FileKeyProvider,
     KeyProvider,
     WrappedKey,
     _new_kek_entry,
-    _write_private,
 )
-from deid.pseudonym import Pseudonymizer
+from deid.pseudonym import PSEUDONYM_HEX_CHARS, Pseudonymizer
 from deid.vault import DataKeyStore, _wrap_context
 
+logger = logging.getLogger(__name__)
+
 Clock = Callable[[], datetime]
-# Later stages (the Feast online store) register a purge for a patient pseudonym here.
-ERASURE_HOOKS: list[Callable[[str], int]] = []
+RandomBytes = Callable[[int], bytes]
+ErasureHook = Callable[[str], int]
+
+# Code that keeps patient data outside the warehouse (the Feast online store, caches) registers a
+# purge here: called with the patient pseudonym after the warehouse erasure is committed, it
+# returns how many records it removed. A hook must be idempotent: a failed erasure is re-run.
+ERASURE_HOOKS: list[ErasureHook] = []
+
+_PSEUDONYM_RE = re.compile(rf"[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
 
 
-def _now() -> datetime:
+def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass
+def _aware(clock: Clock) -> datetime:
+    now = clock()
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise ValueError("clock must return timezone-aware datetimes")
+    return now.astimezone(UTC)
+
+
+def _check_pseudonym(pseudonym: str) -> None:
+    # The value is never echoed: a caller passing an original id by mistake must not see it
+    # copied into an error message, a log or the audit log.
+    if not isinstance(pseudonym, str) or not _PSEUDONYM_RE.fullmatch(pseudonym):
+        raise ValueError(
+            f"a patient pseudonym is {PSEUDONYM_HEX_CHARS} lowercase hex characters "
+            "(pass an original Patient id to forget_patient instead)"
+        )
+
+
+def _check_reason(reason: str, act: str) -> str:
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError(f"{act} needs a non-empty reason")
+    return reason.strip()
+
+
+# -- KEK rotation ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class RotationReport:
+    """What a rotation did; key ids and counts only."""
+
     new_kek_id: str
     retired_kek_ids: list[str]
     rewrapped: int
+    destroyed_keys_skipped: int = 0
+    # KEKs kept because a live data key was still wrapped under them after the re-wrap (only
+    # when another writer added keys under an old KEK meanwhile); rotate again to retire them.
+    kept_kek_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@contextlib.contextmanager
+def _keyring_lock(key_file: Path) -> Iterator[None]:
+    """One rotation of a keyring at a time (an flock on ``<key file>.lock``)."""
+    lock_path = key_file.with_name(key_file.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, stat.S_IRUSR | stat.S_IWUSR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_keyring(path: Path, document: dict[str, Any]) -> None:
+    """Atomic and durable (mode 0600): rotation must never commit data keys wrapped under a KEK
+    that a power cut could take out of the keyring again."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        os.fchmod(handle.fileno(), stat.S_IRUSR | stat.S_IWUSR)
+        json.dump(document, handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _read_keyring(key_file: Path) -> dict[str, Any]:
+    FileKeyProvider.load(key_file)  # a valid keyring, or a precise KeyMaterialError
+    document: dict[str, Any] = json.loads(key_file.read_text(encoding="utf-8"))
+    if document.get("format") != KEYRING_FORMAT:  # pragma: no cover - load() checked it
+        raise KeyMaterialError(f"key file is not an {KEYRING_FORMAT} keyring")
+    return document
+
+
+def _rewrap_all(con: duckdb.DuckDBPyConnection, provider: FileKeyProvider) -> tuple[int, int]:
+    """Re-wrap every live data key under the provider's active KEK in one transaction.
+    Returns (re-wrapped, destroyed keys left alone)."""
+    con.begin()
+    try:
+        rows = con.execute(
+            "SELECT key_id, owner, kek_id, wrapped FROM data_keys "
+            "WHERE destroyed_at IS NULL AND wrapped IS NOT NULL ORDER BY key_id"
+        ).fetchall()
+        destroyed = int(
+            con.execute(
+                "SELECT count(*) FROM data_keys WHERE destroyed_at IS NOT NULL OR wrapped IS NULL"
+            ).fetchall()[0][0]
+        )
+        key_ids: list[bytes] = []
+        kek_ids: list[str] = []
+        blobs: list[bytes] = []
+        for key_id, owner, kek_id, wrapped in rows:
+            kid = bytes(key_id)
+            context = _wrap_context(owner, kid)
+            try:
+                plain = provider.unwrap(WrappedKey(kek_id, bytes(wrapped)), context)
+            except DeidError as exc:
+                raise KeyRotationError(
+                    f"data key {kid.hex()} (under KEK {kek_id!r}) cannot be unwrapped with "
+                    "this keyring; nothing was re-wrapped"
+                ) from exc
+            rewrapped = provider.wrap(plain, context)
+            key_ids.append(kid)
+            kek_ids.append(rewrapped.kek_id)
+            blobs.append(rewrapped.blob)
+        if key_ids:
+            table = pa.table(
+                {
+                    "key_id": pa.array(key_ids, pa.binary()),
+                    "kek_id": pa.array(kek_ids, pa.string()),
+                    "wrapped": pa.array(blobs, pa.binary()),
+                }
+            )
+            con.register("_rewrapped_keys", table)
+            try:
+                updated = int(
+                    con.execute(
+                        "UPDATE data_keys SET kek_id = r.kek_id, wrapped = r.wrapped "
+                        "FROM _rewrapped_keys r WHERE data_keys.key_id = r.key_id"
+                    ).fetchall()[0][0]
+                )
+            finally:
+                con.unregister("_rewrapped_keys")
+            if updated != len(key_ids):
+                raise KeyRotationError(
+                    f"re-wrap updated {updated} of {len(key_ids)} data keys; rolled back"
+                )
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    return len(key_ids), destroyed
 
 
 def rotate_kek(
@@ -51,64 +216,182 @@ def rotate_kek(
     con: duckdb.DuckDBPyConnection,
     audit: AuditLog,
     *,
-    random_bytes: Callable[[int], bytes] = os.urandom,
-    clock: Clock = _now,
+    random_bytes: RandomBytes = os.urandom,
+    clock: Clock = _utcnow,
+    reason: str = "key rotation",
+    actor: str | None = None,
 ) -> RotationReport:
-    """New KEK, every live data key re-wrapped under it, old KEKs retired and their material
-    dropped. Crash-safe order: the keyring first gains the new KEK (old ones still usable),
-    then the data keys are re-wrapped in one transaction, and only then is old material
-    removed from the keyring."""
+    """Add a new KEK, re-wrap every live data key under it, retire the old KEKs and drop their
+    material.
+
+    Crash-safe order: (1) the keyring gains the new KEK as active, old KEKs still present
+    (written atomically and fsynced); (2) every live data key is re-wrapped in one DuckDB
+    transaction; (3) only then are the old KEKs moved to ``retired_keks`` without their key
+    material. A crash after (1) or (2) leaves a keyring that can unwrap everything, and
+    rotating again completes the job.
+
+    Every warehouse whose data keys are wrapped with this keyring must be the one given here:
+    a second warehouse sharing the keyring would keep keys under a KEK that is then dropped.
+    Run it while no pipeline process holds the old keyring in memory.
+    """
     if os.environ.get(ENV_KEK):
-        raise DeidError(
-            f"{ENV_KEK} is set: an environment or KMS key is rotated by its owner, not here"
+        raise KeyRotationError(
+            f"{ENV_KEK} is set: an environment or KMS key is rotated by its owner "
+            "(rotate it there and re-wrap through that provider), not by `ehr keys rotate`"
         )
-    provider = FileKeyProvider.load(key_file)
-    document = json.loads(key_file.read_text(encoding="utf-8"))
-    old_ids = sorted(document["keks"])
-    new_id, entry = _new_kek_entry(random_bytes, clock)
-    document["keks"][new_id] = entry
-    document["active_kek"] = new_id
-    _write_private(key_file, document)
-    rotated = FileKeyProvider.load(key_file)
-    rows = con.execute(
-        "SELECT key_id, owner, kek_id, wrapped FROM data_keys WHERE wrapped IS NOT NULL"
-    ).fetchall()
-    con.execute("BEGIN TRANSACTION")
-    try:
-        for key_id, owner, kek_id, wrapped in rows:
-            context = _wrap_context(owner, bytes(key_id))
-            plain = provider.unwrap(WrappedKey(kek_id, bytes(wrapped)), context)
-            rewrapped = rotated.wrap(plain, context)
-            con.execute(
-                "UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE key_id = ?",
-                [rewrapped.kek_id, rewrapped.blob, key_id],
-            )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    retired_at = clock().isoformat()
-    for old in old_ids:
-        document["keks"][old] = {
-            "retired": retired_at,
-            "created": document["keks"][old].get("created"),
+    key_file = Path(key_file)
+    audit.check_appendable()  # never rotate what could not be audited
+    with _keyring_lock(key_file):
+        document = _read_keyring(key_file)
+        keks: dict[str, Any] = document["keks"]
+        retired_doc: dict[str, Any] = document.setdefault("retired_keks", {})
+        old_ids = sorted(keks)
+        new_id, entry = _new_kek_entry(random_bytes, clock)
+        if new_id in keks or new_id in retired_doc:
+            raise KeyRotationError(f"new KEK {new_id} collides with an existing one")
+        # (1) new KEK active, old ones kept for unwrapping
+        keks[new_id] = entry
+        document["active_kek"] = new_id
+        _write_keyring(key_file, document)
+        provider = FileKeyProvider.load(key_file)
+        if provider.active_kek_id() != new_id:  # pragma: no cover - written just above
+            raise KeyRotationError("the keyring on disk does not have the new KEK active")
+        # (2) re-wrap
+        rewrapped, destroyed = _rewrap_all(con, provider)
+        still_used = {
+            str(k)
+            for (k,) in con.execute(
+                "SELECT DISTINCT kek_id FROM data_keys "
+                "WHERE destroyed_at IS NULL AND wrapped IS NOT NULL"
+            ).fetchall()
         }
-    document["keks"] = {k: v for k, v in document["keks"].items() if "key" in v}
-    document.setdefault("retired_keks", {}).update({old: retired_at for old in old_ids})
-    _write_private(key_file, document)
-    report = RotationReport(new_id, old_ids, len(rows))
-    audit.append("rotate_keys", new_id, "key rotation", report.to_dict())
+        kept = sorted(still_used & set(old_ids))
+        retired = [k for k in old_ids if k not in still_used]
+        # (3) retire: the old material leaves the keyring
+        retired_at = _aware(clock).isoformat()
+        for old in retired:
+            meta = keks.pop(old)
+            retired_doc[old] = {"created": meta.get("created"), "retired": retired_at}
+        _write_keyring(key_file, document)
+    report = RotationReport(new_id, retired, rewrapped, destroyed, kept)
+    logger.info(
+        "rotated KEK: active %s, %d data keys re-wrapped, retired %s",
+        new_id,
+        rewrapped,
+        ", ".join(retired) or "none",
+    )
+    audit.append("rotate_keys", new_id, reason, report.to_dict(), actor)
     return report
+
+
+# -- erasure (crypto-shredding) --------------------------------------------------------------
 
 
 @dataclass
 class ErasureReport:
-    patient: str
+    """What an erasure removed; the pseudonym and counts only."""
+
+    pseudonym: str
+    found: bool = False
     data_keys_destroyed: int = 0
+    data_keys_already_destroyed: int = 0
     rows_deleted: dict[str, int] = field(default_factory=dict)
+    hooks: dict[str, int] = field(default_factory=dict)
+    hooks_failed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _patient_id_tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
+    """(label, qualified name, column) of every writable base table with a ``patient_id``
+    column; views are skipped (they show what their tables hold)."""
+    current = str(con.execute("SELECT current_database()").fetchall()[0][0])
+    rows = con.execute(
+        """
+        SELECT t.database_name, t.schema_name, t.table_name, c.column_name, c.data_type
+        FROM duckdb_tables() t
+        JOIN duckdb_columns() c
+          ON c.database_name = t.database_name AND c.schema_name = t.schema_name
+         AND c.table_name = t.table_name
+        JOIN duckdb_databases() d ON d.database_name = t.database_name
+        WHERE lower(c.column_name) = 'patient_id' AND NOT t.internal AND NOT d.readonly
+        ORDER BY ALL
+        """
+    ).fetchall()
+    tables = []
+    for database, schema, table, column, data_type in rows:
+        if database != current:
+            label = f"{database}.{schema}.{table}"
+        else:
+            label = table if schema == "main" else f"{schema}.{table}"
+        qualified = ".".join(_quote(part) for part in (database, schema, table))
+        expr = _quote(column) if data_type == "VARCHAR" else f"CAST({_quote(column)} AS VARCHAR)"
+        tables.append((label, qualified, expr))
+    return tables
+
+
+def _count(con: duckdb.DuckDBPyConnection, sql: str, params: Any) -> int:
+    return int(con.execute(sql, params).fetchall()[0][0])
+
+
+def _erase_in_warehouse(
+    con: duckdb.DuckDBPyConnection, report: ErasureReport, now: datetime
+) -> None:
+    p = report.pseudonym
+    con.begin()
+    try:
+        live, dead = con.execute(
+            "SELECT count(*) FILTER (WHERE destroyed_at IS NULL), "
+            "count(*) FILTER (WHERE destroyed_at IS NOT NULL) FROM data_keys WHERE owner = ?",
+            [p],
+        ).fetchall()[0]
+        report.data_keys_already_destroyed = int(dead)
+        report.data_keys_destroyed = _count(
+            con,
+            "UPDATE data_keys SET wrapped = NULL, destroyed_at = ? "
+            "WHERE owner = ? AND destroyed_at IS NULL",
+            [now, p],
+        )
+        # Index rows first: which resources were the patient's is known from the vault.
+        owned = "SELECT resource_key FROM phi_vault WHERE patient_key = $p OR resource_key = $p"
+        for table in ("resource_references", "identifier_index"):
+            report.rows_deleted[table] = _count(
+                con, f"DELETE FROM {table} WHERE resource_key IN ({owned})", {"p": p}
+            )
+        report.rows_deleted["phi_vault"] = _count(
+            con, "DELETE FROM phi_vault WHERE patient_key = $p OR resource_key = $p", {"p": p}
+        )
+        report.rows_deleted["quarantine"] = _count(
+            con, "DELETE FROM quarantine WHERE patient_key = ?", [p]
+        )
+        for label, qualified, column in _patient_id_tables(con):
+            report.rows_deleted[label] = _count(
+                con, f"DELETE FROM {qualified} WHERE {column} = ?", [p]
+            )
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
+    report.found = bool(live or dead or any(report.rows_deleted.values()))
+
+
+def _run_hooks(report: ErasureReport) -> None:
+    for hook in list(ERASURE_HOOKS):
+        name = str(getattr(hook, "__qualname__", None) or type(hook).__qualname__)
+        suffix = 2
+        base = name
+        while name in report.hooks or name in report.hooks_failed:
+            name, suffix = f"{base}#{suffix}", suffix + 1
+        try:
+            report.hooks[name] = int(hook(report.pseudonym))
+        except Exception as exc:  # one failing store must not stop the others
+            logger.warning("erasure hook %s failed for %s: %s", name, report.pseudonym, type(exc))
+            report.hooks_failed.append(name)
 
 
 def forget_pseudonym(
@@ -117,57 +400,48 @@ def forget_pseudonym(
     audit: AuditLog,
     reason: str,
     *,
-    clock: Clock = _now,
+    clock: Clock = _utcnow,
+    actor: str | None = None,
 ) -> ErasureReport:
-    """Crypto-shred one patient: destroy the data key, delete the patient's vault, quarantine
-    and index rows, and purge every released or derived table that has a ``patient_id``."""
-    if not reason.strip():
-        raise ValueError("an erasure needs a reason")
+    """Crypto-shred the patient with this pseudonym.
+
+    In one transaction: its data key(s) are destroyed (``wrapped`` set to NULL), and its rows
+    are deleted from ``phi_vault`` (resources in its compartment and the Patient itself),
+    ``quarantine``, ``resource_references`` and ``identifier_index`` (rows of its resources),
+    and from every base table with a ``patient_id`` column. Then every erasure hook runs, and
+    the act is audited. Erasing an already erased patient, or an unknown one (the report says
+    ``found=False``), is not an error, so a failed erasure can simply be run again.
+
+    Not erased: resources outside the patient compartment under the ``_shared`` key (an
+    Organization, a quarantined record that named no patient) even if they mention the
+    patient, references from other patients' resources to this one, and the pseudonymous
+    ``record_ledger``. Copies of the destroyed wrapped key may survive in free pages of the
+    database file, its WAL, or backups until the KEK is rotated.
+    """
+    _check_pseudonym(pseudonym)
+    reason = _check_reason(reason, "an erasure")
+    now = _aware(clock)
+    audit.check_appendable()  # never destroy what could not be audited
     report = ErasureReport(pseudonym)
-    con.execute("BEGIN TRANSACTION")
+    _erase_in_warehouse(con, report, now)
+    _run_hooks(report)
+    logger.info(
+        "erased %s: %d data keys destroyed, %d rows deleted",
+        pseudonym,
+        report.data_keys_destroyed,
+        sum(report.rows_deleted.values()),
+    )
     try:
-        report.data_keys_destroyed = int(
-            con.execute(
-                "UPDATE data_keys SET wrapped = NULL, destroyed_at = ? "
-                "WHERE owner = ? AND destroyed_at IS NULL",
-                [clock(), pseudonym],
-            ).fetchall()[0][0]
+        audit.append("forget", pseudonym, reason, report.to_dict(), actor)
+    except DeidError as exc:
+        raise AuditLogError(
+            f"erasure of {pseudonym} was committed but could not be audited: {exc}"
+        ) from exc
+    if report.hooks_failed:
+        raise ErasureIncompleteError(
+            f"erasure of {pseudonym} committed in the warehouse, but erasure hooks failed: "
+            f"{', '.join(report.hooks_failed)}; run the erasure again"
         )
-        owned = "SELECT resource_key FROM phi_vault WHERE patient_key = $p OR resource_key = $p"
-        for table in ("resource_references", "identifier_index"):
-            report.rows_deleted[table] = int(
-                con.execute(
-                    f"DELETE FROM {table} WHERE resource_key IN ({owned})", {"p": pseudonym}
-                ).fetchall()[0][0]
-            )
-        report.rows_deleted["phi_vault"] = int(
-            con.execute(
-                "DELETE FROM phi_vault WHERE patient_key = $p OR resource_key = $p",
-                {"p": pseudonym},
-            ).fetchall()[0][0]
-        )
-        report.rows_deleted["quarantine"] = int(
-            con.execute("DELETE FROM quarantine WHERE patient_key = ?", [pseudonym]).fetchall()[0][
-                0
-            ]
-        )
-        tables = con.execute(
-            "SELECT DISTINCT table_name FROM duckdb_columns() WHERE column_name = 'patient_id' "
-            "AND NOT internal ORDER BY 1"
-        ).fetchall()
-        for (table,) in tables:
-            report.rows_deleted[table] = int(
-                con.execute(f'DELETE FROM "{table}" WHERE patient_id = ?', [pseudonym]).fetchall()[
-                    0
-                ][0]
-            )
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    for hook in ERASURE_HOOKS:
-        report.rows_deleted[getattr(hook, "__name__", "hook")] = hook(pseudonym)
-    audit.append("forget", pseudonym, reason, report.to_dict())
     return report
 
 
@@ -178,11 +452,71 @@ def forget_patient(
     audit: AuditLog,
     reason: str,
     *,
-    clock: Clock = _now,
+    clock: Clock = _utcnow,
+    actor: str | None = None,
 ) -> ErasureReport:
-    """:func:`forget_pseudonym` for an original Patient id."""
+    """:func:`forget_pseudonym` for an original Patient resource id."""
+    if not isinstance(patient_id, str) or not patient_id.strip():
+        raise ValueError("patient_id must be a non-empty Patient resource id")
     pseudonym = Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", patient_id)
-    return forget_pseudonym(con, pseudonym, audit, reason, clock=clock)
+    return forget_pseudonym(con, pseudonym, audit, reason, clock=clock, actor=actor)
+
+
+# -- re-identification ------------------------------------------------------------------------
+
+
+def _identifiers(patient: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": patient.get("id"),
+        "name": patient.get("name", []),
+        "identifier": [
+            {"system": i.get("system"), "value": i.get("value")}
+            for i in patient.get("identifier", [])
+            if isinstance(i, dict)
+        ],
+        "birthDate": patient.get("birthDate"),
+        "address": patient.get("address", []),
+        "telecom": patient.get("telecom", []),
+    }
+
+
+def _lookup(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
+) -> tuple[str, dict[str, Any] | None, DeidError | None]:
+    """(outcome, identifiers, error): outcome is found, erased, not_found or unreadable."""
+    rows = con.execute(
+        "SELECT sealed, aad FROM phi_vault_current "
+        "WHERE resource_key = ? AND resource_type = 'Patient'",
+        [pseudonym],
+    ).fetchall()
+    if not rows:
+        destroyed = _count(
+            con,
+            "SELECT count(*) FROM data_keys WHERE owner = ? AND destroyed_at IS NOT NULL",
+            [pseudonym],
+        )
+        if destroyed:
+            return (
+                "erased",
+                None,
+                KeyDestroyedError(f"patient {pseudonym} was erased: its data key was destroyed"),
+            )
+        return "not_found", None, PatientNotFoundError(f"no patient with pseudonym {pseudonym}")
+    sealed, aad = rows[0]
+    try:
+        plaintext = DataKeyStore(con, provider).open(bytes(sealed), bytes(aad))
+        patient: dict[str, Any] = orjson.loads(plaintext)
+        pseudo = Pseudonymizer(provider.pseudonym_key())
+        if (
+            patient.get("resourceType") != "Patient"
+            or pseudo.resource_key("Patient", str(patient.get("id"))) != pseudonym
+        ):
+            raise InvalidCiphertext(f"vault row {pseudonym} holds a different resource")
+    except KeyDestroyedError as exc:
+        return "erased", None, exc
+    except DeidError as exc:
+        return "unreadable", None, exc
+    return "found", _identifiers(patient), None
 
 
 def reidentify(
@@ -193,35 +527,22 @@ def reidentify(
     reason: str,
     actor: str | None = None,
 ) -> dict[str, Any]:
-    """The original identifiers behind a patient pseudonym. The act is audited before the
-    identifiers are returned, whether or not the patient is found."""
-    if not reason.strip():
-        raise ValueError("re-identification needs a reason")
-    rows = con.execute(
-        "SELECT sealed, aad FROM phi_vault_current WHERE resource_key = ? "
-        "AND resource_type = 'Patient'",
-        [pseudonym],
-    ).fetchall()
-    destroyed = con.execute(
-        "SELECT count(*) FROM data_keys WHERE owner = ? AND destroyed_at IS NOT NULL", [pseudonym]
-    ).fetchall()[0][0]
-    audit.append(
-        "reidentify", pseudonym, reason, {"found": bool(rows), "erased": bool(destroyed)}, actor
-    )
-    if not rows:
-        if destroyed:
-            raise KeyDestroyedError(f"patient {pseudonym} was erased; nothing can be recovered")
-        raise DeidError(f"no patient with pseudonym {pseudonym}")
-    sealed, aad = rows[0]
-    patient = orjson.loads(DataKeyStore(con, provider).open(bytes(sealed), bytes(aad)))
-    return {
-        "id": patient.get("id"),
-        "name": patient.get("name", []),
-        "identifier": [
-            {"system": i.get("system"), "value": i.get("value")}
-            for i in patient.get("identifier", [])
-        ],
-        "birthDate": patient.get("birthDate"),
-        "address": patient.get("address", []),
-        "telecom": patient.get("telecom", []),
-    }
+    """The original identifiers behind a patient pseudonym: ``id``, ``name``, ``identifier``
+    (system and value), ``birthDate``, ``address`` and ``telecom``.
+
+    The act is audited (with its outcome) before anything is returned, and a failed lookup is
+    audited too; if the audit entry cannot be written, nothing is returned. Raises
+    :class:`KeyDestroyedError` for an erased patient and :class:`PatientNotFoundError` for an
+    unknown pseudonym.
+    """
+    reason = _check_reason(reason, "re-identification")
+    _check_pseudonym(pseudonym)
+    outcome, found, error = _lookup(con, provider, pseudonym)
+    details: dict[str, Any] = {"found": found is not None, "outcome": outcome}
+    if error is not None:
+        details["error"] = type(error).__name__
+    audit.append("reidentify", pseudonym, reason, details, actor)
+    if error is not None:
+        raise error
+    assert found is not None
+    return found

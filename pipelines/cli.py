@@ -6,15 +6,12 @@ import json
 import shutil
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import click
 
 from deid.errors import DeidError
 from deid.keys import default_key_file, init_keyring
-
-if TYPE_CHECKING:
-    from deid.audit import AuditLog
+from pipelines import cli_privacy
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -90,113 +87,10 @@ def run(input_dir: Path, workdir: Path, key_file: str | None, workers: int) -> N
         sys.exit(1)
 
 
-def _audit_log(workdir: Path, key_file: str | None) -> AuditLog:
-    from deid.audit import AuditLog, audit_key
-    from deid.keys import load_key_provider
-
-    provider = load_key_provider(key_file)
-    return AuditLog(workdir / "audit" / "audit.log", audit_key(provider.pseudonym_key()))
-
-
-@keys.command("rotate")
-@click.option("--key-file", type=click.Path(path_type=Path), default=None)
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/work"))
-def keys_rotate(key_file: Path | None, workdir: Path) -> None:
-    """New key-encryption key; every data key re-wrapped; the old key retired."""
-    from deid.lifecycle import rotate_kek
-    from fhirlake import warehouse
-
-    path = key_file or default_key_file()
-    audit = _audit_log(workdir, str(path))
-    con = warehouse.connect(workdir / "warehouse.duckdb")
-    try:
-        report = rotate_kek(path, con, audit)
-    except DeidError as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        con.close()
-    click.echo(
-        f"active KEK {report.new_kek_id}; {report.rewrapped} data keys re-wrapped; "
-        f"retired {', '.join(report.retired_kek_ids)}"
-    )
-
-
-@main.command()
-@click.argument("patient")
-@click.option("--reason", required=True, help="why (written to the audit log)")
-@click.option("--pseudonym", "is_pseudonym", is_flag=True, help="PATIENT is a pseudonym")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/work"))
-@click.option("--key-file", type=str, default=None)
-def forget(
-    patient: str, reason: str, is_pseudonym: bool, workdir: Path, key_file: str | None
-) -> None:
-    """Erase a patient: destroy its data key and purge it from every table."""
-    from deid.keys import load_key_provider
-    from deid.lifecycle import forget_patient, forget_pseudonym
-    from fhirlake import warehouse
-
-    audit = _audit_log(workdir, key_file)
-    con = warehouse.connect(workdir / "warehouse.duckdb")
-    try:
-        if is_pseudonym:
-            report = forget_pseudonym(con, patient, audit, reason)
-        else:
-            report = forget_patient(con, load_key_provider(key_file), patient, audit, reason)
-        con.execute("FORCE CHECKPOINT")
-    except (DeidError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        con.close()
-    click.echo(json.dumps(report.to_dict(), indent=2))
-
-
-@main.command()
-@click.argument("pseudonym")
-@click.option("--reason", required=True, help="why (written to the audit log first)")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/work"))
-@click.option("--key-file", type=str, default=None)
-def reidentify(pseudonym: str, reason: str, workdir: Path, key_file: str | None) -> None:
-    """Print the original identifiers behind a patient pseudonym (audited)."""
-    from deid.keys import load_key_provider
-    from deid.lifecycle import reidentify as run_reidentify
-    from fhirlake import warehouse
-
-    audit = _audit_log(workdir, key_file)
-    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
-    try:
-        found = run_reidentify(con, load_key_provider(key_file), pseudonym, audit, reason)
-    except (DeidError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    finally:
-        con.close()
-    click.echo(json.dumps(found, indent=2, ensure_ascii=False))
-
-
-@main.group()
-def audit() -> None:
-    """The hash-chained audit log of re-identifications, erasures and rotations."""
-
-
-@audit.command("verify")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/work"))
-@click.option("--key-file", type=str, default=None)
-def audit_verify(workdir: Path, key_file: str | None) -> None:
-    """Detect edited, removed or reordered entries."""
-    result = _audit_log(workdir, key_file).verify()
-    if not result.ok:
-        for problem in result.problems:
-            click.echo(problem, err=True)
-        sys.exit(1)
-    click.echo(f"audit log ok: {result.entries} entries")
-
-
-@audit.command("show")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/work"))
-@click.option("--key-file", type=str, default=None)
-def audit_show(workdir: Path, key_file: str | None) -> None:
-    """Print the entries (pseudonyms and counts only)."""
-    for entry in _audit_log(workdir, key_file).entries():
-        click.echo(json.dumps(entry, ensure_ascii=False))
+keys.add_command(cli_privacy.keys_rotate)
+main.add_command(cli_privacy.forget)
+main.add_command(cli_privacy.reidentify)
+main.add_command(cli_privacy.audit)
 
 
 @main.group()

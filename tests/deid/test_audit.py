@@ -1,68 +1,306 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+import multiprocessing
+import stat
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from deid.audit import AuditLog
+from deid.audit import GENESIS, AuditLog, audit_key, default_actor
+from deid.errors import AuditLogError, DeidError
+from deid.keys import FileKeyProvider
 
-
-def fixed() -> datetime:
-    return datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def log(tmp_path: Path, key: bytes = b"a" * 32) -> AuditLog:
-    return AuditLog(tmp_path / "audit.log", key, clock=fixed)
+KEY = b"a" * 32
 
 
-def filled(tmp_path: Path) -> AuditLog:
-    audit = log(tmp_path)
-    for i in range(4):
-        audit.append("reidentify", f"p{i}", f"ticket {i}", {"found": True}, actor="officer")
+class FixedClock:
+    """2026-01-01T00:00:00Z, one second later on every call."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        current = self.now
+        self.now += timedelta(seconds=1)
+        return current
+
+
+def make_log(folder: Path, key: bytes = KEY) -> AuditLog:
+    return AuditLog(folder / "audit.log", key, clock=FixedClock())
+
+
+def filled(folder: Path, n: int = 4) -> AuditLog:
+    audit = make_log(folder)
+    for i in range(n):
+        audit.append(
+            "reidentify", f"{i:032x}", f"ticket {i}", {"found": True, "n": i}, actor="officer"
+        )
     return audit
 
 
 def lines(audit: AuditLog) -> list[str]:
-    return audit.path.read_text().splitlines()
+    return audit.path.read_text(encoding="utf-8").splitlines()
 
 
-def test_chain_verifies_and_is_deterministic(tmp_path: Path) -> None:
-    audit = filled(tmp_path)
-    assert audit.verify().ok and audit.verify().entries == 4
-    other = filled(tmp_path / "again")
+def rewrite(audit: AuditLog, new_lines: list[str]) -> None:
+    audit.path.write_text("".join(line + "\n" for line in new_lines), encoding="utf-8")
+
+
+def test_entries_chain_and_are_deterministic(tmp_path: Path) -> None:
+    audit = filled(tmp_path / "one")
+    result = audit.verify()
+    assert (result.ok, result.entries, result.problems) == (True, 4, [])
+    entries = audit.entries()
+    assert [e["seq"] for e in entries] == [0, 1, 2, 3]
+    assert entries[0]["prev"] == GENESIS
+    assert all(b["prev"] == a["mac"] for a, b in pairwise(entries))
+    assert entries[0]["at"] == "2026-01-01T00:00:00+00:00"
+    assert entries[3]["at"] == "2026-01-01T00:00:03+00:00"
+    assert set(entries[0]) == {
+        "seq", "at", "actor", "action", "subject", "reason", "details", "prev", "mac"
+    }  # fmt: skip
+    assert (entries[2]["actor"], entries[2]["reason"], entries[2]["details"]) == (
+        "officer",
+        "ticket 2",
+        {"found": True, "n": 2},
+    )
+    # same key, clock and inputs: byte-identical logs and anchors
+    other = filled(tmp_path / "two")
     assert lines(audit) == lines(other)
-    assert json.loads(lines(audit)[1])["prev"] == json.loads(lines(audit)[0])["mac"]
+    assert audit.head_path.read_text() == other.head_path.read_text()
+    head = json.loads(audit.head_path.read_text())
+    assert (head["seq"], head["mac"]) == (3, entries[3]["mac"])
+
+
+def test_log_and_anchor_are_private_files(tmp_path: Path) -> None:
+    audit = filled(tmp_path)
+    for path in (audit.path, audit.head_path):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def _edit_reason(ls: list[str]) -> list[str]:
+    return [ls[0], ls[1].replace("ticket 1", "ticket 9"), *ls[2:]]
+
+
+def _edit_details(ls: list[str]) -> list[str]:
+    entry = json.loads(ls[2])
+    entry["details"]["found"] = False
+    return [*ls[:2], json.dumps(entry), ls[3]]
+
+
+def _delete_middle(ls: list[str]) -> list[str]:
+    return [ls[0], *ls[2:]]
+
+
+def _swap(ls: list[str]) -> list[str]:
+    return [ls[1], ls[0], *ls[2:]]
+
+
+def _swap_middle(ls: list[str]) -> list[str]:
+    return [ls[0], ls[2], ls[1], ls[3]]
 
 
 @pytest.mark.parametrize(
-    ("tamper", "problem"),
+    ("tamper", "expected"),
     [
-        (lambda ls: [ls[0], ls[1].replace("ticket 1", "ticket 9"), *ls[2:]], "mac mismatch"),
-        (lambda ls: [ls[0], *ls[2:]], "out of order"),
-        (lambda ls: [ls[1], ls[0], *ls[2:]], "chain broken"),
-        (lambda ls: ls[:-1], "truncated"),
+        (_edit_reason, ["entry 1: mac mismatch (edited)"]),
+        (_edit_details, ["entry 2: mac mismatch (edited)"]),
+        (
+            _delete_middle,
+            [
+                "entry 1: seq 2 out of order (removed or reordered)",
+                "entry 1: chain broken, prev does not match the entry before "
+                "(removed or reordered)",
+                "entry 2: seq 3 out of order (removed or reordered)",
+            ],
+        ),
+        (_swap, ["entry 0: seq 1 out of order (removed or reordered)"]),
+        (_swap_middle, ["entry 1: seq 2 out of order (removed or reordered)"]),
+        (
+            lambda ls: ls[:-1],
+            ["head anchor: log ends at seq 2, anchor says 3 (truncated)"],
+        ),
+        (
+            lambda ls: ls[:-2],
+            ["head anchor: log ends at seq 1, anchor says 3 (truncated)"],
+        ),
+        (lambda ls: [], ["head anchor: log is empty, anchor says 3 (truncated)"]),
+    ],
+    ids=[
+        "edit-reason",
+        "edit-details",
+        "delete-middle",
+        "swap-first",
+        "swap-middle",
+        "truncate-1",
+        "truncate-2",
+        "empty",
     ],
 )
-def test_edits_removals_reorders_and_truncation_are_detected(
-    tmp_path: Path, tamper, problem: str
+def test_tampering_is_detected(
+    tmp_path: Path, tamper: Callable[[list[str]], list[str]], expected: list[str]
 ) -> None:
     audit = filled(tmp_path)
-    audit.path.write_text("\n".join(tamper(lines(audit))) + "\n")
+    rewrite(audit, tamper(lines(audit)))
     result = audit.verify()
     assert not result.ok
-    assert any(problem in p for p in result.problems), result.problems
+    for problem in expected:
+        assert problem in result.problems, result.problems
+
+
+def test_truncation_is_only_visible_through_the_anchor(tmp_path: Path) -> None:
+    audit = filled(tmp_path)
+    rewrite(audit, lines(audit)[:-1])
+    result = audit.verify()
+    # the remaining chain is intact: the side file is what reveals the cut
+    assert result.problems == ["head anchor: log ends at seq 2, anchor says 3 (truncated)"]
+    assert result.entries == 3
+
+
+def test_anchor_tampering_and_removal_are_detected(tmp_path: Path) -> None:
+    audit = filled(tmp_path)
+    head = json.loads(audit.head_path.read_text())
+    entries = audit.entries()
+    # rewinding the anchor to an earlier entry needs the key for its own MAC
+    rewrite(audit, lines(audit)[:-1])
+    audit.head_path.write_text(json.dumps({**head, "seq": 2, "mac": entries[2]["mac"]}))
+    result = audit.verify()
+    assert result.problems == [
+        "head anchor: does not verify under this key (edited, or a different key)"
+    ]
+    audit.head_path.unlink()
+    assert audit.verify().problems == ["head anchor: missing (log replaced, or anchor deleted)"]
+    audit.head_path.write_text("{not json")
+    assert audit.verify().problems == ["head anchor: audit head anchor is not JSON"]
 
 
 def test_wrong_key_fails_every_mac(tmp_path: Path) -> None:
     filled(tmp_path)
-    result = log(tmp_path, b"b" * 32).verify()
-    assert sum("mac mismatch" in p for p in result.problems) == 4
+    result = make_log(tmp_path, b"b" * 32).verify()
+    assert not result.ok
+    assert [p for p in result.problems if "mac mismatch" in p] == [
+        f"entry {i}: mac mismatch (edited)" for i in range(4)
+    ]
+    assert "head anchor: does not verify under this key (edited, or a different key)" in (
+        result.problems
+    )
+
+
+def test_a_damaged_log_is_not_appended_to(tmp_path: Path) -> None:
+    audit = filled(tmp_path)
+    original = lines(audit)
+    rewrite(audit, original[:-1])  # truncated: appending would re-anchor and hide it
+    with pytest.raises(AuditLogError, match="anchor says 3"):
+        audit.append("forget", "f" * 32, "x")
+    with pytest.raises(AuditLogError):
+        audit.check_appendable()
+    rewrite(audit, [*original[:3], original[3].replace("ticket 3", "ticket 7")])
+    with pytest.raises(AuditLogError, match="does not verify under this key"):
+        audit.append("forget", "f" * 32, "x")
+    rewrite(audit, original)
+    with pytest.raises(AuditLogError, match="does not verify under this key"):
+        make_log(tmp_path, b"c" * 32).append("forget", "f" * 32, "x")  # a different key
+    audit.path.write_text("".join(line + "\n" for line in original) + '{"seq": 4')
+    with pytest.raises(AuditLogError, match="incomplete line"):
+        audit.append("forget", "f" * 32, "x")
+    assert len(lines(audit)) == 5 and not audit.verify().ok
+    audit.head_path.unlink()
+    rewrite(audit, [])
+    assert audit.append("forget", "f" * 32, "x")["seq"] == 0  # a brand-new log
+
+
+def test_an_interrupted_append_is_reported_then_repaired(tmp_path: Path) -> None:
+    audit = filled(tmp_path)
+    anchor = audit.head_path.read_text()
+    audit.append("forget", "f" * 32, "request 1", {"rows": 3}, actor="dpo")
+    audit.head_path.write_text(anchor)  # as if the process died before the anchor write
+    assert audit.verify().problems == [
+        "head anchor: log ends at seq 4, anchor says 3 "
+        "(anchor not updated: interrupted append, or an old anchor restored)"
+    ]
+    audit.append("forget", "e" * 32, "request 2", actor="dpo")
+    assert audit.verify().ok and audit.verify().entries == 6
+
+
+def test_interrupted_first_append(tmp_path: Path) -> None:
+    audit = make_log(tmp_path)
+    audit.append("rotate_keys", "kek-1", "rotation")
+    audit.head_path.unlink()
+    assert not audit.verify().ok
+    audit.append("rotate_keys", "kek-2", "rotation")
+    assert audit.verify().ok
+
+
+def test_corrupted_line_is_reported_by_position(tmp_path: Path) -> None:
+    audit = filled(tmp_path)
+    ls = lines(audit)
+    rewrite(audit, [ls[0], "garbage", *ls[2:]])
+    result = audit.verify()
+    assert "entry 1: not a JSON object (corrupted)" in result.problems
+    with pytest.raises(AuditLogError, match="entry 1 is not JSON"):
+        audit.entries()
+
+
+def _append_many(path: str, writer: int, count: int) -> None:
+    audit = AuditLog(Path(path), KEY)
+    for i in range(count):
+        audit.append("reidentify", f"{writer:016x}{i:016x}", "load", {"w": writer}, actor="w")
+
+
+def test_concurrent_writers_keep_one_chain(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    ctx = multiprocessing.get_context("fork")
+    workers = [ctx.Process(target=_append_many, args=(str(path), w, 15)) for w in range(4)]
+    for proc in workers:
+        proc.start()
+    for proc in workers:
+        proc.join(60)
+        assert proc.exitcode == 0
+    result = AuditLog(path, KEY).verify()
+    assert (result.ok, result.entries) == (True, 60), result.problems
+    subjects = {e["subject"] for e in AuditLog(path, KEY).entries()}
+    assert len(subjects) == 60
+
+
+def test_audit_key_is_hkdf_of_the_pseudonym_key(key_provider: FileKeyProvider) -> None:
+    pkey = key_provider.pseudonym_key()
+    expected = HKDF(hashes.SHA256(), 32, salt=None, info=b"ehr-audit-log/1").derive(pkey)
+    assert audit_key(pkey) == expected != pkey
+    log = AuditLog.for_provider(Path("unused.log"), key_provider)
+    assert log._key == expected
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        audit_key(b"short")
+
+
+def test_default_actor_and_missing_log(tmp_path: Path) -> None:
+    audit = make_log(tmp_path)
+    assert audit.verify() == audit.verify() and audit.verify().ok
+    assert audit.verify().entries == 0 and audit.entries() == []
+    assert not audit.path.exists()  # reading never creates the log
+    entry = audit.append("forget", "f" * 32, "request")
+    assert entry["actor"] == default_actor() and entry["details"] == {}
 
 
 def test_bad_arguments(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="32 bytes"):
+    with pytest.raises(ValueError, match="at least 32 bytes"):
         AuditLog(tmp_path / "a.log", b"short")
+    audit = make_log(tmp_path)
     with pytest.raises(ValueError, match="action"):
-        log(tmp_path).append("", "x")
+        audit.append("", "x")
+    with pytest.raises(ValueError, match="subject"):
+        audit.append("forget", " ")
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        audit.append("forget", "f" * 32, details={"when": datetime.now(UTC)})
+    with pytest.raises(ValueError, match="JSON-serialisable"):
+        audit.append("forget", "f" * 32, details={"x": float("nan")})
+    naive = AuditLog(tmp_path / "b.log", KEY, clock=lambda: datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        naive.append("forget", "f" * 32)
+    assert not audit.path.exists() or audit.entries() == []
+    assert issubclass(AuditLogError, DeidError)

@@ -1,123 +1,540 @@
 from __future__ import annotations
 
+import base64
 import json
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import duckdb
 import pytest
 
-from deid.audit import AuditLog, audit_key
-from deid.errors import KeyDestroyedError
-from deid.keys import FileKeyProvider
-from deid.lifecycle import ERASURE_HOOKS, forget_patient, reidentify, rotate_kek
+from deid import lifecycle
+from deid.audit import AuditLog
+from deid.errors import (
+    AuditLogError,
+    DeidError,
+    ErasureIncompleteError,
+    KeyDestroyedError,
+    KeyMaterialError,
+    KeyRotationError,
+    PatientNotFoundError,
+)
+from deid.keys import FileKeyProvider, key_fingerprint
+from deid.lifecycle import (
+    ERASURE_HOOKS,
+    forget_patient,
+    forget_pseudonym,
+    reidentify,
+    rotate_kek,
+)
 from deid.pseudonym import Pseudonymizer
+from deid.vault import DataKeyStore
 from fhirlake import warehouse
 from fhirlake.ingest import ingest_batch
 from fhirlake.vault_access import iter_current_resources, read_resource
 
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
-def _patients(folder: Path) -> None:
-    folder.mkdir(parents=True)
-    for pid, family in (("p1", "Quillfeather"), ("p2", "Oddsock")):
-        (folder / f"{pid}.json").write_text(
-            json.dumps(
-                {
-                    "resourceType": "Bundle",
-                    "type": "collection",
-                    "entry": [
-                        {
-                            "resource": {
-                                "resourceType": "Patient",
-                                "id": pid,
-                                "name": [{"family": family, "given": ["Ann"]}],
-                                "identifier": [{"system": "urn:mrn", "value": f"MRN-{pid}"}],
-                            }
-                        },
-                        {
-                            "resource": {
-                                "resourceType": "Condition",
-                                "id": f"c-{pid}",
-                                "subject": {"reference": f"Patient/{pid}"},
-                                "code": {"text": "x"},
-                            }
-                        },
-                    ],
-                }
-            )
-        )
+PATIENTS = {
+    "p1": {
+        "resourceType": "Patient",
+        "id": "p1",
+        "name": [{"family": "Quillfeather", "given": ["Marisol"]}],
+        "identifier": [{"system": "urn:mrn", "value": "MRN-4471"}],
+        "birthDate": "1948-02-29",
+        "telecom": [{"system": "phone", "value": "555-0134-77"}],
+        "address": [{"line": ["12 Lantern Row"], "city": "Harrowgate", "postalCode": "02139"}],
+    },
+    "p2": {
+        "resourceType": "Patient",
+        "id": "p2",
+        "name": [{"family": "Oddsock", "given": ["Bertram"]}],
+        "identifier": [{"system": "urn:mrn", "value": "MRN-9902"}],
+        "birthDate": "1971-07-04",
+    },
+}
+ORGANIZATION = {"resourceType": "Organization", "id": "org1", "name": "Lantern Clinic"}
+
+
+def _bundle(pid: str) -> dict[str, Any]:
+    resources: list[dict[str, Any]] = [
+        PATIENTS[pid],
+        {
+            "resourceType": "Condition",
+            "id": f"c-{pid}",
+            "subject": {"reference": f"Patient/{pid}"},
+            "code": {"text": "asthma"},
+        },
+        {
+            "resourceType": "Encounter",
+            "id": f"e-{pid}",
+            "status": "finished",
+            "class": {"code": "AMB"},
+            "subject": {"reference": f"Patient/{pid}"},
+            "serviceProvider": {"reference": "Organization/org1"},
+        },
+        {  # an empty array is a schema violation: quarantined under the patient's key
+            "resourceType": "Observation",
+            "id": f"o-{pid}",
+            "status": "final",
+            "code": {"text": "x"},
+            "category": [],
+            "subject": {"reference": f"Patient/{pid}"},
+        },
+    ]
+    entries = [{"resource": r} for r in resources]
+    return {"resourceType": "Bundle", "type": "collection", "entry": entries}
+
+
+@dataclass
+class World:
+    wh: Path
+    key_file: Path
+    provider: FileKeyProvider
+    audit: AuditLog
+    p1: str
+    p2: str
+
+    def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        return warehouse.connect(self.wh, read_only=read_only)
 
 
 @pytest.fixture
-def setup(tmp_path: Path, key_file: Path):
-    _patients(tmp_path / "land")
-    provider = FileKeyProvider.load(key_file)
+def world(tmp_path: Path, key_file: Path, key_provider: FileKeyProvider) -> Iterator[World]:
+    land = tmp_path / "land"
+    land.mkdir()
+    for pid in PATIENTS:
+        (land / f"{pid}.json").write_text(json.dumps(_bundle(pid)))
+    (land / "org.json").write_text(json.dumps(ORGANIZATION))
     wh = tmp_path / "w.duckdb"
-    ingest_batch(wh, "b", tmp_path / "land", provider, workers=1)
-    audit = AuditLog(tmp_path / "audit" / "audit.log", audit_key(provider.pseudonym_key()))
-    return wh, provider, audit
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert report.accepted == 7 and report.quarantined == 2
+    pseudo = Pseudonymizer(key_provider.pseudonym_key())
+    audit = AuditLog.for_provider(tmp_path / "audit" / "audit.log", key_provider, clock=lambda: T0)
+    yield World(
+        wh,
+        key_file,
+        key_provider,
+        audit,
+        pseudo.resource_key("Patient", "p1"),
+        pseudo.resource_key("Patient", "p2"),
+    )
 
 
-def test_rotation_rewraps_and_retires(setup, key_file: Path) -> None:
-    wh, provider, audit = setup
-    old = provider.active_kek_id()
-    con = warehouse.connect(wh)
+def _count(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> int:
+    return int(con.execute(sql, params or []).fetchall()[0][0])
+
+
+def _all_readable(con: duckdb.DuckDBPyConnection, provider: FileKeyProvider) -> None:
+    resources = list(iter_current_resources(con, provider))
+    assert len(resources) == 7
+    for resource in resources:
+        assert read_resource(con, provider, resource["resourceType"], resource["id"]) == resource
+    keys = DataKeyStore(con, provider)
+    for sealed, aad in con.execute("SELECT sealed, aad FROM quarantine").fetchall():
+        assert keys.open(bytes(sealed), bytes(aad))
+
+
+def _counter_bytes(start: int = 0) -> Any:
+    state = {"n": start}
+
+    def random_bytes(n: int) -> bytes:
+        state["n"] += 1
+        return bytes([state["n"] % 256]) * n
+
+    return random_bytes
+
+
+# -- rotation ---------------------------------------------------------------------------------
+
+
+def test_rotation_rewraps_every_key_and_drops_the_old_kek(world: World) -> None:
+    old_id = world.provider.active_kek_id()
+    old_entry = json.loads(world.key_file.read_text())["keks"][old_id]
+    con = world.connect()
     try:
-        report = rotate_kek(key_file, con, audit)
-        rotated = FileKeyProvider.load(key_file)
-        assert rotated.active_kek_id() == report.new_kek_id != old
-        assert rotated.kek_ids() == [report.new_kek_id]  # old material gone
-        assert report.retired_kek_ids == [old] and report.rewrapped >= 3
-        assert {k for (k,) in con.execute("SELECT DISTINCT kek_id FROM data_keys").fetchall()} == {
-            report.new_kek_id
-        }
-        assert len(list(iter_current_resources(con, rotated))) == 4  # still readable
+        report = rotate_kek(
+            world.key_file, con, world.audit, random_bytes=_counter_bytes(), clock=lambda: T0
+        )
+        assert report.new_kek_id == "kek-" + key_fingerprint(b"\x01" * 32)  # injected randomness
+        assert report.retired_kek_ids == [old_id] and report.kept_kek_ids == []
+        assert (report.rewrapped, report.destroyed_keys_skipped) == (3, 0)  # p1, p2, _shared
+
+        rotated = FileKeyProvider.load(world.key_file)
+        assert rotated.kek_ids() == [report.new_kek_id] == [rotated.active_kek_id()]
+        kek_ids = con.execute("SELECT DISTINCT kek_id FROM data_keys").fetchall()
+        assert kek_ids == [(report.new_kek_id,)]
+        _all_readable(con, rotated)
+        # the old provider, holding only the old KEK, can no longer unwrap anything
+        with pytest.raises(KeyMaterialError, match="not available"):
+            list(iter_current_resources(con, world.provider))
     finally:
         con.close()
-    assert json.loads(key_file.read_text())["retired_keks"][old]
-    assert [e["action"] for e in audit.entries()] == ["rotate_keys"] and audit.verify().ok
+
+    text = world.key_file.read_text()
+    document = json.loads(text)
+    assert old_entry["key"] not in text
+    assert document["retired_keks"] == {
+        old_id: {"created": old_entry["created"], "retired": T0.isoformat()}
+    }
+    assert document["pseudonym_key"] and document["date_shift_key"]  # the rest is untouched
+    assert stat.S_IMODE(world.key_file.stat().st_mode) == 0o600
+    (entry,) = world.audit.entries()
+    assert (entry["action"], entry["subject"]) == ("rotate_keys", report.new_kek_id)
+    assert entry["details"]["retired_kek_ids"] == [old_id]
+    assert entry["details"]["rewrapped"] == 3
+    assert world.audit.verify().ok
 
 
-def test_forget_shreds_one_patient_everywhere(setup) -> None:
-    wh, provider, audit = setup
-    pseudo = Pseudonymizer(provider.pseudonym_key())
-    p1, p2 = pseudo.resource_key("Patient", "p1"), pseudo.resource_key("Patient", "p2")
+def test_rotating_twice_and_after_an_erasure(world: World) -> None:
+    con = world.connect()
+    try:
+        first = rotate_kek(world.key_file, con, world.audit)
+        forget_pseudonym(con, world.p1, world.audit, "erasure request")
+        second = rotate_kek(world.key_file, con, world.audit)
+        assert second.retired_kek_ids == [first.new_kek_id]
+        assert (second.rewrapped, second.destroyed_keys_skipped) == (2, 1)
+        rotated = FileKeyProvider.load(world.key_file)
+        assert rotated.kek_ids() == [second.new_kek_id]
+        assert read_resource(con, rotated, "Patient", "p2") == PATIENTS["p2"]
+        assert read_resource(con, rotated, "Organization", "org1") == ORGANIZATION
+    finally:
+        con.close()
+    retired = json.loads(world.key_file.read_text())["retired_keks"]
+    assert set(retired) == {world.provider.active_kek_id(), first.new_kek_id}
+    assert [e["action"] for e in world.audit.entries()] == ["rotate_keys", "forget", "rotate_keys"]
+
+
+def test_a_failed_rewrap_leaves_a_keyring_that_reads_everything(world: World) -> None:
+    """Crash-safe order: the new KEK is in the keyring before any data key moves to it, and
+    the old one stays until the re-wrap has committed."""
+    old_id = world.provider.active_kek_id()
+    con = world.connect()
+    try:
+        con.execute(
+            "INSERT INTO data_keys VALUES (?, 'someone', 'kek-elsewhere', ?, now(), NULL)",
+            [b"\x07" * 16, b"\x00" * 60],
+        )
+        before = con.execute("SELECT key_id, kek_id, wrapped FROM data_keys ORDER BY 1").fetchall()
+        with pytest.raises(KeyRotationError, match="cannot be unwrapped"):
+            rotate_kek(world.key_file, con, world.audit)
+        after = con.execute("SELECT key_id, kek_id, wrapped FROM data_keys ORDER BY 1").fetchall()
+        assert after == before  # rolled back
+        interim = FileKeyProvider.load(world.key_file)
+        assert old_id in interim.kek_ids() and len(interim.kek_ids()) == 2
+        assert interim.active_kek_id() != old_id
+        _all_readable(con, interim)
+        assert world.audit.entries() == []  # nothing happened that needs an entry
+
+        con.execute("DELETE FROM data_keys WHERE owner = 'someone'")
+        report = rotate_kek(world.key_file, con, world.audit)  # running again completes it
+        assert sorted(report.retired_kek_ids) == sorted(interim.kek_ids())
+        final = FileKeyProvider.load(world.key_file)
+        assert final.kek_ids() == [report.new_kek_id]
+        _all_readable(con, final)
+    finally:
+        con.close()
+
+
+def test_a_crash_before_the_old_kek_is_dropped_is_harmless(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[Path] = []
+    real_write = lifecycle._write_keyring
+
+    def crash_on_second_write(path: Path, document: dict[str, Any]) -> None:
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError("power cut")
+        real_write(path, document)
+
+    monkeypatch.setattr(lifecycle, "_write_keyring", crash_on_second_write)
+    con = world.connect()
+    try:
+        with pytest.raises(OSError, match="power cut"):
+            rotate_kek(world.key_file, con, world.audit)
+        interim = FileKeyProvider.load(world.key_file)  # both KEKs, data under the new one
+        assert len(interim.kek_ids()) == 2
+        assert con.execute("SELECT DISTINCT kek_id FROM data_keys").fetchall() == [
+            (interim.active_kek_id(),)
+        ]
+        _all_readable(con, interim)
+        monkeypatch.setattr(lifecycle, "_write_keyring", real_write)
+        report = rotate_kek(world.key_file, con, world.audit)
+        assert FileKeyProvider.load(world.key_file).kek_ids() == [report.new_kek_id]
+    finally:
+        con.close()
+
+
+def test_environment_keys_are_not_rotated_here(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EHR_KEK", base64.b64encode(b"k" * 32).decode())
+    before = world.key_file.read_text()
+    con = world.connect()
+    try:
+        with pytest.raises(KeyRotationError, match="rotated by its owner") as info:
+            rotate_kek(world.key_file, con, world.audit)
+    finally:
+        con.close()
+    assert isinstance(info.value, DeidError)
+    assert world.key_file.read_text() == before
+
+
+def test_rotation_refuses_to_run_unaudited(world: World) -> None:
+    world.audit.append("reidentify", world.p2, "ticket")
+    world.audit.path.write_text("")  # the log was emptied: its anchor says otherwise
+    before = world.key_file.read_text()
+    con = world.connect()
+    try:
+        with pytest.raises(AuditLogError):
+            rotate_kek(world.key_file, con, world.audit)
+    finally:
+        con.close()
+    assert world.key_file.read_text() == before
+
+
+# -- erasure ----------------------------------------------------------------------------------
+
+
+def test_forget_shreds_one_patient_everywhere(world: World) -> None:
     called: list[str] = []
 
     def online_store(pseudonym: str) -> int:
         called.append(pseudonym)
-        return 1
+        return 5
 
+    con = world.connect()
     ERASURE_HOOKS.append(online_store)
-    con = warehouse.connect(wh)
     try:
         con.execute("CREATE TABLE deid_patient (patient_id VARCHAR, x INT)")
-        con.execute("INSERT INTO deid_patient VALUES (?, 1), (?, 2)", [p1, p2])
-        report = forget_patient(con, provider, "p1", audit, "erasure request 42")
-        assert report.data_keys_destroyed == 1
-        assert report.rows_deleted["phi_vault"] == 2 and report.rows_deleted["deid_patient"] == 1
-        assert read_resource(con, provider, "Patient", "p1") is None
-        assert read_resource(con, provider, "Patient", "p2") is not None
-        assert con.execute("SELECT patient_id FROM deid_patient").fetchall() == [(p2,)]
-        with pytest.raises(KeyDestroyedError):
-            reidentify(con, provider, p1, audit, "check")
+        con.execute("INSERT INTO deid_patient VALUES (?, 1), (?, 2)", [world.p1, world.p2])
+        con.execute("CREATE SCHEMA features")
+        con.execute("CREATE TABLE features.daily (Patient_Id VARCHAR, v DOUBLE)")
+        con.execute("INSERT INTO features.daily VALUES (?, 1.0), (?, 2.0)", [world.p1, world.p2])
+        con.execute("CREATE TABLE coded (patient_id INTEGER)")  # another type: left alone
+        con.execute("INSERT INTO coded VALUES (1)")
+        con.execute("CREATE VIEW deid_patient_view AS SELECT * FROM deid_patient")
+        p1_blobs = con.execute(
+            "SELECT sealed, aad FROM phi_vault WHERE patient_key = ?", [world.p1]
+        ).fetchall()
+        p1_resources = con.execute(
+            "SELECT resource_key FROM phi_vault WHERE patient_key = ?", [world.p1]
+        ).fetchall()
+
+        report = forget_patient(
+            con, world.provider, "p1", world.audit, "erasure request 42", clock=lambda: T0
+        )
+
+        assert report.pseudonym == world.p1 and report.found
+        assert (report.data_keys_destroyed, report.data_keys_already_destroyed) == (1, 0)
+        assert report.rows_deleted == {
+            "resource_references": 3,  # Condition.subject, Encounter.subject + serviceProvider
+            "identifier_index": 1,  # the Patient's MRN
+            "phi_vault": 3,  # Patient, Condition, Encounter
+            "quarantine": 1,  # the Observation
+            "coded": 0,
+            "deid_patient": 1,
+            "features.daily": 1,
+        }
+        assert report.hooks == {
+            "test_forget_shreds_one_patient_everywhere.<locals>.online_store": 5
+        }
+        assert called == [world.p1]
+
+        # the key is gone: nothing of p1 can be decrypted, even from a copy of its rows
+        assert con.execute(
+            "SELECT wrapped, destroyed_at FROM data_keys WHERE owner = ?", [world.p1]
+        ).fetchall() == [(None, T0)]
+        keys = DataKeyStore(con, world.provider)
+        for sealed, aad in p1_blobs:
+            with pytest.raises(KeyDestroyedError):
+                keys.open(bytes(sealed), bytes(aad))
+        # ... and nothing of p1 can be found
+        assert read_resource(con, world.provider, "Patient", "p1") is None
+        assert read_resource(con, world.provider, "Condition", "c-p1") is None
+        for table, column in (
+            ("phi_vault", "patient_key"),
+            ("quarantine", "patient_key"),
+            ("deid_patient", "patient_id"),
+            ("features.daily", "patient_id"),
+        ):
+            assert _count(con, f"SELECT count(*) FROM {table} WHERE {column} = ?", [world.p1]) == 0
+        for (rk,) in p1_resources:
+            for table in ("resource_references", "identifier_index"):
+                assert (
+                    _count(con, f"SELECT count(*) FROM {table} WHERE resource_key = ?", [rk]) == 0
+                )
+
+        # the other patient and the shared resources are untouched and readable
+        assert read_resource(con, world.provider, "Patient", "p2") == PATIENTS["p2"]
+        assert read_resource(con, world.provider, "Organization", "org1") == ORGANIZATION
+        assert len(list(iter_current_resources(con, world.provider))) == 4
+        assert con.execute("SELECT patient_id, x FROM deid_patient").fetchall() == [(world.p2, 2)]
+        assert con.execute("SELECT patient_id FROM deid_patient_view").fetchall() == [(world.p2,)]
+        assert _count(con, "SELECT count(*) FROM quarantine WHERE patient_key = ?", [world.p2]) == 1
+        assert _count(con, "SELECT count(*) FROM coded") == 1
+
+        with pytest.raises(KeyDestroyedError, match="erased"):
+            reidentify(con, world.provider, world.p1, world.audit, "follow-up")
     finally:
         ERASURE_HOOKS.remove(online_store)
         con.close()
-    assert called == [p1]
-    assert [e["action"] for e in audit.entries()] == ["forget", "reidentify"]
-    assert "p1" not in audit.path.read_text() and "Quillfeather" not in audit.path.read_text()
+
+    forget_entry, reid_entry = world.audit.entries()
+    assert (forget_entry["action"], forget_entry["subject"]) == ("forget", world.p1)
+    assert forget_entry["reason"] == "erasure request 42"
+    assert forget_entry["details"]["rows_deleted"]["phi_vault"] == 3
+    assert reid_entry["details"] == {
+        "found": False,
+        "outcome": "erased",
+        "error": "KeyDestroyedError",
+    }
+    text = world.audit.path.read_text()
+    for phi in ("p1", "Quillfeather", "MRN-4471", "1948-02-29", "Lantern Row"):
+        assert f'"{phi}' not in text and phi not in text.replace(world.p1, "")
 
 
-def test_reidentify_is_audited_first(setup) -> None:
-    wh, provider, audit = setup
-    p2 = Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", "p2")
-    con = warehouse.connect(wh, read_only=True)
+def test_forget_by_pseudonym_is_idempotent_and_reports_unknown_patients(world: World) -> None:
+    con = world.connect()
     try:
-        with pytest.raises(ValueError, match="reason"):
-            reidentify(con, provider, p2, audit, "  ")
-        found = reidentify(con, provider, p2, audit, "adverse event follow-up", actor="dpo")
+        first = forget_pseudonym(con, world.p2, world.audit, "request")
+        again = forget_pseudonym(con, world.p2, world.audit, "request, second run")
+        unknown = forget_pseudonym(con, "0" * 32, world.audit, "request for someone")
     finally:
         con.close()
-    assert found["id"] == "p2" and found["name"][0]["family"] == "Oddsock"
-    assert found["identifier"] == [{"system": "urn:mrn", "value": "MRN-p2"}]
-    (entry,) = audit.entries()
-    assert (entry["action"], entry["subject"], entry["actor"]) == ("reidentify", p2, "dpo")
+    assert first.found and first.data_keys_destroyed == 1
+    assert again.found and (again.data_keys_destroyed, again.data_keys_already_destroyed) == (0, 1)
+    assert not any(again.rows_deleted.values())
+    assert not unknown.found and unknown.data_keys_destroyed == 0
+    assert [e["subject"] for e in world.audit.entries()] == [world.p2, world.p2, "0" * 32]
+    assert world.audit.verify().ok
+
+
+def test_a_failing_hook_is_audited_and_reported(world: World) -> None:
+    def broken(pseudonym: str) -> int:
+        raise RuntimeError("store offline")
+
+    def fine(pseudonym: str) -> int:
+        return 1
+
+    con = world.connect()
+    ERASURE_HOOKS.extend([broken, fine])
+    try:
+        with pytest.raises(ErasureIncompleteError, match="run the erasure again"):
+            forget_pseudonym(con, world.p1, world.audit, "request")
+        # the warehouse part is committed regardless
+        assert read_resource(con, world.provider, "Patient", "p1") is None
+    finally:
+        ERASURE_HOOKS.remove(broken)
+        ERASURE_HOOKS.remove(fine)
+        con.close()
+    (entry,) = world.audit.entries()
+    assert entry["details"]["hooks_failed"] == [
+        "test_a_failing_hook_is_audited_and_reported.<locals>.broken"
+    ]
+    assert entry["details"]["hooks"] == {
+        "test_a_failing_hook_is_audited_and_reported.<locals>.fine": 1
+    }
+
+
+def test_a_failed_erasure_rolls_back_entirely(world: World) -> None:
+    con = world.connect()
+    try:
+        con.execute("CREATE TABLE cohort (patient_id VARCHAR PRIMARY KEY)")
+        con.execute("CREATE TABLE cohort_member (member VARCHAR REFERENCES cohort (patient_id))")
+        con.execute("INSERT INTO cohort VALUES (?)", [world.p1])
+        con.execute("INSERT INTO cohort_member VALUES (?)", [world.p1])
+        with pytest.raises(duckdb.ConstraintException, match="still referenced"):
+            forget_pseudonym(con, world.p1, world.audit, "request")
+        assert con.execute(
+            "SELECT wrapped IS NOT NULL, destroyed_at FROM data_keys WHERE owner = ?", [world.p1]
+        ).fetchall() == [(True, None)]
+        assert read_resource(con, world.provider, "Patient", "p1") == PATIENTS["p1"]
+    finally:
+        con.close()
+    assert world.audit.entries() == []
+
+
+def test_forget_arguments(world: World) -> None:
+    con = world.connect()
+    try:
+        with pytest.raises(ValueError, match="reason"):
+            forget_patient(con, world.provider, "p1", world.audit, "  ")
+        with pytest.raises(ValueError, match="lowercase hex") as info:
+            forget_pseudonym(con, "p1", world.audit, "request")  # an original id, not a pseudonym
+        assert "p1" not in str(info.value).replace("forget_patient", "")
+        with pytest.raises(ValueError, match="lowercase hex"):
+            forget_pseudonym(con, "_shared", world.audit, "request")
+        with pytest.raises(ValueError, match="patient_id"):
+            forget_patient(con, world.provider, "", world.audit, "request")
+        assert read_resource(con, world.provider, "Patient", "p1") is not None
+    finally:
+        con.close()
+    assert world.audit.entries() == []
+
+
+# -- re-identification ------------------------------------------------------------------------
+
+
+def test_reidentify_returns_the_identifiers_and_is_audited(world: World) -> None:
+    con = world.connect(read_only=True)
+    try:
+        found = reidentify(con, world.provider, world.p1, world.audit, "adverse event", actor="dpo")
+    finally:
+        con.close()
+    p1 = PATIENTS["p1"]
+    assert found == {
+        "id": "p1",
+        "name": p1["name"],
+        "identifier": [{"system": "urn:mrn", "value": "MRN-4471"}],
+        "birthDate": "1948-02-29",
+        "address": p1["address"],
+        "telecom": p1["telecom"],
+    }
+    (entry,) = world.audit.entries()
+    assert (entry["action"], entry["subject"], entry["actor"], entry["reason"]) == (
+        "reidentify",
+        world.p1,
+        "dpo",
+        "adverse event",
+    )
+    assert entry["details"] == {"found": True, "outcome": "found"}
+    assert "Quillfeather" not in world.audit.path.read_text()
+
+
+def test_reidentify_needs_a_reason_and_audits_failures(world: World) -> None:
+    con = world.connect(read_only=True)
+    try:
+        with pytest.raises(ValueError, match="reason"):
+            reidentify(con, world.provider, world.p1, world.audit, "")
+        assert world.audit.entries() == []
+        with pytest.raises(PatientNotFoundError):
+            reidentify(con, world.provider, "a" * 32, world.audit, "typo check")
+        with pytest.raises(ValueError, match="lowercase hex"):
+            reidentify(con, world.provider, "Quillfeather", world.audit, "wrong input")
+    finally:
+        con.close()
+    (entry,) = world.audit.entries()
+    assert entry["subject"] == "a" * 32
+    assert entry["details"] == {
+        "found": False,
+        "outcome": "not_found",
+        "error": "PatientNotFoundError",
+    }
+
+
+def test_nothing_is_returned_when_the_audit_entry_cannot_be_written(world: World) -> None:
+    world.audit.append("rotate_keys", "kek-x", "test")
+    world.audit.append("rotate_keys", "kek-y", "test")
+    world.audit.head_path.unlink()  # a damaged log refuses appends
+    con = world.connect(read_only=True)
+    try:
+        with pytest.raises(AuditLogError):
+            reidentify(con, world.provider, world.p1, world.audit, "adverse event")
+    finally:
+        con.close()

@@ -7,7 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import orjson
+
+from deid.keys import FileKeyProvider
+from deid.pseudonym import Pseudonymizer
 
 MIN_LEN = 5  # shorter strings (e.g. "Ann", a ZIP) appear by chance in binary files
 
@@ -37,8 +41,8 @@ def _resources(path: Path) -> Iterator[dict[str, Any]]:
 
 
 def patient_canaries(folder: Path) -> set[str]:
-    """Names, identifier values, address lines, phone numbers, emails, full birth dates and
-    resource ids of every Patient in the input."""
+    """Names, identifier values, address lines, phone numbers, emails and resource ids of
+    every Patient in the input."""
     found: set[str] = set()
     for path in folder.rglob("*"):
         if not path.is_file() or not path.name.endswith((".json", ".ndjson", ".gz")):
@@ -56,19 +60,57 @@ def patient_canaries(folder: Path) -> set[str]:
                 found.update(str(line) for line in addr.get("line") or [])
             for telecom in resource.get("telecom") or []:
                 found.add(str(telecom.get("value", "")))
-            found.add(str(resource.get("birthDate", "")))
     return {c for c in found if len(c) >= MIN_LEN}
 
 
-def scan_for_canaries(root: Path, canaries: set[str]) -> dict[str, list[str]]:
-    """Files under ``root`` holding any canary (case-folded), with the first hits."""
+def patient_birth_dates(folder: Path) -> dict[str, str]:
+    """Full birth date of every Patient in the input, by resource id."""
+    found: dict[str, str] = {}
+    for path in folder.rglob("*"):
+        if not path.is_file() or not path.name.endswith((".json", ".ndjson", ".gz")):
+            continue
+        for resource in _resources(path):
+            birth = resource.get("birthDate")
+            if resource.get("resourceType") == "Patient" and isinstance(birth, str):
+                if len(birth) == 10:
+                    found[str(resource.get("id", ""))] = birth
+    return found
+
+
+def released_birth_date_leaks(workdir: Path, key_file: Path, births: dict[str, str]) -> list[str]:
+    """Pseudonyms of patients whose released Patient still carries the original birth date.
+
+    Shifted dates are still dates: one patient's shifted visit can land on another patient's
+    birthday, so a byte scan of the warehouse cannot tell a leak from chance. The check that
+    can is per patient: the released birthDate of that very patient must differ."""
+    pseudo = Pseudonymizer(FileKeyProvider.load(key_file).pseudonym_key())
+    by_pseudonym = {pseudo.resource_key("Patient", pid): birth for pid, birth in births.items()}
+    con = duckdb.connect(str(workdir / "warehouse.duckdb"), read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT patient_id, resource->>'birthDate' FROM deid_resources "
+            "WHERE resource_type = 'Patient'"
+        ).fetchall()
+    finally:
+        con.close()
+    return [pid for pid, birth in rows if birth is not None and by_pseudonym.get(pid) == birth]
+
+
+def scan_for_canaries(
+    root: Path, canaries: set[str], outside_warehouse: frozenset[str] | set[str] = frozenset()
+) -> dict[str, list[str]]:
+    """Files under ``root`` holding any canary (case-folded), with the first hits. The
+    ``outside_warehouse`` canaries (dates) are searched in every file but the warehouse, whose
+    released tables hold shifted dates by design."""
     folded = [c.casefold().encode() for c in canaries]
+    dates = [c.casefold().encode() for c in outside_warehouse]
     hits: dict[str, list[str]] = {}
     for path in root.rglob("*"):
         if not path.is_file():
             continue
         data = path.read_bytes().decode("utf-8", "replace").casefold().encode()
-        found = [c.decode() for c in folded if c in data]
+        searched = folded if path.suffix in (".duckdb", ".wal") else folded + dates
+        found = [c.decode() for c in searched if c in data]
         if found:
             hits[str(path.relative_to(root))] = found[:5]
     return hits

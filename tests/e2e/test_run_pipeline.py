@@ -8,7 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from phi_canaries import patient_canaries, scan_for_canaries
+from phi_canaries import (
+    patient_birth_dates,
+    patient_canaries,
+    released_birth_date_leaks,
+    scan_for_canaries,
+)
 
 from fhirlake.synthetic import generate
 from pipelines.run import run_pipeline
@@ -45,7 +50,9 @@ def test_synthetic_with_defects_end_to_end(tmp_path: Path, key_file: Path) -> No
 
     canaries = patient_canaries(landing)
     assert len(canaries) > 200
-    assert scan_for_canaries(workdir, canaries) == {}
+    births = patient_birth_dates(landing)
+    assert scan_for_canaries(workdir, canaries, set(births.values())) == {}
+    assert released_birth_date_leaks(workdir, key_file, births) == []
 
 
 def test_rerun_is_idempotent(tmp_path: Path, key_file: Path) -> None:
@@ -67,4 +74,7 @@ def test_synthea_sample_leaves_no_phi(tmp_path: Path, key_file: Path, shared_dat
     assert summary["stages"]["ingest"]["quarantined"] == 0
     canaries = patient_canaries(landing)
     assert any("Neomi684" in c for c in canaries)
-    assert scan_for_canaries(tmp_path / "work", canaries) == {}
+    births = patient_birth_dates(landing)
+    assert births["b2043822-8861-e93b-2374-b3c4f4dce1d8"] == "1977-07-27"
+    assert scan_for_canaries(tmp_path / "work", canaries, set(births.values())) == {}
+    assert released_birth_date_leaks(tmp_path / "work", key_file, births) == []

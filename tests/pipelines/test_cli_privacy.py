@@ -1,42 +1,147 @@
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from deid.keys import FileKeyProvider
 from deid.pseudonym import Pseudonymizer
+from fhirlake import warehouse
 from fhirlake.ingest import ingest_batch
-from pipelines.cli import main
+from fhirlake.vault_access import read_resource
+from pipelines.cli_privacy import audit, audit_log_for, forget, keys_rotate, reidentify
+
+PATIENTS = [
+    {"resourceType": "Patient", "id": "p7", "name": [{"family": "Zedwick", "given": ["Ola"]}]},
+    {"resourceType": "Patient", "id": "p8", "name": [{"family": "Yarrow"}]},
+    {"resourceType": "Patient", "id": "p9", "name": [{"family": "Xanthe"}]},
+]
 
 
-def test_privacy_commands(tmp_path: Path, key_file: Path) -> None:
+@pytest.fixture
+def work(tmp_path: Path, key_file: Path) -> Path:
     land = tmp_path / "land"
     land.mkdir()
-    (land / "p.json").write_text(
-        json.dumps({"resourceType": "Patient", "id": "p7", "name": [{"family": "Zed"}]})
-    )
-    work = tmp_path / "work"
-    provider = FileKeyProvider.load(key_file)
-    ingest_batch(work / "warehouse.duckdb", "b", land, provider, workers=1)
-    pseudonym = Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", "p7")
-    runner = CliRunner()
-    common = ["--workdir", str(work)]
+    for patient in PATIENTS:
+        (land / f"{patient['id']}.json").write_text(json.dumps(patient))
+    workdir = tmp_path / "work"
+    ingest_batch(workdir / "warehouse.duckdb", "b", land, FileKeyProvider.load(key_file), workers=1)
+    return workdir
 
-    found = runner.invoke(main, ["reidentify", pseudonym, "--reason", "ticket 1", *common])
+
+def _pseudonym(key_file: Path, pid: str) -> str:
+    provider = FileKeyProvider.load(key_file)
+    return Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", pid)
+
+
+def test_privacy_commands_end_to_end(work: Path, key_file: Path) -> None:
+    runner = CliRunner()
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    p7, p8 = _pseudonym(key_file, "p7"), _pseudonym(key_file, "p8")
+
+    found = runner.invoke(reidentify, [p7, "--reason", "ticket 1", *common])
     assert found.exit_code == 0, found.output
-    assert json.loads(found.output)["name"][0]["family"] == "Zed"
-    rotated = runner.invoke(main, ["keys", "rotate", "--key-file", str(key_file), *common])
-    assert rotated.exit_code == 0 and "re-wrapped" in rotated.output
-    forgot = runner.invoke(main, ["forget", "p7", "--reason", "request", *common])
-    assert forgot.exit_code == 0 and json.loads(forgot.output)["data_keys_destroyed"] == 1
-    again = runner.invoke(main, ["reidentify", pseudonym, "--reason", "ticket 2", *common])
-    assert again.exit_code != 0 and "erased" in again.output
-    ok = runner.invoke(main, ["audit", "verify", *common])
-    assert ok.exit_code == 0 and "4 entries" in ok.output
+    assert json.loads(found.stdout)["name"][0]["family"] == "Zedwick"
+    assert json.loads(found.stdout)["id"] == "p7"
+
+    rotated = runner.invoke(keys_rotate, common)
+    assert rotated.exit_code == 0, rotated.output
+    assert "4 data keys re-wrapped" in rotated.stdout  # three patients and _shared
+    assert len(FileKeyProvider.load(key_file).kek_ids()) == 1
+
+    forgot = runner.invoke(forget, ["p7", "--reason", "erasure request", *common])
+    assert forgot.exit_code == 0, forgot.output
+    report = json.loads(forgot.stdout)
+    assert report["pseudonym"] == p7 and report["data_keys_destroyed"] == 1
+    assert report["rows_deleted"]["phi_vault"] == 1
+
+    by_pseudonym = runner.invoke(
+        forget, [p8, "--pseudonym", "--reason", "erasure request", *common]
+    )
+    assert by_pseudonym.exit_code == 0, by_pseudonym.output
+    assert json.loads(by_pseudonym.stdout)["data_keys_destroyed"] == 1
+
+    again = runner.invoke(reidentify, [p7, "--reason", "ticket 2", *common])
+    assert again.exit_code == 1 and "erased" in again.output
+    assert "Zedwick" not in again.output
+
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:
+        provider = FileKeyProvider.load(key_file)
+        assert read_resource(con, provider, "Patient", "p7") is None
+        assert read_resource(con, provider, "Patient", "p8") is None
+        assert read_resource(con, provider, "Patient", "p9") == PATIENTS[2]
+    finally:
+        con.close()
+
+    ok = runner.invoke(audit, ["verify", *common])
+    assert ok.exit_code == 0, ok.output
+    assert ok.stdout.strip() == "audit log ok: 5 entries"
+
+    shown = runner.invoke(audit, ["show", *common])
+    assert shown.exit_code == 0, shown.output
+    entries = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert [e["action"] for e in entries] == [
+        "reidentify",
+        "rotate_keys",
+        "forget",
+        "forget",
+        "reidentify",
+    ]
+    for name in ("Zedwick", "Yarrow", '"p7"', '"p8"'):
+        assert name not in shown.stdout  # pseudonyms, key ids and counts only
 
     log = work / "audit" / "audit.log"
     log.write_text(log.read_text().replace("ticket 1", "ticket 0"))
-    bad = runner.invoke(main, ["audit", "verify", *common])
-    assert bad.exit_code == 1 and "mac mismatch" in bad.output
+    bad = runner.invoke(audit, ["verify", *common])
+    assert bad.exit_code == 1
+    assert "entry 0: mac mismatch (edited)" in bad.output
+    assert "audit log ok" not in bad.output
+
+
+def test_truncating_the_log_fails_verification(work: Path, key_file: Path) -> None:
+    runner = CliRunner()
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    for pid in ("p7", "p8"):
+        result = runner.invoke(
+            reidentify, [_pseudonym(key_file, pid), "--reason", "audit drill", *common]
+        )
+        assert result.exit_code == 0, result.output
+    log = work / "audit" / "audit.log"
+    log.write_text(log.read_text().splitlines(keepends=True)[0])
+    bad = runner.invoke(audit, ["verify", *common])
+    assert bad.exit_code == 1
+    assert "log ends at seq 0, anchor says 1 (truncated)" in bad.output
+
+
+def test_arguments_and_refusals(
+    work: Path, key_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = CliRunner()
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    p9 = _pseudonym(key_file, "p9")
+
+    no_reason = runner.invoke(reidentify, [p9, *common])
+    assert no_reason.exit_code == 2 and "--reason" in no_reason.output
+    blank = runner.invoke(reidentify, [p9, "--reason", " ", *common])
+    assert blank.exit_code == 1 and "reason" in blank.output
+    not_pseudonym = runner.invoke(forget, ["p9", "--pseudonym", "--reason", "x", *common])
+    assert not_pseudonym.exit_code == 1 and "lowercase hex" in not_pseudonym.output
+    missing = runner.invoke(reidentify, [p9, "--reason", "x", "--workdir", str(tmp_path / "none")])
+    assert missing.exit_code == 1 and "no warehouse" in missing.output
+    assert not (tmp_path / "none" / "warehouse.duckdb").exists()
+    unknown = runner.invoke(forget, ["nobody", "--reason", "request", *common])
+    assert unknown.exit_code == 0 and "nothing of this patient was found" in unknown.output
+
+    monkeypatch.setenv("EHR_KEK", base64.b64encode(b"k" * 32).decode())
+    monkeypatch.setenv("EHR_PSEUDONYM_KEY", base64.b64encode(b"p" * 32).decode())
+    env_rotation = runner.invoke(keys_rotate, common)
+    assert env_rotation.exit_code == 1 and "rotated by its owner" in env_rotation.output
+
+    # nothing above disclosed anything, and every act that happened is in the log
+    provider = FileKeyProvider.load(key_file)
+    entries = audit_log_for(work, provider).entries()
+    assert [(e["action"], e["details"].get("found")) for e in entries] == [("forget", False)]

@@ -1,9 +1,14 @@
 """PHI leak scan: look for what we know is PHI (canaries taken from the vault) in released data.
 
 Canaries are names, identifier values, address lines, phone numbers, emails and full birth
-dates of the patients a batch touches. Released text is case-folded and searched with one
-Aho-Corasick automaton (pyahocorasick), base64 runs are decoded and searched too (clinical notes
-travel as base64 attachments). Results name canary kinds and row pseudonyms, never the canary.
+dates of the patients a batch touches. A birth date is PHI only next to its patient: released
+tables are full of (shifted) dates, and with a thousand patients some shifted date always equals
+somebody's birthday. So when the patient's pseudonym is known, the birth date is searched only in
+that patient's rows; otherwise (no pseudonym given) everywhere.
+
+Released text is case-folded and searched with one Aho-Corasick automaton (pyahocorasick);
+base64 runs are decoded and searched too (clinical notes travel as base64 attachments).
+Results name canary kinds and row pseudonyms, never the canary.
 """
 
 from __future__ import annotations
@@ -85,9 +90,10 @@ class CanarySet:
     def __init__(self) -> None:
         self._kinds: dict[str, str] = {}
         self._automaton: Any = None
+        self._births: dict[str, str] = {}
 
     def __len__(self) -> int:
-        return len(self._kinds)
+        return len(self._kinds) + len(self._births)
 
     def add(self, kind: str, text: str) -> None:
         folded = " ".join(text.casefold().split())
@@ -99,8 +105,9 @@ class CanarySet:
             self._kinds.setdefault(folded, kind)
         self._automaton = None
 
-    def add_patient(self, patient: dict[str, Any]) -> None:
-        """Every direct identifier of a Patient resource."""
+    def add_patient(self, patient: dict[str, Any], pseudonym: str | None = None) -> None:
+        """Every direct identifier of a Patient resource; with ``pseudonym``, the birth date is
+        searched in that patient's rows only."""
         for name in patient.get("name") or []:
             given = [g for g in name.get("given") or [] if isinstance(g, str)]
             family = name.get("family") if isinstance(name.get("family"), str) else ""
@@ -121,7 +128,25 @@ class CanarySet:
                 self.add("email" if telecom.get("system") == "email" else "phone", value)
         birth = patient.get("birthDate")
         if isinstance(birth, str) and len(birth) == 10:
-            self.add("birth_date", birth)
+            if pseudonym is None:
+                self.add("birth_date", birth)
+            else:
+                self._births[pseudonym] = birth
+
+    def birth_date_of(self, pseudonym: str | None) -> str | None:
+        return self._births.get(pseudonym) if pseudonym is not None else None
+
+    @staticmethod
+    def _has_token(text: str, token: str) -> bool:
+        start = text.find(token)
+        while start >= 0:
+            end = start + len(token)
+            before = text[start - 1] if start > 0 else " "
+            after = text[end] if end < len(text) else " "
+            if not before.isalnum() and not after.isalnum():
+                return True
+            start = text.find(token, start + 1)
+        return False
 
     def _compiled(self) -> Any:
         if self._automaton is None:
@@ -148,14 +173,18 @@ class CanarySet:
                     found.append(kind)
         return found
 
-    def scan_value(self, value: Any) -> list[str]:
+    def scan_value(self, value: Any, patient: str | None = None) -> list[str]:
         """Kinds found in any string of a JSON value, including decoded base64 runs. Single
         name parts are not searched in terminology text or in provider resources; full names,
-        identifiers, addresses, phones, emails and birth dates are searched everywhere."""
+        identifiers, addresses, phones and emails are searched everywhere, the birth date of
+        ``patient`` (a pseudonym) in this value."""
         kinds: list[str] = []
         provider = isinstance(value, dict) and value.get("resourceType") in _PROVIDER_TYPES
+        birth = self.birth_date_of(patient)
         for text, terminology in _strings(value, provider):
             kinds.extend(self.find(text, terminology))
+            if birth is not None and self._has_token(text, birth):
+                kinds.append("birth_date")
             for run in _BASE64_RUN.findall(text):
                 try:
                     decoded = base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
@@ -165,11 +194,15 @@ class CanarySet:
         return kinds
 
 
-def scan_rows(canaries: CanarySet, rows: Iterable[tuple[str, Any]]) -> LeakScanResult:
-    """Scan released rows given as (row pseudonym, JSON-like value)."""
+def scan_rows(
+    canaries: CanarySet, rows: Iterable[tuple[str, Any] | tuple[str, Any, str | None]]
+) -> LeakScanResult:
+    """Scan released rows given as (row pseudonym, JSON-like value[, patient pseudonym])."""
     result = LeakScanResult(canaries=len(canaries))
-    for row_id, value in rows:
+    for row in rows:
+        row_id, value = row[0], row[1]
+        patient = row[2] if len(row) > 2 else None
         result.scanned_rows += 1
-        for kind in canaries.scan_value(value):
+        for kind in canaries.scan_value(value, patient):
             result.hits.append(LeakHit(kind, row_id))
     return result

@@ -165,7 +165,7 @@ def batch_canaries(
     canaries = CanarySet()
     rows = con.execute(
         """
-        SELECT v.sealed, v.aad FROM phi_vault_current v
+        SELECT v.resource_key, v.sealed, v.aad FROM phi_vault_current v
         WHERE v.resource_type = 'Patient' AND v.resource_key IN (
             SELECT DISTINCT patient_key FROM phi_vault
             WHERE batch_id = ? AND patient_key IS NOT NULL
@@ -173,9 +173,67 @@ def batch_canaries(
         """,
         [batch_id],
     ).fetchall()
-    for sealed, aad in rows:
-        canaries.add_patient(orjson.loads(keys.open(bytes(sealed), bytes(aad))))
+    for resource_key, sealed, aad in rows:
+        canaries.add_patient(orjson.loads(keys.open(bytes(sealed), bytes(aad))), resource_key)
     return canaries
+
+
+def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> CanarySet:
+    """Canaries of every patient in the vault (for tables built over the whole release)."""
+    keys = DataKeyStore(con, provider)
+    canaries = CanarySet()
+    cursor = con.cursor()
+    try:
+        cursor.execute(
+            "SELECT resource_key, sealed, aad FROM phi_vault_current "
+            "WHERE resource_type = 'Patient'"
+        )
+        while chunk := cursor.fetchmany(2_000):
+            for resource_key, sealed, aad in chunk:
+                patient = orjson.loads(keys.open(bytes(sealed), bytes(aad)))
+                canaries.add_patient(patient, resource_key)
+    finally:
+        cursor.close()
+    return canaries
+
+
+def scan_released_table(
+    con: duckdb.DuckDBPyConnection,
+    canaries: CanarySet,
+    table: str,
+    id_column: str = "id",
+    patient_column: str | None = "patient_id",
+) -> LeakScanResult:
+    """Scan every text-like column of a released table (views, features). Columns named
+    ``*_display`` hold terminology text (single name parts are not counted there, as in a
+    Coding's display); timestamps are event times, not birth dates, and are not searched."""
+    cursor = con.cursor()
+    try:
+        described = cursor.execute(f"DESCRIBE {table}").fetchall()
+        columns = [
+            (name, type_)
+            for name, type_, *_ in described
+            if not str(type_).startswith(("TIMESTAMP", "DOUBLE", "BIGINT", "INTEGER", "BOOLEAN"))
+        ]
+        names = {name for name, _ in described}
+        patient_expr = f'"{patient_column}"' if patient_column in names else "NULL"
+        id_expr = f'"{id_column}"' if id_column in names else "NULL"
+        select = ", ".join(f'CAST("{name}" AS VARCHAR)' for name, _ in columns) or "NULL"
+        cursor.execute(f"SELECT {id_expr}, {patient_expr}, {select} FROM {table}")
+
+        def rows() -> Any:
+            while chunk := cursor.fetchmany(5_000):
+                for row_id, patient, *values in chunk:
+                    value = [
+                        {"system": "", "code": "", "display": v} if name.endswith("_display") else v
+                        for (name, _), v in zip(columns, values, strict=False)
+                        if v is not None
+                    ]
+                    yield str(row_id), value, patient
+
+        return scan_rows(canaries, rows())
+    finally:
+        cursor.close()
 
 
 def scan_released_batch(
@@ -183,12 +241,14 @@ def scan_released_batch(
 ) -> LeakScanResult:
     canaries = batch_canaries(con, provider, batch_id)
     cursor = con.cursor()
-    cursor.execute("SELECT id, resource FROM deid_resources WHERE batch_id = ?", [batch_id])
+    cursor.execute(
+        "SELECT id, resource, patient_id FROM deid_resources WHERE batch_id = ?", [batch_id]
+    )
 
     def rows() -> Any:
         while chunk := cursor.fetchmany(2_000):
-            for row_id, resource in chunk:
-                yield row_id, orjson.loads(resource)
+            for row_id, resource, patient in chunk:
+                yield row_id, orjson.loads(resource), patient
 
     try:
         return scan_rows(canaries, rows())

@@ -67,3 +67,15 @@ def test_surnames_that_are_category_names_do_not_trip_terminology() -> None:
     assert scan_rows(c, [("p", {"extension": [race]})]).passed
     assert not scan_rows(c, [("p", {"note": "seen: Black"})]).passed
     assert not scan_rows(c, [("p", {"display": "Anna Black"})]).passed  # full name anywhere
+
+
+def test_birth_date_counts_only_in_its_patients_rows() -> None:
+    c = CanarySet()
+    c.add_patient({"birthDate": "1977-07-27"}, "p1")
+    shifted_visit = {"resourceType": "Patient", "birthDate": "1977-07-27"}
+    assert scan_rows(c, [("r", shifted_visit, "p2")]).passed  # somebody else's shifted date
+    assert not scan_rows(c, [("r", shifted_visit, "p1")]).passed
+    assert scan_rows(c, [("r", {"effectiveDateTime": "1977-07-27T00:00:00Z"}, "p1")]).passed
+    unscoped = CanarySet()
+    unscoped.add_patient({"birthDate": "1977-07-27"})
+    assert not scan_rows(unscoped, [("r", shifted_visit, "p2")]).passed

@@ -11,6 +11,7 @@ from typing import Any
 
 import duckdb
 import orjson
+import pyarrow as pa
 
 from deid.engine import Deidentifier, DeidSecrets, ProcessingError
 from deid.keys import KeyProvider
@@ -75,6 +76,9 @@ def _reference_targets(
     return {(rk, mac): (tt, tk) for rk, mac, tt, tk in rows if tk is not None}
 
 
+_DEID_COLUMNS = ("resource_type", "id", "patient_id", "batch_id", "resource")
+
+
 def deidentify_batch(
     con: duckdb.DuckDBPyConnection,
     provider: KeyProvider,
@@ -108,7 +112,22 @@ def deidentify_batch(
 
     def flush() -> None:
         if out:
-            con.executemany("INSERT INTO deid_resources VALUES (?, ?, ?, ?, ?)", out)
+            # one Arrow insert: executemany goes row by row and dominated the stage's time
+            columns = list(zip(*out, strict=True))
+            released = pa.table(
+                {
+                    name: pa.array(values, pa.string())
+                    for name, values in zip(_DEID_COLUMNS, columns, strict=True)
+                }
+            )
+            con.register("released_chunk", released)
+            try:
+                con.execute(
+                    "INSERT INTO deid_resources SELECT resource_type, id, patient_id, batch_id, "
+                    "resource::JSON FROM released_chunk"
+                )
+            finally:
+                con.unregister("released_chunk")
             out.clear()
         if errors:
             con.executemany("INSERT INTO deid_errors VALUES (?, ?, ?, ?, ?)", errors)

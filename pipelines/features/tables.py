@@ -1,0 +1,530 @@
+"""The feature tables: snapshots of each patient at their events, computed in DuckDB SQL.
+
+Every table has ``patient_id`` (the release pseudonym), ``event_timestamp`` (TIMESTAMPTZ, on the
+patient's shifted time line) and ``created`` (when the table was built). A row at time T is
+computed from data stamped <= T only, so Feast's point-in-time join (latest row <= the entity
+timestamp, within the view's TTL) never sees the future. Windows "last N days" are the closed
+interval [T - N days, T].
+
+Snapshot times per table (why: a row is needed wherever the value can change):
+
+- ``patient_demographics``: each encounter start plus the patient's first data time (age moves).
+- ``patient_utilisation``: each encounter start and end (the end is the discharge-time
+  prediction point; counts and days-since are true as of it).
+- ``patient_comorbidities``: the first data time plus each time a group is first coded (the
+  flags are "ever coded before", so they only change there).
+- ``patient_medications``: each prescription plus each encounter start and end (90/180-day
+  windows expire between prescriptions).
+- ``patient_labs_vitals``: each measurement time plus each encounter end.
+
+Patients who opted out of research (an active research Consent that denies, or OPTOUT) and
+patients absent from ``views.patient`` appear in no table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from pipelines.features.valuesets import (
+    ICD10CM,
+    RXNORM,
+    SNOMED,
+    ValueSet,
+    load_valuesets,
+    of_kind,
+    register_code_table,
+)
+
+FEATURES_SCHEMA = "features"
+
+# The view columns the feature SQL reads; a view table that does not exist yet reads as empty.
+VIEW_COLUMNS: dict[str, dict[str, str]] = {
+    "patient": {
+        "id": "VARCHAR",
+        "gender": "VARCHAR",
+        "birth_date": "DATE",
+        "race_code": "VARCHAR",
+        "ethnicity_code": "VARCHAR",
+    },
+    "encounter": {
+        "id": "VARCHAR",
+        "patient_id": "VARCHAR",
+        "class_code": "VARCHAR",
+        "period_start": "TIMESTAMPTZ",
+        "period_end": "TIMESTAMPTZ",
+    },
+    "condition": {
+        "patient_id": "VARCHAR",
+        "verification_status": "VARCHAR",
+        "onset_date_time": "TIMESTAMPTZ",
+        "recorded_date": "TIMESTAMPTZ",
+        "code_system": "VARCHAR",
+        "code": "VARCHAR",
+    },
+    "observation": {
+        "patient_id": "VARCHAR",
+        "status": "VARCHAR",
+        "code": "VARCHAR",
+        "component_code": "VARCHAR",
+        "value_quantity": "DOUBLE",
+        "effective_date_time": "TIMESTAMPTZ",
+    },
+    "medication_request": {
+        "patient_id": "VARCHAR",
+        "status": "VARCHAR",
+        "authored_on": "TIMESTAMPTZ",
+        "medication_system": "VARCHAR",
+        "medication_code": "VARCHAR",
+    },
+    "consent": {
+        "patient_id": "VARCHAR",
+        "status": "VARCHAR",
+        "scope_code": "VARCHAR",
+        "policy_rule_code": "VARCHAR",
+        "provision_type": "VARCHAR",
+    },
+}
+
+# Which views each feature table reads (the Dagster assets depend on exactly these).
+FEATURE_TABLES: dict[str, tuple[str, ...]] = {
+    "patient_demographics": (
+        "patient",
+        "consent",
+        "encounter",
+        "condition",
+        "observation",
+        "medication_request",
+    ),
+    "patient_utilisation": ("patient", "consent", "encounter"),
+    "patient_comorbidities": (
+        "patient",
+        "consent",
+        "encounter",
+        "condition",
+        "observation",
+        "medication_request",
+    ),
+    "patient_medications": ("patient", "consent", "encounter", "medication_request"),
+    "patient_labs_vitals": ("patient", "consent", "encounter", "observation"),
+}
+
+# Lab/vital measures: (code, is_component). Blood pressure comes as components of 85354-9
+# (component_code set) or, from some sources, as standalone observations.
+LAB_MEASURES: dict[str, tuple[tuple[str, bool], ...]] = {
+    "hba1c": (("4548-4", False),),
+    "glucose": (("2339-0", False), ("2345-7", False)),
+    "creatinine": (("2160-0", False),),
+    "egfr": (("33914-3", False), ("62238-1", False)),
+    "ldl": (("18262-6", False), ("2089-1", False)),
+    "bmi": (("39156-5", False),),
+    "systolic_bp": (("8480-6", True), ("8480-6", False)),
+    "diastolic_bp": (("8462-4", True), ("8462-4", False)),
+    "heart_rate": (("8867-4", False),),
+}
+
+# A prescription counts as active at T when authored <= T and either its status is still
+# active/on-hold, or it was authored within the last ACTIVE_DAYS (a recent course, whatever
+# its later status). Requests entered in error, cancelled or draft never count.
+ACTIVE_DAYS = 90
+RECENT_DAYS = 180
+POLYPHARMACY_MIN = 5
+AGE_CAP = 90
+UTILISATION_WINDOWS = (30, 180, 365)
+# Charlson categories a more severe one replaces (Quan: count only the severe one).
+CHARLSON_HIERARCHY = {
+    "charlson_diab": "charlson_diabwc",
+    "charlson_canc": "charlson_metacanc",
+    "charlson_mld": "charlson_msld",
+}
+_EXCLUDED_REQUEST_STATUS = "('entered-in-error', 'cancelled', 'draft')"
+
+
+@dataclass(frozen=True)
+class FeatureBuild:
+    """Row counts and timing of one build."""
+
+    rows: dict[str, int]
+    patients: dict[str, int]
+    opted_out: int
+    seconds: float
+
+
+def _prepare_sources(con: duckdb.DuckDBPyConnection) -> None:
+    """Temp views ``src_<view>`` over ``views.<view>`` (or an empty typed relation when the view
+    has not been built), the opted-out and eligible patients, and every patient event time."""
+    present = {
+        name
+        for (name,) in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'views'"
+        ).fetchall()
+    }
+    for view, columns in VIEW_COLUMNS.items():
+        if view in present:
+            select = ", ".join(f'"{c}"::{t} AS "{c}"' for c, t in columns.items())
+            body = f"SELECT {select} FROM views.{view}"
+        else:
+            select = ", ".join(f'NULL::{t} AS "{c}"' for c, t in columns.items())
+            body = f"SELECT {select} WHERE false"
+        con.execute(f"CREATE OR REPLACE TEMP VIEW src_{view} AS {body}")
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP VIEW feature_opted_out AS
+        SELECT DISTINCT patient_id FROM src_consent
+        WHERE patient_id IS NOT NULL AND lower(status) = 'active' AND lower(scope_code) = 'research'
+          AND (lower(provision_type) = 'deny' OR upper(policy_rule_code) = 'OPTOUT')
+        """
+    )
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP VIEW feature_patients AS
+        SELECT DISTINCT id AS patient_id FROM src_patient
+        WHERE id IS NOT NULL AND id NOT IN (SELECT patient_id FROM feature_opted_out)
+        """
+    )
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP VIEW feature_encounters AS
+        SELECT e.patient_id, e.class_code, e.period_start, e.period_end
+        FROM src_encounter e SEMI JOIN feature_patients p ON p.patient_id = e.patient_id
+        WHERE e.period_start IS NOT NULL
+        """
+    )
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP VIEW feature_event_times AS
+        SELECT t.patient_id, t.ts FROM (
+            SELECT patient_id, period_start AS ts FROM src_encounter
+            UNION ALL SELECT patient_id, period_end FROM src_encounter
+            UNION ALL SELECT patient_id, coalesce(onset_date_time, recorded_date) FROM src_condition
+            UNION ALL SELECT patient_id, effective_date_time FROM src_observation
+            UNION ALL SELECT patient_id, authored_on FROM src_medication_request
+        ) t SEMI JOIN feature_patients p ON p.patient_id = t.patient_id
+        WHERE t.ts IS NOT NULL
+        """
+    )
+
+
+def _ts(value: datetime) -> str:
+    return f"TIMESTAMPTZ '{value.astimezone(UTC).isoformat()}'"
+
+
+def demographics_sql(created: datetime) -> str:
+    """Age (whole years at the event, 90 for 90 and over), sex, OMB race and ethnicity codes."""
+    return f"""
+    WITH spine AS (
+        SELECT patient_id, period_start AS ts FROM feature_encounters
+        UNION
+        SELECT patient_id, min(ts) FROM feature_event_times GROUP BY patient_id
+    ),
+    aged AS (
+        SELECT s.patient_id, s.ts, p.gender, p.race_code, p.ethnicity_code,
+            year(s.ts::DATE) - year(p.birth_date)
+              - CASE WHEN month(s.ts::DATE) * 100 + day(s.ts::DATE)
+                          < month(p.birth_date) * 100 + day(p.birth_date) THEN 1 ELSE 0 END
+              AS age
+        FROM spine s JOIN src_patient p ON p.id = s.patient_id
+    )
+    SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created,
+        least(greatest(age, 0), {AGE_CAP})::BIGINT AS age_years,
+        gender AS sex, race_code, ethnicity_code
+    FROM aged
+    ORDER BY patient_id, event_timestamp
+    """
+
+
+def utilisation_sql(created: datetime) -> str:
+    """Encounter, emergency and inpatient counts over 30/180/365 days, days since the last
+    inpatient discharge and that stay's length in days."""
+    windows = ",\n".join(
+        f"w{d} AS (PARTITION BY patient_id ORDER BY ts "
+        f"RANGE BETWEEN INTERVAL {d} DAYS PRECEDING AND CURRENT ROW)"
+        for d in UTILISATION_WINDOWS
+    )
+    counts = ",\n".join(
+        f"sum({col}) OVER w{d}::BIGINT AS {name}_{d}d"
+        for d in UTILISATION_WINDOWS
+        for col, name in (
+            ("n_enc", "encounters"),
+            ("n_emer", "emergency_visits"),
+            ("n_imp", "inpatient_admissions"),
+        )
+    )
+    names = ", ".join(
+        f"snap.{name}_{d}d"
+        for d in UTILISATION_WINDOWS
+        for name in ("encounters", "emergency_visits", "inpatient_admissions")
+    )
+    return f"""
+    WITH spine AS (
+        SELECT patient_id, period_start AS ts FROM feature_encounters
+        UNION
+        SELECT patient_id, period_end FROM feature_encounters WHERE period_end IS NOT NULL
+    ),
+    ev AS (
+        SELECT patient_id, ts, 0 AS n_enc, 0 AS n_emer, 0 AS n_imp, true AS is_spine FROM spine
+        UNION ALL
+        SELECT patient_id, period_start, 1, (class_code = 'EMER')::INT, (class_code = 'IMP')::INT,
+            false
+        FROM feature_encounters
+    ),
+    w AS (
+        SELECT patient_id, ts, is_spine,
+        {counts}
+        FROM ev
+        WINDOW {windows}
+    ),
+    stays AS (
+        SELECT patient_id, period_start, period_end FROM feature_encounters
+        WHERE class_code = 'IMP' AND period_end IS NOT NULL
+    ),
+    snap AS (SELECT * FROM w WHERE is_spine)
+    SELECT snap.patient_id AS patient_id, snap.ts AS event_timestamp,
+        {_ts(created)} AS created, {names},
+        date_diff('day', s.period_end, snap.ts)::BIGINT AS days_since_last_discharge,
+        date_diff('day', s.period_start, s.period_end)::BIGINT AS last_length_of_stay_days
+    FROM snap ASOF LEFT JOIN stays s
+        ON snap.patient_id = s.patient_id AND snap.ts >= s.period_end
+    ORDER BY patient_id, event_timestamp
+    """
+
+
+def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
+    """Flags per condition group (ever coded at or before T) and the Charlson index with Quan
+    2011 weights; a category a more severe one replaces is not counted twice."""
+    groups = of_kind(valuesets, "condition")
+    charlson = of_kind(valuesets, "charlson")
+    all_columns = [v.column for v in groups + charlson]
+    flags = ",\n".join(
+        f"coalesce(bool_or(m.column_name = '{c}'), false) AS {c}" for c in all_columns
+    )
+    charlson_columns = {v.column for v in charlson}
+    terms = []
+    for v in charlson:
+        weight = v.charlson_weight or 0
+        if weight == 0:
+            continue
+        replaced_by = CHARLSON_HIERARCHY.get(v.column)
+        if replaced_by in charlson_columns:
+            terms.append(f"CASE WHEN {v.column} AND NOT {replaced_by} THEN {weight} ELSE 0 END")
+        else:
+            terms.append(f"CASE WHEN {v.column} THEN {weight} ELSE 0 END")
+    index = " + ".join(terms) or "0"
+    group_columns = ", ".join(v.column for v in groups)
+    return f"""
+    WITH cond AS (
+        SELECT c.patient_id, coalesce(c.onset_date_time, c.recorded_date) AS ts,
+            c.code_system AS system, upper(replace(trim(c.code), '.', '')) AS code
+        FROM src_condition c SEMI JOIN feature_patients p ON p.patient_id = c.patient_id
+        WHERE coalesce(lower(c.verification_status), '')
+                NOT IN ('refuted', 'entered-in-error')
+          AND coalesce(c.onset_date_time, c.recorded_date) IS NOT NULL AND c.code IS NOT NULL
+    ),
+    keyed AS (
+        -- SNOMED CT: the code itself; ICD-10-CM: every prefix of 3+ characters (is-a)
+        SELECT patient_id, ts, system, code AS key, false AS is_prefix FROM cond
+        WHERE system = '{SNOMED}'
+        UNION ALL
+        SELECT patient_id, ts, system, left(code, n::INT), true
+        FROM cond, range(3, 9) r(n)
+        WHERE system = '{ICD10CM}' AND n <= length(code)
+    ),
+    matched AS (
+        SELECT k.patient_id, v.column_name, min(k.ts) AS first_ts
+        FROM keyed k JOIN valueset_codes v
+          ON v.system = k.system AND v.code = k.key AND v.is_prefix = k.is_prefix
+        GROUP BY ALL
+    ),
+    spine AS (
+        SELECT patient_id, min(ts) AS ts FROM feature_event_times GROUP BY patient_id
+        UNION
+        SELECT patient_id, first_ts FROM matched
+    ),
+    flagged AS (
+        SELECT s.patient_id, s.ts, {flags}
+        FROM spine s LEFT JOIN matched m ON m.patient_id = s.patient_id AND m.first_ts <= s.ts
+        GROUP BY s.patient_id, s.ts
+    )
+    SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created, {group_columns},
+        ({index})::BIGINT AS charlson_index
+    FROM flagged
+    ORDER BY patient_id, event_timestamp
+    """
+
+
+def medications_sql(created: datetime, valuesets: list[ValueSet]) -> str:
+    """Active medication count, distinct drugs prescribed in 180 days, polypharmacy (>= 5 active)
+    and a flag per drug class with an active prescription."""
+    classes = of_kind(valuesets, "medication")
+    class_flags = ",\n".join(
+        f"coalesce(bool_or(a.is_active AND v.column_name = '{v.column}'), false) AS {v.column}"
+        for v in classes
+    )
+    return f"""
+    WITH med AS (
+        SELECT m.patient_id, m.authored_on AS ts, m.medication_code AS code,
+            coalesce(m.medication_system, '{RXNORM}') AS system,
+            lower(coalesce(m.status, '')) AS status
+        FROM src_medication_request m SEMI JOIN feature_patients p ON p.patient_id = m.patient_id
+        WHERE m.authored_on IS NOT NULL AND m.medication_code IS NOT NULL
+          AND lower(coalesce(m.status, '')) NOT IN {_EXCLUDED_REQUEST_STATUS}
+    ),
+    spine AS (
+        SELECT patient_id, ts FROM med
+        UNION SELECT patient_id, period_start FROM feature_encounters
+        UNION SELECT patient_id, period_end FROM feature_encounters WHERE period_end IS NOT NULL
+    ),
+    considered AS (
+        SELECT s.patient_id, s.ts, m.code, m.system,
+            (m.status IN ('active', 'on-hold')
+             OR m.ts >= s.ts - INTERVAL {ACTIVE_DAYS} DAYS) AS is_active,
+            m.ts >= s.ts - INTERVAL {RECENT_DAYS} DAYS AS is_recent
+        FROM spine s JOIN med m ON m.patient_id = s.patient_id AND m.ts <= s.ts
+        WHERE m.status IN ('active', 'on-hold') OR m.ts >= s.ts - INTERVAL {RECENT_DAYS} DAYS
+    ),
+    counted AS (
+        SELECT s.patient_id, s.ts,
+            count(DISTINCT a.code) FILTER (WHERE a.is_active) AS active_medication_count,
+            count(DISTINCT a.code) FILTER (WHERE a.is_recent) AS medications_180d,
+            {class_flags}
+        FROM spine s
+        LEFT JOIN considered a ON a.patient_id = s.patient_id AND a.ts = s.ts
+        LEFT JOIN valueset_codes v ON v.system = a.system AND v.code = a.code
+        GROUP BY s.patient_id, s.ts
+    )
+    SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created,
+        active_medication_count::BIGINT AS active_medication_count,
+        medications_180d::BIGINT AS medications_180d,
+        active_medication_count >= {POLYPHARMACY_MIN} AS polypharmacy,
+        {", ".join(v.column for v in classes)}
+    FROM counted
+    ORDER BY patient_id, event_timestamp
+    """
+
+
+def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE lab_codes (measure VARCHAR, code VARCHAR, "
+        "is_component BOOLEAN)"
+    )
+    con.executemany(
+        "INSERT INTO lab_codes VALUES (?, ?, ?)",
+        [(m, code, comp) for m, codes in LAB_MEASURES.items() for code, comp in codes],
+    )
+
+
+def labs_vitals_sql(created: datetime) -> str:
+    """Per measure: the latest value, the mean over 365 days and the days since the latest."""
+    parts = []
+    finals = []
+    for m in LAB_MEASURES:
+        parts.append(
+            f"last_value(CASE WHEN measure = '{m}' THEN value END IGNORE NULLS) OVER wall "
+            f"AS {m}_latest,\n"
+            f"last_value(CASE WHEN measure = '{m}' THEN ts END IGNORE NULLS) OVER wall "
+            f"AS {m}_at,\n"
+            f"avg(CASE WHEN measure = '{m}' THEN value END) OVER w365 AS {m}_mean_365d"
+        )
+        finals.append(
+            f"{m}_latest, {m}_mean_365d, date_diff('day', {m}_at, ts)::BIGINT AS {m}_days_since"
+        )
+    window_columns = ",\n".join(parts)
+    final_columns = ",\n".join(finals)
+    return f"""
+    WITH obs AS (
+        -- one value per patient, measure and time (the mean, when a time has several)
+        SELECT o.patient_id, o.effective_date_time AS ts, c.measure, avg(o.value_quantity) AS value
+        FROM src_observation o
+        SEMI JOIN feature_patients p ON p.patient_id = o.patient_id
+        JOIN lab_codes c ON c.code = coalesce(o.component_code, o.code)
+            AND c.is_component = (o.component_code IS NOT NULL)
+        WHERE o.value_quantity IS NOT NULL AND o.effective_date_time IS NOT NULL
+          AND coalesce(lower(o.status), '') NOT IN ('entered-in-error', 'cancelled')
+        GROUP BY ALL
+    ),
+    spine AS (
+        SELECT patient_id, ts FROM obs
+        UNION
+        SELECT patient_id, period_end FROM feature_encounters WHERE period_end IS NOT NULL
+    ),
+    ev AS (
+        SELECT patient_id, ts, NULL::VARCHAR AS measure, NULL::DOUBLE AS value, true AS is_spine
+        FROM spine
+        UNION ALL
+        SELECT patient_id, ts, measure, value, false FROM obs
+    ),
+    w AS (
+        SELECT patient_id, ts, is_spine,
+        {window_columns}
+        FROM ev
+        WINDOW wall AS (PARTITION BY patient_id ORDER BY ts
+                        RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
+               w365 AS (PARTITION BY patient_id ORDER BY ts
+                        RANGE BETWEEN INTERVAL 365 DAYS PRECEDING AND CURRENT ROW)
+    )
+    SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created,
+        {final_columns}
+    FROM w WHERE is_spine
+    ORDER BY patient_id, event_timestamp
+    """
+
+
+def table_sql(name: str, created: datetime, valuesets: list[ValueSet]) -> str:
+    builders: dict[str, Callable[[], str]] = {
+        "patient_demographics": lambda: demographics_sql(created),
+        "patient_utilisation": lambda: utilisation_sql(created),
+        "patient_comorbidities": lambda: comorbidities_sql(created, valuesets),
+        "patient_medications": lambda: medications_sql(created, valuesets),
+        "patient_labs_vitals": lambda: labs_vitals_sql(created),
+    }
+    return builders[name]()
+
+
+def parquet_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.parquet"
+
+
+def build_feature_tables_report(
+    con: duckdb.DuckDBPyConnection,
+    out_dir: Path,
+    *,
+    tables: tuple[str, ...] | None = None,
+    created: datetime | None = None,
+    valuesets_dir: Path | None = None,
+) -> FeatureBuild:
+    """Build ``features.<table>`` and ``out_dir/<table>.parquet`` for each feature table."""
+    started = time.perf_counter()
+    created = created or datetime.now(UTC)
+    valuesets = load_valuesets(valuesets_dir) if valuesets_dir else load_valuesets()
+    con.execute("SET TimeZone = 'UTC'")  # day boundaries and ages in UTC, as the views store
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {FEATURES_SCHEMA}")
+    _prepare_sources(con)
+    register_code_table(con, valuesets)
+    register_lab_codes(con)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: dict[str, int] = {}
+    patients: dict[str, int] = {}
+    for name in tables or tuple(FEATURE_TABLES):
+        table = f"{FEATURES_SCHEMA}.{name}"
+        con.execute(f"CREATE OR REPLACE TABLE {table} AS {table_sql(name, created, valuesets)}")
+        target = parquet_path(out_dir, name)
+        tmp = target.with_suffix(".parquet.tmp")
+        con.execute(f"COPY {table} TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)")
+        tmp.replace(target)  # readers (Feast) never see a half-written file
+        ((count, distinct),) = con.execute(
+            f"SELECT count(*), count(DISTINCT patient_id) FROM {table}"
+        ).fetchall()
+        rows[name], patients[name] = int(count), int(distinct)
+    ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
+    return FeatureBuild(rows, patients, int(opted_out), round(time.perf_counter() - started, 3))
+
+
+def build_feature_tables(con: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
+    """Every feature table in schema ``features`` and as Parquet in ``out_dir``; row counts."""
+    return build_feature_tables_report(con, out_dir).rows

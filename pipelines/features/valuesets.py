@@ -1,0 +1,98 @@
+"""Value sets kept as FHIR ValueSet JSON in ``fhir/valuesets/``: condition groups (SNOMED CT and
+ICD-10-CM), Charlson categories (with their weights) and drug classes (RxNorm).
+
+ICD-10-CM entries are ``is-a`` filters on a category or code, matched as a prefix of the code
+without its dot; SNOMED CT and RxNorm entries are exact concepts (no hierarchy is expanded).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VALUESETS_DIR = REPO_ROOT / "fhir" / "valuesets"
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+_EXT = "https://ehr-platform.example.org/fhir/StructureDefinition/"
+
+
+@dataclass(frozen=True)
+class ValueSet:
+    """One code group: the feature column it fills and the codes that set it."""
+
+    id: str
+    kind: str  # condition | charlson | medication
+    column: str
+    snomed: frozenset[str]
+    icd10_prefixes: frozenset[str]
+    rxnorm: frozenset[str]
+    charlson_weight: int | None = None
+
+    @staticmethod
+    def from_json(resource: dict[str, object]) -> ValueSet:
+        extensions = {
+            str(e["url"]).removeprefix(_EXT): e
+            for e in resource.get("extension", [])  # type: ignore[attr-defined]
+        }
+        contexts = resource.get("useContext") or [{}]
+        kind = contexts[0].get("valueCodeableConcept", {}).get("text", "")  # type: ignore[index]
+        snomed: set[str] = set()
+        icd: set[str] = set()
+        rxnorm: set[str] = set()
+        for include in resource["compose"]["include"]:  # type: ignore[index]
+            system = include["system"]
+            codes = {c["code"] for c in include.get("concept", [])}
+            prefixes = {
+                f["value"].replace(".", "").upper()
+                for f in include.get("filter", [])
+                if f.get("op") == "is-a"
+            }
+            if system == SNOMED:
+                snomed |= codes
+            elif system == ICD10CM:
+                icd |= prefixes | {c.replace(".", "").upper() for c in codes}
+            elif system == RXNORM:
+                rxnorm |= codes
+        weight = extensions.get("charlson-weight-quan-2011", {}).get("valueInteger")
+        return ValueSet(
+            id=str(resource["id"]),
+            kind=str(kind),
+            column=str(extensions["feature-column"]["valueString"]),
+            snomed=frozenset(snomed),
+            icd10_prefixes=frozenset(icd),
+            rxnorm=frozenset(rxnorm),
+            charlson_weight=int(weight) if weight is not None else None,
+        )
+
+
+def load_valuesets(directory: Path = VALUESETS_DIR) -> list[ValueSet]:
+    """Every value set in ``directory``, ordered by id (so feature columns have a stable order)."""
+    sets = [ValueSet.from_json(json.loads(p.read_text())) for p in sorted(directory.glob("*.json"))]
+    return sorted(sets, key=lambda v: v.id)
+
+
+def of_kind(valuesets: list[ValueSet], kind: str) -> list[ValueSet]:
+    return [v for v in valuesets if v.kind == kind]
+
+
+def register_code_table(
+    con: duckdb.DuckDBPyConnection, valuesets: list[ValueSet], table: str = "valueset_codes"
+) -> str:
+    """A temporary table ``(column_name, system, code, is_prefix)`` the feature SQL joins on."""
+    rows: list[tuple[str, str, str, bool]] = []
+    for v in valuesets:
+        rows += [(v.column, SNOMED, c, False) for c in sorted(v.snomed)]
+        rows += [(v.column, ICD10CM, p, True) for p in sorted(v.icd10_prefixes)]
+        rows += [(v.column, RXNORM, c, False) for c in sorted(v.rxnorm)]
+    con.execute(
+        f"CREATE OR REPLACE TEMP TABLE {table} "
+        "(column_name VARCHAR, system VARCHAR, code VARCHAR, is_prefix BOOLEAN)"
+    )
+    if rows:
+        con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", rows)
+    return table

@@ -1,0 +1,167 @@
+"""Stage ``models``: 30-day readmission labels from the views, the training set through the Feast
+feature service ``readmission_v1``, and the trained model with its evaluation and model card."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from pipelines.assets.ingest import WAREHOUSE_POOL
+from pipelines.models.labels import readmission_labels_with_counts
+from pipelines.models.resources import FeastStoreResource
+from pipelines.models.storage import (
+    LABELS_TABLE,
+    MODEL_DIR,
+    TRAINING_SET_TABLE,
+    models_dir,
+    parquet_path,
+    write_table,
+)
+from pipelines.models.training import ModelReport, train_readmission_model
+from pipelines.models.training_set import FEATURE_SERVICE
+from pipelines.models.training_set import readmission_training_set as join_features
+from pipelines.resources import WarehouseResource
+
+GROUP = "models"
+MIN_AUROC = 0.6
+FEAST_ONLINE_STORE = AssetKey("feast_online_store")
+
+
+@asset(
+    group_name=GROUP,
+    deps=[AssetKey(["views", "encounter"]), AssetKey(["views", "consent"])],
+    pool=WAREHOUSE_POOL,
+)
+def readmission_labels(warehouse: WarehouseResource) -> MaterializeResult:
+    """30-day inpatient readmission label per eligible discharge (censored, died, opted-out
+    excluded)."""
+    con = warehouse.connect()
+    try:
+        labels, counts = readmission_labels_with_counts(con)
+        path = write_table(con, labels, LABELS_TABLE, warehouse.workdir)
+    finally:
+        con.close()
+    return MaterializeResult(
+        metadata={
+            "rows": counts.labelled,
+            "positives": counts.positives,
+            "prevalence": counts.prevalence,
+            "patients": int(labels["patient_id"].nunique()),
+            "inpatient_discharges": counts.discharges,
+            "excluded_censored": counts.censored,
+            "excluded_died": counts.died,
+            "excluded_opted_out": counts.opted_out,
+            "table": f"models.{LABELS_TABLE}",
+            "parquet": MetadataValue.path(str(path)),
+        }
+    )
+
+
+@asset(group_name=GROUP, deps=[readmission_labels, FEAST_ONLINE_STORE], pool=WAREHOUSE_POOL)
+def readmission_training_set(
+    warehouse: WarehouseResource, feast: FeastStoreResource
+) -> MaterializeResult:
+    """Label rows joined point-in-time to the `readmission_v1` feature service through Feast."""
+    labels = pd.read_parquet(parquet_path(warehouse.workdir, LABELS_TABLE))
+    training = join_features(feast.store(), labels, FEATURE_SERVICE)
+    con = warehouse.connect()
+    try:
+        path = write_table(con, training, TRAINING_SET_TABLE, warehouse.workdir)
+    finally:
+        con.close()
+    features = [c for c in training.columns if c not in ("patient_id", "event_timestamp", "label")]
+    return MaterializeResult(
+        metadata={
+            "rows": len(training),
+            "patients": int(training["patient_id"].nunique()),
+            "feature_service": FEATURE_SERVICE,
+            "features": MetadataValue.json(features),
+            "missing_by_feature": MetadataValue.json(
+                {c: int(training[c].isna().sum()) for c in features}
+            ),
+            "table": f"models.{TRAINING_SET_TABLE}",
+            "parquet": MetadataValue.path(str(path)),
+        }
+    )
+
+
+def _embedded_png(path: Path) -> MetadataValue:
+    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
+    return MetadataValue.md(f"![{path.stem}](data:image/png;base64,{encoded})")
+
+
+def model_metadata(report: ModelReport) -> dict[str, MetadataValue]:
+    """Dagster metadata of a trained model: headline metrics, the plots and the card's path."""
+    gap = report.largest_subgroup_gap
+    gap_text = (
+        f"{gap['attribute']} AUROC {gap['value']:.3f} ({gap['best_group']} vs {gap['worst_group']})"
+        if gap
+        else "not assessable"
+    )
+    nan = float("nan")
+    metadata: dict[str, MetadataValue] = {
+        "estimator": MetadataValue.text(report.estimator),
+        "auroc": MetadataValue.float(report.auroc if report.auroc is not None else nan),
+        "brier": MetadataValue.float(report.brier if report.brier is not None else nan),
+        "prevalence": MetadataValue.float(
+            report.prevalence if report.prevalence is not None else nan
+        ),
+        "n_train": MetadataValue.int(report.n_train),
+        "n_test": MetadataValue.int(report.n_test),
+        "largest_subgroup_gap": MetadataValue.text(gap_text),
+        "subgroups_not_assessable": MetadataValue.json(report.too_small_subgroups),
+        "features": MetadataValue.json(list(report.features)),
+        "model": MetadataValue.path(str(report.model_path)),
+        "metrics": MetadataValue.path(str(report.metrics_path)),
+        "model_card": MetadataValue.path(str(report.model_card_path)),
+    }
+    for name, path in report.plots.items():
+        metadata[f"plot_{name}"] = _embedded_png(path)
+    return metadata
+
+
+@asset(
+    group_name=GROUP,
+    deps=[readmission_training_set],
+    check_specs=[
+        AssetCheckSpec(
+            "auroc_beats_chance",
+            asset="readmission_model",
+            blocking=False,
+            description=f"Held-out AUROC is above {MIN_AUROC}, clearly better than chance.",
+        )
+    ],
+)
+def readmission_model(
+    context: AssetExecutionContext, warehouse: WarehouseResource
+) -> Iterator[MaterializeResult | AssetCheckResult]:
+    """30-day readmission model trained on a patient split, with evaluation, plots and card."""
+    training = pd.read_parquet(parquet_path(warehouse.workdir, TRAINING_SET_TABLE))
+    report = train_readmission_model(training, out_dir=models_dir(warehouse.workdir) / MODEL_DIR)
+    context.log.info(
+        f"readmission model: AUROC {report.auroc}, {report.n_train} train / "
+        f"{report.n_test} test rows"
+    )
+    yield MaterializeResult(metadata=model_metadata(report))
+    yield AssetCheckResult(
+        check_name="auroc_beats_chance",
+        passed=report.auroc is not None and report.auroc > MIN_AUROC,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"auroc": report.auroc or 0.0, "threshold": MIN_AUROC},
+    )
+
+
+model_assets = [readmission_labels, readmission_training_set, readmission_model]

@@ -1,0 +1,151 @@
+"""The model card (Markdown) of a trained readmission model, written from its metrics document."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _subgroup_table(subgroups: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| attribute | group | n | positives | observed rate | predicted rate | "
+        "calibration gap | AUROC | note |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in subgroups:
+        lines.append(
+            f"| {r['attribute']} | {r['group']} | {r['n']} | {r['positives']} | "
+            f"{_fmt(r['observed_rate'])} | {_fmt(r['predicted_rate'])} | "
+            f"{r['calibration_gap']:+.3f} | {_fmt(r['auroc'])} | "
+            f"{r['reason'] or ''} |"
+        )
+    return lines
+
+
+def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
+    """Markdown text of the card: intended use, data, label, features, metrics, subgroups,
+    limitations and ethical considerations."""
+    test = metrics["test"]
+    features = metrics["features"]
+    gap = metrics.get("largest_subgroup_gap")
+    cal_gap = metrics.get("largest_calibration_gap")
+    if gap:
+        gap_text = (
+            f"**Largest AUROC gap: {gap['attribute']}**, {gap['value']:.3f} between "
+            f"`{gap['best_group']}` (best) and `{gap['worst_group']}` (worst)."
+        )
+    else:
+        gap_text = "**Largest AUROC gap:** not assessable (fewer than two assessable groups)."
+    if cal_gap:
+        gap_text += (
+            f" Largest calibration spread: {cal_gap['attribute']}, `{cal_gap['worst_group']}` "
+            f"is {cal_gap['value']:.3f} further from calibrated than `{cal_gap['best_group']}`."
+        )
+    not_assessable = metrics.get("subgroups_not_assessable") or []
+    importance = metrics.get("permutation_importance") or []
+    top_features = ", ".join(
+        f"`{r['feature']}` ({r['importance_mean']:+.3f})" for r in importance[:8]
+    )
+    lines = [
+        "# Model card: 30-day inpatient readmission risk",
+        "",
+        "## Intended use",
+        "Estimate, at the moment of an inpatient discharge, the probability that the patient is",
+        "admitted again as an inpatient within 30 days. Intended for research on the platform's",
+        "de-identified data and for prioritising transitional-care follow-up in aggregate",
+        "analyses. It is not a medical device, has not been validated prospectively, and must not",
+        "be used to deny, ration or delay care for an individual.",
+        "",
+        "## Data",
+        "De-identified FHIR R4 resources flattened by SQL-on-FHIR views: identifiers are keyed",
+        "pseudonyms, dates are shifted per patient (time of day dropped), free text and",
+        "direct identifiers are removed. Patients who opted out of research are excluded. By",
+        "default the data are synthetic (the platform's Synthea-shaped generator), so the metrics",
+        "describe the generator's outcome model, not any real population.",
+        f"Training rows: {metrics['n_train']} discharges of {metrics['n_train_patients']} "
+        f"patients; held-out rows: {metrics['n_test']} discharges of "
+        f"{metrics['n_test_patients']} patients (split by patient, no patient on both sides).",
+        "",
+        "## Label",
+        "One row per inpatient (class IMP) discharge with an end time. Label 1 when another",
+        "inpatient admission starts within (discharge, discharge + 30 days], else 0. Excluded:",
+        "discharges whose 30-day window runs past the last data timestamp (censoring), stays",
+        "at which the patient died, and all discharges of patients who opted out of research.",
+        "",
+        "## Features",
+        f"Estimator: `{metrics['estimator']}` in a scikit-learn pipeline (median imputation with",
+        "missing indicators and standard scaling for numeric columns, one-hot encoding for",
+        "categorical ones). Features are read point-in-time as of the discharge from the",
+        "feature store.",
+        f"- numeric: {', '.join(f'`{c}`' for c in features['numeric']) or 'none'}",
+        f"- categorical: {', '.join(f'`{c}`' for c in features['categorical']) or 'none'}",
+    ]
+    if features.get("dropped"):
+        lines.append(f"- ignored (date/time): {', '.join(f'`{c}`' for c in features['dropped'])}")
+    lines += [
+        f"- most important on held-out data (drop in AUROC when permuted): {top_features}",
+        "",
+        "## Metrics (held-out patients)",
+        "| metric | value |",
+        "|---|---:|",
+        f"| AUROC | {_fmt(test['auroc'])} |",
+        f"| Brier score | {_fmt(test['brier'], 4)} |",
+        f"| prevalence (observed) | {_fmt(test['prevalence'])} |",
+        f"| mean predicted risk | {_fmt(test['mean_predicted'])} |",
+        f"| expected calibration error | {_fmt(test['expected_calibration_error'], 4)} |",
+        "",
+        "Reliability curve (quantile bins):",
+        "",
+        "| bin | n | mean predicted | observed |",
+        "|---:|---:|---:|---:|",
+    ]
+    for i, b in enumerate(test["calibration_bins"], start=1):
+        lines.append(f"| {i} | {b['n']} | {b['mean_predicted']:.3f} | {b['observed_rate']:.3f} |")
+    lines += [
+        "",
+        "## Subgroup audit (held-out patients)",
+        "Calibration gap = mean predicted risk minus observed rate. Groups with n < 30 or a",
+        "single class are reported but not assessed.",
+        "",
+        *_subgroup_table(metrics["subgroups"]),
+        "",
+        gap_text,
+        "",
+    ]
+    if not_assessable:
+        lines.append("Too small or single-class to assess: " + "; ".join(not_assessable) + ".")
+        lines.append("")
+    lines += [
+        "## Plots",
+        *[f"- {name}: `{path.name}`" for name, path in plots.items()],
+        "",
+        "## Limitations",
+        "- Synthetic data by default: performance on real records is unknown and likely lower.",
+        "- Readmissions to other health systems are invisible; the label undercounts them.",
+        "- Planned readmissions are not separated from unplanned ones.",
+        "- Date shifting drops the time of day, so same-day transfers are not readmissions and",
+        "  the censoring horizon is blurred by the shift range.",
+        "- Deaths after discharge are kept as label 0 (competing risk not modelled).",
+        "- Subgroup estimates on small held-out groups are noisy; no confidence intervals.",
+        "- Race, ethnicity and sex come from the released patient table and may be coarsened.",
+        "",
+        "## Ethical considerations",
+        "- Readmission risk reflects access to care as well as illness; using scores to allocate",
+        "  resources can entrench existing disparities. Review the subgroup table before use.",
+        "- Demographic attributes are used as features only to the extent the feature service",
+        "  provides them; consider a model without them and compare subgroup calibration.",
+        "- Patients who opted out of research are excluded from training and evaluation.",
+        "- No identifiers or protected health information are stored in the model or this card.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(metrics: dict[str, Any], plots: dict[str, Path], path: Path) -> Path:
+    """Write the card next to the model and return its path."""
+    path.write_text(render_model_card(metrics, plots))
+    return path

@@ -1,0 +1,158 @@
+"""The 30-day readmission label, computed from the ``views.encounter`` and ``views.consent`` tables.
+
+Definition (one row per index discharge):
+
+* An index discharge is an inpatient encounter (``class_code = 'IMP'``) with a ``period_end``;
+  encounters whose status is ``entered-in-error`` or ``cancelled`` are ignored everywhere.
+* ``event_timestamp`` is the discharge time (``period_end``). Features must be computed as of
+  this instant, so nothing recorded after the discharge leaks into the prediction.
+* ``label = 1`` when another inpatient encounter of the same patient *starts* in the half-open
+  window ``(discharge, discharge + 30 days]``, else ``0``. The boundary is inclusive at exactly
+  30 days and exclusive at the discharge instant itself. De-identification shifts dates and drops
+  the time of day, so an admission on the calendar day of discharge (a same-day transfer) is not
+  counted as a readmission. Planned readmissions are not separated out: the views carry no
+  reliable planned/unplanned marker.
+* Censoring: the last data timestamp of the dataset is the latest ``period_start``/``period_end``
+  over all encounters. A discharge whose window ends after it (``discharge + 30 days > last``)
+  has incomplete follow-up and is dropped, whatever its outcome, so that early-readmitted
+  positives are not over-represented among the recent discharges. Per-patient date shifts blur
+  this horizon by the shift range; it is a dataset-level cut, not a per-patient one.
+* Deaths: a discharge is dropped when the patient died at that stay, i.e. the discharge
+  disposition is ``exp``/``20`` (expired), or ``views.patient`` (when present) records a
+  ``deceased_date_time`` on or before the discharge date (compared by date, since shifted
+  timestamps carry no time of day). Deaths after discharge stay in the denominator with label 0,
+  as in the CMS hospital-wide readmission measure.
+* Research opt-out: every discharge of a patient with a consent row ``status = 'active'``,
+  ``scope_code = 'research'`` and ``provision_type = 'deny'`` or ``policy_rule_code = 'OPTOUT'``
+  is dropped.
+* Two discharges of one patient that fall on the same (shifted) timestamp collapse into one row;
+  its label is 1 if either is followed by a readmission.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import pandas as pd
+
+READMISSION_WINDOW_DAYS = 30
+INPATIENT_CLASS = "IMP"
+EXPIRED_DISPOSITIONS = ("exp", "20")
+IGNORED_STATUSES = ("entered-in-error", "cancelled")
+LABEL_COLUMNS = ("patient_id", "event_timestamp", "label")
+
+
+@dataclass(frozen=True)
+class LabelCounts:
+    """How many index discharges each rule kept or dropped (counts only, no identifiers)."""
+
+    discharges: int
+    censored: int
+    died: int
+    opted_out: int
+    labelled: int
+    positives: int
+
+    @property
+    def prevalence(self) -> float:
+        return self.positives / self.labelled if self.labelled else 0.0
+
+
+def _table_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> set[str]:
+    rows = con.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = ? AND table_name = ?",
+        [schema, table],
+    ).fetchall()
+    return {r[0] for r in rows}
+
+
+def _discharges_sql(con: duckdb.DuckDBPyConnection) -> str:
+    """Every index discharge with its label and the exclusion flags, as a SQL query."""
+    patient_cols = _table_columns(con, "views", "patient")
+    has_deaths = {"id", "deceased_date_time"} <= patient_cols
+    death_join = "LEFT JOIN views.patient p ON p.id = d.patient_id" if has_deaths else ""
+    death_at_stay = (
+        "(p.deceased_date_time IS NOT NULL "
+        "AND CAST(p.deceased_date_time AS DATE) <= CAST(d.period_end AS DATE))"
+        if has_deaths
+        else "FALSE"
+    )
+    ignored = ", ".join(f"'{s}'" for s in IGNORED_STATUSES)
+    expired = ", ".join(f"'{s}'" for s in EXPIRED_DISPOSITIONS)
+    window = f"INTERVAL {READMISSION_WINDOW_DAYS} DAY"
+    return f"""
+    WITH enc AS (
+        SELECT * FROM views.encounter
+        WHERE status IS NULL OR status NOT IN ({ignored})
+    ),
+    horizon AS (
+        SELECT max(greatest(coalesce(period_start, period_end), coalesce(period_end, period_start)))
+            AS last_ts
+        FROM enc
+    ),
+    inpatient AS (
+        SELECT id, patient_id, period_start, period_end, discharge_disposition_code
+        FROM enc WHERE class_code = '{INPATIENT_CLASS}' AND patient_id IS NOT NULL
+    ),
+    opted_out AS (
+        SELECT DISTINCT patient_id FROM views.consent
+        WHERE status = 'active' AND scope_code = 'research'
+          AND (provision_type = 'deny' OR policy_rule_code = 'OPTOUT')
+    )
+    SELECT
+        d.patient_id,
+        d.period_end AS event_timestamp,
+        EXISTS (
+            SELECT 1 FROM inpatient r
+            WHERE r.patient_id = d.patient_id AND r.id <> d.id
+              AND r.period_start > d.period_end
+              AND r.period_start <= d.period_end + {window}
+        ) AS readmitted,
+        d.period_end + {window} > h.last_ts AS censored,
+        (coalesce(d.discharge_disposition_code IN ({expired}), FALSE) OR {death_at_stay}) AS died,
+        d.patient_id IN (SELECT patient_id FROM opted_out) AS opted_out
+    FROM inpatient d
+    CROSS JOIN horizon h
+    {death_join}
+    WHERE d.period_end IS NOT NULL
+    """
+
+
+def readmission_labels_with_counts(
+    con: duckdb.DuckDBPyConnection,
+) -> tuple[pd.DataFrame, LabelCounts]:
+    """The label frame (see the module docstring) and the counts behind each exclusion."""
+    flagged = con.execute(_discharges_sql(con)).df()
+    counts_censored = int(flagged["censored"].sum())
+    died = flagged["died"] & ~flagged["censored"]
+    opted_out = flagged["opted_out"] & ~flagged["censored"] & ~flagged["died"]
+    kept = flagged[~(flagged["censored"] | flagged["died"] | flagged["opted_out"])]
+    labels = (
+        kept.assign(label=kept["readmitted"].astype("int64"))
+        .groupby(["patient_id", "event_timestamp"], as_index=False)["label"]
+        .max()
+        .sort_values(["patient_id", "event_timestamp"], kind="stable")
+        .reset_index(drop=True)
+    )
+    labels["label"] = labels["label"].astype("int64")
+    counts = LabelCounts(
+        discharges=len(flagged),
+        censored=counts_censored,
+        died=int(died.sum()),
+        opted_out=int(opted_out.sum()),
+        labelled=len(labels),
+        positives=int(labels["label"].sum()),
+    )
+    return labels[list(LABEL_COLUMNS)], counts
+
+
+def readmission_labels(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+    """One row per eligible inpatient discharge: ``patient_id``, ``event_timestamp`` (the
+    discharge time, UTC) and ``label`` (1 = inpatient readmission within 30 days).
+
+    Reads ``views.encounter``, ``views.consent`` and, when present, ``views.patient``. See the
+    module docstring for the window, censoring, death and opt-out rules.
+    """
+    return readmission_labels_with_counts(con)[0]

@@ -1,0 +1,39 @@
+"""The training set: the label rows joined point-in-time to the ``readmission_v1`` features."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from pipelines.models.labels import LABEL_COLUMNS
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+FEATURE_SERVICE = "readmission_v1"
+
+
+def entity_frame(labels: pd.DataFrame) -> pd.DataFrame:
+    """The Feast entity frame: the label columns with ``event_timestamp`` as UTC datetimes."""
+    entities = labels[list(LABEL_COLUMNS)].copy()
+    entities["event_timestamp"] = pd.to_datetime(entities["event_timestamp"], utc=True)
+    entities["patient_id"] = entities["patient_id"].astype(str)
+    return entities.reset_index(drop=True)
+
+
+def readmission_training_set(
+    store: FeatureStore, labels: pd.DataFrame, feature_service: str = FEATURE_SERVICE
+) -> pd.DataFrame:
+    """Features of ``feature_service`` as of each discharge (Feast point-in-time join), one row
+    per label row: ``patient_id``, ``event_timestamp``, ``label``, then the feature columns."""
+    entities = entity_frame(labels)
+    service = store.get_feature_service(feature_service)
+    joined = store.get_historical_features(entity_df=entities, features=service).to_df()
+    leading = list(LABEL_COLUMNS)
+    rest = [c for c in joined.columns if c not in leading]
+    return (
+        joined[leading + rest]
+        .sort_values(["patient_id", "event_timestamp"], kind="stable")
+        .reset_index(drop=True)
+    )

@@ -1,8 +1,7 @@
 """Stage ``models``: 30-day readmission labels from the views, the training set through the Feast
 feature service ``readmission_v1``, and the trained model with its evaluation and model card."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Dagster compares the `context` annotation at runtime.
 import base64
 from collections.abc import Iterator
 from pathlib import Path

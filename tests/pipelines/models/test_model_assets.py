@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from dagster import AssetKey, materialize
+
+from pipelines.assets.models import readmission_labels, readmission_model
+from pipelines.models.storage import TRAINING_SET_TABLE, parquet_path
+from pipelines.models.training_set import readmission_training_set
+from pipelines.resources import WarehouseResource
+
+from .crafted import crafted_views, planted_frame
+
+
+def test_labels_asset_writes_table_and_parquet(tmp_path: Path) -> None:
+    warehouse = WarehouseResource(workdir=str(tmp_path / "work"))
+    con = warehouse.connect()
+    crafted_views(con)
+    con.close()
+    result = materialize([readmission_labels], resources={"warehouse": warehouse})
+    assert result.success
+    metadata = result.asset_materializations_for_node("readmission_labels")[0].metadata
+    assert metadata["rows"].value == 9
+    assert metadata["positives"].value == 2
+    assert metadata["excluded_opted_out"].value == 2
+    con = warehouse.connect(read_only=True)
+    try:
+        rows = con.execute("SELECT count(*), sum(label) FROM models.readmission_labels").fetchone()
+    finally:
+        con.close()
+    assert rows == (9, 2)
+    parquet = pd.read_parquet(tmp_path / "work" / "models" / "readmission_labels.parquet")
+    assert list(parquet.columns) == ["patient_id", "event_timestamp", "label"]
+    specs = readmission_labels.specs_by_key[AssetKey("readmission_labels")]
+    assert {d.asset_key for d in specs.deps} == {
+        AssetKey(["views", "encounter"]),
+        AssetKey(["views", "consent"]),
+    }
+    assert specs.group_name == "models"
+
+
+def test_model_asset_reports_metrics_and_check(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    path = parquet_path(workdir, TRAINING_SET_TABLE)
+    path.parent.mkdir(parents=True)
+    planted_frame().to_parquet(path, index=False)
+    result = materialize(
+        [readmission_model], resources={"warehouse": WarehouseResource(workdir=str(workdir))}
+    )
+    assert result.success
+    metadata = result.asset_materializations_for_node("readmission_model")[0].metadata
+    assert metadata["auroc"].value > 0.7
+    assert {"brier", "prevalence", "n_train", "n_test", "largest_subgroup_gap"} <= set(metadata)
+    assert metadata["plot_roc_curve"].value.startswith("![roc_curve](data:image/png;base64,")
+    assert Path(metadata["model_card"].value).is_file()
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"auroc_beats_chance": True}
+
+
+class _FakeStore:
+    """Stands in for feast.FeatureStore: joins one feature per patient to the entity rows."""
+
+    def __init__(self) -> None:
+        self.entity_df: pd.DataFrame | None = None
+
+    def get_feature_service(self, name: str) -> str:
+        return f"service:{name}"
+
+    def get_historical_features(self, entity_df: pd.DataFrame, features: Any) -> Any:
+        assert features == "service:readmission_v1"
+        self.entity_df = entity_df
+        joined = entity_df.assign(feature_a=1.5)[
+            ["feature_a", "event_timestamp", "patient_id", "label"]
+        ]
+        return type("Job", (), {"to_df": lambda _self: joined})()
+
+
+def test_training_set_orders_label_columns_first() -> None:
+    labels = pd.DataFrame(
+        {
+            "patient_id": ["b", "a"],
+            "event_timestamp": pd.to_datetime(["2024-01-02", "2024-01-01"]),
+            "label": [0, 1],
+        }
+    )
+    store = _FakeStore()
+    frame = readmission_training_set(store, labels)  # type: ignore[arg-type]
+    assert list(frame.columns) == ["patient_id", "event_timestamp", "label", "feature_a"]
+    assert frame["patient_id"].tolist() == ["a", "b"]
+    assert store.entity_df is not None
+    assert str(store.entity_df["event_timestamp"].dt.tz) == "UTC"

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.models.training import load_model, split_by_patient, train_readmission_model
+
+from .crafted import planted_frame
+
+
+def test_patient_split_keeps_patients_on_one_side() -> None:
+    frame = planted_frame()
+    train, test = split_by_patient(frame, "label", seed=0)
+    assert not set(frame["patient_id"].iloc[train]) & set(frame["patient_id"].iloc[test])
+    assert len(train) + len(test) == len(frame)
+
+
+def test_training_finds_planted_signal(tmp_path: Path) -> None:
+    frame = planted_frame()
+    report = train_readmission_model(frame, out_dir=tmp_path / "model", seed=0)
+    assert report.auroc is not None and report.auroc > 0.7
+    assert report.brier is not None and 0 < report.brier < 0.25
+    assert report.n_train + report.n_test == len(frame)
+    assert set(report.features) == {
+        "age_years",
+        "condition_burden",
+        "lab_value",
+        "noise_score",
+        "gender",
+        "race_code",
+    }
+    metrics = json.loads(report.metrics_path.read_text())
+    attributes = {row["attribute"] for row in metrics["subgroups"]}
+    assert attributes == {"sex", "age_band", "race"}
+    bands = [r["group"] for r in metrics["subgroups"] if r["attribute"] == "age_band"]
+    assert bands == ["<45", "45-64", "65-79", "80+"]
+    assert metrics["largest_subgroup_gap"]["metric"] == "auroc"
+    # the rare race code is reported but flagged as too small to assess
+    rare = [r for r in metrics["subgroups"] if r["group"] == "1002-5"]
+    assert rare and not rare[0]["assessable"] and rare[0]["auroc"] is None
+    assert any("1002-5" in s for s in report.too_small_subgroups)
+    top = [r["feature"] for r in metrics["permutation_importance"][:2]]
+    assert "condition_burden" in top
+    assert metrics["test"]["calibration_bins"]
+
+    for path in report.plots.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(report.plots) == {
+        "roc_curve",
+        "calibration_curve",
+        "subgroup_auroc",
+        "feature_importance",
+    }
+    card = report.model_card_path.read_text()
+    for heading in (
+        "Intended use",
+        "Data",
+        "Label",
+        "Features",
+        "Metrics",
+        "Subgroup audit",
+        "Limitations",
+        "Ethical considerations",
+    ):
+        assert f"## {heading}" in card
+    assert "Largest AUROC gap" in card
+    assert frame["patient_id"].iloc[0] not in card
+
+    model = load_model(report.model_path)
+    risk = model.predict_proba(frame.drop(columns=["label"]).head(20))[:, 1]
+    assert risk.shape == (20,) and np.all((risk > 0) & (risk < 1))
+
+
+def test_missing_subgroup_class_and_unseen_categories(tmp_path: Path) -> None:
+    frame = planted_frame(seed=7)
+    frame["gender"] = "female"  # one sex only: no gap can be measured for sex
+    frame.loc[frame.index[:40], "race_code"] = None  # missing race becomes its own group
+    frame = frame.drop(columns=["age_years"])  # no age column: no age bands
+    report = train_readmission_model(frame, out_dir=tmp_path / "m", seed=1)
+    metrics = json.loads(report.metrics_path.read_text())
+    assert {r["attribute"] for r in metrics["subgroups"]} == {"sex", "race"}
+    assert [r["group"] for r in metrics["subgroups"] if r["attribute"] == "sex"] == ["female"]
+    assert not any(g["attribute"] == "sex" for g in metrics["subgroup_gaps"])
+    assert "unknown" in {r["group"] for r in metrics["subgroups"] if r["attribute"] == "race"}
+    model = load_model(report.model_path)
+    unseen = frame.drop(columns=["label"]).head(3).assign(gender="other", race_code="new")
+    assert model.predict_proba(unseen).shape == (3, 2)
+
+
+def test_single_class_frame_is_refused(tmp_path: Path) -> None:
+    frame = planted_frame().assign(label=0)
+    with pytest.raises(ValueError, match="single label class"):
+        train_readmission_model(frame, out_dir=tmp_path)

@@ -1,0 +1,135 @@
+"""Stage ``features``: the clinical feature tables (schema ``features`` and Parquet under
+WORKDIR/features, the Feast offline sources), each guarded by a PHI leak scan and by a check
+that no patient who opted out of research appears."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetSpec,
+    MaterializeResult,
+    MetadataValue,
+    multi_asset,
+)
+
+from deid.release import release_canaries
+from pipelines.assets.ingest import WAREHOUSE_POOL
+from pipelines.features.checks import opted_out_rows, scan_feature_table, table_shape
+from pipelines.features.tables import (
+    FEATURE_TABLES,
+    FEATURES_SCHEMA,
+    build_feature_tables_report,
+    parquet_path,
+)
+from pipelines.resources import KeyProviderResource, WarehouseResource
+
+
+def feature_asset_key(name: str) -> AssetKey:
+    return AssetKey([FEATURES_SCHEMA, name])
+
+
+FEATURE_ASSET_KEYS: list[AssetKey] = [feature_asset_key(name) for name in FEATURE_TABLES]
+
+
+def _columns_md(columns: list[tuple[str, str]]) -> MetadataValue:
+    return MetadataValue.md(
+        "| column | type |\n|---|---|\n" + "\n".join(f"| {n} | {t} |" for n, t in columns)
+    )
+
+
+@multi_asset(
+    name="feature_tables",
+    specs=[
+        AssetSpec(
+            feature_asset_key(name),
+            group_name="features",
+            deps=[AssetKey(["views", view]) for view in views],
+            description=f"Feature table `{FEATURES_SCHEMA}.{name}`: one row per patient per "
+            "snapshot event, point-in-time correct (Parquet for Feast).",
+        )
+        for name, views in FEATURE_TABLES.items()
+    ],
+    check_specs=[
+        spec
+        for name in FEATURE_TABLES
+        for spec in (
+            AssetCheckSpec(
+                "phi_leak_scan",
+                asset=feature_asset_key(name),
+                blocking=True,
+                description="No name, identifier, address, phone or email of any patient, and "
+                "no patient's own birth date, appears in the table.",
+            ),
+            AssetCheckSpec(
+                "no_opted_out_patients",
+                asset=feature_asset_key(name),
+                blocking=True,
+                description="No patient with an active research Consent that denies appears.",
+            ),
+        )
+    ],
+    pool=WAREHOUSE_POOL,
+)
+def feature_tables(
+    context: AssetExecutionContext, warehouse: WarehouseResource, keys: KeyProviderResource
+) -> Iterator[MaterializeResult | AssetCheckResult]:
+    """Build every feature table from the views, then scan each for PHI and opted-out patients."""
+    out_dir = Path(warehouse.workdir) / "features"
+    con = warehouse.connect()
+    try:
+        build = build_feature_tables_report(con, out_dir)
+        canaries = release_canaries(con, keys.provider())
+        results = {
+            name: (
+                table_shape(con, name),
+                scan_feature_table(con, canaries, name),
+                opted_out_rows(con, name),
+            )
+            for name in FEATURE_TABLES
+        }
+    finally:
+        con.close()
+    context.log.info(
+        f"features: {sum(build.rows.values())} rows in {len(build.rows)} tables, "
+        f"{build.opted_out} opted-out patients excluded, {build.seconds:.1f}s"
+    )
+    for name, (shape, scan, (opted_rows, opted_known)) in results.items():
+        key = feature_asset_key(name)
+        yield MaterializeResult(
+            asset_key=key,
+            metadata={
+                "rows": shape.rows,
+                "patients": shape.patients,
+                "columns": _columns_md(shape.columns),
+                "table": f"{FEATURES_SCHEMA}.{name}",
+                "parquet": MetadataValue.path(str(parquet_path(out_dir, name))),
+                "opted_out_excluded": build.opted_out,
+                "build_seconds": build.seconds,
+            },
+        )
+        yield AssetCheckResult(
+            check_name="phi_leak_scan",
+            asset_key=key,
+            passed=scan.passed,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={
+                "scanned_rows": scan.scanned_rows,
+                "canaries": scan.canaries,
+                "hits": len(scan.hits),
+                "hits_by_kind": MetadataValue.json(scan.by_kind()),
+            },
+        )
+        yield AssetCheckResult(
+            check_name="no_opted_out_patients",
+            asset_key=key,
+            passed=opted_rows == 0,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={"opted_out_rows": opted_rows, "opted_out_patients": opted_known},
+        )

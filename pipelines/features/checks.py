@@ -1,0 +1,62 @@
+"""Checks of built feature tables: shape for metadata, the opted-out rule re-derived straight
+from ``views.consent`` (not from the temp views the build used), and the PHI leak scan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+from deid.leakscan import CanarySet, LeakScanResult
+from deid.release import scan_released_table
+from pipelines.features.tables import FEATURES_SCHEMA
+
+OPTED_OUT_SQL = """
+SELECT DISTINCT patient_id FROM views.consent
+WHERE lower(status) = 'active' AND lower(scope_code) = 'research'
+  AND (lower(provision_type) = 'deny' OR upper(policy_rule_code) = 'OPTOUT')
+"""
+
+
+@dataclass(frozen=True)
+class TableShape:
+    rows: int
+    patients: int
+    columns: list[tuple[str, str]]
+
+
+def table_shape(con: duckdb.DuckDBPyConnection, name: str) -> TableShape:
+    table = f"{FEATURES_SCHEMA}.{name}"
+    columns = [(str(c), str(t)) for c, t, *_ in con.execute(f"DESCRIBE {table}").fetchall()]
+    ((rows, patients),) = con.execute(
+        f"SELECT count(*), count(DISTINCT patient_id) FROM {table}"
+    ).fetchall()
+    return TableShape(int(rows), int(patients), columns)
+
+
+def _has_consent_view(con: duckdb.DuckDBPyConnection) -> bool:
+    return bool(
+        con.execute(
+            "SELECT count(*) FROM information_schema.tables "
+            "WHERE table_schema = 'views' AND table_name = 'consent'"
+        ).fetchall()[0][0]
+    )
+
+
+def opted_out_rows(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, int]:
+    """(rows of opted-out patients in the table, opted-out patients known); the first must be 0."""
+    if not _has_consent_view(con):
+        return 0, 0
+    ((rows,),) = con.execute(
+        f"SELECT count(*) FROM {FEATURES_SCHEMA}.{name} WHERE patient_id IN ({OPTED_OUT_SQL})"
+    ).fetchall()
+    ((known,),) = con.execute(f"SELECT count(*) FROM ({OPTED_OUT_SQL})").fetchall()
+    return int(rows), int(known)
+
+
+def scan_feature_table(
+    con: duckdb.DuckDBPyConnection, canaries: CanarySet, name: str
+) -> LeakScanResult:
+    """Every text column of the table against the release canaries; a row is named by its
+    patient pseudonym, and a patient's own birth date is searched in its rows."""
+    return scan_released_table(con, canaries, f"{FEATURES_SCHEMA}.{name}", id_column="patient_id")

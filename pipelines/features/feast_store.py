@@ -1,0 +1,147 @@
+"""The Feast store of the feature tables: environment, ``feast apply``, incremental
+materialisation into the online store, and what each of those did (counts only).
+
+``feature_repo/feature_store.yaml`` names its paths through environment variables, which Feast
+expands with ``os.path.expandvars`` when it loads the file (an unset variable stays literal):
+
+- ``EHR_FEAST_DATA``: registry, online store (SQLite) and offline staging folder;
+- ``EHR_FEATURES_DIR``: the feature Parquet files (read by ``feature_repo/data_sources.py`` at
+  apply time and stored in the registry; default ``EHR_WORKDIR/features``).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from feast import FeatureStore
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_REPO = REPO_ROOT / "feature_repo"
+FEAST_DATA_ENV = "EHR_FEAST_DATA"
+FEATURES_DIR_ENV = "EHR_FEATURES_DIR"
+
+
+class FeastCommandError(RuntimeError):
+    """A feast command failed; the message holds its exit code and output tail (object names
+    and paths, never feature values)."""
+
+
+def resolve_repo(repo_dir: Path | str | None = None) -> Path:
+    """The Feast repo folder: as given, else ``feature_repo`` in the source tree."""
+    path = Path(repo_dir) if repo_dir else DEFAULT_REPO
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    return path.resolve()
+
+
+def feast_env(data_dir: Path | str, features_dir: Path | str | None = None) -> dict[str, str]:
+    """The variables feature_store.yaml and data_sources.py read, as absolute paths."""
+    env = {FEAST_DATA_ENV: str(Path(data_dir).resolve())}
+    if features_dir is not None:
+        env[FEATURES_DIR_ENV] = str(Path(features_dir).resolve())
+    return env
+
+
+def feature_store(
+    repo_dir: Path | str, data_dir: Path | str, features_dir: Path | str | None = None
+) -> FeatureStore:
+    """A FeatureStore over ``repo_dir`` with its registry and online store in ``data_dir``.
+
+    Sets the variables in this process's environment first: Feast expands them when it reads
+    feature_store.yaml (here) and again whenever it reloads the config."""
+    env = feast_env(data_dir, features_dir)
+    os.environ.update(env)
+    Path(env[FEAST_DATA_ENV]).mkdir(parents=True, exist_ok=True)
+    return FeatureStore(repo_path=str(resolve_repo(repo_dir)))
+
+
+@dataclass
+class ApplyReport:
+    entities: int
+    feature_views: int
+    feature_services: int
+    features: int
+    seconds: float
+
+
+def _feast(
+    args: list[str], repo_dir: Path, env: dict[str, str], timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Run the feast CLI in a child process: ``feast apply`` imports every .py of the repo as a
+    top-level module and changes directory, which must not happen inside a Dagster process."""
+    command = [sys.executable, "-c", "from feast.cli.cli import cli; cli()", *args]
+    done = subprocess.run(
+        command,
+        cwd=repo_dir,
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise FeastCommandError(f"feast {args[0]} exited {done.returncode}: " + " | ".join(tail))
+    return done
+
+
+def apply_repo(repo_dir: Path | str, data_dir: Path | str, features_dir: Path | str) -> ApplyReport:
+    """``feast apply`` of the repo against the registry in ``data_dir``, with the data sources
+    pointing at ``features_dir``; counts what the registry then holds."""
+    started = time.perf_counter()
+    repo = resolve_repo(repo_dir)
+    env = feast_env(data_dir, features_dir)
+    Path(env[FEAST_DATA_ENV]).mkdir(parents=True, exist_ok=True)
+    _feast(["apply"], repo, env)
+    store = feature_store(repo, data_dir, features_dir)
+    store.refresh_registry()
+    views = store.list_feature_views()
+    return ApplyReport(
+        entities=len(store.list_entities()),
+        feature_views=len(views),
+        feature_services=len(store.list_feature_services()),
+        features=sum(len(v.features) for v in views),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+@dataclass
+class MaterializeReport:
+    end: datetime
+    seconds: float
+    entities_online: dict[str, int] = field(default_factory=dict)
+
+
+def online_entity_counts(store: FeatureStore) -> dict[str, int]:
+    """Entities (patients) held per feature view in the SQLite online store."""
+    path = Path(store.config.online_store.path)
+    if not path.is_absolute():
+        path = Path(store.repo_path) / path
+    counts: dict[str, int] = {}
+    if not path.exists():
+        return counts
+    with sqlite3.connect(path) as db:
+        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        for view in store.list_feature_views():
+            table = f"{store.project}_{view.name}"
+            if table in tables:
+                (n,) = db.execute(f'SELECT count(DISTINCT entity_key) FROM "{table}"').fetchone()
+                counts[view.name] = int(n)
+    return counts
+
+
+def materialize_incremental(store: FeatureStore, end: datetime | None = None) -> MaterializeReport:
+    """Load the online store with every feature row newer than the last run (or than the
+    view's TTL on the first run) up to ``end`` (default now)."""
+    end = end or datetime.now(UTC)
+    started = time.perf_counter()
+    store.materialize_incremental(end_date=end)
+    seconds = round(time.perf_counter() - started, 3)
+    return MaterializeReport(end=end, seconds=seconds, entities_online=online_entity_counts(store))

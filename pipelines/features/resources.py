@@ -1,0 +1,59 @@
+"""Dagster resource of the Feast store: the repo folder and where its registry, online store and
+feature Parquet files live."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+from dagster import ConfigurableResource
+from feast import FeatureStore
+
+from pipelines.features.feast_store import (
+    ApplyReport,
+    MaterializeReport,
+    apply_repo,
+    feature_store,
+    materialize_incremental,
+    resolve_repo,
+)
+from pipelines.resources import default_workdir
+
+
+class FeastStoreResource(ConfigurableResource):
+    """The Feast repo (``feature_repo``), its data folder (default ``WORKDIR/feast``) and the
+    feature Parquet folder the data sources point at (default ``WORKDIR/features``)."""
+
+    repo_path: str = "feature_repo"
+    workdir: str | None = None
+    data_dir: str | None = None
+    features_dir: str | None = None
+
+    # ``workdir`` arguments below: the warehouse's WORKDIR, used when this resource names none
+    # (so the store reads the Parquet files the feature assets wrote).
+
+    def _workdir(self, workdir: str | Path | None) -> Path:
+        return Path(self.workdir or workdir or default_workdir())
+
+    @property
+    def repo(self) -> Path:
+        return resolve_repo(self.repo_path)
+
+    def data(self, workdir: str | Path | None = None) -> Path:
+        return Path(self.data_dir) if self.data_dir else self._workdir(workdir) / "feast"
+
+    def features(self, workdir: str | Path | None = None) -> Path:
+        if self.features_dir:
+            return Path(self.features_dir)
+        return self._workdir(workdir) / "features"
+
+    def store(self, workdir: str | Path | None = None) -> FeatureStore:
+        return feature_store(self.repo, self.data(workdir), self.features(workdir))
+
+    def apply(self, workdir: str | Path | None = None) -> ApplyReport:
+        return apply_repo(self.repo, self.data(workdir), self.features(workdir))
+
+    def materialize(
+        self, workdir: str | Path | None = None, end: datetime | None = None
+    ) -> MaterializeReport:
+        return materialize_incremental(self.store(workdir), end)

@@ -19,8 +19,8 @@ from dagster import (
 )
 
 from pipelines.assets.ingest import WAREHOUSE_POOL
+from pipelines.features.resources import FeastStoreResource
 from pipelines.models.labels import readmission_labels_with_counts
-from pipelines.models.resources import FeastStoreResource
 from pipelines.models.storage import (
     LABELS_TABLE,
     MODEL_DIR,
@@ -30,7 +30,11 @@ from pipelines.models.storage import (
     write_table,
 )
 from pipelines.models.training import ModelReport, train_readmission_model
-from pipelines.models.training_set import FEATURE_SERVICE
+from pipelines.models.training_set import (
+    AUDIT_COLUMNS,
+    FEATURE_SERVICE,
+    with_audit_attributes,
+)
 from pipelines.models.training_set import readmission_training_set as join_features
 from pipelines.resources import WarehouseResource
 
@@ -71,11 +75,11 @@ def readmission_labels(warehouse: WarehouseResource) -> MaterializeResult:
 
 @asset(group_name=GROUP, deps=[readmission_labels, FEAST_ONLINE_STORE], pool=WAREHOUSE_POOL)
 def readmission_training_set(
-    warehouse: WarehouseResource, feast: FeastStoreResource
+    warehouse: WarehouseResource, feast_store: FeastStoreResource
 ) -> MaterializeResult:
     """Label rows joined point-in-time to the `readmission_v1` feature service through Feast."""
     labels = pd.read_parquet(parquet_path(warehouse.workdir, LABELS_TABLE))
-    training = join_features(feast.store(), labels, FEATURE_SERVICE)
+    training = join_features(feast_store.store(warehouse.workdir), labels, FEATURE_SERVICE)
     con = warehouse.connect()
     try:
         path = write_table(con, training, TRAINING_SET_TABLE, warehouse.workdir)
@@ -134,7 +138,7 @@ def model_metadata(report: ModelReport) -> dict[str, MetadataValue]:
 
 @asset(
     group_name=GROUP,
-    deps=[readmission_training_set],
+    deps=[readmission_training_set, AssetKey(["views", "patient"])],
     check_specs=[
         AssetCheckSpec(
             "auroc_beats_chance",
@@ -149,7 +153,16 @@ def readmission_model(
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """30-day readmission model trained on a patient split, with evaluation, plots and card."""
     training = pd.read_parquet(parquet_path(warehouse.workdir, TRAINING_SET_TABLE))
-    report = train_readmission_model(training, out_dir=models_dir(warehouse.workdir) / MODEL_DIR)
+    con = warehouse.connect(read_only=True)
+    try:
+        training = with_audit_attributes(con, training)
+    finally:
+        con.close()
+    report = train_readmission_model(
+        training,
+        out_dir=models_dir(warehouse.workdir) / MODEL_DIR,
+        audit_columns=AUDIT_COLUMNS,
+    )
     context.log.info(
         f"readmission model: AUROC {report.auroc}, {report.n_train} train / "
         f"{report.n_test} test rows"

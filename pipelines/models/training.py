@@ -182,20 +182,23 @@ def train_readmission_model(
     seed: int = 0,
     estimator: Estimator = "logistic_regression",
     exclude: tuple[str, ...] = (),
+    audit_columns: tuple[str, ...] = (),
 ) -> ModelReport:
     """Fit the readmission model on a patient-grouped split, evaluate it on held-out patients,
     audit subgroups and write ``readmission_model.joblib``, ``metrics.json``, ``model_card.md``
     and four PNG plots into ``out_dir``.
 
     ``training`` needs ``patient_id``, ``event_timestamp`` and ``label``; every other column
-    (minus ``exclude`` and date/time columns) is a feature.
+    (minus ``exclude``, ``audit_columns`` and date/time columns) is a feature. ``audit_columns``
+    (e.g. race and ethnicity joined from the patient view) only define subgroups for the audit;
+    an attribute found there wins over a feature column describing the same attribute.
     """
     for required in ("patient_id", label):
         if required not in training.columns:
             raise ValueError(f"the training frame has no {required!r} column")
     frame = training[training[label].notna()].reset_index(drop=True)
     y_all = frame[label].astype("int64").to_numpy()
-    columns = feature_columns(frame, label, exclude)
+    columns = feature_columns(frame, label, (*exclude, *audit_columns))
     if not columns.all:
         raise ValueError("the training frame has no feature columns")
     train_idx, test_idx = split_by_patient(frame, label, seed)
@@ -208,9 +211,11 @@ def train_readmission_model(
     p_test = model.predict_proba(x_test)[:, 1]
 
     metrics = overall_metrics(y_test, p_test)
+    audit = [c for c in audit_columns if c in frame.columns]
+    found = subgroup_attributes(frame.drop(columns=audit))
+    found.update(subgroup_attributes(frame[audit]))
     attributes = {
-        name: groups.iloc[test_idx].reset_index(drop=True)
-        for name, groups in subgroup_attributes(frame).items()
+        name: groups.iloc[test_idx].reset_index(drop=True) for name, groups in found.items()
     }
     subgroups = subgroup_audit(y_test, p_test, attributes)
     gaps = subgroup_gaps(subgroups)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import duckdb
 import pandas as pd
 
 from pipelines.models.labels import LABEL_COLUMNS
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 FEATURE_SERVICE = "readmission_v1"
+AUDIT_COLUMNS = ("audit_race", "audit_ethnicity")
 
 
 def entity_frame(labels: pd.DataFrame) -> pd.DataFrame:
@@ -37,3 +39,22 @@ def readmission_training_set(
         .sort_values(["patient_id", "event_timestamp"], kind="stable")
         .reset_index(drop=True)
     )
+
+
+def with_audit_attributes(con: duckdb.DuckDBPyConnection, training: pd.DataFrame) -> pd.DataFrame:
+    """``training`` plus ``audit_race`` and ``audit_ethnicity`` from ``views.patient`` (codes,
+    no identifiers), for the subgroup audit only: the feature service carries no race, and the
+    audit must not depend on what the model is allowed to see. Without the view the columns are
+    left out."""
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = 'views' "
+        "AND table_name = 'patient' AND column_name IN ('id', 'race_code', 'ethnicity_code')"
+    ).fetchone()
+    if not exists or exists[0] < 3:
+        return training
+    audit = con.execute(
+        "SELECT id AS patient_id, any_value(race_code) AS audit_race, "
+        "any_value(ethnicity_code) AS audit_ethnicity FROM views.patient GROUP BY id"
+    ).df()
+    merged = training.merge(audit, on="patient_id", how="left", validate="many_to_one")
+    return merged.set_index(training.index)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,17 @@ def test_model_asset_reports_metrics_and_check(tmp_path: Path) -> None:
     workdir = tmp_path / "work"
     path = parquet_path(workdir, TRAINING_SET_TABLE)
     path.parent.mkdir(parents=True)
-    planted_frame().to_parquet(path, index=False)
-    result = materialize(
-        [readmission_model], resources={"warehouse": WarehouseResource(workdir=str(workdir))}
-    )
+    frame = planted_frame()
+    frame.to_parquet(path, index=False)
+    warehouse = WarehouseResource(workdir=str(workdir))
+    con = warehouse.connect()
+    crafted_views(con, with_patient=True)
+    patients = pd.DataFrame({"id": frame["patient_id"].unique()})
+    patients["race_code"] = ["2106-3" if i % 2 else "2054-5" for i in range(len(patients))]
+    con.register("patients_frame", patients)
+    con.execute("INSERT INTO views.patient (id, race_code) SELECT * FROM patients_frame")
+    con.close()
+    result = materialize([readmission_model], resources={"warehouse": warehouse})
     assert result.success
     metadata = result.asset_materializations_for_node("readmission_model")[0].metadata
     assert metadata["auroc"].value > 0.7
@@ -57,6 +65,12 @@ def test_model_asset_reports_metrics_and_check(tmp_path: Path) -> None:
     assert Path(metadata["model_card"].value).is_file()
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks == {"auroc_beats_chance": True}
+    metrics = json.loads(Path(metadata["metrics"].value).read_text())
+    # race for the audit comes from views.patient, not from the feature column
+    races = {r["group"] for r in metrics["subgroups"] if r["attribute"] == "race"}
+    assert {"2106-3", "2054-5"} <= races and "2028-9" not in races
+    assert "audit_race" not in metrics["features"]["categorical"]
+    assert "race_code" in metrics["features"]["categorical"]
 
 
 class _FakeStore:

@@ -2,8 +2,6 @@
 (incremental materialisation). Both wait for the feature tables, whose checks are blocking: a
 table that failed its PHI or opt-out check never reaches Feast."""
 
-from __future__ import annotations
-
 from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
 
 from pipelines.assets.features import FEATURE_ASSET_KEYS

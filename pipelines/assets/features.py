@@ -2,8 +2,6 @@
 WORKDIR/features, the Feast offline sources), each guarded by a PHI leak scan and by a check
 that no patient who opted out of research appears."""
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 from pathlib import Path
 

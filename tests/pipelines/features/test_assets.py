@@ -1,0 +1,98 @@
+"""The feature and Feast assets through dagster.materialize in a temporary WORKDIR."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from dagster import AssetKey, DagsterInstance, materialize
+
+from fhirlake import warehouse
+from pipelines.assets.feast import feast_online_store, feast_registry
+from pipelines.assets.features import FEATURE_ASSET_KEYS, feature_tables
+from pipelines.definitions import batch_assets, build_resources
+from pipelines.features.resources import FeastStoreResource
+from tests.pipelines.features.crafted import A, crafted_rows, write_views
+
+FAMILY = "Quillfeather"
+
+
+def _work(tmp_path: Path, key_file: Path) -> tuple[DagsterInstance, dict[str, object]]:
+    """A vault with one named patient (the canaries), then crafted views in the warehouse."""
+    landing = tmp_path / "landing"
+    (landing / "export-1").mkdir(parents=True)
+    patient = {
+        "resourceType": "Patient",
+        "id": "p1",
+        "gender": "female",
+        "birthDate": "1961-02-03",
+        "name": [{"family": FAMILY, "given": ["Oriane"]}],
+    }
+    (landing / "export-1" / "data.ndjson").write_bytes(orjson.dumps(patient) + b"\n")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    resources = build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1)
+    assert materialize(
+        batch_assets, partition_key="export-1", instance=instance, resources=resources
+    ).success
+    resources["feast_store"] = FeastStoreResource(repo_path="feature_repo")
+    return instance, resources
+
+
+def _write_views(tmp_path: Path, rows: dict[str, list[dict[str, object]]]) -> None:
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
+    try:
+        write_views(con, rows)
+    finally:
+        con.close()
+
+
+@pytest.mark.usefixtures("key_file")
+def test_feature_and_feast_assets(tmp_path: Path, key_file: Path) -> None:
+    instance, resources = _work(tmp_path, key_file)
+    _write_views(tmp_path, crafted_rows())
+    result = materialize(
+        [feature_tables, feast_registry, feast_online_store],
+        instance=instance,
+        resources=resources,
+    )
+    assert result.success
+    checks = result.get_asset_check_evaluations()
+    assert len(checks) == 10 and all(c.passed for c in checks)
+    by_key = {
+        m.asset_key: m.metadata for m in result.asset_materializations_for_node("feature_tables")
+    }
+    assert set(by_key) == set(FEATURE_ASSET_KEYS)
+    demo = by_key[AssetKey(["features", "patient_demographics"])]
+    assert demo["rows"].value == 8 and demo["patients"].value == 3
+    assert (tmp_path / "work" / "features" / "patient_demographics.parquet").exists()
+    registry = result.asset_materializations_for_node("feast_registry")[0].metadata
+    assert registry["feature_views"].value == 5
+    assert (tmp_path / "work" / "feast" / "registry.db").exists()
+    online = result.asset_materializations_for_node("feast_online_store")[0].metadata
+    assert online["entities_online"].value["patient_comorbidities"] == 3
+
+
+@pytest.mark.usefixtures("key_file")
+def test_leak_blocks_feast(tmp_path: Path, key_file: Path) -> None:
+    instance, resources = _work(tmp_path, key_file)
+    rows = crafted_rows()
+    for patient in rows["patient"]:
+        if patient["id"] == A:
+            patient["race_code"] = FAMILY  # a name where a code should be
+    _write_views(tmp_path, rows)
+    result = materialize(
+        [feature_tables, feast_registry, feast_online_store],
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+    )
+    failed = {
+        (c.asset_key.path[-1], c.check_name)
+        for c in result.get_asset_check_evaluations()
+        if not c.passed
+    }
+    assert failed == {("patient_demographics", "phi_leak_scan")}
+    assert not result.asset_materializations_for_node("feast_registry")
+    assert not (tmp_path / "work" / "feast" / "registry.db").exists()

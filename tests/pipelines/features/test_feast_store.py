@@ -1,0 +1,144 @@
+"""The real Feast store over crafted feature tables: apply, point-in-time retrieval,
+incremental materialisation and online reads."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from feast import FeatureStore
+
+from pipelines.features.feast_store import (
+    FEAST_DATA_ENV,
+    FEATURES_DIR_ENV,
+    ApplyReport,
+    apply_repo,
+    feature_store,
+    materialize_incremental,
+)
+from pipelines.features.tables import FEATURE_TABLES, build_feature_tables
+from tests.pipelines.features.crafted import A, B, C, crafted_rows, write_views
+
+# The crafted time line starts 400 days ago, so its last events are recent enough to be
+# materialised (within each view's TTL) and online reads see them.
+BASE = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=400)
+DAY = timedelta(days=1)
+# 2024-03-10 (hba1c 9.0) and 2024-03-20 (a planted 12.0) on the crafted time line
+HBA1C_9_AT = BASE + 69 * DAY
+PLANTED_AT = BASE + 79 * DAY
+
+
+@dataclass
+class Applied:
+    store: FeatureStore
+    report: ApplyReport
+    features_dir: Path
+    data_dir: Path
+
+
+@pytest.fixture(scope="module")
+def applied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Applied]:
+    saved = {k: os.environ.get(k) for k in (FEAST_DATA_ENV, FEATURES_DIR_ENV)}
+    root = tmp_path_factory.mktemp("feast")
+    rows = crafted_rows(BASE)
+    # a future value: dated after the entity timestamps used below, it must never be returned
+    # for them by the point-in-time join
+    rows["observation"].append(
+        {
+            "id": "planted",
+            "patient_id": A,
+            "status": "final",
+            "code": "4548-4",
+            "value_quantity": 12.0,
+            "effective_date_time": PLANTED_AT,
+        }
+    )
+    con = duckdb.connect()
+    write_views(con, rows)
+    build_feature_tables(con, root / "features")
+    report = apply_repo("feature_repo", root / "feast", root / "features")
+    store = feature_store("feature_repo", root / "feast", root / "features")
+    yield Applied(store, report, root / "features", root / "feast")
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_apply_registers_repo_in_data_dir(applied: Applied) -> None:
+    assert (applied.report.entities, applied.report.feature_views) == (1, 5)
+    assert applied.report.feature_services == 1
+    assert (applied.data_dir / "registry.db").exists()
+    assert applied.store.config.online_store.path == str(applied.data_dir / "online_store.db")
+    service = applied.store.get_feature_service("readmission_v1")
+    assert service.tags["version"] == "1"
+
+
+def test_declared_fields_match_parquet_columns(applied: Applied) -> None:
+    views = {v.name: v for v in applied.store.list_feature_views()}
+    assert set(views) == set(FEATURE_TABLES)
+    for name, view in views.items():
+        columns = pq.read_schema(applied.features_dir / f"{name}.parquet").names
+        assert [f.name for f in view.features] == columns[3:], name
+        assert view.batch_source.path == str(applied.features_dir / f"{name}.parquet")
+        assert {"description", "owner", "sensitivity"} <= set(view.tags)
+        assert view.ttl and view.ttl >= timedelta(days=365)
+
+
+def test_historical_features_are_point_in_time(applied: Applied) -> None:
+    entities = pd.DataFrame(
+        {
+            "patient_id": [A, A, A, C],
+            "event_timestamp": [
+                HBA1C_9_AT - DAY,  # before the 9.0: the 1 Jan 7.0
+                PLANTED_AT - DAY,  # the day before the planted value
+                PLANTED_AT + DAY,  # after it
+                PLANTED_AT,
+            ],
+        }
+    )
+    df = (
+        applied.store.get_historical_features(
+            entity_df=entities,
+            features=["patient_labs_vitals:hba1c_latest", "patient_demographics:age_years"],
+        )
+        .to_df()
+        .sort_values("event_timestamp")
+    )
+    got = {(row.patient_id, row.event_timestamp): row.hba1c_latest for row in df.itertuples()}
+    assert got[(A, pd.Timestamp(HBA1C_9_AT - DAY))] == 7.0
+    assert got[(A, pd.Timestamp(PLANTED_AT - DAY))] == 9.0  # never the future 12.0
+    assert got[(A, pd.Timestamp(PLANTED_AT + DAY))] == 12.0
+    assert pd.isna(got[(C, pd.Timestamp(PLANTED_AT))])  # opted out: no features
+
+
+def test_feature_service_training_set(applied: Applied) -> None:
+    entities = pd.DataFrame({"patient_id": [A, B], "event_timestamp": [PLANTED_AT - DAY] * 2})
+    service = applied.store.get_feature_service("readmission_v1")
+    df = applied.store.get_historical_features(entity_df=entities, features=service).to_df()
+    assert len(df) == 2
+    a = df[df.patient_id == A].iloc[0]
+    assert a.age_years == 63 and bool(a.has_diabetes) and a.hba1c_latest == 9.0
+
+
+def test_materialize_incremental_then_online_reads(applied: Applied) -> None:
+    report = materialize_incremental(applied.store)
+    assert report.entities_online["patient_demographics"] == 3  # A, B, D; never C
+    online = applied.store.get_online_features(
+        features=applied.store.get_feature_service("readmission_v1"),
+        entity_rows=[{"patient_id": A}, {"patient_id": C}],
+    ).to_dict()
+    assert online["patient_id"] == [A, C]
+    assert online["hba1c_latest"] == [8.0, None]  # A's latest, 2025-01-05 on the time line
+    assert online["charlson_index"] == [8, None]
+    # a second run loads nothing new and keeps what is there
+    again = materialize_incremental(applied.store)
+    assert again.entities_online == report.entities_online

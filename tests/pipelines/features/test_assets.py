@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -16,6 +18,7 @@ from pipelines.features.resources import FeastStoreResource
 from tests.pipelines.features.crafted import A, crafted_rows, write_views
 
 FAMILY = "Quillfeather"
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def _work(tmp_path: Path, key_file: Path) -> tuple[DagsterInstance, dict[str, object]]:
@@ -72,6 +75,14 @@ def test_feature_and_feast_assets(tmp_path: Path, key_file: Path) -> None:
     assert (tmp_path / "work" / "feast" / "registry.db").exists()
     online = result.asset_materializations_for_node("feast_online_store")[0].metadata
     assert online["entities_online"].value["patient_comorbidities"] == 3
+    work = tmp_path / "work"
+    # the example reads the same workdir: a training set at each inpatient discharge
+    example = subprocess.run(
+        [sys.executable, "examples/readmission_training_set.py", "--workdir", str(work)],
+        cwd=REPO_ROOT, capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert example.returncode == 0, example.stderr[-2000:]
+    assert "training set: 2 rows" in example.stdout  # A's two discharges; C opted out
 
 
 @pytest.mark.usefixtures("key_file")

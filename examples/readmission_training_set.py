@@ -1,0 +1,68 @@
+"""A readmission training set from the Feast store, and one patient's online features.
+
+Entity rows are (patient_id, event_timestamp): here every inpatient discharge in
+``views.encounter``, the moment a 30-day readmission model scores. Feast joins each row to the
+latest feature row at or before its timestamp (never later), within each view's TTL.
+
+    EHR_WORKDIR=data/work .venv/bin/python examples/readmission_training_set.py
+
+It needs a run that built the views and features and applied the repo (``ehr run`` or the
+Dagster assets ``features/*``, ``feast_registry``, ``feast_online_store``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from pipelines.features.feast_store import feature_store
+
+
+def discharges(warehouse: Path, limit: int | None = None) -> pd.DataFrame:
+    """Entity rows: each inpatient discharge (patient pseudonym, discharge time) of the
+    patients the feature tables hold (those who opted out of research are not there)."""
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        sql = (
+            "SELECT patient_id, period_end AS event_timestamp FROM views.encounter "
+            "WHERE class_code = 'IMP' AND period_end IS NOT NULL AND patient_id IN "
+            "(SELECT patient_id FROM features.patient_demographics) ORDER BY period_end"
+        )
+        if limit:
+            sql += f" LIMIT {int(limit)}"
+        return con.execute(sql).df()
+    finally:
+        con.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default=os.environ.get("EHR_WORKDIR", "data/work"))
+    parser.add_argument("--repo", default="feature_repo")
+    parser.add_argument("--limit", type=int, default=None)
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+
+    store = feature_store(args.repo, workdir / "feast", workdir / "features")
+    entity_df = discharges(workdir / "warehouse.duckdb", args.limit)
+    training = store.get_historical_features(
+        entity_df=entity_df, features=store.get_feature_service("readmission_v1")
+    ).to_df()
+    print(f"training set: {len(training)} rows x {training.shape[1]} columns")
+    print(training.describe().T.to_string())
+
+    if len(entity_df):
+        patient = str(entity_df["patient_id"].iloc[-1])
+        online = store.get_online_features(
+            features=store.get_feature_service("readmission_v1"),
+            entity_rows=[{"patient_id": patient}],
+        ).to_dict()
+        print({name: values[0] for name, values in online.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+
+from pipelines.features.valuesets import VALUESETS_DIR, load_valuesets, of_kind
+
+CONDITIONS = {
+    "diabetes", "hypertension", "heart_failure", "copd", "ckd", "asthma", "depression",
+    "cancer", "mi", "stroke",
+}  # fmt: skip
+DRUG_CLASSES = {
+    "insulin", "metformin", "other_antidiabetic", "antihypertensive", "statin",
+    "anticoagulant", "antidepressant",
+}  # fmt: skip
+# Quan et al. 2011 updated Charlson weights
+QUAN_2011 = {
+    "mi": 0, "chf": 2, "pvd": 0, "cevd": 0, "dementia": 2, "cpd": 1, "rheumd": 1, "pud": 0,
+    "mld": 2, "diab": 0, "diabwc": 1, "hp": 2, "rend": 1, "canc": 2, "msld": 4, "metacanc": 6,
+    "aids": 4,
+}  # fmt: skip
+
+
+def test_every_file_is_a_fhir_valueset_with_a_source() -> None:
+    files = sorted(VALUESETS_DIR.glob("*.json"))
+    assert files
+    for path in files:
+        resource = json.loads(path.read_text())
+        assert resource["resourceType"] == "ValueSet" and resource["id"] == path.stem
+        assert resource["description"] and resource["compose"]["include"]
+
+
+def test_groups_classes_and_charlson_weights() -> None:
+    sets = load_valuesets()
+    conditions = {v.column.removeprefix("has_") for v in of_kind(sets, "condition")}
+    assert CONDITIONS <= conditions
+    drugs = {v.column.removeprefix("on_") for v in of_kind(sets, "medication")}
+    assert DRUG_CLASSES <= drugs
+    weights = {
+        v.column.removeprefix("charlson_"): v.charlson_weight for v in of_kind(sets, "charlson")
+    }
+    assert weights == QUAN_2011
+    for v in sets:
+        assert v.snomed or v.icd10_prefixes or v.rxnorm
+        assert all("." not in p for p in v.icd10_prefixes)
+    columns = [v.column for v in sets]
+    assert len(columns) == len(set(columns))

@@ -144,9 +144,7 @@ def synthetic_views(con: duckdb.DuckDBPyConnection, patients: int, seed: int = 7
     )
 
 
-def entity_frame(
-    con: duckdb.DuckDBPyConnection, rows: int, seed: int = 11
-) -> pd.DataFrame:
+def entity_frame(con: duckdb.DuckDBPyConnection, rows: int, seed: int = 11) -> pd.DataFrame:
     """``rows`` (patient_id, event_timestamp) pairs: random patients at random times."""
     ids = [p for (p,) in con.execute("SELECT id FROM views.patient ORDER BY id").fetchall()]
     rng = random.Random(seed)
@@ -192,7 +190,7 @@ def asof_training_set(
 def _percentiles(samples: list[float]) -> tuple[float, float]:
     ordered = sorted(samples)
     p50 = statistics.median(ordered)
-    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return p50 * 1000, p99 * 1000
 
 
@@ -274,7 +272,7 @@ def bench_features(
 ) -> dict[str, Any]:
     """Run the benchmark (see the module doc) and print each number; returns them too."""
     own_tmp = workdir is None
-    root = Path(tempfile.mkdtemp(prefix="ehr-bench-features-")) if own_tmp else Path(workdir)
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="ehr-bench-features-"))
     results: dict[str, Any] = {"entity_rows": entity_rows, "patients": patients}
     saved_env = {k: os.environ.get(k) for k in ("EHR_FEAST_DATA", "EHR_FEATURES_DIR")}
     try:
@@ -339,7 +337,9 @@ def bench_features(
 
         ids = list(entities["patient_id"].unique())
         rng = random.Random(3)
-        batches = {size: [rng.sample(ids, size) for _ in range(online_requests)] for size in (1, 10)}
+        batches = {
+            size: [rng.sample(ids, size) for _ in range(online_requests)] for size in (1, 10)
+        }
         for size, requests in batches.items():
             samples = []
             for batch in requests:

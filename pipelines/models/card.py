@@ -85,7 +85,9 @@ def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
         f"- categorical: {', '.join(f'`{c}`' for c in features['categorical']) or 'none'}",
     ]
     if features.get("dropped"):
-        lines.append(f"- ignored (date/time): {', '.join(f'`{c}`' for c in features['dropped'])}")
+        lines.append(
+            f"- ignored (date/time or empty): {', '.join(f'`{c}`' for c in features['dropped'])}"
+        )
     lines += [
         f"- most important on held-out data (drop in AUROC when permuted): {top_features}",
         "",
@@ -131,7 +133,8 @@ def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
         "  the censoring horizon is blurred by the shift range.",
         "- Deaths after discharge are kept as label 0 (competing risk not modelled).",
         "- Subgroup estimates on small held-out groups are noisy; no confidence intervals.",
-        "- Race, ethnicity and sex come from the released patient table and may be coarsened.",
+        "- Sex and age come from the features; race and ethnicity for the audit come from the",
+        "  patient view when it is available. Missing values form an `unknown` group.",
         "",
         "## Ethical considerations",
         "- Readmission risk reflects access to care as well as illness; using scores to allocate",

@@ -38,7 +38,8 @@ def feature_columns(frame: pd.DataFrame, label: str, exclude: Sequence[str] = ()
     """Every column except the label, the entity/timestamp columns and ``exclude``.
 
     Booleans and numbers are numeric; strings, categories and objects are categorical. Date and
-    time columns are dropped: a raw timestamp only encodes calendar drift of shifted dates.
+    time columns are dropped (a raw timestamp only encodes calendar drift of shifted dates), and
+    so are columns without a single value (nothing to learn, and imputers reject them).
     """
     skip = {label, *ID_COLUMNS, *exclude}
     numeric: list[str] = []
@@ -48,7 +49,11 @@ def feature_columns(frame: pd.DataFrame, label: str, exclude: Sequence[str] = ()
         if name in skip:
             continue
         dtype = frame[name].dtype
-        if ptypes.is_datetime64_any_dtype(dtype) or ptypes.is_timedelta64_dtype(dtype):
+        if (
+            ptypes.is_datetime64_any_dtype(dtype)
+            or ptypes.is_timedelta64_dtype(dtype)
+            or not frame[name].notna().any()
+        ):
             dropped.append(str(name))
         elif ptypes.is_bool_dtype(dtype) or ptypes.is_numeric_dtype(dtype):
             numeric.append(str(name))

@@ -92,7 +92,11 @@ def build_pipeline(columns: FeatureColumns, estimator: Estimator, seed: int) -> 
         [
             ("to_float", FunctionTransformer(as_float)),
             # The indicator keeps "not measured" as signal (e.g. no HbA1c on file).
-            ("impute", SimpleImputer(strategy="median", add_indicator=True)),
+            # keep_empty_features: a column empty on the training side stays a (constant) column.
+            (
+                "impute",
+                SimpleImputer(strategy="median", add_indicator=True, keep_empty_features=True),
+            ),
             ("scale", StandardScaler()),
         ]
     )

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipelines.models.training import load_model, split_by_patient, train_readmission_model
@@ -94,3 +96,21 @@ def test_single_class_frame_is_refused(tmp_path: Path) -> None:
     frame = planted_frame().assign(label=0)
     with pytest.raises(ValueError, match="single label class"):
         train_readmission_model(frame, out_dir=tmp_path)
+
+
+def test_nullable_and_empty_feature_columns(tmp_path: Path) -> None:
+    frame = planted_frame(seed=11)
+    n = len(frame)
+    frame["never_measured"] = np.nan
+    frame["flag"] = pd.array(
+        np.where(np.arange(n) % 3 == 0, None, np.arange(n) % 2 == 0), dtype="boolean"
+    )
+    frame["age_years"] = pd.array(frame["age_years"].astype(int), dtype="Int64")
+    frame["recorded_at"] = frame["event_timestamp"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = train_readmission_model(frame, out_dir=tmp_path, seed=0)
+    assert "flag" in report.features and "age_years" in report.features
+    assert "never_measured" not in report.features and "recorded_at" not in report.features
+    metrics = json.loads(report.metrics_path.read_text())
+    assert set(metrics["features"]["dropped"]) == {"never_measured", "recorded_at"}

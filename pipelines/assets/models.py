@@ -18,6 +18,7 @@ from dagster import (
     asset,
 )
 
+from deid.policy import Policy
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.resources import FeastStoreResource
 from pipelines.models.labels import readmission_labels_with_counts
@@ -36,11 +37,17 @@ from pipelines.models.training_set import (
     with_audit_attributes,
 )
 from pipelines.models.training_set import readmission_training_set as join_features
-from pipelines.resources import WarehouseResource
+from pipelines.resources import DeidSettings, WarehouseResource
 
 GROUP = "models"
 MIN_AUROC = 0.6
 FEAST_ONLINE_STORE = AssetKey("feast_online_store")
+
+
+def censor_margin_days(profile: str) -> int:
+    """Dates are shifted per patient by up to the policy's range either way, so a patient's own
+    data can end up to twice that range before the dataset's latest timestamp."""
+    return 2 * Policy.shipped(profile).parameters.date_shift_days
 
 
 @asset(
@@ -48,12 +55,15 @@ FEAST_ONLINE_STORE = AssetKey("feast_online_store")
     deps=[AssetKey(["views", "encounter"]), AssetKey(["views", "consent"])],
     pool=WAREHOUSE_POOL,
 )
-def readmission_labels(warehouse: WarehouseResource) -> MaterializeResult:
+def readmission_labels(
+    warehouse: WarehouseResource, deid_settings: DeidSettings
+) -> MaterializeResult:
     """30-day inpatient readmission label per eligible discharge (censored, died, opted-out
     excluded)."""
+    margin = censor_margin_days(deid_settings.profile)
     con = warehouse.connect()
     try:
-        labels, counts = readmission_labels_with_counts(con)
+        labels, counts = readmission_labels_with_counts(con, margin)
         path = write_table(con, labels, LABELS_TABLE, warehouse.workdir)
     finally:
         con.close()
@@ -67,6 +77,7 @@ def readmission_labels(warehouse: WarehouseResource) -> MaterializeResult:
             "excluded_censored": counts.censored,
             "excluded_died": counts.died,
             "excluded_opted_out": counts.opted_out,
+            "censor_margin_days": margin,
             "table": f"models.{LABELS_TABLE}",
             "parquet": MetadataValue.path(str(path)),
         }

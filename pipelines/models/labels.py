@@ -16,7 +16,9 @@ Definition (one row per index discharge):
   over all encounters. A discharge whose window ends after it (``discharge + 30 days > last``)
   has incomplete follow-up and is dropped, whatever its outcome, so that early-readmitted
   positives are not over-represented among the recent discharges. Per-patient date shifts blur
-  this horizon by the shift range; it is a dataset-level cut, not a per-patient one.
+  this dataset-level horizon: with shifts in [-R, R] days a patient's own data may end up to 2R
+  days before the latest timestamp, so ``censor_margin_days`` (2R for de-identified data; the
+  Dagster asset passes it) moves the cut that much earlier.
 * Deaths: a discharge is dropped when the patient died at that stay, i.e. the discharge
   disposition is ``exp``/``20`` (expired), or ``views.patient`` (when present) records a
   ``deceased_date_time`` on or before the discharge date (compared by date, since shifted
@@ -68,7 +70,7 @@ def _table_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> s
     return {r[0] for r in rows}
 
 
-def _discharges_sql(con: duckdb.DuckDBPyConnection) -> str:
+def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> str:
     """Every index discharge with its label and the exclusion flags, as a SQL query."""
     patient_cols = _table_columns(con, "views", "patient")
     has_deaths = {"id", "deceased_date_time"} <= patient_cols
@@ -110,7 +112,7 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection) -> str:
               AND r.period_start > d.period_end
               AND r.period_start <= d.period_end + {window}
         ) AS readmitted,
-        d.period_end + {window} > h.last_ts AS censored,
+        d.period_end + {window} > h.last_ts - INTERVAL {int(censor_margin_days)} DAY AS censored,
         (coalesce(d.discharge_disposition_code IN ({expired}), FALSE) OR {death_at_stay}) AS died,
         d.patient_id IN (SELECT patient_id FROM opted_out) AS opted_out
     FROM inpatient d
@@ -121,10 +123,12 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection) -> str:
 
 
 def readmission_labels_with_counts(
-    con: duckdb.DuckDBPyConnection,
+    con: duckdb.DuckDBPyConnection, censor_margin_days: int = 0
 ) -> tuple[pd.DataFrame, LabelCounts]:
     """The label frame (see the module docstring) and the counts behind each exclusion."""
-    flagged = con.execute(_discharges_sql(con)).df()
+    if censor_margin_days < 0:
+        raise ValueError("censor_margin_days must not be negative")
+    flagged = con.execute(_discharges_sql(con, censor_margin_days)).df()
     counts_censored = int(flagged["censored"].sum())
     died = flagged["died"] & ~flagged["censored"]
     opted_out = flagged["opted_out"] & ~flagged["censored"] & ~flagged["died"]
@@ -148,11 +152,12 @@ def readmission_labels_with_counts(
     return labels[list(LABEL_COLUMNS)], counts
 
 
-def readmission_labels(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
+def readmission_labels(con: duckdb.DuckDBPyConnection, censor_margin_days: int = 0) -> pd.DataFrame:
     """One row per eligible inpatient discharge: ``patient_id``, ``event_timestamp`` (the
     discharge time, UTC) and ``label`` (1 = inpatient readmission within 30 days).
 
     Reads ``views.encounter``, ``views.consent`` and, when present, ``views.patient``. See the
-    module docstring for the window, censoring, death and opt-out rules.
+    module docstring for the window, censoring, death and opt-out rules; ``censor_margin_days``
+    pulls the censoring cut earlier to allow for per-patient date shifts.
     """
-    return readmission_labels_with_counts(con)[0]
+    return readmission_labels_with_counts(con, censor_margin_days)[0]

@@ -69,3 +69,13 @@ def test_same_day_discharges_collapse_to_one_row() -> None:
     twice = labels[labels["patient_id"] == "twice"]
     assert len(twice) == 2
     assert twice["label"].tolist() == [1, 0]
+
+
+def test_censor_margin_moves_the_cut_earlier() -> None:
+    con = duckdb.connect()
+    crafted_views(con)
+    labels, counts = readmission_labels_with_counts(con, censor_margin_days=190)
+    # last data 2024-12-31: discharges after 2024-05-25 (31 Dec - 190 days - 30 days) drop out
+    assert counts.censored == 3
+    assert ("inactive_optout", "2024-06-03") not in _by_key(labels)
+    assert ("boundary_out", "2024-05-04") in _by_key(labels)

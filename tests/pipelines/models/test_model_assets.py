@@ -10,7 +10,7 @@ from dagster import AssetKey, materialize
 from pipelines.assets.models import readmission_labels, readmission_model
 from pipelines.models.storage import TRAINING_SET_TABLE, parquet_path
 from pipelines.models.training_set import readmission_training_set
-from pipelines.resources import WarehouseResource
+from pipelines.resources import DeidSettings, WarehouseResource
 
 from .crafted import crafted_views, planted_frame
 
@@ -20,12 +20,17 @@ def test_labels_asset_writes_table_and_parquet(tmp_path: Path) -> None:
     con = warehouse.connect()
     crafted_views(con)
     con.close()
-    result = materialize([readmission_labels], resources={"warehouse": warehouse})
+    result = materialize(
+        [readmission_labels], resources={"warehouse": warehouse, "deid_settings": DeidSettings()}
+    )
     assert result.success
     metadata = result.asset_materializations_for_node("readmission_labels")[0].metadata
     assert metadata["rows"].value == 9
     assert metadata["positives"].value == 2
     assert metadata["excluded_opted_out"].value == 2
+    # research profile: +-50 day shifts, so the last 100 days before the horizon are censored too
+    assert metadata["censor_margin_days"].value == 100
+    assert metadata["excluded_censored"].value == 1
     con = warehouse.connect(read_only=True)
     try:
         rows = con.execute("SELECT count(*), sum(label) FROM models.readmission_labels").fetchone()

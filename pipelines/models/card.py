@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from pipelines.models.evaluation import MIN_SUBGROUP_SIZE
+
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
@@ -17,8 +19,12 @@ def _subgroup_table(subgroups: list[dict[str, Any]]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in subgroups:
+        # Small cells are shown as a bound, not a count: the card is meant to be shared.
+        small = r["n"] < MIN_SUBGROUP_SIZE
+        n = f"<{MIN_SUBGROUP_SIZE}" if small else str(r["n"])
+        positives = "-" if small else str(r["positives"])
         lines.append(
-            f"| {r['attribute']} | {r['group']} | {r['n']} | {r['positives']} | "
+            f"| {r['attribute']} | {r['group']} | {n} | {positives} | "
             f"{_fmt(r['observed_rate'])} | {_fmt(r['predicted_rate'])} | "
             f"{r['calibration_gap']:+.3f} | {_fmt(r['auroc'])} | "
             f"{r['reason'] or ''} |"

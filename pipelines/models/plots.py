@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from pipelines.models.evaluation import CalibrationBin, SubgroupResult
+from pipelines.models.evaluation import MIN_SUBGROUP_SIZE, CalibrationBin, SubgroupResult
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -56,7 +56,9 @@ def plot_calibration(bins: list[CalibrationBin], path: Path) -> Path:
 def plot_subgroup_auroc(results: list[SubgroupResult], overall: float | None, path: Path) -> Path:
     """Horizontal bars of AUROC per subgroup; groups too small to assess are shown hatched at 0."""
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.35 * len(results) + 1)))
-    labels = [f"{r.attribute}: {r.group} (n={r.n})" for r in results]
+    # Small cells are shown as a bound, not a count.
+    sizes = [f"n<{MIN_SUBGROUP_SIZE}" if r.n < MIN_SUBGROUP_SIZE else f"n={r.n}" for r in results]
+    labels = [f"{r.attribute}: {r.group} ({size})" for r, size in zip(results, sizes, strict=True)]
     values = [r.auroc if r.auroc is not None else 0.0 for r in results]
     colors = ["tab:blue" if r.assessable else "lightgrey" for r in results]
     bars = ax.barh(range(len(results)), values, color=colors)

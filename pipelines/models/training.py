@@ -138,18 +138,12 @@ def split_by_patient(
     y = frame[label].to_numpy()
     if len(np.unique(y)) < 2:
         raise ValueError("the training frame holds a single label class")
-    last: tuple[np.ndarray, np.ndarray] | None = None
     for attempt in range(SPLIT_ATTEMPTS):
         splitter = GroupShuffleSplit(n_splits=1, test_size=test_size, random_state=seed + attempt)
         train, test = next(splitter.split(frame, y, groups))
-        last = (train, test)
         if len(np.unique(y[train])) == 2 and len(np.unique(y[test])) == 2:
             return train, test
-    raise ValueError(
-        f"no patient split with both classes on each side after {SPLIT_ATTEMPTS} attempts"
-        if last is not None
-        else "empty training frame"
-    )
+    raise ValueError(f"no patient split with both classes on each side in {SPLIT_ATTEMPTS} tries")
 
 
 def _importance(

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from feast import FeatureStore
@@ -135,6 +135,21 @@ def online_entity_counts(store: FeatureStore) -> dict[str, int]:
                 (n,) = db.execute(f'SELECT count(DISTINCT entity_key) FROM "{table}"').fetchone()
                 counts[view.name] = int(n)
     return counts
+
+
+def materialize_window(
+    store: FeatureStore, end: datetime | None = None, days: int | None = None
+) -> MaterializeReport:
+    """Reload the online store, per feature view, from ``end`` minus its TTL (or ``days``) to
+    ``end``. Needed when a rebuild brought rows with event timestamps older than the last
+    incremental run (a late batch on a patient's past time line), which incremental runs skip."""
+    end = end or datetime.now(UTC)
+    started = time.perf_counter()
+    for view in store.list_feature_views():
+        span = timedelta(days=days) if days is not None else view.ttl or timedelta(days=3650)
+        store.materialize(start_date=end - span, end_date=end, feature_views=[view.name])
+    seconds = round(time.perf_counter() - started, 3)
+    return MaterializeReport(end=end, seconds=seconds, entities_online=online_entity_counts(store))
 
 
 def materialize_incremental(store: FeatureStore, end: datetime | None = None) -> MaterializeReport:

@@ -15,6 +15,7 @@ from pipelines.features.feast_store import (
     apply_repo,
     feature_store,
     materialize_incremental,
+    materialize_window,
     resolve_repo,
 )
 from pipelines.resources import default_workdir
@@ -25,6 +26,9 @@ class FeastStoreResource(ConfigurableResource):
     feature Parquet folder the data sources point at (default ``WORKDIR/features``)."""
 
     repo_path: str = "feature_repo"
+    # False: reload the whole TTL window each run instead of rows newer than the last run
+    # (picks up late rows with old event timestamps; slower).
+    incremental: bool = True
     workdir: str | None = None
     data_dir: str | None = None
     features_dir: str | None = None
@@ -56,4 +60,7 @@ class FeastStoreResource(ConfigurableResource):
     def materialize(
         self, workdir: str | Path | None = None, end: datetime | None = None
     ) -> MaterializeReport:
-        return materialize_incremental(self.store(workdir), end)
+        store = self.store(workdir)
+        if self.incremental:
+            return materialize_incremental(store, end)
+        return materialize_window(store, end)

@@ -22,6 +22,7 @@ from pipelines.features.feast_store import (
     apply_repo,
     feature_store,
     materialize_incremental,
+    materialize_window,
 )
 from pipelines.features.tables import FEATURE_TABLES, build_feature_tables
 from tests.pipelines.features.crafted import A, B, C, crafted_rows, write_views
@@ -139,6 +140,7 @@ def test_materialize_incremental_then_online_reads(applied: Applied) -> None:
     assert online["patient_id"] == [A, C]
     assert online["hba1c_latest"] == [8.0, None]  # A's latest, 2025-01-05 on the time line
     assert online["charlson_index"] == [8, None]
-    # a second run loads nothing new and keeps what is there
+    # a second run loads nothing new and keeps what is there; a window reload agrees
     again = materialize_incremental(applied.store)
     assert again.entities_online == report.entities_online
+    assert materialize_window(applied.store).entities_online == report.entities_online

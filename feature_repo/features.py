@@ -30,7 +30,7 @@ patient_demographics = FeatureView(
     online=True,
     description=(
         "Age in whole years at the event (90 for 90 and over), administrative sex, OMB race and "
-        "ethnicity codes; a row per encounter start."
+        "ethnicity codes; a row per encounter start and end."
     ),
     owner=OWNER,
     tags={

@@ -8,7 +8,8 @@ interval [T - N days, T].
 
 Snapshot times per table (why: a row is needed wherever the value can change):
 
-- ``patient_demographics``: each encounter start plus the patient's first data time (age moves).
+- ``patient_demographics``: each encounter start and end plus the patient's first data time
+  (age moves; one row per patient would give the age at first data forever).
 - ``patient_utilisation``: each encounter start and end (the end is the discharge-time
   prediction point; counts and days-since are true as of it).
 - ``patient_comorbidities``: the first data time plus each time a group is first coded (the
@@ -219,6 +220,8 @@ def demographics_sql(created: datetime) -> str:
     return f"""
     WITH spine AS (
         SELECT patient_id, period_start AS ts FROM feature_encounters
+        UNION
+        SELECT patient_id, period_end FROM feature_encounters WHERE period_end IS NOT NULL
         UNION
         SELECT patient_id, min(ts) FROM feature_event_times GROUP BY patient_id
     ),

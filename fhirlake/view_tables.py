@@ -1,0 +1,90 @@
+"""The platform's views: ViewDefinitions from ``fhir/views/`` run over ``deid_resources`` into
+DuckDB (schema ``views``) and Parquet (``WORKDIR/views/<name>.parquet``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+
+from fhirlake.viewdef import ViewDefinition, duckdb_type, load_view, write_view_table
+
+VIEWS_DIR = Path(__file__).resolve().parent.parent / "fhir" / "views"
+VIEWS_SCHEMA = "views"
+_FETCH_ROWS = 2_000
+
+
+def view_files(views_dir: Path = VIEWS_DIR) -> list[Path]:
+    """The ViewDefinition files of a folder, in name order."""
+    return sorted(Path(views_dir).glob("*.json"))
+
+
+def load_views(views_dir: Path = VIEWS_DIR) -> list[ViewDefinition]:
+    return [load_view(path) for path in view_files(views_dir)]
+
+
+@dataclass
+class ViewRunResult:
+    name: str
+    table: str
+    parquet: Path
+    rows: int
+    resources: int
+    patients: int
+    columns: list[tuple[str, str]]
+    seconds: float
+
+
+def released_resources(
+    con: duckdb.DuckDBPyConnection, resource_type: str, counter: list[int] | None = None
+) -> Iterator[dict[str, Any]]:
+    """De-identified resources of one type, streamed from the warehouse in chunks."""
+    cursor = con.cursor()
+    try:
+        cursor.execute(
+            "SELECT resource FROM deid_resources WHERE resource_type = ? ORDER BY id",
+            [resource_type],
+        )
+        while chunk := cursor.fetchmany(_FETCH_ROWS):
+            if counter is not None:
+                counter[0] += len(chunk)
+            for (resource,) in chunk:
+                yield orjson.loads(resource)
+    finally:
+        cursor.close()
+
+
+def run_view_over_release(
+    con: duckdb.DuckDBPyConnection, view: ViewDefinition, workdir: Path
+) -> ViewRunResult:
+    """Replace ``views.<name>`` and its Parquet file with the view over the release."""
+    started = time.perf_counter()
+    table = f"{VIEWS_SCHEMA}.{view.name}"
+    parquet = Path(workdir) / "views" / f"{view.name}.parquet"
+    parquet.parent.mkdir(parents=True, exist_ok=True)
+    counter = [0]
+    rows = write_view_table(
+        con, view, released_resources(con, view.resource, counter), table, parquet
+    )
+    names = {c.name for c in view.columns}
+    patients = 0
+    if "patient_id" in names:
+        found = con.execute(f"SELECT count(DISTINCT patient_id) FROM {table}").fetchone()
+        patients = int(found[0]) if found else 0
+    elif view.resource == "Patient":
+        patients = rows
+    return ViewRunResult(
+        name=view.name,
+        table=table,
+        parquet=parquet,
+        rows=rows,
+        resources=counter[0],
+        patients=int(patients),
+        columns=[(c.name, duckdb_type(c)) for c in view.columns],
+        seconds=round(time.perf_counter() - started, 3),
+    )

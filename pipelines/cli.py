@@ -119,6 +119,71 @@ def quarantine_list(workdir: Path, limit: int) -> None:
 
 
 @main.group()
+def views() -> None:
+    """SQL-on-FHIR v2 ViewDefinitions: run one over FHIR files, or run a conformance suite."""
+
+
+@views.command("run")
+@click.argument("view_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.argument("input_path", type=click.Path(path_type=Path, exists=True))
+@click.option(
+    "--out",
+    "out_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    required=True,
+    help="output file: .csv or .parquet",
+)
+def views_run(view_file: Path, input_path: Path, out_file: Path) -> None:
+    """Run VIEW_FILE over a FHIR file or folder (JSON, NDJSON, .gz); CSV or Parquet out."""
+    import duckdb
+
+    from fhirlake.view_tables import iter_fhir_resources
+    from fhirlake.viewdef import ViewDefinitionError, load_view, write_view_table
+
+    suffix = out_file.suffix.lower()
+    if suffix not in (".csv", ".parquet"):
+        raise click.UsageError("--out must end in .csv or .parquet")
+    try:
+        view = load_view(view_file)
+        con = duckdb.connect()
+        con.execute("SET TimeZone = 'UTC'")
+        rows = write_view_table(con, view, iter_fhir_resources(input_path), "view_rows")
+    except ViewDefinitionError as exc:
+        raise click.ClickException(str(exc)) from exc
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "FORMAT PARQUET" if suffix == ".parquet" else "FORMAT CSV, HEADER"
+    con.execute(f"COPY view_rows TO '{out_file}' ({fmt})")
+    con.close()
+    click.echo(f"{view.name}: {rows} rows → {out_file}")
+
+
+@views.command("test")
+@click.argument("suite_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--report", "report_file", type=click.Path(path_type=Path, dir_okay=False))
+def views_test(suite_dir: Path, report_file: Path | None) -> None:
+    """Run an SQL-on-FHIR conformance suite folder; write the official report JSON. Exits
+    non-zero when a case not tagged experimental fails."""
+    from fhirlake.viewdef_conformance import run_conformance_suite
+
+    report, results = run_conformance_suite(suite_dir)
+    if report_file:
+        report_file.parent.mkdir(parents=True, exist_ok=True)
+        report_file.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    shareable = [r for r in results if not r.experimental]
+    experimental = [r for r in results if r.experimental]
+    for r in results:
+        if not r.passed:
+            click.echo(f"FAIL {r.file}: {r.title}: {r.error}", err=True)
+    click.echo(
+        f"passed {sum(r.passed for r in results)}/{len(results)} "
+        f"(shareable {sum(r.passed for r in shareable)}/{len(shareable)}, "
+        f"experimental {sum(r.passed for r in experimental)}/{len(experimental)})"
+    )
+    if not all(r.passed for r in shareable):
+        sys.exit(1)
+
+
+@main.group()
 def bench() -> None:
     """Benchmarks: print throughput, memory and ratios to baselines."""
 
@@ -177,6 +242,43 @@ def bench_deid_cmd(patients: int, seed: int, profile: str) -> None:
     click.echo(f"== de-identification benchmark: {patients} patients")
     for key, value in result.items():
         click.echo(f"  {key:32s} {value}")
+
+
+@bench.command("views")
+@click.option("--patients", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--input",
+    "input_dir",
+    type=click.Path(path_type=Path, exists=True, file_okay=False),
+    default=None,
+    help="a FHIR folder instead of generated patients",
+)
+def bench_views_cmd(patients: int, seed: int, input_dir: Path | None) -> None:
+    """Rows/s per view, against DuckDB read_json of the same NDJSON and the ingest stage."""
+    import tempfile
+
+    from pipelines.bench import bench_views, generated_input
+
+    with tempfile.TemporaryDirectory(prefix="ehr-bench-input-") as tmp:
+        folder = input_dir or generated_input(patients, seed, Path(tmp))
+        result = bench_views(folder)
+    click.echo(f"== views benchmark: {input_dir or f'{patients} generated patients'}")
+    click.echo(
+        f"  {'view':22s} {'rows':>8s} {'rows/s':>10s} {'seconds':>8s} {'read_json s':>11s} "
+        f"{'ratio':>6s}"
+    )
+    for v in result["views"]:
+        click.echo(
+            f"  {v['view']:22s} {v['rows']:8d} {v['rows_per_second'] or 0:10.0f} "
+            f"{v['seconds']:8.2f} {v['read_json_seconds']:11.3f} "
+            f"{v['ratio_to_read_json'] or 0:6.1f}"
+        )
+    click.echo(f"  all views: {result['views_seconds']} s; ingest: {result['ingest_seconds']} s")
+    click.echo(
+        f"  ratio views/ingest: {result['ratio_views_to_ingest']} "
+        f"(goal <= {result['goal_ratio_views_to_ingest']})"
+    )
 
 
 if __name__ == "__main__":

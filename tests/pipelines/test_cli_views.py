@@ -1,0 +1,88 @@
+"""``ehr views run`` and ``ehr views test`` as a user calls them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from click.testing import CliRunner
+
+from fhirlake.synthetic import generate
+from pipelines.cli import main
+
+VIEWS = Path(__file__).resolve().parents[2] / "fhir" / "views"
+
+
+def test_views_run_writes_csv_and_parquet(tmp_path: Path) -> None:
+    generate(tmp_path / "in", 3, seed=2, fmt="ndjson")
+    runner = CliRunner()
+    out = tmp_path / "obs.parquet"
+    result = runner.invoke(
+        main,
+        ["views", "run", str(VIEWS / "observation.json"), str(tmp_path / "in"), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.num_rows > 10
+    assert str(table.schema.field("effective_date_time").type).startswith("timestamp")
+    csv = tmp_path / "patients.csv"
+    result = runner.invoke(
+        main, ["views", "run", str(VIEWS / "patient.json"), str(tmp_path / "in"), "--out", str(csv)]
+    )
+    assert result.exit_code == 0, result.output
+    lines = csv.read_text().splitlines()
+    assert lines[0].startswith("id,gender,birth_date") and len(lines) == 4
+    bad = runner.invoke(
+        main, ["views", "run", str(VIEWS / "patient.json"), str(tmp_path / "in"), "--out", "x.txt"]
+    )
+    assert bad.exit_code != 0 and ".csv or .parquet" in bad.output
+
+
+def test_views_run_rejects_an_invalid_view(tmp_path: Path) -> None:
+    view = tmp_path / "bad.json"
+    view.write_text(json.dumps({"resourceType": "ViewDefinition", "select": []}))
+    result = CliRunner().invoke(
+        main, ["views", "run", str(view), str(tmp_path), "--out", str(tmp_path / "x.csv")]
+    )
+    assert result.exit_code != 0
+    assert "resource" in result.output
+
+
+def test_views_test_writes_the_report(tmp_path: Path) -> None:
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "mini.json").write_text(
+        json.dumps(
+            {
+                "title": "mini",
+                "resources": [{"resourceType": "Patient", "id": "p1", "gender": "female"}],
+                "tests": [
+                    {
+                        "title": "gender",
+                        "tags": ["shareable"],
+                        "view": {
+                            "resource": "Patient",
+                            "select": [{"column": [{"name": "g", "path": "gender"}]}],
+                        },
+                        "expect": [{"g": "female"}],
+                    },
+                    {
+                        "title": "wrong on purpose",
+                        "tags": ["experimental"],
+                        "view": {
+                            "resource": "Patient",
+                            "select": [{"column": [{"name": "g", "path": "gender"}]}],
+                        },
+                        "expect": [{"g": "male"}],
+                    },
+                ],
+            }
+        )
+    )
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(main, ["views", "test", str(suite), "--report", str(report)])
+    assert result.exit_code == 0, result.output  # only an experimental case failed
+    assert "shareable 1/1" in result.output
+    written = json.loads(report.read_text())
+    assert [t["result"]["passed"] for t in written["mini.json"]["tests"]] == [True, False]

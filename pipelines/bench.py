@@ -175,3 +175,72 @@ def bench_deid(folder: Path, profile: str = "research") -> dict[str, Any]:
         "parse_resources_per_second": round(len(resources) / parse, 1),
         "ratio_deid_to_parse": round(deid / parse, 1),
     }
+
+
+def bench_views(folder: Path, workers: int = 0) -> dict[str, Any]:
+    """Every view in ``fhir/views/`` over the de-identified release of ``folder``: rows/s per
+    view, against DuckDB's ``read_json`` of the same de-identified NDJSON (the floor), and all
+    views together against the ingest stage on the same input."""
+    from deid.keys import FileKeyProvider
+    from deid.policy import Policy
+    from deid.release import deidentify_batch
+    from fhirlake import warehouse
+    from fhirlake.view_tables import load_views, released_resources
+    from fhirlake.viewdef import write_view_table
+
+    with tempfile.TemporaryDirectory(prefix="ehr-bench-") as tmp:
+        tmp_path = Path(tmp)
+        key_file = tmp_path / "keys" / "keyring.json"
+        init_keyring(key_file)
+        provider = FileKeyProvider.load(key_file)
+        db = tmp_path / "w.duckdb"
+        started = time.perf_counter()
+        ingest_batch(db, "bench", folder, provider, workers=workers)
+        ingest_seconds = time.perf_counter() - started
+        con = warehouse.connect(db)
+        try:
+            deidentify_batch(con, provider, "bench", Policy.shipped("research"))
+            per_view: list[dict[str, Any]] = []
+            for view in load_views():
+                ndjson = tmp_path / f"{view.resource}.ndjson"
+                if not ndjson.exists():
+                    with ndjson.open("wb") as out:
+                        for item in released_resources(con, view.resource):
+                            out.write(orjson.dumps(item) + b"\n")
+                t0 = time.perf_counter()
+                read = con.execute(
+                    "SELECT count(*) FROM read_json(?, format='newline_delimited', "
+                    "maximum_object_size=67108864)",
+                    [str(ndjson)],
+                ).fetchone()
+                floor = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                rows = write_view_table(
+                    con,
+                    view,
+                    released_resources(con, view.resource),
+                    f"bench_{view.name}",
+                    tmp_path / f"{view.name}.parquet",
+                )
+                seconds = time.perf_counter() - t0
+                per_view.append(
+                    {
+                        "view": view.name,
+                        "resources": int(read[0]) if read else 0,
+                        "rows": rows,
+                        "seconds": round(seconds, 3),
+                        "rows_per_second": round(rows / seconds, 1) if seconds else None,
+                        "read_json_seconds": round(floor, 3),
+                        "ratio_to_read_json": round(seconds / floor, 1) if floor else None,
+                    }
+                )
+        finally:
+            con.close()
+    views_seconds = sum(v["seconds"] for v in per_view)
+    return {
+        "views": per_view,
+        "views_seconds": round(views_seconds, 2),
+        "ingest_seconds": round(ingest_seconds, 2),
+        "ratio_views_to_ingest": round(views_seconds / ingest_seconds, 3),
+        "goal_ratio_views_to_ingest": 0.5,
+    }

@@ -1,0 +1,113 @@
+"""Stage ``views``: one asset per SQL-on-FHIR ViewDefinition in ``fhir/views/``, run over the
+de-identified resources (never the vault), each guarded by the PHI leak scan.
+
+Adding a table is adding a JSON file: the assets are discovered from the folder at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    AssetSpec,
+    MaterializeResult,
+    MetadataValue,
+    multi_asset,
+)
+
+from deid.release import release_canaries, scan_released_table
+from fhirlake.view_tables import VIEWS_DIR, VIEWS_SCHEMA, run_view_over_release, view_files
+from fhirlake.viewdef import ViewDefinition, load_view
+from pipelines.assets.ingest import WAREHOUSE_POOL
+from pipelines.resources import KeyProviderResource, WarehouseResource
+
+
+def view_asset_key(name: str) -> AssetKey:
+    return AssetKey([VIEWS_SCHEMA, name])
+
+
+def build_view_asset(path: Path) -> AssetsDefinition:
+    """The asset (and its leak-scan check) of one ViewDefinition file."""
+    view: ViewDefinition = load_view(path)
+    key = view_asset_key(view.name)
+    description = f"SQL-on-FHIR view `{view.name}` over de-identified {view.resource} resources."
+
+    @multi_asset(
+        name=f"view_{view.name}",
+        specs=[
+            AssetSpec(
+                key,
+                group_name="views",
+                deps=["deid_resources", "released_patients"],
+                description=description,
+                metadata={"view_file": str(path.name), "resource": view.resource},
+            )
+        ],
+        check_specs=[
+            AssetCheckSpec(
+                "phi_leak_scan",
+                asset=key,
+                blocking=True,
+                description="No name, identifier, address, phone or email of any patient, and no "
+                "patient's own birth date, appears in the view's rows.",
+            )
+        ],
+        pool=WAREHOUSE_POOL,
+    )
+    def _view(
+        context: AssetExecutionContext, warehouse: WarehouseResource, keys: KeyProviderResource
+    ) -> Iterator[MaterializeResult | AssetCheckResult]:
+        con = warehouse.connect()
+        try:
+            result = run_view_over_release(con, view, Path(warehouse.workdir))
+            scan = scan_released_table(con, release_canaries(con, keys.provider()), result.table)
+        finally:
+            con.close()
+        context.log.info(
+            f"view {view.name}: {result.rows} rows from {result.resources} resources "
+            f"in {result.seconds:.1f}s"
+        )
+        yield MaterializeResult(
+            asset_key=key,
+            metadata={
+                "rows": result.rows,
+                "resources": result.resources,
+                "patients": result.patients,
+                "columns": MetadataValue.md(
+                    "| column | type |\n|---|---|\n"
+                    + "\n".join(f"| {n} | {t} |" for n, t in result.columns)
+                ),
+                "table": result.table,
+                "parquet": MetadataValue.path(str(result.parquet)),
+                "seconds": result.seconds,
+            },
+        )
+        yield AssetCheckResult(
+            check_name="phi_leak_scan",
+            asset_key=key,
+            passed=scan.passed,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={
+                "scanned_rows": scan.scanned_rows,
+                "canaries": scan.canaries,
+                "hits": len(scan.hits),
+                "hits_by_kind": MetadataValue.json(scan.by_kind()),
+            },
+        )
+
+    _view.__doc__ = description
+    return _view
+
+
+def build_view_assets(views_dir: Path = VIEWS_DIR) -> list[AssetsDefinition]:
+    return [build_view_asset(path) for path in view_files(views_dir)]
+
+
+view_assets: list[AssetsDefinition] = build_view_assets()

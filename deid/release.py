@@ -234,7 +234,7 @@ def scan_released_table(
             for name, type_, *_ in described
             if not str(type_).startswith(("TIMESTAMP", "DOUBLE", "BIGINT", "INTEGER", "BOOLEAN"))
         ]
-        names = {name for name, _ in described}
+        names = {name for name, *_ in described}
         patient_expr = f'"{patient_column}"' if patient_column in names else "NULL"
         id_expr = f'"{id_column}"' if id_column in names else "NULL"
         select = ", ".join(f'CAST("{name}" AS VARCHAR)' for name, _ in columns) or "NULL"

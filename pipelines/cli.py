@@ -81,6 +81,24 @@ def run(input_dir: Path, workdir: Path, key_file: str | None, workers: int) -> N
     for batch in ingest["batches"]:
         rec = batch["reconciliation"]
         click.echo(f"  batch {batch['batch']}: reconciled={rec['passed']}")
+    stages = summary["stages"]
+    deid = stages.get("deid") or {}
+    if deid:
+        click.echo(
+            f"deid: {deid.get('released', 0)} resources released, "
+            f"{sum((deid.get('withheld') or {}).values())} withheld; "
+            f"{deid.get('released_patients', 0)} patients in the k-anonymous table"
+        )
+    for stage in ("views", "features"):
+        if stages.get(stage):
+            tables = ", ".join(f"{t} {n}" for t, n in stages[stage].items())
+            click.echo(f"{stage}: {tables}")
+    model = stages.get("models") or {}
+    if model.get("test_auroc") is not None:
+        click.echo(
+            f"model: readmission {model['model']}, held-out AUROC {model['test_auroc']:.3f} "
+            f"on {model['n_test']} discharges; card {model['model_card']}"
+        )
     click.echo(f"summary: {workdir / SUMMARY_FILE}")
     if not summary["success"]:
         click.echo("some runs failed: open the Dagster UI (make ui) for details", err=True)

@@ -5,7 +5,12 @@ from __future__ import annotations
 from dagster import AssetsDefinition, Definitions
 
 from pipelines.assets.deid import deid_resources, released_patients
+from pipelines.assets.feast import feast_online_store, feast_registry
+from pipelines.assets.features import feature_tables
 from pipelines.assets.ingest import ingest, landing_batch
+from pipelines.assets.models import model_assets
+from pipelines.assets.views import view_assets
+from pipelines.features.resources import FeastStoreResource
 from pipelines.resources import (
     DeidSettings,
     IngestSettings,
@@ -31,11 +36,21 @@ def build_resources(
         "keys": KeyProviderResource(key_file=key_file),
         "ingest_settings": IngestSettings(workers=workers),
         "deid_settings": DeidSettings(),
+        "feast_store": FeastStoreResource(),
     }
 
 
+# per batch (partitioned): landing → ingest → de-identification
 batch_assets: list[AssetsDefinition] = [landing_batch, ingest, deid_resources]
-release_assets: list[AssetsDefinition] = [released_patients]
+# over the whole release, after the batches: k-anonymous patients, views, features, Feast, model
+release_assets: list[AssetsDefinition] = [
+    released_patients,
+    *view_assets,
+    feature_tables,
+    feast_registry,
+    feast_online_store,
+    *model_assets,
+]
 all_assets: list[AssetsDefinition] = batch_assets + release_assets
 
 defs = Definitions(

@@ -111,6 +111,7 @@ def build_summary(
             "SELECT count(*), count(DISTINCT patient_key) FROM phi_vault_current"
         ).fetchall()[0]
         deid = _deid_summary(con)
+        released = {schema: _schema_rows(con, schema) for schema in ("views", "features", "models")}
     finally:
         con.close()
     ingest_totals = {
@@ -128,7 +129,41 @@ def build_summary(
                 "batches": batches,
             },
             "deid": deid,
+            "views": released["views"],
+            "features": released["features"],
+            "models": {**released["models"], **_model_summary(workdir)},
         },
+    }
+
+
+def _schema_rows(con: Any, schema: str) -> dict[str, int]:
+    """Row count of every table of a schema (views, features, models)."""
+    tables = [
+        r[0]
+        for r in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? ORDER BY 1", [schema]
+        ).fetchall()
+    ]
+    return {
+        t: int(con.execute(f'SELECT count(*) FROM {schema}."{t}"').fetchall()[0][0]) for t in tables
+    }
+
+
+def _model_summary(workdir: Path) -> dict[str, Any]:
+    """Headline figures of the readmission model, when it was trained."""
+    metrics_file = workdir / "models" / "readmission" / "metrics.json"
+    if not metrics_file.exists():
+        return {}
+    metrics = json.loads(metrics_file.read_text(encoding="utf-8"))
+    test = metrics.get("test") or {}
+    return {
+        "model": metrics.get("estimator"),
+        "n_train": metrics.get("n_train"),
+        "n_test": metrics.get("n_test"),
+        "test_auroc": test.get("auroc"),
+        "test_brier": test.get("brier"),
+        "largest_subgroup_gap": metrics.get("largest_subgroup_gap"),
+        "model_card": str(metrics_file.parent / "model_card.md"),
     }
 
 

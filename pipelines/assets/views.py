@@ -4,8 +4,6 @@ de-identified resources (never the vault), each guarded by the PHI leak scan.
 Adding a table is adding a JSON file: the assets are discovered from the folder at load time.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 from pathlib import Path
 

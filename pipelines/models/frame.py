@@ -17,6 +17,9 @@ import pandas as pd
 from pandas.api import types as ptypes
 
 ID_COLUMNS = ("patient_id", "event_timestamp", "encounter_id")
+# Object columns holding only these kinds (plus missing) are numbers or flags: Feast returns a
+# boolean or integer feature with missing rows as an object column.
+NUMERIC_OBJECT_KINDS = ("boolean", "integer", "floating", "mixed-integer-float", "decimal")
 AGE_BANDS = ("<45", "45-64", "65-79", "80+")
 UNKNOWN = "unknown"
 
@@ -37,7 +40,8 @@ class FeatureColumns:
 def feature_columns(frame: pd.DataFrame, label: str, exclude: Sequence[str] = ()) -> FeatureColumns:
     """Every column except the label, the entity/timestamp columns and ``exclude``.
 
-    Booleans and numbers are numeric; strings, categories and objects are categorical. Date and
+    Booleans and numbers (also object columns holding only those) are numeric; strings,
+    categories and other objects are categorical. Date and
     time columns are dropped (a raw timestamp only encodes calendar drift of shifted dates), and
     so are columns without a single value (nothing to learn, and imputers reject them).
     """
@@ -55,7 +59,14 @@ def feature_columns(frame: pd.DataFrame, label: str, exclude: Sequence[str] = ()
             or not frame[name].notna().any()
         ):
             dropped.append(str(name))
-        elif ptypes.is_bool_dtype(dtype) or ptypes.is_numeric_dtype(dtype):
+        elif (
+            ptypes.is_bool_dtype(dtype)
+            or ptypes.is_numeric_dtype(dtype)
+            or (
+                ptypes.is_object_dtype(dtype)
+                and ptypes.infer_dtype(frame[name], skipna=True) in NUMERIC_OBJECT_KINDS
+            )
+        ):
             numeric.append(str(name))
         else:
             categorical.append(str(name))

@@ -107,11 +107,20 @@ def test_nullable_and_empty_feature_columns(tmp_path: Path) -> None:
         np.where(np.arange(n) % 3 == 0, None, np.arange(n) % 2 == 0), dtype="boolean"
     )
     frame["age_years"] = pd.array(frame["age_years"].astype(int), dtype="Int64")
+    # what Feast returns for a boolean feature with missing rows
+    frame["object_flag"] = pd.Series(list(frame["flag"].astype(object)), dtype=object).where(
+        frame["flag"].notna(), None
+    )
     frame["recorded_at"] = frame["event_timestamp"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report = train_readmission_model(frame, out_dir=tmp_path, seed=0)
     assert "flag" in report.features and "age_years" in report.features
+    assert "object_flag" in metrics_numeric(report.metrics_path)
     assert "never_measured" not in report.features and "recorded_at" not in report.features
     metrics = json.loads(report.metrics_path.read_text())
     assert set(metrics["features"]["dropped"]) == {"never_measured", "recorded_at"}
+
+
+def metrics_numeric(path: Path) -> list[str]:
+    return list(json.loads(path.read_text())["features"]["numeric"])

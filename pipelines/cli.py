@@ -299,5 +299,27 @@ def bench_views_cmd(patients: int, seed: int, input_dir: Path | None) -> None:
     )
 
 
+@bench.command("features")
+@click.option("--entity-rows", type=click.IntRange(min=10), default=100_000, show_default=True)
+@click.option("--patients", type=click.IntRange(min=10), default=10_000, show_default=True)
+@click.option("--online-requests", type=click.IntRange(min=10), default=200, show_default=True)
+@click.option("--no-http", is_flag=True, help="skip the feast serve (HTTP) measurements")
+def bench_features_cmd(
+    entity_rows: int, patients: int, online_requests: int, no_http: bool
+) -> None:
+    """Feast training-set retrieval against a DuckDB ASOF JOIN, online latency (SDK and
+    feast serve), and materialisation time per 100,000 feature rows."""
+    from pipelines.features.bench import bench_features
+
+    click.echo(f"== feature store benchmark: {entity_rows} entity rows, {patients} patients")
+    bench_features(
+        entity_rows=entity_rows,
+        patients=patients,
+        online_requests=online_requests,
+        http=not no_http,
+        echo=click.echo,
+    )
+
+
 if __name__ == "__main__":
     main()

@@ -30,7 +30,11 @@ from pipelines.models.storage import (
     parquet_path,
     write_table,
 )
-from pipelines.models.training import ModelReport, train_readmission_model
+from pipelines.models.training import (
+    InsufficientTrainingDataError,
+    ModelReport,
+    train_readmission_model,
+)
 from pipelines.models.training_set import (
     AUDIT_COLUMNS,
     FEATURE_SERVICE,
@@ -169,11 +173,24 @@ def readmission_model(
         training = with_audit_attributes(con, training)
     finally:
         con.close()
-    report = train_readmission_model(
-        training,
-        out_dir=models_dir(warehouse.workdir) / MODEL_DIR,
-        audit_columns=AUDIT_COLUMNS,
-    )
+    out_dir = models_dir(warehouse.workdir) / MODEL_DIR
+    try:
+        report = train_readmission_model(training, out_dir=out_dir, audit_columns=AUDIT_COLUMNS)
+    except InsufficientTrainingDataError as exc:
+        # a small release (a test batch, a clinic's first export) is not an error of the
+        # pipeline: say why there is no model, and drop figures of an earlier one
+        (out_dir / "metrics.json").unlink(missing_ok=True)
+        context.log.warning(f"readmission model not trained: {exc}")
+        yield MaterializeResult(
+            metadata={"trained": False, "reason": str(exc), "rows": len(training)}
+        )
+        yield AssetCheckResult(
+            check_name="auroc_beats_chance",
+            passed=False,
+            severity=AssetCheckSeverity.WARN,
+            metadata={"trained": False, "reason": str(exc)},
+        )
+        return
     context.log.info(
         f"readmission model: AUROC {report.auroc}, {report.n_train} train / "
         f"{report.n_test} test rows"

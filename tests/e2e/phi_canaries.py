@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -96,21 +97,32 @@ def released_birth_date_leaks(workdir: Path, key_file: Path, births: dict[str, s
     return [pid for pid, birth in rows if birth is not None and by_pseudonym.get(pid) == birth]
 
 
+def _pattern(canaries: set[str] | frozenset[str]) -> re.Pattern[str] | None:
+    if not canaries:
+        return None
+    words = sorted((re.escape(c.casefold()) for c in canaries), key=len, reverse=True)
+    # whole words: a given name such as "Erica" inside "American" is not that name
+    return re.compile(r"(?<![0-9a-z])(?:" + "|".join(words) + r")(?![0-9a-z])")
+
+
 def scan_for_canaries(
     root: Path, canaries: set[str], outside_warehouse: frozenset[str] | set[str] = frozenset()
 ) -> dict[str, list[str]]:
-    """Files under ``root`` holding any canary (case-folded), with the first hits. The
-    ``outside_warehouse`` canaries (dates) are searched in every file but the warehouse, whose
-    released tables hold shifted dates by design."""
-    folded = [c.casefold().encode() for c in canaries]
-    dates = [c.casefold().encode() for c in outside_warehouse]
+    """Files under ``root`` holding any canary as a whole word (case-folded), with the first
+    hits. The ``outside_warehouse`` canaries (dates) are searched in every file but the
+    warehouse and the released tables, which hold shifted dates by design."""
+    everywhere = _pattern(canaries)
+    with_dates = _pattern(set(canaries) | set(outside_warehouse))
     hits: dict[str, list[str]] = {}
     for path in root.rglob("*"):
         if not path.is_file():
             continue
-        data = path.read_bytes().decode("utf-8", "replace").casefold().encode()
-        searched = folded if path.suffix in (".duckdb", ".wal") else folded + dates
-        found = [c.decode() for c in searched if c in data]
+        text = path.read_bytes().decode("utf-8", "replace").casefold()
+        released = path.suffix in (".duckdb", ".wal", ".parquet")
+        pattern = everywhere if released else with_dates
+        if pattern is None:
+            continue
+        found = sorted({m.group(0) for m in pattern.finditer(text)})
         if found:
             hits[str(path.relative_to(root))] = found[:5]
     return hits

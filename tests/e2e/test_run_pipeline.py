@@ -21,10 +21,19 @@ from pipelines.run import run_pipeline
 pytestmark = pytest.mark.e2e
 
 
+# warns only (non-blocking): a release of a few dozen patients is too small to train on
+ADVISORY_CHECKS = {"readmission_model:auroc_beats_chance"}
+
+
 def _assert_accounted(summary: dict) -> None:
     for run in summary["runs"]:
-        assert all(run["checks"].values()), run
-    assert any("released_patients:k_anonymity" in r["checks"] for r in summary["runs"])
+        assert all(v for k, v in run["checks"].items() if k not in ADVISORY_CHECKS), run
+    checks = {k for r in summary["runs"] for k in r["checks"]}
+    assert "released_patients:k_anonymity" in checks
+    assert "views/observation:phi_leak_scan" in checks
+    assert "features/patient_labs_vitals:phi_leak_scan" in checks
+    assert summary["stages"]["views"]["patient"] > 0
+    assert summary["stages"]["features"]["patient_demographics"] > 0
     deid = summary["stages"]["deid"]
     assert deid["released"] == summary["stages"]["ingest"]["vault_resources_current"]
     ingest = summary["stages"]["ingest"]

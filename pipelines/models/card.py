@@ -52,6 +52,8 @@ def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
             f"is {cal_gap['value']:.3f} further from calibrated than `{cal_gap['best_group']}`."
         )
     not_assessable = metrics.get("subgroups_not_assessable") or []
+    chosen_c = metrics.get("regularisation_c")
+    c_text = f" (L2, C={chosen_c:.3g} chosen on grouped inner folds)" if chosen_c else ""
     importance = metrics.get("permutation_importance") or []
     top_features = ", ".join(
         f"`{r['feature']}` ({r['importance_mean']:+.3f})" for r in importance[:8]
@@ -83,10 +85,10 @@ def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
         "at which the patient died, and all discharges of patients who opted out of research.",
         "",
         "## Features",
-        f"Estimator: `{metrics['estimator']}` in a scikit-learn pipeline (median imputation with",
-        "missing indicators and standard scaling for numeric columns, one-hot encoding for",
-        "categorical ones). Features are read point-in-time as of the discharge from the",
-        "feature store.",
+        f"Estimator: `{metrics['estimator']}`{c_text} in a scikit-learn pipeline",
+        "(median imputation with missing indicators and standard scaling for numeric columns,",
+        "one-hot encoding for categorical ones). Features are read point-in-time as of the",
+        "discharge from the feature store.",
         f"- numeric: {', '.join(f'`{c}`' for c in features['numeric']) or 'none'}",
         f"- categorical: {', '.join(f'`{c}`' for c in features['categorical']) or 'none'}",
     ]

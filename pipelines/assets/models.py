@@ -56,7 +56,12 @@ def censor_margin_days(profile: str) -> int:
 
 @asset(
     group_name=GROUP,
-    deps=[AssetKey(["views", "encounter"]), AssetKey(["views", "consent"])],
+    # views.patient only adds deaths recorded on the patient; the label works without it.
+    deps=[
+        AssetKey(["views", "encounter"]),
+        AssetKey(["views", "consent"]),
+        AssetKey(["views", "patient"]),
+    ],
     pool=WAREHOUSE_POOL,
 )
 def readmission_labels(

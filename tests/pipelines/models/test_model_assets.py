@@ -43,6 +43,7 @@ def test_labels_asset_writes_table_and_parquet(tmp_path: Path) -> None:
     assert {d.asset_key for d in specs.deps} == {
         AssetKey(["views", "encounter"]),
         AssetKey(["views", "consent"]),
+        AssetKey(["views", "patient"]),
     }
     assert specs.group_name == "models"
 

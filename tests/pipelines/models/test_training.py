@@ -8,7 +8,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.models.training import load_model, split_by_patient, train_readmission_model
+from pipelines.models.training import (
+    InsufficientTrainingDataError,
+    load_model,
+    split_by_patient,
+    train_readmission_model,
+)
 
 from .crafted import planted_frame
 
@@ -95,7 +100,7 @@ def test_missing_subgroup_class_and_unseen_categories(tmp_path: Path) -> None:
 
 def test_single_class_frame_is_refused(tmp_path: Path) -> None:
     frame = planted_frame().assign(label=0)
-    with pytest.raises(ValueError, match="single label class"):
+    with pytest.raises(InsufficientTrainingDataError, match="single label class"):
         train_readmission_model(frame, out_dir=tmp_path)
 
 

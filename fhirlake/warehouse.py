@@ -94,14 +94,19 @@ SCHEMA = [
     # order it arrived in.
     """
     CREATE OR REPLACE VIEW phi_vault_current AS
-    SELECT * EXCLUDE (rn) FROM (
-        SELECT *, row_number() OVER (
-            PARTITION BY resource_key
-            ORDER BY TRY_CAST(version_id AS BIGINT) DESC NULLS LAST,
-                     last_updated DESC NULLS LAST, ingest_seq DESC
-        ) AS rn
-        FROM phi_vault
-    ) WHERE rn = 1""",
+    SELECT v.* FROM phi_vault v
+    JOIN (
+        -- rank narrow rows only: a window over the ciphertexts would hold every blob in
+        -- memory at once, and the warehouse runs under a memory cap
+        SELECT resource_key, ingest_seq FROM (
+            SELECT resource_key, ingest_seq, row_number() OVER (
+                PARTITION BY resource_key
+                ORDER BY TRY_CAST(version_id AS BIGINT) DESC NULLS LAST,
+                         last_updated DESC NULLS LAST, ingest_seq DESC
+            ) AS rn
+            FROM phi_vault
+        ) WHERE rn = 1
+    ) AS current USING (resource_key, ingest_seq)""",
 ]
 
 BATCH_TABLES = (

@@ -186,40 +186,51 @@ def _keys_for(model: str, name: str) -> tuple[str, ...]:
     return tuple(keys) if keys else (name,)
 
 
+@cache
+def _navigation_plan(
+    model: str, name: str
+) -> tuple[tuple[str, str | None, str | None, str], ...] | None:
+    """(JSON key, FHIR type, child model, element name) of every key that can hold element
+    ``name`` of ``model``; None when the model is unknown (untyped JSON)."""
+    types = element_types(model)
+    if not types:
+        return None
+    return tuple((key, *types.get(key, (None, None, key))) for key in _keys_for(model, name))
+
+
 def _navigate(node: Node, name: str) -> list[Node]:
     """The children named ``name``: the same nodes as filtering :func:`_children`, without
     building every child (navigation is the hot path of the view runner)."""
     value = node.value
-    if not isinstance(value, dict) or name == "resourceType" or name.startswith("_"):
+    if not isinstance(value, dict) or name == "resourceType" or name[:1] == "_":
         return []
-    model = value.get("resourceType") if isinstance(value.get("resourceType"), str) else None
-    model = model or node.model
-    if model:
-        types = element_types(model)
-        keys = _keys_for(model, name) if types else None
-    else:
-        types, keys = {}, None
-    if keys is None:
+    resource_type = value.get("resourceType")
+    model = resource_type if isinstance(resource_type, str) else node.model
+    plan = _navigation_plan(model, name) if model else None
+    if plan is None:
         # untyped JSON: the key itself, or a choice element spelled name + TypeName
-        keys = tuple(
-            k
+        plan = tuple(
+            (k, None, None, name)
             for k in value
             if k == name or (k.startswith(name) and k[len(name) : len(name) + 1].isupper())
         )
     out: list[Node] = []
-    for key in keys:
+    for key, fhir_type, child_model, base in plan:
         if key not in value:
             continue
         child = value[key]
-        fhir_type, child_model, base = types.get(key, (None, None, key))
-        if key != name and not types:
-            base = name
-        items = child if isinstance(child, list) else [child]
-        for i, item in enumerate(items):
-            t, m = fhir_type, child_model
-            if isinstance(item, dict) and isinstance(item.get("resourceType"), str):
-                t = m = item["resourceType"]
-            out.append(Node(item, value, key, i if isinstance(child, list) else None, t, base, m))
+        if isinstance(child, list):
+            for i, item in enumerate(child):
+                if isinstance(item, dict) and isinstance(item.get("resourceType"), str):
+                    rt = item["resourceType"]
+                    out.append(Node(item, value, key, i, rt, base, rt))
+                else:
+                    out.append(Node(item, value, key, i, fhir_type, base, child_model))
+        elif isinstance(child, dict) and isinstance(child.get("resourceType"), str):
+            rt = child["resourceType"]
+            out.append(Node(child, value, key, None, rt, base, rt))
+        else:
+            out.append(Node(child, value, key, None, fhir_type, base, child_model))
     return out
 
 
@@ -822,7 +833,8 @@ class CompiledPath:
     ) -> list[Node]:
         """Evaluate with ``focus`` as ``$this`` (a node reached earlier, so its element type
         is known) inside the resource ``root``."""
-        return _eval(self._ast, [focus], _Context(root, dict(variables or {}), None))
+        # variables are only read during evaluation: no defensive copy on this hot path
+        return _eval(self._ast, [focus], _Context(root, variables or {}, None))
 
 
 def root_node(resource: Any) -> Node:

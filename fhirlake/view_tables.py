@@ -12,7 +12,15 @@ from typing import Any
 import duckdb
 import orjson
 
-from fhirlake.viewdef import ViewDefinition, duckdb_type, load_view, write_view_table
+from fhirlake.viewdef import (
+    ViewDefinition,
+    duckdb_type,
+    load_view,
+    write_view_table,
+)
+from fhirlake.viewdef import (
+    iter_fhir_resources as iter_fhir_resources,  # re-exported: readers of FHIR files for views
+)
 
 VIEWS_DIR = Path(__file__).resolve().parent.parent / "fhir" / "views"
 VIEWS_SCHEMA = "views"
@@ -88,24 +96,3 @@ def run_view_over_release(
         columns=[(c.name, duckdb_type(c)) for c in view.columns],
         seconds=round(time.perf_counter() - started, 3),
     )
-
-
-def iter_fhir_resources(path: Path) -> Iterator[dict[str, Any]]:
-    """Resources of a FHIR file (Bundle entries or a single resource; JSON, NDJSON, .gz) or of
-    every such file in a folder and its subfolders, streamed. Records that are not JSON
-    objects are skipped here: this reads files for one-off view runs, not for ingest."""
-    from fhirlake.readers import iter_records, list_batch_files
-
-    folders = [path]
-    if path.is_dir():
-        folders += sorted(p for p in path.rglob("*") if p.is_dir())
-    for folder in folders:
-        files, _ = list_batch_files(folder)
-        for source in files:
-            for record in iter_records(source):
-                try:
-                    obj = orjson.loads(record.raw or b"")
-                except orjson.JSONDecodeError:
-                    continue
-                if isinstance(obj, dict):
-                    yield obj

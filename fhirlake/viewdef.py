@@ -210,13 +210,19 @@ class ViewDefinition:
         return {**self.constants, "rowIndex": row_index}
 
     def _value(
-        self, column: ViewColumn, path: CompiledPath, focus: Node | None, index: int, root: Node
+        self,
+        column: ViewColumn,
+        path: CompiledPath,
+        focus: Node | None,
+        index: int,
+        root: Node,
+        variables: dict[str, Any],
     ) -> Any:
         if path.expr == "%rowIndex":
             return [index] if column.collection else index
         if focus is None:
             return [] if column.collection else None
-        nodes = path.evaluate_at(focus, root, self._variables(index))
+        nodes = path.evaluate_at(focus, root, variables)
         values = [_plain(n) for n in nodes]
         if column.collection:
             return values
@@ -258,7 +264,10 @@ class ViewDefinition:
             return [self._null_row(node)]
         out: list[dict[str, Any]] = []
         for item, i in foci:
-            partial = [{c.name: self._value(c, p, item, i, root) for c, p in node.columns}]
+            variables = self._variables(i)
+            partial = [
+                {c.name: self._value(c, p, item, i, root, variables) for c, p in node.columns}
+            ]
             for sub in node.selects:
                 sub_rows = self._rows(sub, item, i, root)
                 partial = [{**a, **b} for a in partial for b in sub_rows]
@@ -461,3 +470,24 @@ def write_view_table(
         con.execute(f"COPY {table} TO '{tmp_path}' (FORMAT PARQUET)")
         tmp_path.replace(parquet)
     return rows
+
+
+def iter_fhir_resources(path: Path) -> Iterator[dict[str, Any]]:
+    """Resources of a FHIR file (Bundle entries or a single resource; JSON, NDJSON, .gz) or of
+    every such file in a folder and its subfolders, streamed. Records that are not JSON
+    objects are skipped here: this reads files for one-off view runs, not for ingest."""
+    from fhirlake.readers import iter_records, list_batch_files
+
+    folders = [path]
+    if path.is_dir():
+        folders += sorted(p for p in path.rglob("*") if p.is_dir())
+    for folder in folders:
+        files, _ = list_batch_files(folder)
+        for source in files:
+            for record in iter_records(source):
+                try:
+                    obj = orjson.loads(record.raw or b"")
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(obj, dict):
+                    yield obj

@@ -9,11 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow.parquet as pq
 import pytest
 
 from fhirlake.view_tables import load_views
-from fhirlake.viewdef import ViewDefinitionError, duckdb_type, load_view, write_view_table
+from fhirlake.viewdef import (
+    ViewColumn,
+    ViewDefinitionError,
+    duckdb_type,
+    iter_fhir_resources,
+    load_view,
+    write_view_table,
+)
 
 QUANTITY = {"name": "value", "path": "value.ofType(Quantity).value", "type": "decimal"}
 OBSERVATION_VIEW = {
@@ -204,3 +212,47 @@ def test_the_platform_views_load_and_have_ids() -> None:
         names = [c.name for c in view.columns]
         assert names[0] == "id"
         assert view.name == "patient" or "patient_id" in names
+
+
+def test_collection_columns_are_lists_in_duckdb(tmp_path: Path) -> None:
+    assert duckdb_type(ViewColumn("given", "name.given", "string", True)) == "VARCHAR[]"
+    assert duckdb_type(ViewColumn("d", "birthDate", "date", False)) == "DATE"
+    assert duckdb_type(ViewColumn("n", "x", "positiveInt", False)) == "BIGINT"
+    assert duckdb_type(ViewColumn("c", "code", None, False)) == "VARCHAR"
+    view = load_view(
+        {
+            "resource": "Patient",
+            "select": [
+                {
+                    "column": [
+                        {"name": "id", "path": "getResourceKey()"},
+                        {"name": "given", "path": "name.given", "collection": True},
+                    ]
+                }
+            ],
+        }
+    )
+    con = duckdb.connect()
+    patients = (
+        {"resourceType": "Patient", "id": f"p{i}", "name": [{"given": ["A", "B"]}]}
+        for i in range(3)
+    )
+    assert write_view_table(con, view, patients, "pt", tmp_path / "pt.parquet") == 3
+    assert con.execute("SELECT given FROM pt WHERE id = 'p1'").fetchone() == (["A", "B"],)
+    assert pq.read_table(tmp_path / "pt.parquet").num_rows == 3
+
+
+def test_fhir_files_are_read_from_bundles_ndjson_and_folders(tmp_path: Path) -> None:
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": {"resourceType": "Patient", "id": "a"}}],
+    }
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "b.json").write_bytes(orjson.dumps(bundle))
+    (tmp_path / "sub" / "o.ndjson").write_bytes(
+        b'{"resourceType": "Observation", "id": "o1"}\n'
+        b'{"resourceType": "Observation", "id": "o2"}\n'
+    )
+    assert [r["id"] for r in iter_fhir_resources(tmp_path / "b.json")] == ["a"]
+    assert sorted(r["id"] for r in iter_fhir_resources(tmp_path)) == ["a", "o1", "o2"]

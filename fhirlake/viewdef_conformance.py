@@ -85,9 +85,16 @@ def iter_suite(suite_dir: Path) -> list[tuple[str, dict[str, Any], list[dict[str
     return out
 
 
-def run_conformance_suite(suite_dir: Path) -> tuple[dict[str, Any], list[CaseResult]]:
-    """The official report (``{file: {tests: [{name, result: {passed, error?}}]}}``) and the
-    case results."""
+def run_conformance_suite(suite_dir: Path) -> dict[str, Any]:
+    """The official test report of a conformance folder:
+    ``{file: {tests: [{name, result: {passed, error?}}]}}``."""
+    report, _ = run_conformance_cases(suite_dir)
+    return report
+
+
+def run_conformance_cases(suite_dir: Path) -> tuple[dict[str, Any], list[CaseResult]]:
+    """The official report (see :func:`run_conformance_suite`) and the per-case results
+    (with tags, so callers can tell shareable from experimental failures)."""
     report: dict[str, Any] = {}
     results = []
     for file, case, resources in iter_suite(suite_dir):

@@ -1,4 +1,4 @@
-"""``ehr views run`` and ``ehr views test`` as a user calls them."""
+"""``ehr views run`` and ``ehr views test`` (the ``views`` group of pipelines.cli_views)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from fhirlake.synthetic import generate
-from pipelines.cli import main
+from pipelines.cli_views import views
 
 VIEWS = Path(__file__).resolve().parents[2] / "fhir" / "views"
 
@@ -19,8 +19,8 @@ def test_views_run_writes_csv_and_parquet(tmp_path: Path) -> None:
     runner = CliRunner()
     out = tmp_path / "obs.parquet"
     result = runner.invoke(
-        main,
-        ["views", "run", str(VIEWS / "observation.json"), str(tmp_path / "in"), "--out", str(out)],
+        views,
+        ["run", str(VIEWS / "observation.json"), str(tmp_path / "in"), "--out", str(out)],
     )
     assert result.exit_code == 0, result.output
     table = pq.read_table(out)
@@ -28,13 +28,13 @@ def test_views_run_writes_csv_and_parquet(tmp_path: Path) -> None:
     assert str(table.schema.field("effective_date_time").type).startswith("timestamp")
     csv = tmp_path / "patients.csv"
     result = runner.invoke(
-        main, ["views", "run", str(VIEWS / "patient.json"), str(tmp_path / "in"), "--out", str(csv)]
+        views, ["run", str(VIEWS / "patient.json"), str(tmp_path / "in"), "--out", str(csv)]
     )
     assert result.exit_code == 0, result.output
     lines = csv.read_text().splitlines()
     assert lines[0].startswith("id,gender,birth_date") and len(lines) == 4
     bad = runner.invoke(
-        main, ["views", "run", str(VIEWS / "patient.json"), str(tmp_path / "in"), "--out", "x.txt"]
+        views, ["run", str(VIEWS / "patient.json"), str(tmp_path / "in"), "--out", "x.txt"]
     )
     assert bad.exit_code != 0 and ".csv or .parquet" in bad.output
 
@@ -43,7 +43,7 @@ def test_views_run_rejects_an_invalid_view(tmp_path: Path) -> None:
     view = tmp_path / "bad.json"
     view.write_text(json.dumps({"resourceType": "ViewDefinition", "select": []}))
     result = CliRunner().invoke(
-        main, ["views", "run", str(view), str(tmp_path), "--out", str(tmp_path / "x.csv")]
+        views, ["run", str(view), str(tmp_path), "--out", str(tmp_path / "x.csv")]
     )
     assert result.exit_code != 0
     assert "resource" in result.output
@@ -81,8 +81,75 @@ def test_views_test_writes_the_report(tmp_path: Path) -> None:
         )
     )
     report = tmp_path / "report.json"
-    result = CliRunner().invoke(main, ["views", "test", str(suite), "--report", str(report)])
+    result = CliRunner().invoke(views, ["test", str(suite), "--report", str(report)])
     assert result.exit_code == 0, result.output  # only an experimental case failed
     assert "shareable 1/1" in result.output
     written = json.loads(report.read_text())
     assert [t["result"]["passed"] for t in written["mini.json"]["tests"]] == [True, False]
+
+
+def test_views_run_reads_a_single_bundle_file(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle.json"
+    bundle.write_text(
+        json.dumps(
+            {
+                "resourceType": "Bundle",
+                "type": "collection",
+                "entry": [
+                    {"resource": {"resourceType": "Patient", "id": "a", "birthDate": "1970"}},
+                    {"resource": {"resourceType": "Patient", "id": "b", "birthDate": "1980-05"}},
+                    {"resource": {"resourceType": "Observation", "id": "o", "status": "final"}},
+                ],
+            }
+        )
+    )
+    view = tmp_path / "pt.json"
+    view.write_text(
+        json.dumps(
+            {
+                "resourceType": "ViewDefinition",
+                "name": "pt",
+                "resource": "Patient",
+                "select": [
+                    {
+                        "column": [
+                            {"name": "id", "path": "getResourceKey()"},
+                            {"name": "birth_date", "path": "birthDate", "type": "date"},
+                        ]
+                    }
+                ],
+            }
+        )
+    )
+    out = tmp_path / "pt.parquet"
+    result = CliRunner().invoke(views, ["run", str(view), str(bundle), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "2 rows" in result.output
+    table = pq.read_table(out).to_pylist()
+    assert sorted(str(r["birth_date"]) for r in table) == ["1970-01-01", "1980-05-01"]
+
+
+def test_views_test_fails_on_a_shareable_failure(tmp_path: Path) -> None:
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "bad.json").write_text(
+        json.dumps(
+            {
+                "title": "bad",
+                "resources": [{"resourceType": "Patient", "id": "p1", "gender": "female"}],
+                "tests": [
+                    {
+                        "title": "wrong",
+                        "view": {
+                            "resource": "Patient",
+                            "select": [{"column": [{"name": "g", "path": "gender"}]}],
+                        },
+                        "expect": [{"g": "male"}],
+                    }
+                ],
+            }
+        )
+    )
+    result = CliRunner().invoke(views, ["test", str(suite)])
+    assert result.exit_code == 1
+    assert "shareable 0/1" in result.output

@@ -11,7 +11,7 @@ import click
 
 from deid.errors import DeidError
 from deid.keys import default_key_file, init_keyring
-from pipelines import cli_privacy
+from pipelines import cli_privacy, cli_views
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -136,69 +136,7 @@ def quarantine_list(workdir: Path, limit: int) -> None:
         click.echo(json.dumps(dict(zip(["batch", "file", "position", "reason", "message"], row))))
 
 
-@main.group()
-def views() -> None:
-    """SQL-on-FHIR v2 ViewDefinitions: run one over FHIR files, or run a conformance suite."""
-
-
-@views.command("run")
-@click.argument("view_file", type=click.Path(path_type=Path, exists=True, dir_okay=False))
-@click.argument("input_path", type=click.Path(path_type=Path, exists=True))
-@click.option(
-    "--out",
-    "out_file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    required=True,
-    help="output file: .csv or .parquet",
-)
-def views_run(view_file: Path, input_path: Path, out_file: Path) -> None:
-    """Run VIEW_FILE over a FHIR file or folder (JSON, NDJSON, .gz); CSV or Parquet out."""
-    import duckdb
-
-    from fhirlake.view_tables import iter_fhir_resources
-    from fhirlake.viewdef import ViewDefinitionError, load_view, write_view_table
-
-    suffix = out_file.suffix.lower()
-    if suffix not in (".csv", ".parquet"):
-        raise click.UsageError("--out must end in .csv or .parquet")
-    try:
-        view = load_view(view_file)
-        con = duckdb.connect()
-        con.execute("SET TimeZone = 'UTC'")
-        rows = write_view_table(con, view, iter_fhir_resources(input_path), "view_rows")
-    except ViewDefinitionError as exc:
-        raise click.ClickException(str(exc)) from exc
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    fmt = "FORMAT PARQUET" if suffix == ".parquet" else "FORMAT CSV, HEADER"
-    con.execute(f"COPY view_rows TO '{out_file}' ({fmt})")
-    con.close()
-    click.echo(f"{view.name}: {rows} rows → {out_file}")
-
-
-@views.command("test")
-@click.argument("suite_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--report", "report_file", type=click.Path(path_type=Path, dir_okay=False))
-def views_test(suite_dir: Path, report_file: Path | None) -> None:
-    """Run an SQL-on-FHIR conformance suite folder; write the official report JSON. Exits
-    non-zero when a case not tagged experimental fails."""
-    from fhirlake.viewdef_conformance import run_conformance_suite
-
-    report, results = run_conformance_suite(suite_dir)
-    if report_file:
-        report_file.parent.mkdir(parents=True, exist_ok=True)
-        report_file.write_text(json.dumps(report, indent=2), encoding="utf-8")
-    shareable = [r for r in results if not r.experimental]
-    experimental = [r for r in results if r.experimental]
-    for r in results:
-        if not r.passed:
-            click.echo(f"FAIL {r.file}: {r.title}: {r.error}", err=True)
-    click.echo(
-        f"passed {sum(r.passed for r in results)}/{len(results)} "
-        f"(shareable {sum(r.passed for r in shareable)}/{len(shareable)}, "
-        f"experimental {sum(r.passed for r in experimental)}/{len(experimental)})"
-    )
-    if not all(r.passed for r in shareable):
-        sys.exit(1)
+main.add_command(cli_views.views)
 
 
 @main.group()

@@ -168,7 +168,7 @@ class AuditLog:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, self.head_path)
-        _fsync_dir(self.head_path.parent)
+        fsync_dir(self.head_path.parent)
 
     # -- appending ------------------------------------------------------------------------
     def _tail(self, text: str) -> list[dict[str, Any]]:
@@ -391,7 +391,8 @@ class AuditLog:
         return []
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -26,7 +26,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from deid.audit import AuditLog
+from deid.audit import AuditLog, fsync_dir
 from deid.errors import (
     AuditLogError,
     DeidError,
@@ -120,14 +120,6 @@ def _keyring_lock(key_file: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_keyring(path: Path, document: dict[str, Any]) -> None:
     """Atomic and durable (mode 0600): rotation must never commit data keys wrapped under a KEK
     that a power cut could take out of the keyring again."""
@@ -140,7 +132,7 @@ def _write_keyring(path: Path, document: dict[str, Any]) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _read_keyring(key_file: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from dagster import (
 
 from deid.policy import Policy
 from deid.release import build_released_patients, deidentify_batch, scan_released_batch
+from pipelines.assets.checks import leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.partitions import batch_partitions
 from pipelines.resources import DeidSettings, KeyProviderResource, WarehouseResource
@@ -79,18 +80,7 @@ def deid_resources(
             "rule_counts": _table(report.rule_counts, "rule"),
         },
     )
-    yield AssetCheckResult(
-        check_name="phi_leak_scan",
-        asset_key="deid_resources",
-        passed=scan.passed,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={
-            "scanned_rows": scan.scanned_rows,
-            "canaries": scan.canaries,
-            "hits": len(scan.hits),
-            "hits_by_kind": MetadataValue.json(scan.by_kind()),
-        },
-    )
+    yield leak_scan_result("deid_resources", scan)
 
 
 @multi_asset(

@@ -18,6 +18,7 @@ from dagster import (
 )
 
 from deid.release import release_canaries
+from pipelines.assets.checks import columns_table, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.checks import opted_out_rows, scan_feature_table, table_shape
 from pipelines.features.tables import (
@@ -34,12 +35,6 @@ def feature_asset_key(name: str) -> AssetKey:
 
 
 FEATURE_ASSET_KEYS: list[AssetKey] = [feature_asset_key(name) for name in FEATURE_TABLES]
-
-
-def _columns_md(columns: list[tuple[str, str]]) -> MetadataValue:
-    return MetadataValue.md(
-        "| column | type |\n|---|---|\n" + "\n".join(f"| {n} | {t} |" for n, t in columns)
-    )
 
 
 @multi_asset(
@@ -105,25 +100,14 @@ def feature_tables(
             metadata={
                 "rows": shape.rows,
                 "patients": shape.patients,
-                "columns": _columns_md(shape.columns),
+                "columns": columns_table(shape.columns),
                 "table": f"{FEATURES_SCHEMA}.{name}",
                 "parquet": MetadataValue.path(str(parquet_path(out_dir, name))),
                 "opted_out_excluded": build.opted_out,
                 "build_seconds": build.seconds,
             },
         )
-        yield AssetCheckResult(
-            check_name="phi_leak_scan",
-            asset_key=key,
-            passed=scan.passed,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={
-                "scanned_rows": scan.scanned_rows,
-                "canaries": scan.canaries,
-                "hits": len(scan.hits),
-                "hits_by_kind": MetadataValue.json(scan.by_kind()),
-            },
-        )
+        yield leak_scan_result(key, scan)
         yield AssetCheckResult(
             check_name="no_opted_out_patients",
             asset_key=key,

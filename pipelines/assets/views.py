@@ -9,7 +9,6 @@ from pathlib import Path
 
 from dagster import (
     AssetCheckResult,
-    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
@@ -23,6 +22,7 @@ from dagster import (
 from deid.release import release_canaries, scan_released_table
 from fhirlake.view_tables import VIEWS_DIR, VIEWS_SCHEMA, run_view_over_release, view_files
 from fhirlake.viewdef import ViewDefinition, load_view
+from pipelines.assets.checks import columns_table, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.resources import KeyProviderResource, WarehouseResource
 
@@ -78,27 +78,13 @@ def build_view_asset(path: Path) -> AssetsDefinition:
                 "rows": result.rows,
                 "resources": result.resources,
                 "patients": result.patients,
-                "columns": MetadataValue.md(
-                    "| column | type |\n|---|---|\n"
-                    + "\n".join(f"| {n} | {t} |" for n, t in result.columns)
-                ),
+                "columns": columns_table(result.columns),
                 "table": result.table,
                 "parquet": MetadataValue.path(str(result.parquet)),
                 "seconds": result.seconds,
             },
         )
-        yield AssetCheckResult(
-            check_name="phi_leak_scan",
-            asset_key=key,
-            passed=scan.passed,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={
-                "scanned_rows": scan.scanned_rows,
-                "canaries": scan.canaries,
-                "hits": len(scan.hits),
-                "hits_by_kind": MetadataValue.json(scan.by_kind()),
-            },
-        )
+        yield leak_scan_result(key, scan)
 
     _view.__doc__ = description
     return _view

@@ -239,10 +239,12 @@ def train_readmission_model(
         if required not in training.columns:
             raise ValueError(f"the training frame has no {required!r} column")
     frame = training[training[label].notna()].reset_index(drop=True)
+    if frame.empty:
+        raise InsufficientTrainingDataError("the training frame has no labelled rows")
     y_all = frame[label].astype("int64").to_numpy()
     columns = feature_columns(frame, label, (*exclude, *audit_columns))
     if not columns.all:
-        raise ValueError("the training frame has no feature columns")
+        raise InsufficientTrainingDataError("the training frame has no feature with a value")
     train_idx, test_idx = split_by_patient(frame, label, seed)
     x = frame[list(columns.all)]
     x_train, x_test = x.iloc[train_idx], x.iloc[test_idx]

@@ -1,0 +1,28 @@
+"""Check results and metadata shared by every released table's assets."""
+
+from dagster import AssetCheckResult, AssetCheckSeverity, AssetKey, MetadataValue
+
+from deid.leakscan import LeakScanResult
+
+
+def leak_scan_result(asset_key: str | AssetKey, scan: LeakScanResult) -> AssetCheckResult:
+    """The blocking ``phi_leak_scan`` result: counts and canary kinds, never the canaries."""
+    return AssetCheckResult(
+        check_name="phi_leak_scan",
+        asset_key=asset_key,
+        passed=scan.passed,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={
+            "scanned_rows": scan.scanned_rows,
+            "canaries": scan.canaries,
+            "hits": len(scan.hits),
+            "hits_by_kind": MetadataValue.json(scan.by_kind()),
+        },
+    )
+
+
+def columns_table(columns: list[tuple[str, str]]) -> MetadataValue:
+    """A markdown table of column names and types, as the UI shows it."""
+    return MetadataValue.md(
+        "| column | type |\n|---|---|\n" + "\n".join(f"| {n} | {t} |" for n, t in columns)
+    )

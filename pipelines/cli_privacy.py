@@ -109,11 +109,12 @@ def forget(
     """Erase PATIENT (an original Patient id, or a pseudonym with --pseudonym): destroy its
     data key and purge it from the vault, the indexes and every table with a patient_id."""
     from deid.lifecycle import forget_patient, forget_pseudonym
+    from pipelines.erasure import release_erasure_hooks
 
     provider = _provider(key_file)
     audit = audit_log_for(workdir, provider)
     try:
-        with _warehouse(workdir, read_only=False) as con:
+        with _warehouse(workdir, read_only=False) as con, release_erasure_hooks(workdir):
             if is_pseudonym:
                 report = forget_pseudonym(con, patient, audit, reason)
             else:

@@ -32,7 +32,7 @@ def test_views_run_writes_csv_and_parquet(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     lines = csv.read_text().splitlines()
-    assert lines[0].startswith("id,gender,birth_date") and len(lines) == 4
+    assert lines[0].startswith("id,patient_id,gender,birth_date") and len(lines) == 4
     bad = runner.invoke(
         views, ["run", str(VIEWS / "patient.json"), str(tmp_path / "in"), "--out", "x.txt"]
     )

@@ -1,0 +1,106 @@
+"""Erasure beyond the warehouse tables: the released Parquet files (views, features, models)
+and the Feast online store. ``ehr forget`` registers these as erasure hooks for its workdir, so
+after it nothing of the patient is left in any file the platform publishes."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import duckdb
+
+from deid.lifecycle import ERASURE_HOOKS, ErasureHook
+
+RELEASED_FOLDERS = ("views", "features", "models")
+ONLINE_STORE = Path("feast") / "online_store.db"
+_PSEUDONYM = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _checked(pseudonym: str) -> str:
+    # the pseudonym is inlined into COPY statements: accept only its own alphabet
+    if not _PSEUDONYM.match(pseudonym):
+        raise ValueError("a patient pseudonym is 32 lowercase hex characters")
+    return pseudonym
+
+
+def purge_released_parquet(workdir: Path, pseudonym: str) -> int:
+    """Rewrite every released Parquet file that holds the patient without its rows; returns
+    the number of rows removed."""
+    pseudonym = _checked(pseudonym)
+    removed = 0
+    con = duckdb.connect()
+    try:
+        for folder in RELEASED_FOLDERS:
+            for path in sorted((Path(workdir) / folder).glob("*.parquet")):
+                source = "read_parquet('" + str(path).replace("'", "''") + "')"
+                columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+                if "patient_id" not in columns:
+                    continue
+                found = con.execute(
+                    f"SELECT count(*) FROM {source} WHERE patient_id = ?", [pseudonym]
+                ).fetchall()[0][0]
+                if not found:
+                    continue
+                tmp = path.with_name(path.name + ".erasing")
+                target = str(tmp).replace("'", "''")
+                con.execute(
+                    f"COPY (SELECT * FROM {source} WHERE patient_id IS DISTINCT FROM "
+                    f"'{pseudonym}') TO '{target}' (FORMAT PARQUET)"
+                )
+                tmp.replace(path)
+                removed += int(found)
+    finally:
+        con.close()
+    return removed
+
+
+def purge_online_store(db_path: Path, pseudonym: str) -> int:
+    """Delete the patient's rows from every feature view table of the SQLite online store and
+    vacuum the file, so the deleted pages do not keep the values; returns rows removed."""
+    pseudonym = _checked(pseudonym)
+    if not Path(db_path).exists():
+        return 0
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    key = serialize_entity_key(
+        EntityKey(join_keys=["patient_id"], entity_values=[Value(string_val=pseudonym)]),
+        entity_key_serialization_version=3,
+    )
+    removed = 0
+    db = sqlite3.connect(db_path)
+    try:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            quoted = '"' + table.replace('"', '""') + '"'
+            columns = {r[1] for r in db.execute(f"PRAGMA table_info({quoted})")}
+            if "entity_key" in columns:
+                removed += db.execute(f"DELETE FROM {quoted} WHERE entity_key = ?", [key]).rowcount
+        db.commit()
+        db.execute("VACUUM")
+    finally:
+        db.close()
+    return removed
+
+
+@contextmanager
+def release_erasure_hooks(workdir: Path) -> Iterator[list[ErasureHook]]:
+    """Register the Parquet and online-store purges of ``workdir`` for the duration."""
+
+    def released_parquet(pseudonym: str) -> int:
+        return purge_released_parquet(workdir, pseudonym)
+
+    def feast_online_store(pseudonym: str) -> int:
+        return purge_online_store(Path(workdir) / ONLINE_STORE, pseudonym)
+
+    hooks: list[ErasureHook] = [released_parquet, feast_online_store]
+    ERASURE_HOOKS.extend(hooks)
+    try:
+        yield hooks
+    finally:
+        for hook in hooks:
+            ERASURE_HOOKS.remove(hook)

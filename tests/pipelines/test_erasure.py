@@ -1,0 +1,94 @@
+"""``ehr forget`` after a whole run: nothing of the patient is left in the released tables, the
+released Parquet files or the Feast online store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from fhirlake.synthetic import generate
+from pipelines.cli import main
+from pipelines.erasure import purge_online_store, purge_released_parquet
+from pipelines.run import run_pipeline
+
+pytestmark = pytest.mark.e2e
+
+
+def _holding(workdir: Path, pseudonym: str) -> list[str]:
+    needle = pseudonym.encode()
+    return sorted(
+        str(p.relative_to(workdir))
+        for p in workdir.rglob("*")
+        if p.is_file() and needle in p.read_bytes()
+    )
+
+
+def test_forget_reaches_parquet_and_the_online_store(tmp_path: Path, key_file: Path) -> None:
+    generate(tmp_path / "landing" / "b", 12, seed=4)
+    workdir = tmp_path / "work"
+    summary = run_pipeline(tmp_path / "landing", workdir, key_file=str(key_file), workers=1)
+    assert summary["success"]
+    con = duckdb.connect(str(workdir / "warehouse.duckdb"), read_only=True)
+    pseudonym = con.execute(
+        "SELECT patient_id FROM features.patient_labs_vitals ORDER BY patient_id LIMIT 1"
+    ).fetchall()[0][0]
+    con.close()
+    before = _holding(workdir, pseudonym)
+    assert "feast/online_store.db" in before
+    assert (
+        "views/observation.parquet" in before and "features/patient_labs_vitals.parquet" in before
+    )
+
+    result = CliRunner().invoke(
+        main,
+        [
+            "forget",
+            pseudonym,
+            "--pseudonym",
+            "--reason",
+            "erasure request",
+            "--workdir",
+            str(workdir),
+            "--key-file",
+            str(key_file),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[: result.output.rindex("}") + 1])
+    assert report["rows_deleted"]["views.patient"] == 1
+    assert report["hooks_failed"] == []
+    assert all(n > 0 for n in report["hooks"].values())
+    # left: the audit entry of the erasure and the tombstone of the destroyed data key
+    assert _holding(workdir, pseudonym) == ["audit/audit.log", "warehouse.duckdb"]
+    con = duckdb.connect(str(workdir / "warehouse.duckdb"), read_only=True)
+    try:
+        assert (
+            con.execute(
+                "SELECT count(*) FROM data_keys WHERE owner = ? AND wrapped IS NOT NULL",
+                [pseudonym],
+            ).fetchall()[0][0]
+            == 0
+        )
+        for schema, table in con.execute(
+            "SELECT schema_name, table_name FROM duckdb_columns() WHERE column_name = 'patient_id'"
+        ).fetchall():
+            assert (
+                con.execute(
+                    f'SELECT count(*) FROM "{schema}"."{table}" WHERE patient_id = ?', [pseudonym]
+                ).fetchall()[0][0]
+                == 0
+            ), f"{schema}.{table}"
+    finally:
+        con.close()
+    # idempotent: a re-run finds nothing more to remove
+    assert purge_released_parquet(workdir, pseudonym) == 0
+    assert purge_online_store(workdir / "feast" / "online_store.db", pseudonym) == 0
+
+
+def test_purges_refuse_what_is_not_a_pseudonym(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="pseudonym"):
+        purge_released_parquet(tmp_path, "x' OR 1=1 --")

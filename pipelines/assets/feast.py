@@ -2,11 +2,24 @@
 (incremental materialisation). Both wait for the feature tables, whose checks are blocking: a
 table that failed its PHI or opt-out check never reaches Feast."""
 
-from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, asset
+from collections.abc import Iterator
+from pathlib import Path
 
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from deid.release import release_canaries
+from pipelines.assets.checks import leak_scan_result
 from pipelines.assets.features import FEATURE_ASSET_KEYS
+from pipelines.features.online_scan import scan_online_store
 from pipelines.features.resources import FeastStoreResource
-from pipelines.resources import WarehouseResource
+from pipelines.resources import KeyProviderResource, WarehouseResource
 
 
 @asset(group_name="feast", deps=FEATURE_ASSET_KEYS)
@@ -30,14 +43,29 @@ def feast_registry(
     )
 
 
-@asset(group_name="feast", deps=["feast_registry", *FEATURE_ASSET_KEYS])
+@asset(
+    group_name="feast",
+    deps=["feast_registry", *FEATURE_ASSET_KEYS],
+    check_specs=[
+        AssetCheckSpec(
+            "phi_leak_scan",
+            asset="feast_online_store",
+            blocking=True,
+            description="No name, identifier, address, phone or email of any patient, and no "
+            "patient's own birth date, appears among the values served online.",
+        )
+    ],
+)
 def feast_online_store(
-    context: AssetExecutionContext, warehouse: WarehouseResource, feast_store: FeastStoreResource
-) -> MaterializeResult:
+    context: AssetExecutionContext,
+    warehouse: WarehouseResource,
+    feast_store: FeastStoreResource,
+    keys: KeyProviderResource,
+) -> Iterator[MaterializeResult | AssetCheckResult]:
     """Materialise feature rows newer than the last run into the SQLite online store."""
     report = feast_store.materialize(warehouse.workdir)
     context.log.info(f"feast materialize-incremental to {report.end:%Y-%m-%d %H:%M} UTC")
-    return MaterializeResult(
+    yield MaterializeResult(
         metadata={
             "end": report.end.isoformat(),
             "seconds": report.seconds,
@@ -45,3 +73,10 @@ def feast_online_store(
             "patients_online": max(report.entities_online.values(), default=0),
         }
     )
+    con = warehouse.connect(read_only=True)
+    try:
+        canaries = release_canaries(con, keys.provider())
+    finally:
+        con.close()
+    online_db = Path(feast_store.data(warehouse.workdir)) / "online_store.db"
+    yield leak_scan_result("feast_online_store", scan_online_store(online_db, canaries))

@@ -62,7 +62,7 @@ def test_feature_and_feast_assets(tmp_path: Path, key_file: Path) -> None:
     )
     assert result.success
     checks = result.get_asset_check_evaluations()
-    assert len(checks) == 10 and all(c.passed for c in checks)
+    assert len(checks) == 11 and all(c.passed for c in checks)  # 5 tables x 2 + online store
     by_key = {
         m.asset_key: m.metadata for m in result.asset_materializations_for_node("feature_tables")
     }

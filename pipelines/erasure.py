@@ -13,6 +13,7 @@ from pathlib import Path
 import duckdb
 
 from deid.lifecycle import ERASURE_HOOKS, ErasureHook
+from pipelines.features.online_scan import feature_view_tables
 
 RELEASED_FOLDERS = ("views", "features", "models")
 ONLINE_STORE = Path("feast") / "online_store.db"
@@ -74,12 +75,8 @@ def purge_online_store(db_path: Path, pseudonym: str) -> int:
     removed = 0
     db = sqlite3.connect(db_path)
     try:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        for table in tables:
-            quoted = '"' + table.replace('"', '""') + '"'
-            columns = {r[1] for r in db.execute(f"PRAGMA table_info({quoted})")}
-            if "entity_key" in columns:
-                removed += db.execute(f"DELETE FROM {quoted} WHERE entity_key = ?", [key]).rowcount
+        for _, quoted in feature_view_tables(db):
+            removed += db.execute(f"DELETE FROM {quoted} WHERE entity_key = ?", [key]).rowcount
         db.commit()
         db.execute("VACUUM")
     finally:

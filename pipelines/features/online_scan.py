@@ -10,15 +10,22 @@ from typing import Any
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 
 
+def feature_view_tables(db: sqlite3.Connection) -> list[tuple[str, str]]:
+    """(name, quoted name) of the online store's feature view tables (entity_key, feature_name,
+    value, ...), one per feature view."""
+    out = []
+    for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
+        quoted = '"' + table.replace('"', '""') + '"'
+        columns = {r[1] for r in db.execute(f"PRAGMA table_info({quoted})")}
+        if {"entity_key", "feature_name", "value"} <= columns:
+            out.append((table, quoted))
+    return out
+
+
 def _online_rows(db_path: Path) -> Iterator[tuple[str, Any, str | None]]:
     db = sqlite3.connect(db_path)
     try:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        for table in tables:
-            quoted = '"' + table.replace('"', '""') + '"'
-            columns = {r[1] for r in db.execute(f"PRAGMA table_info({quoted})")}
-            if not {"entity_key", "feature_name", "value"} <= columns:
-                continue
+        for table, quoted in feature_view_tables(db):
             for key, name, value in db.execute(
                 f"SELECT entity_key, feature_name, value FROM {quoted}"
             ):

@@ -25,6 +25,18 @@ import ahocorasick
 
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{24,}={0,2}")
 _DIGITS = re.compile(r"\D+")
+_HEX_RUN = re.compile(r"[0-9a-fA-F]+")
+
+
+def _mostly_text(content: str) -> bool:
+    """Decoded bytes that read as text: random bytes decoded by chance hold short words
+    ("tony", "soto") between control characters, which are not a leak."""
+    if not content:
+        return False
+    printable = sum(1 for ch in content if (ch.isprintable() and ch != "\ufffd") or ch in "\n\r\t")
+    return printable / len(content) >= 0.9
+
+
 MIN_TEXT = 4  # shorter names match inside ordinary words
 MIN_DIGITS = 7
 
@@ -186,11 +198,15 @@ class CanarySet:
             if birth is not None and self._has_token(text, birth):
                 kinds.append("birth_date")
             for run in _BASE64_RUN.findall(text):
+                if _HEX_RUN.fullmatch(run):
+                    continue  # pseudonyms and digests are hex, not base64 text
                 try:
                     decoded = base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
                 except (binascii.Error, ValueError):
                     continue
-                kinds.extend(self.find(decoded.decode("utf-8", "replace")))
+                content = decoded.decode("utf-8", "replace")
+                if _mostly_text(content):
+                    kinds.extend(self.find(content))
         return kinds
 
 

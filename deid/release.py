@@ -77,6 +77,7 @@ def _reference_targets(
 
 
 _DEID_COLUMNS = ("resource_type", "id", "patient_id", "batch_id", "resource")
+_DEID_CHUNK = 2_000
 
 
 def deidentify_batch(
@@ -103,12 +104,25 @@ def deidentify_batch(
     withheld: Counter[str] = Counter()
     out: list[tuple[str, str, str | None, str, str]] = []
     errors: list[tuple[str, str | None, str | None, str, str]] = []
-    cursor = con.cursor()
-    cursor.execute(
-        "SELECT resource_key, resource_type, patient_key, sealed, aad FROM phi_vault_current "
-        "WHERE batch_id = ? ORDER BY ingest_seq",
-        [batch_id],
-    )
+    # Only the narrow positions are ranked and sorted; the ciphertexts are then read a chunk
+    # at a time, so memory stays bounded under the warehouse cap whatever the batch size.
+    positions = [
+        int(seq)
+        for (seq,) in con.execute(
+            "SELECT ingest_seq FROM phi_vault_current WHERE batch_id = ? ORDER BY ingest_seq",
+            [batch_id],
+        ).fetchall()
+    ]
+
+    def chunks() -> Any:
+        for start in range(0, len(positions), _DEID_CHUNK):
+            window = positions[start : start + _DEID_CHUNK]
+            yield con.execute(
+                "SELECT resource_key, resource_type, patient_key, sealed, aad FROM phi_vault "
+                "WHERE batch_id = ? AND ingest_seq BETWEEN ? AND ? "
+                "AND ingest_seq IN (SELECT unnest(?::BIGINT[])) ORDER BY ingest_seq",
+                [batch_id, window[0], window[-1], window],
+            ).fetchall()
 
     def flush() -> None:
         if out:
@@ -133,7 +147,7 @@ def deidentify_batch(
             con.executemany("INSERT INTO deid_errors VALUES (?, ?, ?, ?, ?)", errors)
             errors.clear()
 
-    while rows := cursor.fetchmany(2_000):
+    for rows in chunks():
         for resource_key, rtype, patient_key, sealed, aad in rows:
             report.resources_in += 1
             resource = orjson.loads(keys.open(bytes(sealed), bytes(aad)))
@@ -163,7 +177,6 @@ def deidentify_batch(
             )
         if len(out) >= 5_000:
             flush()
-    cursor.close()
     flush()
     report.released = report.resources_in - sum(withheld.values())
     report.withheld = sum(withheld.values())

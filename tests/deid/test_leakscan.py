@@ -79,3 +79,13 @@ def test_birth_date_counts_only_in_its_patients_rows() -> None:
     unscoped = CanarySet()
     unscoped.add_patient({"birthDate": "1977-07-27"})
     assert not scan_rows(unscoped, [("r", shifted_visit, "p2")]).passed
+
+
+def test_hex_pseudonyms_and_random_bytes_are_not_base64_text() -> None:
+    c = CanarySet()
+    c.add_patient({"name": [{"family": "Soto", "given": ["Tony"]}]}, "p1")
+    # real pseudonyms from a release whose base64 decoding holds "soto" and "tony" by chance
+    for pseudonym in ("c290b5b7c69bcaca7ec9d1568f436780", "c86a6ebc0c75c580a7d0b25556d74998"):
+        assert scan_rows(c, [("r", {"reference": f"Patient/{pseudonym}"}, "p1")]).passed
+    note = base64.b64encode(b"Seen today: Tony Soto, follow up.").decode()
+    assert not scan_rows(c, [("r", {"data": note}, "p1")]).passed

@@ -73,7 +73,8 @@ def _aware(clock: Clock) -> datetime:
     return now.astimezone(UTC)
 
 
-def _check_pseudonym(pseudonym: str) -> None:
+def check_pseudonym(pseudonym: str) -> None:
+    """Raise ValueError unless ``pseudonym`` has the shape of a patient pseudonym."""
     # The value is never echoed: a caller passing an original id by mistake must not see it
     # copied into an error message, a log or the audit log.
     if not isinstance(pseudonym, str) or not _PSEUDONYM_RE.fullmatch(pseudonym):
@@ -410,7 +411,7 @@ def forget_pseudonym(
     ``record_ledger``. Copies of the destroyed wrapped key may survive in free pages of the
     database file, its WAL, or backups until the KEK is rotated.
     """
-    _check_pseudonym(pseudonym)
+    check_pseudonym(pseudonym)
     reason = _check_reason(reason, "an erasure")
     now = _aware(clock)
     audit.check_appendable()  # never destroy what could not be audited
@@ -528,7 +529,7 @@ def reidentify(
     unknown pseudonym.
     """
     reason = _check_reason(reason, "re-identification")
-    _check_pseudonym(pseudonym)
+    check_pseudonym(pseudonym)
     outcome, found, error = _lookup(con, provider, pseudonym)
     details: dict[str, Any] = {"found": found is not None, "outcome": outcome}
     if error is not None:

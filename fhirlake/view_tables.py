@@ -49,7 +49,7 @@ class ViewRunResult:
 
 
 def released_resources(
-    con: duckdb.DuckDBPyConnection, resource_type: str, counter: list[int] | None = None
+    con: duckdb.DuckDBPyConnection, resource_type: str
 ) -> Iterator[dict[str, Any]]:
     """De-identified resources of one type, streamed from the warehouse in chunks."""
     cursor = con.cursor()
@@ -59,12 +59,15 @@ def released_resources(
             [resource_type],
         )
         while chunk := cursor.fetchmany(_FETCH_ROWS):
-            if counter is not None:
-                counter[0] += len(chunk)
             for (resource,) in chunk:
                 yield orjson.loads(resource)
     finally:
         cursor.close()
+
+
+def _count(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> int:
+    found = con.execute(sql, params or []).fetchone()
+    return int(found[0]) if found else 0
 
 
 def run_view_over_release(
@@ -75,15 +78,11 @@ def run_view_over_release(
     table = f"{VIEWS_SCHEMA}.{view.name}"
     parquet = Path(workdir) / "views" / f"{view.name}.parquet"
     parquet.parent.mkdir(parents=True, exist_ok=True)
-    counter = [0]
-    rows = write_view_table(
-        con, view, released_resources(con, view.resource, counter), table, parquet
-    )
+    rows = write_view_table(con, view, released_resources(con, view.resource), table, parquet)
     names = {c.name for c in view.columns}
     patients = 0
     if "patient_id" in names:
-        found = con.execute(f"SELECT count(DISTINCT patient_id) FROM {table}").fetchone()
-        patients = int(found[0]) if found else 0
+        patients = _count(con, f"SELECT count(DISTINCT patient_id) FROM {table}")
     elif view.resource == "Patient":
         patients = rows
     return ViewRunResult(
@@ -91,7 +90,9 @@ def run_view_over_release(
         table=table,
         parquet=parquet,
         rows=rows,
-        resources=counter[0],
+        resources=_count(
+            con, "SELECT count(*) FROM deid_resources WHERE resource_type = ?", [view.resource]
+        ),
         patients=int(patients),
         columns=[(c.name, duckdb_type(c)) for c in view.columns],
         seconds=round(time.perf_counter() - started, 3),

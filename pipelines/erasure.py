@@ -4,7 +4,6 @@ after it nothing of the patient is left in any file the platform publishes."""
 
 from __future__ import annotations
 
-import re
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,25 +11,17 @@ from pathlib import Path
 
 import duckdb
 
-from deid.lifecycle import ERASURE_HOOKS, ErasureHook
+from deid.lifecycle import ERASURE_HOOKS, ErasureHook, check_pseudonym
 from pipelines.features.online_scan import feature_view_tables
 
 RELEASED_FOLDERS = ("views", "features", "models")
 ONLINE_STORE = Path("feast") / "online_store.db"
-_PSEUDONYM = re.compile(r"^[0-9a-f]{32}$")
-
-
-def _checked(pseudonym: str) -> str:
-    # the pseudonym is inlined into COPY statements: accept only its own alphabet
-    if not _PSEUDONYM.match(pseudonym):
-        raise ValueError("a patient pseudonym is 32 lowercase hex characters")
-    return pseudonym
 
 
 def purge_released_parquet(workdir: Path, pseudonym: str) -> int:
     """Rewrite every released Parquet file that holds the patient without its rows; returns
     the number of rows removed."""
-    pseudonym = _checked(pseudonym)
+    check_pseudonym(pseudonym)  # inlined into COPY statements below: its own alphabet only
     removed = 0
     con = duckdb.connect()
     try:
@@ -61,7 +52,7 @@ def purge_released_parquet(workdir: Path, pseudonym: str) -> int:
 def purge_online_store(db_path: Path, pseudonym: str) -> int:
     """Delete the patient's rows from every feature view table of the SQLite online store and
     vacuum the file, so the deleted pages do not keep the values; returns rows removed."""
-    pseudonym = _checked(pseudonym)
+    check_pseudonym(pseudonym)
     if not Path(db_path).exists():
         return 0
     from feast.infra.key_encoding_utils import serialize_entity_key

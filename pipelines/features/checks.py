@@ -3,12 +3,12 @@ from ``views.consent`` (not from the temp views the build used), and the PHI lea
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import duckdb
 
-from deid.leakscan import CanarySet, LeakScanResult, scan_rows
+from deid.leakscan import CanarySet, LeakScanResult
+from deid.release import scan_released_table
 from pipelines.features.tables import FEATURES_SCHEMA
 
 OPTED_OUT_SQL = """
@@ -57,25 +57,7 @@ def opted_out_rows(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, int]
 def scan_feature_table(
     con: duckdb.DuckDBPyConnection, canaries: CanarySet, name: str
 ) -> LeakScanResult:
-    """Every text column of the table against the release canaries (the leak scan of
-    deid.leakscan); a row is named by its patient pseudonym, and a patient's own birth date is
-    searched in that patient's rows. Numbers, flags and timestamps hold no text to search."""
-    table = f"{FEATURES_SCHEMA}.{name}"
-    text_columns = [
-        str(column)
-        for column, type_, *_ in con.execute(f"DESCRIBE {table}").fetchall()
-        if str(type_) == "VARCHAR"
-    ]
-    select = ", ".join(f'"{c}"' for c in text_columns)
-    cursor = con.cursor()
-    try:
-        cursor.execute(f"SELECT patient_id, {select} FROM {table}")
-
-        def rows() -> Iterator[tuple[str, list[str], str]]:
-            while chunk := cursor.fetchmany(5_000):
-                for patient, *values in chunk:
-                    yield str(patient), [v for v in values if v is not None], str(patient)
-
-        return scan_rows(canaries, rows())
-    finally:
-        cursor.close()
+    """The release leak scan (:func:`deid.release.scan_released_table`) of one feature table;
+    a row is named by its patient pseudonym, and a patient's own birth date is searched in
+    that patient's rows."""
+    return scan_released_table(con, canaries, f"{FEATURES_SCHEMA}.{name}", id_column="patient_id")

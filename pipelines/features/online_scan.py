@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
+from deid.pseudonym import PSEUDONYM_HEX_CHARS
 
 
 def feature_view_tables(db: sqlite3.Connection) -> list[tuple[str, str]]:
@@ -30,7 +31,8 @@ def _online_rows(db_path: Path) -> Iterator[tuple[str, Any, str | None]]:
                 f"SELECT entity_key, feature_name, value FROM {quoted}"
             ):
                 # the serialised entity key ends with the patient pseudonym (a string value)
-                patient = bytes(key)[-32:].decode("ascii", "replace") if key else None
+                tail = bytes(key)[-PSEUDONYM_HEX_CHARS:] if key else b""
+                patient = tail.decode("ascii", "replace") if tail else None
                 text = bytes(value).decode("utf-8", "replace") if value is not None else ""
                 yield f"{table}:{name}", [str(name), text], patient
     finally:

@@ -20,7 +20,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check pipelines fhirlake deid tests
+	$(BIN)/ruff check pipelines fhirlake vault deid tests
+	$(BIN)/lint-imports
 	$(BIN)/mypy
 
 test: lint

@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from deid import methods
 from deid.errors import DeidError
 from deid.policy import Policy, Rule
-from deid.pseudonym import Pseudonymizer
 from fhirlake.fhirpath import FhirPathError, Node
+from vault.pseudonym import Pseudonymizer
 
 SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 _LABELS = {

@@ -14,13 +14,13 @@ import orjson
 import pyarrow as pa
 
 from deid.engine import Deidentifier, DeidSecrets, ProcessingError
-from deid.keys import KeyProvider
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 from deid.policy import Policy
-from deid.pseudonym import Pseudonymizer
 from deid.risk import EnforcementReport, GeneralisationStep, enforce_k, measure_k
-from deid.vault import DataKeyStore
 from fhirlake.references import classify, literal_target
+from vault.keys import KeyProvider
+from vault.pseudonym import Pseudonymizer
+from vault.sealing import DataKeyStore
 
 DEID_DDL = """
 CREATE TABLE IF NOT EXISTS deid_resources (

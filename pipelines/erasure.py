@@ -11,8 +11,8 @@ from pathlib import Path
 
 import duckdb
 
-from deid.lifecycle import ERASURE_HOOKS, ErasureHook, check_pseudonym
 from pipelines.features.online_scan import feature_view_tables
+from vault.lifecycle import ERASURE_HOOKS, ErasureHook, check_pseudonym
 
 RELEASED_FOLDERS = ("views", "features", "models")
 ONLINE_STORE = Path("feast") / "online_store.db"

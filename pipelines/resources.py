@@ -8,8 +8,8 @@ from pathlib import Path
 import duckdb
 from dagster import ConfigurableResource
 
-from deid.keys import KeyProvider, load_key_provider
-from fhirlake import warehouse
+from vault import warehouse
+from vault.keys import KeyProvider, load_key_provider
 
 DEFAULT_WORKDIR = "data/work"
 DEFAULT_LANDING = "data/landing"

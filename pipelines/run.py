@@ -10,11 +10,11 @@ from typing import Any
 
 from dagster import DagsterInstance, materialize
 
-from fhirlake import warehouse
-from fhirlake.batches import discover_batches
-from fhirlake.ingest import reconcile_batch
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.partitions import batch_partitions
+from vault import warehouse
+from vault.ingest import reconcile_batch
+from vault.landing import discover_batches
 
 SUMMARY_FILE = "run_summary.json"
 

@@ -13,9 +13,9 @@ from dagster import (
     sensor,
 )
 
-from fhirlake.batches import discover_batches
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource
+from vault.landing import discover_batches
 
 batch_job = define_asset_job(
     "ingest_batch_job",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deid.keys import FileKeyProvider, init_keyring
+from vault.keys import FileKeyProvider, init_keyring
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -16,8 +16,6 @@ from dagster import (
     multi_asset,
 )
 
-from fhirlake.batches import batch_source
-from fhirlake.ingest import ingest_batch, reconcile_batch
 from fhirlake.readers import list_batch_files
 from pipelines.partitions import batch_partitions
 from pipelines.resources import (
@@ -26,6 +24,8 @@ from pipelines.resources import (
     LandingResource,
     WarehouseResource,
 )
+from vault.ingest import ingest_batch, reconcile_batch
+from vault.landing import batch_source
 
 WAREHOUSE_POOL = "warehouse"  # DuckDB takes one writer at a time
 

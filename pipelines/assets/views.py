@@ -20,11 +20,11 @@ from dagster import (
 )
 
 from deid.release import release_canaries, scan_released_table
-from fhirlake.view_tables import VIEWS_DIR, VIEWS_SCHEMA, run_view_over_release, view_files
 from fhirlake.viewdef import ViewDefinition, load_view
 from pipelines.assets.checks import columns_table, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.resources import KeyProviderResource, WarehouseResource
+from pipelines.views.tables import VIEWS_DIR, VIEWS_SCHEMA, run_view_over_release, view_files
 
 
 def view_asset_key(name: str) -> AssetKey:

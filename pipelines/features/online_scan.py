@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
-from deid.pseudonym import PSEUDONYM_HEX_CHARS
+from vault.pseudonym import PSEUDONYM_HEX_CHARS
 
 
 def feature_view_tables(db: sqlite3.Connection) -> list[tuple[str, str]]:

@@ -9,13 +9,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from deid.keys import FileKeyProvider
 from deid.policy import Policy
 from deid.release import build_released_patients, deidentify_batch, scan_released_batch
-from fhirlake import warehouse
-from fhirlake.ingest import ingest_batch
 from fhirlake.synthetic import generate
-from fhirlake.vault_access import iter_current_resources
+from vault import warehouse
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider
+from vault.read import iter_current_resources
 
 TODAY = date(2026, 11, 28)
 
@@ -79,7 +79,7 @@ def test_research_profile_releases_a_joinable_graph_without_phi(
 
 
 def _pseudo(provider: FileKeyProvider, rtype: str, rid: str) -> str:
-    from deid.pseudonym import Pseudonymizer
+    from vault.pseudonym import Pseudonymizer
 
     return Pseudonymizer(provider.pseudonym_key()).resource_key(rtype, rid)
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import orjson
 
-from deid.keys import FileKeyProvider
 from deid.leakscan import CanarySet, scan_rows
 from deid.policy import Policy
 from deid.release import deidentify_batch, scan_released_batch
-from fhirlake import warehouse
-from fhirlake.ingest import ingest_batch
 from fhirlake.synthetic import generate
-from fhirlake.vault_access import iter_current_resources
+from vault import warehouse
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider
+from vault.read import iter_current_resources
 
 TODAY = date(2026, 11, 28)
 

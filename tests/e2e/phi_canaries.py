@@ -11,8 +11,8 @@ from typing import Any
 import duckdb
 import orjson
 
-from deid.keys import FileKeyProvider
-from deid.pseudonym import Pseudonymizer
+from vault.keys import FileKeyProvider
+from vault.pseudonym import Pseudonymizer
 
 MIN_LEN = 5  # shorter strings (e.g. "Ann", a ZIP) appear by chance in binary files
 

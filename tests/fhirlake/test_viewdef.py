@@ -13,7 +13,6 @@ import orjson
 import pyarrow.parquet as pq
 import pytest
 
-from fhirlake.view_tables import load_views
 from fhirlake.viewdef import (
     ViewColumn,
     ViewDefinitionError,
@@ -22,6 +21,7 @@ from fhirlake.viewdef import (
     load_view,
     write_view_table,
 )
+from pipelines.views.tables import load_views
 
 QUANTITY = {"name": "value", "path": "value.ofType(Quantity).value", "type": "decimal"}
 OBSERVATION_VIEW = {

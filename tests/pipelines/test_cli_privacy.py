@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from deid.keys import FileKeyProvider
-from deid.pseudonym import Pseudonymizer
-from fhirlake import warehouse
-from fhirlake.ingest import ingest_batch
-from fhirlake.vault_access import read_resource
-from pipelines.cli_privacy import audit, audit_log_for, forget, keys_rotate, reidentify
+from pipelines.cli.privacy import audit, audit_log_for, forget, keys_rotate, reidentify
+from vault import warehouse
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider
+from vault.pseudonym import Pseudonymizer
+from vault.read import read_resource
 
 PATIENTS = [
     {"resourceType": "Patient", "id": "p7", "name": [{"family": "Zedwick", "given": ["Ola"]}]},

@@ -1,4 +1,4 @@
-"""``ehr views run`` and ``ehr views test`` (the ``views`` group of pipelines.cli_views)."""
+"""``ehr views run`` and ``ehr views test`` (the ``views`` group of pipelines.cli.views)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from click.testing import CliRunner
 
 from fhirlake.synthetic import generate
-from pipelines.cli_views import views
+from pipelines.cli.views import views
 
 VIEWS = Path(__file__).resolve().parents[2] / "fhir" / "views"
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import orjson
 from dagster import DagsterInstance, build_sensor_context, materialize
 
-from fhirlake import warehouse
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.sensors import landing_sensor
+from vault import warehouse
 
 
 def _landing(tmp_path: Path) -> Path:

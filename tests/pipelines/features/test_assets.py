@@ -10,12 +10,12 @@ import orjson
 import pytest
 from dagster import AssetKey, DagsterInstance, materialize
 
-from fhirlake import warehouse
 from pipelines.assets.feast import feast_online_store, feast_registry
 from pipelines.assets.features import FEATURE_ASSET_KEYS, feature_tables
 from pipelines.definitions import batch_assets, build_resources
 from pipelines.features.resources import FeastStoreResource
 from tests.pipelines.features.crafted import A, crafted_rows, write_views
+from vault import warehouse
 
 FAMILY = "Quillfeather"
 REPO_ROOT = Path(__file__).resolve().parents[3]

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines.features.bench import bench_features
+from pipelines.bench.features import bench_features
 
 
 def test_bench_features_smoke(tmp_path: Path) -> None:

@@ -3,7 +3,7 @@ import hmac
 
 import pytest
 
-from deid.pseudonym import Pseudonymizer
+from vault.pseudonym import Pseudonymizer
 
 
 def test_known_answer() -> None:

@@ -9,10 +9,10 @@ from typing import Any
 import duckdb
 import orjson
 
-from deid.errors import InvalidCiphertext
-from deid.keys import KeyProvider
-from deid.pseudonym import Pseudonymizer
-from deid.vault import DataKeyStore
+from vault.errors import InvalidCiphertext
+from vault.keys import KeyProvider
+from vault.pseudonym import Pseudonymizer
+from vault.sealing import DataKeyStore
 
 
 def _checked(pseudo: Pseudonymizer, resource_key: str, plaintext: bytes) -> dict[str, Any]:

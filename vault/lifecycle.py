@@ -1,5 +1,5 @@
 """Key lifecycle and the privacy officer's acts: KEK rotation, crypto-shredding a patient, and
-audited re-identification. Every act is written to the audit log (:mod:`deid.audit`).
+audited re-identification. Every act is written to the audit log (:mod:`vault.audit`).
 
 Erasure convention: every released or derived table that holds patient-level rows names the
 patient in a ``patient_id`` column holding the patient pseudonym, and code that keeps patient
@@ -26,18 +26,18 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from deid.audit import AuditLog, fsync_dir
-from deid.errors import (
+from vault.audit import AuditLog, fsync_dir
+from vault.errors import (
     AuditLogError,
-    DeidError,
     ErasureIncompleteError,
     InvalidCiphertext,
     KeyDestroyedError,
     KeyMaterialError,
     KeyRotationError,
     PatientNotFoundError,
+    VaultError,
 )
-from deid.keys import (
+from vault.keys import (
     ENV_KEK,
     KEYRING_FORMAT,
     FileKeyProvider,
@@ -45,8 +45,8 @@ from deid.keys import (
     WrappedKey,
     _new_kek_entry,
 )
-from deid.pseudonym import PSEUDONYM_HEX_CHARS, Pseudonymizer
-from deid.vault import DataKeyStore, _wrap_context
+from vault.pseudonym import PSEUDONYM_HEX_CHARS, Pseudonymizer
+from vault.sealing import DataKeyStore, _wrap_context
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _rewrap_all(con: duckdb.DuckDBPyConnection, provider: FileKeyProvider) -> tu
             context = _wrap_context(owner, kid)
             try:
                 plain = provider.unwrap(WrappedKey(kek_id, bytes(wrapped)), context)
-            except DeidError as exc:
+            except VaultError as exc:
                 raise KeyRotationError(
                     f"data key {kid.hex()} (under KEK {kek_id!r}) cannot be unwrapped with "
                     "this keyring; nothing was re-wrapped"
@@ -426,7 +426,7 @@ def forget_pseudonym(
     )
     try:
         audit.append("forget", pseudonym, reason, report.to_dict(), actor)
-    except DeidError as exc:
+    except VaultError as exc:
         raise AuditLogError(
             f"erasure of {pseudonym} was committed but could not be audited: {exc}"
         ) from exc
@@ -475,7 +475,7 @@ def _identifiers(patient: dict[str, Any]) -> dict[str, Any]:
 
 def _lookup(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
-) -> tuple[str, dict[str, Any] | None, DeidError | None]:
+) -> tuple[str, dict[str, Any] | None, VaultError | None]:
     """(outcome, identifiers, error): outcome is found, erased, not_found or unreadable."""
     rows = con.execute(
         "SELECT sealed, aad FROM phi_vault_current "
@@ -507,7 +507,7 @@ def _lookup(
             raise InvalidCiphertext(f"vault row {pseudonym} holds a different resource")
     except KeyDestroyedError as exc:
         return "erased", None, exc
-    except DeidError as exc:
+    except VaultError as exc:
         return "unreadable", None, exc
     return "found", _identifiers(patient), None
 

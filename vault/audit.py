@@ -32,8 +32,8 @@ from typing import IO, Any
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from deid.errors import AuditLogError
-from deid.keys import KeyProvider
+from vault.errors import AuditLogError
+from vault.keys import KeyProvider
 
 GENESIS = "0" * 64
 AUDIT_KEY_BYTES = 32

@@ -23,7 +23,7 @@ from typing import Protocol
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from deid.errors import InvalidCiphertext, KeyMaterialError
+from vault.errors import InvalidCiphertext, KeyMaterialError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12

@@ -23,13 +23,13 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from deid.keys import KeyProvider
-from deid.pseudonym import Pseudonymizer
-from deid.vault import SHARED_OWNER, DataKeyStore, seal
-from fhirlake import warehouse
 from fhirlake.readers import RawRecord, SkippedFile, SourceFile, iter_records, list_batch_files
 from fhirlake.references import classify, conditional_target, literal_target
 from fhirlake.validation import Checked, check_chunk, check_record
+from vault import warehouse
+from vault.keys import KeyProvider
+from vault.pseudonym import Pseudonymizer
+from vault.sealing import SHARED_OWNER, DataKeyStore, seal
 
 CHUNK_RECORDS = 256
 FLUSH_ROWS = 20_000

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import duckdb
 
-from deid.vault import DATA_KEYS_DDL
+from vault.sealing import DATA_KEYS_DDL
 
 SCHEMA = [
     DATA_KEYS_DDL,

@@ -12,30 +12,29 @@ from typing import Any
 import duckdb
 import pytest
 
-from deid import lifecycle
-from deid.audit import AuditLog
-from deid.errors import (
+from vault import lifecycle, warehouse
+from vault.audit import AuditLog
+from vault.errors import (
     AuditLogError,
-    DeidError,
     ErasureIncompleteError,
     KeyDestroyedError,
     KeyMaterialError,
     KeyRotationError,
     PatientNotFoundError,
+    VaultError,
 )
-from deid.keys import FileKeyProvider, key_fingerprint
-from deid.lifecycle import (
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider, key_fingerprint
+from vault.lifecycle import (
     ERASURE_HOOKS,
     forget_patient,
     forget_pseudonym,
     reidentify,
     rotate_kek,
 )
-from deid.pseudonym import Pseudonymizer
-from deid.vault import DataKeyStore
-from fhirlake import warehouse
-from fhirlake.ingest import ingest_batch
-from fhirlake.vault_access import iter_current_resources, read_resource
+from vault.pseudonym import Pseudonymizer
+from vault.read import iter_current_resources, read_resource
+from vault.sealing import DataKeyStore
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
@@ -281,7 +280,7 @@ def test_environment_keys_are_not_rotated_here(
             rotate_kek(world.key_file, con, world.audit)
     finally:
         con.close()
-    assert isinstance(info.value, DeidError)
+    assert isinstance(info.value, VaultError)
     assert world.key_file.read_text() == before
 
 

@@ -8,11 +8,11 @@ import duckdb
 import orjson
 import pytest
 
-from deid.errors import InvalidCiphertext
-from deid.keys import FileKeyProvider
-from fhirlake import warehouse
-from fhirlake.ingest import ingest_batch, reconcile_batch
-from fhirlake.vault_access import iter_current_resources, read_resource
+from vault import warehouse
+from vault.errors import InvalidCiphertext
+from vault.ingest import ingest_batch, reconcile_batch
+from vault.keys import FileKeyProvider
+from vault.read import iter_current_resources, read_resource
 
 
 def _bundle(entries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -171,7 +171,7 @@ def test_tampered_vault_row_is_detected(tmp_path: Path, key_provider: FileKeyPro
 
 
 def test_wrong_keys_cannot_read_the_vault(tmp_path: Path, key_provider: FileKeyProvider) -> None:
-    from deid.keys import init_keyring
+    from vault.keys import init_keyring
 
     _write(tmp_path / "land", "p.json", PATIENT)
     wh = tmp_path / "w.duckdb"

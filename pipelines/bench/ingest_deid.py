@@ -18,10 +18,10 @@ from typing import Any
 
 import orjson
 
-from deid.keys import init_keyring, load_key_provider
-from fhirlake.ingest import ingest_batch
 from fhirlake.readers import iter_records, list_batch_files
 from fhirlake.validation import model_class
+from vault.ingest import ingest_batch
+from vault.keys import init_keyring, load_key_provider
 
 
 @dataclass
@@ -134,9 +134,9 @@ def bench_deid(folder: Path, profile: str = "research") -> dict[str, Any]:
 
     from deid.engine import Deidentifier, DeidSecrets
     from deid.policy import Policy
-    from deid.pseudonym import Pseudonymizer
-    from fhirlake import warehouse
-    from fhirlake.vault_access import iter_current_resources
+    from vault import warehouse
+    from vault.pseudonym import Pseudonymizer
+    from vault.read import iter_current_resources
 
     with tempfile.TemporaryDirectory(prefix="ehr-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -181,12 +181,12 @@ def bench_views(folder: Path, workers: int = 0) -> dict[str, Any]:
     """Every view in ``fhir/views/`` over the de-identified release of ``folder``: rows/s per
     view, against DuckDB's ``read_json`` of the same de-identified NDJSON (the floor), and all
     views together against the ingest stage on the same input."""
-    from deid.keys import FileKeyProvider
     from deid.policy import Policy
     from deid.release import deidentify_batch
-    from fhirlake import warehouse
-    from fhirlake.view_tables import load_views, released_resources
     from fhirlake.viewdef import write_view_table
+    from pipelines.views.tables import load_views, released_resources
+    from vault import warehouse
+    from vault.keys import FileKeyProvider
 
     with tempfile.TemporaryDirectory(prefix="ehr-bench-") as tmp:
         tmp_path = Path(tmp)

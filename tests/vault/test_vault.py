@@ -6,9 +6,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from deid.errors import InvalidCiphertext, KeyDestroyedError
-from deid.keys import EnvKeyProvider
-from deid.vault import DataKey, DataKeyStore, open_sealed, seal, sealed_key_id
+from vault.errors import InvalidCiphertext, KeyDestroyedError
+from vault.keys import EnvKeyProvider
+from vault.sealing import DataKey, DataKeyStore, open_sealed, seal, sealed_key_id
 
 KEY = DataKey(bytes(range(16)), bytes(range(32)))
 

@@ -12,9 +12,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from deid.audit import GENESIS, AuditLog, audit_key, default_actor
-from deid.errors import AuditLogError, DeidError
-from deid.keys import FileKeyProvider
+from vault.audit import GENESIS, AuditLog, audit_key, default_actor
+from vault.errors import AuditLogError, VaultError
+from vault.keys import FileKeyProvider
 
 KEY = b"a" * 32
 
@@ -303,4 +303,4 @@ def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         naive.append("forget", "f" * 32)
     assert not audit.path.exists() or audit.entries() == []
-    assert issubclass(AuditLogError, DeidError)
+    assert issubclass(AuditLogError, VaultError)

@@ -16,9 +16,10 @@ from pathlib import Path
 import click
 import duckdb
 
-from deid.audit import AuditLog
 from deid.errors import DeidError
-from deid.keys import KeyProvider, default_key_file, load_key_provider
+from vault.audit import AuditLog
+from vault.errors import VaultError
+from vault.keys import KeyProvider, default_key_file, load_key_provider
 
 DEFAULT_WORKDIR = Path("data/work")
 WAREHOUSE_FILE = "warehouse.duckdb"
@@ -46,14 +47,14 @@ def audit_log_for(workdir: Path, provider: KeyProvider) -> AuditLog:
 def _provider(key_file: Path | None) -> KeyProvider:
     try:
         return load_key_provider(key_file)
-    except DeidError as exc:
+    except (DeidError, VaultError) as exc:
         raise click.ClickException(str(exc)) from exc
 
 
 @contextmanager
 def _warehouse(workdir: Path, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
     """An existing warehouse only: these commands never create an empty one."""
-    from fhirlake import warehouse
+    from vault import warehouse
 
     path = Path(workdir) / WAREHOUSE_FILE
     if not path.exists():
@@ -74,7 +75,7 @@ def keys_rotate(key_file: Path | None, workdir: Path) -> None:
     Every warehouse using this keyring must be rotated with it: a second warehouse sharing
     the keyring keeps keys under the dropped KEK. Stop pipeline runs first.
     """
-    from deid.lifecycle import rotate_kek
+    from vault.lifecycle import rotate_kek
 
     path = key_file or default_key_file()
     audit = audit_log_for(workdir, _provider(path))
@@ -82,7 +83,7 @@ def keys_rotate(key_file: Path | None, workdir: Path) -> None:
         with _warehouse(workdir, read_only=False) as con:
             report = rotate_kek(path, con, audit)
             con.execute("CHECKPOINT")
-    except DeidError as exc:
+    except (DeidError, VaultError) as exc:
         raise click.ClickException(str(exc)) from exc
     retired = ", ".join(report.retired_kek_ids) or "none"
     click.echo(
@@ -108,8 +109,8 @@ def forget(
 ) -> None:
     """Erase PATIENT (an original Patient id, or a pseudonym with --pseudonym): destroy its
     data key and purge it from the vault, the indexes and every table with a patient_id."""
-    from deid.lifecycle import forget_patient, forget_pseudonym
     from pipelines.erasure import release_erasure_hooks
+    from vault.lifecycle import forget_patient, forget_pseudonym
 
     provider = _provider(key_file)
     audit = audit_log_for(workdir, provider)
@@ -120,7 +121,7 @@ def forget(
             else:
                 report = forget_patient(con, provider, patient, audit, reason)
             con.execute("CHECKPOINT")  # deleted rows leave the WAL for the database file
-    except (DeidError, ValueError) as exc:
+    except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report.to_dict(), indent=2))
     if not report.found:
@@ -140,14 +141,14 @@ def forget(
 @_key_file_option
 def reidentify(pseudonym: str, reason: str, workdir: Path, key_file: Path | None) -> None:
     """Print the original identifiers behind a patient PSEUDONYM (audited before printing)."""
-    from deid.lifecycle import reidentify as run_reidentify
+    from vault.lifecycle import reidentify as run_reidentify
 
     provider = _provider(key_file)
     audit = audit_log_for(workdir, provider)
     try:
         with _warehouse(workdir, read_only=True) as con:
             found = run_reidentify(con, provider, pseudonym, audit, reason)
-    except (DeidError, ValueError) as exc:
+    except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(found, indent=2, ensure_ascii=False))
 
@@ -178,7 +179,7 @@ def audit_show(workdir: Path, key_file: Path | None) -> None:
     """Print the entries, one JSON object per line (pseudonyms, key ids and counts only)."""
     try:
         entries = audit_log_for(workdir, _provider(key_file)).entries()
-    except DeidError as exc:
+    except (DeidError, VaultError) as exc:
         raise click.ClickException(str(exc)) from exc
     for entry in entries:
         click.echo(json.dumps(entry, ensure_ascii=False))

@@ -10,8 +10,10 @@ from pathlib import Path
 import click
 
 from deid.errors import DeidError
-from deid.keys import default_key_file, init_keyring
-from pipelines import cli_privacy, cli_views
+from pipelines.cli import privacy as cli_privacy
+from pipelines.cli import views as cli_views
+from vault.errors import VaultError
+from vault.keys import default_key_file, init_keyring
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -70,7 +72,7 @@ def run(input_dir: Path, workdir: Path, key_file: str | None, workers: int) -> N
 
     try:
         summary = run_pipeline(input_dir, workdir, key_file=key_file, workers=workers)
-    except DeidError as exc:
+    except (DeidError, VaultError) as exc:
         raise click.ClickException(str(exc)) from exc
     ingest = summary["stages"]["ingest"]
     click.echo(
@@ -121,7 +123,7 @@ def quarantine() -> None:
 @click.option("--limit", type=int, default=50, show_default=True)
 def quarantine_list(workdir: Path, limit: int) -> None:
     """Quarantined records: batch, file pseudonym, position, reason."""
-    from fhirlake import warehouse
+    from vault import warehouse
 
     con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
     try:
@@ -157,7 +159,7 @@ def bench_ingest_cmd(
     import os
     import tempfile
 
-    from pipelines.bench import bench_ingest, generated_input
+    from pipelines.bench.ingest_deid import bench_ingest, generated_input
 
     if (patients is None) == (input_dir is None):
         raise click.UsageError("give exactly one of --patients or --input")
@@ -191,7 +193,7 @@ def bench_deid_cmd(patients: int, seed: int, profile: str) -> None:
     """De-identification throughput against orjson parsing of the same resources."""
     import tempfile
 
-    from pipelines.bench import bench_deid, generated_input
+    from pipelines.bench.ingest_deid import bench_deid, generated_input
 
     with tempfile.TemporaryDirectory(prefix="ehr-bench-input-") as tmp:
         result = bench_deid(generated_input(patients, seed, Path(tmp)), profile)
@@ -214,7 +216,7 @@ def bench_views_cmd(patients: int, seed: int, input_dir: Path | None) -> None:
     """Rows/s per view, against DuckDB read_json of the same NDJSON and the ingest stage."""
     import tempfile
 
-    from pipelines.bench import bench_views, generated_input
+    from pipelines.bench.ingest_deid import bench_views, generated_input
 
     with tempfile.TemporaryDirectory(prefix="ehr-bench-input-") as tmp:
         folder = input_dir or generated_input(patients, seed, Path(tmp))
@@ -247,7 +249,7 @@ def bench_features_cmd(
 ) -> None:
     """Feast training-set retrieval against a DuckDB ASOF JOIN, online latency (SDK and
     feast serve), and materialisation time per 100,000 feature rows."""
-    from pipelines.features.bench import bench_features
+    from pipelines.bench.features import bench_features
 
     click.echo(f"== feature store benchmark: {entity_rows} entity rows, {patients} patients")
     bench_features(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deid.errors import InvalidCiphertext, KeyMaterialError
-from deid.keys import (
+from vault.errors import InvalidCiphertext, KeyMaterialError
+from vault.keys import (
     EnvKeyProvider,
     FileKeyProvider,
     WrappedKey,

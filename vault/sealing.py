@@ -19,8 +19,8 @@ import pyarrow as pa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from deid.errors import InvalidCiphertext, KeyDestroyedError
-from deid.keys import KEY_BYTES, NONCE_BYTES, KeyProvider, WrappedKey
+from vault.errors import InvalidCiphertext, KeyDestroyedError
+from vault.keys import KEY_BYTES, NONCE_BYTES, KeyProvider, WrappedKey
 
 SEALED_FORMAT = b"\x01"
 KEY_ID_BYTES = 16

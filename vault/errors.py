@@ -1,0 +1,39 @@
+"""The error types of the PHI vault: keys, sealing, the audit log and the key lifecycle."""
+
+from __future__ import annotations
+
+
+class VaultError(Exception):
+    """Base class for every error raised by :mod:`vault`.
+
+    Messages never carry PHI or key material: they name key ids, pseudonyms, counts, shapes and
+    the paths that were looked at.
+    """
+
+
+class KeyMaterialError(VaultError):
+    """Key material is missing, malformed or unusable."""
+
+
+class InvalidCiphertext(VaultError):  # noqa: N818 - mirrors cryptography's InvalidTag naming
+    """A ciphertext failed authentication: wrong key, wrong associated data, or tampering."""
+
+
+class KeyDestroyedError(VaultError):
+    """The data key was destroyed (crypto-shredded); its ciphertexts are unreadable by design."""
+
+
+class AuditLogError(VaultError):
+    """The audit log cannot be written or read."""
+
+
+class KeyRotationError(VaultError):
+    """The key-encryption key cannot be rotated here (environment or KMS keys, unknown KEKs)."""
+
+
+class PatientNotFoundError(VaultError):
+    """No patient with that pseudonym is in the vault."""
+
+
+class ErasureIncompleteError(VaultError):
+    """The warehouse erasure was committed, but purging a released place failed; run it again."""

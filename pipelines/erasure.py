@@ -1,32 +1,28 @@
 """Erasure beyond the warehouse tables: the released Parquet files (views, features, models)
-and the Feast online store. ``ehr forget`` registers these as erasure hooks for its workdir, so
-after it nothing of the patient is left in any file the platform publishes."""
+and the Feast online store, as the places :class:`pipelines.workdir.Workdir` lists for
+``ehr forget``: after it nothing of the patient is left in any file the platform publishes."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
 
 from pipelines.features.online_scan import feature_view_tables
-from vault.lifecycle import ERASURE_HOOKS, ErasureHook, check_pseudonym
-
-RELEASED_FOLDERS = ("views", "features", "models")
-ONLINE_STORE = Path("feast") / "online_store.db"
+from vault.lifecycle import check_pseudonym
 
 
-def purge_released_parquet(workdir: Path, pseudonym: str) -> int:
+def purge_released_parquet(folders: tuple[Path, ...], pseudonym: str) -> int:
     """Rewrite every released Parquet file that holds the patient without its rows; returns
     the number of rows removed."""
     check_pseudonym(pseudonym)  # inlined into COPY statements below: its own alphabet only
     removed = 0
     con = duckdb.connect()
     try:
-        for folder in RELEASED_FOLDERS:
-            for path in sorted((Path(workdir) / folder).glob("*.parquet")):
+        for folder in folders:
+            for path in sorted(Path(folder).glob("*.parquet")):
                 source = "read_parquet('" + str(path).replace("'", "''") + "')"
                 columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
                 if "patient_id" not in columns:
@@ -75,20 +71,23 @@ def purge_online_store(db_path: Path, pseudonym: str) -> int:
     return removed
 
 
-@contextmanager
-def release_erasure_hooks(workdir: Path) -> Iterator[list[ErasureHook]]:
-    """Register the Parquet and online-store purges of ``workdir`` for the duration."""
+@dataclass(frozen=True)
+class ReleasedParquet:
+    """The released Parquet files of a workdir (views, features, models)."""
 
-    def released_parquet(pseudonym: str) -> int:
-        return purge_released_parquet(workdir, pseudonym)
+    folders: tuple[Path, ...]
+    name: str = "released_parquet"
 
-    def feast_online_store(pseudonym: str) -> int:
-        return purge_online_store(Path(workdir) / ONLINE_STORE, pseudonym)
+    def purge(self, pseudonym: str) -> int:
+        return purge_released_parquet(self.folders, pseudonym)
 
-    hooks: list[ErasureHook] = [released_parquet, feast_online_store]
-    ERASURE_HOOKS.extend(hooks)
-    try:
-        yield hooks
-    finally:
-        for hook in hooks:
-            ERASURE_HOOKS.remove(hook)
+
+@dataclass(frozen=True)
+class OnlineStore:
+    """The Feast online store (SQLite) of a workdir."""
+
+    path: Path
+    name: str = "feast_online_store"
+
+    def purge(self, pseudonym: str) -> int:
+        return purge_online_store(self.path, pseudonym)

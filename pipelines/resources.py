@@ -8,29 +8,35 @@ from pathlib import Path
 import duckdb
 from dagster import ConfigurableResource
 
+from pipelines import workdir as workdir_paths
+from pipelines.workdir import DEFAULT_LANDING, DEFAULT_WORKDIR, Workdir
 from vault import warehouse
 from vault.keys import KeyProvider, load_key_provider
 
-DEFAULT_WORKDIR = "data/work"
-DEFAULT_LANDING = "data/landing"
-
 
 def default_workdir() -> str:
-    return os.environ.get("EHR_WORKDIR", DEFAULT_WORKDIR)
+    """``EHR_WORKDIR`` or data/work, as a resource's string field."""
+    return str(workdir_paths.default_workdir())
 
 
 def default_landing() -> str:
-    return os.environ.get("EHR_LANDING", DEFAULT_LANDING)
+    """``EHR_LANDING`` or data/landing, as a resource's string field."""
+    return str(workdir_paths.default_landing())
 
 
 class WarehouseResource(ConfigurableResource):
     """The DuckDB warehouse file and the folder that holds released files."""
 
-    workdir: str = DEFAULT_WORKDIR
+    workdir: str = str(DEFAULT_WORKDIR)
+
+    @property
+    def paths(self) -> Workdir:
+        """Every path of this work directory."""
+        return Workdir(Path(self.workdir))
 
     @property
     def path(self) -> Path:
-        return Path(self.workdir) / "warehouse.duckdb"
+        return self.paths.warehouse
 
     def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
         return warehouse.connect(self.path, read_only=read_only)
@@ -39,7 +45,7 @@ class WarehouseResource(ConfigurableResource):
 class LandingResource(ConfigurableResource):
     """The folder FHIR exports are dropped into."""
 
-    path: str = DEFAULT_LANDING
+    path: str = str(DEFAULT_LANDING)
 
 
 class KeyProviderResource(ConfigurableResource):

@@ -12,37 +12,37 @@ from dagster import DagsterInstance, materialize
 
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.partitions import batch_partitions
+from pipelines.workdir import Workdir
 from vault import warehouse
 from vault.ingest import reconcile_batch
 from vault.landing import discover_batches
 
-SUMMARY_FILE = "run_summary.json"
 
-
-def open_instance(workdir: Path) -> DagsterInstance:
+def open_instance(workdir: Workdir) -> DagsterInstance:
     """The instance in ``DAGSTER_HOME`` when set (so the UI shows these runs), otherwise a
     persistent one inside the workdir."""
     if os.environ.get("DAGSTER_HOME"):
         return DagsterInstance.get()
-    home = workdir / "dagster_home"
+    home = workdir.dagster_home
     home.mkdir(parents=True, exist_ok=True)
     return DagsterInstance.local_temp(str(home.resolve()))
 
 
 def run_pipeline(
     input_dir: Path,
-    workdir: Path,
+    workdir: Workdir | Path,
     key_file: str | None = None,
     workers: int = 0,
 ) -> dict[str, Any]:
     """Materialise every asset for every batch found in ``input_dir``; write and return the
     run summary (counts only)."""
     started = time.perf_counter()
+    workdir = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
     batches = discover_batches(input_dir)
     if not batches:
         raise FileNotFoundError("no FHIR data files (.json, .ndjson, .gz) in the input folder")
-    workdir.mkdir(parents=True, exist_ok=True)
-    resources = build_resources(str(workdir), str(input_dir), key_file, workers)
+    workdir.root.mkdir(parents=True, exist_ok=True)
+    resources = build_resources(str(workdir.root), str(input_dir), key_file, workers)
     runs = []
     with open_instance(workdir) as instance:
         existing = set(instance.get_dynamic_partitions(batch_partitions.name or "batches"))
@@ -74,7 +74,7 @@ def run_pipeline(
             runs.append(_run_record(None, result))
     summary = build_summary(workdir, [b.key for b in batches], runs)
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    (workdir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    workdir.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 
@@ -87,9 +87,9 @@ def _run_record(batch: str | None, result: Any) -> dict[str, Any]:
 
 
 def build_summary(
-    workdir: Path, batch_keys: list[str], runs: list[dict[str, Any]]
+    workdir: Workdir, batch_keys: list[str], runs: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
+    con = warehouse.connect(workdir.warehouse, read_only=True)
     try:
         reports = {
             key: json.loads(report)
@@ -149,9 +149,9 @@ def _schema_rows(con: Any, schema: str) -> dict[str, int]:
     }
 
 
-def _model_summary(workdir: Path) -> dict[str, Any]:
+def _model_summary(workdir: Workdir) -> dict[str, Any]:
     """Headline figures of the readmission model, when it was trained."""
-    metrics_file = workdir / "models" / "readmission" / "metrics.json"
+    metrics_file = workdir.models / "readmission" / "metrics.json"
     if not metrics_file.exists():
         return {}
     metrics = json.loads(metrics_file.read_text(encoding="utf-8"))

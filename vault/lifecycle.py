@@ -2,9 +2,9 @@
 audited re-identification. Every act is written to the audit log (:mod:`vault.audit`).
 
 Erasure convention: every released or derived table that holds patient-level rows names the
-patient in a ``patient_id`` column holding the patient pseudonym, and code that keeps patient
-data outside the warehouse (an online feature store, caches) registers a purge function in
-:data:`ERASURE_HOOKS`.
+patient in a ``patient_id`` column holding the patient pseudonym. The vault erases its own
+tables; the places of the release (warehouse tables, files, an online store) are passed to
+:func:`forget_pseudonym` explicitly as an :class:`ErasurePlan` by the layer that owns them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import duckdb
 import orjson
@@ -52,12 +52,36 @@ logger = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 RandomBytes = Callable[[int], bytes]
-ErasureHook = Callable[[str], int]
 
-# Code that keeps patient data outside the warehouse (the Feast online store, caches) registers a
-# purge here: called with the patient pseudonym after the warehouse erasure is committed, it
-# returns how many records it removed. A hook must be idempotent: a failed erasure is re-run.
-ERASURE_HOOKS: list[ErasureHook] = []
+
+class ErasurePlace(Protocol):
+    """A place outside the warehouse that keeps patient rows (released files, an online store).
+
+    ``purge`` is called with the patient pseudonym after the warehouse erasure is committed and
+    returns how many records it removed. It must be idempotent: a failed erasure is re-run.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def purge(self, pseudonym: str) -> int: ...
+
+
+@dataclass(frozen=True)
+class ReleasedTables:
+    """Warehouse tables of released rows, erased by their ``patient_id`` column: the named
+    tables of a schema (each must have the column), or every table of the schema that has it."""
+
+    schema: str
+    tables: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ErasurePlan:
+    """Where a patient's released rows live besides the vault's own tables."""
+
+    tables: tuple[ReleasedTables, ...] = ()
+    places: tuple[ErasurePlace, ...] = ()
 
 _PSEUDONYM_RE = re.compile(rf"[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
 
@@ -289,8 +313,8 @@ class ErasureReport:
     data_keys_destroyed: int = 0
     data_keys_already_destroyed: int = 0
     rows_deleted: dict[str, int] = field(default_factory=dict)
-    hooks: dict[str, int] = field(default_factory=dict)
-    hooks_failed: list[str] = field(default_factory=list)
+    places: dict[str, int] = field(default_factory=dict)
+    places_failed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -300,32 +324,37 @@ def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
-def _patient_id_tables(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str]]:
-    """(label, qualified name, column) of every writable base table with a ``patient_id``
-    column; views are skipped (they show what their tables hold)."""
-    current = str(con.execute("SELECT current_database()").fetchall()[0][0])
-    rows = con.execute(
-        """
-        SELECT t.database_name, t.schema_name, t.table_name, c.column_name, c.data_type
-        FROM duckdb_tables() t
-        JOIN duckdb_columns() c
-          ON c.database_name = t.database_name AND c.schema_name = t.schema_name
-         AND c.table_name = t.table_name
-        JOIN duckdb_databases() d ON d.database_name = t.database_name
-        WHERE lower(c.column_name) = 'patient_id' AND NOT t.internal AND NOT d.readonly
-        ORDER BY ALL
-        """
-    ).fetchall()
-    tables = []
-    for database, schema, table, column, data_type in rows:
-        if database != current:
-            label = f"{database}.{schema}.{table}"
-        else:
-            label = table if schema == "main" else f"{schema}.{table}"
-        qualified = ".".join(_quote(part) for part in (database, schema, table))
-        expr = _quote(column) if data_type == "VARCHAR" else f"CAST({_quote(column)} AS VARCHAR)"
-        tables.append((label, qualified, expr))
-    return tables
+def _released_tables(
+    con: duckdb.DuckDBPyConnection, plan: ErasurePlan
+) -> list[tuple[str, str, str]]:
+    """(label, qualified name, patient_id expression) of every table the plan names that exists;
+    a named table without a ``patient_id`` column is an error, not a silent skip."""
+    found: list[tuple[str, str, str]] = []
+    for entry in plan.tables:
+        rows = con.execute(
+            """
+            SELECT t.table_name, c.data_type
+            FROM duckdb_tables() t
+            LEFT JOIN duckdb_columns() c
+              ON c.database_name = t.database_name AND c.schema_name = t.schema_name
+             AND c.table_name = t.table_name AND lower(c.column_name) = 'patient_id'
+            WHERE t.database_name = current_database() AND t.schema_name = ? AND NOT t.internal
+            ORDER BY 1
+            """,
+            [entry.schema],
+        ).fetchall()
+        types = dict(rows)
+        for table in entry.tables or tuple(t for t, kind in rows if kind is not None):
+            if table not in types:
+                continue  # not built yet in this warehouse
+            if types[table] is None:
+                raise VaultError(
+                    f"{entry.schema}.{table} is listed for erasure but has no patient_id"
+                )
+            label = table if entry.schema == "main" else f"{entry.schema}.{table}"
+            expr = "patient_id" if types[table] == "VARCHAR" else "CAST(patient_id AS VARCHAR)"
+            found.append((label, f"{_quote(entry.schema)}.{_quote(table)}", expr))
+    return found
 
 
 def _count(con: duckdb.DuckDBPyConnection, sql: str, params: Any) -> int:
@@ -333,7 +362,7 @@ def _count(con: duckdb.DuckDBPyConnection, sql: str, params: Any) -> int:
 
 
 def _erase_in_warehouse(
-    con: duckdb.DuckDBPyConnection, report: ErasureReport, now: datetime
+    con: duckdb.DuckDBPyConnection, report: ErasureReport, now: datetime, plan: ErasurePlan
 ) -> None:
     p = report.pseudonym
     con.begin()
@@ -362,7 +391,7 @@ def _erase_in_warehouse(
         report.rows_deleted["quarantine"] = _count(
             con, "DELETE FROM quarantine WHERE patient_key = ?", [p]
         )
-        for label, qualified, column in _patient_id_tables(con):
+        for label, qualified, column in _released_tables(con, plan):
             report.rows_deleted[label] = _count(
                 con, f"DELETE FROM {qualified} WHERE {column} = ?", [p]
             )
@@ -373,18 +402,15 @@ def _erase_in_warehouse(
     report.found = bool(live or dead or any(report.rows_deleted.values()))
 
 
-def _run_hooks(report: ErasureReport) -> None:
-    for hook in list(ERASURE_HOOKS):
-        name = str(getattr(hook, "__qualname__", None) or type(hook).__qualname__)
-        suffix = 2
-        base = name
-        while name in report.hooks or name in report.hooks_failed:
-            name, suffix = f"{base}#{suffix}", suffix + 1
+def _purge_places(report: ErasureReport, plan: ErasurePlan) -> None:
+    for place in plan.places:
         try:
-            report.hooks[name] = int(hook(report.pseudonym))
-        except Exception as exc:  # one failing store must not stop the others
-            logger.warning("erasure hook %s failed for %s: %s", name, report.pseudonym, type(exc))
-            report.hooks_failed.append(name)
+            report.places[place.name] = int(place.purge(report.pseudonym))
+        except Exception as exc:  # one failing place must not stop the others
+            logger.warning(
+                "erasure of %s from %s failed: %s", report.pseudonym, place.name, type(exc)
+            )
+            report.places_failed.append(place.name)
 
 
 def forget_pseudonym(
@@ -393,6 +419,7 @@ def forget_pseudonym(
     audit: AuditLog,
     reason: str,
     *,
+    plan: ErasurePlan = ErasurePlan(),
     clock: Clock = _utcnow,
     actor: str | None = None,
 ) -> ErasureReport:
@@ -401,7 +428,7 @@ def forget_pseudonym(
     In one transaction: its data key(s) are destroyed (``wrapped`` set to NULL), and its rows
     are deleted from ``phi_vault`` (resources in its compartment and the Patient itself),
     ``quarantine``, ``resource_references`` and ``identifier_index`` (rows of its resources),
-    and from every base table with a ``patient_id`` column. Then every erasure hook runs, and
+    and from the released tables ``plan`` names. Then every place of ``plan`` is purged, and
     the act is audited. Erasing an already erased patient, or an unknown one (the report says
     ``found=False``), is not an error, so a failed erasure can simply be run again.
 
@@ -416,8 +443,8 @@ def forget_pseudonym(
     now = _aware(clock)
     audit.check_appendable()  # never destroy what could not be audited
     report = ErasureReport(pseudonym)
-    _erase_in_warehouse(con, report, now)
-    _run_hooks(report)
+    _erase_in_warehouse(con, report, now, plan)
+    _purge_places(report, plan)
     logger.info(
         "erased %s: %d data keys destroyed, %d rows deleted",
         pseudonym,
@@ -430,10 +457,10 @@ def forget_pseudonym(
         raise AuditLogError(
             f"erasure of {pseudonym} was committed but could not be audited: {exc}"
         ) from exc
-    if report.hooks_failed:
+    if report.places_failed:
         raise ErasureIncompleteError(
-            f"erasure of {pseudonym} committed in the warehouse, but erasure hooks failed: "
-            f"{', '.join(report.hooks_failed)}; run the erasure again"
+            f"erasure of {pseudonym} committed in the warehouse, but purging failed in: "
+            f"{', '.join(report.places_failed)}; run the erasure again"
         )
     return report
 
@@ -445,6 +472,7 @@ def forget_patient(
     audit: AuditLog,
     reason: str,
     *,
+    plan: ErasurePlan = ErasurePlan(),
     clock: Clock = _utcnow,
     actor: str | None = None,
 ) -> ErasureReport:
@@ -452,7 +480,7 @@ def forget_patient(
     if not isinstance(patient_id, str) or not patient_id.strip():
         raise ValueError("patient_id must be a non-empty Patient resource id")
     pseudonym = Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", patient_id)
-    return forget_pseudonym(con, pseudonym, audit, reason, clock=clock, actor=actor)
+    return forget_pseudonym(con, pseudonym, audit, reason, plan=plan, clock=clock, actor=actor)
 
 
 # -- re-identification ------------------------------------------------------------------------

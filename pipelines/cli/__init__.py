@@ -12,6 +12,7 @@ import click
 from deid.errors import DeidError
 from pipelines.cli import privacy as cli_privacy
 from pipelines.cli import views as cli_views
+from pipelines.workdir import Workdir
 from vault.errors import VaultError
 from vault.keys import default_key_file, init_keyring
 
@@ -63,12 +64,18 @@ def keys_init(key_file: Path | None) -> None:
 
 @main.command()
 @click.option("--input", "input_dir", type=click.Path(path_type=Path, exists=True), required=True)
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/work"))
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    callback=lambda _ctx, _param, value: Workdir.of(value),
+    help="work directory (default: EHR_WORKDIR or data/work)",
+)
 @click.option("--key-file", type=str, default=None)
 @click.option("--workers", type=int, default=0, help="validation processes (0 = one per core)")
-def run(input_dir: Path, workdir: Path, key_file: str | None, workers: int) -> None:
+def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -> None:
     """Materialise the whole asset graph for an input folder and write run_summary.json."""
-    from pipelines.run import SUMMARY_FILE, run_pipeline
+    from pipelines.run import run_pipeline
 
     try:
         summary = run_pipeline(input_dir, workdir, key_file=key_file, workers=workers)
@@ -101,7 +108,7 @@ def run(input_dir: Path, workdir: Path, key_file: str | None, workers: int) -> N
             f"model: readmission {model['model']}, held-out AUROC {model['test_auroc']:.3f} "
             f"on {model['n_test']} discharges; card {model['model_card']}"
         )
-    click.echo(f"summary: {workdir / SUMMARY_FILE}")
+    click.echo(f"summary: {workdir.summary}")
     if not summary["success"]:
         click.echo("some runs failed: open the Dagster UI (make ui) for details", err=True)
         sys.exit(1)
@@ -119,13 +126,19 @@ def quarantine() -> None:
 
 
 @quarantine.command("list")
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("data/work"))
+@click.option(
+    "--workdir",
+    type=click.Path(path_type=Path),
+    default=None,
+    callback=lambda _ctx, _param, value: Workdir.of(value),
+    help="work directory (default: EHR_WORKDIR or data/work)",
+)
 @click.option("--limit", type=int, default=50, show_default=True)
-def quarantine_list(workdir: Path, limit: int) -> None:
+def quarantine_list(workdir: Workdir, limit: int) -> None:
     """Quarantined records: batch, file pseudonym, position, reason."""
     from vault import warehouse
 
-    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
+    con = warehouse.connect(workdir.warehouse, read_only=True)
     try:
         rows = con.execute(
             "SELECT batch_id, file_id, position, reason_code, message FROM quarantine "

@@ -17,19 +17,17 @@ import click
 import duckdb
 
 from deid.errors import DeidError
+from pipelines.workdir import Workdir
 from vault.audit import AuditLog
 from vault.errors import VaultError
 from vault.keys import KeyProvider, default_key_file, load_key_provider
 
-DEFAULT_WORKDIR = Path("data/work")
-WAREHOUSE_FILE = "warehouse.duckdb"
-AUDIT_LOG = Path("audit") / "audit.log"
-
 _workdir_option = click.option(
     "--workdir",
     type=click.Path(path_type=Path, file_okay=False),
-    default=DEFAULT_WORKDIR,
-    show_default=True,
+    default=None,
+    callback=lambda _ctx, _param, value: Workdir.of(value),
+    help="work directory (default: EHR_WORKDIR or data/work)",
 )
 _key_file_option = click.option(
     "--key-file",
@@ -39,9 +37,10 @@ _key_file_option = click.option(
 )
 
 
-def audit_log_for(workdir: Path, provider: KeyProvider) -> AuditLog:
+def audit_log_for(workdir: Workdir | Path, provider: KeyProvider) -> AuditLog:
     """The audit log of a work directory, keyed from the provider's pseudonym key."""
-    return AuditLog.for_provider(Path(workdir) / AUDIT_LOG, provider)
+    paths = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
+    return AuditLog.for_provider(paths.audit_log, provider)
 
 
 def _provider(key_file: Path | None) -> KeyProvider:
@@ -52,11 +51,11 @@ def _provider(key_file: Path | None) -> KeyProvider:
 
 
 @contextmanager
-def _warehouse(workdir: Path, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
+def _warehouse(workdir: Workdir, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
     """An existing warehouse only: these commands never create an empty one."""
     from vault import warehouse
 
-    path = Path(workdir) / WAREHOUSE_FILE
+    path = workdir.warehouse
     if not path.exists():
         raise click.ClickException(f"no warehouse at {path}")
     con = warehouse.connect(path, read_only=read_only)
@@ -69,7 +68,7 @@ def _warehouse(workdir: Path, *, read_only: bool) -> Iterator[duckdb.DuckDBPyCon
 @click.command("rotate")
 @_key_file_option
 @_workdir_option
-def keys_rotate(key_file: Path | None, workdir: Path) -> None:
+def keys_rotate(key_file: Path | None, workdir: Workdir) -> None:
     """New key-encryption key; every data key re-wrapped; the old key retired and dropped.
 
     Every warehouse using this keyring must be rotated with it: a second warehouse sharing
@@ -105,21 +104,21 @@ def keys_rotate(key_file: Path | None, workdir: Path) -> None:
 @_workdir_option
 @_key_file_option
 def forget(
-    patient: str, is_pseudonym: bool, reason: str, workdir: Path, key_file: Path | None
+    patient: str, is_pseudonym: bool, reason: str, workdir: Workdir, key_file: Path | None
 ) -> None:
     """Erase PATIENT (an original Patient id, or a pseudonym with --pseudonym): destroy its
     data key and purge it from the vault, the indexes and every table with a patient_id."""
-    from pipelines.erasure import release_erasure_hooks
     from vault.lifecycle import forget_patient, forget_pseudonym
 
     provider = _provider(key_file)
     audit = audit_log_for(workdir, provider)
     try:
-        with _warehouse(workdir, read_only=False) as con, release_erasure_hooks(workdir):
+        with _warehouse(workdir, read_only=False) as con:
+            plan = workdir.erasure_plan()
             if is_pseudonym:
-                report = forget_pseudonym(con, patient, audit, reason)
+                report = forget_pseudonym(con, patient, audit, reason, plan=plan)
             else:
-                report = forget_patient(con, provider, patient, audit, reason)
+                report = forget_patient(con, provider, patient, audit, reason, plan=plan)
             con.execute("CHECKPOINT")  # deleted rows leave the WAL for the database file
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -139,7 +138,7 @@ def forget(
 @click.option("--reason", required=True, help="why (written to the audit log first)")
 @_workdir_option
 @_key_file_option
-def reidentify(pseudonym: str, reason: str, workdir: Path, key_file: Path | None) -> None:
+def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | None) -> None:
     """Print the original identifiers behind a patient PSEUDONYM (audited before printing)."""
     from vault.lifecycle import reidentify as run_reidentify
 
@@ -161,7 +160,7 @@ def audit() -> None:
 @audit.command("verify")
 @_workdir_option
 @_key_file_option
-def audit_verify(workdir: Path, key_file: Path | None) -> None:
+def audit_verify(workdir: Workdir, key_file: Path | None) -> None:
     """Detect edited, removed, reordered and truncated entries."""
     result = audit_log_for(workdir, _provider(key_file)).verify()
     if not result.ok:
@@ -175,7 +174,7 @@ def audit_verify(workdir: Path, key_file: Path | None) -> None:
 @audit.command("show")
 @_workdir_option
 @_key_file_option
-def audit_show(workdir: Path, key_file: Path | None) -> None:
+def audit_show(workdir: Workdir, key_file: Path | None) -> None:
     """Print the entries, one JSON object per line (pseudonyms, key ids and counts only)."""
     try:
         entries = audit_log_for(workdir, _provider(key_file)).entries()

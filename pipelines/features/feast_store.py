@@ -22,8 +22,9 @@ from pathlib import Path
 
 from feast import FeatureStore
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_REPO = REPO_ROOT / "feature_repo"
+from pipelines.content import feature_repo_dir
+
+DEFAULT_REPO = feature_repo_dir()
 FEAST_DATA_ENV = "EHR_FEAST_DATA"
 FEATURES_DIR_ENV = "EHR_FEATURES_DIR"
 
@@ -34,10 +35,11 @@ class FeastCommandError(RuntimeError):
 
 
 def resolve_repo(repo_dir: Path | str | None = None) -> Path:
-    """The Feast repo folder: as given, else ``feature_repo`` in the source tree."""
+    """The Feast repo folder: as given when it exists, else the one shipped with the package
+    (``feature_repo``, package data)."""
     path = Path(repo_dir) if repo_dir else DEFAULT_REPO
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        path = REPO_ROOT / path
+    if not path.exists() and path.name == DEFAULT_REPO.name:
+        path = DEFAULT_REPO
     return path.resolve()
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import duckdb
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-VALUESETS_DIR = REPO_ROOT / "fhir" / "valuesets"
+from pipelines.content import valuesets_dir
+
+VALUESETS_DIR = valuesets_dir()
 SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"

@@ -21,8 +21,9 @@ from fhirlake.viewdef import (
 from fhirlake.viewdef import (
     iter_fhir_resources as iter_fhir_resources,  # re-exported: readers of FHIR files for views
 )
+from pipelines.content import views_dir
 
-VIEWS_DIR = Path(__file__).resolve().parent.parent / "fhir" / "views"
+VIEWS_DIR = views_dir()
 VIEWS_SCHEMA = "views"
 _FETCH_ROWS = 2_000
 

@@ -14,6 +14,7 @@ from fhirlake.synthetic import generate
 from pipelines.cli import main
 from pipelines.erasure import purge_online_store, purge_released_parquet
 from pipelines.run import run_pipeline
+from pipelines.workdir import Workdir
 
 pytestmark = pytest.mark.e2e
 
@@ -60,8 +61,9 @@ def test_forget_reaches_parquet_and_the_online_store(tmp_path: Path, key_file: P
     assert result.exit_code == 0, result.output
     report = json.loads(result.output[: result.output.rindex("}") + 1])
     assert report["rows_deleted"]["views.patient"] == 1
-    assert report["hooks_failed"] == []
-    assert all(n > 0 for n in report["hooks"].values())
+    assert report["places_failed"] == []
+    assert set(report["places"]) == {"released_parquet", "feast_online_store"}
+    assert all(n > 0 for n in report["places"].values())
     # left: the audit entry of the erasure and the tombstone of the destroyed data key
     assert _holding(workdir, pseudonym) == ["audit/audit.log", "warehouse.duckdb"]
     con = duckdb.connect(str(workdir / "warehouse.duckdb"), read_only=True)
@@ -85,10 +87,11 @@ def test_forget_reaches_parquet_and_the_online_store(tmp_path: Path, key_file: P
     finally:
         con.close()
     # idempotent: a re-run finds nothing more to remove
-    assert purge_released_parquet(workdir, pseudonym) == 0
-    assert purge_online_store(workdir / "feast" / "online_store.db", pseudonym) == 0
+    paths = Workdir(workdir)
+    assert purge_released_parquet(paths.released_folders, pseudonym) == 0
+    assert purge_online_store(paths.online_store, pseudonym) == 0
 
 
 def test_purges_refuse_what_is_not_a_pseudonym(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pseudonym"):
-        purge_released_parquet(tmp_path, "x' OR 1=1 --")
+        purge_released_parquet((tmp_path,), "x' OR 1=1 --")

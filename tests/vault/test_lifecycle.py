@@ -4,7 +4,7 @@ import base64
 import json
 import stat
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,8 @@ from vault.errors import (
 from vault.ingest import ingest_batch
 from vault.keys import FileKeyProvider, key_fingerprint
 from vault.lifecycle import (
-    ERASURE_HOOKS,
+    ErasurePlan,
+    ReleasedTables,
     forget_patient,
     forget_pseudonym,
     reidentify,
@@ -300,23 +301,36 @@ def test_rotation_refuses_to_run_unaudited(world: World) -> None:
 # -- erasure ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Place:
+    name: str
+    removed: int = 0
+    fails: bool = False
+    called: list[str] = field(default_factory=list)
+
+    def purge(self, pseudonym: str) -> int:
+        self.called.append(pseudonym)
+        if self.fails:
+            raise RuntimeError("store offline")
+        return self.removed
+
+
 def test_forget_shreds_one_patient_everywhere(world: World) -> None:
-    called: list[str] = []
-
-    def online_store(pseudonym: str) -> int:
-        called.append(pseudonym)
-        return 5
-
+    online_store = _Place("online_store", removed=5)
+    plan = ErasurePlan(
+        tables=(ReleasedTables("main", ("deid_patient", "unbuilt")), ReleasedTables("features")),
+        places=(online_store,),
+    )
     con = world.connect()
-    ERASURE_HOOKS.append(online_store)
     try:
         con.execute("CREATE TABLE deid_patient (patient_id VARCHAR, x INT)")
         con.execute("INSERT INTO deid_patient VALUES (?, 1), (?, 2)", [world.p1, world.p2])
         con.execute("CREATE SCHEMA features")
         con.execute("CREATE TABLE features.daily (Patient_Id VARCHAR, v DOUBLE)")
         con.execute("INSERT INTO features.daily VALUES (?, 1.0), (?, 2.0)", [world.p1, world.p2])
-        con.execute("CREATE TABLE coded (patient_id INTEGER)")  # another type: left alone
-        con.execute("INSERT INTO coded VALUES (1)")
+        con.execute("CREATE TABLE features.codes (code VARCHAR)")  # no patient rows: skipped
+        con.execute("CREATE TABLE coded (patient_id VARCHAR)")  # not in the plan: left alone
+        con.execute("INSERT INTO coded VALUES (?)", [world.p1])
         con.execute("CREATE VIEW deid_patient_view AS SELECT * FROM deid_patient")
         p1_blobs = con.execute(
             "SELECT sealed, aad FROM phi_vault WHERE patient_key = ?", [world.p1]
@@ -326,7 +340,8 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
         ).fetchall()
 
         report = forget_patient(
-            con, world.provider, "p1", world.audit, "erasure request 42", clock=lambda: T0
+            con, world.provider, "p1", world.audit, "erasure request 42", plan=plan,
+            clock=lambda: T0,
         )
 
         assert report.pseudonym == world.p1 and report.found
@@ -336,14 +351,11 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
             "identifier_index": 1,  # the Patient's MRN
             "phi_vault": 3,  # Patient, Condition, Encounter
             "quarantine": 1,  # the Observation
-            "coded": 0,
             "deid_patient": 1,
             "features.daily": 1,
         }
-        assert report.hooks == {
-            "test_forget_shreds_one_patient_everywhere.<locals>.online_store": 5
-        }
-        assert called == [world.p1]
+        assert report.places == {"online_store": 5}
+        assert online_store.called == [world.p1]
 
         # the key is gone: nothing of p1 can be decrypted, even from a copy of its rows
         assert con.execute(
@@ -381,7 +393,6 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
         with pytest.raises(KeyDestroyedError, match="erased"):
             reidentify(con, world.provider, world.p1, world.audit, "follow-up")
     finally:
-        ERASURE_HOOKS.remove(online_store)
         con.close()
 
     forget_entry, reid_entry = world.audit.entries()
@@ -414,31 +425,32 @@ def test_forget_by_pseudonym_is_idempotent_and_reports_unknown_patients(world: W
     assert world.audit.verify().ok
 
 
-def test_a_failing_hook_is_audited_and_reported(world: World) -> None:
-    def broken(pseudonym: str) -> int:
-        raise RuntimeError("store offline")
-
-    def fine(pseudonym: str) -> int:
-        return 1
-
+def test_a_failing_place_is_audited_and_reported(world: World) -> None:
+    plan = ErasurePlan(places=(_Place("broken", fails=True), _Place("fine", removed=1)))
     con = world.connect()
-    ERASURE_HOOKS.extend([broken, fine])
     try:
         with pytest.raises(ErasureIncompleteError, match="run the erasure again"):
-            forget_pseudonym(con, world.p1, world.audit, "request")
+            forget_pseudonym(con, world.p1, world.audit, "request", plan=plan)
         # the warehouse part is committed regardless
         assert read_resource(con, world.provider, "Patient", "p1") is None
     finally:
-        ERASURE_HOOKS.remove(broken)
-        ERASURE_HOOKS.remove(fine)
         con.close()
     (entry,) = world.audit.entries()
-    assert entry["details"]["hooks_failed"] == [
-        "test_a_failing_hook_is_audited_and_reported.<locals>.broken"
-    ]
-    assert entry["details"]["hooks"] == {
-        "test_a_failing_hook_is_audited_and_reported.<locals>.fine": 1
-    }
+    assert entry["details"]["places_failed"] == ["broken"]
+    assert entry["details"]["places"] == {"fine": 1}
+
+
+def test_a_listed_table_without_patient_id_is_refused(world: World) -> None:
+    con = world.connect()
+    try:
+        con.execute("CREATE TABLE released (person VARCHAR)")
+        plan = ErasurePlan(tables=(ReleasedTables("main", ("released",)),))
+        with pytest.raises(VaultError, match="no patient_id"):
+            forget_pseudonym(con, world.p1, world.audit, "request", plan=plan)
+        # refused before anything was committed: the patient is still there
+        assert read_resource(con, world.provider, "Patient", "p1") is not None
+    finally:
+        con.close()
 
 
 def test_a_failed_erasure_rolls_back_entirely(world: World) -> None:
@@ -448,8 +460,9 @@ def test_a_failed_erasure_rolls_back_entirely(world: World) -> None:
         con.execute("CREATE TABLE cohort_member (member VARCHAR REFERENCES cohort (patient_id))")
         con.execute("INSERT INTO cohort VALUES (?)", [world.p1])
         con.execute("INSERT INTO cohort_member VALUES (?)", [world.p1])
+        plan = ErasurePlan(tables=(ReleasedTables("main", ("cohort",)),))
         with pytest.raises(duckdb.ConstraintException, match="still referenced"):
-            forget_pseudonym(con, world.p1, world.audit, "request")
+            forget_pseudonym(con, world.p1, world.audit, "request", plan=plan)
         assert con.execute(
             "SELECT wrapped IS NOT NULL, destroyed_at FROM data_keys WHERE owner = ?", [world.p1]
         ).fetchall() == [(True, None)]

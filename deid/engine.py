@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from decimal import Decimal
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -179,7 +179,7 @@ class Deidentifier:
         self.rng = rng or random.Random()
         self.random_bytes = random_bytes
 
-    # -- scope and references ---------------------------------------------------------------
+    # -- scope --------------------------------------------------------------------------------
     def _shift_days(self, resource: dict[str, Any], patient_scope: str | None) -> int:
         params = self.policy.parameters
         if params.date_shift_scope == "patient" and patient_scope:
@@ -188,21 +188,7 @@ class Deidentifier:
             scope = f"{resource.get('resourceType')}/{resource.get('id', '')}"
         return methods.date_shift_days(self.secrets.date_shift_key, scope, params.date_shift_days)
 
-    def _pseudonymize(self, leaf: _Leaf, resource: dict[str, Any], resolve: Resolver) -> Any:
-        value = leaf.value
-        if not isinstance(value, str):
-            return _REMOVED
-        pseudo = self.secrets.pseudonymizer
-        if leaf.name == "id" and leaf.parent is resource:
-            return pseudo.resource_key(str(resource.get("resourceType")), value)
-        if leaf.name == "reference":
-            target = resolve(value)
-            return f"{target[0]}/{target[1]}" if target else _REMOVED
-        if leaf.name == "id":  # contained resources keep local ids; they join within the resource
-            return value
-        return pseudo.token("value", value)
-
-    # -- methods on one primitive -------------------------------------------------------------
+    # -- one primitive, through the method table ----------------------------------------------
     def _apply(
         self,
         rule: Rule,
@@ -212,63 +198,11 @@ class Deidentifier:
         resolve: Resolver,
         outcome: DeidOutcome,
     ) -> None:
-        method, params, value = rule.method, self.policy.parameters, leaf.value
-        result: Any = value
-        label = _METHOD_LABEL.get(method)
-        if method == "keep":
+        method = _METHODS.get(rule.method, _unchanged)
+        change = method(_Call(self, rule, leaf, resource, shift, resolve))
+        if change is None:
             return
-        if method == "redact":
-            result = _REMOVED
-            if params.partial_dates and isinstance(value, str) and _DATEISH.match(value):
-                partial = methods.redact_date_partially(value, self.today)
-                result = partial if partial is not None else _REMOVED
-            elif params.partial_zip_codes and leaf.name == "postalCode" and isinstance(value, str):
-                result, label = (
-                    methods.redact_zip_partially(value, params.restricted_zip3),
-                    "ABSTRED",
-                )
-            elif params.partial_ages and leaf.fhir_type == "Age" and isinstance(value, int | float):
-                if methods.redact_age_partially(float(value)):
-                    result, label = value, "ABSTRED"
-        elif method == "dateshift":
-            if isinstance(value, str) and _DATEISH.match(value):
-                if leaf.name == "birthDate" and methods.is_over_age_limit(value, self.today):
-                    # HIPAA's "90 or older": the year that makes the patient 90 today
-                    result, label = f"{self.today.year - methods.AGE_LIMIT - 1:04d}", "ABSTRED"
-                else:
-                    result = methods.shift_date(value, shift)
-                    if result == value:
-                        return
-        elif method == "cryptohash":
-            if isinstance(value, str):
-                if leaf.name == "reference" and value.startswith("#"):
-                    result = "#" + methods.crypto_hash(value[1:], self.secrets.crypto_hash_key)
-                elif leaf.name == "reference" and "/" in value:
-                    head, _, tail = value.rpartition("/")
-                    result = f"{head}/{methods.crypto_hash(tail, self.secrets.crypto_hash_key)}"
-                else:
-                    result = methods.crypto_hash(value, self.secrets.crypto_hash_key)
-        elif method == "encrypt":
-            if isinstance(value, str):
-                aad = f"{resource.get('resourceType')}/{leaf.name}".encode()
-                result = methods.encrypt_value(
-                    value, self.secrets.encrypt_key, aad, self.random_bytes
-                )
-        elif method == "perturb":
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                result = methods.perturb_number(
-                    float(value),
-                    float(rule.options["span"]),
-                    str(rule.options.get("rangeType", "fixed")),
-                    int(rule.options.get("roundTo", 0)),
-                    self.rng.uniform,
-                )
-                if isinstance(value, int) and int(rule.options.get("roundTo", 0)) == 0:
-                    result = int(result)
-        elif method == "generalize":
-            result = self._generalize(rule, value)
-        elif method == "pseudonymize":
-            result = self._pseudonymize(leaf, resource, resolve)
+        result, label = change.value, change.label or _METHOD_LABEL.get(rule.method)
         if result is _REMOVED:
             label = "REDACTED"
             sibling = f"_{leaf.key}" if isinstance(leaf.key, str) else None
@@ -278,23 +212,6 @@ class Deidentifier:
         outcome.rule_counts[rule.index] += 1
         if label:
             outcome.labels.add(label)
-
-    def _generalize(self, rule: Rule, value: Any) -> Any:
-        for condition, result in rule.cases:
-            matched = condition.evaluate(value)  # a primitive root is $this
-            if matched and matched[0].value is True:
-                out = result.evaluate(value)
-                if not out:
-                    return _REMOVED
-                generalised = out[0].value
-                return (
-                    int(generalised)
-                    if isinstance(generalised, Decimal)
-                    and generalised == int(generalised)
-                    and isinstance(value, int)
-                    else generalised
-                )
-        return value if rule.options.get("otherValues", "redact") == "keep" else _REMOVED
 
     # -- one resource -------------------------------------------------------------------------
     def apply(
@@ -416,6 +333,141 @@ class Deidentifier:
             done.add((id(leaf.parent), leaf.key))
         outcome.rule_counts[rule.index] += 1
         outcome.labels.add("SUBSTITUTED")
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One primitive value reached by one rule, with what the methods need to rewrite it."""
+
+    engine: Deidentifier
+    rule: Rule
+    leaf: _Leaf
+    resource: dict[str, Any]
+    shift: int
+    resolve: Resolver
+
+
+class _Change(NamedTuple):
+    """The value a method puts in place, and its security label when not the method's own."""
+
+    value: Any
+    label: str | None = None
+
+
+# None: the value stays as it is and the rule is not counted for it
+_Method = Callable[[_Call], _Change | None]
+
+
+def _keep(call: _Call) -> _Change | None:
+    return None
+
+
+def _unchanged(call: _Call) -> _Change | None:
+    return _Change(call.leaf.value)
+
+
+def _redact(call: _Call) -> _Change | None:
+    params, leaf, value = call.engine.policy.parameters, call.leaf, call.leaf.value
+    if params.partial_dates and isinstance(value, str) and _DATEISH.match(value):
+        partial = methods.redact_date_partially(value, call.engine.today)
+        return _Change(partial if partial is not None else _REMOVED)
+    if params.partial_zip_codes and leaf.name == "postalCode" and isinstance(value, str):
+        return _Change(methods.redact_zip_partially(value, params.restricted_zip3), "ABSTRED")
+    if params.partial_ages and leaf.fhir_type == "Age" and isinstance(value, int | float):
+        if methods.redact_age_partially(float(value)):
+            return _Change(value, "ABSTRED")
+    return _Change(_REMOVED)
+
+
+def _dateshift(call: _Call) -> _Change | None:
+    value, today = call.leaf.value, call.engine.today
+    if not (isinstance(value, str) and _DATEISH.match(value)):
+        return _Change(value)
+    if call.leaf.name == "birthDate" and methods.is_over_age_limit(value, today):
+        # HIPAA's "90 or older": the year that makes the patient 90 today
+        return _Change(f"{today.year - methods.AGE_LIMIT - 1:04d}", "ABSTRED")
+    shifted = methods.shift_date(value, call.shift)
+    return None if shifted == value else _Change(shifted)
+
+
+def _cryptohash(call: _Call) -> _Change | None:
+    value, key = call.leaf.value, call.engine.secrets.crypto_hash_key
+    if not isinstance(value, str):
+        return _Change(value)
+    if call.leaf.name == "reference" and value.startswith("#"):
+        return _Change("#" + methods.crypto_hash(value[1:], key))
+    if call.leaf.name == "reference" and "/" in value:
+        head, _, tail = value.rpartition("/")
+        return _Change(f"{head}/{methods.crypto_hash(tail, key)}")
+    return _Change(methods.crypto_hash(value, key))
+
+
+def _encrypt(call: _Call) -> _Change | None:
+    value, engine = call.leaf.value, call.engine
+    if not isinstance(value, str):
+        return _Change(value)
+    aad = f"{call.resource.get('resourceType')}/{call.leaf.name}".encode()
+    return _Change(
+        methods.encrypt_value(value, engine.secrets.encrypt_key, aad, engine.random_bytes)
+    )
+
+
+def _perturb(call: _Call) -> _Change | None:
+    value, options = call.leaf.value, call.rule.options
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return _Change(value)
+    round_to = int(options.get("roundTo", 0))
+    result = methods.perturb_number(
+        float(value),
+        float(options["span"]),
+        str(options.get("rangeType", "fixed")),
+        round_to,
+        call.engine.rng.uniform,
+    )
+    # an integer stays an integer unless the rule asks for decimal places
+    return _Change(int(result) if isinstance(value, int) and round_to == 0 else result)
+
+
+def _generalize(call: _Call) -> _Change | None:
+    value = call.leaf.value
+    for condition, result in call.rule.cases:
+        matched = condition.evaluate(value)  # a primitive root is $this
+        if matched and matched[0].value is True:
+            out = result.evaluate(value)
+            if not out:
+                return _Change(_REMOVED)
+            generalised = out[0].value
+            whole = isinstance(generalised, Decimal) and generalised == int(generalised)
+            return _Change(int(generalised) if whole and isinstance(value, int) else generalised)
+    return _Change(value if call.rule.options.get("otherValues", "redact") == "keep" else _REMOVED)
+
+
+def _pseudonymize(call: _Call) -> _Change | None:
+    leaf, resource, value = call.leaf, call.resource, call.leaf.value
+    if not isinstance(value, str):
+        return _Change(_REMOVED)
+    pseudo = call.engine.secrets.pseudonymizer
+    if leaf.name == "id" and leaf.parent is resource:
+        return _Change(pseudo.resource_key(str(resource.get("resourceType")), value))
+    if leaf.name == "reference":
+        target = call.resolve(value)
+        return _Change(f"{target[0]}/{target[1]}" if target else _REMOVED)
+    if leaf.name == "id":  # contained resources keep local ids; they join within the resource
+        return _Change(value)
+    return _Change(pseudo.token("value", value))
+
+
+# substitute is not here: it replaces whole nodes, not primitives (Deidentifier._substitute)
+_METHODS: dict[str, _Method] = {
+    "keep": _keep,
+    "redact": _redact,
+    "dateshift": _dateshift,
+    "cryptohash": _cryptohash,
+    "encrypt": _encrypt,
+    "perturb": _perturb,
+    "generalize": _generalize,
+    "pseudonymize": _pseudonymize,
+}
 
 
 def _nested_resources(work: dict[str, Any]) -> list[tuple[dict[str, Any], bool]]:

@@ -3,10 +3,14 @@ leak scan over what was released, and the released patient table with its k-anon
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -18,7 +22,7 @@ from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 from deid.policy import Policy
 from deid.risk import EnforcementReport, GeneralisationStep, enforce_k, measure_k
 from fhirlake.references import classify, literal_target
-from vault.keys import KeyProvider
+from vault.keys import KeyProvider, key_fingerprint
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import DataKeyStore
 
@@ -78,6 +82,129 @@ def _reference_targets(
 
 _DEID_COLUMNS = ("resource_type", "id", "patient_id", "batch_id", "resource")
 _DEID_CHUNK = 2_000
+_FLUSH_ROWS = 5_000
+
+_ReleasedRow = tuple[str, str, str | None, str, str]
+_WithheldRow = tuple[str, str | None, str | None, str, str]
+
+
+@dataclass
+class _BatchRun:
+    """One batch's de-identification under way: released and withheld rows waiting for the next
+    insert, and the counts its report is made of."""
+
+    batch_id: str
+    engine: Deidentifier
+    pseudo: Pseudonymizer
+    targets: dict[tuple[str, str], tuple[str, str]]
+    released: list[_ReleasedRow] = field(default_factory=list)
+    errors: list[_WithheldRow] = field(default_factory=list)
+    resources_in: int = 0
+    rules: Counter[int] = field(default_factory=Counter)
+    labels: Counter[str] = field(default_factory=Counter)
+    withheld: Counter[str] = field(default_factory=Counter)
+
+
+def _batch_positions(con: duckdb.DuckDBPyConnection, batch_id: str) -> list[int]:
+    """Ingest positions of the batch's current rows. Only these narrow values are ranked and
+    sorted; the ciphertexts are then read a chunk at a time (:func:`_vault_chunks`), so memory
+    stays bounded under the warehouse cap whatever the batch size."""
+    return [
+        int(seq)
+        for (seq,) in con.execute(
+            "SELECT ingest_seq FROM phi_vault_current WHERE batch_id = ? ORDER BY ingest_seq",
+            [batch_id],
+        ).fetchall()
+    ]
+
+
+def _vault_chunks(
+    con: duckdb.DuckDBPyConnection, batch_id: str, positions: list[int]
+) -> Iterator[list[tuple[Any, ...]]]:
+    """(resource key, type, patient key, sealed, aad) rows, up to _DEID_CHUNK at a time."""
+    for start in range(0, len(positions), _DEID_CHUNK):
+        window = positions[start : start + _DEID_CHUNK]
+        yield con.execute(
+            "SELECT resource_key, resource_type, patient_key, sealed, aad FROM phi_vault "
+            "WHERE batch_id = ? AND ingest_seq BETWEEN ? AND ? "
+            "AND ingest_seq IN (SELECT unnest(?::BIGINT[])) ORDER BY ingest_seq",
+            [batch_id, window[0], window[-1], window],
+        ).fetchall()
+
+
+def _resolve_reference(
+    pseudo: Pseudonymizer,
+    targets: dict[tuple[str, str], tuple[str, str]],
+    resource_key: str,
+    value: str,
+) -> tuple[str, str] | None:
+    """The pseudonymous target of a reference in one resource: urn:uuid and conditional ones as
+    ingest resolved them for that resource, literal ones by their type and id."""
+    if classify(value) in ("urn", "conditional"):
+        return targets.get((resource_key, pseudo.token("reference", value)))
+    literal = literal_target(value)
+    return (literal[0], pseudo.resource_key(*literal)) if literal else None
+
+
+def _deidentify_chunk(run: _BatchRun, keys: DataKeyStore, rows: list[tuple[Any, ...]]) -> None:
+    """Decrypt and de-identify one chunk of vault rows into the run's pending rows."""
+    for resource_key, rtype, patient_key, sealed, aad in rows:
+        run.resources_in += 1
+        resource = orjson.loads(keys.open(bytes(sealed), bytes(aad)))
+        resolve = partial(_resolve_reference, run.pseudo, run.targets, resource_key)
+        try:
+            outcome = run.engine.apply(resource, patient_scope=patient_key, resolve=resolve)
+        except ProcessingError as exc:
+            run.withheld[exc.code] += 1
+            run.errors.append((run.batch_id, rtype, patient_key, exc.code, str(exc)))
+            continue
+        run.rules.update(outcome.rule_counts)
+        run.labels.update(outcome.labels)
+        released = orjson.dumps(outcome.resource).decode()
+        run.released.append((rtype, resource_key, patient_key, run.batch_id, released))
+
+
+def _flush(con: duckdb.DuckDBPyConnection, run: _BatchRun) -> None:
+    """Insert the run's pending released and withheld rows, and forget them."""
+    if run.released:
+        # one Arrow insert: executemany goes row by row and dominated the stage's time
+        columns = list(zip(*run.released, strict=True))
+        released = pa.table(
+            {
+                name: pa.array(values, pa.string())
+                for name, values in zip(_DEID_COLUMNS, columns, strict=True)
+            }
+        )
+        con.register("released_chunk", released)
+        try:
+            con.execute(
+                "INSERT INTO deid_resources SELECT resource_type, id, patient_id, batch_id, "
+                "resource::JSON FROM released_chunk"
+            )
+        finally:
+            con.unregister("released_chunk")
+        run.released.clear()
+    if run.errors:
+        con.executemany("INSERT INTO deid_errors VALUES (?, ?, ?, ?, ?)", run.errors)
+        run.errors.clear()
+
+
+def _report(run: _BatchRun, policy: Policy, started: float) -> DeidReport:
+    withheld = sum(run.withheld.values())
+    return DeidReport(
+        run.batch_id,
+        policy.name,
+        resources_in=run.resources_in,
+        released=run.resources_in - withheld,
+        withheld=withheld,
+        withheld_reasons=dict(run.withheld),
+        rule_counts={
+            f"{i}:{policy.rules[i].method}:{policy.rules[i].path}": n
+            for i, n in sorted(run.rules.items())
+        },
+        labels=dict(run.labels),
+        seconds=round(time.perf_counter() - started, 3),
+    )
 
 
 def deidentify_batch(
@@ -94,99 +221,19 @@ def deidentify_batch(
     con.execute(DEID_ERRORS_DDL)
     con.execute("DELETE FROM deid_resources WHERE batch_id = ?", [batch_id])
     con.execute("DELETE FROM deid_errors WHERE batch_id = ?", [batch_id])
-    pseudo = Pseudonymizer(provider.pseudonym_key())
-    engine = Deidentifier(policy, DeidSecrets.derive(provider.pseudonym_key(), policy), today=today)
+    run = _BatchRun(
+        batch_id,
+        Deidentifier(policy, DeidSecrets.derive(provider.pseudonym_key(), policy), today=today),
+        Pseudonymizer(provider.pseudonym_key()),
+        _reference_targets(con, batch_id),
+    )
     keys = DataKeyStore(con, provider)
-    targets = _reference_targets(con, batch_id)
-    report = DeidReport(batch_id, policy.name)
-    rules: Counter[int] = Counter()
-    labels: Counter[str] = Counter()
-    withheld: Counter[str] = Counter()
-    out: list[tuple[str, str, str | None, str, str]] = []
-    errors: list[tuple[str, str | None, str | None, str, str]] = []
-    # Only the narrow positions are ranked and sorted; the ciphertexts are then read a chunk
-    # at a time, so memory stays bounded under the warehouse cap whatever the batch size.
-    positions = [
-        int(seq)
-        for (seq,) in con.execute(
-            "SELECT ingest_seq FROM phi_vault_current WHERE batch_id = ? ORDER BY ingest_seq",
-            [batch_id],
-        ).fetchall()
-    ]
-
-    def chunks() -> Any:
-        for start in range(0, len(positions), _DEID_CHUNK):
-            window = positions[start : start + _DEID_CHUNK]
-            yield con.execute(
-                "SELECT resource_key, resource_type, patient_key, sealed, aad FROM phi_vault "
-                "WHERE batch_id = ? AND ingest_seq BETWEEN ? AND ? "
-                "AND ingest_seq IN (SELECT unnest(?::BIGINT[])) ORDER BY ingest_seq",
-                [batch_id, window[0], window[-1], window],
-            ).fetchall()
-
-    def flush() -> None:
-        if out:
-            # one Arrow insert: executemany goes row by row and dominated the stage's time
-            columns = list(zip(*out, strict=True))
-            released = pa.table(
-                {
-                    name: pa.array(values, pa.string())
-                    for name, values in zip(_DEID_COLUMNS, columns, strict=True)
-                }
-            )
-            con.register("released_chunk", released)
-            try:
-                con.execute(
-                    "INSERT INTO deid_resources SELECT resource_type, id, patient_id, batch_id, "
-                    "resource::JSON FROM released_chunk"
-                )
-            finally:
-                con.unregister("released_chunk")
-            out.clear()
-        if errors:
-            con.executemany("INSERT INTO deid_errors VALUES (?, ?, ?, ?, ?)", errors)
-            errors.clear()
-
-    for rows in chunks():
-        for resource_key, rtype, patient_key, sealed, aad in rows:
-            report.resources_in += 1
-            resource = orjson.loads(keys.open(bytes(sealed), bytes(aad)))
-
-            def resolve(value: str, _rk: str = resource_key) -> tuple[str, str] | None:
-                if classify(value) in ("urn", "conditional"):
-                    return targets.get((_rk, pseudo.token("reference", value)))
-                literal = literal_target(value)
-                return (literal[0], pseudo.resource_key(*literal)) if literal else None
-
-            try:
-                outcome = engine.apply(resource, patient_scope=patient_key, resolve=resolve)
-            except ProcessingError as exc:
-                withheld[exc.code] += 1
-                errors.append((batch_id, rtype, patient_key, exc.code, str(exc)))
-                continue
-            rules.update(outcome.rule_counts)
-            labels.update(outcome.labels)
-            out.append(
-                (
-                    rtype,
-                    resource_key,
-                    patient_key,
-                    batch_id,
-                    orjson.dumps(outcome.resource).decode(),
-                )
-            )
-        if len(out) >= 5_000:
-            flush()
-    flush()
-    report.released = report.resources_in - sum(withheld.values())
-    report.withheld = sum(withheld.values())
-    report.withheld_reasons = dict(withheld)
-    report.rule_counts = {
-        f"{i}:{policy.rules[i].method}:{policy.rules[i].path}": n for i, n in sorted(rules.items())
-    }
-    report.labels = dict(labels)
-    report.seconds = round(time.perf_counter() - started, 3)
-    return report
+    for rows in _vault_chunks(con, batch_id, _batch_positions(con, batch_id)):
+        _deidentify_chunk(run, keys, rows)
+        if len(run.released) >= _FLUSH_ROWS:
+            _flush(con, run)
+    _flush(con, run)
+    return _report(run, policy, started)
 
 
 def batch_canaries(
@@ -227,6 +274,65 @@ def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> C
     finally:
         cursor.close()
     return canaries
+
+
+_VaultState = tuple[str, int, int | None, int | None, str, str]
+
+
+def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _VaultState | None:
+    """What the release canaries depend on, without decrypting anything: the warehouse file,
+    the vault's rows (count, highest ingest position, a digest of which versions it holds) and
+    the keys. None for an in-memory warehouse, which has no name to tell it apart by."""
+    (path,) = con.execute(
+        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchone() or (None,)
+    if not path:
+        return None
+    rows, last_seq, digest = con.execute(
+        "SELECT count(*), max(ingest_seq), sum(hash(resource_key, ingest_seq, content_mac)) "
+        "FROM phi_vault"
+    ).fetchone() or (0, None, None)
+    return (
+        str(Path(path).resolve()),
+        int(rows),
+        None if last_seq is None else int(last_seq),
+        None if digest is None else int(digest),
+        key_fingerprint(provider.pseudonym_key()),
+        provider.active_kek_id(),
+    )
+
+
+class ReleaseCanaryCache:
+    """The release canaries, decrypted once per vault state rather than once per released table
+    (every view, the feature tables and the online store are scanned against them).
+
+    An entry is reused only while :func:`vault_state` is unchanged, so a newly ingested batch,
+    an erasure or other keys load them afresh. Canaries are PHI: one entry at most, in memory
+    only, dropped before its replacement is loaded."""
+
+    def __init__(
+        self,
+        load: Callable[[duckdb.DuckDBPyConnection, KeyProvider], CanarySet] = release_canaries,
+    ) -> None:
+        self._load = load
+        self._lock = threading.RLock()
+        self._state: _VaultState | None = None
+        self._canaries: CanarySet | None = None
+
+    def get(self, con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> CanarySet:
+        state = vault_state(con, provider)
+        with self._lock:  # concurrent callers wait for one load instead of decrypting twice
+            if state is None:
+                return self._load(con, provider)
+            if self._canaries is None or state != self._state:
+                self.clear()
+                self._canaries = self._load(con, provider)
+                self._state = state
+            return self._canaries
+
+    def clear(self) -> None:
+        with self._lock:
+            self._state, self._canaries = None, None
 
 
 def scan_released_table(

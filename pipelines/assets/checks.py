@@ -3,6 +3,12 @@
 from dagster import AssetCheckResult, AssetCheckSeverity, AssetKey, MetadataValue
 
 from deid.leakscan import LeakScanResult
+from deid.release import ReleaseCanaryCache
+
+RELEASE_CANARIES = ReleaseCanaryCache()
+"""The canaries every release-wide table is scanned against (views, feature tables, online
+store), decrypted once per vault state in this process: once per run under the in-process
+executor, once per step process under the multiprocess one."""
 
 
 def leak_scan_result(asset_key: str | AssetKey, scan: LeakScanResult) -> AssetCheckResult:

@@ -14,8 +14,7 @@ from dagster import (
     asset,
 )
 
-from deid.release import release_canaries
-from pipelines.assets.checks import leak_scan_result
+from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.features import FEATURE_ASSET_KEYS
 from pipelines.features.online_scan import scan_online_store
 from pipelines.features.resources import FeastStoreResource
@@ -75,7 +74,7 @@ def feast_online_store(
     )
     con = warehouse.connect(read_only=True)
     try:
-        canaries = release_canaries(con, keys.provider())
+        canaries = RELEASE_CANARIES.get(con, keys.provider())
     finally:
         con.close()
     online_db = Path(feast_store.data(warehouse.workdir)) / "online_store.db"

@@ -19,9 +19,9 @@ from dagster import (
     multi_asset,
 )
 
-from deid.release import release_canaries, scan_released_table
+from deid.release import scan_released_table
 from fhirlake.viewdef import ViewDefinition, load_view
-from pipelines.assets.checks import columns_table, leak_scan_result
+from pipelines.assets.checks import RELEASE_CANARIES, columns_table, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.resources import KeyProviderResource, WarehouseResource
 from pipelines.views.tables import VIEWS_DIR, VIEWS_SCHEMA, run_view_over_release, view_files
@@ -65,7 +65,8 @@ def build_view_asset(path: Path) -> AssetsDefinition:
         con = warehouse.connect()
         try:
             result = run_view_over_release(con, view, Path(warehouse.workdir))
-            scan = scan_released_table(con, release_canaries(con, keys.provider()), result.table)
+            canaries = RELEASE_CANARIES.get(con, keys.provider())
+            scan = scan_released_table(con, canaries, result.table)
         finally:
             con.close()
         context.log.info(

@@ -1,0 +1,105 @@
+"""The release canaries are decrypted once per vault state, and loaded afresh when it changes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from deid.leakscan import CanarySet
+from deid.release import ReleaseCanaryCache, release_canaries, vault_state
+from fhirlake.synthetic import generate
+from vault import warehouse
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider, KeyProvider, init_keyring
+
+
+class CountingLoad:
+    """release_canaries, counting how often the vault is decrypted for them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> CanarySet:
+        self.calls += 1
+        return release_canaries(con, provider)
+
+
+@pytest.fixture
+def vault_with_batch(tmp_path: Path, key_provider: FileKeyProvider) -> Path:
+    generate(tmp_path / "b1", 4, seed=31)
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "b1", tmp_path / "b1", key_provider, workers=1)
+    return wh
+
+
+def _canaries(cache: ReleaseCanaryCache, wh: Path, provider: KeyProvider) -> CanarySet:
+    con = warehouse.connect(wh)  # a connection of its own, as each asset opens one
+    try:
+        return cache.get(con, provider)
+    finally:
+        con.close()
+
+
+def test_same_vault_state_decrypts_once(
+    vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    load = CountingLoad()
+    cache = ReleaseCanaryCache(load)
+    first = _canaries(cache, vault_with_batch, key_provider)
+    second = _canaries(cache, vault_with_batch, key_provider)
+    assert load.calls == 1 and second is first and len(first) > 0
+
+
+def test_a_new_batch_invalidates_the_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    load = CountingLoad()
+    cache = ReleaseCanaryCache(load)
+    before = _canaries(cache, vault_with_batch, key_provider)
+    generate(tmp_path / "b2", 3, seed=32)
+    ingest_batch(vault_with_batch, "b2", tmp_path / "b2", key_provider, workers=1)
+    after = _canaries(cache, vault_with_batch, key_provider)
+    assert load.calls == 2 and after is not before and len(after) > len(before)
+    assert _canaries(cache, vault_with_batch, key_provider) is after and load.calls == 2
+
+
+def test_removed_vault_rows_and_other_keys_invalidate_the_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    load = CountingLoad()
+    cache = ReleaseCanaryCache(load)
+    _canaries(cache, vault_with_batch, key_provider)
+    con = warehouse.connect(vault_with_batch)
+    try:
+        before = vault_state(con, key_provider)
+        # as an erasure does: the rows go, the highest ingest position may stay
+        con.execute(
+            "DELETE FROM phi_vault WHERE resource_key = "
+            "(SELECT min(resource_key) FROM phi_vault WHERE resource_type = 'Patient')"
+        )
+        assert vault_state(con, key_provider) != before
+    finally:
+        con.close()
+    _canaries(cache, vault_with_batch, key_provider)
+    assert load.calls == 2
+    con = warehouse.connect(vault_with_batch)
+    try:
+        other = tmp_path / "other.json"
+        init_keyring(other)
+        assert vault_state(con, FileKeyProvider.load(other)) != vault_state(con, key_provider)
+    finally:
+        con.close()
+
+
+def test_an_in_memory_warehouse_is_never_cached(key_provider: FileKeyProvider) -> None:
+    load = CountingLoad()
+    cache = ReleaseCanaryCache(load)
+    con = warehouse.connect(":memory:")
+    try:
+        cache.get(con, key_provider)
+        cache.get(con, key_provider)
+    finally:
+        con.close()
+    assert load.calls == 2

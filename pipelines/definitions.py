@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dagster import AssetsDefinition, Definitions
 
-from pipelines.assets.deid import deid_resources, released_patients
+from pipelines.assets.deid import released_patients
 from pipelines.assets.feast import feast_online_store, feast_registry
 from pipelines.assets.features import feature_tables
-from pipelines.assets.ingest import ingest, landing_batch
 from pipelines.assets.models import model_assets
 from pipelines.assets.views import view_assets
 from pipelines.features.resources import FeastStoreResource
+from pipelines.jobs import BATCH_ASSETS, batch_job
 from pipelines.resources import (
     DeidSettings,
     IngestSettings,
@@ -20,7 +20,7 @@ from pipelines.resources import (
     default_landing,
     default_workdir,
 )
-from pipelines.sensors import batch_job, landing_sensor
+from pipelines.sensors import landing_sensor
 
 
 def build_resources(
@@ -40,8 +40,8 @@ def build_resources(
     }
 
 
-# per batch (partitioned): landing → ingest → de-identification
-batch_assets: list[AssetsDefinition] = [landing_batch, ingest, deid_resources]
+# per batch (partitioned): landing → ingest → de-identification, see pipelines.jobs
+batch_assets: list[AssetsDefinition] = BATCH_ASSETS
 # over the whole release, after the batches: k-anonymous patients, views, features, Feast, model
 release_assets: list[AssetsDefinition] = [
     released_patients,

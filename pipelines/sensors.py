@@ -4,24 +4,17 @@ import json
 from pathlib import Path
 
 from dagster import (
-    AssetSelection,
     DefaultSensorStatus,
     RunRequest,
     SensorEvaluationContext,
     SensorResult,
-    define_asset_job,
     sensor,
 )
 
+from pipelines.jobs import batch_job
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource
 from vault.landing import discover_batches
-
-batch_job = define_asset_job(
-    "ingest_batch_job",
-    selection=AssetSelection.groups("ingest", "deid") - AssetSelection.assets("released_patients"),
-    description="Materialise every stage for one landing batch.",
-)
 
 
 @sensor(job=batch_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED)

@@ -9,13 +9,10 @@ import duckdb
 
 from deid.leakscan import CanarySet, LeakScanResult
 from deid.release import scan_released_table
+from pipelines.features.cohort import opted_out_sql
 from pipelines.features.tables import FEATURES_SCHEMA
 
-OPTED_OUT_SQL = """
-SELECT DISTINCT patient_id FROM views.consent
-WHERE lower(status) = 'active' AND lower(scope_code) = 'research'
-  AND (lower(provision_type) = 'deny' OR upper(policy_rule_code) = 'OPTOUT')
-"""
+OPTED_OUT_SQL = opted_out_sql("views.consent")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ Snapshot times per table (why: a row is needed wherever the value can change):
   windows expire between prescriptions).
 - ``patient_labs_vitals``: each measurement time plus each encounter end.
 
-Patients who opted out of research (an active research Consent that denies, or OPTOUT) and
+Patients who opted out of research (:func:`pipelines.features.cohort.opted_out_sql`) and
 patients absent from ``views.patient`` appear in no table.
 """
 
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import duckdb
 
+from pipelines.features.cohort import opted_out_sql
 from pipelines.features.valuesets import (
     ICD10CM,
     RXNORM,
@@ -41,6 +42,7 @@ from pipelines.features.valuesets import (
     of_kind,
     register_code_table,
 )
+from pipelines.publish import publish_table
 
 FEATURES_SCHEMA = "features"
 
@@ -173,14 +175,7 @@ def _prepare_sources(con: duckdb.DuckDBPyConnection) -> None:
             select = ", ".join(f'NULL::{t} AS "{c}"' for c, t in columns.items())
             body = f"SELECT {select} WHERE false"
         con.execute(f"CREATE OR REPLACE TEMP VIEW src_{view} AS {body}")
-    con.execute(
-        """
-        CREATE OR REPLACE TEMP VIEW feature_opted_out AS
-        SELECT DISTINCT patient_id FROM src_consent
-        WHERE patient_id IS NOT NULL AND lower(status) = 'active' AND lower(scope_code) = 'research'
-          AND (lower(provision_type) = 'deny' OR upper(policy_rule_code) = 'OPTOUT')
-        """
-    )
+    con.execute(f"CREATE OR REPLACE TEMP VIEW feature_opted_out AS {opted_out_sql('src_consent')}")
     con.execute(
         """
         CREATE OR REPLACE TEMP VIEW feature_patients AS
@@ -515,15 +510,16 @@ def build_feature_tables_report(
     patients: dict[str, int] = {}
     for name in tables or tuple(FEATURE_TABLES):
         table = f"{FEATURES_SCHEMA}.{name}"
-        con.execute(f"CREATE OR REPLACE TABLE {table} AS {table_sql(name, created, valuesets)}")
-        target = parquet_path(out_dir, name)
-        tmp = target.with_suffix(".parquet.tmp")
-        con.execute(f"COPY {table} TO '{tmp}' (FORMAT parquet, COMPRESSION zstd)")
-        tmp.replace(target)  # readers (Feast) never see a half-written file
-        ((count, distinct),) = con.execute(
-            f"SELECT count(*), count(DISTINCT patient_id) FROM {table}"
-        ).fetchall()
-        rows[name], patients[name] = int(count), int(distinct)
+        # readers (Feast, the checks) never see a half-written table or file
+        rows[name] = publish_table(
+            con,
+            table,
+            parquet_path(out_dir, name),
+            table_sql(name, created, valuesets),
+            compression="zstd",
+        )
+        ((distinct,),) = con.execute(f"SELECT count(DISTINCT patient_id) FROM {table}").fetchall()
+        patients[name] = int(distinct)
     ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
     return FeatureBuild(rows, patients, int(opted_out), round(time.perf_counter() - started, 3))
 

@@ -24,9 +24,9 @@ Definition (one row per index discharge):
   ``deceased_date_time`` on or before the discharge date (compared by date, since shifted
   timestamps carry no time of day). Deaths after discharge stay in the denominator with label 0,
   as in the CMS hospital-wide readmission measure.
-* Research opt-out: every discharge of a patient with a consent row ``status = 'active'``,
-  ``scope_code = 'research'`` and ``provision_type = 'deny'`` or ``policy_rule_code = 'OPTOUT'``
-  is dropped.
+* Research opt-out: every discharge of a patient who opted out of research is dropped, by the
+  same rule the feature tables apply (:func:`pipelines.features.cohort.opted_out_sql`: an active
+  research consent that denies or names ``OPTOUT``, codes compared without regard to case).
 * Two discharges of one patient that fall on the same (shifted) timestamp collapse into one row;
   its label is 1 if either is followed by a readmission.
 """
@@ -37,6 +37,8 @@ from dataclasses import dataclass
 
 import duckdb
 import pandas as pd
+
+from pipelines.features.cohort import opted_out_sql
 
 READMISSION_WINDOW_DAYS = 30
 INPATIENT_CLASS = "IMP"
@@ -98,11 +100,7 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> 
         SELECT id, patient_id, period_start, period_end, discharge_disposition_code
         FROM enc WHERE class_code = '{INPATIENT_CLASS}' AND patient_id IS NOT NULL
     ),
-    opted_out AS (
-        SELECT DISTINCT patient_id FROM views.consent
-        WHERE status = 'active' AND scope_code = 'research'
-          AND (provision_type = 'deny' OR policy_rule_code = 'OPTOUT')
-    )
+    opted_out AS ({opted_out_sql("views.consent")})
     SELECT
         d.patient_id,
         d.period_end AS event_timestamp,

@@ -7,6 +7,8 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from pipelines.publish import publish_table
+
 MODELS_SCHEMA = "models"
 LABELS_TABLE = "readmission_labels"
 TRAINING_SET_TABLE = "readmission_training_set"
@@ -24,17 +26,12 @@ def parquet_path(workdir: str | Path, table: str) -> Path:
 def write_table(
     con: duckdb.DuckDBPyConnection, frame: pd.DataFrame, table: str, workdir: str | Path
 ) -> Path:
-    """Replace ``models.<table>`` with ``frame`` and write the same rows to Parquet."""
+    """Replace ``models.<table>`` with ``frame`` and write the same rows to Parquet, both
+    atomically (a reader never sees half of either).
+
+    The Parquet file is written from the DuckDB table, so the two hold the same column types;
+    pandas' nullable and string dtypes read back as their NumPy counterparts, which the trainer
+    reads by kind (:func:`pipelines.models.frame.feature_columns`)."""
     path = parquet_path(workdir, table)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    con.execute(f"CREATE SCHEMA IF NOT EXISTS {MODELS_SCHEMA}")
-    con.register("_models_frame", frame)
-    try:
-        con.execute(
-            f"CREATE OR REPLACE TABLE {MODELS_SCHEMA}.{table} AS SELECT * FROM _models_frame"
-        )
-    finally:
-        con.unregister("_models_frame")
-    # Parquet from pandas keeps the exact dtypes Feast and the trainer read back.
-    frame.to_parquet(path, index=False)
+    publish_table(con, f"{MODELS_SCHEMA}.{table}", path, con.from_df(frame))
     return path

@@ -41,6 +41,8 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 from pipelines.models.card import write_model_card
 from pipelines.models.evaluation import (
     CalibrationBin,
+    SubgroupGap,
+    SubgroupResult,
     largest_gap,
     overall_metrics,
     subgroup_audit,
@@ -216,6 +218,181 @@ def _importance(
     return sorted(rows, key=lambda r: float(r["importance_mean"]), reverse=True)
 
 
+@dataclass(frozen=True)
+class FittedModel:
+    """A model fitted on the training side of a patient split, with its held-out predictions."""
+
+    model: Pipeline
+    columns: FeatureColumns
+    train_idx: np.ndarray
+    test_idx: np.ndarray
+    x_test: pd.DataFrame
+    y_train: np.ndarray
+    y_test: np.ndarray
+    p_test: np.ndarray
+    chosen_c: float | None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the held-out patients say about a fitted model."""
+
+    metrics: dict[str, Any]
+    subgroups: list[SubgroupResult]
+    gaps: list[SubgroupGap]
+    importance: list[dict[str, float | str]]
+    too_small: list[str]
+
+
+def labelled_rows(training: pd.DataFrame, label: str) -> pd.DataFrame:
+    """The rows with a label, renumbered; raises when the frame cannot be trained on."""
+    for required in ("patient_id", label):
+        if required not in training.columns:
+            raise ValueError(f"the training frame has no {required!r} column")
+    frame = training[training[label].notna()].reset_index(drop=True)
+    if frame.empty:
+        raise InsufficientTrainingDataError("the training frame has no labelled rows")
+    return frame
+
+
+def fit_on_patient_split(
+    frame: pd.DataFrame, label: str, columns: FeatureColumns, estimator: Estimator, seed: int
+) -> FittedModel:
+    """Split by patient, fit on the training side (choosing C on its own folds) and predict
+    the held-out side."""
+    y_all = frame[label].astype("int64").to_numpy()
+    train_idx, test_idx = split_by_patient(frame, label, seed)
+    x = frame[list(columns.all)]
+    x_train, x_test = x.iloc[train_idx], x.iloc[test_idx]
+    y_train, y_test = y_all[train_idx], y_all[test_idx]
+    groups_train = frame["patient_id"].astype(str).to_numpy()[train_idx]
+    model = build_pipeline(columns, estimator, seed, inner_folds(y_train, groups_train, seed))
+    model.fit(x_train, y_train)
+    chosen_c = getattr(model[-1], "C_", None)
+    return FittedModel(
+        model=model,
+        columns=columns,
+        train_idx=train_idx,
+        test_idx=test_idx,
+        x_test=x_test,
+        y_train=y_train,
+        y_test=y_test,
+        p_test=model.predict_proba(x_test)[:, 1],
+        chosen_c=float(chosen_c) if chosen_c is not None else None,
+    )
+
+
+def evaluate_held_out(
+    fitted: FittedModel, frame: pd.DataFrame, audit_columns: tuple[str, ...], seed: int
+) -> Evaluation:
+    """Overall metrics, the subgroup audit and permutation importance on the held-out rows.
+    An attribute found in ``audit_columns`` wins over a feature column describing it."""
+    audit = [c for c in audit_columns if c in frame.columns]
+    found = subgroup_attributes(frame.drop(columns=audit))
+    found.update(subgroup_attributes(frame[audit]))
+    attributes = {
+        name: groups.iloc[fitted.test_idx].reset_index(drop=True) for name, groups in found.items()
+    }
+    subgroups = subgroup_audit(fitted.y_test, fitted.p_test, attributes)
+    return Evaluation(
+        metrics=overall_metrics(fitted.y_test, fitted.p_test),
+        subgroups=subgroups,
+        gaps=subgroup_gaps(subgroups),
+        importance=_importance(fitted.model, fitted.x_test, fitted.y_test, seed),
+        too_small=[f"{r.attribute}={r.group} ({r.reason})" for r in subgroups if not r.assessable],
+    )
+
+
+def write_plots(fitted: FittedModel, evaluation: Evaluation, out_dir: Path) -> dict[str, Path]:
+    """The ROC, calibration, subgroup AUROC and feature importance plots as PNG files."""
+    auroc = evaluation.metrics["auroc"]
+    return {
+        "roc_curve": plot_roc(fitted.y_test, fitted.p_test, auroc, out_dir / "roc_curve.png"),
+        "calibration_curve": plot_calibration(
+            [CalibrationBin(**b) for b in evaluation.metrics["calibration_bins"]],
+            out_dir / "calibration_curve.png",
+        ),
+        "subgroup_auroc": plot_subgroup_auroc(
+            evaluation.subgroups, auroc, out_dir / "subgroup_auroc.png"
+        ),
+        "feature_importance": plot_feature_importance(
+            evaluation.importance, out_dir / "feature_importance.png"
+        ),
+    }
+
+
+def metrics_document(
+    fitted: FittedModel,
+    evaluation: Evaluation,
+    frame: pd.DataFrame,
+    *,
+    label: str,
+    estimator: Estimator,
+    seed: int,
+) -> dict[str, Any]:
+    """The content of ``metrics.json`` (and the input of the model card)."""
+    worst_auroc_gap = largest_gap(evaluation.gaps, "auroc")
+    worst_calibration_gap = largest_gap(evaluation.gaps, "calibration_gap")
+    patients = frame["patient_id"]
+    return {
+        "estimator": estimator,
+        "regularisation_c": fitted.chosen_c,
+        "seed": seed,
+        "label": label,
+        "n_train": len(fitted.train_idx),
+        "n_test": len(fitted.test_idx),
+        "n_train_patients": int(patients.iloc[fitted.train_idx].nunique()),
+        "n_test_patients": int(patients.iloc[fitted.test_idx].nunique()),
+        "train_prevalence": float(fitted.y_train.mean()),
+        "features": {
+            "numeric": list(fitted.columns.numeric),
+            "categorical": list(fitted.columns.categorical),
+            "dropped": list(fitted.columns.dropped),
+        },
+        "test": evaluation.metrics,
+        "subgroups": [asdict(r) for r in evaluation.subgroups],
+        "subgroup_gaps": [asdict(g) for g in evaluation.gaps],
+        "largest_subgroup_gap": asdict(worst_auroc_gap) if worst_auroc_gap else None,
+        "largest_calibration_gap": (
+            asdict(worst_calibration_gap) if worst_calibration_gap else None
+        ),
+        "subgroups_not_assessable": evaluation.too_small,
+        "permutation_importance": evaluation.importance,
+    }
+
+
+def write_model_outputs(
+    fitted: FittedModel, evaluation: Evaluation, document: dict[str, Any], out_dir: Path
+) -> ModelReport:
+    """Write the model, the plots, ``metrics.json`` and the model card into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_path = out_dir / MODEL_FILE
+    joblib.dump(fitted.model, model_path)
+    plots = write_plots(fitted, evaluation, out_dir)
+    metrics_path = out_dir / METRICS_FILE
+    metrics_path.write_text(json.dumps(document, indent=2, sort_keys=False))
+    card_path = write_model_card(document, plots, out_dir / MODEL_CARD_FILE)
+    metrics = evaluation.metrics
+    return ModelReport(
+        out_dir=out_dir,
+        model_path=model_path,
+        metrics_path=metrics_path,
+        model_card_path=card_path,
+        plots=plots,
+        estimator=document["estimator"],
+        auroc=metrics["auroc"],
+        brier=metrics["brier"],
+        prevalence=metrics["prevalence"],
+        n_train=document["n_train"],
+        n_test=document["n_test"],
+        n_train_patients=document["n_train_patients"],
+        n_test_patients=document["n_test_patients"],
+        features=fitted.columns.all,
+        largest_subgroup_gap=document["largest_subgroup_gap"],
+        too_small_subgroups=evaluation.too_small,
+    )
+
+
 def train_readmission_model(
     training: pd.DataFrame,
     label: str = "label",
@@ -235,104 +412,16 @@ def train_readmission_model(
     (e.g. race and ethnicity joined from the patient view) only define subgroups for the audit;
     an attribute found there wins over a feature column describing the same attribute.
     """
-    for required in ("patient_id", label):
-        if required not in training.columns:
-            raise ValueError(f"the training frame has no {required!r} column")
-    frame = training[training[label].notna()].reset_index(drop=True)
-    if frame.empty:
-        raise InsufficientTrainingDataError("the training frame has no labelled rows")
-    y_all = frame[label].astype("int64").to_numpy()
+    frame = labelled_rows(training, label)
     columns = feature_columns(frame, label, (*exclude, *audit_columns))
     if not columns.all:
         raise InsufficientTrainingDataError("the training frame has no feature with a value")
-    train_idx, test_idx = split_by_patient(frame, label, seed)
-    x = frame[list(columns.all)]
-    x_train, x_test = x.iloc[train_idx], x.iloc[test_idx]
-    y_train, y_test = y_all[train_idx], y_all[test_idx]
-
-    groups_train = frame["patient_id"].astype(str).to_numpy()[train_idx]
-    model = build_pipeline(columns, estimator, seed, inner_folds(y_train, groups_train, seed))
-    model.fit(x_train, y_train)
-    chosen_c = getattr(model[-1], "C_", None)
-    p_test = model.predict_proba(x_test)[:, 1]
-
-    metrics = overall_metrics(y_test, p_test)
-    audit = [c for c in audit_columns if c in frame.columns]
-    found = subgroup_attributes(frame.drop(columns=audit))
-    found.update(subgroup_attributes(frame[audit]))
-    attributes = {
-        name: groups.iloc[test_idx].reset_index(drop=True) for name, groups in found.items()
-    }
-    subgroups = subgroup_audit(y_test, p_test, attributes)
-    gaps = subgroup_gaps(subgroups)
-    worst_auroc_gap = largest_gap(gaps, "auroc")
-    worst_calibration_gap = largest_gap(gaps, "calibration_gap")
-    importance = _importance(model, x_test, y_test, seed)
-    too_small = [f"{r.attribute}={r.group} ({r.reason})" for r in subgroups if not r.assessable]
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / MODEL_FILE
-    joblib.dump(model, model_path)
-    plots = {
-        "roc_curve": plot_roc(y_test, p_test, metrics["auroc"], out_dir / "roc_curve.png"),
-        "calibration_curve": plot_calibration(
-            [CalibrationBin(**b) for b in metrics["calibration_bins"]],
-            out_dir / "calibration_curve.png",
-        ),
-        "subgroup_auroc": plot_subgroup_auroc(
-            subgroups, metrics["auroc"], out_dir / "subgroup_auroc.png"
-        ),
-        "feature_importance": plot_feature_importance(
-            importance, out_dir / "feature_importance.png"
-        ),
-    }
-    document: dict[str, Any] = {
-        "estimator": estimator,
-        "regularisation_c": float(chosen_c) if chosen_c is not None else None,
-        "seed": seed,
-        "label": label,
-        "n_train": len(train_idx),
-        "n_test": len(test_idx),
-        "n_train_patients": int(frame["patient_id"].iloc[train_idx].nunique()),
-        "n_test_patients": int(frame["patient_id"].iloc[test_idx].nunique()),
-        "train_prevalence": float(y_train.mean()),
-        "features": {
-            "numeric": list(columns.numeric),
-            "categorical": list(columns.categorical),
-            "dropped": list(columns.dropped),
-        },
-        "test": metrics,
-        "subgroups": [asdict(r) for r in subgroups],
-        "subgroup_gaps": [asdict(g) for g in gaps],
-        "largest_subgroup_gap": asdict(worst_auroc_gap) if worst_auroc_gap else None,
-        "largest_calibration_gap": (
-            asdict(worst_calibration_gap) if worst_calibration_gap else None
-        ),
-        "subgroups_not_assessable": too_small,
-        "permutation_importance": importance,
-    }
-    metrics_path = out_dir / METRICS_FILE
-    metrics_path.write_text(json.dumps(document, indent=2, sort_keys=False))
-    card_path = write_model_card(document, plots, out_dir / MODEL_CARD_FILE)
-    return ModelReport(
-        out_dir=out_dir,
-        model_path=model_path,
-        metrics_path=metrics_path,
-        model_card_path=card_path,
-        plots=plots,
-        estimator=estimator,
-        auroc=metrics["auroc"],
-        brier=metrics["brier"],
-        prevalence=metrics["prevalence"],
-        n_train=len(train_idx),
-        n_test=len(test_idx),
-        n_train_patients=document["n_train_patients"],
-        n_test_patients=document["n_test_patients"],
-        features=columns.all,
-        largest_subgroup_gap=document["largest_subgroup_gap"],
-        too_small_subgroups=too_small,
+    fitted = fit_on_patient_split(frame, label, columns, estimator, seed)
+    evaluation = evaluate_held_out(fitted, frame, audit_columns, seed)
+    document = metrics_document(
+        fitted, evaluation, frame, label=label, estimator=estimator, seed=seed
     )
+    return write_model_outputs(fitted, evaluation, document, Path(out_dir))
 
 
 def load_model(path: Path) -> Pipeline:

@@ -1,0 +1,22 @@
+"""The research cohort rule shared by the feature tables, their checks and the readmission label:
+who opted out of research.
+
+A patient opted out when they have a Consent that is active, scoped to research, and either
+denies (``provision_type = 'deny'``) or names the ``OPTOUT`` policy rule. Codes are compared
+without regard to case: sources write ``Research``, ``research`` or ``OptOut`` for the same
+thing, and a patient must not re-enter the data because of how a clerk typed a code.
+"""
+
+from __future__ import annotations
+
+
+def opted_out_sql(consent: str = "views.consent") -> str:
+    """A query of the distinct ``patient_id`` of every opted-out patient in ``consent`` (a table
+    or view with the columns of ``views.consent``). Rows without a patient are left out, so the
+    result can sit inside ``NOT IN`` (a NULL there would make every comparison unknown)."""
+    return f"""
+    SELECT DISTINCT patient_id FROM {consent}
+    WHERE patient_id IS NOT NULL
+      AND lower(status) = 'active' AND lower(scope_code) = 'research'
+      AND (lower(provision_type) = 'deny' OR upper(policy_rule_code) = 'OPTOUT')
+    """

@@ -1,0 +1,119 @@
+"""One research opt-out rule for the feature tables, the labels and the training frame: a consent
+whose scope is written ``Research`` excludes its patient exactly as ``research`` does."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+import pytest
+
+from pipelines.features.tables import FEATURE_TABLES, build_feature_tables
+from pipelines.models.labels import readmission_labels_with_counts
+from pipelines.models.training_set import readmission_training_set
+
+from .crafted import crafted_views
+
+feast = pytest.importorskip("feast")
+
+# Two stays each, the second 17 days after the first: every one of these patients would have a
+# labelled, readmitted discharge if they were in the cohort.
+NEW_PATIENTS = {
+    "optout_upper": ("active", "Research", None, "deny"),
+    "optout_lower": ("active", "research", None, "deny"),
+    "optin_upper": ("active", "Research", "OPTIN", "permit"),  # a control: stays in
+}
+# Worked out by hand from the crafted consents (not through the rule under test).
+OPTED_OUT = {"optout", "optout_rule", "optout_upper", "optout_lower"}
+LABELLED = {"readmit", "noreadmit", "boundary_in", "boundary_out", "inactive_optout", "optin_upper"}
+UTILISATION = "patient_utilisation"
+
+
+def _views(con: duckdb.DuckDBPyConnection) -> None:
+    """The crafted model views plus the three new patients, and a patient row for everyone
+    (the feature tables only know patients in ``views.patient``)."""
+    crafted_views(con, with_patient=True)
+    for n, (pid, (status, scope, rule, provision)) in enumerate(NEW_PATIENTS.items()):
+        con.execute(
+            "INSERT INTO views.consent VALUES (?, ?, ?, ?, NULL, ?, ?, NULL)",
+            [f"k{n}", pid, status, scope, rule, provision],
+        )
+        for stay, (start, end) in enumerate(
+            (("2024-07-01", "2024-07-03"), ("2024-07-20", "2024-07-22"))
+        ):
+            con.execute(
+                "INSERT INTO views.encounter VALUES (?, ?, 'finished', 'IMP', NULL, NULL, NULL, "
+                "CAST(? AS TIMESTAMPTZ), CAST(? AS TIMESTAMPTZ), 'home')",
+                [f"n{n}{stay}", pid, start, end],
+            )
+    con.execute(
+        "INSERT INTO views.patient (id, gender, birth_date, race_code, ethnicity_code) "
+        "SELECT DISTINCT patient_id, 'female', DATE '1950-01-01', '2106-3', '2186-5' "
+        "FROM views.encounter WHERE patient_id NOT IN (SELECT id FROM views.patient)"
+    )
+
+
+def _store(tmp_path: Path, source: Path) -> feast.FeatureStore:
+    """A throw-away Feast store serving two utilisation features as ``readmission_v1``."""
+    from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+    from feast.repo_config import RegistryConfig, RepoConfig
+    from feast.types import Int64
+
+    patient = Entity(name="patient", join_keys=["patient_id"], value_type=ValueType.STRING)
+    view = FeatureView(
+        name=UTILISATION,
+        entities=[patient],
+        ttl=timedelta(days=3650),
+        schema=[
+            Field(name="inpatient_admissions_365d", dtype=Int64),
+            Field(name="encounters_30d", dtype=Int64),
+        ],
+        source=FileSource(
+            name=f"{UTILISATION}_source",
+            path=str(source),
+            timestamp_field="event_timestamp",
+            created_timestamp_column="created",
+        ),
+    )
+    config = RepoConfig(
+        project="optout_test",
+        provider="local",
+        registry=RegistryConfig(path=str(tmp_path / "registry.db")),
+        offline_store={"type": "duckdb"},
+        online_store={"type": "sqlite", "path": str(tmp_path / "online.db")},
+        entity_key_serialization_version=3,
+        repo_path=str(tmp_path),
+    )
+    store = feast.FeatureStore(config=config)
+    store.apply([patient, view, FeatureService(name="readmission_v1", features=[view])])
+    return store
+
+
+def test_research_opt_out_is_case_insensitive_everywhere(tmp_path: Path) -> None:
+    con = duckdb.connect()
+    _views(con)
+    build_feature_tables(con, tmp_path / "features")
+    demographics = {
+        p for (p,) in con.execute("SELECT patient_id FROM features.patient_demographics").fetchall()
+    }
+    everyone = {p for (p,) in con.execute("SELECT id FROM views.patient").fetchall()}
+    assert demographics == everyone - OPTED_OUT
+    for name in FEATURE_TABLES:
+        present = {p for (p,) in con.execute(f"SELECT patient_id FROM features.{name}").fetchall()}
+        assert not present & OPTED_OUT, name
+        assert "optin_upper" in present, name
+
+    labels, counts = readmission_labels_with_counts(con)
+    assert set(labels["patient_id"]) == LABELLED
+    assert counts.opted_out == 6  # one stay each of optout and optout_rule, two of the new two
+    control = labels[labels["patient_id"] == "optin_upper"]
+    assert control["label"].tolist() == [1, 0]
+
+    store = _store(tmp_path, tmp_path / "features" / f"{UTILISATION}.parquet")
+    frame = readmission_training_set(store, labels)
+    assert set(frame["patient_id"]) == LABELLED
+    assert len(frame) == len(labels)
+    joined = frame[frame["patient_id"] == "optin_upper"]["inpatient_admissions_365d"]
+    assert pd.to_numeric(joined).tolist() == [1, 2]  # features reach the kept patients

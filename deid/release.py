@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from functools import partial
@@ -24,7 +24,7 @@ from deid.risk import EnforcementReport, GeneralisationStep, enforce_k, measure_
 from fhirlake.references import classify, literal_target
 from vault.keys import KeyProvider, key_fingerprint
 from vault.pseudonym import Pseudonymizer
-from vault.sealing import DataKeyStore
+from vault.read import VaultRecord, iter_current_records
 
 DEID_DDL = """
 CREATE TABLE IF NOT EXISTS deid_resources (
@@ -105,33 +105,6 @@ class _BatchRun:
     withheld: Counter[str] = field(default_factory=Counter)
 
 
-def _batch_positions(con: duckdb.DuckDBPyConnection, batch_id: str) -> list[int]:
-    """Ingest positions of the batch's current rows. Only these narrow values are ranked and
-    sorted; the ciphertexts are then read a chunk at a time (:func:`_vault_chunks`), so memory
-    stays bounded under the warehouse cap whatever the batch size."""
-    return [
-        int(seq)
-        for (seq,) in con.execute(
-            "SELECT ingest_seq FROM phi_vault_current WHERE batch_id = ? ORDER BY ingest_seq",
-            [batch_id],
-        ).fetchall()
-    ]
-
-
-def _vault_chunks(
-    con: duckdb.DuckDBPyConnection, batch_id: str, positions: list[int]
-) -> Iterator[list[tuple[Any, ...]]]:
-    """(resource key, type, patient key, sealed, aad) rows, up to _DEID_CHUNK at a time."""
-    for start in range(0, len(positions), _DEID_CHUNK):
-        window = positions[start : start + _DEID_CHUNK]
-        yield con.execute(
-            "SELECT resource_key, resource_type, patient_key, sealed, aad FROM phi_vault "
-            "WHERE batch_id = ? AND ingest_seq BETWEEN ? AND ? "
-            "AND ingest_seq IN (SELECT unnest(?::BIGINT[])) ORDER BY ingest_seq",
-            [batch_id, window[0], window[-1], window],
-        ).fetchall()
-
-
 def _resolve_reference(
     pseudo: Pseudonymizer,
     targets: dict[tuple[str, str], tuple[str, str]],
@@ -146,22 +119,21 @@ def _resolve_reference(
     return (literal[0], pseudo.resource_key(*literal)) if literal else None
 
 
-def _deidentify_chunk(run: _BatchRun, keys: DataKeyStore, rows: list[tuple[Any, ...]]) -> None:
-    """Decrypt and de-identify one chunk of vault rows into the run's pending rows."""
-    for resource_key, rtype, patient_key, sealed, aad in rows:
-        run.resources_in += 1
-        resource = orjson.loads(keys.open(bytes(sealed), bytes(aad)))
-        resolve = partial(_resolve_reference, run.pseudo, run.targets, resource_key)
-        try:
-            outcome = run.engine.apply(resource, patient_scope=patient_key, resolve=resolve)
-        except ProcessingError as exc:
-            run.withheld[exc.code] += 1
-            run.errors.append((run.batch_id, rtype, patient_key, exc.code, str(exc)))
-            continue
-        run.rules.update(outcome.rule_counts)
-        run.labels.update(outcome.labels)
-        released = orjson.dumps(outcome.resource).decode()
-        run.released.append((rtype, resource_key, patient_key, run.batch_id, released))
+def _deidentify_record(run: _BatchRun, record: VaultRecord) -> None:
+    """De-identify one decrypted vault record into the run's pending rows."""
+    resource_key, rtype, patient_key = record.resource_key, record.resource_type, record.patient_key
+    run.resources_in += 1
+    resolve = partial(_resolve_reference, run.pseudo, run.targets, resource_key)
+    try:
+        outcome = run.engine.apply(record.resource, patient_scope=patient_key, resolve=resolve)
+    except ProcessingError as exc:
+        run.withheld[exc.code] += 1
+        run.errors.append((run.batch_id, rtype, patient_key, exc.code, str(exc)))
+        return
+    run.rules.update(outcome.rule_counts)
+    run.labels.update(outcome.labels)
+    released = orjson.dumps(outcome.resource).decode()
+    run.released.append((rtype, resource_key, patient_key, run.batch_id, released))
 
 
 def _flush(con: duckdb.DuckDBPyConnection, run: _BatchRun) -> None:
@@ -227,9 +199,9 @@ def deidentify_batch(
         Pseudonymizer(provider.pseudonym_key()),
         _reference_targets(con, batch_id),
     )
-    keys = DataKeyStore(con, provider)
-    for rows in _vault_chunks(con, batch_id, _batch_positions(con, batch_id)):
-        _deidentify_chunk(run, keys, rows)
+    # vault.read decrypts a chunk of ciphertexts at a time and checks each row's resource
+    for record in iter_current_records(con, provider, batch_id=batch_id, chunk_rows=_DEID_CHUNK):
+        _deidentify_record(run, record)
         if len(run.released) >= _FLUSH_ROWS:
             _flush(con, run)
     _flush(con, run)
@@ -240,39 +212,19 @@ def batch_canaries(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, batch_id: str
 ) -> CanarySet:
     """Canaries of every patient this batch touches, from their current Patient resources."""
-    keys = DataKeyStore(con, provider)
     canaries = CanarySet()
-    rows = con.execute(
-        """
-        SELECT v.resource_key, v.sealed, v.aad FROM phi_vault_current v
-        WHERE v.resource_type = 'Patient' AND v.resource_key IN (
-            SELECT DISTINCT patient_key FROM phi_vault
-            WHERE batch_id = ? AND patient_key IS NOT NULL
-        )
-        """,
-        [batch_id],
-    ).fetchall()
-    for resource_key, sealed, aad in rows:
-        canaries.add_patient(orjson.loads(keys.open(bytes(sealed), bytes(aad))), resource_key)
+    for patient in iter_current_records(
+        con, provider, resource_type="Patient", patients_of_batch=batch_id
+    ):
+        canaries.add_patient(patient.resource, patient.resource_key)
     return canaries
 
 
 def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> CanarySet:
     """Canaries of every patient in the vault (for tables built over the whole release)."""
-    keys = DataKeyStore(con, provider)
     canaries = CanarySet()
-    cursor = con.cursor()
-    try:
-        cursor.execute(
-            "SELECT resource_key, sealed, aad FROM phi_vault_current "
-            "WHERE resource_type = 'Patient'"
-        )
-        while chunk := cursor.fetchmany(2_000):
-            for resource_key, sealed, aad in chunk:
-                patient = orjson.loads(keys.open(bytes(sealed), bytes(aad)))
-                canaries.add_patient(patient, resource_key)
-    finally:
-        cursor.close()
+    for patient in iter_current_records(con, provider, resource_type="Patient"):
+        canaries.add_patient(patient.resource, patient.resource_key)
     return canaries
 
 

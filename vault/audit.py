@@ -23,29 +23,24 @@ import hmac
 import json
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC
 from pathlib import Path
 from typing import IO, Any
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from vault.clock import Clock, utcnow
 from vault.errors import AuditLogError
-from vault.keys import KeyProvider
+from vault.keys import KeyProvider, replace_private_file
 
 GENESIS = "0" * 64
 AUDIT_KEY_BYTES = 32
 AUDIT_KEY_INFO = b"ehr-audit-log/1"
 HEAD_FORMAT = "ehr-audit-head/1"
 ENTRY_FIELDS = ("seq", "at", "actor", "action", "subject", "reason", "details", "prev", "mac")
-
-Clock = Callable[[], datetime]
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def audit_key(pseudonym_key: bytes) -> bytes:
@@ -89,7 +84,7 @@ class _Head:
 class AuditLog:
     """Append entries to, read and verify one hash-chained audit log file."""
 
-    def __init__(self, path: Path, key: bytes, *, clock: Clock = _utcnow) -> None:
+    def __init__(self, path: Path, key: bytes, *, clock: Clock = utcnow) -> None:
         if len(key) < 32:
             raise ValueError(f"audit key must be at least 32 bytes, got {len(key)}")
         self.path = Path(path)
@@ -98,7 +93,7 @@ class AuditLog:
         self._clock = clock
 
     @classmethod
-    def for_provider(cls, path: Path, provider: KeyProvider, *, clock: Clock = _utcnow) -> AuditLog:
+    def for_provider(cls, path: Path, provider: KeyProvider, *, clock: Clock = utcnow) -> AuditLog:
         """The log at ``path`` keyed with the audit key derived from ``provider``."""
         return cls(path, audit_key(provider.pseudonym_key()), clock=clock)
 
@@ -161,14 +156,7 @@ class AuditLog:
             "mac": mac,
             "anchor_mac": self._head_mac(seq, mac),
         }
-        tmp = self.head_path.with_name(self.head_path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(document) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.head_path)
-        fsync_dir(self.head_path.parent)
+        replace_private_file(self.head_path, json.dumps(document) + "\n")
 
     # -- appending ------------------------------------------------------------------------
     def _tail(self, text: str) -> list[dict[str, Any]]:
@@ -389,12 +377,3 @@ class AuditLog:
         if not hmac.compare_digest(head.mac, str(last.get("mac", ""))):
             return [f"head anchor: entry {last_seq} is not the anchored one (replaced)"]
         return []
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or a new file in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

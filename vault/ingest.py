@@ -15,7 +15,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from fhirlake.readers import RawRecord, SkippedFile, SourceFile, iter_records, l
 from fhirlake.references import classify, conditional_target, literal_target
 from fhirlake.validation import Checked, check_chunk, check_record
 from vault import warehouse
+from vault.clock import utcnow
 from vault.keys import KeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import SHARED_OWNER, DataKeyStore, seal
@@ -164,6 +165,76 @@ def _checked_stream(
             pool.shutdown(cancel_futures=True)
 
 
+# -- the batch-level SQL steps of BatchIngestor.finalize, in order; $b is the batch id ----------
+
+# Rank this batch's rows of one resource: identical content repeats are harmless; different
+# content under the same (or no) versionId is a conflict nobody can settle here. Then compare
+# with what earlier batches stored.
+_RANK_STAGED_ROWS = """
+CREATE OR REPLACE TEMP TABLE _fate AS
+WITH ranked AS (
+    SELECT s.file_index, s.position, s.resource_key, s.content_mac,
+           row_number() OVER (PARTITION BY s.resource_key, s.content_mac
+                              ORDER BY s.file_index, s.position) AS content_rank,
+           row_number() OVER (PARTITION BY s.resource_key, coalesce(s.version_id, '')
+                              ORDER BY s.file_index, s.position) AS version_rank
+    FROM phi_vault s WHERE s.batch_id = $b
+),
+earlier AS (
+    SELECT resource_key, content_mac FROM phi_vault
+    WHERE batch_id <> $b AND resource_key IN (SELECT resource_key FROM ranked)
+)
+SELECT r.file_index, r.position,
+    CASE
+        WHEN r.content_rank > 1 THEN 'duplicate_identical'
+        WHEN r.version_rank > 1 THEN 'duplicate_conflict'
+        WHEN EXISTS (SELECT 1 FROM earlier e WHERE e.resource_key = r.resource_key
+                     AND e.content_mac = r.content_mac) THEN 'unchanged'
+        WHEN EXISTS (SELECT 1 FROM earlier e
+                     WHERE e.resource_key = r.resource_key) THEN 'updated'
+        ELSE 'new'
+    END AS outcome
+FROM ranked r
+"""
+
+# Conflicting repeats move, still sealed, to the quarantine ($now is the batch's time).
+_QUARANTINE_CONFLICTS = """
+INSERT INTO quarantine
+SELECT s.batch_id, s.file_index, f.file_id, s.position, t.outcome,
+       s.resource_type || ': same id as an earlier record of this batch, different content',
+       s.resource_type, s.patient_key, s.sealed, s.aad, $now
+FROM phi_vault s
+JOIN _fate t ON t.file_index = s.file_index AND t.position = s.position
+JOIN source_files f ON f.batch_id = s.batch_id AND f.file_index = s.file_index
+WHERE s.batch_id = $b AND t.outcome = 'duplicate_conflict'
+"""
+
+# Only new resources and new versions stay in the vault.
+_DROP_REPEATS = """
+DELETE FROM phi_vault s USING _fate t
+WHERE s.batch_id = $b AND t.file_index = s.file_index AND t.position = s.position
+  AND t.outcome NOT IN ('new', 'updated')
+"""
+
+_SETTLE_LEDGER = """
+UPDATE record_ledger l SET
+    outcome = t.outcome,
+    status = CASE WHEN t.outcome = 'duplicate_conflict' THEN 'quarantined' ELSE 'accepted' END
+FROM _fate t
+WHERE l.batch_id = $b AND l.status = 'staged'
+  AND l.file_index = t.file_index AND l.position = t.position
+"""
+
+# A reference resolves when its target is in the vault by id, or, for a conditional reference,
+# by one of its identifiers (this batch and every earlier one).
+_RESOLVE_REFERENCES = """
+UPDATE resource_references r SET resolved = (
+    EXISTS (SELECT 1 FROM phi_vault v WHERE v.resource_key = r.target_key)
+    OR EXISTS (SELECT 1 FROM identifier_index i WHERE i.criteria_key = r.target_key))
+WHERE r.batch_id = $b
+"""
+
+
 class BatchIngestor:
     """Streams one batch into the warehouse. Use :func:`ingest_batch`."""
 
@@ -181,7 +252,7 @@ class BatchIngestor:
         self.keys = DataKeyStore(con, provider)
         self.buffers = _Buffers()
         self.report = IngestReport(batch_id=batch_id, workers=workers)
-        self.now = datetime.now(UTC)
+        self.now = utcnow()
         self.file_ids: dict[int, str] = {}
         self.records_per_file: Counter[int] = Counter()
         self.seq_base = 0
@@ -335,26 +406,7 @@ class BatchIngestor:
                 # the reference text, keyed: de-identification maps it to its target later,
                 # when the Bundle that gave a urn:uuid its meaning is long gone
                 refs.append((path, self.pseudo.token("reference", value), *target))
-        for path, ref_mac, kind, target_type, target_key in refs:
-            self.buffers.add(
-                "resource_references",
-                batch_id=self.batch_id,
-                resource_key=resource_key,
-                content_mac=content_mac,
-                path=path,
-                ref_mac=ref_mac,
-                kind=kind,
-                target_type=target_type,
-                target_key=target_key,
-            )
-        for criteria in checked.identifiers:
-            self.buffers.add(
-                "identifier_index",
-                batch_id=self.batch_id,
-                criteria_key=self.pseudo.token("criteria", f"{rtype}?{criteria}"),
-                resource_key=resource_key,
-                resource_type=rtype,
-            )
+        self._index(checked, resource_key, content_mac, refs)
         aad = _sealed_context(b"ehr-vault/1|", resource_key)
         key = self.keys.for_owner(owner or SHARED_OWNER)
         # written straight into the vault; finalize() removes what turns out to be a repeat
@@ -374,6 +426,35 @@ class BatchIngestor:
             aad=aad,
         )
         self._ledger(record, "staged", "staged", rtype, resource_key)
+
+    def _index(
+        self,
+        checked: Checked,
+        resource_key: str,
+        content_mac: str,
+        refs: list[tuple[str, str, str, str, str]],
+    ) -> None:
+        """The accepted resource's rows in the reference graph and the identifier index."""
+        for path, ref_mac, kind, target_type, target_key in refs:
+            self.buffers.add(
+                "resource_references",
+                batch_id=self.batch_id,
+                resource_key=resource_key,
+                content_mac=content_mac,
+                path=path,
+                ref_mac=ref_mac,
+                kind=kind,
+                target_type=target_type,
+                target_key=target_key,
+            )
+        for criteria in checked.identifiers:
+            self.buffers.add(
+                "identifier_index",
+                batch_id=self.batch_id,
+                criteria_key=self.pseudo.token("criteria", f"{checked.resource_type}?{criteria}"),
+                resource_key=resource_key,
+                resource_type=checked.resource_type,
+            )
 
     def consume(self, stream: Iterable[tuple[RawRecord, Checked | None]]) -> None:
         for record, checked in stream:
@@ -398,14 +479,27 @@ class BatchIngestor:
 
     # -- batch-level resolution -------------------------------------------------------------
     def finalize(self, files: list[SourceFile]) -> None:
+        """Settle the staged batch in SQL: rank repeats, quarantine conflicts, keep only new
+        versions in the vault, account for every record in the ledger, resolve references."""
         self.flush()
-        con, batch = self.con, self.batch_id
+        self._record_source_files(files)
+        self.flush()
+        batch = {"b": self.batch_id}
+        self.con.execute(_RANK_STAGED_ROWS, batch)
+        self.con.execute(_QUARANTINE_CONFLICTS, {**batch, "now": self.now})
+        self.con.execute(_DROP_REPEATS, batch)
+        self.con.execute(_SETTLE_LEDGER, batch)
+        self.con.execute(_RESOLVE_REFERENCES, batch)
+        self._summarise()
+
+    def _record_source_files(self, files: list[SourceFile]) -> None:
+        """One ``source_files`` row per file: pseudonymous id, counts, and its name sealed."""
         for source in files:
             file_id = self.file_ids[source.index]
-            aad = _sealed_context(b"ehr-file/1|", batch, file_id)
+            aad = _sealed_context(b"ehr-file/1|", self.batch_id, file_id)
             self.buffers.add(
                 "source_files",
-                batch_id=batch,
+                batch_id=self.batch_id,
                 file_index=source.index,
                 file_id=file_id,
                 kind=source.kind,
@@ -413,85 +507,6 @@ class BatchIngestor:
                 records=self.records_per_file[source.index],
                 name_sealed=seal(self.keys.for_owner(SHARED_OWNER), source.path.name.encode(), aad),
             )
-        self.flush()
-        # Rank this batch's rows of one resource: identical content repeats are harmless;
-        # different content under the same (or no) versionId is a conflict nobody can settle
-        # here. Then compare with what earlier batches stored.
-        con.execute(
-            """
-            CREATE OR REPLACE TEMP TABLE _fate AS
-            WITH ranked AS (
-                SELECT s.file_index, s.position, s.resource_key, s.content_mac,
-                       row_number() OVER (PARTITION BY s.resource_key, s.content_mac
-                                          ORDER BY s.file_index, s.position) AS content_rank,
-                       row_number() OVER (PARTITION BY s.resource_key, coalesce(s.version_id, '')
-                                          ORDER BY s.file_index, s.position) AS version_rank
-                FROM phi_vault s WHERE s.batch_id = $b
-            ),
-            earlier AS (
-                SELECT resource_key, content_mac FROM phi_vault
-                WHERE batch_id <> $b AND resource_key IN (SELECT resource_key FROM ranked)
-            )
-            SELECT r.file_index, r.position,
-                CASE
-                    WHEN r.content_rank > 1 THEN 'duplicate_identical'
-                    WHEN r.version_rank > 1 THEN 'duplicate_conflict'
-                    WHEN EXISTS (SELECT 1 FROM earlier e WHERE e.resource_key = r.resource_key
-                                 AND e.content_mac = r.content_mac) THEN 'unchanged'
-                    WHEN EXISTS (SELECT 1 FROM earlier e
-                                 WHERE e.resource_key = r.resource_key) THEN 'updated'
-                    ELSE 'new'
-                END AS outcome
-            FROM ranked r
-            """,
-            {"b": batch},
-        )
-        con.execute(
-            """
-            INSERT INTO quarantine
-            SELECT s.batch_id, s.file_index, f.file_id, s.position, t.outcome,
-                   s.resource_type
-                       || ': same id as an earlier record of this batch, different content',
-                   s.resource_type, s.patient_key, s.sealed, s.aad, $now
-            FROM phi_vault s
-            JOIN _fate t ON t.file_index = s.file_index AND t.position = s.position
-            JOIN source_files f ON f.batch_id = s.batch_id AND f.file_index = s.file_index
-            WHERE s.batch_id = $b AND t.outcome = 'duplicate_conflict'
-            """,
-            {"now": self.now, "b": batch},
-        )
-        con.execute(
-            """
-            DELETE FROM phi_vault s USING _fate t
-            WHERE s.batch_id = $b AND t.file_index = s.file_index AND t.position = s.position
-              AND t.outcome NOT IN ('new', 'updated')
-            """,
-            {"b": batch},
-        )
-        con.execute(
-            """
-            UPDATE record_ledger l SET
-                outcome = t.outcome,
-                status = CASE WHEN t.outcome = 'duplicate_conflict'
-                              THEN 'quarantined' ELSE 'accepted' END
-            FROM _fate t
-            WHERE l.batch_id = ? AND l.status = 'staged'
-              AND l.file_index = t.file_index AND l.position = t.position
-            """,
-            [batch],
-        )
-        # A reference resolves when its target is in the vault by id, or, for a conditional
-        # reference, by one of its identifiers (this batch and every earlier one).
-        con.execute(
-            """
-            UPDATE resource_references r SET resolved = (
-                EXISTS (SELECT 1 FROM phi_vault v WHERE v.resource_key = r.target_key)
-                OR EXISTS (SELECT 1 FROM identifier_index i WHERE i.criteria_key = r.target_key))
-            WHERE r.batch_id = ?
-            """,
-            [batch],
-        )
-        self._summarise()
 
     def _summarise(self) -> None:
         con, batch, report = self.con, self.batch_id, self.report
@@ -555,7 +570,7 @@ def ingest_batch(
         report.seconds = round(time.perf_counter() - started, 3)
         con.execute(
             "UPDATE batches SET ingested_at = ?, report = ? WHERE batch_id = ?",
-            [datetime.now(UTC), orjson.dumps(report.to_dict()).decode(), batch_id],
+            [utcnow(), orjson.dumps(report.to_dict()).decode(), batch_id],
         )
     finally:
         con.close()

@@ -13,16 +13,17 @@ import binascii
 import hashlib
 import json
 import os
+import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from vault.clock import Clock, RandomBytes, utcnow
 from vault.errors import InvalidCiphertext, KeyMaterialError
 
 KEY_BYTES = 32
@@ -32,17 +33,10 @@ ENV_KEK = "EHR_KEK"
 ENV_PSEUDONYM_KEY = "EHR_PSEUDONYM_KEY"
 ENV_KEY_FILE = "EHR_KEY_FILE"
 
-RandomBytes = Callable[[int], bytes]
-Clock = Callable[[], datetime]
-
 
 def default_key_file() -> Path:
     """The key file used when neither ``EHR_KEY_FILE`` nor an explicit path is given."""
     return Path(os.environ.get(ENV_KEY_FILE) or Path.home() / ".ehr" / "keyring.json")
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _b64decode_key(value: str, what: str) -> bytes:
@@ -195,20 +189,51 @@ def _new_kek_entry(random_bytes: RandomBytes, clock: Clock) -> tuple[str, dict[s
     return kek_id, entry
 
 
-def _write_private(path: Path, document: dict[str, object]) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_private_file(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically and durably, readable by its owner only.
+
+    The temporary file gets a fresh random name and is created exclusively with mode 0600, so
+    it is never readable by others, not even for the instant before a chmod, and a stale or
+    planted file (or symlink) under a predictable name can neither lend it a wider mode nor
+    redirect the write. A power cut leaves either the old file or the new one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=2)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, stat.S_IRUSR | stat.S_IWUSR)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), stat.S_IRUSR | stat.S_IWUSR)  # a umask may narrow it
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_keyring(path: Path, document: Mapping[str, Any]) -> None:
+    """The only writer of keyring files: atomic, durable and mode 0600. Durability matters to
+    rotation, which must never commit data keys wrapped under a KEK that a power cut could take
+    out of the keyring again."""
+    replace_private_file(path, json.dumps(document, indent=2) + "\n")
 
 
 def init_keyring(
     path: Path,
     *,
     random_bytes: RandomBytes = os.urandom,
-    clock: Clock = _utcnow,
+    clock: Clock = utcnow,
 ) -> bool:
     """Create a keyring at ``path`` unless one exists. Returns True when it was created."""
     if path.exists():
@@ -223,7 +248,7 @@ def init_keyring(
         "pseudonym_key": base64.b64encode(random_bytes(KEY_BYTES)).decode(),
         "date_shift_key": base64.b64encode(random_bytes(KEY_BYTES)).decode(),
     }
-    _write_private(path, document)
+    write_keyring(path, document)
     return True
 
 

@@ -16,21 +16,20 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import duckdb
-import orjson
 import pyarrow as pa
 
-from vault.audit import AuditLog, fsync_dir
+from vault.audit import AuditLog
+from vault.clock import Clock, RandomBytes, utcnow
 from vault.errors import (
     AuditLogError,
     ErasureIncompleteError,
-    InvalidCiphertext,
     KeyDestroyedError,
     KeyMaterialError,
     KeyRotationError,
@@ -44,14 +43,13 @@ from vault.keys import (
     KeyProvider,
     WrappedKey,
     _new_kek_entry,
+    write_keyring,
 )
 from vault.pseudonym import PSEUDONYM_HEX_CHARS, Pseudonymizer
-from vault.sealing import DataKeyStore, _wrap_context
+from vault.read import read_current
+from vault.sealing import _wrap_context
 
 logger = logging.getLogger(__name__)
-
-Clock = Callable[[], datetime]
-RandomBytes = Callable[[int], bytes]
 
 
 class ErasurePlace(Protocol):
@@ -83,11 +81,8 @@ class ErasurePlan:
     tables: tuple[ReleasedTables, ...] = ()
     places: tuple[ErasurePlace, ...] = ()
 
+
 _PSEUDONYM_RE = re.compile(rf"[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def _aware(clock: Clock) -> datetime:
@@ -145,21 +140,6 @@ def _keyring_lock(key_file: Path) -> Iterator[None]:
         os.close(fd)  # closing releases the lock
 
 
-def _write_keyring(path: Path, document: dict[str, Any]) -> None:
-    """Atomic and durable (mode 0600): rotation must never commit data keys wrapped under a KEK
-    that a power cut could take out of the keyring again."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, stat.S_IRUSR | stat.S_IWUSR)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        os.fchmod(handle.fileno(), stat.S_IRUSR | stat.S_IWUSR)
-        json.dump(document, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def _read_keyring(key_file: Path) -> dict[str, Any]:
     FileKeyProvider.load(key_file)  # a valid keyring, or a precise KeyMaterialError
     document: dict[str, Any] = json.loads(key_file.read_text(encoding="utf-8"))
@@ -168,64 +148,119 @@ def _read_keyring(key_file: Path) -> dict[str, Any]:
     return document
 
 
+_LIVE_DATA_KEYS = (
+    "SELECT key_id, owner, kek_id, wrapped FROM data_keys "
+    "WHERE destroyed_at IS NULL AND wrapped IS NOT NULL ORDER BY key_id"
+)
+_DESTROYED_DATA_KEY_COUNT = (
+    "SELECT count(*) FROM data_keys WHERE destroyed_at IS NOT NULL OR wrapped IS NULL"
+)
+_APPLY_REWRAPPED_KEYS = (
+    "UPDATE data_keys SET kek_id = r.kek_id, wrapped = r.wrapped "
+    "FROM _rewrapped_keys r WHERE data_keys.key_id = r.key_id"
+)
+_KEK_IDS_IN_USE = (
+    "SELECT DISTINCT kek_id FROM data_keys WHERE destroyed_at IS NULL AND wrapped IS NOT NULL"
+)
+
+
+def _rewrapped(rows: list[tuple[Any, ...]], provider: FileKeyProvider) -> pa.Table:
+    """(key_id, kek_id, wrapped) of each live data key, wrapped anew under the active KEK."""
+    key_ids: list[bytes] = []
+    kek_ids: list[str] = []
+    blobs: list[bytes] = []
+    for key_id, owner, kek_id, wrapped in rows:
+        kid = bytes(key_id)
+        context = _wrap_context(owner, kid)
+        try:
+            plain = provider.unwrap(WrappedKey(kek_id, bytes(wrapped)), context)
+        except VaultError as exc:
+            raise KeyRotationError(
+                f"data key {kid.hex()} (under KEK {kek_id!r}) cannot be unwrapped with "
+                "this keyring; nothing was re-wrapped"
+            ) from exc
+        rewrapped = provider.wrap(plain, context)
+        key_ids.append(kid)
+        kek_ids.append(rewrapped.kek_id)
+        blobs.append(rewrapped.blob)
+    return pa.table(
+        {
+            "key_id": pa.array(key_ids, pa.binary()),
+            "kek_id": pa.array(kek_ids, pa.string()),
+            "wrapped": pa.array(blobs, pa.binary()),
+        }
+    )
+
+
 def _rewrap_all(con: duckdb.DuckDBPyConnection, provider: FileKeyProvider) -> tuple[int, int]:
     """Re-wrap every live data key under the provider's active KEK in one transaction.
     Returns (re-wrapped, destroyed keys left alone)."""
     con.begin()
     try:
-        rows = con.execute(
-            "SELECT key_id, owner, kek_id, wrapped FROM data_keys "
-            "WHERE destroyed_at IS NULL AND wrapped IS NOT NULL ORDER BY key_id"
-        ).fetchall()
-        destroyed = int(
-            con.execute(
-                "SELECT count(*) FROM data_keys WHERE destroyed_at IS NOT NULL OR wrapped IS NULL"
-            ).fetchall()[0][0]
-        )
-        key_ids: list[bytes] = []
-        kek_ids: list[str] = []
-        blobs: list[bytes] = []
-        for key_id, owner, kek_id, wrapped in rows:
-            kid = bytes(key_id)
-            context = _wrap_context(owner, kid)
+        rows = con.execute(_LIVE_DATA_KEYS).fetchall()
+        destroyed = _count(con, _DESTROYED_DATA_KEY_COUNT, [])
+        if rows:
+            con.register("_rewrapped_keys", _rewrapped(rows, provider))
             try:
-                plain = provider.unwrap(WrappedKey(kek_id, bytes(wrapped)), context)
-            except VaultError as exc:
-                raise KeyRotationError(
-                    f"data key {kid.hex()} (under KEK {kek_id!r}) cannot be unwrapped with "
-                    "this keyring; nothing was re-wrapped"
-                ) from exc
-            rewrapped = provider.wrap(plain, context)
-            key_ids.append(kid)
-            kek_ids.append(rewrapped.kek_id)
-            blobs.append(rewrapped.blob)
-        if key_ids:
-            table = pa.table(
-                {
-                    "key_id": pa.array(key_ids, pa.binary()),
-                    "kek_id": pa.array(kek_ids, pa.string()),
-                    "wrapped": pa.array(blobs, pa.binary()),
-                }
-            )
-            con.register("_rewrapped_keys", table)
-            try:
-                updated = int(
-                    con.execute(
-                        "UPDATE data_keys SET kek_id = r.kek_id, wrapped = r.wrapped "
-                        "FROM _rewrapped_keys r WHERE data_keys.key_id = r.key_id"
-                    ).fetchall()[0][0]
-                )
+                updated = _count(con, _APPLY_REWRAPPED_KEYS, [])
             finally:
                 con.unregister("_rewrapped_keys")
-            if updated != len(key_ids):
+            if updated != len(rows):
                 raise KeyRotationError(
-                    f"re-wrap updated {updated} of {len(key_ids)} data keys; rolled back"
+                    f"re-wrap updated {updated} of {len(rows)} data keys; rolled back"
                 )
         con.commit()
     except BaseException:
         con.rollback()
         raise
-    return len(key_ids), destroyed
+    return len(rows), destroyed
+
+
+def _refuse_environment_keys() -> None:
+    if os.environ.get(ENV_KEK):
+        raise KeyRotationError(
+            f"{ENV_KEK} is set: an environment or KMS key is rotated by its owner "
+            "(rotate it there and re-wrap through that provider), not by `ehr keys rotate`"
+        )
+
+
+def _activate_new_kek(
+    key_file: Path, document: dict[str, Any], random_bytes: RandomBytes, clock: Clock
+) -> tuple[str, FileKeyProvider]:
+    """Step (1): the keyring on disk gains a new active KEK, the old ones kept for unwrapping.
+    Returns the new KEK's id and a provider loaded back from the file just written."""
+    keks: dict[str, Any] = document["keks"]
+    retired_doc: dict[str, Any] = document.setdefault("retired_keks", {})
+    new_id, entry = _new_kek_entry(random_bytes, clock)
+    if new_id in keks or new_id in retired_doc:
+        raise KeyRotationError(f"new KEK {new_id} collides with an existing one")
+    keks[new_id] = entry
+    document["active_kek"] = new_id
+    write_keyring(key_file, document)
+    provider = FileKeyProvider.load(key_file)
+    if provider.active_kek_id() != new_id:  # pragma: no cover - written just above
+        raise KeyRotationError("the keyring on disk does not have the new KEK active")
+    return new_id, provider
+
+
+def _retire_unused_keks(
+    key_file: Path,
+    document: dict[str, Any],
+    con: duckdb.DuckDBPyConnection,
+    old_ids: list[str],
+    clock: Clock,
+) -> tuple[list[str], list[str]]:
+    """Step (3): old KEKs no live data key is wrapped under leave the keyring, material and all
+    (only their dates stay, under ``retired_keks``). Returns (retired, kept) KEK ids."""
+    still_used = {str(k) for (k,) in con.execute(_KEK_IDS_IN_USE).fetchall()}
+    kept = sorted(still_used & set(old_ids))
+    retired = [k for k in old_ids if k not in still_used]
+    retired_at = _aware(clock).isoformat()
+    for old in retired:
+        meta = document["keks"].pop(old)
+        document["retired_keks"][old] = {"created": meta.get("created"), "retired": retired_at}
+    write_keyring(key_file, document)
+    return retired, kept
 
 
 def rotate_kek(
@@ -234,7 +269,7 @@ def rotate_kek(
     audit: AuditLog,
     *,
     random_bytes: RandomBytes = os.urandom,
-    clock: Clock = _utcnow,
+    clock: Clock = utcnow,
     reason: str = "key rotation",
     actor: str | None = None,
 ) -> RotationReport:
@@ -251,45 +286,15 @@ def rotate_kek(
     a second warehouse sharing the keyring would keep keys under a KEK that is then dropped.
     Run it while no pipeline process holds the old keyring in memory.
     """
-    if os.environ.get(ENV_KEK):
-        raise KeyRotationError(
-            f"{ENV_KEK} is set: an environment or KMS key is rotated by its owner "
-            "(rotate it there and re-wrap through that provider), not by `ehr keys rotate`"
-        )
+    _refuse_environment_keys()
     key_file = Path(key_file)
     audit.check_appendable()  # never rotate what could not be audited
     with _keyring_lock(key_file):
         document = _read_keyring(key_file)
-        keks: dict[str, Any] = document["keks"]
-        retired_doc: dict[str, Any] = document.setdefault("retired_keks", {})
-        old_ids = sorted(keks)
-        new_id, entry = _new_kek_entry(random_bytes, clock)
-        if new_id in keks or new_id in retired_doc:
-            raise KeyRotationError(f"new KEK {new_id} collides with an existing one")
-        # (1) new KEK active, old ones kept for unwrapping
-        keks[new_id] = entry
-        document["active_kek"] = new_id
-        _write_keyring(key_file, document)
-        provider = FileKeyProvider.load(key_file)
-        if provider.active_kek_id() != new_id:  # pragma: no cover - written just above
-            raise KeyRotationError("the keyring on disk does not have the new KEK active")
-        # (2) re-wrap
+        old_ids = sorted(document["keks"])
+        new_id, provider = _activate_new_kek(key_file, document, random_bytes, clock)
         rewrapped, destroyed = _rewrap_all(con, provider)
-        still_used = {
-            str(k)
-            for (k,) in con.execute(
-                "SELECT DISTINCT kek_id FROM data_keys "
-                "WHERE destroyed_at IS NULL AND wrapped IS NOT NULL"
-            ).fetchall()
-        }
-        kept = sorted(still_used & set(old_ids))
-        retired = [k for k in old_ids if k not in still_used]
-        # (3) retire: the old material leaves the keyring
-        retired_at = _aware(clock).isoformat()
-        for old in retired:
-            meta = keks.pop(old)
-            retired_doc[old] = {"created": meta.get("created"), "retired": retired_at}
-        _write_keyring(key_file, document)
+        retired, kept = _retire_unused_keks(key_file, document, con, old_ids, clock)
     report = RotationReport(new_id, retired, rewrapped, destroyed, kept)
     logger.info(
         "rotated KEK: active %s, %d data keys re-wrapped, retired %s",
@@ -420,7 +425,7 @@ def forget_pseudonym(
     reason: str,
     *,
     plan: ErasurePlan = ErasurePlan(),
-    clock: Clock = _utcnow,
+    clock: Clock = utcnow,
     actor: str | None = None,
 ) -> ErasureReport:
     """Crypto-shred the patient with this pseudonym.
@@ -473,7 +478,7 @@ def forget_patient(
     reason: str,
     *,
     plan: ErasurePlan = ErasurePlan(),
-    clock: Clock = _utcnow,
+    clock: Clock = utcnow,
     actor: str | None = None,
 ) -> ErasureReport:
     """:func:`forget_pseudonym` for an original Patient resource id."""
@@ -501,43 +506,35 @@ def _identifiers(patient: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _absent(con: duckdb.DuckDBPyConnection, pseudonym: str) -> tuple[str, None, VaultError]:
+    """Why the vault holds no Patient under ``pseudonym``: erased, or never there."""
+    destroyed = _count(
+        con,
+        "SELECT count(*) FROM data_keys WHERE owner = ? AND destroyed_at IS NOT NULL",
+        [pseudonym],
+    )
+    if destroyed:
+        return (
+            "erased",
+            None,
+            KeyDestroyedError(f"patient {pseudonym} was erased: its data key was destroyed"),
+        )
+    return "not_found", None, PatientNotFoundError(f"no patient with pseudonym {pseudonym}")
+
+
 def _lookup(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
 ) -> tuple[str, dict[str, Any] | None, VaultError | None]:
     """(outcome, identifiers, error): outcome is found, erased, not_found or unreadable."""
-    rows = con.execute(
-        "SELECT sealed, aad FROM phi_vault_current "
-        "WHERE resource_key = ? AND resource_type = 'Patient'",
-        [pseudonym],
-    ).fetchall()
-    if not rows:
-        destroyed = _count(
-            con,
-            "SELECT count(*) FROM data_keys WHERE owner = ? AND destroyed_at IS NOT NULL",
-            [pseudonym],
-        )
-        if destroyed:
-            return (
-                "erased",
-                None,
-                KeyDestroyedError(f"patient {pseudonym} was erased: its data key was destroyed"),
-            )
-        return "not_found", None, PatientNotFoundError(f"no patient with pseudonym {pseudonym}")
-    sealed, aad = rows[0]
     try:
-        plaintext = DataKeyStore(con, provider).open(bytes(sealed), bytes(aad))
-        patient: dict[str, Any] = orjson.loads(plaintext)
-        pseudo = Pseudonymizer(provider.pseudonym_key())
-        if (
-            patient.get("resourceType") != "Patient"
-            or pseudo.resource_key("Patient", str(patient.get("id"))) != pseudonym
-        ):
-            raise InvalidCiphertext(f"vault row {pseudonym} holds a different resource")
+        record = read_current(con, provider, pseudonym, "Patient")
     except KeyDestroyedError as exc:
         return "erased", None, exc
-    except VaultError as exc:
+    except VaultError as exc:  # tampered or foreign row: reported, never shown
         return "unreadable", None, exc
-    return "found", _identifiers(patient), None
+    if record is None:
+        return _absent(con, pseudonym)
+    return "found", _identifiers(record.resource), None
 
 
 def reidentify(

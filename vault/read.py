@@ -1,9 +1,16 @@
-"""Reading the PHI vault back: decrypt, authenticate, and check each record is the resource
-its row claims to be. Only code holding the keys can do this; views and features never do."""
+"""Reading the PHI vault back: the one place where vault rows are decrypted.
+
+Every row is decrypted, authenticated, and checked to be the resource its row claims to be:
+the AAD binds a ciphertext to its ``resource_key``, but a ciphertext moved together with its
+AAD to another row of the same patient (same data key) still authenticates, so the decrypted
+``resourceType``/``id`` are compared with the row too. Only code holding the keys can read the
+vault; views and features never do.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -14,51 +21,146 @@ from vault.keys import KeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import DataKeyStore
 
+CHUNK_ROWS = 2_000
 
-def _checked(pseudo: Pseudonymizer, resource_key: str, plaintext: bytes) -> dict[str, Any]:
-    resource: dict[str, Any] = orjson.loads(plaintext)
-    if pseudo.resource_key(resource["resourceType"], resource["id"]) != resource_key:
-        raise InvalidCiphertext(f"vault row {resource_key} holds a different resource")
-    return resource
+_ROW_COLUMNS = "resource_key, resource_type, patient_key, batch_id, sealed, aad"
+
+# Only narrow (position) rows are ranked and sorted; the ciphertexts are then fetched a chunk of
+# positions at a time, so memory stays bounded under the warehouse cap whatever the vault size.
+_CURRENT_POSITIONS = "SELECT ingest_seq FROM phi_vault_current {where} ORDER BY ingest_seq"
+_ROWS_AT_POSITIONS = (
+    f"SELECT {_ROW_COLUMNS} FROM phi_vault "
+    "WHERE ingest_seq BETWEEN ? AND ? AND ingest_seq IN (SELECT unnest(?::BIGINT[])) "
+    "ORDER BY ingest_seq"
+)
+_CURRENT_ROW_BY_KEY = f"SELECT {_ROW_COLUMNS} FROM phi_vault_current WHERE resource_key = ?"
+# Patients whose compartment a batch wrote to (any version, current or not).
+_PATIENTS_OF_BATCH = (
+    "resource_key IN (SELECT DISTINCT patient_key FROM phi_vault "
+    "WHERE batch_id = ? AND patient_key IS NOT NULL)"
+)
+
+
+@dataclass(frozen=True)
+class VaultRecord:
+    """One decrypted and verified vault row: the resource and its row's pseudonymous columns."""
+
+    resource_key: str
+    resource_type: str
+    patient_key: str | None
+    batch_id: str
+    resource: dict[str, Any]
+
+
+class VaultReader:
+    """Decrypts vault rows with the data keys they name and verifies each one."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> None:
+        self._keys = DataKeyStore(con, provider)
+        self._pseudo = Pseudonymizer(provider.pseudonym_key())
+
+    def record(self, row: Sequence[Any]) -> VaultRecord:
+        """A row of :data:`_ROW_COLUMNS`, decrypted; InvalidCiphertext when it fails to
+        authenticate or holds another resource than the row names (the message names the
+        row's pseudonym only)."""
+        resource_key, resource_type, patient_key, batch_id, sealed, aad = row
+        plaintext = self._keys.open(bytes(sealed), bytes(aad))
+        try:
+            resource = orjson.loads(plaintext)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidCiphertext(f"vault row {resource_key} does not hold JSON") from exc
+        if not self._names_row(resource, resource_key, resource_type):
+            raise InvalidCiphertext(f"vault row {resource_key} holds a different resource")
+        return VaultRecord(resource_key, resource_type, patient_key, batch_id, resource)
+
+    def _names_row(self, resource: Any, resource_key: str, resource_type: str) -> bool:
+        if not isinstance(resource, dict):
+            return False
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if not isinstance(rtype, str) or not isinstance(rid, str) or rtype != resource_type:
+            return False
+        # not memoised: every key is seen once here, and would evict the ones that repeat
+        return self._pseudo.token("resource", f"{rtype}/{rid}", memoise=False) == resource_key
+
+
+def _current_positions(
+    con: duckdb.DuckDBPyConnection, conditions: list[str], params: list[Any]
+) -> list[int]:
+    where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
+    sql = _CURRENT_POSITIONS.format(where=where)
+    return [int(seq) for (seq,) in con.execute(sql, params).fetchall()]
+
+
+def iter_current_records(
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    *,
+    batch_id: str | None = None,
+    resource_type: str | None = None,
+    patients_of_batch: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[VaultRecord]:
+    """The newest version of every resource, in ingest order, decrypted and verified.
+
+    Filters: ``batch_id`` keeps the resources whose newest version that batch wrote;
+    ``resource_type`` one type; ``patients_of_batch`` the Patients whose compartment that batch
+    wrote to. Each chunk is fetched whole before its rows are yielded, so the caller may use
+    ``con`` for its own statements between rows.
+    """
+    conditions: list[str] = []
+    params: list[Any] = []
+    for value, condition in (
+        (batch_id, "batch_id = ?"),
+        (resource_type, "resource_type = ?"),
+        (patients_of_batch, _PATIENTS_OF_BATCH),
+    ):
+        if value is not None:
+            conditions.append(condition)
+            params.append(value)
+    positions = _current_positions(con, conditions, params)
+    reader = VaultReader(con, provider)
+    for start in range(0, len(positions), chunk_rows):
+        window = positions[start : start + chunk_rows]
+        rows = con.execute(_ROWS_AT_POSITIONS, [window[0], window[-1], window]).fetchall()
+        for row in rows:
+            yield reader.record(row)
 
 
 def iter_current_resources(
     con: duckdb.DuckDBPyConnection,
     provider: KeyProvider,
     batch_id: str | None = None,
-    chunk_rows: int = 5_000,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[dict[str, Any]]:
     """The newest version of every resource (optionally only those last written by one batch),
     decrypted, in chunks so memory stays bounded."""
-    keys = DataKeyStore(con, provider)
-    pseudo = Pseudonymizer(provider.pseudonym_key())
-    where = "WHERE batch_id = ?" if batch_id is not None else ""
-    params = [batch_id] if batch_id is not None else []
-    cursor = con.cursor()
-    try:
-        cursor.execute(
-            f"SELECT resource_key, sealed, aad FROM phi_vault_current {where} ORDER BY ingest_seq",
-            params,
-        )
-        while rows := cursor.fetchmany(chunk_rows):
-            for resource_key, sealed, aad in rows:
-                yield _checked(pseudo, resource_key, keys.open(bytes(sealed), bytes(aad)))
-    finally:
-        cursor.close()
+    for record in iter_current_records(con, provider, batch_id=batch_id, chunk_rows=chunk_rows):
+        yield record.resource
+
+
+def read_current(
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    resource_key: str,
+    resource_type: str | None = None,
+) -> VaultRecord | None:
+    """The current version of the resource with this pseudonym (and, when given, this type),
+    or None when the vault does not hold it."""
+    sql, params = _CURRENT_ROW_BY_KEY, [resource_key]
+    if resource_type is not None:
+        sql, params = sql + " AND resource_type = ?", [resource_key, resource_type]
+    rows = con.execute(sql, params).fetchall()
+    if not rows:
+        return None
+    return VaultReader(con, provider).record(rows[0])
 
 
 def read_resource(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, resource_type: str, resource_id: str
 ) -> dict[str, Any] | None:
     """The current version of one resource, or None when the vault does not hold it."""
-    pseudo = Pseudonymizer(provider.pseudonym_key())
-    resource_key = pseudo.resource_key(resource_type, resource_id)
-    rows = con.execute(
-        "SELECT sealed, aad FROM phi_vault_current WHERE resource_key = ?", [resource_key]
-    ).fetchall()
-    if not rows:
-        return None
-    sealed, aad = rows[0]
-    return _checked(
-        pseudo, resource_key, DataKeyStore(con, provider).open(bytes(sealed), bytes(aad))
-    )
+    resource_key = Pseudonymizer(provider.pseudonym_key()).resource_key(resource_type, resource_id)
+    # no type filter: a row under this key whose type column disagrees is a tampered row, to be
+    # reported as such rather than passed over as absent
+    record = read_current(con, provider, resource_key)
+    return record.resource if record is not None else None

@@ -10,15 +10,14 @@ associated data binds it to the record it belongs to.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import duckdb
 import pyarrow as pa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from vault.clock import Clock, RandomBytes, utcnow
 from vault.errors import InvalidCiphertext, KeyDestroyedError
 from vault.keys import KEY_BYTES, NONCE_BYTES, KeyProvider, WrappedKey
 
@@ -27,9 +26,6 @@ KEY_ID_BYTES = 16
 _HEADER = len(SEALED_FORMAT) + KEY_ID_BYTES
 _TAG_BYTES = 16
 SHARED_OWNER = "_shared"
-
-RandomBytes = Callable[[int], bytes]
-Clock = Callable[[], datetime]
 
 DATA_KEYS_DDL = """
 CREATE TABLE IF NOT EXISTS data_keys (
@@ -41,10 +37,6 @@ CREATE TABLE IF NOT EXISTS data_keys (
     destroyed_at TIMESTAMPTZ
 )
 """
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -123,7 +115,7 @@ class DataKeyStore:
         provider: KeyProvider,
         *,
         random_bytes: RandomBytes = os.urandom,
-        clock: Clock = _utcnow,
+        clock: Clock = utcnow,
     ) -> None:
         self._con = con
         self._provider = provider

@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import stat
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from vault import keys
 from vault.errors import InvalidCiphertext, KeyMaterialError
 from vault.keys import (
     EnvKeyProvider,
@@ -15,6 +18,7 @@ from vault.keys import (
     WrappedKey,
     init_keyring,
     load_key_provider,
+    write_keyring,
 )
 
 
@@ -117,3 +121,70 @@ def test_errors_never_contain_key_material(tmp_path: Path) -> None:
     with pytest.raises(KeyMaterialError) as info:
         FileKeyProvider.load(path)
     assert doc["pseudonym_key"] not in str(info.value)
+
+
+@pytest.fixture
+def no_umask() -> Iterator[None]:
+    old = os.umask(0)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_keyring_stays_private_beside_a_stale_world_readable_temp_file(
+    tmp_path: Path, no_umask: None
+) -> None:
+    path = tmp_path / "k" / "keyring.json"
+    path.parent.mkdir()
+    stale = path.with_name("keyring.json.tmp")  # the fixed name both writers once used
+    stale.write_text("left over")
+    stale.chmod(0o666)
+    assert init_keyring(path) is True
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    document = json.loads(path.read_text())
+    document["created"] = "rewritten"
+    write_keyring(path, document)  # the rotation's writes go through the same function
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert json.loads(path.read_text())["created"] == "rewritten"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["keyring.json", "keyring.json.tmp"]
+    assert stale.read_text() == "left over"  # never opened, so never written through
+
+
+def test_keyring_temp_file_is_new_and_private_before_its_first_byte(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_umask: None
+) -> None:
+    opened: list[tuple[str, int, int]] = []
+    real_open = os.open
+
+    def spy(path: str | os.PathLike[str], flags: int, mode: int = 0o777, **kw: object) -> int:
+        opened.append((os.fspath(path), flags, mode))
+        return real_open(path, flags, mode, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(keys.os, "open", spy)
+    path = tmp_path / "keyring.json"
+    init_keyring(path)
+    write_keyring(path, json.loads(path.read_text()))
+    temps = [(name, flags, mode) for name, flags, mode in opened if name.endswith(".tmp")]
+    assert len(temps) == 2 and temps[0][0] != temps[1][0]  # a fresh name every time
+    for _, flags, mode in temps:
+        assert flags & os.O_CREAT and flags & os.O_EXCL and not flags & os.O_TRUNC
+        assert mode == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["keyring.json"]
+
+
+def test_a_failed_keyring_write_keeps_the_old_keyring_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "keyring.json"
+    init_keyring(path)
+    before = path.read_bytes()
+
+    def power_cut(src: object, dst: object) -> None:
+        raise OSError("power cut")
+
+    monkeypatch.setattr(keys.os, "replace", power_cut)
+    with pytest.raises(OSError, match="power cut"):
+        write_keyring(path, {"format": "anything"})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["keyring.json"]

@@ -244,7 +244,7 @@ def test_a_crash_before_the_old_kek_is_dropped_is_harmless(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[Path] = []
-    real_write = lifecycle._write_keyring
+    real_write = lifecycle.write_keyring
 
     def crash_on_second_write(path: Path, document: dict[str, Any]) -> None:
         writes.append(path)
@@ -252,7 +252,7 @@ def test_a_crash_before_the_old_kek_is_dropped_is_harmless(
             raise OSError("power cut")
         real_write(path, document)
 
-    monkeypatch.setattr(lifecycle, "_write_keyring", crash_on_second_write)
+    monkeypatch.setattr(lifecycle, "write_keyring", crash_on_second_write)
     con = world.connect()
     try:
         with pytest.raises(OSError, match="power cut"):
@@ -263,7 +263,7 @@ def test_a_crash_before_the_old_kek_is_dropped_is_harmless(
             (interim.active_kek_id(),)
         ]
         _all_readable(con, interim)
-        monkeypatch.setattr(lifecycle, "_write_keyring", real_write)
+        monkeypatch.setattr(lifecycle, "write_keyring", real_write)
         report = rotate_kek(world.key_file, con, world.audit)
         assert FileKeyProvider.load(world.key_file).kek_ids() == [report.new_kek_id]
     finally:

@@ -1,0 +1,173 @@
+"""The vault's one read path: every reader of vault rows checks that the decrypted resource is
+the one its row names, so a ciphertext moved to another row of the same patient (and so under
+the same data key) is refused wherever it is read."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from deid.policy import Policy
+from deid.release import batch_canaries, deidentify_batch, release_canaries
+from vault import warehouse
+from vault.audit import AuditLog
+from vault.errors import InvalidCiphertext
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider
+from vault.lifecycle import reidentify
+from vault.pseudonym import Pseudonymizer
+from vault.read import (
+    iter_current_records,
+    iter_current_resources,
+    read_current,
+    read_resource,
+)
+
+PATIENT = {
+    "resourceType": "Patient",
+    "id": "pt-quill",
+    "name": [{"family": "Quillfeather", "given": ["Marisol"]}],
+    "birthDate": "1948-02-29",
+}
+CONDITION = {
+    "resourceType": "Condition",
+    "id": "cond-asthma",
+    "subject": {"reference": "Patient/pt-quill"},
+    "code": {"text": "asthma"},
+}
+OTHER = {"resourceType": "Patient", "id": "pt-odd", "name": [{"family": "Oddsock"}]}
+
+
+@pytest.fixture
+def wh(tmp_path: Path, key_provider: FileKeyProvider) -> Path:
+    land = tmp_path / "land"
+    land.mkdir()
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": r} for r in (PATIENT, CONDITION)],
+    }
+    (land / "quill.json").write_text(json.dumps(bundle))
+    (land / "odd.json").write_text(json.dumps(OTHER))
+    path = tmp_path / "w.duckdb"
+    report = ingest_batch(path, "b1", land, key_provider, workers=1)
+    assert report.accepted == 3
+    return path
+
+
+@pytest.fixture
+def con(wh: Path) -> Iterator[duckdb.DuckDBPyConnection]:
+    connection = warehouse.connect(wh)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def _pseudonym(provider: FileKeyProvider, rtype: str, rid: str) -> str:
+    return Pseudonymizer(provider.pseudonym_key()).resource_key(rtype, rid)
+
+
+def _swap(con: duckdb.DuckDBPyConnection, a: str, b: str, columns: tuple[str, ...]) -> None:
+    """Exchange ``columns`` between the vault rows of resource keys ``a`` and ``b``."""
+    select = f"SELECT {', '.join(columns)} FROM phi_vault WHERE resource_key = ?"
+    values = {key: con.execute(select, [key]).fetchall()[0] for key in (a, b)}
+    assignments = ", ".join(f"{column} = ?" for column in columns)
+    for key, other in ((a, b), (b, a)):
+        con.execute(
+            f"UPDATE phi_vault SET {assignments} WHERE resource_key = ?", [*values[other], key]
+        )
+    after = {key: con.execute(select, [key]).fetchall()[0] for key in (a, b)}
+    assert after == {a: values[b], b: values[a]}
+
+
+def _audit(tmp_path: Path, provider: FileKeyProvider) -> AuditLog:
+    at = datetime(2026, 3, 1, tzinfo=UTC)
+    return AuditLog.for_provider(tmp_path / "audit.log", provider, clock=lambda: at)
+
+
+Reader = Callable[[duckdb.DuckDBPyConnection, FileKeyProvider, Path], Any]
+
+READ_PATHS: dict[str, Reader] = {
+    "every current resource": lambda c, p, _: list(iter_current_resources(c, p)),
+    "one batch's resources": lambda c, p, _: list(iter_current_resources(c, p, "b1")),
+    "current records": lambda c, p, _: list(iter_current_records(c, p, chunk_rows=1)),
+    "current Patients": lambda c, p, _: list(iter_current_records(c, p, resource_type="Patient")),
+    "Patients of a batch": lambda c, p, _: list(iter_current_records(c, p, patients_of_batch="b1")),
+    "read the Patient": lambda c, p, _: read_resource(c, p, "Patient", "pt-quill"),
+    "read the Condition": lambda c, p, _: read_resource(c, p, "Condition", "cond-asthma"),
+    "read by pseudonym": lambda c, p, _: read_current(c, p, _pseudonym(p, "Patient", "pt-quill")),
+    "re-identification": lambda c, p, tmp: reidentify(
+        c, p, _pseudonym(p, "Patient", "pt-quill"), _audit(tmp, p), "tamper test"
+    ),
+    "de-identification": lambda c, p, _: deidentify_batch(c, p, "b1", Policy.shipped("research")),
+    "batch canaries": lambda c, p, _: batch_canaries(c, p, "b1"),
+    "release canaries": lambda c, p, _: release_canaries(c, p),
+}
+
+
+@pytest.mark.parametrize("path", sorted(READ_PATHS))
+def test_every_read_path_reads_an_untampered_vault(
+    con: duckdb.DuckDBPyConnection, key_provider: FileKeyProvider, tmp_path: Path, path: str
+) -> None:
+    assert READ_PATHS[path](con, key_provider, tmp_path) is not None
+
+
+@pytest.mark.parametrize("path", sorted(READ_PATHS))
+@pytest.mark.parametrize(
+    "columns",
+    [("sealed", "aad"), ("sealed",)],
+    ids=["ciphertext-and-aad", "ciphertext-only"],
+)
+def test_swapping_two_rows_of_one_patient_is_detected(
+    con: duckdb.DuckDBPyConnection,
+    key_provider: FileKeyProvider,
+    tmp_path: Path,
+    path: str,
+    columns: tuple[str, ...],
+) -> None:
+    patient = _pseudonym(key_provider, "Patient", "pt-quill")
+    condition = _pseudonym(key_provider, "Condition", "cond-asthma")
+    owners = dict(con.execute("SELECT resource_key, patient_key FROM phi_vault").fetchall())
+    assert owners[patient] == owners[condition] == patient  # one patient, one data key
+    _swap(con, patient, condition, columns)
+    with pytest.raises(InvalidCiphertext) as raised:
+        READ_PATHS[path](con, key_provider, tmp_path)
+    message = str(raised.value)
+    for phi in ("pt-quill", "cond-asthma", "Quillfeather", "Marisol", "asthma", "1948-02-29"):
+        assert phi not in message
+
+
+def test_reading_the_vault_with_foreign_row_metadata_is_refused(
+    con: duckdb.DuckDBPyConnection, key_provider: FileKeyProvider
+) -> None:
+    # the row claims another type than the resource it holds: same key, same AAD, wrong label
+    patient = _pseudonym(key_provider, "Patient", "pt-quill")
+    con.execute(
+        "UPDATE phi_vault SET resource_type = 'Condition' WHERE resource_key = ?", [patient]
+    )
+    with pytest.raises(InvalidCiphertext, match="different resource"):
+        read_resource(con, key_provider, "Patient", "pt-quill")
+    with pytest.raises(InvalidCiphertext):
+        list(iter_current_resources(con, key_provider))
+
+
+def test_records_carry_their_rows_pseudonymous_columns(
+    con: duckdb.DuckDBPyConnection, key_provider: FileKeyProvider
+) -> None:
+    records = {r.resource_key: r for r in iter_current_records(con, key_provider, chunk_rows=2)}
+    patient = _pseudonym(key_provider, "Patient", "pt-quill")
+    condition = records[_pseudonym(key_provider, "Condition", "cond-asthma")]
+    assert condition.resource == CONDITION and condition.resource_type == "Condition"
+    assert condition.patient_key == patient and condition.batch_id == "b1"
+    assert records[patient].resource == PATIENT
+    other = _pseudonym(key_provider, "Patient", "pt-odd")
+    touched = list(iter_current_records(con, key_provider, patients_of_batch="b1"))
+    assert {r.resource_key for r in touched} == {patient, other}
+    assert read_current(con, key_provider, patient, "Condition") is None

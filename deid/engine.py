@@ -25,6 +25,7 @@ from deid import methods
 from deid.errors import DeidError
 from deid.policy import Policy, Rule
 from fhirlake.fhirpath import FhirPathError, Node
+from vault.clock import RandomBytes
 from vault.pseudonym import Pseudonymizer
 
 SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
@@ -171,7 +172,7 @@ class Deidentifier:
         *,
         today: date | None = None,
         rng: random.Random | None = None,
-        random_bytes: Callable[[int], bytes] = os.urandom,
+        random_bytes: RandomBytes = os.urandom,
     ) -> None:
         self.policy = policy
         self.secrets = secrets

@@ -17,13 +17,14 @@ from datetime import date, datetime, timedelta
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from vault.clock import RandomBytes
+
 AGE_LIMIT = 89  # HIPAA: ages over 89 are aggregated into "90 or older"
 DEFAULT_DATE_SHIFT_DAYS = 50
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
 _DATETIME = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?$"
 )
-RandomBytes = Callable[[int], bytes]
 
 
 def _years_between(born: date, today: date) -> int:

@@ -413,3 +413,20 @@ def build_released_patients(
 
 def released_k(con: duckdb.DuckDBPyConnection, k: int) -> Any:
     return measure_k(con, "released_patients", QUASI_IDENTIFIERS, k)
+
+
+def release_totals(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """The whole release after a batch: resources released (by type) and withheld (by reason)."""
+    by_type = dict(
+        con.execute(
+            "SELECT resource_type, count(*) FROM deid_resources GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    )
+    withheld = dict(
+        con.execute("SELECT reason_code, count(*) FROM deid_errors GROUP BY 1 ORDER BY 1").fetchall()
+    )
+    return {
+        "released": int(sum(by_type.values())),
+        "released_by_type": {k: int(v) for k, v in by_type.items()},
+        "withheld": {k: int(v) for k, v in withheld.items()},
+    }

@@ -16,16 +16,9 @@ from pathlib import Path
 
 import duckdb
 
+from vault.keys import fsync_dir
+
 STAGING_SUFFIX = "__staging"
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sql_string(value: str) -> str:
@@ -100,5 +93,5 @@ def publish_table(
             con.execute(f"DROP TABLE IF EXISTS {staging}")
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return int(rows)

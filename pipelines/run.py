@@ -10,11 +10,10 @@ from typing import Any
 
 from dagster import DagsterInstance, materialize
 
+from pipelines.assets.checks import RELEASE_CANARIES
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.partitions import batch_partitions
 from pipelines.workdir import Workdir
-from vault import warehouse
-from vault.ingest import reconcile_batch
 from vault.landing import discover_batches
 
 
@@ -44,6 +43,8 @@ def run_pipeline(
     workdir.root.mkdir(parents=True, exist_ok=True)
     resources = build_resources(str(workdir.root), str(input_dir), key_file, workers)
     runs = []
+    batch_reports: dict[str, dict[str, dict[str, Any]]] = {}
+    release: dict[str, dict[str, Any]] = {}
     with open_instance(workdir) as instance:
         existing = set(instance.get_dynamic_partitions(batch_partitions.name or "batches"))
         new = [b.key for b in batches if b.key not in existing]
@@ -61,6 +62,7 @@ def run_pipeline(
                 run_config=run_config,
             )
             runs.append(_run_record(batch.key, result))
+            batch_reports[batch.key] = stage_reports(result)
         # whole-release assets once, after every batch (a blocked batch blocks the release)
         if all(r["success"] for r in runs):
             result = materialize(
@@ -72,7 +74,9 @@ def run_pipeline(
                 run_config=run_config,
             )
             runs.append(_run_record(None, result))
-    summary = build_summary(workdir, [b.key for b in batches], runs)
+            release = stage_reports(result)
+    RELEASE_CANARIES.clear()  # PHI held in memory for the leak scans: not beyond the run
+    summary = build_summary(workdir, batch_reports, release, runs)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     workdir.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
@@ -86,71 +90,84 @@ def _run_record(batch: str | None, result: Any) -> dict[str, Any]:
     return {"batch": batch, "run_id": result.run_id, "success": result.success, "checks": checks}
 
 
+def _plain(value: Any) -> Any:
+    """A metadata value as JSON: numbers, text, JSON documents; other kinds (tables, Markdown,
+    paths) are left out of the summary."""
+    raw = getattr(value, "value", value)
+    return raw if isinstance(raw, int | float | str | bool | dict | list) else None
+
+
+def _plain_all(metadata: dict[str, Any]) -> dict[str, Any]:
+    plain = {key: _plain(value) for key, value in metadata.items()}
+    return {key: value for key, value in plain.items() if value is not None}
+
+
+def stage_reports(result: Any) -> dict[str, dict[str, Any]]:
+    """What each asset of a run reported: asset key → its materialisation metadata; check
+    metadata under ``asset:check``."""
+    reports: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        reports[materialization.asset_key.to_user_string()] = _plain_all(materialization.metadata)
+    for check in result.get_asset_check_evaluations():
+        name = f"{check.asset_key.to_user_string()}:{check.check_name}"
+        reports[name] = {"passed": check.passed, **_plain_all(check.metadata)}
+    return reports
+
+
+def _rows(reports: dict[str, dict[str, Any]], prefix: str) -> dict[str, int]:
+    return {
+        key.removeprefix(prefix): int(report["dagster/row_count"])
+        for key, report in sorted(reports.items())
+        if key.startswith(prefix) and ":" not in key and "dagster/row_count" in report
+    }
+
+
+def _batch_summary(batch: str, reports: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    ingest = dict(reports.get("phi_vault", {}).get("ingest_report", {}))
+    ingest.pop("batch_id", None)
+    reconciliation = dict(reports.get("phi_vault:records_reconcile", {}))
+    return {**ingest, "batch": batch, "reconciliation": reconciliation}
+
+
 def build_summary(
-    workdir: Workdir, batch_keys: list[str], runs: list[dict[str, Any]]
+    workdir: Workdir, batch_reports: dict[str, dict[str, dict[str, Any]]],
+    release: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    con = warehouse.connect(workdir.warehouse, read_only=True)
-    try:
-        reports = {
-            key: json.loads(report)
-            for key, report in con.execute(
-                "SELECT batch_id, report FROM batches WHERE report IS NOT NULL"
-            ).fetchall()
-        }
-        batches = []
-        for key in batch_keys:
-            report = reports.get(key, {})
-            batches.append(
-                {
-                    **{k: v for k, v in report.items() if k != "batch_id"},
-                    "batch": key,
-                    "reconciliation": reconcile_batch(con, key).to_dict(),
-                }
-            )
-        vault_row = con.execute(
-            "SELECT count(*), count(DISTINCT patient_key) FROM phi_vault_current"
-        ).fetchall()[0]
-        deid = _deid_summary(con)
-        released = {schema: _schema_rows(con, schema) for schema in ("views", "features", "models")}
-    finally:
-        con.close()
-    ingest_totals = {
+    """The run summary from the stage reports of the batch runs and the release run."""
+    batches = [_batch_summary(key, reports) for key, reports in batch_reports.items()]
+    last = next(reversed(batch_reports.values()), {}) if batch_reports else {}
+    vault = last.get("phi_vault", {})
+    totals = {
         name: sum(int(b.get(name, 0)) for b in batches)
         for name in ("records_in", "accepted", "quarantined", "files", "bytes_read")
     }
+    deid = dict(last.get("deid_resources", {}).get("release_totals", {}))
+    if "released_patients" in release:
+        deid["released_patients"] = release["released_patients"].get("dagster/row_count", 0)
     return {
         "success": all(r["success"] for r in runs),
         "runs": runs,
         "stages": {
             "ingest": {
-                **ingest_totals,
-                "vault_resources_current": int(vault_row[0]),
-                "vault_patients": int(vault_row[1]),
+                **totals,
+                "vault_resources_current": int(vault.get("dagster/row_count", 0)),
+                "vault_patients": int(vault.get("vault_patients", 0)),
                 "batches": batches,
             },
             "deid": deid,
-            "views": released["views"],
-            "features": released["features"],
-            "models": {**released["models"], **_model_summary(workdir)},
+            "views": _rows(release, "views/"),
+            "features": _rows(release, "features/"),
+            "models": {
+                **{k: v for k, v in _rows(release, "readmission_").items() if k != "model"},
+                **_model_summary(workdir),
+            },
         },
     }
 
 
-def _schema_rows(con: Any, schema: str) -> dict[str, int]:
-    """Row count of every table of a schema (views, features, models)."""
-    tables = [
-        r[0]
-        for r in con.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE schema_name = ? ORDER BY 1", [schema]
-        ).fetchall()
-    ]
-    return {
-        t: int(con.execute(f'SELECT count(*) FROM {schema}."{t}"').fetchall()[0][0]) for t in tables
-    }
-
-
 def _model_summary(workdir: Workdir) -> dict[str, Any]:
-    """Headline figures of the readmission model, when it was trained."""
+    """Headline figures of the readmission model (its metrics document), when it was trained."""
     metrics_file = workdir.models / "readmission" / "metrics.json"
     if not metrics_file.exists():
         return {}
@@ -165,27 +182,3 @@ def _model_summary(workdir: Workdir) -> dict[str, Any]:
         "largest_subgroup_gap": metrics.get("largest_subgroup_gap"),
         "model_card": str(metrics_file.parent / "model_card.md"),
     }
-
-
-def _deid_summary(con: Any) -> dict[str, Any]:
-    tables = {r[0] for r in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
-    if "deid_resources" not in tables:
-        return {}
-    released = dict(
-        con.execute(
-            "SELECT resource_type, count(*) FROM deid_resources GROUP BY 1 ORDER BY 1"
-        ).fetchall()
-    )
-    withheld = dict(
-        con.execute("SELECT reason_code, count(*) FROM deid_errors GROUP BY 1").fetchall()
-    )
-    out: dict[str, Any] = {
-        "released": sum(released.values()),
-        "released_by_type": released,
-        "withheld": withheld,
-    }
-    if "released_patients" in tables:
-        out["released_patients"] = con.execute("SELECT count(*) FROM released_patients").fetchall()[
-            0
-        ][0]
-    return out

@@ -603,6 +603,15 @@ class Reconciliation:
         return {**asdict(self), "passed": self.passed}
 
 
+def vault_totals(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """Current resources in the vault and the patients they belong to (``_shared`` excluded
+    from neither: it is one owner key)."""
+    row = con.execute(
+        "SELECT count(*), count(DISTINCT patient_key) FROM phi_vault_current"
+    ).fetchall()[0]
+    return int(row[0]), int(row[1])
+
+
 def reconcile_batch(con: duckdb.DuckDBPyConnection, batch_id: str) -> Reconciliation:
     """Count a batch from three independent places: the files' record counts taken while
     reading, the ledger, and the vault and quarantine tables."""

@@ -16,7 +16,12 @@ from dagster import (
 )
 
 from deid.policy import Policy
-from deid.release import build_released_patients, deidentify_batch, scan_released_batch
+from deid.release import (
+    build_released_patients,
+    deidentify_batch,
+    release_totals,
+    scan_released_batch,
+)
 from pipelines.assets.checks import leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.partitions import batch_partitions
@@ -62,6 +67,7 @@ def deid_resources(
     try:
         report = deidentify_batch(con, provider, context.partition_key, policy)
         scan = scan_released_batch(con, provider, context.partition_key)
+        table = release_totals(con)
     finally:
         con.close()
     context.log.info(
@@ -71,6 +77,8 @@ def deid_resources(
     yield MaterializeResult(
         asset_key="deid_resources",
         metadata={
+            "dagster/row_count": table["released"],
+            "release_totals": MetadataValue.json(table),
             "policy": report.policy,
             "resources_in": report.resources_in,
             "released": report.released,
@@ -121,6 +129,7 @@ def released_patients(
     yield MaterializeResult(
         asset_key="released_patients",
         metadata={
+            "dagster/row_count": after.records,
             "patients": after.records,
             "k": after.k,
             "min_group_before": before.min_group,

@@ -97,6 +97,7 @@ def feature_tables(
         yield MaterializeResult(
             asset_key=key,
             metadata={
+                "dagster/row_count": shape.rows,
                 "rows": shape.rows,
                 "patients": shape.patients,
                 "columns": columns_table(shape.columns),

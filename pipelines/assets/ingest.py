@@ -24,7 +24,7 @@ from pipelines.resources import (
     LandingResource,
     WarehouseResource,
 )
-from vault.ingest import ingest_batch, reconcile_batch
+from vault.ingest import ingest_batch, reconcile_batch, vault_totals
 from vault.landing import batch_source
 
 WAREHOUSE_POOL = "warehouse"  # DuckDB takes one writer at a time
@@ -112,6 +112,14 @@ def ingest(
         "records_per_second": round(rate, 1),
         "workers": report.workers,
     }
+    con = warehouse.connect(read_only=True)
+    try:
+        current, patients = vault_totals(con)
+    finally:
+        con.close()
+    vault_meta["dagster/row_count"] = current
+    vault_meta["vault_patients"] = patients
+    vault_meta["ingest_report"] = MetadataValue.json(report.to_dict())
     yield MaterializeResult(asset_key="phi_vault", metadata=vault_meta)
     yield MaterializeResult(
         asset_key="quarantine",

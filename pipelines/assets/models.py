@@ -78,6 +78,7 @@ def readmission_labels(
         con.close()
     return MaterializeResult(
         metadata={
+            "dagster/row_count": counts.labelled,
             "rows": counts.labelled,
             "positives": counts.positives,
             "prevalence": counts.prevalence,
@@ -108,6 +109,7 @@ def readmission_training_set(
     features = [c for c in training.columns if c not in ("patient_id", "event_timestamp", "label")]
     return MaterializeResult(
         metadata={
+            "dagster/row_count": len(training),
             "rows": len(training),
             "patients": int(training["patient_id"].nunique()),
             "feature_service": FEATURE_SERVICE,

@@ -76,6 +76,7 @@ def build_view_asset(path: Path) -> AssetsDefinition:
         yield MaterializeResult(
             asset_key=key,
             metadata={
+                "dagster/row_count": result.rows,
                 "rows": result.rows,
                 "resources": result.resources,
                 "patients": result.patients,

@@ -22,6 +22,8 @@ from fhirlake.viewdef import (
     iter_fhir_resources as iter_fhir_resources,  # re-exported: readers of FHIR files for views
 )
 from pipelines.content import views_dir
+from pipelines.publish import publish_table
+from pipelines.workdir import Workdir
 
 VIEWS_DIR = views_dir()
 VIEWS_SCHEMA = "views"
@@ -77,9 +79,15 @@ def run_view_over_release(
     """Replace ``views.<name>`` and its Parquet file with the view over the release."""
     started = time.perf_counter()
     table = f"{VIEWS_SCHEMA}.{view.name}"
-    parquet = Path(workdir) / "views" / f"{view.name}.parquet"
-    parquet.parent.mkdir(parents=True, exist_ok=True)
-    rows = write_view_table(con, view, released_resources(con, view.resource), table, parquet)
+    parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
+    # the view is built under a scratch name, then published (DuckDB table + Parquet) in one
+    # atomic step, so a failed build leaves the previous release of the view in place
+    scratch = f"{table}__rows"
+    try:
+        write_view_table(con, view, released_resources(con, view.resource), scratch)
+        rows = publish_table(con, table, parquet, f"SELECT * FROM {scratch}")
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {scratch}")
     names = {c.name for c in view.columns}
     patients = 0
     if "patient_id" in names:

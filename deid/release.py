@@ -423,7 +423,9 @@ def release_totals(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
         ).fetchall()
     )
     withheld = dict(
-        con.execute("SELECT reason_code, count(*) FROM deid_errors GROUP BY 1 ORDER BY 1").fetchall()
+        con.execute(
+            "SELECT reason_code, count(*) FROM deid_errors GROUP BY 1 ORDER BY 1"
+        ).fetchall()
     )
     return {
         "released": int(sum(by_type.values())),

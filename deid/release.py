@@ -3,6 +3,7 @@ leak scan over what was released, and the released patient table with its k-anon
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import Counter
@@ -103,6 +104,18 @@ class _BatchRun:
     rules: Counter[int] = field(default_factory=Counter)
     labels: Counter[str] = field(default_factory=Counter)
     withheld: Counter[str] = field(default_factory=Counter)
+    target: str = "deid_resources"
+    errors_target: str = "deid_errors"
+
+
+# a table name, optionally schema-qualified: the only text interpolated into the stage's SQL
+_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+
+
+def _checked_table(name: str) -> str:
+    if not _TABLE_NAME.match(name):
+        raise ValueError(f"not a table name: {name!r}")
+    return name
 
 
 def _resolve_reference(
@@ -137,7 +150,8 @@ def _deidentify_record(run: _BatchRun, record: VaultRecord) -> None:
 
 
 def _flush(con: duckdb.DuckDBPyConnection, run: _BatchRun) -> None:
-    """Insert the run's pending released and withheld rows, and forget them."""
+    """Insert the run's pending released and withheld rows into the run's tables, and forget
+    them."""
     if run.released:
         # one Arrow insert: executemany goes row by row and dominated the stage's time
         columns = list(zip(*run.released, strict=True))
@@ -150,14 +164,14 @@ def _flush(con: duckdb.DuckDBPyConnection, run: _BatchRun) -> None:
         con.register("released_chunk", released)
         try:
             con.execute(
-                "INSERT INTO deid_resources SELECT resource_type, id, patient_id, batch_id, "
+                f"INSERT INTO {run.target} SELECT resource_type, id, patient_id, batch_id, "
                 "resource::JSON FROM released_chunk"
             )
         finally:
             con.unregister("released_chunk")
         run.released.clear()
     if run.errors:
-        con.executemany("INSERT INTO deid_errors VALUES (?, ?, ?, ?, ?)", run.errors)
+        con.executemany(f"INSERT INTO {run.errors_target} VALUES (?, ?, ?, ?, ?)", run.errors)
         run.errors.clear()
 
 
@@ -186,18 +200,25 @@ def deidentify_batch(
     policy: Policy,
     *,
     today: date | None = None,
+    target: str = "deid_resources",
+    errors_target: str = "deid_errors",
 ) -> DeidReport:
-    """De-identify every resource this batch put in the vault; replace the batch's rows."""
+    """De-identify every resource this batch put in the vault; replace the batch's rows in
+    ``target`` (released) and ``errors_target`` (withheld), created with the release table's
+    columns when missing, so a batch can be written to a staging table first."""
     started = time.perf_counter()
-    con.execute(DEID_DDL)
-    con.execute(DEID_ERRORS_DDL)
-    con.execute("DELETE FROM deid_resources WHERE batch_id = ?", [batch_id])
-    con.execute("DELETE FROM deid_errors WHERE batch_id = ?", [batch_id])
+    target, errors_target = _checked_table(target), _checked_table(errors_target)
+    con.execute(DEID_DDL.replace(" deid_resources ", f" {target} ", 1))
+    con.execute(DEID_ERRORS_DDL.replace(" deid_errors ", f" {errors_target} ", 1))
+    con.execute(f"DELETE FROM {target} WHERE batch_id = ?", [batch_id])
+    con.execute(f"DELETE FROM {errors_target} WHERE batch_id = ?", [batch_id])
     run = _BatchRun(
         batch_id,
         Deidentifier(policy, DeidSecrets.derive(provider.pseudonym_key(), policy), today=today),
         Pseudonymizer(provider.pseudonym_key()),
         _reference_targets(con, batch_id),
+        target=target,
+        errors_target=errors_target,
     )
     # vault.read decrypts a chunk of ciphertexts at a time and checks each row's resource
     for record in iter_current_records(con, provider, batch_id=batch_id, chunk_rows=_DEID_CHUNK):

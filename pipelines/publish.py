@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Protocol, TypeVar
 
 import duckdb
 
@@ -57,6 +60,26 @@ def _swap_in(con: duckdb.DuckDBPyConnection, staging: str, target: str) -> None:
         raise
 
 
+class CheckOutcome(Protocol):
+    """What a publish check returns: anything with ``passed`` (a leak scan result, a report)."""
+
+    @property
+    def passed(self) -> bool: ...
+
+
+CheckT = TypeVar("CheckT", bound=CheckOutcome)
+PublishCheck = Callable[[duckdb.DuckDBPyConnection, str], CheckT]
+
+
+@dataclass(frozen=True)
+class PublishOutcome(Generic[CheckT]):
+    """Rows staged, whether they were swapped in, and what the check said."""
+
+    rows: int
+    published: bool
+    check: CheckT
+
+
 def publish_table(
     con: duckdb.DuckDBPyConnection,
     schema_table: str,
@@ -71,6 +94,37 @@ def publish_table(
     ``compression`` is a DuckDB Parquet codec (``zstd``, ``snappy``...); DuckDB's default when
     None. Both names must be trusted identifiers: they are spliced into SQL.
     """
+    return _publish(con, schema_table, parquet_path, source, None, compression)[0]
+
+
+def publish_checked(
+    con: duckdb.DuckDBPyConnection,
+    schema_table: str,
+    parquet_path: Path,
+    source: str | duckdb.DuckDBPyRelation,
+    check: PublishCheck[CheckT],
+    *,
+    compression: str | None = None,
+) -> PublishOutcome[CheckT]:
+    """Stage, check, then publish: the rows of ``source`` are written to a staging table,
+    ``check(con, staging_table)`` runs over them, and only when its result has ``passed`` are
+    the DuckDB table and the Parquet file replaced. A failed check drops the staging table and
+    writes no file, so the previous release stays as it was and nothing of the new one is
+    visible."""
+    rows, result = _publish(con, schema_table, parquet_path, source, check, compression)
+    if result is None:  # _publish always runs a check it is given
+        raise RuntimeError("publish check returned no result")
+    return PublishOutcome(rows, result.passed, result)
+
+
+def _publish(
+    con: duckdb.DuckDBPyConnection,
+    schema_table: str,
+    parquet_path: Path,
+    source: str | duckdb.DuckDBPyRelation,
+    check: PublishCheck[CheckT] | None,
+    compression: str | None,
+) -> tuple[int, CheckT | None]:
     schema, _, name = schema_table.rpartition(".")
     if not schema or not name:
         raise ValueError(f"expected schema.table, got {schema_table!r}")
@@ -82,9 +136,17 @@ def publish_table(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    result: CheckT | None = None
     try:
         _stage(con, staging, source)
         ((rows,),) = con.execute(f"SELECT count(*) FROM {staging}").fetchall()
+        if check is not None:
+            result = check(con, staging)
+            if not result.passed:
+                # the failed rows never reach the table or a file
+                con.execute(f"DROP TABLE IF EXISTS {staging}")
+                tmp.unlink(missing_ok=True)
+                return int(rows), result
         _copy_parquet(con, staging, tmp, compression)
         _swap_in(con, staging, schema_table)
         os.replace(tmp, target)
@@ -94,4 +156,4 @@ def publish_table(
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(target.parent)
-    return int(rows)
+    return int(rows), result

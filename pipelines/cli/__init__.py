@@ -12,6 +12,7 @@ import click
 from deid.errors import DeidError
 from pipelines.cli import privacy as cli_privacy
 from pipelines.cli import views as cli_views
+from pipelines.cli.options import workdir_option
 from pipelines.workdir import Workdir
 from vault.errors import VaultError
 from vault.keys import default_key_file, init_keyring
@@ -64,13 +65,7 @@ def keys_init(key_file: Path | None) -> None:
 
 @main.command()
 @click.option("--input", "input_dir", type=click.Path(path_type=Path, exists=True), required=True)
-@click.option(
-    "--workdir",
-    type=click.Path(path_type=Path),
-    default=None,
-    callback=lambda _ctx, _param, value: Workdir.of(value),
-    help="work directory (default: EHR_WORKDIR or data/work)",
-)
+@workdir_option
 @click.option("--key-file", type=str, default=None)
 @click.option("--workers", type=int, default=0, help="validation processes (0 = one per core)")
 def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -> None:
@@ -126,13 +121,7 @@ def quarantine() -> None:
 
 
 @quarantine.command("list")
-@click.option(
-    "--workdir",
-    type=click.Path(path_type=Path),
-    default=None,
-    callback=lambda _ctx, _param, value: Workdir.of(value),
-    help="work directory (default: EHR_WORKDIR or data/work)",
-)
+@workdir_option
 @click.option("--limit", type=int, default=50, show_default=True)
 def quarantine_list(workdir: Workdir, limit: int) -> None:
     """Quarantined records: batch, file pseudonym, position, reason."""

@@ -10,7 +10,10 @@ per-patient or per-page bundles need); above it a Bundle is streamed entry by en
 from __future__ import annotations
 
 import gzip
+import os
+import stat
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,14 +81,37 @@ def file_kind(path: Path) -> FileKind | None:
     return None
 
 
+def not_regular(path: Path) -> str | None:
+    """Why a folder entry is not a regular file to read, judged without following links: a
+    symbolic link could point anywhere outside the landing folder, and opening a fifo or a
+    device blocks or reads without end. None for a regular file; "" for a folder."""
+    try:
+        mode = path.lstat().st_mode
+    except OSError:
+        return "could not be inspected"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return ""
+    if stat.S_ISLNK(mode):
+        return "symbolic link (not followed)"
+    return "special file (fifo, socket or device)"
+
+
 def list_batch_files(root: Path) -> tuple[list[SourceFile], list[SkippedFile]]:
-    """Data files directly in ``root`` (or ``root`` itself when it is a file), sorted by name."""
-    candidates = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.is_file())
+    """Data files directly in ``root`` (or ``root`` itself when it is a file), sorted by name.
+    Symbolic links and special files are listed as skipped, never followed or opened."""
+    candidates = [root] if root.is_file() else sorted(root.iterdir())
     files: list[SourceFile] = []
     skipped: list[SkippedFile] = []
     for path in candidates:
         kind = file_kind(path)
-        if path.name.startswith((".", "_")) or path.name.lower() in _NOT_DATA:
+        odd = not_regular(path)
+        if odd == "":
+            continue  # folders in a batch are not read (each landing sub-folder is a batch)
+        if odd is not None:
+            skipped.append(SkippedFile(path, odd))
+        elif path.name.startswith((".", "_")) or path.name.lower() in _NOT_DATA:
             skipped.append(SkippedFile(path, "not a data file (export metadata)"))
         elif kind is None:
             skipped.append(SkippedFile(path, "not a FHIR data file extension"))
@@ -95,13 +121,44 @@ def list_batch_files(root: Path) -> tuple[list[SourceFile], list[SkippedFile]]:
 
 
 def _open(path: Path) -> IO[bytes]:
+    # O_NOFOLLOW and a regular-file check on the open descriptor: the file listed may have been
+    # replaced by a link or a fifo since (O_NONBLOCK keeps a fifo from blocking the open)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise NotARegularFileError
+    handle = os.fdopen(fd, "rb")
     if path.name.lower().endswith(".gz"):
-        return cast(IO[bytes], gzip.open(path, "rb"))
-    return path.open("rb")
+        return cast(IO[bytes], gzip.open(handle, "rb"))
+    return handle
+
+
+class NotARegularFileError(OSError):
+    """A data file that is no longer a regular file when it is opened."""
+
+
+# What reading a file can raise once it is open: truncated or corrupt gzip, I/O errors, a
+# streamed document that stops being JSON half-way.
+_READ_ERRORS = (OSError, EOFError, zlib.error, ijson.JSONError)
 
 
 def iter_records(source: SourceFile, stream_above: int = STREAM_JSON_BYTES) -> Iterator[RawRecord]:
-    """The records of one file, in file order."""
+    """The records of one file, in file order. A file that cannot be read to its end yields one
+    more record for the rest of it, with the reason (the records before it stand), so every
+    file counts at least one record in, even when it fails before its first."""
+    position = 0
+    try:
+        for record in _file_records(source, stream_above):
+            position = record.position
+            yield record
+    except _READ_ERRORS as exc:
+        code = "invalid_json" if isinstance(exc, ijson.JSONError) else "unreadable_file"
+        # the exception's type only: its text can quote the file's bytes
+        message = f"file could not be read from here on ({type(exc).__name__})"
+        yield RawRecord(source.index, position + 1, None, (code, message))
+
+
+def _file_records(source: SourceFile, stream_above: int) -> Iterator[RawRecord]:
     if source.kind == "ndjson":
         yield from _ndjson_records(source)
     elif source.path.stat().st_size > stream_above and _streamable_bundle(source.path):
@@ -165,8 +222,10 @@ def _streamed_bundle_records(source: SourceFile) -> Iterator[RawRecord]:
         for position, entry in enumerate(ijson.items(handle, "entry.item", use_float=True), 1):
             problem = _entry_shell_error(position, entry)
             resource = entry.get("resource") if isinstance(entry, dict) else None
-            raw = orjson.dumps(resource if resource is not None else entry)
-            if error or problem:
+            raw = _dumps(resource if resource is not None else entry)
+            if raw is None:
+                yield RawRecord(source.index, position, None, _UNWRITABLE)
+            elif error or problem:
                 yield RawRecord(
                     source.index, position, raw, error or ("invalid_bundle", problem or "")
                 )
@@ -245,7 +304,8 @@ def _entry_shell_error(position: int, entry: Any) -> str | None:
         return f"Bundle.entry[{position}].fullUrl: not a non-empty uri"
     request = entry.get("request")
     if request is not None:
-        if not isinstance(request, dict) or request.get("method") not in _METHODS:
+        method = request.get("method") if isinstance(request, dict) else None
+        if not isinstance(method, str) or method not in _METHODS:
             return f"Bundle.entry[{position}].request.method: missing or not an HTTP verb code"
         if not isinstance(request.get("url"), str) or not request["url"].strip():
             return f"Bundle.entry[{position}].request.url: missing"
@@ -260,7 +320,7 @@ def _entry_shell_error(position: int, entry: Any) -> str | None:
 def _bundle_shell_error(bundle: dict[str, Any]) -> tuple[str, str] | None:
     """Validate the Bundle without its entries (R4B model) and each entry's envelope."""
     btype = bundle.get("type")
-    if btype not in _BUNDLE_TYPES:
+    if not isinstance(btype, str) or btype not in _BUNDLE_TYPES:
         return ("invalid_bundle", "Bundle.type is missing or not a Bundle type code")
     entries = bundle.get("entry")
     if not isinstance(entries, list):
@@ -269,7 +329,7 @@ def _bundle_shell_error(bundle: dict[str, Any]) -> tuple[str, str] | None:
         Bundle.model_validate({k: v for k, v in bundle.items() if k != "entry"})
     except ValidationError as exc:
         return ("invalid_bundle", describe_validation_error("Bundle", exc))
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # any validator failure is this file's reason
         return ("invalid_bundle", f"Bundle: {type(exc).__name__}")
     for position, entry in enumerate(entries, start=1):
         problem = _entry_shell_error(position, entry)
@@ -288,6 +348,18 @@ def _urn_uuid(full_url: Any) -> str | None:
     return None
 
 
+# orjson writes at most 255 levels and 64-bit integers, and reads up to 1024 levels and
+# arbitrary integers (through ijson): an entry beyond that cannot be carried as bytes.
+_UNWRITABLE = ("schema_violation", "Bundle entry: nested too deeply, or a number out of range")
+
+
+def _dumps(value: Any) -> bytes | None:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return None
+
+
 def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecord]:
     """One record per Bundle entry. Bundle-level defects are reported on every entry, so that
     each record that came in is accounted for."""
@@ -295,7 +367,7 @@ def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecor
     shell_error = _bundle_shell_error(bundle)
     if not isinstance(entries, list) or not entries:
         if shell_error is not None:
-            yield RawRecord(file_index, 1, orjson.dumps(bundle), shell_error)
+            yield RawRecord(file_index, 1, _dumps(bundle), shell_error)
         return
     context = BundleContext()
     seen_full_urls: set[tuple[str, Any]] = set()
@@ -313,6 +385,7 @@ def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecor
         # bdl-7: a fullUrl may repeat only with a different meta.versionId
         meta = resource.get("meta")
         version = meta.get("versionId") if isinstance(meta, dict) else None
+        version = version if isinstance(version, str) else None  # a list or object is no key
         if (full_url, version) in seen_full_urls:
             duplicate_positions.add(position)
             continue
@@ -329,13 +402,15 @@ def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecor
             yield RawRecord(
                 file_index,
                 position,
-                orjson.dumps(entry),
+                _dumps(entry),
                 shell_error or ("invalid_bundle_entry", "Bundle entry is not an object"),
             )
             continue
         resource = entry.get("resource")
-        raw = orjson.dumps(resource if resource is not None else entry)
-        if shell_error is not None:
+        raw = _dumps(resource if resource is not None else entry)
+        if raw is None:
+            yield RawRecord(file_index, position, None, _UNWRITABLE)
+        elif shell_error is not None:
             yield RawRecord(file_index, position, raw, shell_error)
         elif not isinstance(resource, dict):
             method = (
@@ -343,7 +418,7 @@ def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecor
                 if isinstance(entry.get("request"), dict)
                 else None
             )
-            what = f" (request {method})" if isinstance(method, str) and method.isalpha() else ""
+            what = f" (request {method})" if isinstance(method, str) and method in _METHODS else ""
             yield RawRecord(
                 file_index, position, raw, ("unsupported_entry", f"entry has no resource{what}")
             )

@@ -124,6 +124,29 @@ def literal_target(value: str) -> tuple[str, str] | None:
     return match.group("type"), match.group("id")
 
 
+def normalise_base(base: str | None) -> str | None:
+    """A server base URL compared as references use it: without a trailing slash."""
+    return base.rstrip("/") if base else None
+
+
+def local_target(value: str, server_base: str | None) -> tuple[str, str] | None:
+    """``(type, id)`` of a literal reference to this server: a relative one, or an absolute one
+    under ``server_base`` (when configured). An absolute URL of any other server names that
+    server's resource, which shares only its id with ours: None."""
+    if _RELATIVE.match(value):
+        return literal_target(value)
+    base = normalise_base(server_base)
+    if base is None or not value.startswith(base + "/"):
+        return None
+    match = _RELATIVE.match(value[len(base) + 1 :])
+    return (match.group("type"), match.group("id")) if match else None
+
+
+def is_external(value: str, server_base: str | None) -> bool:
+    """An absolute ``http(s)`` reference to a resource of another server."""
+    return classify(value) == "absolute" and local_target(value, server_base) is None
+
+
 def conditional_target(value: str) -> tuple[str, str] | None:
     """``(type, normalised criteria)`` for a conditional reference, else None.
 

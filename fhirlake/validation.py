@@ -21,7 +21,15 @@ from pydantic import ValidationError
 from fhirlake.references import compartment_elements, identifier_criteria, iter_references
 
 _ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
 MAX_ERRORS_IN_MESSAGE = 3
+# Objects and arrays within one another; real resources stay far below (Questionnaire items
+# nest a dozen levels), and the validators recurse once per level.
+MAX_NESTING = 100
+
+
+class NestingTooDeepError(ValueError):
+    """A resource nests objects and arrays deeper than ``MAX_NESTING``."""
 
 
 class Checked(NamedTuple):
@@ -57,22 +65,46 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+# Error kinds whose message is formatted from the input (a resource type name, a value's type)
+_MESSAGE_QUOTES_INPUT = {"fhir-validation-wrong-resource-type", "model_validation_format"}
+
+
+def _input_strings(value: Any, out: list[str], limit: int = 200) -> list[str]:
+    """Scalar leaves of an error's input, as text, to check a message does not repeat them."""
+    stack = [value]
+    while stack and len(out) < limit:
+        node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+        elif isinstance(node, str | int | float) and len(str(node)) >= 2:
+            out.append(str(node))
+    return out
+
+
+def _value_free(msg: str, kind: str, value: Any) -> str:
+    if kind in _MESSAGE_QUOTES_INPUT or any(text in msg for text in _input_strings(value, [])):
+        return ""
+    return msg
+
+
 def describe_validation_error(resource_type: str, exc: ValidationError) -> str:
     """A PHI-free summary: element paths and error kinds, never the offending values."""
     parts = []
     errors = exc.errors(include_url=False, include_input=True)
     for err in errors[:MAX_ERRORS_IN_MESSAGE]:
         loc = tuple(err.get("loc", ()))
-        kind = err.get("type", "invalid")
+        kind = str(err.get("type", "invalid"))
         if kind == "extra_forbidden":
             # the unknown key itself is input data and may be anything
             where = _loc(loc[:-1])
             parts.append(f"{resource_type}{'.' + where if where else ''}: unknown element")
             continue
-        msg = str(err.get("msg", ""))
-        value = err.get("input")
-        if isinstance(value, str | int | float) and len(str(value)) >= 2 and str(value) in msg:
-            msg = ""
+        msg = _value_free(str(err.get("msg", "")), kind, err.get("input"))
+        # a location part that is not a schema element name (a dict key of the input) is hidden
+        loc = tuple(p if isinstance(p, int) or _SCHEMA_NAME.match(p) else "(element)" for p in loc)
         where = _loc(loc)
         detail = f"{kind}" + (f" ({msg})" if msg else "")
         parts.append(f"{resource_type}{'.' + where if where else ''}: {detail}")
@@ -84,12 +116,16 @@ def scan_resource(obj: dict[str, Any]) -> tuple[list[tuple[str, str]], str | Non
     """One walk over a resource: every ``reference`` string with its element path, and the path
     of the first empty array, object or string (FHIR's ele-1 forbids them). Resources nested
     in this one (contained, or carried by a Bundle or Parameters) resolve in their own context
-    and are skipped. Paths are built only for hits: the walk runs on every record."""
+    and are skipped. Paths are built only for hits: the walk runs on every record. Raises
+    :class:`NestingTooDeepError` beyond ``MAX_NESTING`` levels."""
     refs: list[tuple[str, str]] = []
     empty: list[str] = []
     stack: list[str] = []
 
-    def walk(node: Any) -> None:
+    def walk(node: Any, depth: int = 0) -> None:
+        if depth > MAX_NESTING:
+            # deeper than any FHIR structure: stop before Python's recursion limit does
+            raise NestingTooDeepError
         if isinstance(node, dict):
             if not node and not empty:
                 empty.append(".".join(stack))
@@ -99,7 +135,7 @@ def scan_resource(obj: dict[str, Any]) -> tuple[list[tuple[str, str]], str | Non
                     if key == "contained" or (key == "resource" and "resourceType" in value):
                         continue
                     stack.append(key)
-                    walk(value)
+                    walk(value, depth + 1)
                     stack.pop()
                 elif kind is str:
                     if key == "reference":
@@ -112,7 +148,7 @@ def scan_resource(obj: dict[str, Any]) -> tuple[list[tuple[str, str]], str | Non
             for item in node:
                 kind = type(item)
                 if kind is dict or kind is list:
-                    walk(item)
+                    walk(item, depth + 1)
                 elif kind is str and not item and not empty:
                     empty.append(".".join(stack))
 
@@ -133,7 +169,22 @@ def _patient_refs(resource_type: str, obj: dict[str, Any]) -> tuple[str, ...]:
 
 
 def check_record(raw: bytes) -> Checked:
-    """Parse and validate one resource; extract ids, references and identifiers."""
+    """Parse and validate one resource; extract ids, references and identifiers.
+
+    Never raises: whatever a validator throws becomes the record's reason code, with the
+    exception's type name only (its text may quote the input)."""
+    try:
+        return _check_record(raw)
+    except NestingTooDeepError:
+        return Checked("schema_violation", f"objects and arrays nested deeper than {MAX_NESTING}")
+    except RecursionError:
+        return Checked("schema_violation", "objects and arrays nested too deeply")
+    except Exception as exc:  # one bad record must never stop a batch
+        return Checked("validation_error", f"validation raised {type(exc).__name__}")
+
+
+def _parse(raw: bytes) -> dict[str, Any] | Checked:
+    """The record as a JSON object with an R4 resource type, or why it is not one."""
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -144,10 +195,46 @@ def check_record(raw: bytes) -> Checked:
     resource_type = obj.get("resourceType")
     if not isinstance(resource_type, str) or not resource_type:
         return Checked("not_a_resource", "missing or empty resourceType")
+    if model_class(resource_type) is None:
+        return Checked("unknown_resource_type", f"{_type_name(resource_type)}: not a resource")
+    return obj
+
+
+def _type_name(resource_type: Any) -> str:
+    """A resource type name for a message: only names of the FHIR model (a datatype such as
+    ``Money``), since any other text is input and may be anything."""
+    try:
+        get_fhir_model_class(resource_type)
+    except (KeyError, ValueError, TypeError):
+        return "resourceType (unknown name)"
+    return f"resourceType {resource_type}"
+
+
+def _contained_problem(resource_type: str, obj: dict[str, Any]) -> Checked | None:
+    """Contained resources of no R4 type: the model would raise a bare KeyError on them."""
+    contained = obj.get("contained")
+    if not isinstance(contained, list):
+        return None
+    for index, item in enumerate(contained):
+        if isinstance(item, dict) and isinstance(item.get("resourceType"), str):
+            if model_class(item["resourceType"]) is None:
+                where = f"{resource_type}.contained[{index}]"
+                return Checked(
+                    "unknown_resource_type", f"{where}: {_type_name(item['resourceType'])}"
+                )
+    return None
+
+
+def _check_record(raw: bytes) -> Checked:
+    parsed = _parse(raw)
+    if isinstance(parsed, Checked):
+        return parsed
+    obj = parsed
+    resource_type: str = obj["resourceType"]
     cls = model_class(resource_type)
-    if cls is None:
-        name = resource_type if re.fullmatch(r"[A-Za-z]{1,64}", resource_type) else "(invalid)"
-        return Checked("unknown_resource_type", f"{name} is not an R4 resource type")
+    assert cls is not None  # _parse checked it
+    # the walk bounds the nesting before anything else recurses over the record
+    references, empty = scan_resource(obj)
     assigned_raw = None
     if "id" not in obj:
         # a server assigns ids to resources posted without one; derive it from the content so
@@ -159,7 +246,6 @@ def check_record(raw: bytes) -> Checked:
     raw_meta = obj.get("meta")
     meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
     patient_refs = _patient_refs(resource_type, obj)
-    references, empty = scan_resource(obj)
 
     def failed(code: str, message: str) -> Checked:
         return Checked(code, message, resource_type, resource_id, patient_refs=patient_refs)
@@ -167,13 +253,20 @@ def check_record(raw: bytes) -> Checked:
     if resource_id is None or not _ID.match(resource_id):
         return failed("invalid_id", f"{resource_type}.id is not a valid FHIR id")
     if empty is not None:
-        # the path names schema elements only; an unknown key is caught by the model below
-        where = empty if cls.model_fields.get(empty.split(".")[0].split("[")[0]) else "(element)"
+        # only the top element is named: a nested key may be an unknown one, i.e. input
+        top = empty.split(".")[0].split("[")[0]
+        where = top if cls.model_fields.get(top) else "(element)"
         return failed("schema_violation", f"{resource_type}.{where}: empty element (ele-1)")
+    problem = _contained_problem(resource_type, obj)
+    if problem is not None:
+        return failed(problem.code or "unknown_resource_type", problem.message)
     try:
         cls.model_validate_json(assigned_raw or raw)
     except ValidationError as exc:
         return failed("schema_violation", describe_validation_error(resource_type, exc))
+    except KeyError:
+        # fhir.resources looks nested resource types up by name (Parameters, Bundle, ...)
+        return failed("unknown_resource_type", f"{resource_type}: a nested resource type")
     except (ValueError, TypeError) as exc:
         return failed("schema_violation", f"{resource_type}: {type(exc).__name__}")
     return Checked(

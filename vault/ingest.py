@@ -24,7 +24,7 @@ import orjson
 import pyarrow as pa
 
 from fhirlake.readers import RawRecord, SkippedFile, SourceFile, iter_records, list_batch_files
-from fhirlake.references import classify, conditional_target, literal_target
+from fhirlake.references import classify, conditional_target, literal_target, local_target
 from fhirlake.validation import Checked, check_chunk, check_record
 from vault import warehouse
 from vault.clock import utcnow
@@ -36,6 +36,7 @@ CHUNK_RECORDS = 256
 FLUSH_ROWS = 20_000
 # Below this many records a worker pool costs more to start than it saves.
 PARALLEL_AFTER = 1_500
+FHIR_BASE_ENV = "EHR_FHIR_BASE"
 
 
 @dataclass
@@ -45,6 +46,7 @@ class IngestReport:
     batch_id: str
     files: int = 0
     skipped_files: int = 0
+    skipped_reasons: dict[str, int] = field(default_factory=dict)
     bytes_read: int = 0
     records_in: int = 0
     accepted: int = 0
@@ -56,11 +58,20 @@ class IngestReport:
     references: int = 0
     unresolved_references: int = 0
     unresolved_patient_references: int = 0
+    external_references: int = 0  # absolute references to another server: never resolved
     seconds: float = 0.0
     workers: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _size(path: Path) -> int:
+    """A data file's size, 0 when it cannot be looked at (it then fails as one record)."""
+    try:
+        return path.lstat().st_size
+    except OSError:
+        return 0
 
 
 def _sealed_context(prefix: bytes, *parts: str) -> bytes:
@@ -100,6 +111,16 @@ class _Buffers:
 
     def rows(self) -> int:
         return self.count
+
+    def mark(self) -> dict[str, int]:
+        """Row counts per table, to undo what one record staged (:meth:`rollback`)."""
+        return {table: len(rows) for table, rows in self.tables.items()}
+
+    def rollback(self, mark: dict[str, int]) -> None:
+        for table, rows in self.tables.items():
+            keep = mark.get(table, 0)
+            self.count -= len(rows) - keep
+            del rows[keep:]
 
     def flush(self, con: duckdb.DuckDBPyConnection) -> None:
         for table, rows in self.tables.items():
@@ -244,10 +265,12 @@ class BatchIngestor:
         provider: KeyProvider,
         batch_id: str,
         workers: int,
+        server_base: str | None = None,
     ) -> None:
         self.con = con
         self.batch_id = batch_id
         self.workers = workers
+        self.server_base = server_base
         self.pseudo = Pseudonymizer(provider.pseudonym_key())
         self.keys = DataKeyStore(con, provider)
         self.buffers = _Buffers()
@@ -255,6 +278,7 @@ class BatchIngestor:
         self.now = utcnow()
         self.file_ids: dict[int, str] = {}
         self.records_per_file: Counter[int] = Counter()
+        self.file_sizes: dict[int, int] = {}
         self.seq_base = 0
         self._memo: dict[str, tuple[str, str, str] | bool | None] = {}
         self._memo_bundle: object = None
@@ -279,9 +303,11 @@ class BatchIngestor:
     def register_files(self, files: list[SourceFile], skipped: list[SkippedFile]) -> None:
         self.report.files = len(files)
         self.report.skipped_files = len(skipped)
+        self.report.skipped_reasons = dict(Counter(s.reason for s in skipped))
         for source in files:
             self.file_ids[source.index] = self.pseudo.token("file", source.path.name)
-            self.report.bytes_read += source.path.stat().st_size
+            self.file_sizes[source.index] = _size(source.path)
+            self.report.bytes_read += self.file_sizes[source.index]
 
     # -- per record ------------------------------------------------------------------------
     def _quarantine(
@@ -352,16 +378,30 @@ class BatchIngestor:
                 return False
             return kind, target[0], self.pseudo.resource_key(*target)
         if kind in ("relative", "absolute"):
-            literal = literal_target(value)
-            if literal is None:
-                return None
-            return kind, literal[0], self.pseudo.resource_key(*literal)
+            return self._resolve_literal(record, kind, value)
         if kind == "conditional":
             cond = conditional_target(value)
             if cond is None:
                 return None
             return kind, cond[0], self.pseudo.token("criteria", f"{cond[0]}?{cond[1]}")
         return None
+
+    def _resolve_literal(
+        self, record: RawRecord, kind: str, value: str
+    ) -> tuple[str, str, str] | None:
+        """A relative reference, or an absolute one naming an entry of its Bundle or a resource
+        under this server's base. Any other absolute URL is another server's resource: kept,
+        never resolved, flagged as ``external`` (a target key no local resource can have)."""
+        in_bundle = record.bundle.urn_map.get(value) if record.bundle is not None else None
+        if in_bundle is not None:
+            return kind, in_bundle[0], self.pseudo.resource_key(*in_bundle)
+        local = local_target(value, self.server_base)
+        if local is not None:
+            return kind, local[0], self.pseudo.resource_key(*local)
+        literal = literal_target(value)
+        if literal is None:
+            return None
+        return "external", literal[0], self.pseudo.token("external", value)
 
     def _owner(self, record: RawRecord, checked: Checked) -> tuple[str | None, bool]:
         """The patient pseudonym owning this resource, and whether its patient ref dangles."""
@@ -371,7 +411,11 @@ class BatchIngestor:
             target = self._target(record, value)
             if target is False:
                 return None, True
-            if isinstance(target, tuple) and target[1] == "Patient" and target[0] != "conditional":
+            if (
+                isinstance(target, tuple)
+                and target[1] == "Patient"
+                and target[0] not in ("conditional", "external")
+            ):
                 return target[2], False
         return None, False
 
@@ -460,18 +504,28 @@ class BatchIngestor:
         for record, checked in stream:
             self.report.records_in += 1
             self.records_per_file[record.file_index] += 1
-            if checked is None:
-                code, message = record.error or ("unreadable", "record could not be read")
-                self._quarantine(record, code, message, None, None)
-            elif checked.code is not None:
-                owner, _ = self._owner(record, checked) if checked.resource_type else (None, False)
-                self._quarantine(
-                    record, checked.code, checked.message, checked.resource_type, owner
-                )
-            else:
-                self.accept(record, checked)
+            mark = self.buffers.mark()
+            try:
+                self._one(record, checked)
+            except Exception as exc:  # one record must never stop the batch
+                # drop the rows this record had staged, then account for it in the quarantine;
+                # the exception's type only, as its text may quote the record
+                self.buffers.rollback(mark)
+                rtype = checked.resource_type if checked is not None else None
+                message = f"ingest raised {type(exc).__name__}"
+                self._quarantine(record, "internal_error", message, rtype, None)
             if self.buffers.rows() >= FLUSH_ROWS:
                 self.flush()
+
+    def _one(self, record: RawRecord, checked: Checked | None) -> None:
+        if checked is None:
+            code, message = record.error or ("unreadable", "record could not be read")
+            self._quarantine(record, code, message, None, None)
+        elif checked.code is not None:
+            owner, _ = self._owner(record, checked) if checked.resource_type else (None, False)
+            self._quarantine(record, checked.code, checked.message, checked.resource_type, owner)
+        else:
+            self.accept(record, checked)
 
     def flush(self) -> None:
         self.keys.flush()  # keys before the ciphertexts that need them
@@ -503,7 +557,7 @@ class BatchIngestor:
                 file_index=source.index,
                 file_id=file_id,
                 kind=source.kind,
-                bytes=source.path.stat().st_size,
+                bytes=self.file_sizes[source.index],
                 records=self.records_per_file[source.index],
                 name_sealed=seal(self.keys.for_owner(SHARED_OWNER), source.path.name.encode(), aad),
             )
@@ -531,13 +585,15 @@ class BatchIngestor:
         report.patients = report.resources_by_type.get("Patient", 0)
         ref_row = con.execute(
             "SELECT count(*), count(*) FILTER (WHERE NOT resolved), "
-            "count(*) FILTER (WHERE NOT resolved AND target_type = 'Patient') "
+            "count(*) FILTER (WHERE NOT resolved AND target_type = 'Patient'), "
+            "count(*) FILTER (WHERE kind = 'external') "
             "FROM resource_references WHERE batch_id = ?",
             [batch],
         ).fetchall()
         report.references = int(ref_row[0][0])
         report.unresolved_references = int(ref_row[0][1])
         report.unresolved_patient_references = int(ref_row[0][2])
+        report.external_references = int(ref_row[0][3])
 
 
 def ingest_batch(
@@ -546,21 +602,25 @@ def ingest_batch(
     source: Path,
     provider: KeyProvider,
     workers: int | None = None,
+    server_base: str | None = None,
 ) -> IngestReport:
     """Ingest the files of ``source`` (a folder or one file) as batch ``batch_id``.
 
     Re-ingesting a batch replaces what it wrote before, and a resource already in the vault
     with the same content is recorded as unchanged, so running twice changes nothing.
+    ``server_base`` (default ``EHR_FHIR_BASE``) is this server's FHIR base URL: absolute
+    references under it resolve like relative ones; those to any other server never do.
     """
     started = time.perf_counter()
     workers = workers if workers is not None else (os.cpu_count() or 1)
+    server_base = server_base if server_base is not None else os.environ.get(FHIR_BASE_ENV)
     files, skipped = list_batch_files(source)
     con = warehouse.connect(warehouse_path)
     # No batch-wide transaction: DuckDB holds uncommitted rows in memory, so memory would grow
     # with the batch. Each flush commits; a failed batch is re-run, and start() first removes
     # whatever that batch wrote, so the retry lands on a clean slate.
     try:
-        ingestor = BatchIngestor(con, provider, batch_id, workers)
+        ingestor = BatchIngestor(con, provider, batch_id, workers, server_base or None)
         ingestor.start()
         ingestor.register_files(files, skipped)
         records = (rec for f in files for rec in iter_records(f))

@@ -1,7 +1,13 @@
 """PHI leak scan: look for what we know is PHI (canaries taken from the vault) in released data.
 
-Canaries are names, identifier values, address lines, phone numbers, emails and full birth
-dates of the patients a batch touches. A birth date is PHI only next to its patient: released
+Canaries are the name parts (the patient's, their contacts', their relatives'), identifier
+values, address lines, city with ZIP, phone numbers, emails and full birth dates (ISO and the
+common US forms) of the patients a batch touches. Phones, SSNs and identifiers that are mostly
+digits are also matched as digits, against the digit runs of released text normalised the same
+way, so punctuation does not hide them. A name part under four letters matches inside ordinary
+words, so it counts only as a whole word next to another name part of the same person.
+
+A birth date is PHI only next to its patient: released
 tables are full of (shifted) dates, and with a thousand patients some shifted date always equals
 somebody's birthday. So when the patient's pseudonym is known, the birth date is searched only in
 that patient's rows; otherwise (no pseudonym given) everywhere.
@@ -17,7 +23,7 @@ import base64
 import binascii
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,57 +102,173 @@ def _strings(node: Any, terminology: bool = False) -> Iterable[tuple[str, bool]]
             yield from _strings(item, terminology)
 
 
+_MONTHS = (
+    "january", "february", "march", "april", "may", "june",
+    "july", "august", "september", "october", "november", "december",
+)  # fmt: skip
+# a run of digits with at most two separators between digits: "(555) 867-5309", "999 12 3456"
+_DIGIT_RUN = re.compile(r"\d(?:[ ().\-/]{0,2}\d)*")
+_DATE_RUN = re.compile(r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[/-]\d{1,2}[/-]\d{2,4}")
+_SEPARATOR = re.compile(r"[ ().\-/]+")
+_WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
+_DIGIT_KINDS = {"phone", "ssn", "identifier"}
+MIN_SHORT = 2  # one-letter initials carry too little to count
+
+
+def birth_date_forms(iso_date: str) -> tuple[str, ...]:
+    """A full ISO birth date as people write it: ISO, US numeric with and without leading
+    zeros, with slashes or dashes, and with the month's name (case-folded)."""
+    try:
+        year, month, day = (int(x) for x in iso_date.split("-"))
+    except ValueError:
+        return ()
+    if not (1 <= month <= 12 and 1 <= day <= 31):
+        return ()
+    full, short = _MONTHS[month - 1], _MONTHS[month - 1][:3]
+    forms = {iso_date, f"{year}/{month:02d}/{day:02d}"}
+    for sep in "/-":
+        forms.update({f"{month:02d}{sep}{day:02d}{sep}{year}", f"{month}{sep}{day}{sep}{year}"})
+    for name in (full, short):
+        forms.update({f"{name} {day} {year}", f"{name} {day}, {year}", f"{day} {name} {year}"})
+        forms.update({f"{name} {day:02d} {year}", f"{name}. {day}, {year}"})
+    return tuple(sorted(forms))
+
+
+def _name_parts(name: Any) -> list[str]:
+    """Every word of a HumanName (given, family, text) or of a plain name string."""
+    texts: list[str] = []
+    if isinstance(name, str):
+        texts.append(name)
+    elif isinstance(name, dict):
+        texts.extend(g for g in name.get("given") or [] if isinstance(g, str))
+        texts.extend(t for t in (name.get("family"), name.get("text")) if isinstance(t, str))
+    return [w for text in texts for w in _WORD.findall(text)]
+
+
+def _digit_groups(run: str) -> tuple[str, set[int]]:
+    """The digits of a run and the offsets (in those digits) where a group starts or ends."""
+    groups = [g for g in _SEPARATOR.split(run) if g]
+    bounds, at = {0}, 0
+    for group in groups:
+        at += len(group)
+        bounds.add(at)
+    return "".join(groups), bounds
+
+
 class CanarySet:
-    """Canaries of a set of patients, compiled into one automaton."""
+    """Canaries of a set of patients, compiled into two automatons: one over case-folded text,
+    one over digit runs (phones, SSNs and identifiers match however they are punctuated)."""
 
     def __init__(self) -> None:
         self._kinds: dict[str, str] = {}
+        self._digits: dict[str, str] = {}
         self._automaton: Any = None
-        self._births: dict[str, str] = {}
+        self._digit_automaton: Any = None
+        self._births: dict[str, tuple[str, ...]] = {}
 
     def __len__(self) -> int:
-        return len(self._kinds) + len(self._births)
+        return len(self._kinds) + len(self._digits) + len(self._births)
 
     def add(self, kind: str, text: str) -> None:
         folded = " ".join(text.casefold().split())
-        if kind == "phone":
+        if kind in _DIGIT_KINDS:
             digits = _DIGITS.sub("", folded)
-            if len(digits) >= MIN_DIGITS:
-                self._kinds.setdefault(digits, kind)
+            # identifiers are digit canaries only when mostly digits ("MRN-778812" stays text)
+            if len(digits) >= MIN_DIGITS and (
+                kind != "identifier" or len(digits) * 2 > len(folded)
+            ):
+                self._digits.setdefault(digits, kind)
+                self._digit_automaton = None
         if len(folded) >= MIN_TEXT:
             self._kinds.setdefault(folded, kind)
+            self._automaton = None
+
+    def add_person(self, parts: list[str]) -> None:
+        """The name parts of one person: a long part alone, a short part (a name under four
+        letters matches inside ordinary words and prose) only beside another part of the
+        same person, in either order."""
+        words = list(dict.fromkeys(p.casefold() for p in parts if len(p) >= MIN_SHORT))
+        for word in words:
+            if len(word) >= MIN_TEXT:
+                self.add("name", word)
+        for short in (w for w in words if len(w) < MIN_TEXT):
+            for other in (w for w in words if w != short):
+                for phrase in (f"{short} {other}", f"{other} {short}", f"{other}, {short}"):
+                    self._kinds.setdefault(phrase, "full_name")
+        self._automaton = None
+
+    def add_name(self, name: Any) -> None:
+        """A HumanName or a name string: its parts, and given + family as a full name."""
+        self.add_person(_name_parts(name))
+        if isinstance(name, dict):
+            given = [g for g in name.get("given") or [] if isinstance(g, str)]
+            family = name.get("family")
+            if given and isinstance(family, str):
+                self.add("full_name", f"{given[0]} {family}")
+
+    def add_contact_points(self, resource: dict[str, Any]) -> None:
+        """Telecom, address (lines, city with ZIP) and identifiers of a person or contact."""
+        for telecom in resource.get("telecom") or []:
+            value = telecom.get("value") if isinstance(telecom, dict) else None
+            if isinstance(value, str):
+                self.add("email" if telecom.get("system") == "email" else "phone", value)
+        addresses = resource.get("address") or []
+        for addr in addresses if isinstance(addresses, list) else [addresses]:
+            if isinstance(addr, dict):
+                self._add_address(addr)
+        for ident in resource.get("identifier") or []:
+            value = ident.get("value") if isinstance(ident, dict) else None
+            if isinstance(value, str):
+                self.add(_identifier_kind(ident), value)
+
+    def _add_address(self, addr: dict[str, Any]) -> None:
+        for line in addr.get("line") or []:
+            if isinstance(line, str):
+                self.add("address", line)
+        city, state, zip_ = (addr.get(k) for k in ("city", "state", "postalCode"))
+        if not (isinstance(city, str) and isinstance(zip_, str) and len(zip_) >= 5):
+            return
+        # a city or a ZIP alone is common text; together they place a person
+        places = [f"{city} {zip_}", f"{city}, {zip_}"]
+        if isinstance(state, str):
+            places += [f"{city}, {state} {zip_}", f"{city} {state} {zip_}"]
+        for place in places:
+            self.add("city_zip", place)
+
+    def add_birth_date(self, birth: Any, pseudonym: str | None) -> None:
+        if not (isinstance(birth, str) and len(birth) == 10):
+            return
+        forms = birth_date_forms(birth)
+        if pseudonym is not None:
+            self._births[pseudonym] = forms
+            return
+        for form in forms:
+            self._kinds.setdefault(form, "birth_date")
         self._automaton = None
 
     def add_patient(self, patient: dict[str, Any], pseudonym: str | None = None) -> None:
-        """Every direct identifier of a Patient resource; with ``pseudonym``, the birth date is
-        searched in that patient's rows only."""
+        """Every direct identifier of a Patient resource and of its contacts; with
+        ``pseudonym``, the birth date is searched in that patient's rows only."""
         for name in patient.get("name") or []:
-            given = [g for g in name.get("given") or [] if isinstance(g, str)]
-            family = name.get("family") if isinstance(name.get("family"), str) else ""
-            for part in [*given, family]:
-                self.add("name", part)
-            if given and family:
-                self.add("full_name", f"{given[0]} {family}")
-        for ident in patient.get("identifier") or []:
-            if isinstance(ident.get("value"), str):
-                self.add("identifier", ident["value"])
-        for addr in patient.get("address") or []:
-            for line in addr.get("line") or []:
-                if isinstance(line, str):
-                    self.add("address", line)
-        for telecom in patient.get("telecom") or []:
-            value = telecom.get("value")
-            if isinstance(value, str):
-                self.add("email" if telecom.get("system") == "email" else "phone", value)
-        birth = patient.get("birthDate")
-        if isinstance(birth, str) and len(birth) == 10:
-            if pseudonym is None:
-                self.add("birth_date", birth)
-            else:
-                self._births[pseudonym] = birth
+            self.add_name(name)
+        self.add_contact_points(patient)
+        for contact in patient.get("contact") or []:
+            if isinstance(contact, dict):
+                self.add_name(contact.get("name"))
+                self.add_contact_points(contact)
+        for ext in patient.get("extension") or []:
+            if isinstance(ext, dict) and ext.get("url") == _MAIDEN_NAME:
+                self.add_name(ext.get("valueString"))
+        self.add_birth_date(patient.get("birthDate"), pseudonym)
 
-    def birth_date_of(self, pseudonym: str | None) -> str | None:
-        return self._births.get(pseudonym) if pseudonym is not None else None
+    def add_resource(self, resource: dict[str, Any], pseudonym: str | None = None) -> None:
+        """The canaries of a resource about a patient or a relative (see ``_ADDERS``)."""
+        adder = _ADDERS.get(str(resource.get("resourceType")))
+        if adder is not None:
+            adder(self, resource, pseudonym)
+
+    def birth_dates_of(self, pseudonym: str | None) -> tuple[str, ...]:
+        return self._births.get(pseudonym, ()) if pseudonym is not None else ()
 
     @staticmethod
     def _has_token(text: str, token: str) -> bool:
@@ -162,26 +284,46 @@ class CanarySet:
 
     def _compiled(self) -> Any:
         if self._automaton is None:
-            automaton = ahocorasick.Automaton()
-            for text, kind in self._kinds.items():
-                automaton.add_word(text, (kind, len(text)))
-            automaton.make_automaton()
-            self._automaton = automaton
+            self._automaton = _automaton(self._kinds)
         return self._automaton
+
+    def _compiled_digits(self) -> Any:
+        if self._digit_automaton is None:
+            self._digit_automaton = _automaton(self._digits)
+        return self._digit_automaton
 
     def find(self, text: str, terminology: bool = False) -> list[str]:
         """Kinds of the canaries found in ``text`` as whole tokens (not inside longer words);
         in terminology text, single name parts are not counted."""
+        found = self._find_digits(text) if self._digits else []
         if not self._kinds:
-            return []
+            return found
         folded = text.casefold()
-        found = []
         for end, (kind, length) in self._compiled().iter(folded):
             start = end - length + 1
             before = folded[start - 1] if start > 0 else " "
             after = folded[end + 1] if end + 1 < len(folded) else " "
             if not before.isalnum() and not after.isalnum():
                 if not (terminology and kind == "name"):
+                    found.append(kind)
+        return found
+
+    def _find_digits(self, text: str) -> list[str]:
+        """Digit canaries in the digit runs of ``text``, whole groups only: a phone written
+        ``(555) 867-5309`` matches, the same digits inside a longer number do not."""
+        found: list[str] = []
+        for match in _DIGIT_RUN.finditer(text):
+            run = match.group(0)
+            start, end = match.span()
+            if len(run) < MIN_DIGITS or _DATE_RUN.fullmatch(run):
+                continue  # dates are searched as birth dates, per patient
+            if (start > 0 and text[start - 1].isalnum()) or (
+                end < len(text) and text[end].isalnum()
+            ):
+                continue  # part of a word: hex digests and pseudonyms hold digit runs
+            digits, bounds = _digit_groups(run)
+            for last, (kind, length) in self._compiled_digits().iter(digits):
+                if last + 1 - length in bounds and last + 1 in bounds:
                     found.append(kind)
         return found
 
@@ -192,22 +334,68 @@ class CanarySet:
         ``patient`` (a pseudonym) in this value."""
         kinds: list[str] = []
         provider = isinstance(value, dict) and value.get("resourceType") in _PROVIDER_TYPES
-        birth = self.birth_date_of(patient)
+        births = self.birth_dates_of(patient)
         for text, terminology in _strings(value, provider):
             kinds.extend(self.find(text, terminology))
-            if birth is not None and self._has_token(text, birth):
-                kinds.append("birth_date")
-            for run in _BASE64_RUN.findall(text):
-                if _HEX_RUN.fullmatch(run):
-                    continue  # pseudonyms and digests are hex, not base64 text
-                try:
-                    decoded = base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
-                except (binascii.Error, ValueError):
-                    continue
-                content = decoded.decode("utf-8", "replace")
-                if _mostly_text(content):
-                    kinds.extend(self.find(content))
+            for content in _base64_texts(text):
+                kinds.extend(self.find(content))
+                kinds.extend(self._birth_hits(content.casefold(), births))
+            kinds.extend(self._birth_hits(text.casefold(), births))
         return kinds
+
+    def _birth_hits(self, folded: str, births: tuple[str, ...]) -> list[str]:
+        return ["birth_date"] if any(self._has_token(folded, b) for b in births) else []
+
+
+_MAIDEN_NAME = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
+_SSN_SYSTEMS = ("http://hl7.org/fhir/sid/us-ssn",)
+
+
+def _identifier_kind(ident: dict[str, Any]) -> str:
+    coding = ((ident.get("type") or {}).get("coding") or [{}]) if isinstance(ident, dict) else [{}]
+    is_ssn = ident.get("system") in _SSN_SYSTEMS or any(
+        isinstance(c, dict) and c.get("code") == "SS" for c in coding
+    )
+    return "ssn" if is_ssn else "identifier"
+
+
+def _add_relative(canaries: CanarySet, resource: dict[str, Any], _: str | None) -> None:
+    names = resource.get("name")
+    for name in names if isinstance(names, list) else [names]:
+        canaries.add_name(name)
+    canaries.add_contact_points(resource)
+
+
+# Which resources carry whose identifiers: the patient's own, or a relative's (RelatedPerson,
+# and FamilyMemberHistory.name, a relative's name in free text).
+_ADDERS: dict[str, Callable[[CanarySet, dict[str, Any], str | None], None]] = {
+    "Patient": lambda c, r, p: c.add_patient(r, p),
+    "RelatedPerson": _add_relative,
+    "FamilyMemberHistory": _add_relative,
+}
+
+
+def _automaton(words: dict[str, str]) -> Any:
+    automaton = ahocorasick.Automaton()
+    for text, kind in words.items():
+        automaton.add_word(text, (kind, len(text)))
+    if words:
+        automaton.make_automaton()
+    return automaton
+
+
+def _base64_texts(text: str) -> Iterable[str]:
+    """Decoded base64 runs of ``text`` that read as text."""
+    for run in _BASE64_RUN.findall(text):
+        if _HEX_RUN.fullmatch(run):
+            continue  # pseudonyms and digests are hex, not base64 text
+        try:
+            decoded = base64.b64decode(run + "=" * (-len(run) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            continue
+        content = decoded.decode("utf-8", "replace")
+        if _mostly_text(content):
+            yield content
 
 
 def scan_rows(

@@ -229,15 +229,37 @@ def deidentify_batch(
     return _report(run, policy, started)
 
 
+# Resources naming a patient's relatives: their names are canaries of that patient too.
+RELATIVE_TYPES = ("RelatedPerson", "FamilyMemberHistory")
+
+
+def _add_relatives(
+    canaries: CanarySet,
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    patients: set[str] | None,
+) -> None:
+    """Canaries of the relatives of ``patients`` (every patient when None)."""
+    for rtype in RELATIVE_TYPES:
+        for record in iter_current_records(con, provider, resource_type=rtype):
+            if patients is None or record.patient_key in patients:
+                canaries.add_resource(record.resource, record.patient_key)
+
+
 def batch_canaries(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, batch_id: str
 ) -> CanarySet:
-    """Canaries of every patient this batch touches, from their current Patient resources."""
+    """Canaries of every patient this batch touches, from their current Patient resources
+    (names, contacts, identifiers, phones, emails, addresses, birth dates) and of their
+    relatives (RelatedPerson, FamilyMemberHistory names)."""
     canaries = CanarySet()
+    patients: set[str] = set()
     for patient in iter_current_records(
         con, provider, resource_type="Patient", patients_of_batch=batch_id
     ):
         canaries.add_patient(patient.resource, patient.resource_key)
+        patients.add(patient.resource_key)
+    _add_relatives(canaries, con, provider, patients)
     return canaries
 
 
@@ -246,6 +268,7 @@ def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> C
     canaries = CanarySet()
     for patient in iter_current_records(con, provider, resource_type="Patient"):
         canaries.add_patient(patient.resource, patient.resource_key)
+    _add_relatives(canaries, con, provider, None)
     return canaries
 
 

@@ -89,3 +89,102 @@ def test_hex_pseudonyms_and_random_bytes_are_not_base64_text() -> None:
         assert scan_rows(c, [("r", {"reference": f"Patient/{pseudonym}"}, "p1")]).passed
     note = base64.b64encode(b"Seen today: Tony Soto, follow up.").decode()
     assert not scan_rows(c, [("r", {"data": note}, "p1")]).passed
+
+
+def test_phones_and_ssns_match_however_punctuated() -> None:
+    c = CanarySet()
+    c.add_patient(
+        {
+            "telecom": [{"system": "phone", "value": "(555) 867-5309"}],
+            "identifier": [
+                {"type": {"coding": [{"code": "SS"}]}, "value": "999-12-3456"},
+                {"value": "10234567"},
+            ],
+        }
+    )
+    for text in (
+        "call 555.867.5309",
+        "5558675309",
+        "+1 (555) 867-5309",
+        "tel 555 867 5309 or later",
+        "ssn 999123456",
+        "ssn 999 12 3456",
+        "mrn: 10-234-567",
+    ):
+        assert not scan_rows(c, [("r", {"text": text})]).passed, text
+    for text in (
+        "15558675309123",  # inside a longer number
+        "value 5558675.3",  # not a whole group
+        "Patient/ab5558675309cd",  # inside a hex pseudonym
+        "1023-45-67",  # a date-shaped run is not an identifier
+        "9991234567",
+    ):
+        assert scan_rows(c, [("r", {"text": text})]).passed, text
+    assert scan_rows(c, [("r", {"text": "ssn 999123456"})]).by_kind() == {"ssn": 1}
+
+
+def test_birth_dates_in_us_formats_count_in_their_own_patients_rows() -> None:
+    c = CanarySet()
+    c.add_patient({"birthDate": "1931-02-03"}, "p1")
+    for text in (
+        "dob 02/03/1931",
+        "born 2/3/1931.",
+        "02-03-1931",
+        "Feb 3 1931",
+        "February 3, 1931",
+    ):
+        assert not scan_rows(c, [("r", {"text": text}, "p1")]).passed, text
+        assert scan_rows(c, [("r", {"text": text}, "p2")]).passed, text
+    note = base64.b64encode(b"Patient born 2/3/1931, seen today.").decode()
+    assert not scan_rows(c, [("r", {"data": note}, "p1")]).passed
+    assert scan_rows(c, [("r", {"text": "12/3/1931 and 2/3/19312"}, "p1")]).passed
+
+
+def test_city_with_zip_address_and_email() -> None:
+    c = CanarySet()
+    c.add_patient(
+        {
+            "address": [
+                {
+                    "line": ["7 Elm Court"],
+                    "city": "Springfield",
+                    "state": "MA",
+                    "postalCode": "01103",
+                }
+            ],
+            "telecom": [{"system": "email", "value": "a.b@example.org"}],
+        }
+    )
+    assert not scan_rows(c, [("r", {"text": "lives in Springfield, MA 01103"})]).passed
+    assert not scan_rows(c, [("r", {"text": "springfield 01103"})]).passed
+    assert not scan_rows(c, [("r", {"text": "7 ELM COURT"})]).passed
+    assert not scan_rows(c, [("r", {"text": "mail A.B@example.org"})]).passed
+    # a city alone, a ZIP alone: common text, not this patient
+    assert scan_rows(c, [("r", {"text": "Springfield Clinic, ZIP 01103"})]).passed
+
+
+def test_contacts_relatives_and_short_names() -> None:
+    c = CanarySet()
+    c.add_patient(
+        {
+            "name": [{"family": "Li", "given": ["Al"]}, {"family": "Quan", "given": ["Al"]}],
+            "contact": [{"name": {"family": "Okonkwo", "given": ["Ngozi"]}}],
+            "extension": [
+                {
+                    "url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName",
+                    "valueString": "Ruth Bellweather",
+                }
+            ],
+        },
+        "p1",
+    )
+    c.add_resource({"resourceType": "RelatedPerson", "name": [{"text": "Herminia Vasquez"}]})
+    c.add_resource({"resourceType": "FamilyMemberHistory", "name": "Uncle Bartholomew"})
+    for text in ("spoke to Ngozi", "mother Bellweather", "Herminia called", "bartholomew"):
+        assert not scan_rows(c, [("r", {"text": text})]).passed, text
+    # short names count next to another part of the same person, in either order
+    for text in ("Al Li", "seen: li, al", "AL QUAN", "quan al"):
+        assert scan_rows(c, [("r", {"text": text})]).by_kind().get("full_name") == 1, text
+    for text in ("Al said", "Li is a unit", "ALT 40 IU/L", "al li2"):
+        assert scan_rows(c, [("r", {"text": text})]).passed, text
+    assert scan_rows(c, [("r", {"resourceType": "FamilyMemberHistory"}, "p1")]).passed

@@ -4,19 +4,31 @@ Files lying directly in the landing folder form the batch ``root``; every sub-fo
 dropped as a folder, the usual way) is a batch of its own, keyed by its name. Keys are
 folder names chosen by whoever drops the export, never file names, which in some exports
 (Synthea's, for one) carry patient names.
+
+A key is the folder name when that is already a safe key (``synthetic``, ``2024-05-01``);
+otherwise the name made safe and shortened, plus a digest of the exact name, so that two
+names that read alike (``x y`` and ``x-y``, or long names with a common start) never share a
+key. Symbolic links and special files are never followed: they are listed as skipped.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fhirlake.readers import file_kind
+from fhirlake.readers import SkippedFile, file_kind, list_batch_files, not_regular
 
 ROOT_BATCH = "root"
+MAX_KEY = 64
+_DIGEST = 10  # hex characters of the name's digest: 40 bits
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
+
+
+class BatchKeyCollisionError(ValueError):
+    """Two landing folders map to one batch key; neither can be ingested until one is renamed."""
 
 
 @dataclass(frozen=True)
@@ -28,41 +40,93 @@ class BatchSource:
     fingerprint: str
 
 
+@dataclass
+class Landing:
+    """What the landing folder holds: its batches, and what was not read (with the reason)."""
+
+    batches: list[BatchSource] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    collisions: dict[str, int] = field(default_factory=dict)  # key → folders sharing it
+
+
 def batch_key(name: str) -> str:
-    key = _UNSAFE.sub("-", name).strip("-.") or "batch"
-    return key[:64]
-
-
-def _data_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and file_kind(p) is not None)
+    """The batch key of a folder name: the name itself when it is a safe key, else a safe
+    slug with a digest of the exact name (undecodable bytes included)."""
+    slug = _UNSAFE.sub("-", name).strip("-.") or "batch"
+    if slug == name and len(name) <= MAX_KEY and name != ROOT_BATCH:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:_DIGEST]
+    return f"{slug[: MAX_KEY - _DIGEST - 1]}-{digest}"
 
 
 def _fingerprint(files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
-        stat = path.stat()
+        stat = path.lstat()
         digest.update(f"{path.name}\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
+def _batch(key: str, folder: Path, landing: Landing) -> BatchSource | None:
+    """A folder's batch when it holds a data file; what it skipped goes to ``landing``."""
+    files, skipped = list_batch_files(folder)
+    landing.skipped.extend(skipped)
+    # every regular file with a data extension, export metadata included (what changes a batch)
+    fingerprinted = sorted(
+        [f.path for f in files]
+        + [s.path for s in skipped if not_regular(s.path) is None and file_kind(s.path)]
+    )
+    if not fingerprinted:
+        return None
+    return BatchSource(key, folder, _fingerprint(fingerprinted))
+
+
+def scan_landing(landing_dir: Path) -> Landing:
+    """Batches in ``landing_dir``: ``root`` for loose files, then each sub-folder, sorted by
+    name; links and special files listed as skipped; keys shared by two folders counted."""
+    landing = Landing()
+    if not landing_dir.is_dir():
+        return landing
+    root = _batch(ROOT_BATCH, landing_dir, landing)
+    found = [root] if root is not None else []
+    for entry in sorted(landing_dir.iterdir()):
+        if entry.name.startswith(".") or not_regular(entry) != "":
+            continue  # files were listed with the root batch; links and the like skipped there
+        batch = _batch(batch_key(entry.name), entry, landing)
+        if batch is not None:
+            found.append(batch)
+    counts: dict[str, int] = {}
+    for batch in found:
+        counts[batch.key] = counts.get(batch.key, 0) + 1
+    landing.collisions = {key: n for key, n in counts.items() if n > 1}
+    landing.batches = [b for b in found if b.key not in landing.collisions]
+    return landing
+
+
 def discover_batches(landing: Path) -> list[BatchSource]:
-    """Batches in ``landing``: ``root`` for loose files, then each sub-folder, sorted by name."""
-    if not landing.is_dir():
-        return []
-    batches = []
-    root_files = _data_files(landing)
-    if root_files:
-        batches.append(BatchSource(ROOT_BATCH, landing, _fingerprint(root_files)))
-    for folder in sorted(p for p in landing.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = _data_files(folder)
-        if files:
-            batches.append(BatchSource(batch_key(folder.name), folder, _fingerprint(files)))
-    return batches
+    """Batches in ``landing``; refuses (:class:`BatchKeyCollisionError`) when two folders
+    would share a key, since one of them would silently never be ingested."""
+    found = scan_landing(landing)
+    if found.collisions:
+        # keys only: folder names can carry whatever the sender typed, patient names included
+        shared = ", ".join(sorted(found.collisions))
+        folders = sum(found.collisions.values())
+        raise BatchKeyCollisionError(
+            f"{folders} landing folders share the batch key(s) {shared}: rename them so each "
+            "folder has a key of its own"
+        )
+    return found.batches
 
 
 def batch_source(landing: Path, key: str) -> BatchSource:
-    """The batch with this key; a clear error when it is not (or no longer) in landing."""
-    for batch in discover_batches(landing):
+    """The batch with this key; a clear error when it is not (or no longer) in landing, or
+    when two folders share it (other batches stay readable)."""
+    found = scan_landing(landing)
+    if key in found.collisions:
+        raise BatchKeyCollisionError(
+            f"{found.collisions[key]} landing folders share the batch key {key}: rename them"
+        )
+    for batch in found.batches:
         if batch.key == key:
             return batch
     raise FileNotFoundError(f"batch {key!r} is not in the landing folder")

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import orjson
+import pytest
+
+from vault.ingest import ingest_batch, reconcile_batch
+from vault.keys import FileKeyProvider
+from vault.landing import (
+    MAX_KEY,
+    ROOT_BATCH,
+    BatchKeyCollisionError,
+    batch_key,
+    batch_source,
+    discover_batches,
+    scan_landing,
+)
+from vault.warehouse import connect
+
+PATIENT = orjson.dumps({"resourceType": "Patient", "id": "p1"})
+
+
+def _drop(folder: Path, name: str = "Patient.ndjson", data: bytes = PATIENT) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("name", ["synthetic", "b", "b1", "2024-05-01", "export_7.v2"])
+def test_safe_names_are_their_own_keys(name: str) -> None:
+    assert batch_key(name) == name
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("x y", "x-y"),
+        ("x y", "x  y"),
+        ("x/y".replace("/", "\\"), "x-y"),
+        ("a" * 70 + "1", "a" * 70 + "2"),
+        ("é", "è"),
+        (ROOT_BATCH, "root "),
+    ],
+)
+def test_names_that_read_alike_get_different_keys(a: str, b: str) -> None:
+    ka, kb = batch_key(a), batch_key(b)
+    assert ka != kb
+    for key in (ka, kb):
+        assert len(key) <= MAX_KEY and key == batch_key(key)  # a key is a safe key itself
+
+
+def test_reserved_root_name_never_shares_the_root_batch(tmp_path: Path) -> None:
+    _drop(tmp_path)  # loose file: batch root
+    _drop(tmp_path / "root")
+    keys = [b.key for b in discover_batches(tmp_path)]
+    assert keys[0] == ROOT_BATCH and len(set(keys)) == 2
+
+
+def test_folders_that_would_share_a_key_are_refused_by_key(tmp_path: Path) -> None:
+    digest_name = batch_key("x y")  # a folder literally named like the other's key
+    _drop(tmp_path / "x y")
+    _drop(tmp_path / digest_name)
+    _drop(tmp_path / "fine")
+    with pytest.raises(BatchKeyCollisionError) as err:
+        discover_batches(tmp_path)
+    assert digest_name in str(err.value) and "2 landing folders" in str(err.value)
+    assert "x y" not in str(err.value)  # keys only, never folder names
+    assert batch_source(tmp_path, "fine").path == tmp_path / "fine"  # others stay usable
+    with pytest.raises(BatchKeyCollisionError):
+        batch_source(tmp_path, digest_name)
+
+
+def test_symlinks_and_special_files_are_skipped_and_listed(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    outside = tmp_path / "outside"
+    _drop(outside, "secret.ndjson")
+    land = tmp_path / "land"
+    batch = land / "b"
+    _drop(batch)
+    (batch / "link.ndjson").symlink_to(outside / "secret.ndjson")
+    (land / "linked-folder").symlink_to(outside, target_is_directory=True)
+    (land / "loose.ndjson").symlink_to(outside / "secret.ndjson")
+    os.mkfifo(batch / "pipe.ndjson")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(batch / "s.ndjson"))
+    try:
+        found = scan_landing(land)
+        assert [b.key for b in found.batches] == ["b"]  # no root batch: its file is a link
+        reasons = sorted((s.path.name, s.reason) for s in found.skipped)
+        assert reasons == [
+            ("link.ndjson", "symbolic link (not followed)"),
+            ("linked-folder", "symbolic link (not followed)"),
+            ("loose.ndjson", "symbolic link (not followed)"),
+            ("pipe.ndjson", "special file (fifo, socket or device)"),
+            ("s.ndjson", "special file (fifo, socket or device)"),
+        ]
+        wh = tmp_path / "w.duckdb"
+        report = ingest_batch(wh, "b", batch, key_provider, workers=1)  # a fifo would block
+        assert (report.records_in, report.accepted, report.skipped_files) == (1, 1, 3)
+        assert report.skipped_reasons == {
+            "symbolic link (not followed)": 1,
+            "special file (fifo, socket or device)": 2,
+        }
+        con = connect(wh, read_only=True)
+        try:
+            assert reconcile_batch(con, "b").passed
+        finally:
+            con.close()
+    finally:
+        sock.close()
+
+
+def test_fingerprint_follows_data_files_only(tmp_path: Path) -> None:
+    _drop(tmp_path / "b")
+    before = discover_batches(tmp_path)[0].fingerprint
+    (tmp_path / "b" / "notes.txt").write_text("x")
+    assert discover_batches(tmp_path)[0].fingerprint == before
+    _drop(tmp_path / "b", "Observation.ndjson")
+    assert discover_batches(tmp_path)[0].fingerprint != before

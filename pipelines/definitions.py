@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dagster import AssetsDefinition, Definitions
+from dagster import (
+    AssetsDefinition,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    in_process_executor,
+)
 
-from pipelines.assets.deid import released_patients
-from pipelines.assets.feast import feast_online_store, feast_registry
-from pipelines.assets.features import feature_tables
-from pipelines.assets.models import model_assets
-from pipelines.assets.views import view_assets
+from pipelines.assets.freshness import online_store_freshness
 from pipelines.features.resources import FeastStoreResource
-from pipelines.jobs import BATCH_ASSETS, batch_job
+from pipelines.jobs import BATCH_ASSETS, RELEASE_ASSETS, RELEASE_SELECTION, batch_job, release_job
 from pipelines.resources import (
     DeidSettings,
     IngestSettings,
@@ -40,22 +42,31 @@ def build_resources(
     }
 
 
-# per batch (partitioned): landing → ingest → de-identification, see pipelines.jobs
+# per batch (partitioned) and over the whole release, see pipelines.jobs
 batch_assets: list[AssetsDefinition] = BATCH_ASSETS
-# over the whole release, after the batches: k-anonymous patients, views, features, Feast, model
-release_assets: list[AssetsDefinition] = [
-    released_patients,
-    *view_assets,
-    feature_tables,
-    feast_registry,
-    feast_online_store,
-    *model_assets,
-]
+release_assets: list[AssetsDefinition] = RELEASE_ASSETS
 all_assets: list[AssetsDefinition] = batch_assets + release_assets
+
+# The release follows the batches through declarative automation: every release asset is eager
+# (updated once any dependency was, when none is missing or in progress), and this sensor is on
+# by default. Chosen over a job the landing sensor requests because it also covers batches run
+# by a backfill, a manual launch or `ehr run`, and a failed batch (a missing partition) holds
+# the release back instead of publishing a partial one. One tick requests the whole stale chain
+# as one run, executed in-process like release_job.
+release_automation = AutomationConditionSensorDefinition(
+    "release_automation",
+    target=RELEASE_SELECTION,
+    default_status=DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=15,
+    description="Brings the release up to date after every batch (eager automation).",
+)
 
 defs = Definitions(
     assets=all_assets,
-    jobs=[batch_job],
-    sensors=[landing_sensor],
+    asset_checks=[online_store_freshness],
+    jobs=[batch_job, release_job],
+    sensors=[landing_sensor, release_automation],
     resources=build_resources(),
+    # runs the automation sensor launches use the code location's executor
+    executor=in_process_executor,
 )

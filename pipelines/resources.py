@@ -43,9 +43,16 @@ class WarehouseResource(ConfigurableResource):
 
 
 class LandingResource(ConfigurableResource):
-    """The folder FHIR exports are dropped into."""
+    """The folder FHIR exports are dropped into, and when a dropped folder counts as complete:
+    it holds the marker file ``ready_marker`` (written last by the exporter), or none of its
+    files has changed for ``quiet_seconds``. A copy still in progress is never ingested half."""
 
     path: str = str(DEFAULT_LANDING)
+    ready_marker: str = "_READY"
+    quiet_seconds: int = 60
+    # failed batch runs are retried this many times, waiting retry_backoff_seconds, doubling
+    max_retries: int = 3
+    retry_backoff_seconds: int = 60
 
 
 class KeyProviderResource(ConfigurableResource):
@@ -62,6 +69,8 @@ class IngestSettings(ConfigurableResource):
     """Tuning for the ingest pass: worker processes for validation (0 = one per core)."""
 
     workers: int = 0
+    # the quarantine_rate check warns when a batch quarantines more than this share of records
+    max_quarantine_rate: float = 0.05
 
     def worker_count(self) -> int:
         return self.workers or (os.cpu_count() or 1)

@@ -1,37 +1,214 @@
-"""Watch the landing folder: each new or changed batch becomes a partition and a run."""
+"""Watch the landing folder: each complete, new or changed batch becomes a partition and a run.
+
+Safe to turn on at any time:
+- what is already ingested comes from the warehouse's batch ledger (``batches.ingested_at``), so
+  a batch ingested by ``ehr run`` or before the sensor's cursor existed is not ingested again;
+- a batch is only picked up once complete: its folder holds the ``_READY`` marker, or none of its
+  files changed for ``LandingResource.quiet_seconds``;
+- a batch is marked done only when its run succeeded; a failed run is retried up to
+  ``LandingResource.max_retries`` times with doubling back-off;
+- every tick that requests nothing says why (the skip reason on the tick, and the log).
+"""
+
+from __future__ import annotations
 
 import json
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import duckdb
 from dagster import (
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
+    SkipReason,
     sensor,
 )
 
 from pipelines.jobs import batch_job
 from pipelines.partitions import batch_partitions
-from pipelines.resources import LandingResource
-from vault.landing import discover_batches
+from pipelines.resources import LandingResource, WarehouseResource
+from vault.landing import BatchSource, discover_batches
+
+BATCH_TAG = "ehr/batch"
+FINGERPRINT_TAG = "ehr/fingerprint"
+ATTEMPT_TAG = "ehr/attempt"
+_FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
 
-@sensor(job=batch_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.STOPPED)
-def landing_sensor(context: SensorEvaluationContext, landing: LandingResource) -> SensorResult:
-    """Register one dynamic partition per arriving batch and request its run."""
-    seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-    batches = discover_batches(Path(landing.path))
-    new_keys = [b.key for b in batches if b.key not in seen]
-    changed = [b for b in batches if seen.get(b.key) != b.fingerprint]
-    requests = [
-        RunRequest(partition_key=b.key, run_key=f"{b.key}:{b.fingerprint}") for b in changed
-    ]
-    cursor = json.dumps({**seen, **{b.key: b.fingerprint for b in batches}}, sort_keys=True)
+@dataclass
+class BatchState:
+    """What the sensor knows of one batch: the files it saw, how often it ran them, and whether
+    that succeeded (``done``) or when the next retry is due."""
+
+    fingerprint: str
+    attempt: int = 0
+    done: bool = False
+    retry_at: float = 0.0
+
+
+def _load_cursor(cursor: str | None) -> dict[str, BatchState]:
+    raw = json.loads(cursor) if cursor else {}
+    # an older cursor mapped key -> fingerprint: treat those batches as not yet confirmed
+    return {
+        key: BatchState(**value) if isinstance(value, dict) else BatchState(fingerprint=value)
+        for key, value in raw.items()
+    }
+
+
+def _dump_cursor(states: dict[str, BatchState]) -> str:
+    return json.dumps({k: asdict(v) for k, v in sorted(states.items())}, sort_keys=True)
+
+
+def newest_change(batch: BatchSource) -> float:
+    """Latest modification time of any file of the batch (data or not: a copy in progress may
+    write a temporary name first)."""
+    folder = batch.path
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if folder.is_dir() and batch.key != "root":
+        files.append(folder)  # a file removed or renamed changes the folder's own mtime
+    return max((p.stat().st_mtime for p in files), default=0.0)
+
+
+def waiting_reason(batch: BatchSource, landing: LandingResource, now: float) -> str | None:
+    """Why the batch is not complete yet, or None when it is."""
+    if (batch.path / landing.ready_marker).exists():
+        return None
+    quiet = now - newest_change(batch)
+    if quiet >= landing.quiet_seconds:
+        return None
+    return (
+        f"batch {batch.key}: waiting for {landing.ready_marker} or "
+        f"{landing.quiet_seconds}s without changes ({quiet:.0f}s so far)"
+    )
+
+
+def ingested_batches(warehouse: WarehouseResource) -> dict[str, float] | None:
+    """Batch key -> time its ingest completed, from the warehouse ledger; None when another
+    process holds the warehouse (DuckDB admits one writer and no reader beside it)."""
+    if not warehouse.path.exists():
+        return {}
+    try:
+        con = warehouse.connect(read_only=True)
+    except duckdb.Error:
+        return None
+    try:
+        rows = con.execute(
+            "SELECT batch_id, epoch(ingested_at) FROM batches WHERE ingested_at IS NOT NULL"
+        ).fetchall()
+    except duckdb.CatalogException:
+        return {}  # a warehouse created before any batch
+    finally:
+        con.close()
+    return {str(key): float(at) for key, at in rows}
+
+
+def _latest_run_status(
+    context: SensorEvaluationContext, key: str, state: BatchState
+) -> DagsterRunStatus | None:
+    tags = {BATCH_TAG: key, FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: str(state.attempt)}
+    runs = context.instance.get_runs(filters=RunsFilter(tags=tags), limit=1)
+    return runs[0].status if runs else None
+
+
+def _request(key: str, state: BatchState) -> RunRequest:
+    return RunRequest(
+        partition_key=key,
+        run_key=f"{key}:{state.fingerprint}:{state.attempt}",
+        tags={
+            BATCH_TAG: key,
+            FINGERPRINT_TAG: state.fingerprint,
+            ATTEMPT_TAG: str(state.attempt),
+        },
+    )
+
+
+def _follow_run(
+    context: SensorEvaluationContext, landing: LandingResource, key: str, state: BatchState,
+    now: float,
+) -> tuple[RunRequest | None, str | None]:
+    """A batch whose run was requested: done on success, retried (bounded) on failure."""
+    status = _latest_run_status(context, key, state)
+    if status == DagsterRunStatus.SUCCESS:
+        state.done = True
+        return None, None
+    if status not in _FAILED:
+        return None, f"batch {key}: run {state.attempt} is {status.value if status else 'queued'}"
+    if state.attempt > landing.max_retries:
+        return None, (
+            f"batch {key}: failed {state.attempt} times, not retried again "
+            "(fix it and drop the folder again, or re-run the partition from the UI)"
+        )
+    if not state.retry_at:
+        state.retry_at = now + landing.retry_backoff_seconds * 2 ** (state.attempt - 1)
+    if now < state.retry_at:
+        wait = state.retry_at - now
+        return None, f"batch {key}: run {state.attempt} failed, retry in {wait:.0f}s"
+    state.attempt += 1
+    state.retry_at = 0.0
+    return _request(key, state), None
+
+
+def evaluate_landing(
+    context: SensorEvaluationContext,
+    landing: LandingResource,
+    warehouse: WarehouseResource,
+    now: float,
+) -> tuple[list[RunRequest], list[str], dict[str, BatchState]]:
+    """One tick: the run requests, the reasons for every batch left waiting, the new state."""
+    states = _load_cursor(context.cursor)
+    requests: list[RunRequest] = []
+    reasons: list[str] = []
+    ledger: dict[str, float] | None = None
+    for batch in discover_batches(Path(landing.path)):
+        state = states.get(batch.key)
+        if state is not None and state.fingerprint == batch.fingerprint:
+            if not state.done:
+                request, reason = _follow_run(context, landing, batch.key, state, now)
+                requests += [request] if request else []
+                reasons += [reason] if reason else []
+            continue
+        reason = waiting_reason(batch, landing, now)
+        if reason:
+            reasons.append(reason)
+            continue
+        ledger = ledger if ledger is not None else ingested_batches(warehouse)
+        if ledger is None:
+            reasons.append(f"batch {batch.key}: warehouse busy, ledger not readable this tick")
+            continue
+        if ledger.get(batch.key, 0.0) >= newest_change(batch):
+            states[batch.key] = BatchState(batch.fingerprint, done=True)
+            reasons.append(f"batch {batch.key}: already ingested (warehouse ledger)")
+            continue
+        states[batch.key] = BatchState(batch.fingerprint, attempt=1)
+        requests.append(_request(batch.key, states[batch.key]))
+    return requests, reasons, states
+
+
+@sensor(
+    job=batch_job,
+    minimum_interval_seconds=15,
+    default_status=DefaultSensorStatus.STOPPED,
+    description="Runs each complete new or changed landing batch; retries failed runs.",
+)
+def landing_sensor(
+    context: SensorEvaluationContext, landing: LandingResource, warehouse: WarehouseResource
+) -> SensorResult:
+    """Register one dynamic partition per batch it runs and request that batch's run."""
+    requests, reasons, states = evaluate_landing(context, landing, warehouse, time.time())
+    for reason in reasons:
+        context.log.info(reason)
+    keys = sorted({r.partition_key for r in requests if r.partition_key})
+    new_keys = [k for k in keys if not context.instance.has_dynamic_partition("batches", k)]
     return SensorResult(
         run_requests=requests,
         dynamic_partitions_requests=[batch_partitions.build_add_request(new_keys)]
         if new_keys
         else [],
-        cursor=cursor,
+        cursor=_dump_cursor(states),
+        skip_reason=None if requests else SkipReason("; ".join(reasons) or "no batches"),
     )

@@ -1,6 +1,13 @@
 """Check results and metadata shared by every released table's assets."""
 
-from dagster import AssetCheckResult, AssetCheckSeverity, AssetKey, MetadataValue
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetKey,
+    MetadataValue,
+    TableColumn,
+    TableSchema,
+)
 
 from deid.leakscan import LeakScanResult
 from deid.release import ReleaseCanaryCache
@@ -32,3 +39,13 @@ def columns_table(columns: list[tuple[str, str]]) -> MetadataValue:
     return MetadataValue.md(
         "| column | type |\n|---|---|\n" + "\n".join(f"| {n} | {t} |" for n, t in columns)
     )
+
+
+def column_metadata(columns: list[tuple[str, str]]) -> dict[str, MetadataValue]:
+    """Column names and types in Dagster's own vocabulary (``dagster/column_schema``: the UI's
+    Columns tab, searchable in the catalog) and as the markdown table shown with the run."""
+    schema = TableSchema(columns=[TableColumn(name=n, type=t) for n, t in columns])
+    return {
+        "dagster/column_schema": MetadataValue.table_schema(schema),
+        "columns": columns_table(columns),
+    }

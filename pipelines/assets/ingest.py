@@ -36,7 +36,7 @@ from vault.landing import batch_source
 WAREHOUSE_POOL = "warehouse"  # DuckDB takes one writer at a time
 
 
-@asset(group_name="ingest", partitions_def=batch_partitions)
+@asset(group_name="ingest", partitions_def=batch_partitions, kinds={"fhir", "json"})
 def landing_batch(context: AssetExecutionContext, landing: LandingResource) -> MaterializeResult:
     """Inventory of one batch of FHIR files in the landing folder (counts and sizes only)."""
     source = batch_source(Path(landing.path), context.partition_key)
@@ -65,6 +65,40 @@ def _count_table(counts: dict[str, int]) -> MetadataValue:
     return MetadataValue.md("| kind | count |\n|---|---|\n" + rows if counts else "none")
 
 
+def reconcile_check(report: IngestReport, rec: Reconciliation) -> AssetCheckResult:
+    """Records in = accepted + quarantined, counted four ways: while reading (the report), per
+    file, in the ledger, and in the vault and quarantine tables. A file that failed before its
+    first record counts as one record in, quarantined with its reason."""
+    counted = report.records_in == rec.records_in == report.accepted + report.quarantined
+    metadata: dict[str, Any] = {k: v for k, v in rec.to_dict().items() if isinstance(v, int | bool)}
+    metadata["records_in_while_reading"] = report.records_in
+    metadata["passed"] = rec.passed and counted
+    return AssetCheckResult(
+        check_name="records_reconcile",
+        asset_key="phi_vault",
+        passed=rec.passed and counted,
+        severity=AssetCheckSeverity.ERROR,
+        metadata=metadata,
+    )
+
+
+def quarantine_rate_result(records_in: int, quarantined: int, limit: float) -> AssetCheckResult:
+    """Warn when a batch quarantined more than ``limit`` of its records, or read none at all."""
+    rate = quarantined / records_in if records_in else 1.0
+    return AssetCheckResult(
+        check_name="quarantine_rate",
+        asset_key="quarantine",
+        passed=records_in > 0 and rate <= limit,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "records_in": records_in,
+            "quarantined": quarantined,
+            "rate": round(rate, 4),
+            "max_rate": limit,
+        },
+    )
+
+
 @multi_asset(
     specs=[
         AssetSpec(
@@ -72,12 +106,14 @@ def _count_table(counts: dict[str, int]) -> MetadataValue:
             group_name="ingest",
             deps=[landing_batch],
             description="Accepted original resources, AES-256-GCM under per-patient data keys.",
+            kinds={"duckdb"},
         ),
         AssetSpec(
             "quarantine",
             group_name="ingest",
             deps=[landing_batch],
             description="Rejected records, encrypted, with reason code, message and position.",
+            kinds={"duckdb"},
         ),
     ],
     check_specs=[
@@ -86,7 +122,14 @@ def _count_table(counts: dict[str, int]) -> MetadataValue:
             asset="phi_vault",
             blocking=True,
             description="Records in = accepted + quarantined, each matching its table.",
-        )
+        ),
+        AssetCheckSpec(
+            "quarantine_rate",
+            asset="quarantine",
+            blocking=False,
+            description="The batch quarantined at most IngestSettings.max_quarantine_rate of its "
+            "records (warning: a mostly rejected export is a broken export, not a success).",
+        ),
     ],
     partitions_def=batch_partitions,
     pool=WAREHOUSE_POOL,
@@ -145,21 +188,7 @@ def ingest(
         rec = reconcile_batch(con, context.partition_key)
     finally:
         con.close()
-    yield reconcile_check(report, rec)
-
-
-def reconcile_check(report: IngestReport, rec: Reconciliation) -> AssetCheckResult:
-    """Records in = accepted + quarantined, counted four ways: while reading (the report), per
-    file, in the ledger, and in the vault and quarantine tables. A file that failed before its
-    first record counts as one record in, quarantined with its reason."""
-    counted = report.records_in == rec.records_in == report.accepted + report.quarantined
-    metadata: dict[str, Any] = {k: v for k, v in rec.to_dict().items() if isinstance(v, int | bool)}
-    metadata["records_in_while_reading"] = report.records_in
-    metadata["passed"] = rec.passed and counted
-    return AssetCheckResult(
-        check_name="records_reconcile",
-        asset_key="phi_vault",
-        passed=rec.passed and counted,
-        severity=AssetCheckSeverity.ERROR,
-        metadata=metadata,
+    yield quarantine_rate_result(
+        report.records_in, report.quarantined, ingest_settings.max_quarantine_rate
     )
+    yield reconcile_check(report, rec)

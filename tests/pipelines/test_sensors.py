@@ -1,0 +1,137 @@
+"""The landing sensor: complete folders only, the warehouse ledger, bounded retries."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from dagster import (
+    DagsterInstance,
+    DagsterRunStatus,
+    SensorResult,
+    build_sensor_context,
+)
+from dagster._core.storage.dagster_run import DagsterRun
+
+from pipelines.definitions import build_resources
+from pipelines.resources import LandingResource
+from pipelines.sensors import ATTEMPT_TAG, BATCH_TAG, FINGERPRINT_TAG, _load_cursor, landing_sensor
+from vault import warehouse
+
+PATIENT = b'{"resourceType": "Patient", "id": "p1", "gender": "female"}\n'
+
+
+def _landing(tmp_path: Path, ready: bool = True) -> Path:
+    batch = tmp_path / "landing" / "export-1"
+    batch.mkdir(parents=True)
+    (batch / "data.ndjson").write_bytes(PATIENT)
+    if ready:
+        (batch / "_READY").write_bytes(b"")
+    return tmp_path / "landing"
+
+
+def _tick(
+    tmp_path: Path, instance: DagsterInstance, cursor: str | None = None, **landing: object
+) -> SensorResult:
+    resources = build_resources(str(tmp_path / "work"), str(tmp_path / "landing"))
+    landing_resource = LandingResource(path=str(tmp_path / "landing"), **landing)  # type: ignore[arg-type]
+    context = build_sensor_context(
+        instance=instance,
+        cursor=cursor,
+        resources={"landing": landing_resource, "warehouse": resources["warehouse"]},
+    )
+    result = landing_sensor(context)
+    assert isinstance(result, SensorResult)
+    return result
+
+
+@pytest.fixture
+def instance() -> DagsterInstance:
+    return DagsterInstance.ephemeral()
+
+
+def test_new_complete_batch_is_registered_and_requested(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    _landing(tmp_path)
+    first = _tick(tmp_path, instance)
+    assert [r.partition_key for r in first.run_requests] == ["export-1"]
+    assert first.dynamic_partitions_requests[0].partition_keys == ["export-1"]
+    assert first.run_requests[0].tags[ATTEMPT_TAG] == "1"
+    # not done before its run succeeded: the next tick waits for it, requests nothing
+    again = _tick(tmp_path, instance, first.cursor)
+    assert again.run_requests == []
+    assert again.skip_reason and "queued" in (again.skip_reason.skip_message or "")
+
+
+def test_incomplete_folder_waits_for_marker_or_quiet_period(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    landing = _landing(tmp_path, ready=False)
+    waiting = _tick(tmp_path, instance, quiet_seconds=60)
+    assert waiting.run_requests == []
+    assert "waiting for _READY" in (waiting.skip_reason.skip_message or "")  # type: ignore[union-attr]
+    past = time.time() - 120
+    for path in [landing / "export-1", landing / "export-1" / "data.ndjson"]:
+        os.utime(path, (past, past))
+    quiet = _tick(tmp_path, instance, quiet_seconds=60)
+    assert [r.partition_key for r in quiet.run_requests] == ["export-1"]
+
+
+def test_batch_in_the_ledger_is_not_ingested_again(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    _landing(tmp_path)
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
+    try:
+        con.execute("INSERT INTO batches VALUES ('export-1', 1, now(), NULL)")
+    finally:
+        con.close()
+    result = _tick(tmp_path, instance)  # empty cursor: a sensor turned on after `ehr run`
+    assert result.run_requests == []
+    assert "already ingested" in (result.skip_reason.skip_message or "")  # type: ignore[union-attr]
+    assert _load_cursor(result.cursor)["export-1"].done
+
+
+def _record_run(instance: DagsterInstance, tags: dict[str, str], status: DagsterRunStatus) -> None:
+    instance.add_run(DagsterRun(job_name="ingest_batch_job", status=status, tags=tags))
+
+
+def test_failed_run_is_retried_with_backoff_and_bounded(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    _landing(tmp_path)
+    cursor = _tick(tmp_path, instance).cursor
+    for attempt in (1, 2):
+        assert _tick(tmp_path, instance, cursor).run_requests == []  # run not finished yet
+        request_tags = {BATCH_TAG: "export-1", ATTEMPT_TAG: str(attempt)}
+        state = _load_cursor(cursor)["export-1"]
+        request_tags[FINGERPRINT_TAG] = state.fingerprint
+        _record_run(instance, request_tags, DagsterRunStatus.FAILURE)
+        waiting = _tick(tmp_path, instance, cursor, retry_backoff_seconds=3600)
+        assert waiting.run_requests == [] and "retry in" in (
+            waiting.skip_reason.skip_message or ""  # type: ignore[union-attr]
+        )
+        retry = _tick(tmp_path, instance, cursor, retry_backoff_seconds=0, max_retries=1)
+        if attempt == 1:
+            assert retry.run_requests[0].tags[ATTEMPT_TAG] == "2"
+            cursor = retry.cursor
+        else:  # max_retries=1: the second failure is final, and says so
+            assert retry.run_requests == []
+            assert "not retried again" in (retry.skip_reason.skip_message or "")  # type: ignore[union-attr]
+
+
+def test_successful_run_marks_the_batch_done(tmp_path: Path, instance: DagsterInstance) -> None:
+    _landing(tmp_path)
+    first = _tick(tmp_path, instance)
+    state = _load_cursor(first.cursor)["export-1"]
+    tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: "1"}
+    _record_run(instance, tags, DagsterRunStatus.SUCCESS)
+    done = _tick(tmp_path, instance, first.cursor)
+    assert done.run_requests == [] and _load_cursor(done.cursor)["export-1"].done
+    # a changed folder is a new version of the batch: run again
+    (tmp_path / "landing" / "export-1" / "more.ndjson").write_bytes(PATIENT)
+    changed = _tick(tmp_path, instance, done.cursor)
+    assert [r.partition_key for r in changed.run_requests] == ["export-1"]

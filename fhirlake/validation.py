@@ -112,6 +112,20 @@ def describe_validation_error(resource_type: str, exc: ValidationError) -> str:
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
 
 
+def _bound_depth(node: Any, depth: int) -> None:
+    """Raise :class:`NestingTooDeepError` when ``node`` nests beyond ``MAX_NESTING`` (without
+    recursion, so any depth is measured safely)."""
+    stack = [(node, depth)]
+    while stack:
+        item, level = stack.pop()
+        if level > MAX_NESTING:
+            raise NestingTooDeepError
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values() if isinstance(v, dict | list))
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item if isinstance(v, dict | list))
+
+
 def scan_resource(obj: dict[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
     """One walk over a resource: every ``reference`` string with its element path, and the path
     of the first empty array, object or string (FHIR's ele-1 forbids them). Resources nested
@@ -133,6 +147,7 @@ def scan_resource(obj: dict[str, Any]) -> tuple[list[tuple[str, str]], str | Non
                 kind = type(value)
                 if kind is dict or kind is list:
                     if key == "contained" or (key == "resource" and "resourceType" in value):
+                        _bound_depth(value, depth + 1)  # not walked, but validated later
                         continue
                     stack.append(key)
                     walk(value, depth + 1)

@@ -128,3 +128,134 @@ def test_streamed_bundle_defects(tmp_path: Path) -> None:
     assert [r.error[0] for r in a if r.error] == ["invalid_bundle"]
     b = list(iter_records(SourceFile(1, tmp_path / "b.json", "json"), stream_above=0))
     assert [r.error[0] for r in b if r.error] == ["invalid_json"]
+
+
+MARK = "Zq7MarkerValue"
+
+
+def _gz(data: bytes) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as handle:
+        handle.write(data)
+    return buf.getvalue()
+
+
+def _lines(n: int) -> bytes:
+    return b"\n".join(
+        orjson.dumps({"resourceType": "Patient", "id": f"p{i}", "name": [{"text": MARK * 50}]})
+        for i in range(n)
+    )
+
+
+def test_files_that_fail_before_or_after_their_first_record(tmp_path: Path) -> None:
+    """A file that cannot be read to its end yields one more record with its reason: every
+    file counts at least one record in, and the records read before the failure stand."""
+    whole = _gz(_lines(200))
+    (tmp_path / "a_truncated_early.ndjson.gz").write_bytes(whole[:15])
+    (tmp_path / "b_truncated_late.ndjson.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "c_not_gzip.json.gz").write_bytes(MARK.encode() * 10)
+    (tmp_path / "d_truncated.json.gz").write_bytes(_gz(orjson.dumps(PATIENT_BUNDLE))[:-12])
+    (tmp_path / "e_bad_utf8.json").write_bytes(b'{"resourceType": "Patient", "id": "\xff\xfe"}')
+    (tmp_path / "f_not_json.json").write_bytes(b"\x00\x01" + MARK.encode())
+    (tmp_path / "g_bad_utf8.ndjson").write_bytes(b'{"a": "\xc3\x28"}\n' + _lines(1))
+    by_file: dict[str, list] = {}
+    files, _ = list_batch_files(tmp_path)
+    for record in _records(tmp_path):
+        by_file.setdefault(files[record.file_index].path.name[:1], []).append(record)
+    assert [r.error[0] for r in by_file["a"] if r.error] == ["unreadable_file"]
+    assert len(by_file["a"]) == 1 and by_file["a"][0].position == 1
+    late = by_file["b"]
+    assert late[-1].error and late[-1].error[0] == "unreadable_file"
+    assert all(r.error is None for r in late[:-1]) and 0 < len(late) - 1 < 200
+    assert late[-1].position == late[-2].position + 1
+    assert [r.error[0] for r in by_file["c"] if r.error] == ["unreadable_file"]
+    assert [r.error[0] for r in by_file["d"] if r.error] == ["unreadable_file"]
+    assert [r.error[0] for r in by_file["e"] if r.error] == ["invalid_json"]
+    assert [r.error[0] for r in by_file["f"] if r.error] == ["invalid_json"]
+    assert len(by_file["g"]) == 2  # NDJSON: one record per line, the bad one fails on its own
+    assert check_record(by_file["g"][0].raw or b"").code == "invalid_json"
+    for records in by_file.values():
+        for record in records:
+            assert record.error is None or MARK not in record.error[1]
+
+
+def test_streamed_bundle_in_truncated_gzip(tmp_path: Path) -> None:
+    from fhirlake.readers import SourceFile
+
+    path = tmp_path / "big.json.gz"
+    path.write_bytes(_gz(orjson.dumps(PATIENT_BUNDLE))[:-12])
+    records = list(iter_records(SourceFile(0, path, "json"), stream_above=0))
+    assert records[-1].error is not None and records[-1].error[0] == "unreadable_file"
+
+
+PATIENT_BUNDLE = {
+    "resourceType": "Bundle",
+    "type": "collection",
+    "entry": [{"resource": {"resourceType": "Patient", "id": f"p{i}"}} for i in range(300)],
+}
+
+
+def test_odd_bundle_shells_are_reasons_not_crashes(tmp_path: Path) -> None:
+    deep: object = MARK
+    for _ in range(400):  # orjson reads 1024 levels but writes only 255
+        deep = [deep]
+    bundles = {
+        "a": {"resourceType": "Bundle", "type": ["batch"], "entry": [{"resource": {}}]},
+        "b": {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [{"request": {"method": [MARK], "url": "x"}}],
+        },
+        "c": {
+            "resourceType": "Bundle",
+            "type": "batch",
+            "entry": [{"request": {"method": MARK, "url": "x"}}],
+        },
+        "d": {
+            "resourceType": "Bundle",
+            "type": "collection",
+            "entry": [
+                {
+                    "fullUrl": "urn:uuid:1",
+                    "resource": {"resourceType": "Patient", "meta": {"versionId": [1]}},
+                },
+                {"resource": {"resourceType": "Patient", "name": deep}},
+            ],
+        },
+        "e": {"resourceType": "Bundle", "type": "collection", "entry": [], "total": deep},
+    }
+    for name, bundle in bundles.items():
+        (tmp_path / f"{name}.json").write_bytes(json.dumps(bundle).encode())
+    records = _records(tmp_path)
+    codes = [r.error[0] if r.error else None for r in records]
+    # a: type not a code; b, c: request.method not an HTTP verb; d: the deep entry cannot be
+    # carried as bytes; e: a shell that deep, reported once for the file
+    assert codes == [
+        "invalid_bundle",
+        "invalid_bundle",
+        "invalid_bundle",
+        None,
+        "schema_violation",
+        "invalid_bundle",
+    ]
+    assert all(MARK not in r.error[1] for r in records if r.error)
+
+
+def test_symlinks_and_fifos_are_skipped_never_opened(tmp_path: Path) -> None:
+    import os
+
+    outside = tmp_path / "outside.ndjson"
+    outside.write_bytes(_lines(1))
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    (batch / "link.ndjson").symlink_to(outside)
+    os.mkfifo(batch / "fifo.ndjson")
+    (batch / "sub").mkdir()
+    files, skipped = list_batch_files(batch)
+    assert files == []
+    assert sorted((s.path.name, s.reason) for s in skipped) == [
+        ("fifo.ndjson", "special file (fifo, socket or device)"),
+        ("link.ndjson", "symbolic link (not followed)"),
+    ]

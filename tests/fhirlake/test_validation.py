@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 
@@ -56,3 +58,87 @@ def test_missing_id_gets_a_stable_content_derived_id() -> None:
     first, second = check_record(raw), check_record(raw)
     assert first.code is None and first.resource_id == second.resource_id
     assert orjson.loads(first.assigned_raw or b"")["id"] == first.resource_id
+
+
+MARK = "Zq7MarkerValue"
+
+
+@pytest.mark.parametrize(
+    ("resource", "code"),
+    [
+        # contained resources of no R4 type: an uncaught KeyError inside fhir.resources before
+        ({"contained": [{"resourceType": MARK, "id": "c"}]}, "unknown_resource_type"),
+        ({"contained": [{"resourceType": "Money", "id": "c"}]}, "unknown_resource_type"),
+        (
+            {"contained": [{"resourceType": "Patient", "contained": [{"resourceType": MARK}]}]},
+            "unknown_resource_type",
+        ),
+        ({"contained": [MARK]}, "schema_violation"),
+        ({"name": [{MARK: ""}]}, "schema_violation"),
+        ({"name": [{"given": {MARK: MARK}}]}, "schema_violation"),
+        ({"birthDate": f"2020-13-{MARK}"}, "schema_violation"),
+        ({"birthDate": "0000-01-01"}, "schema_violation"),
+        ({MARK: 1}, "schema_violation"),
+    ],
+)
+def test_nested_defects_get_value_free_reasons(resource: dict, code: str) -> None:
+    checked = check_record(orjson.dumps({"resourceType": "Patient", "id": "p1", **resource}))
+    assert checked.code == code
+    assert MARK not in checked.message and MARK.lower() not in checked.message.lower()
+
+
+@pytest.mark.parametrize("resource_type", ["Parameters", "Bundle"])
+def test_unknown_types_nested_in_other_resources(resource_type: str) -> None:
+    nested = {"resourceType": MARK, "id": "x"}
+    body = (
+        {"parameter": [{"name": "p", "resource": nested}]}
+        if resource_type == "Parameters"
+        else {"type": "collection", "entry": [{"resource": nested}]}
+    )
+    checked = check_record(orjson.dumps({"resourceType": resource_type, "id": "r", **body}))
+    assert checked.code == "unknown_resource_type" and MARK not in checked.message
+
+
+def test_unknown_resource_type_name_is_not_repeated() -> None:
+    checked = check_record(orjson.dumps({"resourceType": MARK, "id": "x"}))
+    assert checked.code == "unknown_resource_type" and MARK not in checked.message
+
+
+@pytest.mark.parametrize("depth", [150, 300, 900])
+def test_deep_nesting_is_a_reason_not_a_crash(depth: int) -> None:
+    node: object = MARK
+    for _ in range(depth):
+        node = [node]
+    for where in ({"name": node}, {"contained": [{"resourceType": "Patient", "name": node}]}):
+        raw = json.dumps({"resourceType": "Patient", **where}).encode()  # no id: one assigned
+        checked = check_record(raw)
+        assert checked.code == "schema_violation" and MARK not in checked.message
+
+
+def test_validator_surprises_become_validation_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fhirlake import validation
+
+    def explode(raw: bytes) -> None:
+        raise RuntimeError(MARK)
+
+    monkeypatch.setattr(validation, "_check_record", explode)
+    checked = check_record(orjson.dumps(PATIENT))
+    assert checked == validation.Checked("validation_error", "validation raised RuntimeError")
+
+
+@pytest.mark.parametrize(
+    ("element", "value"),
+    [
+        ("birthDate", "9999-12-31"),
+        ("birthDate", "0001-01-01"),
+        ("birthDate", "1961"),
+        ("birthDate", "1961-04"),
+        ("deceasedDateTime", "9999-12-31T23:59:59-14:00"),
+        ("deceasedDateTime", "0001-01-01T00:00:00+14:00"),
+        ("deceasedDateTime", "2001-02"),
+    ],
+)
+def test_extreme_and_partial_dates_are_accepted_at_ingest(element: str, value: str) -> None:
+    """Valid R4 dates: ingest keeps them; the release shifts, clamps or withholds them."""
+    checked = check_record(orjson.dumps({"resourceType": "Patient", "id": "p1", element: value}))
+    assert checked.code is None

@@ -40,6 +40,7 @@ def _table(rows: dict[str, int], head: str) -> MetadataValue:
             group_name="deid",
             deps=["phi_vault"],
             description="De-identified FHIR resources (policy applied, pseudonymous ids).",
+            kinds={"duckdb"},
         )
     ],
     check_specs=[
@@ -99,6 +100,7 @@ def deid_resources(
             deps=["deid_resources"],
             description="One row per released patient: quasi-identifiers, k-anonymous.",
             automation_condition=AutomationCondition.eager(),
+            kinds={"duckdb"},
         )
     ],
     check_specs=[

@@ -9,6 +9,7 @@ from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -16,12 +17,19 @@ from dagster import (
 
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.features import FEATURE_ASSET_KEYS
+from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.online_scan import scan_online_store
 from pipelines.features.resources import FeastStoreResource
 from pipelines.resources import KeyProviderResource, WarehouseResource
 
 
-@asset(group_name="feast", deps=FEATURE_ASSET_KEYS)
+@asset(
+    group_name="feast",
+    deps=FEATURE_ASSET_KEYS,
+    kinds={"feast"},
+    automation_condition=AutomationCondition.eager(),
+    pool=WAREHOUSE_POOL,
+)
 def feast_registry(
     context: AssetExecutionContext, warehouse: WarehouseResource, feast_store: FeastStoreResource
 ) -> MaterializeResult:
@@ -45,6 +53,10 @@ def feast_registry(
 @asset(
     group_name="feast",
     deps=["feast_registry", *FEATURE_ASSET_KEYS],
+    kinds={"feast", "sqlite"},
+    automation_condition=AutomationCondition.eager(),
+    # reads the warehouse for the leak scan's canaries: never beside a writer
+    pool=WAREHOUSE_POOL,
     check_specs=[
         AssetCheckSpec(
             "phi_leak_scan",

@@ -12,12 +12,13 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetSpec,
+    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     multi_asset,
 )
 
-from pipelines.assets.checks import RELEASE_CANARIES, columns_table, leak_scan_result
+from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.checks import opted_out_rows, scan_feature_table, table_shape
 from pipelines.features.tables import (
@@ -45,6 +46,8 @@ FEATURE_ASSET_KEYS: list[AssetKey] = [feature_asset_key(name) for name in FEATUR
             deps=[AssetKey(["views", view]) for view in views],
             description=f"Feature table `{FEATURES_SCHEMA}.{name}`: one row per patient per "
             "snapshot event, point-in-time correct (Parquet for Feast).",
+            kinds={"duckdb", "parquet"},
+            automation_condition=AutomationCondition.eager(),
         )
         for name, views in FEATURE_TABLES.items()
     ],
@@ -100,7 +103,7 @@ def feature_tables(
                 "dagster/row_count": shape.rows,
                 "rows": shape.rows,
                 "patients": shape.patients,
-                "columns": columns_table(shape.columns),
+                **column_metadata(shape.columns),
                 "table": f"{FEATURES_SCHEMA}.{name}",
                 "parquet": MetadataValue.path(str(parquet_path(out_dir, name))),
                 "opted_out_excluded": build.opted_out,

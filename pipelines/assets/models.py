@@ -2,9 +2,7 @@
 feature service ``readmission_v1``, and the trained model with its evaluation and model card."""
 
 # No `from __future__ import annotations`: Dagster compares the `context` annotation at runtime.
-import base64
 from collections.abc import Iterator
-from pathlib import Path
 
 import pandas as pd
 from dagster import (
@@ -13,6 +11,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -20,6 +19,7 @@ from dagster import (
 
 from deid.policy import Policy
 from pipelines.assets.ingest import WAREHOUSE_POOL
+from pipelines.assets.plots import card_metadata, image_metadata
 from pipelines.features.resources import FeastStoreResource
 from pipelines.models.labels import readmission_labels_with_counts
 from pipelines.models.storage import (
@@ -63,6 +63,8 @@ def censor_margin_days(profile: str) -> int:
         AssetKey(["views", "patient"]),
     ],
     pool=WAREHOUSE_POOL,
+    kinds={"duckdb", "parquet"},
+    automation_condition=AutomationCondition.eager(),
 )
 def readmission_labels(
     warehouse: WarehouseResource, deid_settings: DeidSettings
@@ -94,7 +96,13 @@ def readmission_labels(
     )
 
 
-@asset(group_name=GROUP, deps=[readmission_labels, FEAST_ONLINE_STORE], pool=WAREHOUSE_POOL)
+@asset(
+    group_name=GROUP,
+    deps=[readmission_labels, FEAST_ONLINE_STORE],
+    pool=WAREHOUSE_POOL,
+    kinds={"feast", "parquet"},
+    automation_condition=AutomationCondition.eager(),
+)
 def readmission_training_set(
     warehouse: WarehouseResource, feast_store: FeastStoreResource
 ) -> MaterializeResult:
@@ -123,13 +131,9 @@ def readmission_training_set(
     )
 
 
-def _embedded_png(path: Path) -> MetadataValue:
-    encoded = base64.b64encode(path.read_bytes()).decode("ascii")
-    return MetadataValue.md(f"![{path.stem}](data:image/png;base64,{encoded})")
-
-
 def model_metadata(report: ModelReport) -> dict[str, MetadataValue]:
-    """Dagster metadata of a trained model: headline metrics, the plots and the card's path."""
+    """Dagster metadata of a trained model: headline metrics, the model card as Markdown and
+    the plots as images shown inline."""
     gap = report.largest_subgroup_gap
     gap_text = (
         f"{gap['attribute']} AUROC {gap['value']:.3f} ({gap['best_group']} vs {gap['worst_group']})"
@@ -151,16 +155,20 @@ def model_metadata(report: ModelReport) -> dict[str, MetadataValue]:
         "features": MetadataValue.json(list(report.features)),
         "model": MetadataValue.path(str(report.model_path)),
         "metrics": MetadataValue.path(str(report.metrics_path)),
-        "model_card": MetadataValue.path(str(report.model_card_path)),
+        "model_card_file": MetadataValue.path(str(report.model_card_path)),
+        "model_card": card_metadata(report.model_card_path, report.plots),
     }
     for name, path in report.plots.items():
-        metadata[f"plot_{name}"] = _embedded_png(path)
+        metadata[f"plot_{name}"] = image_metadata(path)
     return metadata
 
 
 @asset(
     group_name=GROUP,
     deps=[readmission_training_set, AssetKey(["views", "patient"])],
+    kinds={"sklearn"},
+    automation_condition=AutomationCondition.eager(),
+    pool=WAREHOUSE_POOL,
     check_specs=[
         AssetCheckSpec(
             "auroc_beats_chance",

@@ -14,6 +14,7 @@ from dagster import (
     AssetKey,
     AssetsDefinition,
     AssetSpec,
+    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     multi_asset,
@@ -21,7 +22,7 @@ from dagster import (
 
 from deid.release import scan_released_table
 from fhirlake.viewdef import ViewDefinition, load_view
-from pipelines.assets.checks import RELEASE_CANARIES, columns_table, leak_scan_result
+from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.resources import KeyProviderResource, WarehouseResource
 from pipelines.views.tables import VIEWS_DIR, VIEWS_SCHEMA, run_view_over_release, view_files
@@ -46,6 +47,8 @@ def build_view_asset(path: Path) -> AssetsDefinition:
                 deps=["deid_resources", "released_patients"],
                 description=description,
                 metadata={"view_file": str(path.name), "resource": view.resource},
+                kinds={"duckdb", "parquet"},
+                automation_condition=AutomationCondition.eager(),
             )
         ],
         check_specs=[
@@ -80,7 +83,7 @@ def build_view_asset(path: Path) -> AssetsDefinition:
                 "rows": result.rows,
                 "resources": result.resources,
                 "patients": result.patients,
-                "columns": columns_table(result.columns),
+                **column_metadata(result.columns),
                 "table": result.table,
                 "parquet": MetadataValue.path(str(result.parquet)),
                 "seconds": result.seconds,

@@ -19,9 +19,16 @@ import orjson
 import pyarrow as pa
 
 from deid.engine import Deidentifier, DeidSecrets, ProcessingError
+from deid.kanon import (
+    DEFAULT_MAX_WITHHELD,
+    QUASI_IDENTIFIERS,
+    RELEASED_PATIENTS,
+    KAnonymousRelease,
+    build_k_anonymous_release,
+)
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 from deid.policy import Policy
-from deid.risk import EnforcementReport, GeneralisationStep, enforce_k, measure_k
+from deid.risk import KAnonymityReport, measure_k
 from fhirlake.references import classify, literal_target
 from vault.keys import KeyProvider, key_fingerprint
 from vault.pseudonym import Pseudonymizer
@@ -371,12 +378,18 @@ def scan_released_table(
 
 
 def scan_released_batch(
-    con: duckdb.DuckDBPyConnection, provider: KeyProvider, batch_id: str
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    batch_id: str,
+    table: str = "deid_resources",
 ) -> LeakScanResult:
+    """The batch's rows of ``table`` (the release, or the staging table a batch is written to
+    before it is published) scanned against the canaries of the patients the batch touches."""
     canaries = batch_canaries(con, provider, batch_id)
     cursor = con.cursor()
     cursor.execute(
-        "SELECT id, resource, patient_id FROM deid_resources WHERE batch_id = ?", [batch_id]
+        f"SELECT id, resource, patient_id FROM {_checked_table(table)} WHERE batch_id = ?",
+        [batch_id],
     )
 
     def rows() -> Any:
@@ -390,73 +403,21 @@ def scan_released_batch(
         cursor.close()
 
 
-QUASI_IDENTIFIERS = ["age_band", "sex", "zip3", "race", "ethnicity"]
-RACE_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
-ETHNICITY_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
-
-GENERALISATION_LADDER = [
-    GeneralisationStep(
-        "age: 5-year to 10-year bands",
-        "age_band = CASE WHEN age_band IN ('90+', '*', 'unknown') THEN age_band "
-        "ELSE (CAST(split_part(age_band, '-', 1) AS INT) // 10 * 10)::VARCHAR || '-' || "
-        "(CAST(split_part(age_band, '-', 1) AS INT) // 10 * 10 + 9)::VARCHAR END",
-    ),
-    GeneralisationStep(
-        "ZIP3 to ZIP1 region",
-        "zip3 = CASE WHEN zip3 IN ('*', 'unknown', '000') THEN zip3 ELSE left(zip3, 1) || '**' END",
-    ),
-    GeneralisationStep(
-        "age: 10-year to 20-year bands",
-        "age_band = CASE WHEN age_band IN ('90+', '*', 'unknown') THEN age_band "
-        "ELSE (CAST(split_part(age_band, '-', 1) AS INT) // 20 * 20)::VARCHAR || '-' || "
-        "(CAST(split_part(age_band, '-', 1) AS INT) // 20 * 20 + 19)::VARCHAR END",
-    ),
-    GeneralisationStep("ethnicity removed", "ethnicity = '*'"),
-]
-
-
 def build_released_patients(
-    con: duckdb.DuckDBPyConnection, k: int, as_of: date | None = None
-) -> EnforcementReport:
-    """``released_patients``: one row per de-identified patient with its quasi-identifiers
-    (5-year age band capped at 90+, sex, ZIP3, race, ethnicity), brought to k-anonymity."""
-    as_of = as_of or date.today()
-    con.execute(
-        f"""
-        CREATE OR REPLACE TABLE released_patients AS
-        WITH p AS (
-            SELECT id AS patient_id, resource::JSON AS r FROM deid_resources
-            WHERE resource_type = 'Patient'
-        ),
-        fields AS (
-            SELECT patient_id,
-                coalesce(r->>'gender', 'unknown') AS sex,
-                TRY_CAST(left(r->>'birthDate', 4) AS INT) AS birth_year,
-                left(coalesce(r->'address'->0->>'postalCode', ''), 3) AS zip3_raw,
-                (SELECT x->'extension'->0->'valueCoding'->>'display'
-                   FROM unnest(CAST(coalesce(r->'extension', '[]') AS JSON[])) t(x)
-                   WHERE x->>'url' = '{RACE_URL}' LIMIT 1) AS race,
-                (SELECT x->'extension'->0->'valueCoding'->>'display'
-                   FROM unnest(CAST(coalesce(r->'extension', '[]') AS JSON[])) t(x)
-                   WHERE x->>'url' = '{ETHNICITY_URL}' LIMIT 1) AS ethnicity
-            FROM p
-        )
-        SELECT patient_id, sex,
-            CASE WHEN birth_year IS NULL THEN 'unknown'
-                 WHEN {as_of.year} - birth_year >= 90 THEN '90+'
-                 ELSE (({as_of.year} - birth_year) // 5 * 5)::VARCHAR || '-' ||
-                      (({as_of.year} - birth_year) // 5 * 5 + 4)::VARCHAR END AS age_band,
-            CASE WHEN length(zip3_raw) = 3 THEN zip3_raw ELSE 'unknown' END AS zip3,
-            coalesce(race, 'unknown') AS race,
-            coalesce(ethnicity, 'unknown') AS ethnicity
-        FROM fields
-        """
-    )
-    return enforce_k(con, "released_patients", QUASI_IDENTIFIERS, k, GENERALISATION_LADDER)
+    con: duckdb.DuckDBPyConnection,
+    k: int,
+    as_of: date | None = None,
+    *,
+    max_withheld: float = DEFAULT_MAX_WITHHELD,
+) -> KAnonymousRelease:
+    """``released_patients`` (one row per released patient: age band, sex, ZIP3, state, race,
+    ethnicity), generalised over the whole release to k, with the patients still below k
+    withheld and the Patient resources rewritten to match (see :mod:`deid.kanon`)."""
+    return build_k_anonymous_release(con, k, as_of=as_of, max_withheld=max_withheld)
 
 
-def released_k(con: duckdb.DuckDBPyConnection, k: int) -> Any:
-    return measure_k(con, "released_patients", QUASI_IDENTIFIERS, k)
+def released_k(con: duckdb.DuckDBPyConnection, k: int) -> KAnonymityReport:
+    return measure_k(con, RELEASED_PATIENTS, QUASI_IDENTIFIERS, k)
 
 
 def release_totals(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:

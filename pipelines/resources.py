@@ -77,8 +77,10 @@ class IngestSettings(ConfigurableResource):
 
 
 class DeidSettings(ConfigurableResource):
-    """The de-identification profile (``research`` or ``safe_harbor``) and the k of the
-    released patient table."""
+    """The de-identification profile (``research`` or ``safe_harbor``), the k of the
+    released patient table, and the largest share of patients the k-anonymity step may
+    withhold before its check fails (the release is then not published)."""
 
     profile: str = "research"
     k: int = 5
+    max_withheld_share: float = 0.05

@@ -1,5 +1,7 @@
 """Stage ``deid``: the vault through a de-identification policy into released tables, guarded by
-a PHI leak scan and a k-anonymity check."""
+a PHI leak scan and a k-anonymity check. Both tables are staged, checked, then published: a
+failed blocking check leaves the previous release as it was (see :mod:`deid.staging` and
+:mod:`deid.kanon`)."""
 
 from collections.abc import Iterator
 
@@ -16,12 +18,8 @@ from dagster import (
 )
 
 from deid.policy import Policy
-from deid.release import (
-    build_released_patients,
-    deidentify_batch,
-    release_totals,
-    scan_released_batch,
-)
+from deid.release import build_released_patients, release_totals
+from deid.staging import publish_batch
 from pipelines.assets.checks import leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.partitions import batch_partitions
@@ -66,20 +64,22 @@ def deid_resources(
     provider = keys.provider()
     con = warehouse.connect()
     try:
-        report = deidentify_batch(con, provider, context.partition_key, policy)
-        scan = scan_released_batch(con, provider, context.partition_key)
+        batch = publish_batch(con, provider, context.partition_key, policy)
         table = release_totals(con)
     finally:
         con.close()
+    report, scan = batch.report, batch.scan
     context.log.info(
         f"batch {report.batch_id}: {report.released} released, {report.withheld} withheld "
-        f"under policy {report.policy} in {report.seconds:.1f}s"
+        f"under policy {report.policy} in {report.seconds:.1f}s; "
+        + ("published" if batch.published else "not published: the leak scan failed")
     )
     yield MaterializeResult(
         asset_key="deid_resources",
         metadata={
             "dagster/row_count": table["released"],
             "release_totals": MetadataValue.json(table),
+            "published": batch.published,
             "policy": report.policy,
             "resources_in": report.resources_in,
             "released": report.released,
@@ -108,8 +108,9 @@ def deid_resources(
             "k_anonymity",
             asset="released_patients",
             blocking=True,
-            description="Every combination of age band, sex, ZIP3, race and ethnicity is "
-            "shared by at least k released patients.",
+            description="After generalisation, every combination of age band, sex, ZIP3, state, "
+            "race and ethnicity is shared by at least k released patients, and the patients "
+            "withheld (groups still below k) are within the configured share.",
         )
     ],
     pool=WAREHOUSE_POOL,
@@ -117,34 +118,34 @@ def deid_resources(
 def released_patients(
     context: AssetExecutionContext, warehouse: WarehouseResource, deid_settings: DeidSettings
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
-    """Quasi-identifiers of every released patient, generalised and suppressed up to k."""
+    """Quasi-identifiers of every released patient, generalised up to k over the whole release;
+    patients still below k withheld (views and features leave them out); the Patient resources
+    rewritten to the released values."""
     con = warehouse.connect()
     try:
-        report = build_released_patients(con, deid_settings.k)
+        report = build_released_patients(
+            con, deid_settings.k, max_withheld=deid_settings.max_withheld_share
+        )
     finally:
         con.close()
-    before, after = report.before, report.after
+    summary = report.to_dict()
     context.log.info(
-        f"k={after.k}: smallest group {before.min_group} → {after.min_group}, "
-        f"{report.suppressed} records suppressed"
+        f"k={report.after.k}: smallest group {report.before.min_group} → "
+        f"{report.after.min_group}, {report.withheld} of {report.before.records} patients "
+        f"withheld; " + ("published" if report.published else "not published")
     )
     yield MaterializeResult(
         asset_key="released_patients",
         metadata={
-            "dagster/row_count": after.records,
-            "patients": after.records,
-            "k": after.k,
-            "min_group_before": before.min_group,
-            "share_below_k_before": round(before.share_below_k, 4),
-            "min_group_after": after.min_group,
-            "generalisation_steps": MetadataValue.json(report.steps_applied),
-            "suppressed_records": report.suppressed,
+            "dagster/row_count": report.after.records if report.published else 0,
+            **{k: v for k, v in summary.items() if isinstance(v, int | float | bool)},
+            "generalised": MetadataValue.json(report.steps_applied),
         },
     )
     yield AssetCheckResult(
         check_name="k_anonymity",
         asset_key="released_patients",
-        passed=after.passed,
+        passed=report.passed,
         severity=AssetCheckSeverity.ERROR,
-        metadata={k: v for k, v in after.to_dict().items() if isinstance(v, int | float | bool)},
+        metadata={k: v for k, v in summary.items() if isinstance(v, int | float | bool)},
     )

@@ -20,6 +20,7 @@ from dagster import (
     multi_asset,
 )
 
+from deid.leakscan import LeakScanResult
 from deid.release import scan_released_table
 from fhirlake.viewdef import ViewDefinition, load_view
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
@@ -67,19 +68,27 @@ def build_view_asset(path: Path) -> AssetsDefinition:
     ) -> Iterator[MaterializeResult | AssetCheckResult]:
         con = warehouse.connect()
         try:
-            result = run_view_over_release(con, view, Path(warehouse.workdir))
             canaries = RELEASE_CANARIES.get(con, keys.provider())
-            scan = scan_released_table(con, canaries, result.table)
+            # staged, scanned, then published: rows that fail the scan are never visible
+            result = run_view_over_release(
+                con,
+                view,
+                Path(warehouse.workdir),
+                check=lambda c, staging: scan_released_table(c, canaries, staging),
+            )
         finally:
             con.close()
+        scan: LeakScanResult = result.check
         context.log.info(
             f"view {view.name}: {result.rows} rows from {result.resources} resources "
-            f"in {result.seconds:.1f}s"
+            f"in {result.seconds:.1f}s; "
+            + ("published" if result.published else "not published: the leak scan failed")
         )
         yield MaterializeResult(
             asset_key=key,
             metadata={
                 "dagster/row_count": result.rows,
+                "published": result.published,
                 "rows": result.rows,
                 "resources": result.resources,
                 "patients": result.patients,

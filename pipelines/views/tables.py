@@ -12,6 +12,7 @@ from typing import Any
 import duckdb
 import orjson
 
+from deid.kanon import withheld_filter
 from fhirlake.viewdef import (
     ViewDefinition,
     duckdb_type,
@@ -22,7 +23,7 @@ from fhirlake.viewdef import (
     iter_fhir_resources as iter_fhir_resources,  # re-exported: readers of FHIR files for views
 )
 from pipelines.content import views_dir
-from pipelines.publish import publish_table
+from pipelines.publish import PublishCheck, publish_checked, publish_table
 from pipelines.workdir import Workdir
 
 VIEWS_DIR = views_dir()
@@ -49,16 +50,22 @@ class ViewRunResult:
     patients: int
     columns: list[tuple[str, str]]
     seconds: float
+    published: bool = True
+    check: Any = None  # what the publish check returned, when one was given
 
 
 def released_resources(
     con: duckdb.DuckDBPyConnection, resource_type: str
 ) -> Iterator[dict[str, Any]]:
-    """De-identified resources of one type, streamed from the warehouse in chunks."""
+    """De-identified resources of one type, streamed from the warehouse in chunks, without
+    those of withheld patients."""
+    # patients the k-anonymity step withheld are not released: none of their rows is read
+    released = withheld_filter(con)
     cursor = con.cursor()
     try:
         cursor.execute(
-            "SELECT resource FROM deid_resources WHERE resource_type = ? ORDER BY id",
+            f"SELECT resource FROM deid_resources WHERE resource_type = ? AND {released} "
+            "ORDER BY id",
             [resource_type],
         )
         while chunk := cursor.fetchmany(_FETCH_ROWS):
@@ -74,9 +81,14 @@ def _count(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = 
 
 
 def run_view_over_release(
-    con: duckdb.DuckDBPyConnection, view: ViewDefinition, workdir: Path
+    con: duckdb.DuckDBPyConnection,
+    view: ViewDefinition,
+    workdir: Path,
+    check: PublishCheck[Any] | None = None,
 ) -> ViewRunResult:
-    """Replace ``views.<name>`` and its Parquet file with the view over the release."""
+    """Replace ``views.<name>`` and its Parquet file with the view over the release. With
+    ``check`` (given the connection and the staging table), the view is published only when
+    the check's result has ``passed``; the result is in ``ViewRunResult.check``."""
     started = time.perf_counter()
     table = f"{VIEWS_SCHEMA}.{view.name}"
     parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
@@ -85,12 +97,19 @@ def run_view_over_release(
     scratch = f"{table}__rows"
     try:
         write_view_table(con, view, released_resources(con, view.resource), scratch)
-        rows = publish_table(con, table, parquet, f"SELECT * FROM {scratch}")
+        source = f"SELECT * FROM {scratch}"
+        if check is None:
+            rows, published, outcome = publish_table(con, table, parquet, source), True, None
+        else:
+            staged = publish_checked(con, table, parquet, source, check)
+            rows, published, outcome = staged.rows, staged.published, staged.check
     finally:
         con.execute(f"DROP TABLE IF EXISTS {scratch}")
     names = {c.name for c in view.columns}
     patients = 0
-    if "patient_id" in names:
+    if not published:
+        pass  # nothing new is visible: counts of the previous release would mislead
+    elif "patient_id" in names:
         patients = _count(con, f"SELECT count(DISTINCT patient_id) FROM {table}")
     elif view.resource == "Patient":
         patients = rows
@@ -105,4 +124,6 @@ def run_view_over_release(
         patients=int(patients),
         columns=[(c.name, duckdb_type(c)) for c in view.columns],
         seconds=round(time.perf_counter() - started, 3),
+        published=published,
+        check=outcome,
     )

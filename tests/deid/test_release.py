@@ -141,9 +141,15 @@ def test_released_patients_reach_k(
     con = warehouse.connect(wh)
     try:
         deidentify_batch(con, key_provider, "b", Policy.shipped("research"), today=TODAY)
-        report = build_released_patients(con, k=3, as_of=TODAY)
-        assert report.after.passed and report.after.records == 25
+        # 25 patients spread over the country: most must be withheld, and the check says so
+        strict = build_released_patients(con, k=3, as_of=TODAY)
+        assert not strict.passed and not strict.published and strict.withheld_share > 0.05
+        report = build_released_patients(con, k=3, as_of=TODAY, max_withheld=1.0)
+        assert report.published and report.after.passed
+        assert report.after.records + report.withheld == 25
         bands = {b for (b,) in con.execute("SELECT age_band FROM released_patients").fetchall()}
+        (withheld,) = con.execute("SELECT count(*) FROM withheld_patients").fetchone()
     finally:
         con.close()
-    assert bands <= {"*", "90+", "unknown"} | {b for b in bands if re.fullmatch(r"\d+-\d+", b)}
+    assert withheld == report.withheld
+    assert bands <= {"90+", "unknown"} | {b for b in bands if re.fullmatch(r"\d+-\d+", b)}

@@ -1,0 +1,408 @@
+"""k-anonymity on what is released: the quasi-identifiers (age band, sex, ZIP3, state, race,
+ethnicity) of every released patient are generalised over the whole release, the patients still
+in groups smaller than k are withheld, and the Patient resources are rewritten to carry exactly
+the generalised values, so ``released_patients``, the Patient rows of ``deid_resources`` and
+every view read from them agree.
+
+Tables (all pseudonymous, in the warehouse's main schema):
+
+- ``release_quasi_identifiers``: the quasi-identifiers of each released Patient as the policy
+  left them, captured when its batch is published. Generalisation always starts from here, so
+  running it again (a new batch, another day) never generalises an already generalised value.
+- ``released_patients``: one row per released patient, generalised, every group >= k.
+- ``withheld_patients``: the patients whose group stayed below k; the release stages (views and,
+  through them, features) leave their rows out.
+
+Everything is built under staging names and swapped in, with the Patient rows rewritten, in one
+transaction, only when the share withheld is within the limit; otherwise nothing changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+import duckdb
+import orjson
+import pyarrow as pa
+
+from deid.risk import SUPPRESSED, GeneralisationStep, KAnonymityReport, measure_k
+
+QUASI_TABLE = "release_quasi_identifiers"
+RELEASED_PATIENTS = "released_patients"
+WITHHELD_PATIENTS = "withheld_patients"
+STAGING_SUFFIX = "__staging"
+QUASI_IDENTIFIERS = ["age_band", "sex", "zip3", "state", "race", "ethnicity"]
+DEFAULT_MAX_WITHHELD = 0.05
+RACE_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
+ETHNICITY_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"
+UNKNOWN = "unknown"
+_SEXES = {"male", "female", "other", "unknown"}
+
+QUASI_DDL = f"""
+CREATE TABLE IF NOT EXISTS {QUASI_TABLE} (
+    patient_id VARCHAR PRIMARY KEY,
+    batch_id VARCHAR NOT NULL,
+    sex VARCHAR,
+    birth_year INTEGER,
+    zip3 VARCHAR,
+    state VARCHAR,
+    race_system VARCHAR,
+    race_code VARCHAR,
+    race_display VARCHAR,
+    ethnicity_system VARCHAR,
+    ethnicity_code VARCHAR,
+    ethnicity_display VARCHAR
+)"""
+_QUASI_COLUMNS = (
+    "patient_id", "batch_id", "sex", "birth_year", "zip3", "state",
+    "race_system", "race_code", "race_display",
+    "ethnicity_system", "ethnicity_code", "ethnicity_display",
+)  # fmt: skip
+
+_BAND_CASE = (
+    "CASE WHEN age_band IN ('90+', '{s}', '{u}') THEN age_band "
+    "ELSE (CAST(split_part(age_band, '-', 1) AS INT) // {w} * {w})::VARCHAR || '-' || "
+    "(CAST(split_part(age_band, '-', 1) AS INT) // {w} * {w} + {w} - 1)::VARCHAR END"
+)
+GENERALISATION_LADDER = [
+    GeneralisationStep(
+        "age: 5-year to 10-year bands",
+        "age_band = " + _BAND_CASE.format(s=SUPPRESSED, u=UNKNOWN, w=10),
+    ),
+    GeneralisationStep(
+        "ZIP3 to ZIP1 region",
+        f"zip3 = CASE WHEN zip3 IN ('{SUPPRESSED}', '{UNKNOWN}', '000') THEN zip3 "
+        "ELSE left(zip3, 1) || '**' END",
+    ),
+    GeneralisationStep(
+        "age: 10-year to 20-year bands",
+        "age_band = " + _BAND_CASE.format(s=SUPPRESSED, u=UNKNOWN, w=20),
+    ),
+    GeneralisationStep("ethnicity removed", f"ethnicity = '{SUPPRESSED}'"),
+    GeneralisationStep("state removed", f"state = '{SUPPRESSED}'"),
+    GeneralisationStep("ZIP removed", f"zip3 = '{SUPPRESSED}'"),
+]
+
+
+def _coding_of(resource: dict[str, Any], url: str) -> dict[str, Any]:
+    """The OMB category Coding of a us-core race or ethnicity extension, or {}."""
+    for ext in resource.get("extension") or []:
+        if not isinstance(ext, dict) or ext.get("url") != url:
+            continue
+        for sub in ext.get("extension") or []:
+            coding = sub.get("valueCoding") if isinstance(sub, dict) else None
+            if sub.get("url") == "ombCategory" and isinstance(coding, dict):
+                return coding
+    return {}
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def quasi_identifiers(patient_id: str, batch_id: str, resource: dict[str, Any]) -> tuple[Any, ...]:
+    """One ``release_quasi_identifiers`` row from a de-identified Patient resource."""
+    birth = _str(resource.get("birthDate"))
+    year = int(birth[:4]) if birth and birth[:4].isdigit() else None
+    address = (resource.get("address") or [{}])[0]
+    address = address if isinstance(address, dict) else {}
+    postal = _str(address.get("postalCode")) or ""
+    zip3 = postal[:3] if len(postal) >= 3 and postal[:3].isdigit() else None
+    sex = resource.get("gender")
+    race, ethnicity = _coding_of(resource, RACE_URL), _coding_of(resource, ETHNICITY_URL)
+    return (
+        patient_id,
+        batch_id,
+        sex if sex in _SEXES else None,
+        year,
+        zip3,
+        _str(address.get("state")),
+        *(_str(race.get(k)) for k in ("system", "code", "display")),
+        *(_str(ethnicity.get(k)) for k in ("system", "code", "display")),
+    )
+
+
+def record_quasi_identifiers(
+    con: duckdb.DuckDBPyConnection, rows: Iterable[tuple[str, str, dict[str, Any]]]
+) -> int:
+    """Store (replace) the quasi-identifiers of (patient id, batch id, Patient resource)."""
+    con.execute(QUASI_DDL)
+    values = [quasi_identifiers(pid, bid, resource) for pid, bid, resource in rows]
+    if values:
+        con.executemany(
+            f"INSERT OR REPLACE INTO {QUASI_TABLE} VALUES ({', '.join('?' * len(_QUASI_COLUMNS))})",
+            values,
+        )
+    return len(values)
+
+
+def _backfill(con: duckdb.DuckDBPyConnection) -> None:
+    """Quasi-identifiers of released Patients published before they were recorded (older
+    warehouses): taken from their current resource."""
+    con.execute(QUASI_DDL)
+    missing = con.execute(
+        f"SELECT id, batch_id, resource FROM deid_resources WHERE resource_type = 'Patient' "
+        f"AND id NOT IN (SELECT patient_id FROM {QUASI_TABLE})"
+    ).fetchall()
+    record_quasi_identifiers(con, ((pid, bid, orjson.loads(r)) for pid, bid, r in missing))
+
+
+def _stage_patients(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -> None:
+    """Ungeneralised released patients: 5-year age bands (90+ together), the rest as released.
+    Only patients whose Patient is still in ``deid_resources`` (erasure removes it there)."""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE {staging} AS
+        SELECT q.patient_id,
+            coalesce(q.sex, '{UNKNOWN}') AS sex,
+            CASE WHEN q.birth_year IS NULL THEN '{UNKNOWN}'
+                 WHEN {as_of.year} - q.birth_year >= 90 THEN '90+'
+                 ELSE (greatest({as_of.year} - q.birth_year, 0) // 5 * 5)::VARCHAR || '-' ||
+                      (greatest({as_of.year} - q.birth_year, 0) // 5 * 5 + 4)::VARCHAR
+            END AS age_band,
+            coalesce(q.zip3, '{UNKNOWN}') AS zip3,
+            coalesce(q.state, '{UNKNOWN}') AS state,
+            coalesce(q.race_display, q.race_code, '{UNKNOWN}') AS race,
+            coalesce(q.ethnicity_display, q.ethnicity_code, '{UNKNOWN}') AS ethnicity
+        FROM {QUASI_TABLE} q
+        SEMI JOIN (SELECT id FROM deid_resources WHERE resource_type = 'Patient') d
+            ON d.id = q.patient_id
+        """
+    )
+
+
+@dataclass
+class KAnonymousRelease:
+    """What the release-wide k-anonymity step did: the check's numbers, never a value."""
+
+    before: KAnonymityReport
+    after: KAnonymityReport
+    max_withheld_share: float
+    steps_applied: list[str] = field(default_factory=list)
+    withheld: int = 0
+    published: bool = False
+
+    @property
+    def withheld_share(self) -> float:
+        return self.withheld / self.before.records if self.before.records else 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.after.passed and self.withheld_share <= self.max_withheld_share
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "k": self.after.k,
+            "quasi_identifiers": list(self.after.quasi_identifiers),
+            "patients": self.before.records,
+            "released": self.after.records,
+            "withheld": self.withheld,
+            "withheld_share": round(self.withheld_share, 4),
+            "max_withheld_share": self.max_withheld_share,
+            "min_group_before": self.before.min_group,
+            "share_below_k_before": round(self.before.share_below_k, 4),
+            "min_group_after": self.after.min_group,
+            "generalised": self.steps_applied,
+            "passed": self.passed,
+            "published": self.published,
+        }
+
+
+def _generalise_and_withhold(
+    con: duckdb.DuckDBPyConnection,
+    staging: str,
+    withheld: str,
+    k: int,
+    max_withheld: float,
+    ladder: list[GeneralisationStep],
+) -> KAnonymousRelease:
+    """Full-domain generalisation, one ladder step at a time, while more than ``max_withheld``
+    of the patients sit in groups below k; then the patients still below k are moved from
+    ``staging`` to ``withheld`` (never blanked in place: a blanked row still joins)."""
+    before = measure_k(con, staging, QUASI_IDENTIFIERS, k)
+    report = KAnonymousRelease(before, before, max_withheld)
+    current = before
+    for step in ladder:
+        if current.share_below_k <= max_withheld:
+            break
+        con.execute(f"UPDATE {staging} SET {step.set_clause}")
+        report.steps_applied.append(step.name)
+        current = measure_k(con, staging, QUASI_IDENTIFIERS, k)
+    key = ", ".join(QUASI_IDENTIFIERS)
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE {withheld} AS
+        SELECT patient_id, 'k_anonymity' AS reason FROM {staging}
+        WHERE ({key}) IN (SELECT ({key}) FROM {staging} GROUP BY {key} HAVING count(*) < {int(k)})
+        """
+    )
+    con.execute(f"DELETE FROM {staging} WHERE patient_id IN (SELECT patient_id FROM {withheld})")
+    ((report.withheld,),) = con.execute(f"SELECT count(*) FROM {withheld}").fetchall()
+    report.after = measure_k(con, staging, QUASI_IDENTIFIERS, k)
+    return report
+
+
+def representative_birth_year(age_band: str, as_of_year: int) -> int | None:
+    """The birth year a generalised Patient carries: the middle of its age band (90 for 90+),
+    the same for everybody in the band, so the resource says no more than the band."""
+    if age_band == "90+":
+        return as_of_year - 90
+    low, _, high = age_band.partition("-")
+    if low.isdigit() and high.isdigit():
+        return as_of_year - (int(low) + int(high)) // 2
+    return None
+
+
+def _omb_extension(url: str, system: Any, code: Any, display: Any) -> dict[str, Any]:
+    coding = {k: v for k, v in (("system", system), ("code", code), ("display", display)) if v}
+    return {"url": url, "extension": [{"url": "ombCategory", "valueCoding": coding}]}
+
+
+def _released_value(value: Any) -> bool:
+    return isinstance(value, str) and value not in (SUPPRESSED, UNKNOWN)
+
+
+def generalised_patient(
+    resource: dict[str, Any], released: dict[str, Any] | None, as_of_year: int
+) -> dict[str, Any]:
+    """The Patient with its quasi-identifiers replaced by the released (generalised) values;
+    ``released`` None (a withheld patient) removes them all. ``released`` holds the
+    ``released_patients`` columns and the OMB codings of ``release_quasi_identifiers``."""
+    quasi = ("gender", "birthDate", "address", "extension")
+    out = {k: v for k, v in resource.items() if k not in quasi}
+    extensions = [
+        e
+        for e in resource.get("extension") or []
+        if isinstance(e, dict) and e.get("url") not in (RACE_URL, ETHNICITY_URL)
+    ]
+    if released is not None:
+        if _released_value(released["sex"]):
+            out["gender"] = released["sex"]
+        year = representative_birth_year(str(released["age_band"]), as_of_year)
+        if year is not None:
+            out["birthDate"] = f"{year:04d}"
+        address = {"country": "US"}
+        if _released_value(released["state"]):
+            address["state"] = released["state"]
+        zip3 = released["zip3"]
+        if _released_value(zip3) and str(zip3).isdigit():
+            address["postalCode"] = f"{zip3}00"
+        out["address"] = [address]
+        for kind, url in (("race", RACE_URL), ("ethnicity", ETHNICITY_URL)):
+            if _released_value(released[kind]) and released[f"{kind}_code"]:
+                extensions.append(
+                    _omb_extension(
+                        url,
+                        released[f"{kind}_system"],
+                        released[f"{kind}_code"],
+                        released[f"{kind}_display"],
+                    )
+                )
+    if extensions:
+        out["extension"] = extensions
+    return out
+
+
+_PATIENT_ROWS = f"""
+SELECT d.id, d.batch_id, d.resource, r.patient_id IS NOT NULL AS released,
+    r.sex, r.age_band, r.zip3, r.state, r.race, r.ethnicity,
+    q.race_system, q.race_code, q.race_display,
+    q.ethnicity_system, q.ethnicity_code, q.ethnicity_display
+FROM deid_resources d
+LEFT JOIN {{staging}} r ON r.patient_id = d.id
+LEFT JOIN {QUASI_TABLE} q ON q.patient_id = d.id
+WHERE d.resource_type = 'Patient'
+"""
+
+
+def _patient_updates(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -> pa.Table:
+    """(id, batch_id, resource) of every released Patient, rewritten to its released values."""
+    cursor = con.execute(_PATIENT_ROWS.format(staging=staging))
+    names = [d[0] for d in cursor.description or []]
+    ids, batches, resources = [], [], []
+    for row in cursor.fetchall():
+        values = dict(zip(names, row, strict=True))
+        released = values if values["released"] else None
+        patient = generalised_patient(orjson.loads(values["resource"]), released, as_of.year)
+        ids.append(values["id"])
+        batches.append(values["batch_id"])
+        resources.append(orjson.dumps(patient).decode())
+    return pa.table(
+        {
+            "id": pa.array(ids, pa.string()),
+            "batch_id": pa.array(batches, pa.string()),
+            "resource": pa.array(resources, pa.string()),
+        }
+    )
+
+
+def _swap_in(
+    con: duckdb.DuckDBPyConnection, staging: str, withheld: str, updates: pa.Table
+) -> None:
+    """In one transaction: the new ``released_patients`` and ``withheld_patients``, and the
+    Patient rows rewritten to match them. Readers see the old release or the new one."""
+    con.register("patient_updates", updates)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for stage, target in ((staging, RELEASED_PATIENTS), (withheld, WITHHELD_PATIENTS)):
+                con.execute(f"DROP TABLE IF EXISTS {target}")
+                con.execute(f"ALTER TABLE {stage} RENAME TO {target}")
+            con.execute(
+                "UPDATE deid_resources SET resource = u.resource::JSON FROM patient_updates u "
+                "WHERE deid_resources.resource_type = 'Patient' AND deid_resources.id = u.id "
+                "AND deid_resources.batch_id = u.batch_id"
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.unregister("patient_updates")
+
+
+def build_k_anonymous_release(
+    con: duckdb.DuckDBPyConnection,
+    k: int,
+    *,
+    as_of: date | None = None,
+    max_withheld: float = DEFAULT_MAX_WITHHELD,
+    ladder: list[GeneralisationStep] | None = None,
+) -> KAnonymousRelease:
+    """Generalise the release's quasi-identifiers and withhold the patients still below k;
+    publish ``released_patients``, ``withheld_patients`` and the rewritten Patient rows only
+    when the withheld share is within ``max_withheld``. A failed check changes nothing."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if not 0.0 <= max_withheld <= 1.0:
+        raise ValueError("max_withheld must be within [0, 1]")
+    as_of = as_of or date.today()
+    staging = f"{RELEASED_PATIENTS}{STAGING_SUFFIX}"
+    withheld = f"{WITHHELD_PATIENTS}{STAGING_SUFFIX}"
+    _backfill(con)
+    try:
+        _stage_patients(con, staging, as_of)
+        steps = GENERALISATION_LADDER if ladder is None else ladder
+        report = _generalise_and_withhold(con, staging, withheld, k, max_withheld, steps)
+        if report.passed:
+            _swap_in(con, staging, withheld, _patient_updates(con, staging, as_of))
+            report.published = True
+    finally:
+        for table in (staging, withheld):
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+    return report
+
+
+def withheld_filter(con: duckdb.DuckDBPyConnection, column: str = "patient_id") -> str:
+    """A SQL condition on ``column`` that leaves out withheld patients (always true while no
+    ``withheld_patients`` table exists). ``column`` must be a trusted identifier."""
+    ((exists,),) = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = ?",
+        [WITHHELD_PATIENTS],
+    ).fetchall()
+    if not exists:
+        return "TRUE"
+    return f"({column} IS NULL OR {column} NOT IN (SELECT patient_id FROM {WITHHELD_PATIENTS}))"

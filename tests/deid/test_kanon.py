@@ -1,0 +1,158 @@
+"""k-anonymity on what is released, on a tiny cohort where generalisation must withhold,
+checked against a computation of its own."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import date
+
+import duckdb
+import orjson
+import pytest
+
+from deid.kanon import (
+    RACE_URL,
+    build_k_anonymous_release,
+    representative_birth_year,
+    withheld_filter,
+)
+from deid.release import DEID_DDL
+
+AS_OF = date(2026, 1, 1)
+WHITE = ("urn:oid:2.16.840.1.113883.6.238", "2106-3", "White")
+ASIAN = ("urn:oid:2.16.840.1.113883.6.238", "2028-9", "Asian")
+# (id, sex, birth date, ZIP, race)
+COHORT = [
+    *((f"f{y}", "female", f"{y}-05-17", "02139", WHITE) for y in range(1980, 1986)),
+    *((f"m{y}", "male", f"{y}-11-02", "02144", WHITE) for y in (1950, 1952, 1955)),
+    ("old", "female", "1930-02-03", "02139", ASIAN),
+]
+
+
+def patient(pid: str, sex: str, birth: str, zip_: str, race: tuple[str, str, str]) -> dict:
+    system, code, display = race
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "gender": sex,
+        "birthDate": birth,
+        "address": [{"city": "kept?", "state": "MA", "postalCode": zip_}],
+        "extension": [
+            {
+                "url": RACE_URL,
+                "extension": [
+                    {
+                        "url": "ombCategory",
+                        "valueCoding": {"system": system, "code": code, "display": display},
+                    },
+                    {"url": "text", "valueString": display},
+                ],
+            }
+        ],
+    }
+
+
+@pytest.fixture
+def con() -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    con.execute(DEID_DDL)
+    for pid, *rest in COHORT:
+        resource = orjson.dumps(patient(pid, *rest)).decode()
+        con.execute(
+            "INSERT INTO deid_resources VALUES ('Patient', ?, ?, 'b', ?)", [pid, pid, resource]
+        )
+        con.execute(
+            "INSERT INTO deid_resources VALUES ('Encounter', ?, ?, 'b', '{}')", [f"e-{pid}", pid]
+        )
+    return con
+
+
+def band(age: int, width: int) -> str:
+    if age >= 90:
+        return "90+"
+    low = age // width * width
+    return f"{low}-{low + width - 1}"
+
+
+def reference(k: int, limit: float) -> tuple[int, set[str]]:
+    """Generalisation levels tried in order (10-year bands, then 20-year bands; ZIP, state and
+    ethnicity are the same for all here), the first level whose share below k is within
+    ``limit``, and who is then withheld. Levels: 0 = 5-year bands."""
+    widths = [5, 10, 10, 20, 20, 20, 20]  # the ladder's age width after each step
+    for level, width in enumerate(widths):
+        key = {pid: (band(AS_OF.year - int(b[:4]), width), s, r[1]) for pid, s, b, _, r in COHORT}
+        sizes = Counter(key.values())
+        small = {pid for pid, q in key.items() if sizes[q] < k}
+        if len(small) / len(COHORT) <= limit or level == len(widths) - 1:
+            return level, small
+    raise AssertionError("unreachable")
+
+
+def test_generalises_then_withholds_and_rewrites_every_released_copy(con) -> None:
+    level, withheld = reference(3, 0.2)
+    report = build_k_anonymous_release(con, 3, as_of=AS_OF, max_withheld=0.2)
+    assert (len(report.steps_applied), report.withheld) == (level, len(withheld)) == (1, 1)
+    assert report.passed and report.published
+    assert report.before.min_group == 1 and report.after.min_group >= 3
+    assert report.to_dict()["generalised"] == ["age: 5-year to 10-year bands"]
+    assert {p for (p,) in con.execute("SELECT patient_id FROM withheld_patients").fetchall()} == (
+        withheld
+    )
+    rows = con.execute(
+        "SELECT patient_id, age_band, sex, zip3, state, race FROM released_patients"
+    ).fetchall()
+    assert {r[0] for r in rows} == {c[0] for c in COHORT} - withheld
+    released = {r[0]: r for r in rows}
+    for pid, resource in con.execute(
+        "SELECT id, resource FROM deid_resources WHERE resource_type = 'Patient'"
+    ).fetchall():
+        r = orjson.loads(resource)
+        if pid in withheld:
+            assert not {"gender", "birthDate", "address", "extension"} & set(r)
+            continue
+        _, age_band, sex, zip3, state, race = released[pid]
+        assert race == WHITE[2]
+        assert r["gender"] == sex and r["address"] == [
+            {"country": "US", "state": state, "postalCode": f"{zip3}00"}
+        ]
+        assert r["birthDate"] == str(representative_birth_year(age_band, AS_OF.year))
+        assert band(AS_OF.year - int(r["birthDate"]), 10) == age_band  # the band, no finer
+        (race_ext,) = r["extension"]
+        assert race_ext["extension"] == [
+            {"url": "ombCategory", "valueCoding": dict(zip(("system", "code", "display"), WHITE))}
+        ]
+    # the release stages read through the withheld list
+    (left,) = con.execute(
+        f"SELECT count(*) FROM deid_resources WHERE {withheld_filter(con)}"
+    ).fetchone()
+    assert left == 2 * (len(COHORT) - len(withheld))
+
+
+def test_too_many_withheld_fails_and_changes_nothing(con) -> None:
+    build_k_anonymous_release(con, 3, as_of=AS_OF, max_withheld=0.2)
+    before = con.execute("SELECT * FROM released_patients ORDER BY 1").fetchall()
+    resources = con.execute("SELECT resource::VARCHAR FROM deid_resources ORDER BY id").fetchall()
+    _, withheld = reference(3, 0.05)
+    report = build_k_anonymous_release(con, 3, as_of=AS_OF, max_withheld=0.05)
+    assert not report.passed and not report.published
+    assert report.withheld == len(withheld) and report.withheld_share == pytest.approx(0.1)
+    assert con.execute("SELECT * FROM released_patients ORDER BY 1").fetchall() == before
+    assert (
+        con.execute("SELECT resource::VARCHAR FROM deid_resources ORDER BY id").fetchall()
+        == resources
+    )
+    tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert not {t for t in tables if t.endswith("__staging")}
+
+
+def test_rerun_starts_from_the_recorded_values(con) -> None:
+    first = build_k_anonymous_release(con, 3, as_of=AS_OF, max_withheld=0.2)
+    rows = con.execute("SELECT * FROM released_patients ORDER BY 1").fetchall()
+    second = build_k_anonymous_release(con, 3, as_of=AS_OF, max_withheld=0.2)
+    assert second.to_dict() == first.to_dict()
+    assert con.execute("SELECT * FROM released_patients ORDER BY 1").fetchall() == rows
+
+
+def test_no_withheld_table_filters_nothing() -> None:
+    con = duckdb.connect()
+    assert withheld_filter(con) == "TRUE"

@@ -1,0 +1,102 @@
+"""A batch is staged, scanned, and published only when the scan passes."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from deid import staging
+from deid.policy import Policy
+from deid.release import deidentify_batch
+from deid.staging import publish_batch
+from fhirlake.synthetic import generate
+from vault import warehouse
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider
+from vault.read import iter_current_resources
+
+TODAY = date(2026, 11, 28)
+
+
+def _release(con: Any) -> list[tuple[str, str]]:
+    return con.execute(
+        "SELECT id, resource::VARCHAR FROM deid_resources ORDER BY resource_type, id"
+    ).fetchall()
+
+
+def _tables(con: Any) -> set[str]:
+    return {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+
+
+def test_planted_leak_keeps_the_previous_release(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generate(tmp_path / "landing", 3, seed=11)
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "b", tmp_path / "landing", key_provider, workers=1)
+    con = warehouse.connect(wh)
+    try:
+        first = publish_batch(con, key_provider, "b", Policy.shipped("research"), today=TODAY)
+        assert first.published and first.scan.passed and first.report.released > 0
+        published = _release(con)
+        (recorded,) = con.execute("SELECT count(*) FROM release_quasi_identifiers").fetchone()
+        assert recorded == 3
+        # Patient rows wait for the release-wide k-anonymity step for their demographics
+        patients = [
+            orjson.loads(r) for i, r in published if orjson.loads(r)["resourceType"] == "Patient"
+        ]
+        assert patients and all("birthDate" not in p and "address" not in p for p in patients)
+
+        victim = next(
+            r for r in iter_current_resources(con, key_provider) if r["resourceType"] == "Patient"
+        )
+        phone = victim["telecom"][0]["value"]
+        digits = "".join(ch for ch in phone if ch.isdigit())
+
+        def leaky(con: Any, *args: Any, target: str, **kwargs: Any) -> Any:
+            report = deidentify_batch(con, *args, target=target, **kwargs)
+            note = {"resourceType": "Observation", "valueString": f"call back on {digits}"}
+            con.execute(
+                f"INSERT INTO {target} VALUES ('Observation', 'x', NULL, 'b', ?)",
+                [orjson.dumps(note).decode()],
+            )
+            return report
+
+        monkeypatch.setattr(staging, "deidentify_batch", leaky)
+        second = publish_batch(con, key_provider, "b", Policy.shipped("research"), today=TODAY)
+        assert not second.published and second.scan.by_kind() == {"phone": 1}
+        assert _release(con) == published  # the previous release, untouched
+        assert not {t for t in _tables(con) if t.startswith("deid_stage_")}
+    finally:
+        con.close()
+
+
+def test_failed_first_release_publishes_nothing(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generate(tmp_path / "landing", 2, seed=12)
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "b", tmp_path / "landing", key_provider, workers=1)
+    con = warehouse.connect(wh)
+    try:
+        name = next(
+            r for r in iter_current_resources(con, key_provider) if r["resourceType"] == "Patient"
+        )["name"][0]["family"]
+
+        def leaky(con: Any, *args: Any, target: str, **kwargs: Any) -> Any:
+            report = deidentify_batch(con, *args, target=target, **kwargs)
+            con.execute(f"UPDATE {target} SET resource = json_object('note', ?)", [name])
+            return report
+
+        monkeypatch.setattr(staging, "deidentify_batch", leaky)
+        result = publish_batch(con, key_provider, "b", Policy.shipped("research"), today=TODAY)
+        assert not result.published
+        tables = _tables(con)
+        assert "deid_resources" not in tables or not _release(con)
+        assert not {t for t in tables if t.startswith("deid_stage_")}
+    finally:
+        con.close()

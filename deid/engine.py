@@ -22,8 +22,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from deid import methods
+from deid.allowlist import ReleaseContext, release_resource
 from deid.errors import DeidError
 from deid.policy import Policy, Rule
+from deid.terminology import Terminology
 from fhirlake.fhirpath import FhirPathError, Node
 from vault.clock import RandomBytes
 from vault.pseudonym import Pseudonymizer
@@ -98,6 +100,8 @@ class DeidOutcome:
     resource: dict[str, Any]
     rule_counts: Counter[int] = field(default_factory=Counter)
     labels: set[str] = field(default_factory=set)
+    # what the allow-list withheld or generalised inside released resources, by kind
+    release_counts: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass(slots=True)
@@ -173,12 +177,15 @@ class Deidentifier:
         today: date | None = None,
         rng: random.Random | None = None,
         random_bytes: RandomBytes = os.urandom,
+        terminology: Terminology | None = None,
     ) -> None:
         self.policy = policy
         self.secrets = secrets
         self.today = today or methods.today_utc()
         self.rng = rng or random.Random()
         self.random_bytes = random_bytes
+        self.terminology = terminology or Terminology()
+        self._shifts: dict[str, int] = {}
 
     # -- scope --------------------------------------------------------------------------------
     def _shift_days(self, resource: dict[str, Any], patient_scope: str | None) -> int:
@@ -187,7 +194,15 @@ class Deidentifier:
             scope = f"patient:{patient_scope}"
         else:
             scope = f"{resource.get('resourceType')}/{resource.get('id', '')}"
-        return methods.date_shift_days(self.secrets.date_shift_key, scope, params.date_shift_days)
+        shift = self._shifts.get(scope)
+        if shift is None:
+            if len(self._shifts) > 100_000:  # a batch's patients, not every resource ever seen
+                self._shifts.clear()
+            shift = methods.date_shift_days(
+                self.secrets.date_shift_key, scope, params.date_shift_days
+            )
+            self._shifts[scope] = shift
+        return shift
 
     # -- one primitive, through the method table ----------------------------------------------
     def _apply(
@@ -229,10 +244,15 @@ class Deidentifier:
         first, each as the resource it is, and the outer rules leave them alone afterwards.
         A rule that cannot be evaluated is a processing error: ``raise`` (the default) raises
         :class:`ProcessingError`, ``skip`` releases an empty resource, ``keep`` keeps the
-        value unchanged."""
+        value unchanged.
+
+        With a release profile (the default-deny base) the resource is first reduced to what
+        the profile names; the rules then run over that (see :meth:`_release`)."""
+        resolver = resolve or _literal_resolver(self.secrets.pseudonymizer)
+        if self.policy.release is not None:
+            return self._release(resource, patient_scope, resolver)
         work = copy.deepcopy(resource)
         outcome = DeidOutcome(work)
-        resolver = resolve or _literal_resolver(self.secrets.pseudonymizer)
         done: set[tuple[int, str | int]] = set()
         try:
             self._process(work, patient_scope, resolver, outcome, done)
@@ -251,6 +271,51 @@ class Deidentifier:
         outcome.resource = work
         return outcome
 
+    def _release(
+        self, resource: dict[str, Any], patient_scope: str | None, resolver: Resolver
+    ) -> DeidOutcome:
+        """The allow-list first: a new resource holding only what the profile names, with a
+        meta rebuilt from security labels. Rules of the policy then run over the released
+        resource, so they can change or remove what the profile released but never bring back
+        what it dropped."""
+        profile = self.policy.release
+        assert profile is not None
+        rtype = str(resource.get("resourceType"))
+        if not profile.releases(rtype):
+            raise ProcessingError("not_in_profile", f"{rtype}: not released by the profile")
+        self._check_modifiers(resource, rtype)
+        ctx = ReleaseContext(
+            profile,
+            rtype,
+            self._shift_days(resource, patient_scope),
+            self.today,
+            self.secrets.pseudonymizer.resource_key,
+            resolver,
+            self.terminology,
+        )
+        released = release_resource(resource, ctx)
+        outcome = DeidOutcome(released, labels=ctx.labels, release_counts=ctx.counts)
+        if not self.policy.rules:
+            _label(released, outcome.labels)
+            return outcome
+        try:
+            self._process(released, patient_scope, resolver, outcome, set())
+        except FhirPathError as exc:
+            raise ProcessingError("processing_error", f"{rtype}: {exc}") from exc
+        outcome.resource = released
+        return outcome
+
+    def _check_modifiers(self, resource: dict[str, Any], rtype: str) -> None:
+        """A modifierExtension changes the meaning of its resource: one off the allow-list
+        withholds the resource rather than release it with its meaning silently changed."""
+        allowed = self.policy.parameters.extension_allow_list
+        if allowed is None:
+            return
+        for mod in resource.get("modifierExtension") or []:
+            if not isinstance(mod, dict) or mod.get("url") not in allowed:
+                message = f"{rtype}: modifierExtension not on the allow-list"
+                raise ProcessingError("unknown_modifier_extension", message)
+
     def _process(
         self,
         work: dict[str, Any],
@@ -260,15 +325,8 @@ class Deidentifier:
         done: set[tuple[int, str | int]],
         top: bool = True,
     ) -> None:
-        params = self.policy.parameters
         rtype = str(work.get("resourceType"))
-        if params.extension_allow_list is not None:
-            for mod in work.get("modifierExtension") or []:
-                if not isinstance(mod, dict) or mod.get("url") not in params.extension_allow_list:
-                    raise ProcessingError(
-                        "unknown_modifier_extension",
-                        f"{rtype}: modifierExtension not on the allow-list",
-                    )
+        self._check_modifiers(work, rtype)
         for nested, standalone in _nested_resources(work):
             inner = DeidOutcome(nested)
             # Bundle entries are resources of their own and carry their own labels; contained

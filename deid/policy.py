@@ -25,6 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from deid.allowlist import ReleaseProfile
 from deid.errors import DeidError
 from fhirlake.fhirpath import CompiledPath, FhirPathError, compile_path
 
@@ -172,6 +173,11 @@ class Policy:
     rules: tuple[Rule, ...]
     parameters: PolicyParameters
     processing_errors: str = "raise"
+    # the default-deny base: when set, only what it names is released, and the rules above
+    # then run over the released resource (they can change or remove, never add back)
+    release: ReleaseProfile | None = None
+    # the document it was loaded from, so worker processes can load the same policy
+    source: Any = field(default=None, compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, document: Any, name: str = "policy") -> Policy:
@@ -187,7 +193,24 @@ class Policy:
         if not isinstance(raw_rules, list):
             raise PolicyError("fhirPathRules must be a list")
         rules = tuple(_rule(i, r) for i, r in enumerate(raw_rules))
-        return cls(name, rules, _parameters(document.get("parameters")), str(errors))
+        parameters = _parameters(document.get("parameters"))
+        raw_release = document.get("release")
+        release = (
+            ReleaseProfile.from_dict(raw_release, parameters.restricted_zip3)
+            if raw_release is not None
+            else None
+        )
+        return cls(name, rules, parameters, str(errors), release, document)
+
+    @classmethod
+    def layered(cls, document: Any, name: str = "policy", base: str = "safe_harbor") -> Policy:
+        """A Microsoft anonymizer configuration on top of a shipped profile's allow-list (its
+        default-deny base), unless the document brings its own ``release`` section."""
+        if isinstance(document, dict) and "release" not in document:
+            base_document = cls.shipped(base).source
+            parameters = {**base_document["parameters"], **(document.get("parameters") or {})}
+            document = {**document, "release": base_document["release"], "parameters": parameters}
+        return cls.from_dict(document, name)
 
     @classmethod
     def load(cls, path: Path | str) -> Policy:

@@ -7,7 +7,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from functools import partial
@@ -18,7 +18,6 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from deid.engine import Deidentifier, DeidSecrets, ProcessingError
 from deid.kanon import (
     DEFAULT_MAX_WITHHELD,
     QUASI_IDENTIFIERS,
@@ -29,10 +28,10 @@ from deid.kanon import (
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 from deid.policy import Policy
 from deid.risk import KAnonymityReport, measure_k
-from fhirlake.references import classify, literal_target
+from deid.terminology import Terminology
+from deid.workers import ChunkResult, Item, WorkerSetup, deidentify_items
 from vault.keys import KeyProvider, key_fingerprint
-from vault.pseudonym import Pseudonymizer
-from vault.read import VaultRecord, iter_current_records
+from vault.read import iter_current_records
 
 DEID_DDL = """
 CREATE TABLE IF NOT EXISTS deid_resources (
@@ -63,6 +62,8 @@ class DeidReport:
     rule_counts: dict[str, int] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # inside released resources: what the allow-list withheld or generalised, by kind
+    release_counts: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,15 +103,13 @@ class _BatchRun:
     insert, and the counts its report is made of."""
 
     batch_id: str
-    engine: Deidentifier
-    pseudo: Pseudonymizer
-    targets: dict[tuple[str, str], tuple[str, str]]
     released: list[_ReleasedRow] = field(default_factory=list)
     errors: list[_WithheldRow] = field(default_factory=list)
     resources_in: int = 0
     rules: Counter[int] = field(default_factory=Counter)
     labels: Counter[str] = field(default_factory=Counter)
     withheld: Counter[str] = field(default_factory=Counter)
+    release_counts: Counter[str] = field(default_factory=Counter)
     target: str = "deid_resources"
     errors_target: str = "deid_errors"
 
@@ -125,35 +124,27 @@ def _checked_table(name: str) -> str:
     return name
 
 
-def _resolve_reference(
-    pseudo: Pseudonymizer,
-    targets: dict[tuple[str, str], tuple[str, str]],
-    resource_key: str,
-    value: str,
-) -> tuple[str, str] | None:
-    """The pseudonymous target of a reference in one resource: urn:uuid and conditional ones as
-    ingest resolved them for that resource, literal ones by their type and id."""
-    if classify(value) in ("urn", "conditional"):
-        return targets.get((resource_key, pseudo.token("reference", value)))
-    literal = literal_target(value)
-    return (literal[0], pseudo.resource_key(*literal)) if literal else None
+def _take_chunk(con: duckdb.DuckDBPyConnection, run: _BatchRun, result: ChunkResult) -> None:
+    """Add one de-identified chunk to the run, inserting its rows once enough are pending."""
+    batch = run.batch_id
+    run.resources_in += len(result.released) + len(result.withheld)
+    run.released.extend((t, k, p, batch, r) for t, k, p, r in result.released)
+    run.errors.extend((batch, t, p, code, msg) for t, p, code, msg in result.withheld)
+    run.rules.update(result.rules)
+    run.labels.update(result.labels)
+    run.withheld.update(result.reasons)
+    run.release_counts.update(result.release_counts)
+    if len(run.released) >= _FLUSH_ROWS:
+        _flush(con, run)
 
 
-def _deidentify_record(run: _BatchRun, record: VaultRecord) -> None:
-    """De-identify one decrypted vault record into the run's pending rows."""
-    resource_key, rtype, patient_key = record.resource_key, record.resource_type, record.patient_key
-    run.resources_in += 1
-    resolve = partial(_resolve_reference, run.pseudo, run.targets, resource_key)
-    try:
-        outcome = run.engine.apply(record.resource, patient_scope=patient_key, resolve=resolve)
-    except ProcessingError as exc:
-        run.withheld[exc.code] += 1
-        run.errors.append((run.batch_id, rtype, patient_key, exc.code, str(exc)))
-        return
-    run.rules.update(outcome.rule_counts)
-    run.labels.update(outcome.labels)
-    released = orjson.dumps(outcome.resource).decode()
-    run.released.append((rtype, resource_key, patient_key, run.batch_id, released))
+def _vault_items(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, batch_id: str
+) -> Iterator[Item]:
+    # vault.read decrypts a chunk of ciphertexts at a time and checks each row's resource
+    for record in iter_current_records(con, provider, batch_id=batch_id, chunk_rows=_DEID_CHUNK):
+        raw = orjson.dumps(record.resource)
+        yield record.resource_key, record.resource_type, record.patient_key, raw
 
 
 def _flush(con: duckdb.DuckDBPyConnection, run: _BatchRun) -> None:
@@ -197,6 +188,7 @@ def _report(run: _BatchRun, policy: Policy, started: float) -> DeidReport:
         },
         labels=dict(run.labels),
         seconds=round(time.perf_counter() - started, 3),
+        release_counts=dict(run.release_counts),
     )
 
 
@@ -209,6 +201,8 @@ def deidentify_batch(
     today: date | None = None,
     target: str = "deid_resources",
     errors_target: str = "deid_errors",
+    terminology: Terminology | None = None,
+    workers: int | None = None,
 ) -> DeidReport:
     """De-identify every resource this batch put in the vault; replace the batch's rows in
     ``target`` (released) and ``errors_target`` (withheld), created with the release table's
@@ -219,19 +213,21 @@ def deidentify_batch(
     con.execute(DEID_ERRORS_DDL.replace(" deid_errors ", f" {errors_target} ", 1))
     con.execute(f"DELETE FROM {target} WHERE batch_id = ?", [batch_id])
     con.execute(f"DELETE FROM {errors_target} WHERE batch_id = ?", [batch_id])
-    run = _BatchRun(
-        batch_id,
-        Deidentifier(policy, DeidSecrets.derive(provider.pseudonym_key(), policy), today=today),
-        Pseudonymizer(provider.pseudonym_key()),
+    run = _BatchRun(batch_id, target=target, errors_target=errors_target)
+    setup = WorkerSetup(
+        policy.source,
+        policy.name,
+        provider.pseudonym_key(),
+        today,
         _reference_targets(con, batch_id),
-        target=target,
-        errors_target=errors_target,
+        dict((terminology or Terminology()).displays),
     )
-    # vault.read decrypts a chunk of ciphertexts at a time and checks each row's resource
-    for record in iter_current_records(con, provider, batch_id=batch_id, chunk_rows=_DEID_CHUNK):
-        _deidentify_record(run, record)
-        if len(run.released) >= _FLUSH_ROWS:
-            _flush(con, run)
+    deidentify_items(
+        _vault_items(con, provider, batch_id),
+        setup,
+        partial(_take_chunk, con, run),
+        workers=workers,
+    )
     _flush(con, run)
     return _report(run, policy, started)
 

@@ -58,12 +58,14 @@ def test_shipped_profiles_load(name: str) -> None:
     policy = Policy.shipped(name)
     assert policy.parameters.restricted_zip3 >= {"036", "059", "893"}
     assert policy.parameters.extension_allow_list
-    methods = {r.method for r in policy.rules}
-    assert "pseudonymize" in methods and "redact" in methods
+    # the shipped profiles are allow-lists: nothing left for block rules to do
+    assert policy.release is not None and not policy.rules
+    assert policy.release.resources["*"] == {"id": "pseudonymize"}
     if name == "research":
-        assert policy.parameters.date_shift_scope == "patient" and "dateshift" in methods
+        assert policy.parameters.date_shift_scope == "patient"
+        assert policy.release.date_rule == "shift"
     else:
-        assert "dateshift" not in methods and policy.parameters.partial_dates
+        assert policy.release.date_rule == "year"
 
 
 def test_unreadable_policy_file(tmp_path: Path) -> None:

@@ -1,0 +1,512 @@
+"""Release by allow-list: a profile names, per resource type, the elements that may leave the
+vault and how; everything it does not name is dropped.
+
+The profile is compiled once per resource type into a plan (a tree of typed nodes, the types
+taken from the FHIR R4B models), so releasing a resource is one walk over the elements the plan
+names: no FHIRPath, no copy of the input. What each kind of element becomes:
+
+- dates (date, dateTime, instant, partial or not) follow the profile's date rule: ``shift``
+  (the patient's secret offset; a year-month moves with its 15th day, a year alone stays a
+  year) or ``year``; out-of-range or unreadable dates are withheld and counted;
+- ``code`` elements are released only when the value is in the element's required binding
+  (:data:`deid.terminology.REQUIRED_BINDINGS`), else withheld and counted;
+- ``Coding``: system, version and code (a code that does not look like a code of its system is
+  withheld); ``display`` only from the terminology, for codes in a released value set;
+- ``Reference``: the literal reference, pseudonymised, and only to a type the profile releases;
+- ``Quantity`` and its kinds: value, comparator, system, code (and unit when it is the code);
+  an age of 90 years or more (a UCUM time unit, or any quantity of an age LOINC observation)
+  becomes 90 years;
+- strings, markdown, uri, base64Binary, narrative, identifiers: only where a path names them
+  with ``keep``; extensions only those the profile lists by URL, in their fixed shape;
+- ``meta`` is rebuilt by the engine (security labels only).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from functools import cache
+from typing import Any
+
+from deid import methods
+from deid.errors import DeidError
+from deid.terminology import (
+    AGE_LOINC,
+    AGE_UNITS_PER_YEAR,
+    ANY_CODE,
+    LOINC,
+    OMB,
+    REQUIRED_BINDINGS,
+    UCUM,
+    Terminology,
+    code_is_well_formed,
+)
+
+DATE_RULES = ("shift", "year")
+PATH_METHODS = ("keep", "pseudonymize", "zip3", "year", "code-only")
+EXTENSION_SHAPES = ("omb", "code")
+DATE_TYPES = frozenset({"date", "dateTime", "instant"})
+SCALAR_TYPES = frozenset(
+    {"boolean", "integer", "integer64", "decimal", "positiveInt", "unsignedInt"}
+)
+QUANTITY_TYPES = frozenset(
+    {"Quantity", "Age", "Duration", "Count", "Distance", "SimpleQuantity", "MoneyQuantity"}
+)
+# complex types released whole with their fixed projection when a path names them
+_OBJECT_DEFAULTS: dict[str, dict[str, str]] = {
+    "CodeableConcept": {"coding": "keep"},
+    "Period": {"start": "keep", "end": "keep"},
+    "Range": {"low": "keep", "high": "keep"},
+    "Ratio": {"numerator": "keep", "denominator": "keep"},
+    "Money": {"value": "keep"},
+}
+MIN_YEAR, MAX_YEAR = 1800, 2200  # outside: a sentinel or a typo, never a real event
+AGE_CAP_YEARS = methods.AGE_LIMIT + 1
+_DROP = object()
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+class ProfileError(DeidError):
+    """A release profile that cannot be compiled; the message names the path."""
+
+
+@dataclass(slots=True)
+class Node:
+    """One element of a plan: how to release it, and for objects, which children."""
+
+    kind: str
+    many: bool = False
+    children: dict[str, Node] = field(default_factory=dict)
+    binding: frozenset[str] | None = None
+    name: str = ""
+    display: bool = True
+    shape: str = ""
+
+
+@dataclass
+class ReleaseContext:
+    """What releasing one resource needs beyond its plan, and what it records."""
+
+    profile: ReleaseProfile
+    resource_type: str
+    shift_days: int
+    today: date
+    pseudonymise_id: Callable[[str, str], str]
+    resolve: Callable[[str], tuple[str, str] | None]
+    terminology: Terminology
+    age_context: bool = False
+    counts: Counter[str] = field(default_factory=Counter)
+    labels: set[str] = field(default_factory=set)
+
+
+# -- model introspection --------------------------------------------------------------------
+
+
+@cache
+def _model_fields(type_name: str) -> dict[str, tuple[str, bool]]:
+    """json name -> (FHIR type, repeats) for a resource, backbone or datatype of R4B."""
+    from fhir.resources.R4B import get_fhir_model_class
+
+    try:
+        cls = get_fhir_model_class(type_name)
+    except (KeyError, ValueError) as exc:
+        raise ProfileError(f"{type_name} is not an R4B type") from exc
+    out: dict[str, tuple[str, bool]] = {}
+    for name, info in cls.model_fields.items():
+        text = str(info.annotation)
+        complex_type = re.search(r"abc\.(\w+)Type", text)
+        if complex_type:
+            fhir_type = complex_type.group(1)
+        elif text.startswith("bool") or "[bool" in text:
+            fhir_type = "boolean"
+        else:
+            constructors = re.findall(r"(\w+)\(", text)
+            if not constructors:
+                continue
+            fhir_type = constructors[-1][0].lower() + constructors[-1][1:]
+        out[info.alias or name] = (fhir_type, "List[" in text)
+    return out
+
+
+def _field(owner: str, key: str, where: str) -> tuple[str, bool]:
+    found = _model_fields(owner).get(key)
+    if found is None:
+        raise ProfileError(f"{where}: {owner} has no element {key!r}")
+    return found
+
+
+# -- compiling --------------------------------------------------------------------------------
+
+
+def _leaf(fhir_type: str, many: bool, method: str, binding_key: str, where: str) -> Node:
+    """The node of a named element, from its type and the profile's method."""
+    name = where.rsplit(".", 1)[-1]
+    if method == "zip3":
+        return Node("zip3", many, name=name)
+    if fhir_type in DATE_TYPES:
+        return Node("year" if method == "year" else "date", many, name=name)
+    if method == "year":
+        raise ProfileError(f"{where}: 'year' applies to dates only")
+    if fhir_type == "code":
+        binding = REQUIRED_BINDINGS.get(binding_key)
+        if binding is None:
+            raise ProfileError(f"{where}: a code element needs a binding in deid.terminology")
+        return Node("code", many, binding=binding, name=name)
+    if fhir_type in SCALAR_TYPES:
+        return Node("scalar", many, name=name)
+    if fhir_type in ("Coding", "CodeableConcept"):
+        coding = Node(
+            "coding",
+            fhir_type == "CodeableConcept",
+            binding=REQUIRED_BINDINGS.get(binding_key),
+            display=method != "code-only",
+            name="coding",
+        )
+        if fhir_type == "Coding":
+            coding.many = many
+            return coding
+        return Node("object", many, {"coding": coding}, name=name)
+    if fhir_type == "Reference":
+        return Node("reference", many, name=name)
+    if fhir_type in QUANTITY_TYPES:
+        return Node("quantity", many, name=name)
+    if fhir_type == "Extension":
+        return Node("extension", many, name=name)
+    if fhir_type in _OBJECT_DEFAULTS:
+        children = {
+            key: _leaf(*_field(fhir_type, key, where), sub, f"{fhir_type}.{key}", where)
+            for key, sub in _OBJECT_DEFAULTS[fhir_type].items()
+        }
+        return Node("object", many, children, name=name)
+    if method == "keep" and fhir_type[:1].islower():
+        return Node("text", many, name=name)
+    if method == "pseudonymize" and fhir_type == "id":
+        return Node("id", many, name=name)
+    raise ProfileError(f"{where}: a {fhir_type} is released by naming its elements")
+
+
+def compile_plan(resource_type: str, paths: dict[str, str]) -> Node:
+    """The plan of one resource type: ``paths`` maps dotted element paths (choice elements by
+    their JSON names, e.g. ``valueQuantity``) to a method of :data:`PATH_METHODS`."""
+    root = Node("object", name=resource_type)
+    for path, method in paths.items():
+        if method not in PATH_METHODS:
+            raise ProfileError(f"{resource_type}.{path}: unknown method {method!r}")
+        node, owner, trail = root, resource_type, resource_type
+        keys = path.split(".")
+        for depth, key in enumerate(keys):
+            fhir_type, many = _field(owner, key, f"{resource_type}.{path}")
+            trail = f"{trail}.{key}"
+            binding_key = f"{resource_type}.{'.'.join(keys[: depth + 1])}"
+            if depth == len(keys) - 1:
+                if key == "id" and depth == 0:
+                    node.children[key] = Node("id", name="id")
+                else:
+                    node.children[key] = _leaf(fhir_type, many, method, binding_key, trail)
+                break
+            child = node.children.get(key)
+            if child is None:
+                child = node.children[key] = Node("object", many, name=key)
+            elif child.kind != "object":
+                raise ProfileError(f"{trail}: named whole and by its elements")
+            node, owner = child, fhir_type
+    return root
+
+
+@dataclass(frozen=True)
+class ReleaseProfile:
+    """A loaded allow-list: the date rule, the extensions it releases (URL -> shape) and the
+    element paths per resource type (``*``: paths every type releases)."""
+
+    date_rule: str
+    extensions: dict[str, str]
+    resources: dict[str, dict[str, str]]
+    restricted_zip3: frozenset[str] = frozenset()
+    _plans: dict[str, Node] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, raw: Any, restricted_zip3: frozenset[str] = frozenset()) -> ReleaseProfile:
+        if not isinstance(raw, dict):
+            raise ProfileError("release must be an object")
+        rule = raw.get("dates", "shift")
+        if rule not in DATE_RULES:
+            raise ProfileError(f"release.dates must be one of {DATE_RULES}")
+        extensions = raw.get("extensions") or {}
+        if not isinstance(extensions, dict) or not all(
+            v in EXTENSION_SHAPES for v in extensions.values()
+        ):
+            raise ProfileError(f"release.extensions maps URLs to one of {EXTENSION_SHAPES}")
+        resources = raw.get("resources")
+        if not isinstance(resources, dict) or not all(
+            isinstance(v, dict) for v in resources.values()
+        ):
+            raise ProfileError("release.resources maps resource types to {path: method}")
+        profile = cls(rule, dict(extensions), resources, restricted_zip3)
+        for rtype in resources:
+            if rtype != "*":
+                profile.plan(rtype)  # a bad path fails at load, not mid-batch
+        return profile
+
+    def releases(self, resource_type: str) -> bool:
+        return resource_type in self.resources and resource_type != "*"
+
+    def plan(self, resource_type: str) -> Node:
+        plan = self._plans.get(resource_type)
+        if plan is None:
+            paths = {**self.resources.get("*", {}), **self.resources[resource_type]}
+            plan = self._plans[resource_type] = compile_plan(resource_type, paths)
+        return plan
+
+
+# -- releasing --------------------------------------------------------------------------------
+
+
+def release_resource(resource: dict[str, Any], ctx: ReleaseContext) -> dict[str, Any]:
+    """The released form of ``resource`` under its type's plan (a new dict; the input is not
+    changed)."""
+    plan = ctx.profile.plan(ctx.resource_type)
+    ctx.age_context = ctx.resource_type == "Observation" and _is_age_observation(resource)
+    out = _object(resource, plan, ctx)
+    released = out if isinstance(out, dict) else {}
+    return {"resourceType": ctx.resource_type, **released}
+
+
+def _is_age_observation(resource: dict[str, Any]) -> bool:
+    code = resource.get("code")
+    codings = code.get("coding") if isinstance(code, dict) else None
+    return any(
+        isinstance(c, dict) and c.get("system") == LOINC and c.get("code") in AGE_LOINC
+        for c in codings or []
+    )
+
+
+def _apply(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    release_one = _KINDS[node.kind]
+    if node.many:
+        if not isinstance(value, list):
+            value = [value]
+        items = [r for r in (release_one(v, node, ctx) for v in value) if r is not _DROP]
+        return items if items else _DROP
+    if isinstance(value, list):  # one value expected, several given: not the element
+        return _DROP
+    return release_one(value, node, ctx)
+
+
+def _object(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    if not isinstance(value, dict):
+        return _DROP
+    out = {}
+    for key, child in node.children.items():
+        if key in value:
+            released = _apply(value[key], child, ctx)
+            if released is not _DROP:
+                out[key] = released
+    if len(out) < len(value):
+        ctx.labels.add("REDACTED")
+    return out if out else _DROP
+
+
+def _scalar(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    return value if isinstance(value, bool | int | float) else _DROP
+
+
+def _text(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    return value if isinstance(value, str) else _DROP
+
+
+def _code(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    if isinstance(value, str) and node.binding is not None and value in node.binding:
+        return value
+    ctx.counts["code_not_in_binding"] += 1
+    ctx.labels.add("REDACTED")
+    return _DROP
+
+
+def _id(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    if not isinstance(value, str):
+        return _DROP
+    ctx.labels.add("PSEUDED")
+    return ctx.pseudonymise_id(ctx.resource_type, value)
+
+
+def _reference(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    text = value.get("reference") if isinstance(value, dict) else None
+    target = ctx.resolve(text) if isinstance(text, str) else None
+    if target is None or not ctx.profile.releases(target[0]):
+        ctx.counts["reference_withheld"] += 1
+        return _DROP
+    ctx.labels.add("PSEUDED")
+    return {"reference": f"{target[0]}/{target[1]}"}
+
+
+def _coding(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    if not isinstance(value, dict):
+        return _DROP
+    system, code = value.get("system"), value.get("code")
+    out: dict[str, Any] = {}
+    if isinstance(system, str) and ANY_CODE.match(system.replace("://", "")):
+        out["system"] = system
+    if isinstance(value.get("version"), str) and ANY_CODE.match(value["version"]):
+        out["version"] = value["version"]
+    if isinstance(code, str):
+        if node.binding is not None and code not in node.binding:
+            ctx.counts["code_not_in_binding"] += 1
+        elif not code_is_well_formed(out.get("system"), code):
+            ctx.counts["code_malformed"] += 1
+        else:
+            out["code"] = code
+            display = ctx.terminology.display(out.get("system"), code) if node.display else None
+            if display is not None:
+                out["display"] = display
+    if "code" not in out:
+        return _DROP  # a system alone says nothing and a version alone less
+    return out
+
+
+def _quantity(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    if not isinstance(value, dict):
+        return _DROP
+    out: dict[str, Any] = {}
+    number = value.get("value")
+    if isinstance(number, int | float) and not isinstance(number, bool):
+        out["value"] = number
+    comparator = value.get("comparator")
+    if comparator in REQUIRED_BINDINGS["Quantity.comparator"]:
+        out["comparator"] = comparator
+    system, code = value.get("system"), value.get("code")
+    if system == UCUM and isinstance(code, str) and ANY_CODE.match(code):
+        out["system"], out["code"] = system, code
+        if value.get("unit") == code:
+            out["unit"] = code
+    _cap_age(out, ctx)
+    return out if "value" in out else _DROP
+
+
+def _cap_age(quantity: dict[str, Any], ctx: ReleaseContext) -> None:
+    """HIPAA: ages of 90 or more are released as 90 years."""
+    per_year = AGE_UNITS_PER_YEAR.get(quantity.get("code", "")) if "system" in quantity else None
+    if per_year is None and ctx.age_context:
+        per_year = 1.0  # an age observation without a UCUM unit: read as years
+    if per_year is None or "value" not in quantity:
+        return
+    if quantity["value"] / per_year >= AGE_CAP_YEARS:
+        quantity.update(value=AGE_CAP_YEARS, system=UCUM, code="a", unit="a")
+        quantity.pop("comparator", None)
+        ctx.counts["age_capped"] += 1
+        ctx.labels.add("GENERALIZED")
+
+
+def _extension(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    url = value.get("url") if isinstance(value, dict) else None
+    shape = ctx.profile.extensions.get(url) if isinstance(url, str) else None
+    if shape is None or not isinstance(url, str):
+        ctx.labels.add("REDACTED")
+        return _DROP
+    return _EXTENSION_SHAPES[shape](url, value, ctx)
+
+
+def _omb_extension(url: str, value: dict[str, Any], ctx: ReleaseContext) -> Any:
+    """us-core race/ethnicity: the OMB categories only (no detailed codes, no text)."""
+    categories = []
+    for sub in value.get("extension") or []:
+        if isinstance(sub, dict) and sub.get("url") == "ombCategory":
+            coding = sub.get("valueCoding")
+            if isinstance(coding, dict) and coding.get("system") == OMB:
+                released = _coding(coding, _OMB_CODING, ctx)
+                if released is not _DROP:
+                    categories.append({"url": "ombCategory", "valueCoding": released})
+    return {"url": url, "extension": categories} if categories else _DROP
+
+
+def _code_extension(url: str, value: dict[str, Any], ctx: ReleaseContext) -> Any:
+    allowed = REQUIRED_BINDINGS.get(url.rsplit("/", 1)[-1], frozenset())
+    code = value.get("valueCode")
+    if code in allowed:
+        return {"url": url, "valueCode": code}
+    ctx.counts["code_not_in_binding"] += 1
+    return _DROP
+
+
+_OMB_CODING = Node("coding")
+_EXTENSION_SHAPES: dict[str, Callable[[str, dict[str, Any], ReleaseContext], Any]] = {
+    "omb": _omb_extension,
+    "code": _code_extension,
+}
+
+
+def _date(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    parts = _date_parts(value, ctx)
+    if parts is None:
+        return _DROP
+    if ctx.profile.date_rule == "year" or node.kind == "year":
+        return _year_only(value, ctx)
+    if node.name == "birthDate" and methods.is_over_age_limit(value, ctx.today):
+        # HIPAA's "90 or older": the year that makes the patient 90 today
+        ctx.labels.add("ABSTRED")
+        return f"{ctx.today.year - methods.AGE_LIMIT - 1:04d}"
+    year, month, day = parts
+    ctx.labels.add("PERTURBED")
+    if day is not None:
+        return methods.shift_date(value, ctx.shift_days)
+    if month is not None:
+        moved = date(year, month, 15) + timedelta(days=ctx.shift_days)
+        return f"{moved.year:04d}-{moved.month:02d}"
+    return value[:4]  # a year alone: already the coarsest a date gets
+
+
+def _year_only(value: str, ctx: ReleaseContext) -> Any:
+    year = methods.redact_date_partially(value, ctx.today)
+    if year is None:
+        ctx.counts["date_over_age_limit"] += 1
+        ctx.labels.add("REDACTED")
+        return _DROP
+    ctx.labels.add("GENERALIZED")
+    return year
+
+
+def _date_parts(value: Any, ctx: ReleaseContext) -> tuple[int, int | None, int | None] | None:
+    """Year, month and day of a FHIR date, or None (counted) when it cannot be released."""
+    match = _DATE.match(value) if isinstance(value, str) else None
+    if match is None:
+        ctx.counts["date_unreadable"] += 1
+        return None
+    year = int(match.group(1))
+    month = int(match.group(2)) if match.group(2) else None
+    day = int(match.group(3)) if match.group(3) else None
+    if not MIN_YEAR <= year <= MAX_YEAR:
+        ctx.counts["date_out_of_range"] += 1
+        return None
+    try:
+        date(year, month or 1, day or 1)
+        if day is not None:
+            methods.shift_date(value, 0)
+    except ValueError:
+        ctx.counts["date_unreadable"] += 1
+        return None
+    return year, month, day
+
+
+def _zip3(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    if not isinstance(value, str):
+        return _DROP
+    ctx.labels.add("ABSTRED")
+    return methods.redact_zip_partially(value, ctx.profile.restricted_zip3)
+
+
+_KINDS: dict[str, Callable[[Any, Node, ReleaseContext], Any]] = {
+    "object": _object,
+    "scalar": _scalar,
+    "text": _text,
+    "code": _code,
+    "id": _id,
+    "reference": _reference,
+    "coding": _coding,
+    "quantity": _quantity,
+    "extension": _extension,
+    "date": _date,
+    "year": _date,
+    "zip3": _zip3,
+}

@@ -1,0 +1,239 @@
+"""What the release may say about codes: the required bindings of the code elements the
+profiles release, the displays it may put back (only for codes in a released value set), the
+syntax of codes from the code systems the platform sees, and which quantities are ages.
+
+The binding table is written out here rather than read from the R4B models: their
+``enum_values`` lists are truncated (``'+'`` marks the rest), and a code element the release
+names without an entry here is refused when the profile is compiled.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+UCUM = "http://unitsofmeasure.org"
+LOINC = "http://loinc.org"
+OMB = "urn:oid:2.16.840.1.113883.6.238"
+
+_REQUEST_STATUS = ("active", "on-hold", "cancelled", "completed", "entered-in-error")
+_EVENT_STATUS = (
+    "preparation",
+    "in-progress",
+    "not-done",
+    "on-hold",
+    "stopped",
+    "completed",
+    "entered-in-error",
+    "unknown",
+)
+
+# element (resource type or datatype, then the element path) -> the codes its binding allows
+REQUIRED_BINDINGS: dict[str, frozenset[str]] = {
+    k: frozenset(v)
+    for k, v in {
+        "Patient.gender": ("male", "female", "other", "unknown"),
+        "Practitioner.gender": ("male", "female", "other", "unknown"),
+        "FamilyMemberHistory.sex": ("male", "female", "other", "unknown"),
+        "Observation.status": (
+            "registered",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        ),
+        "DiagnosticReport.status": (
+            "registered",
+            "partial",
+            "preliminary",
+            "final",
+            "amended",
+            "corrected",
+            "appended",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        ),
+        "Condition.clinicalStatus": (
+            "active",
+            "recurrence",
+            "relapse",
+            "inactive",
+            "remission",
+            "resolved",
+        ),
+        "Condition.verificationStatus": (
+            "unconfirmed",
+            "provisional",
+            "differential",
+            "confirmed",
+            "refuted",
+            "entered-in-error",
+        ),
+        "AllergyIntolerance.clinicalStatus": ("active", "inactive", "resolved"),
+        "AllergyIntolerance.verificationStatus": (
+            "unconfirmed",
+            "confirmed",
+            "refuted",
+            "entered-in-error",
+        ),
+        "AllergyIntolerance.type": ("allergy", "intolerance"),
+        "AllergyIntolerance.category": ("food", "medication", "environment", "biologic"),
+        "AllergyIntolerance.criticality": ("low", "high", "unable-to-assess"),
+        "Encounter.status": (
+            "planned",
+            "arrived",
+            "triaged",
+            "in-progress",
+            "onleave",
+            "finished",
+            "cancelled",
+            "entered-in-error",
+            "unknown",
+        ),
+        # extensible in R4, but the platform releases only the v3 ActEncounterCode values
+        "Encounter.class": (
+            "AMB",
+            "EMER",
+            "FLD",
+            "HH",
+            "IMP",
+            "ACUTE",
+            "NONAC",
+            "OBSENC",
+            "PRENC",
+            "SS",
+            "VR",
+        ),
+        "Immunization.status": ("completed", "entered-in-error", "not-done"),
+        "MedicationRequest.status": (*_REQUEST_STATUS, "stopped", "draft", "unknown"),
+        "MedicationRequest.intent": (
+            "proposal",
+            "plan",
+            "order",
+            "original-order",
+            "reflex-order",
+            "filler-order",
+            "instance-order",
+            "option",
+        ),
+        "MedicationAdministration.status": (
+            "in-progress",
+            "not-done",
+            "on-hold",
+            "completed",
+            "entered-in-error",
+            "stopped",
+            "unknown",
+        ),
+        "Procedure.status": _EVENT_STATUS,
+        "Communication.status": _EVENT_STATUS,
+        "Consent.status": (
+            "draft",
+            "proposed",
+            "active",
+            "rejected",
+            "inactive",
+            "entered-in-error",
+        ),
+        "Consent.provision.type": ("deny", "permit"),
+        "Claim.status": ("active", "cancelled", "draft", "entered-in-error"),
+        "Claim.use": ("claim", "preauthorization", "predetermination"),
+        "Coverage.status": ("active", "cancelled", "draft", "entered-in-error"),
+        "DocumentReference.status": ("current", "superseded", "entered-in-error"),
+        "Device.status": ("active", "inactive", "entered-in-error", "unknown"),
+        "ImagingStudy.status": ("registered", "available", "cancelled", "entered-in-error"),
+        "FamilyMemberHistory.status": (
+            "partial",
+            "completed",
+            "entered-in-error",
+            "health-unknown",
+        ),
+        "QuestionnaireResponse.status": (
+            "in-progress",
+            "completed",
+            "amended",
+            "entered-in-error",
+            "stopped",
+        ),
+        "Location.status": ("active", "suspended", "inactive"),
+        "Quantity.comparator": ("<", "<=", ">=", ">"),
+        "us-core-birthsex": ("F", "M", "UNK"),
+    }.items()
+}
+
+# Code syntax of the code systems the platform's sources use: a code from one of them that does
+# not look like one of its codes is text, not a code
+CODE_SYNTAX: dict[str, re.Pattern[str]] = {
+    LOINC: re.compile(r"^(\d{1,7}-\d|LA\d{1,7}-\d|LP\d{1,7}-\d)$"),
+    "http://snomed.info/sct": re.compile(r"^\d{6,18}$"),
+    "http://www.nlm.nih.gov/research/umls/rxnorm": re.compile(r"^\d{1,12}$"),
+    "http://hl7.org/fhir/sid/icd-10-cm": re.compile(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"),
+    "http://hl7.org/fhir/sid/icd-10": re.compile(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"),
+    "http://hl7.org/fhir/sid/cvx": re.compile(r"^\d{1,3}$"),
+    OMB: re.compile(r"^\d{4}-\d$"),
+}
+# any other system: one token, no spaces, so a sentence or a full name cannot pass as a code
+ANY_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+<>=-]{0,63}$")
+
+# UCUM time units -> how many make a year (an age in them is capped at 90 years)
+AGE_UNITS_PER_YEAR: dict[str, float] = {
+    "a": 1.0,
+    "mo": 12.0,
+    "wk": 52.1775,
+    "d": 365.25,
+    "h": 8766.0,
+    "min": 525960.0,
+}
+# LOINC codes whose value is the patient's age (age, reported age, age at diagnosis/death...)
+AGE_LOINC = frozenset(
+    {"30525-0", "21612-7", "29553-5", "21611-9", "39016-1", "63900-5", "46096-3", "35659-2"}
+)
+
+# the OMB race and ethnicity categories of US Core: the released value set for its extensions
+OMB_DISPLAYS: dict[tuple[str, str], str] = {
+    (OMB, "1002-5"): "American Indian or Alaska Native",
+    (OMB, "2028-9"): "Asian",
+    (OMB, "2054-5"): "Black or African American",
+    (OMB, "2076-8"): "Native Hawaiian or Other Pacific Islander",
+    (OMB, "2106-3"): "White",
+    (OMB, "2131-1"): "Other Race",
+    (OMB, "2135-2"): "Hispanic or Latino",
+    (OMB, "2186-5"): "Not Hispanic or Latino",
+}
+
+
+def code_is_well_formed(system: str | None, code: str) -> bool:
+    syntax = CODE_SYNTAX.get(system or "")
+    return bool((syntax or ANY_CODE).match(code))
+
+
+@dataclass(frozen=True)
+class Terminology:
+    """Displays the release may carry: (system, code) -> display, from released value sets."""
+
+    displays: Mapping[tuple[str, str], str] = field(default_factory=lambda: dict(OMB_DISPLAYS))
+
+    def display(self, system: str | None, code: str | None) -> str | None:
+        if not system or not code:
+            return None
+        return self.displays.get((system, code))
+
+    @classmethod
+    def from_valuesets(cls, valuesets: Iterable[Mapping[str, Any]]) -> Terminology:
+        """The OMB categories plus every concept a ValueSet lists explicitly with its display
+        (filters name no displays and add none)."""
+        displays = dict(OMB_DISPLAYS)
+        for valueset in valuesets:
+            for include in (valueset.get("compose") or {}).get("include") or []:
+                system = include.get("system")
+                for concept in include.get("concept") or []:
+                    code, display = concept.get("code"), concept.get("display")
+                    if system and isinstance(code, str) and isinstance(display, str):
+                        displays[(system, code)] = display
+        return cls(displays)

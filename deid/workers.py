@@ -1,0 +1,172 @@
+"""De-identification of a batch's records in chunks, on every core: each worker process loads the
+policy once (its allow-list compiled once per resource type) and de-identifies the chunks it is
+sent; the caller keeps a bounded number of chunks in flight, so memory stays flat whatever the
+batch size. Small batches stay in the calling process (starting workers costs more than it
+saves)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date
+from functools import partial
+from typing import Any
+
+import orjson
+
+from deid.engine import Deidentifier, DeidSecrets, ProcessingError
+from deid.policy import Policy
+from deid.terminology import Terminology
+from fhirlake.references import classify, literal_target
+from vault.pseudonym import Pseudonymizer
+
+CHUNK_RECORDS = 1_000
+PARALLEL_FROM = 4_000  # records seen before worker processes are worth starting
+_IN_FLIGHT_PER_WORKER = 2
+
+Targets = dict[tuple[str, str], tuple[str, str]]
+# resource key, resource type, patient key, the resource as JSON
+Item = tuple[str, str, str | None, bytes]
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk gave: released rows (type, key, patient, JSON), withheld rows (type,
+    patient, reason, message) and the counts the report is made of."""
+
+    released: list[tuple[str, str, str | None, str]] = field(default_factory=list)
+    withheld: list[tuple[str, str | None, str, str]] = field(default_factory=list)
+    rules: Counter[int] = field(default_factory=Counter)
+    labels: Counter[str] = field(default_factory=Counter)
+    reasons: Counter[str] = field(default_factory=Counter)
+    release_counts: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """Everything a worker needs to de-identify like the caller (picklable)."""
+
+    policy_source: Any
+    policy_name: str
+    pseudonym_key: bytes
+    today: date | None
+    targets: Targets
+    displays: dict[tuple[str, str], str]
+
+    def build(self) -> _Worker:
+        policy = Policy.from_dict(self.policy_source, self.policy_name)
+        engine = Deidentifier(
+            policy,
+            DeidSecrets.derive(self.pseudonym_key, policy),
+            today=self.today,
+            terminology=Terminology(self.displays),
+        )
+        return _Worker(engine, Pseudonymizer(self.pseudonym_key), self.targets)
+
+
+def _resolve_reference(
+    pseudo: Pseudonymizer, targets: Targets, resource_key: str, value: str
+) -> tuple[str, str] | None:
+    """The pseudonymous target of a reference in one resource: urn:uuid and conditional ones as
+    ingest resolved them for that resource, literal ones by their type and id."""
+    if classify(value) in ("urn", "conditional"):
+        return targets.get((resource_key, pseudo.token("reference", value)))
+    literal = literal_target(value)
+    return (literal[0], pseudo.resource_key(*literal)) if literal else None
+
+
+@dataclass
+class _Worker:
+    engine: Deidentifier
+    pseudo: Pseudonymizer
+    targets: Targets
+
+    def run(self, items: list[Item]) -> ChunkResult:
+        result = ChunkResult()
+        for resource_key, rtype, patient_key, raw in items:
+            resolve = partial(_resolve_reference, self.pseudo, self.targets, resource_key)
+            try:
+                outcome = self.engine.apply(
+                    orjson.loads(raw), patient_scope=patient_key, resolve=resolve
+                )
+            except ProcessingError as exc:
+                result.reasons[exc.code] += 1
+                result.withheld.append((rtype, patient_key, exc.code, str(exc)))
+                continue
+            result.rules.update(outcome.rule_counts)
+            result.labels.update(outcome.labels)
+            result.release_counts.update(outcome.release_counts)
+            released = orjson.dumps(outcome.resource).decode()
+            result.released.append((rtype, resource_key, patient_key, released))
+        return result
+
+
+_WORKER: _Worker | None = None
+
+
+def _init_worker(setup: WorkerSetup) -> None:
+    global _WORKER
+    _WORKER = setup.build()
+
+
+def _run_chunk(items: list[Item]) -> ChunkResult:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER.run(items)
+
+
+def default_workers() -> int:
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def deidentify_items(
+    items: Iterable[Item],
+    setup: WorkerSetup,
+    consume: Callable[[ChunkResult], None],
+    workers: int | None = None,
+) -> None:
+    """De-identify ``items`` and hand each chunk's result to ``consume`` in input order."""
+    workers = default_workers() if workers is None else workers
+    local = setup.build()
+    chunks = _chunks(items)
+    seen = 0
+    for chunk in chunks:
+        consume(local.run(chunk))
+        seen += len(chunk)
+        if workers > 1 and seen >= PARALLEL_FROM:
+            _in_pool(chunks, setup, consume, workers)
+            return
+
+
+def _in_pool(
+    chunks: Iterator[list[Item]],
+    setup: WorkerSetup,
+    consume: Callable[[ChunkResult], None],
+    workers: int,
+) -> None:
+    # spawn: the caller holds a DuckDB connection and its threads, which a fork would copy
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_worker, initargs=(setup,)
+    ) as pool:
+        pending: list[Future[ChunkResult]] = []
+        for chunk in chunks:
+            pending.append(pool.submit(_run_chunk, chunk))
+            while len(pending) >= workers * _IN_FLIGHT_PER_WORKER:
+                consume(pending.pop(0).result())
+        for future in pending:
+            consume(future.result())
+
+
+def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:
+    chunk: list[Item] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= CHUNK_RECORDS:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

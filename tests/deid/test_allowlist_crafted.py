@@ -1,0 +1,399 @@
+"""A crafted patient with a canary in every element kind where PHI was seen surviving a
+block-list release; none may survive either shipped profile. Plus a property test: a random
+string put in an element the profile does not name never survives."""
+
+from __future__ import annotations
+
+import base64
+import re
+from datetime import date
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deid.engine import Deidentifier, DeidSecrets, ProcessingError
+from deid.policy import Policy
+
+TODAY = date(2026, 11, 28)
+PATIENT = "Patient/p1"
+CORE = "http://hl7.org/fhir/us/core/StructureDefinition/"
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+
+
+def canary(kind: str) -> str:
+    return f"Qzx{kind}Canary"
+
+
+def _coding(code: str, kind: str, system: str = "http://snomed.info/sct") -> dict[str, Any]:
+    return {"system": system, "code": code, "display": canary(kind)}
+
+
+CRAFTED: list[dict[str, Any]] = [
+    {
+        "resourceType": "Patient",
+        "id": "p1",
+        "implicitRules": "http://rules.example.org/" + canary("implicitRules"),
+        "meta": {
+            "lastUpdated": "2011-11-11T11:11:11.111Z",
+            "versionId": canary("versionId"),
+            "tag": [{"system": "http://t.example", "code": "t", "display": canary("tagDisplay")}],
+            "source": canary("metaSource"),
+        },
+        "text": {"status": "generated", "div": f"<div>{canary('narrative')}</div>"},
+        "gender": f"{canary('gender')} Smith",
+        "birthDate": "1931-02-03",
+        "name": [{"family": canary("family"), "given": [canary("given")]}],
+        "telecom": [{"system": "phone", "value": "(555) 867-5309"}],
+        "address": [
+            {"line": [canary("line")], "city": canary("city"), "state": "MA", "postalCode": "02139"}
+        ],
+        "extension": [
+            {
+                "url": CORE + "us-core-race",
+                "extension": [
+                    {
+                        "url": "ombCategory",
+                        "valueCoding": _coding(
+                            "2106-3", "raceDisplay", "urn:oid:2.16.840.1.113883.6.238"
+                        ),
+                    },
+                    {"url": "text", "valueString": canary("raceText")},
+                ],
+            },
+            {"url": "http://example.org/nickname", "valueString": canary("extension")},
+        ],
+        "contact": [{"name": {"family": canary("contact")}}],
+    },
+    {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"coding": [_coding("8302-2", "codingDisplay", LOINC)], "text": canary("ccText")},
+        "subject": {"reference": PATIENT, "display": canary("refDisplay")},
+        "effectiveDateTime": "2020-03",
+        "valueString": canary("valueString"),
+        "note": [{"text": canary("note")}],
+        "component": [
+            {
+                "code": {"coding": [{"system": LOINC, "code": "8480-6"}]},
+                "valueString": canary("componentString"),
+            }
+        ],
+    },
+    {
+        "resourceType": "Observation",
+        "id": "age",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "30525-0"}]},
+        "subject": {"reference": PATIENT},
+        "valueQuantity": {"value": 97, "unit": "years", "system": UCUM, "code": "a"},
+    },
+    {
+        "resourceType": "Condition",
+        "id": "c1",
+        "subject": {"reference": PATIENT},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+        "onsetString": canary("onsetString"),
+        "clinicalStatus": {"coding": [{"code": canary("statusCode")}]},
+    },
+    {
+        "resourceType": "DiagnosticReport",
+        "id": "d1",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "24323-8"}]},
+        "subject": {"reference": PATIENT},
+        "conclusion": canary("conclusion"),
+    },
+    {
+        "resourceType": "MedicationRequest",
+        "id": "m1",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": PATIENT},
+        "medicationCodeableConcept": {
+            "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975"}]
+        },
+        "dosageInstruction": [
+            {"text": canary("dosageText"), "patientInstruction": canary("patientInstruction")}
+        ],
+    },
+    {
+        "resourceType": "Communication",
+        "id": "cm1",
+        "status": "completed",
+        "subject": {"reference": PATIENT},
+        "payload": [{"contentString": canary("payload")}],
+    },
+    {
+        "resourceType": "QuestionnaireResponse",
+        "id": "q1",
+        "status": "completed",
+        "subject": {"reference": PATIENT},
+        "item": [
+            {
+                "linkId": "1",
+                "text": canary("itemText"),
+                "answer": [{"valueString": canary("answer")}],
+            }
+        ],
+    },
+    {
+        "resourceType": "FamilyMemberHistory",
+        "id": "f1",
+        "status": "completed",
+        "patient": {"reference": PATIENT},
+        "relationship": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "MTH"}
+            ]
+        },
+        "name": canary("relativeName"),
+    },
+    {
+        "resourceType": "Provenance",
+        "id": "pv1",
+        "target": [{"reference": PATIENT}],
+        "recorded": "2020-01-01T00:00:00Z",
+        "agent": [{"who": {"reference": PATIENT}}],
+        "signature": [
+            {
+                "type": [
+                    {"system": "urn:iso-astm:E1762-95:2013", "code": "1.2.840.10065.1.12.1.1"}
+                ],
+                "when": "2020-01-01T00:00:00Z",
+                "who": {"reference": PATIENT},
+                "data": base64.b64encode(canary("signature").encode()).decode(),
+            }
+        ],
+    },
+    {
+        "resourceType": "Device",
+        "id": "dv1",
+        "patient": {"reference": PATIENT},
+        "deviceName": [{"name": canary("deviceName"), "type": "user-friendly-name"}],
+        "partNumber": canary("partNumber"),
+        "version": [{"value": canary("deviceVersion")}],
+        "serialNumber": canary("serial"),
+    },
+    {
+        "resourceType": "Coverage",
+        "id": "cv1",
+        "status": "active",
+        "beneficiary": {"reference": PATIENT},
+        "payor": [{"reference": PATIENT}],
+        "class": [
+            {
+                "type": {"coding": [{"code": "group"}]},
+                "value": canary("groupNumber"),
+                "name": canary("employer"),
+            }
+        ],
+    },
+    {
+        "resourceType": "ImagingStudy",
+        "id": "is1",
+        "status": "available",
+        "subject": {"reference": PATIENT},
+        "identifier": [{"system": "urn:dicom:uid", "value": "urn:oid:1.2.840.99999.1"}],
+        "series": [
+            {
+                "uid": "1.2.840.99999.2",
+                "modality": {
+                    "system": "http://dicom.nema.org/resources/ontology/DCM",
+                    "code": "CT",
+                },
+                "instance": [{"uid": "1.2.840.99999.3", "sopClass": {"code": "1.2"}}],
+            }
+        ],
+    },
+]
+CANARIES = [
+    "implicitRules",
+    "versionId",
+    "tagDisplay",
+    "metaSource",
+    "narrative",
+    "gender",
+    "family",
+    "given",
+    "line",
+    "city",
+    "raceDisplay",
+    "raceText",
+    "extension",
+    "contact",
+    "codingDisplay",
+    "ccText",
+    "refDisplay",
+    "valueString",
+    "note",
+    "componentString",
+    "onsetString",
+    "statusCode",
+    "conclusion",
+    "dosageText",
+    "patientInstruction",
+    "payload",
+    "itemText",
+    "answer",
+    "relativeName",
+    "signature",
+    "deviceName",
+    "partNumber",
+    "deviceVersion",
+    "serial",
+    "groupNumber",
+    "employer",
+]
+OTHER_MARKERS = ["2011-11-11", "lastUpdated", "versionId", "99999", "867", "02139"]
+
+
+def _release(profile: str, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    policy = Policy.shipped(profile)
+    engine = Deidentifier(policy, DeidSecrets.derive(b"\x01" * 32, policy), today=TODAY)
+    out = []
+    for resource in resources:
+        try:
+            out.append(engine.apply(resource, patient_scope="p1").resource)
+        except ProcessingError:
+            pass  # withheld whole: nothing of it is released
+    return out
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_no_canary_survives(profile: str) -> None:
+    released = _release(profile, CRAFTED)
+    assert {r["resourceType"] for r in released} >= {"Patient", "Observation", "Condition"}
+    blob = orjson.dumps(released).decode()
+    folded = blob.casefold()
+    for kind in CANARIES:
+        word = canary(kind)
+        assert word.casefold() not in folded, kind
+        assert base64.b64encode(word.encode()).decode() not in blob, kind
+    # pseudonyms are hex: digits in them are not the markers
+    text_only = re.sub(r'"(id|reference)":"[^"]*"', "", blob)
+    for marker in OTHER_MARKERS:
+        assert marker not in text_only, marker
+    # a gender that is not a gender is gone, not kept as text
+    patient = next(r for r in released if r["resourceType"] == "Patient")
+    assert "gender" not in patient
+    # the race category stays, its display only from the OMB value set
+    race = patient["extension"][0]["extension"]
+    assert race == [
+        {
+            "url": "ombCategory",
+            "valueCoding": {
+                "system": "urn:oid:2.16.840.1.113883.6.238",
+                "code": "2106-3",
+                "display": "White",
+            },
+        }
+    ]
+    # meta carries security labels and nothing else
+    assert all(set(r.get("meta", {})) <= {"security"} for r in released)
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_an_age_over_89_is_released_as_90(profile: str) -> None:
+    released = _release(profile, CRAFTED)
+    age = next(
+        r for r in released if r.get("code", {}).get("coding", [{}])[0].get("code") == "30525-0"
+    )
+    assert age["valueQuantity"]["value"] == 90 and age["valueQuantity"]["code"] == "a"
+
+
+def test_partial_dates_move_with_the_patient() -> None:
+    released = _release("research", CRAFTED)
+    obs = next(r for r in released if "effectiveDateTime" in r)
+    # 2020-03 moved by the patient's offset (within 50 days of mid-March), still a year-month
+    assert obs["effectiveDateTime"] in {"2020-01", "2020-02", "2020-03", "2020-04", "2020-05"}
+    safe = _release("safe_harbor", CRAFTED)
+    assert next(r for r in safe if "effectiveDateTime" in r)["effectiveDateTime"] == "2020"
+
+
+# -- property: a random string in an unnamed element never survives ---------------------------
+
+BASES: dict[str, dict[str, Any]] = {r["resourceType"] + "/" + r["id"]: r for r in CRAFTED}
+# elements no shipped profile names: at the top of a resource, and inside named elements
+UNNAMED_TOP = {
+    "Patient": ["name", "telecom", "photo", "contact", "link", "maritalStatus", "text", "language"],
+    "Observation": ["note", "valueString", "specimen", "device", "focus", "bodySite.text", "text"],
+    "Condition": ["note", "onsetString", "abatementString", "evidence", "stage", "asserter"],
+    "Encounter": ["identifier", "text", "episodeOfCare", "account", "appointment"],
+}
+UNNAMED_INSIDE = [
+    "code.text",
+    "code.coding.display",
+    "code.coding.userSelected",
+    "subject.display",
+    "subject.identifier",
+    "subject.type",
+    "meta.tag",
+    "extension",
+    "modifierExtension",
+    "contained",
+    "implicitRules",
+    "id.extension",
+]
+SHAPES = ["string", "list", "object", "coding"]
+
+
+def _shape(text: str, shape: str) -> Any:
+    return {
+        "string": text,
+        "list": [text],
+        "object": {"value": text, "display": text, "text": text},
+        "coding": [{"coding": [{"system": "http://x.example", "code": "a", "display": text}]}],
+    }[shape]
+
+
+def _plant(resource: dict[str, Any], path: str, value: Any) -> None:
+    node = resource
+    keys = path.split(".")
+    for key in keys[:-1]:
+        child = node.get(key)
+        if isinstance(child, list):
+            child = child[0] if child and isinstance(child[0], dict) else None
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[keys[-1]] = value
+
+
+BASE_BY_TYPE = {
+    "Patient": CRAFTED[0],
+    "Observation": CRAFTED[1],
+    "Condition": CRAFTED[3],
+    "Encounter": {
+        "resourceType": "Encounter",
+        "id": "e1",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": PATIENT},
+        "period": {"start": "2020-01-01T10:00:00Z"},
+    },
+}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    rtype=st.sampled_from(sorted(UNNAMED_TOP)),
+    where=st.data(),
+    text=st.text(alphabet="abcdefghijklmnopqrstuvwxyz ", min_size=6, max_size=24),
+    shape=st.sampled_from(SHAPES),
+    profile=st.sampled_from(["research", "safe_harbor"]),
+)
+def test_random_text_in_an_unnamed_element_never_survives(
+    rtype: str, where: st.DataObject, text: str, shape: str, profile: str
+) -> None:
+    secret = f"Qzx{text.strip()}Prop"
+    path = where.draw(st.sampled_from(UNNAMED_TOP[rtype] + UNNAMED_INSIDE))
+    resource = orjson.loads(orjson.dumps(BASE_BY_TYPE[rtype]))
+    _plant(resource, path, _shape(secret, shape))
+    released = _release(profile, [resource])
+    assert secret.casefold() not in orjson.dumps(released).decode().casefold()

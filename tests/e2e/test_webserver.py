@@ -1,0 +1,73 @@
+"""The platform as a data engineer operates it: `dagster dev`, the landing sensor turned on, a
+batch dropped, and the release brought up to date without anyone pressing a button."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from dagster_ui import DagsterUI, ui_release  # noqa: F401 - the session fixture
+
+from pipelines.definitions import defs
+
+pytestmark = pytest.mark.e2e
+
+REPO_FIELDS = (
+    "assetGroups { groupName } jobs { name } sensors { name sensorState { status } } "
+    "assetNodes { assetKey { path } groupName kinds "
+    "assetChecksOrError { ... on AssetChecks { checks { name } } } }"
+)
+
+
+def test_every_group_asset_check_job_and_sensor_loads(ui_release: DagsterUI) -> None:  # noqa: F811
+    repo = ui_release.repository(REPO_FIELDS)
+    graph = defs.resolve_asset_graph()
+    expected_assets = {k.to_user_string() for k in graph.get_all_asset_keys()}
+    nodes = {"/".join(n["assetKey"]["path"]): n for n in repo["assetNodes"]}
+    assert set(nodes) == expected_assets
+    assert {g["groupName"] for g in repo["assetGroups"]} == {
+        "ingest", "deid", "views", "features", "feast", "models"
+    }
+    checks = {
+        f"{key}:{c['name']}"
+        for key, node in nodes.items()
+        for c in node["assetChecksOrError"].get("checks", [])
+    }
+    assert checks == {f"{c.asset_key.to_user_string()}:{c.name}" for c in graph.asset_check_keys}
+    assert {"ingest_batch_job", "release_job"} <= {j["name"] for j in repo["jobs"]}
+    sensors = {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
+    assert sensors == {"landing_sensor": "RUNNING", "release_automation": "RUNNING"}
+    assert "sklearn" in nodes["readmission_model"]["kinds"]
+
+
+def test_release_followed_the_batch(ui_release: DagsterUI) -> None:  # noqa: F811
+    batch, release = ui_release.batch_run, ui_release.release_run
+    assert batch is not None and release is not None
+    tags = {t["key"]: t["value"] for t in release["tags"]}
+    assert tags.get("dagster/sensor_name") == "release_automation"
+    assert release["startTime"] >= batch["endTime"]
+    print(
+        f"batch run {batch['endTime'] - batch['startTime']:.1f}s, release run "
+        f"{release['endTime'] - release['startTime']:.1f}s, drop to release "
+        f"{ui_release.seconds_to_release:.0f}s"
+    )
+
+
+def _features(workdir: Path) -> dict[str, pd.DataFrame]:
+    """Every published feature table, rows in a stable order, without the build time."""
+    tables = {}
+    for path in sorted((workdir / "features").glob("*.parquet")):
+        frame = pd.read_parquet(path).drop(columns=["created"], errors="ignore")
+        tables[path.stem] = frame.sort_values(list(frame.columns)).reset_index(drop=True)
+    return tables
+
+
+def test_published_features_match_ehr_run(ui_release: DagsterUI) -> None:  # noqa: F811
+    assert ui_release.reference is not None
+    assert ui_release.reference.wait(timeout=300) == 0, ui_release.home.parent / "ehr_run.log"
+    from_ui, from_cli = _features(ui_release.workdir), _features(ui_release.reference_workdir)
+    assert set(from_ui) == set(from_cli) and len(from_ui) == 5
+    for name, frame in from_ui.items():
+        assert len(frame) > 0, name
+        pd.testing.assert_frame_equal(frame, from_cli[name], check_like=True, obj=name)

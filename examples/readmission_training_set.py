@@ -50,7 +50,7 @@ def main() -> None:
     store = feature_store(args.repo, workdir / "feast", workdir / "features")
     entity_df = discharges(workdir / "warehouse.duckdb", args.limit)
     training = store.get_historical_features(
-        entity_df=entity_df, features=store.get_feature_service("readmission_v1")
+        entity_df=entity_df, features=store.get_feature_service("readmission_v2")
     ).to_df()
     print(f"training set: {len(training)} rows x {training.shape[1]} columns")
     print(training.describe().T.to_string())
@@ -58,7 +58,7 @@ def main() -> None:
     if len(entity_df):
         patient = str(entity_df["patient_id"].iloc[-1])
         online = store.get_online_features(
-            features=store.get_feature_service("readmission_v1"),
+            features=store.get_feature_service("readmission_v2"),
             entity_rows=[{"patient_id": patient}],
         ).to_dict()
         print({name: values[0] for name, values in online.items()})

@@ -7,6 +7,7 @@ data/work); it is resolved when the repo is applied and stored in the registry.
 import os
 from pathlib import Path
 
+import repo_env  # noqa: F401  (fails loudly when EHR_FEAST_DATA is unset)
 from feast import FileSource
 from feast.data_format import ParquetFormat
 
@@ -21,7 +22,8 @@ patient_demographics_source = FileSource(
     file_format=ParquetFormat(),
     timestamp_field="event_timestamp",
     created_timestamp_column="created",
-    description="features.patient_demographics: age, sex, race and ethnicity at each encounter.",
+    description="features.patient_demographics: age, sex, race and ethnicity; a row at the "
+    "first data time and at every birthday.",
 )
 
 patient_utilisation_source = FileSource(
@@ -30,8 +32,8 @@ patient_utilisation_source = FileSource(
     file_format=ParquetFormat(),
     timestamp_field="event_timestamp",
     created_timestamp_column="created",
-    description="features.patient_utilisation: encounter counts and last stay at each encounter "
-    "start and end.",
+    description="features.patient_utilisation: encounter counts and the latest prior stay; a "
+    "row wherever a value changes.",
 )
 
 patient_comorbidities_source = FileSource(

@@ -1,4 +1,9 @@
-"""Versioned feature services: a model names one and gets exactly these features."""
+"""Versioned feature services: a model names one and gets exactly these features.
+
+``readmission_v1`` was retired with the features it named (snapshots exact only at events,
+``days_since_last_discharge`` and ``inpatient_admissions_30d`` counting the index stay);
+``readmission_v2`` names the features that are exact at any T.
+"""
 
 from feast import FeatureService
 from features import (
@@ -9,8 +14,8 @@ from features import (
     patient_utilisation,
 )
 
-readmission_v1 = FeatureService(
-    name="readmission_v1",
+readmission_v2 = FeatureService(
+    name="readmission_v2",
     features=[
         patient_demographics[["age_years", "sex"]],
         patient_utilisation,
@@ -20,7 +25,7 @@ readmission_v1 = FeatureService(
             [
                 "hba1c_latest",
                 "hba1c_mean_365d",
-                "hba1c_days_since",
+                "hba1c_measured_at",
                 "glucose_latest",
                 "creatinine_latest",
                 "egfr_latest",
@@ -31,13 +36,14 @@ readmission_v1 = FeatureService(
             ]
         ],
     ],
-    description="30-day readmission model, version 1: features at the index discharge. A new "
-    "model version gets a new service (readmission_v2), never a changed one.",
+    description="30-day readmission model, version 2: features at the index discharge, the "
+    "index stay excluded from the prior-stay features. A new model version gets a new service "
+    "(readmission_v3), never a changed one.",
     owner="data-platform",
     tags={
         "owner": "data-platform",
         "model": "readmission",
-        "version": "1",
+        "version": "2",
         "sensitivity": "sensitive-health",
     },
 )

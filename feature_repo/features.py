@@ -1,6 +1,16 @@
-"""One feature view per feature table; every field is declared (no schema inference)."""
+"""One feature view per feature table; every field is declared (no schema inference), with a
+description and its unit in the field's tags (``unit``; ``"1"`` for counts, ``flag`` for
+booleans, ``code`` for coded values).
+
+TTL: every table has a row at each time one of its values changes (see
+``pipelines/features/tables.py``), so the latest row at or before T holds the value at T however
+long ago it was written: a TTL shorter than the whole record would turn a known value (a
+Charlson index coded in 2007, a count that has been 0 for two years) into null. Every view
+therefore keeps its values for ``KNOWN_FOREVER`` (100 years), and the reason is repeated per view.
+"""
 
 from datetime import timedelta
+from typing import Any
 
 from data_sources import (
     patient_comorbidities_source,
@@ -11,95 +21,163 @@ from data_sources import (
 )
 from entities import patient
 from feast import FeatureView, Field
-from feast.types import Bool, Float64, Int64, String
+from feast.types import Bool, Float64, Int64, String, UnixTimestamp
 
 OWNER = "data-platform"
+KNOWN_FOREVER = timedelta(days=36525)
+UTILISATION_WINDOWS = (30, 180, 365)
 
-# Long TTL: these change slowly (age by one a year).
+
+def _field(name: str, dtype: Any, description: str, unit: str) -> Field:
+    return Field(name=name, dtype=dtype, description=description, tags={"unit": unit})
+
+
+# TTL: age has a row at every birthday up to 90 and sex/race never change, so the latest row
+# is always right.
 patient_demographics = FeatureView(
     name="patient_demographics",
     entities=[patient],
-    ttl=timedelta(days=3650),
+    ttl=KNOWN_FOREVER,
     schema=[
-        Field(name="age_years", dtype=Int64),
-        Field(name="sex", dtype=String),
-        Field(name="race_code", dtype=String),
-        Field(name="ethnicity_code", dtype=String),
+        _field(
+            "age_years",
+            Int64,
+            "Age in whole years at T, capped at 90 at T (HIPAA 90+), from the released birth "
+            "date (a year-only birth date counts from 1 January; withheld: null).",
+            "years",
+        ),
+        _field("sex", String, "Administrative gender (Patient.gender).", "code"),
+        _field("race_code", String, "OMB race category code (US Core race).", "code"),
+        _field("ethnicity_code", String, "OMB ethnicity category code.", "code"),
     ],
     source=patient_demographics_source,
     online=True,
     description=(
-        "Age in whole years at the event (90 for 90 and over), administrative sex, OMB race and "
-        "ethnicity codes; a row per encounter start and end."
+        "Age in whole years at T (90 for 90 and over, at T), administrative sex, OMB race and "
+        "ethnicity codes; a row at the first data time and at every birthday up to 90."
     ),
     owner=OWNER,
     tags={
-        "description": "Age, sex, race and ethnicity at each encounter",
+        "description": "Age, sex, race and ethnicity at any time",
         "owner": OWNER,
         "sensitivity": "quasi-identifier",
         "table": "features.patient_demographics",
+        "rule": "views.patient; age = whole years from birth_date to T, min(age, 90)",
     },
 )
 
-# TTL: 365 days, the longest window the counts look back over.
+
+def _utilisation_fields() -> list[Field]:
+    fields: list[Field] = []
+    for d in UTILISATION_WINDOWS:
+        fields += [
+            _field(
+                f"encounters_{d}d",
+                Int64,
+                f"Encounters of any class started in (T - {d} days, T], the current one included.",
+                "1",
+            ),
+            _field(
+                f"emergency_visits_{d}d",
+                Int64,
+                f"Emergency encounters (class EMER) started in (T - {d} days, T].",
+                "1",
+            ),
+            _field(
+                f"prior_inpatient_stays_{d}d",
+                Int64,
+                f"Inpatient stays (class IMP) discharged in [T - {d} days, T): a stay "
+                "discharged at T (the index stay at a discharge) is not counted.",
+                "1",
+            ),
+        ]
+    return fields
+
+
+# TTL: a row at every encounter start, discharge and window edge, counts 0 (not null) from the
+# patient's start: a quiet year is 0 admissions, not an unknown.
 patient_utilisation = FeatureView(
     name="patient_utilisation",
     entities=[patient],
-    ttl=timedelta(days=365),
+    ttl=KNOWN_FOREVER,
     schema=[
-        Field(name="encounters_30d", dtype=Int64),
-        Field(name="emergency_visits_30d", dtype=Int64),
-        Field(name="inpatient_admissions_30d", dtype=Int64),
-        Field(name="encounters_180d", dtype=Int64),
-        Field(name="emergency_visits_180d", dtype=Int64),
-        Field(name="inpatient_admissions_180d", dtype=Int64),
-        Field(name="encounters_365d", dtype=Int64),
-        Field(name="emergency_visits_365d", dtype=Int64),
-        Field(name="inpatient_admissions_365d", dtype=Int64),
-        Field(name="days_since_last_discharge", dtype=Int64),
-        Field(name="last_length_of_stay_days", dtype=Int64),
+        *_utilisation_fields(),
+        _field(
+            "prior_discharge_at",
+            UnixTimestamp,
+            "Time of the latest inpatient discharge strictly before T (days since = T minus "
+            "this; pipelines.models.training_set.with_days_since derives it).",
+            "timestamp",
+        ),
+        _field(
+            "prior_stay_length_days",
+            Int64,
+            "Length in days of the latest inpatient stay discharged strictly before T.",
+            "days",
+        ),
     ],
     source=patient_utilisation_source,
     online=True,
     description=(
-        "Encounters, emergency visits and inpatient admissions over 30/180/365 days, days since "
-        "the last inpatient discharge and that stay's length; a row per encounter start and end."
+        "Encounters and emergency visits started in the last 30/180/365 days, inpatient stays "
+        "discharged in the 30/180/365 days before T, and the latest prior stay; exact at any T."
     ),
     owner=OWNER,
     tags={
-        "description": "Encounter counts over 30/180/365 days and the last inpatient stay",
+        "description": "Encounter counts over 30/180/365 days and the latest prior stay",
         "owner": OWNER,
         "sensitivity": "pseudonymous",
         "table": "features.patient_utilisation",
+        "rule": "views.encounter: period_start, period_end, class_code",
     },
 )
 
-# Long TTL: chronic history flags only change when a group is first coded.
+CONDITION_GROUPS = {
+    "asthma": "asthma",
+    "atrial_fibrillation": "atrial fibrillation",
+    "cancer": "any malignancy",
+    "ckd": "chronic kidney disease",
+    "copd": "chronic obstructive pulmonary disease",
+    "depression": "depression",
+    "diabetes": "diabetes mellitus",
+    "heart_failure": "heart failure",
+    "hyperlipidemia": "hyperlipidaemia",
+    "hypertension": "hypertension",
+    "mi": "myocardial infarction",
+    "obesity": "obesity",
+    "stroke": "stroke",
+}
+
+# TTL: a row at the patient's start and wherever a group is first known; the flags are "ever
+# known" and never expire (a Charlson index from 2007 is still the index in 2025).
 patient_comorbidities = FeatureView(
     name="patient_comorbidities",
     entities=[patient],
-    ttl=timedelta(days=3650),
+    ttl=KNOWN_FOREVER,
     schema=[
-        Field(name="has_asthma", dtype=Bool),
-        Field(name="has_atrial_fibrillation", dtype=Bool),
-        Field(name="has_cancer", dtype=Bool),
-        Field(name="has_ckd", dtype=Bool),
-        Field(name="has_copd", dtype=Bool),
-        Field(name="has_depression", dtype=Bool),
-        Field(name="has_diabetes", dtype=Bool),
-        Field(name="has_heart_failure", dtype=Bool),
-        Field(name="has_hyperlipidemia", dtype=Bool),
-        Field(name="has_hypertension", dtype=Bool),
-        Field(name="has_mi", dtype=Bool),
-        Field(name="has_obesity", dtype=Bool),
-        Field(name="has_stroke", dtype=Bool),
-        Field(name="charlson_index", dtype=Int64),
+        *[
+            _field(
+                f"has_{key}",
+                Bool,
+                f"A non-refuted condition of the {text} value set known at or before T "
+                "(recordedDate, else onset).",
+                "flag",
+            )
+            for key, text in CONDITION_GROUPS.items()
+        ],
+        _field(
+            "charlson_index",
+            Int64,
+            "Charlson comorbidity index (Quan 2011 weights) of conditions known at or before T.",
+            "points",
+        ),
     ],
     source=patient_comorbidities_source,
     online=True,
     description=(
-        "Condition groups ever coded (SNOMED CT / ICD-10-CM value sets in fhir/valuesets) and the "
-        "Charlson index with Quan 2011 weights; a row where a group is first coded."
+        "Condition groups known at or before T (SNOMED CT / ICD-10-CM value sets in "
+        "fhir/valuesets; a diagnosis counts from its recordedDate, else its onset) and the "
+        "Charlson index with Quan 2011 weights."
     ),
     owner=OWNER,
     tags={
@@ -107,27 +185,52 @@ patient_comorbidities = FeatureView(
         "owner": OWNER,
         "sensitivity": "sensitive-health",
         "table": "features.patient_comorbidities",
+        "rule": "views.condition: coalesce(recorded_date, onset_date_time), code; value sets",
     },
 )
 
-# TTL: 365 days: an active prescription stays active between visits that can be months apart.
+DRUG_CLASSES = (
+    "anticoagulant",
+    "antidepressant",
+    "antihypertensive",
+    "antiplatelet",
+    "insulin",
+    "metformin",
+    "other_antidiabetic",
+    "respiratory_inhaler",
+    "statin",
+)
+
+# TTL: a row at every prescription and where it leaves the 90/180-day windows, so the latest
+# row holds the value however long ago the last prescription was.
 patient_medications = FeatureView(
     name="patient_medications",
     entities=[patient],
-    ttl=timedelta(days=365),
+    ttl=KNOWN_FOREVER,
     schema=[
-        Field(name="active_medication_count", dtype=Int64),
-        Field(name="medications_180d", dtype=Int64),
-        Field(name="polypharmacy", dtype=Bool),
-        Field(name="on_anticoagulant", dtype=Bool),
-        Field(name="on_antidepressant", dtype=Bool),
-        Field(name="on_antihypertensive", dtype=Bool),
-        Field(name="on_antiplatelet", dtype=Bool),
-        Field(name="on_insulin", dtype=Bool),
-        Field(name="on_metformin", dtype=Bool),
-        Field(name="on_other_antidiabetic", dtype=Bool),
-        Field(name="on_respiratory_inhaler", dtype=Bool),
-        Field(name="on_statin", dtype=Bool),
+        _field(
+            "active_medication_count",
+            Int64,
+            "Distinct drugs with a prescription active at T: status active/on-hold, or "
+            "authored in (T - 90 days, T].",
+            "1",
+        ),
+        _field(
+            "medications_180d",
+            Int64,
+            "Distinct drugs prescribed in (T - 180 days, T].",
+            "1",
+        ),
+        _field("polypharmacy", Bool, "5 or more active medications at T.", "flag"),
+        *[
+            _field(
+                f"on_{c}",
+                Bool,
+                f"An active prescription of the {c.replace('_', ' ')} RxNorm class at T.",
+                "flag",
+            )
+            for c in DRUG_CLASSES
+        ],
     ],
     source=patient_medications_source,
     online=True,
@@ -141,48 +244,54 @@ patient_medications = FeatureView(
         "owner": OWNER,
         "sensitivity": "sensitive-health",
         "table": "features.patient_medications",
+        "rule": "views.medication_request: authored_on, status, medication_code",
     },
 )
 
-# TTL: 2 years; an older lab value is no longer the patient's state.
+LAB_UNITS = {
+    "hba1c": ("HbA1c", "%"),
+    "glucose": ("glucose", "mg/dL"),
+    "creatinine": ("creatinine", "mg/dL"),
+    "egfr": ("eGFR", "mL/min/1.73m2"),
+    "ldl": ("LDL cholesterol", "mg/dL"),
+    "bmi": ("body mass index", "kg/m2"),
+    "systolic_bp": ("systolic blood pressure", "mm[Hg]"),
+    "diastolic_bp": ("diastolic blood pressure", "mm[Hg]"),
+    "heart_rate": ("heart rate", "/min"),
+}
+
+
+def _lab_fields() -> list[Field]:
+    fields: list[Field] = []
+    for key, (text, unit) in LAB_UNITS.items():
+        fields += [
+            _field(f"{key}_latest", Float64, f"Latest {text} measured at or before T.", unit),
+            _field(
+                f"{key}_mean_365d", Float64, f"Mean {text} measured in (T - 365 days, T].", unit
+            ),
+            _field(
+                f"{key}_measured_at",
+                UnixTimestamp,
+                f"When the latest {text} was measured (days since = T minus this).",
+                "timestamp",
+            ),
+        ]
+    return fields
+
+
+# TTL: the latest value is the latest value, however old; its age is the "_measured_at" field,
+# so a model (not an expiry) decides what is too old.
 patient_labs_vitals = FeatureView(
     name="patient_labs_vitals",
     entities=[patient],
-    ttl=timedelta(days=730),
-    schema=[
-        Field(name="hba1c_latest", dtype=Float64),
-        Field(name="hba1c_mean_365d", dtype=Float64),
-        Field(name="hba1c_days_since", dtype=Int64),
-        Field(name="glucose_latest", dtype=Float64),
-        Field(name="glucose_mean_365d", dtype=Float64),
-        Field(name="glucose_days_since", dtype=Int64),
-        Field(name="creatinine_latest", dtype=Float64),
-        Field(name="creatinine_mean_365d", dtype=Float64),
-        Field(name="creatinine_days_since", dtype=Int64),
-        Field(name="egfr_latest", dtype=Float64),
-        Field(name="egfr_mean_365d", dtype=Float64),
-        Field(name="egfr_days_since", dtype=Int64),
-        Field(name="ldl_latest", dtype=Float64),
-        Field(name="ldl_mean_365d", dtype=Float64),
-        Field(name="ldl_days_since", dtype=Int64),
-        Field(name="bmi_latest", dtype=Float64),
-        Field(name="bmi_mean_365d", dtype=Float64),
-        Field(name="bmi_days_since", dtype=Int64),
-        Field(name="systolic_bp_latest", dtype=Float64),
-        Field(name="systolic_bp_mean_365d", dtype=Float64),
-        Field(name="systolic_bp_days_since", dtype=Int64),
-        Field(name="diastolic_bp_latest", dtype=Float64),
-        Field(name="diastolic_bp_mean_365d", dtype=Float64),
-        Field(name="diastolic_bp_days_since", dtype=Int64),
-        Field(name="heart_rate_latest", dtype=Float64),
-        Field(name="heart_rate_mean_365d", dtype=Float64),
-        Field(name="heart_rate_days_since", dtype=Int64),
-    ],
+    ttl=KNOWN_FOREVER,
+    schema=_lab_fields(),
     source=patient_labs_vitals_source,
     online=True,
     description=(
-        "Latest value, 365-day mean and days since measured of HbA1c, glucose, creatinine, eGFR, "
-        "LDL, BMI, blood pressure and heart rate."
+        "Latest value, when it was measured and the 365-day mean of HbA1c, glucose, "
+        "creatinine, eGFR, LDL, BMI, blood pressure and heart rate (values in the units the "
+        "source states; the tags name the expected UCUM unit)."
     ),
     owner=OWNER,
     tags={
@@ -190,5 +299,6 @@ patient_labs_vitals = FeatureView(
         "owner": OWNER,
         "sensitivity": "sensitive-health",
         "table": "features.patient_labs_vitals",
+        "rule": "views.observation: LOINC code or BP component, value_quantity, effective time",
     },
 )

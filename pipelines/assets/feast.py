@@ -73,9 +73,10 @@ def feast_online_store(
     feast_store: FeastStoreResource,
     keys: KeyProviderResource,
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
-    """Materialise feature rows newer than the last run into the SQLite online store."""
+    """Materialise the latest feature row of every patient, however old, up to the release's
+    data end into the SQLite online store."""
     report = feast_store.materialize(warehouse.workdir)
-    context.log.info(f"feast materialize-incremental to {report.end:%Y-%m-%d %H:%M} UTC")
+    context.log.info(f"feast materialize: latest rows up to {report.end:%Y-%m-%d} (data end)")
     yield MaterializeResult(
         metadata={
             "end": report.end.isoformat(),

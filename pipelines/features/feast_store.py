@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 from feast import FeatureStore
 
 from pipelines.content import feature_repo_dir
@@ -51,14 +53,40 @@ def feast_env(data_dir: Path | str, features_dir: Path | str | None = None) -> d
     return env
 
 
+class FeastDataNotSetError(RuntimeError):
+    """EHR_FEAST_DATA is missing or relative; the message says how to fix it."""
+
+
+def feast_data_from_env() -> Path:
+    """``EHR_FEAST_DATA`` as an absolute path, or a :class:`FeastDataNotSetError` with the fix.
+
+    Feast leaves an unset variable literal (and creates a folder named ``${EHR_FEAST_DATA}``)
+    and resolves a relative one against the repo folder, not the working directory."""
+    value = os.environ.get(FEAST_DATA_ENV, "")
+    if not value:
+        raise FeastDataNotSetError(
+            f"{FEAST_DATA_ENV} is not set. Fix: export {FEAST_DATA_ENV}=$PWD/data/work/feast, "
+            "or call feature_store(repo, data_dir, features_dir) with the folders."
+        )
+    if not Path(value).is_absolute():
+        raise FeastDataNotSetError(
+            f"{FEAST_DATA_ENV}={value!r} is relative and Feast would resolve it against the "
+            f'feature repo. Fix: export {FEAST_DATA_ENV}="$(realpath {value})".'
+        )
+    return Path(value)
+
+
 def feature_store(
-    repo_dir: Path | str, data_dir: Path | str, features_dir: Path | str | None = None
+    repo_dir: Path | str | None = None,
+    data_dir: Path | str | None = None,
+    features_dir: Path | str | None = None,
 ) -> FeatureStore:
-    """A FeatureStore over ``repo_dir`` with its registry and online store in ``data_dir``.
+    """A FeatureStore over ``repo_dir`` with its registry and online store in ``data_dir``
+    (default: ``EHR_FEAST_DATA``, which must then be set and absolute).
 
     Sets the variables in this process's environment first: Feast expands them when it reads
     feature_store.yaml (here) and again whenever it reloads the config."""
-    env = feast_env(data_dir, features_dir)
+    env = feast_env(data_dir if data_dir is not None else feast_data_from_env(), features_dir)
     os.environ.update(env)
     Path(env[FEAST_DATA_ENV]).mkdir(parents=True, exist_ok=True)
     return FeatureStore(repo_path=str(resolve_repo(repo_dir)))
@@ -162,3 +190,102 @@ def materialize_incremental(store: FeatureStore, end: datetime | None = None) ->
     store.materialize_incremental(end_date=end)
     seconds = round(time.perf_counter() - started, 3)
     return MaterializeReport(end=end, seconds=seconds, entities_online=online_entity_counts(store))
+
+
+# Materialisation starts before any plausible record (birth dates of the oldest patients).
+HISTORY_START = datetime(1900, 1, 1, tzinfo=UTC)
+
+
+def data_end(store: FeatureStore) -> datetime | None:
+    """The latest ``event_timestamp`` over the feature views' Parquet sources: the release's
+    data end, since the feature tables write no row after it."""
+    import duckdb
+
+    sources = [v.batch_source for v in store.list_feature_views()]
+    paths = [getattr(s, "path", None) for s in sources]
+    paths = [p for p in paths if p and Path(p).exists()]
+    if not paths:
+        return None
+    con = duckdb.connect()
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        ((end,),) = con.execute(
+            "SELECT max(event_timestamp) FROM read_parquet(?, union_by_name = true)", [paths]
+        ).fetchall()
+    finally:
+        con.close()
+    return end.astimezone(UTC) if end is not None else None
+
+
+def materialize_latest(store: FeatureStore, end: datetime | None = None) -> MaterializeReport:
+    """Load the online store with the latest row per patient and view, however old, up to
+    ``end`` (default: the release's data end, see :func:`data_end`).
+
+    Incremental materialisation loads [now - TTL, now] only, while a de-identified release ends
+    months before now and a patient's latest row can be years old: most patients would have
+    nothing online. Every row of a feature table is valid until the patient's next row, so the
+    latest row at or before the data end is the patient's value now (as far as the release
+    knows)."""
+    end = end or data_end(store) or datetime.now(UTC)
+    started = time.perf_counter()
+    # Feast's end bound is exclusive of nothing but its own rounding; a microsecond margin
+    # keeps a row stamped exactly at the data end
+    stop = end + timedelta(microseconds=1)
+    for view in store.list_feature_views():
+        store.materialize(start_date=HISTORY_START, end_date=stop, feature_views=[view.name])
+    seconds = round(time.perf_counter() - started, 3)
+    return MaterializeReport(end=end, seconds=seconds, entities_online=online_entity_counts(store))
+
+
+class UnknownEntityError(KeyError):
+    """Patients the online store holds no value for (never released, opted out, or erased)."""
+
+
+@dataclass
+class OnlineAnswer:
+    """Online feature values per requested patient, and the patients the store does not know
+    (whose values would otherwise come back as silent nulls)."""
+
+    values: dict[str, list[Any]]
+    unknown: list[str]
+
+
+def online_features(
+    store: FeatureStore, features: Any, patient_ids: list[str], *, strict: bool = False
+) -> OnlineAnswer:
+    """``get_online_features`` for ``patient_ids`` that says which patients are unknown: a
+    patient is unknown when no requested feature view holds a row for them. ``strict`` raises
+    :class:`UnknownEntityError` naming how many (pseudonyms are in ``.args[1]``)."""
+    response = store.get_online_features(
+        features=features, entity_rows=[{"patient_id": p} for p in patient_ids]
+    )
+    values = response.to_dict(include_event_timestamps=True)
+    # a feature's "__ts" is its row's event time, 0 (or None) when the store has no row
+    stamps = [k for k in values if k.endswith("__ts") and k != "patient_id__ts"]
+    unknown = [pid for i, pid in enumerate(patient_ids) if not any(values[k][i] for k in stamps)]
+    stamps.append("patient_id__ts")
+    values = {k: v for k, v in values.items() if k not in stamps}
+    if strict and unknown:
+        raise UnknownEntityError(f"{len(unknown)} patient(s) unknown to the online store", unknown)
+    return OnlineAnswer(values=values, unknown=unknown)
+
+
+# pandas dtypes that keep a Feast type with missing values (NumPy would give float/object)
+_PANDAS_DTYPES = {"Int64": "Int64", "Int32": "Int64", "Bool": "boolean", "String": "string"}
+
+
+def declared_types(store: FeatureStore) -> dict[str, str]:
+    """Feature name -> Feast type name (``Int64``, ``Bool``, ...) from the registry."""
+    return {f.name: str(f.dtype) for v in store.list_feature_views() for f in v.features}
+
+
+def with_declared_types(store: FeatureStore, frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` (from ``get_historical_features``) with Int64 and Bool features as pandas'
+    nullable ``Int64`` and ``boolean``: Feast returns an integer column holding a null as float
+    and a boolean one as object."""
+    out = frame.copy()
+    for name, dtype in declared_types(store).items():
+        target = _PANDAS_DTYPES.get(dtype)
+        if name in out.columns and target:
+            out[name] = out[name].astype(target)
+    return out

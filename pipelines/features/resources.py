@@ -15,7 +15,7 @@ from pipelines.features.feast_store import (
     apply_repo,
     feature_store,
     materialize_incremental,
-    materialize_window,
+    materialize_latest,
     resolve_repo,
 )
 from pipelines.resources import default_workdir
@@ -26,9 +26,10 @@ class FeastStoreResource(ConfigurableResource):
     feature Parquet folder the data sources point at (default ``WORKDIR/features``)."""
 
     repo_path: str = "feature_repo"
-    # False: reload the whole TTL window each run instead of rows newer than the last run
-    # (picks up late rows with old event timestamps; slower).
-    incremental: bool = True
+    # False (default): load the latest row per patient however old, up to the release's data
+    # end (a release ends months before now, so [now - TTL, now] would leave most patients
+    # without values). True: Feast's incremental run (rows newer than the last run).
+    incremental: bool = False
     workdir: str | None = None
     data_dir: str | None = None
     features_dir: str | None = None
@@ -63,4 +64,4 @@ class FeastStoreResource(ConfigurableResource):
         store = self.store(workdir)
         if self.incremental:
             return materialize_incremental(store, end)
-        return materialize_window(store, end)
+        return materialize_latest(store, end)

@@ -1,25 +1,32 @@
-"""The feature tables: snapshots of each patient at their events, computed in DuckDB SQL.
+"""The feature tables: each patient's feature values at every time one of them changes,
+computed in DuckDB SQL.
 
 Every table has ``patient_id`` (the release pseudonym), ``event_timestamp`` (TIMESTAMPTZ, on the
-patient's shifted time line) and ``created`` (when the table was built). A row at time T is
-computed from data stamped <= T only, so Feast's point-in-time join (latest row <= the entity
-timestamp, within the view's TTL) never sees the future. Windows "last N days" are the closed
-interval [T - N days, T].
+patient's shifted time line) and ``created`` (when the table was built). A row at time T holds the
+exact value at every instant from T to the patient's next row, computed from data stamped <= T
+only; so Feast's point-in-time join (latest row <= the entity timestamp) returns the value at any
+entity timestamp, not only at the patient's events. Rows stop at the release's data end (the
+latest event time of the release): what happens later is unknown to the release.
 
-Snapshot times per table (why: a row is needed wherever the value can change):
+Windows "last N days" are the half-open interval (T - N days, T]: an event at t counts from t
+until t + N days, where a row drops it. Change points per table:
 
-- ``patient_demographics``: each encounter start and end plus the patient's first data time
-  (age moves; one row per patient would give the age at first data forever).
-- ``patient_utilisation``: each encounter start and end (the end is the discharge-time
-  prediction point; counts and days-since are true as of it).
-- ``patient_comorbidities``: the first data time plus each time a group is first coded (the
-  flags are "ever coded before", so they only change there).
-- ``patient_medications``: each prescription plus each encounter start and end (90/180-day
-  windows expire between prescriptions).
-- ``patient_labs_vitals``: each measurement time plus each encounter end.
+- ``patient_demographics``: the first data time and every birthday up to 90 (age is whole years
+  at T, capped at 90 at each T, from whatever birth date ``views.patient`` releases: a birth date
+  generalised to a year gives ages from 1 January; a birth date withheld gives a null age).
+- ``patient_utilisation``: the patient's start (birth or first data), each encounter start and
+  start + 30/180/365 days, each inpatient discharge + 1 microsecond (a stay is "prior" strictly
+  after its discharge, so at the discharge itself the index stay is excluded) and + 30/180/365
+  days.
+- ``patient_comorbidities``: the patient's start plus each time a group is first known.
+  A diagnosis is known from ``recordedDate``; only a condition without one falls back to its
+  onset (an onset date is often back-dated: a 2009 onset recorded in 2024 was not known in 2009).
+- ``patient_medications``: the patient's start, each prescription and prescription + 90/180 days.
+- ``patient_labs_vitals``: each measurement time and measurement + 365 days.
 
-Patients who opted out of research (:func:`pipelines.features.cohort.opted_out_sql`) and
-patients absent from ``views.patient`` appear in no table.
+Counts are 0 (not null) from the patient's start; patients who opted out of research
+(:func:`pipelines.features.cohort.opted_out_sql`) and patients absent from ``views.patient``
+appear in no table.
 """
 
 from __future__ import annotations
@@ -146,6 +153,12 @@ CHARLSON_HIERARCHY = {
     "charlson_mld": "charlson_msld",
 }
 _EXCLUDED_REQUEST_STATUS = "('entered-in-error', 'cancelled', 'draft')"
+# When a diagnosis became known: its recorded date; the onset only when nothing was recorded.
+CONDITION_KNOWN_AT = "coalesce(recorded_date, onset_date_time)"
+# "Prior" means strictly before T: a stay counts as prior from one microsecond after its
+# discharge (the Parquet timestamps' resolution), so a row at the discharge excludes the stay.
+AFTER = "INTERVAL 1 MICROSECOND"
+LAB_WINDOW_DAYS = 365
 
 
 @dataclass(frozen=True)
@@ -192,16 +205,34 @@ def _prepare_sources(con: duckdb.DuckDBPyConnection) -> None:
         """
     )
     con.execute(
-        """
+        f"""
         CREATE OR REPLACE TEMP VIEW feature_event_times AS
         SELECT t.patient_id, t.ts FROM (
             SELECT patient_id, period_start AS ts FROM src_encounter
             UNION ALL SELECT patient_id, period_end FROM src_encounter
-            UNION ALL SELECT patient_id, coalesce(onset_date_time, recorded_date) FROM src_condition
+            UNION ALL SELECT patient_id, {CONDITION_KNOWN_AT} FROM src_condition
             UNION ALL SELECT patient_id, effective_date_time FROM src_observation
             UNION ALL SELECT patient_id, authored_on FROM src_medication_request
         ) t SEMI JOIN feature_patients p ON p.patient_id = t.patient_id
         WHERE t.ts IS NOT NULL
+        """
+    )
+    # The release's data end: no row is written after it (later values are unknown).
+    con.execute(
+        "CREATE OR REPLACE TEMP VIEW feature_data_end AS "
+        "SELECT max(ts) AS data_end FROM feature_event_times"
+    )
+    # Where a patient's counts start at 0: birth, or the first data time when earlier or when
+    # no birth date is released.
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP VIEW feature_starts AS
+        SELECT f.patient_id, least(min(p.birth_date)::TIMESTAMPTZ, min(t.ts)) AS ts
+        FROM feature_patients f
+        LEFT JOIN src_patient p ON p.id = f.patient_id
+        LEFT JOIN feature_event_times t ON t.patient_id = f.patient_id
+        GROUP BY f.patient_id
+        HAVING least(min(p.birth_date)::TIMESTAMPTZ, min(t.ts)) IS NOT NULL
         """
     )
 
@@ -210,15 +241,34 @@ def _ts(value: datetime) -> str:
     return f"TIMESTAMPTZ '{value.astimezone(UTC).isoformat()}'"
 
 
+def _frame(days: int) -> str:
+    """A window frame over (T - days, T]: RANGE frames are closed, so one microsecond less."""
+    return f"INTERVAL '{days - 1} days 23:59:59.999999' PRECEDING AND CURRENT ROW"
+
+
+def _before_data_end(alias: str = "s") -> str:
+    return f"{alias}.ts <= (SELECT data_end FROM feature_data_end)"
+
+
 def demographics_sql(created: datetime) -> str:
-    """Age (whole years at the event, 90 for 90 and over), sex, OMB race and ethnicity codes."""
+    """Age (whole years at T, capped at 90 at each T), sex, OMB race and ethnicity codes; a row
+    at the first data time and at every birthday up to 90."""
     return f"""
-    WITH spine AS (
-        SELECT patient_id, period_start AS ts FROM feature_encounters
-        UNION
-        SELECT patient_id, period_end FROM feature_encounters WHERE period_end IS NOT NULL
-        UNION
-        SELECT patient_id, min(ts) FROM feature_event_times GROUP BY patient_id
+    WITH birthdays AS (
+        -- birth + k years; a 29 February birth turns a year older on 1 March in other years
+        SELECT p.id AS patient_id,
+            CASE WHEN day(p.birth_date + to_years(k::INT)) <> day(p.birth_date)
+                 THEN p.birth_date + to_years(k::INT) + INTERVAL 1 DAY
+                 ELSE p.birth_date + to_years(k::INT) END::TIMESTAMPTZ AS ts
+        FROM src_patient p SEMI JOIN feature_patients f ON f.patient_id = p.id,
+            range(0, {AGE_CAP + 1}) r(k)
+        WHERE p.birth_date IS NOT NULL
+    ),
+    spine AS (
+        SELECT s.patient_id, s.ts FROM (
+            SELECT patient_id, ts FROM birthdays
+            UNION SELECT patient_id, min(ts) FROM feature_event_times GROUP BY patient_id
+        ) s WHERE {_before_data_end()}
     ),
     aged AS (
         SELECT s.patient_id, s.ts, p.gender, p.race_code, p.ethnicity_code,
@@ -229,47 +279,65 @@ def demographics_sql(created: datetime) -> str:
         FROM spine s JOIN src_patient p ON p.id = s.patient_id
     )
     SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created,
-        least(greatest(age, 0), {AGE_CAP})::BIGINT AS age_years,
+        -- null before birth; the 90+ cap is applied at T, not at the release date
+        CASE WHEN age >= 0 THEN least(age, {AGE_CAP}) END::BIGINT AS age_years,
         gender AS sex, race_code, ethnicity_code
     FROM aged
     ORDER BY patient_id, event_timestamp
     """
 
 
+def _utilisation_items() -> str:
+    """What the utilisation counts count: encounter starts (in the window from their start)
+    and inpatient discharges (counted as prior from just after the discharge)."""
+    return f"""
+        SELECT patient_id, period_start AS ts, 1 AS n_enc, (class_code = 'EMER')::INT AS n_emer,
+            0 AS n_stay
+        FROM feature_encounters
+        UNION ALL
+        SELECT patient_id, period_end + {AFTER}, 0, 0, 1
+        FROM feature_encounters WHERE class_code = 'IMP' AND period_end IS NOT NULL
+    """
+
+
 def utilisation_sql(created: datetime) -> str:
-    """Encounter, emergency and inpatient counts over 30/180/365 days, days since the last
-    inpatient discharge and that stay's length in days."""
+    """Encounters and emergency visits started in the last 30/180/365 days, inpatient stays
+    discharged in the 30/180/365 days before T (the stay discharged at T excluded), and the
+    discharge time and length of the latest stay discharged before T."""
     windows = ",\n".join(
-        f"w{d} AS (PARTITION BY patient_id ORDER BY ts "
-        f"RANGE BETWEEN INTERVAL {d} DAYS PRECEDING AND CURRENT ROW)"
+        f"w{d} AS (PARTITION BY patient_id ORDER BY ts RANGE BETWEEN {_frame(d)})"
         for d in UTILISATION_WINDOWS
     )
     counts = ",\n".join(
-        f"sum({col}) OVER w{d}::BIGINT AS {name}_{d}d"
+        f"coalesce(sum({col}) OVER w{d}, 0)::BIGINT AS {name}_{d}d"
         for d in UTILISATION_WINDOWS
         for col, name in (
             ("n_enc", "encounters"),
             ("n_emer", "emergency_visits"),
-            ("n_imp", "inpatient_admissions"),
+            ("n_stay", "prior_inpatient_stays"),
         )
     )
     names = ", ".join(
         f"snap.{name}_{d}d"
         for d in UTILISATION_WINDOWS
-        for name in ("encounters", "emergency_visits", "inpatient_admissions")
+        for name in ("encounters", "emergency_visits", "prior_inpatient_stays")
+    )
+    drops = "\n".join(
+        f"UNION SELECT patient_id, ts + INTERVAL {d} DAY FROM items" for d in UTILISATION_WINDOWS
     )
     return f"""
-    WITH spine AS (
-        SELECT patient_id, period_start AS ts FROM feature_encounters
-        UNION
-        SELECT patient_id, period_end FROM feature_encounters WHERE period_end IS NOT NULL
+    WITH items AS ({_utilisation_items()}),
+    spine AS (
+        SELECT s.patient_id, s.ts FROM (
+            SELECT patient_id, ts FROM feature_starts
+            UNION SELECT patient_id, ts FROM items
+            {drops}
+        ) s WHERE {_before_data_end()}
     ),
     ev AS (
-        SELECT patient_id, ts, 0 AS n_enc, 0 AS n_emer, 0 AS n_imp, true AS is_spine FROM spine
+        SELECT patient_id, ts, 0 AS n_enc, 0 AS n_emer, 0 AS n_stay, true AS is_spine FROM spine
         UNION ALL
-        SELECT patient_id, period_start, 1, (class_code = 'EMER')::INT, (class_code = 'IMP')::INT,
-            false
-        FROM feature_encounters
+        SELECT patient_id, ts, n_enc, n_emer, n_stay, false FROM items
     ),
     w AS (
         SELECT patient_id, ts, is_spine,
@@ -284,23 +352,18 @@ def utilisation_sql(created: datetime) -> str:
     snap AS (SELECT * FROM w WHERE is_spine)
     SELECT snap.patient_id AS patient_id, snap.ts AS event_timestamp,
         {_ts(created)} AS created, {names},
-        date_diff('day', s.period_end, snap.ts)::BIGINT AS days_since_last_discharge,
-        date_diff('day', s.period_start, s.period_end)::BIGINT AS last_length_of_stay_days
+        s.period_end AS prior_discharge_at,
+        date_diff('day', s.period_start, s.period_end)::BIGINT AS prior_stay_length_days
     FROM snap ASOF LEFT JOIN stays s
-        ON snap.patient_id = s.patient_id AND snap.ts >= s.period_end
+        ON snap.patient_id = s.patient_id AND snap.ts > s.period_end
     ORDER BY patient_id, event_timestamp
     """
 
 
-def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
-    """Flags per condition group (ever coded at or before T) and the Charlson index with Quan
-    2011 weights; a category a more severe one replaces is not counted twice."""
-    groups = of_kind(valuesets, "condition")
+def _charlson_index(valuesets: list[ValueSet]) -> str:
+    """The Charlson sum (Quan 2011 weights) over the flag columns; a category a more severe
+    one replaces is not counted twice."""
     charlson = of_kind(valuesets, "charlson")
-    all_columns = [v.column for v in groups + charlson]
-    flags = ",\n".join(
-        f"coalesce(bool_or(m.column_name = '{c}'), false) AS {c}" for c in all_columns
-    )
     charlson_columns = {v.column for v in charlson}
     terms = []
     for v in charlson:
@@ -312,16 +375,25 @@ def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
             terms.append(f"CASE WHEN {v.column} AND NOT {replaced_by} THEN {weight} ELSE 0 END")
         else:
             terms.append(f"CASE WHEN {v.column} THEN {weight} ELSE 0 END")
-    index = " + ".join(terms) or "0"
+    return " + ".join(terms) or "0"
+
+
+def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
+    """Flags per condition group (known at or before T) and the Charlson index."""
+    groups = of_kind(valuesets, "condition")
+    all_columns = [v.column for v in groups + of_kind(valuesets, "charlson")]
+    flags = ",\n".join(
+        f"coalesce(bool_or(m.column_name = '{c}'), false) AS {c}" for c in all_columns
+    )
     group_columns = ", ".join(v.column for v in groups)
     return f"""
     WITH cond AS (
-        SELECT c.patient_id, coalesce(c.onset_date_time, c.recorded_date) AS ts,
+        SELECT c.patient_id, {CONDITION_KNOWN_AT} AS ts,
             c.code_system AS system, upper(replace(trim(c.code), '.', '')) AS code
         FROM src_condition c SEMI JOIN feature_patients p ON p.patient_id = c.patient_id
         WHERE coalesce(lower(c.verification_status), '')
                 NOT IN ('refuted', 'entered-in-error')
-          AND coalesce(c.onset_date_time, c.recorded_date) IS NOT NULL AND c.code IS NOT NULL
+          AND {CONDITION_KNOWN_AT} IS NOT NULL AND c.code IS NOT NULL
     ),
     keyed AS (
         -- SNOMED CT: the code itself; ICD-10-CM: every prefix of 3+ characters (is-a)
@@ -339,17 +411,18 @@ def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
         GROUP BY ALL
     ),
     spine AS (
-        SELECT patient_id, min(ts) AS ts FROM feature_event_times GROUP BY patient_id
+        SELECT patient_id, ts FROM feature_starts
         UNION
         SELECT patient_id, first_ts FROM matched
     ),
     flagged AS (
         SELECT s.patient_id, s.ts, {flags}
         FROM spine s LEFT JOIN matched m ON m.patient_id = s.patient_id AND m.first_ts <= s.ts
+        WHERE {_before_data_end()}
         GROUP BY s.patient_id, s.ts
     )
     SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created, {group_columns},
-        ({index})::BIGINT AS charlson_index
+        ({_charlson_index(valuesets)})::BIGINT AS charlson_index
     FROM flagged
     ORDER BY patient_id, event_timestamp
     """
@@ -373,17 +446,21 @@ def medications_sql(created: datetime, valuesets: list[ValueSet]) -> str:
           AND lower(coalesce(m.status, '')) NOT IN {_EXCLUDED_REQUEST_STATUS}
     ),
     spine AS (
-        SELECT patient_id, ts FROM med
-        UNION SELECT patient_id, period_start FROM feature_encounters
-        UNION SELECT patient_id, period_end FROM feature_encounters WHERE period_end IS NOT NULL
+        SELECT s.patient_id, s.ts FROM (
+            SELECT patient_id, ts FROM feature_starts
+            UNION SELECT patient_id, ts FROM med
+            UNION SELECT patient_id, ts + INTERVAL {ACTIVE_DAYS} DAY FROM med
+            UNION SELECT patient_id, ts + INTERVAL {RECENT_DAYS} DAY FROM med
+        ) s WHERE {_before_data_end()}
     ),
     considered AS (
+        -- windows (T - N days, T]: a course authored at t is recent until t + N days
         SELECT s.patient_id, s.ts, m.code, m.system,
             (m.status IN ('active', 'on-hold')
-             OR m.ts >= s.ts - INTERVAL {ACTIVE_DAYS} DAYS) AS is_active,
-            m.ts >= s.ts - INTERVAL {RECENT_DAYS} DAYS AS is_recent
+             OR m.ts > s.ts - INTERVAL {ACTIVE_DAYS} DAYS) AS is_active,
+            m.ts > s.ts - INTERVAL {RECENT_DAYS} DAYS AS is_recent
         FROM spine s JOIN med m ON m.patient_id = s.patient_id AND m.ts <= s.ts
-        WHERE m.status IN ('active', 'on-hold') OR m.ts >= s.ts - INTERVAL {RECENT_DAYS} DAYS
+        WHERE m.status IN ('active', 'on-hold') OR m.ts > s.ts - INTERVAL {RECENT_DAYS} DAYS
     ),
     counted AS (
         SELECT s.patient_id, s.ts,
@@ -417,7 +494,7 @@ def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def labs_vitals_sql(created: datetime) -> str:
-    """Per measure: the latest value, the mean over 365 days and the days since the latest."""
+    """Per measure: the latest value, when it was measured and the mean over 365 days."""
     parts = []
     finals = []
     for m in LAB_MEASURES:
@@ -425,12 +502,10 @@ def labs_vitals_sql(created: datetime) -> str:
             f"last_value(CASE WHEN measure = '{m}' THEN value END IGNORE NULLS) OVER wall "
             f"AS {m}_latest,\n"
             f"last_value(CASE WHEN measure = '{m}' THEN ts END IGNORE NULLS) OVER wall "
-            f"AS {m}_at,\n"
-            f"avg(CASE WHEN measure = '{m}' THEN value END) OVER w365 AS {m}_mean_365d"
+            f"AS {m}_measured_at,\n"
+            f"avg(CASE WHEN measure = '{m}' THEN value END) OVER wmean AS {m}_mean_365d"
         )
-        finals.append(
-            f"{m}_latest, {m}_mean_365d, date_diff('day', {m}_at, ts)::BIGINT AS {m}_days_since"
-        )
+        finals.append(f"{m}_latest, {m}_mean_365d, {m}_measured_at")
     window_columns = ",\n".join(parts)
     final_columns = ",\n".join(finals)
     return f"""
@@ -446,9 +521,10 @@ def labs_vitals_sql(created: datetime) -> str:
         GROUP BY ALL
     ),
     spine AS (
-        SELECT patient_id, ts FROM obs
-        UNION
-        SELECT patient_id, period_end FROM feature_encounters WHERE period_end IS NOT NULL
+        SELECT s.patient_id, s.ts FROM (
+            SELECT patient_id, ts FROM obs
+            UNION SELECT patient_id, ts + INTERVAL {LAB_WINDOW_DAYS} DAY FROM obs
+        ) s WHERE {_before_data_end()}
     ),
     ev AS (
         SELECT patient_id, ts, NULL::VARCHAR AS measure, NULL::DOUBLE AS value, true AS is_spine
@@ -462,8 +538,8 @@ def labs_vitals_sql(created: datetime) -> str:
         FROM ev
         WINDOW wall AS (PARTITION BY patient_id ORDER BY ts
                         RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
-               w365 AS (PARTITION BY patient_id ORDER BY ts
-                        RANGE BETWEEN INTERVAL 365 DAYS PRECEDING AND CURRENT ROW)
+               wmean AS (PARTITION BY patient_id ORDER BY ts
+                         RANGE BETWEEN {_frame(LAB_WINDOW_DAYS)})
     )
     SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created,
         {final_columns}

@@ -1,4 +1,9 @@
-"""The training set: the label rows joined point-in-time to the ``readmission_v1`` features."""
+"""The training set: the label rows joined point-in-time to the ``readmission_v2`` features.
+
+Timestamp features (``prior_discharge_at``, ``<lab>_measured_at``) become whole days before the
+row's ``event_timestamp`` (``prior_discharge_days_since``, ``<lab>_measured_days_since``): a
+"days since" value changes every day, so the store keeps the time and the request time turns it
+into days, exact at any T."""
 
 from __future__ import annotations
 
@@ -7,12 +12,14 @@ from typing import TYPE_CHECKING
 import duckdb
 import pandas as pd
 
+from pipelines.features.feast_store import with_declared_types
 from pipelines.models.labels import LABEL_COLUMNS
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-FEATURE_SERVICE = "readmission_v1"
+FEATURE_SERVICE = "readmission_v2"
+TIMESTAMP_SUFFIX = "_at"
 AUDIT_COLUMNS = ("audit_race", "audit_ethnicity")
 
 
@@ -24,6 +31,23 @@ def entity_frame(labels: pd.DataFrame) -> pd.DataFrame:
     return entities.reset_index(drop=True)
 
 
+def with_days_since(frame: pd.DataFrame) -> pd.DataFrame:
+    """Each ``<name>_at`` datetime column replaced by ``<name>_days_since``: whole days from it
+    to ``event_timestamp`` (nullable Int64; null when the feature is null)."""
+    out = frame.copy()
+    at = pd.to_datetime(out["event_timestamp"], utc=True)
+    for column in [c for c in frame.columns if str(c).endswith(TIMESTAMP_SUFFIX)]:
+        if not pd.api.types.is_datetime64_any_dtype(out[column]):
+            continue
+        days = (at - pd.to_datetime(out[column], utc=True)).dt.days
+        position = out.columns.get_loc(column)
+        out = out.drop(columns=[column])
+        out.insert(
+            position, f"{str(column)[: -len(TIMESTAMP_SUFFIX)]}_days_since", days.astype("Int64")
+        )
+    return out
+
+
 def readmission_training_set(
     store: FeatureStore, labels: pd.DataFrame, feature_service: str = FEATURE_SERVICE
 ) -> pd.DataFrame:
@@ -32,6 +56,7 @@ def readmission_training_set(
     entities = entity_frame(labels)
     service = store.get_feature_service(feature_service)
     joined = store.get_historical_features(entity_df=entities, features=service).to_df()
+    joined = with_days_since(with_declared_types(store, joined))
     leading = list(LABEL_COLUMNS)
     rest = [c for c in joined.columns if c not in leading]
     return (

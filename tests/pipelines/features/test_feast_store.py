@@ -4,6 +4,8 @@ incremental materialisation and online reads."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -19,16 +21,22 @@ from pipelines.features.feast_store import (
     FEAST_DATA_ENV,
     FEATURES_DIR_ENV,
     ApplyReport,
+    FeastDataNotSetError,
+    UnknownEntityError,
     apply_repo,
+    declared_types,
+    feast_data_from_env,
     feature_store,
-    materialize_incremental,
-    materialize_window,
+    materialize_latest,
+    online_features,
+    with_declared_types,
 )
 from pipelines.features.tables import FEATURE_TABLES, build_feature_tables
-from tests.pipelines.features.crafted import A, B, C, crafted_rows, write_views
+from tests.pipelines.features.crafted import A, B, C, D, crafted_rows, write_views
 
 # The crafted time line starts 400 days ago, so its last events are recent enough to be
 # materialised (within each view's TTL) and online reads see them.
+REPO = Path(__file__).resolve().parents[3] / "feature_repo"
 BASE = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=400)
 DAY = timedelta(days=1)
 # 2024-03-10 (hba1c 9.0) and 2024-03-20 (a planted 12.0) on the crafted time line
@@ -79,8 +87,8 @@ def test_apply_registers_repo_in_data_dir(applied: Applied) -> None:
     assert applied.report.feature_services == 1
     assert (applied.data_dir / "registry.db").exists()
     assert applied.store.config.online_store.path == str(applied.data_dir / "online_store.db")
-    service = applied.store.get_feature_service("readmission_v1")
-    assert service.tags["version"] == "1"
+    service = applied.store.get_feature_service("readmission_v2")
+    assert service.tags["version"] == "2"
 
 
 def test_declared_fields_match_parquet_columns(applied: Applied) -> None:
@@ -123,24 +131,65 @@ def test_historical_features_are_point_in_time(applied: Applied) -> None:
 
 def test_feature_service_training_set(applied: Applied) -> None:
     entities = pd.DataFrame({"patient_id": [A, B], "event_timestamp": [PLANTED_AT - DAY] * 2})
-    service = applied.store.get_feature_service("readmission_v1")
+    service = applied.store.get_feature_service("readmission_v2")
     df = applied.store.get_historical_features(entity_df=entities, features=service).to_df()
     assert len(df) == 2
     a = df[df.patient_id == A].iloc[0]
     assert a.age_years == 63 and bool(a.has_diabetes) and a.hba1c_latest == 9.0
 
 
-def test_materialize_incremental_then_online_reads(applied: Applied) -> None:
-    report = materialize_incremental(applied.store)
+def test_materialize_latest_then_online_reads(applied: Applied) -> None:
+    report = materialize_latest(applied.store)
+    # the data end of the release, not now: A's last measurement
+    assert report.end == BASE + (
+        datetime(2025, 1, 5, tzinfo=UTC) - datetime(2024, 1, 1, tzinfo=UTC)
+    )
     assert report.entities_online["patient_demographics"] == 3  # A, B, D; never C
-    online = applied.store.get_online_features(
-        features=applied.store.get_feature_service("readmission_v1"),
-        entity_rows=[{"patient_id": A}, {"patient_id": C}],
-    ).to_dict()
-    assert online["patient_id"] == [A, C]
-    assert online["hba1c_latest"] == [8.0, None]  # A's latest, 2025-01-05 on the time line
-    assert online["charlson_index"] == [8, None]
-    # a second run loads nothing new and keeps what is there; a window reload agrees
-    again = materialize_incremental(applied.store)
-    assert again.entities_online == report.entities_online
-    assert materialize_window(applied.store).entities_online == report.entities_online
+    assert report.entities_online["patient_utilisation"] == 3  # however old their rows are
+    service = applied.store.get_feature_service("readmission_v2")
+    unknown = "e" * 32
+    answer = online_features(applied.store, service, [A, C, unknown])
+    assert answer.unknown == [C, unknown]  # opted out / never released: reported, not null
+    assert answer.values["patient_id"] == [A, C, unknown]
+    assert answer.values["hba1c_latest"][0] == 8.0  # A's latest, 2025-01-05 on the time line
+    assert answer.values["charlson_index"][0] == 8
+    assert answer.values["encounters_30d"][0] == 0  # a quiet month is 0, not null
+    assert answer.values["encounters_365d"][0] == 5
+    with pytest.raises(UnknownEntityError):
+        online_features(applied.store, service, [A, unknown], strict=True)
+    # a second run keeps what is there
+    assert materialize_latest(applied.store).entities_online == report.entities_online
+
+
+def test_declared_types_survive_retrieval(applied: Applied) -> None:
+    types = declared_types(applied.store)
+    assert types["charlson_index"] == "Int64" and types["has_diabetes"] == "Bool"
+    entities = pd.DataFrame(
+        {"patient_id": [A, D], "event_timestamp": [PLANTED_AT - DAY, PLANTED_AT - DAY]}
+    )
+    df = applied.store.get_historical_features(
+        entity_df=entities,
+        features=["patient_utilisation:prior_stay_length_days", "patient_comorbidities:has_mi"],
+    ).to_df()
+    typed = with_declared_types(applied.store, df)
+    assert str(typed["prior_stay_length_days"].dtype) == "Int64"
+    assert str(typed["has_mi"].dtype) == "boolean"
+
+
+def test_feast_data_must_be_set_and_absolute(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(FEAST_DATA_ENV, raising=False)
+    with pytest.raises(FeastDataNotSetError, match="is not set"):
+        feast_data_from_env()
+    monkeypatch.setenv(FEAST_DATA_ENV, "data/work/feast")
+    with pytest.raises(FeastDataNotSetError, match="relative"):
+        feast_data_from_env()
+
+
+def test_feast_apply_fails_loudly_without_feast_data(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != FEAST_DATA_ENV}
+    done = subprocess.run(
+        [sys.executable, "-c", "import repo_env"],
+        cwd=REPO, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "EHR_FEAST_DATA is not set" in done.stderr
+    assert not (REPO / "${EHR_FEAST_DATA}").exists()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,11 @@ def built(tmp_path: Path) -> tuple[duckdb.DuckDBPyConnection, dict[str, int], Pa
 
 
 def _row(con: duckdb.DuckDBPyConnection, table: str, pid: str, at: datetime) -> dict[str, Any]:
+    """The patient's values at ``at``: the latest row at or before it (what Feast returns)."""
     cur = con.execute(
-        f"SELECT * FROM features.{table} WHERE patient_id = ? AND event_timestamp = ?", [pid, at]
+        f"SELECT * FROM features.{table} WHERE patient_id = ? AND event_timestamp <= ? "
+        "ORDER BY event_timestamp DESC LIMIT 1",
+        [pid, at],
     )
     names = [d[0] for d in cur.description]
     rows = cur.fetchall()
@@ -68,26 +71,36 @@ def test_demographics_age_at_event_and_cap(built: Any) -> None:
     assert _row(con, "patient_demographics", A, ts(2024, 6, 1))["age_years"] == 63
     assert _row(con, "patient_demographics", A, ts(2024, 7, 1))["age_years"] == 64
     assert _row(con, "patient_demographics", B, ts(2024, 5, 1))["age_years"] == 90  # 99 → 90
+    # between events age still moves: the birthday row of 15 June
+    assert _row(con, "patient_demographics", A, ts(2024, 6, 15))["age_years"] == 64
+    assert _row(con, "patient_demographics", A, ts(2024, 6, 14))["age_years"] == 63
 
 
-def test_utilisation_windows_and_last_stay(built: Any) -> None:
+def test_utilisation_windows_and_prior_stays(built: Any) -> None:
     con, _, _ = built
     at_admission = _row(con, "patient_utilisation", A, ts(2024, 3, 10))
     assert at_admission["encounters_30d"] == 2  # EMER 1 Mar and this IMP
     assert at_admission["emergency_visits_30d"] == 1
-    assert at_admission["inpatient_admissions_30d"] == 1
-    assert at_admission["days_since_last_discharge"] is None  # still in hospital
+    assert at_admission["prior_inpatient_stays_30d"] == 0
+    assert at_admission["prior_discharge_at"] is None  # no stay ended before
     at_discharge = _row(con, "patient_utilisation", A, ts(2024, 3, 15))
-    assert at_discharge["days_since_last_discharge"] == 0
-    assert at_discharge["last_length_of_stay_days"] == 5
+    # the index stay is not "prior" at its own discharge, only just after it
+    assert at_discharge["prior_inpatient_stays_30d"] == 0
+    assert at_discharge["prior_discharge_at"] is None
+    after = _row(con, "patient_utilisation", A, ts(2024, 3, 15) + timedelta(microseconds=1))
+    assert after["prior_inpatient_stays_30d"] == 1 and after["prior_stay_length_days"] == 5
     april = _row(con, "patient_utilisation", A, ts(2024, 4, 1))
     assert april["encounters_30d"] == 2  # 10 Mar IMP and 1 Apr; 1 Mar EMER is 31 days back
     assert april["emergency_visits_30d"] == 0 and april["emergency_visits_180d"] == 1
-    assert april["days_since_last_discharge"] == 17
+    assert april["prior_discharge_at"] == ts(2024, 3, 15)
     second_discharge = _row(con, "patient_utilisation", A, ts(2024, 6, 4))
-    assert second_discharge["last_length_of_stay_days"] == 3
-    assert second_discharge["inpatient_admissions_365d"] == 2
+    assert second_discharge["prior_stay_length_days"] == 5  # still the March stay
+    assert second_discharge["prior_inpatient_stays_365d"] == 1
     assert second_discharge["encounters_180d"] == 5
+    # between events the windows still move: 30 days after 1 Jul nothing is left
+    quiet = _row(con, "patient_utilisation", A, ts(2024, 7, 31))
+    assert quiet["encounters_30d"] == 0 and quiet["encounters_365d"] == 6
+    assert _row(con, "patient_utilisation", A, ts(2024, 7, 30))["encounters_30d"] == 1
 
 
 def test_comorbidity_flags_and_charlson(built: Any) -> None:
@@ -97,6 +110,7 @@ def test_comorbidity_flags_and_charlson(built: Any) -> None:
     assert not start["has_copd"]  # refuted J44.9 never counts
     assert start["charlson_index"] == 0  # uncomplicated diabetes weighs 0 (Quan 2011)
     chf = _row(con, "patient_comorbidities", A, ts(2024, 3, 10))  # recorded date only
+    assert not _row(con, "patient_comorbidities", A, ts(2024, 3, 9))["has_heart_failure"]
     assert chf["has_heart_failure"] and chf["charlson_index"] == 2
     cancer = _row(con, "patient_comorbidities", A, ts(2024, 4, 1))
     # metastatic (6) replaces any malignancy (2): 2 (CHF) + 6
@@ -123,13 +137,15 @@ def test_medication_counts_classes_and_polypharmacy(built: Any) -> None:
     assert not later["on_statin"] and later["on_antihypertensive"]
 
 
-def test_labs_latest_mean_and_days_since(built: Any) -> None:
+def test_labs_latest_mean_and_measured_at(built: Any) -> None:
     con, _, _ = built
     march = _row(con, "patient_labs_vitals", A, ts(2024, 3, 15))
     assert march["hba1c_latest"] == 9.0 and march["hba1c_mean_365d"] == 8.0
-    assert march["hba1c_days_since"] == 5
+    assert march["hba1c_measured_at"] == ts(2024, 3, 10)
     assert march["systolic_bp_latest"] == 140.0 and march["diastolic_bp_latest"] == 90.0
-    assert march["heart_rate_latest"] is None and march["heart_rate_days_since"] is None
+    assert march["heart_rate_latest"] is None and march["heart_rate_measured_at"] is None
+    # 365 days after 1 Jan 2024 the 7.0 leaves the mean, with no measurement that day
+    assert _row(con, "patient_labs_vitals", A, ts(2024, 12, 31))["hba1c_mean_365d"] == 9.0
     # the value entered in error (15.0 on 20 Mar) is ignored; the 1 Jan value leaves the window
     january = _row(con, "patient_labs_vitals", A, ts(2025, 1, 5))
     assert january["hba1c_latest"] == 8.0 and january["hba1c_mean_365d"] == 8.5
@@ -147,5 +163,6 @@ def test_missing_views_read_as_empty(tmp_path: Path) -> None:
     write_views(con, {k: v for k, v in rows.items() if k in ("patient", "encounter")})
     con.execute("DROP TABLE views.observation")
     report = build_feature_tables_report(con, tmp_path)
-    assert report.rows["patient_labs_vitals"] > 0  # encounter ends, no values
+    assert report.rows["patient_labs_vitals"] == 0  # no measurement, nothing changes
+    assert report.rows["patient_utilisation"] > 0
     assert report.opted_out == 0

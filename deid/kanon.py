@@ -67,10 +67,22 @@ _BAND_CASE = (
     "ELSE (CAST(split_part(age_band, '-', 1) AS INT) // {w} * {w})::VARCHAR || '-' || "
     "(CAST(split_part(age_band, '-', 1) AS INT) // {w} * {w} + {w} - 1)::VARCHAR END"
 )
+# The OMB race categories kept apart at every level; the rarer ones are merged into "Other
+# Race" by a ladder step (a category of 1-2% of patients leaves most of its groups below k).
+COMMON_RACES = ("White", "Black or African American", "Asian", "Other Race", UNKNOWN)
+OTHER_RACE = ("urn:oid:2.16.840.1.113883.6.238", "2131-1", "Other Race")
+_COMMON_RACES_SQL = ", ".join(f"'{r}'" for r in (*COMMON_RACES, SUPPRESSED))
+
+# Full-domain steps, in the order they cost the least analytic value: finer age first, then
+# rare categories, then geography (in a catchment the ZIP3 areas share their first digit).
 GENERALISATION_LADDER = [
     GeneralisationStep(
         "age: 5-year to 10-year bands",
         "age_band = " + _BAND_CASE.format(s=SUPPRESSED, u=UNKNOWN, w=10),
+    ),
+    GeneralisationStep(
+        "race: rare categories to Other Race",
+        f"race = CASE WHEN race IN ({_COMMON_RACES_SQL}) THEN race ELSE '{OTHER_RACE[2]}' END",
     ),
     GeneralisationStep(
         "ZIP3 to ZIP1 region",
@@ -81,9 +93,10 @@ GENERALISATION_LADDER = [
         "age: 10-year to 20-year bands",
         "age_band = " + _BAND_CASE.format(s=SUPPRESSED, u=UNKNOWN, w=20),
     ),
-    GeneralisationStep("ethnicity removed", f"ethnicity = '{SUPPRESSED}'"),
     GeneralisationStep("state removed", f"state = '{SUPPRESSED}'"),
+    GeneralisationStep("ethnicity removed", f"ethnicity = '{SUPPRESSED}'"),
     GeneralisationStep("ZIP removed", f"zip3 = '{SUPPRESSED}'"),
+    GeneralisationStep("race removed", f"race = '{SUPPRESSED}'"),
 ]
 
 
@@ -265,6 +278,18 @@ def _released_value(value: Any) -> bool:
     return isinstance(value, str) and value not in (SUPPRESSED, UNKNOWN)
 
 
+def _released_coding(released: dict[str, Any], kind: str) -> tuple[Any, Any, Any] | None:
+    """The OMB coding that says what ``released_patients`` says: the recorded one when the
+    category was kept, Other Race when a rare race was merged into it, none when removed."""
+    value = released[kind]
+    raw = (released[f"{kind}_system"], released[f"{kind}_code"], released[f"{kind}_display"])
+    if not _released_value(value):
+        return None
+    if value in (raw[2], raw[1]) and raw[1]:
+        return raw
+    return OTHER_RACE if kind == "race" and value == OTHER_RACE[2] else None
+
+
 def generalised_patient(
     resource: dict[str, Any], released: dict[str, Any] | None, as_of_year: int
 ) -> dict[str, Any]:
@@ -292,15 +317,9 @@ def generalised_patient(
             address["postalCode"] = f"{zip3}00"
         out["address"] = [address]
         for kind, url in (("race", RACE_URL), ("ethnicity", ETHNICITY_URL)):
-            if _released_value(released[kind]) and released[f"{kind}_code"]:
-                extensions.append(
-                    _omb_extension(
-                        url,
-                        released[f"{kind}_system"],
-                        released[f"{kind}_code"],
-                        released[f"{kind}_display"],
-                    )
-                )
+            coding = _released_coding(released, kind)
+            if coding is not None:
+                extensions.append(_omb_extension(url, *coding))
     if extensions:
         out["extension"] = extensions
     return out

@@ -29,6 +29,19 @@ AGE_BANDS: tuple[tuple[int, int, float], ...] = (
     (90, 106, 0.05),
 )
 _MRN_MULTIPLIER = 7_654_321  # coprime with 9e7, so MRNs are distinct within a run
+
+# A hospital's patients live in its catchment (Synthea, too, simulates one state): most in a
+# handful of ZIP3 areas around it, a few just across the state line. Spreading patients over
+# the whole country instead makes nearly every ZIP3 unique, which no real release looks like.
+# (state, ZIP3, share)
+CATCHMENT: tuple[tuple[str, str, float], ...] = (
+    ("MA", "021", 0.34),
+    ("MA", "024", 0.20),
+    ("MA", "019", 0.16),
+    ("MA", "018", 0.14),
+    ("MA", "017", 0.14),
+    ("NH", "030", 0.02),
+)
 _NON_ALNUM = re.compile(r"[^a-z0-9]")
 
 
@@ -105,6 +118,16 @@ def _weighted(rng: Random, items: tuple[tuple[str, str, float], ...]) -> tuple[s
     return items[-1][0], items[-1][1]
 
 
+def _catchment_area(rng: Random) -> tuple[str, str]:
+    """(state, ZIP3) of a patient's home, drawn from :data:`CATCHMENT`."""
+    u = rng.random()
+    for state, zip3, share in CATCHMENT:
+        if u < share:
+            return state, zip3
+        u -= share
+    return CATCHMENT[-1][0], CATCHMENT[-1][1]
+
+
 def _phone(fake: Faker) -> str:
     # Drop extensions ("x123"): they are rare on patient records.
     return str(fake.phone_number()).split("x")[0].strip()
@@ -148,13 +171,13 @@ def sample_person(rng: Random, fake: Faker, index: int, seed: int, history_years
     prefix = None
     if real_age >= 18:
         prefix = "Mr." if gender == "male" else ("Mrs." if marital == "M" else "Ms.")
-    state = rng.choice(codes.STATES)
+    state, zip3 = _catchment_area(rng)
     geo = rng.random() < 0.6
     address = Address(
         line=str(fake.street_address()),
         city=str(fake.city()),
         state=state,
-        postal_code=str(fake.zipcode_in_state(state)),
+        postal_code=f"{zip3}{rng.randint(0, 99):02d}",
         latitude=round(rng.uniform(30.0, 47.0), 6) if geo else None,
         longitude=round(rng.uniform(-122.0, -71.0), 6) if geo else None,
     )

@@ -76,9 +76,9 @@ def band(age: int, width: int) -> str:
 
 def reference(k: int, limit: float) -> tuple[int, set[str]]:
     """Generalisation levels tried in order (10-year bands, then 20-year bands; ZIP, state and
-    ethnicity are the same for all here), the first level whose share below k is within
-    ``limit``, and who is then withheld. Levels: 0 = 5-year bands."""
-    widths = [5, 10, 10, 20, 20, 20, 20]  # the ladder's age width after each step
+    ethnicity are the same for all here, both races are common), the first level whose share
+    below k is within ``limit``, and who is then withheld. Levels: 0 = 5-year bands."""
+    widths = [5, 10, 10, 10, 20, 20, 20, 20, 20]  # the ladder's age width after each step
     for level, width in enumerate(widths):
         key = {pid: (band(AS_OF.year - int(b[:4]), width), s, r[1]) for pid, s, b, _, r in COHORT}
         sizes = Counter(key.values())
@@ -156,3 +156,25 @@ def test_rerun_starts_from_the_recorded_values(con) -> None:
 def test_no_withheld_table_filters_nothing() -> None:
     con = duckdb.connect()
     assert withheld_filter(con) == "TRUE"
+
+
+def test_rare_races_merge_into_other_race_in_every_copy() -> None:
+    con = duckdb.connect()
+    con.execute(DEID_DDL)
+    aian = ("urn:oid:2.16.840.1.113883.6.238", "1002-5", "American Indian or Alaska Native")
+    other = ("urn:oid:2.16.840.1.113883.6.238", "2131-1", "Other Race")
+    for i, race in enumerate([aian, aian, other, other, other]):
+        resource = orjson.dumps(patient(f"p{i}", "male", "1970-01-01", "02139", race)).decode()
+        con.execute(
+            "INSERT INTO deid_resources VALUES ('Patient', ?, ?, 'b', ?)",
+            [f"p{i}", f"p{i}", resource],
+        )
+    report = build_k_anonymous_release(con, 5, as_of=AS_OF, max_withheld=0.0)
+    assert report.published and report.withheld == 0
+    assert report.steps_applied[-1] == "race: rare categories to Other Race"
+    assert con.execute("SELECT DISTINCT race FROM released_patients").fetchall() == [
+        ("Other Race",)
+    ]
+    for (resource,) in con.execute("SELECT resource FROM deid_resources").fetchall():
+        (ext,) = orjson.loads(resource)["extension"]
+        assert ext["extension"][0]["valueCoding"]["code"] == "2131-1"

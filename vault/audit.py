@@ -2,11 +2,17 @@
 erasure, key rotation).
 
 One JSON object per line. Each entry carries the MAC of the entry before it (``prev``) and its
-own HMAC-SHA256 (``mac``) over the canonical JSON of every other field, under an audit key
-derived with HKDF from the pseudonym key: editing, removing or reordering entries breaks the
-chain, and writing a consistent forged chain needs the keys. The head of the log (last ``seq``
-and ``mac``, itself authenticated) is also kept in a side file ``<log>.head``, so cutting
-entries off the end is detected too.
+own HMAC-SHA256 (``mac``) over the canonical JSON of every other field, under the audit key the
+key provider holds (separate from the pseudonym key every pipeline process holds): editing,
+removing or reordering entries breaks the chain, and writing a consistent forged chain needs
+the key. The head of the log (last ``seq`` and ``mac``, itself authenticated) is kept in a side
+file ``<log>.head`` and in an anchor outside the work directory (next to the keyring, or in
+``EHR_AUDIT_ANCHOR``), so cutting entries off the end, deleting the log, or restoring an older
+copy of the log and its head are detected too.
+
+Irreversible acts write an intent entry (``details.phase = "intent"``) before they start and a
+completion entry (``"done"``) after; an intent that no later completion of the same act and
+subject follows is reported by :meth:`AuditLog.verify` (the act was interrupted: run it again).
 
 Entries name pseudonyms, key ids and counts, never original identifiers. Appending fails closed:
 a log whose tail does not match its head anchor, or whose last entry does not verify under this
@@ -29,27 +35,45 @@ from datetime import UTC
 from pathlib import Path
 from typing import IO, Any
 
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from vault.clock import Clock, utcnow
 from vault.errors import AuditLogError
-from vault.keys import KeyProvider, replace_private_file
+from vault.keys import KeyProvider, legacy_audit_key, replace_private_file
 
 GENESIS = "0" * 64
 AUDIT_KEY_BYTES = 32
-AUDIT_KEY_INFO = b"ehr-audit-log/1"
 HEAD_FORMAT = "ehr-audit-head/1"
 ENTRY_FIELDS = ("seq", "at", "actor", "action", "subject", "reason", "details", "prev", "mac")
+ENV_AUDIT_ANCHOR = "EHR_AUDIT_ANCHOR"
+PHASE_INTENT = "intent"
+PHASE_DONE = "done"
 
 
 def audit_key(pseudonym_key: bytes) -> bytes:
-    """The audit MAC key: HKDF-SHA256 of the pseudonym key, bound to this use."""
+    """The audit MAC key of keyrings made before they held one (HKDF of the pseudonym key);
+    kept to verify their entries. New keyrings and ``EHR_AUDIT_KEY`` give a key of its own."""
     if len(pseudonym_key) < 32:
         raise ValueError(f"pseudonym key must be at least 32 bytes, got {len(pseudonym_key)}")
-    return HKDF(hashes.SHA256(), AUDIT_KEY_BYTES, salt=None, info=AUDIT_KEY_INFO).derive(
-        pseudonym_key
-    )
+    return legacy_audit_key(pseudonym_key)
+
+
+def anchor_folder(provider: KeyProvider) -> Path:
+    """Where the audit anchors live: ``EHR_AUDIT_ANCHOR`` when set, else an ``audit-anchors``
+    folder beside the keyring file (held with the keys, outside every work directory), else
+    ``~/.ehr/audit-anchors``."""
+    configured = os.environ.get(ENV_AUDIT_ANCHOR)
+    if configured:
+        return Path(configured)
+    key_file = getattr(provider, "path", None)
+    if isinstance(key_file, Path):
+        return key_file.parent / "audit-anchors"
+    return Path.home() / ".ehr" / "audit-anchors"
+
+
+def anchor_path(provider: KeyProvider, warehouse_id: str) -> Path:
+    """The anchor of the audit log of the warehouse with this id."""
+    if not warehouse_id or "/" in warehouse_id or warehouse_id.startswith("."):
+        raise ValueError("a warehouse id is a plain file name")
+    return anchor_folder(provider) / f"{warehouse_id}.json"
 
 
 def default_actor() -> str:
@@ -68,11 +92,13 @@ def _canonical(value: Any) -> bytes:
 
 @dataclass(frozen=True)
 class AuditVerification:
-    """The outcome of :meth:`AuditLog.verify`; problems name entry positions, never contents."""
+    """The outcome of :meth:`AuditLog.verify`; problems name entry positions, never contents.
+    ``incomplete`` lists intents no completion followed (interrupted acts to run again)."""
 
     ok: bool
     entries: int
     problems: list[str] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -84,23 +110,59 @@ class _Head:
 class AuditLog:
     """Append entries to, read and verify one hash-chained audit log file."""
 
-    def __init__(self, path: Path, key: bytes, *, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        path: Path,
+        key: bytes,
+        *,
+        clock: Clock = utcnow,
+        anchor: Path | None = None,
+        legacy_key: bytes | None = None,
+    ) -> None:
         if len(key) < 32:
             raise ValueError(f"audit key must be at least 32 bytes, got {len(key)}")
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
+        # the anchor outside the work directory: deleting or restoring the workdir's log and
+        # head together does not move it
+        self.anchor_path = Path(anchor) if anchor is not None else None
         self._key = key
+        self._legacy_key = legacy_key
         self._clock = clock
 
     @classmethod
-    def for_provider(cls, path: Path, provider: KeyProvider, *, clock: Clock = utcnow) -> AuditLog:
-        """The log at ``path`` keyed with the audit key derived from ``provider``."""
-        return cls(path, audit_key(provider.pseudonym_key()), clock=clock)
+    def for_provider(
+        cls,
+        path: Path,
+        provider: KeyProvider,
+        *,
+        clock: Clock = utcnow,
+        warehouse_id: str | None = None,
+    ) -> AuditLog:
+        """The log at ``path`` keyed with the provider's audit key, anchored outside the work
+        directory when the warehouse id is known."""
+        legacy = None
+        if getattr(provider, "accepts_legacy_audit", False):
+            legacy = legacy_audit_key(provider.pseudonym_key())
+        anchor = anchor_path(provider, warehouse_id) if warehouse_id else None
+        return cls(path, provider.audit_key(), clock=clock, anchor=anchor, legacy_key=legacy)
 
     # -- MACs -----------------------------------------------------------------------------
     def _entry_mac(self, entry: dict[str, Any]) -> str:
         body = {k: v for k, v in entry.items() if k != "mac"}
         return hmac.new(self._key, _canonical(body), hashlib.sha256).hexdigest()
+
+    def _entry_ok(self, entry: dict[str, Any]) -> bool:
+        """The entry's MAC verifies under the audit key (or, for entries written before a
+        keyring got its own audit key, under the legacy derived one)."""
+        mac = str(entry.get("mac", ""))
+        if hmac.compare_digest(mac, self._entry_mac(entry)):
+            return True
+        if self._legacy_key is None:
+            return False
+        body = {k: v for k, v in entry.items() if k != "mac"}
+        legacy = hmac.new(self._legacy_key, _canonical(body), hashlib.sha256).hexdigest()
+        return hmac.compare_digest(mac, legacy)
 
     def _head_mac(self, seq: int, mac: str) -> str:
         message = _canonical({"format": HEAD_FORMAT, "seq": seq, "mac": mac})
@@ -125,10 +187,18 @@ class AuditLog:
         handle.seek(0)
         return handle.read()
 
-    def _read_head(self) -> dict[str, Any] | None:
+    def _anchors(self) -> list[tuple[str, Path]]:
+        """(label, file) of every head anchor: the side file, and the outside one if any."""
+        found = [("head anchor", self.head_path)]
+        if self.anchor_path is not None:
+            found.append(("outside anchor", self.anchor_path))
+        return found
+
+    @staticmethod
+    def _read_head(path: Path) -> dict[str, Any] | None:
         """The anchor document, None when there is none; AuditLogError when unreadable."""
         try:
-            text = self.head_path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -145,9 +215,14 @@ class AuditLog:
         seq, mac, anchor_mac = head.get("seq"), head.get("mac"), head.get("anchor_mac")
         if not isinstance(seq, int) or not isinstance(mac, str) or not isinstance(anchor_mac, str):
             return None
-        if not hmac.compare_digest(anchor_mac, self._head_mac(seq, mac)):
-            return None
-        return _Head(seq, mac)
+        if hmac.compare_digest(anchor_mac, self._head_mac(seq, mac)):
+            return _Head(seq, mac)
+        if self._legacy_key is not None:  # written before the keyring got its audit key
+            message = _canonical({"format": HEAD_FORMAT, "seq": seq, "mac": mac})
+            legacy = hmac.new(self._legacy_key, message, hashlib.sha256).hexdigest()
+            if hmac.compare_digest(anchor_mac, legacy):
+                return _Head(seq, mac)
+        return None
 
     def _write_head(self, seq: int, mac: str) -> None:
         document = {
@@ -156,7 +231,8 @@ class AuditLog:
             "mac": mac,
             "anchor_mac": self._head_mac(seq, mac),
         }
-        replace_private_file(self.head_path, json.dumps(document) + "\n")
+        for _, path in self._anchors():
+            replace_private_file(path, json.dumps(document) + "\n")
 
     # -- appending ------------------------------------------------------------------------
     def _tail(self, text: str) -> list[dict[str, Any]]:
@@ -176,9 +252,7 @@ class AuditLog:
             if not isinstance(entry, dict) or not isinstance(entry.get("seq"), int):
                 raise AuditLogError("audit log's last entries are not audit entries")
             tail.append(entry)
-        if tail and not hmac.compare_digest(
-            str(tail[-1].get("mac", "")), self._entry_mac(tail[-1])
-        ):
+        if tail and not self._entry_ok(tail[-1]):
             raise AuditLogError(
                 f"audit entry {tail[-1]['seq']} does not verify under this key "
                 "(edited entry or a different key); run `ehr audit verify`"
@@ -187,20 +261,29 @@ class AuditLog:
         return tail
 
     def _check_anchor(self, tail: list[dict[str, Any]]) -> None:
-        document = self._read_head()
-        if document is None:
-            first_append_interrupted = (
-                len(tail) == 1 and tail[0]["seq"] == 0 and tail[0].get("prev") == GENESIS
-            )
-            if tail and not first_append_interrupted:
-                raise AuditLogError("audit head anchor is missing; run `ehr audit verify`")
-            return
+        for label, path in self._anchors():
+            document = self._read_head(path)
+            if document is None:
+                first_append_interrupted = (
+                    len(tail) == 1 and tail[0]["seq"] == 0 and tail[0].get("prev") == GENESIS
+                )
+                # A missing outside anchor is adopted from an intact side file: logs written
+                # before anchoring existed get theirs at their next entry.
+                adoptable = path != self.head_path and self.head_path.exists()
+                if tail and not first_append_interrupted and not adoptable:
+                    raise AuditLogError(f"audit {label} is missing; run `ehr audit verify`")
+                continue
+            self._check_one_anchor(label, document, tail)
+
+    def _check_one_anchor(
+        self, label: str, document: dict[str, Any], tail: list[dict[str, Any]]
+    ) -> None:
         head = self._authentic_head(document)
         if head is None:
-            raise AuditLogError("audit head anchor does not verify under this key")
+            raise AuditLogError(f"audit {label} does not verify under this key")
         if not tail:
             raise AuditLogError(
-                f"audit log is empty but its anchor says seq {head.seq} (truncated)"
+                f"audit log is empty but its {label} says seq {head.seq} (deleted or truncated)"
             )
         last = tail[-1]
         if head.seq == last["seq"] and hmac.compare_digest(head.mac, str(last["mac"])):
@@ -216,8 +299,8 @@ class AuditLog:
         ):
             return
         raise AuditLogError(
-            f"audit log ends at seq {last['seq']} but its anchor says {head.seq}; "
-            "run `ehr audit verify`"
+            f"audit log ends at seq {last['seq']} but its {label} says {head.seq} "
+            "(deleted, truncated or rolled back); run `ehr audit verify`"
         )
 
     def check_appendable(self) -> None:
@@ -278,6 +361,33 @@ class AuditLog:
             self._write_head(entry["seq"], entry["mac"])
         return entry
 
+    def intend(
+        self,
+        action: str,
+        subject: str,
+        reason: str = "",
+        details: dict[str, Any] | None = None,
+        actor: str | None = None,
+    ) -> dict[str, Any]:
+        """The entry written before an irreversible act: if the act then crashes, the log
+        still says it was started (and :meth:`verify` lists it until a completion follows)."""
+        return self.append(
+            action, subject, reason, {**(details or {}), "phase": PHASE_INTENT}, actor
+        )
+
+    def complete(
+        self, intent: dict[str, Any], details: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The entry written after the act announced by ``intent`` took effect."""
+        body = {**(details or {}), "phase": PHASE_DONE, "intent_seq": intent["seq"]}
+        return self.append(
+            str(intent["action"]),
+            str(intent["subject"]),
+            str(intent["reason"]),
+            body,
+            str(intent["actor"]),
+        )
+
     # -- reading and verifying ------------------------------------------------------------
     def entries(self) -> list[dict[str, Any]]:
         """Every entry, in file order (AuditLogError when a line is not a JSON object)."""
@@ -297,20 +407,32 @@ class AuditLog:
         return entries
 
     def verify(self) -> AuditVerification:
-        """Check every entry's MAC, the sequence, the chain and the head anchor."""
+        """Check every entry's MAC, the sequence, the chain and both head anchors; list the
+        intents no completion followed."""
         if self.path.exists():
             with self._locked(exclusive=False) as handle:
                 text = self._read_all(handle)
-                head_problem, head_doc = self._load_head_for_verify()
+                heads = self._heads_for_verify()
         else:
             text = ""
-            head_problem, head_doc = self._load_head_for_verify()
+            heads = self._heads_for_verify()
         problems: list[str] = []
         if text and not text.endswith("\n"):
             problems.append("end of log: incomplete last line (interrupted write or truncated)")
         lines = [line for line in text.splitlines() if line.strip()]
+        entries, last = self._verify_entries(lines, problems)
+        for label, head_problem, head_doc in heads:
+            for problem in self._verify_head(head_problem, head_doc, lines, last):
+                problems.append(problem.replace("head anchor", label, 1))
+        return AuditVerification(not problems, len(lines), problems, incomplete_acts(entries))
+
+    def _verify_entries(
+        self, lines: list[str], problems: list[str]
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """Check each line in order (problems appended); returns the entries and the last."""
         prev: str | None = GENESIS
         last: dict[str, Any] | None = None
+        entries: list[dict[str, Any]] = []
         for position, line in enumerate(lines):
             try:
                 entry = json.loads(line)
@@ -334,15 +456,18 @@ class AuditLog:
                     f"entry {position}: chain broken, prev does not match the entry before "
                     "(removed or reordered)"
                 )
-            if not hmac.compare_digest(str(entry.get("mac", "")), self._entry_mac(entry)):
+            if not self._entry_ok(entry):
                 problems.append(f"entry {position}: mac mismatch (edited)")
             prev, last = str(entry.get("mac", "")), entry
-        problems.extend(self._verify_head(head_problem, head_doc, lines, last))
-        return AuditVerification(not problems, len(lines), problems)
+            entries.append(entry)
+        return entries, last
 
-    def _load_head_for_verify(self) -> tuple[str | None, dict[str, Any] | None]:
+    def _heads_for_verify(self) -> list[tuple[str, str | None, dict[str, Any] | None]]:
+        return [(label, *self._load_head_for_verify(path)) for label, path in self._anchors()]
+
+    def _load_head_for_verify(self, path: Path) -> tuple[str | None, dict[str, Any] | None]:
         try:
-            return None, self._read_head()
+            return None, self._read_head(path)
         except AuditLogError as exc:
             return f"head anchor: {exc}", None
 
@@ -357,6 +482,7 @@ class AuditLog:
             return [head_problem]
         if document is None:
             return ["head anchor: missing (log replaced, or anchor deleted)"] if lines else []
+        # an empty log with a valid anchor saying otherwise: the log was deleted
         head = self._authentic_head(document)
         if head is None:
             return ["head anchor: does not verify under this key (edited, or a different key)"]
@@ -377,3 +503,22 @@ class AuditLog:
         if not hmac.compare_digest(head.mac, str(last.get("mac", ""))):
             return [f"head anchor: entry {last_seq} is not the anchored one (replaced)"]
         return []
+
+
+def incomplete_acts(entries: list[dict[str, Any]]) -> list[str]:
+    """Intents (``details.phase == "intent"``) that no later completion of the same action and
+    subject follows: acts interrupted after they were announced. Names seq, action, subject."""
+    open_intents: dict[tuple[str, str], list[int]] = {}
+    for entry in entries:
+        details = entry.get("details")
+        phase = details.get("phase") if isinstance(details, dict) else None
+        key = (str(entry.get("action")), str(entry.get("subject")))
+        if phase == PHASE_INTENT:
+            open_intents.setdefault(key, []).append(int(entry.get("seq", -1)))
+        elif phase == PHASE_DONE:
+            open_intents.pop(key, None)  # a completion settles every earlier intent (re-runs)
+    return [
+        f"entry {seq}: {action} of {subject} was announced but never completed; run it again"
+        for (action, subject), seqs in open_intents.items()
+        for seq in seqs
+    ]

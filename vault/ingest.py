@@ -32,6 +32,8 @@ from vault.keys import KeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import SHARED_OWNER, DataKeyStore, seal
 
+ERASED_SUBJECT = "erased_subject"
+
 CHUNK_RECORDS = 256
 FLUSH_ROWS = 20_000
 # Below this many records a worker pool costs more to start than it saves.
@@ -256,6 +258,66 @@ WHERE r.batch_id = $b
 """
 
 
+# Pending conditional patient references of batch $b with the one Patient their criteria name
+# (NULL when none or several do), with the staged ciphertext to re-seal.
+_PENDING_OWNERS = """
+WITH owners AS (
+    SELECT criteria_key, min(resource_key) AS patient
+    FROM identifier_index WHERE resource_type = 'Patient'
+      AND criteria_key IN (SELECT criteria_key FROM pending_patient_refs WHERE batch_id = $b)
+    GROUP BY criteria_key HAVING count(DISTINCT resource_key) = 1
+)
+SELECT p.file_index, p.position, p.resource_key, v.sealed, v.aad, o.patient, p.criteria_key
+FROM pending_patient_refs p
+JOIN phi_vault v ON v.batch_id = p.batch_id AND v.file_index = p.file_index
+                AND v.position = p.position
+LEFT JOIN owners o ON o.criteria_key = p.criteria_key
+WHERE p.batch_id = $b
+ORDER BY p.file_index, p.position
+"""
+
+_APPLY_OWNERS = """
+UPDATE phi_vault SET patient_key = o.patient_key, sealed = o.sealed
+FROM _owners o
+WHERE phi_vault.batch_id = $b AND phi_vault.file_index = o.file_index
+  AND phi_vault.position = o.position
+"""
+
+# Staged rows of an erased patient ($code): ledger and quarantine say so, the vault and the
+# indexes forget them.
+_UNSTORE_ERASED = (
+    """
+    UPDATE record_ledger l SET status = 'quarantined', outcome = $code, resource_key = NULL
+    FROM _erased e
+    WHERE l.batch_id = $b AND l.file_index = e.file_index AND l.position = e.position
+    """,
+    """
+    INSERT INTO quarantine
+    SELECT v.batch_id, v.file_index, f.file_id, v.position, $code,
+           v.resource_type || ': belongs to an erased patient; not stored',
+           v.resource_type, NULL, ''::BLOB, ''::BLOB, $now
+    FROM phi_vault v
+    JOIN _erased e ON e.file_index = v.file_index AND e.position = v.position
+    JOIN source_files f ON f.batch_id = v.batch_id AND f.file_index = v.file_index
+    WHERE v.batch_id = $b
+    """,
+    """
+    DELETE FROM resource_references WHERE batch_id = $b AND resource_key IN (
+        SELECT v.resource_key FROM phi_vault v JOIN _erased e
+          ON e.file_index = v.file_index AND e.position = v.position WHERE v.batch_id = $b)
+    """,
+    """
+    DELETE FROM identifier_index WHERE batch_id = $b AND resource_key IN (
+        SELECT v.resource_key FROM phi_vault v JOIN _erased e
+          ON e.file_index = v.file_index AND e.position = v.position WHERE v.batch_id = $b)
+    """,
+    """
+    DELETE FROM phi_vault v USING _erased e
+    WHERE v.batch_id = $b AND v.file_index = e.file_index AND v.position = e.position
+    """,
+)
+
+
 class BatchIngestor:
     """Streams one batch into the warehouse. Use :func:`ingest_batch`."""
 
@@ -273,6 +335,11 @@ class BatchIngestor:
         self.server_base = server_base
         self.pseudo = Pseudonymizer(provider.pseudonym_key())
         self.keys = DataKeyStore(con, provider)
+        # tombstones (patients, and the keyed identifier criteria of their Patient) and owners
+        # whose key was destroyed by an erasure from before tombstones existed
+        self.erased: set[str] = {
+            str(k) for (k,) in con.execute("SELECT subject_key FROM erased_subjects").fetchall()
+        } | self.keys.destroyed_owners
         self.buffers = _Buffers()
         self.report = IngestReport(batch_id=batch_id, workers=workers)
         self.now = utcnow()
@@ -336,6 +403,25 @@ class BatchIngestor:
             quarantined_at=self.now,
         )
         self._ledger(record, "quarantined", code, resource_type, None)
+
+    def _quarantine_erased(self, record: RawRecord, resource_type: str | None) -> None:
+        """A record of an erased patient: counted, never stored. Sealing it under a key
+        destroyed at once would leave the same nothing, plus ciphertext bytes in the file."""
+        self.buffers.add(
+            "quarantine",
+            batch_id=self.batch_id,
+            file_index=record.file_index,
+            file_id=self.file_ids[record.file_index],
+            position=record.position,
+            reason_code=ERASED_SUBJECT,
+            message=f"{resource_type or 'record'}: belongs to an erased patient; not stored",
+            resource_type=resource_type,
+            patient_key=None,
+            sealed=b"",
+            aad=b"",
+            quarantined_at=self.now,
+        )
+        self._ledger(record, "quarantined", ERASED_SUBJECT, resource_type, None)
 
     def _ledger(
         self,
@@ -419,10 +505,37 @@ class BatchIngestor:
                 return target[2], False
         return None, False
 
+    def _names_erased_patient(self, checked: Checked) -> bool:
+        """A Patient sent again under another id but with an identifier of an erased one."""
+        return any(
+            self.pseudo.token("criteria", f"Patient?{criteria}") in self.erased
+            for criteria in checked.identifiers
+        )
+
+    def _conditional_owner(self, record: RawRecord, checked: Checked) -> str | None:
+        """The keyed criteria of a conditional patient reference (``Patient?identifier=``) of
+        a resource with no literal one: resolved at the end of the batch, once every Patient
+        of the batch is in the identifier index."""
+        for value in checked.patient_refs:
+            target = self._target(record, value)
+            if isinstance(target, tuple) and target[0] == "conditional" and target[1] == "Patient":
+                return target[2]
+        return None
+
     def accept(self, record: RawRecord, checked: Checked) -> None:
         assert checked.resource_type and checked.resource_id  # valid records have both
         rtype = checked.resource_type
         owner, owner_dangles = self._owner(record, checked)
+        criteria = None if owner else self._conditional_owner(record, checked)
+        resource_key = self.pseudo.resource_key(rtype, checked.resource_id)
+        if (
+            owner in self.erased
+            or resource_key in self.erased
+            or criteria in self.erased
+            or (rtype == "Patient" and self._names_erased_patient(checked))
+        ):
+            self._quarantine_erased(record, rtype)
+            return
         if owner_dangles:
             self._quarantine(
                 record,
@@ -432,7 +545,6 @@ class BatchIngestor:
                 None,
             )
             return
-        resource_key = self.pseudo.resource_key(rtype, checked.resource_id)
         content_mac = self.pseudo.token("content", checked.content_digest.hex(), memoise=False)
         refs: list[tuple[str, str, str, str, str]] = []
         for path, value in checked.references:
@@ -451,6 +563,15 @@ class BatchIngestor:
                 # when the Bundle that gave a urn:uuid its meaning is long gone
                 refs.append((path, self.pseudo.token("reference", value), *target))
         self._index(checked, resource_key, content_mac, refs)
+        if criteria is not None:
+            self.buffers.add(
+                "pending_patient_refs",
+                batch_id=self.batch_id,
+                file_index=record.file_index,
+                position=record.position,
+                resource_key=resource_key,
+                criteria_key=criteria,
+            )
         aad = _sealed_context(b"ehr-vault/1|", resource_key)
         key = self.keys.for_owner(owner or SHARED_OWNER)
         # written straight into the vault; finalize() removes what turns out to be a repeat
@@ -523,6 +644,9 @@ class BatchIngestor:
             self._quarantine(record, code, message, None, None)
         elif checked.code is not None:
             owner, _ = self._owner(record, checked) if checked.resource_type else (None, False)
+            if owner in self.erased:
+                self._quarantine_erased(record, checked.resource_type)
+                return
             self._quarantine(record, checked.code, checked.message, checked.resource_type, owner)
         else:
             self.accept(record, checked)
@@ -538,6 +662,7 @@ class BatchIngestor:
         self.flush()
         self._record_source_files(files)
         self.flush()
+        self._settle_conditional_owners()
         batch = {"b": self.batch_id}
         self.con.execute(_RANK_STAGED_ROWS, batch)
         self.con.execute(_QUARANTINE_CONFLICTS, {**batch, "now": self.now})
@@ -546,11 +671,71 @@ class BatchIngestor:
         self.con.execute(_RESOLVE_REFERENCES, batch)
         self._summarise()
 
+    def _settle_conditional_owners(self) -> None:
+        """Records whose patient reference was conditional get their patient now that every
+        Patient of the batch is indexed: re-sealed under the patient's data key (so erasing
+        the patient destroys them, and de-identification shifts their dates with the
+        patient's); those of an erased patient leave the vault for the quarantine, unstored.
+        A criteria matching no Patient, or several, leaves the record under ``_shared``."""
+        cur = self.con.execute(_PENDING_OWNERS, {"b": self.batch_id})
+        erased: list[tuple[int, int]] = []
+        while rows := cur.fetchmany(1_000):
+            resealed: list[tuple[int, int, str, bytes]] = []
+            for file_index, position, resource_key, sealed, aad, patient, criteria in rows:
+                if patient in self.erased or criteria in self.erased:
+                    erased.append((file_index, position))
+                    continue
+                if patient is None:
+                    continue
+                plain = self.keys.open(bytes(sealed), bytes(aad))
+                blob = seal(self.keys.for_owner(patient), plain, bytes(aad))
+                resealed.append((file_index, position, patient, blob))
+            self.keys.flush()  # the patients' new keys before the ciphertexts that need them
+            if resealed:
+                self._apply_owners(resealed)
+        if erased:
+            self._unstore_erased(erased)
+        self.con.execute("DELETE FROM pending_patient_refs WHERE batch_id = ?", [self.batch_id])
+
+    def _apply_owners(self, rows: list[tuple[int, int, str, bytes]]) -> None:
+        columns = list(zip(*rows, strict=True))
+        table = pa.table(
+            {
+                "file_index": pa.array(columns[0], pa.int64()),
+                "position": pa.array(columns[1], pa.int64()),
+                "patient_key": pa.array(columns[2], pa.string()),
+                "sealed": pa.array(columns[3], pa.binary()),
+            }
+        )
+        self.con.register("_owners", table)
+        try:
+            self.con.execute(_APPLY_OWNERS, {"b": self.batch_id})
+        finally:
+            self.con.unregister("_owners")
+
+    def _unstore_erased(self, rows: list[tuple[int, int]]) -> None:
+        """Move staged records of an erased patient to the quarantine, without their bytes."""
+        columns = list(zip(*rows, strict=True))
+        table = pa.table(
+            {
+                "file_index": pa.array(columns[0], pa.int64()),
+                "position": pa.array(columns[1], pa.int64()),
+            }
+        )
+        params = {"b": self.batch_id, "now": self.now, "code": ERASED_SUBJECT}
+        self.con.register("_erased", table)
+        try:
+            for sql in _UNSTORE_ERASED:
+                self.con.execute(sql, params)
+        finally:
+            self.con.unregister("_erased")
+
     def _record_source_files(self, files: list[SourceFile]) -> None:
-        """One ``source_files`` row per file: pseudonymous id, counts, and its name sealed."""
+        """One ``source_files`` row per file: its keyed pseudonym and counts. The name itself
+        is not kept, not even sealed: exporters put patient names in file names, and a file
+        holds many patients, so no patient's erasure could destroy the key it was sealed under."""
         for source in files:
             file_id = self.file_ids[source.index]
-            aad = _sealed_context(b"ehr-file/1|", self.batch_id, file_id)
             self.buffers.add(
                 "source_files",
                 batch_id=self.batch_id,
@@ -559,7 +744,6 @@ class BatchIngestor:
                 kind=source.kind,
                 bytes=self.file_sizes[source.index],
                 records=self.records_per_file[source.index],
-                name_sealed=seal(self.keys.for_owner(SHARED_OWNER), source.path.name.encode(), aad),
             )
 
     def _summarise(self) -> None:

@@ -3,25 +3,35 @@
 A provider never hands out the KEK itself: it wraps and unwraps data keys, the two operations a
 cloud KMS offers, so a KMS-backed provider can implement the same :class:`KeyProvider` protocol.
 Two local providers ship: a key file (``ehr keys init`` writes it outside the repository, mode
-0600) and environment variables (``EHR_KEK`` and ``EHR_PSEUDONYM_KEY``, base64 of 32 bytes).
+0600) and environment variables (``EHR_KEK``, ``EHR_PSEUDONYM_KEY`` and, for the audit log,
+``EHR_AUDIT_KEY``; base64 of 32 bytes each).
+
+A keyring file also records which warehouses hold data keys wrapped under it (their ids, and
+the last path each was seen at: paths of warehouse files, not secrets), so that rotation can
+re-wrap every one of them, and it keeps retired KEKs wrapped under the active KEK until
+``ehr keys purge-retired`` confirms that no registered warehouse still needs them.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import secrets
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vault.clock import Clock, RandomBytes, utcnow
 from vault.errors import InvalidCiphertext, KeyMaterialError
@@ -31,7 +41,10 @@ NONCE_BYTES = 12
 KEYRING_FORMAT = "ehr-keyring/1"
 ENV_KEK = "EHR_KEK"
 ENV_PSEUDONYM_KEY = "EHR_PSEUDONYM_KEY"
+ENV_AUDIT_KEY = "EHR_AUDIT_KEY"
 ENV_KEY_FILE = "EHR_KEY_FILE"
+LEGACY_AUDIT_KEY_INFO = b"ehr-audit-log/1"
+_RETIRED_KEK_AAD = b"ehr-retired-kek/1|"
 
 
 def default_key_file() -> Path:
@@ -73,6 +86,18 @@ class KeyProvider(Protocol):
 
     def pseudonym_key(self) -> bytes: ...
 
+    def audit_key(self) -> bytes: ...
+
+
+def legacy_audit_key(pseudonym_key: bytes) -> bytes:
+    """The audit MAC key of keyrings made before they had one: HKDF-SHA256 of the pseudonym
+    key. Only read to verify old entries; ``ehr keys migrate-audit-key`` replaces it."""
+    if len(pseudonym_key) < KEY_BYTES:
+        raise ValueError(f"pseudonym key must be at least {KEY_BYTES} bytes")
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=LEGACY_AUDIT_KEY_INFO).derive(
+        pseudonym_key
+    )
+
 
 class _LocalKekProvider:
     """Shared wrap/unwrap for providers that hold KEKs in process memory."""
@@ -83,6 +108,7 @@ class _LocalKekProvider:
         active: str,
         pseudonym_key: bytes,
         random_bytes: RandomBytes = os.urandom,
+        audit_key: bytes | None = None,
     ) -> None:
         if active not in keks:
             raise KeyMaterialError(f"active KEK {active!r} is not in the keyring")
@@ -91,9 +117,14 @@ class _LocalKekProvider:
                 raise KeyMaterialError(f"KEK {kek_id!r} must be {KEY_BYTES} bytes")
         if len(pseudonym_key) != KEY_BYTES:
             raise KeyMaterialError(f"pseudonym key must be {KEY_BYTES} bytes")
+        if audit_key is not None and len(audit_key) != KEY_BYTES:
+            raise KeyMaterialError(f"audit key must be {KEY_BYTES} bytes")
+        if audit_key is not None and audit_key == pseudonym_key:
+            raise KeyMaterialError("the audit key must differ from the pseudonym key")
         self._keks = dict(keks)
         self._active = active
         self._pseudonym_key = pseudonym_key
+        self._audit_key = audit_key
         self._random_bytes = random_bytes
 
     def active_kek_id(self) -> str:
@@ -126,9 +157,17 @@ class _LocalKekProvider:
     def pseudonym_key(self) -> bytes:
         return self._pseudonym_key
 
+    def audit_key(self) -> bytes:
+        """The audit log's MAC key, separate from the pseudonym key that every pipeline
+        process holds, so a pipeline process cannot forge audit entries."""
+        if self._audit_key is None:
+            raise KeyMaterialError(f"no audit key: set {ENV_AUDIT_KEY} (base64 of 32 bytes)")
+        return self._audit_key
+
 
 class EnvKeyProvider(_LocalKekProvider):
-    """KEK and pseudonym key from ``EHR_KEK`` / ``EHR_PSEUDONYM_KEY`` (base64, 32 bytes each)."""
+    """KEK and pseudonym key from ``EHR_KEK`` / ``EHR_PSEUDONYM_KEY`` (base64, 32 bytes each),
+    and the audit key from ``EHR_AUDIT_KEY`` when the process needs one."""
 
     @classmethod
     def from_environ(cls, environ: dict[str, str] | None = None) -> EnvKeyProvider:
@@ -138,12 +177,50 @@ class EnvKeyProvider(_LocalKekProvider):
         kek = _b64decode_key(env[ENV_KEK], ENV_KEK)
         pkey = _b64decode_key(env[ENV_PSEUDONYM_KEY], ENV_PSEUDONYM_KEY)
         kek_id = "env-" + key_fingerprint(kek)
-        return cls({kek_id: kek}, kek_id, pkey)
+        akey = _b64decode_key(env[ENV_AUDIT_KEY], ENV_AUDIT_KEY) if env.get(ENV_AUDIT_KEY) else None
+        return cls({kek_id: kek}, kek_id, pkey, audit_key=akey)
+
+
+def wrap_retired_kek(
+    old_id: str, old_kek: bytes, new_id: str, new_kek: bytes, random_bytes: RandomBytes = os.urandom
+) -> dict[str, str]:
+    """A retired KEK kept in the keyring, encrypted under the KEK that replaced it, so it
+    unwraps data keys a warehouse has not re-wrapped yet but is not lying in the file bare."""
+    nonce = random_bytes(NONCE_BYTES)
+    aad = _RETIRED_KEK_AAD + old_id.encode() + b"|" + new_id.encode()
+    blob = nonce + AESGCM(new_kek).encrypt(nonce, old_kek, aad)
+    return {"wrapped_by": new_id, "wrapped": base64.b64encode(blob).decode()}
+
+
+def _unwrap_retired(keks: dict[str, bytes], retired_doc: dict[str, Any]) -> None:
+    """Add to ``keks`` every retired KEK still held (wrapped under a KEK already in ``keks``,
+    possibly itself a retired one: rotations chain)."""
+    pending = {
+        str(k): v for k, v in retired_doc.items() if isinstance(v, dict) and v.get("wrapped")
+    }
+    while pending:
+        ready = [k for k, v in pending.items() if str(v.get("wrapped_by")) in keks]
+        if not ready:
+            raise KeyMaterialError(
+                f"retired KEKs {', '.join(sorted(pending))} are wrapped under a KEK "
+                "this keyring does not hold"
+            )
+        for old_id in ready:
+            entry = pending.pop(old_id)
+            by = str(entry["wrapped_by"])
+            try:
+                blob = base64.b64decode(str(entry["wrapped"]), validate=True)
+                aad = _RETIRED_KEK_AAD + old_id.encode() + b"|" + by.encode()
+                kek = AESGCM(keks[by]).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
+            except (binascii.Error, ValueError, InvalidTag) as exc:
+                raise KeyMaterialError(f"retired KEK {old_id!r} does not unwrap") from exc
+            keks[old_id] = kek
 
 
 class FileKeyProvider(_LocalKekProvider):
-    """A JSON keyring file: several KEKs (one active, older ones kept for unwrapping until
-    rotation has re-wrapped every data key), the pseudonym key, and the date-shift key."""
+    """A JSON keyring file: the active KEK, retired KEKs (wrapped under a newer KEK until
+    ``purge-retired``), the pseudonym key, the date-shift key, the audit key, and the registry
+    of warehouses whose data keys are wrapped under it."""
 
     def __init__(self, path: Path, document: dict[str, object]) -> None:
         self.path = path
@@ -156,26 +233,88 @@ class FileKeyProvider(_LocalKekProvider):
             if not isinstance(entry, dict) or "key" not in entry:
                 raise KeyMaterialError(f"keyring entry {kek_id!r} has no 'key'")
             keks[str(kek_id)] = _b64decode_key(str(entry["key"]), f"KEK {kek_id!r}")
+        self.live_kek_ids = sorted(keks)
+        retired = document.get("retired_keks")
+        _unwrap_retired(keks, retired if isinstance(retired, dict) else {})
         active = document.get("active_kek")
         pkey = document.get("pseudonym_key")
         if not isinstance(active, str) or not isinstance(pkey, str):
             raise KeyMaterialError("keyring needs 'active_kek' and 'pseudonym_key'")
-        super().__init__(keks, active, _b64decode_key(pkey, "pseudonym key"))
+        pseudonym_key = _b64decode_key(pkey, "pseudonym key")
+        akey = document.get("audit_key")
+        # keyrings made before the audit key existed: the derived key, until migrated; a
+        # migrated keyring still accepts it for the entries written before the migration
+        self.legacy_audit = not isinstance(akey, str)
+        self.accepts_legacy_audit = self.legacy_audit or document.get("legacy_audit_key") is True
+        audit = (
+            _b64decode_key(akey, "audit key")
+            if isinstance(akey, str)
+            else legacy_audit_key(pseudonym_key)
+        )
+        super().__init__(keks, active, pseudonym_key, audit_key=audit)
+
+    def retired_kek_ids(self) -> list[str]:
+        """Retired KEKs whose material the keyring still holds (wrapped)."""
+        return sorted(set(self.kek_ids()) - set(self.live_kek_ids))
+
+    def warehouses(self) -> dict[str, str]:
+        """Registered warehouse id -> the path it was last registered from."""
+        registry = self._document.get("warehouses")
+        if not isinstance(registry, dict):
+            return {}
+        return {str(k): str(v.get("path", "")) for k, v in registry.items() if isinstance(v, dict)}
+
+    def register_warehouse(self, warehouse_id: str, path: Path, clock: Clock = utcnow) -> bool:
+        """Record that ``warehouse_id`` (at ``path``) holds data keys wrapped by this keyring.
+        Returns True when the keyring file changed."""
+        location = str(Path(path).resolve())
+        if self.warehouses().get(warehouse_id) == location:
+            return False
+        with keyring_lock(self.path):
+            document = read_keyring_document(self.path)
+            registry = document.setdefault("warehouses", {})
+            entry = registry.get(warehouse_id)
+            if isinstance(entry, dict) and entry.get("path") == location:
+                self._document = document
+                return False
+            registry[warehouse_id] = {"path": location, "registered": clock().isoformat()}
+            write_keyring(self.path, document)
+        self._document = document
+        return True
 
     @classmethod
     def load(cls, path: Path) -> FileKeyProvider:
-        if not path.exists():
-            raise KeyMaterialError(
-                "no key file found; create one with `ehr keys init` "
-                f"(or set {ENV_KEY_FILE}, or {ENV_KEK} and {ENV_PSEUDONYM_KEY})"
-            )
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise KeyMaterialError("key file is unreadable or not JSON") from exc
-        if not isinstance(document, dict) or document.get("format") != KEYRING_FORMAT:
-            raise KeyMaterialError(f"key file is not an {KEYRING_FORMAT} keyring")
-        return cls(path, document)
+        return cls(path, read_keyring_document(path))
+
+
+def read_keyring_document(path: Path) -> dict[str, Any]:
+    """The keyring file's JSON document, checked for its format (not yet for its keys)."""
+    if not path.exists():
+        raise KeyMaterialError(
+            "no key file found; create one with `ehr keys init` "
+            f"(or set {ENV_KEY_FILE}, or {ENV_KEK} and {ENV_PSEUDONYM_KEY})"
+        )
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise KeyMaterialError("key file is unreadable or not JSON") from exc
+    if not isinstance(document, dict) or document.get("format") != KEYRING_FORMAT:
+        raise KeyMaterialError(f"key file is not an {KEYRING_FORMAT} keyring")
+    return document
+
+
+@contextlib.contextmanager
+def keyring_lock(key_file: Path) -> Iterator[None]:
+    """One writer of a keyring at a time (an flock on ``<key file>.lock``): registration by
+    ingest and a rotation must not overwrite each other's keyring."""
+    lock_path = key_file.with_name(key_file.name + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, stat.S_IRUSR | stat.S_IWUSR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _new_kek_entry(random_bytes: RandomBytes, clock: Clock) -> tuple[str, dict[str, object]]:
@@ -236,9 +375,15 @@ def init_keyring(
     clock: Clock = utcnow,
 ) -> bool:
     """Create a keyring at ``path`` unless one exists. Returns True when it was created."""
-    if path.exists():
-        FileKeyProvider.load(path)  # an existing file must at least be a valid keyring
-        return False
+    with keyring_lock(path):  # two concurrent inits must not both write a keyring
+        if path.exists():
+            FileKeyProvider.load(path)  # an existing file must at least be a valid keyring
+            return False
+        _write_new_keyring(path, random_bytes, clock)
+    return True
+
+
+def _write_new_keyring(path: Path, random_bytes: RandomBytes, clock: Clock) -> None:
     kek_id, entry = _new_kek_entry(random_bytes, clock)
     document: dict[str, object] = {
         "format": KEYRING_FORMAT,
@@ -247,8 +392,24 @@ def init_keyring(
         "keks": {kek_id: entry},
         "pseudonym_key": base64.b64encode(random_bytes(KEY_BYTES)).decode(),
         "date_shift_key": base64.b64encode(random_bytes(KEY_BYTES)).decode(),
+        "audit_key": base64.b64encode(random_bytes(KEY_BYTES)).decode(),
+        "warehouses": {},
     }
     write_keyring(path, document)
+
+
+def migrate_audit_key(path: Path, *, random_bytes: RandomBytes = os.urandom) -> bool:
+    """Give a keyring made before the audit key existed an audit key of its own. Audit logs
+    keep verifying: entries made before are checked with the derived (legacy) key, which the
+    keyring remembers to accept (``legacy_audit_key``); new entries use the new key. Returns
+    False when the keyring already has an audit key."""
+    with keyring_lock(path):
+        document = read_keyring_document(path)
+        if isinstance(document.get("audit_key"), str):
+            return False
+        document["audit_key"] = base64.b64encode(random_bytes(KEY_BYTES)).decode()
+        document["legacy_audit_key"] = True
+        write_keyring(path, document)
     return True
 
 

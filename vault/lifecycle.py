@@ -9,13 +9,11 @@ tables; the places of the release (warehouse tables, files, an online store) are
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import fcntl
-import json
 import logging
 import os
 import re
-import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -25,24 +23,26 @@ from typing import Any, Protocol
 import duckdb
 import pyarrow as pa
 
+from vault import warehouse
 from vault.audit import AuditLog
 from vault.clock import Clock, RandomBytes, utcnow
 from vault.errors import (
     AuditLogError,
     ErasureIncompleteError,
     KeyDestroyedError,
-    KeyMaterialError,
     KeyRotationError,
     PatientNotFoundError,
     VaultError,
 )
 from vault.keys import (
     ENV_KEK,
-    KEYRING_FORMAT,
     FileKeyProvider,
     KeyProvider,
     WrappedKey,
     _new_kek_entry,
+    keyring_lock,
+    read_keyring_document,
+    wrap_retired_kek,
     write_keyring,
 )
 from vault.pseudonym import PSEUDONYM_HEX_CHARS, Pseudonymizer
@@ -123,29 +123,15 @@ class RotationReport:
     # KEKs kept because a live data key was still wrapped under them after the re-wrap (only
     # when another writer added keys under an old KEK meanwhile); rotate again to retire them.
     kept_kek_ids: list[str] = field(default_factory=list)
+    warehouses: list[str] = field(default_factory=list)  # ids of the warehouses re-wrapped
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-@contextlib.contextmanager
-def _keyring_lock(key_file: Path) -> Iterator[None]:
-    """One rotation of a keyring at a time (an flock on ``<key file>.lock``)."""
-    lock_path = key_file.with_name(key_file.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, stat.S_IRUSR | stat.S_IWUSR)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
 def _read_keyring(key_file: Path) -> dict[str, Any]:
     FileKeyProvider.load(key_file)  # a valid keyring, or a precise KeyMaterialError
-    document: dict[str, Any] = json.loads(key_file.read_text(encoding="utf-8"))
-    if document.get("format") != KEYRING_FORMAT:  # pragma: no cover - load() checked it
-        raise KeyMaterialError(f"key file is not an {KEYRING_FORMAT} keyring")
-    return document
+    return read_keyring_document(key_file)
 
 
 _LIVE_DATA_KEYS = (
@@ -213,10 +199,11 @@ def _rewrap_all(con: duckdb.DuckDBPyConnection, provider: FileKeyProvider) -> tu
     except BaseException:
         con.rollback()
         raise
+    con.execute("CHECKPOINT")  # the re-wrapped keys into the file before the old KEK retires
     return len(rows), destroyed
 
 
-def _refuse_environment_keys() -> None:
+def refuse_environment_keys() -> None:
     if os.environ.get(ENV_KEK):
         raise KeyRotationError(
             f"{ENV_KEK} is set: an environment or KMS key is rotated by its owner "
@@ -224,43 +211,103 @@ def _refuse_environment_keys() -> None:
         )
 
 
+def _register_in_document(
+    document: dict[str, Any], con: duckdb.DuckDBPyConnection, clock: Clock
+) -> str:
+    """The warehouse of ``con`` in the keyring's registry (the caller writes the keyring)."""
+    wid = warehouse.ensure_warehouse_id(con)
+    path = warehouse.database_path(con)
+    registry: dict[str, Any] = document.setdefault("warehouses", {})
+    location = str(path.resolve()) if path is not None else ""
+    if registry.get(wid, {}).get("path") != location:
+        registry[wid] = {"path": location, "registered": _aware(clock).isoformat()}
+    return wid
+
+
+@contextlib.contextmanager
+def _registered_warehouses(
+    document: dict[str, Any], own_id: str, con: duckdb.DuckDBPyConnection
+) -> Iterator[dict[str, duckdb.DuckDBPyConnection]]:
+    """A writable connection to every warehouse the keyring's registry lists (``con`` for
+    its own). Refuses, before anything changes, naming every warehouse it cannot reach: a
+    rotation that skipped one would strand its data keys once the old KEK is purged."""
+    cons = {own_id: con}
+    unreachable: list[str] = []
+    try:
+        for wid, entry in sorted(document.get("warehouses", {}).items()):
+            if wid == own_id:
+                continue
+            path = Path(str(entry.get("path", "")))
+            try:
+                other = warehouse.connect(path) if path.is_file() else None
+            except duckdb.Error:
+                other = None  # locked by a running process, or not a warehouse
+            if other is not None and warehouse.warehouse_id(other) != wid:
+                other.close()
+                other = None
+            if other is None:
+                unreachable.append(f"{wid} (last seen at {path})")
+                continue
+            cons[wid] = other
+        if unreachable:
+            raise KeyRotationError(
+                "cannot reach every warehouse registered with this keyring, nothing was "
+                f"rotated: {'; '.join(unreachable)}. Make them reachable (and stop their "
+                "pipeline runs), or remove a deleted one with `ehr keys forget-warehouse`"
+            )
+        yield cons
+    finally:
+        for wid, other in cons.items():
+            if wid != own_id:
+                other.close()
+
+
 def _activate_new_kek(
     key_file: Path, document: dict[str, Any], random_bytes: RandomBytes, clock: Clock
-) -> tuple[str, FileKeyProvider]:
-    """Step (1): the keyring on disk gains a new active KEK, the old ones kept for unwrapping.
-    Returns the new KEK's id and a provider loaded back from the file just written."""
+) -> tuple[str, list[str]]:
+    """Step (1): the keyring on disk gains a new active KEK, the old ones kept for unwrapping
+    and the rotation recorded as under way. Resumes an interrupted rotation instead of
+    starting another. Returns the new KEK's id and the KEKs it replaces."""
+    pending = document.get("rotation")
+    if isinstance(pending, dict) and pending.get("new_kek") == document.get("active_kek"):
+        return str(pending["new_kek"]), [str(k) for k in pending.get("old_keks", [])]
     keks: dict[str, Any] = document["keks"]
     retired_doc: dict[str, Any] = document.setdefault("retired_keks", {})
+    old_ids = sorted(keks)
     new_id, entry = _new_kek_entry(random_bytes, clock)
     if new_id in keks or new_id in retired_doc:
         raise KeyRotationError(f"new KEK {new_id} collides with an existing one")
     keks[new_id] = entry
     document["active_kek"] = new_id
+    document["rotation"] = {"new_kek": new_id, "old_keks": old_ids}
     write_keyring(key_file, document)
-    provider = FileKeyProvider.load(key_file)
-    if provider.active_kek_id() != new_id:  # pragma: no cover - written just above
-        raise KeyRotationError("the keyring on disk does not have the new KEK active")
-    return new_id, provider
+    return new_id, old_ids
 
 
-def _retire_unused_keks(
+def _retire_old_keks(
     key_file: Path,
     document: dict[str, Any],
-    con: duckdb.DuckDBPyConnection,
     old_ids: list[str],
+    random_bytes: RandomBytes,
     clock: Clock,
-) -> tuple[list[str], list[str]]:
-    """Step (3): old KEKs no live data key is wrapped under leave the keyring, material and all
-    (only their dates stay, under ``retired_keks``). Returns (retired, kept) KEK ids."""
-    still_used = {str(k) for (k,) in con.execute(_KEK_IDS_IN_USE).fetchall()}
-    kept = sorted(still_used & set(old_ids))
-    retired = [k for k in old_ids if k not in still_used]
+) -> list[str]:
+    """Step (3): the old KEKs leave the active set, kept wrapped under the new KEK (until
+    ``ehr keys purge-retired``): a warehouse or backup still under them stays readable."""
+    new_id = str(document["active_kek"])
+    new_kek = base64.b64decode(document["keks"][new_id]["key"])
     retired_at = _aware(clock).isoformat()
+    retired = [k for k in old_ids if k in document["keks"]]
     for old in retired:
         meta = document["keks"].pop(old)
-        document["retired_keks"][old] = {"created": meta.get("created"), "retired": retired_at}
+        old_kek = base64.b64decode(meta["key"])
+        document["retired_keks"][old] = {
+            "created": meta.get("created"),
+            "retired": retired_at,
+            **wrap_retired_kek(old, old_kek, new_id, new_kek, random_bytes),
+        }
+    document.pop("rotation", None)
     write_keyring(key_file, document)
-    return retired, kept
+    return retired
 
 
 def rotate_kek(
@@ -273,37 +320,99 @@ def rotate_kek(
     reason: str = "key rotation",
     actor: str | None = None,
 ) -> RotationReport:
-    """Add a new KEK, re-wrap every live data key under it, retire the old KEKs and drop their
-    material.
+    """Add a new KEK, re-wrap the live data keys of every registered warehouse under it, and
+    retire the old KEKs (kept wrapped under the new one until ``purge_retired_keks``).
 
-    Crash-safe order: (1) the keyring gains the new KEK as active, old KEKs still present
-    (written atomically and fsynced); (2) every live data key is re-wrapped in one DuckDB
-    transaction; (3) only then are the old KEKs moved to ``retired_keks`` without their key
-    material. A crash after (1) or (2) leaves a keyring that can unwrap everything, and
-    rotating again completes the job.
-
-    Every warehouse whose data keys are wrapped with this keyring must be the one given here:
-    a second warehouse sharing the keyring would keep keys under a KEK that is then dropped.
-    Run it while no pipeline process holds the old keyring in memory.
+    Refuses before any change when a registered warehouse cannot be opened, naming it.
+    Crash-safe and resumable: (1) the keyring gains the new KEK as active, old KEKs still
+    present and the rotation marked under way (written atomically and fsynced); (2) each
+    warehouse is re-wrapped in one DuckDB transaction; (3) the old KEKs move to
+    ``retired_keks`` and the mark is removed. Rotating again after a crash finishes the same
+    rotation. Audited: an intent before (1), a completion after (3).
     """
-    _refuse_environment_keys()
+    refuse_environment_keys()
     key_file = Path(key_file)
     audit.check_appendable()  # never rotate what could not be audited
-    with _keyring_lock(key_file):
+    with keyring_lock(key_file):
         document = _read_keyring(key_file)
-        old_ids = sorted(document["keks"])
-        new_id, provider = _activate_new_kek(key_file, document, random_bytes, clock)
-        rewrapped, destroyed = _rewrap_all(con, provider)
-        retired, kept = _retire_unused_keks(key_file, document, con, old_ids, clock)
-    report = RotationReport(new_id, retired, rewrapped, destroyed, kept)
-    logger.info(
-        "rotated KEK: active %s, %d data keys re-wrapped, retired %s",
-        new_id,
-        rewrapped,
-        ", ".join(retired) or "none",
-    )
-    audit.append("rotate_keys", new_id, reason, report.to_dict(), actor)
+        own_id = _register_in_document(document, con, clock)
+        with _registered_warehouses(document, own_id, con) as cons:
+            new_id, old_ids = _activate_new_kek(key_file, document, random_bytes, clock)
+            intent = audit.intend(
+                "rotate_keys", new_id, reason, {"warehouses": sorted(cons)}, actor
+            )
+            provider = FileKeyProvider.load(key_file)
+            rewrapped = destroyed = 0
+            for wid in sorted(cons):
+                done, skipped = _rewrap_all(cons[wid], provider)
+                rewrapped, destroyed = rewrapped + done, destroyed + skipped
+            retired = _retire_old_keks(key_file, document, old_ids, random_bytes, clock)
+    report = RotationReport(new_id, retired, rewrapped, destroyed, [], sorted(cons))
+    logger.info("rotated KEK: active %s, %d data keys re-wrapped", new_id, rewrapped)
+    audit.complete(intent, report.to_dict())
     return report
+
+
+def purge_retired_keks(
+    key_file: Path,
+    audit: AuditLog,
+    *,
+    reason: str = "purge retired KEKs",
+    actor: str | None = None,
+) -> list[str]:
+    """Drop the material of every retired KEK, once no registered warehouse has a live data
+    key wrapped under one (all must be reachable). Returns the purged KEK ids. After this,
+    backups made before the last rotation can no longer be read with this keyring."""
+    refuse_environment_keys()
+    key_file = Path(key_file)
+    audit.check_appendable()
+    with keyring_lock(key_file):
+        document = _read_keyring(key_file)
+        held = [k for k, v in document.get("retired_keks", {}).items() if v.get("wrapped")]
+        if not held:
+            return []
+        still_used: dict[str, list[str]] = {}
+        for wid, entry in sorted(document.get("warehouses", {}).items()):
+            path = Path(str(entry.get("path", "")))
+            try:
+                con = warehouse.connect(path, read_only=True) if path.is_file() else None
+            except duckdb.Error:
+                con = None
+            if con is None:
+                raise KeyRotationError(
+                    f"cannot reach warehouse {wid} (last seen at {path}); nothing was purged"
+                )
+            try:
+                in_use = {str(k) for (k,) in con.execute(_KEK_IDS_IN_USE).fetchall()}
+            finally:
+                con.close()
+            if in_use & set(held):
+                still_used[wid] = sorted(in_use & set(held))
+        if still_used:
+            named = "; ".join(f"{w}: {', '.join(k)}" for w, k in still_used.items())
+            raise KeyRotationError(
+                f"retired KEKs still wrap live data keys ({named}); run `ehr keys rotate` first"
+            )
+        intent = audit.intend("purge_retired_keks", "keyring", reason, {"kek_ids": held}, actor)
+        for kek_id in held:
+            entry = document["retired_keks"][kek_id]
+            entry.pop("wrapped", None)
+            entry.pop("wrapped_by", None)
+            entry["purged"] = _aware(utcnow).isoformat()
+        write_keyring(key_file, document)
+    audit.complete(intent, {"kek_ids": held})
+    return held
+
+
+def forget_warehouse(key_file: Path, warehouse_id: str) -> bool:
+    """Remove a warehouse that no longer exists from the keyring's registry."""
+    with keyring_lock(Path(key_file)):
+        document = _read_keyring(Path(key_file))
+        if warehouse_id not in document.get("warehouses", {}):
+            return False
+        del document["warehouses"][warehouse_id]
+        write_keyring(Path(key_file), document)
+    return True
 
 
 # -- erasure (crypto-shredding) --------------------------------------------------------------
@@ -386,6 +495,7 @@ def _erase_in_warehouse(
         )
         # Index rows first: which resources were the patient's is known from the vault.
         owned = "SELECT resource_key FROM phi_vault WHERE patient_key = $p OR resource_key = $p"
+        _tombstone(con, p, owned, now)
         for table in ("resource_references", "identifier_index"):
             report.rows_deleted[table] = _count(
                 con, f"DELETE FROM {table} WHERE resource_key IN ({owned})", {"p": p}
@@ -407,6 +517,23 @@ def _erase_in_warehouse(
     report.found = bool(live or dead or any(report.rows_deleted.values()))
 
 
+def _tombstone(con: duckdb.DuckDBPyConnection, pseudonym: str, owned: str, now: datetime) -> None:
+    """Remember the erasure so it sticks: the patient pseudonym, and the keyed identifier
+    criteria of its Patient resource (a later ``Patient?identifier=`` reference resolves to
+    them once the identifier index rows are gone). Later records resolving to either are
+    quarantined as ``erased_subject`` by ingest and never sealed again."""
+    con.execute(
+        "INSERT INTO erased_subjects VALUES (?, 'patient', ?) ON CONFLICT DO NOTHING",
+        [pseudonym, now],
+    )
+    con.execute(
+        "INSERT INTO erased_subjects SELECT DISTINCT criteria_key, 'criteria', $now "
+        f"FROM identifier_index WHERE resource_type = 'Patient' AND resource_key IN ({owned}) "
+        "ON CONFLICT DO NOTHING",
+        {"p": pseudonym, "now": now},
+    )
+
+
 def _purge_places(report: ErasureReport, plan: ErasurePlan) -> None:
     for place in plan.places:
         try:
@@ -416,6 +543,37 @@ def _purge_places(report: ErasureReport, plan: ErasurePlan) -> None:
                 "erasure of %s from %s failed: %s", report.pseudonym, place.name, type(exc)
             )
             report.places_failed.append(place.name)
+
+
+def _announce_forget(
+    pseudonym: str, audit: AuditLog, reason: str, actor: str | None
+) -> dict[str, Any]:
+    check_pseudonym(pseudonym)
+    reason = _check_reason(reason, "an erasure")
+    audit.check_appendable()  # never destroy what could not be audited
+    return audit.intend("forget", pseudonym, reason, {}, actor)
+
+
+def _finish_forget(report: ErasureReport, audit: AuditLog, intent: dict[str, Any]) -> ErasureReport:
+    logger.info(
+        "erased %s: %d data keys destroyed, %d rows deleted",
+        report.pseudonym,
+        report.data_keys_destroyed,
+        sum(report.rows_deleted.values()),
+    )
+    if report.places_failed:  # the intent stays open: verify lists it until a re-run
+        raise ErasureIncompleteError(
+            f"erasure of {report.pseudonym} committed in the warehouse, but purging failed "
+            f"in: {', '.join(report.places_failed)}; run the erasure again"
+        )
+    try:
+        audit.complete(intent, report.to_dict())
+    except VaultError as exc:
+        raise AuditLogError(
+            f"erasure of {report.pseudonym} was committed but its completion could not be "
+            f"audited: {exc}; run the erasure again"
+        ) from exc
+    return report
 
 
 def forget_pseudonym(
@@ -428,46 +586,51 @@ def forget_pseudonym(
     clock: Clock = utcnow,
     actor: str | None = None,
 ) -> ErasureReport:
-    """Crypto-shred the patient with this pseudonym.
+    """Crypto-shred the patient with this pseudonym, on an open connection.
 
-    In one transaction: its data key(s) are destroyed (``wrapped`` set to NULL), and its rows
-    are deleted from ``phi_vault`` (resources in its compartment and the Patient itself),
+    Audited first (an intent entry). Then in one transaction: a tombstone for the patient
+    (``erased_subjects``), its data key(s) destroyed (``wrapped`` set to NULL), and its rows
+    deleted from ``phi_vault`` (resources in its compartment and the Patient itself),
     ``quarantine``, ``resource_references`` and ``identifier_index`` (rows of its resources),
-    and from the released tables ``plan`` names. Then every place of ``plan`` is purged, and
-    the act is audited. Erasing an already erased patient, or an unknown one (the report says
-    ``found=False``), is not an error, so a failed erasure can simply be run again.
+    and from the released tables ``plan`` names. Then every place of ``plan`` is purged and a
+    completion entry is written. Erasing an already erased patient, or an unknown one (the
+    report says ``found=False``; the tombstone is written anyway), is not an error, so an
+    interrupted erasure is simply run again.
 
-    Not erased: resources outside the patient compartment under the ``_shared`` key (an
-    Organization, a quarantined record that named no patient) even if they mention the
-    patient, references from other patients' resources to this one, and the pseudonymous
-    ``record_ledger``. Copies of the destroyed wrapped key may survive in free pages of the
-    database file, its WAL, or backups until the KEK is rotated.
+    The deleted rows stay in the database file's free pages until it is rewritten:
+    :func:`forget_in_warehouse` does both and is what ``ehr forget`` runs.
     """
-    check_pseudonym(pseudonym)
-    reason = _check_reason(reason, "an erasure")
-    now = _aware(clock)
-    audit.check_appendable()  # never destroy what could not be audited
+    intent = _announce_forget(pseudonym, audit, reason, actor)
     report = ErasureReport(pseudonym)
-    _erase_in_warehouse(con, report, now, plan)
+    _erase_in_warehouse(con, report, _aware(clock), plan)
     _purge_places(report, plan)
-    logger.info(
-        "erased %s: %d data keys destroyed, %d rows deleted",
-        pseudonym,
-        report.data_keys_destroyed,
-        sum(report.rows_deleted.values()),
-    )
+    return _finish_forget(report, audit, intent)
+
+
+def forget_in_warehouse(
+    warehouse_path: Path,
+    pseudonym: str,
+    audit: AuditLog,
+    reason: str,
+    *,
+    plan: ErasurePlan = ErasurePlan(),
+    clock: Clock = utcnow,
+    actor: str | None = None,
+) -> ErasureReport:
+    """:func:`forget_pseudonym` on the warehouse file, which is then rewritten into a fresh
+    file (atomically replacing it) so that no freed page keeps the destroyed wrapped key, a
+    ciphertext or a released row of the patient. No other connection may be open."""
+    intent = _announce_forget(pseudonym, audit, reason, actor)
+    report = ErasureReport(pseudonym)
+    con = warehouse.connect(warehouse_path)
     try:
-        audit.append("forget", pseudonym, reason, report.to_dict(), actor)
-    except VaultError as exc:
-        raise AuditLogError(
-            f"erasure of {pseudonym} was committed but could not be audited: {exc}"
-        ) from exc
-    if report.places_failed:
-        raise ErasureIncompleteError(
-            f"erasure of {pseudonym} committed in the warehouse, but purging failed in: "
-            f"{', '.join(report.places_failed)}; run the erasure again"
-        )
-    return report
+        _erase_in_warehouse(con, report, _aware(clock), plan)
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    _purge_places(report, plan)
+    warehouse.rewrite(warehouse_path)
+    return _finish_forget(report, audit, intent)
 
 
 def forget_patient(
@@ -548,18 +711,20 @@ def reidentify(
     """The original identifiers behind a patient pseudonym: ``id``, ``name``, ``identifier``
     (system and value), ``birthDate``, ``address`` and ``telecom``.
 
-    The act is audited (with its outcome) before anything is returned, and a failed lookup is
-    audited too; if the audit entry cannot be written, nothing is returned. Raises
+    An intent entry is written before the vault is read, and a completion entry with the
+    outcome before anything is returned (a failed lookup is audited too); if either cannot be
+    written, nothing is returned. Raises
     :class:`KeyDestroyedError` for an erased patient and :class:`PatientNotFoundError` for an
     unknown pseudonym.
     """
     reason = _check_reason(reason, "re-identification")
     check_pseudonym(pseudonym)
+    intent = audit.intend("reidentify", pseudonym, reason, {}, actor)
     outcome, found, error = _lookup(con, provider, pseudonym)
     details: dict[str, Any] = {"found": found is not None, "outcome": outcome}
     if error is not None:
         details["error"] = type(error).__name__
-    audit.append("reidentify", pseudonym, reason, details, actor)
+    audit.complete(intent, details)
     if error is not None:
         raise error
     assert found is not None

@@ -129,17 +129,25 @@ class DataKeyStore:
         self._by_owner: dict[str, bytes] = {}
         self._cache: dict[bytes, DataKey] = {}
         self._pending: list[tuple[bytes, str, WrappedKey]] = []
-        rows = con.execute(
-            "SELECT owner, key_id FROM data_keys WHERE destroyed_at IS NULL"
-        ).fetchall()
-        for owner, key_id in rows:
-            self._by_owner[owner] = bytes(key_id)
+        self._registered = False
+        # Owners whose key was destroyed are remembered: an erased patient never gets a fresh
+        # key, so nothing of theirs can be sealed (and so kept) again.
+        self.destroyed_owners: set[str] = set()
+        rows = con.execute("SELECT owner, key_id, destroyed_at FROM data_keys").fetchall()
+        for owner, key_id, destroyed_at in rows:
+            if destroyed_at is None:
+                self._by_owner[owner] = bytes(key_id)
+            else:
+                self.destroyed_owners.add(owner)
 
     def for_owner(self, owner: str) -> DataKey:
-        """The owner's live data key, created on first use."""
+        """The owner's live data key, created on first use; KeyDestroyedError for an owner
+        whose key was destroyed (an erased patient)."""
         key_id = self._by_owner.get(owner)
         if key_id is not None:
             return self.by_id(key_id)
+        if owner in self.destroyed_owners:
+            raise KeyDestroyedError(f"the data key of {owner} was destroyed; none is made anew")
         key_id = self._random_bytes(KEY_ID_BYTES)
         key = DataKey(key_id, self._random_bytes(KEY_BYTES))
         wrapped = self._provider.wrap(key.key, _wrap_context(owner, key_id))
@@ -177,6 +185,7 @@ class DataKeyStore:
         """Persist keys created since the last flush; returns how many."""
         if not self._pending:
             return 0
+        self._register_warehouse()
         now = self._clock()
         table = pa.table(
             {
@@ -198,3 +207,17 @@ class DataKeyStore:
         count = len(self._pending)
         self._pending.clear()
         return count
+
+    def _register_warehouse(self) -> None:
+        """Before the first data key lands here, the keyring learns that this warehouse
+        depends on it, so a rotation cannot leave it behind (providers without a registry,
+        such as environment keys rotated by their owner, are skipped)."""
+        register = getattr(self._provider, "register_warehouse", None)
+        if self._registered or register is None:
+            return
+        from vault import warehouse  # warehouse imports this module for its DDL
+
+        path = warehouse.database_path(self._con)
+        if path is not None:
+            register(warehouse.ensure_warehouse_id(self._con, self._random_bytes), path)
+        self._registered = True

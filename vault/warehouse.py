@@ -1,14 +1,31 @@
 """The DuckDB warehouse: one file holding the ingest ledger, the encrypted PHI vault, the
-quarantine and the reference graph. Nothing in it is plaintext PHI: resources and file names
-are sealed, ids are keyed pseudonyms, and messages are built from schema paths only."""
+quarantine and the reference graph. Nothing in it is plaintext PHI: resources are sealed, ids
+and file names are keyed pseudonyms, and messages are built from schema paths only.
+
+The file is created readable by its owner only, carries a random warehouse id (the name the
+keyring's registry and the audit anchor know it by), and :func:`rewrite` copies it into a fresh
+file, so that rows deleted by an erasure do not survive in DuckDB's free pages.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
+import tempfile
 from pathlib import Path
 
 import duckdb
 
+from vault.clock import RandomBytes
+from vault.keys import fsync_dir
 from vault.sealing import DATA_KEYS_DDL
+
+WAREHOUSE_META_DDL = """
+CREATE TABLE IF NOT EXISTS warehouse_meta (
+    key VARCHAR PRIMARY KEY,
+    value VARCHAR NOT NULL
+)"""
 
 SCHEMA = [
     DATA_KEYS_DDL,
@@ -27,8 +44,29 @@ SCHEMA = [
         kind VARCHAR NOT NULL,
         bytes BIGINT NOT NULL,
         records BIGINT NOT NULL,
-        name_sealed BLOB NOT NULL,
         PRIMARY KEY (batch_id, file_index)
+    )""",
+    # file names were once stored sealed under the shared key: exporters put patient names
+    # in them, and a shared key is never destroyed by an erasure. Only file_id stays.
+    "ALTER TABLE source_files DROP COLUMN IF EXISTS name_sealed",
+    WAREHOUSE_META_DDL,
+    # One row per erased patient (its pseudonym) and per identifier criteria of its resources
+    # (keyed pseudonyms too): later records resolving to one are quarantined as erased_subject.
+    """
+    CREATE TABLE IF NOT EXISTS erased_subjects (
+        subject_key VARCHAR PRIMARY KEY,
+        kind VARCHAR NOT NULL,
+        erased_at TIMESTAMPTZ NOT NULL
+    )""",
+    # Records whose patient reference is conditional, waiting for the end of their batch to
+    # learn their patient (the identifier may arrive later in the same batch).
+    """
+    CREATE TABLE IF NOT EXISTS pending_patient_refs (
+        batch_id VARCHAR NOT NULL,
+        file_index INTEGER NOT NULL,
+        position BIGINT NOT NULL,
+        resource_key VARCHAR NOT NULL,
+        criteria_key VARCHAR NOT NULL
     )""",
     """
     CREATE TABLE IF NOT EXISTS record_ledger (
@@ -116,7 +154,10 @@ BATCH_TABLES = (
     "quarantine",
     "resource_references",
     "identifier_index",
+    "pending_patient_refs",
 )
+
+WAREHOUSE_ID_KEY = "warehouse_id"
 
 
 DEFAULT_MEMORY_LIMIT = "256MB"  # DuckDB spills beyond it; ingest memory must not scale with input
@@ -125,12 +166,110 @@ DEFAULT_MEMORY_LIMIT = "256MB"  # DuckDB spills beyond it; ingest memory must no
 def connect(
     path: Path | str, read_only: bool = False, memory_limit: str = DEFAULT_MEMORY_LIMIT
 ) -> duckdb.DuckDBPyConnection:
-    """Open the warehouse file, creating its schema when writable."""
+    """Open the warehouse file, creating it (mode 0600) and its schema when writable."""
     path = Path(path)
     if not read_only:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():
+            _create_private(path)
     con = duckdb.connect(str(path), read_only=read_only, config={"memory_limit": memory_limit})
     if not read_only:
         for ddl in SCHEMA:
             con.execute(ddl)
     return con
+
+
+def _private_tempdir(parent: Path) -> Path:
+    """A fresh 0700 folder beside the warehouse: files made in it are never readable by others,
+    whatever the umask, before they are narrowed to 0600 and renamed into place."""
+    return Path(tempfile.mkdtemp(prefix=".warehouse-", dir=parent))
+
+
+def _create_private(path: Path) -> None:
+    """Create an empty warehouse at ``path`` with mode 0600 (DuckDB itself would use the
+    umask); a file created meanwhile by another process is left alone."""
+    tmpdir = _private_tempdir(path.parent)
+    try:
+        fresh = tmpdir / path.name
+        duckdb.connect(str(fresh)).close()
+        os.chmod(fresh, stat.S_IRUSR | stat.S_IWUSR)
+        try:
+            os.link(fresh, path)  # exclusive: never replaces a warehouse made meanwhile
+        except FileExistsError:
+            return
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def warehouse_id(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The warehouse's id, None for a warehouse that has none yet (or no schema)."""
+    try:
+        rows = con.execute(
+            "SELECT value FROM warehouse_meta WHERE key = ?", [WAREHOUSE_ID_KEY]
+        ).fetchall()
+    except duckdb.CatalogException:
+        return None
+    return str(rows[0][0]) if rows else None
+
+
+def ensure_warehouse_id(
+    con: duckdb.DuckDBPyConnection, random_bytes: RandomBytes = os.urandom
+) -> str:
+    """The warehouse's id, generated on first use: random, so it says nothing of the
+    warehouse's path or contents."""
+    existing = warehouse_id(con)
+    if existing is not None:
+        return existing
+    new_id = "wh-" + random_bytes(16).hex()
+    con.execute(WAREHOUSE_META_DDL)
+    con.execute(
+        "INSERT INTO warehouse_meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        [WAREHOUSE_ID_KEY, new_id],
+    )
+    found = warehouse_id(con)
+    assert found is not None
+    return found
+
+
+def database_path(con: duckdb.DuckDBPyConnection) -> Path | None:
+    """The file behind a connection (None for an in-memory database)."""
+    row = con.execute(
+        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
+    ).fetchall()
+    return Path(row[0][0]) if row and row[0][0] else None
+
+
+def rewrite(path: Path, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> None:
+    """Copy the warehouse into a fresh file and atomically put it in the old one's place.
+
+    DuckDB reuses freed pages but does not wipe them: rows deleted by an erasure (wrapped data
+    keys, ciphertexts, released rows) stay readable in the file until overwritten. The copy
+    holds live rows only. No connection to the warehouse may be open. A crash leaves either the
+    old file or the new one (and a stale temporary folder, removed by the next rewrite).
+    """
+    path = Path(path)
+    for stale in path.parent.glob(".warehouse-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    duckdb.connect(str(path)).execute("CHECKPOINT").close()  # the WAL into the file
+    tmpdir = _private_tempdir(path.parent)
+    try:
+        fresh = tmpdir / path.name
+        con = duckdb.connect(":memory:", config={"memory_limit": memory_limit})
+        try:
+            con.execute("ATTACH ? AS src (READ_ONLY)", [str(path)])
+            con.execute("ATTACH ? AS dst", [str(fresh)])
+            con.execute("COPY FROM DATABASE src TO dst")
+            con.execute("DETACH dst")
+        finally:
+            con.close()
+        os.chmod(fresh, stat.S_IRUSR | stat.S_IWUSR)
+        fd = os.open(fresh, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(fresh, path)
+        fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)

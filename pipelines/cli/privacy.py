@@ -37,10 +37,25 @@ _key_file_option = click.option(
 )
 
 
-def audit_log_for(workdir: Workdir | Path, provider: KeyProvider) -> AuditLog:
-    """The audit log of a work directory, keyed from the provider's pseudonym key."""
+def audit_log_for(
+    workdir: Workdir | Path, provider: KeyProvider, warehouse_id: str | None = None
+) -> AuditLog:
+    """The audit log of a work directory, keyed with the provider's audit key and anchored
+    outside the work directory under the warehouse's id (read from the warehouse when not
+    given; a work directory without a warehouse has no outside anchor)."""
     paths = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
-    return AuditLog.for_provider(paths.audit_log, provider)
+    if warehouse_id is None and paths.warehouse.exists():
+        from vault import warehouse
+
+        con = warehouse.connect(paths.warehouse, read_only=True)
+        try:
+            warehouse_id = warehouse.warehouse_id(con)
+        finally:
+            con.close()
+    try:
+        return AuditLog.for_provider(paths.audit_log, provider, warehouse_id=warehouse_id)
+    except VaultError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 def _provider(key_file: Path | None) -> KeyProvider:
@@ -48,6 +63,15 @@ def _provider(key_file: Path | None) -> KeyProvider:
         return load_key_provider(key_file)
     except (DeidError, VaultError) as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _warn_legacy_audit_key(provider: KeyProvider) -> None:
+    if getattr(provider, "legacy_audit", False):
+        click.echo(
+            "this keyring has no audit key of its own (the audit key is derived from the "
+            "pseudonym key every pipeline holds): run `ehr keys migrate-audit-key`",
+            err=True,
+        )
 
 
 @contextmanager
@@ -65,36 +89,73 @@ def _warehouse(workdir: Workdir, *, read_only: bool) -> Iterator[duckdb.DuckDBPy
         con.close()
 
 
+def _own_warehouse_id(workdir: Workdir) -> str:
+    """The warehouse's id, given to it now if it has none (warehouses older than ids)."""
+    from vault import warehouse
+
+    with _warehouse(workdir, read_only=False) as con:
+        return warehouse.ensure_warehouse_id(con)
+
+
 @click.command("rotate")
 @_key_file_option
 @_workdir_option
 def keys_rotate(key_file: Path | None, workdir: Workdir) -> None:
-    """New key-encryption key; every data key re-wrapped; the old key retired and dropped.
+    """New key-encryption key; the data keys of every warehouse registered with the keyring
+    re-wrapped; the old key retired (kept wrapped until `ehr keys purge-retired`).
 
-    Every warehouse using this keyring must be rotated with it: a second warehouse sharing
-    the keyring keeps keys under the dropped KEK. Stop pipeline runs first.
+    Refuses, naming them, when a registered warehouse cannot be opened. Stop pipeline runs
+    first. An interrupted rotation is finished by running this again.
     """
-    from vault.lifecycle import rotate_kek
+    from vault import warehouse
+    from vault.lifecycle import refuse_environment_keys, rotate_kek
 
     path = key_file or default_key_file()
-    audit = audit_log_for(workdir, _provider(path))
+    provider = _provider(path)
+    _warn_legacy_audit_key(provider)
     try:
+        refuse_environment_keys()  # before anything else asks the environment for keys
         with _warehouse(workdir, read_only=False) as con:
+            audit = audit_log_for(workdir, provider, warehouse.ensure_warehouse_id(con))
             report = rotate_kek(path, con, audit)
-            con.execute("CHECKPOINT")
     except (DeidError, VaultError) as exc:
         raise click.ClickException(str(exc)) from exc
     retired = ", ".join(report.retired_kek_ids) or "none"
     click.echo(
-        f"active KEK {report.new_kek_id}; {report.rewrapped} data keys re-wrapped; "
-        f"retired {retired}"
+        f"active KEK {report.new_kek_id}; {report.rewrapped} data keys re-wrapped in "
+        f"{len(report.warehouses)} warehouse(s); retired {retired} (kept wrapped until "
+        "`ehr keys purge-retired`)"
     )
-    if report.kept_kek_ids:
-        click.echo(
-            f"kept {', '.join(report.kept_kek_ids)}: data keys were added under it meanwhile; "
-            "rotate again",
-            err=True,
-        )
+
+
+@click.command("purge-retired")
+@_key_file_option
+@_workdir_option
+def keys_purge_retired(key_file: Path | None, workdir: Workdir) -> None:
+    """Drop the retired KEKs' material, once no registered warehouse still needs it. Backups
+    taken before the last rotation can no longer be read afterwards."""
+    from vault.lifecycle import purge_retired_keks
+
+    path = key_file or default_key_file()
+    provider = _provider(path)
+    try:
+        purged = purge_retired_keks(path, audit_log_for(workdir, provider))
+    except (DeidError, VaultError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"purged {', '.join(purged)}" if purged else "no retired KEK material to purge")
+
+
+@click.command("migrate-audit-key")
+@_key_file_option
+def keys_migrate_audit_key(key_file: Path | None) -> None:
+    """Give a keyring made before audit keys existed an audit key of its own."""
+    from vault.keys import migrate_audit_key
+
+    try:
+        changed = migrate_audit_key(key_file or default_key_file())
+    except VaultError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo("audit key added" if changed else "the keyring already has an audit key")
 
 
 @click.command("forget")
@@ -106,29 +167,29 @@ def keys_rotate(key_file: Path | None, workdir: Workdir) -> None:
 def forget(
     patient: str, is_pseudonym: bool, reason: str, workdir: Workdir, key_file: Path | None
 ) -> None:
-    """Erase PATIENT (an original Patient id, or a pseudonym with --pseudonym): destroy its
-    data key and purge it from the vault, the indexes and every table with a patient_id."""
-    from vault.lifecycle import forget_patient, forget_pseudonym
+    """Erase PATIENT (an original Patient id, or a pseudonym with --pseudonym): a tombstone
+    so it never comes back, its data key destroyed, purged from the vault, the indexes, every
+    table with a patient_id, the released files and the online store; then the warehouse is
+    rewritten into a fresh file so no freed page keeps any of it. Stop pipeline runs first."""
+    from vault.lifecycle import forget_in_warehouse
+    from vault.pseudonym import Pseudonymizer
 
     provider = _provider(key_file)
-    audit = audit_log_for(workdir, provider)
+    if not is_pseudonym:
+        if not patient.strip():
+            raise click.ClickException("PATIENT must be a non-empty Patient resource id")
+        patient = Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", patient)
+    audit = audit_log_for(workdir, provider, _own_warehouse_id(workdir))
     try:
-        with _warehouse(workdir, read_only=False) as con:
-            plan = workdir.erasure_plan()
-            if is_pseudonym:
-                report = forget_pseudonym(con, patient, audit, reason, plan=plan)
-            else:
-                report = forget_patient(con, provider, patient, audit, reason, plan=plan)
-            con.execute("CHECKPOINT")  # deleted rows leave the WAL for the database file
+        report = forget_in_warehouse(
+            workdir.warehouse, patient, audit, reason, plan=workdir.erasure_plan()
+        )
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report.to_dict(), indent=2))
     if not report.found:
-        click.echo("nothing of this patient was found (nothing to erase)", err=True)
-    else:
         click.echo(
-            "copies of the destroyed key may remain in free pages or backups until the KEK "
-            "is rotated: run `ehr keys rotate`",
+            "nothing of this patient was found; its tombstone keeps it out of later runs",
             err=True,
         )
 
@@ -140,12 +201,13 @@ def forget(
 @_key_file_option
 def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | None) -> None:
     """Print the original identifiers behind a patient PSEUDONYM (audited before printing)."""
+    from vault import warehouse
     from vault.lifecycle import reidentify as run_reidentify
 
     provider = _provider(key_file)
-    audit = audit_log_for(workdir, provider)
     try:
         with _warehouse(workdir, read_only=True) as con:
+            audit = audit_log_for(workdir, provider, warehouse.warehouse_id(con))
             found = run_reidentify(con, provider, pseudonym, audit, reason)
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -161,13 +223,23 @@ def audit() -> None:
 @_workdir_option
 @_key_file_option
 def audit_verify(workdir: Workdir, key_file: Path | None) -> None:
-    """Detect edited, removed, reordered and truncated entries."""
-    result = audit_log_for(workdir, _provider(key_file)).verify()
+    """Detect edited, removed, reordered and truncated entries, a deleted or rolled-back log
+    (against the anchor held outside the work directory), and interrupted acts. Exits 1 on
+    tampering, 2 when acts were announced but never completed."""
+    provider = _provider(key_file)
+    _warn_legacy_audit_key(provider)
+    result = audit_log_for(workdir, provider).verify()
     if not result.ok:
         click.echo(f"audit log FAILED verification ({result.entries} entries):", err=True)
-        for problem in result.problems:
+        click.echo(f"  first problem: {result.problems[0]}", err=True)
+        for problem in result.problems[1:]:
             click.echo(f"  {problem}", err=True)
         sys.exit(1)
+    if result.incomplete:
+        click.echo(f"audit log intact ({result.entries} entries), but:", err=True)
+        for act in result.incomplete:
+            click.echo(f"  {act}", err=True)
+        sys.exit(2)
     click.echo(f"audit log ok: {result.entries} entries")
 
 
@@ -184,4 +256,12 @@ def audit_show(workdir: Workdir, key_file: Path | None) -> None:
         click.echo(json.dumps(entry, ensure_ascii=False))
 
 
-__all__ = ["audit", "audit_log_for", "forget", "keys_rotate", "reidentify"]
+__all__ = [
+    "audit",
+    "audit_log_for",
+    "forget",
+    "keys_migrate_audit_key",
+    "keys_purge_retired",
+    "keys_rotate",
+    "reidentify",
+]

@@ -49,8 +49,8 @@ def test_privacy_commands_end_to_end(work: Path, key_file: Path) -> None:
 
     rotated = runner.invoke(keys_rotate, common)
     assert rotated.exit_code == 0, rotated.output
-    assert "4 data keys re-wrapped" in rotated.stdout  # three patients and _shared
-    assert len(FileKeyProvider.load(key_file).kek_ids()) == 1
+    assert "3 data keys re-wrapped in 1 warehouse(s)" in rotated.stdout  # three patients
+    assert len(FileKeyProvider.load(key_file).live_kek_ids) == 1
 
     forgot = runner.invoke(forget, ["p7", "--reason", "erasure request", *common])
     assert forgot.exit_code == 0, forgot.output
@@ -79,18 +79,19 @@ def test_privacy_commands_end_to_end(work: Path, key_file: Path) -> None:
 
     ok = runner.invoke(audit, ["verify", *common])
     assert ok.exit_code == 0, ok.output
-    assert ok.stdout.strip() == "audit log ok: 5 entries"
+    assert ok.stdout.strip() == "audit log ok: 10 entries"  # an intent and a completion each
 
     shown = runner.invoke(audit, ["show", *common])
     assert shown.exit_code == 0, shown.output
     entries = [json.loads(line) for line in shown.stdout.splitlines()]
-    assert [e["action"] for e in entries] == [
+    assert [e["action"] for e in entries][::2] == [
         "reidentify",
         "rotate_keys",
         "forget",
         "forget",
         "reidentify",
     ]
+    assert [e["details"]["phase"] for e in entries] == ["intent", "done"] * 5
     for name in ("Zedwick", "Yarrow", '"p7"', '"p8"'):
         assert name not in shown.stdout  # pseudonyms, key ids and counts only
 
@@ -114,7 +115,9 @@ def test_truncating_the_log_fails_verification(work: Path, key_file: Path) -> No
     log.write_text(log.read_text().splitlines(keepends=True)[0])
     bad = runner.invoke(audit, ["verify", *common])
     assert bad.exit_code == 1
-    assert "log ends at seq 0, anchor says 1 (truncated)" in bad.output
+    # intent and completion of two re-identifications: 4 entries, cut to the first
+    assert "head anchor: log ends at seq 0, anchor says 3 (truncated)" in bad.output
+    assert "outside anchor: log ends at seq 0, anchor says 3 (truncated)" in bad.output
 
 
 def test_arguments_and_refusals(
@@ -144,4 +147,7 @@ def test_arguments_and_refusals(
     # nothing above disclosed anything, and every act that happened is in the log
     provider = FileKeyProvider.load(key_file)
     entries = audit_log_for(work, provider).entries()
-    assert [(e["action"], e["details"].get("found")) for e in entries] == [("forget", False)]
+    assert [(e["action"], e["details"].get("found")) for e in entries] == [
+        ("forget", None),
+        ("forget", False),
+    ]

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vault.audit import GENESIS, AuditLog, audit_key, default_actor
 from vault.errors import AuditLogError, VaultError
-from vault.keys import FileKeyProvider
+from vault.keys import FileKeyProvider, migrate_audit_key, write_keyring
 
 KEY = b"a" * 32
 
@@ -268,14 +268,89 @@ def test_concurrent_writers_keep_one_chain(tmp_path: Path) -> None:
     assert len(subjects) == 60
 
 
-def test_audit_key_is_hkdf_of_the_pseudonym_key(key_provider: FileKeyProvider) -> None:
+def test_audit_key_comes_from_the_keyring_not_the_pseudonym_key(
+    key_provider: FileKeyProvider,
+) -> None:
     pkey = key_provider.pseudonym_key()
-    expected = HKDF(hashes.SHA256(), 32, salt=None, info=b"ehr-audit-log/1").derive(pkey)
-    assert audit_key(pkey) == expected != pkey
+    derived = HKDF(hashes.SHA256(), 32, salt=None, info=b"ehr-audit-log/1").derive(pkey)
+    assert audit_key(pkey) == derived != pkey  # the legacy derivation, kept for old keyrings
     log = AuditLog.for_provider(Path("unused.log"), key_provider)
-    assert log._key == expected
+    assert log._key == key_provider.audit_key()
+    assert log._key not in (derived, pkey) and log._legacy_key is None
     with pytest.raises(ValueError, match="at least 32 bytes"):
         audit_key(b"short")
+
+
+def test_an_old_keyring_migrates_to_an_audit_key_and_old_entries_still_verify(
+    key_file: Path, tmp_path: Path
+) -> None:
+    document = json.loads(key_file.read_text())
+    del document["audit_key"]
+    write_keyring(key_file, document)
+    old = FileKeyProvider.load(key_file)
+    assert old.legacy_audit and old.audit_key() == audit_key(old.pseudonym_key())
+    log_path = tmp_path / "w" / "audit.log"
+    AuditLog.for_provider(log_path, old).append("reidentify", "a" * 32, "before", actor="o")
+    assert migrate_audit_key(key_file) is True and migrate_audit_key(key_file) is False
+    new = FileKeyProvider.load(key_file)
+    assert not new.legacy_audit and new.accepts_legacy_audit
+    log = AuditLog.for_provider(log_path, new)
+    log.append("reidentify", "b" * 32, "after", actor="o")
+    assert log.verify().ok
+    # the legacy key cannot write after the migration: its entry does not verify
+    forged = AuditLog(log_path, audit_key(new.pseudonym_key()))
+    with pytest.raises(AuditLogError, match="does not verify"):
+        forged.append("reidentify", "c" * 32, "forged", actor="o")
+
+
+def anchored(folder: Path, anchors: Path) -> AuditLog:
+    return AuditLog(folder / "audit.log", KEY, clock=FixedClock(), anchor=anchors / "wh-test.json")
+
+
+@pytest.mark.parametrize("attack", ["delete", "rollback", "truncate", "edit"])
+def test_the_outside_anchor_detects_deletion_and_rollback(tmp_path: Path, attack: str) -> None:
+    work, anchors = tmp_path / "work", tmp_path / "anchors"
+    audit = anchored(work, anchors)
+    audit.append("forget", "a" * 32, "r1", actor="o")
+    saved_log, saved_head = audit.path.read_bytes(), audit.head_path.read_bytes()
+    audit.append("reidentify", "b" * 32, "r2", actor="o")
+    audit.append("reidentify", "c" * 32, "r3", actor="o")
+    assert (anchors / "wh-test.json").exists() and audit.verify().ok
+    if attack == "delete":  # the log and its side file both removed from the workdir
+        audit.path.unlink()
+        audit.head_path.unlink()
+    elif attack == "rollback":  # an older copy of both restored
+        audit.path.write_bytes(saved_log)
+        audit.head_path.write_bytes(saved_head)
+    elif attack == "truncate":
+        rewrite(audit, lines(audit)[:-1])
+        audit.head_path.write_bytes(saved_head)
+    else:
+        edited = lines(audit)
+        edited[1] = edited[1].replace("r2", "r9")
+        rewrite(audit, edited)
+    result = anchored(work, anchors).verify()
+    assert not result.ok
+    if attack != "edit":
+        assert any(p.startswith("outside anchor:") for p in result.problems), result.problems
+        with pytest.raises(AuditLogError):  # fails closed
+            anchored(work, anchors).append("forget", "d" * 32, "after the attack", actor="o")
+    else:
+        assert result.problems[0] == "entry 1: mac mismatch (edited)"
+
+
+def test_intents_without_completion_are_listed_until_a_rerun_completes(tmp_path: Path) -> None:
+    audit = make_log(tmp_path)
+    first = audit.intend("forget", "a" * 32, "request 1", actor="o")
+    assert first["details"] == {"phase": "intent"}
+    assert audit.verify().ok
+    assert audit.verify().incomplete == [
+        "entry 0: forget of " + "a" * 32 + " was announced but never completed; run it again"
+    ]
+    second = audit.intend("forget", "a" * 32, "request 1", actor="o")
+    done = audit.complete(second, {"found": True})
+    assert done["details"] == {"found": True, "phase": "done", "intent_seq": 1}
+    assert audit.verify().incomplete == []
 
 
 def test_default_actor_and_missing_log(tmp_path: Path) -> None:

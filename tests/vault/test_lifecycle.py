@@ -165,7 +165,8 @@ def test_rotation_rewraps_every_key_and_drops_the_old_kek(world: World) -> None:
         assert (report.rewrapped, report.destroyed_keys_skipped) == (3, 0)  # p1, p2, _shared
 
         rotated = FileKeyProvider.load(world.key_file)
-        assert rotated.kek_ids() == [report.new_kek_id] == [rotated.active_kek_id()]
+        assert rotated.live_kek_ids == [report.new_kek_id] == [rotated.active_kek_id()]
+        assert rotated.retired_kek_ids() == [old_id]  # kept, wrapped, until purge-retired
         kek_ids = con.execute("SELECT DISTINCT kek_id FROM data_keys").fetchall()
         assert kek_ids == [(report.new_kek_id,)]
         _all_readable(con, rotated)
@@ -177,17 +178,30 @@ def test_rotation_rewraps_every_key_and_drops_the_old_kek(world: World) -> None:
 
     text = world.key_file.read_text()
     document = json.loads(text)
-    assert old_entry["key"] not in text
-    assert document["retired_keks"] == {
-        old_id: {"created": old_entry["created"], "retired": T0.isoformat()}
-    }
+    assert old_entry["key"] not in text  # the retired KEK is kept only wrapped
+    retired = document["retired_keks"][old_id]
+    assert (retired["created"], retired["retired"]) == (old_entry["created"], T0.isoformat())
+    assert retired["wrapped_by"] == report.new_kek_id and retired["wrapped"]
     assert document["pseudonym_key"] and document["date_shift_key"]  # the rest is untouched
+    assert list(document["warehouses"]) == report.warehouses  # registered on first use
     assert stat.S_IMODE(world.key_file.stat().st_mode) == 0o600
-    (entry,) = world.audit.entries()
+    intent, entry = world.audit.entries()
+    assert (intent["action"], intent["details"]["phase"]) == ("rotate_keys", "intent")
     assert (entry["action"], entry["subject"]) == ("rotate_keys", report.new_kek_id)
     assert entry["details"]["retired_kek_ids"] == [old_id]
     assert entry["details"]["rewrapped"] == 3
-    assert world.audit.verify().ok
+    assert world.audit.verify().ok and world.audit.verify().incomplete == []
+
+    # purge-retired drops the old material once every registered warehouse is re-wrapped
+    assert lifecycle.purge_retired_keks(world.key_file, world.audit) == [old_id]
+    purged = FileKeyProvider.load(world.key_file)
+    assert purged.kek_ids() == [report.new_kek_id]
+    assert "wrapped" not in json.loads(world.key_file.read_text())["retired_keks"][old_id]
+    con = world.connect()
+    try:
+        _all_readable(con, purged)
+    finally:
+        con.close()
 
 
 def test_rotating_twice_and_after_an_erasure(world: World) -> None:
@@ -199,14 +213,16 @@ def test_rotating_twice_and_after_an_erasure(world: World) -> None:
         assert second.retired_kek_ids == [first.new_kek_id]
         assert (second.rewrapped, second.destroyed_keys_skipped) == (2, 1)
         rotated = FileKeyProvider.load(world.key_file)
-        assert rotated.kek_ids() == [second.new_kek_id]
+        assert rotated.live_kek_ids == [second.new_kek_id]
         assert read_resource(con, rotated, "Patient", "p2") == PATIENTS["p2"]
         assert read_resource(con, rotated, "Organization", "org1") == ORGANIZATION
     finally:
         con.close()
     retired = json.loads(world.key_file.read_text())["retired_keks"]
     assert set(retired) == {world.provider.active_kek_id(), first.new_kek_id}
-    assert [e["action"] for e in world.audit.entries()] == ["rotate_keys", "forget", "rotate_keys"]
+    assert [e["action"] for e in world.audit.entries()] == [
+        "rotate_keys", "rotate_keys", "forget", "forget", "rotate_keys", "rotate_keys"
+    ]  # fmt: skip
 
 
 def test_a_failed_rewrap_leaves_a_keyring_that_reads_everything(world: World) -> None:
@@ -225,17 +241,19 @@ def test_a_failed_rewrap_leaves_a_keyring_that_reads_everything(world: World) ->
         after = con.execute("SELECT key_id, kek_id, wrapped FROM data_keys ORDER BY 1").fetchall()
         assert after == before  # rolled back
         interim = FileKeyProvider.load(world.key_file)
-        assert old_id in interim.kek_ids() and len(interim.kek_ids()) == 2
+        assert old_id in interim.live_kek_ids and len(interim.live_kek_ids) == 2
         assert interim.active_kek_id() != old_id
         _all_readable(con, interim)
-        assert world.audit.entries() == []  # nothing happened that needs an entry
+        assert len(world.audit.verify().incomplete) == 1  # announced, not completed
 
         con.execute("DELETE FROM data_keys WHERE owner = 'someone'")
         report = rotate_kek(world.key_file, con, world.audit)  # running again completes it
-        assert sorted(report.retired_kek_ids) == sorted(interim.kek_ids())
+        assert report.new_kek_id == interim.active_kek_id()  # the same rotation, resumed
+        assert report.retired_kek_ids == [old_id]
         final = FileKeyProvider.load(world.key_file)
-        assert final.kek_ids() == [report.new_kek_id]
+        assert final.live_kek_ids == [report.new_kek_id]
         _all_readable(con, final)
+        assert world.audit.verify().incomplete == []
     finally:
         con.close()
 
@@ -258,14 +276,15 @@ def test_a_crash_before_the_old_kek_is_dropped_is_harmless(
         with pytest.raises(OSError, match="power cut"):
             rotate_kek(world.key_file, con, world.audit)
         interim = FileKeyProvider.load(world.key_file)  # both KEKs, data under the new one
-        assert len(interim.kek_ids()) == 2
+        assert len(interim.live_kek_ids) == 2
         assert con.execute("SELECT DISTINCT kek_id FROM data_keys").fetchall() == [
             (interim.active_kek_id(),)
         ]
         _all_readable(con, interim)
         monkeypatch.setattr(lifecycle, "write_keyring", real_write)
         report = rotate_kek(world.key_file, con, world.audit)
-        assert FileKeyProvider.load(world.key_file).kek_ids() == [report.new_kek_id]
+        assert report.new_kek_id == interim.active_kek_id()
+        assert FileKeyProvider.load(world.key_file).live_kek_ids == [report.new_kek_id]
     finally:
         con.close()
 
@@ -340,7 +359,12 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
         ).fetchall()
 
         report = forget_patient(
-            con, world.provider, "p1", world.audit, "erasure request 42", plan=plan,
+            con,
+            world.provider,
+            "p1",
+            world.audit,
+            "erasure request 42",
+            plan=plan,
             clock=lambda: T0,
         )
 
@@ -395,7 +419,7 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
     finally:
         con.close()
 
-    forget_entry, reid_entry = world.audit.entries()
+    _, forget_entry, _, reid_entry = world.audit.entries()
     assert (forget_entry["action"], forget_entry["subject"]) == ("forget", world.p1)
     assert forget_entry["reason"] == "erasure request 42"
     assert forget_entry["details"]["rows_deleted"]["phi_vault"] == 3
@@ -403,6 +427,8 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
         "found": False,
         "outcome": "erased",
         "error": "KeyDestroyedError",
+        "phase": "done",
+        "intent_seq": 2,
     }
     text = world.audit.path.read_text()
     for phi in ("p1", "Quillfeather", "MRN-4471", "1948-02-29", "Lantern Row"):
@@ -421,7 +447,8 @@ def test_forget_by_pseudonym_is_idempotent_and_reports_unknown_patients(world: W
     assert again.found and (again.data_keys_destroyed, again.data_keys_already_destroyed) == (0, 1)
     assert not any(again.rows_deleted.values())
     assert not unknown.found and unknown.data_keys_destroyed == 0
-    assert [e["subject"] for e in world.audit.entries()] == [world.p2, world.p2, "0" * 32]
+    subjects = [world.p2] * 4 + ["0" * 32] * 2  # an intent and a completion each
+    assert [e["subject"] for e in world.audit.entries()] == subjects
     assert world.audit.verify().ok
 
 
@@ -435,9 +462,15 @@ def test_a_failing_place_is_audited_and_reported(world: World) -> None:
         assert read_resource(con, world.provider, "Patient", "p1") is None
     finally:
         con.close()
-    (entry,) = world.audit.entries()
-    assert entry["details"]["places_failed"] == ["broken"]
-    assert entry["details"]["places"] == {"fine": 1}
+    (entry,) = world.audit.entries()  # announced; completed only by a successful re-run
+    assert entry["details"] == {"phase": "intent"}
+    assert len(world.audit.verify().incomplete) == 1
+    con = world.connect()
+    try:
+        forget_pseudonym(con, world.p1, world.audit, "request", plan=ErasurePlan())
+    finally:
+        con.close()
+    assert world.audit.verify().incomplete == []
 
 
 def test_a_listed_table_without_patient_id_is_refused(world: World) -> None:
@@ -469,7 +502,7 @@ def test_a_failed_erasure_rolls_back_entirely(world: World) -> None:
         assert read_resource(con, world.provider, "Patient", "p1") == PATIENTS["p1"]
     finally:
         con.close()
-    assert world.audit.entries() == []
+    assert [e["details"] for e in world.audit.entries()] == [{"phase": "intent"}]
 
 
 def test_forget_arguments(world: World) -> None:
@@ -508,14 +541,15 @@ def test_reidentify_returns_the_identifiers_and_is_audited(world: World) -> None
         "address": p1["address"],
         "telecom": p1["telecom"],
     }
-    (entry,) = world.audit.entries()
+    intent, entry = world.audit.entries()
+    assert intent["details"] == {"phase": "intent"}
     assert (entry["action"], entry["subject"], entry["actor"], entry["reason"]) == (
         "reidentify",
         world.p1,
         "dpo",
         "adverse event",
     )
-    assert entry["details"] == {"found": True, "outcome": "found"}
+    assert entry["details"] == {"found": True, "outcome": "found", "phase": "done", "intent_seq": 0}
     assert "Quillfeather" not in world.audit.path.read_text()
 
 
@@ -531,12 +565,14 @@ def test_reidentify_needs_a_reason_and_audits_failures(world: World) -> None:
             reidentify(con, world.provider, "Quillfeather", world.audit, "wrong input")
     finally:
         con.close()
-    (entry,) = world.audit.entries()
+    _, entry = world.audit.entries()
     assert entry["subject"] == "a" * 32
     assert entry["details"] == {
         "found": False,
         "outcome": "not_found",
         "error": "PatientNotFoundError",
+        "phase": "done",
+        "intent_seq": 0,
     }
 
 

@@ -159,7 +159,11 @@ def build_summary(
             "views": _rows(release, "views/"),
             "features": _rows(release, "features/"),
             "models": {
-                **{k: v for k, v in _rows(release, "readmission_").items() if k != "model"},
+                **{
+                    f"readmission_{k}": v
+                    for k, v in _rows(release, "readmission_").items()
+                    if k != "model"
+                },
                 **_model_summary(workdir),
             },
         },

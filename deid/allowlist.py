@@ -443,14 +443,18 @@ def _date(value: Any, node: Node, ctx: ReleaseContext) -> Any:
         return _DROP
     if ctx.profile.date_rule == "year" or node.kind == "year":
         return _year_only(value, ctx)
+    year, month, day = parts
     if node.name == "birthDate" and methods.is_over_age_limit(value, ctx.today):
         # HIPAA's "90 or older": the year that makes the patient 90 today
         ctx.labels.add("ABSTRED")
         return f"{ctx.today.year - methods.AGE_LIMIT - 1:04d}"
-    year, month, day = parts
     ctx.labels.add("PERTURBED")
     if day is not None:
-        return methods.shift_date(value, ctx.shift_days)
+        try:
+            return methods.shift_date(value, ctx.shift_days)
+        except ValueError:  # a day that does not exist, or a malformed time
+            ctx.counts["date_unreadable"] += 1
+            return _DROP
     if month is not None:
         moved = date(year, month, 15) + timedelta(days=ctx.shift_days)
         return f"{moved.year:04d}-{moved.month:02d}"
@@ -460,7 +464,7 @@ def _date(value: Any, node: Node, ctx: ReleaseContext) -> Any:
 def _year_only(value: str, ctx: ReleaseContext) -> Any:
     year = methods.redact_date_partially(value, ctx.today)
     if year is None:
-        ctx.counts["date_over_age_limit"] += 1
+        ctx.counts["date_withheld"] += 1
         ctx.labels.add("REDACTED")
         return _DROP
     ctx.labels.add("GENERALIZED")
@@ -468,22 +472,21 @@ def _year_only(value: str, ctx: ReleaseContext) -> Any:
 
 
 def _date_parts(value: Any, ctx: ReleaseContext) -> tuple[int, int | None, int | None] | None:
-    """Year, month and day of a FHIR date, or None (counted) when it cannot be released."""
+    """Year, month and day of a FHIR date, or None (counted) when it cannot be released: out of
+    [MIN_YEAR, MAX_YEAR] (sentinels such as 0001-01-01 or 9999-12-31), or not a date."""
     match = _DATE.match(value) if isinstance(value, str) else None
     if match is None:
         ctx.counts["date_unreadable"] += 1
         return None
     year = int(match.group(1))
-    month = int(match.group(2)) if match.group(2) else None
-    day = int(match.group(3)) if match.group(3) else None
     if not MIN_YEAR <= year <= MAX_YEAR:
         ctx.counts["date_out_of_range"] += 1
         return None
+    month = int(match.group(2)) if match.group(2) else None
+    day = int(match.group(3)) if match.group(3) else None
     try:
         date(year, month or 1, day or 1)
-        if day is not None:
-            methods.shift_date(value, 0)
-    except ValueError:
+    except ValueError:  # a month or a day that does not exist
         ctx.counts["date_unreadable"] += 1
         return None
     return year, month, day

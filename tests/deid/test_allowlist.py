@@ -1,0 +1,213 @@
+"""The allow-list engine element by element: dates, bindings, codes and displays, ages, ZIP3,
+references, profiles that cannot compile, Microsoft rules on top, and workers."""
+
+from __future__ import annotations
+
+import copy
+from datetime import date, timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from deid import workers
+from deid.allowlist import ProfileError, ReleaseProfile
+from deid.engine import Deidentifier, DeidOutcome, DeidSecrets, ProcessingError
+from deid.policy import Policy
+from deid.terminology import Terminology
+
+TODAY = date(2026, 11, 28)
+LOINC = "http://loinc.org"
+UCUM = "http://unitsofmeasure.org"
+KEY = b"\x02" * 32
+
+
+def _engine(
+    profile: str = "research", terminology: Terminology | None = None, policy: Policy | None = None
+) -> Deidentifier:
+    policy = policy or Policy.shipped(profile)
+    return Deidentifier(
+        policy, DeidSecrets.derive(KEY, policy), today=TODAY, terminology=terminology
+    )
+
+
+def _obs(**extra: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "id": "o",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "8302-2", "display": "Body height"}]},
+        "subject": {"reference": "Patient/p"},
+        **extra,
+    }
+
+
+def _apply(resource: dict[str, Any], profile: str = "research", **kw: Any) -> DeidOutcome:
+    return _engine(profile, **kw).apply(resource, patient_scope="p")
+
+
+@pytest.mark.parametrize("value", ["0001-01-01", "9999-12-31T23:59:59Z", "2020-02-30", "soon"])
+def test_dates_that_cannot_be_released_are_withheld_and_counted(value: str) -> None:
+    for profile in ("research", "safe_harbor"):
+        out = _apply(_obs(effectiveDateTime=value), profile)
+        assert "effectiveDateTime" not in out.resource
+        assert sum(out.release_counts.values()) == 1
+
+
+def test_partial_dates_follow_the_date_rule() -> None:
+    shift = _engine()._shift_days({}, "p")
+    out = _apply(_obs(effectiveDateTime="2020-03", issued="2021"))
+    moved = date(2020, 3, 15) + timedelta(days=shift)  # a year-month moves with its 15th
+    assert out.resource["effectiveDateTime"] == f"{moved.year:04d}-{moved.month:02d}"
+    assert out.resource["issued"] == "2021"
+    full = _apply(_obs(effectiveDateTime="2020-03-10T08:30:00+01:00"))
+    expected = (date(2020, 3, 10) + timedelta(days=shift)).isoformat()
+    assert full.resource["effectiveDateTime"] == f"{expected}T00:00:00+01:00"
+    safe = _apply(_obs(effectiveDateTime="2020-03-10T08:30:00+01:00"), "safe_harbor")
+    assert safe.resource["effectiveDateTime"] == "2020"
+
+
+def test_codes_outside_their_binding_are_nulled_and_counted() -> None:
+    out = _apply(_obs(status="final Smith"))
+    assert "status" not in out.resource and out.release_counts["code_not_in_binding"] == 1
+    encounter = {
+        "resourceType": "Encounter",
+        "id": "e",
+        "status": "finished",
+        "class": {"system": "x", "code": "John"},
+    }
+    released = _apply(encounter).resource
+    assert released["status"] == "finished" and "class" not in released
+
+
+def test_a_code_that_does_not_look_like_its_systems_code_is_dropped() -> None:
+    out = _apply(_obs(code={"coding": [{"system": LOINC, "code": "Jane Roe"}]}))
+    assert "code" not in out.resource and out.release_counts["code_malformed"] == 1
+
+
+def test_display_only_from_the_terminology() -> None:
+    assert "display" not in _apply(_obs()).resource["code"]["coding"][0]
+    terms = Terminology({(LOINC, "8302-2"): "Body height (terminology)"})
+    coding = _apply(_obs(), terminology=terms).resource["code"]["coding"][0]
+    assert coding == {"system": LOINC, "code": "8302-2", "display": "Body height (terminology)"}
+
+
+def test_terminology_from_value_sets_lists_explicit_concepts() -> None:
+    vs = {
+        "compose": {
+            "include": [
+                {"system": "http://snomed.info/sct", "concept": [{"code": "1", "display": "One"}]},
+                {"system": "http://snomed.info/sct", "filter": [{"op": "is-a", "value": "2"}]},
+            ]
+        }
+    }
+    terms = Terminology.from_valuesets([vs])
+    assert terms.display("http://snomed.info/sct", "1") == "One"
+    assert terms.display("http://snomed.info/sct", "2") is None
+
+
+@pytest.mark.parametrize(
+    ("quantity", "expected"),
+    [
+        ({"value": 1100, "system": UCUM, "code": "mo"}, 90),  # 91.7 years
+        ({"value": 89.9, "system": UCUM, "code": "a"}, 89.9),
+        ({"value": 33000, "system": UCUM, "code": "d"}, 90),
+        ({"value": 120, "system": UCUM, "code": "min"}, 120),
+        ({"value": 150, "system": UCUM, "code": "kg"}, 150),
+    ],
+)
+def test_ages_of_90_or_more_in_time_units_are_capped(
+    quantity: dict[str, Any], expected: float
+) -> None:
+    released = _apply(_obs(valueQuantity=quantity)).resource["valueQuantity"]
+    assert released["value"] == expected
+
+
+def test_age_observation_without_ucum_is_read_as_years() -> None:
+    age = _obs(code={"coding": [{"system": LOINC, "code": "21612-7"}]})
+    age["valueQuantity"] = {"value": 101, "unit": "years"}
+    assert _apply(age).resource["valueQuantity"]["value"] == 90
+
+
+def test_zip3_and_restricted_areas() -> None:
+    patient = {
+        "resourceType": "Patient",
+        "id": "p",
+        "address": [{"postalCode": "03601", "city": "X"}, {"postalCode": "02139-1234"}],
+    }
+    released = _apply(patient).resource
+    assert released["address"] == [{"postalCode": "00000"}, {"postalCode": "02100"}]
+
+
+def test_references_only_to_released_types() -> None:
+    obs = _obs(specimen={"reference": "Specimen/s"}, hasMember=[{"reference": "Basic/b"}])
+    out = _apply(obs).resource
+    assert "specimen" not in out and "hasMember" not in out
+    assert out["subject"]["reference"].startswith("Patient/")
+    assert out["subject"]["reference"] != "Patient/p"
+
+
+def test_types_outside_the_profile_are_withheld() -> None:
+    with pytest.raises(ProcessingError) as info:
+        _apply({"resourceType": "Basic", "id": "b"})
+    assert info.value.code == "not_in_profile"
+
+
+@pytest.mark.parametrize(
+    ("paths", "message"),
+    [
+        ({"nickname": "keep"}, "no element 'nickname'"),
+        ({"language": "keep"}, "needs a binding"),
+        ({"name": "keep"}, "naming its elements"),
+        ({"gender": "shout"}, "unknown method"),
+        ({"gender": "year"}, "dates only"),
+    ],
+)
+def test_profiles_that_cannot_compile(paths: dict[str, str], message: str) -> None:
+    with pytest.raises(ProfileError, match=message):
+        ReleaseProfile.from_dict({"resources": {"Patient": paths}})
+
+
+def test_microsoft_rules_run_on_top_and_cannot_add_back() -> None:
+    config = {
+        "fhirPathRules": [
+            {"path": "Observation.status", "method": "redact"},
+            {"path": "Observation.valueString", "method": "keep"},
+        ]
+    }
+    policy = Policy.layered(config, name="mine")
+    assert policy.release is not None and policy.parameters.restricted_zip3
+    out = _engine(policy=policy).apply(_obs(valueString="free text"), patient_scope="p")
+    assert "status" not in out.resource and "valueString" not in out.resource
+    assert out.resource["code"]["coding"][0]["code"] == "8302-2"
+
+
+def test_the_input_is_not_changed() -> None:
+    resource = _obs(valueString="x", effectiveDateTime="2020-01-01")
+    before = copy.deepcopy(resource)
+    _apply(resource)
+    assert resource == before
+
+
+def test_workers_release_what_one_process_releases(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = Policy.shipped("research")
+    items = [
+        (
+            f"k{i}",
+            "Observation",
+            "p",
+            orjson.dumps(_obs(id=f"o{i}", effectiveDateTime="2020-01-02")),
+        )
+        for i in range(40)
+    ] + [("b", "Basic", "p", orjson.dumps({"resourceType": "Basic", "id": "b"}))]
+    setup = workers.WorkerSetup(policy.source, policy.name, KEY, TODAY, {}, {})
+    results: dict[int, list[workers.ChunkResult]] = {1: [], 2: []}
+    monkeypatch.setattr(workers, "CHUNK_RECORDS", 7)
+    monkeypatch.setattr(workers, "PARALLEL_FROM", 7)
+    for count in (1, 2):
+        workers.deidentify_items(items, setup, results[count].append, workers=count)
+    one, two = results[1], results[2]
+    assert [r.released for r in one] == [r.released for r in two]
+    released = [row for r in two for row in r.released]
+    assert len(released) == 40 and [row[1] for row in released] == [f"k{i}" for i in range(40)]
+    assert sum(r.reasons["not_in_profile"] for r in two) == 1

@@ -5,8 +5,10 @@ string put in an element the profile does not name never survives."""
 from __future__ import annotations
 
 import base64
+import logging
 import re
 from datetime import date
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -16,6 +18,10 @@ from hypothesis import strategies as st
 
 from deid.engine import Deidentifier, DeidSecrets, ProcessingError
 from deid.policy import Policy
+from deid.release import deidentify_batch
+from vault import warehouse
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider
 
 TODAY = date(2026, 11, 28)
 PATIENT = "Patient/p1"
@@ -397,3 +403,36 @@ def test_random_text_in_an_unnamed_element_never_survives(
     _plant(resource, path, _shape(secret, shape))
     released = _release(profile, [resource])
     assert secret.casefold() not in orjson.dumps(released).decode().casefold()
+
+
+# -- the same patient through the vault and the batch stage -----------------------------------
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_no_canary_reaches_the_release_tables_or_the_log(
+    profile: str,
+    tmp_path: Path,
+    key_provider: FileKeyProvider,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    (landing / "crafted.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in CRAFTED))
+    wh = tmp_path / "w.duckdb"
+    caplog.set_level(logging.DEBUG)
+    ingest_batch(wh, "b", landing, key_provider, workers=1)
+    con = warehouse.connect(wh)
+    try:
+        (in_vault,) = con.execute("SELECT count(*) FROM phi_vault").fetchone() or (0,)
+        report = deidentify_batch(con, key_provider, "b", Policy.shipped(profile), today=TODAY)
+        tables = [
+            orjson.dumps(con.execute(f"SELECT * FROM {t}").fetchall(), default=str).decode()
+            for t in ("deid_resources", "deid_errors")
+        ]
+    finally:
+        con.close()
+    assert in_vault >= 10 and report.released >= 10  # the crafted patient got through ingest
+    text = ("\n".join(tables) + caplog.text + orjson.dumps(report.to_dict()).decode()).casefold()
+    for kind in CANARIES:
+        assert canary(kind).casefold() not in text, kind
+    assert "2011-11-11" not in text

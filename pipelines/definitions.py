@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 from dagster import (
     AssetsDefinition,
     AutomationConditionSensorDefinition,
@@ -23,6 +25,13 @@ from pipelines.resources import (
     default_workdir,
 )
 from pipelines.sensors import landing_sensor
+
+# Feast's DuckDB offline store goes through ibis, which calls a DuckDB method DuckDB deprecated:
+# nothing this project can act on, printed once per retrieval in every run. Every process that
+# runs assets (code server, run workers, `ehr run`) loads this module first.
+warnings.filterwarnings(
+    "ignore", message=r"fetch_arrow_table\(\) is deprecated", category=DeprecationWarning
+)
 
 
 def build_resources(

@@ -20,7 +20,9 @@ from dagster import (
 
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
+from pipelines.assets.plots import image_metadata
 from pipelines.features.checks import opted_out_rows, scan_feature_table, table_shape
+from pipelines.features.stats import null_rates, plot_distributions
 from pipelines.features.tables import (
     FEATURE_TABLES,
     FEATURES_SCHEMA,
@@ -77,6 +79,8 @@ def feature_tables(
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """Build every feature table from the views, then scan each for PHI and opted-out patients."""
     out_dir = Path(warehouse.workdir) / "features"
+    # aggregate plots only; kept out of the features folder, which holds the Feast sources
+    stats_dir = Path(warehouse.workdir) / "feature_stats"
     con = warehouse.connect()
     try:
         build = build_feature_tables_report(con, out_dir)
@@ -86,6 +90,8 @@ def feature_tables(
                 table_shape(con, name),
                 scan_feature_table(con, canaries, name),
                 opted_out_rows(con, name),
+                null_rates(con, name),
+                plot_distributions(con, name, stats_dir / f"{name}.png"),
             )
             for name in FEATURE_TABLES
         }
@@ -95,7 +101,7 @@ def feature_tables(
         f"features: {sum(build.rows.values())} rows in {len(build.rows)} tables, "
         f"{build.opted_out} opted-out patients excluded, {build.seconds:.1f}s"
     )
-    for name, (shape, scan, (opted_rows, opted_known)) in results.items():
+    for name, (shape, scan, (opted_rows, opted_known), nulls, plot) in results.items():
         key = feature_asset_key(name)
         yield MaterializeResult(
             asset_key=key,
@@ -108,6 +114,8 @@ def feature_tables(
                 "parquet": MetadataValue.path(str(parquet_path(out_dir, name))),
                 "opted_out_excluded": build.opted_out,
                 "build_seconds": build.seconds,
+                "null_rate": MetadataValue.json(nulls),
+                "distributions": image_metadata(plot),
             },
         )
         yield leak_scan_result(key, scan)

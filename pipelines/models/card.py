@@ -5,8 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipelines.models.evaluation import MIN_SUBGROUP_SIZE
-
 
 def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
@@ -19,17 +17,59 @@ def _subgroup_table(subgroups: list[dict[str, Any]]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in subgroups:
-        # Small cells are shown as a bound, not a count: the card is meant to be shared.
-        small = r["n"] < MIN_SUBGROUP_SIZE
-        n = f"<{MIN_SUBGROUP_SIZE}" if small else str(r["n"])
-        positives = "-" if small else str(r["positives"])
+        # n comes bounded from metrics.json ("<30" for a small cell), the same in both places
+        positives = "-" if r["positives"] is None else str(r["positives"])
         lines.append(
-            f"| {r['attribute']} | {r['group']} | {n} | {positives} | "
+            f"| {r['attribute']} | {r['group']} | {r['n']} | {positives} | "
             f"{_fmt(r['observed_rate'])} | {_fmt(r['predicted_rate'])} | "
             f"{r['calibration_gap']:+.3f} | {_fmt(r['auroc'])} | "
             f"{r['reason'] or ''} |"
         )
     return lines
+
+
+def _with_ci(value: float | None, interval: list[float] | None, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    if not interval:
+        return f"{value:.{digits}f}"
+    return f"{value:.{digits}f} (95% CI {interval[0]:.{digits}f} to {interval[1]:.{digits}f})"
+
+
+def metrics_rows(test: dict[str, Any]) -> list[str]:
+    """The headline table: AUROC (or why it is not estimable) and calibration, with bootstrap
+    95% intervals resampled by patient."""
+    ci = test.get("ci95") or {}
+    auroc = test.get("auroc_note") or _with_ci(test["auroc"], ci.get("auroc"))
+    return [
+        "| metric | value |",
+        "|---|---:|",
+        f"| test rows (positives) | {test.get('n', 'n/a')} ({test.get('positives', 'n/a')}) |",
+        f"| AUROC | {auroc} |",
+        f"| Brier score | {_fmt(test['brier'], 4)} |",
+        f"| prevalence (observed) | {_fmt(test['prevalence'])} |",
+        f"| mean predicted risk | {_fmt(test['mean_predicted'])} |",
+        "| calibration in the large (predicted - observed) | "
+        f"{_with_ci(test.get('calibration_in_the_large'), ci.get('calibration_in_the_large'))} |",
+        "| expected calibration error | "
+        f"{_with_ci(test['expected_calibration_error'], ci.get('ece'), 4)} |",
+    ]
+
+
+def temporal_section(temporal: dict[str, Any] | None) -> list[str]:
+    lines = ["## Temporal validation (earlier discharges -> later discharges)"]
+    if not temporal or not temporal.get("estimable"):
+        reason = (temporal or {}).get("reason", "not run")
+        return [*lines, f"Not estimable: {reason}.", ""]
+    return [
+        *lines,
+        f"Trained on the earliest {temporal['train_share']:.0%} of discharge times (rows whose",
+        "30-day window closed before the cut), tested on the later discharges:",
+        f"{temporal['n_train']} training and {temporal['n_test']} test rows.",
+        "",
+        *metrics_rows(temporal["test"]),
+        "",
+    ]
 
 
 def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
@@ -100,13 +140,10 @@ def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
         f"- most important on held-out data (drop in AUROC when permuted): {top_features}",
         "",
         "## Metrics (held-out patients)",
-        "| metric | value |",
-        "|---|---:|",
-        f"| AUROC | {_fmt(test['auroc'])} |",
-        f"| Brier score | {_fmt(test['brier'], 4)} |",
-        f"| prevalence (observed) | {_fmt(test['prevalence'])} |",
-        f"| mean predicted risk | {_fmt(test['mean_predicted'])} |",
-        f"| expected calibration error | {_fmt(test['expected_calibration_error'], 4)} |",
+        "Intervals: percentile bootstrap (1,000 resamples of test patients). An AUROC is not",
+        "reported from fewer than 20 test positives.",
+        "",
+        *metrics_rows(test),
         "",
         "Reliability curve (quantile bins):",
         "",
@@ -125,6 +162,7 @@ def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
         "",
         gap_text,
         "",
+        *temporal_section(metrics.get("temporal_validation")),
     ]
     if not_assessable:
         lines.append("Too small or single-class to assess: " + "; ".join(not_assessable) + ".")
@@ -140,7 +178,8 @@ def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
         "- Date shifting drops the time of day, so same-day transfers are not readmissions and",
         "  the censoring horizon is blurred by the shift range.",
         "- Deaths after discharge are kept as label 0 (competing risk not modelled).",
-        "- Subgroup estimates on small held-out groups are noisy; no confidence intervals.",
+        "- Subgroup estimates on small held-out groups are noisy; intervals are given for the",
+        "  overall metrics only.",
         "- Sex and age come from the features; race and ethnicity for the audit come from the",
         "  patient view when it is available. Missing values form an `unknown` group.",
         "",

@@ -13,6 +13,13 @@ from pipelines.models.frame import AGE_BANDS, UNKNOWN
 
 MIN_SUBGROUP_SIZE = 30
 CALIBRATION_BINS = 10
+# Below this many positives in a test set an AUROC swings by tenths between resamples (one
+# positive gives 0 or 1): it is reported as not estimable rather than as a number.
+MIN_POSITIVES_FOR_AUROC = 20
+# A reliability bin holds at least this many rows; fewer rows get fewer bins.
+MIN_ROWS_PER_BIN = 20
+BOOTSTRAP_RESAMPLES = 1000
+CI_LEVEL = 0.95
 
 
 @dataclass(frozen=True)
@@ -62,12 +69,15 @@ def safe_auroc(y: np.ndarray, p: np.ndarray) -> float | None:
 
 
 def calibration_bins(
-    y: np.ndarray, p: np.ndarray, n_bins: int = CALIBRATION_BINS
+    y: np.ndarray, p: np.ndarray, n_bins: int | None = None
 ) -> list[CalibrationBin]:
     """Reliability curve on quantile bins of the predicted risk (equal-count bins stay
-    informative at a low prevalence where uniform bins would be almost empty)."""
+    informative at a low prevalence where uniform bins would be almost empty). By default up to
+    10 bins of at least 20 rows each: 10 bins of 2 rows say nothing."""
     if len(p) == 0:
         return []
+    if n_bins is None:
+        n_bins = max(1, min(CALIBRATION_BINS, len(p) // MIN_ROWS_PER_BIN))
     edges = np.unique(np.quantile(p, np.linspace(0.0, 1.0, n_bins + 1)))
     if len(edges) < 2:
         edges = np.array([p.min(), p.max()])
@@ -97,17 +107,80 @@ def expected_calibration_error(bins: list[CalibrationBin]) -> float:
     return float(sum(b.n * abs(b.mean_predicted - b.observed_rate) for b in bins) / total)
 
 
-def overall_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
-    """AUROC, Brier score, prevalence, mean prediction and the reliability curve."""
-    bins = calibration_bins(y, p)
+def auroc_note(y: np.ndarray) -> str | None:
+    """Why the AUROC of ``y`` is not reported, or None when it is."""
+    positives = int(np.sum(y))
+    if len(np.unique(y)) < 2:
+        return "not estimable: the test set holds a single class"
+    if positives < MIN_POSITIVES_FOR_AUROC:
+        return (
+            f"not estimable: {positives} positives in the test set, fewer than "
+            f"{MIN_POSITIVES_FOR_AUROC} (a single positive moves it by 1/{positives})"
+        )
+    return None
+
+
+def bootstrap_intervals(
+    y: np.ndarray,
+    p: np.ndarray,
+    groups: np.ndarray | None = None,
+    *,
+    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> dict[str, list[float] | None]:
+    """Percentile bootstrap 95% intervals of the AUROC, the expected calibration error and the
+    calibration-in-the-large (mean predicted minus observed). Resampling is by patient when
+    ``groups`` is given (a patient's discharges are not independent); a resample with one class
+    gives no AUROC and is skipped for it."""
+    rng = np.random.default_rng(seed)
+    keys = groups if groups is not None else np.arange(len(y))
+    units, index = np.unique(keys, return_inverse=True)
+    members = [np.flatnonzero(index == u) for u in range(len(units))]
+    draws: dict[str, list[float]] = {"auroc": [], "ece": [], "calibration_in_the_large": []}
+    for _ in range(resamples if len(y) else 0):
+        rows = np.concatenate([members[u] for u in rng.integers(0, len(units), len(units))])
+        yb, pb = y[rows], p[rows]
+        if len(np.unique(yb)) == 2:
+            draws["auroc"].append(float(roc_auc_score(yb, pb)))
+        draws["ece"].append(expected_calibration_error(calibration_bins(yb, pb)))
+        draws["calibration_in_the_large"].append(float(pb.mean() - yb.mean()))
+    tail = (1 - CI_LEVEL) / 2 * 100
     return {
-        "auroc": safe_auroc(y, p),
+        name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
+        if len(v) >= resamples // 2
+        else None
+        for name, v in draws.items()
+    }
+
+
+def overall_metrics(
+    y: np.ndarray, p: np.ndarray, groups: np.ndarray | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """AUROC (None, with ``auroc_note`` saying why, under 20 positives), Brier score,
+    prevalence, mean prediction, the reliability curve and bootstrap 95% intervals."""
+    bins = calibration_bins(y, p)
+    note = auroc_note(y)
+    intervals = bootstrap_intervals(y, p, groups, seed=seed)
+    if note:
+        intervals["auroc"] = None
+    return {
+        "auroc": safe_auroc(y, p) if note is None else None,
+        "auroc_note": note,
+        "positives": int(np.sum(y)),
+        "n": len(y),
         "brier": float(brier_score_loss(y, p)) if len(y) else None,
         "prevalence": float(y.mean()) if len(y) else None,
         "mean_predicted": float(p.mean()) if len(p) else None,
+        "calibration_in_the_large": float(p.mean() - y.mean()) if len(y) else None,
         "expected_calibration_error": expected_calibration_error(bins),
+        "ci95": intervals,
         "calibration_bins": [asdict(b) for b in bins],
     }
+
+
+def bounded_count(n: int, minimum: int = MIN_SUBGROUP_SIZE) -> int | str:
+    """A count as shared in the card and metrics.json: below ``minimum`` only the bound."""
+    return n if n >= minimum else f"<{minimum}"
 
 
 def _group_order(group: object) -> tuple[int, str]:

@@ -40,9 +40,11 @@ from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardSc
 
 from pipelines.models.card import write_model_card
 from pipelines.models.evaluation import (
+    MIN_SUBGROUP_SIZE,
     CalibrationBin,
     SubgroupGap,
     SubgroupResult,
+    bounded_count,
     largest_gap,
     overall_metrics,
     subgroup_audit,
@@ -294,13 +296,61 @@ def evaluate_held_out(
         name: groups.iloc[fitted.test_idx].reset_index(drop=True) for name, groups in found.items()
     }
     subgroups = subgroup_audit(fitted.y_test, fitted.p_test, attributes)
+    test_patients = frame["patient_id"].astype(str).to_numpy()[fitted.test_idx]
     return Evaluation(
-        metrics=overall_metrics(fitted.y_test, fitted.p_test),
+        metrics=overall_metrics(fitted.y_test, fitted.p_test, test_patients, seed),
         subgroups=subgroups,
         gaps=subgroup_gaps(subgroups),
         importance=_importance(fitted.model, fitted.x_test, fitted.y_test, seed),
         too_small=[f"{r.attribute}={r.group} ({r.reason})" for r in subgroups if not r.assessable],
     )
+
+
+TEMPORAL_TRAIN_SHARE = 0.75
+LABEL_HORIZON_DAYS = 30
+
+
+def temporal_validation(
+    frame: pd.DataFrame, label: str, columns: FeatureColumns, estimator: Estimator, seed: int
+) -> dict[str, Any]:
+    """Train on the earlier discharges, test on the later ones, beside the patient split.
+
+    The cut is the 75th percentile of the discharge times; training rows must also have their
+    30-day label window closed by the cut (a label not yet observable at the cut would leak
+    the later period into training). A patient can have rows on both sides, as a deployed model
+    scores returning patients. Returns the test metrics, or why there are none."""
+    at = pd.to_datetime(frame["event_timestamp"], utc=True)
+    cut = at.quantile(TEMPORAL_TRAIN_SHARE)
+    train = (at + pd.Timedelta(days=LABEL_HORIZON_DAYS) <= cut).to_numpy()
+    test = (at > cut).to_numpy()
+    y = frame[label].astype("int64").to_numpy()
+    if len(np.unique(y[train])) < 2 or not test.any():
+        return {"estimable": False, "reason": "too few earlier or later discharges of both classes"}
+    groups = frame["patient_id"].astype(str).to_numpy()
+    model = build_pipeline(columns, estimator, seed, inner_folds(y[train], groups[train], seed))
+    x = frame[list(columns.all)]
+    model.fit(x[train], y[train])
+    p_test = model.predict_proba(x[test])[:, 1]
+    return {
+        "estimable": True,
+        "n_train": int(train.sum()),
+        "n_test": int(test.sum()),
+        "train_share": TEMPORAL_TRAIN_SHARE,
+        "test": overall_metrics(y[test], p_test, groups[test], seed),
+    }
+
+
+def bounded_subgroups(subgroups: list[SubgroupResult]) -> list[dict[str, Any]]:
+    """Subgroup rows as shared (metrics.json and the card alike): a group under 30 shows
+    ``"<30"`` and no positive count, never its exact size."""
+    rows = []
+    for r in subgroups:
+        row = asdict(r)
+        row["n"] = bounded_count(r.n)
+        if r.n < MIN_SUBGROUP_SIZE:
+            row["positives"] = None
+        rows.append(row)
+    return rows
 
 
 def write_plots(fitted: FittedModel, evaluation: Evaluation, out_dir: Path) -> dict[str, Path]:
@@ -329,6 +379,7 @@ def metrics_document(
     label: str,
     estimator: Estimator,
     seed: int,
+    temporal: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of ``metrics.json`` (and the input of the model card)."""
     worst_auroc_gap = largest_gap(evaluation.gaps, "auroc")
@@ -350,7 +401,8 @@ def metrics_document(
             "dropped": list(fitted.columns.dropped),
         },
         "test": evaluation.metrics,
-        "subgroups": [asdict(r) for r in evaluation.subgroups],
+        "temporal_validation": temporal,
+        "subgroups": bounded_subgroups(evaluation.subgroups),
         "subgroup_gaps": [asdict(g) for g in evaluation.gaps],
         "largest_subgroup_gap": asdict(worst_auroc_gap) if worst_auroc_gap else None,
         "largest_calibration_gap": (
@@ -418,8 +470,9 @@ def train_readmission_model(
         raise InsufficientTrainingDataError("the training frame has no feature with a value")
     fitted = fit_on_patient_split(frame, label, columns, estimator, seed)
     evaluation = evaluate_held_out(fitted, frame, audit_columns, seed)
+    temporal = temporal_validation(frame, label, columns, estimator, seed)
     document = metrics_document(
-        fitted, evaluation, frame, label=label, estimator=estimator, seed=seed
+        fitted, evaluation, frame, label=label, estimator=estimator, seed=seed, temporal=temporal
     )
     return write_model_outputs(fitted, evaluation, document, Path(out_dir))
 

@@ -70,6 +70,11 @@ def test_feature_and_feast_assets(tmp_path: Path, key_file: Path) -> None:
     demo = by_key[AssetKey(["features", "patient_demographics"])]
     assert demo["rows"].value > 3 and demo["patients"].value == 3  # birthdays and first data
     assert (tmp_path / "work" / "features" / "patient_demographics.parquet").exists()
+    assert demo["null_rate"].value == {
+        "age_years": 0.0, "sex": 0.0, "race_code": 0.0, "ethnicity_code": 0.0
+    }  # fmt: skip
+    assert "patient_demographics" in str(demo["distributions"].value)
+    assert (tmp_path / "work" / "feature_stats" / "patient_demographics.png").exists()
     registry = result.asset_materializations_for_node("feast_registry")[0].metadata
     assert registry["feature_views"].value == 5
     assert (tmp_path / "work" / "feast" / "registry.db").exists()

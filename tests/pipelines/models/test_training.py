@@ -129,3 +129,39 @@ def test_nullable_and_empty_feature_columns(tmp_path: Path) -> None:
 
 def metrics_numeric(path: Path) -> list[str]:
     return list(json.loads(path.read_text())["features"]["numeric"])
+
+
+def test_card_and_metrics_bound_small_groups_the_same_way(tmp_path: Path) -> None:
+    report = train_readmission_model(planted_frame(), out_dir=tmp_path / "model", seed=0)
+    metrics = json.loads(report.metrics_path.read_text())
+    card = report.model_card_path.read_text()
+    for row in metrics["subgroups"]:
+        assert (isinstance(row["n"], int) and row["n"] >= 30) or row["n"] == "<30"
+        assert f"| {row['attribute']} | {row['group']} | {row['n']} |" in card
+    rare = next(r for r in metrics["subgroups"] if r["group"] == "1002-5")
+    assert rare["n"] == "<30" and rare["positives"] is None
+
+
+def test_card_reports_intervals_and_temporal_validation(tmp_path: Path) -> None:
+    frame = planted_frame()
+    report = train_readmission_model(frame, out_dir=tmp_path / "model", seed=0)
+    metrics = json.loads(report.metrics_path.read_text())
+    low, high = metrics["test"]["ci95"]["auroc"]
+    assert low <= metrics["test"]["auroc"] <= high
+    assert metrics["test"]["ci95"]["ece"] is not None
+    temporal = metrics["temporal_validation"]
+    assert temporal["estimable"] and temporal["n_test"] > 0
+    card = report.model_card_path.read_text()
+    assert "95% CI" in card and "## Temporal validation" in card
+
+
+def test_auroc_not_estimable_below_twenty_positives(tmp_path: Path) -> None:
+    frame = planted_frame()
+    positives = frame.index[frame["label"] == 1]
+    # keep 24 positives in all: the held-out quarter holds fewer than 20
+    frame = frame.drop(positives[24:]).reset_index(drop=True)
+    report = train_readmission_model(frame, out_dir=tmp_path / "model", seed=0)
+    metrics = json.loads(report.metrics_path.read_text())
+    assert report.auroc is None and metrics["test"]["auroc"] is None
+    assert metrics["test"]["auroc_note"].startswith("not estimable")
+    assert "not estimable" in report.model_card_path.read_text()

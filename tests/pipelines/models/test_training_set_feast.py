@@ -1,5 +1,5 @@
 """The training-set join against a real (throw-away) Feast store: a feature service named
-``readmission_v1`` over a Parquet source, queried point-in-time at each discharge."""
+``readmission_v2`` over a Parquet source, queried point-in-time at each discharge."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _store(tmp_path: Path) -> feast.FeatureStore:
             created_timestamp_column="created",
         ),
     )
-    service = FeatureService(name="readmission_v1", features=[view])
+    service = FeatureService(name="readmission_v2", features=[view])
     config = RepoConfig(
         project="models_test",
         provider="local",

@@ -73,20 +73,33 @@ def _reference_targets(
     con: duckdb.DuckDBPyConnection, batch_id: str
 ) -> dict[tuple[str, str], tuple[str, str]]:
     """(resource key, keyed reference text) → (target type, target pseudonym), for urn:uuid
-    and conditional references, resolved through the identifier index where needed."""
+    and conditional references, resolved through the identifier index where needed. A
+    reference to an erased patient (or through an erased patient's identifier) resolves to
+    nothing, so the release drops it instead of naming the erased patient's pseudonym."""
+    has_tombstones = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'erased_subjects' "
+        "AND database_name = current_database()"
+    ).fetchall()[0][0]
+    erased = (
+        "SELECT subject_key FROM erased_subjects"
+        if has_tombstones
+        else "SELECT ''::VARCHAR WHERE false"  # an older warehouse: nothing erased since
+    )
     rows = con.execute(
-        """
+        f"""
         SELECT r.resource_key, r.ref_mac, r.target_type,
                CASE WHEN r.kind = 'conditional'
                     THEN (SELECT min(i.resource_key) FROM identifier_index i
                           WHERE i.criteria_key = r.target_key)
-                    ELSE r.target_key END
+                    ELSE r.target_key END AS target
         FROM resource_references r
         WHERE r.batch_id = ? AND r.kind IN ('urn', 'conditional') AND r.ref_mac IS NOT NULL
+          AND r.target_key NOT IN ({erased})
         """,
         [batch_id],
     ).fetchall()
-    return {(rk, mac): (tt, tk) for rk, mac, tt, tk in rows if tk is not None}
+    gone = {str(k) for (k,) in con.execute(erased).fetchall()}
+    return {(rk, mac): (tt, tk) for rk, mac, tt, tk in rows if tk is not None and tk not in gone}
 
 
 _DEID_COLUMNS = ("resource_type", "id", "patient_id", "batch_id", "resource")

@@ -1,14 +1,17 @@
-"""Erasure beyond the warehouse tables: the released Parquet files (views, features, models)
-and the Feast online store, as the places :class:`pipelines.workdir.Workdir` lists for
-``ehr forget``: after it nothing of the patient is left in any file the platform publishes."""
+"""Erasure beyond the warehouse tables: the released Parquet files (views, features, models),
+the Feast online store, and references to the patient in other patients' released resources,
+as the places :class:`pipelines.workdir.Workdir` lists for ``ehr forget``: after it nothing of
+the patient is left in any file the platform publishes."""
 
 from __future__ import annotations
 
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import orjson
 
 from pipelines.features.online_scan import feature_view_tables
 from vault.lifecycle import check_pseudonym
@@ -69,6 +72,73 @@ def purge_online_store(db_path: Path, pseudonym: str) -> int:
     finally:
         db.close()
     return removed
+
+
+def _without_reference(node: Any, target: str) -> tuple[Any, int]:
+    """``node`` with every Reference to ``target`` removed (the whole Reference element: its
+    display or identifier would describe the erased patient), and how many were removed."""
+    if isinstance(node, dict):
+        if node.get("reference") == target:
+            return None, 1
+        kept: dict[str, Any] = {}
+        removed = 0
+        for key, value in node.items():
+            new, n = _without_reference(value, target)
+            removed += n
+            if new is not None and new != [] and new != {}:
+                kept[key] = new
+        return kept, removed
+    if isinstance(node, list):
+        items = [_without_reference(item, target) for item in node]
+        return [v for v, _ in items if v is not None], sum(n for _, n in items)
+    return node, 0
+
+
+def purge_released_references(warehouse_path: Path, pseudonym: str) -> int:
+    """Remove references to the erased patient from other patients' released resources in
+    ``deid_resources`` (a performer, a focus, a link): the release must not keep naming the
+    pseudonym. Returns the number of references removed. The warehouse must not be open."""
+    check_pseudonym(pseudonym)
+    if not Path(warehouse_path).exists():
+        return 0
+    target = f"Patient/{pseudonym}"
+    con = duckdb.connect(str(warehouse_path))
+    try:
+        has_table = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'deid_resources' "
+            "AND schema_name = 'main'"
+        ).fetchall()[0][0]
+        if not has_table:
+            return 0
+        rows = con.execute(
+            "SELECT rowid, resource::VARCHAR FROM deid_resources "
+            "WHERE contains(resource::VARCHAR, ?)",
+            [target],
+        ).fetchall()
+        removed = 0
+        for rowid, text in rows:
+            cleaned, n = _without_reference(orjson.loads(text), target)
+            if n:
+                con.execute(
+                    "UPDATE deid_resources SET resource = ?::JSON WHERE rowid = ?",
+                    [orjson.dumps(cleaned).decode(), rowid],
+                )
+                removed += n
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    return removed
+
+
+@dataclass(frozen=True)
+class ReleasedReferences:
+    """References to the patient in other patients' released resources (``deid_resources``)."""
+
+    warehouse: Path
+    name: str = "released_references"
+
+    def purge(self, pseudonym: str) -> int:
+        return purge_released_references(self.warehouse, pseudonym)
 
 
 @dataclass(frozen=True)

@@ -96,10 +96,15 @@ class Workdir:
 
     def erasure_plan(self) -> ErasurePlan:
         """Every place of this workdir that holds released patient rows: the release tables of
-        the warehouse, the released Parquet files and the Feast online store."""
-        from pipelines.erasure import OnlineStore, ReleasedParquet
+        the warehouse, references to the patient in other patients' released resources, the
+        released Parquet files and the Feast online store."""
+        from pipelines.erasure import OnlineStore, ReleasedParquet, ReleasedReferences
 
         return ErasurePlan(
             tables=RELEASED_TABLES,
-            places=(ReleasedParquet(self.released_folders), OnlineStore(self.online_store)),
+            places=(
+                ReleasedReferences(self.warehouse),
+                ReleasedParquet(self.released_folders),
+                OnlineStore(self.online_store),
+            ),
         )

@@ -677,7 +677,9 @@ class BatchIngestor:
         the patient destroys them, and de-identification shifts their dates with the
         patient's); those of an erased patient leave the vault for the quarantine, unstored.
         A criteria matching no Patient, or several, leaves the record under ``_shared``."""
-        cur = self.con.execute(_PENDING_OWNERS, {"b": self.batch_id})
+        # a cursor of its own: the loop writes through the main connection meanwhile
+        cur = self.con.cursor()
+        cur.execute(_PENDING_OWNERS, {"b": self.batch_id})
         erased: list[tuple[int, int]] = []
         while rows := cur.fetchmany(1_000):
             resealed: list[tuple[int, int, str, bytes]] = []
@@ -693,6 +695,7 @@ class BatchIngestor:
             self.keys.flush()  # the patients' new keys before the ciphertexts that need them
             if resealed:
                 self._apply_owners(resealed)
+        cur.close()
         if erased:
             self._unstore_erased(erased)
         self.con.execute("DELETE FROM pending_patient_refs WHERE batch_id = ?", [self.batch_id])

@@ -12,7 +12,11 @@ from click.testing import CliRunner
 
 from fhirlake.synthetic import generate
 from pipelines.cli import main
-from pipelines.erasure import purge_online_store, purge_released_parquet
+from pipelines.erasure import (
+    purge_online_store,
+    purge_released_parquet,
+    purge_released_references,
+)
 from pipelines.run import run_pipeline
 from pipelines.workdir import Workdir
 
@@ -62,8 +66,12 @@ def test_forget_reaches_parquet_and_the_online_store(tmp_path: Path, key_file: P
     report = json.loads(result.output[: result.output.rindex("}") + 1])
     assert report["rows_deleted"]["views.patient"] == 1
     assert report["places_failed"] == []
-    assert set(report["places"]) == {"released_parquet", "feast_online_store"}
-    assert all(n > 0 for n in report["places"].values())
+    assert set(report["places"]) == {
+        "released_references",
+        "released_parquet",
+        "feast_online_store",
+    }
+    assert report["places"]["released_parquet"] > 0 and report["places"]["feast_online_store"] > 0
     # left: the audit entry of the erasure and the tombstone of the destroyed data key
     assert _holding(workdir, pseudonym) == ["audit/audit.log", "warehouse.duckdb"]
     con = duckdb.connect(str(workdir / "warehouse.duckdb"), read_only=True)
@@ -95,3 +103,36 @@ def test_forget_reaches_parquet_and_the_online_store(tmp_path: Path, key_file: P
 def test_purges_refuse_what_is_not_a_pseudonym(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="pseudonym"):
         purge_released_parquet((tmp_path,), "x' OR 1=1 --")
+
+
+def test_references_to_the_erased_patient_leave_other_patients_released_resources(
+    tmp_path: Path,
+) -> None:
+    erased, other = "a" * 32, "b" * 32
+    path = tmp_path / "warehouse.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE deid_resources (resource_type VARCHAR, id VARCHAR, "
+                "patient_id VARCHAR, batch_id VARCHAR, resource JSON)")  # fmt: skip
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "subject": {"reference": f"Patient/{other}"},
+        "performer": [{"reference": f"Patient/{erased}"}, {"reference": "Practitioner/x"}],
+        "focus": [{"reference": f"Patient/{erased}", "display": "kept? no"}],
+    }
+    con.execute(
+        "INSERT INTO deid_resources VALUES ('Observation', 'o1', ?, 'b', ?::JSON)",
+        [other, json.dumps(observation)],
+    )
+    con.close()
+    assert purge_released_references(path, erased) == 2
+    assert purge_released_references(path, erased) == 0  # idempotent
+    con = duckdb.connect(str(path), read_only=True)
+    (text,) = con.execute("SELECT resource::VARCHAR FROM deid_resources").fetchall()[0]
+    con.close()
+    assert json.loads(text) == {
+        "resourceType": "Observation",
+        "id": "o1",
+        "subject": {"reference": f"Patient/{other}"},
+        "performer": [{"reference": "Practitioner/x"}],
+    }

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from deid.errors import DeidError
+from pipelines.cli import features as cli_features
 from pipelines.cli import privacy as cli_privacy
 from pipelines.cli import views as cli_views
 from pipelines.cli.options import workdir_option
@@ -141,6 +142,7 @@ def quarantine_list(workdir: Workdir, limit: int) -> None:
 
 
 main.add_command(cli_views.views)
+main.add_command(cli_features.features)
 
 
 @main.group()

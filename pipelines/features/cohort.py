@@ -9,6 +9,8 @@ thing, and a patient must not re-enter the data because of how a clerk typed a c
 
 from __future__ import annotations
 
+import duckdb
+
 
 def opted_out_sql(consent: str = "views.consent") -> str:
     """A query of the distinct ``patient_id`` of every opted-out patient in ``consent`` (a table
@@ -20,3 +22,22 @@ def opted_out_sql(consent: str = "views.consent") -> str:
       AND lower(status) = 'active' AND lower(scope_code) = 'research'
       AND (lower(provision_type) = 'deny' OR upper(policy_rule_code) = 'OPTOUT')
     """
+
+
+def released_cohort(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Pseudonyms of the released patients (``views.patient``) who did not opt out of research,
+    sorted: the patients the feature tables may hold."""
+    present = {
+        name
+        for (name,) in con.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'views'"
+        ).fetchall()
+    }
+    if "patient" not in present:
+        return []
+    excluded = opted_out_sql("views.consent") if "consent" in present else "SELECT NULL WHERE false"
+    rows = con.execute(
+        f"SELECT DISTINCT id FROM views.patient WHERE id IS NOT NULL "
+        f"AND id NOT IN ({excluded}) ORDER BY id"
+    ).fetchall()
+    return [str(r[0]) for r in rows]

@@ -246,11 +246,21 @@ def _frame(days: int) -> str:
     return f"INTERVAL '{days - 1} days 23:59:59.999999' PRECEDING AND CURRENT ROW"
 
 
+def _edge_rows(relation: str, days: tuple[int, ...], edges: bool) -> str:
+    """Spine rows where a window of ``days`` drops an event of ``relation`` (none when
+    ``edges`` is off: the events-only baseline the benchmark compares against)."""
+    if not edges:
+        return ""
+    return "\n".join(
+        f"UNION SELECT patient_id, ts + INTERVAL {d} DAY FROM {relation}" for d in days
+    )
+
+
 def _before_data_end(alias: str = "s") -> str:
     return f"{alias}.ts <= (SELECT data_end FROM feature_data_end)"
 
 
-def demographics_sql(created: datetime) -> str:
+def demographics_sql(created: datetime, edges: bool = True) -> str:
     """Age (whole years at T, capped at 90 at each T), sex, OMB race and ethnicity codes; a row
     at the first data time and at every birthday up to 90."""
     return f"""
@@ -261,7 +271,7 @@ def demographics_sql(created: datetime) -> str:
                  THEN p.birth_date + to_years(k::INT) + INTERVAL 1 DAY
                  ELSE p.birth_date + to_years(k::INT) END::TIMESTAMPTZ AS ts
         FROM src_patient p SEMI JOIN feature_patients f ON f.patient_id = p.id,
-            range(0, {AGE_CAP + 1}) r(k)
+            range(0, {AGE_CAP + 1 if edges else 0}) r(k)
         WHERE p.birth_date IS NOT NULL
     ),
     spine AS (
@@ -300,7 +310,7 @@ def _utilisation_items() -> str:
     """
 
 
-def utilisation_sql(created: datetime) -> str:
+def utilisation_sql(created: datetime, edges: bool = True) -> str:
     """Encounters and emergency visits started in the last 30/180/365 days, inpatient stays
     discharged in the 30/180/365 days before T (the stay discharged at T excluded), and the
     discharge time and length of the latest stay discharged before T."""
@@ -323,7 +333,8 @@ def utilisation_sql(created: datetime) -> str:
         for name in ("encounters", "emergency_visits", "prior_inpatient_stays")
     )
     drops = "\n".join(
-        f"UNION SELECT patient_id, ts + INTERVAL {d} DAY FROM items" for d in UTILISATION_WINDOWS
+        f"UNION SELECT patient_id, ts + INTERVAL {d} DAY FROM items"
+        for d in (UTILISATION_WINDOWS if edges else ())
     )
     return f"""
     WITH items AS ({_utilisation_items()}),
@@ -428,7 +439,7 @@ def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
     """
 
 
-def medications_sql(created: datetime, valuesets: list[ValueSet]) -> str:
+def medications_sql(created: datetime, valuesets: list[ValueSet], edges: bool = True) -> str:
     """Active medication count, distinct drugs prescribed in 180 days, polypharmacy (>= 5 active)
     and a flag per drug class with an active prescription."""
     classes = of_kind(valuesets, "medication")
@@ -449,8 +460,7 @@ def medications_sql(created: datetime, valuesets: list[ValueSet]) -> str:
         SELECT s.patient_id, s.ts FROM (
             SELECT patient_id, ts FROM feature_starts
             UNION SELECT patient_id, ts FROM med
-            UNION SELECT patient_id, ts + INTERVAL {ACTIVE_DAYS} DAY FROM med
-            UNION SELECT patient_id, ts + INTERVAL {RECENT_DAYS} DAY FROM med
+            {_edge_rows("med", (ACTIVE_DAYS, RECENT_DAYS), edges)}
         ) s WHERE {_before_data_end()}
     ),
     considered AS (
@@ -493,7 +503,7 @@ def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def labs_vitals_sql(created: datetime) -> str:
+def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     """Per measure: the latest value, when it was measured and the mean over 365 days."""
     parts = []
     finals = []
@@ -523,7 +533,7 @@ def labs_vitals_sql(created: datetime) -> str:
     spine AS (
         SELECT s.patient_id, s.ts FROM (
             SELECT patient_id, ts FROM obs
-            UNION SELECT patient_id, ts + INTERVAL {LAB_WINDOW_DAYS} DAY FROM obs
+            {_edge_rows("obs", (LAB_WINDOW_DAYS,), edges)}
         ) s WHERE {_before_data_end()}
     ),
     ev AS (
@@ -548,13 +558,15 @@ def labs_vitals_sql(created: datetime) -> str:
     """
 
 
-def table_sql(name: str, created: datetime, valuesets: list[ValueSet]) -> str:
+def table_sql(name: str, created: datetime, valuesets: list[ValueSet], edges: bool = True) -> str:
+    """The query of one feature table. ``edges=False`` leaves out the rows where a window drops
+    an event and the birthdays (values then exact only at events): the benchmark's baseline."""
     builders: dict[str, Callable[[], str]] = {
-        "patient_demographics": lambda: demographics_sql(created),
-        "patient_utilisation": lambda: utilisation_sql(created),
+        "patient_demographics": lambda: demographics_sql(created, edges),
+        "patient_utilisation": lambda: utilisation_sql(created, edges),
         "patient_comorbidities": lambda: comorbidities_sql(created, valuesets),
-        "patient_medications": lambda: medications_sql(created, valuesets),
-        "patient_labs_vitals": lambda: labs_vitals_sql(created),
+        "patient_medications": lambda: medications_sql(created, valuesets, edges),
+        "patient_labs_vitals": lambda: labs_vitals_sql(created, edges),
     }
     return builders[name]()
 
@@ -570,6 +582,7 @@ def build_feature_tables_report(
     tables: tuple[str, ...] | None = None,
     created: datetime | None = None,
     valuesets_dir: Path | None = None,
+    edges: bool = True,
 ) -> FeatureBuild:
     """Build ``features.<table>`` and ``out_dir/<table>.parquet`` for each feature table."""
     started = time.perf_counter()
@@ -591,7 +604,7 @@ def build_feature_tables_report(
             con,
             table,
             parquet_path(out_dir, name),
-            table_sql(name, created, valuesets),
+            table_sql(name, created, valuesets, edges),
             compression="zstd",
         )
         ((distinct,),) = con.execute(f"SELECT count(DISTINCT patient_id) FROM {table}").fetchall()

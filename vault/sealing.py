@@ -139,6 +139,8 @@ class DataKeyStore:
                 self._by_owner[owner] = bytes(key_id)
             else:
                 self.destroyed_owners.add(owner)
+        if rows:  # a warehouse from before the registry registers on its next use
+            self._register_warehouse()
 
     def for_owner(self, owner: str) -> DataKey:
         """The owner's live data key, created on first use; KeyDestroyedError for an owner
@@ -218,6 +220,12 @@ class DataKeyStore:
         from vault import warehouse  # warehouse imports this module for its DDL
 
         path = warehouse.database_path(self._con)
-        if path is not None:
-            register(warehouse.ensure_warehouse_id(self._con, self._random_bytes), path)
-        self._registered = True
+        if path is None:
+            return
+        try:
+            wid: str | None = warehouse.ensure_warehouse_id(self._con, self._random_bytes)
+        except duckdb.Error:  # a read-only connection cannot give the warehouse its id
+            wid = warehouse.warehouse_id(self._con)
+        if wid is not None:
+            register(wid, path)
+            self._registered = True

@@ -29,7 +29,7 @@ from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 from deid.policy import Policy
 from deid.risk import KAnonymityReport, measure_k
 from deid.terminology import Terminology
-from deid.workers import ChunkResult, Item, WorkerSetup, deidentify_items
+from deid.workers import ChunkResult, Item, Targets, WorkerSetup, deidentify_items
 from vault.keys import KeyProvider, key_fingerprint
 from vault.read import iter_current_records
 
@@ -69,10 +69,8 @@ class DeidReport:
         return asdict(self)
 
 
-def _reference_targets(
-    con: duckdb.DuckDBPyConnection, batch_id: str
-) -> dict[tuple[str, str], tuple[str, str]]:
-    """(resource key, keyed reference text) → (target type, target pseudonym), for urn:uuid
+def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[str, Targets]:
+    """resource key → keyed reference text → (target type, target pseudonym), for urn:uuid
     and conditional references, resolved through the identifier index where needed. A
     reference to an erased patient (or through an erased patient's identifier) resolves to
     nothing, so the release drops it instead of naming the erased patient's pseudonym."""
@@ -99,7 +97,11 @@ def _reference_targets(
         [batch_id],
     ).fetchall()
     gone = {str(k) for (k,) in con.execute(erased).fetchall()}
-    return {(rk, mac): (tt, tk) for rk, mac, tt, tk in rows if tk is not None and tk not in gone}
+    targets: dict[str, Targets] = {}
+    for rk, mac, tt, tk in rows:
+        if tk is not None and tk not in gone:
+            targets.setdefault(rk, {})[mac] = (tt, tk)
+    return targets
 
 
 _DEID_COLUMNS = ("resource_type", "id", "patient_id", "batch_id", "resource")
@@ -154,10 +156,14 @@ def _take_chunk(con: duckdb.DuckDBPyConnection, run: _BatchRun, result: ChunkRes
 def _vault_items(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, batch_id: str
 ) -> Iterator[Item]:
+    """The batch's records with their own resolved references (each resource carries its
+    share, so no worker is sent the whole batch's)."""
+    targets = _reference_targets(con, batch_id)
     # vault.read decrypts a chunk of ciphertexts at a time and checks each row's resource
     for record in iter_current_records(con, provider, batch_id=batch_id, chunk_rows=_DEID_CHUNK):
         raw = orjson.dumps(record.resource)
-        yield record.resource_key, record.resource_type, record.patient_key, raw
+        own = targets.pop(record.resource_key, None)
+        yield record.resource_key, record.resource_type, record.patient_key, raw, own
 
 
 def _flush(con: duckdb.DuckDBPyConnection, run: _BatchRun) -> None:
@@ -232,14 +238,17 @@ def deidentify_batch(
         policy.name,
         provider.pseudonym_key(),
         today,
-        _reference_targets(con, batch_id),
         dict((terminology or Terminology()).displays),
     )
+    (expected,) = con.execute(
+        "SELECT count(*) FROM phi_vault WHERE batch_id = ?", [batch_id]
+    ).fetchone() or (0,)
     deidentify_items(
         _vault_items(con, provider, batch_id),
         setup,
         partial(_take_chunk, con, run),
         workers=workers,
+        expected=int(expected),
     )
     _flush(con, run)
     return _report(run, policy, started)

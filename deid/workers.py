@@ -26,11 +26,13 @@ from vault.pseudonym import Pseudonymizer
 
 CHUNK_RECORDS = 1_000
 PARALLEL_FROM = 4_000  # records seen before worker processes are worth starting
-_IN_FLIGHT_PER_WORKER = 2
+_IN_FLIGHT_PER_WORKER = 4  # ~4 MB a chunk: enough to cover a worker's start
 
-Targets = dict[tuple[str, str], tuple[str, str]]
-# resource key, resource type, patient key, the resource as JSON
-Item = tuple[str, str, str | None, bytes]
+# one resource's urn:uuid and conditional references as ingest resolved them: keyed reference
+# text -> (target type, target pseudonym); they travel with the resource, not to every worker
+Targets = dict[str, tuple[str, str]]
+# resource key, resource type, patient key, the resource as JSON, its resolved references
+Item = tuple[str, str, str | None, bytes, Targets | None]
 
 
 @dataclass
@@ -54,7 +56,6 @@ class WorkerSetup:
     policy_name: str
     pseudonym_key: bytes
     today: date | None
-    targets: Targets
     displays: dict[tuple[str, str], str]
 
     def build(self) -> _Worker:
@@ -65,16 +66,16 @@ class WorkerSetup:
             today=self.today,
             terminology=Terminology(self.displays),
         )
-        return _Worker(engine, Pseudonymizer(self.pseudonym_key), self.targets)
+        return _Worker(engine, Pseudonymizer(self.pseudonym_key))
 
 
 def _resolve_reference(
-    pseudo: Pseudonymizer, targets: Targets, resource_key: str, value: str
+    pseudo: Pseudonymizer, targets: Targets | None, value: str
 ) -> tuple[str, str] | None:
     """The pseudonymous target of a reference in one resource: urn:uuid and conditional ones as
     ingest resolved them for that resource, literal ones by their type and id."""
     if classify(value) in ("urn", "conditional"):
-        return targets.get((resource_key, pseudo.token("reference", value)))
+        return targets.get(pseudo.token("reference", value)) if targets else None
     literal = literal_target(value)
     return (literal[0], pseudo.resource_key(*literal)) if literal else None
 
@@ -83,12 +84,11 @@ def _resolve_reference(
 class _Worker:
     engine: Deidentifier
     pseudo: Pseudonymizer
-    targets: Targets
 
     def run(self, items: list[Item]) -> ChunkResult:
         result = ChunkResult()
-        for resource_key, rtype, patient_key, raw in items:
-            resolve = partial(_resolve_reference, self.pseudo, self.targets, resource_key)
+        for resource_key, rtype, patient_key, raw, targets in items:
+            resolve = partial(_resolve_reference, self.pseudo, targets)
             try:
                 outcome = self.engine.apply(
                     orjson.loads(raw), patient_scope=patient_key, resolve=resolve
@@ -127,11 +127,17 @@ def deidentify_items(
     setup: WorkerSetup,
     consume: Callable[[ChunkResult], None],
     workers: int | None = None,
+    expected: int | None = None,
 ) -> None:
-    """De-identify ``items`` and hand each chunk's result to ``consume`` in input order."""
+    """De-identify ``items`` and hand each chunk's result to ``consume`` in input order.
+    ``expected`` (how many items are coming, when known) starts the workers at once, so they
+    load while the first chunks are read."""
     workers = default_workers() if workers is None else workers
-    local = setup.build()
     chunks = _chunks(items)
+    if workers > 1 and expected is not None and expected >= PARALLEL_FROM:
+        _in_pool(chunks, setup, consume, workers)
+        return
+    local = setup.build()
     seen = 0
     for chunk in chunks:
         consume(local.run(chunk))

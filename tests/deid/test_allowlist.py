@@ -197,10 +197,11 @@ def test_workers_release_what_one_process_releases(monkeypatch: pytest.MonkeyPat
             "Observation",
             "p",
             orjson.dumps(_obs(id=f"o{i}", effectiveDateTime="2020-01-02")),
+            None,
         )
         for i in range(40)
-    ] + [("b", "Basic", "p", orjson.dumps({"resourceType": "Basic", "id": "b"}))]
-    setup = workers.WorkerSetup(policy.source, policy.name, KEY, TODAY, {}, {})
+    ] + [("b", "Basic", "p", orjson.dumps({"resourceType": "Basic", "id": "b"}), None)]
+    setup = workers.WorkerSetup(policy.source, policy.name, KEY, TODAY, {})
     results: dict[int, list[workers.ChunkResult]] = {1: [], 2: []}
     monkeypatch.setattr(workers, "CHUNK_RECORDS", 7)
     monkeypatch.setattr(workers, "PARALLEL_FROM", 7)

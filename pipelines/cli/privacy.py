@@ -44,18 +44,36 @@ def audit_log_for(
     outside the work directory under the warehouse's id (read from the warehouse when not
     given; a work directory without a warehouse has no outside anchor)."""
     paths = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
-    if warehouse_id is None and paths.warehouse.exists():
-        from vault import warehouse
-
-        con = warehouse.connect(paths.warehouse, read_only=True)
-        try:
-            warehouse_id = warehouse.warehouse_id(con)
-        finally:
-            con.close()
+    if warehouse_id is None:
+        warehouse_id = _known_warehouse_id(paths, provider)
     try:
         return AuditLog.for_provider(paths.audit_log, provider, warehouse_id=warehouse_id)
     except VaultError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+def _known_warehouse_id(paths: Workdir, provider: KeyProvider) -> str | None:
+    """The id stored in the warehouse; else (the file locked by a running pipeline, or gone)
+    the id the keyring's registry holds for that path, so the outside anchor is still found."""
+    from vault import warehouse
+
+    if paths.warehouse.exists():
+        try:
+            con = warehouse.connect(paths.warehouse, read_only=True)
+        except duckdb.Error:
+            con = None
+        if con is not None:
+            try:
+                found = warehouse.warehouse_id(con)
+            finally:
+                con.close()
+            if found is not None:
+                return found
+    registry = getattr(provider, "warehouses", None)
+    if registry is None:
+        return None
+    location = str(paths.warehouse.resolve())
+    return next((wid for wid, path in registry().items() if path == location), None)
 
 
 def _provider(key_file: Path | None) -> KeyProvider:

@@ -151,3 +151,46 @@ def test_arguments_and_refusals(
         ("forget", None),
         ("forget", False),
     ]
+
+
+def test_deleting_or_rolling_back_the_log_is_detected_by_the_outside_anchor(
+    work: Path, key_file: Path
+) -> None:
+    runner = CliRunner()
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    p7 = _pseudonym(key_file, "p7")
+    assert runner.invoke(reidentify, [p7, "--reason", "ticket 1", *common]).exit_code == 0
+    audit_dir = work / "audit"
+    saved = {p.name: p.read_bytes() for p in audit_dir.iterdir()}
+    assert runner.invoke(reidentify, [p7, "--reason", "ticket 2", *common]).exit_code == 0
+    anchors = list((key_file.parent / "audit-anchors").glob("wh-*.json"))
+    assert len(anchors) == 1  # held with the keys, named by the warehouse id
+
+    for name, data in saved.items():  # an older copy of the log and its head restored
+        (audit_dir / name).write_bytes(data)
+    rolled_back = runner.invoke(audit, ["verify", *common])
+    assert rolled_back.exit_code == 1
+    assert "outside anchor: log ends at seq 1, anchor says 3 (truncated)" in rolled_back.output
+
+    for path in audit_dir.iterdir():  # the log and its head deleted
+        path.unlink()
+    deleted = runner.invoke(audit, ["verify", *common])
+    assert deleted.exit_code == 1
+    assert "first problem: outside anchor: log is empty, anchor says 3" in deleted.output
+    refused = runner.invoke(reidentify, [p7, "--reason", "ticket 3", *common])
+    assert refused.exit_code == 1 and "Zedwick" not in refused.output
+
+
+def test_an_interrupted_act_is_reported_until_it_is_run_again(work: Path, key_file: Path) -> None:
+    runner = CliRunner()
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    p8 = _pseudonym(key_file, "p8")
+    provider = FileKeyProvider.load(key_file)
+    audit_log_for(work, provider).intend("forget", p8, "erasure request")  # then a crash
+    pending = runner.invoke(audit, ["verify", *common])
+    assert pending.exit_code == 2
+    assert f"forget of {p8} was announced but never completed" in pending.output
+    again = runner.invoke(forget, [p8, "--pseudonym", "--reason", "erasure request", *common])
+    assert again.exit_code == 0, again.output
+    ok = runner.invoke(audit, ["verify", *common])
+    assert ok.exit_code == 0 and "audit log ok: 3 entries" in ok.stdout

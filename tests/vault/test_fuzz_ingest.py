@@ -367,3 +367,45 @@ def test_release_survives_extreme_dates(value: str, tmp_path: Path) -> None:
     finally:
         con.close()
     assert released.released + released.withheld == len(records)
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="deid.workers._resolve_reference maps every absolute reference by literal_target, so "
+    "another server's Patient/1 is released as the local Patient/1's pseudonym; ingest records "
+    "it as kind 'external' in resource_references (fhirlake.references.local_target tells the two "
+    "apart), which the release does not consult yet",
+)
+def test_release_keeps_other_servers_references_apart(tmp_path: Path) -> None:
+    init_keyring(tmp_path / "keyring.json")
+    provider = FileKeyProvider.load(tmp_path / "keyring.json")
+    land = tmp_path / "land"
+    land.mkdir()
+    records = [{"resourceType": "Patient", "id": "1", "gender": "female"}]
+    for rid, ref in (
+        ("e-local", "Patient/1"),
+        ("e-foreign", "http://other.example/fhir/Patient/1"),
+    ):
+        records.append(
+            {
+                "resourceType": "Encounter",
+                "id": rid,
+                "status": "finished",
+                "class": {"code": "AMB"},
+                "subject": {"reference": ref},
+            }
+        )
+    (land / "r.ndjson").write_bytes(b"\n".join(orjson.dumps(r) for r in records))
+    wh = tmp_path / "w.duckdb"
+    assert ingest_batch(wh, "b", land, provider, workers=1).external_references == 1
+    con = warehouse.connect(wh)
+    try:
+        deidentify_batch(con, provider, "b", Policy.shipped("research"), today=TODAY)
+        rows = con.execute(
+            "SELECT patient_id, resource FROM deid_resources WHERE resource_type = 'Encounter'"
+        ).fetchall()
+    finally:
+        con.close()
+    subjects = {pid: orjson.loads(resource).get("subject") for pid, resource in rows}
+    local = next(s for pid, s in subjects.items() if pid is not None)
+    assert subjects[None] != local  # removed, or anything but the local patient's pseudonym

@@ -1,0 +1,90 @@
+"""Tombstones: after an erasure, nothing that resolves to the erased patient is stored again,
+however it arrives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vault import warehouse
+from vault.audit import AuditLog
+from vault.ingest import ERASED_SUBJECT, ingest_batch, reconcile_batch
+from vault.keys import FileKeyProvider
+from vault.lifecycle import forget_in_warehouse
+from vault.pseudonym import Pseudonymizer
+
+PATIENT = {
+    "resourceType": "Patient",
+    "id": "p1",
+    "identifier": [{"system": "urn:mrn", "value": "MRN-1"}],
+    "name": [{"family": "Fennimore"}],
+}
+
+
+def _write(folder: Path, resources: list[dict[str, Any]]) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "data.ndjson").write_text("".join(json.dumps(r) + "\n" for r in resources))
+    return folder
+
+
+@pytest.fixture
+def erased(tmp_path: Path, key_provider: FileKeyProvider) -> Path:
+    wh = tmp_path / "warehouse.duckdb"
+    ingest_batch(wh, "b0", _write(tmp_path / "b0", [PATIENT]), key_provider, workers=1)
+    pseudonym = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "p1")
+    audit = AuditLog.for_provider(tmp_path / "audit.log", key_provider)
+    report = forget_in_warehouse(wh, pseudonym, audit, "erasure request")
+    assert report.found and report.data_keys_destroyed == 1
+    return wh
+
+
+def test_every_way_back_is_quarantined_unstored(
+    erased: Path, tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    later = [
+        PATIENT,  # the same Patient again
+        {**PATIENT, "id": "p1-new"},  # another id, an identifier of the erased Patient
+        {  # in its compartment
+            "resourceType": "Condition",
+            "id": "c1",
+            "subject": {"reference": "Patient/p1"},
+            "code": {"text": "gout"},
+        },
+        {  # conditionally, with the Patient nowhere in this batch
+            "resourceType": "Condition",
+            "id": "c2",
+            "subject": {"reference": "Patient?identifier=urn:mrn|MRN-1"},
+            "code": {"text": "gout"},
+        },
+        {  # invalid (an empty array), naming the erased patient
+            "resourceType": "Condition",
+            "id": "c3",
+            "subject": {"reference": "Patient/p1"},
+            "category": [],
+        },
+        {"resourceType": "Patient", "id": "p2", "name": [{"family": "Other"}]},
+    ]
+    report = ingest_batch(erased, "b1", _write(tmp_path / "b1", later), key_provider, workers=1)
+    assert report.quarantine_reasons == {ERASED_SUBJECT: 5}
+    assert report.accepted == 1
+    con = warehouse.connect(erased, read_only=True)
+    try:
+        assert reconcile_batch(con, "b1").passed
+        rows = con.execute(
+            "SELECT resource_type, patient_key, sealed, aad, message FROM quarantine "
+            "WHERE batch_id = 'b1' ORDER BY position"
+        ).fetchall()
+        assert [r[0] for r in rows] == ["Patient", "Patient", "Condition", "Condition", "Condition"]
+        assert all(r[1] is None and r[2] == b"" and r[3] == b"" for r in rows)
+        assert all("Fennimore" not in r[4] and "MRN-1" not in r[4] for r in rows)
+        assert con.execute("SELECT count(*) FROM phi_vault").fetchall() == [(1,)]
+        # no data key was made for the erased patient
+        assert con.execute(
+            "SELECT count(*) FROM data_keys WHERE destroyed_at IS NULL AND owner <> ?",
+            [Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "p2")],
+        ).fetchall() == [(0,)]
+    finally:
+        con.close()

@@ -644,7 +644,10 @@ class BatchIngestor:
             self._quarantine(record, code, message, None, None)
         elif checked.code is not None:
             owner, _ = self._owner(record, checked) if checked.resource_type else (None, False)
-            if owner in self.erased:
+            criteria = None
+            if checked.resource_type and owner is None:
+                criteria = self._conditional_owner(record, checked)
+            if owner in self.erased or criteria in self.erased:
                 self._quarantine_erased(record, checked.resource_type)
                 return
             self._quarantine(record, checked.code, checked.message, checked.resource_type, owner)

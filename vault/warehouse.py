@@ -197,6 +197,10 @@ def _create_private(path: Path) -> None:
             os.link(fresh, path)  # exclusive: never replaces a warehouse made meanwhile
         except FileExistsError:
             return
+        except OSError:  # a filesystem without hard links: a rename, checked just before
+            if path.exists():
+                return
+            os.rename(fresh, path)
         fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

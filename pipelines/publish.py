@@ -15,7 +15,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import duckdb
 
@@ -78,6 +78,27 @@ class PublishOutcome(Generic[CheckT]):
     rows: int
     published: bool
     check: CheckT
+
+
+@dataclass(frozen=True)
+class CheckGroup:
+    """The results of several checks of one staging table; passed when every one passed."""
+
+    results: dict[str, CheckOutcome]
+
+    @property
+    def passed(self) -> bool:
+        return all(result.passed for result in self.results.values())
+
+
+def all_checks(**checks: PublishCheck[Any]) -> PublishCheck[CheckGroup]:
+    """One publish check made of named checks (e.g. a leak scan and an opted-out check), all
+    run over the same staging table; each result stays readable by its name."""
+
+    def run(con: duckdb.DuckDBPyConnection, staging: str) -> CheckGroup:
+        return CheckGroup({name: check(con, staging) for name, check in checks.items()})
+
+    return run
 
 
 def publish_table(

@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 
-from pipelines.publish import publish_checked, publish_table
+from pipelines.publish import all_checks, publish_checked, publish_table
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,19 @@ def test_failed_check_on_a_first_release_publishes_nothing(tmp_path: Path) -> No
     outcome = publish_checked(con, "s.t", target, "SELECT 'secret' AS v", no_secret)
     assert not outcome.published and not target.exists()
     assert con.execute("SELECT count(*) FROM information_schema.tables").fetchall() == [(0,)]
+
+
+def test_all_checks_must_pass(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    target = tmp_path / "out" / "t.parquet"
+
+    def never(con: duckdb.DuckDBPyConnection, staging: str) -> Verdict:
+        return Verdict(False, 0)
+
+    clean = publish_checked(con, "s.t", target, "SELECT 'ok' AS v", all_checks(leak=no_secret))
+    assert clean.published and clean.check.results["leak"].passed
+    both = publish_checked(
+        con, "s.t", target, "SELECT 'new' AS v", all_checks(leak=no_secret, opted_out=never)
+    )
+    assert not both.published and not both.check.results["opted_out"].passed
+    assert con.execute("SELECT v FROM s.t").fetchall() == [("ok",)]

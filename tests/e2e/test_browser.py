@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dagster_ui import DagsterUI, ui_release  # noqa: F401 - the session fixture
+from dagster_ui import DagsterUI
 
 pytestmark = pytest.mark.e2e
 
@@ -57,8 +57,9 @@ def chromium_profile(tmp_path: Path) -> Path:
     return tmp_path / "chromium-profile"
 
 
-def test_lineage_shows_every_stage(ui_release: DagsterUI, chromium_profile: Path) -> None:  # noqa: F811
+def test_lineage_shows_every_stage(ui_release: DagsterUI, chromium_profile: Path) -> None:
     url = f"{ui_release.url}/assets/readmission_model?view=lineage&lineageScope=upstream"
+    url += "&lineageDepth=12"  # every stage up to the landing batch
     dom = visit(url, SCREENSHOTS / "lineage.png", chromium_profile)
     for name in ("landing_batch", "phi_vault", "deid_resources", "released_patients",
                  "feast_registry", "feast_online_store", "readmission_labels"):
@@ -67,7 +68,7 @@ def test_lineage_shows_every_stage(ui_release: DagsterUI, chromium_profile: Path
 
 
 def test_model_page_shows_its_metadata_and_checks(
-    ui_release: DagsterUI, chromium_profile: Path  # noqa: F811
+    ui_release: DagsterUI, chromium_profile: Path
 ) -> None:
     dom = visit(
         f"{ui_release.url}/assets/readmission_model", SCREENSHOTS / "model.png", chromium_profile

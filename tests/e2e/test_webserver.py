@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from dagster_ui import DagsterUI, ui_release  # noqa: F401 - the session fixture
+from dagster_ui import DagsterUI
 
 from pipelines.definitions import defs
 
@@ -20,7 +20,7 @@ REPO_FIELDS = (
 )
 
 
-def test_every_group_asset_check_job_and_sensor_loads(ui_release: DagsterUI) -> None:  # noqa: F811
+def test_every_group_asset_check_job_and_sensor_loads(ui_release: DagsterUI) -> None:
     repo = ui_release.repository(REPO_FIELDS)
     graph = defs.resolve_asset_graph()
     expected_assets = {k.to_user_string() for k in graph.get_all_asset_keys()}
@@ -41,7 +41,7 @@ def test_every_group_asset_check_job_and_sensor_loads(ui_release: DagsterUI) -> 
     assert "sklearn" in nodes["readmission_model"]["kinds"]
 
 
-def test_release_followed_the_batch(ui_release: DagsterUI) -> None:  # noqa: F811
+def test_release_followed_the_batch(ui_release: DagsterUI) -> None:
     batch, release = ui_release.batch_run, ui_release.release_run
     assert batch is not None and release is not None
     tags = {t["key"]: t["value"] for t in release["tags"]}
@@ -63,7 +63,7 @@ def _features(workdir: Path) -> dict[str, pd.DataFrame]:
     return tables
 
 
-def test_published_features_match_ehr_run(ui_release: DagsterUI) -> None:  # noqa: F811
+def test_published_features_match_ehr_run(ui_release: DagsterUI) -> None:
     assert ui_release.reference is not None
     assert ui_release.reference.wait(timeout=300) == 0, ui_release.home.parent / "ehr_run.log"
     from_ui, from_cli = _features(ui_release.workdir), _features(ui_release.reference_workdir)

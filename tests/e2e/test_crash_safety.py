@@ -1,0 +1,158 @@
+"""`ehr run` killed with SIGKILL in the middle of each stage, then run again: the result is
+exactly that of a run never interrupted (row counts and content digests of every released table,
+every released Parquet file and the Feast online store)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from fhirlake.synthetic import generate
+
+pytestmark = pytest.mark.e2e
+
+EHR = str(Path(sys.executable).parent / "ehr")
+# columns holding the time a table was built, not its content
+VOLATILE = {"created", "created_at", "built_at", "trained_at"}
+RUN_TIMEOUT = 600
+
+
+def _env(key_file: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "EHR_KEK")}
+    env.update(EHR_KEY_FILE=str(key_file), PYTHONWARNINGS="ignore")
+    return env
+
+
+def _run(landing: Path, workdir: Path, key_file: Path) -> None:
+    subprocess.run(
+        [EHR, "run", "--input", str(landing), "--workdir", str(workdir)],
+        env=_env(key_file), check=True, capture_output=True, timeout=RUN_TIMEOUT,
+    )
+
+
+def _run_and_kill(
+    landing: Path, workdir: Path, key_file: Path, when: Callable[[str, Path], bool],
+    delay: float,
+) -> bool:
+    """Start `ehr run`, SIGKILL its whole process group ``delay`` seconds after ``when`` holds
+    for its log so far; True when it was killed (not finished first)."""
+    log = workdir.parent / f"{workdir.name}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [EHR, "run", "--input", str(landing), "--workdir", str(workdir)],
+            env=_env(key_file), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while process.poll() is None and time.monotonic() < deadline:
+        if when(log.read_text(errors="replace"), workdir):
+            time.sleep(delay)
+            if process.poll() is not None:
+                return False
+            os.killpg(process.pid, signal.SIGKILL)  # the run and its validation workers
+            process.wait()
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _table_digests(warehouse: Path) -> dict[str, tuple[int, str]]:
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        tables = con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema IN ('views', 'features', 'models') OR table_name IN "
+            "('deid_resources', 'deid_errors', 'released_patients')"
+        ).fetchall()
+        digests = {}
+        for schema, name in tables:
+            columns = [
+                c for (c,) in con.execute(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_schema = ? AND table_name = ?", [schema, name]
+                ).fetchall() if c not in VOLATILE
+            ]
+            select = ", ".join(f'"{c}"' for c in columns)
+            count, digest = con.execute(
+                f'SELECT count(*), md5(coalesce(string_agg(r, chr(10) ORDER BY r), \'\')) FROM '
+                f'(SELECT CAST(ROW({select}) AS VARCHAR) AS r FROM "{schema}"."{name}")'
+            ).fetchall()[0]
+            digests[f"{schema}.{name}"] = (int(count), str(digest))
+        return digests
+    finally:
+        con.close()
+
+
+def _parquet_digests(workdir: Path) -> dict[str, tuple[int, str]]:
+    con = duckdb.connect()
+    digests = {}
+    for path in sorted(workdir.glob("*/*.parquet")):
+        columns = [c for (c, *_) in con.execute(
+            "DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall() if c not in VOLATILE]
+        select = ", ".join(f'"{c}"' for c in columns)
+        count, digest = con.execute(
+            f"SELECT count(*), md5(coalesce(string_agg(r, chr(10) ORDER BY r), '')) FROM "
+            f"(SELECT CAST(ROW({select}) AS VARCHAR) AS r FROM read_parquet(?))", [str(path)]
+        ).fetchall()[0]
+        digests[str(path.relative_to(workdir))] = (int(count), str(digest))
+    return digests
+
+
+def _online_store(workdir: Path) -> dict[str, int]:
+    """Rows per feature view table of the online store (values are checked by the leak scan
+    and come from the feature tables compared above)."""
+    db = workdir / "feast" / "online_store.db"
+    con = sqlite3.connect(db)
+    try:
+        names = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {n: int(con.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0]) for n in names}
+    finally:
+        con.close()
+
+
+def released(workdir: Path) -> dict[str, object]:
+    return {
+        "tables": _table_digests(workdir / "warehouse.duckdb"),
+        "parquet": _parquet_digests(workdir),
+        "online": _online_store(workdir),
+    }
+
+
+# (stage, when to kill: its log so far and its workdir, seconds after that)
+KILL_POINTS: list[tuple[str, Callable[[str, Path], bool], float]] = [
+    # the first run of the crashed workdir: once ingest has opened the warehouse
+    ("ingest", lambda log, work: (work / "warehouse.duckdb").exists(), 2.0),
+    ("deid", lambda log, work: "ingest - batch" in log, 1.0),
+    ("views", lambda log, work: "released_patients - k=" in log, 1.5),
+    ("features", lambda log, work: "view_procedure - view" in log, 0.3),
+    ("feast", lambda log, work: "feast apply" in log, 1.0),
+]
+
+
+def test_killed_runs_then_a_rerun_equal_an_uninterrupted_run(
+    tmp_path: Path, key_file: Path
+) -> None:
+    landing = tmp_path / "landing"
+    generate(landing / "batch-a", 30, seed=21, fmt="ndjson")
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    _run(landing, reference, key_file)
+    killed = [
+        stage
+        for stage, when, delay in KILL_POINTS
+        if _run_and_kill(landing, crashed, key_file, when, delay)
+    ]
+    assert killed, "no run could be killed before it finished"
+    _run(landing, crashed, key_file)
+    expected, got = released(reference), released(crashed)
+    assert got["tables"] == expected["tables"], killed
+    assert got["parquet"] == expected["parquet"], killed
+    assert got["online"] == expected["online"], killed
+    print(f"killed during: {', '.join(killed)}")

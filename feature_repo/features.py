@@ -32,7 +32,8 @@ def _field(name: str, dtype: Any, description: str, unit: str) -> Field:
     return Field(name=name, dtype=dtype, description=description, tags={"unit": unit})
 
 
-# TTL: age has a row at every birthday up to 90 and sex/race never change, so the latest row
+# TTL: age has a row at every birthday after the first data, up to 90, and sex/race never
+# change, so the latest row
 # is always right.
 patient_demographics = FeatureView(
     name="patient_demographics",
@@ -43,7 +44,8 @@ patient_demographics = FeatureView(
             "age_years",
             Int64,
             "Age in whole years at T, capped at 90 at T (HIPAA 90+), from the released birth "
-            "date (a year-only birth date counts from 1 January; withheld: null).",
+            "date (a year-only birth date counts from 1 January; withheld: null); null before "
+            "the patient's first data.",
             "years",
         ),
         _field("sex", String, "Administrative gender (Patient.gender).", "code"),
@@ -54,7 +56,8 @@ patient_demographics = FeatureView(
     online=True,
     description=(
         "Age in whole years at T (90 for 90 and over, at T), administrative sex, OMB race and "
-        "ethnicity codes; a row at the first data time and at every birthday up to 90."
+        "ethnicity codes; a row at the first data time and at every later birthday up to 90 "
+        "(no row, so no age, before a patient's first data)."
     ),
     owner=OWNER,
     tags={

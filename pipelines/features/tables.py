@@ -11,9 +11,10 @@ latest event time of the release): what happens later is unknown to the release.
 Windows "last N days" are the half-open interval (T - N days, T]: an event at t counts from t
 until t + N days, where a row drops it. Change points per table:
 
-- ``patient_demographics``: the first data time and every birthday up to 90 (age is whole years
-  at T, capped at 90 at each T, from whatever birth date ``views.patient`` releases: a birth date
-  generalised to a year gives ages from 1 January; a birth date withheld gives a null age).
+- ``patient_demographics``: the first data time and every later birthday up to 90 (age is whole
+  years at T, capped at 90 at each T, from whatever birth date ``views.patient`` releases: a
+  birth date generalised to a year gives ages from 1 January; a birth date withheld gives a null
+  age). Before a patient's first data there is no row (and so no age).
 - ``patient_utilisation``: the patient's start (birth or first data), each encounter start and
   start + 30/180/365 days, each inpatient discharge + 1 microsecond (a stay is "prior" strictly
   after its discharge, so at the discharge itself the index stay is excluded) and + 30/180/365
@@ -264,7 +265,10 @@ def demographics_sql(created: datetime, edges: bool = True) -> str:
     """Age (whole years at T, capped at 90 at each T), sex, OMB race and ethnicity codes; a row
     at the first data time and at every birthday up to 90."""
     return f"""
-    WITH birthdays AS (
+    WITH firsts AS (
+        SELECT patient_id, min(ts) AS ts FROM feature_event_times GROUP BY patient_id
+    ),
+    birthdays AS (
         -- birth + k years; a 29 February birth turns a year older on 1 March in other years
         SELECT p.id AS patient_id,
             CASE WHEN day(p.birth_date + to_years(k::INT)) <> day(p.birth_date)
@@ -276,8 +280,11 @@ def demographics_sql(created: datetime, edges: bool = True) -> str:
     ),
     spine AS (
         SELECT s.patient_id, s.ts FROM (
-            SELECT patient_id, ts FROM birthdays
-            UNION SELECT patient_id, min(ts) FROM feature_event_times GROUP BY patient_id
+            -- a patient's rows start at their first data: a birthday row per year of life
+            -- before it would multiply the rows every point-in-time join reads
+            SELECT b.patient_id, b.ts FROM birthdays b JOIN firsts f USING (patient_id)
+            WHERE b.ts > f.ts
+            UNION SELECT patient_id, ts FROM firsts
         ) s WHERE {_before_data_end()}
     ),
     aged AS (

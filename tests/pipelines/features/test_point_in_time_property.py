@@ -192,8 +192,10 @@ def expected(rows: dict[str, list[dict[str, Any]]], pid: str, at: datetime) -> d
         return [r for r in rows[view] if r["patient_id"] == pid]
 
     (patient,) = [p for p in rows["patient"] if p["id"] == pid]
+    first = min(patient_times(rows, pid), default=None)
     return {
-        "age_years": age_at(patient["birth_date"], at),
+        # no demographics row (so no age) before the patient's first data
+        "age_years": age_at(patient["birth_date"], at) if first and at >= first else None,
         **counts_at(mine("encounter"), at),
         **labs_at(mine("observation"), at),
         "charlson_index": charlson_at(mine("condition"), at),
@@ -203,12 +205,21 @@ def expected(rows: dict[str, list[dict[str, Any]]], pid: str, at: datetime) -> d
 # ---- the pairs and the store ---------------------------------------------------------------
 
 
+def patient_times(rows: dict[str, list[dict[str, Any]]], pid: str | None = None) -> list[datetime]:
+    """Every data time (of one patient, or of all)."""
+
+    def mine(view: str) -> list[dict[str, Any]]:
+        return [r for r in rows[view] if pid is None or r["patient_id"] == pid]
+
+    times = [e["period_start"] for e in mine("encounter")]
+    times += [e["period_end"] for e in mine("encounter") if e["period_end"]]
+    times += [o["effective_date_time"] for o in mine("observation")]
+    times += [c["recorded_date"] or c["onset_date_time"] for c in mine("condition")]
+    return times
+
+
 def data_end(rows: dict[str, list[dict[str, Any]]]) -> datetime:
-    times = [e["period_start"] for e in rows["encounter"]]
-    times += [e["period_end"] for e in rows["encounter"] if e["period_end"]]
-    times += [o["effective_date_time"] for o in rows["observation"]]
-    times += [c["recorded_date"] or c["onset_date_time"] for c in rows["condition"]]
-    return max(times)
+    return max(patient_times(rows))
 
 
 def edges(rows: dict[str, list[dict[str, Any]]], pid: str) -> list[datetime]:

@@ -11,7 +11,14 @@ from dagster import ConfigurableResource
 from pipelines import workdir as workdir_paths
 from pipelines.workdir import DEFAULT_LANDING, DEFAULT_WORKDIR, Workdir
 from vault import warehouse
-from vault.keys import KeyProvider, load_key_provider
+from vault.keys import (
+    ENV_KEK,
+    ENV_PSEUDONYM_KEY,
+    KeyMaterialError,
+    KeyProvider,
+    default_key_file,
+    load_key_provider,
+)
 
 
 def default_workdir() -> str:
@@ -62,7 +69,17 @@ class KeyProviderResource(ConfigurableResource):
     key_file: str | None = None
 
     def provider(self) -> KeyProvider:
-        return load_key_provider(self.key_file)
+        try:
+            return load_key_provider(self.key_file)
+        except KeyMaterialError as exc:
+            # say where the keys were looked for (a path or variable names, never material)
+            raise KeyMaterialError(f"{exc} [looked in: {self.looked_in()}]") from exc
+
+    def looked_in(self) -> str:
+        """Where ``provider`` takes the key material from, as an operator would check it."""
+        if os.environ.get(ENV_KEK):
+            return f"environment variables {ENV_KEK} and {ENV_PSEUDONYM_KEY}"
+        return f"key file {Path(self.key_file) if self.key_file else default_key_file()}"
 
 
 class IngestSettings(ConfigurableResource):

@@ -78,3 +78,15 @@ def test_column_schema_in_dagster_vocabulary() -> None:
     meta = column_metadata([("patient_id", "VARCHAR"), ("age", "INTEGER")])
     schema = meta["dagster/column_schema"].value
     assert [c.name for c in schema.columns] == ["patient_id", "age"]  # type: ignore[union-attr]
+
+
+def test_key_material_error_names_the_path_it_looked_at(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import pytest
+
+    from pipelines.resources import KeyProviderResource
+    from vault.keys import KeyMaterialError
+
+    monkeypatch.delenv("EHR_KEK", raising=False)
+    missing = tmp_path / "nowhere" / "keyring.json"
+    with pytest.raises(KeyMaterialError, match=str(missing)):
+        KeyProviderResource(key_file=str(missing)).provider()

@@ -92,6 +92,12 @@ def _warn_legacy_audit_key(provider: KeyProvider) -> None:
         )
 
 
+_IN_USE = (
+    "the warehouse at {path} is in use by another process: stop pipeline runs and the "
+    "Dagster UI, then run the command again"
+)
+
+
 @contextmanager
 def _warehouse(workdir: Workdir, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
     """An existing warehouse only: these commands never create an empty one."""
@@ -100,7 +106,10 @@ def _warehouse(workdir: Workdir, *, read_only: bool) -> Iterator[duckdb.DuckDBPy
     path = workdir.warehouse
     if not path.exists():
         raise click.ClickException(f"no warehouse at {path}")
-    con = warehouse.connect(path, read_only=read_only)
+    try:
+        con = warehouse.connect(path, read_only=read_only)
+    except duckdb.IOException as exc:
+        raise click.ClickException(_IN_USE.format(path=path)) from exc
     try:
         yield con
     finally:
@@ -204,6 +213,8 @@ def forget(
         )
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except duckdb.IOException as exc:  # announced, not done: the audit log lists it
+        raise click.ClickException(_IN_USE.format(path=workdir.warehouse)) from exc
     click.echo(json.dumps(report.to_dict(), indent=2))
     if not report.found:
         click.echo(

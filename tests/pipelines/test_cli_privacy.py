@@ -194,3 +194,29 @@ def test_an_interrupted_act_is_reported_until_it_is_run_again(work: Path, key_fi
     assert again.exit_code == 0, again.output
     ok = runner.invoke(audit, ["verify", *common])
     assert ok.exit_code == 0 and "audit log ok: 3 entries" in ok.stdout
+
+
+def test_a_warehouse_in_use_is_refused_with_a_clear_message(work: Path, key_file: Path) -> None:
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+            "print('ok', flush=True); time.sleep(60)",
+            str(work / "warehouse.duckdb"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        common = ["--workdir", str(work), "--key-file", str(key_file)]
+        result = CliRunner().invoke(forget, ["p7", "--reason", "erasure request", *common])
+        assert result.exit_code == 1
+        assert "in use by another process" in result.output
+    finally:
+        holder.kill()
+        holder.wait()

@@ -141,10 +141,11 @@ def test_released_patients_reach_k(
     con = warehouse.connect(wh)
     try:
         deidentify_batch(con, key_provider, "b", Policy.shipped("research"), today=TODAY)
-        # 25 patients spread over the country: most must be withheld, and the check says so
+        # 25 patients are too few for k=3 over six quasi-identifiers: many must be withheld,
+        # and the check says so; a lenient limit lets the same release through
         strict = build_released_patients(con, k=3, as_of=TODAY)
         assert not strict.passed and not strict.published and strict.withheld_share > 0.05
-        report = build_released_patients(con, k=3, as_of=TODAY, max_withheld=1.0)
+        report = build_released_patients(con, k=3, as_of=TODAY, max_withheld=0.8)
         assert report.published and report.after.passed
         assert report.after.records + report.withheld == 25
         bands = {b for (b,) in con.execute("SELECT age_band FROM released_patients").fetchall()}

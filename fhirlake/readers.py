@@ -129,12 +129,26 @@ def _open(path: Path) -> IO[bytes]:
         raise NotARegularFileError
     handle = os.fdopen(fd, "rb")
     if path.name.lower().endswith(".gz"):
-        return cast(IO[bytes], gzip.open(handle, "rb"))
+        return cast(IO[bytes], _GzipOverFile(handle))
     return handle
 
 
 class NotARegularFileError(OSError):
     """A data file that is no longer a regular file when it is opened."""
+
+
+class _GzipOverFile(gzip.GzipFile):
+    """A gzip reader that closes the file it reads (GzipFile leaves a given file object open)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        super().__init__(fileobj=raw, mode="rb")
+        self._raw = raw
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._raw.close()
 
 
 # What reading a file can raise once it is open: truncated or corrupt gzip, I/O errors, a

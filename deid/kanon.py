@@ -154,8 +154,13 @@ def record_quasi_identifiers(
 
 def _backfill(con: duckdb.DuckDBPyConnection) -> None:
     """Quasi-identifiers of released Patients published before they were recorded (older
-    warehouses): taken from their current resource."""
+    warehouses): taken from their current resource. Those of patients no longer released (an
+    erasure removes the Patient row) are dropped."""
     con.execute(QUASI_DDL)
+    con.execute(
+        f"DELETE FROM {QUASI_TABLE} WHERE patient_id NOT IN "
+        "(SELECT id FROM deid_resources WHERE resource_type = 'Patient')"
+    )
     missing = con.execute(
         f"SELECT id, batch_id, resource FROM deid_resources WHERE resource_type = 'Patient' "
         f"AND id NOT IN (SELECT patient_id FROM {QUASI_TABLE})"

@@ -178,3 +178,12 @@ def test_rare_races_merge_into_other_race_in_every_copy() -> None:
     for (resource,) in con.execute("SELECT resource FROM deid_resources").fetchall():
         (ext,) = orjson.loads(resource)["extension"]
         assert ext["extension"][0]["valueCoding"]["code"] == "2131-1"
+
+
+def test_erased_patients_leave_the_recorded_values(con) -> None:
+    build_k_anonymous_release(con, 3, as_of=AS_OF, max_withheld=0.2)
+    con.execute("DELETE FROM deid_resources WHERE patient_id = 'f1980'")  # as erasure does
+    build_k_anonymous_release(con, 3, as_of=AS_OF, max_withheld=0.5)
+    for table in ("release_quasi_identifiers", "released_patients", "withheld_patients"):
+        (n,) = con.execute(f"SELECT count(*) FROM {table} WHERE patient_id = 'f1980'").fetchone()
+        assert n == 0, table

@@ -46,8 +46,10 @@ def _table(rows: dict[str, int], head: str) -> MetadataValue:
             "phi_leak_scan",
             asset="deid_resources",
             blocking=True,
-            description="No name, identifier, address, phone, email or birth date of the "
-            "batch's patients appears in the released rows (case-folded, base64 decoded).",
+            description="No name (the patient's, a contact's, a relative's), identifier, SSN "
+            "or phone (however punctuated), email, address, city with ZIP, or the patient's own "
+            "birth date (ISO or US formats) of the batch's patients appears in the staged rows "
+            "(case-folded, base64 decoded); the batch is published only when none does.",
         )
     ],
     partitions_def=batch_partitions,

@@ -57,8 +57,9 @@ def build_view_asset(path: Path) -> AssetsDefinition:
                 "phi_leak_scan",
                 asset=key,
                 blocking=True,
-                description="No name, identifier, address, phone or email of any patient, and no "
-                "patient's own birth date, appears in the view's rows.",
+                description="No name, identifier, SSN, phone, email, address or city with ZIP "
+                "of any patient or relative, and no patient's own birth date, appears in the "
+                "staged view; the view is published only when none does.",
             )
         ],
         pool=WAREHOUSE_POOL,

@@ -3,10 +3,12 @@ batch dropped, and the release brought up to date without anyone pressing a butt
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from dagster import DagsterInstance
 from dagster_ui import DagsterUI
 
 from pipelines.definitions import defs
@@ -71,3 +73,17 @@ def test_published_features_match_ehr_run(ui_release: DagsterUI) -> None:
     for name, frame in from_ui.items():
         assert len(frame) > 0, name
         pd.testing.assert_frame_equal(frame, from_cli[name], check_like=True, obj=name)
+    _print_release_ratio(ui_release)
+
+
+def _print_release_ratio(ui: DagsterUI) -> None:
+    """The UI's release run against the release run of `ehr run` (printed, not asserted: the
+    two ran side by side on shared cores)."""
+    summary = json.loads((ui.reference_workdir / "run_summary.json").read_text())
+    release_run = next(r["run_id"] for r in summary["runs"] if r["batch"] is None)
+    instance = DagsterInstance.local_temp(str(ui.reference_workdir / "dagster_home"))
+    stats = instance.get_run_stats(release_run)
+    cli = (stats.end_time or 0.0) - (stats.start_time or 0.0)
+    assert ui.release_run is not None
+    from_ui = ui.release_run["endTime"] - ui.release_run["startTime"]
+    print(f"release run: UI {from_ui:.1f}s, ehr run {cli:.1f}s, ratio {from_ui / cli:.2f}")

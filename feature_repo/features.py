@@ -2,11 +2,13 @@
 description and its unit in the field's tags (``unit``; ``"1"`` for counts, ``flag`` for
 booleans, ``code`` for coded values).
 
-TTL: every table has a row at each time one of its values changes (see
-``pipelines/features/tables.py``), so the latest row at or before T holds the value at T however
-long ago it was written: a TTL shorter than the whole record would turn a known value (a
-Charlson index coded in 2007, a count that has been 0 for two years) into null. Every view
-therefore keeps its values for ``KNOWN_FOREVER`` (100 years), and the reason is repeated per view.
+TTL: every table has a row at each time one of its values changes and repeats a patient's
+unchanged values at least every 365 days up to the release's data end (see
+``pipelines/features/tables.py``, ``with_heartbeats``). So the latest row at or before any T is
+at most 365 days old and holds the value at T: a TTL of ``KNOWN_FOR`` (400 days) never turns a
+known value (a Charlson index coded in 2007, a count that has been 0 for two years) into null,
+and Feast's point-in-time join reads only about a year of rows per entity row. The reason is
+repeated per view.
 """
 
 from datetime import timedelta
@@ -24,7 +26,7 @@ from feast import FeatureView, Field
 from feast.types import Bool, Float64, Int64, String, UnixTimestamp
 
 OWNER = "data-platform"
-KNOWN_FOREVER = timedelta(days=36525)
+KNOWN_FOR = timedelta(days=400)  # > the 365-day repeat of pipelines.features.tables
 UTILISATION_WINDOWS = (30, 180, 365)
 
 
@@ -32,13 +34,12 @@ def _field(name: str, dtype: Any, description: str, unit: str) -> Field:
     return Field(name=name, dtype=dtype, description=description, tags={"unit": unit})
 
 
-# TTL: age has a row at every birthday after the first data, up to 90, and sex/race never
-# change, so the latest row
-# is always right.
+# TTL 400 days: a row at every birthday after the first data (up to 90) and yearly repeats
+# after 90 and up to the data end; sex and race never change.
 patient_demographics = FeatureView(
     name="patient_demographics",
     entities=[patient],
-    ttl=KNOWN_FOREVER,
+    ttl=KNOWN_FOR,
     schema=[
         _field(
             "age_years",
@@ -97,12 +98,12 @@ def _utilisation_fields() -> list[Field]:
     return fields
 
 
-# TTL: a row at every encounter start, discharge and window edge, counts 0 (not null) from the
-# patient's start: a quiet year is 0 admissions, not an unknown.
+# TTL 400 days: a row at every encounter start, discharge and window edge, counts 0 (not null)
+# from the first data, repeated yearly: a quiet year is 0 admissions, not an unknown.
 patient_utilisation = FeatureView(
     name="patient_utilisation",
     entities=[patient],
-    ttl=KNOWN_FOREVER,
+    ttl=KNOWN_FOR,
     schema=[
         *_utilisation_fields(),
         _field(
@@ -151,12 +152,12 @@ CONDITION_GROUPS = {
     "stroke": "stroke",
 }
 
-# TTL: a row at the patient's start and wherever a group is first known; the flags are "ever
-# known" and never expire (a Charlson index from 2007 is still the index in 2025).
+# TTL 400 days: a row at the first data, wherever a group is first known, and repeated yearly;
+# the flags are "ever known" and never expire (a Charlson index from 2007 holds in 2025).
 patient_comorbidities = FeatureView(
     name="patient_comorbidities",
     entities=[patient],
-    ttl=KNOWN_FOREVER,
+    ttl=KNOWN_FOR,
     schema=[
         *[
             _field(
@@ -204,12 +205,12 @@ DRUG_CLASSES = (
     "statin",
 )
 
-# TTL: a row at every prescription and where it leaves the 90/180-day windows, so the latest
-# row holds the value however long ago the last prescription was.
+# TTL 400 days: a row at every prescription, where it leaves the 90/180-day windows, and
+# repeated yearly, so the value holds however long ago the last prescription was.
 patient_medications = FeatureView(
     name="patient_medications",
     entities=[patient],
-    ttl=KNOWN_FOREVER,
+    ttl=KNOWN_FOR,
     schema=[
         _field(
             "active_medication_count",
@@ -282,12 +283,12 @@ def _lab_fields() -> list[Field]:
     return fields
 
 
-# TTL: the latest value is the latest value, however old; its age is the "_measured_at" field,
-# so a model (not an expiry) decides what is too old.
+# TTL 400 days over yearly repeats: the latest value is the latest value, however old; its age
+# is the "_measured_at" field, so a model (not an expiry) decides what is too old.
 patient_labs_vitals = FeatureView(
     name="patient_labs_vitals",
     entities=[patient],
-    ttl=KNOWN_FOREVER,
+    ttl=KNOWN_FOR,
     schema=_lab_fields(),
     source=patient_labs_vitals_source,
     online=True,

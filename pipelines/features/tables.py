@@ -15,7 +15,7 @@ until t + N days, where a row drops it. Change points per table:
   years at T, capped at 90 at each T, from whatever birth date ``views.patient`` releases: a
   birth date generalised to a year gives ages from 1 January; a birth date withheld gives a null
   age). Before a patient's first data there is no row (and so no age).
-- ``patient_utilisation``: the patient's start (birth or first data), each encounter start and
+- ``patient_utilisation``: the patient's first data, each encounter start and
   start + 30/180/365 days, each inpatient discharge + 1 microsecond (a stay is "prior" strictly
   after its discharge, so at the discharge itself the index stay is excluded) and + 30/180/365
   days.
@@ -25,7 +25,10 @@ until t + N days, where a row drops it. Change points per table:
 - ``patient_medications``: the patient's start, each prescription and prescription + 90/180 days.
 - ``patient_labs_vitals``: each measurement time and measurement + 365 days.
 
-Counts are 0 (not null) from the patient's start; patients who opted out of research
+A patient's rows start at their first data time (their start): from there counts are 0, not
+null, and before it no table has a row. Rows at least every 365 days repeat unchanged values
+(:func:`with_heartbeats`), so Feast reads with a 400-day TTL and never expires a known value.
+Patients who opted out of research
 (:func:`pipelines.features.cohort.opted_out_sql`) and patients absent from ``views.patient``
 appear in no table.
 """
@@ -160,6 +163,11 @@ CONDITION_KNOWN_AT = "coalesce(recorded_date, onset_date_time)"
 # discharge (the Parquet timestamps' resolution), so a row at the discharge excludes the stay.
 AFTER = "INTERVAL 1 MICROSECOND"
 LAB_WINDOW_DAYS = 365
+# A row repeats a patient's unchanged values at least every HEARTBEAT_DAYS, so the Feast views
+# can keep a TTL of FEAST_TTL_DAYS (feature_repo/features.py): a known value never expires, and
+# the point-in-time join reads only a year of rows per entity instead of the whole history.
+HEARTBEAT_DAYS = 365
+FEAST_TTL_DAYS = 400
 
 
 @dataclass(frozen=True)
@@ -223,17 +231,12 @@ def _prepare_sources(con: duckdb.DuckDBPyConnection) -> None:
         "CREATE OR REPLACE TEMP VIEW feature_data_end AS "
         "SELECT max(ts) AS data_end FROM feature_event_times"
     )
-    # Where a patient's counts start at 0: birth, or the first data time when earlier or when
-    # no birth date is released.
+    # Where a patient's rows start (counts at 0): their first data. Rows from birth would add
+    # a yearly heartbeat row per year of life before it (see with_heartbeats).
     con.execute(
         """
         CREATE OR REPLACE TEMP VIEW feature_starts AS
-        SELECT f.patient_id, least(min(p.birth_date)::TIMESTAMPTZ, min(t.ts)) AS ts
-        FROM feature_patients f
-        LEFT JOIN src_patient p ON p.id = f.patient_id
-        LEFT JOIN feature_event_times t ON t.patient_id = f.patient_id
-        GROUP BY f.patient_id
-        HAVING least(min(p.birth_date)::TIMESTAMPTZ, min(t.ts)) IS NOT NULL
+        SELECT patient_id, min(ts) AS ts FROM feature_event_times GROUP BY patient_id
         """
     )
 
@@ -565,6 +568,35 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     """
 
 
+def with_heartbeats(body: str) -> str:
+    """``body`` (a feature table query) plus, in every gap between a patient's rows longer than
+    a year and after the last row up to the data end, a copy of the row before every 365 days.
+    The values hold over the gap (there is a row at every change), so the copies are exact."""
+    return f"""
+    WITH t AS ({body}),
+    gaps AS (
+        SELECT *,
+            coalesce(
+                lead(event_timestamp) OVER (PARTITION BY patient_id ORDER BY event_timestamp),
+                (SELECT data_end FROM feature_data_end) + {AFTER}
+            ) AS next_ts
+        FROM t
+    ),
+    beats AS (
+        SELECT * EXCLUDE (next_ts, k)
+            REPLACE (event_timestamp + to_days(({HEARTBEAT_DAYS} * k)::INT) AS event_timestamp)
+        FROM gaps,
+            LATERAL range(1, 1 + date_diff('day', event_timestamp, next_ts) // {HEARTBEAT_DAYS})
+                r(k)
+        WHERE event_timestamp + to_days(({HEARTBEAT_DAYS} * k)::INT) < next_ts
+    )
+    SELECT * FROM t
+    UNION ALL BY NAME
+    SELECT * FROM beats
+    ORDER BY patient_id, event_timestamp
+    """
+
+
 def table_sql(name: str, created: datetime, valuesets: list[ValueSet], edges: bool = True) -> str:
     """The query of one feature table. ``edges=False`` leaves out the rows where a window drops
     an event and the birthdays (values then exact only at events): the benchmark's baseline."""
@@ -575,7 +607,7 @@ def table_sql(name: str, created: datetime, valuesets: list[ValueSet], edges: bo
         "patient_medications": lambda: medications_sql(created, valuesets, edges),
         "patient_labs_vitals": lambda: labs_vitals_sql(created, edges),
     }
-    return builders[name]()
+    return with_heartbeats(builders[name]()) if edges else builders[name]()
 
 
 def parquet_path(out_dir: Path, name: str) -> Path:

@@ -215,9 +215,10 @@ def _register_in_document(
     document: dict[str, Any], con: duckdb.DuckDBPyConnection, clock: Clock
 ) -> str:
     """The warehouse of ``con`` in the keyring's registry (the caller writes the keyring)."""
-    wid = warehouse.ensure_warehouse_id(con)
-    path = warehouse.database_path(con)
     registry: dict[str, Any] = document.setdefault("warehouses", {})
+    known = {k: str(v.get("path", "")) for k, v in registry.items() if isinstance(v, dict)}
+    wid = warehouse.claim_id(con, known)
+    path = warehouse.database_path(con)
     location = str(path.resolve()) if path is not None else ""
     if registry.get(wid, {}).get("path") != location:
         registry[wid] = {"path": location, "registered": _aware(clock).isoformat()}

@@ -222,10 +222,13 @@ class DataKeyStore:
         path = warehouse.database_path(self._con)
         if path is None:
             return
+        registered: dict[str, str] = getattr(self._provider, "warehouses", dict)()
         try:
-            wid: str | None = warehouse.ensure_warehouse_id(self._con, self._random_bytes)
+            wid: str | None = warehouse.claim_id(self._con, registered, self._random_bytes)
         except duckdb.Error:  # a read-only connection cannot give the warehouse its id
             wid = warehouse.warehouse_id(self._con)
+            if warehouse.is_copy(registered, wid, path):
+                return  # registered by its next writer, under an id of its own
         if wid is not None:
             register(wid, path)
             self._registered = True

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import duckdb
@@ -218,22 +219,51 @@ def warehouse_id(con: duckdb.DuckDBPyConnection) -> str | None:
 
 
 def ensure_warehouse_id(
-    con: duckdb.DuckDBPyConnection, random_bytes: RandomBytes = os.urandom
+    con: duckdb.DuckDBPyConnection, random_bytes: RandomBytes = os.urandom, *, renew: bool = False
 ) -> str:
     """The warehouse's id, generated on first use: random, so it says nothing of the
-    warehouse's path or contents."""
+    warehouse's path or contents. ``renew`` gives a copied warehouse an id of its own."""
     existing = warehouse_id(con)
-    if existing is not None:
+    if existing is not None and not renew:
         return existing
     new_id = "wh-" + random_bytes(16).hex()
     con.execute(WAREHOUSE_META_DDL)
     con.execute(
-        "INSERT INTO warehouse_meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        "INSERT INTO warehouse_meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT DO UPDATE SET value = excluded.value",
         [WAREHOUSE_ID_KEY, new_id],
     )
     found = warehouse_id(con)
     assert found is not None
     return found
+
+
+def is_copy(registered: Mapping[str, str], warehouse_id: str | None, path: Path) -> bool:
+    """The registry holds ``warehouse_id`` at another path whose file still exists: the
+    warehouse at ``path`` is a copy of that one (a moved warehouse leaves no file behind)."""
+    known = registered.get(warehouse_id) if warehouse_id else None
+    if not known or known == str(Path(path).resolve()):
+        return False
+    other = Path(known)
+    try:
+        return other.exists() and not other.samefile(path)
+    except OSError:
+        return False
+
+
+def claim_id(
+    con: duckdb.DuckDBPyConnection,
+    registered: Mapping[str, str],
+    random_bytes: RandomBytes = os.urandom,
+) -> str:
+    """The id of the warehouse behind a writable connection, renewed when it is a copy of a
+    registered warehouse (``cp -r`` of a work directory): two live warehouses sharing an id
+    would share a registry entry and an audit anchor."""
+    wid = ensure_warehouse_id(con, random_bytes)
+    path = database_path(con)
+    if path is not None and is_copy(registered, wid, path):
+        wid = ensure_warehouse_id(con, random_bytes, renew=True)
+    return wid
 
 
 def database_path(con: duckdb.DuckDBPyConnection) -> Path | None:

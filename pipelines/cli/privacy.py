@@ -69,11 +69,8 @@ def _known_warehouse_id(paths: Workdir, provider: KeyProvider) -> str | None:
                 con.close()
             if found is not None:
                 return found
-    registry = getattr(provider, "warehouses", None)
-    if registry is None:
-        return None
     location = str(paths.warehouse.resolve())
-    return next((wid for wid, path in registry().items() if path == location), None)
+    return next((wid for wid, path in _registry(provider).items() if path == location), None)
 
 
 def _provider(key_file: Path | None) -> KeyProvider:
@@ -116,12 +113,18 @@ def _warehouse(workdir: Workdir, *, read_only: bool) -> Iterator[duckdb.DuckDBPy
         con.close()
 
 
-def _own_warehouse_id(workdir: Workdir) -> str:
-    """The warehouse's id, given to it now if it has none (warehouses older than ids)."""
+def _registry(provider: KeyProvider) -> dict[str, str]:
+    registry = getattr(provider, "warehouses", None)
+    return registry() if registry is not None else {}
+
+
+def _own_warehouse_id(workdir: Workdir, provider: KeyProvider) -> str:
+    """The warehouse's id, given to it now if it has none (warehouses older than ids) or if
+    it is a copy of another registered warehouse."""
     from vault import warehouse
 
     with _warehouse(workdir, read_only=False) as con:
-        return warehouse.ensure_warehouse_id(con)
+        return warehouse.claim_id(con, _registry(provider))
 
 
 @click.command("rotate")
@@ -143,8 +146,8 @@ def keys_rotate(key_file: Path | None, workdir: Workdir) -> None:
     try:
         refuse_environment_keys()  # before anything else asks the environment for keys
         with _warehouse(workdir, read_only=False) as con:
-            audit = audit_log_for(workdir, provider, warehouse.ensure_warehouse_id(con))
-            report = rotate_kek(path, con, audit)
+            own_id = warehouse.claim_id(con, _registry(provider))
+            report = rotate_kek(path, con, audit_log_for(workdir, provider, own_id))
     except (DeidError, VaultError) as exc:
         raise click.ClickException(str(exc)) from exc
     retired = ", ".join(report.retired_kek_ids) or "none"
@@ -206,7 +209,7 @@ def forget(
         if not patient.strip():
             raise click.ClickException("PATIENT must be a non-empty Patient resource id")
         patient = Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", patient)
-    audit = audit_log_for(workdir, provider, _own_warehouse_id(workdir))
+    audit = audit_log_for(workdir, provider, _own_warehouse_id(workdir, provider))
     try:
         report = forget_in_warehouse(
             workdir.warehouse, patient, audit, reason, plan=workdir.erasure_plan()

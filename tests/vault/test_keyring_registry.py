@@ -162,3 +162,43 @@ def test_rewrite_leaves_no_deleted_bytes_and_keeps_everything_else(tmp_path: Pat
         assert con.execute("SELECT count(*) FROM phi_vault_current").fetchall() == [(0,)]
     finally:
         con.close()
+
+
+def test_a_copied_warehouse_gets_an_id_of_its_own(tmp_path: Path) -> None:
+    init_keyring(tmp_path / "k.json")
+    provider = FileKeyProvider.load(tmp_path / "k.json")
+    original = tmp_path / "a" / "warehouse.duckdb"
+    con = warehouse.connect(original)
+    try:
+        DataKeyStore(con, provider).for_owner("a" * 32)
+        keys = DataKeyStore(con, provider)
+        keys.for_owner("b" * 32)
+        keys.flush()
+        first = warehouse.warehouse_id(con)
+    finally:
+        con.close()
+    copy = tmp_path / "b" / "warehouse.duckdb"
+    copy.parent.mkdir()
+    copy.write_bytes(original.read_bytes())  # cp -r of a work directory
+    con = warehouse.connect(copy)
+    try:
+        DataKeyStore(con, FileKeyProvider.load(tmp_path / "k.json"))
+        second = warehouse.warehouse_id(con)
+    finally:
+        con.close()
+    assert second is not None and first is not None and second != first
+    assert FileKeyProvider.load(tmp_path / "k.json").warehouses() == {
+        first: str(original.resolve()),
+        second: str(copy.resolve()),
+    }
+    # a moved warehouse keeps its id and its registry entry follows it
+    moved = tmp_path / "c" / "warehouse.duckdb"
+    moved.parent.mkdir()
+    original.rename(moved)
+    con = warehouse.connect(moved)
+    try:
+        DataKeyStore(con, FileKeyProvider.load(tmp_path / "k.json"))
+        assert warehouse.warehouse_id(con) == first
+    finally:
+        con.close()
+    assert FileKeyProvider.load(tmp_path / "k.json").warehouses()[first] == str(moved.resolve())

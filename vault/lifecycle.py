@@ -360,6 +360,7 @@ def purge_retired_keks(
     *,
     reason: str = "purge retired KEKs",
     actor: str | None = None,
+    clock: Clock = utcnow,
 ) -> list[str]:
     """Drop the material of every retired KEK, once no registered warehouse has a live data
     key wrapped under one (all must be reachable). Returns the purged KEK ids. After this,
@@ -399,7 +400,7 @@ def purge_retired_keks(
             entry = document["retired_keks"][kek_id]
             entry.pop("wrapped", None)
             entry.pop("wrapped_by", None)
-            entry["purged"] = _aware(utcnow).isoformat()
+            entry["purged"] = _aware(clock).isoformat()
         write_keyring(key_file, document)
     audit.complete(intent, {"kek_ids": held})
     return held

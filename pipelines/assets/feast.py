@@ -1,6 +1,7 @@
 """Stage ``feast``: the Feast registry (``feast apply`` of feature_repo) and the online store
-(the latest row of every patient up to the release's data end). Both wait for the feature tables, whose checks are blocking: a
-table that failed its PHI or opt-out check never reaches Feast."""
+(the latest row of every patient up to the release's data end). Both wait for the feature
+tables, whose checks are blocking: a table that failed its PHI or opt-out check never reaches
+Feast."""
 
 from collections.abc import Iterator
 from pathlib import Path

@@ -3,6 +3,10 @@ in order, and each primitive value is handled by the first rule whose path reach
 or through a complex element that contains it); later rules never touch it again. Elements
 emptied by redaction are removed, and the resource is labelled in ``meta.security`` with what
 was done to it.
+
+A policy with a release profile (:mod:`deid.allowlist`) is applied allow-list first: the
+resource is reduced to what the profile names (a new resource, ``meta`` rebuilt from security
+labels only), and the rules then run over that.
 """
 
 from __future__ import annotations

@@ -12,6 +12,11 @@ fails at load with the rule's index and what is wrong. Our extensions, all optio
 - ``parameters.extensionAllowList``: extension URLs that may stay; an unknown
   ``modifierExtension`` sends the resource to quarantine (its meaning cannot be ignored safely).
 
+A policy may also carry a ``release`` section: an allow-list (:mod:`deid.allowlist`) that is
+the default-deny base. Then only what it names is released, and the rules run over the released
+resource (they can change or remove, never add back); ``Policy.layered`` puts a configuration
+without one on a shipped profile's. The shipped profiles are allow-lists with no rules.
+
 Keys never live in a policy shipped with the platform: when ``cryptoHashKey``, ``dateShiftKey``
 or ``encryptKey`` are absent they are derived from the key provider (HKDF, one label each).
 """

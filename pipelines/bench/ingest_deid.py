@@ -12,6 +12,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,55 @@ def _cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
 
 
+@dataclass
+class _StageRun:
+    resources: list[dict[str, Any]]
+    pseudonym_key: bytes
+    resources_in: int
+    seconds: float
+    main_cpu: float
+    workers_cpu: float
+
+
+def _run_stage(folder: Path, policy: Any, workers: int) -> _StageRun:
+    """Ingest ``folder``, then time ``deidentify_batch`` over it (wall and CPU seconds)."""
+    from deid.release import deidentify_batch
+    from vault import warehouse
+    from vault.read import iter_current_resources
+
+    with tempfile.TemporaryDirectory(prefix="ehr-bench-") as tmp:
+        tmp_path = Path(tmp)
+        key_file = tmp_path / "keys" / "keyring.json"
+        init_keyring(key_file)
+        provider = load_key_provider(key_file)
+        ingest_batch(tmp_path / "w.duckdb", "bench", folder, provider)
+        con = warehouse.connect(tmp_path / "w.duckdb")
+        try:
+            resources = list(iter_current_resources(con, provider))
+            main_before, workers_before = _cpu_seconds()
+            started = time.perf_counter()
+            report = deidentify_batch(con, provider, "bench", policy, workers=workers)
+            seconds = time.perf_counter() - started
+            main_after, workers_after = _cpu_seconds()
+        finally:
+            con.close()
+    return _StageRun(
+        resources,
+        provider.pseudonym_key(),
+        report.resources_in,
+        seconds,
+        main_after - main_before,
+        workers_after - workers_before,
+    )
+
+
+def _timed(work: Callable[[], None]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``work``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    work()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def bench_deid(
     folder: Path, profile: str = "research", workers: int | None = None
 ) -> dict[str, Any]:
@@ -143,53 +193,37 @@ def bench_deid(
 
     from deid.engine import Deidentifier, DeidSecrets
     from deid.policy import Policy
-    from deid.release import deidentify_batch
     from deid.workers import default_workers
-    from vault import warehouse
     from vault.pseudonym import Pseudonymizer
-    from vault.read import iter_current_resources
 
     workers = default_workers() if workers is None else workers
     policy = Policy.shipped(profile)
-    with tempfile.TemporaryDirectory(prefix="ehr-bench-") as tmp:
-        tmp_path = Path(tmp)
-        key_file = tmp_path / "keys" / "keyring.json"
-        init_keyring(key_file)
-        provider = load_key_provider(key_file)
-        ingest_batch(tmp_path / "w.duckdb", "bench", folder, provider)
-        con = warehouse.connect(tmp_path / "w.duckdb")
-        try:
-            resources = list(iter_current_resources(con, provider))
-            cpu_before = _cpu_seconds()
-            started = time.perf_counter()
-            report = deidentify_batch(con, provider, "bench", policy, workers=workers)
-            stage = time.perf_counter() - started
-            stage_cpu = [after - before for after, before in zip(_cpu_seconds(), cpu_before)]
-        finally:
-            con.close()
+    stage = _run_stage(folder, policy, workers)
+    resources = stage.resources
     raws = [orjson.dumps(r) for r in resources]
-    started, parse_cpu = time.perf_counter(), time.process_time()
-    for raw in raws:
-        orjson.loads(raw)
-    parse = time.perf_counter() - started
-    parse_cpu = time.process_time() - parse_cpu
+
+    def parse_all() -> None:
+        for raw in raws:
+            orjson.loads(raw)
+
+    parse, parse_cpu = _timed(parse_all)
     engine = Deidentifier(
-        policy, DeidSecrets.derive(provider.pseudonym_key(), policy), today=date.today()
+        policy, DeidSecrets.derive(stage.pseudonym_key, policy), today=date.today()
     )
-    pseudo = Pseudonymizer(provider.pseudonym_key())
-    started, deid_cpu = time.perf_counter(), time.process_time()
-    for item in resources:
-        owner = None
-        if item["resourceType"] == "Patient":
-            owner = pseudo.resource_key("Patient", item["id"])
-        engine.apply(item, patient_scope=owner)
-    deid = time.perf_counter() - started
-    deid_cpu = time.process_time() - deid_cpu
+    pseudo = Pseudonymizer(stage.pseudonym_key)
+
+    def deidentify_all() -> None:
+        for item in resources:
+            owner = None
+            if item["resourceType"] == "Patient":
+                owner = pseudo.resource_key("Patient", item["id"])
+            engine.apply(item, patient_scope=owner)
+
+    deid, deid_cpu = _timed(deidentify_all)
     # on an otherwise idle machine the stage takes at least its busiest process and at least
     # its total CPU spread over the cores it uses: the estimate when other work shares the cores
-    main_cpu, workers_cpu = stage_cpu
-    idle_estimate = max(main_cpu, (main_cpu + workers_cpu) / max(workers, 1))
-    per_190k = 190_000 / max(report.resources_in, 1)
+    idle_estimate = max(stage.main_cpu, (stage.main_cpu + stage.workers_cpu) / max(workers, 1))
+    per_190k = 190_000 / max(stage.resources_in, 1)
     return {
         "profile": profile,
         "resources": len(resources),
@@ -200,12 +234,12 @@ def bench_deid(
         "ratio_deid_to_parse": round(deid / parse, 1),
         "ratio_deid_to_parse_cpu": round(deid_cpu / parse_cpu, 1),
         "stage_workers": workers,
-        "stage_seconds": round(stage, 2),
-        "stage_resources_per_second": round(report.resources_in / stage, 1),
-        "ratio_stage_to_parse": round(stage / parse, 1),
-        "stage_seconds_per_190k": round(stage * per_190k, 1),
-        "stage_cpu_seconds_main": round(main_cpu, 2),
-        "stage_cpu_seconds_workers": round(workers_cpu, 2),
+        "stage_seconds": round(stage.seconds, 2),
+        "stage_resources_per_second": round(stage.resources_in / stage.seconds, 1),
+        "ratio_stage_to_parse": round(stage.seconds / parse, 1),
+        "stage_seconds_per_190k": round(stage.seconds * per_190k, 1),
+        "stage_cpu_seconds_main": round(stage.main_cpu, 2),
+        "stage_cpu_seconds_workers": round(stage.workers_cpu, 2),
         "stage_idle_estimate_seconds_per_190k": round(idle_estimate * per_190k, 1),
         "goal_ratio_deid_to_parse": 20,
         "goal_seconds_per_190k": 25,

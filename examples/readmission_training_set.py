@@ -2,7 +2,8 @@
 
 Entity rows are (patient_id, event_timestamp): here every inpatient discharge in
 ``views.encounter``, the moment a 30-day readmission model scores. Feast joins each row to the
-latest feature row at or before its timestamp (never later), within each view's TTL.
+latest feature row at or before its timestamp (never later); a table has a row at every change
+of a value, so that row holds the value at the timestamp.
 
     EHR_WORKDIR=data/work .venv/bin/python examples/readmission_training_set.py
 

@@ -62,10 +62,11 @@ _QUASI_COLUMNS = (
     "ethnicity_system", "ethnicity_code", "ethnicity_display",
 )  # fmt: skip
 
+# wider bands end at 89: ages over 89 are one group of their own ("90+"), never split or merged
 _BAND_CASE = (
     "CASE WHEN age_band IN ('90+', '{s}', '{u}') THEN age_band "
     "ELSE (CAST(split_part(age_band, '-', 1) AS INT) // {w} * {w})::VARCHAR || '-' || "
-    "(CAST(split_part(age_band, '-', 1) AS INT) // {w} * {w} + {w} - 1)::VARCHAR END"
+    "least(CAST(split_part(age_band, '-', 1) AS INT) // {w} * {w} + {w} - 1, 89)::VARCHAR END"
 )
 # The OMB race categories kept apart at every level; the rarer ones are merged into "Other
 # Race" by a ladder step (a category of 1-2% of patients leaves most of its groups below k).

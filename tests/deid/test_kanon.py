@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from deid.kanon import (
+    GENERALISATION_LADDER,
     RACE_URL,
     build_k_anonymous_release,
     representative_birth_year,
@@ -71,7 +72,7 @@ def band(age: int, width: int) -> str:
     if age >= 90:
         return "90+"
     low = age // width * width
-    return f"{low}-{low + width - 1}"
+    return f"{low}-{min(low + width - 1, 89)}"
 
 
 def reference(k: int, limit: float) -> tuple[int, set[str]]:
@@ -187,3 +188,19 @@ def test_erased_patients_leave_the_recorded_values(con) -> None:
     for table in ("release_quasi_identifiers", "released_patients", "withheld_patients"):
         (n,) = con.execute(f"SELECT count(*) FROM {table} WHERE patient_id = 'f1980'").fetchone()
         assert n == 0, table
+
+
+def test_wide_bands_end_at_89() -> None:
+    con = duckdb.connect()
+    con.execute(DEID_DDL)
+    for i, birth in enumerate(["1940-06-01", "1943-06-01", "1938-06-01", "1937-06-01"]):
+        resource = orjson.dumps(patient(f"p{i}", "male", birth, "02139", WHITE)).decode()
+        con.execute(
+            "INSERT INTO deid_resources VALUES ('Patient', ?, ?, 'b', ?)",
+            [f"p{i}", f"p{i}", resource],
+        )
+    twenty = next(step for step in GENERALISATION_LADDER if "20-year" in step.name)
+    report = build_k_anonymous_release(con, 4, as_of=AS_OF, max_withheld=0.0, ladder=[twenty])
+    assert report.published and report.steps_applied == [twenty.name]
+    bands = con.execute("SELECT DISTINCT age_band FROM released_patients").fetchall()
+    assert bands == [("80-89",)]

@@ -12,7 +12,7 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   (:data:`deid.terminology.REQUIRED_BINDINGS`), else withheld and counted;
 - ``Coding``: system, version and code (a code that does not look like a code of its system is
   withheld); ``display`` only from the terminology, for codes in a released value set;
-- ``Reference``: the literal reference, pseudonymised, and only to a type the profile releases;
+- ``Reference``: the literal reference, pseudonymised;
 - ``Quantity`` and its kinds: value, comparator, system, code (and unit when it is the code);
   an age of 90 years or more (a UCUM time unit, or any quantity of an age LOINC observation)
   becomes 90 years;
@@ -250,13 +250,15 @@ class ReleaseProfile:
                 profile.plan(rtype)  # a bad path fails at load, not mid-batch
         return profile
 
-    def releases(self, resource_type: str) -> bool:
+    def lists(self, resource_type: str) -> bool:
+        """Whether the profile names elements of this type (beyond the ``*`` ones)."""
         return resource_type in self.resources and resource_type != "*"
 
     def plan(self, resource_type: str) -> Node:
         plan = self._plans.get(resource_type)
         if plan is None:
-            paths = {**self.resources.get("*", {}), **self.resources[resource_type]}
+            # a type the profile does not list releases the ``*`` paths only (its pseudonym)
+            paths = {**self.resources.get("*", {}), **self.resources.get(resource_type, {})}
             plan = self._plans[resource_type] = compile_plan(resource_type, paths)
         return plan
 
@@ -335,7 +337,7 @@ def _id(value: Any, node: Node, ctx: ReleaseContext) -> Any:
 def _reference(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     text = value.get("reference") if isinstance(value, dict) else None
     target = ctx.resolve(text) if isinstance(text, str) else None
-    if target is None or not ctx.profile.releases(target[0]):
+    if target is None:
         ctx.counts["reference_withheld"] += 1
         return _DROP
     ctx.labels.add("PSEUDED")

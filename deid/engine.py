@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from deid import methods
-from deid.allowlist import ReleaseContext, release_resource
+from deid.allowlist import ProfileError, ReleaseContext, release_resource
 from deid.errors import DeidError
 from deid.policy import Policy, Rule
 from deid.terminology import Terminology
@@ -285,9 +285,11 @@ class Deidentifier:
         profile = self.policy.release
         assert profile is not None
         rtype = str(resource.get("resourceType"))
-        if not profile.releases(rtype):
-            raise ProcessingError("not_in_profile", f"{rtype}: not released by the profile")
         self._check_modifiers(resource, rtype)
+        try:
+            profile.plan(rtype)
+        except ProfileError as exc:  # not an R4 resource type: nothing to release it as
+            raise ProcessingError("unknown_resource_type", f"{rtype}: {exc}") from exc
         ctx = ReleaseContext(
             profile,
             rtype,
@@ -298,6 +300,8 @@ class Deidentifier:
             self.terminology,
         )
         released = release_resource(resource, ctx)
+        if not profile.lists(rtype):  # released as its pseudonym alone
+            ctx.counts["type_not_in_profile"] += 1
         outcome = DeidOutcome(released, labels=ctx.labels, release_counts=ctx.counts)
         if not self.policy.rules:
             _label(released, outcome.labels)

@@ -139,18 +139,29 @@ def test_zip3_and_restricted_areas() -> None:
     assert released["address"] == [{"postalCode": "00000"}, {"postalCode": "02100"}]
 
 
-def test_references_only_to_released_types() -> None:
-    obs = _obs(specimen={"reference": "Specimen/s"}, hasMember=[{"reference": "Basic/b"}])
-    out = _apply(obs).resource
-    assert "specimen" not in out and "hasMember" not in out
-    assert out["subject"]["reference"].startswith("Patient/")
-    assert out["subject"]["reference"] != "Patient/p"
+def test_references_are_pseudonymised_or_dropped() -> None:
+    obs = _obs(
+        hasMember=[{"reference": "MolecularSequence/s", "display": "a name"}],
+        derivedFrom=[{"reference": "#c"}],
+        specimen={"reference": "Specimen/s"},  # not named by the profile
+    )
+    out = _apply(obs)
+    (member,) = out.resource["hasMember"]
+    assert set(member) == {"reference"} and member["reference"].startswith("MolecularSequence/")
+    assert member["reference"] != "MolecularSequence/s"
+    assert "derivedFrom" not in out.resource  # contained: its target is not released
+    assert "specimen" not in out.resource
+    assert out.resource["subject"]["reference"] != "Patient/p"
 
 
-def test_types_outside_the_profile_are_withheld() -> None:
+def test_types_outside_the_profile_release_their_pseudonym_only() -> None:
+    basic = {"resourceType": "Basic", "id": "b", "code": {"text": "free text"}, "created": "2020"}
+    out = _apply(basic)
+    assert set(out.resource) == {"resourceType", "id", "meta"} and out.resource["id"] != "b"
+    assert out.release_counts["type_not_in_profile"] == 1
     with pytest.raises(ProcessingError) as info:
-        _apply({"resourceType": "Basic", "id": "b"})
-    assert info.value.code == "not_in_profile"
+        _apply({"resourceType": "MedicinalProduct", "id": "m"})  # R4, not in R4B
+    assert info.value.code == "unknown_resource_type"
 
 
 @pytest.mark.parametrize(
@@ -200,7 +211,7 @@ def test_workers_release_what_one_process_releases(monkeypatch: pytest.MonkeyPat
             None,
         )
         for i in range(40)
-    ] + [("b", "Basic", "p", orjson.dumps({"resourceType": "Basic", "id": "b"}), None)]
+    ] + [("b", "NotAType", "p", orjson.dumps({"resourceType": "NotAType", "id": "b"}), None)]
     setup = workers.WorkerSetup(policy.source, policy.name, KEY, TODAY, {})
     results: dict[int, list[workers.ChunkResult]] = {1: [], 2: []}
     monkeypatch.setattr(workers, "CHUNK_RECORDS", 7)
@@ -211,4 +222,4 @@ def test_workers_release_what_one_process_releases(monkeypatch: pytest.MonkeyPat
     assert [r.released for r in one] == [r.released for r in two]
     released = [row for r in two for row in r.released]
     assert len(released) == 40 and [row[1] for row in released] == [f"k{i}" for i in range(40)]
-    assert sum(r.reasons["not_in_profile"] for r in two) == 1
+    assert sum(r.reasons["unknown_resource_type"] for r in two) == 1

@@ -1,7 +1,8 @@
 """Stage ``models``: 30-day readmission labels from the views, the training set through the Feast
-feature service ``readmission_v1``, and the trained model with its evaluation and model card."""
+feature service ``readmission_v2``, and the trained model with its evaluation and model card."""
 
 # No `from __future__ import annotations`: Dagster compares the `context` annotation at runtime.
+import json
 from collections.abc import Iterator
 
 import pandas as pd
@@ -106,7 +107,7 @@ def readmission_labels(
 def readmission_training_set(
     warehouse: WarehouseResource, feast_store: FeastStoreResource
 ) -> MaterializeResult:
-    """Label rows joined point-in-time to the `readmission_v1` feature service through Feast."""
+    """Label rows joined point-in-time to the `readmission_v2` feature service through Feast."""
     labels = pd.read_parquet(parquet_path(warehouse.workdir, LABELS_TABLE))
     training = join_features(feast_store.store(warehouse.workdir), labels, FEATURE_SERVICE)
     con = warehouse.connect()
@@ -158,6 +159,20 @@ def model_metadata(report: ModelReport) -> dict[str, MetadataValue]:
         "model_card_file": MetadataValue.path(str(report.model_card_path)),
         "model_card": card_metadata(report.model_card_path, report.plots),
     }
+    # the honest headline: interval, or why there is no AUROC, and the temporal validation
+    document = json.loads(report.metrics_path.read_text())
+    test = document["test"]
+    metadata["auroc_ci95"] = MetadataValue.json((test.get("ci95") or {}).get("auroc"))
+    metadata["auroc_note"] = MetadataValue.text(test.get("auroc_note") or "")
+    temporal = document.get("temporal_validation") or {}
+    metadata["temporal_validation"] = MetadataValue.json(
+        {
+            key: (temporal.get("test") or {}).get(key)
+            for key in ("auroc", "auroc_note", "brier", "n", "positives")
+        }
+        if temporal.get("estimable")
+        else {"estimable": False, "reason": temporal.get("reason", "not run")}
+    )
     for name, path in report.plots.items():
         metadata[f"plot_{name}"] = image_metadata(path)
     return metadata

@@ -66,6 +66,9 @@ def test_model_asset_reports_metrics_and_check(tmp_path: Path) -> None:
     assert result.success
     metadata = result.asset_materializations_for_node("readmission_model")[0].metadata
     assert metadata["auroc"].value > 0.7
+    low, high = metadata["auroc_ci95"].value
+    assert low <= metadata["auroc"].value <= high and metadata["auroc_note"].value == ""
+    assert metadata["temporal_validation"].value["n"] > 0
     assert {"brier", "prevalence", "n_train", "n_test", "largest_subgroup_gap"} <= set(metadata)
     # an inline image served by the UI, or the file's path outside a served instance
     assert "roc_curve" in str(metadata["plot_roc_curve"].value)

@@ -162,7 +162,7 @@ def model_metadata(report: ModelReport) -> dict[str, MetadataValue]:
     # the honest headline: interval, or why there is no AUROC, and the temporal validation
     document = json.loads(report.metrics_path.read_text())
     test = document["test"]
-    metadata["auroc_ci95"] = MetadataValue.json((test.get("ci95") or {}).get("auroc"))
+    metadata["auroc_ci95"] = MetadataValue.json((test.get("ci95") or {}).get("auroc") or [])
     metadata["auroc_note"] = MetadataValue.text(test.get("auroc_note") or "")
     temporal = document.get("temporal_validation") or {}
     metadata["temporal_validation"] = MetadataValue.json(

@@ -20,7 +20,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
-from pipelines.features.feast_store import feature_store
+from pipelines.features.feast_store import feature_store, online_features
 
 
 def discharges(warehouse: Path, limit: int | None = None) -> pd.DataFrame:
@@ -58,11 +58,11 @@ def main() -> None:
 
     if len(entity_df):
         patient = str(entity_df["patient_id"].iloc[-1])
-        online = store.get_online_features(
-            features=store.get_feature_service("readmission_v2"),
-            entity_rows=[{"patient_id": patient}],
-        ).to_dict()
-        print({name: values[0] for name, values in online.items()})
+        # the project's helper lists patients the online store does not know (an opted-out or
+        # erased patient) instead of answering with nulls
+        answer = online_features(store, store.get_feature_service("readmission_v2"), [patient])
+        print({name: values[0] for name, values in answer.values.items()})
+        print(f"unknown to the online store: {len(answer.unknown)}")
 
 
 if __name__ == "__main__":

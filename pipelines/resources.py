@@ -96,7 +96,8 @@ class IngestSettings(ConfigurableResource):
 class DeidSettings(ConfigurableResource):
     """The de-identification profile (``research`` or ``safe_harbor``), the k of the
     released patient table, and the largest share of patients the k-anonymity step may
-    withhold before its check fails (the release is then not published)."""
+    withhold before its check fails (the release is then not published). ``EHR_DEID_K`` and
+    ``EHR_MAX_WITHHELD_SHARE`` override the last two at run time."""
 
     profile: str = "research"
     k: int = 5

@@ -3,6 +3,7 @@ a PHI leak scan and a k-anonymity check. Both tables are staged, checked, then p
 failed blocking check leaves the previous release as it was (see :mod:`deid.staging` and
 :mod:`deid.kanon`)."""
 
+import os
 from collections.abc import Iterator
 
 from dagster import (
@@ -24,6 +25,21 @@ from pipelines.assets.checks import leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.partitions import batch_partitions
 from pipelines.resources import DeidSettings, KeyProviderResource, WarehouseResource
+
+# Run-time overrides of DeidSettings (a deployment's environment, or a test over a cohort far
+# too small for the production k): the k of the release and the withheld share allowed.
+K_ENV = "EHR_DEID_K"
+MAX_WITHHELD_ENV = "EHR_MAX_WITHHELD_SHARE"
+
+
+def k_anonymity_settings(settings: DeidSettings) -> tuple[int, float]:
+    """(k, largest withheld share): the environment's values when set, else the resource's."""
+    k = os.environ.get(K_ENV)
+    share = os.environ.get(MAX_WITHHELD_ENV)
+    return (
+        int(k) if k else settings.k,
+        float(share) if share else settings.max_withheld_share,
+    )
 
 
 def _table(rows: dict[str, int], head: str) -> MetadataValue:
@@ -125,9 +141,8 @@ def released_patients(
     rewritten to the released values."""
     con = warehouse.connect()
     try:
-        report = build_released_patients(
-            con, deid_settings.k, max_withheld=deid_settings.max_withheld_share
-        )
+        k, max_withheld = k_anonymity_settings(deid_settings)
+        report = build_released_patients(con, k, max_withheld=max_withheld)
     finally:
         con.close()
     summary = report.to_dict()

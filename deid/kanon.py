@@ -19,7 +19,7 @@ transaction, only when the share withheld is within the limit; otherwise nothing
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
@@ -203,6 +203,7 @@ class KAnonymousRelease:
     steps_applied: list[str] = field(default_factory=list)
     withheld: int = 0
     published: bool = False
+    check: Any = None  # what the extra publish check returned, when one was given
 
     @property
     def withheld_share(self) -> float:
@@ -396,10 +397,13 @@ def build_k_anonymous_release(
     as_of: date | None = None,
     max_withheld: float = DEFAULT_MAX_WITHHELD,
     ladder: list[GeneralisationStep] | None = None,
+    check: Callable[[duckdb.DuckDBPyConnection, str], Any] | None = None,
 ) -> KAnonymousRelease:
     """Generalise the release's quasi-identifiers and withhold the patients still below k;
     publish ``released_patients``, ``withheld_patients`` and the rewritten Patient rows only
-    when the withheld share is within ``max_withheld``. A failed check changes nothing."""
+    when the withheld share is within ``max_withheld`` and ``check`` (run over the staged
+    table, e.g. a leak scan; its result has ``passed``) passes. A failed check changes
+    nothing."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if not 0.0 <= max_withheld <= 1.0:
@@ -412,7 +416,8 @@ def build_k_anonymous_release(
         _stage_patients(con, staging, as_of)
         steps = GENERALISATION_LADDER if ladder is None else ladder
         report = _generalise_and_withhold(con, staging, withheld, k, max_withheld, steps)
-        if report.passed:
+        report.check = check(con, staging) if check is not None else None
+        if report.passed and (report.check is None or report.check.passed):
             _swap_in(con, staging, withheld, _patient_updates(con, staging, as_of))
             report.published = True
     finally:

@@ -427,11 +427,22 @@ def build_released_patients(
     as_of: date | None = None,
     *,
     max_withheld: float = DEFAULT_MAX_WITHHELD,
+    canaries: CanarySet | None = None,
 ) -> KAnonymousRelease:
     """``released_patients`` (one row per released patient: age band, sex, ZIP3, state, race,
     ethnicity), generalised over the whole release to k, with the patients still below k
-    withheld and the Patient resources rewritten to match (see :mod:`deid.kanon`)."""
-    return build_k_anonymous_release(con, k, as_of=as_of, max_withheld=max_withheld)
+    withheld and the Patient resources rewritten to match (see :mod:`deid.kanon`). With
+    ``canaries``, the staged table is leak-scanned too and published only when clean."""
+    check = None
+    if canaries is not None:
+        check = partial(_scan_staged_patients, canaries)
+    return build_k_anonymous_release(con, k, as_of=as_of, max_withheld=max_withheld, check=check)
+
+
+def _scan_staged_patients(
+    canaries: CanarySet, con: duckdb.DuckDBPyConnection, staging: str
+) -> LeakScanResult:
+    return scan_released_table(con, canaries, staging)
 
 
 def released_k(con: duckdb.DuckDBPyConnection, k: int) -> KAnonymityReport:

@@ -21,7 +21,7 @@ from dagster import (
 from deid.policy import Policy
 from deid.release import build_released_patients, release_totals
 from deid.staging import publish_batch
-from pipelines.assets.checks import leak_scan_result
+from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.partitions import batch_partitions
 from pipelines.resources import DeidSettings, KeyProviderResource, WarehouseResource
@@ -129,12 +129,22 @@ def deid_resources(
             description="After generalisation, every combination of age band, sex, ZIP3, state, "
             "race and ethnicity is shared by at least k released patients, and the patients "
             "withheld (groups still below k) are within the configured share.",
-        )
+        ),
+        AssetCheckSpec(
+            "phi_leak_scan",
+            asset="released_patients",
+            blocking=True,
+            description="No name, identifier, phone, email, address or city with ZIP of any "
+            "patient appears in the staged table; it is published only when none does.",
+        ),
     ],
     pool=WAREHOUSE_POOL,
 )
 def released_patients(
-    context: AssetExecutionContext, warehouse: WarehouseResource, deid_settings: DeidSettings
+    context: AssetExecutionContext,
+    warehouse: WarehouseResource,
+    keys: KeyProviderResource,
+    deid_settings: DeidSettings,
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """Quasi-identifiers of every released patient, generalised up to k over the whole release;
     patients still below k withheld (views and features leave them out); the Patient resources
@@ -142,7 +152,8 @@ def released_patients(
     con = warehouse.connect()
     try:
         k, max_withheld = k_anonymity_settings(deid_settings)
-        report = build_released_patients(con, k, max_withheld=max_withheld)
+        canaries = RELEASE_CANARIES.get(con, keys.provider())
+        report = build_released_patients(con, k, max_withheld=max_withheld, canaries=canaries)
     finally:
         con.close()
     summary = report.to_dict()
@@ -159,6 +170,8 @@ def released_patients(
             "generalised": MetadataValue.json(report.steps_applied),
         },
     )
+    if report.check is not None:
+        yield leak_scan_result("released_patients", report.check)
     yield AssetCheckResult(
         check_name="k_anonymity",
         asset_key="released_patients",

@@ -204,3 +204,15 @@ def test_wide_bands_end_at_89() -> None:
     assert report.published and report.steps_applied == [twenty.name]
     bands = con.execute("SELECT DISTINCT age_band FROM released_patients").fetchall()
     assert bands == [("80-89",)]
+
+
+def test_a_failed_publish_check_publishes_nothing(con) -> None:
+    class Failed:
+        passed = False
+
+    report = build_k_anonymous_release(
+        con, 3, as_of=AS_OF, max_withheld=0.2, check=lambda c, staging: Failed()
+    )
+    assert report.passed and not report.published  # k was met; the extra check was not
+    tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+    assert "released_patients" not in tables and "withheld_patients" not in tables

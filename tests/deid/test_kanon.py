@@ -216,3 +216,17 @@ def test_a_failed_publish_check_publishes_nothing(con) -> None:
     assert report.passed and not report.published  # k was met; the extra check was not
     tables = {t for (t,) in con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
     assert "released_patients" not in tables and "withheld_patients" not in tables
+
+
+def test_released_patients_scan_reads_categories_as_terminology(con) -> None:
+    from deid.leakscan import CanarySet
+    from deid.release import build_released_patients
+
+    surname = CanarySet()
+    surname.add_patient({"name": [{"family": "White", "given": ["Anna"]}]}, "f1980")
+    report = build_released_patients(con, 3, AS_OF, max_withheld=0.2, canaries=surname)
+    assert report.published and report.check.passed  # a surname that is a race is no leak
+    planted = CanarySet()
+    planted.add("identifier", "White")  # an identifier is a leak anywhere
+    report = build_released_patients(con, 3, AS_OF, max_withheld=0.2, canaries=planted)
+    assert not report.published and report.check.by_kind()["identifier"] > 0

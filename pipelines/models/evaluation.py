@@ -114,8 +114,9 @@ def auroc_note(y: np.ndarray) -> str | None:
         return "not estimable: the test set holds a single class"
     if positives < MIN_POSITIVES_FOR_AUROC:
         return (
-            f"not estimable: {positives} positives in the test set, fewer than "
-            f"{MIN_POSITIVES_FOR_AUROC} (a single positive moves it by 1/{positives})"
+            f"not estimable: {positives} positive(s) in the test set, fewer than "
+            f"{MIN_POSITIVES_FOR_AUROC}; the rank of one positive alone moves it by up to "
+            f"1/{positives}"
         )
     return None
 

@@ -221,6 +221,47 @@ def change_point_cost(
     return out
 
 
+def training_set_comparison(
+    store: Any,
+    service: Any,
+    entities: pd.DataFrame,
+    features_dir: Path,
+    echo: Callable[[str], None],
+) -> dict[str, Any]:
+    """Time the Feast training set against the hand-written ASOF join and count how often four
+    features agree; print and return the numbers."""
+    results: dict[str, Any] = {}
+    entity_rows = len(entities)
+    t0 = time.perf_counter()
+    feast_df = store.get_historical_features(entity_df=entities, features=service).to_df()
+    results["feast_training_s"] = time.perf_counter() - t0
+    views = []
+    for projection in service.feature_view_projections:
+        view = store.get_feature_view(projection.name)
+        views.append((view.name, [f.name for f in projection.features], view.ttl or timedelta(0)))
+    t0 = time.perf_counter()
+    asof_df = asof_training_set(entities, features_dir, views)
+    results["asof_training_s"] = time.perf_counter() - t0
+    ratio = results["feast_training_s"] / max(results["asof_training_s"], 1e-9)
+    results["training_ratio"] = ratio
+    key = ["patient_id", "event_timestamp"]
+    merged = feast_df.merge(asof_df, on=key, suffixes=("", "_asof"))
+    for column in AGREEMENT_COLUMNS:
+        agree = (
+            (merged[column] == merged[f"{column}_asof"])
+            | (merged[column].isna() & merged[f"{column}_asof"].isna())
+        ).mean()
+        results[f"asof_agreement_{column}"] = float(agree)
+    results["asof_agreement_hba1c"] = results["asof_agreement_hba1c_latest"]
+    agreement = min(results[f"asof_agreement_{c}"] for c in AGREEMENT_COLUMNS)
+    echo(
+        f"training set, {entity_rows:,} entity rows: Feast {results['feast_training_s']:.2f}s, "
+        f"DuckDB ASOF JOIN {results['asof_training_s']:.2f}s, ratio {ratio:.1f}x "
+        f"(goal <= 4x; {', '.join(AGREEMENT_COLUMNS)} agree on >= {agreement:.1%} of rows)"
+    )
+    return results
+
+
 def _percentiles(samples: list[float]) -> tuple[float, float]:
     ordered = sorted(samples)
     p50 = statistics.median(ordered)
@@ -323,35 +364,7 @@ def bench_features(
         store = feature_store(repo, data_dir, features_dir)
         service = store.get_feature_service(SERVICE)
 
-        t0 = time.perf_counter()
-        feast_df = store.get_historical_features(entity_df=entities, features=service).to_df()
-        results["feast_training_s"] = time.perf_counter() - t0
-        views = []
-        for projection in service.feature_view_projections:
-            view = store.get_feature_view(projection.name)
-            views.append(
-                (view.name, [f.name for f in projection.features], view.ttl or timedelta(0))
-            )
-        t0 = time.perf_counter()
-        asof_df = asof_training_set(entities, features_dir, views)
-        results["asof_training_s"] = time.perf_counter() - t0
-        ratio = results["feast_training_s"] / max(results["asof_training_s"], 1e-9)
-        results["training_ratio"] = ratio
-        key = ["patient_id", "event_timestamp"]
-        merged = feast_df.merge(asof_df, on=key, suffixes=("", "_asof"))
-        for column in AGREEMENT_COLUMNS:
-            agree = (
-                (merged[column] == merged[f"{column}_asof"])
-                | (merged[column].isna() & merged[f"{column}_asof"].isna())
-            ).mean()
-            results[f"asof_agreement_{column}"] = float(agree)
-        results["asof_agreement_hba1c"] = results["asof_agreement_hba1c_latest"]
-        agreement = min(results[f"asof_agreement_{c}"] for c in AGREEMENT_COLUMNS)
-        echo(
-            f"training set, {entity_rows:,} entity rows: Feast {results['feast_training_s']:.2f}s, "
-            f"DuckDB ASOF JOIN {results['asof_training_s']:.2f}s, ratio {ratio:.1f}x "
-            f"(goal <= 4x; {', '.join(AGREEMENT_COLUMNS)} agree on >= {agreement:.1%} of rows)"
-        )
+        results.update(training_set_comparison(store, service, entities, features_dir, echo))
 
         # materialisation: the latest row per patient and view, as the platform does
         t0 = time.perf_counter()

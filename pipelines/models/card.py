@@ -72,25 +72,60 @@ def temporal_section(temporal: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _closing_lines(plots: dict[str, Path]) -> list[str]:
+    """Plots, limitations and ethical considerations."""
+    return [
+        "## Plots",
+        *[f"- {name}: `{path.name}`" for name, path in plots.items()],
+        "",
+        "## Limitations",
+        "- Synthetic data by default: performance on real records is unknown and likely lower.",
+        "- Readmissions to other health systems are invisible; the label undercounts them.",
+        "- Planned readmissions are not separated from unplanned ones.",
+        "- Date shifting drops the time of day, so same-day transfers are not readmissions and",
+        "  the censoring horizon is blurred by the shift range.",
+        "- Deaths after discharge are kept as label 0 (competing risk not modelled).",
+        "- Subgroup estimates on small held-out groups are noisy; intervals are given for the",
+        "  overall metrics only.",
+        "- Sex and age come from the features; race and ethnicity for the audit come from the",
+        "  patient view when it is available. Missing values form an `unknown` group.",
+        "",
+        "## Ethical considerations",
+        "- Readmission risk reflects access to care as well as illness; using scores to allocate",
+        "  resources can entrench existing disparities. Review the subgroup table before use.",
+        "- Demographic attributes are used as features only to the extent the feature service",
+        "  provides them; consider a model without them and compare subgroup calibration.",
+        "- Patients who opted out of research are excluded from training and evaluation.",
+        "- No identifiers or protected health information are stored in the model or this card.",
+        "",
+    ]
+
+
+def _gap_text(metrics: dict[str, Any]) -> str:
+    """The largest AUROC gap and calibration spread between subgroups, in a sentence each."""
+    gap = metrics.get("largest_subgroup_gap")
+    cal_gap = metrics.get("largest_calibration_gap")
+    if gap:
+        text = (
+            f"**Largest AUROC gap: {gap['attribute']}**, {gap['value']:.3f} between "
+            f"`{gap['best_group']}` (best) and `{gap['worst_group']}` (worst)."
+        )
+    else:
+        text = "**Largest AUROC gap:** not assessable (fewer than two assessable groups)."
+    if cal_gap:
+        text += (
+            f" Largest calibration spread: {cal_gap['attribute']}, `{cal_gap['worst_group']}` "
+            f"is {cal_gap['value']:.3f} further from calibrated than `{cal_gap['best_group']}`."
+        )
+    return text
+
+
 def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
     """Markdown text of the card: intended use, data, label, features, metrics, subgroups,
     limitations and ethical considerations."""
     test = metrics["test"]
     features = metrics["features"]
-    gap = metrics.get("largest_subgroup_gap")
-    cal_gap = metrics.get("largest_calibration_gap")
-    if gap:
-        gap_text = (
-            f"**Largest AUROC gap: {gap['attribute']}**, {gap['value']:.3f} between "
-            f"`{gap['best_group']}` (best) and `{gap['worst_group']}` (worst)."
-        )
-    else:
-        gap_text = "**Largest AUROC gap:** not assessable (fewer than two assessable groups)."
-    if cal_gap:
-        gap_text += (
-            f" Largest calibration spread: {cal_gap['attribute']}, `{cal_gap['worst_group']}` "
-            f"is {cal_gap['value']:.3f} further from calibrated than `{cal_gap['best_group']}`."
-        )
+    gap_text = _gap_text(metrics)
     not_assessable = metrics.get("subgroups_not_assessable") or []
     chosen_c = metrics.get("regularisation_c")
     c_text = f" (L2, C={chosen_c:.3g} chosen on grouped inner folds)" if chosen_c else ""
@@ -162,36 +197,12 @@ def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
         "",
         gap_text,
         "",
-        *temporal_section(metrics.get("temporal_validation")),
     ]
     if not_assessable:
         lines.append("Too small or single-class to assess: " + "; ".join(not_assessable) + ".")
         lines.append("")
-    lines += [
-        "## Plots",
-        *[f"- {name}: `{path.name}`" for name, path in plots.items()],
-        "",
-        "## Limitations",
-        "- Synthetic data by default: performance on real records is unknown and likely lower.",
-        "- Readmissions to other health systems are invisible; the label undercounts them.",
-        "- Planned readmissions are not separated from unplanned ones.",
-        "- Date shifting drops the time of day, so same-day transfers are not readmissions and",
-        "  the censoring horizon is blurred by the shift range.",
-        "- Deaths after discharge are kept as label 0 (competing risk not modelled).",
-        "- Subgroup estimates on small held-out groups are noisy; intervals are given for the",
-        "  overall metrics only.",
-        "- Sex and age come from the features; race and ethnicity for the audit come from the",
-        "  patient view when it is available. Missing values form an `unknown` group.",
-        "",
-        "## Ethical considerations",
-        "- Readmission risk reflects access to care as well as illness; using scores to allocate",
-        "  resources can entrench existing disparities. Review the subgroup table before use.",
-        "- Demographic attributes are used as features only to the extent the feature service",
-        "  provides them; consider a model without them and compare subgroup calibration.",
-        "- Patients who opted out of research are excluded from training and evaluation.",
-        "- No identifiers or protected health information are stored in the model or this card.",
-        "",
-    ]
+    lines += temporal_section(metrics.get("temporal_validation"))
+    lines += _closing_lines(plots)
     return "\n".join(lines)
 
 

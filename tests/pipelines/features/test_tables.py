@@ -166,3 +166,26 @@ def test_missing_views_read_as_empty(tmp_path: Path) -> None:
     assert report.rows["patient_labs_vitals"] == 0  # no measurement, nothing changes
     assert report.rows["patient_utilisation"] > 0
     assert report.opted_out == 0
+
+
+def test_condition_counts_from_recorded_date_not_onset(tmp_path: Path) -> None:
+    rows = crafted_rows()
+    # onset back-dated to 2009, recorded (known) only on 1 June 2024
+    rows["condition"].append(
+        {
+            "id": "c8",
+            "patient_id": D,
+            "verification_status": "confirmed",
+            "onset_date_time": ts(2009, 5, 1),
+            "recorded_date": ts(2024, 6, 1),
+            "code_system": "http://hl7.org/fhir/sid/icd-10-cm",
+            "code": "I50.9",
+        }
+    )
+    con = duckdb.connect()
+    write_views(con, rows)
+    build_feature_tables(con, tmp_path / "features")
+    before = _row(con, "patient_comorbidities", D, ts(2024, 5, 31))
+    assert not before["has_heart_failure"] and before["charlson_index"] == 0
+    known = _row(con, "patient_comorbidities", D, ts(2024, 6, 1))
+    assert known["has_heart_failure"] and known["charlson_index"] == 2

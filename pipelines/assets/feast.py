@@ -19,6 +19,7 @@ from dagster import (
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.features import FEATURE_ASSET_KEYS
 from pipelines.assets.ingest import WAREHOUSE_POOL
+from pipelines.features.cohort import released_cohort
 from pipelines.features.online_scan import scan_online_store
 from pipelines.features.resources import FeastStoreResource
 from pipelines.resources import KeyProviderResource, WarehouseResource
@@ -78,18 +79,24 @@ def feast_online_store(
     data end into the SQLite online store."""
     report = feast_store.materialize(warehouse.workdir)
     context.log.info(f"feast materialize: latest rows up to {report.end:%Y-%m-%d} (data end)")
+    con = warehouse.connect(read_only=True)
+    try:
+        canaries = RELEASE_CANARIES.get(con, keys.provider())
+        cohort = len(released_cohort(con))
+    finally:
+        con.close()
+    online = max(report.entities_online.values(), default=0)
     yield MaterializeResult(
         metadata={
             "end": report.end.isoformat(),
             "seconds": report.seconds,
             "entities_online": MetadataValue.json(report.entities_online),
-            "patients_online": max(report.entities_online.values(), default=0),
+            "patients_online": online,
+            # released, not opted-out patients the store cannot answer for (0 expected: every
+            # patient with data has a latest row)
+            "released_patients": cohort,
+            "released_patients_not_online": max(cohort - online, 0),
         }
     )
-    con = warehouse.connect(read_only=True)
-    try:
-        canaries = RELEASE_CANARIES.get(con, keys.provider())
-    finally:
-        con.close()
     online_db = Path(feast_store.data(warehouse.workdir)) / "online_store.db"
     yield leak_scan_result("feast_online_store", scan_online_store(online_db, canaries))

@@ -80,6 +80,8 @@ def test_feature_and_feast_assets(tmp_path: Path, key_file: Path) -> None:
     assert (tmp_path / "work" / "feast" / "registry.db").exists()
     online = result.asset_materializations_for_node("feast_online_store")[0].metadata
     assert online["entities_online"].value["patient_comorbidities"] == 3
+    assert online["released_patients"].value == 3  # A, B, D
+    assert online["released_patients_not_online"].value == 0
     work = tmp_path / "work"
     # the example reads the same workdir: a training set at each inpatient discharge
     example = subprocess.run(

@@ -3,6 +3,7 @@ leak scan over what was released, and the released patient table with its k-anon
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -30,6 +31,7 @@ from deid.policy import Policy
 from deid.risk import KAnonymityReport, measure_k
 from deid.terminology import Terminology
 from deid.workers import ChunkResult, Item, Targets, WorkerSetup, deidentify_items
+from vault.ingest import FHIR_BASE_ENV
 from vault.keys import KeyProvider, key_fingerprint
 from vault.read import iter_current_records
 
@@ -67,6 +69,18 @@ class DeidReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def erased_subjects(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
+    """Pseudonyms of the erased patients (the vault's tombstones)."""
+    has_tombstones = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'erased_subjects' "
+        "AND database_name = current_database()"
+    ).fetchall()[0][0]
+    if not has_tombstones:
+        return frozenset()  # an older warehouse: nothing erased since tombstones exist
+    rows = con.execute("SELECT subject_key FROM erased_subjects").fetchall()
+    return frozenset(str(k) for (k,) in rows)
 
 
 def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[str, Targets]:
@@ -239,6 +253,8 @@ def deidentify_batch(
         provider.pseudonym_key(),
         today,
         dict((terminology or Terminology()).displays),
+        server_base=os.environ.get(FHIR_BASE_ENV),
+        erased=erased_subjects(con),
     )
     (expected,) = con.execute(
         "SELECT count(*) FROM phi_vault WHERE batch_id = ?", [batch_id]

@@ -21,7 +21,7 @@ import orjson
 from deid.engine import Deidentifier, DeidSecrets, ProcessingError
 from deid.policy import Policy
 from deid.terminology import Terminology
-from fhirlake.references import classify, literal_target
+from fhirlake.references import classify, local_target
 from vault.pseudonym import Pseudonymizer
 
 CHUNK_RECORDS = 1_000
@@ -57,6 +57,10 @@ class WorkerSetup:
     pseudonym_key: bytes
     today: date | None
     displays: dict[tuple[str, str], str]
+    # this server's FHIR base (absolute references under it are local) and the pseudonyms of
+    # erased patients (references to them are dropped, never re-pointed)
+    server_base: str | None = None
+    erased: frozenset[str] = frozenset()
 
     def build(self) -> _Worker:
         policy = Policy.from_dict(self.policy_source, self.policy_name)
@@ -66,29 +70,35 @@ class WorkerSetup:
             today=self.today,
             terminology=Terminology(self.displays),
         )
-        return _Worker(engine, Pseudonymizer(self.pseudonym_key))
+        return _Worker(engine, Pseudonymizer(self.pseudonym_key), self.server_base, self.erased)
 
 
 def _resolve_reference(
-    pseudo: Pseudonymizer, targets: Targets | None, value: str
+    worker: _Worker, targets: Targets | None, value: str
 ) -> tuple[str, str] | None:
     """The pseudonymous target of a reference in one resource: urn:uuid and conditional ones as
-    ingest resolved them for that resource, literal ones by their type and id."""
+    ingest resolved them for that resource, literal ones to this server by their type and id.
+    Another server's ``Patient/1`` is not ours (None: dropped), nor is an erased patient."""
     if classify(value) in ("urn", "conditional"):
-        return targets.get(pseudo.token("reference", value)) if targets else None
-    literal = literal_target(value)
-    return (literal[0], pseudo.resource_key(*literal)) if literal else None
+        return targets.get(worker.pseudo.token("reference", value)) if targets else None
+    literal = local_target(value, worker.server_base)
+    if literal is None:
+        return None
+    key = worker.pseudo.resource_key(*literal)
+    return None if key in worker.erased else (literal[0], key)
 
 
 @dataclass
 class _Worker:
     engine: Deidentifier
     pseudo: Pseudonymizer
+    server_base: str | None = None
+    erased: frozenset[str] = frozenset()
 
     def run(self, items: list[Item]) -> ChunkResult:
         result = ChunkResult()
         for resource_key, rtype, patient_key, raw, targets in items:
-            resolve = partial(_resolve_reference, self.pseudo, targets)
+            resolve = partial(_resolve_reference, self, targets)
             try:
                 outcome = self.engine.apply(
                     orjson.loads(raw), patient_scope=patient_key, resolve=resolve

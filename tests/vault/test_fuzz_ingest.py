@@ -369,13 +369,6 @@ def test_release_survives_extreme_dates(value: str, tmp_path: Path) -> None:
     assert released.released + released.withheld == len(records)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="deid.workers._resolve_reference maps every absolute reference by literal_target, so "
-    "another server's Patient/1 is released as the local Patient/1's pseudonym; ingest records "
-    "it as kind 'external' in resource_references (fhirlake.references.local_target tells the two "
-    "apart), which the release does not consult yet",
-)
 def test_release_keeps_other_servers_references_apart(tmp_path: Path) -> None:
     init_keyring(tmp_path / "keyring.json")
     provider = FileKeyProvider.load(tmp_path / "keyring.json")

@@ -13,7 +13,16 @@ from vault.lifecycle import ErasurePlan, ReleasedTables
 # views, features and models schemas, and the de-identified resources, their withheld-record
 # log and the k-anonymous patient table.
 RELEASED_TABLES = (
-    ReleasedTables("main", ("deid_resources", "deid_errors", "released_patients")),
+    ReleasedTables(
+        "main",
+        (
+            "deid_resources",
+            "deid_errors",
+            "released_patients",
+            "release_quasi_identifiers",
+            "withheld_patients",
+        ),
+    ),
     ReleasedTables("views"),
     ReleasedTables("features"),
     ReleasedTables("models"),

@@ -168,12 +168,14 @@ def connect(
     path: Path | str, read_only: bool = False, memory_limit: str = DEFAULT_MEMORY_LIMIT
 ) -> duckdb.DuckDBPyConnection:
     """Open the warehouse file, creating it (mode 0600) and its schema when writable."""
+    in_memory = str(path) == ":memory:"  # tests and scratch work: no file to protect
     path = Path(path)
-    if not read_only:
+    if not read_only and not in_memory:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.exists():
             _create_private(path)
-    con = duckdb.connect(str(path), read_only=read_only, config={"memory_limit": memory_limit})
+    target = ":memory:" if in_memory else str(path)
+    con = duckdb.connect(target, read_only=read_only, config={"memory_limit": memory_limit})
     if not read_only:
         for ddl in SCHEMA:
             con.execute(ddl)

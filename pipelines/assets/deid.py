@@ -23,6 +23,7 @@ from deid.release import build_released_patients, release_totals
 from deid.staging import publish_batch
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
+from pipelines.features.valuesets import release_terminology
 from pipelines.partitions import batch_partitions
 from pipelines.resources import DeidSettings, KeyProviderResource, WarehouseResource
 
@@ -82,7 +83,9 @@ def deid_resources(
     provider = keys.provider()
     con = warehouse.connect()
     try:
-        batch = publish_batch(con, provider, context.partition_key, policy)
+        batch = publish_batch(
+            con, provider, context.partition_key, policy, terminology=release_terminology()
+        )
         table = release_totals(con)
     finally:
         con.close()

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import duckdb
 
+from deid.terminology import Terminology
 from pipelines.content import valuesets_dir
 
 VALUESETS_DIR = valuesets_dir()
@@ -75,6 +77,16 @@ def load_valuesets(directory: Path = VALUESETS_DIR) -> list[ValueSet]:
     """Every value set in ``directory``, ordered by id (so feature columns have a stable order)."""
     sets = [ValueSet.from_json(json.loads(p.read_text())) for p in sorted(directory.glob("*.json"))]
     return sorted(sets, key=lambda v: v.id)
+
+
+@cache
+def release_terminology(directory: Path = VALUESETS_DIR) -> Terminology:
+    """The displays the release may carry: the OMB race and ethnicity categories and every
+    concept the platform's value sets list with a display (terminology's text, never the
+    source's)."""
+    return Terminology.from_valuesets(
+        json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))
+    )
 
 
 def of_kind(valuesets: list[ValueSet], kind: str) -> list[ValueSet]:

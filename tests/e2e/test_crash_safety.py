@@ -65,6 +65,16 @@ def _run_and_kill(
     return False
 
 
+def _select(columns: list[tuple[str, str]]) -> str:
+    """Content columns; floating-point values to 9 decimals, since DuckDB's parallel sums may
+    differ in the last bits between any two runs."""
+    return ", ".join(
+        f'round("{c}", 9)' if t.upper() in ("DOUBLE", "FLOAT", "REAL") else f'"{c}"'
+        for c, t in columns
+        if c not in VOLATILE
+    )
+
+
 def _table_digests(warehouse: Path) -> dict[str, tuple[int, str]]:
     con = duckdb.connect(str(warehouse), read_only=True)
     try:
@@ -75,13 +85,11 @@ def _table_digests(warehouse: Path) -> dict[str, tuple[int, str]]:
         ).fetchall()
         digests = {}
         for schema, name in tables:
-            columns = [
-                c for (c,) in con.execute(
-                    "SELECT column_name FROM information_schema.columns "
-                    "WHERE table_schema = ? AND table_name = ?", [schema, name]
-                ).fetchall() if c not in VOLATILE
-            ]
-            select = ", ".join(f'"{c}"' for c in columns)
+            columns = con.execute(
+                "SELECT column_name, data_type FROM information_schema.columns "
+                "WHERE table_schema = ? AND table_name = ?", [schema, name]
+            ).fetchall()
+            select = _select(columns)
             count, digest = con.execute(
                 f'SELECT count(*), md5(coalesce(string_agg(r, chr(10) ORDER BY r), \'\')) FROM '
                 f'(SELECT CAST(ROW({select}) AS VARCHAR) AS r FROM "{schema}"."{name}")'
@@ -96,9 +104,8 @@ def _parquet_digests(workdir: Path) -> dict[str, tuple[int, str]]:
     con = duckdb.connect()
     digests = {}
     for path in sorted(workdir.glob("*/*.parquet")):
-        columns = [c for (c, *_) in con.execute(
-            "DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall() if c not in VOLATILE]
-        select = ", ".join(f'"{c}"' for c in columns)
+        described = con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [str(path)]).fetchall()
+        select = _select([(c, t) for (c, t, *_) in described])
         count, digest = con.execute(
             f"SELECT count(*), md5(coalesce(string_agg(r, chr(10) ORDER BY r), '')) FROM "
             f"(SELECT CAST(ROW({select}) AS VARCHAR) AS r FROM read_parquet(?))", [str(path)]

@@ -17,18 +17,12 @@ import click
 import duckdb
 
 from deid.errors import DeidError
+from pipelines.cli.options import workdir_option
 from pipelines.workdir import Workdir
 from vault.audit import AuditLog
 from vault.errors import VaultError
 from vault.keys import KeyProvider, default_key_file, load_key_provider
 
-_workdir_option = click.option(
-    "--workdir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=None,
-    callback=lambda _ctx, _param, value: Workdir.of(value),
-    help="work directory (default: EHR_WORKDIR or data/work)",
-)
 _key_file_option = click.option(
     "--key-file",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -129,7 +123,7 @@ def _own_warehouse_id(workdir: Workdir, provider: KeyProvider) -> str:
 
 @click.command("rotate")
 @_key_file_option
-@_workdir_option
+@workdir_option
 def keys_rotate(key_file: Path | None, workdir: Workdir) -> None:
     """New key-encryption key; the data keys of every warehouse registered with the keyring
     re-wrapped; the old key retired (kept wrapped until `ehr keys purge-retired`).
@@ -160,7 +154,7 @@ def keys_rotate(key_file: Path | None, workdir: Workdir) -> None:
 
 @click.command("purge-retired")
 @_key_file_option
-@_workdir_option
+@workdir_option
 def keys_purge_retired(key_file: Path | None, workdir: Workdir) -> None:
     """Drop the retired KEKs' material, once no registered warehouse still needs it. Backups
     taken before the last rotation can no longer be read afterwards."""
@@ -192,7 +186,7 @@ def keys_migrate_audit_key(key_file: Path | None) -> None:
 @click.argument("patient")
 @click.option("--pseudonym", "is_pseudonym", is_flag=True, help="PATIENT is a pseudonym")
 @click.option("--reason", required=True, help="why (written to the audit log)")
-@_workdir_option
+@workdir_option
 @_key_file_option
 def forget(
     patient: str, is_pseudonym: bool, reason: str, workdir: Workdir, key_file: Path | None
@@ -229,7 +223,7 @@ def forget(
 @click.command("reidentify")
 @click.argument("pseudonym")
 @click.option("--reason", required=True, help="why (written to the audit log first)")
-@_workdir_option
+@workdir_option
 @_key_file_option
 def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | None) -> None:
     """Print the original identifiers behind a patient PSEUDONYM (audited before printing)."""
@@ -252,7 +246,7 @@ def audit() -> None:
 
 
 @audit.command("verify")
-@_workdir_option
+@workdir_option
 @_key_file_option
 def audit_verify(workdir: Workdir, key_file: Path | None) -> None:
     """Detect edited, removed, reordered and truncated entries, a deleted or rolled-back log
@@ -276,7 +270,7 @@ def audit_verify(workdir: Workdir, key_file: Path | None) -> None:
 
 
 @audit.command("show")
-@_workdir_option
+@workdir_option
 @_key_file_option
 def audit_show(workdir: Workdir, key_file: Path | None) -> None:
     """Print the entries, one JSON object per line (pseudonyms, key ids and counts only)."""

@@ -291,15 +291,15 @@ def read_keyring_document(path: Path) -> dict[str, Any]:
     """The keyring file's JSON document, checked for its format (not yet for its keys)."""
     if not path.exists():
         raise KeyMaterialError(
-            "no key file found; create one with `ehr keys init` "
+            f"no key file at {path}; create one with `ehr keys init` "
             f"(or set {ENV_KEY_FILE}, or {ENV_KEK} and {ENV_PSEUDONYM_KEY})"
         )
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise KeyMaterialError("key file is unreadable or not JSON") from exc
+        raise KeyMaterialError(f"key file {path} is unreadable or not JSON") from exc
     if not isinstance(document, dict) or document.get("format") != KEYRING_FORMAT:
-        raise KeyMaterialError(f"key file is not an {KEYRING_FORMAT} keyring")
+        raise KeyMaterialError(f"key file {path} is not an {KEYRING_FORMAT} keyring")
     return document
 
 

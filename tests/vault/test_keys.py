@@ -192,3 +192,14 @@ def test_a_failed_keyring_write_keeps_the_old_keyring_and_no_temp_file(
         write_keyring(path, {"format": "anything"})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir() if p.suffix != ".lock"] == ["keyring.json"]
+
+
+def test_key_file_errors_name_the_path_looked_at(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "keyring.json"
+    with pytest.raises(KeyMaterialError, match=str(missing)):
+        FileKeyProvider.load(missing)
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json", encoding="utf-8")
+    with pytest.raises(KeyMaterialError, match=str(garbage)) as info:
+        FileKeyProvider.load(garbage)
+    assert "not json" not in str(info.value)  # the path, never the content

@@ -46,8 +46,9 @@ FEATURE_ASSET_KEYS: list[AssetKey] = [feature_asset_key(name) for name in FEATUR
             feature_asset_key(name),
             group_name="features",
             deps=[AssetKey(["views", view]) for view in views],
-            description=f"Feature table `{FEATURES_SCHEMA}.{name}`: one row per patient per "
-            "snapshot event, point-in-time correct (Parquet for Feast).",
+            description=f"Feature table `{FEATURES_SCHEMA}.{name}`: a row wherever a patient's "
+            "value changes (events, window edges, birthdays), exact at any time (Parquet for "
+            "Feast).",
             kinds={"duckdb", "parquet"},
             automation_condition=AutomationCondition.eager(),
         )

@@ -28,7 +28,13 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from deid.risk import SUPPRESSED, GeneralisationStep, KAnonymityReport, measure_k
+from deid.risk import (
+    SUPPRESSED,
+    GeneralisationStep,
+    KAnonymityReport,
+    generalise_until,
+    measure_k,
+)
 
 QUASI_TABLE = "release_quasi_identifiers"
 RELEASED_PATIENTS = "released_patients"
@@ -244,13 +250,9 @@ def _generalise_and_withhold(
     ``staging`` to ``withheld`` (never blanked in place: a blanked row still joins)."""
     before = measure_k(con, staging, QUASI_IDENTIFIERS, k)
     report = KAnonymousRelease(before, before, max_withheld)
-    current = before
-    for step in ladder:
-        if current.share_below_k <= max_withheld:
-            break
-        con.execute(f"UPDATE {staging} SET {step.set_clause}")
-        report.steps_applied.append(step.name)
-        current = measure_k(con, staging, QUASI_IDENTIFIERS, k)
+    _, report.steps_applied = generalise_until(
+        con, staging, QUASI_IDENTIFIERS, k, ladder, max_withheld
+    )
     key = ", ".join(QUASI_IDENTIFIERS)
     con.execute(
         f"""

@@ -22,13 +22,11 @@ import pyarrow as pa
 from deid.kanon import (
     DEFAULT_MAX_WITHHELD,
     QUASI_IDENTIFIERS,
-    RELEASED_PATIENTS,
     KAnonymousRelease,
     build_k_anonymous_release,
 )
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 from deid.policy import Policy
-from deid.risk import KAnonymityReport, measure_k
 from deid.terminology import Terminology
 from deid.workers import ChunkResult, Item, Targets, WorkerSetup, deidentify_items
 from vault.ingest import FHIR_BASE_ENV
@@ -469,10 +467,6 @@ def _scan_staged_patients(
             for pid, *values in rows
         ),
     )
-
-
-def released_k(con: duckdb.DuckDBPyConnection, k: int) -> KAnonymityReport:
-    return measure_k(con, RELEASED_PATIENTS, QUASI_IDENTIFIERS, k)
 
 
 def release_totals(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:

@@ -7,7 +7,7 @@ there already, and the same SQL runs on a table of any size.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import duckdb
@@ -84,55 +84,26 @@ class GeneralisationStep:
     set_clause: str
 
 
-@dataclass
-class EnforcementReport:
-    before: KAnonymityReport
-    after: KAnonymityReport
-    steps_applied: list[str] = field(default_factory=list)
-    suppressed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "before": self.before.to_dict(),
-            "after": self.after.to_dict(),
-            "steps_applied": self.steps_applied,
-            "suppressed": self.suppressed,
-        }
-
-
-def enforce_k(
+def generalise_until(
     con: duckdb.DuckDBPyConnection,
     table: str,
     quasi_identifiers: list[str],
     k: int,
     ladder: list[GeneralisationStep],
-    max_suppression: float = 0.05,
-) -> EnforcementReport:
-    """Generalise step by step while more than ``max_suppression`` of the records sit in groups
-    smaller than k; then suppress (set to ``*``) the quasi-identifiers of those still below k."""
-    if not 0.0 <= max_suppression <= 1.0:
-        raise ValueError("max_suppression must be within [0, 1]")
-    before = measure_k(con, table, quasi_identifiers, k)
-    report = EnforcementReport(before, before)
-    current = before
+    max_share_below_k: float,
+) -> tuple[KAnonymityReport, list[str]]:
+    """Full-domain generalisation: apply the ladder's steps in order while more than
+    ``max_share_below_k`` of the records sit in groups smaller than k. Returns the measure after
+    the last step applied and the names of the steps applied; what to do with the records still
+    below k is the caller's decision."""
+    if not 0.0 <= max_share_below_k <= 1.0:
+        raise ValueError("max_share_below_k must be within [0, 1]")
+    current = measure_k(con, table, quasi_identifiers, k)
+    applied: list[str] = []
     for step in ladder:
-        if current.share_below_k <= max_suppression:
+        if current.share_below_k <= max_share_below_k:
             break
         con.execute(f"UPDATE {_ident(table)} SET {step.set_clause}")
-        report.steps_applied.append(step.name)
+        applied.append(step.name)
         current = measure_k(con, table, quasi_identifiers, k)
-    if not current.passed:
-        cols = [_ident(c) for c in quasi_identifiers]
-        key = ", ".join(cols)
-        small = con.execute(
-            f"""
-            UPDATE {_ident(table)} SET {", ".join(f"{c} = '{SUPPRESSED}'" for c in cols)}
-            WHERE ({key}) IN (
-                SELECT ({key}) FROM {_ident(table)} GROUP BY {key} HAVING count(*) < {int(k)}
-            )
-            """
-        ).fetchall()
-        report.suppressed = int(small[0][0]) if small else 0
-        current = measure_k(con, table, quasi_identifiers, k)
-    report.after = current
-    return report
+    return current, applied

@@ -3,7 +3,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from deid.risk import GeneralisationStep, enforce_k, measure_k
+from deid.risk import GeneralisationStep, generalise_until, measure_k
 
 QIS = ["age_band", "sex", "zip3"]
 
@@ -38,7 +38,7 @@ def test_measure_k_counts_small_groups() -> None:
         measure_k(con, "rel; drop table rel", QIS, 5)
 
 
-def test_enforce_generalises_then_suppresses() -> None:
+def test_generalises_until_few_enough_are_below_k() -> None:
     con = duckdb.connect()
     table(con)
     ladder = [
@@ -49,8 +49,9 @@ def test_enforce_generalises_then_suppresses() -> None:
             "(CAST(split_part(age_band, '-', 1) AS INT) // 10 * 10 + 9)::VARCHAR END",
         )
     ]
-    report = enforce_k(con, "rel", QIS, 5, ladder, max_suppression=0.01)
-    assert report.steps_applied == ["age to 10-year bands"]
-    assert report.after.passed and report.suppressed == 3
-    assert report.after.suppressed_records == 3
+    after, applied = generalise_until(con, "rel", QIS, 5, ladder, max_share_below_k=0.01)
+    assert applied == ["age to 10-year bands"]
+    assert after.records_below_k == 3  # left for the caller to withhold
     assert con.execute("SELECT count(*) FROM rel").fetchall()[0][0] == 63  # nobody dropped
+    with pytest.raises(ValueError, match="within"):
+        generalise_until(con, "rel", QIS, 5, ladder, max_share_below_k=1.5)

@@ -168,8 +168,9 @@ def ingest(
         "workers": report.workers,
     }
     con = warehouse.connect(read_only=True)
-    try:
+    try:  # one read of the warehouse after the pass: the vault's totals and the reconciliation
         current, patients = vault_totals(con)
+        rec = reconcile_batch(con, context.partition_key)
     finally:
         con.close()
     vault_meta["dagster/row_count"] = current
@@ -183,11 +184,6 @@ def ingest(
             "reasons": _count_table(report.quarantine_reasons),
         },
     )
-    con = warehouse.connect(read_only=True)
-    try:
-        rec = reconcile_batch(con, context.partition_key)
-    finally:
-        con.close()
     yield quarantine_rate_result(
         report.records_in, report.quarantined, ingest_settings.max_quarantine_rate
     )

@@ -370,36 +370,53 @@ class ReleaseCanaryCache:
             self._state, self._canaries = None, None
 
 
+_NOT_TEXT = ("TIMESTAMP", "DOUBLE", "BIGINT", "INTEGER", "BOOLEAN")
+
+
+def _text_columns(cursor: duckdb.DuckDBPyConnection, table: str) -> tuple[list[str], set[str]]:
+    """The columns of ``table`` the scan reads (every one that can hold text: timestamps are
+    event times, not birth dates) and the names of all its columns."""
+    described = cursor.execute(f"DESCRIBE {table}").fetchall()
+    text = [name for name, type_, *_ in described if not str(type_).startswith(_NOT_TEXT)]
+    return text, {name for name, *_ in described}
+
+
+def _scan_value(name: str, value: Any) -> Any:
+    # *_display columns hold terminology text: single name parts are not counted there
+    return {"system": "", "code": "", "display": value} if name.endswith("_display") else value
+
+
 def scan_released_table(
     con: duckdb.DuckDBPyConnection,
     canaries: CanarySet,
     table: str,
     id_column: str = "id",
     patient_column: str | None = "patient_id",
+    *,
+    distinct_rows: bool = False,
 ) -> LeakScanResult:
     """Scan every text-like column of a released table (views, features). Columns named
     ``*_display`` hold terminology text (single name parts are not counted there, as in a
-    Coding's display); timestamps are event times, not birth dates, and are not searched."""
+    Coding's display); timestamps are event times, not birth dates, and are not searched.
+
+    ``distinct_rows`` scans each distinct combination of the row name, the patient and the text
+    columns once: exactly what a row-by-row scan finds, for tables whose rows repeat the same
+    text (feature tables: a patient's codes on each of their rows)."""
     cursor = con.cursor()
     try:
-        described = cursor.execute(f"DESCRIBE {table}").fetchall()
-        columns = [
-            (name, type_)
-            for name, type_, *_ in described
-            if not str(type_).startswith(("TIMESTAMP", "DOUBLE", "BIGINT", "INTEGER", "BOOLEAN"))
-        ]
-        names = {name for name, *_ in described}
+        columns, names = _text_columns(cursor, table)
         patient_expr = f'"{patient_column}"' if patient_column in names else "NULL"
         id_expr = f'"{id_column}"' if id_column in names else "NULL"
-        select = ", ".join(f'CAST("{name}" AS VARCHAR)' for name, _ in columns) or "NULL"
-        cursor.execute(f"SELECT {id_expr}, {patient_expr}, {select} FROM {table}")
+        select = ", ".join(f'CAST("{name}" AS VARCHAR)' for name in columns) or "NULL"
+        distinct = "DISTINCT " if distinct_rows else ""
+        cursor.execute(f"SELECT {distinct}{id_expr}, {patient_expr}, {select} FROM {table}")
 
         def rows() -> Any:
             while chunk := cursor.fetchmany(5_000):
                 for row_id, patient, *values in chunk:
                     value = [
-                        {"system": "", "code": "", "display": v} if name.endswith("_display") else v
-                        for (name, _), v in zip(columns, values, strict=False)
+                        _scan_value(name, v)
+                        for name, v in zip(columns, values, strict=False)
                         if v is not None
                     ]
                     yield str(row_id), value, patient
@@ -407,6 +424,47 @@ def scan_released_table(
         return scan_rows(canaries, rows())
     finally:
         cursor.close()
+
+
+def scan_column_values(
+    con: duckdb.DuckDBPyConnection,
+    canaries: CanarySet,
+    table: str,
+    skip_columns: tuple[str, ...] = ("id", "patient_id"),
+) -> LeakScanResult:
+    """Scan each distinct value of every text-like column of ``table`` once, without its
+    patient: names, identifiers, phones, emails and addresses of any patient are found wherever
+    they stand; a patient's own birth date (searched only in that patient's rows) is not.
+    ``skip_columns`` are the platform's own pseudonyms (keyed digests, never input text). A
+    hit is named ``<column>:distinct``, never by the value."""
+    cursor = con.cursor()
+    try:
+        columns, _ = _text_columns(cursor, table)
+
+        def rows() -> Any:
+            for name in columns:
+                if name in skip_columns:
+                    continue
+                cursor.execute(
+                    f'SELECT DISTINCT CAST("{name}" AS VARCHAR) FROM {table} '
+                    f'WHERE "{name}" IS NOT NULL'
+                )
+                while chunk := cursor.fetchmany(5_000):
+                    for (value,) in chunk:
+                        yield f"{name}:distinct", [_scan_value(name, value)], None
+
+        return scan_rows(canaries, rows())
+    finally:
+        cursor.close()
+
+
+def merged_scans(*results: LeakScanResult) -> LeakScanResult:
+    """One result of several scans over parts of a table, with the same canaries."""
+    merged = LeakScanResult(canaries=max((r.canaries for r in results), default=0))
+    for result in results:
+        merged.scanned_rows += result.scanned_rows
+        merged.hits.extend(result.hits)
+    return merged
 
 
 def scan_released_batch(

@@ -21,12 +21,12 @@ from dagster import (
 )
 
 from deid.leakscan import LeakScanResult
-from deid.release import scan_released_table
 from fhirlake.viewdef import ViewDefinition, load_view
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.resources import KeyProviderResource, WarehouseResource
-from pipelines.views.tables import VIEWS_DIR, VIEWS_SCHEMA, run_view_over_release, view_files
+from pipelines.views.refresh import refresh_view
+from pipelines.views.tables import VIEWS_DIR, VIEWS_SCHEMA, view_files
 
 
 def view_asset_key(name: str) -> AssetKey:
@@ -70,19 +70,17 @@ def build_view_asset(path: Path) -> AssetsDefinition:
         con = warehouse.connect()
         try:
             canaries = RELEASE_CANARIES.get(con, keys.provider())
-            # staged, scanned, then published: rows that fail the scan are never visible
-            result = run_view_over_release(
-                con,
-                view,
-                Path(warehouse.workdir),
-                check=lambda c, staging: scan_released_table(c, canaries, staging),
-            )
+            # only the rows of resources that changed are rebuilt; staged, scanned, then
+            # published: rows that fail the scan are never visible
+            refresh = refresh_view(con, view, Path(warehouse.workdir), canaries)
         finally:
             con.close()
+        result = refresh.result
         scan: LeakScanResult = result.check
         context.log.info(
-            f"view {view.name}: {result.rows} rows from {result.resources} resources "
-            f"in {result.seconds:.1f}s; "
+            f"view {view.name} ({refresh.mode}): {result.rows} rows from {result.resources} "
+            f"resources, {refresh.resources_changed} changed and {refresh.resources_removed} "
+            f"removed, in {result.seconds:.1f}s; "
             + ("published" if result.published else "not published: the leak scan failed")
         )
         yield MaterializeResult(
@@ -97,6 +95,9 @@ def build_view_asset(path: Path) -> AssetsDefinition:
                 "table": result.table,
                 "parquet": MetadataValue.path(str(result.parquet)),
                 "seconds": result.seconds,
+                "refresh": refresh.mode,
+                "resources_changed": refresh.resources_changed,
+                "resources_removed": refresh.resources_removed,
             },
         )
         yield leak_scan_result(key, scan)

@@ -245,6 +245,23 @@ def bench_views_cmd(patients: int, seed: int, input_dir: Path | None) -> None:
     )
 
 
+@bench.command("release")
+@click.option("--patients", type=click.IntRange(min=20), default=1000, show_default=True)
+@click.option("--share", type=click.FloatRange(0.001, 0.5), default=0.01, show_default=True)
+@click.option("--seed", type=int, default=7, show_default=True)
+@click.option("--keep", type=click.Path(path_type=Path), default=None, help="keep the folders here")
+def bench_release_cmd(patients: int, share: float, seed: int, keep: Path | None) -> None:
+    """A small late batch (its batch run and the release after it) against a full release of
+    the same data; and whether both give the same released tables."""
+    import tempfile
+
+    from pipelines.bench.release import bench_release, print_release_bench
+
+    with tempfile.TemporaryDirectory(prefix="ehr-bench-release-") as tmp:
+        root = keep or Path(tmp)
+        print_release_bench(bench_release(root, patients, share, seed))
+
+
 @bench.command("features")
 @click.option("--entity-rows", type=click.IntRange(min=10), default=100_000, show_default=True)
 @click.option("--patients", type=click.IntRange(min=10), default=10_000, show_default=True)

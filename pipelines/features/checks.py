@@ -56,5 +56,8 @@ def scan_feature_table(
 ) -> LeakScanResult:
     """The release leak scan (:func:`deid.release.scan_released_table`) of one feature table;
     a row is named by its patient pseudonym, and a patient's own birth date is searched in
-    that patient's rows."""
-    return scan_released_table(con, canaries, f"{FEATURES_SCHEMA}.{name}", id_column="patient_id")
+    that patient's rows. The text of a feature table (the patient pseudonym and a few codes)
+    repeats on each of a patient's rows: each distinct combination is scanned once."""
+    return scan_released_table(
+        con, canaries, f"{FEATURES_SCHEMA}.{name}", id_column="patient_id", distinct_rows=True
+    )

@@ -105,6 +105,25 @@ def run_view_over_release(
             rows, published, outcome = staged.rows, staged.published, staged.check
     finally:
         con.execute(f"DROP TABLE IF EXISTS {scratch}")
+    return view_result(con, view, workdir, started, published=published, check=outcome, rows=rows)
+
+
+def view_result(
+    con: duckdb.DuckDBPyConnection,
+    view: ViewDefinition,
+    workdir: Path,
+    started: float,
+    *,
+    published: bool,
+    check: Any,
+    rows: int | None = None,
+) -> ViewRunResult:
+    """The result of a view run: counts of the published table (``rows`` when given: the rows
+    staged, published or not), the resources of its type, its columns and the time since
+    ``started``."""
+    table = f"{VIEWS_SCHEMA}.{view.name}"
+    if rows is None:
+        rows = _count(con, f"SELECT count(*) FROM {table}")
     names = {c.name for c in view.columns}
     patients = 0
     if not published:
@@ -116,7 +135,7 @@ def run_view_over_release(
     return ViewRunResult(
         name=view.name,
         table=table,
-        parquet=parquet,
+        parquet=Workdir(Path(workdir)).views / f"{view.name}.parquet",
         rows=rows,
         resources=_count(
             con, "SELECT count(*) FROM deid_resources WHERE resource_type = ?", [view.resource]
@@ -125,5 +144,5 @@ def run_view_over_release(
         columns=[(c.name, duckdb_type(c)) for c in view.columns],
         seconds=round(time.perf_counter() - started, 3),
         published=published,
-        check=outcome,
+        check=check,
     )

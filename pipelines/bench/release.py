@@ -1,0 +1,169 @@
+"""``ehr bench release``: what a small batch costs against a full release, printed (never
+asserted).
+
+A generated cohort is split into a base batch and a late batch (``--share`` of the patients,
+1 % by default: whole patient files moved to a second landing folder). Two work directories,
+one keyring (the same pseudonyms and date shifts), each with its own Dagster instance:
+
+- *incremental*: the base batch, the release, then the late batch and the release again, the
+  way the landing sensor and the release automation run them (one batch run, one release run);
+- *full*: both batches, then one release over everything: a full release.
+
+It prints the seconds of each run, the ratios of the late batch's cost (its batch run plus its
+release run) to the full release run and to the whole full pipeline (goal: at most 0.10 of a
+full release), each release step's seconds, and whether the two work directories' released
+tables are equal (content digests; the feature tables' ``created`` column, the build time, is
+left out, and floating-point values are compared to 9 decimals).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+from dagster import DagsterInstance, materialize
+
+from fhirlake.synthetic.generator import generate
+from pipelines.definitions import batch_assets, build_resources, release_assets
+from pipelines.partitions import batch_partitions
+from pipelines.workdir import Workdir
+from vault.keys import init_keyring
+
+_PARTITIONS = batch_partitions.name or "batches"
+# columns that differ between two correct builds: when they were built
+_BUILD_TIME_COLUMNS = ("created",)
+
+
+def split_cohort(root: Path, patients: int, share: float, seed: int) -> tuple[str, str]:
+    """Generate ``patients`` into ``root/landing/base`` and move the last ``share`` of the
+    patient files to ``root/landing/late``; the two batch keys."""
+    base = root / "landing" / "base"
+    late = root / "landing" / "late"
+    generate(patients=patients, seed=seed, out_dir=base)
+    late.mkdir(parents=True)
+    files = sorted(p for p in base.glob("[0-9]*.json"))
+    for path in files[len(files) - max(1, round(patients * share)) :]:
+        shutil.move(path, late / path.name)
+    return "base", "late"
+
+
+def _timed(
+    assets: list[Any], instance: DagsterInstance, resources: dict[str, Any], partition: str | None
+) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = materialize(
+        assets,
+        partition_key=partition,
+        instance=instance,
+        resources=resources,
+        raise_on_error=True,
+    )
+    return time.perf_counter() - started, result
+
+
+def step_seconds(instance: DagsterInstance, run_id: str) -> dict[str, float]:
+    """Seconds of each step of a run, from its event log."""
+    started: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for record in instance.all_logs(run_id):
+        event = record.dagster_event
+        if event is None or event.step_key is None:
+            continue
+        if event.event_type_value == "STEP_START":
+            started[event.step_key] = record.timestamp
+        elif event.event_type_value in ("STEP_SUCCESS", "STEP_FAILURE"):
+            seconds[event.step_key] = round(record.timestamp - started[event.step_key], 2)
+    return seconds
+
+
+def _workdir_run(root: Path, landing: Path, key_file: Path) -> tuple[dict[str, Any], Any]:
+    init_keyring(key_file)
+    resources = build_resources(str(root), str(landing), str(key_file))
+    home = Workdir(root).dagster_home
+    home.mkdir(parents=True, exist_ok=True)
+    return resources, DagsterInstance.local_temp(str(home.resolve()))
+
+
+def release_digests(warehouse: Path) -> dict[str, str]:
+    """A content digest of every released table, independent of row order; floating-point
+    values to 9 decimals (a parallel sum differs in its last bits from one build to the next)."""
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        tables = con.execute(
+            "SELECT schema_name, table_name FROM duckdb_tables() "
+            "WHERE schema_name IN ('views', 'features') OR table_name = 'released_patients' "
+            "ORDER BY 1, 2"
+        ).fetchall()
+        digests = {}
+        for schema, table in tables:
+            columns = [
+                f'round("{name}", 9)' if type_ == "DOUBLE" else f'"{name}"'
+                for name, type_, *_ in con.execute(f"DESCRIBE {schema}.{table}").fetchall()
+                if name not in _BUILD_TIME_COLUMNS
+            ]
+            ((digest,),) = con.execute(
+                f"SELECT count(*) || ':' || coalesce(bit_xor(hash(t)), 0) "
+                f"FROM (SELECT {', '.join(columns)} FROM {schema}.{table}) t"
+            ).fetchall()
+            digests[f"{schema}.{table}"] = str(digest)
+        return digests
+    finally:
+        con.close()
+
+
+def bench_release(root: Path, patients: int, share: float, seed: int) -> dict[str, Any]:
+    """Run both work directories and return the measurements."""
+    base, late = split_cohort(root, patients, share, seed)
+    landing = root / "landing"
+    out: dict[str, Any] = {"patients": patients, "share": share}
+    resources, instance = _workdir_run(root / "incremental", landing, root / "keys.json")
+    with instance:
+        instance.add_dynamic_partitions(_PARTITIONS, [base, late])
+        _timed(batch_assets, instance, resources, base)
+        out["first_release_s"], _ = _timed(release_assets, instance, resources, None)
+        out["late_batch_s"], _ = _timed(batch_assets, instance, resources, late)
+        out["late_release_s"], result = _timed(release_assets, instance, resources, None)
+        out["late_release_steps"] = step_seconds(instance, result.run_id)
+    resources, instance = _workdir_run(root / "full", landing, root / "keys.json")
+    with instance:
+        instance.add_dynamic_partitions(_PARTITIONS, [base, late])
+        started = time.perf_counter()
+        _timed(batch_assets, instance, resources, base)
+        _timed(batch_assets, instance, resources, late)
+        out["full_release_s"], result = _timed(release_assets, instance, resources, None)
+        out["full_pipeline_s"] = time.perf_counter() - started
+        out["full_release_steps"] = step_seconds(instance, result.run_id)
+    late_cost = out["late_batch_s"] + out["late_release_s"]
+    out["ratio_to_full_release"] = late_cost / out["full_release_s"]
+    out["ratio_to_full_pipeline"] = late_cost / out["full_pipeline_s"]
+    a = release_digests(Workdir(root / "incremental").warehouse)
+    b = release_digests(Workdir(root / "full").warehouse)
+    out["tables_compared"] = len(b)
+    out["tables_differing"] = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    return out
+
+
+def print_release_bench(out: dict[str, Any]) -> None:
+    print(f"cohort: {out['patients']} patients; late batch: {out['share']:.1%} of them")
+    print(f"first release (base batch only)   {out['first_release_s']:7.1f} s")
+    print(f"late batch run                    {out['late_batch_s']:7.1f} s")
+    print(f"release after the late batch      {out['late_release_s']:7.1f} s")
+    print(f"full release (both batches)       {out['full_release_s']:7.1f} s")
+    print(f"full pipeline (ingest to model)   {out['full_pipeline_s']:7.1f} s")
+    print(
+        f"late batch + its release / full release:  {out['ratio_to_full_release']:.3f} "
+        "(goal <= 0.10)"
+    )
+    print(f"late batch + its release / full pipeline: {out['ratio_to_full_pipeline']:.3f}")
+    print("release steps (late / full), seconds:")
+    for step, full in out["full_release_steps"].items():
+        print(f"  {step:40s} {out['late_release_steps'].get(step, 0.0):6.2f} / {full:6.2f}")
+    differing = out["tables_differing"]
+    print(
+        f"released tables equal to the full release: "
+        f"{out['tables_compared'] - len(differing)}/{out['tables_compared']}"
+        + (f" (differ: {', '.join(differing)})" if differing else "")
+    )

@@ -1,0 +1,285 @@
+"""Refreshing a view after a batch with work in proportion to what changed.
+
+Each view remembers what it was built from: the id and a digest of every released resource it
+read (``release_state.view_sources``) and a digest of its ViewDefinition
+(``release_state.view_definitions``). A refresh compares them with the release as it is now:
+
+- resources new or changed since (a batch, a re-run batch, the k-anonymity step rewriting a
+  Patient, a patient no longer withheld) are run through the view again;
+- resources gone (erased, withheld) lose their rows;
+- every other row is kept as it was.
+
+A changed ViewDefinition, a view never built, or no bookkeeping at all rebuilds the view in full.
+The new rows are scanned in full (every canary, a patient's own birth date in their rows); the
+kept rows were scanned when they were published, and each distinct value of their text columns
+is scanned again against every canary known now (a patient new to the release whose name stood
+in an older row is found there too). The table and its Parquet file are published atomically
+(:mod:`pipelines.publish`); the bookkeeping is written after, so a crash in between only makes
+the next refresh redo the same resources.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+
+from deid.kanon import withheld_filter
+from deid.leakscan import CanarySet, LeakScanResult
+from deid.release import merged_scans, scan_column_values, scan_released_table
+from fhirlake.viewdef import ViewDefinition, write_view_table
+from pipelines.publish import publish_checked
+from pipelines.views.tables import (
+    VIEWS_SCHEMA,
+    ViewRunResult,
+    run_view_over_release,
+    view_result,
+)
+from pipelines.workdir import Workdir
+
+STATE_SCHEMA = "release_state"
+SOURCES = f"{STATE_SCHEMA}.view_sources"
+DEFINITIONS = f"{STATE_SCHEMA}.view_definitions"
+# Bumped when the view runner changes what it writes for the same definition and resources.
+RUNNER_VERSION = "1"
+_FETCH_ROWS = 2_000
+
+
+@dataclass(frozen=True)
+class _Scratch:
+    """Work tables of one view's refresh (regular tables in ``release_state``: a cursor
+    streaming resources is a second connection, which cannot see temporary tables), dropped
+    when the refresh ends."""
+
+    view: str
+
+    @property
+    def current(self) -> str:
+        return f"{STATE_SCHEMA}.{self.view}__current"
+
+    @property
+    def changed(self) -> str:
+        return f"{STATE_SCHEMA}.{self.view}__changed"
+
+    @property
+    def removed(self) -> str:
+        return f"{STATE_SCHEMA}.{self.view}__removed"
+
+    def drop(self, con: duckdb.DuckDBPyConnection) -> None:
+        for table in (self.current, self.changed, self.removed):
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+@dataclass(frozen=True)
+class ViewRefresh:
+    """A refreshed view: the run's result, and how much of it was new."""
+
+    result: ViewRunResult
+    mode: str  # "full", "incremental" or "unchanged"
+    resources_changed: int
+    resources_removed: int
+
+
+def definition_digest(view: ViewDefinition) -> str:
+    """A digest of the ViewDefinition as loaded (and of the runner's version)."""
+    document = orjson.dumps(view.document, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(RUNNER_VERSION.encode() + b"\0" + document).hexdigest()
+
+
+def ensure_state_tables(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA}")
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {SOURCES} "
+        "(view VARCHAR NOT NULL, id VARCHAR NOT NULL, patient_id VARCHAR, digest VARCHAR NOT NULL)"
+    )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {DEFINITIONS} (view VARCHAR PRIMARY KEY, digest VARCHAR)"
+    )
+
+
+def _stage_current_sources(
+    con: duckdb.DuckDBPyConnection, scratch: _Scratch, resource_type: str
+) -> None:
+    """Table ``scratch.current``: id, patient and digest of every released resource of the
+    view's type now (withheld patients' resources are not released)."""
+    released = withheld_filter(con)
+    con.execute(
+        f"CREATE OR REPLACE TABLE {scratch.current} AS "
+        "SELECT id, patient_id, md5(CAST(resource AS VARCHAR)) AS digest FROM deid_resources "
+        f"WHERE resource_type = ? AND {released}",
+        [resource_type],
+    )
+
+
+def _stage_differences(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> tuple[int, int]:
+    """Tables ``scratch.changed`` (ids new or changed since the view's build) and
+    ``scratch.removed`` (ids it was built from that are no longer released); their sizes."""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE {scratch.changed} AS
+        SELECT c.id FROM {scratch.current} c
+        ANTI JOIN (SELECT id, digest FROM {SOURCES} WHERE view = ?) s
+            ON s.id = c.id AND s.digest = c.digest
+        """,
+        [scratch.view],
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE {scratch.removed} AS
+        SELECT s.id FROM (SELECT id FROM {SOURCES} WHERE view = ?) s
+        ANTI JOIN {scratch.current} c ON c.id = s.id
+        """,
+        [scratch.view],
+    )
+    ((changed,),) = con.execute(f"SELECT count(*) FROM {scratch.changed}").fetchall()
+    ((removed,),) = con.execute(f"SELECT count(*) FROM {scratch.removed}").fetchall()
+    return int(changed), int(removed)
+
+
+def _changed_resources(
+    con: duckdb.DuckDBPyConnection, scratch: _Scratch, resource_type: str
+) -> Iterator[Any]:
+    """The released resources listed in ``scratch.changed``, streamed in id order."""
+    cursor = con.cursor()
+    try:
+        cursor.execute(
+            f"SELECT d.resource FROM deid_resources d SEMI JOIN {scratch.changed} c ON c.id = d.id "
+            "WHERE d.resource_type = ? ORDER BY d.id",
+            [resource_type],
+        )
+        while chunk := cursor.fetchmany(_FETCH_ROWS):
+            for (resource,) in chunk:
+                yield orjson.loads(resource)
+    finally:
+        cursor.close()
+
+
+def _record_sources(
+    con: duckdb.DuckDBPyConnection, scratch: _Scratch, digest: str, *, full: bool
+) -> None:
+    """What the published view was built from, in one transaction."""
+    name = scratch.view
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if full:
+            con.execute(f"DELETE FROM {SOURCES} WHERE view = ?", [name])
+            con.execute(
+                f"INSERT INTO {SOURCES} SELECT ?, id, patient_id, digest FROM {scratch.current}",
+                [name],
+            )
+        else:
+            con.execute(
+                f"DELETE FROM {SOURCES} WHERE view = ? AND "
+                f"(id IN (SELECT id FROM {scratch.changed}) "
+                f"OR id IN (SELECT id FROM {scratch.removed}))",
+                [name],
+            )
+            con.execute(
+                f"INSERT INTO {SOURCES} SELECT ?, c.id, c.patient_id, c.digest "
+                f"FROM {scratch.current} c SEMI JOIN {scratch.changed} x ON x.id = c.id",
+                [name],
+            )
+        con.execute(f"INSERT OR REPLACE INTO {DEFINITIONS} VALUES (?, ?)", [name, digest])
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def _needs_full_build(
+    con: duckdb.DuckDBPyConnection, view: ViewDefinition, workdir: Path, digest: str
+) -> bool:
+    """No table, no Parquet file, or no record of the definition it was built with (or another
+    one): the view is built in full."""
+    ((tables,),) = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+        [VIEWS_SCHEMA, view.name],
+    ).fetchall()
+    found = con.execute(f"SELECT digest FROM {DEFINITIONS} WHERE view = ?", [view.name]).fetchone()
+    parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
+    return not tables or not parquet.exists() or found is None or found[0] != digest
+
+
+def refresh_view(
+    con: duckdb.DuckDBPyConnection, view: ViewDefinition, workdir: Path, canaries: CanarySet
+) -> ViewRefresh:
+    """Bring ``views.<name>`` and its Parquet file up to date with the release, rebuilding
+    only the rows of resources that changed; published only when the leak scan passes."""
+    started = time.perf_counter()
+    ensure_state_tables(con)
+    digest = definition_digest(view)
+    scratch = _Scratch(view.name)
+    try:
+        _stage_current_sources(con, scratch, view.resource)
+        if _needs_full_build(con, view, workdir, digest):
+            result = run_view_over_release(
+                con, view, workdir, check=lambda c, t: scan_released_table(c, canaries, t)
+            )
+            if result.published:
+                _record_sources(con, scratch, digest, full=True)
+            ((count,),) = con.execute(f"SELECT count(*) FROM {scratch.current}").fetchall()
+            return ViewRefresh(result, "full", int(count), 0)
+        changed, removed = _stage_differences(con, scratch)
+        if not changed and not removed:
+            scan = LeakScanResult(canaries=len(canaries))
+            result = view_result(con, view, workdir, started, published=True, check=scan)
+            return ViewRefresh(result, "unchanged", 0, 0)
+        result = _publish_changes(con, view, scratch, workdir, canaries, started)
+        if result.published:
+            _record_sources(con, scratch, digest, full=False)
+        return ViewRefresh(result, "incremental", changed, removed)
+    finally:
+        scratch.drop(con)
+
+
+def _publish_changes(
+    con: duckdb.DuckDBPyConnection,
+    view: ViewDefinition,
+    scratch: _Scratch,
+    workdir: Path,
+    canaries: CanarySet,
+    started: float,
+) -> ViewRunResult:
+    """The kept rows plus the view over the changed resources, scanned and published."""
+    table = f"{VIEWS_SCHEMA}.{view.name}"
+    new_rows = f"{STATE_SCHEMA}.{view.name}__rows"
+    try:
+        write_view_table(con, view, _changed_resources(con, scratch, view.resource), new_rows)
+        source = (
+            f"SELECT * FROM {table} WHERE id NOT IN (SELECT id FROM {scratch.changed}) "
+            f"AND id NOT IN (SELECT id FROM {scratch.removed}) "
+            f"UNION ALL BY NAME SELECT * FROM {new_rows}"
+        )
+
+        def check(c: duckdb.DuckDBPyConnection, staging: str) -> LeakScanResult:
+            # the new rows in full; the distinct values of every row against today's canaries
+            return merged_scans(
+                scan_released_table(c, canaries, new_rows),
+                scan_column_values(c, canaries, staging, skip_columns=_pseudonym_columns(view)),
+            )
+
+        parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
+        staged = publish_checked(con, table, parquet, source, check)
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {new_rows}")
+    return view_result(
+        con,
+        view,
+        workdir,
+        started,
+        published=staged.published,
+        check=staged.check,
+        rows=staged.rows,
+    )
+
+
+def _pseudonym_columns(view: ViewDefinition) -> tuple[str, ...]:
+    """Columns that hold the platform's keyed pseudonyms (the row's id, the patient's, and
+    references to other resources), never input text."""
+    return tuple(c.name for c in view.columns if c.name == "id" or c.name.endswith("_id"))

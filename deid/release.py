@@ -527,6 +527,16 @@ def _scan_staged_patients(
     )
 
 
+def release_version(con: duckdb.DuckDBPyConnection) -> str:
+    """A version of the de-identified resources as they are now: their count and an
+    order-independent digest of their content (pseudonymous ids and released JSON only)."""
+    ((count, digest),) = con.execute(
+        "SELECT count(*), coalesce(bit_xor(hash(resource_type, id, resource)), 0) "
+        "FROM deid_resources"
+    ).fetchall()
+    return f"{int(count)}-{int(digest):016x}"
+
+
 def release_totals(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """The whole release after a batch: resources released (by type) and withheld (by reason)."""
     by_type = dict(

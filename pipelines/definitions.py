@@ -12,6 +12,7 @@ from dagster import (
     in_process_executor,
 )
 
+from pipelines.assets.deid import release_input
 from pipelines.assets.freshness import online_store_freshness
 from pipelines.features.resources import FeastStoreResource
 from pipelines.jobs import BATCH_ASSETS, RELEASE_ASSETS, RELEASE_SELECTION, batch_job, release_job
@@ -71,7 +72,7 @@ release_automation = AutomationConditionSensorDefinition(
 )
 
 defs = Definitions(
-    assets=all_assets,
+    assets=[*all_assets, release_input],
     asset_checks=[online_store_freshness],
     jobs=[batch_job, release_job],
     sensors=[landing_sensor, release_automation],

@@ -131,8 +131,10 @@ def _batch_summary(batch: str, reports: dict[str, dict[str, Any]]) -> dict[str, 
 
 
 def build_summary(
-    workdir: Workdir, batch_reports: dict[str, dict[str, dict[str, Any]]],
-    release: dict[str, dict[str, Any]], runs: list[dict[str, Any]],
+    workdir: Workdir,
+    batch_reports: dict[str, dict[str, dict[str, Any]]],
+    release: dict[str, dict[str, Any]],
+    runs: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """The run summary from the stage reports of the batch runs and the release run."""
     batches = [_batch_summary(key, reports) for key, reports in batch_reports.items()]

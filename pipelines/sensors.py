@@ -128,7 +128,10 @@ def _request(key: str, state: BatchState) -> RunRequest:
 
 
 def _follow_run(
-    context: SensorEvaluationContext, landing: LandingResource, key: str, state: BatchState,
+    context: SensorEvaluationContext,
+    landing: LandingResource,
+    key: str,
+    state: BatchState,
     now: float,
 ) -> tuple[RunRequest | None, str | None]:
     """A batch whose run was requested: done on success, retried (bounded) on failure."""

@@ -12,6 +12,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _runs_stay_in_the_workdir(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make test` exports the repository's DAGSTER_HOME (for `make ui`); runs made by tests
+    go to each test's own work directory instead (see pipelines.run.open_instance)."""
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     """``../shared/data``; tests that need it skip cleanly when it is absent."""

@@ -11,6 +11,8 @@ from dagster import (
     AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
+    AssetMaterialization,
     AssetSpec,
     AutomationCondition,
     MaterializeResult,
@@ -19,7 +21,7 @@ from dagster import (
 )
 
 from deid.policy import Policy
-from deid.release import build_released_patients, release_totals
+from deid.release import build_released_patients, release_totals, release_version
 from deid.staging import publish_batch
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
@@ -41,6 +43,22 @@ def k_anonymity_settings(settings: DeidSettings) -> tuple[int, float]:
         int(k) if k else settings.k,
         float(share) if share else settings.max_withheld_share,
     )
+
+
+# Every release asset depends on this one, so that a published batch marks all of them stale
+# at once: Dagster's stale status looks at an asset's direct dependencies only, and without it
+# features, Feast and the model looked fresh until the release caught up. It is reported (not
+# built) by the de-identification step each time a batch is published, with the release's
+# content version as its data version.
+RELEASE_INPUT = AssetKey("release_input")
+release_input = AssetSpec(
+    RELEASE_INPUT,
+    group_name="deid",
+    description="The de-identified resources of every batch as one input of the release: a "
+    "new version each time a batch is published.",
+    kinds={"duckdb"},
+)
+DATA_VERSION_TAG = "dagster/data_version"
 
 
 def _table(rows: dict[str, int], head: str) -> MetadataValue:
@@ -87,6 +105,7 @@ def deid_resources(
             con, provider, context.partition_key, policy, terminology=release_terminology()
         )
         table = release_totals(con)
+        version = release_version(con) if batch.published else None
     finally:
         con.close()
     report, scan = batch.report, batch.scan
@@ -111,6 +130,15 @@ def deid_resources(
         },
     )
     yield leak_scan_result("deid_resources", scan)
+    if version is not None:
+        context.log_event(
+            AssetMaterialization(
+                RELEASE_INPUT,
+                description=f"batch {context.partition_key} published",
+                metadata={"dagster/row_count": table["released"], "batch": context.partition_key},
+                tags={DATA_VERSION_TAG: version},
+            )
+        )
 
 
 @multi_asset(
@@ -118,7 +146,7 @@ def deid_resources(
         AssetSpec(
             "released_patients",
             group_name="deid",
-            deps=["deid_resources"],
+            deps=["deid_resources", RELEASE_INPUT],
             description="One row per released patient: quasi-identifiers, k-anonymous.",
             automation_condition=AutomationCondition.eager(),
             kinds={"duckdb"},

@@ -19,6 +19,7 @@ from dagster import (
 )
 
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
+from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import image_metadata
 from pipelines.features.checks import opted_out_rows, scan_feature_table, table_shape
@@ -45,7 +46,7 @@ FEATURE_ASSET_KEYS: list[AssetKey] = [feature_asset_key(name) for name in FEATUR
         AssetSpec(
             feature_asset_key(name),
             group_name="features",
-            deps=[AssetKey(["views", view]) for view in views],
+            deps=[RELEASE_INPUT, *(AssetKey(["views", view]) for view in views)],
             description=f"Feature table `{FEATURES_SCHEMA}.{name}`: a row wherever a patient's "
             "value changes (events, window edges, birthdays), exact at any time (Parquet for "
             "Feast).",

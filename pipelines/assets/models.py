@@ -19,6 +19,7 @@ from dagster import (
 )
 
 from deid.policy import Policy
+from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import card_metadata, image_metadata
 from pipelines.features.resources import FeastStoreResource
@@ -59,6 +60,7 @@ def censor_margin_days(profile: str) -> int:
     group_name=GROUP,
     # views.patient only adds deaths recorded on the patient; the label works without it.
     deps=[
+        RELEASE_INPUT,
         AssetKey(["views", "encounter"]),
         AssetKey(["views", "consent"]),
         AssetKey(["views", "patient"]),
@@ -99,7 +101,7 @@ def readmission_labels(
 
 @asset(
     group_name=GROUP,
-    deps=[readmission_labels, FEAST_ONLINE_STORE],
+    deps=[RELEASE_INPUT, readmission_labels, FEAST_ONLINE_STORE],
     pool=WAREHOUSE_POOL,
     kinds={"feast", "parquet"},
     automation_condition=AutomationCondition.eager(),
@@ -180,7 +182,7 @@ def model_metadata(report: ModelReport) -> dict[str, MetadataValue]:
 
 @asset(
     group_name=GROUP,
-    deps=[readmission_training_set, AssetKey(["views", "patient"])],
+    deps=[RELEASE_INPUT, readmission_training_set, AssetKey(["views", "patient"])],
     kinds={"sklearn"},
     automation_condition=AutomationCondition.eager(),
     pool=WAREHOUSE_POOL,

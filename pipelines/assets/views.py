@@ -23,6 +23,7 @@ from dagster import (
 from deid.leakscan import LeakScanResult
 from fhirlake.viewdef import ViewDefinition, load_view
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
+from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.resources import KeyProviderResource, WarehouseResource
 from pipelines.views.refresh import refresh_view
@@ -45,7 +46,7 @@ def build_view_asset(path: Path) -> AssetsDefinition:
             AssetSpec(
                 key,
                 group_name="views",
-                deps=["deid_resources", "released_patients"],
+                deps=["deid_resources", "released_patients", RELEASE_INPUT],
                 description=description,
                 metadata={"view_file": str(path.name), "resource": view.resource},
                 kinds={"duckdb", "parquet"},

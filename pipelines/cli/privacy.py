@@ -218,6 +218,28 @@ def forget(
             "nothing of this patient was found; its tombstone keeps it out of later runs",
             err=True,
         )
+        return
+    _report_release_changed(workdir)
+
+
+def _report_release_changed(workdir: Workdir) -> None:
+    """Tell the Dagster instance that the release input changed (a patient was erased), so
+    the release (the model trained with the patient among others) shows stale and the
+    release automation refreshes it."""
+    from dagster import AssetMaterialization
+
+    from deid.release import release_version
+    from pipelines.assets.deid import DATA_VERSION_TAG, RELEASE_INPUT
+    from pipelines.run import open_instance
+
+    with _warehouse(workdir, read_only=True) as con:
+        version = release_version(con)
+    with open_instance(workdir) as instance:
+        instance.report_runless_asset_event(
+            AssetMaterialization(
+                RELEASE_INPUT, description="a patient was erased", tags={DATA_VERSION_TAG: version}
+            )
+        )
 
 
 @click.command("reidentify")

@@ -22,9 +22,11 @@ import pytest
 from click.testing import CliRunner
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from dagster import DagsterInstance
 
 from deid.policy import Policy
 from deid.release import deidentify_batch
+from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.cli.privacy import audit_log_for, forget
 from pipelines.views.tables import load_views, run_view_over_release
 from pipelines.workdir import Workdir
@@ -178,6 +180,11 @@ def test_forget_then_rerun_keeps_the_patient_out(world: dict[str, Any], key_file
     assert report["rows_deleted"]["phi_vault"] == 3  # Patient, Condition, conditional Obs
     # the research profile releases no performer: nothing to remove here (see test_erasure)
     assert report["places"]["released_references"] == 0
+    # the Dagster instance of the workdir learns that the release input changed
+    with DagsterInstance.local_temp(str(workdir.dagster_home.resolve())) as instance:
+        event = instance.get_latest_materialization_event(RELEASE_INPUT)
+        assert event is not None and event.asset_materialization is not None
+        assert event.asset_materialization.description == "a patient was erased"
 
     # the same files again, as the same batch and as a new one
     shutil.copytree(world["landing"], world["landing"].parent / "b2")

@@ -1,85 +1,330 @@
 """Statistics of a built feature table for its Dagster metadata: the null rate of every feature
 and one PNG of their distributions (aggregates only, never a row).
 
-Both are taken over each patient's latest row (the value the online store serves): the change
-point rows repeat a patient's values many times, which would weigh long records more."""
+The distributions are taken over each patient's latest row (the value the online store serves):
+the change point rows repeat a patient's values many times, which would weigh long records more.
+DuckDB computes them in one query (histogram counts, flag counts, the most frequent codes), so no
+row reaches Python; the PNG is drawn from those counts."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import duckdb
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection, PolyCollection
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from pipelines.features.tables import FEATURES_SCHEMA
 
 KEY_COLUMNS = ("patient_id", "event_timestamp", "created")
+BINS = 20  # equal-width bins over [min, max], as numpy.histogram(values, bins=BINS)
+TOP_CODES = 8
 GRID_COLUMNS = 4
+CELL_INCHES = (3.0, 2.2)
+TITLE_INCHES = 0.4
+DPI = 80
+BLUE, GREY = "#4477aa", "#999999"
+FLAG_LABELS = ("false", "true")
+
+Kind = Literal["number", "year", "flag", "code"]
+_NUMERIC = {
+    *("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "FLOAT", "DOUBLE"),
+    *("UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"),
+}
+_TIMES = {
+    "DATE",
+    "TIMESTAMP",
+    "TIMESTAMP WITH TIME ZONE",
+    "TIMESTAMP_S",
+    "TIMESTAMP_MS",
+    "TIMESTAMP_NS",
+}
 
 
-def latest_rows(con: duckdb.DuckDBPyConnection, name: str) -> pd.DataFrame:
-    """Each patient's latest row of ``features.<name>``, without the key columns."""
-    frame = con.execute(
-        f"SELECT * EXCLUDE (patient_id, created) FROM {FEATURES_SCHEMA}.{name} "
-        "QUALIFY row_number() OVER (PARTITION BY patient_id ORDER BY event_timestamp DESC) = 1"
-    ).df()
-    return frame.drop(columns=["event_timestamp"])
+@dataclass(frozen=True)
+class Distribution:
+    """One feature over the latest rows. ``number`` and ``year`` (a date's year) features have
+    ``counts`` per bin of edges ``linspace(low, high, BINS + 1)`` (the last bin includes
+    ``high``); ``flag`` features count ``FLAG_LABELS`` and ``code`` features their
+    ``TOP_CODES`` most frequent labels, most frequent first."""
+
+    feature: str
+    kind: Kind
+    rows: int
+    present: int
+    counts: tuple[int, ...]
+    labels: tuple[str, ...] = ()
+    low: float = 0.0
+    high: float = 1.0
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.low, self.high, BINS + 1)
 
 
 def null_rates(con: duckdb.DuckDBPyConnection, name: str) -> dict[str, float]:
     """Share of null values per feature over all rows (rounded to 4 places)."""
-    columns = [
-        str(c)
-        for c, *_ in con.execute(f"DESCRIBE {FEATURES_SCHEMA}.{name}").fetchall()
-        if c not in KEY_COLUMNS
-    ]
+    columns = list(feature_kinds(con, name))
     if not columns:
         return {}
-    select = ", ".join(f'avg(("{c}" IS NULL)::INT) AS "{c}"' for c in columns)
+    select = ", ".join(f"avg(({_q(c)} IS NULL)::INT) AS {_q(c)}" for c in columns)
     row = con.execute(f"SELECT {select} FROM {FEATURES_SCHEMA}.{name}").fetchone() or ()
     return {c: round(float(v or 0.0), 4) for c, v in zip(columns, row, strict=True)}
 
 
-def _draw(ax: plt.Axes, name: str, values: pd.Series) -> None:
-    present = values.dropna()
-    if pd.api.types.is_datetime64_any_dtype(values.dtype):
-        ax.hist(present.dt.year if len(present) else [], bins=20, color="#4477aa")
-    elif pd.api.types.is_bool_dtype(values.dtype) or (
-        values.dtype == object and present.map(lambda v: isinstance(v, bool)).all()
-    ):
-        share = float(present.astype(bool).mean()) if len(present) else 0.0
-        ax.bar(["false", "true"], [1 - share, share], color=["#999999", "#4477aa"])
-    elif pd.api.types.is_numeric_dtype(values.dtype):
-        ax.hist(present.astype(float), bins=20, color="#4477aa")
+def feature_kinds(con: duckdb.DuckDBPyConnection, name: str) -> dict[str, Kind]:
+    """Each feature column of ``features.<name>`` (table order) and how it is summarised."""
+    return {
+        str(column): _kind(str(sql_type))
+        for column, sql_type, *_ in con.execute(f"DESCRIBE {FEATURES_SCHEMA}.{name}").fetchall()
+        if column not in KEY_COLUMNS
+    }
+
+
+def _kind(sql_type: str) -> Kind:
+    if sql_type == "BOOLEAN":
+        return "flag"
+    if sql_type in _TIMES:
+        return "year"
+    if sql_type in _NUMERIC or sql_type.startswith("DECIMAL("):
+        return "number"
+    return "code"  # text and anything else, counted by its text
+
+
+def _q(column: str) -> str:
+    return '"' + column.replace('"', '""') + '"'
+
+
+def _unpivot(select: str, value: str) -> str:
+    return f"UNPIVOT (SELECT {select} FROM latest) ON COLUMNS(*) INTO NAME feature VALUE {value}"
+
+
+def _distribution_sql(name: str, kinds: dict[str, Kind]) -> str:
+    """One query of rows (part, feature, label, bin, n, low, high) for every feature."""
+    numbers = [
+        f"{'year(' + _q(c) + ')' if k == 'year' else _q(c)}::DOUBLE AS {_q(c)}"
+        for c, k in kinds.items()
+        if k in ("number", "year")
+    ]
+    codes = [f"{_q(c)}::VARCHAR AS {_q(c)}" for c, k in kinds.items() if k in ("flag", "code")]
+    ctes = [
+        f"latest AS (SELECT * FROM {FEATURES_SCHEMA}.{name} QUALIFY row_number() OVER "
+        "(PARTITION BY patient_id ORDER BY event_timestamp DESC) = 1)"
+    ]
+    parts = ["SELECT 'rows', NULL, NULL, NULL, count(*), NULL, NULL FROM latest"]
+    if kinds:
+        present = ", ".join(f"count({_q(c)}) AS {_q(c)}" for c in kinds)
+        parts.append(
+            f"SELECT 'present', feature, NULL, NULL, n, NULL, NULL FROM ({_unpivot(present, 'n')})"
+        )
+    if numbers:
+        ctes += _bin_ctes(_unpivot(", ".join(numbers), "x"))
+        parts.append(
+            # numpy.histogram's fix-up: the division may land one bin off within ~1 ULP of an
+            # edge, so the value is compared with the edges linspace computes (i * step + low)
+            "SELECT 'bin', feature, NULL, CASE WHEN x < i * step + low THEN i - 1 "
+            f"WHEN i < {BINS - 1} AND x >= (i + 1) * step + low THEN i + 1 ELSE i END, "
+            "count(*), low, high FROM guessed GROUP BY ALL"
+        )
+    if codes:
+        ctes.append(f"codes AS ({_unpivot(', '.join(codes), 'label')})")
+        parts.append(
+            "SELECT 'code', feature, label, NULL, count(*), NULL, NULL FROM codes "
+            "GROUP BY feature, label QUALIFY row_number() OVER "
+            f"(PARTITION BY feature ORDER BY count(*) DESC, label) <= {TOP_CODES}"
+        )
+    return f"WITH {', '.join(ctes)} " + " UNION ALL ".join(parts)
+
+
+def _bin_ctes(values: str) -> list[str]:
+    """Each finite value with its bin guess ``i``, as numpy.histogram computes it."""
+    return [
+        f"numbers AS (SELECT * FROM ({values}) WHERE isfinite(x))",
+        # numpy widens a single-valued range by 0.5 each side
+        "ranges AS (SELECT feature, min(x) AS lo, max(x) AS hi FROM numbers GROUP BY feature)",
+        "bounds AS (SELECT feature, CASE WHEN lo = hi THEN lo - 0.5 ELSE lo END AS low, "
+        "CASE WHEN lo = hi THEN hi + 0.5 ELSE hi END AS high FROM ranges)",
+        f"guessed AS (SELECT feature, x, low, high, (high - low) / {BINS} AS step, "
+        f"least(trunc((x - low) / (high - low) * {BINS}), {BINS - 1})::INTEGER AS i "
+        "FROM numbers JOIN bounds USING (feature))",
+    ]
+
+
+def distributions(con: duckdb.DuckDBPyConnection, name: str) -> list[Distribution]:
+    """Every feature's distribution over the latest rows of ``features.<name>``."""
+    kinds = feature_kinds(con, name)
+    result = con.execute(_distribution_sql(name, kinds)).fetchall()
+    rows = next(int(n) for part, *_, n, _, _ in result if part == "rows")
+    present = {f: int(n) for part, f, _, _, n, _, _ in result if part == "present"}
+    bins: dict[str, list[int]] = {f: [0] * BINS for f in kinds}
+    bounds: dict[str, tuple[float, float]] = {}
+    labelled: dict[str, list[tuple[str, int]]] = {f: [] for f in kinds}
+    for part, feature, label, bin_, n, low, high in result:
+        if part == "bin":
+            bins[feature][bin_] = int(n)
+            bounds[feature] = (float(low), float(high))
+        elif part == "code":
+            labelled[feature].append((str(label), int(n)))
+    out = []
+    for feature, kind in kinds.items():
+        if kind in ("number", "year"):
+            low, high = bounds.get(feature, (0.0, 1.0))
+            counts = tuple(bins[feature]) if feature in bounds else ()
+            out.append(Distribution(feature, kind, rows, present[feature], counts, (), low, high))
+        elif kind == "flag":
+            seen = dict(labelled[feature])
+            counts = (seen.get("false", 0), seen.get("true", 0))
+            out.append(Distribution(feature, kind, rows, present[feature], counts, FLAG_LABELS))
+        else:
+            pairs = sorted(labelled[feature], key=lambda p: (-p[1], p[0]))
+            labels, counts = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
+            out.append(Distribution(feature, kind, rows, present[feature], counts, labels))
+    return out
+
+
+@dataclass(frozen=True)
+class _Box:
+    """A panel's plot area in figure inches."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+
+
+class _Sketch:
+    """Shapes in figure inches, collected so that all bars and all lines of a figure are drawn
+    as two collections: per-panel Axes (their tick machinery and tight_layout) cost ~30 ms each,
+    far more than the plot itself."""
+
+    def __init__(self, fig: Figure) -> None:
+        self.fig = fig
+        self.bars: list[list[tuple[float, float]]] = []
+        self.colors: list[str] = []
+        self.lines: list[list[tuple[float, float]]] = []
+
+    def bar(self, x0: float, y0: float, x1: float, y1: float, color: str = BLUE) -> None:
+        self.bars.append([(x0, y0), (x1, y0), (x1, y1), (x0, y1)])
+        self.colors.append(color)
+
+    def text(
+        self, x: float, y: float, s: str, size: float = 6, ha: str = "center", va: str = "center"
+    ) -> None:
+        transform = self.fig.dpi_scale_trans
+        self.fig.text(x, y, s, fontsize=size, ha=ha, va=va, transform=transform)
+
+    def xtick(self, box: _Box, x: float, label: str) -> None:
+        self.lines.append([(x, box.y), (x, box.y - 0.04)])
+        self.text(x, box.y - 0.06, label, va="top")
+
+    def ytick(self, box: _Box, y: float, label: str) -> None:
+        self.lines.append([(box.x, y), (box.x - 0.04, y)])
+        self.text(box.x - 0.06, y, label, ha="right", va="center")
+
+    def finish(self) -> None:
+        transform = self.fig.dpi_scale_trans
+        bars = PolyCollection(self.bars, facecolors=self.colors, edgecolors="none")
+        lines = LineCollection(self.lines, colors="black", linewidths=0.8)
+        for collection in (bars, lines):
+            collection.set_transform(transform)
+            self.fig.add_artist(collection)
+
+
+def _ticks(low: float, high: float, count: int, integer: bool = True) -> list[float]:
+    """Up to ``count`` + 1 round values within [low, high], as matplotlib's axes choose them."""
+    locator = MaxNLocator(nbins=count, steps=[1, 2, 2.5, 5, 10], integer=integer)
+    values = locator.tick_values(low, high)
+    slack = (high - low) * 1e-9
+    return [float(v) for v in values if low - slack <= v <= high + slack]
+
+
+def _label(value: float) -> str:
+    return f"{value:g}"
+
+
+def _draw_bins(sk: _Sketch, box: _Box, d: Distribution) -> None:
+    """Histogram bars on the bin edges, x ticks in the feature's unit, y ticks in patients."""
+    span = d.high - d.low
+    pad = box.w * 0.04  # matplotlib's default axes margin, so end bars do not touch the frame
+
+    def at_x(v: float) -> float:
+        return box.x + pad + (v - d.low) / span * (box.w - 2 * pad)
+
+    top = max(d.counts) * 1.05
+    edges = d.edges
+    for i, n in enumerate(d.counts):
+        if n:
+            sk.bar(at_x(edges[i]), box.y, at_x(edges[i + 1]), box.y + n / top * box.h)
+    # whole-number bounds (years, counts, days) get whole-number ticks: no "1.5 encounters"
+    whole = d.low.is_integer() and d.high.is_integer()
+    for v in _ticks(d.low, d.high, 4, integer=whole):
+        sk.xtick(box, at_x(v), _label(v))
+    for v in _ticks(0, top, 4):
+        sk.ytick(box, box.y + v / top * box.h, _label(v))
+
+
+def _draw_flags(sk: _Sketch, box: _Box, d: Distribution) -> None:
+    """The share of false and true among the present values, on a fixed 0..1 scale."""
+    for i, (label, n, color) in enumerate(zip(d.labels, d.counts, (GREY, BLUE), strict=True)):
+        left = box.x + box.w * (0.1 + 0.45 * i)
+        sk.bar(left, box.y, left + box.w * 0.35, box.y + n / d.present * box.h, color)
+        sk.xtick(box, left + box.w * 0.175, label)
+    for v in (0.0, 0.5, 1.0):  # shares, so every flag panel reads on the same scale
+        sk.ytick(box, box.y + v * box.h, _label(v))
+
+
+def _draw_codes(sk: _Sketch, box: _Box, d: Distribution) -> None:
+    """Horizontal bars of the most frequent codes, the most frequent on top."""
+    top = max(d.counts) * 1.05
+    slot = box.h / max(len(d.labels), 4)  # a few codes keep bars of a readable height
+    for i, (label, n) in enumerate(zip(d.labels, d.counts, strict=True)):
+        y = box.y + box.h - (i + 1) * slot
+        sk.bar(box.x, y + slot * 0.1, box.x + n / top * box.w, y + slot * 0.9)
+        sk.ytick(box, y + slot / 2, label if len(label) <= 10 else label[:9] + "…")
+    for v in _ticks(0, top, 4):
+        sk.xtick(box, box.x + v / top * box.w, _label(v))
+
+
+def _draw_panel(sk: _Sketch, box: _Box, d: Distribution) -> None:
+    missing = 1 - d.present / d.rows if d.rows else 0.0
+    title = f"{d.feature} (null {missing:.0%})"
+    sk.text(box.x + box.w / 2, box.y + box.h + 0.06, title, size=8, va="bottom")
+    x0, y0, x1, y1 = box.x, box.y, box.x + box.w, box.y + box.h
+    sk.lines.append([(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)])
+    if not d.present or not d.counts:
+        sk.text(box.x + box.w / 2, box.y + box.h / 2, "no values")
+    elif d.kind in ("number", "year"):
+        _draw_bins(sk, box, d)
+    elif d.kind == "flag":
+        _draw_flags(sk, box, d)
     else:
-        counts = present.astype(str).value_counts().head(8)
-        ax.barh(list(counts.index), list(counts.to_numpy()), color="#4477aa")
-    missing = 1 - len(present) / len(values) if len(values) else 0.0
-    ax.set_title(f"{name} (null {missing:.0%})", fontsize=8)
-    ax.tick_params(labelsize=6)
+        _draw_codes(sk, box, d)
 
 
 def plot_distributions(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> Path:
     """One histogram (bars for flags and codes) per feature of the latest rows, as a PNG."""
-    frame = latest_rows(con, name)
-    columns = list(frame.columns) or ["(no features)"]
-    rows = int(np.ceil(len(columns) / GRID_COLUMNS))
-    fig, axes = plt.subplots(rows, GRID_COLUMNS, figsize=(3 * GRID_COLUMNS, 2.2 * rows))
-    flat = np.atleast_1d(axes).ravel()
-    for ax, column in zip(flat, columns, strict=False):
-        if column in frame.columns:
-            _draw(ax, column, frame[column])
-    for ax in flat[len(columns) :]:
-        ax.axis("off")
-    fig.suptitle(f"{name}: each patient's latest values", fontsize=10)
-    fig.tight_layout()
+    found = distributions(con, name)
+    rows = max(1, -(-len(found) // GRID_COLUMNS))
+    cell_w, cell_h = CELL_INCHES
+    height = rows * cell_h + TITLE_INCHES
+    # a bare Figure with its own canvas: no pyplot state, so safe in any thread of the run
+    fig = Figure(figsize=(GRID_COLUMNS * cell_w, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    sk = _Sketch(fig)
+    for k, d in enumerate(found):
+        row, col = divmod(k, GRID_COLUMNS)
+        cell_y = height - TITLE_INCHES - (row + 1) * cell_h
+        _draw_panel(sk, _Box(col * cell_w + 0.55, cell_y + 0.35, cell_w - 0.75, 1.4), d)
+    if not found:
+        sk.text(GRID_COLUMNS * cell_w / 2, cell_h / 2, "(no features)", size=8)
+    title = f"{name}: each patient's latest values"
+    sk.text(GRID_COLUMNS * cell_w / 2, height - 0.1, title, size=10, va="top")
+    sk.finish()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.savefig(path, dpi=DPI)
     return path

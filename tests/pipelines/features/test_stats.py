@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipelines.features.stats import (
+    BINS,
+    TOP_CODES,
+    distributions,
+    null_rates,
+    plot_distributions,
+)
+
+START = datetime(2015, 1, 1, tzinfo=UTC)
+# numpy's bin edges themselves: a value on an edge is where a plain division lands one bin off
+EDGES = list(np.linspace(0.1, 7.3, BINS + 1))
+CODES = [f"code-{i:02d}" for i in range(12)]
+
+
+def _value(rng: np.random.Generator, i: int) -> float | None:
+    """Every third patient on an edge (both ends included, so the range is the edges' range)."""
+    if i % 3 == 0:
+        return float(EDGES[(i // 3) % len(EDGES)])
+    return None if rng.random() < 0.2 else float(rng.uniform(0.1, 7.3))
+
+
+def _patient(rng: np.random.Generator, i: int) -> list[dict[str, Any]]:
+    """A patient's rows, oldest first; older rows hold outliers that only a wrong "latest" sees."""
+    rows = []
+    count = int(rng.integers(1, 4))
+    for k in range(count):
+        latest = k == count - 1
+        rows.append(
+            {
+                "patient_id": f"p{i:04d}",
+                "event_timestamp": START + timedelta(days=30 * k + int(rng.integers(0, 29))),
+                "created": START,
+                "age": None if rng.random() < 0.1 else int(rng.integers(0, 91)),
+                "value": _value(rng, i),
+                "outlier": 1e6 if not latest else float(rng.normal(50, 10)),
+                "constant": 5.0,
+                "empty": None,
+                "flag": None if rng.random() < 0.1 else bool(rng.random() < 0.3),
+                "code": None if rng.random() < 0.1 else CODES[int(rng.zipf(1.6)) % len(CODES)],
+                "seen_at": START + timedelta(days=int(rng.integers(0, 3650))),
+            }
+        )
+    return rows
+
+
+def _table(seed: int) -> tuple[duckdb.DuckDBPyConnection, list[dict[str, Any]]]:
+    """``features.t`` in DuckDB and each patient's latest row, picked in plain Python."""
+    rng = np.random.default_rng(seed)
+    patients = [_patient(rng, i) for i in range(300)]
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute("CREATE SCHEMA features")
+    frame = pd.DataFrame([row for rows in patients for row in rows])
+    con.register("frame", frame)
+    con.execute(
+        "CREATE TABLE features.t AS SELECT patient_id, event_timestamp::TIMESTAMPTZ AS "
+        "event_timestamp, created::TIMESTAMPTZ AS created, age::BIGINT AS age, "
+        "value::DOUBLE AS value, outlier::DOUBLE AS outlier, constant::DOUBLE AS constant, "
+        "empty::DOUBLE AS empty, flag::BOOLEAN AS flag, code::VARCHAR AS code, "
+        "seen_at::TIMESTAMPTZ AS seen_at FROM frame"
+    )
+    latest = [max(rows, key=lambda r: r["event_timestamp"]) for rows in patients]
+    return con, latest
+
+
+def _present(latest: list[dict[str, Any]], column: str) -> list[Any]:
+    return [r[column] for r in latest if r[column] is not None and not pd.isna(r[column])]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_histogram_counts_match_numpy_on_the_latest_rows(seed: int) -> None:
+    con, latest = _table(seed)
+    found = {d.feature: d for d in distributions(con, "t")}
+    assert list(found) == [
+        "age",
+        "value",
+        "outlier",
+        "constant",
+        "empty",
+        "flag",
+        "code",
+        "seen_at",
+    ]
+    years = {"seen_at": lambda v: v.year}
+    for column in ("age", "value", "outlier", "constant", "seen_at"):
+        values = [years.get(column, float)(v) for v in _present(latest, column)]
+        counts, edges = np.histogram(np.array(values, dtype=float), bins=BINS)
+        d = found[column]
+        assert d.counts == tuple(int(n) for n in counts), column
+        np.testing.assert_array_equal(d.edges, edges)
+        assert (d.rows, d.present) == (len(latest), len(values))
+    np.testing.assert_array_equal(found["value"].edges, EDGES)
+    assert found["outlier"].high < 1e6  # older rows are not counted
+    assert found["seen_at"].kind == "year"
+    assert found["empty"].counts == () and found["empty"].present == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_flag_and_code_counts_match_python(seed: int) -> None:
+    con, latest = _table(seed)
+    found = {d.feature: d for d in distributions(con, "t")}
+    flags = Counter(_present(latest, "flag"))
+    assert found["flag"].labels == ("false", "true")
+    assert found["flag"].counts == (flags[False], flags[True])
+    codes = sorted(Counter(_present(latest, "code")).items(), key=lambda p: (-p[1], p[0]))
+    top = codes[:TOP_CODES]
+    assert len(codes) > TOP_CODES  # the cut is exercised
+    assert found["code"].labels == tuple(c for c, _ in top)
+    assert found["code"].counts == tuple(n for _, n in top)
+    assert found["code"].present == sum(n for _, n in codes)
+
+
+def test_plot_writes_a_valid_png_with_bars(tmp_path: Path) -> None:
+    con, _ = _table(0)
+    path = plot_distributions(con, "t", tmp_path / "stats" / "t.png")
+    assert path == tmp_path / "stats" / "t.png"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        assert image.size == (960, round((2 * 2.2 + 0.4) * 80))
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+    blue = np.all(pixels == (0x44, 0x77, 0xAA), axis=1).sum()
+    assert blue > 1000  # the bars are drawn, not only the frames
+
+
+def test_plot_of_an_empty_table_and_a_table_without_features(tmp_path: Path) -> None:
+    con, _ = _table(0)
+    con.execute("CREATE TABLE features.none AS SELECT * FROM features.t LIMIT 0")
+    con.execute(
+        "CREATE TABLE features.keys AS SELECT patient_id, event_timestamp, created FROM features.t"
+    )
+    assert all(d.counts in ((), (0, 0)) for d in distributions(con, "none"))
+    for name in ("none", "keys"):
+        path = plot_distributions(con, name, tmp_path / f"{name}.png")
+        with Image.open(path) as image:
+            image.verify()
+    assert distributions(con, "keys") == []
+
+
+def test_null_rates_over_all_rows() -> None:
+    con, _ = _table(0)
+    rows = con.execute("SELECT count(*), count(age), count(empty) FROM features.t").fetchone()
+    assert rows is not None
+    rates = null_rates(con, "t")
+    assert rates["age"] == round(1 - rows[1] / rows[0], 4)
+    assert rates["empty"] == 1.0 and rates["constant"] == 0.0

@@ -121,6 +121,138 @@ def auroc_note(y: np.ndarray) -> str | None:
     return None
 
 
+# Resamples are scored in blocks so that the (resamples x rows x bin edges) comparison of the
+# calibration step stays near this many cells whatever the size of the test set.
+_BLOCK_CELLS = 1 << 21
+
+
+def auroc_rows(y: np.ndarray, scores: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """AUROC of every row of ``scores`` (shape (n,) or (k, n)) against the 0/1 labels ``y``,
+    row ``i`` of the data counted ``weights[:, i]`` times when given (shape (k, n)); NaN for a
+    row whose counted labels hold a single class.
+
+    Mann-Whitney U: the share of (positive, negative) pairs in which the positive scores higher,
+    a tie counting one half, which is what roc_auc_score's trapezoids add up to. Here it takes a
+    few array operations for all rows instead of one sklearn call per row (the bootstrap and
+    the permutation importance need hundreds). With whole-number weights every pair count is a
+    whole or half number, exact in floating point, so only the final division rounds."""
+    scores2 = np.atleast_2d(np.asarray(scores, dtype=float))
+    n = scores2.shape[1]
+    k = scores2.shape[0] if weights is None else max(scores2.shape[0], len(weights))
+    order = np.broadcast_to(np.argsort(scores2, axis=1, kind="stable"), (k, n))
+    ranked = np.take_along_axis(np.broadcast_to(scores2, (k, n)), order, axis=1)
+    counted = np.ones((k, n)) if weights is None else np.asarray(weights, dtype=float)
+    counted = np.take_along_axis(np.broadcast_to(counted, (k, n)), order, axis=1)
+    positive_w = np.where((np.asarray(y) == 1)[order], counted, 0.0)
+    negative_w = counted - positive_w
+    # The first and last position of the run of tied scores each position belongs to.
+    positions = np.arange(n)
+    starts = np.ones((k, n), dtype=bool)
+    starts[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    ends = np.ones((k, n), dtype=bool)
+    ends[:, :-1] = starts[:, 1:]
+    first = np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
+    last = np.minimum.accumulate(np.where(ends, positions, n - 1)[:, ::-1], axis=1)[:, ::-1]
+    negatives_through = np.cumsum(negative_w, axis=1)
+    below_tie = np.take_along_axis(negatives_through - negative_w, first, axis=1)
+    through_tie = np.take_along_axis(negatives_through, last, axis=1)
+    # below + half of the tied = (below + below-and-tied) / 2
+    wins = (positive_w * (below_tie + through_tie)).sum(axis=1) / 2
+    pairs = positive_w.sum(axis=1) * negative_w.sum(axis=1)
+    return np.divide(wins, pairs, out=np.full(k, np.nan), where=pairs > 0)
+
+
+def resample_counts(n_units: int, resamples: int, seed: int) -> np.ndarray:
+    """How many times each unit is drawn in each bootstrap resample, shape (resamples, n_units).
+
+    One ``rng.integers(0, n_units, n_units)`` call per resample from ``default_rng(seed)``, as the
+    former one-resample-at-a-time loop drew them, so the intervals stay draw-for-draw the same
+    (a single large call is not guaranteed to consume the generator the same way)."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((resamples, n_units), dtype=np.int64)
+    for r in range(resamples):
+        counts[r] = np.bincount(rng.integers(0, n_units, n_units), minlength=n_units)
+    return counts
+
+
+def _same_size_ece(y: np.ndarray, p: np.ndarray, counts: np.ndarray, size: int) -> np.ndarray:
+    """Expected calibration error of resamples that each hold ``size`` rows. ``y`` and ``p`` are
+    sorted by ``p``; ``counts`` (k, n) says how often each row was drawn.
+
+    The bins are the ones :func:`calibration_bins` would draw on each resample: the same bin
+    count, np.quantile edges computed on the resample's own values (a sorted copy gives the same
+    quantiles), and the same searchsorted-and-clip rule for the bin of a row."""
+    k = len(counts)
+    n_bins = max(1, min(CALIBRATION_BINS, size // MIN_ROWS_PER_BIN))
+    resampled = np.repeat(np.tile(p, k), counts.ravel()).reshape(k, size)
+    edges = np.sort(np.quantile(resampled, np.linspace(0.0, 1.0, n_bins + 1), axis=1).T, axis=1)
+    distinct = np.ones(edges.shape, dtype=bool)
+    distinct[:, 1:] = edges[:, 1:] != edges[:, :-1]
+    # searchsorted(unique(edges), p, "right") is the number of distinct edges <= p
+    at_or_below = ((edges[:, None, :] <= p[None, :, None]) & distinct[:, None, :]).sum(axis=2)
+    top = np.maximum(distinct.sum(axis=1) - 2, 0)[:, None]
+    index = (np.clip(at_or_below - 1, 0, top) + np.arange(k)[:, None] * n_bins).ravel()
+
+    def per_bin(values: np.ndarray) -> np.ndarray:
+        summed = np.bincount(index, weights=values.ravel(), minlength=k * n_bins)
+        return summed.reshape(k, n_bins)
+
+    n, predicted, observed = per_bin(counts * 1.0), per_bin(counts * p), per_bin(counts * y)
+    total = np.zeros(k)
+    for b in range(n_bins):  # bin after bin, in the order expected_calibration_error adds them
+        filled = n[:, b] > 0
+        rows = np.where(filled, n[:, b], 1.0)
+        gap = rows * np.abs(predicted[:, b] / rows - observed[:, b] / rows)
+        total += np.where(filled, gap, 0.0)
+    return total / size
+
+
+def _score_resamples(
+    y: np.ndarray, p: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """AUROC (NaN for a one-class resample), ECE and calibration-in-the-large of each resample
+    given as per-row draw counts (``y`` and ``p`` sorted by ``p``)."""
+    sizes = counts.sum(axis=1)
+    ece = np.empty(len(counts))
+    for size in np.unique(sizes):  # patient resamples differ in size, hence in bins
+        same = sizes == size
+        ece[same] = _same_size_ece(y, p, counts[same], int(size))
+    in_the_large = (counts @ p) / sizes - (counts @ y) / sizes
+    return auroc_rows(y, p, counts), ece, in_the_large
+
+
+def bootstrap_draws(
+    y: np.ndarray,
+    p: np.ndarray,
+    groups: np.ndarray | None = None,
+    *,
+    seed: int = 0,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+) -> dict[str, np.ndarray]:
+    """The AUROC (NaN for a one-class resample), expected calibration error and
+    calibration-in-the-large of each bootstrap resample, resampling patients when ``groups`` is
+    given and rows otherwise.
+
+    A resample is held as how often each row was drawn, and all resamples are scored together
+    on those counts: the numbers of scoring each resampled frame, at a fraction of the cost
+    (this runs for the held-out test and again for the temporal validation)."""
+    names = ("auroc", "ece", "calibration_in_the_large")
+    if not (len(y) and resamples):
+        return {name: np.empty(0) for name in names}
+    keys = groups if groups is not None else np.arange(len(y))
+    units, unit_of_row = np.unique(keys, return_inverse=True)
+    order = np.argsort(p, kind="stable")
+    y_sorted, p_sorted = y[order].astype(float), p[order].astype(float)
+    # resamples x rows (sorted by p): how often each row was drawn
+    counts = resample_counts(len(units), resamples, seed)[:, unit_of_row[order]]
+    step = max(1, _BLOCK_CELLS // (len(y) * (CALIBRATION_BINS + 1)))
+    blocks = [
+        _score_resamples(y_sorted, p_sorted, counts[start : start + step])
+        for start in range(0, resamples, step)
+    ]
+    return {name: np.concatenate(parts) for name, parts in zip(names, zip(*blocks), strict=True)}
+
+
 def bootstrap_intervals(
     y: np.ndarray,
     p: np.ndarray,
@@ -132,19 +264,10 @@ def bootstrap_intervals(
     """Percentile bootstrap 95% intervals of the AUROC, the expected calibration error and the
     calibration-in-the-large (mean predicted minus observed). Resampling is by patient when
     ``groups`` is given (a patient's discharges are not independent); a resample with one class
-    gives no AUROC and is skipped for it."""
-    rng = np.random.default_rng(seed)
-    keys = groups if groups is not None else np.arange(len(y))
-    units, index = np.unique(keys, return_inverse=True)
-    members = [np.flatnonzero(index == u) for u in range(len(units))]
-    draws: dict[str, list[float]] = {"auroc": [], "ece": [], "calibration_in_the_large": []}
-    for _ in range(resamples if len(y) else 0):
-        rows = np.concatenate([members[u] for u in rng.integers(0, len(units), len(units))])
-        yb, pb = y[rows], p[rows]
-        if len(np.unique(yb)) == 2:
-            draws["auroc"].append(float(roc_auc_score(yb, pb)))
-        draws["ece"].append(expected_calibration_error(calibration_bins(yb, pb)))
-        draws["calibration_in_the_large"].append(float(pb.mean() - yb.mean()))
+    gives no AUROC and is skipped for it, and a metric with fewer than half the resamples
+    scored gets no interval."""
+    draws = bootstrap_draws(y, p, groups, seed=seed, resamples=resamples)
+    draws["auroc"] = draws["auroc"][~np.isnan(draws["auroc"])]
     tail = (1 - CI_LEVEL) / 2 * 100
     return {
         name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))]
@@ -152,6 +275,72 @@ def bootstrap_intervals(
         else None
         for name, v in draws.items()
     }
+
+
+# Permuted copies of the test rows are scored in predict calls of at most this many rows.
+IMPORTANCE_BATCH_ROWS = 1 << 17
+
+
+def permutation_orders(n_rows: int, repeats: int, seed: int) -> list[np.ndarray]:
+    """Which original row each row of a permuted column holds, at each repeat, as sklearn's
+    ``permutation_importance(random_state=seed)`` shuffles: a RandomState seeded by one draw
+    from ``RandomState(seed)``, restarted for every column (all columns see the same shuffles),
+    each repeat shuffling the index and applying it to the already shuffled column."""
+    column_seed = np.random.RandomState(seed).randint(np.iinfo(np.int32).max + 1)
+    rng = np.random.RandomState(column_seed)
+    shuffle, held = np.arange(n_rows), np.arange(n_rows)
+    orders = []
+    for _ in range(repeats):
+        rng.shuffle(shuffle)
+        held = held[shuffle]
+        orders.append(held)
+    return orders
+
+
+def ranking_scores(model: Any, x: pd.DataFrame) -> np.ndarray:
+    """The scores sklearn's ``roc_auc`` scorer ranks: the decision function when the model has
+    one, else the predicted probability of the positive class (ties can differ between them)."""
+    if hasattr(model, "decision_function"):
+        return np.asarray(model.decision_function(x), dtype=float)
+    return np.asarray(model.predict_proba(x)[:, 1], dtype=float)
+
+
+def _score_copies(model: Any, x: pd.DataFrame, copies: list[tuple[int, np.ndarray]]) -> np.ndarray:
+    """Scores of the rows of ``x`` stacked once per copy, copy ``(column, order)`` holding
+    ``x`` with that column's rows taken in ``order`` (column -1: ``x`` unchanged), shape
+    (copies, rows). One predict call for all copies instead of one per copy."""
+    n = len(x)
+    columns: dict[Any, Any] = {}
+    for position, name in enumerate(x.columns):
+        rows = np.tile(np.arange(n), len(copies))
+        for i, (column, order) in enumerate(copies):
+            if column == position:
+                rows[i * n : (i + 1) * n] = order
+        # .array.take keeps the column's dtype (nullable booleans, integers, categories)
+        columns[name] = x[name].array.take(rows)
+    return ranking_scores(model, pd.DataFrame(columns)).reshape(len(copies), n)
+
+
+def permutation_importance_auroc(
+    model: Any, x: pd.DataFrame, y: np.ndarray, *, repeats: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation, per column of ``x``, of the drop in AUROC when that column
+    is shuffled: sklearn's ``permutation_importance(scoring="roc_auc", n_repeats=repeats,
+    random_state=seed)`` with the same shuffles, but with every shuffled copy scored in a few
+    batched predict calls and ranked at once by :func:`auroc_rows`."""
+    orders = permutation_orders(len(x), repeats, seed)
+    copies = [(-1, np.arange(len(x)))]  # the baseline
+    copies += [(column, order) for column in range(x.shape[1]) for order in orders]
+    per_call = max(1, IMPORTANCE_BATCH_ROWS // max(len(x), 1))
+    scores = np.concatenate(
+        [
+            _score_copies(model, x, copies[start : start + per_call])
+            for start in range(0, len(copies), per_call)
+        ]
+    )
+    auroc = auroc_rows(y, scores)
+    drops = (auroc[0] - auroc[1:]).reshape(x.shape[1], repeats)
+    return drops.mean(axis=1), drops.std(axis=1)
 
 
 def overall_metrics(

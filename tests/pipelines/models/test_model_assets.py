@@ -41,6 +41,7 @@ def test_labels_asset_writes_table_and_parquet(tmp_path: Path) -> None:
     assert list(parquet.columns) == ["patient_id", "event_timestamp", "label"]
     specs = readmission_labels.specs_by_key[AssetKey("readmission_labels")]
     assert {d.asset_key for d in specs.deps} == {
+        AssetKey("release_input"),
         AssetKey(["views", "encounter"]),
         AssetKey(["views", "consent"]),
         AssetKey(["views", "patient"]),

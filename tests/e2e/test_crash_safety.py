@@ -140,7 +140,7 @@ KILL_POINTS: list[tuple[str, Callable[[str, Path], bool], float]] = [
     ("ingest", lambda log, work: (work / "warehouse.duckdb").exists(), 2.0),
     ("deid", lambda log, work: "ingest - batch" in log, 1.0),
     ("views", lambda log, work: "released_patients - k=" in log, 1.5),
-    ("features", lambda log, work: "view_procedure - view" in log, 0.3),
+    ("features", lambda log, work: "view procedure (" in log, 0.3),
     ("feast", lambda log, work: "feast apply" in log, 1.0),
 ]
 

@@ -5,7 +5,6 @@ the patient is left in any file the platform publishes."""
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from pipelines.features.online_scan import feature_view_tables
+from pipelines.features.online_scan import delete_online_entities, online_entity_key
 from vault.lifecycle import check_pseudonym
 
 
@@ -54,24 +53,7 @@ def purge_online_store(db_path: Path, pseudonym: str) -> int:
     check_pseudonym(pseudonym)
     if not Path(db_path).exists():
         return 0
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
-
-    key = serialize_entity_key(
-        EntityKey(join_keys=["patient_id"], entity_values=[Value(string_val=pseudonym)]),
-        entity_key_serialization_version=3,
-    )
-    removed = 0
-    db = sqlite3.connect(db_path)
-    try:
-        for _, quoted in feature_view_tables(db):
-            removed += db.execute(f"DELETE FROM {quoted} WHERE entity_key = ?", [key]).rowcount
-        db.commit()
-        db.execute("VACUUM")
-    finally:
-        db.close()
-    return removed
+    return delete_online_entities(db_path, [online_entity_key(pseudonym)], vacuum=True)
 
 
 def _without_reference(node: Any, target: str) -> tuple[Any, int]:

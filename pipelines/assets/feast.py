@@ -1,7 +1,7 @@
-"""Stage ``feast``: the Feast registry (``feast apply`` of feature_repo) and the online store
-(the latest row of every patient up to the release's data end). Both wait for the feature
-tables, whose checks are blocking: a table that failed its PHI or opt-out check never reaches
-Feast."""
+"""Stage ``feast``: the Feast registry (``feast apply`` of feature_repo, skipped when nothing it
+reads changed) and the online store (the latest row of every patient up to the release's data
+end, written where it changed). Both wait for the feature tables, whose checks are blocking: a
+table that failed its PHI or opt-out check never reaches Feast."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,11 +35,14 @@ from pipelines.resources import KeyProviderResource, WarehouseResource
 def feast_registry(
     context: AssetExecutionContext, warehouse: WarehouseResource, feast_store: FeastStoreResource
 ) -> MaterializeResult:
-    """Apply the Feast repo: entities, feature views over the feature Parquet, services."""
+    """Apply the Feast repo: entities, feature views over the feature Parquet, services.
+    Skipped when the registry was applied from the same repo files, rendered configuration,
+    data paths and feast version (a digest recorded beside the registry)."""
     report = feast_store.apply(warehouse.workdir)
+    done = "feast apply" if report.applied else "feast apply skipped"
     context.log.info(
-        f"feast apply: {report.feature_views} feature views, {report.features} features "
-        f"in {report.seconds:.1f}s"
+        f"{done} ({report.reason}): {report.feature_views} feature views, "
+        f"{report.features} features in {report.seconds:.1f}s"
     )
     return MaterializeResult(
         metadata={
@@ -48,6 +51,9 @@ def feast_registry(
             "feature_services": report.feature_services,
             "features": report.features,
             "seconds": report.seconds,
+            "applied": report.applied,
+            "reason": report.reason,
+            "digest": report.digest[:12],
         }
     )
 
@@ -57,7 +63,8 @@ def feast_registry(
     deps=["feast_registry", *FEATURE_ASSET_KEYS],
     kinds={"feast", "sqlite"},
     automation_condition=AutomationCondition.eager(),
-    # reads the warehouse for the leak scan's canaries: never beside a writer
+    # writes the warehouse (the snapshot of what is online, release_state) and reads the leak
+    # scan's canaries there: never beside another writer
     pool=WAREHOUSE_POOL,
     check_specs=[
         AssetCheckSpec(
@@ -75,21 +82,32 @@ def feast_online_store(
     feast_store: FeastStoreResource,
     keys: KeyProviderResource,
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
-    """Materialise the latest feature row of every patient, however old, up to the release's
-    data end into the SQLite online store."""
-    report = feast_store.materialize(warehouse.workdir)
-    context.log.info(f"feast materialize: latest rows up to {report.end:%Y-%m-%d} (data end)")
-    con = warehouse.connect(read_only=True)
+    """Bring the SQLite online store to the latest feature row of every released patient,
+    however old, up to the release's data end: only the rows that changed since the last run
+    are written and patients no longer released are deleted (the full materialisation on a
+    first run or after a new apply). The leak scan reads back the rows written."""
+    con = warehouse.connect()
     try:
+        report = feast_store.sync_online(con, warehouse.workdir)
         canaries = RELEASE_CANARIES.get(con, keys.provider())
         cohort = len(released_cohort(con))
     finally:
         con.close()
+    context.log.info(
+        f"feast online store ({report.mode}, {report.reason}): {report.rows_written} rows "
+        f"written, {report.rows_deleted} deleted, {report.rows_unchanged} unchanged, latest "
+        f"rows up to {report.end:%Y-%m-%d} (data end)"
+    )
     online = max(report.entities_online.values(), default=0)
     yield MaterializeResult(
         metadata={
             "end": report.end.isoformat(),
             "seconds": report.seconds,
+            "mode": report.mode,
+            "reason": report.reason,
+            "rows_written": report.rows_written,
+            "rows_deleted": report.rows_deleted,
+            "rows_unchanged": report.rows_unchanged,
             "entities_online": MetadataValue.json(report.entities_online),
             "patients_online": online,
             # released, not opted-out patients the store cannot answer for (0 expected: every
@@ -99,4 +117,7 @@ def feast_online_store(
         }
     )
     online_db = Path(feast_store.data(warehouse.workdir)) / "online_store.db"
-    yield leak_scan_result("feast_online_store", scan_online_store(online_db, canaries))
+    # the rows this run wrote (every row after a full load); unchanged rows were scanned when
+    # they were written, and every value they hold is in a feature table scanned this release
+    scan = scan_online_store(online_db, canaries, only=report.written)
+    yield leak_scan_result("feast_online_store", scan)

@@ -11,17 +11,21 @@ expands with ``os.path.expandvars`` when it loads the file (an unset variable st
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import sqlite3
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 from feast import FeatureStore
 
 from pipelines.content import feature_repo_dir
@@ -99,6 +103,10 @@ class ApplyReport:
     feature_services: int
     features: int
     seconds: float
+    # False when the registry already held what ``feast apply`` would write (same digest)
+    applied: bool = True
+    reason: str = ""
+    digest: str = ""
 
 
 def _feast(
@@ -122,14 +130,126 @@ def _feast(
     return done
 
 
-def apply_repo(repo_dir: Path | str, data_dir: Path | str, features_dir: Path | str) -> ApplyReport:
+# What ``feast apply`` reads besides the repo's files: the variables feature_store.yaml and
+# data_sources.py expand (never key material, which is also in EHR_* variables).
+APPLY_ENV = (FEAST_DATA_ENV, FEATURES_DIR_ENV, "EHR_WORKDIR")
+# The record of the last successful apply, beside the registry it describes.
+APPLY_RECORD_SUFFIX = ".apply.json"
+
+
+def _repo_files(repo: Path) -> list[Path]:
+    """Every file of the repo apply may read; bytecode is left out, since the apply itself
+    writes it (importing the modules) and would change the digest of an unchanged repo."""
+    return sorted(
+        p
+        for p in repo.rglob("*")
+        if p.is_file() and "__pycache__" not in p.relative_to(repo).parts and p.suffix != ".pyc"
+    )
+
+
+def rendered_config(repo: Path) -> str:
+    """feature_store.yaml with its variables expanded, as Feast reads it (this process's
+    environment, which :func:`feature_store` and :func:`apply_repo` set)."""
+    return os.path.expandvars((repo / "feature_store.yaml").read_text())
+
+
+def apply_digest(repo: Path) -> str:
+    """sha256 of everything ``feast apply`` reads: the feast version, the variables of
+    :data:`APPLY_ENV`, the rendered feature_store.yaml and every file of the repo."""
+    import feast
+
+    digest = hashlib.sha256()
+    digest.update(f"feast {feast.__version__}\0".encode())
+    for name in APPLY_ENV:
+        digest.update(f"{name}={os.environ.get(name, '')}\0".encode())
+    digest.update(rendered_config(repo).encode() + b"\0")
+    for path in _repo_files(repo):
+        digest.update(path.relative_to(repo).as_posix().encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _config_path(repo: Path, section: str) -> Path | None:
+    """The ``path`` of a section (registry, online_store) of the rendered config, absolute."""
+    config = yaml.safe_load(rendered_config(repo)) or {}
+    value = config.get(section)
+    path = value.get("path") if isinstance(value, dict) else value
+    if not isinstance(path, str):
+        return None
+    return Path(path) if Path(path).is_absolute() else repo / path
+
+
+def apply_record_path(registry: Path) -> Path:
+    return registry.with_name(registry.name + APPLY_RECORD_SUFFIX)
+
+
+def read_apply_record(registry: Path | None) -> dict[str, Any]:
+    """The record of the registry's last apply (digest, generation), {} when absent or
+    unreadable (which makes the next apply run)."""
+    if registry is None:
+        return {}
+    try:
+        record = json.loads(apply_record_path(registry).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _write_apply_record(registry: Path, digest: str) -> None:
+    """Written after a successful apply only, atomically: a crash leaves the old record (or
+    none), so the next run applies again. ``generation`` is new at every apply: the online
+    store is reloaded in full after one (see pipelines.features.online_sync)."""
+    record = {
+        "digest": digest,
+        "generation": uuid.uuid4().hex,
+        "applied_at": datetime.now(UTC).isoformat(),
+    }
+    path = apply_record_path(registry)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
+
+
+def _apply_reason(registry: Path | None, digest: str) -> str | None:
+    """Why ``feast apply`` must run, or None when the registry already holds its result."""
+    if registry is None:
+        return "registry path not in feature_store.yaml"
+    if not registry.exists():
+        return "no registry"
+    previous = read_apply_record(registry).get("digest")
+    if previous is None:
+        return "no record of the last apply"
+    if previous != digest:
+        return "repo, environment or feast version changed"
+    return None
+
+
+def apply_repo(
+    repo_dir: Path | str, data_dir: Path | str, features_dir: Path | str, *, force: bool = False
+) -> ApplyReport:
     """``feast apply`` of the repo against the registry in ``data_dir``, with the data sources
-    pointing at ``features_dir``; counts what the registry then holds."""
+    pointing at ``features_dir``, unless the registry was applied from the same inputs (see
+    :func:`apply_digest`) and ``force`` is not set; counts what the registry then holds."""
     started = time.perf_counter()
     repo = resolve_repo(repo_dir)
     env = feast_env(data_dir, features_dir)
+    os.environ.update(env)  # the digest renders feature_store.yaml as the apply will
     Path(env[FEAST_DATA_ENV]).mkdir(parents=True, exist_ok=True)
-    _feast(["apply"], repo, env)
+    digest = apply_digest(repo)
+    registry = _config_path(repo, "registry")
+    reason = _apply_reason(registry, digest)
+    if registry is not None and registry.exists():
+        if missing_online_tables(feature_store(repo, data_dir, features_dir)):
+            # feast apply creates only the online tables missing from its registry's record of
+            # the infrastructure: a new registry gets every table created again
+            registry.unlink()
+            reason = "online store tables missing"
+    if reason is None and force:
+        reason = "forced"
+    if reason is not None:
+        _feast(["apply"], repo, env)
+        if registry is not None:
+            _write_apply_record(registry, digest)
     store = feature_store(repo, data_dir, features_dir)
     store.refresh_registry()
     views = store.list_feature_views()
@@ -139,7 +259,18 @@ def apply_repo(repo_dir: Path | str, data_dir: Path | str, features_dir: Path | 
         feature_services=len(store.list_feature_services()),
         features=sum(len(v.features) for v in views),
         seconds=round(time.perf_counter() - started, 3),
+        applied=reason is not None,
+        reason=reason or "registry applied from the same repo, environment and feast version",
+        digest=digest,
     )
+
+
+def registry_generation(store: FeatureStore) -> str | None:
+    """The generation of the store's last apply by :func:`apply_repo` (None: unknown)."""
+    path = store.config.registry.path
+    registry = Path(path) if Path(path).is_absolute() else Path(store.repo_path) / path
+    generation = read_apply_record(registry).get("generation")
+    return generation if isinstance(generation, str) else None
 
 
 @dataclass
@@ -149,21 +280,50 @@ class MaterializeReport:
     entities_online: dict[str, int] = field(default_factory=dict)
 
 
+def online_store_path(store: FeatureStore) -> Path:
+    """The SQLite file of the store's online store."""
+    path = Path(store.config.online_store.path)
+    return path if path.is_absolute() else Path(store.repo_path) / path
+
+
+def online_table(store: FeatureStore, view: str) -> str:
+    """The SQLite table Feast keeps a feature view's online rows in."""
+    return f"{store.project}_{view}"
+
+
+def _sqlite_tables(path: Path) -> set[str]:
+    if not path.exists():
+        return set()
+    db = sqlite3.connect(path)
+    try:
+        return {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    finally:
+        db.close()
+
+
+def missing_online_tables(store: FeatureStore) -> list[str]:
+    """Feature views without their online table (``feast apply`` creates them)."""
+    tables = _sqlite_tables(online_store_path(store))
+    views = store.list_feature_views()
+    return [v.name for v in views if online_table(store, v.name) not in tables]
+
+
 def online_entity_counts(store: FeatureStore) -> dict[str, int]:
     """Entities (patients) held per feature view in the SQLite online store."""
-    path = Path(store.config.online_store.path)
-    if not path.is_absolute():
-        path = Path(store.repo_path) / path
+    path = online_store_path(store)
+    tables = _sqlite_tables(path)
     counts: dict[str, int] = {}
-    if not path.exists():
+    if not tables:
         return counts
-    with sqlite3.connect(path) as db:
-        tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+    db = sqlite3.connect(path)
+    try:
         for view in store.list_feature_views():
-            table = f"{store.project}_{view.name}"
+            table = online_table(store, view.name)
             if table in tables:
                 (n,) = db.execute(f'SELECT count(DISTINCT entity_key) FROM "{table}"').fetchone()
                 counts[view.name] = int(n)
+    finally:
+        db.close()
     return counts
 
 

@@ -1,14 +1,22 @@
-"""PHI leak scan of the Feast online store: every stored feature value, read back from SQLite."""
+"""The Feast online store (SQLite) read and addressed as tables of rows: the PHI leak scan of
+every stored feature value (or of the rows of some patients), and the deletion of patients'
+rows (withheld, opted out or erased patients; see pipelines.erasure and
+pipelines.features.online_sync)."""
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 from vault.pseudonym import PSEUDONYM_HEX_CHARS
+
+# feature_store.yaml's entity_key_serialization_version
+ENTITY_KEY_VERSION = 3
+# bound parameters per statement, well under SQLite's limit
+_KEYS_PER_QUERY = 500
 
 
 def feature_view_tables(db: sqlite3.Connection) -> list[tuple[str, str]]:
@@ -16,20 +24,97 @@ def feature_view_tables(db: sqlite3.Connection) -> list[tuple[str, str]]:
     value, ...), one per feature view."""
     out = []
     for (table,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'").fetchall():
-        quoted = '"' + table.replace('"', '""') + '"'
+        quoted = _quoted(table)
         columns = {r[1] for r in db.execute(f"PRAGMA table_info({quoted})")}
         if {"entity_key", "feature_name", "value"} <= columns:
             out.append((table, quoted))
     return out
 
 
-def _online_rows(db_path: Path) -> Iterator[tuple[str, Any, str | None]]:
+def _quoted(table: str) -> str:
+    return '"' + table.replace('"', '""') + '"'
+
+
+def online_entity_key(pseudonym: str, version: int = ENTITY_KEY_VERSION) -> bytes:
+    """The ``entity_key`` under which Feast stores a patient's rows (serialised EntityKey)."""
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    key = EntityKey(join_keys=["patient_id"], entity_values=[Value(string_val=pseudonym)])
+    return bytes(serialize_entity_key(key, entity_key_serialization_version=version))
+
+
+def online_keys(db_path: Path, table: str) -> set[bytes]:
+    """The entity keys a feature view table holds (empty when the file or table is absent)."""
+    if not Path(db_path).exists():
+        return set()
+    db = sqlite3.connect(db_path)
+    try:
+        if table not in {name for name, _ in feature_view_tables(db)}:
+            return set()
+        rows = db.execute(f"SELECT DISTINCT entity_key FROM {_quoted(table)}")
+        return {bytes(k) for (k,) in rows}
+    finally:
+        db.close()
+
+
+def delete_online_entities(
+    db_path: Path,
+    keys: Collection[bytes],
+    tables: Collection[str] | None = None,
+    *,
+    vacuum: bool = False,
+) -> int:
+    """Delete the rows of ``keys`` from the named feature view tables (default: all of them);
+    returns rows removed. ``secure_delete`` overwrites the deleted values in place, so a
+    withheld patient's values do not stay in free pages; ``vacuum`` also rebuilds the file
+    (an erasure leaves nothing of the patient, not even page layout)."""
+    if not Path(db_path).exists() or not keys:
+        return 0
+    removed = 0
+    db = sqlite3.connect(db_path)
+    try:
+        db.execute("PRAGMA secure_delete = ON")
+        for table, quoted in feature_view_tables(db):
+            if tables is None or table in tables:
+                for key in keys:
+                    removed += db.execute(
+                        f"DELETE FROM {quoted} WHERE entity_key = ?", [key]
+                    ).rowcount
+        db.commit()
+        if vacuum:
+            db.execute("VACUUM")
+    finally:
+        db.close()
+    return removed
+
+
+def _table_rows(
+    db: sqlite3.Connection, quoted: str, keys: Collection[bytes] | None
+) -> Iterator[tuple[Any, Any, Any]]:
+    """(entity_key, feature_name, value) of a table: every row, or the rows of ``keys``."""
+    select = f"SELECT entity_key, feature_name, value FROM {quoted}"
+    if keys is None:
+        yield from db.execute(select)
+        return
+    batch = list(keys)
+    for start in range(0, len(batch), _KEYS_PER_QUERY):
+        chunk = batch[start : start + _KEYS_PER_QUERY]
+        marks = ", ".join("?" for _ in chunk)
+        yield from db.execute(f"{select} WHERE entity_key IN ({marks})", chunk)
+
+
+def _online_rows(
+    db_path: Path, only: Mapping[str, Collection[bytes]] | None
+) -> Iterator[tuple[str, Any, str | None]]:
     db = sqlite3.connect(db_path)
     try:
         for table, quoted in feature_view_tables(db):
-            for key, name, value in db.execute(
-                f"SELECT entity_key, feature_name, value FROM {quoted}"
-            ):
+            keys = None if only is None else only.get(table)
+            if only is not None and not keys:
+                continue
+            for key, name, value in _table_rows(db, quoted, keys):
                 # the serialised entity key ends with the patient pseudonym (a string value)
                 tail = bytes(key)[-PSEUDONYM_HEX_CHARS:] if key else b""
                 patient = tail.decode("ascii", "replace") if tail else None
@@ -39,9 +124,12 @@ def _online_rows(db_path: Path) -> Iterator[tuple[str, Any, str | None]]:
         db.close()
 
 
-def scan_online_store(db_path: Path, canaries: CanarySet) -> LeakScanResult:
+def scan_online_store(
+    db_path: Path, canaries: CanarySet, only: Mapping[str, Collection[bytes]] | None = None
+) -> LeakScanResult:
     """Every value of every feature view table, as text (protobuf-encoded strings keep their
-    UTF-8 bytes), searched for the release canaries."""
+    UTF-8 bytes), searched for the release canaries. ``only`` (table -> entity keys) limits
+    the scan to those patients' rows: the rows a sync has just written."""
     if not Path(db_path).exists():
         return LeakScanResult(canaries=len(canaries))
-    return scan_rows(canaries, _online_rows(Path(db_path)))
+    return scan_rows(canaries, _online_rows(Path(db_path), only))

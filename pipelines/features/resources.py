@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from pathlib import Path
 
+import duckdb
 from dagster import ConfigurableResource
 from feast import FeatureStore
 
@@ -16,8 +17,10 @@ from pipelines.features.feast_store import (
     feature_store,
     materialize_incremental,
     materialize_latest,
+    missing_online_tables,
     resolve_repo,
 )
+from pipelines.features.online_sync import OnlineSyncReport, forget_snapshot, sync_online_store
 from pipelines.resources import default_workdir
 
 
@@ -26,9 +29,10 @@ class FeastStoreResource(ConfigurableResource):
     feature Parquet folder the data sources point at (default ``WORKDIR/features``)."""
 
     repo_path: str = "feature_repo"
-    # False (default): load the latest row per patient however old, up to the release's data
-    # end (a release ends months before now, so [now - TTL, now] would leave most patients
-    # without values). True: Feast's incremental run (rows newer than the last run).
+    # False (default): the latest row per patient however old, up to the release's data end
+    # (a release ends months before now, so [now - TTL, now] would leave most patients without
+    # values), written where it changed (pipelines.features.online_sync). True: Feast's
+    # incremental run (rows newer than the last run).
     incremental: bool = False
     workdir: str | None = None
     data_dir: str | None = None
@@ -55,8 +59,9 @@ class FeastStoreResource(ConfigurableResource):
     def store(self, workdir: str | Path | None = None) -> FeatureStore:
         return feature_store(self.repo, self.data(workdir), self.features(workdir))
 
-    def apply(self, workdir: str | Path | None = None) -> ApplyReport:
-        return apply_repo(self.repo, self.data(workdir), self.features(workdir))
+    def apply(self, workdir: str | Path | None = None, *, force: bool = False) -> ApplyReport:
+        """``feast apply``, skipped when the registry holds what it would write."""
+        return apply_repo(self.repo, self.data(workdir), self.features(workdir), force=force)
 
     def materialize(
         self, workdir: str | Path | None = None, end: datetime | None = None
@@ -65,3 +70,29 @@ class FeastStoreResource(ConfigurableResource):
         if self.incremental:
             return materialize_incremental(store, end)
         return materialize_latest(store, end)
+
+    def sync_online(
+        self,
+        con: duckdb.DuckDBPyConnection,
+        workdir: str | Path | None = None,
+        end: datetime | None = None,
+    ) -> OnlineSyncReport:
+        """Bring the online store up to the release, writing what changed (see
+        :func:`pipelines.features.online_sync.sync_online_store`); ``con`` is the warehouse,
+        opened for writing (it keeps the snapshot of what was written)."""
+        store = self.store(workdir)
+        if missing_online_tables(store):
+            # the online tables come from feast apply: a removed online store is recreated
+            self.apply(workdir)
+            store = self.store(workdir)
+        if not self.incremental:
+            return sync_online_store(con, store, end)
+        done = materialize_incremental(store, end)
+        forget_snapshot(con)  # Feast wrote rows the snapshot does not know of
+        return OnlineSyncReport(
+            mode="feast_incremental",
+            reason="incremental: rows newer than Feast's last run",
+            end=done.end,
+            seconds=done.seconds,
+            entities_online=done.entities_online,
+        )

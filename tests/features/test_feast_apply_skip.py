@@ -1,0 +1,97 @@
+"""``feast apply`` runs only when it would change something: a digest of what it reads (the
+repo's files, the rendered feature_store.yaml and its variables, the feast version) is recorded
+beside the registry after each apply."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipelines.features.feast_store import (
+    FEAST_DATA_ENV,
+    FEATURES_DIR_ENV,
+    apply_digest,
+    apply_repo,
+    read_apply_record,
+    resolve_repo,
+)
+from pipelines.features.tables import build_feature_tables
+from tests.pipelines.features.crafted import crafted_rows, write_views
+
+
+@pytest.fixture(autouse=True)
+def _restore_feast_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    # apply_repo writes these into os.environ; monkeypatch puts the old values back
+    monkeypatch.setenv(FEAST_DATA_ENV, "/nonexistent")
+    monkeypatch.setenv(FEATURES_DIR_ENV, "/nonexistent")
+    yield
+
+
+def repo_copy(root: Path) -> Path:
+    repo = root / "repo"
+    shutil.copytree(resolve_repo(None), repo, ignore=shutil.ignore_patterns("__pycache__"))
+    return repo
+
+
+def online_tables(db: Path) -> set[str]:
+    con = sqlite3.connect(db)
+    try:
+        return {name for (name,) in con.execute("SELECT name FROM sqlite_master")}
+    finally:
+        con.close()
+
+
+def test_digest_covers_files_and_variables_but_not_bytecode(tmp_path: Path) -> None:
+    repo = repo_copy(tmp_path)
+    os.environ[FEAST_DATA_ENV] = str(tmp_path / "feast")
+    first = apply_digest(repo)
+    (repo / "__pycache__").mkdir()
+    (repo / "__pycache__" / "features.cpython-311.pyc").write_bytes(b"written by an import")
+    assert apply_digest(repo) == first
+    os.environ[FEAST_DATA_ENV] = str(tmp_path / "elsewhere")
+    assert apply_digest(repo) != first
+    os.environ[FEAST_DATA_ENV] = str(tmp_path / "feast")
+    (repo / "README.md").write_text("changed")
+    assert apply_digest(repo) != first
+
+
+def test_apply_skipped_until_something_it_reads_changes(tmp_path: Path) -> None:
+    repo = repo_copy(tmp_path)
+    features, data = tmp_path / "features", tmp_path / "feast"
+    con = duckdb.connect()
+    write_views(con, crafted_rows())
+    build_feature_tables(con, features)
+
+    first = apply_repo(repo, data, features)
+    assert (first.applied, first.reason) == (True, "no registry")
+    generation = read_apply_record(data / "registry.db")["generation"]
+
+    again = apply_repo(repo, data, features)
+    assert not again.applied and again.digest == first.digest
+    assert (again.feature_views, again.features) == (first.feature_views, first.features)
+    assert read_apply_record(data / "registry.db")["generation"] == generation
+
+    with (repo / "features.py").open("a") as f:
+        f.write("\n# a changed repo file\n")
+    changed = apply_repo(repo, data, features)
+    assert changed.applied and changed.reason == "repo, environment or feast version changed"
+    assert read_apply_record(data / "registry.db")["generation"] != generation
+
+    moved = tmp_path / "features_moved"
+    shutil.copytree(features, moved)
+    assert apply_repo(repo, data, moved).applied  # another data path
+    assert not apply_repo(repo, data, moved).applied
+
+    (data / "online_store.db").unlink()
+    recreated = apply_repo(repo, data, moved)
+    assert (recreated.applied, recreated.reason) == (True, "online store tables missing")
+    assert "ehr_platform_patient_demographics" in online_tables(data / "online_store.db")
+
+    (data / "registry.db").unlink()
+    assert apply_repo(repo, data, moved).reason == "no registry"

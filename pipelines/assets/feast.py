@@ -17,6 +17,7 @@ from dagster import (
 )
 
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
+from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.features import FEATURE_ASSET_KEYS
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.cohort import released_cohort
@@ -27,7 +28,7 @@ from pipelines.resources import KeyProviderResource, WarehouseResource
 
 @asset(
     group_name="feast",
-    deps=FEATURE_ASSET_KEYS,
+    deps=[RELEASE_INPUT, *FEATURE_ASSET_KEYS],
     kinds={"feast"},
     automation_condition=AutomationCondition.eager(),
     pool=WAREHOUSE_POOL,
@@ -60,7 +61,7 @@ def feast_registry(
 
 @asset(
     group_name="feast",
-    deps=["feast_registry", *FEATURE_ASSET_KEYS],
+    deps=[RELEASE_INPUT, "feast_registry", *FEATURE_ASSET_KEYS],
     kinds={"feast", "sqlite"},
     automation_condition=AutomationCondition.eager(),
     # writes the warehouse (the snapshot of what is online, release_state) and reads the leak

@@ -233,6 +233,11 @@ def _report_release_changed(workdir: Workdir) -> None:
     from pipelines.run import open_instance
 
     with _warehouse(workdir, read_only=True) as con:
+        released = con.execute(
+            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'deid_resources'"
+        ).fetchone()
+        if not released or not released[0]:
+            return  # nothing was ever released from this warehouse
         version = release_version(con)
     with open_instance(workdir) as instance:
         instance.report_runless_asset_event(

@@ -23,13 +23,9 @@ from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import image_metadata
 from pipelines.features.checks import opted_out_rows, scan_feature_table, table_shape
+from pipelines.features.refresh import refresh_feature_tables
 from pipelines.features.stats import null_rates, plot_distributions
-from pipelines.features.tables import (
-    FEATURE_TABLES,
-    FEATURES_SCHEMA,
-    build_feature_tables_report,
-    parquet_path,
-)
+from pipelines.features.tables import FEATURE_TABLES, FEATURES_SCHEMA, parquet_path
 from pipelines.resources import KeyProviderResource, WarehouseResource
 
 
@@ -85,7 +81,8 @@ def feature_tables(
     stats_dir = Path(warehouse.workdir) / "feature_stats"
     con = warehouse.connect()
     try:
-        build = build_feature_tables_report(con, out_dir)
+        refresh = refresh_feature_tables(con, out_dir)
+        build = refresh.build
         canaries = RELEASE_CANARIES.get(con, keys.provider())
         results = {
             name: (
@@ -100,8 +97,10 @@ def feature_tables(
     finally:
         con.close()
     context.log.info(
-        f"features: {sum(build.rows.values())} rows in {len(build.rows)} tables, "
-        f"{build.opted_out} opted-out patients excluded, {build.seconds:.1f}s"
+        f"features ({refresh.mode}): {sum(build.rows.values())} rows in {len(build.rows)} "
+        f"tables, {refresh.patients_changed} patients computed again, "
+        f"{refresh.patients_removed} removed, {build.opted_out} opted-out patients excluded, "
+        f"{build.seconds:.1f}s"
     )
     for name, (shape, scan, (opted_rows, opted_known), nulls, plot) in results.items():
         key = feature_asset_key(name)
@@ -116,6 +115,9 @@ def feature_tables(
                 "parquet": MetadataValue.path(str(parquet_path(out_dir, name))),
                 "opted_out_excluded": build.opted_out,
                 "build_seconds": build.seconds,
+                "refresh": refresh.mode,
+                "patients_changed": refresh.patients_changed,
+                "patients_removed": refresh.patients_removed,
                 "null_rate": MetadataValue.json(nulls),
                 "distributions": image_metadata(plot),
             },

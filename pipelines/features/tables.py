@@ -180,9 +180,17 @@ class FeatureBuild:
     seconds: float
 
 
-def _prepare_sources(con: duckdb.DuckDBPyConnection) -> None:
+def prepare_sources(
+    con: duckdb.DuckDBPyConnection,
+    patients: str | None = None,
+    data_end: datetime | None = None,
+) -> None:
     """Temp views ``src_<view>`` over ``views.<view>`` (or an empty typed relation when the view
-    has not been built), the opted-out and eligible patients, and every patient event time."""
+    has not been built), the opted-out and eligible patients, and every patient event time.
+
+    ``patients`` (a table with a ``patient_id`` column) restricts every source to those
+    patients, and ``data_end`` then pins the release's data end (computed over every patient),
+    so their rows come out exactly as in a build over everyone."""
     present = {
         name
         for (name,) in con.execute(
@@ -190,13 +198,20 @@ def _prepare_sources(con: duckdb.DuckDBPyConnection) -> None:
         ).fetchall()
     }
     for view, columns in VIEW_COLUMNS.items():
+        key = "id" if view == "patient" else "patient_id"
+        only = f" WHERE {key} IN (SELECT patient_id FROM {patients})" if patients else ""
         if view in present:
             select = ", ".join(f'"{c}"::{t} AS "{c}"' for c, t in columns.items())
-            body = f"SELECT {select} FROM views.{view}"
+            body = f"SELECT {select} FROM views.{view}{only}"
         else:
             select = ", ".join(f'NULL::{t} AS "{c}"' for c, t in columns.items())
             body = f"SELECT {select} WHERE false"
         con.execute(f"CREATE OR REPLACE TEMP VIEW src_{view} AS {body}")
+    _prepare_patients(con, data_end)
+
+
+def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None) -> None:
+    """The eligible patients, their event times, start times and the release's data end."""
     con.execute(f"CREATE OR REPLACE TEMP VIEW feature_opted_out AS {opted_out_sql('src_consent')}")
     con.execute(
         """
@@ -227,10 +242,8 @@ def _prepare_sources(con: duckdb.DuckDBPyConnection) -> None:
         """
     )
     # The release's data end: no row is written after it (later values are unknown).
-    con.execute(
-        "CREATE OR REPLACE TEMP VIEW feature_data_end AS "
-        "SELECT max(ts) AS data_end FROM feature_event_times"
-    )
+    end = _ts(data_end) if data_end is not None else "(SELECT max(ts) FROM feature_event_times)"
+    con.execute(f"CREATE OR REPLACE TEMP VIEW feature_data_end AS SELECT {end} AS data_end")
     # Where a patient's rows start (counts at 0): their first data. Rows from birth would add
     # a yearly heartbeat row per year of life before it (see with_heartbeats).
     con.execute(
@@ -629,7 +642,7 @@ def build_feature_tables_report(
     valuesets = load_valuesets(valuesets_dir) if valuesets_dir else load_valuesets()
     con.execute("SET TimeZone = 'UTC'")  # day boundaries and ages in UTC, as the views store
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {FEATURES_SCHEMA}")
-    _prepare_sources(con)
+    prepare_sources(con)
     register_code_table(con, valuesets)
     register_lab_codes(con)
     out_dir = Path(out_dir)

@@ -68,6 +68,14 @@ def test_a_batch_marks_the_whole_release_stale_and_the_refresh_equals_a_full_rel
         metadata = refresh.asset_materialization.metadata
         assert metadata["refresh"].value == "incremental"
         assert 0 < metadata["resources_changed"].value < metadata["rows"].value
+        features = instance.get_latest_materialization_event(
+            AssetKey(["features", "patient_utilisation"])
+        )
+        assert features is not None and features.asset_materialization is not None
+        metadata = features.asset_materialization.metadata
+        # the late patients' data ends before the release's data end: only they are computed
+        assert metadata["refresh"].value == "incremental"
+        assert metadata["patients_changed"].value == 4
 
     full = tmp_path / "full"
     resources = build_resources(str(full), str(landing), str(key_file), 1)

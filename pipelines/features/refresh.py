@@ -1,0 +1,228 @@
+"""Refreshing the feature tables after a batch with work in proportion to the patients whose
+data changed.
+
+A patient's feature rows depend on that patient's view rows and on two things shared by all:
+the release's data end (rows stop there, heartbeat rows run up to it) and the feature
+definitions (the SQL, value sets, lab codes). The refresh records a digest of each patient's
+view rows (``release_state.feature_sources``) and the shared inputs
+(``release_state.feature_builds``). When the shared inputs are the same, only the patients whose
+digest changed (or who are new, or gone) are computed again, with the same SQL restricted to
+them and the data end pinned, and their rows replace the old ones; every other row is kept.
+When the data end moved or a definition changed, every table is built in full: a later data end
+adds rows (window edges, birthdays, heartbeats) to patients whose data did not change.
+
+Each table is published atomically (:func:`pipelines.publish.publish_table`); the bookkeeping is
+written after all five, so a crash in between only makes the next refresh redo the same
+patients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+
+from pipelines.features.tables import (
+    FEATURE_TABLES,
+    FEATURES_SCHEMA,
+    LAB_MEASURES,
+    VIEW_COLUMNS,
+    FeatureBuild,
+    build_feature_tables_report,
+    parquet_path,
+    prepare_sources,
+    register_lab_codes,
+    table_sql,
+)
+from pipelines.features.valuesets import ValueSet, load_valuesets, register_code_table
+from pipelines.publish import publish_table
+
+STATE_SCHEMA = "release_state"
+SOURCES = f"{STATE_SCHEMA}.feature_sources"
+BUILDS = f"{STATE_SCHEMA}.feature_builds"
+CURRENT = f"{STATE_SCHEMA}.feature_current"
+CHANGED = f"{STATE_SCHEMA}.feature_changed"
+# Bumped when the feature SQL changes in a way its text does not show.
+FEATURES_VERSION = "1"
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class FeatureRefresh:
+    """A refreshed set of feature tables: the build's counts, and how much of it was new."""
+
+    build: FeatureBuild
+    mode: str  # "full", "incremental" or "unchanged"
+    patients_changed: int
+    patients_removed: int
+
+
+def definitions_digest(valuesets: list[ValueSet]) -> str:
+    """A digest of what every patient's rows are computed with, beside their own data."""
+    text = "\0".join(
+        [
+            FEATURES_VERSION,
+            *(table_sql(name, _EPOCH, valuesets) for name in FEATURE_TABLES),
+            repr(sorted(repr(v) for v in valuesets)),
+            repr(LAB_MEASURES),
+        ]
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _ensure_state(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA}")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {SOURCES} (patient_id VARCHAR, digest UBIGINT)")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {BUILDS} (key VARCHAR PRIMARY KEY, value VARCHAR)")
+
+
+def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
+    """``CURRENT``: per patient, an order-independent digest of every view row the feature SQL
+    reads (the ``src_*`` views over everyone)."""
+    parts = [
+        f"SELECT {'id' if view == 'patient' else 'patient_id'} AS patient_id, hash(s) AS h "
+        f"FROM src_{view} s"
+        for view in VIEW_COLUMNS
+    ]
+    con.execute(
+        f"CREATE OR REPLACE TABLE {CURRENT} AS SELECT patient_id, bit_xor(hash(h, ?)) AS digest "
+        f"FROM ({' UNION ALL '.join(parts)}) WHERE patient_id IS NOT NULL GROUP BY patient_id",
+        [FEATURES_VERSION],
+    )
+
+
+def _stage_changed(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """``CHANGED``: patients new, changed or gone since the last build; (changed, gone)."""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE {CHANGED} AS
+        SELECT c.patient_id, false AS gone FROM {CURRENT} c
+            ANTI JOIN {SOURCES} s ON s.patient_id = c.patient_id AND s.digest = c.digest
+        UNION ALL
+        SELECT s.patient_id, true FROM {SOURCES} s
+            ANTI JOIN {CURRENT} c ON c.patient_id = s.patient_id
+        """
+    )
+    ((changed, gone),) = con.execute(
+        f"SELECT count(*) FILTER (NOT gone), count(*) FILTER (gone) FROM {CHANGED}"
+    ).fetchall()
+    return int(changed), int(gone)
+
+
+def _shared_inputs(con: duckdb.DuckDBPyConnection, valuesets: list[ValueSet]) -> dict[str, str]:
+    ((end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
+    return {
+        "data_end": "" if end is None else end.isoformat(),
+        "definitions": definitions_digest(valuesets),
+    }
+
+
+def _needs_full_build(
+    con: duckdb.DuckDBPyConnection, out_dir: Path, shared: dict[str, str]
+) -> bool:
+    recorded = dict(con.execute(f"SELECT key, value FROM {BUILDS}").fetchall())
+    tables = {
+        name
+        for (name,) in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = ?", [FEATURES_SCHEMA]
+        ).fetchall()
+    }
+    missing = any(
+        name not in tables or not parquet_path(out_dir, name).exists() for name in FEATURE_TABLES
+    )
+    return missing or recorded != shared or not shared["data_end"]
+
+
+def _record(con: duckdb.DuckDBPyConnection, shared: dict[str, str], *, full: bool) -> None:
+    con.execute("BEGIN TRANSACTION")
+    try:
+        if full:
+            con.execute(f"DELETE FROM {SOURCES}")
+        else:
+            con.execute(
+                f"DELETE FROM {SOURCES} WHERE patient_id IN (SELECT patient_id FROM {CHANGED})"
+            )
+        con.execute(
+            f"INSERT INTO {SOURCES} SELECT patient_id, digest FROM {CURRENT}"
+            + ("" if full else f" SEMI JOIN {CHANGED} USING (patient_id)")
+        )
+        con.execute(f"DELETE FROM {BUILDS}")
+        con.executemany(f"INSERT INTO {BUILDS} VALUES (?, ?)", list(shared.items()))
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+
+
+def _counts(con: duckdb.DuckDBPyConnection) -> tuple[dict[str, int], dict[str, int]]:
+    rows: dict[str, int] = {}
+    patients: dict[str, int] = {}
+    for name in FEATURE_TABLES:
+        ((count, distinct),) = con.execute(
+            f"SELECT count(*), count(DISTINCT patient_id) FROM {FEATURES_SCHEMA}.{name}"
+        ).fetchall()
+        rows[name], patients[name] = int(count), int(distinct)
+    return rows, patients
+
+
+def _publish_changed_patients(
+    con: duckdb.DuckDBPyConnection,
+    out_dir: Path,
+    created: datetime,
+    valuesets: list[ValueSet],
+    data_end: datetime,
+) -> None:
+    """Every table: the kept rows plus the rows of the changed patients, computed by the same
+    SQL over their data only, with the data end of the whole release."""
+    prepare_sources(con, patients=CHANGED, data_end=data_end)
+    for name in FEATURE_TABLES:
+        table = f"{FEATURES_SCHEMA}.{name}"
+        source = (
+            f"SELECT * FROM {table} WHERE patient_id NOT IN (SELECT patient_id FROM {CHANGED}) "
+            f"UNION ALL BY NAME SELECT * FROM ({table_sql(name, created, valuesets)}) "
+            "ORDER BY patient_id, event_timestamp"
+        )
+        publish_table(con, table, parquet_path(out_dir, name), source, compression="zstd")
+
+
+def refresh_feature_tables(
+    con: duckdb.DuckDBPyConnection, out_dir: Path, *, created: datetime | None = None
+) -> FeatureRefresh:
+    """Bring every feature table (DuckDB and Parquet) up to date with the views, computing
+    only the patients whose view rows changed when the shared inputs are the same."""
+    started = time.perf_counter()
+    created = created or datetime.now(UTC)
+    valuesets = load_valuesets()
+    con.execute("SET TimeZone = 'UTC'")
+    _ensure_state(con)
+    prepare_sources(con)
+    shared = _shared_inputs(con, valuesets)
+    _stage_patient_digests(con)
+    try:
+        if _needs_full_build(con, Path(out_dir), shared):
+            build = build_feature_tables_report(con, out_dir, created=created)
+            _record(con, shared, full=True)
+            ((count,),) = con.execute(f"SELECT count(*) FROM {CURRENT}").fetchall()
+            return FeatureRefresh(build, "full", int(count), 0)
+        ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
+        changed, gone = _stage_changed(con)
+        mode = "unchanged"
+        if changed or gone:
+            ((data_end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
+            register_code_table(con, valuesets)
+            register_lab_codes(con)
+            _publish_changed_patients(con, Path(out_dir), created, valuesets, data_end)
+            _record(con, shared, full=False)
+            mode = "incremental"
+        rows, patients = _counts(con)
+        seconds = round(time.perf_counter() - started, 3)
+        return FeatureRefresh(
+            FeatureBuild(rows, patients, int(opted_out), seconds), mode, changed, gone
+        )
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {CURRENT}")
+        con.execute(f"DROP TABLE IF EXISTS {CHANGED}")

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import duckdb
 import orjson
@@ -38,6 +36,7 @@ from pipelines.publish import publish_checked
 from pipelines.views.tables import (
     VIEWS_SCHEMA,
     ViewRunResult,
+    released_resources,
     run_view_over_release,
     view_result,
 )
@@ -48,7 +47,6 @@ SOURCES = f"{STATE_SCHEMA}.view_sources"
 DEFINITIONS = f"{STATE_SCHEMA}.view_definitions"
 # Bumped when the view runner changes what it writes for the same definition and resources.
 RUNNER_VERSION = "1"
-_FETCH_ROWS = 2_000
 
 
 @dataclass(frozen=True)
@@ -142,24 +140,6 @@ def _stage_differences(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> tup
     return int(changed), int(removed)
 
 
-def _changed_resources(
-    con: duckdb.DuckDBPyConnection, scratch: _Scratch, resource_type: str
-) -> Iterator[Any]:
-    """The released resources listed in ``scratch.changed``, streamed in id order."""
-    cursor = con.cursor()
-    try:
-        cursor.execute(
-            f"SELECT d.resource FROM deid_resources d SEMI JOIN {scratch.changed} c ON c.id = d.id "
-            "WHERE d.resource_type = ? ORDER BY d.id",
-            [resource_type],
-        )
-        while chunk := cursor.fetchmany(_FETCH_ROWS):
-            for (resource,) in chunk:
-                yield orjson.loads(resource)
-    finally:
-        cursor.close()
-
-
 def _record_sources(
     con: duckdb.DuckDBPyConnection, scratch: _Scratch, digest: str, *, full: bool
 ) -> None:
@@ -250,7 +230,8 @@ def _publish_changes(
     table = f"{VIEWS_SCHEMA}.{view.name}"
     new_rows = f"{STATE_SCHEMA}.{view.name}__rows"
     try:
-        write_view_table(con, view, _changed_resources(con, scratch, view.resource), new_rows)
+        changed = released_resources(con, view.resource, only_ids=scratch.changed)
+        write_view_table(con, view, changed, new_rows)
         source = (
             f"SELECT * FROM {table} WHERE id NOT IN (SELECT id FROM {scratch.changed}) "
             f"AND id NOT IN (SELECT id FROM {scratch.removed}) "

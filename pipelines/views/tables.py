@@ -55,16 +55,18 @@ class ViewRunResult:
 
 
 def released_resources(
-    con: duckdb.DuckDBPyConnection, resource_type: str
+    con: duckdb.DuckDBPyConnection, resource_type: str, only_ids: str | None = None
 ) -> Iterator[dict[str, Any]]:
     """De-identified resources of one type, streamed from the warehouse in chunks, without
-    those of withheld patients."""
+    those of withheld patients; with ``only_ids`` (a table with an ``id`` column, a trusted
+    name), only the resources it lists."""
     # patients the k-anonymity step withheld are not released: none of their rows is read
     released = withheld_filter(con)
+    only = f" AND id IN (SELECT id FROM {only_ids})" if only_ids else ""
     cursor = con.cursor()
     try:
         cursor.execute(
-            f"SELECT resource FROM deid_resources WHERE resource_type = ? AND {released} "
+            f"SELECT resource FROM deid_resources WHERE resource_type = ? AND {released}{only} "
             "ORDER BY id",
             [resource_type],
         )

@@ -233,8 +233,8 @@ def _publish_changes(
         changed = released_resources(con, view.resource, only_ids=scratch.changed)
         write_view_table(con, view, changed, new_rows)
         source = (
-            f"SELECT * FROM {table} WHERE id NOT IN (SELECT id FROM {scratch.changed}) "
-            f"AND id NOT IN (SELECT id FROM {scratch.removed}) "
+            f"SELECT v.* FROM {table} v ANTI JOIN (SELECT id FROM {scratch.changed} "
+            f"UNION ALL SELECT id FROM {scratch.removed}) x ON x.id = v.id "
             f"UNION ALL BY NAME SELECT * FROM {new_rows}"
         )
 

@@ -202,3 +202,28 @@ def test_a_copied_warehouse_gets_an_id_of_its_own(tmp_path: Path) -> None:
     finally:
         con.close()
     assert FileKeyProvider.load(tmp_path / "k.json").warehouses()[first] == str(moved.resolve())
+
+
+def test_prefetched_keys_equal_the_keys_read_one_by_one(tmp_path: Path) -> None:
+    init_keyring(tmp_path / "k.json")
+    provider = FileKeyProvider.load(tmp_path / "k.json")
+    con = warehouse.connect(tmp_path / "warehouse.duckdb")
+    try:
+        keys = DataKeyStore(con, provider)
+        ids = [keys.for_owner(f"{i:032x}").key_id for i in range(6)]
+        keys.flush()
+        con.execute(
+            "UPDATE data_keys SET wrapped = NULL, destroyed_at = now() WHERE key_id = ?", [ids[0]]
+        )
+        one_by_one = DataKeyStore(con, provider)
+        expected = {k: one_by_one.by_id(k).key for k in ids[1:]}
+        prefetched = DataKeyStore(con, provider)
+        prefetched.prefetch([*ids, b"\x00" * len(ids[0])])  # a destroyed and an unknown id too
+        # every live key unwrapped in the one lookup (by_id then finds it cached, no query)
+        con.execute("DELETE FROM data_keys WHERE key_id <> ?", [ids[0]])
+        assert {k: prefetched.by_id(k).key for k in ids[1:]} == expected
+        # the destroyed key was not unwrapped: reading it still says why
+        with pytest.raises(KeyDestroyedError, match="was destroyed"):
+            prefetched.by_id(ids[0])
+    finally:
+        con.close()

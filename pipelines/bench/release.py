@@ -79,6 +79,17 @@ def step_seconds(instance: DagsterInstance, run_id: str) -> dict[str, float]:
     return seconds
 
 
+def refresh_modes(result: Any) -> dict[str, str]:
+    """How each refreshed table was rebuilt (``full``, ``incremental``, ``unchanged``)."""
+    modes: dict[str, str] = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.step_materialization_data.materialization
+        mode = materialization.metadata.get("refresh")
+        if mode is not None:
+            modes[materialization.asset_key.to_user_string()] = str(mode.value)
+    return modes
+
+
 def _workdir_run(root: Path, landing: Path, key_file: Path) -> tuple[dict[str, Any], Any]:
     init_keyring(key_file)
     resources = build_resources(str(root), str(landing), str(key_file))
@@ -127,6 +138,7 @@ def bench_release(root: Path, patients: int, share: float, seed: int) -> dict[st
         out["late_batch_s"], _ = _timed(batch_assets, instance, resources, late)
         out["late_release_s"], result = _timed(release_assets, instance, resources, None)
         out["late_release_steps"] = step_seconds(instance, result.run_id)
+        out["late_refresh"] = refresh_modes(result)
     resources, instance = _workdir_run(root / "full", landing, root / "keys.json")
     with instance:
         instance.add_dynamic_partitions(_PARTITIONS, [base, late])
@@ -161,6 +173,8 @@ def print_release_bench(out: dict[str, Any]) -> None:
     print("release steps (late / full), seconds:")
     for step, full in out["full_release_steps"].items():
         print(f"  {step:40s} {out['late_release_steps'].get(step, 0.0):6.2f} / {full:6.2f}")
+    modes = sorted(set(out["late_refresh"].items()), key=lambda kv: kv[0])
+    print("refresh after the late batch: " + ", ".join(f"{k} {v}" for k, v in modes))
     differing = out["tables_differing"]
     print(
         f"released tables equal to the full release: "

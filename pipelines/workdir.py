@@ -12,7 +12,8 @@ from vault.lifecycle import ErasurePlan, ReleasedTables
 # Warehouse tables of the release, erased by patient_id: every table with the column in the
 # views, features and models schemas, and the de-identified resources, their withheld-record
 # log and the k-anonymous patient table; and the release's bookkeeping of what each table was
-# built from (schema release_state, pseudonyms and digests: erased like the rest).
+# built from (pseudonyms and digests: erased like the rest).
+RELEASE_STATE_SCHEMA = "release_state"
 RELEASED_TABLES = (
     ReleasedTables(
         "main",
@@ -27,7 +28,7 @@ RELEASED_TABLES = (
     ReleasedTables("views"),
     ReleasedTables("features"),
     ReleasedTables("models"),
-    ReleasedTables("release_state"),
+    ReleasedTables(RELEASE_STATE_SCHEMA),
 )
 
 DEFAULT_WORKDIR = Path("data/work")

@@ -47,8 +47,10 @@ from pipelines.features.online_scan import (
     online_entity_key,
     online_keys,
 )
+from pipelines.workdir import RELEASE_STATE_SCHEMA
 
-STATE_SCHEMA = "release_state"
+# the schema the erasure plan purges by patient_id (pipelines.workdir)
+STATE_SCHEMA = RELEASE_STATE_SCHEMA
 ROWS = f"{STATE_SCHEMA}.online_rows"
 META = f"{STATE_SCHEMA}.online_sync"
 # Bumped when a row's digest changes meaning: the next sync then reloads in full.

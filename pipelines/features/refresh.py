@@ -40,8 +40,10 @@ from pipelines.features.tables import (
 )
 from pipelines.features.valuesets import ValueSet, load_valuesets, register_code_table
 from pipelines.publish import publish_table
+from pipelines.workdir import RELEASE_STATE_SCHEMA
 
-STATE_SCHEMA = "release_state"
+# the schema the erasure plan purges by patient_id (pipelines.workdir)
+STATE_SCHEMA = RELEASE_STATE_SCHEMA
 SOURCES = f"{STATE_SCHEMA}.feature_sources"
 BUILDS = f"{STATE_SCHEMA}.feature_builds"
 CURRENT = f"{STATE_SCHEMA}.feature_current"

@@ -40,9 +40,10 @@ from pipelines.views.tables import (
     run_view_over_release,
     view_result,
 )
-from pipelines.workdir import Workdir
+from pipelines.workdir import RELEASE_STATE_SCHEMA, Workdir
 
-STATE_SCHEMA = "release_state"
+# the schema the erasure plan purges by patient_id (pipelines.workdir)
+STATE_SCHEMA = RELEASE_STATE_SCHEMA
 SOURCES = f"{STATE_SCHEMA}.view_sources"
 DEFINITIONS = f"{STATE_SCHEMA}.view_definitions"
 # Bumped when the view runner changes what it writes for the same definition and resources.

@@ -13,10 +13,12 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AutomationCondition,
+    Config,
     MaterializeResult,
     MetadataValue,
     asset,
 )
+from pydantic import Field
 
 from deid.policy import Policy
 from pipelines.assets.deid import RELEASE_INPUT
@@ -24,6 +26,7 @@ from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import card_metadata, image_metadata
 from pipelines.features.resources import FeastStoreResource
 from pipelines.models.labels import readmission_labels_with_counts
+from pipelines.models.retrain import DEFAULT_MIN_CHANGED_SHARE, retrain_decision
 from pipelines.models.storage import (
     LABELS_TABLE,
     MODEL_DIR,
@@ -35,6 +38,7 @@ from pipelines.models.storage import (
 from pipelines.models.training import (
     InsufficientTrainingDataError,
     ModelReport,
+    load_model_report,
     train_readmission_model,
 )
 from pipelines.models.training_set import (
@@ -180,6 +184,30 @@ def model_metadata(report: ModelReport) -> dict[str, MetadataValue]:
     return metadata
 
 
+class ModelRefreshConfig(Config):
+    """How a refresh of the readmission model decides to train again."""
+
+    retrain_min_changed_share: float = Field(
+        default=DEFAULT_MIN_CHANGED_SHARE,
+        description=(
+            "Train again when at least this share of the training rows changed since the model "
+            "on disk was trained (rows added plus rows removed, over the rows trained on); a "
+            "change of columns or of the training code, or no model on disk, always retrains. "
+            "0 retrains on every refresh."
+        ),
+    )
+
+
+def auroc_check(report: ModelReport) -> AssetCheckResult:
+    """The warning check on a model's held-out AUROC."""
+    return AssetCheckResult(
+        check_name="auroc_beats_chance",
+        passed=report.auroc is not None and report.auroc > MIN_AUROC,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"auroc": report.auroc or 0.0, "threshold": MIN_AUROC},
+    )
+
+
 @asset(
     group_name=GROUP,
     deps=[RELEASE_INPUT, readmission_training_set, AssetKey(["views", "patient"])],
@@ -196,9 +224,10 @@ def model_metadata(report: ModelReport) -> dict[str, MetadataValue]:
     ],
 )
 def readmission_model(
-    context: AssetExecutionContext, warehouse: WarehouseResource
+    context: AssetExecutionContext, warehouse: WarehouseResource, config: ModelRefreshConfig
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
-    """30-day readmission model trained on a patient split, with evaluation, plots and card."""
+    """30-day readmission model trained on a patient split, with evaluation, plots and card;
+    kept as it is when the training set barely changed (`pipelines.models.retrain`)."""
     training = pd.read_parquet(parquet_path(warehouse.workdir, TRAINING_SET_TABLE))
     con = warehouse.connect(read_only=True)
     try:
@@ -206,6 +235,15 @@ def readmission_model(
     finally:
         con.close()
     out_dir = models_dir(warehouse.workdir) / MODEL_DIR
+    threshold = config.retrain_min_changed_share
+    decision = retrain_decision(training, out_dir, threshold, exclude=AUDIT_COLUMNS)
+    refresh = decision.as_metadata(threshold)
+    if not decision.retrain:
+        context.log.info(f"readmission model kept: {decision.reason}")
+        kept = load_model_report(out_dir)
+        yield MaterializeResult(metadata={**model_metadata(kept), **refresh})
+        yield auroc_check(kept)
+        return
     try:
         report = train_readmission_model(training, out_dir=out_dir, audit_columns=AUDIT_COLUMNS)
     except InsufficientTrainingDataError as exc:
@@ -224,16 +262,11 @@ def readmission_model(
         )
         return
     context.log.info(
-        f"readmission model: AUROC {report.auroc}, {report.n_train} train / "
-        f"{report.n_test} test rows"
+        f"readmission model retrained ({decision.reason}): AUROC {report.auroc}, "
+        f"{report.n_train} train / {report.n_test} test rows"
     )
-    yield MaterializeResult(metadata=model_metadata(report))
-    yield AssetCheckResult(
-        check_name="auroc_beats_chance",
-        passed=report.auroc is not None and report.auroc > MIN_AUROC,
-        severity=AssetCheckSeverity.WARN,
-        metadata={"auroc": report.auroc or 0.0, "threshold": MIN_AUROC},
-    )
+    yield MaterializeResult(metadata={**model_metadata(report), **refresh})
+    yield auroc_check(report)
 
 
 model_assets = [readmission_labels, readmission_training_set, readmission_model]

@@ -22,6 +22,8 @@ cohorts with non-linear signal.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +31,7 @@ from typing import Any, Literal
 import joblib
 import numpy as np
 import pandas as pd
+import sklearn
 from sklearn.compose import ColumnTransformer
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.impute import SimpleImputer
@@ -69,6 +72,14 @@ Estimator = Literal["logistic_regression", "hist_gradient_boosting"]
 MODEL_FILE = "readmission_model.joblib"
 METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "model_card.md"
+# What the model in a folder was trained on: one digest per training row, and the columns hashed
+# with the training code's version (written last, so its presence means the model is complete).
+TRAINED_ON_ROWS_FILE = "trained_on.parquet"
+TRAINED_ON_FILE = "trained_on.json"
+# Raise when a change to this module (or to how the model asset calls it) changes what a fit on
+# the same rows produces: a model trained by another version is retrained.
+TRAINING_VERSION = 1
+PLOT_NAMES = ("roc_curve", "calibration_curve", "subgroup_auroc", "feature_importance")
 TEST_SIZE = 0.25
 SPLIT_ATTEMPTS = 20
 IMPORTANCE_REPEATS = 10
@@ -349,19 +360,22 @@ def bounded_subgroups(subgroups: list[SubgroupResult]) -> list[dict[str, Any]]:
 def write_plots(fitted: FittedModel, evaluation: Evaluation, out_dir: Path) -> dict[str, Path]:
     """The ROC, calibration, subgroup AUROC and feature importance plots as PNG files."""
     auroc = evaluation.metrics["auroc"]
+    path = {name: plot_path(out_dir, name) for name in PLOT_NAMES}
     return {
-        "roc_curve": plot_roc(fitted.y_test, fitted.p_test, auroc, out_dir / "roc_curve.png"),
+        "roc_curve": plot_roc(fitted.y_test, fitted.p_test, auroc, path["roc_curve"]),
         "calibration_curve": plot_calibration(
             [CalibrationBin(**b) for b in evaluation.metrics["calibration_bins"]],
-            out_dir / "calibration_curve.png",
+            path["calibration_curve"],
         ),
-        "subgroup_auroc": plot_subgroup_auroc(
-            evaluation.subgroups, auroc, out_dir / "subgroup_auroc.png"
-        ),
+        "subgroup_auroc": plot_subgroup_auroc(evaluation.subgroups, auroc, path["subgroup_auroc"]),
         "feature_importance": plot_feature_importance(
-            evaluation.importance, out_dir / "feature_importance.png"
+            evaluation.importance, path["feature_importance"]
         ),
     }
+
+
+def plot_path(out_dir: Path, name: str) -> Path:
+    return out_dir / f"{name}.png"
 
 
 def metrics_document(
@@ -438,6 +452,86 @@ def write_model_outputs(
     )
 
 
+def load_model_report(out_dir: Path) -> ModelReport:
+    """The report of the model an earlier :func:`train_readmission_model` wrote into
+    ``out_dir``, read back from its ``metrics.json`` (plots that are no longer there are left
+    out)."""
+    out_dir = Path(out_dir)
+    metrics_path = out_dir / METRICS_FILE
+    document = json.loads(metrics_path.read_text())
+    test = document["test"]
+    features = document["features"]
+    plots = {name: plot_path(out_dir, name) for name in PLOT_NAMES}
+    return ModelReport(
+        out_dir=out_dir,
+        model_path=out_dir / MODEL_FILE,
+        metrics_path=metrics_path,
+        model_card_path=out_dir / MODEL_CARD_FILE,
+        plots={name: path for name, path in plots.items() if path.is_file()},
+        estimator=document["estimator"],
+        auroc=test["auroc"],
+        brier=test["brier"],
+        prevalence=test["prevalence"],
+        n_train=document["n_train"],
+        n_test=document["n_test"],
+        n_train_patients=document["n_train_patients"],
+        n_test_patients=document["n_test_patients"],
+        features=(*features["numeric"], *features["categorical"]),
+        largest_subgroup_gap=document["largest_subgroup_gap"],
+        too_small_subgroups=list(document["subgroups_not_assessable"]),
+    )
+
+
+def trained_on_columns(frame: pd.DataFrame, label: str, columns: FeatureColumns) -> list[str]:
+    """The columns a row of the training set is compared by: its keys, the label and the
+    features the model reads."""
+    keys = [c for c in ("patient_id", "event_timestamp") if c in frame.columns]
+    return [*keys, label, *columns.all]
+
+
+def row_digests(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
+    """One uint64 per row of ``frame`` over ``columns`` (pandas' keyed hash of the values, not
+    of the row's position): two rows with equal values have equal digests."""
+    hashed = pd.util.hash_pandas_object(frame[list(columns)], index=False)
+    return hashed.to_numpy(dtype="uint64")
+
+
+def training_environment() -> dict[str, Any]:
+    """What besides the rows decides the fit: this module's version and scikit-learn's (a model
+    pickled by another scikit-learn is not meant to be loaded)."""
+    return {"training_version": TRAINING_VERSION, "sklearn": sklearn.__version__}
+
+
+def _write_replacing(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through a temporary file beside it, so a reader sees the old or the new
+    file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def forget_trained_on(out_dir: Path) -> None:
+    """Remove the record of what the model in ``out_dir`` was trained on (before its files are
+    replaced, so that an interrupted fit leaves a folder the retrain rule does not keep)."""
+    (Path(out_dir) / TRAINED_ON_FILE).unlink(missing_ok=True)
+    (Path(out_dir) / TRAINED_ON_ROWS_FILE).unlink(missing_ok=True)
+
+
+def write_trained_on(frame: pd.DataFrame, columns: Sequence[str], out_dir: Path) -> None:
+    """Record beside the model what it was trained on: ``trained_on.parquet`` with one digest
+    per row of ``frame`` (pseudonyms and values hashed, nothing readable) and
+    ``trained_on.json`` with the columns hashed and :func:`training_environment`, written last."""
+    digests = pd.DataFrame({"row_digest": row_digests(frame, columns)})
+    _write_replacing(
+        Path(out_dir) / TRAINED_ON_ROWS_FILE, lambda tmp: digests.to_parquet(tmp, index=False)
+    )
+    document = {**training_environment(), "columns": list(columns), "rows": len(frame)}
+    _write_replacing(
+        Path(out_dir) / TRAINED_ON_FILE,
+        lambda tmp: tmp.write_text(json.dumps(document, indent=2), encoding="utf-8"),
+    )
+
+
 def train_readmission_model(
     training: pd.DataFrame,
     label: str = "label",
@@ -456,7 +550,11 @@ def train_readmission_model(
     (minus ``exclude``, ``audit_columns`` and date/time columns) is a feature. ``audit_columns``
     (e.g. race and ethnicity joined from the patient view) only define subgroups for the audit;
     an attribute found there wins over a feature column describing the same attribute.
+
+    After the model's files, ``trained_on.parquet`` and ``trained_on.json`` record what it was
+    trained on (:mod:`pipelines.models.retrain` compares a later training set with them).
     """
+    forget_trained_on(out_dir)
     frame = labelled_rows(training, label)
     columns = feature_columns(frame, label, (*exclude, *audit_columns))
     if not columns.all:
@@ -471,7 +569,9 @@ def train_readmission_model(
     document = metrics_document(
         fitted, evaluation, frame, label=label, estimator=estimator, seed=seed, temporal=temporal
     )
-    return write_model_outputs(fitted, evaluation, document, Path(out_dir))
+    report = write_model_outputs(fitted, evaluation, document, Path(out_dir))
+    write_trained_on(frame, trained_on_columns(frame, label, columns), Path(out_dir))
+    return report
 
 
 def load_model(path: Path) -> Pipeline:

@@ -267,6 +267,13 @@ class CanarySet:
         if adder is not None:
             adder(self, resource, pseudonym)
 
+    def birth_dates_only(self) -> CanarySet:
+        """The same patients' own birth dates, and no other canary (for rows whose other
+        text was already scanned)."""
+        births = CanarySet()
+        births._births = dict(self._births)
+        return births
+
     def birth_dates_of(self, pseudonym: str | None) -> tuple[str, ...]:
         return self._births.get(pseudonym, ()) if pseudonym is not None else ()
 

@@ -3,6 +3,7 @@ leak scan over what was released, and the released patient table with its k-anon
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -381,6 +382,21 @@ def _text_columns(cursor: duckdb.DuckDBPyConnection, table: str) -> tuple[list[s
     return text, {name for name, *_ in described}
 
 
+@contextlib.contextmanager
+def _reader(
+    con: duckdb.DuckDBPyConnection, in_transaction: bool
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """``con`` itself (its open transaction's rows) or a cursor of its own, closed after."""
+    if in_transaction:
+        yield con
+        return
+    cursor = con.cursor()
+    try:
+        yield cursor
+    finally:
+        cursor.close()
+
+
 def _scan_value(name: str, value: Any) -> Any:
     # *_display columns hold terminology text: single name parts are not counted there
     return {"system": "", "code": "", "display": value} if name.endswith("_display") else value
@@ -394,6 +410,8 @@ def scan_released_table(
     patient_column: str | None = "patient_id",
     *,
     distinct_rows: bool = False,
+    in_transaction: bool = False,
+    where: str = "",
 ) -> LeakScanResult:
     """Scan every text-like column of a released table (views, features). Columns named
     ``*_display`` hold terminology text (single name parts are not counted there, as in a
@@ -401,15 +419,21 @@ def scan_released_table(
 
     ``distinct_rows`` scans each distinct combination of the row name, the patient and the text
     columns once: exactly what a row-by-row scan finds, for tables whose rows repeat the same
-    text (feature tables: a patient's codes on each of their rows)."""
-    cursor = con.cursor()
-    try:
+    text (feature tables: a patient's codes on each of their rows).
+
+    ``in_transaction`` reads through ``con`` itself, which sees the rows of its open
+    transaction (a table changed in place, not yet committed); a cursor would not. ``where``
+    (trusted SQL) scans only the rows it selects."""
+    with _reader(con, in_transaction) as cursor:
         columns, names = _text_columns(cursor, table)
         patient_expr = f'"{patient_column}"' if patient_column in names else "NULL"
         id_expr = f'"{id_column}"' if id_column in names else "NULL"
         select = ", ".join(f'CAST("{name}" AS VARCHAR)' for name in columns) or "NULL"
         distinct = "DISTINCT " if distinct_rows else ""
-        cursor.execute(f"SELECT {distinct}{id_expr}, {patient_expr}, {select} FROM {table}")
+        condition = f" WHERE {where}" if where else ""
+        cursor.execute(
+            f"SELECT {distinct}{id_expr}, {patient_expr}, {select} FROM {table}{condition}"
+        )
 
         def rows() -> Any:
             while chunk := cursor.fetchmany(5_000):
@@ -422,8 +446,6 @@ def scan_released_table(
                     yield str(row_id), value, patient
 
         return scan_rows(canaries, rows())
-    finally:
-        cursor.close()
 
 
 def scan_column_values(
@@ -431,14 +453,16 @@ def scan_column_values(
     canaries: CanarySet,
     table: str,
     skip_columns: tuple[str, ...] = ("id", "patient_id"),
+    *,
+    in_transaction: bool = False,
 ) -> LeakScanResult:
     """Scan each distinct value of every text-like column of ``table`` once, without its
     patient: names, identifiers, phones, emails and addresses of any patient are found wherever
     they stand; a patient's own birth date (searched only in that patient's rows) is not.
     ``skip_columns`` are the platform's own pseudonyms (keyed digests, never input text). A
-    hit is named ``<column>:distinct``, never by the value."""
-    cursor = con.cursor()
-    try:
+    hit is named ``<column>:distinct``, never by the value. ``in_transaction`` as in
+    :func:`scan_released_table`."""
+    with _reader(con, in_transaction) as cursor:
         columns, _ = _text_columns(cursor, table)
 
         def rows() -> Any:
@@ -454,8 +478,6 @@ def scan_column_values(
                         yield f"{name}:distinct", [_scan_value(name, value)], None
 
         return scan_rows(canaries, rows())
-    finally:
-        cursor.close()
 
 
 def merged_scans(*results: LeakScanResult) -> LeakScanResult:
@@ -515,15 +537,27 @@ def _scan_staged_patients(
     canaries: CanarySet, con: duckdb.DuckDBPyConnection, staging: str
 ) -> LeakScanResult:
     """Every value of the staged table is a category (a race named White, a state): scanned
-    as terminology text, where a surname that is also a category name is not a leak."""
+    as terminology text, where a surname that is also a category name is not a leak.
+
+    The rows repeat a few combinations: each distinct combination is scanned once for every
+    patient's identifiers. A patient's own birth date is searched in the rows of that patient
+    whose values hold a run of four digits (every written form of a date holds its year); no
+    other row can hold it. This finds exactly what a row-by-row scan finds."""
+    table = _checked_table(staging)
     columns = ", ".join(QUASI_IDENTIFIERS)
-    rows = con.execute(f"SELECT patient_id, {columns} FROM {_checked_table(staging)}").fetchall()
-    return scan_rows(
-        canaries,
-        (
-            (pid, [{"system": "", "code": "", "display": v} for v in values if v], pid)
-            for pid, *values in rows
-        ),
+    as_text = " || ' ' || ".join(f"coalesce(CAST({c} AS VARCHAR), '')" for c in QUASI_IDENTIFIERS)
+
+    def as_terminology(values: Any) -> list[dict[str, str]]:
+        return [{"system": "", "code": "", "display": v} for v in values if v]
+
+    combinations = con.execute(f"SELECT DISTINCT {columns} FROM {table}").fetchall()
+    with_years = con.execute(
+        f"SELECT patient_id, {columns} FROM {table} WHERE regexp_matches({as_text}, '[0-9]{{4}}')"
+    ).fetchall()
+    distinct = (("released_patients:distinct", as_terminology(v)) for v in combinations)
+    own_births = ((pid, as_terminology(v), pid) for pid, *v in with_years)
+    return merged_scans(
+        scan_rows(canaries, distinct), scan_rows(canaries.birth_dates_only(), own_births)
     )
 
 

@@ -143,3 +143,41 @@ class OnlineStore:
 
     def purge(self, pseudonym: str) -> int:
         return purge_online_store(self.path, pseudonym)
+
+
+def purge_model_training_record(models_folder: Path, pseudonym: str) -> int:
+    """Delete the record of what a model was trained on (``trained_on.parquet`` and its JSON)
+    wherever it names the patient: the model is then trained again, without them, by the next
+    release refresh (:mod:`pipelines.models.retrain`). Returns the rows the record held for the
+    patient."""
+    from pipelines.models.training import TRAINED_ON_ROWS_FILE, forget_trained_on
+
+    check_pseudonym(pseudonym)
+    removed = 0
+    con = duckdb.connect()
+    try:
+        for path in sorted(Path(models_folder).glob(f"*/{TRAINED_ON_ROWS_FILE}")):
+            source = "read_parquet('" + str(path).replace("'", "''") + "')"
+            columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+            if "patient_id" not in columns:
+                continue
+            ((found,),) = con.execute(
+                f"SELECT count(*) FROM {source} WHERE patient_id = ?", [pseudonym]
+            ).fetchall()
+            if found:
+                forget_trained_on(path.parent)
+                removed += int(found)
+    finally:
+        con.close()
+    return removed
+
+
+@dataclass(frozen=True)
+class ModelTrainingRecord:
+    """The record beside each model of the rows it was trained on."""
+
+    folder: Path
+    name: str = "model_training_record"
+
+    def purge(self, pseudonym: str) -> int:
+        return purge_model_training_record(self.folder, pseudonym)

@@ -178,3 +178,68 @@ def _publish(
         raise
     fsync_dir(target.parent)
     return int(rows), result
+
+
+@dataclass(frozen=True)
+class TableChange:
+    """Statements that bring the published table ``table`` (``schema.name``, trusted) up to
+    date in place (deletes and inserts of the rows that changed), and its Parquet file."""
+
+    table: str
+    parquet: Path
+    statements: tuple[str, ...]
+    compression: str | None = None
+
+
+def publish_in_place(
+    con: duckdb.DuckDBPyConnection,
+    changes: list[TableChange],
+    *,
+    check: Callable[[duckdb.DuckDBPyConnection], CheckT] | None = None,
+    record: Callable[[duckdb.DuckDBPyConnection], None] | None = None,
+) -> CheckT | None:
+    """Change published tables in place, with work in proportion to the rows that changed
+    rather than a copy of every table: all in one transaction, which readers see whole or not
+    at all.
+
+    Within the transaction, after the statements: ``check(con)`` runs over the changed tables
+    (through ``con`` itself: a cursor is a second connection and sees the committed rows);
+    when its result has not ``passed``, everything is rolled back and no file is written.
+    Otherwise ``record(con)`` writes the caller's bookkeeping, each table is copied to a
+    temporary Parquet file, and the files are renamed over their targets before the commit.
+    A crash before the commit leaves the tables and the bookkeeping as they were (the next
+    refresh redoes the same rows); a file renamed by then already holds what that refresh
+    writes again."""
+    temporaries: list[tuple[Path, Path]] = []
+    con.execute("BEGIN TRANSACTION")
+    try:
+        for change in changes:
+            for statement in change.statements:
+                con.execute(statement)
+        result = check(con) if check is not None else None
+        if result is not None and not result.passed:
+            con.execute("ROLLBACK")
+            return result
+        if record is not None:
+            record(con)
+        for change in changes:
+            target = Path(change.parquet)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
+            )
+            os.close(fd)
+            temporaries.append((Path(tmp_name), target))
+            _copy_parquet(con, change.table, Path(tmp_name), change.compression)
+        for tmp, target in temporaries:
+            os.replace(tmp, target)
+        con.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(duckdb.Error):
+            con.execute("ROLLBACK")
+        for tmp, _ in temporaries:
+            tmp.unlink(missing_ok=True)
+        raise
+    for directory in {target.parent for _, target in temporaries}:
+        fsync_dir(directory)
+    return result

@@ -109,8 +109,13 @@ class Workdir:
     def erasure_plan(self) -> ErasurePlan:
         """Every place of this workdir that holds released patient rows: the release tables of
         the warehouse, references to the patient in other patients' released resources, the
-        released Parquet files and the Feast online store."""
-        from pipelines.erasure import OnlineStore, ReleasedParquet, ReleasedReferences
+        released Parquet files, the Feast online store and the models' training records."""
+        from pipelines.erasure import (
+            ModelTrainingRecord,
+            OnlineStore,
+            ReleasedParquet,
+            ReleasedReferences,
+        )
 
         return ErasurePlan(
             tables=RELEASED_TABLES,
@@ -118,5 +123,6 @@ class Workdir:
                 ReleasedReferences(self.warehouse),
                 ReleasedParquet(self.released_folders),
                 OnlineStore(self.online_store),
+                ModelTrainingRecord(self.models),
             ),
         )

@@ -23,7 +23,7 @@ from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import image_metadata
 from pipelines.features.checks import opted_out_rows, scan_feature_table, table_shape
-from pipelines.features.refresh import refresh_feature_tables
+from pipelines.features.refresh import REFRESHED, refresh_feature_tables
 from pipelines.features.stats import null_rates, plot_distributions
 from pipelines.features.tables import FEATURE_TABLES, FEATURES_SCHEMA, parquet_path
 from pipelines.resources import KeyProviderResource, WarehouseResource
@@ -84,10 +84,13 @@ def feature_tables(
         refresh = refresh_feature_tables(con, out_dir)
         build = refresh.build
         canaries = RELEASE_CANARIES.get(con, keys.provider())
+        # a full build is scanned in full; a refresh, the patients it computed again in full
+        # (and the distinct values of every row)
+        refreshed = None if refresh.mode == "full" else REFRESHED
         results = {
             name: (
                 table_shape(con, name),
-                scan_feature_table(con, canaries, name),
+                scan_feature_table(con, canaries, name, refreshed=refreshed),
                 opted_out_rows(con, name),
                 null_rates(con, name),
                 plot_distributions(con, name, stats_dir / f"{name}.png"),

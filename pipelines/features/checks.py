@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import duckdb
 
 from deid.leakscan import CanarySet, LeakScanResult
-from deid.release import scan_released_table
+from deid.release import merged_scans, scan_column_values, scan_released_table
 from pipelines.features.cohort import opted_out_sql
 from pipelines.features.tables import FEATURES_SCHEMA
 
@@ -52,12 +52,33 @@ def opted_out_rows(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, int]
 
 
 def scan_feature_table(
-    con: duckdb.DuckDBPyConnection, canaries: CanarySet, name: str
+    con: duckdb.DuckDBPyConnection,
+    canaries: CanarySet,
+    name: str,
+    *,
+    refreshed: str | None = None,
 ) -> LeakScanResult:
     """The release leak scan (:func:`deid.release.scan_released_table`) of one feature table;
     a row is named by its patient pseudonym, and a patient's own birth date is searched in
     that patient's rows. The text of a feature table (the patient pseudonym and a few codes)
-    repeats on each of a patient's rows: each distinct combination is scanned once."""
-    return scan_released_table(
-        con, canaries, f"{FEATURES_SCHEMA}.{name}", id_column="patient_id", distinct_rows=True
+    repeats on each of a patient's rows: each distinct combination is scanned once.
+
+    With ``refreshed`` (a table of ``patient_id``, a trusted name: the patients an incremental
+    refresh computed again), only those patients' rows are scanned that way; every other row
+    was scanned when it was written, and each distinct value of its text columns is scanned
+    again against every canary known now (a patient new to the release is found there too).
+    Pseudonyms are not text anyone wrote and are not scanned again."""
+    table = f"{FEATURES_SCHEMA}.{name}"
+    if refreshed is None:
+        return scan_released_table(con, canaries, table, id_column="patient_id", distinct_rows=True)
+    return merged_scans(
+        scan_released_table(
+            con,
+            canaries,
+            table,
+            id_column="patient_id",
+            distinct_rows=True,
+            where=f"patient_id IN (SELECT patient_id FROM {refreshed})",
+        ),
+        scan_column_values(con, canaries, table, skip_columns=("patient_id",)),
     )

@@ -11,9 +11,11 @@ them and the data end pinned, and their rows replace the old ones; every other r
 When the data end moved or a definition changed, every table is built in full: a later data end
 adds rows (window edges, birthdays, heartbeats) to patients whose data did not change.
 
-Each table is published atomically (:func:`pipelines.publish.publish_table`); the bookkeeping is
-written after all five, so a crash in between only makes the next refresh redo the same
-patients.
+A full build publishes each table atomically (:func:`pipelines.publish.publish_table`) and writes
+the bookkeeping after all five. A refresh changes the five tables in place (the changed patients'
+rows deleted and computed again) and writes the bookkeeping and the Parquet files in the same
+transaction (:func:`pipelines.publish.publish_in_place`). Either way a crash only makes the next
+refresh redo the same patients.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pipelines.features.tables import (
     table_sql,
 )
 from pipelines.features.valuesets import ValueSet, load_valuesets, register_code_table
-from pipelines.publish import publish_table
+from pipelines.publish import TableChange, publish_in_place
 from pipelines.workdir import RELEASE_STATE_SCHEMA
 
 # the schema the erasure plan purges by patient_id (pipelines.workdir)
@@ -48,6 +50,8 @@ SOURCES = f"{STATE_SCHEMA}.feature_sources"
 BUILDS = f"{STATE_SCHEMA}.feature_builds"
 CURRENT = f"{STATE_SCHEMA}.feature_current"
 CHANGED = f"{STATE_SCHEMA}.feature_changed"
+# the patients whose rows the last incremental refresh computed (for its leak scan)
+REFRESHED = f"{STATE_SCHEMA}.feature_refreshed"
 # Bumped when the feature SQL changes in a way its text does not show.
 FEATURES_VERSION = "1"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -80,6 +84,7 @@ def _ensure_state(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA}")
     con.execute(f"CREATE TABLE IF NOT EXISTS {SOURCES} (patient_id VARCHAR, digest UBIGINT)")
     con.execute(f"CREATE TABLE IF NOT EXISTS {BUILDS} (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {REFRESHED} (patient_id VARCHAR)")
 
 
 def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
@@ -139,21 +144,28 @@ def _needs_full_build(
     return missing or recorded != shared or not shared["data_end"]
 
 
-def _record(con: duckdb.DuckDBPyConnection, shared: dict[str, str], *, full: bool) -> None:
+def _write_record(con: duckdb.DuckDBPyConnection, shared: dict[str, str], *, full: bool) -> None:
+    """The bookkeeping of a build (within the caller's transaction)."""
+    if full:
+        con.execute(f"DELETE FROM {SOURCES}")
+    else:
+        con.execute(f"DELETE FROM {SOURCES} WHERE patient_id IN (SELECT patient_id FROM {CHANGED})")
+    con.execute(
+        f"INSERT INTO {SOURCES} SELECT patient_id, digest FROM {CURRENT}"
+        + ("" if full else f" SEMI JOIN {CHANGED} USING (patient_id)")
+    )
+    con.execute(f"DELETE FROM {BUILDS}")
+    con.executemany(f"INSERT INTO {BUILDS} VALUES (?, ?)", list(shared.items()))
+    con.execute(
+        f"CREATE OR REPLACE TABLE {REFRESHED} AS SELECT patient_id FROM "
+        + (CURRENT if full else f"{CHANGED} WHERE NOT gone")
+    )
+
+
+def _record_full_build(con: duckdb.DuckDBPyConnection, shared: dict[str, str]) -> None:
     con.execute("BEGIN TRANSACTION")
     try:
-        if full:
-            con.execute(f"DELETE FROM {SOURCES}")
-        else:
-            con.execute(
-                f"DELETE FROM {SOURCES} WHERE patient_id IN (SELECT patient_id FROM {CHANGED})"
-            )
-        con.execute(
-            f"INSERT INTO {SOURCES} SELECT patient_id, digest FROM {CURRENT}"
-            + ("" if full else f" SEMI JOIN {CHANGED} USING (patient_id)")
-        )
-        con.execute(f"DELETE FROM {BUILDS}")
-        con.executemany(f"INSERT INTO {BUILDS} VALUES (?, ?)", list(shared.items()))
+        _write_record(con, shared, full=True)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -176,19 +188,28 @@ def _publish_changed_patients(
     out_dir: Path,
     created: datetime,
     valuesets: list[ValueSet],
-    data_end: datetime,
+    shared: dict[str, str],
 ) -> None:
-    """Every table: the kept rows plus the rows of the changed patients, computed by the same
-    SQL over their data only, with the data end of the whole release."""
+    """In one transaction: every table's rows of the changed patients replaced by the same SQL
+    over their data only, with the data end of the whole release; the bookkeeping; the Parquet
+    files."""
+    ((data_end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
     prepare_sources(con, patients=CHANGED, data_end=data_end)
-    for name in FEATURE_TABLES:
-        table = f"{FEATURES_SCHEMA}.{name}"
-        source = (
-            f"SELECT * FROM {table} WHERE patient_id NOT IN (SELECT patient_id FROM {CHANGED}) "
-            f"UNION ALL BY NAME SELECT * FROM ({table_sql(name, created, valuesets)}) "
-            "ORDER BY patient_id, event_timestamp"
+    changes = [
+        TableChange(
+            f"{FEATURES_SCHEMA}.{name}",
+            parquet_path(out_dir, name),
+            (
+                f"DELETE FROM {FEATURES_SCHEMA}.{name} "
+                f"WHERE patient_id IN (SELECT patient_id FROM {CHANGED})",
+                f"INSERT INTO {FEATURES_SCHEMA}.{name} BY NAME "
+                f"SELECT * FROM ({table_sql(name, created, valuesets)})",
+            ),
+            compression="zstd",
         )
-        publish_table(con, table, parquet_path(out_dir, name), source, compression="zstd")
+        for name in FEATURE_TABLES
+    ]
+    publish_in_place(con, changes, record=lambda c: _write_record(c, shared, full=False))
 
 
 def refresh_feature_tables(
@@ -207,18 +228,16 @@ def refresh_feature_tables(
     try:
         if _needs_full_build(con, Path(out_dir), shared):
             build = build_feature_tables_report(con, out_dir, created=created)
-            _record(con, shared, full=True)
+            _record_full_build(con, shared)
             ((count,),) = con.execute(f"SELECT count(*) FROM {CURRENT}").fetchall()
             return FeatureRefresh(build, "full", int(count), 0)
         ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
         changed, gone = _stage_changed(con)
         mode = "unchanged"
         if changed or gone:
-            ((data_end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
             register_code_table(con, valuesets)
             register_lab_codes(con)
-            _publish_changed_patients(con, Path(out_dir), created, valuesets, data_end)
-            _record(con, shared, full=False)
+            _publish_changed_patients(con, Path(out_dir), created, valuesets, shared)
             mode = "incremental"
         rows, patients = _counts(con)
         seconds = round(time.perf_counter() - started, 3)

@@ -10,6 +10,8 @@ disk is kept unless one of these holds:
   written by :func:`pipelines.models.training.write_trained_on` after the model's files);
 - the training code's version (``TRAINING_VERSION``) or scikit-learn's changed;
 - the columns changed (a feature added, removed, renamed, or a column gaining its first value);
+- a patient the model was trained on is no longer in the training set (erased, opted out of
+  research, withheld): a model must not go on being one fitted to their data;
 - at least ``min_changed_share`` of the rows changed: the rows added plus the rows removed (a
   row whose values changed counts twice) over the rows the model was trained on. Rows are
   compared by their digests as multisets, so their order does not matter.
@@ -73,7 +75,7 @@ def changed_rows(before: np.ndarray, after: np.ndarray) -> int:
     return int(counts.abs().sum())
 
 
-def _read_record(out_dir: Path) -> tuple[dict[str, Any], np.ndarray] | None:
+def _read_record(out_dir: Path) -> tuple[dict[str, Any], np.ndarray, set[str]] | None:
     """The record of the model's training rows, or None when it is missing or incomplete."""
     document_path = out_dir / TRAINED_ON_FILE
     rows_path = out_dir / TRAINED_ON_ROWS_FILE
@@ -81,12 +83,13 @@ def _read_record(out_dir: Path) -> tuple[dict[str, Any], np.ndarray] | None:
         return None
     try:
         document = json.loads(document_path.read_text(encoding="utf-8"))
-        digests = pd.read_parquet(rows_path)["row_digest"].to_numpy(dtype="uint64")
+        rows = pd.read_parquet(rows_path, columns=["row_digest", "patient_id"])
     except (OSError, ValueError, KeyError):
         return None
+    digests = rows["row_digest"].to_numpy(dtype="uint64")
     if not isinstance(document, dict) or document.get("rows") != len(digests):
         return None
-    return document, digests
+    return document, digests, set(rows["patient_id"].astype(str))
 
 
 def retrain_decision(
@@ -115,7 +118,7 @@ def retrain_decision(
     record = _read_record(out_dir)
     if record is None:
         return retrain("no record of the rows the model was trained on")
-    document, digests_at_fit = record
+    document, digests_at_fit, patients_at_fit = record
     rows_at_fit = len(digests_at_fit)
     environment = training_environment()
     changed_environment = [k for k, v in environment.items() if document.get(k) != v]
@@ -133,6 +136,10 @@ def retrain_decision(
     changed = changed_rows(digests_at_fit, row_digests(frame, columns))
     share = changed / max(rows_at_fit, 1)
     counts = f"{changed} of {rows_at_fit} rows changed ({share:.2%})"
+    left = len(patients_at_fit - set(frame["patient_id"].astype(str)))
+    if left:
+        reason = f"{counts}; {left} patients the model was trained on left the training set"
+        return retrain(reason, changed, share, rows_at_fit)
     if min_changed_share <= 0:
         return retrain(f"{counts}; retraining on every refresh", changed, share, rows_at_fit)
     if share >= min_changed_share:

@@ -519,9 +519,15 @@ def forget_trained_on(out_dir: Path) -> None:
 
 def write_trained_on(frame: pd.DataFrame, columns: Sequence[str], out_dir: Path) -> None:
     """Record beside the model what it was trained on: ``trained_on.parquet`` with one digest
-    per row of ``frame`` (pseudonyms and values hashed, nothing readable) and
+    per row of ``frame`` (values hashed, nothing readable) and the row's patient pseudonym (so a
+    patient who leaves the training set is noticed; ``ehr forget`` deletes the record), and
     ``trained_on.json`` with the columns hashed and :func:`training_environment`, written last."""
-    digests = pd.DataFrame({"row_digest": row_digests(frame, columns)})
+    digests = pd.DataFrame(
+        {
+            "row_digest": row_digests(frame, columns),
+            "patient_id": frame["patient_id"].astype(str).to_numpy(),
+        }
+    )
     _write_replacing(
         Path(out_dir) / TRAINED_ON_ROWS_FILE, lambda tmp: digests.to_parquet(tmp, index=False)
     )

@@ -14,8 +14,10 @@ The new rows are scanned in full (every canary, a patient's own birth date in th
 kept rows were scanned when they were published, and each distinct value of their text columns
 is scanned again against every canary known now (a patient new to the release whose name stood
 in an older row is found there too). The table and its Parquet file are published atomically
-(:mod:`pipelines.publish`); the bookkeeping is written after, so a crash in between only makes
-the next refresh redo the same resources.
+(:mod:`pipelines.publish`). A refresh changes the table in place (the rows of changed and gone
+resources deleted, the new ones inserted) and writes its bookkeeping in the same transaction, so
+a crash leaves both as they were and the next refresh redoes the same resources; a full build
+publishes a new table and writes the bookkeeping after, with the same effect.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from deid.kanon import withheld_filter
 from deid.leakscan import CanarySet, LeakScanResult
 from deid.release import merged_scans, scan_column_values, scan_released_table
 from fhirlake.viewdef import ViewDefinition, write_view_table
-from pipelines.publish import publish_checked
+from pipelines.publish import TableChange, publish_in_place
 from pipelines.views.tables import (
     VIEWS_SCHEMA,
     ViewRunResult,
@@ -110,7 +112,9 @@ def _stage_current_sources(
     released = withheld_filter(con)
     con.execute(
         f"CREATE OR REPLACE TABLE {scratch.current} AS "
-        "SELECT id, patient_id, md5(CAST(resource AS VARCHAR)) AS digest FROM deid_resources "
+        # a 64-bit hash compared id by id: a collision would need an id's new version to hash
+        # to its old one's value
+        "SELECT id, patient_id, CAST(hash(resource) AS VARCHAR) AS digest FROM deid_resources "
         f"WHERE resource_type = ? AND {released}",
         [resource_type],
     )
@@ -144,29 +148,34 @@ def _stage_differences(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> tup
 def _record_sources(
     con: duckdb.DuckDBPyConnection, scratch: _Scratch, digest: str, *, full: bool
 ) -> None:
-    """What the published view was built from, in one transaction."""
+    """What the published view was built from (within the caller's transaction)."""
     name = scratch.view
+    if full:
+        con.execute(f"DELETE FROM {SOURCES} WHERE view = ?", [name])
+        con.execute(
+            f"INSERT INTO {SOURCES} SELECT ?, id, patient_id, digest FROM {scratch.current}",
+            [name],
+        )
+    else:
+        con.execute(
+            f"DELETE FROM {SOURCES} WHERE view = ? AND "
+            f"(id IN (SELECT id FROM {scratch.changed}) "
+            f"OR id IN (SELECT id FROM {scratch.removed}))",
+            [name],
+        )
+        con.execute(
+            f"INSERT INTO {SOURCES} SELECT ?, c.id, c.patient_id, c.digest "
+            f"FROM {scratch.current} c SEMI JOIN {scratch.changed} x ON x.id = c.id",
+            [name],
+        )
+    con.execute(f"INSERT OR REPLACE INTO {DEFINITIONS} VALUES (?, ?)", [name, digest])
+
+
+def _record_full_build(con: duckdb.DuckDBPyConnection, scratch: _Scratch, digest: str) -> None:
+    """The bookkeeping of a full build, in one transaction."""
     con.execute("BEGIN TRANSACTION")
     try:
-        if full:
-            con.execute(f"DELETE FROM {SOURCES} WHERE view = ?", [name])
-            con.execute(
-                f"INSERT INTO {SOURCES} SELECT ?, id, patient_id, digest FROM {scratch.current}",
-                [name],
-            )
-        else:
-            con.execute(
-                f"DELETE FROM {SOURCES} WHERE view = ? AND "
-                f"(id IN (SELECT id FROM {scratch.changed}) "
-                f"OR id IN (SELECT id FROM {scratch.removed}))",
-                [name],
-            )
-            con.execute(
-                f"INSERT INTO {SOURCES} SELECT ?, c.id, c.patient_id, c.digest "
-                f"FROM {scratch.current} c SEMI JOIN {scratch.changed} x ON x.id = c.id",
-                [name],
-            )
-        con.execute(f"INSERT OR REPLACE INTO {DEFINITIONS} VALUES (?, ?)", [name, digest])
+        _record_sources(con, scratch, digest, full=True)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -203,7 +212,7 @@ def refresh_view(
                 con, view, workdir, check=lambda c, t: scan_released_table(c, canaries, t)
             )
             if result.published:
-                _record_sources(con, scratch, digest, full=True)
+                _record_full_build(con, scratch, digest)
             ((count,),) = con.execute(f"SELECT count(*) FROM {scratch.current}").fetchall()
             return ViewRefresh(result, "full", int(count), 0)
         changed, removed = _stage_differences(con, scratch)
@@ -211,9 +220,7 @@ def refresh_view(
             scan = LeakScanResult(canaries=len(canaries))
             result = view_result(con, view, workdir, started, published=True, check=scan)
             return ViewRefresh(result, "unchanged", 0, 0)
-        result = _publish_changes(con, view, scratch, workdir, canaries, started)
-        if result.published:
-            _record_sources(con, scratch, digest, full=False)
+        result = _publish_changes(con, view, scratch, workdir, canaries, started, digest)
         return ViewRefresh(result, "incremental", changed, removed)
     finally:
         scratch.drop(con)
@@ -226,38 +233,50 @@ def _publish_changes(
     workdir: Path,
     canaries: CanarySet,
     started: float,
+    digest: str,
 ) -> ViewRunResult:
-    """The kept rows plus the view over the changed resources, scanned and published."""
+    """The view over the changed resources; in one transaction, the rows of changed and
+    removed resources deleted, the new rows inserted, the result scanned, the bookkeeping
+    written and the Parquet file replaced (rolled back when the scan finds a leak)."""
     table = f"{VIEWS_SCHEMA}.{view.name}"
     new_rows = f"{STATE_SCHEMA}.{view.name}__rows"
     try:
         changed = released_resources(con, view.resource, only_ids=scratch.changed)
         write_view_table(con, view, changed, new_rows)
-        source = (
-            f"SELECT v.* FROM {table} v ANTI JOIN (SELECT id FROM {scratch.changed} "
-            f"UNION ALL SELECT id FROM {scratch.removed}) x ON x.id = v.id "
-            f"UNION ALL BY NAME SELECT * FROM {new_rows}"
+        ((rows,),) = con.execute(f"SELECT count(*) FROM {new_rows}").fetchall()
+        statements = (
+            f"DELETE FROM {table} WHERE id IN (SELECT id FROM {scratch.changed} "
+            f"UNION ALL SELECT id FROM {scratch.removed})",
+            f"INSERT INTO {table} BY NAME SELECT * FROM {new_rows}",
         )
 
-        def check(c: duckdb.DuckDBPyConnection, staging: str) -> LeakScanResult:
+        def check(c: duckdb.DuckDBPyConnection) -> LeakScanResult:
             # the new rows in full; the distinct values of every row against today's canaries
             return merged_scans(
-                scan_released_table(c, canaries, new_rows),
-                scan_column_values(c, canaries, staging, skip_columns=_pseudonym_columns(view)),
+                scan_released_table(c, canaries, new_rows, in_transaction=True),
+                scan_column_values(
+                    c, canaries, table, skip_columns=_pseudonym_columns(view), in_transaction=True
+                ),
             )
 
         parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
-        staged = publish_checked(con, table, parquet, source, check)
+        scan = publish_in_place(
+            con,
+            [TableChange(table, parquet, statements)],
+            check=check,
+            record=lambda c: _record_sources(c, scratch, digest, full=False),
+        )
     finally:
         con.execute(f"DROP TABLE IF EXISTS {new_rows}")
+    published = scan is not None and scan.passed
     return view_result(
         con,
         view,
         workdir,
         started,
-        published=staged.published,
-        check=staged.check,
-        rows=staged.rows,
+        published=published,
+        check=scan,
+        rows=None if published else int(rows),
     )
 
 

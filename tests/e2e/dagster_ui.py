@@ -83,8 +83,13 @@ class DagsterUI:
         data = self.graphql(
             "mutation($s: SensorSelector!) { startSensor(sensorSelector: $s) { __typename "
             "... on Sensor { sensorState { status } } ... on PythonError { message } } }",
-            {"s": {"repositoryLocationName": LOCATION, "repositoryName": REPOSITORY,
-                   "sensorName": name}},
+            {
+                "s": {
+                    "repositoryLocationName": LOCATION,
+                    "repositoryName": REPOSITORY,
+                    "sensorName": name,
+                }
+            },
         )
         return str(data["startSensor"]["sensorState"]["status"])
 
@@ -125,9 +130,18 @@ def drop_batch(ui: DagsterUI, tmp: Path) -> None:
     """Generate a batch elsewhere, move it into landing in one rename, then mark it complete."""
     staging = tmp / "staging" / BATCH
     subprocess.run(
-        [str(BIN / "ehr"), "generate", "--patients", str(PATIENTS), "--seed", str(SEED),
-         "--out", str(staging)],
-        check=True, capture_output=True,
+        [
+            str(BIN / "ehr"),
+            "generate",
+            "--patients",
+            str(PATIENTS),
+            "--seed",
+            str(SEED),
+            "--out",
+            str(staging),
+        ],
+        check=True,
+        capture_output=True,
     )
     staging.rename(ui.landing / BATCH)
     (ui.landing / BATCH / "_READY").write_bytes(b"")
@@ -172,9 +186,17 @@ def start_reference_run(ui: DagsterUI) -> subprocess.Popen[bytes]:
     env = ui_env(ui.home, ui.reference_workdir, ui.landing, ui.key_file)
     env.pop("DAGSTER_HOME")
     return subprocess.Popen(
-        [str(BIN / "ehr"), "run", "--input", str(ui.landing), "--workdir",
-         str(ui.reference_workdir)],
-        env=env, stdout=subprocess.DEVNULL, stderr=(ui.home.parent / "ehr_run.log").open("wb"),
+        [
+            str(BIN / "ehr"),
+            "run",
+            "--input",
+            str(ui.landing),
+            "--workdir",
+            str(ui.reference_workdir),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(ui.home.parent / "ehr_run.log").open("wb"),
     )
 
 
@@ -188,14 +210,26 @@ def ui_release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUI]:
     key_file = tmp / "keys" / "keyring.json"
     init_keyring(key_file)
     port = free_port()
-    ui = DagsterUI(f"http://127.0.0.1:{port}", home, tmp / "work", landing, key_file,
-                   tmp / "dagster_dev.log")
+    ui = DagsterUI(
+        f"http://127.0.0.1:{port}", home, tmp / "work", landing, key_file, tmp / "dagster_dev.log"
+    )
     with ui.log.open("wb") as log:
         process = subprocess.Popen(
-            [str(BIN / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1",
-             "-p", str(port)],
-            cwd=REPO_ROOT, env=ui_env(home, ui.workdir, landing, key_file),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(BIN / "dagster"),
+                "dev",
+                "-w",
+                "workspace.yaml",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=REPO_ROOT,
+            env=ui_env(home, ui.workdir, landing, key_file),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         wait_until_up(ui, process)

@@ -27,12 +27,25 @@ def _chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
     assert CHROMIUM is not None
     return subprocess.run(
         [
-            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
-            f"--window-size={WINDOW}", f"--virtual-time-budget={RENDER_BUDGET_MS}", *args,
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            "--hide-scrollbars",
+            f"--user-data-dir={profile}",
+            f"--window-size={WINDOW}",
+            f"--virtual-time-budget={RENDER_BUDGET_MS}",
+            *args,
         ],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -61,8 +74,15 @@ def test_lineage_shows_every_stage(ui_release: DagsterUI, chromium_profile: Path
     url = f"{ui_release.url}/assets/readmission_model?view=lineage&lineageScope=upstream"
     url += "&lineageDepth=12"  # every stage up to the landing batch
     dom = visit(url, SCREENSHOTS / "lineage.png", chromium_profile)
-    for name in ("landing_batch", "phi_vault", "deid_resources", "released_patients",
-                 "feast_registry", "feast_online_store", "readmission_labels"):
+    for name in (
+        "landing_batch",
+        "phi_vault",
+        "deid_resources",
+        "released_patients",
+        "feast_registry",
+        "feast_online_store",
+        "readmission_labels",
+    ):
         assert name in dom, f"{name} not on the lineage page"
     assert "Join the Dagster community" not in dom  # nothing drawn over the graph
 
@@ -81,6 +101,7 @@ def test_model_page_shows_its_metadata_and_checks(
         assert "not trained" in dom or "reason" in dom
     checks = visit(
         f"{ui_release.url}/assets/readmission_model?view=checks",
-        SCREENSHOTS / "model_checks.png", chromium_profile,
+        SCREENSHOTS / "model_checks.png",
+        chromium_profile,
     )
     assert "auroc_beats_chance" in checks

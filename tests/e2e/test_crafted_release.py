@@ -64,7 +64,9 @@ def _other_files_text(workdir: Workdir) -> str:
 
 
 def test_no_canary_leaves_the_platform(
-    tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    key_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.delenv("DAGSTER_HOME", raising=False)  # the runs' storage lands in the workdir

@@ -36,12 +36,18 @@ def _env(key_file: Path) -> dict[str, str]:
 def _run(landing: Path, workdir: Path, key_file: Path) -> None:
     subprocess.run(
         [EHR, "run", "--input", str(landing), "--workdir", str(workdir)],
-        env=_env(key_file), check=True, capture_output=True, timeout=RUN_TIMEOUT,
+        env=_env(key_file),
+        check=True,
+        capture_output=True,
+        timeout=RUN_TIMEOUT,
     )
 
 
 def _run_and_kill(
-    landing: Path, workdir: Path, key_file: Path, when: Callable[[str, Path], bool],
+    landing: Path,
+    workdir: Path,
+    key_file: Path,
+    when: Callable[[str, Path], bool],
     delay: float,
 ) -> bool:
     """Start `ehr run`, SIGKILL its whole process group ``delay`` seconds after ``when`` holds
@@ -50,7 +56,10 @@ def _run_and_kill(
     with log.open("wb") as out:
         process = subprocess.Popen(
             [EHR, "run", "--input", str(landing), "--workdir", str(workdir)],
-            env=_env(key_file), stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            env=_env(key_file),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     deadline = time.monotonic() + RUN_TIMEOUT
     while process.poll() is None and time.monotonic() < deadline:
@@ -87,11 +96,12 @@ def _table_digests(warehouse: Path) -> dict[str, tuple[int, str]]:
         for schema, name in tables:
             columns = con.execute(
                 "SELECT column_name, data_type FROM information_schema.columns "
-                "WHERE table_schema = ? AND table_name = ?", [schema, name]
+                "WHERE table_schema = ? AND table_name = ?",
+                [schema, name],
             ).fetchall()
             select = _select(columns)
             count, digest = con.execute(
-                f'SELECT count(*), md5(coalesce(string_agg(r, chr(10) ORDER BY r), \'\')) FROM '
+                f"SELECT count(*), md5(coalesce(string_agg(r, chr(10) ORDER BY r), '')) FROM "
                 f'(SELECT CAST(ROW({select}) AS VARCHAR) AS r FROM "{schema}"."{name}")'
             ).fetchall()[0]
             digests[f"{schema}.{name}"] = (int(count), str(digest))
@@ -108,7 +118,8 @@ def _parquet_digests(workdir: Path) -> dict[str, tuple[int, str]]:
         select = _select([(c, t) for (c, t, *_) in described])
         count, digest = con.execute(
             f"SELECT count(*), md5(coalesce(string_agg(r, chr(10) ORDER BY r), '')) FROM "
-            f"(SELECT CAST(ROW({select}) AS VARCHAR) AS r FROM read_parquet(?))", [str(path)]
+            f"(SELECT CAST(ROW({select}) AS VARCHAR) AS r FROM read_parquet(?))",
+            [str(path)],
         ).fetchall()[0]
         digests[str(path.relative_to(workdir))] = (int(count), str(digest))
     return digests

@@ -29,7 +29,12 @@ def test_every_group_asset_check_job_and_sensor_loads(ui_release: DagsterUI) -> 
     nodes = {"/".join(n["assetKey"]["path"]): n for n in repo["assetNodes"]}
     assert set(nodes) == expected_assets
     assert {g["groupName"] for g in repo["assetGroups"]} == {
-        "ingest", "deid", "views", "features", "feast", "models"
+        "ingest",
+        "deid",
+        "views",
+        "features",
+        "feast",
+        "models",
     }
     checks = {
         f"{key}:{c['name']}"

@@ -70,6 +70,7 @@ def test_forget_reaches_parquet_and_the_online_store(tmp_path: Path, key_file: P
         "released_references",
         "released_parquet",
         "feast_online_store",
+        "model_training_record",
     }
     assert report["places"]["released_parquet"] > 0 and report["places"]["feast_online_store"] > 0
     # left: the audit entry of the erasure and the tombstone of the destroyed data key

@@ -69,4 +69,3 @@ def test_materialize_ingest_partition(tmp_path: Path, key_file: Path) -> None:
         assert con.execute("SELECT count(*) FROM phi_vault").fetchall()[0][0] == 2
     finally:
         con.close()
-

@@ -63,3 +63,95 @@ def test_failed_query_keeps_old_table_and_file(tmp_path: Path) -> None:
     assert con.execute("SELECT * FROM s.t").fetchall() == [(1,)]
     assert pq.read_table(target).to_pylist() == [{"old": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["t.parquet"]
+
+
+def _in_place_setup(tmp_path: Path) -> tuple[duckdb.DuckDBPyConnection, list[publish.TableChange]]:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    for name in ("a", "b"):
+        publish_table(
+            con, f"s.{name}", tmp_path / f"{name}.parquet", "SELECT range AS x FROM range(4)"
+        )
+    con.execute("CREATE TABLE s.log (entry VARCHAR)")
+    changes = [
+        publish.TableChange(
+            f"s.{name}",
+            tmp_path / f"{name}.parquet",
+            (f"DELETE FROM s.{name} WHERE x % 2 = 0", f"INSERT INTO s.{name} VALUES (10), (12)"),
+        )
+        for name in ("a", "b")
+    ]
+    return con, changes
+
+
+def _published(con: duckdb.DuckDBPyConnection, tmp_path: Path, name: str) -> tuple[list, list]:
+    table = sorted(x for (x,) in con.execute(f"SELECT x FROM s.{name}").fetchall())
+    file = sorted(r["x"] for r in pq.read_table(tmp_path / f"{name}.parquet").to_pylist())
+    return table, file
+
+
+def test_in_place_changes_tables_files_and_bookkeeping_together(tmp_path: Path) -> None:
+    con, changes = _in_place_setup(tmp_path)
+    publish.publish_in_place(
+        con, changes, record=lambda c: c.execute("INSERT INTO s.log VALUES ('done')")
+    )
+    for name in ("a", "b"):
+        assert _published(con, tmp_path, name) == ([1, 3, 10, 12], [1, 3, 10, 12])
+    assert con.execute("SELECT * FROM s.log").fetchall() == [("done",)]
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == ["a.parquet", "b.parquet"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+class _Scan:
+    def __init__(self, passed: bool) -> None:
+        self.passed = passed
+
+
+def test_in_place_check_sees_the_changed_rows_and_a_failure_changes_nothing(
+    tmp_path: Path,
+) -> None:
+    con, changes = _in_place_setup(tmp_path)
+    before = (tmp_path / "a.parquet").read_bytes()
+    seen: list[list[int]] = []
+
+    def check(c: duckdb.DuckDBPyConnection) -> _Scan:
+        seen.append(sorted(x for (x,) in c.execute("SELECT x FROM s.a").fetchall()))
+        return _Scan(passed=False)
+
+    result = publish.publish_in_place(
+        con, changes, check=check, record=lambda c: c.execute("INSERT INTO s.log VALUES ('x')")
+    )
+    assert result is not None and not result.passed
+    assert seen == [[1, 3, 10, 12]]  # the check read the uncommitted rows
+    for name in ("a", "b"):
+        assert _published(con, tmp_path, name) == ([0, 1, 2, 3], [0, 1, 2, 3])
+    assert (tmp_path / "a.parquet").read_bytes() == before
+    assert con.execute("SELECT count(*) FROM s.log").fetchall() == [(0,)]
+
+
+def test_in_place_failed_copy_rolls_back_tables_and_bookkeeping(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    con, changes = _in_place_setup(tmp_path)
+    before = {name: (tmp_path / f"{name}.parquet").read_bytes() for name in ("a", "b")}
+    real_copy = publish._copy_parquet
+    copies: list[str] = []
+
+    def second_copy_fails(
+        con: duckdb.DuckDBPyConnection, table: str, path: Path, compression: str | None
+    ) -> None:
+        copies.append(table)
+        if len(copies) == 2:
+            path.write_bytes(b"PAR1 and then the disk filled up")
+            raise duckdb.IOException("No space left on device")
+        real_copy(con, table, path, compression)
+
+    monkeypatch.setattr(publish, "_copy_parquet", second_copy_fails)
+    with pytest.raises(duckdb.IOException):
+        publish.publish_in_place(
+            con, changes, record=lambda c: c.execute("INSERT INTO s.log VALUES ('x')")
+        )
+    for name in ("a", "b"):
+        assert _published(con, tmp_path, name) == ([0, 1, 2, 3], [0, 1, 2, 3])
+        assert (tmp_path / f"{name}.parquet").read_bytes() == before[name]
+    assert con.execute("SELECT count(*) FROM s.log").fetchall() == [(0,)]
+    assert not list(tmp_path.glob(".*.tmp"))

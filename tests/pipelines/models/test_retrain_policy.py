@@ -14,6 +14,7 @@ import pytest
 from dagster import materialize
 
 from pipelines.assets.models import readmission_model
+from pipelines.erasure import purge_model_training_record
 from pipelines.models.retrain import retrain_decision
 from pipelines.models.storage import MODEL_DIR, TRAINING_SET_TABLE, models_dir, parquet_path
 from pipelines.models.training import (
@@ -80,7 +81,8 @@ def test_fit_records_what_it_was_trained_on(trained: tuple[pd.DataFrame, Path]) 
     assert document["columns"] == COLUMNS and document["rows"] == len(frame)
     assert isinstance(document["training_version"], int)
     digests = pd.read_parquet(out_dir / TRAINED_ON_ROWS_FILE)
-    assert list(digests.columns) == ["row_digest"] and str(digests["row_digest"].dtype) == "uint64"
+    assert list(digests.columns) == ["row_digest", "patient_id"]
+    assert str(digests["row_digest"].dtype) == "uint64"
     assert len(digests) == len(frame)
     # equal rows have equal digests: as many distinct digests as distinct rows
     assert digests["row_digest"].nunique() == len(_rows(frame))
@@ -125,10 +127,13 @@ def test_ten_percent_replaced_retrains(trained: tuple[pd.DataFrame, Path]) -> No
 
 def test_removed_and_duplicated_rows_count(trained: tuple[pd.DataFrame, Path]) -> None:
     frame, out_dir = trained
-    removed = frame.drop(index=range(0, 40, 2)).reset_index(drop=True)
+    # one row each of 20 patients who keep another row
+    repeat_patients = frame.groupby("patient_id").filter(lambda g: len(g) > 1)
+    dropped = repeat_patients.drop_duplicates("patient_id").index[:20]
+    removed = frame.drop(index=dropped).reset_index(drop=True)
     decision = retrain_decision(removed, out_dir, THRESHOLD)
     assert decision.changed_rows == _changed(frame, removed) == 20
-    assert not decision.retrain  # 20 rows of about 800
+    assert not decision.retrain  # 20 rows of about 800, every patient still there
     # a repeated row is one more row of a multiset
     repeated = pd.concat([frame, frame.iloc[:3]], ignore_index=True)
     assert retrain_decision(repeated, out_dir, THRESHOLD).changed_rows == 3
@@ -138,6 +143,34 @@ def test_removed_and_duplicated_rows_count(trained: tuple[pd.DataFrame, Path]) -
     decision = retrain_decision(most, out_dir, THRESHOLD)
     assert decision.retrain and decision.changed_rows == _changed(frame, most)
     assert decision.changed_share == pytest.approx(decision.changed_rows / len(frame))
+
+
+def test_a_patient_leaving_the_training_set_retrains(trained: tuple[pd.DataFrame, Path]) -> None:
+    frame, out_dir = trained
+    gone = str(frame["patient_id"].iloc[0])
+    without = frame[frame["patient_id"].astype(str) != gone].reset_index(drop=True)
+    expected = _changed(frame, without)
+    assert 0 < expected / len(frame) < THRESHOLD  # few rows: the share alone would keep it
+    decision = retrain_decision(without, out_dir, THRESHOLD)
+    assert decision.retrain and decision.changed_rows == expected
+    assert "1 patients the model was trained on left" in decision.reason
+
+
+def test_forget_deletes_the_record_that_names_the_patient(tmp_path: Path) -> None:
+    frame = planted_frame(n_patients=200, seed=11)
+    # pseudonyms of the platform's shape (the erasure refuses anything else)
+    codes = {p: f"{i:032x}" for i, p in enumerate(frame["patient_id"].unique())}
+    frame["patient_id"] = frame["patient_id"].map(codes)
+    out_dir = tmp_path / "models" / MODEL_DIR
+    train_readmission_model(frame, out_dir=out_dir)
+    patient = str(frame["patient_id"].iloc[0])
+    rows = int((frame["patient_id"].astype(str) == patient).sum())
+    assert purge_model_training_record(tmp_path / "models", "f" * 32) == 0
+    assert (out_dir / TRAINED_ON_ROWS_FILE).exists()
+    assert purge_model_training_record(tmp_path / "models", patient) == rows
+    assert not (out_dir / TRAINED_ON_ROWS_FILE).exists()
+    assert not (out_dir / TRAINED_ON_FILE).exists()
+    assert retrain_decision(frame, out_dir, THRESHOLD).retrain
 
 
 def test_changed_columns_retrain(trained: tuple[pd.DataFrame, Path]) -> None:

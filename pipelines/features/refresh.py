@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -67,13 +67,24 @@ class FeatureRefresh:
     patients_removed: int
 
 
+def _canonical(valuesets: list[ValueSet]) -> str:
+    """The value sets as text that is the same in every process: their code sets sorted (a
+    frozenset's order follows the process's string hash seed)."""
+    return repr(
+        sorted(
+            tuple(sorted(v) if isinstance(v, frozenset) else v for v in astuple(valueset))
+            for valueset in valuesets
+        )
+    )
+
+
 def definitions_digest(valuesets: list[ValueSet]) -> str:
     """A digest of what every patient's rows are computed with, beside their own data."""
     text = "\0".join(
         [
             FEATURES_VERSION,
             *(table_sql(name, _EPOCH, valuesets) for name in FEATURE_TABLES),
-            repr(sorted(repr(v) for v in valuesets)),
+            _canonical(valuesets),
             repr(LAB_MEASURES),
         ]
     )

@@ -168,11 +168,17 @@ def _backfill(con: duckdb.DuckDBPyConnection) -> None:
         f"DELETE FROM {QUASI_TABLE} WHERE patient_id NOT IN "
         "(SELECT id FROM deid_resources WHERE resource_type = 'Patient')"
     )
-    missing = con.execute(
+    ((missing,),) = con.execute(
+        "SELECT count(*) FROM deid_resources WHERE resource_type = 'Patient' "
+        f"AND id NOT IN (SELECT patient_id FROM {QUASI_TABLE})"
+    ).fetchall()
+    if not missing:  # the usual case: no resource text needs to be read
+        return
+    rows = con.execute(
         f"SELECT id, batch_id, resource FROM deid_resources WHERE resource_type = 'Patient' "
         f"AND id NOT IN (SELECT patient_id FROM {QUASI_TABLE})"
     ).fetchall()
-    record_quasi_identifiers(con, ((pid, bid, orjson.loads(r)) for pid, bid, r in missing))
+    record_quasi_identifiers(con, ((pid, bid, orjson.loads(r)) for pid, bid, r in rows))
 
 
 def _stage_patients(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -> None:
@@ -379,10 +385,13 @@ def _swap_in(
             for stage, target in ((staging, RELEASED_PATIENTS), (withheld, WITHHELD_PATIENTS)):
                 con.execute(f"DROP TABLE IF EXISTS {target}")
                 con.execute(f"ALTER TABLE {stage} RENAME TO {target}")
+            # only the Patients whose released form changed: a row rewritten with the same
+            # text would still cost a write of its row group
             con.execute(
                 "UPDATE deid_resources SET resource = u.resource::JSON FROM patient_updates u "
                 "WHERE deid_resources.resource_type = 'Patient' AND deid_resources.id = u.id "
-                "AND deid_resources.batch_id = u.batch_id"
+                "AND deid_resources.batch_id = u.batch_id "
+                "AND CAST(deid_resources.resource AS VARCHAR) IS DISTINCT FROM u.resource"
             )
             con.execute("COMMIT")
         except BaseException:

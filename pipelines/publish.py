@@ -189,6 +189,8 @@ class TableChange:
     parquet: Path
     statements: tuple[str, ...]
     compression: str | None = None
+    # the Parquet file's row order (trusted SQL), for readers that depend on it
+    order_by: str | None = None
 
 
 def publish_in_place(
@@ -230,7 +232,10 @@ def publish_in_place(
             )
             os.close(fd)
             temporaries.append((Path(tmp_name), target))
-            _copy_parquet(con, change.table, Path(tmp_name), change.compression)
+            source = change.table
+            if change.order_by:
+                source = f"(SELECT * FROM {change.table} ORDER BY {change.order_by})"
+            _copy_parquet(con, source, Path(tmp_name), change.compression)
         for tmp, target in temporaries:
             os.replace(tmp, target)
         con.execute("COMMIT")

@@ -4,6 +4,7 @@ feature service ``readmission_v2``, and the trained model with its evaluation an
 # No `from __future__ import annotations`: Dagster compares the `context` annotation at runtime.
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pandas as pd
 from dagster import (
@@ -41,12 +42,12 @@ from pipelines.models.training import (
     load_model_report,
     train_readmission_model,
 )
+from pipelines.models.training_refresh import refresh_training_set
 from pipelines.models.training_set import (
     AUDIT_COLUMNS,
     FEATURE_SERVICE,
     with_audit_attributes,
 )
-from pipelines.models.training_set import readmission_training_set as join_features
 from pipelines.resources import DeidSettings, WarehouseResource
 
 GROUP = "models"
@@ -114,13 +115,15 @@ def readmission_training_set(
     warehouse: WarehouseResource, feast_store: FeastStoreResource
 ) -> MaterializeResult:
     """Label rows joined point-in-time to the `readmission_v2` feature service through Feast."""
-    labels = pd.read_parquet(parquet_path(warehouse.workdir, LABELS_TABLE))
-    training = join_features(feast_store.store(warehouse.workdir), labels, FEATURE_SERVICE)
     con = warehouse.connect()
     try:
-        path = write_table(con, training, TRAINING_SET_TABLE, warehouse.workdir)
+        refresh = refresh_training_set(
+            con, feast_store.store(warehouse.workdir), Path(warehouse.workdir)
+        )
     finally:
         con.close()
+    training = refresh.frame
+    path = parquet_path(warehouse.workdir, TRAINING_SET_TABLE)
     features = [c for c in training.columns if c not in ("patient_id", "event_timestamp", "label")]
     return MaterializeResult(
         metadata={
@@ -128,6 +131,9 @@ def readmission_training_set(
             "rows": len(training),
             "patients": int(training["patient_id"].nunique()),
             "feature_service": FEATURE_SERVICE,
+            "refresh": refresh.mode,
+            "patients_changed": refresh.patients_changed,
+            "patients_removed": refresh.patients_removed,
             "features": MetadataValue.json(features),
             "missing_by_feature": MetadataValue.json(
                 {c: int(training[c].isna().sum()) for c in features}

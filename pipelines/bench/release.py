@@ -105,7 +105,8 @@ def release_digests(warehouse: Path) -> dict[str, str]:
     try:
         tables = con.execute(
             "SELECT schema_name, table_name FROM duckdb_tables() "
-            "WHERE schema_name IN ('views', 'features') OR table_name = 'released_patients' "
+            "WHERE schema_name IN ('views', 'features', 'models') "
+            "OR table_name = 'released_patients' "
             "ORDER BY 1, 2"
         ).fetchall()
         digests = {}

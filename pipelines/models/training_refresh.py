@@ -1,0 +1,200 @@
+"""Refreshing the training set after a batch with work in proportion to the patients whose rows
+changed.
+
+A patient's training rows (their label rows joined point-in-time to their feature rows) depend
+on that patient's label rows and feature rows only, and on the feature service as applied. The
+refresh records a digest of each labelled patient's label and feature rows
+(``release_state.training_sources``) and the registry's apply generation
+(``release_state.training_builds``). While the generation is the same, only the patients whose
+digest changed (or who are new, or gone) are joined again through Feast, and their rows replace
+the old ones in place (:func:`pipelines.publish.publish_in_place`, in one transaction with the
+bookkeeping and the Parquet file, written in the full build's row order: the trainer's split
+reads it). Otherwise, or without a table or file, the training set is built in full.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import duckdb
+import pandas as pd
+
+from pipelines.features.feast_store import registry_generation
+from pipelines.features.tables import FEATURE_TABLES, FEATURES_SCHEMA
+from pipelines.models.storage import (
+    LABELS_TABLE,
+    MODELS_SCHEMA,
+    TRAINING_SET_TABLE,
+    parquet_path,
+    write_table,
+)
+from pipelines.models.training_set import FEATURE_SERVICE, readmission_training_set
+from pipelines.publish import TableChange, publish_in_place
+from pipelines.workdir import RELEASE_STATE_SCHEMA
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+SOURCES = f"{RELEASE_STATE_SCHEMA}.training_sources"
+BUILDS = f"{RELEASE_STATE_SCHEMA}.training_builds"
+CURRENT = f"{RELEASE_STATE_SCHEMA}.training_current"
+CHANGED = f"{RELEASE_STATE_SCHEMA}.training_changed"
+# Bumped when the join or its columns change in a way the registry's generation does not show.
+TRAINING_SET_VERSION = "1"
+ROW_ORDER = "patient_id, event_timestamp"
+
+
+@dataclass(frozen=True)
+class TrainingSetRefresh:
+    """The training set as published, and how much of it was joined again."""
+
+    frame: pd.DataFrame
+    mode: str  # "full", "incremental" or "unchanged"
+    patients_changed: int
+    patients_removed: int
+
+
+def _ensure_state(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(f"CREATE SCHEMA IF NOT EXISTS {RELEASE_STATE_SCHEMA}")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {SOURCES} (patient_id VARCHAR, digest UBIGINT)")
+    con.execute(f"CREATE TABLE IF NOT EXISTS {BUILDS} (key VARCHAR PRIMARY KEY, value VARCHAR)")
+
+
+def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
+    """``CURRENT``: per labelled patient, an order-independent digest of their label rows and
+    of their rows of every feature table."""
+    parts = [f"SELECT patient_id, hash('labels', l) AS h FROM {MODELS_SCHEMA}.{LABELS_TABLE} l"]
+    parts += [
+        f"SELECT patient_id, hash('{name}', t) FROM {FEATURES_SCHEMA}.{name} t "
+        f"SEMI JOIN {MODELS_SCHEMA}.{LABELS_TABLE} l USING (patient_id)"
+        for name in FEATURE_TABLES
+    ]
+    con.execute(
+        f"CREATE OR REPLACE TABLE {CURRENT} AS SELECT patient_id, bit_xor(hash(h, ?)) AS digest "
+        f"FROM ({' UNION ALL '.join(parts)}) GROUP BY patient_id",
+        [TRAINING_SET_VERSION],
+    )
+
+
+def _stage_changed(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    """``CHANGED``: patients new, changed or gone since the last build; (changed, gone)."""
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE {CHANGED} AS
+        SELECT c.patient_id, false AS gone FROM {CURRENT} c
+            ANTI JOIN {SOURCES} s ON s.patient_id = c.patient_id AND s.digest = c.digest
+        UNION ALL
+        SELECT s.patient_id, true FROM {SOURCES} s
+            ANTI JOIN {CURRENT} c ON c.patient_id = s.patient_id
+        """
+    )
+    ((changed, gone),) = con.execute(
+        f"SELECT count(*) FILTER (NOT gone), count(*) FILTER (gone) FROM {CHANGED}"
+    ).fetchall()
+    return int(changed), int(gone)
+
+
+def _needs_full_build(con: duckdb.DuckDBPyConnection, workdir: Path, generation: str) -> bool:
+    recorded = dict(con.execute(f"SELECT key, value FROM {BUILDS}").fetchall())
+    ((tables,),) = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
+        [MODELS_SCHEMA, TRAINING_SET_TABLE],
+    ).fetchall()
+    exists = tables and parquet_path(workdir, TRAINING_SET_TABLE).exists()
+    return not exists or recorded.get("generation") != generation
+
+
+def _write_record(con: duckdb.DuckDBPyConnection, generation: str, *, full: bool) -> None:
+    """The bookkeeping of a build (within the caller's transaction)."""
+    if full:
+        con.execute(f"DELETE FROM {SOURCES}")
+    else:
+        con.execute(f"DELETE FROM {SOURCES} WHERE patient_id IN (SELECT patient_id FROM {CHANGED})")
+    con.execute(
+        f"INSERT INTO {SOURCES} SELECT patient_id, digest FROM {CURRENT}"
+        + ("" if full else f" SEMI JOIN {CHANGED} USING (patient_id)")
+    )
+    con.execute(f"INSERT OR REPLACE INTO {BUILDS} VALUES ('generation', ?)", [generation])
+
+
+def _full_build(
+    con: duckdb.DuckDBPyConnection,
+    store: FeatureStore,
+    labels: pd.DataFrame,
+    workdir: Path,
+    generation: str,
+) -> pd.DataFrame:
+    training = readmission_training_set(store, labels, FEATURE_SERVICE)
+    write_table(con, training, TRAINING_SET_TABLE, workdir)
+    con.execute("BEGIN TRANSACTION")
+    try:
+        _write_record(con, generation, full=True)
+        con.execute("COMMIT")
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    return training
+
+
+def _join_changed(
+    con: duckdb.DuckDBPyConnection,
+    store: FeatureStore,
+    labels: pd.DataFrame,
+    workdir: Path,
+    generation: str,
+) -> None:
+    """The changed patients' label rows joined through Feast; in one transaction their rows
+    replaced, the bookkeeping written and the Parquet file rewritten."""
+    changed = {p for (p,) in con.execute(f"SELECT patient_id FROM {CHANGED}").fetchall()}
+    subset = labels[labels["patient_id"].astype(str).isin(changed)]
+    table = f"{MODELS_SCHEMA}.{TRAINING_SET_TABLE}"
+    statements = [f"DELETE FROM {table} WHERE patient_id IN (SELECT patient_id FROM {CHANGED})"]
+    if len(subset):
+        joined = readmission_training_set(store, subset, FEATURE_SERVICE)
+        con.register("training_changed_rows", joined)
+        statements.append(f"INSERT INTO {table} BY NAME SELECT * FROM training_changed_rows")
+    try:
+        publish_in_place(
+            con,
+            [
+                TableChange(
+                    table,
+                    parquet_path(workdir, TRAINING_SET_TABLE),
+                    tuple(statements),
+                    order_by=ROW_ORDER,
+                )
+            ],
+            record=lambda c: _write_record(c, generation, full=False),
+        )
+    finally:
+        if len(subset):
+            con.unregister("training_changed_rows")
+
+
+def refresh_training_set(
+    con: duckdb.DuckDBPyConnection, store: FeatureStore, workdir: Path
+) -> TrainingSetRefresh:
+    """Bring ``models.readmission_training_set`` and its Parquet file up to date with the labels
+    and the feature tables, joining only the patients whose rows changed."""
+    workdir = Path(workdir)
+    labels = pd.read_parquet(parquet_path(workdir, LABELS_TABLE))
+    generation = f"{registry_generation(store)}:{TRAINING_SET_VERSION}"
+    _ensure_state(con)
+    _stage_patient_digests(con)
+    try:
+        if _needs_full_build(con, workdir, generation):
+            _full_build(con, store, labels, workdir, generation)
+            training = pd.read_parquet(parquet_path(workdir, TRAINING_SET_TABLE))
+            return TrainingSetRefresh(training, "full", int(labels["patient_id"].nunique()), 0)
+        changed, gone = _stage_changed(con)
+        mode = "unchanged"
+        if changed or gone:
+            _join_changed(con, store, labels, workdir, generation)
+            mode = "incremental"
+        training = pd.read_parquet(parquet_path(workdir, TRAINING_SET_TABLE))
+        return TrainingSetRefresh(training, mode, changed, gone)
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {CURRENT}")
+        con.execute(f"DROP TABLE IF EXISTS {CHANGED}")

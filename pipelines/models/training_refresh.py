@@ -31,16 +31,18 @@ from pipelines.models.storage import (
     write_table,
 )
 from pipelines.models.training_set import FEATURE_SERVICE, readmission_training_set
+from pipelines.patient_digests import PatientDigests
 from pipelines.publish import TableChange, publish_in_place
 from pipelines.workdir import RELEASE_STATE_SCHEMA
 
 if TYPE_CHECKING:
     from feast import FeatureStore
 
-SOURCES = f"{RELEASE_STATE_SCHEMA}.training_sources"
+# per-patient digests of the label and feature rows each patient's training rows came from
+DIGESTS = PatientDigests("training")
 BUILDS = f"{RELEASE_STATE_SCHEMA}.training_builds"
-CURRENT = f"{RELEASE_STATE_SCHEMA}.training_current"
-CHANGED = f"{RELEASE_STATE_SCHEMA}.training_changed"
+CURRENT = DIGESTS.current
+CHANGED = DIGESTS.changed
 # Bumped when the join or its columns change in a way the registry's generation does not show.
 TRAINING_SET_VERSION = "1"
 ROW_ORDER = "patient_id, event_timestamp"
@@ -57,8 +59,7 @@ class TrainingSetRefresh:
 
 
 def _ensure_state(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(f"CREATE SCHEMA IF NOT EXISTS {RELEASE_STATE_SCHEMA}")
-    con.execute(f"CREATE TABLE IF NOT EXISTS {SOURCES} (patient_id VARCHAR, digest UBIGINT)")
+    DIGESTS.ensure(con)
     con.execute(f"CREATE TABLE IF NOT EXISTS {BUILDS} (key VARCHAR PRIMARY KEY, value VARCHAR)")
 
 
@@ -78,24 +79,6 @@ def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def _stage_changed(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
-    """``CHANGED``: patients new, changed or gone since the last build; (changed, gone)."""
-    con.execute(
-        f"""
-        CREATE OR REPLACE TABLE {CHANGED} AS
-        SELECT c.patient_id, false AS gone FROM {CURRENT} c
-            ANTI JOIN {SOURCES} s ON s.patient_id = c.patient_id AND s.digest = c.digest
-        UNION ALL
-        SELECT s.patient_id, true FROM {SOURCES} s
-            ANTI JOIN {CURRENT} c ON c.patient_id = s.patient_id
-        """
-    )
-    ((changed, gone),) = con.execute(
-        f"SELECT count(*) FILTER (NOT gone), count(*) FILTER (gone) FROM {CHANGED}"
-    ).fetchall()
-    return int(changed), int(gone)
-
-
 def _needs_full_build(con: duckdb.DuckDBPyConnection, workdir: Path, generation: str) -> bool:
     recorded = dict(con.execute(f"SELECT key, value FROM {BUILDS}").fetchall())
     ((tables,),) = con.execute(
@@ -108,14 +91,7 @@ def _needs_full_build(con: duckdb.DuckDBPyConnection, workdir: Path, generation:
 
 def _write_record(con: duckdb.DuckDBPyConnection, generation: str, *, full: bool) -> None:
     """The bookkeeping of a build (within the caller's transaction)."""
-    if full:
-        con.execute(f"DELETE FROM {SOURCES}")
-    else:
-        con.execute(f"DELETE FROM {SOURCES} WHERE patient_id IN (SELECT patient_id FROM {CHANGED})")
-    con.execute(
-        f"INSERT INTO {SOURCES} SELECT patient_id, digest FROM {CURRENT}"
-        + ("" if full else f" SEMI JOIN {CHANGED} USING (patient_id)")
-    )
+    DIGESTS.record(con, full=full)
     con.execute(f"INSERT OR REPLACE INTO {BUILDS} VALUES ('generation', ?)", [generation])
 
 
@@ -188,7 +164,7 @@ def refresh_training_set(
             _full_build(con, store, labels, workdir, generation)
             training = pd.read_parquet(parquet_path(workdir, TRAINING_SET_TABLE))
             return TrainingSetRefresh(training, "full", int(labels["patient_id"].nunique()), 0)
-        changed, gone = _stage_changed(con)
+        changed, gone = DIGESTS.stage_changed(con)
         mode = "unchanged"
         if changed or gone:
             _join_changed(con, store, labels, workdir, generation)
@@ -196,5 +172,4 @@ def refresh_training_set(
         training = pd.read_parquet(parquet_path(workdir, TRAINING_SET_TABLE))
         return TrainingSetRefresh(training, mode, changed, gone)
     finally:
-        con.execute(f"DROP TABLE IF EXISTS {CURRENT}")
-        con.execute(f"DROP TABLE IF EXISTS {CHANGED}")
+        DIGESTS.drop_scratch(con)

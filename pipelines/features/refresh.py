@@ -42,7 +42,7 @@ from pipelines.features.tables import (
 )
 from pipelines.features.valuesets import ValueSet, load_valuesets, register_code_table
 from pipelines.patient_digests import PatientDigests
-from pipelines.publish import TableChange, publish_in_place
+from pipelines.publish import TableChange, publish_in_place, transaction
 from pipelines.workdir import RELEASE_STATE_SCHEMA
 
 # the schema the erasure plan purges by patient_id (pipelines.workdir)
@@ -151,13 +151,8 @@ def _write_record(con: duckdb.DuckDBPyConnection, shared: dict[str, str], *, ful
 
 
 def _record_full_build(con: duckdb.DuckDBPyConnection, shared: dict[str, str]) -> None:
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         _write_record(con, shared, full=True)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def _counts(con: duckdb.DuckDBPyConnection) -> tuple[dict[str, int], dict[str, int]]:

@@ -32,7 +32,7 @@ from pipelines.models.storage import (
 )
 from pipelines.models.training_set import FEATURE_SERVICE, readmission_training_set
 from pipelines.patient_digests import PatientDigests
-from pipelines.publish import TableChange, publish_in_place
+from pipelines.publish import TableChange, publish_in_place, transaction
 from pipelines.workdir import RELEASE_STATE_SCHEMA
 
 if TYPE_CHECKING:
@@ -104,13 +104,8 @@ def _full_build(
 ) -> pd.DataFrame:
     training = readmission_training_set(store, labels, FEATURE_SERVICE)
     write_table(con, training, TRAINING_SET_TABLE, workdir)
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         _write_record(con, generation, full=True)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
     return training
 
 

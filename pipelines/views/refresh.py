@@ -34,7 +34,7 @@ from deid.kanon import withheld_filter
 from deid.leakscan import CanarySet, LeakScanResult
 from deid.release import merged_scans, scan_column_values, scan_released_table
 from fhirlake.viewdef import ViewDefinition, write_view_table
-from pipelines.publish import TableChange, publish_in_place
+from pipelines.publish import TableChange, publish_in_place, transaction
 from pipelines.views.tables import (
     VIEWS_SCHEMA,
     ViewRunResult,
@@ -173,13 +173,8 @@ def _record_sources(
 
 def _record_full_build(con: duckdb.DuckDBPyConnection, scratch: _Scratch, digest: str) -> None:
     """The bookkeeping of a full build, in one transaction."""
-    con.execute("BEGIN TRANSACTION")
-    try:
+    with transaction(con):
         _record_sources(con, scratch, digest, full=True)
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
 
 
 def _needs_full_build(

@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from deid.terminology import Terminology
 from pipelines.content import valuesets_dir
@@ -93,6 +94,9 @@ def of_kind(valuesets: list[ValueSet], kind: str) -> list[ValueSet]:
     return [v for v in valuesets if v.kind == kind]
 
 
+_CODE_TYPES = (pa.string(), pa.string(), pa.string(), pa.bool_())
+
+
 def register_code_table(
     con: duckdb.DuckDBPyConnection, valuesets: list[ValueSet], table: str = "valueset_codes"
 ) -> str:
@@ -102,10 +106,14 @@ def register_code_table(
         rows += [(v.column, SNOMED, c, False) for c in sorted(v.snomed)]
         rows += [(v.column, ICD10CM, p, True) for p in sorted(v.icd10_prefixes)]
         rows += [(v.column, RXNORM, c, False) for c in sorted(v.rxnorm)]
-    con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {table} "
-        "(column_name VARCHAR, system VARCHAR, code VARCHAR, is_prefix BOOLEAN)"
+    # one Arrow table inserted at once: a row-by-row executemany costs ~0.2 s per build
+    codes = pa.table(
+        [pa.array([r[i] for r in rows], type=t) for i, t in enumerate(_CODE_TYPES)],
+        names=["column_name", "system", "code", "is_prefix"],
     )
-    if rows:
-        con.executemany(f"INSERT INTO {table} VALUES (?, ?, ?, ?)", rows)
+    con.register("_valueset_codes_rows", codes)
+    try:
+        con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM _valueset_codes_rows")
+    finally:
+        con.unregister("_valueset_codes_rows")
     return table

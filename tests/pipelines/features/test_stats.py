@@ -13,7 +13,12 @@ from PIL import Image
 
 from pipelines.features.stats import (
     BINS,
+    CELL_INCHES,
+    DPI,
+    GRID_COLUMNS,
+    TITLE_INCHES,
     TOP_CODES,
+    Distribution,
     distributions,
     null_rates,
     plot_distributions,
@@ -23,6 +28,8 @@ START = datetime(2015, 1, 1, tzinfo=UTC)
 # numpy's bin edges themselves: a value on an edge is where a plain division lands one bin off
 EDGES = list(np.linspace(0.1, 7.3, BINS + 1))
 CODES = [f"code-{i:02d}" for i in range(12)]
+BLUE_RGB, GREY_RGB = (0x44, 0x77, 0xAA), (0x99, 0x99, 0x99)
+HEADROOM = 1.05  # a count axis runs 5 % past the panel's largest count
 
 
 def _value(rng: np.random.Generator, i: int) -> float | None:
@@ -123,18 +130,70 @@ def test_flag_and_code_counts_match_python(seed: int) -> None:
     assert found["code"].present == sum(n for _, n in codes)
 
 
+def _frame(cell: np.ndarray) -> tuple[int, int, int, int]:
+    """Left, top, right, bottom pixel of a panel's frame: the only long straight dark lines."""
+    dark = np.all(cell < 80, axis=-1)
+    columns = np.flatnonzero(dark.sum(axis=0) > cell.shape[0] // 2)
+    rows = np.flatnonzero(dark.sum(axis=1) > cell.shape[1] // 2)
+    assert len(columns) == 2 and len(rows) == 2, (columns, rows)
+    return int(columns[0]), int(rows[0]), int(columns[1]), int(rows[1])
+
+
+def _lengths(bars: np.ndarray, axis: int) -> set[int]:
+    """The distinct bar lengths of a panel: colored pixels per column (axis 0) or row (1)."""
+    return {int(n) for n in bars.sum(axis=axis) if n}
+
+
+def _assert_bars(panel: np.ndarray, d: Distribution) -> None:
+    """Bar lengths in pixels are proportional to the counts (within 2 px of rounding)."""
+    height, width = panel.shape[:2]
+    blue = np.all(panel == BLUE_RGB, axis=-1)
+    if d.kind == "flag":  # shares of the present values: false grey, true blue
+        grey = np.all(panel == GREY_RGB, axis=-1)
+        for bars, n in ((grey, d.counts[0]), (blue, d.counts[1])):
+            assert max(_lengths(bars, 0), default=0) == pytest.approx(n / d.present * height, abs=2)
+        return
+    top = max(d.counts) * HEADROOM
+    # codes are horizontal bars as long as the frame is wide; numbers vertical, as it is high
+    found = _lengths(blue, 1) if d.kind == "code" else _lengths(blue, 0)
+    full = width if d.kind == "code" else height
+    expected = [n / top * full for n in d.counts if n]
+    assert max(found) == pytest.approx(max(d.counts) / top * full, abs=2), d.feature
+    for length in found:  # no bar but of some count
+        assert min(abs(length - e) for e in expected) <= 2, (d.feature, length, expected)
+    for e in expected:  # and every count has its bar
+        assert min(abs(length - e) for length in found) <= 2, (d.feature, e, found)
+
+
 def test_plot_writes_a_valid_png_with_bars(tmp_path: Path) -> None:
     con, _ = _table(0)
+    found = distributions(con, "t")
     path = plot_distributions(con, "t", tmp_path / "stats" / "t.png")
     assert path == tmp_path / "stats" / "t.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with Image.open(path) as image:
         image.verify()
+    rows = -(-len(found) // GRID_COLUMNS)
+    size = (GRID_COLUMNS * CELL_INCHES[0] * DPI, (rows * CELL_INCHES[1] + TITLE_INCHES) * DPI)
     with Image.open(path) as image:
         assert image.format == "PNG"
-        assert image.size == (960, round((2 * 2.2 + 0.4) * 80))
-        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
-    blue = np.all(pixels == (0x44, 0x77, 0xAA), axis=1).sum()
-    assert blue > 1000  # the bars are drawn, not only the frames
+        assert image.size == (round(size[0]), round(size[1])) == (960, 384)
+        pixels = np.asarray(image.convert("RGB"))
+    cell_w, cell_h = round(CELL_INCHES[0] * DPI), round(CELL_INCHES[1] * DPI)
+    title_h = round(TITLE_INCHES * DPI)
+    assert not np.all(pixels[:title_h] == BLUE_RGB, axis=-1).any()  # only the title up there
+    for k, d in enumerate(found):
+        row, col = divmod(k, GRID_COLUMNS)
+        cell = pixels[title_h + row * cell_h :][:cell_h, col * cell_w :][:, :cell_w]
+        left, top, right, bottom = _frame(cell)
+        assert (bottom - top, right - left) == (112, 180)  # the 1.4 x 2.25 inch plot area
+        panel = cell[top + 1 : bottom, left + 1 : right]
+        if not d.present:
+            assert d.feature == "empty"
+            assert not np.all(panel == BLUE_RGB, axis=-1).any()
+            continue
+        assert np.all(panel == BLUE_RGB, axis=-1).sum() > 100, d.feature
+        _assert_bars(panel, d)
 
 
 def test_plot_of_an_empty_table_and_a_table_without_features(tmp_path: Path) -> None:

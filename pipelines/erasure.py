@@ -5,6 +5,7 @@ the patient is left in any file the platform publishes."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import duckdb
 import orjson
 
 from pipelines.features.online_scan import delete_online_entities, online_entity_key
+from vault.keys import fsync_dir
 from vault.lifecycle import check_pseudonym
 
 
@@ -40,11 +42,21 @@ def purge_released_parquet(folders: tuple[Path, ...], pseudonym: str) -> int:
                     f"COPY (SELECT * FROM {source} WHERE patient_id IS DISTINCT FROM "
                     f"'{pseudonym}') TO '{target}' (FORMAT PARQUET)"
                 )
-                tmp.replace(path)
+                _replace_durably(tmp, path)
                 removed += int(found)
     finally:
         con.close()
     return removed
+
+
+def _replace_durably(new: Path, path: Path) -> None:
+    """Put ``new`` in ``path``'s place so that a crash or power loss after the erasure is
+    recorded can never bring the old file (the patient's rows) back: the new file's bytes are
+    on disk before the rename, and the rename is on disk before the caller goes on."""
+    with new.open("rb") as handle:
+        os.fsync(handle.fileno())
+    new.replace(path)
+    fsync_dir(path.parent)
 
 
 def purge_online_store(db_path: Path, pseudonym: str) -> int:

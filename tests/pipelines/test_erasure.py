@@ -4,9 +4,12 @@ released Parquet files or the Feast online store."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -19,6 +22,7 @@ from pipelines.erasure import (
 )
 from pipelines.run import run_pipeline
 from pipelines.workdir import Workdir
+from vault.lifecycle import PSEUDONYM_HEX_CHARS
 
 pytestmark = pytest.mark.e2e
 
@@ -137,3 +141,33 @@ def test_references_to_the_erased_patient_leave_other_patients_released_resource
         "subject": {"reference": f"Patient/{other}"},
         "performer": [{"reference": "Practitioner/x"}],
     }
+
+
+def test_parquet_purge_is_durable_before_it_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewritten file is flushed before it replaces the old one, and the folder (the
+    rename) after: a crash once the erasure is recorded cannot bring the patient's rows back."""
+    forgotten, kept = "a" * PSEUDONYM_HEX_CHARS, "b" * PSEUDONYM_HEX_CHARS
+    path = tmp_path / "patient.parquet"
+    pq.write_table(pa.table({"patient_id": [forgotten, kept, forgotten], "x": [1, 2, 3]}), path)
+    steps: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, Path.replace
+
+    def fsync(fd: int) -> None:
+        steps.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(self: Path, target: Path) -> Path:
+        steps.append(("rename", str(target)))
+        return real_replace(self, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(Path, "replace", replace)
+    assert purge_released_parquet((tmp_path,), forgotten) == 2
+    assert pq.read_table(path).to_pydict() == {"patient_id": [kept], "x": [2]}
+    assert steps == [
+        ("fsync", str(path.with_name(path.name + ".erasing"))),
+        ("rename", str(path)),
+        ("fsync", str(tmp_path)),
+    ]

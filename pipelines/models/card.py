@@ -151,7 +151,8 @@ def render_model_card(metrics: dict[str, Any], plots: dict[str, Path]) -> str:
         "describe the generator's outcome model, not any real population.",
         f"Training rows: {metrics['n_train']} discharges of {metrics['n_train_patients']} "
         f"patients; held-out rows: {metrics['n_test']} discharges of "
-        f"{metrics['n_test_patients']} patients (split by patient, no patient on both sides).",
+        f"{metrics['n_test_patients']} patients (split by patient, stratified by label, no "
+        "patient on both sides).",
         "",
         "## Label",
         "One row per inpatient (class IMP) discharge with an end time. Label 1 when another",

@@ -25,6 +25,36 @@ def test_patient_split_keeps_patients_on_one_side() -> None:
     assert len(train) + len(test) == len(frame)
 
 
+def _clustered_frame(rng: np.random.Generator) -> pd.DataFrame:
+    """200 patients with 1-4 discharges each; a fifth of the patients hold every positive, two
+    in three of their discharges: the positives sit in few patients, as readmissions do."""
+    rows = []
+    for p in range(200):
+        readmitter = p % 5 == 0
+        for _ in range(int(rng.integers(1, 5))):
+            label = int(readmitter and rng.random() < 2 / 3)
+            rows.append({"patient_id": f"p{p:03d}", "label": label})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_patient_split_holds_its_share_of_the_positives(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    frame = _clustered_frame(rng)
+    # the patients' pseudonyms are arbitrary: the split must not depend on their luck
+    patients = frame["patient_id"].unique()
+    renamed = dict(zip(patients, rng.permutation(len(patients)), strict=True))
+    frame["patient_id"] = frame["patient_id"].map(lambda p: f"{renamed[p]:064x}")
+    train, test = split_by_patient(frame, "label", seed=0)
+    y = frame["label"].to_numpy()
+    assert not set(frame["patient_id"].iloc[train]) & set(frame["patient_id"].iloc[test])
+    assert len(train) + len(test) == len(frame)
+    # computed here, not by the splitter: a quarter of the positives, within a patient's worth
+    expected = y.sum() / 4
+    assert abs(int(y[test].sum()) - expected) <= 4
+    assert abs(len(test) / len(frame) - 0.25) < 0.06
+
+
 def test_training_finds_planted_signal(tmp_path: Path) -> None:
     frame = planted_frame()
     report = train_readmission_model(frame, out_dir=tmp_path / "model", seed=0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -205,7 +206,11 @@ def split_by_patient(
     for attempt in range(SPLIT_ATTEMPTS):
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + attempt)
         try:
-            train, test = next(splitter.split(np.zeros(len(y)), y, groups))
+            with warnings.catch_warnings():
+                # fewer positives than folds: stratified as far as they go, and the check
+                # below still asks for both classes on each side
+                warnings.filterwarnings("ignore", "The least populated class", UserWarning)
+                train, test = next(splitter.split(np.zeros(len(y)), y, groups))
         except ValueError as exc:  # fewer patients than folds
             raise InsufficientTrainingDataError(f"too few patients to split: {exc}") from exc
         if len(np.unique(y[train])) == 2 and len(np.unique(y[test])) == 2:

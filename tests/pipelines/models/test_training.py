@@ -195,3 +195,16 @@ def test_auroc_not_estimable_below_twenty_positives(tmp_path: Path) -> None:
     assert report.auroc is None and metrics["test"]["auroc"] is None
     assert metrics["test"]["auroc_note"].startswith("not estimable")
     assert "not estimable" in report.model_card_path.read_text()
+
+
+def test_patient_split_of_few_positives_warns_nothing() -> None:
+    """Three positives cannot be stratified over four folds: the split still holds both
+    classes on each side, without sklearn's warning reaching the run's log."""
+    frame = pd.DataFrame(
+        {"patient_id": [f"{p:064x}" for p in range(40)], "label": [1, 1, 1] + [0] * 37}
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, test = split_by_patient(frame, "label", seed=0)
+    y = frame["label"].to_numpy()
+    assert set(y[train]) == {0, 1} and set(y[test]) == {0, 1}

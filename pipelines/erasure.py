@@ -5,7 +5,6 @@ the patient is left in any file the platform publishes."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ import duckdb
 import orjson
 
 from pipelines.features.online_scan import delete_online_entities, online_entity_key
-from vault.keys import fsync_dir
+from vault.keys import fsync_dir, fsync_file
 from vault.lifecycle import check_pseudonym
 
 
@@ -53,8 +52,7 @@ def _replace_durably(new: Path, path: Path) -> None:
     """Put ``new`` in ``path``'s place so that a crash or power loss after the erasure is
     recorded can never bring the old file (the patient's rows) back: the new file's bytes are
     on disk before the rename, and the rename is on disk before the caller goes on."""
-    with new.open("rb") as handle:
-        os.fsync(handle.fileno())
+    fsync_file(new)
     new.replace(path)
     fsync_dir(path.parent)
 

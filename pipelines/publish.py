@@ -19,7 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import duckdb
 
-from vault.keys import fsync_dir
+from vault.keys import fsync_dir, fsync_file
 
 STAGING_SUFFIX = "__staging"
 
@@ -44,8 +44,7 @@ def _copy_parquet(
     """Write ``table`` to ``path`` as Parquet and flush the file to disk."""
     options = "FORMAT parquet" + (f", COMPRESSION {compression}" if compression else "")
     con.execute(f"COPY {table} TO {_sql_string(str(path))} ({options})")
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
+    fsync_file(path)
 
 
 def _swap_in(con: duckdb.DuckDBPyConnection, staging: str, target: str) -> None:

@@ -328,6 +328,13 @@ def _new_kek_entry(random_bytes: RandomBytes, clock: Clock) -> tuple[str, dict[s
     return kek_id, entry
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a file written by someone else (DuckDB's ``COPY``, say) to disk, before it is
+    renamed into place."""
+    with Path(path).open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename or a new file in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY)

@@ -94,7 +94,14 @@ def of_kind(valuesets: list[ValueSet], kind: str) -> list[ValueSet]:
     return [v for v in valuesets if v.kind == kind]
 
 
-_CODE_TYPES = (pa.string(), pa.string(), pa.string(), pa.bool_())
+_CODE_SCHEMA = pa.schema(
+    [
+        ("column_name", pa.string()),
+        ("system", pa.string()),
+        ("code", pa.string()),
+        ("is_prefix", pa.bool_()),
+    ]
+)
 
 
 def register_code_table(
@@ -107,10 +114,8 @@ def register_code_table(
         rows += [(v.column, ICD10CM, p, True) for p in sorted(v.icd10_prefixes)]
         rows += [(v.column, RXNORM, c, False) for c in sorted(v.rxnorm)]
     # one Arrow table inserted at once: a row-by-row executemany costs ~0.2 s per build
-    codes = pa.table(
-        [pa.array([r[i] for r in rows], type=t) for i, t in enumerate(_CODE_TYPES)],
-        names=["column_name", "system", "code", "is_prefix"],
-    )
+    columns = [[row[i] for row in rows] for i in range(len(_CODE_SCHEMA))]
+    codes = pa.table(columns, schema=_CODE_SCHEMA)
     con.register("_valueset_codes_rows", codes)
     try:
         con.execute(f"CREATE OR REPLACE TEMP TABLE {table} AS SELECT * FROM _valueset_codes_rows")

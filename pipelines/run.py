@@ -11,6 +11,7 @@ from typing import Any
 from dagster import DagsterInstance, materialize
 
 from pipelines.assets.checks import RELEASE_CANARIES
+from pipelines.dagster_storage import storage_overrides
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.partitions import batch_partitions
 from pipelines.workdir import Workdir
@@ -22,9 +23,15 @@ def open_instance(workdir: Workdir) -> DagsterInstance:
     persistent one inside the workdir."""
     if os.environ.get("DAGSTER_HOME"):
         return DagsterInstance.get()
-    home = workdir.dagster_home
+    return local_instance(workdir.dagster_home)
+
+
+def local_instance(home: Path) -> DagsterInstance:
+    """A persistent instance in ``home``, with the storage ``.dagster_home/dagster.yaml`` names
+    (:mod:`pipelines.dagster_storage`)."""
     home.mkdir(parents=True, exist_ok=True)
-    return DagsterInstance.local_temp(str(home.resolve()))
+    base = str(home.resolve())
+    return DagsterInstance.local_temp(base, overrides=storage_overrides(base))
 
 
 def run_pipeline(

@@ -33,6 +33,7 @@ from dagster import DagsterInstance, materialize
 from fhirlake.synthetic.generator import generate
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.partitions import batch_partitions
+from pipelines.run import local_instance
 from pipelines.workdir import Workdir
 from vault.keys import init_keyring
 
@@ -112,9 +113,7 @@ def refresh_modes(result: Any) -> dict[str, str]:
 def _workdir_run(root: Path, landing: Path, key_file: Path) -> tuple[dict[str, Any], Any]:
     init_keyring(key_file)
     resources = build_resources(str(root), str(landing), str(key_file))
-    home = Workdir(root).dagster_home
-    home.mkdir(parents=True, exist_ok=True)
-    return resources, DagsterInstance.local_temp(str(home.resolve()))
+    return resources, local_instance(Workdir(root).dagster_home)
 
 
 def release_digests(warehouse: Path) -> dict[str, str]:

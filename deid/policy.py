@@ -231,11 +231,7 @@ class Policy:
     @classmethod
     def shipped(cls, name: str) -> Policy:
         """A profile shipped in ``deid/policies``: ``research`` or ``safe_harbor``."""
-        path = POLICY_DIR / f"{name}.json"
-        if not path.exists():
-            available = sorted(p.stem for p in POLICY_DIR.glob("*.json"))
-            raise PolicyError(f"no shipped policy {name!r} (available: {available})")
-        return cls.load(path)
+        return cls.load(_shipped_path(name))
 
     @cached_property
     def _plans(self) -> dict[str, tuple[Rule, ...]]:
@@ -248,3 +244,25 @@ class Policy:
             plan = tuple(r for r in self.rules if r.applies_to in (None, resource_type))
             self._plans[resource_type] = plan
         return plan
+
+
+def _shipped_path(name: str) -> Path:
+    path = POLICY_DIR / f"{name}.json"
+    if not path.exists():
+        available = sorted(p.stem for p in POLICY_DIR.glob("*.json"))
+        raise PolicyError(f"no shipped policy {name!r} (available: {available})")
+    return path
+
+
+def shipped_parameters(name: str) -> PolicyParameters:
+    """The parameters of a shipped profile (date-shift range, restricted ZIP3s...) without
+    compiling its rules and allow-list, which takes a second against the FHIR models: for
+    steps that only read a parameter."""
+    path = _shipped_path(name)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as exc:
+        raise PolicyError(f"policy file {path.name} cannot be read as JSON") from exc
+    if not isinstance(document, dict):
+        raise PolicyError("a policy is a JSON object")
+    return _parameters(document.get("parameters"))

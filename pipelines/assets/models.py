@@ -21,7 +21,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from deid.policy import Policy
+from deid.policy import shipped_parameters
 from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import card_metadata, image_metadata
@@ -58,7 +58,7 @@ FEAST_ONLINE_STORE = AssetKey("feast_online_store")
 def censor_margin_days(profile: str) -> int:
     """Dates are shifted per patient by up to the policy's range either way, so a patient's own
     data can end up to twice that range before the dataset's latest timestamp."""
-    return 2 * Policy.shipped(profile).parameters.date_shift_days
+    return 2 * shipped_parameters(profile).date_shift_days
 
 
 @asset(

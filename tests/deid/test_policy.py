@@ -75,3 +75,25 @@ def test_unreadable_policy_file(tmp_path: Path) -> None:
         Policy.load(bad)
     bad.write_text(json.dumps(rules({"path": "Patient.id", "method": "keep"})))
     assert Policy.load(bad).name == "p"
+
+
+@pytest.mark.parametrize("name", ["research", "safe_harbor"])
+def test_shipped_parameters_are_the_loaded_policys_without_compiling_it(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deid import allowlist, policy
+
+    expected = Policy.shipped(name).parameters
+
+    def no_compiling(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the allow-list was compiled")
+
+    monkeypatch.setattr(allowlist, "compile_plan", no_compiling)
+    assert policy.shipped_parameters(name) == expected
+
+
+def test_an_unknown_shipped_profile_names_the_ones_there_are() -> None:
+    from deid.policy import shipped_parameters
+
+    with pytest.raises(PolicyError, match=r"no shipped policy 'nope' \(available: \['research'"):
+        shipped_parameters("nope")

@@ -57,7 +57,8 @@ def _scan_spec(view: ViewDefinition) -> AssetCheckSpec:
         description="No name, identifier, SSN, phone, email, address or city with ZIP of any "
         "patient or relative, and no patient's own birth date, appears in the staged view; the "
         "view is published only when none does (the rows that changed in full, the distinct "
-        "values of the rest against every patient known now).",
+        "values of the rest against every patient known now, and the rest of the rows of each "
+        "patient whose Patient changed in the vault against that patient's birth date).",
     )
 
 
@@ -76,6 +77,7 @@ def _view_metadata(refresh: ViewRefresh) -> dict[str, Any]:
         "refresh": refresh.mode,
         "resources_changed": refresh.resources_changed,
         "resources_removed": refresh.resources_removed,
+        "patients_rechecked": refresh.patients_rechecked,
     }
 
 
@@ -107,7 +109,8 @@ def build_views_asset(views_dir: Path = VIEWS_DIR) -> AssetsDefinition:
                 context.log.info(
                     f"view {view.name} ({refresh.mode}): {result.rows} rows from "
                     f"{result.resources} resources, {refresh.resources_changed} changed and "
-                    f"{refresh.resources_removed} removed, in {result.seconds:.1f}s; "
+                    f"{refresh.resources_removed} removed, {refresh.patients_rechecked} "
+                    f"patients' birth dates re-checked, in {result.seconds:.1f}s; "
                     + ("published" if result.published else "not published: leak scan failed")
                 )
                 yield MaterializeResult(asset_key=key, metadata=_view_metadata(refresh))

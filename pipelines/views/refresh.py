@@ -13,11 +13,24 @@ A changed ViewDefinition, a view never built, or no bookkeeping at all rebuilds 
 The new rows are scanned in full (every canary, a patient's own birth date in their rows); the
 kept rows were scanned when they were published, and each distinct value of their text columns
 is scanned again against every canary known now (a patient new to the release whose name stood
-in an older row is found there too). The table and its Parquet file are published atomically
-(:mod:`pipelines.publish`). A refresh changes the table in place (the rows of changed and gone
-resources deleted, the new ones inserted) and writes its bookkeeping in the same transaction, so
-a crash leaves both as they were and the next refresh redoes the same resources; a full build
-publishes a new table and writes the bookkeeping after, with the same effect.
+in an older row is found there too). A patient's own birth date is searched only in that
+patient's rows, so it is not among the distinct values: the kept rows of every patient with a
+Patient resource in a vault batch ingested (or ingested again) since the view was last scanned
+(a corrected birth date, a Patient arriving after their other resources) are searched again for
+that patient's birth date as the vault holds it now, even when none of the view's own resources
+changed (a hit there reports the view as not published, its check failed, as a refused refresh
+does; the table stays as it was). The view records which batch runs its scan covered
+(``release_state.view_batches``: a batch id and a digest of the batch's position, ingest time
+and report; no patient, no PHI): a batch ingested again keeps its records' vault positions, so
+the highest position seen would not tell it apart. A view without that record (built before it
+existed) has every patient's kept rows searched for their birth date once.
+
+The table and its Parquet file are published atomically (:mod:`pipelines.publish`). A refresh
+changes the table in place (the rows of changed and gone resources deleted, the new ones
+inserted) and writes its bookkeeping in the same transaction, so a crash leaves both as they were
+and the next refresh redoes the same resources and re-checks the same patients; a full build
+publishes a new table and writes the bookkeeping after, with the same effect. A scan that finds
+a leak publishes nothing and records nothing, so the next refresh scans the same rows again.
 """
 
 from __future__ import annotations
@@ -48,6 +61,9 @@ from pipelines.workdir import RELEASE_STATE_SCHEMA, Workdir
 STATE_SCHEMA = RELEASE_STATE_SCHEMA
 SOURCES = f"{STATE_SCHEMA}.view_sources"
 DEFINITIONS = f"{STATE_SCHEMA}.view_definitions"
+# per view, the vault batch runs its last scan covered: a batch ingested again after it (another
+# ingest time and report) brings its Patients' birth dates to be searched in their kept rows
+BATCHES = f"{STATE_SCHEMA}.view_batches"
 # Bumped when the view runner changes what it writes for the same definition and resources.
 RUNNER_VERSION = "1"
 
@@ -72,8 +88,16 @@ class _Scratch:
     def removed(self) -> str:
         return f"{STATE_SCHEMA}.{self.view}__removed"
 
+    @property
+    def batches(self) -> str:
+        return f"{STATE_SCHEMA}.{self.view}__batches"
+
+    @property
+    def recheck(self) -> str:
+        return f"{STATE_SCHEMA}.{self.view}__recheck"
+
     def drop(self, con: duckdb.DuckDBPyConnection) -> None:
-        for table in (self.current, self.changed, self.removed):
+        for table in (self.current, self.changed, self.removed, self.batches, self.recheck):
             con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
@@ -85,6 +109,9 @@ class ViewRefresh:
     mode: str  # "full", "incremental" or "unchanged"
     resources_changed: int
     resources_removed: int
+    # patients with a Patient in a batch ingested since the view was last scanned: their kept
+    # rows searched again for their own birth date
+    patients_rechecked: int = 0
 
 
 def definition_digest(view: ViewDefinition) -> str:
@@ -102,6 +129,10 @@ def ensure_state_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {DEFINITIONS} (view VARCHAR PRIMARY KEY, digest VARCHAR)"
     )
+    con.execute(
+        f"CREATE TABLE IF NOT EXISTS {BATCHES} "
+        "(view VARCHAR NOT NULL, batch_id VARCHAR NOT NULL, digest UBIGINT NOT NULL)"
+    )
 
 
 def _stage_current_sources(
@@ -118,6 +149,57 @@ def _stage_current_sources(
         f"WHERE resource_type = ? AND {released}",
         [resource_type],
     )
+
+
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    ((found,),) = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = 'main' AND table_name = ?",
+        [name],
+    ).fetchall()
+    return bool(found)
+
+
+def _stage_vault_batches(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> None:
+    """Table ``scratch.batches``: each batch of the vault now, with a digest of its position,
+    ingest time and report (a batch ingested again, with other content at the same positions,
+    has another); read from the small ``batches`` table, nothing decrypted."""
+    if not _has_table(con, "batches"):  # a release without its vault (tests of the views alone)
+        con.execute(f"CREATE OR REPLACE TABLE {scratch.batches} (batch_id VARCHAR, digest UBIGINT)")
+        return
+    con.execute(
+        f"CREATE OR REPLACE TABLE {scratch.batches} AS "
+        "SELECT batch_id, hash(seq, ingested_at, report) AS digest FROM batches"
+    )
+
+
+def _stage_recheck(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> tuple[int, int]:
+    """Table ``scratch.recheck``: the patients (pseudonyms) with a Patient row in a batch the
+    view's last scan did not cover (every batch when nothing was recorded); how many such
+    batches and patients there are."""
+    batches = [
+        str(b)
+        for (b,) in con.execute(
+            f"SELECT b.batch_id FROM {scratch.batches} b "
+            f"ANTI JOIN (SELECT batch_id, digest FROM {BATCHES} WHERE view = ?) s "
+            "ON s.batch_id = b.batch_id AND s.digest = b.digest",
+            [scratch.view],
+        ).fetchall()
+    ]
+    if not batches or not _has_table(con, "phi_vault"):
+        con.execute(f"CREATE OR REPLACE TABLE {scratch.recheck} (patient_id VARCHAR)")
+        return len(batches), 0
+    # a Patient row's patient_key is its own resource key: the pseudonym the views' patient_id
+    # holds and the canaries keep the birth date under
+    con.execute(
+        f"CREATE OR REPLACE TABLE {scratch.recheck} AS "
+        "SELECT DISTINCT patient_key AS patient_id FROM phi_vault "
+        "WHERE resource_type = 'Patient' AND patient_key IS NOT NULL "
+        "AND batch_id IN (SELECT unnest(?::VARCHAR[]))",
+        [batches],
+    )
+    ((count,),) = con.execute(f"SELECT count(*) FROM {scratch.recheck}").fetchall()
+    return len(batches), int(count)
 
 
 def _stage_differences(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> tuple[int, int]:
@@ -169,6 +251,16 @@ def _record_sources(
             [name],
         )
     con.execute(f"INSERT OR REPLACE INTO {DEFINITIONS} VALUES (?, ?)", [name, digest])
+    _record_batches(con, scratch)
+
+
+def _record_batches(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> None:
+    """The vault batches the view's scan covered (within the caller's transaction)."""
+    con.execute(f"DELETE FROM {BATCHES} WHERE view = ?", [scratch.view])
+    con.execute(
+        f"INSERT INTO {BATCHES} SELECT ?, batch_id, digest FROM {scratch.batches}",
+        [scratch.view],
+    )
 
 
 def _record_full_build(con: duckdb.DuckDBPyConnection, scratch: _Scratch, digest: str) -> None:
@@ -202,6 +294,7 @@ def refresh_view(
     scratch = _Scratch(view.name)
     try:
         _stage_current_sources(con, scratch, view.resource)
+        _stage_vault_batches(con, scratch)
         if _needs_full_build(con, view, workdir, digest):
             result = run_view_over_release(
                 con, view, workdir, check=lambda c, t: scan_released_table(c, canaries, t)
@@ -211,14 +304,68 @@ def refresh_view(
             ((count,),) = con.execute(f"SELECT count(*) FROM {scratch.current}").fetchall()
             return ViewRefresh(result, "full", int(count), 0)
         changed, removed = _stage_differences(con, scratch)
+        new_batches, rechecked = _stage_recheck(con, scratch)
         if not changed and not removed:
-            scan = LeakScanResult(canaries=len(canaries))
-            result = view_result(con, view, workdir, started, published=True, check=scan)
-            return ViewRefresh(result, "unchanged", 0, 0)
+            result = _recheck_unchanged(
+                con, view, scratch, workdir, canaries, started, record=bool(new_batches)
+            )
+            return ViewRefresh(result, "unchanged", 0, 0, rechecked)
         result = _publish_changes(con, view, scratch, workdir, canaries, started, digest)
-        return ViewRefresh(result, "incremental", changed, removed)
+        return ViewRefresh(result, "incremental", changed, removed, rechecked)
     finally:
         scratch.drop(con)
+
+
+def _scan_own_birth_dates(
+    con: duckdb.DuckDBPyConnection,
+    view: ViewDefinition,
+    scratch: _Scratch,
+    canaries: CanarySet,
+    *,
+    in_transaction: bool,
+    skip_changed: bool,
+) -> LeakScanResult:
+    """The kept rows of the patients in ``scratch.recheck`` searched for each one's own birth
+    date (their other canaries are searched in every distinct value; the rows of changed
+    resources, with ``skip_changed``, were scanned in full already). Work in proportion to
+    those patients' rows: nothing at all when there are none."""
+    births = canaries.birth_dates_only()
+    if "patient_id" not in {c.name for c in view.columns}:
+        return LeakScanResult(canaries=len(births))  # rows of no patient: no birth date of theirs
+    ((count,),) = con.execute(f"SELECT count(*) FROM {scratch.recheck}").fetchall()
+    if not count:
+        return LeakScanResult(canaries=len(births))
+    where = f"patient_id IN (SELECT patient_id FROM {scratch.recheck})"
+    if skip_changed:
+        where += f" AND id NOT IN (SELECT id FROM {scratch.changed})"
+    table = f"{VIEWS_SCHEMA}.{view.name}"
+    return scan_released_table(con, births, table, in_transaction=in_transaction, where=where)
+
+
+def _recheck_unchanged(
+    con: duckdb.DuckDBPyConnection,
+    view: ViewDefinition,
+    scratch: _Scratch,
+    workdir: Path,
+    canaries: CanarySet,
+    started: float,
+    *,
+    record: bool,
+) -> ViewRunResult:
+    """A view none of whose resources changed: the rows of the patients in
+    ``scratch.recheck`` searched for their own birth date. The view stays as it is; it counts
+    as published only when that scan passes, and only then are the batches recorded (with
+    ``record``: some batch is new to the view)."""
+    scan = merged_scans(
+        LeakScanResult(canaries=len(canaries)),
+        _scan_own_birth_dates(
+            con, view, scratch, canaries, in_transaction=False, skip_changed=False
+        ),
+    )
+    if scan.passed and record:
+        with transaction(con):
+            _record_batches(con, scratch)
+    return view_result(con, view, workdir, started, published=scan.passed, check=scan)
 
 
 def _publish_changes(
@@ -246,11 +393,15 @@ def _publish_changes(
         )
 
         def check(c: duckdb.DuckDBPyConnection) -> LeakScanResult:
-            # the new rows in full; the distinct values of every row against today's canaries
+            # the new rows in full; the distinct values of every row against today's canaries;
+            # the kept rows of patients whose Patient changed against their own birth date
             return merged_scans(
                 scan_released_table(c, canaries, new_rows, in_transaction=True),
                 scan_column_values(
                     c, canaries, table, skip_columns=_pseudonym_columns(view), in_transaction=True
+                ),
+                _scan_own_birth_dates(
+                    c, view, scratch, canaries, in_transaction=True, skip_changed=True
                 ),
             )
 

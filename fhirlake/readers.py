@@ -38,6 +38,10 @@ _SUFFIXES: dict[str, FileKind] = {
 # Files an export carries beside its data: the Bulk Data status log, our generator's summary.
 _NOT_DATA = {"log.ndjson", "log.ndjson.gz"}
 STREAM_JSON_BYTES = 64 * 1024 * 1024
+# An NDJSON line longer than this is one record quarantined unread (read in pieces and dropped):
+# a line is held whole to be parsed, and one without an end would be the whole file.
+MAX_LINE_BYTES = 64 * 1024 * 1024
+_DRAIN_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,13 +160,20 @@ class _GzipOverFile(gzip.GzipFile):
 _READ_ERRORS = (OSError, EOFError, zlib.error, ijson.JSONError)
 
 
-def iter_records(source: SourceFile, stream_above: int = STREAM_JSON_BYTES) -> Iterator[RawRecord]:
+def iter_records(
+    source: SourceFile,
+    stream_above: int = STREAM_JSON_BYTES,
+    max_line_bytes: int | None = None,
+) -> Iterator[RawRecord]:
     """The records of one file, in file order. A file that cannot be read to its end yields one
     more record for the rest of it, with the reason (the records before it stand), so every
-    file counts at least one record in, even when it fails before its first."""
+    file counts at least one record in, even when it fails before its first. An NDJSON line
+    longer than ``max_line_bytes`` (:data:`MAX_LINE_BYTES`) is one record with the reason
+    ``record_too_large``."""
     position = 0
+    max_line = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
     try:
-        for record in _file_records(source, stream_above):
+        for record in _file_records(source, stream_above, max_line):
             position = record.position
             yield record
     except _READ_ERRORS as exc:
@@ -172,9 +183,11 @@ def iter_records(source: SourceFile, stream_above: int = STREAM_JSON_BYTES) -> I
         yield RawRecord(source.index, position + 1, None, (code, message))
 
 
-def _file_records(source: SourceFile, stream_above: int) -> Iterator[RawRecord]:
+def _file_records(
+    source: SourceFile, stream_above: int, max_line_bytes: int
+) -> Iterator[RawRecord]:
     if source.kind == "ndjson":
-        yield from _ndjson_records(source)
+        yield from _ndjson_records(source, max_line_bytes)
     elif source.path.stat().st_size > stream_above and _streamable_bundle(source.path):
         yield from _streamed_bundle_records(source)
     else:
@@ -251,14 +264,27 @@ def _streamed_bundle_records(source: SourceFile) -> Iterator[RawRecord]:
                 yield RawRecord(source.index, position, raw, None, context)
 
 
-def _ndjson_records(source: SourceFile) -> Iterator[RawRecord]:
+def _ndjson_records(source: SourceFile, max_line_bytes: int) -> Iterator[RawRecord]:
     with _open(source.path) as handle:
-        for lineno, line in enumerate(handle, start=1):
+        lineno = 0
+        while line := handle.readline(max_line_bytes + 1):
+            lineno += 1
+            if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                _skip_rest_of_line(handle)
+                message = f"NDJSON line longer than {max_line_bytes} bytes, not read"
+                yield RawRecord(source.index, lineno, None, ("record_too_large", message))
+                continue
             if lineno == 1 and line.startswith(BOM):
                 line = line[len(BOM) :]
             line = line.strip()
             if line:
                 yield RawRecord(source.index, lineno, line)
+
+
+def _skip_rest_of_line(handle: IO[bytes]) -> None:
+    while piece := handle.readline(_DRAIN_BYTES):
+        if piece.endswith(b"\n"):
+            return
 
 
 def _json_records(source: SourceFile) -> Iterator[RawRecord]:

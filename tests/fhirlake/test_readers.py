@@ -259,3 +259,32 @@ def test_symlinks_and_fifos_are_skipped_never_opened(tmp_path: Path) -> None:
         ("fifo.ndjson", "special file (fifo, socket or device)"),
         ("link.ndjson", "symbolic link (not followed)"),
     ]
+
+
+def test_an_overlong_ndjson_line_is_one_record_quarantined_unread(tmp_path: Path) -> None:
+    from fhirlake.readers import SourceFile
+
+    small = orjson.dumps({"resourceType": "Patient", "id": "p1"})
+    huge = orjson.dumps({"resourceType": "Patient", "id": "p2", "note": "x" * 5_000})
+    body = b"\n".join([small, huge, small, huge]) + b"\n" + small  # the last line has no end
+    plain = tmp_path / "a.ndjson"
+    plain.write_bytes(body)
+    packed = tmp_path / "b.ndjson.gz"
+    packed.write_bytes(gzip.compress(body))
+    for index, path in enumerate((plain, packed)):
+        records = list(iter_records(SourceFile(index, path, "ndjson"), max_line_bytes=1_000))
+        assert [(r.position, r.raw, r.error and r.error[0]) for r in records] == [
+            (1, small, None),
+            (2, None, "record_too_large"),
+            (3, small, None),
+            (4, None, "record_too_large"),
+            (5, small, None),
+        ]
+        assert all("x" * 10 not in (r.error or ("", ""))[1] for r in records)
+    # a line of exactly the limit is read; one byte more is not
+    exact = tmp_path / "c.ndjson"
+    exact.write_bytes(small + b"\n" + small)
+    at_limit = list(iter_records(SourceFile(2, exact, "ndjson"), max_line_bytes=len(small)))
+    assert [r.raw for r in at_limit] == [small, small]
+    over = list(iter_records(SourceFile(2, exact, "ndjson"), max_line_bytes=len(small) - 1))
+    assert [r.error and r.error[0] for r in over] == ["record_too_large", "record_too_large"]

@@ -256,6 +256,27 @@ def test_files_failing_before_their_first_record_count_as_one(
     assert all(MARK not in message for _, message, _ in rows)
 
 
+def test_an_overlong_ndjson_line_is_quarantined_and_counted(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fhirlake import readers
+
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 2_000)
+    land = tmp_path / "land"
+    land.mkdir()
+    good = orjson.dumps(PATIENT)
+    long_one = orjson.dumps(dict(PATIENT, id="long", name=[{"family": MARK * 200}]))
+    assert len(long_one) > 2_000
+    (land / "a.ndjson").write_bytes(b"\n".join([good, long_one]) + b"\n")
+    wh = tmp_path / "w.duckdb"
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert (report.records_in, report.accepted, report.quarantined) == (2, 1, 1)
+    assert report.quarantine_reasons == {"record_too_large": 1}
+    rows = _quarantine_rows(wh, "b1")
+    assert [(code, pos) for code, _, pos in rows] == [("record_too_large", 2)]
+    assert all(MARK not in message for _, message, _ in rows)
+
+
 def test_surprise_exceptions_quarantine_one_record(
     tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -220,13 +220,7 @@ class Policy:
     @classmethod
     def load(cls, path: Path | str) -> Policy:
         path = Path(path)
-        try:
-            document = json.loads(path.read_text(encoding="utf-8-sig"))
-        except OSError as exc:
-            raise PolicyError(f"policy file {path.name} cannot be read") from exc
-        except ValueError as exc:
-            raise PolicyError(f"policy file {path.name} is not JSON: {exc}") from exc
-        return cls.from_dict(document, name=path.stem)
+        return cls.from_dict(_read_document(path), name=path.stem)
 
     @classmethod
     def shipped(cls, name: str) -> Policy:
@@ -254,15 +248,20 @@ def _shipped_path(name: str) -> Path:
     return path
 
 
+def _read_document(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except OSError as exc:
+        raise PolicyError(f"policy file {path.name} cannot be read") from exc
+    except ValueError as exc:
+        raise PolicyError(f"policy file {path.name} is not JSON: {exc}") from exc
+
+
 def shipped_parameters(name: str) -> PolicyParameters:
     """The parameters of a shipped profile (date-shift range, restricted ZIP3s...) without
     compiling its rules and allow-list, which takes a second against the FHIR models: for
     steps that only read a parameter."""
-    path = _shipped_path(name)
-    try:
-        document = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as exc:
-        raise PolicyError(f"policy file {path.name} cannot be read as JSON") from exc
+    document = _read_document(_shipped_path(name))
     if not isinstance(document, dict):
         raise PolicyError("a policy is a JSON object")
     return _parameters(document.get("parameters"))

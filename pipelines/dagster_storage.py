@@ -14,7 +14,6 @@ instance made with ``DagsterInstance.local_temp`` (``ehr run`` and the benches).
 
 from __future__ import annotations
 
-import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,8 +38,8 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
     """Dagster's SQLite event log, making each database's engine once (see the module)."""
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
+        # guarded by Dagster's own ``_db_lock``, which every connection block holds
         self._engines: OrderedDict[str, Engine] = OrderedDict()
-        self._engines_lock = threading.Lock()
         super().__init__(base_dir, inst_data=inst_data)
 
     @classmethod
@@ -50,21 +49,21 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
         return cls(inst_data=inst_data, **config_value)
 
     def _engine(self, shard: str) -> Engine:
-        with self._engines_lock:
-            engine = self._engines.get(shard)
-            if engine is not None:
-                self._engines.move_to_end(shard)
-                return engine
-            engine = create_engine(
-                self.conn_string_for_shard(shard),
-                poolclass=NullPool,  # a new SQLite connection per block, as Dagster opens them
-                connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
-            )
-            self._engines[shard] = engine
-            while len(self._engines) > MAX_ENGINES:
-                _, dropped = self._engines.popitem(last=False)
-                dropped.dispose()
+        """The shard's engine, made on first use (the caller holds ``_db_lock``)."""
+        engine = self._engines.get(shard)
+        if engine is not None:
+            self._engines.move_to_end(shard)
             return engine
+        engine = create_engine(
+            self.conn_string_for_shard(shard),
+            poolclass=NullPool,  # a new SQLite connection per block, as Dagster opens them
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+        )
+        self._engines[shard] = engine
+        while len(self._engines) > MAX_ENGINES:
+            _, dropped = self._engines.popitem(last=False)
+            dropped.dispose()
+        return engine
 
     @contextmanager
     def _connect(self, shard: str) -> Iterator[Connection]:
@@ -79,7 +78,7 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
                     yield conn
 
     def dispose(self) -> None:
-        with self._engines_lock:
+        with self._db_lock:
             for engine in self._engines.values():
                 engine.dispose()
             self._engines.clear()

@@ -151,11 +151,11 @@ def _stage_current_sources(
     )
 
 
-def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+def _has_table(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> bool:
     ((found,),) = con.execute(
         "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-        "AND schema_name = 'main' AND table_name = ?",
-        [name],
+        "AND schema_name = ? AND table_name = ?",
+        [schema, name],
     ).fetchall()
     return bool(found)
 
@@ -164,7 +164,8 @@ def _stage_vault_batches(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> N
     """Table ``scratch.batches``: each batch of the vault now, with a digest of its position,
     ingest time and report (a batch ingested again, with other content at the same positions,
     has another); read from the small ``batches`` table, nothing decrypted."""
-    if not _has_table(con, "batches"):  # a release without its vault (tests of the views alone)
+    # a release without its vault (tests of the views alone)
+    if not _has_table(con, "main", "batches"):
         con.execute(f"CREATE OR REPLACE TABLE {scratch.batches} (batch_id VARCHAR, digest UBIGINT)")
         return
     con.execute(
@@ -186,7 +187,7 @@ def _stage_recheck(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> tuple[i
             [scratch.view],
         ).fetchall()
     ]
-    if not batches or not _has_table(con, "phi_vault"):
+    if not batches or not _has_table(con, "main", "phi_vault"):
         con.execute(f"CREATE OR REPLACE TABLE {scratch.recheck} (patient_id VARCHAR)")
         return len(batches), 0
     # a Patient row's patient_key is its own resource key: the pseudonym the views' patient_id
@@ -274,13 +275,14 @@ def _needs_full_build(
 ) -> bool:
     """No table, no Parquet file, or no record of the definition it was built with (or another
     one): the view is built in full."""
-    ((tables,),) = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-        [VIEWS_SCHEMA, view.name],
-    ).fetchall()
     found = con.execute(f"SELECT digest FROM {DEFINITIONS} WHERE view = ?", [view.name]).fetchone()
     parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
-    return not tables or not parquet.exists() or found is None or found[0] != digest
+    return (
+        not _has_table(con, VIEWS_SCHEMA, view.name)
+        or not parquet.exists()
+        or found is None
+        or found[0] != digest
+    )
 
 
 def refresh_view(

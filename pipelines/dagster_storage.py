@@ -1,12 +1,16 @@
-"""The Dagster instance's SQLite storage, with one SQLAlchemy engine per event-log database.
+"""The Dagster instance's SQLite storage, with one SQLAlchemy engine per event-log database
+and its connections kept open between reads and writes.
 
 Dagster's SQLite event log builds a new SQLAlchemy engine (URL parsing, dialect set-up, pool and
-event hooks) for every read and write, and disposes of it after: a release run writes ~170
-events and reads asset records before each step, ~500 engines a run, 0.6 to 0.8 s of a release
-refresh at 1,000 patients. This storage keeps each database's engine and still opens a fresh
-SQLite connection for every block (``NullPool``, as Dagster does), so locking between the
-webserver, the daemon and run processes is unchanged. Everything else (files, schema, layout
-under ``base_dir``) is Dagster's own ``DagsterSqliteStorage``.
+event hooks) for every read and write, opens a new SQLite connection in it and disposes of both
+after: a release run writes ~170 events and reads asset records before each step, ~500 engines
+and ~950 connections a run, about a second of a release refresh at 1,000 patients. This storage
+keeps each database's engine and a small pool of its connections. An idle SQLite connection
+holds no lock (a lock lasts one transaction, and the pool rolls back what it is given back), so
+the webserver, the daemon and run processes share the files as they do under Dagster's own
+storage. A wipe, which deletes the run databases' files, first closes every kept connection, so
+that nothing is written to a deleted file. Everything else (files, schema, layout under
+``base_dir``) is Dagster's own ``DagsterSqliteStorage``.
 
 Configured in ``.dagster_home/dagster.yaml``; :func:`storage_overrides` gives the same for an
 instance made with ``DagsterInstance.local_temp`` (``ehr run`` and the benches).
@@ -14,24 +18,37 @@ instance made with ``DagsterInstance.local_temp`` (``ehr run`` and the benches).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
+    INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
     SqliteEventLogStorage,
 )
-from dagster._core.storage.sqlite_storage import DagsterSqliteStorage, _event_logs_directory
+from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
+from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
+from dagster._core.storage.sqlite_storage import (
+    DagsterSqliteStorage,
+    _event_logs_directory,
+    _runs_directory,
+    _schedule_directory,
+)
 from dagster._serdes import ConfigurableClassData
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import Connection
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import QueuePool
 
 # engines kept at once: the index database and the runs being written or read (a webserver
 # reading many old runs makes and drops engines as Dagster itself does)
 MAX_ENGINES = 32
+# connections kept open per database; threads beyond them (the webserver's) open and close
+# their own, up to MAX_OVERFLOW more at once
+POOLED_CONNECTIONS = 2
+MAX_OVERFLOW = 16
 
 
 class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
@@ -40,6 +57,10 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
         # guarded by Dagster's own ``_db_lock``, which every connection block holds
         self._engines: OrderedDict[str, Engine] = OrderedDict()
+        # ``has_table`` may be asked within a connection block, which holds ``_db_lock``: its
+        # own engine, under its own lock
+        self._probe_lock = threading.Lock()
+        self._probe: Engine | None = None
         super().__init__(base_dir, inst_data=inst_data)
 
     @classmethod
@@ -48,17 +69,22 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
     ) -> EngineReusingSqliteEventLogStorage:
         return cls(inst_data=inst_data, **config_value)
 
+    def _create_engine(self, shard: str) -> Engine:
+        return create_engine(
+            self.conn_string_for_shard(shard),
+            poolclass=QueuePool,
+            pool_size=POOLED_CONNECTIONS,
+            max_overflow=MAX_OVERFLOW,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+        )
+
     def _engine(self, shard: str) -> Engine:
         """The shard's engine, made on first use (the caller holds ``_db_lock``)."""
         engine = self._engines.get(shard)
         if engine is not None:
             self._engines.move_to_end(shard)
             return engine
-        engine = create_engine(
-            self.conn_string_for_shard(shard),
-            poolclass=NullPool,  # a new SQLite connection per block, as Dagster opens them
-            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
-        )
+        engine = self._create_engine(shard)
         self._engines[shard] = engine
         while len(self._engines) > MAX_ENGINES:
             _, dropped = self._engines.popitem(last=False)
@@ -77,11 +103,32 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
                 with conn.begin():
                     yield conn
 
-    def dispose(self) -> None:
+    def has_table(self, table_name: str) -> bool:
+        # Dagster's asks the index database with a new engine, ~70 times a release run
+        with self._probe_lock:
+            if self._probe is None:
+                self._probe = self._create_engine(INDEX_SHARD_NAME)
+            probe = self._probe
+        with probe.connect() as conn:
+            return bool(probe.dialect.has_table(conn, table_name))
+
+    def _close_engines(self) -> None:
         with self._db_lock:
             for engine in self._engines.values():
                 engine.dispose()
             self._engines.clear()
+        with self._probe_lock:
+            if self._probe is not None:
+                self._probe.dispose()
+                self._probe = None
+
+    def wipe(self) -> None:
+        # Dagster deletes the run databases' files: no kept connection may write to them after
+        self._close_engines()
+        super().wipe()
+
+    def dispose(self) -> None:
+        self._close_engines()
         super().dispose()
 
 
@@ -90,10 +137,16 @@ class SqliteStorage(DagsterSqliteStorage):
     engine-reusing event log."""
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None) -> None:
-        super().__init__(base_dir, inst_data=inst_data)
+        # DagsterSqliteStorage.__init__ with this event log in place of Dagster's (whose set-up
+        # reads the index database's schema, twice over if it were built and then replaced)
+        self.base_dir = base_dir
+        self._run_storage = SqliteRunStorage.from_local(_runs_directory(base_dir))
         self._event_log_storage = EngineReusingSqliteEventLogStorage(
             _event_logs_directory(base_dir)
         )
+        self._schedule_storage = SqliteScheduleStorage.from_local(_schedule_directory(base_dir))
+        self._inst_data = inst_data
+        super(DagsterSqliteStorage, self).__init__()  # what DagsterSqliteStorage calls
 
     @classmethod
     def from_config_value(

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -90,9 +94,10 @@ def test_a_run_makes_one_engine_per_database_where_dagster_makes_hundreds(
                 DagsterEventType.RUN_SUCCESS,
             } <= kinds
         assert instance.get_latest_materialization_event(total.key) is not None
-    # the index database and one per run: engines kept, not made per read or write
-    assert sorted(set(ours)) == sorted(ours)
-    assert len(ours) == 3
+    # the index database (one engine for records, one for table probes) and one per run:
+    # engines kept, not made per read or write
+    assert len(set(ours)) == 3
+    assert len(ours) == 4
     # independently: Dagster's own SQLite event log on the same two runs
     (tmp_path / "dagster").mkdir()
     with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
@@ -109,3 +114,104 @@ def test_engines_beyond_the_bound_are_disposed(tmp_path: Path) -> None:
     assert list(storage._engines) == shards[-dagster_storage.MAX_ENGINES :]
     storage.dispose()
     assert not storage._engines
+
+
+@pytest.fixture
+def opened_connections() -> Any:
+    opened: list[str] = []
+
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        rows = dbapi_connection.execute("PRAGMA database_list").fetchall()
+        path = Path(rows[0][2]) if rows and rows[0][2] else None
+        if path is not None and path.parent.name == "runs":  # the event log's databases
+            opened.append(str(path))
+
+    sqlalchemy.event.listen(sqlalchemy.pool.Pool, "connect", on_connect)
+    try:
+        yield opened
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.pool.Pool, "connect", on_connect)
+
+
+def test_connections_are_kept_where_dagster_opens_one_per_read_or_write(
+    tmp_path: Path, opened_connections: list[str]
+) -> None:
+    with local_instance(tmp_path / "ours") as instance:
+        _run_twice(instance)
+        warmed = list(opened_connections)
+        _run_twice(instance)
+        ours = list(opened_connections)
+    opened_connections.clear()
+    (tmp_path / "dagster").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
+        _run_twice(instance)
+        _run_twice(instance)
+    theirs = list(opened_connections)
+    # two more runs open no connection to the index database, and a few to each new run's
+    # database; Dagster's own storage opens one per read or write
+    index = [p for p in ours if Path(p).name == "index.db"]
+    assert index and index == [p for p in warmed if Path(p).name == "index.db"]
+    for database in set(ours) - set(warmed):
+        assert ours.count(database) <= 2 * dagster_storage.POOLED_CONNECTIONS, database
+    assert len(theirs) > 10 * len(ours), (len(theirs), len(ours))
+
+
+_OTHER_PROCESS = """
+from dagster import DagsterInstance, asset, materialize
+
+@asset
+def numbers() -> list[int]:
+    return [1, 2, 3]
+
+with DagsterInstance.get() as instance:
+    assert materialize([numbers], instance=instance).success
+"""
+
+
+def test_a_process_beside_one_that_keeps_connections_writes_and_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the webserver and a run process do: both write the same index database."""
+    shutil.copy(REPO_ROOT / ".dagster_home" / "dagster.yaml", tmp_path / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    with DagsterInstance.get() as instance:
+        _run_twice(instance)  # connections to the index database are now kept open
+        assert dagster_storage.POOLED_CONNECTIONS >= 1
+        subprocess.run(
+            [sys.executable, "-c", _OTHER_PROCESS],
+            check=True,
+            timeout=120,
+            env={**os.environ, "DAGSTER_HOME": str(tmp_path)},
+        )
+        assert len(instance.get_run_records()) == 3
+        latest = instance.get_latest_materialization_event(numbers.key)
+        assert latest is not None and latest.run_id not in {
+            r.dagster_run.run_id for r in instance.get_run_records()[1:]
+        }
+        _run_twice(instance)  # and this one still writes after the other process
+        assert len(instance.get_run_records()) == 5
+
+
+def _deleted_databases_open() -> list[str]:
+    fds = Path("/proc/self/fd")
+    targets = []
+    for fd in fds.iterdir():
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(fd))
+    return [t for t in targets if ".db" in t and t.endswith("(deleted)")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs /proc (Linux)")
+def test_a_wipe_closes_the_kept_connections_before_deleting_the_files(tmp_path: Path) -> None:
+    with local_instance(tmp_path) as instance:
+        _run_twice(instance)
+        storage = instance.event_log_storage
+        assert isinstance(storage, EngineReusingSqliteEventLogStorage)
+        assert storage._engines
+        instance.wipe()
+        # the index database (whose rows a wipe deletes) opened again, no run's
+        assert set(storage._engines) <= {"index"}
+        assert _deleted_databases_open() == []
+        _run_twice(instance)
+        assert len(instance.get_run_records()) == 2
+        assert instance.get_latest_materialization_event(total.key) is not None

@@ -35,6 +35,7 @@ from deid.risk import (
     generalise_until,
     measure_k,
 )
+from vault.catalog import has_table
 
 QUASI_TABLE = "release_quasi_identifiers"
 RELEASED_PATIENTS = "released_patients"
@@ -440,10 +441,6 @@ def build_k_anonymous_release(
 def withheld_filter(con: duckdb.DuckDBPyConnection, column: str = "patient_id") -> str:
     """A SQL condition on ``column`` that leaves out withheld patients (always true while no
     ``withheld_patients`` table exists). ``column`` must be a trusted identifier."""
-    ((exists,),) = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = 'main' AND table_name = ?",
-        [WITHHELD_PATIENTS],
-    ).fetchall()
-    if not exists:
+    if not has_table(con, WITHHELD_PATIENTS):
         return "TRUE"
     return f"({column} IS NULL OR {column} NOT IN (SELECT patient_id FROM {WITHHELD_PATIENTS}))"

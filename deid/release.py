@@ -30,6 +30,7 @@ from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 from deid.policy import Policy
 from deid.terminology import Terminology
 from deid.workers import ChunkResult, Item, Targets, WorkerSetup, deidentify_items
+from vault.catalog import has_table
 from vault.ingest import FHIR_BASE_ENV
 from vault.keys import KeyProvider, key_fingerprint
 from vault.read import iter_current_records
@@ -72,11 +73,7 @@ class DeidReport:
 
 def erased_subjects(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
     """Pseudonyms of the erased patients (the vault's tombstones)."""
-    has_tombstones = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'erased_subjects' "
-        "AND database_name = current_database()"
-    ).fetchall()[0][0]
-    if not has_tombstones:
+    if not has_table(con, "erased_subjects"):
         return frozenset()  # an older warehouse: nothing erased since tombstones exist
     rows = con.execute("SELECT subject_key FROM erased_subjects").fetchall()
     return frozenset(str(k) for (k,) in rows)
@@ -87,13 +84,9 @@ def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[st
     and conditional references, resolved through the identifier index where needed. A
     reference to an erased patient (or through an erased patient's identifier) resolves to
     nothing, so the release drops it instead of naming the erased patient's pseudonym."""
-    has_tombstones = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'erased_subjects' "
-        "AND database_name = current_database()"
-    ).fetchall()[0][0]
     erased = (
         "SELECT subject_key FROM erased_subjects"
-        if has_tombstones
+        if has_table(con, "erased_subjects")
         else "SELECT ''::VARCHAR WHERE false"  # an older warehouse: nothing erased since
     )
     rows = con.execute(

@@ -9,11 +9,19 @@ is ever in a released table.
 The batch's Patient resources go in without their quasi-identifiers, which are kept in
 ``release_quasi_identifiers``: the release-wide k-anonymity step
 (:func:`deid.kanon.build_k_anonymous_release`) writes them back generalised.
+
+``deid_batches`` is the ledger of published batches, written in the same transaction as the
+swap: which state of the vault batch (``vault.warehouse.BATCH_DIGEST_SQL``) was de-identified,
+and a digest of everything else the rows depend on (:func:`settings_digest`: the policy, the
+day, the release terminology, the FHIR base). A batch whose row matches both now needs no second
+pass (:func:`deidentified_batches`); a failed scan removes the batch's row. The ledger holds
+batch ids and digests, never a patient's id.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -24,6 +32,7 @@ import pyarrow as pa
 
 from deid.kanon import QUASI_DDL, QUASI_TABLE, generalised_patient, record_quasi_identifiers
 from deid.leakscan import LeakScanResult
+from deid.methods import today_utc
 from deid.policy import Policy
 from deid.release import (
     DEID_DDL,
@@ -32,7 +41,20 @@ from deid.release import (
     deidentify_batch,
     scan_released_batch,
 )
+from deid.terminology import Terminology
+from vault.catalog import has_table
+from vault.ingest import FHIR_BASE_ENV
 from vault.keys import KeyProvider
+from vault.warehouse import BATCH_DIGEST_SQL
+
+LEDGER_TABLE = "deid_batches"
+LEDGER_DDL = f"""
+    CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (
+        batch_id VARCHAR PRIMARY KEY,
+        vault_digest UBIGINT NOT NULL,
+        settings VARCHAR NOT NULL,
+        published_at TIMESTAMPTZ NOT NULL
+    )"""
 
 
 @dataclass(frozen=True)
@@ -76,17 +98,76 @@ def _strip_staged_patients(con: duckdb.DuckDBPyConnection, batch_id: str, stage:
         con.unregister("stripped_patients")
 
 
-def _swap_batch(con: duckdb.DuckDBPyConnection, batch_id: str, stage: str, errors: str) -> None:
-    """Replace the batch's released and withheld rows with the staged ones, atomically."""
+def settings_digest(
+    policy: Policy, today: date | None = None, terminology: Terminology | None = None
+) -> str:
+    """A digest of what a batch's de-identified rows depend on besides its vault records: the
+    policy (name and document), the day (dates over the age limit depend on it), the displays
+    the release may carry, and the FHIR base that makes references local."""
+    displays = sorted(
+        [system, code, display]
+        for (system, code), display in (terminology or Terminology()).displays.items()
+    )
+    document = {
+        "policy": policy.name,
+        "source": policy.source,
+        "today": (today or today_utc()).isoformat(),
+        "displays": displays,
+        "fhir_base": os.environ.get(FHIR_BASE_ENV),
+    }
+    return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def _record_published(con: duckdb.DuckDBPyConnection, batch_id: str, settings: str) -> None:
+    """The batch's ledger row: the vault state and settings it was de-identified from."""
+    con.execute(LEDGER_DDL)
+    con.execute(f"DELETE FROM {LEDGER_TABLE} WHERE batch_id = ?", [batch_id])
+    if has_table(con, "batches"):  # a release without its vault ledger (tests of de-identification)
+        con.execute(
+            f"INSERT INTO {LEDGER_TABLE} SELECT batch_id, {BATCH_DIGEST_SQL}, ?, now() "
+            "FROM batches WHERE batch_id = ? AND ingested_at IS NOT NULL",
+            [settings, batch_id],
+        )
+
+
+def _forget_published(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
+    con.execute(LEDGER_DDL)
+    con.execute(f"DELETE FROM {LEDGER_TABLE} WHERE batch_id = ?", [batch_id])
+
+
+def deidentified_batches(con: duckdb.DuckDBPyConnection, settings: str) -> set[str]:
+    """Batches published from the vault's current state of them under ``settings``: nothing
+    for a second pass to change."""
+    if not has_table(con, "batches"):
+        return set()
+    try:
+        rows = con.execute(
+            f"SELECT d.batch_id FROM {LEDGER_TABLE} d JOIN batches b USING (batch_id) "
+            f"WHERE b.ingested_at IS NOT NULL AND d.vault_digest = {BATCH_DIGEST_SQL} "
+            "AND d.settings = ?",
+            [settings],
+        ).fetchall()
+    except duckdb.CatalogException:  # no batch published yet
+        return set()
+    return {str(batch_id) for (batch_id,) in rows}
+
+
+def _swap_batch(
+    con: duckdb.DuckDBPyConnection, batch_id: str, stage: str, errors: str, settings: str
+) -> None:
+    """Replace the batch's released and withheld rows with the staged ones, and record it in
+    the ledger, atomically."""
     con.execute(DEID_DDL)
     con.execute(DEID_ERRORS_DDL)
     con.execute(QUASI_DDL)
+    con.execute(LEDGER_DDL)
     con.execute("BEGIN TRANSACTION")
     try:
         _strip_staged_patients(con, batch_id, stage)
         for target, source in (("deid_resources", stage), ("deid_errors", errors)):
             con.execute(f"DELETE FROM {target} WHERE batch_id = ?", [batch_id])
             con.execute(f"INSERT INTO {target} SELECT * FROM {source}")
+        _record_published(con, batch_id, settings)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -105,6 +186,8 @@ def publish_batch(
     """De-identify a batch into staging, scan it, and publish it only when the scan passes.
     ``options`` go to :func:`deid.release.deidentify_batch` as they are."""
     stage, errors = staging_tables(batch_id)
+    today = today or today_utc()
+    settings = settings_digest(policy, today, options.get("terminology"))
     try:
         report = deidentify_batch(
             con,
@@ -118,7 +201,9 @@ def publish_batch(
         )
         scan = scan_released_batch(con, provider, batch_id, table=stage)
         if scan.passed:
-            _swap_batch(con, batch_id, stage, errors)
+            _swap_batch(con, batch_id, stage, errors, settings)
+        else:
+            _forget_published(con, batch_id)
         return BatchRelease(report, scan, scan.passed)
     finally:
         for table in (stage, errors):

@@ -13,6 +13,7 @@ import duckdb
 import orjson
 
 from pipelines.features.online_scan import delete_online_entities, online_entity_key
+from vault.catalog import has_table
 from vault.keys import fsync_dir, fsync_file
 from vault.lifecycle import check_pseudonym
 
@@ -96,11 +97,7 @@ def purge_released_references(warehouse_path: Path, pseudonym: str) -> int:
     target = f"Patient/{pseudonym}"
     con = duckdb.connect(str(warehouse_path))
     try:
-        has_table = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'deid_resources' "
-            "AND schema_name = 'main'"
-        ).fetchall()[0][0]
-        if not has_table:
+        if not has_table(con, "deid_resources"):
             return 0
         rows = con.execute(
             "SELECT rowid, resource::VARCHAR FROM deid_resources "

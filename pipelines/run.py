@@ -1,4 +1,11 @@
-"""Run the whole asset graph for an input folder in-process, as real Dagster runs."""
+"""Run the whole asset graph for an input folder in-process, as real Dagster runs.
+
+A batch already done is not run again: ingested after its files last changed (the warehouse's
+batch ledger, as the landing sensor reads it) and de-identified from that ingest under today's
+settings (the de-identification ledger, :func:`deid.staging.deidentified_batches`). Its figures
+in the summary are the ones the warehouse recorded. The release then runs as after any batch:
+incrementally, and with nothing to do when nothing changed.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +17,22 @@ from typing import Any
 
 from dagster import DagsterInstance, materialize
 
+from deid.policy import Policy
+from deid.release import release_totals
+from deid.staging import deidentified_batches, settings_digest
 from pipelines.assets.checks import RELEASE_CANARIES
+from pipelines.assets.ingest import reconciliation_metadata
 from pipelines.dagster_storage import storage_overrides
 from pipelines.definitions import batch_assets, build_resources, release_assets
+from pipelines.features.valuesets import release_terminology
 from pipelines.partitions import batch_partitions
+from pipelines.resources import DeidSettings
+from pipelines.sensors import newest_change
 from pipelines.workdir import Workdir
-from vault.landing import discover_batches
+from vault import warehouse
+from vault.catalog import has_table
+from vault.ingest import reconcile_batch, vault_totals
+from vault.landing import BatchSource, discover_batches
 
 
 def open_instance(workdir: Workdir) -> DagsterInstance:
@@ -34,14 +51,63 @@ def local_instance(home: Path) -> DagsterInstance:
     return DagsterInstance.local_temp(base, overrides=storage_overrides(base))
 
 
+def _recorded_reports(con: Any, batch_id: str, report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A done batch's reports as its run gave them: the ingest report the warehouse kept and
+    the reconciliation counted again from the warehouse's tables."""
+    rec = reconciliation_metadata(report, reconcile_batch(con, batch_id))
+    return {"phi_vault": {"ingest_report": report}, "phi_vault:records_reconcile": rec}
+
+
+def settled_batches(
+    workdir: Workdir, batches: list[BatchSource], profile: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The batches a run need not touch again (see the module), with their recorded reports."""
+    if not workdir.warehouse.exists():
+        return {}
+    con = warehouse.connect(workdir.warehouse, read_only=True)
+    try:
+        if not has_table(con, "batches"):
+            return {}
+        ingested = {
+            str(key): (float(at), str(report))
+            for key, at, report in con.execute(
+                "SELECT batch_id, epoch(ingested_at), report FROM batches "
+                "WHERE ingested_at IS NOT NULL AND report IS NOT NULL"
+            ).fetchall()
+        }
+        fresh = [b.key for b in batches if ingested.get(b.key, (0.0, ""))[0] >= newest_change(b)]
+        if not fresh:
+            return {}
+        settings = settings_digest(Policy.shipped(profile), terminology=release_terminology())
+        done = deidentified_batches(con, settings)
+        return {
+            key: _recorded_reports(con, key, json.loads(ingested[key][1]))
+            for key in fresh
+            if key in done
+        }
+    finally:
+        con.close()
+
+
+def _warehouse_totals(workdir: Workdir) -> dict[str, Any]:
+    """The vault's and the release's totals after the run."""
+    con = warehouse.connect(workdir.warehouse, read_only=True)
+    try:
+        current, patients = vault_totals(con)
+        released = release_totals(con) if has_table(con, "deid_resources") else {}
+    finally:
+        con.close()
+    return {"vault_resources_current": current, "vault_patients": patients, "release": released}
+
+
 def run_pipeline(
     input_dir: Path,
     workdir: Workdir | Path,
     key_file: str | None = None,
     workers: int = 0,
 ) -> dict[str, Any]:
-    """Materialise every asset for every batch found in ``input_dir``; write and return the
-    run summary (counts only)."""
+    """Materialise every asset for every batch found in ``input_dir`` that is not done yet, then
+    the release; write and return the run summary (counts only)."""
     started = time.perf_counter()
     workdir = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
     batches = discover_batches(input_dir)
@@ -52,6 +118,9 @@ def run_pipeline(
     runs = []
     batch_reports: dict[str, dict[str, dict[str, Any]]] = {}
     release: dict[str, dict[str, Any]] = {}
+    deid_settings = resources["deid_settings"]
+    assert isinstance(deid_settings, DeidSettings)
+    settled = settled_batches(workdir, batches, deid_settings.profile)
     with open_instance(workdir) as instance:
         existing = set(instance.get_dynamic_partitions(batch_partitions.name or "batches"))
         new = [b.key for b in batches if b.key not in existing]
@@ -59,6 +128,9 @@ def run_pipeline(
             instance.add_dynamic_partitions(batch_partitions.name or "batches", new)
         run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
         for batch in batches:
+            if batch.key in settled:
+                batch_reports[batch.key] = settled[batch.key]
+                continue
             result = materialize(
                 batch_assets,
                 partition_key=batch.key,
@@ -83,7 +155,10 @@ def run_pipeline(
             runs.append(_run_record(None, result))
             release = stage_reports(result)
     RELEASE_CANARIES.clear()  # PHI held in memory for the leak scans: not beyond the run
-    summary = build_summary(workdir, batch_reports, release, runs)
+    summary = build_summary(
+        batch_reports, release, runs, _warehouse_totals(workdir), _model_summary(workdir)
+    )
+    summary["stages"]["ingest"]["batches_already_done"] = sorted(settled)
     summary["seconds"] = round(time.perf_counter() - started, 2)
     workdir.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
@@ -138,20 +213,20 @@ def _batch_summary(batch: str, reports: dict[str, dict[str, Any]]) -> dict[str, 
 
 
 def build_summary(
-    workdir: Workdir,
     batch_reports: dict[str, dict[str, dict[str, Any]]],
     release: dict[str, dict[str, Any]],
     runs: list[dict[str, Any]],
+    warehouse_totals: dict[str, Any],
+    model: dict[str, Any],
 ) -> dict[str, Any]:
-    """The run summary from the stage reports of the batch runs and the release run."""
+    """The run summary from the stage reports of the batches (their runs', or the warehouse's
+    for batches already done) and the release run, and the warehouse's totals after it."""
     batches = [_batch_summary(key, reports) for key, reports in batch_reports.items()]
-    last = next(reversed(batch_reports.values()), {}) if batch_reports else {}
-    vault = last.get("phi_vault", {})
     totals = {
         name: sum(int(b.get(name, 0)) for b in batches)
         for name in ("records_in", "accepted", "quarantined", "files", "bytes_read")
     }
-    deid = dict(last.get("deid_resources", {}).get("release_totals", {}))
+    deid = dict(warehouse_totals["release"])
     if "released_patients" in release:
         deid["released_patients"] = release["released_patients"].get("dagster/row_count", 0)
     return {
@@ -160,8 +235,8 @@ def build_summary(
         "stages": {
             "ingest": {
                 **totals,
-                "vault_resources_current": int(vault.get("dagster/row_count", 0)),
-                "vault_patients": int(vault.get("vault_patients", 0)),
+                "vault_resources_current": warehouse_totals["vault_resources_current"],
+                "vault_patients": warehouse_totals["vault_patients"],
                 "batches": batches,
             },
             "deid": deid,
@@ -173,7 +248,7 @@ def build_summary(
                     for k, v in _rows(release, "readmission_").items()
                     if k != "model"
                 },
-                **_model_summary(workdir),
+                **model,
             },
         },
     }

@@ -367,6 +367,12 @@ class BatchIngestor:
             )
         else:
             seq = int(rows[0][0])
+            # not ingested until this pass completes: a pass that dies part-way leaves the batch
+            # marked unfinished, for the landing sensor, ``ehr run`` and the views to see
+            self.con.execute(
+                "UPDATE batches SET ingested_at = NULL, report = NULL WHERE batch_id = ?",
+                [self.batch_id],
+            )
         self.seq_base = seq * 10**12
 
     def register_files(self, files: list[SourceFile], skipped: list[SkippedFile]) -> None:

@@ -19,6 +19,7 @@ import pyarrow as pa
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from vault.catalog import has_table
 from vault.clock import Clock, RandomBytes, utcnow
 from vault.errors import InvalidCiphertext, KeyDestroyedError
 from vault.keys import KEY_BYTES, NONCE_BYTES, KeyProvider, WrappedKey
@@ -123,10 +124,8 @@ class DataKeyStore:
         self._provider = provider
         self._random_bytes = random_bytes
         self._clock = clock
-        has_table = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'data_keys'"
-        ).fetchall()[0][0]
-        if not has_table:  # a read-only connection to a warehouse never needs to create it
+        # a read-only connection to a warehouse never needs to create it
+        if not has_table(con, "data_keys"):
             con.execute(DATA_KEYS_DDL)
         self._by_owner: dict[str, bytes] = {}
         self._cache: dict[bytes, DataKey] = {}

@@ -160,6 +160,12 @@ BATCH_TABLES = (
 
 WAREHOUSE_ID_KEY = "warehouse_id"
 
+# A batch's state in the ``batches`` ledger as one value: its position, when its ingest completed
+# and its report. A batch ingested again (other content at the same positions) has another; one
+# being ingested (``ingested_at`` cleared when it starts) has NULL. Stages that keep per-batch
+# bookkeeping (the de-identification ledger, the views' birth-date recheck) compare against it.
+BATCH_DIGEST_SQL = "hash(seq, ingested_at, report)"
+
 
 DEFAULT_MEMORY_LIMIT = "256MB"  # DuckDB spills beyond it; ingest memory must not scale with input
 

@@ -65,18 +65,24 @@ def _count_table(counts: dict[str, int]) -> MetadataValue:
     return MetadataValue.md("| kind | count |\n|---|---|\n" + rows if counts else "none")
 
 
-def reconcile_check(report: IngestReport, rec: Reconciliation) -> AssetCheckResult:
-    """Records in = accepted + quarantined, counted four ways: while reading (the report), per
-    file, in the ledger, and in the vault and quarantine tables. A file that failed before its
-    first record counts as one record in, quarantined with its reason."""
-    counted = report.records_in == rec.records_in == report.accepted + report.quarantined
+def reconciliation_metadata(report: dict[str, Any], rec: Reconciliation) -> dict[str, Any]:
+    """Records in = accepted + quarantined, counted four ways: while reading (the ingest
+    report, as a dict), per file, in the ledger, and in the vault and quarantine tables."""
+    counted = report["records_in"] == rec.records_in == report["accepted"] + report["quarantined"]
     metadata: dict[str, Any] = {k: v for k, v in rec.to_dict().items() if isinstance(v, int | bool)}
-    metadata["records_in_while_reading"] = report.records_in
+    metadata["records_in_while_reading"] = report["records_in"]
     metadata["passed"] = rec.passed and counted
+    return metadata
+
+
+def reconcile_check(report: IngestReport, rec: Reconciliation) -> AssetCheckResult:
+    """The reconciliation (:func:`reconciliation_metadata`) as the blocking check. A file that
+    failed before its first record counts as one record in, quarantined with its reason."""
+    metadata = reconciliation_metadata(report.to_dict(), rec)
     return AssetCheckResult(
         check_name="records_reconcile",
         asset_key="phi_vault",
-        passed=rec.passed and counted,
+        passed=bool(metadata["passed"]),
         severity=AssetCheckSeverity.ERROR,
         metadata=metadata,
     )

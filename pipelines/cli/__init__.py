@@ -83,9 +83,13 @@ def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -
         f"{ingest['quarantined']} quarantined; vault holds {ingest['vault_resources_current']} "
         f"resources of {ingest['vault_patients']} patients"
     )
+    done = set(ingest.get("batches_already_done", []))
     for batch in ingest["batches"]:
         rec = batch["reconciliation"]
-        click.echo(f"  batch {batch['batch']}: reconciled={rec['passed']}")
+        note = (
+            " (already ingested and de-identified: not run again)" if batch["batch"] in done else ""
+        )
+        click.echo(f"  batch {batch['batch']}: reconciled={rec['passed']}{note}")
     stages = summary["stages"]
     deid = stages.get("deid") or {}
     if deid:

@@ -231,12 +231,10 @@ def _report_release_changed(workdir: Workdir) -> None:
     from deid.release import release_version
     from pipelines.assets.deid import DATA_VERSION_TAG, RELEASE_INPUT
     from pipelines.run import open_instance
+    from vault.catalog import has_table
 
     with _warehouse(workdir, read_only=True) as con:
-        released = con.execute(
-            "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'deid_resources'"
-        ).fetchone()
-        if not released or not released[0]:
+        if not has_table(con, "deid_resources"):
             return  # nothing was ever released from this warehouse
         version = release_version(con)
     with open_instance(workdir) as instance:

@@ -34,6 +34,7 @@ from pipelines.models.training_set import FEATURE_SERVICE, readmission_training_
 from pipelines.patient_digests import PatientDigests
 from pipelines.publish import TableChange, publish_in_place, transaction
 from pipelines.workdir import RELEASE_STATE_SCHEMA
+from vault.catalog import has_table
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -81,11 +82,10 @@ def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
 
 def _needs_full_build(con: duckdb.DuckDBPyConnection, workdir: Path, generation: str) -> bool:
     recorded = dict(con.execute(f"SELECT key, value FROM {BUILDS}").fetchall())
-    ((tables,),) = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE schema_name = ? AND table_name = ?",
-        [MODELS_SCHEMA, TRAINING_SET_TABLE],
-    ).fetchall()
-    exists = tables and parquet_path(workdir, TRAINING_SET_TABLE).exists()
+    exists = (
+        has_table(con, TRAINING_SET_TABLE, MODELS_SCHEMA)
+        and parquet_path(workdir, TRAINING_SET_TABLE).exists()
+    )
     return not exists or recorded.get("generation") != generation
 
 

@@ -56,6 +56,8 @@ from pipelines.views.tables import (
     view_result,
 )
 from pipelines.workdir import RELEASE_STATE_SCHEMA, Workdir
+from vault.catalog import has_table
+from vault.warehouse import BATCH_DIGEST_SQL
 
 # the schema the erasure plan purges by patient_id (pipelines.workdir)
 STATE_SCHEMA = RELEASE_STATE_SCHEMA
@@ -151,26 +153,17 @@ def _stage_current_sources(
     )
 
 
-def _has_table(con: duckdb.DuckDBPyConnection, schema: str, name: str) -> bool:
-    ((found,),) = con.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-        "AND schema_name = ? AND table_name = ?",
-        [schema, name],
-    ).fetchall()
-    return bool(found)
-
-
 def _stage_vault_batches(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> None:
     """Table ``scratch.batches``: each batch of the vault now, with a digest of its position,
     ingest time and report (a batch ingested again, with other content at the same positions,
     has another); read from the small ``batches`` table, nothing decrypted."""
     # a release without its vault (tests of the views alone)
-    if not _has_table(con, "main", "batches"):
+    if not has_table(con, "batches"):
         con.execute(f"CREATE OR REPLACE TABLE {scratch.batches} (batch_id VARCHAR, digest UBIGINT)")
         return
     con.execute(
         f"CREATE OR REPLACE TABLE {scratch.batches} AS "
-        "SELECT batch_id, hash(seq, ingested_at, report) AS digest FROM batches"
+        f"SELECT batch_id, {BATCH_DIGEST_SQL} AS digest FROM batches"
     )
 
 
@@ -187,7 +180,7 @@ def _stage_recheck(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> tuple[i
             [scratch.view],
         ).fetchall()
     ]
-    if not batches or not _has_table(con, "main", "phi_vault"):
+    if not batches or not has_table(con, "phi_vault"):
         con.execute(f"CREATE OR REPLACE TABLE {scratch.recheck} (patient_id VARCHAR)")
         return len(batches), 0
     # a Patient row's patient_key is its own resource key: the pseudonym the views' patient_id
@@ -278,7 +271,7 @@ def _needs_full_build(
     found = con.execute(f"SELECT digest FROM {DEFINITIONS} WHERE view = ?", [view.name]).fetchone()
     parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
     return (
-        not _has_table(con, VIEWS_SCHEMA, view.name)
+        not has_table(con, view.name, VIEWS_SCHEMA)
         or not parquet.exists()
         or found is None
         or found[0] != digest

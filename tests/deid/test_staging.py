@@ -13,6 +13,7 @@ from deid import staging
 from deid.policy import Policy
 from deid.release import deidentify_batch
 from deid.staging import publish_batch
+from deid.terminology import Terminology
 from fhirlake.synthetic import generate
 from vault import warehouse
 from vault.ingest import ingest_batch
@@ -98,5 +99,62 @@ def test_failed_first_release_publishes_nothing(
         tables = _tables(con)
         assert "deid_resources" not in tables or not _release(con)
         assert not {t for t in tables if t.startswith("deid_stage_")}
+    finally:
+        con.close()
+
+
+def _settled(con: Any, policy: Policy, today: date = TODAY) -> set[str]:
+    return staging.deidentified_batches(con, staging.settings_digest(policy, today))
+
+
+def test_the_ledger_names_a_batch_published_from_its_vault_state_under_the_same_settings(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generate(tmp_path / "landing", 2, seed=13)
+    wh = tmp_path / "w.duckdb"
+    research, safe_harbor = Policy.shipped("research"), Policy.shipped("safe_harbor")
+    ingest_batch(wh, "b", tmp_path / "landing", key_provider, workers=1)
+    con = warehouse.connect(wh)
+    try:
+        assert _settled(con, research) == set()  # ingested, never de-identified
+        assert publish_batch(con, key_provider, "b", research, today=TODAY).published
+        assert _settled(con, research) == {"b"}
+        # what else the rows depend on: another day, policy or terminology needs a new pass
+        assert _settled(con, research, date(2026, 11, 29)) == set()
+        assert _settled(con, safe_harbor) == set()
+        other_terms = Terminology(displays={("http://loinc.org", "1-8"): "a display"})
+        assert (
+            staging.deidentified_batches(con, staging.settings_digest(research, TODAY, other_terms))
+            == set()
+        )
+        # bookkeeping only: batch ids and digests, no patient's id
+        info = con.execute("SELECT name FROM pragma_table_info('deid_batches')").fetchall()
+        columns = {c for (c,) in info}
+        assert columns == {"batch_id", "vault_digest", "settings", "published_at"}
+    finally:
+        con.close()
+
+    # the same files ingested again: another vault state, so another pass
+    ingest_batch(wh, "b", tmp_path / "landing", key_provider, workers=1)
+    con = warehouse.connect(wh)
+    try:
+        assert _settled(con, research) == set()
+        assert publish_batch(con, key_provider, "b", research, today=TODAY).published
+        assert _settled(con, research) == {"b"}
+
+        # a pass whose scan fails takes the batch out of the ledger: the next one runs again
+        victim = next(
+            r for r in iter_current_resources(con, key_provider) if r["resourceType"] == "Patient"
+        )
+        family = victim["name"][0]["family"]
+
+        def leaky(con: Any, *args: Any, target: str, **kwargs: Any) -> Any:
+            report = deidentify_batch(con, *args, target=target, **kwargs)
+            con.execute(f"UPDATE {target} SET resource = json_object('note', ?)", [family])
+            return report
+
+        monkeypatch.setattr(staging, "deidentify_batch", leaky)
+        assert not publish_batch(con, key_provider, "b", research, today=TODAY).published
+        assert _settled(con, research) == set()
     finally:
         con.close()

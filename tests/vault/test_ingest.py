@@ -344,3 +344,35 @@ def test_other_servers_references_are_never_local(
     monkeypatch.delenv("EHR_FHIR_BASE")
     again = ingest_batch(wh, "b2", tmp_path / "land", key_provider, workers=1)
     assert again.external_references == 2
+
+
+def test_a_batch_ingested_again_is_unfinished_until_the_pass_completes(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that dies part-way leaves the batch marked unfinished, not with the time and
+    report of the pass before it (what the landing sensor and ``ehr run`` trust)."""
+    land = tmp_path / "land"
+    _write(land, "p.json", _bundle([PATIENT, ENCOUNTER]))
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "b1", land, key_provider, workers=1)
+
+    def dies(_source: Any) -> Any:
+        raise RuntimeError("the process died here")
+        yield
+
+    monkeypatch.setattr("vault.ingest.iter_records", dies)
+    with pytest.raises(RuntimeError):
+        ingest_batch(wh, "b1", land, key_provider, workers=1)
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        assert con.execute("SELECT ingested_at, report FROM batches").fetchall() == [(None, None)]
+    finally:
+        con.close()
+    monkeypatch.undo()
+    assert ingest_batch(wh, "b1", land, key_provider, workers=1).outcomes == {"new": 2}
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        finished = con.execute("SELECT count(*) FROM batches WHERE ingested_at IS NOT NULL")
+        assert finished.fetchall() == [(1,)]
+    finally:
+        con.close()

@@ -1,0 +1,16 @@
+"""What a DuckDB database holds: the one check every layer uses before reading a table that
+an older or partial warehouse may not have yet."""
+
+from __future__ import annotations
+
+import duckdb
+
+
+def has_table(con: duckdb.DuckDBPyConnection, name: str, schema: str = "main") -> bool:
+    """Whether the connection's own database (not an attached one) holds the table."""
+    ((found,),) = con.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND schema_name = ? AND table_name = ?",
+        [schema, name],
+    ).fetchall()
+    return bool(found)

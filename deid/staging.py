@@ -135,20 +135,17 @@ def _forget_published(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
     con.execute(f"DELETE FROM {LEDGER_TABLE} WHERE batch_id = ?", [batch_id])
 
 
-def deidentified_batches(con: duckdb.DuckDBPyConnection, settings: str) -> set[str]:
-    """Batches published from the vault's current state of them under ``settings``: nothing
-    for a second pass to change."""
-    if not has_table(con, "batches"):
-        return set()
-    try:
-        rows = con.execute(
-            f"SELECT d.batch_id FROM {LEDGER_TABLE} d JOIN batches b USING (batch_id) "
-            f"WHERE b.ingested_at IS NOT NULL AND d.vault_digest = {BATCH_DIGEST_SQL} "
-            "AND d.settings = ?",
-            [settings],
-        ).fetchall()
-    except duckdb.CatalogException:  # no batch published yet
-        return set()
+def deidentified_batches(con: duckdb.DuckDBPyConnection, settings: str | None = None) -> set[str]:
+    """Batches published from the vault's current state of them (under ``settings``, when
+    given): nothing for a second pass to change."""
+    if not has_table(con, "batches") or not has_table(con, LEDGER_TABLE):
+        return set()  # no batch ingested, or none published yet
+    rows = con.execute(
+        f"SELECT d.batch_id FROM {LEDGER_TABLE} d JOIN batches b USING (batch_id) "
+        f"WHERE b.ingested_at IS NOT NULL AND d.vault_digest = {BATCH_DIGEST_SQL} "
+        "AND (d.settings = $settings OR $settings IS NULL)",
+        {"settings": settings},
+    ).fetchall()
     return {str(batch_id) for (batch_id,) in rows}
 
 

@@ -29,6 +29,7 @@ from dagster import (
     sensor,
 )
 
+from deid.staging import deidentified_batches
 from pipelines.jobs import batch_job
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource, WarehouseResource
@@ -88,8 +89,10 @@ def waiting_reason(batch: BatchSource, landing: LandingResource, now: float) -> 
 
 
 def ingested_batches(warehouse: WarehouseResource) -> dict[str, float] | None:
-    """Batch key -> time its ingest completed, from the warehouse ledger; None when another
-    process holds the warehouse (DuckDB admits one writer and no reader beside it)."""
+    """Batch key -> time its ingest completed, for the batches the warehouse's ledgers show
+    ingested and then de-identified from that ingest (a batch whose run stopped between the
+    two is not done); None when another process holds the warehouse (DuckDB admits one writer
+    and no reader beside it)."""
     if not warehouse.path.exists():
         return {}
     try:
@@ -100,11 +103,12 @@ def ingested_batches(warehouse: WarehouseResource) -> dict[str, float] | None:
         rows = con.execute(
             "SELECT batch_id, epoch(ingested_at) FROM batches WHERE ingested_at IS NOT NULL"
         ).fetchall()
+        published = deidentified_batches(con)
     except duckdb.CatalogException:
         return {}  # a warehouse created before any batch
     finally:
         con.close()
-    return {str(key): float(at) for key, at in rows}
+    return {str(key): float(at) for key, at in rows if key in published}
 
 
 def _latest_run_status(

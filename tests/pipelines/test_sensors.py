@@ -15,10 +15,12 @@ from dagster import (
 )
 from dagster._core.storage.dagster_run import DagsterRun
 
+from deid.staging import LEDGER_DDL
 from pipelines.definitions import build_resources
 from pipelines.resources import LandingResource
 from pipelines.sensors import ATTEMPT_TAG, BATCH_TAG, FINGERPRINT_TAG, _load_cursor, landing_sensor
 from vault import warehouse
+from vault.warehouse import BATCH_DIGEST_SQL
 
 PATIENT = b'{"resourceType": "Patient", "id": "p1", "gender": "female"}\n'
 
@@ -86,7 +88,18 @@ def test_batch_in_the_ledger_is_not_ingested_again(
     _landing(tmp_path)
     con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
     try:
-        con.execute("INSERT INTO batches VALUES ('export-1', 1, now(), NULL)")
+        con.execute("INSERT INTO batches VALUES ('export-1', 1, now(), '{}')")
+    finally:
+        con.close()
+    # ingested, but its run stopped before de-identification: not done
+    assert [r.partition_key for r in _tick(tmp_path, instance).run_requests] == ["export-1"]
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
+    try:
+        con.execute(LEDGER_DDL)
+        con.execute(
+            f"INSERT INTO deid_batches SELECT batch_id, {BATCH_DIGEST_SQL}, 'settings', now() "
+            "FROM batches"
+        )
     finally:
         con.close()
     result = _tick(tmp_path, instance)  # empty cursor: a sensor turned on after `ehr run`

@@ -19,7 +19,7 @@ import orjson
 from vault.errors import InvalidCiphertext
 from vault.keys import KeyProvider
 from vault.pseudonym import Pseudonymizer
-from vault.sealing import DataKeyStore, sealed_key_id
+from vault.sealing import SHARED_OWNER, DataKeyStore, sealed_key_id
 
 CHUNK_ROWS = 2_000
 
@@ -72,10 +72,16 @@ class VaultReader:
 
     def record(self, row: Sequence[Any]) -> VaultRecord:
         """A row of :data:`_ROW_COLUMNS`, decrypted; InvalidCiphertext when it fails to
-        authenticate or holds another resource than the row names (the message names the
+        authenticate, is sealed under another owner's data key than the row's patient (or
+        ``_shared``), or holds another resource than the row names (the message names the
         row's pseudonym only)."""
         resource_key, resource_type, patient_key, batch_id, sealed, aad = row
-        plaintext = self._keys.open(bytes(sealed), bytes(aad))
+        try:
+            plaintext = self._keys.open_owned(
+                bytes(sealed), bytes(aad), patient_key or SHARED_OWNER
+            )
+        except InvalidCiphertext as exc:
+            raise InvalidCiphertext(f"vault row {resource_key}: {exc}") from exc
         try:
             resource = orjson.loads(plaintext)
         except orjson.JSONDecodeError as exc:

@@ -129,6 +129,8 @@ class DataKeyStore:
             con.execute(DATA_KEYS_DDL)
         self._by_owner: dict[str, bytes] = {}
         self._cache: dict[bytes, DataKey] = {}
+        # whose key each cached one is: the owner is authenticated when the key is unwrapped
+        self._owners: dict[bytes, str] = {}
         self._pending: list[tuple[bytes, str, WrappedKey]] = []
         self._registered = False
         # Owners whose key was destroyed are remembered: an erased patient never gets a fresh
@@ -157,6 +159,7 @@ class DataKeyStore:
         self._pending.append((key_id, owner, wrapped))
         self._by_owner[owner] = key_id
         self._cache[key_id] = key
+        self._owners[key_id] = owner
         return key
 
     def by_id(self, key_id: bytes) -> DataKey:
@@ -195,11 +198,21 @@ class DataKeyStore:
         plain = self._provider.unwrap(WrappedKey(kek_id, wrapped), _wrap_context(owner, key_id))
         key = DataKey(key_id, plain)
         self._cache[key_id] = key
+        self._owners[key_id] = owner
         return key
 
     def open(self, blob: bytes, aad: bytes) -> bytes:
         """Decrypt a sealed blob with whichever data key it names."""
         return open_sealed(self.by_id(sealed_key_id(blob)), blob, aad)
+
+    def open_owned(self, blob: bytes, aad: bytes, owner: str) -> bytes:
+        """Decrypt a blob that must be sealed under ``owner``'s data key. The owner is bound to
+        each data key when it is wrapped, so a ciphertext moved to a row of another owner (or
+        a row moved to another owner) is refused, as a changed ciphertext is."""
+        key = self.by_id(sealed_key_id(blob))
+        if self._owners.get(key.key_id) != owner:
+            raise InvalidCiphertext("the ciphertext is sealed under another owner's data key")
+        return open_sealed(key, blob, aad)
 
     def flush(self) -> int:
         """Persist keys created since the last flush; returns how many."""

@@ -171,3 +171,35 @@ def test_records_carry_their_rows_pseudonymous_columns(
     touched = list(iter_current_records(con, key_provider, patients_of_batch="b1"))
     assert {r.resource_key for r in touched} == {patient, other}
     assert read_current(con, key_provider, patient, "Condition") is None
+
+
+# read paths that read the Condition's row
+_READS_THE_CONDITION = [
+    "every current resource",
+    "one batch's resources",
+    "current records",
+    "read the Condition",
+    "de-identification",
+]
+
+
+@pytest.mark.parametrize("path", _READS_THE_CONDITION)
+@pytest.mark.parametrize("owner", ["pt-odd", None], ids=["another-patient", "no-patient"])
+def test_a_row_moved_to_another_owner_is_refused(
+    con: duckdb.DuckDBPyConnection,
+    key_provider: FileKeyProvider,
+    tmp_path: Path,
+    path: str,
+    owner: str | None,
+) -> None:
+    """The Condition's row relabelled as another patient's (or as no patient's): its
+    ciphertext is sealed under pt-quill's data key, whose owner is bound when it is wrapped."""
+    condition = _pseudonym(key_provider, "Condition", "cond-asthma")
+    target = _pseudonym(key_provider, "Patient", owner) if owner else None
+    con.execute("UPDATE phi_vault SET patient_key = ? WHERE resource_key = ?", [target, condition])
+    with pytest.raises(InvalidCiphertext, match="another owner's data key") as raised:
+        READ_PATHS[path](con, key_provider, tmp_path)
+    message = str(raised.value)
+    assert condition in message  # the row's pseudonym, and no PHI
+    for phi in ("pt-quill", "pt-odd", "cond-asthma", "Quillfeather", "Oddsock", "asthma"):
+        assert phi not in message

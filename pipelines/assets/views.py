@@ -78,6 +78,7 @@ def _view_metadata(refresh: ViewRefresh) -> dict[str, Any]:
         "resources_changed": refresh.resources_changed,
         "resources_removed": refresh.resources_removed,
         "patients_rechecked": refresh.patients_rechecked,
+        "withdrawn": refresh.withdrawn,
     }
 
 
@@ -111,7 +112,12 @@ def build_views_asset(views_dir: Path = VIEWS_DIR) -> AssetsDefinition:
                     f"{result.resources} resources, {refresh.resources_changed} changed and "
                     f"{refresh.resources_removed} removed, {refresh.patients_rechecked} "
                     f"patients' birth dates re-checked, in {result.seconds:.1f}s; "
-                    + ("published" if result.published else "not published: leak scan failed")
+                    + (
+                        "published"
+                        if result.published
+                        else "not published: leak scan failed"
+                        + ("; the published view withdrawn" if refresh.withdrawn else "")
+                    )
                 )
                 yield MaterializeResult(asset_key=key, metadata=_view_metadata(refresh))
                 yield leak_scan_result(key, scan)

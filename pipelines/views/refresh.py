@@ -18,8 +18,7 @@ patient's rows, so it is not among the distinct values: the kept rows of every p
 Patient resource in a vault batch ingested (or ingested again) since the view was last scanned
 (a corrected birth date, a Patient arriving after their other resources) are searched again for
 that patient's birth date as the vault holds it now, even when none of the view's own resources
-changed (a hit there reports the view as not published, its check failed, as a refused refresh
-does; the table stays as it was). The view records which batch runs its scan covered
+changed. The view records which batch runs its scan covered
 (``release_state.view_batches``: a batch id and a digest of the batch's position, ingest time
 and report; no patient, no PHI): a batch ingested again keeps its records' vault positions, so
 the highest position seen would not tell it apart. A view without that record (built before it
@@ -31,6 +30,13 @@ inserted) and writes its bookkeeping in the same transaction, so a crash leaves 
 and the next refresh redoes the same resources and re-checks the same patients; a full build
 publishes a new table and writes the bookkeeping after, with the same effect. A scan that finds
 a leak publishes nothing and records nothing, so the next refresh scans the same rows again.
+
+A leak found in the rows a view *kept* (a patient's own birth date in a kept row, or a distinct
+value of the kept rows, when the new rows scanned clean) is in the published table already:
+the view is withdrawn (its Parquet file deleted, then its table dropped and its bookkeeping
+cleared, in one transaction), so nothing reads it, and the next refresh builds it in full and
+publishes it only once its scan passes. A leak in the new rows alone leaves the published view
+as it was.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from pipelines.views.tables import (
 )
 from pipelines.workdir import RELEASE_STATE_SCHEMA, Workdir
 from vault.catalog import has_table
+from vault.keys import fsync_dir
 from vault.warehouse import BATCH_DIGEST_SQL
 
 # the schema the erasure plan purges by patient_id (pipelines.workdir)
@@ -114,6 +121,8 @@ class ViewRefresh:
     # patients with a Patient in a batch ingested since the view was last scanned: their kept
     # rows searched again for their own birth date
     patients_rechecked: int = 0
+    # a leak found in the rows the view kept: the published view was taken down
+    withdrawn: bool = False
 
 
 def definition_digest(view: ViewDefinition) -> str:
@@ -304,9 +313,15 @@ def refresh_view(
             result = _recheck_unchanged(
                 con, view, scratch, workdir, canaries, started, record=bool(new_batches)
             )
-            return ViewRefresh(result, "unchanged", 0, 0, rechecked)
-        result = _publish_changes(con, view, scratch, workdir, canaries, started, digest)
-        return ViewRefresh(result, "incremental", changed, removed, rechecked)
+            if not result.published:  # every hit is in a row the published view holds
+                withdraw_view(con, view, workdir)
+            return ViewRefresh(result, "unchanged", 0, 0, rechecked, not result.published)
+        result, kept_rows_leak = _publish_changes(
+            con, view, scratch, workdir, canaries, started, digest
+        )
+        if kept_rows_leak:
+            withdraw_view(con, view, workdir)
+        return ViewRefresh(result, "incremental", changed, removed, rechecked, kept_rows_leak)
     finally:
         scratch.drop(con)
 
@@ -363,6 +378,20 @@ def _recheck_unchanged(
     return view_result(con, view, workdir, started, published=scan.passed, check=scan)
 
 
+def withdraw_view(con: duckdb.DuckDBPyConnection, view: ViewDefinition, workdir: Path) -> None:
+    """Take a published view down: its Parquet file first (a crash after it leaves a table
+    without its file, which the next refresh builds in full), then its table and bookkeeping in
+    one transaction."""
+    parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
+    if parquet.exists():
+        parquet.unlink()
+        fsync_dir(parquet.parent)
+    with transaction(con):
+        con.execute(f"DROP TABLE IF EXISTS {VIEWS_SCHEMA}.{view.name}")
+        for state in (SOURCES, DEFINITIONS, BATCHES):
+            con.execute(f"DELETE FROM {state} WHERE view = ?", [view.name])
+
+
 def _publish_changes(
     con: duckdb.DuckDBPyConnection,
     view: ViewDefinition,
@@ -371,10 +400,12 @@ def _publish_changes(
     canaries: CanarySet,
     started: float,
     digest: str,
-) -> ViewRunResult:
+) -> tuple[ViewRunResult, bool]:
     """The view over the changed resources; in one transaction, the rows of changed and
     removed resources deleted, the new rows inserted, the result scanned, the bookkeeping
-    written and the Parquet file replaced (rolled back when the scan finds a leak)."""
+    written and the Parquet file replaced (rolled back when the scan finds a leak). With the
+    result, whether a leak was found in the kept rows (a birth date in a kept row, or a hit
+    among the distinct values while the new rows scanned clean)."""
     table = f"{VIEWS_SCHEMA}.{view.name}"
     new_rows = f"{STATE_SCHEMA}.{view.name}__rows"
     try:
@@ -387,10 +418,12 @@ def _publish_changes(
             f"INSERT INTO {table} BY NAME SELECT * FROM {new_rows}",
         )
 
+        scans: list[LeakScanResult] = []
+
         def check(c: duckdb.DuckDBPyConnection) -> LeakScanResult:
             # the new rows in full; the distinct values of every row against today's canaries;
             # the kept rows of patients whose Patient changed against their own birth date
-            return merged_scans(
+            scans[:] = [
                 scan_released_table(c, canaries, new_rows, in_transaction=True),
                 scan_column_values(
                     c, canaries, table, skip_columns=_pseudonym_columns(view), in_transaction=True
@@ -398,7 +431,8 @@ def _publish_changes(
                 _scan_own_birth_dates(
                     c, view, scratch, canaries, in_transaction=True, skip_changed=True
                 ),
-            )
+            ]
+            return merged_scans(*scans)
 
         parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
         scan = publish_in_place(
@@ -410,7 +444,11 @@ def _publish_changes(
     finally:
         con.execute(f"DROP TABLE IF EXISTS {new_rows}")
     published = scan is not None and scan.passed
-    return view_result(
+    new_rows_scan, values_scan, births_scan = scans
+    kept_rows_leak = not published and (
+        not births_scan.passed or (not values_scan.passed and new_rows_scan.passed)
+    )
+    result = view_result(
         con,
         view,
         workdir,
@@ -419,6 +457,7 @@ def _publish_changes(
         check=scan,
         rows=None if published else int(rows),
     )
+    return result, kept_rows_leak
 
 
 def _pseudonym_columns(view: ViewDefinition) -> tuple[str, ...]:

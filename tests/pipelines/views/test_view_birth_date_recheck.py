@@ -20,6 +20,7 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import orjson
 import pyarrow.parquet as pq
 import pytest
@@ -99,6 +100,15 @@ def _rows(wh: Path, view: str) -> list[tuple[Any, ...]]:
         return sorted(con.execute(f"SELECT * FROM views.{view}").fetchall(), key=repr)
     finally:
         con.close()
+
+
+def _has_view(wh: Path, view: str) -> bool:
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        tables = con.execute("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()
+    finally:
+        con.close()
+    return ("views", view) in tables
 
 
 def _plant_in_a_condition(wh: Path, patient: str, text: str) -> str:
@@ -195,12 +205,16 @@ def test_a_corrected_birth_date_in_a_kept_row_blocks_the_refresh(
     assert not refreshed.result.published and not scan.passed
     assert scan.by_kind() == {"birth_date": 1}
     assert [hit.row for hit in scan.hits] == [planted]
-    # nothing of the refused refresh is visible: the table and its file as they were
-    assert _rows(wh, "condition") == before
-    assert len(pq.read_table(work / "views" / "condition.parquet")) == len(before)
-    # nothing was recorded either: the next refresh refuses again
+    # the leak is in a row the published view holds: the view is taken down, table and file
+    assert refreshed.withdrawn
+    assert not _has_view(wh, "condition")
+    assert not (work / "views" / "condition.parquet").exists()
+    # the next refresh builds it in full, and refuses it again: still nothing to read
     again = _refresh(wh, key_provider, work, (CONDITION,))["condition"]
-    assert not again.result.published and again.result.check.by_kind() == {"birth_date": 1}
+    assert again.mode == "full" and not again.result.published
+    assert again.result.check.by_kind() == {"birth_date": 1}
+    assert not _has_view(wh, "condition")
+    assert not (work / "views" / "condition.parquet").exists()
 
     # the leak taken out of the release (the Condition released again without it): published
     con = warehouse.connect(wh)
@@ -214,7 +228,10 @@ def test_a_corrected_birth_date_in_a_kept_row_blocks_the_refresh(
     finally:
         con.close()
     fixed = _refresh(wh, key_provider, work, (CONDITION,))["condition"]
-    assert fixed.result.published and fixed.result.check.passed
+    assert fixed.mode == "full" and fixed.result.published and fixed.result.check.passed
+    after = _rows(wh, "condition")
+    assert planted in {row[0] for row in after}  # the Condition again, without the leak
+    assert len(pq.read_table(work / "views" / "condition.parquet")) == len(after)
     settled = _refresh(wh, key_provider, work, (CONDITION,))["condition"]
     assert settled.mode == "unchanged" and settled.patients_rechecked == 0
 
@@ -337,6 +354,7 @@ def test_a_batch_ingested_again_with_a_corrected_birth_date_is_rechecked(
 
     refreshed = _refresh(wh, key_provider, work, (CONDITION,))["condition"]
     assert refreshed.mode == "unchanged" and not refreshed.result.published
+    assert refreshed.withdrawn and not _has_view(wh, "condition")
     assert refreshed.result.check.by_kind() == {"birth_date": 1}
     assert [hit.row for hit in refreshed.result.check.hits] == [planted]
 

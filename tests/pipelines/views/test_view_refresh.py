@@ -172,7 +172,7 @@ def test_a_crash_before_the_bookkeeping_only_redoes_the_same_rows(tmp_path: Path
     _assert_equal_to_full_build(con, tmp_path, PATIENT, "Patient")
 
 
-def test_a_new_patients_name_in_a_kept_row_fails_the_scan(tmp_path: Path) -> None:
+def test_a_new_patients_name_in_a_kept_row_withdraws_the_view(tmp_path: Path) -> None:
     con = _warehouse(tmp_path)
     odd = _patient("p1", "female")
     odd["gender"] = "Quillfeather"  # an older row holding text a later patient's name matches
@@ -183,8 +183,32 @@ def test_a_new_patients_name_in_a_kept_row_fails_the_scan(tmp_path: Path) -> Non
     canaries.add_patient({"name": [{"family": "Quillfeather", "given": ["Marisol"]}]}, "p2")
     refresh = refresh_view(con, PATIENT, tmp_path, canaries)
     assert not refresh.result.published and refresh.result.check.by_kind() == {"name": 1}
-    # nothing of the refused refresh is visible, and the next refresh tries the same rows
+    # the name is in a row the published view holds: the view is taken down, table and file
+    assert refresh.withdrawn
+    tables = con.execute("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()
+    assert ("views", "patient") not in tables
+    assert not (tmp_path / "views" / "patient.parquet").exists()
+    # the next refresh builds it in full and refuses it while the leak is there
+    again = refresh_view(con, PATIENT, tmp_path, canaries)
+    assert again.mode == "full" and not again.result.published
+    assert not (tmp_path / "views" / "patient.parquet").exists()
+
+
+def test_a_leak_in_the_new_rows_only_keeps_the_published_view(tmp_path: Path) -> None:
+    con = _warehouse(tmp_path)
+    _put(con, _patient("p1", "female"), "p1")
+    assert refresh_view(con, PATIENT, tmp_path, CanarySet()).result.published
+    published = (tmp_path / "views" / "patient.parquet").read_bytes()
+    leaky = _patient("p2", "male")
+    leaky["gender"] = "Quillfeather"  # the new row holds a patient's name
+    _put(con, leaky, "p2")
+    canaries = CanarySet()
+    canaries.add_patient({"name": [{"family": "Quillfeather", "given": ["Marisol"]}]}, "p3")
+    refresh = refresh_view(con, PATIENT, tmp_path, canaries)
+    assert not refresh.result.published and not refresh.withdrawn
+    # the rows published before were clean: they stay, and the refused rows are not there
     assert con.execute("SELECT id FROM views.patient").fetchall() == [("p1",)]
+    assert (tmp_path / "views" / "patient.parquet").read_bytes() == published
     assert refresh_view(con, PATIENT, tmp_path, canaries).resources_changed == 1
 
 

@@ -118,21 +118,20 @@ def settings_digest(
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def _record_published(con: duckdb.DuckDBPyConnection, batch_id: str, settings: str) -> None:
-    """The batch's ledger row: the vault state and settings it was de-identified from."""
+def _forget_published(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
     con.execute(LEDGER_DDL)
     con.execute(f"DELETE FROM {LEDGER_TABLE} WHERE batch_id = ?", [batch_id])
+
+
+def _record_published(con: duckdb.DuckDBPyConnection, batch_id: str, settings: str) -> None:
+    """The batch's ledger row: the vault state and settings it was de-identified from."""
+    _forget_published(con, batch_id)
     if has_table(con, "batches"):  # a release without its vault ledger (tests of de-identification)
         con.execute(
             f"INSERT INTO {LEDGER_TABLE} SELECT batch_id, {BATCH_DIGEST_SQL}, ?, now() "
             "FROM batches WHERE batch_id = ? AND ingested_at IS NOT NULL",
             [settings, batch_id],
         )
-
-
-def _forget_published(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
-    con.execute(LEDGER_DDL)
-    con.execute(f"DELETE FROM {LEDGER_TABLE} WHERE batch_id = ?", [batch_id])
 
 
 def deidentified_batches(con: duckdb.DuckDBPyConnection, settings: str | None = None) -> set[str]:

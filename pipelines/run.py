@@ -26,8 +26,8 @@ from pipelines.dagster_storage import storage_overrides
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.features.valuesets import release_terminology
 from pipelines.partitions import batch_partitions
-from pipelines.resources import DeidSettings
-from pipelines.sensors import newest_change
+from pipelines.resources import DeidSettings, WarehouseResource
+from pipelines.sensors import done_in_ledger, ingested_batches
 from pipelines.workdir import Workdir
 from vault import warehouse
 from vault.catalog import has_table
@@ -61,29 +61,24 @@ def _recorded_reports(con: Any, batch_id: str, report: dict[str, Any]) -> dict[s
 def settled_batches(
     workdir: Workdir, batches: list[BatchSource], profile: str
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """The batches a run need not touch again (see the module), with their recorded reports."""
-    if not workdir.warehouse.exists():
+    """The batches a run need not touch again (see the module), with their recorded reports:
+    done as the landing sensor judges it, and de-identified under today's settings."""
+    ledger = ingested_batches(WarehouseResource(workdir=str(workdir.root))) or {}
+    fresh = [b.key for b in batches if done_in_ledger(b, ledger)]
+    if not fresh:
         return {}
+    settings = settings_digest(Policy.shipped(profile), terminology=release_terminology())
     con = warehouse.connect(workdir.warehouse, read_only=True)
     try:
-        if not has_table(con, "batches"):
-            return {}
-        ingested = {
-            str(key): (float(at), str(report))
-            for key, at, report in con.execute(
-                "SELECT batch_id, epoch(ingested_at), report FROM batches "
-                "WHERE ingested_at IS NOT NULL AND report IS NOT NULL"
-            ).fetchall()
-        }
-        fresh = [b.key for b in batches if ingested.get(b.key, (0.0, ""))[0] >= newest_change(b)]
-        if not fresh:
-            return {}
-        settings = settings_digest(Policy.shipped(profile), terminology=release_terminology())
         done = deidentified_batches(con, settings)
+        reports = dict(
+            con.execute(
+                "SELECT batch_id, report FROM batches WHERE batch_id IN (SELECT unnest(?))",
+                [[key for key in fresh if key in done]],
+            ).fetchall()
+        )
         return {
-            key: _recorded_reports(con, key, json.loads(ingested[key][1]))
-            for key in fresh
-            if key in done
+            key: _recorded_reports(con, key, json.loads(report)) for key, report in reports.items()
         }
     finally:
         con.close()

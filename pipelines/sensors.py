@@ -111,6 +111,12 @@ def ingested_batches(warehouse: WarehouseResource) -> dict[str, float] | None:
     return {str(key): float(at) for key, at in rows if key in published}
 
 
+def done_in_ledger(batch: BatchSource, ledger: dict[str, float]) -> bool:
+    """Whether ``ledger`` (:func:`ingested_batches`) shows the batch done since its files last
+    changed."""
+    return ledger.get(batch.key, 0.0) >= newest_change(batch)
+
+
 def _latest_run_status(
     context: SensorEvaluationContext, key: str, state: BatchState
 ) -> DagsterRunStatus | None:
@@ -187,7 +193,7 @@ def evaluate_landing(
         if ledger is None:
             reasons.append(f"batch {batch.key}: warehouse busy, ledger not readable this tick")
             continue
-        if ledger.get(batch.key, 0.0) >= newest_change(batch):
+        if done_in_ledger(batch, ledger):
             states[batch.key] = BatchState(batch.fingerprint, done=True)
             reasons.append(f"batch {batch.key}: already ingested (warehouse ledger)")
             continue

@@ -55,6 +55,12 @@ def _count_engines(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[str]:
     return made
 
 
+def _home_with_the_repos_dagster_yaml(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``home`` as DAGSTER_HOME, with this repository's ``dagster.yaml`` (as ``make ui``)."""
+    shutil.copy(REPO_ROOT / ".dagster_home" / "dagster.yaml", home / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+
+
 def _run_twice(instance: DagsterInstance) -> None:
     for _ in range(2):
         result = materialize([numbers, total, total_is_six], instance=instance)
@@ -64,8 +70,7 @@ def _run_twice(instance: DagsterInstance) -> None:
 def test_the_instance_of_the_dagster_yaml_uses_the_storage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shutil.copy(REPO_ROOT / ".dagster_home" / "dagster.yaml", tmp_path / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    _home_with_the_repos_dagster_yaml(tmp_path, monkeypatch)
     with DagsterInstance.get() as instance:
         assert isinstance(instance.event_log_storage, EngineReusingSqliteEventLogStorage)
         _run_twice(instance)
@@ -172,8 +177,7 @@ def test_a_process_beside_one_that_keeps_connections_writes_and_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """As the webserver and a run process do: both write the same index database."""
-    shutil.copy(REPO_ROOT / ".dagster_home" / "dagster.yaml", tmp_path / "dagster.yaml")
-    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    _home_with_the_repos_dagster_yaml(tmp_path, monkeypatch)
     with DagsterInstance.get() as instance:
         _run_twice(instance)  # connections to the index database are now kept open
         assert dagster_storage.POOLED_CONNECTIONS >= 1

@@ -1,0 +1,68 @@
+"""Feast's classes load without typeguard's instrumentation in the platform's processes, as
+Feast's own command still loads them with it; every other use of typeguard keeps it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import typeguard
+
+from pipelines.feast_import import skip_for_feast
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# a Feast definition built with an argument of the wrong type (a name that is not a string)
+_WRONG_FIELD = """
+import typeguard
+from feast import Field
+from feast.types import Int64
+try:
+    Field(name=123, dtype=Int64)
+except typeguard.TypeCheckError:
+    print("checked")
+else:
+    print("unchecked")
+"""
+
+
+def _run(prelude: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + _WRONG_FIELD],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_feast_alone_is_instrumented_and_within_the_platform_is_not() -> None:
+    # Feast imported first, as `feast apply` (its own command, in a child process) does
+    assert _run("") == "checked"
+    # the platform imported first, as in a Dagster run worker or an `ehr` command
+    assert _run("import pipelines\n") == "unchecked"
+
+
+def test_other_uses_of_typeguard_keep_their_checks() -> None:
+    assert skip_for_feast()  # already done when `pipelines` was imported; idempotent
+    first = typeguard.typechecked
+    assert skip_for_feast() and typeguard.typechecked is first
+
+    @typeguard.typechecked
+    def double(value: int) -> int:
+        return value * 2
+
+    assert double(2) == 4
+    with pytest.raises(typeguard.TypeCheckError):
+        double("2")  # type: ignore[arg-type]
+
+    @typeguard.typechecked()
+    def halve(value: int) -> int:
+        return value // 2
+
+    with pytest.raises(typeguard.TypeCheckError):
+        halve("4")  # type: ignore[arg-type]

@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from pipelines.models.frame import AGE_BANDS, UNKNOWN
 
@@ -65,6 +64,8 @@ def safe_auroc(y: np.ndarray, p: np.ndarray) -> float | None:
     """AUROC, or None when only one class is present."""
     if len(np.unique(y)) < 2:
         return None
+    from sklearn.metrics import roc_auc_score  # on use: see pipelines.models.training
+
     return float(roc_auc_score(y, p))
 
 
@@ -348,6 +349,8 @@ def overall_metrics(
 ) -> dict[str, Any]:
     """AUROC (None, with ``auroc_note`` saying why, under 20 positives), Brier score,
     prevalence, mean prediction, the reliability curve and bootstrap 95% intervals."""
+    from sklearn.metrics import brier_score_loss  # on use: see pipelines.models.training
+
     bins = calibration_bins(y, p)
     note = auroc_note(y)
     intervals = bootstrap_intervals(y, p, groups, seed=seed)

@@ -26,21 +26,12 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import joblib
 import numpy as np
 import pandas as pd
-import sklearn
-from sklearn.compose import ColumnTransformer
-from sklearn.ensemble import HistGradientBoostingClassifier
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-from sklearn.model_selection import StratifiedGroupKFold
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
-from threadpoolctl import threadpool_limits
 
 from pipelines.models.card import write_model_card
 from pipelines.models.evaluation import (
@@ -62,12 +53,14 @@ from pipelines.models.frame import (
     feature_columns,
     subgroup_attributes,
 )
-from pipelines.models.plots import (
-    plot_calibration,
-    plot_feature_importance,
-    plot_roc,
-    plot_subgroup_auroc,
-)
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
+
+# scikit-learn, joblib and the plots (matplotlib) are imported by the functions that fit, save,
+# load or draw a model: every process that loads the platform's Dagster definitions imports
+# this module (for the retrain rule and the kept model's report), and most never train
+# (batch runs, sensors, the code server): about 1.7 s of start-up each.
 
 Estimator = Literal["logistic_regression", "hist_gradient_boosting"]
 MODEL_FILE = "readmission_model.joblib"
@@ -124,6 +117,8 @@ def inner_folds(
     k = min(INNER_FOLDS, positive_patients, negative_patients)
     if k < 2:
         return None
+    from sklearn.model_selection import StratifiedGroupKFold
+
     folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(train, test) for train, test in folds.split(np.zeros(len(y)), y, groups)]
 
@@ -137,6 +132,13 @@ def build_pipeline(
     """Preprocessing plus classifier, fitted as one object so the saved model takes raw rows.
 
     With ``folds``, logistic regression picks C from ``C_GRID`` by cross-validated log loss."""
+    from sklearn.compose import ColumnTransformer
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.impute import SimpleImputer
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer, OneHotEncoder, StandardScaler
+
     numeric = Pipeline(
         [
             ("to_float", FunctionTransformer(as_float)),
@@ -203,6 +205,8 @@ def split_by_patient(
     if len(np.unique(y)) < 2:
         raise InsufficientTrainingDataError("the training frame holds a single label class")
     folds = max(2, round(1 / test_size))
+    from sklearn.model_selection import StratifiedGroupKFold
+
     for attempt in range(SPLIT_ATTEMPTS):
         splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed + attempt)
         try:
@@ -373,6 +377,13 @@ def bounded_subgroups(subgroups: list[SubgroupResult]) -> list[dict[str, Any]]:
 
 def write_plots(fitted: FittedModel, evaluation: Evaluation, out_dir: Path) -> dict[str, Path]:
     """The ROC, calibration, subgroup AUROC and feature importance plots as PNG files."""
+    from pipelines.models.plots import (
+        plot_calibration,
+        plot_feature_importance,
+        plot_roc,
+        plot_subgroup_auroc,
+    )
+
     auroc = evaluation.metrics["auroc"]
     path = {name: plot_path(out_dir, name) for name in PLOT_NAMES}
     return {
@@ -440,6 +451,8 @@ def write_model_outputs(
     """Write the model, the plots, ``metrics.json`` and the model card into ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / MODEL_FILE
+    import joblib
+
     joblib.dump(fitted.model, model_path)
     plots = write_plots(fitted, evaluation, out_dir)
     metrics_path = out_dir / METRICS_FILE
@@ -513,7 +526,8 @@ def row_digests(frame: pd.DataFrame, columns: Sequence[str]) -> np.ndarray:
 def training_environment() -> dict[str, Any]:
     """What besides the rows decides the fit: this module's version and scikit-learn's (a model
     pickled by another scikit-learn is not meant to be loaded)."""
-    return {"training_version": TRAINING_VERSION, "sklearn": sklearn.__version__}
+    # the installed distribution's version (sklearn.__version__) without importing it
+    return {"training_version": TRAINING_VERSION, "sklearn": metadata.version("scikit-learn")}
 
 
 def _write_replacing(path: Path, write: Callable[[Path], object]) -> None:
@@ -582,6 +596,8 @@ def train_readmission_model(
     # One BLAS thread: the matrices are a few hundred rows by a few dozen columns, where handing
     # each of the solver's thousands of small products to a second thread costs more than the
     # product (up to 20x slower fits on a busy machine); the results are the same.
+    from threadpoolctl import threadpool_limits
+
     with threadpool_limits(limits=1, user_api="blas"):
         fitted = fit_on_patient_split(frame, label, columns, estimator, seed)
         evaluation = evaluate_held_out(fitted, frame, audit_columns, seed)
@@ -596,5 +612,7 @@ def train_readmission_model(
 
 def load_model(path: Path) -> Pipeline:
     """A model written by :func:`train_readmission_model`."""
+    import joblib
+
     model: Pipeline = joblib.load(path)
     return model

@@ -1,5 +1,7 @@
-"""Feast's classes load without typeguard's instrumentation in the platform's processes, as
-Feast's own command still loads them with it; every other use of typeguard keeps it."""
+"""What a process that loads the platform imports: Feast's classes without typeguard's
+instrumentation (Feast's own command still loads them with it; every other use of typeguard
+keeps it), and no scikit-learn, joblib or pyplot until a model is fitted, saved, loaded or
+drawn."""
 
 from __future__ import annotations
 
@@ -45,6 +47,26 @@ def test_feast_alone_is_instrumented_and_within_the_platform_is_not() -> None:
     assert _run("") == "checked"
     # the platform imported first, as in a Dagster run worker or an `ehr` command
     assert _run("import pipelines\n") == "unchecked"
+
+
+_LOADED_BY_DEFINITIONS = """
+import sys
+import pipelines.definitions
+from pipelines.models import evaluation, retrain, training
+print(sorted(m for m in ("sklearn", "joblib", "matplotlib.pyplot") if m in sys.modules))
+"""
+
+
+def test_loading_the_definitions_imports_no_model_library() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", _LOADED_BY_DEFINITIONS],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_other_uses_of_typeguard_keep_their_checks() -> None:

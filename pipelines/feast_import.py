@@ -3,12 +3,12 @@
 Feast decorates its definition classes (``Field``, ``Entity``, ``FeatureView``, ``FileSource``,
 ``FeatureService``, ...) with typeguard's ``@typechecked``. When a class is decorated, typeguard
 fetches and parses the source of its module and recompiles each annotated method with type
-checks injected: about 6 of the 7.5 seconds ``import feast`` takes on this platform's machines,
-paid by every process that loads the platform (each Dagster run worker and code server, each
-``ehr`` command), and a check on every call after (the registry builds these objects each time
-it is read). typeguard makes the decorator a no-op under ``python -O``; :func:`skip_for_feast`
-does the same for Feast's own classes and functions only, before Feast is imported, and leaves
-every other use of typeguard as it is.
+checks injected: about 6 of the 7.4 to 8.6 seconds ``import feast`` took where it was measured
+(README, "Start-up"), paid by every process that loads the platform (each Dagster run worker
+and code server, each ``ehr`` command), and a type check on each call after that. typeguard
+makes the decorator a no-op under ``python -O``; :func:`skip_for_feast` does the same for
+Feast's own classes and functions only, before Feast is imported, and leaves every other use of
+typeguard as it is.
 
 What is given up: a Feast definition built with an argument of the wrong type no longer raises
 at construction in these processes. The feature repository is checked where it is authored:

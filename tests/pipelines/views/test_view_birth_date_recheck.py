@@ -33,8 +33,9 @@ from fhirlake.synthetic import generate
 from fhirlake.viewdef import ViewDefinition, load_view
 from pipelines.views import refresh as refresh_module
 from pipelines.views.refresh import BATCHES, ViewRefresh, refresh_view
-from pipelines.views.tables import VIEWS_DIR
+from pipelines.views.tables import VIEWS_DIR, VIEWS_SCHEMA
 from vault import warehouse
+from vault.catalog import has_table
 from vault.ingest import ingest_batch
 from vault.keys import FileKeyProvider
 from vault.pseudonym import Pseudonymizer
@@ -105,10 +106,9 @@ def _rows(wh: Path, view: str) -> list[tuple[Any, ...]]:
 def _has_view(wh: Path, view: str) -> bool:
     con = duckdb.connect(str(wh), read_only=True)
     try:
-        tables = con.execute("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()
+        return has_table(con, view, VIEWS_SCHEMA)
     finally:
         con.close()
-    return ("views", view) in tables
 
 
 def _plant_in_a_condition(wh: Path, patient: str, text: str) -> str:

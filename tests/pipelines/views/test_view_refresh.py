@@ -18,7 +18,8 @@ from deid.leakscan import CanarySet
 from deid.release import DEID_DDL
 from fhirlake.viewdef import load_view
 from pipelines.views.refresh import SOURCES, refresh_view
-from pipelines.views.tables import VIEWS_DIR, run_view_over_release
+from pipelines.views.tables import VIEWS_DIR, VIEWS_SCHEMA, run_view_over_release
+from vault.catalog import has_table
 
 OBSERVATION = load_view(VIEWS_DIR / "observation.json")
 PATIENT = load_view(VIEWS_DIR / "patient.json")
@@ -185,8 +186,7 @@ def test_a_new_patients_name_in_a_kept_row_withdraws_the_view(tmp_path: Path) ->
     assert not refresh.result.published and refresh.result.check.by_kind() == {"name": 1}
     # the name is in a row the published view holds: the view is taken down, table and file
     assert refresh.withdrawn
-    tables = con.execute("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()
-    assert ("views", "patient") not in tables
+    assert not has_table(con, "patient", VIEWS_SCHEMA)
     assert not (tmp_path / "views" / "patient.parquet").exists()
     # the next refresh builds it in full and refuses it while the leak is there
     again = refresh_view(con, PATIENT, tmp_path, canaries)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import gzip
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import orjson
 
+from vault.errors import VaultError
 from vault.keys import FileKeyProvider
 from vault.pseudonym import Pseudonymizer
+from vault.sealing import DataKeyStore
 
 MIN_LEN = 5  # shorter strings (e.g. "Ann", a ZIP) appear by chance in binary files
 
@@ -97,27 +99,83 @@ def released_birth_date_leaks(workdir: Path, key_file: Path, births: dict[str, s
     return [pid for pid, birth in rows if birth is not None and by_pseudonym.get(pid) == birth]
 
 
-def _pattern(canaries: set[str] | frozenset[str]) -> re.Pattern[str] | None:
+def _pattern(
+    canaries: set[str] | frozenset[str], whole_words: bool = True
+) -> re.Pattern[str] | None:
     if not canaries:
         return None
-    words = sorted((re.escape(c.casefold()) for c in canaries), key=len, reverse=True)
+    words = "|".join(sorted((re.escape(c.casefold()) for c in canaries), key=len, reverse=True))
+    if not whole_words:
+        return re.compile(words)
     # whole words: a given name such as "Erica" inside "American" is not that name
-    return re.compile(r"(?<![0-9a-z])(?:" + "|".join(words) + r")(?![0-9a-z])")
+    return re.compile(r"(?<![0-9a-z])(?:" + words + r")(?![0-9a-z])")
+
+
+def _as_text(data: bytes) -> str:
+    return data.decode("utf-8", "replace").casefold()
+
+
+_STORED_CIPHERTEXTS = {
+    "sealed": "SELECT sealed, aad FROM phi_vault UNION ALL SELECT sealed, aad FROM quarantine",
+    "wrapped": "SELECT key_id, wrapped FROM data_keys WHERE wrapped IS NOT NULL",
+}
+
+
+def ciphertexts_spelling_canaries(
+    warehouse: Path, key_file: Path, canaries: set[str]
+) -> set[bytes]:
+    """The vault's stored ciphertexts (sealed records, wrapped data keys) whose bytes happen to
+    spell a canary, each proven a ciphertext by opening it with the keyring.
+
+    AES-GCM output is random bytes, and some 12 MB of it spells a five-letter name now and then.
+    A plaintext kept where a ciphertext belongs does not open, so it is never among these."""
+    pattern = _pattern(canaries, whole_words=False)
+    if pattern is None:
+        return set()
+    proven: set[bytes] = set()
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        keys = DataKeyStore(con, FileKeyProvider.load(key_file))
+        for sealed, aad in con.execute(_STORED_CIPHERTEXTS["sealed"]).fetchall():
+            if pattern.search(_as_text(sealed)):
+                try:
+                    keys.open(bytes(sealed), bytes(aad))
+                except VaultError:  # not a ciphertext of this vault: its hits stand
+                    continue
+                proven.add(bytes(sealed))
+        for key_id, wrapped in con.execute(_STORED_CIPHERTEXTS["wrapped"]).fetchall():
+            if pattern.search(_as_text(wrapped)):
+                try:
+                    keys.by_id(bytes(key_id))
+                except VaultError:  # not a ciphertext of this vault: its hits stand
+                    continue
+                proven.add(bytes(wrapped))
+    finally:
+        con.close()
+    return proven
 
 
 def scan_for_canaries(
-    root: Path, canaries: set[str], outside_warehouse: frozenset[str] | set[str] = frozenset()
+    root: Path,
+    canaries: set[str],
+    outside_warehouse: frozenset[str] | set[str] = frozenset(),
+    ciphertexts: Collection[bytes] = (),
 ) -> dict[str, list[str]]:
     """Files under ``root`` holding any canary as a whole word (case-folded), with the first
     hits. The ``outside_warehouse`` canaries (dates) are searched in every file but the
-    warehouse and the released tables, which hold shifted dates by design."""
+    warehouse and the released tables, which hold shifted dates by design. Where one of the
+    proven ``ciphertexts`` lies in a file, its bytes are blanked first: a word that lies
+    wholly inside a ciphertext is chance, and a plaintext beside one is still found."""
     everywhere = _pattern(canaries)
     with_dates = _pattern(set(canaries) | set(outside_warehouse))
     hits: dict[str, list[str]] = {}
     for path in root.rglob("*"):
         if not path.is_file():
             continue
-        text = path.read_bytes().decode("utf-8", "replace").casefold()
+        data = path.read_bytes()
+        for blob in ciphertexts:
+            data = data.replace(blob, bytes(len(blob)))
+        text = _as_text(data)
         released = path.suffix in (".duckdb", ".wal", ".parquet")
         pattern = everywhere if released else with_dates
         if pattern is None:

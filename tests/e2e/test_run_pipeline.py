@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from phi_canaries import (
+    ciphertexts_spelling_canaries,
     patient_birth_dates,
     patient_canaries,
     released_birth_date_leaks,
@@ -64,7 +65,8 @@ def test_synthetic_with_defects_end_to_end(tmp_path: Path, key_file: Path) -> No
     canaries = patient_canaries(landing)
     assert len(canaries) > 200
     births = patient_birth_dates(landing)
-    assert scan_for_canaries(workdir, canaries, set(births.values())) == {}
+    chance = ciphertexts_spelling_canaries(workdir / "warehouse.duckdb", key_file, canaries)
+    assert scan_for_canaries(workdir, canaries, set(births.values()), chance) == {}
     assert released_birth_date_leaks(workdir, key_file, births) == []
 
 
@@ -115,5 +117,8 @@ def test_synthea_sample_leaves_no_phi(tmp_path: Path, key_file: Path, shared_dat
     assert any("Neomi684" in c for c in canaries)
     births = patient_birth_dates(landing)
     assert births["b2043822-8861-e93b-2374-b3c4f4dce1d8"] == "1977-07-27"
-    assert scan_for_canaries(tmp_path / "work", canaries, set(births.values())) == {}
+    chance = ciphertexts_spelling_canaries(
+        tmp_path / "work" / "warehouse.duckdb", key_file, canaries
+    )
+    assert scan_for_canaries(tmp_path / "work", canaries, set(births.values()), chance) == {}
     assert released_birth_date_leaks(tmp_path / "work", key_file, births) == []

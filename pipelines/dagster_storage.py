@@ -38,7 +38,7 @@ from dagster._core.storage.sqlite_storage import (
     _schedule_directory,
 )
 from dagster._serdes import ConfigurableClassData
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import QueuePool
 
@@ -49,23 +49,6 @@ MAX_ENGINES = 32
 # their own, up to MAX_OVERFLOW more at once
 POOLED_CONNECTIONS = 2
 MAX_OVERFLOW = 16
-
-
-def _write_ahead_without_fsync_per_commit(dbapi_connection: Any, _record: Any) -> None:
-    """Each new connection writes ahead (the journal mode Dagster gives its event databases when
-    it creates them, set here before a new run's database is first written) and syncs at
-    checkpoints, not at every commit (SQLite's ``synchronous=NORMAL``). A release run commits
-    ~500 events, and an fsync each cost about a second of a 1,000-patient late release.
-
-    In WAL mode this keeps the database consistent through a crash of the process or of the
-    machine; what a power loss can take back is the last events committed before it, never
-    the warehouse's data, which DuckDB syncs on its own (README, "Executors and concurrency")."""
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-    finally:
-        cursor.close()
 
 
 class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
@@ -87,15 +70,13 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
         return cls(inst_data=inst_data, **config_value)
 
     def _create_engine(self, shard: str) -> Engine:
-        engine = create_engine(
+        return create_engine(
             self.conn_string_for_shard(shard),
             poolclass=QueuePool,
             pool_size=POOLED_CONNECTIONS,
             max_overflow=MAX_OVERFLOW,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
         )
-        event.listen(engine, "connect", _write_ahead_without_fsync_per_commit)
-        return engine
 
     def _engine(self, shard: str) -> Engine:
         """The shard's engine, made on first use (the caller holds ``_db_lock``)."""

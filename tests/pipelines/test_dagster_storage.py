@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -120,24 +119,6 @@ def test_engines_beyond_the_bound_are_disposed(tmp_path: Path) -> None:
     assert list(storage._engines) == shards[-dagster_storage.MAX_ENGINES :]
     storage.dispose()
     assert not storage._engines
-
-
-def test_event_logs_write_ahead_and_sync_at_checkpoints(tmp_path: Path) -> None:
-    with local_instance(tmp_path / "ours") as instance:
-        _run_twice(instance)
-        storage = instance.event_log_storage
-        assert isinstance(storage, EngineReusingSqliteEventLogStorage)
-        for shard, engine in storage._engines.items():
-            with engine.connect() as conn:
-                # 1 is NORMAL; SQLite's default, FULL (2), syncs at every commit
-                assert conn.execute(sqlalchemy.text("PRAGMA synchronous")).scalar() == 1, shard
-    # independently, from the files: every event database is in write-ahead mode, the mode in
-    # which NORMAL keeps a database consistent through a crash
-    databases = list((tmp_path / "ours").rglob("runs/*.db"))
-    assert len(databases) == 3
-    for path in databases:
-        with contextlib.closing(sqlite3.connect(path)) as con:
-            assert con.execute("PRAGMA journal_mode").fetchone() == ("wal",), path.name
 
 
 @pytest.fixture

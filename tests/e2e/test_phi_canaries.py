@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import duckdb
 from phi_canaries import ciphertexts_spelling_canaries, scan_for_canaries
 
 from vault import warehouse
@@ -34,15 +35,22 @@ def _sealed_spelling_a_word(keys: DataKeyStore) -> tuple[bytes, str]:
     raise AssertionError("no nonce gave a ciphertext holding a word")
 
 
+def _new_warehouse(root: Path, key_file: Path) -> tuple[duckdb.DuckDBPyConnection, bytes, str]:
+    """A new warehouse in ``root``, open; a ciphertext that spells a word, under a data key
+    the warehouse stores, and the word."""
+    con = warehouse.connect(root / "warehouse.duckdb")
+    keys = DataKeyStore(con, FileKeyProvider.load(key_file))
+    sealed, word = _sealed_spelling_a_word(keys)
+    keys.flush()
+    return con, sealed, word
+
+
 def test_only_words_inside_proven_ciphertexts_are_discounted(
     tmp_path: Path, key_file: Path
 ) -> None:
     root = tmp_path / "work"
     path = root / "warehouse.duckdb"
-    con = warehouse.connect(path)
-    keys = DataKeyStore(con, FileKeyProvider.load(key_file))
-    sealed, by_chance = _sealed_spelling_a_word(keys)
-    keys.flush()
+    con, sealed, by_chance = _new_warehouse(root, key_file)
     key_id = sealed[1:17]
     # a plaintext kept where a ciphertext belongs: it has the form of one, but does not open
     unsealed = SEALED_FORMAT + key_id + bytes(12) + b" quennell " + bytes(16)
@@ -67,10 +75,7 @@ def test_only_words_inside_proven_ciphertexts_are_discounted(
 def test_a_ciphertext_that_does_not_open_is_not_discounted(tmp_path: Path, key_file: Path) -> None:
     root = tmp_path / "work"
     path = root / "warehouse.duckdb"
-    con = warehouse.connect(path)
-    keys = DataKeyStore(con, FileKeyProvider.load(key_file))
-    sealed, by_chance = _sealed_spelling_a_word(keys)
-    keys.flush()
+    con, sealed, by_chance = _new_warehouse(root, key_file)
     # the same bytes filed under another record: its associated data no longer matches
     con.execute(INSERT_SEALED, {"key": "k1", "n": 1, "sealed": sealed, "aad": b"Patient/p2"})
     con.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import warnings
 
 from dagster import (
@@ -80,3 +81,10 @@ defs = Definitions(
     # runs the automation sensor launches use the code location's executor
     executor=in_process_executor,
 )
+
+# What is loaded by now (Dagster, Feast, pandas, DuckDB's and Arrow's modules, these definitions)
+# lives as long as the process. Frozen, it is left out of every later collection, which would
+# otherwise walk its ~270,000 objects each time: in a run worker's 1,000-patient release after a
+# 1 % batch, collections took 0.53-0.62 s in all, and 0.30 s with it frozen. Objects made after
+# this point are collected as before.
+gc.freeze()

@@ -1,7 +1,7 @@
 """What a process that loads the platform imports: Feast's classes without typeguard's
 instrumentation (Feast's own command still loads them with it; every other use of typeguard
 keeps it), and no scikit-learn, joblib or pyplot until a model is fitted, saved, loaded or
-drawn."""
+drawn; and what the definitions load is left out of garbage collections."""
 
 from __future__ import annotations
 
@@ -81,3 +81,22 @@ def test_other_uses_of_typeguard_keep_their_checks() -> None:
 
     with pytest.raises(typeguard.TypeCheckError):
         halve("4")  # type: ignore[arg-type]
+
+
+_COLLECTED_AFTER_LOADING = """
+import gc
+import pipelines.definitions
+frozen = gc.get_freeze_count()
+cycle = []
+cycle.append(cycle)
+del cycle
+print(frozen, gc.collect())
+"""
+
+
+def test_what_the_definitions_load_is_left_out_of_collections() -> None:
+    frozen, collected = map(int, _last_line(_COLLECTED_AFTER_LOADING).split())
+    # the libraries' and the definitions' objects: never walked again
+    assert frozen > 100_000
+    # a cycle made after loading is still found and freed
+    assert collected >= 1

@@ -115,10 +115,19 @@ def _as_text(data: bytes) -> str:
     return data.decode("utf-8", "replace").casefold()
 
 
-_STORED_CIPHERTEXTS = {
-    "sealed": "SELECT sealed, aad FROM phi_vault UNION ALL SELECT sealed, aad FROM quarantine",
-    "wrapped": "SELECT key_id, wrapped FROM data_keys WHERE wrapped IS NOT NULL",
-}
+def _opens(keys: DataKeyStore, sealed: bytes, aad: bytes) -> None:
+    keys.open(sealed, aad)
+
+
+def _unwraps(keys: DataKeyStore, _wrapped: bytes, key_id: bytes) -> None:
+    keys.by_id(key_id)
+
+
+# the vault's ciphertexts, each row (ciphertext, what proving it needs), and how it is proven
+_STORED_CIPHERTEXTS = (
+    ("SELECT sealed, aad FROM phi_vault UNION ALL SELECT sealed, aad FROM quarantine", _opens),
+    ("SELECT wrapped, key_id FROM data_keys WHERE wrapped IS NOT NULL", _unwraps),
+)
 
 
 def ciphertexts_spelling_canaries(
@@ -136,20 +145,15 @@ def ciphertexts_spelling_canaries(
     con = duckdb.connect(str(warehouse), read_only=True)
     try:
         keys = DataKeyStore(con, FileKeyProvider.load(key_file))
-        for sealed, aad in con.execute(_STORED_CIPHERTEXTS["sealed"]).fetchall():
-            if pattern.search(_as_text(sealed)):
+        for query, prove in _STORED_CIPHERTEXTS:
+            for blob, needed in con.execute(query).fetchall():
+                if not pattern.search(_as_text(blob)):
+                    continue
                 try:
-                    keys.open(bytes(sealed), bytes(aad))
+                    prove(keys, bytes(blob), bytes(needed))
                 except VaultError:  # not a ciphertext of this vault: its hits stand
                     continue
-                proven.add(bytes(sealed))
-        for key_id, wrapped in con.execute(_STORED_CIPHERTEXTS["wrapped"]).fetchall():
-            if pattern.search(_as_text(wrapped)):
-                try:
-                    keys.by_id(bytes(key_id))
-                except VaultError:  # not a ciphertext of this vault: its hits stand
-                    continue
-                proven.add(bytes(wrapped))
+                proven.add(bytes(blob))
     finally:
         con.close()
     return proven

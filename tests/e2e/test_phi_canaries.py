@@ -11,7 +11,7 @@ from phi_canaries import ciphertexts_spelling_canaries, scan_for_canaries
 
 from vault import warehouse
 from vault.keys import FileKeyProvider
-from vault.sealing import SEALED_FORMAT, DataKeyStore, seal
+from vault.sealing import SEALED_FORMAT, DataKeyStore, seal, sealed_key_id
 
 AAD = b"Patient/p1"
 INSERT_SEALED = (
@@ -51,9 +51,8 @@ def test_only_words_inside_proven_ciphertexts_are_discounted(
     root = tmp_path / "work"
     path = root / "warehouse.duckdb"
     con, sealed, by_chance = _new_warehouse(root, key_file)
-    key_id = sealed[1:17]
     # a plaintext kept where a ciphertext belongs: it has the form of one, but does not open
-    unsealed = SEALED_FORMAT + key_id + bytes(12) + b" quennell " + bytes(16)
+    unsealed = SEALED_FORMAT + sealed_key_id(sealed) + bytes(12) + b" quennell " + bytes(16)
     con.execute(INSERT_SEALED, {"key": "k1", "n": 1, "sealed": sealed, "aad": AAD})
     con.execute(INSERT_SEALED, {"key": "k2", "n": 2, "sealed": unsealed, "aad": AAD})
     con.execute("CREATE TABLE notes AS SELECT 'seen by Ashdown today' AS note")

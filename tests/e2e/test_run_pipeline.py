@@ -65,7 +65,7 @@ def test_synthetic_with_defects_end_to_end(tmp_path: Path, key_file: Path) -> No
     canaries = patient_canaries(landing)
     assert len(canaries) > 200
     births = patient_birth_dates(landing)
-    chance = ciphertexts_spelling_canaries(workdir / "warehouse.duckdb", key_file, canaries)
+    chance = ciphertexts_spelling_canaries(Workdir(workdir).warehouse, key_file, canaries)
     assert scan_for_canaries(workdir, canaries, set(births.values()), chance) == {}
     assert released_birth_date_leaks(workdir, key_file, births) == []
 
@@ -117,8 +117,6 @@ def test_synthea_sample_leaves_no_phi(tmp_path: Path, key_file: Path, shared_dat
     assert any("Neomi684" in c for c in canaries)
     births = patient_birth_dates(landing)
     assert births["b2043822-8861-e93b-2374-b3c4f4dce1d8"] == "1977-07-27"
-    chance = ciphertexts_spelling_canaries(
-        tmp_path / "work" / "warehouse.duckdb", key_file, canaries
-    )
+    chance = ciphertexts_spelling_canaries(Workdir(tmp_path / "work").warehouse, key_file, canaries)
     assert scan_for_canaries(tmp_path / "work", canaries, set(births.values()), chance) == {}
     assert released_birth_date_leaks(tmp_path / "work", key_file, births) == []

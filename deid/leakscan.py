@@ -289,6 +289,12 @@ class CanarySet:
             start = text.find(token, start + 1)
         return False
 
+    def compile(self) -> None:
+        """Build the automatons now: a compiled set that gets no new canary is only read by
+        ``find``, so threads can share it."""
+        self._compiled()
+        self._compiled_digits()
+
     def _compiled(self) -> Any:
         if self._automaton is None:
             self._automaton = _automaton(self._kinds)

@@ -514,12 +514,13 @@ def build_released_patients(
     as_of: date | None = None,
     *,
     max_withheld: float = DEFAULT_MAX_WITHHELD,
-    canaries: CanarySet | None = None,
+    canaries: CanarySet | Callable[[], CanarySet] | None = None,
 ) -> KAnonymousRelease:
     """``released_patients`` (one row per released patient: age band, sex, ZIP3, state, race,
     ethnicity), generalised over the whole release to k, with the patients still below k
     withheld and the Patient resources rewritten to match (see :mod:`deid.kanon`). With
-    ``canaries``, the staged table is leak-scanned too and published only when clean."""
+    ``canaries``, the staged table is leak-scanned too and published only when clean; given as
+    a function, it is called when the scan starts (the canaries can load meanwhile)."""
     check = None
     if canaries is not None:
         check = partial(_scan_staged_patients, canaries)
@@ -527,7 +528,7 @@ def build_released_patients(
 
 
 def _scan_staged_patients(
-    canaries: CanarySet, con: duckdb.DuckDBPyConnection, staging: str
+    canaries: CanarySet | Callable[[], CanarySet], con: duckdb.DuckDBPyConnection, staging: str
 ) -> LeakScanResult:
     """Every value of the staged table is a category (a race named White, a state): scanned
     as terminology text, where a surname that is also a category name is not a leak.
@@ -549,6 +550,8 @@ def _scan_staged_patients(
     ).fetchall()
     distinct = (("released_patients:distinct", as_terminology(v)) for v in combinations)
     own_births = ((pid, as_terminology(v), pid) for pid, *v in with_years)
+    if not isinstance(canaries, CanarySet):
+        canaries = canaries()
     return merged_scans(
         scan_rows(canaries, distinct), scan_rows(canaries.birth_dates_only(), own_births)
     )

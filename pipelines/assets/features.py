@@ -5,6 +5,7 @@ that no patient who opted out of research appears."""
 from collections.abc import Iterator
 from pathlib import Path
 
+import duckdb
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -18,15 +19,20 @@ from dagster import (
     multi_asset,
 )
 
+from deid.leakscan import LeakScanResult
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
 from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import image_metadata
-from pipelines.features.checks import opted_out_rows, scan_feature_table, table_shape
+from pipelines.features.checks import TableShape, opted_out_rows, scan_feature_table, table_shape
 from pipelines.features.refresh import REFRESHED, refresh_feature_tables
 from pipelines.features.stats import null_rates, plot_distributions
 from pipelines.features.tables import FEATURE_TABLES, FEATURES_SCHEMA, parquet_path
+from pipelines.parallel import on_cursors
 from pipelines.resources import KeyProviderResource, WarehouseResource
+
+# a feature table's shape, leak scan, opted-out rows (found, known), null rates and plot
+_TableReport = tuple[TableShape, LeakScanResult, tuple[int, int], dict[str, float], Path]
 
 
 def feature_asset_key(name: str) -> AssetKey:
@@ -84,19 +90,22 @@ def feature_tables(
         refresh = refresh_feature_tables(con, out_dir)
         build = refresh.build
         canaries = RELEASE_CANARIES.get(con, keys.provider())
+        canaries.compile()
         # a full build is scanned in full; a refresh, the patients it computed again in full
         # (and the distinct values of every row)
         refreshed = None if refresh.mode == "full" else REFRESHED
-        results = {
-            name: (
-                table_shape(con, name),
-                scan_feature_table(con, canaries, name, refreshed=refreshed),
-                opted_out_rows(con, name),
-                null_rates(con, name),
-                plot_distributions(con, name, stats_dir / f"{name}.png"),
+
+        def report(cursor: duckdb.DuckDBPyConnection, name: str) -> _TableReport:
+            return (
+                table_shape(cursor, name),
+                scan_feature_table(cursor, canaries, name, refreshed=refreshed),
+                opted_out_rows(cursor, name),
+                null_rates(cursor, name),
+                plot_distributions(cursor, name, stats_dir / f"{name}.png"),
             )
-            for name in FEATURE_TABLES
-        }
+
+        # the tables are published: each one's statistics and scans read it side by side
+        results = dict(on_cursors(con, report, list(FEATURE_TABLES)))
     finally:
         con.close()
     context.log.info(

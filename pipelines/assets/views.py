@@ -29,7 +29,7 @@ from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan
 from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.resources import KeyProviderResource, WarehouseResource
-from pipelines.views.refresh import ViewRefresh, refresh_view
+from pipelines.views.refresh import ViewRefresh, refresh_views
 from pipelines.views.tables import VIEWS_DIR, VIEWS_SCHEMA, view_files
 
 
@@ -101,11 +101,10 @@ def build_views_asset(views_dir: Path = VIEWS_DIR) -> AssetsDefinition:
         con = warehouse.connect()
         try:
             canaries = RELEASE_CANARIES.get(con, keys.provider())
-            for view, _ in views:
+            chosen = [view for view, _ in views if view_asset_key(view.name) in selected]
+            workdir = Path(warehouse.workdir)
+            for view, refresh in refresh_views(con, chosen, workdir, canaries):
                 key = view_asset_key(view.name)
-                if key not in selected:
-                    continue
-                refresh = refresh_view(con, view, Path(warehouse.workdir), canaries)
                 result, scan = refresh.result, refresh.result.check
                 context.log.info(
                     f"view {view.name} ({refresh.mode}): {result.rows} rows from "

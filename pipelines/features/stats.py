@@ -10,6 +10,7 @@ every feature table after every batch, and that dominated a refresh after a smal
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -273,11 +274,20 @@ class _Sketch:
         self.finish().save(path, format="PNG", compress_level=6)
 
 
-@cache
+# fonts loaded by each thread: the plots of several tables are drawn side by side, and one
+# FreeType face is not made to render in two threads at once
+_THREAD_FONTS = threading.local()
+
+
 def _font(points: float) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """Pillow's bundled scalable font (Aileron; no system font needed), ``points`` high on a
     ``DPI`` image, in whole pixels: at fractional sizes the hinted glyphs are spaced unevenly."""
-    return ImageFont.load_default(size=round(points * DPI / 72))
+    size = round(points * DPI / 72)
+    fonts: dict[int, ImageFont.FreeTypeFont | ImageFont.ImageFont]
+    fonts = _THREAD_FONTS.__dict__.setdefault("by_size", {})
+    if size not in fonts:
+        fonts[size] = ImageFont.load_default(size=size)
+    return fonts[size]
 
 
 def _ticks(low: float, high: float, count: int, integer: bool = True) -> list[float]:

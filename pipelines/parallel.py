@@ -1,0 +1,128 @@
+"""Independent pieces of warehouse work (one view's refresh, one feature table's statistics) run
+side by side, each on its own cursor of the step's connection.
+
+A cursor is a second connection to the same DuckDB database: it has its own transaction, and
+DuckDB lets transactions that touch different rows commit side by side. Half of such work is
+Python (FHIRPath, the leak scan, drawing) and half DuckDB, which runs without holding Python's
+lock, so a second thread overlaps the two; more threads add memory, not speed, on a machine
+whose DuckDB already uses every core for each query.
+
+Every piece runs to its end even when another fails (each is its own transaction, so a failure
+leaves the others' work whole); the results come back in the order of the pieces, and the first
+failure is raised after the last result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import duckdb
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+MAX_WORKERS = 2
+# settings the platform sets per connection (pipelines.features.refresh sets the time zone)
+_SESSION_SETTINGS = ("TimeZone",)
+
+
+def default_workers() -> int:
+    return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def on_cursors(
+    con: duckdb.DuckDBPyConnection,
+    work: Callable[[duckdb.DuckDBPyConnection, ItemT], ResultT],
+    items: Sequence[ItemT],
+    *,
+    size: Callable[[ItemT], float] | None = None,
+    workers: int | None = None,
+) -> Iterator[tuple[ItemT, ResultT]]:
+    """``work(cursor, item)`` for every item, up to ``workers`` at a time (each on a cursor of
+    ``con`` of its own, closed after it); yields ``(item, result)`` in the order of ``items``
+    for every piece that succeeded, then raises the first failure, once every piece has ended.
+    With ``size`` (a guess of each piece's work), the largest pieces start first, so that the
+    longest one does not start last."""
+
+    settings = _session_settings(con)
+
+    def run(item: ItemT) -> ResultT:
+        cursor = con.cursor()
+        try:
+            for statement in settings:
+                cursor.execute(statement)
+            return work(cursor, item)
+        finally:
+            cursor.close()
+
+    count = workers or default_workers()
+    order = list(range(len(items)))
+    if size is not None:
+        weights = [size(item) for item in items]
+        order.sort(key=lambda i: -weights[i])
+    futures: dict[int, Future[ResultT]]
+    if count <= 1 or len(items) <= 1:
+        futures = {i: _settled(run, items[i]) for i in order}
+    else:
+        with ThreadPoolExecutor(count, thread_name_prefix="warehouse") as pool:
+            futures = {i: pool.submit(run, items[i]) for i in order}
+    failure: BaseException | None = None
+    for i, item in enumerate(items):
+        future = futures[i]
+        error = future.exception()
+        if error is None:
+            yield item, future.result()
+        elif failure is None:
+            failure = error
+    if failure is not None:
+        raise failure
+
+
+@contextlib.contextmanager
+def in_background(
+    con: duckdb.DuckDBPyConnection, work: Callable[[duckdb.DuckDBPyConnection], ResultT]
+) -> Iterator[Callable[[], ResultT]]:
+    """``work(cursor)`` started in a thread on a cursor of ``con`` of its own while the block
+    runs; the block gets a function that waits for its result (or raises its error). Leaving
+    the block waits for the work to end."""
+    settings = _session_settings(con)
+
+    def run() -> ResultT:
+        cursor = con.cursor()
+        try:
+            for statement in settings:
+                cursor.execute(statement)
+            return work(cursor)
+        finally:
+            cursor.close()
+
+    with ThreadPoolExecutor(1, thread_name_prefix="warehouse") as pool:
+        future = pool.submit(run)
+        yield future.result
+
+
+def _session_settings(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """The statements that give a cursor the settings of ``con`` that belong to a connection,
+    not to the database (a cursor starts with the machine's time zone: a feature's year would
+    move with it)."""
+    statements = []
+    for setting in _SESSION_SETTINGS:
+        found = con.execute("SELECT current_setting(?)", [setting]).fetchone()
+        if found is not None and found[0] is not None:
+            value = str(found[0]).replace("'", "''")
+            statements.append(f"SET {setting} = '{value}'")
+    return statements
+
+
+def _settled(run: Callable[[ItemT], ResultT], item: ItemT) -> Future[ResultT]:
+    """``run(item)`` done now, its outcome kept as a finished future (as the pool's are)."""
+    future: Future[ResultT] = Future()
+    try:
+        future.set_result(run(item))
+    except Exception as error:  # kept, and raised after the other pieces
+        future.set_exception(error)
+    return future

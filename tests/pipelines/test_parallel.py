@@ -1,0 +1,75 @@
+"""Warehouse work side by side on cursors (pipelines.parallel), on a real DuckDB file."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipelines.parallel import on_cursors
+
+
+def test_pieces_overlap_and_results_keep_the_order_given() -> None:
+    # both pieces wait for each other: they finish only if they run at the same time
+    meeting = threading.Barrier(2, timeout=10)
+
+    def work(cursor: duckdb.DuckDBPyConnection, item: int) -> int:
+        meeting.wait()
+        ((value,),) = cursor.execute("SELECT ? * 10", [item]).fetchall()
+        return int(value)
+
+    con = duckdb.connect()
+    assert list(on_cursors(con, work, [2, 1], workers=2)) == [(2, 20), (1, 10)]
+
+
+def test_largest_pieces_start_first() -> None:
+    started: list[str] = []
+
+    def work(_: duckdb.DuckDBPyConnection, item: str) -> str:
+        started.append(item)
+        return item.upper()
+
+    items = ["small", "largest", "middle"]
+    sizes = {"small": 1, "largest": 30, "middle": 5}
+    found = list(on_cursors(duckdb.connect(), work, items, size=sizes.__getitem__, workers=1))
+    assert started == ["largest", "middle", "small"]
+    assert found == [("small", "SMALL"), ("largest", "LARGEST"), ("middle", "MIDDLE")]
+
+
+def test_a_failure_is_raised_after_the_others_committed(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    con.execute("CREATE TABLE ledger (piece VARCHAR, n INTEGER)")
+    con.execute("INSERT INTO ledger VALUES ('a', 0), ('b', 0), ('c', 0)")
+
+    def work(cursor: duckdb.DuckDBPyConnection, piece: str) -> str:
+        # each piece rewrites its own rows of one shared table, in a transaction of its own
+        cursor.execute("BEGIN TRANSACTION")
+        cursor.execute("DELETE FROM ledger WHERE piece = ?", [piece])
+        cursor.execute("INSERT INTO ledger VALUES (?, 1)", [piece])
+        if piece == "b":
+            cursor.execute("ROLLBACK")
+            raise ValueError("piece b failed")
+        cursor.execute("COMMIT")
+        return piece
+
+    done: list[str] = []
+    with pytest.raises(ValueError, match="piece b failed"):
+        for piece, _ in on_cursors(con, work, ["a", "b", "c"], workers=2):
+            done.append(piece)
+    assert done == ["a", "c"]
+    found = con.execute("SELECT piece, n FROM ledger ORDER BY piece").fetchall()
+    assert found == [("a", 1), ("b", 0), ("c", 1)]
+
+
+def test_cursors_keep_the_connections_time_zone() -> None:
+    con = duckdb.connect()
+    # a zone no test machine runs in: a bare cursor would start with the machine's
+    con.execute("SET TimeZone = 'Pacific/Chatham'")
+
+    def zone(cursor: duckdb.DuckDBPyConnection, _: int) -> str:
+        ((value,),) = cursor.execute("SELECT current_setting('TimeZone')").fetchall()
+        return str(value)
+
+    assert {z for _, z in on_cursors(con, zone, [1, 2, 3], workers=2)} == {"Pacific/Chatham"}

@@ -13,11 +13,13 @@ from typing import Any
 import duckdb
 import orjson
 import pyarrow.parquet as pq
+import pytest
 
+import pipelines.views.refresh as refresh_module
 from deid.leakscan import CanarySet
 from deid.release import DEID_DDL
 from fhirlake.viewdef import load_view
-from pipelines.views.refresh import SOURCES, refresh_view
+from pipelines.views.refresh import DEFINITIONS, SOURCES, refresh_view, refresh_views
 from pipelines.views.tables import VIEWS_DIR, VIEWS_SCHEMA, run_view_over_release
 from vault.catalog import has_table
 
@@ -221,3 +223,51 @@ def test_a_changed_definition_rebuilds_in_full(tmp_path: Path) -> None:
     assert refresh_view(con, changed, tmp_path, CanarySet()).mode == "full"
     (tmp_path / "views" / "patient.parquet").unlink()
     assert refresh_view(con, changed, tmp_path, CanarySet()).mode == "full"
+
+
+def test_views_refreshed_side_by_side_equal_their_full_builds(tmp_path: Path) -> None:
+    rng = random.Random(11)
+    con = _warehouse(tmp_path)
+    canaries = CanarySet()
+    modes: list[tuple[str, str]] = []
+    for step in range(8):
+        # a batch: patients arrive or are rewritten, observations arrive or change
+        for _ in range(rng.randint(1, 4)):
+            pid = f"p{rng.randint(0, 9)}"
+            _put(con, _patient(pid, rng.choice(["female", "male", "other"])), pid)
+        for _ in range(rng.randint(1, 6)):
+            patient = f"p{rng.randint(0, 9)}"
+            rid = f"o{rng.randint(0, 30)}"
+            _put(con, _observation(rid, patient, rng.uniform(50, 150), rng.randint(0, 3)), patient)
+        if step == 4:  # one view built again in full while the other is refreshed in place
+            con.execute(f"DELETE FROM {DEFINITIONS} WHERE view = ?", [PATIENT.name])
+        refreshed = list(refresh_views(con, [PATIENT, OBSERVATION], tmp_path, canaries))
+        assert [view.name for view, _ in refreshed] == [PATIENT.name, OBSERVATION.name]
+        assert all(r.result.published for _, r in refreshed)
+        modes += [(view.name, r.mode) for view, r in refreshed]
+        _assert_equal_to_full_build(con, tmp_path, PATIENT, "Patient")
+        _assert_equal_to_full_build(con, tmp_path, OBSERVATION, "Observation")
+    assert (PATIENT.name, "full") in modes[2:] and (OBSERVATION.name, "incremental") in modes
+
+
+def test_a_failing_view_leaves_the_others_refreshed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    con = _warehouse(tmp_path)
+    _put(con, _patient("p1", "female"), "p1")
+    _put(con, _observation("o1", "p1", 90.0, 1), "p1")
+    real = refresh_module.refresh_view
+
+    def failing_patient_view(c: Any, view: Any, *args: Any) -> Any:
+        if view.name == PATIENT.name:
+            raise RuntimeError("the patient view failed")
+        return real(c, view, *args)
+
+    monkeypatch.setattr(refresh_module, "refresh_view", failing_patient_view)
+    done = []
+    with pytest.raises(RuntimeError, match="the patient view failed"):
+        for view, refresh in refresh_views(con, [PATIENT, OBSERVATION], tmp_path, CanarySet()):
+            done.append((view.name, refresh.mode))
+    assert done == [(OBSERVATION.name, "full")]
+    _assert_equal_to_full_build(con, tmp_path, OBSERVATION, "Observation")
+    assert not has_table(con, PATIENT.name, VIEWS_SCHEMA)

@@ -51,13 +51,7 @@ def on_cursors(
     settings = _session_settings(con)
 
     def run(item: ItemT) -> ResultT:
-        cursor = con.cursor()
-        try:
-            for statement in settings:
-                cursor.execute(statement)
-            return work(cursor, item)
-        finally:
-            cursor.close()
+        return _on_own_cursor(con, settings, lambda cursor: work(cursor, item))
 
     count = workers or default_workers()
     order = list(range(len(items)))
@@ -90,19 +84,24 @@ def in_background(
     runs; the block gets a function that waits for its result (or raises its error). Leaving
     the block waits for the work to end."""
     settings = _session_settings(con)
-
-    def run() -> ResultT:
-        cursor = con.cursor()
-        try:
-            for statement in settings:
-                cursor.execute(statement)
-            return work(cursor)
-        finally:
-            cursor.close()
-
     with ThreadPoolExecutor(1, thread_name_prefix="warehouse") as pool:
-        future = pool.submit(run)
+        future = pool.submit(_on_own_cursor, con, settings, work)
         yield future.result
+
+
+def _on_own_cursor(
+    con: duckdb.DuckDBPyConnection,
+    settings: list[str],
+    work: Callable[[duckdb.DuckDBPyConnection], ResultT],
+) -> ResultT:
+    """``work`` on a new cursor of ``con`` given ``settings``, closed after it."""
+    cursor = con.cursor()
+    try:
+        for statement in settings:
+            cursor.execute(statement)
+        return work(cursor)
+    finally:
+        cursor.close()
 
 
 def _session_settings(con: duckdb.DuckDBPyConnection) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipelines.parallel import on_cursors
+from pipelines.parallel import in_background, on_cursors
 
 
 def test_pieces_overlap_and_results_keep_the_order_given() -> None:
@@ -73,3 +73,23 @@ def test_cursors_keep_the_connections_time_zone() -> None:
         return str(value)
 
     assert {z for _, z in on_cursors(con, zone, [1, 2, 3], workers=2)} == {"Pacific/Chatham"}
+
+
+def test_background_work_runs_beside_the_block_and_keeps_its_error() -> None:
+    con = duckdb.connect()
+    meeting = threading.Barrier(2, timeout=10)
+
+    def work(cursor: duckdb.DuckDBPyConnection) -> int:
+        meeting.wait()  # returns only while the block below waits too
+        ((value,),) = cursor.execute("SELECT 42").fetchall()
+        return int(value)
+
+    with in_background(con, work) as result:
+        meeting.wait()
+        assert result() == 42
+
+    def failing(_: duckdb.DuckDBPyConnection) -> int:
+        raise LookupError("no canaries")
+
+    with in_background(con, failing) as result, pytest.raises(LookupError, match="no canaries"):
+        result()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import stat
@@ -256,6 +257,10 @@ def _append_many(path: str, writer: int, count: int) -> None:
 def test_concurrent_writers_keep_one_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.log"
     ctx = multiprocessing.get_context("fork")
+    # a forked child inherits the garbage the test process has not collected yet; a DuckDB
+    # connection in a reference cycle (left by an earlier test), collected in the child, kills
+    # it with SIGSEGV (its database's threads were not forked); collected here, it cannot
+    gc.collect()
     workers = [ctx.Process(target=_append_many, args=(str(path), w, 15)) for w in range(4)]
     for proc in workers:
         proc.start()

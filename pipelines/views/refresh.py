@@ -342,7 +342,7 @@ def refresh_views(
     that holds the interpreter's lock, and two such threads took 44 s where one took 34 s
     (1,000 patients). Views refreshed in place run side by side on cursors of ``con``
     (:mod:`pipelines.parallel`), the views over the most resources first: their work is half
-    DuckDB, which a second thread overlaps (2.6 s down to 1.5-1.9 s after a 1 % batch)."""
+    DuckDB, which a second thread overlaps (2.0-2.3 s down to 1.4-1.7 s after a 1 % batch)."""
     # what the refreshes would otherwise create at the same moment (two creations of one
     # catalog entry conflict): the schemas, the bookkeeping tables, the compiled canaries
     ensure_state_tables(con)

@@ -40,13 +40,15 @@ def on_cursors(
     items: Sequence[ItemT],
     *,
     size: Callable[[ItemT], float] | None = None,
+    alone: Callable[[ItemT], bool] | None = None,
     workers: int | None = None,
 ) -> Iterator[tuple[ItemT, ResultT]]:
     """``work(cursor, item)`` for every item, up to ``workers`` at a time (each on a cursor of
     ``con`` of its own, closed after it); yields ``(item, result)`` in the order of ``items``
     for every piece that succeeded, then raises the first failure, once every piece has ended.
     With ``size`` (a guess of each piece's work), the largest pieces start first, so that the
-    longest one does not start last."""
+    longest one does not start last. Pieces for which ``alone`` holds (Python alone, which two
+    threads only slow down) run first, one at a time, with nothing beside them."""
 
     settings = _session_settings(con)
 
@@ -58,12 +60,14 @@ def on_cursors(
     if size is not None:
         weights = [size(item) for item in items]
         order.sort(key=lambda i: -weights[i])
-    futures: dict[int, Future[ResultT]]
-    if count <= 1 or len(items) <= 1:
-        futures = {i: _settled(run, items[i]) for i in order}
+    solo = [i for i in order if alone is not None and alone(items[i])]
+    side_by_side = [i for i in order if i not in solo]
+    futures = {i: _settled(run, items[i]) for i in solo}
+    if count <= 1 or len(side_by_side) <= 1:
+        futures.update({i: _settled(run, items[i]) for i in side_by_side})
     else:
         with ThreadPoolExecutor(count, thread_name_prefix="warehouse") as pool:
-            futures = {i: pool.submit(run, items[i]) for i in order}
+            futures.update({i: pool.submit(run, items[i]) for i in side_by_side})
     failure: BaseException | None = None
     for i, item in enumerate(items):
         future = futures[i]

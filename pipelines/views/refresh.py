@@ -349,31 +349,13 @@ def refresh_views(
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {VIEWS_SCHEMA}")
     canaries.compile()
     resources = _resources_by_type(con)
-    in_full = {
-        view.name
-        for view in views
-        if _needs_full_build(con, view, workdir, definition_digest(view))
-    }
-    done: dict[str, ViewRefresh] = {}
-    failure: Exception | None = None
-    for group, workers in (
-        ([v for v in views if v.name in in_full], 1),
-        ([v for v in views if v.name not in in_full], None),
-    ):
-        try:
-            for view, refresh in on_cursors(
-                con,
-                lambda cursor, view: refresh_view(cursor, view, workdir, canaries),
-                group,
-                size=lambda view: resources.get(view.resource, 0),
-                workers=workers,
-            ):
-                done[view.name] = refresh
-        except Exception as error:  # the other group still runs; raised after
-            failure = failure or error
-    yield from ((view, done[view.name]) for view in views if view.name in done)
-    if failure is not None:
-        raise failure
+    yield from on_cursors(
+        con,
+        lambda cursor, view: refresh_view(cursor, view, workdir, canaries),
+        views,
+        size=lambda view: resources.get(view.resource, 0),
+        alone=lambda view: _needs_full_build(con, view, workdir, definition_digest(view)),
+    )
 
 
 def _resources_by_type(con: duckdb.DuckDBPyConnection) -> dict[str, int]:

@@ -93,3 +93,27 @@ def test_background_work_runs_beside_the_block_and_keeps_its_error() -> None:
 
     with in_background(con, failing) as result, pytest.raises(LookupError, match="no canaries"):
         result()
+
+
+def test_pieces_that_run_alone_have_nothing_beside_them() -> None:
+    lock = threading.Lock()
+    running: set[str] = set()
+    seen_beside: dict[str, set[str]] = {}
+
+    def work(_: duckdb.DuckDBPyConnection, item: str) -> str:
+        with lock:
+            running.add(item)
+            for other in running:
+                seen_beside.setdefault(other, set()).update(running - {other})
+        threading.Event().wait(0.2)  # long enough for a second thread to start beside it
+        with lock:
+            running.discard(item)
+        return item
+
+    items = ["full-a", "small-1", "full-b", "small-2", "small-3"]
+    found = list(
+        on_cursors(duckdb.connect(), work, items, alone=lambda i: i.startswith("full"), workers=2)
+    )
+    assert [item for item, _ in found] == items
+    assert not seen_beside.get("full-a") and not seen_beside.get("full-b")
+    assert any(seen_beside.get(f"small-{n}") for n in (1, 2, 3))  # the rest overlap

@@ -253,8 +253,18 @@ def bench_views_cmd(patients: int, seed: int, input_dir: Path | None) -> None:
 @click.option("--patients", type=click.IntRange(min=20), default=1000, show_default=True)
 @click.option("--share", type=click.FloatRange(0.001, 0.5), default=0.01, show_default=True)
 @click.option("--seed", type=int, default=7, show_default=True)
+@click.option(
+    "--repeat",
+    type=click.IntRange(min=1),
+    default=3,
+    show_default=True,
+    help="run the release after the late batch and the full release this many times each, "
+    "from the same state; the ratios are those of the median runs",
+)
 @click.option("--keep", type=click.Path(path_type=Path), default=None, help="keep the folders here")
-def bench_release_cmd(patients: int, share: float, seed: int, keep: Path | None) -> None:
+def bench_release_cmd(
+    patients: int, share: float, seed: int, repeat: int, keep: Path | None
+) -> None:
     """A small late batch (its batch run and the release after it) against a full release of
     the same data; and whether both give the same released tables."""
     import tempfile
@@ -263,7 +273,7 @@ def bench_release_cmd(patients: int, share: float, seed: int, keep: Path | None)
 
     with tempfile.TemporaryDirectory(prefix="ehr-bench-release-") as tmp:
         root = keep or Path(tmp)
-        print_release_bench(bench_release(root, patients, share, seed))
+        print_release_bench(bench_release(root, patients, share, seed, repeat))
 
 
 @bench.command("features")

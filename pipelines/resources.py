@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 import duckdb
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, InitResourceContext
+from pydantic import PrivateAttr
 
 from pipelines import workdir as workdir_paths
 from pipelines.workdir import DEFAULT_LANDING, DEFAULT_WORKDIR, Workdir
@@ -32,9 +33,18 @@ def default_landing() -> str:
 
 
 class WarehouseResource(ConfigurableResource):
-    """The DuckDB warehouse file and the folder that holds released files."""
+    """The DuckDB warehouse file and the folder that holds released files.
+
+    Within a run, the first connection opened for writing is held until the run ends, and every
+    later ``connect`` is a cursor of it (a connection to the same open database). DuckDB opens
+    the file, reads its catalog and, when its last connection closes, checkpoints the
+    write-ahead log into the file: once per run instead of once per step. Every commit is in the
+    write-ahead log either way, so a run killed between steps loses nothing (the next open
+    replays it). Outside a run (sensors, tests, the CLI), each ``connect`` opens the file."""
 
     workdir: str = str(DEFAULT_WORKDIR)
+    _in_run: bool = PrivateAttr(default=False)
+    _held: duckdb.DuckDBPyConnection | None = PrivateAttr(default=None)
 
     @property
     def paths(self) -> Workdir:
@@ -46,7 +56,25 @@ class WarehouseResource(ConfigurableResource):
         return self.paths.warehouse
 
     def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+        """A connection the caller closes. While the run holds the file open, also for
+        ``read_only``: DuckDB refuses a read-only connection beside a writable one in one
+        process, and the callers that ask for one only read."""
+        if self._held is not None:
+            return self._held.cursor()
+        if self._in_run and not read_only:
+            self._held = warehouse.connect(self.path)
+            return self._held.cursor()
         return warehouse.connect(self.path, read_only=read_only)
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        # opened lazily: a run that only reads (or a sensor) never takes the writer's lock
+        self._in_run = True
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        self._in_run = False
+        held, self._held = self._held, None
+        if held is not None:
+            held.close()
 
 
 class LandingResource(ConfigurableResource):

@@ -39,12 +39,13 @@ def _tick(
 ) -> SensorResult:
     resources = build_resources(str(tmp_path / "work"), str(tmp_path / "landing"))
     landing_resource = LandingResource(path=str(tmp_path / "landing"), **landing)  # type: ignore[arg-type]
-    context = build_sensor_context(
+    # the warehouse resource has a run's set-up and tear-down: a context manager
+    with build_sensor_context(
         instance=instance,
         cursor=cursor,
         resources={"landing": landing_resource, "warehouse": resources["warehouse"]},
-    )
-    result = landing_sensor(context)
+    ) as context:
+        result = landing_sensor(context)
     assert isinstance(result, SensorResult)
     return result
 

@@ -1,0 +1,82 @@
+"""The warehouse resource holds the file open for a run: steps share one open database, the
+file is checkpointed and released when the run ends (whether it succeeded or failed), and
+outside a run every connect opens the file as before."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pytest
+from dagster import asset, materialize
+
+from pipelines.resources import WarehouseResource
+
+
+def _wal(path: Path) -> Path:
+    return path.with_name(path.name + ".wal")
+
+
+def _run(tmp_path: Path, fail: bool = False) -> tuple[WarehouseResource, list[object]]:
+    seen: list[object] = []
+
+    @asset
+    def first(warehouse: WarehouseResource) -> None:
+        con = warehouse.connect()
+        try:
+            con.execute("CREATE TABLE IF NOT EXISTS t (v INTEGER)")
+            con.execute("INSERT INTO t VALUES (1)")
+        finally:
+            con.close()
+        # closing the step's connection did not checkpoint: the run still holds the file
+        seen.append(_wal(warehouse.path).exists())
+
+    @asset(deps=[first])
+    def second(warehouse: WarehouseResource) -> None:
+        con = warehouse.connect(read_only=True)  # refused beside a writer unless shared
+        try:
+            seen.append(con.execute("SELECT count(*) FROM t").fetchall()[0][0])
+        finally:
+            con.close()
+        if fail:
+            raise RuntimeError("step failed on purpose")
+
+    warehouse = WarehouseResource(workdir=str(tmp_path / "work"))
+    materialize([first, second], resources={"warehouse": warehouse}, raise_on_error=not fail)
+    return warehouse, seen
+
+
+def test_a_run_holds_the_file_and_releases_it_at_its_end(tmp_path: Path) -> None:
+    warehouse, seen = _run(tmp_path)
+    assert seen == [True, 1]
+    # the run checkpointed and closed the file: no log left, and this process may open it
+    # read-only (DuckDB refuses that while a writable connection is open in the process)
+    assert not _wal(warehouse.path).exists()
+    con = duckdb.connect(str(warehouse.path), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM t").fetchall() == [(1,)]
+    finally:
+        con.close()
+
+
+def test_a_failed_run_releases_the_file_too(tmp_path: Path) -> None:
+    warehouse, seen = _run(tmp_path, fail=True)
+    assert seen == [True, 1]
+    assert not _wal(warehouse.path).exists()
+    con = duckdb.connect(str(warehouse.path), read_only=True)
+    con.close()
+
+
+def test_outside_a_run_each_connect_opens_and_closes_the_file(tmp_path: Path) -> None:
+    warehouse = WarehouseResource(workdir=str(tmp_path / "work"))
+    con = warehouse.connect()
+    con.execute("CREATE TABLE t (v INTEGER)")
+    con.execute("INSERT INTO t VALUES (1)")
+    con.close()
+    assert not _wal(warehouse.path).exists()  # the last connection closed: checkpointed
+    reader = warehouse.connect(read_only=True)
+    try:
+        with pytest.raises(duckdb.Error):
+            reader.execute("INSERT INTO t VALUES (2)")
+    finally:
+        reader.close()

@@ -28,6 +28,7 @@ compared to 9 decimals).
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import time
@@ -176,6 +177,9 @@ def _release_runs(work: Path, landing: Path, key_file: Path, runs: int) -> list[
             if run:
                 shutil.rmtree(work)
                 shutil.copytree(saved, work)
+            # the copies' pages written out first: a run's own flushes (commits, Parquet
+            # files) would otherwise wait behind them, which a short run feels most
+            os.sync()
             RELEASE_CANARIES.clear()
             resources, instance = _workdir_run(work, landing, key_file)
             with instance:

@@ -9,6 +9,8 @@ WORKDIR ?= data/work
 PATIENTS ?= 1000
 SEED ?= 7
 UI_PORT ?= 3000
+# pytest workers (pytest-xdist): one per core by default
+TEST_WORKERS ?= auto
 
 .PHONY: install test lint browser demo ui bench clean
 
@@ -35,7 +37,7 @@ browser:
 	  echo "chromium not installed (needs apt-get as root): tests/e2e/test_browser.py will skip"
 
 test: lint browser
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 demo: install
 	$(BIN)/ehr keys init

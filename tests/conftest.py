@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,23 @@ from vault.keys import FileKeyProvider, init_keyring
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``make test`` runs the suite on every core (``-n auto --dist loadgroup``): a module goes
+    to one worker whole, so its module-scoped fixtures (a generated cohort, a built warehouse)
+    are made once, and the modules marked with one ``xdist_group`` go to one worker together
+    (the `dagster dev` session fixture starts once)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadGroupScheduling
+
+    class ModulesAndGroups(LoadGroupScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            group = super()._split_scope(nodeid)
+            return group if group != nodeid else nodeid.split("::", 1)[0]
+
+    return ModulesAndGroups(config, log)
 
 
 @pytest.fixture(autouse=True)

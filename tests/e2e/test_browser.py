@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from dagster_ui import DagsterUI
 
-pytestmark = pytest.mark.e2e
+# one `dagster dev` for both modules: they share its session fixture, so one worker runs them
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("dagster_ui")]
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # kept after the run (build/ is not versioned) so a failure can be looked at

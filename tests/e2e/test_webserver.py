@@ -13,7 +13,8 @@ from dagster_ui import DagsterUI
 
 from pipelines.definitions import defs
 
-pytestmark = pytest.mark.e2e
+# one `dagster dev` for both modules: they share its session fixture, so one worker runs them
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("dagster_ui")]
 
 REPO_FIELDS = (
     "assetGroups { groupName } jobs { name } sensors { name sensorState { status } } "

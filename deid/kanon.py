@@ -12,6 +12,9 @@ Tables (all pseudonymous, in the warehouse's main schema):
 - ``released_patients``: one row per released patient, generalised, every group >= k.
 - ``withheld_patients``: the patients whose group stayed below k; the release stages (views and,
   through them, features) leave their rows out.
+- ``released_patient_inputs``: per Patient, a digest of what its released form was last written
+  from (its resource, released row, codings and the year), so a release rewrites only the
+  Patients whose inputs changed since.
 
 Everything is built under staging names and swapped in, with the Patient rows rewritten, in one
 transaction, only when the share withheld is within the limit; otherwise nothing changes.
@@ -40,6 +43,8 @@ from vault.catalog import has_table
 QUASI_TABLE = "release_quasi_identifiers"
 RELEASED_PATIENTS = "released_patients"
 WITHHELD_PATIENTS = "withheld_patients"
+# per released Patient, a digest of what its released form was last written from
+PATIENT_INPUTS = "released_patient_inputs"
 STAGING_SUFFIX = "__staging"
 QUASI_IDENTIFIERS = ["age_band", "sex", "zip3", "state", "race", "ethnicity"]
 DEFAULT_MAX_WITHHELD = 0.05
@@ -341,21 +346,40 @@ def generalised_patient(
     return out
 
 
+# The inputs of a Patient's released form (see generalised_patient): its current resource, its
+# released row (none when withheld) and its recorded OMB codings; ``{released}`` is the staged or
+# the published released_patients. The digest adds the year the birth year is counted from.
 _PATIENT_ROWS = f"""
-SELECT d.id, d.batch_id, d.resource, r.patient_id IS NOT NULL AS released,
-    r.sex, r.age_band, r.zip3, r.state, r.race, r.ethnicity,
-    q.race_system, q.race_code, q.race_display,
-    q.ethnicity_system, q.ethnicity_code, q.ethnicity_display
-FROM deid_resources d
-LEFT JOIN {{staging}} r ON r.patient_id = d.id
-LEFT JOIN {QUASI_TABLE} q ON q.patient_id = d.id
-WHERE d.resource_type = 'Patient'
+WITH patient_rows AS (
+    SELECT d.id, d.batch_id, CAST(d.resource AS VARCHAR) AS resource,
+        r.patient_id IS NOT NULL AS released,
+        r.sex, r.age_band, r.zip3, r.state, r.race, r.ethnicity,
+        q.race_system, q.race_code, q.race_display,
+        q.ethnicity_system, q.ethnicity_code, q.ethnicity_display
+    FROM deid_resources d
+    LEFT JOIN {{released}} r ON r.patient_id = d.id
+    LEFT JOIN {QUASI_TABLE} q ON q.patient_id = d.id
+    WHERE d.resource_type = 'Patient'
+)
+SELECT p.*, md5(to_json(p)::VARCHAR || ?) AS inputs_digest FROM patient_rows p
 """
+_INPUTS_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {PATIENT_INPUTS} (patient_id VARCHAR NOT NULL, digest VARCHAR)"
+)
 
 
 def _patient_updates(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -> pa.Table:
-    """(id, batch_id, resource) of every released Patient, rewritten to its released values."""
-    cursor = con.execute(_PATIENT_ROWS.format(staging=staging))
+    """(id, batch_id, resource) of the released Patients whose inputs changed since their
+    released form was last written (a new or re-sent Patient, other released values, another
+    year), rewritten to their released values. generalised_patient is idempotent, so a Patient
+    whose inputs are those recorded after its last rewrite already holds its released form."""
+    con.execute(_INPUTS_DDL)
+    cursor = con.execute(
+        f"SELECT p.* EXCLUDE (inputs_digest) FROM ({_PATIENT_ROWS.format(released=staging)}) p "
+        f"WHERE NOT EXISTS (SELECT 1 FROM {PATIENT_INPUTS} i "
+        "WHERE i.patient_id = p.id AND i.digest = p.inputs_digest)",
+        [str(as_of.year)],
+    )
     names = [d[0] for d in cursor.description or []]
     ids, batches, resources = [], [], []
     for row in cursor.fetchall():
@@ -374,8 +398,27 @@ def _patient_updates(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) 
     )
 
 
+def _record_patient_inputs(con: duckdb.DuckDBPyConnection, as_of: date) -> None:
+    """After the rewrite (in its transaction): the inputs digest of each Patient just
+    rewritten, over the published table; the digests of Patients no longer released dropped."""
+    con.execute(
+        f"DELETE FROM {PATIENT_INPUTS} WHERE patient_id IN (SELECT id FROM patient_updates) "
+        "OR patient_id NOT IN (SELECT id FROM deid_resources WHERE resource_type = 'Patient')"
+    )
+    con.execute(
+        f"INSERT INTO {PATIENT_INPUTS} SELECT id, inputs_digest "
+        f"FROM ({_PATIENT_ROWS.format(released=RELEASED_PATIENTS)}) "
+        "WHERE id IN (SELECT id FROM patient_updates)",
+        [str(as_of.year)],
+    )
+
+
 def _swap_in(
-    con: duckdb.DuckDBPyConnection, staging: str, withheld: str, updates: pa.Table
+    con: duckdb.DuckDBPyConnection,
+    staging: str,
+    withheld: str,
+    updates: pa.Table,
+    as_of: date,
 ) -> None:
     """In one transaction: the new ``released_patients`` and ``withheld_patients``, and the
     Patient rows rewritten to match them. Readers see the old release or the new one."""
@@ -394,6 +437,7 @@ def _swap_in(
                 "AND deid_resources.batch_id = u.batch_id "
                 "AND CAST(deid_resources.resource AS VARCHAR) IS DISTINCT FROM u.resource"
             )
+            _record_patient_inputs(con, as_of)
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
@@ -430,7 +474,7 @@ def build_k_anonymous_release(
         report = _generalise_and_withhold(con, staging, withheld, k, max_withheld, steps)
         report.check = check(con, staging) if check is not None else None
         if report.passed and (report.check is None or report.check.passed):
-            _swap_in(con, staging, withheld, _patient_updates(con, staging, as_of))
+            _swap_in(con, staging, withheld, _patient_updates(con, staging, as_of), as_of)
             report.published = True
     finally:
         for table in (staging, withheld):

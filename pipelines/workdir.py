@@ -22,6 +22,7 @@ RELEASED_TABLES = (
             "deid_errors",
             "released_patients",
             "release_quasi_identifiers",
+            "released_patient_inputs",
             "withheld_patients",
         ),
     ),

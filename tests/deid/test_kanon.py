@@ -230,3 +230,96 @@ def test_released_patients_scan_reads_categories_as_terminology(con) -> None:
     planted.add("identifier", "White")  # an identifier is a leak anywhere
     report = build_released_patients(con, 3, AS_OF, max_withheld=0.2, canaries=planted)
     assert not report.published and report.check.by_kind()["identifier"] > 0
+
+
+def _add_batch(con: duckdb.DuckDBPyConnection, batch: list[tuple]) -> None:
+    """A batch as the staging step writes it: each Patient's de-identified resource (new, or
+    replacing the released form of a patient sent again), its quasi-identifiers recorded anew."""
+    from deid.kanon import record_quasi_identifiers
+
+    for pid, *rest in batch:
+        resource = patient(pid, *rest)
+        con.execute("DELETE FROM deid_resources WHERE resource_type = 'Patient' AND id = ?", [pid])
+        con.execute(
+            "INSERT INTO deid_resources VALUES ('Patient', ?, ?, 'b2', ?)",
+            [pid, pid, orjson.dumps(resource).decode()],
+        )
+        record_quasi_identifiers(con, [(pid, "b2", resource)])
+
+
+def _patients(con: duckdb.DuckDBPyConnection) -> list[tuple]:
+    return con.execute(
+        "SELECT id, batch_id, resource::VARCHAR FROM deid_resources "
+        "WHERE resource_type = 'Patient' ORDER BY id"
+    ).fetchall()
+
+
+# (second batch, as_of, Patients rewritten by the second release)
+LATER_RELEASES = {
+    # one more 1950s man and the 1980s woman of 1983 sent again with a new ZIP: the levels stay
+    "same level": (
+        [
+            ("m1953", "male", "1953-01-09", "02144", WHITE),
+            ("f1983", "female", "1983-05-17", "02139", WHITE),
+        ],
+        AS_OF,
+        {"m1953", "f1983"},
+    ),
+    # the same, a year later: every birth year is counted from another year
+    "next year": (
+        [("m1953", "male", "1953-01-09", "02144", WHITE)],
+        date(AS_OF.year + 1, 1, 1),
+        {pid for pid, *_ in COHORT} | {"m1953"},
+    ),
+    # two men of the 1950s from another ZIP3: ZIP3 becomes the region, every released row changes
+    # (the patient withheld before stays withheld, with the same inputs)
+    "other level": (
+        [
+            ("y1953", "male", "1953-03-01", "03101", WHITE),
+            ("y1954", "male", "1954-03-01", "03101", WHITE),
+        ],
+        AS_OF,
+        {pid for pid, *_ in COHORT} - {"old"} | {"y1953", "y1954"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", LATER_RELEASES)
+def test_a_later_release_rewrites_only_the_patients_whose_inputs_changed(
+    con, case, monkeypatch
+) -> None:
+    """The second release rewrites just the new, re-sent or differently released Patients,
+    and leaves every Patient row as a release that rewrites them all (inputs forgotten)."""
+    import deid.kanon as kanon
+
+    batch, as_of, expected = LATER_RELEASES[case]
+    everyone = duckdb.connect()
+    everyone.execute(DEID_DDL)
+    for target in (con, everyone):
+        for pid, *rest in COHORT:
+            _add_batch(target, [(pid, *rest)])
+        build_k_anonymous_release(target, 3, as_of=AS_OF, max_withheld=0.2)
+        _add_batch(target, batch)
+    everyone.execute("DROP TABLE released_patient_inputs")  # as before the digests: all rewritten
+    rewritten: list[str] = []
+    original = kanon.generalised_patient
+
+    def counted(resource, released, year):
+        rewritten.append(resource["id"])
+        return original(resource, released, year)
+
+    monkeypatch.setattr(kanon, "generalised_patient", counted)
+    first = build_k_anonymous_release(con, 3, as_of=as_of, max_withheld=0.2)
+    assert set(rewritten) == expected
+    if case == "other level":
+        assert first.steps_applied[-1] == "ZIP3 to ZIP1 region"
+    monkeypatch.setattr(kanon, "generalised_patient", original)
+    second = build_k_anonymous_release(everyone, 3, as_of=as_of, max_withheld=0.2)
+    assert first.published and first.to_dict() == second.to_dict()
+    assert _patients(con) == _patients(everyone)
+    assert len(_patients(con)) == len(COHORT) + len({b[0] for b in batch} - {c[0] for c in COHORT})
+    # and a third release with nothing new rewrites nobody
+    rewritten.clear()
+    monkeypatch.setattr(kanon, "generalised_patient", counted)
+    build_k_anonymous_release(con, 3, as_of=as_of, max_withheld=0.2)
+    assert rewritten == [] and _patients(con) == _patients(everyone)

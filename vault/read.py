@@ -20,6 +20,7 @@ from vault.errors import InvalidCiphertext
 from vault.keys import KeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import SHARED_OWNER, DataKeyStore, sealed_key_id
+from vault.warehouse import NEWEST_VERSION_FIRST
 
 CHUNK_ROWS = 2_000
 
@@ -27,7 +28,14 @@ _ROW_COLUMNS = "resource_key, resource_type, patient_key, batch_id, sealed, aad"
 
 # Only narrow (position) rows are ranked and sorted; the ciphertexts are then fetched a chunk of
 # positions at a time, so memory stays bounded under the warehouse cap whatever the vault size.
-_CURRENT_POSITIONS = "SELECT ingest_seq FROM phi_vault_current {where} ORDER BY ingest_seq"
+# A filter that holds for every version of a resource alike (its type, its own key) is applied
+# before the ranking, so only those resources are ranked; one on the batch that wrote the newest
+# version applies after it.
+_CURRENT_POSITIONS = (
+    "SELECT ingest_seq FROM (SELECT ingest_seq, batch_id, row_number() OVER ("
+    f"PARTITION BY resource_key ORDER BY {NEWEST_VERSION_FIRST}) AS rn "
+    "FROM phi_vault {before}) WHERE rn = 1 {after} ORDER BY ingest_seq"
+)
 _ROWS_AT_POSITIONS = (
     f"SELECT {_ROW_COLUMNS} FROM phi_vault "
     "WHERE ingest_seq BETWEEN ? AND ? AND ingest_seq IN (SELECT unnest(?::BIGINT[])) "
@@ -101,10 +109,17 @@ class VaultReader:
 
 
 def _current_positions(
-    con: duckdb.DuckDBPyConnection, conditions: list[str], params: list[Any]
+    con: duckdb.DuckDBPyConnection,
+    before: list[tuple[str, Any]],
+    after: list[tuple[str, Any]],
 ) -> list[int]:
-    where = ("WHERE " + " AND ".join(conditions)) if conditions else ""
-    sql = _CURRENT_POSITIONS.format(where=where)
+    """Positions of the newest versions; ``before`` and ``after`` are (condition, parameter)
+    pairs applied before and after the ranking."""
+    sql = _CURRENT_POSITIONS.format(
+        before=" ".join(["WHERE", " AND ".join(c for c, _ in before)]) if before else "",
+        after="".join(f" AND {c}" for c, _ in after),
+    )
+    params = [p for _, p in before] + [p for _, p in after]
     return [int(seq) for (seq,) in con.execute(sql, params).fetchall()]
 
 
@@ -124,17 +139,16 @@ def iter_current_records(
     wrote to. Each chunk is fetched whole before its rows are yielded, so the caller may use
     ``con`` for its own statements between rows.
     """
-    conditions: list[str] = []
-    params: list[Any] = []
-    for value, condition in (
-        (batch_id, "batch_id = ?"),
-        (resource_type, "resource_type = ?"),
-        (patients_of_batch, _PATIENTS_OF_BATCH),
-    ):
-        if value is not None:
-            conditions.append(condition)
-            params.append(value)
-    positions = _current_positions(con, conditions, params)
+    before = [
+        (condition, value)
+        for value, condition in (
+            (resource_type, "resource_type = ?"),
+            (patients_of_batch, _PATIENTS_OF_BATCH),
+        )
+        if value is not None
+    ]
+    after = [("batch_id = ?", batch_id)] if batch_id is not None else []
+    positions = _current_positions(con, before, after)
     reader = VaultReader(con, provider)
     for start in range(0, len(positions), chunk_rows):
         window = positions[start : start + chunk_rows]

@@ -28,6 +28,12 @@ CREATE TABLE IF NOT EXISTS warehouse_meta (
     value VARCHAR NOT NULL
 )"""
 
+# The newest version of each resource: numeric versionId first, then lastUpdated, then the order
+# it arrived in (the ranking of phi_vault_current and of vault.read's filtered reads).
+NEWEST_VERSION_FIRST = (
+    "TRY_CAST(version_id AS BIGINT) DESC NULLS LAST, last_updated DESC NULLS LAST, ingest_seq DESC"
+)
+
 SCHEMA = [
     DATA_KEYS_DDL,
     """
@@ -129,9 +135,7 @@ SCHEMA = [
     )""",
     # warehouses created before the column existed
     "ALTER TABLE resource_references ADD COLUMN IF NOT EXISTS ref_mac VARCHAR",
-    # The newest version of each resource: numeric versionId first, then lastUpdated, then the
-    # order it arrived in.
-    """
+    f"""
     CREATE OR REPLACE VIEW phi_vault_current AS
     SELECT v.* FROM phi_vault v
     JOIN (
@@ -139,9 +143,7 @@ SCHEMA = [
         -- memory at once, and the warehouse runs under a memory cap
         SELECT resource_key, ingest_seq FROM (
             SELECT resource_key, ingest_seq, row_number() OVER (
-                PARTITION BY resource_key
-                ORDER BY TRY_CAST(version_id AS BIGINT) DESC NULLS LAST,
-                         last_updated DESC NULLS LAST, ingest_seq DESC
+                PARTITION BY resource_key ORDER BY {NEWEST_VERSION_FIRST}
             ) AS rn
             FROM phi_vault
         ) WHERE rn = 1

@@ -203,3 +203,81 @@ def test_a_row_moved_to_another_owner_is_refused(
     assert condition in message  # the row's pseudonym, and no PHI
     for phi in ("pt-quill", "pt-odd", "cond-asthma", "Quillfeather", "Oddsock", "asthma"):
         assert phi not in message
+
+
+def _newest_versions(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[Any, ...]]:
+    """The newest version of each resource, worked out here from every row's columns: the
+    highest numeric versionId, then the latest lastUpdated, then the last to arrive."""
+    rows = con.execute(
+        "SELECT resource_key, resource_type, batch_id, patient_key, version_id, last_updated, "
+        "ingest_seq FROM phi_vault"
+    ).fetchall()
+
+    def rank(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        version = int(row[4]) if row[4] is not None and str(row[4]).isdigit() else None
+        return (version is not None, version or 0, row[5] is not None, row[5] or 0, row[6])
+
+    newest: dict[str, tuple[Any, ...]] = {}
+    for row in rows:
+        if row[0] not in newest or rank(row) > rank(newest[row[0]]):
+            newest[row[0]] = row
+    return newest
+
+
+def test_filtered_reads_are_the_newest_versions_filtered(
+    wh: Path, tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """Later batches: a newer version of the Patient, then an older one arriving after it, and
+    a Condition of the other patient. Each filter gives the newest versions that match it."""
+    newer = {**PATIENT, "meta": {"versionId": "3"}, "name": [{"family": "Quillfeather-Ng"}]}
+    older = {**PATIENT, "meta": {"versionId": "2"}}
+    odd_condition = {**CONDITION, "id": "cond-odd", "subject": {"reference": "Patient/pt-odd"}}
+    for batch, resources in (("b2", [newer]), ("b3", [older, odd_condition])):
+        land = tmp_path / batch
+        land.mkdir()
+        for i, resource in enumerate(resources):
+            (land / f"{i}.json").write_text(json.dumps(resource))
+        ingest_batch(wh, batch, land, key_provider, workers=1)
+    with warehouse.connect(wh) as con:
+        newest = _newest_versions(con)
+        quill = _pseudonym(key_provider, "Patient", "pt-quill")
+        assert newest[quill][2] == "b2"  # the older version that came later is not current
+        compartments = {
+            batch: {
+                key
+                for (key,) in con.execute(
+                    "SELECT DISTINCT patient_key FROM phi_vault WHERE batch_id = ?", [batch]
+                ).fetchall()
+            }
+            for batch in ("b1", "b2", "b3")
+        }
+        cases = {
+            "all": ({}, lambda r: True),
+            "Patients": ({"resource_type": "Patient"}, lambda r: r[1] == "Patient"),
+            "Conditions": ({"resource_type": "Condition"}, lambda r: r[1] == "Condition"),
+            "batch b3": ({"batch_id": "b3"}, lambda r: r[2] == "b3"),
+            "batch b1": ({"batch_id": "b1"}, lambda r: r[2] == "b1"),
+            "Patients of b3": (
+                {"patients_of_batch": "b3"},
+                lambda r: r[0] in compartments["b3"],
+            ),
+            "Patients of b3, from b1": (
+                {"patients_of_batch": "b3", "batch_id": "b1"},
+                lambda r: r[0] in compartments["b3"] and r[2] == "b1",
+            ),
+            "Conditions from b3": (
+                {"resource_type": "Condition", "batch_id": "b3"},
+                lambda r: r[1] == "Condition" and r[2] == "b3",
+            ),
+        }
+        for name, (filters, keep) in cases.items():
+            read = [
+                (r.resource_key, r.batch_id)
+                for r in iter_current_records(con, key_provider, chunk_rows=2, **filters)
+            ]
+            expected = sorted((r for r in newest.values() if keep(r)), key=lambda r: r[6])
+            assert read == [(r[0], r[2]) for r in expected], name
+        assert {r[0] for r in newest.values() if r[0] in compartments["b3"]} == {
+            quill,
+            _pseudonym(key_provider, "Patient", "pt-odd"),
+        }

@@ -5,6 +5,7 @@ pipelines.features.online_sync)."""
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Collection, Iterator, Mapping
 from pathlib import Path
@@ -15,6 +16,8 @@ from vault.pseudonym import PSEUDONYM_HEX_CHARS
 
 # feature_store.yaml's entity_key_serialization_version
 ENTITY_KEY_VERSION = 3
+# the patient entity's join key
+JOIN_KEY = "patient_id"
 # bound parameters per statement, well under SQLite's limit
 _KEYS_PER_QUERY = 500
 
@@ -35,14 +38,33 @@ def _quoted(table: str) -> str:
     return '"' + table.replace('"', '""') + '"'
 
 
-def online_entity_key(pseudonym: str, version: int = ENTITY_KEY_VERSION) -> bytes:
-    """The ``entity_key`` under which Feast stores a patient's rows (serialised EntityKey)."""
+def _serialized_key(pseudonym: str, version: int) -> bytes:
     from feast.infra.key_encoding_utils import serialize_entity_key
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    key = EntityKey(join_keys=["patient_id"], entity_values=[Value(string_val=pseudonym)])
+    key = EntityKey(join_keys=[JOIN_KEY], entity_values=[Value(string_val=pseudonym)])
     return bytes(serialize_entity_key(key, entity_key_serialization_version=version))
+
+
+@functools.lru_cache(maxsize=16)
+def _key_prefix(length: int, version: int) -> bytes:
+    """What precedes a value of ``length`` bytes in its serialised entity key (counts, the join
+    key, the value's type and length): Feast's own serialisation of two such values, which must
+    differ in their trailing value bytes only."""
+    samples = ["0" * length, "1" * length]
+    keys = [_serialized_key(sample, version) for sample in samples]
+    prefix = keys[0][: len(keys[0]) - length]
+    if any(key != prefix + sample.encode() for key, sample in zip(keys, samples, strict=True)):
+        raise RuntimeError("Feast's entity key no longer ends with the entity value")
+    return prefix
+
+
+def online_entity_key(pseudonym: str, version: int = ENTITY_KEY_VERSION) -> bytes:
+    """The ``entity_key`` under which Feast stores a patient's rows (serialised EntityKey):
+    Feast's serialisation, made once per value length (a sync addresses every patient)."""
+    value = pseudonym.encode("utf8")
+    return _key_prefix(len(value), version) + value
 
 
 def online_keys(db_path: Path, table: str) -> set[bytes]:

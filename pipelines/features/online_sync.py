@@ -43,6 +43,7 @@ from pipelines.features.feast_store import (
     registry_generation,
 )
 from pipelines.features.online_scan import (
+    JOIN_KEY,
     delete_online_entities,
     online_entity_key,
     online_keys,
@@ -55,7 +56,6 @@ ROWS = f"{STATE_SCHEMA}.online_rows"
 META = f"{STATE_SCHEMA}.online_sync"
 # Bumped when a row's digest changes meaning: the next sync then reloads in full.
 SYNC_VERSION = "1"
-JOIN_KEY = "patient_id"
 # Temporary tables of one sync: one view's wanted rows, and (view, patient, digest) of all views.
 _WANTED = "online_wanted"
 _WANTED_ALL = "online_wanted_all"

@@ -48,3 +48,16 @@ def test_clean_values_pass_and_a_planted_name_fails(tmp_path: Path) -> None:
     birth = _store(tmp_path / "birth.db", Value(string_val="1950-02-03"))
     assert scan_online_store(birth, canaries).by_kind() == {"birth_date": 1}
     assert scan_online_store(tmp_path / "absent.db", canaries).passed
+
+
+def test_entity_keys_are_feasts_serialisation() -> None:
+    """The online store's key of a patient is exactly what Feast's serialisation makes, for
+    pseudonyms of several lengths and for text beyond ASCII."""
+    from pipelines.features.online_scan import online_entity_key
+
+    for pseudonym in (PSEUDONYM, PSEUDONYM * 2, "f" * 64, "a", "", "zoë-ß", "0" * 64):
+        expected = serialize_entity_key(
+            EntityKey(join_keys=["patient_id"], entity_values=[Value(string_val=pseudonym)]),
+            entity_key_serialization_version=3,
+        )
+        assert online_entity_key(pseudonym) == expected, pseudonym

@@ -45,7 +45,8 @@ def on_cursors(
 ) -> Iterator[tuple[ItemT, ResultT]]:
     """``work(cursor, item)`` for every item, up to ``workers`` at a time (each on a cursor of
     ``con`` of its own, closed after it); yields ``(item, result)`` in the order of ``items``
-    for every piece that succeeded, then raises the first failure, once every piece has ended.
+    for every piece that succeeded, each as soon as it has ended, then raises the first
+    failure; it returns (or raises) only once every piece has ended.
     With ``size`` (a guess of each piece's work), the largest pieces start first, so that the
     longest one does not start last. Pieces for which ``alone`` holds (Python alone, which two
     threads only slow down) run first, one at a time, with nothing beside them."""
@@ -65,9 +66,21 @@ def on_cursors(
     futures = {i: _settled(run, items[i]) for i in solo}
     if count <= 1 or len(side_by_side) <= 1:
         futures.update({i: _settled(run, items[i]) for i in side_by_side})
-    else:
-        with ThreadPoolExecutor(count, thread_name_prefix="warehouse") as pool:
-            futures.update({i: pool.submit(run, items[i]) for i in side_by_side})
+        yield from _in_order(items, futures)
+        return
+    # each result is handed on as soon as it and those before it are done, while the rest still
+    # run (the caller's own work, a Dagster step's events, overlaps theirs); leaving the block,
+    # even when the caller stops early, waits for every piece to end
+    with ThreadPoolExecutor(count, thread_name_prefix="warehouse") as pool:
+        futures.update({i: pool.submit(run, items[i]) for i in side_by_side})
+        yield from _in_order(items, futures)
+
+
+def _in_order(
+    items: Sequence[ItemT], futures: dict[int, Future[ResultT]]
+) -> Iterator[tuple[ItemT, ResultT]]:
+    """``(item, result)`` of the pieces that succeeded, in the order of ``items`` (each waited
+    for in turn), then the first failure raised."""
     failure: BaseException | None = None
     for i, item in enumerate(items):
         future = futures[i]

@@ -117,3 +117,26 @@ def test_pieces_that_run_alone_have_nothing_beside_them() -> None:
     assert [item for item, _ in found] == items
     assert not seen_beside.get("full-a") and not seen_beside.get("full-b")
     assert any(seen_beside.get(f"small-{n}") for n in (1, 2, 3))  # the rest overlap
+
+
+def test_a_result_is_handed_on_while_later_pieces_run() -> None:
+    """The second piece waits until the first one's result has reached the caller, so it is
+    still running when that result arrives; a caller that stops there still finds every piece
+    ended when it leaves."""
+    first_received = threading.Event()
+    ended: list[int] = []
+
+    def work(_: duckdb.DuckDBPyConnection, item: int) -> int:
+        if item == 2:
+            first_received.wait(timeout=5)
+        ended.append(item)
+        return item * 10
+
+    results = on_cursors(duckdb.connect(), work, [1, 2], workers=2)
+    for item, value in results:
+        assert (item, value, ended) == (1, 10, [1])  # the second piece has not ended yet
+        first_received.set()
+        break
+    results.close()
+    assert sorted(ended) == [1, 2]
+    assert list(on_cursors(duckdb.connect(), work, [1, 2], workers=2)) == [(1, 10), (2, 20)]

@@ -116,7 +116,7 @@ def _current_positions(
     """Positions of the newest versions; ``before`` and ``after`` are (condition, parameter)
     pairs applied before and after the ranking."""
     sql = _CURRENT_POSITIONS.format(
-        before=" ".join(["WHERE", " AND ".join(c for c, _ in before)]) if before else "",
+        before=("WHERE " + " AND ".join(c for c, _ in before)) if before else "",
         after="".join(f" AND {c}" for c, _ in after),
     )
     params = [p for _, p in before] + [p for _, p in after]

@@ -16,7 +16,7 @@ from vault.pseudonym import PSEUDONYM_HEX_CHARS
 
 # feature_store.yaml's entity_key_serialization_version
 ENTITY_KEY_VERSION = 3
-# the patient entity's join key
+# the patient entity's join key (feature_repo/entities.py, which Feast reads on its own)
 JOIN_KEY = "patient_id"
 # bound parameters per statement, well under SQLite's limit
 _KEYS_PER_QUERY = 500

@@ -14,6 +14,7 @@ from deid.kanon import (
     GENERALISATION_LADDER,
     RACE_URL,
     build_k_anonymous_release,
+    record_quasi_identifiers,
     representative_birth_year,
     withheld_filter,
 )
@@ -235,8 +236,6 @@ def test_released_patients_scan_reads_categories_as_terminology(con) -> None:
 def _add_batch(con: duckdb.DuckDBPyConnection, batch: list[tuple]) -> None:
     """A batch as the staging step writes it: each Patient's de-identified resource (new, or
     replacing the released form of a patient sent again), its quasi-identifiers recorded anew."""
-    from deid.kanon import record_quasi_identifiers
-
     for pid, *rest in batch:
         resource = patient(pid, *rest)
         con.execute("DELETE FROM deid_resources WHERE resource_type = 'Patient' AND id = ?", [pid])

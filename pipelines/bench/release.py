@@ -13,8 +13,12 @@ one keyring (the same pseudonyms and date shifts), each with its own Dagster ins
 
 The release after the late batch and the full release are each run ``--repeat`` times (3 by
 default) from the same state (the work directory copied aside and put back), each as a new run
-process starts (a fresh instance, no canaries in memory); the ratios are those of the median
-runs, and every run's seconds are printed: on a shared machine one run moves by a quarter.
+process starts (a fresh instance, no canaries in memory). The two take turns (late, full, late,
+full, ...): the load of a shared machine drifts from one minute to the next, and a ratio of runs
+measured minutes apart would carry that drift. The ratios are those of the median runs, and every
+run's seconds are printed: on a shared machine one run moves by a quarter. Where the machine is
+a virtual one, the share of its CPU time the host gave to other guests during the timed runs
+(steal, from ``/proc/stat``) is printed too.
 
 It prints the seconds of each run, the ratio of the release run after the late batch to the
 full release run (goal: at most 0.10), split into what a release with nothing new costs and
@@ -163,32 +167,63 @@ class ReleaseRun:
     refresh: dict[str, str]
 
 
-def _release_runs(work: Path, landing: Path, key_file: Path, runs: int) -> list[ReleaseRun]:
-    """The release run ``runs`` times from the same state: the work directory (its Dagster
-    instance included) is copied aside first and put back before each later run, so every run
-    does the same work; the last run's state stays. Each run starts as a new run process would:
-    a fresh instance and no canaries in memory."""
-    saved = work.with_name(work.name + ".before-release")
-    if runs > 1:
-        shutil.copytree(work, saved)
-    out = []
+def _release_run(work: Path, landing: Path, key_file: Path) -> ReleaseRun:
+    """One timed release run, started as a new run process would: a fresh instance and no
+    canaries in memory, the disk synced first (the pages of a copy just made would otherwise
+    be written out during the run, which a short run feels most)."""
+    os.sync()
+    RELEASE_CANARIES.clear()
+    resources, instance = _workdir_run(work, landing, key_file)
+    with instance:
+        timed, result = _timed(release_assets, instance, resources, None)
+        return ReleaseRun(timed, step_seconds(instance, result.run_id), refresh_modes(result))
+
+
+def _release_runs(
+    works: list[Path], landing: Path, key_file: Path, runs: int
+) -> list[list[ReleaseRun]]:
+    """The release run ``runs`` times in each work directory from the same state, the
+    directories taking turns (the first one's run, the second one's, then the first one's
+    again): the load of a shared machine drifts from minute to minute, and runs compared are
+    then measured in the same minutes. Each directory (its Dagster instance included) is copied
+    aside first and put back before each of its later runs, so every run does the same work; the
+    last run's state stays."""
+    saved = [work.with_name(work.name + ".before-release") for work in works]
+    out: list[list[ReleaseRun]] = [[] for _ in works]
     try:
+        if runs > 1:
+            for work, copy in zip(works, saved, strict=True):
+                shutil.copytree(work, copy)
         for run in range(runs):
-            if run:
-                shutil.rmtree(work)
-                shutil.copytree(saved, work)
-            # the copies' pages written out first: a run's own flushes (commits, Parquet
-            # files) would otherwise wait behind them, which a short run feels most
-            os.sync()
-            RELEASE_CANARIES.clear()
-            resources, instance = _workdir_run(work, landing, key_file)
-            with instance:
-                timed, result = _timed(release_assets, instance, resources, None)
-                steps = step_seconds(instance, result.run_id)
-                out.append(ReleaseRun(timed, steps, refresh_modes(result)))
+            for position, (work, copy) in enumerate(zip(works, saved, strict=True)):
+                if run:
+                    shutil.rmtree(work)
+                    shutil.copytree(copy, work)
+                out[position].append(_release_run(work, landing, key_file))
     finally:
-        shutil.rmtree(saved, ignore_errors=True)
+        for copy in saved:
+            shutil.rmtree(copy, ignore_errors=True)
     return out
+
+
+def host_ticks() -> tuple[int, int] | None:
+    """The host's CPU clock ticks so far, all of them and those stolen by other guests of a
+    virtual machine's host (``/proc/stat``, Linux); None where there is no such file."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields]
+    steal = ticks[7] if len(ticks) > 7 else 0
+    # guest time is counted in user time already
+    return sum(ticks[:8]), steal
+
+
+def steal_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the CPU ticks between two readings that other guests took."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return (after[1] - before[1]) / (after[0] - before[0])
 
 
 def _median_run(runs: list[ReleaseRun]) -> ReleaseRun:
@@ -221,13 +256,14 @@ def bench_release(
     out: dict[str, Any] = {"patients": patients, "share": share, "repeat": repeat}
     incremental, full = root / "incremental", root / "full"
     out["late_batch_s"] = _batches(incremental, landing, key_file, [base, late], release=True)
-    late_runs = _release_runs(incremental, landing, key_file, repeat)
-    # the same release once more with nothing new: what every refresh pays
-    (idle,) = _release_runs(incremental, landing, key_file, 1)
     started = time.perf_counter()
     _batches(full, landing, key_file, [base, late], release=False)
     batches_s = time.perf_counter() - started
-    full_runs = _release_runs(full, landing, key_file, repeat)
+    ticks = host_ticks()
+    late_runs, full_runs = _release_runs([incremental, full], landing, key_file, repeat)
+    out["steal_share"] = steal_share(ticks, host_ticks())
+    # the same release once more with nothing new: what every refresh pays
+    idle = _release_run(incremental, landing, key_file)
     late_run, full_run = _median_run(late_runs), _median_run(full_runs)
     out["late_release_runs_s"] = [r.timed.seconds for r in late_runs]
     out["full_release_runs_s"] = [r.timed.seconds for r in full_runs]
@@ -278,6 +314,8 @@ def print_release_bench(out: dict[str, Any]) -> None:
         f"  of which every refresh pays (nothing new / full release): {out['idle_ratio']:.3f}; "
         f"the late batch's own work: {out['batch_work_ratio']:.3f}"
     )
+    if out.get("steal_share") is not None:
+        print(f"  CPU time taken by the host's other guests (steal): {out['steal_share']:.1%}")
     print(f"late batch + its release / full release:  {out['ratio_to_full_release']:.3f}")
     print(f"late batch + its release / full pipeline: {out['ratio_to_full_pipeline']:.3f}")
     print("release steps (late / nothing new / full), seconds:")

@@ -1,0 +1,63 @@
+"""``ehr bench release``: the runs it compares take turns, each from the same state, and a small
+cohort's late release equals its full release."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.bench import release as bench
+from pipelines.bench.release import ReleaseRun, Timed, steal_share
+
+
+def test_release_runs_take_turns_and_each_starts_from_the_same_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    works = [tmp_path / "incremental", tmp_path / "full"]
+    for work in works:
+        (work / "nested").mkdir(parents=True)
+        (work / "nested" / "state.txt").write_text(f"{work.name} before")
+    seen: list[tuple[str, str]] = []
+
+    def fake_run(work: Path, landing: Path, key_file: Path) -> ReleaseRun:
+        state = work / "nested" / "state.txt"
+        seen.append((work.name, state.read_text()))
+        state.write_text(f"{work.name} after run {len(seen)}")  # a run changes its directory
+        return ReleaseRun(Timed(float(len(seen)), 0.0), {}, {})
+
+    monkeypatch.setattr(bench, "_release_run", fake_run)
+    late, full = bench._release_runs(works, tmp_path / "landing", tmp_path / "keys.json", 3)
+
+    assert seen == [("incremental", "incremental before"), ("full", "full before")] * 3
+    assert [r.timed.seconds for r in late] == [1.0, 3.0, 5.0]
+    assert [r.timed.seconds for r in full] == [2.0, 4.0, 6.0]
+    # the last run's state stays; the copies set aside are gone
+    assert (works[0] / "nested" / "state.txt").read_text() == "incremental after run 5"
+    assert (works[1] / "nested" / "state.txt").read_text() == "full after run 6"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "incremental"]
+
+
+def test_steal_share_is_the_stolen_part_of_the_ticks_between_two_readings() -> None:
+    assert steal_share((1000, 10), (1400, 110)) == pytest.approx(0.25)
+    assert steal_share(None, (1400, 110)) is None
+    assert steal_share((1000, 10), (1000, 10)) is None
+    ticks = bench.host_ticks()
+    if ticks is not None:  # Linux: the first line of /proc/stat
+        total, stolen = ticks
+        assert 0 <= stolen <= total
+
+
+def test_a_small_bench_runs_and_its_late_release_equals_the_full_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EHR_DEID_K", "2")
+    out = bench.bench_release(tmp_path, patients=40, share=0.05, seed=11, repeat=2)
+    assert len(out["late_release_runs_s"]) == len(out["full_release_runs_s"]) == 2
+    assert out["tables_compared"] > 10
+    assert out["tables_differing"] == []
+    # after a late batch no view is built in full (its definition is the same)
+    views = {k: v for k, v in out["late_refresh"].items() if k.startswith("views/")}
+    assert views and set(views.values()) <= {"incremental", "unchanged"}
+    assert 0 < out["release_ratio"]
+    assert out["steal_share"] is None or 0 <= out["steal_share"] <= 1

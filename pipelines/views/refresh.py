@@ -81,15 +81,19 @@ RUNNER_VERSION = "1"
 
 @dataclass(frozen=True)
 class _Scratch:
-    """Work tables of one view's refresh (regular tables in ``release_state``: a cursor
-    streaming resources is a second connection, which cannot see temporary tables), dropped
-    when the refresh ends."""
+    """Work tables of one view's refresh, dropped when the refresh ends. The digest of every
+    released resource (``current``, the large one) is a temporary table: a regular one is
+    written through the database file and took four to six times as long (0.18-0.57 s against
+    0.06-0.09 s for 190,000 Observations). The others are regular tables in ``release_state``:
+    a cursor streaming the changed resources is a second connection, which cannot see another
+    connection's temporary tables, and they are small."""
 
     view: str
 
     @property
     def current(self) -> str:
-        return f"{STATE_SCHEMA}.{self.view}__current"
+        # the temporary catalog of the connection that staged it (only that one reads it)
+        return f"temp.main.{self.view}__current"
 
     @property
     def changed(self) -> str:
@@ -155,7 +159,7 @@ def _stage_current_sources(
     view's type now (withheld patients' resources are not released)."""
     released = withheld_filter(con)
     con.execute(
-        f"CREATE OR REPLACE TABLE {scratch.current} AS "
+        f"CREATE OR REPLACE TEMP TABLE {scratch.current.rsplit('.', 1)[-1]} AS "
         # a 64-bit hash compared id by id: a collision would need an id's new version to hash
         # to its old one's value
         "SELECT id, patient_id, CAST(hash(resource) AS VARCHAR) AS digest FROM deid_resources "

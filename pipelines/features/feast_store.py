@@ -239,7 +239,15 @@ def apply_repo(
     registry = _config_path(repo, "registry")
     reason = _apply_reason(registry, digest)
     if registry is not None and registry.exists():
-        if missing_online_tables(feature_store(repo, data_dir, features_dir)):
+        store = feature_store(repo, data_dir, features_dir)
+        if foreign_online_stores(store):
+            # a registry copied with its work directory lists the online tables of the directory
+            # it was copied from, and feast apply drops the tables its registry lists and the
+            # new config does not: that directory's online store would be emptied. A new
+            # registry creates this directory's tables and drops nothing.
+            registry.unlink()
+            reason = "registry copied from another work directory"
+        elif missing_online_tables(store):
             # feast apply creates only the online tables missing from its registry's record of
             # the infrastructure: a new registry gets every table created again
             registry.unlink()
@@ -299,6 +307,15 @@ def _sqlite_tables(path: Path) -> set[str]:
         return {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
     finally:
         db.close()
+
+
+def foreign_online_stores(store: FeatureStore) -> set[Path]:
+    """Online store files the registry's record of the infrastructure lists other than the
+    store's own (a registry copied from another work directory)."""
+    own = online_store_path(store).resolve()
+    infra = store.registry.get_infra(store.project)
+    paths = {Path(p) for p in (getattr(o, "path", None) for o in infra.infra_objects) if p}
+    return {p for p in paths if p.resolve() != own}
 
 
 def missing_online_tables(store: FeatureStore) -> list[str]:

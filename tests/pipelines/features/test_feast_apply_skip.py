@@ -95,3 +95,26 @@ def test_apply_skipped_until_something_it_reads_changes(tmp_path: Path) -> None:
 
     (data / "registry.db").unlink()
     assert apply_repo(repo, data, moved).reason == "no registry"
+
+
+def test_a_copied_work_directory_leaves_the_original_online_store_alone(tmp_path: Path) -> None:
+    """``feast apply`` drops the online tables its registry lists and the config does not: a
+    registry copied with its directory lists the original's, which must keep theirs."""
+    repo = repo_copy(tmp_path)
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    con = duckdb.connect()
+    write_views(con, crafted_rows())
+    build_feature_tables(con, original / "features")
+    apply_repo(repo, original / "feast", original / "features")
+    tables = online_tables(original / "feast" / "online_store.db")
+    assert "ehr_platform_patient_demographics" in tables
+    shutil.copytree(original, copy)
+
+    applied = apply_repo(repo, copy / "feast", copy / "features")
+    assert online_tables(original / "feast" / "online_store.db") == tables
+    assert (applied.applied, applied.reason) == (
+        True,
+        "registry copied from another work directory",
+    )
+    assert online_tables(copy / "feast" / "online_store.db") == tables
+    assert not apply_repo(repo, copy / "feast", copy / "features").applied

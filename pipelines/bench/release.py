@@ -314,7 +314,7 @@ def print_release_bench(out: dict[str, Any]) -> None:
         f"  of which every refresh pays (nothing new / full release): {out['idle_ratio']:.3f}; "
         f"the late batch's own work: {out['batch_work_ratio']:.3f}"
     )
-    if out.get("steal_share") is not None:
+    if out["steal_share"] is not None:
         print(f"  CPU time taken by the host's other guests (steal): {out['steal_share']:.1%}")
     print(f"late batch + its release / full release:  {out['ratio_to_full_release']:.3f}")
     print(f"late batch + its release / full pipeline: {out['ratio_to_full_pipeline']:.3f}")

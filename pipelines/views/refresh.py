@@ -159,7 +159,7 @@ def _stage_current_sources(
     view's type now (withheld patients' resources are not released)."""
     released = withheld_filter(con)
     con.execute(
-        f"CREATE OR REPLACE TEMP TABLE {scratch.current.rsplit('.', 1)[-1]} AS "
+        f"CREATE OR REPLACE TEMP TABLE {scratch.current} AS "
         # a 64-bit hash compared id by id: a collision would need an id's new version to hash
         # to its old one's value
         "SELECT id, patient_id, CAST(hash(resource) AS VARCHAR) AS digest FROM deid_resources "

@@ -9,8 +9,9 @@ keeps each database's engine and a small pool of its connections. An idle SQLite
 holds no lock (a lock lasts one transaction, and the pool rolls back what it is given back), so
 the webserver, the daemon and run processes share the files as they do under Dagster's own
 storage. A wipe, which deletes the run databases' files, first closes every kept connection, so
-that nothing is written to a deleted file. Everything else (files, schema, layout under
-``base_dir``) is Dagster's own ``DagsterSqliteStorage``.
+that nothing is written to a deleted file. Its connections commit in WAL mode without an fsync
+per commit (``synchronous=NORMAL``, see :func:`_sync_on_checkpoint`). Everything else (files,
+schema, layout under ``base_dir``) is Dagster's own ``DagsterSqliteStorage``.
 
 Configured in ``.dagster_home/dagster.yaml``; :func:`storage_overrides` gives the same for an
 instance made with ``DagsterInstance.local_temp`` (``ehr run`` and the benches).
@@ -38,7 +39,7 @@ from dagster._core.storage.sqlite_storage import (
     _schedule_directory,
 )
 from dagster._serdes import ConfigurableClassData
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import QueuePool
 
@@ -49,6 +50,21 @@ MAX_ENGINES = 32
 # their own, up to MAX_OVERFLOW more at once
 POOLED_CONNECTIONS = 2
 MAX_OVERFLOW = 16
+
+
+def _sync_on_checkpoint(dbapi_connection: Any, _record: Any) -> None:
+    """Commit without waiting for the disk, syncing at each WAL checkpoint instead: SQLite's
+    advice for a database in WAL mode. Dagster puts its event logs in WAL mode when it makes
+    them; set here first, so that a new run's database is in it from its first commit. A killed
+    process loses no committed event (the OS holds the written pages); a power cut may lose
+    the last events written, never the database's consistency. A release run writes ~170
+    events, each commit otherwise an fsync."""
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()
 
 
 class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
@@ -70,13 +86,15 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
         return cls(inst_data=inst_data, **config_value)
 
     def _create_engine(self, shard: str) -> Engine:
-        return create_engine(
+        engine = create_engine(
             self.conn_string_for_shard(shard),
             poolclass=QueuePool,
             pool_size=POOLED_CONNECTIONS,
             max_overflow=MAX_OVERFLOW,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
         )
+        event.listen(engine, "connect", _sync_on_checkpoint)
+        return engine
 
     def _engine(self, shard: str) -> Engine:
         """The shard's engine, made on first use (the caller holds ``_db_lock``)."""

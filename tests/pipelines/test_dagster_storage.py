@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +120,24 @@ def test_engines_beyond_the_bound_are_disposed(tmp_path: Path) -> None:
     assert list(storage._engines) == shards[-dagster_storage.MAX_ENGINES :]
     storage.dispose()
     assert not storage._engines
+
+
+def test_event_logs_commit_in_wal_mode_without_a_sync_per_event(tmp_path: Path) -> None:
+    with local_instance(tmp_path / "ours") as instance:
+        _run_twice(instance)
+        storage = instance.event_log_storage
+        assert isinstance(storage, EngineReusingSqliteEventLogStorage)
+        run_id = instance.get_run_records()[0].dagster_run.run_id
+        for shard in (run_id, "index"):
+            with storage._connect(shard) as conn:
+                journal = conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+                synchronous = conn.exec_driver_sql("PRAGMA synchronous").scalar()
+            # SQLite's codes: 1 is NORMAL (2, FULL, its default, syncs at every commit)
+            assert (journal, synchronous) == ("wal", 1), shard
+        # independently of the kept connections: the files themselves are in WAL mode
+        for database in (tmp_path / "ours").rglob("runs/*.db"):
+            with contextlib.closing(sqlite3.connect(database)) as plain:
+                assert plain.execute("PRAGMA journal_mode").fetchone() == ("wal",), database
 
 
 @pytest.fixture

@@ -45,6 +45,8 @@ RELEASED_PATIENTS = "released_patients"
 WITHHELD_PATIENTS = "withheld_patients"
 # per released Patient, a digest of what its released form was last written from
 PATIENT_INPUTS = "released_patient_inputs"
+# the Patient rows being rewritten, within the release's transaction
+PATIENT_REWRITES = "temp.main.patient_rewrites"
 STAGING_SUFFIX = "__staging"
 QUASI_IDENTIFIERS = ["age_band", "sex", "zip3", "state", "race", "ethnicity"]
 DEFAULT_MAX_WITHHELD = 0.05
@@ -413,6 +415,33 @@ def _record_patient_inputs(con: duckdb.DuckDBPyConnection, as_of: date) -> None:
     )
 
 
+# the Patient rows whose released form changed (a row rewritten with the same text would still
+# be written again), each with its new text
+_CHANGED_PATIENT_ROWS = f"""
+CREATE OR REPLACE TEMP TABLE {PATIENT_REWRITES} AS
+SELECT d.resource_type, d.id, d.patient_id, d.batch_id, u.resource::JSON AS resource
+FROM deid_resources d JOIN patient_updates u ON d.id = u.id AND d.batch_id = u.batch_id
+WHERE d.resource_type = 'Patient' AND CAST(d.resource AS VARCHAR) IS DISTINCT FROM u.resource
+"""
+
+
+def _rewrite_patient_rows(con: duckdb.DuckDBPyConnection) -> None:
+    """Replace the Patient rows whose released form changed (within the caller's transaction):
+    deleted, and appended again with their new text. Not an UPDATE of the JSON column: DuckDB
+    then writes that column again, at the next checkpoint, for every row group holding one of
+    the rows (34 Patients among 385,000 resources: 1.6-2.6 s, at every release), where a
+    delete and an append write only the new rows and the delete marks."""
+    con.execute(_CHANGED_PATIENT_ROWS)
+    try:
+        con.execute(
+            f"DELETE FROM deid_resources d USING {PATIENT_REWRITES} w "
+            "WHERE d.resource_type = 'Patient' AND d.id = w.id AND d.batch_id = w.batch_id"
+        )
+        con.execute(f"INSERT INTO deid_resources BY NAME SELECT * FROM {PATIENT_REWRITES}")
+    finally:
+        con.execute(f"DROP TABLE IF EXISTS {PATIENT_REWRITES}")
+
+
 def _swap_in(
     con: duckdb.DuckDBPyConnection,
     staging: str,
@@ -429,14 +458,7 @@ def _swap_in(
             for stage, target in ((staging, RELEASED_PATIENTS), (withheld, WITHHELD_PATIENTS)):
                 con.execute(f"DROP TABLE IF EXISTS {target}")
                 con.execute(f"ALTER TABLE {stage} RENAME TO {target}")
-            # only the Patients whose released form changed: a row rewritten with the same
-            # text would still cost a write of its row group
-            con.execute(
-                "UPDATE deid_resources SET resource = u.resource::JSON FROM patient_updates u "
-                "WHERE deid_resources.resource_type = 'Patient' AND deid_resources.id = u.id "
-                "AND deid_resources.batch_id = u.batch_id "
-                "AND CAST(deid_resources.resource AS VARCHAR) IS DISTINCT FROM u.resource"
-            )
+            _rewrite_patient_rows(con)
             _record_patient_inputs(con, as_of)
             con.execute("COMMIT")
         except BaseException:

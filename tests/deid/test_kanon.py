@@ -322,3 +322,32 @@ def test_a_later_release_rewrites_only_the_patients_whose_inputs_changed(
     monkeypatch.setattr(kanon, "generalised_patient", counted)
     build_k_anonymous_release(con, 3, as_of=as_of, max_withheld=0.2)
     assert rewritten == [] and _patients(con) == _patients(everyone)
+
+
+def test_rewritten_patients_are_appended_and_every_other_row_stays_in_place(con) -> None:
+    """The rewrite deletes the changed Patient rows and appends their new text: no row is
+    updated in place (DuckDB would write the JSON column of each row group holding one again at
+    the next checkpoint), no other row moves or changes, and nothing is lost or doubled."""
+    before = dict(
+        con.execute(
+            "SELECT rowid, resource_type || '/' || id || '/' || resource::VARCHAR "
+            "FROM deid_resources"
+        ).fetchall()
+    )
+    (last,) = con.execute("SELECT max(rowid) FROM deid_resources").fetchone()
+    build_k_anonymous_release(con, 3, as_of=AS_OF, max_withheld=0.2)
+    after = con.execute(
+        "SELECT rowid, resource_type, id, resource::VARCHAR FROM deid_resources"
+    ).fetchall()
+    moved = {(kind, id_) for rowid, kind, id_, _ in after if rowid > last}
+    stayed = {rowid: f"{kind}/{id_}/{text}" for rowid, kind, id_, text in after if rowid <= last}
+    # independently: which rows the release changed, by their text
+    changed_patients = {
+        ("Patient", id_)
+        for _, kind, id_, text in after
+        if kind == "Patient" and f"{kind}/{id_}/{text}" not in set(before.values())
+    }
+    assert changed_patients and moved == changed_patients
+    assert all(before[rowid] == row for rowid, row in stayed.items())
+    assert len(after) == len(before)
+    assert sorted(k for k, _ in moved) == ["Patient"] * len(moved)

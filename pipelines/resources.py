@@ -56,11 +56,12 @@ class WarehouseResource(ConfigurableResource):
         return self.paths.warehouse
 
     def connect(self, read_only: bool = False) -> duckdb.DuckDBPyConnection:
-        """A connection the caller closes. While the run holds the file open, also for
-        ``read_only``: DuckDB refuses a read-only connection beside a writable one in one
-        process, and the callers that ask for one only read."""
+        """A connection the caller closes. While the run holds the file open, a cursor of it,
+        also for ``read_only`` (DuckDB refuses a read-only connection beside a writable one in
+        one process): then in a read-only transaction, which refuses every write and reads
+        the database as it was when the connection was made."""
         if self._held is not None:
-            return self._held.cursor()
+            return _read_only_cursor(self._held) if read_only else self._held.cursor()
         if self._in_run and not read_only:
             self._held = warehouse.connect(self.path)
             return self._held.cursor()
@@ -75,6 +76,12 @@ class WarehouseResource(ConfigurableResource):
         held, self._held = self._held, None
         if held is not None:
             held.close()
+
+
+def _read_only_cursor(held: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    cursor = held.cursor()
+    cursor.execute("BEGIN TRANSACTION READ ONLY")
+    return cursor
 
 
 class LandingResource(ConfigurableResource):

@@ -36,8 +36,16 @@ def _run(tmp_path: Path, fail: bool = False) -> tuple[WarehouseResource, list[ob
         con = warehouse.connect(read_only=True)  # refused beside a writer unless shared
         try:
             seen.append(con.execute("SELECT count(*) FROM t").fetchall()[0][0])
+            # shared, and still read-only: a write is refused
+            with pytest.raises(duckdb.TransactionException, match="read-only"):
+                con.execute("INSERT INTO t VALUES (2)")
         finally:
             con.close()
+        writer = warehouse.connect()
+        try:
+            seen.append(writer.execute("SELECT count(*) FROM t").fetchall()[0][0])
+        finally:
+            writer.close()
         if fail:
             raise RuntimeError("step failed on purpose")
 
@@ -48,7 +56,7 @@ def _run(tmp_path: Path, fail: bool = False) -> tuple[WarehouseResource, list[ob
 
 def test_a_run_holds_the_file_and_releases_it_at_its_end(tmp_path: Path) -> None:
     warehouse, seen = _run(tmp_path)
-    assert seen == [True, 1]
+    assert seen == [True, 1, 1]
     # the run checkpointed and closed the file: no log left, and this process may open it
     # read-only (DuckDB refuses that while a writable connection is open in the process)
     assert not _wal(warehouse.path).exists()
@@ -61,7 +69,7 @@ def test_a_run_holds_the_file_and_releases_it_at_its_end(tmp_path: Path) -> None
 
 def test_a_failed_run_releases_the_file_too(tmp_path: Path) -> None:
     warehouse, seen = _run(tmp_path, fail=True)
-    assert seen == [True, 1]
+    assert seen == [True, 1, 1]
     assert not _wal(warehouse.path).exists()
     con = duckdb.connect(str(warehouse.path), read_only=True)
     con.close()

@@ -6,10 +6,13 @@ the change point rows repeat a patient's values many times, which would weigh lo
 DuckDB computes them in one query (histogram counts, flag counts, the most frequent codes), so no
 row reaches Python; the PNG is drawn from those counts with Pillow (rectangles, lines and Pillow's
 own font), not matplotlib, whose text layout alone took ~0.15-0.3 s a table: the plot runs for
-every feature table after every batch, and that dominated a refresh after a small batch."""
+every feature table after every batch, and that dominated a refresh after a small batch. A
+plot is drawn again only when its distributions changed (the PNG records their digest)."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 from dataclasses import dataclass
 from functools import cache
@@ -20,6 +23,7 @@ import duckdb
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
 
 from pipelines.features.tables import FEATURES_SCHEMA
 
@@ -270,8 +274,15 @@ class _Sketch:
             self.draw.line(xy, fill=_BLACK, width=1)
         return self.image
 
-    def save(self, path: Path) -> None:
-        self.finish().save(path, format="PNG", compress_level=6)
+    def save(self, path: Path, text: dict[str, str] | None = None) -> None:
+        """The PNG, with ``text`` in its text chunks; written to a temporary name and renamed,
+        so a reader never sees half a file."""
+        info = PngInfo()
+        for key, value in (text or {}).items():
+            info.add_text(key, value)
+        tmp = path.with_name(f".{path.name}.tmp")
+        self.finish().save(tmp, format="PNG", compress_level=6, pnginfo=info)
+        os.replace(tmp, path)
 
 
 # fonts loaded by each thread: the plots of several tables are drawn side by side, and one
@@ -367,9 +378,38 @@ def _draw_panel(sk: _Sketch, box: _Box, d: Distribution) -> None:
         _draw_codes(sk, box, d)
 
 
+# the PNG text chunk holding what a plot was drawn from; bump the version when the drawing
+# changes, so that every plot is drawn again
+PLOT_DIGEST_KEY = "ehr-distributions"
+_PLOT_VERSION = "1"
+
+
+def _plot_digest(name: str, found: list[Distribution]) -> str:
+    """A digest of what the plot shows: the table's name and its distributions (their counts,
+    labels and bin edges, all aggregates)."""
+    return hashlib.sha256(repr((_PLOT_VERSION, name, found)).encode()).hexdigest()
+
+
+def _drawn_from(path: Path) -> str | None:
+    """The digest a PNG written by :func:`plot_distributions` records (None when there is no
+    readable file); only the PNG's header chunks are read."""
+    try:
+        with Image.open(path) as image:
+            text = getattr(image, "text", {})
+            found = text.get(PLOT_DIGEST_KEY)
+            return str(found) if found is not None else None
+    except (OSError, SyntaxError, ValueError):
+        return None
+
+
 def plot_distributions(con: duckdb.DuckDBPyConnection, name: str, path: Path) -> Path:
-    """One histogram (bars for flags and codes) per feature of the latest rows, as a PNG."""
+    """One histogram (bars for flags and codes) per feature of the latest rows, as a PNG; drawn
+    only when the distributions differ from those the PNG at ``path`` was drawn from (a refresh
+    whose new rows leave them as they were keeps the file)."""
     found = distributions(con, name)
+    digest = _plot_digest(name, found)
+    if _drawn_from(path) == digest:
+        return path
     rows = max(1, -(-len(found) // GRID_COLUMNS))
     cell_w, cell_h = CELL_INCHES
     height = rows * cell_h + TITLE_INCHES
@@ -383,5 +423,5 @@ def plot_distributions(con: duckdb.DuckDBPyConnection, name: str, path: Path) ->
     title = f"{name}: each patient's latest values"
     sk.text(GRID_COLUMNS * cell_w / 2, height - 0.1, title, size=10, va="top")
     path.parent.mkdir(parents=True, exist_ok=True)
-    sk.save(path)
+    sk.save(path, {PLOT_DIGEST_KEY: digest})
     return path

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -194,6 +195,43 @@ def test_plot_writes_a_valid_png_with_bars(tmp_path: Path) -> None:
             continue
         assert np.all(panel == BLUE_RGB, axis=-1).sum() > 100, d.feature
         _assert_bars(panel, d)
+
+
+def test_a_plot_is_drawn_again_only_when_its_distributions_change(tmp_path: Path) -> None:
+    con, _ = _table(0)
+    path = tmp_path / "t.png"
+    first = plot_distributions(con, "t", path).stat()
+
+    def kept() -> bool:  # neither renamed over nor written in place
+        now = plot_distributions(con, "t", path).stat()
+        return (now.st_ino, now.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+
+    time.sleep(0.01)  # a file written again would show another modification time
+    # the same latest rows: the file is kept
+    assert kept()
+    # an older row changed, which no latest-row distribution reads: still kept
+    con.execute(
+        "UPDATE features.t SET outlier = 2e6 WHERE outlier = 1e6 AND patient_id = "
+        "(SELECT patient_id FROM features.t WHERE outlier = 1e6 LIMIT 1)"
+    )
+    assert kept()
+    # a new patient changes the counts: drawn again, and it records what it was drawn from
+    before = path.read_bytes()
+    con.execute(
+        "INSERT INTO features.t SELECT 'p9999', event_timestamp, created, age, value, outlier, "
+        "constant, empty, flag, code, seen_at FROM features.t LIMIT 1"
+    )
+    again = plot_distributions(con, "t", path)
+    assert again.stat().st_ino != first.st_ino and again.read_bytes() != before
+    with Image.open(again) as image:
+        image.verify()
+    # a PNG that records nothing (drawn by an older version, or not by us) is drawn again
+    Image.new("RGB", (4, 4)).save(path, format="PNG")
+    plain = path.stat().st_ino
+    with Image.open(plot_distributions(con, "t", path)) as image:
+        assert image.size == (960, 384)
+    assert path.stat().st_ino != plain
+    assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_plot_of_an_empty_table_and_a_table_without_features(tmp_path: Path) -> None:

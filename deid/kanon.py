@@ -431,15 +431,16 @@ def _rewrite_patient_rows(con: duckdb.DuckDBPyConnection) -> None:
     then writes that column again, at the next checkpoint, for every row group holding one of
     the rows (34 Patients among 385,000 resources: 1.6-2.6 s, at every release), where a
     delete and an append write only the new rows and the delete marks."""
+    # no try/finally: after a failed statement DuckDB refuses every other one in the
+    # transaction (a DROP there would hide the failure), and the caller's rollback removes the
+    # temporary table created in it
     con.execute(_CHANGED_PATIENT_ROWS)
-    try:
-        con.execute(
-            f"DELETE FROM deid_resources d USING {PATIENT_REWRITES} w "
-            "WHERE d.resource_type = 'Patient' AND d.id = w.id AND d.batch_id = w.batch_id"
-        )
-        con.execute(f"INSERT INTO deid_resources BY NAME SELECT * FROM {PATIENT_REWRITES}")
-    finally:
-        con.execute(f"DROP TABLE IF EXISTS {PATIENT_REWRITES}")
+    con.execute(
+        f"DELETE FROM deid_resources d USING {PATIENT_REWRITES} w "
+        "WHERE d.resource_type = 'Patient' AND d.id = w.id AND d.batch_id = w.batch_id"
+    )
+    con.execute(f"INSERT INTO deid_resources BY NAME SELECT * FROM {PATIENT_REWRITES}")
+    con.execute(f"DROP TABLE {PATIENT_REWRITES}")
 
 
 def _swap_in(

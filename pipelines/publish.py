@@ -47,6 +47,14 @@ def _copy_parquet(
     fsync_file(path)
 
 
+def write_replacing(path: Path, write: Callable[[Path], object]) -> None:
+    """Write ``path`` through a temporary file beside it (``write`` writes the file it is
+    given), so a reader sees the old or the new file, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def _swap_in(con: duckdb.DuckDBPyConnection, staging: str, target: str) -> None:
     """Replace ``target`` with ``staging`` in one transaction: readers see one or the other."""
     con.execute("BEGIN TRANSACTION")

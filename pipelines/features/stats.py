@@ -12,7 +12,6 @@ plot is drawn again only when its distributions changed (the PNG records their d
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from dataclasses import dataclass
 from functools import cache
@@ -26,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from pipelines.features.tables import FEATURES_SCHEMA
+from pipelines.publish import write_replacing
 
 KEY_COLUMNS = ("patient_id", "event_timestamp", "created")
 BINS = 20  # equal-width bins over [min, max], as numpy.histogram(values, bins=BINS)
@@ -280,9 +280,10 @@ class _Sketch:
         info = PngInfo()
         for key, value in (text or {}).items():
             info.add_text(key, value)
-        tmp = path.with_name(f".{path.name}.tmp")
-        self.finish().save(tmp, format="PNG", compress_level=6, pnginfo=info)
-        os.replace(tmp, path)
+        image = self.finish()
+        write_replacing(
+            path, lambda tmp: image.save(tmp, format="PNG", compress_level=6, pnginfo=info)
+        )
 
 
 # fonts loaded by each thread: the plots of several tables are drawn side by side, and one

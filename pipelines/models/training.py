@@ -22,9 +22,8 @@ cohorts with non-linear signal.
 from __future__ import annotations
 
 import json
-import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -53,6 +52,7 @@ from pipelines.models.frame import (
     feature_columns,
     subgroup_attributes,
 )
+from pipelines.publish import write_replacing
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -530,14 +530,6 @@ def training_environment() -> dict[str, Any]:
     return {"training_version": TRAINING_VERSION, "sklearn": metadata.version("scikit-learn")}
 
 
-def _write_replacing(path: Path, write: Callable[[Path], object]) -> None:
-    """Write ``path`` through a temporary file beside it, so a reader sees the old or the new
-    file, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def forget_trained_on(out_dir: Path) -> None:
     """Remove the record of what the model in ``out_dir`` was trained on (before its files are
     replaced, so that an interrupted fit leaves a folder the retrain rule does not keep)."""
@@ -556,11 +548,11 @@ def write_trained_on(frame: pd.DataFrame, columns: Sequence[str], out_dir: Path)
             "patient_id": frame["patient_id"].astype(str).to_numpy(),
         }
     )
-    _write_replacing(
+    write_replacing(
         Path(out_dir) / TRAINED_ON_ROWS_FILE, lambda tmp: digests.to_parquet(tmp, index=False)
     )
     document = {**training_environment(), "columns": list(columns), "rows": len(frame)}
-    _write_replacing(
+    write_replacing(
         Path(out_dir) / TRAINED_ON_FILE,
         lambda tmp: tmp.write_text(json.dumps(document, indent=2), encoding="utf-8"),
     )

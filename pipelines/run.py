@@ -108,7 +108,7 @@ def run_pipeline(
     batches = discover_batches(input_dir)
     if not batches:
         raise FileNotFoundError("no FHIR data files (.json, .ndjson, .gz) in the input folder")
-    workdir.root.mkdir(parents=True, exist_ok=True)
+    warehouse.private_folder(workdir.root)
     resources = build_resources(str(workdir.root), str(input_dir), key_file, workers)
     runs = []
     batch_reports: dict[str, dict[str, dict[str, Any]]] = {}

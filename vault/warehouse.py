@@ -179,7 +179,7 @@ def connect(
     in_memory = str(path) == ":memory:"  # tests and scratch work: no file to protect
     path = Path(path)
     if not read_only and not in_memory:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_folder(path.parent)
         if not path.exists():
             _create_private(path)
     target = ":memory:" if in_memory else str(path)
@@ -188,6 +188,30 @@ def connect(
         for ddl in SCHEMA:
             con.execute(ddl)
     return con
+
+
+class WarehouseFolderError(PermissionError):
+    """The warehouse's folder lets other users in and cannot be narrowed to its owner."""
+
+
+def private_folder(folder: Path) -> None:
+    """Create ``folder`` with mode 0700, or narrow it to 0700 when it lets other users in.
+
+    DuckDB writes the write-ahead log (``<file>.wal``) and its spill files (``<file>.tmp/``)
+    beside the warehouse with the process umask, not the file's mode: they hold the same rows
+    as the file for as long as a connection writes, and only the folder keeps others out."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    mode = stat.S_IMODE(folder.stat().st_mode)
+    if not mode & 0o077:
+        return
+    try:
+        os.chmod(folder, mode & 0o700)
+    except PermissionError as exc:
+        raise WarehouseFolderError(
+            f"the warehouse folder {folder} has mode {mode:04o} and this user cannot narrow it "
+            "to 0700 (DuckDB writes the warehouse's write-ahead log there with the umask): "
+            "use a folder of your own"
+        ) from exc
 
 
 def _private_tempdir(parent: Path) -> Path:

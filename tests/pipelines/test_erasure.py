@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import duckdb
@@ -41,6 +42,8 @@ def test_forget_reaches_parquet_and_the_online_store(tmp_path: Path, key_file: P
     workdir = tmp_path / "work"
     summary = run_pipeline(tmp_path / "landing", workdir, key_file=str(key_file), workers=1)
     assert summary["success"]
+    # the folder the warehouse's write-ahead log is written in (with the umask) is private
+    assert stat.S_IMODE(workdir.stat().st_mode) == 0o700
     con = duckdb.connect(str(workdir / "warehouse.duckdb"), read_only=True)
     candidates = [
         row[0]

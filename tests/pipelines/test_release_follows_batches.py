@@ -1,6 +1,7 @@
-"""After a new batch every release asset is stale, down to the model; the release run after it
-rebuilds only what changed, and gives the same released tables as a full release of both
-batches in a second work directory (the oracle: built from scratch, same keys)."""
+"""After a new batch every release asset is stale, down to the model, and the next tick of the
+automation-condition sensor requests all of them, whoever launched the batch; the release run
+after it rebuilds only what changed, and gives the same released tables as a full release of
+both batches in a second work directory (the oracle: built from scratch, same keys)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import duckdb
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, DagsterInstance, evaluate_automation_conditions, materialize
 from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
 from dagster._core.loader import LoadingContextForTest
 
@@ -61,6 +63,23 @@ def _run(instance: DagsterInstance, resources: dict[str, object], batch: str | N
     assert materialize(assets, partition_key=batch, instance=instance, resources=resources).success
 
 
+class _AutomationTicks:
+    """Ticks of the automation-condition sensor, evaluated with Dagster's own test entry point
+    (each tick sees what happened since the one before, as the sensor does)."""
+
+    def __init__(self, instance: DagsterInstance) -> None:
+        self.instance = instance
+        self.cursor: Any = None  # Dagster's cursor type is not exported
+
+    def requested(self) -> set[str]:
+        """The release assets the next tick requests."""
+        result = evaluate_automation_conditions(
+            defs=defs, instance=self.instance, cursor=self.cursor
+        )
+        self.cursor = result.cursor
+        return {key.to_user_string() for key in RELEASE_KEYS if result.get_num_requested(key)}
+
+
 def test_a_batch_marks_the_whole_release_stale_and_the_refresh_equals_a_full_release(
     tmp_path: Path, key_file: Path
 ) -> None:
@@ -69,18 +88,27 @@ def test_a_batch_marks_the_whole_release_stale_and_the_refresh_equals_a_full_rel
     resources = build_resources(str(work), str(landing), str(key_file), 1)
     with DagsterInstance.ephemeral() as instance:
         instance.add_dynamic_partitions("batches", ["base", "late"])
+        ticks = _AutomationTicks(instance)
+        assert ticks.requested() == set()
         _run(instance, resources, "base")
+        # batch "late" is known and not ingested yet: the release waits for it
+        assert ticks.requested() == set()
         _run(instance, resources, None)
         assert set(_stale(instance).values()) == {StaleStatus.FRESH}
+        assert ticks.requested() == set()
 
         data_end_before = _data_end(work)
+        # a batch launched by hand (as from a backfill or the partition's page), not by the
+        # landing sensor: the next tick requests the whole release, down to the model
         _run(instance, resources, "late")
         assert instance.get_latest_materialization_event(RELEASE_INPUT) is not None
         stale = _stale(instance)
         assert {k.to_user_string() for k, s in stale.items() if s != StaleStatus.STALE} == set()
+        assert ticks.requested() == {key.to_user_string() for key in RELEASE_KEYS}
 
         _run(instance, resources, None)
         assert set(_stale(instance).values()) == {StaleStatus.FRESH}
+        assert ticks.requested() == set()
         refresh = instance.get_latest_materialization_event(AssetKey(["views", "observation"]))
         assert refresh is not None and refresh.asset_materialization is not None
         metadata = refresh.asset_materialization.metadata

@@ -11,7 +11,7 @@ import pytest
 from dagster import DagsterInstance
 from dagster_ui import DagsterUI
 
-from pipelines.definitions import defs
+from pipelines.definitions import defs, release_assets
 
 # one `dagster dev` for both modules: they share its session fixture, so one worker runs them
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("dagster_ui")]
@@ -60,6 +60,16 @@ def test_release_followed_the_batch(ui_release: DagsterUI) -> None:
         f"{release['endTime'] - release['startTime']:.1f}s, drop to release "
         f"{ui_release.seconds_to_release:.0f}s"
     )
+
+
+def test_the_ui_shows_the_refreshed_release_fresh(ui_release: DagsterUI) -> None:
+    """What the asset graph shows (GraphQL's ``staleStatus``, the UI's "upstream data changed"
+    badge) once the release the automation sensor launched has run: nothing stale."""
+    repo = ui_release.repository("assetNodes { assetKey { path } staleStatus }")
+    status = {"/".join(n["assetKey"]["path"]): n["staleStatus"] for n in repo["assetNodes"]}
+    release = {key.to_user_string() for assets in release_assets for key in assets.keys}
+    assert len(release) == 20
+    assert {key: status[key] for key in release} == dict.fromkeys(release, "FRESH")
 
 
 def _features(workdir: Path) -> dict[str, pd.DataFrame]:

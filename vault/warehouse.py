@@ -199,19 +199,28 @@ def private_folder(folder: Path) -> None:
 
     DuckDB writes the write-ahead log (``<file>.wal``) and its spill files (``<file>.tmp/``)
     beside the warehouse with the process umask, not the file's mode: they hold the same rows
-    as the file for as long as a connection writes, and only the folder keeps others out."""
+    as the file for as long as a connection writes, and only the folder keeps others out. A
+    shared folder (writable by all, or sticky, as ``/tmp``) or another user's is refused, not
+    narrowed: the warehouse needs a folder of its own."""
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    mode = stat.S_IMODE(folder.stat().st_mode)
+    found = folder.stat()
+    mode = stat.S_IMODE(found.st_mode)
     if not mode & 0o077:
         return
+    if mode & (stat.S_IWOTH | stat.S_ISVTX) or found.st_uid != os.getuid():
+        raise _not_private(folder, mode)
     try:
         os.chmod(folder, mode & 0o700)
     except PermissionError as exc:
-        raise WarehouseFolderError(
-            f"the warehouse folder {folder} has mode {mode:04o} and this user cannot narrow it "
-            "to 0700 (DuckDB writes the warehouse's write-ahead log there with the umask): "
-            "use a folder of your own"
-        ) from exc
+        raise _not_private(folder, mode) from exc
+
+
+def _not_private(folder: Path, mode: int) -> WarehouseFolderError:
+    return WarehouseFolderError(
+        f"the warehouse folder {folder} has mode {mode:04o} and is not this user's own to "
+        "narrow to 0700 (DuckDB writes the warehouse's write-ahead log there with the umask): "
+        "use a folder of your own"
+    )
 
 
 def _private_tempdir(parent: Path) -> Path:

@@ -82,3 +82,14 @@ def test_a_folder_that_cannot_be_narrowed_is_refused_by_name(
         warehouse.connect(folder / "warehouse.duckdb")
     assert str(folder) in str(raised.value)
     assert not (folder / "warehouse.duckdb").exists()
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o777])
+def test_a_shared_folder_is_refused_and_left_as_it_is(tmp_path: Path, mode: int) -> None:
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    os.chmod(folder, mode)
+    with pytest.raises(WarehouseFolderError, match=f"{mode:04o}"):
+        warehouse.connect(folder / "warehouse.duckdb")
+    assert _mode(folder) == mode
+    assert not (folder / "warehouse.duckdb").exists()

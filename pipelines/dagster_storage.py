@@ -19,12 +19,19 @@ instance made with ``DagsterInstance.local_temp`` (``ehr run`` and the benches).
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from typing import Any
 
+import sqlalchemy.exc
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from dagster._core.storage.event_log.schema import SqlEventLogStorageMetadata
+from dagster._core.storage.event_log.sqlite import sqlite_event_log
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
     INDEX_SHARD_NAME,
     SQLITE_BUSY_TIMEOUT_SECONDS,
@@ -32,6 +39,7 @@ from dagster._core.storage.event_log.sqlite.sqlite_event_log import (
 )
 from dagster._core.storage.runs.sqlite.sqlite_run_storage import SqliteRunStorage
 from dagster._core.storage.schedules.sqlite.sqlite_schedule_storage import SqliteScheduleStorage
+from dagster._core.storage.sql import get_alembic_config
 from dagster._core.storage.sqlite_storage import (
     DagsterSqliteStorage,
     _event_logs_directory,
@@ -65,6 +73,14 @@ def _sync_on_checkpoint(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
     finally:
         cursor.close()
+
+
+@cache
+def _event_log_migrations() -> ScriptDirectory:
+    """Dagster's migration scripts for the event log, read once per process: Dagster reads
+    them twice for every new run database (its revision check, then its stamp), ~60 ms of
+    every run."""
+    return ScriptDirectory.from_config(get_alembic_config(sqlite_event_log.__file__))
 
 
 class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
@@ -120,6 +136,27 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
             with engine.connect() as conn:
                 with conn.begin():
                     yield conn
+
+    def _initdb(self, engine: Engine, for_index_shard: bool = False) -> None:
+        """A run database as Dagster sets it up (its tables, WAL, stamped at the newest
+        migration), with the migration scripts read once per process. The index database, and
+        a run database that another process is setting up at the same moment (the launcher and
+        the run both write a new run's first events), are left to Dagster's own set-up, which
+        handles those cases and retries."""
+        if for_index_shard:
+            super()._initdb(engine, for_index_shard=True)
+            return
+        try:
+            with engine.connect() as connection:
+                context = MigrationContext.configure(connection)
+                if context.get_current_revision() is not None:
+                    return
+                SqlEventLogStorageMetadata.create_all(connection)
+                connection.exec_driver_sql("PRAGMA journal_mode=WAL")
+                context.stamp(_event_log_migrations(), "head")
+                connection.commit()
+        except (sqlalchemy.exc.DatabaseError, sqlite3.DatabaseError):
+            super()._initdb(engine)
 
     def has_table(self, table_name: str) -> bool:
         # Dagster's asks the index database with a new engine, ~70 times a release run

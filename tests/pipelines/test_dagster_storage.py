@@ -238,3 +238,74 @@ def test_a_wipe_closes_the_kept_connections_before_deleting_the_files(tmp_path: 
         _run_twice(instance)
         assert len(instance.get_run_records()) == 2
         assert instance.get_latest_materialization_event(total.key) is not None
+
+
+def _schema_and_stamp(database: Path) -> tuple[list[Any], list[Any]]:
+    with contextlib.closing(sqlite3.connect(database)) as plain:
+        schema = sorted(plain.execute("SELECT type, name, sql FROM sqlite_master").fetchall())
+        return schema, plain.execute("SELECT version_num FROM alembic_version").fetchall()
+
+
+def test_a_new_run_database_is_set_up_as_dagster_sets_it_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "dagster").mkdir()
+    databases = {}
+    for name, instance in (
+        ("ours", local_instance(tmp_path / "ours")),
+        ("dagster", DagsterInstance.local_temp(str(tmp_path / "dagster"))),
+    ):
+        with instance:
+            result = materialize([numbers, total, total_is_six], instance=instance)
+            assert result.success
+        (databases[name],) = (tmp_path / name).rglob(f"runs/{result.run_id}.db")
+    ours, dagsters = (_schema_and_stamp(databases[n]) for n in ("ours", "dagster"))
+    assert ours == dagsters
+    assert ours[1] and ours[1][0][0]  # stamped at Dagster's newest migration
+
+    # the migration scripts are read once per process, not twice for every new run database
+    # (Dagster itself reads them when an instance opens its index and run databases)
+    read: list[int] = []
+    original = dagster_storage.ScriptDirectory.from_config
+    with local_instance(tmp_path / "ours") as instance:
+        monkeypatch.setattr(
+            dagster_storage.ScriptDirectory,
+            "from_config",
+            lambda config: read.append(1) or original(config),
+        )
+        dagster_storage._event_log_migrations.cache_clear()
+        for _ in range(3):
+            assert materialize([numbers, total, total_is_six], instance=instance).success
+    assert len(read) == 1
+
+
+def test_a_run_database_set_up_elsewhere_is_left_as_it_is(tmp_path: Path) -> None:
+    storage = EngineReusingSqliteEventLogStorage(str(tmp_path))
+    with storage.run_connection("run0") as conn:
+        conn.execute(sqlalchemy.text("SELECT 1"))
+    database = tmp_path / "run0.db"
+    before = _schema_and_stamp(database)
+    with contextlib.closing(sqlite3.connect(database)) as plain:
+        plain.execute("CREATE TABLE kept_by_someone (x INTEGER)")
+        plain.commit()
+    storage.dispose()
+    fresh = EngineReusingSqliteEventLogStorage(str(tmp_path))
+    with fresh.run_connection("run0") as conn:
+        conn.execute(sqlalchemy.text("SELECT 1"))
+    fresh.dispose()
+    schema, stamp = _schema_and_stamp(database)
+    assert stamp == before[1]
+    assert ("table", "kept_by_someone") in {(t, n) for t, n, _ in schema}
+
+
+def test_runs_of_the_local_instance_write_no_telemetry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Dagster writes its telemetry under $DAGSTER_HOME/logs, or ~/.dagster/logs without it
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    with local_instance(tmp_path / "instance") as instance:
+        assert not instance.telemetry_enabled
+        _run_twice(instance)
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and "logs" in p.parts]
+    assert written == []

@@ -4,6 +4,7 @@ outside a run every connect opens the file as before."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import duckdb
@@ -88,3 +89,27 @@ def test_outside_a_run_each_connect_opens_and_closes_the_file(tmp_path: Path) ->
             reader.execute("INSERT INTO t VALUES (2)")
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_objects_alive_before_a_run_are_left_out_of_the_collector_until_it_ends(
+    tmp_path: Path, fail: bool
+) -> None:
+    seen: list[int] = []
+
+    @asset
+    def step(warehouse: WarehouseResource) -> None:
+        warehouse.connect().close()
+        seen.append(gc.get_freeze_count())
+        if fail:
+            raise RuntimeError("the step failed")
+
+    assert gc.get_freeze_count() == 0
+    result = materialize(
+        [step],
+        resources={"warehouse": WarehouseResource(workdir=str(tmp_path))},
+        raise_on_error=False,
+    )
+    assert result.success is not fail
+    assert seen and seen[0] > 1_000  # the modules, Dagster's objects, this test's
+    assert gc.get_freeze_count() == 0  # handed back, also after a failed run

@@ -41,6 +41,7 @@ from pipelines.features.tables import (
     table_sql,
 )
 from pipelines.features.valuesets import ValueSet, load_valuesets, register_code_table
+from pipelines.parallel import on_cursors
 from pipelines.patient_digests import PatientDigests
 from pipelines.publish import TableChange, publish_in_place, transaction
 from pipelines.workdir import RELEASE_STATE_SCHEMA
@@ -166,6 +167,34 @@ def _counts(con: duckdb.DuckDBPyConnection) -> tuple[dict[str, int], dict[str, i
     return rows, patients
 
 
+def _new_rows_table(name: str) -> str:
+    return f"{STATE_SCHEMA}.feature_new__{name}"
+
+
+def _compute_changed_patients(
+    con: duckdb.DuckDBPyConnection,
+    created: datetime,
+    valuesets: list[ValueSet],
+    data_end: datetime | None,
+) -> None:
+    """Each table's rows of the changed patients, by the same SQL over their data only (with
+    the data end of the whole release), into ``_new_rows_table(name)``: the five tables side by
+    side, each on a cursor of its own with its own restricted sources. Most of each one's time
+    is DuckDB planning and running its SQL, which a second thread overlaps."""
+
+    def compute(cursor: duckdb.DuckDBPyConnection, name: str) -> None:
+        prepare_sources(cursor, patients=CHANGED, data_end=data_end)
+        register_code_table(cursor, valuesets)
+        register_lab_codes(cursor)
+        cursor.execute(
+            f"CREATE OR REPLACE TABLE {_new_rows_table(name)} AS "
+            f"SELECT * FROM ({table_sql(name, created, valuesets)})"
+        )
+
+    for _ in on_cursors(con, compute, list(FEATURE_TABLES)):
+        pass
+
+
 def _publish_changed_patients(
     con: duckdb.DuckDBPyConnection,
     out_dir: Path,
@@ -173,26 +202,29 @@ def _publish_changed_patients(
     valuesets: list[ValueSet],
     shared: dict[str, str],
 ) -> None:
-    """In one transaction: every table's rows of the changed patients replaced by the same SQL
-    over their data only, with the data end of the whole release; the bookkeeping; the Parquet
-    files."""
+    """The changed patients' rows computed again; then in one transaction every table's rows
+    of those patients replaced by them, the bookkeeping and the Parquet files."""
     ((data_end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
-    prepare_sources(con, patients=CHANGED, data_end=data_end)
-    changes = [
-        TableChange(
-            f"{FEATURES_SCHEMA}.{name}",
-            parquet_path(out_dir, name),
-            (
-                f"DELETE FROM {FEATURES_SCHEMA}.{name} "
-                f"WHERE patient_id IN (SELECT patient_id FROM {CHANGED})",
-                f"INSERT INTO {FEATURES_SCHEMA}.{name} BY NAME "
-                f"SELECT * FROM ({table_sql(name, created, valuesets)})",
-            ),
-            compression="zstd",
-        )
-        for name in FEATURE_TABLES
-    ]
-    publish_in_place(con, changes, record=lambda c: _write_record(c, shared, full=False))
+    try:
+        _compute_changed_patients(con, created, valuesets, data_end)
+        changes = [
+            TableChange(
+                f"{FEATURES_SCHEMA}.{name}",
+                parquet_path(out_dir, name),
+                (
+                    f"DELETE FROM {FEATURES_SCHEMA}.{name} "
+                    f"WHERE patient_id IN (SELECT patient_id FROM {CHANGED})",
+                    f"INSERT INTO {FEATURES_SCHEMA}.{name} BY NAME "
+                    f"SELECT * FROM {_new_rows_table(name)}",
+                ),
+                compression="zstd",
+            )
+            for name in FEATURE_TABLES
+        ]
+        publish_in_place(con, changes, record=lambda c: _write_record(c, shared, full=False))
+    finally:
+        for name in FEATURE_TABLES:
+            con.execute(f"DROP TABLE IF EXISTS {_new_rows_table(name)}")
 
 
 def refresh_feature_tables(
@@ -218,8 +250,6 @@ def refresh_feature_tables(
         changed, gone = DIGESTS.stage_changed(con)
         mode = "unchanged"
         if changed or gone:
-            register_code_table(con, valuesets)
-            register_lab_codes(con)
             _publish_changed_patients(con, Path(out_dir), created, valuesets, shared)
             mode = "incremental"
         rows, patients = _counts(con)

@@ -49,10 +49,15 @@ def _copy_parquet(
 
 def write_replacing(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` through a temporary file beside it (``write`` writes the file it is
-    given), so a reader sees the old or the new file, never half of one."""
+    given), so a reader sees the old or the new file, never half of one. A write that fails
+    leaves the old file and no temporary one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _swap_in(con: duckdb.DuckDBPyConnection, staging: str, target: str) -> None:

@@ -60,6 +60,15 @@ release_input = AssetSpec(
     kinds={"duckdb"},
 )
 DATA_VERSION_TAG = "dagster/data_version"
+# The release's age bands, and the birth years its Patients carry, are counted in calendar years
+# as of the year it is built in (deid.kanon): a release left as it was into a new year would
+# keep last year's bands, a patient of 89 among the 85-89 after turning 90. The automation
+# sensor's first tick of each year rebuilds it (and everything after it, eagerly), new batch
+# or not.
+NEW_YEAR_CRON = "0 0 1 1 *"
+REBUILT_EACH_YEAR = (
+    AutomationCondition.cron_tick_passed(NEW_YEAR_CRON, "UTC") & ~AutomationCondition.in_progress()
+)
 
 
 def _table(rows: dict[str, int], head: str) -> MetadataValue:
@@ -149,7 +158,9 @@ def deid_resources(
             group_name="deid",
             deps=["deid_resources", RELEASE_INPUT],
             description="One row per released patient: quasi-identifiers, k-anonymous.",
-            automation_condition=AutomationCondition.eager(),
+            automation_condition=(AutomationCondition.eager() | REBUILT_EACH_YEAR).with_label(
+                "eager, and on each new year (UTC)"
+            ),
             kinds={"duckdb"},
         )
     ],

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -71,10 +72,10 @@ class _AutomationTicks:
         self.instance = instance
         self.cursor: Any = None  # Dagster's cursor type is not exported
 
-    def requested(self) -> set[str]:
-        """The release assets the next tick requests."""
+    def requested(self, at: datetime | None = None) -> set[str]:
+        """The release assets the next tick (now, or at ``at``) requests."""
         result = evaluate_automation_conditions(
-            defs=defs, instance=self.instance, cursor=self.cursor
+            defs=defs, instance=self.instance, cursor=self.cursor, evaluation_time=at
         )
         self.cursor = result.cursor
         return {key.to_user_string() for key in RELEASE_KEYS if result.get_num_requested(key)}
@@ -139,6 +140,34 @@ def test_a_batch_marks_the_whole_release_stale_and_the_refresh_equals_a_full_rel
     assert len(incremental) >= 14
     assert incremental == release_digests(Workdir(full).warehouse)
     _assert_a_new_process_finds_nothing_to_do(work, landing, key_file)
+
+
+def test_the_release_is_rebuilt_at_each_new_year_new_batch_or_not(
+    tmp_path: Path, key_file: Path
+) -> None:
+    landing = _landing(tmp_path)
+    resources = build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1)
+    new_year = datetime(datetime.now(UTC).year + 1, 1, 1, tzinfo=UTC)
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("batches", ["base"])
+        _run(instance, resources, "base")
+        _run(instance, resources, None)
+        ticks = _AutomationTicks(instance)
+        assert ticks.requested() == set()
+        assert ticks.requested(at=new_year - timedelta(hours=1)) == set()
+        # the first tick of the year requests the age bands counted as of the new year, and
+        # everything after them (eager), as one run; the next tick nothing more
+        everything = {key.to_user_string() for key in RELEASE_KEYS}
+        assert ticks.requested(at=new_year + timedelta(minutes=1)) == everything
+        assert ticks.requested(at=new_year + timedelta(minutes=2)) == set()
+        # a run of the k-anonymous patients alone (from the UI): the rest follows on the next tick
+        assert materialize(
+            release_assets, selection=["released_patients"], instance=instance, resources=resources
+        ).success
+        assert ticks.requested(at=new_year + timedelta(minutes=3)) == everything - {
+            "released_patients"
+        }
+        assert ticks.requested(at=new_year + timedelta(days=200)) == set()
 
 
 # A release run in a process of its own (as every Dagster run is), with another string hash seed:

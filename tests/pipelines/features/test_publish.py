@@ -155,3 +155,23 @@ def test_in_place_failed_copy_rolls_back_tables_and_bookkeeping(
         assert (tmp_path / f"{name}.parquet").read_bytes() == before[name]
     assert con.execute("SELECT count(*) FROM s.log").fetchall() == [(0,)]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_failed_replacing_write_keeps_the_old_file_and_leaves_no_temporary_one(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "plot.png"
+    target.write_bytes(b"old")
+
+    def half_written(path: Path) -> None:
+        path.write_bytes(b"ha")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        publish.write_replacing(target, half_written)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+    publish.write_replacing(target, lambda path: path.write_bytes(b"new"))
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]

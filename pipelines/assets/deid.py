@@ -5,6 +5,7 @@ failed blocking check leaves the previous release as it was (see :mod:`deid.stag
 
 import os
 from collections.abc import Iterator
+from datetime import timedelta
 
 from dagster import (
     AssetCheckResult,
@@ -15,6 +16,7 @@ from dagster import (
     AssetMaterialization,
     AssetSpec,
     AutomationCondition,
+    FreshnessPolicy,
     MaterializeResult,
     MetadataValue,
     multi_asset,
@@ -68,6 +70,14 @@ DATA_VERSION_TAG = "dagster/data_version"
 NEW_YEAR_CRON = "0 0 1 1 *"
 REBUILT_EACH_YEAR = (
     AutomationCondition.cron_tick_passed(NEW_YEAR_CRON, "UTC") & ~AutomationCondition.in_progress()
+)
+# What shows a release not rebuilt (the automation sensor off, its run failed): Dagster's
+# freshness daemon (``freshness: enabled`` in dagster.yaml) marks the asset as failing its
+# freshness from 01:00 UTC on 1 January until it is built again, whatever runs or sensors are on.
+# Built since the year began is fresh: the window is the year's first hour, and any build after
+# the window's start passes until the next year's deadline.
+BUILT_THIS_YEAR = FreshnessPolicy.cron(
+    deadline_cron="0 1 1 1 *", lower_bound_delta=timedelta(hours=1), timezone="UTC"
 )
 
 
@@ -161,6 +171,7 @@ def deid_resources(
             automation_condition=(AutomationCondition.eager() | REBUILT_EACH_YEAR).with_label(
                 "eager, and on each new year (UTC)"
             ),
+            freshness_policy=BUILT_THIS_YEAR,
             kinds={"duckdb"},
         )
     ],

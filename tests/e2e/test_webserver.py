@@ -4,6 +4,7 @@ batch dropped, and the release brought up to date without anyone pressing a butt
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +16,8 @@ from pipelines.definitions import defs, release_assets
 
 # one `dagster dev` for both modules: they share its session fixture, so one worker runs them
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("dagster_ui")]
+# the freshness daemon evaluates every 30 s
+FRESHNESS_TIMEOUT = 120
 
 REPO_FIELDS = (
     "assetGroups { groupName } jobs { name } sensors { name sensorState { status } } "
@@ -70,6 +73,32 @@ def test_the_ui_shows_the_refreshed_release_fresh(ui_release: DagsterUI) -> None
     release = {key.to_user_string() for assets in release_assets for key in assets.keys}
     assert len(release) == 20
     assert {key: status[key] for key in release} == dict.fromkeys(release, "FRESH")
+
+
+FRESHNESS_QUERY = (
+    '{ assetNodeOrError(assetKey: {path: ["released_patients"]}) { ... on AssetNode { '
+    "freshnessStatusInfo { freshnessStatus } "
+    "internalFreshnessPolicy { ... on CronFreshnessPolicy { deadlineCron lowerBoundDeltaSeconds "
+    "timezone } } } } }"
+)
+
+
+def test_the_daemon_finds_the_release_built_this_year(ui_release: DagsterUI) -> None:
+    """The freshness daemon `dagster dev` runs (``freshness: enabled`` in dagster.yaml) has
+    evaluated the release's yearly policy: passing, since the release was built this year."""
+    deadline = time.monotonic() + FRESHNESS_TIMEOUT
+    while True:
+        node = ui_release.graphql(FRESHNESS_QUERY)["assetNodeOrError"]
+        status = (node["freshnessStatusInfo"] or {}).get("freshnessStatus")
+        if status != "UNKNOWN" or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert node["internalFreshnessPolicy"] == {
+        "deadlineCron": "0 1 1 1 *",
+        "lowerBoundDeltaSeconds": 3600,
+        "timezone": "UTC",
+    }
+    assert status == "HEALTHY"
 
 
 def _features(workdir: Path) -> dict[str, pd.DataFrame]:

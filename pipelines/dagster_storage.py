@@ -22,7 +22,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
@@ -93,6 +93,8 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
         # own engine, under its own lock
         self._probe_lock = threading.Lock()
         self._probe: Engine | None = None
+        # schema facts that, once true, stay true until a wipe or an upgrade (see _schema_fact)
+        self._schema_facts: set[tuple[str, str]] = set()
         super().__init__(base_dir, inst_data=inst_data)
 
     @classmethod
@@ -167,6 +169,37 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
         with probe.connect() as conn:
             return bool(probe.dialect.has_table(conn, table_name))
 
+    def _schema_fact(self, kind: str, name: str, ask: Callable[[], bool]) -> bool:
+        """Whether the index database has a column or a completed data migration, asked once
+        per process while the answer is yes. Dagster asks before every read of asset records
+        and every asset event (~165 times a release run, a schema reflection or a query each);
+        a column or a completed migration is never taken away, except by a wipe or an upgrade,
+        which forget the answers. A no is asked again each time (another process may migrate).
+        Dagster's consolidated SQLite event log caches its migrations' answers the same way."""
+        if (kind, name) in self._schema_facts:
+            return True
+        found = ask()
+        if found:
+            self._schema_facts.add((kind, name))
+        return found
+
+    def has_secondary_index(self, name: str) -> bool:
+        ask = super().has_secondary_index
+        return self._schema_fact("migration", name, lambda: ask(name))
+
+    def has_asset_key_col(self, column_name: str) -> bool:
+        if ("asset_keys column", column_name) in self._schema_facts:
+            return True  # without opening a connection to ask
+        return super().has_asset_key_col(column_name)
+
+    def _has_asset_key_col_on_connection(self, conn: Connection, column_name: str) -> bool:
+        ask = super()._has_asset_key_col_on_connection
+        return self._schema_fact("asset_keys column", column_name, lambda: ask(conn, column_name))
+
+    def upgrade(self) -> None:
+        self._schema_facts.clear()
+        super().upgrade()
+
     def _close_engines(self) -> None:
         with self._db_lock:
             for engine in self._engines.values():
@@ -180,6 +213,7 @@ class EngineReusingSqliteEventLogStorage(SqliteEventLogStorage):
     def wipe(self) -> None:
         # Dagster deletes the run databases' files: no kept connection may write to them after
         self._close_engines()
+        self._schema_facts.clear()
         super().wipe()
 
     def dispose(self) -> None:

@@ -8,10 +8,11 @@ stage runs."""
 from dagster import AssetsDefinition, AssetSelection, define_asset_job, in_process_executor
 
 from pipelines.assets.deid import deid_resources, released_patients
-from pipelines.assets.feast import feast_online_store, feast_registry
+from pipelines.assets.feast import feast_registry
 from pipelines.assets.features import feature_tables
 from pipelines.assets.ingest import ingest, landing_batch
-from pipelines.assets.models import model_assets
+from pipelines.assets.models import readmission_labels, readmission_model
+from pipelines.assets.serving import online_store_and_training_set
 from pipelines.assets.views import view_assets
 
 # per batch (partitioned): landing → ingest → de-identification
@@ -22,8 +23,10 @@ RELEASE_ASSETS: list[AssetsDefinition] = [
     *view_assets,
     feature_tables,
     feast_registry,
-    feast_online_store,
-    *model_assets,
+    readmission_labels,
+    # the online store and the training set, side by side in one step
+    online_store_and_training_set,
+    readmission_model,
 ]
 RELEASE_SELECTION = AssetSelection.assets(*RELEASE_ASSETS)
 

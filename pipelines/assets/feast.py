@@ -4,26 +4,33 @@ end, written where it changed). Both wait for the feature tables, whose checks a
 table that failed its PHI or opt-out check never reaches Feast."""
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import duckdb
 from dagster import (
     AssetCheckResult,
     AssetCheckSpec,
     AssetExecutionContext,
+    AssetKey,
+    AssetSpec,
     AutomationCondition,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
+from deid.leakscan import LeakScanResult
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.features import FEATURE_ASSET_KEYS
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.cohort import released_cohort
 from pipelines.features.online_scan import scan_online_store
+from pipelines.features.online_sync import OnlineSyncReport
 from pipelines.features.resources import FeastStoreResource
-from pipelines.resources import KeyProviderResource, WarehouseResource
+from pipelines.resources import WarehouseResource
+from vault.keys import KeyProvider
 
 
 @asset(
@@ -59,41 +66,60 @@ def feast_registry(
     )
 
 
-@asset(
+ONLINE_STORE = AssetKey("feast_online_store")
+ONLINE_STORE_SPEC = AssetSpec(
+    ONLINE_STORE,
     group_name="feast",
     deps=[RELEASE_INPUT, "feast_registry", *FEATURE_ASSET_KEYS],
     kinds={"feast", "sqlite"},
     automation_condition=AutomationCondition.eager(),
-    # writes the warehouse (the snapshot of what is online, release_state) and reads the leak
-    # scan's canaries there: never beside another writer
-    pool=WAREHOUSE_POOL,
-    check_specs=[
-        AssetCheckSpec(
-            "phi_leak_scan",
-            asset="feast_online_store",
-            blocking=True,
-            description="No name, identifier, address, phone or email of any patient, and no "
-            "patient's own birth date, appears among the values served online.",
-        )
-    ],
+    description="Bring the SQLite online store to the latest feature row of every released "
+    "patient, however old, up to the release's data end: only the rows that changed since the "
+    "last run are written and patients no longer released are deleted (the full materialisation "
+    "on a first run or after a new apply). The leak scan reads back the rows written.",
 )
-def feast_online_store(
-    context: AssetExecutionContext,
-    warehouse: WarehouseResource,
+ONLINE_STORE_SCAN = AssetCheckSpec(
+    "phi_leak_scan",
+    asset=ONLINE_STORE,
+    blocking=True,
+    description="No name, identifier, address, phone or email of any patient, and no "
+    "patient's own birth date, appears among the values served online.",
+)
+
+
+@dataclass(frozen=True)
+class OnlineStoreRefresh:
+    """What a sync of the online store did, the released cohort's size and the leak scan of
+    the rows it wrote."""
+
+    report: OnlineSyncReport
+    cohort: int
+    scan: LeakScanResult
+
+
+def refresh_online_store(
+    con: duckdb.DuckDBPyConnection,
+    workdir: str,
     feast_store: FeastStoreResource,
-    keys: KeyProviderResource,
+    provider: KeyProvider,
+) -> OnlineStoreRefresh:
+    """Sync the online store with the feature tables and scan the rows it wrote (every row
+    after a full load); unchanged rows were scanned when they were written, and every value they
+    hold is in a feature table scanned this release. ``con`` is the warehouse, opened for
+    writing: it keeps the snapshot of what is online and the canaries' vault."""
+    report = feast_store.sync_online(con, workdir)
+    canaries = RELEASE_CANARIES.get(con, provider)
+    cohort = len(released_cohort(con))
+    online_db = Path(feast_store.data(workdir)) / "online_store.db"
+    scan = scan_online_store(online_db, canaries, only=report.written)
+    return OnlineStoreRefresh(report, cohort, scan)
+
+
+def online_store_results(
+    context: AssetExecutionContext, refresh: OnlineStoreRefresh
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
-    """Bring the SQLite online store to the latest feature row of every released patient,
-    however old, up to the release's data end: only the rows that changed since the last run
-    are written and patients no longer released are deleted (the full materialisation on a
-    first run or after a new apply). The leak scan reads back the rows written."""
-    con = warehouse.connect()
-    try:
-        report = feast_store.sync_online(con, warehouse.workdir)
-        canaries = RELEASE_CANARIES.get(con, keys.provider())
-        cohort = len(released_cohort(con))
-    finally:
-        con.close()
+    """The online store's materialisation (counts and dates, no values) and its leak scan."""
+    report = refresh.report
     context.log.info(
         f"feast online store ({report.mode}, {report.reason}): {report.rows_written} rows "
         f"written, {report.rows_deleted} deleted, {report.rows_unchanged} unchanged, latest "
@@ -101,6 +127,7 @@ def feast_online_store(
     )
     online = max(report.entities_online.values(), default=0)
     yield MaterializeResult(
+        asset_key=ONLINE_STORE,
         metadata={
             "end": report.end.isoformat(),
             "seconds": report.seconds,
@@ -113,12 +140,8 @@ def feast_online_store(
             "patients_online": online,
             # released, not opted-out patients the store cannot answer for (0 expected: every
             # patient with data has a latest row)
-            "released_patients": cohort,
-            "released_patients_not_online": max(cohort - online, 0),
-        }
+            "released_patients": refresh.cohort,
+            "released_patients_not_online": max(refresh.cohort - online, 0),
+        },
     )
-    online_db = Path(feast_store.data(warehouse.workdir)) / "online_store.db"
-    # the rows this run wrote (every row after a full load); unchanged rows were scanned when
-    # they were written, and every value they hold is in a feature table scanned this release
-    scan = scan_online_store(online_db, canaries, only=report.written)
-    yield leak_scan_result("feast_online_store", scan)
+    yield leak_scan_result(ONLINE_STORE, refresh.scan)

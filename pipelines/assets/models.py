@@ -6,6 +6,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import duckdb
 import pandas as pd
 from dagster import (
     AssetCheckResult,
@@ -13,19 +14,20 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    AssetSpec,
     AutomationCondition,
     Config,
     MaterializeResult,
     MetadataValue,
     asset,
 )
+from feast import FeatureStore
 from pydantic import Field
 
 from deid.policy import shipped_parameters
 from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import card_metadata, image_metadata
-from pipelines.features.resources import FeastStoreResource
 from pipelines.models.labels import readmission_labels_with_counts
 from pipelines.models.retrain import DEFAULT_MIN_CHANGED_SHARE, retrain_decision
 from pipelines.models.storage import (
@@ -42,7 +44,7 @@ from pipelines.models.training import (
     load_model_report,
     train_readmission_model,
 )
-from pipelines.models.training_refresh import refresh_training_set
+from pipelines.models.training_refresh import TrainingSetRefresh, refresh_training_set
 from pipelines.models.training_set import (
     AUDIT_COLUMNS,
     FEATURE_SERVICE,
@@ -52,7 +54,7 @@ from pipelines.resources import DeidSettings, WarehouseResource
 
 GROUP = "models"
 MIN_AUROC = 0.6
-FEAST_ONLINE_STORE = AssetKey("feast_online_store")
+FEAST_REGISTRY = AssetKey("feast_registry")
 
 
 def censor_margin_days(profile: str) -> int:
@@ -104,28 +106,35 @@ def readmission_labels(
     )
 
 
-@asset(
+TRAINING_SET = AssetKey(TRAINING_SET_TABLE)
+# Feast's offline store reads the feature tables through the applied registry; the online store
+# is not read, so the two are brought up to date side by side (pipelines.assets.serving)
+TRAINING_SET_SPEC = AssetSpec(
+    TRAINING_SET,
     group_name=GROUP,
-    deps=[RELEASE_INPUT, readmission_labels, FEAST_ONLINE_STORE],
-    pool=WAREHOUSE_POOL,
+    deps=[RELEASE_INPUT, readmission_labels, FEAST_REGISTRY],
     kinds={"feast", "parquet"},
     automation_condition=AutomationCondition.eager(),
+    description="Label rows joined point-in-time to the `readmission_v2` feature service "
+    "through Feast.",
 )
-def readmission_training_set(
-    warehouse: WarehouseResource, feast_store: FeastStoreResource
-) -> MaterializeResult:
-    """Label rows joined point-in-time to the `readmission_v2` feature service through Feast."""
-    con = warehouse.connect()
-    try:
-        refresh = refresh_training_set(
-            con, feast_store.store(warehouse.workdir), Path(warehouse.workdir)
-        )
-    finally:
-        con.close()
+
+
+def refresh_training_set_table(
+    con: duckdb.DuckDBPyConnection, workdir: str, store: FeatureStore
+) -> TrainingSetRefresh:
+    """The training set brought up to date through ``store`` (only the patients whose label or
+    feature rows changed joined again)."""
+    return refresh_training_set(con, store, Path(workdir))
+
+
+def training_set_result(refresh: TrainingSetRefresh, workdir: str) -> MaterializeResult:
+    """The training set's materialisation: counts, the feature columns and what is missing."""
     training = refresh.frame
-    path = parquet_path(warehouse.workdir, TRAINING_SET_TABLE)
+    path = parquet_path(workdir, TRAINING_SET_TABLE)
     features = [c for c in training.columns if c not in ("patient_id", "event_timestamp", "label")]
     return MaterializeResult(
+        asset_key=TRAINING_SET,
         metadata={
             "dagster/row_count": len(training),
             "rows": len(training),
@@ -140,7 +149,7 @@ def readmission_training_set(
             ),
             "table": f"models.{TRAINING_SET_TABLE}",
             "parquet": MetadataValue.path(str(path)),
-        }
+        },
     )
 
 
@@ -216,7 +225,7 @@ def auroc_check(report: ModelReport) -> AssetCheckResult:
 
 @asset(
     group_name=GROUP,
-    deps=[RELEASE_INPUT, readmission_training_set, AssetKey(["views", "patient"])],
+    deps=[RELEASE_INPUT, TRAINING_SET, AssetKey(["views", "patient"])],
     kinds={"sklearn"},
     automation_condition=AutomationCondition.eager(),
     pool=WAREHOUSE_POOL,
@@ -273,6 +282,3 @@ def readmission_model(
     )
     yield MaterializeResult(metadata={**model_metadata(report), **refresh})
     yield auroc_check(report)
-
-
-model_assets = [readmission_labels, readmission_training_set, readmission_model]

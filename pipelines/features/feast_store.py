@@ -17,6 +17,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -344,6 +345,13 @@ def online_entity_counts(store: FeatureStore) -> dict[str, int]:
     return counts
 
 
+# Feast's DuckDB offline store runs its queries on ibis's default backend: one DuckDB connection
+# per process, which refuses a second caller while it is busy. The online store and the training
+# set are refreshed side by side (pipelines.assets.serving), so every read of the offline store
+# (materialisation, historical retrieval) holds this lock.
+OFFLINE_STORE_LOCK = threading.RLock()
+
+
 def materialize_window(
     store: FeatureStore, end: datetime | None = None, days: int | None = None
 ) -> MaterializeReport:
@@ -354,7 +362,8 @@ def materialize_window(
     started = time.perf_counter()
     for view in store.list_feature_views():
         span = timedelta(days=days) if days is not None else view.ttl or timedelta(days=3650)
-        store.materialize(start_date=end - span, end_date=end, feature_views=[view.name])
+        with OFFLINE_STORE_LOCK:
+            store.materialize(start_date=end - span, end_date=end, feature_views=[view.name])
     seconds = round(time.perf_counter() - started, 3)
     return MaterializeReport(end=end, seconds=seconds, entities_online=online_entity_counts(store))
 
@@ -364,7 +373,8 @@ def materialize_incremental(store: FeatureStore, end: datetime | None = None) ->
     view's TTL on the first run) up to ``end`` (default now)."""
     end = end or datetime.now(UTC)
     started = time.perf_counter()
-    store.materialize_incremental(end_date=end)
+    with OFFLINE_STORE_LOCK:
+        store.materialize_incremental(end_date=end)
     seconds = round(time.perf_counter() - started, 3)
     return MaterializeReport(end=end, seconds=seconds, entities_online=online_entity_counts(store))
 
@@ -409,7 +419,8 @@ def materialize_latest(store: FeatureStore, end: datetime | None = None) -> Mate
     # keeps a row stamped exactly at the data end
     stop = end + timedelta(microseconds=1)
     for view in store.list_feature_views():
-        store.materialize(start_date=HISTORY_START, end_date=stop, feature_views=[view.name])
+        with OFFLINE_STORE_LOCK:
+            store.materialize(start_date=HISTORY_START, end_date=stop, feature_views=[view.name])
     seconds = round(time.perf_counter() - started, 3)
     return MaterializeReport(end=end, seconds=seconds, entities_online=online_entity_counts(store))
 

@@ -34,6 +34,7 @@ from feast import FeatureStore, FeatureView, FileSource
 
 from pipelines.features.feast_store import (
     HISTORY_START,
+    OFFLINE_STORE_LOCK,
     data_end,
     materialize_latest,
     missing_online_tables,
@@ -193,7 +194,8 @@ def _write_rows(store: FeatureStore, view: FeatureView, rows: pd.DataFrame, stop
     writes them."""
     features = [f.name for f in view.features]
     if rows[features].isna().all().all():
-        store.materialize(start_date=HISTORY_START, end_date=stop, feature_views=[view.name])
+        with OFFLINE_STORE_LOCK:
+            store.materialize(start_date=HISTORY_START, end_date=stop, feature_views=[view.name])
         return False
     store.write_to_online_store(view.name, rows)
     return True

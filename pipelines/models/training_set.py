@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import duckdb
 import pandas as pd
 
-from pipelines.features.feast_store import with_declared_types
+from pipelines.features.feast_store import OFFLINE_STORE_LOCK, with_declared_types
 from pipelines.models.labels import LABEL_COLUMNS
 
 if TYPE_CHECKING:
@@ -55,7 +55,8 @@ def readmission_training_set(
     per label row: ``patient_id``, ``event_timestamp``, ``label``, then the feature columns."""
     entities = entity_frame(labels)
     service = store.get_feature_service(feature_service)
-    joined = store.get_historical_features(entity_df=entities, features=service).to_df()
+    with OFFLINE_STORE_LOCK:
+        joined = store.get_historical_features(entity_df=entities, features=service).to_df()
     joined = with_days_since(with_declared_types(store, joined))
     leading = list(LABEL_COLUMNS)
     rest = [c for c in joined.columns if c not in leading]

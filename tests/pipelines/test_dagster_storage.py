@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from dagster import (
     asset_check,
     materialize,
 )
+from dagster._core.storage.event_log.sql_event_log import SqlEventLogStorage
 from dagster._core.storage.event_log.sqlite import sqlite_event_log
 
 from pipelines import dagster_storage
@@ -309,3 +311,49 @@ def test_runs_of_the_local_instance_write_no_telemetry(
         _run_twice(instance)
     written = [p for p in tmp_path.rglob("*") if p.is_file() and "logs" in p.parts]
     assert written == []
+
+
+def _count_schema_questions(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How often the index database's schema is asked about: its asset_keys columns reflected,
+    and each data migration's checkpoint row looked up (Dagster's own methods, counted)."""
+    asked: Counter[str] = Counter()
+    reflect = SqlEventLogStorage._has_asset_key_col_on_connection
+    migrated = SqlEventLogStorage.has_secondary_index
+
+    def reflecting(self: Any, conn: Any, column_name: str) -> bool:
+        asked[f"column {column_name}"] += 1
+        return reflect(self, conn, column_name)
+
+    def migration(self: Any, name: str) -> bool:
+        asked[f"migration {name}"] += 1
+        return migrated(self, name)
+
+    monkeypatch.setattr(SqlEventLogStorage, "_has_asset_key_col_on_connection", reflecting)
+    monkeypatch.setattr(SqlEventLogStorage, "has_secondary_index", migration)
+    return asked
+
+
+def test_the_index_schema_is_asked_once_where_dagster_asks_at_every_read_and_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked = _count_schema_questions(monkeypatch)
+    with local_instance(tmp_path / "ours") as instance:
+        _run_twice(instance)
+        ours = Counter(asked)
+        # what the runs wrote reads back as Dagster reads it
+        record = instance.get_asset_records([total.key])[0]
+        assert record.asset_entry.last_materialization is not None
+        storage = instance.event_log_storage
+        assert isinstance(storage, EngineReusingSqliteEventLogStorage)
+        storage.wipe()  # a wipe forgets what was known of the schema
+        assert not storage._schema_facts
+    asked.clear()
+    (tmp_path / "dagster").mkdir()
+    with DagsterInstance.local_temp(str(tmp_path / "dagster")) as instance:
+        _run_twice(instance)
+        instance.get_asset_records([total.key])
+    theirs = Counter(asked)
+    # every question Dagster asks is asked here too, and each one that was answered yes only once
+    assert set(ours) == set(theirs) and sum(theirs.values()) > 5 * len(theirs)
+    present = {q for q in ours if ours[q] == 1}
+    assert present and sum(ours.values()) < sum(theirs.values()) / 5

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import orjson
 import pytest
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 
-from pipelines.assets.feast import feast_online_store, feast_registry
+from pipelines.assets.feast import ONLINE_STORE, feast_registry
 from pipelines.assets.features import FEATURE_ASSET_KEYS, feature_tables
+from pipelines.assets.serving import online_store_and_training_set
 from pipelines.definitions import batch_assets, build_resources
 from pipelines.features.resources import FeastStoreResource
 from tests.pipelines.features.crafted import A, crafted_rows, write_views
@@ -19,6 +20,9 @@ from vault import warehouse
 
 FAMILY = "Quillfeather"
 REPO_ROOT = Path(__file__).resolve().parents[3]
+# the features and Feast, without the training set (its step's other asset: no labels here)
+FEAST_ASSETS = [feature_tables, feast_registry, online_store_and_training_set]
+FEAST_SELECTION = AssetSelection.assets(*FEATURE_ASSET_KEYS, "feast_registry", ONLINE_STORE)
 
 
 def _work(tmp_path: Path, key_file: Path) -> tuple[DagsterInstance, dict[str, object]]:
@@ -56,9 +60,7 @@ def test_feature_and_feast_assets(tmp_path: Path, key_file: Path) -> None:
     instance, resources = _work(tmp_path, key_file)
     _write_views(tmp_path, crafted_rows())
     result = materialize(
-        [feature_tables, feast_registry, feast_online_store],
-        instance=instance,
-        resources=resources,
+        FEAST_ASSETS, selection=FEAST_SELECTION, instance=instance, resources=resources
     )
     assert result.success
     checks = result.get_asset_check_evaluations()
@@ -78,7 +80,11 @@ def test_feature_and_feast_assets(tmp_path: Path, key_file: Path) -> None:
     registry = result.asset_materializations_for_node("feast_registry")[0].metadata
     assert registry["feature_views"].value == 5
     assert (tmp_path / "work" / "feast" / "registry.db").exists()
-    online = result.asset_materializations_for_node("feast_online_store")[0].metadata
+    (online,) = [
+        m.metadata
+        for m in result.asset_materializations_for_node("online_store_and_training_set")
+        if m.asset_key == ONLINE_STORE
+    ]
     assert online["entities_online"].value["patient_comorbidities"] == 3
     assert online["released_patients"].value == 3  # A, B, D
     assert online["released_patients_not_online"].value == 0
@@ -101,7 +107,8 @@ def test_leak_blocks_feast(tmp_path: Path, key_file: Path) -> None:
             patient["race_code"] = FAMILY  # a name where a code should be
     _write_views(tmp_path, rows)
     result = materialize(
-        [feature_tables, feast_registry, feast_online_store],
+        FEAST_ASSETS,
+        selection=FEAST_SELECTION,
         instance=instance,
         resources=resources,
         raise_on_error=False,

@@ -81,11 +81,17 @@ def test_lineage_shows_every_stage(ui_release: DagsterUI, chromium_profile: Path
         "deid_resources",
         "released_patients",
         "feast_registry",
-        "feast_online_store",
         "readmission_labels",
     ):
         assert name in dom, f"{name} not on the lineage page"
     assert "Join the Dagster community" not in dom  # nothing drawn over the graph
+    # the online store is served beside the training set, not upstream of the model: what the
+    # registry feeds
+    # (the training set between them is drawn with its name shortened)
+    url = f"{ui_release.url}/assets/feast_registry?view=lineage&lineageScope=downstream"
+    dom = visit(url + "&lineageDepth=2", SCREENSHOTS / "lineage_feast.png", chromium_profile)
+    for name in ("feast_online_store", "readmission_model"):
+        assert name in dom, f"{name} not downstream of the registry"
 
 
 def test_model_page_shows_its_metadata_and_checks(

@@ -21,6 +21,8 @@ from dagster._core.loader import LoadingContextForTest
 
 from fhirlake.synthetic.generator import generate
 from pipelines.assets.deid import RELEASE_INPUT
+from pipelines.assets.feast import ONLINE_STORE
+from pipelines.assets.models import TRAINING_SET
 from pipelines.bench.release import release_digests
 from pipelines.definitions import batch_assets, build_resources, defs, release_assets
 from pipelines.workdir import Workdir
@@ -128,6 +130,7 @@ def test_a_batch_marks_the_whole_release_stale_and_the_refresh_equals_a_full_rel
             assert metadata["patients_changed"].value == 4
         else:
             assert metadata["refresh"].value == "full"
+        _assert_each_of_the_serving_step_runs_alone(instance, resources)
 
     full = tmp_path / "full"
     resources = build_resources(str(full), str(landing), str(key_file), 1)
@@ -187,6 +190,28 @@ with DagsterInstance.ephemeral() as instance:
             if k in ("refresh", "mode", "rows_written", "rows_deleted", "retrained")}
 print(json.dumps(out, default=str))
 """
+
+
+def _assert_each_of_the_serving_step_runs_alone(
+    instance: DagsterInstance, resources: dict[str, object]
+) -> None:
+    """The online store and the training set share a step: each, selected alone (its asset
+    page's Materialize), runs by itself and finds nothing to redo after a release."""
+    for key, other in ((ONLINE_STORE, TRAINING_SET), (TRAINING_SET, ONLINE_STORE)):
+        result = materialize(
+            release_assets, selection=[key], instance=instance, resources=resources
+        )
+        assert result.success
+        done = result.get_asset_materialization_events()
+        assert [e.asset_key for e in done] == [key]
+        metadata = done[0].step_materialization_data.materialization.metadata
+        if key == ONLINE_STORE:
+            assert (metadata["rows_written"].value, metadata["rows_deleted"].value) == (0, 0)
+            assert [c.check_name for c in result.get_asset_check_evaluations()] == ["phi_leak_scan"]
+        else:
+            assert metadata["refresh"].value == "unchanged"
+            assert not result.get_asset_check_evaluations()
+        assert other not in {e.asset_key for e in done}
 
 
 def _assert_a_new_process_finds_nothing_to_do(work: Path, landing: Path, key_file: Path) -> None:

@@ -4,9 +4,7 @@ feature service ``readmission_v2``, and the trained model with its evaluation an
 # No `from __future__ import annotations`: Dagster compares the `context` annotation at runtime.
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
-import duckdb
 import pandas as pd
 from dagster import (
     AssetCheckResult,
@@ -21,7 +19,6 @@ from dagster import (
     MetadataValue,
     asset,
 )
-from feast import FeatureStore
 from pydantic import Field
 
 from deid.policy import shipped_parameters
@@ -44,7 +41,7 @@ from pipelines.models.training import (
     load_model_report,
     train_readmission_model,
 )
-from pipelines.models.training_refresh import TrainingSetRefresh, refresh_training_set
+from pipelines.models.training_refresh import TrainingSetRefresh
 from pipelines.models.training_set import (
     AUDIT_COLUMNS,
     FEATURE_SERVICE,
@@ -118,14 +115,6 @@ TRAINING_SET_SPEC = AssetSpec(
     description="Label rows joined point-in-time to the `readmission_v2` feature service "
     "through Feast.",
 )
-
-
-def refresh_training_set_table(
-    con: duckdb.DuckDBPyConnection, workdir: str, store: FeatureStore
-) -> TrainingSetRefresh:
-    """The training set brought up to date through ``store`` (only the patients whose label or
-    feature rows changed joined again)."""
-    return refresh_training_set(con, store, Path(workdir))
 
 
 def training_set_result(refresh: TrainingSetRefresh, workdir: str) -> MaterializeResult:

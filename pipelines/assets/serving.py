@@ -10,6 +10,7 @@ release refresh after the features. Selected alone (the asset page's "Materializ
 by itself. The assets keep their keys, groups, kinds and checks."""
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -27,10 +28,10 @@ from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.models import (
     TRAINING_SET,
     TRAINING_SET_SPEC,
-    refresh_training_set_table,
     training_set_result,
 )
 from pipelines.features.resources import FeastStoreResource
+from pipelines.models.training_refresh import refresh_training_set
 from pipelines.parallel import on_cursors
 from pipelines.resources import KeyProviderResource, WarehouseResource
 
@@ -60,7 +61,7 @@ def online_store_and_training_set(
     if TRAINING_SET in selected:
         # made here, not in the thread: making a store sets Feast's variables in os.environ
         store = feast_store.store(workdir)
-        pieces.append(lambda cursor: refresh_training_set_table(cursor, workdir, store))
+        pieces.append(lambda cursor: refresh_training_set(cursor, store, Path(workdir)))
     con = warehouse.connect()
     try:
         for _, refresh in on_cursors(con, lambda cursor, piece: piece(cursor), pieces):

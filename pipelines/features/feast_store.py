@@ -352,6 +352,13 @@ def online_entity_counts(store: FeatureStore) -> dict[str, int]:
 OFFLINE_STORE_LOCK = threading.RLock()
 
 
+def materialize_view(store: FeatureStore, name: str, start: datetime, end: datetime) -> None:
+    """Load the feature view ``name``'s rows from ``start`` to ``end`` into the online store
+    (Feast's materialisation, holding the offline store's lock)."""
+    with OFFLINE_STORE_LOCK:
+        store.materialize(start_date=start, end_date=end, feature_views=[name])
+
+
 def materialize_window(
     store: FeatureStore, end: datetime | None = None, days: int | None = None
 ) -> MaterializeReport:
@@ -362,8 +369,7 @@ def materialize_window(
     started = time.perf_counter()
     for view in store.list_feature_views():
         span = timedelta(days=days) if days is not None else view.ttl or timedelta(days=3650)
-        with OFFLINE_STORE_LOCK:
-            store.materialize(start_date=end - span, end_date=end, feature_views=[view.name])
+        materialize_view(store, view.name, end - span, end)
     seconds = round(time.perf_counter() - started, 3)
     return MaterializeReport(end=end, seconds=seconds, entities_online=online_entity_counts(store))
 
@@ -419,8 +425,7 @@ def materialize_latest(store: FeatureStore, end: datetime | None = None) -> Mate
     # keeps a row stamped exactly at the data end
     stop = end + timedelta(microseconds=1)
     for view in store.list_feature_views():
-        with OFFLINE_STORE_LOCK:
-            store.materialize(start_date=HISTORY_START, end_date=stop, feature_views=[view.name])
+        materialize_view(store, view.name, HISTORY_START, stop)
     seconds = round(time.perf_counter() - started, 3)
     return MaterializeReport(end=end, seconds=seconds, entities_online=online_entity_counts(store))
 

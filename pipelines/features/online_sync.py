@@ -34,9 +34,9 @@ from feast import FeatureStore, FeatureView, FileSource
 
 from pipelines.features.feast_store import (
     HISTORY_START,
-    OFFLINE_STORE_LOCK,
     data_end,
     materialize_latest,
+    materialize_view,
     missing_online_tables,
     online_entity_counts,
     online_store_path,
@@ -194,8 +194,7 @@ def _write_rows(store: FeatureStore, view: FeatureView, rows: pd.DataFrame, stop
     writes them."""
     features = [f.name for f in view.features]
     if rows[features].isna().all().all():
-        with OFFLINE_STORE_LOCK:
-            store.materialize(start_date=HISTORY_START, end_date=stop, feature_views=[view.name])
+        materialize_view(store, view.name, HISTORY_START, stop)
         return False
     store.write_to_online_store(view.name, rows)
     return True

@@ -5,13 +5,14 @@ outside a run every connect opens the file as before."""
 from __future__ import annotations
 
 import gc
+import sys
 from pathlib import Path
 
 import duckdb
 import pytest
 from dagster import asset, materialize
 
-from pipelines.resources import WarehouseResource
+from pipelines.resources import RUN_SWITCH_INTERVAL, WarehouseResource
 
 
 def _wal(path: Path) -> Path:
@@ -92,19 +93,23 @@ def test_outside_a_run_each_connect_opens_and_closes_the_file(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("fail", [False, True])
-def test_objects_alive_before_a_run_are_left_out_of_the_collector_until_it_ends(
+def test_a_run_freezes_the_objects_alive_before_it_and_switches_the_lock_sooner(
     tmp_path: Path, fail: bool
 ) -> None:
     seen: list[int] = []
+    intervals: list[float] = []
 
     @asset
     def step(warehouse: WarehouseResource) -> None:
         warehouse.connect().close()
         seen.append(gc.get_freeze_count())
+        intervals.append(sys.getswitchinterval())
         if fail:
             raise RuntimeError("the step failed")
 
     assert gc.get_freeze_count() == 0
+    before = sys.getswitchinterval()
+    assert before != RUN_SWITCH_INTERVAL
     result = materialize(
         [step],
         resources={"warehouse": WarehouseResource(workdir=str(tmp_path))},
@@ -113,3 +118,6 @@ def test_objects_alive_before_a_run_are_left_out_of_the_collector_until_it_ends(
     assert result.success is not fail
     assert seen and seen[0] > 1_000  # the modules, Dagster's objects, this test's
     assert gc.get_freeze_count() == 0  # handed back, also after a failed run
+    # the lock changes hands sooner during the run; the interval from before is put back
+    assert intervals == [RUN_SWITCH_INTERVAL]
+    assert sys.getswitchinterval() == before

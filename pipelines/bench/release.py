@@ -25,7 +25,9 @@ full release run (goal: at most 0.10), split into what a release with nothing ne
 what is left, the late batch's own work; the same ratio in CPU seconds (which a busy neighbour on
 a shared machine does not move), the ratios of the late batch's whole cost (its batch run plus
 its release run) to the full release run and to the whole full pipeline, each release step's
-seconds, and whether the two work directories' released tables are equal (content digests; the
+seconds, how much of each release run was Dagster's own bookkeeping (its wall time outside the
+assets' code, :mod:`pipelines.bench.clock`) and the ratio of the platform's own work alone, and
+whether the two work directories' released tables are equal (content digests; the
 feature tables' ``created`` column, the build time, is left out, and floating-point values are
 compared to 9 decimals).
 """
@@ -45,6 +47,7 @@ from dagster import DagsterInstance, materialize
 
 from fhirlake.synthetic.generator import generate
 from pipelines.assets.checks import RELEASE_CANARIES
+from pipelines.bench.clock import AssetCodeClock
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.partitions import batch_partitions
 from pipelines.run import local_instance
@@ -160,11 +163,20 @@ def release_digests(warehouse: Path) -> dict[str, str]:
 
 @dataclass(frozen=True)
 class ReleaseRun:
-    """One timed release run: its seconds, each step's seconds, how each table was refreshed."""
+    """One timed release run: its seconds, each step's seconds, how each table was refreshed,
+    and the seconds of its wall time spent in the platform's own code (the assets and the
+    warehouse resource, :class:`pipelines.bench.clock.AssetCodeClock`)."""
 
     timed: Timed
     steps: dict[str, float]
     refresh: dict[str, str]
+    platform_seconds: float = 0.0
+
+    @property
+    def dagster_seconds(self) -> float:
+        """The rest of the run's wall time: Dagster's own bookkeeping (the run, its planned
+        events, steps, outputs, materialisations, check results)."""
+        return self.timed.seconds - self.platform_seconds
 
 
 def _release_run(work: Path, landing: Path, key_file: Path) -> ReleaseRun:
@@ -174,9 +186,11 @@ def _release_run(work: Path, landing: Path, key_file: Path) -> ReleaseRun:
     os.sync()
     RELEASE_CANARIES.clear()
     resources, instance = _workdir_run(work, landing, key_file)
-    with instance:
+    with instance, AssetCodeClock().timing(release_assets) as clock:
         timed, result = _timed(release_assets, instance, resources, None)
-        return ReleaseRun(timed, step_seconds(instance, result.run_id), refresh_modes(result))
+        return ReleaseRun(
+            timed, step_seconds(instance, result.run_id), refresh_modes(result), clock.seconds
+        )
 
 
 def _release_runs(
@@ -283,6 +297,10 @@ def bench_release(
         "full_release_s"
     ]
     out["ratio_to_full_release"] = late_cost / out["full_release_s"]
+    for which, run in (("late", late_run), ("idle", idle), ("full", full_run)):
+        out[f"{which}_dagster_s"] = run.dagster_seconds
+        out[f"{which}_platform_s"] = run.platform_seconds
+    out["platform_ratio"] = out["late_platform_s"] / out["full_platform_s"]
     out["ratio_to_full_pipeline"] = late_cost / out["full_pipeline_s"]
     a = release_digests(Workdir(incremental).warehouse)
     b = release_digests(Workdir(full).warehouse)
@@ -313,6 +331,15 @@ def print_release_bench(out: dict[str, Any]) -> None:
     print(
         f"  of which every refresh pays (nothing new / full release): {out['idle_ratio']:.3f}; "
         f"the late batch's own work: {out['batch_work_ratio']:.3f}"
+    )
+    print(
+        "  Dagster's own bookkeeping in each run (outside the assets' code; late / nothing new / "
+        f"full): {out['late_dagster_s']:.2f} / {out['idle_dagster_s']:.2f} / "
+        f"{out['full_dagster_s']:.2f} s"
+    )
+    print(
+        f"  the platform's own work alone: {out['late_platform_s']:.1f} / "
+        f"{out['full_platform_s']:.1f} = {out['platform_ratio']:.3f}"
     )
     if out["steal_share"] is not None:
         print(f"  CPU time taken by the host's other guests (steal): {out['steal_share']:.1%}")

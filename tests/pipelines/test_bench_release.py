@@ -60,4 +60,9 @@ def test_a_small_bench_runs_and_its_late_release_equals_the_full_one(
     views = {k: v for k, v in out["late_refresh"].items() if k.startswith("views/")}
     assert views and set(views.values()) <= {"incremental", "unchanged"}
     assert 0 < out["release_ratio"]
+    # each run's wall time is the platform's code and Dagster's bookkeeping
+    for which in ("late", "idle", "full"):
+        assert 0 < out[f"{which}_platform_s"] and 0 < out[f"{which}_dagster_s"]
+    assert out["late_platform_s"] + out["late_dagster_s"] == pytest.approx(out["late_release_s"])
+    assert 0 < out["platform_ratio"]
     assert out["steal_share"] is None or 0 <= out["steal_share"] <= 1

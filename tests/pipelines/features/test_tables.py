@@ -189,3 +189,13 @@ def test_condition_counts_from_recorded_date_not_onset(tmp_path: Path) -> None:
     assert not before["has_heart_failure"] and before["charlson_index"] == 0
     known = _row(con, "patient_comorbidities", D, ts(2024, 6, 1))
     assert known["has_heart_failure"] and known["charlson_index"] == 2
+
+
+def test_lab_codes_table_holds_every_code_of_every_measure() -> None:
+    from pipelines.features.tables import LAB_MEASURES, register_lab_codes
+
+    con = duckdb.connect()
+    register_lab_codes(con)
+    register_lab_codes(con)  # replaced, not appended to
+    want = sorted((m, code, comp) for m, codes in LAB_MEASURES.items() for code, comp in codes)
+    assert sorted(con.execute("SELECT * FROM lab_codes").fetchall()) == want

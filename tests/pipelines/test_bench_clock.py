@@ -21,6 +21,7 @@ from pipelines.resources import WarehouseResource
 
 ASSET_SLEEP = 0.1
 EVENT_SLEEP = 0.05  # each stored event: one counted by mistake would show
+BUSY_CPU = 0.2
 
 
 @asset
@@ -36,6 +37,14 @@ def yielding() -> Iterator[MaterializeResult]:
     # Dagster stores this result's events before the generator resumes: not the asset's time
     time.sleep(ASSET_SLEEP)
     yield MaterializeResult(asset_key="second")
+
+
+@asset
+def busy() -> MaterializeResult:
+    until = time.thread_time() + BUSY_CPU
+    while time.thread_time() < until:
+        pass
+    return MaterializeResult()
 
 
 @asset
@@ -64,16 +73,18 @@ def test_the_clock_counts_the_assets_code_and_not_dagsters_event_handling(
     instance = DagsterInstance.ephemeral()
     slept = _slow_events(instance, monkeypatch)
     clock = AssetCodeClock()
-    with clock.timing([sleeping, yielding]):
+    with clock.timing([sleeping, yielding, busy]):
         started = time.perf_counter()
-        materialize([sleeping, yielding], instance=instance)
+        materialize([sleeping, yielding, busy], instance=instance)
         wall = time.perf_counter() - started
 
-    in_assets = 4 * ASSET_SLEEP
+    in_assets = 4 * ASSET_SLEEP + BUSY_CPU
     assert in_assets <= clock.seconds < in_assets + EVENT_SLEEP
     # every stored event's sleep is in the rest of the run, none in the clock
     assert len(slept) > 10
     assert wall - clock.seconds >= sum(slept)
+    # CPU seconds: the busy asset's, not the sleeps'
+    assert BUSY_CPU <= clock.cpu_seconds < BUSY_CPU + EVENT_SLEEP
 
 
 def test_a_failing_asset_is_timed_and_the_functions_are_put_back() -> None:

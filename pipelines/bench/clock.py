@@ -85,7 +85,8 @@ class AssetCodeClock:
 
     @contextlib.contextmanager
     def timing(self, assets: Sequence[AssetsDefinition]) -> Iterator[AssetCodeClock]:
-        """Runs made inside the block add their assets' time to :attr:`seconds`."""
+        """Runs made inside the block add their assets' time to :attr:`seconds` and
+        :attr:`cpu_seconds`."""
         swapped: list[tuple[Any, Any]] = []
         hooks = {name: WarehouseResource.__dict__[name] for name in _RESOURCE_HOOKS}
         try:

@@ -42,6 +42,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from pipelines.features.cohort import opted_out_sql
 from pipelines.features.valuesets import (
@@ -52,6 +53,7 @@ from pipelines.features.valuesets import (
     load_valuesets,
     of_kind,
     register_code_table,
+    register_lookup_table,
 )
 from pipelines.publish import publish_table
 
@@ -515,18 +517,15 @@ def medications_sql(created: datetime, valuesets: list[ValueSet], edges: bool = 
     """
 
 
+_LAB_CODES_SCHEMA = pa.schema(
+    [("measure", pa.string()), ("code", pa.string()), ("is_component", pa.bool_())]
+)
+
+
 def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE lab_codes (measure VARCHAR, code VARCHAR, "
-        "is_component BOOLEAN)"
-    )
+    """A temporary table ``lab_codes (measure, code, is_component)`` of every measure's codes."""
     rows = [(m, code, comp) for m, codes in LAB_MEASURES.items() for code, comp in codes]
-    # one statement: a row-by-row executemany costs a statement per code, on every cursor of a
-    # refresh's five feature pieces
-    con.execute(
-        "INSERT INTO lab_codes VALUES " + ", ".join(["(?, ?, ?)"] * len(rows)),
-        [value for row in rows for value in row],
-    )
+    register_lookup_table(con, "lab_codes", _LAB_CODES_SCHEMA, rows)
 
 
 def labs_vitals_sql(created: datetime, edges: bool = True) -> str:

@@ -2,7 +2,19 @@ from __future__ import annotations
 
 import json
 
-from pipelines.features.valuesets import VALUESETS_DIR, load_valuesets, of_kind
+import duckdb
+import pyarrow as pa
+
+from pipelines.features.valuesets import (
+    ICD10CM,
+    RXNORM,
+    SNOMED,
+    VALUESETS_DIR,
+    load_valuesets,
+    of_kind,
+    register_code_table,
+    register_lookup_table,
+)
 
 CONDITIONS = {
     "diabetes", "hypertension", "heart_failure", "copd", "ckd", "asthma", "depression",
@@ -44,3 +56,33 @@ def test_groups_classes_and_charlson_weights() -> None:
         assert all("." not in p for p in v.icd10_prefixes)
     columns = [v.column for v in sets]
     assert len(columns) == len(set(columns))
+
+
+def test_the_code_table_holds_every_code_of_every_value_set_once() -> None:
+    sets = load_valuesets()
+    con = duckdb.connect()
+    assert register_code_table(con, sets) == "valueset_codes"
+    register_code_table(con, sets)  # replaced, not appended to
+    want = sorted(
+        [(v.column, SNOMED, c, False) for v in sets for c in v.snomed]
+        + [(v.column, ICD10CM, p, True) for v in sets for p in v.icd10_prefixes]
+        + [(v.column, RXNORM, c, False) for v in sets for c in v.rxnorm]
+    )
+    assert sorted(con.execute("SELECT * FROM valueset_codes").fetchall()) == want
+    assert len(want) > 100
+
+
+def test_a_lookup_table_is_typed_by_its_schema_and_may_be_empty() -> None:
+    con = duckdb.connect()
+    schema = pa.schema([("name", pa.string()), ("n", pa.int64()), ("flag", pa.bool_())])
+    register_lookup_table(con, "lookup", schema, [("a", 1, True), ("b", None, False)])
+    types = [str(t) for _, t, *_ in con.execute("DESCRIBE lookup").fetchall()]
+    assert types == ["VARCHAR", "BIGINT", "BOOLEAN"]
+    assert con.execute("SELECT * FROM lookup ORDER BY name").fetchall() == [
+        ("a", 1, True),
+        ("b", None, False),
+    ]
+    register_lookup_table(con, "lookup", schema, [])
+    assert con.execute("SELECT count(*) FROM lookup").fetchall() == [(0,)]
+    # the Arrow rows registered to fill it are gone once it is made
+    assert "_lookup_rows" not in {name for (name,) in con.execute("SHOW TABLES").fetchall()}

@@ -20,19 +20,29 @@ from dagster import (
 )
 
 from deid.leakscan import LeakScanResult
+from deid.release import merged_scans
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
 from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import image_metadata
-from pipelines.features.checks import TableShape, opted_out_rows, scan_feature_table, table_shape
-from pipelines.features.refresh import REFRESHED, refresh_feature_tables
+from pipelines.features.checks import (
+    FeatureRowsCheck,
+    TableShape,
+    check_feature_rows,
+    check_published_table,
+    opted_out_known,
+    table_shape,
+)
+from pipelines.features.refresh import refresh_feature_tables, withdraw_feature_tables
 from pipelines.features.stats import null_rates, plot_distributions
 from pipelines.features.tables import FEATURE_TABLES, FEATURES_SCHEMA, parquet_path
 from pipelines.parallel import on_cursors
 from pipelines.resources import KeyProviderResource, WarehouseResource
+from vault.catalog import has_table
 
-# a feature table's shape, leak scan, opted-out rows (found, known), null rates and plot
-_TableReport = tuple[TableShape, LeakScanResult, tuple[int, int], dict[str, float], Path]
+# a published feature table's check after the refresh (None when it was not checked again)
+# and its shape, null rates and plot (None when no table is published)
+_TableReport = tuple[FeatureRowsCheck | None, tuple[TableShape, dict[str, float], Path] | None]
 
 
 def feature_asset_key(name: str) -> AssetKey:
@@ -81,31 +91,42 @@ FEATURE_ASSET_KEYS: list[AssetKey] = [feature_asset_key(name) for name in FEATUR
 def feature_tables(
     context: AssetExecutionContext, warehouse: WarehouseResource, keys: KeyProviderResource
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
-    """Build every feature table from the views, then scan each for PHI and opted-out patients."""
+    """Build the feature tables from the views; publish only rows that pass their checks."""
     out_dir = Path(warehouse.workdir) / "features"
     # aggregate plots only; kept out of the features folder, which holds the Feast sources
     stats_dir = Path(warehouse.workdir) / "feature_stats"
     con = warehouse.connect()
     try:
-        refresh = refresh_feature_tables(con, out_dir)
-        build = refresh.build
         canaries = RELEASE_CANARIES.get(con, keys.provider())
         canaries.compile()
-        # a full build is scanned in full; a refresh, the patients it computed again in full
-        # (and the distinct values of every row)
-        refreshed = None if refresh.mode == "full" else REFRESHED
+        refresh = refresh_feature_tables(
+            con, out_dir, check=lambda cursor, rows: check_feature_rows(cursor, canaries, rows)
+        )
+        build = refresh.build
+        # a full build's published rows were checked in full against the same canaries; after
+        # a refresh that kept rows (or a build that kept an old table), the published table is
+        # checked again: a patient new to the release may be named in a kept row
+        recheck = refresh.mode != "full"
 
         def report(cursor: duckdb.DuckDBPyConnection, name: str) -> _TableReport:
-            return (
+            if not has_table(cursor, name, FEATURES_SCHEMA):
+                return None, None
+            after = None
+            if recheck or name in build.unpublished:
+                after = check_published_table(cursor, canaries, name)
+            stats = (
                 table_shape(cursor, name),
-                scan_feature_table(cursor, canaries, name, refreshed=refreshed),
-                opted_out_rows(cursor, name),
                 null_rates(cursor, name),
                 plot_distributions(cursor, name, stats_dir / f"{name}.png"),
             )
+            return after, stats
 
-        # the tables are published: each one's statistics and scans read it side by side
+        # the tables are published: each one's checks and statistics read it side by side
         results = dict(on_cursors(con, report, list(FEATURE_TABLES)))
+        withdrawn = [n for n, (after, _) in results.items() if after and not after.passed]
+        if withdrawn:
+            withdraw_feature_tables(con, out_dir, withdrawn)
+        known = opted_out_known(con)
     finally:
         con.close()
     context.log.info(
@@ -114,14 +135,19 @@ def feature_tables(
         f"{refresh.patients_removed} removed, {build.opted_out} opted-out patients excluded, "
         f"{build.seconds:.1f}s"
     )
-    for name, (shape, scan, (opted_rows, opted_known), nulls, plot) in results.items():
+    for name, (after, stats) in results.items():
         key = feature_asset_key(name)
+        checked = [c for c in (build.checks.get(name), after) if isinstance(c, FeatureRowsCheck)]
+        published = stats is not None and name not in withdrawn
+        shape, nulls, plot = stats if stats is not None else (TableShape(0, 0, []), {}, None)
         yield MaterializeResult(
             asset_key=key,
             metadata={
-                "dagster/row_count": shape.rows,
-                "rows": shape.rows,
-                "patients": shape.patients,
+                "dagster/row_count": shape.rows if published else 0,
+                "published": published,
+                "withdrawn": name in withdrawn,
+                "rows": shape.rows if published else 0,
+                "patients": shape.patients if published else 0,
                 **column_metadata(shape.columns),
                 "table": f"{FEATURES_SCHEMA}.{name}",
                 "parquet": MetadataValue.path(str(parquet_path(out_dir, name))),
@@ -130,15 +156,28 @@ def feature_tables(
                 "refresh": refresh.mode,
                 "patients_changed": refresh.patients_changed,
                 "patients_removed": refresh.patients_removed,
-                "null_rate": MetadataValue.json(nulls),
-                "distributions": image_metadata(plot),
+                "null_rate": MetadataValue.json(nulls if published else {}),
+                **({"distributions": image_metadata(plot)} if published and plot else {}),
             },
         )
-        yield leak_scan_result(key, scan)
+        # a table neither checked nor published (it could not be built) fails its checks
+        scan = merged_scans(*(c.scan for c in checked)) if checked else LeakScanResult()
+        opted_rows = sum(c.opted_out_rows for c in checked)
+        yield leak_scan_result(key, scan) if checked else _not_checked(key, "phi_leak_scan")
         yield AssetCheckResult(
             check_name="no_opted_out_patients",
             asset_key=key,
-            passed=opted_rows == 0,
+            passed=bool(checked) and opted_rows == 0,
             severity=AssetCheckSeverity.ERROR,
-            metadata={"opted_out_rows": opted_rows, "opted_out_patients": opted_known},
+            metadata={"opted_out_rows": opted_rows, "opted_out_patients": known},
         )
+
+
+def _not_checked(key: AssetKey, check_name: str) -> AssetCheckResult:
+    return AssetCheckResult(
+        check_name=check_name,
+        asset_key=key,
+        passed=False,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"reason": "the table is not published and no rows were checked"},
+    )

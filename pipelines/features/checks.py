@@ -1,5 +1,11 @@
-"""Checks of built feature tables: shape for metadata, the opted-out rule re-derived straight
-from ``views.consent`` (not from the temp views the build used), and the PHI leak scan."""
+"""Checks of feature tables: shape for metadata, the opted-out rule re-derived straight from
+``views.consent`` (not from the temp views the build used), and the PHI leak scan.
+
+Feature rows are checked before they are published (:func:`check_feature_rows`: a full build's
+staged table, an incremental refresh's rows of the patients it computed again), and the
+published tables after (:func:`check_published_table`: every distinct value against the
+canaries known now, and the opted-out rule); a table that fails after publication is withdrawn
+(:func:`pipelines.features.refresh.withdraw_feature_tables`)."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from dataclasses import dataclass
 import duckdb
 
 from deid.leakscan import CanarySet, LeakScanResult
-from deid.release import merged_scans, scan_column_values, scan_released_table
+from deid.release import scan_column_values, scan_released_table
 from pipelines.features.cohort import opted_out_sql
 from pipelines.features.tables import FEATURES_SCHEMA
 
@@ -40,45 +46,55 @@ def _has_consent_view(con: duckdb.DuckDBPyConnection) -> bool:
     )
 
 
-def opted_out_rows(con: duckdb.DuckDBPyConnection, name: str) -> tuple[int, int]:
-    """(rows of opted-out patients in the table, opted-out patients known); the first must be 0."""
+def opted_out_count(con: duckdb.DuckDBPyConnection, table: str) -> int:
+    """Rows of opted-out patients in ``table`` (a trusted name); must be 0."""
     if not _has_consent_view(con):
-        return 0, 0
+        return 0
     ((rows,),) = con.execute(
-        f"SELECT count(*) FROM {FEATURES_SCHEMA}.{name} WHERE patient_id IN ({OPTED_OUT_SQL})"
+        f"SELECT count(*) FROM {table} WHERE patient_id IN ({OPTED_OUT_SQL})"
     ).fetchall()
+    return int(rows)
+
+
+def opted_out_known(con: duckdb.DuckDBPyConnection) -> int:
+    """Opted-out patients the release knows of (from ``views.consent``)."""
+    if not _has_consent_view(con):
+        return 0
     ((known,),) = con.execute(f"SELECT count(*) FROM ({OPTED_OUT_SQL})").fetchall()
-    return int(rows), int(known)
+    return int(known)
 
 
-def scan_feature_table(
-    con: duckdb.DuckDBPyConnection,
-    canaries: CanarySet,
-    name: str,
-    *,
-    refreshed: str | None = None,
-) -> LeakScanResult:
-    """The release leak scan (:func:`deid.release.scan_released_table`) of one feature table;
-    a row is named by its patient pseudonym, and a patient's own birth date is searched in
-    that patient's rows. The text of a feature table (the patient pseudonym and a few codes)
-    repeats on each of a patient's rows: each distinct combination is scanned once.
+@dataclass(frozen=True)
+class FeatureRowsCheck:
+    """The leak scan and the opted-out rule over some feature rows; passed when the scan is
+    clean and no row belongs to an opted-out patient."""
 
-    With ``refreshed`` (a table of ``patient_id``, a trusted name: the patients an incremental
-    refresh computed again), only those patients' rows are scanned that way; every other row
-    was scanned when it was written, and each distinct value of its text columns is scanned
-    again against every canary known now (a patient new to the release is found there too).
-    Pseudonyms are not text anyone wrote and are not scanned again."""
+    scan: LeakScanResult
+    opted_out_rows: int
+
+    @property
+    def passed(self) -> bool:
+        return self.scan.passed and self.opted_out_rows == 0
+
+
+def check_feature_rows(
+    con: duckdb.DuckDBPyConnection, canaries: CanarySet, table: str
+) -> FeatureRowsCheck:
+    """Feature rows before they are published (``table``, trusted: a full build's staged table,
+    or the rows an incremental refresh computed again): every distinct combination of their
+    text scanned (a patient's own birth date in that patient's rows), opted-out patients
+    counted."""
+    scan = scan_released_table(con, canaries, table, id_column="patient_id", distinct_rows=True)
+    return FeatureRowsCheck(scan, opted_out_count(con, table))
+
+
+def check_published_table(
+    con: duckdb.DuckDBPyConnection, canaries: CanarySet, name: str
+) -> FeatureRowsCheck:
+    """A published feature table after a refresh that kept rows: each distinct value of its
+    text columns against every canary known now (a patient new to the release is found in a
+    kept row too), and the opted-out rule over every row. Its rows were scanned in full before
+    they were published; pseudonyms are not text anyone wrote and are not scanned again."""
     table = f"{FEATURES_SCHEMA}.{name}"
-    if refreshed is None:
-        return scan_released_table(con, canaries, table, id_column="patient_id", distinct_rows=True)
-    return merged_scans(
-        scan_released_table(
-            con,
-            canaries,
-            table,
-            id_column="patient_id",
-            distinct_rows=True,
-            where=f"patient_id IN (SELECT patient_id FROM {refreshed})",
-        ),
-        scan_column_values(con, canaries, table, skip_columns=("patient_id",)),
-    )
+    scan = scan_column_values(con, canaries, table, skip_columns=("patient_id",))
+    return FeatureRowsCheck(scan, opted_out_count(con, table))

@@ -16,12 +16,19 @@ the bookkeeping after all five. A refresh changes the five tables in place (the 
 rows deleted and computed again) and writes the bookkeeping and the Parquet files in the same
 transaction (:func:`pipelines.publish.publish_in_place`). Either way a crash only makes the next
 refresh redo the same patients.
+
+Given a check (the leak scan and the opted-out rule, :mod:`pipelines.features.checks`), rows are
+published only when it passes over them: a full build checks each staged table, a refresh the
+changed patients' new rows of every table before its transaction (nothing is published when one
+fails). A published table that fails a later check is withdrawn
+(:func:`withdraw_feature_tables`): Feast's offline source never keeps serving it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,8 +50,9 @@ from pipelines.features.tables import (
 from pipelines.features.valuesets import ValueSet, load_valuesets, register_code_table
 from pipelines.parallel import on_cursors
 from pipelines.patient_digests import PatientDigests
-from pipelines.publish import TableChange, publish_in_place, transaction
+from pipelines.publish import CheckOutcome, TableChange, publish_in_place, transaction
 from pipelines.workdir import RELEASE_STATE_SCHEMA
+from vault.keys import fsync_dir
 
 # the schema the erasure plan purges by patient_id (pipelines.workdir)
 STATE_SCHEMA = RELEASE_STATE_SCHEMA
@@ -53,8 +61,8 @@ DIGESTS = PatientDigests("feature")
 BUILDS = f"{STATE_SCHEMA}.feature_builds"
 CURRENT = DIGESTS.current
 CHANGED = DIGESTS.changed
-# the patients whose rows the last incremental refresh computed (for its leak scan)
-REFRESHED = f"{STATE_SCHEMA}.feature_refreshed"
+# a check of feature rows before they are published: (connection, trusted table of the rows)
+RowsCheck = Callable[[duckdb.DuckDBPyConnection, str], CheckOutcome]
 # Bumped when the feature SQL changes in a way its text does not show.
 FEATURES_VERSION = "1"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -98,7 +106,6 @@ def _ensure_state(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA}")
     DIGESTS.ensure(con)
     con.execute(f"CREATE TABLE IF NOT EXISTS {BUILDS} (key VARCHAR PRIMARY KEY, value VARCHAR)")
-    con.execute(f"CREATE TABLE IF NOT EXISTS {REFRESHED} (patient_id VARCHAR)")
 
 
 def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
@@ -145,10 +152,6 @@ def _write_record(con: duckdb.DuckDBPyConnection, shared: dict[str, str], *, ful
     DIGESTS.record(con, full=full)
     con.execute(f"DELETE FROM {BUILDS}")
     con.executemany(f"INSERT INTO {BUILDS} VALUES (?, ?)", list(shared.items()))
-    con.execute(
-        f"CREATE OR REPLACE TABLE {REFRESHED} AS SELECT patient_id FROM "
-        + (CURRENT if full else f"{CHANGED} WHERE NOT gone")
-    )
 
 
 def _record_full_build(con: duckdb.DuckDBPyConnection, shared: dict[str, str]) -> None:
@@ -201,12 +204,26 @@ def _publish_changed_patients(
     created: datetime,
     valuesets: list[ValueSet],
     shared: dict[str, str],
-) -> None:
-    """The changed patients' rows computed again; then in one transaction every table's rows
-    of those patients replaced by them, the bookkeeping and the Parquet files."""
+    check: RowsCheck | None,
+) -> dict[str, CheckOutcome]:
+    """The changed patients' rows computed again and checked (each table's on a cursor of its
+    own); then, when every check passed, in one transaction every table's rows of those
+    patients replaced by them, the bookkeeping and the Parquet files. A failed check publishes
+    nothing and records nothing: the next refresh computes the same patients again. Returns
+    each table's check result (none without ``check``)."""
     ((data_end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
     try:
         _compute_changed_patients(con, created, valuesets, data_end)
+        checks: dict[str, CheckOutcome] = {}
+        if check is not None:
+            rows_check = check  # bound here: a lambda would see a later rebinding of ``check``
+
+            def check_new_rows(cursor: duckdb.DuckDBPyConnection, name: str) -> CheckOutcome:
+                return rows_check(cursor, _new_rows_table(name))
+
+            checks = dict(on_cursors(con, check_new_rows, list(FEATURE_TABLES)))
+            if not all(result.passed for result in checks.values()):
+                return checks
         changes = [
             TableChange(
                 f"{FEATURES_SCHEMA}.{name}",
@@ -222,16 +239,41 @@ def _publish_changed_patients(
             for name in FEATURE_TABLES
         ]
         publish_in_place(con, changes, record=lambda c: _write_record(c, shared, full=False))
+        return checks
     finally:
         for name in FEATURE_TABLES:
             con.execute(f"DROP TABLE IF EXISTS {_new_rows_table(name)}")
 
 
+def withdraw_feature_tables(
+    con: duckdb.DuckDBPyConnection, out_dir: Path, names: list[str]
+) -> None:
+    """Take published feature tables down (a check of a published table failed): each Parquet
+    file, Feast's offline source, deleted first, then the tables dropped and the build record
+    cleared in one transaction. A crash in between leaves a table without its file; either
+    way the next refresh builds every table in full, and publishes each one only when its
+    check passes."""
+    for name in names:
+        parquet_path(out_dir, name).unlink(missing_ok=True)
+    fsync_dir(Path(out_dir))
+    with transaction(con):
+        for name in names:
+            con.execute(f"DROP TABLE IF EXISTS {FEATURES_SCHEMA}.{name}")
+        con.execute(f"DELETE FROM {BUILDS}")
+
+
 def refresh_feature_tables(
-    con: duckdb.DuckDBPyConnection, out_dir: Path, *, created: datetime | None = None
+    con: duckdb.DuckDBPyConnection,
+    out_dir: Path,
+    *,
+    created: datetime | None = None,
+    check: RowsCheck | None = None,
 ) -> FeatureRefresh:
     """Bring every feature table (DuckDB and Parquet) up to date with the views, computing
-    only the patients whose view rows changed when the shared inputs are the same."""
+    only the patients whose view rows changed when the shared inputs are the same. With
+    ``check``, rows are published only when it passes over them (a full build's staged
+    tables one by one, an incremental refresh's rows of the changed patients all together);
+    the build's ``checks`` say what it found."""
     started = time.perf_counter()
     created = created or datetime.now(UTC)
     valuesets = load_valuesets()
@@ -242,20 +284,26 @@ def refresh_feature_tables(
     _stage_patient_digests(con)
     try:
         if _needs_full_build(con, Path(out_dir), shared):
-            build = build_feature_tables_report(con, out_dir, created=created)
-            _record_full_build(con, shared)
+            staged = None if check is None else (lambda _name: check)
+            build = build_feature_tables_report(con, out_dir, created=created, check=staged)
+            if not build.unpublished:
+                _record_full_build(con, shared)
+            else:  # the next refresh builds in full again
+                con.execute(f"DELETE FROM {BUILDS}")
             ((count,),) = con.execute(f"SELECT count(*) FROM {CURRENT}").fetchall()
             return FeatureRefresh(build, "full", int(count), 0)
         ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
         changed, gone = DIGESTS.stage_changed(con)
-        mode = "unchanged"
+        mode, checks = "unchanged", {}
         if changed or gone:
-            _publish_changed_patients(con, Path(out_dir), created, valuesets, shared)
+            checks = _publish_changed_patients(
+                con, Path(out_dir), created, valuesets, shared, check
+            )
             mode = "incremental"
         rows, patients = _counts(con)
         seconds = round(time.perf_counter() - started, 3)
         return FeatureRefresh(
-            FeatureBuild(rows, patients, int(opted_out), seconds), mode, changed, gone
+            FeatureBuild(rows, patients, int(opted_out), seconds, checks), mode, changed, gone
         )
     finally:
         DIGESTS.drop_scratch(con)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -55,7 +55,7 @@ from pipelines.features.valuesets import (
     register_code_table,
     register_lookup_table,
 )
-from pipelines.publish import publish_table
+from pipelines.publish import CheckOutcome, PublishCheck, publish_checked, publish_table
 
 FEATURES_SCHEMA = "features"
 
@@ -174,12 +174,18 @@ FEAST_TTL_DAYS = 400
 
 @dataclass(frozen=True)
 class FeatureBuild:
-    """Row counts and timing of one build."""
+    """Row counts and timing of one build; with checks, what each table's check said (a table
+    whose check failed was not published, and its counts are those of the rows not published)."""
 
     rows: dict[str, int]
     patients: dict[str, int]
     opted_out: int
     seconds: float
+    checks: dict[str, CheckOutcome] = field(default_factory=dict)
+
+    @property
+    def unpublished(self) -> list[str]:
+        return [name for name, check in self.checks.items() if not check.passed]
 
 
 def prepare_sources(
@@ -637,8 +643,11 @@ def build_feature_tables_report(
     created: datetime | None = None,
     valuesets_dir: Path | None = None,
     edges: bool = True,
+    check: Callable[[str], PublishCheck[CheckOutcome]] | None = None,
 ) -> FeatureBuild:
-    """Build ``features.<table>`` and ``out_dir/<table>.parquet`` for each feature table."""
+    """Build ``features.<table>`` and ``out_dir/<table>.parquet`` for each feature table. With
+    ``check`` (a table's name to the check of its staged rows), a table is published only when
+    its check passes; one that fails leaves the published table and file as they were."""
     started = time.perf_counter()
     created = created or datetime.now(UTC)
     valuesets = load_valuesets(valuesets_dir) if valuesets_dir else load_valuesets()
@@ -651,20 +660,24 @@ def build_feature_tables_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: dict[str, int] = {}
     patients: dict[str, int] = {}
+    checks: dict[str, CheckOutcome] = {}
     for name in tables or tuple(FEATURE_TABLES):
         table = f"{FEATURES_SCHEMA}.{name}"
+        path, sql = parquet_path(out_dir, name), table_sql(name, created, valuesets, edges)
         # readers (Feast, the checks) never see a half-written table or file
-        rows[name] = publish_table(
-            con,
-            table,
-            parquet_path(out_dir, name),
-            table_sql(name, created, valuesets, edges),
-            compression="zstd",
-        )
+        if check is None:
+            rows[name] = publish_table(con, table, path, sql, compression="zstd")
+        else:
+            outcome = publish_checked(con, table, path, sql, check(name), compression="zstd")
+            rows[name], checks[name] = outcome.rows, outcome.check
+            if not outcome.published:
+                patients[name] = 0
+                continue
         ((distinct,),) = con.execute(f"SELECT count(DISTINCT patient_id) FROM {table}").fetchall()
         patients[name] = int(distinct)
     ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
-    return FeatureBuild(rows, patients, int(opted_out), round(time.perf_counter() - started, 3))
+    seconds = round(time.perf_counter() - started, 3)
+    return FeatureBuild(rows, patients, int(opted_out), seconds, checks)
 
 
 def build_feature_tables(con: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:

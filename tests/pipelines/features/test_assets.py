@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
@@ -121,3 +122,98 @@ def test_leak_blocks_feast(tmp_path: Path, key_file: Path) -> None:
     assert failed == {("patient_demographics", "phi_leak_scan")}
     assert not result.asset_materializations_for_node("feast_registry")
     assert not (tmp_path / "work" / "feast" / "registry.db").exists()
+    # nothing of the table reached Feast's offline source; the clean tables were published
+    features = tmp_path / "work" / "features"
+    assert not (features / "patient_demographics.parquet").exists()
+    assert {p.stem for p in features.glob("*.parquet")} == {
+        k.path[-1] for k in FEATURE_ASSET_KEYS
+    } - {"patient_demographics"}
+    demo = {
+        m.asset_key: m.metadata for m in result.asset_materializations_for_node("feature_tables")
+    }[AssetKey(["features", "patient_demographics"])]
+    assert demo["published"].value is False and demo["dagster/row_count"].value == 0
+    # the views mended, the next run builds it and serves it
+    _write_views(tmp_path, crafted_rows())
+    again = materialize(
+        FEAST_ASSETS, selection=FEAST_SELECTION, instance=instance, resources=resources
+    )
+    assert again.success and all(c.passed for c in again.get_asset_check_evaluations())
+    assert (features / "patient_demographics.parquet").exists()
+
+
+def _digests(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in directory.glob("*")}
+
+
+@pytest.mark.usefixtures("key_file")
+def test_a_leak_in_changed_rows_publishes_nothing(tmp_path: Path, key_file: Path) -> None:
+    instance, resources = _work(tmp_path, key_file)
+    _write_views(tmp_path, crafted_rows())
+    assert materialize([feature_tables], instance=instance, resources=resources).success
+    features = tmp_path / "work" / "features"
+    before = _digests(features)
+    rows = crafted_rows()
+    for patient in rows["patient"]:
+        if patient["id"] == A:
+            patient["race_code"] = FAMILY  # A's rows change, and now name the patient
+    _write_views(tmp_path, rows)
+    result = materialize(
+        [feature_tables], instance=instance, resources=resources, raise_on_error=False
+    )
+    failed = {c.asset_key.path[-1] for c in result.get_asset_check_evaluations() if not c.passed}
+    assert failed == {"patient_demographics"}
+    metadata = [m.metadata for m in result.asset_materializations_for_node("feature_tables")]
+    assert {m["refresh"].value for m in metadata} == {"incremental"}
+    assert not any(m["published"].value is False for m in metadata)  # the old tables stand
+    assert _digests(features) == before  # byte for byte: no new row of any table published
+
+
+@pytest.mark.usefixtures("key_file")
+def test_a_kept_row_naming_a_new_patient_is_withdrawn(tmp_path: Path, key_file: Path) -> None:
+    instance, resources = _work(tmp_path, key_file)
+    _write_views(tmp_path, crafted_rows())
+    assert materialize([feature_tables], instance=instance, resources=resources).success
+    features = tmp_path / "work" / "features"
+    assert (features / "patient_demographics.parquet").exists()
+    # a second batch brings a patient whose surname is a word the kept rows hold ("female")
+    landing = tmp_path / "landing" / "export-2"
+    landing.mkdir(parents=True)
+    newcomer = {
+        "resourceType": "Patient",
+        "id": "p2",
+        "gender": "male",
+        "birthDate": "1970-05-06",
+        "name": [{"family": "Female", "given": ["Tobiah"]}],
+    }
+    (landing / "data.ndjson").write_bytes(orjson.dumps(newcomer) + b"\n")
+    instance.add_dynamic_partitions("batches", ["export-2"])
+    assert materialize(
+        batch_assets, partition_key="export-2", instance=instance, resources=resources
+    ).success
+    result = materialize(
+        [feature_tables], instance=instance, resources=resources, raise_on_error=False
+    )
+    by_key = {
+        m.asset_key.path[-1]: m.metadata
+        for m in result.asset_materializations_for_node("feature_tables")
+    }
+    assert by_key["patient_demographics"]["refresh"].value == "unchanged"
+    assert by_key["patient_demographics"]["withdrawn"].value is True
+    assert not (features / "patient_demographics.parquet").exists()
+    failed = {
+        (c.asset_key.path[-1], c.check_name)
+        for c in result.get_asset_check_evaluations()
+        if not c.passed
+    }
+    assert ("patient_demographics", "phi_leak_scan") in failed
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
+    try:
+        tables = {
+            t
+            for (t,) in con.execute(
+                "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'features'"
+            ).fetchall()
+        }
+    finally:
+        con.close()
+    assert "patient_demographics" not in tables

@@ -135,19 +135,25 @@ def feature_tables(
         f"{refresh.patients_removed} removed, {build.opted_out} opted-out patients excluded, "
         f"{build.seconds:.1f}s"
     )
+    # a refresh publishes the changed patients' rows of every table or of none
+    held_back = set(build.unpublished)
+    if held_back and refresh.mode != "full":
+        held_back = set(FEATURE_TABLES)
     for name, (after, stats) in results.items():
         key = feature_asset_key(name)
         checked = [c for c in (build.checks.get(name), after) if isinstance(c, FeatureRowsCheck)]
-        published = stats is not None and name not in withdrawn
+        # what stands: the table as published now (an older one when this run's rows were
+        # held back), or nothing (never built, or withdrawn)
+        standing = stats is not None and name not in withdrawn
         shape, nulls, plot = stats if stats is not None else (TableShape(0, 0, []), {}, None)
         yield MaterializeResult(
             asset_key=key,
             metadata={
-                "dagster/row_count": shape.rows if published else 0,
-                "published": published,
+                "dagster/row_count": shape.rows if standing else 0,
+                "published": standing and name not in held_back,
                 "withdrawn": name in withdrawn,
-                "rows": shape.rows if published else 0,
-                "patients": shape.patients if published else 0,
+                "rows": shape.rows if standing else 0,
+                "patients": shape.patients if standing else 0,
                 **column_metadata(shape.columns),
                 "table": f"{FEATURES_SCHEMA}.{name}",
                 "parquet": MetadataValue.path(str(parquet_path(out_dir, name))),
@@ -156,8 +162,8 @@ def feature_tables(
                 "refresh": refresh.mode,
                 "patients_changed": refresh.patients_changed,
                 "patients_removed": refresh.patients_removed,
-                "null_rate": MetadataValue.json(nulls if published else {}),
-                **({"distributions": image_metadata(plot)} if published and plot else {}),
+                "null_rate": MetadataValue.json(nulls if standing else {}),
+                **({"distributions": image_metadata(plot)} if standing and plot else {}),
             },
         )
         # a table neither checked nor published (it could not be built) fails its checks

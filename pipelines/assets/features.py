@@ -33,7 +33,9 @@ from pipelines.features.checks import (
     opted_out_known,
     table_shape,
 )
+from pipelines.features.online_sync import withdraw_online_views
 from pipelines.features.refresh import refresh_feature_tables, withdraw_feature_tables
+from pipelines.features.resources import FeastStoreResource
 from pipelines.features.stats import null_rates, plot_distributions
 from pipelines.features.tables import FEATURE_TABLES, FEATURES_SCHEMA, parquet_path
 from pipelines.parallel import on_cursors
@@ -89,7 +91,10 @@ FEATURE_ASSET_KEYS: list[AssetKey] = [feature_asset_key(name) for name in FEATUR
     pool=WAREHOUSE_POOL,
 )
 def feature_tables(
-    context: AssetExecutionContext, warehouse: WarehouseResource, keys: KeyProviderResource
+    context: AssetExecutionContext,
+    warehouse: WarehouseResource,
+    keys: KeyProviderResource,
+    feast_store: FeastStoreResource,
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """Build the feature tables from the views; publish only rows that pass their checks."""
     out_dir = Path(warehouse.workdir) / "features"
@@ -114,6 +119,8 @@ def feature_tables(
             after = None
             if recheck or name in build.unpublished:
                 after = check_published_table(cursor, canaries, name)
+                if not after.passed:  # withdrawn below; nothing of it described, not even a plot
+                    return after, None
             stats = (
                 table_shape(cursor, name),
                 null_rates(cursor, name),
@@ -124,8 +131,7 @@ def feature_tables(
         # the tables are published: each one's checks and statistics read it side by side
         results = dict(on_cursors(con, report, list(FEATURE_TABLES)))
         withdrawn = [n for n, (after, _) in results.items() if after and not after.passed]
-        if withdrawn:
-            withdraw_feature_tables(con, out_dir, withdrawn)
+        online_withdrawn = _withdraw(con, feast_store, warehouse.workdir, withdrawn)
         known = opted_out_known(con)
     finally:
         con.close()
@@ -152,6 +158,7 @@ def feature_tables(
                 "dagster/row_count": shape.rows if standing else 0,
                 "published": standing and name not in held_back,
                 "withdrawn": name in withdrawn,
+                **({"online_rows_withdrawn": online_withdrawn} if name in withdrawn else {}),
                 "rows": shape.rows if standing else 0,
                 "patients": shape.patients if standing else 0,
                 **column_metadata(shape.columns),
@@ -177,6 +184,22 @@ def feature_tables(
             severity=AssetCheckSeverity.ERROR,
             metadata={"opted_out_rows": opted_rows, "opted_out_patients": known},
         )
+
+
+def _withdraw(
+    con: duckdb.DuckDBPyConnection, feast_store: FeastStoreResource, workdir: str, names: list[str]
+) -> int:
+    """Withdraw the named feature tables (see :func:`withdraw_feature_tables`), their plots
+    (a code's label may be what the scan found) and their feature views' online rows; the
+    online rows deleted."""
+    if not names:
+        return 0
+    out_dir, stats_dir = Path(workdir) / "features", Path(workdir) / "feature_stats"
+    withdraw_feature_tables(con, out_dir, names)
+    for name in names:
+        (stats_dir / f"{name}.png").unlink(missing_ok=True)
+    files = [parquet_path(out_dir, name) for name in names]
+    return withdraw_online_views(con, feast_store.store(workdir), files)
 
 
 def _not_checked(key: AssetKey, check_name: str) -> AssetCheckResult:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import duckdb
 import pandas as pd
@@ -342,3 +343,27 @@ def sync_online_store(
     report.entities_online = online_entity_counts(store)
     report.seconds = round(time.perf_counter() - started, 3)
     return report
+
+
+def withdraw_online_views(
+    con: duckdb.DuckDBPyConnection, store: FeatureStore, parquet_files: list[Path]
+) -> int:
+    """Delete every online row of the feature views read from ``parquet_files`` (their feature
+    tables were withdrawn: a value they held may name a patient), and forget the sync's
+    snapshot, so the next sync reloads the store in full once the tables pass their checks
+    again. Returns the rows deleted."""
+    path = online_store_path(store)
+    if path.exists():
+        withdrawn = {Path(p).resolve() for p in parquet_files}
+        tables = [
+            online_table(store, view.name)
+            for view in store.list_feature_views()
+            if isinstance(view.batch_source, FileSource)
+            and Path(view.batch_source.path).resolve() in withdrawn
+        ]
+        keys = set().union(*(online_keys(path, table) for table in tables))
+        removed = delete_online_entities(path, keys, tables)
+    else:
+        removed = 0
+    forget_snapshot(con)
+    return removed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -177,9 +178,15 @@ def test_a_leak_in_changed_rows_publishes_nothing(tmp_path: Path, key_file: Path
 
 @pytest.mark.usefixtures("key_file")
 def test_a_kept_row_naming_a_new_patient_is_withdrawn(tmp_path: Path, key_file: Path) -> None:
-    instance, resources = _published(tmp_path, key_file)
+    instance, resources = _work(tmp_path, key_file)
+    _write_views(tmp_path, crafted_rows())
+    assert materialize(
+        FEAST_ASSETS, selection=FEAST_SELECTION, instance=instance, resources=resources
+    ).success
     features = tmp_path / "work" / "features"
     assert (features / "patient_demographics.parquet").exists()
+    online = _online_rows(tmp_path / "work" / "feast")
+    assert online["patient_demographics"] > 0 and online["patient_utilisation"] > 0
     # a second batch brings a patient whose surname is a word the kept rows hold ("female")
     landing = tmp_path / "landing" / "export-2"
     landing.mkdir(parents=True)
@@ -222,3 +229,27 @@ def test_a_kept_row_naming_a_new_patient_is_withdrawn(tmp_path: Path, key_file: 
     finally:
         con.close()
     assert "patient_demographics" not in tables
+    assert not (tmp_path / "work" / "feature_stats" / "patient_demographics.png").exists()
+    # served nowhere: the view's online rows are gone, the other views' stay
+    after = _online_rows(tmp_path / "work" / "feast")
+    assert after["patient_demographics"] == 0
+    assert after["patient_utilisation"] == online["patient_utilisation"]
+    demo = by_key["patient_demographics"]
+    assert demo["online_rows_withdrawn"].value == online["patient_demographics"]
+
+
+def _online_rows(feast_dir: Path) -> dict[str, int]:
+    """Rows of each feature view's table in the SQLite online store, counted with sqlite3."""
+    (db_path,) = [p for p in feast_dir.rglob("*.db") if p.name != "registry.db"]
+    db = sqlite3.connect(db_path)
+    try:
+        names = [n for (n,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        counts = {n: db.execute(f'SELECT count(*) FROM "{n}"').fetchone()[0] for n in names}
+    finally:
+        db.close()
+    return {
+        view: counts.get(table, 0) for table in names for view in _VIEWS if table.endswith(view)
+    }
+
+
+_VIEWS = [k.path[-1] for k in FEATURE_ASSET_KEYS]

@@ -141,10 +141,7 @@ def feature_tables(
         f"{refresh.patients_removed} removed, {build.opted_out} opted-out patients excluded, "
         f"{build.seconds:.1f}s"
     )
-    # a refresh publishes the changed patients' rows of every table or of none
-    held_back = set(build.unpublished)
-    if held_back and refresh.mode != "full":
-        held_back = set(FEATURE_TABLES)
+    held_back = refresh.held_back
     for name, (after, stats) in results.items():
         key = feature_asset_key(name)
         checked = [c for c in (build.checks.get(name), after) if isinstance(c, FeatureRowsCheck)]

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -50,7 +49,13 @@ from pipelines.features.tables import (
 from pipelines.features.valuesets import ValueSet, load_valuesets, register_code_table
 from pipelines.parallel import on_cursors
 from pipelines.patient_digests import PatientDigests
-from pipelines.publish import CheckOutcome, TableChange, publish_in_place, transaction
+from pipelines.publish import (
+    CheckOutcome,
+    PublishCheck,
+    TableChange,
+    publish_in_place,
+    transaction,
+)
 from pipelines.workdir import RELEASE_STATE_SCHEMA
 from vault.keys import fsync_dir
 
@@ -61,8 +66,6 @@ DIGESTS = PatientDigests("feature")
 BUILDS = f"{STATE_SCHEMA}.feature_builds"
 CURRENT = DIGESTS.current
 CHANGED = DIGESTS.changed
-# a check of feature rows before they are published: (connection, trusted table of the rows)
-RowsCheck = Callable[[duckdb.DuckDBPyConnection, str], CheckOutcome]
 # Bumped when the feature SQL changes in a way its text does not show.
 FEATURES_VERSION = "1"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -76,6 +79,14 @@ class FeatureRefresh:
     mode: str  # "full", "incremental" or "unchanged"
     patients_changed: int
     patients_removed: int
+
+    @property
+    def held_back(self) -> set[str]:
+        """Tables whose rows this refresh computed and did not publish: a full build's tables
+        whose check failed; every table after a refresh whose check failed for any (a refresh
+        publishes the changed patients' rows of all five tables or of none)."""
+        unpublished = set(self.build.unpublished)
+        return set(FEATURE_TABLES) if unpublished and self.mode != "full" else unpublished
 
 
 def _canonical(valuesets: list[ValueSet]) -> str:
@@ -204,7 +215,7 @@ def _publish_changed_patients(
     created: datetime,
     valuesets: list[ValueSet],
     shared: dict[str, str],
-    check: RowsCheck | None,
+    check: PublishCheck[CheckOutcome] | None,
 ) -> dict[str, CheckOutcome]:
     """The changed patients' rows computed again and checked (each table's on a cursor of its
     own); then, when every check passed, in one transaction every table's rows of those
@@ -216,7 +227,7 @@ def _publish_changed_patients(
         _compute_changed_patients(con, created, valuesets, data_end)
         checks: dict[str, CheckOutcome] = {}
         if check is not None:
-            rows_check = check  # bound here: a lambda would see a later rebinding of ``check``
+            rows_check = check  # narrowed to not-None for the nested function
 
             def check_new_rows(cursor: duckdb.DuckDBPyConnection, name: str) -> CheckOutcome:
                 return rows_check(cursor, _new_rows_table(name))
@@ -267,7 +278,7 @@ def refresh_feature_tables(
     out_dir: Path,
     *,
     created: datetime | None = None,
-    check: RowsCheck | None = None,
+    check: PublishCheck[CheckOutcome] | None = None,
 ) -> FeatureRefresh:
     """Bring every feature table (DuckDB and Parquet) up to date with the views, computing
     only the patients whose view rows changed when the shared inputs are the same. With
@@ -284,8 +295,7 @@ def refresh_feature_tables(
     _stage_patient_digests(con)
     try:
         if _needs_full_build(con, Path(out_dir), shared):
-            staged = None if check is None else (lambda _name: check)
-            build = build_feature_tables_report(con, out_dir, created=created, check=staged)
+            build = build_feature_tables_report(con, out_dir, created=created, check=check)
             if not build.unpublished:
                 _record_full_build(con, shared)
             else:  # the next refresh builds in full again

@@ -643,11 +643,11 @@ def build_feature_tables_report(
     created: datetime | None = None,
     valuesets_dir: Path | None = None,
     edges: bool = True,
-    check: Callable[[str], PublishCheck[CheckOutcome]] | None = None,
+    check: PublishCheck[CheckOutcome] | None = None,
 ) -> FeatureBuild:
     """Build ``features.<table>`` and ``out_dir/<table>.parquet`` for each feature table. With
-    ``check`` (a table's name to the check of its staged rows), a table is published only when
-    its check passes; one that fails leaves the published table and file as they were."""
+    ``check`` (run over each table's staged rows), a table is published only when its check
+    passes; one that fails leaves the published table and file as they were."""
     started = time.perf_counter()
     created = created or datetime.now(UTC)
     valuesets = load_valuesets(valuesets_dir) if valuesets_dir else load_valuesets()
@@ -668,7 +668,7 @@ def build_feature_tables_report(
         if check is None:
             rows[name] = publish_table(con, table, path, sql, compression="zstd")
         else:
-            outcome = publish_checked(con, table, path, sql, check(name), compression="zstd")
+            outcome = publish_checked(con, table, path, sql, check, compression="zstd")
             rows[name], checks[name] = outcome.rows, outcome.check
             if not outcome.published:
                 patients[name] = 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipelines.parallel import in_background, on_cursors
+from pipelines.parallel import duckdb_threads_beside, in_background, on_cursors
 
 
 def test_pieces_overlap_and_results_keep_the_order_given() -> None:
@@ -140,3 +140,66 @@ def test_a_result_is_handed_on_while_later_pieces_run() -> None:
     results.close()
     assert sorted(ended) == [1, 2]
     assert list(on_cursors(duckdb.connect(), work, [1, 2], workers=2)) == [(1, 10), (2, 20)]
+
+
+def _threads(con: duckdb.DuckDBPyConnection) -> int:
+    ((value,),) = con.execute("SELECT current_setting('threads')").fetchall()
+    return int(value)
+
+
+def test_duckdb_threads_beside_fill_the_cores_and_no_more() -> None:
+    # each thread issuing a query works on it: workers + (threads - 1) == cores, at least 1
+    for cores in range(1, 17):
+        for workers in range(1, 5):
+            threads = duckdb_threads_beside(workers, cores)
+            busy = workers + threads - 1
+            assert threads >= 1
+            assert busy == cores if workers <= cores else threads == 1
+
+
+def test_side_by_side_pieces_run_on_fewer_threads_until_the_last_ends(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    default = _threads(con)
+    inner_seen: list[int] = []
+
+    def work(cursor: duckdb.DuckDBPyConnection, item: int) -> int:
+        if item == 1:
+            # a piece's own side-by-side section, nested: it shares the lowered setting and
+            # leaves it lowered for the outer one when it ends
+            inner = list(on_cursors(cursor, lambda c, _: _threads(c), [1, 2], workers=2))
+            inner_seen.extend(value for _, value in inner)
+        return _threads(cursor)
+
+    found = dict(on_cursors(con, work, [1, 2, 3], workers=2))
+    lowered = duckdb_threads_beside(2)
+    assert set(found.values()) == {lowered}
+    assert inner_seen == [lowered, lowered]
+    assert _threads(con) == default  # reset once the last section ended
+    with in_background(con, _threads) as result:
+        assert result() == lowered == _threads(con)
+    assert _threads(con) == default
+
+
+def test_a_failing_or_abandoned_section_still_resets_the_threads(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    default = _threads(con)
+
+    def failing(cursor: duckdb.DuckDBPyConnection, item: int) -> int:
+        if item == 2:
+            raise ValueError("piece 2 failed")
+        return _threads(cursor)
+
+    with pytest.raises(ValueError, match="piece 2 failed"):
+        list(on_cursors(con, failing, [1, 2], workers=2))
+    assert _threads(con) == default
+    results = on_cursors(con, lambda c, _: _threads(c), [1, 2, 3], workers=2)
+    next(results)
+    results.close()  # the caller stopped early
+    assert _threads(con) == default
+
+
+def test_an_in_memory_database_keeps_its_threads() -> None:
+    con = duckdb.connect()
+    con.execute("SET threads = 3")
+    found = {v for _, v in on_cursors(con, lambda c, _: _threads(c), [1, 2], workers=2)}
+    assert found == {3} and _threads(con) == 3

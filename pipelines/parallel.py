@@ -11,11 +11,11 @@ While pieces run side by side, the database runs each query on fewer threads of 
 (:func:`duckdb_threads_beside`): DuckDB's ``threads`` counts the thread that issued a query
 with its own workers, so two cursors each running a query on a two-core machine with the
 default setting keep three threads busy on two cores. With one thread each, a release after a
-1 % batch at 1,000 patients took 3.38 s against 3.61 s, and the full release 35.9 s against
-37.4 s (medians of ten and three runs, taking turns). The setting belongs to the database, not
-to a cursor: it is lowered when the first side-by-side section of a database file begins and
-reset to DuckDB's default when the last one ends (an in-memory database, scratch work, is left
-as it is).
+1 % batch at 1,000 patients took 0.05-0.30 s less (medians of four rounds of 10-15 alternating
+pairs; docs/benchmarks.md) and a full release as long as before. The setting belongs to the
+database, not to a cursor: it is lowered when the first side-by-side section of a database
+file begins and reset to DuckDB's default when the last one ends (an in-memory database,
+scratch work, is left as it is).
 
 Every piece runs to its end even when another fails (each is its own transaction, so a failure
 leaves the others' work whole); the results come back in the order of the pieces, and the first

@@ -159,6 +159,7 @@ def in_background(
     runs; the block gets a function that waits for its result (or raises its error). Leaving
     the block waits for the work to end."""
     settings = _session_settings(con)
+    # two side by side: the background thread and the block's own
     with side_by_side(con, 2), ThreadPoolExecutor(1, thread_name_prefix="warehouse") as pool:
         future = pool.submit(_on_own_cursor, con, settings, work)
         yield future.result

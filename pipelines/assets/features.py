@@ -18,6 +18,7 @@ from dagster import (
     MetadataValue,
     multi_asset,
 )
+from feast import FeatureStore
 
 from deid.leakscan import LeakScanResult
 from deid.release import merged_scans
@@ -131,7 +132,11 @@ def feature_tables(
         # the tables are published: each one's checks and statistics read it side by side
         results = dict(on_cursors(con, report, list(FEATURE_TABLES)))
         withdrawn = [n for n, (after, _) in results.items() if after and not after.passed]
-        online_withdrawn = _withdraw(con, feast_store, warehouse.workdir, withdrawn)
+        online_withdrawn = (
+            _withdraw(con, feast_store.store(warehouse.workdir), out_dir, stats_dir, withdrawn)
+            if withdrawn
+            else {}
+        )
         known = opted_out_known(con)
     finally:
         con.close()
@@ -155,7 +160,7 @@ def feature_tables(
                 "dagster/row_count": shape.rows if standing else 0,
                 "published": standing and name not in held_back,
                 "withdrawn": name in withdrawn,
-                **({"online_rows_withdrawn": online_withdrawn} if name in withdrawn else {}),
+                **({"online_rows_withdrawn": online_withdrawn[name]} if name in withdrawn else {}),
                 "rows": shape.rows if standing else 0,
                 "patients": shape.patients if standing else 0,
                 **column_metadata(shape.columns),
@@ -184,19 +189,21 @@ def feature_tables(
 
 
 def _withdraw(
-    con: duckdb.DuckDBPyConnection, feast_store: FeastStoreResource, workdir: str, names: list[str]
-) -> int:
+    con: duckdb.DuckDBPyConnection,
+    store: FeatureStore,
+    out_dir: Path,
+    stats_dir: Path,
+    names: list[str],
+) -> dict[str, int]:
     """Withdraw the named feature tables (see :func:`withdraw_feature_tables`), their plots
     (a code's label may be what the scan found) and their feature views' online rows; the
-    online rows deleted."""
-    if not names:
-        return 0
-    out_dir, stats_dir = Path(workdir) / "features", Path(workdir) / "feature_stats"
+    online rows deleted, per table."""
     withdraw_feature_tables(con, out_dir, names)
     for name in names:
         (stats_dir / f"{name}.png").unlink(missing_ok=True)
-    files = [parquet_path(out_dir, name) for name in names]
-    return withdraw_online_views(con, feast_store.store(workdir), files)
+    files = {name: parquet_path(out_dir, name) for name in names}
+    removed = withdraw_online_views(con, store, list(files.values()))
+    return {name: removed[file] for name, file in files.items()}
 
 
 def _not_checked(key: AssetKey, check_name: str) -> AssetCheckResult:

@@ -347,23 +347,24 @@ def sync_online_store(
 
 def withdraw_online_views(
     con: duckdb.DuckDBPyConnection, store: FeatureStore, parquet_files: list[Path]
-) -> int:
+) -> dict[Path, int]:
     """Delete every online row of the feature views read from ``parquet_files`` (their feature
     tables were withdrawn: a value they held may name a patient), and forget the sync's
     snapshot, so the next sync reloads the store in full once the tables pass their checks
-    again. Returns the rows deleted."""
+    again. Returns the rows deleted per file."""
     path = online_store_path(store)
+    removed = {Path(p): 0 for p in parquet_files}
     if path.exists():
-        withdrawn = {Path(p).resolve() for p in parquet_files}
-        tables = [
-            online_table(store, view.name)
-            for view in store.list_feature_views()
-            if isinstance(view.batch_source, FileSource)
-            and Path(view.batch_source.path).resolve() in withdrawn
-        ]
-        keys = set().union(*(online_keys(path, table) for table in tables))
-        removed = delete_online_entities(path, keys, tables)
-    else:
-        removed = 0
+        by_source = {Path(p).resolve(): Path(p) for p in parquet_files}
+        for view in store.list_feature_views():
+            source = view.batch_source
+            if not isinstance(source, FileSource):
+                continue
+            withdrawn = by_source.get(Path(source.path).resolve())
+            if withdrawn is not None:
+                table = online_table(store, view.name)
+                removed[withdrawn] += delete_online_entities(
+                    path, online_keys(path, table), [table]
+                )
     forget_snapshot(con)
     return removed

@@ -37,8 +37,8 @@ def _sealed_spelling_a_word(keys: DataKeyStore) -> tuple[bytes, str]:
     for counter in range(10_000):
         nonce = counter.to_bytes(NONCE_BYTES, "big")
         blob = seal(key, b"{" + b"x" * 1000 + b"}", AAD, random_bytes=lambda _n, v=nonce: v)
-        in_header = set(_words(blob[: header + 8]))
-        found = [w for w in _words(blob) if w not in in_header and w in _words(blob[header:])]
+        in_header, in_body = set(_words(blob[: header + 8])), set(_words(blob[header:]))
+        found = [w for w in _words(blob) if w in in_body and w not in in_header]
         if found:
             return blob, found[0]
     raise AssertionError("no nonce gave a ciphertext holding a word")

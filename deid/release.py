@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -34,6 +33,7 @@ from vault.catalog import has_table
 from vault.ingest import FHIR_BASE_ENV
 from vault.keys import KeyProvider, key_fingerprint
 from vault.read import iter_current_records
+from vault.warehouse import database_path
 
 DEID_DDL = """
 CREATE TABLE IF NOT EXISTS deid_resources (
@@ -312,17 +312,15 @@ def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _Vault
     """What the release canaries depend on, without decrypting anything: the warehouse file,
     the vault's rows (count, highest ingest position, a digest of which versions it holds) and
     the keys. None for an in-memory warehouse, which has no name to tell it apart by."""
-    (path,) = con.execute(
-        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
-    ).fetchone() or (None,)
-    if not path:
+    path = database_path(con)
+    if path is None:
         return None
     rows, last_seq, digest = con.execute(
         "SELECT count(*), max(ingest_seq), sum(hash(resource_key, ingest_seq, content_mac)) "
         "FROM phi_vault"
     ).fetchone() or (0, None, None)
     return (
-        str(Path(path).resolve()),
+        str(path.resolve()),
         int(rows),
         None if last_seq is None else int(last_seq),
         None if digest is None else int(digest),

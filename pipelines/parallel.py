@@ -33,6 +33,8 @@ from typing import TypeVar
 
 import duckdb
 
+from vault.warehouse import database_path
+
 ItemT = TypeVar("ItemT")
 ResultT = TypeVar("ResultT")
 
@@ -56,22 +58,16 @@ def duckdb_threads_beside(workers: int, cores: int | None = None) -> int:
     return max(1, cores - workers + 1)
 
 
-def _database_file(con: duckdb.DuckDBPyConnection) -> str | None:
-    found = con.execute(
-        "SELECT path FROM duckdb_databases() WHERE database_name = current_database()"
-    ).fetchone()
-    return str(found[0]) if found is not None and found[0] is not None else None
-
-
 @contextlib.contextmanager
 def side_by_side(con: duckdb.DuckDBPyConnection, workers: int) -> Iterator[None]:
     """A section in which ``workers`` threads run queries on cursors of ``con``'s database:
     the database's ``threads`` lowered to :func:`duckdb_threads_beside` from the first such
     section to the end of the last (nested or overlapping sections share it)."""
-    path = _database_file(con)
-    if path is None:
+    file = database_path(con)
+    if file is None:
         yield
         return
+    path = str(file)
     with _SECTIONS_LOCK:
         if not _SECTIONS.get(path):
             con.execute(f"SET threads = {duckdb_threads_beside(workers)}")

@@ -305,7 +305,9 @@ def _sqlite_tables(path: Path) -> set[str]:
         return set()
     db = sqlite3.connect(path)
     try:
-        return {name for (name,) in db.execute("SELECT name FROM sqlite_master")}
+        # one row (see pipelines.features.online_scan._paged_rows)
+        (names,) = db.execute("SELECT json_group_array(name) FROM sqlite_master").fetchone()
+        return set(json.loads(names))
     finally:
         db.close()
 

@@ -61,3 +61,72 @@ def test_entity_keys_are_feasts_serialisation() -> None:
             entity_key_serialization_version=3,
         )
         assert online_entity_key(pseudonym) == expected, pseudonym
+
+
+def _many_rows_store(path: Path) -> tuple[Path, str]:
+    """A feature view table of 37 patients with 3 features each, some values NULL, rows
+    inserted out of key order and with gaps in the rowids (deleted rows)."""
+    table = "ehr_platform_patient_labs_vitals"
+    db = sqlite3.connect(path)
+    db.execute(
+        f"CREATE TABLE {table} (entity_key BLOB, feature_name TEXT, value BLOB, "
+        "value_text TEXT, vector_value BLOB, event_ts TIMESTAMP, created_ts TIMESTAMP, "
+        "PRIMARY KEY(entity_key, feature_name))"
+    )
+    rows = [
+        (
+            serialize_entity_key(
+                EntityKey(join_keys=["patient_id"], entity_values=[Value(string_val=f"{p:032x}")]),
+                entity_key_serialization_version=3,
+            ),
+            name,
+            None
+            if (p + len(name)) % 5 == 0
+            else Value(string_val=f"v{p}·{name}").SerializeToString(),
+        )
+        for p in reversed(range(37))
+        for name in ("hba1c_last", "bmi_last", "größe")
+    ]
+    db.executemany(f"INSERT INTO {table} (entity_key, feature_name, value) VALUES (?, ?, ?)", rows)
+    db.execute(f"DELETE FROM {table} WHERE rowid % 7 = 0")
+    # SQLite lets a rowid table's primary key hold NULL: such a row is still read
+    db.execute(f"INSERT INTO {table} (entity_key, feature_name, value) VALUES (NULL, 'x', x'6869')")
+    db.commit()
+    db.close()
+    return path, table
+
+
+def test_paged_reads_return_every_row_once(tmp_path: Path) -> None:
+    """Keys and rows read a page of keys at a time (one JSON row per page) are exactly what
+    stepping through the table row by row gives, for page sizes below, at and above the key
+    count, a NULL key included."""
+    from pipelines.features import online_scan
+
+    path, table = _many_rows_store(tmp_path / "online.db")
+    db = sqlite3.connect(path)
+    plain = [
+        (b"" if k is None else bytes(k), n, b"" if v is None else bytes(v))
+        for k, n, v in db.execute(f"SELECT entity_key, feature_name, value FROM {table}")
+    ]
+    assert len(plain) > 60 and any(v == b"" for _, _, v in plain)
+    some_keys = sorted({k for k, _, _ in plain if k})[::3]
+    key_count = len({k for k, _, _ in plain})
+    try:
+        for per_page in (1, 7, key_count, key_count + 1, online_scan.KEYS_PER_PAGE):
+            keys = online_scan.online_keys(path, table, per_page=per_page)
+            assert keys == {k for k, _, _ in plain}, per_page
+            every = list(online_scan._table_rows(db, f'"{table}"', None, per_page=per_page))
+            assert sorted(every) == sorted(plain), per_page
+            only = list(online_scan._table_rows(db, f'"{table}"', some_keys, per_page=per_page))
+            assert sorted(only) == sorted(r for r in plain if r[0] in set(some_keys)), per_page
+    finally:
+        db.close()
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE other (entity_key BLOB, feature_name TEXT)")
+    db.execute('CREATE TABLE "odd ""name""" (value BLOB, feature_name TEXT, entity_key BLOB)')
+    tables = online_scan.feature_view_tables(db)
+    db.close()
+    assert sorted(tables) == sorted([(table, f'"{table}"'), ('odd "name"', '"odd ""name"""')])
+    assert online_scan.online_keys(path, "other") == set()
+    assert online_scan.online_keys(path, "no_such_table") == set()
+    assert online_scan.online_keys(tmp_path / "absent.db", table) == set()

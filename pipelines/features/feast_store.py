@@ -305,7 +305,7 @@ def _sqlite_tables(path: Path) -> set[str]:
         return set()
     db = sqlite3.connect(path)
     try:
-        # one row (see pipelines.features.online_scan._paged_rows)
+        # one row (see pipelines.features.online_scan._pages_by_key)
         (names,) = db.execute("SELECT json_group_array(name) FROM sqlite_master").fetchone()
         return set(json.loads(names))
     finally:

@@ -13,6 +13,7 @@ import duckdb
 import pandas as pd
 
 from pipelines.features.feast_store import OFFLINE_STORE_LOCK, with_declared_types
+from pipelines.features.point_in_time import UnsupportedJoinError, historical_features
 from pipelines.models.labels import LABEL_COLUMNS
 
 if TYPE_CHECKING:
@@ -57,6 +58,28 @@ def readmission_training_set(
     service = store.get_feature_service(feature_service)
     with OFFLINE_STORE_LOCK:
         joined = store.get_historical_features(entity_df=entities, features=service).to_df()
+    return _training_frame(store, joined)
+
+
+def readmission_training_rows(
+    con: duckdb.DuckDBPyConnection,
+    store: FeatureStore,
+    labels: pd.DataFrame,
+    feature_service: str = FEATURE_SERVICE,
+) -> pd.DataFrame:
+    """The rows of :func:`readmission_training_set`, joined by DuckDB from the same Parquet files
+    (:mod:`pipelines.features.point_in_time`): for a few patients Feast's query compilation
+    costs ten times the join. A service the statement cannot state is joined by Feast."""
+    try:
+        joined = historical_features(con, store, entity_frame(labels), feature_service)
+    except UnsupportedJoinError:
+        return readmission_training_set(store, labels, feature_service)
+    return _training_frame(store, joined)
+
+
+def _training_frame(store: FeatureStore, joined: pd.DataFrame) -> pd.DataFrame:
+    """Declared types, days since each ``_at`` time, label columns first, rows by patient and
+    time."""
     joined = with_days_since(with_declared_types(store, joined))
     leading = list(LABEL_COLUMNS)
     rest = [c for c in joined.columns if c not in leading]

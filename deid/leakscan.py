@@ -15,6 +15,11 @@ that patient's rows; otherwise (no pseudonym given) everywhere.
 Released text is case-folded and searched with one Aho-Corasick automaton (pyahocorasick);
 base64 runs are decoded and searched too (clinical notes travel as base64 attachments).
 Results name canary kinds and row pseudonyms, never the canary.
+
+Released rows repeat most of their strings (statuses, code systems, codes, units): what a
+string holds of every patient's canaries is remembered per canary set (up to ``MEMO_LIMIT``
+strings, forgotten whenever a canary is added); a patient's own birth date is searched afresh in
+each row, and only in strings that hold its year, which every written form of it does.
 """
 
 from __future__ import annotations
@@ -112,6 +117,7 @@ _DATE_RUN = re.compile(r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[/-]\d{1,2}[/-]\d{2,4}")
 _SEPARATOR = re.compile(r"[ ().\-/]+")
 _WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
 _DIGIT_KINDS = {"phone", "ssn", "identifier"}
+MEMO_LIMIT = 200_000  # strings whose findings a canary set remembers
 MIN_SHORT = 2  # one-letter initials carry too little to count
 
 
@@ -165,6 +171,9 @@ class CanarySet:
         self._automaton: Any = None
         self._digit_automaton: Any = None
         self._births: dict[str, tuple[str, ...]] = {}
+        self._birth_years: dict[str, str] = {}
+        # (text, terminology) -> (kinds found, decoded base64 runs case-folded)
+        self._memo: dict[tuple[str, bool], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def __len__(self) -> int:
         return len(self._kinds) + len(self._digits) + len(self._births)
@@ -178,10 +187,15 @@ class CanarySet:
                 kind != "identifier" or len(digits) * 2 > len(folded)
             ):
                 self._digits.setdefault(digits, kind)
-                self._digit_automaton = None
+                self._changed()
         if len(folded) >= MIN_TEXT:
             self._kinds.setdefault(folded, kind)
-            self._automaton = None
+            self._changed()
+
+    def _changed(self) -> None:
+        """A canary was added: the automatons are built again and nothing found is remembered."""
+        self._automaton = self._digit_automaton = None
+        self._memo = {}
 
     def add_person(self, parts: list[str]) -> None:
         """The name parts of one person: a long part alone, a short part (a name under four
@@ -195,7 +209,7 @@ class CanarySet:
             for other in (w for w in words if w != short):
                 for phrase in (f"{short} {other}", f"{other} {short}", f"{other}, {short}"):
                     self._kinds.setdefault(phrase, "full_name")
-        self._automaton = None
+        self._changed()
 
     def add_name(self, name: Any) -> None:
         """A HumanName or a name string: its parts, and given + family as a full name."""
@@ -241,10 +255,11 @@ class CanarySet:
         forms = birth_date_forms(birth)
         if pseudonym is not None:
             self._births[pseudonym] = forms
+            self._birth_years[pseudonym] = birth[:4]
             return
         for form in forms:
             self._kinds.setdefault(form, "birth_date")
-        self._automaton = None
+        self._changed()
 
     def add_patient(self, patient: dict[str, Any], pseudonym: str | None = None) -> None:
         """Every direct identifier of a Patient resource and of its contacts; with
@@ -272,6 +287,7 @@ class CanarySet:
         text was already scanned)."""
         births = CanarySet()
         births._births = dict(self._births)
+        births._birth_years = dict(self._birth_years)
         return births
 
     def birth_dates_of(self, pseudonym: str | None) -> tuple[str, ...]:
@@ -348,15 +364,34 @@ class CanarySet:
         kinds: list[str] = []
         provider = isinstance(value, dict) and value.get("resourceType") in _PROVIDER_TYPES
         births = self.birth_dates_of(patient)
+        year = self._birth_years.get(patient, "") if births and patient is not None else ""
         for text, terminology in _strings(value, provider):
-            kinds.extend(self.find(text, terminology))
-            for content in _base64_texts(text):
-                kinds.extend(self.find(content))
-                kinds.extend(self._birth_hits(content.casefold(), births))
-            kinds.extend(self._birth_hits(text.casefold(), births))
+            found, decoded = self._findings(text, terminology)
+            kinds.extend(found)
+            if births:
+                for folded in (*decoded, text.casefold()):
+                    kinds.extend(self._birth_hits(folded, births, year))
         return kinds
 
-    def _birth_hits(self, folded: str, births: tuple[str, ...]) -> list[str]:
+    def _findings(self, text: str, terminology: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """What ``text`` holds of the canaries of every patient (its decoded base64 runs
+        included), and those runs case-folded; remembered (see the module doc)."""
+        key = (text, terminology)
+        remembered = self._memo.get(key)
+        if remembered is not None:
+            return remembered
+        kinds = self.find(text, terminology)
+        decoded = tuple(_base64_texts(text))
+        for content in decoded:
+            kinds.extend(self.find(content))
+        findings = (tuple(kinds), tuple(content.casefold() for content in decoded))
+        if len(self._memo) < MEMO_LIMIT:
+            self._memo[key] = findings
+        return findings
+
+    def _birth_hits(self, folded: str, births: tuple[str, ...], year: str = "") -> list[str]:
+        if year not in folded:  # every written form of a birth date holds its year
+            return []
         return ["birth_date"] if any(self._has_token(folded, b) for b in births) else []
 
 

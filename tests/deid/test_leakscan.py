@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import random
 
 from deid.leakscan import CanarySet, scan_rows
 
@@ -188,3 +189,50 @@ def test_contacts_relatives_and_short_names() -> None:
     for text in ("Al said", "Li is a unit", "ALT 40 IU/L", "al li2"):
         assert scan_rows(c, [("r", {"text": text})]).passed, text
     assert scan_rows(c, [("r", {"resourceType": "FamilyMemberHistory"}, "p1")]).passed
+
+
+def _memo_patients() -> CanarySet:
+    c = CanarySet()
+    c.add_patient(PATIENT, "p1")
+    c.add_patient(
+        {"name": [{"family": "Okonkwo", "given": ["Ada"]}], "birthDate": "1957-03-04"}, "p2"
+    )
+    return c
+
+
+def test_remembered_strings_keep_birth_dates_to_their_own_patient() -> None:
+    """A string's findings are remembered across rows; a birth date in it still counts only in
+    its own patient's rows, in either order."""
+    note = base64.b64encode(b"Follow-up, born March 4, 1957, stable.").decode()
+    c = _memo_patients()
+    rows = [("a", {"data": note}, "p1"), ("b", {"data": note}, "p2"), ("c", {"data": note}, "p1")]
+    assert [h.row for h in scan_rows(c, rows).hits] == ["b"]
+    assert [h.row for h in scan_rows(c, list(reversed(rows))).hits] == ["b"]
+
+
+def test_a_canary_added_after_a_scan_is_found_in_a_remembered_string() -> None:
+    c = _memo_patients()
+    row = [("r", {"note": "called Zebedee Farquharson back"}, "p1")]
+    assert scan_rows(c, row).passed  # remembered as clean
+    c.add_patient({"name": [{"family": "Farquharson", "given": ["Zebedee"]}]}, "p3")
+    assert not scan_rows(c, row).passed
+
+
+def test_a_shared_canary_set_finds_what_a_fresh_one_finds_row_by_row() -> None:
+    """The oracle: each row scanned by a canary set of its own (nothing remembered)."""
+    rng = random.Random(5)
+    born = base64.b64encode(b"dob 1948-02-29, seen by Dr Who").decode()
+    strings = [
+        "final", "http://loinc.org", "Marisol Quillfeather", "(555) 013-4477", "MRN778812",
+        "1957-03-04", "March 4, 1957", "1948-02-29", born, "Ada Okonkwo", "ok", "4 mar 1957",
+    ]  # fmt: skip
+    rows = [
+        (f"r{i}", {"text": rng.sample(strings, 3), "code": rng.choice(strings)}, pid)
+        for i, pid in enumerate(rng.choice(["p1", "p2", "px", None]) for _ in range(300))
+    ]
+    shared = _memo_patients()
+    found = [sorted(shared.scan_value(value, patient)) for _, value, patient in rows]
+    oracle = [sorted(_memo_patients().scan_value(value, patient)) for _, value, patient in rows]
+    assert found == oracle
+    assert any("birth_date" in kinds for kinds in found)
+    assert any(kinds and "birth_date" not in kinds for kinds in found)

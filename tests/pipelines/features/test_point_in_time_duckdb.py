@@ -137,11 +137,9 @@ def _boundary_rows() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
         "at the later row": T0 + pd.Timedelta(days=10),
         "long after": T0 + pd.Timedelta(days=400),
     }
+    pairs = [(p, t) for p in ("a", "b", "c", "unknown") for t in at.values()]
     entities = pd.DataFrame(
-        [
-            {"patient_id": p, "event_timestamp": t, "label": i % 2}
-            for i, (p, t) in enumerate((p, t) for p in ("a", "b", "c", "unknown") for t in at.values())
-        ]
+        [{"patient_id": p, "event_timestamp": t, "label": i % 2} for i, (p, t) in enumerate(pairs)]
     )
     repeated = entities.iloc[[1, 1]]  # the same entity row twice
     return counts, labs, pd.concat([entities, repeated], ignore_index=True)

@@ -454,19 +454,20 @@ def scan_column_values(
     hit is named ``<column>:distinct``, never by the value. ``in_transaction`` as in
     :func:`scan_released_table`."""
     with _reader(con, in_transaction) as cursor:
-        columns, _ = _text_columns(cursor, table)
+        columns = [c for c in _text_columns(cursor, table)[0] if c not in skip_columns]
+        if not columns:
+            return LeakScanResult(canaries=len(canaries))
+        # one statement for every column: (column name, distinct value), nulls left out
+        as_text = ", ".join(f'CAST("{name}" AS VARCHAR) AS "{name}"' for name in columns)
+        cursor.execute(
+            f"SELECT DISTINCT column_name, value FROM (UNPIVOT (SELECT {as_text} FROM {table}) "
+            "ON COLUMNS(*) INTO NAME column_name VALUE value)"
+        )
 
         def rows() -> Any:
-            for name in columns:
-                if name in skip_columns:
-                    continue
-                cursor.execute(
-                    f'SELECT DISTINCT CAST("{name}" AS VARCHAR) FROM {table} '
-                    f'WHERE "{name}" IS NOT NULL'
-                )
-                while chunk := cursor.fetchmany(5_000):
-                    for (value,) in chunk:
-                        yield f"{name}:distinct", [_scan_value(name, value)], None
+            while chunk := cursor.fetchmany(5_000):
+                for name, value in chunk:
+                    yield f"{name}:distinct", [_scan_value(name, value)], None
 
         return scan_rows(canaries, rows())
 

@@ -113,7 +113,7 @@ TRAINING_SET_SPEC = AssetSpec(
     kinds={"feast", "parquet"},
     automation_condition=AutomationCondition.eager(),
     description="Label rows joined point-in-time to the `readmission_v2` feature service "
-    "through Feast.",
+    "(Feast's rule; changed patients by DuckDB).",
 )
 
 

@@ -2,9 +2,10 @@
 store (stage ``feast``) and the readmission training set (stage ``models``).
 
 Both read the applied registry and the feature tables and neither reads the other: the online
-store is synced from the feature tables, the training set joins them through Feast's offline
-store. Each is half Python (the leak scan of the rows written; ibis compiling Feast's
-point-in-time join) and half DuckDB, so they run side by side, each on a cursor of its own
+store is synced from the feature tables, the training set joins them point-in-time (Feast's
+offline store for a full build, one DuckDB statement of the same rule for the changed
+patients). Each is part Python (the leak scan of the rows written; ibis compiling Feast's join)
+and part DuckDB, so they run side by side, each on a cursor of its own
 (:func:`pipelines.parallel.on_cursors`): after a small batch they are the two longest pieces of a
 release refresh after the features. Selected alone (the asset page's "Materialize"), each runs
 by itself. The assets keep their keys, groups, kinds and checks."""

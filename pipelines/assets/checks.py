@@ -41,11 +41,18 @@ def columns_table(columns: list[tuple[str, str]]) -> MetadataValue:
     )
 
 
+def column_schema(columns: list[tuple[str, str, str | None]]) -> MetadataValue:
+    """(name, type, description) of each column in Dagster's own vocabulary
+    (``dagster/column_schema``: the UI's Columns tab, searchable in the catalog)."""
+    return MetadataValue.table_schema(
+        TableSchema(columns=[TableColumn(name=n, type=t, description=d) for n, t, d in columns])
+    )
+
+
 def column_metadata(columns: list[tuple[str, str]]) -> dict[str, MetadataValue]:
-    """Column names and types in Dagster's own vocabulary (``dagster/column_schema``: the UI's
-    Columns tab, searchable in the catalog) and as the markdown table shown with the run."""
-    schema = TableSchema(columns=[TableColumn(name=n, type=t) for n, t in columns])
+    """Column names and types in Dagster's own vocabulary (``dagster/column_schema``) and as
+    the markdown table shown with the run: for tables whose columns are known once built."""
     return {
-        "dagster/column_schema": MetadataValue.table_schema(schema),
+        "dagster/column_schema": column_schema([(n, t, None) for n, t in columns]),
         "columns": columns_table(columns),
     }

@@ -2,6 +2,11 @@
 de-identified resources (never the vault), each guarded by the PHI leak scan.
 
 Adding a table is adding a JSON file: the assets are discovered from the folder at load time.
+A view's columns and their DuckDB types are declared by its ViewDefinition and the table is
+created with exactly those (``fhirlake.viewdef.write_view_table``), so the column schema is the
+asset's definition metadata (``dagster/column_schema``, with each column's description) rather
+than a copy in every materialization: Dagster writes a materialization's metadata twice (the
+step output and the materialization) and reads it back for the checks and the next steps.
 All views are one subsettable multi-asset, a single step: after a small batch each view's
 refresh takes a fraction of a second, and a step of its own per view cost more than its work
 (opening the warehouse, the step's events).
@@ -24,8 +29,8 @@ from dagster import (
     multi_asset,
 )
 
-from fhirlake.viewdef import ViewDefinition, load_view
-from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
+from fhirlake.viewdef import ViewDefinition, duckdb_type, load_view
+from pipelines.assets.checks import RELEASE_CANARIES, column_schema, leak_scan_result
 from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.resources import KeyProviderResource, WarehouseResource
@@ -43,7 +48,13 @@ def _view_spec(view: ViewDefinition, path: Path) -> AssetSpec:
         group_name="views",
         deps=["deid_resources", "released_patients", RELEASE_INPUT],
         description=f"SQL-on-FHIR view `{view.name}` over de-identified {view.resource} resources.",
-        metadata={"view_file": str(path.name), "resource": view.resource},
+        metadata={
+            "view_file": str(path.name),
+            "resource": view.resource,
+            "dagster/column_schema": column_schema(
+                [(c.name, duckdb_type(c), c.description) for c in view.columns]
+            ),
+        },
         kinds={"duckdb", "parquet"},
         automation_condition=AutomationCondition.eager(),
     )
@@ -70,7 +81,6 @@ def _view_metadata(refresh: ViewRefresh) -> dict[str, Any]:
         "rows": result.rows,
         "resources": result.resources,
         "patients": result.patients,
-        **column_metadata(result.columns),
         "table": result.table,
         "parquet": MetadataValue.path(str(result.parquet)),
         "seconds": result.seconds,

@@ -15,6 +15,7 @@ import pytest
 
 from pipelines.features.point_in_time import UnsupportedJoinError, historical_features
 from pipelines.models.training_set import readmission_training_rows, readmission_training_set
+from tests.feast_stores import throwaway_store
 
 feast = pytest.importorskip("feast")
 
@@ -60,21 +61,8 @@ def _views(tmp_path: Path) -> tuple[list[object], dict[str, Path]]:
 
 
 def _store(tmp_path: Path, services: list[object]) -> feast.FeatureStore:
-    from feast.repo_config import RegistryConfig, RepoConfig
-
     objects, _ = _views(tmp_path)
-    config = RepoConfig(
-        project="pit_test",
-        provider="local",
-        registry=RegistryConfig(path=str(tmp_path / "registry.db")),
-        offline_store={"type": "duckdb"},
-        online_store={"type": "sqlite", "path": str(tmp_path / "online.db")},
-        entity_key_serialization_version=3,
-        repo_path=str(tmp_path),
-    )
-    store = feast.FeatureStore(config=config)
-    store.apply([*objects, *services])
-    return store
+    return throwaway_store(tmp_path, "pit_test", [*objects, *services])
 
 
 def _service(tmp_path: Path, name: str = "svc", alias: bool = False) -> object:
@@ -112,8 +100,9 @@ def _boundary_rows() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
             "patient_id": ["a", "a", "a", "b", "c"],
             "event_timestamp": [T0, T0, T0 + pd.Timedelta(days=10), T0, T0],
             # a's two rows at T0: the later created one wins
-            "created": ts(["2024-06-01", "2024-06-02", "2024-06-01", "2024-06-01", "2024-06-01"])
-            .tz_localize("UTC"),
+            "created": ts(
+                ["2024-06-01", "2024-06-02", "2024-06-01", "2024-06-01", "2024-06-01"]
+            ).tz_localize("UTC"),
             "visits": pd.array([1, 2, None, 4, 5], dtype="Int64"),
             "flag": pd.array([True, False, None, True, None], dtype="boolean"),
             "code": ["x", None, "z", "ü-é", ""],
@@ -154,6 +143,7 @@ def test_boundaries_equal_feasts_join(tmp_path: Path) -> None:
         ours = _sorted(historical_features(con, store, entities, "svc"))
     expected = _feast(store, entities, "svc")
     pd.testing.assert_frame_equal(ours, expected)
+
     # spot checks a reader can follow, beside the reference
     def value(patient: str, at: pd.Timestamp, column: str) -> object:
         hit = ours[(ours["patient_id"] == patient) & (ours["event_timestamp"] == at)]
@@ -192,9 +182,7 @@ def test_a_session_in_another_time_zone_changes_nothing(tmp_path: Path) -> None:
     with duckdb.connect() as con:
         con.execute("SET TimeZone = 'America/New_York'")
         ours = _sorted(historical_features(con, store, entities, "svc"))
-        assert con.execute("SELECT current_setting('TimeZone')").fetchone() == (
-            "America/New_York",
-        )
+        assert con.execute("SELECT current_setting('TimeZone')").fetchone() == ("America/New_York",)
     pd.testing.assert_frame_equal(ours, _feast(store, entities, "svc"))
 
 

@@ -13,6 +13,7 @@ import pytest
 from pipelines.features.tables import FEATURE_TABLES, build_feature_tables
 from pipelines.models.labels import readmission_labels_with_counts
 from pipelines.models.training_set import readmission_training_set
+from tests.feast_stores import throwaway_store
 
 from .crafted import crafted_views
 
@@ -58,7 +59,6 @@ def _views(con: duckdb.DuckDBPyConnection) -> None:
 def _store(tmp_path: Path, source: Path) -> feast.FeatureStore:
     """A throw-away Feast store serving two utilisation features as ``readmission_v2``."""
     from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-    from feast.repo_config import RegistryConfig, RepoConfig
     from feast.types import Int64
 
     patient = Entity(name="patient", join_keys=["patient_id"], value_type=ValueType.STRING)
@@ -77,18 +77,8 @@ def _store(tmp_path: Path, source: Path) -> feast.FeatureStore:
             created_timestamp_column="created",
         ),
     )
-    config = RepoConfig(
-        project="optout_test",
-        provider="local",
-        registry=RegistryConfig(path=str(tmp_path / "registry.db")),
-        offline_store={"type": "duckdb"},
-        online_store={"type": "sqlite", "path": str(tmp_path / "online.db")},
-        entity_key_serialization_version=3,
-        repo_path=str(tmp_path),
-    )
-    store = feast.FeatureStore(config=config)
-    store.apply([patient, view, FeatureService(name="readmission_v2", features=[view])])
-    return store
+    service = FeatureService(name="readmission_v2", features=[view])
+    return throwaway_store(tmp_path, "optout_test", [patient, view, service])
 
 
 def test_research_opt_out_is_case_insensitive_everywhere(tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 
 from pipelines.models.training_set import readmission_training_set
+from tests.feast_stores import throwaway_store
 
 feast = pytest.importorskip("feast")
 
 
 def _store(tmp_path: Path) -> feast.FeatureStore:
     from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-    from feast.repo_config import RegistryConfig, RepoConfig
     from feast.types import Float64, String
 
     source_path = tmp_path / "features.parquet"
@@ -43,18 +43,7 @@ def _store(tmp_path: Path) -> feast.FeatureStore:
         ),
     )
     service = FeatureService(name="readmission_v2", features=[view])
-    config = RepoConfig(
-        project="models_test",
-        provider="local",
-        registry=RegistryConfig(path=str(tmp_path / "registry.db")),
-        offline_store={"type": "duckdb"},
-        online_store={"type": "sqlite", "path": str(tmp_path / "online.db")},
-        entity_key_serialization_version=3,
-        repo_path=str(tmp_path),
-    )
-    store = feast.FeatureStore(config=config)
-    store.apply([patient, view, service])
-    return store
+    return throwaway_store(tmp_path, "models_test", [patient, view, service])
 
 
 def test_point_in_time_join_through_feature_service(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """What a DuckDB database holds: the one check every layer uses before reading a table that
-an older or partial warehouse may not have yet."""
+an older or partial warehouse may not have yet; and how every layer writes a name into SQL."""
 
 from __future__ import annotations
 
@@ -14,3 +14,8 @@ def has_table(con: duckdb.DuckDBPyConnection, name: str, schema: str = "main") -
         [schema, name],
     ).fetchall()
     return bool(found)
+
+
+def quote_identifier(name: str) -> str:
+    """``name`` as a double-quoted SQL identifier (DuckDB and SQLite), inner quotes doubled."""
+    return '"' + name.replace('"', '""') + '"'

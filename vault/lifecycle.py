@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from vault import warehouse
 from vault.audit import AuditLog
+from vault.catalog import quote_identifier as _quote
 from vault.clock import Clock, RandomBytes, utcnow
 from vault.errors import (
     AuditLogError,
@@ -434,10 +435,6 @@ class ErasureReport:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _released_tables(

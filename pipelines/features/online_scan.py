@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
+from vault.catalog import quote_identifier as _quote
 from vault.pseudonym import PSEUDONYM_HEX_CHARS
 
 # feature_store.yaml's entity_key_serialization_version
@@ -34,11 +35,7 @@ def feature_view_tables(db: sqlite3.Connection) -> list[tuple[str, str]]:
         "(SELECT count(DISTINCT p.name) FROM pragma_table_info(m.name) p "
         "WHERE p.name IN ('entity_key', 'feature_name', 'value')) = 3"
     ).fetchone()
-    return [(table, _quoted(table)) for table in orjson.loads(found)]
-
-
-def _quoted(table: str) -> str:
-    return '"' + table.replace('"', '""') + '"'
+    return [(table, _quote(table)) for table in orjson.loads(found)]
 
 
 def _serialized_key(pseudonym: str, version: int) -> bytes:

@@ -51,6 +51,7 @@ from pipelines.features.online_scan import (
     online_keys,
 )
 from pipelines.workdir import RELEASE_STATE_SCHEMA
+from vault.catalog import quote_identifier as _quote
 
 # the schema the erasure plan purges by patient_id (pipelines.workdir)
 STATE_SCHEMA = RELEASE_STATE_SCHEMA
@@ -123,10 +124,6 @@ def full_sync_reason(con: duckdb.DuckDBPyConnection, store: FeatureStore) -> str
     if generation != current:
         return "registry applied since the last sync"
     return None
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _digest_fields(con: duckdb.DuckDBPyConnection, path: str, columns: list[str]) -> str:

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 import duckdb
 import pandas as pd
 
+from vault.catalog import quote_identifier as _quote
+
 if TYPE_CHECKING:
     from feast import FeatureService, FeatureStore
 
@@ -50,10 +52,6 @@ class _ViewJoin:
 class UnsupportedJoinError(ValueError):
     """The feature service uses something the DuckDB statement does not state (the message
     names it); ask Feast's ``get_historical_features`` instead."""
-
-
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _view_joins(store: FeatureStore, service: FeatureService) -> list[_ViewJoin]:

@@ -28,6 +28,7 @@ from fhirlake.references import classify, conditional_target, literal_target, lo
 from fhirlake.validation import Checked, check_chunk, check_record
 from vault import warehouse
 from vault.clock import utcnow
+from vault.clustered import sync_clustered
 from vault.keys import KeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import SHARED_OWNER, DataKeyStore, seal
@@ -669,7 +670,8 @@ class BatchIngestor:
     # -- batch-level resolution -------------------------------------------------------------
     def finalize(self, files: list[SourceFile]) -> None:
         """Settle the staged batch in SQL: rank repeats, quarantine conflicts, keep only new
-        versions in the vault, account for every record in the ledger, resolve references."""
+        versions in the vault, account for every record in the ledger, resolve references,
+        and copy the batch's Patients (and relatives) beside the others (vault.clustered)."""
         self.flush()
         self._record_source_files(files)
         self.flush()
@@ -680,6 +682,7 @@ class BatchIngestor:
         self.con.execute(_DROP_REPEATS, batch)
         self.con.execute(_SETTLE_LEDGER, batch)
         self.con.execute(_RESOLVE_REFERENCES, batch)
+        sync_clustered(self.con)
         self._summarise()
 
     def _settle_conditional_owners(self) -> None:

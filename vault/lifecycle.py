@@ -27,6 +27,7 @@ from vault import warehouse
 from vault.audit import AuditLog
 from vault.catalog import quote_identifier as _quote
 from vault.clock import Clock, RandomBytes, utcnow
+from vault.clustered import CLUSTERED_TABLE
 from vault.errors import (
     AuditLogError,
     ErasureIncompleteError,
@@ -499,9 +500,10 @@ def _erase_in_warehouse(
             report.rows_deleted[table] = _count(
                 con, f"DELETE FROM {table} WHERE resource_key IN ({owned})", {"p": p}
             )
-        report.rows_deleted["phi_vault"] = _count(
-            con, "DELETE FROM phi_vault WHERE patient_key = $p OR resource_key = $p", {"p": p}
-        )
+        for table in ("phi_vault", CLUSTERED_TABLE):
+            report.rows_deleted[table] = _count(
+                con, f"DELETE FROM {table} WHERE patient_key = $p OR resource_key = $p", {"p": p}
+            )
         report.rows_deleted["quarantine"] = _count(
             con, "DELETE FROM quarantine WHERE patient_key = ?", [p]
         )

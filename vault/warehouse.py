@@ -100,6 +100,18 @@ SCHEMA = [
         sealed BLOB NOT NULL,
         aad BLOB NOT NULL
     )""",
+    # copies of the vault rows of CLUSTERED_TYPES, side by side (vault.clustered)
+    """
+    CREATE TABLE IF NOT EXISTS phi_vault_clustered (
+        ingest_seq BIGINT NOT NULL,
+        resource_key VARCHAR NOT NULL,
+        resource_type VARCHAR NOT NULL,
+        patient_key VARCHAR,
+        content_mac VARCHAR NOT NULL,
+        batch_id VARCHAR NOT NULL,
+        sealed BLOB NOT NULL,
+        aad BLOB NOT NULL
+    )""",
     """
     CREATE TABLE IF NOT EXISTS quarantine (
         batch_id VARCHAR NOT NULL,
@@ -154,6 +166,7 @@ BATCH_TABLES = (
     "source_files",
     "record_ledger",
     "phi_vault",
+    "phi_vault_clustered",
     "quarantine",
     "resource_references",
     "identifier_index",

@@ -374,6 +374,7 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
             "resource_references": 3,  # Condition.subject, Encounter.subject + serviceProvider
             "identifier_index": 1,  # the Patient's MRN
             "phi_vault": 3,  # Patient, Condition, Encounter
+            "phi_vault_clustered": 1,  # the Patient's copy (vault.clustered)
             "quarantine": 1,  # the Observation
             "deid_patient": 1,
             "features.daily": 1,
@@ -394,6 +395,7 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
         assert read_resource(con, world.provider, "Condition", "c-p1") is None
         for table, column in (
             ("phi_vault", "patient_key"),
+            ("phi_vault_clustered", "patient_key"),
             ("quarantine", "patient_key"),
             ("deid_patient", "patient_id"),
             ("features.daily", "patient_id"),

@@ -85,6 +85,13 @@ def _swap(con: duckdb.DuckDBPyConnection, a: str, b: str, columns: tuple[str, ..
         )
     after = {key: con.execute(select, [key]).fetchall()[0] for key in (a, b)}
     assert after == {a: values[b], b: values[a]}
+    # the same change to the rows' copies (vault.clustered), which the reads of Patients take:
+    # a tamperer changes every table holding the rows; a copy changed alone is tested there
+    for key in (a, b):
+        con.execute(
+            f"UPDATE phi_vault_clustered SET {assignments} WHERE resource_key = ?",
+            [*after[key], key],
+        )
 
 
 def _audit(tmp_path: Path, provider: FileKeyProvider) -> AuditLog:

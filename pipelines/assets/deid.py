@@ -208,7 +208,9 @@ def released_patients(
         k, max_withheld = k_anonymity_settings(deid_settings)
         provider = keys.provider()
         # the canaries (the vault's PHI, decrypted: Python) load while k-anonymity runs (DuckDB)
-        with in_background(con, lambda cursor: RELEASE_CANARIES.get(cursor, provider)) as loaded:
+        with in_background(
+            con, lambda cursor: RELEASE_CANARIES.get(cursor, provider, context.run_id)
+        ) as loaded:
             report = build_released_patients(con, k, max_withheld=max_withheld, canaries=loaded)
     finally:
         con.close()

@@ -58,7 +58,10 @@ def online_store_and_training_set(
     pieces: list[Callable[[duckdb.DuckDBPyConnection], Any]] = []
     if ONLINE_STORE in selected:
         provider = keys.provider()
-        pieces.append(lambda cursor: refresh_online_store(cursor, workdir, feast_store, provider))
+        run_id = context.run_id
+        pieces.append(
+            lambda cursor: refresh_online_store(cursor, workdir, feast_store, provider, run_id)
+        )
     if TRAINING_SET in selected:
         # made here, not in the thread: making a store sets Feast's variables in os.environ
         store = feast_store.store(workdir)

@@ -103,3 +103,43 @@ def test_an_in_memory_warehouse_is_never_cached(key_provider: FileKeyProvider) -
     finally:
         con.close()
     assert load.calls == 2
+
+
+def test_one_run_reads_the_vault_state_once(
+    tmp_path: Path,
+    vault_with_batch: Path,
+    key_provider: FileKeyProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Later steps of the run that loaded the canaries take them without reading the vault's
+    state; another run (or a caller without a run) reads it, and sees a batch ingested since."""
+    import deid.release
+
+    reads: list[object] = []
+
+    def counted_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> object:
+        reads.append(None)
+        return vault_state(con, provider)
+
+    monkeypatch.setattr(deid.release, "vault_state", counted_state)
+    load = CountingLoad()
+    cache = ReleaseCanaryCache(load)
+    con = warehouse.connect(vault_with_batch)
+    try:
+        first = cache.get(con, key_provider, "run-1")
+        assert cache.get(con, key_provider, "run-1") is first
+        assert (len(reads), load.calls) == (1, 1)
+        assert cache.get(con, key_provider, "run-2") is first  # same state: no decryption
+        assert (len(reads), load.calls) == (2, 1)
+    finally:
+        con.close()
+    generate(tmp_path / "b2", 2, seed=33)
+    ingest_batch(vault_with_batch, "b2", tmp_path / "b2", key_provider, workers=1)
+    con = warehouse.connect(vault_with_batch)
+    try:
+        after = cache.get(con, key_provider, "run-3")
+        assert after is not first and load.calls == 2 and len(after) > len(first)
+        cache.clear()
+        assert cache.get(con, key_provider, "run-3") is not after and load.calls == 3
+    finally:
+        con.close()

@@ -209,7 +209,7 @@ def released_patients(
         provider = keys.provider()
         # the canaries (the vault's PHI, decrypted: Python) load while k-anonymity runs (DuckDB)
         with in_background(
-            con, lambda cursor: RELEASE_CANARIES.get(cursor, provider, context.run_id)
+            con, lambda cursor: RELEASE_CANARIES.get(cursor, provider, context.run.run_id)
         ) as loaded:
             report = build_released_patients(con, k, max_withheld=max_withheld, canaries=loaded)
     finally:

@@ -103,7 +103,7 @@ def feature_tables(
     stats_dir = Path(warehouse.workdir) / "feature_stats"
     con = warehouse.connect()
     try:
-        canaries = RELEASE_CANARIES.get(con, keys.provider(), context.run_id)
+        canaries = RELEASE_CANARIES.get(con, keys.provider(), context.run.run_id)
         canaries.compile()
         refresh = refresh_feature_tables(
             con, out_dir, check=lambda cursor, rows: check_feature_rows(cursor, canaries, rows)

@@ -58,7 +58,7 @@ def online_store_and_training_set(
     pieces: list[Callable[[duckdb.DuckDBPyConnection], Any]] = []
     if ONLINE_STORE in selected:
         provider = keys.provider()
-        run_id = context.run_id
+        run_id = context.run.run_id
         pieces.append(
             lambda cursor: refresh_online_store(cursor, workdir, feast_store, provider, run_id)
         )

@@ -5,7 +5,6 @@ a read to differ from one of ``phi_vault`` alone."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,15 +66,6 @@ def wh(tmp_path: Path, key_provider: FileKeyProvider) -> Path:
     ingest_batch(path, "b1", _land(tmp_path / "b1", first), key_provider, workers=1)
     ingest_batch(path, "b2", _land(tmp_path / "b2", second), key_provider, workers=1)
     return path
-
-
-@pytest.fixture
-def con(wh: Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    connection = warehouse.connect(wh)
-    try:
-        yield connection
-    finally:
-        connection.close()
 
 
 def _vault_rows(con: duckdb.DuckDBPyConnection, table: str) -> set[tuple[Any, ...]]:

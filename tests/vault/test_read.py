@@ -5,7 +5,7 @@ the same data key) is refused wherever it is read."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -59,15 +59,6 @@ def wh(tmp_path: Path, key_provider: FileKeyProvider) -> Path:
     report = ingest_batch(path, "b1", land, key_provider, workers=1)
     assert report.accepted == 3
     return path
-
-
-@pytest.fixture
-def con(wh: Path) -> Iterator[duckdb.DuckDBPyConnection]:
-    connection = warehouse.connect(wh)
-    try:
-        yield connection
-    finally:
-        connection.close()
 
 
 def _pseudonym(provider: FileKeyProvider, rtype: str, rid: str) -> str:

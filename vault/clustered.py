@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 
 from vault.catalog import has_table
+from vault.warehouse import AT_POSITIONS, at_positions
 
 CLUSTERED_TABLE = "phi_vault_clustered"
 # the types read whole at every release: the Patients and the resources naming relatives (the
@@ -54,19 +55,16 @@ ORDER BY v.ingest_seq
 # step 3: those rows copied; the range lets DuckDB skip the blocks of older batches
 _COPY_AT_POSITIONS = f"""
 INSERT INTO {CLUSTERED_TABLE}
-SELECT {_NARROW}, sealed, aad FROM phi_vault
-WHERE ingest_seq BETWEEN ? AND ? AND ingest_seq IN (SELECT unnest(?::BIGINT[]))
-ORDER BY ingest_seq
+SELECT {_NARROW}, sealed, aad FROM phi_vault WHERE {AT_POSITIONS} ORDER BY ingest_seq
 """
 
-# reading: the copies of the wanted positions that match the vault's row there
-COPIED_ROWS_AT_POSITIONS = f"""
+# reading: the copies of the wanted positions that match the vault's row there (the copies'
+# range given again, so that only their blocks in it are read)
+_COPIED_ROWS_AT_POSITIONS = f"""
 SELECT c.ingest_seq, c.resource_key, c.resource_type, c.patient_key, c.batch_id, c.sealed, c.aad
 FROM {CLUSTERED_TABLE} c
-JOIN (SELECT {_NARROW} FROM phi_vault
-      WHERE ingest_seq BETWEEN $first AND $last
-        AND ingest_seq IN (SELECT unnest($wanted::BIGINT[]))) v ON {_MATCHES}
-WHERE c.ingest_seq BETWEEN $first AND $last
+JOIN (SELECT {_NARROW} FROM phi_vault WHERE {AT_POSITIONS}) v ON {_MATCHES}
+WHERE c.ingest_seq BETWEEN ? AND ?
 """
 
 
@@ -77,7 +75,7 @@ def sync_clustered(con: duckdb.DuckDBPyConnection, chunk_rows: int = 2_000) -> t
     missing = [int(seq) for (seq,) in con.execute(_UNCOPIED_POSITIONS).fetchall()]
     for start in range(0, len(missing), chunk_rows):
         window = missing[start : start + chunk_rows]
-        con.execute(_COPY_AT_POSITIONS, [window[0], window[-1], window])
+        con.execute(_COPY_AT_POSITIONS, at_positions(window))
     return int(deleted), len(missing)
 
 
@@ -90,5 +88,5 @@ def has_copies(con: duckdb.DuckDBPyConnection, resource_type: str | None) -> boo
 def copied_rows(con: duckdb.DuckDBPyConnection, window: Sequence[int]) -> list[tuple[Any, ...]]:
     """(ingest_seq, row columns...) of the copies standing for the vault rows at ``window``
     (sorted positions); positions without such a copy are left out."""
-    params = {"first": window[0], "last": window[-1], "wanted": list(window)}
-    return [tuple(row) for row in con.execute(COPIED_ROWS_AT_POSITIONS, params).fetchall()]
+    params = [*at_positions(window), window[0], window[-1]]
+    return [tuple(row) for row in con.execute(_COPIED_ROWS_AT_POSITIONS, params).fetchall()]

@@ -21,7 +21,7 @@ from vault.errors import InvalidCiphertext
 from vault.keys import KeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import SHARED_OWNER, DataKeyStore, sealed_key_id
-from vault.warehouse import NEWEST_VERSION_FIRST
+from vault.warehouse import AT_POSITIONS, NEWEST_VERSION_FIRST, at_positions
 
 CHUNK_ROWS = 2_000
 
@@ -38,9 +38,7 @@ _CURRENT_POSITIONS = (
     "FROM phi_vault {before}) WHERE rn = 1 {after} ORDER BY ingest_seq"
 )
 _ROWS_AT_POSITIONS = (
-    f"SELECT ingest_seq, {_ROW_COLUMNS} FROM phi_vault "
-    "WHERE ingest_seq BETWEEN ? AND ? AND ingest_seq IN (SELECT unnest(?::BIGINT[])) "
-    "ORDER BY ingest_seq"
+    f"SELECT ingest_seq, {_ROW_COLUMNS} FROM phi_vault WHERE {AT_POSITIONS} ORDER BY ingest_seq"
 )
 _CURRENT_ROW_BY_KEY = f"SELECT {_ROW_COLUMNS} FROM phi_vault_current WHERE resource_key = ?"
 # Patients whose compartment a batch wrote to (any version, current or not).
@@ -133,11 +131,7 @@ def _rows_at(
     copied = copied_rows(con, window) if clustered else []
     found = {row[0] for row in copied}
     missing = [seq for seq in window if seq not in found]
-    rest = (
-        con.execute(_ROWS_AT_POSITIONS, [missing[0], missing[-1], missing]).fetchall()
-        if missing
-        else []
-    )
+    rest = con.execute(_ROWS_AT_POSITIONS, at_positions(missing)).fetchall() if missing else []
     return [tuple(row[1:]) for row in sorted([*copied, *rest], key=lambda row: row[0])]
 
 

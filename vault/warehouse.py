@@ -13,8 +13,9 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
@@ -33,6 +34,16 @@ CREATE TABLE IF NOT EXISTS warehouse_meta (
 NEWEST_VERSION_FIRST = (
     "TRY_CAST(version_id AS BIGINT) DESC NULLS LAST, last_updated DESC NULLS LAST, ingest_seq DESC"
 )
+
+# Vault rows at a chunk of sorted positions (``ingest_seq``), with :func:`at_positions`'s
+# parameters: the range lets DuckDB skip the blocks outside it, the list picks the rows.
+AT_POSITIONS = "ingest_seq BETWEEN ? AND ? AND ingest_seq IN (SELECT unnest(?::BIGINT[]))"
+
+
+def at_positions(window: Sequence[int]) -> list[Any]:
+    """The parameters of :data:`AT_POSITIONS` for ``window``, sorted positions."""
+    return [window[0], window[-1], list(window)]
+
 
 SCHEMA = [
     DATA_KEYS_DDL,

@@ -31,6 +31,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from deid.methods import today_utc
 from deid.risk import (
     SUPPRESSED,
     GeneralisationStep,
@@ -39,6 +40,7 @@ from deid.risk import (
     measure_k,
 )
 from vault.catalog import has_table
+from vault.clock import Clock, utcnow
 
 QUASI_TABLE = "release_quasi_identifiers"
 RELEASED_PATIENTS = "released_patients"
@@ -477,17 +479,19 @@ def build_k_anonymous_release(
     max_withheld: float = DEFAULT_MAX_WITHHELD,
     ladder: list[GeneralisationStep] | None = None,
     check: Callable[[duckdb.DuckDBPyConnection, str], Any] | None = None,
+    clock: Clock = utcnow,
 ) -> KAnonymousRelease:
     """Generalise the release's quasi-identifiers and withhold the patients still below k;
     publish ``released_patients``, ``withheld_patients`` and the rewritten Patient rows only
     when the withheld share is within ``max_withheld`` and ``check`` (run over the staged
     table, e.g. a leak scan; its result has ``passed``) passes. A failed check changes
-    nothing."""
+    nothing. Ages are counted as of ``as_of``, by default today's date in UTC by ``clock``
+    (the yearly rebuild runs on UTC's New Year)."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if not 0.0 <= max_withheld <= 1.0:
         raise ValueError("max_withheld must be within [0, 1]")
-    as_of = as_of or date.today()
+    as_of = as_of or today_utc(clock)
     staging = f"{RELEASED_PATIENTS}{STAGING_SUFFIX}"
     withheld = f"{WITHHELD_PATIENTS}{STAGING_SUFFIX}"
     _backfill(con)

@@ -13,11 +13,11 @@ import hmac
 import os
 import re
 from collections.abc import Callable
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, timedelta
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from vault.clock import RandomBytes
+from vault.clock import Clock, RandomBytes, utcnow
 
 AGE_LIMIT = 89  # HIPAA: ages over 89 are aggregated into "90 or older"
 DEFAULT_DATE_SHIFT_DAYS = 50
@@ -147,5 +147,8 @@ def perturb_number(
     return round(noisy, round_to) if round_to > 0 else float(round(noisy))
 
 
-def today_utc() -> date:
-    return datetime.now().date()
+def today_utc(clock: Clock = utcnow) -> date:
+    """Today's date in UTC, the day the release's age limit and age bands are counted from:
+    the server's local date would move them by a day around midnight, and by a year around
+    New Year, against the UTC schedule that rebuilds the release each year."""
+    return clock().astimezone(UTC).date()

@@ -189,9 +189,8 @@ def bench_deid(
     """De-identification against orjson parsing of the same resources, two ways: the engine
     alone on one core (resources already decrypted in memory), and the whole stage as a batch
     runs it (decrypt, de-identify on ``workers`` processes, insert into ``deid_resources``)."""
-    from datetime import date
-
     from deid.engine import Deidentifier, DeidSecrets
+    from deid.methods import today_utc
     from deid.policy import Policy
     from deid.workers import default_workers
     from vault.pseudonym import Pseudonymizer
@@ -208,7 +207,7 @@ def bench_deid(
 
     parse, parse_cpu = _timed(parse_all)
     engine = Deidentifier(
-        policy, DeidSecrets.derive(stage.pseudonym_key, policy), today=date.today()
+        policy, DeidSecrets.derive(stage.pseudonym_key, policy), today=today_utc()
     )
     pseudo = Pseudonymizer(stage.pseudonym_key)
 

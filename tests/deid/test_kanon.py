@@ -4,7 +4,8 @@ checked against a computation of its own."""
 from __future__ import annotations
 
 from collections import Counter
-from datetime import date
+from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
 
 import duckdb
 import orjson
@@ -351,3 +352,30 @@ def test_rewritten_patients_are_appended_and_every_other_row_stays_in_place(con)
     assert all(before[rowid] == row for rowid, row in stayed.items())
     assert len(after) == len(before)
     assert sorted(k for k, _ in moved) == ["Patient"] * len(moved)
+
+
+# 20:00 on New Year's Eve in New York is already 01:00 on 1 January in UTC; 09:00 on New Year's
+# Day at UTC+14 is still 19:00 on 31 December in UTC
+NEW_YEAR_IN_UTC_ONLY = datetime(2026, 12, 31, 20, 0, tzinfo=ZoneInfo("America/New_York"))
+OLD_YEAR_IN_UTC = datetime(2027, 1, 1, 9, 0, tzinfo=ZoneInfo("Pacific/Kiritimati"))
+
+
+@pytest.mark.parametrize(
+    ("now", "band_of_1937"),
+    [(NEW_YEAR_IN_UTC_ONLY, "90+"), (OLD_YEAR_IN_UTC, "85-89")],
+)
+def test_ages_are_counted_in_the_utc_year(now: datetime, band_of_1937: str) -> None:
+    """The release's year is UTC's, as the yearly rebuild's schedule is: a server whose local
+    date is still the old year must not rebuild it with last year's bands."""
+    con = duckdb.connect()
+    con.execute(DEID_DDL)
+    resource = orjson.dumps(patient("nye", "female", "1937-06-01", "02139", WHITE)).decode()
+    con.execute("INSERT INTO deid_resources VALUES ('Patient', 'nye', 'nye', 'b', ?)", [resource])
+    build_k_anonymous_release(con, 1, max_withheld=0.0, clock=lambda: now)
+    # computed here: the UTC year of ``now`` less the birth year, in HIPAA's 90+ or 5-year bands
+    age = now.astimezone(UTC).year - 1937
+    assert band(age, 5) == band_of_1937
+    ((released,),) = con.execute(
+        "SELECT age_band FROM released_patients WHERE patient_id = 'nye'"
+    ).fetchall()
+    assert released == band_of_1937

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from datetime import date
+import time
+from datetime import UTC, date, datetime
+from zoneinfo import ZoneInfo
 
 import pytest
 
@@ -13,6 +15,7 @@ from deid.methods import (
     redact_date_partially,
     redact_zip_partially,
     shift_date,
+    today_utc,
 )
 
 TODAY = date(2026, 11, 28)
@@ -96,3 +99,32 @@ def test_perturb_stays_in_span() -> None:
     assert perturb_number(100.0, 0.1, "proportional", 1, lambda lo, hi: lo) == 95.0
     with pytest.raises(ValueError, match="rangeType"):
         perturb_number(1.0, 1.0, "bogus", 0, lambda lo, hi: 0.0)
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        (datetime(2026, 12, 31, 20, 0, tzinfo=ZoneInfo("America/New_York")), date(2027, 1, 1)),
+        (datetime(2027, 1, 1, 9, 0, tzinfo=ZoneInfo("Pacific/Kiritimati")), date(2026, 12, 31)),
+        (datetime(2026, 6, 1, 12, 0, tzinfo=UTC), date(2026, 6, 1)),
+    ],
+)
+def test_today_is_the_utc_date(now: datetime, expected: date) -> None:
+    assert today_utc(lambda: now) == expected
+
+
+def test_today_does_not_follow_the_local_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two servers 26 hours apart in local time are never on the same local date; the day the
+    age limit is counted from must be the same on both."""
+    days = []
+    try:
+        for zone in ("Etc/GMT-14", "Etc/GMT+12"):  # UTC+14 and UTC-12 (POSIX signs)
+            monkeypatch.setenv("TZ", zone)
+            time.tzset()
+            days.append((today_utc(), datetime.now(UTC).date()))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    # computed apart: the UTC date at each call (a call pair straddling midnight UTC aside)
+    assert [d for d, _ in days] == [utc for _, utc in days]
+    assert days[0][0] == days[1][0] or days[0][1] != days[1][1]

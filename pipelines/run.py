@@ -88,7 +88,10 @@ def settled_batches(
 
 
 def _warehouse_totals(workdir: Workdir) -> dict[str, Any]:
-    """The vault's and the release's totals after the run."""
+    """The vault's and the release's totals after the run (none when no run made the
+    warehouse: a first batch whose run failed before its ingest wrote anything)."""
+    if not workdir.warehouse.exists():
+        return {"vault_resources_current": 0, "vault_patients": 0, "release": {}}
     con = warehouse.connect(workdir.warehouse, read_only=True)
     try:
         current, patients = vault_totals(con)
@@ -167,7 +170,31 @@ def _run_record(batch: str | None, result: Any) -> dict[str, Any]:
         f"{c.asset_key.to_user_string()}:{c.check_name}": c.passed
         for c in result.get_asset_check_evaluations()
     }
-    return {"batch": batch, "run_id": result.run_id, "success": result.success, "checks": checks}
+    return {
+        "batch": batch,
+        "run_id": result.run_id,
+        "success": result.success,
+        "checks": checks,
+        "failed_steps": failed_steps(result),
+    }
+
+
+def failed_steps(result: Any) -> dict[str, str]:
+    """Each failed step of a run and the class of its error: the step and the kind of failure,
+    never the error's text (the run's event log in the UI has the rest)."""
+    failed: dict[str, str] = {}
+    for event in result.all_events:
+        if event.event_type_value == "STEP_FAILURE" and event.step_key is not None:
+            error = event.step_failure_data.error
+            failed[event.step_key] = _root_cause(error).cls_name if error is not None else "?"
+    return failed
+
+
+def _root_cause(error: Any) -> Any:
+    """The innermost error of a chain (Dagster wraps an asset's error in its own)."""
+    while getattr(error, "cause", None) is not None:
+        error = error.cause
+    return error
 
 
 def _plain(value: Any) -> Any:

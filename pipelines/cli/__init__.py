@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -64,6 +65,12 @@ def keys_init(key_file: Path | None) -> None:
     click.echo(f"{'created' if created else 'kept existing'} keyring at {path}")
 
 
+def _failure(run: dict[str, Any]) -> str:
+    """A failed run in a line: its id and each failed step with the class of its error."""
+    steps = ", ".join(f"{step} ({error})" for step, error in run.get("failed_steps", {}).items())
+    return f"run {run['run_id']} failed" + (f" at {steps}" if steps else "")
+
+
 @main.command()
 @click.option("--input", "input_dir", type=click.Path(path_type=Path, exists=True), required=True)
 @workdir_option
@@ -84,12 +91,15 @@ def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -
         f"resources of {ingest['vault_patients']} patients"
     )
     done = set(ingest.get("batches_already_done", []))
+    failed = {r["batch"]: r for r in summary["runs"] if not r["success"]}
     for batch in ingest["batches"]:
-        rec = batch["reconciliation"]
-        note = (
-            " (already ingested and de-identified: not run again)" if batch["batch"] in done else ""
-        )
-        click.echo(f"  batch {batch['batch']}: reconciled={rec['passed']}{note}")
+        key = batch["batch"]
+        if key in failed:
+            click.echo(f"  batch {key}: {_failure(failed[key])}")
+            continue
+        passed = batch["reconciliation"].get("passed", "not checked")
+        note = " (already ingested and de-identified: not run again)" if key in done else ""
+        click.echo(f"  batch {key}: reconciled={passed}{note}")
     stages = summary["stages"]
     deid = stages.get("deid") or {}
     if deid:
@@ -108,6 +118,8 @@ def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -
             f"model: readmission {model['model']}, held-out AUROC {model['test_auroc']:.3f} "
             f"on {model['n_test']} discharges; card {model['model_card']}"
         )
+    if None in failed:
+        click.echo(f"release: {_failure(failed[None])}")
     click.echo(f"summary: {workdir.summary}")
     if not summary["success"]:
         click.echo("some runs failed: open the Dagster UI (make ui) for details", err=True)

@@ -1,0 +1,86 @@
+"""``ehr run`` when a run fails: the command says which run and step failed and exits 1, with
+neither a traceback of its own nor the error's text in its summary (Dagster's own log of the
+failure, like the run's page in the UI, shows the error)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import pipelines.assets.ingest as ingest_assets
+from fhirlake.synthetic import generate
+from pipelines.cli import main
+
+pytestmark = pytest.mark.e2e
+
+# an error text a careless library could carry: the command must not repeat it
+SECRET_TEXT = "text that must not be printed"
+
+
+class IngestBrokeError(RuntimeError):
+    pass
+
+
+REAL_INGEST = ingest_assets.ingest_batch
+
+
+def _broken_ingest(*args: object, **kwargs: object) -> None:
+    raise IngestBrokeError(SECRET_TEXT)
+
+
+def _second_batch_broken(path: object, batch_id: str, *args: object, **kwargs: object) -> object:
+    if batch_id == "b2":
+        raise IngestBrokeError(SECRET_TEXT)
+    return REAL_INGEST(path, batch_id, *args, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_failed_batch_run_is_named_with_its_step(
+    tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    generate(tmp_path / "landing" / "b1", 3, seed=2)
+    monkeypatch.setattr(ingest_assets, "ingest_batch", _broken_ingest)
+    workdir = tmp_path / "work"
+    result = CliRunner().invoke(
+        main,
+        ["run", "--input", str(tmp_path / "landing"), "--workdir", str(workdir), "--workers", "1"],
+    )
+    assert result.exit_code == 1, result.output
+    assert not isinstance(result.exception, KeyError), result.output
+    summary = json.loads((workdir / "run_summary.json").read_text())
+    (run,) = summary["runs"]  # the release is not run after a failed batch
+    assert run["batch"] == "b1" and not run["success"]
+    assert run["failed_steps"] == {"ingest": "IngestBrokeError"}
+    lines = result.output.splitlines()
+    assert f"  batch b1: run {run['run_id']} failed at ingest (IngestBrokeError)" in lines
+    assert "some runs failed: open the Dagster UI (make ui) for details" in lines
+    assert SECRET_TEXT not in (workdir / "run_summary.json").read_text()
+    summary_lines = lines[
+        lines.index(
+            "ingest: 0 records in, 0 accepted, 0 quarantined; vault holds 0 resources of 0 patients"
+        ) :
+    ]
+    assert not any(SECRET_TEXT in line for line in summary_lines)
+
+
+def test_a_failed_batch_after_a_good_one(
+    tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The good batch is reconciled, the failed one named; the release does not run."""
+    generate(tmp_path / "landing" / "b1", 3, seed=2)
+    generate(tmp_path / "landing" / "b2", 3, seed=3)
+    monkeypatch.setattr(ingest_assets, "ingest_batch", _second_batch_broken)
+    workdir = tmp_path / "work"
+    result = CliRunner().invoke(
+        main,
+        ["run", "--input", str(tmp_path / "landing"), "--workdir", str(workdir), "--workers", "1"],
+    )
+    assert result.exit_code == 1, result.output
+    summary = json.loads((workdir / "run_summary.json").read_text())
+    assert [(r["batch"], r["success"]) for r in summary["runs"]] == [("b1", True), ("b2", False)]
+    failed = summary["runs"][1]
+    lines = result.output.splitlines()
+    assert "  batch b1: reconciled=True" in lines
+    assert f"  batch b2: run {failed['run_id']} failed at ingest (IngestBrokeError)" in lines

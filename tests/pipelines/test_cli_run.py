@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import pipelines.assets.ingest as ingest_assets
 from fhirlake.synthetic import generate
@@ -37,23 +38,27 @@ def _second_batch_broken(path: object, batch_id: str, *args: object, **kwargs: o
     return REAL_INGEST(path, batch_id, *args, **kwargs)  # type: ignore[arg-type]
 
 
+def _ehr_run(landing: Path, workdir: Path) -> tuple[Result, dict[str, Any], list[str]]:
+    """``ehr run`` through the CLI: its result, the summary it wrote, its output's lines."""
+    result = CliRunner().invoke(
+        main, ["run", "--input", str(landing), "--workdir", str(workdir), "--workers", "1"]
+    )
+    assert result.exit_code == 1, result.output
+    summary = json.loads((workdir / "run_summary.json").read_text())
+    return result, summary, result.output.splitlines()
+
+
 def test_a_failed_batch_run_is_named_with_its_step(
     tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     generate(tmp_path / "landing" / "b1", 3, seed=2)
     monkeypatch.setattr(ingest_assets, "ingest_batch", _broken_ingest)
     workdir = tmp_path / "work"
-    result = CliRunner().invoke(
-        main,
-        ["run", "--input", str(tmp_path / "landing"), "--workdir", str(workdir), "--workers", "1"],
-    )
-    assert result.exit_code == 1, result.output
+    result, summary, lines = _ehr_run(tmp_path / "landing", workdir)
     assert not isinstance(result.exception, KeyError), result.output
-    summary = json.loads((workdir / "run_summary.json").read_text())
     (run,) = summary["runs"]  # the release is not run after a failed batch
     assert run["batch"] == "b1" and not run["success"]
     assert run["failed_steps"] == {"ingest": "IngestBrokeError"}
-    lines = result.output.splitlines()
     assert f"  batch b1: run {run['run_id']} failed at ingest (IngestBrokeError)" in lines
     assert "some runs failed: open the Dagster UI (make ui) for details" in lines
     assert SECRET_TEXT not in (workdir / "run_summary.json").read_text()
@@ -72,15 +77,8 @@ def test_a_failed_batch_after_a_good_one(
     generate(tmp_path / "landing" / "b1", 3, seed=2)
     generate(tmp_path / "landing" / "b2", 3, seed=3)
     monkeypatch.setattr(ingest_assets, "ingest_batch", _second_batch_broken)
-    workdir = tmp_path / "work"
-    result = CliRunner().invoke(
-        main,
-        ["run", "--input", str(tmp_path / "landing"), "--workdir", str(workdir), "--workers", "1"],
-    )
-    assert result.exit_code == 1, result.output
-    summary = json.loads((workdir / "run_summary.json").read_text())
+    _, summary, lines = _ehr_run(tmp_path / "landing", tmp_path / "work")
     assert [(r["batch"], r["success"]) for r in summary["runs"]] == [("b1", True), ("b2", False)]
     failed = summary["runs"][1]
-    lines = result.output.splitlines()
     assert "  batch b1: reconciled=True" in lines
     assert f"  batch b2: run {failed['run_id']} failed at ingest (IngestBrokeError)" in lines

@@ -15,6 +15,11 @@ class KeyMaterialError(VaultError):
     """Key material is missing, malformed or unusable."""
 
 
+class PseudonymKeyMismatchError(KeyMaterialError):
+    """The pseudonym key in hand is not the one the warehouse was built with (the message names
+    both keys' ids, never a key)."""
+
+
 class InvalidCiphertext(VaultError):  # noqa: N818 - mirrors cryptography's InvalidTag naming
     """A ciphertext failed authentication: wrong key, wrong associated data, or tampering."""
 

@@ -30,7 +30,7 @@ from vault import warehouse
 from vault.clock import utcnow
 from vault.clustered import sync_clustered
 from vault.keys import KeyProvider
-from vault.pseudonym import Pseudonymizer
+from vault.read import bind_pseudonym_key
 from vault.sealing import SHARED_OWNER, DataKeyStore, seal
 
 ERASED_SUBJECT = "erased_subject"
@@ -336,7 +336,8 @@ class BatchIngestor:
         self.batch_id = batch_id
         self.workers = workers
         self.server_base = server_base
-        self.pseudo = Pseudonymizer(provider.pseudonym_key())
+        # refused before anything is written when the key is not the vault's own
+        self.pseudo = bind_pseudonym_key(con, provider)
         self.keys = DataKeyStore(con, provider)
         # tombstones (patients, and the keyed identifier criteria of their Patient) and owners
         # whose key was destroyed by an erasure from before tombstones existed

@@ -47,8 +47,8 @@ from vault.keys import (
     wrap_retired_kek,
     write_keyring,
 )
-from vault.pseudonym import PSEUDONYM_HEX_CHARS, Pseudonymizer
-from vault.read import read_current
+from vault.pseudonym import PSEUDONYM_HEX_CHARS
+from vault.read import bind_pseudonym_key, read_current
 from vault.sealing import _wrap_context
 
 logger = logging.getLogger(__name__)
@@ -648,7 +648,7 @@ def forget_patient(
     """:func:`forget_pseudonym` for an original Patient resource id."""
     if not isinstance(patient_id, str) or not patient_id.strip():
         raise ValueError("patient_id must be a non-empty Patient resource id")
-    pseudonym = Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", patient_id)
+    pseudonym = bind_pseudonym_key(con, provider).resource_key("Patient", patient_id)
     return forget_pseudonym(con, pseudonym, audit, reason, plan=plan, clock=clock, actor=actor)
 
 

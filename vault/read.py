@@ -16,12 +16,21 @@ from typing import Any
 import duckdb
 import orjson
 
+from vault.catalog import has_table
 from vault.clustered import copied_rows, has_copies
 from vault.errors import InvalidCiphertext
-from vault.keys import KeyProvider
+from vault.keys import KeyProvider, key_fingerprint
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import SHARED_OWNER, DataKeyStore, sealed_key_id
-from vault.warehouse import AT_POSITIONS, NEWEST_VERSION_FIRST, at_positions
+from vault.warehouse import (
+    AT_POSITIONS,
+    NEWEST_VERSION_FIRST,
+    at_positions,
+    pseudonym_key_mismatch,
+    record_pseudonym_key_id,
+    recorded_pseudonym_key_id,
+    require_pseudonym_key,
+)
 
 CHUNK_ROWS = 2_000
 
@@ -63,8 +72,8 @@ class VaultReader:
     """Decrypts vault rows with the data keys they name and verifies each one."""
 
     def __init__(self, con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> None:
+        self._pseudo = require_pseudonym_key(con, provider)
         self._keys = DataKeyStore(con, provider)
-        self._pseudo = Pseudonymizer(provider.pseudonym_key())
 
     def prefetch_keys(self, rows: Sequence[Sequence[Any]]) -> None:
         """Unwrap the data keys a chunk of rows names, in one lookup. A malformed blob is
@@ -82,7 +91,16 @@ class VaultReader:
         authenticate, is sealed under another owner's data key than the row's patient (or
         ``_shared``), or holds another resource than the row names (the message names the
         row's pseudonym only)."""
-        resource_key, resource_type, patient_key, batch_id, sealed, aad = row
+        resource_key, resource_type, patient_key, batch_id, _, _ = row
+        resource = self._opened(row)
+        if not self._names_row(resource, resource_key, resource_type):
+            raise InvalidCiphertext(f"vault row {resource_key} holds a different resource")
+        return VaultRecord(resource_key, resource_type, patient_key, batch_id, resource)
+
+    def _opened(self, row: Sequence[Any]) -> Any:
+        """The row's ciphertext decrypted, authenticated and parsed, not yet checked to be the
+        resource the row names."""
+        resource_key, _, patient_key, _, sealed, aad = row
         try:
             plaintext = self._keys.open_owned(
                 bytes(sealed), bytes(aad), patient_key or SHARED_OWNER
@@ -90,12 +108,15 @@ class VaultReader:
         except InvalidCiphertext as exc:
             raise InvalidCiphertext(f"vault row {resource_key}: {exc}") from exc
         try:
-            resource = orjson.loads(plaintext)
+            return orjson.loads(plaintext)
         except orjson.JSONDecodeError as exc:
             raise InvalidCiphertext(f"vault row {resource_key} does not hold JSON") from exc
-        if not self._names_row(resource, resource_key, resource_type):
-            raise InvalidCiphertext(f"vault row {resource_key} holds a different resource")
-        return VaultRecord(resource_key, resource_type, patient_key, batch_id, resource)
+
+    def names_its_row(self, row: Sequence[Any]) -> bool:
+        """Whether the row's ciphertext, which authenticates, holds the resource its row
+        names under this reader's pseudonym key (InvalidCiphertext when it does not
+        authenticate)."""
+        return self._names_row(self._opened(row), str(row[0]), str(row[1]))
 
     def _names_row(self, resource: Any, resource_key: str, resource_type: str) -> bool:
         if not isinstance(resource, dict):
@@ -203,8 +224,40 @@ def read_resource(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, resource_type: str, resource_id: str
 ) -> dict[str, Any] | None:
     """The current version of one resource, or None when the vault does not hold it."""
-    resource_key = Pseudonymizer(provider.pseudonym_key()).resource_key(resource_type, resource_id)
+    resource_key = bind_pseudonym_key(con, provider, record=False).resource_key(
+        resource_type, resource_id
+    )
     # no type filter: a row under this key whose type column disagrees is a tampered row, to be
     # reported as such rather than passed over as absent
     record = read_current(con, provider, resource_key)
     return record.resource if record is not None else None
+
+
+# the first vault row whose data key still exists (an erased patient's key is destroyed)
+_FIRST_READABLE_ROW = (
+    f"SELECT {_ROW_COLUMNS} FROM phi_vault WHERE patient_key IS NULL OR patient_key NOT IN "
+    "(SELECT owner FROM data_keys WHERE destroyed_at IS NOT NULL) ORDER BY ingest_seq LIMIT 1"
+)
+
+
+def bind_pseudonym_key(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, *, record: bool = True
+) -> Pseudonymizer:
+    """The pseudonymizer of ``provider``'s pseudonym key, for code that turns an original id
+    into a vault key (an ingest, an erasure, a look-up): refused
+    (:class:`~vault.errors.PseudonymKeyMismatchError`) unless the key is the warehouse's own.
+
+    The warehouse records its key's id (``warehouse_meta``); one without that record (empty, or
+    written before the record existed) is checked against its first vault row, which must hold
+    the resource its row names under this key, and with ``record`` (a writable connection) the
+    key's id is recorded then. A refused key has read one row and written nothing."""
+    pseudo = require_pseudonym_key(con, provider)
+    if recorded_pseudonym_key_id(con) is not None:
+        return pseudo
+    given = key_fingerprint(provider.pseudonym_key())
+    rows = con.execute(_FIRST_READABLE_ROW).fetchall() if has_table(con, "phi_vault") else []
+    if rows and not VaultReader(con, provider).names_its_row(rows[0]):
+        raise pseudonym_key_mismatch(given, "the vault's first record does not verify under it")
+    if record:
+        record_pseudonym_key_id(con, given)
+    return pseudo

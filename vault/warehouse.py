@@ -20,7 +20,9 @@ from typing import Any
 import duckdb
 
 from vault.clock import RandomBytes
-from vault.keys import fsync_dir
+from vault.errors import PseudonymKeyMismatchError
+from vault.keys import KeyProvider, fsync_dir, key_fingerprint
+from vault.pseudonym import Pseudonymizer
 from vault.sealing import DATA_KEYS_DDL
 
 WAREHOUSE_META_DDL = """
@@ -185,6 +187,8 @@ BATCH_TABLES = (
 )
 
 WAREHOUSE_ID_KEY = "warehouse_id"
+# the id (vault.keys.key_fingerprint, not secret) of the pseudonym key the vault is written under
+PSEUDONYM_KEY_ID_KEY = "pseudonym_key_id"
 
 # A batch's state in the ``batches`` ledger as one value: its position, when its ingest completed
 # and its report. A batch ingested again (other content at the same positions) has another; one
@@ -303,6 +307,50 @@ def ensure_warehouse_id(
     found = warehouse_id(con)
     assert found is not None
     return found
+
+
+def recorded_pseudonym_key_id(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The id of the pseudonym key the warehouse records it was built with; None for a
+    warehouse with no such record (new, or written before the record existed)."""
+    try:
+        rows = con.execute(
+            "SELECT value FROM warehouse_meta WHERE key = ?", [PSEUDONYM_KEY_ID_KEY]
+        ).fetchall()
+    except duckdb.CatalogException:
+        return None
+    return str(rows[0][0]) if rows else None
+
+
+def record_pseudonym_key_id(con: duckdb.DuckDBPyConnection, key_id: str) -> None:
+    """Record the id of the warehouse's pseudonym key (a writable connection)."""
+    con.execute(WAREHOUSE_META_DDL)
+    con.execute(
+        "INSERT INTO warehouse_meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        [PSEUDONYM_KEY_ID_KEY, key_id],
+    )
+
+
+def pseudonym_key_mismatch(given: str, why: str) -> PseudonymKeyMismatchError:
+    """The error for a pseudonym key that is not the warehouse's: key ids only, never a key."""
+    return PseudonymKeyMismatchError(
+        f"the pseudonym key given (key id {given}) is not the one this warehouse was built with "
+        f"({why}): the vault's resource keys and content checks, and the release's pseudonyms "
+        "and date shifts, all depend on it, so nothing was read or written; use the "
+        "warehouse's own pseudonym key"
+    )
+
+
+def require_pseudonym_key(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> Pseudonymizer:
+    """The pseudonymizer of ``provider``'s pseudonym key, once the warehouse's record says it is
+    the key the vault is written under. A vault under two keys would hold a re-sent patient
+    twice under unrelated pseudonyms, with neither key verifying the other's rows. A warehouse
+    without the record passes here (see :func:`vault.read.bind_pseudonym_key`)."""
+    key = provider.pseudonym_key()
+    recorded = recorded_pseudonym_key_id(con)
+    given = key_fingerprint(key)
+    if recorded is not None and recorded != given:
+        raise pseudonym_key_mismatch(given, f"key id {recorded}")
+    return Pseudonymizer(key)
 
 
 def is_copy(registered: Mapping[str, str], warehouse_id: str | None, path: Path) -> bool:

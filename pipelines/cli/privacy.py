@@ -121,6 +121,19 @@ def _own_warehouse_id(workdir: Workdir, provider: KeyProvider) -> str:
         return warehouse.claim_id(con, _registry(provider))
 
 
+def _patient_pseudonym(workdir: Workdir, provider: KeyProvider, patient_id: str) -> str:
+    """The vault key of an original Patient id, under the warehouse's own pseudonym key only:
+    under another key it would name nobody, and the erasure would find nothing and leave a
+    tombstone that keeps no one out."""
+    from vault.read import bind_pseudonym_key
+
+    with _warehouse(workdir, read_only=False) as con:
+        try:
+            return bind_pseudonym_key(con, provider).resource_key("Patient", patient_id)
+        except VaultError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
 @click.command("rotate")
 @_key_file_option
 @workdir_option
@@ -196,13 +209,12 @@ def forget(
     table with a patient_id, the released files and the online store; then the warehouse is
     rewritten into a fresh file so no freed page keeps any of it. Stop pipeline runs first."""
     from vault.lifecycle import forget_in_warehouse
-    from vault.pseudonym import Pseudonymizer
 
     provider = _provider(key_file)
     if not is_pseudonym:
         if not patient.strip():
             raise click.ClickException("PATIENT must be a non-empty Patient resource id")
-        patient = Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", patient)
+        patient = _patient_pseudonym(workdir, provider, patient)
     audit = audit_log_for(workdir, provider, _own_warehouse_id(workdir, provider))
     try:
         report = forget_in_warehouse(

@@ -220,3 +220,27 @@ def test_a_warehouse_in_use_is_refused_with_a_clear_message(work: Path, key_file
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_forget_under_another_pseudonym_key_is_refused(
+    work: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """Under another pseudonym key the id would name nobody: the erasure would report nothing
+    found and leave a tombstone that keeps no one out. The command refuses and writes nothing."""
+    document = json.loads(key_file.read_text())
+    document["pseudonym_key"] = base64.b64encode(bytes(32)).decode()
+    other = tmp_path / "other-keyring.json"
+    other.write_text(json.dumps(document))
+    other.chmod(0o600)
+    refused = CliRunner().invoke(
+        forget, ["p9", "--reason", "request", "--workdir", str(work), "--key-file", str(other)]
+    )
+    assert refused.exit_code == 1, refused.output
+    assert "is not the one this warehouse was built with" in refused.output
+    assert document["pseudonym_key"] not in refused.output
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM erased_subjects").fetchall() == [(0,)]
+        assert read_resource(con, FileKeyProvider.load(key_file), "Patient", "p9") == PATIENTS[2]
+    finally:
+        con.close()

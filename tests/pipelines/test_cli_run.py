@@ -4,7 +4,9 @@ failure, like the run's page in the UI, shows the error)."""
 
 from __future__ import annotations
 
+import base64
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -82,3 +84,50 @@ def test_a_failed_batch_after_a_good_one(
     failed = summary["runs"][1]
     assert "  batch b1: reconciled=True" in lines
     assert f"  batch b2: run {failed['run_id']} failed at ingest (IngestBrokeError)" in lines
+
+
+def _resources_in(folder: Path) -> int:
+    """The distinct resources of a landing folder's bundles, counted here from the files."""
+    found = set()
+    for path in folder.glob("*.json"):
+        document = json.loads(path.read_text())
+        for entry in document.get("entry", []) if document.get("resourceType") == "Bundle" else []:
+            found.add((entry["resource"]["resourceType"], entry["resource"]["id"]))
+    return len(found)
+
+
+def test_a_batch_under_another_pseudonym_key_is_refused_and_nothing_is_stranded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Environment keys, the pseudonym key regenerated between two runs: the batch under the
+    new key fails at its ingest, naming the error's class, and writes nothing; with the
+    warehouse's own key back, the same re-sent batch is ingested as the same resources and
+    the release runs."""
+    monkeypatch.delenv("EHR_KEY_FILE", raising=False)
+    monkeypatch.setenv("EHR_KEK", base64.b64encode(bytes(range(32))).decode())
+    monkeypatch.setenv("EHR_MAX_WITHHELD_SHARE", "1")  # three patients cannot make groups of 5
+    landing, workdir = tmp_path / "landing", tmp_path / "work"
+    generate(landing / "b1", 3, seed=2)
+    expected = f"vault holds {_resources_in(landing / 'b1')} resources of 3 patients"
+
+    def run_with(pseudonym_key: bytes) -> Result:
+        monkeypatch.setenv("EHR_PSEUDONYM_KEY", base64.b64encode(pseudonym_key).decode())
+        return CliRunner().invoke(
+            main, ["run", "--input", str(landing), "--workdir", str(workdir), "--workers", "1"]
+        )
+
+    first = run_with(bytes(range(32, 64)))
+    assert first.exit_code == 0, first.output
+    assert expected in first.output
+    shutil.copytree(landing / "b1", landing / "b2")  # the same export, sent again
+
+    refused = run_with(bytes(range(64, 96)))
+    assert refused.exit_code == 1, refused.output
+    run = json.loads((workdir / "run_summary.json").read_text())["runs"][-1]
+    assert run["batch"] == "b2" and run["failed_steps"] == {"ingest": "PseudonymKeyMismatchError"}
+    assert expected in refused.output
+
+    again = run_with(bytes(range(32, 64)))
+    assert again.exit_code == 0, again.output
+    assert "  batch b2: reconciled=True" in again.output.splitlines()
+    assert expected in again.output

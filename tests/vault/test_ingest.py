@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +9,7 @@ import orjson
 import pytest
 
 from vault import warehouse
-from vault.errors import InvalidCiphertext
+from vault.errors import InvalidCiphertext, KeyMaterialError, PseudonymKeyMismatchError
 from vault.ingest import ingest_batch, reconcile_batch
 from vault.keys import FileKeyProvider
 from vault.read import iter_current_resources, read_resource
@@ -177,11 +178,22 @@ def test_wrong_keys_cannot_read_the_vault(tmp_path: Path, key_provider: FileKeyP
     ingest_batch(wh, "b1", tmp_path / "land", key_provider, workers=1)
     init_keyring(tmp_path / "other.json")
     other = FileKeyProvider.load(tmp_path / "other.json")
+    # the same keyring but for the warehouse's own pseudonym key: its KEK alone is wrong
+    document = json.loads((tmp_path / "other.json").read_text())
+    document["pseudonym_key"] = json.loads(key_provider.path.read_text())["pseudonym_key"]
+    (tmp_path / "other-kek.json").write_text(json.dumps(document))
+    (tmp_path / "other-kek.json").chmod(0o600)
+    other_kek = FileKeyProvider.load(tmp_path / "other-kek.json")
     con = warehouse.connect(wh, read_only=True)
     try:
-        assert read_resource(con, other, "Patient", PID) is None  # pseudonyms differ too
-        with pytest.raises(Exception, match="KEK"):
-            list(iter_current_resources(con, other))
+        for read in (
+            lambda provider: read_resource(con, provider, "Patient", PID),
+            lambda provider: list(iter_current_resources(con, provider)),
+        ):
+            with pytest.raises(PseudonymKeyMismatchError):  # another pseudonym key
+                read(other)
+            with pytest.raises(KeyMaterialError, match="KEK"):
+                read(other_kek)
     finally:
         con.close()
 

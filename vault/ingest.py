@@ -339,6 +339,7 @@ class BatchIngestor:
         # refused before anything is written when the key is not the vault's own
         self.pseudo = bind_pseudonym_key(con, provider)
         self.keys = DataKeyStore(con, provider)
+        self.keys.require_every_kek()
         # tombstones (patients, and the keyed identifier criteria of their Patient) and owners
         # whose key was destroyed by an erasure from before tombstones existed
         self.erased: set[str] = {

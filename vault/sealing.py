@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vault.catalog import has_table
 from vault.clock import Clock, RandomBytes, utcnow
-from vault.errors import InvalidCiphertext, KeyDestroyedError
+from vault.errors import InvalidCiphertext, KeyDestroyedError, KeyMaterialError
 from vault.keys import KEY_BYTES, NONCE_BYTES, KeyProvider, WrappedKey
 
 SEALED_FORMAT = b"\x01"
@@ -144,6 +144,28 @@ class DataKeyStore:
                 self.destroyed_owners.add(owner)
         if rows:  # a warehouse from before the registry registers on its next use
             self._register_warehouse()
+
+    def require_every_kek(self) -> None:
+        """For a writer, before it adds data keys: one live data key under each KEK the
+        warehouse's keys are wrapped under is unwrapped. A provider that lacks one of those KEKs
+        (another ``EHR_KEK``) is refused (KeyMaterialError, naming KEK ids only) before a new
+        key under its own KEK leaves part of the vault readable under one KEK and the rest
+        under another, and so no release readable under either."""
+        rows = self._con.execute(
+            "SELECT kek_id, min(key_id) FROM data_keys "
+            "WHERE destroyed_at IS NULL AND wrapped IS NOT NULL GROUP BY kek_id ORDER BY kek_id"
+        ).fetchall()
+        for kek_id, key_id in rows:
+            try:
+                self.by_id(bytes(key_id))
+            except (KeyMaterialError, InvalidCiphertext) as exc:
+                raise KeyMaterialError(
+                    f"this warehouse's data keys are wrapped under KEK {kek_id!r}, which the key "
+                    f"provider cannot unwrap (its active KEK is "
+                    f"{self._provider.active_kek_id()!r}): a data key added under it would "
+                    "leave the vault readable under neither KEK, so nothing was written; use "
+                    "the warehouse's KEK, or rotate to a new one with `ehr keys rotate`"
+                ) from exc
 
     def for_owner(self, owner: str) -> DataKey:
         """The owner's live data key, created on first use; KeyDestroyedError for an owner

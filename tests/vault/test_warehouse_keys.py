@@ -1,9 +1,12 @@
-"""A warehouse takes one pseudonym key for life: another key (a regenerated
-``EHR_PSEUDONYM_KEY``, another site's keyring) is refused before it reads or writes anything.
+"""A warehouse keeps its keys: another pseudonym key (a regenerated ``EHR_PSEUDONYM_KEY``,
+another site's keyring) is refused before it reads or writes anything, and an ingest under a KEK
+that cannot unwrap the warehouse's data keys (another ``EHR_KEK``) before it adds a key.
 
-Without that, an ingest under a second key wrote a re-sent patient again under unrelated
-pseudonyms, neither key verified the other's rows (every later release failed, under either
-key), and an erasure by the key in hand found nobody and left a tombstone that kept no one out.
+Without the first, an ingest under a second pseudonym key wrote a re-sent patient again under
+unrelated pseudonyms, neither key verified the other's rows (every later release failed, under
+either key), and an erasure by the key in hand found nobody and left a tombstone that kept no
+one out. Without the second, a batch of new patients under another KEK was accepted, and the
+vault was then readable under neither KEK.
 """
 
 from __future__ import annotations
@@ -18,13 +21,14 @@ import pytest
 
 from vault import warehouse
 from vault.audit import AuditLog
-from vault.errors import PseudonymKeyMismatchError
+from vault.errors import KeyMaterialError, PseudonymKeyMismatchError
 from vault.ingest import ingest_batch
 from vault.keys import EnvKeyProvider
 from vault.lifecycle import forget_patient
 from vault.read import iter_current_resources, read_resource
 
 KEK = bytes(range(32))
+OTHER_KEK = bytes(range(96, 128))
 KEY_A = bytes(range(32, 64))
 KEY_B = bytes(range(64, 96))
 PATIENT = {
@@ -51,10 +55,10 @@ WRITTEN = (
 )
 
 
-def provider(pseudonym_key: bytes) -> EnvKeyProvider:
-    """Environment keys: one KEK, the pseudonym key given (the keys an operator sets)."""
+def provider(pseudonym_key: bytes, kek: bytes = KEK) -> EnvKeyProvider:
+    """Environment keys, as an operator sets them."""
     env = {
-        "EHR_KEK": base64.b64encode(KEK).decode(),
+        "EHR_KEK": base64.b64encode(kek).decode(),
         "EHR_PSEUDONYM_KEY": base64.b64encode(pseudonym_key).decode(),
     }
     return EnvKeyProvider.from_environ(env)
@@ -172,3 +176,28 @@ def test_a_warehouse_from_before_the_record_is_checked_against_its_vault(
     assert contents(wh) == before
     ingest_batch(wh, "b2", landing, provider(KEY_A), workers=1)
     assert ("pseudonym_key_id", key_id(KEY_A)) in contents(wh)["warehouse_meta"]
+
+
+def test_an_ingest_under_another_kek_is_refused_before_it_writes(wh: Path, tmp_path: Path) -> None:
+    """A batch of a new patient only (no data key of the warehouse needed to seal it) under
+    another KEK: refused, naming the KEK ids; the warehouse's own KEK still reads everything and
+    then ingests the batch."""
+    newcomer = tmp_path / "newcomer"
+    newcomer.mkdir()
+    patient = {"resourceType": "Patient", "id": "pt-quince", "name": [{"family": "Quince"}]}
+    (newcomer / "quince.json").write_text(json.dumps(patient))
+    before = contents(wh)
+    with pytest.raises(KeyMaterialError, match="cannot unwrap") as caught:
+        ingest_batch(wh, "b2", newcomer, provider(KEY_A, OTHER_KEK), workers=1)
+    text = str(caught.value)
+    assert f"env-{key_id(KEK)}" in text and f"env-{key_id(OTHER_KEK)}" in text
+    for key in (KEK, OTHER_KEK, KEY_A):
+        assert base64.b64encode(key).decode() not in text
+    assert contents(wh) == before
+    ingest_batch(wh, "b2", newcomer, provider(KEY_A), workers=1)
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        ids = sorted(r["id"] for r in iter_current_resources(con, provider(KEY_A)))
+    finally:
+        con.close()
+    assert ids == ["cond-1", "pt-larkspur", "pt-quince"]

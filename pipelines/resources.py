@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -135,11 +137,17 @@ class KeyProviderResource(ConfigurableResource):
     key_file: str | None = None
 
     def provider(self) -> KeyProvider:
-        try:
+        with self.naming_source():
             return load_key_provider(self.key_file)
+
+    @contextmanager
+    def naming_source(self) -> Iterator[None]:
+        """A key error raised inside (keys missing, or not the warehouse's own) says where the
+        keys were taken from: a path or variable names, never material. Same error class."""
+        try:
+            yield
         except KeyMaterialError as exc:
-            # say where the keys were looked for (a path or variable names, never material)
-            raise KeyMaterialError(f"{exc} [looked in: {self.looked_in()}]") from exc
+            raise type(exc)(f"{exc} [looked in: {self.looked_in()}]") from exc
 
     def looked_in(self) -> str:
         """Where ``provider`` takes the key material from, as an operator would check it."""

@@ -149,13 +149,15 @@ def ingest(
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """One streaming pass over a batch: parse, validate (R4B), resolve, encrypt, write."""
     source = batch_source(Path(landing.path), context.partition_key)
-    report = ingest_batch(
-        warehouse.path,
-        context.partition_key,
-        source.path,
-        keys.provider(),
-        workers=ingest_settings.worker_count(),
-    )
+    provider = keys.provider()
+    with keys.naming_source():  # keys that are not the warehouse's own: say whose they were
+        report = ingest_batch(
+            warehouse.path,
+            context.partition_key,
+            source.path,
+            provider,
+            workers=ingest_settings.worker_count(),
+        )
     context.log.info(
         f"batch {report.batch_id}: {report.records_in} records, {report.accepted} accepted, "
         f"{report.quarantined} quarantined in {report.seconds:.1f}s"

@@ -125,6 +125,10 @@ def test_a_batch_under_another_pseudonym_key_is_refused_and_nothing_is_stranded(
     assert refused.exit_code == 1, refused.output
     run = json.loads((workdir / "run_summary.json").read_text())["runs"][-1]
     assert run["batch"] == "b2" and run["failed_steps"] == {"ingest": "PseudonymKeyMismatchError"}
+    # Dagster's log of the failure (the run's page in the UI) names the key ids and the source
+    assert "is not the one this warehouse was built with" in refused.output
+    assert "[looked in: environment variables EHR_KEK and EHR_PSEUDONYM_KEY]" in refused.output
+    assert base64.b64encode(bytes(range(64, 96))).decode() not in refused.output
     assert expected in refused.output
 
     again = run_with(bytes(range(32, 64)))

@@ -336,7 +336,8 @@ def pseudonym_key_mismatch(given: str, why: str) -> PseudonymKeyMismatchError:
         f"the pseudonym key given (key id {given}) is not the one this warehouse was built with "
         f"({why}): the vault's resource keys and content checks, and the release's pseudonyms "
         "and date shifts, all depend on it, so nothing was read or written; use the "
-        "warehouse's own pseudonym key"
+        "warehouse's own pseudonym key (a lost key cannot be replaced: start a new work "
+        "directory and ingest the exports again)"
     )
 
 

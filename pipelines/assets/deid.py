@@ -121,9 +121,10 @@ def deid_resources(
     provider = keys.provider()
     con = warehouse.connect()
     try:
-        batch = publish_batch(
-            con, provider, context.partition_key, policy, terminology=release_terminology()
-        )
+        with keys.naming_source():  # keys that are not the warehouse's own: say whose they were
+            batch = publish_batch(
+                con, provider, context.partition_key, policy, terminology=release_terminology()
+            )
         table = release_totals(con)
         version = release_version(con) if batch.published else None
     finally:
@@ -208,9 +209,12 @@ def released_patients(
         k, max_withheld = k_anonymity_settings(deid_settings)
         provider = keys.provider()
         # the canaries (the vault's PHI, decrypted: Python) load while k-anonymity runs (DuckDB)
-        with in_background(
-            con, lambda cursor: RELEASE_CANARIES.get(cursor, provider, context.run.run_id)
-        ) as loaded:
+        with (
+            keys.naming_source(),
+            in_background(
+                con, lambda cursor: RELEASE_CANARIES.get(cursor, provider, context.run.run_id)
+            ) as loaded,
+        ):
             report = build_released_patients(con, k, max_withheld=max_withheld, canaries=loaded)
     finally:
         con.close()

@@ -278,15 +278,18 @@ def _create_private(path: Path) -> None:
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
-def warehouse_id(con: duckdb.DuckDBPyConnection) -> str | None:
-    """The warehouse's id, None for a warehouse that has none yet (or no schema)."""
+def _meta_value(con: duckdb.DuckDBPyConnection, key: str) -> str | None:
+    """A value of ``warehouse_meta``; None when it is not there (or the table is not)."""
     try:
-        rows = con.execute(
-            "SELECT value FROM warehouse_meta WHERE key = ?", [WAREHOUSE_ID_KEY]
-        ).fetchall()
+        rows = con.execute("SELECT value FROM warehouse_meta WHERE key = ?", [key]).fetchall()
     except duckdb.CatalogException:
         return None
     return str(rows[0][0]) if rows else None
+
+
+def warehouse_id(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The warehouse's id, None for a warehouse that has none yet (or no schema)."""
+    return _meta_value(con, WAREHOUSE_ID_KEY)
 
 
 def ensure_warehouse_id(
@@ -312,13 +315,7 @@ def ensure_warehouse_id(
 def recorded_pseudonym_key_id(con: duckdb.DuckDBPyConnection) -> str | None:
     """The id of the pseudonym key the warehouse records it was built with; None for a
     warehouse with no such record (new, or written before the record existed)."""
-    try:
-        rows = con.execute(
-            "SELECT value FROM warehouse_meta WHERE key = ?", [PSEUDONYM_KEY_ID_KEY]
-        ).fetchall()
-    except duckdb.CatalogException:
-        return None
-    return str(rows[0][0]) if rows else None
+    return _meta_value(con, PSEUDONYM_KEY_ID_KEY)
 
 
 def record_pseudonym_key_id(con: duckdb.DuckDBPyConnection, key_id: str) -> None:

@@ -296,6 +296,18 @@ def batch_canaries(
     return canaries
 
 
+def batch_key_hits(canaries: CanarySet, batch_key: str) -> list[str]:
+    """Kinds of identifiers of the batch's patients (names, identifiers, phones, emails,
+    addresses; not birth dates, which a date-named export folder would match by chance) found in
+    its batch key: the landing folder's name, which Dagster shows as the partition key. Read as
+    written and with its separators as spaces (``li_wang`` holds the full name ``li wang``)."""
+    spaced = " ".join(_KEY_SEPARATORS.split(batch_key))
+    return sorted(set(canaries.find(batch_key)) | set(canaries.find(spaced)))
+
+
+_KEY_SEPARATORS = re.compile(r"[^0-9A-Za-z]+")
+
+
 def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> CanarySet:
     """Canaries of every patient in the vault (for tables built over the whole release)."""
     canaries = CanarySet()
@@ -499,10 +511,13 @@ def scan_released_batch(
     provider: KeyProvider,
     batch_id: str,
     table: str = "deid_resources",
+    canaries: CanarySet | None = None,
 ) -> LeakScanResult:
     """The batch's rows of ``table`` (the release, or the staging table a batch is written to
-    before it is published) scanned against the canaries of the patients the batch touches."""
-    canaries = batch_canaries(con, provider, batch_id)
+    before it is published) scanned against the canaries of the patients the batch touches
+    (``canaries``, when the caller has loaded them already)."""
+    if canaries is None:
+        canaries = batch_canaries(con, provider, batch_id)
     cursor = con.cursor()
     cursor.execute(
         f"SELECT id, resource, patient_id FROM {_checked_table(table)} WHERE batch_id = ?",

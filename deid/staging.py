@@ -38,6 +38,8 @@ from deid.release import (
     DEID_DDL,
     DEID_ERRORS_DDL,
     DeidReport,
+    batch_canaries,
+    batch_key_hits,
     deidentify_batch,
     scan_released_batch,
 )
@@ -62,6 +64,8 @@ class BatchRelease:
     report: DeidReport
     scan: LeakScanResult
     published: bool
+    # kinds of its patients' identifiers found in the batch key (deid.release.batch_key_hits)
+    batch_key_hits: tuple[str, ...] = ()
 
 
 def staging_tables(batch_id: str) -> tuple[str, str]:
@@ -195,12 +199,13 @@ def publish_batch(
             errors_target=errors,
             **options,
         )
-        scan = scan_released_batch(con, provider, batch_id, table=stage)
+        canaries = batch_canaries(con, provider, batch_id)
+        scan = scan_released_batch(con, provider, batch_id, table=stage, canaries=canaries)
         if scan.passed:
             _swap_batch(con, batch_id, stage, errors, settings)
         else:
             _forget_published(con, batch_id)
-        return BatchRelease(report, scan, scan.passed)
+        return BatchRelease(report, scan, scan.passed, tuple(batch_key_hits(canaries, batch_id)))
     finally:
         for table in (stage, errors):
             con.execute(f"DROP TABLE IF EXISTS {table}")

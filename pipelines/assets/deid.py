@@ -81,6 +81,25 @@ BUILT_THIS_YEAR = FreshnessPolicy.cron(
 )
 
 
+BATCH_KEY_CHECK = "batch_key_holds_no_identifier"
+
+
+def _batch_key_result(hits: tuple[str, ...]) -> AssetCheckResult:
+    """The batch key check: the kinds found, never what matched."""
+    return AssetCheckResult(
+        asset_key="deid_resources",
+        check_name=BATCH_KEY_CHECK,
+        passed=not hits,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"kinds_found": MetadataValue.json(list(hits))},
+        description=None
+        if not hits
+        else "the landing folder's name holds an identifier of one of the batch's patients "
+        f"({', '.join(hits)}): rename such folders at the source; the runs and the partition "
+        "under this key keep it until they are deleted",
+    )
+
+
 def _table(rows: dict[str, int], head: str) -> MetadataValue:
     body = "\n".join(f"| {k} | {v} |" for k, v in rows.items())
     return MetadataValue.md(f"| {head} | count |\n|---|---|\n{body}" if rows else "none")
@@ -105,7 +124,17 @@ def _table(rows: dict[str, int], head: str) -> MetadataValue:
             "or phone (however punctuated), email, address, city with ZIP, or the patient's own "
             "birth date (ISO or US formats) of the batch's patients appears in the staged rows "
             "(case-folded, base64 decoded); the batch is published only when none does.",
-        )
+        ),
+        AssetCheckSpec(
+            BATCH_KEY_CHECK,
+            asset="deid_resources",
+            blocking=False,
+            description="The batch key (the landing folder's name, shown as the partition key "
+            "in the UI, the event log and run summaries) holds no name, identifier, phone, "
+            "email or address of the batch's patients. A warning: the key never reaches a "
+            "released table, but an exporter that names folders after patients puts PHI in "
+            "Dagster's storage. Rename such folders at the source.",
+        ),
     ],
     partitions_def=batch_partitions,
     pool=WAREHOUSE_POOL,
@@ -151,6 +180,7 @@ def deid_resources(
         },
     )
     yield leak_scan_result("deid_resources", scan)
+    yield _batch_key_result(batch.batch_key_hits)
     if version is not None:
         context.log_event(
             AssetMaterialization(

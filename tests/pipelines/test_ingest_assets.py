@@ -3,7 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
-from dagster import DagsterInstance, materialize
+from dagster import AssetCheckSeverity, DagsterInstance, materialize
 
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from vault import warehouse
@@ -46,7 +46,12 @@ def test_materialize_ingest_partition(tmp_path: Path, key_file: Path) -> None:
     assert by_key["quarantine"]["quarantined"].value == 1
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     # one record in three quarantined: above the 5% threshold, a warning
-    assert checks == {"records_reconcile": True, "phi_leak_scan": True, "quarantine_rate": False}
+    assert checks == {
+        "records_reconcile": True,
+        "phi_leak_scan": True,
+        "quarantine_rate": False,
+        "batch_key_holds_no_identifier": True,
+    }
     deid = result.asset_materializations_for_node("deid_resources")[0].metadata
     assert deid["released"].value == 2 and deid["policy"].value == "research"
     release = materialize(
@@ -69,3 +74,33 @@ def test_materialize_ingest_partition(tmp_path: Path, key_file: Path) -> None:
         assert con.execute("SELECT count(*) FROM phi_vault").fetchall()[0][0] == 2
     finally:
         con.close()
+
+
+def test_a_batch_key_with_a_patients_name_is_a_warning(tmp_path: Path, key_file: Path) -> None:
+    """An export folder named after its patient: the batch is ingested, de-identified and
+    published as any other, and the batch key check warns, naming the kind found and not
+    the name."""
+    key = "records_Larkspur_Odalys"
+    batch = tmp_path / "landing" / key
+    batch.mkdir(parents=True)
+    patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Larkspur"}]}
+    (batch / "data.ndjson").write_bytes(orjson.dumps(patient) + b"\n")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("batches", [key])
+    result = materialize(
+        batch_assets,
+        partition_key=key,
+        instance=instance,
+        resources=build_resources(
+            str(tmp_path / "work"), str(tmp_path / "landing"), str(key_file), 1
+        ),
+    )
+    assert result.success
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    warned = checks.pop("batch_key_holds_no_identifier")
+    assert not warned.passed and warned.severity == AssetCheckSeverity.WARN
+    assert warned.metadata["kinds_found"].value == ["name"]
+    assert "Larkspur" not in str(warned.description) + str(warned.metadata)
+    assert all(c.passed for c in checks.values())
+    deid = result.asset_materializations_for_node("deid_resources")[0].metadata
+    assert deid["published"].value is True

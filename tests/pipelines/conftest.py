@@ -6,11 +6,31 @@ tests/deid/test_release.py)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
+from dagster import DagsterInstance, materialize
 
 from pipelines.assets.deid import K_ENV
+from pipelines.definitions import batch_assets, build_resources
 
 
 @pytest.fixture(autouse=True)
 def _small_cohort_k(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(K_ENV, "1")
+
+
+@pytest.fixture
+def materialize_batch(tmp_path: Path, key_file: Path) -> Callable[..., Any]:
+    """Run the batch assets of one landing folder's batch (work directory ``tmp_path/work``,
+    one ingest worker) on ``instance``, an ephemeral one by default; the result."""
+
+    def run(landing: Path, key: str, instance: DagsterInstance | None = None) -> Any:
+        instance = instance or DagsterInstance.ephemeral()
+        instance.add_dynamic_partitions("batches", [key])
+        resources = build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1)
+        return materialize(batch_assets, partition_key=key, instance=instance, resources=resources)
+
+    return run

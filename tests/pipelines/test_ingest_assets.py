@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 from dagster import AssetCheckSeverity, DagsterInstance, materialize
 
-from pipelines.definitions import batch_assets, build_resources, release_assets
+from pipelines.definitions import build_resources, release_assets
 from vault import warehouse
 
 
@@ -29,16 +31,12 @@ def _landing(tmp_path: Path) -> Path:
     return landing
 
 
-def test_materialize_ingest_partition(tmp_path: Path, key_file: Path) -> None:
+def test_materialize_ingest_partition(
+    tmp_path: Path, key_file: Path, materialize_batch: Callable[..., Any]
+) -> None:
     landing = _landing(tmp_path)
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("batches", ["export-1"])
-    result = materialize(
-        batch_assets,
-        partition_key="export-1",
-        instance=instance,
-        resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
-    )
+    result = materialize_batch(landing, "export-1", instance)
     assert result.success
     vault = result.asset_materializations_for_node("ingest")
     by_key = {m.asset_key.to_user_string(): m.metadata for m in vault}
@@ -76,7 +74,9 @@ def test_materialize_ingest_partition(tmp_path: Path, key_file: Path) -> None:
         con.close()
 
 
-def test_a_batch_key_with_a_patients_name_is_a_warning(tmp_path: Path, key_file: Path) -> None:
+def test_a_batch_key_with_a_patients_name_is_a_warning(
+    tmp_path: Path, materialize_batch: Callable[..., Any]
+) -> None:
     """An export folder named after its patient: the batch is ingested, de-identified and
     published as any other, and the batch key check warns, naming the kind found and not
     the name."""
@@ -85,16 +85,7 @@ def test_a_batch_key_with_a_patients_name_is_a_warning(tmp_path: Path, key_file:
     batch.mkdir(parents=True)
     patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "Larkspur"}]}
     (batch / "data.ndjson").write_bytes(orjson.dumps(patient) + b"\n")
-    instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("batches", [key])
-    result = materialize(
-        batch_assets,
-        partition_key=key,
-        instance=instance,
-        resources=build_resources(
-            str(tmp_path / "work"), str(tmp_path / "landing"), str(key_file), 1
-        ),
-    )
+    result = materialize_batch(tmp_path / "landing", key)
     assert result.success
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     warned = checks.pop("batch_key_holds_no_identifier")

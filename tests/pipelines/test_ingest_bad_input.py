@@ -4,14 +4,15 @@ input value reaches a Dagster event (metadata, logs, check results)."""
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance
 from dagster._serdes import serialize_value
 
 from pipelines.assets.ingest import reconcile_check
-from pipelines.definitions import batch_assets, build_resources
 from vault.ingest import IngestReport, Reconciliation
 from vault.landing import batch_key
 
@@ -49,17 +50,13 @@ def _landing(tmp_path: Path) -> tuple[Path, str]:
     return landing, batch_key(name)
 
 
-def test_bad_batch_succeeds_and_leaks_nothing_to_dagster(tmp_path: Path, key_file: Path) -> None:
+def test_bad_batch_succeeds_and_leaks_nothing_to_dagster(
+    tmp_path: Path, materialize_batch: Callable[..., Any]
+) -> None:
     landing, key = _landing(tmp_path)
     assert key != f"export {MARK}" and key.startswith("export-")  # a safe key with a digest
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("batches", [key])
-    result = materialize(
-        batch_assets,
-        partition_key=key,
-        instance=instance,
-        resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
-    )
+    result = materialize_batch(landing, key, instance)
     assert result.success
     by_key = {
         m.asset_key.to_user_string(): m.metadata

@@ -49,7 +49,7 @@ from vault.keys import (
 )
 from vault.pseudonym import PSEUDONYM_HEX_CHARS
 from vault.read import bind_pseudonym_key, read_current
-from vault.sealing import _wrap_context
+from vault.sealing import LIVE_DATA_KEY, _wrap_context
 
 logger = logging.getLogger(__name__)
 
@@ -137,19 +137,14 @@ def _read_keyring(key_file: Path) -> dict[str, Any]:
 
 
 _LIVE_DATA_KEYS = (
-    "SELECT key_id, owner, kek_id, wrapped FROM data_keys "
-    "WHERE destroyed_at IS NULL AND wrapped IS NOT NULL ORDER BY key_id"
+    f"SELECT key_id, owner, kek_id, wrapped FROM data_keys WHERE {LIVE_DATA_KEY} ORDER BY key_id"
 )
-_DESTROYED_DATA_KEY_COUNT = (
-    "SELECT count(*) FROM data_keys WHERE destroyed_at IS NOT NULL OR wrapped IS NULL"
-)
+_DESTROYED_DATA_KEY_COUNT = f"SELECT count(*) FROM data_keys WHERE NOT ({LIVE_DATA_KEY})"
 _APPLY_REWRAPPED_KEYS = (
     "UPDATE data_keys SET kek_id = r.kek_id, wrapped = r.wrapped "
     "FROM _rewrapped_keys r WHERE data_keys.key_id = r.key_id"
 )
-_KEK_IDS_IN_USE = (
-    "SELECT DISTINCT kek_id FROM data_keys WHERE destroyed_at IS NULL AND wrapped IS NOT NULL"
-)
+_KEK_IDS_IN_USE = f"SELECT DISTINCT kek_id FROM data_keys WHERE {LIVE_DATA_KEY}"
 
 
 def _rewrapped(rows: list[tuple[Any, ...]], provider: FileKeyProvider) -> pa.Table:

@@ -29,6 +29,8 @@ KEY_ID_BYTES = 16
 _HEADER = len(SEALED_FORMAT) + KEY_ID_BYTES
 _TAG_BYTES = 16
 SHARED_OWNER = "_shared"
+# a data key that still opens its records: not destroyed by an erasure, its wrapped form kept
+LIVE_DATA_KEY = "destroyed_at IS NULL AND wrapped IS NOT NULL"
 
 DATA_KEYS_DDL = """
 CREATE TABLE IF NOT EXISTS data_keys (
@@ -152,8 +154,8 @@ class DataKeyStore:
         key under its own KEK leaves part of the vault readable under one KEK and the rest
         under another, and so no release readable under either."""
         rows = self._con.execute(
-            "SELECT kek_id, min(key_id) FROM data_keys "
-            "WHERE destroyed_at IS NULL AND wrapped IS NOT NULL GROUP BY kek_id ORDER BY kek_id"
+            f"SELECT kek_id, min(key_id) FROM data_keys WHERE {LIVE_DATA_KEY} "
+            "GROUP BY kek_id ORDER BY kek_id"
         ).fetchall()
         for kek_id, key_id in rows:
             try:
@@ -208,8 +210,7 @@ class DataKeyStore:
             return
         rows = self._con.execute(
             "SELECT key_id, owner, kek_id, wrapped, destroyed_at FROM data_keys "
-            "WHERE key_id IN (SELECT unnest(?::BLOB[])) AND destroyed_at IS NULL "
-            "AND wrapped IS NOT NULL",
+            f"WHERE key_id IN (SELECT unnest(?::BLOB[])) AND {LIVE_DATA_KEY}",
             [wanted],
         ).fetchall()
         for row in rows:

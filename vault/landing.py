@@ -8,7 +8,9 @@ folder names chosen by whoever drops the export, never file names, which in some
 A key is the folder name when that is already a safe key (``synthetic``, ``2024-05-01``);
 otherwise the name made safe and shortened, plus a digest of the exact name, so that two
 names that read alike (``x y`` and ``x-y``, or long names with a common start) never share a
-key. Symbolic links and special files are never followed: they are listed as skipped.
+key. A safe key holds letters, digits, ``_``, ``-`` and ``.``, but never three dots in a row,
+which Dagster reads as a range of partitions (``2024-01...2024-03``). Symbolic links and
+special files are never followed: they are listed as skipped.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ ROOT_BATCH = "root"
 MAX_KEY = 64
 _DIGEST = 10  # hex characters of the name's digest: 40 bits
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
+# Dagster reads "a...b" as the range of partitions from a to b (the UI's partition selection,
+# backfills): a key never holds three dots in a row
+_RANGE_DOTS = re.compile(r"\.{3,}")
 
 
 class BatchKeyCollisionError(ValueError):
@@ -52,7 +57,7 @@ class Landing:
 def batch_key(name: str) -> str:
     """The batch key of a folder name: the name itself when it is a safe key, else a safe
     slug with a digest of the exact name (undecodable bytes included)."""
-    slug = _UNSAFE.sub("-", name).strip("-.") or "batch"
+    slug = _RANGE_DOTS.sub("-", _UNSAFE.sub("-", name)).strip("-.") or "batch"
     if slug == name and len(name) <= MAX_KEY and name != ROOT_BATCH:
         return name
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:_DIGEST]

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import orjson
 import pytest
+from dagster import StaticPartitionsDefinition
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vault.ingest import ingest_batch, reconcile_batch
 from vault.keys import FileKeyProvider
@@ -49,6 +52,28 @@ def test_names_that_read_alike_get_different_keys(a: str, b: str) -> None:
     assert ka != kb
     for key in (ka, kb):
         assert len(key) <= MAX_KEY and key == batch_key(key)  # a key is a safe key itself
+
+
+@pytest.mark.parametrize("name", ["export...2024", "a....b", "...", "2024-01...2024-03"])
+def test_three_dots_never_reach_a_key(name: str) -> None:
+    # Dagster's UI and backfills read "a...b" as the partitions from a to b: its own
+    # validation of partition keys (static partitions run it) must accept the key
+    key = batch_key(name)
+    assert "..." not in key and key != name
+    assert StaticPartitionsDefinition([key]).get_partition_keys() == [key]
+    assert batch_key("a..b") == "a..b"  # two dots are no range
+
+
+# folder-like names (dots, separators, a non-ASCII letter, a newline) and any text at all
+_PIECES = st.sampled_from(["a", "1", ".", "..", "-", "_", " ", "é", "/", "\n"])
+_NAMES = st.lists(_PIECES, min_size=1, max_size=40).map("".join) | st.text(min_size=1, max_size=90)
+
+
+@given(_NAMES)
+def test_every_key_is_a_partition_key_dagster_accepts(name: str) -> None:
+    key = batch_key(name)
+    assert 0 < len(key) <= MAX_KEY and key == batch_key(key)
+    StaticPartitionsDefinition([key])  # raises on "...", control characters
 
 
 def test_reserved_root_name_never_shares_the_root_batch(tmp_path: Path) -> None:

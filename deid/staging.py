@@ -47,7 +47,7 @@ from deid.terminology import Terminology
 from vault.catalog import has_table
 from vault.ingest import FHIR_BASE_ENV
 from vault.keys import KeyProvider
-from vault.warehouse import BATCH_DIGEST_SQL
+from vault.warehouse import BATCH_DIGEST_SQL, NEWEST_VERSION_FIRST
 
 LEDGER_TABLE = "deid_batches"
 LEDGER_DDL = f"""
@@ -107,7 +107,9 @@ def settings_digest(
 ) -> str:
     """A digest of what a batch's de-identified rows depend on besides its vault records: the
     policy (name and document), the day (dates over the age limit depend on it), the displays
-    the release may carry, and the FHIR base that makes references local."""
+    the release may carry, the FHIR base that makes references local, and the rule that picks
+    a resource's newest version among those the vault holds (the batch releases the resources
+    whose newest version it wrote)."""
     displays = sorted(
         [system, code, display]
         for (system, code), display in (terminology or Terminology()).displays.items()
@@ -118,6 +120,7 @@ def settings_digest(
         "today": (today or today_utc()).isoformat(),
         "displays": displays,
         "fhir_base": os.environ.get(FHIR_BASE_ENV),
+        "newest_version": NEWEST_VERSION_FIRST,
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

@@ -391,8 +391,19 @@ def _date_sql(name: str, fhir_type: str) -> str:
         return f"TRY_CAST(left({padded}, 10) AS DATE)"
     return (
         f"CASE WHEN length({quoted}) <= 10 THEN TRY_CAST(({padded}) || ' 00:00:00+00' AS "
-        f"TIMESTAMPTZ) ELSE TRY_CAST(CASE WHEN regexp_matches({quoted}, '(Z|[+-]\\d\\d:\\d\\d)$') "
-        f"THEN {quoted} ELSE {quoted} || '+00:00' END AS TIMESTAMPTZ) END"
+        f"TIMESTAMPTZ) ELSE {instant_sql(quoted)} END"
+    )
+
+
+def instant_sql(text: str) -> str:
+    """SQL for the instant a FHIR dateTime or instant with a time (the SQL expression ``text``)
+    stands for, as TIMESTAMPTZ; NULL when it is not one. Its offset is applied, so values
+    written in other zones compare as the moments they are (as text, ``10:00:00+05:00`` sorts
+    after ``06:00:00Z``, an hour later); one without an offset is read as UTC, never in the
+    server's time zone."""
+    return (
+        f"TRY_CAST(CASE WHEN regexp_matches({text}, '(Z|[+-]\\d\\d:\\d\\d)$') "
+        f"THEN {text} ELSE {text} || '+00:00' END AS TIMESTAMPTZ)"
     )
 
 

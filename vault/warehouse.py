@@ -19,6 +19,7 @@ from typing import Any
 
 import duckdb
 
+from fhirlake.viewdef import instant_sql
 from vault.clock import RandomBytes
 from vault.errors import PseudonymKeyMismatchError
 from vault.keys import KeyProvider, fsync_dir, key_fingerprint
@@ -31,10 +32,12 @@ CREATE TABLE IF NOT EXISTS warehouse_meta (
     value VARCHAR NOT NULL
 )"""
 
-# The newest version of each resource: numeric versionId first, then lastUpdated, then the order
-# it arrived in (the ranking of phi_vault_current and of vault.read's filtered reads).
+# The newest version of each resource: numeric versionId first, then the latest lastUpdated
+# (the instant, not the text: exports write it in other zones and precisions), then the order it
+# arrived in (the ranking of phi_vault_current and of vault.read's filtered reads).
 NEWEST_VERSION_FIRST = (
-    "TRY_CAST(version_id AS BIGINT) DESC NULLS LAST, last_updated DESC NULLS LAST, ingest_seq DESC"
+    f"TRY_CAST(version_id AS BIGINT) DESC NULLS LAST, {instant_sql('last_updated')} DESC NULLS "
+    "LAST, ingest_seq DESC"
 )
 
 # Vault rows at a chunk of sorted positions (``ingest_seq``), with :func:`at_positions`'s

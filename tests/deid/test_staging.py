@@ -158,3 +158,49 @@ def test_the_ledger_names_a_batch_published_from_its_vault_state_under_the_same_
         assert _settled(con, research) == set()
     finally:
         con.close()
+
+
+def test_a_resource_sent_again_with_an_older_instant_keeps_its_newest_version_released(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two exports of one Observation without a versionId; the second, arriving later, holds
+    the older version, its lastUpdated written in another zone (10:00+05:00 is 05:00 UTC, an
+    hour before 06:00Z, though its text sorts after)."""
+    patient = {"resourceType": "Patient", "id": "p1", "birthDate": "1960-05-01"}
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+        "subject": {"reference": "Patient/p1"},
+    }
+    versions = [("2024-03-01T06:00:00Z", 61), ("2024-03-01T10:00:00+05:00", 99)]
+    wh = tmp_path / "w.duckdb"
+    for n, (instant, rate) in enumerate(versions):
+        land = tmp_path / f"export{n}"
+        land.mkdir()
+        resource = {
+            **observation,
+            "valueQuantity": {"value": rate, "unit": "/min"},
+            "meta": {"lastUpdated": instant},
+        }
+        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": resource}]}
+        if n == 0:
+            bundle["entry"].insert(0, {"resource": patient})
+        (land / "export.json").write_bytes(orjson.dumps(bundle))
+        ingest_batch(wh, f"b{n}", land, key_provider, workers=1)
+    research = Policy.shipped("research")
+    con = warehouse.connect(wh)
+    try:
+        for batch in ("b0", "b1"):
+            assert publish_batch(con, key_provider, batch, research, today=TODAY).published
+        released = [orjson.loads(r) for _, r in _release(con)]
+        values = [r["valueQuantity"]["value"] for r in released if r["resourceType"] != "Patient"]
+        assert values == [61]  # the newest instant's version, though it arrived first
+        # batches published under another rule for the newest version are not settled: the
+        # next `ehr run` de-identifies them again
+        assert _settled(con, research) == {"b0", "b1"}
+        monkeypatch.setattr(staging, "NEWEST_VERSION_FIRST", "ingest_seq DESC")
+        assert _settled(con, research) == set()
+    finally:
+        con.close()

@@ -213,7 +213,9 @@ def _newest_versions(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[Any, ...
 
     def rank(row: tuple[Any, ...]) -> tuple[Any, ...]:
         version = int(row[4]) if row[4] is not None and str(row[4]).isdigit() else None
-        return (version is not None, version or 0, row[5] is not None, row[5] or 0, row[6])
+        # lastUpdated is an instant: compared as the moment it names, whatever its zone
+        instant = datetime.fromisoformat(row[5]).astimezone(UTC) if row[5] else None
+        return (version is not None, version or 0, instant is not None, instant or 0, row[6])
 
     newest: dict[str, tuple[Any, ...]] = {}
     for row in rows:
@@ -279,3 +281,32 @@ def test_filtered_reads_are_the_newest_versions_filtered(
             quill,
             _pseudonym(key_provider, "Patient", "pt-odd"),
         }
+
+
+# One Patient sent in four exports without a versionId: its lastUpdated in other zones and
+# precisions, each export arriving after the one before. (instant, gender) in arrival order.
+_EXPORTS = [
+    ("2024-03-01T06:00:00Z", "female"),
+    ("2024-03-01T10:00:00+05:00", "male"),  # 05:00 UTC: older, though its text sorts last
+    ("2024-03-01T01:00:00.999999-04:00", "other"),  # 05:00:00.999999 UTC
+    ("2024-03-01T06:00:00.5+00:00", "unknown"),  # half a second after the first: the newest
+]
+
+
+@pytest.mark.parametrize("arrived", [len(_EXPORTS) - 1, len(_EXPORTS)], ids=["3", "4"])
+def test_the_newest_version_is_the_latest_instant_in_any_zone(
+    tmp_path: Path, key_provider: FileKeyProvider, arrived: int
+) -> None:
+    path = tmp_path / "w.duckdb"
+    for n, (instant, gender) in enumerate(_EXPORTS[:arrived]):
+        land = tmp_path / f"export{n}"
+        land.mkdir()
+        resource = {**PATIENT, "gender": gender, "meta": {"lastUpdated": instant}}
+        (land / "p.json").write_text(json.dumps(resource))
+        assert ingest_batch(path, f"b{n}", land, key_provider, workers=1).accepted == 1
+    latest = max(_EXPORTS[:arrived], key=lambda e: datetime.fromisoformat(e[0]).timestamp())
+    with warehouse.connect(path) as con:
+        assert read_resource(con, key_provider, "Patient", "pt-quill")["gender"] == latest[1]
+        current = [r["gender"] for r in iter_current_resources(con, key_provider)]
+        assert current == [latest[1]]
+        assert [r[5] for r in _newest_versions(con).values()] == [latest[0]]

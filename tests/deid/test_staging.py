@@ -184,9 +184,9 @@ def test_a_resource_sent_again_with_an_older_instant_keeps_its_newest_version_re
             "valueQuantity": {"value": rate, "unit": "/min"},
             "meta": {"lastUpdated": instant},
         }
-        bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": resource}]}
-        if n == 0:
-            bundle["entry"].insert(0, {"resource": patient})
+        entries = [patient, resource] if n == 0 else [resource]
+        bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "collection"}
+        bundle["entry"] = [{"resource": r} for r in entries]
         (land / "export.json").write_bytes(orjson.dumps(bundle))
         ingest_batch(wh, f"b{n}", land, key_provider, workers=1)
     research = Policy.shipped("research")

@@ -306,7 +306,8 @@ def test_the_newest_version_is_the_latest_instant_in_any_zone(
         assert ingest_batch(path, f"b{n}", land, key_provider, workers=1).accepted == 1
     latest = max(_EXPORTS[:arrived], key=lambda e: datetime.fromisoformat(e[0]).timestamp())
     with warehouse.connect(path) as con:
-        assert read_resource(con, key_provider, "Patient", "pt-quill")["gender"] == latest[1]
+        read = read_resource(con, key_provider, "Patient", "pt-quill")
+        assert read is not None and read["gender"] == latest[1]
         current = [r["gender"] for r in iter_current_resources(con, key_provider)]
         assert current == [latest[1]]
         assert [r[5] for r in _newest_versions(con).values()] == [latest[0]]

@@ -301,8 +301,30 @@ def batch_key_hits(canaries: CanarySet, batch_key: str) -> list[str]:
     addresses; not birth dates, which a date-named export folder would match by chance) found in
     its batch key: the landing folder's name, which Dagster shows as the partition key. Read as
     written and with its separators as spaces (``li_wang`` holds the full name ``li wang``)."""
-    spaced = " ".join(_KEY_SEPARATORS.split(batch_key))
-    return sorted(set(canaries.find(batch_key)) | set(canaries.find(spaced)))
+    return _hits_as_written_and_spaced(canaries, batch_key)
+
+
+def subject_hits(patient: dict[str, Any] | None, text: str, *ids: str) -> list[str]:
+    """Kinds of one patient's identifiers found in ``text``, free text an operator typed that
+    is kept as written (the reason of an erasure or a re-identification, which the audit log
+    keeps for good, the erased patient's included): the Patient resource's names, identifiers,
+    phones, emails, addresses and birth date (in the forms people write it), and ``ids``, the
+    resource ids it is known by (``"id"``). Read as written and with separators as spaces."""
+    canaries = CanarySet()
+    if patient is not None:
+        canaries.add_patient(patient)  # no pseudonym: the birth date is searched as any canary
+        ids = (*ids, str(patient.get("id") or ""))
+    found = set(_hits_as_written_and_spaced(canaries, text))
+    # an id as a whole token: "p7" is in "forget p7", not in "ticket p77"
+    tokens = [rf"(?<![0-9A-Za-z]){re.escape(i.strip())}(?![0-9A-Za-z])" for i in ids if i.strip()]
+    if any(re.search(token, text, re.IGNORECASE) for token in tokens):
+        found.add("id")
+    return sorted(found)
+
+
+def _hits_as_written_and_spaced(canaries: CanarySet, text: str) -> list[str]:
+    spaced = " ".join(_KEY_SEPARATORS.split(text))
+    return sorted(set(canaries.find(text)) | set(canaries.find(spaced)))
 
 
 _KEY_SEPARATORS = re.compile(r"[^0-9A-Za-z]+")

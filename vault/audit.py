@@ -14,9 +14,11 @@ Irreversible acts write an intent entry (``details.phase = "intent"``) before th
 completion entry (``"done"``) after; an intent that no later completion of the same act and
 subject follows is reported by :meth:`AuditLog.verify` (the act was interrupted: run it again).
 
-Entries name pseudonyms, key ids and counts, never original identifiers. Appending fails closed:
-a log whose tail does not match its head anchor, or whose last entry does not verify under this
-key, is not written to (run :meth:`AuditLog.verify` to see why).
+Entries name pseudonyms, key ids and counts, never original identifiers; the reason is the
+operator's text as written (``ehr forget`` and ``ehr reidentify`` refuse one naming the
+patient). Appending fails closed: a log whose tail does not match its head anchor, or whose
+last entry does not verify under this key, is not written to (run :meth:`AuditLog.verify` to
+see why).
 """
 
 from __future__ import annotations

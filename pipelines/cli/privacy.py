@@ -134,6 +134,33 @@ def _patient_pseudonym(workdir: Workdir, provider: KeyProvider, patient_id: str)
             raise click.ClickException(str(exc)) from exc
 
 
+def _refuse_a_reason_naming_the_patient(
+    workdir: Workdir, provider: KeyProvider, pseudonym: str, reason: str, *ids: str
+) -> None:
+    """Refuse a reason that names its patient (``ids``: the ids the operator typed). The audit
+    log keeps every reason as written, for good (its chain cannot lose an entry), an erased
+    patient's included. The patient's Patient resource is read, never shown, to know what names
+    them; an erased one's ids are still compared."""
+    from deid.release import subject_hits
+    from vault.errors import KeyDestroyedError
+    from vault.read import read_current
+
+    with _warehouse(workdir, read_only=True) as con:
+        try:
+            record = read_current(con, provider, pseudonym, "Patient")
+        except KeyDestroyedError:  # an erasure cut short: the resource is unreadable for good
+            record = None
+        except VaultError as exc:
+            raise click.ClickException(str(exc)) from exc
+    hits = subject_hits(record.resource if record is not None else None, reason, *ids)
+    if hits:
+        raise click.ClickException(
+            f"the reason names the patient ({', '.join(hits)}): the audit log keeps every reason "
+            "as written, for good, an erased patient's too; give a reference instead (a ticket "
+            "or request number)"
+        )
+
+
 @click.command("rotate")
 @_key_file_option
 @workdir_option
@@ -198,7 +225,12 @@ def keys_migrate_audit_key(key_file: Path | None) -> None:
 @click.command("forget")
 @click.argument("patient")
 @click.option("--pseudonym", "is_pseudonym", is_flag=True, help="PATIENT is a pseudonym")
-@click.option("--reason", required=True, help="why (written to the audit log)")
+@click.option(
+    "--reason",
+    required=True,
+    help="why, as a reference (a ticket or request number): the audit log keeps it for good; "
+    "a reason naming the patient is refused",
+)
 @workdir_option
 @_key_file_option
 def forget(
@@ -211,10 +243,12 @@ def forget(
     from vault.lifecycle import forget_in_warehouse
 
     provider = _provider(key_file)
+    typed: tuple[str, ...] = ()  # the original id the operator typed
     if not is_pseudonym:
         if not patient.strip():
             raise click.ClickException("PATIENT must be a non-empty Patient resource id")
-        patient = _patient_pseudonym(workdir, provider, patient)
+        typed, patient = (patient,), _patient_pseudonym(workdir, provider, patient)
+    _refuse_a_reason_naming_the_patient(workdir, provider, patient, reason, *typed)
     audit = audit_log_for(workdir, provider, _own_warehouse_id(workdir, provider))
     try:
         report = forget_in_warehouse(
@@ -259,7 +293,12 @@ def _report_release_changed(workdir: Workdir) -> None:
 
 @click.command("reidentify")
 @click.argument("pseudonym")
-@click.option("--reason", required=True, help="why (written to the audit log first)")
+@click.option(
+    "--reason",
+    required=True,
+    help="why, as a reference (written to the audit log first, kept for good; a reason naming "
+    "the patient is refused)",
+)
 @workdir_option
 @_key_file_option
 def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | None) -> None:
@@ -268,6 +307,7 @@ def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | N
     from vault.lifecycle import reidentify as run_reidentify
 
     provider = _provider(key_file)
+    _refuse_a_reason_naming_the_patient(workdir, provider, pseudonym, reason)
     try:
         with _warehouse(workdir, read_only=True) as con:
             audit = audit_log_for(workdir, provider, warehouse.warehouse_id(con))
@@ -310,7 +350,7 @@ def audit_verify(workdir: Workdir, key_file: Path | None) -> None:
 @workdir_option
 @_key_file_option
 def audit_show(workdir: Workdir, key_file: Path | None) -> None:
-    """Print the entries, one JSON object per line (pseudonyms, key ids and counts only)."""
+    """Print the entries, one JSON object per line (pseudonyms, key ids, counts and reasons)."""
     try:
         entries = audit_log_for(workdir, _provider(key_file)).entries()
     except (DeidError, VaultError) as exc:

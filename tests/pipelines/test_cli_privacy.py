@@ -244,3 +244,48 @@ def test_forget_under_another_pseudonym_key_is_refused(
         assert read_resource(con, FileKeyProvider.load(key_file), "Patient", "p9") == PATIENTS[2]
     finally:
         con.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "reason", "kinds"),
+    [
+        ("forget-by-id", "request from Ola Zedwick", "full_name, name"),
+        ("forget-by-id", "p7 asked by mail", "id"),  # the id typed on the command line
+        ("forget-by-pseudonym", "zedwick asked", "name"),
+        ("reidentify", "check Zedwick's record", "name"),
+        ("reidentify", "p7", "id"),  # the Patient's own id, read from the vault
+    ],
+)
+def test_a_reason_naming_the_patient_is_refused_before_anything_is_written(
+    work: Path, key_file: Path, command: str, reason: str, kinds: str
+) -> None:
+    """The audit log keeps every reason as written, for good: an erased patient's name in it
+    would outlive the erasure. Nothing is written, shown or erased; a reference is accepted."""
+    runner = CliRunner()
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    p7 = _pseudonym(key_file, "p7")
+    args = {
+        "forget-by-id": (forget, ["p7"]),
+        "forget-by-pseudonym": (forget, [p7, "--pseudonym"]),
+        "reidentify": (reidentify, [p7]),
+    }
+    cmd, target = args[command]
+    log = work / "audit" / "audit.log"
+    before = log.read_bytes() if log.exists() else b""
+
+    refused = runner.invoke(cmd, [*target, "--reason", reason, *common])
+    assert refused.exit_code == 1
+    assert f"the reason names the patient ({kinds})" in refused.output
+    for phi in ("Zedwick", "Ola", '"p7"'):
+        assert phi not in refused.output
+    assert (log.read_bytes() if log.exists() else b"") == before  # no intent, no entry
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:
+        assert read_resource(con, FileKeyProvider.load(key_file), "Patient", "p7") == PATIENTS[0]
+    finally:
+        con.close()
+
+    accepted = runner.invoke(cmd, [*target, "--reason", "ticket 4711", *common])
+    assert accepted.exit_code == 0, accepted.output
+    reasons = [e["reason"] for e in audit_log_for(work, FileKeyProvider.load(key_file)).entries()]
+    assert reasons and set(reasons) == {"ticket 4711"}

@@ -1,8 +1,10 @@
 """Watch the landing folder: each complete, new or changed batch becomes a partition and a run.
 
 Safe to turn on at any time:
-- what is already ingested comes from the warehouse's batch ledger (``batches.ingested_at``), so
-  a batch ingested by ``ehr run`` or before the sensor's cursor existed is not ingested again;
+- what is already ingested comes from the warehouse's batch ledger (``batches``: the folder's
+  fingerprint when the batch was read), so a batch ingested by ``ehr run`` or before the
+  sensor's cursor existed is not ingested again, and one whose files changed since is, even
+  when the new files carry older modification times (``cp -p``, ``tar``, ``unzip``);
 - a batch is only picked up once complete: its folder holds the ``_READY`` marker, or none of its
   files changed for ``LandingResource.quiet_seconds``;
 - a batch is marked done only when its run succeeded; a failed run is retried up to
@@ -88,11 +90,26 @@ def waiting_reason(batch: BatchSource, landing: LandingResource, now: float) -> 
     )
 
 
-def ingested_batches(warehouse: WarehouseResource) -> dict[str, float] | None:
-    """Batch key -> time its ingest completed, for the batches the warehouse's ledgers show
-    ingested and then de-identified from that ingest (a batch whose run stopped between the
-    two is not done); None when another process holds the warehouse (DuckDB admits one writer
-    and no reader beside it)."""
+_BATCH_COLUMNS = (
+    "SELECT column_name FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = 'batches'"
+)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A batch the warehouse shows ingested and then de-identified: when its ingest completed,
+    and the fingerprint its folder had when it was read (None for batches ingested before
+    fingerprints were recorded)."""
+
+    ingested_at: float
+    fingerprint: str | None
+
+
+def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | None:
+    """Batch key -> its ledger entry, for the batches the warehouse's ledgers show ingested
+    and then de-identified from that ingest (a batch whose run stopped between the two is not
+    done); None when another process holds the warehouse (DuckDB admits one writer and no
+    reader beside it)."""
     if not warehouse.path.exists():
         return {}
     try:
@@ -100,21 +117,39 @@ def ingested_batches(warehouse: WarehouseResource) -> dict[str, float] | None:
     except duckdb.Error:
         return None
     try:
+        # a warehouse not opened for writing since the column was added has none
+        recorded = "source_fingerprint" in {
+            name for (name,) in con.execute(_BATCH_COLUMNS).fetchall()
+        }
+        fingerprint = "source_fingerprint" if recorded else "NULL"
         rows = con.execute(
-            "SELECT batch_id, epoch(ingested_at) FROM batches WHERE ingested_at IS NOT NULL"
+            f"SELECT batch_id, epoch(ingested_at), {fingerprint} FROM batches "
+            "WHERE ingested_at IS NOT NULL"
         ).fetchall()
         published = deidentified_batches(con)
     except duckdb.CatalogException:
         return {}  # a warehouse created before any batch
     finally:
         con.close()
-    return {str(key): float(at) for key, at in rows if key in published}
+    return {
+        str(key): LedgerEntry(float(at), None if seen is None else str(seen))
+        for key, at, seen in rows
+        if key in published
+    }
 
 
-def done_in_ledger(batch: BatchSource, ledger: dict[str, float]) -> bool:
-    """Whether ``ledger`` (:func:`ingested_batches`) shows the batch done since its files last
-    changed."""
-    return ledger.get(batch.key, 0.0) >= newest_change(batch)
+def done_in_ledger(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
+    """Whether ``ledger`` (:func:`ingested_batches`) shows the batch done as its folder is now:
+    the fingerprint recorded when it was read equals the folder's (names, sizes and modification
+    times of its files: a file replaced by one carrying an older time, as ``cp -p``, ``tar`` and
+    ``unzip`` write them, changes it). A batch ingested before fingerprints were recorded is done
+    when its ingest completed after its files last changed."""
+    entry = ledger.get(batch.key)
+    if entry is None:
+        return False
+    if entry.fingerprint is not None:
+        return entry.fingerprint == batch.fingerprint
+    return entry.ingested_at >= newest_change(batch)
 
 
 def _latest_run_status(
@@ -176,7 +211,7 @@ def evaluate_landing(
     states = _load_cursor(context.cursor)
     requests: list[RunRequest] = []
     reasons: list[str] = []
-    ledger: dict[str, float] | None = None
+    ledger: dict[str, LedgerEntry] | None = None
     for batch in discover_batches(Path(landing.path)):
         state = states.get(batch.key)
         if state is not None and state.fingerprint == batch.fingerprint:

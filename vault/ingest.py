@@ -373,7 +373,8 @@ class BatchIngestor:
             # not ingested until this pass completes: a pass that dies part-way leaves the batch
             # marked unfinished, for the landing sensor, ``ehr run`` and the views to see
             self.con.execute(
-                "UPDATE batches SET ingested_at = NULL, report = NULL WHERE batch_id = ?",
+                "UPDATE batches SET ingested_at = NULL, report = NULL, source_fingerprint = NULL "
+                "WHERE batch_id = ?",
                 [self.batch_id],
             )
         self.seq_base = seq * 10**12
@@ -806,6 +807,7 @@ def ingest_batch(
     provider: KeyProvider,
     workers: int | None = None,
     server_base: str | None = None,
+    fingerprint: str | None = None,
 ) -> IngestReport:
     """Ingest the files of ``source`` (a folder or one file) as batch ``batch_id``.
 
@@ -813,6 +815,8 @@ def ingest_batch(
     with the same content is recorded as unchanged, so running twice changes nothing.
     ``server_base`` (default ``EHR_FHIR_BASE``) is this server's FHIR base URL: absolute
     references under it resolve like relative ones; those to any other server never do.
+    ``fingerprint`` (:attr:`vault.landing.BatchSource.fingerprint`, taken before the files are
+    read) is recorded with the batch: a folder whose fingerprint differs later has changed.
     """
     started = time.perf_counter()
     workers = workers if workers is not None else (os.cpu_count() or 1)
@@ -832,8 +836,9 @@ def ingest_batch(
         report = ingestor.report
         report.seconds = round(time.perf_counter() - started, 3)
         con.execute(
-            "UPDATE batches SET ingested_at = ?, report = ? WHERE batch_id = ?",
-            [utcnow(), orjson.dumps(report.to_dict()).decode(), batch_id],
+            "UPDATE batches SET ingested_at = ?, report = ?, source_fingerprint = ? "
+            "WHERE batch_id = ?",
+            [utcnow(), orjson.dumps(report.to_dict()).decode(), fingerprint, batch_id],
         )
     finally:
         con.close()

@@ -163,6 +163,10 @@ SCHEMA = [
     )""",
     # warehouses created before the column existed
     "ALTER TABLE resource_references ADD COLUMN IF NOT EXISTS ref_mac VARCHAR",
+    # the landing folder's fingerprint when the batch was read (vault.landing: its files' names,
+    # sizes and modification times, hashed), so that a batch counts as done only while its
+    # folder still has it; NULL for batches ingested before the column existed
+    "ALTER TABLE batches ADD COLUMN IF NOT EXISTS source_fingerprint VARCHAR",
     f"""
     CREATE OR REPLACE VIEW phi_vault_current AS
     SELECT v.* FROM phi_vault v

@@ -157,6 +157,7 @@ def ingest(
             source.path,
             provider,
             workers=ingest_settings.worker_count(),
+            fingerprint=source.fingerprint,
         )
     context.log.info(
         f"batch {report.batch_id}: {report.records_in} records, {report.accepted} accepted, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dagster import (
@@ -18,8 +19,19 @@ from dagster._core.storage.dagster_run import DagsterRun
 from deid.staging import LEDGER_DDL
 from pipelines.definitions import build_resources
 from pipelines.resources import LandingResource
-from pipelines.sensors import ATTEMPT_TAG, BATCH_TAG, FINGERPRINT_TAG, _load_cursor, landing_sensor
+from pipelines.run import settled_batches
+from pipelines.sensors import (
+    ATTEMPT_TAG,
+    BATCH_TAG,
+    FINGERPRINT_TAG,
+    _load_cursor,
+    landing_sensor,
+)
+from pipelines.workdir import Workdir
 from vault import warehouse
+from vault.keys import FileKeyProvider
+from vault.landing import discover_batches
+from vault.read import read_resource
 from vault.warehouse import BATCH_DIGEST_SQL
 
 PATIENT = b'{"resourceType": "Patient", "id": "p1", "gender": "female"}\n'
@@ -89,7 +101,12 @@ def test_batch_in_the_ledger_is_not_ingested_again(
     _landing(tmp_path)
     con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
     try:
-        con.execute("INSERT INTO batches VALUES ('export-1', 1, now(), '{}')")
+        # a batch ingested before fingerprints were recorded: done when its ingest completed
+        # after its files last changed
+        con.execute(
+            "INSERT INTO batches (batch_id, seq, ingested_at, report) "
+            "VALUES ('export-1', 1, now(), '{}')"
+        )
     finally:
         con.close()
     # ingested, but its run stopped before de-identification: not done
@@ -107,6 +124,45 @@ def test_batch_in_the_ledger_is_not_ingested_again(
     assert result.run_requests == []
     assert "already ingested" in (result.skip_reason.skip_message or "")  # type: ignore[union-attr]
     assert _load_cursor(result.cursor)["export-1"].done
+
+
+def test_a_batch_whose_files_changed_with_older_times_is_ingested_again(
+    tmp_path: Path, instance: DagsterInstance, key_file: Path, materialize_batch: Any
+) -> None:
+    """A corrected export copied over the first with its files' own, older times (``cp -p``,
+    ``tar`` and ``unzip`` keep them): every file and the folder are older than the ingest, so
+    their times alone say done. The folder's fingerprint (names, sizes, times) says changed:
+    the sensor and ``ehr run`` run the batch again, and the vault gets the correction."""
+    landing = _landing(tmp_path)
+    assert materialize_batch(landing, "export-1").success
+    settled = _tick(tmp_path, instance)  # empty cursor: the ledger alone says done
+    assert settled.run_requests == []
+    assert "already ingested" in (settled.skip_reason.skip_message or "")  # type: ignore[union-attr]
+
+    data = landing / "export-1" / "data.ndjson"
+    data.write_bytes(PATIENT.replace(b"female", b"male"))  # rewritten in place
+    past = time.time() - 30 * 86400
+    os.utime(data, (past, past))
+    (batch,) = discover_batches(landing)
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb", read_only=True)
+    try:
+        ((ingested_at,),) = con.execute("SELECT epoch(ingested_at) FROM batches").fetchall()
+    finally:
+        con.close()
+    times = [p.stat().st_mtime for p in (batch.path, *batch.path.iterdir())]
+    assert max(times) < ingested_at  # by time, nothing changed since
+
+    changed = _tick(tmp_path, instance, settled.cursor)
+    assert [r.partition_key for r in changed.run_requests] == ["export-1"]
+    assert settled_batches(Workdir(tmp_path / "work"), [batch], "research") == {}
+    assert materialize_batch(landing, "export-1").success
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb", read_only=True)
+    try:
+        patient = read_resource(con, FileKeyProvider.load(key_file), "Patient", "p1")
+    finally:
+        con.close()
+    assert patient is not None and patient["gender"] == "male"
+    assert _tick(tmp_path, instance).run_requests == []  # done again, as the folder is now
 
 
 def _record_run(instance: DagsterInstance, tags: dict[str, str], status: DagsterRunStatus) -> None:

@@ -46,11 +46,18 @@ _DRAIN_BYTES = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class SourceFile:
-    """A data file of a batch, with its index in the batch's ordered file list."""
+    """A data file of a batch, with its index in the batch's ordered file list and its name
+    within the batch (its path from the batch's folder, ``/``-separated: ``fhir/p1.json`` for a
+    file in a sub-folder; the file's name for one directly in it)."""
 
     index: int
     path: Path
     kind: FileKind
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            object.__setattr__(self, "name", self.path.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,26 +109,76 @@ def not_regular(path: Path) -> str | None:
     return "special file (fifo, socket or device)"
 
 
-def list_batch_files(root: Path) -> tuple[list[SourceFile], list[SkippedFile]]:
-    """Data files directly in ``root`` (or ``root`` itself when it is a file), sorted by name.
-    Symbolic links and special files are listed as skipped, never followed or opened."""
-    candidates = [root] if root.is_file() else sorted(root.iterdir())
+# Folders a batch's folder may nest before the rest is listed as skipped, unread.
+MAX_FOLDER_DEPTH = 8
+
+
+def list_batch_files(
+    root: Path, nested: bool = False
+) -> tuple[list[SourceFile], list[SkippedFile]]:
+    """Data files of the batch in ``root`` (or ``root`` itself when it is a file), in the order
+    of their paths; with ``nested`` (a landing batch's folder), those of its sub-folders too, as
+    an export is often dropped with its own folders (Synthea's ``output/fhir``), down to
+    ``MAX_FOLDER_DEPTH`` levels. Without it, sub-folders are passed over (the landing folder's
+    loose files, whose sub-folders are batches of their own). Symbolic links and special files
+    are listed as skipped, never followed or opened; so are hidden and ``_`` folders and folders
+    nested deeper, when nested."""
     files: list[SourceFile] = []
     skipped: list[SkippedFile] = []
-    for path in candidates:
-        kind = file_kind(path)
-        odd = not_regular(path)
-        if odd == "":
-            continue  # folders in a batch are not read (each landing sub-folder is a batch)
-        if odd is not None:
-            skipped.append(SkippedFile(path, odd))
-        elif path.name.startswith((".", "_")) or path.name.lower() in _NOT_DATA:
-            skipped.append(SkippedFile(path, "not a data file (export metadata)"))
-        elif kind is None:
-            skipped.append(SkippedFile(path, "not a FHIR data file extension"))
-        else:
-            files.append(SourceFile(len(files), path, kind))
+    if root.is_file():
+        _list_entry(root, root.name, files, skipped)
+        return files, skipped
+    for path, name in _batch_entries(root, nested, skipped):
+        _list_entry(path, name, files, skipped)
     return files, skipped
+
+
+def batch_folders(root: Path, nested: bool = False) -> list[Path]:
+    """The folders :func:`list_batch_files` reads for the same arguments: ``root`` and the
+    sub-folders it descends into (their times change when a file is added, removed or renamed)."""
+    if root.is_file():
+        return []
+    folders = [root]
+    for _ in _batch_entries(root, nested, [], folders):
+        continue  # the walk fills ``folders``
+    return folders
+
+
+def _batch_entries(
+    root: Path,
+    nested: bool,
+    skipped: list[SkippedFile],
+    folders: list[Path] | None = None,
+    prefix: str = "",
+    depth: int = 0,
+) -> Iterator[tuple[Path, str]]:
+    """Every entry but the folders, with its name within the batch, depth first by name."""
+    for path in sorted(root.iterdir()):
+        name = f"{prefix}{path.name}"
+        if not_regular(path) != "":
+            yield path, name
+        elif not nested:
+            continue  # the landing folder's sub-folders: each is a batch of its own
+        elif path.name.startswith((".", "_")):
+            skipped.append(SkippedFile(path, "hidden or _ folder (not read)"))
+        elif depth + 1 > MAX_FOLDER_DEPTH:
+            skipped.append(SkippedFile(path, f"folder nested deeper than {MAX_FOLDER_DEPTH}"))
+        else:
+            if folders is not None:
+                folders.append(path)
+            yield from _batch_entries(path, True, skipped, folders, f"{name}/", depth + 1)
+
+
+def _list_entry(path: Path, name: str, files: list[SourceFile], skipped: list[SkippedFile]) -> None:
+    odd = not_regular(path)
+    if odd is not None:
+        skipped.append(SkippedFile(path, odd))
+    elif path.name.startswith((".", "_")) or path.name.lower() in _NOT_DATA:
+        skipped.append(SkippedFile(path, "not a data file (export metadata)"))
+    elif (kind := file_kind(path)) is None:
+        skipped.append(SkippedFile(path, "not a FHIR data file extension"))
+    else:
+        files.append(SourceFile(len(files), path, kind, name))
 
 
 def _open(path: Path) -> IO[bytes]:

@@ -14,6 +14,7 @@ Safe to turn on at any time:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from dagster import (
 )
 
 from deid.staging import deidentified_batches
+from fhirlake.readers import batch_folders
 from pipelines.jobs import batch_job
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource, WarehouseResource
@@ -68,13 +70,18 @@ def _dump_cursor(states: dict[str, BatchState]) -> str:
 
 
 def newest_change(batch: BatchSource) -> float:
-    """Latest modification time of any file of the batch (data or not: a copy in progress may
-    write a temporary name first)."""
-    folder = batch.path
-    files = [p for p in folder.iterdir() if p.is_file()]
-    if folder.is_dir() and batch.key != "root":
-        files.append(folder)  # a file removed or renamed changes the folder's own mtime
-    return max((p.stat().st_mtime for p in files), default=0.0)
+    """Latest modification time of any file of the batch, in its sub-folders too (data or not:
+    a copy in progress may write a temporary name first), and of its folders (a file removed or
+    renamed changes its folder's own time; not the landing folder's, for ``root``)."""
+    files, skipped = batch.files()
+    paths = [f.path for f in files] + [s.path for s in skipped]
+    folders = batch_folders(batch.path, nested=batch.nested)
+    paths += folders if batch.nested else []
+    times = []
+    for path in paths:
+        with contextlib.suppress(OSError):  # gone since it was listed: the next tick sees it
+            times.append(path.lstat().st_mtime)
+    return max(times, default=0.0)
 
 
 def waiting_reason(batch: BatchSource, landing: LandingResource, now: float) -> str | None:

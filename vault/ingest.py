@@ -384,7 +384,8 @@ class BatchIngestor:
         self.report.skipped_files = len(skipped)
         self.report.skipped_reasons = dict(Counter(s.reason for s in skipped))
         for source in files:
-            self.file_ids[source.index] = self.pseudo.token("file", source.path.name)
+            # the name within the batch: two sub-folders' files of one name stay apart
+            self.file_ids[source.index] = self.pseudo.token("file", source.name)
             self.file_sizes[source.index] = _size(source.path)
             self.report.bytes_read += self.file_sizes[source.index]
 
@@ -808,6 +809,7 @@ def ingest_batch(
     workers: int | None = None,
     server_base: str | None = None,
     fingerprint: str | None = None,
+    nested: bool = False,
 ) -> IngestReport:
     """Ingest the files of ``source`` (a folder or one file) as batch ``batch_id``.
 
@@ -817,11 +819,12 @@ def ingest_batch(
     references under it resolve like relative ones; those to any other server never do.
     ``fingerprint`` (:attr:`vault.landing.BatchSource.fingerprint`, taken before the files are
     read) is recorded with the batch: a folder whose fingerprint differs later has changed.
+    ``nested``: the files of ``source``'s sub-folders are the batch's too (a landing batch).
     """
     started = time.perf_counter()
     workers = workers if workers is not None else (os.cpu_count() or 1)
     server_base = server_base if server_base is not None else os.environ.get(FHIR_BASE_ENV)
-    files, skipped = list_batch_files(source)
+    files, skipped = list_batch_files(source, nested=nested)
     con = warehouse.connect(warehouse_path)
     # No batch-wide transaction: DuckDB holds uncommitted rows in memory, so memory would grow
     # with the batch. Each flush commits; a failed batch is re-run, and start() first removes

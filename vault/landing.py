@@ -1,7 +1,8 @@
 """Batches: what arrives in the landing folder, one Dagster partition each.
 
 Files lying directly in the landing folder form the batch ``root``; every sub-folder (an export
-dropped as a folder, the usual way) is a batch of its own, keyed by its name. Keys are
+dropped as a folder, the usual way) is a batch of its own, keyed by its name, with the files of
+its own sub-folders (an export's folders, such as Synthea's ``output/fhir``). Keys are
 folder names chosen by whoever drops the export, never file names, which in some exports
 (Synthea's, for one) carry patient names.
 
@@ -21,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fhirlake.readers import SkippedFile, file_kind, list_batch_files, not_regular
+from fhirlake.readers import SkippedFile, SourceFile, file_kind, list_batch_files, not_regular
 
 ROOT_BATCH = "root"
 MAX_KEY = 64
@@ -38,11 +39,18 @@ class BatchKeyCollisionError(ValueError):
 
 @dataclass(frozen=True)
 class BatchSource:
-    """A batch key, the folder it reads, and a fingerprint that changes when its files do."""
+    """A batch key, the folder it reads, and a fingerprint that changes when its files do.
+    ``nested``: the batch's files include those of its folder's sub-folders (every batch but
+    ``root``, whose folder's sub-folders are the other batches)."""
 
     key: str
     path: Path
     fingerprint: str
+    nested: bool = True
+
+    def files(self) -> tuple[list[SourceFile], list[SkippedFile]]:
+        """The batch's data files, and what it holds but does not read (with the reason)."""
+        return list_batch_files(self.path, nested=self.nested)
 
 
 @dataclass
@@ -64,17 +72,20 @@ def batch_key(name: str) -> str:
     return f"{slug[: MAX_KEY - _DIGEST - 1]}-{digest}"
 
 
-def _fingerprint(files: list[Path]) -> str:
+def _fingerprint(folder: Path, files: list[Path]) -> str:
     digest = hashlib.sha256()
     for path in files:
         stat = path.lstat()
-        digest.update(f"{path.name}\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
+        name = path.relative_to(folder).as_posix()  # a file's name for one directly in it
+        digest.update(f"{name}\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
 def _batch(key: str, folder: Path, landing: Landing) -> BatchSource | None:
-    """A folder's batch when it holds a data file; what it skipped goes to ``landing``."""
-    files, skipped = list_batch_files(folder)
+    """A folder's batch when it holds a data file (in a sub-folder too, but for ``root``); what
+    it skipped goes to ``landing``."""
+    nested = key != ROOT_BATCH
+    files, skipped = list_batch_files(folder, nested=nested)
     landing.skipped.extend(skipped)
     # every regular file with a data extension, export metadata included (what changes a batch)
     fingerprinted = sorted(
@@ -83,7 +94,7 @@ def _batch(key: str, folder: Path, landing: Landing) -> BatchSource | None:
     )
     if not fingerprinted:
         return None
-    return BatchSource(key, folder, _fingerprint(fingerprinted))
+    return BatchSource(key, folder, _fingerprint(folder, fingerprinted), nested)
 
 
 def scan_landing(landing_dir: Path) -> Landing:

@@ -16,7 +16,6 @@ from dagster import (
     multi_asset,
 )
 
-from fhirlake.readers import list_batch_files
 from pipelines.partitions import batch_partitions
 from pipelines.resources import (
     IngestSettings,
@@ -40,7 +39,7 @@ WAREHOUSE_POOL = "warehouse"  # DuckDB takes one writer at a time
 def landing_batch(context: AssetExecutionContext, landing: LandingResource) -> MaterializeResult:
     """Inventory of one batch of FHIR files in the landing folder (counts and sizes only)."""
     source = batch_source(Path(landing.path), context.partition_key)
-    files, skipped = list_batch_files(source.path)
+    files, skipped = source.files()
     kinds: dict[str, int] = {}
     for f in files:
         kinds[f.kind] = kinds.get(f.kind, 0) + 1
@@ -158,6 +157,7 @@ def ingest(
             provider,
             workers=ingest_settings.worker_count(),
             fingerprint=source.fingerprint,
+            nested=source.nested,
         )
     context.log.info(
         f"batch {report.batch_id}: {report.records_in} records, {report.accepted} accepted, "

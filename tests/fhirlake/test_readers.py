@@ -288,3 +288,55 @@ def test_an_overlong_ndjson_line_is_one_record_quarantined_unread(tmp_path: Path
     assert [r.raw for r in at_limit] == [small, small]
     over = list(iter_records(SourceFile(2, exact, "ndjson"), max_line_bytes=len(small) - 1))
     assert [r.error and r.error[0] for r in over] == ["record_too_large", "record_too_large"]
+
+
+def test_a_landing_batch_reads_its_sub_folders_and_says_what_it_passes_over(
+    tmp_path: Path,
+) -> None:
+    """An export dropped with its own folders (Synthea's ``output/fhir``): nested, every data
+    file down to the depth limit is the batch's, named by its path within the batch; hidden and
+    ``_`` folders, linked folders and folders nested deeper are listed as skipped, unread."""
+    import os
+
+    from fhirlake.readers import MAX_FOLDER_DEPTH, batch_folders
+
+    batch = tmp_path / "export"
+    for folder in ("fhir", "fhir/more", "other", ".cache", "_tmp"):
+        (batch / folder).mkdir(parents=True)
+    for name in ("top.ndjson", "fhir/a.ndjson", "fhir/more/b.ndjson", "other/a.ndjson"):
+        (batch / name).write_bytes(_lines(1))
+    (batch / ".cache" / "c.ndjson").write_bytes(_lines(1))
+    (batch / "_tmp" / "d.ndjson").write_bytes(_lines(1))
+    (batch / "linked").symlink_to(batch / "fhir", target_is_directory=True)
+    deep = batch / "deep"
+    for _ in range(MAX_FOLDER_DEPTH):
+        deep = deep / "d"
+    deep.mkdir(parents=True)
+    (deep / "e.ndjson").write_bytes(_lines(1))  # MAX_FOLDER_DEPTH + 1 folders down
+
+    files, skipped = list_batch_files(batch, nested=True)
+    assert [(f.index, f.name) for f in files] == [
+        (0, "fhir/a.ndjson"),
+        (1, "fhir/more/b.ndjson"),
+        (2, "other/a.ndjson"),
+        (3, "top.ndjson"),
+    ]
+    assert sorted((s.path.relative_to(batch).as_posix(), s.reason) for s in skipped) == [
+        (".cache", "hidden or _ folder (not read)"),
+        ("_tmp", "hidden or _ folder (not read)"),
+        (
+            "deep/" + "/".join(["d"] * MAX_FOLDER_DEPTH),
+            f"folder nested deeper than {MAX_FOLDER_DEPTH}",
+        ),
+        ("linked", "symbolic link (not followed)"),
+    ]
+    read = sorted(p.relative_to(batch).as_posix() for p in batch_folders(batch, nested=True))
+    assert read[:4] == [".", "deep", "deep/d", "deep/d/d"] and "fhir/more" in read
+    assert ".cache" not in read and "linked" not in read
+
+    # not nested (the landing folder's loose files): sub-folders are other batches, not read
+    flat, flat_skipped = list_batch_files(batch)
+    assert [f.name for f in flat] == ["top.ndjson"]
+    assert [s.path.name for s in flat_skipped] == ["linked"]
+    assert batch_folders(batch) == [batch]
+    assert os.path.isdir(batch / "linked")  # the link itself is left alone

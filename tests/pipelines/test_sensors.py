@@ -205,3 +205,29 @@ def test_successful_run_marks_the_batch_done(tmp_path: Path, instance: DagsterIn
     (tmp_path / "landing" / "export-1" / "more.ndjson").write_bytes(PATIENT)
     changed = _tick(tmp_path, instance, done.cursor)
     assert [r.partition_key for r in changed.run_requests] == ["export-1"]
+
+
+def test_a_file_still_arriving_in_a_sub_folder_keeps_the_batch_waiting(
+    tmp_path: Path, instance: DagsterInstance, materialize_batch: Any
+) -> None:
+    """The quiet period counts the batch's sub-folders' files too; once quiet, the batch's run
+    reads them, and its reconciliation counts every record."""
+    batch = tmp_path / "landing" / "export-2"
+    (batch / "fhir").mkdir(parents=True)
+    (batch / "fhir" / "Patient.ndjson").write_bytes(PATIENT)
+    past = time.time() - 600
+    for path in (batch, batch / "fhir"):
+        os.utime(path, (past, past))
+    os.utime(batch / "fhir" / "Patient.ndjson")  # written just now
+    waiting = _tick(tmp_path, instance, quiet_seconds=60)
+    assert waiting.run_requests == []
+    assert "waiting for _READY" in (waiting.skip_reason.skip_message or "")  # type: ignore[union-attr]
+    os.utime(batch / "fhir" / "Patient.ndjson", (past, past))
+    quiet = _tick(tmp_path, instance, quiet_seconds=60)
+    assert [r.partition_key for r in quiet.run_requests] == ["export-2"]
+
+    result = materialize_batch(tmp_path / "landing", "export-2")
+    (check,) = [
+        c for c in result.get_asset_check_evaluations() if c.check_name == "records_reconcile"
+    ]
+    assert check.passed and check.metadata["records_in"].value == 1

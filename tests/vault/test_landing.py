@@ -145,3 +145,53 @@ def test_fingerprint_follows_data_files_only(tmp_path: Path) -> None:
     assert discover_batches(tmp_path)[0].fingerprint == before
     _drop(tmp_path / "b", "Observation.ndjson")
     assert discover_batches(tmp_path)[0].fingerprint != before
+
+
+def _entries(folder: Path) -> int:
+    """Records in the Bundles under ``folder``, counted here from the files themselves."""
+    return sum(
+        len(orjson.loads(path.read_bytes())["entry"])
+        for path in folder.rglob("*.json")
+        if not path.name.startswith("_")
+    )
+
+
+def test_an_export_dropped_with_its_own_folders_is_one_batch_read_whole(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """Synthea writes ``output/fhir``: a batch folder holding only sub-folders was not found at
+    all, and a sub-folder beside data files was passed over, its records never counted."""
+    from fhirlake.synthetic import generate
+
+    land = tmp_path / "land"
+    generate(land / "synthea_run1" / "fhir", 3, seed=1)
+    generate(land / "synthea_run1" / "fhir_second_export", 2, seed=2)  # the same file names
+    _drop(land, "loose.ndjson")  # the root batch: its folder's sub-folders are not its own
+
+    batches = {b.key: b for b in discover_batches(land)}
+    assert sorted(batches) == [ROOT_BATCH, "synthea_run1"]
+    assert batches["synthea_run1"].nested and not batches[ROOT_BATCH].nested
+    root_files, _ = batches[ROOT_BATCH].files()
+    assert [f.name for f in root_files] == ["loose.ndjson"]
+
+    wh = tmp_path / "w.duckdb"
+    run = batches["synthea_run1"]
+    report = ingest_batch(wh, run.key, run.path, key_provider, workers=1, nested=True)
+    assert report.records_in == _entries(run.path) > 0
+    # a Bundle per patient, organizations and practitioners: 3 + 2 in one, 2 + 2 in the other
+    assert report.files == 9
+    with connect(wh, read_only=True) as con:
+        assert reconcile_batch(con, run.key).passed
+        ids = con.execute("SELECT count(DISTINCT file_id) FROM source_files").fetchall()
+    assert ids == [(9,)]  # two folders' files of one name are two files
+
+
+def test_a_change_in_a_sub_folder_changes_the_batch(tmp_path: Path) -> None:
+    land = tmp_path / "land"
+    _drop(land / "export" / "fhir")
+    before = batch_source(land, "export").fingerprint
+    (land / "export" / "fhir" / "Patient.ndjson").write_bytes(PATIENT + b"\n")
+    grown = batch_source(land, "export").fingerprint
+    assert grown != before
+    (land / "export" / "fhir").rename(land / "export" / "fhir2")  # same files, other folder
+    assert batch_source(land, "export").fingerprint not in (before, grown)

@@ -105,11 +105,12 @@ _BATCH_COLUMNS = (
 @dataclass(frozen=True)
 class LedgerEntry:
     """A batch the warehouse shows ingested and then de-identified: when its ingest completed,
-    and the fingerprint its folder had when it was read (None for batches ingested before
-    fingerprints were recorded)."""
+    the fingerprint its folder had when it was read (None for batches ingested before
+    fingerprints were recorded) and how many data files it read."""
 
     ingested_at: float
     fingerprint: str | None
+    files: int = 0
 
 
 def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | None:
@@ -130,8 +131,9 @@ def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | N
         }
         fingerprint = "source_fingerprint" if recorded else "NULL"
         rows = con.execute(
-            f"SELECT batch_id, epoch(ingested_at), {fingerprint} FROM batches "
-            "WHERE ingested_at IS NOT NULL"
+            f"SELECT batch_id, epoch(ingested_at), {fingerprint}, "
+            "(SELECT count(*) FROM source_files f WHERE f.batch_id = b.batch_id) "
+            "FROM batches b WHERE ingested_at IS NOT NULL"
         ).fetchall()
         published = deidentified_batches(con)
     except duckdb.CatalogException:
@@ -139,8 +141,8 @@ def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | N
     finally:
         con.close()
     return {
-        str(key): LedgerEntry(float(at), None if seen is None else str(seen))
-        for key, at, seen in rows
+        str(key): LedgerEntry(float(at), None if seen is None else str(seen), int(files))
+        for key, at, seen, files in rows
         if key in published
     }
 
@@ -150,13 +152,15 @@ def done_in_ledger(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
     the fingerprint recorded when it was read equals the folder's (names, sizes and modification
     times of its files: a file replaced by one carrying an older time, as ``cp -p``, ``tar`` and
     ``unzip`` write them, changes it). A batch ingested before fingerprints were recorded is done
-    when its ingest completed after its files last changed."""
+    when its ingest completed after its files last changed and it read as many data files as
+    its folder holds now (a sub-folder's files, read since, count)."""
     entry = ledger.get(batch.key)
     if entry is None:
         return False
     if entry.fingerprint is not None:
         return entry.fingerprint == batch.fingerprint
-    return entry.ingested_at >= newest_change(batch)
+    files, _ = batch.files()
+    return entry.files == len(files) and entry.ingested_at >= newest_change(batch)
 
 
 def _latest_run_status(

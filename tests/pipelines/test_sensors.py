@@ -107,6 +107,7 @@ def test_batch_in_the_ledger_is_not_ingested_again(
             "INSERT INTO batches (batch_id, seq, ingested_at, report) "
             "VALUES ('export-1', 1, now(), '{}')"
         )
+        con.execute("INSERT INTO source_files VALUES ('export-1', 0, 'f0', 'ndjson', 60, 1)")
     finally:
         con.close()
     # ingested, but its run stopped before de-identification: not done
@@ -124,6 +125,17 @@ def test_batch_in_the_ledger_is_not_ingested_again(
     assert result.run_requests == []
     assert "already ingested" in (result.skip_reason.skip_message or "")  # type: ignore[union-attr]
     assert _load_cursor(result.cursor)["export-1"].done
+
+    # a sub-folder it held then, unread then (its times older than the ingest): read now, so
+    # the batch has more data files than its ingest read, and is run again
+    nested = tmp_path / "landing" / "export-1" / "fhir"
+    nested.mkdir()
+    (nested / "more.ndjson").write_bytes(PATIENT)
+    past = time.time() - 3600
+    for path in (nested / "more.ndjson", nested, nested.parent):
+        os.utime(path, (past, past))
+    again = _tick(tmp_path, instance)
+    assert [r.partition_key for r in again.run_requests] == ["export-1"]
 
 
 def test_a_batch_whose_files_changed_with_older_times_is_ingested_again(

@@ -82,6 +82,11 @@ class ErasurePlan:
 
     tables: tuple[ReleasedTables, ...] = ()
     places: tuple[ErasurePlace, ...] = ()
+    # quarantined records of no patient (not readable as a resource, so sealed under the
+    # shared key, which no erasure destroys) that name this patient, found by a caller who can
+    # read them and knows what names the patient: (batch_id, file_index, position) each,
+    # deleted with the patient's own rows
+    unattributed_quarantine: tuple[tuple[str, int, int], ...] = ()
 
 
 _PSEUDONYM_RE = re.compile(rf"[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
@@ -502,6 +507,10 @@ def _erase_in_warehouse(
         report.rows_deleted["quarantine"] = _count(
             con, "DELETE FROM quarantine WHERE patient_key = ?", [p]
         )
+        if plan.unattributed_quarantine:
+            report.rows_deleted["quarantine_unattributed"] = sum(
+                _count(con, _DELETE_UNATTRIBUTED, list(row)) for row in plan.unattributed_quarantine
+            )
         for label, qualified, column in _released_tables(con, plan):
             report.rows_deleted[label] = _count(
                 con, f"DELETE FROM {qualified} WHERE {column} = ?", [p]
@@ -511,6 +520,12 @@ def _erase_in_warehouse(
         con.rollback()
         raise
     report.found = bool(live or dead or any(report.rows_deleted.values()))
+
+
+_DELETE_UNATTRIBUTED = (
+    "DELETE FROM quarantine WHERE patient_key IS NULL AND batch_id = ? AND file_index = ? "
+    "AND position = ?"
+)
 
 
 def _tombstone(con: duckdb.DuckDBPyConnection, pseudonym: str, owned: str, now: datetime) -> None:

@@ -11,7 +11,9 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 import duckdb
@@ -134,31 +136,71 @@ def _patient_pseudonym(workdir: Workdir, provider: KeyProvider, patient_id: str)
             raise click.ClickException(str(exc)) from exc
 
 
-def _refuse_a_reason_naming_the_patient(
-    workdir: Workdir, provider: KeyProvider, pseudonym: str, reason: str, *ids: str
-) -> None:
-    """Refuse a reason that names its patient (``ids``: the ids the operator typed). The audit
-    log keeps every reason as written, for good (its chain cannot lose an entry), an erased
-    patient's included. The patient's Patient resource is read, never shown, to know what names
-    them; an erased one's ids are still compared."""
-    from deid.release import subject_hits
+def _patient_resource(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
+) -> dict[str, Any] | None:
+    """The patient's current Patient resource, to know what names them (never shown); None
+    when the vault holds none or it can no longer be read (an erasure cut short)."""
     from vault.errors import KeyDestroyedError
     from vault.read import read_current
 
-    with _warehouse(workdir, read_only=True) as con:
-        try:
-            record = read_current(con, provider, pseudonym, "Patient")
-        except KeyDestroyedError:  # an erasure cut short: the resource is unreadable for good
-            record = None
-        except VaultError as exc:
-            raise click.ClickException(str(exc)) from exc
-    hits = subject_hits(record.resource if record is not None else None, reason, *ids)
+    try:
+        record = read_current(con, provider, pseudonym, "Patient")
+    except KeyDestroyedError:
+        return None
+    except VaultError as exc:
+        raise click.ClickException(str(exc)) from exc
+    return record.resource if record is not None else None
+
+
+def _refuse_a_reason_naming_the_patient(
+    patient: dict[str, Any] | None, reason: str, *ids: str
+) -> None:
+    """Refuse a reason that names its patient (``ids``: the ids the operator typed). The audit
+    log keeps every reason as written, for good (its chain cannot lose an entry), an erased
+    patient's included; an erased one's ids are still compared."""
+    from deid.release import subject_hits
+
+    hits = subject_hits(patient, reason, *ids)
     if hits:
         raise click.ClickException(
             f"the reason names the patient ({', '.join(hits)}): the audit log keeps every reason "
             "as written, for good, an erased patient's too; give a reference instead (a ticket "
             "or request number)"
         )
+
+
+_UNATTRIBUTED_QUARANTINE = (
+    "SELECT batch_id, file_index, position, sealed, aad FROM quarantine "
+    "WHERE patient_key IS NULL ORDER BY batch_id, file_index, position"
+)
+
+
+def _unattributed_quarantine_naming(
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    patient: dict[str, Any] | None,
+    *ids: str,
+) -> tuple[tuple[str, int, int], ...]:
+    """Quarantined records of no patient (a line that is not JSON, a resource cut short: sealed
+    under the shared key, which no erasure destroys) in which the patient's identifiers or ids
+    appear (:func:`deid.release.subject_hits`): they are erased with the patient. Decrypted
+    here, never shown. Another patient's record that names them (a surname they share) is
+    erased too: an erasure errs toward leaving nothing."""
+    from deid.release import subject_hits
+    from vault.sealing import SHARED_OWNER, DataKeyStore
+
+    if patient is None and not ids:
+        return ()
+    store = DataKeyStore(con, provider)
+    found: list[tuple[str, int, int]] = []
+    for batch_id, file_index, position, sealed, aad in con.execute(
+        _UNATTRIBUTED_QUARANTINE
+    ).fetchall():
+        text = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
+        if subject_hits(patient, text.decode("utf-8", "replace"), *ids):
+            found.append((str(batch_id), int(file_index), int(position)))
+    return tuple(found)
 
 
 @click.command("rotate")
@@ -248,12 +290,17 @@ def forget(
         if not patient.strip():
             raise click.ClickException("PATIENT must be a non-empty Patient resource id")
         typed, patient = (patient,), _patient_pseudonym(workdir, provider, patient)
-    _refuse_a_reason_naming_the_patient(workdir, provider, patient, reason, *typed)
+    with _warehouse(workdir, read_only=True) as con:
+        resource = _patient_resource(con, provider, patient)
+        _refuse_a_reason_naming_the_patient(resource, reason, *typed)
+        try:
+            unattributed = _unattributed_quarantine_naming(con, provider, resource, *typed)
+        except VaultError as exc:
+            raise click.ClickException(str(exc)) from exc
+    plan = replace(workdir.erasure_plan(), unattributed_quarantine=unattributed)
     audit = audit_log_for(workdir, provider, _own_warehouse_id(workdir, provider))
     try:
-        report = forget_in_warehouse(
-            workdir.warehouse, patient, audit, reason, plan=workdir.erasure_plan()
-        )
+        report = forget_in_warehouse(workdir.warehouse, patient, audit, reason, plan=plan)
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     except duckdb.IOException as exc:  # announced, not done: the audit log lists it
@@ -307,7 +354,8 @@ def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | N
     from vault.lifecycle import reidentify as run_reidentify
 
     provider = _provider(key_file)
-    _refuse_a_reason_naming_the_patient(workdir, provider, pseudonym, reason)
+    with _warehouse(workdir, read_only=True) as con:
+        _refuse_a_reason_naming_the_patient(_patient_resource(con, provider, pseudonym), reason)
     try:
         with _warehouse(workdir, read_only=True) as con:
             audit = audit_log_for(workdir, provider, warehouse.warehouse_id(con))

@@ -289,3 +289,44 @@ def test_a_reason_naming_the_patient_is_refused_before_anything_is_written(
     assert accepted.exit_code == 0, accepted.output
     reasons = [e["reason"] for e in audit_log_for(work, FileKeyProvider.load(key_file)).entries()]
     assert reasons and set(reasons) == {"ticket 4711"}
+
+
+def _quarantined_texts(work: Path, key_file: Path) -> list[str]:
+    """Every quarantined record of no patient, decrypted here (the shared key)."""
+    from vault.sealing import SHARED_OWNER, DataKeyStore
+
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:
+        store = DataKeyStore(con, FileKeyProvider.load(key_file))
+        rows = con.execute("SELECT sealed, aad FROM quarantine WHERE patient_key IS NULL")
+        return [
+            store.open_owned(bytes(s), bytes(a), SHARED_OWNER).decode() for s, a in rows.fetchall()
+        ]
+    finally:
+        con.close()
+
+
+def test_forget_erases_the_unreadable_records_that_name_the_patient(
+    work: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """A record cut short is no resource: it is quarantined under the shared key, which no
+    erasure destroys. One naming the patient is erased with them; another patient's stays."""
+    land = tmp_path / "land2"
+    land.mkdir()
+    cut_short = [
+        '{"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p7"},"note":',
+        '{"resourceType":"Communication","payload":[{"contentString":"Ola Zedwick called',
+        '{"resourceType":"Observation","id":"o9","subject":{"reference":"Patient/p9"},"note":',
+    ]
+    (land / "cut.ndjson").write_text("\n".join(cut_short) + "\n")
+    ingest_batch(work / "warehouse.duckdb", "b2", land, FileKeyProvider.load(key_file), workers=1)
+    before = _quarantined_texts(work, key_file)
+    assert len(before) == 3 and sum("p7" in t or "Zedwick" in t for t in before) == 2
+
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    forgot = CliRunner().invoke(forget, ["p7", "--reason", "ticket 4711", *common])
+    assert forgot.exit_code == 0, forgot.output
+    after = _quarantined_texts(work, key_file)
+    assert after == [cut_short[2]]  # p9's record, untouched
+    assert json.loads(forgot.stdout)["rows_deleted"]["quarantine_unattributed"] == 2
+    assert "Zedwick" not in forgot.output

@@ -26,6 +26,7 @@ import pyarrow as pa
 from fhirlake.readers import RawRecord, SkippedFile, SourceFile, iter_records, list_batch_files
 from fhirlake.references import classify, conditional_target, literal_target, local_target
 from fhirlake.validation import Checked, check_chunk, check_record
+from fhirlake.viewdef import instant_sql
 from vault import warehouse
 from vault.clock import utcnow
 from vault.clustered import sync_clustered
@@ -194,15 +195,19 @@ def _checked_stream(
 # -- the batch-level SQL steps of BatchIngestor.finalize, in order; $b is the batch id ----------
 
 # Rank this batch's rows of one resource: identical content repeats are harmless; different
-# content under the same (or no) versionId is a conflict nobody can settle here. Then compare
-# with what earlier batches stored.
-_RANK_STAGED_ROWS = """
+# content under the same versionId, or without one under the same lastUpdated instant (or
+# neither), is a conflict nobody can settle here. Versions told apart by their versionId or,
+# without one, by their lastUpdated instant are all kept, and the newest is current (the rule
+# across batches: warehouse.NEWEST_VERSION_FIRST). Then compare with what earlier batches stored.
+_RANK_STAGED_ROWS = f"""
 CREATE OR REPLACE TEMP TABLE _fate AS
 WITH ranked AS (
     SELECT s.file_index, s.position, s.resource_key, s.content_mac,
            row_number() OVER (PARTITION BY s.resource_key, s.content_mac
                               ORDER BY s.file_index, s.position) AS content_rank,
-           row_number() OVER (PARTITION BY s.resource_key, coalesce(s.version_id, '')
+           row_number() OVER (PARTITION BY s.resource_key, coalesce(
+                                  'v:' || s.version_id,
+                                  't:' || CAST({instant_sql("s.last_updated")} AS VARCHAR), '')
                               ORDER BY s.file_index, s.position) AS version_rank
     FROM phi_vault s WHERE s.batch_id = $b
 ),

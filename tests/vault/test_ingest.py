@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,35 @@ def test_within_batch_duplicates_and_dangling_references(
     finally:
         con.close()
     assert all("Quillfeather" not in m and "nowhere" not in m for m in messages)
+
+
+def test_within_a_batch_versions_told_apart_by_their_instant_are_kept_and_ordered(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """Two versions of one Patient in one export, without a versionId, the older one first:
+    their lastUpdated instants tell them apart, so both are kept and the newer is current, as
+    across batches. A third with the second's instant, written another way, and other content
+    is a conflict."""
+    land = tmp_path / "land"
+    versions = [
+        ("2024-03-01T10:00:00+05:00", "male"),  # 05:00 UTC
+        ("2024-03-01T06:00:00Z", "female"),
+        ("2024-03-01T07:00:00.000+01:00", "other"),  # 06:00 UTC again: no telling which
+    ]
+    for n, (instant, gender) in enumerate(versions):
+        _write(land, f"{n}.json", dict(PATIENT, gender=gender, meta={"lastUpdated": instant}))
+    wh = tmp_path / "w.duckdb"
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert report.outcomes == {"new": 2}
+    assert report.quarantine_reasons == {"duplicate_conflict": 1}
+    newest = max(versions[:2], key=lambda v: datetime.fromisoformat(v[0]))
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        current = read_resource(con, key_provider, "Patient", PID)
+        assert current is not None and current["gender"] == newest[1] == "female"
+        assert reconcile_batch(con, "b1").passed
+    finally:
+        con.close()
 
 
 def test_tampered_vault_row_is_detected(tmp_path: Path, key_provider: FileKeyProvider) -> None:

@@ -170,9 +170,11 @@ def _refuse_a_reason_naming_the_patient(
         )
 
 
+# an erased subject's records sent again hold nothing sealed (vault.ingest): passed over
 _UNATTRIBUTED_QUARANTINE = (
     "SELECT batch_id, file_index, position, sealed, aad FROM quarantine "
-    "WHERE patient_key IS NULL ORDER BY batch_id, file_index, position"
+    "WHERE patient_key IS NULL AND octet_length(sealed) > 0 "
+    "ORDER BY batch_id, file_index, position"
 )
 
 

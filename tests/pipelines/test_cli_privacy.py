@@ -298,7 +298,10 @@ def _quarantined_texts(work: Path, key_file: Path) -> list[str]:
     con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
     try:
         store = DataKeyStore(con, FileKeyProvider.load(key_file))
-        rows = con.execute("SELECT sealed, aad FROM quarantine WHERE patient_key IS NULL")
+        rows = con.execute(
+            "SELECT sealed, aad FROM quarantine WHERE patient_key IS NULL "
+            "AND octet_length(sealed) > 0"  # an erased subject's records: nothing sealed
+        )
         return [
             store.open_owned(bytes(s), bytes(a), SHARED_OWNER).decode() for s, a in rows.fetchall()
         ]
@@ -330,3 +333,26 @@ def test_forget_erases_the_unreadable_records_that_name_the_patient(
     assert after == [cut_short[2]]  # p9's record, untouched
     assert json.loads(forgot.stdout)["rows_deleted"]["quarantine_unattributed"] == 2
     assert "Zedwick" not in forgot.output
+
+    # p7 sent again: its records are quarantined as an erased subject's, with no patient and
+    # nothing sealed; the next erasure reads past them and finds p9's own record
+    ingest_batch(
+        work / "warehouse.duckdb",
+        "b3",
+        land.parent / "land",
+        FileKeyProvider.load(key_file),
+        workers=1,
+    )
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:
+        erased = con.execute(
+            "SELECT count(*) FROM quarantine WHERE reason_code = 'erased_subject' "
+            "AND patient_key IS NULL AND octet_length(sealed) = 0"
+        ).fetchall()
+    finally:
+        con.close()
+    assert erased == [(1,)]
+    next_one = CliRunner().invoke(forget, ["p9", "--reason", "ticket 4712", *common])
+    assert next_one.exit_code == 0, next_one.output
+    assert json.loads(next_one.stdout)["rows_deleted"]["quarantine_unattributed"] == 1
+    assert _quarantined_texts(work, key_file) == []

@@ -304,22 +304,37 @@ def batch_key_hits(canaries: CanarySet, batch_key: str) -> list[str]:
     return _hits_as_written_and_spaced(canaries, batch_key)
 
 
-def subject_hits(patient: dict[str, Any] | None, text: str, *ids: str) -> list[str]:
-    """Kinds of one patient's identifiers found in ``text``, free text an operator typed that
-    is kept as written (the reason of an erasure or a re-identification, which the audit log
-    keeps for good, the erased patient's included): the Patient resource's names, identifiers,
-    phones, emails, addresses and birth date (in the forms people write it), and ``ids``, the
-    resource ids it is known by (``"id"``). Read as written and with separators as spaces."""
-    canaries = CanarySet()
-    if patient is not None:
-        canaries.add_patient(patient)  # no pseudonym: the birth date is searched as any canary
-        ids = (*ids, str(patient.get("id") or ""))
-    found = set(_hits_as_written_and_spaced(canaries, text))
-    # an id as a whole token: "p7" is in "forget p7", not in "ticket p77"
-    tokens = [rf"(?<![0-9A-Za-z]){re.escape(i.strip())}(?![0-9A-Za-z])" for i in ids if i.strip()]
-    if any(re.search(token, text, re.IGNORECASE) for token in tokens):
-        found.add("id")
-    return sorted(found)
+class SubjectCanaries:
+    """One patient's identifiers, to be found in free text an operator typed or a record kept
+    as written (the reason of an erasure or a re-identification, which the audit log keeps for
+    good; a quarantined record nobody could read as FHIR): the Patient resource's names,
+    identifiers, phones, emails, addresses and birth date (in the forms people write it), and
+    ``ids``, the resource ids it is known by (``"id"``). Compiled once for many texts."""
+
+    def __init__(self, patient: dict[str, Any] | None, *ids: str) -> None:
+        self._canaries = CanarySet()
+        if patient is not None:
+            self._canaries.add_patient(patient)  # no pseudonym: the birth date as any canary
+            ids = (*ids, str(patient.get("id") or ""))
+        # an id as a whole token: "p7" is in "forget p7", not in "ticket p77"
+        tokens = [re.escape(i.strip()) for i in ids if i.strip()]
+        self._ids = (
+            re.compile(rf"(?<![0-9A-Za-z])(?:{'|'.join(tokens)})(?![0-9A-Za-z])", re.IGNORECASE)
+            if tokens
+            else None
+        )
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to look for: no Patient resource and no id."""
+        return self._ids is None and len(self._canaries) == 0
+
+    def hits(self, text: str) -> list[str]:
+        """Kinds found in ``text``, read as written and with separators as spaces."""
+        found = set(_hits_as_written_and_spaced(self._canaries, text))
+        if self._ids is not None and self._ids.search(text):
+            found.add("id")
+        return sorted(found)
 
 
 def _hits_as_written_and_spaced(canaries: CanarySet, text: str) -> list[str]:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import duckdb
@@ -24,6 +24,9 @@ from pipelines.workdir import Workdir
 from vault.audit import AuditLog
 from vault.errors import VaultError
 from vault.keys import KeyProvider, default_key_file, load_key_provider
+
+if TYPE_CHECKING:
+    from deid.release import SubjectCanaries
 
 _key_file_option = click.option(
     "--key-file",
@@ -114,28 +117,6 @@ def _registry(provider: KeyProvider) -> dict[str, str]:
     return registry() if registry is not None else {}
 
 
-def _own_warehouse_id(workdir: Workdir, provider: KeyProvider) -> str:
-    """The warehouse's id, given to it now if it has none (warehouses older than ids) or if
-    it is a copy of another registered warehouse."""
-    from vault import warehouse
-
-    with _warehouse(workdir, read_only=False) as con:
-        return warehouse.claim_id(con, _registry(provider))
-
-
-def _patient_pseudonym(workdir: Workdir, provider: KeyProvider, patient_id: str) -> str:
-    """The vault key of an original Patient id, under the warehouse's own pseudonym key only:
-    under another key it would name nobody, and the erasure would find nothing and leave a
-    tombstone that keeps no one out."""
-    from vault.read import bind_pseudonym_key
-
-    with _warehouse(workdir, read_only=False) as con:
-        try:
-            return bind_pseudonym_key(con, provider).resource_key("Patient", patient_id)
-        except VaultError as exc:
-            raise click.ClickException(str(exc)) from exc
-
-
 def _patient_resource(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
 ) -> dict[str, Any] | None:
@@ -148,20 +129,14 @@ def _patient_resource(
         record = read_current(con, provider, pseudonym, "Patient")
     except KeyDestroyedError:
         return None
-    except VaultError as exc:
-        raise click.ClickException(str(exc)) from exc
     return record.resource if record is not None else None
 
 
-def _refuse_a_reason_naming_the_patient(
-    patient: dict[str, Any] | None, reason: str, *ids: str
-) -> None:
-    """Refuse a reason that names its patient (``ids``: the ids the operator typed). The audit
-    log keeps every reason as written, for good (its chain cannot lose an entry), an erased
-    patient's included; an erased one's ids are still compared."""
-    from deid.release import subject_hits
-
-    hits = subject_hits(patient, reason, *ids)
+def _refuse_a_reason_naming_the_patient(subject: SubjectCanaries, reason: str) -> None:
+    """Refuse a reason that names its patient. The audit log keeps every reason as written, for
+    good (its chain cannot lose an entry), an erased patient's included; an erased one's ids
+    (those the operator typed) are still compared."""
+    hits = subject.hits(reason)
     if hits:
         raise click.ClickException(
             f"the reason names the patient ({', '.join(hits)}): the audit log keeps every reason "
@@ -179,20 +154,16 @@ _UNATTRIBUTED_QUARANTINE = (
 
 
 def _unattributed_quarantine_naming(
-    con: duckdb.DuckDBPyConnection,
-    provider: KeyProvider,
-    patient: dict[str, Any] | None,
-    *ids: str,
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, subject: SubjectCanaries
 ) -> tuple[tuple[str, int, int], ...]:
     """Quarantined records of no patient (a line that is not JSON, a resource cut short: sealed
     under the shared key, which no erasure destroys) in which the patient's identifiers or ids
-    appear (:func:`deid.release.subject_hits`): they are erased with the patient. Decrypted
-    here, never shown. Another patient's record that names them (a surname they share) is
-    erased too: an erasure errs toward leaving nothing."""
-    from deid.release import subject_hits
+    appear: they are erased with the patient. Decrypted here, never shown. Another patient's
+    record that names them (a surname they share) is erased too: an erasure errs toward
+    leaving nothing."""
     from vault.sealing import SHARED_OWNER, DataKeyStore
 
-    if patient is None and not ids:
+    if subject.empty:
         return ()
     store = DataKeyStore(con, provider)
     found: list[tuple[str, int, int]] = []
@@ -200,9 +171,36 @@ def _unattributed_quarantine_naming(
         _UNATTRIBUTED_QUARANTINE
     ).fetchall():
         text = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
-        if subject_hits(patient, text.decode("utf-8", "replace"), *ids):
+        if subject.hits(text.decode("utf-8", "replace")):
             found.append((str(batch_id), int(file_index), int(position)))
     return tuple(found)
+
+
+def _erasure_inputs(
+    workdir: Workdir, provider: KeyProvider, patient: str, is_pseudonym: bool, reason: str
+) -> tuple[str, str, tuple[tuple[str, int, int], ...]]:
+    """What an erasure needs from the warehouse before it starts, in one connection: the
+    patient's pseudonym (an original id under the warehouse's own pseudonym key only: under
+    another it would name nobody, and leave a tombstone that keeps no one out), the reason
+    checked against what names the patient, the unreadable quarantined records naming them,
+    and the warehouse's id (given now to one that has none, or to a copy of another registered
+    warehouse)."""
+    from deid.release import SubjectCanaries
+    from vault import warehouse
+    from vault.read import bind_pseudonym_key
+
+    with _warehouse(workdir, read_only=False) as con:
+        try:
+            typed: tuple[str, ...] = ()  # the original id the operator typed
+            if not is_pseudonym:
+                typed = (patient,)
+                patient = bind_pseudonym_key(con, provider).resource_key("Patient", patient)
+            subject = SubjectCanaries(_patient_resource(con, provider, patient), *typed)
+            _refuse_a_reason_naming_the_patient(subject, reason)
+            unattributed = _unattributed_quarantine_naming(con, provider, subject)
+        except VaultError as exc:
+            raise click.ClickException(str(exc)) from exc
+        return patient, warehouse.claim_id(con, _registry(provider)), unattributed
 
 
 @click.command("rotate")
@@ -287,20 +285,13 @@ def forget(
     from vault.lifecycle import forget_in_warehouse
 
     provider = _provider(key_file)
-    typed: tuple[str, ...] = ()  # the original id the operator typed
-    if not is_pseudonym:
-        if not patient.strip():
-            raise click.ClickException("PATIENT must be a non-empty Patient resource id")
-        typed, patient = (patient,), _patient_pseudonym(workdir, provider, patient)
-    with _warehouse(workdir, read_only=True) as con:
-        resource = _patient_resource(con, provider, patient)
-        _refuse_a_reason_naming_the_patient(resource, reason, *typed)
-        try:
-            unattributed = _unattributed_quarantine_naming(con, provider, resource, *typed)
-        except VaultError as exc:
-            raise click.ClickException(str(exc)) from exc
+    if not is_pseudonym and not patient.strip():
+        raise click.ClickException("PATIENT must be a non-empty Patient resource id")
+    patient, warehouse_id, unattributed = _erasure_inputs(
+        workdir, provider, patient, is_pseudonym, reason
+    )
     plan = replace(workdir.erasure_plan(), unattributed_quarantine=unattributed)
-    audit = audit_log_for(workdir, provider, _own_warehouse_id(workdir, provider))
+    audit = audit_log_for(workdir, provider, warehouse_id)
     try:
         report = forget_in_warehouse(workdir.warehouse, patient, audit, reason, plan=plan)
     except (DeidError, VaultError, ValueError) as exc:
@@ -352,14 +343,15 @@ def _report_release_changed(workdir: Workdir) -> None:
 @_key_file_option
 def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | None) -> None:
     """Print the original identifiers behind a patient PSEUDONYM (audited before printing)."""
+    from deid.release import SubjectCanaries
     from vault import warehouse
     from vault.lifecycle import reidentify as run_reidentify
 
     provider = _provider(key_file)
-    with _warehouse(workdir, read_only=True) as con:
-        _refuse_a_reason_naming_the_patient(_patient_resource(con, provider, pseudonym), reason)
     try:
         with _warehouse(workdir, read_only=True) as con:
+            subject = SubjectCanaries(_patient_resource(con, provider, pseudonym))
+            _refuse_a_reason_naming_the_patient(subject, reason)
             audit = audit_log_for(workdir, provider, warehouse.warehouse_id(con))
             found = run_reidentify(con, provider, pseudonym, audit, reason)
     except (DeidError, VaultError, ValueError) as exc:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from deid.release import subject_hits
+from deid.release import SubjectCanaries
 
 PATIENT = {
     "resourceType": "Patient",
@@ -43,11 +43,12 @@ TYPED_ID = "pt-778"  # the original id the operator typed (``ehr forget pt-778``
         ("born 1948", []),  # a year alone names no one
     ],
 )
-def test_subject_hits(reason: str, kinds: list[str]) -> None:
-    assert subject_hits(PATIENT, reason, TYPED_ID) == kinds
+def test_subject_canaries(reason: str, kinds: list[str]) -> None:
+    assert SubjectCanaries(PATIENT, TYPED_ID).hits(reason) == kinds
 
 
 def test_without_the_resource_only_the_typed_ids_count() -> None:
     # an erased patient: its Patient resource is gone, the id the operator typed is not
-    assert subject_hits(None, "pt-778 asked", TYPED_ID) == ["id"]
-    assert subject_hits(None, "Odalys Larkspur asked", TYPED_ID) == []
+    assert SubjectCanaries(None, TYPED_ID).hits("pt-778 asked") == ["id"]
+    assert SubjectCanaries(None, TYPED_ID).hits("Odalys Larkspur asked") == []
+    assert SubjectCanaries(None).empty and not SubjectCanaries(None, TYPED_ID).empty

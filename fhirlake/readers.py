@@ -113,46 +113,47 @@ def not_regular(path: Path) -> str | None:
 MAX_FOLDER_DEPTH = 8
 
 
+@dataclass(slots=True)
+class BatchListing:
+    """What a batch's folder holds: its data files, what it passes over (with the reason), and
+    the folders it reads (their times change when a file is added, removed or renamed)."""
+
+    files: list[SourceFile] = field(default_factory=list)
+    skipped: list[SkippedFile] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+
+
+def walk_batch(root: Path, nested: bool = False) -> BatchListing:
+    """The data files of the batch in ``root`` (or ``root`` itself when it is a file), in the
+    order of their paths; with ``nested`` (a landing batch's folder), those of its sub-folders
+    too, as an export is often dropped with its own folders (Synthea's ``output/fhir``), down
+    to ``MAX_FOLDER_DEPTH`` levels. Without it, sub-folders are passed over (the landing
+    folder's loose files, whose sub-folders are batches of their own). Symbolic links and
+    special files are listed as skipped, never followed or opened; so are hidden and ``_``
+    folders and folders nested deeper, when nested."""
+    listing = BatchListing()
+    if root.is_file():
+        _list_entry(root, root.name, listing)
+        return listing
+    listing.folders.append(root)
+    for path, name in _batch_entries(root, nested, listing):
+        _list_entry(path, name, listing)
+    return listing
+
+
 def list_batch_files(
     root: Path, nested: bool = False
 ) -> tuple[list[SourceFile], list[SkippedFile]]:
-    """Data files of the batch in ``root`` (or ``root`` itself when it is a file), in the order
-    of their paths; with ``nested`` (a landing batch's folder), those of its sub-folders too, as
-    an export is often dropped with its own folders (Synthea's ``output/fhir``), down to
-    ``MAX_FOLDER_DEPTH`` levels. Without it, sub-folders are passed over (the landing folder's
-    loose files, whose sub-folders are batches of their own). Symbolic links and special files
-    are listed as skipped, never followed or opened; so are hidden and ``_`` folders and folders
-    nested deeper, when nested."""
-    files: list[SourceFile] = []
-    skipped: list[SkippedFile] = []
-    if root.is_file():
-        _list_entry(root, root.name, files, skipped)
-        return files, skipped
-    for path, name in _batch_entries(root, nested, skipped):
-        _list_entry(path, name, files, skipped)
-    return files, skipped
-
-
-def batch_folders(root: Path, nested: bool = False) -> list[Path]:
-    """The folders :func:`list_batch_files` reads for the same arguments: ``root`` and the
-    sub-folders it descends into (their times change when a file is added, removed or renamed)."""
-    if root.is_file():
-        return []
-    folders = [root]
-    for _ in _batch_entries(root, nested, [], folders):
-        continue  # the walk fills ``folders``
-    return folders
+    """The files and skipped entries of :func:`walk_batch`."""
+    listing = walk_batch(root, nested)
+    return listing.files, listing.skipped
 
 
 def _batch_entries(
-    root: Path,
-    nested: bool,
-    skipped: list[SkippedFile],
-    folders: list[Path] | None = None,
-    prefix: str = "",
-    depth: int = 0,
+    root: Path, nested: bool, listing: BatchListing, prefix: str = "", depth: int = 0
 ) -> Iterator[tuple[Path, str]]:
-    """Every entry but the folders, with its name within the batch, depth first by name."""
+    """Every entry but the folders, with its name within the batch, depth first by name; the
+    folders read and passed over go to ``listing``."""
     for path in sorted(root.iterdir()):
         name = f"{prefix}{path.name}"
         if not_regular(path) != "":
@@ -160,25 +161,25 @@ def _batch_entries(
         elif not nested:
             continue  # the landing folder's sub-folders: each is a batch of its own
         elif path.name.startswith((".", "_")):
-            skipped.append(SkippedFile(path, "hidden or _ folder (not read)"))
+            listing.skipped.append(SkippedFile(path, "hidden or _ folder (not read)"))
         elif depth + 1 > MAX_FOLDER_DEPTH:
-            skipped.append(SkippedFile(path, f"folder nested deeper than {MAX_FOLDER_DEPTH}"))
+            reason = f"folder nested deeper than {MAX_FOLDER_DEPTH}"
+            listing.skipped.append(SkippedFile(path, reason))
         else:
-            if folders is not None:
-                folders.append(path)
-            yield from _batch_entries(path, True, skipped, folders, f"{name}/", depth + 1)
+            listing.folders.append(path)
+            yield from _batch_entries(path, True, listing, f"{name}/", depth + 1)
 
 
-def _list_entry(path: Path, name: str, files: list[SourceFile], skipped: list[SkippedFile]) -> None:
+def _list_entry(path: Path, name: str, listing: BatchListing) -> None:
     odd = not_regular(path)
     if odd is not None:
-        skipped.append(SkippedFile(path, odd))
+        listing.skipped.append(SkippedFile(path, odd))
     elif path.name.startswith((".", "_")) or path.name.lower() in _NOT_DATA:
-        skipped.append(SkippedFile(path, "not a data file (export metadata)"))
+        listing.skipped.append(SkippedFile(path, "not a data file (export metadata)"))
     elif (kind := file_kind(path)) is None:
-        skipped.append(SkippedFile(path, "not a FHIR data file extension"))
+        listing.skipped.append(SkippedFile(path, "not a FHIR data file extension"))
     else:
-        files.append(SourceFile(len(files), path, kind, name))
+        listing.files.append(SourceFile(len(listing.files), path, kind, name))
 
 
 def _open(path: Path) -> IO[bytes]:

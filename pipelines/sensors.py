@@ -33,7 +33,7 @@ from dagster import (
 )
 
 from deid.staging import deidentified_batches
-from fhirlake.readers import batch_folders
+from fhirlake.readers import BatchListing
 from pipelines.jobs import batch_job
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource, WarehouseResource
@@ -69,14 +69,14 @@ def _dump_cursor(states: dict[str, BatchState]) -> str:
     return json.dumps({k: asdict(v) for k, v in sorted(states.items())}, sort_keys=True)
 
 
-def newest_change(batch: BatchSource) -> float:
-    """Latest modification time of any file of the batch, in its sub-folders too (data or not:
-    a copy in progress may write a temporary name first), and of its folders (a file removed or
-    renamed changes its folder's own time; not the landing folder's, for ``root``)."""
-    files, skipped = batch.files()
-    paths = [f.path for f in files] + [s.path for s in skipped]
-    folders = batch_folders(batch.path, nested=batch.nested)
-    paths += folders if batch.nested else []
+def newest_change(batch: BatchSource, listing: BatchListing | None = None) -> float:
+    """Latest modification time of any file of the batch (``listing``, when the caller has
+    walked it already), in its sub-folders too (data or not: a copy in progress may write a
+    temporary name first), and of its folders (a file removed or renamed changes its folder's
+    own time; not the landing folder's, for ``root``)."""
+    listing = listing or batch.listing()
+    paths = [f.path for f in listing.files] + [s.path for s in listing.skipped]
+    paths += listing.folders if batch.nested else []
     times = []
     for path in paths:
         with contextlib.suppress(OSError):  # gone since it was listed: the next tick sees it
@@ -159,8 +159,8 @@ def done_in_ledger(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
         return False
     if entry.fingerprint is not None:
         return entry.fingerprint == batch.fingerprint
-    files, _ = batch.files()
-    return entry.files == len(files) and entry.ingested_at >= newest_change(batch)
+    listing = batch.listing()
+    return entry.files == len(listing.files) and entry.ingested_at >= newest_change(batch, listing)
 
 
 def _latest_run_status(

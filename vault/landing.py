@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fhirlake.readers import SkippedFile, SourceFile, file_kind, list_batch_files, not_regular
+from fhirlake.readers import BatchListing, SkippedFile, file_kind, not_regular, walk_batch
 
 ROOT_BATCH = "root"
 MAX_KEY = 64
@@ -48,9 +48,10 @@ class BatchSource:
     fingerprint: str
     nested: bool = True
 
-    def files(self) -> tuple[list[SourceFile], list[SkippedFile]]:
-        """The batch's data files, and what it holds but does not read (with the reason)."""
-        return list_batch_files(self.path, nested=self.nested)
+    def listing(self) -> BatchListing:
+        """The batch's data files, what it holds but does not read (with the reason), and the
+        folders it reads."""
+        return walk_batch(self.path, nested=self.nested)
 
 
 @dataclass
@@ -85,12 +86,12 @@ def _batch(key: str, folder: Path, landing: Landing) -> BatchSource | None:
     """A folder's batch when it holds a data file (in a sub-folder too, but for ``root``); what
     it skipped goes to ``landing``."""
     nested = key != ROOT_BATCH
-    files, skipped = list_batch_files(folder, nested=nested)
-    landing.skipped.extend(skipped)
+    listing = walk_batch(folder, nested=nested)
+    landing.skipped.extend(listing.skipped)
     # every regular file with a data extension, export metadata included (what changes a batch)
     fingerprinted = sorted(
-        [f.path for f in files]
-        + [s.path for s in skipped if not_regular(s.path) is None and file_kind(s.path)]
+        [f.path for f in listing.files]
+        + [s.path for s in listing.skipped if not_regular(s.path) is None and file_kind(s.path)]
     )
     if not fingerprinted:
         return None

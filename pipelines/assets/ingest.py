@@ -39,7 +39,8 @@ WAREHOUSE_POOL = "warehouse"  # DuckDB takes one writer at a time
 def landing_batch(context: AssetExecutionContext, landing: LandingResource) -> MaterializeResult:
     """Inventory of one batch of FHIR files in the landing folder (counts and sizes only)."""
     source = batch_source(Path(landing.path), context.partition_key)
-    files, skipped = source.files()
+    listing = source.listing()
+    files, skipped = listing.files, listing.skipped
     kinds: dict[str, int] = {}
     for f in files:
         kinds[f.kind] = kinds.get(f.kind, 0) + 1

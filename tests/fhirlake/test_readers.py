@@ -298,7 +298,7 @@ def test_a_landing_batch_reads_its_sub_folders_and_says_what_it_passes_over(
     ``_`` folders, linked folders and folders nested deeper are listed as skipped, unread."""
     import os
 
-    from fhirlake.readers import MAX_FOLDER_DEPTH, batch_folders
+    from fhirlake.readers import MAX_FOLDER_DEPTH, walk_batch
 
     batch = tmp_path / "export"
     for folder in ("fhir", "fhir/more", "other", ".cache", "_tmp"):
@@ -330,7 +330,7 @@ def test_a_landing_batch_reads_its_sub_folders_and_says_what_it_passes_over(
         ),
         ("linked", "symbolic link (not followed)"),
     ]
-    read = sorted(p.relative_to(batch).as_posix() for p in batch_folders(batch, nested=True))
+    read = sorted(p.relative_to(batch).as_posix() for p in walk_batch(batch, nested=True).folders)
     assert read[:4] == [".", "deep", "deep/d", "deep/d/d"] and "fhir/more" in read
     assert ".cache" not in read and "linked" not in read
 
@@ -338,5 +338,5 @@ def test_a_landing_batch_reads_its_sub_folders_and_says_what_it_passes_over(
     flat, flat_skipped = list_batch_files(batch)
     assert [f.name for f in flat] == ["top.ndjson"]
     assert [s.path.name for s in flat_skipped] == ["linked"]
-    assert batch_folders(batch) == [batch]
+    assert walk_batch(batch).folders == [batch]
     assert os.path.isdir(batch / "linked")  # the link itself is left alone

@@ -171,8 +171,7 @@ def test_an_export_dropped_with_its_own_folders_is_one_batch_read_whole(
     batches = {b.key: b for b in discover_batches(land)}
     assert sorted(batches) == [ROOT_BATCH, "synthea_run1"]
     assert batches["synthea_run1"].nested and not batches[ROOT_BATCH].nested
-    root_files, _ = batches[ROOT_BATCH].files()
-    assert [f.name for f in root_files] == ["loose.ndjson"]
+    assert [f.name for f in batches[ROOT_BATCH].listing().files] == ["loose.ndjson"]
 
     wh = tmp_path / "w.duckdb"
     run = batches["synthea_run1"]

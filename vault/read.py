@@ -19,16 +19,16 @@ import orjson
 from vault.catalog import has_table
 from vault.clustered import copied_rows, has_copies
 from vault.errors import InvalidCiphertext
-from vault.keys import KeyProvider, key_fingerprint
+from vault.keys import KeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import SHARED_OWNER, DataKeyStore, sealed_key_id
 from vault.warehouse import (
     AT_POSITIONS,
     NEWEST_VERSION_FIRST,
     at_positions,
+    check_pseudonym_key,
     pseudonym_key_mismatch,
     record_pseudonym_key_id,
-    recorded_pseudonym_key_id,
     require_pseudonym_key,
 )
 
@@ -251,13 +251,14 @@ def bind_pseudonym_key(
     written before the record existed) is checked against its first vault row, which must hold
     the resource its row names under this key, and with ``record`` (a writable connection) the
     key's id is recorded then. A refused key has read one row and written nothing."""
-    pseudo = require_pseudonym_key(con, provider)
-    if recorded_pseudonym_key_id(con) is not None:
-        return pseudo
-    given = key_fingerprint(provider.pseudonym_key())
+    checked = check_pseudonym_key(con, provider)
+    if checked.recorded:
+        return checked.pseudonymizer
     rows = con.execute(_FIRST_READABLE_ROW).fetchall() if has_table(con, "phi_vault") else []
     if rows and not VaultReader(con, provider).names_its_row(rows[0]):
-        raise pseudonym_key_mismatch(given, "the vault's first record does not verify under it")
+        raise pseudonym_key_mismatch(
+            checked.key_id, "the vault's first record does not verify under it"
+        )
     if record:
-        record_pseudonym_key_id(con, given)
-    return pseudo
+        record_pseudonym_key_id(con, checked.key_id)
+    return checked.pseudonymizer

@@ -14,6 +14,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -345,17 +346,33 @@ def pseudonym_key_mismatch(given: str, why: str) -> PseudonymKeyMismatchError:
     )
 
 
-def require_pseudonym_key(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> Pseudonymizer:
-    """The pseudonymizer of ``provider``'s pseudonym key, once the warehouse's record says it is
-    the key the vault is written under. A vault under two keys would hold a re-sent patient
-    twice under unrelated pseudonyms, with neither key verifying the other's rows. A warehouse
-    without the record passes here (see :func:`vault.read.bind_pseudonym_key`)."""
+@dataclass(frozen=True)
+class PseudonymKeyCheck:
+    """A pseudonym key held against the warehouse's record: its pseudonymizer, its id, and
+    whether the warehouse records a key id at all (when it does, it is this key's)."""
+
+    pseudonymizer: Pseudonymizer
+    key_id: str
+    recorded: bool
+
+
+def check_pseudonym_key(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> PseudonymKeyCheck:
+    """``provider``'s pseudonym key, refused (:class:`PseudonymKeyMismatchError`) when the
+    warehouse records another. A vault under two keys would hold a re-sent patient twice under
+    unrelated pseudonyms, with neither key verifying the other's rows. A warehouse without the
+    record passes here (see :func:`vault.read.bind_pseudonym_key`)."""
     key = provider.pseudonym_key()
     recorded = recorded_pseudonym_key_id(con)
     given = key_fingerprint(key)
     if recorded is not None and recorded != given:
         raise pseudonym_key_mismatch(given, f"key id {recorded}")
-    return Pseudonymizer(key)
+    return PseudonymKeyCheck(Pseudonymizer(key), given, recorded is not None)
+
+
+def require_pseudonym_key(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> Pseudonymizer:
+    """The pseudonymizer of ``provider``'s pseudonym key, once the warehouse's record says it is
+    the key the vault is written under (:func:`check_pseudonym_key`)."""
+    return check_pseudonym_key(con, provider).pseudonymizer
 
 
 def is_copy(registered: Mapping[str, str], warehouse_id: str | None, path: Path) -> bool:

@@ -171,7 +171,7 @@ class CanarySet:
         self._automaton: Any = None
         self._digit_automaton: Any = None
         self._births: dict[str, tuple[str, ...]] = {}
-        self._birth_years: dict[str, str] = {}
+        self._birth_years: dict[str, tuple[str, ...]] = {}
         # (text, terminology) -> (kinds found, decoded base64 runs case-folded)
         self._memo: dict[tuple[str, bool], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
@@ -254,8 +254,10 @@ class CanarySet:
             return
         forms = birth_date_forms(birth)
         if pseudonym is not None:
-            self._births[pseudonym] = forms
-            self._birth_years[pseudonym] = birth[:4]
+            # every birth date a patient's versions gave (a corrected one is still on old papers)
+            before, years = self._births.get(pseudonym, ()), self._birth_years.get(pseudonym, ())
+            self._births[pseudonym] = tuple(dict.fromkeys((*before, *forms)))
+            self._birth_years[pseudonym] = tuple(dict.fromkeys((*years, birth[:4])))
             return
         for form in forms:
             self._kinds.setdefault(form, "birth_date")
@@ -364,13 +366,13 @@ class CanarySet:
         kinds: list[str] = []
         provider = isinstance(value, dict) and value.get("resourceType") in _PROVIDER_TYPES
         births = self.birth_dates_of(patient)
-        year = self._birth_years.get(patient, "") if births and patient is not None else ""
+        years = self._birth_years.get(patient, ()) if births and patient is not None else ()
         for text, terminology in _strings(value, provider):
             found, decoded = self._findings(text, terminology)
             kinds.extend(found)
             if births:
                 for folded in (*decoded, text.casefold()):
-                    kinds.extend(self._birth_hits(folded, births, year))
+                    kinds.extend(self._birth_hits(folded, births, years))
         return kinds
 
     def _findings(self, text: str, terminology: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -389,8 +391,10 @@ class CanarySet:
             self._memo[key] = findings
         return findings
 
-    def _birth_hits(self, folded: str, births: tuple[str, ...], year: str = "") -> list[str]:
-        if year not in folded:  # every written form of a birth date holds its year
+    def _birth_hits(
+        self, folded: str, births: tuple[str, ...], years: tuple[str, ...] = ("",)
+    ) -> list[str]:
+        if not any(year in folded for year in years):  # every written form holds its year
             return []
         return ["birth_date"] if any(self._has_token(folded, b) for b in births) else []
 

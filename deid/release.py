@@ -9,7 +9,7 @@ import re
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from functools import partial
@@ -32,7 +32,7 @@ from deid.workers import ChunkResult, Item, Targets, WorkerSetup, deidentify_ite
 from vault.catalog import has_table
 from vault.ingest import FHIR_BASE_ENV
 from vault.keys import KeyProvider, key_fingerprint
-from vault.read import iter_current_records
+from vault.read import iter_current_records, iter_every_version
 from vault.warehouse import database_path
 
 DEID_DDL = """
@@ -272,9 +272,10 @@ def _add_relatives(
     provider: KeyProvider,
     patients: set[str] | None,
 ) -> None:
-    """Canaries of the relatives of ``patients`` (every patient when None)."""
+    """Canaries of the relatives of ``patients`` (every patient when None), from every version
+    the vault holds."""
     for rtype in RELATIVE_TYPES:
-        for record in iter_current_records(con, provider, resource_type=rtype):
+        for record in iter_every_version(con, provider, resource_type=rtype):
             if patients is None or record.patient_key in patients:
                 canaries.add_resource(record.resource, record.patient_key)
 
@@ -282,12 +283,13 @@ def _add_relatives(
 def batch_canaries(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, batch_id: str
 ) -> CanarySet:
-    """Canaries of every patient this batch touches, from their current Patient resources
-    (names, contacts, identifiers, phones, emails, addresses, birth dates) and of their
-    relatives (RelatedPerson, FamilyMemberHistory names)."""
+    """Canaries of every patient this batch touches, from every version the vault holds of
+    their Patient resources (names, contacts, identifiers, phones, emails, addresses, birth
+    dates: a name changed since still names them) and of their relatives' resources
+    (RelatedPerson, FamilyMemberHistory names)."""
     canaries = CanarySet()
     patients: set[str] = set()
-    for patient in iter_current_records(
+    for patient in iter_every_version(
         con, provider, resource_type="Patient", patients_of_batch=batch_id
     ):
         canaries.add_patient(patient.resource, patient.resource_key)
@@ -307,17 +309,18 @@ def batch_key_hits(canaries: CanarySet, batch_key: str) -> list[str]:
 class SubjectCanaries:
     """One patient's identifiers, to be found in free text an operator typed or a record kept
     as written (the reason of an erasure or a re-identification, which the audit log keeps for
-    good; a quarantined record nobody could read as FHIR): the Patient resource's names,
-    identifiers, phones, emails, addresses and birth date (in the forms people write it), and
-    ``ids``, the resource ids it is known by (``"id"``). Compiled once for many texts."""
+    good; a quarantined record nobody could read as FHIR): the names, identifiers, phones,
+    emails, addresses and birth date (in the forms people write it) of every version of the
+    Patient resource (``versions``: a name changed since still names them), and ``ids``, the
+    resource ids it is known by (``"id"``). Compiled once for many texts."""
 
-    def __init__(self, patient: dict[str, Any] | None, *ids: str) -> None:
+    def __init__(self, versions: Iterable[dict[str, Any]], *ids: str) -> None:
         self._canaries = CanarySet()
-        if patient is not None:
+        for patient in versions:
             self._canaries.add_patient(patient)  # no pseudonym: the birth date as any canary
             ids = (*ids, str(patient.get("id") or ""))
         # an id as a whole token: "p7" is in "forget p7", not in "ticket p77"
-        tokens = [re.escape(i.strip()) for i in ids if i.strip()]
+        tokens = [re.escape(i.strip()) for i in dict.fromkeys(ids) if i.strip()]
         self._ids = (
             re.compile(rf"(?<![0-9A-Za-z])(?:{'|'.join(tokens)})(?![0-9A-Za-z])", re.IGNORECASE)
             if tokens
@@ -346,9 +349,10 @@ _KEY_SEPARATORS = re.compile(r"[^0-9A-Za-z]+")
 
 
 def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> CanarySet:
-    """Canaries of every patient in the vault (for tables built over the whole release)."""
+    """Canaries of every patient in the vault, from every version of their Patient and
+    relatives' resources (for tables built over the whole release)."""
     canaries = CanarySet()
-    for patient in iter_current_records(con, provider, resource_type="Patient"):
+    for patient in iter_every_version(con, provider, resource_type="Patient"):
         canaries.add_patient(patient.resource, patient.resource_key)
     _add_relatives(canaries, con, provider, None)
     return canaries

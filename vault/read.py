@@ -46,6 +46,8 @@ _CURRENT_POSITIONS = (
     f"PARTITION BY resource_key ORDER BY {NEWEST_VERSION_FIRST}) AS rn "
     "FROM phi_vault {before}) WHERE rn = 1 {after} ORDER BY ingest_seq"
 )
+# every version, current or not: no ranking
+_VERSION_POSITIONS = "SELECT ingest_seq FROM phi_vault {before} ORDER BY ingest_seq"
 _ROWS_AT_POSITIONS = (
     f"SELECT ingest_seq, {_ROW_COLUMNS} FROM phi_vault WHERE {AT_POSITIONS} ORDER BY ingest_seq"
 )
@@ -128,6 +130,10 @@ class VaultReader:
         return self._pseudo.token("resource", f"{rtype}/{rid}", memoise=False) == resource_key
 
 
+def _where(conditions: list[tuple[str, Any]]) -> str:
+    return ("WHERE " + " AND ".join(c for c, _ in conditions)) if conditions else ""
+
+
 def _current_positions(
     con: duckdb.DuckDBPyConnection,
     before: list[tuple[str, Any]],
@@ -136,11 +142,43 @@ def _current_positions(
     """Positions of the newest versions; ``before`` and ``after`` are (condition, parameter)
     pairs applied before and after the ranking."""
     sql = _CURRENT_POSITIONS.format(
-        before=("WHERE " + " AND ".join(c for c, _ in before)) if before else "",
-        after="".join(f" AND {c}" for c, _ in after),
+        before=_where(before), after="".join(f" AND {c}" for c, _ in after)
     )
     params = [p for _, p in before] + [p for _, p in after]
     return [int(seq) for (seq,) in con.execute(sql, params).fetchall()]
+
+
+def _resource_filters(
+    resource_type: str | None, patients_of_batch: str | None, resource_key: str | None
+) -> list[tuple[str, Any]]:
+    """(condition, parameter) pairs that hold for every version of a resource alike."""
+    return [
+        (condition, value)
+        for value, condition in (
+            (resource_type, "resource_type = ?"),
+            (patients_of_batch, _PATIENTS_OF_BATCH),
+            (resource_key, "resource_key = ?"),
+        )
+        if value is not None
+    ]
+
+
+def _records_at(
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    positions: list[int],
+    resource_type: str | None,
+    chunk_rows: int,
+) -> Iterator[VaultRecord]:
+    """The rows at ``positions`` (sorted), decrypted and verified, a chunk fetched whole at a
+    time."""
+    reader = VaultReader(con, provider)
+    clustered = has_copies(con, resource_type)
+    for start in range(0, len(positions), chunk_rows):
+        rows = _rows_at(con, positions[start : start + chunk_rows], clustered)
+        reader.prefetch_keys(rows)
+        for row in rows:
+            yield reader.record(row)
 
 
 def _rows_at(
@@ -172,23 +210,29 @@ def iter_current_records(
     wrote to. Each chunk is fetched whole before its rows are yielded, so the caller may use
     ``con`` for its own statements between rows.
     """
-    before = [
-        (condition, value)
-        for value, condition in (
-            (resource_type, "resource_type = ?"),
-            (patients_of_batch, _PATIENTS_OF_BATCH),
-        )
-        if value is not None
-    ]
+    before = _resource_filters(resource_type, patients_of_batch, None)
     after = [("batch_id = ?", batch_id)] if batch_id is not None else []
     positions = _current_positions(con, before, after)
-    reader = VaultReader(con, provider)
-    clustered = has_copies(con, resource_type)
-    for start in range(0, len(positions), chunk_rows):
-        rows = _rows_at(con, positions[start : start + chunk_rows], clustered)
-        reader.prefetch_keys(rows)
-        for row in rows:
-            yield reader.record(row)
+    yield from _records_at(con, provider, positions, resource_type, chunk_rows)
+
+
+def iter_every_version(
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    *,
+    resource_type: str | None = None,
+    patients_of_batch: str | None = None,
+    resource_key: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[VaultRecord]:
+    """Every version the vault holds of every resource (the current one and those it
+    replaced), in ingest order, decrypted and verified: what once named a patient (a name
+    before a marriage, a corrected phone) still names them. Filters as
+    :func:`iter_current_records`, and ``resource_key`` one resource."""
+    before = _resource_filters(resource_type, patients_of_batch, resource_key)
+    sql = _VERSION_POSITIONS.format(before=_where(before))
+    positions = [int(seq) for (seq,) in con.execute(sql, [p for _, p in before]).fetchall()]
+    yield from _records_at(con, provider, positions, resource_type, chunk_rows)
 
 
 def iter_current_resources(

@@ -117,19 +117,22 @@ def _registry(provider: KeyProvider) -> dict[str, str]:
     return registry() if registry is not None else {}
 
 
-def _patient_resource(
+def _patient_versions(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
-) -> dict[str, Any] | None:
-    """The patient's current Patient resource, to know what names them (never shown); None
-    when the vault holds none or it can no longer be read (an erasure cut short)."""
+) -> list[dict[str, Any]]:
+    """Every version the vault holds of the patient's Patient resource, to know what names them
+    (a name changed since still does; never shown); none when the vault holds none or they
+    can no longer be read (an erasure cut short)."""
     from vault.errors import KeyDestroyedError
-    from vault.read import read_current
+    from vault.read import iter_every_version
 
     try:
-        record = read_current(con, provider, pseudonym, "Patient")
+        records = list(
+            iter_every_version(con, provider, resource_type="Patient", resource_key=pseudonym)
+        )
     except KeyDestroyedError:
-        return None
-    return record.resource if record is not None else None
+        return []
+    return [record.resource for record in records]
 
 
 def _refuse_a_reason_naming_the_patient(subject: SubjectCanaries, reason: str) -> None:
@@ -195,7 +198,7 @@ def _erasure_inputs(
             if not is_pseudonym:
                 typed = (patient,)
                 patient = bind_pseudonym_key(con, provider).resource_key("Patient", patient)
-            subject = SubjectCanaries(_patient_resource(con, provider, patient), *typed)
+            subject = SubjectCanaries(_patient_versions(con, provider, patient), *typed)
             _refuse_a_reason_naming_the_patient(subject, reason)
             unattributed = _unattributed_quarantine_naming(con, provider, subject)
         except VaultError as exc:
@@ -350,7 +353,7 @@ def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | N
     provider = _provider(key_file)
     try:
         with _warehouse(workdir, read_only=True) as con:
-            subject = SubjectCanaries(_patient_resource(con, provider, pseudonym))
+            subject = SubjectCanaries(_patient_versions(con, provider, pseudonym))
             _refuse_a_reason_naming_the_patient(subject, reason)
             audit = audit_log_for(workdir, provider, warehouse.warehouse_id(con))
             found = run_reidentify(con, provider, pseudonym, audit, reason)

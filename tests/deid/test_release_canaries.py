@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import duckdb
@@ -141,5 +142,64 @@ def test_one_run_reads_the_vault_state_once(
         assert after is not first and load.calls == 2 and len(after) > len(first)
         cache.clear()
         assert cache.get(con, key_provider, "run-3") is not after and load.calls == 3
+    finally:
+        con.close()
+
+
+def test_the_canaries_hold_what_every_version_said(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A patient renamed after marriage, with a new phone, and her mother's RelatedPerson
+    renamed too: the names and phone of the earlier versions still name them, in the release's
+    canaries and in those of the batch that sent the new versions (which also read its
+    landing folder's name)."""
+    from deid.release import batch_canaries, batch_key_hits
+
+    patient = {
+        "resourceType": "Patient",
+        "id": "p7",
+        "meta": {"versionId": "1"},
+        "name": [{"family": "Zedwick", "given": ["Ola"]}],
+        "telecom": [{"system": "phone", "value": "555-201-4477"}],
+    }
+    mother = {
+        "resourceType": "RelatedPerson",
+        "id": "r7",
+        "meta": {"versionId": "1"},
+        "patient": {"reference": "Patient/p7"},
+        "name": [{"family": "Quenby", "given": ["Maud"]}],
+    }
+    later = [
+        {
+            "resourceType": "Patient",
+            "id": "p7",
+            "meta": {"versionId": "2"},
+            "name": [{"family": "Brightwater"}],
+        },
+        {**mother, "meta": {"versionId": "2"}, "name": [{"family": "Ashdown"}]},
+    ]
+    wh = tmp_path / "w.duckdb"
+    for batch, resources in (("b1", [patient, mother]), ("b2", later)):
+        (tmp_path / batch).mkdir()
+        for resource in resources:
+            path = tmp_path / batch / f"{resource['id']}.json"
+            path.write_text(json.dumps(resource))
+        assert ingest_batch(wh, batch, tmp_path / batch, key_provider, workers=1).accepted == 2
+
+    con = warehouse.connect(wh)
+    try:
+        for canaries in (
+            release_canaries(con, key_provider),
+            batch_canaries(con, key_provider, "b2"),
+        ):
+            for text, kind in (
+                ("zedwick", "name"),  # the name before
+                ("brightwater", "name"),  # the name now
+                ("call 555 201 4477", "phone"),  # the phone before
+                ("quenby", "name"),  # the mother's name before
+                ("ashdown", "name"),
+            ):
+                assert kind in canaries.find(text), text
+        assert batch_key_hits(batch_canaries(con, key_provider, "b2"), "zedwick_2024") == ["name"]
     finally:
         con.close()

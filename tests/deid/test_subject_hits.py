@@ -44,11 +44,38 @@ TYPED_ID = "pt-778"  # the original id the operator typed (``ehr forget pt-778``
     ],
 )
 def test_subject_canaries(reason: str, kinds: list[str]) -> None:
-    assert SubjectCanaries(PATIENT, TYPED_ID).hits(reason) == kinds
+    assert SubjectCanaries([PATIENT], TYPED_ID).hits(reason) == kinds
 
 
 def test_without_the_resource_only_the_typed_ids_count() -> None:
     # an erased patient: its Patient resource is gone, the id the operator typed is not
-    assert SubjectCanaries(None, TYPED_ID).hits("pt-778 asked") == ["id"]
-    assert SubjectCanaries(None, TYPED_ID).hits("Odalys Larkspur asked") == []
-    assert SubjectCanaries(None).empty and not SubjectCanaries(None, TYPED_ID).empty
+    assert SubjectCanaries([], TYPED_ID).hits("pt-778 asked") == ["id"]
+    assert SubjectCanaries([], TYPED_ID).hits("Odalys Larkspur asked") == []
+    assert SubjectCanaries([]).empty and not SubjectCanaries([], TYPED_ID).empty
+
+
+# the same patient before a marriage and a move: an earlier version of the Patient resource
+EARLIER = {
+    **PATIENT,
+    "name": [{"family": "Vantreight", "given": ["Odalys"]}],
+    "telecom": [{"system": "phone", "value": "(555) 201-4477"}],
+    "address": [{"line": ["9 Marrowbone Court"], "city": "Quincy", "postalCode": "02169"}],
+    "birthDate": "1948-03-29",  # corrected since
+}
+
+
+@pytest.mark.parametrize(
+    ("reason", "kinds"),
+    [
+        ("request from Odalys Vantreight", ["full_name", "name"]),  # the name before marriage
+        ("vantreight called", ["name"]),
+        ("call back 555-201-4477", ["phone"]),
+        ("lives at 9 Marrowbone Court", ["address"]),
+        ("born 03/29/1948", ["birth_date"]),
+        ("request from Odalys Larkspur", ["full_name", "name"]),  # the current name still
+        ("ticket 4711", []),
+    ],
+)
+def test_every_version_of_the_patient_names_them(reason: str, kinds: list[str]) -> None:
+    assert SubjectCanaries([EARLIER, PATIENT], TYPED_ID).hits(reason) == kinds
+    assert SubjectCanaries([PATIENT, EARLIER], TYPED_ID).hits(reason) == kinds  # any order

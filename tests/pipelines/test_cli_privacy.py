@@ -356,3 +356,35 @@ def test_forget_erases_the_unreadable_records_that_name_the_patient(
     assert next_one.exit_code == 0, next_one.output
     assert json.loads(next_one.stdout)["rows_deleted"]["quarantine_unattributed"] == 1
     assert _quarantined_texts(work, key_file) == []
+
+
+def test_a_name_the_patient_had_before_still_names_them(
+    work: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """p7 married: a later export sends her Patient resource with a new name. The name she had
+    is in the vault's earlier version, in a record cut short, and in an operator's reason: it
+    is refused in the reason and erased with her."""
+    land = tmp_path / "land2"
+    land.mkdir()
+    married = {**PATIENTS[0], "meta": {"versionId": "2"}}
+    married["name"] = [{"family": "Brightwater", "given": ["Ola"]}]
+    (land / "p7.json").write_text(json.dumps(married))
+    cut_short = '{"resourceType":"Communication","payload":[{"contentString":"Mrs Zedwick rang'
+    (land / "cut.ndjson").write_text(cut_short + "\n")
+    provider = FileKeyProvider.load(key_file)
+    ingest_batch(work / "warehouse.duckdb", "b2", land, provider, workers=1)
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:  # the current version is the married name: the old one is only in the earlier version
+        assert read_resource(con, provider, "Patient", "p7") == married
+    finally:
+        con.close()
+    assert _quarantined_texts(work, key_file) == [cut_short]
+
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    refused = CliRunner().invoke(forget, ["p7", "--reason", "from Ola Zedwick", *common])
+    assert refused.exit_code == 1
+    assert "the reason names the patient (full_name, name)" in refused.output
+    forgot = CliRunner().invoke(forget, ["p7", "--reason", "ticket 4711", *common])
+    assert forgot.exit_code == 0, forgot.output
+    assert json.loads(forgot.stdout)["rows_deleted"]["quarantine_unattributed"] == 1
+    assert _quarantined_texts(work, key_file) == []

@@ -25,6 +25,7 @@ from vault.pseudonym import Pseudonymizer
 from vault.read import (
     iter_current_records,
     iter_current_resources,
+    iter_every_version,
     read_current,
     read_resource,
 )
@@ -97,6 +98,10 @@ READ_PATHS: dict[str, Reader] = {
     "one batch's resources": lambda c, p, _: list(iter_current_resources(c, p, "b1")),
     "current records": lambda c, p, _: list(iter_current_records(c, p, chunk_rows=1)),
     "current Patients": lambda c, p, _: list(iter_current_records(c, p, resource_type="Patient")),
+    "every version": lambda c, p, _: list(iter_every_version(c, p, chunk_rows=1)),
+    "every version of the Patient": lambda c, p, _: list(
+        iter_every_version(c, p, resource_key=_pseudonym(p, "Patient", "pt-quill"))
+    ),
     "Patients of a batch": lambda c, p, _: list(iter_current_records(c, p, patients_of_batch="b1")),
     "read the Patient": lambda c, p, _: read_resource(c, p, "Patient", "pt-quill"),
     "read the Condition": lambda c, p, _: read_resource(c, p, "Condition", "cond-asthma"),
@@ -281,6 +286,32 @@ def test_filtered_reads_are_the_newest_versions_filtered(
             quill,
             _pseudonym(key_provider, "Patient", "pt-odd"),
         }
+
+        # every version, current or not: each filter gives the vault's rows that match it
+        rows = con.execute(
+            "SELECT resource_key, resource_type, batch_id, ingest_seq FROM phi_vault"
+        ).fetchall()
+        every = {
+            "all": ({}, lambda r: True),
+            "Patients": ({"resource_type": "Patient"}, lambda r: r[1] == "Patient"),
+            "one resource": ({"resource_key": quill}, lambda r: r[0] == quill),
+            "Patients of b2": (
+                {"resource_type": "Patient", "patients_of_batch": "b2"},
+                lambda r: r[1] == "Patient" and r[0] in compartments["b2"],
+            ),
+        }
+        for name, (filters, keep) in every.items():
+            read = [
+                (r.resource_key, r.batch_id)
+                for r in iter_every_version(con, key_provider, chunk_rows=2, **filters)
+            ]
+            expected = sorted((r for r in rows if keep(r)), key=lambda r: r[3])
+            assert read == [(r[0], r[2]) for r in expected], name
+        names = [
+            r.resource["name"][0]["family"]
+            for r in iter_every_version(con, key_provider, resource_key=quill)
+        ]
+        assert names == ["Quillfeather", "Quillfeather-Ng", "Quillfeather"]  # b1, b2, b3
 
 
 # One Patient sent in four exports without a versionId: its lastUpdated in other zones and

@@ -189,7 +189,8 @@ patient_comorbidities = FeatureView(
         "owner": OWNER,
         "sensitivity": "sensitive-health",
         "table": "features.patient_comorbidities",
-        "rule": "views.condition: coalesce(recorded_date, onset_date_time), code; value sets",
+        "rule": "views.condition: coalesce(recorded_date_latest, onset_date_time_latest), code; "
+        "value sets",
     },
 )
 
@@ -248,7 +249,7 @@ patient_medications = FeatureView(
         "owner": OWNER,
         "sensitivity": "sensitive-health",
         "table": "features.patient_medications",
-        "rule": "views.medication_request: authored_on, status, medication_code",
+        "rule": "views.medication_request: authored_on_latest, status, medication_code",
     },
 )
 
@@ -276,7 +277,8 @@ def _lab_fields() -> list[Field]:
             _field(
                 f"{key}_measured_at",
                 UnixTimestamp,
-                f"When the latest {text} was measured (days since = T minus this).",
+                f"When the latest {text} was measured, or for a value dated without a time "
+                "of day the end of that day (days since = T minus this).",
                 "timestamp",
             ),
         ]
@@ -303,6 +305,7 @@ patient_labs_vitals = FeatureView(
         "owner": OWNER,
         "sensitivity": "sensitive-health",
         "table": "features.patient_labs_vitals",
-        "rule": "views.observation: LOINC code or BP component, value_quantity, effective time",
+        "rule": "views.observation: LOINC code or BP component, value_quantity, "
+        "effective_date_time_latest",
     },
 )

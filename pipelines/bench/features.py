@@ -50,7 +50,8 @@ AGREEMENT_COLUMNS = ("hba1c_latest", "encounters_30d", "age_years", "charlson_in
 def synthetic_views(con: duckdb.DuckDBPyConnection, patients: int, seed: int = 7) -> None:
     """``views.*`` tables for ``patients`` patients over 2020-2024: ~20 encounters each (70 %
     ambulatory, 20 % emergency, 10 % inpatient), labs and vitals at each, a few conditions and
-    prescriptions, and 3 % research opt-outs."""
+    prescriptions, and 3 % research opt-outs. Every time has a time of day, so each ``*_latest``
+    column (the latest instant a value stands for) is the time itself."""
     con.execute("CREATE SCHEMA IF NOT EXISTS views")
     con.execute(f"SELECT setseed({(seed % 1000) / 1000})")
     con.execute(
@@ -109,7 +110,8 @@ def synthetic_views(con: duckdb.DuckDBPyConnection, patients: int, seed: int = 7
             NULL::VARCHAR AS code_display, m.component_code,
             round(m.lo + random() * m.span, 1) AS value_quantity, NULL::VARCHAR AS value_unit,
             NULL::VARCHAR AS value_code, NULL::VARCHAR AS value_string,
-            e.period_start AS effective_date_time
+            e.period_start AS effective_date_time,
+            e.period_start AS effective_date_time_latest
         FROM views.encounter e, m
         WHERE random() < 0.5
         """
@@ -128,7 +130,9 @@ def synthetic_views(con: duckdb.DuckDBPyConnection, patients: int, seed: int = 7
         SELECT md5(e.id || c.code) AS id, e.patient_id, e.id AS encounter_id,
             'active' AS clinical_status, 'confirmed' AS verification_status,
             NULL::VARCHAR AS category_code, e.period_start AS onset_date_time,
+            e.period_start AS onset_date_time_latest,
             NULL::TIMESTAMPTZ AS abatement_date_time, e.period_start AS recorded_date,
+            e.period_start AS recorded_date_latest,
             c.code_system, c.code, NULL::VARCHAR AS code_display
         FROM views.encounter e, c
         WHERE random() < 0.02
@@ -144,6 +148,7 @@ def synthetic_views(con: duckdb.DuckDBPyConnection, patients: int, seed: int = 7
         SELECT md5(e.id || d.code) AS id, e.patient_id, e.id AS encounter_id,
             CASE WHEN random() < 0.5 THEN 'active' ELSE 'completed' END AS status,
             'order' AS intent, e.period_start AS authored_on,
+            e.period_start AS authored_on_latest,
             'http://www.nlm.nih.gov/research/umls/rxnorm' AS medication_system,
             d.code AS medication_code, NULL::VARCHAR AS medication_display
         FROM views.encounter e, d

@@ -25,6 +25,10 @@ until t + N days, where a row drops it. Change points per table:
 - ``patient_medications``: the patient's start, each prescription and prescription + 90/180 days.
 - ``patient_labs_vitals``: each measurement time and measurement + 365 days.
 
+A fact is known from the latest instant its date can stand for (the views' ``*_latest``
+columns: a date without a time of day is over only at its end in the latest time zone), so an
+entity timestamp inside that day never sees it. Encounter periods are read as written.
+
 A patient's rows start at their first data time (their start): from there counts are 0, not
 null, and before it no table has a row. Rows at least every 365 days repeat unchanged values
 (:func:`with_heartbeats`), so Feast reads with a 400-day TTL and never expires a known value.
@@ -78,8 +82,8 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
     "condition": {
         "patient_id": "VARCHAR",
         "verification_status": "VARCHAR",
-        "onset_date_time": "TIMESTAMPTZ",
-        "recorded_date": "TIMESTAMPTZ",
+        "onset_date_time_latest": "TIMESTAMPTZ",
+        "recorded_date_latest": "TIMESTAMPTZ",
         "code_system": "VARCHAR",
         "code": "VARCHAR",
     },
@@ -89,12 +93,12 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "code": "VARCHAR",
         "component_code": "VARCHAR",
         "value_quantity": "DOUBLE",
-        "effective_date_time": "TIMESTAMPTZ",
+        "effective_date_time_latest": "TIMESTAMPTZ",
     },
     "medication_request": {
         "patient_id": "VARCHAR",
         "status": "VARCHAR",
-        "authored_on": "TIMESTAMPTZ",
+        "authored_on_latest": "TIMESTAMPTZ",
         "medication_system": "VARCHAR",
         "medication_code": "VARCHAR",
     },
@@ -160,7 +164,10 @@ CHARLSON_HIERARCHY = {
 }
 _EXCLUDED_REQUEST_STATUS = "('entered-in-error', 'cancelled', 'draft')"
 # When a diagnosis became known: its recorded date; the onset only when nothing was recorded.
-CONDITION_KNOWN_AT = "coalesce(recorded_date, onset_date_time)"
+# Every time a fact is known from is the latest instant its value can stand for (the views'
+# ``*_latest`` columns): a date without a time is known once that whole day is over wherever it
+# was written, so an entity timestamp inside the day never sees what was recorded later that day.
+CONDITION_KNOWN_AT = "coalesce(recorded_date_latest, onset_date_time_latest)"
 # "Prior" means strictly before T: a stay counts as prior from one microsecond after its
 # discharge (the Parquet timestamps' resolution), so a row at the discharge excludes the stay.
 AFTER = "INTERVAL 1 MICROSECOND"
@@ -243,8 +250,8 @@ def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None)
             SELECT patient_id, period_start AS ts FROM src_encounter
             UNION ALL SELECT patient_id, period_end FROM src_encounter
             UNION ALL SELECT patient_id, {CONDITION_KNOWN_AT} FROM src_condition
-            UNION ALL SELECT patient_id, effective_date_time FROM src_observation
-            UNION ALL SELECT patient_id, authored_on FROM src_medication_request
+            UNION ALL SELECT patient_id, effective_date_time_latest FROM src_observation
+            UNION ALL SELECT patient_id, authored_on_latest FROM src_medication_request
         ) t SEMI JOIN feature_patients p ON p.patient_id = t.patient_id
         WHERE t.ts IS NOT NULL
         """
@@ -480,11 +487,11 @@ def medications_sql(created: datetime, valuesets: list[ValueSet], edges: bool = 
     )
     return f"""
     WITH med AS (
-        SELECT m.patient_id, m.authored_on AS ts, m.medication_code AS code,
+        SELECT m.patient_id, m.authored_on_latest AS ts, m.medication_code AS code,
             coalesce(m.medication_system, '{RXNORM}') AS system,
             lower(coalesce(m.status, '')) AS status
         FROM src_medication_request m SEMI JOIN feature_patients p ON p.patient_id = m.patient_id
-        WHERE m.authored_on IS NOT NULL AND m.medication_code IS NOT NULL
+        WHERE m.authored_on_latest IS NOT NULL AND m.medication_code IS NOT NULL
           AND lower(coalesce(m.status, '')) NOT IN {_EXCLUDED_REQUEST_STATUS}
     ),
     spine AS (
@@ -552,12 +559,13 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     return f"""
     WITH obs AS (
         -- one value per patient, measure and time (the mean, when a time has several)
-        SELECT o.patient_id, o.effective_date_time AS ts, c.measure, avg(o.value_quantity) AS value
+        SELECT o.patient_id, o.effective_date_time_latest AS ts, c.measure,
+            avg(o.value_quantity) AS value
         FROM src_observation o
         SEMI JOIN feature_patients p ON p.patient_id = o.patient_id
         JOIN lab_codes c ON c.code = coalesce(o.component_code, o.code)
             AND c.is_component = (o.component_code IS NOT NULL)
-        WHERE o.value_quantity IS NOT NULL AND o.effective_date_time IS NOT NULL
+        WHERE o.value_quantity IS NOT NULL AND o.effective_date_time_latest IS NOT NULL
           AND coalesce(lower(o.status), '') NOT IN ('entered-in-error', 'cancelled')
         GROUP BY ALL
     ),

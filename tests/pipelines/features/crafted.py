@@ -39,8 +39,16 @@ def write_views(con: duckdb.DuckDBPyConnection, rows: dict[str, list[dict[str, A
             marks = ", ".join("?" for _ in names)
             con.executemany(
                 f"INSERT INTO views.{view} VALUES ({marks})",
-                [[r.get(n) for n in names] for r in data],
+                [[_value(r, n) for n in names] for r in data],
             )
+
+
+def _value(row: dict[str, Any], column: str) -> Any:
+    """A crafted row's value; a ``*_latest`` column not given is its instant's own (the rows'
+    times all have a time of day, and such an instant is the latest it stands for)."""
+    if column.endswith("_latest") and column not in row:
+        return row.get(column.removesuffix("_latest"))
+    return row.get(column)
 
 
 def crafted_rows(base: datetime | None = None) -> dict[str, list[dict[str, Any]]]:

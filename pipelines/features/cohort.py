@@ -1,5 +1,5 @@
-"""The research cohort rule shared by the feature tables, their checks and the readmission label:
-who opted out of research.
+"""The rules shared by the feature tables, their checks and the readmission label: who opted out
+of research, and which encounters took place.
 
 A patient opted out when they have a Consent that is active, scoped to research, and either
 denies (``provision_type = 'deny'``) or names the ``OPTOUT`` policy rule. Codes are compared
@@ -22,6 +22,19 @@ def opted_out_sql(consent: str = "views.consent") -> str:
       AND lower(status) = 'active' AND lower(scope_code) = 'research'
       AND (lower(provision_type) = 'deny' OR upper(policy_rule_code) = 'OPTOUT')
     """
+
+
+# Encounter statuses of an encounter that did not take place: planned (not begun when the data
+# was exported: an appointment next month counts in no window, no label and no data end),
+# cancelled, or entered in error. ``unknown`` and no status count as held.
+ENCOUNTER_NOT_HELD = ("planned", "cancelled", "entered-in-error")
+
+
+def encounter_held_sql(status: str = "status") -> str:
+    """A SQL condition on the column ``status``: the encounter took place (its status is none
+    of :data:`ENCOUNTER_NOT_HELD`, compared without regard to case)."""
+    listed = ", ".join(f"'{s}'" for s in ENCOUNTER_NOT_HELD)
+    return f"coalesce(lower({status}), '') NOT IN ({listed})"
 
 
 def released_cohort(con: duckdb.DuckDBPyConnection) -> list[str]:

@@ -15,10 +15,11 @@ until t + N days, where a row drops it. Change points per table:
   years at T, capped at 90 at each T, from whatever birth date ``views.patient`` releases: a
   birth date generalised to a year gives ages from 1 January; a birth date withheld gives a null
   age). Before a patient's first data there is no row (and so no age).
-- ``patient_utilisation``: the patient's first data, each encounter start and
-  start + 30/180/365 days, each inpatient discharge + 1 microsecond (a stay is "prior" strictly
-  after its discharge, so at the discharge itself the index stay is excluded) and + 30/180/365
-  days.
+- ``patient_utilisation`` (encounters that took place only, as the label:
+  :func:`pipelines.features.cohort.encounter_held_sql`): the patient's first data, each encounter
+  start and start + 30/180/365 days, each inpatient discharge + 1 microsecond (a stay is
+  "prior" strictly after its discharge, so at the discharge itself the index stay is excluded)
+  and + 30/180/365 days.
 - ``patient_comorbidities``: the patient's start plus each time a group is first known.
   A diagnosis is known from ``recordedDate``; only a condition without one falls back to its
   onset (an onset date is often back-dated: a 2009 onset recorded in 2024 was not known in 2009).
@@ -48,7 +49,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from pipelines.features.cohort import opted_out_sql
+from pipelines.features.cohort import encounter_held_sql, opted_out_sql
 from pipelines.features.valuesets import (
     ICD10CM,
     RXNORM,
@@ -75,6 +76,7 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
     "encounter": {
         "id": "VARCHAR",
         "patient_id": "VARCHAR",
+        "status": "VARCHAR",
         "class_code": "VARCHAR",
         "period_start": "TIMESTAMPTZ",
         "period_end": "TIMESTAMPTZ",
@@ -235,20 +237,22 @@ def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None)
         WHERE id IS NOT NULL AND id NOT IN (SELECT patient_id FROM feature_opted_out)
         """
     )
+    # only encounters that took place: a planned, cancelled or mistaken one is no visit and
+    # no stay, and no data time (a planned one would move the data end into the future)
     con.execute(
-        """
+        f"""
         CREATE OR REPLACE TEMP VIEW feature_encounters AS
         SELECT e.patient_id, e.class_code, e.period_start, e.period_end
         FROM src_encounter e SEMI JOIN feature_patients p ON p.patient_id = e.patient_id
-        WHERE e.period_start IS NOT NULL
+        WHERE e.period_start IS NOT NULL AND {encounter_held_sql("e.status")}
         """
     )
     con.execute(
         f"""
         CREATE OR REPLACE TEMP VIEW feature_event_times AS
         SELECT t.patient_id, t.ts FROM (
-            SELECT patient_id, period_start AS ts FROM src_encounter
-            UNION ALL SELECT patient_id, period_end FROM src_encounter
+            SELECT patient_id, period_start AS ts FROM src_encounter WHERE {encounter_held_sql()}
+            UNION ALL SELECT patient_id, period_end FROM src_encounter WHERE {encounter_held_sql()}
             UNION ALL SELECT patient_id, {CONDITION_KNOWN_AT} FROM src_condition
             UNION ALL SELECT patient_id, effective_date_time_latest FROM src_observation
             UNION ALL SELECT patient_id, authored_on_latest FROM src_medication_request

@@ -3,7 +3,9 @@
 Definition (one row per index discharge):
 
 * An index discharge is an inpatient encounter (``class_code = 'IMP'``) with a ``period_end``;
-  encounters whose status is ``entered-in-error`` or ``cancelled`` are ignored everywhere.
+  encounters that did not take place (status ``planned``, ``cancelled`` or ``entered-in-error``,
+  :data:`pipelines.features.cohort.ENCOUNTER_NOT_HELD`, as in the feature tables) are ignored
+  everywhere: as index stays, as readmissions and in the data's end.
 * ``event_timestamp`` is the discharge time (``period_end``). Features must be computed as of
   this instant, so nothing recorded after the discharge leaks into the prediction.
 * ``label = 1`` when another inpatient encounter of the same patient *starts* in the half-open
@@ -38,12 +40,11 @@ from dataclasses import dataclass
 import duckdb
 import pandas as pd
 
-from pipelines.features.cohort import opted_out_sql
+from pipelines.features.cohort import encounter_held_sql, opted_out_sql
 
 READMISSION_WINDOW_DAYS = 30
 INPATIENT_CLASS = "IMP"
 EXPIRED_DISPOSITIONS = ("exp", "20")
-IGNORED_STATUSES = ("entered-in-error", "cancelled")
 LABEL_COLUMNS = ("patient_id", "event_timestamp", "label")
 
 
@@ -83,13 +84,12 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> 
         if has_deaths
         else "FALSE"
     )
-    ignored = ", ".join(f"'{s}'" for s in IGNORED_STATUSES)
     expired = ", ".join(f"'{s}'" for s in EXPIRED_DISPOSITIONS)
     window = f"INTERVAL {READMISSION_WINDOW_DAYS} DAY"
     return f"""
     WITH enc AS (
         SELECT * FROM views.encounter
-        WHERE status IS NULL OR status NOT IN ({ignored})
+        WHERE {encounter_held_sql()}
     ),
     horizon AS (
         SELECT max(greatest(coalesce(period_start, period_end), coalesce(period_end, period_start)))

@@ -1,0 +1,125 @@
+"""An encounter that did not take place (planned, cancelled, entered in error) is no visit, no
+stay, no readmission and no data time, in the feature tables and the readmission label alike:
+a planned appointment next month must not count in a window, make a readmission, or move the
+data's end (and with it the label's follow-up horizon and the rows written) into the future.
+
+FHIR Encounters go through the shipped ViewDefinitions; the expected counts and labels are
+worked out here in Python from the resources' own statuses and periods."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import duckdb
+import pytest
+
+from fhirlake.viewdef import write_view_table
+from pipelines.features.tables import build_feature_tables
+from pipelines.models.labels import readmission_labels_with_counts
+from pipelines.views.tables import load_views
+
+NOT_HELD = {"planned", "cancelled", "entered-in-error"}
+
+
+def _encounter(n: int, status: str, cls: str, start: str, end: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Encounter",
+        "id": f"e{n}",
+        "status": status,
+        "class": {"code": cls},
+        "subject": {"reference": "Patient/p1"},
+        "period": {"start": f"{start}T08:00:00Z", "end": f"{end}T16:00:00Z"},
+    }
+
+
+ENCOUNTERS = [
+    _encounter(1, "finished", "AMB", "2024-01-10", "2024-01-10"),
+    _encounter(2, "finished", "IMP", "2024-02-01", "2024-02-05"),  # the index stay
+    _encounter(3, "entered-in-error", "EMER", "2024-02-10", "2024-02-10"),
+    _encounter(4, "cancelled", "IMP", "2024-02-20", "2024-02-22"),  # not a readmission
+    _encounter(5, "planned", "IMP", "2024-03-01", "2024-03-03"),  # never began
+    _encounter(6, "finished", "AMB", "2024-06-01", "2024-06-01"),  # the last thing that happened
+    _encounter(7, "planned", "AMB", "2024-12-01", "2024-12-01"),  # an appointment to come
+    _encounter(8, "unknown", "AMB", "2024-04-01", "2024-04-01"),  # unknown: it may have
+]
+RESOURCES: list[dict[str, Any]] = [
+    {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1960-06-15"},
+    *ENCOUNTERS,
+]
+
+
+def _instant(text: str) -> datetime:
+    return datetime.fromisoformat(text).astimezone(UTC)
+
+
+HELD = [e for e in ENCOUNTERS if e["status"] not in NOT_HELD]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect()
+    for view in load_views():
+        mine = [r for r in RESOURCES if r["resourceType"] == view.resource]
+        write_view_table(con, view, mine, f"views.{view.name}")
+    build_feature_tables(con, tmp_path_factory.mktemp("features"))
+    return con
+
+
+def _value_at(con: duckdb.DuckDBPyConnection, column: str, at: datetime) -> Any:
+    """The latest ``patient_utilisation`` row at or before ``at`` (a point-in-time read)."""
+    rows = con.execute(
+        f"SELECT event_timestamp, {column} FROM features.patient_utilisation "
+        "WHERE patient_id = 'p1'"
+    ).fetchall()
+    earlier = [(ts, value) for ts, value in rows if ts <= at]
+    return max(earlier, key=lambda row: row[0])[1] if earlier else None
+
+
+def _started_within(days: int, at: datetime, cls: str | None = None) -> int:
+    return sum(
+        1
+        for e in HELD
+        if at - timedelta(days=days) < _instant(e["period"]["start"]) <= at
+        and (cls is None or e["class"]["code"] == cls)
+    )
+
+
+@pytest.mark.parametrize("at", ["2024-02-15T00:00:00Z", "2024-03-05T00:00:00Z"])
+def test_windows_count_only_encounters_that_took_place(
+    built: duckdb.DuckDBPyConnection, at: str
+) -> None:
+    moment = _instant(at)
+    assert _value_at(built, "encounters_30d", moment) == _started_within(30, moment)
+    assert _value_at(built, "emergency_visits_30d", moment) == _started_within(30, moment, "EMER")
+    stays = sum(
+        1
+        for e in HELD
+        if e["class"]["code"] == "IMP"
+        and moment - timedelta(days=365) <= _instant(e["period"]["end"]) < moment
+    )
+    assert _value_at(built, "prior_inpatient_stays_365d", moment) == stays == 1
+
+
+def test_no_row_after_the_last_encounter_that_took_place(built: duckdb.DuckDBPyConnection) -> None:
+    last = max(_instant(e["period"]["end"]) for e in HELD)
+    for table in ("patient_utilisation", "patient_demographics"):
+        ((latest,),) = built.execute(
+            f"SELECT max(event_timestamp) FROM features.{table}"
+        ).fetchall()
+        assert latest <= last, table
+
+
+def test_the_label_ignores_what_did_not_take_place(built: duckdb.DuckDBPyConnection) -> None:
+    labels, counts = readmission_labels_with_counts(built)
+    discharge = _instant(ENCOUNTERS[1]["period"]["end"])
+    window = (discharge, discharge + timedelta(days=30))
+    readmitted = any(
+        e["class"]["code"] == "IMP" and window[0] < _instant(e["period"]["start"]) <= window[1]
+        for e in HELD
+    )
+    assert counts.discharges == sum(1 for e in HELD if e["class"]["code"] == "IMP") == 1
+    assert [(row.event_timestamp, row.label) for row in labels.itertuples()] == [
+        (discharge, int(readmitted))
+    ]
+    assert readmitted is False  # the planned admission on 1 March is not a readmission

@@ -6,7 +6,9 @@ patient's shifted time line) and ``created`` (when the table was built). A row a
 exact value at every instant from T to the patient's next row, computed from data stamped <= T
 only; so Feast's point-in-time join (latest row <= the entity timestamp) returns the value at any
 entity timestamp, not only at the patient's events. Rows stop at the release's data end (the
-latest event time of the release): what happens later is unknown to the release.
+latest time of a fact the tables count: an encounter that took place, a diagnosis not refuted, a
+lab or prescription not entered in error or cancelled): what happens later is unknown to the
+release.
 
 Windows "last N days" are the half-open interval (T - N days, T]: an event at t counts from t
 until t + N days, where a row drops it. Change points per table:
@@ -165,6 +167,23 @@ CHARLSON_HIERARCHY = {
     "charlson_mld": "charlson_msld",
 }
 _EXCLUDED_REQUEST_STATUS = "('entered-in-error', 'cancelled', 'draft')"
+
+
+# What a fact must be to count: one rule per kind, read by its feature table and by the event
+# times that set each patient's start and the data end (a refuted diagnosis or a lab entered in
+# error, dated in the future by mistake, must not move the data end either).
+def condition_counts_sql(alias: str) -> str:
+    status = f"coalesce(lower({alias}.verification_status), '')"
+    return f"{status} NOT IN ('refuted', 'entered-in-error')"
+
+
+def observation_counts_sql(alias: str) -> str:
+    return f"coalesce(lower({alias}.status), '') NOT IN ('entered-in-error', 'cancelled')"
+
+
+def request_counts_sql(alias: str) -> str:
+    return f"lower(coalesce({alias}.status, '')) NOT IN {_EXCLUDED_REQUEST_STATUS}"
+
 # When a diagnosis became known: its recorded date; the onset only when nothing was recorded.
 # Every time a fact is known from is the latest instant its value can stand for (the views'
 # ``*_latest`` columns): a date without a time is known once that whole day is over wherever it
@@ -253,9 +272,12 @@ def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None)
         SELECT t.patient_id, t.ts FROM (
             SELECT patient_id, period_start AS ts FROM src_encounter WHERE {encounter_held_sql()}
             UNION ALL SELECT patient_id, period_end FROM src_encounter WHERE {encounter_held_sql()}
-            UNION ALL SELECT patient_id, {CONDITION_KNOWN_AT} FROM src_condition
-            UNION ALL SELECT patient_id, effective_date_time_latest FROM src_observation
-            UNION ALL SELECT patient_id, authored_on_latest FROM src_medication_request
+            UNION ALL SELECT patient_id, {CONDITION_KNOWN_AT} FROM src_condition c
+                WHERE {condition_counts_sql("c")}
+            UNION ALL SELECT patient_id, effective_date_time_latest FROM src_observation o
+                WHERE {observation_counts_sql("o")}
+            UNION ALL SELECT patient_id, authored_on_latest FROM src_medication_request m
+                WHERE {request_counts_sql("m")}
         ) t SEMI JOIN feature_patients p ON p.patient_id = t.patient_id
         WHERE t.ts IS NOT NULL
         """
@@ -444,8 +466,7 @@ def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
         SELECT c.patient_id, {CONDITION_KNOWN_AT} AS ts,
             c.code_system AS system, upper(replace(trim(c.code), '.', '')) AS code
         FROM src_condition c SEMI JOIN feature_patients p ON p.patient_id = c.patient_id
-        WHERE coalesce(lower(c.verification_status), '')
-                NOT IN ('refuted', 'entered-in-error')
+        WHERE {condition_counts_sql("c")}
           AND {CONDITION_KNOWN_AT} IS NOT NULL AND c.code IS NOT NULL
     ),
     keyed AS (
@@ -496,7 +517,7 @@ def medications_sql(created: datetime, valuesets: list[ValueSet], edges: bool = 
             lower(coalesce(m.status, '')) AS status
         FROM src_medication_request m SEMI JOIN feature_patients p ON p.patient_id = m.patient_id
         WHERE m.authored_on_latest IS NOT NULL AND m.medication_code IS NOT NULL
-          AND lower(coalesce(m.status, '')) NOT IN {_EXCLUDED_REQUEST_STATUS}
+          AND {request_counts_sql("m")}
     ),
     spine AS (
         SELECT s.patient_id, s.ts FROM (
@@ -570,7 +591,7 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
         JOIN lab_codes c ON c.code = coalesce(o.component_code, o.code)
             AND c.is_component = (o.component_code IS NOT NULL)
         WHERE o.value_quantity IS NOT NULL AND o.effective_date_time_latest IS NOT NULL
-          AND coalesce(lower(o.status), '') NOT IN ('entered-in-error', 'cancelled')
+          AND {observation_counts_sql("o")}
         GROUP BY ALL
     ),
     spine AS (

@@ -1,7 +1,9 @@
 """An encounter that did not take place (planned, cancelled, entered in error) is no visit, no
 stay, no readmission and no data time, in the feature tables and the readmission label alike:
 a planned appointment next month must not count in a window, make a readmission, or move the
-data's end (and with it the label's follow-up horizon and the rows written) into the future.
+data's end (and with it the label's follow-up horizon and the rows written) into the future. Nor
+may a refuted diagnosis, a lab entered in error or a cancelled prescription, which no feature
+counts, move the data end.
 
 FHIR Encounters go through the shipped ViewDefinitions; the expected counts and labels are
 worked out here in Python from the resources' own statuses and periods."""
@@ -43,9 +45,43 @@ ENCOUNTERS = [
     _encounter(7, "planned", "AMB", "2024-12-01", "2024-12-01"),  # an appointment to come
     _encounter(8, "unknown", "AMB", "2024-04-01", "2024-04-01"),  # unknown: it may have
 ]
+SUBJECT = {"reference": "Patient/p1"}
+# facts that do not count, dated (by mistake) after everything that happened: none of them may
+# move the data end either
+NOT_COUNTED: list[dict[str, Any]] = [
+    {
+        "resourceType": "Condition",
+        "id": "c1",
+        "subject": SUBJECT,
+        "verificationStatus": {"coding": [{"code": "refuted"}]},
+        "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "E11.9"}]},
+        "recordedDate": "2099-01-01T00:00:00Z",
+    },
+    {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "entered-in-error",
+        "subject": SUBJECT,
+        "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
+        "valueQuantity": {"value": 7.1, "unit": "%"},
+        "effectiveDateTime": "2099-01-01T00:00:00Z",
+    },
+    {
+        "resourceType": "MedicationRequest",
+        "id": "m1",
+        "status": "cancelled",
+        "intent": "order",
+        "subject": SUBJECT,
+        "medicationCodeableConcept": {
+            "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975"}]
+        },
+        "authoredOn": "2099-01-01T00:00:00Z",
+    },
+]
 RESOURCES: list[dict[str, Any]] = [
     {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1960-06-15"},
     *ENCOUNTERS,
+    *NOT_COUNTED,
 ]
 
 
@@ -103,11 +139,18 @@ def test_windows_count_only_encounters_that_took_place(
 
 def test_no_row_after_the_last_encounter_that_took_place(built: duckdb.DuckDBPyConnection) -> None:
     last = max(_instant(e["period"]["end"]) for e in HELD)
-    for table in ("patient_utilisation", "patient_demographics"):
+    tables = [
+        name
+        for (name,) in built.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'features'"
+        ).fetchall()
+    ]
+    assert len(tables) == 5
+    for table in tables:
         ((latest,),) = built.execute(
             f"SELECT max(event_timestamp) FROM features.{table}"
         ).fetchall()
-        assert latest <= last, table
+        assert latest is None or latest <= last, table  # no rows: nothing after it
 
 
 def test_the_label_ignores_what_did_not_take_place(built: duckdb.DuckDBPyConnection) -> None:

@@ -218,7 +218,8 @@ def expected(rows: dict[str, list[dict[str, Any]]], pid: str, at: datetime) -> d
 
 
 def patient_times(rows: dict[str, list[dict[str, Any]]], pid: str | None = None) -> list[datetime]:
-    """Every data time (of one patient, or of all)."""
+    """Every data time (of one patient, or of all): the times of the facts the tables count (a
+    refuted diagnosis is none)."""
 
     def mine(view: str) -> list[dict[str, Any]]:
         return [r for r in rows[view] if pid is None or r["patient_id"] == pid]
@@ -226,7 +227,11 @@ def patient_times(rows: dict[str, list[dict[str, Any]]], pid: str | None = None)
     times = [e["period_start"] for e in mine("encounter")]
     times += [e["period_end"] for e in mine("encounter") if e["period_end"]]
     times += [o["effective_date_time"] for o in mine("observation")]
-    times += [c["recorded_date"] or c["onset_date_time"] for c in mine("condition")]
+    times += [
+        c["recorded_date"] or c["onset_date_time"]
+        for c in mine("condition")
+        if c["verification_status"] != "refuted"
+    ]
     return times
 
 

@@ -270,9 +270,9 @@ def _lab_fields() -> list[Field]:
     fields: list[Field] = []
     for key, (text, unit) in LAB_UNITS.items():
         fields += [
-            _field(f"{key}_latest", Float64, f"Latest {text} measured at or before T.", unit),
+            _field(f"{key}_latest", Float64, f"Latest {text} known at or before T.", unit),
             _field(
-                f"{key}_mean_365d", Float64, f"Mean {text} measured in (T - 365 days, T].", unit
+                f"{key}_mean_365d", Float64, f"Mean {text} known in (T - 365 days, T].", unit
             ),
             _field(
                 f"{key}_measured_at",
@@ -306,6 +306,6 @@ patient_labs_vitals = FeatureView(
         "sensitivity": "sensitive-health",
         "table": "features.patient_labs_vitals",
         "rule": "views.observation: LOINC code or BP component, value_quantity, "
-        "effective_date_time_latest",
+        "effective_date_time_latest, counted from issued",
     },
 )

@@ -111,7 +111,7 @@ def synthetic_views(con: duckdb.DuckDBPyConnection, patients: int, seed: int = 7
             round(m.lo + random() * m.span, 1) AS value_quantity, NULL::VARCHAR AS value_unit,
             NULL::VARCHAR AS value_code, NULL::VARCHAR AS value_string,
             e.period_start AS effective_date_time,
-            e.period_start AS effective_date_time_latest
+            e.period_start AS effective_date_time_latest, e.period_start AS issued
         FROM views.encounter e, m
         WHERE random() < 0.5
         """

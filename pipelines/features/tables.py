@@ -98,6 +98,7 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "component_code": "VARCHAR",
         "value_quantity": "DOUBLE",
         "effective_date_time_latest": "TIMESTAMPTZ",
+        "issued": "TIMESTAMPTZ",
     },
     "medication_request": {
         "patient_id": "VARCHAR",
@@ -189,6 +190,11 @@ def request_counts_sql(alias: str) -> str:
 # ``*_latest`` columns): a date without a time is known once that whole day is over wherever it
 # was written, so an entity timestamp inside the day never sees what was recorded later that day.
 CONDITION_KNOWN_AT = "coalesce(recorded_date_latest, onset_date_time_latest)"
+# When a result became known: when it was issued (made available, often hours or days after the
+# sample), never before the measurement itself.
+OBSERVATION_KNOWN_AT = (
+    "greatest(effective_date_time_latest, coalesce(issued, effective_date_time_latest))"
+)
 # "Prior" means strictly before T: a stay counts as prior from one microsecond after its
 # discharge (the Parquet timestamps' resolution), so a row at the discharge excludes the stay.
 AFTER = "INTERVAL 1 MICROSECOND"
@@ -274,7 +280,7 @@ def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None)
             UNION ALL SELECT patient_id, period_end FROM src_encounter WHERE {encounter_held_sql()}
             UNION ALL SELECT patient_id, {CONDITION_KNOWN_AT} FROM src_condition c
                 WHERE {condition_counts_sql("c")}
-            UNION ALL SELECT patient_id, effective_date_time_latest FROM src_observation o
+            UNION ALL SELECT patient_id, {OBSERVATION_KNOWN_AT} FROM src_observation o
                 WHERE {observation_counts_sql("o")}
             UNION ALL SELECT patient_id, authored_on_latest FROM src_medication_request m
                 WHERE {request_counts_sql("m")}
@@ -567,14 +573,15 @@ def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
 
 
 def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
-    """Per measure: the latest value, when it was measured and the mean over 365 days."""
+    """Per measure: the latest value, when it was measured and the mean over 365 days, each
+    result counted from when it became known (:data:`OBSERVATION_KNOWN_AT`)."""
     parts = []
     finals = []
     for m in LAB_MEASURES:
         parts.append(
             f"last_value(CASE WHEN measure = '{m}' THEN value END IGNORE NULLS) OVER wall "
             f"AS {m}_latest,\n"
-            f"last_value(CASE WHEN measure = '{m}' THEN ts END IGNORE NULLS) OVER wall "
+            f"last_value(CASE WHEN measure = '{m}' THEN measured END IGNORE NULLS) OVER wall "
             f"AS {m}_measured_at,\n"
             f"avg(CASE WHEN measure = '{m}' THEN value END) OVER wmean AS {m}_mean_365d"
         )
@@ -583,9 +590,9 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     final_columns = ",\n".join(finals)
     return f"""
     WITH obs AS (
-        -- one value per patient, measure and time (the mean, when a time has several)
-        SELECT o.patient_id, o.effective_date_time_latest AS ts, c.measure,
-            avg(o.value_quantity) AS value
+        -- one value per patient, measure and time known (the mean, when a time has several)
+        SELECT o.patient_id, {OBSERVATION_KNOWN_AT} AS ts, c.measure,
+            avg(o.value_quantity) AS value, max(o.effective_date_time_latest) AS measured
         FROM src_observation o
         SEMI JOIN feature_patients p ON p.patient_id = o.patient_id
         JOIN lab_codes c ON c.code = coalesce(o.component_code, o.code)
@@ -601,10 +608,11 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
         ) s WHERE {_before_data_end()}
     ),
     ev AS (
-        SELECT patient_id, ts, NULL::VARCHAR AS measure, NULL::DOUBLE AS value, true AS is_spine
+        SELECT patient_id, ts, NULL::VARCHAR AS measure, NULL::DOUBLE AS value,
+            NULL::TIMESTAMPTZ AS measured, true AS is_spine
         FROM spine
         UNION ALL
-        SELECT patient_id, ts, measure, value, false FROM obs
+        SELECT patient_id, ts, measure, value, measured, false FROM obs
     ),
     w AS (
         SELECT patient_id, ts, is_spine,

@@ -1,6 +1,8 @@
-"""A fact dated without a time of day (a ``recordedDate`` of ``2024-03-15``, an ``authoredOn`` of
-``2024-04``) is known to the features only once that whole period is over, wherever it was
-written: an entity timestamp inside the day must not see a diagnosis recorded later that day.
+"""When a fact becomes known to the features. A fact dated without a time of day (a
+``recordedDate`` of ``2024-03-15``, an ``authoredOn`` of ``2024-04``) is known only once that
+whole period is over, wherever it was written: an entity timestamp inside the day must not see
+a diagnosis recorded later that day. A lab result is known once it is issued, not when its
+sample was drawn.
 
 FHIR resources go through the shipped ViewDefinitions and the feature SQL; the instants expected
 are worked out here with ``datetime`` and ``calendar`` (the last millisecond of the period in the
@@ -74,6 +76,16 @@ RESOURCES: list[dict[str, Any]] = [
         "valueQuantity": {"value": 98.0, "unit": "mg/dL"},
         "effectiveDateTime": "2024-03-15T10:00:00+05:00",
     },
+    {  # creatinine drawn at 10:00, resulted at 18:00: known from 18:00
+        "resourceType": "Observation",
+        "id": "o3",
+        "status": "final",
+        "subject": _subject(),
+        "code": {"coding": [{"system": LOINC, "code": "2160-0"}]},
+        "valueQuantity": {"value": 1.4, "unit": "mg/dL"},
+        "effectiveDateTime": "2024-05-02T10:00:00Z",
+        "issued": "2024-05-02T18:00:00.000Z",
+    },
     {  # metformin, authored in a month
         "resourceType": "MedicationRequest",
         "id": "m1",
@@ -122,6 +134,7 @@ def test_the_views_give_the_latest_instant_of_each_value(
         "c2": _known_by("2023"),
         "o1": _known_by("2024-03-15"),
         "o2": _known_by("2024-03-15T10:00:00+05:00"),
+        "o3": _known_by("2024-05-02T10:00:00Z"),
         "m1": _known_by("2024-04"),
     }
     assert got == expected
@@ -177,3 +190,16 @@ def test_an_entity_inside_the_day_does_not_see_what_that_day_recorded(
     assert _value_at(built, "patient_labs_vitals", "hba1c_latest", at) is None
     # the glucose measured at 05:00 UTC that day is known
     assert _value_at(built, "patient_labs_vitals", "glucose_latest", at) == 98.0
+
+
+def test_a_result_counts_from_when_it_was_issued(built: duckdb.DuckDBPyConnection) -> None:
+    """A lab is known once its result is made available (``issued``), not when the sample was
+    taken: a discharge between the two must not see it. Its ``measured_at`` stays the sample's
+    time."""
+    drawn, issued = _known_by("2024-05-02T10:00:00Z"), _known_by("2024-05-02T18:00:00.000Z")
+    between = drawn + (issued - drawn) / 2
+    assert _value_at(built, "patient_labs_vitals", "creatinine_latest", between) is None
+    assert _value_at(built, "patient_labs_vitals", "creatinine_latest", issued - MS) is None
+    assert _value_at(built, "patient_labs_vitals", "creatinine_latest", issued) == 1.4
+    assert _value_at(built, "patient_labs_vitals", "creatinine_measured_at", issued) == drawn
+    assert _value_at(built, "patient_labs_vitals", "creatinine_mean_365d", issued) == 1.4

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import duckdb
 
-from pipelines.features.tables import VIEW_COLUMNS
+from fhirlake.viewdef import write_view_table
+from pipelines.features.tables import VIEW_COLUMNS, build_feature_tables
+from pipelines.views.tables import load_views
 
 SNOMED = "http://snomed.info/sct"
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -298,3 +301,26 @@ def crafted_rows(base: datetime | None = None) -> dict[str, list[dict[str, Any]]
             },
         ],
     }
+
+
+def features_from_fhir(resources: list[dict[str, Any]], out_dir: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory database with ``views.*`` built from FHIR ``resources`` through the shipped
+    ViewDefinitions, and the feature tables built over them."""
+    con = duckdb.connect()
+    for view in load_views():
+        mine = [r for r in resources if r["resourceType"] == view.resource]
+        write_view_table(con, view, mine, f"views.{view.name}")
+    build_feature_tables(con, out_dir)
+    return con
+
+
+def value_at(
+    con: duckdb.DuckDBPyConnection, table: str, column: str, at: datetime, patient: str
+) -> Any:
+    """The value a point-in-time read gives at ``at``, worked out here: the patient's latest
+    row at or before it (None before their first row)."""
+    rows = con.execute(
+        f"SELECT event_timestamp, {column} FROM features.{table} WHERE patient_id = ?", [patient]
+    ).fetchall()
+    earlier = [(ts, value) for ts, value in rows if ts <= at]
+    return max(earlier, key=lambda row: row[0])[1] if earlier else None

@@ -16,10 +16,8 @@ from typing import Any
 import duckdb
 import pytest
 
-from fhirlake.viewdef import write_view_table
-from pipelines.features.tables import build_feature_tables
 from pipelines.models.labels import readmission_labels_with_counts
-from pipelines.views.tables import load_views
+from tests.pipelines.features.crafted import features_from_fhir, value_at
 
 NOT_HELD = {"planned", "cancelled", "entered-in-error"}
 
@@ -94,22 +92,11 @@ HELD = [e for e in ENCOUNTERS if e["status"] not in NOT_HELD]
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    for view in load_views():
-        mine = [r for r in RESOURCES if r["resourceType"] == view.resource]
-        write_view_table(con, view, mine, f"views.{view.name}")
-    build_feature_tables(con, tmp_path_factory.mktemp("features"))
-    return con
+    return features_from_fhir(RESOURCES, tmp_path_factory.mktemp("features"))
 
 
 def _value_at(con: duckdb.DuckDBPyConnection, column: str, at: datetime) -> Any:
-    """The latest ``patient_utilisation`` row at or before ``at`` (a point-in-time read)."""
-    rows = con.execute(
-        f"SELECT event_timestamp, {column} FROM features.patient_utilisation "
-        "WHERE patient_id = 'p1'"
-    ).fetchall()
-    earlier = [(ts, value) for ts, value in rows if ts <= at]
-    return max(earlier, key=lambda row: row[0])[1] if earlier else None
+    return value_at(con, "patient_utilisation", column, at, "p1")
 
 
 def _started_within(days: int, at: datetime, cls: str | None = None) -> int:

@@ -18,9 +18,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from fhirlake.viewdef import write_view_table
-from pipelines.features.tables import build_feature_tables
-from pipelines.views.tables import load_views
+from tests.pipelines.features.crafted import features_from_fhir, value_at
 
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"
 LOINC = "http://loinc.org"
@@ -110,12 +108,7 @@ def _known_by(value: str) -> datetime:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect()
-    for view in load_views():
-        mine = [r for r in RESOURCES if r["resourceType"] == view.resource]
-        write_view_table(con, view, mine, f"views.{view.name}")
-    build_feature_tables(con, tmp_path_factory.mktemp("features"))
-    return con
+    return features_from_fhir(RESOURCES, tmp_path_factory.mktemp("features"))
 
 
 def test_the_views_give_the_latest_instant_of_each_value(
@@ -147,12 +140,7 @@ def test_the_views_give_the_latest_instant_of_each_value(
 
 
 def _value_at(con: duckdb.DuckDBPyConnection, table: str, column: str, at: datetime) -> Any:
-    """The value a point-in-time read gives at ``at``: the latest row at or before it."""
-    rows = con.execute(
-        f"SELECT event_timestamp, {column} FROM features.{table} WHERE patient_id = 'p1'"
-    ).fetchall()
-    earlier = [(ts, value) for ts, value in rows if ts <= at]
-    return max(earlier, key=lambda row: row[0])[1] if earlier else None
+    return value_at(con, table, column, at, "p1")
 
 
 MS = timedelta(milliseconds=1)

@@ -29,6 +29,11 @@ Definition (one row per index discharge):
 * Research opt-out: every discharge of a patient who opted out of research is dropped, by the
   same rule the feature tables apply (:func:`pipelines.features.cohort.opted_out_sql`: an active
   research consent that denies or names ``OPTOUT``, codes compared without regard to case).
+* Dates known only to a month or a year (``views.encounter``'s ``*_latest`` columns more than
+  two days after the start they are read as; Safe Harbor releases only years): a discharge so
+  dated has no 30-day window, and one that an admission so dated may have followed within 30
+  days (none known to the day did) has no known outcome. Both are dropped and counted
+  (``imprecise``), rather than labelled from the first instant of the month or year.
 * Two discharges of one patient that fall on the same (shifted) timestamp collapse into one row;
   its label is 1 if either is followed by a readmission.
 """
@@ -56,6 +61,7 @@ class LabelCounts:
     censored: int
     died: int
     opted_out: int
+    imprecise: int  # the discharge or a possible readmission dated only to a month or year
     labelled: int
     positives: int
 
@@ -73,6 +79,25 @@ def _table_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> s
     return {r[0] for r in rows}
 
 
+def _latest_bounds(con: duckdb.DuckDBPyConnection) -> tuple[str, str]:
+    """The columns giving the latest instant each period bound can stand for (the views'
+    ``*_latest`` columns); a ``views.encounter`` without them (built before they existed) is
+    read as dated to the instant."""
+    columns = _table_columns(con, "views", "encounter")
+    start, end = (
+        f"{bound}_latest" if f"{bound}_latest" in columns else bound
+        for bound in ("period_start", "period_end")
+    )
+    return start, end
+
+
+def _dated_to_the_day(value: str, latest: str) -> str:
+    """SQL: ``value`` is known at least to its day (a date, or a time): its latest instant is
+    within two days of the start it is read as (a date spans 36 hours across time zones; a
+    month or a year far more)."""
+    return f"coalesce({latest} < {value} + INTERVAL 2 DAY, TRUE)"
+
+
 def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> str:
     """Every index discharge with its label and the exclusion flags, as a SQL query."""
     patient_cols = _table_columns(con, "views", "patient")
@@ -86,6 +111,7 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> 
     )
     expired = ", ".join(f"'{s}'" for s in EXPIRED_DISPOSITIONS)
     window = f"INTERVAL {READMISSION_WINDOW_DAYS} DAY"
+    start_latest, end_latest = _latest_bounds(con)
     return f"""
     WITH enc AS (
         SELECT * FROM views.encounter
@@ -97,7 +123,10 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> 
         FROM enc
     ),
     inpatient AS (
-        SELECT id, patient_id, period_start, period_end, discharge_disposition_code
+        SELECT id, patient_id, period_start, period_end, discharge_disposition_code,
+            {start_latest} AS start_latest,
+            {_dated_to_the_day("period_start", start_latest)} AS start_dated,
+            {_dated_to_the_day("period_end", end_latest)} AS end_dated
         FROM enc WHERE class_code = '{INPATIENT_CLASS}' AND patient_id IS NOT NULL
     ),
     opted_out AS ({opted_out_sql("views.consent")})
@@ -106,10 +135,18 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> 
         d.period_end AS event_timestamp,
         EXISTS (
             SELECT 1 FROM inpatient r
-            WHERE r.patient_id = d.patient_id AND r.id <> d.id
+            WHERE r.patient_id = d.patient_id AND r.id <> d.id AND r.start_dated
               AND r.period_start > d.period_end
               AND r.period_start <= d.period_end + {window}
         ) AS readmitted,
+        NOT d.end_dated AS discharge_undated,
+        -- an admission known only to its month or year that may have started in the window
+        EXISTS (
+            SELECT 1 FROM inpatient r
+            WHERE r.patient_id = d.patient_id AND r.id <> d.id AND NOT r.start_dated
+              AND r.start_latest > d.period_end
+              AND r.period_start <= d.period_end + {window}
+        ) AS readmission_undated,
         d.period_end + {window} > h.last_ts - INTERVAL {int(censor_margin_days)} DAY AS censored,
         (coalesce(d.discharge_disposition_code IN ({expired}), FALSE) OR {death_at_stay}) AS died,
         d.patient_id IN (SELECT patient_id FROM opted_out) AS opted_out
@@ -130,7 +167,14 @@ def readmission_labels_with_counts(
     counts_censored = int(flagged["censored"].sum())
     died = flagged["died"] & ~flagged["censored"]
     opted_out = flagged["opted_out"] & ~flagged["censored"] & ~flagged["died"]
-    kept = flagged[~(flagged["censored"] | flagged["died"] | flagged["opted_out"])]
+    # the outcome is unknown when the discharge, or an admission that may have followed it in
+    # the window (and no admission known to the day did), is dated only to a month or a year
+    undated = flagged["discharge_undated"] | (
+        flagged["readmission_undated"] & ~flagged["readmitted"]
+    )
+    excluded = flagged["censored"] | flagged["died"] | flagged["opted_out"]
+    imprecise = undated & ~excluded
+    kept = flagged[~(excluded | undated)]
     labels = (
         kept.assign(label=kept["readmitted"].astype("int64"))
         .groupby(["patient_id", "event_timestamp"], as_index=False)["label"]
@@ -144,6 +188,7 @@ def readmission_labels_with_counts(
         censored=counts_censored,
         died=int(died.sum()),
         opted_out=int(opted_out.sum()),
+        imprecise=int(imprecise.sum()),
         labelled=len(labels),
         positives=int(labels["label"].sum()),
     )

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import calendar
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
 import duckdb
 import pandas as pd
 
@@ -79,3 +83,78 @@ def test_censor_margin_moves_the_cut_earlier() -> None:
     assert counts.censored == 3
     assert ("inactive_optout", "2024-06-03") not in _by_key(labels)
     assert ("boundary_out", "2024-05-04") in _by_key(labels)
+
+
+def _inpatient(n: int, patient: str, start: str, end: str) -> dict[str, object]:
+    return {
+        "resourceType": "Encounter",
+        "id": f"i{n}",
+        "status": "finished",
+        "class": {"code": "IMP"},
+        "subject": {"reference": f"Patient/{patient}"},
+        "period": {"start": start, "end": end},
+    }
+
+
+# (id, patient, start, end) as exported: times, dates, months
+DATED = [
+    (1, "p1", "2024-02-01T08:00:00Z", "2024-02-05T16:00:00Z"),
+    (2, "p1", "2024-03", "2024-03"),  # may have begun 1-6 March: inside p1's window, or not
+    (3, "p2", "2024-05-10", "2024-05-12"),  # dates: known to the day
+    (4, "p2", "2024-05-20", "2024-05-22"),  # a readmission of 3
+    (5, "p3", "2024-01-01T08:00:00Z", "2024-01-03T08:00:00Z"),
+    (6, "p3", "2024-06", "2024-06"),  # months after 5's window: 5 is a 0
+    (7, "p4", "2024-11-01T08:00:00Z", "2024-12-31T08:00:00Z"),  # the data's end
+]
+
+
+def test_a_discharge_or_readmission_dated_only_to_a_month_has_no_label(tmp_path: Path) -> None:
+    """Worked out here: a bound is known to the day when it has a time or a full date; a
+    discharge known to the day gets a label when no admission dated only to a month may have
+    started in its window, unless one known to the day did."""
+    from tests.pipelines.features.crafted import features_from_fhir
+
+    patients = sorted({p for _, p, _, _ in DATED})
+    resources = [{"resourceType": "Patient", "id": p} for p in patients]
+    resources += [_inpatient(*row) for row in DATED]
+    con = features_from_fhir(resources, tmp_path)
+    labels, counts = readmission_labels_with_counts(con)
+
+    def to_the_day(text: str) -> bool:
+        return len(text) >= 10
+
+    def bounds(text: str) -> tuple[datetime, datetime]:  # earliest and latest instant
+        if "T" in text:
+            at = datetime.fromisoformat(text)
+            return at, at
+        parts = [int(p) for p in text.split("-")]
+        first = datetime(parts[0], parts[1], parts[2] if len(parts) > 2 else 1, tzinfo=UTC)
+        days = 1 if len(parts) > 2 else calendar.monthrange(parts[0], parts[1])[1]
+        return first, first + timedelta(days=days, hours=12) - timedelta(milliseconds=1)
+
+    expected = {}
+    for n, patient, _, end in DATED:
+        if not to_the_day(end) or n == 7:  # 7 ends the data: censored
+            continue
+        discharge = bounds(end)[0]
+        window_end = discharge + timedelta(days=30)
+        others = [r for r in DATED if r[1] == patient and r[0] != n]
+        known = any(
+            to_the_day(s) and discharge < bounds(s)[0] <= window_end for _, _, s, _ in others
+        )
+        maybe = any(
+            not to_the_day(s) and bounds(s)[1] > discharge and bounds(s)[0] <= window_end
+            for _, _, s, _ in others
+        )
+        if known or not maybe:
+            expected[(patient, discharge)] = int(known)
+    got = {(r.patient_id, r.event_timestamp): int(r.label) for r in labels.itertuples()}
+    assert got == expected
+    assert got == {
+        ("p2", datetime(2024, 5, 12, tzinfo=UTC)): 1,
+        ("p2", datetime(2024, 5, 22, tzinfo=UTC)): 0,
+        ("p3", datetime(2024, 1, 3, 8, tzinfo=UTC)): 0,
+    }
+    # dropped for their dates: p1's first stay (an admission of March may follow it) and the
+    # two stays whose own end is known to the month only; p4's stay ends the data (censored)
+    assert counts.imprecise == 3 and counts.censored == 1

@@ -92,6 +92,9 @@ def synthetic_views(con: duckdb.DuckDBPyConnection, patients: int, seed: int = 7
             NULL::VARCHAR AS type_display, start AS period_start,
             start + to_days(CASE WHEN r >= 0.9 THEN 1 + (r * 100)::INT % 9 ELSE 0 END)
                 AS period_end,
+            start AS period_start_latest,
+            start + to_days(CASE WHEN r >= 0.9 THEN 1 + (r * 100)::INT % 9 ELSE 0 END)
+                AS period_end_latest,
             NULL::VARCHAR AS discharge_disposition_code
         FROM e
         """

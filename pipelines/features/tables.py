@@ -30,7 +30,7 @@ until t + N days, where a row drops it. Change points per table:
 
 A fact is known from the latest instant its date can stand for (the views' ``*_latest``
 columns: a date without a time of day is over only at its end in the latest time zone), so an
-entity timestamp inside that day never sees it. Encounter periods are read as written.
+entity timestamp inside that day never sees it. Encounter periods too.
 
 A patient's rows start at their first data time (their start): from there counts are 0, not
 null, and before it no table has a row. Rows at least every 365 days repeat unchanged values
@@ -80,8 +80,8 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "patient_id": "VARCHAR",
         "status": "VARCHAR",
         "class_code": "VARCHAR",
-        "period_start": "TIMESTAMPTZ",
-        "period_end": "TIMESTAMPTZ",
+        "period_start_latest": "TIMESTAMPTZ",
+        "period_end_latest": "TIMESTAMPTZ",
     },
     "condition": {
         "patient_id": "VARCHAR",
@@ -267,17 +267,21 @@ def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None)
     con.execute(
         f"""
         CREATE OR REPLACE TEMP VIEW feature_encounters AS
-        SELECT e.patient_id, e.class_code, e.period_start, e.period_end
+        SELECT e.patient_id, e.class_code,
+            -- each bound from the latest instant it can stand for, as every fact
+            e.period_start_latest AS period_start, e.period_end_latest AS period_end
         FROM src_encounter e SEMI JOIN feature_patients p ON p.patient_id = e.patient_id
-        WHERE e.period_start IS NOT NULL AND {encounter_held_sql("e.status")}
+        WHERE e.period_start_latest IS NOT NULL AND {encounter_held_sql("e.status")}
         """
     )
     con.execute(
         f"""
         CREATE OR REPLACE TEMP VIEW feature_event_times AS
         SELECT t.patient_id, t.ts FROM (
-            SELECT patient_id, period_start AS ts FROM src_encounter WHERE {encounter_held_sql()}
-            UNION ALL SELECT patient_id, period_end FROM src_encounter WHERE {encounter_held_sql()}
+            SELECT patient_id, period_start_latest AS ts FROM src_encounter
+                WHERE {encounter_held_sql()}
+            UNION ALL SELECT patient_id, period_end_latest FROM src_encounter
+                WHERE {encounter_held_sql()}
             UNION ALL SELECT patient_id, {CONDITION_KNOWN_AT} FROM src_condition c
                 WHERE {condition_counts_sql("c")}
             UNION ALL SELECT patient_id, {OBSERVATION_KNOWN_AT} FROM src_observation o

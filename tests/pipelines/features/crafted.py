@@ -34,6 +34,9 @@ def write_views(con: duckdb.DuckDBPyConnection, rows: dict[str, list[dict[str, A
         cols = dict(columns)
         if view != "patient":
             cols.setdefault("id", "VARCHAR")
+        for name, type_ in columns.items():  # a view has each value beside its latest instant
+            if name.endswith("_latest"):
+                cols.setdefault(name.removesuffix("_latest"), type_)
         ddl = ", ".join(f'"{c}" {t}' for c, t in cols.items())
         con.execute(f"CREATE OR REPLACE TABLE views.{view} ({ddl})")
         data = rows.get(view, [])

@@ -40,6 +40,14 @@ RESOURCES: list[dict[str, Any]] = [
         "subject": _subject(),
         "period": {"start": "2022-03-01T09:00:00Z", "end": "2022-03-01T10:00:00Z"},
     },
+    {  # a visit on a day
+        "resourceType": "Encounter",
+        "id": "e2",
+        "status": "finished",
+        "class": {"code": "AMB"},
+        "subject": _subject(),
+        "period": {"start": "2024-07-01", "end": "2024-07-01"},
+    },
     {  # diabetes, recorded on a day
         "resourceType": "Condition",
         "id": "c1",
@@ -154,6 +162,7 @@ MS = timedelta(milliseconds=1)
         ("patient_labs_vitals", "hba1c_latest", "2024-03-15", None, 7.1),
         ("patient_labs_vitals", "glucose_latest", "2024-03-15T10:00:00+05:00", None, 98.0),
         ("patient_medications", "on_metformin", "2024-04", False, True),
+        ("patient_utilisation", "encounters_30d", "2024-07-01", 0, 1),
     ],
 )
 def test_a_fact_counts_from_the_end_of_the_period_it_is_dated_to(

@@ -12,7 +12,10 @@ ENCOUNTER_DDL = """
 CREATE TABLE views.encounter (
     id VARCHAR, patient_id VARCHAR, status VARCHAR, class_code VARCHAR, type_system VARCHAR,
     type_code VARCHAR, type_display VARCHAR, period_start TIMESTAMPTZ, period_end TIMESTAMPTZ,
-    discharge_disposition_code VARCHAR
+    discharge_disposition_code VARCHAR,
+    -- the crafted times all have a time of day: the latest instant each stands for is itself
+    period_start_latest TIMESTAMPTZ GENERATED ALWAYS AS (period_start) VIRTUAL,
+    period_end_latest TIMESTAMPTZ GENERATED ALWAYS AS (period_end) VIRTUAL
 )"""
 CONSENT_DDL = """
 CREATE TABLE views.consent (

@@ -249,7 +249,7 @@ patient_medications = FeatureView(
         "owner": OWNER,
         "sensitivity": "sensitive-health",
         "table": "features.patient_medications",
-        "rule": "views.medication_request: authored_on_latest, status, medication_code",
+        "rule": "views.medication_request: authored_on_latest, status, intent, medication_code",
     },
 )
 

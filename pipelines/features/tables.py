@@ -103,6 +103,7 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
     "medication_request": {
         "patient_id": "VARCHAR",
         "status": "VARCHAR",
+        "intent": "VARCHAR",
         "authored_on_latest": "TIMESTAMPTZ",
         "medication_system": "VARCHAR",
         "medication_code": "VARCHAR",
@@ -155,7 +156,8 @@ LAB_MEASURES: dict[str, tuple[tuple[str, bool], ...]] = {
 
 # A prescription counts as active at T when authored <= T and either its status is still
 # active/on-hold, or it was authored within the last ACTIVE_DAYS (a recent course, whatever
-# its later status). Requests entered in error, cancelled or draft never count.
+# its later status). Requests entered in error, cancelled or draft never count, nor do those
+# whose intent is a proposal, a plan or an option (no order was given).
 ACTIVE_DAYS = 90
 RECENT_DAYS = 180
 POLYPHARMACY_MIN = 5
@@ -168,6 +170,7 @@ CHARLSON_HIERARCHY = {
     "charlson_mld": "charlson_msld",
 }
 _EXCLUDED_REQUEST_STATUS = "('entered-in-error', 'cancelled', 'draft')"
+_NOT_AN_ORDER = "('proposal', 'plan', 'option')"
 
 
 # What a fact must be to count: one rule per kind, read by its feature table and by the event
@@ -183,7 +186,10 @@ def observation_counts_sql(alias: str) -> str:
 
 
 def request_counts_sql(alias: str) -> str:
-    return f"lower(coalesce({alias}.status, '')) NOT IN {_EXCLUDED_REQUEST_STATUS}"
+    # a proposal, a plan or an option is not a prescription: nobody was asked to take it
+    status = f"lower(coalesce({alias}.status, '')) NOT IN {_EXCLUDED_REQUEST_STATUS}"
+    return f"{status} AND coalesce(lower({alias}.intent), 'order') NOT IN {_NOT_AN_ORDER}"
+
 
 # When a diagnosis became known: its recorded date; the onset only when nothing was recorded.
 # Every time a fact is known from is the latest instant its value can stand for (the views'

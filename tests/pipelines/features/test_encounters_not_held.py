@@ -3,7 +3,7 @@ stay, no readmission and no data time, in the feature tables and the readmission
 a planned appointment next month must not count in a window, make a readmission, or move the
 data's end (and with it the label's follow-up horizon and the rows written) into the future. Nor
 may a refuted diagnosis, a lab entered in error or a cancelled prescription, which no feature
-counts, move the data end.
+counts, move the data end; and a medication only proposed is no prescription.
 
 FHIR Encounters go through the shipped ViewDefinitions; the expected counts and labels are
 worked out here in Python from the resources' own statuses and periods."""
@@ -76,10 +76,23 @@ NOT_COUNTED: list[dict[str, Any]] = [
         "authoredOn": "2099-01-01T00:00:00Z",
     },
 ]
+# metformin proposed on 1 March (a suggestion, no order): never taken, never counted
+PROPOSAL: dict[str, Any] = {
+    "resourceType": "MedicationRequest",
+    "id": "m2",
+    "status": "active",
+    "intent": "proposal",
+    "subject": SUBJECT,
+    "medicationCodeableConcept": {
+        "coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "860975"}]
+    },
+    "authoredOn": "2024-03-01T09:00:00Z",
+}
 RESOURCES: list[dict[str, Any]] = [
     {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1960-06-15"},
     *ENCOUNTERS,
     *NOT_COUNTED,
+    PROPOSAL,
 ]
 
 
@@ -153,3 +166,10 @@ def test_the_label_ignores_what_did_not_take_place(built: duckdb.DuckDBPyConnect
         (discharge, int(readmitted))
     ]
     assert readmitted is False  # the planned admission on 1 March is not a readmission
+
+
+def test_a_proposed_medication_is_not_a_prescription(built: duckdb.DuckDBPyConnection) -> None:
+    after = _instant(PROPOSAL["authoredOn"]) + timedelta(days=1)
+    for column in ("on_metformin", "active_medication_count", "medications_180d"):
+        value = value_at(built, "patient_medications", column, after, "p1")
+        assert value in (False, 0), column

@@ -158,3 +158,16 @@ def test_a_discharge_or_readmission_dated_only_to_a_month_has_no_label(tmp_path:
     # dropped for their dates: p1's first stay (an admission of March may follow it) and the
     # two stays whose own end is known to the month only; p4's stay ends the data (censored)
     assert counts.imprecise == 3 and counts.censored == 1
+
+
+def test_an_encounter_view_from_before_the_latest_columns_reads_as_dated_to_the_instant() -> None:
+    """A ``views.encounter`` built before its ``period_*_latest`` columns existed: every bound
+    is read as known to the instant, so the labels are those of the same rows with them."""
+    con = duckdb.connect()
+    crafted_views(con)
+    with_columns = readmission_labels_with_counts(con)
+    con.execute("ALTER TABLE views.encounter DROP COLUMN period_start_latest")
+    con.execute("ALTER TABLE views.encounter DROP COLUMN period_end_latest")
+    without = readmission_labels_with_counts(con)
+    pd.testing.assert_frame_equal(without[0], with_columns[0])
+    assert without[1] == with_columns[1] and without[1].imprecise == 0

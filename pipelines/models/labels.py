@@ -34,6 +34,8 @@ Definition (one row per index discharge):
   dated has no 30-day window, and one that an admission so dated may have followed within 30
   days (none known to the day did) has no known outcome. Both are dropped and counted
   (``imprecise``), rather than labelled from the first instant of the month or year.
+* Every instant is counted in UTC, whatever the session's or the machine's time zone: the
+  30 days after a discharge, and the dates a death and a discharge are compared by.
 * Two discharges of one patient that fall on the same (shifted) timestamp collapse into one row;
   its label is 1 if either is followed by a readmission.
 """
@@ -163,6 +165,10 @@ def readmission_labels_with_counts(
     """The label frame (see the module docstring) and the counts behind each exclusion."""
     if censor_margin_days < 0:
         raise ValueError("censor_margin_days must not be negative")
+    # 30 days after a discharge and the date of a death are counted in UTC, as the views store
+    # instants and the feature tables count: in the session's zone (the machine's, by default)
+    # a window across a daylight-saving change ends an hour off, and a death's date moves
+    con.execute("SET TimeZone = 'UTC'")
     flagged = con.execute(_discharges_sql(con, censor_margin_days)).df()
     counts_censored = int(flagged["censored"].sum())
     died = flagged["died"] & ~flagged["censored"]

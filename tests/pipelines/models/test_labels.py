@@ -171,3 +171,40 @@ def test_an_encounter_view_from_before_the_latest_columns_reads_as_dated_to_the_
     without = readmission_labels_with_counts(con)
     pd.testing.assert_frame_equal(without[0], with_columns[0])
     assert without[1] == with_columns[1] and without[1].imprecise == 0
+
+
+def test_the_labels_do_not_depend_on_the_session_time_zone(tmp_path: Path) -> None:
+    """Worked out here in UTC: a readmission 30 days and 30 minutes after a discharge (across
+    the November daylight-saving change in New York) is outside the window; a death three
+    hours after a discharge, on the next UTC date, keeps the stay with label 0."""
+    from tests.pipelines.features.crafted import features_from_fhir
+
+    stays = [
+        (1, "p1", "2024-10-10T10:00:00Z", "2024-10-15T14:00:00Z"),
+        (2, "p1", "2024-11-14T14:30:00Z", "2024-11-16T10:00:00Z"),
+        (3, "p2", "2024-05-28T10:00:00Z", "2024-06-01T23:00:00Z"),
+        (4, "p3", "2025-06-01T10:00:00Z", "2025-06-03T10:00:00Z"),  # the data's end
+    ]
+    resources: list[dict[str, object]] = [
+        {"resourceType": "Patient", "id": "p1"},
+        {"resourceType": "Patient", "id": "p2", "deceasedDateTime": "2024-06-02T02:00:00Z"},
+        {"resourceType": "Patient", "id": "p3"},
+    ]
+    resources += [_inpatient(*row) for row in stays]
+
+    def at(text: str) -> datetime:
+        return datetime.fromisoformat(text)
+
+    first_end, second_start = at(stays[0][3]), at(stays[1][2])
+    assert second_start - first_end > timedelta(days=30)  # the hand count: outside the window
+    expected = {("p1", first_end): 0, ("p1", at(stays[1][3])): 0, ("p2", at(stays[2][3])): 0}
+    con = features_from_fhir(resources, tmp_path)
+    for zone in ("America/New_York", "Asia/Tokyo", "UTC"):
+        con.execute(f"SET TimeZone = '{zone}'")
+        labels, counts = readmission_labels_with_counts(con)
+        got = {
+            (r.patient_id, r.event_timestamp.to_pydatetime()): int(r.label)
+            for r in labels.itertuples()
+        }
+        assert got == expected, zone
+        assert counts.died == 0, zone

@@ -584,15 +584,18 @@ def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
 
 def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     """Per measure: the latest value, when it was measured and the mean over 365 days, each
-    result counted from when it became known (:data:`OBSERVATION_KNOWN_AT`)."""
+    result counted from when it became known (:data:`OBSERVATION_KNOWN_AT`). "Latest" is the
+    result measured last among those known at T, not the one issued last: results are often
+    issued out of order (a batch of old results loaded at once, a culture after a later
+    panel). Results measured at one instant count as one (their mean), known when the last of
+    them is; every other result counts once in the mean, whenever it was issued."""
     parts = []
     finals = []
     for m in LAB_MEASURES:
         parts.append(
-            f"last_value(CASE WHEN measure = '{m}' THEN value END IGNORE NULLS) OVER wall "
-            f"AS {m}_latest,\n"
-            f"last_value(CASE WHEN measure = '{m}' THEN measured END IGNORE NULLS) OVER wall "
-            f"AS {m}_measured_at,\n"
+            f"arg_max(CASE WHEN measure = '{m}' THEN value END, "
+            f"CASE WHEN measure = '{m}' THEN measured END) OVER wall AS {m}_latest,\n"
+            f"max(CASE WHEN measure = '{m}' THEN measured END) OVER wall AS {m}_measured_at,\n"
             f"avg(CASE WHEN measure = '{m}' THEN value END) OVER wmean AS {m}_mean_365d"
         )
         finals.append(f"{m}_latest, {m}_mean_365d, {m}_measured_at")
@@ -600,9 +603,10 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     final_columns = ",\n".join(finals)
     return f"""
     WITH obs AS (
-        -- one value per patient, measure and time known (the mean, when a time has several)
-        SELECT o.patient_id, {OBSERVATION_KNOWN_AT} AS ts, c.measure,
-            avg(o.value_quantity) AS value, max(o.effective_date_time_latest) AS measured
+        -- one value per patient, measure and instant measured (the mean, when an instant
+        -- has several), known when the last of them is
+        SELECT o.patient_id, max({OBSERVATION_KNOWN_AT}) AS ts, c.measure,
+            avg(o.value_quantity) AS value, o.effective_date_time_latest AS measured
         FROM src_observation o
         SEMI JOIN feature_patients p ON p.patient_id = o.patient_id
         JOIN lab_codes c ON c.code = coalesce(o.component_code, o.code)

@@ -269,7 +269,9 @@ def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None)
         """
     )
     # only encounters that took place: a planned, cancelled or mistaken one is no visit and
-    # no stay, and no data time (a planned one would move the data end into the future)
+    # no stay, and no data time (a planned one would move the data end into the future). A
+    # stay with an end and no start (FHIR allows it) is still a stay, as in the label: a prior
+    # stay from its discharge, though no visit in the windows counted from starts.
     con.execute(
         f"""
         CREATE OR REPLACE TEMP VIEW feature_encounters AS
@@ -277,7 +279,8 @@ def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None)
             -- each bound from the latest instant it can stand for, as every fact
             e.period_start_latest AS period_start, e.period_end_latest AS period_end
         FROM src_encounter e SEMI JOIN feature_patients p ON p.patient_id = e.patient_id
-        WHERE e.period_start_latest IS NOT NULL AND {encounter_held_sql("e.status")}
+        WHERE coalesce(e.period_start_latest, e.period_end_latest) IS NOT NULL
+          AND {encounter_held_sql("e.status")}
         """
     )
     con.execute(
@@ -379,11 +382,12 @@ def demographics_sql(created: datetime, edges: bool = True) -> str:
 
 def _utilisation_items() -> str:
     """What the utilisation counts count: encounter starts (in the window from their start)
-    and inpatient discharges (counted as prior from just after the discharge)."""
+    and inpatient discharges (counted as prior from just after the discharge, whether or not
+    the stay's start is known)."""
     return f"""
         SELECT patient_id, period_start AS ts, 1 AS n_enc, (class_code = 'EMER')::INT AS n_emer,
             0 AS n_stay
-        FROM feature_encounters
+        FROM feature_encounters WHERE period_start IS NOT NULL
         UNION ALL
         SELECT patient_id, period_end + {AFTER}, 0, 0, 1
         FROM feature_encounters WHERE class_code = 'IMP' AND period_end IS NOT NULL

@@ -173,3 +173,40 @@ def test_a_proposed_medication_is_not_a_prescription(built: duckdb.DuckDBPyConne
     for column in ("on_metformin", "active_medication_count", "medications_180d"):
         value = value_at(built, "patient_medications", column, after, "p1")
         assert value in (False, 0), column
+
+
+def test_a_stay_with_an_end_and_no_start_is_a_prior_stay(tmp_path: Any) -> None:
+    """A stay whose start nobody recorded is an index discharge for the label; the features at
+    the next discharge must count it as the prior stay too (worked out here: discharged 15 days
+    before, so one stay in 30 days, discharged at its end, no length known)."""
+    resources: list[dict[str, Any]] = [
+        {"resourceType": "Patient", "id": "p1"},
+        {
+            "resourceType": "Encounter",
+            "id": "s1",
+            "status": "finished",
+            "class": {"code": "IMP"},
+            "subject": SUBJECT,
+            "period": {"end": "2024-03-10T12:00:00Z"},
+        },
+        {
+            "resourceType": "Encounter",
+            "id": "s2",
+            "status": "finished",
+            "class": {"code": "IMP"},
+            "subject": SUBJECT,
+            "period": {"start": "2024-03-20T08:00:00Z", "end": "2024-03-25T12:00:00Z"},
+        },
+        _encounter(9, "finished", "AMB", "2024-09-01", "2024-09-01"),  # follow-up to here
+    ]
+    con = features_from_fhir(resources, tmp_path)
+    first_end, second_start = _instant("2024-03-10T12:00:00Z"), _instant("2024-03-20T08:00:00Z")
+    second_end = _instant("2024-03-25T12:00:00Z")
+    labels, _ = readmission_labels_with_counts(con)
+    label_of = {row.event_timestamp: row.label for row in labels.itertuples()}
+    assert label_of[first_end] == int(first_end < second_start <= first_end + timedelta(days=30))
+    assert _value_at(con, "prior_inpatient_stays_30d", second_end) == 1
+    assert _value_at(con, "prior_discharge_at", second_end) == first_end
+    assert _value_at(con, "prior_stay_length_days", second_end) is None
+    # the stay without a start counts in no window of starts
+    assert _value_at(con, "encounters_30d", second_start) == 1

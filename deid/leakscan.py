@@ -7,6 +7,17 @@ digits are also matched as digits, against the digit runs of released text norma
 way, so punctuation does not hide them. A name part under four letters matches inside ordinary
 words, so it counts only as a whole word next to another name part of the same person.
 
+A phone, an SSN or a mostly-digit identifier of seven digits or more (``MIN_DIGITS``) is a digit
+canary. It matches whole digit groups of a run, never digits inside a longer group (MRN 55190377
+is not in ``123455190377999``), and a run glued to letters counts (``MRN55190377``,
+``SSN624183307``, ``ID:55190377x``) unless all the letters and digits it is glued to are hex
+digits: pseudonyms and digests are hex, and their digit runs are chance (so ``ab55190377cd``,
+but also ``A55190377``, is not found). A shorter one is a text canary only, found as a whole
+word and never inside one (``778812`` is not in ``MRN778812``). Phones are read as North
+American numbers: a ten-digit phone is a canary after the country code too (``1``, ``001``:
+``+15085550163``, ``0015085550163``), and a phone given with it (``+1 508 555 0163``) is a
+canary as its ten-digit national number too, however each is written.
+
 A birth date is PHI only next to its patient: released
 tables are full of (shifted) dates, and with a thousand patients some shifted date always equals
 somebody's birthday. So when the patient's pseudonym is known, the birth date is searched only in
@@ -116,6 +127,7 @@ _DIGIT_RUN = re.compile(r"\d(?:[ ().\-/]{0,2}\d)*")
 _DATE_RUN = re.compile(r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[/-]\d{1,2}[/-]\d{2,4}")
 _SEPARATOR = re.compile(r"[ ().\-/]+")
 _WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
+_HEX_PREFIX = re.compile(r"[0-9a-fA-F]*")
 _DIGIT_KINDS = {"phone", "ssn", "identifier"}
 MEMO_LIMIT = 200_000  # strings whose findings a canary set remembers
 MIN_SHORT = 2  # one-letter initials carry too little to count
@@ -149,6 +161,37 @@ def _name_parts(name: Any) -> list[str]:
         texts.extend(g for g in name.get("given") or [] if isinstance(g, str))
         texts.extend(t for t in (name.get("family"), name.get("text")) if isinstance(t, str))
     return [w for text in texts for w in _WORD.findall(text)]
+
+
+def _phone_forms(digits: str) -> tuple[str, ...]:
+    """The digits of a phone and, read as a North American number, its ten-digit national
+    number alone and after the country code (``1``, ``001``)."""
+    national = digits
+    if len(digits) == 11 and digits.startswith("1"):
+        national = digits[1:]
+    elif len(digits) == 13 and digits.startswith("001"):
+        national = digits[3:]
+    if len(national) != 10:
+        return (digits,)
+    return tuple(dict.fromkeys((digits, national, f"1{national}", f"001{national}")))
+
+
+def _hex_word_end(text: str, backwards: str, start: int, end: int) -> int | None:
+    """Where the word (letters and digits) holding the digit run ``text[start:end]`` ends, when
+    all the letters and digits the run is glued to are hex digits; None when one is not.
+    ``backwards`` is ``text`` reversed."""
+    after, before = _hex_stop(text, end), _hex_stop(backwards, len(text) - start)
+    if (after < len(text) and text[after].isalnum()) or (
+        before < len(text) and backwards[before].isalnum()
+    ):
+        return None
+    return after
+
+
+def _hex_stop(text: str, at: int) -> int:
+    """Where the hex digits of ``text`` from ``at`` on stop."""
+    match = _HEX_PREFIX.match(text, at)
+    return match.end() if match else at
 
 
 def _digit_groups(run: str) -> tuple[str, set[int]]:
@@ -186,7 +229,8 @@ class CanarySet:
             if len(digits) >= MIN_DIGITS and (
                 kind != "identifier" or len(digits) * 2 > len(folded)
             ):
-                self._digits.setdefault(digits, kind)
+                for form in _phone_forms(digits) if kind == "phone" else (digits,):
+                    self._digits.setdefault(form, kind)
                 self._changed()
         if len(folded) >= MIN_TEXT:
             self._kinds.setdefault(folded, kind)
@@ -341,8 +385,12 @@ class CanarySet:
 
     def _find_digits(self, text: str) -> list[str]:
         """Digit canaries in the digit runs of ``text``, whole groups only: a phone written
-        ``(555) 867-5309`` matches, the same digits inside a longer number do not."""
+        ``(555) 867-5309`` matches, the same digits inside a longer number do not. A run glued
+        to letters counts (``MRN55190377``) unless all it is glued to is hexadecimal (a
+        pseudonym or a digest: ``ab5558675309cd``)."""
         found: list[str] = []
+        backwards = ""  # the text reversed, when a run is glued to a word
+        hex_end = 0  # where the last hex word a run was glued in ends
         for match in _DIGIT_RUN.finditer(text):
             run = match.group(0)
             start, end = match.span()
@@ -351,10 +399,16 @@ class CanarySet:
             if (start > 0 and text[start - 1].isalnum()) or (
                 end < len(text) and text[end].isalnum()
             ):
-                continue  # part of a word: hex digests and pseudonyms hold digit runs
+                if end > hex_end:  # not in the hex word of an earlier run
+                    backwards = backwards or text[::-1]
+                    hex_end = _hex_word_end(text, backwards, start, end) or 0
+                if end <= hex_end:
+                    continue  # hex digests and pseudonyms hold digit runs by chance
             digits, bounds = _digit_groups(run)
+            seen: set[tuple[int, str]] = set()  # a phone with and without its country code
             for last, (kind, length) in self._compiled_digits().iter(digits):
-                if last + 1 - length in bounds and last + 1 in bounds:
+                if last + 1 - length in bounds and last + 1 in bounds and (last, kind) not in seen:
+                    seen.add((last, kind))
                     found.append(kind)
         return found
 

@@ -236,3 +236,114 @@ def test_a_shared_canary_set_finds_what_a_fresh_one_finds_row_by_row() -> None:
     assert found == oracle
     assert any("birth_date" in kinds for kinds in found)
     assert any(kinds and "birth_date" not in kinds for kinds in found)
+
+
+# the identifiers of one patient: MRN, SSN, phone, and an identifier too short to be digits
+GLUED = {
+    "identifier": [
+        {"value": "55190377"},
+        {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "624-18-3307"},
+        {"value": "4471902"},
+        {"value": "778812"},
+    ],
+    "telecom": [{"system": "phone", "value": "(508) 555-0163"}],
+}
+
+
+def _glued_canaries() -> CanarySet:
+    c = CanarySet()
+    c.add_patient(GLUED, "p1")
+    return c
+
+
+def test_digit_identifiers_glued_to_letters_are_found() -> None:
+    c = _glued_canaries()
+    for text, kinds in (
+        ("MRN55190377", {"identifier": 1}),
+        ("SSN624183307", {"ssn": 1}),
+        ("ID:55190377x", {"identifier": 1}),
+        ("mrn55190377/v2", {"identifier": 1}),
+        ("LAB4471902", {"identifier": 1}),  # seven digits: the shortest digit canary
+        ("tel+15085550163", {"phone": 1}),
+        ("ssn624-18-3307x", {"ssn": 1}),
+        ("ab1111111cd2222222 55190377x", {"identifier": 1}),  # after a hex word, glued to x
+    ):
+        assert scan_rows(c, [("r", {"code": text})]).by_kind() == kinds, text
+
+
+def test_glued_identifiers_in_the_elements_a_release_keeps_are_found() -> None:
+    """The shapes a release carries: a Patient's state, a Coding's code and version."""
+    c = _glued_canaries()
+    observation = {
+        "resourceType": "Observation",
+        "code": {
+            "coding": [
+                {"system": "http://loinc.org", "code": "8302-2"},
+                {
+                    "system": "http://hospital.example.org/local",
+                    "version": "SSN624183307",
+                    "code": "MRN55190377",
+                },
+            ]
+        },
+        "category": [
+            {"coding": [{"system": "http://hospital.example.org/cat", "code": "tel+15085550163"}]}
+        ],
+    }
+    encounter = {
+        "resourceType": "Encounter",
+        "type": [{"coding": [{"system": "urn:oid:2.16.840.1.113883.4.1", "code": "SSN624183307"}]}],
+    }
+    patient = {"resourceType": "Patient", "address": [{"state": "MRN55190377", "country": "US"}]}
+    rows = [("o", observation, "p1"), ("e", encounter, "p1"), ("p", patient, "p1")]
+    result = scan_rows(c, rows)
+    assert sorted((h.row, h.kind) for h in result.hits) == [
+        ("e", "ssn"),
+        ("o", "identifier"),
+        ("o", "phone"),
+        ("o", "ssn"),
+        ("p", "identifier"),
+    ]
+
+
+def test_a_phone_is_found_with_and_without_its_country_code() -> None:
+    national = _glued_canaries()  # the phone stored as (508) 555-0163
+    international = CanarySet()
+    international.add_patient({"telecom": [{"system": "phone", "value": "+1 508 555 0163"}]})
+    for c in (national, international):
+        for text in (
+            "+15085550163",
+            "0015085550163",
+            "1-508-555-0163",
+            "tel+15085550163",
+            "call 508.555.0163",
+            "5085550163",
+        ):
+            assert scan_rows(c, [("r", {"code": text})]).by_kind() == {"phone": 1}, text
+    assert scan_rows(international, [("r", {"code": "(508) 555-0163"})]).by_kind() == {"phone": 1}
+
+
+def test_glued_digits_stay_whole_groups_and_short_identifiers_stay_words() -> None:
+    c = _glued_canaries()
+    for text in (
+        "123455190377999",  # the MRN inside a longer number
+        "MRN123455190377999",
+        "MRN5519037799",
+        "SSN6241833070",
+        "code 9624183307",
+        "215085550163",  # a phone after a digit that is no country code
+        "+15085550163999",
+        "9915085550163",
+        "LAB44719021",
+        "Patient/ab55190377cd",  # inside hex pseudonyms and digests
+        "c29a55190377b5b7c69bcaca7ec9d1f0",
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca55190377",
+        "ab1111111cd55190377ef 9",
+        "MRN778812",  # an identifier under seven digits is a word, never part of one
+        "x778812y",
+        "abc778812",
+        "lab7788120",
+    ):
+        assert scan_rows(c, [("r", {"code": text})]).passed, text
+    for text in ("778812", "mrn: 778812"):
+        assert scan_rows(c, [("r", {"code": text})]).by_kind() == {"identifier": 1}, text

@@ -82,3 +82,17 @@ def test_a_birth_date_is_found_only_in_its_own_patients_row() -> None:
     assert _row_by_row(canaries, rows) == {("p1", "birth_date")}
     clean = _scan_staged_patients(canaries, _table(rows[2:]), "staged")
     assert clean.passed and clean.scanned_rows == 1
+
+
+def test_an_identifier_glued_to_a_prefix_in_a_state_is_found() -> None:
+    """Patient.address.state is released as written: p3's MRN (48213377) with a prefix glued
+    to it is found, a longer number holding its digits is not."""
+    rows: list[tuple[str, ...]] = [
+        ("p3", "40-44", "female", "021", "MRN48213377", "white", "unknown"),
+        ("p4", "40-44", "female", "021", "MRN4821337700", "white", "unknown"),
+        ("p9", "45-49", "male", "021", "MA", "white", "unknown"),
+    ]
+    result = _scan_staged_patients(_canaries(), _table(rows), "staged")
+    assert [(hit.row, hit.kind) for hit in result.hits] == [
+        ("released_patients:distinct", "identifier")
+    ]

@@ -204,3 +204,69 @@ def test_a_resource_sent_again_with_an_older_instant_keeps_its_newest_version_re
         assert _settled(con, research) == set()
     finally:
         con.close()
+
+
+def test_identifiers_glued_to_letters_in_kept_codes_keep_the_batch_unpublished(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """The MRN and SSN glued to a prefix and the phone in E.164 form, in the Coding codes and
+    versions the research profile keeps: the scan finds them and the batch is not published."""
+    subject = {"reference": "Patient/p5"}
+    resources: list[dict[str, Any]] = [
+        {
+            "resourceType": "Patient",
+            "id": "p5",
+            "identifier": [
+                {"system": "http://hospital.example.org/mrn", "value": "55190377"},
+                {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "624-18-3307"},
+            ],
+            "telecom": [{"system": "phone", "value": "(508) 555-0163"}],
+        },
+        {
+            "resourceType": "Observation",
+            "id": "o5",
+            "status": "final",
+            "subject": subject,
+            "category": [
+                {
+                    "coding": [
+                        {"system": "http://hospital.example.org/cat", "code": "tel+15085550163"}
+                    ]
+                }
+            ],
+            "code": {
+                "coding": [
+                    {"system": "http://loinc.org", "code": "8302-2"},
+                    {
+                        "system": "http://hospital.example.org/local",
+                        "version": "SSN624183307",
+                        "code": "MRN55190377",
+                    },
+                ]
+            },
+        },
+        {
+            "resourceType": "Encounter",
+            "id": "e5",
+            "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "subject": subject,
+            "type": [
+                {"coding": [{"system": "http://hospital.example.org/t", "code": "SSN624183307"}]}
+            ],
+        },
+    ]
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for resource in resources:
+        (landing / f"{resource['id']}.json").write_bytes(orjson.dumps(resource))
+    wh = tmp_path / "w.duckdb"
+    assert ingest_batch(wh, "b", landing, key_provider, workers=1).accepted == 3
+    con = warehouse.connect(wh)
+    try:
+        result = publish_batch(con, key_provider, "b", Policy.shipped("research"), today=TODAY)
+        assert not result.published
+        assert result.scan.by_kind() == {"identifier": 1, "ssn": 2, "phone": 1}
+        assert "deid_resources" not in _tables(con) or not _release(con)
+    finally:
+        con.close()

@@ -7,7 +7,12 @@ Definition (one row per index discharge):
   :data:`pipelines.features.cohort.ENCOUNTER_NOT_HELD`, as in the feature tables) are ignored
   everywhere: as index stays, as readmissions and in the data's end.
 * ``event_timestamp`` is the discharge time (``period_end``). Features must be computed as of
-  this instant, so nothing recorded after the discharge leaks into the prediction.
+  this instant, so nothing recorded after the discharge leaks into the prediction. A discharge
+  dated to its day only (no time) is labelled at the end of that day, the latest instant it can
+  stand for (``views.encounter.period_end_latest``): the features count a fact dated to a day
+  from the end of that day, so at the day's start they would not even know the stay; an
+  admission the features see at that instant is no readmission (so a fact is never both a
+  feature and the outcome), and the 30 days still run from the day itself.
 * ``label = 1`` when another inpatient encounter of the same patient *starts* in the half-open
   window ``(discharge, discharge + 30 days]``, else ``0``. The boundary is inclusive at exactly
   30 days and exclusive at the discharge instant itself. De-identification shifts dates and drops
@@ -126,7 +131,7 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> 
     ),
     inpatient AS (
         SELECT id, patient_id, period_start, period_end, discharge_disposition_code,
-            {start_latest} AS start_latest,
+            {start_latest} AS start_latest, {end_latest} AS end_latest,
             {_dated_to_the_day("period_start", start_latest)} AS start_dated,
             {_dated_to_the_day("period_end", end_latest)} AS end_dated
         FROM enc WHERE class_code = '{INPATIENT_CLASS}' AND patient_id IS NOT NULL
@@ -134,11 +139,14 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> 
     opted_out AS ({opted_out_sql("views.consent")})
     SELECT
         d.patient_id,
-        d.period_end AS event_timestamp,
+        -- the label's time is the latest instant the discharge can stand for, where the
+        -- feature tables first know the stay ended: the discharge itself when it has a time,
+        -- the end of its day when it is a date (the features see that whole day)
+        d.end_latest AS event_timestamp,
         EXISTS (
             SELECT 1 FROM inpatient r
             WHERE r.patient_id = d.patient_id AND r.id <> d.id AND r.start_dated
-              AND r.period_start > d.period_end
+              AND r.period_start > d.end_latest
               AND r.period_start <= d.period_end + {window}
         ) AS readmitted,
         NOT d.end_dated AS discharge_undated,

@@ -136,23 +136,24 @@ def test_a_discharge_or_readmission_dated_only_to_a_month_has_no_label(tmp_path:
     for n, patient, _, end in DATED:
         if not to_the_day(end) or n == 7:  # 7 ends the data: censored
             continue
-        discharge = bounds(end)[0]
+        discharge, labelled_at = bounds(end)  # labelled at the latest instant it stands for
         window_end = discharge + timedelta(days=30)
         others = [r for r in DATED if r[1] == patient and r[0] != n]
         known = any(
-            to_the_day(s) and discharge < bounds(s)[0] <= window_end for _, _, s, _ in others
+            to_the_day(s) and labelled_at < bounds(s)[0] <= window_end for _, _, s, _ in others
         )
         maybe = any(
             not to_the_day(s) and bounds(s)[1] > discharge and bounds(s)[0] <= window_end
             for _, _, s, _ in others
         )
         if known or not maybe:
-            expected[(patient, discharge)] = int(known)
+            expected[(patient, labelled_at)] = int(known)
     got = {(r.patient_id, r.event_timestamp): int(r.label) for r in labels.itertuples()}
     assert got == expected
     assert got == {
-        ("p2", datetime(2024, 5, 12, tzinfo=UTC)): 1,
-        ("p2", datetime(2024, 5, 22, tzinfo=UTC)): 0,
+        # a date is labelled at the end of its day in the latest zone (UTC-12)
+        ("p2", datetime(2024, 5, 13, 11, 59, 59, 999000, tzinfo=UTC)): 1,
+        ("p2", datetime(2024, 5, 23, 11, 59, 59, 999000, tzinfo=UTC)): 0,
         ("p3", datetime(2024, 1, 3, 8, tzinfo=UTC)): 0,
     }
     # dropped for their dates: p1's first stay (an admission of March may follow it) and the
@@ -208,3 +209,40 @@ def test_the_labels_do_not_depend_on_the_session_time_zone(tmp_path: Path) -> No
         }
         assert got == expected, zone
         assert counts.died == 0, zone
+
+
+def test_the_features_at_a_discharge_dated_to_its_day_know_the_stay(tmp_path: Path) -> None:
+    """A first stay dated 9 to 10 March (dates, no times), with an HbA1c of 9 March: at the
+    label's time the features know the stay, the patient's age and the HbA1c (worked out here:
+    the label is at the end of 10 March in the latest zone, every fact of those days is
+    known by then). An admission the features see at that time is not the readmission."""
+    from tests.pipelines.features.crafted import features_from_fhir, value_at
+
+    resources: list[dict[str, object]] = [
+        {"resourceType": "Patient", "id": "p1", "birthDate": "1960-06-15"},
+        _inpatient(1, "p1", "2024-03-09", "2024-03-10"),
+        # a timed admission early on 11 March UTC: still 10 March somewhere
+        _inpatient(2, "p1", "2024-03-11T08:00:00Z", "2024-03-12T08:00:00Z"),
+        {
+            "resourceType": "Observation",
+            "id": "o1",
+            "status": "final",
+            "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
+            "valueQuantity": {"value": 8.0},
+            "effectiveDateTime": "2024-03-09",
+        },
+        _inpatient(3, "p1", "2024-09-01T08:00:00Z", "2024-09-02T08:00:00Z"),  # data to here
+    ]
+    con = features_from_fhir(resources, tmp_path)
+    labels, _ = readmission_labels_with_counts(con)
+    end_of_day = datetime(2024, 3, 11, 11, 59, 59, 999000, tzinfo=UTC)  # 10 March, UTC-12
+    first = labels[labels["patient_id"] == "p1"].iloc[0]
+    assert first.event_timestamp.to_pydatetime() == end_of_day
+    at = end_of_day
+    age = 2024 - 1960 - ((3, 10) < (6, 15))
+    assert value_at(con, "patient_demographics", "age_years", at, "p1") == age == 63
+    assert value_at(con, "patient_utilisation", "encounters_30d", at, "p1") == 2
+    assert value_at(con, "patient_labs_vitals", "hba1c_latest", at, "p1") == 8.0
+    # the 08:00Z admission is before the label's time: a feature there, so not the outcome
+    assert first.label == 0

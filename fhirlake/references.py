@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -193,3 +194,20 @@ def identifier_criteria(resource: dict[str, Any]) -> list[str]:
             system = ident.get("system") if isinstance(ident.get("system"), str) else ""
             out.append(f"{system}|{ident['value']}")
     return out
+
+
+def identifier_match_form(criteria: str) -> str | None:
+    """The loose form of one ``system|value`` criteria, for recognising a person whose
+    identifier is written differently (``731-55-9012``, ``731559012``, `` 731 55 9012 ``): the
+    system trimmed, the value reduced to its letters and digits, case-folded (NFKC first, so a
+    full-width digit is a digit). None when nothing of the value is left.
+
+    The system is kept: another system's identifier with the same value is another record
+    (another hospital's MRN may equal this one), so loose forms never match across systems.
+    Conditional references keep matching the exact ``system|value`` token (FHIR's
+    ``identifier=`` search is exact); the loose form only ever meets other loose forms."""
+    system, sep, value = criteria.partition("|")
+    if not sep:
+        return None
+    loose = "".join(ch for ch in unicodedata.normalize("NFKC", value) if ch.isalnum())
+    return f"{system.strip()}|{loose.casefold()}" if loose else None

@@ -22,6 +22,28 @@ def purge_released_parquet(folders: tuple[Path, ...], pseudonym: str) -> int:
     """Rewrite every released Parquet file that holds the patient without its rows; returns
     the number of rows removed."""
     check_pseudonym(pseudonym)  # inlined into COPY statements below: its own alphabet only
+    return _purge_parquet_rows(folders, ("patient_id",), f"patient_id = '{pseudonym}'")
+
+
+def purge_released_parquet_resources(
+    folders: tuple[Path, ...], resource_keys: tuple[str, ...]
+) -> int:
+    """Rewrite every released Parquet file that holds one of these resources of no patient (a
+    view's row: ``id`` the resource key, ``patient_id`` NULL) without it; returns the number
+    of rows removed."""
+    for key in resource_keys:
+        check_pseudonym(key)  # resource keys have the same shape; inlined below
+    if not resource_keys:
+        return 0
+    keys = ", ".join(f"'{key}'" for key in resource_keys)
+    return _purge_parquet_rows(
+        folders, ("patient_id", "id"), f"patient_id IS NULL AND CAST(id AS VARCHAR) IN ({keys})"
+    )
+
+
+def _purge_parquet_rows(folders: tuple[Path, ...], needs: tuple[str, ...], erased: str) -> int:
+    """Rewrite every Parquet file of ``folders`` that has the columns ``needs`` and rows where
+    ``erased`` holds (an SQL condition over them) without those rows; returns how many."""
     removed = 0
     con = duckdb.connect()
     try:
@@ -29,18 +51,18 @@ def purge_released_parquet(folders: tuple[Path, ...], pseudonym: str) -> int:
             for path in sorted(Path(folder).glob("*.parquet")):
                 source = "read_parquet('" + str(path).replace("'", "''") + "')"
                 columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
-                if "patient_id" not in columns:
+                if not set(needs) <= columns:
                     continue
-                found = con.execute(
-                    f"SELECT count(*) FROM {source} WHERE patient_id = ?", [pseudonym]
-                ).fetchall()[0][0]
+                found = con.execute(f"SELECT count(*) FROM {source} WHERE {erased}").fetchall()[0][
+                    0
+                ]
                 if not found:
                     continue
                 tmp = path.with_name(path.name + ".erasing")
                 target = str(tmp).replace("'", "''")
                 con.execute(
-                    f"COPY (SELECT * FROM {source} WHERE patient_id IS DISTINCT FROM "
-                    f"'{pseudonym}') TO '{target}' (FORMAT PARQUET)"
+                    f"COPY (SELECT * FROM {source} WHERE ({erased}) IS NOT TRUE) "
+                    f"TO '{target}' (FORMAT PARQUET)"
                 )
                 _replace_durably(tmp, path)
                 removed += int(found)
@@ -139,6 +161,9 @@ class ReleasedParquet:
 
     def purge(self, pseudonym: str) -> int:
         return purge_released_parquet(self.folders, pseudonym)
+
+    def purge_resources(self, resource_keys: tuple[str, ...]) -> int:
+        return purge_released_parquet_resources(self.folders, resource_keys)
 
 
 @dataclass(frozen=True)

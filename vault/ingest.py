@@ -24,17 +24,57 @@ import orjson
 import pyarrow as pa
 
 from fhirlake.readers import RawRecord, SkippedFile, SourceFile, iter_records, list_batch_files
-from fhirlake.references import classify, conditional_target, literal_target, local_target
+from fhirlake.references import (
+    classify,
+    conditional_target,
+    identifier_match_form,
+    literal_target,
+    local_target,
+)
 from fhirlake.validation import Checked, check_chunk, check_record
 from fhirlake.viewdef import instant_sql
 from vault import warehouse
 from vault.clock import utcnow
 from vault.clustered import sync_clustered
 from vault.keys import KeyProvider
+from vault.pseudonym import Pseudonymizer
 from vault.read import bind_pseudonym_key
 from vault.sealing import SHARED_OWNER, DataKeyStore, seal
 
 ERASED_SUBJECT = "erased_subject"
+# keyed identifier criteria: the exact ``Type?system|value`` (what a conditional reference
+# resolves through) and, for a Patient, its loose form (fhirlake.references.identifier_match_form)
+CRITERIA_DOMAIN = "criteria"
+LOOSE_CRITERIA_DOMAIN = "criteria-loose"
+
+
+def loose_identifier_key(pseudo: Pseudonymizer, resource_type: str, criteria: str) -> str | None:
+    """The keyed loose form of one ``system|value`` criteria of ``resource_type``, or None when
+    its value has no letter or digit. It is a pseudonym of its own domain: it never equals an
+    exact criteria key, so conditional references never resolve through it."""
+    loose = identifier_match_form(criteria)
+    if loose is None:
+        return None
+    return pseudo.token(LOOSE_CRITERIA_DOMAIN, f"{resource_type}?{loose}")
+
+
+def identifier_keys(
+    pseudo: Pseudonymizer, resource_type: str, criteria: Iterable[str]
+) -> list[str]:
+    """The keys a resource's identifiers are indexed under (``identifier_index``), and an
+    erased patient's identifiers are tombstoned under: the exact criteria of every resource,
+    and for a Patient the loose form too, so that the same person sent again with an
+    identifier written differently (``731559012`` for ``731-55-9012``, under the same system)
+    is still recognised."""
+    keys: list[str] = []
+    for one in criteria:
+        keys.append(pseudo.token(CRITERIA_DOMAIN, f"{resource_type}?{one}"))
+        if resource_type == "Patient":
+            loose = loose_identifier_key(pseudo, resource_type, one)
+            if loose is not None:
+                keys.append(loose)
+    return list(dict.fromkeys(keys))
+
 
 CHUNK_RECORDS = 256
 FLUSH_ROWS = 20_000
@@ -487,7 +527,7 @@ class BatchIngestor:
             cond = conditional_target(value)
             if cond is None:
                 return None
-            return kind, cond[0], self.pseudo.token("criteria", f"{cond[0]}?{cond[1]}")
+            return kind, cond[0], self.pseudo.token(CRITERIA_DOMAIN, f"{cond[0]}?{cond[1]}")
         return None
 
     def _resolve_literal(
@@ -524,11 +564,26 @@ class BatchIngestor:
         return None, False
 
     def _names_erased_patient(self, checked: Checked) -> bool:
-        """A Patient sent again under another id but with an identifier of an erased one."""
+        """A Patient sent again under another id but with an identifier of an erased one,
+        exactly or written differently (its loose form, same system)."""
         return any(
-            self.pseudo.token("criteria", f"Patient?{criteria}") in self.erased
-            for criteria in checked.identifiers
+            key in self.erased
+            for key in identifier_keys(self.pseudo, "Patient", checked.identifiers)
         )
+
+    def _conditionally_names_erased(self, checked: Checked) -> bool:
+        """A conditional patient reference (``Patient?identifier=``) whose identifier is an
+        erased patient's written differently: the exact criteria are compared by the caller;
+        the reference itself still resolves through the exact token only."""
+        if not self.erased:
+            return False
+        for value in checked.patient_refs:
+            cond = conditional_target(value) if classify(value) == "conditional" else None
+            if cond is not None and cond[0] == "Patient":
+                loose = loose_identifier_key(self.pseudo, "Patient", cond[1])
+                if loose is not None and loose in self.erased:
+                    return True
+        return False
 
     def _conditional_owner(self, record: RawRecord, checked: Checked) -> str | None:
         """The keyed criteria of a conditional patient reference (``Patient?identifier=``) of
@@ -551,6 +606,7 @@ class BatchIngestor:
             or resource_key in self.erased
             or criteria in self.erased
             or (rtype == "Patient" and self._names_erased_patient(checked))
+            or (owner is None and self._conditionally_names_erased(checked))
         ):
             self._quarantine_erased(record, rtype)
             return
@@ -630,13 +686,14 @@ class BatchIngestor:
                 target_type=target_type,
                 target_key=target_key,
             )
-        for criteria in checked.identifiers:
+        rtype = checked.resource_type or ""
+        for criteria_key in identifier_keys(self.pseudo, rtype, checked.identifiers):
             self.buffers.add(
                 "identifier_index",
                 batch_id=self.batch_id,
-                criteria_key=self.pseudo.token("criteria", f"{checked.resource_type}?{criteria}"),
+                criteria_key=criteria_key,
                 resource_key=resource_key,
-                resource_type=checked.resource_type,
+                resource_type=rtype,
             )
 
     def consume(self, stream: Iterable[tuple[RawRecord, Checked | None]]) -> None:
@@ -662,10 +719,11 @@ class BatchIngestor:
             self._quarantine(record, code, message, None, None)
         elif checked.code is not None:
             owner, _ = self._owner(record, checked) if checked.resource_type else (None, False)
-            criteria = None
+            criteria, loosely = None, False
             if checked.resource_type and owner is None:
                 criteria = self._conditional_owner(record, checked)
-            if owner in self.erased or criteria in self.erased:
+                loosely = self._conditionally_names_erased(checked)
+            if owner in self.erased or criteria in self.erased or loosely:
                 self._quarantine_erased(record, checked.resource_type)
                 return
             self._quarantine(record, checked.code, checked.message, checked.resource_type, owner)

@@ -59,6 +59,9 @@ class ErasurePlace(Protocol):
 
     ``purge`` is called with the patient pseudonym after the warehouse erasure is committed and
     returns how many records it removed. It must be idempotent: a failed erasure is re-run.
+    A place that keeps resources of no patient too (released views) may also have
+    ``purge_resources(resource_keys) -> int``, called with the keys of the shared resources
+    erased with the patient (:attr:`ErasurePlan.shared_resources`).
     """
 
     @property
@@ -87,6 +90,15 @@ class ErasurePlan:
     # read them and knows what names the patient: (batch_id, file_index, position) each,
     # deleted with the patient's own rows
     unattributed_quarantine: tuple[tuple[str, int, int], ...] = ()
+    # vault resources of no patient (sealed under the shared key: a Practitioner, an
+    # Organization, a record naming the patient only by an identifier or an external URL) some
+    # version of which names this patient, found the same way: their resource keys. Every
+    # shared version of each is deleted with the patient's rows, and their released copies
+    shared_resources: tuple[str, ...] = ()
+    # more tombstone keys: the keyed identifier criteria (exact and loose,
+    # vault.ingest.identifier_keys) of the Patient versions the caller read, for Patients
+    # indexed before loose forms existed
+    identifier_keys: tuple[str, ...] = ()
 
 
 _PSEUDONYM_RE = re.compile(rf"[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
@@ -433,6 +445,9 @@ class ErasureReport:
     rows_deleted: dict[str, int] = field(default_factory=dict)
     places: dict[str, int] = field(default_factory=dict)
     places_failed: list[str] = field(default_factory=list)
+    # pseudonyms of the other Patient resources of the same person (sharing an identifier),
+    # erased with the patient
+    same_person: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -440,25 +455,30 @@ class ErasureReport:
 
 def _released_tables(
     con: duckdb.DuckDBPyConnection, plan: ErasurePlan
-) -> list[tuple[str, str, str]]:
-    """(label, qualified name, patient_id expression) of every table the plan names that exists;
-    a named table without a ``patient_id`` column is an error, not a silent skip."""
-    found: list[tuple[str, str, str]] = []
+) -> list[tuple[str, str, str, bool]]:
+    """(label, qualified name, patient_id expression, whether it has a VARCHAR ``id`` column:
+    the released resource's key) of every table the plan names that exists; a named table
+    without a ``patient_id`` column is an error, not a silent skip."""
+    found: list[tuple[str, str, str, bool]] = []
     for entry in plan.tables:
         rows = con.execute(
             """
-            SELECT t.table_name, c.data_type
+            SELECT t.table_name, c.data_type, i.data_type = 'VARCHAR'
             FROM duckdb_tables() t
             LEFT JOIN duckdb_columns() c
               ON c.database_name = t.database_name AND c.schema_name = t.schema_name
              AND c.table_name = t.table_name AND lower(c.column_name) = 'patient_id'
+            LEFT JOIN duckdb_columns() i
+              ON i.database_name = t.database_name AND i.schema_name = t.schema_name
+             AND i.table_name = t.table_name AND lower(i.column_name) = 'id'
             WHERE t.database_name = current_database() AND t.schema_name = ? AND NOT t.internal
             ORDER BY 1
             """,
             [entry.schema],
         ).fetchall()
-        types = dict(rows)
-        for table in entry.tables or tuple(t for t, kind in rows if kind is not None):
+        types = {t: kind for t, kind, _ in rows}
+        with_id = {t for t, _, has_id in rows if has_id}
+        for table in entry.tables or tuple(t for t, kind in types.items() if kind is not None):
             if table not in types:
                 continue  # not built yet in this warehouse
             if types[table] is None:
@@ -467,12 +487,57 @@ def _released_tables(
                 )
             label = table if entry.schema == "main" else f"{entry.schema}.{table}"
             expr = "patient_id" if types[table] == "VARCHAR" else "CAST(patient_id AS VARCHAR)"
-            found.append((label, f"{_quote(entry.schema)}.{_quote(table)}", expr))
+            qualified = f"{_quote(entry.schema)}.{_quote(table)}"
+            found.append((label, qualified, expr, table in with_id))
     return found
 
 
 def _count(con: duckdb.DuckDBPyConnection, sql: str, params: Any) -> int:
     return int(con.execute(sql, params).fetchall()[0][0])
+
+
+# The patients erased ($subjects: the patient and the other Patient resources of the same
+# person) and the shared resources found naming them ($shared), as query parameters.
+_SUBJECTS = "SELECT unnest($subjects::VARCHAR[])"
+_SHARED = "SELECT unnest($shared::VARCHAR[])"
+# The vault rows an erasure deletes, one rule for phi_vault and its clustered copies: every row
+# of a subject's compartment and its Patient, and the shared rows of the resources found.
+_ERASED_ROWS = (
+    f"(patient_key IN ({_SUBJECTS}) OR resource_key IN ({_SUBJECTS}) "
+    f"OR (patient_key IS NULL AND resource_key IN ({_SHARED})))"
+)
+# Which resources those rows are, for the index tables (known from the vault, so read first).
+_ERASED_RESOURCES = f"SELECT resource_key FROM phi_vault WHERE {_ERASED_ROWS}"
+_SHARED_ROWS = (
+    f"SELECT count(*) FROM phi_vault WHERE patient_key IS NULL AND resource_key IN ({_SHARED})"
+)
+# Patient resources sharing an identifier criteria key (exact or loose) with the given ones.
+_SHARING_AN_IDENTIFIER = """
+SELECT DISTINCT b.resource_key FROM identifier_index a
+JOIN identifier_index b ON a.criteria_key = b.criteria_key
+WHERE a.resource_type = 'Patient' AND b.resource_type = 'Patient'
+  AND a.resource_key IN (SELECT unnest($keys::VARCHAR[]))
+"""
+_ERASED_WITH = "SELECT subject_key FROM erased_subjects WHERE kind = 'patient' AND erased_with = ?"
+
+
+def same_person(con: duckdb.DuckDBPyConnection, pseudonym: str) -> list[str]:
+    """The pseudonyms of the other Patient resources of the same person: those sharing one of
+    its identifier criteria (``identifier_index``: the exact ``system|value``, or its loose
+    form under the same system), and the ones sharing one of theirs, and so on; and those an
+    earlier run of this erasure already took with it. Ingest would refuse any of them arriving
+    after the erasure (the tombstones hold the identifiers), so an erasure takes them all.
+    Sorted; the patient itself is not listed."""
+    check_pseudonym(pseudonym)
+    found = {pseudonym}
+    frontier = [pseudonym]
+    while frontier:
+        rows = con.execute(_SHARING_AN_IDENTIFIER, {"keys": frontier}).fetchall()
+        frontier = sorted({str(k) for (k,) in rows} - found)
+        found.update(frontier)
+    found.update(str(k) for (k,) in con.execute(_ERASED_WITH, [pseudonym]).fetchall())
+    found.discard(pseudonym)
+    return sorted(found)
 
 
 def _erase_in_warehouse(
@@ -481,39 +546,49 @@ def _erase_in_warehouse(
     p = report.pseudonym
     con.begin()
     try:
+        report.same_person = same_person(con, p)
+        named = {
+            "subjects": [p, *report.same_person],
+            "shared": list(plan.shared_resources),
+            "now": now,
+        }
+
+        def run(sql: str) -> int:  # with the named parameters ``sql`` uses
+            return _count(con, sql, {k: v for k, v in named.items() if f"${k}" in sql})
+
         live, dead = con.execute(
             "SELECT count(*) FILTER (WHERE destroyed_at IS NULL), "
-            "count(*) FILTER (WHERE destroyed_at IS NOT NULL) FROM data_keys WHERE owner = ?",
-            [p],
+            "count(*) FILTER (WHERE destroyed_at IS NOT NULL) FROM data_keys "
+            f"WHERE owner IN ({_SUBJECTS})",
+            {"subjects": named["subjects"]},
         ).fetchall()[0]
         report.data_keys_already_destroyed = int(dead)
-        report.data_keys_destroyed = _count(
-            con,
-            "UPDATE data_keys SET wrapped = NULL, destroyed_at = ? "
-            "WHERE owner = ? AND destroyed_at IS NULL",
-            [now, p],
+        report.data_keys_destroyed = run(
+            "UPDATE data_keys SET wrapped = NULL, destroyed_at = $now "
+            f"WHERE owner IN ({_SUBJECTS}) AND destroyed_at IS NULL"
         )
-        # Index rows first: which resources were the patient's is known from the vault.
-        owned = "SELECT resource_key FROM phi_vault WHERE patient_key = $p OR resource_key = $p"
-        _tombstone(con, p, owned, now)
+        # Index rows first: which resources were erased is known from the vault.
+        _tombstone(con, p, report.same_person, plan.identifier_keys, now)
         for table in ("resource_references", "identifier_index"):
-            report.rows_deleted[table] = _count(
-                con, f"DELETE FROM {table} WHERE resource_key IN ({owned})", {"p": p}
+            report.rows_deleted[table] = run(
+                f"DELETE FROM {table} WHERE resource_key IN ({_ERASED_RESOURCES})"
             )
+        if plan.shared_resources:
+            report.rows_deleted["phi_vault_shared"] = run(_SHARED_ROWS)
         for table in ("phi_vault", CLUSTERED_TABLE):
-            report.rows_deleted[table] = _count(
-                con, f"DELETE FROM {table} WHERE patient_key = $p OR resource_key = $p", {"p": p}
-            )
-        report.rows_deleted["quarantine"] = _count(
-            con, "DELETE FROM quarantine WHERE patient_key = ?", [p]
+            report.rows_deleted[table] = run(f"DELETE FROM {table} WHERE {_ERASED_ROWS}")
+        report.rows_deleted["quarantine"] = run(
+            f"DELETE FROM quarantine WHERE patient_key IN ({_SUBJECTS})"
         )
         if plan.unattributed_quarantine:
             report.rows_deleted["quarantine_unattributed"] = sum(
                 _count(con, _DELETE_UNATTRIBUTED, list(row)) for row in plan.unattributed_quarantine
             )
-        for label, qualified, column in _released_tables(con, plan):
-            report.rows_deleted[label] = _count(
-                con, f"DELETE FROM {qualified} WHERE {column} = ?", [p]
+        for label, qualified, column, has_id in _released_tables(con, plan):
+            # a patient's released rows, and the released copies of the shared resources
+            shared = f" OR (patient_id IS NULL AND id IN ({_SHARED}))" if has_id else ""
+            report.rows_deleted[label] = run(
+                f"DELETE FROM {qualified} WHERE {column} IN ({_SUBJECTS}){shared}"
             )
         con.commit()
     except BaseException:
@@ -528,27 +603,50 @@ _DELETE_UNATTRIBUTED = (
 )
 
 
-def _tombstone(con: duckdb.DuckDBPyConnection, pseudonym: str, owned: str, now: datetime) -> None:
-    """Remember the erasure so it sticks: the patient pseudonym, and the keyed identifier
-    criteria of its Patient resource (a later ``Patient?identifier=`` reference resolves to
-    them once the identifier index rows are gone). Later records resolving to either are
-    quarantined as ``erased_subject`` by ingest and never sealed again."""
-    con.execute(
-        "INSERT INTO erased_subjects VALUES (?, 'patient', ?) ON CONFLICT DO NOTHING",
-        [pseudonym, now],
+def _tombstone(
+    con: duckdb.DuckDBPyConnection,
+    pseudonym: str,
+    others: list[str],
+    identifier_keys: tuple[str, ...],
+    now: datetime,
+) -> None:
+    """Remember the erasure so it sticks: the patient pseudonym and those of the other Patient
+    resources of the same person (linked to it, so that a re-run finds them), and the keyed
+    identifier criteria of all of them (exact and loose, from the identifier index, and those
+    the caller computed): a later ``Patient?identifier=`` reference, or a Patient under any id
+    carrying one of those identifiers, resolves to them once the index rows are gone. Later
+    records resolving to any of them are quarantined as ``erased_subject`` by ingest and never
+    sealed again."""
+    insert = (
+        "INSERT INTO erased_subjects (subject_key, kind, erased_at, erased_with) "
+        "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING"
     )
+    con.execute(insert, [pseudonym, "patient", now, None])
+    for other in others:
+        con.execute(insert, [other, "patient", now, pseudonym])
+    for key in identifier_keys:
+        con.execute(insert, [key, "criteria", now, None])
     con.execute(
-        "INSERT INTO erased_subjects SELECT DISTINCT criteria_key, 'criteria', $now "
-        f"FROM identifier_index WHERE resource_type = 'Patient' AND resource_key IN ({owned}) "
+        "INSERT INTO erased_subjects (subject_key, kind, erased_at) "
+        "SELECT DISTINCT criteria_key, 'criteria', $now FROM identifier_index "
+        f"WHERE resource_type = 'Patient' AND resource_key IN ({_SUBJECTS}) "
         "ON CONFLICT DO NOTHING",
-        {"p": pseudonym, "now": now},
+        {"subjects": [pseudonym, *others], "now": now},
     )
 
 
 def _purge_places(report: ErasureReport, plan: ErasurePlan) -> None:
+    """Every place purged of each patient erased, and of the shared resources erased with them
+    (by a place that keeps released resources by their key: ``purge_resources``)."""
     for place in plan.places:
         try:
-            report.places[place.name] = int(place.purge(report.pseudonym))
+            removed = sum(
+                int(place.purge(subject)) for subject in (report.pseudonym, *report.same_person)
+            )
+            purge_resources = getattr(place, "purge_resources", None)
+            if plan.shared_resources and purge_resources is not None:
+                removed += int(purge_resources(plan.shared_resources))
+            report.places[place.name] = removed
         except Exception as exc:  # one failing place must not stop the others
             logger.warning(
                 "erasure of %s from %s failed: %s", report.pseudonym, place.name, type(exc)
@@ -599,7 +697,9 @@ def forget_pseudonym(
 ) -> ErasureReport:
     """Crypto-shred the patient with this pseudonym, on an open connection.
 
-    Audited first (an intent entry). Then in one transaction: a tombstone for the patient
+    Audited first (an intent entry). Then in one transaction, for the patient and the other
+    Patient resources of the same person (:func:`same_person`), with the shared resources
+    ``plan`` names: a tombstone for the patient
     (``erased_subjects``), its data key(s) destroyed (``wrapped`` set to NULL), and its rows
     deleted from ``phi_vault`` (resources in its compartment and the Patient itself),
     ``quarantine``, ``resource_references`` and ``identifier_index`` (rows of its resources),

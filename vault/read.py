@@ -52,6 +52,8 @@ _ROWS_AT_POSITIONS = (
     f"SELECT ingest_seq, {_ROW_COLUMNS} FROM phi_vault WHERE {AT_POSITIONS} ORDER BY ingest_seq"
 )
 _CURRENT_ROW_BY_KEY = f"SELECT {_ROW_COLUMNS} FROM phi_vault_current WHERE resource_key = ?"
+# rows of no patient, sealed under the shared key (a condition without a parameter)
+_SHARED_ROW = "patient_key IS NULL"
 # Patients whose compartment a batch wrote to (any version, current or not).
 _PATIENTS_OF_BATCH = (
     "resource_key IN (SELECT DISTINCT patient_key FROM phi_vault "
@@ -223,15 +225,20 @@ def iter_every_version(
     resource_type: str | None = None,
     patients_of_batch: str | None = None,
     resource_key: str | None = None,
+    shared_only: bool = False,
     chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[VaultRecord]:
     """Every version the vault holds of every resource (the current one and those it
     replaced), in ingest order, decrypted and verified: what once named a patient (a name
     before a marriage, a corrected phone) still names them. Filters as
-    :func:`iter_current_records`, and ``resource_key`` one resource."""
+    :func:`iter_current_records`, ``resource_key`` one resource, and ``shared_only`` the rows
+    of no patient (sealed under the shared key)."""
     before = _resource_filters(resource_type, patients_of_batch, resource_key)
+    if shared_only:
+        before.append((_SHARED_ROW, None))
     sql = _VERSION_POSITIONS.format(before=_where(before))
-    positions = [int(seq) for (seq,) in con.execute(sql, [p for _, p in before]).fetchall()]
+    params = [p for c, p in before if c != _SHARED_ROW]
+    positions = [int(seq) for (seq,) in con.execute(sql, params).fetchall()]
     yield from _records_at(con, provider, positions, resource_type, chunk_rows)
 
 

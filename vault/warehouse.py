@@ -82,6 +82,9 @@ SCHEMA = [
         kind VARCHAR NOT NULL,
         erased_at TIMESTAMPTZ NOT NULL
     )""",
+    # the patient whose erasure took this one with it (another Patient resource of the same
+    # person: it shared one of their identifiers), so that an erasure run again finds it
+    "ALTER TABLE erased_subjects ADD COLUMN IF NOT EXISTS erased_with VARCHAR",
     # Records whose patient reference is conditional, waiting for the end of their batch to
     # learn their patient (the identifier may arrive later in the same batch).
     """

@@ -11,12 +11,13 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 import duckdb
+import orjson
 
 from deid.errors import DeidError
 from pipelines.cli.options import workdir_option
@@ -179,31 +180,82 @@ def _unattributed_quarantine_naming(
     return tuple(found)
 
 
+def _shared_resources_naming(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, subject: SubjectCanaries
+) -> tuple[str, ...]:
+    """Vault resources of no patient (sealed under the shared key, which no erasure destroys:
+    a Practitioner or an Organization, a record whose subject is only an identifier, an
+    external URL or a reference outside the compartment) some version of which names the
+    patient, by the test the quarantine search uses: their resource keys, every shared
+    version of each erased with the patient. Decrypted here, never shown."""
+    from vault.read import iter_every_version
+
+    if subject.empty:
+        return ()
+    found: dict[str, None] = {}
+    for record in iter_every_version(con, provider, shared_only=True):
+        if record.resource_key in found:
+            continue
+        if subject.hits(orjson.dumps(record.resource).decode()):
+            found[record.resource_key] = None
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class _ErasureInputs:
+    pseudonym: str
+    warehouse_id: str
+    unattributed: tuple[tuple[str, int, int], ...]
+    shared: tuple[str, ...]
+    identifier_keys: tuple[str, ...]
+
+
 def _erasure_inputs(
     workdir: Workdir, provider: KeyProvider, patient: str, is_pseudonym: bool, reason: str
-) -> tuple[str, str, tuple[tuple[str, int, int], ...]]:
+) -> _ErasureInputs:
     """What an erasure needs from the warehouse before it starts, in one connection: the
     patient's pseudonym (an original id under the warehouse's own pseudonym key only: under
     another it would name nobody, and leave a tombstone that keeps no one out), the reason
-    checked against what names the patient, the unreadable quarantined records naming them,
-    and the warehouse's id (given now to one that has none, or to a copy of another registered
+    checked against what names the person (every version of the patient's Patient resource
+    and of the other Patient resources of the same person, which the erasure takes too), the
+    unreadable quarantined records and the shared vault resources naming them, the keyed
+    identifiers of those Patient versions (tombstoned, loose forms included), and the
+    warehouse's id (given now to one that has none, or to a copy of another registered
     warehouse)."""
     from deid.release import SubjectCanaries
+    from fhirlake.references import identifier_criteria
     from vault import warehouse
+    from vault.ingest import identifier_keys
+    from vault.lifecycle import same_person
     from vault.read import bind_pseudonym_key
 
     with _warehouse(workdir, read_only=False) as con:
         try:
+            pseudo = bind_pseudonym_key(con, provider)
             typed: tuple[str, ...] = ()  # the original id the operator typed
             if not is_pseudonym:
                 typed = (patient,)
-                patient = bind_pseudonym_key(con, provider).resource_key("Patient", patient)
-            subject = SubjectCanaries(_patient_versions(con, provider, patient), *typed)
+                patient = pseudo.resource_key("Patient", patient)
+            versions = [
+                version
+                for one in (patient, *same_person(con, patient))
+                for version in _patient_versions(con, provider, one)
+            ]
+            subject = SubjectCanaries(versions, *typed)
             _refuse_a_reason_naming_the_patient(subject, reason)
             unattributed = _unattributed_quarantine_naming(con, provider, subject)
-        except VaultError as exc:
+            shared = _shared_resources_naming(con, provider, subject)
+            keys = tuple(
+                dict.fromkeys(
+                    key
+                    for version in versions
+                    for key in identifier_keys(pseudo, "Patient", identifier_criteria(version))
+                )
+            )
+        except (VaultError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
-        return patient, warehouse.claim_id(con, _registry(provider)), unattributed
+        wid = warehouse.claim_id(con, _registry(provider))
+        return _ErasureInputs(patient, wid, unattributed, shared, keys)
 
 
 @click.command("rotate")
@@ -281,22 +333,27 @@ def keys_migrate_audit_key(key_file: Path | None) -> None:
 def forget(
     patient: str, is_pseudonym: bool, reason: str, workdir: Workdir, key_file: Path | None
 ) -> None:
-    """Erase PATIENT (an original Patient id, or a pseudonym with --pseudonym): a tombstone
-    so it never comes back, its data key destroyed, purged from the vault, the indexes, every
-    table with a patient_id, the released files and the online store; then the warehouse is
-    rewritten into a fresh file so no freed page keeps any of it. Stop pipeline runs first."""
+    """Erase PATIENT (an original Patient id, or a pseudonym with --pseudonym), with the other
+    Patient resources sharing one of its identifiers (the same person) and the records of no
+    patient that name them: a tombstone so it never comes back, its data key destroyed, purged
+    from the vault, the indexes, every table with a patient_id, the released files and the
+    online store; then the warehouse is rewritten into a fresh file so no freed page keeps any
+    of it. Stop pipeline runs first."""
     from vault.lifecycle import forget_in_warehouse
 
     provider = _provider(key_file)
     if not is_pseudonym and not patient.strip():
         raise click.ClickException("PATIENT must be a non-empty Patient resource id")
-    patient, warehouse_id, unattributed = _erasure_inputs(
-        workdir, provider, patient, is_pseudonym, reason
+    inputs = _erasure_inputs(workdir, provider, patient, is_pseudonym, reason)
+    plan = replace(
+        workdir.erasure_plan(),
+        unattributed_quarantine=inputs.unattributed,
+        shared_resources=inputs.shared,
+        identifier_keys=inputs.identifier_keys,
     )
-    plan = replace(workdir.erasure_plan(), unattributed_quarantine=unattributed)
-    audit = audit_log_for(workdir, provider, warehouse_id)
+    audit = audit_log_for(workdir, provider, inputs.warehouse_id)
     try:
-        report = forget_in_warehouse(workdir.warehouse, patient, audit, reason, plan=plan)
+        report = forget_in_warehouse(workdir.warehouse, inputs.pseudonym, audit, reason, plan=plan)
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     except duckdb.IOException as exc:  # announced, not done: the audit log lists it

@@ -372,7 +372,7 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
         assert (report.data_keys_destroyed, report.data_keys_already_destroyed) == (1, 0)
         assert report.rows_deleted == {
             "resource_references": 3,  # Condition.subject, Encounter.subject + serviceProvider
-            "identifier_index": 1,  # the Patient's MRN
+            "identifier_index": 2,  # the Patient's MRN, exact and loose (vault.ingest)
             "phi_vault": 3,  # Patient, Condition, Encounter
             "phi_vault_clustered": 1,  # the Patient's copy (vault.clustered)
             "quarantine": 1,  # the Observation

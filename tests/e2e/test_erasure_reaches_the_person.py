@@ -1,0 +1,319 @@
+"""``ehr forget`` reaches everything that names the person, not only their compartment: the
+vault resources of no patient (sealed under the shared key, which no erasure destroys) that
+name them, the other Patient resources of the same person (one of their identifiers), and
+later records carrying one of their identifiers written differently."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from deid.leakscan import CanarySet
+from deid.policy import Policy
+from deid.release import deidentify_batch
+from pipelines.cli.privacy import forget
+from pipelines.views.refresh import refresh_view
+from pipelines.views.tables import load_views
+from pipelines.workdir import Workdir
+from vault import warehouse
+from vault.ingest import ERASED_SUBJECT, ingest_batch, loose_identifier_key
+from vault.keys import FileKeyProvider
+from vault.pseudonym import Pseudonymizer
+from vault.read import iter_every_version
+
+pytestmark = pytest.mark.e2e
+
+MRN_SYSTEM = "http://hospital.example.org/mrn"
+SSN_SYSTEM = "http://hl7.org/fhir/sid/us-ssn"
+MRN, SSN = "88442211", "731-55-9012"
+FULL_NAME, PHONE, LINE = "Zephyrine Quorvalent", "(617) 555-0199", "4471 Wimbleton Crescent"
+# what names her, as a reader of a decrypted record would find it
+CANARIES = ("Quorvalent", "Zephyrine", MRN, SSN, "555-0199", "Wimbleton", "Patient/pz")
+PHI = f"{FULL_NAME} SSN {SSN} phone {PHONE}"
+OBS_CODE = {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]}
+
+
+def _patient(pid: str, identifiers: list[tuple[str, str]], **more: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": pid,
+        "name": [{"family": "Quorvalent", "given": ["Zephyrine"]}],
+        "identifier": [{"system": s, "value": v} for s, v in identifiers],
+        "birthDate": "1971-11-05",
+        **more,
+    }
+
+
+def _obs(oid: str, subject: dict[str, Any], value: str | None = None) -> dict[str, Any]:
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": oid,
+        "status": "final",
+        "code": OBS_CODE,
+        "subject": subject,
+        "effectiveDateTime": "2021-04-01T10:00:00Z",
+    }
+    if value is None:
+        obs["valueQuantity"] = {"value": 72, "unit": "/min"}
+    else:
+        obs["valueString"] = value
+    return obs
+
+
+PZ = _patient(
+    "pz",
+    [(MRN_SYSTEM, MRN), (SSN_SYSTEM, SSN)],
+    telecom=[{"system": "phone", "value": PHONE}],
+    address=[{"line": [LINE], "city": "Brackenholt"}],
+)
+# the same person under another id: her MRN and SSN exactly
+DUPLICATE = _patient("pt-dup-77", [(MRN_SYSTEM, MRN), (SSN_SYSTEM, SSN)])
+OTHER = {"resourceType": "Patient", "id": "p-other", "name": [{"family": "Oddsock"}]}
+# resources of no patient compartment that name her (sealed under the shared key)
+NAMING_HER = [
+    _obs(
+        "by-identifier",
+        {"identifier": {"system": MRN_SYSTEM, "value": MRN}, "display": FULL_NAME},
+        PHI,
+    ),
+    _obs("external", {"reference": "http://other.example/fhir/Patient/pz"}, PHI),
+    {
+        "resourceType": "DocumentReference",
+        "id": "source-info",
+        "status": "current",
+        "context": {"sourcePatientInfo": {"reference": "Patient/pz"}},
+        "description": PHI,
+        "content": [{"attachment": {"contentType": "text/plain", "title": "letter"}}],
+    },
+    {
+        "resourceType": "Organization",
+        "id": "org-quorvalent",
+        "name": "Quorvalent Family Practice",
+        "telecom": [{"system": "phone", "value": PHONE}],
+        "address": [{"line": [LINE], "city": "Brackenholt"}],
+    },
+    {
+        "resourceType": "Practitioner",
+        "id": "prac-quorvalent",
+        "name": [{"family": "Quorvalent", "given": ["Zephyrine"]}],
+    },
+]
+# resources of no patient that do not name her: kept
+NOT_HER = [
+    {"resourceType": "Organization", "id": "org-harbor", "name": "Harborview Clinic"},
+    _obs("anonymous", {"display": "walk-in"}, "no one named"),
+]
+
+
+def _write(folder: Path, name: str, records: list[dict[str, Any]]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("\n".join(json.dumps(r) for r in records) + "\n")
+
+
+@pytest.fixture
+def person(tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    monkeypatch.delenv("EHR_AUDIT_ANCHOR", raising=False)
+    provider = FileKeyProvider.load(key_file)
+    landing = tmp_path / "landing" / "b1"
+    _write(
+        landing,
+        "records.ndjson",
+        [
+            PZ,
+            _obs("pz-pulse", {"reference": "Patient/pz"}),
+            DUPLICATE,
+            _obs("dup-pulse", {"reference": "Patient/pt-dup-77"}),
+            OTHER,
+            _obs("other-pulse", {"reference": "Patient/p-other"}),
+            *NAMING_HER,
+            *NOT_HER,
+        ],
+    )
+    workdir = Workdir(tmp_path / "work")
+    report = ingest_batch(workdir.warehouse, "b1", landing, provider, workers=1)
+    assert (report.accepted, report.quarantined) == (6 + len(NAMING_HER) + len(NOT_HER), 0)
+    con = warehouse.connect(workdir.warehouse)
+    try:
+        deidentify_batch(con, provider, "b1", Policy.shipped("research"), workers=1)
+        for view in load_views():
+            if view.name in ("patient", "observation"):
+                refresh_view(con, view, workdir.root, CanarySet())
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    pseudo = Pseudonymizer(provider.pseudonym_key())
+    return {"provider": provider, "workdir": workdir, "key_file": key_file, "pseudo": pseudo}
+
+
+def _forget(person: dict[str, Any], patient: str) -> dict[str, Any]:
+    workdir, key_file = person["workdir"], person["key_file"]
+    common = ["--workdir", str(workdir.root), "--key-file", str(key_file)]
+    result = CliRunner().invoke(forget, [patient, "--reason", "ticket 4711", *common])
+    assert result.exit_code == 0, result.output
+    assert not any(c.casefold() in result.output.casefold() for c in CANARIES[:-1])
+    report: dict[str, Any] = json.loads(result.stdout)
+    return report
+
+
+def _readable(person: dict[str, Any]) -> list[tuple[str, str | None, str]]:
+    """(resource type, owner, text) of every version of every vault row, decrypted with the
+    real keys: what anyone holding the keyring can still read."""
+    con = warehouse.connect(person["workdir"].warehouse, read_only=True)
+    try:
+        return [
+            (r.resource_type, r.patient_key, orjson.dumps(r.resource).decode())
+            for r in iter_every_version(con, person["provider"])
+        ]
+    finally:
+        con.close()
+
+
+def _naming_her(text: str) -> list[str]:
+    return [c for c in CANARIES if c.casefold() in text.casefold()]
+
+
+def _released_ids(person: dict[str, Any]) -> set[str]:
+    con = duckdb.connect(str(person["workdir"].warehouse), read_only=True)
+    try:
+        released = {str(i) for (i,) in con.execute("SELECT id FROM deid_resources").fetchall()}
+        viewed = con.execute("SELECT id FROM views.observation UNION SELECT id FROM views.patient")
+        return released | {str(i) for (i,) in viewed.fetchall()}
+    finally:
+        con.close()
+
+
+def _parquet_ids(person: dict[str, Any]) -> set[str]:
+    views = person["workdir"].views
+    con = duckdb.connect()
+    try:
+        return {
+            str(i)
+            for path in sorted(views.glob("*.parquet"))
+            for (i,) in con.execute("SELECT id FROM read_parquet(?)", [str(path)]).fetchall()
+        }
+    finally:
+        con.close()
+
+
+def test_forget_erases_the_shared_records_that_name_the_patient(person: dict[str, Any]) -> None:
+    """A record naming her only by an identifier, by another server's URL, or by a reference
+    outside her compartment, and a Practitioner or an Organization carrying her name, phone or
+    address, are sealed under the shared key: they are erased with her, and their released
+    copies too; the shared records naming no one stay."""
+    key = person["pseudo"].resource_key
+    shared_naming_her = {key(r["resourceType"], r["id"]) for r in NAMING_HER}
+    before = _readable(person)
+    expected = sum(1 for _, owner, text in before if owner is None and _naming_her(text))
+    assert expected == len(NAMING_HER)  # every one of them is sealed under the shared key
+    released = {key("Observation", "by-identifier"), key("Observation", "external")}
+    assert released <= _released_ids(person) and released <= _parquet_ids(person)
+
+    report = _forget(person, "pz")
+
+    after = _readable(person)
+    assert [
+        (t, _naming_her(text)) for t, owner, text in after if owner is None and _naming_her(text)
+    ] == []
+    kept = {orjson.loads(text)["id"] for _, owner, text in after if owner is None}
+    assert kept == {"org-harbor", "anonymous"}
+    assert shared_naming_her & (_released_ids(person) | _parquet_ids(person)) == set()
+    assert key("Observation", "anonymous") in _released_ids(person) & _parquet_ids(person)
+    assert report["rows_deleted"]["phi_vault_shared"] == expected
+
+
+def test_forget_erases_the_other_patient_records_of_the_same_person(
+    person: dict[str, Any],
+) -> None:
+    """A second Patient resource with her identifiers (same MRN and SSN, another id) is the
+    same person: ingest would refuse it after the erasure, so the erasure takes it, and its
+    compartment, too; another patient stays."""
+    key = person["pseudo"].resource_key
+    duplicate = key("Patient", "pt-dup-77")
+    records = {duplicate, key("Observation", "dup-pulse")}
+    assert records <= _released_ids(person) and records <= _parquet_ids(person)
+
+    report = _forget(person, "pz")
+
+    after = _readable(person)
+    assert [(t, _naming_her(text)) for t, _, text in after if _naming_her(text)] == []
+    assert {orjson.loads(text)["id"] for _, owner, text in after if owner is not None} == {
+        "p-other",
+        "other-pulse",
+    }
+    assert records & (_released_ids(person) | _parquet_ids(person)) == set()
+    assert report["same_person"] == [duplicate]
+    assert report["data_keys_destroyed"] == 2  # hers and the duplicate's
+
+    # an erasure run again finds the duplicate through its tombstone, and finds nothing left
+    again = _forget(person, "pz")
+    assert again["same_person"] == [duplicate] and again["data_keys_destroyed"] == 0
+    # and a third Patient resource with one of her identifiers is kept out
+    landing = person["workdir"].root.parent / "landing" / "b2"
+    _write(landing, "again.ndjson", [_patient("pt-third", [(SSN_SYSTEM, SSN)])])
+    second = ingest_batch(person["workdir"].warehouse, "b2", landing, person["provider"], workers=1)
+    assert second.quarantine_reasons == {ERASED_SUBJECT: 1}
+
+
+def test_identifiers_written_differently_still_name_the_erased_person(
+    person: dict[str, Any],
+) -> None:
+    """The tombstones compare identifiers in a loose form (letters and digits, case folded)
+    within one system; another system's identifier with the same value is someone else."""
+    _forget(person, "pz")
+    resend = person["workdir"].root.parent / "landing" / "b2"
+    records = [
+        _patient("pt-new-3", [(SSN_SYSTEM, "731559012")]),
+        _patient("pt-new-4", [(MRN_SYSTEM, f" {MRN} ")]),
+        _patient("pt-new-5", [(SSN_SYSTEM, "731 55 9012")]),
+        _obs("cond-ssn", {"reference": f"Patient?identifier={SSN_SYSTEM}|731.55.9012"}),
+        # another hospital's MRN may equal hers: a different system, a different person
+        {
+            **OTHER,
+            "id": "pt-elsewhere",
+            "identifier": [{"system": "urn:oid:2.16.840.1.9", "value": MRN}],
+        },
+    ]
+    _write(resend, "resend.ndjson", records)
+    report = ingest_batch(person["workdir"].warehouse, "b2", resend, person["provider"], workers=1)
+    con = warehouse.connect(person["workdir"].warehouse, read_only=True)
+    try:
+        outcomes = con.execute(
+            "SELECT outcome FROM record_ledger WHERE batch_id = 'b2' ORDER BY file_index, position"
+        ).fetchall()
+    finally:
+        con.close()
+    assert [o for (o,) in outcomes] == [ERASED_SUBJECT] * 4 + ["new"]
+    assert report.quarantine_reasons == {ERASED_SUBJECT: 4}
+    kept = [orjson.loads(text)["id"] for _, _, text in _readable(person)]
+    assert "pt-elsewhere" in kept and not {"pt-new-3", "pt-new-4", "pt-new-5"} & set(kept)
+
+
+def test_a_patient_indexed_before_loose_forms_is_tombstoned_by_them(
+    person: dict[str, Any],
+) -> None:
+    """A warehouse whose identifier index predates loose forms (only exact criteria): the
+    erasure computes the loose forms from the Patient versions it reads."""
+    pseudo = person["pseudo"]
+    loose = [loose_identifier_key(pseudo, "Patient", f"{s}|{v}") for s, v in ((SSN_SYSTEM, SSN),)]
+    con = warehouse.connect(person["workdir"].warehouse)
+    try:
+        deleted = con.execute(
+            "DELETE FROM identifier_index WHERE criteria_key IN (SELECT unnest(?::VARCHAR[]))",
+            [loose],
+        ).fetchall()
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    assert deleted == [(2,)]  # hers and the duplicate's
+
+    _forget(person, "pz")
+    resend = person["workdir"].root.parent / "landing" / "b2"
+    _write(resend, "resend.ndjson", [_patient("pt-new-3", [(SSN_SYSTEM, "731559012")])])
+    report = ingest_batch(person["workdir"].warehouse, "b2", resend, person["provider"], workers=1)
+    assert report.quarantine_reasons == {ERASED_SUBJECT: 1}

@@ -196,7 +196,9 @@ def _shared_resources_naming(
     for record in iter_every_version(con, provider, shared_only=True):
         if record.resource_key in found:
             continue
-        if subject.hits(orjson.dumps(record.resource).decode()):
+        # a birth date alone is no name: a Practitioner born the same day, another patient's
+        # unattributed result dated that day, would be erased with her
+        if set(subject.hits(orjson.dumps(record.resource).decode())) - {"birth_date"}:
             found[record.resource_key] = None
     return tuple(found)
 

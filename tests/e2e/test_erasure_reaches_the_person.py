@@ -107,6 +107,13 @@ NAMING_HER = [
 # resources of no patient that do not name her: kept
 NOT_HER = [
     {"resourceType": "Organization", "id": "org-harbor", "name": "Harborview Clinic"},
+    # born the same day as she was: a birth date alone names no one
+    {
+        "resourceType": "Practitioner",
+        "id": "prac-same-birthday",
+        "name": [{"family": "Oddsock"}],
+        "birthDate": "1971-11-05",
+    },
     _obs("anonymous", {"display": "walk-in"}, "no one named"),
 ]
 
@@ -221,7 +228,7 @@ def test_forget_erases_the_shared_records_that_name_the_patient(person: dict[str
         (t, _naming_her(text)) for t, owner, text in after if owner is None and _naming_her(text)
     ] == []
     kept = {orjson.loads(text)["id"] for _, owner, text in after if owner is None}
-    assert kept == {"org-harbor", "anonymous"}
+    assert kept == {"org-harbor", "prac-same-birthday", "anonymous"}
     assert shared_naming_her & (_released_ids(person) | _parquet_ids(person)) == set()
     assert key("Observation", "anonymous") in _released_ids(person) & _parquet_ids(person)
     assert report["rows_deleted"]["phi_vault_shared"] == expected

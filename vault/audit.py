@@ -507,20 +507,28 @@ class AuditLog:
         return []
 
 
-def incomplete_acts(entries: list[dict[str, Any]]) -> list[str]:
-    """Intents (``details.phase == "intent"``) that no later completion of the same action and
-    subject follows: acts interrupted after they were announced. Names seq, action, subject."""
-    open_intents: dict[tuple[str, str], list[int]] = {}
+def open_intents(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Intent entries (``details.phase == "intent"``) that no later completion of the same
+    action and subject follows: acts interrupted after they were announced, in log order."""
+    pending: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for entry in entries:
         details = entry.get("details")
         phase = details.get("phase") if isinstance(details, dict) else None
         key = (str(entry.get("action")), str(entry.get("subject")))
         if phase == PHASE_INTENT:
-            open_intents.setdefault(key, []).append(int(entry.get("seq", -1)))
+            pending.setdefault(key, []).append(entry)
         elif phase == PHASE_DONE:
-            open_intents.pop(key, None)  # a completion settles every earlier intent (re-runs)
+            pending.pop(key, None)  # a completion settles every earlier intent (re-runs)
+    return sorted(
+        (entry for entries_of in pending.values() for entry in entries_of),
+        key=lambda entry: int(entry.get("seq", -1)),
+    )
+
+
+def incomplete_acts(entries: list[dict[str, Any]]) -> list[str]:
+    """:func:`open_intents`, named by seq, action and subject."""
     return [
-        f"entry {seq}: {action} of {subject} was announced but never completed; run it again"
-        for (action, subject), seqs in open_intents.items()
-        for seq in seqs
+        f"entry {int(entry.get('seq', -1))}: {entry.get('action')} of {entry.get('subject')} "
+        "was announced but never completed; run it again"
+        for entry in open_intents(entries)
     ]

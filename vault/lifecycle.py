@@ -24,7 +24,7 @@ import duckdb
 import pyarrow as pa
 
 from vault import warehouse
-from vault.audit import AuditLog
+from vault.audit import AuditLog, open_intents
 from vault.catalog import quote_identifier as _quote
 from vault.clock import Clock, RandomBytes, utcnow
 from vault.clustered import CLUSTERED_TABLE
@@ -325,6 +325,27 @@ def _retire_old_keks(
     return retired
 
 
+def _finished_but_unrecorded(document: dict[str, Any], audit: AuditLog) -> RotationReport | None:
+    """A rotation that ended (its KEK active, the under-way mark removed) before its
+    completion was written, the process killed in between: its completion is written now, and
+    its report returned, instead of a second rotation whose completion would leave the first
+    announced forever. None when there is no such rotation."""
+    active = document.get("active_kek")
+    if "rotation" in document or not active:
+        return None
+    pending = [
+        entry
+        for entry in open_intents(audit.entries())
+        if entry.get("action") == "rotate_keys" and entry.get("subject") == active
+    ]
+    if not pending:
+        return None
+    warehouses = list(pending[-1].get("details", {}).get("warehouses", []))
+    report = RotationReport(str(active), [], 0, 0, [], warehouses)
+    audit.complete(pending[-1], {**report.to_dict(), "recorded_after_interruption": True})
+    return report
+
+
 def rotate_kek(
     key_file: Path,
     con: duckdb.DuckDBPyConnection,
@@ -343,13 +364,17 @@ def rotate_kek(
     present and the rotation marked under way (written atomically and fsynced); (2) each
     warehouse is re-wrapped in one DuckDB transaction; (3) the old KEKs move to
     ``retired_keks`` and the mark is removed. Rotating again after a crash finishes the same
-    rotation. Audited: an intent before (1), a completion after (3).
+    rotation (after (3), it only writes the completion the crash left out). Audited: an intent
+    before (1), a completion after (3).
     """
     refuse_environment_keys()
     key_file = Path(key_file)
     audit.check_appendable()  # never rotate what could not be audited
     with keyring_lock(key_file):
         document = _read_keyring(key_file)
+        finished = _finished_but_unrecorded(document, audit)
+        if finished is not None:
+            return finished
         own_id = _register_in_document(document, con, clock)
         with _registered_warehouses(document, own_id, con) as cons:
             new_id, old_ids = _activate_new_kek(key_file, document, random_bytes, clock)

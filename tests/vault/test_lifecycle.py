@@ -588,3 +588,35 @@ def test_nothing_is_returned_when_the_audit_entry_cannot_be_written(world: World
             reidentify(con, world.provider, world.p1, world.audit, "adverse event")
     finally:
         con.close()
+
+
+def test_a_crash_after_the_rotation_before_its_completion_is_recorded_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed after the old KEKs were retired, before the completion reached the log: running
+    the rotation again writes that completion and rotates nothing more (a second rotation would
+    leave the first announced and never completed, for good)."""
+    real_complete = world.audit.complete
+
+    def killed(intent: dict[str, Any], details: dict[str, Any] | None = None) -> Any:
+        raise KeyboardInterrupt  # the process dies here
+
+    monkeypatch.setattr(world.audit, "complete", killed)
+    con = world.connect()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            rotate_kek(world.key_file, con, world.audit)
+        rotated = FileKeyProvider.load(world.key_file)
+        assert len(rotated.live_kek_ids) == 1  # the rotation itself ended
+        assert len(world.audit.verify().incomplete) == 1
+        monkeypatch.setattr(world.audit, "complete", real_complete)
+        report = rotate_kek(world.key_file, con, world.audit)
+        assert report.new_kek_id == rotated.active_kek_id()
+        assert FileKeyProvider.load(world.key_file).live_kek_ids == [report.new_kek_id]
+        assert world.audit.verify().incomplete == []
+        _all_readable(con, FileKeyProvider.load(world.key_file))
+        # and a rotation after it is a new one
+        assert rotate_kek(world.key_file, con, world.audit).new_kek_id != report.new_kek_id
+        assert world.audit.verify().incomplete == []
+    finally:
+        con.close()

@@ -9,7 +9,9 @@ Safe to turn on at any time:
   files changed for ``LandingResource.quiet_seconds``;
 - a batch is marked done only when its run succeeded; a failed run is retried up to
   ``LandingResource.max_retries`` times with doubling back-off;
-- every tick that requests nothing says why (the skip reason on the tick, and the log).
+- every tick that requests nothing says why (the skip reason on the tick, and the log);
+- a batch whose folder went away (renamed, deleted) before it was ingested has its partition
+  removed: a partition never materialised would hold back the release for good.
 """
 
 from __future__ import annotations
@@ -212,24 +214,69 @@ def _follow_run(
     return _request(key, state), None
 
 
+@dataclass
+class Tick:
+    """What one evaluation decided: the runs to request, the batch partitions to remove, why
+    each batch left is waiting (or done), and the sensor's new state."""
+
+    requests: list[RunRequest]
+    removed: list[str]
+    reasons: list[str]
+    states: dict[str, BatchState]
+
+
+_UNFINISHED = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
+
+
+def _orphaned_partitions(
+    context: SensorEvaluationContext, present: set[str], ledger: dict[str, LedgerEntry] | None
+) -> list[str]:
+    """Batch partitions whose folder is gone (renamed, deleted) and that were never
+    ingested, with no run of theirs still going: nothing of them is in the vault, and a
+    partition never materialised holds back every release asset that reads all batches
+    (``released_patients``, the views) for good. None while the ledger is not readable."""
+    if ledger is None:
+        return []
+    partitions = context.instance.get_dynamic_partitions(batch_partitions.name or "batches")
+    orphans = []
+    for key in sorted(set(partitions) - present - set(ledger)):
+        going = context.instance.get_runs(
+            filters=RunsFilter(tags={BATCH_TAG: key}, statuses=_UNFINISHED), limit=1
+        )
+        if not going:
+            orphans.append(key)
+    return orphans
+
+
 def evaluate_landing(
     context: SensorEvaluationContext,
     landing: LandingResource,
     warehouse: WarehouseResource,
     now: float,
-) -> tuple[list[RunRequest], list[str], dict[str, BatchState]]:
-    """One tick: the run requests, the reasons for every batch left waiting, the new state."""
+) -> Tick:
+    """One tick: the run requests, the partitions of batches gone before they were ingested,
+    the reasons for every batch left waiting, the new state."""
     states = _load_cursor(context.cursor)
     requests: list[RunRequest] = []
     reasons: list[str] = []
     ledger: dict[str, LedgerEntry] | None = None
+    present: set[str] = set()
+    done = 0
     for batch in discover_batches(Path(landing.path)):
+        present.add(batch.key)
         state = states.get(batch.key)
         if state is not None and state.fingerprint == batch.fingerprint:
             if not state.done:
                 request, reason = _follow_run(context, landing, batch.key, state, now)
                 requests += [request] if request else []
                 reasons += [reason] if reason else []
+            done += state.done
             continue
         reason = waiting_reason(batch, landing, now)
         if reason:
@@ -245,7 +292,17 @@ def evaluate_landing(
             continue
         states[batch.key] = BatchState(batch.fingerprint, attempt=1)
         requests.append(_request(batch.key, states[batch.key]))
-    return requests, reasons, states
+    ledger = ledger if ledger is not None else ingested_batches(warehouse)
+    removed = _orphaned_partitions(context, present, ledger)
+    for key in removed:
+        states.pop(key, None)
+        reasons.append(
+            f"batch {key}: folder gone before it was ingested, its partition removed "
+            "(drop it again to ingest it)"
+        )
+    if done:
+        reasons.append(f"{done} batch{'es' if done > 1 else ''} already ingested, nothing new")
+    return Tick(requests, removed, reasons, states)
 
 
 @sensor(
@@ -257,17 +314,20 @@ def evaluate_landing(
 def landing_sensor(
     context: SensorEvaluationContext, landing: LandingResource, warehouse: WarehouseResource
 ) -> SensorResult:
-    """Register one dynamic partition per batch it runs and request that batch's run."""
-    requests, reasons, states = evaluate_landing(context, landing, warehouse, time.time())
-    for reason in reasons:
+    """Register one dynamic partition per batch it runs and request that batch's run; remove
+    the partitions of batches whose folder went away before they were ingested."""
+    tick = evaluate_landing(context, landing, warehouse, time.time())
+    for reason in tick.reasons:
         context.log.info(reason)
-    keys = sorted({r.partition_key for r in requests if r.partition_key})
+    keys = sorted({r.partition_key for r in tick.requests if r.partition_key})
     new_keys = [k for k in keys if not context.instance.has_dynamic_partition("batches", k)]
+    changes = [batch_partitions.build_add_request(new_keys)] if new_keys else []
+    changes += [batch_partitions.build_delete_request(tick.removed)] if tick.removed else []
     return SensorResult(
-        run_requests=requests,
-        dynamic_partitions_requests=[batch_partitions.build_add_request(new_keys)]
-        if new_keys
-        else [],
-        cursor=_dump_cursor(states),
-        skip_reason=None if requests else SkipReason("; ".join(reasons) or "no batches"),
+        run_requests=tick.requests,
+        dynamic_partitions_requests=changes,
+        cursor=_dump_cursor(tick.states),
+        skip_reason=None
+        if tick.requests
+        else SkipReason("; ".join(tick.reasons) or "no batches in the landing folder"),
     )

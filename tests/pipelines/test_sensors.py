@@ -243,3 +243,73 @@ def test_a_file_still_arriving_in_a_sub_folder_keeps_the_batch_waiting(
         c for c in result.get_asset_check_evaluations() if c.check_name == "records_reconcile"
     ]
     assert check.passed and check.metadata["records_in"].value == 1
+
+
+def _ingested(tmp_path: Path, key: str) -> None:
+    """Record ``key`` in the warehouse's ledgers as ingested and de-identified."""
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
+    try:
+        con.execute(
+            "INSERT INTO batches (batch_id, seq, ingested_at, report) VALUES (?, 1, now(), '{}')",
+            [key],
+        )
+        con.execute(LEDGER_DDL)
+        con.execute(
+            f"INSERT INTO deid_batches SELECT batch_id, {BATCH_DIGEST_SQL}, 'settings', now() "
+            "FROM batches WHERE batch_id = ?",
+            [key],
+        )
+    finally:
+        con.close()
+
+
+def test_a_batch_gone_before_it_was_ingested_has_its_partition_removed(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """A folder renamed or deleted after the sensor registered it: its partition, never
+    materialised, would hold back every asset that reads all batches. Removed when nothing of
+    it was ingested and no run of it is going; kept otherwise."""
+    _landing(tmp_path)  # export-1 is on disk
+    _ingested(tmp_path, "ingested-then-deleted")
+    instance.add_dynamic_partitions(
+        "batches", ["export-1", "renamed", "running", "ingested-then-deleted"]
+    )
+    _record_run(instance, {BATCH_TAG: "running"}, DagsterRunStatus.STARTED)
+    # the sensor requested "renamed" (its state in the cursor), then its folder went away
+    cursor = '{"renamed": {"fingerprint": "fp", "attempt": 1, "done": false, "retry_at": 0.0}}'
+    result = _tick(tmp_path, instance, cursor)
+    removed = [
+        key
+        for request in result.dynamic_partitions_requests
+        if type(request).__name__ == "DeleteDynamicPartitionsRequest"
+        for key in request.partition_keys
+    ]
+    assert removed == ["renamed"]
+    assert "renamed" not in _load_cursor(result.cursor)
+    assert [r.partition_key for r in result.run_requests] == ["export-1"]
+    # once the run of "running" ended without ingesting anything, it goes too
+    for run in instance.get_runs():
+        if run.tags.get(BATCH_TAG) == "running":
+            instance.report_run_failed(run)
+    later = _tick(tmp_path, instance, result.cursor)
+    gone = [
+        key
+        for request in later.dynamic_partitions_requests
+        if type(request).__name__ == "DeleteDynamicPartitionsRequest"
+        for key in request.partition_keys
+    ]
+    assert gone == ["renamed", "running"]  # the instance still has "renamed": not applied here
+
+
+def test_a_tick_with_every_batch_ingested_says_so(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    _landing(tmp_path)
+    first = _tick(tmp_path, instance)
+    state = _load_cursor(first.cursor)["export-1"]
+    tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: "1"}
+    _record_run(instance, tags, DagsterRunStatus.SUCCESS)
+    _tick(tmp_path, instance, first.cursor)  # marks it done
+    idle = _tick(tmp_path, instance, _tick(tmp_path, instance, first.cursor).cursor)
+    assert idle.skip_reason is not None
+    assert idle.skip_reason.skip_message == "1 batch already ingested, nothing new"

@@ -16,7 +16,14 @@ from dagster import (
 from pipelines.assets.deid import release_input
 from pipelines.assets.freshness import online_store_freshness
 from pipelines.features.resources import FeastStoreResource
-from pipelines.jobs import BATCH_ASSETS, RELEASE_ASSETS, RELEASE_SELECTION, batch_job, release_job
+from pipelines.jobs import (
+    BATCH_ASSETS,
+    RELEASE_ASSETS,
+    RELEASE_RUN_TAGS,
+    RELEASE_SELECTION,
+    batch_job,
+    release_job,
+)
 from pipelines.resources import (
     DeidSettings,
     IngestSettings,
@@ -70,6 +77,7 @@ release_automation = AutomationConditionSensorDefinition(
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=15,
     description="Brings the release up to date after every batch (eager automation).",
+    run_tags=RELEASE_RUN_TAGS,
 )
 
 defs = Definitions(

@@ -40,10 +40,18 @@ batch_job = define_asset_job(
     executor_def=in_process_executor,
 )
 
+# A release run that fails or whose process dies (killed, the machine rebooted) is run again,
+# twice at most, by the daemon (``run_retries`` in .dagster_home/dagster.yaml): automation
+# would not request it again until the next batch, and every release step is safe to re-run.
+# Batch runs are retried by the landing sensor instead (with back-off), so only release runs
+# carry the tag.
+RELEASE_RUN_TAGS = {"dagster/max_retries": "2"}
+
 release_job = define_asset_job(
     "release_job",
     selection=RELEASE_SELECTION,
     description="Rebuild the release (k-anonymous patients, views, features, Feast, model) from "
     "every batch in the vault. The release_automation sensor does this after each batch.",
     executor_def=in_process_executor,
+    tags=RELEASE_RUN_TAGS,
 )

@@ -7,6 +7,7 @@ run and the automatic release refresh have succeeded."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -200,9 +201,11 @@ def start_reference_run(ui: DagsterUI) -> subprocess.Popen[bytes]:
     )
 
 
-@pytest.fixture(scope="session")
-def ui_release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUI]:
-    tmp = tmp_path_factory.mktemp("dagster_ui")
+@contextlib.contextmanager
+def dagster_dev(tmp: Path) -> Iterator[DagsterUI]:
+    """`dagster dev` on a free loopback port, with a temporary DAGSTER_HOME holding the
+    repository's instance settings, its own landing folder, work directory and keyring; up and
+    loaded when the block starts, its whole process group stopped when it ends."""
     home, landing = tmp / "dagster_home", tmp / "landing"
     home.mkdir()
     landing.mkdir()
@@ -233,11 +236,6 @@ def ui_release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUI]:
         )
     try:
         wait_until_up(ui, process)
-        assert ui.start_sensor("landing_sensor") == "RUNNING"
-        started = time.monotonic()
-        drop_batch(ui, tmp)
-        ui.reference = start_reference_run(ui)
-        wait_for_release(ui, started)
         yield ui
     finally:
         if ui.reference is not None and ui.reference.poll() is None:
@@ -247,3 +245,15 @@ def ui_release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUI]:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def ui_release(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DagsterUI]:
+    tmp = tmp_path_factory.mktemp("dagster_ui")
+    with dagster_dev(tmp) as ui:
+        assert ui.start_sensor("landing_sensor") == "RUNNING"
+        started = time.monotonic()
+        drop_batch(ui, tmp)
+        ui.reference = start_reference_run(ui)
+        wait_for_release(ui, started)
+        yield ui

@@ -1,0 +1,95 @@
+"""A release run killed in the middle (SIGKILL of its process, as the kernel's OOM killer or a
+reboot would) is run again by the daemon, and the release it leaves is whole: eager automation
+does not request a release again until the next batch, so without the retry the release would
+stay stale, and flagged only by the yearly freshness policy.
+
+`dagster dev` as a data engineer runs it (tests/e2e/dagster_ui.py): the landing sensor on, a
+generated batch dropped, the automation's release run killed once its first step started."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from tests.e2e.dagster_ui import PATIENTS, DagsterUI, _tag, dagster_dev, drop_batch
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT = 400
+_EVENTS = (
+    "query($r: ID!) { logsForRun(runId: $r) { ... on EventConnection { events { __typename "
+    "... on MessageEvent { message } } } } }"
+)
+_PID = re.compile(r"pid: (\d+)")
+
+
+def _release_runs(ui: DagsterUI) -> list[dict[str, Any]]:
+    return [r for r in ui.runs() if _tag(r, "ehr/batch") is None]
+
+
+def _kill_the_first_release_run(ui: DagsterUI) -> dict[str, Any]:
+    """Wait for the automation's release run to start a step, then SIGKILL its process."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        for run in _release_runs(ui):
+            if run["status"] != "STARTED":
+                continue
+            events = ui.graphql(_EVENTS, {"r": run["runId"]})["logsForRun"]["events"]
+            messages = [e.get("message") or "" for e in events]
+            pids = [m for m in (_PID.search(x) for x in messages if "process for run" in x) if m]
+            stepped = any(e["__typename"] == "ExecutionStepStartEvent" for e in events)
+            if pids and stepped:
+                os.kill(int(pids[0].group(1)), signal.SIGKILL)
+                return run
+        time.sleep(0.5)
+    raise AssertionError(f"no release run started within {TIMEOUT}s: {ui.runs()}")
+
+
+def _wait_for_the_retry(ui: DagsterUI, killed: dict[str, Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        runs = {r["runId"]: r for r in ui.runs()}
+        retries = [r for r in runs.values() if _tag(r, "dagster/parent_run_id") == killed["runId"]]
+        done = [r for r in retries if r["status"] == "SUCCESS"]
+        if done and runs[killed["runId"]]["status"] == "FAILURE":
+            return done[0]
+        assert not [r for r in retries if r["status"] in ("FAILURE", "CANCELED")], retries
+        time.sleep(3)
+    raise AssertionError(f"the killed release run was not run again: {ui.runs()}")
+
+
+def _count(warehouse: Path, sql: str) -> int:
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        ((count,),) = con.execute(sql).fetchall()
+        return int(count)
+    finally:
+        con.close()
+
+
+def test_a_killed_release_run_is_run_again_and_the_release_is_whole(tmp_path: Path) -> None:
+    with dagster_dev(tmp_path) as ui:
+        assert ui.start_sensor("landing_sensor") == "RUNNING"
+        drop_batch(ui, tmp_path)
+        killed = _kill_the_first_release_run(ui)
+        assert _tag(killed, "dagster/max_retries") == "2"
+        retry = _wait_for_the_retry(ui, killed)
+        assert _tag(retry, "dagster/retry_number") == "1"
+        warehouse = ui.workdir / "warehouse.duckdb"
+        # every patient of the batch released (k = 1 here), viewed and in the features
+        released = _count(warehouse, "SELECT count(*) FROM released_patients")
+        assert released == PATIENTS
+        assert _count(warehouse, "SELECT count(*) FROM views.patient") == released
+        assert (
+            _count(
+                warehouse, "SELECT count(DISTINCT patient_id) FROM features.patient_demographics"
+            )
+            > 0
+        )

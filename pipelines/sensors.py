@@ -24,8 +24,10 @@ from pathlib import Path
 
 import duckdb
 from dagster import (
+    AddDynamicPartitionsRequest,
     DagsterRunStatus,
     DefaultSensorStatus,
+    DeleteDynamicPartitionsRequest,
     RunRequest,
     RunsFilter,
     SensorEvaluationContext,
@@ -321,7 +323,8 @@ def landing_sensor(
         context.log.info(reason)
     keys = sorted({r.partition_key for r in tick.requests if r.partition_key})
     new_keys = [k for k in keys if not context.instance.has_dynamic_partition("batches", k)]
-    changes = [batch_partitions.build_add_request(new_keys)] if new_keys else []
+    changes: list[AddDynamicPartitionsRequest | DeleteDynamicPartitionsRequest] = []
+    changes += [batch_partitions.build_add_request(new_keys)] if new_keys else []
     changes += [batch_partitions.build_delete_request(tick.removed)] if tick.removed else []
     return SensorResult(
         run_requests=tick.requests,

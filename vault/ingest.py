@@ -107,6 +107,10 @@ class IngestReport:
     external_references: int = 0  # absolute references to another server: never resolved
     seconds: float = 0.0
     workers: int = 1
+    # resources the batch's previous ingest held that this one does not (a file removed from
+    # the folder, a record rewritten into one that fails): re-ingesting a batch replaces what it
+    # wrote, so they left the vault with it, unless another batch holds them too
+    no_longer_in_batch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -402,6 +406,13 @@ class BatchIngestor:
 
     # -- set-up ---------------------------------------------------------------------------
     def start(self) -> None:
+        # what the batch held before this pass replaces it: counted against the new pass at
+        # the end (:meth:`count_no_longer_in_batch`)
+        self.con.execute(
+            "CREATE OR REPLACE TEMP TABLE _previous_keys AS SELECT DISTINCT resource_key "
+            "FROM record_ledger WHERE batch_id = ? AND resource_key IS NOT NULL",
+            [self.batch_id],
+        )
         for table in warehouse.BATCH_TABLES:
             self.con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [self.batch_id])
         rows = self.con.execute(
@@ -735,6 +746,16 @@ class BatchIngestor:
         self.buffers.flush(self.con)
 
     # -- batch-level resolution -------------------------------------------------------------
+    def count_no_longer_in_batch(self) -> None:
+        """How many resources the batch's previous ingest held that this pass does not."""
+        ((count,),) = self.con.execute(
+            "SELECT count(*) FROM _previous_keys p WHERE NOT EXISTS (SELECT 1 FROM record_ledger "
+            "l WHERE l.batch_id = ? AND l.resource_key = p.resource_key)",
+            [self.batch_id],
+        ).fetchall()
+        self.report.no_longer_in_batch = int(count)
+        self.con.execute("DROP TABLE IF EXISTS _previous_keys")
+
     def finalize(self, files: list[SourceFile]) -> None:
         """Settle the staged batch in SQL: rank repeats, quarantine conflicts, keep only new
         versions in the vault, account for every record in the ledger, resolve references,
@@ -899,6 +920,7 @@ def ingest_batch(
         records = (rec for f in files for rec in iter_records(f))
         ingestor.consume(_checked_stream(records, workers))
         ingestor.finalize(files)
+        ingestor.count_no_longer_in_batch()
         report = ingestor.report
         report.seconds = round(time.perf_counter() - started, 3)
         con.execute(

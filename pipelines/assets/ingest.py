@@ -164,6 +164,12 @@ def ingest(
         f"batch {report.batch_id}: {report.records_in} records, {report.accepted} accepted, "
         f"{report.quarantined} quarantined in {report.seconds:.1f}s"
     )
+    if report.no_longer_in_batch:
+        context.log.warning(
+            f"batch {report.batch_id}: {report.no_longer_in_batch} resources its previous ingest "
+            "held are not in its files now (a file removed or rewritten): re-running a batch "
+            "replaces what it wrote, so they left the vault with it unless another batch holds them"
+        )
     rate = report.records_in / report.seconds if report.seconds else 0.0
     vault_meta: dict[str, Any] = {
         "records_in": report.records_in,
@@ -174,6 +180,7 @@ def ingest(
         "references": report.references,
         "unresolved_references": report.unresolved_references,
         "external_references": report.external_references,
+        "no_longer_in_batch": report.no_longer_in_batch,
         "records_per_second": round(rate, 1),
         "workers": report.workers,
     }

@@ -418,3 +418,33 @@ def test_a_batch_ingested_again_is_unfinished_until_the_pass_completes(
         assert finished.fetchall() == [(1,)]
     finally:
         con.close()
+
+
+def test_a_batch_ingested_again_counts_what_its_folder_no_longer_holds(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """Re-ingesting a batch replaces what it wrote: a file removed from its folder takes its
+    resources out of the vault with it. The report counts them (worked out here: the records
+    of the removed file), so the run can say so; the same folder again counts none."""
+    land = tmp_path / "land"
+    _write(land, "a.json", _bundle([PATIENT, ENCOUNTER]))
+    others = [
+        dict(PATIENT, id=f"6f1b9d3c-0000-4000-8000-00000000010{n}", name=[{"family": f"F{n}"}])
+        for n in range(3)
+    ]
+    removed = _write(land, "b.ndjson", others[0])
+    removed.write_bytes(b"\n".join(orjson.dumps(p) for p in others) + b"\n")
+    wh = tmp_path / "w.duckdb"
+    first = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert first.accepted == 5 and first.no_longer_in_batch == 0
+    assert ingest_batch(wh, "b1", land, key_provider, workers=1).no_longer_in_batch == 0
+    expected = len(removed.read_bytes().splitlines())
+    removed.unlink()
+    again = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert again.accepted == 2 and again.no_longer_in_batch == expected == 3
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert read_resource(con, key_provider, "Patient", others[0]["id"]) is None
+        assert reconcile_batch(con, "b1").passed
+    finally:
+        con.close()

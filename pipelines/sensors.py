@@ -237,17 +237,28 @@ _UNFINISHED = [
 
 
 def _orphaned_partitions(
-    context: SensorEvaluationContext, present: set[str], ledger: dict[str, LedgerEntry] | None
+    context: SensorEvaluationContext,
+    present: set[str],
+    ledger: dict[str, LedgerEntry] | None,
+    warehouse: WarehouseResource,
 ) -> list[str]:
     """Batch partitions whose folder is gone (renamed, deleted) and that were never
     ingested, with no run of theirs still going: nothing of them is in the vault, and a
     partition never materialised holds back every release asset that reads all batches
-    (``released_patients``, the views) for good. None while the ledger is not readable."""
+    (``released_patients``, the views) for good. The ledger is read only when some partition
+    has no folder (``ledger``, when the tick read it already): opening the warehouse at every
+    tick could meet a run opening it to write. None removed while it is not readable."""
+    partitions = context.instance.get_dynamic_partitions(batch_partitions.name or "batches")
+    missing = sorted(set(partitions) - present)
+    if not missing:
+        return []
+    ledger = ledger if ledger is not None else ingested_batches(warehouse)
     if ledger is None:
         return []
-    partitions = context.instance.get_dynamic_partitions(batch_partitions.name or "batches")
     orphans = []
-    for key in sorted(set(partitions) - present - set(ledger)):
+    for key in missing:
+        if key in ledger:
+            continue
         going = context.instance.get_runs(
             filters=RunsFilter(tags={BATCH_TAG: key}, statuses=_UNFINISHED), limit=1
         )
@@ -294,8 +305,7 @@ def evaluate_landing(
             continue
         states[batch.key] = BatchState(batch.fingerprint, attempt=1)
         requests.append(_request(batch.key, states[batch.key]))
-    ledger = ledger if ledger is not None else ingested_batches(warehouse)
-    removed = _orphaned_partitions(context, present, ledger)
+    removed = _orphaned_partitions(context, present, ledger, warehouse)
     for key in removed:
         states.pop(key, None)
         reasons.append(

@@ -313,3 +313,27 @@ def test_a_tick_with_every_batch_ingested_says_so(
     idle = _tick(tmp_path, instance, _tick(tmp_path, instance, first.cursor).cursor)
     assert idle.skip_reason is not None
     assert idle.skip_reason.skip_message == "1 batch already ingested, nothing new"
+
+
+def test_a_tick_with_nothing_new_and_no_folder_gone_leaves_the_warehouse_closed(
+    tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 15 s: a tick that has nothing to look up must not open the warehouse, which a
+    run starting at that moment may be opening to write (DuckDB admits one writer process and
+    no reader beside it)."""
+    import pipelines.sensors as sensors
+
+    _landing(tmp_path)
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    first = _tick(tmp_path, instance)
+    state = _load_cursor(first.cursor)["export-1"]
+    tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: "1"}
+    _record_run(instance, tags, DagsterRunStatus.SUCCESS)
+    done = _tick(tmp_path, instance, first.cursor)
+
+    def opened(_: object) -> None:
+        raise AssertionError("the warehouse was opened")
+
+    monkeypatch.setattr(sensors, "ingested_batches", opened)
+    idle = _tick(tmp_path, instance, done.cursor)
+    assert idle.run_requests == [] and idle.dynamic_partitions_requests == []

@@ -109,7 +109,7 @@ def settings_digest(
     policy (name and document), the day (dates over the age limit depend on it), the displays
     the release may carry, the FHIR base that makes references local, and the rule that picks
     a resource's newest version among those the vault holds (the batch releases the resources
-    whose newest version it wrote)."""
+    whose newest version it wrote, and its swap drops other batches' rows of them)."""
     displays = sorted(
         [system, code, display]
         for (system, code), display in (terminology or Terminology()).displays.items()
@@ -121,6 +121,10 @@ def settings_digest(
         "displays": displays,
         "fhir_base": os.environ.get(FHIR_BASE_ENV),
         "newest_version": NEWEST_VERSION_FIRST,
+        # a batch's swap drops the rows of other batches it supersedes (_drop_superseded):
+        # warehouses published before hold older versions beside newer ones, and their
+        # batches are de-identified again, in order, by the next `ehr run`
+        "superseded_rows": "dropped",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -155,6 +159,18 @@ def deidentified_batches(con: duckdb.DuckDBPyConnection, settings: str | None = 
     return {str(batch_id) for (batch_id,) in rows}
 
 
+def _drop_superseded(con: duckdb.DuckDBPyConnection, batch_id: str, stage: str) -> None:
+    """Another batch's released rows of the resources this batch releases: a batch releases
+    a resource only when it wrote its newest version, so a row of it published by an earlier
+    batch is an older version, and the release holds each resource once, newest (within the
+    caller's transaction)."""
+    con.execute(
+        f"DELETE FROM deid_resources d WHERE d.batch_id <> ? AND EXISTS (SELECT 1 FROM {stage} "
+        "s WHERE s.resource_type = d.resource_type AND s.id = d.id)",
+        [batch_id],
+    )
+
+
 def _swap_batch(
     con: duckdb.DuckDBPyConnection, batch_id: str, stage: str, errors: str, settings: str
 ) -> None:
@@ -170,6 +186,7 @@ def _swap_batch(
         for target, source in (("deid_resources", stage), ("deid_errors", errors)):
             con.execute(f"DELETE FROM {target} WHERE batch_id = ?", [batch_id])
             con.execute(f"INSERT INTO {target} SELECT * FROM {source}")
+        _drop_superseded(con, batch_id, stage)
         _record_published(con, batch_id, settings)
         con.execute("COMMIT")
     except BaseException:

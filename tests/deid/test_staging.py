@@ -270,3 +270,61 @@ def test_identifiers_glued_to_letters_in_kept_codes_keep_the_batch_unpublished(
         assert "deid_resources" not in _tables(con) or not _release(con)
     finally:
         con.close()
+
+
+def test_a_resource_changed_in_a_later_batch_is_released_once_as_its_newest_version(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """An export corrects a lab and the patient's sex that an earlier export sent: the release
+    holds each resource once, the later version (worked out here from the two exports: the
+    second carries versionId 2), not the earlier batch's row beside it."""
+    first = [
+        {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1960-05-01"},
+        {
+            "resourceType": "Observation",
+            "id": "o1",
+            "status": "final",
+            "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
+            "subject": {"reference": "Patient/p1"},
+            "valueQuantity": {"value": 7.4, "unit": "%"},
+            "meta": {"versionId": "1"},
+        },
+    ]
+    second = [
+        {**first[0], "gender": "female"},
+        {**first[1], "valueQuantity": {"value": 9.9, "unit": "%"}, "meta": {"versionId": "2"}},
+    ]
+    wh = tmp_path / "w.duckdb"
+    research = Policy.shipped("research")
+    # each export ingested and published in turn, as the landing sensor and `ehr run` do: the
+    # first batch's rows are published before the second batch exists
+    for n, entries in enumerate((first, second)):
+        land = tmp_path / f"export{n}"
+        land.mkdir()
+        bundle = {"resourceType": "Bundle", "type": "collection"}
+        bundle["entry"] = [{"resource": r} for r in entries]  # type: ignore[assignment]
+        (land / "export.json").write_bytes(orjson.dumps(bundle))
+        ingest_batch(wh, f"b{n}", land, key_provider, workers=1)
+        con = warehouse.connect(wh)
+        try:
+            assert publish_batch(con, key_provider, f"b{n}", research, today=TODAY).published
+        finally:
+            con.close()
+    con = warehouse.connect(wh)
+    try:
+        rows = con.execute(
+            "SELECT resource_type, batch_id, resource FROM deid_resources ORDER BY resource_type"
+        ).fetchall()
+        assert [(kind, batch) for kind, batch, _ in rows] == [
+            ("Observation", "b1"),
+            ("Patient", "b1"),
+        ]
+        observation = orjson.loads(rows[0][2])
+        assert observation["valueQuantity"]["value"] == second[1]["valueQuantity"]["value"]
+        ((sex,),) = con.execute("SELECT sex FROM release_quasi_identifiers").fetchall()
+        assert sex == second[0]["gender"]
+        # the first batch published again (a settings change) does not bring its version back
+        assert publish_batch(con, key_provider, "b0", research, today=TODAY).published
+        assert con.execute("SELECT count(*) FROM deid_resources").fetchall() == [(2,)]
+    finally:
+        con.close()

@@ -94,7 +94,7 @@ def features_describe(workdir: Workdir, name: str) -> None:
     for row in rows:
         click.echo(f"{row['feature']} ({row['type']}, unit {row['unit'] or '-'})")
         click.echo(f"  {row['description']}")
-        click.echo(f"  source: {row['table']} <- {row['rule']}")
+        click.echo(f"  source: {row['table']} <- {row['rule']}; TTL {row['ttl_days']} days")
 
 
 @features.command("entities")

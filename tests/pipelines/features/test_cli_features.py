@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from pipelines.cli import main
 from pipelines.features.feast_store import FEAST_DATA_ENV, FEATURES_DIR_ENV, apply_repo
-from pipelines.features.tables import build_feature_tables
+from pipelines.features.tables import FEAST_TTL_DAYS, build_feature_tables
 from tests.pipelines.features.crafted import A, B, D, crafted_rows, write_views
 
 
@@ -51,6 +51,8 @@ def test_describe_feature_and_view(workdir: Path) -> None:
     )
     assert one.exit_code == 0, one.output
     assert "discharged at T" in one.output and "views.encounter" in one.output
+    # the README's example says what a feature's description gives: its TTL too (the view's)
+    assert f"TTL {FEAST_TTL_DAYS} days" in one.output
     view = runner.invoke(
         main, ["features", "describe", "patient_comorbidities", "--workdir", str(workdir)]
     )

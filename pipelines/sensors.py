@@ -35,6 +35,7 @@ from dagster import (
     SkipReason,
     sensor,
 )
+from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from deid.staging import deidentified_batches
 from fhirlake.readers import BatchListing
@@ -227,15 +228,6 @@ class Tick:
     states: dict[str, BatchState]
 
 
-_UNFINISHED = [
-    DagsterRunStatus.QUEUED,
-    DagsterRunStatus.NOT_STARTED,
-    DagsterRunStatus.STARTING,
-    DagsterRunStatus.STARTED,
-    DagsterRunStatus.CANCELING,
-]
-
-
 def _orphaned_partitions(
     context: SensorEvaluationContext,
     present: set[str],
@@ -260,7 +252,7 @@ def _orphaned_partitions(
         if key in ledger:
             continue
         going = context.instance.get_runs(
-            filters=RunsFilter(tags={BATCH_TAG: key}, statuses=_UNFINISHED), limit=1
+            filters=RunsFilter(tags={BATCH_TAG: key}, statuses=NOT_FINISHED_STATUSES), limit=1
         )
         if not going:
             orphans.append(key)

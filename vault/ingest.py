@@ -577,6 +577,8 @@ class BatchIngestor:
     def _names_erased_patient(self, checked: Checked) -> bool:
         """A Patient sent again under another id but with an identifier of an erased one,
         exactly or written differently (its loose form, same system)."""
+        if not self.erased:
+            return False  # nothing erased: no keyed identifier to compute
         return any(
             key in self.erased
             for key in identifier_keys(self.pseudo, "Patient", checked.identifiers)

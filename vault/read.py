@@ -234,10 +234,10 @@ def iter_every_version(
     :func:`iter_current_records`, ``resource_key`` one resource, and ``shared_only`` the rows
     of no patient (sealed under the shared key)."""
     before = _resource_filters(resource_type, patients_of_batch, resource_key)
+    params = [p for _, p in before]
     if shared_only:
-        before.append((_SHARED_ROW, None))
+        before.append((_SHARED_ROW, None))  # no parameter
     sql = _VERSION_POSITIONS.format(before=_where(before))
-    params = [p for c, p in before if c != _SHARED_ROW]
     positions = [int(seq) for (seq,) in con.execute(sql, params).fetchall()]
     yield from _records_at(con, provider, positions, resource_type, chunk_rows)
 

@@ -13,6 +13,7 @@ import duckdb
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
+from deid.policy import shipped_parameters
 from pipelines import workdir as workdir_paths
 from pipelines.workdir import DEFAULT_LANDING, DEFAULT_WORKDIR, Workdir
 from vault import warehouse
@@ -176,3 +177,7 @@ class DeidSettings(ConfigurableResource):
     profile: str = "research"
     k: int = 5
     max_withheld_share: float = 0.05
+
+    def date_shift_days(self) -> int:
+        """The most the profile shifts a date, either way."""
+        return shipped_parameters(self.profile).date_shift_days

@@ -34,13 +34,14 @@ from pipelines.features.checks import (
     opted_out_known,
     table_shape,
 )
+from pipelines.features.cohort import release_known_by
 from pipelines.features.online_sync import withdraw_online_views
 from pipelines.features.refresh import refresh_feature_tables, withdraw_feature_tables
 from pipelines.features.resources import FeastStoreResource
 from pipelines.features.stats import null_rates, plot_distributions
 from pipelines.features.tables import FEATURE_TABLES, FEATURES_SCHEMA, parquet_path
 from pipelines.parallel import on_cursors
-from pipelines.resources import KeyProviderResource, WarehouseResource
+from pipelines.resources import DeidSettings, KeyProviderResource, WarehouseResource
 from vault.catalog import has_table
 
 # a published feature table's check after the refresh (None when it was not checked again)
@@ -96,6 +97,7 @@ def feature_tables(
     warehouse: WarehouseResource,
     keys: KeyProviderResource,
     feast_store: FeastStoreResource,
+    deid_settings: DeidSettings,
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """Build the feature tables from the views; publish only rows that pass their checks."""
     out_dir = Path(warehouse.workdir) / "features"
@@ -106,7 +108,10 @@ def feature_tables(
         canaries = RELEASE_CANARIES.get(con, keys.provider(), context.run.run_id)
         canaries.compile()
         refresh = refresh_feature_tables(
-            con, out_dir, check=lambda cursor, rows: check_feature_rows(cursor, canaries, rows)
+            con,
+            out_dir,
+            check=lambda cursor, rows: check_feature_rows(cursor, canaries, rows),
+            known_by=release_known_by(con, deid_settings.date_shift_days()),
         )
         build = refresh.build
         # a full build's published rows were checked in full against the same canaries; after
@@ -146,6 +151,12 @@ def feature_tables(
         f"{refresh.patients_removed} removed, {build.opted_out} opted-out patients excluded, "
         f"{build.seconds:.1f}s"
     )
+    if build.dated_after_arrival:
+        context.log.warning(
+            f"{build.dated_after_arrival} fact times are dated after the newest batch's arrival "
+            "(beyond the date shift and a day's span): left out of the data end, so they move "
+            "no patient's rows; check the source's dates"
+        )
     held_back = refresh.held_back
     for name, (after, stats) in results.items():
         key = feature_asset_key(name)
@@ -167,6 +178,7 @@ def feature_tables(
                 "table": f"{FEATURES_SCHEMA}.{name}",
                 "parquet": MetadataValue.path(str(parquet_path(out_dir, name))),
                 "opted_out_excluded": build.opted_out,
+                "dates_after_arrival": build.dated_after_arrival,
                 "build_seconds": build.seconds,
                 "refresh": refresh.mode,
                 "patients_changed": refresh.patients_changed,

@@ -21,10 +21,10 @@ from dagster import (
 )
 from pydantic import Field
 
-from deid.policy import shipped_parameters
 from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import card_metadata, image_metadata
+from pipelines.features.cohort import release_known_by
 from pipelines.models.labels import readmission_labels_with_counts
 from pipelines.models.retrain import DEFAULT_MIN_CHANGED_SHARE, retrain_decision
 from pipelines.models.storage import (
@@ -54,10 +54,10 @@ MIN_AUROC = 0.6
 FEAST_REGISTRY = AssetKey("feast_registry")
 
 
-def censor_margin_days(profile: str) -> int:
+def censor_margin_days(settings: DeidSettings) -> int:
     """Dates are shifted per patient by up to the policy's range either way, so a patient's own
     data can end up to twice that range before the dataset's latest timestamp."""
-    return 2 * shipped_parameters(profile).date_shift_days
+    return 2 * settings.date_shift_days()
 
 
 @asset(
@@ -78,10 +78,11 @@ def readmission_labels(
 ) -> MaterializeResult:
     """30-day inpatient readmission label per eligible discharge (censored, died, opted-out
     excluded)."""
-    margin = censor_margin_days(deid_settings.profile)
+    margin = censor_margin_days(deid_settings)
     con = warehouse.connect()
     try:
-        labels, counts = readmission_labels_with_counts(con, margin)
+        known_by = release_known_by(con, deid_settings.date_shift_days())
+        labels, counts = readmission_labels_with_counts(con, margin, known_by)
         path = write_table(con, labels, LABELS_TABLE, warehouse.workdir)
     finally:
         con.close()

@@ -1,5 +1,5 @@
 """The rules shared by the feature tables, their checks and the readmission label: who opted out
-of research, and which encounters took place.
+of research, which encounters took place, and which dates can be true.
 
 A patient opted out when they have a Consent that is active, scoped to research, and either
 denies (``provision_type = 'deny'``) or names the ``OPTOUT`` policy rule. Codes are compared
@@ -9,7 +9,15 @@ thing, and a patient must not re-enter the data because of how a clerk typed a c
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import duckdb
+
+from vault.catalog import has_table
+
+# A date without a time spans 36 hours across time zones: a fact dated the day its export arrived
+# can stand for an instant up to that long after the arrival.
+DATE_SPAN = timedelta(days=2)
 
 
 def opted_out_sql(consent: str = "views.consent") -> str:
@@ -35,6 +43,28 @@ def encounter_held_sql(status: str = "status") -> str:
     of :data:`ENCOUNTER_NOT_HELD`, compared without regard to case)."""
     listed = ", ".join(f"'{s}'" for s in ENCOUNTER_NOT_HELD)
     return f"coalesce(lower({status}), '') NOT IN ({listed})"
+
+
+def release_known_by(con: duckdb.DuckDBPyConnection, date_shift_days: int) -> datetime | None:
+    """The latest instant a fact of the release can truly stand for: the arrival of its newest
+    batch, plus the most its dates can have been shifted forward (``date_shift_days``), plus the
+    span of a day across time zones. A fact dated later (2205 typed for 2025) is in the future
+    of every export the release holds: it is no fact yet, and must not move the data end (and
+    with it every patient's latest feature row, which the online store serves) or the label's
+    follow-up horizon. None without the vault's batch ledger (views built on their own)."""
+    if date_shift_days < 0:
+        raise ValueError("date_shift_days must not be negative")
+    if not has_table(con, "batches"):
+        return None
+    ((arrived,),) = con.execute("SELECT max(ingested_at) FROM batches").fetchall()
+    if arrived is None:
+        return None
+    return arrived + timedelta(days=date_shift_days) + DATE_SPAN
+
+
+def timestamptz_sql(value: datetime) -> str:
+    """``value`` (an aware datetime) as a DuckDB TIMESTAMPTZ literal, in UTC."""
+    return f"TIMESTAMPTZ '{value.astimezone(UTC).isoformat()}'"
 
 
 def released_cohort(con: duckdb.DuckDBPyConnection) -> list[str]:

@@ -41,6 +41,7 @@ from pipelines.features.tables import (
     VIEW_COLUMNS,
     FeatureBuild,
     build_feature_tables_report,
+    dated_after_arrival,
     parquet_path,
     prepare_sources,
     register_lab_codes,
@@ -279,23 +280,27 @@ def refresh_feature_tables(
     *,
     created: datetime | None = None,
     check: PublishCheck[CheckOutcome] | None = None,
+    known_by: datetime | None = None,
 ) -> FeatureRefresh:
     """Bring every feature table (DuckDB and Parquet) up to date with the views, computing
     only the patients whose view rows changed when the shared inputs are the same. With
     ``check``, rows are published only when it passes over them (a full build's staged
     tables one by one, an incremental refresh's rows of the changed patients all together);
-    the build's ``checks`` say what it found."""
+    the build's ``checks`` say what it found. ``known_by`` bounds the dates that move the
+    data end (:func:`pipelines.features.tables.prepare_sources`)."""
     started = time.perf_counter()
     created = created or datetime.now(UTC)
     valuesets = load_valuesets()
     con.execute("SET TimeZone = 'UTC'")
     _ensure_state(con)
-    prepare_sources(con)
+    prepare_sources(con, known_by=known_by)
     shared = _shared_inputs(con, valuesets)
     _stage_patient_digests(con)
     try:
         if _needs_full_build(con, Path(out_dir), shared):
-            build = build_feature_tables_report(con, out_dir, created=created, check=check)
+            build = build_feature_tables_report(
+                con, out_dir, created=created, check=check, known_by=known_by
+            )
             if not build.unpublished:
                 _record_full_build(con, shared)
             else:  # the next refresh builds in full again
@@ -313,7 +318,10 @@ def refresh_feature_tables(
         rows, patients = _counts(con)
         seconds = round(time.perf_counter() - started, 3)
         return FeatureRefresh(
-            FeatureBuild(rows, patients, int(opted_out), seconds, checks), mode, changed, gone
+            FeatureBuild(rows, patients, int(opted_out), seconds, checks, dated_after_arrival(con)),
+            mode,
+            changed,
+            gone,
         )
     finally:
         DIGESTS.drop_scratch(con)

@@ -51,7 +51,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from pipelines.features.cohort import encounter_held_sql, opted_out_sql
+from pipelines.features.cohort import encounter_held_sql, opted_out_sql, timestamptz_sql
 from pipelines.features.valuesets import (
     ICD10CM,
     RXNORM,
@@ -80,12 +80,16 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "patient_id": "VARCHAR",
         "status": "VARCHAR",
         "class_code": "VARCHAR",
+        "period_start": "TIMESTAMPTZ",
+        "period_end": "TIMESTAMPTZ",
         "period_start_latest": "TIMESTAMPTZ",
         "period_end_latest": "TIMESTAMPTZ",
     },
     "condition": {
         "patient_id": "VARCHAR",
         "verification_status": "VARCHAR",
+        "onset_date_time": "TIMESTAMPTZ",
+        "recorded_date": "TIMESTAMPTZ",
         "onset_date_time_latest": "TIMESTAMPTZ",
         "recorded_date_latest": "TIMESTAMPTZ",
         "code_system": "VARCHAR",
@@ -97,6 +101,7 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "code": "VARCHAR",
         "component_code": "VARCHAR",
         "value_quantity": "DOUBLE",
+        "effective_date_time": "TIMESTAMPTZ",
         "effective_date_time_latest": "TIMESTAMPTZ",
         "issued": "TIMESTAMPTZ",
     },
@@ -104,6 +109,7 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "patient_id": "VARCHAR",
         "status": "VARCHAR",
         "intent": "VARCHAR",
+        "authored_on": "TIMESTAMPTZ",
         "authored_on_latest": "TIMESTAMPTZ",
         "medication_system": "VARCHAR",
         "medication_code": "VARCHAR",
@@ -196,11 +202,14 @@ def request_counts_sql(alias: str) -> str:
 # ``*_latest`` columns): a date without a time is known once that whole day is over wherever it
 # was written, so an entity timestamp inside the day never sees what was recorded later that day.
 CONDITION_KNOWN_AT = "coalesce(recorded_date_latest, onset_date_time_latest)"
+# The earliest instant the same date can stand for (a date alone, its first instant in UTC)
+CONDITION_DATED_FROM = "coalesce(recorded_date, onset_date_time)"
 # When a result became known: when it was issued (made available, often hours or days after the
 # sample), never before the measurement itself.
 OBSERVATION_KNOWN_AT = (
     "greatest(effective_date_time_latest, coalesce(issued, effective_date_time_latest))"
 )
+OBSERVATION_DATED_FROM = "greatest(effective_date_time, coalesce(issued, effective_date_time))"
 # "Prior" means strictly before T: a stay counts as prior from one microsecond after its
 # discharge (the Parquet timestamps' resolution), so a row at the discharge excludes the stay.
 AFTER = "INTERVAL 1 MICROSECOND"
@@ -222,6 +231,8 @@ class FeatureBuild:
     opted_out: int
     seconds: float
     checks: dict[str, CheckOutcome] = field(default_factory=dict)
+    # fact times left out of the data end: dated after everything the release can know
+    dated_after_arrival: int = 0
 
     @property
     def unpublished(self) -> list[str]:
@@ -232,13 +243,17 @@ def prepare_sources(
     con: duckdb.DuckDBPyConnection,
     patients: str | None = None,
     data_end: datetime | None = None,
+    known_by: datetime | None = None,
 ) -> None:
     """Temp views ``src_<view>`` over ``views.<view>`` (or an empty typed relation when the view
     has not been built), the opted-out and eligible patients, and every patient event time.
 
     ``patients`` (a table with a ``patient_id`` column) restricts every source to those
     patients, and ``data_end`` then pins the release's data end (computed over every patient),
-    so their rows come out exactly as in a build over everyone."""
+    so their rows come out exactly as in a build over everyone. Without it, the data end is
+    the latest fact time, over the facts dated no later than ``known_by`` when it is given
+    (:func:`pipelines.features.cohort.release_known_by`): a fact dated in the future of every
+    export moves no one's rows."""
     present = {
         name
         for (name,) in con.execute(
@@ -255,10 +270,12 @@ def prepare_sources(
             select = ", ".join(f'NULL::{t} AS "{c}"' for c, t in columns.items())
             body = f"SELECT {select} WHERE false"
         con.execute(f"CREATE OR REPLACE TEMP VIEW src_{view} AS {body}")
-    _prepare_patients(con, data_end)
+    _prepare_patients(con, data_end, known_by)
 
 
-def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None) -> None:
+def _prepare_patients(
+    con: duckdb.DuckDBPyConnection, data_end: datetime | None, known_by: datetime | None
+) -> None:
     """The eligible patients, their event times, start times and the release's data end."""
     con.execute(f"CREATE OR REPLACE TEMP VIEW feature_opted_out AS {opted_out_sql('src_consent')}")
     con.execute(
@@ -286,23 +303,30 @@ def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None)
     con.execute(
         f"""
         CREATE OR REPLACE TEMP VIEW feature_event_times AS
-        SELECT t.patient_id, t.ts FROM (
-            SELECT patient_id, period_start_latest AS ts FROM src_encounter
+        SELECT t.patient_id, t.ts, coalesce(t.dated_from, t.ts) AS dated_from FROM (
+            SELECT patient_id, period_start_latest AS ts, period_start AS dated_from
+                FROM src_encounter WHERE {encounter_held_sql()}
+            UNION ALL SELECT patient_id, period_end_latest, period_end FROM src_encounter
                 WHERE {encounter_held_sql()}
-            UNION ALL SELECT patient_id, period_end_latest FROM src_encounter
-                WHERE {encounter_held_sql()}
-            UNION ALL SELECT patient_id, {CONDITION_KNOWN_AT} FROM src_condition c
-                WHERE {condition_counts_sql("c")}
-            UNION ALL SELECT patient_id, {OBSERVATION_KNOWN_AT} FROM src_observation o
-                WHERE {observation_counts_sql("o")}
-            UNION ALL SELECT patient_id, authored_on_latest FROM src_medication_request m
-                WHERE {request_counts_sql("m")}
+            UNION ALL SELECT patient_id, {CONDITION_KNOWN_AT}, {CONDITION_DATED_FROM}
+                FROM src_condition c WHERE {condition_counts_sql("c")}
+            UNION ALL SELECT patient_id, {OBSERVATION_KNOWN_AT}, {OBSERVATION_DATED_FROM}
+                FROM src_observation o WHERE {observation_counts_sql("o")}
+            UNION ALL SELECT patient_id, authored_on_latest, authored_on
+                FROM src_medication_request m WHERE {request_counts_sql("m")}
         ) t SEMI JOIN feature_patients p ON p.patient_id = t.patient_id
         WHERE t.ts IS NOT NULL
         """
     )
+    # Fact times dated, even at their earliest, after everything the release can know
+    known = f"dated_from > {timestamptz_sql(known_by)}" if known_by is not None else "false"
+    con.execute(
+        "CREATE OR REPLACE TEMP VIEW feature_dated_after_arrival AS "
+        f"SELECT * FROM feature_event_times WHERE {known}"
+    )
     # The release's data end: no row is written after it (later values are unknown).
-    end = _ts(data_end) if data_end is not None else "(SELECT max(ts) FROM feature_event_times)"
+    latest = f"(SELECT max(ts) FROM feature_event_times WHERE NOT ({known}))"
+    end = timestamptz_sql(data_end) if data_end is not None else latest
     con.execute(f"CREATE OR REPLACE TEMP VIEW feature_data_end AS SELECT {end} AS data_end")
     # Where a patient's rows start (counts at 0): their first data. Rows from birth would add
     # a yearly heartbeat row per year of life before it (see with_heartbeats).
@@ -312,10 +336,6 @@ def _prepare_patients(con: duckdb.DuckDBPyConnection, data_end: datetime | None)
         SELECT patient_id, min(ts) AS ts FROM feature_event_times GROUP BY patient_id
         """
     )
-
-
-def _ts(value: datetime) -> str:
-    return f"TIMESTAMPTZ '{value.astimezone(UTC).isoformat()}'"
 
 
 def _frame(days: int) -> str:
@@ -371,7 +391,7 @@ def demographics_sql(created: datetime, edges: bool = True) -> str:
               AS age
         FROM spine s JOIN src_patient p ON p.id = s.patient_id
     )
-    SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created,
+    SELECT patient_id, ts AS event_timestamp, {timestamptz_sql(created)} AS created,
         -- null before birth; the 90+ cap is applied at T, not at the release date
         CASE WHEN age >= 0 THEN least(age, {AGE_CAP}) END::BIGINT AS age_years,
         gender AS sex, race_code, ethnicity_code
@@ -446,7 +466,7 @@ def utilisation_sql(created: datetime, edges: bool = True) -> str:
     ),
     snap AS (SELECT * FROM w WHERE is_spine)
     SELECT snap.patient_id AS patient_id, snap.ts AS event_timestamp,
-        {_ts(created)} AS created, {names},
+        {timestamptz_sql(created)} AS created, {names},
         s.period_end AS prior_discharge_at,
         date_diff('day', s.period_start, s.period_end)::BIGINT AS prior_stay_length_days
     FROM snap ASOF LEFT JOIN stays s
@@ -515,7 +535,8 @@ def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
         WHERE {_before_data_end()}
         GROUP BY s.patient_id, s.ts
     )
-    SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created, {group_columns},
+    SELECT patient_id, ts AS event_timestamp, {timestamptz_sql(created)} AS created,
+        {group_columns},
         ({_charlson_index(valuesets)})::BIGINT AS charlson_index
     FROM flagged
     ORDER BY patient_id, event_timestamp
@@ -565,7 +586,7 @@ def medications_sql(created: datetime, valuesets: list[ValueSet], edges: bool = 
         LEFT JOIN valueset_codes v ON v.system = a.system AND v.code = a.code
         GROUP BY s.patient_id, s.ts
     )
-    SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created,
+    SELECT patient_id, ts AS event_timestamp, {timestamptz_sql(created)} AS created,
         active_medication_count::BIGINT AS active_medication_count,
         medications_180d::BIGINT AS medications_180d,
         active_medication_count >= {POLYPHARMACY_MIN} AS polypharmacy,
@@ -641,7 +662,7 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
                wmean AS (PARTITION BY patient_id ORDER BY ts
                          RANGE BETWEEN {_frame(LAB_WINDOW_DAYS)})
     )
-    SELECT patient_id, ts AS event_timestamp, {_ts(created)} AS created,
+    SELECT patient_id, ts AS event_timestamp, {timestamptz_sql(created)} AS created,
         {final_columns}
     FROM w WHERE is_spine
     ORDER BY patient_id, event_timestamp
@@ -703,16 +724,18 @@ def build_feature_tables_report(
     valuesets_dir: Path | None = None,
     edges: bool = True,
     check: PublishCheck[CheckOutcome] | None = None,
+    known_by: datetime | None = None,
 ) -> FeatureBuild:
     """Build ``features.<table>`` and ``out_dir/<table>.parquet`` for each feature table. With
     ``check`` (run over each table's staged rows), a table is published only when its check
-    passes; one that fails leaves the published table and file as they were."""
+    passes; one that fails leaves the published table and file as they were. ``known_by``: see
+    :func:`prepare_sources`."""
     started = time.perf_counter()
     created = created or datetime.now(UTC)
     valuesets = load_valuesets(valuesets_dir) if valuesets_dir else load_valuesets()
     con.execute("SET TimeZone = 'UTC'")  # day boundaries and ages in UTC, as the views store
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {FEATURES_SCHEMA}")
-    prepare_sources(con)
+    prepare_sources(con, known_by=known_by)
     register_code_table(con, valuesets)
     register_lab_codes(con)
     out_dir = Path(out_dir)
@@ -736,7 +759,14 @@ def build_feature_tables_report(
         patients[name] = int(distinct)
     ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
     seconds = round(time.perf_counter() - started, 3)
-    return FeatureBuild(rows, patients, int(opted_out), seconds, checks)
+    return FeatureBuild(rows, patients, int(opted_out), seconds, checks, dated_after_arrival(con))
+
+
+def dated_after_arrival(con: duckdb.DuckDBPyConnection) -> int:
+    """How many fact times the prepared sources left out of the data end (see
+    :func:`prepare_sources`)."""
+    ((count,),) = con.execute("SELECT count(*) FROM feature_dated_after_arrival").fetchall()
+    return int(count)
 
 
 def build_feature_tables(con: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:

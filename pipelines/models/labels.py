@@ -48,11 +48,12 @@ Definition (one row per index discharge):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 import duckdb
 import pandas as pd
 
-from pipelines.features.cohort import encounter_held_sql, opted_out_sql
+from pipelines.features.cohort import encounter_held_sql, opted_out_sql, timestamptz_sql
 
 READMISSION_WINDOW_DAYS = 30
 INPATIENT_CLASS = "IMP"
@@ -105,7 +106,9 @@ def _dated_to_the_day(value: str, latest: str) -> str:
     return f"coalesce({latest} < {value} + INTERVAL 2 DAY, TRUE)"
 
 
-def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> str:
+def _discharges_sql(
+    con: duckdb.DuckDBPyConnection, censor_margin_days: int, known_by: datetime | None
+) -> str:
     """Every index discharge with its label and the exclusion flags, as a SQL query."""
     patient_cols = _table_columns(con, "views", "patient")
     has_deaths = {"id", "deceased_date_time"} <= patient_cols
@@ -119,16 +122,16 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> 
     expired = ", ".join(f"'{s}'" for s in EXPIRED_DISPOSITIONS)
     window = f"INTERVAL {READMISSION_WINDOW_DAYS} DAY"
     start_latest, end_latest = _latest_bounds(con)
+    # an encounter dated, even at its earliest, after everything the release can know does not
+    # move the horizon (see pipelines.features.cohort.release_known_by)
+    after_arrival = "true" if known_by is None else f"ts <= {timestamptz_sql(known_by)}"
     return f"""
     WITH enc AS (
         SELECT * FROM views.encounter
         WHERE {encounter_held_sql()}
     ),
-    horizon AS (
-        SELECT max(greatest(coalesce(period_start, period_end), coalesce(period_end, period_start)))
-            AS last_ts
-        FROM enc
-    ),
+    times AS (SELECT period_start AS ts FROM enc UNION ALL SELECT period_end FROM enc),
+    horizon AS (SELECT max(ts) AS last_ts FROM times WHERE {after_arrival}),
     inpatient AS (
         SELECT id, patient_id, period_start, period_end, discharge_disposition_code,
             {start_latest} AS start_latest, {end_latest} AS end_latest,
@@ -168,16 +171,19 @@ def _discharges_sql(con: duckdb.DuckDBPyConnection, censor_margin_days: int) -> 
 
 
 def readmission_labels_with_counts(
-    con: duckdb.DuckDBPyConnection, censor_margin_days: int = 0
+    con: duckdb.DuckDBPyConnection,
+    censor_margin_days: int = 0,
+    known_by: datetime | None = None,
 ) -> tuple[pd.DataFrame, LabelCounts]:
-    """The label frame (see the module docstring) and the counts behind each exclusion."""
+    """The label frame (see the module docstring) and the counts behind each exclusion;
+    ``known_by`` bounds the encounter dates that set the horizon."""
     if censor_margin_days < 0:
         raise ValueError("censor_margin_days must not be negative")
     # 30 days after a discharge and the date of a death are counted in UTC, as the views store
     # instants and the feature tables count: in the session's zone (the machine's, by default)
     # a window across a daylight-saving change ends an hour off, and a death's date moves
     con.execute("SET TimeZone = 'UTC'")
-    flagged = con.execute(_discharges_sql(con, censor_margin_days)).df()
+    flagged = con.execute(_discharges_sql(con, censor_margin_days, known_by)).df()
     counts_censored = int(flagged["censored"].sum())
     died = flagged["died"] & ~flagged["censored"]
     opted_out = flagged["opted_out"] & ~flagged["censored"] & ~flagged["died"]

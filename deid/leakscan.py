@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -107,6 +108,12 @@ def _strings(node: Any, terminology: bool = False) -> Iterable[tuple[str, bool]]
     single name parts are not searched there; everything else still is."""
     if isinstance(node, str):
         yield node, terminology
+    elif isinstance(node, int | float) and not isinstance(node, bool):
+        # a number can carry an identifier as well as a string can: an SSN or an MRN typed
+        # into a lab value, a birth date written 19460219
+        whole = _whole_number(node)
+        if whole is not None:
+            yield whole, terminology
     elif isinstance(node, dict):
         coding = "system" in node and "code" in node
         category = node.get("url") in _TERMINOLOGY_EXTENSIONS
@@ -116,6 +123,15 @@ def _strings(node: Any, terminology: bool = False) -> Iterable[tuple[str, bool]]
     elif isinstance(node, list):
         for item in node:
             yield from _strings(item, terminology)
+
+
+def _whole_number(value: float) -> str | None:
+    """The digits of a whole number long enough to be a digit canary (``264876926.0`` gives
+    ``264876926``); None for fractions and short numbers, which no identifier is."""
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        return None
+    digits = str(abs(int(value)))
+    return digits if len(digits) >= MIN_DIGITS else None
 
 
 _MONTHS = (
@@ -143,7 +159,8 @@ def birth_date_forms(iso_date: str) -> tuple[str, ...]:
     if not (1 <= month <= 12 and 1 <= day <= 31):
         return ()
     full, short = _MONTHS[month - 1], _MONTHS[month - 1][:3]
-    forms = {iso_date, f"{year}/{month:02d}/{day:02d}"}
+    # the compact form of HL7 v2 and of many exports (19460219) too
+    forms = {iso_date, f"{year}/{month:02d}/{day:02d}", f"{year}{month:02d}{day:02d}"}
     for sep in "/-":
         forms.update({f"{month:02d}{sep}{day:02d}{sep}{year}", f"{month}{sep}{day}{sep}{year}"})
     for name in (full, short):

@@ -347,3 +347,30 @@ def test_glued_digits_stay_whole_groups_and_short_identifiers_stay_words() -> No
         assert scan_rows(c, [("r", {"code": text})]).passed, text
     for text in ("778812", "mrn: 778812"):
         assert scan_rows(c, [("r", {"code": text})]).by_kind() == {"identifier": 1}, text
+
+
+def test_identifiers_typed_as_numbers_are_found() -> None:
+    """A number carries an identifier as well as a string: an SSN, an MRN or a phone typed into
+    a lab value (as JSON integers or as floats), the birth date written 19460219 in the
+    patient's own rows. Fractions, short numbers and booleans are no identifier."""
+    c = _glued_canaries()
+    c.add_birth_date("1946-02-19", "p1")
+    for value, kinds in (
+        (624183307, {"ssn"}),
+        (624183307.0, {"ssn"}),
+        (55190377, {"identifier"}),
+        (5085550163, {"phone"}),
+        (15085550163, {"phone"}),  # with its country code
+        (19460219, {"birth_date"}),
+        (624183307.5, set()),
+        (6241833, set()),  # seven digits that are none of them
+        (551903, set()),
+        (True, set()),
+        (float("inf"), set()),
+        (float("nan"), set()),
+    ):
+        row = ("r", {"valueQuantity": {"value": value, "unit": "%"}}, "p1")
+        assert set(scan_rows(c, [row]).by_kind()) == kinds, value
+    # a birth date is searched in its own patient's rows only
+    assert not scan_rows(c, [("r", {"value": 19460219}, "p2")]).hits
+    assert set(scan_rows(c, [("r", {"value": "19460219"}, "p1")]).by_kind()) == {"birth_date"}

@@ -272,6 +272,45 @@ def test_identifiers_glued_to_letters_in_kept_codes_keep_the_batch_unpublished(
         con.close()
 
 
+def test_identifiers_typed_as_numbers_keep_the_batch_unpublished(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """An SSN typed into an HbA1c value and the birth date written 19460219 as a BMI: numbers
+    the research profile keeps. The scan finds them, so they reach no view, feature or Feast."""
+    subject = {"reference": "Patient/p6"}
+
+    def lab(n: int, loinc: str, value: float) -> dict[str, Any]:
+        return {
+            "resourceType": "Observation",
+            "id": f"o6{n}",
+            "status": "final",
+            "subject": subject,
+            "code": {"coding": [{"system": "http://loinc.org", "code": loinc}]},
+            "valueQuantity": {"value": value, "unit": "%"},
+        }
+
+    patient = {
+        "resourceType": "Patient",
+        "id": "p6",
+        "birthDate": "1946-02-19",
+        "identifier": [{"system": "http://hl7.org/fhir/sid/us-ssn", "value": "264-87-6926"}],
+    }
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for resource in (patient, lab(1, "4548-4", 264876926), lab(2, "39156-5", 19460219.0)):
+        (landing / f"{resource['id']}.json").write_bytes(orjson.dumps(resource))
+    wh = tmp_path / "w.duckdb"
+    assert ingest_batch(wh, "b", landing, key_provider, workers=1).accepted == 3
+    con = warehouse.connect(wh)
+    try:
+        result = publish_batch(con, key_provider, "b", Policy.shipped("research"), today=TODAY)
+        assert not result.published
+        assert set(result.scan.by_kind()) == {"ssn", "birth_date"}
+        assert "deid_resources" not in _tables(con) or not _release(con)
+    finally:
+        con.close()
+
+
 def test_a_resource_changed_in_a_later_batch_is_released_once_as_its_newest_version(
     tmp_path: Path, key_provider: FileKeyProvider
 ) -> None:

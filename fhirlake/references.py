@@ -6,7 +6,11 @@ import re
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
+
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource
 
 RefKind = Literal["contained", "urn", "relative", "absolute", "conditional", "other"]
 
@@ -18,6 +22,43 @@ _ABSOLUTE = re.compile(
     r"(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
 )
 _CONDITIONAL = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)\?(?P<query>.+)$")
+
+# R4 resource types the R4B models (which records are validated with) no longer have: a
+# reference to one is still a reference to a resource
+_R4_ONLY_TYPES = frozenset(
+    {
+        "EffectEvidenceSynthesis", "RiskEvidenceSynthesis", "MedicinalProduct",
+        "MedicinalProductAuthorization", "MedicinalProductContraindication",
+        "MedicinalProductIndication", "MedicinalProductIngredient", "MedicinalProductInteraction",
+        "MedicinalProductManufactured", "MedicinalProductPackaged",
+        "MedicinalProductPharmaceutical", "MedicinalProductUndesirableEffect",
+        "SubstanceSpecification", "SubstanceNucleicAcid", "SubstancePolymer", "SubstanceProtein",
+        "SubstanceReferenceInformation", "SubstanceSourceMaterial",
+    }
+)  # fmt: skip
+_ABSTRACT_TYPES = frozenset({"Resource", "DomainResource"})
+
+
+@lru_cache(maxsize=1024)
+def is_resource_type(name: str) -> bool:
+    """Whether ``name`` is a FHIR R4 resource type. The type of a reference must be one: in
+    ``CourtneyBarajas/x1`` it is text (a name, here), which would otherwise be kept as a type in
+    the reference index and in the released reference."""
+    if name in _R4_ONLY_TYPES:
+        return True
+    if name in _ABSTRACT_TYPES:
+        return False
+    try:
+        model = get_fhir_model_class(name)
+    except ValueError:
+        return False
+    return issubclass(model, Resource)
+
+
+def _typed(match: re.Match[str] | None) -> re.Match[str] | None:
+    """``match`` when its ``type`` group names a resource type."""
+    return match if match is not None and is_resource_type(match.group("type")) else None
+
 
 # Search parameters of the R4 Patient CompartmentDefinition that point at the patient, per
 # resource type, reduced to the element names that carry them.
@@ -108,18 +149,18 @@ def classify(value: str) -> RefKind:
         return "contained"
     if value.startswith("urn:uuid:") or value.startswith("urn:oid:"):
         return "urn"
-    if _RELATIVE.match(value):
+    if _typed(_RELATIVE.match(value)):
         return "relative"
-    if _CONDITIONAL.match(value):
+    if _typed(_CONDITIONAL.match(value)):
         return "conditional"
-    if _ABSOLUTE.match(value):
+    if _typed(_ABSOLUTE.match(value)):
         return "absolute"
     return "other"
 
 
 def literal_target(value: str) -> tuple[str, str] | None:
     """``(type, id)`` for a relative or absolute literal reference, else None."""
-    match = _RELATIVE.match(value) or _ABSOLUTE.match(value)
+    match = _typed(_RELATIVE.match(value) or _ABSOLUTE.match(value))
     if match is None:
         return None
     return match.group("type"), match.group("id")
@@ -139,7 +180,7 @@ def local_target(value: str, server_base: str | None) -> tuple[str, str] | None:
     base = normalise_base(server_base)
     if base is None or not value.startswith(base + "/"):
         return None
-    match = _RELATIVE.match(value[len(base) + 1 :])
+    match = _typed(_RELATIVE.match(value[len(base) + 1 :]))
     return (match.group("type"), match.group("id")) if match else None
 
 
@@ -154,7 +195,7 @@ def conditional_target(value: str) -> tuple[str, str] | None:
     Only ``identifier=system|value`` criteria are resolvable: it is what bulk exporters
     (Synthea among them) emit, and the only criterion that names one resource.
     """
-    match = _CONDITIONAL.match(value)
+    match = _typed(_CONDITIONAL.match(value))
     if match is None:
         return None
     query = match.group("query")

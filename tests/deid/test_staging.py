@@ -311,6 +311,42 @@ def test_identifiers_typed_as_numbers_keep_the_batch_unpublished(
         con.close()
 
 
+def test_a_name_in_a_references_type_is_neither_indexed_nor_released(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """``encounter: CourtneyBarajas/x1``: a name where the resource type stands. It was kept
+    as the reference's type in the vault's plain-text reference index and in the release."""
+    name = "Quorvina" + "Zabrowskyte"
+    patient = {"resourceType": "Patient", "id": "p7", "name": [{"family": "Zabrowskyte"}]}
+    lab = {
+        "resourceType": "Observation",
+        "id": "o7",
+        "status": "final",
+        "subject": {"reference": "Patient/p7"},
+        "encounter": {"reference": f"{name}/x1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
+        "valueQuantity": {"value": 7.1, "unit": "%"},
+    }
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    for resource in (patient, lab):
+        (landing / f"{resource['id']}.json").write_bytes(orjson.dumps(resource))
+    wh = tmp_path / "w.duckdb"
+    assert ingest_batch(wh, "b", landing, key_provider, workers=1).accepted == 2
+    con = warehouse.connect(wh)
+    try:
+        index = con.execute("SELECT * FROM resource_references").fetchall()
+        assert name not in repr(index) and len(index) == 1  # the subject only
+        assert publish_batch(
+            con, key_provider, "b", Policy.shipped("research"), today=TODAY
+        ).published
+        released = [orjson.loads(r) for _, r in _release(con)]
+        (observation,) = [r for r in released if r["resourceType"] == "Observation"]
+        assert "encounter" not in observation and name not in repr(released)
+    finally:
+        con.close()
+
+
 def test_a_resource_changed_in_a_later_batch_is_released_once_as_its_newest_version(
     tmp_path: Path, key_provider: FileKeyProvider
 ) -> None:

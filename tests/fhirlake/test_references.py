@@ -4,6 +4,7 @@ import pytest
 
 from fhirlake.references import (
     classify,
+    conditional_target,
     identifier_match_form,
     is_external,
     literal_target,
@@ -64,3 +65,35 @@ def test_identifier_match_form_keeps_the_system_and_the_letters_and_digits(
 def test_identifier_match_form_never_matches_across_systems() -> None:
     mine = identifier_match_form("http://hospital.example.org/mrn|88442211")
     assert mine != identifier_match_form("urn:oid:2.16.840.1.999999.1|88442211")
+
+
+# every R4 resource type that can hold a patient's reference, written out here: the list the
+# test's expectation is taken from, not the code's
+R4_TYPES = (
+    "Patient Encounter Observation Condition MedicationRequest Practitioner Organization "
+    "Location DocumentReference Binary Bundle MedicinalProduct SubstanceSpecification "
+    "EffectEvidenceSynthesis Media DeviceUseStatement"
+).split()
+
+
+@pytest.mark.parametrize("name", R4_TYPES)
+def test_a_reference_to_a_resource_type_is_a_reference(name: str) -> None:
+    assert classify(f"{name}/x1") == "relative"
+    assert literal_target(f"{name}/x1") == (name, "x1")
+    assert local_target(f"{BASE}/{name}/x1", BASE) == (name, "x1")
+    assert classify(f"{name}?identifier=s|v") == "conditional"
+
+
+@pytest.mark.parametrize(
+    "name", ["CourtneyBarajas", "HumanName", "Resource", "DomainResource", "Patients", "MRN"]
+)
+def test_a_type_that_is_no_resource_type_makes_no_reference(name: str) -> None:
+    """``CourtneyBarajas/x1``: text in the type's place (a name, here) is no reference, so it
+    is neither indexed nor released as a type."""
+    assert classify(f"{name}/x1") == "other"
+    assert literal_target(f"{name}/x1") is None
+    assert literal_target(f"http://other.example/fhir/{name}/x1") is None
+    assert local_target(f"{BASE}/{name}/x1", BASE) is None
+    assert conditional_target(f"{name}?identifier=s|v") is None
+    assert classify(f"http://other.example/fhir/{name}/x1") == "other"
+    assert not is_external(f"http://other.example/fhir/{name}/x1", BASE)

@@ -37,7 +37,7 @@ from vault import warehouse
 from vault.clock import utcnow
 from vault.clustered import sync_clustered
 from vault.keys import KeyProvider
-from vault.pseudonym import Pseudonymizer
+from vault.pseudonym import Pseudonymizer, stored_version_id
 from vault.read import bind_pseudonym_key
 from vault.sealing import SHARED_OWNER, DataKeyStore, seal
 
@@ -667,7 +667,7 @@ class BatchIngestor:
             resource_key=resource_key,
             resource_type=rtype,
             patient_key=owner,
-            version_id=checked.version_id,
+            version_id=stored_version_id(self.pseudo, checked.version_id),
             last_updated=checked.last_updated,
             content_mac=content_mac,
             batch_id=self.batch_id,

@@ -42,3 +42,20 @@ class Pseudonymizer:
     def resource_key(self, resource_type: str, resource_id: str) -> str:
         """Pseudonym of the logical resource ``Type/id``; also the patient pseudonym."""
         return self.token("resource", f"{resource_type}/{resource_id}")
+
+
+# A versionId this long or shorter and made of digits is a version counter, kept as it is: the
+# newest version is the highest number (vault.warehouse.NEWEST_VERSION_FIRST)
+VERSION_COUNTER_DIGITS = 6
+
+
+def stored_version_id(pseudo: Pseudonymizer, version_id: str | None) -> str | None:
+    """What the vault keeps in plain text of a ``meta.versionId``: a version counter as it is,
+    any other value (an id, which may be text such as a name or a longer number such as an SSN)
+    as its pseudonym. Versions are only compared for equality and, as numbers, for order, so
+    both survive; a non-counter version is ordered by ``lastUpdated``, as before."""
+    if version_id is None:
+        return None
+    if version_id.isascii() and version_id.isdigit() and len(version_id) <= VERSION_COUNTER_DIGITS:
+        return version_id
+    return "v-" + pseudo.token("version", version_id)

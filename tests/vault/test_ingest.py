@@ -130,6 +130,37 @@ def test_reingest_changes_nothing_and_versions_supersede(
         con.close()
 
 
+def test_a_version_id_is_kept_in_plain_text_only_as_a_counter(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """``meta.versionId`` is an id: a source may put a name or an SSN in it. Only a short
+    version counter is kept as it is beside the ciphertext; versions still tell apart (two
+    contents under one versionId conflict, under two they are versions) and order (the
+    highest counter is current)."""
+    named = "Quillfeather" + "Oriane"
+    land = tmp_path / "land"
+    _write(land, "a.json", dict(PATIENT, meta={"versionId": named}, gender="female"))
+    _write(land, "b.json", dict(PATIENT, meta={"versionId": named}, gender="male"))
+    _write(land, "c.json", dict(ENCOUNTER, meta={"versionId": "264876926"}))
+    _write(land, "d.json", dict(ENCOUNTER, meta={"versionId": "4718"}, status="cancelled"))
+    wh = tmp_path / "w.duckdb"
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    # one Patient under one versionId with two contents: a conflict; two Encounter versions
+    assert report.quarantine_reasons == {"duplicate_conflict": 1}
+    assert report.accepted == 3
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        stored = {v for (v,) in con.execute("SELECT version_id FROM phi_vault").fetchall()}
+        encounter = read_resource(con, key_provider, "Encounter", ENCOUNTER["id"])
+    finally:
+        con.close()
+    assert "4718" in stored and not {named, "264876926"} & stored
+    assert all(v == "4718" or v.startswith("v-") for v in stored)
+    assert named.encode() not in wh.read_bytes() and b"264876926" not in wh.read_bytes()
+    # the counter is the only number left to order by: version 4718 is current
+    assert encounter is not None and encounter["status"] == "cancelled"
+
+
 def test_within_batch_duplicates_and_dangling_references(
     tmp_path: Path, key_provider: FileKeyProvider
 ) -> None:

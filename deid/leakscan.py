@@ -273,13 +273,18 @@ class CanarySet:
         self._changed()
 
     def add_name(self, name: Any) -> None:
-        """A HumanName or a name string: its parts, and given + family as a full name."""
+        """A HumanName or a name string: its parts, and given + family as a full name (also
+        glued into one word, either way round)."""
         self.add_person(_name_parts(name))
         if isinstance(name, dict):
             given = [g for g in name.get("given") or [] if isinstance(g, str)]
             family = name.get("family")
             if given and isinstance(family, str):
                 self.add("full_name", f"{given[0]} {family}")
+                # written as one token, as local code systems and URLs do: CourtneyBarajas
+                for glued in (f"{given[0]}{family}", f"{family}{given[0]}"):
+                    if not any(c.isspace() for c in glued):
+                        self.add("full_name", glued)
 
     def add_contact_points(self, resource: dict[str, Any]) -> None:
         """Telecom, address (lines, city with ZIP) and identifiers of a person or contact."""

@@ -374,3 +374,21 @@ def test_identifiers_typed_as_numbers_are_found() -> None:
     # a birth date is searched in its own patient's rows only
     assert not scan_rows(c, [("r", {"value": 19460219}, "p2")]).hits
     assert set(scan_rows(c, [("r", {"value": "19460219"}, "p1")]).by_kind()) == {"birth_date"}
+
+
+def test_a_full_name_written_as_one_word_is_found() -> None:
+    """Local code systems and URLs glue a name into one token: ``CourtneyBarajas`` as a code,
+    ``.../pt/CourtneyBarajas`` as a system, ``BarajasCourtney`` as a version. Whole tokens
+    only: the glued name inside a longer word is not counted."""
+    c = CanarySet()
+    c.add_name({"given": ["Courtney"], "family": "Barajas"})
+    for text, found in (
+        ("CourtneyBarajas", True),
+        ("http://hospital.example.org/pt/CourtneyBarajas", True),
+        ("BarajasCourtney", True),
+        ("courtneybarajas", True),
+        ("XCourtneyBarajasY", False),
+        ("CourtneyBarajasville", False),
+    ):
+        assert bool(scan_rows(c, [("r", {"code": text})]).hits) == found, text
+    assert scan_rows(c, [("r", {"code": "CourtneyBarajas"})]).by_kind() == {"full_name": 1}

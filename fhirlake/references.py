@@ -15,13 +15,13 @@ from fhir.resources.R4B.resource import Resource
 RefKind = Literal["contained", "urn", "relative", "absolute", "conditional", "other"]
 
 _RELATIVE = re.compile(
-    r"^(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+    r"^(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})(?:/_history/[A-Za-z0-9\-.]{1,64})?\Z"
 )
 _ABSOLUTE = re.compile(
     r"^https?://\S+?/(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})"
-    r"(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+    r"(?:/_history/[A-Za-z0-9\-.]{1,64})?\Z"
 )
-_CONDITIONAL = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)\?(?P<query>.+)$")
+_CONDITIONAL = re.compile(r"^(?P<type>[A-Z][A-Za-z]+)\?(?P<query>.+)\Z")
 
 # R4 resource types the R4B models (which records are validated with) no longer have: a
 # reference to one is still a reference to a resource

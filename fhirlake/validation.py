@@ -20,8 +20,9 @@ from pydantic import ValidationError
 
 from fhirlake.references import compartment_elements, identifier_criteria, iter_references
 
-_ID = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")
+# used with fullmatch: "$" would also match before a final newline ("abc\n")
+_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 MAX_ERRORS_IN_MESSAGE = 3
 # Objects and arrays within one another; real resources stay far below (Questionnaire items
 # nest a dozen levels), and the validators recurse once per level.
@@ -104,7 +105,9 @@ def describe_validation_error(resource_type: str, exc: ValidationError) -> str:
             continue
         msg = _value_free(str(err.get("msg", "")), kind, err.get("input"))
         # a location part that is not a schema element name (a dict key of the input) is hidden
-        loc = tuple(p if isinstance(p, int) or _SCHEMA_NAME.match(p) else "(element)" for p in loc)
+        loc = tuple(
+            p if isinstance(p, int) or _SCHEMA_NAME.fullmatch(p) else "(element)" for p in loc
+        )
         where = _loc(loc)
         detail = f"{kind}" + (f" ({msg})" if msg else "")
         parts.append(f"{resource_type}{'.' + where if where else ''}: {detail}")
@@ -265,7 +268,7 @@ def _check_record(raw: bytes) -> Checked:
     def failed(code: str, message: str) -> Checked:
         return Checked(code, message, resource_type, resource_id, patient_refs=patient_refs)
 
-    if resource_id is None or not _ID.match(resource_id):
+    if resource_id is None or not _ID.fullmatch(resource_id):
         return failed("invalid_id", f"{resource_type}.id is not a valid FHIR id")
     if empty is not None:
         # only the top element is named: a nested key may be an unknown one, i.e. input

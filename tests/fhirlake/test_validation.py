@@ -35,6 +35,7 @@ def test_valid_resource_extracts_what_ingest_needs() -> None:
         (b'{"resourceType": "Patientt", "id": "x"}', "unknown_resource_type"),
         (b'{"resourceType": "Money", "id": "x"}', "unknown_resource_type"),
         (b'{"resourceType": "Patient", "id": "bad id!"}', "invalid_id"),
+        (b'{"resourceType": "Patient", "id": "abc\\n"}', "invalid_id"),  # "$" took the newline
         (b'{"resourceType": "Patient", "id": "x", "birthDate": 19610403}', "schema_violation"),
         (b'{"resourceType": "Observation", "id": "x", "status": "final"}', "schema_violation"),
         (b'{"resourceType": "Patient", "id": "x", "name": []}', "schema_violation"),

@@ -10,6 +10,7 @@ per-patient or per-page bundles need); above it a Bundle is streamed entry by en
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import stat
 import uuid
@@ -182,7 +183,7 @@ def _list_entry(path: Path, name: str, listing: BatchListing) -> None:
         listing.files.append(SourceFile(len(listing.files), path, kind, name))
 
 
-def _open(path: Path) -> IO[bytes]:
+def _open(path: Path, state: _ReadState | None = None) -> IO[bytes]:
     # O_NOFOLLOW and a regular-file check on the open descriptor: the file listed may have been
     # replaced by a link or a fifo since (O_NONBLOCK keeps a fifo from blocking the open)
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -191,7 +192,7 @@ def _open(path: Path) -> IO[bytes]:
         raise NotARegularFileError
     handle = os.fdopen(fd, "rb")
     if path.name.lower().endswith(".gz"):
-        return cast(IO[bytes], _GzipOverFile(handle))
+        return cast(IO[bytes], _Gunzip(handle, state or _ReadState()))
     return handle
 
 
@@ -199,12 +200,60 @@ class NotARegularFileError(OSError):
     """A data file that is no longer a regular file when it is opened."""
 
 
-class _GzipOverFile(gzip.GzipFile):
-    """A gzip reader that closes the file it reads (GzipFile leaves a given file object open)."""
+@dataclass(slots=True)
+class FileNote:
+    """Something to know about a file that is no record: a gzip member whose trailer check
+    failed after all its data was read (the records stand; nothing is left unread)."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
-        super().__init__(fileobj=raw, mode="rb")
+    file_index: int
+    message: str
+
+
+@dataclass(slots=True)
+class _ReadState:
+    """How far reading one file got: the bytes read after the last whole record when reading
+    fails (they are quarantined with the failure), the position such a record takes, and a
+    gzip failure found where a member ends (its message, and whether bytes are left unread)."""
+
+    pending: bytes = b""
+    next_position: int = 0
+    damage: tuple[str, bool] | None = None
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_GZIP_CHUNK = 128 * 1024
+_FEXTRA, _FNAME, _FCOMMENT, _FHCRC = 4, 8, 16, 2
+
+
+class _GzipEndError(Exception):
+    """Reading stopped where a gzip member ends or begins (trailer or header): the data given
+    so far is whole up to there."""
+
+
+class _Gunzip(io.RawIOBase):
+    """gzip members one after another (as ``gzip`` reads them), knowing where a failure lies.
+
+    Inside a member's compressed data, a failure raises (``EOFError`` for data cut short,
+    ``zlib.error`` for corrupt data), after every byte decompressed before it was returned.
+    At a member's edge (a trailer whose CRC or length does not match, a cut trailer, a later
+    member's header that is not gzip) the data given so far is whole: reading ends there as at
+    the end of the file, and ``state.damage`` says what failed and whether bytes are left unread
+    after it. A file whose first header is not gzip raises ``gzip.BadGzipFile``. Zero bytes
+    after the last member are padding, as for ``gzip``."""
+
+    def __init__(self, raw: IO[bytes], state: _ReadState) -> None:
+        super().__init__()
         self._raw = raw
+        self._state = state
+        self._in = b""
+        self._decompressor: Any = None  # zlib's Decompress, None between members
+        self._crc = 0
+        self._length = 0
+        self._done = False
+        self._members = 0
+
+    def readable(self) -> bool:
+        return True
 
     def close(self) -> None:
         try:
@@ -212,49 +261,184 @@ class _GzipOverFile(gzip.GzipFile):
         finally:
             self._raw.close()
 
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
 
-# What reading a file can raise once it is open: truncated or corrupt gzip, I/O errors, a
+    def read(self, size: int | None = -1) -> bytes:
+        limit = _GZIP_CHUNK if size is None or size < 0 else size
+        while not self._done and limit > 0:
+            try:
+                if self._decompressor is None and not self._begin_member():
+                    self._done = True
+                    break
+                if self._decompressor.eof:
+                    self._end_member()
+                    continue
+                if not self._in:
+                    self._in = self._raw.read(_GZIP_CHUNK)
+                    if not self._in:
+                        raise EOFError("compressed data ends before its end-of-stream marker")
+                data = self._decompressor.decompress(self._in, limit)
+                self._in = (
+                    self._decompressor.unused_data
+                    if self._decompressor.eof
+                    else self._decompressor.unconsumed_tail
+                )
+            except _GzipEndError as end:
+                if not self._members:  # no data at all: the file is not gzip
+                    raise gzip.BadGzipFile(str(end)) from None
+                self._done = True
+                self._state.damage = (str(end), self._left_unread())
+                break
+            if data:
+                self._crc = zlib.crc32(data, self._crc)
+                self._length += len(data)
+                return data
+        return b""
+
+    def readall(self) -> bytes:
+        parts = []
+        while piece := self.read(_GZIP_CHUNK):
+            parts.append(piece)
+        return b"".join(parts)
+
+    def _take(self, count: int) -> bytes:
+        while len(self._in) < count:
+            more = self._raw.read(_GZIP_CHUNK)
+            if not more:
+                raise _GzipEndError("gzip header or trailer cut short")
+            self._in += more
+        taken, self._in = self._in[:count], self._in[count:]
+        return taken
+
+    def _take_zero_terminated(self) -> None:
+        while (end := self._in.find(b"\x00")) < 0:
+            more = self._raw.read(_GZIP_CHUNK)
+            if not more:
+                raise _GzipEndError("gzip header cut short")
+            self._in += more
+        self._in = self._in[end + 1 :]
+
+    def _begin_member(self) -> bool:
+        """Read a member's header; False at the end of the file (or of its zero padding)."""
+        while not (self._in.lstrip(b"\x00") if self._members else self._in):
+            self._in = self._raw.read(_GZIP_CHUNK)
+            if not self._in:
+                return False
+        if self._members:  # zero padding after a member is skipped, as gzip does
+            self._in = self._in.lstrip(b"\x00")
+        header = self._take(10)
+        if header[:2] != _GZIP_MAGIC or header[2] != 8:
+            raise _GzipEndError("not a gzip member (magic number or method)")
+        flags = header[3]
+        if flags & _FEXTRA:
+            extra = self._take(2)
+            self._take(int.from_bytes(extra, "little"))
+        if flags & _FNAME:
+            self._take_zero_terminated()
+        if flags & _FCOMMENT:
+            self._take_zero_terminated()
+        if flags & _FHCRC:
+            self._take(2)
+        self._decompressor = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._crc = 0
+        self._length = 0
+        self._members += 1
+        return True
+
+    def _end_member(self) -> None:
+        self._decompressor = None
+        try:
+            trailer = self._take(8)
+        except _GzipEndError:
+            self._in = b""  # a part of a trailer is nothing left to read
+            raise _GzipEndError("gzip trailer cut short after all its data was read") from None
+        crc = int.from_bytes(trailer[:4], "little")
+        length = int.from_bytes(trailer[4:], "little")
+        if crc != self._crc:
+            raise _GzipEndError("gzip CRC check failed after all its data was read")
+        if length != self._length & 0xFFFFFFFF:
+            raise _GzipEndError("gzip length check failed after all its data was read")
+
+    def _left_unread(self) -> bool:
+        """True when bytes other than zero padding follow the point reading stopped at."""
+        while True:
+            if self._in.strip(b"\x00"):
+                return True
+            self._in = self._raw.read(_GZIP_CHUNK)
+            if not self._in:
+                return False
+
+
+# What reading a file can raise once it is open: gzip data cut short or corrupt, I/O errors, a
 # streamed document that stops being JSON half-way.
 _READ_ERRORS = (OSError, EOFError, zlib.error, ijson.JSONError)
+# JSON's whitespace (RFC 8259): an NDJSON line of nothing else is blank. Python's strip() would
+# also take \x0b and \x0c, which are no JSON: such a line is a record, and fails as invalid_json.
+_JSON_WHITESPACE = b" \t\r\n"
+# UTF-16 and UTF-32 byte-order marks: JSON exchanged between systems is UTF-8 (RFC 8259 8.1)
+_WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 
 
 def iter_records(
     source: SourceFile,
-    stream_above: int = STREAM_JSON_BYTES,
+    stream_above: int | None = None,
     max_line_bytes: int | None = None,
+    notes: list[FileNote] | None = None,
 ) -> Iterator[RawRecord]:
     """The records of one file, in file order. A file that cannot be read to its end yields one
-    more record for the rest of it, with the reason (the records before it stand), so every
-    file counts at least one record in, even when it fails before its first. An NDJSON line
-    longer than ``max_line_bytes`` (:data:`MAX_LINE_BYTES`) is one record with the reason
-    ``record_too_large``."""
+    more record for the rest of it, with the reason and the bytes of it that were read (the
+    records before it stand), so every file counts at least one record in, even when it fails
+    before its first. A gzip member whose trailer check fails after all its data was read
+    leaves no rest: its records stand, and a :class:`FileNote` goes to ``notes``. An NDJSON
+    line longer than ``max_line_bytes`` (:data:`MAX_LINE_BYTES`) is one record with the reason
+    ``record_too_large``. A ``.json`` file larger than ``stream_above``
+    (:data:`STREAM_JSON_BYTES`) is streamed."""
     position = 0
+    state = _ReadState()
     max_line = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
+    stream = STREAM_JSON_BYTES if stream_above is None else stream_above
     try:
-        for record in _file_records(source, stream_above, max_line):
+        for record in _file_records(source, stream, max_line, state):
             position = record.position
             yield record
     except _READ_ERRORS as exc:
         code = "invalid_json" if isinstance(exc, ijson.JSONError) else "unreadable_file"
         # the exception's type only: its text can quote the file's bytes
-        message = f"file could not be read from here on ({type(exc).__name__})"
-        yield RawRecord(source.index, position + 1, None, (code, message))
+        kept = "the bytes read of it are kept" if state.pending else "none of it could be read"
+        message = f"file could not be read from here on ({type(exc).__name__}); {kept}"
+        at = max(position + 1, state.next_position)
+        yield RawRecord(source.index, at, state.pending or None, (code, message))
+        return
+    if state.damage is not None:
+        what, left_unread = state.damage
+        if left_unread:
+            message = f"{what}: the file could not be read from here on; none of it could be read"
+            yield RawRecord(source.index, position + 1, None, ("unreadable_file", message))
+        elif notes is not None:
+            notes.append(FileNote(source.index, f"{what}; nothing after it: the records stand"))
 
 
 def _file_records(
-    source: SourceFile, stream_above: int, max_line_bytes: int
+    source: SourceFile, stream_above: int, max_line_bytes: int, state: _ReadState
 ) -> Iterator[RawRecord]:
     if source.kind == "ndjson":
-        yield from _ndjson_records(source, max_line_bytes)
+        yield from _ndjson_records(source, max_line_bytes, state)
     elif source.path.stat().st_size > stream_above and _streamable_bundle(source.path):
-        yield from _streamed_bundle_records(source)
+        yield from _streamed_bundle_records(source, state)
     else:
-        yield from _json_records(source)
+        yield from _json_records(source, state)
 
 
-def _open_unbommed(path: Path) -> IO[bytes]:
-    handle = _open(path)
-    if handle.read(3) != BOM:
+def _open_unbommed(path: Path, state: _ReadState | None = None) -> IO[bytes]:
+    handle = _open(path, state)
+    start = handle.read(3)
+    if start != BOM:
+        if isinstance(handle, _Gunzip):  # no seeking back: open it again
+            handle.close()
+            return _open(path, state)
         handle.seek(0)
     return handle
 
@@ -273,81 +457,219 @@ def _streamable_bundle(path: Path) -> bool:
     return False
 
 
-def _streamed_bundle_records(source: SourceFile) -> Iterator[RawRecord]:
-    """A large Bundle, entry by entry, with memory bounded by the largest entry."""
-    shell: dict[str, Any] = {}
-    # first pass: only fullUrl, type and id of each entry, for the urn map
-    context = BundleContext()
-    current: dict[str, str] = {}
+@dataclass(slots=True)
+class _Outline:
+    """What the first pass over a streamed Bundle learns: the Bundle without its entries, what
+    its ``entry`` is, the first entry envelope defect, and the fullUrls (as in
+    :func:`bundle_records`)."""
+
+    shell: dict[str, Any] = field(default_factory=dict)
+    entry_is_list: bool = False
+    entries: int = 0
+    entry_problem: str | None = None
+    urls: _FullUrls = field(default_factory=lambda: _FullUrls())
+
+
+def _bundle_outline(handle: IO[bytes]) -> _Outline:
+    """One pass over the parser's events with memory bounded by the largest entry envelope:
+    each entry is built without its resource (only the resource's type, id and versionId are
+    kept), since the fullUrl rules and the envelope checks need no more."""
+    outline = _Outline()
+    shell = ijson.ObjectBuilder()
+    depth = 0
+    top_key: Any = None
+    envelope: Any = None
+    entry_key: Any = None
+    resource: dict[str, Any] | None = None
+    resource_key: Any = None
+    meta_key: Any = None
+    for event, value in ijson.basic_parse(handle, use_float=True):
+        opening = event in ("start_map", "start_array")
+        if event in ("end_map", "end_array"):
+            depth -= 1
+        if depth == 0:
+            shell.event(event, value)
+        elif depth == 1 and event == "map_key":
+            top_key = value
+            if value != "entry":
+                shell.event(event, value)
+        elif top_key != "entry":
+            shell.event(event, value)
+        elif depth == 1:
+            outline.entry_is_list = event == "start_array"
+        elif not outline.entry_is_list:
+            pass
+        else:
+            if depth == 2 and not event.startswith("end_"):
+                outline.entries += 1
+                envelope, entry_key, resource = ijson.ObjectBuilder(), None, None
+            if depth == 3 and event == "map_key":
+                entry_key = value
+                envelope.event(event, value)
+            elif entry_key == "resource" and depth >= 3:
+                if depth == 3 and not event.startswith("end_"):
+                    # the resource stands in the envelope as a placeholder, or as itself
+                    envelope.event(*(("null", None) if opening else (event, value)))
+                    resource = {} if event == "start_map" else None
+                elif resource is not None and depth == 4 and event == "map_key":
+                    resource_key, meta_key = value, None
+                elif resource is not None and depth == 4 and event == "string":
+                    if resource_key in ("resourceType", "id"):
+                        resource[resource_key] = value
+                elif resource is not None and resource_key == "meta" and depth == 5:
+                    if event == "map_key":
+                        meta_key = value
+                    elif event == "string" and meta_key == "versionId":
+                        resource["meta"] = {"versionId": value}
+            else:
+                envelope.event(event, value)
+            if depth == 2 and not opening:  # the entry is complete
+                entry = envelope.value
+                problem = _entry_shell_error(outline.entries, entry)
+                if outline.entry_problem is None:
+                    outline.entry_problem = problem
+                if isinstance(entry, dict):
+                    entry["resource"] = resource
+                outline.urls.add(outline.entries, entry)
+        if opening:
+            depth += 1
+    return outline
+
+
+def _streamed_bundle_records(source: SourceFile, state: _ReadState) -> Iterator[RawRecord]:
+    """A large Bundle, entry by entry, with memory bounded by the largest entry, accounted as
+    :func:`bundle_records` accounts a Bundle read whole. A Bundle whose ``entry`` is missing,
+    empty or no array holds no entries to stream: it is read whole, as a small one is."""
     try:
         with _open_unbommed(source.path) as handle:
-            for prefix, event, value in ijson.parse(handle, use_float=True):
-                if prefix in ("resourceType", "type", "id") and event == "string":
-                    shell[prefix] = value
-                elif prefix == "entry.item.fullUrl" and event == "string":
-                    current["fullUrl"] = value
-                elif prefix == "entry.item.resource.resourceType" and event == "string":
-                    current["type"] = value
-                elif prefix == "entry.item.resource.id" and event == "string":
-                    current["id"] = value
-                elif prefix == "entry.item" and event == "end_map":
-                    if {"fullUrl", "type", "id"} <= current.keys():
-                        target = (current["type"], current["id"])
-                        context.urn_map.setdefault(current["fullUrl"], target)
-                    current = {}
+            outline = _bundle_outline(handle)
     except ijson.JSONError:
         # ijson's message can quote input; report the position-free fact only
         yield RawRecord(source.index, 1, None, ("invalid_json", "not valid JSON (streamed)"))
         return
-    if shell.get("type") not in _BUNDLE_TYPES:
-        error = ("invalid_bundle", "Bundle.type is missing or not a Bundle type code")
-    else:
-        error = None
-    with _open_unbommed(source.path) as handle:
-        for position, entry in enumerate(ijson.items(handle, "entry.item", use_float=True), 1):
-            problem = _entry_shell_error(position, entry)
-            resource = entry.get("resource") if isinstance(entry, dict) else None
-            raw = _dumps(resource if resource is not None else entry)
-            if raw is None:
-                yield RawRecord(source.index, position, None, _UNWRITABLE)
-            elif error or problem:
-                yield RawRecord(
-                    source.index, position, raw, error or ("invalid_bundle", problem or "")
-                )
-            elif not isinstance(resource, dict):
-                yield RawRecord(
-                    source.index, position, raw, ("unsupported_entry", "entry has no resource")
-                )
+    if not outline.entry_is_list or not outline.entries:
+        yield from _json_records(source, state)
+        return
+    shell_error = _bundle_shell_error(outline.shell, outline.entry_problem)
+    with _open_unbommed(source.path, state) as handle:
+        entries = ijson.items(handle, "entry.item", use_float=True)
+        for position, entry in enumerate(entries, 1):
+            yield _entry_record(source.index, position, entry, shell_error, outline.urls)
+
+
+class _LineReader:
+    """Lines from a byte stream, read in pieces. When reading fails, :attr:`pending` holds what
+    was read of the line it was in (nothing when that line was too long and being skipped)."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self._buffer = bytearray()
+        self._eof = False
+
+    @property
+    def pending(self) -> bytes:
+        return bytes(self._buffer)
+
+    def readline(self, limit: int) -> bytes:
+        """The next line with its newline, or its first ``limit`` bytes; b"" at the end."""
+        searched = 0
+        while True:
+            end = self._buffer.find(b"\n", searched, limit)
+            if end >= 0:
+                return self._cut(end + 1)
+            if len(self._buffer) >= limit or self._eof:
+                return self._cut(min(limit, len(self._buffer)))
+            searched = len(self._buffer)
+            piece = self._handle.read(_DRAIN_BYTES)
+            if piece:
+                self._buffer += piece
             else:
-                yield RawRecord(source.index, position, raw, None, context)
+                self._eof = True
+
+    def read(self, limit: int) -> bytes:
+        """Up to ``limit`` bytes, whatever lines they hold."""
+        while len(self._buffer) < limit and not self._eof:
+            piece = self._handle.read(_DRAIN_BYTES)
+            if piece:
+                self._buffer += piece
+            else:
+                self._eof = True
+        return self._cut(min(limit, len(self._buffer)))
+
+    def skip_line(self) -> None:
+        """Drop the rest of the current line, never holding more than one piece of it."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                del self._buffer[: end + 1]
+                return
+            self._buffer.clear()
+            piece = self._handle.read(_DRAIN_BYTES)
+            if not piece:
+                self._eof = True
+                return
+            self._buffer += piece
+
+    def _cut(self, size: int) -> bytes:
+        line = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return line
 
 
-def _ndjson_records(source: SourceFile, max_line_bytes: int) -> Iterator[RawRecord]:
-    with _open(source.path) as handle:
+def _ndjson_records(
+    source: SourceFile, max_line_bytes: int, state: _ReadState
+) -> Iterator[RawRecord]:
+    with _open(source.path, state) as handle:
+        lines = _LineReader(handle)
         lineno = 0
-        while line := handle.readline(max_line_bytes + 1):
-            lineno += 1
-            if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                _skip_rest_of_line(handle)
-                message = f"NDJSON line longer than {max_line_bytes} bytes, not read"
-                yield RawRecord(source.index, lineno, None, ("record_too_large", message))
-                continue
-            if lineno == 1 and line.startswith(BOM):
-                line = line[len(BOM) :]
-            line = line.strip()
-            if line:
-                yield RawRecord(source.index, lineno, line)
+        try:
+            while line := lines.readline(max_line_bytes + 1):
+                lineno += 1
+                state.next_position = lineno + 1
+                if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                    message = f"NDJSON line longer than {max_line_bytes} bytes, not read"
+                    yield RawRecord(source.index, lineno, None, ("record_too_large", message))
+                    lines.skip_line()
+                    continue
+                if lineno == 1 and line.startswith(BOM):
+                    line = line[len(BOM) :]
+                elif lineno == 1 and line.startswith(_WIDE_BOMS):
+                    yield _wide_text_record(source, line, lines, max_line_bytes)
+                    return
+                line = line.strip(_JSON_WHITESPACE)
+                if line:
+                    yield RawRecord(source.index, lineno, line)
+        except _READ_ERRORS:
+            state.pending = lines.pending
+            raise
 
 
-def _skip_rest_of_line(handle: IO[bytes]) -> None:
-    while piece := handle.readline(_DRAIN_BYTES):
-        if piece.endswith(b"\n"):
-            return
+def _wide_text_record(
+    source: SourceFile, first: bytes, lines: _LineReader, max_line_bytes: int
+) -> RawRecord:
+    """A UTF-16 or UTF-32 NDJSON file is one record, not read as lines (its newlines are not
+    single bytes): the whole file, kept when it is no longer than a line may be."""
+    rest = lines.read(max_line_bytes + 1 - len(first)) if len(first) <= max_line_bytes else b""
+    data = first + rest
+    kept = len(data) <= max_line_bytes and not lines.read(1)
+    message = (
+        "UTF-16 or UTF-32 text (byte-order mark): NDJSON must be UTF-8; the file is one record"
+        + ("" if kept else f", longer than {max_line_bytes} bytes and not kept")
+    )
+    return RawRecord(source.index, 1, data if kept else None, ("invalid_json", message))
 
 
-def _json_records(source: SourceFile) -> Iterator[RawRecord]:
-    with _open(source.path) as handle:
-        data = handle.read()
+def _json_records(source: SourceFile, state: _ReadState) -> Iterator[RawRecord]:
+    parts: list[bytes] = []
+    with _open(source.path, state) as handle:
+        try:
+            while piece := handle.read(_DRAIN_BYTES):
+                parts.append(piece)
+        except _READ_ERRORS:
+            state.pending = b"".join(parts)
+            raise
+    data = b"".join(parts)
+    del parts
     if data.startswith(BOM):
         data = data[len(BOM) :]
     try:
@@ -415,24 +737,37 @@ def _entry_shell_error(position: int, entry: Any) -> str | None:
     return None
 
 
-def _bundle_shell_error(bundle: dict[str, Any]) -> tuple[str, str] | None:
-    """Validate the Bundle without its entries (R4B model) and each entry's envelope."""
+def _bundle_shell_error(
+    bundle: dict[str, Any], entry_problem: str | None
+) -> tuple[str, str] | None:
+    """Validate the Bundle without its entries (R4B model); ``entry_problem`` is the first
+    entry envelope defect (:func:`_entry_shell_error`), or why ``entry`` is not a list."""
     btype = bundle.get("type")
     if not isinstance(btype, str) or btype not in _BUNDLE_TYPES:
         return ("invalid_bundle", "Bundle.type is missing or not a Bundle type code")
-    entries = bundle.get("entry")
-    if not isinstance(entries, list):
-        return ("invalid_bundle", "Bundle.entry is not a list")
+    if entry_problem == _NOT_A_LIST:
+        return ("invalid_bundle", entry_problem)
     try:
         Bundle.model_validate({k: v for k, v in bundle.items() if k != "entry"})
     except ValidationError as exc:
         return ("invalid_bundle", describe_validation_error("Bundle", exc))
     except Exception as exc:  # any validator failure is this file's reason
         return ("invalid_bundle", f"Bundle: {type(exc).__name__}")
+    if entry_problem is not None:
+        return ("invalid_bundle", entry_problem)
+    return None
+
+
+_NOT_A_LIST = "Bundle.entry is not a list"
+
+
+def _first_entry_problem(entries: Any) -> str | None:
+    if not isinstance(entries, list):
+        return _NOT_A_LIST
     for position, entry in enumerate(entries, start=1):
         problem = _entry_shell_error(position, entry)
         if problem is not None:
-            return ("invalid_bundle", problem)
+            return problem
     return None
 
 
@@ -444,6 +779,48 @@ def _urn_uuid(full_url: Any) -> str | None:
         except ValueError:
             return None
     return None
+
+
+def _assign_urn_id(entry: dict[str, Any]) -> None:
+    """Transaction POSTs may omit the id; the urn:uuid fullUrl is the id a server would keep."""
+    resource = entry.get("resource")
+    if isinstance(resource, dict) and not isinstance(resource.get("id"), str):
+        urn = _urn_uuid(entry.get("fullUrl"))
+        if urn:
+            resource["id"] = urn
+
+
+@dataclass(slots=True)
+class _FullUrls:
+    """A Bundle's fullUrls, entry by entry: the urn map of its entries, and the entries that
+    repeat a fullUrl with the same ``meta.versionId`` (bdl-7)."""
+
+    context: BundleContext = field(default_factory=BundleContext)
+    seen: set[tuple[str, Any]] = field(default_factory=set)
+    duplicates: set[int] = field(default_factory=set)
+
+    def add(self, position: int, entry: Any) -> None:
+        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
+            return
+        _assign_urn_id(entry)
+        resource = entry["resource"]
+        full_url = entry.get("fullUrl")
+        if not isinstance(full_url, str) or not full_url:
+            return
+        meta = resource.get("meta")
+        version = meta.get("versionId") if isinstance(meta, dict) else None
+        version = version if isinstance(version, str) else None  # a list or object is no key
+        if (full_url, version) in self.seen:
+            self.duplicates.add(position)
+            return
+        self.seen.add((full_url, version))
+        rtype, rid = resource.get("resourceType"), resource.get("id")
+        if isinstance(rtype, str) and isinstance(rid, str):
+            self.context.urn_map[full_url] = (rtype, rid)
+        else:
+            target = literal_target(full_url)
+            if target is not None:
+                self.context.urn_map[full_url] = target
 
 
 # orjson writes at most 255 levels and 64-bit integers, and reads up to 1024 levels and
@@ -462,70 +839,52 @@ def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecor
     """One record per Bundle entry. Bundle-level defects are reported on every entry, so that
     each record that came in is accounted for."""
     entries = bundle.get("entry")
-    shell_error = _bundle_shell_error(bundle)
+    shell_error = _bundle_shell_error(bundle, _first_entry_problem(entries))
     if not isinstance(entries, list) or not entries:
         if shell_error is not None:
             yield RawRecord(file_index, 1, _dumps(bundle), shell_error)
         return
-    context = BundleContext()
-    seen_full_urls: set[tuple[str, Any]] = set()
-    duplicate_positions: set[int] = set()
+    urls = _FullUrls()
     for position, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict) or not isinstance(entry.get("resource"), dict):
-            continue
-        resource = entry["resource"]
-        full_url = entry.get("fullUrl")
-        if not isinstance(resource.get("id"), str) and _urn_uuid(full_url):
-            # transaction POSTs may omit the id; the urn:uuid is the id a server would keep
-            resource["id"] = _urn_uuid(full_url)
-        if not isinstance(full_url, str) or not full_url:
-            continue
-        # bdl-7: a fullUrl may repeat only with a different meta.versionId
-        meta = resource.get("meta")
-        version = meta.get("versionId") if isinstance(meta, dict) else None
-        version = version if isinstance(version, str) else None  # a list or object is no key
-        if (full_url, version) in seen_full_urls:
-            duplicate_positions.add(position)
-            continue
-        seen_full_urls.add((full_url, version))
-        rtype, rid = resource.get("resourceType"), resource.get("id")
-        if isinstance(rtype, str) and isinstance(rid, str):
-            context.urn_map[full_url] = (rtype, rid)
-        else:
-            target = literal_target(full_url)
-            if target is not None:
-                context.urn_map[full_url] = target
+        urls.add(position, entry)
     for position, entry in enumerate(entries, start=1):
-        if not isinstance(entry, dict):
-            yield RawRecord(
-                file_index,
-                position,
-                _dumps(entry),
-                shell_error or ("invalid_bundle_entry", "Bundle entry is not an object"),
-            )
-            continue
-        resource = entry.get("resource")
-        raw = _dumps(resource if resource is not None else entry)
-        if raw is None:
-            yield RawRecord(file_index, position, None, _UNWRITABLE)
-        elif shell_error is not None:
-            yield RawRecord(file_index, position, raw, shell_error)
-        elif not isinstance(resource, dict):
-            method = (
-                entry.get("request", {}).get("method")
-                if isinstance(entry.get("request"), dict)
-                else None
-            )
-            what = f" (request {method})" if isinstance(method, str) and method in _METHODS else ""
-            yield RawRecord(
-                file_index, position, raw, ("unsupported_entry", f"entry has no resource{what}")
-            )
-        elif position in duplicate_positions:
-            yield RawRecord(
-                file_index,
-                position,
-                raw,
-                ("duplicate_full_url", "fullUrl and versionId repeat an earlier entry"),
-            )
-        else:
-            yield RawRecord(file_index, position, raw, None, context)
+        yield _entry_record(file_index, position, entry, shell_error, urls)
+
+
+def _entry_record(
+    file_index: int,
+    position: int,
+    entry: Any,
+    shell_error: tuple[str, str] | None,
+    urls: _FullUrls,
+) -> RawRecord:
+    """The record of one Bundle entry (read whole or streamed)."""
+    if not isinstance(entry, dict):
+        return RawRecord(
+            file_index,
+            position,
+            _dumps(entry),
+            shell_error or ("invalid_bundle_entry", "Bundle entry is not an object"),
+        )
+    _assign_urn_id(entry)
+    resource = entry.get("resource")
+    raw = _dumps(resource if resource is not None else entry)
+    if raw is None:
+        return RawRecord(file_index, position, None, _UNWRITABLE)
+    if shell_error is not None:
+        return RawRecord(file_index, position, raw, shell_error)
+    if not isinstance(resource, dict):
+        request = entry.get("request")
+        method = request.get("method") if isinstance(request, dict) else None
+        what = f" (request {method})" if isinstance(method, str) and method in _METHODS else ""
+        return RawRecord(
+            file_index, position, raw, ("unsupported_entry", f"entry has no resource{what}")
+        )
+    if position in urls.duplicates:
+        return RawRecord(
+            file_index,
+            position,
+            raw,
+            ("duplicate_full_url", "fullUrl and versionId repeat an earlier entry"),
+        )
+    return RawRecord(file_index, position, raw, None, urls.context)

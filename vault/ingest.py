@@ -23,7 +23,14 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from fhirlake.readers import RawRecord, SkippedFile, SourceFile, iter_records, list_batch_files
+from fhirlake.readers import (
+    FileNote,
+    RawRecord,
+    SkippedFile,
+    SourceFile,
+    iter_records,
+    list_batch_files,
+)
 from fhirlake.references import (
     classify,
     conditional_target,
@@ -111,6 +118,9 @@ class IngestReport:
     # the folder, a record rewritten into one that fails): re-ingesting a batch replaces what it
     # wrote, so they left the vault with it, unless another batch holds them too
     no_longer_in_batch: int = 0
+    # files read to their end whose gzip trailer check failed (CRC or length) with nothing after
+    # it: their records stand, unverified by the check; message -> files
+    file_warnings: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -919,8 +929,10 @@ def ingest_batch(
         ingestor = BatchIngestor(con, provider, batch_id, workers, server_base or None)
         ingestor.start()
         ingestor.register_files(files, skipped)
-        records = (rec for f in files for rec in iter_records(f))
+        notes: list[FileNote] = []
+        records = (rec for f in files for rec in iter_records(f, notes=notes))
         ingestor.consume(_checked_stream(records, workers))
+        ingestor.report.file_warnings = dict(Counter(note.message for note in notes))
         ingestor.finalize(files)
         ingestor.count_no_longer_in_batch()
         report = ingestor.report

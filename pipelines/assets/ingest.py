@@ -170,6 +170,8 @@ def ingest(
             "held are not in its files now (a file removed or rewritten): re-running a batch "
             "replaces what it wrote, so they left the vault with it unless another batch holds them"
         )
+    for message, count in report.file_warnings.items():
+        context.log.warning(f"batch {report.batch_id}: {count} file(s): {message}")
     rate = report.records_in / report.seconds if report.seconds else 0.0
     vault_meta: dict[str, Any] = {
         "records_in": report.records_in,

@@ -3,8 +3,10 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import orjson
+import pytest
 
 from fhirlake.readers import iter_records, list_batch_files
 from fhirlake.validation import check_record
@@ -340,3 +342,171 @@ def test_a_landing_batch_reads_its_sub_folders_and_says_what_it_passes_over(
     assert [s.path.name for s in flat_skipped] == ["linked"]
     assert walk_batch(batch).folders == [batch]
     assert os.path.isdir(batch / "linked")  # the link itself is left alone
+
+
+def _crc_broken(data: bytes) -> bytes:
+    packed = bytearray(_gz(data))
+    packed[-8] ^= 0xFF  # the first byte of the trailer's CRC-32
+    return bytes(packed)
+
+
+@pytest.mark.parametrize("final_newline", [True, False])
+def test_a_bad_gzip_trailer_loses_no_record_and_counts_none_more(
+    tmp_path: Path, final_newline: bool
+) -> None:
+    """All data decompresses, only the trailer's CRC is wrong: every line is a record read as
+    usual (the last one too when no newline ends it), nothing stands for a rest that is not
+    there, and the file gets a note."""
+    from fhirlake.readers import FileNote, SourceFile
+
+    data = _lines(3) + (b"\n" if final_newline else b"")
+    lines = [line for line in data.split(b"\n") if line]
+    path = tmp_path / "a.ndjson.gz"
+    path.write_bytes(_crc_broken(data))
+    notes: list[FileNote] = []
+    records = list(iter_records(SourceFile(0, path, "ndjson"), notes=notes))
+    assert [(r.position, r.raw, r.error) for r in records] == [
+        (i, line, None) for i, line in enumerate(lines, 1)
+    ]
+    assert len(notes) == 1 and "CRC" in notes[0].message
+
+
+def test_a_bad_gzip_trailer_with_more_after_it_quarantines_the_rest(tmp_path: Path) -> None:
+    from fhirlake.readers import SourceFile
+
+    first = _lines(2) + b"\n"
+    path = tmp_path / "a.ndjson.gz"
+    path.write_bytes(_crc_broken(first) + _gz(_lines(1) + b"\n"))
+    records = list(iter_records(SourceFile(0, path, "ndjson")))
+    expected = len(first.splitlines()) + 1
+    assert len(records) == expected
+    assert [r.error for r in records[:-1]] == [None] * (expected - 1)
+    assert records[-1].error and records[-1].error[0] == "unreadable_file"
+    assert records[-1].position == expected and records[-1].raw is None
+
+
+def test_a_bad_gzip_trailer_on_a_json_document_keeps_it(tmp_path: Path) -> None:
+    from fhirlake.readers import FileNote, SourceFile
+
+    path = tmp_path / "a.json.gz"
+    path.write_bytes(_crc_broken(orjson.dumps(PATIENT_BUNDLE)))
+    for stream_above in (None, 0):
+        notes: list[FileNote] = []
+        records = list(iter_records(SourceFile(0, path, "json"), stream_above, notes=notes))
+        assert len(records) == len(PATIENT_BUNDLE["entry"])  # type: ignore[arg-type]
+        assert all(r.error is None for r in records) and len(notes) == 1
+
+
+def test_gzip_cut_inside_a_line_quarantines_that_lines_bytes(tmp_path: Path) -> None:
+    """The rest of a file that fails inside its compressed data is quarantined with the bytes
+    of it that could be read (never an empty record standing for them)."""
+    import zlib
+
+    from fhirlake.readers import SourceFile
+
+    whole = _gz(_lines(200) + b"\n")
+    cut = whole[: len(whole) // 2]
+    readable = zlib.decompressobj(31).decompress(cut)
+    *complete, partial = readable.split(b"\n")
+    assert partial  # the cut falls inside a line
+    path = tmp_path / "a.ndjson.gz"
+    path.write_bytes(cut)
+    records = list(iter_records(SourceFile(0, path, "ndjson")))
+    assert [r.raw for r in records[:-1]] == complete
+    assert records[-1].error and records[-1].error[0] == "unreadable_file"
+    assert records[-1].raw == partial and records[-1].position == len(complete) + 1
+
+
+_P = {"resourceType": "Patient", "id": "p1"}
+_STREAM_CASES = {
+    "entry_is_object": {"resourceType": "Bundle", "type": "collection", "entry": {"resource": _P}},
+    "no_entry": {"resourceType": "Bundle", "type": "collection", "identifier": {"value": "x"}},
+    "empty_entry_bad_type": {"resourceType": "Bundle", "type": "nonsense", "entry": []},
+    "entry_null": {"resourceType": "Bundle", "type": "collection", "entry": None},
+    "duplicate_full_url": {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": "http://x/Patient/p1", "resource": _P},
+            {"fullUrl": "http://x/Patient/p1", "resource": _P},
+            {"fullUrl": "http://x/Patient/p1", "resource": dict(_P, meta={"versionId": "2"})},
+        ],
+    },
+    "one_bad_envelope": {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": _P}, {"resource": _P, "bogus": 1}, "text", [1]],
+    },
+    "bad_shell": {"resourceType": "Bundle", "type": "collection", "total": "x", "entry": [{}]},
+    "urn_ids": {
+        "resourceType": "Bundle",
+        "type": "transaction",
+        "entry.item": {"not": "an entry"},
+        "entry": [
+            {
+                "fullUrl": "urn:uuid:6f1b9d3c-0000-4000-8000-000000000009",
+                "resource": {"resourceType": "Patient", "meta": {"versionId": ["a"]}},
+                "request": {"method": "POST", "url": "Patient"},
+            },
+            {"request": {"method": "DELETE", "url": "Patient/p2"}},
+            {"fullUrl": "Patient/p3", "resource": {"resourceType": "Patient", "id": 3}},
+            {"resource": "not an object"},
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(_STREAM_CASES))
+@pytest.mark.parametrize("packed", [False, True])
+def test_a_streamed_bundle_is_accounted_as_one_read_whole(
+    tmp_path: Path, name: str, packed: bool
+) -> None:
+    """The streamed path (above STREAM_JSON_BYTES, here forced with stream_above=0) yields the
+    records, reasons, bytes and urn maps the whole-file path does."""
+    from fhirlake.readers import SourceFile
+
+    data = orjson.dumps(_STREAM_CASES[name])
+    path = tmp_path / ("a.json.gz" if packed else "a.json")
+    path.write_bytes(_gz(data) if packed else data)
+    source = SourceFile(0, path, "json")
+
+    def seen(stream_above: int | None) -> list[Any]:
+        return [
+            (r.position, r.raw, r.error, r.bundle.urn_map if r.bundle else None)
+            for r in iter_records(source, stream_above)
+        ]
+
+    whole = seen(None)
+    assert whole  # every case holds at least one record
+    assert seen(0) == whole
+
+
+def test_lines_of_vertical_tab_or_form_feed_are_records_not_blanks(tmp_path: Path) -> None:
+    """An NDJSON line is blank when it holds JSON whitespace only (space, tab, CR, LF)."""
+    from fhirlake.readers import SourceFile
+
+    data = _lines(1) + b"\n\x0b\n\x0c\n \t\r\n\n"
+    expected = [line for line in data.split(b"\n") if line.strip(b" \t\r\n")]
+    path = tmp_path / "a.ndjson"
+    path.write_bytes(data)
+    records = list(iter_records(SourceFile(0, path, "ndjson")))
+    assert [r.raw for r in records] == expected == [_lines(1), b"\x0b", b"\x0c"]
+    assert [check_record(r.raw or b"").code for r in records] == [
+        None,
+        "invalid_json",
+        "invalid_json",
+    ]
+
+
+def test_a_utf16_ndjson_file_is_one_record(tmp_path: Path) -> None:
+    from fhirlake.readers import SourceFile
+
+    data = "".join(line + "\n" for line in _lines(3).decode().split("\n")).encode("utf-16")
+    path = tmp_path / "a.ndjson"
+    path.write_bytes(data)
+    records = list(iter_records(SourceFile(0, path, "ndjson")))
+    assert [(r.position, r.raw) for r in records] == [(1, data)]
+    assert records[0].error and records[0].error[0] == "invalid_json"
+    assert "UTF-16" in records[0].error[1] and MARK not in records[0].error[1]
+    too_long = list(iter_records(SourceFile(0, path, "ndjson"), max_line_bytes=len(data) - 1))
+    assert [(r.position, r.raw) for r in too_long] == [(1, None)]

@@ -429,7 +429,7 @@ def test_a_batch_ingested_again_is_unfinished_until_the_pass_completes(
     wh = tmp_path / "w.duckdb"
     ingest_batch(wh, "b1", land, key_provider, workers=1)
 
-    def dies(_source: Any) -> Any:
+    def dies(_source: Any, **_options: Any) -> Any:
         raise RuntimeError("the process died here")
         yield
 
@@ -479,3 +479,45 @@ def test_a_batch_ingested_again_counts_what_its_folder_no_longer_holds(
         assert reconcile_batch(con, "b1").passed
     finally:
         con.close()
+
+
+def test_a_bad_gzip_trailer_keeps_the_last_record_in_the_vault(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """Three Patients in a gzip whose CRC is wrong, the last without a final newline: all
+    three are stored, none is quarantined, and the report says what was wrong with the file."""
+    import gzip
+
+    lines = [orjson.dumps(dict(PATIENT, id=f"p{i}")) for i in range(3)]
+    packed = bytearray(gzip.compress(b"\n".join(lines)))
+    packed[-8] ^= 0xFF
+    land = tmp_path / "land"
+    land.mkdir()
+    (land / "a.ndjson.gz").write_bytes(bytes(packed))
+    wh = tmp_path / "w.duckdb"
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert (report.records_in, report.accepted, report.quarantined) == (len(lines), len(lines), 0)
+    assert list(report.file_warnings.values()) == [1]
+    assert _quarantine_rows(wh, "b1") == []
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        stored = {r["id"] for r in iter_current_resources(con, key_provider)}
+    finally:
+        con.close()
+    assert stored == {orjson.loads(line)["id"] for line in lines}
+
+
+def test_a_streamed_bundle_whose_entry_is_no_list_counts_one_record(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fhirlake import readers
+
+    monkeypatch.setattr(readers, "STREAM_JSON_BYTES", 0)  # stream every .json file
+    land = tmp_path / "land"
+    _write(land, "a.json", {"resourceType": "Bundle", "type": "collection", "entry": {}})
+    _write(land, "b.json", {"resourceType": "Bundle", "type": "collection", "identifier": {}})
+    wh = tmp_path / "w.duckdb"
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert report.records_in == 2
+    assert report.quarantine_reasons["invalid_bundle"] == 1
+    assert _quarantine_rows(wh, "b1")[0][0] == "invalid_bundle"

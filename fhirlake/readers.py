@@ -329,6 +329,8 @@ class _Gunzip(io.RawIOBase):
                 return False
         if self._members:  # zero padding after a member is skipped, as gzip does
             self._in = self._in.lstrip(b"\x00")
+        if not _GZIP_MAGIC.startswith(self._in[:2]):
+            raise _GzipEndError("not a gzip member (magic number)")
         header = self._take(10)
         if header[:2] != _GZIP_MAGIC or header[2] != 8:
             raise _GzipEndError("not a gzip member (magic number or method)")

@@ -294,13 +294,23 @@ def _check_record(raw: bytes) -> Checked:
         resource_id,
         _str_or_none(meta.get("versionId")),
         _str_or_none(meta.get("lastUpdated")),
-        # bytes as received: the same file always yields the same digest, so re-ingest is a no-op
-        hashlib.sha256(assigned_raw or raw).digest(),
+        content_digest(obj),
         tuple(references),
         patient_refs,
         tuple(identifier_criteria(obj)),
         assigned_raw,
     )
+
+
+def content_digest(obj: dict[str, Any]) -> bytes:
+    """The digest ingest compares content by: of the parsed record written again with its keys
+    sorted and no spaces, so that the same JSON value written compactly or with spaces, with
+    its keys in another order, alone on an NDJSON line or inside a Bundle, is one content (the
+    bytes as received made each of those a conflict within a batch and a new version across
+    batches). Strings compare after their escapes are read; numbers by the value orjson
+    parses (``1.50`` and ``1.5`` are one number, as in JSON). Any other difference, however
+    small, is another content."""
+    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).digest()
 
 
 def check_chunk(raws: list[bytes]) -> list[Checked]:

@@ -46,6 +46,7 @@ from vault.landing import BatchSource, discover_batches
 
 BATCH_TAG = "ehr/batch"
 FINGERPRINT_TAG = "ehr/fingerprint"
+RERUN_TAG = "ehr/rerun"
 ATTEMPT_TAG = "ehr/attempt"
 _FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
@@ -59,6 +60,9 @@ class BatchState:
     attempt: int = 0
     done: bool = False
     retry_at: float = 0.0
+    # times the batch was run again, its folder unchanged, because another batch's ingest
+    # changed its ledger (a vault row handed over to it): part of the run key and tags
+    rerun: int = 0
 
 
 def _load_cursor(cursor: str | None) -> dict[str, BatchState]:
@@ -172,20 +176,19 @@ def _latest_run_status(
     context: SensorEvaluationContext, key: str, state: BatchState
 ) -> DagsterRunStatus | None:
     tags = {BATCH_TAG: key, FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: str(state.attempt)}
+    if state.rerun:
+        tags[RERUN_TAG] = str(state.rerun)
     runs = context.instance.get_runs(filters=RunsFilter(tags=tags), limit=1)
     return runs[0].status if runs else None
 
 
 def _request(key: str, state: BatchState) -> RunRequest:
-    return RunRequest(
-        partition_key=key,
-        run_key=f"{key}:{state.fingerprint}:{state.attempt}",
-        tags={
-            BATCH_TAG: key,
-            FINGERPRINT_TAG: state.fingerprint,
-            ATTEMPT_TAG: str(state.attempt),
-        },
-    )
+    tags = {BATCH_TAG: key, FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: str(state.attempt)}
+    run_key = f"{key}:{state.fingerprint}:{state.attempt}"
+    if state.rerun:
+        tags[RERUN_TAG] = str(state.rerun)
+        run_key += f":rerun{state.rerun}"
+    return RunRequest(partition_key=key, run_key=run_key, tags=tags)
 
 
 def _follow_run(
@@ -272,8 +275,10 @@ def evaluate_landing(
     reasons: list[str] = []
     ledger: dict[str, LedgerEntry] | None = None
     present: set[str] = set()
+    finished: list[str] = []
+    batches = discover_batches(Path(landing.path))
     done = 0
-    for batch in discover_batches(Path(landing.path)):
+    for batch in batches:
         present.add(batch.key)
         state = states.get(batch.key)
         if state is not None and state.fingerprint == batch.fingerprint:
@@ -281,6 +286,7 @@ def evaluate_landing(
                 request, reason = _follow_run(context, landing, batch.key, state, now)
                 requests += [request] if request else []
                 reasons += [reason] if reason else []
+                finished += [batch.key] if state.done else []
             done += state.done
             continue
         reason = waiting_reason(batch, landing, now)
@@ -297,6 +303,33 @@ def evaluate_landing(
             continue
         states[batch.key] = BatchState(batch.fingerprint, attempt=1)
         requests.append(_request(batch.key, states[batch.key]))
+    if finished:
+        # a batch ingested again may have handed vault rows over to batches done before it
+        # (vault.ingest): their ledger changed, and they are run again to release them
+        ledger = ledger if ledger is not None else ingested_batches(warehouse)
+        if ledger is None:
+            for key in finished:  # followed again at the next tick, the ledger readable then
+                states[key].done = False
+                done -= 1
+            reasons.append("warehouse busy, ledger not readable this tick")
+        else:
+            for batch in batches:
+                state = states.get(batch.key)
+                if (
+                    batch.key in finished
+                    or state is None
+                    or not state.done
+                    or state.fingerprint != batch.fingerprint
+                    or done_in_ledger(batch, ledger)
+                ):
+                    continue
+                states[batch.key] = BatchState(batch.fingerprint, attempt=1, rerun=state.rerun + 1)
+                requests.append(_request(batch.key, states[batch.key]))
+                done -= 1
+                reasons.append(
+                    f"batch {batch.key}: its ledger changed when another batch was ingested "
+                    "again; run again"
+                )
     removed = _orphaned_partitions(context, present, ledger, warehouse)
     for key in removed:
         states.pop(key, None)

@@ -248,6 +248,85 @@ def _checked_stream(
 
 # -- the batch-level SQL steps of BatchIngestor.finalize, in order; $b is the batch id ----------
 
+# A batch ingested again first removes what it wrote. A vault row it held may be the only copy of
+# content another batch recorded as a repeat (ledger outcome `unchanged`, its own copy dropped):
+# that row is handed over to the other batch (the earliest by seq, its first such record), with
+# a position in that batch's range, so that the vault keeps the resource while a folder holds
+# it. Only rows this batch accepted (not a staged row left by a pass that died), and only when
+# no other batch's vault row has the same content. The other batch's record becomes `new`, or
+# `updated` when a third batch holds another version: what ingesting it again would record.
+_HANDOVER = """
+CREATE OR REPLACE TEMP TABLE _handover AS
+WITH held AS (
+    SELECT v.resource_key, v.content_mac, v.ingest_seq FROM phi_vault v
+    JOIN record_ledger a ON a.batch_id = v.batch_id AND a.file_index = v.file_index
+                        AND a.position = v.position AND a.status = 'accepted'
+    WHERE v.batch_id = $b AND NOT EXISTS (
+        SELECT 1 FROM phi_vault o WHERE o.batch_id <> $b AND o.resource_key = v.resource_key
+          AND o.content_mac = v.content_mac)
+),
+repeats AS (
+    SELECT h.ingest_seq AS old_seq, h.resource_key, h.content_mac,
+           l.batch_id, l.file_index, l.position,
+           row_number() OVER (PARTITION BY h.ingest_seq
+                              ORDER BY t.seq, l.file_index, l.position) AS pick
+    FROM held h
+    JOIN record_ledger l ON l.resource_key = h.resource_key AND l.content_mac = h.content_mac
+    JOIN batches t ON t.batch_id = l.batch_id
+    WHERE l.batch_id <> $b AND l.status = 'accepted' AND l.outcome = 'unchanged'
+),
+chosen AS (SELECT * FROM repeats WHERE pick = 1),
+free AS (
+    -- the first free position of each receiving batch: past its records and its vault rows
+    SELECT t.batch_id, t.seq * 1000000000000 AS base, greatest(
+        (SELECT count(*) FROM record_ledger l WHERE l.batch_id = t.batch_id),
+        (SELECT coalesce(max(v.ingest_seq), 0) - t.seq * 1000000000000 FROM phi_vault v
+         WHERE v.batch_id = t.batch_id)) AS used
+    FROM batches t WHERE t.batch_id IN (SELECT batch_id FROM chosen)
+)
+SELECT c.old_seq, c.resource_key, c.content_mac, c.batch_id, c.file_index, c.position,
+       f.base + f.used + row_number() OVER (PARTITION BY c.batch_id ORDER BY c.old_seq)
+           AS new_seq
+FROM chosen c JOIN free f USING (batch_id)
+"""
+
+_HAND_OVER_ROWS = (
+    """
+    UPDATE phi_vault v SET batch_id = h.batch_id, file_index = h.file_index,
+        position = h.position, ingest_seq = h.new_seq
+    FROM _handover h WHERE v.batch_id = $b AND v.ingest_seq = h.old_seq
+    """,
+    """
+    UPDATE record_ledger l SET outcome = CASE
+        WHEN EXISTS (SELECT 1 FROM phi_vault o WHERE o.resource_key = l.resource_key
+                     AND o.batch_id NOT IN ($b, l.batch_id)) THEN 'updated' ELSE 'new' END
+    FROM _handover h
+    WHERE l.batch_id = h.batch_id AND l.file_index = h.file_index AND l.position = h.position
+    """,
+)
+
+# Rows handed over at start() whose content this pass holds again (ranked `unchanged` against
+# the handed row): given back, so that a batch ingested again unchanged keeps its outcomes.
+_RETURNED = """
+CREATE OR REPLACE TEMP TABLE _returned AS
+SELECT h.* FROM _handover h WHERE EXISTS (
+    SELECT 1 FROM _fate t JOIN phi_vault s ON s.batch_id = $b AND s.file_index = t.file_index
+                                          AND s.position = t.position
+    WHERE t.outcome = 'unchanged' AND s.resource_key = h.resource_key
+      AND s.content_mac = h.content_mac)
+"""
+
+_GIVE_BACK = (
+    """
+    DELETE FROM phi_vault v USING _returned r
+    WHERE v.batch_id = r.batch_id AND v.ingest_seq = r.new_seq
+    """,
+    """
+    UPDATE record_ledger l SET outcome = 'unchanged' FROM _returned r
+    WHERE l.batch_id = r.batch_id AND l.file_index = r.file_index AND l.position = r.position
+    """,
+)
+
 # Rank this batch's rows of one resource: identical content repeats are harmless; different
 # content under the same versionId, or without one under the same lastUpdated instant (or
 # neither), is a conflict nobody can settle here. Versions told apart by their versionId or,
@@ -349,7 +428,8 @@ WHERE phi_vault.batch_id = $b AND phi_vault.file_index = o.file_index
 # indexes forget them.
 _UNSTORE_ERASED = (
     """
-    UPDATE record_ledger l SET status = 'quarantined', outcome = $code, resource_key = NULL
+    UPDATE record_ledger l SET status = 'quarantined', outcome = $code, resource_key = NULL,
+        content_mac = NULL
     FROM _erased e
     WHERE l.batch_id = $b AND l.file_index = e.file_index AND l.position = e.position
     """,
@@ -416,6 +496,18 @@ class BatchIngestor:
 
     # -- set-up ---------------------------------------------------------------------------
     def start(self) -> None:
+        """Remove what the batch wrote before, in one transaction with the handing over of the
+        rows other batches still hold (``_HANDOVER``): a pass that dies part-way leaves either
+        the old state or the new one, never a resource that left the vault meanwhile."""
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            self._start()
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def _start(self) -> None:
         # what the batch held before this pass replaces it: counted against the new pass at
         # the end (:meth:`count_no_longer_in_batch`)
         self.con.execute(
@@ -423,6 +515,16 @@ class BatchIngestor:
             "FROM record_ledger WHERE batch_id = ? AND resource_key IS NOT NULL",
             [self.batch_id],
         )
+        batch = {"b": self.batch_id}
+        self.con.execute(_HANDOVER, batch)
+        # the receiving batches' reports as they were, restored when every row comes back
+        self.con.execute(
+            "CREATE OR REPLACE TEMP TABLE _handover_reports AS SELECT batch_id, report "
+            "FROM batches WHERE batch_id IN (SELECT batch_id FROM _handover)"
+        )
+        for sql in _HAND_OVER_ROWS:
+            self.con.execute(sql, batch)
+        self._recount_receivers("SELECT DISTINCT batch_id FROM _handover")
         for table in warehouse.BATCH_TABLES:
             self.con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [self.batch_id])
         rows = self.con.execute(
@@ -509,6 +611,7 @@ class BatchIngestor:
         outcome: str,
         resource_type: str | None,
         resource_key: str | None,
+        content_mac: str | None = None,
     ) -> None:
         self.buffers.add(
             "record_ledger",
@@ -519,6 +622,7 @@ class BatchIngestor:
             outcome=outcome,
             resource_type=resource_type,
             resource_key=resource_key,
+            content_mac=content_mac,
         )
 
     def _target(self, record: RawRecord, value: str) -> tuple[str, str, str] | bool | None:
@@ -687,7 +791,7 @@ class BatchIngestor:
             sealed=seal(key, checked.assigned_raw or record.raw or b"", aad),
             aad=aad,
         )
-        self._ledger(record, "staged", "staged", rtype, resource_key)
+        self._ledger(record, "staged", "staged", rtype, resource_key, content_mac)
 
     def _index(
         self,
@@ -778,12 +882,74 @@ class BatchIngestor:
         self._settle_conditional_owners()
         batch = {"b": self.batch_id}
         self.con.execute(_RANK_STAGED_ROWS, batch)
-        self.con.execute(_QUARANTINE_CONFLICTS, {**batch, "now": self.now})
-        self.con.execute(_DROP_REPEATS, batch)
-        self.con.execute(_SETTLE_LEDGER, batch)
+        ((handed,),) = self.con.execute("SELECT count(*) FROM _handover").fetchall()
+        if handed:
+            # the rows given back and this batch's ledger settle together: a pass dying
+            # between the two would leave the content in neither batch
+            self.con.execute("BEGIN TRANSACTION")
+            try:
+                self._give_back()
+                self._settle_fate()
+            except BaseException:
+                self.con.execute("ROLLBACK")
+                raise
+            self.con.execute("COMMIT")
+        else:
+            self._settle_fate()
         self.con.execute(_RESOLVE_REFERENCES, batch)
         sync_clustered(self.con)
         self._summarise()
+
+    def _settle_fate(self) -> None:
+        batch = {"b": self.batch_id}
+        self.con.execute(_QUARANTINE_CONFLICTS, {**batch, "now": self.now})
+        self.con.execute(_DROP_REPEATS, batch)
+        self.con.execute(_SETTLE_LEDGER, batch)
+
+    def _give_back(self) -> None:
+        """Rows handed over at :meth:`start` whose content this pass holds again go back to
+        this batch: the receiving batch's record is a repeat again, its report as before."""
+        batch = {"b": self.batch_id}
+        self.con.execute(_RETURNED, batch)
+        ((returned,),) = self.con.execute("SELECT count(*) FROM _returned").fetchall()
+        if not returned:
+            return
+        for sql in _GIVE_BACK:
+            self.con.execute(sql)
+        self.con.execute(_RANK_STAGED_ROWS, batch)  # now `new` or `updated`, as before
+        # a batch that got every handed row back gets its report back as it was (the
+        # de-identification ledger keys on it: nothing of that batch changed)
+        self.con.execute(
+            "UPDATE batches b SET report = r.report FROM _handover_reports r "
+            "WHERE b.batch_id = r.batch_id AND NOT EXISTS (SELECT 1 FROM _handover h "
+            "WHERE h.batch_id = r.batch_id AND h.old_seq NOT IN "
+            "(SELECT old_seq FROM _returned))"
+        )
+        self._recount_receivers(
+            "SELECT DISTINCT h.batch_id FROM _handover h WHERE h.old_seq NOT IN "
+            "(SELECT old_seq FROM _returned)"
+        )
+
+    def _recount_receivers(self, batches_sql: str) -> None:
+        """The outcome counts in the reports of batches that received (or kept) handed rows:
+        their ledger changed, so does their report, and with it the state the
+        de-identification ledger recorded (``BATCH_DIGEST_SQL``): they are de-identified again."""
+        rows = self.con.execute(
+            f"SELECT batch_id, report FROM batches WHERE report IS NOT NULL "
+            f"AND batch_id IN ({batches_sql})"
+        ).fetchall()
+        for batch_id, text in rows:
+            report = orjson.loads(text)
+            counts = self.con.execute(
+                "SELECT outcome, count(*) FROM record_ledger WHERE batch_id = ? "
+                "AND status = 'accepted' GROUP BY 1 ORDER BY 1",
+                [batch_id],
+            ).fetchall()
+            report["outcomes"] = {str(outcome): int(count) for outcome, count in counts}
+            self.con.execute(
+                "UPDATE batches SET report = ? WHERE batch_id = ?",
+                [orjson.dumps(report).decode(), batch_id],
+            )
 
     def _settle_conditional_owners(self) -> None:
         """Records whose patient reference was conditional get their patient now that every

@@ -167,6 +167,10 @@ SCHEMA = [
     )""",
     # warehouses created before the column existed
     "ALTER TABLE resource_references ADD COLUMN IF NOT EXISTS ref_mac VARCHAR",
+    # the content MAC of an accepted record (also of a repeat, which leaves no vault row): a
+    # batch ingested again hands a vault row it held to the batch that recorded the same
+    # content as a repeat (vault.ingest); NULL in rows written before the column existed
+    "ALTER TABLE record_ledger ADD COLUMN IF NOT EXISTS content_mac VARCHAR",
     # the landing folder's fingerprint when the batch was read (vault.landing: its files' names,
     # sizes and modification times, hashed), so that a batch counts as done only while its
     # folder still has it; NULL for batches ingested before the column existed

@@ -16,6 +16,9 @@ from click.testing import CliRunner, Result
 import pipelines.assets.ingest as ingest_assets
 from fhirlake.synthetic import generate
 from pipelines.cli import main
+from pipelines.run import run_pipeline
+from vault import warehouse
+from vault.ingest import reconcile_batch
 
 pytestmark = pytest.mark.e2e
 
@@ -135,3 +138,35 @@ def test_a_batch_under_another_pseudonym_key_is_refused_and_nothing_is_stranded(
     assert again.exit_code == 0, again.output
     assert "  batch b2: reconciled=True" in again.output.splitlines()
     assert expected in again.output
+
+
+def test_a_resource_another_batch_holds_stays_released_after_a_file_is_removed(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """a_batch holds Patients p0 and p1, b_batch p0 again, the same bytes (recorded as
+    unchanged). After p0's file leaves a_batch, one ``ehr run`` keeps p0 in the vault (as
+    b_batch's row) and in the release (b_batch de-identified again in the same run), and both
+    batches reconcile. The counts are worked out from the files written here."""
+    generate(tmp_path / "gen", 3, seed=4, fmt="ndjson")
+    lines = (tmp_path / "gen" / "Patient.ndjson").read_bytes().splitlines(keepends=True)
+    land = tmp_path / "landing"
+    for batch, names in (("a_batch", ("p0", "p1")), ("b_batch", ("p0",))):
+        (land / batch).mkdir(parents=True)
+        for name in names:
+            (land / batch / f"{name}.ndjson").write_bytes(lines[int(name[1])])
+    workdir = tmp_path / "work"
+    run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    (land / "a_batch" / "p0.ndjson").unlink()
+    summary = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    patients = len({lines[0], lines[1]})  # p0 (still in b_batch) and p1 (in a_batch)
+    assert summary["stages"]["ingest"]["vault_resources_current"] == patients
+    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
+    try:
+        released = con.execute(
+            "SELECT batch_id, count(*) FROM deid_resources WHERE resource_type = 'Patient' "
+            "GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        assert released == [("a_batch", 1), ("b_batch", 1)]
+        assert all(reconcile_batch(con, b).passed for b in ("a_batch", "b_batch"))
+    finally:
+        con.close()

@@ -29,6 +29,7 @@ from pipelines.sensors import (
 )
 from pipelines.workdir import Workdir
 from vault import warehouse
+from vault.ingest import ingest_batch
 from vault.keys import FileKeyProvider
 from vault.landing import discover_batches
 from vault.read import read_resource
@@ -337,3 +338,83 @@ def test_a_tick_with_nothing_new_and_no_folder_gone_leaves_the_warehouse_closed(
     monkeypatch.setattr(sensors, "ingested_batches", opened)
     idle = _tick(tmp_path, instance, done.cursor)
     assert idle.run_requests == [] and idle.dynamic_partitions_requests == []
+
+
+def _publish_all(wh: Path) -> None:
+    """De-identification's ledger rows for every ingested batch, as a published run leaves."""
+    con = warehouse.connect(wh)
+    try:
+        con.execute(LEDGER_DDL)
+        con.execute("DELETE FROM deid_batches")
+        con.execute(
+            f"INSERT INTO deid_batches SELECT batch_id, {BATCH_DIGEST_SQL}, 'settings', now() "
+            "FROM batches WHERE ingested_at IS NOT NULL"
+        )
+    finally:
+        con.close()
+
+
+def test_a_batch_given_a_row_by_another_batchs_ingest_is_run_again(
+    tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
+) -> None:
+    """Batch b repeats a's Patient p1 (its copy dropped as unchanged). When a's folder loses
+    p1 and a's run succeeds, b's ledger holds p1 now (vault.ingest hands the row over): the
+    sensor's next tick runs b again, though b's folder did not change, so that b's release
+    holds p1; the tick after that, with b's run done, requests nothing."""
+    land = tmp_path / "landing"
+    p2 = b'{"resourceType": "Patient", "id": "p2", "gender": "male"}\n'
+    for name, files in (
+        ("a", {"p1.ndjson": PATIENT, "p2.ndjson": p2}),
+        ("b", {"p1.ndjson": PATIENT}),
+    ):
+        (land / name).mkdir(parents=True)
+        for file, data in files.items():
+            (land / name / file).write_bytes(data)
+        (land / name / "_READY").write_bytes(b"")
+    wh = tmp_path / "work" / "warehouse.duckdb"
+    wh.parent.mkdir(parents=True)
+
+    def ingest(key: str) -> None:
+        source = {b.key: b for b in discover_batches(land)}[key]
+        ingest_batch(wh, key, source.path, key_provider, workers=1, fingerprint=source.fingerprint)
+
+    ingest("a")
+    ingest("b")
+    _publish_all(wh)
+    settled = _tick(tmp_path, instance)
+    assert settled.run_requests == []
+    (land / "a" / "p1.ndjson").unlink()
+    changed = _tick(tmp_path, instance, settled.cursor)
+    assert [r.partition_key for r in changed.run_requests] == ["a"]
+    ingest("a")  # the run of a: ingest, then de-identification
+    _publish_all_but(wh, "b")
+    _record_run(instance, changed.run_requests[0].tags, DagsterRunStatus.SUCCESS)
+    after = _tick(tmp_path, instance, changed.cursor)
+    assert [r.partition_key for r in after.run_requests] == ["b"]
+    state = _load_cursor(after.cursor)["b"]
+    assert (state.done, state.rerun) == (False, 1)
+    _publish_all(wh)  # b's run de-identified it again
+    _record_run(instance, after.run_requests[0].tags, DagsterRunStatus.SUCCESS)
+    final = _tick(tmp_path, instance, after.cursor)
+    assert final.run_requests == []
+    assert all(s.done for s in _load_cursor(final.cursor).values())
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert read_resource(con, key_provider, "Patient", "p1") is not None
+    finally:
+        con.close()
+
+
+def _publish_all_but(wh: Path, left: str) -> None:
+    """The ledger rows as a's run leaves them: a published from its new state, b's row still
+    the one of b's own run (before a's ingest changed b's ledger)."""
+    con = warehouse.connect(wh)
+    try:
+        con.execute("DELETE FROM deid_batches WHERE batch_id <> ?", [left])
+        con.execute(
+            f"INSERT INTO deid_batches SELECT batch_id, {BATCH_DIGEST_SQL}, 'settings', now() "
+            "FROM batches WHERE batch_id <> ?",
+            [left],
+        )
+    finally:
+        con.close()

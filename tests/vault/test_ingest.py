@@ -521,3 +521,141 @@ def test_a_streamed_bundle_whose_entry_is_no_list_counts_one_record(
     assert report.records_in == 2
     assert report.quarantine_reasons["invalid_bundle"] == 1
     assert _quarantine_rows(wh, "b1")[0][0] == "invalid_bundle"
+
+
+def _vault_rows(wh: Path) -> dict[str, int]:
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        return dict(con.execute("SELECT batch_id, count(*) FROM phi_vault GROUP BY 1").fetchall())
+    finally:
+        con.close()
+
+
+def _others(n: int) -> list[dict[str, Any]]:
+    return [
+        dict(PATIENT, id=f"6f1b9d3c-0000-4000-8000-00000000020{i}", name=[{"family": f"G{i}"}])
+        for i in range(n)
+    ]
+
+
+def test_a_resource_another_batch_holds_stays_when_one_batch_drops_it(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """Batch a holds patients p0 and p1, batch b (ingested after it) the same p0 byte for
+    byte, recorded as a repeat. Removing p0's file from a and ingesting a again must not take
+    p0 out of the vault: b's folder still holds it. The vault keeps it as b's row, b's ledger
+    says so, and both batches reconcile; ingesting b again changes nothing."""
+    p0, p1 = _others(2)
+    _write(tmp_path / "a", "p0.json", p0)
+    _write(tmp_path / "a", "p1.json", p1)
+    _write(tmp_path / "b", "p0.json", p0)
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "a", tmp_path / "a", key_provider, workers=1)
+    assert ingest_batch(wh, "b", tmp_path / "b", key_provider, workers=1).outcomes == {
+        "unchanged": 1
+    }
+    # a re-run of a with every file in place gives back what it held, outcomes as before
+    assert ingest_batch(wh, "a", tmp_path / "a", key_provider, workers=1).outcomes == {"new": 2}
+    assert _ledger(wh, "b") == {"unchanged": 1}
+    assert _vault_rows(wh) == {"a": 2}
+
+    (tmp_path / "a" / "p0.json").unlink()
+    again = ingest_batch(wh, "a", tmp_path / "a", key_provider, workers=1)
+    assert again.outcomes == {"new": 1} and again.no_longer_in_batch == 1
+    # b's one record is now the vault's only copy of p0: a new resource there
+    assert _ledger(wh, "b") == {"new": 1}
+    assert _vault_rows(wh) == {"a": 1, "b": 1}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert read_resource(con, key_provider, "Patient", p0["id"]) == p0
+        assert read_resource(con, key_provider, "Patient", p1["id"]) == p1
+        for batch in ("a", "b"):
+            assert reconcile_batch(con, batch).passed
+        ((report,),) = con.execute("SELECT report FROM batches WHERE batch_id = 'b'").fetchall()
+        assert json.loads(report)["outcomes"] == {"new": 1}
+    finally:
+        con.close()
+    assert ingest_batch(wh, "b", tmp_path / "b", key_provider, workers=1).outcomes == {"new": 1}
+    assert _vault_rows(wh) == {"a": 1, "b": 1}
+
+
+def test_the_same_json_written_differently_is_the_same_content(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """One Patient written compactly, with spaces, with its keys in reverse order, and inside
+    a Bundle: four spellings of one JSON value. Within a batch the later three are identical
+    repeats (not conflicts); across batches they are unchanged; a batch ingested again keeps
+    its outcome. A real difference (another gender) is still a conflict, and a new version in
+    a later batch."""
+    p = _others(1)[0]
+    spellings = [
+        json.dumps(p, separators=(",", ":")),
+        json.dumps(p, indent=2),
+        json.dumps(dict(reversed(list(p.items())))),
+    ]
+    assert len(set(spellings)) == len(spellings)  # three different byte strings
+    land = tmp_path / "one"
+    land.mkdir()
+    (land / "a.ndjson").write_text(spellings[0] + "\n" + spellings[2] + "\n")
+    (land / "b.json").write_text(spellings[1])
+    _write(land, "c.json", _bundle([p]))
+    wh = tmp_path / "w.duckdb"
+    first = ingest_batch(wh, "one", land, key_provider, workers=1)
+    expected = {"new": 1, "duplicate_identical": 3}  # four records, one content
+    assert first.outcomes == expected and first.quarantined == 0
+    assert ingest_batch(wh, "one", land, key_provider, workers=1).outcomes == expected
+    other = tmp_path / "two"
+    other.mkdir()
+    (other / "p.json").write_text(spellings[1])
+    assert ingest_batch(wh, "two", other, key_provider, workers=1).outcomes == {"unchanged": 1}
+    assert ingest_batch(wh, "one", land, key_provider, workers=1).outcomes == expected
+    assert _vault_rows(wh) == {"one": 1}
+
+    changed = dict(p, gender="other")
+    (land / "d.ndjson").write_text(json.dumps(changed, indent=1).replace("\n", "") + "\n")
+    mixed = ingest_batch(wh, "one", land, key_provider, workers=1)
+    assert mixed.quarantine_reasons == {"duplicate_conflict": 1}
+    third = tmp_path / "three"
+    third.mkdir()
+    (third / "p.json").write_text(json.dumps(changed))
+    assert ingest_batch(wh, "three", third, key_provider, workers=1).outcomes == {"updated": 1}
+
+
+def test_a_pass_dying_after_handing_a_row_over_loses_nothing(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handing over commits with the removal of the batch's old rows: a pass of a that
+    dies while reading its files leaves p0 with b (whose folder holds it), both batches
+    reconciled; the pass run again completes, p0 still in the vault once."""
+    p0, p1 = _others(2)
+    _write(tmp_path / "a", "p0.json", p0)
+    _write(tmp_path / "a", "p1.json", p1)
+    _write(tmp_path / "b", "p0.json", p0)
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "a", tmp_path / "a", key_provider, workers=1)
+    ingest_batch(wh, "b", tmp_path / "b", key_provider, workers=1)
+    (tmp_path / "a" / "p0.json").unlink()
+
+    def dies(_source: Any) -> Any:
+        raise RuntimeError("the process died here")
+        yield
+
+    monkeypatch.setattr("vault.ingest.iter_records", dies)
+    with pytest.raises(RuntimeError):
+        ingest_batch(wh, "a", tmp_path / "a", key_provider, workers=1)
+    monkeypatch.undo()
+    assert _vault_rows(wh) == {"b": 1}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert read_resource(con, key_provider, "Patient", p0["id"]) == p0
+        assert reconcile_batch(con, "b").passed
+    finally:
+        con.close()
+    assert ingest_batch(wh, "a", tmp_path / "a", key_provider, workers=1).outcomes == {"new": 1}
+    assert _vault_rows(wh) == {"a": 1, "b": 1}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert read_resource(con, key_provider, "Patient", p0["id"]) == p0
+        assert all(reconcile_batch(con, batch).passed for batch in ("a", "b"))
+    finally:
+        con.close()

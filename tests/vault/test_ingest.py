@@ -636,7 +636,7 @@ def test_a_pass_dying_after_handing_a_row_over_loses_nothing(
     ingest_batch(wh, "b", tmp_path / "b", key_provider, workers=1)
     (tmp_path / "a" / "p0.json").unlink()
 
-    def dies(_source: Any) -> Any:
+    def dies(_source: Any, **_options: Any) -> Any:
         raise RuntimeError("the process died here")
         yield
 

@@ -5,6 +5,7 @@ the patient is left in any file the platform publishes."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,10 @@ import duckdb
 import orjson
 
 from pipelines.features.online_scan import delete_online_entities, online_entity_key
-from vault.catalog import has_table
+from vault.catalog import has_table, quote_identifier
 from vault.keys import fsync_dir, fsync_file
 from vault.lifecycle import check_pseudonym
+from vault.pseudonym import PSEUDONYM_HEX_CHARS
 
 
 def purge_released_parquet(folders: tuple[Path, ...], pseudonym: str) -> int:
@@ -89,53 +91,166 @@ def purge_online_store(db_path: Path, pseudonym: str) -> int:
     return delete_online_entities(db_path, [online_entity_key(pseudonym)], vacuum=True)
 
 
-def _without_reference(node: Any, target: str) -> tuple[Any, int]:
-    """``node`` with every Reference to ``target`` removed (the whole Reference element: its
-    display or identifier would describe the erased patient), and how many were removed."""
+def _without_reference(node: Any, keys: frozenset[str]) -> tuple[Any, int]:
+    """``node`` with every Reference to one of ``keys`` (``<Type>/<key>``) removed (the whole
+    Reference element: its display or identifier would describe what was erased), and how
+    many were removed."""
     if isinstance(node, dict):
-        if node.get("reference") == target:
+        if _names_erased(node.get("reference"), keys):
             return None, 1
         kept: dict[str, Any] = {}
         removed = 0
         for key, value in node.items():
-            new, n = _without_reference(value, target)
+            new, n = _without_reference(value, keys)
             removed += n
             if new is not None and new != [] and new != {}:
                 kept[key] = new
         return kept, removed
     if isinstance(node, list):
-        items = [_without_reference(item, target) for item in node]
+        items = [_without_reference(item, keys) for item in node]
         return [v for v, _ in items if v is not None], sum(n for _, n in items)
     return node, 0
 
 
-def purge_released_references(warehouse_path: Path, pseudonym: str) -> int:
-    """Remove references to the erased patient from other patients' released resources in
-    ``deid_resources`` (a performer, a focus, a link): the release must not keep naming the
-    pseudonym. Returns the number of references removed. The warehouse must not be open."""
+def _names_erased(reference: Any, keys: frozenset[str]) -> bool:
+    if not isinstance(reference, str):
+        return False
+    parts = reference.split("/")
+    return len(parts) == 2 and parts[1] in keys
+
+
+# The keys released references name: "reference":"<Type>/<key>" in a released resource.
+_REFERENCE_PATTERN = rf'"reference"\s*:\s*"[A-Za-z]+/([0-9a-f]{{{PSEUDONYM_HEX_CHARS}}})"'
+# Released columns holding a reference's key (a view's encounter_id): named *_id, VARCHAR
+_KEY_COLUMN = re.compile(r"[a-z0-9_]+_id")
+_NOT_REFERENCES = ("id", "patient_id")
+RELEASED_SCHEMAS = ("views", "features", "models")
+
+
+def erased_keys(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
+    """The pseudonyms of every erased patient and resource (the vault's tombstones)."""
+    if not has_table(con, "erased_subjects"):
+        return frozenset()
+    rows = con.execute(
+        "SELECT subject_key FROM erased_subjects WHERE kind IN ('patient', 'resource')"
+    ).fetchall()
+    return frozenset(str(k) for (k,) in rows)
+
+
+def purge_released_references(
+    warehouse_path: Path, pseudonym: str, folders: tuple[Path, ...] = ()
+) -> int:
+    """Remove references to the erased patient, and to every erased resource (its tombstones:
+    another patient's Observation naming one of the erased patient's Encounters), from what
+    stays released: the resources of ``deid_resources`` (a performer, a focus, an encounter),
+    the key columns (``*_id``) of the released tables (views, features, models: set to NULL)
+    and of the released Parquet files of ``folders``. The release must not keep naming the
+    pseudonyms. Returns the number of references removed. The warehouse must not be open."""
     check_pseudonym(pseudonym)
     if not Path(warehouse_path).exists():
         return 0
-    target = f"Patient/{pseudonym}"
     con = duckdb.connect(str(warehouse_path))
     try:
-        if not has_table(con, "deid_resources"):
-            return 0
-        rows = con.execute(
-            "SELECT rowid, resource::VARCHAR FROM deid_resources "
-            "WHERE contains(resource::VARCHAR, ?)",
-            [target],
-        ).fetchall()
-        removed = 0
-        for rowid, text in rows:
-            cleaned, n = _without_reference(orjson.loads(text), target)
-            if n:
-                con.execute(
-                    "UPDATE deid_resources SET resource = ?::JSON WHERE rowid = ?",
-                    [orjson.dumps(cleaned).decode(), rowid],
-                )
-                removed += n
+        keys = erased_keys(con) | {pseudonym}
+        con.execute(
+            "CREATE TEMP TABLE _erased_keys AS SELECT unnest(?::VARCHAR[]) AS k", [list(keys)]
+        )
+        removed = _purge_resource_references(con, keys)
+        removed += _null_key_columns(con)
         con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    return removed + _null_parquet_key_columns(folders, keys)
+
+
+def _purge_resource_references(con: duckdb.DuckDBPyConnection, keys: frozenset[str]) -> int:
+    if not has_table(con, "deid_resources"):
+        return 0
+    rows = con.execute(
+        """
+        SELECT rowid, resource::VARCHAR FROM deid_resources WHERE rowid IN (
+            SELECT rid FROM (
+                SELECT rowid AS rid, unnest(regexp_extract_all(resource::VARCHAR, ?, 1)) AS k
+                FROM deid_resources)
+            WHERE k IN (SELECT k FROM _erased_keys))
+        """,
+        [_REFERENCE_PATTERN],
+    ).fetchall()
+    removed = 0
+    for rowid, text in rows:
+        cleaned, n = _without_reference(orjson.loads(text), keys)
+        if n:
+            con.execute(
+                "UPDATE deid_resources SET resource = ?::JSON WHERE rowid = ?",
+                [orjson.dumps(cleaned).decode(), rowid],
+            )
+            removed += n
+    return removed
+
+
+def _key_columns(con: duckdb.DuckDBPyConnection, source: str) -> list[str]:
+    """The reference key columns of a table or Parquet file (``source`` as SQL)."""
+    described = con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+    return [
+        str(name)
+        for name, kind, *_ in described
+        if kind == "VARCHAR" and name not in _NOT_REFERENCES and _KEY_COLUMN.fullmatch(name)
+    ]
+
+
+def _null_key_columns(con: duckdb.DuckDBPyConnection) -> int:
+    """Set to NULL every released table's key column value naming an erased key."""
+    tables = con.execute(
+        "SELECT schema_name, table_name FROM duckdb_tables() "
+        "WHERE database_name = current_database() AND schema_name IN (SELECT unnest(?)) "
+        "ORDER BY 1, 2",
+        [list(RELEASED_SCHEMAS)],
+    ).fetchall()
+    removed = 0
+    for schema, table in tables:
+        qualified = f"{quote_identifier(schema)}.{quote_identifier(table)}"
+        for column in _key_columns(con, qualified):
+            col = quote_identifier(column)
+            ((n,),) = con.execute(
+                f"UPDATE {qualified} SET {col} = NULL WHERE {col} IN (SELECT k FROM _erased_keys)"
+            ).fetchall()
+            removed += int(n)
+    return removed
+
+
+def _null_parquet_key_columns(folders: tuple[Path, ...], keys: frozenset[str]) -> int:
+    """Rewrite every released Parquet file whose key columns name an erased key with those
+    values set to NULL; returns how many values."""
+    removed = 0
+    con = duckdb.connect()
+    try:
+        con.execute(
+            "CREATE TEMP TABLE _erased_keys AS SELECT unnest(?::VARCHAR[]) AS k", [list(keys)]
+        )
+        for folder in folders:
+            for path in sorted(Path(folder).glob("*.parquet")):
+                source = "read_parquet('" + str(path).replace("'", "''") + "')"
+                columns = [quote_identifier(c) for c in _key_columns(con, source)]
+                if not columns:
+                    continue
+                counted = " + ".join(
+                    f"count(*) FILTER (WHERE {c} IN (SELECT k FROM _erased_keys))" for c in columns
+                )
+                ((found,),) = con.execute(f"SELECT {counted} FROM {source}").fetchall()
+                if not found:
+                    continue
+                replaced = ", ".join(
+                    f"CASE WHEN {c} IN (SELECT k FROM _erased_keys) THEN NULL ELSE {c} END AS {c}"
+                    for c in columns
+                )
+                tmp = path.with_name(path.name + ".erasing")
+                target = str(tmp).replace("'", "''")
+                con.execute(
+                    f"COPY (SELECT * REPLACE ({replaced}) FROM {source}) "
+                    f"TO '{target}' (FORMAT PARQUET)"
+                )
+                _replace_durably(tmp, path)
+                removed += int(found)
     finally:
         con.close()
     return removed
@@ -143,13 +258,16 @@ def purge_released_references(warehouse_path: Path, pseudonym: str) -> int:
 
 @dataclass(frozen=True)
 class ReleasedReferences:
-    """References to the patient in other patients' released resources (``deid_resources``)."""
+    """References to the patient and to the erased resources in what stays released: other
+    patients' released resources (``deid_resources``), the key columns of the released tables
+    and of the released Parquet files of ``folders``."""
 
     warehouse: Path
+    folders: tuple[Path, ...] = ()
     name: str = "released_references"
 
     def purge(self, pseudonym: str) -> int:
-        return purge_released_references(self.warehouse, pseudonym)
+        return purge_released_references(self.warehouse, pseudonym, self.folders)
 
 
 @dataclass(frozen=True)

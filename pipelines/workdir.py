@@ -121,8 +121,9 @@ class Workdir:
         return ErasurePlan(
             tables=RELEASED_TABLES,
             places=(
-                ReleasedReferences(self.warehouse),
+                # the patient's own rows go first: the references left are other patients'
                 ReleasedParquet(self.released_folders),
+                ReleasedReferences(self.warehouse, self.released_folders),
                 OnlineStore(self.online_store),
                 ModelTrainingRecord(self.models),
             ),

@@ -800,8 +800,11 @@ class BatchIngestor:
         content_mac: str,
         refs: list[tuple[str, str, str, str, str]],
     ) -> None:
-        """The accepted resource's rows in the reference graph and the identifier index."""
+        """The accepted resource's rows in the reference graph and the identifier index. A
+        reference to an erased patient or resource (a tombstone) is not indexed."""
         for path, ref_mac, kind, target_type, target_key in refs:
+            if target_key in self.erased:
+                continue
             self.buffers.add(
                 "resource_references",
                 batch_id=self.batch_id,
@@ -1115,8 +1118,9 @@ def ingest_batch(
 
 @dataclass(frozen=True)
 class Reconciliation:
-    """Every record that came in is accounted for: in = accepted + quarantined, and each side
-    matches the table that holds it."""
+    """Every record that came in is accounted for: in = accepted + quarantined + erased, and
+    each side matches the table that holds it (``erased``: records an erasure removed since,
+    kept in the ledger without their resource, status ``erased``)."""
 
     batch_id: str
     records_in: int
@@ -1126,11 +1130,12 @@ class Reconciliation:
     quarantine_rows: int
     vault_rows: int
     accepted_without_new_version: int
+    erased: int = 0
 
     @property
     def passed(self) -> bool:
         return (
-            self.records_in == self.ledger_rows == self.accepted + self.quarantined
+            self.records_in == self.ledger_rows == self.accepted + self.quarantined + self.erased
             and self.quarantined == self.quarantine_rows
             and self.accepted == self.vault_rows + self.accepted_without_new_version
         )
@@ -1161,7 +1166,8 @@ def reconcile_batch(con: duckdb.DuckDBPyConnection, batch_id: str) -> Reconcilia
           (SELECT count(*) FROM quarantine WHERE batch_id = $b),
           (SELECT count(*) FROM phi_vault WHERE batch_id = $b),
           (SELECT count(*) FROM record_ledger WHERE batch_id = $b AND status = 'accepted'
-             AND outcome IN ('unchanged', 'duplicate_identical'))
+             AND outcome IN ('unchanged', 'duplicate_identical')),
+          (SELECT count(*) FROM record_ledger WHERE batch_id = $b AND status = 'erased')
         """,
         {"b": batch_id},
     ).fetchall()[0]

@@ -473,6 +473,8 @@ class ErasureReport:
     # pseudonyms of the other Patient resources of the same person (sharing an identifier),
     # erased with the patient
     same_person: list[str] = field(default_factory=list)
+    # record_ledger rows of the erased records, kept without their resource (status 'erased')
+    ledger_rows_erased: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -579,7 +581,7 @@ def _erase_in_warehouse(
         }
 
         def run(sql: str) -> int:  # with the named parameters ``sql`` uses
-            return _count(con, sql, {k: v for k, v in named.items() if f"${k}" in sql})
+            return _count(con, sql, _only(named, sql))
 
         live, dead = con.execute(
             "SELECT count(*) FILTER (WHERE destroyed_at IS NULL), "
@@ -593,10 +595,14 @@ def _erase_in_warehouse(
             f"WHERE owner IN ({_SUBJECTS}) AND destroyed_at IS NULL"
         )
         # Index rows first: which resources were erased is known from the vault.
+        rows = con.execute(_ERASED_RESOURCES, _only(named, _ERASED_RESOURCES)).fetchall()
+        erased = sorted({str(k) for (k,) in rows})
+        named["erased"] = erased
         _tombstone(con, p, report.same_person, plan.identifier_keys, now)
+        _tombstone_resources(con, erased, now)
         for table in ("resource_references", "identifier_index"):
             report.rows_deleted[table] = run(
-                f"DELETE FROM {table} WHERE resource_key IN ({_ERASED_RESOURCES})"
+                f"DELETE FROM {table} WHERE resource_key IN ({_ERASED})"
             )
         if plan.shared_resources:
             report.rows_deleted["phi_vault_shared"] = run(_SHARED_ROWS)
@@ -609,6 +615,12 @@ def _erase_in_warehouse(
             report.rows_deleted["quarantine_unattributed"] = sum(
                 _count(con, _DELETE_UNATTRIBUTED, list(row)) for row in plan.unattributed_quarantine
             )
+        # the ledger keeps a row for every record (the batch's counts), without its resource
+        con.execute(_LEDGER_RESOURCES_GONE, {"now": now})
+        report.ledger_rows_erased = run(_LEDGER_ERASED)
+        # other resources' references to any erased patient or resource (another patient's
+        # Observation naming one of their Encounters): the index keeps no erased pseudonym
+        report.rows_deleted["resource_references_to_erased"] = run(_REFERENCES_TO_ERASED)
         for label, qualified, column, has_id in _released_tables(con, plan):
             # a patient's released rows, and the released copies of the shared resources
             shared = f" OR (patient_id IS NULL AND id IN ({_SHARED}))" if has_id else ""
@@ -620,6 +632,62 @@ def _erase_in_warehouse(
         con.rollback()
         raise
     report.found = bool(live or dead or any(report.rows_deleted.values()))
+
+
+def _only(named: dict[str, Any], sql: str) -> dict[str, Any]:
+    """The named parameters ``sql`` uses."""
+    return {k: v for k, v in named.items() if f"${k}" in sql}
+
+
+# The resources erased ($erased: every resource key of the rows _ERASED_ROWS deletes).
+_ERASED = "SELECT unnest($erased::VARCHAR[])"
+# Ledger rows of records no table holds any more (what this erasure, and any before it, removed):
+# status 'erased', without their resource key and type, so the ledger still accounts for every
+# record of its batch (reconciliation counts them) but no longer lists the person's resources.
+# An accepted new version is held by the vault row at its position; an accepted repeat by any
+# vault row of its resource; a quarantined record by the quarantine row at its position.
+_HELD_NOWHERE = """
+(l.status = 'accepted' AND l.outcome IN ('new', 'updated') AND NOT EXISTS (
+        SELECT 1 FROM phi_vault v WHERE v.batch_id = l.batch_id
+        AND v.file_index = l.file_index AND v.position = l.position))
+   OR (l.status = 'accepted' AND l.outcome NOT IN ('new', 'updated')
+       AND l.resource_key IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM phi_vault v WHERE v.resource_key = l.resource_key))
+   OR (l.status = 'quarantined' AND NOT EXISTS (
+        SELECT 1 FROM quarantine q WHERE q.batch_id = l.batch_id
+        AND q.file_index = l.file_index AND q.position = l.position))
+"""
+_LEDGER_ERASED = f"""
+UPDATE record_ledger l SET status = 'erased', outcome = 'erased', resource_type = NULL,
+    resource_key = NULL
+WHERE {_HELD_NOWHERE}"""
+_REFERENCES_TO_ERASED = """
+DELETE FROM resource_references WHERE target_key IN (
+    SELECT subject_key FROM erased_subjects WHERE kind IN ('patient', 'resource'))"""
+# The resources of those rows that the vault holds no version of: tombstoned too (an erasure
+# from before resource tombstones existed left them in the ledger only).
+_LEDGER_RESOURCES_GONE = f"""
+INSERT INTO erased_subjects (subject_key, kind, erased_at)
+SELECT DISTINCT l.resource_key, 'resource', $now FROM record_ledger l
+WHERE {_HELD_NOWHERE} AND l.resource_key IS NOT NULL
+  AND l.resource_key NOT IN (SELECT resource_key FROM phi_vault)
+ON CONFLICT DO NOTHING"""
+
+
+def _tombstone_resources(
+    con: duckdb.DuckDBPyConnection, resource_keys: list[str], now: datetime
+) -> None:
+    """Tombstones of the erased resources (kind ``resource``; the Patients have theirs): a reference
+    to one of them from a resource that stays (another patient's Observation naming one of
+    their Encounters) is dropped by every later release (:func:`deid.release.erased_subjects`)
+    and by the erasure's ``released_references`` place, instead of naming it. Nothing links
+    them to the patient."""
+    if resource_keys:
+        con.execute(
+            "INSERT INTO erased_subjects (subject_key, kind, erased_at) "
+            "SELECT unnest($keys::VARCHAR[]), 'resource', $now ON CONFLICT DO NOTHING",
+            {"keys": resource_keys, "now": now},
+        )
 
 
 _DELETE_UNATTRIBUTED = (

@@ -372,6 +372,7 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
         assert (report.data_keys_destroyed, report.data_keys_already_destroyed) == (1, 0)
         assert report.rows_deleted == {
             "resource_references": 3,  # Condition.subject, Encounter.subject + serviceProvider
+            "resource_references_to_erased": 0,  # no other patient's record points at p1's
             "identifier_index": 2,  # the Patient's MRN, exact and loose (vault.ingest)
             "phi_vault": 3,  # Patient, Condition, Encounter
             "phi_vault_clustered": 1,  # the Patient's copy (vault.clustered)
@@ -380,6 +381,7 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
             "features.daily": 1,
         }
         assert report.places == {"online_store": 5}
+        assert report.ledger_rows_erased == 4  # their ledger rows stay, as erased
         assert online_store.called == [world.p1]
 
         # the key is gone: nothing of p1 can be decrypted, even from a copy of its rows

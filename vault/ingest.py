@@ -460,6 +460,15 @@ _UNSTORE_ERASED = (
 )
 
 
+# Records of such a patient quarantined for another reason before it was read: unstored too.
+_REFUSE_ERASED_QUARANTINE = (
+    "UPDATE quarantine SET reason_code = $1, patient_key = NULL, sealed = ''::BLOB, "
+    "aad = ''::BLOB, message = coalesce(resource_type, 'record') || "
+    "': belongs to an erased patient; not stored' "
+    "WHERE batch_id = $2 AND patient_key IN (SELECT unnest($3::VARCHAR[]))"
+)
+
+
 class BatchIngestor:
     """Streams one batch into the warehouse. Use :func:`ingest_batch`."""
 
@@ -484,6 +493,8 @@ class BatchIngestor:
         self.erased: set[str] = {
             str(k) for (k,) in con.execute("SELECT subject_key FROM erased_subjects").fetchall()
         } | self.keys.destroyed_owners
+        # Patients of this batch refused as an erased person (under a new id, by an identifier)
+        self.erased_in_batch: set[str] = set()
         self.buffers = _Buffers()
         self.report = IngestReport(batch_id=batch_id, workers=workers)
         self.now = utcnow()
@@ -735,6 +746,9 @@ class BatchIngestor:
             or (rtype == "Patient" and self._names_erased_patient(checked))
             or (owner is None and self._conditionally_names_erased(checked))
         ):
+            if rtype == "Patient":  # under a new id: its compartment is refused too
+                self.erased_in_batch.add(resource_key)
+                self.erased.add(resource_key)
             self._quarantine_erased(record, rtype)
             return
         if owner_dangles:
@@ -883,6 +897,7 @@ class BatchIngestor:
         self._record_source_files(files)
         self.flush()
         self._settle_conditional_owners()
+        self._refuse_erased_compartments()
         batch = {"b": self.batch_id}
         self.con.execute(_RANK_STAGED_ROWS, batch)
         ((handed,),) = self.con.execute("SELECT count(*) FROM _handover").fetchall()
@@ -983,6 +998,33 @@ class BatchIngestor:
             self._unstore_erased(erased)
         self.con.execute("DELETE FROM pending_patient_refs WHERE batch_id = ?", [self.batch_id])
 
+    def _refuse_erased_compartments(self) -> None:
+        """The compartments of the Patients this batch refused as an erased person: their
+        records staged before the Patient was read leave the vault unstored, the data keys
+        made for them are destroyed, and the Patients are tombstoned (later batches refuse
+        their records too). Records after it in the batch were refused as they came."""
+        if not self.erased_in_batch:
+            return
+        patients = sorted(self.erased_in_batch)
+        rows = self.con.execute(
+            "SELECT file_index, position FROM phi_vault WHERE batch_id = ? "
+            "AND patient_key IN (SELECT unnest(?::VARCHAR[]))",
+            [self.batch_id, patients],
+        ).fetchall()
+        if rows:
+            self._unstore_erased([(int(f), int(p)) for f, p in rows])
+        self.con.execute(_REFUSE_ERASED_QUARANTINE, [ERASED_SUBJECT, self.batch_id, patients])
+        self.con.execute(
+            "UPDATE data_keys SET wrapped = NULL, destroyed_at = ? WHERE destroyed_at IS NULL "
+            "AND owner IN (SELECT unnest(?::VARCHAR[]))",
+            [self.now, patients],
+        )
+        self.con.execute(
+            "INSERT INTO erased_subjects (subject_key, kind, erased_at) "
+            "SELECT unnest(?::VARCHAR[]), 'patient', ? ON CONFLICT DO NOTHING",
+            [patients, self.now],
+        )
+
     def _apply_owners(self, rows: list[tuple[int, int, str, bytes]]) -> None:
         columns = list(zip(*rows, strict=True))
         table = pa.table(
@@ -1011,8 +1053,8 @@ class BatchIngestor:
         params = {"b": self.batch_id, "now": self.now, "code": ERASED_SUBJECT}
         self.con.register("_erased", table)
         try:
-            for sql in _UNSTORE_ERASED:
-                self.con.execute(sql, params)
+            for sql in _UNSTORE_ERASED:  # DuckDB refuses a parameter a statement does not use
+                self.con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql})
         finally:
             self.con.unregister("_erased")
 

@@ -65,8 +65,12 @@ def _obs(oid: str, patient: str, encounter: str | None = None) -> dict[str, Any]
 
 # hers: a Patient, an Encounter, an Observation in it, and one quarantined record (an empty
 # array is a schema violation: quarantined under her key)
+SSN_SYSTEM = "http://hl7.org/fhir/sid/us-ssn"
 HERS = [
-    _patient("pz", "Quorvalent"),
+    {
+        **_patient("pz", "Quorvalent"),
+        "identifier": [{"system": SSN_SYSTEM, "value": "731-55-9012"}],
+    },
     _encounter("enc-pz", "pz"),
     _obs("pz-pulse", "pz", "enc-pz"),
 ]
@@ -248,3 +252,36 @@ def test_references_to_her_resources_leave_other_patients_records(world: dict[st
         world["key"]("Observation", "other-in-her-encounter"),
         world["key"]("Observation", "other-later"),
     } <= ids
+
+
+def test_the_compartment_of_a_patient_refused_as_her_is_refused_too(world: dict[str, Any]) -> None:
+    """A Patient under a new id carrying her SSN written another way is quarantined as her; the
+    records in its compartment, before and after it in the batch, and in a later batch, are
+    not stored or released either."""
+    _forget(world)
+    key = world["key"]
+    landing = world["workdir"].root.parent / "landing" / "b2"
+    new_patient = {**_patient("pt-new", "Quorvalent"), "identifier": [
+        {"system": SSN_SYSTEM, "value": " 731 55 9012"}]}  # fmt: skip
+    _write(landing, [_obs("before", "pt-new"), new_patient, _obs("after", "pt-new")])
+    report = ingest_batch(world["workdir"].warehouse, "b2", landing, world["provider"], workers=1)
+    assert (report.accepted, report.quarantine_reasons) == (0, {"erased_subject": 3})
+    later = world["workdir"].root.parent / "landing" / "b3"
+    _write(later, [_obs("later", "pt-new"), _obs("other-b3", "p-other")])
+    report = ingest_batch(world["workdir"].warehouse, "b3", later, world["provider"], workers=1)
+    assert (report.accepted, report.quarantine_reasons) == (1, {"erased_subject": 1})
+    _release(world["workdir"], world["provider"], ["b1", "b2", "b3"])
+
+    new = {key("Patient", "pt-new"), *(key("Observation", o) for o in ("before", "after", "later"))}
+    assert _naming(world, new | world["hers"]) == {}
+    con = warehouse.connect(world["workdir"].warehouse, read_only=True)
+    try:
+        live = con.execute(
+            "SELECT count(*) FROM data_keys WHERE owner = ? AND wrapped IS NOT NULL",
+            [key("Patient", "pt-new")],
+        ).fetchall()[0][0]
+        assert live == 0
+        for batch in ("b1", "b2", "b3"):
+            assert reconcile_batch(con, batch).passed, batch
+    finally:
+        con.close()

@@ -237,9 +237,11 @@ def test_references_to_her_resources_leave_other_patients_records(world: dict[st
 
     # a later release, of this batch again and of a new one naming her Encounter, names it not
     landing = world["workdir"].root.parent / "landing" / "b2"
-    _write(landing, [_obs("other-later", "p-other", "enc-pz")])
+    her_encounter_again = {k: v for k, v in _encounter("enc-pz", "pz").items() if k != "subject"}
+    _write(landing, [_obs("other-later", "p-other", "enc-pz"), her_encounter_again])
     report = ingest_batch(world["workdir"].warehouse, "b2", landing, world["provider"], workers=1)
-    assert report.accepted == 1
+    # her Encounter sent again without its patient is refused by its own tombstone
+    assert (report.accepted, report.quarantine_reasons) == (1, {"erased_subject": 1})
     _release(world["workdir"], world["provider"], ["b1", "b2"])
     assert _naming(world, world["hers"]) == {}
     con = duckdb.connect(str(world["workdir"].warehouse), read_only=True)

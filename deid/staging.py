@@ -171,6 +171,28 @@ def _drop_superseded(con: duckdb.DuckDBPyConnection, batch_id: str, stage: str) 
     )
 
 
+def _unsettle_older_holders(con: duckdb.DuckDBPyConnection, batch_id: str, stage: str) -> None:
+    """Batches holding an older version of a resource this batch released before and releases
+    no more (its export, ingested again, dropped the resource): their released row of it was
+    dropped when this batch released a newer one (:func:`_drop_superseded`), so they are
+    taken out of the ledger and de-identified again by the next run, which releases the
+    version the vault now holds as newest (within the caller's transaction)."""
+    if not has_table(con, "phi_vault"):
+        return
+    con.execute(
+        f"""
+        DELETE FROM {LEDGER_TABLE} WHERE batch_id IN (
+            SELECT DISTINCT v.batch_id FROM phi_vault v
+            WHERE v.batch_id <> $batch AND v.resource_key IN (
+                SELECT d.id FROM deid_resources d WHERE d.batch_id = $batch
+                AND NOT EXISTS (
+                    SELECT 1 FROM {stage} s WHERE s.resource_type = d.resource_type
+                    AND s.id = d.id)))
+        """,
+        {"batch": batch_id},
+    )
+
+
 def _swap_batch(
     con: duckdb.DuckDBPyConnection, batch_id: str, stage: str, errors: str, settings: str
 ) -> None:
@@ -183,6 +205,7 @@ def _swap_batch(
     con.execute("BEGIN TRANSACTION")
     try:
         _strip_staged_patients(con, batch_id, stage)
+        _unsettle_older_holders(con, batch_id, stage)
         for target, source in (("deid_resources", stage), ("deid_errors", errors)):
             con.execute(f"DELETE FROM {target} WHERE batch_id = ?", [batch_id])
             con.execute(f"INSERT INTO {target} SELECT * FROM {source}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -401,5 +402,64 @@ def test_a_resource_changed_in_a_later_batch_is_released_once_as_its_newest_vers
         # the first batch published again (a settings change) does not bring its version back
         assert publish_batch(con, key_provider, "b0", research, today=TODAY).published
         assert con.execute("SELECT count(*) FROM deid_resources").fetchall() == [(2,)]
+    finally:
+        con.close()
+
+
+def test_a_resource_its_later_batch_no_longer_holds_is_released_again_from_the_earlier_one(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A later export sent a lab's second version, then was corrected to drop the lab. The
+    vault's newest version is the first export's again, whose released row the second version
+    had replaced: the first batch leaves the ledger, and publishing it again (what the next
+    `ehr run` does) releases its version, once."""
+    patient = {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1960-05-01"}
+    lab = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "status": "final",
+        "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
+        "subject": {"reference": "Patient/p1"},
+        "valueQuantity": {"value": 7.4, "unit": "%"},
+        "meta": {"versionId": "1"},
+    }
+    newer = {**lab, "valueQuantity": {"value": 9.9, "unit": "%"}, "meta": {"versionId": "2"}}
+    wh = tmp_path / "w.duckdb"
+    research = Policy.shipped("research")
+
+    def export(batch: str, entries: list[dict[str, Any]]) -> None:
+        land = tmp_path / batch
+        shutil.rmtree(land, ignore_errors=True)
+        land.mkdir()
+        bundle = {"resourceType": "Bundle", "type": "collection"}
+        bundle["entry"] = [{"resource": r} for r in entries]  # type: ignore[assignment]
+        (land / "export.json").write_bytes(orjson.dumps(bundle))
+        ingest_batch(wh, batch, land, key_provider, workers=1)
+        con = warehouse.connect(wh)
+        try:
+            assert publish_batch(con, key_provider, batch, research, today=TODAY).published
+        finally:
+            con.close()
+
+    def released_values(con: Any) -> list[tuple[str, float]]:
+        rows = con.execute(
+            "SELECT batch_id, resource FROM deid_resources WHERE resource_type = 'Observation'"
+        ).fetchall()
+        return [(batch, orjson.loads(r)["valueQuantity"]["value"]) for batch, r in rows]
+
+    export("b0", [patient, lab])
+    export("b1", [patient, newer])
+    con = warehouse.connect(wh)
+    try:
+        assert released_values(con) == [("b1", 9.9)]
+    finally:
+        con.close()
+    export("b1", [patient])  # the corrected second export: the lab is not in it
+    con = warehouse.connect(wh)
+    try:
+        assert "b0" not in _settled(con, research)  # the next run publishes it again
+        assert publish_batch(con, key_provider, "b0", research, today=TODAY).published
+        assert released_values(con) == [("b0", 7.4)]
+        assert _settled(con, research) == {"b0", "b1"}
     finally:
         con.close()

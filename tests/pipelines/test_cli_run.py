@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from click.testing import CliRunner, Result
 
@@ -170,3 +171,35 @@ def test_a_resource_another_batch_holds_stays_released_after_a_file_is_removed(
         assert all(reconcile_batch(con, b).passed for b in ("a_batch", "b_batch"))
     finally:
         con.close()
+
+
+def test_a_version_a_corrected_later_export_drops_is_released_from_the_earlier_one(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """export_1 holds a Patient, export_2 the same Patient with versionId 2; export_2 is then
+    corrected to drop it. One ``ehr run`` releases export_1's version again (its released
+    row had been replaced by export_2's): the Patient is in the release once, from export_1."""
+    generate(tmp_path / "gen", 3, seed=4, fmt="ndjson")
+    lines = (tmp_path / "gen" / "Patient.ndjson").read_bytes().splitlines(keepends=True)
+    first, other = orjson.loads(lines[0]), orjson.loads(lines[1])
+    second = {**first, "meta": {"versionId": "2"}, "gender": "unknown"}
+    land = tmp_path / "landing"
+    for batch, resources in (("export_1", [first]), ("export_2", [second, other])):
+        (land / batch).mkdir(parents=True)
+        (land / batch / "p.ndjson").write_bytes(
+            b"".join(orjson.dumps(r) + b"\n" for r in resources)
+        )
+    workdir = tmp_path / "work"
+    run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    (land / "export_2" / "p.ndjson").write_bytes(orjson.dumps(other) + b"\n")
+    run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
+    try:
+        released = con.execute(
+            "SELECT batch_id, count(*) FROM deid_resources WHERE resource_type = 'Patient' "
+            "GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    finally:
+        con.close()
+    # the first Patient from export_1 (its only version left), the other from export_2
+    assert released == [("export_1", 1), ("export_2", 1)]

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
@@ -240,8 +241,9 @@ def identifier_criteria(resource: dict[str, Any]) -> list[str]:
 def identifier_match_form(criteria: str) -> str | None:
     """The loose form of one ``system|value`` criteria, for recognising a person whose
     identifier is written differently (``731-55-9012``, ``731559012``, `` 731 55 9012 ``): the
-    system trimmed, the value reduced to its letters and digits, case-folded (NFKC first, so a
-    full-width digit is a digit). None when nothing of the value is left.
+    system as URI comparison reads it (:func:`_system_match_form`), the value reduced to its
+    letters and digits, case-folded (NFKC first, so a full-width digit is a digit). None when
+    nothing of the value is left.
 
     The system is kept: another system's identifier with the same value is another record
     (another hospital's MRN may equal this one), so loose forms never match across systems.
@@ -251,4 +253,24 @@ def identifier_match_form(criteria: str) -> str | None:
     if not sep:
         return None
     loose = "".join(ch for ch in unicodedata.normalize("NFKC", value) if ch.isalnum())
-    return f"{system.strip()}|{loose.casefold()}" if loose else None
+    return f"{_system_match_form(system)}|{loose.casefold()}" if loose else None
+
+
+_URN = re.compile(r"(?i)^(urn:[a-z0-9][a-z0-9-]*:)(.*)$")
+
+
+def _system_match_form(system: str) -> str:
+    """An identifier system as URI comparison reads it (RFC 3986, 6.2.2-6.2.3): the scheme
+    and host without regard to case, no trailing slash, a URN's namespace without regard to
+    case; the path keeps its case. ``HTTP://Hospital.Example.org/mrn/`` is the system
+    ``http://hospital.example.org/mrn``."""
+    system = system.strip().rstrip("/")
+    urn = _URN.match(system)
+    if urn is not None:
+        return urn.group(1).lower() + urn.group(2)
+    parts = urlsplit(system)
+    if not parts.scheme or not parts.netloc:
+        return system
+    return urlunsplit(
+        (parts.scheme.lower(), parts.netloc.lower(), parts.path, parts.query, parts.fragment)
+    )

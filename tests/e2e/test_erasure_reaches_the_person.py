@@ -279,6 +279,9 @@ def test_identifiers_written_differently_still_name_the_erased_person(
         _patient("pt-new-4", [(MRN_SYSTEM, f" {MRN} ")]),
         _patient("pt-new-5", [(SSN_SYSTEM, "731 55 9012")]),
         _obs("cond-ssn", {"reference": f"Patient?identifier={SSN_SYSTEM}|731.55.9012"}),
+        # her system written with a host in capitals, or with a trailing slash, is hers
+        _patient("pt-new-6", [(MRN_SYSTEM.replace("hospital.example", "HOSPITAL.Example"), MRN)]),
+        _patient("pt-new-7", [(MRN_SYSTEM + "/", MRN)]),
         # another hospital's MRN may equal hers: a different system, a different person
         {
             **OTHER,
@@ -295,10 +298,11 @@ def test_identifiers_written_differently_still_name_the_erased_person(
         ).fetchall()
     finally:
         con.close()
-    assert [o for (o,) in outcomes] == [ERASED_SUBJECT] * 4 + ["new"]
-    assert report.quarantine_reasons == {ERASED_SUBJECT: 4}
+    assert [o for (o,) in outcomes] == [ERASED_SUBJECT] * 6 + ["new"]
+    assert report.quarantine_reasons == {ERASED_SUBJECT: 6}
     kept = [orjson.loads(text)["id"] for _, _, text in _readable(person)]
-    assert "pt-elsewhere" in kept and not {"pt-new-3", "pt-new-4", "pt-new-5"} & set(kept)
+    assert "pt-elsewhere" in kept
+    assert not {"pt-new-3", "pt-new-4", "pt-new-5", "pt-new-6", "pt-new-7"} & set(kept)
 
 
 def test_a_patient_indexed_before_loose_forms_is_tombstoned_by_them(

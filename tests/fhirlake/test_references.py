@@ -62,6 +62,30 @@ def test_identifier_match_form_keeps_the_system_and_the_letters_and_digits(
     assert identifier_match_form(criteria) == loose
 
 
+@pytest.mark.parametrize(
+    "system",
+    [
+        "HTTP://HOSPITAL.EXAMPLE.ORG/mrn",
+        "http://hospital.example.org/mrn/",
+        " http://Hospital.Example.org/mrn ",
+        "Http://hospital.EXAMPLE.org/mrn//",
+    ],
+)
+def test_one_system_written_differently_is_one_system(system: str) -> None:
+    """The scheme and host of a URI are read without regard to case, and a trailing slash
+    names the same system: her MRN under any of these is hers."""
+    mine = identifier_match_form("http://hospital.example.org/mrn|88442211")
+    assert identifier_match_form(f"{system}|88-44-22-11") == mine
+
+
+def test_a_system_path_keeps_its_case_and_a_urn_its_value() -> None:
+    mine = identifier_match_form("http://hospital.example.org/mrn|1234567")
+    assert identifier_match_form("http://hospital.example.org/MRN|1234567") != mine
+    oid = identifier_match_form("urn:oid:2.16.840.1.9|1234567")
+    assert identifier_match_form("URN:OID:2.16.840.1.9|1234567") == oid
+    assert identifier_match_form("urn:oid:2.16.840.1.99|1234567") != oid
+
+
 def test_identifier_match_form_never_matches_across_systems() -> None:
     mine = identifier_match_form("http://hospital.example.org/mrn|88442211")
     assert mine != identifier_match_form("urn:oid:2.16.840.1.999999.1|88442211")

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
 
 from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
@@ -256,21 +255,11 @@ def identifier_match_form(criteria: str) -> str | None:
     return f"{_system_match_form(system)}|{loose.casefold()}" if loose else None
 
 
-_URN = re.compile(r"(?i)^(urn:[a-z0-9][a-z0-9-]*:)(.*)$")
-
-
 def _system_match_form(system: str) -> str:
-    """An identifier system as URI comparison reads it (RFC 3986, 6.2.2-6.2.3): the scheme
-    and host without regard to case, no trailing slash, a URN's namespace without regard to
-    case; the path keeps its case. ``HTTP://Hospital.Example.org/mrn/`` is the system
+    """An identifier system as a person is recognised by: without regard to case and without
+    a trailing slash. URI comparison reads only the scheme, the host and a URN's namespace
+    without regard to case (RFC 3986, 6.2.2); the path too here, since two systems that differ
+    only in the case of their path are the same hospital's register, written twice, far more
+    often than two registers. ``HTTP://HOSPITAL.EXAMPLE.ORG/MRN/`` is
     ``http://hospital.example.org/mrn``."""
-    system = system.strip().rstrip("/")
-    urn = _URN.match(system)
-    if urn is not None:
-        return urn.group(1).lower() + urn.group(2)
-    parts = urlsplit(system)
-    if not parts.scheme or not parts.netloc:
-        return system
-    return urlunsplit(
-        (parts.scheme.lower(), parts.netloc.lower(), parts.path, parts.query, parts.fragment)
-    )
+    return system.strip().rstrip("/").casefold()

@@ -78,9 +78,10 @@ def test_one_system_written_differently_is_one_system(system: str) -> None:
     assert identifier_match_form(f"{system}|88-44-22-11") == mine
 
 
-def test_a_system_path_keeps_its_case_and_a_urn_its_value() -> None:
+def test_a_system_is_read_without_regard_to_case_and_a_urn_keeps_its_value() -> None:
     mine = identifier_match_form("http://hospital.example.org/mrn|1234567")
-    assert identifier_match_form("http://hospital.example.org/MRN|1234567") != mine
+    assert identifier_match_form("HTTP://HOSPITAL.EXAMPLE.ORG/MRN|1234567") == mine
+    assert identifier_match_form("http://hospital.example.org/mrn2|1234567") != mine
     oid = identifier_match_form("urn:oid:2.16.840.1.9|1234567")
     assert identifier_match_form("URN:OID:2.16.840.1.9|1234567") == oid
     assert identifier_match_form("urn:oid:2.16.840.1.99|1234567") != oid

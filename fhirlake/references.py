@@ -240,7 +240,7 @@ def identifier_criteria(resource: dict[str, Any]) -> list[str]:
 def identifier_match_form(criteria: str) -> str | None:
     """The loose form of one ``system|value`` criteria, for recognising a person whose
     identifier is written differently (``731-55-9012``, ``731559012``, `` 731 55 9012 ``): the
-    system as URI comparison reads it (:func:`_system_match_form`), the value reduced to its
+    system without regard to case (:func:`_system_match_form`), the value reduced to its
     letters and digits, case-folded (NFKC first, so a full-width digit is a digit). None when
     nothing of the value is left.
 

@@ -196,11 +196,44 @@ def _shared_resources_naming(
     for record in iter_every_version(con, provider, shared_only=True):
         if record.resource_key in found:
             continue
-        # a birth date alone is no name: a Practitioner born the same day, another patient's
-        # unattributed result dated that day, would be erased with her
-        if set(subject.hits(orjson.dumps(record.resource).decode())) - {"birth_date"}:
+        if _names_the_person(subject.hits(_as_text(record.resource))):
             found[record.resource_key] = None
     return tuple(found)
+
+
+def _as_text(resource: dict[str, Any]) -> str:
+    """The record as JSON text, and each HumanName in it written as people write a name
+    (``Zephyrine Quorvalent``, each given name with the family name): in JSON its parts stand
+    apart, where they read as two name parts rather than a full name."""
+    names: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            family, given = node.get("family"), node.get("given")
+            if isinstance(family, str) and isinstance(given, list):
+                names.extend(f"{g} {family}" for g in given if isinstance(g, str))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(resource)
+    return "\n".join([orjson.dumps(resource).decode(), *names])
+
+
+# What names someone else as well, when found alone in a shared record: one part of her name
+# (a colleague who shares her first name or her surname), her birth date (a Practitioner born
+# the same day, another patient's unattributed result dated that day)
+_SHARED_BY_OTHERS = {"name", "birth_date"}
+
+
+def _names_the_person(kinds: list[str]) -> bool:
+    """Whether the kinds a shared record holds name the person: anything beyond a name part
+    and a birth date (her full name, an identifier, a phone, an email, an address, her id),
+    or a name part and the birth date together."""
+    found = set(kinds)
+    return bool(found - _SHARED_BY_OTHERS) or _SHARED_BY_OTHERS <= found
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,17 @@ NAMING_HER = [
 # resources of no patient that do not name her: kept
 NOT_HER = [
     {"resourceType": "Organization", "id": "org-harbor", "name": "Harborview Clinic"},
+    # colleagues who share one of her name parts, nothing else
+    {
+        "resourceType": "Practitioner",
+        "id": "prac-first-name",
+        "name": [{"family": "Oddsock", "given": ["Zephyrine"]}],
+    },
+    {
+        "resourceType": "Practitioner",
+        "id": "prac-surname",
+        "name": [{"family": "Quorvalent", "given": ["Amadeo"]}],
+    },
     # born the same day as she was: a birth date alone names no one
     {
         "resourceType": "Practitioner",
@@ -182,7 +193,11 @@ def _readable(person: dict[str, Any]) -> list[tuple[str, str | None, str]]:
 
 
 def _naming_her(text: str) -> list[str]:
-    return [c for c in CANARIES if c.casefold() in text.casefold()]
+    """What of hers a decrypted record holds, when that names her: one of her name parts
+    alone (a colleague who shares her first name or her surname) names someone else."""
+    found = [c for c in CANARIES if c.casefold() in text.casefold()]
+    name_parts = {"Quorvalent", "Zephyrine"}
+    return found if set(found) - name_parts or name_parts <= set(found) else []
 
 
 def _released_ids(person: dict[str, Any]) -> set[str]:
@@ -228,7 +243,13 @@ def test_forget_erases_the_shared_records_that_name_the_patient(person: dict[str
         (t, _naming_her(text)) for t, owner, text in after if owner is None and _naming_her(text)
     ] == []
     kept = {orjson.loads(text)["id"] for _, owner, text in after if owner is None}
-    assert kept == {"org-harbor", "prac-same-birthday", "anonymous"}
+    assert kept == {
+        "org-harbor",
+        "prac-same-birthday",
+        "prac-first-name",
+        "prac-surname",
+        "anonymous",
+    }
     assert shared_naming_her & (_released_ids(person) | _parquet_ids(person)) == set()
     assert key("Observation", "anonymous") in _released_ids(person) & _parquet_ids(person)
     assert report["rows_deleted"]["phi_vault_shared"] == expected

@@ -47,6 +47,8 @@ class Checked(NamedTuple):
     patient_refs: tuple[str, ...] = ()
     identifiers: tuple[str, ...] = ()
     assigned_raw: bytes | None = None  # the record with a server-assigned id, when it had none
+    # the identifiers of the Patients it contains: a record can carry its patient inside it
+    contained_patient_identifiers: tuple[str, ...] = ()
 
 
 @cache
@@ -299,6 +301,20 @@ def _check_record(raw: bytes) -> Checked:
         patient_refs,
         tuple(identifier_criteria(obj)),
         assigned_raw,
+        _contained_patient_identifiers(obj),
+    )
+
+
+def _contained_patient_identifiers(obj: dict[str, Any]) -> tuple[str, ...]:
+    """``system|value`` of every identifier of a Patient the resource contains."""
+    contained = obj.get("contained")
+    if not isinstance(contained, list):
+        return ()
+    return tuple(
+        criteria
+        for inner in contained
+        if isinstance(inner, dict) and inner.get("resourceType") == "Patient"
+        for criteria in identifier_criteria(inner)
     )
 
 

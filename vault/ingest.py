@@ -701,12 +701,15 @@ class BatchIngestor:
 
     def _names_erased_patient(self, checked: Checked) -> bool:
         """A Patient sent again under another id but with an identifier of an erased one,
-        exactly or written differently (its loose form, same system)."""
+        exactly or written differently (its loose form, same system); or any record that
+        contains such a Patient (an Observation whose subject is ``#p``, a Patient inside it)."""
         if not self.erased:
             return False  # nothing erased: no keyed identifier to compute
+        identifiers = checked.contained_patient_identifiers
+        if checked.resource_type == "Patient":
+            identifiers = (*checked.identifiers, *identifiers)
         return any(
-            key in self.erased
-            for key in identifier_keys(self.pseudo, "Patient", checked.identifiers)
+            key in self.erased for key in identifier_keys(self.pseudo, "Patient", identifiers)
         )
 
     def _conditionally_names_erased(self, checked: Checked) -> bool:
@@ -743,7 +746,7 @@ class BatchIngestor:
             owner in self.erased
             or resource_key in self.erased
             or criteria in self.erased
-            or (rtype == "Patient" and self._names_erased_patient(checked))
+            or self._names_erased_patient(checked)
             or (owner is None and self._conditionally_names_erased(checked))
         ):
             if rtype == "Patient":  # under a new id: its compartment is refused too

@@ -303,6 +303,11 @@ def test_identifiers_written_differently_still_name_the_erased_person(
         # her system written in capitals, or with a trailing slash, is hers
         _patient("pt-new-6", [(MRN_SYSTEM.upper(), MRN)]),
         _patient("pt-new-7", [(MRN_SYSTEM + "/", MRN)]),
+        # a record carrying her inside it: its subject is the Patient it contains
+        {
+            **_obs("contained-her", {"reference": "#p"}, None),
+            "contained": [{**_patient("p", [(SSN_SYSTEM, SSN)])}],
+        },
         # another hospital's MRN may equal hers: a different system, a different person
         {
             **OTHER,
@@ -319,11 +324,12 @@ def test_identifiers_written_differently_still_name_the_erased_person(
         ).fetchall()
     finally:
         con.close()
-    assert [o for (o,) in outcomes] == [ERASED_SUBJECT] * 6 + ["new"]
-    assert report.quarantine_reasons == {ERASED_SUBJECT: 6}
+    assert [o for (o,) in outcomes] == [ERASED_SUBJECT] * 7 + ["new"]
+    assert report.quarantine_reasons == {ERASED_SUBJECT: 7}
     kept = [orjson.loads(text)["id"] for _, _, text in _readable(person)]
     assert "pt-elsewhere" in kept
     assert not {"pt-new-3", "pt-new-4", "pt-new-5", "pt-new-6", "pt-new-7"} & set(kept)
+    assert "contained-her" not in kept
 
 
 def test_a_patient_indexed_before_loose_forms_is_tombstoned_by_them(

@@ -607,6 +607,12 @@ def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
     register_lookup_table(con, "lab_codes", _LAB_CODES_SCHEMA, rows)
 
 
+# Means are rounded to this many decimals: a sum of doubles depends on the order DuckDB adds
+# them in, which its parallel plans do not fix, so one input gave 7.75 in one build and
+# 7.750000000000001 in another (and a changed online row for nothing)
+MEAN_DIGITS = 9
+
+
 def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     """Per measure: the latest value, when it was measured and the mean over 365 days, each
     result counted from when it became known (:data:`OBSERVATION_KNOWN_AT`). "Latest" is the
@@ -621,7 +627,8 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
             f"arg_max(CASE WHEN measure = '{m}' THEN value END, "
             f"CASE WHEN measure = '{m}' THEN measured END) OVER wall AS {m}_latest,\n"
             f"max(CASE WHEN measure = '{m}' THEN measured END) OVER wall AS {m}_measured_at,\n"
-            f"avg(CASE WHEN measure = '{m}' THEN value END) OVER wmean AS {m}_mean_365d"
+            f"round(avg(CASE WHEN measure = '{m}' THEN value END) OVER wmean, {MEAN_DIGITS}) "
+            f"AS {m}_mean_365d"
         )
         finals.append(f"{m}_latest, {m}_mean_365d, {m}_measured_at")
     window_columns = ",\n".join(parts)
@@ -631,7 +638,8 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
         -- one value per patient, measure and instant measured (the mean, when an instant
         -- has several), known when the last of them is
         SELECT o.patient_id, max({OBSERVATION_KNOWN_AT}) AS ts, c.measure,
-            avg(o.value_quantity) AS value, o.effective_date_time_latest AS measured
+            round(avg(o.value_quantity), {MEAN_DIGITS}) AS value,
+            o.effective_date_time_latest AS measured
         FROM src_observation o
         SEMI JOIN feature_patients p ON p.patient_id = o.patient_id
         JOIN lab_codes c ON c.code = coalesce(o.component_code, o.code)

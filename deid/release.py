@@ -72,7 +72,8 @@ class DeidReport:
 
 
 def erased_subjects(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
-    """Pseudonyms of the erased patients (the vault's tombstones)."""
+    """Every tombstone's key: the erased patients' pseudonyms, their resources', and the keyed
+    criteria of their identifiers."""
     if not has_table(con, "erased_subjects"):
         return frozenset()  # an older warehouse: nothing erased since tombstones exist
     rows = con.execute("SELECT subject_key FROM erased_subjects").fetchall()

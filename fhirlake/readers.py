@@ -627,7 +627,6 @@ def _ndjson_records(
         try:
             while line := lines.readline(max_line_bytes + 1):
                 lineno += 1
-                state.next_position = lineno + 1
                 if len(line) > max_line_bytes and not line.endswith(b"\n"):
                     message = f"NDJSON line longer than {max_line_bytes} bytes, not read"
                     yield RawRecord(source.index, lineno, None, ("record_too_large", message))
@@ -642,7 +641,8 @@ def _ndjson_records(
                 if line:
                     yield RawRecord(source.index, lineno, line)
         except _READ_ERRORS:
-            state.pending = lines.pending
+            # the line being read when it failed: the one after the last line read
+            state.pending, state.next_position = lines.pending, lineno + 1
             raise
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import duckdb
 import orjson
 
+from deid.release import erased_subjects
 from pipelines.features.online_scan import delete_online_entities, online_entity_key
 from vault.catalog import has_table, quote_identifier
 from vault.keys import fsync_dir, fsync_file
@@ -127,14 +128,9 @@ _NOT_REFERENCES = ("id", "patient_id")
 RELEASED_SCHEMAS = ("views", "features", "models")
 
 
-def erased_keys(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
-    """The pseudonyms of every erased patient and resource (the vault's tombstones)."""
-    if not has_table(con, "erased_subjects"):
-        return frozenset()
-    rows = con.execute(
-        "SELECT subject_key FROM erased_subjects WHERE kind IN ('patient', 'resource')"
-    ).fetchall()
-    return frozenset(str(k) for (k,) in rows)
+def _stage_erased_keys(con: duckdb.DuckDBPyConnection, keys: frozenset[str]) -> None:
+    """Temporary table ``_erased_keys (k)``: the keys the purge's statements look up."""
+    con.execute("CREATE TEMP TABLE _erased_keys AS SELECT unnest(?::VARCHAR[]) AS k", [list(keys)])
 
 
 def purge_released_references(
@@ -151,10 +147,10 @@ def purge_released_references(
         return 0
     con = duckdb.connect(str(warehouse_path))
     try:
-        keys = erased_keys(con) | {pseudonym}
-        con.execute(
-            "CREATE TEMP TABLE _erased_keys AS SELECT unnest(?::VARCHAR[]) AS k", [list(keys)]
-        )
+        # every tombstone: the patients' and resources' pseudonyms (an identifier criteria's
+        # keyed token, in a domain of its own, names no released reference)
+        keys = erased_subjects(con) | {pseudonym}
+        _stage_erased_keys(con, keys)
         removed = _purge_resource_references(con, keys)
         removed += _null_key_columns(con)
         con.execute("CHECKPOINT")
@@ -224,9 +220,7 @@ def _null_parquet_key_columns(folders: tuple[Path, ...], keys: frozenset[str]) -
     removed = 0
     con = duckdb.connect()
     try:
-        con.execute(
-            "CREATE TEMP TABLE _erased_keys AS SELECT unnest(?::VARCHAR[]) AS k", [list(keys)]
-        )
+        _stage_erased_keys(con, keys)
         for folder in folders:
             for path in sorted(Path(folder).glob("*.parquet")):
                 source = "read_parquet('" + str(path).replace("'", "''") + "')"

@@ -172,23 +172,26 @@ def done_in_ledger(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
     return entry.files == len(listing.files) and entry.ingested_at >= newest_change(batch, listing)
 
 
-def _latest_run_status(
-    context: SensorEvaluationContext, key: str, state: BatchState
-) -> DagsterRunStatus | None:
+def _run_tags(key: str, state: BatchState) -> dict[str, str]:
+    """The tags of the run the sensor requests for ``key`` in ``state``, which also find it."""
     tags = {BATCH_TAG: key, FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: str(state.attempt)}
     if state.rerun:
         tags[RERUN_TAG] = str(state.rerun)
-    runs = context.instance.get_runs(filters=RunsFilter(tags=tags), limit=1)
+    return tags
+
+
+def _latest_run_status(
+    context: SensorEvaluationContext, key: str, state: BatchState
+) -> DagsterRunStatus | None:
+    runs = context.instance.get_runs(filters=RunsFilter(tags=_run_tags(key, state)), limit=1)
     return runs[0].status if runs else None
 
 
 def _request(key: str, state: BatchState) -> RunRequest:
-    tags = {BATCH_TAG: key, FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: str(state.attempt)}
     run_key = f"{key}:{state.fingerprint}:{state.attempt}"
     if state.rerun:
-        tags[RERUN_TAG] = str(state.rerun)
         run_key += f":rerun{state.rerun}"
-    return RunRequest(partition_key=key, run_key=run_key, tags=tags)
+    return RunRequest(partition_key=key, run_key=run_key, tags=_run_tags(key, state))
 
 
 def _follow_run(

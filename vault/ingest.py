@@ -44,6 +44,7 @@ from vault import warehouse
 from vault.clock import utcnow
 from vault.clustered import sync_clustered
 from vault.keys import KeyProvider
+from vault.lifecycle import tombstone
 from vault.pseudonym import Pseudonymizer, stored_version_id
 from vault.read import bind_pseudonym_key
 from vault.sealing import SHARED_OWNER, DataKeyStore, seal
@@ -1022,11 +1023,7 @@ class BatchIngestor:
             "AND owner IN (SELECT unnest(?::VARCHAR[]))",
             [self.now, patients],
         )
-        self.con.execute(
-            "INSERT INTO erased_subjects (subject_key, kind, erased_at) "
-            "SELECT unnest(?::VARCHAR[]), 'patient', ? ON CONFLICT DO NOTHING",
-            [patients, self.now],
-        )
+        tombstone(self.con, patients, self.now, kind="patient")
 
     def _apply_owners(self, rows: list[tuple[int, int, str, bytes]]) -> None:
         columns = list(zip(*rows, strict=True))
@@ -1057,7 +1054,7 @@ class BatchIngestor:
         self.con.register("_erased", table)
         try:
             for sql in _UNSTORE_ERASED:  # DuckDB refuses a parameter a statement does not use
-                self.con.execute(sql, {k: v for k, v in params.items() if f"${k}" in sql})
+                self.con.execute(sql, warehouse.used_parameters(params, sql))
         finally:
             self.con.unregister("_erased")
 

@@ -581,7 +581,7 @@ def _erase_in_warehouse(
         }
 
         def run(sql: str) -> int:  # with the named parameters ``sql`` uses
-            return _count(con, sql, _only(named, sql))
+            return _count(con, sql, warehouse.used_parameters(named, sql))
 
         live, dead = con.execute(
             "SELECT count(*) FILTER (WHERE destroyed_at IS NULL), "
@@ -595,11 +595,12 @@ def _erase_in_warehouse(
             f"WHERE owner IN ({_SUBJECTS}) AND destroyed_at IS NULL"
         )
         # Index rows first: which resources were erased is known from the vault.
-        rows = con.execute(_ERASED_RESOURCES, _only(named, _ERASED_RESOURCES)).fetchall()
+        used = warehouse.used_parameters(named, _ERASED_RESOURCES)
+        rows = con.execute(_ERASED_RESOURCES, used).fetchall()
         erased = sorted({str(k) for (k,) in rows})
         named["erased"] = erased
         _tombstone(con, p, report.same_person, plan.identifier_keys, now)
-        _tombstone_resources(con, erased, now)
+        tombstone(con, erased, now)
         for table in ("resource_references", "identifier_index"):
             report.rows_deleted[table] = run(
                 f"DELETE FROM {table} WHERE resource_key IN ({_ERASED})"
@@ -632,11 +633,6 @@ def _erase_in_warehouse(
         con.rollback()
         raise
     report.found = bool(live or dead or any(report.rows_deleted.values()))
-
-
-def _only(named: dict[str, Any], sql: str) -> dict[str, Any]:
-    """The named parameters ``sql`` uses."""
-    return {k: v for k, v in named.items() if f"${k}" in sql}
 
 
 # The resources erased ($erased: every resource key of the rows _ERASED_ROWS deletes).
@@ -674,19 +670,19 @@ WHERE {_HELD_NOWHERE} AND l.resource_key IS NOT NULL
 ON CONFLICT DO NOTHING"""
 
 
-def _tombstone_resources(
-    con: duckdb.DuckDBPyConnection, resource_keys: list[str], now: datetime
+def tombstone(
+    con: duckdb.DuckDBPyConnection, keys: list[str], now: datetime, kind: str = "resource"
 ) -> None:
-    """Tombstones of the erased resources (kind ``resource``; the Patients have theirs): a reference
-    to one of them from a resource that stays (another patient's Observation naming one of
-    their Encounters) is dropped by every later release (:func:`deid.release.erased_subjects`)
-    and by the erasure's ``released_references`` place, instead of naming it. Nothing links
-    them to the patient."""
-    if resource_keys:
+    """Tombstones of erased subjects of ``kind`` (``patient``, or ``resource``: the resources
+    an erasure removed). A reference to a resource tombstoned from a resource that stays
+    (another patient's Observation naming one of their Encounters) is dropped by every later
+    release (:func:`deid.release.erased_subjects`) and by the erasure's
+    ``released_references`` place, instead of naming it. Nothing links them to the patient."""
+    if keys:
         con.execute(
             "INSERT INTO erased_subjects (subject_key, kind, erased_at) "
-            "SELECT unnest($keys::VARCHAR[]), 'resource', $now ON CONFLICT DO NOTHING",
-            {"keys": resource_keys, "now": now},
+            "SELECT unnest($keys::VARCHAR[]), $kind, $now ON CONFLICT DO NOTHING",
+            {"keys": keys, "now": now, "kind": kind},
         )
 
 

@@ -451,3 +451,8 @@ def rewrite(path: Path, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> None:
         fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def used_parameters(named: dict[str, Any], sql: str) -> dict[str, Any]:
+    """The named parameters (``$name``) that ``sql`` uses: DuckDB refuses one it does not."""
+    return {k: v for k, v in named.items() if f"${k}" in sql}

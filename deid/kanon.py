@@ -32,6 +32,7 @@ import orjson
 import pyarrow as pa
 
 from deid.methods import today_utc
+from deid.released_table import ensure_resource_digests, resource_digest_sql
 from deid.risk import (
     SUPPRESSED,
     GeneralisationStep,
@@ -441,7 +442,10 @@ def _rewrite_patient_rows(con: duckdb.DuckDBPyConnection) -> None:
         f"DELETE FROM deid_resources d USING {PATIENT_REWRITES} w "
         "WHERE d.resource_type = 'Patient' AND d.id = w.id AND d.batch_id = w.batch_id"
     )
-    con.execute(f"INSERT INTO deid_resources BY NAME SELECT * FROM {PATIENT_REWRITES}")
+    con.execute(
+        f"INSERT INTO deid_resources BY NAME SELECT *, {resource_digest_sql()} AS digest "
+        f"FROM {PATIENT_REWRITES}"
+    )
     con.execute(f"DROP TABLE {PATIENT_REWRITES}")
 
 
@@ -495,6 +499,7 @@ def build_k_anonymous_release(
     staging = f"{RELEASED_PATIENTS}{STAGING_SUFFIX}"
     withheld = f"{WITHHELD_PATIENTS}{STAGING_SUFFIX}"
     _backfill(con)
+    ensure_resource_digests(con)
     try:
         _stage_patients(con, staging, as_of)
         steps = GENERALISATION_LADDER if ladder is None else ladder

@@ -27,6 +27,12 @@ from deid.kanon import (
 )
 from deid.leakscan import CanarySet, LeakScanResult, scan_rows
 from deid.policy import Policy
+from deid.released_table import (
+    DEID_DDL,
+    checked_table,
+    ensure_resource_digests,
+    resource_digest_sql,
+)
 from deid.terminology import Terminology
 from deid.workers import ChunkResult, Item, Targets, WorkerSetup, deidentify_items
 from vault.catalog import has_table
@@ -35,14 +41,6 @@ from vault.keys import KeyProvider, key_fingerprint
 from vault.read import iter_current_records, iter_every_version
 from vault.warehouse import database_path
 
-DEID_DDL = """
-CREATE TABLE IF NOT EXISTS deid_resources (
-    resource_type VARCHAR NOT NULL,
-    id VARCHAR NOT NULL,
-    patient_id VARCHAR,
-    batch_id VARCHAR NOT NULL,
-    resource JSON NOT NULL
-)"""
 DEID_ERRORS_DDL = """
 CREATE TABLE IF NOT EXISTS deid_errors (
     batch_id VARCHAR NOT NULL,
@@ -136,16 +134,6 @@ class _BatchRun:
     errors_target: str = "deid_errors"
 
 
-# a table name, optionally schema-qualified: the only text interpolated into the stage's SQL
-_TABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
-
-
-def _checked_table(name: str) -> str:
-    if not _TABLE_NAME.match(name):
-        raise ValueError(f"not a table name: {name!r}")
-    return name
-
-
 def _take_chunk(con: duckdb.DuckDBPyConnection, run: _BatchRun, result: ChunkResult) -> None:
     """Add one de-identified chunk to the run, inserting its rows once enough are pending."""
     batch = run.batch_id
@@ -188,8 +176,9 @@ def _flush(con: duckdb.DuckDBPyConnection, run: _BatchRun) -> None:
         con.register("released_chunk", released)
         try:
             con.execute(
-                f"INSERT INTO {run.target} SELECT resource_type, id, patient_id, batch_id, "
-                "resource::JSON FROM released_chunk"
+                f"INSERT INTO {run.target} BY NAME SELECT resource_type, id, patient_id, "
+                f"batch_id, resource::JSON AS resource, {resource_digest_sql()} AS digest "
+                "FROM released_chunk"
             )
         finally:
             con.unregister("released_chunk")
@@ -234,8 +223,9 @@ def deidentify_batch(
     ``target`` (released) and ``errors_target`` (withheld), created with the release table's
     columns when missing, so a batch can be written to a staging table first."""
     started = time.perf_counter()
-    target, errors_target = _checked_table(target), _checked_table(errors_target)
+    target, errors_target = checked_table(target), checked_table(errors_target)
     con.execute(DEID_DDL.replace(" deid_resources ", f" {target} ", 1))
+    ensure_resource_digests(con, target)
     con.execute(DEID_ERRORS_DDL.replace(" deid_errors ", f" {errors_target} ", 1))
     con.execute(f"DELETE FROM {target} WHERE batch_id = ?", [batch_id])
     con.execute(f"DELETE FROM {errors_target} WHERE batch_id = ?", [batch_id])
@@ -562,7 +552,7 @@ def scan_released_batch(
         canaries = batch_canaries(con, provider, batch_id)
     cursor = con.cursor()
     cursor.execute(
-        f"SELECT id, resource, patient_id FROM {_checked_table(table)} WHERE batch_id = ?",
+        f"SELECT id, resource, patient_id FROM {checked_table(table)} WHERE batch_id = ?",
         [batch_id],
     )
 
@@ -606,7 +596,7 @@ def _scan_staged_patients(
     patient's identifiers. A patient's own birth date is searched in the rows of that patient
     whose values hold a run of four digits (every written form of a date holds its year); no
     other row can hold it. This finds exactly what a row-by-row scan finds."""
-    table = _checked_table(staging)
+    table = checked_table(staging)
     columns = ", ".join(QUASI_IDENTIFIERS)
     as_text = " || ' ' || ".join(f"coalesce(CAST({c} AS VARCHAR), '')" for c in QUASI_IDENTIFIERS)
 

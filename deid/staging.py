@@ -35,7 +35,6 @@ from deid.leakscan import LeakScanResult
 from deid.methods import today_utc
 from deid.policy import Policy
 from deid.release import (
-    DEID_DDL,
     DEID_ERRORS_DDL,
     DeidReport,
     batch_canaries,
@@ -43,6 +42,7 @@ from deid.release import (
     deidentify_batch,
     scan_released_batch,
 )
+from deid.released_table import DEID_DDL, ensure_resource_digests, resource_digest_sql
 from deid.terminology import Terminology
 from vault.catalog import has_table
 from vault.ingest import FHIR_BASE_ENV
@@ -95,7 +95,8 @@ def _strip_staged_patients(con: duckdb.DuckDBPyConnection, batch_id: str, stage:
     con.register("stripped_patients", stripped)
     try:
         con.execute(
-            f"UPDATE {stage} SET resource = s.resource::JSON FROM stripped_patients s "
+            f"UPDATE {stage} SET resource = s.resource::JSON, "
+            f"digest = {resource_digest_sql('s.resource')} FROM stripped_patients s "
             f"WHERE {stage}.resource_type = 'Patient' AND {stage}.id = s.id"
         )
     finally:
@@ -199,6 +200,7 @@ def _swap_batch(
     """Replace the batch's released and withheld rows with the staged ones, and record it in
     the ledger, atomically."""
     con.execute(DEID_DDL)
+    ensure_resource_digests(con)
     con.execute(DEID_ERRORS_DDL)
     con.execute(QUASI_DDL)
     con.execute(LEDGER_DDL)
@@ -208,7 +210,7 @@ def _swap_batch(
         _unsettle_older_holders(con, batch_id, stage)
         for target, source in (("deid_resources", stage), ("deid_errors", errors)):
             con.execute(f"DELETE FROM {target} WHERE batch_id = ?", [batch_id])
-            con.execute(f"INSERT INTO {target} SELECT * FROM {source}")
+            con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {source}")
         _drop_superseded(con, batch_id, stage)
         _record_published(con, batch_id, settings)
         con.execute("COMMIT")

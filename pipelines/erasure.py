@@ -14,6 +14,7 @@ import duckdb
 import orjson
 
 from deid.release import erased_subjects
+from deid.released_table import ensure_resource_digests, resource_digest_sql
 from pipelines.features.online_scan import delete_online_entities, online_entity_key
 from vault.catalog import has_table, quote_identifier
 from vault.keys import fsync_dir, fsync_file
@@ -162,6 +163,7 @@ def purge_released_references(
 def _purge_resource_references(con: duckdb.DuckDBPyConnection, keys: frozenset[str]) -> int:
     if not has_table(con, "deid_resources"):
         return 0
+    ensure_resource_digests(con)  # a release written before the column: it is written below
     rows = con.execute(
         """
         SELECT rowid, resource::VARCHAR FROM deid_resources WHERE rowid IN (
@@ -177,8 +179,9 @@ def _purge_resource_references(con: duckdb.DuckDBPyConnection, keys: frozenset[s
         cleaned, n = _without_reference(orjson.loads(text), keys)
         if n:
             con.execute(
-                "UPDATE deid_resources SET resource = ?::JSON WHERE rowid = ?",
-                [orjson.dumps(cleaned).decode(), rowid],
+                "UPDATE deid_resources SET resource = $text::JSON, "
+                f"digest = {resource_digest_sql('$text')} WHERE rowid = $row",
+                {"text": orjson.dumps(cleaned).decode(), "row": rowid},
             )
             removed += n
     return removed

@@ -53,6 +53,7 @@ import orjson
 from deid.kanon import withheld_filter
 from deid.leakscan import CanarySet, LeakScanResult
 from deid.release import merged_scans, scan_column_values, scan_released_table
+from deid.released_table import ensure_resource_digests
 from fhirlake.viewdef import ViewDefinition, write_view_table
 from pipelines.parallel import on_cursors
 from pipelines.publish import TableChange, publish_in_place, transaction
@@ -141,8 +142,9 @@ def ensure_state_tables(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {STATE_SCHEMA}")
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {SOURCES} "
-        "(view VARCHAR NOT NULL, id VARCHAR NOT NULL, patient_id VARCHAR, digest VARCHAR NOT NULL)"
+        "(view VARCHAR NOT NULL, id VARCHAR NOT NULL, patient_id VARCHAR, digest UBIGINT NOT NULL)"
     )
+    _digests_as_numbers(con)
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {DEFINITIONS} (view VARCHAR PRIMARY KEY, digest VARCHAR)"
     )
@@ -150,6 +152,21 @@ def ensure_state_tables(con: duckdb.DuckDBPyConnection) -> None:
         f"CREATE TABLE IF NOT EXISTS {BATCHES} "
         "(view VARCHAR NOT NULL, batch_id VARCHAR NOT NULL, digest UBIGINT NOT NULL)"
     )
+
+
+def _digests_as_numbers(con: duckdb.DuckDBPyConnection) -> None:
+    """Bookkeeping written when the digests were text (the same hash, written in decimal) keeps
+    its values as numbers: no view is rebuilt for it."""
+    ((kind,),) = con.execute(
+        "SELECT data_type FROM duckdb_columns() WHERE database_name = current_database() "
+        "AND schema_name = ? AND table_name = ? AND column_name = 'digest'",
+        list(SOURCES.split(".")),
+    ).fetchall()
+    if kind != "UBIGINT":
+        con.execute(
+            f"ALTER TABLE {SOURCES} ALTER digest SET DATA TYPE UBIGINT "
+            "USING CAST(digest AS UBIGINT)"
+        )
 
 
 def _stage_current_sources(
@@ -160,9 +177,8 @@ def _stage_current_sources(
     released = withheld_filter(con)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {scratch.current} AS "
-        # a 64-bit hash compared id by id: a collision would need an id's new version to hash
-        # to its old one's value
-        "SELECT id, patient_id, CAST(hash(resource) AS VARCHAR) AS digest FROM deid_resources "
+        # the digest each writer of the release keeps beside the text (deid.released_table)
+        "SELECT id, patient_id, digest FROM deid_resources "
         f"WHERE resource_type = ? AND {released}",
         [resource_type],
     )
@@ -293,13 +309,27 @@ def _needs_full_build(
     )
 
 
+def _prepare(con: duckdb.DuckDBPyConnection) -> None:
+    """What the refreshes would otherwise each write before they read (two writers of one
+    catalog entry or row conflict): the bookkeeping tables, and the release's resource digests
+    of a release written before them."""
+    ensure_state_tables(con)
+    ensure_resource_digests(con)
+
+
 def refresh_view(
     con: duckdb.DuckDBPyConnection, view: ViewDefinition, workdir: Path, canaries: CanarySet
 ) -> ViewRefresh:
     """Bring ``views.<name>`` and its Parquet file up to date with the release, rebuilding
     only the rows of resources that changed; published only when the leak scan passes."""
+    _prepare(con)
+    return _refresh_prepared(con, view, workdir, canaries)
+
+
+def _refresh_prepared(
+    con: duckdb.DuckDBPyConnection, view: ViewDefinition, workdir: Path, canaries: CanarySet
+) -> ViewRefresh:
     started = time.perf_counter()
-    ensure_state_tables(con)
     digest = definition_digest(view)
     scratch = _Scratch(view.name)
     try:
@@ -349,13 +379,13 @@ def refresh_views(
     DuckDB, which a second thread overlaps (2.0-2.3 s down to 1.4-1.7 s after a 1 % batch)."""
     # what the refreshes would otherwise create at the same moment (two creations of one
     # catalog entry conflict): the schemas, the bookkeeping tables, the compiled canaries
-    ensure_state_tables(con)
+    _prepare(con)
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {VIEWS_SCHEMA}")
     canaries.compile()
     resources = _resources_by_type(con)
     yield from on_cursors(
         con,
-        lambda cursor, view: refresh_view(cursor, view, workdir, canaries),
+        lambda cursor, view: _refresh_prepared(cursor, view, workdir, canaries),
         views,
         size=lambda view: resources.get(view.resource, 0),
         alone=lambda view: _needs_full_build(con, view, workdir, definition_digest(view)),

@@ -62,10 +62,14 @@ def con() -> duckdb.DuckDBPyConnection:
     for pid, *rest in COHORT:
         resource = orjson.dumps(patient(pid, *rest)).decode()
         con.execute(
-            "INSERT INTO deid_resources VALUES ('Patient', ?, ?, 'b', ?)", [pid, pid, resource]
+            "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+            "VALUES ('Patient', ?, ?, 'b', ?)",
+            [pid, pid, resource],
         )
         con.execute(
-            "INSERT INTO deid_resources VALUES ('Encounter', ?, ?, 'b', '{}')", [f"e-{pid}", pid]
+            "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+            "VALUES ('Encounter', ?, ?, 'b', '{}')",
+            [f"e-{pid}", pid],
         )
     return con
 
@@ -169,7 +173,8 @@ def test_rare_races_merge_into_other_race_in_every_copy() -> None:
     for i, race in enumerate([aian, aian, other, other, other]):
         resource = orjson.dumps(patient(f"p{i}", "male", "1970-01-01", "02139", race)).decode()
         con.execute(
-            "INSERT INTO deid_resources VALUES ('Patient', ?, ?, 'b', ?)",
+            "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+            "VALUES ('Patient', ?, ?, 'b', ?)",
             [f"p{i}", f"p{i}", resource],
         )
     report = build_k_anonymous_release(con, 5, as_of=AS_OF, max_withheld=0.0)
@@ -198,7 +203,8 @@ def test_wide_bands_end_at_89() -> None:
     for i, birth in enumerate(["1940-06-01", "1943-06-01", "1938-06-01", "1937-06-01"]):
         resource = orjson.dumps(patient(f"p{i}", "male", birth, "02139", WHITE)).decode()
         con.execute(
-            "INSERT INTO deid_resources VALUES ('Patient', ?, ?, 'b', ?)",
+            "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+            "VALUES ('Patient', ?, ?, 'b', ?)",
             [f"p{i}", f"p{i}", resource],
         )
     twenty = next(step for step in GENERALISATION_LADDER if "20-year" in step.name)
@@ -241,7 +247,8 @@ def _add_batch(con: duckdb.DuckDBPyConnection, batch: list[tuple]) -> None:
         resource = patient(pid, *rest)
         con.execute("DELETE FROM deid_resources WHERE resource_type = 'Patient' AND id = ?", [pid])
         con.execute(
-            "INSERT INTO deid_resources VALUES ('Patient', ?, ?, 'b2', ?)",
+            "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+            "VALUES ('Patient', ?, ?, 'b2', ?)",
             [pid, pid, orjson.dumps(resource).decode()],
         )
         record_quasi_identifiers(con, [(pid, "b2", resource)])
@@ -370,7 +377,11 @@ def test_ages_are_counted_in_the_utc_year(now: datetime, band_of_1937: str) -> N
     con = duckdb.connect()
     con.execute(DEID_DDL)
     resource = orjson.dumps(patient("nye", "female", "1937-06-01", "02139", WHITE)).decode()
-    con.execute("INSERT INTO deid_resources VALUES ('Patient', 'nye', 'nye', 'b', ?)", [resource])
+    con.execute(
+        "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+        "VALUES ('Patient', 'nye', 'nye', 'b', ?)",
+        [resource],
+    )
     build_k_anonymous_release(con, 1, max_withheld=0.0, clock=lambda: now)
     # computed here: the UTC year of ``now`` less the birth year, in HIPAA's 90+ or 5-year bands
     age = now.astimezone(UTC).year - 1937

@@ -124,7 +124,8 @@ def test_planted_leak_fails_the_scan(
         )
         name = f"{patient['name'][0]['given'][0]} {patient['name'][0]['family']}"
         con.execute(
-            "INSERT INTO deid_resources VALUES ('Observation', 'x', NULL, 'b', ?)",
+            "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+            "VALUES ('Observation', 'x', NULL, 'b', ?)",
             [orjson.dumps({"resourceType": "Observation", "valueString": name.upper()}).decode()],
         )
         scan = scan_released_batch(con, key_provider, "b")

@@ -63,7 +63,8 @@ def test_planted_leak_keeps_the_previous_release(
             report = deidentify_batch(con, *args, target=target, **kwargs)
             note = {"resourceType": "Observation", "valueString": f"call back on {digits}"}
             con.execute(
-                f"INSERT INTO {target} VALUES ('Observation', 'x', NULL, 'b', ?)",
+                f"INSERT INTO {target} (resource_type, id, patient_id, batch_id, resource) "
+                "VALUES ('Observation', 'x', NULL, 'b', ?)",
                 [orjson.dumps(note).decode()],
             )
             return report

@@ -9,6 +9,7 @@ import shutil
 import time
 from pathlib import Path
 
+import duckdb
 import pytest
 from phi_canaries import (
     ciphertexts_spelling_canaries,
@@ -61,6 +62,18 @@ def test_synthetic_with_defects_end_to_end(tmp_path: Path, key_file: Path) -> No
     on_disk = json.loads((workdir / "run_summary.json").read_text())
     assert on_disk["stages"]["ingest"]["records_in"] == ingest["records_in"]
     assert gen.patients == 40
+
+    # every writer of the release (staging, the Patients' generalisation) kept each row's
+    # digest, which the views compare, equal to the hash of its text as it is now
+    con = duckdb.connect(str(Workdir(workdir).warehouse), read_only=True)
+    try:
+        ((stale, rows),) = con.execute(
+            "SELECT count(*) FILTER (WHERE digest IS DISTINCT FROM hash(resource)), count(*) "
+            "FROM deid_resources"
+        ).fetchall()
+    finally:
+        con.close()
+    assert (stale, rows > 0) == (0, True)
 
     canaries = patient_canaries(landing)
     assert len(canaries) > 200

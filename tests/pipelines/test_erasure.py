@@ -144,7 +144,8 @@ def test_references_to_the_erased_patient_leave_other_patients_released_resource
         "focus": [{"reference": f"Patient/{erased}", "display": "kept? no"}],
     }
     con.execute(
-        "INSERT INTO deid_resources VALUES ('Observation', 'o1', ?, 'b', ?::JSON)",
+        "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+        "VALUES ('Observation', 'o1', ?, 'b', ?::JSON)",
         [other, json.dumps(observation)],
     )
     con.close()

@@ -56,7 +56,8 @@ def _put(con: duckdb.DuckDBPyConnection, resource: dict[str, Any], patient: str)
         [resource["resourceType"], resource["id"]],
     )
     con.execute(
-        "INSERT INTO deid_resources VALUES (?, ?, ?, 'b', ?)",
+        "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+        "VALUES (?, ?, ?, 'b', ?)",
         [resource["resourceType"], resource["id"], patient, orjson.dumps(resource).decode()],
     )
 
@@ -175,6 +176,31 @@ def test_a_crash_before_the_bookkeeping_only_redoes_the_same_rows(tmp_path: Path
     _assert_equal_to_full_build(con, tmp_path, PATIENT, "Patient")
 
 
+def test_a_release_and_bookkeeping_written_before_the_stored_digests_rebuild_nothing(
+    tmp_path: Path,
+) -> None:
+    """A warehouse whose ``deid_resources`` has no digest column and whose bookkeeping holds
+    the digests as text (as written before): the next refresh fills the column, reads the
+    bookkeeping as numbers, rebuilds nothing and still finds a resource changed after it."""
+    con = _warehouse(tmp_path)
+    for i in range(6):
+        _put(con, _patient(f"p{i}", "female"), f"p{i}")
+    assert refresh_view(con, PATIENT, tmp_path, CanarySet()).mode == "full"
+    con.execute("ALTER TABLE deid_resources DROP COLUMN digest")
+    con.execute(f"ALTER TABLE {SOURCES} ALTER digest SET DATA TYPE VARCHAR")
+    again = refresh_view(con, PATIENT, tmp_path, CanarySet())
+    assert (again.mode, again.resources_changed) == ("unchanged", 0)
+    # the column as the views now read it: each row's digest is the hash of its text
+    ((stale,),) = con.execute(
+        "SELECT count(*) FROM deid_resources WHERE digest IS DISTINCT FROM hash(resource)"
+    ).fetchall()
+    assert stale == 0
+    _put(con, _patient("p2", "male"), "p2")
+    third = refresh_view(con, PATIENT, tmp_path, CanarySet())
+    assert (third.mode, third.resources_changed) == ("incremental", 1)
+    _assert_equal_to_full_build(con, tmp_path, PATIENT, "Patient")
+
+
 def test_a_new_patients_name_in_a_kept_row_withdraws_the_view(tmp_path: Path) -> None:
     con = _warehouse(tmp_path)
     odd = _patient("p1", "female")
@@ -256,14 +282,14 @@ def test_a_failing_view_leaves_the_others_refreshed(
     con = _warehouse(tmp_path)
     _put(con, _patient("p1", "female"), "p1")
     _put(con, _observation("o1", "p1", 90.0, 1), "p1")
-    real = refresh_module.refresh_view
+    real = refresh_module._refresh_prepared
 
     def failing_patient_view(c: Any, view: Any, *args: Any) -> Any:
         if view.name == PATIENT.name:
             raise RuntimeError("the patient view failed")
         return real(c, view, *args)
 
-    monkeypatch.setattr(refresh_module, "refresh_view", failing_patient_view)
+    monkeypatch.setattr(refresh_module, "_refresh_prepared", failing_patient_view)
     done = []
     with pytest.raises(RuntimeError, match="the patient view failed"):
         for view, refresh in refresh_views(con, [PATIENT, OBSERVATION], tmp_path, CanarySet()):

@@ -22,7 +22,8 @@ def _warehouse(tmp_path: Path, states: dict[str, str]) -> duckdb.DuckDBPyConnect
     for pid, state in states.items():
         resource = {"resourceType": "Patient", "id": pid, "address": [{"state": state}]}
         con.execute(
-            "INSERT INTO deid_resources VALUES ('Patient', ?, ?, 'b', ?)",
+            "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+            "VALUES ('Patient', ?, ?, 'b', ?)",
             [pid, pid, orjson.dumps(resource).decode()],
         )
     return con
@@ -54,7 +55,8 @@ def test_planted_leak_leaves_the_previous_view(tmp_path: Path) -> None:
     parquet = first.parquet.read_bytes()
     leak = {"resourceType": "Patient", "address": [{"state": "QUILLFEATHER"}]}
     con.execute(
-        "INSERT INTO deid_resources VALUES ('Patient', 'p9', 'p9', 'b', ?)",
+        "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+        "VALUES ('Patient', 'p9', 'p9', 'b', ?)",
         [orjson.dumps(leak).decode()],
     )
     second = run_view_over_release(con, VIEW, tmp_path, check=_scan)

@@ -10,6 +10,10 @@ def _fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _subgroup_table(subgroups: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| attribute | group | n | positives | observed rate | predicted rate | "
@@ -17,13 +21,14 @@ def _subgroup_table(subgroups: list[dict[str, Any]]) -> list[str]:
         "|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in subgroups:
-        # n comes bounded from metrics.json ("<30" for a small cell), the same in both places
+        # a suppressed group comes from metrics.json with its size bounded ("<30", ">=30") and
+        # no count or rate, the same in both places
         positives = "-" if r["positives"] is None else str(r["positives"])
+        gap = "-" if r["calibration_gap"] is None else f"{r['calibration_gap']:+.3f}"
         lines.append(
             f"| {r['attribute']} | {r['group']} | {r['n']} | {positives} | "
-            f"{_fmt(r['observed_rate'])} | {_fmt(r['predicted_rate'])} | "
-            f"{r['calibration_gap']:+.3f} | {_fmt(r['auroc'])} | "
-            f"{r['reason'] or ''} |"
+            f"{_rate(r['observed_rate'])} | {_rate(r['predicted_rate'])} | "
+            f"{gap} | {_fmt(r['auroc'])} | {r['reason'] or ''} |"
         )
     return lines
 

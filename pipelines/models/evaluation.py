@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -35,7 +35,8 @@ class CalibrationBin:
 @dataclass(frozen=True)
 class SubgroupResult:
     """Metrics of one subgroup of the held-out set. ``auroc`` is None when the group is too
-    small (n < 30) or holds a single class; ``assessable`` says so."""
+    small (n < 30) or holds a single class; ``assessable`` says so. ``suppressed``: nothing of
+    the group but its name is shared (:func:`suppressed_groups`)."""
 
     attribute: str
     group: str
@@ -47,6 +48,7 @@ class SubgroupResult:
     auroc: float | None
     assessable: bool
     reason: str
+    suppressed: bool = False
 
 
 @dataclass(frozen=True)
@@ -376,6 +378,36 @@ def bounded_count(n: int, minimum: int = MIN_SUBGROUP_SIZE) -> int | str:
     return n if n >= minimum else f"<{minimum}"
 
 
+# why a group of 30 or more is suppressed too
+SUPPRESSED_BESIDE_SMALL = f"suppressed with a group under {MIN_SUBGROUP_SIZE}"
+
+
+def suppressed_groups(results: list[SubgroupResult]) -> set[tuple[str, str]]:
+    """The (attribute, group) pairs whose size, positives and rates are not shared: every group
+    under 30 and, while the groups suppressed in an attribute hold fewer than 30 rows together,
+    its next smallest group too. The groups of an attribute cover the held-out set, whose size
+    and positives are shared, so one small group alone, or small groups summing under 30, would
+    otherwise follow by subtraction from the totals and the groups shown (primary and
+    complementary cell suppression)."""
+    hidden: set[tuple[str, str]] = set()
+    for attribute in dict.fromkeys(r.attribute for r in results):
+        rows = sorted((r for r in results if r.attribute == attribute), key=lambda r: r.n)
+        small = [r for r in rows if r.n < MIN_SUBGROUP_SIZE]
+        if not small:
+            continue
+        chosen = len(small)
+        while sum(r.n for r in rows[:chosen]) < MIN_SUBGROUP_SIZE and chosen < len(rows):
+            chosen += 1
+        hidden.update((r.attribute, r.group) for r in rows[:chosen])
+    return hidden
+
+
+def _suppressed(result: SubgroupResult) -> SubgroupResult:
+    """``result`` with nothing to assess: a group under 30 keeps its reason."""
+    reason = result.reason if result.n < MIN_SUBGROUP_SIZE else SUPPRESSED_BESIDE_SMALL
+    return replace(result, auroc=None, assessable=False, reason=reason, suppressed=True)
+
+
 def _group_order(group: object) -> tuple[int, str]:
     """Age bands in age order, other groups alphabetically, ``unknown`` last."""
     text = str(group)
@@ -419,7 +451,8 @@ def subgroup_audit(
                     reason=reason,
                 )
             )
-    return results
+    hidden = suppressed_groups(results)
+    return [_suppressed(r) if (r.attribute, r.group) in hidden else r for r in results]
 
 
 def subgroup_gaps(results: list[SubgroupResult]) -> list[SubgroupGap]:

@@ -53,11 +53,17 @@ def plot_calibration(bins: list[CalibrationBin], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _shown_size(result: SubgroupResult) -> str:
+    if result.n < MIN_SUBGROUP_SIZE:
+        return f"n<{MIN_SUBGROUP_SIZE}"
+    return f"n>={MIN_SUBGROUP_SIZE}" if result.suppressed else f"n={result.n}"
+
+
 def plot_subgroup_auroc(results: list[SubgroupResult], overall: float | None, path: Path) -> Path:
     """Horizontal bars of AUROC per subgroup; groups too small to assess are shown hatched at 0."""
     fig, ax = plt.subplots(figsize=(7, max(2.5, 0.35 * len(results) + 1)))
-    # Small cells are shown as a bound, not a count.
-    sizes = [f"n<{MIN_SUBGROUP_SIZE}" if r.n < MIN_SUBGROUP_SIZE else f"n={r.n}" for r in results]
+    # suppressed groups are shown as a bound, not a count (as in metrics.json and the card)
+    sizes = [_shown_size(r) for r in results]
     labels = [f"{r.attribute}: {r.group} ({size})" for r, size in zip(results, sizes, strict=True)]
     values = [r.auroc if r.auroc is not None else 0.0 for r in results]
     colors = ["tab:blue" if r.assessable else "lightgrey" for r in results]

@@ -362,15 +362,21 @@ def temporal_validation(
     }
 
 
+# what a suppressed group's size, counts and rates are shared as
+_HIDDEN_FIELDS = ("positives", "observed_rate", "predicted_rate", "calibration_gap", "auroc")
+
+
 def bounded_subgroups(subgroups: list[SubgroupResult]) -> list[dict[str, Any]]:
-    """Subgroup rows as shared (metrics.json and the card alike): a group under 30 shows
-    ``"<30"`` and no positive count, never its exact size."""
+    """Subgroup rows as shared (metrics.json and the card alike): a suppressed group (under 30,
+    or suppressed with one, :func:`pipelines.models.evaluation.suppressed_groups`) shows only
+    the bound of its size (``"<30"`` or ``">=30"``) and no count or rate, from which its size
+    or its outcomes would follow."""
     rows = []
     for r in subgroups:
         row = asdict(r)
-        row["n"] = bounded_count(r.n)
-        if r.n < MIN_SUBGROUP_SIZE:
-            row["positives"] = None
+        if r.suppressed:
+            row["n"] = bounded_count(r.n) if r.n < MIN_SUBGROUP_SIZE else f">={MIN_SUBGROUP_SIZE}"
+            row.update(dict.fromkeys(_HIDDEN_FIELDS))
         rows.append(row)
     return rows
 

@@ -8,8 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.models.evaluation import subgroup_audit
 from pipelines.models.training import (
     InsufficientTrainingDataError,
+    bounded_subgroups,
     load_model,
     split_by_patient,
     train_readmission_model,
@@ -166,7 +168,8 @@ def test_card_and_metrics_bound_small_groups_the_same_way(tmp_path: Path) -> Non
     metrics = json.loads(report.metrics_path.read_text())
     card = report.model_card_path.read_text()
     for row in metrics["subgroups"]:
-        assert (isinstance(row["n"], int) and row["n"] >= 30) or row["n"] == "<30"
+        # a group of 30 or more suppressed beside a small one shows only its bound too
+        assert (isinstance(row["n"], int) and row["n"] >= 30) or row["n"] in ("<30", ">=30")
         assert f"| {row['attribute']} | {row['group']} | {row['n']} |" in card
     rare = next(r for r in metrics["subgroups"] if r["group"] == "1002-5")
     assert rare["n"] == "<30" and rare["positives"] is None
@@ -208,3 +211,55 @@ def test_patient_split_of_few_positives_warns_nothing() -> None:
         train, test = split_by_patient(frame, "label", seed=0)
     y = frame["label"].to_numpy()
     assert set(y[train]) == {0, 1} and set(y[test]) == {0, 1}
+
+
+def _published_remainders(
+    rows: list[dict], n_total: int, positives_total: int
+) -> dict[str, tuple[int, int]]:
+    """What an attacker gets by subtraction: per attribute, the rows and positives of the
+    held-out set that no group shown with an exact count accounts for."""
+    left: dict[str, tuple[int, int]] = {}
+    for attribute in dict.fromkeys(r["attribute"] for r in rows):
+        shown = [r for r in rows if r["attribute"] == attribute and isinstance(r["n"], int)]
+        left[attribute] = (
+            n_total - sum(r["n"] for r in shown),
+            positives_total - sum(r["positives"] for r in shown),
+        )
+    return left
+
+
+@pytest.mark.parametrize(
+    "race_sizes",
+    [
+        {"A": 200, "B": 60, "C": 3},  # one small group: its size would follow from the totals
+        {"A": 200, "B": 40, "C": 3, "D": 9},  # two small groups summing under 30
+        {"A": 200, "B": 40, "C": 25, "D": 12},  # two small groups summing over 30
+    ],
+)
+def test_no_suppressed_group_follows_from_the_totals(race_sizes: dict[str, int]) -> None:
+    rng = np.random.default_rng(3)
+    race = np.concatenate([[g] * n for g, n in race_sizes.items()])
+    n_total = len(race)
+    # the small groups' outcomes are the ones to hide: nobody in C is readmitted
+    y = np.where(race == "C", 0, rng.integers(0, 2, n_total))
+    p = rng.uniform(0.05, 0.95, n_total)
+    sex = np.where(np.arange(n_total) < n_total - 7, "female", "other")
+    rows = bounded_subgroups(subgroup_audit(y, p, {"race": pd.Series(race), "sex": pd.Series(sex)}))
+    # counted here from the arrays: the groups under 30 of each attribute
+    small = {
+        (attribute, str(g))
+        for attribute, values in (("race", race), ("sex", sex))
+        for g in set(values)
+        if int(np.sum(values == g)) < 30
+    }
+    for row in rows:
+        if (row["attribute"], row["group"]) in small:
+            assert row["n"] == "<30"
+        if not isinstance(row["n"], int):  # nothing of a suppressed group but a bound
+            assert [row[k] for k in ("positives", "observed_rate", "predicted_rate")] == [None] * 3
+            assert (row["calibration_gap"], row["auroc"]) == (None, None)
+    remainders = _published_remainders(rows, n_total, int(y.sum()))
+    for attribute, (rest, _) in remainders.items():
+        # whatever no exact group accounts for is nothing, or 30 rows or more together
+        assert rest == 0 or rest >= 30, (attribute, rest)
+    assert remainders["race"][0] > 0 and remainders["sex"][0] > 0

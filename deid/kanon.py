@@ -268,7 +268,7 @@ def _generalise_and_withhold(
     before = measure_k(con, staging, QUASI_IDENTIFIERS, k)
     report = KAnonymousRelease(before, before, max_withheld)
     _, report.steps_applied = generalise_until(
-        con, staging, QUASI_IDENTIFIERS, k, ladder, max_withheld
+        con, staging, QUASI_IDENTIFIERS, k, ladder, max_withheld, measured=before
     )
     key = ", ".join(QUASI_IDENTIFIERS)
     con.execute(

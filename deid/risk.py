@@ -91,14 +91,16 @@ def generalise_until(
     k: int,
     ladder: list[GeneralisationStep],
     max_share_below_k: float,
+    measured: KAnonymityReport | None = None,
 ) -> tuple[KAnonymityReport, list[str]]:
     """Full-domain generalisation: apply the ladder's steps in order while more than
     ``max_share_below_k`` of the records sit in groups smaller than k. Returns the measure after
     the last step applied and the names of the steps applied; what to do with the records still
-    below k is the caller's decision."""
+    below k is the caller's decision. ``measured``: the table's measure already taken by the
+    caller (over the same quasi-identifiers and k), not taken again."""
     if not 0.0 <= max_share_below_k <= 1.0:
         raise ValueError("max_share_below_k must be within [0, 1]")
-    current = measure_k(con, table, quasi_identifiers, k)
+    current = measured or measure_k(con, table, quasi_identifiers, k)
     applied: list[str] = []
     for step in ladder:
         if current.share_below_k <= max_share_below_k:

@@ -43,8 +43,16 @@ ENV_KEK = "EHR_KEK"
 ENV_PSEUDONYM_KEY = "EHR_PSEUDONYM_KEY"
 ENV_AUDIT_KEY = "EHR_AUDIT_KEY"
 ENV_KEY_FILE = "EHR_KEY_FILE"
+# the variables that hold key material: a child process that needs no key gets none of them
+KEY_ENV_VARS = (ENV_KEK, ENV_PSEUDONYM_KEY, ENV_AUDIT_KEY)
 LEGACY_AUDIT_KEY_INFO = b"ehr-audit-log/1"
 _RETIRED_KEK_AAD = b"ehr-retired-kek/1|"
+
+
+def without_key_material(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` less the variables holding key material (:data:`KEY_ENV_VARS`): the
+    environment of a child process that needs no key."""
+    return {name: value for name, value in environ.items() if name not in KEY_ENV_VARS}
 
 
 def default_key_file() -> Path:

@@ -42,6 +42,7 @@ from pipelines.features.feast_store import (
     resolve_repo,
 )
 from pipelines.features.tables import build_feature_tables_report
+from vault.keys import without_key_material
 
 SERVICE = "readmission_v2"
 AGREEMENT_COLUMNS = ("hba1c_latest", "encounters_30d", "age_years", "charlson_index")
@@ -312,7 +313,7 @@ def http_online_latencies(
     process = subprocess.Popen(
         command,
         cwd=repo,
-        env={**os.environ, **env},
+        env={**without_key_material(os.environ), **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

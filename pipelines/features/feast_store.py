@@ -30,6 +30,7 @@ import yaml
 from feast import FeatureStore
 
 from pipelines.content import feature_repo_dir
+from vault.keys import without_key_material
 
 DEFAULT_REPO = feature_repo_dir()
 FEAST_DATA_ENV = "EHR_FEAST_DATA"
@@ -119,7 +120,8 @@ def _feast(
     done = subprocess.run(
         command,
         cwd=repo_dir,
-        env={**os.environ, **env},
+        # Feast reads no key: the child gets none of the keys a run may hold in its variables
+        env={**without_key_material(os.environ), **env},
         capture_output=True,
         text=True,
         timeout=timeout,

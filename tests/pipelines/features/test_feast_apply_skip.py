@@ -4,6 +4,7 @@ beside the registry after each apply."""
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import sqlite3
@@ -23,6 +24,7 @@ from pipelines.features.feast_store import (
 )
 from pipelines.features.tables import build_feature_tables
 from tests.pipelines.features.crafted import crafted_rows, write_views
+from vault.keys import KEY_ENV_VARS
 
 
 @pytest.fixture(autouse=True)
@@ -118,3 +120,27 @@ def test_a_copied_work_directory_leaves_the_original_online_store_alone(tmp_path
     )
     assert online_tables(copy / "feast" / "online_store.db") == tables
     assert not apply_repo(repo, copy / "feast", copy / "features").applied
+
+
+def test_feast_apply_gets_no_key_material(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run may hold its keys in variables; the ``feast apply`` child reads none, so it gets
+    none. Seen from inside the real apply: it imports every module of the repo, one of which
+    writes down the names of the variables it was given."""
+    repo = repo_copy(tmp_path)
+    seen = tmp_path / "apply_env.txt"
+    (repo / "zz_seen_env.py").write_text(
+        "import os, pathlib\n"
+        f"pathlib.Path({str(seen)!r}).write_text('\\n'.join(sorted(os.environ)))\n"
+    )
+    planted = {name: base64.b64encode(os.urandom(32)).decode() for name in KEY_ENV_VARS}
+    for name, value in planted.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EHR_NOT_A_KEY", "kept")
+    features = tmp_path / "features"
+    con = duckdb.connect()
+    write_views(con, crafted_rows())
+    build_feature_tables(con, features)
+    apply_repo(repo, tmp_path / "feast", features, force=True)
+    names = set(seen.read_text().split("\n"))
+    assert not names & set(KEY_ENV_VARS)
+    assert {"EHR_NOT_A_KEY", FEAST_DATA_ENV, FEATURES_DIR_ENV, "PATH"} <= names

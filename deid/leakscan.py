@@ -1,11 +1,12 @@
 """PHI leak scan: look for what we know is PHI (canaries taken from the vault) in released data.
 
 Canaries are the name parts (the patient's, their contacts', their relatives'), identifier
-values, address lines, city with ZIP, phone numbers, emails and full birth dates (ISO and the
-common US forms) of the patients a batch touches. Phones, SSNs and identifiers that are mostly
-digits are also matched as digits, against the digit runs of released text normalised the same
-way, so punctuation does not hide them. A name part under four letters matches inside ordinary
-words, so it counts only as a whole word next to another name part of the same person.
+values, address lines, city with ZIP, phone numbers, emails and full birth dates (ISO, US and
+day-first numeric forms, compact, with the month's name: ``birth_date_forms``) of the patients a
+batch touches. Phones, SSNs and identifiers that are mostly digits are also matched as digits,
+against the digit runs of released text normalised the same way, so punctuation does not hide
+them. A name part under four letters matches inside ordinary words, so it counts only as a
+whole word next to another name part of the same person.
 
 A phone, an SSN or a mostly-digit identifier of seven digits or more (``MIN_DIGITS``) is a digit
 canary. It matches whole digit groups of a run, never digits inside a longer group (MRN 55190377
@@ -149,23 +150,67 @@ MEMO_LIMIT = 200_000  # strings whose findings a canary set remembers
 MIN_SHORT = 2  # one-letter initials carry too little to count
 
 
-def birth_date_forms(iso_date: str) -> tuple[str, ...]:
-    """A full ISO birth date as people write it: ISO, US numeric with and without leading
-    zeros, with slashes or dashes, and with the month's name (case-folded)."""
+def _birth_parts(iso_date: str) -> tuple[int, int, int] | None:
+    """Year, month and day of a full ISO date; None when it is not one."""
     try:
         year, month, day = (int(x) for x in iso_date.split("-"))
     except ValueError:
-        return ()
+        return None
     if not (1 <= month <= 12 and 1 <= day <= 31):
+        return None
+    return year, month, day
+
+
+def birth_date_forms(iso_date: str) -> tuple[str, ...]:
+    """A full ISO birth date as people write it, case-folded: year first (ISO, also with
+    slashes or dots), month first (US) and day first, each with slashes, dashes or dots and
+    with and without leading zeros, compact, and with the month's name.
+
+    Every form holds the four-digit year: a patient's rows are searched for these only in
+    strings that hold it (``_birth_hits``, ``deid.release``), and year, month and day together
+    are specific enough to be searched, as whole tokens, in the patient's own rows. A day-first
+    form whose day is 12 or under is also the month-first form of one other date of the same
+    year (07/03/1946 is 3 July read the US way): only that date, only in the patient's own
+    rows, and counting it errs toward withholding. Forms with a two-digit year are not here
+    (see ``reason_birth_date_forms``)."""
+    parts = _birth_parts(iso_date)
+    if parts is None:
         return ()
+    year, month, day = parts
     full, short = _MONTHS[month - 1], _MONTHS[month - 1][:3]
     # the compact form of HL7 v2 and of many exports (19460219) too
-    forms = {iso_date, f"{year}/{month:02d}/{day:02d}", f"{year}{month:02d}{day:02d}"}
-    for sep in "/-":
-        forms.update({f"{month:02d}{sep}{day:02d}{sep}{year}", f"{month}{sep}{day}{sep}{year}"})
+    forms = {iso_date, f"{year}{month:02d}{day:02d}"}
+    for sep in "/-.":
+        forms.update({f"{year}{sep}{month:02d}{sep}{day:02d}", f"{year}{sep}{month}{sep}{day}"})
+        for first, second in ((month, day), (day, month)):
+            forms.update(
+                {f"{first:02d}{sep}{second:02d}{sep}{year}", f"{first}{sep}{second}{sep}{year}"}
+            )
     for name in (full, short):
         forms.update({f"{name} {day} {year}", f"{name} {day}, {year}", f"{day} {name} {year}"})
         forms.update({f"{name} {day:02d} {year}", f"{name}. {day}, {year}"})
+    return tuple(sorted(forms))
+
+
+def reason_birth_date_forms(iso_date: str) -> tuple[str, ...]:
+    """The birth date with a two-digit year, month or day first, with slashes, dashes or dots,
+    with and without leading zeros (3/7/46, 07/03/46, 07.03.46): refused in a reason (the
+    short text an operator types, kept in the audit log for good), where a false refusal costs
+    a rewording. Not a leak-scan canary: six to eight characters without the four-digit year are
+    no longer specific to the date (a score or a ratio written 3/7/46, the same day of another
+    century), released rows are full of such runs, and a patient's rows are searched for their
+    birth date only in strings that hold its four-digit year."""
+    parts = _birth_parts(iso_date)
+    if parts is None:
+        return ()
+    year, month, day = parts
+    yy = f"{year % 100:02d}"
+    forms: set[str] = set()
+    for sep in "/-.":
+        for first, second in ((month, day), (day, month)):
+            forms.update(
+                {f"{first:02d}{sep}{second:02d}{sep}{yy}", f"{first}{sep}{second}{sep}{yy}"}
+            )
     return tuple(sorted(forms))
 
 

@@ -25,7 +25,7 @@ from deid.kanon import (
     KAnonymousRelease,
     build_k_anonymous_release,
 )
-from deid.leakscan import CanarySet, LeakScanResult, scan_rows
+from deid.leakscan import CanarySet, LeakScanResult, reason_birth_date_forms, scan_rows
 from deid.policy import Policy
 from deid.released_table import (
     DEID_DDL,
@@ -303,13 +303,18 @@ class SubjectCanaries:
     good; a quarantined record nobody could read as FHIR): the names, identifiers, phones,
     emails, addresses and birth date (in the forms people write it) of every version of the
     Patient resource (``versions``: a name changed since still names them), and ``ids``, the
-    resource ids it is known by (``"id"``). Compiled once for many texts."""
+    resource ids it is known by (``"id"``). Compiled once for many texts. A reason is held to
+    more (``reason_hits``): the birth date with a two-digit year too."""
 
     def __init__(self, versions: Iterable[dict[str, Any]], *ids: str) -> None:
         self._canaries = CanarySet()
+        self._reason_births = CanarySet()  # forms searched in a reason only
         for patient in versions:
             self._canaries.add_patient(patient)  # no pseudonym: the birth date as any canary
             ids = (*ids, str(patient.get("id") or ""))
+            birth = patient.get("birthDate")
+            for form in reason_birth_date_forms(birth) if isinstance(birth, str) else ():
+                self._reason_births.add("birth_date", form)
         # an id as a whole token: "p7" is in "forget p7", not in "ticket p77"
         tokens = [re.escape(i.strip()) for i in dict.fromkeys(ids) if i.strip()]
         self._ids = (
@@ -328,6 +333,14 @@ class SubjectCanaries:
         found = set(_hits_as_written_and_spaced(self._canaries, text))
         if self._ids is not None and self._ids.search(text):
             found.add("id")
+        return sorted(found)
+
+    def reason_hits(self, text: str) -> list[str]:
+        """Kinds found in a reason: ``hits``, and the birth date with a two-digit year (3/7/46,
+        07/03/46). Those short forms are looked for in a reason only, a few words an operator
+        typed, where a false refusal costs a rewording; in the records an erasure searches they
+        would match other dates, doses and ratios (see ``reason_birth_date_forms``)."""
+        found = set(self.hits(text)) | set(self._reason_births.find(text))
         return sorted(found)
 
 

@@ -139,8 +139,9 @@ def _patient_versions(
 def _refuse_a_reason_naming_the_patient(subject: SubjectCanaries, reason: str) -> None:
     """Refuse a reason that names its patient. The audit log keeps every reason as written, for
     good (its chain cannot lose an entry), an erased patient's included; an erased one's ids
-    (those the operator typed) are still compared."""
-    hits = subject.hits(reason)
+    (those the operator typed) are still compared. The birth date counts in every form people
+    write it, with a two-digit year too (``SubjectCanaries.reason_hits``)."""
+    hits = subject.reason_hits(reason)
     if hits:
         raise click.ClickException(
             f"the reason names the patient ({', '.join(hits)}): the audit log keeps every reason "

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import random
+from datetime import date
 
 from deid.leakscan import CanarySet, scan_rows
 
@@ -138,6 +139,30 @@ def test_birth_dates_in_us_formats_count_in_their_own_patients_rows() -> None:
         assert scan_rows(c, [("r", {"text": text}, "p2")]).passed, text
     note = base64.b64encode(b"Patient born 2/3/1931, seen today.").decode()
     assert not scan_rows(c, [("r", {"data": note}, "p1")]).passed
+
+
+def test_day_first_and_dotted_birth_dates_count_in_their_own_patients_rows() -> None:
+    """Written here by strftime: day first with slashes, dashes or dots, with and without
+    leading zeros, and year first with dots. Found in the patient's rows and inside base64,
+    not in another patient's, not inside a longer number; a two-digit year is not searched in
+    released rows (short runs such as 7/3/46 are ordinary text there)."""
+    born = date(1946, 3, 7)  # day and month both under 13: 07/03/1946 is day first
+    c = CanarySet()
+    c.add_patient({"birthDate": born.isoformat()}, "p1")
+    forms = [born.strftime(f"%d{sep}%m{sep}%Y") for sep in "/-."]
+    forms += [f"{born.day}{sep}{born.month}{sep}{born:%Y}" for sep in "/-."]
+    forms += [born.strftime("%Y.%m.%d")]
+    for form in forms:
+        row = {"text": f"dob {form}, seen today"}
+        assert scan_rows(c, [("r", row, "p1")]).by_kind() == {"birth_date": 1}, form
+        assert scan_rows(c, [("r", row, "p2")]).passed, form
+        assert scan_rows(c, [("r", {"text": f"lot 1{form}9"}, "p1")]).passed, form
+    note = base64.b64encode(f"Patient born {born:%d.%m.%Y}, seen today.".encode()).decode()
+    assert not scan_rows(c, [("r", {"data": note}, "p1")]).passed
+    for text in (f"ratio {born:%d/%m/%y}", f"{born.month}/{born.day}/{born:%y}"):
+        assert scan_rows(c, [("r", {"text": text}, "p1")]).passed, text
+    # the same day and month of another year is not the birth date
+    assert scan_rows(c, [("r", {"text": "07/03/1947 and 07.03.1945"}, "p1")]).passed
     assert scan_rows(c, [("r", {"text": "12/3/1931 and 2/3/19312"}, "p1")]).passed
 
 

@@ -5,6 +5,8 @@ each as a whole token. The kinds each text must give are written out here."""
 
 from __future__ import annotations
 
+from datetime import date, timedelta
+
 import pytest
 
 from deid.release import SubjectCanaries
@@ -79,3 +81,63 @@ EARLIER = {
 def test_every_version_of_the_patient_names_them(reason: str, kinds: list[str]) -> None:
     assert SubjectCanaries([EARLIER, PATIENT], TYPED_ID).hits(reason) == kinds
     assert SubjectCanaries([PATIENT, EARLIER], TYPED_ID).hits(reason) == kinds  # any order
+
+
+# Numeric birth dates written here by strftime, independently of deid.leakscan: day first,
+# month first and year first, with slashes, dashes or dots, four- and two-digit years
+_NUMERIC_PATTERNS = [
+    f"{a}{sep}{b}{sep}{year}"
+    for sep in "/-."
+    for year in ("%Y", "%y")
+    for a, b in (("%d", "%m"), ("%m", "%d"))
+] + [f"%Y{sep}%m{sep}%d" for sep in "/-."]
+
+
+def _written(born: date) -> list[str]:
+    """``born`` in every numeric pattern, with leading zeros and without them."""
+    forms: list[str] = []
+    for pattern in _NUMERIC_PATTERNS:
+        forms.append(born.strftime(pattern))
+        bare = pattern.replace("%d", str(born.day)).replace("%m", str(born.month))
+        forms.append(born.strftime(bare))
+    return list(dict.fromkeys(forms))
+
+
+def _birth_patient(born: date) -> dict[str, object]:
+    return {"resourceType": "Patient", "id": "bd-1", "birthDate": born.isoformat()}
+
+
+# 7 March 1946: day and month differ and are both under 13, so day-first and month-first are
+# both dates; 17 April 1931: day-first only reads one way. Beside each, some forms the
+# formatter must give (a check on the formatter itself)
+BIRTH_DATES = {
+    date(1946, 3, 7): {"07/03/1946", "7/3/1946", "07.03.1946", "1946.03.07", "3/7/46", "07/03/46"},
+    date(1931, 4, 17): {"17/04/1931", "17-04-1931", "17.4.1931", "1931/04/17", "4/17/31"},
+}
+
+
+@pytest.mark.parametrize("born", BIRTH_DATES, ids=str)
+def test_a_reason_holding_the_birth_date_in_any_numeric_form_is_refused(born: date) -> None:
+    subject = SubjectCanaries([_birth_patient(born)])
+    forms = _written(born)
+    assert BIRTH_DATES[born] <= set(forms)
+    for form in forms:
+        assert subject.reason_hits(f"REQ-40 {form}") == ["birth_date"], form
+        assert subject.reason_hits(f"dob {form}, per ticket 4471") == ["birth_date"], form
+    # a reference, and a date that is not the birth date in any form, are still accepted
+    other_year = born.replace(year=born.year + 1)  # same day and month
+    other_day = born + timedelta(days=1)  # the birth year, another day
+    reasons = ["REQ-2024-0317", "ticket 4471", "erasure request under GDPR article 17"]
+    reasons += [f"REQ-41 {form}" for form in _written(other_year) + _written(other_day)]
+    reasons += [f"REQ-1{born:%m/%d/%y}9"]  # a longer number holding a form is not the form
+    for reason in reasons:
+        assert subject.reason_hits(reason) == [], reason
+
+
+def test_two_digit_years_are_looked_for_in_a_reason_only() -> None:
+    """In the records an erasure searches (``hits``) a two-digit year does not count; the
+    four-digit forms, day first included, do."""
+    born = date(1946, 3, 7)
+    subject = SubjectCanaries([_birth_patient(born)])
+    assert subject.hits(f"seen {born:%m/%d/%y}") == []
+    assert subject.hits(f"seen {born:%d.%m.%Y}") == ["birth_date"]

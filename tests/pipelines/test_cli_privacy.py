@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -388,3 +389,42 @@ def test_a_name_the_patient_had_before_still_names_them(
     assert forgot.exit_code == 0, forgot.output
     assert json.loads(forgot.stdout)["rows_deleted"]["quarantine_unattributed"] == 1
     assert _quarantined_texts(work, key_file) == []
+
+
+def test_a_reason_holding_the_birth_date_written_day_first_or_with_a_short_year_is_refused(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """The birth date (7 March 1946: day and month both under 13) written here by strftime day
+    first, year first with dots, and with a two-digit year: each is refused by `ehr reidentify`
+    before anything is written; the same day and month of another year are a date, not hers."""
+    born = date(1946, 3, 7)
+    land = tmp_path / "land"
+    land.mkdir()
+    patient = {"resourceType": "Patient", "id": "p5", "birthDate": born.isoformat()}
+    (land / "p5.json").write_text(json.dumps(patient))
+    work = tmp_path / "work"
+    ingest_batch(work / "warehouse.duckdb", "b", land, FileKeyProvider.load(key_file), workers=1)
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    p5 = _pseudonym(key_file, "p5")
+    runner = CliRunner()
+    log = work / "audit" / "audit.log"
+    for form in (
+        born.strftime("%d/%m/%Y"),
+        born.strftime("%d-%m-%Y"),
+        born.strftime("%d.%m.%Y"),
+        born.strftime("%Y.%m.%d"),
+        f"{born.day}/{born.month}/{born:%Y}",  # 7/3/1946
+        f"{born.month}/{born.day}/{born:%y}",  # 3/7/46
+        born.strftime("%m/%d/%y"),
+        born.strftime("%d/%m/%y"),
+    ):
+        refused = runner.invoke(reidentify, [p5, "--reason", f"REQ-40 {form}", *common])
+        assert refused.exit_code == 1, form
+        assert "the reason names the patient (birth_date)" in refused.output, form
+    for reason in ("REQ-2024-0317", f"ticket 4471 of {born.replace(year=1947):%d/%m/%Y}"):
+        accepted = runner.invoke(reidentify, [p5, "--reason", reason, *common])
+        assert accepted.exit_code == 0, accepted.output
+    reasons = [e["reason"] for e in audit_log_for(work, FileKeyProvider.load(key_file)).entries()]
+    assert set(reasons) == {"REQ-2024-0317", "ticket 4471 of 07/03/1947"}
+    written = log.read_text(encoding="utf-8")  # reasons as written
+    assert "REQ-2024-0317" in written and "REQ-40" not in written

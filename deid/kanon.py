@@ -52,6 +52,9 @@ PATIENT_INPUTS = "released_patient_inputs"
 PATIENT_REWRITES = "temp.main.patient_rewrites"
 STAGING_SUFFIX = "__staging"
 QUASI_IDENTIFIERS = ["age_band", "sex", "zip3", "state", "race", "ethnicity"]
+# the platform's k: the smallest group the release keeps, and the smallest count its
+# aggregates show (DeidSettings.k, unless a deployment sets another)
+DEFAULT_K = 5
 DEFAULT_MAX_WITHHELD = 0.05
 RACE_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"
 ETHNICITY_URL = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-ethnicity"

@@ -13,6 +13,7 @@ import duckdb
 from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
+from deid.kanon import DEFAULT_K
 from deid.policy import shipped_parameters
 from pipelines import workdir as workdir_paths
 from pipelines.workdir import DEFAULT_LANDING, DEFAULT_WORKDIR, Workdir
@@ -175,7 +176,7 @@ class DeidSettings(ConfigurableResource):
     ``EHR_MAX_WITHHELD_SHARE`` override the last two at run time."""
 
     profile: str = "research"
-    k: int = 5
+    k: int = DEFAULT_K
     max_withheld_share: float = 0.05
 
     def date_shift_days(self) -> int:

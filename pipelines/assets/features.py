@@ -23,7 +23,7 @@ from feast import FeatureStore
 from deid.leakscan import LeakScanResult
 from deid.release import merged_scans
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
-from pipelines.assets.deid import RELEASE_INPUT
+from pipelines.assets.deid import RELEASE_INPUT, k_anonymity_settings
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import image_metadata
 from pipelines.features.checks import (
@@ -103,6 +103,8 @@ def feature_tables(
     out_dir = Path(warehouse.workdir) / "features"
     # aggregate plots only; kept out of the features folder, which holds the Feast sources
     stats_dir = Path(warehouse.workdir) / "feature_stats"
+    # the plots show no group smaller than the release's own k
+    k, _ = k_anonymity_settings(deid_settings)
     con = warehouse.connect()
     try:
         canaries = RELEASE_CANARIES.get(con, keys.provider(), context.run.run_id)
@@ -130,7 +132,7 @@ def feature_tables(
             stats = (
                 table_shape(cursor, name),
                 null_rates(cursor, name),
-                plot_distributions(cursor, name, stats_dir / f"{name}.png"),
+                plot_distributions(cursor, name, stats_dir / f"{name}.png", k),
             )
             return after, stats
 

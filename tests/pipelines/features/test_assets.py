@@ -7,16 +7,20 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from dagster import AssetKey, AssetSelection, DagsterInstance, materialize
 
+from pipelines.assets import features as features_assets
+from pipelines.assets.deid import k_anonymity_settings
 from pipelines.assets.feast import ONLINE_STORE, feast_registry
 from pipelines.assets.features import FEATURE_ASSET_KEYS, feature_tables
 from pipelines.assets.serving import online_store_and_training_set
 from pipelines.definitions import batch_assets, build_resources
 from pipelines.features.resources import FeastStoreResource
+from pipelines.features.stats import plot_distributions
 from tests.pipelines.features.crafted import A, crafted_rows, write_views
 from vault import warehouse
 
@@ -58,9 +62,18 @@ def _write_views(tmp_path: Path, rows: dict[str, list[dict[str, object]]]) -> No
 
 
 @pytest.mark.usefixtures("key_file")
-def test_feature_and_feast_assets(tmp_path: Path, key_file: Path) -> None:
+def test_feature_and_feast_assets(
+    tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     instance, resources = _work(tmp_path, key_file)
     _write_views(tmp_path, crafted_rows())
+    plotted_with: set[int] = set()
+
+    def plot(con: Any, name: str, path: Path, k: int = -1) -> Path:
+        plotted_with.add(k)
+        return plot_distributions(con, name, path, k)
+
+    monkeypatch.setattr(features_assets, "plot_distributions", plot)
     result = materialize(
         FEAST_ASSETS, selection=FEAST_SELECTION, instance=instance, resources=resources
     )
@@ -79,6 +92,9 @@ def test_feature_and_feast_assets(tmp_path: Path, key_file: Path) -> None:
     }  # fmt: skip
     assert "patient_demographics" in str(demo["distributions"].value)
     assert (tmp_path / "work" / "feature_stats" / "patient_demographics.png").exists()
+    # the plots hide groups under the release's k (this cohort's, 1: see the conftest), not
+    # under the default
+    assert plotted_with == {k_anonymity_settings(resources["deid_settings"])[0]} == {1}
     registry = result.asset_materializations_for_node("feast_registry")[0].metadata
     assert registry["feature_views"].value == 5
     assert (tmp_path / "work" / "feast" / "registry.db").exists()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from pipelines.features import stats
 from pipelines.features.stats import (
     BINS,
     CELL_INCHES,
@@ -25,16 +27,26 @@ from pipelines.features.stats import (
     plot_distributions,
 )
 
+K = 5  # the platform's default k, which distributions and plot_distributions apply unless told
+
 START = datetime(2015, 1, 1, tzinfo=UTC)
-# numpy's bin edges themselves: a value on an edge is where a plain division lands one bin off
+# numpy's bin edges themselves: a value on an edge is where a plain division lands one bin off.
+# K - 1 patients lie beyond each end, so with k = K these edges are the histogram's own (the
+# range runs from the K-th smallest to the K-th largest value)
 EDGES = list(np.linspace(0.1, 7.3, BINS + 1))
+LOW_OUTLIERS, HIGH_OUTLIERS = (1, 4, 7, 10), (13, 16, 19, 22)
 CODES = [f"code-{i:02d}" for i in range(12)]
 BLUE_RGB, GREY_RGB = (0x44, 0x77, 0xAA), (0x99, 0x99, 0x99)
 HEADROOM = 1.05  # a count axis runs 5 % past the panel's largest count
 
 
 def _value(rng: np.random.Generator, i: int) -> float | None:
-    """Every third patient on an edge (both ends included, so the range is the edges' range)."""
+    """Every third patient on an edge (5 on the first, 4 on the last), and K - 1 patients far
+    beyond each end."""
+    if i in LOW_OUTLIERS:
+        return -50.0
+    if i in HIGH_OUTLIERS:
+        return 1000.0
     if i % 3 == 0:
         return float(EDGES[(i // 3) % len(EDGES)])
     return None if rng.random() < 0.2 else float(rng.uniform(0.1, 7.3))
@@ -88,10 +100,39 @@ def _present(latest: list[dict[str, Any]], column: str) -> list[Any]:
     return [r[column] for r in latest if r[column] is not None and not pd.isna(r[column])]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_histogram_counts_match_numpy_on_the_latest_rows(seed: int) -> None:
+def _k_th(values: list[float], k: int) -> tuple[float, float]:
+    """The k-th smallest and the k-th largest value."""
+    ordered = sorted(values)
+    return ordered[k - 1], ordered[-k]
+
+
+def _assert_shown(d: Distribution, expected: list[int], k: int) -> None:
+    """``d.counts`` are ``expected`` (the true counts, in order) as a panel may show them: every
+    count under k (but not 0) hidden, any other count shown as it is, and hidden beside those
+    only when the patients the shown counts leave out would otherwise be fewer than k; at least
+    k (or none) are left out, so the total cannot give a hidden count either."""
+    assert len(d.counts) == len(expected), d.feature
+    for shown, n in zip(d.counts, expected, strict=True):
+        assert shown == n or shown is None, d.feature
+        if 0 < n < k:
+            assert shown is None, (d.feature, n)
+    assert not any(n is not None and 0 < n < k for n in d.counts), d.feature
+    left_out = d.present - sum(n or 0 for n in d.counts)
+    assert left_out == 0 or left_out >= k, (d.feature, left_out)
+    hidden_large = [n for s, n in zip(d.counts, expected, strict=True) if s is None and n >= k]
+    if hidden_large:  # only to cover a remainder under k, and one is enough
+        assert len(hidden_large) == 1, d.feature
+        assert 0 < left_out - hidden_large[0] < k, d.feature
+
+
+@pytest.mark.parametrize(("seed", "k"), [(0, 1), (1, 1), (2, 1), (0, K), (1, K), (2, K)])
+def test_histogram_counts_match_numpy_on_the_latest_rows(seed: int, k: int) -> None:
+    """k = 1 shows every group: the histogram is numpy's over the values as they are. With
+    k = K the range runs from the K-th smallest to the K-th largest value (an end is never one
+    patient's value, as min and max are) and the counts are numpy's over the values clipped
+    to it, each under K hidden."""
     con, latest = _table(seed)
-    found = {d.feature: d for d in distributions(con, "t")}
+    found = {d.feature: d for d in distributions(con, "t", k)}
     assert list(found) == [
         "age",
         "value",
@@ -105,29 +146,47 @@ def test_histogram_counts_match_numpy_on_the_latest_rows(seed: int) -> None:
     years = {"seen_at": lambda v: v.year}
     for column in ("age", "value", "outlier", "constant", "seen_at"):
         values = [years.get(column, float)(v) for v in _present(latest, column)]
-        counts, edges = np.histogram(np.array(values, dtype=float), bins=BINS)
+        low, high = _k_th(values, k)
+        assert sum(v <= low for v in values) >= k and sum(v >= high for v in values) >= k
+        clipped = np.clip(np.array(values, dtype=float), low, high)
+        counts, edges = np.histogram(clipped, bins=BINS)
         d = found[column]
-        assert d.counts == tuple(int(n) for n in counts), column
+        if k == 1:
+            assert d.counts == tuple(int(n) for n in counts), column
+        _assert_shown(d, [int(n) for n in counts], k)
         np.testing.assert_array_equal(d.edges, edges)
         assert (d.rows, d.present) == (len(latest), len(values))
-    np.testing.assert_array_equal(found["value"].edges, EDGES)
+    assert found["constant"].single and found["constant"].edges[0] == 4.5  # numpy's widening
+    if k == 1:
+        assert (found["value"].low, found["value"].high) == (-50.0, 1000.0)
+    else:  # the outliers beyond are counted at the ends, which are K patients' values
+        np.testing.assert_array_equal(found["value"].edges, EDGES)
     assert found["outlier"].high < 1e6  # older rows are not counted
     assert found["seen_at"].kind == "year"
     assert found["empty"].counts == () and found["empty"].present == 0
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_flag_and_code_counts_match_python(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "k"), [(0, 1), (1, 1), (0, K), (1, K)])
+def test_flag_and_code_counts_match_python(seed: int, k: int) -> None:
+    """The most frequent codes of at least k patients are named (with k = 1, simply the most
+    frequent); the patients of rarer codes make one "other" bar, shown only when it is k or
+    more."""
     con, latest = _table(seed)
-    found = {d.feature: d for d in distributions(con, "t")}
+    found = {d.feature: d for d in distributions(con, "t", k)}
     flags = Counter(_present(latest, "flag"))
     assert found["flag"].labels == ("false", "true")
-    assert found["flag"].counts == (flags[False], flags[True])
+    assert found["flag"].counts == (flags[False], flags[True])  # both well over K
     codes = sorted(Counter(_present(latest, "code")).items(), key=lambda p: (-p[1], p[0]))
-    top = codes[:TOP_CODES]
+    top = [(c, n) for c, n in codes if n >= k][:TOP_CODES]
+    rare = sum(n for _, n in codes if n < k)
     assert len(codes) > TOP_CODES  # the cut is exercised
+    if k > 1:  # seed 0: the "other" bar is under k, so hidden; seed 1: it is shown
+        assert (0 < rare < k, rare >= k) == (seed == 0, seed == 1)
+        top.append((f"other (<{k})", rare))
     assert found["code"].labels == tuple(c for c, _ in top)
-    assert found["code"].counts == tuple(n for _, n in top)
+    _assert_shown(found["code"], [n for _, n in top], k)
+    if k == 1:
+        assert found["code"].counts == tuple(n for _, n in top)
     assert found["code"].present == sum(n for _, n in codes)
 
 
@@ -146,20 +205,23 @@ def _lengths(bars: np.ndarray, axis: int) -> set[int]:
 
 
 def _assert_bars(panel: np.ndarray, d: Distribution) -> None:
-    """Bar lengths in pixels are proportional to the counts (within 2 px of rounding)."""
+    """Bar lengths in pixels are proportional to the shown counts (within 2 px of rounding),
+    and a hidden count has no bar."""
     height, width = panel.shape[:2]
     blue = np.all(panel == BLUE_RGB, axis=-1)
     if d.kind == "flag":  # shares of the present values: false grey, true blue
         grey = np.all(panel == GREY_RGB, axis=-1)
         for bars, n in ((grey, d.counts[0]), (blue, d.counts[1])):
-            assert max(_lengths(bars, 0), default=0) == pytest.approx(n / d.present * height, abs=2)
+            share = (n or 0) / d.present * height
+            assert max(_lengths(bars, 0), default=0) == pytest.approx(share, abs=2)
         return
-    top = max(d.counts) * HEADROOM
+    shown = [n for n in d.counts if n]
+    top = max(shown) * HEADROOM
     # codes are horizontal bars as long as the frame is wide; numbers vertical, as it is high
     found = _lengths(blue, 1) if d.kind == "code" else _lengths(blue, 0)
     full = width if d.kind == "code" else height
-    expected = [n / top * full for n in d.counts if n]
-    assert max(found) == pytest.approx(max(d.counts) / top * full, abs=2), d.feature
+    expected = [n / top * full for n in shown]
+    assert max(found) == pytest.approx(max(shown) / top * full, abs=2), d.feature
     for length in found:  # no bar but of some count
         assert min(abs(length - e) for e in expected) <= 2, (d.feature, length, expected)
     for e in expected:  # and every count has its bar
@@ -255,3 +317,154 @@ def test_null_rates_over_all_rows() -> None:
     rates = null_rates(con, "t")
     assert rates["age"] == round(1 - rows[1] / rows[0], 4)
     assert rates["empty"] == 1.0 and rates["constant"] == 0.0
+
+
+# A small cohort of 40 patients with one extreme value per feature (a creatinine of 25, a stay
+# of 173 days, a heart rate of 250, an admission in 1990), a lab only 7 patients have, a flag 3
+# patients hold and codes of 2 and 1 patients: each of them a group of fewer than K.
+COHORT = 40
+EXTREMES = {"creatinine": 25.0, "stay_days": 173, "heart_rate": 250.0, "admitted": 1990}
+
+
+def _cohort_row(i: int, latest: bool) -> dict[str, Any]:
+    last = i == COHORT - 1
+    if not latest:  # an older row, which no distribution reads
+        return {
+            "patient_id": f"c{i:02d}",
+            "event_timestamp": START,
+            "created": START,
+            "creatinine": 99.0,
+            "stay_days": 999,
+            "heart_rate": 999.0,
+            "admitted": datetime(1900, 1, 1, tzinfo=UTC),
+            "rare_lab": 99.0,
+            "smoker": True,
+            "dx": "old-dx",
+        }
+    dx = "A" if i < 20 else "B" if i < 30 else "C" if i < 32 else "rare-dx" if i == 32 else None
+    return {
+        "patient_id": f"c{i:02d}",
+        "event_timestamp": START + timedelta(days=30),
+        "created": START,
+        "creatinine": None if i == 0 else 25.0 if last else 0.6 + (i % 9) * 0.1,
+        "stay_days": 173 if last else 1 + i % 10,
+        "heart_rate": 250.0 if last else 60.0 + i,
+        "admitted": datetime(1990 if last else 2016 + i % 8, 6, 1, tzinfo=UTC),
+        "rare_lab": float(i) if i < 7 else None,
+        "smoker": i < 3,
+        "dx": dx,
+    }
+
+
+def _cohort() -> tuple[duckdb.DuckDBPyConnection, list[dict[str, Any]]]:
+    """``features.t`` of the cohort in DuckDB, and each patient's latest row."""
+    latest = [_cohort_row(i, latest=True) for i in range(COHORT)]
+    older = [_cohort_row(i, latest=False) for i in range(COHORT)]
+    con = duckdb.connect()
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute("CREATE SCHEMA features")
+    con.register("frame", pd.DataFrame(older + latest))
+    con.execute(
+        "CREATE TABLE features.t AS SELECT patient_id, event_timestamp::TIMESTAMPTZ AS "
+        "event_timestamp, created::TIMESTAMPTZ AS created, creatinine::DOUBLE AS creatinine, "
+        "stay_days::BIGINT AS stay_days, heart_rate::DOUBLE AS heart_rate, "
+        "admitted::TIMESTAMPTZ AS admitted, rare_lab::DOUBLE AS rare_lab, "
+        "smoker::BOOLEAN AS smoker, dx::VARCHAR AS dx FROM frame"
+    )
+    return con, latest
+
+
+def _cohort_values(latest: list[dict[str, Any]], column: str) -> list[float]:
+    as_number = (lambda v: float(v.year)) if column == "admitted" else float
+    return [as_number(v) for v in _present(latest, column)]
+
+
+def test_an_axis_runs_from_the_kth_smallest_to_the_kth_largest_value() -> None:
+    """No end of an axis is a value fewer than K patients reach: min and max were one
+    patient's own (a creatinine of 25 spanned the axis to 25 with one patient in the last bin).
+    The values beyond are counted in the end bins, and the counts are numpy's over the values
+    clipped to the range, except those under K."""
+    con, latest = _cohort()
+    found = {d.feature: d for d in distributions(con, "t")}  # the default k, the platform's
+    for column, extreme in EXTREMES.items():
+        values = _cohort_values(latest, column)
+        ordered = sorted(values)
+        low, high = ordered[K - 1], ordered[-K]  # the K-th smallest and the K-th largest
+        d = found[column]
+        assert (d.low, d.high) == (low, high), column
+        assert d.k == K and not d.single
+        assert not d.low <= extreme <= d.high, column
+        # at least K patients at or beyond each end: neither end singles anyone out
+        assert sum(v <= d.low for v in values) >= K and sum(v >= d.high for v in values) >= K
+        counts, edges = np.histogram(np.clip(values, low, high), bins=BINS)
+        np.testing.assert_array_equal(d.edges, edges)
+        _assert_shown(d, [int(n) for n in counts], K)
+        # the end bins hold every value beyond them (and are never hidden: K or more each)
+        assert d.counts[0] == int(counts[0]) >= sum(v <= low for v in values), column
+        assert d.counts[-1] == int(counts[-1]) >= sum(v >= high for v in values), column
+        assert sum(n or 0 for n in d.counts) + sum(n is None for n in d.counts) <= len(values)
+    # stays and heart rates of one or two patients a bin: most bins are hidden
+    assert any(n is None for n in found["heart_rate"].counts)
+    # a feature of fewer than 2K values has no range at all
+    assert found["rare_lab"].present == 7 and found["rare_lab"].counts == ()
+
+
+def test_no_count_under_k_is_shown_or_drawn(tmp_path: Path, monkeypatch: Any) -> None:
+    """Neither the distributions nor the panels drawn from them give a count of 1 to K - 1
+    patients: not as a bin, a flag, a code (nor its name), an end of an axis, a null share, nor
+    as what the shown counts leave out of the patients with a value."""
+    con, latest = _cohort()
+    found = {d.feature: d for d in distributions(con, "t")}
+    for d in found.values():
+        assert not any(n is not None and 0 < n < K for n in d.counts), d.feature
+        left_out = d.present - sum(n or 0 for n in d.counts)
+        assert d.counts == () or left_out == 0 or left_out >= K, (d.feature, left_out)
+    # 3 smokers of 40: hidden, and the 37 others too (37 of 40 gives the 3)
+    assert Counter(_present(latest, "smoker"))[True] == 3
+    assert found["smoker"].counts == (None, None)
+    # A 20, B 10, C 2 and one rare-dx: the 3 of C and rare-dx together are under K, so they are
+    # hidden, and so is B (else the 33 with a code less A's 20 and B's 10 would give the 3)
+    dx = Counter(_present(latest, "dx"))
+    assert (dx["A"], dx["B"], dx["C"], dx["rare-dx"]) == (20, 10, 2, 1)
+    assert found["dx"].labels == ("A", "B", f"other (<{K})")
+    assert found["dx"].counts == (20, None, None)
+
+    drawn: list[str] = []
+    text = stats._Sketch.text
+
+    def recording(sk: Any, x: float, y: float, s: str, *args: Any, **kwargs: Any) -> None:
+        drawn.append(s)
+        text(sk, x, y, s, *args, **kwargs)
+
+    monkeypatch.setattr(stats._Sketch, "text", recording)
+    path = plot_distributions(con, "t", tmp_path / "t.png")
+    # no rare code named, and no extreme value on an axis
+    assert not any("rare-dx" in s or s == "C" for s in drawn)
+    numbers = {float(m) for s in drawn for m in re.findall(r"-?\d+(?:\.\d+)?", s)}
+    assert not numbers & {float(v) for v in EXTREMES.values()}, numbers
+    for column in EXTREMES:  # each axis's ends say they hold the values beyond them
+        d = found[column]
+        assert f"<={d.low:g}" in drawn and f">={d.high:g}" in drawn, column
+    # one creatinine missing: the title does not give the share (1 of 40)
+    assert sum(r["creatinine"] is None for r in latest) == 1
+    assert f"creatinine (null: <{K} patients)" in drawn
+    assert not any(s.startswith("creatinine (null") and "%" in s for s in drawn)
+    assert "rare_lab (null 82%)" in drawn and f"fewer than {2 * K} values: not drawn" in drawn
+
+    # and the picture draws no bar but of a shown count
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    cell_w, cell_h = round(CELL_INCHES[0] * DPI), round(CELL_INCHES[1] * DPI)
+    title_h = round(TITLE_INCHES * DPI)
+    for i, d in enumerate(found.values()):
+        row, col = divmod(i, GRID_COLUMNS)
+        cell = pixels[title_h + row * cell_h :][:cell_h, col * cell_w :][:, :cell_w]
+        left, top, right, bottom = _frame(cell)
+        panel = cell[top + 1 : bottom, left + 1 : right]
+        if not any(d.counts):  # nothing shown: no bar at all
+            assert not np.all(panel == BLUE_RGB, axis=-1).any(), d.feature
+            # (the grey of a flag's false bar is also a level of the text's antialiasing: no
+            # column holds more of it than a line of text)
+            assert np.all(panel == GREY_RGB, axis=-1).sum(axis=0).max() < 8, d.feature
+            continue
+        _assert_bars(panel, d)

@@ -25,6 +25,7 @@ from vault.keys import (
     KeyProvider,
     default_key_file,
     load_key_provider,
+    shown_key_file,
 )
 
 
@@ -155,7 +156,7 @@ class KeyProviderResource(ConfigurableResource):
         """Where ``provider`` takes the key material from, as an operator would check it."""
         if os.environ.get(ENV_KEK):
             return f"environment variables {ENV_KEK} and {ENV_PSEUDONYM_KEY}"
-        return f"key file {Path(self.key_file) if self.key_file else default_key_file()}"
+        return f"key file {shown_key_file(self.key_file or default_key_file())}"
 
 
 class IngestSettings(ConfigurableResource):

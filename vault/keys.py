@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator, Mapping
@@ -58,6 +59,67 @@ def without_key_material(environ: Mapping[str, str]) -> dict[str, str]:
 def default_key_file() -> Path:
     """The key file used when neither ``EHR_KEY_FILE`` nor an explicit path is given."""
     return Path(os.environ.get(ENV_KEY_FILE) or Path.home() / ".ehr" / "keyring.json")
+
+
+# the form of every key id made here: "kek-" (a keyring's KEKs) or "env-" (EHR_KEK) and the 16
+# hex digits of key_fingerprint, 8 bytes of a hash: never key material
+_KEY_ID = re.compile(r"(?:kek|env)-[0-9a-f]{16}")
+_HEX_MATERIAL = re.compile(r"[0-9A-Fa-f]{32,}")  # 16 bytes or more, as hex
+_BASE64_MATERIAL = re.compile(r"(?:[A-Za-z0-9+/]{22,}|[A-Za-z0-9_-]{22,})={0,2}")  # 16+ bytes
+
+
+def _looks_like_key_material(text: str) -> bool:
+    """Whether a value is shaped like a key of 16 bytes or more, in hex or in base64 (standard
+    or URL-safe alphabet, padded or not).
+
+    Hex of 32 digits or more counts as a key. Base64 of 22 characters or more counts when it
+    ends with padding ('=') or mixes upper-case letters, lower-case letters and digits, as a
+    random key's base64 does: a 32-byte key lacks one of the three about once in 1,500 keys,
+    and then still has its '=' unless the padding was cut off. An ordinary path cannot be
+    taken for a key: a '.', '~', space, or '/' beside '-' or '_' is in neither alphabet
+    (``keys.json``, ``~/.ehr/keyring.json``, ``/run/secrets/ehr_keyring``), and a path made of
+    base64 characters alone is short or does not mix the three (``/etc/ehr/keyring``,
+    ``/Users/alice/ehr/keyring``). Only a path of 22 such characters or more that mixes all
+    three, say ``/srv/Keys/ehr2026/keyring``, is hidden, and its message still names where it
+    came from.
+    """
+    compact = text.strip()
+    if _HEX_MATERIAL.fullmatch(compact):
+        return True
+    if not _BASE64_MATERIAL.fullmatch(compact):
+        return False
+    return compact.endswith("=") or all(
+        any(test(c) for c in compact) for test in (str.isupper, str.islower, str.isdigit)
+    )
+
+
+def shown(value: object, what: str, *, path: bool = False) -> str:
+    """How a value read from a keyring's id fields (or, with ``path``, from a path setting such
+    as ``EHR_KEY_FILE``) may appear in a message. A hand-edited keyring or a mixed-up variable
+    can hold a key where a name or a path belongs, and messages reach stderr and Dagster's logs.
+
+    A key id is shown (quoted) only when it has the form of the ids made here (``kek-`` or
+    ``env-`` and 16 hex digits); a path is shown unless it looks like key material
+    (:func:`_looks_like_key_material`). Otherwise the message says what the value is, by
+    ``what`` (the field or variable it was read from), without it.
+    """
+    text = str(value)
+    if path:
+        if not _looks_like_key_material(text):
+            return text
+        return f"[{what} is not a file path and looks like key material; not shown]"
+    if isinstance(value, str) and _KEY_ID.fullmatch(value):
+        return repr(value)
+    return f"[{what} is not a key id (kek-<16 hex digits>) and may be key material; not shown]"
+
+
+def shown_key_file(path: str | Path) -> str:
+    """The key file's path as a message may show it (:func:`shown`), said to be the value of
+    ``EHR_KEY_FILE`` when it was taken from there."""
+    env = os.environ.get(ENV_KEY_FILE)
+    if env and Path(env) == Path(path):
+        return shown(env, f"the value of {ENV_KEY_FILE}", path=True)
+    return shown(path, "the key file path", path=True)
 
 
 def _b64decode_key(value: str, what: str) -> bytes:
@@ -119,10 +181,12 @@ class _LocalKekProvider:
         audit_key: bytes | None = None,
     ) -> None:
         if active not in keks:
-            raise KeyMaterialError(f"active KEK {active!r} is not in the keyring")
+            shown_active = shown(active, "the keyring's 'active_kek'")
+            raise KeyMaterialError(f"active KEK {shown_active} is not in the keyring")
         for kek_id, kek in keks.items():
             if len(kek) != KEY_BYTES:
-                raise KeyMaterialError(f"KEK {kek_id!r} must be {KEY_BYTES} bytes")
+                shown_id = shown(kek_id, "a KEK's name in the keyring")
+                raise KeyMaterialError(f"KEK {shown_id} must be {KEY_BYTES} bytes")
         if len(pseudonym_key) != KEY_BYTES:
             raise KeyMaterialError(f"pseudonym key must be {KEY_BYTES} bytes")
         if audit_key is not None and len(audit_key) != KEY_BYTES:
@@ -152,7 +216,8 @@ class _LocalKekProvider:
     def unwrap(self, wrapped: WrappedKey, context: bytes) -> bytes:
         kek = self._keks.get(wrapped.kek_id)
         if kek is None:
-            raise KeyMaterialError(f"KEK {wrapped.kek_id!r} is not available to this provider")
+            kek_id = shown(wrapped.kek_id, "the wrapped key's KEK id")
+            raise KeyMaterialError(f"KEK {kek_id} is not available to this provider")
         if len(wrapped.blob) < NONCE_BYTES + 16:
             raise InvalidCiphertext("wrapped key is too short")
         nonce, body = wrapped.blob[:NONCE_BYTES], wrapped.blob[NONCE_BYTES:]
@@ -160,7 +225,8 @@ class _LocalKekProvider:
         try:
             return AESGCM(kek).decrypt(nonce, body, aad)
         except InvalidTag as exc:
-            raise InvalidCiphertext(f"wrapped key under KEK {wrapped.kek_id!r} failed") from exc
+            kek_id = shown(wrapped.kek_id, "the wrapped key's KEK id")
+            raise InvalidCiphertext(f"wrapped key under KEK {kek_id} failed") from exc
 
     def pseudonym_key(self) -> bytes:
         return self._pseudonym_key
@@ -209,9 +275,11 @@ def _unwrap_retired(keks: dict[str, bytes], retired_doc: dict[str, Any]) -> None
     while pending:
         ready = [k for k, v in pending.items() if str(v.get("wrapped_by")) in keks]
         if not ready:
+            names = ", ".join(
+                shown(k, "a name in the keyring's 'retired_keks'") for k in sorted(pending)
+            )
             raise KeyMaterialError(
-                f"retired KEKs {', '.join(sorted(pending))} are wrapped under a KEK "
-                "this keyring does not hold"
+                f"retired KEKs {names} are wrapped under a KEK this keyring does not hold"
             )
         for old_id in ready:
             entry = pending.pop(old_id)
@@ -221,7 +289,8 @@ def _unwrap_retired(keks: dict[str, bytes], retired_doc: dict[str, Any]) -> None
                 aad = _RETIRED_KEK_AAD + old_id.encode() + b"|" + by.encode()
                 kek = AESGCM(keks[by]).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad)
             except (binascii.Error, ValueError, InvalidTag) as exc:
-                raise KeyMaterialError(f"retired KEK {old_id!r} does not unwrap") from exc
+                shown_id = shown(old_id, "a name in the keyring's 'retired_keks'")
+                raise KeyMaterialError(f"retired KEK {shown_id} does not unwrap") from exc
             keks[old_id] = kek
 
 
@@ -238,9 +307,10 @@ class FileKeyProvider(_LocalKekProvider):
             raise KeyMaterialError("keyring has no 'keks'")
         keks = {}
         for kek_id, entry in keks_doc.items():
+            shown_id = shown(kek_id, "a name in the keyring's 'keks'")
             if not isinstance(entry, dict) or "key" not in entry:
-                raise KeyMaterialError(f"keyring entry {kek_id!r} has no 'key'")
-            keks[str(kek_id)] = _b64decode_key(str(entry["key"]), f"KEK {kek_id!r}")
+                raise KeyMaterialError(f"keyring entry {shown_id} has no 'key'")
+            keks[str(kek_id)] = _b64decode_key(str(entry["key"]), f"KEK {shown_id}")
         self.live_kek_ids = sorted(keks)
         retired = document.get("retired_keks")
         _unwrap_retired(keks, retired if isinstance(retired, dict) else {})
@@ -299,15 +369,19 @@ def read_keyring_document(path: Path) -> dict[str, Any]:
     """The keyring file's JSON document, checked for its format (not yet for its keys)."""
     if not path.exists():
         raise KeyMaterialError(
-            f"no key file at {path}; create one with `ehr keys init` "
+            f"no key file at {shown_key_file(path)}; create one with `ehr keys init` "
             f"(or set {ENV_KEY_FILE}, or {ENV_KEK} and {ENV_PSEUDONYM_KEY})"
         )
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise KeyMaterialError(f"key file {path} is unreadable or not JSON") from exc
+        raise KeyMaterialError(
+            f"key file {shown_key_file(path)} is unreadable or not JSON"
+        ) from exc
     if not isinstance(document, dict) or document.get("format") != KEYRING_FORMAT:
-        raise KeyMaterialError(f"key file {path} is not an {KEYRING_FORMAT} keyring")
+        raise KeyMaterialError(
+            f"key file {shown_key_file(path)} is not an {KEYRING_FORMAT} keyring"
+        )
     return document
 
 

@@ -44,6 +44,7 @@ from vault.keys import (
     _new_kek_entry,
     keyring_lock,
     read_keyring_document,
+    shown,
     wrap_retired_kek,
     write_keyring,
 )
@@ -176,8 +177,8 @@ def _rewrapped(rows: list[tuple[Any, ...]], provider: FileKeyProvider) -> pa.Tab
             plain = provider.unwrap(WrappedKey(kek_id, bytes(wrapped)), context)
         except VaultError as exc:
             raise KeyRotationError(
-                f"data key {kid.hex()} (under KEK {kek_id!r}) cannot be unwrapped with "
-                "this keyring; nothing was re-wrapped"
+                f"data key {kid.hex()} (under KEK {shown(kek_id, 'a KEK id in data_keys')}) "
+                "cannot be unwrapped with this keyring; nothing was re-wrapped"
             ) from exc
         rewrapped = provider.wrap(plain, context)
         key_ids.append(kid)

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from vault.catalog import has_table
 from vault.clock import Clock, RandomBytes, utcnow
 from vault.errors import InvalidCiphertext, KeyDestroyedError, KeyMaterialError
-from vault.keys import KEY_BYTES, NONCE_BYTES, KeyProvider, WrappedKey
+from vault.keys import KEY_BYTES, NONCE_BYTES, KeyProvider, WrappedKey, shown
 
 SEALED_FORMAT = b"\x01"
 KEY_ID_BYTES = 16
@@ -161,10 +161,11 @@ class DataKeyStore:
             try:
                 self.by_id(bytes(key_id))
             except (KeyMaterialError, InvalidCiphertext) as exc:
+                active = shown(self._provider.active_kek_id(), "the provider's active KEK id")
                 raise KeyMaterialError(
-                    f"this warehouse's data keys are wrapped under KEK {kek_id!r}, which the key "
-                    f"provider cannot unwrap (its active KEK is "
-                    f"{self._provider.active_kek_id()!r}): a data key added under it would "
+                    f"this warehouse's data keys are wrapped under KEK "
+                    f"{shown(kek_id, 'a KEK id in data_keys')}, which the key provider cannot "
+                    f"unwrap (its active KEK is {active}): a data key added under it would "
                     "leave the vault readable under neither KEK, so nothing was written; use "
                     "the warehouse's KEK, or rotate to a new one with `ehr keys rotate`"
                 ) from exc

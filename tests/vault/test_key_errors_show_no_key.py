@@ -1,0 +1,236 @@
+"""Key material sitting where the keyring expects a name or a path (a key pasted into
+'active_kek', EHR_KEY_FILE mixed up with EHR_KEK) never reaches an error's text: the message
+names the field, the variable or the path looked at, and ordinary ids and paths are still
+shown."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipelines.cli import main
+from pipelines.resources import KeyProviderResource
+from vault.errors import InvalidCiphertext, KeyMaterialError
+from vault.keys import (
+    EnvKeyProvider,
+    FileKeyProvider,
+    WrappedKey,
+    init_keyring,
+    wrap_retired_kek,
+    write_keyring,
+)
+
+ORDINARY_ID = "kek-0123456789abcdef"  # the form every KEK id has (kek- and 16 hex digits)
+
+Encoding = Callable[[bytes], str]
+ENCODINGS: dict[str, Encoding] = {
+    "base64": lambda key: base64.b64encode(key).decode(),
+    "hex": lambda key: key.hex(),
+}
+
+
+def _forms(key: bytes) -> list[str]:
+    """Every way the key could be written out, whole or the first 16 characters of it."""
+    whole = [
+        base64.b64encode(key).decode(),
+        base64.b64encode(key).decode().rstrip("="),
+        base64.urlsafe_b64encode(key).decode(),
+        key.hex(),
+        key.hex().upper(),
+    ]
+    return whole + [form[:16] for form in whole]
+
+
+def assert_no_key(text: str, key: bytes) -> None:
+    for form in _forms(key):
+        assert form not in text, f"key material ({form!r}) in: {text}"
+
+
+@pytest.fixture(params=sorted(ENCODINGS))
+def planted(request: pytest.FixtureRequest) -> tuple[bytes, str]:
+    """A freshly generated 32-byte key and its text (base64 or hex), as pasted by mistake;
+    not one whose base64 starts with '/' (as a path, it would name a file at the root)."""
+    while True:
+        key = secrets.token_bytes(32)
+        text = ENCODINGS[request.param](key)
+        if not text.startswith("/"):
+            return key, text
+
+
+def _keyring(tmp_path: Path, edit: Callable[[dict], None]) -> Path:
+    path = tmp_path / "keys" / "keyring.json"
+    init_keyring(path)
+    document = json.loads(path.read_text())
+    edit(document)
+    write_keyring(path, document)
+    return path
+
+
+def _load_error(path: Path) -> str:
+    with pytest.raises(KeyMaterialError) as info:
+        FileKeyProvider.load(path)
+    return str(info.value)
+
+
+def test_a_key_in_active_kek_is_not_echoed(tmp_path: Path, planted: tuple[bytes, str]) -> None:
+    key, text = planted
+
+    def paste(document: dict) -> None:
+        document["active_kek"] = text  # the KEK's value where its id goes
+
+    message = _load_error(_keyring(tmp_path / "a", paste))
+    assert_no_key(message, key)
+    assert "'active_kek'" in message and "not shown" in message
+
+    def unknown_id(document: dict) -> None:
+        document["active_kek"] = ORDINARY_ID
+
+    assert f"active KEK '{ORDINARY_ID}' is not in the keyring" in _load_error(
+        _keyring(tmp_path / "b", unknown_id)
+    )
+
+
+@pytest.mark.parametrize("entry", [{"created": None}, {"key": "not base64!"}, {"key": "AAAA"}])
+def test_a_key_as_a_kek_name_is_not_echoed(
+    tmp_path: Path, planted: tuple[bytes, str], entry: dict
+) -> None:
+    """A KEK entry named by a key, its entry broken (no 'key', not base64, too short)."""
+    key, text = planted
+
+    def name(kek_id: str) -> Callable[[dict], None]:
+        def edit(document: dict) -> None:
+            document["keks"][kek_id] = entry
+
+        return edit
+
+    message = _load_error(_keyring(tmp_path / "a", name(text)))
+    assert_no_key(message, key)
+    assert "'keks'" in message and "not shown" in message
+    assert f"'{ORDINARY_ID}'" in _load_error(_keyring(tmp_path / "b", name(ORDINARY_ID)))
+
+
+def test_a_key_as_a_retired_kek_name_is_not_echoed(
+    tmp_path: Path, planted: tuple[bytes, str]
+) -> None:
+    key, text = planted
+
+    def orphan(kek_id: str) -> Callable[[dict], None]:  # wrapped under a KEK not held
+        def edit(document: dict) -> None:
+            entry = wrap_retired_kek(kek_id, b"\x33" * 32, "kek-gone", b"\x44" * 32)
+            document["retired_keks"] = {kek_id: entry}
+
+        return edit
+
+    def tampered(kek_id: str) -> Callable[[dict], None]:  # under the active KEK, broken
+        def edit(document: dict) -> None:
+            active = document["active_kek"]
+            entry = wrap_retired_kek(kek_id, b"\x33" * 32, active, b"\x44" * 32)
+            document["retired_keks"] = {kek_id: entry}
+
+        return edit
+
+    for i, case in enumerate((orphan, tampered)):
+        message = _load_error(_keyring(tmp_path / f"key{i}", case(text)))
+        assert_no_key(message, key)
+        assert "'retired_keks'" in message and "not shown" in message
+        assert f"'{ORDINARY_ID}'" in _load_error(_keyring(tmp_path / f"id{i}", case(ORDINARY_ID)))
+
+
+def test_a_key_as_a_kek_id_of_a_provider_is_not_echoed(planted: tuple[bytes, str]) -> None:
+    """The provider's own checks and its unwrap name the KEK id, never a key standing in it."""
+    key, text = planted
+    pkey = secrets.token_bytes(32)
+    texts: list[str] = []
+    with pytest.raises(KeyMaterialError) as short:
+        EnvKeyProvider({text: b"short"}, text, pkey)
+    texts.append(str(short.value))
+    provider = EnvKeyProvider({text: secrets.token_bytes(32)}, text, pkey)
+    with pytest.raises(InvalidCiphertext) as failed:
+        provider.unwrap(WrappedKey(text, b"\x00" * 60), b"ctx")
+    texts.append(str(failed.value))
+    other = EnvKeyProvider({ORDINARY_ID: secrets.token_bytes(32)}, ORDINARY_ID, pkey)
+    with pytest.raises(KeyMaterialError) as absent:
+        other.unwrap(WrappedKey(text, b"\x00" * 60), b"ctx")
+    texts.append(str(absent.value))
+    for message in texts:
+        assert_no_key(message, key)
+        assert "not shown" in message
+    with pytest.raises(KeyMaterialError, match=f"KEK '{ORDINARY_ID}' must be 32 bytes"):
+        EnvKeyProvider({ORDINARY_ID: b"short"}, ORDINARY_ID, pkey)
+    with pytest.raises(KeyMaterialError, match="KEK 'kek-fedcba9876543210' is not available"):
+        other.unwrap(WrappedKey("kek-fedcba9876543210", b"\x00" * 60), b"ctx")
+
+
+def test_a_key_in_ehr_key_file_is_not_echoed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: tuple[bytes, str]
+) -> None:
+    """EHR_KEY_FILE holding a key: missing, a file of garbage, a JSON file that is no keyring
+    (files named by the key, in the working directory, as a relative path resolves)."""
+    key, text = planted
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EHR_KEK", raising=False)
+    monkeypatch.setenv("EHR_KEY_FILE", text)
+    messages = [_load_error(Path(text))]
+    named = tmp_path / text
+    named.parent.mkdir(parents=True, exist_ok=True)  # base64 may hold a '/'
+    for content in ("{not json", json.dumps({"format": "something else"})):
+        named.write_text(content)
+        named.chmod(0o600)
+        messages.append(_load_error(Path(text)))
+    for message in messages:
+        assert_no_key(message, key)
+        assert "EHR_KEY_FILE" in message and "not shown" in message
+
+
+@pytest.mark.parametrize(
+    "ordinary",
+    ["keys.json", "~/.ehr/keyring.json", "/etc/ehr/keyring", "/Users/alice/ehr/keyring"],
+)
+def test_an_ordinary_key_file_path_is_still_shown(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ordinary: str
+) -> None:
+    """The same error, with a path there, names it; a key beside it is still hidden."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EHR_KEY_FILE", ordinary)
+    message = _load_error(Path(ordinary))
+    assert f"no key file at {ordinary};" in message
+    key = secrets.token_bytes(32)
+    monkeypatch.setenv("EHR_KEY_FILE", base64.b64encode(key).decode())
+    hidden = _load_error(Path(base64.b64encode(key).decode()))
+    assert_no_key(hidden, key)
+
+
+def test_dagster_resource_names_the_variable_not_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: tuple[bytes, str]
+) -> None:
+    """The resource adds where it looked to a key error (Dagster's event and compute logs)."""
+    key, text = planted
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EHR_KEK", raising=False)
+    monkeypatch.setenv("EHR_KEY_FILE", text)
+    with pytest.raises(KeyMaterialError) as info:
+        KeyProviderResource().provider()
+    assert_no_key(str(info.value), key)
+    assert "looked in: key file [the value of EHR_KEY_FILE" in str(info.value)
+    ordinary = tmp_path / "keys" / "keyring.json"
+    with pytest.raises(KeyMaterialError, match=f"looked in: key file {ordinary}"):
+        KeyProviderResource(key_file=str(ordinary)).provider()
+
+
+def test_ehr_command_stderr_holds_no_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: tuple[bytes, str]
+) -> None:
+    key, text = planted
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EHR_KEK", raising=False)
+    monkeypatch.setenv("EHR_KEY_FILE", text)
+    result = CliRunner().invoke(main, ["audit", "show", "--workdir", str(tmp_path / "work")])
+    assert result.exit_code != 0
+    assert_no_key(result.output + result.stderr, key)
+    assert "EHR_KEY_FILE is not a file path and looks like key material" in result.stderr

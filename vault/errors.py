@@ -15,6 +15,11 @@ class KeyMaterialError(VaultError):
     """Key material is missing, malformed or unusable."""
 
 
+class KeyFilePermissionError(KeyMaterialError):
+    """The key file may be read or written by its group or others (mode & 0o077): it is not
+    used (the message names the path, its mode and the chmod that fixes it)."""
+
+
 class PseudonymKeyMismatchError(KeyMaterialError):
     """The pseudonym key in hand is not the one the warehouse was built with (the message names
     both keys' ids, never a key)."""

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vault.clock import Clock, RandomBytes, utcnow
-from vault.errors import InvalidCiphertext, KeyMaterialError
+from vault.errors import InvalidCiphertext, KeyFilePermissionError, KeyMaterialError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -366,14 +366,29 @@ class FileKeyProvider(_LocalKekProvider):
 
 
 def read_keyring_document(path: Path) -> dict[str, Any]:
-    """The keyring file's JSON document, checked for its format (not yet for its keys)."""
+    """The keyring file's JSON document, checked for its mode and its format (not yet for its
+    keys).
+
+    A keyring its group or others may read or write (mode & 0o077) is refused, as OpenSSH
+    refuses such a private key, rather than narrowed: its keys may have been read already, and
+    whoever made it so should know. The mode is taken from the open file, the one then read.
+    """
     if not path.exists():
         raise KeyMaterialError(
             f"no key file at {shown_key_file(path)}; create one with `ehr keys init` "
             f"(or set {ENV_KEY_FILE}, or {ENV_KEK} and {ENV_PSEUDONYM_KEY})"
         )
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as handle:
+            mode = stat.S_IMODE(os.fstat(handle.fileno()).st_mode)
+            if mode & 0o077:
+                shown_path = shown_key_file(path)
+                raise KeyFilePermissionError(
+                    f"key file {shown_path} has mode {mode:04o}: its group or others may read "
+                    f"or write it, so it is not used; make it its owner's alone with "
+                    f"`chmod 600 {shown_path}`"
+                )
+            document = json.loads(handle.read().decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise KeyMaterialError(
             f"key file {shown_key_file(path)} is unreadable or not JSON"

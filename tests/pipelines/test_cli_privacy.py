@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import json
+import stat
 from datetime import date
 from pathlib import Path
 
@@ -428,3 +429,33 @@ def test_a_reason_holding_the_birth_date_written_day_first_or_with_a_short_year_
     assert set(reasons) == {"REQ-2024-0317", "ticket 4471 of 07/03/1947"}
     written = log.read_text(encoding="utf-8")  # reasons as written
     assert "REQ-2024-0317" in written and "REQ-40" not in written
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o660], ids=lambda m: f"{m:04o}")
+def test_a_keyring_others_may_read_is_refused_and_nothing_is_written(
+    work: Path, key_file: Path, mode: int
+) -> None:
+    """`ehr reidentify`, `ehr forget` and `ehr keys rotate` with a keyring its group or others
+    may read: refused, naming the path, its mode and the chmod; the warehouse, the audit log
+    and the keyring are left as they were. After `chmod 600` the same command runs."""
+    runner = CliRunner()
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    p7 = _pseudonym(key_file, "p7")
+    key_file.chmod(mode)
+    files = [work / "warehouse.duckdb", work / "audit" / "audit.log", key_file]
+    before = {path: path.read_bytes() if path.exists() else None for path in files}
+    for cmd, args in (
+        (reidentify, [p7, "--reason", "ticket 1"]),
+        (forget, [p7, "--pseudonym", "--reason", "ticket 2"]),
+        (keys_rotate, []),
+    ):
+        refused = runner.invoke(cmd, [*args, *common])
+        assert refused.exit_code == 1, refused.output
+        assert f"key file {key_file} has mode {mode:04o}" in refused.output
+        assert f"chmod 600 {key_file}" in refused.output
+        assert "Zedwick" not in refused.output
+    assert {path: path.read_bytes() if path.exists() else None for path in files} == before
+    assert stat.S_IMODE(key_file.stat().st_mode) == mode
+    key_file.chmod(0o600)
+    found = runner.invoke(reidentify, [p7, "--reason", "ticket 3", *common])
+    assert found.exit_code == 0, found.output

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -203,3 +204,23 @@ def test_a_version_a_corrected_later_export_drops_is_released_from_the_earlier_o
         con.close()
     # the first Patient from export_1 (its only version left), the other from export_2
     assert released == [("export_1", 1), ("export_2", 1)]
+
+
+def test_a_keyring_others_may_read_is_refused_before_a_warehouse_is_made(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """`ehr run` with a keyring of mode 0644: the batch fails at ingest naming the error's
+    class, Dagster's log of it names the path, the mode and the chmod, and no warehouse is
+    made; the keyring is left as it was."""
+    generate(tmp_path / "landing" / "b1", 3, seed=2)
+    key_file.chmod(0o644)
+    before = key_file.read_bytes()
+    workdir = tmp_path / "work"
+    result, summary, _ = _ehr_run(tmp_path / "landing", workdir)
+    (run,) = summary["runs"]
+    assert run["failed_steps"] == {"ingest": "KeyFilePermissionError"}
+    assert f"key file {key_file} has mode 0644" in result.output
+    assert f"chmod 600 {key_file}" in result.output
+    assert not (workdir / "warehouse.duckdb").exists()
+    assert key_file.read_bytes() == before
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o644

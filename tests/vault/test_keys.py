@@ -200,6 +200,8 @@ def test_key_file_errors_name_the_path_looked_at(tmp_path: Path) -> None:
         FileKeyProvider.load(missing)
     garbage = tmp_path / "garbage.json"
     garbage.write_text("{not json", encoding="utf-8")
+    garbage.chmod(0o600)  # a keyring open to others is refused before it is read
     with pytest.raises(KeyMaterialError, match=str(garbage)) as info:
         FileKeyProvider.load(garbage)
+    assert "unreadable or not JSON" in str(info.value)
     assert "not json" not in str(info.value)  # the path, never the content

@@ -301,9 +301,16 @@ def purge_model_training_record(models_folder: Path, pseudonym: str) -> int:
 
     check_pseudonym(pseudonym)
     removed = 0
+    seen: set[Path] = set()
     con = duckdb.connect()
     try:
+        # a model's folder is a symlink to the hidden folder of its current set, which the glob
+        # lists too (as it lists the folder of a publish a crash left unfinished): each once
         for path in sorted(Path(models_folder).glob(f"*/{TRAINED_ON_ROWS_FILE}")):
+            real = path.resolve()
+            if real in seen or not real.is_file():
+                continue
+            seen.add(real)
             source = "read_parquet('" + str(path).replace("'", "''") + "')"
             columns = {r[0] for r in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
             if "patient_id" not in columns:

@@ -4,13 +4,19 @@ sees the old rows or the new ones and never a half-written table or file.
 The DuckDB side swaps a fully built staging table in within one transaction; the Parquet side
 is written to a temporary file beside the target, flushed to disk, then renamed over it (a rename
 within one folder is atomic). A failure before the swap leaves the old table, the old file and
-no temporary file behind.
+no temporary file behind. A folder of files that belong together (a model with its metrics,
+card and plots) is published as one set through a symlink switched by one rename
+(:func:`publish_folder`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
+import secrets
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,6 +64,115 @@ def write_replacing(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+T = TypeVar("T")
+
+
+def folder_version_pattern(path: Path) -> re.Pattern[str]:
+    """The names of the hidden siblings of ``path`` that :func:`publish_folder` creates: the
+    versions of the folder (``.NAME-<16 hex digits>``) and, for the instant before they are
+    renamed, the symlinks to them (``.NAME-<16 hex digits>.link``)."""
+    return re.compile(rf"\.{re.escape(Path(path).name)}-[0-9a-f]{{16}}(\.link)?")
+
+
+def _version_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}-{secrets.token_hex(8)}")
+
+
+def _new_version(path: Path) -> Path:
+    while True:
+        version = _version_name(path)
+        try:
+            version.mkdir()  # with the umask, as the folder it replaces was made
+            return version
+        except FileExistsError:
+            continue
+
+
+def _fsync_tree(folder: Path) -> None:
+    for entry in sorted(folder.rglob("*"), reverse=True):
+        if entry.is_symlink():
+            continue
+        if entry.is_dir():
+            fsync_dir(entry)
+        else:
+            fsync_file(entry)
+    fsync_dir(folder)
+
+
+def _remove_entry(entry: Path) -> None:
+    if entry.is_symlink() or not entry.is_dir():
+        entry.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    """One publisher of ``path`` at a time (an flock on ``.NAME.lock`` beside it): each removes
+    the versions it did not publish, which must not be another publisher's folder in the making."""
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock (as does the death of the process)
+
+
+def publish_folder(path: Path, write: Callable[[Path], T]) -> T:
+    """Publish the files ``write`` writes (into the empty folder it is given) as one set at
+    ``path``, so that a reader of ``path/...`` sees the files of the previous publish or of this
+    one, never a mix of the two, a file half-written or a folder half-filled; returns what
+    ``write`` returns.
+
+    ``path`` is a symlink to a hidden sibling folder, one per publish (``.NAME-<random>``).
+    ``write`` fills a new one; its files are flushed to disk, a symlink to it is made under a
+    temporary name and renamed over ``path`` (a rename replaces a symlink atomically), and the
+    previous version is removed. A ``path`` that is still a plain folder (as every publish left
+    it before) is moved aside as a version first: only then is there a brief instant without
+    ``path``, which a crash there leaves as no model at all, never a mix. A failure or a crash
+    before the rename leaves ``path`` as it was; the folder of an unfinished publish (at most
+    one) is removed by the next one. Readers keep using ``path``: one that reads several files
+    and must see them from one publish resolves ``path`` once (``Path.resolve``) and reads
+    from there.
+
+    Why a symlink rather than every file renamed into place one by one: the set of files of a
+    model is then replaced whole for every reader, where renamed files could only be checked
+    afterwards (a digest of each in the last one written) by readers that know to. No reader
+    keeps a path into a version: the model's Dagster metadata serves copies of the plots (in
+    the compute-log folder), and an erasure deletes the training record through ``path``.
+    The lock file ``.NAME.lock`` stays beside ``path``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(path):
+        version = _new_version(path)
+        try:
+            result = write(version)
+            _fsync_tree(version)
+            link = version.with_name(f"{version.name}.link")
+            os.symlink(version.name, link)  # relative: the work directory can be moved
+            aside: Path | None = None
+            try:
+                if path.is_dir() and not path.is_symlink():
+                    aside = _version_name(path)
+                    os.rename(path, aside)
+                os.replace(link, path)
+            except BaseException:
+                if aside is not None and aside.exists() and not path.exists():
+                    os.rename(aside, path)
+                link.unlink(missing_ok=True)
+                raise
+        except BaseException:
+            shutil.rmtree(version, ignore_errors=True)
+            raise
+        fsync_dir(path.parent)
+        pattern = folder_version_pattern(path)
+        for entry in path.parent.iterdir():
+            if entry.name != version.name and pattern.fullmatch(entry.name):
+                _remove_entry(entry)
+    return result
 
 
 def _swap_in(con: duckdb.DuckDBPyConnection, staging: str, target: str) -> None:

@@ -103,7 +103,8 @@ def retrain_decision(
     """Compare ``training`` (the frame the trainer would be given, with ``exclude`` naming the
     columns that are not features, as in :func:`train_readmission_model`) with what the model
     in ``out_dir`` was trained on, and apply the retrain rule of this module."""
-    out_dir = Path(out_dir)
+    # the files of one published set: those of the folder ``out_dir`` points to now
+    out_dir = Path(out_dir).resolve()
 
     def retrain(
         reason: str, changed: int = 0, share: float = 0.0, at_fit: int | None = None

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -52,7 +52,7 @@ from pipelines.models.frame import (
     feature_columns,
     subgroup_attributes,
 )
-from pipelines.publish import write_replacing
+from pipelines.publish import publish_folder, write_replacing
 
 if TYPE_CHECKING:
     from sklearn.pipeline import Pipeline
@@ -67,7 +67,7 @@ MODEL_FILE = "readmission_model.joblib"
 METRICS_FILE = "metrics.json"
 MODEL_CARD_FILE = "model_card.md"
 # What the model in a folder was trained on: one digest per training row, and the columns hashed
-# with the training code's version (written last, so its presence means the model is complete).
+# with the training code's version; published with the model's files, as one set.
 TRAINED_ON_ROWS_FILE = "trained_on.parquet"
 TRAINED_ON_FILE = "trained_on.json"
 # Raise when a change to this module (or to how the model asset calls it) changes what a fit on
@@ -452,18 +452,34 @@ def metrics_document(
 
 
 def write_model_outputs(
-    fitted: FittedModel, evaluation: Evaluation, document: dict[str, Any], out_dir: Path
+    fitted: FittedModel,
+    evaluation: Evaluation,
+    document: dict[str, Any],
+    out_dir: Path,
+    *,
+    also_write: Callable[[Path], object] | None = None,
 ) -> ModelReport:
-    """Write the model, the plots, ``metrics.json`` and the model card into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model_path = out_dir / MODEL_FILE
+    """Publish the model, the plots, ``metrics.json``, the model card and whatever
+    ``also_write`` writes into the folder it is given (the record of the training rows) as one
+    set at ``out_dir``: a reader of ``out_dir`` sees the previous set or this one whole, never a
+    truncated model or a new model beside the old metrics (:func:`pipelines.publish.publish_folder`:
+    ``out_dir`` is a symlink switched to a new folder by one rename)."""
     import joblib
 
-    joblib.dump(fitted.model, model_path)
-    plots = write_plots(fitted, evaluation, out_dir)
+    def write(folder: Path) -> None:
+        joblib.dump(fitted.model, folder / MODEL_FILE)
+        plots = write_plots(fitted, evaluation, folder)
+        (folder / METRICS_FILE).write_text(json.dumps(document, indent=2, sort_keys=False))
+        write_model_card(document, plots, folder / MODEL_CARD_FILE)
+        if also_write is not None:
+            also_write(folder)
+
+    out_dir = Path(out_dir)
+    publish_folder(out_dir, write)
+    model_path = out_dir / MODEL_FILE
     metrics_path = out_dir / METRICS_FILE
-    metrics_path.write_text(json.dumps(document, indent=2, sort_keys=False))
-    card_path = write_model_card(document, plots, out_dir / MODEL_CARD_FILE)
+    card_path = out_dir / MODEL_CARD_FILE
+    plots = {name: plot_path(out_dir, name) for name in PLOT_NAMES}
     metrics = evaluation.metrics
     return ModelReport(
         out_dir=out_dir,
@@ -488,19 +504,23 @@ def write_model_outputs(
 def load_model_report(out_dir: Path) -> ModelReport:
     """The report of the model an earlier :func:`train_readmission_model` wrote into
     ``out_dir``, read back from its ``metrics.json`` (plots that are no longer there are left
-    out)."""
+    out). The files are read from the set ``out_dir`` points to when this starts; the paths
+    reported are those under ``out_dir``."""
     out_dir = Path(out_dir)
+    current = out_dir.resolve()
     metrics_path = out_dir / METRICS_FILE
-    document = json.loads(metrics_path.read_text())
+    document = json.loads((current / METRICS_FILE).read_text())
     test = document["test"]
     features = document["features"]
-    plots = {name: plot_path(out_dir, name) for name in PLOT_NAMES}
+    plots = {
+        name: plot_path(out_dir, name) for name in PLOT_NAMES if plot_path(current, name).is_file()
+    }
     return ModelReport(
         out_dir=out_dir,
         model_path=out_dir / MODEL_FILE,
         metrics_path=metrics_path,
         model_card_path=out_dir / MODEL_CARD_FILE,
-        plots={name: path for name, path in plots.items() if path.is_file()},
+        plots=plots,
         estimator=document["estimator"],
         auroc=test["auroc"],
         brier=test["brier"],
@@ -537,8 +557,8 @@ def training_environment() -> dict[str, Any]:
 
 
 def forget_trained_on(out_dir: Path) -> None:
-    """Remove the record of what the model in ``out_dir`` was trained on (before its files are
-    replaced, so that an interrupted fit leaves a folder the retrain rule does not keep)."""
+    """Remove the record of what the model in ``out_dir`` was trained on (an erasure of a patient
+    it names: the retrain rule then trains again)."""
     (Path(out_dir) / TRAINED_ON_FILE).unlink(missing_ok=True)
     (Path(out_dir) / TRAINED_ON_ROWS_FILE).unlink(missing_ok=True)
 
@@ -583,29 +603,49 @@ def train_readmission_model(
     (e.g. race and ethnicity joined from the patient view) only define subgroups for the audit;
     an attribute found there wins over a feature column describing the same attribute.
 
-    After the model's files, ``trained_on.parquet`` and ``trained_on.json`` record what it was
-    trained on (:mod:`pipelines.models.retrain` compares a later training set with them).
+    Beside the model's files, ``trained_on.parquet`` and ``trained_on.json`` record what it was
+    trained on (:mod:`pipelines.models.retrain` compares a later training set with them). All
+    are published as one set (:func:`write_model_outputs`): a fit that fails or is killed leaves
+    the previous set whole, record included, so the retrain rule decides on the next run as it
+    did on this one, and that run writes what an uninterrupted one would have. A training set
+    too small for a model (:class:`InsufficientTrainingDataError`) removes the record instead.
     """
-    forget_trained_on(out_dir)
-    frame = labelled_rows(training, label)
-    columns = feature_columns(frame, label, (*exclude, *audit_columns))
-    if not columns.all:
-        raise InsufficientTrainingDataError("the training frame has no feature with a value")
-    # One BLAS thread: the matrices are a few hundred rows by a few dozen columns, where handing
-    # each of the solver's thousands of small products to a second thread costs more than the
-    # product (up to 20x slower fits on a busy machine); the results are the same.
-    from threadpoolctl import threadpool_limits
+    try:
+        frame = labelled_rows(training, label)
+        columns = feature_columns(frame, label, (*exclude, *audit_columns))
+        if not columns.all:
+            raise InsufficientTrainingDataError("the training frame has no feature with a value")
+        # One BLAS thread: the matrices are a few hundred rows by a few dozen columns, where handing
+        # each of the solver's thousands of small products to a second thread costs more than the
+        # product (up to 20x slower fits on a busy machine); the results are the same.
+        from threadpoolctl import threadpool_limits
 
-    with threadpool_limits(limits=1, user_api="blas"):
-        fitted = fit_on_patient_split(frame, label, columns, estimator, seed)
-        evaluation = evaluate_held_out(fitted, frame, audit_columns, seed)
-        temporal = temporal_validation(frame, label, columns, estimator, seed)
-    document = metrics_document(
-        fitted, evaluation, frame, label=label, estimator=estimator, seed=seed, temporal=temporal
+        with threadpool_limits(limits=1, user_api="blas"):
+            fitted = fit_on_patient_split(frame, label, columns, estimator, seed)
+            evaluation = evaluate_held_out(fitted, frame, audit_columns, seed)
+            temporal = temporal_validation(frame, label, columns, estimator, seed)
+        document = metrics_document(
+            fitted,
+            evaluation,
+            frame,
+            label=label,
+            estimator=estimator,
+            seed=seed,
+            temporal=temporal,
+        )
+    except InsufficientTrainingDataError:
+        # a training set that cannot give a model is an outcome, not an accident: the record of
+        # the model on disk goes, so the retrain rule does not keep that model for this set
+        forget_trained_on(out_dir)
+        raise
+    trained_on = trained_on_columns(frame, label, columns)
+    return write_model_outputs(
+        fitted,
+        evaluation,
+        document,
+        Path(out_dir),
+        also_write=lambda folder: write_trained_on(frame, trained_on, folder),
     )
-    report = write_model_outputs(fitted, evaluation, document, Path(out_dir))
-    write_trained_on(frame, trained_on_columns(frame, label, columns), Path(out_dir))
-    return report
 
 
 def load_model(path: Path) -> Pipeline:

@@ -206,14 +206,23 @@ def test_an_ordinary_key_file_path_is_still_shown(
     assert_no_key(hidden, key)
 
 
-def test_dagster_resource_names_the_variable_not_the_key(
+@pytest.fixture
+def key_in_key_file_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: tuple[bytes, str]
-) -> None:
-    """The resource adds where it looked to a key error (Dagster's event and compute logs)."""
+) -> bytes:
+    """A key written where the key file's path belongs (EHR_KEY_FILE), no EHR_KEK beside it."""
     key, text = planted
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("EHR_KEK", raising=False)
     monkeypatch.setenv("EHR_KEY_FILE", text)
+    return key
+
+
+def test_dagster_resource_names_the_variable_not_the_key(
+    tmp_path: Path, key_in_key_file_variable: bytes
+) -> None:
+    """The resource adds where it looked to a key error (Dagster's event and compute logs)."""
+    key = key_in_key_file_variable
     with pytest.raises(KeyMaterialError) as info:
         KeyProviderResource().provider()
     assert_no_key(str(info.value), key)
@@ -223,13 +232,8 @@ def test_dagster_resource_names_the_variable_not_the_key(
         KeyProviderResource(key_file=str(ordinary)).provider()
 
 
-def test_ehr_command_stderr_holds_no_key(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: tuple[bytes, str]
-) -> None:
-    key, text = planted
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("EHR_KEK", raising=False)
-    monkeypatch.setenv("EHR_KEY_FILE", text)
+def test_ehr_command_stderr_holds_no_key(tmp_path: Path, key_in_key_file_variable: bytes) -> None:
+    key = key_in_key_file_variable
     result = CliRunner().invoke(main, ["audit", "show", "--workdir", str(tmp_path / "work")])
     assert result.exit_code != 0
     assert_no_key(result.output + result.stderr, key)

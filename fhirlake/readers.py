@@ -9,6 +9,7 @@ per-patient or per-page bundles need); above it a Bundle is streamed entry by en
 
 from __future__ import annotations
 
+import errno
 import gzip
 import io
 import os
@@ -377,6 +378,41 @@ class _Gunzip(io.RawIOBase):
 # What reading a file can raise once it is open: gzip data cut short or corrupt, I/O errors, a
 # streamed document that stops being JSON half-way.
 _READ_ERRORS = (OSError, EOFError, zlib.error, ijson.JSONError)
+# The errors of opening or reading a file that are about the environment, not the file's
+# content: the process may not read it (permissions), the disk or mount failed, descriptors or
+# memory ran out. What the file holds is not known, so no record of it can be accounted for:
+# the batch fails (FileNotReadableError) and is ingested again once the cause is fixed. Errors
+# that carry no errno (a corrupt or cut gzip, a file no longer regular) are about the content.
+_ENVIRONMENT_ERRNOS = frozenset(
+    {
+        errno.EACCES,
+        errno.EPERM,
+        errno.EIO,
+        errno.EMFILE,
+        errno.ENFILE,
+        errno.ENOMEM,
+        errno.ESTALE,
+        errno.ETIMEDOUT,
+    }
+)
+
+
+class FileNotReadableError(Exception):
+    """A data file the process could not read for a reason of the environment (permissions,
+    I/O, resources: :data:`_ENVIRONMENT_ERRNOS`), not of its content. It names the file by its
+    index in the batch only (file names can hold PHI) and the error's type and errno name (its
+    text holds the path)."""
+
+    def __init__(self, file_index: int, cause: OSError) -> None:
+        self.file_index = file_index
+        self.error_type = type(cause).__name__
+        self.errno_name = errno.errorcode.get(cause.errno or 0, str(cause.errno))
+        super().__init__(
+            f"data file {file_index} of the batch could not be read "
+            f"({self.error_type}, {self.errno_name})"
+        )
+
+
 # JSON's whitespace (RFC 8259): an NDJSON line of nothing else is blank. Python's strip() would
 # also take \x0b and \x0c, which are no JSON: such a line is a record, and fails as invalid_json.
 _JSON_WHITESPACE = b" \t\r\n"
@@ -397,7 +433,8 @@ def iter_records(
     leaves no rest: its records stand, and a :class:`FileNote` goes to ``notes``. An NDJSON
     line longer than ``max_line_bytes`` (:data:`MAX_LINE_BYTES`) is one record with the reason
     ``record_too_large``. A ``.json`` file larger than ``stream_above``
-    (:data:`STREAM_JSON_BYTES`) is streamed."""
+    (:data:`STREAM_JSON_BYTES`) is streamed. A file the process may not read (permissions, I/O:
+    not its content) raises :class:`FileNotReadableError`: nothing of its records is known."""
     position = 0
     state = _ReadState()
     max_line = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
@@ -406,13 +443,13 @@ def iter_records(
         for record in _file_records(source, stream, max_line, state):
             position = record.position
             yield record
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            yield _unreadable_rest(source, exc, position, state)
+            return
+        raise FileNotReadableError(source.index, exc) from None
     except _READ_ERRORS as exc:
-        code = "invalid_json" if isinstance(exc, ijson.JSONError) else "unreadable_file"
-        # the exception's type only: its text can quote the file's bytes
-        kept = "the bytes read of it are kept" if state.pending else "none of it could be read"
-        message = f"file could not be read from here on ({type(exc).__name__}); {kept}"
-        at = max(position + 1, state.next_position)
-        yield RawRecord(source.index, at, state.pending or None, (code, message))
+        yield _unreadable_rest(source, exc, position, state)
         return
     if state.damage is not None:
         what, left_unread = state.damage
@@ -421,6 +458,18 @@ def iter_records(
             yield RawRecord(source.index, position + 1, None, ("unreadable_file", message))
         elif notes is not None:
             notes.append(FileNote(source.index, f"{what}; nothing after it: the records stand"))
+
+
+def _unreadable_rest(
+    source: SourceFile, exc: BaseException, position: int, state: _ReadState
+) -> RawRecord:
+    """The record for the rest of a file its content stopped being read at."""
+    code = "invalid_json" if isinstance(exc, ijson.JSONError) else "unreadable_file"
+    # the exception's type only: its text can quote the file's bytes
+    kept = "the bytes read of it are kept" if state.pending else "none of it could be read"
+    message = f"file could not be read from here on ({type(exc).__name__}); {kept}"
+    at = max(position + 1, state.next_position)
+    return RawRecord(source.index, at, state.pending or None, (code, message))
 
 
 def _file_records(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,3 +62,33 @@ def key_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def key_provider(key_file: Path) -> FileKeyProvider:
     return FileKeyProvider.load(key_file)
+
+
+@pytest.fixture
+def refuse_reading(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], Callable[[], None]]:
+    """Make a file one the process may not read; returns what makes it readable again.
+
+    The file is chmod 000. Root with CAP_DAC_OVERRIDE (a container's usual root) reads it
+    anyway, so when ``os.access`` says it is still readable, opening that one path raises
+    PermissionError (EACCES), what the OS raises for a service user without read permission."""
+    refused: set[str] = set()
+    real_open = os.open
+
+    def guarded_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(path) in refused:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def refuse(path: Path) -> Callable[[], None]:
+        path.chmod(0)
+        if os.access(path, os.R_OK):
+            refused.add(os.fspath(path))
+            monkeypatch.setattr(os, "open", guarded_open)
+
+        def allow() -> None:
+            path.chmod(0o644)
+            refused.discard(os.fspath(path))
+
+        return allow
+
+    return refuse

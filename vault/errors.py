@@ -47,3 +47,9 @@ class PatientNotFoundError(VaultError):
 
 class ErasureIncompleteError(VaultError):
     """The warehouse erasure was committed, but purging a released place failed; run it again."""
+
+
+class SourceFileNotReadableError(VaultError):
+    """A data file of a batch could not be read for a reason of the environment (permissions,
+    I/O), not of its content: the batch's ingest fails, nothing of it is marked ingested, and
+    it is ingested whole once the file can be read (the message names the file's pseudonym)."""

@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from fhirlake.readers import (
     FileNote,
+    FileNotReadableError,
     RawRecord,
     SkippedFile,
     SourceFile,
@@ -43,6 +44,7 @@ from fhirlake.viewdef import instant_sql
 from vault import warehouse
 from vault.clock import utcnow
 from vault.clustered import sync_clustered
+from vault.errors import SourceFileNotReadableError
 from vault.keys import KeyProvider
 from vault.lifecycle import tombstone
 from vault.pseudonym import Pseudonymizer, stored_version_id
@@ -1142,7 +1144,10 @@ def ingest_batch(
         ingestor.register_files(files, skipped)
         notes: list[FileNote] = []
         records = (rec for f in files for rec in iter_records(f, notes=notes))
-        ingestor.consume(_checked_stream(records, workers))
+        try:
+            ingestor.consume(_checked_stream(records, workers))
+        except FileNotReadableError as exc:
+            raise _not_readable(ingestor, exc) from None
         ingestor.report.file_warnings = dict(Counter(note.message for note in notes))
         ingestor.finalize(files)
         ingestor.count_no_longer_in_batch()
@@ -1156,6 +1161,19 @@ def ingest_batch(
     finally:
         con.close()
     return report
+
+
+def _not_readable(ingestor: BatchIngestor, exc: FileNotReadableError) -> SourceFileNotReadableError:
+    """The batch's error for a file it could not read: the file's pseudonym (``file_id``) and
+    number in the batch, never its name or path (names can hold PHI)."""
+    return SourceFileNotReadableError(
+        f"batch {ingestor.batch_id}: data file {ingestor.file_ids[exc.file_index]} (file_id; "
+        f"file {exc.file_index + 1} of {ingestor.report.files}) could not be read "
+        f"({exc.error_type}, {exc.errno_name}): an error of the environment (permissions, "
+        "storage), not of the file's content, so none of its records can be accounted for; "
+        "nothing of the batch is marked ingested: make the file readable and ingest the batch "
+        "again (the landing sensor retries it)"
+    )
 
 
 @dataclass(frozen=True)

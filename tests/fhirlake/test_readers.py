@@ -510,3 +510,40 @@ def test_a_utf16_ndjson_file_is_one_record(tmp_path: Path) -> None:
     assert "UTF-16" in records[0].error[1] and MARK not in records[0].error[1]
     too_long = list(iter_records(SourceFile(0, path, "ndjson"), max_line_bytes=len(data) - 1))
     assert [(r.position, r.raw) for r in too_long] == [(1, None)]
+
+
+def test_a_file_the_process_may_not_read_fails_naming_its_index_not_quarantined(
+    tmp_path: Path, refuse_reading: Any
+) -> None:
+    """A permission error says nothing of the file's content: no record is made up for it (it
+    would be accounted for as bad input and never read again); the reader raises, naming the
+    file by its index in the batch, not by its name (names can hold PHI)."""
+    from fhirlake.readers import FileNotReadableError
+
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    line = b'{"resourceType": "Patient", "id": "p1"}\n'
+    (folder / "a.ndjson").write_bytes(line * 3)
+    secret = folder / "Quillfeather_Marisol.ndjson.gz"
+    secret.write_bytes(gzip.compress(line * 5))
+    allow = refuse_reading(secret)
+    files, _ = list_batch_files(folder)
+    assert [f.path.name for f in files] == ["Quillfeather_Marisol.ndjson.gz", "a.ndjson"]
+    with pytest.raises(FileNotReadableError) as caught:
+        list(iter_records(files[0]))
+    assert caught.value.file_index == 0
+    assert (caught.value.error_type, caught.value.errno_name) == ("PermissionError", "EACCES")
+    assert "Quillfeather" not in str(caught.value) and str(tmp_path) not in str(caught.value)
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    assert len(list(iter_records(files[1]))) == 3
+    # what tells the environment from the content is the errno: a cut gzip (EOFError) and one
+    # that is no gzip (BadGzipFile, an OSError without errno) stay the file's unreadable rest
+    whole = gzip.compress(line * 50)
+    (folder / "c.ndjson.gz").write_bytes(whole[: len(whole) // 2])
+    (folder / "d.ndjson.gz").write_bytes(b"not gzip at all\n")
+    files, _ = list_batch_files(folder)
+    for source in files[2:]:
+        last = list(iter_records(source))[-1]
+        assert last.error is not None and last.error[0] == "unreadable_file"
+    allow()
+    assert [r.error for r in iter_records(files[0])] == [None] * 5

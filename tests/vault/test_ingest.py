@@ -659,3 +659,48 @@ def test_a_pass_dying_after_handing_a_row_over_loses_nothing(
         assert all(reconcile_batch(con, batch).passed for batch in ("a", "b"))
     finally:
         con.close()
+
+
+def test_a_file_the_process_may_not_read_fails_the_batch_until_it_can(
+    tmp_path: Path, key_provider: FileKeyProvider, refuse_reading: Any
+) -> None:
+    """A file the process may not read is not bad input: nothing of its records is known. The
+    batch's ingest fails, naming the file by its pseudonym, and leaves nothing marked ingested
+    (no ledger, no quarantine, nothing in the vault); once the file is readable the same batch
+    ingests every record of both files and reconciles."""
+    from vault.errors import SourceFileNotReadableError
+
+    land = tmp_path / "land"
+    land.mkdir()
+    patients = [
+        dict(PATIENT, id=f"6f1b9d3c-0000-4000-8000-0000000002{n:02d}", name=[{"family": MARK}])
+        for n in range(8)
+    ]
+    (land / "a.ndjson").write_bytes(b"\n".join(orjson.dumps(p) for p in patients[:3]) + b"\n")
+    secret = land / "b_Quillfeather.ndjson"
+    secret.write_bytes(b"\n".join(orjson.dumps(p) for p in patients[3:]) + b"\n")
+    allow = refuse_reading(secret)
+    wh = tmp_path / "w.duckdb"
+    with pytest.raises(SourceFileNotReadableError) as caught:
+        ingest_batch(wh, "b1", land, key_provider, workers=1)
+    message = str(caught.value)
+    assert "PermissionError" in message and "EACCES" in message and "file 2 of 2" in message
+    assert "Quillfeather" not in message and str(land) not in message
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        assert con.execute("SELECT ingested_at, report FROM batches").fetchall() == [(None, None)]
+        for table in ("record_ledger", "quarantine", "source_files", "phi_vault_current"):
+            assert con.execute(f"SELECT count(*) FROM {table}").fetchall() == [(0,)], table
+    finally:
+        con.close()
+    allow()
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert (report.records_in, report.accepted, report.quarantined) == (8, 8, 0)
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        assert reconcile_batch(con, "b1").passed
+        file_ids = {row[0] for row in con.execute("SELECT file_id FROM source_files").fetchall()}
+    finally:
+        con.close()
+    # the file the error named is the pseudonym the batch's tables know it by
+    assert any(fid in message for fid in file_ids)

@@ -5,19 +5,25 @@ Safe to turn on at any time:
   fingerprint when the batch was read), so a batch ingested by ``ehr run`` or before the
   sensor's cursor existed is not ingested again, and one whose files changed since is, even
   when the new files carry older modification times (``cp -p``, ``tar``, ``unzip``);
-- a batch is only picked up once complete: its folder holds the ``_READY`` marker, or none of its
-  files changed for ``LandingResource.quiet_seconds``;
+- a batch is only picked up once complete: its folder holds the ``_READY`` marker, written at
+  or after the last change of everything else in the folder (a marker older than a file
+  changed since does not count), or nothing in it (hidden and ``_`` sub-folders included)
+  changed for ``LandingResource.quiet_seconds``;
 - a batch is marked done only when its run succeeded; a failed run is retried up to
-  ``LandingResource.max_retries`` times with doubling back-off;
+  ``LandingResource.max_retries`` times with doubling back-off; once they are spent, writing
+  or touching the marker again starts a new round of retries;
 - every tick that requests nothing says why (the skip reason on the tick, and the log);
 - a batch whose folder went away (renamed, deleted) before it was ingested has its partition
-  removed: a partition never materialised would hold back the release for good.
+  removed: a partition never materialised would hold back the release for good. One whose
+  folder went away after its ingest keeps its partition: the vault holds its rows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import stat
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +44,7 @@ from dagster import (
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from deid.staging import deidentified_batches
-from fhirlake.readers import BatchListing
+from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
 from pipelines.jobs import batch_job
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource, WarehouseResource
@@ -63,6 +69,10 @@ class BatchState:
     # times the batch was run again, its folder unchanged, because another batch's ingest
     # changed its ledger (a vault row handed over to it): part of the run key and tags
     rerun: int = 0
+    # the attempt a round of retries started after (the marker touched once retries were
+    # spent), and when the last failed attempt ended
+    round_start: int = 0
+    failed_at: float = 0.0
 
 
 def _load_cursor(cursor: str | None) -> dict[str, BatchState]:
@@ -78,28 +88,65 @@ def _dump_cursor(states: dict[str, BatchState]) -> str:
     return json.dumps({k: asdict(v) for k, v in sorted(states.items())}, sort_keys=True)
 
 
-def newest_change(batch: BatchSource, listing: BatchListing | None = None) -> float:
+def _tree_times(folder: Path, depth: int) -> list[float]:
+    """Modification times of everything in ``folder`` and its sub-folders, ``depth`` levels
+    down; symbolic links are not followed."""
+    times = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):  # gone since it was listed
+                info = entry.stat(follow_symlinks=False)
+                times.append(info.st_mtime)
+                if depth > 1 and stat.S_ISDIR(info.st_mode):
+                    times += _tree_times(Path(entry.path), depth - 1)
+    return times
+
+
+def newest_change(
+    batch: BatchSource, listing: BatchListing | None = None, but: Path | None = None
+) -> float:
     """Latest modification time of any file of the batch (``listing``, when the caller has
     walked it already), in its sub-folders too (data or not: a copy in progress may write a
-    temporary name first), and of its folders (a file removed or renamed changes its folder's
-    own time; not the landing folder's, for ``root``)."""
+    temporary name first, in a hidden or ``_`` sub-folder too, such as rsync's
+    ``--temp-dir``, which are walked down to ``MAX_FOLDER_DEPTH`` levels, links not
+    followed), and of its folders (a file removed or renamed changes its folder's own time;
+    not the landing folder's, for ``root``). ``but``: an entry left out (the marker)."""
     listing = listing or batch.listing()
     paths = [f.path for f in listing.files] + [s.path for s in listing.skipped]
     paths += listing.folders if batch.nested else []
     times = []
     for path in paths:
+        if path == but:
+            continue
         with contextlib.suppress(OSError):  # gone since it was listed: the next tick sees it
-            times.append(path.lstat().st_mtime)
+            info = path.lstat()
+            times.append(info.st_mtime)
+            if batch.nested and stat.S_ISDIR(info.st_mode) and path not in listing.folders:
+                times += _tree_times(path, MAX_FOLDER_DEPTH)  # a folder the batch does not read
     return max(times, default=0.0)
 
 
 def waiting_reason(batch: BatchSource, landing: LandingResource, now: float) -> str | None:
-    """Why the batch is not complete yet, or None when it is."""
-    if (batch.path / landing.ready_marker).exists():
+    """Why the batch is not complete yet, or None when it is: it holds the marker, written at
+    or after the last change of everything else in its folder, or nothing in it changed for
+    the quiet period."""
+    marker = batch.path / landing.ready_marker
+    try:
+        marked: float | None = marker.lstat().st_mtime
+    except OSError:
+        marked = None
+    changed = newest_change(batch, but=marker)
+    if marked is not None and marked >= changed:
         return None
-    quiet = now - newest_change(batch)
+    quiet = now - changed
     if quiet >= landing.quiet_seconds:
         return None
+    if marked is not None:
+        return (
+            f"batch {batch.key}: {landing.ready_marker} is older than a file changed since "
+            f"(write it last, or touch it again after a new delivery); waiting for that or "
+            f"{landing.quiet_seconds}s without changes ({quiet:.0f}s so far)"
+        )
     return (
         f"batch {batch.key}: waiting for {landing.ready_marker} or "
         f"{landing.quiet_seconds}s without changes ({quiet:.0f}s so far)"
@@ -113,20 +160,21 @@ _BATCH_COLUMNS = (
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """A batch the warehouse shows ingested and then de-identified: when its ingest completed,
-    the fingerprint its folder had when it was read (None for batches ingested before
-    fingerprints were recorded) and how many data files it read."""
+    """A batch the warehouse shows ingested: when its ingest completed, the fingerprint its
+    folder had when it was read (None for batches ingested before fingerprints were recorded),
+    how many data files it read, and whether it was then de-identified from that ingest
+    (``published``: a batch whose run stopped between the two is not done)."""
 
     ingested_at: float
     fingerprint: str | None
     files: int = 0
+    published: bool = True
 
 
 def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | None:
-    """Batch key -> its ledger entry, for the batches the warehouse's ledgers show ingested
-    and then de-identified from that ingest (a batch whose run stopped between the two is not
-    done); None when another process holds the warehouse (DuckDB admits one writer and no
-    reader beside it)."""
+    """Batch key -> its ledger entry, for the batches the warehouse's batch ledger shows
+    ingested, each marked published when de-identified from that ingest; None when another
+    process holds the warehouse (DuckDB admits one writer and no reader beside it)."""
     if not warehouse.path.exists():
         return {}
     try:
@@ -150,9 +198,10 @@ def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | N
     finally:
         con.close()
     return {
-        str(key): LedgerEntry(float(at), None if seen is None else str(seen), int(files))
+        str(key): LedgerEntry(
+            float(at), None if seen is None else str(seen), int(files), key in published
+        )
         for key, at, seen, files in rows
-        if key in published
     }
 
 
@@ -164,7 +213,7 @@ def done_in_ledger(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
     when its ingest completed after its files last changed and it read as many data files as
     its folder holds now (a sub-folder's files, read since, count)."""
     entry = ledger.get(batch.key)
-    if entry is None:
+    if entry is None or not entry.published:
         return False
     if entry.fingerprint is not None:
         return entry.fingerprint == batch.fingerprint
@@ -180,11 +229,16 @@ def _run_tags(key: str, state: BatchState) -> dict[str, str]:
     return tags
 
 
-def _latest_run_status(
+def _latest_run(
     context: SensorEvaluationContext, key: str, state: BatchState
-) -> DagsterRunStatus | None:
-    runs = context.instance.get_runs(filters=RunsFilter(tags=_run_tags(key, state)), limit=1)
-    return runs[0].status if runs else None
+) -> tuple[DagsterRunStatus | None, float | None]:
+    """The status of the batch's latest requested run, and when it ended (None if it did not)."""
+    records = context.instance.get_run_records(
+        filters=RunsFilter(tags=_run_tags(key, state)), limit=1
+    )
+    if not records:
+        return None, None
+    return records[0].dagster_run.status, records[0].end_time
 
 
 def _request(key: str, state: BatchState) -> RunRequest:
@@ -194,25 +248,44 @@ def _request(key: str, state: BatchState) -> RunRequest:
     return RunRequest(partition_key=key, run_key=run_key, tags=_run_tags(key, state))
 
 
+def _marked_since(batch: BatchSource, landing: LandingResource, since: float) -> bool:
+    """Whether the batch's marker was written or touched after ``since``."""
+    with contextlib.suppress(OSError):
+        return (batch.path / landing.ready_marker).lstat().st_mtime > since
+    return False
+
+
 def _follow_run(
     context: SensorEvaluationContext,
     landing: LandingResource,
-    key: str,
+    batch: BatchSource,
     state: BatchState,
     now: float,
 ) -> tuple[RunRequest | None, str | None]:
-    """A batch whose run was requested: done on success, retried (bounded) on failure."""
-    status = _latest_run_status(context, key, state)
+    """A batch whose run was requested: done on success, retried (bounded) on failure; once
+    the retries are spent, a marker written or touched after the last failure starts a new
+    round of them."""
+    key = batch.key
+    status, ended = _latest_run(context, key, state)
     if status == DagsterRunStatus.SUCCESS:
         state.done = True
         return None, None
     if status not in _FAILED:
         return None, f"batch {key}: run {state.attempt} is {status.value if status else 'queued'}"
-    if state.attempt > landing.max_retries:
-        return None, (
-            f"batch {key}: failed {state.attempt} times, not retried again "
-            "(fix it and drop the folder again, or re-run the partition from the UI)"
-        )
+    if not state.failed_at:
+        state.failed_at = ended or now
+    if state.attempt - state.round_start > landing.max_retries:
+        if not _marked_since(batch, landing, state.failed_at):
+            return None, (
+                f"batch {key}: failed {state.attempt} times, not retried again (fix it, then "
+                f"touch {landing.ready_marker} in its folder to retry it, or re-run the "
+                "partition from the UI)"
+            )
+        state.round_start = state.attempt
+        state.retry_at = 0.0
+        state.failed_at = 0.0
+        state.attempt += 1
+        return _request(key, state), None
     if not state.retry_at:
         state.retry_at = now + landing.retry_backoff_seconds * 2 ** (state.attempt - 1)
     if now < state.retry_at:
@@ -220,6 +293,7 @@ def _follow_run(
         return None, f"batch {key}: run {state.attempt} failed, retry in {wait:.0f}s"
     state.attempt += 1
     state.retry_at = 0.0
+    state.failed_at = 0.0
     return _request(key, state), None
 
 
@@ -239,21 +313,24 @@ def _orphaned_partitions(
     present: set[str],
     ledger: dict[str, LedgerEntry] | None,
     warehouse: WarehouseResource,
-) -> list[str]:
+) -> tuple[list[str], list[str]]:
     """Batch partitions whose folder is gone (renamed, deleted) and that were never
     ingested, with no run of theirs still going: nothing of them is in the vault, and a
     partition never materialised holds back every release asset that reads all batches
-    (``released_patients``, the views) for good. The ledger is read only when some partition
-    has no folder (``ledger``, when the tick read it already): opening the warehouse at every
-    tick could meet a run opening it to write. None removed while it is not readable."""
+    (``released_patients``, the views) for good. Second, those whose folder is gone after
+    their ingest but before their de-identification succeeded: kept, as the vault holds their
+    rows. The ledger is read only when some partition has no folder (``ledger``, when the tick
+    read it already): opening the warehouse at every tick could meet a run opening it to
+    write. None removed while it is not readable."""
     partitions = context.instance.get_dynamic_partitions(batch_partitions.name or "batches")
     missing = sorted(set(partitions) - present)
     if not missing:
-        return []
+        return [], []
     ledger = ledger if ledger is not None else ingested_batches(warehouse)
     if ledger is None:
-        return []
+        return [], []
     orphans = []
+    kept = [key for key in missing if key in ledger and not ledger[key].published]
     for key in missing:
         if key in ledger:
             continue
@@ -262,7 +339,7 @@ def _orphaned_partitions(
         )
         if not going:
             orphans.append(key)
-    return orphans
+    return orphans, kept
 
 
 def evaluate_landing(
@@ -286,7 +363,7 @@ def evaluate_landing(
         state = states.get(batch.key)
         if state is not None and state.fingerprint == batch.fingerprint:
             if not state.done:
-                request, reason = _follow_run(context, landing, batch.key, state, now)
+                request, reason = _follow_run(context, landing, batch, state, now)
                 requests += [request] if request else []
                 reasons += [reason] if reason else []
                 finished += [batch.key] if state.done else []
@@ -333,12 +410,17 @@ def evaluate_landing(
                     f"batch {batch.key}: its ledger changed when another batch was ingested "
                     "again; run again"
                 )
-    removed = _orphaned_partitions(context, present, ledger, warehouse)
+    removed, kept = _orphaned_partitions(context, present, ledger, warehouse)
     for key in removed:
         states.pop(key, None)
         reasons.append(
             f"batch {key}: folder gone before it was ingested, its partition removed "
             "(drop it again to ingest it)"
+        )
+    for key in kept:
+        reasons.append(
+            f"batch {key}: folder gone after its ingest (its vault rows stay; its partition is "
+            "kept so its release can finish)"
         )
     if done:
         reasons.append(f"{done} batch{'es' if done > 1 else ''} already ingested, nothing new")

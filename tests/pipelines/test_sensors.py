@@ -214,8 +214,9 @@ def test_successful_run_marks_the_batch_done(tmp_path: Path, instance: DagsterIn
     _record_run(instance, tags, DagsterRunStatus.SUCCESS)
     done = _tick(tmp_path, instance, first.cursor)
     assert done.run_requests == [] and _load_cursor(done.cursor)["export-1"].done
-    # a changed folder is a new version of the batch: run again
+    # a changed folder is a new version of the batch: run again (its marker written again)
     (tmp_path / "landing" / "export-1" / "more.ndjson").write_bytes(PATIENT)
+    os.utime(tmp_path / "landing" / "export-1" / "_READY")
     changed = _tick(tmp_path, instance, done.cursor)
     assert [r.partition_key for r in changed.run_requests] == ["export-1"]
 
@@ -246,8 +247,8 @@ def test_a_file_still_arriving_in_a_sub_folder_keeps_the_batch_waiting(
     assert check.passed and check.metadata["records_in"].value == 1
 
 
-def _ingested(tmp_path: Path, key: str) -> None:
-    """Record ``key`` in the warehouse's ledgers as ingested and de-identified."""
+def _ingested(tmp_path: Path, key: str, published: bool = True) -> None:
+    """Record ``key`` in the warehouse's ledgers as ingested and (``published``) de-identified."""
     con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
     try:
         con.execute(
@@ -255,6 +256,8 @@ def _ingested(tmp_path: Path, key: str) -> None:
             [key],
         )
         con.execute(LEDGER_DDL)
+        if not published:
+            return
         con.execute(
             f"INSERT INTO deid_batches SELECT batch_id, {BATCH_DIGEST_SQL}, 'settings', now() "
             "FROM batches WHERE batch_id = ?",
@@ -300,6 +303,110 @@ def test_a_batch_gone_before_it_was_ingested_has_its_partition_removed(
         for key in request.partition_keys
     ]
     assert gone == ["renamed", "running"]  # the instance still has "renamed": not applied here
+
+
+def _removed(result: SensorResult) -> list[str]:
+    return [
+        key
+        for request in result.dynamic_partitions_requests
+        if type(request).__name__ == "DeleteDynamicPartitionsRequest"
+        for key in request.partition_keys
+    ]
+
+
+def test_a_batch_gone_after_its_ingest_but_before_its_release_keeps_its_partition(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """A folder deleted after its run ingested it and then failed in de-identification: the
+    vault holds its rows, so its partition stays, and the tick says it went after its ingest,
+    not before."""
+    (tmp_path / "landing").mkdir()
+    _ingested(tmp_path, "ingested-not-published", published=False)
+    instance.add_dynamic_partitions("batches", ["ingested-not-published", "never-ingested"])
+    result = _tick(tmp_path, instance)
+    assert _removed(result) == ["never-ingested"]
+    message = result.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    assert "batch never-ingested: folder gone before it was ingested" in message
+    assert (
+        "batch ingested-not-published: folder gone after its ingest (its vault rows stay; "
+        "its partition is kept so its release can finish)"
+    ) in message
+    assert "ingested-not-published: folder gone before" not in message
+
+
+def test_a_marker_older_than_a_file_changed_since_does_not_count(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """A marker left from an earlier delivery, or written before the copy ended: the batch
+    waits until the marker is touched again (or the quiet period passes)."""
+    landing = _landing(tmp_path)
+    marker = landing / "export-1" / "_READY"
+    past = time.time() - 3600
+    os.utime(marker, (past, past))
+    os.utime(landing / "export-1" / "data.ndjson")  # still being written
+    waiting = _tick(tmp_path, instance, quiet_seconds=60)
+    assert waiting.run_requests == []
+    assert "_READY is older than a file changed since" in (
+        waiting.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    )
+    os.utime(marker)  # touched again once the copy is done
+    ready = _tick(tmp_path, instance, quiet_seconds=60)
+    assert [r.partition_key for r in ready.run_requests] == ["export-1"]
+
+
+@pytest.mark.parametrize("folder", [".tmp", "_staging", ".tmp/part"])
+def test_a_file_written_in_a_hidden_or_underscore_sub_folder_keeps_the_batch_waiting(
+    tmp_path: Path, instance: DagsterInstance, folder: str
+) -> None:
+    """rsync's ``--temp-dir`` or a staging folder: not read, but a file still being written
+    there means the copy is not done."""
+    landing = _landing(tmp_path, ready=False)
+    batch = landing / "export-1"
+    (batch / folder).mkdir(parents=True)
+    (batch / folder / "big.ndjson").write_bytes(PATIENT)
+    past = time.time() - 600
+    for path in (batch, batch / "data.ndjson", *(batch / folder).parents, batch / folder):
+        if path.is_relative_to(batch):
+            os.utime(path, (past, past))
+    waiting = _tick(tmp_path, instance, quiet_seconds=60)
+    assert waiting.run_requests == []
+    assert "waiting for _READY" in (waiting.skip_reason.skip_message or "")  # type: ignore[union-attr]
+    os.utime(batch / folder / "big.ndjson", (past, past))
+    quiet = _tick(tmp_path, instance, quiet_seconds=60)
+    assert [r.partition_key for r in quiet.run_requests] == ["export-1"]
+
+
+def test_touching_the_marker_after_the_last_failed_retry_starts_a_new_round(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """Once the retries are spent, a folder dropped again with the same files (``cp -a``) has
+    the same fingerprint; touching its marker retries it, with a new round of retries."""
+    landing = _landing(tmp_path)
+    marker = landing / "export-1" / "_READY"
+    cursor = _tick(tmp_path, instance).cursor
+    fingerprint = _load_cursor(cursor)["export-1"].fingerprint
+
+    def failed(attempt: int) -> None:
+        tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: fingerprint, ATTEMPT_TAG: str(attempt)}
+        _record_run(instance, tags, DagsterRunStatus.FAILURE)
+
+    failed(1)
+    spent = _tick(tmp_path, instance, cursor, max_retries=0)
+    assert spent.run_requests == []
+    assert "not retried again" in (spent.skip_reason.skip_message or "")  # type: ignore[union-attr]
+    assert "touch _READY" in (spent.skip_reason.skip_message or "")  # type: ignore[union-attr]
+    # a re-drop keeping the marker's old time changes nothing
+    still = _tick(tmp_path, instance, spent.cursor, max_retries=0)
+    assert still.run_requests == []
+    os.utime(marker)  # touched after the last failure
+    retried = _tick(tmp_path, instance, still.cursor, max_retries=0)
+    assert [r.tags[ATTEMPT_TAG] for r in retried.run_requests] == ["2"]
+    failed(2)
+    again = _tick(tmp_path, instance, retried.cursor, max_retries=0)
+    assert again.run_requests == []
+    assert "failed 2 times, not retried again" in (
+        again.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    )
 
 
 def test_a_tick_with_every_batch_ingested_says_so(
@@ -384,6 +491,7 @@ def test_a_batch_given_a_row_by_another_batchs_ingest_is_run_again(
     settled = _tick(tmp_path, instance)
     assert settled.run_requests == []
     (land / "a" / "p1.ndjson").unlink()
+    os.utime(land / "a" / "_READY")  # the marker written again after the change
     changed = _tick(tmp_path, instance, settled.cursor)
     assert [r.partition_key for r in changed.run_requests] == ["a"]
     ingest("a")  # the run of a: ingest, then de-identification

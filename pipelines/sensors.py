@@ -103,20 +103,20 @@ def _tree_times(folder: Path, depth: int) -> list[float]:
 
 
 def newest_change(
-    batch: BatchSource, listing: BatchListing | None = None, but: Path | None = None
+    batch: BatchSource, listing: BatchListing | None = None, but: frozenset[Path] = frozenset()
 ) -> float:
     """Latest modification time of any file of the batch (``listing``, when the caller has
     walked it already), in its sub-folders too (data or not: a copy in progress may write a
     temporary name first, in a hidden or ``_`` sub-folder too, such as rsync's
     ``--temp-dir``, which are walked down to ``MAX_FOLDER_DEPTH`` levels, links not
     followed), and of its folders (a file removed or renamed changes its folder's own time;
-    not the landing folder's, for ``root``). ``but``: an entry left out (the marker)."""
+    not the landing folder's, for ``root``). ``but``: entries left out."""
     listing = listing or batch.listing()
     paths = [f.path for f in listing.files] + [s.path for s in listing.skipped]
     paths += listing.folders if batch.nested else []
     times = []
     for path in paths:
-        if path == but:
+        if path in but:
             continue
         with contextlib.suppress(OSError):  # gone since it was listed: the next tick sees it
             info = path.lstat()
@@ -135,10 +135,12 @@ def waiting_reason(batch: BatchSource, landing: LandingResource, now: float) -> 
         marked: float | None = marker.lstat().st_mtime
     except OSError:
         marked = None
-    changed = newest_change(batch, but=marker)
-    if marked is not None and marked >= changed:
+    # the marker is judged against what the folder holds, not the folder's own time: writing
+    # the marker (created in place, or renamed into place as an atomic writer does) changes the
+    # folder's time at or after the marker's own
+    if marked is not None and marked >= newest_change(batch, but=frozenset({marker, batch.path})):
         return None
-    quiet = now - changed
+    quiet = now - newest_change(batch)
     if quiet >= landing.quiet_seconds:
         return None
     if marked is not None:

@@ -354,6 +354,25 @@ def test_a_marker_older_than_a_file_changed_since_does_not_count(
     assert [r.partition_key for r in ready.run_requests] == ["export-1"]
 
 
+def test_a_marker_renamed_into_place_counts_at_once(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """An exporter that writes the marker under a temporary name and renames it (an atomic
+    writer): the rename changes the folder's own time after the marker's, which is not a file
+    changed since."""
+    landing = _landing(tmp_path, ready=False)
+    batch = landing / "export-1"
+    past = time.time() - 3600
+    os.utime(batch / "data.ndjson", (past, past))
+    written = batch / ".READY.tmp"
+    written.write_text("")
+    os.utime(written, (past + 60, past + 60))
+    written.rename(batch / "_READY")  # the folder's time is now, after the marker's
+    assert batch.stat().st_mtime > (batch / "_READY").stat().st_mtime
+    ready = _tick(tmp_path, instance, quiet_seconds=3600)
+    assert [r.partition_key for r in ready.run_requests] == ["export-1"]
+
+
 @pytest.mark.parametrize("folder", [".tmp", "_staging", ".tmp/part"])
 def test_a_file_written_in_a_hidden_or_underscore_sub_folder_keeps_the_batch_waiting(
     tmp_path: Path, instance: DagsterInstance, folder: str

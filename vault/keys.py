@@ -180,6 +180,14 @@ class _LocalKekProvider:
         random_bytes: RandomBytes = os.urandom,
         audit_key: bytes | None = None,
     ) -> None:
+        # an id is written beside every data key it wraps and into the audit log: a key pasted
+        # where a name belongs (the same text as 'active_kek' and as its entry's name) would be
+        # written there in the clear, so it is refused before anything is wrapped under it
+        if any(_looks_like_key_material(kek_id) for kek_id in keks):
+            raise KeyMaterialError(
+                "a KEK's name in the keyring looks like key material, not a key id (not shown): "
+                "name it as `ehr keys init` does (kek- and 16 hex digits)"
+            )
         if active not in keks:
             shown_active = shown(active, "the keyring's 'active_kek'")
             raise KeyMaterialError(f"active KEK {shown_active} is not in the keyring")

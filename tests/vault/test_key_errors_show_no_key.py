@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from pipelines.cli import main
 from pipelines.resources import KeyProviderResource
-from vault.errors import InvalidCiphertext, KeyMaterialError
+from vault.errors import KeyMaterialError
 from vault.keys import (
     EnvKeyProvider,
     FileKeyProvider,
@@ -96,6 +96,23 @@ def test_a_key_in_active_kek_is_not_echoed(tmp_path: Path, planted: tuple[bytes,
     )
 
 
+def test_a_key_used_as_the_active_kek_and_its_name_is_refused(
+    tmp_path: Path, planted: tuple[bytes, str]
+) -> None:
+    """The KEK's value pasted both as 'active_kek' and as its entry's name: it would load, and
+    every data key and audit entry would then carry it as the KEK's id, in the clear."""
+    key, text = planted
+
+    def rename(document: dict) -> None:
+        active = document["active_kek"]
+        document["keks"] = {text: document["keks"][active]}
+        document["active_kek"] = text
+
+    message = _load_error(_keyring(tmp_path, rename))
+    assert_no_key(message, key)
+    assert "looks like key material, not a key id" in message
+
+
 @pytest.mark.parametrize("entry", [{"created": None}, {"key": "not base64!"}, {"key": "AAAA"}])
 def test_a_key_as_a_kek_name_is_not_echoed(
     tmp_path: Path, planted: tuple[bytes, str], entry: dict
@@ -143,17 +160,18 @@ def test_a_key_as_a_retired_kek_name_is_not_echoed(
 
 
 def test_a_key_as_a_kek_id_of_a_provider_is_not_echoed(planted: tuple[bytes, str]) -> None:
-    """The provider's own checks and its unwrap name the KEK id, never a key standing in it."""
+    """The provider's own checks and its unwrap name the KEK id, never a key standing in it; a
+    provider whose KEK is named by a key is not made at all."""
     key, text = planted
     pkey = secrets.token_bytes(32)
     texts: list[str] = []
     with pytest.raises(KeyMaterialError) as short:
         EnvKeyProvider({text: b"short"}, text, pkey)
     texts.append(str(short.value))
-    provider = EnvKeyProvider({text: secrets.token_bytes(32)}, text, pkey)
-    with pytest.raises(InvalidCiphertext) as failed:
-        provider.unwrap(WrappedKey(text, b"\x00" * 60), b"ctx")
-    texts.append(str(failed.value))
+    # a provider whose KEK is named by a key is refused when made (nothing is wrapped under it)
+    with pytest.raises(KeyMaterialError) as named:
+        EnvKeyProvider({text: secrets.token_bytes(32)}, text, pkey)
+    texts.append(str(named.value))
     other = EnvKeyProvider({ORDINARY_ID: secrets.token_bytes(32)}, ORDINARY_ID, pkey)
     with pytest.raises(KeyMaterialError) as absent:
         other.unwrap(WrappedKey(text, b"\x00" * 60), b"ctx")

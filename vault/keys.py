@@ -486,7 +486,11 @@ def init_keyring(
     random_bytes: RandomBytes = os.urandom,
     clock: Clock = utcnow,
 ) -> bool:
-    """Create a keyring at ``path`` unless one exists. Returns True when it was created."""
+    """Create a keyring at ``path`` unless one exists. Returns True when it was created. A
+    path that looks like key material (a key pasted into ``EHR_KEY_FILE``) is refused: the
+    keyring would be named after the key, and every message naming its file would hold it."""
+    if _looks_like_key_material(str(path)):
+        raise KeyMaterialError(f"no keyring is made at {shown_key_file(path)}")
     with keyring_lock(path):  # two concurrent inits must not both write a keyring
         if path.exists():
             FileKeyProvider.load(path)  # an existing file must at least be a valid keyring

@@ -16,8 +16,8 @@ from pipelines.cli import privacy as cli_privacy
 from pipelines.cli import views as cli_views
 from pipelines.cli.options import workdir_option
 from pipelines.workdir import Workdir
-from vault.errors import VaultError
-from vault.keys import default_key_file, init_keyring
+from vault.errors import KeyMaterialError, VaultError
+from vault.keys import default_key_file, init_keyring, shown_key_file
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -61,8 +61,11 @@ def keys_init(key_file: Path | None) -> None:
     repo_root = Path(__file__).resolve().parent.parent
     if path.resolve().is_relative_to(repo_root):
         raise click.UsageError("key material must live outside the repository")
-    created = init_keyring(path)
-    click.echo(f"{'created' if created else 'kept existing'} keyring at {path}")
+    try:
+        created = init_keyring(path)
+    except KeyMaterialError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"{'created' if created else 'kept existing'} keyring at {shown_key_file(path)}")
 
 
 def _failure(run: dict[str, Any]) -> str:

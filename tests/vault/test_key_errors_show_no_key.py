@@ -256,3 +256,20 @@ def test_ehr_command_stderr_holds_no_key(tmp_path: Path, key_in_key_file_variabl
     assert result.exit_code != 0
     assert_no_key(result.output + result.stderr, key)
     assert "EHR_KEY_FILE is not a file path and looks like key material" in result.stderr
+
+
+def test_keys_init_makes_no_keyring_named_after_a_key(
+    tmp_path: Path, key_in_key_file_variable: bytes
+) -> None:
+    """`ehr keys init` with a key pasted into EHR_KEY_FILE: it made a file named after the key
+    and printed "created keyring at <the key>". Now it is refused, naming the variable, and no
+    file is made; an ordinary path is still made and shown."""
+    key = key_in_key_file_variable
+    result = CliRunner().invoke(main, ["keys", "init"])
+    assert result.exit_code != 0
+    assert_no_key(result.output + result.stderr, key)
+    assert "EHR_KEY_FILE" in result.output + result.stderr
+    assert [p.name for p in tmp_path.rglob("*")] == []
+    ordinary = tmp_path / "keys" / "keyring.json"
+    made = CliRunner().invoke(main, ["keys", "init", "--key-file", str(ordinary)])
+    assert made.exit_code == 0 and f"created keyring at {ordinary}" in made.output

@@ -12,7 +12,6 @@ card and plots) is published as one set through a symlink switched by one rename
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import re
 import secrets
@@ -25,7 +24,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import duckdb
 
-from vault.keys import fsync_dir, fsync_file
+from vault.keys import exclusive_lock, fsync_dir, fsync_file
 
 STAGING_SUFFIX = "__staging"
 
@@ -112,12 +111,8 @@ def _remove_entry(entry: Path) -> None:
 def _folder_lock(path: Path) -> Iterator[None]:
     """One publisher of ``path`` at a time (an flock on ``.NAME.lock`` beside it): each removes
     the versions it did not publish, which must not be another publisher's folder in the making."""
-    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with exclusive_lock(path.with_name(f".{path.name}.lock")):
         yield
-    finally:
-        os.close(fd)  # releases the lock (as does the death of the process)
 
 
 def publish_folder(path: Path, write: Callable[[Path], T]) -> T:

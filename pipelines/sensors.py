@@ -284,19 +284,21 @@ def _follow_run(
                 "partition from the UI)"
             )
         state.round_start = state.attempt
-        state.retry_at = 0.0
-        state.failed_at = 0.0
-        state.attempt += 1
-        return _request(key, state), None
+        return _next_attempt(key, state), None
     if not state.retry_at:
         state.retry_at = now + landing.retry_backoff_seconds * 2 ** (state.attempt - 1)
     if now < state.retry_at:
         wait = state.retry_at - now
         return None, f"batch {key}: run {state.attempt} failed, retry in {wait:.0f}s"
+    return _next_attempt(key, state), None
+
+
+def _next_attempt(key: str, state: BatchState) -> RunRequest:
+    """The request of the batch's next attempt (its back-off and failure time cleared)."""
     state.attempt += 1
     state.retry_at = 0.0
     state.failed_at = 0.0
-    return _request(key, state), None
+    return _request(key, state)
 
 
 @dataclass

@@ -414,6 +414,14 @@ def keyring_lock(key_file: Path) -> Iterator[None]:
     ingest and a rotation must not overwrite each other's keyring."""
     lock_path = key_file.with_name(key_file.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with exclusive_lock(lock_path):
+        yield
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on ``lock_path`` (created mode 0600, kept), held for the block and
+    released when it ends or the process dies."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, stat.S_IRUSR | stat.S_IWUSR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

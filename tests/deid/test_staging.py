@@ -22,6 +22,16 @@ from vault.keys import FileKeyProvider
 from vault.read import iter_current_resources
 
 TODAY = date(2026, 11, 28)
+# an HbA1c of patient p1, the first version an export sends (read only: tests derive from it)
+_HBA1C_V1: dict[str, Any] = {
+    "resourceType": "Observation",
+    "id": "o1",
+    "status": "final",
+    "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
+    "subject": {"reference": "Patient/p1"},
+    "valueQuantity": {"value": 7.4, "unit": "%"},
+    "meta": {"versionId": "1"},
+}
 
 
 def _release(con: Any) -> list[tuple[str, str]]:
@@ -357,15 +367,7 @@ def test_a_resource_changed_in_a_later_batch_is_released_once_as_its_newest_vers
     second carries versionId 2), not the earlier batch's row beside it."""
     first = [
         {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1960-05-01"},
-        {
-            "resourceType": "Observation",
-            "id": "o1",
-            "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
-            "subject": {"reference": "Patient/p1"},
-            "valueQuantity": {"value": 7.4, "unit": "%"},
-            "meta": {"versionId": "1"},
-        },
+        _HBA1C_V1,
     ]
     second = [
         {**first[0], "gender": "female"},
@@ -415,15 +417,7 @@ def test_a_resource_its_later_batch_no_longer_holds_is_released_again_from_the_e
     had replaced: the first batch leaves the ledger, and publishing it again (what the next
     `ehr run` does) releases its version, once."""
     patient = {"resourceType": "Patient", "id": "p1", "gender": "male", "birthDate": "1960-05-01"}
-    lab = {
-        "resourceType": "Observation",
-        "id": "o1",
-        "status": "final",
-        "code": {"coding": [{"system": "http://loinc.org", "code": "4548-4"}]},
-        "subject": {"reference": "Patient/p1"},
-        "valueQuantity": {"value": 7.4, "unit": "%"},
-        "meta": {"versionId": "1"},
-    }
+    lab = _HBA1C_V1
     newer = {**lab, "valueQuantity": {"value": 9.9, "unit": "%"}, "meta": {"versionId": "2"}}
     wh = tmp_path / "w.duckdb"
     research = Policy.shipped("research")

@@ -162,13 +162,9 @@ def test_a_resource_another_batch_holds_stays_released_after_a_file_is_removed(
     summary = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
     patients = len({lines[0], lines[1]})  # p0 (still in b_batch) and p1 (in a_batch)
     assert summary["stages"]["ingest"]["vault_resources_current"] == patients
+    assert _released_patients_by_batch(workdir) == [("a_batch", 1), ("b_batch", 1)]
     con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
     try:
-        released = con.execute(
-            "SELECT batch_id, count(*) FROM deid_resources WHERE resource_type = 'Patient' "
-            "GROUP BY 1 ORDER BY 1"
-        ).fetchall()
-        assert released == [("a_batch", 1), ("b_batch", 1)]
         assert all(reconcile_batch(con, b).passed for b in ("a_batch", "b_batch"))
     finally:
         con.close()
@@ -194,16 +190,20 @@ def test_a_version_a_corrected_later_export_drops_is_released_from_the_earlier_o
     run_pipeline(land, workdir, key_file=str(key_file), workers=1)
     (land / "export_2" / "p.ndjson").write_bytes(orjson.dumps(other) + b"\n")
     run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    # the first Patient from export_1 (its only version left), the other from export_2
+    assert _released_patients_by_batch(workdir) == [("export_1", 1), ("export_2", 1)]
+
+
+def _released_patients_by_batch(workdir: Path) -> list[tuple[str, int]]:
+    """(batch, released Patients) of the work directory's release, by batch."""
     con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
     try:
-        released = con.execute(
+        return con.execute(
             "SELECT batch_id, count(*) FROM deid_resources WHERE resource_type = 'Patient' "
             "GROUP BY 1 ORDER BY 1"
         ).fetchall()
     finally:
         con.close()
-    # the first Patient from export_1 (its only version left), the other from export_2
-    assert released == [("export_1", 1), ("export_2", 1)]
 
 
 def test_a_keyring_others_may_read_is_refused_before_a_warehouse_is_made(

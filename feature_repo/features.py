@@ -296,8 +296,9 @@ patient_labs_vitals = FeatureView(
     online=True,
     description=(
         "Latest value, when it was measured and the 365-day mean of HbA1c, glucose, "
-        "creatinine, eGFR, LDL, BMI, blood pressure and heart rate (values in the units the "
-        "source states; the tags name the expected UCUM unit)."
+        "creatinine, eGFR, LDL, BMI, blood pressure and heart rate, in the UCUM unit each "
+        "field's tag names (a result stated in another unit is converted when it is the same "
+        "quantity at another scale, such as mg/L, and otherwise left out)."
     ),
     owner=OWNER,
     tags={

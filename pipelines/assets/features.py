@@ -4,6 +4,7 @@ that no patient who opted out of research appears."""
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import duckdb
 from dagster import (
@@ -39,7 +40,12 @@ from pipelines.features.online_sync import withdraw_online_views
 from pipelines.features.refresh import refresh_feature_tables, withdraw_feature_tables
 from pipelines.features.resources import FeastStoreResource
 from pipelines.features.stats import null_rates, plot_distributions
-from pipelines.features.tables import FEATURE_TABLES, FEATURES_SCHEMA, parquet_path
+from pipelines.features.tables import (
+    FEATURE_TABLES,
+    FEATURES_SCHEMA,
+    LabUnitCounts,
+    parquet_path,
+)
 from pipelines.parallel import on_cursors
 from pipelines.resources import DeidSettings, KeyProviderResource, WarehouseResource
 from vault.catalog import has_table
@@ -47,6 +53,18 @@ from vault.catalog import has_table
 # a published feature table's check after the refresh (None when it was not checked again)
 # and its shape, null rates and plot (None when no table is published)
 _TableReport = tuple[FeatureRowsCheck | None, tuple[TableShape, dict[str, float], Path] | None]
+
+
+# the feature table that reads lab and vital results (see pipelines.features.tables.LAB_UNITS)
+LABS_TABLE = "patient_labs_vitals"
+
+
+def _lab_unit_metadata(counts: LabUnitCounts) -> dict[str, MetadataValue[Any]]:
+    """How many results were left out for their unit, and how many stated none, per measure."""
+    return {
+        "lab_results_unit_not_read": MetadataValue.json(counts.unread),
+        "lab_results_without_unit": MetadataValue.json(counts.without_unit),
+    }
 
 
 def feature_asset_key(name: str) -> AssetKey:
@@ -159,6 +177,14 @@ def feature_tables(
             "(beyond the date shift and a day's span): left out of the data end, so they move "
             "no patient's rows; check the source's dates"
         )
+    unread = build.lab_units.unread
+    if unread:
+        context.log.warning(
+            f"{sum(unread.values())} lab and vital results in units the features do not read "
+            f"({', '.join(f'{m} {n}' for m, n in sorted(unread.items()))}): left out of "
+            "patient_labs_vitals; the units each measure reads are pipelines.features.tables."
+            "LAB_UNITS"
+        )
     held_back = refresh.held_back
     for name, (after, stats) in results.items():
         key = feature_asset_key(name)
@@ -181,6 +207,7 @@ def feature_tables(
                 "parquet": MetadataValue.path(str(parquet_path(out_dir, name))),
                 "opted_out_excluded": build.opted_out,
                 "dates_after_arrival": build.dated_after_arrival,
+                **(_lab_unit_metadata(build.lab_units) if name == LABS_TABLE else {}),
                 "build_seconds": build.seconds,
                 "refresh": refresh.mode,
                 "patients_changed": refresh.patients_changed,

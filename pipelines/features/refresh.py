@@ -38,10 +38,12 @@ from pipelines.features.tables import (
     FEATURE_TABLES,
     FEATURES_SCHEMA,
     LAB_MEASURES,
+    LAB_UNITS,
     VIEW_COLUMNS,
     FeatureBuild,
     build_feature_tables_report,
     dated_after_arrival,
+    lab_unit_counts,
     parquet_path,
     prepare_sources,
     register_lab_codes,
@@ -109,6 +111,7 @@ def definitions_digest(valuesets: list[ValueSet]) -> str:
             *(table_sql(name, _EPOCH, valuesets) for name in FEATURE_TABLES),
             _canonical(valuesets),
             repr(LAB_MEASURES),
+            repr(LAB_UNITS),
         ]
     )
     return hashlib.sha256(text.encode()).hexdigest()
@@ -318,7 +321,15 @@ def refresh_feature_tables(
         rows, patients = _counts(con)
         seconds = round(time.perf_counter() - started, 3)
         return FeatureRefresh(
-            FeatureBuild(rows, patients, int(opted_out), seconds, checks, dated_after_arrival(con)),
+            FeatureBuild(
+                rows,
+                patients,
+                int(opted_out),
+                seconds,
+                checks,
+                dated_after_arrival(con),
+                lab_unit_counts(con),
+            ),
             mode,
             changed,
             gone,

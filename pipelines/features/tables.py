@@ -101,6 +101,7 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "code": "VARCHAR",
         "component_code": "VARCHAR",
         "value_quantity": "DOUBLE",
+        "value_unit": "VARCHAR",
         "effective_date_time": "TIMESTAMPTZ",
         "effective_date_time_latest": "TIMESTAMPTZ",
         "issued": "TIMESTAMPTZ",
@@ -158,6 +159,26 @@ LAB_MEASURES: dict[str, tuple[tuple[str, bool], ...]] = {
     "systolic_bp": (("8480-6", True), ("8480-6", False)),
     "diastolic_bp": (("8462-4", True), ("8462-4", False)),
     "heart_rate": (("8867-4", False),),
+}
+
+# The unit each measure's features are in (its first entry; the feature repo's ``unit`` tags
+# name the same) and every UCUM code a result may state for it, with the factor that brings a
+# value to that unit. Only the same quantity at another scale converts. A result in any other
+# unit is left out of the features and counted (:func:`lab_unit_counts`): a molar unit under a
+# mass LOINC code (a creatinine of 88 umol/L sent as 2160-0) or HbA1c in mmol/mol (IFCC) is not
+# the quantity its code names, and averaged with the rest it gave a value never measured.
+# Codes match whatever their case (``mg/dl`` is ``mg/dL``: no two codes of one measure differ
+# in case only). A result stating no unit is read in the measure's unit, and counted too.
+LAB_UNITS: dict[str, dict[str, float]] = {
+    "hba1c": {"%": 1.0},
+    "glucose": {"mg/dL": 1.0, "mg/L": 0.1, "g/L": 100.0},
+    "creatinine": {"mg/dL": 1.0, "mg/L": 0.1},
+    "egfr": {"mL/min/{1.73_m2}": 1.0, "mL/min/1.73m2": 1.0},
+    "ldl": {"mg/dL": 1.0, "mg/L": 0.1, "g/L": 100.0},
+    "bmi": {"kg/m2": 1.0},
+    "systolic_bp": {"mm[Hg]": 1.0, "mmHg": 1.0},
+    "diastolic_bp": {"mm[Hg]": 1.0, "mmHg": 1.0},
+    "heart_rate": {"/min": 1.0, "{beats}/min": 1.0, "{beat}/min": 1.0},
 }
 
 # A prescription counts as active at T when authored <= T and either its status is still
@@ -222,6 +243,15 @@ FEAST_TTL_DAYS = 400
 
 
 @dataclass(frozen=True)
+class LabUnitCounts:
+    """Per measure, the results left out for a unit :data:`LAB_UNITS` does not accept, and
+    those that stated no unit (read in the measure's unit)."""
+
+    unread: dict[str, int]
+    without_unit: dict[str, int]
+
+
+@dataclass(frozen=True)
 class FeatureBuild:
     """Row counts and timing of one build; with checks, what each table's check said (a table
     whose check failed was not published, and its counts are those of the rows not published)."""
@@ -233,6 +263,8 @@ class FeatureBuild:
     checks: dict[str, CheckOutcome] = field(default_factory=dict)
     # fact times left out of the data end: dated after everything the release can know
     dated_after_arrival: int = 0
+    # lab and vital results by how their unit was read (see LAB_UNITS)
+    lab_units: LabUnitCounts = field(default_factory=lambda: LabUnitCounts({}, {}))
 
     @property
     def unpublished(self) -> list[str]:
@@ -601,10 +633,55 @@ _LAB_CODES_SCHEMA = pa.schema(
 )
 
 
+_LAB_UNITS_SCHEMA = pa.schema(
+    [("measure", pa.string()), ("unit", pa.string()), ("factor", pa.float64())]
+)
+
+
 def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
-    """A temporary table ``lab_codes (measure, code, is_component)`` of every measure's codes."""
+    """Temporary tables ``lab_codes (measure, code, is_component)`` of every measure's codes
+    and ``lab_units (measure, unit, factor)`` of the units each one reads (lower case)."""
     rows = [(m, code, comp) for m, codes in LAB_MEASURES.items() for code, comp in codes]
     register_lookup_table(con, "lab_codes", _LAB_CODES_SCHEMA, rows)
+    units = [
+        (m, unit.lower(), factor)
+        for m, accepted in LAB_UNITS.items()
+        for unit, factor in accepted.items()
+    ]
+    register_lookup_table(con, "lab_units", _LAB_UNITS_SCHEMA, units)
+
+
+def lab_results_sql() -> str:
+    """Every result of a measure over the prepared sources (``lab_codes`` and ``lab_units``
+    registered): its measure, its value brought to the measure's unit (``value``), whether it
+    stated no unit (``without_unit``) and whether its unit is read (``unit_read``)."""
+    stated = "nullif(trim(o.value_unit), '')"
+    return f"""
+        SELECT o.*, c.measure, {stated} IS NULL AS without_unit,
+            o.value_quantity * coalesce(u.factor, 1.0) AS value,
+            (u.factor IS NOT NULL OR {stated} IS NULL) AS unit_read
+        FROM src_observation o
+        SEMI JOIN feature_patients p ON p.patient_id = o.patient_id
+        JOIN lab_codes c ON c.code = coalesce(o.component_code, o.code)
+            AND c.is_component = (o.component_code IS NOT NULL)
+        LEFT JOIN lab_units u ON u.measure = c.measure AND u.unit = lower({stated})
+        WHERE o.value_quantity IS NOT NULL AND o.effective_date_time_latest IS NOT NULL
+          AND {observation_counts_sql("o")}
+    """
+
+
+def lab_unit_counts(con: duckdb.DuckDBPyConnection) -> LabUnitCounts:
+    """Per measure, the results of the prepared sources left out for their unit and those that
+    stated none (:data:`LAB_UNITS`)."""
+    register_lab_codes(con)
+    found = con.execute(
+        "SELECT measure, count(*) FILTER (WHERE NOT unit_read), "
+        f"count(*) FILTER (WHERE without_unit) FROM ({lab_results_sql()}) GROUP BY measure"
+    ).fetchall()
+    return LabUnitCounts(
+        {str(m): int(n) for m, n, _ in found if n},
+        {str(m): int(n) for m, _, n in found if n},
+    )
 
 
 # Means are rounded to this many decimals: a sum of doubles depends on the order DuckDB adds
@@ -637,15 +714,12 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     WITH obs AS (
         -- one value per patient, measure and instant measured (the mean, when an instant
         -- has several), known when the last of them is
-        SELECT o.patient_id, max({OBSERVATION_KNOWN_AT}) AS ts, c.measure,
-            round(avg(o.value_quantity), {MEAN_DIGITS}) AS value,
+        -- (in the measure's unit; a result in a unit it does not read is left out)
+        SELECT o.patient_id, max({OBSERVATION_KNOWN_AT}) AS ts, o.measure,
+            round(avg(o.value), {MEAN_DIGITS}) AS value,
             o.effective_date_time_latest AS measured
-        FROM src_observation o
-        SEMI JOIN feature_patients p ON p.patient_id = o.patient_id
-        JOIN lab_codes c ON c.code = coalesce(o.component_code, o.code)
-            AND c.is_component = (o.component_code IS NOT NULL)
-        WHERE o.value_quantity IS NOT NULL AND o.effective_date_time_latest IS NOT NULL
-          AND {observation_counts_sql("o")}
+        FROM ({lab_results_sql()}) o
+        WHERE o.unit_read
         GROUP BY ALL
     ),
     spine AS (
@@ -767,7 +841,15 @@ def build_feature_tables_report(
         patients[name] = int(distinct)
     ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
     seconds = round(time.perf_counter() - started, 3)
-    return FeatureBuild(rows, patients, int(opted_out), seconds, checks, dated_after_arrival(con))
+    return FeatureBuild(
+        rows,
+        patients,
+        int(opted_out),
+        seconds,
+        checks,
+        dated_after_arrival(con),
+        lab_unit_counts(con),
+    )
 
 
 def dated_after_arrival(con: duckdb.DuckDBPyConnection) -> int:

@@ -271,6 +271,16 @@ def crafted_rows(base: datetime | None = None) -> dict[str, list[dict[str, Any]]
                 "value_quantity": 6.0,
                 "effective_date_time": at(2024, 2, 1),
             },
+            # an HbA1c in mmol/mol (IFCC), not the % its feature is in: left out, counted
+            {
+                "id": "o7",
+                "patient_id": A,
+                "status": "final",
+                "code": "4548-4",
+                "value_quantity": 53.0,
+                "value_unit": "mmol/mol",
+                "effective_date_time": at(2024, 6, 1),
+            },
         ],
         "medication_request": [
             {

@@ -92,6 +92,15 @@ def test_feature_and_feast_assets(
     }  # fmt: skip
     assert "patient_demographics" in str(demo["distributions"].value)
     assert (tmp_path / "work" / "feature_stats" / "patient_demographics.png").exists()
+    # the IFCC HbA1c is left out and counted; the crafted results state no unit (read as %):
+    # A's three HbA1c and one blood pressure (the one entered in error counts for nothing, and
+    # C opted out)
+    labs = by_key[AssetKey(["features", "patient_labs_vitals"])]
+    assert labs["lab_results_unit_not_read"].value == {"hba1c": 1}
+    assert labs["lab_results_without_unit"].value == {
+        "hba1c": 3, "systolic_bp": 1, "diastolic_bp": 1
+    }  # fmt: skip
+    assert "lab_results_unit_not_read" not in demo
     # the plots hide groups under the release's k (this cohort's, 1: see the conftest), not
     # under the default
     assert plotted_with == {k_anonymity_settings(resources["deid_settings"])[0]} == {1}

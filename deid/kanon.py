@@ -2,7 +2,9 @@
 ethnicity) of every released patient are generalised over the whole release, the patients still
 in groups smaller than k are withheld, and the Patient resources are rewritten to carry exactly
 the generalised values, so ``released_patients``, the Patient rows of ``deid_resources`` and
-every view read from them agree.
+every view read from them agree. A group's size is its number of people: the Patient records
+that share an identifier are one person (:func:`vault.lifecycle.person_keys`), so one person
+resent under several ids cannot make a group look larger than it is.
 
 Tables (all pseudonymous, in the warehouse's main schema):
 
@@ -38,10 +40,12 @@ from deid.risk import (
     GeneralisationStep,
     KAnonymityReport,
     generalise_until,
+    group_size_sql,
     measure_k,
 )
 from vault.catalog import has_table
 from vault.clock import Clock, utcnow
+from vault.lifecycle import person_keys
 
 QUASI_TABLE = "release_quasi_identifiers"
 RELEASED_PATIENTS = "released_patients"
@@ -52,6 +56,8 @@ PATIENT_INPUTS = "released_patient_inputs"
 PATIENT_REWRITES = "temp.main.patient_rewrites"
 STAGING_SUFFIX = "__staging"
 QUASI_IDENTIFIERS = ["age_band", "sex", "zip3", "state", "race", "ethnicity"]
+# the staged column naming whom each Patient record is about: k counts people, not records
+PERSON = "person_key"
 # the platform's k: the smallest group the release keeps, and the smallest count its
 # aggregates show (DeidSettings.k, unless a deployment sets another)
 DEFAULT_K = 5
@@ -195,13 +201,33 @@ def _backfill(con: duckdb.DuckDBPyConnection) -> None:
     record_quasi_identifiers(con, ((pid, bid, orjson.loads(r)) for pid, bid, r in rows))
 
 
+def _register_persons(con: duckdb.DuckDBPyConnection) -> None:
+    """Temporary table ``patient_persons (patient_id, person_key)``: the person of each Patient
+    with an indexed identifier (:func:`vault.lifecycle.person_keys`)."""
+    persons = person_keys(con) if has_table(con, "identifier_index") else {}
+    table = pa.table(
+        {"patient_id": list(persons), "person_key": list(persons.values())},
+        schema=pa.schema([("patient_id", pa.string()), ("person_key", pa.string())]),
+    )
+    con.register("_patient_persons_rows", table)
+    try:
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE patient_persons AS SELECT * FROM _patient_persons_rows"
+        )
+    finally:
+        con.unregister("_patient_persons_rows")
+
+
 def _stage_patients(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -> None:
-    """Ungeneralised released patients: 5-year age bands (90+ together), the rest as released.
-    Only patients whose Patient is still in ``deid_resources`` (erasure removes it there)."""
+    """Ungeneralised released patients: 5-year age bands (90+ together), the rest as released,
+    and the person each one is (``PERSON``: Patients sharing an identifier are one person, the
+    others each their own). Only patients whose Patient is still in ``deid_resources``
+    (erasure removes it there)."""
+    _register_persons(con)
     con.execute(
         f"""
         CREATE OR REPLACE TABLE {staging} AS
-        SELECT q.patient_id,
+        SELECT q.patient_id, coalesce(pp.person_key, q.patient_id) AS {PERSON},
             coalesce(q.sex, '{UNKNOWN}') AS sex,
             CASE WHEN q.birth_year IS NULL THEN '{UNKNOWN}'
                  WHEN {as_of.year} - q.birth_year >= 90 THEN '90+'
@@ -215,8 +241,10 @@ def _stage_patients(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -
         FROM {QUASI_TABLE} q
         SEMI JOIN (SELECT id FROM deid_resources WHERE resource_type = 'Patient') d
             ON d.id = q.patient_id
+        LEFT JOIN patient_persons pp ON pp.patient_id = q.patient_id
         """
     )
+    con.execute("DROP TABLE patient_persons")
 
 
 @dataclass
@@ -267,23 +295,29 @@ def _generalise_and_withhold(
 ) -> KAnonymousRelease:
     """Full-domain generalisation, one ladder step at a time, while more than ``max_withheld``
     of the patients sit in groups below k; then the patients still below k are moved from
-    ``staging`` to ``withheld`` (never blanked in place: a blanked row still joins)."""
-    before = measure_k(con, staging, QUASI_IDENTIFIERS, k)
+    ``staging`` to ``withheld`` (never blanked in place: a blanked row still joins). Groups are
+    counted in people (``PERSON``), not Patient records; the column is dropped after."""
+    before = measure_k(con, staging, QUASI_IDENTIFIERS, k, PERSON)
     report = KAnonymousRelease(before, before, max_withheld)
     _, report.steps_applied = generalise_until(
-        con, staging, QUASI_IDENTIFIERS, k, ladder, max_withheld, measured=before
+        con, staging, QUASI_IDENTIFIERS, k, ladder, max_withheld, measured=before, person=PERSON
     )
     key = ", ".join(QUASI_IDENTIFIERS)
     con.execute(
         f"""
         CREATE OR REPLACE TABLE {withheld} AS
         SELECT patient_id, 'k_anonymity' AS reason FROM {staging}
-        WHERE ({key}) IN (SELECT ({key}) FROM {staging} GROUP BY {key} HAVING count(*) < {int(k)})
+        WHERE ({key}) IN (
+            SELECT ({key}) FROM {staging} GROUP BY {key}
+            HAVING {group_size_sql(PERSON)} < {int(k)}
+        )
         """
     )
     con.execute(f"DELETE FROM {staging} WHERE patient_id IN (SELECT patient_id FROM {withheld})")
     ((report.withheld,),) = con.execute(f"SELECT count(*) FROM {withheld}").fetchall()
-    report.after = measure_k(con, staging, QUASI_IDENTIFIERS, k)
+    report.after = measure_k(con, staging, QUASI_IDENTIFIERS, k, PERSON)
+    # who is whom stays out of the published table: it would link two released pseudonyms
+    con.execute(f"ALTER TABLE {staging} DROP COLUMN {PERSON}")
     return report
 
 

@@ -48,11 +48,25 @@ class KAnonymityReport:
         }
 
 
+def group_size_sql(person: str | None = None) -> str:
+    """SQL for the size of a group: its records, or with ``person`` (a column naming whom each
+    record is about) the distinct people in it. A person sent under several records (one MRN
+    under two Patient ids) is one member of a group however many records they have: a group
+    of five records of two people is a group of two."""
+    return f"count(DISTINCT {_ident(person)})" if person else "count(*)"
+
+
 def measure_k(
-    con: duckdb.DuckDBPyConnection, table: str, quasi_identifiers: list[str], k: int
+    con: duckdb.DuckDBPyConnection,
+    table: str,
+    quasi_identifiers: list[str],
+    k: int,
+    person: str | None = None,
 ) -> KAnonymityReport:
-    """Group sizes over the quasi-identifiers. Fully suppressed records match every group, so
-    they are counted apart and never make a group small."""
+    """Group sizes over the quasi-identifiers, in records or, with ``person``, in people
+    (:func:`group_size_sql`); ``records`` and ``records_below_k`` count records either way.
+    Fully suppressed records match every group, so they are counted apart and never make a
+    group small."""
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
     if not quasi_identifiers:
@@ -62,7 +76,8 @@ def measure_k(
     row = con.execute(
         f"""
         WITH g AS (
-            SELECT count(*) AS n FROM {_ident(table)} WHERE NOT ({all_suppressed})
+            SELECT {group_size_sql(person)} AS n, count(*) AS records FROM {_ident(table)}
+            WHERE NOT ({all_suppressed})
             GROUP BY {", ".join(cols)}
         )
         SELECT
@@ -70,7 +85,7 @@ def measure_k(
             (SELECT count(*) FROM {_ident(table)} WHERE {all_suppressed}),
             (SELECT count(*) FROM g),
             (SELECT coalesce(min(n), 0) FROM g),
-            (SELECT coalesce(sum(n) FILTER (WHERE n < {int(k)}), 0) FROM g)
+            (SELECT coalesce(sum(records) FILTER (WHERE n < {int(k)}), 0) FROM g)
         """
     ).fetchall()[0]
     return KAnonymityReport(k, tuple(cols), *(int(v) for v in row))
@@ -92,20 +107,22 @@ def generalise_until(
     ladder: list[GeneralisationStep],
     max_share_below_k: float,
     measured: KAnonymityReport | None = None,
+    person: str | None = None,
 ) -> tuple[KAnonymityReport, list[str]]:
     """Full-domain generalisation: apply the ladder's steps in order while more than
     ``max_share_below_k`` of the records sit in groups smaller than k. Returns the measure after
     the last step applied and the names of the steps applied; what to do with the records still
     below k is the caller's decision. ``measured``: the table's measure already taken by the
-    caller (over the same quasi-identifiers and k), not taken again."""
+    caller (over the same quasi-identifiers and k), not taken again. ``person``: groups are
+    counted in people (:func:`measure_k`)."""
     if not 0.0 <= max_share_below_k <= 1.0:
         raise ValueError("max_share_below_k must be within [0, 1]")
-    current = measured or measure_k(con, table, quasi_identifiers, k)
+    current = measured or measure_k(con, table, quasi_identifiers, k, person)
     applied: list[str] = []
     for step in ladder:
         if current.share_below_k <= max_share_below_k:
             break
         con.execute(f"UPDATE {_ident(table)} SET {step.set_clause}")
         applied.append(step.name)
-        current = measure_k(con, table, quasi_identifiers, k)
+        current = measure_k(con, table, quasi_identifiers, k, person)
     return current, applied

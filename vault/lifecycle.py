@@ -549,6 +549,36 @@ WHERE a.resource_type = 'Patient' AND b.resource_type = 'Patient'
 _ERASED_WITH = "SELECT subject_key FROM erased_subjects WHERE kind = 'patient' AND erased_with = ?"
 
 
+# Every Patient resource's identifier criteria keys: the links of the same-person rule.
+_PATIENT_CRITERIA = (
+    "SELECT resource_key, criteria_key FROM identifier_index WHERE resource_type = 'Patient'"
+)
+
+
+def person_keys(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
+    """Every indexed Patient resource's person: the smallest pseudonym among the Patient
+    resources it shares an identifier criteria key with, directly or through others (the rule
+    of :func:`same_person`, here over every patient at once: a union-find over
+    ``identifier_index``). A Patient with no indexed identifier is not listed: it is a person
+    of its own. The release counts k-anonymity's groups in these people."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            parent[key] = parent[parent[key]]  # halve the path as it is walked
+            key = parent[key]
+        return key
+
+    first_with: dict[str, str] = {}
+    for resource_key, criteria_key in con.execute(_PATIENT_CRITERIA).fetchall():
+        here = root(str(resource_key))
+        there = root(first_with.setdefault(str(criteria_key), here))
+        if here != there:  # the larger root joins the smaller: a root is its set's smallest
+            low, high = sorted((here, there))
+            parent[high] = low
+    return {key: root(key) for key in parent}
+
+
 def same_person(con: duckdb.DuckDBPyConnection, pseudonym: str) -> list[str]:
     """The pseudonyms of the other Patient resources of the same person: those sharing one of
     its identifier criteria (``identifier_index``: the exact ``system|value``, or its loose

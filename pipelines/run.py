@@ -127,7 +127,6 @@ def run_pipeline(
         new = [b.key for b in batches if b.key not in existing]
         if new:
             instance.add_dynamic_partitions(batch_partitions.name or "batches", new)
-        run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
         def run_batch(key: str) -> None:
             result = materialize(
@@ -137,7 +136,7 @@ def run_pipeline(
                 resources=resources,
                 raise_on_error=False,
                 tags={"ehr/entry": "ehr run"},
-                run_config=run_config,
+                run_config=_RUN_CONFIG,
             )
             runs.append(_run_record(key, result))
             batch_reports[key] = stage_reports(result)
@@ -158,14 +157,7 @@ def run_pipeline(
                     run_batch(batch.key)
         # whole-release assets once, after every batch (a blocked batch blocks the release)
         if all(r["success"] for r in runs):
-            result = materialize(
-                release_assets,
-                instance=instance,
-                resources=resources,
-                raise_on_error=False,
-                tags={"ehr/entry": "ehr run"},
-                run_config=run_config,
-            )
+            result = _materialize_release(instance, resources, "ehr run")
             runs.append(_run_record(None, result))
             release = stage_reports(result)
     RELEASE_CANARIES.clear()  # PHI held in memory for the leak scans: not beyond the run
@@ -176,6 +168,35 @@ def run_pipeline(
     summary["seconds"] = round(time.perf_counter() - started, 2)
     workdir.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
+
+
+# the run's log lines at INFO on the console (Dagster's default is DEBUG: every event)
+_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def _materialize_release(instance: DagsterInstance, resources: dict[str, Any], entry: str) -> Any:
+    """One run of the release assets (every asset over the whole release), tagged with the
+    command that asked for it; its result, failed or not."""
+    return materialize(
+        release_assets,
+        instance=instance,
+        resources=resources,
+        raise_on_error=False,
+        tags={"ehr/entry": entry},
+        run_config=_RUN_CONFIG,
+    )
+
+
+def run_release(workdir: Workdir, key_file: str | None, entry: str) -> dict[str, Any]:
+    """The release run alone, as ``ehr run`` runs it after its batches: k-anonymity over
+    everyone released, the views, features, Feast and the model brought up to date with the
+    warehouse. ``ehr forget`` runs it after an erasure, whose patient's group may have fallen
+    below k. Returns the run's record (success, failed steps, check results; no values)."""
+    resources = build_resources(str(workdir.root), None, key_file)
+    with open_instance(workdir) as instance:
+        result = _materialize_release(instance, resources, entry)
+    RELEASE_CANARIES.clear()  # PHI held in memory for the leak scans: not beyond the run
+    return _run_record(None, result)
 
 
 def _run_record(batch: str | None, result: Any) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -364,17 +364,32 @@ def keys_migrate_audit_key(key_file: Path | None) -> None:
     help="why, as a reference (a ticket or request number): the audit log keeps it for good; "
     "a reason naming the patient is refused",
 )
+@click.option(
+    "--no-release",
+    "skip_release",
+    is_flag=True,
+    help="do not run the release after the erasure (when erasing several patients in a row: "
+    "run the release after the last one, e.g. `ehr run`); until it runs, the people left in the "
+    "erased patient's group stay published even when fewer than k remain",
+)
 @workdir_option
 @_key_file_option
 def forget(
-    patient: str, is_pseudonym: bool, reason: str, workdir: Workdir, key_file: Path | None
+    patient: str,
+    is_pseudonym: bool,
+    reason: str,
+    skip_release: bool,
+    workdir: Workdir,
+    key_file: Path | None,
 ) -> None:
     """Erase PATIENT (an original Patient id, or a pseudonym with --pseudonym), with the other
     Patient resources sharing one of its identifiers (the same person) and the records of no
     patient that name them: a tombstone so it never comes back, its data key destroyed, purged
     from the vault, the indexes, every table with a patient_id, the released files and the
     online store; then the warehouse is rewritten into a fresh file so no freed page keeps any
-    of it. Stop pipeline runs first."""
+    of it. Then the release runs (unless --no-release): the patient's k-anonymity group may
+    now hold fewer than k people, who are withheld from every table it publishes, and the
+    model trained with the patient is retrained without them. Stop pipeline runs first."""
     from vault.lifecycle import forget_in_warehouse
 
     provider = _provider(key_file)
@@ -401,13 +416,43 @@ def forget(
             err=True,
         )
         return
-    _report_release_changed(workdir)
+    if _report_release_changed(workdir) and not skip_release:
+        _release_after_erasure(workdir, key_file)
 
 
-def _report_release_changed(workdir: Workdir) -> None:
+def _release_after_erasure(workdir: Workdir, key_file: Path | None) -> None:
+    """Run the release (k-anonymity, views, features, Feast, model) and say on stderr what it
+    did, in counts; a failed run is an error naming its failed steps."""
+    from pipelines.run import run_release
+    from vault.catalog import has_table
+
+    # standard output holds the erasure's report alone (JSON): the run's own printing (Feast's
+    # materialisation says what it loads) goes to standard error with its logs
+    with redirect_stdout(sys.stderr):
+        record = run_release(workdir, str(key_file) if key_file else None, "ehr forget")
+    if not record["success"]:
+        steps = ", ".join(f"{s} ({e})" for s, e in sorted(record["failed_steps"].items()))
+        raise click.ClickException(
+            f"erased, but the release after it failed: {steps or 'see the run in the UI'}; the "
+            "people left in the patient's k-anonymity group stay published until a release "
+            "run succeeds (ehr run)"
+        )
+    with _warehouse(workdir, read_only=True) as con:
+        if not has_table(con, "released_patients"):
+            return
+        ((released,),) = con.execute("SELECT count(*) FROM released_patients").fetchall()
+        ((withheld,),) = con.execute("SELECT count(*) FROM withheld_patients").fetchall()
+    click.echo(
+        f"release refreshed after the erasure: {released} patients released, {withheld} "
+        "withheld below k",
+        err=True,
+    )
+
+
+def _report_release_changed(workdir: Workdir) -> bool:
     """Tell the Dagster instance that the release input changed (a patient was erased), so
     the release (the model trained with the patient among others) shows stale and the
-    release automation refreshes it."""
+    release automation refreshes it; False when this warehouse never released anything."""
     from dagster import AssetMaterialization
 
     from deid.release import release_version
@@ -417,7 +462,7 @@ def _report_release_changed(workdir: Workdir) -> None:
 
     with _warehouse(workdir, read_only=True) as con:
         if not has_table(con, "deid_resources"):
-            return  # nothing was ever released from this warehouse
+            return False  # nothing was ever released from this warehouse
         version = release_version(con)
     with open_instance(workdir) as instance:
         instance.report_runless_asset_event(
@@ -425,6 +470,7 @@ def _report_release_changed(workdir: Workdir) -> None:
                 RELEASE_INPUT, description="a patient was erased", tags={DATA_VERSION_TAG: version}
             )
         )
+    return True
 
 
 @click.command("reidentify")

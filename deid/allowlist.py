@@ -12,7 +12,8 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   (:data:`deid.terminology.REQUIRED_BINDINGS`), else withheld and counted;
 - ``Coding``: system, version and code (a code that does not look like a code of its system is
   withheld); ``display`` only from the terminology, for codes in a released value set;
-- ``Reference``: the literal reference, pseudonymised;
+- ``Reference``: the literal reference, pseudonymised (a logical one, given by its identifier
+  alone, as the literal reference to what ingest resolved it to);
 - ``Quantity`` and its kinds: value, comparator, system, code (and unit when it is the code);
   an age of 90 years or more (a UCUM time unit, or any quantity of an age LOINC observation)
   becomes 90 years;
@@ -44,6 +45,7 @@ from deid.terminology import (
     Terminology,
     code_is_well_formed,
 )
+from fhirlake.references import logical_reference
 
 DATE_RULES = ("shift", "year")
 PATH_METHODS = ("keep", "pseudonymize", "zip3", "year", "code-only")
@@ -336,6 +338,10 @@ def _id(value: Any, node: Node, ctx: ReleaseContext) -> Any:
 
 def _reference(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     text = value.get("reference") if isinstance(value, dict) else None
+    if not isinstance(text, str):
+        # a logical reference is looked up by its conditional form, as ingest resolved it;
+        # its identifier never leaves: only the pseudonymous literal reference is released
+        text = logical_reference(value)
     target = ctx.resolve(text) if isinstance(text, str) else None
     if target is None:
         ctx.counts["reference_withheld"] += 1

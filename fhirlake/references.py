@@ -204,6 +204,46 @@ def conditional_target(value: str) -> tuple[str, str] | None:
     return match.group("type"), query[len("identifier=") :]
 
 
+def logical_reference(node: Any) -> str | None:
+    """The conditional form (``Type?identifier=system|value``) of a logical reference: a
+    Reference given only by its ``identifier`` (no ``reference``). It is resolved as that
+    conditional reference would be (the same identifier index, the same rules when no
+    resource or several hold the identifier). The type is the Reference's ``type`` when it
+    names a resource type, ``Patient`` when it is absent; None when ``type`` is other text, the
+    identifier has no value, or the node is no Reference of this kind.
+
+    Ingest reads logical references only in the Patient compartment's elements, where a
+    Reference without a type most often names the patient; an identifier no Patient holds
+    resolves to nothing, so reading an untyped one as a Patient's names no one by mistake."""
+    if not isinstance(node, dict) or isinstance(node.get("reference"), str):
+        return None
+    criteria = _one_identifier_criteria(node.get("identifier"))
+    target_type = node.get("type", "Patient")
+    if criteria is None or not isinstance(target_type, str) or not is_resource_type(target_type):
+        return None
+    return f"{target_type}?identifier={criteria}"
+
+
+def iter_logical_references(node: Any, path: str = "") -> Iterator[Reference]:
+    """Every logical reference in ``node`` (see :func:`logical_reference`), as its conditional
+    form, skipping resources nested in it as :func:`iter_references` does."""
+    if isinstance(node, dict):
+        conditional = logical_reference(node)
+        if conditional is not None:
+            yield Reference(path or "reference", conditional)
+            return
+        for key, value in node.items():
+            if key == "contained" or (
+                key == "resource" and isinstance(value, dict) and "resourceType" in value
+            ):
+                continue
+            if isinstance(value, dict | list):
+                yield from iter_logical_references(value, f"{path}.{key}" if path else key)
+    elif isinstance(node, list):
+        for item in node:
+            yield from iter_logical_references(item, path)
+
+
 def iter_references(node: Any, path: str = "") -> Iterator[Reference]:
     """Every ``reference`` string in a resource, skipping the graphs of resources nested in it
     (contained ones, and those a Bundle or Parameters carries), which resolve in their own
@@ -231,10 +271,20 @@ def identifier_criteria(resource: dict[str, Any]) -> list[str]:
     """``system|value`` for every identifier of a resource (what conditional refs match)."""
     out = []
     for ident in resource.get("identifier") or []:
-        if isinstance(ident, dict) and isinstance(ident.get("value"), str):
-            system = ident.get("system") if isinstance(ident.get("system"), str) else ""
-            out.append(f"{system}|{ident['value']}")
+        criteria = _one_identifier_criteria(ident)
+        if criteria is not None:
+            out.append(criteria)
     return out
+
+
+def _one_identifier_criteria(ident: Any) -> str | None:
+    """``system|value`` of one Identifier (``|value`` without a system), None without a value:
+    one rule for the identifiers a resource is indexed under and those a logical reference
+    names, so that the two meet."""
+    if not isinstance(ident, dict) or not isinstance(ident.get("value"), str):
+        return None
+    system = ident.get("system") if isinstance(ident.get("system"), str) else ""
+    return f"{system}|{ident['value']}"
 
 
 def identifier_match_form(criteria: str) -> str | None:

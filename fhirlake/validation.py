@@ -18,7 +18,12 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
-from fhirlake.references import compartment_elements, identifier_criteria, iter_references
+from fhirlake.references import (
+    compartment_elements,
+    identifier_criteria,
+    iter_logical_references,
+    iter_references,
+)
 
 # used with fullmatch: "$" would also match before a final newline ("abc\n")
 _ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -180,12 +185,27 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _patient_refs(resource_type: str, obj: dict[str, Any]) -> tuple[str, ...]:
+def _patient_refs(
+    resource_type: str, obj: dict[str, Any], logical: list[tuple[str, str]]
+) -> tuple[str, ...]:
+    """The references of the Patient compartment's elements: the literal ones first (they
+    decide the patient when present), then the ``logical`` ones in their conditional form."""
     refs = []
     for element in compartment_elements(resource_type):
         for ref in iter_references(obj.get(element)):
             refs.append(ref.value)
-    return tuple(refs)
+    return (*refs, *(value for _, value in logical))
+
+
+def _logical_patient_refs(resource_type: str, obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, conditional form) of every logical reference (a Reference given by its
+    identifier alone) in the Patient compartment's elements: they join the resource's
+    references, so that ingest resolves and indexes them as conditional ones."""
+    return [
+        (ref.path, ref.value)
+        for element in compartment_elements(resource_type)
+        for ref in iter_logical_references(obj.get(element), element)
+    ]
 
 
 def check_record(raw: bytes) -> Checked:
@@ -265,7 +285,8 @@ def _check_record(raw: bytes) -> Checked:
     resource_id = _str_or_none(obj.get("id"))
     raw_meta = obj.get("meta")
     meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
-    patient_refs = _patient_refs(resource_type, obj)
+    logical_refs = _logical_patient_refs(resource_type, obj)
+    patient_refs = _patient_refs(resource_type, obj, logical_refs)
 
     def failed(code: str, message: str) -> Checked:
         return Checked(code, message, resource_type, resource_id, patient_refs=patient_refs)
@@ -297,7 +318,7 @@ def _check_record(raw: bytes) -> Checked:
         _str_or_none(meta.get("versionId")),
         _str_or_none(meta.get("lastUpdated")),
         content_digest(obj),
-        tuple(references),
+        (*references, *logical_refs),
         patient_refs,
         tuple(identifier_criteria(obj)),
         assigned_raw,

@@ -7,8 +7,10 @@ from fhirlake.references import (
     conditional_target,
     identifier_match_form,
     is_external,
+    iter_logical_references,
     literal_target,
     local_target,
+    logical_reference,
 )
 
 BASE = "https://ehr.example.org/fhir"
@@ -122,3 +124,54 @@ def test_a_type_that_is_no_resource_type_makes_no_reference(name: str) -> None:
     assert conditional_target(f"{name}?identifier=s|v") is None
     assert classify(f"http://other.example/fhir/{name}/x1") == "other"
     assert not is_external(f"http://other.example/fhir/{name}/x1", BASE)
+
+
+MRN = {"system": "http://hospital.example.org/mrn", "value": "12345"}
+
+
+@pytest.mark.parametrize(
+    ("node", "conditional"),
+    [
+        ({"identifier": MRN}, "Patient?identifier=http://hospital.example.org/mrn|12345"),
+        (
+            {"identifier": MRN, "type": "Group"},
+            "Group?identifier=http://hospital.example.org/mrn|12345",
+        ),
+        (
+            {"identifier": {"value": "12345"}},
+            "Patient?identifier=|12345",
+        ),  # as a Patient's is indexed
+        (
+            {"identifier": MRN, "display": "x"},
+            "Patient?identifier=http://hospital.example.org/mrn|12345",
+        ),
+        ({"identifier": MRN, "reference": "Patient/p1"}, None),  # the literal reference decides
+        ({"identifier": MRN, "type": "http://hl7.org/fhir/StructureDefinition/Patient"}, None),
+        ({"identifier": MRN, "type": "Person1"}, None),
+        ({"identifier": {"system": "urn:mrn"}}, None),
+        ({"identifier": [MRN]}, None),  # Reference.identifier is one Identifier
+        ({"display": "x"}, None),
+        ("Patient/p1", None),
+    ],
+)
+def test_a_logical_reference_reads_as_its_conditional_form(
+    node: object, conditional: str | None
+) -> None:
+    assert logical_reference(node) == conditional
+    if conditional is not None:
+        assert classify(conditional) == "conditional"
+        assert conditional_target(conditional) == (
+            conditional.split("?")[0],
+            conditional.split("=", 1)[1],
+        )
+
+
+def test_logical_references_are_found_where_references_sit() -> None:
+    participants = [{"actor": {"reference": "Practitioner/1"}}, {"actor": {"identifier": MRN}}]
+    contained = {
+        "contained": [{"resourceType": "Patient", "link": [{"other": {"identifier": MRN}}]}]
+    }
+    assert [(r.path, r.value) for r in iter_logical_references(participants, "participant")] == [
+        ("participant.actor", "Patient?identifier=http://hospital.example.org/mrn|12345")
+    ]
+    assert list(iter_logical_references(contained)) == []

@@ -26,6 +26,24 @@ def test_valid_resource_extracts_what_ingest_needs() -> None:
     assert len(checked.content_digest) == 32
 
 
+def test_a_logical_patient_reference_joins_the_references_in_its_conditional_form() -> None:
+    mrn = {"system": "urn:mrn", "value": "MRN-778812"}
+    coverage = {
+        "resourceType": "Coverage",
+        "id": "c1",
+        "status": "active",
+        "beneficiary": {"identifier": mrn},
+        "subscriber": {"reference": "Patient/p1"},
+        "payor": [{"identifier": mrn}],  # not a compartment element: not read
+    }
+    checked = check_record(orjson.dumps(coverage))
+    assert checked.code is None
+    conditional = "Patient?identifier=urn:mrn|MRN-778812"
+    # the literal patient reference comes first: it decides the patient when present
+    assert checked.patient_refs == ("Patient/p1", conditional)
+    assert checked.references == (("subscriber", "Patient/p1"), ("beneficiary", conditional))
+
+
 @pytest.mark.parametrize(
     ("record", "code"),
     [

@@ -71,10 +71,22 @@ def test_every_way_back_is_quarantined_unstored(
             "subject": {"reference": "Patient?identifier=urn:mrn|MRN-1"},
             "category": [],
         },
+        {  # by a logical reference (the identifier alone)
+            "resourceType": "Condition",
+            "id": "c5",
+            "subject": {"identifier": {"system": "urn:mrn", "value": "MRN-1"}},
+            "code": {"text": "gout"},
+        },
+        {  # invalid, by a logical reference with the identifier written differently
+            "resourceType": "Condition",
+            "id": "c6",
+            "subject": {"identifier": {"system": "urn:mrn", "value": "mrn 1"}},
+            "category": [],
+        },
         {"resourceType": "Patient", "id": "p2", "name": [{"family": "Other"}]},
     ]
     report = ingest_batch(erased, "b1", _write(tmp_path / "b1", later), key_provider, workers=1)
-    assert report.quarantine_reasons == {ERASED_SUBJECT: 6}
+    assert report.quarantine_reasons == {ERASED_SUBJECT: 8}
     assert report.accepted == 1
     con = warehouse.connect(erased, read_only=True)
     try:
@@ -83,7 +95,7 @@ def test_every_way_back_is_quarantined_unstored(
             "SELECT resource_type, patient_key, sealed, aad, message FROM quarantine "
             "WHERE batch_id = 'b1' ORDER BY position"
         ).fetchall()
-        assert [r[0] for r in rows] == ["Patient"] * 2 + ["Condition"] * 4
+        assert [r[0] for r in rows] == ["Patient"] * 2 + ["Condition"] * 6
         assert all(r[1] is None and r[2] == b"" and r[3] == b"" for r in rows)
         assert all("Fennimore" not in r[4] and "MRN-1" not in r[4] for r in rows)
         assert con.execute("SELECT count(*) FROM phi_vault").fetchall() == [(1,)]

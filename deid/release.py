@@ -36,7 +36,7 @@ from deid.released_table import (
 from deid.terminology import Terminology
 from deid.workers import ChunkResult, Item, Targets, WorkerSetup, deidentify_items
 from vault.catalog import has_table
-from vault.ingest import FHIR_BASE_ENV
+from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
 from vault.keys import KeyProvider, key_fingerprint
 from vault.read import iter_current_records, iter_every_version
 from vault.warehouse import database_path
@@ -80,7 +80,8 @@ def erased_subjects(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
 
 def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[str, Targets]:
     """resource key → keyed reference text → (target type, target pseudonym), for urn:uuid
-    and conditional references, resolved through the identifier index where needed. A
+    and conditional references, resolved through the identifier index where needed (to the one
+    resource holding the identifier: ``vault.ingest.criteria_holders_sql``). A
     reference to an erased patient (or through an erased patient's identifier) resolves to
     nothing, so the release drops it instead of naming the erased patient's pseudonym."""
     erased = (
@@ -88,18 +89,21 @@ def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[st
         if has_table(con, "erased_subjects")
         else "SELECT ''::VARCHAR WHERE false"  # an older warehouse: nothing erased since
     )
+    conditional = (
+        "SELECT target_key FROM resource_references WHERE batch_id = $b AND kind = 'conditional'"
+    )
     rows = con.execute(
         f"""
+        WITH holders AS ({criteria_holders_sql(conditional)})
         SELECT r.resource_key, r.ref_mac, r.target_type,
-               CASE WHEN r.kind = 'conditional'
-                    THEN (SELECT min(i.resource_key) FROM identifier_index i
-                          WHERE i.criteria_key = r.target_key)
+               CASE WHEN r.kind = 'conditional' THEN h.resource_key
                     ELSE r.target_key END AS target
         FROM resource_references r
-        WHERE r.batch_id = ? AND r.kind IN ('urn', 'conditional') AND r.ref_mac IS NOT NULL
+        LEFT JOIN holders h ON r.kind = 'conditional' AND h.criteria_key = r.target_key
+        WHERE r.batch_id = $b AND r.kind IN ('urn', 'conditional') AND r.ref_mac IS NOT NULL
           AND r.target_key NOT IN ({erased})
         """,
-        [batch_id],
+        {"b": batch_id},
     ).fetchall()
     gone = {str(k) for (k,) in con.execute(erased).fetchall()}
     targets: dict[str, Targets] = {}

@@ -68,6 +68,20 @@ def loose_identifier_key(pseudo: Pseudonymizer, resource_type: str, criteria: st
     return pseudo.token(LOOSE_CRITERIA_DOMAIN, f"{resource_type}?{loose}")
 
 
+def criteria_holders_sql(criteria_keys: str) -> str:
+    """SQL of ``(criteria_key, resource_key)``: the one resource each keyed criteria of
+    ``criteria_keys`` (a trusted subquery) names in the identifier index. A conditional
+    reference, or a logical one read as its conditional form, names a resource only when
+    exactly one holds the identifier; when several do it names none of them, since picking one
+    could give a resource another patient's pseudonym. One rule for the patient a resource is
+    filed under at ingest and for the reference the release writes."""
+    return (
+        "SELECT criteria_key, min(resource_key) AS resource_key FROM identifier_index "
+        f"WHERE criteria_key IN ({criteria_keys}) "
+        "GROUP BY criteria_key HAVING count(DISTINCT resource_key) = 1"
+    )
+
+
 def identifier_keys(
     pseudo: Pseudonymizer, resource_type: str, criteria: Iterable[str]
 ) -> list[str]:
@@ -403,15 +417,14 @@ WHERE r.batch_id = $b
 
 
 # Pending conditional patient references of batch $b with the one Patient their criteria name
-# (NULL when none or several do), with the staged ciphertext to re-seal.
-_PENDING_OWNERS = """
+# (NULL when none or several do), with the staged ciphertext to re-seal. A ``Patient?`` criteria
+# key is only ever a Patient's.
+_PENDING_OWNERS = f"""
 WITH owners AS (
-    SELECT criteria_key, min(resource_key) AS patient
-    FROM identifier_index WHERE resource_type = 'Patient'
-      AND criteria_key IN (SELECT criteria_key FROM pending_patient_refs WHERE batch_id = $b)
-    GROUP BY criteria_key HAVING count(DISTINCT resource_key) = 1
+    {criteria_holders_sql("SELECT criteria_key FROM pending_patient_refs WHERE batch_id = $b")}
 )
-SELECT p.file_index, p.position, p.resource_key, v.sealed, v.aad, o.patient, p.criteria_key
+SELECT p.file_index, p.position, p.resource_key, v.sealed, v.aad, o.resource_key,
+       p.criteria_key
 FROM pending_patient_refs p
 JOIN phi_vault v ON v.batch_id = p.batch_id AND v.file_index = p.file_index
                 AND v.position = p.position

@@ -3,8 +3,9 @@ ethnicity) of every released patient are generalised over the whole release, the
 in groups smaller than k are withheld, and the Patient resources are rewritten to carry exactly
 the generalised values, so ``released_patients``, the Patient rows of ``deid_resources`` and
 every view read from them agree. A group's size is its number of people: the Patient records
-that share an identifier are one person (:func:`vault.lifecycle.person_keys`), so one person
-resent under several ids cannot make a group look larger than it is.
+that share an identifier or are linked by ``Patient.link`` are one person
+(:func:`vault.lifecycle.person_keys`), so one person resent under several ids cannot make a
+group look larger than it is.
 
 Tables (all pseudonymous, in the warehouse's main schema):
 

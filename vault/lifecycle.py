@@ -25,6 +25,7 @@ import pyarrow as pa
 
 from vault import warehouse
 from vault.audit import AuditLog, open_intents
+from vault.catalog import has_table
 from vault.catalog import quote_identifier as _quote
 from vault.clock import Clock, RandomBytes, utcnow
 from vault.clustered import CLUSTERED_TABLE
@@ -546,6 +547,23 @@ JOIN identifier_index b ON a.criteria_key = b.criteria_key
 WHERE a.resource_type = 'Patient' AND b.resource_type = 'Patient'
   AND a.resource_key IN (SELECT unnest($keys::VARCHAR[]))
 """
+# Pairs of Patient resources of which one names the other in ``Patient.link``: each link type
+# (replaced-by, replaces, refer, seealso) says the two are the same person. A link given by
+# identifier (a conditional reference) names the Patient holding it. Either way round.
+_PATIENT_LINKS = """
+SELECT resource_key AS a, target_key AS b FROM resource_references
+WHERE path = 'link.other' AND target_type = 'Patient' AND kind IN ('urn', 'relative', 'absolute')
+UNION
+SELECT r.resource_key, i.resource_key FROM resource_references r
+JOIN identifier_index i ON i.criteria_key = r.target_key AND i.resource_type = 'Patient'
+WHERE r.path = 'link.other' AND r.kind = 'conditional'
+"""
+# Patient resources linked to the given ones (``_PATIENT_LINKS``), either way round.
+_LINKED = f"""
+WITH links AS ({_PATIENT_LINKS})
+SELECT b FROM links WHERE a IN (SELECT unnest($keys::VARCHAR[]))
+UNION SELECT a FROM links WHERE b IN (SELECT unnest($keys::VARCHAR[]))
+"""
 _ERASED_WITH = "SELECT subject_key FROM erased_subjects WHERE kind = 'patient' AND erased_with = ?"
 
 
@@ -556,11 +574,13 @@ _PATIENT_CRITERIA = (
 
 
 def person_keys(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
-    """Every indexed Patient resource's person: the smallest pseudonym among the Patient
-    resources it shares an identifier criteria key with, directly or through others (the rule
-    of :func:`same_person`, here over every patient at once: a union-find over
-    ``identifier_index``). A Patient with no indexed identifier is not listed: it is a person
-    of its own. The release counts k-anonymity's groups in these people."""
+    """Every Patient resource with an indexed identifier or a link, and its person: the
+    smallest pseudonym among the Patient resources it shares an identifier criteria key with
+    or is linked to (``Patient.link``), directly or through others (the rule of
+    :func:`same_person`, here over every patient at once: a union-find). A Patient neither
+    indexed nor linked is not listed: it is a person of its own. A link may name a Patient
+    never sent; its pseudonym then stands in the set like the others. The release counts
+    k-anonymity's groups in these people."""
     parent: dict[str, str] = {}
 
     def root(key: str) -> str:
@@ -569,28 +589,38 @@ def person_keys(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
             key = parent[key]
         return key
 
-    first_with: dict[str, str] = {}
-    for resource_key, criteria_key in con.execute(_PATIENT_CRITERIA).fetchall():
-        here = root(str(resource_key))
-        there = root(first_with.setdefault(str(criteria_key), here))
+    def join(one: str, other: str) -> None:
+        here, there = root(one), root(other)
         if here != there:  # the larger root joins the smaller: a root is its set's smallest
             low, high = sorted((here, there))
             parent[high] = low
+
+    first_with: dict[str, str] = {}
+    for resource_key, criteria_key in con.execute(_PATIENT_CRITERIA).fetchall():
+        join(str(resource_key), first_with.setdefault(str(criteria_key), str(resource_key)))
+    if has_table(con, "resource_references"):
+        for one, other in con.execute(_PATIENT_LINKS).fetchall():
+            join(str(one), str(other))
     return {key: root(key) for key in parent}
 
 
 def same_person(con: duckdb.DuckDBPyConnection, pseudonym: str) -> list[str]:
     """The pseudonyms of the other Patient resources of the same person: those sharing one of
     its identifier criteria (``identifier_index``: the exact ``system|value``, or its loose
-    form under the same system), and the ones sharing one of theirs, and so on; and those an
-    earlier run of this erasure already took with it. Ingest would refuse any of them arriving
-    after the erasure (the tombstones hold the identifiers), so an erasure takes them all.
-    Sorted; the patient itself is not listed."""
+    form under the same system) or linked to it by ``Patient.link`` (a merged record the
+    hospital says is the same person, with no identifier in common), and the ones sharing one
+    of theirs or linked to them, and so on; and those an earlier run of this erasure already
+    took with it. Ingest would refuse any of them arriving after the erasure (the tombstones
+    hold the identifiers), so an erasure takes them all. Sorted; the patient itself is not
+    listed."""
     check_pseudonym(pseudonym)
     found = {pseudonym}
     frontier = [pseudonym]
+    links = has_table(con, "resource_references")
     while frontier:
         rows = con.execute(_SHARING_AN_IDENTIFIER, {"keys": frontier}).fetchall()
+        if links:
+            rows += con.execute(_LINKED, {"keys": frontier}).fetchall()
         frontier = sorted({str(k) for (k,) in rows} - found)
         found.update(frontier)
     found.update(str(k) for (k,) in con.execute(_ERASED_WITH, [pseudonym]).fetchall())

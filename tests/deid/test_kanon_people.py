@@ -2,7 +2,8 @@
 Patient ids (a resend under a new id, one MRN under two ids, records later merged): five
 records of two people in one group of quasi-identifiers are a group of two, and are withheld
 under k = 5. Who is one person is the erasure's rule: Patient resources sharing an identifier
-criteria key (``identifier_index``), directly or through others.
+criteria key (``identifier_index``) or linked by ``Patient.link`` (``resource_references``),
+directly or through others.
 
 Each record's person is written in the cohort below; the identifier keys are made from it, and
 the groups, their sizes in people and who must be withheld are worked out here from the
@@ -43,9 +44,27 @@ COHORT = [
     ("r-c2", "C", "male", 1950, ["mrn:C", "dl:C"]),
     ("r-c3", "C", "male", 1950, ["dl:C"]),
     *((f"r-m{i}", f"M{i}", "male", 1950, [f"mrn:M{i}"]) for i in range(3)),
+    # six records of three people: L's four records share no identifier, the hospital links
+    # them (Patient.link: r-l1 names r-l2, r-l2 names r-l3, r-l3 names the holder of an MRN,
+    # r-l4)
+    ("r-l1", "L", "female", 1980, []),
+    ("r-l2", "L", "female", 1980, []),
+    ("r-l3", "L", "female", 1980, []),
+    ("r-l4", "L", "female", 1980, ["mrn:L4"]),
+    ("r-l5", "L5", "female", 1980, ["mrn:L5"]),
+    ("r-l6", "L6", "female", 1980, ["mrn:L6"]),
     # five records of five people, one with no identifier at all (a person of its own)
     *((f"r-g{i}", f"G{i}", "unknown", 1990, [f"mrn:G{i}"]) for i in range(4)),
     ("r-g4", "G4", "unknown", 1990, []),
+]
+
+
+# Patient.link references as ingest indexes them: (from, to, kind); a literal reference's
+# target is the Patient's pseudonym, a conditional one's the criteria key it names
+LINKS = [
+    ("r-l1", "r-l2", "relative"),
+    ("r-l2", "r-l3", "relative"),
+    ("r-l3", "mrn:L4", "conditional"),
 ]
 
 
@@ -91,6 +110,19 @@ def con() -> duckdb.DuckDBPyConnection:
         )
         for key in keys:
             con.execute("INSERT INTO identifier_index VALUES ('b', ?, ?, 'Patient')", [key, rid])
+    for one, other, kind in LINKS:
+        target = pid(other) if kind == "relative" else other
+        con.execute(
+            "INSERT INTO resource_references VALUES ('b', ?, 'mac', 'link.other', 'ref', ?, "
+            "'Patient', ?, true)",
+            [pid(one), kind, target],
+        )
+    # an Observation's reference to a Patient is no link between people
+    con.execute(
+        "INSERT INTO resource_references VALUES ('b', ?, 'mac', 'subject', 'ref', 'relative', "
+        "'Patient', ?, true)",
+        [pid("r-l5"), pid("r-l6")],
+    )
     # an Encounter indexed under a shared-looking key links no person
     con.execute("INSERT INTO identifier_index VALUES ('b', 'mrn:A', ?, 'Encounter')", [pid("e-1")])
     return con
@@ -108,6 +140,7 @@ def _expected_withheld() -> set[str]:
 def test_records_of_one_person_count_once_in_a_group(con: duckdb.DuckDBPyConnection) -> None:
     withheld = _expected_withheld()
     small = ("a1", "a2", "a3", "b1", "b2", "c1", "c2", "c3", "m0", "m1", "m2")
+    small += ("l1", "l2", "l3", "l4", "l5", "l6")
     assert withheld == {pid(f"r-{x}") for x in small}
     report = build_k_anonymous_release(con, K, as_of=AS_OF, max_withheld=1.0, ladder=[])
     assert report.published
@@ -126,11 +159,12 @@ def test_records_of_one_person_count_once_in_a_group(con: duckdb.DuckDBPyConnect
 
 def test_counted_in_records_the_same_cohort_would_pass() -> None:
     """The defect this guards against, worked out: counted in records, A and B's group of
-    five and C's group of six would be released at k = 5."""
+    five and C's and L's groups of six would be released at k = 5."""
     records: dict[tuple[str, int], int] = defaultdict(int)
     for _, _, sex, year, _ in COHORT:
         records[(sex, year)] += 1
     assert records[("other", 1970)] == 5 and records[("male", 1950)] == 6
+    assert records[("female", 1980)] == 6
 
 
 def test_person_keys_agree_with_same_person(con: duckdb.DuckDBPyConnection) -> None:

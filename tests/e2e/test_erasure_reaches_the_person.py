@@ -355,3 +355,46 @@ def test_a_patient_indexed_before_loose_forms_is_tombstoned_by_them(
     _write(resend, "resend.ndjson", [_patient("pt-new-3", [(SSN_SYSTEM, "731559012")])])
     report = ingest_batch(person["workdir"].warehouse, "b2", resend, person["provider"], workers=1)
     assert report.quarantine_reasons == {ERASED_SUBJECT: 1}
+
+
+@pytest.mark.parametrize("linked_from", ["old", "new"])
+def test_a_record_linked_to_hers_is_the_same_person(
+    tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch, linked_from: str
+) -> None:
+    """A record the hospital merged into hers (``Patient.link``: the old record
+    ``replaced-by`` hers, or hers ``replaces`` it), with no identifier in common, is the same
+    person: erasing her takes it and its compartment, whichever of the two holds the link;
+    another patient stays."""
+    monkeypatch.delenv("EHR_AUDIT_ANCHOR", raising=False)
+    provider = FileKeyProvider.load(key_file)
+    old = _patient("pt-old-12", [(MRN_SYSTEM, "55001122")])
+    hers = dict(PZ)
+    if linked_from == "old":
+        old["link"] = [{"other": {"reference": "Patient/pz"}, "type": "replaced-by"}]
+    else:
+        hers["link"] = [{"other": {"reference": "Patient/pt-old-12"}, "type": "replaces"}]
+    landing = tmp_path / "landing" / "b1"
+    records = [hers, old, _obs("old-pulse", {"reference": "Patient/pt-old-12"}), OTHER]
+    _write(
+        landing, "records.ndjson", [*records, _obs("other-pulse", {"reference": "Patient/p-other"})]
+    )
+    workdir = Workdir(tmp_path / "work")
+    report = ingest_batch(workdir.warehouse, "b1", landing, provider, workers=1)
+    assert (report.accepted, report.quarantined) == (5, 0)
+    con = warehouse.connect(workdir.warehouse)
+    try:
+        deidentify_batch(con, provider, "b1", Policy.shipped("research"), workers=1)
+    finally:
+        con.close()
+    person = {"provider": provider, "workdir": workdir, "key_file": key_file}
+    key = Pseudonymizer(provider.pseudonym_key()).resource_key
+
+    erased = _forget(person, "pz")
+
+    assert erased["same_person"] == [key("Patient", "pt-old-12")]
+    assert erased["data_keys_destroyed"] == 2
+    kept = {orjson.loads(text)["id"] for _, owner, text in _readable(person) if owner is not None}
+    assert kept == {"p-other", "other-pulse"}
+    assert {key("Patient", "pt-old-12"), key("Observation", "old-pulse")} & _released_ids(
+        person
+    ) == set()

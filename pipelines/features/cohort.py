@@ -1,5 +1,6 @@
 """The rules shared by the feature tables, their checks and the readmission label: who opted out
-of research, which encounters took place, and which dates can be true.
+of research, which encounters took place, which encounters are inpatient stays, and which dates
+can be true.
 
 A patient opted out when they have a Consent that is active, scoped to research, and either
 denies (``provision_type = 'deny'``) or names the ``OPTOUT`` policy rule. Codes are compared
@@ -43,6 +44,19 @@ def encounter_held_sql(status: str = "status") -> str:
     of :data:`ENCOUNTER_NOT_HELD`, compared without regard to case)."""
     listed = ", ".join(f"'{s}'" for s in ENCOUNTER_NOT_HELD)
     return f"coalesce(lower({status}), '') NOT IN ({listed})"
+
+
+# Encounter classes of an inpatient stay: v3-ActCode IMP and its specialisations ACUTE (acute
+# inpatient) and NONAC (non-acute inpatient), which the release keeps as sent
+# (deid.terminology). Codes of a code system are case-sensitive: compared as written.
+INPATIENT_CLASS_CODES = ("IMP", "ACUTE", "NONAC")
+
+
+def inpatient_sql(class_code: str = "class_code") -> str:
+    """A SQL condition on the column ``class_code``: the encounter is an inpatient stay (its
+    class is one of :data:`INPATIENT_CLASS_CODES`)."""
+    listed = ", ".join(f"'{c}'" for c in INPATIENT_CLASS_CODES)
+    return f"coalesce({class_code} IN ({listed}), FALSE)"
 
 
 def release_known_by(con: duckdb.DuckDBPyConnection, date_shift_days: int) -> datetime | None:

@@ -21,7 +21,8 @@ until t + N days, where a row drops it. Change points per table:
   :func:`pipelines.features.cohort.encounter_held_sql`): the patient's first data, each encounter
   start and start + 30/180/365 days, each inpatient discharge + 1 microsecond (a stay is
   "prior" strictly after its discharge, so at the discharge itself the index stay is excluded)
-  and + 30/180/365 days.
+  and + 30/180/365 days. An inpatient stay is one of class IMP, ACUTE or NONAC, as in the label
+  (:func:`pipelines.features.cohort.inpatient_sql`).
 - ``patient_comorbidities``: the patient's start plus each time a group is first known.
   A diagnosis is known from ``recordedDate``; only a condition without one falls back to its
   onset (an onset date is often back-dated: a 2009 onset recorded in 2024 was not known in 2009).
@@ -51,7 +52,12 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from pipelines.features.cohort import encounter_held_sql, opted_out_sql, timestamptz_sql
+from pipelines.features.cohort import (
+    encounter_held_sql,
+    inpatient_sql,
+    opted_out_sql,
+    timestamptz_sql,
+)
 from pipelines.features.valuesets import (
     ICD10CM,
     RXNORM,
@@ -442,7 +448,7 @@ def _utilisation_items() -> str:
         FROM feature_encounters WHERE period_start IS NOT NULL
         UNION ALL
         SELECT patient_id, period_end + {AFTER}, 0, 0, 1
-        FROM feature_encounters WHERE class_code = 'IMP' AND period_end IS NOT NULL
+        FROM feature_encounters WHERE {inpatient_sql()} AND period_end IS NOT NULL
     """
 
 
@@ -494,7 +500,7 @@ def utilisation_sql(created: datetime, edges: bool = True) -> str:
     ),
     stays AS (
         SELECT patient_id, period_start, period_end FROM feature_encounters
-        WHERE class_code = 'IMP' AND period_end IS NOT NULL
+        WHERE {inpatient_sql()} AND period_end IS NOT NULL
     ),
     snap AS (SELECT * FROM w WHERE is_spine)
     SELECT snap.patient_id AS patient_id, snap.ts AS event_timestamp,

@@ -2,8 +2,11 @@
 
 Definition (one row per index discharge):
 
-* An index discharge is an inpatient encounter (``class_code = 'IMP'``) with a ``period_end``;
-  encounters that did not take place (status ``planned``, ``cancelled`` or ``entered-in-error``,
+* An index discharge is an inpatient encounter with a ``period_end``: its class is v3-ActCode
+  ``IMP`` or one of its specialisations ``ACUTE`` and ``NONAC``, which the release keeps as sent
+  (:data:`pipelines.features.cohort.INPATIENT_CLASS_CODES`, as the features' prior stays). Such
+  an encounter is also what counts as a readmission. Encounters that did not take place
+  (status ``planned``, ``cancelled`` or ``entered-in-error``,
   :data:`pipelines.features.cohort.ENCOUNTER_NOT_HELD`, as in the feature tables) are ignored
   everywhere: as index stays, as readmissions and in the data's end.
 * ``event_timestamp`` is the discharge time (``period_end``). Features must be computed as of
@@ -53,10 +56,14 @@ from datetime import datetime
 import duckdb
 import pandas as pd
 
-from pipelines.features.cohort import encounter_held_sql, opted_out_sql, timestamptz_sql
+from pipelines.features.cohort import (
+    encounter_held_sql,
+    inpatient_sql,
+    opted_out_sql,
+    timestamptz_sql,
+)
 
 READMISSION_WINDOW_DAYS = 30
-INPATIENT_CLASS = "IMP"
 EXPIRED_DISPOSITIONS = ("exp", "20")
 LABEL_COLUMNS = ("patient_id", "event_timestamp", "label")
 
@@ -137,7 +144,7 @@ def _discharges_sql(
             {start_latest} AS start_latest, {end_latest} AS end_latest,
             {_dated_to_the_day("period_start", start_latest)} AS start_dated,
             {_dated_to_the_day("period_end", end_latest)} AS end_dated
-        FROM enc WHERE class_code = '{INPATIENT_CLASS}' AND patient_id IS NOT NULL
+        FROM enc WHERE {inpatient_sql()} AND patient_id IS NOT NULL
     ),
     opted_out AS ({opted_out_sql("views.consent")})
     SELECT

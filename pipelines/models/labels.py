@@ -18,10 +18,19 @@ Definition (one row per index discharge):
   feature and the outcome), and the 30 days still run from the day itself.
 * ``label = 1`` when another inpatient encounter of the same patient *starts* in the half-open
   window ``(discharge, discharge + 30 days]``, else ``0``. The boundary is inclusive at exactly
-  30 days and exclusive at the discharge instant itself. De-identification shifts dates and drops
-  the time of day, so an admission on the calendar day of discharge (a same-day transfer) is not
-  counted as a readmission. Planned readmissions are not separated out: the views carry no
-  reliable planned/unplanned marker.
+  30 days and exclusive at the discharge instant itself. An admission is compared by what each
+  bound can stand for: it starts after the discharge at the earliest instants both can stand for
+  (when either is a date, on a later calendar day: de-identification shifts dates and drops the
+  time of day, so an admission on the calendar day of discharge, a same-day transfer, is not a
+  readmission), and the features do not yet know it at the label's time (its latest instant,
+  ``period_start_latest``, is after the label's). An admission dated to the day after a discharge
+  dated to its day is therefore a readmission: it is known only at the end of its own day,
+  after the label's time. The two rules part only when a timed admission falls within the
+  discharge day's span across zones (a discharge dated 10 March, an admission at 08:00Z on
+  11 March, still 10 March west of UTC): the features see that admission at the label's time,
+  and the rule that a fact is never both a feature and the outcome wins, since a model fitted
+  on such a row would learn the outcome from its own input. Planned readmissions are not
+  separated out: the views carry no reliable planned/unplanned marker.
 * Censoring: the last data timestamp of the dataset is the latest ``period_start``/``period_end``
   over all encounters. A discharge whose window ends after it (``discharge + 30 days > last``)
   has incomplete follow-up and is dropped, whatever its outcome, so that early-readmitted
@@ -156,7 +165,12 @@ def _discharges_sql(
         EXISTS (
             SELECT 1 FROM inpatient r
             WHERE r.patient_id = d.patient_id AND r.id <> d.id AND r.start_dated
-              AND r.period_start > d.end_latest
+              -- after the discharge: on a later day when either is a date (a same-day
+              -- admission is a transfer) ...
+              AND r.period_start > d.period_end
+              -- ... and not yet known to the features at the label's time: a date is known
+              -- at its latest instant, so an admission dated the next day counts
+              AND r.start_latest > d.end_latest
               AND r.period_start <= d.period_end + {window}
         ) AS readmitted,
         NOT d.end_dated AS discharge_undated,

@@ -140,7 +140,8 @@ def test_a_discharge_or_readmission_dated_only_to_a_month_has_no_label(tmp_path:
         window_end = discharge + timedelta(days=30)
         others = [r for r in DATED if r[1] == patient and r[0] != n]
         known = any(
-            to_the_day(s) and labelled_at < bounds(s)[0] <= window_end for _, _, s, _ in others
+            to_the_day(s) and discharge < bounds(s)[0] <= window_end and labelled_at < bounds(s)[1]
+            for _, _, s, _ in others
         )
         maybe = any(
             not to_the_day(s) and bounds(s)[1] > discharge and bounds(s)[0] <= window_end
@@ -246,3 +247,67 @@ def test_the_features_at_a_discharge_dated_to_its_day_know_the_stay(tmp_path: Pa
     assert value_at(con, "patient_labs_vitals", "hba1c_latest", at, "p1") == 8.0
     # the 08:00Z admission is before the label's time: a feature there, so not the outcome
     assert first.label == 0
+
+
+# (id, patient, start, end): dates and times, as exported
+NEXT_DAY = [
+    (1, "p1", "2024-05-01", "2024-05-05"),
+    (2, "p1", "2024-05-06", "2024-05-10"),  # the next day: a readmission of 1
+    (3, "p2", "2024-06-01", "2024-06-05"),
+    (4, "p2", "2024-06-05", "2024-06-08"),  # the same day: a transfer, not a readmission
+    (5, "p3", "2024-07-01", "2024-07-03"),
+    (6, "p3", "2024-07-04T08:00:00Z", "2024-07-06T08:00:00Z"),  # still 3 July west of UTC
+    (7, "p4", "2024-08-01T08:00:00Z", "2024-08-03T10:00:00Z"),
+    (8, "p4", "2024-08-03", "2024-08-05"),  # the discharge's day
+    (9, "p5", "2024-08-01T08:00:00Z", "2024-08-03T10:00:00Z"),
+    (10, "p5", "2024-08-04", "2024-08-05"),  # the next day
+    (11, "p6", "2024-11-01T08:00:00Z", "2024-12-31T08:00:00Z"),  # the data's end
+]
+
+
+def test_an_admission_the_day_after_a_discharge_dated_to_its_day_is_a_readmission(
+    tmp_path: Path,
+) -> None:
+    """Worked out here by calendar days: an admission dated to a day after the discharge's day
+    is a readmission; one on the discharge's day is a transfer; a timed admission counts once
+    the discharge's day has ended in every zone (12:00Z the next day), before which the features
+    already see it at the label's time."""
+    from tests.pipelines.features.crafted import features_from_fhir
+
+    patients = sorted({p for _, p, _, _ in NEXT_DAY})
+    resources = [{"resourceType": "Patient", "id": p} for p in patients]
+    resources += [_inpatient(*row) for row in NEXT_DAY]
+    con = features_from_fhir(resources, tmp_path)
+    labels, _ = readmission_labels_with_counts(con)
+
+    def day(text: str) -> datetime:
+        return datetime.fromisoformat(text[:10]).replace(tzinfo=UTC)
+
+    def readmission(discharge: str, admission: str) -> bool:
+        if "T" in admission and "T" in discharge:
+            gap = datetime.fromisoformat(admission) - datetime.fromisoformat(discharge)
+        elif "T" in admission:  # after the discharge's day has ended everywhere
+            gap = datetime.fromisoformat(admission) - (day(discharge) + timedelta(hours=36))
+        else:  # days only: a later day
+            gap = day(admission) - day(discharge)
+        return gap > timedelta(0) and day(admission) <= day(discharge) + timedelta(days=30)
+
+    def labelled_at(end: str) -> datetime:
+        if "T" in end:
+            return datetime.fromisoformat(end)
+        return day(end) + timedelta(hours=36) - timedelta(milliseconds=1)
+
+    expected = {
+        (patient, labelled_at(end)): int(
+            any(readmission(end, s) for m, p, s, _ in NEXT_DAY if p == patient and m != n)
+        )
+        for n, patient, _, end in NEXT_DAY
+        if n != 11  # censored
+    }
+    got = {
+        (r.patient_id, r.event_timestamp.to_pydatetime()): int(r.label) for r in labels.itertuples()
+    }
+    assert got == expected
+    assert got[("p1", datetime(2024, 5, 6, 11, 59, 59, 999000, tzinfo=UTC))] == 1
+    assert got[("p2", datetime(2024, 6, 6, 11, 59, 59, 999000, tzinfo=UTC))] == 0
+    assert got[("p5", datetime(2024, 8, 3, 10, tzinfo=UTC))] == 1

@@ -97,6 +97,7 @@ def readmission_labels(
             "excluded_censored": counts.censored,
             "excluded_died": counts.died,
             "excluded_opted_out": counts.opted_out,
+            "excluded_transferred": counts.transferred,
             "excluded_imprecise_dates": counts.imprecise,
             "censor_margin_days": margin,
             "table": f"models.{LABELS_TABLE}",

@@ -43,6 +43,20 @@ Definition (one row per index discharge):
   ``deceased_date_time`` on or before the discharge date (compared by date, since shifted
   timestamps carry no time of day). Deaths after discharge stay in the denominator with label 0,
   as in the CMS hospital-wide readmission measure.
+* Transfers (CMS hospital-wide readmission measure): a discharge to another hospital followed
+  by an inpatient admission on the same or the next calendar day (UTC, as every instant here)
+  is a transfer. The stays form one episode: the transferring stay is no index discharge
+  (dropped and counted, ``transferred``), the receiving admission is no readmission of it, and
+  the episode's index is its last discharge, whose 30 days run from there; a chain of transfers
+  is one episode. A transfer is read from the discharge disposition the views carry
+  (``views.encounter.discharge_disposition_code``, the HL7 coding first):
+  :data:`TRANSFER_DISPOSITIONS`, HL7 ``other-hcf`` and the UB-04 codes of a transfer to an acute
+  hospital. ``other-hcf`` names no kind of place, but the admission that must follow it is an
+  inpatient stay, so the facility took the patient in as a hospital does; hospice, long-term
+  care, psychiatric, rehabilitation and nursing dispositions are no transfer. A transfer
+  disposition with no admission by the next day leaves an ordinary index discharge (the other
+  hospital's stay is not in the data), and an admission the next day after any other
+  disposition is a readmission.
 * Research opt-out: every discharge of a patient who opted out of research is dropped, by the
   same rule the feature tables apply (:func:`pipelines.features.cohort.opted_out_sql`: an active
   research consent that denies or names ``OPTOUT``, codes compared without regard to case).
@@ -74,6 +88,12 @@ from pipelines.features.cohort import (
 
 READMISSION_WINDOW_DAYS = 30
 EXPIRED_DISPOSITIONS = ("exp", "20")
+# Discharge dispositions of a transfer to another hospital: HL7 discharge-disposition
+# ``other-hcf`` (the only code of that system not naming a kind of place that is no acute
+# hospital: hospice, long-term care, psychiatric, rehabilitation, skilled nursing), and the
+# UB-04 codes of a transfer to a short-term general, cancer or children's, or critical access
+# hospital (02, 05, 66; 82, 85, 94 with a planned readmission).
+TRANSFER_DISPOSITIONS = ("other-hcf", "02", "05", "66", "82", "85", "94")
 LABEL_COLUMNS = ("patient_id", "event_timestamp", "label")
 
 
@@ -85,6 +105,7 @@ class LabelCounts:
     censored: int
     died: int
     opted_out: int
+    transferred: int  # discharged to another hospital that admitted the patient: no index
     imprecise: int  # the discharge or a possible readmission dated only to a month or year
     labelled: int
     positives: int
@@ -122,6 +143,26 @@ def _dated_to_the_day(value: str, latest: str) -> str:
     return f"coalesce({latest} < {value} + INTERVAL 2 DAY, TRUE)"
 
 
+def _codes(codes: tuple[str, ...]) -> str:
+    return ", ".join(f"'{c}'" for c in codes)
+
+
+def _transferred_sql() -> str:
+    """SQL: the stay ``d`` ended in a transfer (CMS hospital-wide readmission measure): its
+    disposition is a transfer to another hospital and another inpatient stay starts on the
+    discharge's calendar day or the next (UTC) and ends after it (the receiving stay)."""
+    return f"""(
+        coalesce(d.discharge_disposition_code IN ({_codes(TRANSFER_DISPOSITIONS)}), FALSE)
+        AND EXISTS (
+            SELECT 1 FROM inpatient r
+            WHERE r.patient_id = d.patient_id AND r.id <> d.id AND r.start_dated
+              AND CAST(r.period_start AS DATE)
+                  BETWEEN CAST(d.period_end AS DATE) AND CAST(d.period_end AS DATE) + 1
+              AND coalesce(r.period_end > d.period_end, TRUE)
+        )
+    )"""
+
+
 def _discharges_sql(
     con: duckdb.DuckDBPyConnection, censor_margin_days: int, known_by: datetime | None
 ) -> str:
@@ -135,7 +176,7 @@ def _discharges_sql(
         if has_deaths
         else "FALSE"
     )
-    expired = ", ".join(f"'{s}'" for s in EXPIRED_DISPOSITIONS)
+    expired = _codes(EXPIRED_DISPOSITIONS)
     window = f"INTERVAL {READMISSION_WINDOW_DAYS} DAY"
     start_latest, end_latest = _latest_bounds(con)
     # an encounter dated, even at its earliest, after everything the release can know does not
@@ -183,7 +224,8 @@ def _discharges_sql(
         ) AS readmission_undated,
         d.period_end + {window} > h.last_ts - INTERVAL {int(censor_margin_days)} DAY AS censored,
         (coalesce(d.discharge_disposition_code IN ({expired}), FALSE) OR {death_at_stay}) AS died,
-        d.patient_id IN (SELECT patient_id FROM opted_out) AS opted_out
+        d.patient_id IN (SELECT patient_id FROM opted_out) AS opted_out,
+        {_transferred_sql()} AS transferred
     FROM inpatient d
     CROSS JOIN horizon h
     {death_join}
@@ -208,12 +250,15 @@ def readmission_labels_with_counts(
     counts_censored = int(flagged["censored"].sum())
     died = flagged["died"] & ~flagged["censored"]
     opted_out = flagged["opted_out"] & ~flagged["censored"] & ~flagged["died"]
+    transferred = flagged["transferred"] & ~(flagged["censored"] | flagged["died"])
+    transferred &= ~flagged["opted_out"]
     # the outcome is unknown when the discharge, or an admission that may have followed it in
     # the window (and no admission known to the day did), is dated only to a month or a year
     undated = flagged["discharge_undated"] | (
         flagged["readmission_undated"] & ~flagged["readmitted"]
     )
     excluded = flagged["censored"] | flagged["died"] | flagged["opted_out"]
+    excluded |= flagged["transferred"]
     imprecise = undated & ~excluded
     kept = flagged[~(excluded | undated)]
     labels = (
@@ -229,6 +274,7 @@ def readmission_labels_with_counts(
         censored=counts_censored,
         died=int(died.sum()),
         opted_out=int(opted_out.sum()),
+        transferred=int(transferred.sum()),
         imprecise=int(imprecise.sum()),
         labelled=len(labels),
         positives=int(labels["label"].sum()),

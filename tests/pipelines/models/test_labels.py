@@ -311,3 +311,81 @@ def test_an_admission_the_day_after_a_discharge_dated_to_its_day_is_a_readmissio
     assert got[("p1", datetime(2024, 5, 6, 11, 59, 59, 999000, tzinfo=UTC))] == 1
     assert got[("p2", datetime(2024, 6, 6, 11, 59, 59, 999000, tzinfo=UTC))] == 0
     assert got[("p5", datetime(2024, 8, 3, 10, tzinfo=UTC))] == 1
+
+
+# (id, patient, start, end, discharge disposition), times in UTC
+TRANSFERS = [
+    # discharged to another hospital at 23:50, admitted there at 00:20: one episode
+    (1, "p1", "2024-03-01T08:00:00Z", "2024-03-05T23:50:00Z", "other-hcf"),
+    (2, "p1", "2024-03-06T00:20:00Z", "2024-03-10T12:00:00Z", "home"),
+    # a same-day transfer (UB-04 02), then a readmission of the episode 12 days after its end
+    (3, "p2", "2024-04-01T08:00:00Z", "2024-04-04T10:00:00Z", "02"),
+    (4, "p2", "2024-04-04T15:00:00Z", "2024-04-08T10:00:00Z", "home"),
+    (5, "p2", "2024-04-20T08:00:00Z", "2024-04-22T10:00:00Z", "home"),
+    # a transfer disposition, but the next admission two days later: a readmission
+    (6, "p3", "2024-05-01T08:00:00Z", "2024-05-03T10:00:00Z", "other-hcf"),
+    (7, "p3", "2024-05-05T10:00:00Z", "2024-05-07T10:00:00Z", "home"),
+    # sent home, admitted again the next day: a readmission
+    (8, "p4", "2024-06-01T08:00:00Z", "2024-06-03T23:50:00Z", "home"),
+    (9, "p4", "2024-06-04T00:20:00Z", "2024-06-06T10:00:00Z", "home"),
+    # discharged to a nursing facility, admitted the next day: no transfer to a hospital
+    (10, "p5", "2024-07-01T08:00:00Z", "2024-07-03T10:00:00Z", "snf"),
+    (11, "p5", "2024-07-04T10:00:00Z", "2024-07-06T10:00:00Z", "home"),
+    (12, "p6", "2024-11-01T08:00:00Z", "2024-12-31T08:00:00Z", "home"),  # the data's end
+]
+
+
+def _discharged(n: int, patient: str, start: str, end: str, disposition: str) -> dict[str, object]:
+    stay = _inpatient(n, patient, start, end)
+    coding = {
+        "system": "http://terminology.hl7.org/CodeSystem/discharge-disposition",
+        "code": disposition,
+    }
+    stay["hospitalization"] = {"dischargeDisposition": {"coding": [coding]}}
+    return stay
+
+
+def test_a_transfer_to_another_hospital_is_one_episode_indexed_at_its_last_discharge(
+    tmp_path: Path,
+) -> None:
+    """Worked out here: a stay discharged to another hospital (other-hcf, UB-04 02) with an
+    admission on the same or the next UTC day is no index; every other discharge is labelled 1
+    when an admission follows it within 30 days."""
+    from tests.pipelines.features.crafted import features_from_fhir
+
+    patients = sorted({row[1] for row in TRANSFERS})
+    resources: list[dict[str, object]] = [{"resourceType": "Patient", "id": p} for p in patients]
+    resources += [_discharged(*row) for row in TRANSFERS]
+    con = features_from_fhir(resources, tmp_path)
+    labels, counts = readmission_labels_with_counts(con)
+
+    def at(text: str) -> datetime:
+        return datetime.fromisoformat(text)
+
+    def admissions_after(n: int, patient: str) -> list[datetime]:
+        return [at(s) for m, p, s, _, _ in TRANSFERS if p == patient and m != n]
+
+    expected, transfers = {}, 0
+    for n, patient, _, end, disposition in TRANSFERS:
+        discharge = at(end)
+        next_days = {discharge.date(), discharge.date() + timedelta(days=1)}
+        if disposition in {"other-hcf", "02"} and any(
+            a.date() in next_days for a in admissions_after(n, patient)
+        ):
+            transfers += 1
+            continue
+        if n == 12:  # censored
+            continue
+        expected[(patient, discharge)] = int(
+            any(
+                timedelta(0) < a - discharge <= timedelta(days=30)
+                for a in admissions_after(n, patient)
+            )
+        )
+    got = {
+        (r.patient_id, r.event_timestamp.to_pydatetime()): int(r.label) for r in labels.itertuples()
+    }
+    assert got == expected
+    assert ("p1", at(TRANSFERS[0][3])) not in got and got[("p1", at(TRANSFERS[1][3]))] == 0
+    assert got[("p2", at(TRANSFERS[3][3]))] == 1
+    assert counts.transferred == transfers == 2

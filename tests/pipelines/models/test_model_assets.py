@@ -28,6 +28,7 @@ def test_labels_asset_writes_table_and_parquet(tmp_path: Path) -> None:
     assert metadata["rows"].value == 9
     assert metadata["positives"].value == 2
     assert metadata["excluded_opted_out"].value == 2
+    assert metadata["excluded_transferred"].value == 0  # the crafted stays hold no transfer
     # research profile: +-50 day shifts, so the last 100 days before the horizon are censored too
     assert metadata["censor_margin_days"].value == 100
     assert metadata["excluded_censored"].value == 1

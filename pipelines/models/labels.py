@@ -41,8 +41,16 @@ Definition (one row per index discharge):
 * Deaths: a discharge is dropped when the patient died at that stay, i.e. the discharge
   disposition is ``exp``/``20`` (expired), or ``views.patient`` (when present) records a
   ``deceased_date_time`` on or before the discharge date (compared by date, since shifted
-  timestamps carry no time of day). Deaths after discharge stay in the denominator with label 0,
-  as in the CMS hospital-wide readmission measure.
+  timestamps carry no time of day). A death with a time is compared by its UTC date with the
+  discharge's UTC date. A death dated to its day only names no zone, and the discharge's date
+  depends on the zone (a discharge on 10 June at a site at UTC+10, released without its time
+  as 2024-06-10T00:00+10:00, is 9 June 14:00Z in the view): such a death counts at the
+  stay when its day is on or before the discharge's date in some zone, i.e. in the zone
+  furthest east (UTC+14). A death on a later day than that is later in every zone and keeps the
+  stay, with label 0. The view keeps no mark of a date, which it reads as 00:00Z, so a death at
+  exactly 00:00Z is read as a date (a time in UTC after de-identification is 00:00Z, known to
+  its day only). Deaths after discharge stay in the denominator with label 0, as in the CMS
+  hospital-wide readmission measure.
 * Transfers (CMS hospital-wide readmission measure): a discharge to another hospital followed
   by an inpatient admission on the same or the next calendar day (UTC, as every instant here)
   is a transfer. The stays form one episode: the transferring stay is no index discharge
@@ -66,7 +74,8 @@ Definition (one row per index discharge):
   days (none known to the day did) has no known outcome. Both are dropped and counted
   (``imprecise``), rather than labelled from the first instant of the month or year.
 * Every instant is counted in UTC, whatever the session's or the machine's time zone: the
-  30 days after a discharge, and the dates a death and a discharge are compared by.
+  30 days after a discharge, the calendar days of a transfer, and the dates a death with a time
+  and a discharge are compared by (a death dated to its day only: see Deaths).
 * Two discharges of one patient that fall on the same (shifted) timestamp collapse into one row;
   its label is 1 if either is followed by a readmission.
 """
@@ -88,6 +97,8 @@ from pipelines.features.cohort import (
 
 READMISSION_WINDOW_DAYS = 30
 EXPIRED_DISPOSITIONS = ("exp", "20")
+# The zone furthest east (UTC+14): where an instant has its latest calendar date
+EAST_MOST_OFFSET_HOURS = 14
 # Discharge dispositions of a transfer to another hospital: HL7 discharge-disposition
 # ``other-hcf`` (the only code of that system not naming a kind of place that is no acute
 # hospital: hospice, long-term care, psychiatric, rehabilitation, skilled nursing), and the
@@ -163,6 +174,22 @@ def _transferred_sql() -> str:
     )"""
 
 
+def _death_at_stay_sql() -> str:
+    """SQL: the patient ``p`` died at the stay ``d`` (see the module docstring): a death with a
+    time on or before the discharge's UTC date; a death dated to its day only on or before the
+    discharge's date in the zone furthest east (UTC+14), the latest date the discharge has in any
+    zone. The view reads a date as its 00:00Z, and keeps no mark of it: a death at 00:00Z is read
+    as a date (what de-identification leaves of a time in UTC is known to its day only anyway)."""
+    death = "p.deceased_date_time"
+    day = f"CAST({death} AS DATE)"
+    dated_only = f"{death} = CAST({day} AS TIMESTAMPTZ)"
+    discharge_day_east = f"CAST(d.period_end + INTERVAL {EAST_MOST_OFFSET_HOURS} HOUR AS DATE)"
+    return f"""({death} IS NOT NULL AND (
+        {day} <= CAST(d.period_end AS DATE)
+        OR ({dated_only} AND {day} <= {discharge_day_east})
+    ))"""
+
+
 def _discharges_sql(
     con: duckdb.DuckDBPyConnection, censor_margin_days: int, known_by: datetime | None
 ) -> str:
@@ -170,12 +197,7 @@ def _discharges_sql(
     patient_cols = _table_columns(con, "views", "patient")
     has_deaths = {"id", "deceased_date_time"} <= patient_cols
     death_join = "LEFT JOIN views.patient p ON p.id = d.patient_id" if has_deaths else ""
-    death_at_stay = (
-        "(p.deceased_date_time IS NOT NULL "
-        "AND CAST(p.deceased_date_time AS DATE) <= CAST(d.period_end AS DATE))"
-        if has_deaths
-        else "FALSE"
-    )
+    death_at_stay = _death_at_stay_sql() if has_deaths else "FALSE"
     expired = _codes(EXPIRED_DISPOSITIONS)
     window = f"INTERVAL {READMISSION_WINDOW_DAYS} DAY"
     start_latest, end_latest = _latest_bounds(con)

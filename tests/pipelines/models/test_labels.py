@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import calendar
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import duckdb
@@ -389,3 +389,57 @@ def test_a_transfer_to_another_hospital_is_one_episode_indexed_at_its_last_disch
     assert ("p1", at(TRANSFERS[0][3])) not in got and got[("p1", at(TRANSFERS[1][3]))] == 0
     assert got[("p2", at(TRANSFERS[3][3]))] == 1
     assert counts.transferred == transfers == 2
+
+
+# (patient, discharge, death) as exported: every stay starts five days before its discharge
+DEATHS = [
+    ("p1", "2024-06-10T10:00:00+10:00", "2024-06-10"),  # died on the discharge's day, UTC+10
+    ("p2", "2024-06-10T00:00:00+10:00", "2024-06-10"),  # the same, as released: no time
+    ("p3", "2024-06-10T00:00:00+10:00", "2024-06-11"),  # died the next day
+    ("p4", "2024-06-10T22:00:00-05:00", "2024-06-10"),  # 11 June UTC: died that day
+    ("p5", "2024-06-10T10:00:00Z", "2024-06-12"),  # two days later
+    ("p6", "2024-06-01T23:00:00Z", "2024-06-02T02:00:00Z"),  # three hours later, a time
+]
+
+
+def test_a_death_dated_to_the_discharge_day_in_any_zone_is_a_death_at_the_stay(
+    tmp_path: Path,
+) -> None:
+    """Worked out here over every zone: a death dated to its day only is at the stay when the
+    discharge falls on that day or later in some zone from UTC-12 to UTC+14; a death with a
+    time, when its UTC date is on or before the discharge's."""
+    from tests.pipelines.features.crafted import features_from_fhir
+
+    resources: list[dict[str, object]] = []
+    for n, (patient, end, death) in enumerate(DEATHS, start=1):
+        start = (datetime.fromisoformat(end) - timedelta(days=5)).isoformat()
+        resources.append({"resourceType": "Patient", "id": patient, "deceasedDateTime": death})
+        resources.append(_inpatient(n, patient, start, end))
+    resources.append({"resourceType": "Patient", "id": "last"})
+    resources.append(_inpatient(99, "last", "2024-12-01T08:00:00Z", "2024-12-31T08:00:00Z"))
+    con = features_from_fhir(resources, tmp_path)
+    labels, counts = readmission_labels_with_counts(con)
+
+    def died_at_stay(end: str, death: str) -> bool:
+        discharge = datetime.fromisoformat(end)
+        if "T" in death:
+            return (
+                datetime.fromisoformat(death).astimezone(UTC).date()
+                <= discharge.astimezone(UTC).date()
+            )
+        zones = [timezone(timedelta(hours=h)) for h in range(-12, 15)]
+        return any(
+            datetime.fromisoformat(death).date() <= discharge.astimezone(z).date() for z in zones
+        )
+
+    expected = {
+        (patient, datetime.fromisoformat(end)): 0
+        for patient, end, death in DEATHS
+        if not died_at_stay(end, death)
+    }
+    got = {
+        (r.patient_id, r.event_timestamp.to_pydatetime()): int(r.label) for r in labels.itertuples()
+    }
+    assert got == expected
+    assert {p for p, _ in got} == {"p3", "p5", "p6"}
+    assert counts.died == len(DEATHS) - len(expected) == 3

@@ -90,8 +90,8 @@ def _utilisation_fields() -> list[Field]:
             _field(
                 f"prior_inpatient_stays_{d}d",
                 Int64,
-                f"Inpatient stays (class IMP) discharged in [T - {d} days, T): a stay "
-                "discharged at T (the index stay at a discharge) is not counted.",
+                f"Inpatient stays (class IMP, ACUTE or NONAC) discharged in [T - {d} days, T): "
+                "a stay discharged at T (the index stay at a discharge) is not counted.",
                 "1",
             ),
         ]

@@ -40,6 +40,7 @@ from pipelines.models.training import (
     ModelReport,
     load_model_report,
     train_readmission_model,
+    withdraw_model,
 )
 from pipelines.models.training_refresh import TrainingSetRefresh
 from pipelines.models.training_set import (
@@ -255,11 +256,17 @@ def readmission_model(
         report = train_readmission_model(training, out_dir=out_dir, audit_columns=AUDIT_COLUMNS)
     except InsufficientTrainingDataError as exc:
         # a small release (a test batch, a clinic's first export) is not an error of the
-        # pipeline: say why there is no model, and drop figures of an earlier one
-        (out_dir / "metrics.json").unlink(missing_ok=True)
-        context.log.warning(f"readmission model not trained: {exc}")
+        # pipeline: say why there is no model, and withdraw an earlier one whole (fitted to a
+        # training set that is gone, perhaps to patients who have left it since)
+        card = withdraw_model(out_dir, str(exc))
+        context.log.warning(f"readmission model not trained, any earlier one withdrawn: {exc}")
         yield MaterializeResult(
-            metadata={"trained": False, "reason": str(exc), "rows": len(training)}
+            metadata={
+                "trained": False,
+                "reason": str(exc),
+                "rows": len(training),
+                "model_card": MetadataValue.md(card.read_text()),
+            }
         )
         yield AssetCheckResult(
             check_name="auroc_beats_chance",

@@ -451,6 +451,25 @@ def metrics_document(
     }
 
 
+def withdraw_model(out_dir: Path, reason: str) -> Path:
+    """Publish, as the set at ``out_dir``, a model card alone that says there is no model and
+    why (``reason``: counts, never a value): the previous model goes with its metrics, plots
+    and record of training rows, in one switch (:func:`pipelines.publish.publish_folder`). A
+    model that could not be trained again must not stay on disk fitted to patients who have
+    left the training set since (opted out, withheld, erased), nor its figures describe data
+    that is no longer released. Returns the card's path."""
+    card = (
+        "# 30-day readmission model\n\n"
+        f"**No model is published.** The last refresh could not train one: {reason}.\n\n"
+        "Any earlier model was withdrawn with its metrics, plots and the record of the rows it "
+        "was trained on: it was fitted to a training set that is no longer the release's, and "
+        "possibly to patients who have left it. The next refresh with enough data trains "
+        "one.\n"
+    )
+    publish_folder(Path(out_dir), lambda folder: (folder / MODEL_CARD_FILE).write_text(card))
+    return Path(out_dir) / MODEL_CARD_FILE
+
+
 def write_model_outputs(
     fitted: FittedModel,
     evaluation: Evaluation,

@@ -311,3 +311,29 @@ def test_asset_retrains_after_an_attempt_without_a_model(tmp_path: Path) -> None
     frame.to_parquet(training_path, index=False)
     again, checks = _materialize(warehouse)
     assert again["retrained"] is True and checks == {"auroc_beats_chance": True}
+
+
+def test_a_model_that_cannot_be_trained_again_is_withdrawn_whole(tmp_path: Path) -> None:
+    """Patients leave the training set (opted out, say) until too few are left to train: the
+    model fitted with them must not stay on disk, nor its metrics, plots or record of training
+    rows; a card alone says why there is no model. Checked on the files themselves: every file
+    the models folder holds after the failed refresh, hidden version folders included."""
+    frame = planted_frame(n_patients=400)
+    warehouse, training_path = _workdir(tmp_path, frame)
+    first, _ = _materialize(warehouse)
+    assert first["retrained"] is True
+    folder = models_dir(warehouse.workdir)
+    fitted = {p.name for p in folder.rglob("*") if p.is_file()}
+    assert {"readmission_model.joblib", "metrics.json", "model_card.md"} <= fitted
+    # all but three patients leave: too few to split into train and test
+    kept_patients = sorted(frame["patient_id"].unique())[:3]
+    frame[frame["patient_id"].isin(kept_patients)].to_parquet(training_path, index=False)
+    not_trained, checks = _materialize(warehouse)
+    assert not_trained["trained"] is False and checks == {"auroc_beats_chance": False}
+    left = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    # the card of the withdrawn set, through the link and in its version folder; nothing else
+    # of the model (the training set's own Parquet file sits beside, in the models folder)
+    assert [name for name in left if name.endswith(".joblib") or "trained_on" in name] == []
+    assert [name for name in left if name.endswith(("metrics.json", ".png"))] == []
+    card = (folder / MODEL_DIR / "model_card.md").read_text()
+    assert "No model is published" in card and "No model is published" in not_trained["model_card"]

@@ -132,7 +132,7 @@ patient_utilisation = FeatureView(
         "owner": OWNER,
         "sensitivity": "pseudonymous",
         "table": "features.patient_utilisation",
-        "rule": "views.encounter: period_start, period_end, class_code",
+        "rule": "views.encounter: period_start, period_end, class_code, part_of_id",
     },
 )
 

@@ -1,6 +1,6 @@
 """The rules shared by the feature tables, their checks and the readmission label: who opted out
-of research, which encounters took place, which encounters are inpatient stays, and which dates
-can be true.
+of research, which encounters took place, which encounters count on their own (not as part of
+another), which encounters are inpatient stays, and which dates can be true.
 
 A patient opted out when they have a Consent that is active, scoped to research, and either
 denies (``provision_type = 'deny'``) or names the ``OPTOUT`` policy rule. Codes are compared
@@ -57,6 +57,22 @@ def inpatient_sql(class_code: str = "class_code") -> str:
     class is one of :data:`INPATIENT_CLASS_CODES`)."""
     listed = ", ".join(f"'{c}'" for c in INPATIENT_CLASS_CODES)
     return f"coalesce({class_code} IN ({listed}), FALSE)"
+
+
+def own_encounter_sql(encounters: str, alias: str) -> str:
+    """A SQL condition on the encounter ``alias`` (with ``id``, ``patient_id`` and ``part_of_id``,
+    the columns of ``views.encounter``): it is an encounter of its own, not part of another
+    encounter of the same patient in ``encounters`` (a table or view with those columns and
+    ``status``) that took place. An ICU or ward segment of a hospitalisation (``Encounter.partOf``)
+    is no stay or visit of its own: its parent is, and counting both would make one stay two
+    (the segment's end an index discharge the patient never left hospital at). A sub-encounter
+    whose parent is not in the data (not released, or did not take place) counts as its own: it
+    is the only record of that visit."""
+    return f"""NOT EXISTS (
+        SELECT 1 FROM {encounters} parent
+        WHERE parent.id = {alias}.part_of_id AND parent.patient_id = {alias}.patient_id
+          AND parent.id <> {alias}.id AND {encounter_held_sql("parent.status")}
+    )"""
 
 
 def release_known_by(con: duckdb.DuckDBPyConnection, date_shift_days: int) -> datetime | None:

@@ -43,6 +43,7 @@ from pipelines.features.tables import (
     FeatureBuild,
     build_feature_tables_report,
     dated_after_arrival,
+    feature_encounters_sql,
     lab_unit_counts,
     parquet_path,
     prepare_sources,
@@ -108,6 +109,8 @@ def definitions_digest(valuesets: list[ValueSet]) -> str:
     text = "\0".join(
         [
             FEATURES_VERSION,
+            # which encounters count is set before the tables' SQL, and is as much their rule
+            feature_encounters_sql(),
             *(table_sql(name, _EPOCH, valuesets) for name in FEATURE_TABLES),
             _canonical(valuesets),
             repr(LAB_MEASURES),

@@ -22,7 +22,9 @@ until t + N days, where a row drops it. Change points per table:
   start and start + 30/180/365 days, each inpatient discharge + 1 microsecond (a stay is
   "prior" strictly after its discharge, so at the discharge itself the index stay is excluded)
   and + 30/180/365 days. An inpatient stay is one of class IMP, ACUTE or NONAC, as in the label
-  (:func:`pipelines.features.cohort.inpatient_sql`).
+  (:func:`pipelines.features.cohort.inpatient_sql`). An ICU or ward segment of a
+  hospitalisation in the data (``Encounter.partOf``) is no encounter or stay of its own, as in
+  the label (:func:`pipelines.features.cohort.own_encounter_sql`).
 - ``patient_comorbidities``: the patient's start plus each time a group is first known.
   A diagnosis is known from ``recordedDate``; only a condition without one falls back to its
   onset (an onset date is often back-dated: a 2009 onset recorded in 2024 was not known in 2009).
@@ -56,6 +58,7 @@ from pipelines.features.cohort import (
     encounter_held_sql,
     inpatient_sql,
     opted_out_sql,
+    own_encounter_sql,
     timestamptz_sql,
 )
 from pipelines.features.valuesets import (
@@ -84,6 +87,7 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
     "encounter": {
         "id": "VARCHAR",
         "patient_id": "VARCHAR",
+        "part_of_id": "VARCHAR",
         "status": "VARCHAR",
         "class_code": "VARCHAR",
         "period_start": "TIMESTAMPTZ",
@@ -129,6 +133,11 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "provision_type": "VARCHAR",
     },
 }
+
+# View columns added after views were first built. A view built before one of them (its changed
+# definition rebuilds it at the next refresh) reads it as NULL, what it would have held then:
+# an encounter part of no other.
+ADDED_VIEW_COLUMNS: dict[str, tuple[str, ...]] = {"encounter": ("part_of_id",)}
 
 # Which views each feature table reads (the Dagster assets depend on exactly these).
 FEATURE_TABLES: dict[str, tuple[str, ...]] = {
@@ -292,23 +301,58 @@ def prepare_sources(
     the latest fact time, over the facts dated no later than ``known_by`` when it is given
     (:func:`pipelines.features.cohort.release_known_by`): a fact dated in the future of every
     export moves no one's rows."""
-    present = {
-        name
-        for (name,) in con.execute(
-            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'views'"
-        ).fetchall()
-    }
+    present = _built_view_columns(con)
     for view, columns in VIEW_COLUMNS.items():
         key = "id" if view == "patient" else "patient_id"
         only = f" WHERE {key} IN (SELECT patient_id FROM {patients})" if patients else ""
         if view in present:
-            select = ", ".join(f'"{c}"::{t} AS "{c}"' for c, t in columns.items())
+            select = ", ".join(
+                _source_column(view, c, t, present[view]) for c, t in columns.items()
+            )
             body = f"SELECT {select} FROM views.{view}{only}"
         else:
             select = ", ".join(f'NULL::{t} AS "{c}"' for c, t in columns.items())
             body = f"SELECT {select} WHERE false"
         con.execute(f"CREATE OR REPLACE TEMP VIEW src_{view} AS {body}")
     _prepare_patients(con, data_end, known_by)
+
+
+def _built_view_columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
+    """The columns of every table in schema ``views``, by table."""
+    built: dict[str, set[str]] = {}
+    for table, column in con.execute(
+        "SELECT table_name, column_name FROM information_schema.columns "
+        "WHERE table_schema = 'views'"
+    ).fetchall():
+        built.setdefault(table, set()).add(column)
+    return built
+
+
+def _source_column(view: str, column: str, type_: str, built: set[str]) -> str:
+    """One column of ``src_<view>``: the view's own, or NULL for a column of
+    :data:`ADDED_VIEW_COLUMNS` the view was built without (any other missing column is an
+    error, as it was)."""
+    if column not in built and column in ADDED_VIEW_COLUMNS.get(view, ()):
+        return f'NULL::{type_} AS "{column}"'
+    return f'"{column}"::{type_} AS "{column}"'
+
+
+def feature_encounters_sql() -> str:
+    """The encounters the feature tables count: those of eligible patients that took place and
+    count on their own (:func:`pipelines.features.cohort.own_encounter_sql`: an ICU or ward
+    segment of a hospitalisation in the data is no visit or stay of its own), each bound from
+    the latest instant it can stand for, as every fact. A planned, cancelled or mistaken
+    encounter is no visit, no stay and no data time (a planned one would move the data end into
+    the future). A stay with an end and no start (FHIR allows it) is still a stay, as in the
+    label: a prior stay from its discharge, though no visit in the windows counted from starts."""
+    return f"""
+        SELECT e.patient_id, e.class_code,
+            e.period_start_latest AS period_start, e.period_end_latest AS period_end
+        FROM src_encounter e SEMI JOIN feature_patients p ON p.patient_id = e.patient_id
+        WHERE coalesce(e.period_start_latest, e.period_end_latest) IS NOT NULL
+          AND {encounter_held_sql("e.status")}
+          AND {own_encounter_sql("src_encounter", "e")}
+        """
 
 
 def _prepare_patients(
@@ -323,21 +367,7 @@ def _prepare_patients(
         WHERE id IS NOT NULL AND id NOT IN (SELECT patient_id FROM feature_opted_out)
         """
     )
-    # only encounters that took place: a planned, cancelled or mistaken one is no visit and
-    # no stay, and no data time (a planned one would move the data end into the future). A
-    # stay with an end and no start (FHIR allows it) is still a stay, as in the label: a prior
-    # stay from its discharge, though no visit in the windows counted from starts.
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP VIEW feature_encounters AS
-        SELECT e.patient_id, e.class_code,
-            -- each bound from the latest instant it can stand for, as every fact
-            e.period_start_latest AS period_start, e.period_end_latest AS period_end
-        FROM src_encounter e SEMI JOIN feature_patients p ON p.patient_id = e.patient_id
-        WHERE coalesce(e.period_start_latest, e.period_end_latest) IS NOT NULL
-          AND {encounter_held_sql("e.status")}
-        """
-    )
+    con.execute(f"CREATE OR REPLACE TEMP VIEW feature_encounters AS {feature_encounters_sql()}")
     con.execute(
         f"""
         CREATE OR REPLACE TEMP VIEW feature_event_times AS

@@ -9,6 +9,15 @@ Definition (one row per index discharge):
   (status ``planned``, ``cancelled`` or ``entered-in-error``,
   :data:`pipelines.features.cohort.ENCOUNTER_NOT_HELD`, as in the feature tables) are ignored
   everywhere: as index stays, as readmissions and in the data's end.
+* One hospitalisation is one stay: an encounter part of another encounter of the same patient
+  in the data that took place (``Encounter.partOf``, ``views.encounter.part_of_id``: an ICU or
+  ward segment) is no index discharge, no readmission and no transfer of its own; its parent
+  is (:func:`pipelines.features.cohort.own_encounter_sql`, as the features' encounter counts and
+  prior stays). Without the rule an ICU segment ending the evening before the ward segment began
+  was an index discharge with label 1, though the patient never left hospital. A sub-encounter
+  whose parent is not in the data (not released) counts as its own stay: it is the only record
+  of it. Its times still count in the data's end. A ``views.encounter`` built before
+  ``part_of_id`` existed reads every encounter as its own.
 * ``event_timestamp`` is the discharge time (``period_end``). Features must be computed as of
   this instant, so nothing recorded after the discharge leaks into the prediction. A discharge
   dated to its day only (no time) is labelled at the end of that day, the latest instant it can
@@ -92,6 +101,7 @@ from pipelines.features.cohort import (
     encounter_held_sql,
     inpatient_sql,
     opted_out_sql,
+    own_encounter_sql,
     timestamptz_sql,
 )
 
@@ -145,6 +155,14 @@ def _latest_bounds(con: duckdb.DuckDBPyConnection) -> tuple[str, str]:
         for bound in ("period_start", "period_end")
     )
     return start, end
+
+
+def _part_of_column(con: duckdb.DuckDBPyConnection) -> str:
+    """What ``views.encounter`` lacks of ``part_of_id``: nothing, or, in a view built before
+    the column existed, the column as NULL (an encounter part of no other, as it was read)."""
+    if "part_of_id" in _table_columns(con, "views", "encounter"):
+        return ""
+    return ", NULL::VARCHAR AS part_of_id"
 
 
 def _dated_to_the_day(value: str, latest: str) -> str:
@@ -206,7 +224,7 @@ def _discharges_sql(
     after_arrival = "true" if known_by is None else f"ts <= {timestamptz_sql(known_by)}"
     return f"""
     WITH enc AS (
-        SELECT * FROM views.encounter
+        SELECT *{_part_of_column(con)} FROM views.encounter
         WHERE {encounter_held_sql()}
     ),
     times AS (SELECT period_start AS ts FROM enc UNION ALL SELECT period_end FROM enc),
@@ -216,7 +234,9 @@ def _discharges_sql(
             {start_latest} AS start_latest, {end_latest} AS end_latest,
             {_dated_to_the_day("period_start", start_latest)} AS start_dated,
             {_dated_to_the_day("period_end", end_latest)} AS end_dated
-        FROM enc WHERE {inpatient_sql()} AND patient_id IS NOT NULL
+        FROM enc e WHERE {inpatient_sql()} AND patient_id IS NOT NULL
+          -- an ICU or ward segment of a stay in the data is no stay of its own
+          AND {own_encounter_sql("enc", "e")}
     ),
     opted_out AS ({opted_out_sql("views.consent")})
     SELECT

@@ -8,8 +8,11 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
 - dates (date, dateTime, instant, partial or not) follow the profile's date rule: ``shift``
   (the patient's secret offset; a year-month moves with its 15th day, a year alone stays a
   year) or ``year``; out-of-range or unreadable dates are withheld and counted;
-- ``code`` elements are released only when the value is in the element's required binding
-  (:data:`deid.terminology.REQUIRED_BINDINGS`), else withheld and counted;
+- ``code`` elements (and the codes of bound codings and of the birth-sex extension) are
+  released only when the value is in the element's required binding
+  (:data:`deid.terminology.REQUIRED_BINDINGS`), or equals exactly one of its codes without
+  regard to case, released as the binding writes it and counted
+  (:func:`deid.terminology.binding_code`); else withheld and counted;
 - ``Coding``: system, version and code (a code that does not look like a code of its system is
   withheld); ``display`` only from the terminology, for codes in a released value set;
 - ``Reference``: the literal reference, pseudonymised (a logical one, given by its identifier
@@ -43,6 +46,7 @@ from deid.terminology import (
     REQUIRED_BINDINGS,
     UCUM,
     Terminology,
+    binding_code,
     code_is_well_formed,
 )
 from fhirlake.references import logical_reference
@@ -321,10 +325,22 @@ def _text(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     return value if isinstance(value, str) else _DROP
 
 
+def _bound(value: str, binding: frozenset[str], ctx: ReleaseContext) -> str | None:
+    """``value`` as the code of its required binding it stands for, counted when only its case
+    told it apart; None (counted as not in the binding) when it stands for none."""
+    code = binding_code(binding, value)
+    if code is None:
+        ctx.counts["code_not_in_binding"] += 1
+    elif code != value:
+        ctx.counts["code_case_normalised"] += 1
+    return code
+
+
 def _code(value: Any, node: Node, ctx: ReleaseContext) -> Any:
-    if isinstance(value, str) and node.binding is not None and value in node.binding:
-        return value
-    ctx.counts["code_not_in_binding"] += 1
+    if not isinstance(value, str) or node.binding is None:
+        ctx.counts["code_not_in_binding"] += 1
+    elif (code := _bound(value, node.binding, ctx)) is not None:
+        return code
     ctx.labels.add("REDACTED")
     return _DROP
 
@@ -359,10 +375,10 @@ def _coding(value: Any, node: Node, ctx: ReleaseContext) -> Any:
         out["system"] = system
     if isinstance(value.get("version"), str) and ANY_CODE.match(value["version"]):
         out["version"] = value["version"]
+    if isinstance(code, str) and node.binding is not None:
+        code = _bound(code, node.binding, ctx)
     if isinstance(code, str):
-        if node.binding is not None and code not in node.binding:
-            ctx.counts["code_not_in_binding"] += 1
-        elif not code_is_well_formed(out.get("system"), code):
+        if not code_is_well_formed(out.get("system"), code):
             ctx.counts["code_malformed"] += 1
         else:
             out["code"] = code
@@ -432,9 +448,10 @@ def _omb_extension(url: str, value: dict[str, Any], ctx: ReleaseContext) -> Any:
 def _code_extension(url: str, value: dict[str, Any], ctx: ReleaseContext) -> Any:
     allowed = REQUIRED_BINDINGS.get(url.rsplit("/", 1)[-1], frozenset())
     code = value.get("valueCode")
-    if code in allowed:
-        return {"url": url, "valueCode": code}
-    ctx.counts["code_not_in_binding"] += 1
+    if not isinstance(code, str):
+        ctx.counts["code_not_in_binding"] += 1
+    elif (bound := _bound(code, allowed, ctx)) is not None:
+        return {"url": url, "valueCode": bound}
     return _DROP
 
 

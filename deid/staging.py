@@ -110,7 +110,8 @@ def settings_digest(
     policy (name and document), the day (dates over the age limit depend on it), the displays
     the release may carry, the FHIR base that makes references local, and the rule that picks
     a resource's newest version among those the vault holds (the batch releases the resources
-    whose newest version it wrote, and its swap drops other batches' rows of them)."""
+    whose newest version it wrote, and its swap drops other batches' rows of them), and the
+    rule that reads a code written in another case as its required binding's code."""
     displays = sorted(
         [system, code, display]
         for (system, code), display in (terminology or Terminology()).displays.items()
@@ -126,6 +127,10 @@ def settings_digest(
         # warehouses published before hold older versions beside newer ones, and their
         # batches are de-identified again, in order, by the next `ehr run`
         "superseded_rows": "dropped",
+        # a code differing from its required binding's code in case alone is released as that
+        # code (deid.terminology.binding_code): batches released before withheld it (a
+        # Consent's `Deny`, an opt-out lost), and are de-identified again by the next `ehr run`
+        "binding_case": "normalised",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

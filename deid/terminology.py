@@ -1,6 +1,7 @@
 """What the release may say about codes: the required bindings of the code elements the
-profiles release, the displays it may put back (only for codes in a released value set), the
-syntax of codes from the code systems the platform sees, and which quantities are ages.
+profiles release (a value differing from one of the binding's codes in case alone is that code:
+:func:`binding_code`), the displays it may put back (only for codes in a released value set),
+the syntax of codes from the code systems the platform sees, and which quantities are ages.
 
 The binding table is written out here rather than read from the R4B models: their
 ``enum_values`` lists are truncated (``'+'`` marks the rest), and a code element the release
@@ -232,6 +233,21 @@ OMB_DISPLAYS: dict[tuple[str, str], str] = {
     (OMB, "2135-2"): "Hispanic or Latino",
     (OMB, "2186-5"): "Not Hispanic or Latino",
 }
+
+
+def binding_code(binding: frozenset[str], value: str) -> str | None:
+    """The code of ``binding`` that ``value`` stands for: ``value`` itself when the binding
+    holds it, else the one code it equals without regard to case (``Deny`` is ``deny``,
+    ``Active`` is ``active``, ``imp`` is ``IMP``), written as the binding writes it; None when it
+    matches no code, or several. A required binding allows its codes only, so a value that
+    differs from one of them in case alone can mean nothing else: withholding it would drop
+    what the source said (a research opt-out written ``Deny`` would be lost), and releasing the
+    binding's own spelling carries no more than the code does."""
+    if value in binding:
+        return value
+    folded = value.casefold()
+    matches = [code for code in binding if code.casefold() == folded]
+    return matches[0] if len(matches) == 1 else None
 
 
 def code_is_well_formed(system: str | None, code: str) -> bool:

@@ -14,7 +14,7 @@ from deid import workers
 from deid.allowlist import ProfileError, ReleaseProfile
 from deid.engine import Deidentifier, DeidOutcome, DeidSecrets, ProcessingError
 from deid.policy import Policy
-from deid.terminology import Terminology
+from deid.terminology import Terminology, binding_code
 
 TODAY = date(2026, 11, 28)
 LOINC = "http://loinc.org"
@@ -78,6 +78,54 @@ def test_codes_outside_their_binding_are_nulled_and_counted() -> None:
     }
     released = _apply(encounter).resource
     assert released["status"] == "finished" and "class" not in released
+
+
+def test_a_code_differing_from_its_bindings_code_in_case_alone_is_released_as_that_code() -> None:
+    consent = {
+        "resourceType": "Consent",
+        "id": "k",
+        "status": "Active",
+        "patient": {"reference": "Patient/p"},
+        "provision": {"type": "Deny"},
+    }
+    out = _apply(consent)
+    assert out.resource["status"] == "active"
+    assert out.resource["provision"] == {"type": "deny"}
+    assert out.release_counts["code_case_normalised"] == 2
+    assert out.release_counts["code_not_in_binding"] == 0
+    encounter = {
+        "resourceType": "Encounter",
+        "id": "e",
+        "status": "CANCELLED",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "imp"},
+    }
+    released = _apply(encounter).resource
+    assert released["status"] == "cancelled" and released["class"]["code"] == "IMP"
+    sex = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
+    patient = {
+        "resourceType": "Patient",
+        "id": "p",
+        "gender": "Female",
+        "extension": [{"url": sex, "valueCode": "f"}],
+    }
+    released = _apply(patient).resource
+    assert released["gender"] == "female"
+    assert released["extension"] == [{"url": sex, "valueCode": "F"}]
+
+
+@pytest.mark.parametrize("status", ["Final Smith", "finale", " final", "f\u0131nal"])
+def test_a_code_matching_no_code_of_its_binding_in_any_case_stays_withheld(status: str) -> None:
+    out = _apply(_obs(status=status))
+    assert "status" not in out.resource
+    assert out.release_counts["code_not_in_binding"] == 1
+    assert out.release_counts["code_case_normalised"] == 0
+
+
+def test_a_value_matching_several_codes_of_a_binding_without_case_matches_none() -> None:
+    binding = frozenset({"Ab", "aB", "c"})
+    assert binding_code(binding, "aB") == "aB"  # as written: itself
+    assert binding_code(binding, "AB") is None  # two codes it could be: neither is chosen
+    assert binding_code(binding, "C") == "c"
 
 
 def test_a_code_that_does_not_look_like_its_systems_code_is_dropped() -> None:

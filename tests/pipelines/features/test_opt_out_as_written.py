@@ -1,0 +1,127 @@
+"""A research opt-out counts however its source wrote it. Each consent goes through the research
+release profile (the real de-identification), the shipped ViewDefinitions, the feature SQL and
+the readmission label:
+
+- a code of a required binding in another case (``provision.type: "Deny"``, ``status:
+  "Active"``) was withheld by the release, so the view read NULL and the patient stayed in
+  every feature table and the label; it is now released as the binding's code.
+
+Which patients opted out is written here by hand, from what each consent says."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from deid.engine import Deidentifier, DeidSecrets
+from deid.policy import Policy
+from pipelines.features.cohort import released_cohort
+from pipelines.models.labels import readmission_labels_with_counts
+from tests.pipelines.features.crafted import features_from_fhir
+
+SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
+ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
+TODAY = date(2026, 11, 28)
+KEY = b"\x07" * 32
+
+RESEARCH = {"coding": [{"system": SCOPE, "code": "research"}]}
+TREATMENT = {"coding": [{"system": SCOPE, "code": "treatment"}]}
+
+# patient -> what their consent says (None: no consent)
+CONSENTS: dict[str, dict[str, Any] | None] = {
+    "deny-capitalised": {"status": "active", "scope": RESEARCH, "provision": {"type": "Deny"}},
+    "active-capitalised": {"status": "Active", "scope": RESEARCH, "provision": {"type": "deny"}},
+    "treatment-deny": {"status": "active", "scope": TREATMENT, "provision": {"type": "deny"}},
+    "inactive-deny": {"status": "Inactive", "scope": RESEARCH, "provision": {"type": "Deny"}},
+    "no-consent": None,
+}
+# read from CONSENTS by hand: the consents that are active and deny research use
+OPTED_OUT = {"deny-capitalised", "active-capitalised"}
+
+
+def _encounter(eid: str, patient: str, cls: str, start: str, end: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "finished",
+        "class": {"system": ACT, "code": cls},
+        "subject": {"reference": f"Patient/{patient}"},
+        "period": {"start": start, "end": end},
+    }
+
+
+def _record(patient: str, consent: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A patient with two inpatient stays 10 days apart (a readmission label) and a consent."""
+    resources: list[dict[str, Any]] = [
+        {"resourceType": "Patient", "id": patient, "birthDate": "1960-06-15"},
+        _encounter(f"{patient}-1", patient, "IMP", "2024-03-01T09:00:00Z", "2024-03-04T09:00:00Z"),
+        _encounter(f"{patient}-2", patient, "IMP", "2024-03-14T09:00:00Z", "2024-03-16T09:00:00Z"),
+        _encounter(f"{patient}-3", patient, "AMB", "2024-09-01T09:00:00Z", "2024-09-01T09:30:00Z"),
+    ]
+    if consent is not None:
+        resources.append(
+            {
+                "resourceType": "Consent",
+                "id": f"{patient}-consent",
+                "patient": {"reference": f"Patient/{patient}"},
+                "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+                **consent,
+            }
+        )
+    return resources
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory: pytest.TempPathFactory) -> tuple[duckdb.DuckDBPyConnection, dict]:
+    """The feature tables built from the released resources, and each patient's pseudonym."""
+    policy = Policy.shipped("research")
+    engine = Deidentifier(policy, DeidSecrets.derive(KEY, policy), today=TODAY)
+    out: list[dict[str, Any]] = []
+    pseudonym: dict[str, str] = {}
+    for patient, consent in CONSENTS.items():
+        for resource in _record(patient, consent):
+            release = engine.apply(resource, patient_scope=patient).resource
+            out.append(release)
+            if resource["resourceType"] == "Patient":
+                pseudonym[patient] = release["id"]
+    con = features_from_fhir(out, Path(tmp_path_factory.mktemp("optout")))
+    return con, pseudonym
+
+
+def _patients_named(pseudonyms: set[str], pseudonym: dict[str, str]) -> set[str]:
+    return {patient for patient, p in pseudonym.items() if p in pseudonyms}
+
+
+def test_the_opted_out_patients_are_in_no_feature_table(released: tuple) -> None:
+    con, pseudonym = released
+    tables = [
+        name
+        for (name,) in con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'features'"
+        ).fetchall()
+    ]
+    assert tables
+    anywhere: set[str] = set()
+    for table in tables:
+        rows = con.execute(f"SELECT DISTINCT patient_id FROM features.{table}").fetchall()
+        present = _patients_named({r[0] for r in rows}, pseudonym)
+        assert not present & OPTED_OUT, table
+        anywhere |= present
+    assert anywhere == set(CONSENTS) - OPTED_OUT
+
+
+def test_the_cohort_is_the_patients_who_did_not_opt_out(released: tuple) -> None:
+    con, pseudonym = released
+    cohort = _patients_named(set(released_cohort(con)), pseudonym)
+    assert cohort == set(CONSENTS) - OPTED_OUT
+
+
+def test_the_opted_out_patients_have_no_readmission_label(released: tuple) -> None:
+    con, pseudonym = released
+    labels, _ = readmission_labels_with_counts(con)
+    labelled = _patients_named(set(labels["patient_id"]), pseudonym)
+    assert labelled == set(CONSENTS) - OPTED_OUT

@@ -2,10 +2,16 @@
 of research, which encounters took place, which encounters count on their own (not as part of
 another), which encounters are inpatient stays, and which dates can be true.
 
-A patient opted out when they have a Consent that is active, scoped to research, and either
-denies (``provision_type = 'deny'``) or names the ``OPTOUT`` policy rule. Codes are compared
-without regard to case: sources write ``Research``, ``research`` or ``OptOut`` for the same
-thing, and a patient must not re-enter the data because of how a clerk typed a code.
+A patient opted out when they have a Consent that is active, scoped to research or of a scope
+the release holds no code for, and either denies (``provision_type = 'deny'``) or names the
+``OPTOUT`` policy rule. Codes are compared without regard to case: sources write ``Research``,
+``research`` or ``OptOut`` for the same thing, and a patient must not re-enter the data because
+of how a clerk typed a code. For the same reason a scope given as text only
+(``scope: {text: "Research"}``), whose text the release never carries, or by a code it withholds,
+does not keep a denial or an ``OPTOUT`` from counting: what the patient asked is known, the
+purpose it was asked for is not, and leaving out a patient who denied something else costs one
+patient's rows, while keeping one who asked to be left out breaks their wish. A scope coded as
+another purpose (``treatment``, ``patient-privacy``, ``adr``) is read as that purpose.
 """
 
 from __future__ import annotations
@@ -24,11 +30,13 @@ DATE_SPAN = timedelta(days=2)
 def opted_out_sql(consent: str = "views.consent") -> str:
     """A query of the distinct ``patient_id`` of every opted-out patient in ``consent`` (a table
     or view with the columns of ``views.consent``). Rows without a patient are left out, so the
-    result can sit inside ``NOT IN`` (a NULL there would make every comparison unknown)."""
+    result can sit inside ``NOT IN`` (a NULL there would make every comparison unknown).
+    A consent without a scope code counts as a research one (the module's docstring says why)."""
     return f"""
     SELECT DISTINCT patient_id FROM {consent}
     WHERE patient_id IS NOT NULL
-      AND lower(status) = 'active' AND lower(scope_code) = 'research'
+      AND lower(status) = 'active'
+      AND coalesce(lower(scope_code), 'research') = 'research'
       AND (lower(provision_type) = 'deny' OR upper(policy_rule_code) = 'OPTOUT')
     """
 

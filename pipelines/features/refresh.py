@@ -34,6 +34,7 @@ from pathlib import Path
 
 import duckdb
 
+from pipelines.features.cohort import opted_out_sql
 from pipelines.features.tables import (
     FEATURE_TABLES,
     FEATURES_SCHEMA,
@@ -105,12 +106,15 @@ def _canonical(valuesets: list[ValueSet]) -> str:
 
 
 def definitions_digest(valuesets: list[ValueSet]) -> str:
-    """A digest of what every patient's rows are computed with, beside their own data."""
+    """A digest of what every patient's rows are computed with, beside their own data: the
+    opted-out rule too, since a patient it now leaves out may have view rows that never
+    changed."""
     text = "\0".join(
         [
             FEATURES_VERSION,
             # which encounters count is set before the tables' SQL, and is as much their rule
             feature_encounters_sql(),
+            opted_out_sql("src_consent"),
             *(table_sql(name, _EPOCH, valuesets) for name in FEATURE_TABLES),
             _canonical(valuesets),
             repr(LAB_MEASURES),

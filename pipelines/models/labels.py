@@ -76,7 +76,8 @@ Definition (one row per index discharge):
   disposition is a readmission.
 * Research opt-out: every discharge of a patient who opted out of research is dropped, by the
   same rule the feature tables apply (:func:`pipelines.features.cohort.opted_out_sql`: an active
-  research consent that denies or names ``OPTOUT``, codes compared without regard to case).
+  consent scoped to research, or with no scope code the release carries, that denies or names
+  ``OPTOUT``, codes compared without regard to case).
 * Dates known only to a month or a year (``views.encounter``'s ``*_latest`` columns more than
   two days after the start they are read as; Safe Harbor releases only years): a discharge so
   dated has no 30-day window, and one that an admission so dated may have followed within 30

@@ -4,7 +4,10 @@ the readmission label:
 
 - a code of a required binding in another case (``provision.type: "Deny"``, ``status:
   "Active"``) was withheld by the release, so the view read NULL and the patient stayed in
-  every feature table and the label; it is now released as the binding's code.
+  every feature table and the label; it is now released as the binding's code;
+- a scope given as text only (``scope: {text: "Research"}``), which the release never carries,
+  left ``scope_code`` NULL and the patient in; a denial or an ``OPTOUT`` without a readable
+  scope code now counts as a research opt-out, while a scope coded as another purpose does not.
 
 Which patients opted out is written here by hand, from what each consent says."""
 
@@ -19,7 +22,10 @@ import pytest
 
 from deid.engine import Deidentifier, DeidSecrets
 from deid.policy import Policy
+from pipelines.features import refresh
 from pipelines.features.cohort import released_cohort
+from pipelines.features.refresh import definitions_digest
+from pipelines.features.valuesets import load_valuesets
 from pipelines.models.labels import readmission_labels_with_counts
 from tests.pipelines.features.crafted import features_from_fhir
 
@@ -30,17 +36,37 @@ KEY = b"\x07" * 32
 
 RESEARCH = {"coding": [{"system": SCOPE, "code": "research"}]}
 TREATMENT = {"coding": [{"system": SCOPE, "code": "treatment"}]}
+OPTOUT = [{"coding": [{"system": ACT, "code": "OPTOUT"}]}]
+OPTIN = [{"coding": [{"system": ACT, "code": "OPTIN"}]}]
 
 # patient -> what their consent says (None: no consent)
 CONSENTS: dict[str, dict[str, Any] | None] = {
     "deny-capitalised": {"status": "active", "scope": RESEARCH, "provision": {"type": "Deny"}},
     "active-capitalised": {"status": "Active", "scope": RESEARCH, "provision": {"type": "deny"}},
+    "scope-as-text": {
+        "status": "active",
+        "scope": {"text": "Research"},
+        "policyRule": OPTOUT,
+        "provision": {"type": "deny"},
+    },
+    "scope-as-text-deny-upper": {
+        "status": "ACTIVE",
+        "scope": {"text": "Research use"},
+        "provision": {"type": "DENY"},
+    },
+    "scope-as-text-permit": {
+        "status": "active",
+        "scope": {"text": "Research"},
+        "policyRule": OPTIN,
+        "provision": {"type": "permit"},
+    },
     "treatment-deny": {"status": "active", "scope": TREATMENT, "provision": {"type": "deny"}},
     "inactive-deny": {"status": "Inactive", "scope": RESEARCH, "provision": {"type": "Deny"}},
     "no-consent": None,
 }
-# read from CONSENTS by hand: the consents that are active and deny research use
-OPTED_OUT = {"deny-capitalised", "active-capitalised"}
+# read from CONSENTS by hand: the consents that are active and deny research use, or deny
+# with no coded scope to say what for
+OPTED_OUT = {"deny-capitalised", "active-capitalised", "scope-as-text", "scope-as-text-deny-upper"}
 
 
 def _encounter(eid: str, patient: str, cls: str, start: str, end: str) -> dict[str, Any]:
@@ -125,3 +151,14 @@ def test_the_opted_out_patients_have_no_readmission_label(released: tuple) -> No
     labels, _ = readmission_labels_with_counts(con)
     labelled = _patients_named(set(labels["patient_id"]), pseudonym)
     assert labelled == set(CONSENTS) - OPTED_OUT
+
+
+def test_a_changed_opt_out_rule_rebuilds_every_feature_table(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A patient the rule now leaves out may have view rows that never changed: only a full
+    build, which a changed definitions digest starts, takes their rows out."""
+    valuesets = load_valuesets()
+    before = definitions_digest(valuesets)
+    monkeypatch.setattr(refresh, "opted_out_sql", lambda consent: f"SELECT NULL FROM {consent}")
+    assert definitions_digest(valuesets) != before

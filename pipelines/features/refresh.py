@@ -43,9 +43,8 @@ from pipelines.features.tables import (
     VIEW_COLUMNS,
     FeatureBuild,
     build_feature_tables_report,
-    dated_after_arrival,
+    feature_build,
     feature_encounters_sql,
-    lab_unit_counts,
     parquet_path,
     prepare_sources,
     register_lab_codes,
@@ -328,15 +327,7 @@ def refresh_feature_tables(
         rows, patients = _counts(con)
         seconds = round(time.perf_counter() - started, 3)
         return FeatureRefresh(
-            FeatureBuild(
-                rows,
-                patients,
-                int(opted_out),
-                seconds,
-                checks,
-                dated_after_arrival(con),
-                lab_unit_counts(con),
-            ),
+            feature_build(con, rows, patients, int(opted_out), seconds, checks),
             mode,
             changed,
             gone,

@@ -877,14 +877,21 @@ def build_feature_tables_report(
         patients[name] = int(distinct)
     ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
     seconds = round(time.perf_counter() - started, 3)
+    return feature_build(con, rows, patients, int(opted_out), seconds, checks)
+
+
+def feature_build(
+    con: duckdb.DuckDBPyConnection,
+    rows: dict[str, int],
+    patients: dict[str, int],
+    opted_out: int,
+    seconds: float,
+    checks: dict[str, CheckOutcome],
+) -> FeatureBuild:
+    """A build's figures, with what the prepared sources of ``con`` left out or read another
+    way counted over them: fact times dated after the arrival, lab results by unit."""
     return FeatureBuild(
-        rows,
-        patients,
-        int(opted_out),
-        seconds,
-        checks,
-        dated_after_arrival(con),
-        lab_unit_counts(con),
+        rows, patients, opted_out, seconds, checks, dated_after_arrival(con), lab_unit_counts(con)
     )
 
 

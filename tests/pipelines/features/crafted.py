@@ -316,6 +316,28 @@ def crafted_rows(base: datetime | None = None) -> dict[str, list[dict[str, Any]]
     }
 
 
+# the patient of the lab tests' crafted FHIR
+LAB_PATIENT: dict[str, Any] = {"resourceType": "Patient", "id": "p1", "birthDate": "1960-06-15"}
+
+
+def lab_result(
+    rid: str, code: str, quantity: dict[str, Any], measured: str, issued: str | None = None
+) -> dict[str, Any]:
+    """A final, LOINC-coded Observation of ``LAB_PATIENT`` (FHIR)."""
+    result: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": rid,
+        "status": "final",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
+        "valueQuantity": quantity,
+        "effectiveDateTime": measured,
+    }
+    if issued is not None:
+        result["issued"] = issued
+    return result
+
+
 def features_from_fhir(resources: list[dict[str, Any]], out_dir: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory database with ``views.*`` built from FHIR ``resources`` through the shipped
     ViewDefinitions, and the feature tables built over them."""

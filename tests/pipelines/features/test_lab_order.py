@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.pipelines.features.crafted import features_from_fhir, value_at
+from tests.pipelines.features.crafted import LAB_PATIENT, features_from_fhir, lab_result, value_at
 
 GLUCOSE, HBA1C = "2339-0", "4548-4"
 # (id, code, value, measured, issued)
@@ -44,23 +44,13 @@ def _at(text: str) -> datetime:
 
 
 def _resources() -> list[dict[str, Any]]:
-    resources: list[dict[str, Any]] = [
-        {"resourceType": "Patient", "id": "p1", "birthDate": "1960-06-15"}
+    return [
+        LAB_PATIENT,
+        *(
+            lab_result(rid, code, {"value": value}, measured, issued)
+            for rid, code, value, measured, issued in RESULTS
+        ),
     ]
-    for rid, code, value, measured, issued in RESULTS:
-        resources.append(
-            {
-                "resourceType": "Observation",
-                "id": rid,
-                "status": "final",
-                "subject": {"reference": "Patient/p1"},
-                "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-                "valueQuantity": {"value": value},
-                "effectiveDateTime": measured,
-                "issued": issued,
-            }
-        )
-    return resources
 
 
 def _expected(code: str, at: datetime) -> tuple[float | None, datetime | None, float | None]:

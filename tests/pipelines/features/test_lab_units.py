@@ -27,7 +27,7 @@ from fhirlake.viewdef import write_view_table
 from pipelines.features.feast_store import feast_env, resolve_repo
 from pipelines.features.tables import LAB_UNITS, build_feature_tables_report
 from pipelines.views.tables import load_views
-from tests.pipelines.features.crafted import value_at
+from tests.pipelines.features.crafted import LAB_PATIENT, lab_result, value_at
 
 GLUCOSE, CREATININE = "2339-0", "2160-0"
 UCUM = "http://unitsofmeasure.org"
@@ -76,22 +76,13 @@ def _quantity(value: float, unit: str | None) -> dict[str, Any]:
 
 
 def _resources() -> list[dict[str, Any]]:
-    resources: list[dict[str, Any]] = [
-        {"resourceType": "Patient", "id": "p1", "birthDate": "1960-06-15"}
+    return [
+        LAB_PATIENT,
+        *(
+            lab_result(rid, code, _quantity(value, unit), measured)
+            for rid, code, value, unit, measured in RESULTS
+        ),
     ]
-    for rid, code, value, unit, measured in RESULTS:
-        resources.append(
-            {
-                "resourceType": "Observation",
-                "id": rid,
-                "status": "final",
-                "subject": {"reference": "Patient/p1"},
-                "code": {"coding": [{"system": "http://loinc.org", "code": code}]},
-                "valueQuantity": _quantity(value, unit),
-                "effectiveDateTime": measured,
-            }
-        )
-    return resources
 
 
 def _readable(code: str) -> list[tuple[datetime, float]]:

@@ -164,12 +164,24 @@ FEATURE_TABLES: dict[str, tuple[str, ...]] = {
 
 # Lab/vital measures: (code, is_component). Blood pressure comes as components of 85354-9
 # (component_code set) or, from some sources, as standalone observations.
+# HbA1c, eGFR and LDL come under several LOINC codes of one quantity (by method or equation:
+# HPLC and electrophoresis; MDRD, CKD-EPI 2009 and 2021; direct and calculated LDL), and HbA1c
+# also as a component of a diabetes panel.
 LAB_MEASURES: dict[str, tuple[tuple[str, bool], ...]] = {
-    "hba1c": (("4548-4", False),),
+    "hba1c": tuple(
+        (code, component) for code in ("4548-4", "17856-6", "4549-2") for component in (False, True)
+    ),
     "glucose": (("2339-0", False), ("2345-7", False)),
-    "creatinine": (("2160-0", False),),
-    "egfr": (("33914-3", False), ("62238-1", False)),
-    "ldl": (("18262-6", False), ("2089-1", False)),
+    "creatinine": (("2160-0", False), ("38483-4", False)),
+    "egfr": (
+        ("33914-3", False),
+        ("62238-1", False),
+        ("98979-8", False),
+        ("48642-3", False),
+        ("48643-1", False),
+        ("77147-7", False),
+    ),
+    "ldl": (("18262-6", False), ("2089-1", False), ("13457-7", False)),
     "bmi": (("39156-5", False),),
     "systolic_bp": (("8480-6", True), ("8480-6", False)),
     "diastolic_bp": (("8462-4", True), ("8462-4", False)),
@@ -687,15 +699,25 @@ def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
     register_lookup_table(con, "lab_units", _LAB_UNITS_SCHEMA, units)
 
 
+# A result's status, by how far it stands: at one instant a corrected or amended result
+# replaces the final one, and a final one the preliminary one, even when a source sent them as
+# separate resources (two ids); a registered result is not yet a result.
+RESULT_STATUS_RANK = {"corrected": 3, "amended": 3, "final": 2, "preliminary": 1, "registered": 0}
+
+
 def lab_results_sql() -> str:
     """Every result of a measure over the prepared sources (``lab_codes`` and ``lab_units``
     registered): its measure, its value brought to the measure's unit (``value``), whether it
-    stated no unit (``without_unit``) and whether its unit is read (``unit_read``)."""
+    stated no unit (``without_unit``), whether its unit is read (``unit_read``) and how far its
+    status stands (``status_rank``, :data:`RESULT_STATUS_RANK`; a status outside it ranks with
+    a preliminary one)."""
     stated = "nullif(trim(o.value_unit), '')"
+    ranks = " ".join(f"WHEN '{k}' THEN {v}" for k, v in RESULT_STATUS_RANK.items())
     return f"""
         SELECT o.*, c.measure, {stated} IS NULL AS without_unit,
             o.value_quantity * coalesce(u.factor, 1.0) AS value,
-            (u.factor IS NOT NULL OR {stated} IS NULL) AS unit_read
+            (u.factor IS NOT NULL OR {stated} IS NULL) AS unit_read,
+            CASE lower(o.status) {ranks} ELSE 1 END AS status_rank
         FROM src_observation o
         SEMI JOIN feature_patients p ON p.patient_id = o.patient_id
         JOIN lab_codes c ON c.code = coalesce(o.component_code, o.code)
@@ -747,16 +769,23 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     window_columns = ",\n".join(parts)
     final_columns = ",\n".join(finals)
     return f"""
-    WITH obs AS (
-        -- one value per patient, measure and instant measured (the mean, when an instant
-        -- has several), known when the last of them is
-        -- (in the measure's unit; a result in a unit it does not read is left out)
+    WITH results AS (
+        -- in the measure's unit (a result in a unit it does not read is left out), with the
+        -- furthest status among the results of its instant
+        SELECT *, max(status_rank) OVER (
+            PARTITION BY patient_id, measure, effective_date_time_latest) AS instant_rank
+        FROM ({lab_results_sql()}) WHERE unit_read
+    ),
+    obs AS (
+        -- one value per patient, measure and instant measured: the mean of the results that
+        -- stand furthest (a correction replaces the final result, never averaged with it),
+        -- known when the last of the instant's results is
         SELECT o.patient_id, max({OBSERVATION_KNOWN_AT}) AS ts, o.measure,
-            round(avg(o.value), {MEAN_DIGITS}) AS value,
+            round(avg(o.value) FILTER (WHERE o.status_rank = o.instant_rank), {MEAN_DIGITS})
+                AS value,
             o.effective_date_time_latest AS measured
-        FROM ({lab_results_sql()}) o
-        WHERE o.unit_read
-        GROUP BY ALL
+        FROM results o
+        GROUP BY o.patient_id, o.measure, o.effective_date_time_latest
     ),
     spine AS (
         SELECT s.patient_id, s.ts FROM (

@@ -67,6 +67,24 @@ def test_partial_dates_follow_the_date_rule() -> None:
     assert safe.resource["effectiveDateTime"] == "2020"
 
 
+def test_a_conditions_onset_period_is_released_with_its_dates_shifted() -> None:
+    """The feature tables date a diagnosis without a recorded date by its onset period: both
+    ends leave the release, moved as every other date of the patient."""
+    shift = _engine()._shift_days({}, "p")
+    condition = {
+        "resourceType": "Condition",
+        "id": "c",
+        "subject": {"reference": "Patient/p"},
+        "onsetPeriod": {"start": "2023-02-01", "end": "2023-04-15T08:30:00Z"},
+    }
+    out = _apply(condition)
+    start = (date(2023, 2, 1) + timedelta(days=shift)).isoformat()
+    end = (date(2023, 4, 15) + timedelta(days=shift)).isoformat()
+    assert out.resource["onsetPeriod"] == {"start": start, "end": f"{end}T00:00:00Z"}
+    safe = _apply(condition, "safe_harbor")
+    assert safe.resource["onsetPeriod"] == {"start": "2023", "end": "2023"}
+
+
 def test_codes_outside_their_binding_are_nulled_and_counted() -> None:
     out = _apply(_obs(status="final Smith"))
     assert "status" not in out.resource and out.release_counts["code_not_in_binding"] == 1

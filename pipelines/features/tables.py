@@ -27,7 +27,10 @@ until t + N days, where a row drops it. Change points per table:
   the label (:func:`pipelines.features.cohort.own_encounter_sql`).
 - ``patient_comorbidities``: the patient's start plus each time a group is first known.
   A diagnosis is known from ``recordedDate``; only a condition without one falls back to its
-  onset (an onset date is often back-dated: a 2009 onset recorded in 2024 was not known in 2009).
+  onset (an onset date is often back-dated: a 2009 onset recorded in 2024 was not known in 2009):
+  ``onsetDateTime``, else ``onsetPeriod``, known once the period's end is over (its start when
+  it has no end). An ``onsetAge`` alone dates nothing (it needs the birth date, which the
+  release may generalise), so such a diagnosis never counts.
 - ``patient_medications``: the patient's start, each prescription and prescription + 90/180 days.
 - ``patient_labs_vitals``: each measurement time and measurement + 365 days.
 
@@ -245,7 +248,9 @@ def request_counts_sql(alias: str) -> str:
     return f"{status} AND coalesce(lower({alias}.intent), 'order') NOT IN {_NOT_AN_ORDER}"
 
 
-# When a diagnosis became known: its recorded date; the onset only when nothing was recorded.
+# When a diagnosis became known: its recorded date; the onset only when nothing was recorded
+# (``views.condition`` reads it from onsetDateTime, else onsetPeriod: the period's start as the
+# value, its end, or its start when it has none, as the latest instant).
 # Every time a fact is known from is the latest instant its value can stand for (the views'
 # ``*_latest`` columns): a date without a time is known once that whole day is over wherever it
 # was written, so an entity timestamp inside the day never sees what was recorded later that day.

@@ -14,7 +14,9 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   regard to case, released as the binding writes it and counted
   (:func:`deid.terminology.binding_code`); else withheld and counted;
 - ``Coding``: system, version and code (a code that does not look like a code of its system is
-  withheld); ``display`` only from the terminology, for codes in a released value set;
+  withheld; an ICD-10 or ICD-10-CM code that does once upper-cased is released upper-cased and
+  counted: :func:`deid.terminology.system_code`); ``display`` only from the terminology, for
+  codes in a released value set;
 - ``Reference``: the literal reference, pseudonymised (a logical one, given by its identifier
   alone, as the literal reference to what ingest resolved it to);
 - ``Quantity`` and its kinds: value, comparator, system, code (and unit when it is the code);
@@ -47,7 +49,7 @@ from deid.terminology import (
     UCUM,
     Terminology,
     binding_code,
-    code_is_well_formed,
+    system_code,
 )
 from fhirlake.references import logical_reference
 
@@ -378,11 +380,14 @@ def _coding(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     if isinstance(code, str) and node.binding is not None:
         code = _bound(code, node.binding, ctx)
     if isinstance(code, str):
-        if not code_is_well_formed(out.get("system"), code):
+        released = system_code(out.get("system"), code)
+        if released is None:
             ctx.counts["code_malformed"] += 1
         else:
-            out["code"] = code
-            display = ctx.terminology.display(out.get("system"), code) if node.display else None
+            if released != code:
+                ctx.counts["code_case_normalised"] += 1
+            out["code"] = released
+            display = ctx.terminology.display(out.get("system"), released) if node.display else None
             if display is not None:
                 out["display"] = display
     if "code" not in out:

@@ -43,7 +43,7 @@ from deid.release import (
     scan_released_batch,
 )
 from deid.released_table import DEID_DDL, ensure_resource_digests, resource_digest_sql
-from deid.terminology import Terminology
+from deid.terminology import UPPER_CASE_SYSTEMS, Terminology
 from vault.catalog import has_table
 from vault.ingest import FHIR_BASE_ENV
 from vault.keys import KeyProvider
@@ -111,7 +111,8 @@ def settings_digest(
     the release may carry, the FHIR base that makes references local, and the rule that picks
     a resource's newest version among those the vault holds (the batch releases the resources
     whose newest version it wrote, and its swap drops other batches' rows of them), and the
-    rule that reads a code written in another case as its required binding's code."""
+    rule that reads a code written in another case as its required binding's code, and the
+    code systems whose codes are released upper-cased."""
     displays = sorted(
         [system, code, display]
         for (system, code), display in (terminology or Terminology()).displays.items()
@@ -131,6 +132,10 @@ def settings_digest(
         # code (deid.terminology.binding_code): batches released before withheld it (a
         # Consent's `Deny`, an opt-out lost), and are de-identified again by the next `ehr run`
         "binding_case": "normalised",
+        # an ICD-10 or ICD-10-CM code written in lower case is released upper-cased
+        # (deid.terminology.system_code): batches released before withheld it (`i50.9`, a
+        # diagnosis lost), and are de-identified again by the next `ehr run`
+        "upper_case_systems": sorted(UPPER_CASE_SYSTEMS),
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

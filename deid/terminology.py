@@ -1,7 +1,9 @@
 """What the release may say about codes: the required bindings of the code elements the
 profiles release (a value differing from one of the binding's codes in case alone is that code:
 :func:`binding_code`), the displays it may put back (only for codes in a released value set),
-the syntax of codes from the code systems the platform sees, and which quantities are ages.
+the syntax of codes from the code systems the platform sees (an ICD-10 or ICD-10-CM code written
+in lower case is that code, released in upper case: :func:`system_code`), and which quantities
+are ages.
 
 The binding table is written out here rather than read from the R4B models: their
 ``enum_values`` lists are truncated (``'+'`` marks the rest), and a code element the release
@@ -18,6 +20,8 @@ from typing import Any
 UCUM = "http://unitsofmeasure.org"
 LOINC = "http://loinc.org"
 OMB = "urn:oid:2.16.840.1.113883.6.238"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+ICD10 = "http://hl7.org/fhir/sid/icd-10"
 
 _REQUEST_STATUS = ("active", "on-hold", "cancelled", "completed", "entered-in-error")
 _EVENT_STATUS = (
@@ -200,11 +204,18 @@ CODE_SYNTAX: dict[str, re.Pattern[str]] = {
     LOINC: re.compile(r"^(\d{1,7}-\d|LA\d{1,7}-\d|LP\d{1,7}-\d)$"),
     "http://snomed.info/sct": re.compile(r"^\d{6,18}$"),
     "http://www.nlm.nih.gov/research/umls/rxnorm": re.compile(r"^\d{1,12}$"),
-    "http://hl7.org/fhir/sid/icd-10-cm": re.compile(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"),
-    "http://hl7.org/fhir/sid/icd-10": re.compile(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"),
+    ICD10CM: re.compile(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"),
+    ICD10: re.compile(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"),
     "http://hl7.org/fhir/sid/cvx": re.compile(r"^\d{1,3}$"),
     OMB: re.compile(r"^\d{4}-\d$"),
 }
+# Code systems whose codes do not depend on case: an ICD-10 or ICD-10-CM code is a chapter letter,
+# digits and (ICD-10-CM) letters, written in upper case, and no two codes differ in case alone,
+# so `i50.9` can only be I50.9 (:func:`system_code`). Every other system keeps the case a code
+# is written in: LOINC, SNOMED CT, RxNorm, CVX and the OMB categories are digits (LOINC's LA and
+# LP codes are matched as written), and UCUM (`mm` is not `Mm`), the HL7 code systems and any
+# system without a syntax here may tell codes apart by case alone.
+UPPER_CASE_SYSTEMS: frozenset[str] = frozenset({ICD10CM, ICD10})
 # any other system: one token, no spaces, so a sentence or a full name cannot pass as a code
 ANY_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+<>=-]{0,63}$")
 
@@ -253,6 +264,25 @@ def binding_code(binding: frozenset[str], value: str) -> str | None:
 def code_is_well_formed(system: str | None, code: str) -> bool:
     syntax = CODE_SYNTAX.get(system or "")
     return bool((syntax or ANY_CODE).match(code))
+
+
+def system_code(system: str | None, code: str) -> str | None:
+    """The code of ``system`` that ``code`` stands for: ``code`` itself when it looks like a
+    code of its system, else, for a system whose codes do not depend on case
+    (:data:`UPPER_CASE_SYSTEMS`), ``code`` in upper case when that looks like one (``i50.9`` is
+    ``I50.9``); None when it looks like no code. Only ASCII is upper-cased, so a letter that
+    becomes a code letter only in upper case (the Turkish dotless i) is no code. Released in
+    upper case, the code is the one the value sets and the feature SQL read, and says no more
+    than the code as written."""
+    if code_is_well_formed(system, code):
+        return code
+    if (
+        system in UPPER_CASE_SYSTEMS
+        and code.isascii()
+        and code_is_well_formed(system, code.upper())
+    ):
+        return code.upper()
+    return None
 
 
 @dataclass(frozen=True)

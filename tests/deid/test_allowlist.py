@@ -14,11 +14,15 @@ from deid import workers
 from deid.allowlist import ProfileError, ReleaseProfile
 from deid.engine import Deidentifier, DeidOutcome, DeidSecrets, ProcessingError
 from deid.policy import Policy
-from deid.terminology import Terminology, binding_code
+from deid.terminology import Terminology, binding_code, system_code
 
 TODAY = date(2026, 11, 28)
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+ICD10 = "http://hl7.org/fhir/sid/icd-10"
+SNOMED = "http://snomed.info/sct"
+ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
 KEY = b"\x02" * 32
 
 
@@ -149,6 +153,63 @@ def test_a_value_matching_several_codes_of_a_binding_without_case_matches_none()
 def test_a_code_that_does_not_look_like_its_systems_code_is_dropped() -> None:
     out = _apply(_obs(code={"coding": [{"system": LOINC, "code": "Jane Roe"}]}))
     assert "code" not in out.resource and out.release_counts["code_malformed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("system", "code", "expected"),
+    [
+        # ICD-10-CM and ICD-10 codes do not depend on case: lower case is the upper-case code
+        (ICD10CM, "i50.9", "I50.9"),
+        (ICD10CM, "i509", "I509"),
+        (ICD10CM, "s72.001a", "S72.001A"),
+        (ICD10CM, "e11.9", "E11.9"),
+        (ICD10, "i21.0", "I21.0"),
+        (ICD10CM, "I50.9", "I50.9"),  # as written: itself
+        # still no code once upper-cased
+        (ICD10CM, "i50.9x1234", None),
+        (ICD10CM, "heart failure", None),
+        (ICD10CM, "\u0131" + "50.9", None),  # the dotless i is upper case I only outside ASCII
+        (ICD10CM, " i50.9", None),
+        # every other system keeps the case it was written in
+        (LOINC, "la6576-8", None),
+        (LOINC, "LA6576-8", "LA6576-8"),
+        (SNOMED, "84114007", "84114007"),
+        (UCUM, "Mm", "Mm"),
+        (UCUM, "mm", "mm"),
+        (ACT, "imp", "imp"),
+        ("urn:oid:1.2.840.99999.1", "i50.9", "i50.9"),
+        (None, "i50.9", "i50.9"),
+    ],
+)
+def test_a_code_is_upper_cased_only_in_a_system_whose_codes_do_not_depend_on_case(
+    system: str | None, code: str, expected: str | None
+) -> None:
+    assert system_code(system, code) == expected
+
+
+def test_a_lower_case_icd10_code_is_released_upper_cased_and_counted() -> None:
+    condition = {
+        "resourceType": "Condition",
+        "id": "c",
+        "subject": {"reference": "Patient/p"},
+        "code": {
+            "coding": [
+                {"system": ICD10CM, "code": "i50.9"},
+                {"system": ICD10, "code": "I50.9"},
+                {"system": "urn:oid:1.2.840.99999.1", "code": "hf"},
+            ]
+        },
+    }
+    out = _apply(condition)
+    assert out.resource["code"]["coding"] == [
+        {"system": ICD10CM, "code": "I50.9"},
+        {"system": ICD10, "code": "I50.9"},
+        {"system": "urn:oid:1.2.840.99999.1", "code": "hf"},
+    ]
+    assert out.release_counts["code_case_normalised"] == 1
+    assert out.release_counts["code_malformed"] == 0
+    lab = _apply(_obs(code={"coding": [{"system": LOINC, "code": "la6576-8"}]}))
+    assert "code" not in lab.resource and lab.release_counts["code_malformed"] == 1
 
 
 def test_display_only_from_the_terminology() -> None:

@@ -458,3 +458,13 @@ def test_a_resource_its_later_batch_no_longer_holds_is_released_again_from_the_e
         assert _settled(con, research) == {"b0", "b1"}
     finally:
         con.close()
+
+
+def test_the_systems_released_upper_cased_are_part_of_the_settings_digest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch released while a lower-case ICD-10-CM code was withheld is de-identified again."""
+    research = Policy.shipped("research")
+    now = staging.settings_digest(research, TODAY)
+    monkeypatch.setattr(staging, "UPPER_CASE_SYSTEMS", frozenset())
+    assert staging.settings_digest(research, TODAY) != now

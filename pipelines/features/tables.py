@@ -65,6 +65,7 @@ from pipelines.features.cohort import (
     timestamptz_sql,
 )
 from pipelines.features.valuesets import (
+    ICD10_SYSTEMS,
     ICD10CM,
     RXNORM,
     SNOMED,
@@ -595,13 +596,14 @@ def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
           AND {CONDITION_KNOWN_AT} IS NOT NULL AND c.code IS NOT NULL
     ),
     keyed AS (
-        -- SNOMED CT: the code itself; ICD-10-CM: every prefix of 3+ characters (is-a)
+        -- SNOMED CT: the code itself; ICD-10-CM or ICD-10 (WHO): every prefix of 3+
+        -- characters (is-a), read against the value sets' ICD-10 categories
         SELECT patient_id, ts, system, code AS key, false AS is_prefix FROM cond
         WHERE system = '{SNOMED}'
         UNION ALL
-        SELECT patient_id, ts, system, left(code, n::INT), true
+        SELECT patient_id, ts, '{ICD10CM}', left(code, n::INT), true
         FROM cond, range(3, 9) r(n)
-        WHERE system = '{ICD10CM}' AND n <= length(code)
+        WHERE system IN ({", ".join(f"'{s}'" for s in ICD10_SYSTEMS)}) AND n <= length(code)
     ),
     matched AS (
         SELECT k.patient_id, v.column_name, min(k.ts) AS first_ts

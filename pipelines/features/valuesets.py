@@ -16,12 +16,14 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from deid.terminology import Terminology
+from deid.terminology import ICD10, ICD10CM, Terminology
 from pipelines.content import valuesets_dir
 
 VALUESETS_DIR = valuesets_dir()
 SNOMED = "http://snomed.info/sct"
-ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+# Read against the ICD-10-CM entries of the value sets (``ICD10``, WHO's ICD-10): their ICD codes
+# are Quan's ICD-10 categories, which ICD-10-CM keeps with their meaning
+ICD10_SYSTEMS = (ICD10CM, ICD10)
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 _EXT = "https://ehr-platform.example.org/fhir/StructureDefinition/"
 

@@ -728,6 +728,20 @@ class BatchIngestor:
             key in self.erased for key in identifier_keys(self.pseudo, "Patient", identifiers)
         )
 
+    def _links_erased_patient(self, record: RawRecord, checked: Checked) -> bool:
+        """A Patient whose ``link`` names an erased patient (by id, or by one of their
+        identifiers): every link type says both records are one person, so this is the erased
+        person under a new record, as an erasure's own rule reads it (``same_person``)."""
+        if not self.erased or checked.resource_type != "Patient":
+            return False
+        for path, value in checked.references:
+            if path != "link.other":
+                continue
+            target = self._target(record, value)
+            if isinstance(target, tuple) and target[1] == "Patient" and target[2] in self.erased:
+                return True
+        return False
+
     def _conditionally_names_erased(self, checked: Checked) -> bool:
         """A conditional patient reference (``Patient?identifier=``) whose identifier is an
         erased patient's written differently: the exact criteria are compared by the caller;
@@ -763,6 +777,7 @@ class BatchIngestor:
             or resource_key in self.erased
             or criteria in self.erased
             or self._names_erased_patient(checked)
+            or self._links_erased_patient(record, checked)
             or (owner is None and self._conditionally_names_erased(checked))
         ):
             if rtype == "Patient":  # under a new id: its compartment is refused too

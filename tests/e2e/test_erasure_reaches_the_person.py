@@ -398,3 +398,25 @@ def test_a_record_linked_to_hers_is_the_same_person(
     assert {key("Patient", "pt-old-12"), key("Observation", "old-pulse")} & _released_ids(
         person
     ) == set()
+
+
+@pytest.mark.parametrize("names_her_by", ["id", "identifier"])
+def test_a_new_record_linked_to_her_after_the_erasure_is_refused(
+    person: dict[str, Any], names_her_by: str
+) -> None:
+    """A Patient sent after her erasure under a new id and with identifiers of its own, whose
+    ``link`` says it replaces hers (by her id, or by her MRN): the same person, by the rule the
+    erasure itself reads links with, so it is refused as her, with its compartment."""
+    _forget(person, "pz")
+    other = (
+        {"reference": "Patient/pz"}
+        if names_her_by == "id"
+        else {"reference": f"Patient?identifier={MRN_SYSTEM}|{MRN}"}
+    )
+    newer = _patient("pt-new-99", [(MRN_SYSTEM, "99990000")])
+    newer["link"] = [{"other": other, "type": "replaces"}]
+    landing = person["workdir"].root.parent / "landing" / "b2"
+    _write(landing, "again.ndjson", [newer, _obs("new-pulse", {"reference": "Patient/pt-new-99"})])
+    second = ingest_batch(person["workdir"].warehouse, "b2", landing, person["provider"], workers=1)
+    assert second.quarantine_reasons == {ERASED_SUBJECT: 2}
+    assert second.accepted == 0

@@ -40,6 +40,7 @@ import base64
 import binascii
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -266,6 +267,14 @@ def _digit_groups(run: str) -> tuple[str, set[int]]:
     return "".join(groups), bounds
 
 
+def as_compared(text: str) -> str:
+    """``text`` as the canaries are compared with it: in Unicode's compatibility form (NFKC)
+    when it is not ASCII, so an identifier or a name written in full-width or other
+    compatibility characters (an SSN in full-width digits, U+FF10 to U+FF19) is found as the
+    same characters in ASCII would be. ASCII text is its own form (and the usual case)."""
+    return text if text.isascii() else unicodedata.normalize("NFKC", text)
+
+
 class CanarySet:
     """Canaries of a set of patients, compiled into two automatons: one over case-folded text,
     one over digit runs (phones, SSNs and identifiers match however they are punctuated)."""
@@ -436,7 +445,9 @@ class CanarySet:
 
     def find(self, text: str, terminology: bool = False) -> list[str]:
         """Kinds of the canaries found in ``text`` as whole tokens (not inside longer words);
-        in terminology text, single name parts are not counted."""
+        in terminology text, single name parts are not counted. ``text`` is compared in its
+        compatibility form (:func:`as_compared`)."""
+        text = as_compared(text)
         found = self._find_digits(text) if self._digits else []
         if not self._kinds:
             return found
@@ -488,7 +499,8 @@ class CanarySet:
         provider = isinstance(value, dict) and value.get("resourceType") in _PROVIDER_TYPES
         births = self.birth_dates_of(patient)
         years = self._birth_years.get(patient, ()) if births and patient is not None else ()
-        for text, terminology in _strings(value, provider):
+        for written, terminology in _strings(value, provider):
+            text = as_compared(written)
             found, decoded = self._findings(text, terminology)
             kinds.extend(found)
             if births:

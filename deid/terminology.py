@@ -200,14 +200,19 @@ REQUIRED_BINDINGS: dict[str, frozenset[str]] = {
 
 # Code syntax of the code systems the platform's sources use: a code from one of them that does
 # not look like one of its codes is text, not a code
+# ASCII only: Python's \d also matches other scripts' digits, and a "SNOMED code" written in
+# full-width digits (an SSN, U+FF10 to U+FF19) looked like a code and was released
 CODE_SYNTAX: dict[str, re.Pattern[str]] = {
-    LOINC: re.compile(r"^(\d{1,7}-\d|LA\d{1,7}-\d|LP\d{1,7}-\d)$"),
-    "http://snomed.info/sct": re.compile(r"^\d{6,18}$"),
-    "http://www.nlm.nih.gov/research/umls/rxnorm": re.compile(r"^\d{1,12}$"),
-    ICD10CM: re.compile(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"),
-    ICD10: re.compile(r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"),
-    "http://hl7.org/fhir/sid/cvx": re.compile(r"^\d{1,3}$"),
-    OMB: re.compile(r"^\d{4}-\d$"),
+    system: re.compile(pattern, re.ASCII)
+    for system, pattern in {
+        LOINC: r"^(\d{1,7}-\d|LA\d{1,7}-\d|LP\d{1,7}-\d)$",
+        "http://snomed.info/sct": r"^\d{6,18}$",
+        "http://www.nlm.nih.gov/research/umls/rxnorm": r"^\d{1,12}$",
+        ICD10CM: r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$",
+        ICD10: r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$",
+        "http://hl7.org/fhir/sid/cvx": r"^\d{1,3}$",
+        OMB: r"^\d{4}-\d$",
+    }.items()
 }
 # Code systems whose codes do not depend on case: an ICD-10 or ICD-10-CM code is a chapter letter,
 # digits and (ICD-10-CM) letters, written in upper case, and no two codes differ in case alone,

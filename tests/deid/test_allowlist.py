@@ -350,3 +350,18 @@ def test_workers_release_what_one_process_releases(monkeypatch: pytest.MonkeyPat
     released = [row for r in two for row in r.released]
     assert len(released) == 40 and [row[1] for row in released] == [f"k{i}" for i in range(40)]
     assert sum(r.reasons["unknown_resource_type"] for r in two) == 1
+
+
+def _full_width(text: str) -> str:
+    """``text`` with its ASCII digits and letters in their full-width forms (U+FF10...)."""
+    return "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in text)
+
+
+@pytest.mark.parametrize("system", [SNOMED, "http://www.nlm.nih.gov/research/umls/rxnorm", LOINC])
+def test_a_code_in_full_width_digits_is_no_code_of_its_system(system: str) -> None:
+    """Python's ``\\d`` matches every script's digits: an SSN written in full-width digits
+    looked like a SNOMED or RxNorm code and was released as one (the leak scan, comparing
+    ASCII canaries, did not see it either). Codes are read in ASCII only."""
+    written = _full_width("731559012") if system != LOINC else _full_width("8302-2")
+    out = _apply(_obs(code={"coding": [{"system": system, "code": written}]}))
+    assert "code" not in out.resource and out.release_counts["code_malformed"] == 1

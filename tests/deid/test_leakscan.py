@@ -417,3 +417,19 @@ def test_a_full_name_written_as_one_word_is_found() -> None:
     ):
         assert bool(scan_rows(c, [("r", {"code": text})]).hits) == found, text
     assert scan_rows(c, [("r", {"code": "CourtneyBarajas"})]).by_kind() == {"full_name": 1}
+
+
+def _full_width(text: str) -> str:
+    """``text`` with its ASCII digits and letters in their full-width forms (U+FF10...)."""
+    return "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in text)
+
+
+def test_identifiers_and_names_in_full_width_characters_are_found() -> None:
+    """A value written in compatibility characters names the patient as its ASCII form does:
+    an SSN in full-width digits, a name in full-width letters, in a row and in a value."""
+    c = canaries()
+    ssn, name = _full_width("999123456"), _full_width("Marisol Quillfeather")
+    assert ssn != "999123456" and not ssn.isascii()
+    assert c.find(ssn) == ["identifier"] and "name" in c.find(name)
+    rows = [("p1", {"resourceType": "Observation", "code": {"coding": [{"code": ssn}]}})]
+    assert not scan_rows(c, rows).passed

@@ -111,8 +111,8 @@ def settings_digest(
     the release may carry, the FHIR base that makes references local, and the rule that picks
     a resource's newest version among those the vault holds (the batch releases the resources
     whose newest version it wrote, and its swap drops other batches' rows of them), and the
-    rule that reads a code written in another case as its required binding's code, and the
-    code systems whose codes are released upper-cased."""
+    rule that reads a code written in another case as its required binding's code, the code
+    systems whose codes are released upper-cased, and the ASCII-only code syntax."""
     displays = sorted(
         [system, code, display]
         for (system, code), display in (terminology or Terminology()).displays.items()
@@ -136,6 +136,10 @@ def settings_digest(
         # (deid.terminology.system_code): batches released before withheld it (`i50.9`, a
         # diagnosis lost), and are de-identified again by the next `ehr run`
         "upper_case_systems": sorted(UPPER_CASE_SYSTEMS),
+        # codes are read in ASCII only (deid.terminology.CODE_SYNTAX): batches released before
+        # may hold a "code" in other scripts' digits (an SSN in full-width digits), and are
+        # de-identified again by the next `ehr run`
+        "code_syntax": "ascii",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

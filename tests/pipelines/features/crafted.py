@@ -8,6 +8,8 @@ from typing import Any
 
 import duckdb
 
+from deid.engine import Deidentifier, DeidSecrets
+from deid.policy import Policy
 from fhirlake.viewdef import write_view_table
 from pipelines.features.tables import VIEW_COLUMNS, build_feature_tables
 from pipelines.views.tables import load_views
@@ -336,6 +338,19 @@ def lab_result(
     if issued is not None:
         result["issued"] = issued
     return result
+
+
+def released_records(
+    records: dict[str, list[dict[str, Any]]], key: bytes, today: date
+) -> dict[str, list[dict[str, Any]]]:
+    """Each patient's FHIR resources as the research release writes them (the real
+    de-identification, in the patient's own scope), in the order given."""
+    policy = Policy.shipped("research")
+    engine = Deidentifier(policy, DeidSecrets.derive(key, policy), today=today)
+    return {
+        patient: [engine.apply(r, patient_scope=patient).resource for r in resources]
+        for patient, resources in records.items()
+    }
 
 
 def features_from_fhir(resources: list[dict[str, Any]], out_dir: Path) -> duckdb.DuckDBPyConnection:

@@ -18,9 +18,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from deid.engine import Deidentifier, DeidSecrets
-from deid.policy import Policy
-from tests.pipelines.features.crafted import features_from_fhir
+from tests.pipelines.features.crafted import features_from_fhir, released_records
 
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -84,19 +82,17 @@ def released(
 ) -> tuple[duckdb.DuckDBPyConnection, dict[str, str], dict[str, dict[str, Any]]]:
     """The feature tables built from the released resources, each patient's pseudonym, and
     each patient's released Condition."""
-    policy = Policy.shipped("research")
-    engine = Deidentifier(policy, DeidSecrets.derive(KEY, policy), today=TODAY)
-    out: list[dict[str, Any]] = []
-    pseudonym: dict[str, str] = {}
-    conditions: dict[str, dict[str, Any]] = {}
-    for patient, code in DIAGNOSES.items():
-        for resource in _record(patient, code):
-            release = engine.apply(resource, patient_scope=patient).resource
-            out.append(release)
-            if resource["resourceType"] == "Patient":
-                pseudonym[patient] = release["id"]
-            if resource["resourceType"] == "Condition":
-                conditions[patient] = release
+    by_patient = released_records(
+        {patient: _record(patient, code) for patient, code in DIAGNOSES.items()}, KEY, TODAY
+    )
+    out = [r for resources in by_patient.values() for r in resources]
+    pseudonym = {
+        p: next(r["id"] for r in rs if r["resourceType"] == "Patient")
+        for p, rs in by_patient.items()
+    }
+    conditions = {
+        p: r for p, rs in by_patient.items() for r in rs if r["resourceType"] == "Condition"
+    }
     con = features_from_fhir(out, Path(tmp_path_factory.mktemp("codecase")))
     return con, pseudonym, conditions
 

@@ -20,14 +20,12 @@ from typing import Any
 import duckdb
 import pytest
 
-from deid.engine import Deidentifier, DeidSecrets
-from deid.policy import Policy
 from pipelines.features import refresh
 from pipelines.features.cohort import released_cohort
 from pipelines.features.refresh import definitions_digest
 from pipelines.features.valuesets import load_valuesets
 from pipelines.models.labels import readmission_labels_with_counts
-from tests.pipelines.features.crafted import features_from_fhir
+from tests.pipelines.features.crafted import features_from_fhir, released_records
 
 SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -104,16 +102,14 @@ def _record(patient: str, consent: dict[str, Any] | None) -> list[dict[str, Any]
 @pytest.fixture(scope="module")
 def released(tmp_path_factory: pytest.TempPathFactory) -> tuple[duckdb.DuckDBPyConnection, dict]:
     """The feature tables built from the released resources, and each patient's pseudonym."""
-    policy = Policy.shipped("research")
-    engine = Deidentifier(policy, DeidSecrets.derive(KEY, policy), today=TODAY)
-    out: list[dict[str, Any]] = []
-    pseudonym: dict[str, str] = {}
-    for patient, consent in CONSENTS.items():
-        for resource in _record(patient, consent):
-            release = engine.apply(resource, patient_scope=patient).resource
-            out.append(release)
-            if resource["resourceType"] == "Patient":
-                pseudonym[patient] = release["id"]
+    by_patient = released_records(
+        {patient: _record(patient, consent) for patient, consent in CONSENTS.items()}, KEY, TODAY
+    )
+    out = [r for resources in by_patient.values() for r in resources]
+    pseudonym = {
+        p: next(r["id"] for r in rs if r["resourceType"] == "Patient")
+        for p, rs in by_patient.items()
+    }
     con = features_from_fhir(out, Path(tmp_path_factory.mktemp("optout")))
     return con, pseudonym
 

@@ -16,6 +16,7 @@ another purpose (``treatment``, ``patient-privacy``, ``adr``) is read as that pu
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 import duckdb
@@ -25,6 +26,12 @@ from vault.catalog import has_table
 # A date without a time spans 36 hours across time zones: a fact dated the day its export arrived
 # can stand for an instant up to that long after the arrival.
 DATE_SPAN = timedelta(days=2)
+
+
+def sql_list(values: Iterable[str]) -> str:
+    """Trusted string constants (codes the platform defines) as the items of a SQL list:
+    ``'a', 'b'``."""
+    return ", ".join(f"'{value}'" for value in values)
 
 
 def opted_out_sql(consent: str = "views.consent") -> str:
@@ -50,7 +57,7 @@ ENCOUNTER_NOT_HELD = ("planned", "cancelled", "entered-in-error")
 def encounter_held_sql(status: str = "status") -> str:
     """A SQL condition on the column ``status``: the encounter took place (its status is none
     of :data:`ENCOUNTER_NOT_HELD`, compared without regard to case)."""
-    listed = ", ".join(f"'{s}'" for s in ENCOUNTER_NOT_HELD)
+    listed = sql_list(ENCOUNTER_NOT_HELD)
     return f"coalesce(lower({status}), '') NOT IN ({listed})"
 
 
@@ -63,7 +70,7 @@ INPATIENT_CLASS_CODES = ("IMP", "ACUTE", "NONAC")
 def inpatient_sql(class_code: str = "class_code") -> str:
     """A SQL condition on the column ``class_code``: the encounter is an inpatient stay (its
     class is one of :data:`INPATIENT_CLASS_CODES`)."""
-    listed = ", ".join(f"'{c}'" for c in INPATIENT_CLASS_CODES)
+    listed = sql_list(INPATIENT_CLASS_CODES)
     return f"coalesce({class_code} IN ({listed}), FALSE)"
 
 

@@ -62,6 +62,7 @@ from pipelines.features.cohort import (
     inpatient_sql,
     opted_out_sql,
     own_encounter_sql,
+    sql_list,
     timestamptz_sql,
 )
 from pipelines.features.valuesets import (
@@ -603,7 +604,7 @@ def comorbidities_sql(created: datetime, valuesets: list[ValueSet]) -> str:
         UNION ALL
         SELECT patient_id, ts, '{ICD10CM}', left(code, n::INT), true
         FROM cond, range(3, 9) r(n)
-        WHERE system IN ({", ".join(f"'{s}'" for s in ICD10_SYSTEMS)}) AND n <= length(code)
+        WHERE system IN ({sql_list(ICD10_SYSTEMS)}) AND n <= length(code)
     ),
     matched AS (
         SELECT k.patient_id, v.column_name, min(k.ts) AS first_ts

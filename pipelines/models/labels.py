@@ -103,6 +103,7 @@ from pipelines.features.cohort import (
     inpatient_sql,
     opted_out_sql,
     own_encounter_sql,
+    sql_list,
     timestamptz_sql,
 )
 
@@ -173,16 +174,12 @@ def _dated_to_the_day(value: str, latest: str) -> str:
     return f"coalesce({latest} < {value} + INTERVAL 2 DAY, TRUE)"
 
 
-def _codes(codes: tuple[str, ...]) -> str:
-    return ", ".join(f"'{c}'" for c in codes)
-
-
 def _transferred_sql() -> str:
     """SQL: the stay ``d`` ended in a transfer (CMS hospital-wide readmission measure): its
     disposition is a transfer to another hospital and another inpatient stay starts on the
     discharge's calendar day or the next (UTC) and ends after it (the receiving stay)."""
     return f"""(
-        coalesce(d.discharge_disposition_code IN ({_codes(TRANSFER_DISPOSITIONS)}), FALSE)
+        coalesce(d.discharge_disposition_code IN ({sql_list(TRANSFER_DISPOSITIONS)}), FALSE)
         AND EXISTS (
             SELECT 1 FROM inpatient r
             WHERE r.patient_id = d.patient_id AND r.id <> d.id AND r.start_dated
@@ -217,7 +214,7 @@ def _discharges_sql(
     has_deaths = {"id", "deceased_date_time"} <= patient_cols
     death_join = "LEFT JOIN views.patient p ON p.id = d.patient_id" if has_deaths else ""
     death_at_stay = _death_at_stay_sql() if has_deaths else "FALSE"
-    expired = _codes(EXPIRED_DISPOSITIONS)
+    expired = sql_list(EXPIRED_DISPOSITIONS)
     window = f"INTERVAL {READMISSION_WINDOW_DAYS} DAY"
     start_latest, end_latest = _latest_bounds(con)
     # an encounter dated, even at its earliest, after everything the release can know does not

@@ -75,18 +75,23 @@ def inpatient_sql(class_code: str = "class_code") -> str:
 
 
 def own_encounter_sql(encounters: str, alias: str) -> str:
-    """A SQL condition on the encounter ``alias`` (with ``id``, ``patient_id`` and ``part_of_id``,
-    the columns of ``views.encounter``): it is an encounter of its own, not part of another
-    encounter of the same patient in ``encounters`` (a table or view with those columns and
-    ``status``) that took place. An ICU or ward segment of a hospitalisation (``Encounter.partOf``)
-    is no stay or visit of its own: its parent is, and counting both would make one stay two
-    (the segment's end an index discharge the patient never left hospital at). A sub-encounter
-    whose parent is not in the data (not released, or did not take place) counts as its own: it
-    is the only record of that visit."""
+    """A SQL condition on the encounter ``alias`` (with ``id``, ``patient_id``, ``class_code``
+    and ``part_of_id``, the columns of ``views.encounter``): it is an encounter of its own, not
+    a segment of another encounter of the same patient in ``encounters`` (a table or view with
+    those columns and ``status``) that took place and is an inpatient stay or of the same class.
+    An ICU or ward segment of a hospitalisation (``Encounter.partOf``) is no stay or visit of its
+    own: its parent is, and counting both would make one stay two (the segment's end an index
+    discharge the patient never left hospital at). A stay recorded as part of an emergency or
+    outpatient encounter (an admission from the emergency department, filed under the visit) is
+    no segment of it: it is the only record of that stay, and the visit stays a visit. A
+    sub-encounter whose parent is not in the data (not released, or did not take place) counts
+    as its own: it is the only record of that visit."""
     return f"""NOT EXISTS (
         SELECT 1 FROM {encounters} parent
         WHERE parent.id = {alias}.part_of_id AND parent.patient_id = {alias}.patient_id
           AND parent.id <> {alias}.id AND {encounter_held_sql("parent.status")}
+          AND ({inpatient_sql("parent.class_code")}
+            OR parent.class_code IS NOT DISTINCT FROM {alias}.class_code)
     )"""
 
 

@@ -2,7 +2,9 @@
 an ICU or ward segment of a hospitalisation) is no stay or visit of its own, in the readmission
 label and the feature tables alike: a hospitalisation split into an ICU and a ward segment is
 one index discharge, at its real end, with no prior stay, and one encounter in the counts. A
-sub-encounter whose parent is not in the data, or is another patient's, counts as its own.
+sub-encounter whose parent is not in the data, or is another patient's, counts as its own, and
+so does a stay filed under an emergency visit (an admission from the emergency department): a
+segment is part of an inpatient stay or of an encounter of its own class.
 
 FHIR Encounters go through the shipped ViewDefinitions; the expected labels and feature values
 are worked out here in Python from the encounters' classes, periods and parents."""
@@ -34,6 +36,15 @@ ENCOUNTERS: list[tuple[str, str, str, str, str, str | None]] = [
     # part of another patient's encounter: not a segment of any stay of p3's
     ("x1", "p3", "ACUTE", "2024-06-01T08:00:00Z", "2024-06-03T12:00:00Z", "h"),
     ("x2", "p3", "AMB", "2024-12-01T08:00:00Z", "2024-12-01T09:00:00Z", None),  # the data's end
+    # admitted from the emergency department, each stay filed under its visit: two stays (the
+    # second a readmission) and two visits; a consult during the first stay is part of it, and
+    # a triage encounter of the second visit part of that visit
+    ("er1", "p4", "EMER", "2024-07-01T02:00:00Z", "2024-07-01T09:00:00Z", None),
+    ("er1-stay", "p4", "IMP", "2024-07-01T09:00:00Z", "2024-07-06T12:00:00Z", "er1"),
+    ("er1-consult", "p4", "AMB", "2024-07-03T10:00:00Z", "2024-07-03T11:00:00Z", "er1-stay"),
+    ("er2", "p4", "EMER", "2024-07-20T02:00:00Z", "2024-07-20T06:00:00Z", None),
+    ("er2-triage", "p4", "EMER", "2024-07-20T02:00:00Z", "2024-07-20T02:30:00Z", "er2"),
+    ("er2-stay", "p4", "ACUTE", "2024-07-20T06:00:00Z", "2024-07-24T12:00:00Z", "er2"),
 ]
 
 
@@ -64,9 +75,15 @@ def _at(text: str) -> datetime:
 
 
 def _own(rows: list[tuple[str, str, str, str, str, str | None]]) -> list[tuple[Any, ...]]:
-    """The encounters not part of another of the same patient's encounters in ``rows``."""
-    present = {(eid, patient) for eid, patient, *_ in rows}
-    return [row for row in rows if row[5] is None or (row[5], row[1]) not in present]
+    """The encounters that are no segment of another of the same patient's encounters in
+    ``rows``: one whose parent is an inpatient stay, or of its own class."""
+    classes = {(eid, patient): cls for eid, patient, cls, *_ in rows}
+
+    def segment(row: tuple[str, str, str, str, str, str | None]) -> bool:
+        parent = classes.get((row[5], row[1])) if row[5] is not None else None
+        return parent is not None and (parent in INPATIENT or parent == row[2])
+
+    return [row for row in rows if not segment(row)]
 
 
 def _expected_labels(counted: list[tuple[Any, ...]]) -> dict[tuple[str, datetime], int]:
@@ -98,7 +115,8 @@ def _labels(con: duckdb.DuckDBPyConnection) -> dict[tuple[str, datetime], int]:
 def test_segments_of_a_stay_in_the_data_are_no_stays_or_visits(tmp_path: Path) -> None:
     con = features_from_fhir(_resources(), tmp_path)
     own = _own(ENCOUNTERS)
-    assert {row[0] for row in own} == {"h", "s1", "s2", "x1", "x2"}
+    stays_and_visits = {"h", "s1", "s2", "x1", "x2", "er1", "er1-stay", "er2", "er2-stay"}
+    assert {row[0] for row in own} == stays_and_visits
 
     got = _labels(con)
     assert got == _expected_labels(own)
@@ -126,6 +144,11 @@ def test_segments_of_a_stay_in_the_data_are_no_stays_or_visits(tmp_path: Path) -
                 patient,
                 column,
             )
+    # the stays filed under emergency visits are stays: the first one's discharge an index
+    # readmitted 14 days later, the second one's with the first as its prior stay
+    assert got[("p4", _at("2024-07-06T12:00:00Z"))] == 1
+    second = _at("2024-07-24T12:00:00Z")
+    assert value_at(con, "patient_utilisation", "prior_inpatient_stays_30d", second, "p4") == 1
     p1 = ("p1", discharge)
     assert value_at(con, "patient_utilisation", "encounters_30d", p1[1], "p1") == 1
     assert value_at(con, "patient_utilisation", "prior_inpatient_stays_30d", p1[1], "p1") == 0

@@ -216,11 +216,12 @@ CODE_SYNTAX: dict[str, re.Pattern[str]] = {
 }
 # Code systems whose codes do not depend on case: an ICD-10 or ICD-10-CM code is a chapter letter,
 # digits and (ICD-10-CM) letters, written in upper case, and no two codes differ in case alone,
-# so `i50.9` can only be I50.9 (:func:`system_code`). Every other system keeps the case a code
-# is written in: LOINC, SNOMED CT, RxNorm, CVX and the OMB categories are digits (LOINC's LA and
-# LP codes are matched as written), and UCUM (`mm` is not `Mm`), the HL7 code systems and any
-# system without a syntax here may tell codes apart by case alone.
-UPPER_CASE_SYSTEMS: frozenset[str] = frozenset({ICD10CM, ICD10})
+# so `i50.9` can only be I50.9 (:func:`system_code`); LOINC codes "are not case sensitive" (the
+# FHIR specification's "Using LOINC with FHIR"), so an answer code `la6576-8` is LA6576-8. Every
+# other system keeps the case a code is written in: SNOMED CT, RxNorm, CVX and the OMB
+# categories are digits, and UCUM (`mm` is not `Mm`), the HL7 code systems and any system
+# without a syntax here may tell codes apart by case alone.
+UPPER_CASE_SYSTEMS: frozenset[str] = frozenset({ICD10CM, ICD10, LOINC})
 # any other system: one token, no spaces, so a sentence or a full name cannot pass as a code
 ANY_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+<>=-]{0,63}$")
 

@@ -170,9 +170,13 @@ def test_a_code_that_does_not_look_like_its_systems_code_is_dropped() -> None:
         (ICD10CM, "heart failure", None),
         (ICD10CM, "\u0131" + "50.9", None),  # the dotless i is upper case I only outside ASCII
         (ICD10CM, " i50.9", None),
-        # every other system keeps the case it was written in
-        (LOINC, "la6576-8", None),
+        # LOINC codes are not case sensitive either: its answer and part codes in upper case
+        (LOINC, "la6576-8", "LA6576-8"),
+        (LOINC, "lp14082-9", "LP14082-9"),
         (LOINC, "LA6576-8", "LA6576-8"),
+        (LOINC, "2345-7", "2345-7"),
+        (LOINC, "la6576-8 never smoker", None),
+        # every other system keeps the case it was written in
         (SNOMED, "84114007", "84114007"),
         (UCUM, "Mm", "Mm"),
         (UCUM, "mm", "mm"),
@@ -208,8 +212,13 @@ def test_a_lower_case_icd10_code_is_released_upper_cased_and_counted() -> None:
     ]
     assert out.release_counts["code_case_normalised"] == 1
     assert out.release_counts["code_malformed"] == 0
+    # LOINC codes are not case sensitive: an answer code in lower case is released upper-cased
     lab = _apply(_obs(code={"coding": [{"system": LOINC, "code": "la6576-8"}]}))
-    assert "code" not in lab.resource and lab.release_counts["code_malformed"] == 1
+    assert lab.resource["code"]["coding"] == [{"system": LOINC, "code": "LA6576-8"}]
+    assert lab.release_counts["code_case_normalised"] == 1
+    # a system that tells codes apart by case keeps withholding what is no code of it
+    snomed = _apply(_obs(code={"coding": [{"system": SNOMED, "code": "abc"}]}))
+    assert "code" not in snomed.resource and snomed.release_counts["code_malformed"] == 1
 
 
 def test_display_only_from_the_terminology() -> None:

@@ -35,6 +35,11 @@ _EVENT_STATUS = (
     "unknown",
 )
 
+# Levels of a Consent's provisions the release profiles name: the top provision and three levels
+# of nested exceptions (provision.provision...; FHIR R4 sets no limit). A research opt-out is a
+# deny at any of them (pipelines.features.cohort); one nested deeper is not released.
+CONSENT_PROVISION_LEVELS = 4
+
 # element (resource type or datatype, then the element path) -> the codes its binding allows
 REQUIRED_BINDINGS: dict[str, frozenset[str]] = {
     k: frozenset(v)
@@ -146,7 +151,12 @@ REQUIRED_BINDINGS: dict[str, frozenset[str]] = {
             "inactive",
             "entered-in-error",
         ),
-        "Consent.provision.type": ("deny", "permit"),
+        # a Consent's exceptions nest (provision.provision): the profiles release
+        # CONSENT_PROVISION_LEVELS levels of them, each level's type bound as the top one's
+        **{
+            f"Consent{'.provision' * level}.type": ("deny", "permit")
+            for level in range(1, CONSENT_PROVISION_LEVELS + 1)
+        },
         "Claim.status": ("active", "cancelled", "draft", "entered-in-error"),
         "Claim.use": ("claim", "preauthorization", "predetermination"),
         "Coverage.status": ("active", "cancelled", "draft", "entered-in-error"),

@@ -2,7 +2,8 @@
 
 It serves the de-identification policies (the Microsoft anonymizer's paths: navigation,
 ``nodesByType``, ``nodesByName``, ``where``, ``ofType``, ``exists``, literals, comparisons) and
-the SQL-on-FHIR view runner. Evaluation returns :class:`Node` objects that know where their
+the SQL-on-FHIR view runner (with ``repeat`` for recursive elements such as a Consent's nested
+provisions). Evaluation returns :class:`Node` objects that know where their
 value lives, so a policy can change or remove it in place.
 
 Element types come from the ``fhir.resources.R4B`` models (built lazily per type and cached),
@@ -668,6 +669,24 @@ def _per_item(base: Coll, args: tuple[Ast, ...], ctx: _Context) -> list[tuple[No
     return [(n, _eval(args[0], [n], ctx)) for n in base]
 
 
+def _repeat(base: Coll, args: tuple[Ast, ...], ctx: _Context) -> Coll:
+    """repeat(projection): the projection of every item, then of every item found, until none is
+    new (an item equal to one already found is not added again, so a projection that leads
+    back, as ``repeat($this)``, ends). ``Consent.provision.repeat(provision)`` is every nested
+    exception, at any depth, without the top provision itself."""
+    found: Coll = []
+    frontier = base
+    while frontier:
+        fresh: Coll = []
+        for _, projected in _per_item(frontier, args, ctx):
+            for item in projected:
+                if all(item.value != seen.value for seen in found):
+                    found.append(item)
+                    fresh.append(item)
+        frontier = fresh
+    return found
+
+
 def _string_fn(
     fn: Callable[[str, list[Any]], Any],
 ) -> Callable[[Coll, tuple[Ast, ...], _Context], Coll]:
@@ -762,6 +781,7 @@ _FUNCTIONS: dict[str, Callable[[Coll, tuple[Ast, ...], _Context], Coll]] = {
     "nodesByName": lambda b, a, c: _nodes_by(b, c, "name", _name_arg(a)),
     "children": lambda b, a, c: [x for n in b for x in _children(n)],
     "descendants": lambda b, a, c: [x for n in b for x in _descendants(n)],
+    "repeat": _repeat,
     "extension": lambda b, a, c: [
         x
         for n in b

@@ -15,10 +15,8 @@ import duckdb
 
 from deid.leakscan import CanarySet, LeakScanResult
 from deid.release import scan_column_values, scan_released_table
-from pipelines.features.cohort import opted_out_sql
+from pipelines.features.cohort import consent_source, opted_out_sql
 from pipelines.features.tables import FEATURES_SCHEMA
-
-OPTED_OUT_SQL = opted_out_sql("views.consent")
 
 
 @dataclass(frozen=True)
@@ -46,12 +44,17 @@ def _has_consent_view(con: duckdb.DuckDBPyConnection) -> bool:
     )
 
 
+def _opted_out(con: duckdb.DuckDBPyConnection) -> str:
+    """The opted-out rule over ``views.consent`` as it was built (columns it lacks read NULL)."""
+    return opted_out_sql(consent_source(con))
+
+
 def opted_out_count(con: duckdb.DuckDBPyConnection, table: str) -> int:
     """Rows of opted-out patients in ``table`` (a trusted name); must be 0."""
     if not _has_consent_view(con):
         return 0
     ((rows,),) = con.execute(
-        f"SELECT count(*) FROM {table} WHERE patient_id IN ({OPTED_OUT_SQL})"
+        f"SELECT count(*) FROM {table} WHERE patient_id IN ({_opted_out(con)})"
     ).fetchall()
     return int(rows)
 
@@ -60,7 +63,7 @@ def opted_out_known(con: duckdb.DuckDBPyConnection) -> int:
     """Opted-out patients the release knows of (from ``views.consent``)."""
     if not _has_consent_view(con):
         return 0
-    ((known,),) = con.execute(f"SELECT count(*) FROM ({OPTED_OUT_SQL})").fetchall()
+    ((known,),) = con.execute(f"SELECT count(*) FROM ({_opted_out(con)})").fetchall()
     return int(known)
 
 

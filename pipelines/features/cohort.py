@@ -2,16 +2,26 @@
 of research, which encounters took place, which encounters count on their own (not as part of
 another), which encounters are inpatient stays, and which dates can be true.
 
-A patient opted out when they have a Consent that is active, scoped to research or of a scope
-the release holds no code for, and either denies (``provision_type = 'deny'``) or names the
-``OPTOUT`` policy rule. Codes are compared without regard to case: sources write ``Research``,
+A patient opted out when they have a Consent that is active and either
+
+- is scoped to research, or of a scope the release holds no code for, and denies
+  (``provision_type = 'deny'``, or a deny at any level of its provisions: ``deny_at_any_level``)
+  or names the ``OPTOUT`` policy rule; or
+- is of any scope and has a deny, at any level of its provisions, whose purpose is research
+  (:data:`RESEARCH_PURPOSES` in ``deny_purpose_codes``).
+
+FHIR nests exceptions in a provision (``provision.provision``, at any depth): an opt-out is often
+written as a permit with a nested deny for research, under a research scope or under
+``patient-privacy``. A nested permit under a deny does not undo the deny: the rule errs toward
+leaving a patient out. Codes are compared without regard to case: sources write ``Research``,
 ``research`` or ``OptOut`` for the same thing, and a patient must not re-enter the data because
 of how a clerk typed a code. For the same reason a scope given as text only
 (``scope: {text: "Research"}``), whose text the release never carries, or by a code it withholds,
 does not keep a denial or an ``OPTOUT`` from counting: what the patient asked is known, the
 purpose it was asked for is not, and leaving out a patient who denied something else costs one
 patient's rows, while keeping one who asked to be left out breaks their wish. A scope coded as
-another purpose (``treatment``, ``patient-privacy``, ``adr``) is read as that purpose.
+another purpose (``treatment``, ``patient-privacy``, ``adr``) is read as that purpose, and a
+deny under it counts only when its own purpose is research.
 """
 
 from __future__ import annotations
@@ -34,17 +44,77 @@ def sql_list(values: Iterable[str]) -> str:
     return ", ".join(f"'{value}'" for value in values)
 
 
+# The research purposes of use in v3-ActReason: HRESCH (healthcare research) and the codes that
+# specialise it (HL7 Terminology 2.1.0): BIORCH (biomedical), CLINTRCH (clinical trial research)
+# and its CLINTRCHNPC and CLINTRCHPC (without, with patient care), PRECLINTRCH (preclinical),
+# DSRCH (disease specific), POARCH (population origins or ancestry), TRANSRCH (translational).
+# A deny of one of them is a research opt-out whatever the consent's scope. Compared without
+# regard to case or system: no other code system the sources use writes these codes, and one
+# written without its system still names research.
+RESEARCH_PURPOSES = (
+    "HRESCH",
+    "BIORCH",
+    "CLINTRCH",
+    "CLINTRCHNPC",
+    "CLINTRCHPC",
+    "PRECLINTRCH",
+    "DSRCH",
+    "POARCH",
+    "TRANSRCH",
+)
+
+# Columns of ``views.consent`` added after consent views were first built, and their types. A view
+# built before them (its changed definition rebuilds it at the next refresh) reads them as NULL:
+# its top provision's type and policy rule count, as they did.
+CONSENT_ADDED_COLUMNS: dict[str, str] = {
+    "deny_at_any_level": "BOOLEAN",
+    "deny_purpose_codes": "VARCHAR[]",
+}
+
+
+def consent_source(con: duckdb.DuckDBPyConnection, table: str = "views.consent") -> str:
+    """``table`` (``schema.name``, trusted) as :func:`opted_out_sql` reads it: the table itself,
+    or, when it was built without some of :data:`CONSENT_ADDED_COLUMNS`, a query adding them as
+    NULL."""
+    schema, name = table.split(".")
+    built = {
+        column
+        for (column,) in con.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = ? AND table_name = ?",
+            [schema, name],
+        ).fetchall()
+    }
+    missing = [
+        f'NULL::{type_} AS "{column}"'
+        for column, type_ in CONSENT_ADDED_COLUMNS.items()
+        if column not in built
+    ]
+    return f"(SELECT *, {', '.join(missing)} FROM {table})" if missing else table
+
+
 def opted_out_sql(consent: str = "views.consent") -> str:
-    """A query of the distinct ``patient_id`` of every opted-out patient in ``consent`` (a table
-    or view with the columns of ``views.consent``). Rows without a patient are left out, so the
-    result can sit inside ``NOT IN`` (a NULL there would make every comparison unknown).
-    A consent without a scope code counts as a research one (the module's docstring says why)."""
+    """A query of the distinct ``patient_id`` of every opted-out patient in ``consent`` (a table,
+    view or parenthesised query with the columns of ``views.consent``: :func:`consent_source`).
+    Rows without a patient are left out, so the result can sit inside ``NOT IN`` (a NULL there
+    would make every comparison unknown). A consent without a scope code counts as a research
+    one (the module's docstring says why)."""
+    purposes = sql_list(RESEARCH_PURPOSES)
     return f"""
-    SELECT DISTINCT patient_id FROM {consent}
-    WHERE patient_id IS NOT NULL
-      AND lower(status) = 'active'
-      AND coalesce(lower(scope_code), 'research') = 'research'
-      AND (lower(provision_type) = 'deny' OR upper(policy_rule_code) = 'OPTOUT')
+    SELECT DISTINCT c.patient_id FROM {consent} AS c
+    WHERE c.patient_id IS NOT NULL
+      AND lower(c.status) = 'active'
+      AND (
+        (
+          coalesce(lower(c.scope_code), 'research') = 'research'
+          AND (lower(c.provision_type) = 'deny' OR c.deny_at_any_level
+               OR upper(c.policy_rule_code) = 'OPTOUT')
+        )
+        OR EXISTS (
+          SELECT 1 FROM unnest(c.deny_purpose_codes) AS denied(code)
+          WHERE upper(denied.code) IN ({purposes})
+        )
+      )
     """
 
 
@@ -128,7 +198,9 @@ def released_cohort(con: duckdb.DuckDBPyConnection) -> list[str]:
     }
     if "patient" not in present:
         return []
-    excluded = opted_out_sql("views.consent") if "consent" in present else "SELECT NULL WHERE false"
+    excluded = (
+        opted_out_sql(consent_source(con)) if "consent" in present else "SELECT NULL WHERE false"
+    )
     rows = con.execute(
         f"SELECT DISTINCT id FROM views.patient WHERE id IS NOT NULL "
         f"AND id NOT IN ({excluded}) ORDER BY id"

@@ -76,8 +76,9 @@ Definition (one row per index discharge):
   disposition is a readmission.
 * Research opt-out: every discharge of a patient who opted out of research is dropped, by the
   same rule the feature tables apply (:func:`pipelines.features.cohort.opted_out_sql`: an active
-  consent scoped to research, or with no scope code the release carries, that denies or names
-  ``OPTOUT``, codes compared without regard to case).
+  consent scoped to research, or with no scope code the release carries, that denies at any
+  level of its provisions or names ``OPTOUT``, or an active consent of any scope with a deny
+  for a research purpose at any level; codes compared without regard to case).
 * Dates known only to a month or a year (``views.encounter``'s ``*_latest`` columns more than
   two days after the start they are read as; Safe Harbor releases only years): a discharge so
   dated has no 30-day window, and one that an admission so dated may have followed within 30
@@ -99,6 +100,7 @@ import duckdb
 import pandas as pd
 
 from pipelines.features.cohort import (
+    consent_source,
     encounter_held_sql,
     inpatient_sql,
     opted_out_sql,
@@ -236,7 +238,7 @@ def _discharges_sql(
           -- an ICU or ward segment of a stay in the data is no stay of its own
           AND {own_encounter_sql("enc", "e")}
     ),
-    opted_out AS ({opted_out_sql("views.consent")})
+    opted_out AS ({opted_out_sql(consent_source(con))})
     SELECT
         d.patient_id,
         -- the label's time is the latest instant the discharge can stand for, where the

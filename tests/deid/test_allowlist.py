@@ -89,6 +89,33 @@ def test_a_conditions_onset_period_is_released_with_its_dates_shifted() -> None:
     assert safe.resource["onsetPeriod"] == {"start": "2023", "end": "2023"}
 
 
+def test_a_consents_nested_provisions_keep_their_type_and_purpose_four_levels_deep() -> None:
+    """A research opt-out is often an exception (provision.provision) of a permit: its type
+    and purpose leave the release at each of the four levels the profiles name
+    (deid.terminology.CONSENT_PROVISION_LEVELS), a type in another case as its binding's code;
+    a fifth level is not released."""
+    purpose = [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]
+    fifth = {"type": "deny", "purpose": purpose}
+    fourth = {"type": "Deny", "purpose": purpose, "provision": [fifth]}
+    third = {"type": "permit", "provision": [fourth]}
+    second = {"type": "deny", "purpose": purpose, "actor": [{"role": {"text": "Dr X"}}]}
+    consent = {
+        "resourceType": "Consent",
+        "id": "k",
+        "status": "active",
+        "patient": {"reference": "Patient/p"},
+        "provision": {
+            "type": "permit",
+            "provision": [second, {"type": "permit", "provision": [third]}],
+        },
+    }
+    for profile in ("research", "safe_harbor"):
+        out = _apply(copy.deepcopy(consent), profile).resource["provision"]
+        nested = out["provision"]
+        assert nested[0] == {"type": "deny", "purpose": purpose}
+        assert nested[1]["provision"][0]["provision"] == [{"type": "deny", "purpose": purpose}]
+
+
 def test_codes_outside_their_binding_are_nulled_and_counted() -> None:
     out = _apply(_obs(status="final Smith"))
     assert "status" not in out.resource and out.release_counts["code_not_in_binding"] == 1

@@ -53,6 +53,26 @@ def test_functions() -> None:
     assert evaluate(PATIENT, "extension('http://x/race').valueString") == ["r"]
 
 
+def test_repeat_finds_nested_elements_at_any_depth() -> None:
+    consent = {
+        "resourceType": "Consent",
+        "provision": {
+            "type": "permit",
+            "provision": [
+                {"type": "deny", "provision": [{"type": "permit", "provision": [{"type": "x"}]}]},
+                {"type": "permit"},
+            ],
+        },
+    }
+    nested = "provision.repeat(provision).type"
+    assert sorted(evaluate(consent, nested)) == ["deny", "permit", "permit", "x"]
+    everywhere = "(provision | provision.repeat(provision)).where(type = 'deny').exists()"
+    assert evaluate(consent, everywhere) == [True]
+    assert evaluate(consent, "provision.provision.repeat(provision).type") == ["permit", "x"]
+    assert evaluate(PATIENT, "repeat($this).count()") == [1]  # an item found again ends it
+    assert evaluate(PATIENT, "name.repeat(given)") == evaluate(PATIENT, "name.given")
+
+
 def test_operators_and_literals() -> None:
     assert evaluate("12345", "$this.startsWith('123') and $this.length() = 5") == [True]
     assert evaluate("12345", "$this.substring(0, 3) + '**'") == ["123**"]

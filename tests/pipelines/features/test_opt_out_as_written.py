@@ -7,7 +7,12 @@ the readmission label:
   every feature table and the label; it is now released as the binding's code;
 - a scope given as text only (``scope: {text: "Research"}``), which the release never carries,
   left ``scope_code`` NULL and the patient in; a denial or an ``OPTOUT`` without a readable
-  scope code now counts as a research opt-out, while a scope coded as another purpose does not.
+  scope code now counts as a research opt-out, while a scope coded as another purpose does not;
+- an opt-out written as an exception (``provision.provision``: a permit with a nested deny, at
+  any of the four levels the release keeps) was dropped by the release and unread by the view,
+  so the patient stayed in; a nested deny now counts under a research scope (or none readable),
+  and, under any scope, a deny whose purpose is research (HRESCH or a specialisation), while a
+  nested deny for another purpose under ``patient-privacy`` does not.
 
 Which patients opted out is written here by hand, from what each consent says."""
 
@@ -21,7 +26,7 @@ import duckdb
 import pytest
 
 from pipelines.features import refresh
-from pipelines.features.cohort import released_cohort
+from pipelines.features.cohort import consent_source, opted_out_sql, released_cohort
 from pipelines.features.refresh import definitions_digest
 from pipelines.features.valuesets import load_valuesets
 from pipelines.models.labels import readmission_labels_with_counts
@@ -34,8 +39,26 @@ KEY = b"\x07" * 32
 
 RESEARCH = {"coding": [{"system": SCOPE, "code": "research"}]}
 TREATMENT = {"coding": [{"system": SCOPE, "code": "treatment"}]}
+PRIVACY = {"coding": [{"system": SCOPE, "code": "patient-privacy"}]}
 OPTOUT = [{"coding": [{"system": ACT, "code": "OPTOUT"}]}]
 OPTIN = [{"coding": [{"system": ACT, "code": "OPTIN"}]}]
+REASON = "http://terminology.hl7.org/CodeSystem/v3-ActReason"
+
+
+def _deny(*purposes: str, then: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A deny provision for ``purposes`` (v3-ActReason codes), with ``then`` nested in it."""
+    provision: dict[str, Any] = {"type": "deny"}
+    if purposes:
+        provision["purpose"] = [{"system": REASON, "code": code} for code in purposes]
+    if then:
+        provision["provision"] = then
+    return provision
+
+
+def _permit(*nested: dict[str, Any]) -> dict[str, Any]:
+    """A permit with the exceptions ``nested``."""
+    return {"type": "permit", "provision": list(nested)} if nested else {"type": "permit"}
+
 
 # patient -> what their consent says (None: no consent)
 CONSENTS: dict[str, dict[str, Any] | None] = {
@@ -61,10 +84,101 @@ CONSENTS: dict[str, dict[str, Any] | None] = {
     "treatment-deny": {"status": "active", "scope": TREATMENT, "provision": {"type": "deny"}},
     "inactive-deny": {"status": "Inactive", "scope": RESEARCH, "provision": {"type": "Deny"}},
     "no-consent": None,
+    # exceptions (provision.provision): a permit whose nested deny is the opt-out
+    "nested-deny-research": {"status": "active", "scope": RESEARCH, "provision": _permit(_deny())},
+    "nested-deny-capitalised": {
+        "status": "active",
+        "scope": RESEARCH,
+        "provision": _permit({"type": "Deny"}),
+    },
+    "nested-deny-scope-as-text": {
+        "status": "active",
+        "scope": {"text": "Research"},
+        "provision": _permit(_deny()),
+    },
+    "privacy-nested-deny-hresch": {
+        "status": "active",
+        "scope": PRIVACY,
+        "provision": _permit(_deny("HRESCH")),
+    },
+    "privacy-nested-deny-clintrch": {
+        "status": "active",
+        "scope": PRIVACY,
+        "provision": _permit(_deny("TREAT", "CLINTRCH")),
+    },
+    "privacy-nested-deny-marketing": {
+        "status": "active",
+        "scope": PRIVACY,
+        "provision": _permit(_deny("HMARKT")),
+    },
+    "privacy-nested-permit-hresch": {
+        "status": "active",
+        "scope": PRIVACY,
+        "provision": _permit({"type": "permit", "purpose": [{"system": REASON, "code": "HRESCH"}]}),
+    },
+    "privacy-depth-2-deny-hresch": {
+        "status": "active",
+        "scope": PRIVACY,
+        "provision": _permit(_permit(_deny("HRESCH"))),
+    },
+    "research-depth-2-deny": {
+        "status": "active",
+        "scope": RESEARCH,
+        "provision": _permit(_permit(), _permit(_deny())),
+    },
+    "privacy-depth-3-deny-hresch": {
+        "status": "active",
+        "scope": PRIVACY,
+        "provision": _permit(_permit(_permit(_deny("HRESCH")))),
+    },
+    "research-deny-with-nested-permit": {
+        "status": "active",
+        "scope": RESEARCH,
+        "provision": _deny(then=[_permit()]),
+    },
+    "research-nested-permits": {
+        "status": "active",
+        "scope": RESEARCH,
+        "provision": _permit(_permit()),
+    },
+    "treatment-nested-deny": {
+        "status": "active",
+        "scope": TREATMENT,
+        "provision": _permit(_deny()),
+    },
+    "inactive-privacy-nested-deny-hresch": {
+        "status": "inactive",
+        "scope": PRIVACY,
+        "provision": _permit(_deny("HRESCH")),
+    },
 }
 # read from CONSENTS by hand: the consents that are active and deny research use, or deny
-# with no coded scope to say what for
-OPTED_OUT = {"deny-capitalised", "active-capitalised", "scope-as-text", "scope-as-text-deny-upper"}
+# with no coded scope to say what for, at the top or in an exception at any depth; or, of any
+# scope, deny in an exception whose purpose is research (HRESCH or its specialisation CLINTRCH)
+OPTED_OUT = {
+    "deny-capitalised",
+    "active-capitalised",
+    "scope-as-text",
+    "scope-as-text-deny-upper",
+    "nested-deny-research",
+    "nested-deny-capitalised",
+    "nested-deny-scope-as-text",
+    "privacy-nested-deny-hresch",
+    "privacy-nested-deny-clintrch",
+    "privacy-depth-2-deny-hresch",
+    "research-depth-2-deny",
+    "privacy-depth-3-deny-hresch",
+    "research-deny-with-nested-permit",
+}
+# of those, the ones the top provision alone says (what a consent view built before the nested
+# denials were read still counts)
+OPTED_OUT_AT_THE_TOP = {
+    "deny-capitalised",
+    "active-capitalised",
+    "scope-as-text",
+    "scope-as-text-deny-upper",
+    "research-deny-with-nested-permit",
+}
 
 
 def _encounter(eid: str, patient: str, cls: str, start: str, end: str) -> dict[str, Any]:
@@ -147,6 +261,19 @@ def test_the_opted_out_patients_have_no_readmission_label(released: tuple) -> No
     labels, _ = readmission_labels_with_counts(con)
     labelled = _patients_named(set(labels["patient_id"]), pseudonym)
     assert labelled == set(CONSENTS) - OPTED_OUT
+
+
+def test_a_consent_view_built_before_nested_denials_still_reads_the_top_provision(
+    released: tuple,
+) -> None:
+    con, pseudonym = released
+    con.execute("CREATE SCHEMA IF NOT EXISTS built_before")
+    con.execute(
+        "CREATE OR REPLACE TABLE built_before.consent AS SELECT * "
+        "EXCLUDE (deny_at_any_level, deny_purpose_codes) FROM views.consent"
+    )
+    rows = con.execute(opted_out_sql(consent_source(con, "built_before.consent"))).fetchall()
+    assert _patients_named({r[0] for r in rows}, pseudonym) == OPTED_OUT_AT_THE_TOP
 
 
 def test_a_changed_opt_out_rule_rebuilds_every_feature_table(

@@ -1,5 +1,7 @@
 """One research opt-out rule for the feature tables, the labels and the training frame: a consent
-whose scope is written ``Research`` excludes its patient exactly as ``research`` does."""
+whose scope is written ``Research`` excludes its patient exactly as ``research`` does, and so
+does a deny nested in a permit (``views.consent.deny_at_any_level``) under a research scope, or,
+under any scope, a nested deny for research (``deny_purpose_codes`` holding HRESCH)."""
 
 from __future__ import annotations
 
@@ -21,25 +23,50 @@ feast = pytest.importorskip("feast")
 
 # Two stays each, the second 17 days after the first: every one of these patients would have a
 # labelled, readmitted discharge if they were in the cohort.
-NEW_PATIENTS = {
-    "optout_upper": ("active", "Research", None, "deny"),
-    "optout_lower": ("active", "research", None, "deny"),
-    "optin_upper": ("active", "Research", "OPTIN", "permit"),  # a control: stays in
+NEW_PATIENTS: dict[str, tuple[str, str, str | None, str, bool, list[str]]] = {
+    # status, scope, policy rule, top provision, a deny at any level, purposes denied
+    "optout_upper": ("active", "Research", None, "deny", True, []),
+    "optout_lower": ("active", "research", None, "deny", True, []),
+    "optin_upper": ("active", "Research", "OPTIN", "permit", False, []),  # a control: stays in
+    "nested_deny": ("active", "research", "OPTIN", "permit", True, []),
+    "privacy_nested_research": ("active", "patient-privacy", None, "permit", True, ["hresch"]),
+    # a deny for marketing under patient-privacy is no research opt-out: stays in
+    "privacy_nested_marketing": ("active", "patient-privacy", None, "permit", True, ["HMARKT"]),
 }
 # Worked out by hand from the crafted consents (not through the rule under test).
-OPTED_OUT = {"optout", "optout_rule", "optout_upper", "optout_lower"}
-LABELLED = {"readmit", "noreadmit", "boundary_in", "boundary_out", "inactive_optout", "optin_upper"}
+OPTED_OUT = {
+    "optout",
+    "optout_rule",
+    "optout_upper",
+    "optout_lower",
+    "nested_deny",
+    "privacy_nested_research",
+}
+LABELLED = {
+    "readmit",
+    "noreadmit",
+    "boundary_in",
+    "boundary_out",
+    "inactive_optout",
+    "optin_upper",
+    "privacy_nested_marketing",
+}
+KEPT_CONTROLS = ("optin_upper", "privacy_nested_marketing")
 UTILISATION = "patient_utilisation"
 
 
 def _views(con: duckdb.DuckDBPyConnection) -> None:
-    """The crafted model views plus the three new patients, and a patient row for everyone
+    """The crafted model views plus the new patients, and a patient row for everyone
     (the feature tables only know patients in ``views.patient``)."""
     crafted_views(con, with_patient=True)
-    for n, (pid, (status, scope, rule, provision)) in enumerate(NEW_PATIENTS.items()):
+    con.execute("ALTER TABLE views.consent ADD COLUMN deny_at_any_level BOOLEAN")
+    con.execute("ALTER TABLE views.consent ADD COLUMN deny_purpose_codes VARCHAR[]")
+    for n, (pid, consent) in enumerate(NEW_PATIENTS.items()):
         con.execute(
-            "INSERT INTO views.consent VALUES (?, ?, ?, ?, NULL, ?, ?, NULL)",
-            [f"k{n}", pid, status, scope, rule, provision],
+            "INSERT INTO views.consent (id, patient_id, status, scope_code, policy_rule_code, "
+            "provision_type, deny_at_any_level, deny_purpose_codes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [f"k{n}", pid, *consent],
         )
         for stay, (start, end) in enumerate(
             (("2024-07-01", "2024-07-03"), ("2024-07-20", "2024-07-22"))
@@ -94,13 +121,15 @@ def test_research_opt_out_is_case_insensitive_everywhere(tmp_path: Path) -> None
         present = {p for (p,) in con.execute(f"SELECT patient_id FROM features.{name}").fetchall()}
         assert not present & OPTED_OUT, name
         if name != "patient_labs_vitals":  # no measurement, no row
-            assert "optin_upper" in present, name
+            assert set(KEPT_CONTROLS) <= present, name
 
     labels, counts = readmission_labels_with_counts(con)
     assert set(labels["patient_id"]) == LABELLED
-    assert counts.opted_out == 6  # one stay each of optout and optout_rule, two of the new two
-    control = labels[labels["patient_id"] == "optin_upper"]
-    assert control["label"].tolist() == [1, 0]
+    # one stay each of optout and optout_rule, two each of the four new ones
+    assert counts.opted_out == 10
+    for kept in KEPT_CONTROLS:
+        control = labels[labels["patient_id"] == kept]
+        assert control["label"].tolist() == [1, 0], kept
 
     store = _store(tmp_path, tmp_path / "features" / f"{UTILISATION}.parquet")
     frame = readmission_training_set(store, labels)

@@ -21,7 +21,10 @@ does not keep a denial or an ``OPTOUT`` from counting: what the patient asked is
 purpose it was asked for is not, and leaving out a patient who denied something else costs one
 patient's rows, while keeping one who asked to be left out breaks their wish. A scope coded as
 another purpose (``treatment``, ``patient-privacy``, ``adr``) is read as that purpose, and a
-deny under it counts only when its own purpose is research.
+deny under it counts only when its own purpose is research. A status the release holds no code
+for (``actve``: not in the required binding, so withheld) counts as active for the same reason:
+the denial is known, whether it still stands is not; a status coded as another state (``draft``,
+``inactive``, ``rejected``) is read as that state.
 """
 
 from __future__ import annotations
@@ -98,12 +101,12 @@ def opted_out_sql(consent: str = "views.consent") -> str:
     view or parenthesised query with the columns of ``views.consent``: :func:`consent_source`).
     Rows without a patient are left out, so the result can sit inside ``NOT IN`` (a NULL there
     would make every comparison unknown). A consent without a scope code counts as a research
-    one (the module's docstring says why)."""
+    one, and one without a status code as active (the module's docstring says why)."""
     purposes = sql_list(RESEARCH_PURPOSES)
     return f"""
     SELECT DISTINCT c.patient_id FROM {consent} AS c
     WHERE c.patient_id IS NOT NULL
-      AND lower(c.status) = 'active'
+      AND coalesce(lower(c.status), 'active') = 'active'
       AND (
         (
           coalesce(lower(c.scope_code), 'research') = 'research'

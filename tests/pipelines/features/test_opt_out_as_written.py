@@ -14,6 +14,9 @@ the readmission label:
   and, under any scope, a deny whose purpose is research (HRESCH or a specialisation), while a
   nested deny for another purpose under ``patient-privacy`` does not.
 
+A status the release withholds (``actve``, in no spelling of the binding) left the view's
+status NULL and the patient in; a denial under it now counts, while ``draft`` does not.
+
 Which patients opted out is written here by hand, from what each consent says."""
 
 from __future__ import annotations
@@ -83,6 +86,14 @@ CONSENTS: dict[str, dict[str, Any] | None] = {
     },
     "treatment-deny": {"status": "active", "scope": TREATMENT, "provision": {"type": "deny"}},
     "inactive-deny": {"status": "Inactive", "scope": RESEARCH, "provision": {"type": "Deny"}},
+    # a status in no spelling of the binding is withheld by the release: the denial still counts
+    "status-misspelled-deny": {"status": "actve", "scope": RESEARCH, "provision": {"type": "deny"}},
+    "status-misspelled-permit": {
+        "status": "actve",
+        "scope": RESEARCH,
+        "provision": {"type": "permit"},
+    },
+    "draft-deny": {"status": "draft", "scope": RESEARCH, "provision": {"type": "deny"}},
     "no-consent": None,
     # exceptions (provision.provision): a permit whose nested deny is the opt-out
     "nested-deny-research": {"status": "active", "scope": RESEARCH, "provision": _permit(_deny())},
@@ -157,6 +168,7 @@ CONSENTS: dict[str, dict[str, Any] | None] = {
 # scope, deny in an exception whose purpose is research (HRESCH or its specialisation CLINTRCH)
 OPTED_OUT = {
     "deny-capitalised",
+    "status-misspelled-deny",
     "active-capitalised",
     "scope-as-text",
     "scope-as-text-deny-upper",
@@ -174,6 +186,7 @@ OPTED_OUT = {
 # denials were read still counts)
 OPTED_OUT_AT_THE_TOP = {
     "deny-capitalised",
+    "status-misspelled-deny",
     "active-capitalised",
     "scope-as-text",
     "scope-as-text-deny-upper",

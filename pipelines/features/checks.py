@@ -15,7 +15,7 @@ import duckdb
 
 from deid.leakscan import CanarySet, LeakScanResult
 from deid.release import scan_column_values, scan_released_table
-from pipelines.features.cohort import consent_source, opted_out_sql
+from pipelines.features.cohort import opted_out_sql, view_as_built
 from pipelines.features.tables import FEATURES_SCHEMA
 
 
@@ -46,7 +46,7 @@ def _has_consent_view(con: duckdb.DuckDBPyConnection) -> bool:
 
 def _opted_out(con: duckdb.DuckDBPyConnection) -> str:
     """The opted-out rule over ``views.consent`` as it was built (columns it lacks read NULL)."""
-    return opted_out_sql(consent_source(con))
+    return opted_out_sql(view_as_built(con, "consent"))
 
 
 def opted_out_count(con: duckdb.DuckDBPyConnection, table: str) -> int:

@@ -66,20 +66,21 @@ RESEARCH_PURPOSES = (
     "TRANSRCH",
 )
 
-# Columns of ``views.consent`` added after consent views were first built, and their types. A view
-# built before them (its changed definition rebuilds it at the next refresh) reads them as NULL:
-# its top provision's type and policy rule count, as they did.
-CONSENT_ADDED_COLUMNS: dict[str, str] = {
-    "deny_at_any_level": "BOOLEAN",
-    "deny_purpose_codes": "VARCHAR[]",
+# View columns added after views were first built, and their types. A view built before one of
+# them (its changed definition rebuilds it at the next refresh) reads it as NULL, what it would
+# have held then: an encounter part of no other; a consent whose top provision's type and policy
+# rule count, as they did, with no nested denial.
+ADDED_VIEW_COLUMNS: dict[str, dict[str, str]] = {
+    "encounter": {"part_of_id": "VARCHAR"},
+    "consent": {"deny_at_any_level": "BOOLEAN", "deny_purpose_codes": "VARCHAR[]"},
 }
 
 
-def consent_source(con: duckdb.DuckDBPyConnection, table: str = "views.consent") -> str:
-    """``table`` (``schema.name``, trusted) as :func:`opted_out_sql` reads it: the table itself,
-    or, when it was built without some of :data:`CONSENT_ADDED_COLUMNS`, a query adding them as
-    NULL."""
-    schema, name = table.split(".")
+def view_as_built(con: duckdb.DuckDBPyConnection, view: str, table: str | None = None) -> str:
+    """``views.<view>`` (or ``table``, ``schema.name``, trusted, with the view's columns) as the
+    rules read it: the table itself, or, when it was built without some of the view's
+    :data:`ADDED_VIEW_COLUMNS`, a parenthesised query adding them as NULL."""
+    schema, name = (table or f"views.{view}").split(".")
     built = {
         column
         for (column,) in con.execute(
@@ -90,15 +91,16 @@ def consent_source(con: duckdb.DuckDBPyConnection, table: str = "views.consent")
     }
     missing = [
         f'NULL::{type_} AS "{column}"'
-        for column, type_ in CONSENT_ADDED_COLUMNS.items()
+        for column, type_ in ADDED_VIEW_COLUMNS.get(view, {}).items()
         if column not in built
     ]
-    return f"(SELECT *, {', '.join(missing)} FROM {table})" if missing else table
+    source = f"{schema}.{name}"
+    return f"(SELECT *, {', '.join(missing)} FROM {source})" if missing else source
 
 
 def opted_out_sql(consent: str = "views.consent") -> str:
     """A query of the distinct ``patient_id`` of every opted-out patient in ``consent`` (a table,
-    view or parenthesised query with the columns of ``views.consent``: :func:`consent_source`).
+    view or parenthesised query with the columns of ``views.consent``: :func:`view_as_built`).
     Rows without a patient are left out, so the result can sit inside ``NOT IN`` (a NULL there
     would make every comparison unknown). A consent without a scope code counts as a research
     one, and one without a status code as active (the module's docstring says why)."""
@@ -202,7 +204,9 @@ def released_cohort(con: duckdb.DuckDBPyConnection) -> list[str]:
     if "patient" not in present:
         return []
     excluded = (
-        opted_out_sql(consent_source(con)) if "consent" in present else "SELECT NULL WHERE false"
+        opted_out_sql(view_as_built(con, "consent"))
+        if "consent" in present
+        else "SELECT NULL WHERE false"
     )
     rows = con.execute(
         f"SELECT DISTINCT id FROM views.patient WHERE id IS NOT NULL "

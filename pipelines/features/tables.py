@@ -58,7 +58,7 @@ import duckdb
 import pyarrow as pa
 
 from pipelines.features.cohort import (
-    CONSENT_ADDED_COLUMNS,
+    ADDED_VIEW_COLUMNS,
     encounter_held_sql,
     inpatient_sql,
     opted_out_sql,
@@ -137,18 +137,8 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "scope_code": "VARCHAR",
         "policy_rule_code": "VARCHAR",
         "provision_type": "VARCHAR",
-        **CONSENT_ADDED_COLUMNS,
+        **ADDED_VIEW_COLUMNS["consent"],
     },
-}
-
-# View columns added after views were first built. A view built before one of them (its changed
-# definition rebuilds it at the next refresh) reads it as NULL, what it would have held then:
-# an encounter part of no other; a consent with no nested denial.
-ADDED_VIEW_COLUMNS: dict[str, tuple[str, ...]] = {
-    "encounter": ("part_of_id",),
-    # a denial nested in a provision, and the purposes denied: read NULL, the top provision's
-    # type and policy rule count as they did (pipelines.features.cohort)
-    "consent": tuple(CONSENT_ADDED_COLUMNS),
 }
 
 # Which views each feature table reads (the Dagster assets depend on exactly these).
@@ -358,7 +348,7 @@ def _source_column(view: str, column: str, type_: str, built: set[str]) -> str:
     """One column of ``src_<view>``: the view's own, or NULL for a column of
     :data:`ADDED_VIEW_COLUMNS` the view was built without (any other missing column is an
     error, as it was)."""
-    if column not in built and column in ADDED_VIEW_COLUMNS.get(view, ()):
+    if column not in built and column in ADDED_VIEW_COLUMNS.get(view, {}):
         return f'NULL::{type_} AS "{column}"'
     return f'"{column}"::{type_} AS "{column}"'
 

@@ -100,13 +100,13 @@ import duckdb
 import pandas as pd
 
 from pipelines.features.cohort import (
-    consent_source,
     encounter_held_sql,
     inpatient_sql,
     opted_out_sql,
     own_encounter_sql,
     sql_list,
     timestamptz_sql,
+    view_as_built,
 )
 
 READMISSION_WINDOW_DAYS = 30
@@ -159,14 +159,6 @@ def _latest_bounds(con: duckdb.DuckDBPyConnection) -> tuple[str, str]:
         for bound in ("period_start", "period_end")
     )
     return start, end
-
-
-def _part_of_column(con: duckdb.DuckDBPyConnection) -> str:
-    """What ``views.encounter`` lacks of ``part_of_id``: nothing, or, in a view built before
-    the column existed, the column as NULL (an encounter part of no other, as it was read)."""
-    if "part_of_id" in _table_columns(con, "views", "encounter"):
-        return ""
-    return ", NULL::VARCHAR AS part_of_id"
 
 
 def _dated_to_the_day(value: str, latest: str) -> str:
@@ -224,7 +216,7 @@ def _discharges_sql(
     after_arrival = "true" if known_by is None else f"ts <= {timestamptz_sql(known_by)}"
     return f"""
     WITH enc AS (
-        SELECT *{_part_of_column(con)} FROM views.encounter
+        SELECT * FROM {view_as_built(con, "encounter")}
         WHERE {encounter_held_sql()}
     ),
     times AS (SELECT period_start AS ts FROM enc UNION ALL SELECT period_end FROM enc),
@@ -238,7 +230,7 @@ def _discharges_sql(
           -- an ICU or ward segment of a stay in the data is no stay of its own
           AND {own_encounter_sql("enc", "e")}
     ),
-    opted_out AS ({opted_out_sql(consent_source(con))})
+    opted_out AS ({opted_out_sql(view_as_built(con, "consent"))})
     SELECT
         d.patient_id,
         -- the label's time is the latest instant the discharge can stand for, where the

@@ -29,7 +29,7 @@ import duckdb
 import pytest
 
 from pipelines.features import refresh
-from pipelines.features.cohort import consent_source, opted_out_sql, released_cohort
+from pipelines.features.cohort import opted_out_sql, released_cohort, view_as_built
 from pipelines.features.refresh import definitions_digest
 from pipelines.features.valuesets import load_valuesets
 from pipelines.models.labels import readmission_labels_with_counts
@@ -285,7 +285,9 @@ def test_a_consent_view_built_before_nested_denials_still_reads_the_top_provisio
         "CREATE OR REPLACE TABLE built_before.consent AS SELECT * "
         "EXCLUDE (deny_at_any_level, deny_purpose_codes) FROM views.consent"
     )
-    rows = con.execute(opted_out_sql(consent_source(con, "built_before.consent"))).fetchall()
+    rows = con.execute(
+        opted_out_sql(view_as_built(con, "consent", "built_before.consent"))
+    ).fetchall()
     assert _patients_named({r[0] for r in rows}, pseudonym) == OPTED_OUT_AT_THE_TOP
 
 

@@ -24,6 +24,10 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   becomes 90 years;
 - strings, markdown, uri, base64Binary, narrative, identifiers: only where a path names them
   with ``keep``; extensions only those the profile lists by URL, in their fixed shape;
+- ``contained`` (where a path names it): each contained resource of a type of
+  :data:`CONTAINED_TYPES` the profile lists, under that type's own paths, its local id replaced
+  by its place (``c0``, ``c1``, ...) and the container's ``#id`` references rewritten to match;
+  any other contained resource is dropped (``contained_withheld``);
 - ``meta`` is rebuilt by the engine (security labels only).
 """
 
@@ -71,6 +75,10 @@ _OBJECT_DEFAULTS: dict[str, dict[str, str]] = {
     "Ratio": {"numerator": "keep", "denominator": "keep"},
     "Money": {"value": "keep"},
 }
+# Types a contained resource may be released as: a drug (a MedicationRequest's contained
+# Medication) describes no person. A contained Patient, Practitioner or Organization would carry
+# the names and identifiers the top-level ones are released without, so they never leave.
+CONTAINED_TYPES = frozenset({"Medication"})
 MIN_YEAR, MAX_YEAR = 1800, 2200  # outside: a sentinel or a typo, never a real event
 AGE_CAP_YEARS = methods.AGE_LIMIT + 1
 _DROP = object()
@@ -106,6 +114,8 @@ class ReleaseContext:
     resolve: Callable[[str], tuple[str, str] | None]
     terminology: Terminology
     age_context: bool = False
+    # a contained resource's local id -> the id it is released under (its place)
+    contained_ids: dict[str, str] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
     labels: set[str] = field(default_factory=set)
 
@@ -179,6 +189,8 @@ def _leaf(fhir_type: str, many: bool, method: str, binding_key: str, where: str)
         return Node("object", many, {"coding": coding}, name=name)
     if fhir_type == "Reference":
         return Node("reference", many, name=name)
+    if fhir_type == "Resource" and name == "contained" and method == "keep":
+        return Node("contained", many, name=name)
     if fhir_type in QUANTITY_TYPES:
         return Node("quantity", many, name=name)
     if fhir_type == "Extension":
@@ -279,9 +291,34 @@ def release_resource(resource: dict[str, Any], ctx: ReleaseContext) -> dict[str,
     changed)."""
     plan = ctx.profile.plan(ctx.resource_type)
     ctx.age_context = ctx.resource_type == "Observation" and _is_age_observation(resource)
+    if "contained" in plan.children:
+        ctx.contained_ids = _contained_ids(resource, ctx.profile)
     out = _object(resource, plan, ctx)
     released = out if isinstance(out, dict) else {}
     return {"resourceType": ctx.resource_type, **released}
+
+
+def _contained_ids(resource: dict[str, Any], profile: ReleaseProfile) -> dict[str, str]:
+    """Local id -> released id of the contained resources that may be released. The source's
+    local ids are text of its own (``med-for-jdoe``), so each is renamed by its place; an id
+    two contained resources share names neither (a reference to it could mean either)."""
+    ids: dict[str, str] = {}
+    seen: set[str] = set()
+    for place, item in enumerate(resource.get("contained") or []):
+        local = item.get("id") if isinstance(item, dict) else None
+        if not isinstance(local, str):
+            continue
+        if local in seen:
+            ids.pop(local, None)
+        elif _releasable_contained(item, profile):
+            ids[local] = f"c{place}"
+        seen.add(local)
+    return ids
+
+
+def _releasable_contained(item: dict[str, Any], profile: ReleaseProfile) -> bool:
+    rtype = item.get("resourceType")
+    return rtype in CONTAINED_TYPES and profile.lists(str(rtype))
 
 
 def _is_age_observation(resource: dict[str, Any]) -> bool:
@@ -356,6 +393,8 @@ def _id(value: Any, node: Node, ctx: ReleaseContext) -> Any:
 
 def _reference(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     text = value.get("reference") if isinstance(value, dict) else None
+    if isinstance(text, str) and text.startswith("#"):
+        return _contained_reference(text[1:], ctx)
     if not isinstance(text, str):
         # a logical reference is looked up by its conditional form, as ingest resolved it;
         # its identifier never leaves: only the pseudonymous literal reference is released
@@ -366,6 +405,33 @@ def _reference(value: Any, node: Node, ctx: ReleaseContext) -> Any:
         return _DROP
     ctx.labels.add("PSEUDED")
     return {"reference": f"{target[0]}/{target[1]}"}
+
+
+def _contained_reference(local: str, ctx: ReleaseContext) -> Any:
+    """A reference to a contained resource, to the id that resource is released under; one to
+    a contained resource not released (or to none) is withheld."""
+    released = ctx.contained_ids.get(local)
+    if released is None:
+        ctx.counts["reference_withheld"] += 1
+        return _DROP
+    return {"reference": f"#{released}"}
+
+
+def _contained(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    """A contained resource under its own type's paths, renamed by its place; its id is no
+    pseudonym (it joins within the container only, and no view keys on it)."""
+    local = value.get("id") if isinstance(value, dict) else None
+    released_id = ctx.contained_ids.get(local) if isinstance(local, str) else None
+    if released_id is None or not _releasable_contained(value, ctx.profile):
+        ctx.counts["contained_withheld"] += 1
+        ctx.labels.add("REDACTED")
+        return _DROP
+    rtype = str(value["resourceType"])
+    plan = ctx.profile.plan(rtype)
+    body = Node("object", children={k: v for k, v in plan.children.items() if k != "id"})
+    out = _object(value, body, ctx)
+    ctx.labels.add("PSEUDED")
+    return {"resourceType": rtype, "id": released_id, **(out if isinstance(out, dict) else {})}
 
 
 def _coding(value: Any, node: Node, ctx: ReleaseContext) -> Any:
@@ -536,6 +602,7 @@ _KINDS: dict[str, Callable[[Any, Node, ReleaseContext], Any]] = {
     "code": _code,
     "id": _id,
     "reference": _reference,
+    "contained": _contained,
     "coding": _coding,
     "quantity": _quantity,
     "extension": _extension,

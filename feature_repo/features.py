@@ -249,7 +249,8 @@ patient_medications = FeatureView(
         "owner": OWNER,
         "sensitivity": "sensitive-health",
         "table": "features.patient_medications",
-        "rule": "views.medication_request: authored_on_latest, status, intent, medication_code",
+        "rule": "views.medication_request: authored_on_latest, status, intent, medication_code "
+        "(else views.medication.code by medication_id)",
     },
 )
 
@@ -271,9 +272,7 @@ def _lab_fields() -> list[Field]:
     for key, (text, unit) in LAB_UNITS.items():
         fields += [
             _field(f"{key}_latest", Float64, f"Latest {text} known at or before T.", unit),
-            _field(
-                f"{key}_mean_365d", Float64, f"Mean {text} known in (T - 365 days, T].", unit
-            ),
+            _field(f"{key}_mean_365d", Float64, f"Mean {text} known in (T - 365 days, T].", unit),
             _field(
                 f"{key}_measured_at",
                 UnixTimestamp,

@@ -71,7 +71,8 @@ BUILDS = f"{STATE_SCHEMA}.feature_builds"
 CURRENT = DIGESTS.current
 CHANGED = DIGESTS.changed
 # Bumped when the feature SQL changes in a way its text does not show.
-FEATURES_VERSION = "1"
+# 2: src_medication_request reads the code of a Medication resource a request references.
+FEATURES_VERSION = "2"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 

@@ -130,6 +130,7 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "authored_on_latest": "TIMESTAMPTZ",
         "medication_system": "VARCHAR",
         "medication_code": "VARCHAR",
+        "medication_id": "VARCHAR",
     },
     "consent": {
         "patient_id": "VARCHAR",
@@ -140,6 +141,11 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         **ADDED_VIEW_COLUMNS["consent"],
     },
 }
+
+# The view of Medication resources: a request that names its drug by reference to one
+# (``medication_request.medication_id``) has the drug's code there. It holds no patient, so it
+# is read through ``src_medication_request`` only (see :func:`_resolve_medications`).
+MEDICATION_VIEW = "medication"
 
 # Which views each feature table reads (the Dagster assets depend on exactly these).
 FEATURE_TABLES: dict[str, tuple[str, ...]] = {
@@ -160,7 +166,13 @@ FEATURE_TABLES: dict[str, tuple[str, ...]] = {
         "observation",
         "medication_request",
     ),
-    "patient_medications": ("patient", "consent", "encounter", "medication_request"),
+    "patient_medications": (
+        "patient",
+        "consent",
+        "encounter",
+        "medication_request",
+        MEDICATION_VIEW,
+    ),
     "patient_labs_vitals": ("patient", "consent", "encounter", "observation"),
 }
 
@@ -329,8 +341,30 @@ def prepare_sources(
         else:
             select = ", ".join(f'NULL::{t} AS "{c}"' for c, t in columns.items())
             body = f"SELECT {select} WHERE false"
+        if view == "medication_request" and MEDICATION_VIEW in present:
+            body = _resolve_medications(body)
         con.execute(f"CREATE OR REPLACE TEMP VIEW src_{view} AS {body}")
     _prepare_patients(con, data_end, known_by)
+
+
+def _resolve_medications(requests: str) -> str:
+    """``requests`` (the medication_request rows) with the code of the Medication resource a
+    request names by reference when it has no code of its own (system and code from the same
+    row). The code is part of the request's row, so a changed Medication changes the digest of
+    every patient prescribed it (the incremental refresh computes them again)."""
+    # one row per Medication id, whatever the view holds, so no request is counted twice
+    return f"""
+        SELECT r.* REPLACE (
+            CASE WHEN r.medication_code IS NULL THEN d.code_system
+                ELSE r.medication_system END AS medication_system,
+            coalesce(r.medication_code, d.code) AS medication_code)
+        FROM ({requests}) r
+        LEFT JOIN (
+            SELECT id, code_system::VARCHAR AS code_system, code::VARCHAR AS code
+            FROM views.{MEDICATION_VIEW}
+            QUALIFY row_number() OVER (PARTITION BY id ORDER BY code_system, code) = 1
+        ) d ON d.id = r.medication_id
+        """
 
 
 def _built_view_columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:

@@ -317,6 +317,36 @@ def test_references_are_pseudonymised_or_dropped() -> None:
     assert out.resource["subject"]["reference"] != "Patient/p"
 
 
+def test_a_contained_medication_is_released_by_its_own_paths_under_a_new_local_id() -> None:
+    rxnorm = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    drug = {"coding": [{"system": rxnorm, "code": "197361"}], "text": "for J. Doe"}
+    request = {
+        "resourceType": "MedicationRequest",
+        "id": "r",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": "Patient/p"},
+        "contained": [
+            {"resourceType": "Patient", "id": "pt", "name": [{"family": "Doe"}]},
+            {"resourceType": "Medication", "id": "twin", "code": drug},
+            {"resourceType": "Medication", "id": "twin", "code": drug},
+            {"resourceType": "Medication", "id": "jdoe-med", "code": drug, "identifier": [{}]},
+        ],
+        "medicationReference": {"reference": "#jdoe-med", "display": "for J. Doe"},
+        "reasonReference": [{"reference": "#pt"}, {"reference": "#twin"}],
+    }
+    for profile in ("research", "safe_harbor"):
+        out = _apply(copy.deepcopy(request), profile)
+        # a contained Patient never leaves, nor do two Medications one id would name
+        assert out.resource["contained"] == [
+            {"resourceType": "Medication", "id": "c3", "code": {"coding": drug["coding"]}}
+        ]
+        assert out.resource["medicationReference"] == {"reference": "#c3"}
+        assert "reasonReference" not in out.resource
+        assert out.release_counts["contained_withheld"] == 3
+        assert out.release_counts["reference_withheld"] == 2
+
+
 def test_types_outside_the_profile_release_their_pseudonym_only() -> None:
     basic = {"resourceType": "Basic", "id": "b", "code": {"text": "free text"}, "created": "2020"}
     out = _apply(basic)

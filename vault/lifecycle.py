@@ -890,8 +890,22 @@ def forget_in_warehouse(
     finally:
         con.close()
     _purge_places(report, plan)
-    warehouse.rewrite(warehouse_path)
+    _rewrite_after_erasure(warehouse_path, report.pseudonym)
     return _finish_forget(report, audit, intent)
+
+
+def _rewrite_after_erasure(warehouse_path: Path, pseudonym: str) -> None:
+    """The warehouse rewritten (:func:`vault.warehouse.rewrite`, waiting while another process
+    has it open); when it cannot be, an error saying the erasure is committed and what is left
+    (the intent stays open: ``ehr audit verify`` lists it until a re-run)."""
+    try:
+        warehouse.rewrite(warehouse_path, wait_seconds=warehouse.REWRITE_WAIT_SECONDS)
+    except duckdb.IOException as exc:
+        raise ErasureIncompleteError(
+            f"erasure of {pseudonym} committed in the warehouse, but the file could not be "
+            f"rewritten ({exc}): its freed pages may still hold the erased rows until it is; "
+            "run the erasure again once no other process has the warehouse open"
+        ) from exc
 
 
 def forget_patient(

@@ -13,6 +13,7 @@ import os
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ import duckdb
 from fhirlake.viewdef import instant_sql
 from vault.clock import RandomBytes
 from vault.errors import PseudonymKeyMismatchError
-from vault.keys import KeyProvider, fsync_dir, key_fingerprint
+from vault.keys import KeyProvider, exclusive_lock, fsync_dir, key_fingerprint
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import DATA_KEYS_DDL
 
@@ -418,39 +419,92 @@ def database_path(con: duckdb.DuckDBPyConnection) -> Path | None:
     return Path(row[0][0]) if row and row[0][0] else None
 
 
-def rewrite(path: Path, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> None:
+# How long a rewrite waits for another process to close the warehouse (a second erasure's
+# rewrite, or the release an erasure runs after it) before it gives up
+REWRITE_WAIT_SECONDS = 300.0
+# the flock rewrites of the warehouses in one folder take (they share its temporary folders);
+# not named like one (``.warehouse-*``), which a rewrite removes as stale
+REWRITE_LOCK = ".rewrite.lock"
+
+
+class WarehouseBusyError(duckdb.IOException):
+    """The warehouse stayed open in another process for the whole wait."""
+
+
+def rewrite(
+    path: Path,
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+    *,
+    wait_seconds: float = REWRITE_WAIT_SECONDS,
+) -> None:
     """Copy the warehouse into a fresh file and atomically put it in the old one's place.
 
     DuckDB reuses freed pages but does not wipe them: rows deleted by an erasure (wrapped data
     keys, ciphertexts, released rows) stay readable in the file until overwritten. The copy
-    holds live rows only. No connection to the warehouse may be open. A crash leaves either the
-    old file or the new one (and a stale temporary folder, removed by the next rewrite).
-    """
+    holds live rows only. A crash leaves either the old file or the new one (and a stale
+    temporary folder, removed by the next rewrite).
+
+    One rewrite at a time in the warehouse's folder (an flock, :data:`REWRITE_LOCK`): a second
+    one waits, and only the one holding the lock removes stale temporary folders, never a live
+    one's. The old file is held open for writing from before the copy until after the new one
+    is in its place, so no other process commits into it meanwhile (a commit the copy would
+    not hold); while another process has it open, the rewrite waits for it, up to
+    ``wait_seconds`` (:class:`WarehouseBusyError` after that)."""
     path = Path(path)
-    for stale in path.parent.glob(".warehouse-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    duckdb.connect(str(path)).execute("CHECKPOINT").close()  # the WAL into the file
-    tmpdir = _private_tempdir(path.parent)
+    with exclusive_lock(path.parent / REWRITE_LOCK):
+        for stale in path.parent.glob(".warehouse-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        source = _open_when_free(path, memory_limit, wait_seconds)
+        try:
+            source.execute("CHECKPOINT")  # the WAL into the file
+            tmpdir = _private_tempdir(path.parent)
+            try:
+                fresh = tmpdir / path.name
+                _copy_live_rows(source, fresh)
+                os.replace(fresh, path)
+                fsync_dir(path.parent)
+            finally:
+                shutil.rmtree(tmpdir, ignore_errors=True)
+        finally:
+            # closed after the new file is in place: a process opening the path meanwhile
+            # found the old file locked, and now finds the new one
+            source.close()
+
+
+def _open_when_free(
+    path: Path, memory_limit: str, wait_seconds: float
+) -> duckdb.DuckDBPyConnection:
+    """A writable connection to ``path``, waiting (with backoff) while another process has it
+    open."""
+    deadline = time.monotonic() + wait_seconds
+    pause = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), config={"memory_limit": memory_limit})
+        except duckdb.IOException as exc:
+            if time.monotonic() + pause > deadline:
+                raise WarehouseBusyError(
+                    f"the warehouse at {path} stayed open in another process for "
+                    f"{wait_seconds:.0f} s"
+                ) from exc
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
+def _copy_live_rows(source: duckdb.DuckDBPyConnection, fresh: Path) -> None:
+    """Every live row of ``source``'s database into a new file ``fresh`` (mode 0600, synced)."""
+    ((name,),) = source.execute("SELECT current_database()").fetchall()
+    source.execute("ATTACH ? AS rewrite_dst", [str(fresh)])
     try:
-        fresh = tmpdir / path.name
-        con = duckdb.connect(":memory:", config={"memory_limit": memory_limit})
-        try:
-            con.execute("ATTACH ? AS src (READ_ONLY)", [str(path)])
-            con.execute("ATTACH ? AS dst", [str(fresh)])
-            con.execute("COPY FROM DATABASE src TO dst")
-            con.execute("DETACH dst")
-        finally:
-            con.close()
-        os.chmod(fresh, stat.S_IRUSR | stat.S_IWUSR)
-        fd = os.open(fresh, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(fresh, path)
-        fsync_dir(path.parent)
+        source.execute(f'COPY FROM DATABASE "{name}" TO rewrite_dst')
     finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        source.execute("DETACH rewrite_dst")
+    os.chmod(fresh, stat.S_IRUSR | stat.S_IWUSR)
+    fd = os.open(fresh, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def used_parameters(named: dict[str, Any], sql: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import duckdb
 import pytest
 
+from tests.vault.processes import hold_open
 from vault import lifecycle, warehouse
 from vault.audit import AuditLog
 from vault.errors import (
@@ -622,3 +623,51 @@ def test_a_crash_after_the_rotation_before_its_completion_is_recorded_again(
         assert world.audit.verify().incomplete == []
     finally:
         con.close()
+
+
+def _erased_bytes(con: duckdb.DuckDBPyConnection, pseudonym: str) -> list[bytes]:
+    """The patient's wrapped data key and the first 64 bytes of each of their ciphertexts."""
+    wrapped = con.execute("SELECT wrapped FROM data_keys WHERE owner = ?", [pseudonym]).fetchall()
+    sealed = con.execute(
+        "SELECT sealed FROM phi_vault WHERE patient_key = ?", [pseudonym]
+    ).fetchall()
+    return [bytes(w) for (w,) in wrapped] + [bytes(s)[:64] for (s,) in sealed]
+
+
+def test_an_erasure_whose_rewrite_cannot_wait_longer_says_it_is_committed(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process opens the warehouse between the erasure's commit and its rewrite (a
+    second erasure, a run): the rewrite waits, and when it can wait no longer the error says
+    the erasure is committed and the file not yet rewritten; the intent stays open, and the
+    same erasure run again rewrites the file, leaving none of the patient's bytes in it."""
+    con = world.connect(read_only=True)
+    try:
+        hers = _erased_bytes(con, world.p1)
+    finally:
+        con.close()
+    assert hers and all(b in world.wh.read_bytes() for b in hers)
+    holders = []
+    purge_places = lifecycle._purge_places
+
+    def purge_then_opened_elsewhere(*args: Any) -> None:
+        purge_places(*args)
+        holders.append(hold_open(world.wh, 30))
+
+    monkeypatch.setattr(lifecycle, "_purge_places", purge_then_opened_elsewhere)
+    monkeypatch.setattr(warehouse, "REWRITE_WAIT_SECONDS", 0.5)
+    try:
+        with pytest.raises(
+            ErasureIncompleteError, match="committed in the warehouse, but the file"
+        ):
+            lifecycle.forget_in_warehouse(world.wh, world.p1, world.audit, "request")
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.wait(timeout=30)
+    assert len(world.audit.verify().incomplete) == 1
+    monkeypatch.setattr(lifecycle, "_purge_places", purge_places)
+    lifecycle.forget_in_warehouse(world.wh, world.p1, world.audit, "request")
+    assert world.audit.verify().incomplete == []
+    raw = world.wh.read_bytes()
+    assert not any(b in raw for b in hers)

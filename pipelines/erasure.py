@@ -20,6 +20,7 @@ from vault.catalog import has_table, quote_identifier
 from vault.keys import fsync_dir, fsync_file
 from vault.lifecycle import check_pseudonym
 from vault.pseudonym import PSEUDONYM_HEX_CHARS
+from vault.warehouse import connect_when_free
 
 
 def purge_released_parquet(folders: tuple[Path, ...], pseudonym: str) -> int:
@@ -142,11 +143,12 @@ def purge_released_references(
     stays released: the resources of ``deid_resources`` (a performer, a focus, an encounter),
     the key columns (``*_id``) of the released tables (views, features, models: set to NULL)
     and of the released Parquet files of ``folders``. The release must not keep naming the
-    pseudonyms. Returns the number of references removed. The warehouse must not be open."""
+    pseudonyms. Returns the number of references removed. Waits while another process has the
+    warehouse open (:func:`vault.warehouse.connect_when_free`)."""
     check_pseudonym(pseudonym)
     if not Path(warehouse_path).exists():
         return 0
-    con = duckdb.connect(str(warehouse_path))
+    con = connect_when_free(warehouse_path)
     try:
         # every tombstone: the patients' and resources' pseudonyms (an identifier criteria's
         # keyed token, in a domain of its own, names no released reference)

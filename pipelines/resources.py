@@ -90,7 +90,9 @@ class WarehouseResource(ConfigurableResource):
         if self._held is not None:
             return _read_only_cursor(self._held) if read_only else self._held.cursor()
         if self._in_run and not read_only:
-            self._held = warehouse.connect(self.path)
+            # another process (an erasure's step, a CLI command) may have the file open for a
+            # moment: the run waits its turn rather than failing its first step
+            self._held = warehouse.connect_when_free(self.path)
             return self._held.cursor()
         return warehouse.connect(self.path, read_only=read_only)
 

@@ -880,10 +880,11 @@ def forget_in_warehouse(
 ) -> ErasureReport:
     """:func:`forget_pseudonym` on the warehouse file, which is then rewritten into a fresh
     file (atomically replacing it) so that no freed page keeps the destroyed wrapped key, a
-    ciphertext or a released row of the patient. No other connection may be open."""
+    ciphertext or a released row of the patient. Each step waits while another process has the
+    warehouse open (:func:`vault.warehouse.connect_when_free`): two erasures take turns."""
     intent = _announce_forget(pseudonym, audit, reason, actor)
     report = ErasureReport(pseudonym)
-    con = warehouse.connect(warehouse_path)
+    con = warehouse.connect_when_free(warehouse_path)
     try:
         _erase_in_warehouse(con, report, _aware(clock), plan)
         con.execute("CHECKPOINT")
@@ -899,7 +900,7 @@ def _rewrite_after_erasure(warehouse_path: Path, pseudonym: str) -> None:
     has it open); when it cannot be, an error saying the erasure is committed and what is left
     (the intent stays open: ``ehr audit verify`` lists it until a re-run)."""
     try:
-        warehouse.rewrite(warehouse_path, wait_seconds=warehouse.REWRITE_WAIT_SECONDS)
+        warehouse.rewrite(warehouse_path)
     except duckdb.IOException as exc:
         raise ErasureIncompleteError(
             f"erasure of {pseudonym} committed in the warehouse, but the file could not be "

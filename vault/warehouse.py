@@ -419,9 +419,9 @@ def database_path(con: duckdb.DuckDBPyConnection) -> Path | None:
     return Path(row[0][0]) if row and row[0][0] else None
 
 
-# How long a rewrite waits for another process to close the warehouse (a second erasure's
-# rewrite, or the release an erasure runs after it) before it gives up
-REWRITE_WAIT_SECONDS = 300.0
+# How long a step of an erasure (its reads, its transaction, a purge, the rewrite) waits for
+# another process to close the warehouse (another erasure's step, a run) before it gives up
+BUSY_WAIT_SECONDS = 300.0
 # the flock rewrites of the warehouses in one folder take (they share its temporary folders);
 # not named like one (``.warehouse-*``), which a rewrite removes as stale
 REWRITE_LOCK = ".rewrite.lock"
@@ -431,11 +431,37 @@ class WarehouseBusyError(duckdb.IOException):
     """The warehouse stayed open in another process for the whole wait."""
 
 
+def connect_when_free(
+    path: Path | str,
+    read_only: bool = False,
+    *,
+    wait_seconds: float | None = None,
+    memory_limit: str = DEFAULT_MEMORY_LIMIT,
+) -> duckdb.DuckDBPyConnection:
+    """:func:`connect`, waiting with backoff while another process has the file open in a way
+    that excludes this connection (DuckDB's lock: one writing process, or readers only), up to
+    ``wait_seconds`` (:data:`BUSY_WAIT_SECONDS`, read at the call, when None); then
+    :class:`WarehouseBusyError`."""
+    wait = BUSY_WAIT_SECONDS if wait_seconds is None else wait_seconds
+    deadline = time.monotonic() + wait
+    pause = 0.05
+    while True:
+        try:
+            return connect(path, read_only=read_only, memory_limit=memory_limit)
+        except duckdb.IOException as exc:
+            if time.monotonic() + pause > deadline:
+                raise WarehouseBusyError(
+                    f"the warehouse at {path} stayed open in another process for {wait:.0f} s"
+                ) from exc
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
+
+
 def rewrite(
     path: Path,
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     *,
-    wait_seconds: float = REWRITE_WAIT_SECONDS,
+    wait_seconds: float | None = None,
 ) -> None:
     """Copy the warehouse into a fresh file and atomically put it in the old one's place.
 
@@ -448,13 +474,13 @@ def rewrite(
     one waits, and only the one holding the lock removes stale temporary folders, never a live
     one's. The old file is held open for writing from before the copy until after the new one
     is in its place, so no other process commits into it meanwhile (a commit the copy would
-    not hold); while another process has it open, the rewrite waits for it, up to
-    ``wait_seconds`` (:class:`WarehouseBusyError` after that)."""
+    not hold); while another process has it open, the rewrite waits for it
+    (:func:`connect_when_free`)."""
     path = Path(path)
     with exclusive_lock(path.parent / REWRITE_LOCK):
         for stale in path.parent.glob(".warehouse-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        source = _open_when_free(path, memory_limit, wait_seconds)
+        source = connect_when_free(path, wait_seconds=wait_seconds, memory_limit=memory_limit)
         try:
             source.execute("CHECKPOINT")  # the WAL into the file
             tmpdir = _private_tempdir(path.parent)
@@ -469,26 +495,6 @@ def rewrite(
             # closed after the new file is in place: a process opening the path meanwhile
             # found the old file locked, and now finds the new one
             source.close()
-
-
-def _open_when_free(
-    path: Path, memory_limit: str, wait_seconds: float
-) -> duckdb.DuckDBPyConnection:
-    """A writable connection to ``path``, waiting (with backoff) while another process has it
-    open."""
-    deadline = time.monotonic() + wait_seconds
-    pause = 0.05
-    while True:
-        try:
-            return duckdb.connect(str(path), config={"memory_limit": memory_limit})
-        except duckdb.IOException as exc:
-            if time.monotonic() + pause > deadline:
-                raise WarehouseBusyError(
-                    f"the warehouse at {path} stayed open in another process for "
-                    f"{wait_seconds:.0f} s"
-                ) from exc
-            time.sleep(pause)
-            pause = min(pause * 2, 2.0)
 
 
 def _copy_live_rows(source: duckdb.DuckDBPyConnection, fresh: Path) -> None:

@@ -96,15 +96,21 @@ _IN_USE = (
 
 
 @contextmanager
-def _warehouse(workdir: Workdir, *, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
-    """An existing warehouse only: these commands never create an empty one."""
+def _warehouse(
+    workdir: Workdir, *, read_only: bool, wait: bool = False
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """An existing warehouse only: these commands never create an empty one. With ``wait``,
+    waits while another process has it open (:func:`vault.warehouse.connect_when_free`)."""
     from vault import warehouse
 
     path = workdir.warehouse
     if not path.exists():
         raise click.ClickException(f"no warehouse at {path}")
     try:
-        con = warehouse.connect(path, read_only=read_only)
+        if wait:
+            con = warehouse.connect_when_free(path, read_only=read_only)
+        else:
+            con = warehouse.connect(path, read_only=read_only)
     except duckdb.IOException as exc:
         raise click.ClickException(_IN_USE.format(path=path)) from exc
     try:
@@ -265,7 +271,8 @@ def _erasure_inputs(
     from vault.lifecycle import same_person
     from vault.read import bind_pseudonym_key
 
-    with _warehouse(workdir, read_only=False) as con:
+    # another erasure's steps, or a run, may have it open: an erasure waits its turn
+    with _warehouse(workdir, read_only=False, wait=True) as con:
         try:
             pseudo = bind_pseudonym_key(con, provider)
             typed: tuple[str, ...] = ()  # the original id the operator typed
@@ -416,7 +423,15 @@ def forget(
             err=True,
         )
         return
-    if _report_release_changed(workdir) and not skip_release:
+    try:
+        changed = _report_release_changed(workdir)
+    except click.ClickException as exc:
+        raise click.ClickException(
+            f"the erasure is done (the report above), but the release after it did not run: "
+            f"{exc.message}; the people left in the patient's k-anonymity group stay published "
+            "until a release run succeeds (ehr run)"
+        ) from exc
+    if changed and not skip_release:
         _release_after_erasure(workdir, key_file)
 
 
@@ -437,7 +452,7 @@ def _release_after_erasure(workdir: Workdir, key_file: Path | None) -> None:
             "people left in the patient's k-anonymity group stay published until a release "
             "run succeeds (ehr run)"
         )
-    with _warehouse(workdir, read_only=True) as con:
+    with _warehouse(workdir, read_only=True, wait=True) as con:
         if not has_table(con, "released_patients"):
             return
         ((released,),) = con.execute("SELECT count(*) FROM released_patients").fetchall()
@@ -460,7 +475,7 @@ def _report_release_changed(workdir: Workdir) -> bool:
     from pipelines.run import open_instance
     from vault.catalog import has_table
 
-    with _warehouse(workdir, read_only=True) as con:
+    with _warehouse(workdir, read_only=True, wait=True) as con:
         if not has_table(con, "deid_resources"):
             return False  # nothing was ever released from this warehouse
         version = release_version(con)

@@ -7,6 +7,8 @@ one. The pseudonyms searched for are computed here from the records sent, with t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from click.testing import CliRunner
 from deid.leakscan import CanarySet
 from deid.policy import Policy
 from deid.release import deidentify_batch
-from pipelines.cli.privacy import forget
+from pipelines.cli.privacy import audit_verify, forget
+from pipelines.run import open_instance
 from pipelines.views.refresh import refresh_view
 from pipelines.views.tables import load_views
 from pipelines.workdir import Workdir
@@ -292,3 +295,45 @@ def test_the_compartment_of_a_patient_refused_as_her_is_refused_too(world: dict[
             assert reconcile_batch(con, batch).passed, batch
     finally:
         con.close()
+
+
+def _erased_bytes(world: dict[str, Any], patient_id: str) -> list[bytes]:
+    """The patient's wrapped data key and the first 64 bytes of each of their ciphertexts."""
+    pseudonym = world["key"]("Patient", patient_id)
+    con = duckdb.connect(str(world["workdir"].warehouse), read_only=True)
+    try:
+        wrapped = con.execute("SELECT wrapped FROM data_keys WHERE owner = ?", [pseudonym])
+        keys = [bytes(w) for (w,) in wrapped.fetchall()]
+        sealed = con.execute("SELECT sealed FROM phi_vault WHERE patient_key = ?", [pseudonym])
+        return keys + [bytes(s)[:64] for (s,) in sealed.fetchall()]
+    finally:
+        con.close()
+
+
+def test_two_erasures_started_together_both_finish(world: dict[str, Any]) -> None:
+    """Two ``ehr forget`` processes at once, as two operators would: each waits its turn for the
+    warehouse, both exit 0, the audit log holds both completed, and the file holds no byte of
+    either patient's wrapped key or ciphertexts (read from the raw file, freed pages included).
+    Before, the second one failed as "in use" or, later, removed the first one's rewrite folder,
+    and the file kept both patients' bytes."""
+    before = {pid: _erased_bytes(world, pid) for pid in ("pz", "p-other")}
+    assert all(before.values())
+    with open_instance(world["workdir"]):
+        pass  # the work directory's Dagster instance, as the runs that released it made it
+    common = ["--workdir", str(world["workdir"].root), "--key-file", str(world["key_file"])]
+    script = "import sys; from pipelines.cli import main; sys.argv[0] = 'ehr'; main()"
+    erasures = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, "forget", pid, "--reason", f"ticket {n}", *common],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n, pid in enumerate(("pz", "p-other"))
+    ]
+    outcomes = [p.communicate(timeout=600) for p in erasures]
+    assert [p.returncode for p in erasures] == [0, 0], [err[-600:] for _, err in outcomes]
+    raw = world["workdir"].warehouse.read_bytes()
+    assert not [b for found in before.values() for b in found if b in raw]
+    verify = CliRunner().invoke(audit_verify, common)
+    assert verify.exit_code == 0, verify.output

@@ -3,6 +3,7 @@ from __future__ import annotations
 import base64
 import json
 import stat
+import time
 from datetime import date
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.cli.privacy import audit, audit_log_for, forget, keys_rotate, reidentify
+from tests.vault.processes import hold_open
 from vault import warehouse
 from vault.ingest import ingest_batch
 from vault.keys import FileKeyProvider
@@ -198,10 +200,14 @@ def test_an_interrupted_act_is_reported_until_it_is_run_again(work: Path, key_fi
     assert ok.exit_code == 0 and "audit log ok: 3 entries" in ok.stdout
 
 
-def test_a_warehouse_in_use_is_refused_with_a_clear_message(work: Path, key_file: Path) -> None:
+def test_a_warehouse_in_use_is_refused_with_a_clear_message(
+    work: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Held open by another process for longer than an erasure waits (shortened here)."""
     import subprocess
     import sys
 
+    monkeypatch.setattr(warehouse, "BUSY_WAIT_SECONDS", 0.5)
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -459,3 +465,22 @@ def test_a_keyring_others_may_read_is_refused_and_nothing_is_written(
     key_file.chmod(0o600)
     found = runner.invoke(reidentify, [p7, "--reason", "ticket 3", *common])
     assert found.exit_code == 0, found.output
+
+
+def test_an_erasure_waits_while_another_process_has_the_warehouse_open(
+    work: Path, key_file: Path
+) -> None:
+    """A run (or another erasure) holding the warehouse for a moment: the erasure waits for it,
+    then erases, rather than refusing."""
+    holder = hold_open(work / "warehouse.duckdb", 2)
+    try:
+        common = ["--workdir", str(work), "--key-file", str(key_file)]
+        started = time.monotonic()
+        result = CliRunner().invoke(
+            forget, ["p7", "--reason", "erasure request", "--no-release", *common]
+        )
+        assert result.exit_code == 0, result.output
+        assert time.monotonic() - started >= 1.0
+        assert json.loads(result.stdout)["data_keys_destroyed"] >= 1
+    finally:
+        holder.wait(timeout=30)

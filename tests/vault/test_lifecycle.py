@@ -655,7 +655,7 @@ def test_an_erasure_whose_rewrite_cannot_wait_longer_says_it_is_committed(
         holders.append(hold_open(world.wh, 30))
 
     monkeypatch.setattr(lifecycle, "_purge_places", purge_then_opened_elsewhere)
-    monkeypatch.setattr(warehouse, "REWRITE_WAIT_SECONDS", 0.5)
+    monkeypatch.setattr(warehouse, "BUSY_WAIT_SECONDS", 0.5)
     try:
         with pytest.raises(
             ErasureIncompleteError, match="committed in the warehouse, but the file"

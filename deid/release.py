@@ -34,7 +34,14 @@ from deid.released_table import (
     resource_digest_sql,
 )
 from deid.terminology import Terminology
-from deid.workers import ChunkResult, Item, Targets, WorkerSetup, deidentify_items
+from deid.workers import (
+    INGEST_RESOLVED_KINDS,
+    ChunkResult,
+    Item,
+    Targets,
+    WorkerSetup,
+    deidentify_items,
+)
 from vault.catalog import has_table
 from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
 from vault.keys import KeyProvider, key_fingerprint
@@ -79,11 +86,12 @@ def erased_subjects(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
 
 
 def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[str, Targets]:
-    """resource key → keyed reference text → (target type, target pseudonym), for urn:uuid
-    and conditional references, resolved through the identifier index where needed (to the one
-    resource holding the identifier: ``vault.ingest.criteria_holders_sql``). A
-    reference to an erased patient (or through an erased patient's identifier) resolves to
-    nothing, so the release drops it instead of naming the erased patient's pseudonym."""
+    """resource key → keyed reference text → (target type, target pseudonym), for urn:uuid,
+    conditional and absolute references (:data:`deid.workers.INGEST_RESOLVED_KINDS`), resolved
+    through the identifier index where needed (to the one resource holding the identifier:
+    ``vault.ingest.criteria_holders_sql``). A reference to an erased patient (or through an
+    erased patient's identifier) resolves to nothing, so the release drops it instead of
+    naming the erased patient's pseudonym."""
     erased = (
         "SELECT subject_key FROM erased_subjects"
         if has_table(con, "erased_subjects")
@@ -92,6 +100,7 @@ def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[st
     conditional = (
         "SELECT target_key FROM resource_references WHERE batch_id = $b AND kind = 'conditional'"
     )
+    kinds = ", ".join(f"'{kind}'" for kind in INGEST_RESOLVED_KINDS)
     rows = con.execute(
         f"""
         WITH holders AS ({criteria_holders_sql(conditional)})
@@ -100,7 +109,7 @@ def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[st
                     ELSE r.target_key END AS target
         FROM resource_references r
         LEFT JOIN holders h ON r.kind = 'conditional' AND h.criteria_key = r.target_key
-        WHERE r.batch_id = $b AND r.kind IN ('urn', 'conditional') AND r.ref_mac IS NOT NULL
+        WHERE r.batch_id = $b AND r.kind IN ({kinds}) AND r.ref_mac IS NOT NULL
           AND r.target_key NOT IN ({erased})
         """,
         {"b": batch_id},

@@ -44,6 +44,7 @@ from deid.release import (
 )
 from deid.released_table import DEID_DDL, ensure_resource_digests, resource_digest_sql
 from deid.terminology import UPPER_CASE_SYSTEMS, Terminology
+from deid.workers import INGEST_RESOLVED_KINDS
 from vault.catalog import has_table
 from vault.ingest import FHIR_BASE_ENV
 from vault.keys import KeyProvider
@@ -112,7 +113,8 @@ def settings_digest(
     a resource's newest version among those the vault holds (the batch releases the resources
     whose newest version it wrote, and its swap drops other batches' rows of them), and the
     rule that reads a code written in another case as its required binding's code, the code
-    systems whose codes are released upper-cased, and the ASCII-only code syntax."""
+    systems whose codes are released upper-cased, the ASCII-only code syntax, and the kinds of
+    reference whose targets come from ingest's resolution."""
     displays = sorted(
         [system, code, display]
         for (system, code), display in (terminology or Terminology()).displays.items()
@@ -140,6 +142,11 @@ def settings_digest(
         # may hold a "code" in other scripts' digits (an SSN in full-width digits), and are
         # de-identified again by the next `ehr run`
         "code_syntax": "ascii",
+        # the release takes the targets of these references from ingest's resolution
+        # (deid.workers.INGEST_RESOLVED_KINDS): batches released before dropped an absolute
+        # reference naming a Bundle entry by its fullUrl (a request released with no patient),
+        # and are de-identified again by the next `ehr run`
+        "ingest_resolved": list(INGEST_RESOLVED_KINDS),
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

@@ -31,6 +31,10 @@ _IN_FLIGHT_PER_WORKER = 4  # ~4 MB a chunk: enough to cover a worker's start
 # one resource's urn:uuid and conditional references as ingest resolved them: keyed reference
 # text -> (target type, target pseudonym); they travel with the resource, not to every worker
 Targets = dict[str, tuple[str, str]]
+# references whose target the release takes from ingest's resolution of them (the reference
+# graph), not from their text: a urn:uuid or an absolute URL names a Bundle entry by its fullUrl,
+# and a conditional reference names whoever held the identifier
+INGEST_RESOLVED_KINDS = ("urn", "conditional", "absolute")
 # resource key, resource type, patient key, the resource as JSON, its resolved references
 Item = tuple[str, str, str | None, bytes, Targets | None]
 
@@ -77,10 +81,15 @@ def _resolve_reference(
     worker: _Worker, targets: Targets | None, value: str
 ) -> tuple[str, str] | None:
     """The pseudonymous target of a reference in one resource: urn:uuid and conditional ones as
-    ingest resolved them for that resource, literal ones to this server by their type and id.
-    Another server's ``Patient/1`` is not ours (None: dropped), nor is an erased patient."""
-    if classify(value) in ("urn", "conditional"):
-        return targets.get(worker.pseudo.token("reference", value)) if targets else None
+    ingest resolved them for that resource, and so an absolute one naming an entry of its
+    Bundle by its fullUrl (``http://hospital.example/fhir/Patient/1``); literal ones to this
+    server by their type and id. Another server's ``Patient/1`` is not ours (None: dropped),
+    nor is an erased patient."""
+    kind = classify(value)
+    if kind in INGEST_RESOLVED_KINDS:
+        found = targets.get(worker.pseudo.token("reference", value)) if targets else None
+        if found is not None or kind != "absolute":
+            return found
     literal = local_target(value, worker.server_base)
     if literal is None:
         return None

@@ -468,3 +468,14 @@ def test_the_systems_released_upper_cased_are_part_of_the_settings_digest(
     now = staging.settings_digest(research, TODAY)
     monkeypatch.setattr(staging, "UPPER_CASE_SYSTEMS", frozenset())
     assert staging.settings_digest(research, TODAY) != now
+
+
+def test_the_references_resolved_by_ingest_are_part_of_the_settings_digest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch released while absolute references to Bundle entries were dropped is
+    de-identified again."""
+    research = Policy.shipped("research")
+    now = staging.settings_digest(research, TODAY)
+    monkeypatch.setattr(staging, "INGEST_RESOLVED_KINDS", ("urn", "conditional"))
+    assert staging.settings_digest(research, TODAY) != now

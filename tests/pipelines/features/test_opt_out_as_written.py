@@ -157,6 +157,28 @@ CONSENTS: dict[str, dict[str, Any] | None] = {
         "scope": TREATMENT,
         "provision": _permit(_deny()),
     },
+    # an exception whose type is missing, or misspelled (withheld by the release), is read as
+    # a deny: under a research scope it is one; under patient-privacy with a research purpose
+    "research-nested-untyped": {
+        "status": "active",
+        "scope": RESEARCH,
+        "provision": _permit({"period": {"start": "2024-01-01"}}),
+    },
+    "privacy-nested-untyped-hresch": {
+        "status": "active",
+        "scope": PRIVACY,
+        "provision": _permit({"purpose": [{"system": REASON, "code": "HRESCH"}]}),
+    },
+    "privacy-nested-misspelled-hresch": {
+        "status": "active",
+        "scope": PRIVACY,
+        "provision": _permit({"type": "denied", "purpose": [{"system": REASON, "code": "HRESCH"}]}),
+    },
+    "privacy-nested-untyped-marketing": {
+        "status": "active",
+        "scope": PRIVACY,
+        "provision": _permit({"purpose": [{"system": REASON, "code": "HMARKT"}]}),
+    },
     "inactive-privacy-nested-deny-hresch": {
         "status": "inactive",
         "scope": PRIVACY,
@@ -167,6 +189,9 @@ CONSENTS: dict[str, dict[str, Any] | None] = {
 # with no coded scope to say what for, at the top or in an exception at any depth; or, of any
 # scope, deny in an exception whose purpose is research (HRESCH or its specialisation CLINTRCH)
 OPTED_OUT = {
+    "research-nested-untyped",
+    "privacy-nested-untyped-hresch",
+    "privacy-nested-misspelled-hresch",
     "deny-capitalised",
     "status-misspelled-deny",
     "active-capitalised",

@@ -47,6 +47,7 @@ from deid.terminology import (
     AGE_LOINC,
     AGE_UNITS_PER_YEAR,
     ANY_CODE,
+    CONSENT_PROVISION_LEVELS,
     LOINC,
     OMB,
     REQUIRED_BINDINGS,
@@ -293,9 +294,28 @@ def release_resource(resource: dict[str, Any], ctx: ReleaseContext) -> dict[str,
     ctx.age_context = ctx.resource_type == "Observation" and _is_age_observation(resource)
     if "contained" in plan.children:
         ctx.contained_ids = _contained_ids(resource, ctx.profile)
+    if ctx.resource_type == "Consent" and _provision_depth(resource) > CONSENT_PROVISION_LEVELS:
+        # the profiles name CONSENT_PROVISION_LEVELS levels: a deny nested deeper is not
+        # released, so an opt-out there applies to no one; counted, never silent
+        ctx.counts["consent_provisions_too_deep"] += 1
     out = _object(resource, plan, ctx)
     released = out if isinstance(out, dict) else {}
     return {"resourceType": ctx.resource_type, **released}
+
+
+def _provision_depth(resource: dict[str, Any]) -> int:
+    """How many levels of provisions a Consent nests (the top one is level 1)."""
+    depth, level = 0, [resource.get("provision")]
+    while True:
+        provisions = [p for p in level if isinstance(p, dict)]
+        if not provisions:
+            return depth
+        depth += 1
+        level = [
+            child
+            for p in provisions
+            for child in (p.get("provision") if isinstance(p.get("provision"), list) else [])
+        ]
 
 
 def _contained_ids(resource: dict[str, Any], profile: ReleaseProfile) -> dict[str, str]:

@@ -25,6 +25,7 @@ from dagster import (
 from deid.policy import Policy
 from deid.release import build_released_patients, release_totals, release_version
 from deid.staging import publish_batch
+from deid.terminology import CONSENT_PROVISION_LEVELS
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.valuesets import release_terminology
@@ -177,8 +178,17 @@ def deid_resources(
             "withheld_reasons": MetadataValue.json(report.withheld_reasons),
             "security_labels": MetadataValue.json(report.labels),
             "rule_counts": _table(report.rule_counts, "rule"),
+            # inside released resources: what was withheld, normalised or generalised, by kind
+            "release_counts": _table(report.release_counts, "kind"),
         },
     )
+    too_deep = report.release_counts.get("consent_provisions_too_deep", 0)
+    if too_deep:
+        context.log.warning(
+            f"{too_deep} Consents nest provisions deeper than the {CONSENT_PROVISION_LEVELS} "
+            "levels the release keeps: a deny nested deeper is not released, so an opt-out "
+            "there applies to no one; send the exception at a shallower level"
+        )
     yield leak_scan_result("deid_resources", scan)
     yield _batch_key_result(batch.batch_key_hits)
     if version is not None:

@@ -93,7 +93,7 @@ def test_a_consents_nested_provisions_keep_their_type_and_purpose_four_levels_de
     """A research opt-out is often an exception (provision.provision) of a permit: its type
     and purpose leave the release at each of the four levels the profiles name
     (deid.terminology.CONSENT_PROVISION_LEVELS), a type in another case as its binding's code;
-    a fifth level is not released."""
+    a fifth level is not released, and the Consent is counted (consent_provisions_too_deep)."""
     purpose = [{"system": "http://terminology.hl7.org/CodeSystem/v3-ActReason", "code": "HRESCH"}]
     fifth = {"type": "deny", "purpose": purpose}
     fourth = {"type": "Deny", "purpose": purpose, "provision": [fifth]}
@@ -110,10 +110,14 @@ def test_a_consents_nested_provisions_keep_their_type_and_purpose_four_levels_de
         },
     }
     for profile in ("research", "safe_harbor"):
-        out = _apply(copy.deepcopy(consent), profile).resource["provision"]
-        nested = out["provision"]
+        outcome = _apply(copy.deepcopy(consent), profile)
+        nested = outcome.resource["provision"]["provision"]
         assert nested[0] == {"type": "deny", "purpose": purpose}
         assert nested[1]["provision"][0]["provision"] == [{"type": "deny", "purpose": purpose}]
+        # the fifth level is not released, and that is counted: an opt-out there is lost
+        assert outcome.release_counts["consent_provisions_too_deep"] == 1
+    fourth.pop("provision")  # four levels: all released, nothing counted
+    assert _apply(copy.deepcopy(consent)).release_counts["consent_provisions_too_deep"] == 0
 
 
 def test_codes_outside_their_binding_are_nulled_and_counted() -> None:

@@ -10,6 +10,8 @@ from dagster import AssetCheckSeverity, DagsterInstance, materialize
 from pipelines.definitions import build_resources, release_assets
 from vault import warehouse
 
+CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+
 
 def _landing(tmp_path: Path) -> Path:
     landing = tmp_path / "landing"
@@ -23,6 +25,8 @@ def _landing(tmp_path: Path) -> Path:
                 "id": "c1",
                 "subject": {"reference": "Patient/p1"},
                 "code": {"text": "x"},
+                # released as the binding's "active", and counted
+                "clinicalStatus": {"coding": [{"system": CLINICAL, "code": "Active"}]},
             }
         ),
         b'{"resourceType": "Patient", "id": ',
@@ -52,6 +56,8 @@ def test_materialize_ingest_partition(
     }
     deid = result.asset_materializations_for_node("deid_resources")[0].metadata
     assert deid["released"].value == 2 and deid["policy"].value == "research"
+    # what the allow-list withheld inside released resources is shown, by kind
+    assert "| code_case_normalised | 1 |" in deid["release_counts"].value
     release = materialize(
         release_assets,
         instance=instance,

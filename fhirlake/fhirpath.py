@@ -464,6 +464,18 @@ def _comparable(a: Any, b: Any) -> tuple[Any, Any] | None:
     return None
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Values equal as FHIRPath's ``=`` sees them where no conversion applies: a Boolean is
+    never an Integer (Python's ``1 == True`` is), in elements of a complex value too."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
 def _equal(a: Coll, b: Coll) -> bool | None:
     if not a or not b:
         return None
@@ -472,7 +484,7 @@ def _equal(a: Coll, b: Coll) -> bool | None:
     for x, y in zip(a, b, strict=True):
         pair = _comparable(x.value, y.value)
         if pair is None:
-            if x.value != y.value:
+            if not _same_value(x.value, y.value):
                 return False
         elif pair[0] != pair[1]:
             return False
@@ -680,7 +692,7 @@ def _repeat(base: Coll, args: tuple[Ast, ...], ctx: _Context) -> Coll:
         fresh: Coll = []
         for _, projected in _per_item(frontier, args, ctx):
             for item in projected:
-                if all(item.value != seen.value for seen in found):
+                if not any(_same_value(item.value, seen.value) for seen in found):
                     found.append(item)
                     fresh.append(item)
         frontier = fresh

@@ -73,6 +73,24 @@ def test_repeat_finds_nested_elements_at_any_depth() -> None:
     assert evaluate(PATIENT, "name.repeat(given)") == evaluate(PATIENT, "name.given")
 
 
+def test_a_boolean_is_never_an_integer() -> None:
+    """Python's ``1 == True`` is no FHIRPath equality: ``=`` and ``repeat``'s duplicates keep a
+    Boolean and an Integer apart, in complex values too."""
+    obs = {
+        "resourceType": "Observation",
+        "component": [{"valueInteger": 1}, {"valueBoolean": True}, {"valueInteger": 1}],
+        "extension": [
+            {"url": "http://x/a", "valueInteger": 1},
+            {"url": "http://x/a", "valueBoolean": True},
+        ],
+    }
+    assert evaluate(obs, "1 = true") == [False]
+    assert evaluate(obs, "component.value.count()") == [3]
+    assert evaluate(obs, "component.repeat(value).count()") == [2]  # 1 once, true once
+    assert evaluate(obs, "extension.repeat($this).count()") == [2]
+    assert evaluate(obs, "component[0].value = component[2].value") == [True]
+
+
 def test_operators_and_literals() -> None:
     assert evaluate("12345", "$this.startsWith('123') and $this.length() = 5") == [True]
     assert evaluate("12345", "$this.substring(0, 3) + '**'") == ["123**"]

@@ -653,16 +653,25 @@ def release_version(con: duckdb.DuckDBPyConnection) -> str:
 
 
 def release_totals(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-    """The whole release after a batch: resources released (by type) and withheld (by reason)."""
-    by_type = dict(
-        con.execute(
-            "SELECT resource_type, count(*) FROM deid_resources GROUP BY 1 ORDER BY 1"
-        ).fetchall()
+    """The whole release after a batch: resources released (by type) and withheld (by reason);
+    none before a first batch is published (its leak scan failed: no table yet)."""
+    by_type = (
+        dict(
+            con.execute(
+                "SELECT resource_type, count(*) FROM deid_resources GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        )
+        if has_table(con, "deid_resources")
+        else {}
     )
-    withheld = dict(
-        con.execute(
-            "SELECT reason_code, count(*) FROM deid_errors GROUP BY 1 ORDER BY 1"
-        ).fetchall()
+    withheld = (
+        dict(
+            con.execute(
+                "SELECT reason_code, count(*) FROM deid_errors GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        )
+        if has_table(con, "deid_errors")
+        else {}
     )
     return {
         "released": int(sum(by_type.values())),

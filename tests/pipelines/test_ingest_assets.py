@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from dagster import AssetCheckSeverity, DagsterInstance, materialize
 
-from pipelines.definitions import build_resources, release_assets
+from pipelines.definitions import batch_assets, build_resources, release_assets
 from vault import warehouse
 
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
@@ -101,3 +101,44 @@ def test_a_batch_key_with_a_patients_name_is_a_warning(
     assert all(c.passed for c in checks.values())
     deid = result.asset_materializations_for_node("deid_resources")[0].metadata
     assert deid["published"].value is True
+
+
+def test_a_first_batch_whose_leak_scan_fails_is_reported_not_published(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """The very first batch of a warehouse fails its leak scan (a patient's MRN sent as a local
+    code): nothing is published, and the step says so (its materialisation, its failed check)
+    instead of failing on a release table that does not exist yet."""
+    mrn = "MRN88014417"
+    records = [
+        {
+            "resourceType": "Patient",
+            "id": "p1",
+            "identifier": [{"system": "urn:oid:2.16.840.1.113883.19.5", "value": mrn}],
+        },
+        {
+            "resourceType": "Observation",
+            "id": "o1",
+            "status": "final",
+            "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "urn:oid:1.2.3", "code": mrn}]},
+        },
+    ]
+    batch = tmp_path / "landing" / "b1"
+    batch.mkdir(parents=True)
+    (batch / "data.ndjson").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("batches", ["b1"])
+    result = materialize(
+        batch_assets,
+        partition_key="b1",
+        instance=instance,
+        resources=build_resources(str(tmp_path / "work"), str(batch.parent), str(key_file), 1),
+        raise_on_error=False,
+    )
+    failures = [e for e in result.all_events if e.is_step_failure]
+    assert all("CatalogException" not in str(e.event_specific_data) for e in failures)
+    deid = result.asset_materializations_for_node("deid_resources")[0].metadata
+    assert deid["published"].value is False and deid["dagster/row_count"].value == 0
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks["phi_leak_scan"] is False

@@ -449,12 +449,19 @@ def connect_when_free(
         try:
             return connect(path, read_only=read_only, memory_limit=memory_limit)
         except duckdb.IOException as exc:
+            if not _is_lock_conflict(exc):
+                raise  # another error (a full disk, a damaged file): waiting will not mend it
             if time.monotonic() + pause > deadline:
                 raise WarehouseBusyError(
                     f"the warehouse at {path} stayed open in another process for {wait:.0f} s"
                 ) from exc
             time.sleep(pause)
             pause = min(pause * 2, 2.0)
+
+
+def _is_lock_conflict(exc: duckdb.IOException) -> bool:
+    """DuckDB could not lock the file: another process has it open."""
+    return "could not set lock" in str(exc).lower()
 
 
 def rewrite(

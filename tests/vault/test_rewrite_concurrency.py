@@ -144,3 +144,15 @@ def test_a_rewrite_leaves_a_live_rewrites_folder_alone(deleted_row_warehouse: Pa
     waiting.join(timeout=120)
     assert done.is_set() and not live.exists()  # stale once the lock is free
     assert not _holds_marker(path)
+
+
+def test_an_error_other_than_a_lock_is_not_waited_for(tmp_path: Path) -> None:
+    """A file DuckDB cannot read as a database fails at once: waiting would not mend it."""
+    path = tmp_path / "work" / "warehouse.duckdb"
+    path.parent.mkdir(mode=0o700)
+    path.write_bytes(b"not a database" * 1000)
+    started = time.monotonic()
+    with pytest.raises(duckdb.Error) as raised:
+        warehouse.connect_when_free(path, wait_seconds=30)
+    assert not isinstance(raised.value, warehouse.WarehouseBusyError)
+    assert time.monotonic() - started < 10

@@ -306,16 +306,13 @@ def release_resource(resource: dict[str, Any], ctx: ReleaseContext) -> dict[str,
 def _provision_depth(resource: dict[str, Any]) -> int:
     """How many levels of provisions a Consent nests (the top one is level 1)."""
     depth, level = 0, [resource.get("provision")]
-    while True:
-        provisions = [p for p in level if isinstance(p, dict)]
-        if not provisions:
-            return depth
+    while provisions := [p for p in level if isinstance(p, dict)]:
         depth += 1
-        level = [
-            child
-            for p in provisions
-            for child in (p.get("provision") if isinstance(p.get("provision"), list) else [])
-        ]
+        level = []
+        for provision in provisions:
+            nested = provision.get("provision")
+            level.extend(nested if isinstance(nested, list) else [])
+    return depth
 
 
 def _contained_ids(resource: dict[str, Any], profile: ReleaseProfile) -> dict[str, str]:

@@ -162,13 +162,16 @@ def own_encounter_sql(encounters: str, alias: str) -> str:
     outpatient encounter (an admission from the emergency department, filed under the visit) is
     no segment of it: it is the only record of that stay, and the visit stays a visit. A
     sub-encounter whose parent is not in the data (not released, or did not take place) counts
-    as its own: it is the only record of that visit."""
+    as its own: it is the only record of that visit. Of two encounters naming each other as
+    parent, the one with the smaller id counts: dropping both would lose the stay."""
     return f"""NOT EXISTS (
         SELECT 1 FROM {encounters} parent
         WHERE parent.id = {alias}.part_of_id AND parent.patient_id = {alias}.patient_id
           AND parent.id <> {alias}.id AND {encounter_held_sql("parent.status")}
           AND ({inpatient_sql("parent.class_code")}
             OR parent.class_code IS NOT DISTINCT FROM {alias}.class_code)
+          -- two encounters naming each other as parent (a data error): one of them counts
+          AND (parent.part_of_id IS DISTINCT FROM {alias}.id OR {alias}.id > parent.id)
     )"""
 
 

@@ -45,6 +45,9 @@ ENCOUNTERS: list[tuple[str, str, str, str, str, str | None]] = [
     ("er2", "p4", "EMER", "2024-07-20T02:00:00Z", "2024-07-20T06:00:00Z", None),
     ("er2-triage", "p4", "EMER", "2024-07-20T02:00:00Z", "2024-07-20T02:30:00Z", "er2"),
     ("er2-stay", "p4", "ACUTE", "2024-07-20T06:00:00Z", "2024-07-24T12:00:00Z", "er2"),
+    # two records of one stay naming each other as parent (a data error): one stay
+    ("loop-a", "p5", "IMP", "2024-08-01T08:00:00Z", "2024-08-05T12:00:00Z", "loop-b"),
+    ("loop-b", "p5", "IMP", "2024-08-01T08:00:00Z", "2024-08-05T12:00:00Z", "loop-a"),
 ]
 
 
@@ -79,9 +82,15 @@ def _own(rows: list[tuple[str, str, str, str, str, str | None]]) -> list[tuple[A
     ``rows``: one whose parent is an inpatient stay, or of its own class."""
     classes = {(eid, patient): cls for eid, patient, cls, *_ in rows}
 
+    parents = {(eid, patient): part_of for eid, patient, *_, part_of in rows}
+
     def segment(row: tuple[str, str, str, str, str, str | None]) -> bool:
         parent = classes.get((row[5], row[1])) if row[5] is not None else None
-        return parent is not None and (parent in INPATIENT or parent == row[2])
+        if parent is None or not (parent in INPATIENT or parent == row[2]):
+            return False
+        # of two naming each other, the first listed counts (the two are alike here)
+        looped = parents.get((row[5], row[1])) == row[0]
+        return not looped or rows.index(row) > [r[0] for r in rows].index(row[5])
 
     return [row for row in rows if not segment(row)]
 
@@ -116,7 +125,7 @@ def test_segments_of_a_stay_in_the_data_are_no_stays_or_visits(tmp_path: Path) -
     con = features_from_fhir(_resources(), tmp_path)
     own = _own(ENCOUNTERS)
     stays_and_visits = {"h", "s1", "s2", "x1", "x2", "er1", "er1-stay", "er2", "er2-stay"}
-    assert {row[0] for row in own} == stays_and_visits
+    assert {row[0] for row in own} == stays_and_visits | {"loop-a"}
 
     got = _labels(con)
     assert got == _expected_labels(own)
@@ -149,6 +158,10 @@ def test_segments_of_a_stay_in_the_data_are_no_stays_or_visits(tmp_path: Path) -
     assert got[("p4", _at("2024-07-06T12:00:00Z"))] == 1
     second = _at("2024-07-24T12:00:00Z")
     assert value_at(con, "patient_utilisation", "prior_inpatient_stays_30d", second, "p4") == 1
+    # the looped pair is one stay: one index discharge, one encounter in the window
+    loop_end = _at("2024-08-05T12:00:00Z")
+    assert [key for key in got if key[0] == "p5"] == [("p5", loop_end)]
+    assert value_at(con, "patient_utilisation", "encounters_30d", loop_end, "p5") == 1
     p1 = ("p1", discharge)
     assert value_at(con, "patient_utilisation", "encounters_30d", p1[1], "p1") == 1
     assert value_at(con, "patient_utilisation", "prior_inpatient_stays_30d", p1[1], "p1") == 0

@@ -353,6 +353,14 @@ def released_records(
     }
 
 
+def released_pseudonyms(released: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
+    """Each patient's pseudonym: the id of their released Patient resource."""
+    return {
+        patient: next(r["id"] for r in resources if r["resourceType"] == "Patient")
+        for patient, resources in released.items()
+    }
+
+
 def features_from_fhir(resources: list[dict[str, Any]], out_dir: Path) -> duckdb.DuckDBPyConnection:
     """An in-memory database with ``views.*`` built from FHIR ``resources`` through the shipped
     ViewDefinitions, and the feature tables built over them."""

@@ -18,7 +18,11 @@ from typing import Any
 import duckdb
 import pytest
 
-from tests.pipelines.features.crafted import features_from_fhir, released_records
+from tests.pipelines.features.crafted import (
+    features_from_fhir,
+    released_pseudonyms,
+    released_records,
+)
 
 ICD = "http://hl7.org/fhir/sid/icd-10-cm"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -86,10 +90,7 @@ def released(
         {patient: _record(patient, code) for patient, code in DIAGNOSES.items()}, KEY, TODAY
     )
     out = [r for resources in by_patient.values() for r in resources]
-    pseudonym = {
-        p: next(r["id"] for r in rs if r["resourceType"] == "Patient")
-        for p, rs in by_patient.items()
-    }
+    pseudonym = released_pseudonyms(by_patient)
     conditions = {
         p: r for p, rs in by_patient.items() for r in rs if r["resourceType"] == "Condition"
     }

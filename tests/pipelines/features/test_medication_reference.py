@@ -23,7 +23,11 @@ import pytest
 
 from deid.engine import Deidentifier, DeidSecrets
 from deid.policy import Policy
-from tests.pipelines.features.crafted import features_from_fhir, released_records
+from tests.pipelines.features.crafted import (
+    features_from_fhir,
+    released_pseudonyms,
+    released_records,
+)
 
 RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 LOCAL = "urn:oid:1.2.840.99999.7"
@@ -146,10 +150,7 @@ def released(
     by_patient = released_records({p: _record(p) for p in PRESCRIPTIONS}, KEY, TODAY)
     out = [r for resources in by_patient.values() for r in resources]
     out.append(_released_shared(STANDALONE))
-    pseudonym = {
-        p: next(r["id"] for r in rs if r["resourceType"] == "Patient")
-        for p, rs in by_patient.items()
-    }
+    pseudonym = released_pseudonyms(by_patient)
     con = features_from_fhir(out, Path(tmp_path_factory.mktemp("medref")))
     return con, pseudonym, out
 

@@ -33,7 +33,11 @@ from pipelines.features.cohort import opted_out_sql, released_cohort, view_as_bu
 from pipelines.features.refresh import definitions_digest
 from pipelines.features.valuesets import load_valuesets
 from pipelines.models.labels import readmission_labels_with_counts
-from tests.pipelines.features.crafted import features_from_fhir, released_records
+from tests.pipelines.features.crafted import (
+    features_from_fhir,
+    released_pseudonyms,
+    released_records,
+)
 
 SCOPE = "http://terminology.hl7.org/CodeSystem/consentscope"
 ACT = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
@@ -258,10 +262,7 @@ def released(tmp_path_factory: pytest.TempPathFactory) -> tuple[duckdb.DuckDBPyC
         {patient: _record(patient, consent) for patient, consent in CONSENTS.items()}, KEY, TODAY
     )
     out = [r for resources in by_patient.values() for r in resources]
-    pseudonym = {
-        p: next(r["id"] for r in rs if r["resourceType"] == "Patient")
-        for p, rs in by_patient.items()
-    }
+    pseudonym = released_pseudonyms(by_patient)
     con = features_from_fhir(out, Path(tmp_path_factory.mktemp("optout")))
     return con, pseudonym
 

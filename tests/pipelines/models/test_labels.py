@@ -96,6 +96,18 @@ def _inpatient(n: int, patient: str, start: str, end: str) -> dict[str, object]:
     }
 
 
+def _stays_in_views(
+    rows: list[tuple[int, str, str, str]], tmp_path: Path
+) -> duckdb.DuckDBPyConnection:
+    """The views and feature tables of the patients of ``rows`` and their inpatient stays."""
+    from tests.pipelines.features.crafted import features_from_fhir
+
+    patients = sorted({p for _, p, _, _ in rows})
+    resources = [{"resourceType": "Patient", "id": p} for p in patients]
+    resources += [_inpatient(*row) for row in rows]
+    return features_from_fhir(resources, tmp_path)
+
+
 # (id, patient, start, end) as exported: times, dates, months
 DATED = [
     (1, "p1", "2024-02-01T08:00:00Z", "2024-02-05T16:00:00Z"),
@@ -112,12 +124,7 @@ def test_a_discharge_or_readmission_dated_only_to_a_month_has_no_label(tmp_path:
     """Worked out here: a bound is known to the day when it has a time or a full date; a
     discharge known to the day gets a label when no admission dated only to a month may have
     started in its window, unless one known to the day did."""
-    from tests.pipelines.features.crafted import features_from_fhir
-
-    patients = sorted({p for _, p, _, _ in DATED})
-    resources = [{"resourceType": "Patient", "id": p} for p in patients]
-    resources += [_inpatient(*row) for row in DATED]
-    con = features_from_fhir(resources, tmp_path)
+    con = _stays_in_views(DATED, tmp_path)
     labels, counts = readmission_labels_with_counts(con)
 
     def to_the_day(text: str) -> bool:
@@ -272,12 +279,7 @@ def test_an_admission_the_day_after_a_discharge_dated_to_its_day_is_a_readmissio
     is a readmission; one on the discharge's day is a transfer; a timed admission counts once
     the discharge's day has ended in every zone (12:00Z the next day), before which the features
     already see it at the label's time."""
-    from tests.pipelines.features.crafted import features_from_fhir
-
-    patients = sorted({p for _, p, _, _ in NEXT_DAY})
-    resources = [{"resourceType": "Patient", "id": p} for p in patients]
-    resources += [_inpatient(*row) for row in NEXT_DAY]
-    con = features_from_fhir(resources, tmp_path)
+    con = _stays_in_views(NEXT_DAY, tmp_path)
     labels, _ = readmission_labels_with_counts(con)
 
     def day(text: str) -> datetime:

@@ -14,8 +14,9 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   regard to case, released as the binding writes it and counted
   (:func:`deid.terminology.binding_code`); else withheld and counted;
 - ``Coding``: system, version and code (a code that does not look like a code of its system is
-  withheld; an ICD-10 or ICD-10-CM code that does once upper-cased is released upper-cased and
-  counted: :func:`deid.terminology.system_code`); ``display`` only from the terminology, for
+  withheld; a code of a system whose codes do not depend on case, ICD-10, ICD-10-CM or LOINC,
+  that does once upper-cased is released upper-cased and counted:
+  :func:`deid.terminology.system_code`); ``display`` only from the terminology, for
   codes in a released value set;
 - ``Reference``: the literal reference, pseudonymised (a logical one, given by its identifier
   alone, as the literal reference to what ingest resolved it to);
@@ -439,7 +440,7 @@ def _contained(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     pseudonym (it joins within the container only, and no view keys on it)."""
     local = value.get("id") if isinstance(value, dict) else None
     released_id = ctx.contained_ids.get(local) if isinstance(local, str) else None
-    if released_id is None or not _releasable_contained(value, ctx.profile):
+    if released_id is None:  # not releasable, or its id shared: _contained_ids
         ctx.counts["contained_withheld"] += 1
         ctx.labels.add("REDACTED")
         return _DROP

@@ -652,29 +652,21 @@ def release_version(con: duckdb.DuckDBPyConnection) -> str:
     return f"{int(count)}-{int(digest):016x}"
 
 
+def _count_by(con: duckdb.DuckDBPyConnection, table: str, column: str) -> dict[Any, int]:
+    """Rows of ``table`` (a trusted name) by ``column``; none when there is no table yet."""
+    if not has_table(con, table):
+        return {}
+    rows = con.execute(f"SELECT {column}, count(*) FROM {table} GROUP BY 1 ORDER BY 1")
+    return {k: int(v) for k, v in rows.fetchall()}
+
+
 def release_totals(con: duckdb.DuckDBPyConnection) -> dict[str, Any]:
     """The whole release after a batch: resources released (by type) and withheld (by reason);
     none before a first batch is published (its leak scan failed: no table yet)."""
-    by_type = (
-        dict(
-            con.execute(
-                "SELECT resource_type, count(*) FROM deid_resources GROUP BY 1 ORDER BY 1"
-            ).fetchall()
-        )
-        if has_table(con, "deid_resources")
-        else {}
-    )
-    withheld = (
-        dict(
-            con.execute(
-                "SELECT reason_code, count(*) FROM deid_errors GROUP BY 1 ORDER BY 1"
-            ).fetchall()
-        )
-        if has_table(con, "deid_errors")
-        else {}
-    )
+    by_type = _count_by(con, "deid_resources", "resource_type")
+    withheld = _count_by(con, "deid_errors", "reason_code")
     return {
-        "released": int(sum(by_type.values())),
-        "released_by_type": {k: int(v) for k, v in by_type.items()},
-        "withheld": {k: int(v) for k, v in withheld.items()},
+        "released": sum(by_type.values()),
+        "released_by_type": by_type,
+        "withheld": withheld,
     }

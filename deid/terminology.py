@@ -1,9 +1,9 @@
 """What the release may say about codes: the required bindings of the code elements the
 profiles release (a value differing from one of the binding's codes in case alone is that code:
 :func:`binding_code`), the displays it may put back (only for codes in a released value set),
-the syntax of codes from the code systems the platform sees (an ICD-10 or ICD-10-CM code written
-in lower case is that code, released in upper case: :func:`system_code`), and which quantities
-are ages.
+the syntax of codes from the code systems the platform sees (an ICD-10, ICD-10-CM or LOINC code
+written in lower case is that code, released in upper case: :func:`system_code`), and which
+quantities are ages.
 
 The binding table is written out here rather than read from the R4B models: their
 ``enum_values`` lists are truncated (``'+'`` marks the rest), and a code element the release
@@ -212,14 +212,16 @@ REQUIRED_BINDINGS: dict[str, frozenset[str]] = {
 # not look like one of its codes is text, not a code
 # ASCII only: Python's \d also matches other scripts' digits, and a "SNOMED code" written in
 # full-width digits (an SSN, U+FF10 to U+FF19) looked like a code and was released
+# ICD-10 (WHO) and ICD-10-CM: a chapter letter, two characters, then an optional dot and up to four
+_ICD10_SYNTAX = r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"
 CODE_SYNTAX: dict[str, re.Pattern[str]] = {
     system: re.compile(pattern, re.ASCII)
     for system, pattern in {
         LOINC: r"^(\d{1,7}-\d|LA\d{1,7}-\d|LP\d{1,7}-\d)$",
         "http://snomed.info/sct": r"^\d{6,18}$",
         "http://www.nlm.nih.gov/research/umls/rxnorm": r"^\d{1,12}$",
-        ICD10CM: r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$",
-        ICD10: r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$",
+        ICD10CM: _ICD10_SYNTAX,
+        ICD10: _ICD10_SYNTAX,
         "http://hl7.org/fhir/sid/cvx": r"^\d{1,3}$",
         OMB: r"^\d{4}-\d$",
     }.items()

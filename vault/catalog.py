@@ -16,6 +16,16 @@ def has_table(con: duckdb.DuckDBPyConnection, name: str, schema: str = "main") -
     return bool(found)
 
 
+def table_columns(con: duckdb.DuckDBPyConnection, name: str, schema: str = "main") -> set[str]:
+    """The column names of a table (none when there is no such table)."""
+    rows = con.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = ? AND table_name = ?",
+        [schema, name],
+    ).fetchall()
+    return {column for (column,) in rows}
+
+
 def quote_identifier(name: str) -> str:
     """``name`` as a double-quoted SQL identifier (DuckDB and SQLite), inner quotes doubled."""
     return '"' + name.replace('"', '""') + '"'

@@ -34,7 +34,7 @@ from datetime import UTC, datetime, timedelta
 
 import duckdb
 
-from vault.catalog import has_table
+from vault.catalog import has_table, table_columns
 
 # A date without a time spans 36 hours across time zones: a fact dated the day its export arrived
 # can stand for an instant up to that long after the arrival.
@@ -83,14 +83,7 @@ def view_as_built(con: duckdb.DuckDBPyConnection, view: str, table: str | None =
     rules read it: the table itself, or, when it was built without some of the view's
     :data:`ADDED_VIEW_COLUMNS`, a parenthesised query adding them as NULL."""
     schema, name = (table or f"views.{view}").split(".")
-    built = {
-        column
-        for (column,) in con.execute(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = ? AND table_name = ?",
-            [schema, name],
-        ).fetchall()
-    }
+    built = table_columns(con, name, schema)
     missing = [
         f'NULL::{type_} AS "{column}"'
         for column, type_ in ADDED_VIEW_COLUMNS.get(view, {}).items()

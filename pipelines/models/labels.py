@@ -10,9 +10,10 @@ Definition (one row per index discharge):
   :data:`pipelines.features.cohort.ENCOUNTER_NOT_HELD`, as in the feature tables) are ignored
   everywhere: as index stays, as readmissions and in the data's end.
 * One hospitalisation is one stay: an encounter part of another encounter of the same patient
-  in the data that took place (``Encounter.partOf``, ``views.encounter.part_of_id``: an ICU or
-  ward segment) is no index discharge, no readmission and no transfer of its own; its parent
-  is (:func:`pipelines.features.cohort.own_encounter_sql`, as the features' encounter counts and
+  in the data that took place and is an inpatient stay or of its own class
+  (``Encounter.partOf``, ``views.encounter.part_of_id``: an ICU or ward segment; a stay filed
+  under the emergency visit it was admitted from is a stay) is no index discharge, no
+  readmission and no transfer of its own; its parent is (:func:`pipelines.features.cohort.own_encounter_sql`, as the features' encounter counts and
   prior stays). Without the rule an ICU segment ending the evening before the ward segment began
   was an index discharge with label 1, though the patient never left hospital. A sub-encounter
   whose parent is not in the data (not released) counts as its own stay: it is the only record
@@ -108,6 +109,7 @@ from pipelines.features.cohort import (
     timestamptz_sql,
     view_as_built,
 )
+from vault.catalog import table_columns
 
 READMISSION_WINDOW_DAYS = 30
 EXPIRED_DISPOSITIONS = ("exp", "20")
@@ -140,20 +142,11 @@ class LabelCounts:
         return self.positives / self.labelled if self.labelled else 0.0
 
 
-def _table_columns(con: duckdb.DuckDBPyConnection, schema: str, table: str) -> set[str]:
-    rows = con.execute(
-        "SELECT column_name FROM information_schema.columns "
-        "WHERE table_schema = ? AND table_name = ?",
-        [schema, table],
-    ).fetchall()
-    return {r[0] for r in rows}
-
-
 def _latest_bounds(con: duckdb.DuckDBPyConnection) -> tuple[str, str]:
     """The columns giving the latest instant each period bound can stand for (the views'
     ``*_latest`` columns); a ``views.encounter`` without them (built before they existed) is
     read as dated to the instant."""
-    columns = _table_columns(con, "views", "encounter")
+    columns = table_columns(con, "encounter", "views")
     start, end = (
         f"{bound}_latest" if f"{bound}_latest" in columns else bound
         for bound in ("period_start", "period_end")
@@ -204,7 +197,7 @@ def _discharges_sql(
     con: duckdb.DuckDBPyConnection, censor_margin_days: int, known_by: datetime | None
 ) -> str:
     """Every index discharge with its label and the exclusion flags, as a SQL query."""
-    patient_cols = _table_columns(con, "views", "patient")
+    patient_cols = table_columns(con, "patient", "views")
     has_deaths = {"id", "deceased_date_time"} <= patient_cols
     death_join = "LEFT JOIN views.patient p ON p.id = d.patient_id" if has_deaths else ""
     death_at_stay = _death_at_stay_sql() if has_deaths else "FALSE"

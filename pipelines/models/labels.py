@@ -13,7 +13,8 @@ Definition (one row per index discharge):
   in the data that took place and is an inpatient stay or of its own class
   (``Encounter.partOf``, ``views.encounter.part_of_id``: an ICU or ward segment; a stay filed
   under the emergency visit it was admitted from is a stay) is no index discharge, no
-  readmission and no transfer of its own; its parent is (:func:`pipelines.features.cohort.own_encounter_sql`, as the features' encounter counts and
+  readmission and no transfer of its own; its parent is
+  (:func:`pipelines.features.cohort.own_encounter_sql`, as the features' encounter counts and
   prior stays). Without the rule an ICU segment ending the evening before the ward segment began
   was an index discharge with label 1, though the patient never left hospital. A sub-encounter
   whose parent is not in the data (not released) counts as its own stay: it is the only record

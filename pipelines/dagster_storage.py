@@ -19,12 +19,14 @@ instance made with ``DagsterInstance.local_temp`` (``ehr run`` and the benches).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy.exc
@@ -51,9 +53,13 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import QueuePool
 
+from vault.keys import exclusive_lock
+
 # engines kept at once: the index database and the runs being written or read (a webserver
 # reading many old runs makes and drops engines as Dagster itself does)
 MAX_ENGINES = 32
+# the flock, in ``base_dir``, under which a process opens (and on first use creates) the databases
+SET_UP_LOCK = ".storage.lock"
 # connections kept open per database; threads beyond them (the webserver's) open and close
 # their own, up to MAX_OVERFLOW more at once
 POOLED_CONNECTIONS = 2
@@ -229,11 +235,20 @@ class SqliteStorage(DagsterSqliteStorage):
         # DagsterSqliteStorage.__init__ with this event log in place of Dagster's (whose set-up
         # reads the index database's schema, twice over if it were built and then replaced)
         self.base_dir = base_dir
-        self._run_storage = SqliteRunStorage.from_local(_runs_directory(base_dir))
-        self._event_log_storage = EngineReusingSqliteEventLogStorage(
-            _event_logs_directory(base_dir)
-        )
-        self._schedule_storage = SqliteScheduleStorage.from_local(_schedule_directory(base_dir))
+        # one process at a time sets the databases up: two creating a new instance at once
+        # (two commands on a new work directory, the webserver and the daemon on a new home)
+        # would otherwise both create the runs database's tables, and Dagster's run storage,
+        # unlike its event log, does not retry when the other was first ("table ... already
+        # exists")
+        os.makedirs(base_dir, exist_ok=True)
+        with exclusive_lock(Path(base_dir) / SET_UP_LOCK):
+            self._run_storage = SqliteRunStorage.from_local(_runs_directory(base_dir))
+            self._event_log_storage = EngineReusingSqliteEventLogStorage(
+                _event_logs_directory(base_dir)
+            )
+            self._schedule_storage = SqliteScheduleStorage.from_local(
+                _schedule_directory(base_dir)
+            )
         self._inst_data = inst_data
         super(DagsterSqliteStorage, self).__init__()  # what DagsterSqliteStorage calls
 

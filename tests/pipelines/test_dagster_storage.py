@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from dagster._core.storage.event_log.sqlite import sqlite_event_log
 from pipelines import dagster_storage
 from pipelines.dagster_storage import EngineReusingSqliteEventLogStorage
 from pipelines.run import local_instance
+from vault.keys import exclusive_lock
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -357,3 +359,74 @@ def test_the_index_schema_is_asked_once_where_dagster_asks_at_every_read_and_eve
     assert set(ours) == set(theirs) and sum(theirs.values()) > 5 * len(theirs)
     present = {q for q in ours if ours[q] == 1}
     assert present and sum(ours.values()) < sum(theirs.values()) / 5
+
+
+# a process that, once it has imported what it needs, says so and reads a start time; then
+# makes an instance in each home given, one every 0.3 s from that time, and reads its runs:
+# processes given the same start make the same new instances at once
+_MAKE_AT = """
+import sys, time
+from pathlib import Path
+from pipelines.run import local_instance
+print("ready", flush=True)
+start = float(sys.stdin.readline())
+for i, home in enumerate(sys.argv[1:]):
+    while time.time() < start + 0.3 * i:
+        pass
+    with local_instance(Path(home)) as instance:
+        assert instance.get_run_records() == []
+print("made", flush=True)
+"""
+
+
+def _making(homes: list[Path]) -> subprocess.Popen[str]:
+    """A process making an instance in each of ``homes``, returned once it is ready."""
+    maker = subprocess.Popen(
+        [sys.executable, "-c", _MAKE_AT, *map(str, homes)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert maker.stdout is not None and maker.stdout.readline().strip() == "ready"
+    return maker
+
+
+def _start(makers: list[subprocess.Popen[str]]) -> None:
+    start = time.time() + 0.5
+    for maker in makers:
+        assert maker.stdin is not None
+        maker.stdin.write(f"{start}\n")
+        maker.stdin.flush()
+
+
+def _made(maker: subprocess.Popen[str]) -> None:
+    out, err = maker.communicate(timeout=120)
+    assert maker.returncode == 0 and out.strip() == "made", err[-2000:]
+
+
+def test_processes_making_a_new_instance_at_once_all_open_it(tmp_path: Path) -> None:
+    """Commands started together on a new work directory: each creates the instance's
+    databases, and none may fail because another created a table first."""
+    homes = [tmp_path / f"home{i}" for i in range(6)]
+    makers = [_making(homes) for _ in range(4)]
+    _start(makers)
+    for maker in makers:
+        _made(maker)
+    for home in homes:
+        with sqlite3.connect(home / "history" / "runs.db") as con:
+            assert con.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+
+
+def test_an_instance_is_set_up_under_the_homes_lock(tmp_path: Path) -> None:
+    """A process that would set up the databases while another holds the lock waits for it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    with exclusive_lock(home / dagster_storage.SET_UP_LOCK):
+        maker = _making([home])
+        _start([maker])
+        with pytest.raises(subprocess.TimeoutExpired):
+            maker.wait(timeout=3)
+        assert not (home / "history" / "runs.db").exists()
+    _made(maker)

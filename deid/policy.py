@@ -265,3 +265,12 @@ def shipped_parameters(name: str) -> PolicyParameters:
     if not isinstance(document, dict):
         raise PolicyError("a policy is a JSON object")
     return _parameters(document.get("parameters"))
+
+
+def shipped_date_rule(name: str) -> str:
+    """The date rule of a shipped profile's allow-list (``shift`` or ``year``), read without
+    compiling the profile (see :func:`shipped_parameters`)."""
+    document = _read_document(_shipped_path(name))
+    release = document.get("release") if isinstance(document, dict) else None
+    rule = release.get("dates", "shift") if isinstance(release, dict) else "shift"
+    return str(rule)

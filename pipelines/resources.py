@@ -14,7 +14,7 @@ from dagster import ConfigurableResource, InitResourceContext
 from pydantic import PrivateAttr
 
 from deid.kanon import DEFAULT_K
-from deid.policy import shipped_parameters
+from deid.policy import shipped_date_rule, shipped_parameters
 from pipelines import workdir as workdir_paths
 from pipelines.workdir import DEFAULT_LANDING, DEFAULT_WORKDIR, Workdir
 from vault import warehouse
@@ -185,3 +185,10 @@ class DeidSettings(ConfigurableResource):
     def date_shift_days(self) -> int:
         """The most the profile shifts a date, either way."""
         return shipped_parameters(self.profile).date_shift_days
+
+    def time_line_shift_days(self) -> int:
+        """The most the profile moves a patient's dates on their released time line, either
+        way: its shift range when it shifts dates, 0 when it keeps years as they are."""
+        if shipped_date_rule(self.profile) != "shift":
+            return 0
+        return self.date_shift_days()

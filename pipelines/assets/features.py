@@ -132,6 +132,7 @@ def feature_tables(
             out_dir,
             check=lambda cursor, rows: check_feature_rows(cursor, canaries, rows),
             known_by=release_known_by(con, deid_settings.date_shift_days()),
+            shift_days=deid_settings.time_line_shift_days(),
         )
         build = refresh.build
         # a full build's published rows were checked in full against the same canaries; after

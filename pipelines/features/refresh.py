@@ -72,7 +72,8 @@ CURRENT = DIGESTS.current
 CHANGED = DIGESTS.changed
 # Bumped when the feature SQL changes in a way its text does not show.
 # 2: src_medication_request reads the code of a Medication resource a request references.
-FEATURES_VERSION = "2"
+# 3: a date coarser than a day is known from its end on the patient's shifted time line.
+FEATURES_VERSION = "3"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -145,11 +146,14 @@ def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def _shared_inputs(con: duckdb.DuckDBPyConnection, valuesets: list[ValueSet]) -> dict[str, str]:
+def _shared_inputs(
+    con: duckdb.DuckDBPyConnection, valuesets: list[ValueSet], shift_days: int
+) -> dict[str, str]:
     ((end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
     return {
         "data_end": "" if end is None else end.isoformat(),
         "definitions": definitions_digest(valuesets),
+        "shift_days": str(shift_days),
     }
 
 
@@ -201,6 +205,7 @@ def _compute_changed_patients(
     created: datetime,
     valuesets: list[ValueSet],
     data_end: datetime | None,
+    shift_days: int,
 ) -> None:
     """Each table's rows of the changed patients, by the same SQL over their data only (with
     the data end of the whole release), into ``_new_rows_table(name)``: the five tables side by
@@ -208,7 +213,7 @@ def _compute_changed_patients(
     is DuckDB planning and running its SQL, which a second thread overlaps."""
 
     def compute(cursor: duckdb.DuckDBPyConnection, name: str) -> None:
-        prepare_sources(cursor, patients=CHANGED, data_end=data_end)
+        prepare_sources(cursor, patients=CHANGED, data_end=data_end, shift_days=shift_days)
         register_code_table(cursor, valuesets)
         register_lab_codes(cursor)
         cursor.execute(
@@ -227,6 +232,7 @@ def _publish_changed_patients(
     valuesets: list[ValueSet],
     shared: dict[str, str],
     check: PublishCheck[CheckOutcome] | None,
+    shift_days: int,
 ) -> dict[str, CheckOutcome]:
     """The changed patients' rows computed again and checked (each table's on a cursor of its
     own); then, when every check passed, in one transaction every table's rows of those
@@ -235,7 +241,7 @@ def _publish_changed_patients(
     each table's check result (none without ``check``)."""
     ((data_end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
     try:
-        _compute_changed_patients(con, created, valuesets, data_end)
+        _compute_changed_patients(con, created, valuesets, data_end, shift_days)
         checks: dict[str, CheckOutcome] = {}
         if check is not None:
             rows_check = check  # narrowed to not-None for the nested function
@@ -291,25 +297,32 @@ def refresh_feature_tables(
     created: datetime | None = None,
     check: PublishCheck[CheckOutcome] | None = None,
     known_by: datetime | None = None,
+    shift_days: int = 0,
 ) -> FeatureRefresh:
     """Bring every feature table (DuckDB and Parquet) up to date with the views, computing
     only the patients whose view rows changed when the shared inputs are the same. With
     ``check``, rows are published only when it passes over them (a full build's staged
     tables one by one, an incremental refresh's rows of the changed patients all together);
     the build's ``checks`` say what it found. ``known_by`` bounds the dates that move the
-    data end (:func:`pipelines.features.tables.prepare_sources`)."""
+    data end, ``shift_days`` is the most the release moved a patient's dates
+    (:func:`pipelines.features.tables.prepare_sources`)."""
     started = time.perf_counter()
     created = created or datetime.now(UTC)
     valuesets = load_valuesets()
     con.execute("SET TimeZone = 'UTC'")
     _ensure_state(con)
-    prepare_sources(con, known_by=known_by)
-    shared = _shared_inputs(con, valuesets)
+    prepare_sources(con, known_by=known_by, shift_days=shift_days)
+    shared = _shared_inputs(con, valuesets, shift_days)
     _stage_patient_digests(con)
     try:
         if _needs_full_build(con, Path(out_dir), shared):
             build = build_feature_tables_report(
-                con, out_dir, created=created, check=check, known_by=known_by
+                con,
+                out_dir,
+                created=created,
+                check=check,
+                known_by=known_by,
+                shift_days=shift_days,
             )
             if not build.unpublished:
                 _record_full_build(con, shared)
@@ -322,7 +335,7 @@ def refresh_feature_tables(
         mode, checks = "unchanged", {}
         if changed or gone:
             checks = _publish_changed_patients(
-                con, Path(out_dir), created, valuesets, shared, check
+                con, Path(out_dir), created, valuesets, shared, check, shift_days
             )
             mode = "incremental"
         rows, patients = _counts(con)

@@ -35,8 +35,10 @@ until t + N days, where a row drops it. Change points per table:
 - ``patient_labs_vitals``: each measurement time and measurement + 365 days.
 
 A fact is known from the latest instant its date can stand for (the views' ``*_latest``
-columns: a date without a time of day is over only at its end in the latest time zone), so an
-entity timestamp inside that day never sees it. Encounter periods too.
+columns: a date without a time of day is over only at its end in the latest time zone; a month
+or a year released under a date shift only once the patient's own period can be over on their
+shifted time line, :func:`known_on_time_line_sql`), so an entity timestamp inside that day
+never sees it. Encounter periods too.
 
 A patient's rows start at their first data time (their start): from there counts are 0, not
 null, and before it no table has a row. Rows at least every 365 days repeat unchanged values
@@ -277,6 +279,13 @@ OBSERVATION_DATED_FROM = "greatest(effective_date_time, coalesce(issued, effecti
 # "Prior" means strictly before T: a stay counts as prior from one microsecond after its
 # discharge (the Parquet timestamps' resolution), so a row at the discharge excludes the stay.
 AFTER = "INTERVAL 1 MICROSECOND"
+# A date coarser than a day does not move along a patient's shifted time line as a day does:
+# the research release moves a year-month with its 15th day and keeps a year as it is
+# (docs/privacy.md), so the end of the month or year the patient's own date stands for, once
+# shifted, can lie after the end of the period released: by up to 16 days for a month (the 15th
+# of a 31-day month moved onto the last day of the month released) and by the whole shift for a
+# year. Such a date is known from the end released plus that much (:func:`known_on_time_line_sql`).
+MONTH_SHIFT_SLACK_DAYS = 16
 LAB_WINDOW_DAYS = 365
 # A row repeats a patient's unchanged values at least every HEARTBEAT_DAYS, so the Feast views
 # can keep a TTL of FEAST_TTL_DAYS (feature_repo/features.py): a known value never expires, and
@@ -319,9 +328,13 @@ def prepare_sources(
     patients: str | None = None,
     data_end: datetime | None = None,
     known_by: datetime | None = None,
+    shift_days: int = 0,
 ) -> None:
     """Temp views ``src_<view>`` over ``views.<view>`` (or an empty typed relation when the view
     has not been built), the opted-out and eligible patients, and every patient event time.
+    ``shift_days``: the most the release moved a patient's dates (0: the views hold the dates
+    as written), which a date coarser than a day is known later by
+    (:func:`known_on_time_line_sql`).
 
     ``patients`` (a table with a ``patient_id`` column) restricts every source to those
     patients, and ``data_end`` then pins the release's data end (computed over every patient),
@@ -335,7 +348,7 @@ def prepare_sources(
         only = f" WHERE {key} IN (SELECT patient_id FROM {patients})" if patients else ""
         if view in present:
             select = ", ".join(
-                _source_column(view, c, t, present[view]) for c, t in columns.items()
+                _source_column(view, c, t, present[view], shift_days) for c, t in columns.items()
             )
             body = f"SELECT {select} FROM views.{view}{only}"
         else:
@@ -378,13 +391,40 @@ def _built_view_columns(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
     return built
 
 
-def _source_column(view: str, column: str, type_: str, built: set[str]) -> str:
+def _source_column(view: str, column: str, type_: str, built: set[str], shift_days: int) -> str:
     """One column of ``src_<view>``: the view's own, or NULL for a column of
     :data:`ADDED_VIEW_COLUMNS` the view was built without (any other missing column is an
-    error, as it was)."""
+    error, as it was). A ``*_latest`` column is the instant on the patient's time line
+    (:func:`known_on_time_line_sql`)."""
     if column not in built and column in ADDED_VIEW_COLUMNS.get(view, {}):
         return f'NULL::{type_} AS "{column}"'
+    value = column.removesuffix("_latest")
+    if column != value and value in VIEW_COLUMNS[view]:
+        known = known_on_time_line_sql(f'"{value}"::{type_}', f'"{column}"::{type_}', shift_days)
+        return f'{known} AS "{column}"'
     return f'"{column}"::{type_} AS "{column}"'
+
+
+def known_on_time_line_sql(value: str, latest: str, shift_days: int) -> str:
+    """The last instant a view's released date can stand for on the patient's own time line,
+    from its ``latest`` column (the last instant of the date as released; ``value`` the first)
+    when the release moved dates by up to ``shift_days`` either way: ``latest`` itself for an
+    instant or a day (a day moves whole), later for a month or a year
+    (:data:`MONTH_SHIFT_SLACK_DAYS`). A month or a year is told by its end, FHIRPath's
+    ``highBoundary()``: 11:59:59.999 UTC on the first of a month (the end of the period at
+    UTC-12), more than 48 hours after its first instant (a day's end lies 36 hours after it);
+    a year spans more than 40 days. A date-only onset period whose end is a month's last day
+    reads as a month (its value is the period's start): known later, never earlier."""
+    if shift_days == 0:
+        return latest
+    month = min(shift_days, MONTH_SHIFT_SLACK_DAYS)
+    span = f"date_diff('hour', {value}, {latest})"
+    return (
+        f"CASE WHEN {latest} - date_trunc('month', {latest}) <> INTERVAL '11:59:59.999' "
+        f"OR {span} <= 48 THEN {latest} "
+        f"WHEN {span} <= {40 * 24} THEN {latest} + to_days({month}) "
+        f"ELSE {latest} + to_days({shift_days}) END"
+    )
 
 
 def feature_encounters_sql() -> str:
@@ -911,17 +951,18 @@ def build_feature_tables_report(
     edges: bool = True,
     check: PublishCheck[CheckOutcome] | None = None,
     known_by: datetime | None = None,
+    shift_days: int = 0,
 ) -> FeatureBuild:
     """Build ``features.<table>`` and ``out_dir/<table>.parquet`` for each feature table. With
     ``check`` (run over each table's staged rows), a table is published only when its check
-    passes; one that fails leaves the published table and file as they were. ``known_by``: see
-    :func:`prepare_sources`."""
+    passes; one that fails leaves the published table and file as they were. ``known_by`` and
+    ``shift_days``: see :func:`prepare_sources`."""
     started = time.perf_counter()
     created = created or datetime.now(UTC)
     valuesets = load_valuesets(valuesets_dir) if valuesets_dir else load_valuesets()
     con.execute("SET TimeZone = 'UTC'")  # day boundaries and ages in UTC, as the views store
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {FEATURES_SCHEMA}")
-    prepare_sources(con, known_by=known_by)
+    prepare_sources(con, known_by=known_by, shift_days=shift_days)
     register_code_table(con, valuesets)
     register_lab_codes(con)
     out_dir = Path(out_dir)

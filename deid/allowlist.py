@@ -21,8 +21,8 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
 - ``Reference``: the literal reference, pseudonymised (a logical one, given by its identifier
   alone, as the literal reference to what ingest resolved it to);
 - ``Quantity`` and its kinds: value, comparator, system, code (and unit when it is the code);
-  an age of 90 years or more (a UCUM time unit, or any quantity of an age LOINC observation)
-  becomes 90 years;
+  an age of 90 years or more (a UCUM time unit, a FHIR ``Age`` in any unit, or any quantity of
+  an age LOINC observation) becomes 90 years, as does an age observation's integer value;
 - strings, markdown, uri, base64Binary, narrative, identifiers: only where a path names them
   with ``keep``; extensions only those the profile lists by URL, in their fixed shape;
 - ``contained`` (where a path names it): each contained resource of a type of
@@ -102,6 +102,7 @@ class Node:
     name: str = ""
     display: bool = True
     shape: str = ""
+    age: bool = False  # a FHIR Age: its value is an age, whatever unit it is written in
 
 
 @dataclass
@@ -194,7 +195,7 @@ def _leaf(fhir_type: str, many: bool, method: str, binding_key: str, where: str)
     if fhir_type == "Resource" and name == "contained" and method == "keep":
         return Node("contained", many, name=name)
     if fhir_type in QUANTITY_TYPES:
-        return Node("quantity", many, name=name)
+        return Node("quantity", many, name=name, age=fhir_type == "Age")
     if fhir_type == "Extension":
         return Node("extension", many, name=name)
     if fhir_type in _OBJECT_DEFAULTS:
@@ -375,7 +376,17 @@ def _object(value: Any, node: Node, ctx: ReleaseContext) -> Any:
 
 
 def _scalar(value: Any, node: Node, ctx: ReleaseContext) -> Any:
-    return value if isinstance(value, bool | int | float) else _DROP
+    if not isinstance(value, bool | int | float):
+        return _DROP
+    if _is_age_integer(value, node, ctx) and _over_age_cap(value, ctx):
+        return AGE_CAP_YEARS
+    return value
+
+
+def _is_age_integer(value: Any, node: Node, ctx: ReleaseContext) -> bool:
+    """An age observation's ``valueInteger`` (of the observation or of a component): an age
+    in years, as a quantity of an age observation without a UCUM unit is read."""
+    return ctx.age_context and node.name == "valueInteger" and not isinstance(value, bool)
 
 
 def _text(value: Any, node: Node, ctx: ReleaseContext) -> Any:
@@ -494,22 +505,33 @@ def _quantity(value: Any, node: Node, ctx: ReleaseContext) -> Any:
         out["system"], out["code"] = system, code
         if value.get("unit") == code:
             out["unit"] = code
-    _cap_age(out, ctx)
+    _cap_age(out, node, ctx)
     return out if "value" in out else _DROP
 
 
-def _cap_age(quantity: dict[str, Any], ctx: ReleaseContext) -> None:
-    """HIPAA: ages of 90 or more are released as 90 years."""
+def _cap_age(quantity: dict[str, Any], node: Node, ctx: ReleaseContext) -> None:
+    """HIPAA: ages of 90 or more are released as 90 years. A quantity in a UCUM time unit is
+    an age in that unit; a FHIR Age (``Condition.onsetAge``) or a quantity of an age
+    observation without one is read as years: its unit (``years`` without a system, UCUM
+    ``yr``) says nothing the release can convert, and an age must not pass for lack of it."""
     per_year = AGE_UNITS_PER_YEAR.get(quantity.get("code", "")) if "system" in quantity else None
-    if per_year is None and ctx.age_context:
-        per_year = 1.0  # an age observation without a UCUM unit: read as years
+    if per_year is None and (ctx.age_context or node.age):
+        per_year = 1.0
     if per_year is None or "value" not in quantity:
         return
-    if quantity["value"] / per_year >= AGE_CAP_YEARS:
+    if _over_age_cap(quantity["value"] / per_year, ctx):
         quantity.update(value=AGE_CAP_YEARS, system=UCUM, code="a", unit="a")
         quantity.pop("comparator", None)
-        ctx.counts["age_capped"] += 1
-        ctx.labels.add("GENERALIZED")
+
+
+def _over_age_cap(years: float, ctx: ReleaseContext) -> bool:
+    """Whether an age of ``years`` is one HIPAA aggregates into 90 or older; counted
+    (``age_capped``) and labelled when it is."""
+    if years < AGE_CAP_YEARS:
+        return False
+    ctx.counts["age_capped"] += 1
+    ctx.labels.add("GENERALIZED")
+    return True
 
 
 def _extension(value: Any, node: Node, ctx: ReleaseContext) -> Any:

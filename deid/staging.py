@@ -147,6 +147,10 @@ def settings_digest(
         # reference naming a Bundle entry by its fullUrl (a request released with no patient),
         # and are de-identified again by the next `ehr run`
         "ingest_resolved": list(INGEST_RESOLVED_KINDS),
+        # an age of 90 or more is capped in a FHIR Age in any unit and in an age observation's
+        # integer value (deid.allowlist._cap_age, _scalar): batches released before hold such
+        # ages as written (onsetAge 97 "years"), and are de-identified again by the next run
+        "age_cap": "age_typed_and_integer",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

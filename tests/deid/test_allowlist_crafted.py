@@ -312,6 +312,72 @@ def test_an_age_over_89_is_released_as_90(profile: str) -> None:
     assert age["valueQuantity"]["value"] == 90 and age["valueQuantity"]["code"] == "a"
 
 
+AGES_WITHOUT_A_UCUM_TIME_UNIT: list[dict[str, Any]] = [
+    {
+        "resourceType": "Condition",
+        "id": "onset",
+        "subject": {"reference": PATIENT},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+        "onsetAge": {"value": 97, "unit": "years"},
+    },
+    {
+        "resourceType": "Condition",
+        "id": "abatement",
+        "subject": {"reference": PATIENT},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "38341003"}]},
+        "abatementAge": {"value": 96, "unit": "yr", "system": UCUM, "code": "yr"},
+    },
+    {
+        "resourceType": "FamilyMemberHistory",
+        "id": "mother",
+        "status": "completed",
+        "patient": {"reference": PATIENT},
+        "relationship": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-RoleCode", "code": "MTH"}
+            ]
+        },
+        "condition": [
+            {
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "22298006"}]},
+                "onsetAge": {"value": 93, "system": "http://snomed.info/sct", "code": "258707000"},
+            }
+        ],
+    },
+    {
+        "resourceType": "Observation",
+        "id": "age-integer",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "30525-0"}]},
+        "subject": {"reference": PATIENT},
+        "valueInteger": 98,
+    },
+    {
+        "resourceType": "Observation",
+        "id": "count",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "8867-4"}]},
+        "subject": {"reference": PATIENT},
+        "valueInteger": 97,
+    },
+]
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_an_age_over_89_in_any_unit_or_as_an_integer_is_released_as_90(profile: str) -> None:
+    """A FHIR Age is an age whatever unit it is written in (``years`` without a system, UCUM
+    ``yr``, a SNOMED unit), and an age observation's integer value an age in years: each was
+    released as written (onsetAge 97), an age over 89 in both profiles."""
+    released = _release(profile, AGES_WITHOUT_A_UCUM_TIME_UNIT)
+    onset, abatement, mother, age, count = released
+    capped = {"value": 90, "system": UCUM, "code": "a", "unit": "a"}
+    assert onset["onsetAge"] == capped
+    assert abatement["abatementAge"] == capped
+    assert mother["condition"][0]["onsetAge"] == capped
+    assert age["valueInteger"] == 90
+    assert count["valueInteger"] == 97  # a heart rate is no age
+
+
 def test_partial_dates_move_with_the_patient() -> None:
     released = _release("research", CRAFTED)
     obs = next(r for r in released if "effectiveDateTime" in r)

@@ -59,7 +59,7 @@ class SourceFile:
 
     def __post_init__(self) -> None:
         if not self.name:
-            object.__setattr__(self, "name", self.path.name)
+            object.__setattr__(self, "name", name_as_text(self.path.name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +181,14 @@ def _list_entry(path: Path, name: str, listing: BatchListing) -> None:
     elif (kind := file_kind(path)) is None:
         listing.skipped.append(SkippedFile(path, "not a FHIR data file extension"))
     else:
-        listing.files.append(SourceFile(len(listing.files), path, kind, name))
+        listing.files.append(SourceFile(len(listing.files), path, kind, name_as_text(name)))
+
+
+def name_as_text(name: str) -> str:
+    """A file name as text that any encoder takes: the bytes of a name that are not UTF-8
+    (Python keeps them as lone surrogates, which a UTF-8 encoder refuses) written as ``\\xNN``
+    escapes. A name in UTF-8, as nearly every one is, is itself."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def _open(path: Path, state: _ReadState | None = None) -> IO[bytes]:

@@ -78,7 +78,7 @@ def _fingerprint(folder: Path, files: list[Path]) -> str:
     for path in files:
         stat = path.lstat()
         name = path.relative_to(folder).as_posix()  # a file's name for one directly in it
-        digest.update(f"{name}\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(name) + f"\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 

@@ -194,3 +194,41 @@ def test_a_change_in_a_sub_folder_changes_the_batch(tmp_path: Path) -> None:
     assert grown != before
     (land / "export" / "fhir").rename(land / "export" / "fhir2")  # same files, other folder
     assert batch_source(land, "export").fingerprint not in (before, grown)
+
+
+def test_a_file_whose_name_is_not_utf8_is_read_with_the_rest(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A file named in Latin-1 (``café`` as the byte E9, as a Windows share may write it) made
+    every scan of the landing folder fail with a UnicodeEncodeError: ``ehr run`` stopped and
+    the landing sensor's every tick failed, so that no batch was read at all. Its records are
+    read and counted with the batch's others, under its name with the byte escaped."""
+    land = tmp_path / "land"
+    _drop(land / "b", "ok.ndjson")
+    p2 = orjson.dumps({"resourceType": "Patient", "id": "p2"})
+    (land / "b").joinpath(os.fsdecode(b"caf\xe9.ndjson")).write_bytes(p2)
+
+    (source,) = discover_batches(land)
+    assert sorted(f.name for f in source.listing().files) == ["caf\\xe9.ndjson", "ok.ndjson"]
+    wh = tmp_path / "w.duckdb"
+    report = ingest_batch(wh, "b", source.path, key_provider, workers=1, nested=True)
+    assert (report.files, report.records_in, report.accepted) == (2, 2, 2)
+    with connect(wh, read_only=True) as con:
+        assert reconcile_batch(con, "b").passed
+
+
+def test_a_batch_fingerprint_is_the_digest_of_its_files_names_sizes_and_times(
+    tmp_path: Path,
+) -> None:
+    """Computed here by hand from the files (a name's undecodable byte as itself): a name in
+    UTF-8 is fingerprinted as it always was, so batches already ingested stay done."""
+    import hashlib
+
+    folder = tmp_path / "land" / "b"
+    _drop(folder, "ok.ndjson")
+    (folder / os.fsdecode(b"caf\xe9.ndjson")).write_bytes(PATIENT)
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(os.fsencode(folder))):
+        stat = os.lstat(os.path.join(os.fsencode(folder), name))
+        digest.update(name + f"\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
+    assert batch_source(tmp_path / "land", "b").fingerprint == digest.hexdigest()[:16]

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+from collections import Counter
+
 import duckdb
 import pytest
 
-from deid.risk import GeneralisationStep, generalise_until, measure_k
+from deid.risk import SUPPRESSED, GeneralisationStep, generalise_until, measure_k
 
 QIS = ["age_band", "sex", "zip3"]
 
@@ -36,6 +38,37 @@ def test_measure_k_counts_small_groups() -> None:
     assert not report.passed and round(report.share_below_k, 3) == 0.048
     with pytest.raises(ValueError, match="identifier"):
         measure_k(con, "rel; drop table rel", QIS, 5)
+
+
+def _reference(rows: list[tuple[str, ...]], k: int) -> tuple[int, int, int, int, int]:
+    """(records, suppressed, groups, smallest group, records below k), worked out in Python:
+    a record is fully suppressed when every quasi-identifier is ``*`` or missing, and only
+    those stand apart; a record with some of its values suppressed is grouped as it reads."""
+    kept = [row[1:] for row in rows if not all(v in (None, SUPPRESSED) for v in row[1:])]
+    sizes = Counter(kept)
+    below = sum(n for n in sizes.values() if n < k)
+    return len(rows), len(rows) - len(kept), len(sizes), min(sizes.values()), below
+
+
+def test_only_fully_suppressed_records_stand_apart_from_the_groups() -> None:
+    """Fully suppressed records match every group: counted apart, never a small group. A
+    record with one value suppressed still has a group (here of two), which is below k; were
+    it set apart too, a ladder step blanking one column for everybody (``state removed``)
+    would empty every group and report any table as k-anonymous."""
+    con = duckdb.connect()
+    table(con)
+    extra = [
+        ("s1", SUPPRESSED, SUPPRESSED, SUPPRESSED),
+        ("s2", None, None, None),
+        ("s3", SUPPRESSED, None, SUPPRESSED),
+        ("h1", "40-44", "male", SUPPRESSED),
+        ("h2", "40-44", "male", SUPPRESSED),
+    ]
+    con.executemany("INSERT INTO rel VALUES (?, ?, ?, ?)", extra)
+    rows = con.execute("SELECT * FROM rel").fetchall()
+    r = measure_k(con, "rel", QIS, 5)
+    got = (r.records, r.suppressed_records, r.groups, r.min_group, r.records_below_k)
+    assert got == _reference(rows, 5) == (68, 3, 6, 1, 5)
 
 
 def test_generalises_until_few_enough_are_below_k() -> None:

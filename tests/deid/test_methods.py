@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import hashlib
+import hmac
 import time
 from datetime import UTC, date, datetime
 from zoneinfo import ZoneInfo
@@ -61,6 +63,25 @@ def test_date_shift_offsets_are_secret_stable_and_in_range() -> None:
     assert other_key != [date_shift_days(b"k" * 32, f"patient-{i}") for i in range(50)]
     with pytest.raises(ValueError, match="max_days"):
         date_shift_days(b"k", "p", 0)
+
+
+def test_date_shift_known_answers() -> None:
+    """The offset is the first 8 bytes of HMAC-SHA256(key, tag NUL scope), big-endian, modulo
+    2 x max, laid over -max..-1 then 1..max. It must not move between versions: a patient's
+    dates released again under another offset would tell how far the two shifts are apart."""
+    key = b"k" * 32
+    for scope, max_days, expected in [
+        ("patient:p", 50, 39),  # draw 88: 88 - 50 + 1
+        ("patient:q", 50, -50),  # draw 0: the lowest offset
+        ("Observation/o", 50, -41),  # draw 9: 9 - 50
+        ("patient:p", 3, -1),  # draw 2: the highest below zero
+        ("patient:q", 3, 2),  # draw 4: 4 - 3 + 1, zero passed over
+    ]:
+        message = b"ehr-date-shift/1\x00" + scope.encode()
+        draw = int.from_bytes(hmac.digest(key, message, hashlib.sha256)[:8], "big")
+        draw %= 2 * max_days
+        assert (draw - max_days if draw < max_days else draw - max_days + 1) == expected
+        assert date_shift_days(key, scope, max_days) == expected
 
 
 @pytest.mark.parametrize(

@@ -108,6 +108,31 @@ def _stays_in_views(
     return features_from_fhir(resources, tmp_path)
 
 
+# (id, patient, start, end): the data end 30 days after p1's discharge, to the second
+AT_THE_DATA_END = [
+    (1, "p1", "2024-05-28T10:00:00Z", "2024-06-01T10:00:00Z"),
+    (2, "p2", "2024-05-28T10:00:00Z", "2024-06-01T10:00:01Z"),  # a second later
+    (3, "p3", "2024-06-28T10:00:00Z", "2024-07-01T10:00:00Z"),  # the data's end
+]
+
+
+def test_a_window_ending_at_the_data_end_is_labelled_and_one_a_second_later_is_censored(
+    tmp_path: Path,
+) -> None:
+    """Worked out here: 1 June 10:00 plus 30 days is 1 July 10:00, the last instant in the
+    data, so p1's window is seen whole (label 0); p2's ends a second after the data does, and
+    p3's stay ends the data: both censored."""
+    con = _stays_in_views(AT_THE_DATA_END, tmp_path)
+    labels, counts = readmission_labels_with_counts(con)
+    discharge = datetime(2024, 6, 1, 10, tzinfo=UTC)
+    assert discharge + timedelta(days=30) == datetime(2024, 7, 1, 10, tzinfo=UTC)
+    got = {
+        (r.patient_id, r.event_timestamp.to_pydatetime()): int(r.label) for r in labels.itertuples()
+    }
+    assert got == {("p1", discharge): 0}
+    assert counts.censored == 2
+
+
 # (id, patient, start, end) as exported: times, dates, months
 DATED = [
     (1, "p1", "2024-02-01T08:00:00Z", "2024-02-05T16:00:00Z"),

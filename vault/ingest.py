@@ -511,6 +511,9 @@ class BatchIngestor:
         } | self.keys.destroyed_owners
         # Patients of this batch refused as an erased person (under a new id, by an identifier)
         self.erased_in_batch: set[str] = set()
+        # Patients this pass accepted: the new data keys of any other patient are written only
+        # at the end of the batch (:meth:`_awaits_its_patient`)
+        self.patients_read: set[str] = set()
         self.buffers = _Buffers()
         self.report = IngestReport(batch_id=batch_id, workers=workers)
         self.now = utcnow()
@@ -785,6 +788,8 @@ class BatchIngestor:
                 self.erased.add(resource_key)
             self._quarantine_erased(record, rtype)
             return
+        if rtype == "Patient":
+            self.patients_read.add(resource_key)
         if owner_dangles:
             self._quarantine(
                 record,
@@ -909,8 +914,19 @@ class BatchIngestor:
             self.accept(record, checked)
 
     def flush(self) -> None:
-        self.keys.flush()  # keys before the ciphertexts that need them
+        # keys before the ciphertexts that need them, but those awaiting their Patient
+        self.keys.flush(hold=self._awaits_its_patient)
         self.buffers.flush(self.con)
+
+    def _awaits_its_patient(self, owner: str) -> bool:
+        """A patient whose Patient this pass has not read (yet): records of their compartment
+        come first in a Bulk Data export (``Condition.ndjson`` before ``Patient.ndjson``), and
+        the Patient may turn out to be an erased person under a new id. Their new data key stays
+        in memory until the Patient is accepted, or the end of the batch, which writes it
+        unless the Patient was refused (:meth:`finalize`): a key written meanwhile would reach
+        the file at DuckDB's next checkpoint and stay in a freed page after the refusal,
+        unwrapped by the keyring, beside the ciphertexts it opens."""
+        return owner != SHARED_OWNER and owner not in self.patients_read
 
     # -- batch-level resolution -------------------------------------------------------------
     def count_no_longer_in_batch(self) -> None:
@@ -926,7 +942,11 @@ class BatchIngestor:
     def finalize(self, files: list[SourceFile]) -> None:
         """Settle the staged batch in SQL: rank repeats, quarantine conflicts, keep only new
         versions in the vault, account for every record in the ledger, resolve references,
-        and copy the batch's Patients (and relatives) beside the others (vault.clustered)."""
+        and copy the batch's Patients (and relatives) beside the others (vault.clustered).
+        The data keys made for the Patients refused as an erased person are dropped unwritten,
+        and every other key held back (:meth:`_awaits_its_patient`) is written."""
+        self.keys.discard(self.erased_in_batch)
+        self.keys.flush()
         self.flush()
         self._record_source_files(files)
         self.flush()
@@ -1034,9 +1054,10 @@ class BatchIngestor:
 
     def _refuse_erased_compartments(self) -> None:
         """The compartments of the Patients this batch refused as an erased person: their
-        records staged before the Patient was read leave the vault unstored, the data keys
-        made for them are destroyed, and the Patients are tombstoned (later batches refuse
-        their records too). Records after it in the batch were refused as they came."""
+        records staged before the Patient was read leave the vault unstored (sealed under a
+        data key never written: :meth:`finalize`; one written all the same is destroyed here),
+        and the Patients are tombstoned (later batches refuse their records too). Records
+        after it in the batch were refused as they came."""
         if not self.erased_in_batch:
             return
         patients = sorted(self.erased_in_batch)

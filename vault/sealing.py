@@ -10,7 +10,7 @@ associated data binds it to the record it belongs to.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +111,9 @@ class DataKeyStore:
     """Per-owner data keys, persisted wrapped in the ``data_keys`` table of a DuckDB warehouse.
 
     New keys are buffered and written by :meth:`flush` in one insert, so a batch touching many
-    patients pays one write, not one per patient; callers flush before committing ciphertexts.
+    patients pays one write, not one per patient; callers flush before committing ciphertexts,
+    except those of the owners they hold back (``hold``), whose keys may yet be discarded
+    unwritten (:meth:`discard`).
     """
 
     def __init__(
@@ -238,19 +240,21 @@ class DataKeyStore:
             raise InvalidCiphertext("the ciphertext is sealed under another owner's data key")
         return open_sealed(key, blob, aad)
 
-    def flush(self) -> int:
-        """Persist keys created since the last flush; returns how many."""
-        if not self._pending:
+    def flush(self, hold: Callable[[str], bool] | None = None) -> int:
+        """Persist keys created since the last flush, but those of the owners ``hold`` names,
+        which stay pending; returns how many were written."""
+        writing = [p for p in self._pending if hold is None or not hold(p[1])]
+        if not writing:
             return 0
         self._register_warehouse()
         now = self._clock()
         table = pa.table(
             {
-                "key_id": pa.array([k for k, _, _ in self._pending], pa.binary()),
-                "owner": pa.array([o for _, o, _ in self._pending], pa.string()),
-                "kek_id": pa.array([w.kek_id for _, _, w in self._pending], pa.string()),
-                "wrapped": pa.array([w.blob for _, _, w in self._pending], pa.binary()),
-                "created_at": pa.array([now] * len(self._pending), pa.timestamp("us", tz="UTC")),
+                "key_id": pa.array([k for k, _, _ in writing], pa.binary()),
+                "owner": pa.array([o for _, o, _ in writing], pa.string()),
+                "kek_id": pa.array([w.kek_id for _, _, w in writing], pa.string()),
+                "wrapped": pa.array([w.blob for _, _, w in writing], pa.binary()),
+                "created_at": pa.array([now] * len(writing), pa.timestamp("us", tz="UTC")),
             }
         )
         self._con.register("_new_data_keys", table)
@@ -261,9 +265,25 @@ class DataKeyStore:
             )
         finally:
             self._con.unregister("_new_data_keys")
-        count = len(self._pending)
-        self._pending.clear()
-        return count
+        self._pending = [p for p in self._pending if hold is not None and hold(p[1])]
+        return len(writing)
+
+    def discard(self, owners: Iterable[str]) -> int:
+        """Drop the pending keys of ``owners`` unwritten: what was sealed under them can never
+        be opened again, and no key ever reaches the warehouse file (or its write-ahead log)
+        to be left in a freed page. The owners get no key anew (:attr:`destroyed_owners`).
+        Returns how many keys were dropped."""
+        gone = set(owners)
+        dropped = [key_id for key_id, owner, _ in self._pending if owner in gone]
+        self._pending = [p for p in self._pending if p[1] not in gone]
+        for key_id in dropped:
+            self._cache.pop(key_id, None)
+            self._owners.pop(key_id, None)
+        for owner in gone:
+            if self._by_owner.get(owner) in dropped:
+                del self._by_owner[owner]
+        self.destroyed_owners |= gone
+        return len(dropped)
 
     def _register_warehouse(self) -> None:
         """Before the first data key lands here, the keyring learns that this warehouse

@@ -106,3 +106,58 @@ def test_every_way_back_is_quarantined_unstored(
         ).fetchall() == [(0,)]
     finally:
         con.close()
+
+
+def test_the_key_of_a_compartment_refused_as_hers_never_reaches_the_file(
+    erased: Path, tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Patient under a new id with her identifier, after records of its compartment (a Bulk
+    Data export writes Patient.ndjson after Condition.ndjson): those records are staged under a
+    data key made for the new id before the Patient shows who it is. That key is never written:
+    were it, a checkpoint during the batch (DuckDB makes one whenever its log grows past
+    ``checkpoint_threshold``) would put it into the file, where the erasure of the compartment
+    leaves it in a freed page that the keyring unwraps, with her records' ciphertexts beside."""
+    wrapped: dict[bytes, list[bytes]] = {}
+    wrap = key_provider.wrap
+
+    def recording(data_key: bytes, context: bytes) -> Any:
+        found = wrap(data_key, context)
+        wrapped.setdefault(context, []).append(found.blob)
+        return found
+
+    monkeypatch.setattr(key_provider, "wrap", recording)
+    connect = warehouse.connect
+
+    def checkpointing(*args: Any, **kwargs: Any) -> Any:
+        opened = connect(*args, **kwargs)
+        opened.execute("SET checkpoint_threshold = '1B'")  # a checkpoint at every commit
+        return opened
+
+    monkeypatch.setattr(warehouse, "connect", checkpointing)
+    condition = {
+        "resourceType": "Condition",
+        "id": "c-before",
+        "subject": {"reference": "Patient/p1-new"},
+        "code": {"text": "gout"},
+    }
+    other = {"resourceType": "Patient", "id": "p2", "name": [{"family": "Other"}]}
+    batch = _write(tmp_path / "b1", [condition, other, {**PATIENT, "id": "p1-new"}])
+    report = ingest_batch(erased, "b1", batch, key_provider, workers=1)
+    assert (report.accepted, report.quarantine_reasons) == (1, {ERASED_SUBJECT: 2})
+
+    owner = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "p1-new")
+    hers = [
+        blob for context, blobs in wrapped.items() if owner.encode() in context for blob in blobs
+    ]
+    assert hers, "a data key was made for the compartment before its Patient was read"
+    files = [path for path in erased.parent.glob(erased.name + "*") if path.is_file()]
+    raw = b"".join(path.read_bytes() for path in files)
+    assert not [blob for blob in hers if blob in raw]
+    con = warehouse.connect(erased, read_only=True)
+    try:
+        assert reconcile_batch(con, "b1").passed
+        assert con.execute(
+            "SELECT count(*) FROM data_keys WHERE owner = ? AND wrapped IS NOT NULL", [owner]
+        ).fetchall() == [(0,)]
+    finally:
+        con.close()

@@ -127,9 +127,11 @@ def _registry(provider: KeyProvider) -> dict[str, str]:
 def _patient_versions(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
 ) -> list[dict[str, Any]]:
-    """Every version the vault holds of the patient's Patient resource, to know what names them
-    (a name changed since still does; never shown); none when the vault holds none or they
-    can no longer be read (an erasure cut short)."""
+    """Every version the vault holds of the patient's Patient resource, and those of their
+    Patient records the quarantine holds (:func:`_quarantined_patients`), to know what names
+    them (a name changed since still does; never shown) and which identifiers keep them out
+    once erased; none when there are none or they can no longer be read (an erasure cut
+    short)."""
     from vault.errors import KeyDestroyedError
     from vault.read import iter_every_version
 
@@ -137,9 +139,38 @@ def _patient_versions(
         records = list(
             iter_every_version(con, provider, resource_type="Patient", resource_key=pseudonym)
         )
+        quarantined = _quarantined_patients(con, provider, pseudonym)
     except KeyDestroyedError:
         return []
-    return [record.resource for record in records]
+    return [*(record.resource for record in records), *quarantined]
+
+
+# a patient's own quarantined Patient records (sealed under their key)
+_QUARANTINED_PATIENTS = (
+    "SELECT sealed, aad FROM quarantine WHERE patient_key = ? AND resource_type = 'Patient' "
+    "AND octet_length(sealed) > 0 ORDER BY batch_id, file_index, position"
+)
+
+
+def _quarantined_patients(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
+) -> list[dict[str, Any]]:
+    """The patient's Patient records refused by validation (a schema violation), which no vault
+    row holds: their identifiers are the person's all the same, and the same person sent again
+    under a new id with one of them is refused only when the erasure tombstones them.
+    Decrypted here, never shown; a record that is no JSON object of a Patient is passed over."""
+    from vault.sealing import DataKeyStore
+
+    store = DataKeyStore(con, provider)
+    found: list[dict[str, Any]] = []
+    for sealed, aad in con.execute(_QUARANTINED_PATIENTS, [pseudonym]).fetchall():
+        try:
+            record = orjson.loads(store.open_owned(bytes(sealed), bytes(aad), pseudonym))
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("resourceType") == "Patient":
+            found.append(record)
+    return found
 
 
 def _refuse_a_reason_naming_the_patient(subject: SubjectCanaries, reason: str) -> None:

@@ -484,3 +484,29 @@ def test_an_erasure_waits_while_another_process_has_the_warehouse_open(
         assert json.loads(result.stdout)["data_keys_destroyed"] >= 1
     finally:
         holder.wait(timeout=30)
+
+
+def test_the_identifiers_of_a_patient_only_quarantined_keep_them_out_once_erased(
+    work: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """A Patient refused for a schema violation is quarantined under its own key and is in no
+    vault row: its identifiers are still the person's, so the erasure tombstones them, and the
+    corrected Patient sent again under a new id with the same MRN is refused as hers."""
+    mrn = [{"system": "urn:mrn", "value": "Q-77"}]
+    invalid = {"resourceType": "Patient", "id": "pq", "identifier": mrn, "telecom": []}
+    first, again = tmp_path / "land-q", tmp_path / "land-q2"
+    first.mkdir()
+    again.mkdir()
+    (first / "pq.json").write_text(json.dumps(invalid))
+    corrected = {"resourceType": "Patient", "id": "pq-new", "identifier": mrn}
+    (again / "pq.json").write_text(json.dumps(corrected))
+    provider = FileKeyProvider.load(key_file)
+    report = ingest_batch(work / "warehouse.duckdb", "bq", first, provider, workers=1)
+    assert report.quarantine_reasons == {"schema_violation": 1}
+
+    common = ["--workdir", str(work), "--key-file", str(key_file), "--no-release"]
+    forgot = CliRunner().invoke(forget, ["pq", "--reason", "ticket 4720", *common])
+    assert forgot.exit_code == 0, forgot.output
+    assert json.loads(forgot.stdout)["rows_deleted"]["quarantine"] == 1
+    report = ingest_batch(work / "warehouse.duckdb", "bq2", again, provider, workers=1)
+    assert (report.accepted, report.quarantine_reasons) == (0, {"erased_subject": 1})

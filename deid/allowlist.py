@@ -46,6 +46,7 @@ from deid import methods
 from deid.errors import DeidError
 from deid.terminology import (
     AGE_LOINC,
+    AGE_UNIT_WORDS_PER_YEAR,
     AGE_UNITS_PER_YEAR,
     ANY_CODE,
     CONSENT_PROVISION_LEVELS,
@@ -505,23 +506,42 @@ def _quantity(value: Any, node: Node, ctx: ReleaseContext) -> Any:
         out["system"], out["code"] = system, code
         if value.get("unit") == code:
             out["unit"] = code
-    _cap_age(out, node, ctx)
+    _cap_age(out, value, node, ctx)
     return out if "value" in out else _DROP
 
 
-def _cap_age(quantity: dict[str, Any], node: Node, ctx: ReleaseContext) -> None:
+def _cap_age(
+    quantity: dict[str, Any], written: dict[str, Any], node: Node, ctx: ReleaseContext
+) -> None:
     """HIPAA: ages of 90 or more are released as 90 years. A quantity in a UCUM time unit is
     an age in that unit; a FHIR Age (``Condition.onsetAge``) or a quantity of an age
-    observation without one is read as years: its unit (``years`` without a system, UCUM
-    ``yr``) says nothing the release can convert, and an age must not pass for lack of it."""
+    observation without one is an age in the unit it is ``written`` in when that reads as a
+    time unit (``months``, ``yrs``: :func:`_per_year_as_written`), else in years: a unit the
+    release cannot read must not let an age pass."""
     per_year = AGE_UNITS_PER_YEAR.get(quantity.get("code", "")) if "system" in quantity else None
     if per_year is None and (ctx.age_context or node.age):
-        per_year = 1.0
+        per_year = _per_year_as_written(written)
     if per_year is None or "value" not in quantity:
         return
     if _over_age_cap(quantity["value"] / per_year, ctx):
         quantity.update(value=AGE_CAP_YEARS, system=UCUM, code="a", unit="a")
         quantity.pop("comparator", None)
+
+
+def _per_year_as_written(written: dict[str, Any]) -> float:
+    """How many of the unit an age is written in make a year: its ``unit`` text, else its
+    ``code``, read as a time unit (:data:`AGE_UNIT_WORDS_PER_YEAR`); 1 (years) when neither
+    reads as one."""
+    for element in ("unit", "code"):
+        text = written.get(element)
+        if isinstance(text, str):
+            word = text.strip().lower()
+            per_year = AGE_UNIT_WORDS_PER_YEAR.get(word) or AGE_UNIT_WORDS_PER_YEAR.get(
+                word.removesuffix("s")
+            )
+            if per_year is not None:
+                return per_year
+    return 1.0
 
 
 def _over_age_cap(years: float, ctx: ReleaseContext) -> bool:

@@ -246,6 +246,16 @@ AGE_UNITS_PER_YEAR: dict[str, float] = {
     "h": 8766.0,
     "min": 525960.0,
 }
+# the same units as an age is often written without UCUM (a FHIR Age's ``unit`` text, a local
+# code): read, lower-cased and without a plural ``s``, before an age falls back to years
+AGE_UNIT_WORDS_PER_YEAR: dict[str, float] = {
+    **{word: 1.0 for word in ("a", "y", "yr", "year", "annum")},
+    **{word: 12.0 for word in ("mo", "month")},
+    **{word: 52.1775 for word in ("wk", "week")},
+    **{word: 365.25 for word in ("d", "day")},
+    **{word: 8766.0 for word in ("h", "hr", "hour")},
+    **{word: 525960.0 for word in ("min", "minute")},
+}
 # LOINC codes whose value is the patient's age (age, reported age, age at diagnosis/death...)
 AGE_LOINC = frozenset(
     {"30525-0", "21612-7", "29553-5", "21611-9", "39016-1", "63900-5", "46096-3", "35659-2"}

@@ -378,6 +378,32 @@ def test_an_age_over_89_in_any_unit_or_as_an_integer_is_released_as_90(profile: 
     assert count["valueInteger"] == 97  # a heart rate is no age
 
 
+# (the age as written, its years worked out here): a unit written as text is read as the unit it
+# names, an unreadable one as years
+AGES_IN_WORDS = [
+    ({"value": 97, "unit": "months"}, 97 / 12),
+    ({"value": 1200, "unit": "Months"}, 100.0),
+    ({"value": 5000, "unit": "wks"}, 5000 / 52.1775),
+    ({"value": 40000, "unit": "days"}, 40000 / 365.25),
+    ({"value": 97, "unit": "Years"}, 97.0),
+    ({"value": 97, "code": "yrs"}, 97.0),
+    ({"value": 97, "unit": "lunar cycles"}, 97.0),
+]
+
+
+@pytest.mark.parametrize(("age", "years"), AGES_IN_WORDS)
+def test_an_age_written_in_a_unit_of_words_is_capped_by_its_years(
+    age: dict[str, Any], years: float
+) -> None:
+    """97 months is an 8-year-old: read as 97 years, it was released as 90 years old."""
+    condition = {**AGES_WITHOUT_A_UCUM_TIME_UNIT[0], "onsetAge": age}
+    (released,) = _release("research", [condition])
+    if years >= 90:
+        assert released["onsetAge"] == {"value": 90, "system": UCUM, "code": "a", "unit": "a"}
+    else:
+        assert released["onsetAge"] == {"value": age["value"]}
+
+
 def test_partial_dates_move_with_the_patient() -> None:
     released = _release("research", CRAFTED)
     obs = next(r for r in released if "effectiveDateTime" in r)

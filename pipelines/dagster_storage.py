@@ -246,9 +246,7 @@ class SqliteStorage(DagsterSqliteStorage):
             self._event_log_storage = EngineReusingSqliteEventLogStorage(
                 _event_logs_directory(base_dir)
             )
-            self._schedule_storage = SqliteScheduleStorage.from_local(
-                _schedule_directory(base_dir)
-            )
+            self._schedule_storage = SqliteScheduleStorage.from_local(_schedule_directory(base_dir))
         self._inst_data = inst_data
         super(DagsterSqliteStorage, self).__init__()  # what DagsterSqliteStorage calls
 

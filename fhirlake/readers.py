@@ -519,10 +519,12 @@ def _streamable_bundle(path: Path) -> bool:
 class _Outline:
     """What the first pass over a streamed Bundle learns: the Bundle without its entries, what
     its ``entry`` is, the first entry envelope defect, and the fullUrls (as in
-    :func:`bundle_records`)."""
+    :func:`bundle_records`). A Bundle naming ``entry`` more than once is read as a parser of
+    the whole document reads it: the last one stands (``entry_keys`` counts them)."""
 
     shell: dict[str, Any] = field(default_factory=dict)
     entry_is_list: bool = False
+    entry_keys: int = 0
     entries: int = 0
     entry_problem: str | None = None
     urls: _FullUrls = field(default_factory=lambda: _FullUrls())
@@ -551,10 +553,14 @@ def _bundle_outline(handle: IO[bytes]) -> _Outline:
             top_key = value
             if value != "entry":
                 shell.event(event, value)
+            else:  # an earlier ``entry`` is what a later one replaces
+                outline.entry_keys += 1
+                outline.entries, outline.entry_problem, outline.urls = 0, None, _FullUrls()
         elif top_key != "entry":
             shell.event(event, value)
         elif depth == 1:
-            outline.entry_is_list = event == "start_array"
+            if not event.startswith("end_"):  # the value's first event, not its last
+                outline.entry_is_list = event == "start_array"
         elif not outline.entry_is_list:
             pass
         else:
@@ -591,7 +597,36 @@ def _bundle_outline(handle: IO[bytes]) -> _Outline:
                 outline.urls.add(outline.entries, entry)
         if opening:
             depth += 1
+    outline.shell = shell.value
     return outline
+
+
+def _entry_values(handle: IO[bytes], occurrence: int) -> Iterator[Any]:
+    """The items of the array of the Bundle's ``occurrence``-th ``entry`` key, built one at a
+    time from the parser's events by their depth: ijson's prefixes would also take the value
+    of a key named ``entry.item``, and the items of every ``entry`` key."""
+    depth = 0
+    entry_keys = 0
+    top_key: Any = None
+    inside = False
+    item: Any = None
+    for event, value in ijson.basic_parse(handle, use_float=True):
+        opening = event in ("start_map", "start_array")
+        if event in ("end_map", "end_array"):
+            depth -= 1
+        if depth == 1:
+            if event == "map_key":
+                top_key = value
+                entry_keys += value == "entry"
+            inside = opening and top_key == "entry" and entry_keys == occurrence
+        elif inside:
+            if depth == 2 and not event.startswith("end_"):
+                item = ijson.ObjectBuilder()
+            item.event(event, value)
+            if depth == 2 and not opening:  # the item is complete
+                yield item.value
+        if opening:
+            depth += 1
 
 
 def _streamed_bundle_records(source: SourceFile, state: _ReadState) -> Iterator[RawRecord]:
@@ -610,7 +645,7 @@ def _streamed_bundle_records(source: SourceFile, state: _ReadState) -> Iterator[
         return
     shell_error = _bundle_shell_error(outline.shell, outline.entry_problem)
     with _open_unbommed(source.path, state) as handle:
-        entries = ijson.items(handle, "entry.item", use_float=True)
+        entries = _entry_values(handle, outline.entry_keys)
         for position, entry in enumerate(entries, 1):
             yield _entry_record(source.index, position, entry, shell_error, outline.urls)
 

@@ -438,6 +438,8 @@ _STREAM_CASES = {
         "entry": [{"resource": _P}, {"resource": _P, "bogus": 1}, "text", [1]],
     },
     "bad_shell": {"resourceType": "Bundle", "type": "collection", "total": "x", "entry": [{}]},
+    # written below with its ``entry`` key twice: the last one stands, as for a whole read
+    "entry_twice": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": _P}]},
     "urn_ids": {
         "resourceType": "Bundle",
         "type": "transaction",
@@ -466,6 +468,9 @@ def test_a_streamed_bundle_is_accounted_as_one_read_whole(
     from fhirlake.readers import SourceFile
 
     data = orjson.dumps(_STREAM_CASES[name])
+    if name == "entry_twice":
+        earlier = b'"entry":[{"resource":{"resourceType":"Patient","id":"p0"}},{}],'
+        data = data.replace(b'"entry":', earlier + b'"entry":')
     path = tmp_path / ("a.json.gz" if packed else "a.json")
     path.write_bytes(_gz(data) if packed else data)
     source = SourceFile(0, path, "json")
@@ -547,3 +552,35 @@ def test_a_file_the_process_may_not_read_fails_naming_its_index_not_quarantined(
         assert last.error is not None and last.error[0] == "unreadable_file"
     allow()
     assert [r.error for r in iter_records(files[0])] == [None] * 5
+
+
+def test_a_bundle_above_the_threshold_is_never_held_whole(tmp_path: Path) -> None:
+    """Above ``stream_above`` a Bundle is read entry by entry: what reading one holds at once
+    does not grow with its entries (it was parsed whole: 58 MB of memory for 2.8 MB here, 1.1
+    GiB for a Bundle of 93 MB)."""
+    import tracemalloc
+
+    from fhirlake.readers import SourceFile
+
+    entry = {"resource": {"resourceType": "Observation", "id": "o", "status": "final"}}
+
+    def peak_reading(entries: int) -> tuple[int, int, int]:
+        data = orjson.dumps(
+            {"resourceType": "Bundle", "type": "collection", "entry": [entry] * entries}
+        )
+        path = tmp_path / f"{entries}.json"
+        path.write_bytes(data)
+        list(iter_records(SourceFile(0, path, "json"), 0))  # what the first read loads, once
+        tracemalloc.start()
+        try:
+            count = sum(1 for _ in iter_records(SourceFile(0, path, "json"), len(data) // 8))
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        return count, peak, len(data)
+
+    count, peak, size = peak_reading(20_000)
+    assert count == 20_000
+    count, double_peak, _ = peak_reading(40_000)
+    assert count == 40_000
+    assert double_peak < peak + size // 8

@@ -484,10 +484,29 @@ def _file_records(
 ) -> Iterator[RawRecord]:
     if source.kind == "ndjson":
         yield from _ndjson_records(source, max_line_bytes, state)
-    elif source.path.stat().st_size > stream_above and _streamable_bundle(source.path):
+    elif _longer_than(source.path, stream_above) and _streamable_bundle(source.path):
         yield from _streamed_bundle_records(source, state)
     else:
         yield from _json_records(source, state)
+
+
+def _longer_than(path: Path, size: int) -> bool:
+    """True when the file's data is longer than ``size`` bytes: a plain file's size, or a
+    ``.gz`` file's data once decompressed (counted in pieces, none kept), since a gzip of
+    JSON is often a twentieth of it. A gzip failing before ``size`` bytes is read whole,
+    which accounts for the failure where it lies."""
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size > size
+    seen = 0
+    try:
+        with _open(path) as handle:
+            while piece := handle.read(_DRAIN_BYTES):
+                seen += len(piece)
+                if seen > size:
+                    return True
+    except _READ_ERRORS:
+        return False
+    return False
 
 
 def _open_unbommed(path: Path, state: _ReadState | None = None) -> IO[bytes]:

@@ -12,12 +12,14 @@ from __future__ import annotations
 import errno
 import gzip
 import io
+import math
 import os
 import stat
 import uuid
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import IO, Any, Literal, cast
 
@@ -534,6 +536,25 @@ def _streamable_bundle(path: Path) -> bool:
     return False
 
 
+# the integers orjson (the read of a whole document) keeps as integers; any other is a double
+_ORJSON_INTEGERS = range(-(2**63), 2**64)
+
+
+def _json_number(value: int | Decimal) -> int | float:
+    """A number of a streamed document as the read of a whole document (orjson) gives it: an
+    integer within 64 bits an int, any other number a float, and one beyond a double's range
+    no JSON this platform reads (:class:`ijson.JSONError`). The streamed passes parse numbers
+    exactly (ijson's own floats, ``use_float``, stopped the parse at an integer beyond 64 bits,
+    which made a whole streamed Bundle one unreadable record where the whole read loses one
+    value's precision only)."""
+    if isinstance(value, int) and value in _ORJSON_INTEGERS:
+        return value
+    number = float(value)
+    if math.isinf(number):
+        raise ijson.JSONError("number is infinity when parsed as double")
+    return number
+
+
 @dataclass(slots=True)
 class _Outline:
     """What the first pass over a streamed Bundle learns: the Bundle without its entries, what
@@ -562,7 +583,9 @@ def _bundle_outline(handle: IO[bytes]) -> _Outline:
     resource: dict[str, Any] | None = None
     resource_key: Any = None
     meta_key: Any = None
-    for event, value in ijson.basic_parse(handle, use_float=True):
+    for event, value in ijson.basic_parse(handle):
+        if event == "number":
+            value = _json_number(value)
         opening = event in ("start_map", "start_array")
         if event in ("end_map", "end_array"):
             depth -= 1
@@ -629,7 +652,9 @@ def _entry_values(handle: IO[bytes], occurrence: int) -> Iterator[Any]:
     top_key: Any = None
     inside = False
     item: Any = None
-    for event, value in ijson.basic_parse(handle, use_float=True):
+    for event, value in ijson.basic_parse(handle):
+        if event == "number":
+            value = _json_number(value)
         opening = event in ("start_map", "start_array")
         if event in ("end_map", "end_array"):
             depth -= 1

@@ -486,6 +486,78 @@ def test_a_streamed_bundle_is_accounted_as_one_read_whole(
     assert seen(0) == whole
 
 
+# Bundles whose numbers orjson cannot write: an integer beyond 64 bits (a double to orjson),
+# the largest and smallest it keeps as integers, decimals with more digits than a double holds,
+# and (its own file) a number beyond a double's range, which no read takes as JSON
+_OBS = b'{"resourceType":"Observation","id":"o%d","valueInteger":%b}'
+_NUMBER_CASES = {
+    "integers": b'{"resourceType":"Bundle","type":"collection","entry":['
+    + b",".join(
+        b'{"resource":' + _OBS % (i, number) + b"}"
+        for i, number in enumerate(
+            [
+                b"123456789012345678901234567890",
+                b"18446744073709551615",
+                b"18446744073709551616",
+                b"-9223372036854775808",
+                b"-9223372036854775809",
+                b"0.1000000000000000055511151231257827",
+                b"1.50",
+                b"-0.0",
+                b"2e5",
+            ]
+        )
+    )
+    + b"]}",
+    "infinite": b'{"resourceType":"Bundle","type":"collection","entry":['
+    + b'{"resource":'
+    + _OBS % (0, b"7")
+    + b"},"
+    + b'{"resource":'
+    + _OBS % (1, b"1e400")
+    + b"}]}",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NUMBER_CASES))
+def test_a_streamed_bundle_reads_numbers_as_a_whole_read_does(tmp_path: Path, name: str) -> None:
+    """An integer beyond 64 bits stopped the streamed read (ijson's floats overflow), and the
+    whole Bundle became one unreadable record where a whole read keeps every entry; the bytes
+    of each entry, the reasons and the positions are the whole read's."""
+    from fhirlake.readers import SourceFile
+
+    path = tmp_path / "a.json"
+    path.write_bytes(_NUMBER_CASES[name])
+    source = SourceFile(0, path, "json")
+
+    def seen(stream_above: int | None) -> list[Any]:
+        return [(r.position, r.raw, r.error) for r in iter_records(source, stream_above)]
+
+    whole = seen(None)
+    if name == "integers":
+        assert [orjson.loads(raw or b"")["valueInteger"] for _, raw, _ in whole] == [
+            1.2345678901234568e29,
+            18446744073709551615,
+            1.8446744073709552e19,
+            -9223372036854775808,
+            -9.223372036854776e18,
+            0.1,
+            1.5,
+            -0.0,
+            200000.0,
+        ]
+    else:
+        assert [error[0] for _, _, error in whole if error] == ["invalid_json"]
+    streamed = seen(0)
+    assert [bool(error) and error[0] for _, _, error in streamed] == [
+        bool(error) and error[0] for _, _, error in whole
+    ]
+    if name == "integers":  # an unreadable file's one record holds its bytes in a whole read only
+        assert [(position, raw) for position, raw, _ in streamed] == [
+            (position, raw) for position, raw, _ in whole
+        ]
+
+
 def test_lines_of_vertical_tab_or_form_feed_are_records_not_blanks(tmp_path: Path) -> None:
     """An NDJSON line is blank when it holds JSON whitespace only (space, tab, CR, LF)."""
     from fhirlake.readers import SourceFile

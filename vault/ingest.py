@@ -348,11 +348,16 @@ _GIVE_BACK = (
 # content under the same versionId, or without one under the same lastUpdated instant (or
 # neither), is a conflict nobody can settle here. Versions told apart by their versionId or,
 # without one, by their lastUpdated instant are all kept, and the newest is current (the rule
-# across batches: warehouse.NEWEST_VERSION_FIRST). Then compare with what earlier batches stored.
+# across batches: warehouse.NEWEST_VERSION_FIRST). Then compare with what earlier batches stored:
+# content an earlier version holds is a repeat (`unchanged`), unless this record is newer than
+# every earlier version and the current one holds other content. That is a resource set back to
+# what it was (a consent active, then inactive, then active again, exported without versionId
+# or lastUpdated): the export's latest word, a version of its own that becomes current.
 _RANK_STAGED_ROWS = f"""
 CREATE OR REPLACE TEMP TABLE _fate AS
 WITH ranked AS (
     SELECT s.file_index, s.position, s.resource_key, s.content_mac,
+           s.version_id, s.last_updated, s.ingest_seq,
            row_number() OVER (PARTITION BY s.resource_key, s.content_mac
                               ORDER BY s.file_index, s.position) AS content_rank,
            row_number() OVER (PARTITION BY s.resource_key, coalesce(
@@ -362,15 +367,41 @@ WITH ranked AS (
     FROM phi_vault s WHERE s.batch_id = $b
 ),
 earlier AS (
-    SELECT resource_key, content_mac FROM phi_vault
+    SELECT resource_key, content_mac, version_id, last_updated, ingest_seq FROM phi_vault
     WHERE batch_id <> $b AND resource_key IN (SELECT resource_key FROM ranked)
+),
+-- each record beside every earlier version of its resource, newest first: the first is the
+-- version current once the record is kept
+rivals AS (
+    SELECT r.file_index, r.position, r.content_mac, r.version_id, r.last_updated,
+           r.ingest_seq, TRUE AS staged
+    FROM ranked r
+    UNION ALL
+    SELECT r.file_index, r.position, e.content_mac, e.version_id, e.last_updated,
+           e.ingest_seq, FALSE AS staged
+    FROM ranked r JOIN earlier e USING (resource_key)
+),
+newest AS (
+    SELECT file_index, position, staged, content_mac,
+           row_number() OVER (PARTITION BY file_index, position
+                              ORDER BY {warehouse.NEWEST_VERSION_FIRST}) AS newness
+    FROM rivals
+),
+-- records newer than every earlier version whose current one holds other content
+sets_back AS (
+    SELECT s.file_index, s.position FROM newest s
+    JOIN newest c ON c.file_index = s.file_index AND c.position = s.position
+    WHERE s.staged AND s.newness = 1 AND NOT c.staged AND c.newness = 2
+      AND c.content_mac <> s.content_mac
 )
 SELECT r.file_index, r.position,
     CASE
         WHEN r.content_rank > 1 THEN 'duplicate_identical'
         WHEN r.version_rank > 1 THEN 'duplicate_conflict'
         WHEN EXISTS (SELECT 1 FROM earlier e WHERE e.resource_key = r.resource_key
-                     AND e.content_mac = r.content_mac) THEN 'unchanged'
+                     AND e.content_mac = r.content_mac)
+             AND NOT EXISTS (SELECT 1 FROM sets_back b WHERE b.file_index = r.file_index
+                             AND b.position = r.position) THEN 'unchanged'
         WHEN EXISTS (SELECT 1 FROM earlier e
                      WHERE e.resource_key = r.resource_key) THEN 'updated'
         ELSE 'new'

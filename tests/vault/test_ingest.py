@@ -130,6 +130,75 @@ def test_reingest_changes_nothing_and_versions_supersede(
         con.close()
 
 
+def test_a_resource_set_back_to_an_earlier_content_is_its_newest_version(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A research opt-out (an active deny), made inactive by a later export, then active
+    again in the export after it, written exactly as the first time (no versionId, no
+    lastUpdated: the order of arrival decides). The last export's word is the current
+    version: the deny is active, whatever an earlier batch held the same content. A repeat of
+    the current version is still a repeat, and so is an earlier version sent again late."""
+    deny = {
+        "resourceType": "Consent",
+        "id": "c-optout",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                    "code": "research",
+                }
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"reference": f"Patient/{PID}"},
+        "provision": {"type": "deny"},
+    }
+    withdrawn = dict(deny, status="inactive")
+    for name, consent in (("one", deny), ("two", withdrawn), ("three", deny), ("four", deny)):
+        _write(tmp_path / name, "c.json", consent)
+    _write(tmp_path / "one", "p.json", PATIENT)
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "one", tmp_path / "one", key_provider, workers=1)
+    assert ingest_batch(wh, "two", tmp_path / "two", key_provider, workers=1).outcomes == {
+        "updated": 1
+    }
+    assert ingest_batch(wh, "three", tmp_path / "three", key_provider, workers=1).outcomes == {
+        "updated": 1
+    }
+    # the same content as the current version: a repeat, as is a batch ingested again
+    assert ingest_batch(wh, "four", tmp_path / "four", key_provider, workers=1).outcomes == {
+        "unchanged": 1
+    }
+    assert ingest_batch(wh, "three", tmp_path / "three", key_provider, workers=1).outcomes == {
+        "updated": 1
+    }
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        current = read_resource(con, key_provider, "Consent", "c-optout")
+        assert current is not None and current["status"] == "active"
+        for batch in ("one", "two", "three", "four"):
+            assert reconcile_batch(con, batch).passed
+    finally:
+        con.close()
+    # an older version (by its versionId) sent again late stays a repeat, never current
+    older = dict(withdrawn, meta={"versionId": "1"})
+    newer = dict(deny, meta={"versionId": "2"})
+    _write(tmp_path / "v1", "c.json", older)
+    _write(tmp_path / "v2", "c.json", newer)
+    _write(tmp_path / "v1-again", "c.json", older)
+    for name in ("v1", "v2"):
+        ingest_batch(wh, name, tmp_path / name, key_provider, workers=1)
+    late = ingest_batch(wh, "v1-again", tmp_path / "v1-again", key_provider, workers=1)
+    assert late.outcomes == {"unchanged": 1}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        current = read_resource(con, key_provider, "Consent", "c-optout")
+        assert current is not None and current["meta"]["versionId"] == "2"
+    finally:
+        con.close()
+
+
 def test_a_version_id_is_kept_in_plain_text_only_as_a_counter(
     tmp_path: Path, key_provider: FileKeyProvider
 ) -> None:

@@ -572,6 +572,15 @@ def _utilisation_items() -> str:
     """
 
 
+def served_instant_sql(value: str) -> str:
+    """A timestamp feature's value (``prior_discharge_at``, ``<lab>_measured_at``): ``value``
+    at the whole second at or before it. Feast keeps a ``UnixTimestamp`` feature online as
+    whole seconds since the epoch, so an instant with a fraction of a second (the end of a day
+    a fact is dated to, 23:59:59.999 in the latest zone) was served online up to a second
+    earlier than the offline tables gave it; whole seconds are the same in both stores."""
+    return f"date_trunc('second', {value})"
+
+
 def utilisation_sql(created: datetime, edges: bool = True) -> str:
     """Encounters and emergency visits started in the last 30/180/365 days, inpatient stays
     discharged in the 30/180/365 days before T (the stay discharged at T excluded), and the
@@ -625,7 +634,7 @@ def utilisation_sql(created: datetime, edges: bool = True) -> str:
     snap AS (SELECT * FROM w WHERE is_spine)
     SELECT snap.patient_id AS patient_id, snap.ts AS event_timestamp,
         {timestamptz_sql(created)} AS created, {names},
-        s.period_end AS prior_discharge_at,
+        {served_instant_sql("s.period_end")} AS prior_discharge_at,
         date_diff('day', s.period_start, s.period_end)::BIGINT AS prior_stay_length_days
     FROM snap ASOF LEFT JOIN stays s
         ON snap.patient_id = s.patient_id AND snap.ts > s.period_end
@@ -844,7 +853,8 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
             f"round(avg(CASE WHEN measure = '{m}' THEN value END) OVER wmean, {MEAN_DIGITS}) "
             f"AS {m}_mean_365d"
         )
-        finals.append(f"{m}_latest, {m}_mean_365d, {m}_measured_at")
+        measured_at = served_instant_sql(f"{m}_measured_at")
+        finals.append(f"{m}_latest, {m}_mean_365d, {measured_at} AS {m}_measured_at")
     window_columns = ",\n".join(parts)
     final_columns = ",\n".join(finals)
     return f"""

@@ -248,6 +248,59 @@ def test_full_path_when_the_snapshot_cannot_be_trusted(tmp_path: Path) -> None:
     assert resource.sync_online(release.con).mode == "incremental"
 
 
+def _latest_offline(release: Release, view: str, pid: str, column: str) -> Any:
+    """The column of the patient's latest row in the view's Parquet file (ties: the later
+    ``created``), read by DuckDB: what the online store must serve."""
+    found = duckdb.sql(
+        f"SELECT {column} FROM read_parquet('{release.features / view}.parquet') "
+        f"WHERE patient_id = '{pid}' ORDER BY event_timestamp DESC, created DESC LIMIT 1"
+    ).fetchall()
+    return found[0][0]
+
+
+def test_an_instant_dated_to_its_day_is_served_online_as_offline(tmp_path: Path) -> None:
+    """A lab result and a discharge dated without a time of day stand at the end of that day
+    (23:59:59.999 in the latest zone, 11:59:59.999 UTC the next day): Feast keeps a
+    ``UnixTimestamp`` feature online in whole seconds, so the tables' instants must be whole
+    seconds for the online value to be the offline one."""
+    release = Release(tmp_path / "release")
+    day = BASE + timedelta(days=380)
+    end_of_day = day + timedelta(hours=35, minutes=59, seconds=59, milliseconds=999)
+    release.rows["observation"].append(
+        {
+            "id": "dated-to-its-day",
+            "patient_id": A,
+            "status": "final",
+            "code": "4548-4",
+            "value_quantity": 7.1,
+            "effective_date_time": day,
+            "effective_date_time_latest": end_of_day,
+        }
+    )
+    discharged = day - timedelta(days=10)  # before the data end, so a prior stay there
+    release.rows["encounter"].append(
+        {
+            "id": "stay-dated-to-its-day",
+            "patient_id": A,
+            "class_code": "IMP",
+            "period_start": discharged - timedelta(days=3),
+            "period_end": discharged,
+            "period_end_latest": discharged + (end_of_day - day),
+        }
+    )
+    release.rebuild()
+    release.sync()
+    answers = online_answers(release.data, release.features)
+    at = PATIENTS.index(A)
+    for view, column, dated in [
+        ("patient_labs_vitals", "hba1c_measured_at", day),
+        ("patient_utilisation", "prior_discharge_at", discharged),
+    ]:
+        offline = _latest_offline(release, view, A, column)
+        assert answers[column][at] == offline, column
+        assert offline == dated + timedelta(hours=35, minutes=59, seconds=59), column
+
+
 def test_a_planted_value_in_a_changed_row_fails_the_scan(tmp_path: Path) -> None:
     release = Release(tmp_path / "release")
     first = release.sync()

@@ -447,12 +447,27 @@ class OnlineAnswer:
     unknown: list[str]
 
 
+def requested_feature_names(features: Any) -> list[str]:
+    """The feature names an online answer holds for ``features``: a FeatureService or a list
+    of ``view:feature`` references (as ``get_online_features`` names its columns)."""
+    from feast import FeatureService
+
+    if isinstance(features, FeatureService):
+        return [f.name for p in features.feature_view_projections for f in p.features]
+    return [str(ref).split(":", 1)[-1] for ref in features]
+
+
 def online_features(
     store: FeatureStore, features: Any, patient_ids: list[str], *, strict: bool = False
 ) -> OnlineAnswer:
     """``get_online_features`` for ``patient_ids`` that says which patients are unknown: a
     patient is unknown when no requested feature view holds a row for them. ``strict`` raises
-    :class:`UnknownEntityError` naming how many (pseudonyms are in ``.args[1]``)."""
+    :class:`UnknownEntityError` naming how many (pseudonyms are in ``.args[1]``). No patients
+    give an answer of empty columns (Feast itself fails on an empty request with an
+    ``IndexError``)."""
+    if not patient_ids:
+        names = ["patient_id", *requested_feature_names(features)]
+        return OnlineAnswer(values={name: [] for name in names}, unknown=[])
     response = store.get_online_features(
         features=features, entity_rows=[{"patient_id": p} for p in patient_ids]
     )

@@ -157,6 +157,15 @@ def test_materialize_latest_then_online_reads(applied: Applied) -> None:
     assert answer.values["encounters_365d"][0] == 5
     with pytest.raises(UnknownEntityError):
         online_features(applied.store, service, [A, unknown], strict=True)
+    # no patients: the same columns, empty (Feast alone fails with an IndexError)
+    empty = online_features(applied.store, service, [])
+    assert empty.unknown == [] and empty.values == {name: [] for name in answer.values}
+    refs = ["patient_labs_vitals:hba1c_latest", "patient_demographics:age_years"]
+    assert online_features(applied.store, refs, []).values == {
+        "patient_id": [],
+        "hba1c_latest": [],
+        "age_years": [],
+    }
     # a second run keeps what is there
     assert materialize_latest(applied.store).entities_online == report.entities_online
 

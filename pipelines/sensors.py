@@ -45,13 +45,13 @@ from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from deid.staging import deidentified_batches
 from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
+from pipelines.assets.ingest import FINGERPRINT_TAG
 from pipelines.jobs import batch_job
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource, WarehouseResource
 from vault.landing import BatchSource, discover_batches
 
 BATCH_TAG = "ehr/batch"
-FINGERPRINT_TAG = "ehr/fingerprint"
 RERUN_TAG = "ehr/rerun"
 ATTEMPT_TAG = "ehr/attempt"
 _FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}

@@ -30,9 +30,35 @@ from vault.ingest import (
     reconcile_batch,
     vault_totals,
 )
-from vault.landing import batch_source
+from vault.landing import BatchSource, batch_source
 
 WAREHOUSE_POOL = "warehouse"  # DuckDB takes one writer at a time
+# the folder's fingerprint when the landing sensor judged the batch complete (run tag)
+FINGERPRINT_TAG = "ehr/fingerprint"
+# Dagster's tag on a re-execution (from the UI or a daemon retry): the folder may have been
+# fixed since the run it re-executes was requested
+PARENT_RUN_TAG = "dagster/parent_run_id"
+
+
+class BatchChangedError(RuntimeError):
+    """The batch's folder is not the one its run was requested for."""
+
+
+def check_requested_folder(tags: dict[str, str], source: BatchSource, when: str) -> None:
+    """Refuse a batch whose folder changed since the landing sensor requested its run: a new
+    delivery into the same folder, still being copied while the run waited in the queue (or
+    during its read), would be ingested and released half-copied. The run fails; the sensor
+    requests the batch again once the new delivery is complete. Runs not requested by the
+    sensor (``ehr run``, a launch or re-execution from the UI) carry no such tag or are
+    re-executions, and read the folder as it is."""
+    requested = tags.get(FINGERPRINT_TAG)
+    if requested is None or PARENT_RUN_TAG in tags or requested == source.fingerprint:
+        return
+    raise BatchChangedError(
+        f"batch {source.key}: its folder changed {when} (fingerprint {source.fingerprint}, "
+        f"requested for {requested}): a new delivery may still be copying; not ingested, the "
+        "landing sensor requests it again once it is complete"
+    )
 
 
 @asset(group_name="ingest", partitions_def=batch_partitions, kinds={"fhir", "json"})
@@ -149,6 +175,7 @@ def ingest(
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """One streaming pass over a batch: parse, validate (R4B), resolve, encrypt, write."""
     source = batch_source(Path(landing.path), context.partition_key)
+    check_requested_folder(context.run.tags, source, "since its run was requested")
     provider = keys.provider()
     with keys.naming_source():  # keys that are not the warehouse's own: say whose they were
         report = ingest_batch(
@@ -160,6 +187,8 @@ def ingest(
             fingerprint=source.fingerprint,
             nested=source.nested,
         )
+    after = batch_source(Path(landing.path), context.partition_key)
+    check_requested_folder({FINGERPRINT_TAG: source.fingerprint}, after, "while it was read")
     context.log.info(
         f"batch {report.batch_id}: {report.records_in} records, {report.accepted} accepted, "
         f"{report.quarantined} quarantined in {report.seconds:.1f}s"

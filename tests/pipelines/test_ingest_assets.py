@@ -7,8 +7,10 @@ from typing import Any
 import orjson
 from dagster import AssetCheckSeverity, DagsterInstance, materialize
 
+from pipelines.assets.ingest import FINGERPRINT_TAG, PARENT_RUN_TAG
 from pipelines.definitions import batch_assets, build_resources, release_assets
 from vault import warehouse
+from vault.landing import batch_source
 
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 
@@ -142,3 +144,41 @@ def test_a_first_batch_whose_leak_scan_fails_is_reported_not_published(
     assert deid["published"].value is False and deid["dagster/row_count"].value == 0
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks["phi_leak_scan"] is False
+
+
+def test_a_batch_changed_since_the_sensor_requested_it_is_not_ingested(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """The landing sensor requested the batch as its folder was; a new delivery into the same
+    folder started while the run was queued: the run fails, nothing of the half-copied folder
+    is ingested or published. A run requested for the folder as it is now ingests it, as does a
+    re-execution from the UI (the folder may have been fixed since)."""
+    landing = _landing(tmp_path)
+    requested = batch_source(landing, "export-1").fingerprint
+    patient = orjson.dumps({"resourceType": "Patient", "id": "p2", "gender": "male"})
+    (landing / "export-1" / "more.ndjson").write_bytes(patient + b"\n")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    resources = build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1)
+
+    def run(tags: dict[str, str]) -> Any:
+        return materialize(
+            batch_assets,
+            partition_key="export-1",
+            instance=instance,
+            resources=resources,
+            tags=tags,
+            raise_on_error=False,
+        )
+
+    stale = run({FINGERPRINT_TAG: requested})
+    assert not stale.success
+    assert not stale.asset_materializations_for_node("ingest")
+    assert not stale.asset_materializations_for_node("deid_resources")
+    assert "BatchChangedError" in str(stale.get_step_failure_events()[0].event_specific_data)
+    reexecuted = run({FINGERPRINT_TAG: requested, PARENT_RUN_TAG: "0" * 36})
+    assert reexecuted.success
+    current = run({FINGERPRINT_TAG: batch_source(landing, "export-1").fingerprint})
+    assert current.success
+    vault = current.asset_materializations_for_node("ingest")[0].metadata
+    assert vault["accepted"].value == 3

@@ -14,6 +14,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetMaterialization,
+    AssetSelection,
     AssetSpec,
     AutomationCondition,
     FreshnessPolicy,
@@ -62,6 +63,11 @@ release_input = AssetSpec(
     "new version each time a batch is published.",
     kinds={"duckdb"},
 )
+# The assets after the views (features, Feast, the model) follow them and each other, never
+# release_input alone: a batch published while another batch's run failed (or waits for its
+# retry) holds released_patients and the views back, and a rebuild from the views as they were
+# would leave those assets without the new batch yet showing fresh.
+FOLLOWS_THE_VIEWS = AutomationCondition.eager().ignore(AssetSelection.assets(RELEASE_INPUT))
 DATA_VERSION_TAG = "dagster/data_version"
 # The release's age bands, and the birth years its Patients carry, are counted in calendar years
 # as of the year it is built in (deid.kanon): a release left as it was into a new year would

@@ -14,7 +14,6 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetSpec,
-    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -22,7 +21,7 @@ from dagster import (
 
 from deid.leakscan import LeakScanResult
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
-from pipelines.assets.deid import RELEASE_INPUT
+from pipelines.assets.deid import FOLLOWS_THE_VIEWS, RELEASE_INPUT
 from pipelines.assets.features import FEATURE_ASSET_KEYS
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.cohort import released_cohort
@@ -37,7 +36,7 @@ from vault.keys import KeyProvider
     group_name="feast",
     deps=[RELEASE_INPUT, *FEATURE_ASSET_KEYS],
     kinds={"feast"},
-    automation_condition=AutomationCondition.eager(),
+    automation_condition=FOLLOWS_THE_VIEWS,
     pool=WAREHOUSE_POOL,
 )
 def feast_registry(
@@ -72,7 +71,7 @@ ONLINE_STORE_SPEC = AssetSpec(
     group_name="feast",
     deps=[RELEASE_INPUT, "feast_registry", *FEATURE_ASSET_KEYS],
     kinds={"feast", "sqlite"},
-    automation_condition=AutomationCondition.eager(),
+    automation_condition=FOLLOWS_THE_VIEWS,
     description="Bring the SQLite online store to the latest feature row of every released "
     "patient, however old, up to the release's data end: only the rows that changed since the "
     "last run are written and patients no longer released are deleted (the full materialisation "

@@ -14,7 +14,6 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetSpec,
-    AutomationCondition,
     MaterializeResult,
     MetadataValue,
     multi_asset,
@@ -24,7 +23,7 @@ from feast import FeatureStore
 from deid.leakscan import LeakScanResult
 from deid.release import merged_scans
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
-from pipelines.assets.deid import RELEASE_INPUT, k_anonymity_settings
+from pipelines.assets.deid import FOLLOWS_THE_VIEWS, RELEASE_INPUT, k_anonymity_settings
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import image_metadata
 from pipelines.features.checks import (
@@ -85,7 +84,7 @@ FEATURE_ASSET_KEYS: list[AssetKey] = [feature_asset_key(name) for name in FEATUR
             "value changes (events, window edges, birthdays), exact at any time (Parquet for "
             "Feast).",
             kinds={"duckdb", "parquet"},
-            automation_condition=AutomationCondition.eager(),
+            automation_condition=FOLLOWS_THE_VIEWS,
         )
         for name, views in FEATURE_TABLES.items()
     ],

@@ -13,7 +13,6 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetSpec,
-    AutomationCondition,
     Config,
     MaterializeResult,
     MetadataValue,
@@ -21,7 +20,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from pipelines.assets.deid import RELEASE_INPUT
+from pipelines.assets.deid import FOLLOWS_THE_VIEWS, RELEASE_INPUT
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import card_metadata, image_metadata
 from pipelines.features.cohort import release_known_by
@@ -72,7 +71,7 @@ def censor_margin_days(settings: DeidSettings) -> int:
     ],
     pool=WAREHOUSE_POOL,
     kinds={"duckdb", "parquet"},
-    automation_condition=AutomationCondition.eager(),
+    automation_condition=FOLLOWS_THE_VIEWS,
 )
 def readmission_labels(
     warehouse: WarehouseResource, deid_settings: DeidSettings
@@ -115,7 +114,7 @@ TRAINING_SET_SPEC = AssetSpec(
     group_name=GROUP,
     deps=[RELEASE_INPUT, readmission_labels, FEAST_REGISTRY],
     kinds={"feast", "parquet"},
-    automation_condition=AutomationCondition.eager(),
+    automation_condition=FOLLOWS_THE_VIEWS,
     description="Label rows joined point-in-time to the `readmission_v2` feature service "
     "(Feast's rule; changed patients by DuckDB).",
 )
@@ -220,7 +219,7 @@ def auroc_check(report: ModelReport) -> AssetCheckResult:
     group_name=GROUP,
     deps=[RELEASE_INPUT, TRAINING_SET, AssetKey(["views", "patient"])],
     kinds={"sklearn"},
-    automation_condition=AutomationCondition.eager(),
+    automation_condition=FOLLOWS_THE_VIEWS,
     pool=WAREHOUSE_POOL,
     check_specs=[
         AssetCheckSpec(

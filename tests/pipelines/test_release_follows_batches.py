@@ -233,3 +233,24 @@ def _assert_a_new_process_finds_nothing_to_do(work: Path, landing: Path, key_fil
     assert (online["mode"], online["rows_written"], online["rows_deleted"]) == ("incremental", 0, 0)
     if "retrained" in modes.get("readmission_model", {}):
         assert modes["readmission_model"]["retrained"] is False
+
+
+def test_a_batch_published_while_another_has_failed_leaves_the_whole_release_stale(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Batch ``late`` is published while batch ``failed`` (its run failed, or is waiting for a
+    retry) holds ``released_patients`` and the views back: nothing of the release is rebuilt,
+    and every release asset shows stale. Features, Feast and the model used to be rebuilt from
+    the views as they were, without ``late``, and then showed fresh."""
+    landing = _landing(tmp_path)
+    resources = build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1)
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("batches", ["base"])
+        ticks = _AutomationTicks(instance)
+        _run(instance, resources, "base")
+        _run(instance, resources, None)
+        assert ticks.requested() == set()
+        instance.add_dynamic_partitions("batches", ["late", "failed"])
+        _run(instance, resources, "late")
+        assert ticks.requested() == set()
+        assert set(_stale(instance).values()) == {StaleStatus.STALE}

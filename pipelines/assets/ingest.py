@@ -1,6 +1,6 @@
 """Stage ``ingest``: landing → one streaming pass → quarantine + encrypted PHI vault."""
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ class BatchChangedError(RuntimeError):
     """The batch's folder is not the one its run was requested for."""
 
 
-def check_requested_folder(tags: dict[str, str], source: BatchSource, when: str) -> None:
+def check_requested_folder(tags: Mapping[str, str], source: BatchSource, when: str) -> None:
     """Refuse a batch whose folder changed since the landing sensor requested its run: a new
     delivery into the same folder, still being copied while the run waited in the queue (or
     during its read), would be ingested and released half-copied. The run fails; the sensor

@@ -404,6 +404,30 @@ def test_an_age_written_in_a_unit_of_words_is_capped_by_its_years(
         assert released["onsetAge"] == {"value": age["value"]}
 
 
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_an_observation_dated_by_effective_instant_keeps_its_date(profile: str) -> None:
+    """``effectiveInstant`` was dropped by both profiles, so such a result had no time and was
+    no lab feature; it is released as the profile releases a time: moved with the patient's
+    shift to the midnight of that day (the day a date-only result of the same day moves to),
+    or the year alone."""
+    base = {
+        "resourceType": "Observation",
+        "status": "final",
+        "subject": {"reference": PATIENT},
+        "code": {"coding": [{"system": LOINC, "code": "4548-4"}]},
+        "valueQuantity": {"value": 6.5},
+    }
+    timed = {**base, "id": "timed", "effectiveInstant": "2024-04-01T08:13:00.123Z"}
+    dated = {**base, "id": "dated", "effectiveDateTime": "2024-04-01"}
+    released_timed, released_dated = _release(profile, [timed, dated])
+    if profile == "research":
+        day = released_dated["effectiveDateTime"]
+        assert released_timed["effectiveInstant"] == f"{day}T00:00:00Z"
+        assert day != "2024-04-01"  # moved: the shift is never zero
+    else:
+        assert released_timed["effectiveInstant"] == released_dated["effectiveDateTime"] == "2024"
+
+
 def test_partial_dates_move_with_the_patient() -> None:
     released = _release("research", CRAFTED)
     obs = next(r for r in released if "effectiveDateTime" in r)

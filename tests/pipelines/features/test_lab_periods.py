@@ -1,7 +1,8 @@
 """A result measured over a period (``effectivePeriod``: a 24-hour urine collection, a reading
-averaged over a night) stands at the period's end, as a result with ``effectiveDateTime``
-stands at its time. The observation view read ``effectiveDateTime`` only, so such a result was
-no lab feature at all, and nothing counted it.
+averaged over a night) stands at the period's end, and one dated by ``effectiveInstant`` at
+that instant, as a result with ``effectiveDateTime`` stands at its time. The observation view
+read ``effectiveDateTime`` only, so such a result was no lab feature at all, and nothing
+counted it.
 
 FHIR resources go through the shipped ViewDefinitions and the feature SQL; the expected values
 are written here from the resources, and read from the published rows by a point-in-time lookup
@@ -20,6 +21,7 @@ HBA1C = "4548-4"
 COLLECTION_END = datetime(2024, 3, 2, 8, tzinfo=UTC)
 # a date-only end stands for its whole day: known at its end in the latest zone (UTC-12)
 DAY_END = datetime(2024, 3, 6, 11, 59, 59, 999000, tzinfo=UTC)
+INSTANT = datetime(2024, 4, 1, 8, tzinfo=UTC)
 
 
 def _over(rid: str, value: float, period: dict[str, str]) -> dict[str, Any]:
@@ -36,7 +38,14 @@ def _resources() -> list[dict[str, Any]]:
         _over("days", 8.0, {"start": "2024-03-04", "end": "2024-03-05"}),
         # still running when sent: no time it was measured by
         _over("open", 9.0, {"start": "2024-03-10T08:00:00Z"}),
+        _at_instant("instant", 6.5, "2024-04-01T08:00:00.000Z"),
     ]
+
+
+def _at_instant(rid: str, value: float, instant: str) -> dict[str, Any]:
+    result = lab_result(rid, HBA1C, {"value": value}, "")
+    del result["effectiveDateTime"]
+    return {**result, "effectiveInstant": instant}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +62,7 @@ def test_the_view_dates_a_period_result_at_its_end(con: Any) -> None:
     assert rows["night"] == (COLLECTION_END, COLLECTION_END)
     assert rows["days"][1] == DAY_END
     assert rows["open"] == (None, None)
+    assert rows["instant"] == (INSTANT, INSTANT)
 
 
 @pytest.mark.parametrize(
@@ -63,6 +73,8 @@ def test_the_view_dates_a_period_result_at_its_end(con: Any) -> None:
         (DAY_END - timedelta(microseconds=1), 7.0),
         (DAY_END, 8.0),
         (datetime(2024, 3, 20, tzinfo=UTC), 8.0),  # the open period's 9.0 is never read
+        (INSTANT - timedelta(microseconds=1), 8.0),
+        (INSTANT, 6.5),  # a result dated by effectiveInstant stands at it
     ],
 )
 def test_a_period_result_is_the_latest_value_from_its_end(

@@ -370,7 +370,14 @@ class FileKeyProvider(_LocalKekProvider):
 
     @classmethod
     def load(cls, path: Path) -> FileKeyProvider:
-        return cls(path, read_keyring_document(path))
+        """The keyring at ``path``. An error about its content (a KEK removed, a key that is
+        not base64, a retired KEK that does not unwrap) names the file, as one about reading
+        it does, so a command's message says which keyring to repair."""
+        document = read_keyring_document(path)  # its errors name the file already
+        try:
+            return cls(path, document)
+        except KeyMaterialError as exc:
+            raise type(exc)(f"key file {shown_key_file(path)}: {exc}") from exc
 
 
 def read_keyring_document(path: Path) -> dict[str, Any]:

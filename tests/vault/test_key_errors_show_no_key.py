@@ -273,3 +273,41 @@ def test_keys_init_makes_no_keyring_named_after_a_key(
     ordinary = tmp_path / "keys" / "keyring.json"
     made = CliRunner().invoke(main, ["keys", "init", "--key-file", str(ordinary)])
     assert made.exit_code == 0 and f"created keyring at {ordinary}" in made.output
+
+
+@pytest.mark.parametrize(
+    ("edit", "problem"),
+    [
+        (lambda doc: doc["keks"].clear(), "keyring has no 'keks'"),
+        (
+            lambda doc: doc["keks"][doc["active_kek"]].update(key="not base64!"),
+            "is not valid base64",
+        ),
+        (lambda doc: doc.update(pseudonym_key="c2hvcnQ="), "pseudonym key must be 32 bytes"),
+    ],
+    ids=["kek-removed", "kek-not-base64", "pseudonym-key-short"],
+)
+def test_a_hand_edited_keyring_is_named_by_its_path(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    edit: Callable[[dict[str, object]], object],
+    problem: str,
+) -> None:
+    """An error about a keyring's content names the key file, on stderr as in Dagster's logs,
+    and holds none of its keys."""
+    key_file = tmp_path / "keys" / "keyring.json"
+    init_keyring(key_file)
+    document = json.loads(key_file.read_text())
+    keys = [entry["key"] for entry in document["keks"].values()]
+    keys += [document["pseudonym_key"], document["audit_key"]]
+    edit(document)
+    write_keyring(key_file, document)
+    monkeypatch.delenv("EHR_KEK", raising=False)
+    monkeypatch.setenv("EHR_KEY_FILE", str(key_file))
+    result = CliRunner().invoke(main, ["audit", "verify", "--workdir", str(tmp_path / "work")])
+    assert result.exit_code != 0
+    assert f"key file {key_file}: " in result.output
+    assert problem in result.output
+    for key in keys:
+        assert key not in result.output
+        assert key[:16] not in result.output

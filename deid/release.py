@@ -448,12 +448,35 @@ class ReleaseCanaryCache:
 _NOT_TEXT = ("TIMESTAMP", "DOUBLE", "BIGINT", "INTEGER", "BOOLEAN")
 
 
-def _text_columns(cursor: duckdb.DuckDBPyConnection, table: str) -> tuple[list[str], set[str]]:
-    """The columns of ``table`` the scan reads (every one that can hold text: timestamps are
-    event times, not birth dates) and the names of all its columns."""
+def _scanned_columns(cursor: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, str]]:
+    """Each column the scan reads, with the SQL that gives its value as the text scanned
+    (:func:`_as_scanned_text`)."""
     described = cursor.execute(f"DESCRIBE {table}").fetchall()
-    text = [name for name, type_, *_ in described if not str(type_).startswith(_NOT_TEXT)]
-    return text, {name for name, *_ in described}
+    return [
+        (name, _as_scanned_text(name, str(type_)))
+        for name, type_, *_ in described
+        if not str(type_).startswith(_NOT_TEXT)
+    ]
+
+
+def _column_names(cursor: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    return {name for name, *_ in cursor.execute(f"DESCRIBE {table}").fetchall()}
+
+
+def _as_scanned_text(name: str, type_: str) -> str:
+    """A column's value as text to scan. A DATE on 1 January is scanned as its year alone:
+    that is what a date known to its year is written as once a view pads it to a DATE (the
+    research release gives a Patient's birth date as the year of the middle of its age band),
+    and it says no more than the year. Scanned as a whole date it matched the birth date of a
+    patient born on 1 January whenever their band's year was their own, and withheld every
+    view from publication for a value that discloses nothing beyond the band."""
+    column = f'"{name}"'
+    if type_ == "DATE":
+        return (
+            f"CASE WHEN month({column}) = 1 AND day({column}) = 1 "
+            f"THEN strftime({column}, '%Y') ELSE CAST({column} AS VARCHAR) END"
+        )
+    return f"CAST({column} AS VARCHAR)"
 
 
 @contextlib.contextmanager
@@ -499,10 +522,11 @@ def scan_released_table(
     transaction (a table changed in place, not yet committed); a cursor would not. ``where``
     (trusted SQL) scans only the rows it selects."""
     with _reader(con, in_transaction) as cursor:
-        columns, names = _text_columns(cursor, table)
+        scanned = _scanned_columns(cursor, table)
+        columns, names = [name for name, _ in scanned], _column_names(cursor, table)
         patient_expr = f'"{patient_column}"' if patient_column in names else "NULL"
         id_expr = f'"{id_column}"' if id_column in names else "NULL"
-        select = ", ".join(f'CAST("{name}" AS VARCHAR)' for name in columns) or "NULL"
+        select = ", ".join(text for _, text in scanned) or "NULL"
         distinct = "DISTINCT " if distinct_rows else ""
         condition = f" WHERE {where}" if where else ""
         cursor.execute(
@@ -537,11 +561,11 @@ def scan_column_values(
     hit is named ``<column>:distinct``, never by the value. ``in_transaction`` as in
     :func:`scan_released_table`."""
     with _reader(con, in_transaction) as cursor:
-        columns = [c for c in _text_columns(cursor, table)[0] if c not in skip_columns]
+        columns = [(c, t) for c, t in _scanned_columns(cursor, table) if c not in skip_columns]
         if not columns:
             return LeakScanResult(canaries=len(canaries))
         # one statement for every column: (column name, distinct value), nulls left out
-        as_text = ", ".join(f'CAST("{name}" AS VARCHAR) AS "{name}"' for name in columns)
+        as_text = ", ".join(f'{text} AS "{name}"' for name, text in columns)
         cursor.execute(
             f"SELECT DISTINCT column_name, value FROM (UNPIVOT (SELECT {as_text} FROM {table}) "
             "ON COLUMNS(*) INTO NAME column_name VALUE value)"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import duckdb
 
 from deid.leakscan import CanarySet
-from deid.release import scan_released_table
+from deid.release import scan_column_values, scan_released_table
 
 
 def _canaries() -> CanarySet:
@@ -43,3 +43,23 @@ def test_a_birth_date_in_a_date_column_is_found_in_its_own_patients_row() -> Non
         ("r4", "birth_date"),
     ]
     assert not result.passed and result.scanned_rows == 4
+
+
+def test_a_date_on_1_january_is_scanned_as_its_year() -> None:
+    """A year padded to a DATE (``views.patient.birth_date`` of a birth date released as the year
+    of its age band) is 1 January of that year: for a patient born on 1 January whose band's
+    year was their own, scanning it as a whole date found their birth date and held the view
+    back, though it says no more than the year. A birth date on another day is still found."""
+    canaries = CanarySet()
+    canaries.add_patient({"birthDate": "1954-01-01"}, "p1")
+    canaries.add_patient({"birthDate": "1954-03-15"}, "p2")
+    with duckdb.connect() as con:
+        con.execute("CREATE TABLE patient (id VARCHAR, patient_id VARCHAR, birth_date DATE)")
+        con.executemany(
+            "INSERT INTO patient VALUES (?, ?, ?::DATE)",
+            [("r1", "p1", "1954-01-01"), ("r2", "p2", "1954-03-15"), ("r3", "p2", "1954-01-01")],
+        )
+        rows = scan_released_table(con, canaries, "patient")
+        values = scan_column_values(con, canaries, "patient")
+    assert [(hit.row, hit.kind) for hit in rows.hits] == [("r2", "birth_date")]
+    assert values.passed  # a birth date is searched in its own patient's rows only

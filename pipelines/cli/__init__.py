@@ -146,7 +146,8 @@ def quarantine() -> None:
 @workdir_option
 @click.option("--limit", type=int, default=50, show_default=True)
 def quarantine_list(workdir: Workdir, limit: int) -> None:
-    """Quarantined records: batch, file pseudonym, position, reason."""
+    """Quarantined records: batch, file pseudonym, position, reason (one JSON object a line;
+    when there are more than ``--limit``, standard error says how many are not shown)."""
     from vault import warehouse
 
     con = warehouse.connect(workdir.warehouse, read_only=True)
@@ -156,10 +157,16 @@ def quarantine_list(workdir: Workdir, limit: int) -> None:
             "ORDER BY batch_id, file_index, position LIMIT ?",
             [limit],
         ).fetchall()
+        ((total,),) = con.execute("SELECT count(*) FROM quarantine").fetchall()
     finally:
         con.close()
     for row in rows:
         click.echo(json.dumps(dict(zip(["batch", "file", "position", "reason", "message"], row))))
+    if total > len(rows):
+        click.echo(
+            f"{len(rows)} of {total} quarantined records shown; --limit {total} shows them all",
+            err=True,
+        )
 
 
 main.add_command(cli_views.views)

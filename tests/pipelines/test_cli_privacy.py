@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from pipelines.cli import quarantine_list
 from pipelines.cli.privacy import audit, audit_log_for, forget, keys_rotate, reidentify
 from tests.vault.processes import hold_open
 from vault import warehouse
@@ -510,3 +511,21 @@ def test_the_identifiers_of_a_patient_only_quarantined_keep_them_out_once_erased
     assert json.loads(forgot.stdout)["rows_deleted"]["quarantine"] == 1
     report = ingest_batch(work / "warehouse.duckdb", "bq2", again, provider, workers=1)
     assert (report.accepted, report.quarantine_reasons) == (0, {"erased_subject": 1})
+
+
+def test_quarantine_list_says_how_many_it_does_not_show(tmp_path: Path, key_file: Path) -> None:
+    """``ehr quarantine list`` showed its first 50 records and nothing more, with no word that
+    there were others; the records themselves stay one JSON object a line on standard output."""
+    land = tmp_path / "land"
+    land.mkdir()
+    bad = [b"not json", b'{"resourceType": "Nothing"}', b'{"resourceType": "Patient", "id": 7}']
+    (land / "bad.ndjson").write_bytes(b"\n".join(bad) + b"\n")
+    work = tmp_path / "work"
+    ingest_batch(work / "warehouse.duckdb", "b", land, FileKeyProvider.load(key_file), workers=1)
+    runner = CliRunner()
+    some = runner.invoke(quarantine_list, ["--workdir", str(work), "--limit", "2"])
+    assert some.exit_code == 0, some.output
+    assert [json.loads(line)["position"] for line in some.stdout.splitlines()] == [1, 2]
+    assert some.stderr.strip() == "2 of 3 quarantined records shown; --limit 3 shows them all"
+    every = runner.invoke(quarantine_list, ["--workdir", str(work)])
+    assert len(every.stdout.splitlines()) == 3 and every.stderr == ""

@@ -448,19 +448,19 @@ class ReleaseCanaryCache:
 _NOT_TEXT = ("TIMESTAMP", "DOUBLE", "BIGINT", "INTEGER", "BOOLEAN")
 
 
-def _scanned_columns(cursor: duckdb.DuckDBPyConnection, table: str) -> list[tuple[str, str]]:
-    """Each column the scan reads, with the SQL that gives its value as the text scanned
-    (:func:`_as_scanned_text`)."""
+def _scanned_columns(
+    cursor: duckdb.DuckDBPyConnection, table: str
+) -> tuple[list[tuple[str, str]], set[str]]:
+    """Each column the scan reads (every one that can hold text: timestamps are event times,
+    not birth dates), with the SQL that gives its value as the text scanned
+    (:func:`_as_scanned_text`); and the names of all the table's columns."""
     described = cursor.execute(f"DESCRIBE {table}").fetchall()
-    return [
+    scanned = [
         (name, _as_scanned_text(name, str(type_)))
         for name, type_, *_ in described
         if not str(type_).startswith(_NOT_TEXT)
     ]
-
-
-def _column_names(cursor: duckdb.DuckDBPyConnection, table: str) -> set[str]:
-    return {name for name, *_ in cursor.execute(f"DESCRIBE {table}").fetchall()}
+    return scanned, {name for name, *_ in described}
 
 
 def _as_scanned_text(name: str, type_: str) -> str:
@@ -522,8 +522,8 @@ def scan_released_table(
     transaction (a table changed in place, not yet committed); a cursor would not. ``where``
     (trusted SQL) scans only the rows it selects."""
     with _reader(con, in_transaction) as cursor:
-        scanned = _scanned_columns(cursor, table)
-        columns, names = [name for name, _ in scanned], _column_names(cursor, table)
+        scanned, names = _scanned_columns(cursor, table)
+        columns = [name for name, _ in scanned]
         patient_expr = f'"{patient_column}"' if patient_column in names else "NULL"
         id_expr = f'"{id_column}"' if id_column in names else "NULL"
         select = ", ".join(text for _, text in scanned) or "NULL"
@@ -561,7 +561,7 @@ def scan_column_values(
     hit is named ``<column>:distinct``, never by the value. ``in_transaction`` as in
     :func:`scan_released_table`."""
     with _reader(con, in_transaction) as cursor:
-        columns = [(c, t) for c, t in _scanned_columns(cursor, table) if c not in skip_columns]
+        columns = [(c, t) for c, t in _scanned_columns(cursor, table)[0] if c not in skip_columns]
         if not columns:
             return LeakScanResult(canaries=len(canaries))
         # one statement for every column: (column name, distinct value), nulls left out

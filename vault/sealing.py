@@ -243,7 +243,10 @@ class DataKeyStore:
     def flush(self, hold: Callable[[str], bool] | None = None) -> int:
         """Persist keys created since the last flush, but those of the owners ``hold`` names,
         which stay pending; returns how many were written."""
-        writing = [p for p in self._pending if hold is None or not hold(p[1])]
+        writing: list[tuple[bytes, str, WrappedKey]] = []
+        held: list[tuple[bytes, str, WrappedKey]] = []
+        for pending in self._pending:  # ``hold`` asked once a key
+            (held if hold is not None and hold(pending[1]) else writing).append(pending)
         if not writing:
             return 0
         self._register_warehouse()
@@ -265,7 +268,7 @@ class DataKeyStore:
             )
         finally:
             self._con.unregister("_new_data_keys")
-        self._pending = [p for p in self._pending if hold is not None and hold(p[1])]
+        self._pending = held
         return len(writing)
 
     def discard(self, owners: Iterable[str]) -> int:

@@ -47,6 +47,7 @@ from pipelines.features.tables import (
     feature_encounters_sql,
     parquet_path,
     prepare_sources,
+    prepared_data_end,
     register_lab_codes,
     table_sql,
 )
@@ -149,7 +150,7 @@ def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
 def _shared_inputs(
     con: duckdb.DuckDBPyConnection, valuesets: list[ValueSet], shift_days: int
 ) -> dict[str, str]:
-    ((end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
+    end = prepared_data_end(con)
     return {
         "data_end": "" if end is None else end.isoformat(),
         "definitions": definitions_digest(valuesets),
@@ -239,7 +240,7 @@ def _publish_changed_patients(
     patients replaced by them, the bookkeeping and the Parquet files. A failed check publishes
     nothing and records nothing: the next refresh computes the same patients again. Returns
     each table's check result (none without ``check``)."""
-    ((data_end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
+    data_end = prepared_data_end(con)
     try:
         _compute_changed_patients(con, created, valuesets, data_end, shift_days)
         checks: dict[str, CheckOutcome] = {}

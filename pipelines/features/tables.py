@@ -55,6 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import duckdb
 import pyarrow as pa
@@ -445,6 +446,10 @@ def feature_encounters_sql() -> str:
         """
 
 
+# the prepared sources' data end and the count of fact times left out of it (one row)
+_TIME_BOUNDS = "feature_time_bounds"
+
+
 def _prepare_patients(
     con: duckdb.DuckDBPyConnection, data_end: datetime | None, known_by: datetime | None
 ) -> None:
@@ -482,10 +487,23 @@ def _prepare_patients(
         "CREATE OR REPLACE TEMP VIEW feature_dated_after_arrival AS "
         f"SELECT * FROM feature_event_times WHERE {known}"
     )
-    # The release's data end: no row is written after it (later values are unknown).
-    latest = f"(SELECT max(ts) FROM feature_event_times WHERE NOT ({known}))"
-    end = timestamptz_sql(data_end) if data_end is not None else latest
-    con.execute(f"CREATE OR REPLACE TEMP VIEW feature_data_end AS SELECT {end} AS data_end")
+    # The release's data end: no row is written after it (later values are unknown). Taken
+    # once, with the count of the times left out of it, in one pass over every fact time: as
+    # a view, every statement that reads it would take it again.
+    # A pinned data end reads no fact time (the count is then taken when asked for).
+    if data_end is None:
+        bounds = (
+            f"SELECT max(ts) FILTER (WHERE NOT ({known})) AS data_end, "
+            f"count(*) FILTER (WHERE {known}) AS dated_after_arrival FROM feature_event_times"
+        )
+    else:
+        bounds = (
+            f"SELECT {timestamptz_sql(data_end)} AS data_end, NULL::BIGINT AS dated_after_arrival"
+        )
+    con.execute(f"CREATE OR REPLACE TEMP TABLE {_TIME_BOUNDS} AS {bounds}")
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW feature_data_end AS SELECT data_end FROM {_TIME_BOUNDS}"
+    )
     # Where a patient's rows start (counts at 0): their first data. Rows from birth would add
     # a yearly heartbeat row per year of life before it (see with_heartbeats).
     con.execute(
@@ -1017,8 +1035,16 @@ def feature_build(
 def dated_after_arrival(con: duckdb.DuckDBPyConnection) -> int:
     """How many fact times the prepared sources left out of the data end (see
     :func:`prepare_sources`)."""
-    ((count,),) = con.execute("SELECT count(*) FROM feature_dated_after_arrival").fetchall()
+    ((count,),) = con.execute(f"SELECT dated_after_arrival FROM {_TIME_BOUNDS}").fetchall()
+    if count is None:  # a pinned data end
+        ((count,),) = con.execute("SELECT count(*) FROM feature_dated_after_arrival").fetchall()
     return int(count)
+
+
+def prepared_data_end(con: duckdb.DuckDBPyConnection) -> datetime | None:
+    """The data end of the prepared sources (see :func:`prepare_sources`); None without facts."""
+    ((end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
+    return cast(datetime | None, end)
 
 
 def build_feature_tables(con: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:

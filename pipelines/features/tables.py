@@ -342,7 +342,8 @@ def prepare_sources(
     so their rows come out exactly as in a build over everyone. Without it, the data end is
     the latest fact time, over the facts dated no later than ``known_by`` when it is given
     (:func:`pipelines.features.cohort.release_known_by`): a fact dated in the future of every
-    export moves no one's rows."""
+    export moves no one's rows. The data end is taken when the sources are prepared: a
+    connection that changes the views prepares them again."""
     present = _built_view_columns(con)
     for view, columns in VIEW_COLUMNS.items():
         key = "id" if view == "patient" else "patient_id"

@@ -342,6 +342,7 @@ def _releasable_contained(item: dict[str, Any], profile: ReleaseProfile) -> bool
 
 
 def _is_age_observation(resource: dict[str, Any]) -> bool:
+    """Whether an observation (or one of its components) is coded as an age (:data:`AGE_LOINC`)."""
     code = resource.get("code")
     codings = code.get("coding") if isinstance(code, dict) else None
     return any(
@@ -365,6 +366,23 @@ def _apply(value: Any, node: Node, ctx: ReleaseContext) -> Any:
 def _object(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     if not isinstance(value, dict):
         return _DROP
+    if node.name == "component" and ctx.resource_type == "Observation":
+        return _component(value, node, ctx)
+    return _children(value, node, ctx)
+
+
+def _component(value: dict[str, Any], node: Node, ctx: ReleaseContext) -> Any:
+    """An observation's component coded as an age (a panel's "Age" row) holds an age, as an
+    age observation does, however the observation itself is coded."""
+    outer = ctx.age_context
+    ctx.age_context = outer or _is_age_observation(value)
+    try:
+        return _children(value, node, ctx)
+    finally:
+        ctx.age_context = outer
+
+
+def _children(value: dict[str, Any], node: Node, ctx: ReleaseContext) -> Any:
     out = {}
     for key, child in node.children.items():
         if key in value:

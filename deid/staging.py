@@ -150,8 +150,9 @@ def settings_digest(
         # an age of 90 or more is capped in a FHIR Age in any unit and in an age observation's
         # integer value (deid.allowlist._cap_age, _scalar): batches released before hold such
         # ages as written (onsetAge 97 "years"), and are de-identified again by the next run;
-        # a unit written in words is read as the unit it names (97 "months" is no 90 years)
-        "age_cap": "age_typed_and_integer_units_in_words",
+        # a unit written in words is read as the unit it names (97 "months" is no 90 years);
+        # an observation's component coded as an age is capped as an age observation is
+        "age_cap": "age_typed_and_integer_units_in_words_components",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

@@ -378,6 +378,39 @@ def test_an_age_over_89_in_any_unit_or_as_an_integer_is_released_as_90(profile: 
     assert count["valueInteger"] == 97  # a heart rate is no age
 
 
+def _component(code: str, value: dict[str, Any]) -> dict[str, Any]:
+    return {"code": {"coding": [{"system": LOINC, "code": code}]}, **value}
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_an_age_over_89_in_a_component_is_released_as_90(profile: str) -> None:
+    """A panel (not coded as an age) with an "Age" component: the rule applied to the
+    observation's own code only, so the component's integer 97 and its quantity of 96 with no
+    unit were released as written, ages over 89 in both profiles. Its other components keep
+    their values, and an age component under 90 keeps its own."""
+    panel = {
+        "resourceType": "Observation",
+        "id": "panel",
+        "status": "final",
+        "code": {"coding": [{"system": LOINC, "code": "8716-3"}]},
+        "subject": {"reference": PATIENT},
+        "component": [
+            _component("30525-0", {"valueInteger": 97}),
+            _component("21612-7", {"valueQuantity": {"value": 96}}),
+            _component("8867-4", {"valueInteger": 98}),
+            _component("30525-0", {"valueInteger": 89}),
+        ],
+    }
+    (released,) = _release(profile, [panel])
+    values = [c.get("valueInteger", c.get("valueQuantity")) for c in released["component"]]
+    assert values == [
+        90,
+        {"value": 90, "system": UCUM, "code": "a", "unit": "a"},
+        98,  # a heart rate is no age
+        89,
+    ]
+
+
 # (the age as written, its years worked out here): a unit written as text is read as the unit it
 # names, an unreadable one as years
 AGES_IN_WORDS = [

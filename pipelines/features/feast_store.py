@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -458,13 +459,25 @@ def requested_feature_names(features: Any) -> list[str]:
 
 
 def online_features(
-    store: FeatureStore, features: Any, patient_ids: list[str], *, strict: bool = False
+    store: FeatureStore, features: Any, patient_ids: Iterable[str], *, strict: bool = False
 ) -> OnlineAnswer:
     """``get_online_features`` for ``patient_ids`` that says which patients are unknown: a
     patient is unknown when no requested feature view holds a row for them. ``strict`` raises
     :class:`UnknownEntityError` naming how many (pseudonyms are in ``.args[1]``). No patients
     give an answer of empty columns (Feast itself fails on an empty request with an
-    ``IndexError``)."""
+    ``IndexError``).
+
+    ``patient_ids`` is any iterable of pseudonyms (a list, a NumPy array, a pandas Series or
+    Index, a generator), read once; a single pseudonym as a plain string is refused with a
+    ``TypeError`` (iterating it would ask for one patient per character)."""
+    if isinstance(patient_ids, (str, bytes)):
+        raise TypeError(
+            "patient_ids must be a collection of pseudonyms, not one string: "
+            "pass [pseudonym] for a single patient"
+        )
+    # read once: an array or Series has no truth value, and a generator iterated for the
+    # request would be empty when the unknown patients are looked for
+    patient_ids = list(patient_ids)
     if not patient_ids:
         names = ["patient_id", *requested_feature_names(features)]
         return OnlineAnswer(values={name: [] for name in names}, unknown=[])

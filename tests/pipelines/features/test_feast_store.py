@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -168,6 +169,29 @@ def test_materialize_latest_then_online_reads(applied: Applied) -> None:
     }
     # a second run keeps what is there
     assert materialize_latest(applied.store).entities_online == report.entities_online
+
+
+def test_online_features_takes_the_collections_model_builders_pass(applied: Applied) -> None:
+    materialize_latest(applied.store)
+    service = applied.store.get_feature_service("readmission_v2")
+    unknown = "e" * 32
+    ids = [A, unknown, B]
+    expected = online_features(applied.store, service, ids)
+    assert expected.unknown == [unknown]
+    for given in (
+        np.array(ids),
+        pd.Series(ids),
+        pd.Index(ids),
+        (pid for pid in ids),  # read once: the unknown patient is still found
+    ):
+        answer = online_features(applied.store, service, given)
+        assert answer.unknown == [unknown], type(given)
+        assert answer.values == expected.values, type(given)
+    with pytest.raises(UnknownEntityError):
+        online_features(applied.store, service, (pid for pid in ids), strict=True)
+    # one pseudonym as a string is not 32 one-character patients
+    with pytest.raises(TypeError, match="not one string"):
+        online_features(applied.store, service, A)
 
 
 def test_declared_types_survive_retrieval(applied: Applied) -> None:

@@ -495,6 +495,35 @@ def online_features(
     return OnlineAnswer(values=values, unknown=unknown)
 
 
+def entity_timestamps(entity_df: pd.DataFrame, column: str = "event_timestamp") -> pd.DataFrame:
+    """``entity_df`` with ``column`` as UTC instants to the microsecond (``datetime64[us, UTC]``),
+    the form Feast's ``get_historical_features`` takes whatever a model builder started from.
+
+    Naive datetimes and strings without an offset are read as UTC, an aware column in any zone
+    is converted, ISO strings may mix precisions, and a pyarrow-backed column is taken; Feast
+    0.67 refuses the last two, and a nanosecond column holding an instant between two
+    microseconds (``pd.to_datetime(seconds, unit="s")`` gives them) with an ``ArrowInvalid``
+    ("would lose data"). Such an instant is floored to the microsecond before it: the feature
+    tables are stamped to the microsecond, so no feature row lies between the two and the
+    point-in-time answer (the latest row at or before T, within the TTL) is the same."""
+    out = entity_df.copy()
+    values = out[column]
+    if isinstance(values.dtype, pd.ArrowDtype) or not pd.api.types.is_datetime64_any_dtype(values):
+        values = pd.to_datetime(
+            values,
+            utc=True,
+            format="ISO8601"
+            if pd.api.types.is_string_dtype(values) and not isinstance(values.dtype, pd.ArrowDtype)
+            else None,
+        )
+    elif values.dt.tz is None:
+        values = values.dt.tz_localize("UTC")
+    else:
+        values = values.dt.tz_convert("UTC")
+    out[column] = values.dt.floor("us").astype("datetime64[us, UTC]")
+    return out
+
+
 # pandas dtypes that keep a Feast type with missing values (NumPy would give float/object)
 _PANDAS_DTYPES = {"Int64": "Int64", "Int32": "Int64", "Bool": "boolean", "String": "string"}
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from feast import FeatureStore
@@ -26,6 +27,7 @@ from pipelines.features.feast_store import (
     UnknownEntityError,
     apply_repo,
     declared_types,
+    entity_timestamps,
     feast_data_from_env,
     feature_store,
     materialize_latest,
@@ -192,6 +194,47 @@ def test_online_features_takes_the_collections_model_builders_pass(applied: Appl
     # one pseudonym as a string is not 32 one-character patients
     with pytest.raises(TypeError, match="not one string"):
         online_features(applied.store, service, A)
+
+
+def test_entity_timestamps_gives_feast_every_form_of_entity_timestamp(applied: Applied) -> None:
+    nine_at = pd.Timestamp(HBA1C_9_AT)  # the 9.0 row's instant (7.0 before it)
+    ns = pd.Timedelta(nanoseconds=1)
+    instants = [nine_at - ns, nine_at, nine_at + ns, nine_at - pd.Timedelta(microseconds=1)]
+    expected = [7.0, 9.0, 9.0, 7.0]
+    features = ["patient_labs_vitals:hba1c_latest"]
+
+    def hba1c(entities: pd.DataFrame) -> list[float]:
+        entities = entities.assign(row=range(len(entities)))
+        df = applied.store.get_historical_features(entity_df=entities, features=features).to_df()
+        return df.sort_values("row")["hba1c_latest"].tolist()
+
+    # between two microseconds: Feast alone refuses the column ("would lose data")
+    in_ns = pd.DataFrame(
+        {
+            "patient_id": [A] * 4,
+            "event_timestamp": pd.Series(instants).astype("datetime64[ns, UTC]"),
+        }
+    )
+    with pytest.raises(Exception, match="would lose data"):
+        hba1c(in_ns)
+    assert hba1c(entity_timestamps(in_ns)) == expected
+    # ISO strings of mixed precision (in another zone) and a pyarrow-backed column
+    as_text = pd.DataFrame(
+        {
+            "patient_id": [A] * 4,
+            "event_timestamp": [t.tz_convert("America/New_York").isoformat() for t in instants],
+        }
+    )
+    as_arrow = in_ns.assign(
+        event_timestamp=pd.Series(instants)
+        .dt.floor("us")
+        .astype(pd.ArrowDtype(pa.timestamp("us", tz="UTC")))
+    )
+    naive = in_ns.assign(event_timestamp=in_ns["event_timestamp"].dt.tz_localize(None))
+    for given in (as_text, as_arrow, naive):
+        normal = entity_timestamps(given)
+        assert str(normal["event_timestamp"].dtype) == "datetime64[us, UTC]"
+        assert hba1c(normal) == expected
 
 
 def test_declared_types_survive_retrieval(applied: Applied) -> None:

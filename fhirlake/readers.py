@@ -158,7 +158,13 @@ def _batch_entries(
 ) -> Iterator[tuple[Path, str]]:
     """Every entry but the folders, with its name within the batch, depth first by name; the
     folders read and passed over go to ``listing``."""
-    for path in sorted(root.iterdir()):
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as exc:
+        # its text holds the folder's path: the names of the folders a batch nests can be
+        # patient names, as its file names can
+        raise FolderNotReadableError(depth, exc) from None
+    for path in entries:
         name = f"{prefix}{path.name}"
         if not_regular(path) != "":
             yield path, name
@@ -204,6 +210,28 @@ def _open(path: Path, state: _ReadState | None = None) -> IO[bytes]:
     if path.name.lower().endswith(".gz"):
         return cast(IO[bytes], _Gunzip(handle, state or _ReadState()))
     return handle
+
+
+class FolderNotReadableError(Exception):
+    """A folder of a batch (its own, or one it nests) that could not be listed: permissions, an
+    I/O error. Nothing of the batch can be known whole, so it is not read (as a data file the
+    process may not read fails its batch). The folder is named by its depth under the batch's
+    folder only, and the error by its type and errno name: the folder's path, which the
+    underlying error's text holds, can carry patient names."""
+
+    def __init__(self, depth: int, cause: OSError) -> None:
+        self.depth = depth
+        self.error_type = type(cause).__name__
+        self.errno_name = errno.errorcode.get(cause.errno or 0, str(cause.errno))
+        where = (
+            "the batch's folder"
+            if depth == 0
+            else f"a folder {depth} level{'s' if depth > 1 else ''} down in the batch"
+        )
+        super().__init__(
+            f"{where} could not be listed ({self.error_type}, {self.errno_name}); "
+            "the batch is not read until it can be"
+        )
 
 
 class NotARegularFileError(OSError):

@@ -22,7 +22,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fhirlake.readers import BatchListing, SkippedFile, file_kind, not_regular, walk_batch
+from fhirlake.readers import (
+    BatchListing,
+    FolderNotReadableError,
+    SkippedFile,
+    file_kind,
+    not_regular,
+    walk_batch,
+)
 
 ROOT_BATCH = "root"
 MAX_KEY = 64
@@ -35,6 +42,12 @@ _RANGE_DOTS = re.compile(r"\.{3,}")
 
 class BatchKeyCollisionError(ValueError):
     """Two landing folders map to one batch key; neither can be ingested until one is renamed."""
+
+
+class BatchFolderNotReadableError(RuntimeError):
+    """A batch's folder, or a folder it nests, could not be listed (permissions, I/O). The
+    message names the batch key and the folder's depth, never its name or path: folder names
+    below the batch's own are the exporter's, and can be patient names."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +99,10 @@ def _batch(key: str, folder: Path, landing: Landing) -> BatchSource | None:
     """A folder's batch when it holds a data file (in a sub-folder too, but for ``root``); what
     it skipped goes to ``landing``."""
     nested = key != ROOT_BATCH
-    listing = walk_batch(folder, nested=nested)
+    try:
+        listing = walk_batch(folder, nested=nested)
+    except FolderNotReadableError as exc:
+        raise BatchFolderNotReadableError(f"batch {key}: {exc}") from None
     landing.skipped.extend(listing.skipped)
     # every regular file with a data extension, export metadata included (what changes a batch)
     fingerprinted = sorted(

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import errno
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -232,3 +234,55 @@ def test_a_batch_fingerprint_is_the_digest_of_its_files_names_sizes_and_times(
         stat = os.lstat(os.path.join(os.fsencode(folder), name))
         digest.update(name + f"\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
     assert batch_source(tmp_path / "land", "b").fingerprint == digest.hexdigest()[:16]
+
+
+@pytest.fixture
+def refuse_listing(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Make a folder one the process may not list (chmod 000; for root, which lists it anyway,
+    ``os.listdir`` of that path raises EACCES, as it does for a service user)."""
+    refused: set[str] = set()
+    real_listdir = os.listdir
+
+    def guarded_listdir(path: Any = ".") -> list[str]:
+        if os.fspath(path) in refused:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_listdir(path)
+
+    def refuse(path: Path) -> None:
+        path.chmod(0)
+        if os.access(path, os.R_OK):
+            refused.add(os.fspath(path))
+            monkeypatch.setattr(os, "listdir", guarded_listdir)
+
+    yield refuse
+    for path in refused:
+        Path(path).chmod(0o755)
+
+
+def test_a_folder_that_cannot_be_listed_fails_its_batch_naming_no_folder(
+    tmp_path: Path, refuse_listing: Any
+) -> None:
+    """A folder of a batch the process may not list (an exporter's per-patient folder with
+    other permissions) fails the batch, as an unreadable data file does; the error, which
+    Dagster keeps in its event log and the sensor on its tick, names the batch key and the
+    folder's depth, never the folder's name or path (it can be a patient's name)."""
+    from fhirlake.readers import FolderNotReadableError, walk_batch
+    from vault.landing import BatchFolderNotReadableError
+
+    landing = tmp_path / "landing"
+    _drop(landing / "2024-05-01")
+    secret = landing / "2024-05-01" / "Quillfeather_Marisol"
+    _drop(secret, "Observation.ndjson")
+    refuse_listing(secret)
+    for call in (lambda: discover_batches(landing), lambda: batch_source(landing, "2024-05-01")):
+        with pytest.raises(BatchFolderNotReadableError) as caught:
+            call()
+        text = str(caught.value)
+        assert text.startswith("batch 2024-05-01: a folder 1 level down in the batch")
+        assert "PermissionError, EACCES" in text
+        assert "Quillfeather" not in text and str(tmp_path) not in text
+        assert caught.value.__cause__ is None and caught.value.__suppress_context__
+    with pytest.raises(FolderNotReadableError) as listed:
+        walk_batch(landing / "2024-05-01", nested=True)
+    assert listed.value.depth == 1 and "Quillfeather" not in str(listed.value)
+    assert listed.value.__suppress_context__

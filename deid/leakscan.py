@@ -145,6 +145,8 @@ _DIGIT_RUN = re.compile(r"\d(?:[ ().\-/]{0,2}\d)*")
 _DATE_RUN = re.compile(r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[/-]\d{1,2}[/-]\d{2,4}")
 _SEPARATOR = re.compile(r"[ ().\-/]+")
 _WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
+# what is no letter or digit, in any script (a batch key made safe keeps ASCII ones only)
+_SEPARATORS = re.compile(r"[\W_]+")
 _HEX_PREFIX = re.compile(r"[0-9a-fA-F]*")
 _DIGIT_KINDS = {"phone", "ssn", "identifier"}
 MEMO_LIMIT = 200_000  # strings whose findings a canary set remembers
@@ -286,6 +288,8 @@ class CanarySet:
         self._digit_automaton: Any = None
         self._births: dict[str, tuple[str, ...]] = {}
         self._birth_years: dict[str, tuple[str, ...]] = {}
+        self._spaced: CanarySet | None = None
+        self._ids: set[str] = set()  # the patients' own resource ids: see add_source_id
         # (text, terminology) -> (kinds found, decoded base64 runs case-folded)
         self._memo: dict[tuple[str, bool], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
@@ -310,6 +314,7 @@ class CanarySet:
     def _changed(self) -> None:
         """A canary was added: the automatons are built again and nothing found is remembered."""
         self._automaton = self._digit_automaton = None
+        self._spaced = None
         self._memo = {}
 
     def add_person(self, parts: list[str]) -> None:
@@ -403,6 +408,37 @@ class CanarySet:
         adder = _ADDERS.get(str(resource.get("resourceType")))
         if adder is not None:
             adder(self, resource, pseudonym)
+
+    def add_source_id(self, resource_id: Any) -> None:
+        """A patient's resource id in the source (``Patient/<id>``), of ``MIN_TEXT`` characters
+        or more: looked for in a batch key (``source_id_in``) and nowhere else. Released rows
+        hold pseudonyms in its place, and a short id (``1001``) equals ordinary values."""
+        if isinstance(resource_id, str) and len(resource_id) >= MIN_TEXT:
+            self._ids.add(resource_id.casefold())
+
+    def source_id_in(self, text: str) -> bool:
+        """Whether ``text`` holds one of the source ids as a whole token (``Patient-p4471x9``
+        holds ``p4471x9``, ``p4471x90`` does not). A FHIR id is letters, digits, ``-`` and
+        ``.`` only, which a batch key keeps as written."""
+        folded = text.casefold()
+        return any(self._has_token(folded, resource_id) for resource_id in self._ids)
+
+    def spaced(self) -> CanarySet:
+        """The text canaries with every run of characters other than letters and digits
+        written as one space (``zquix@example.org`` as ``zquix example org``, ``MRN-ZQ/99173``
+        as ``mrn zq 99173``), beside the digit canaries: for text whose punctuation was
+        rewritten, as a batch key made safe is (``@`` and ``/`` become ``-``) and compared
+        with its separators as spaces. Not for released rows, where a canary's words apart
+        are ordinary words."""
+        if self._spaced is None:
+            spaced = CanarySet()
+            spaced._digits = self._digits
+            for text, kind in self._kinds.items():
+                words = " ".join(_SEPARATORS.split(text)).strip()
+                if len(words) >= MIN_TEXT:
+                    spaced._kinds.setdefault(words, kind)
+            self._spaced = spaced
+        return self._spaced
 
     def birth_dates_only(self) -> CanarySet:
         """The same patients' own birth dates, and no other canary (for rows whose other

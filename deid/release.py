@@ -297,6 +297,7 @@ def batch_canaries(
         con, provider, resource_type="Patient", patients_of_batch=batch_id
     ):
         canaries.add_patient(patient.resource, patient.resource_key)
+        canaries.add_source_id(patient.resource.get("id"))
         patients.add(patient.resource_key)
     _add_relatives(canaries, con, provider, patients)
     return canaries
@@ -304,10 +305,14 @@ def batch_canaries(
 
 def batch_key_hits(canaries: CanarySet, batch_key: str) -> list[str]:
     """Kinds of identifiers of the batch's patients (names, identifiers, phones, emails,
-    addresses; not birth dates, which a date-named export folder would match by chance) found in
-    its batch key: the landing folder's name, which Dagster shows as the partition key. Read as
-    written and with its separators as spaces (``li_wang`` holds the full name ``li wang``)."""
-    return _hits_as_written_and_spaced(canaries, batch_key)
+    addresses, and their Patient resources' own ids, kind ``id``; not birth dates, which a
+    date-named export folder would match by chance) found in its batch key: the landing
+    folder's name, which Dagster shows as the partition key. Read as written and with its
+    separators as spaces (``li_wang`` holds the full name ``li wang``), also against the
+    canaries with theirs as spaces (the key of a folder named ``zquix@example.org`` is
+    ``zquix-example.org-<digest>``)."""
+    found = _hits_as_written_and_spaced(canaries, batch_key)
+    return sorted({*found, "id"}) if canaries.source_id_in(batch_key) else found
 
 
 class SubjectCanaries:
@@ -358,8 +363,13 @@ class SubjectCanaries:
 
 
 def _hits_as_written_and_spaced(canaries: CanarySet, text: str) -> list[str]:
+    """Kinds found in ``text`` as written, and with its separators as spaces compared with
+    the canaries as written and with theirs as spaces too: a batch key made safe rewrites
+    ``@``, ``/`` and spaces as ``-`` (``zquix@example.org`` is the key
+    ``zquix-example.org-<digest>``), which hid an email or a punctuated identifier."""
     spaced = " ".join(_KEY_SEPARATORS.split(text))
-    return sorted(set(canaries.find(text)) | set(canaries.find(spaced)))
+    found = set(canaries.find(text)) | set(canaries.find(spaced))
+    return sorted(found | set(canaries.spaced().find(spaced)))
 
 
 _KEY_SEPARATORS = re.compile(r"[^0-9A-Za-z]+")

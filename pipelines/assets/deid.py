@@ -138,9 +138,9 @@ def _table(rows: dict[str, int], head: str) -> MetadataValue:
             blocking=False,
             description="The batch key (the landing folder's name, shown as the partition key "
             "in the UI, the event log and run summaries) holds no name, identifier, phone, "
-            "email or address of the batch's patients. A warning: the key never reaches a "
-            "released table, but an exporter that names folders after patients puts PHI in "
-            "Dagster's storage. Rename such folders at the source.",
+            "email, address or source Patient id of the batch's patients. A warning: the key "
+            "never reaches a released table, but an exporter that names folders after patients "
+            "puts PHI in Dagster's storage. Rename such folders at the source.",
         ),
     ],
     partitions_def=batch_partitions,

@@ -4,10 +4,17 @@ searched (a date-named export folder would match a newborn's birth date by chanc
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from deid.leakscan import CanarySet
-from deid.release import batch_key_hits
+from deid.release import batch_canaries, batch_key_hits
+from vault import warehouse
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider
+from vault.landing import batch_key
 
 PATIENTS = [
     {
@@ -17,6 +24,7 @@ PATIENTS = [
         "identifier": [
             {"system": "http://hospital.example/mrn", "value": "MRN-778812"},
             {"system": "http://hl7.org/fhir/sid/us-ssn", "value": "123-45-6789"},
+            {"system": "http://hospital.example/chart", "value": "CH/4471-K"},
         ],
         "telecom": [
             {"system": "phone", "value": "(555) 867-5309"},
@@ -25,6 +33,7 @@ PATIENTS = [
         "birthDate": "2024-05-01",
     },
     {"resourceType": "Patient", "id": "p2", "name": [{"family": "Wang", "given": ["Li"]}]},
+    {"resourceType": "Patient", "id": "pat-zq4471", "gender": "unknown"},
 ]
 
 
@@ -33,6 +42,7 @@ def canaries() -> CanarySet:
     found = CanarySet()
     for number, patient in enumerate(PATIENTS):
         found.add_patient(patient, f"pseudonym-{number}")
+        found.add_source_id(patient["id"])
     return found
 
 
@@ -47,6 +57,15 @@ def canaries() -> CanarySet:
         ("5558675309", ["phone"]),
         ("123456789", ["ssn"]),
         ("odalys@example.org", ["email", "name"]),
+        # the keys Dagster shows for such folders: "@", "/" and spaces made "-"
+        (batch_key("odalys@example.org"), ["email", "name"]),
+        (batch_key("CH/4471-K"), ["identifier"]),
+        (batch_key("chart CH 4471 K"), ["identifier"]),
+        # a Patient's own id (as a whole token; ids under four characters are not searched)
+        ("pat-zq4471", ["id"]),
+        ("export_pat-zq4471", ["id"]),
+        ("pat-zq44710", []),
+        ("p2", []),
         ("2024-05-01", []),  # the first patient's birth date: not searched in keys
         ("export-2024-05-01", []),
         ("larkspurs", []),  # inside a longer word
@@ -56,3 +75,25 @@ def canaries() -> CanarySet:
 )
 def test_batch_key_hits(canaries: CanarySet, batch_key: str, kinds: list[str]) -> None:
     assert batch_key_hits(canaries, batch_key) == kinds
+
+
+def test_batch_canaries_hold_the_patients_source_ids(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A folder named after a Patient's id in the source (a per-patient export's folder) is
+    found as the kind ``id`` by the batch's canaries, which read the ids from the vault."""
+    folder = tmp_path / "pat-zq4471"
+    folder.mkdir()
+    patient = {"resourceType": "Patient", "id": "pat-zq4471", "gender": "female"}
+    (folder / "p.json").write_text(json.dumps(patient))
+    wh = tmp_path / "w.duckdb"
+    assert ingest_batch(wh, "pat-zq4471", folder, key_provider, workers=1).accepted == 1
+    con = warehouse.connect(wh)
+    try:
+        canaries = batch_canaries(con, key_provider, "pat-zq4471")
+        assert batch_key_hits(canaries, "pat-zq4471") == ["id"]
+        assert batch_key_hits(canaries, "2024-05-01") == []
+        # searched in a batch key only: a released row holding the text is no finding
+        assert canaries.find("pat-zq4471") == []
+    finally:
+        con.close()

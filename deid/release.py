@@ -315,6 +315,21 @@ def batch_key_hits(canaries: CanarySet, batch_key: str) -> list[str]:
     return sorted({*found, "id"}) if canaries.source_id_in(batch_key) else found
 
 
+def release_batch_key_hits(
+    con: duckdb.DuckDBPyConnection, canaries: CanarySet
+) -> dict[str, list[str]]:
+    """Every ingested batch's key against ``canaries`` (the release's: every patient of the
+    vault), each key that holds one with the kinds found (:func:`batch_key_hits`). A batch's
+    own check knows the patients it is filed under when it is de-identified only: a folder
+    named after a patient of another batch, or one whose Patient came in a later batch, is
+    found here."""
+    if not has_table(con, "batches"):
+        return {}
+    keys = [str(k) for (k,) in con.execute("SELECT batch_id FROM batches ORDER BY 1").fetchall()]
+    hits = {key: batch_key_hits(canaries, key) for key in keys}
+    return {key: found for key, found in hits.items() if found}
+
+
 class SubjectCanaries:
     """One patient's identifiers, to be found in free text an operator typed or a record kept
     as written (the reason of an erasure or a re-identification, which the audit log keeps for
@@ -381,6 +396,7 @@ def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> C
     canaries = CanarySet()
     for patient in iter_every_version(con, provider, resource_type="Patient"):
         canaries.add_patient(patient.resource, patient.resource_key)
+        canaries.add_source_id(patient.resource.get("id"))
     _add_relatives(canaries, con, provider, None)
     return canaries
 

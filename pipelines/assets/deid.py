@@ -24,7 +24,12 @@ from dagster import (
 )
 
 from deid.policy import Policy
-from deid.release import build_released_patients, release_totals, release_version
+from deid.release import (
+    build_released_patients,
+    release_batch_key_hits,
+    release_totals,
+    release_version,
+)
 from deid.staging import publish_batch
 from deid.terminology import CONSENT_PROVISION_LEVELS
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
@@ -89,6 +94,7 @@ BUILT_THIS_YEAR = FreshnessPolicy.cron(
 
 
 BATCH_KEY_CHECK = "batch_key_holds_no_identifier"
+RELEASE_BATCH_KEYS_CHECK = "batch_keys_hold_no_identifier"
 
 
 def _batch_key_result(hits: tuple[str, ...]) -> AssetCheckResult:
@@ -238,6 +244,15 @@ def deid_resources(
             description="No name, identifier, phone, email, address or city with ZIP of any "
             "patient appears in the staged table; it is published only when none does.",
         ),
+        AssetCheckSpec(
+            RELEASE_BATCH_KEYS_CHECK,
+            asset="released_patients",
+            blocking=False,
+            description="No batch key (the landing folders' names, shown as partition keys) "
+            "holds a name, identifier, phone, email, address or source Patient id of any "
+            "patient in the vault: each batch's own check knows its own patients only. A "
+            "warning naming the keys: rename such folders at the source.",
+        ),
     ],
     pool=WAREHOUSE_POOL,
 )
@@ -262,6 +277,7 @@ def released_patients(
             ) as loaded,
         ):
             report = build_released_patients(con, k, max_withheld=max_withheld, canaries=loaded)
+            key_hits = release_batch_key_hits(con, loaded())
     finally:
         con.close()
     summary = report.to_dict()
@@ -286,4 +302,27 @@ def released_patients(
         passed=report.passed,
         severity=AssetCheckSeverity.ERROR,
         metadata={k: v for k, v in summary.items() if isinstance(v, int | float | bool)},
+    )
+    yield _release_batch_keys_result(key_hits)
+
+
+def _release_batch_keys_result(hits: dict[str, list[str]]) -> AssetCheckResult:
+    """The release's batch key check: the keys that hold an identifier and the kinds found in
+    each, never what matched. The keys are named: they are partition keys, which the UI shows
+    already, and a data engineer needs them to rename the folders."""
+    kinds = sorted({kind for found in hits.values() for kind in found})
+    return AssetCheckResult(
+        asset_key="released_patients",
+        check_name=RELEASE_BATCH_KEYS_CHECK,
+        passed=not hits,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "batch_keys_flagged": len(hits),
+            "kinds_found": MetadataValue.json(hits),
+        },
+        description=None
+        if not hits
+        else f"{len(hits)} batch keys hold an identifier of a patient in the vault "
+        f"({', '.join(kinds)}): rename such folders at the source; the runs and the partitions "
+        "under these keys keep them until they are deleted",
     )

@@ -105,6 +105,44 @@ def test_a_batch_key_with_a_patients_name_is_a_warning(
     assert deid["published"].value is True
 
 
+def test_the_release_finds_a_batch_key_naming_a_patient_of_another_batch(
+    tmp_path: Path, key_file: Path, materialize_batch: Callable[..., Any]
+) -> None:
+    """A folder named after a patient its batch does not hold (one of an earlier batch, by
+    surname or by source id): the batch's own check knows its own patients only and passes,
+    and the release's check, over every patient of the vault, names the key and the kinds."""
+    landing = tmp_path / "landing"
+    patients = {
+        "export-1": {"resourceType": "Patient", "id": "p4471x9", "name": [{"family": "Larkspur"}]},
+        "records_Larkspur": {"resourceType": "Patient", "id": "p2", "name": [{"family": "Ode"}]},
+        "chart-p4471x9": {"resourceType": "Patient", "id": "p3", "name": [{"family": "Quill"}]},
+    }
+    instance = DagsterInstance.ephemeral()
+    for key, patient in patients.items():
+        (landing / key).mkdir(parents=True)
+        (landing / key / "data.ndjson").write_bytes(orjson.dumps(patient) + b"\n")
+        result = materialize_batch(landing, key, instance)
+        checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+        assert checks["batch_key_holds_no_identifier"] is True
+    release = materialize(
+        release_assets,
+        selection=["released_patients"],
+        instance=instance,
+        resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
+    )
+    (check,) = [
+        c
+        for c in release.get_asset_check_evaluations()
+        if c.check_name == "batch_keys_hold_no_identifier"
+    ]
+    assert not check.passed and check.severity == AssetCheckSeverity.WARN
+    assert check.metadata["batch_keys_flagged"].value == 2
+    assert check.metadata["kinds_found"].value == {
+        "chart-p4471x9": ["id"],
+        "records_Larkspur": ["name"],
+    }
+
+
 def test_a_first_batch_whose_leak_scan_fails_is_reported_not_published(
     tmp_path: Path, key_file: Path
 ) -> None:

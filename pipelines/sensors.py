@@ -15,7 +15,10 @@ Safe to turn on at any time:
 - every tick that requests nothing says why (the skip reason on the tick, and the log);
 - a batch whose folder went away (renamed, deleted) before it was ingested has its partition
   removed: a partition never materialised would hold back the release for good. One whose
-  folder went away after its ingest keeps its partition: the vault holds its rows.
+  folder went away after its ingest keeps its partition: the vault holds its rows;
+- a batch done whose partition shows no de-identification (its materializations wiped in the
+  UI) is run again: automation waits while any batch's partition is missing, so the release
+  would be held back for good while every tick said nothing was new.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 import duckdb
 from dagster import (
     AddDynamicPartitionsRequest,
+    AssetKey,
     DagsterRunStatus,
     DefaultSensorStatus,
     DeleteDynamicPartitionsRequest,
@@ -52,6 +56,10 @@ from pipelines.resources import LandingResource, WarehouseResource
 from vault.landing import BatchSource, discover_batches
 
 BATCH_TAG = "ehr/batch"
+PARTITION_TAG = "dagster/partition"
+# the batch asset every release asset that reads all batches depends on: a partition of it
+# missing holds the release back (automation's eager condition)
+DEID_RESOURCES = AssetKey("deid_resources")
 RERUN_TAG = "ehr/rerun"
 ATTEMPT_TAG = "ehr/attempt"
 _FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
@@ -346,6 +354,33 @@ def _orphaned_partitions(
     return orphans, kept
 
 
+def _unmaterialized_partitions(context: SensorEvaluationContext, keys: list[str]) -> list[str]:
+    """Of the batches done (``keys``: their run succeeded, or the ledger shows them published),
+    those whose partition exists but shows no materialization of ``deid_resources``, with no
+    run of theirs going: its materializations were wiped in the UI (Dagster wipes a
+    partitioned asset whole), or the partition was deleted with them and added again. The vault
+    and the release still hold the batch, but automation waits while any partition of
+    ``deid_resources`` is missing: the release would be held back for good. Dagster's records
+    only: the warehouse is not opened."""
+    if not keys:
+        return []
+    partitions = set(context.instance.get_dynamic_partitions(batch_partitions.name or "batches"))
+    candidates = [key for key in keys if key in partitions]
+    if not candidates:
+        return []
+    materialized = context.instance.get_materialized_partitions(DEID_RESOURCES)
+    missing = []
+    for key in candidates:
+        if key in materialized:
+            continue
+        going = context.instance.get_runs(
+            filters=RunsFilter(tags={PARTITION_TAG: key}, statuses=NOT_FINISHED_STATUSES), limit=1
+        )
+        if not going:
+            missing.append(key)
+    return missing
+
+
 def evaluate_landing(
     context: SensorEvaluationContext,
     landing: LandingResource,
@@ -414,6 +449,25 @@ def evaluate_landing(
                     f"batch {batch.key}: its ledger changed when another batch was ingested "
                     "again; run again"
                 )
+    requested = {r.partition_key for r in requests}
+    settled = [
+        batch.key
+        for batch in batches
+        if batch.key not in finished
+        and batch.key not in requested
+        and (state := states.get(batch.key)) is not None
+        and state.done
+        and state.fingerprint == batch.fingerprint
+    ]
+    for key in _unmaterialized_partitions(context, settled):
+        state = states[key]
+        states[key] = BatchState(state.fingerprint, attempt=1, rerun=state.rerun + 1)
+        requests.append(_request(key, states[key]))
+        done -= 1
+        reasons.append(
+            f"batch {key}: ingested, but its partition shows no de-identification in Dagster "
+            "(its materializations wiped): run again, as the release waits for every partition"
+        )
     removed, kept = _orphaned_partitions(context, present, ledger, warehouse)
     for key in removed:
         states.pop(key, None)

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 from dagster import (
+    AssetKey,
+    AssetMaterialization,
     DagsterInstance,
     DagsterRunStatus,
     SensorResult,
@@ -180,6 +182,11 @@ def test_a_batch_whose_files_changed_with_older_times_is_ingested_again(
 
 def _record_run(instance: DagsterInstance, tags: dict[str, str], status: DagsterRunStatus) -> None:
     instance.add_run(DagsterRun(job_name="ingest_batch_job", status=status, tags=tags))
+
+
+def _record_deid(instance: DagsterInstance, key: str) -> None:
+    """The materialization of the batch's de-identification, as its successful run records."""
+    instance.report_runless_asset_event(AssetMaterialization("deid_resources", partition=key))
 
 
 def test_failed_run_is_retried_with_backoff_and_bounded(
@@ -456,6 +463,7 @@ def test_a_tick_with_nothing_new_and_no_folder_gone_leaves_the_warehouse_closed(
     state = _load_cursor(first.cursor)["export-1"]
     tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: "1"}
     _record_run(instance, tags, DagsterRunStatus.SUCCESS)
+    _record_deid(instance, "export-1")
     done = _tick(tmp_path, instance, first.cursor)
 
     def opened(_: object) -> None:
@@ -545,3 +553,48 @@ def _publish_all_but(wh: Path, left: str) -> None:
         )
     finally:
         con.close()
+
+
+def test_a_batch_whose_materializations_were_wiped_is_run_again(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """Wiping deid_resources in the UI (Dagster wipes a partitioned asset whole) leaves the
+    partition of a done batch unmaterialised while the vault and the release hold it:
+    automation waits while any partition is missing, so the next batch's release would be
+    held back for good while every tick said nothing was new. The sensor runs the batch again
+    (once: nothing more while that run goes, nothing after it succeeded)."""
+    _landing(tmp_path)
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    first = _tick(tmp_path, instance)
+    state = _load_cursor(first.cursor)["export-1"]
+    tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: "1"}
+    _record_run(instance, tags, DagsterRunStatus.SUCCESS)
+    _record_deid(instance, "export-1")
+    done = _tick(tmp_path, instance, first.cursor)
+    idle = _tick(tmp_path, instance, done.cursor)
+    assert idle.run_requests == []
+    instance.wipe_assets([AssetKey("deid_resources")])
+    wiped = _tick(tmp_path, instance, idle.cursor)
+    assert [r.partition_key for r in wiped.run_requests] == ["export-1"]
+    again = _tick(tmp_path, instance, wiped.cursor)
+    assert again.run_requests == []  # its run not finished yet
+    _record_run(instance, wiped.run_requests[0].tags, DagsterRunStatus.SUCCESS)
+    _record_deid(instance, "export-1")
+    settled = _tick(tmp_path, instance, _tick(tmp_path, instance, again.cursor).cursor)
+    assert settled.run_requests == []
+    assert _load_cursor(settled.cursor)["export-1"].done
+
+
+def test_a_done_batch_with_no_partition_here_is_not_run_again(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """A batch done whose partition this instance does not hold (ingested by `ehr run` under
+    another Dagster instance, or its partition deleted in the UI) holds no release back: it
+    is not run again."""
+    _landing(tmp_path)
+    first = _tick(tmp_path, instance)
+    state = _load_cursor(first.cursor)["export-1"]
+    tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: "1"}
+    _record_run(instance, tags, DagsterRunStatus.SUCCESS)
+    done = _tick(tmp_path, instance, first.cursor)
+    assert _tick(tmp_path, instance, done.cursor).run_requests == []

@@ -22,6 +22,10 @@ from dagster import (
     MetadataValue,
     multi_asset,
 )
+from dagster._core.definitions.data_version import (
+    get_input_data_version_tag,
+    get_input_event_pointer_tag,
+)
 
 from deid.policy import Policy
 from deid.release import (
@@ -74,6 +78,46 @@ release_input = AssetSpec(
 # would leave those assets without the new batch yet showing fresh.
 FOLLOWS_THE_VIEWS = AutomationCondition.eager().ignore(AssetSelection.assets(RELEASE_INPUT))
 DATA_VERSION_TAG = "dagster/data_version"
+# What Dagster records on a materialization as the version of release_input it was built from,
+# and the event that version came from (compared with release_input's version for its stale
+# status)
+BUILT_FROM_TAG = get_input_data_version_tag(RELEASE_INPUT)
+BUILT_FROM_EVENT_TAG = get_input_event_pointer_tag(RELEASE_INPUT)
+
+
+def built_from_upstream(context: AssetExecutionContext, key: AssetKey) -> dict[str, str]:
+    """Tags for the materialization of ``key``, an asset after the views, recording as the
+    release input it was built from the one its upstream release assets were built from, when
+    one of them was built from an older one than the current: ``key`` built alone from an
+    upstream that has not caught up with a batch (the asset page's "Materialize" while the
+    views are stale) holds no more than that upstream, and shows stale until it is built again
+    after it. Dagster records the current version otherwise, and the asset showed fresh
+    without the new batch. Empty when every upstream is as new as the release input (the
+    release run, in which the upstream steps ran first)."""
+    instance = context.instance
+    current = instance.get_latest_materialization_event(RELEASE_INPUT)
+    version = _recorded_tags(current).get(DATA_VERSION_TAG)
+    if version is None:
+        return {}
+    for dep in sorted(context.assets_def.asset_deps[key], key=lambda k: k.to_user_string()):
+        if dep == RELEASE_INPUT:
+            continue
+        tags = _recorded_tags(instance.get_latest_materialization_event(dep))
+        built_from = tags.get(BUILT_FROM_TAG)
+        if built_from is not None and built_from != version:
+            return {
+                BUILT_FROM_TAG: built_from,
+                BUILT_FROM_EVENT_TAG: tags.get(BUILT_FROM_EVENT_TAG, "NULL"),
+            }
+    return {}
+
+
+def _recorded_tags(event: object) -> dict[str, str]:
+    """The tags of a materialization event (an ``EventLogEntry``), none when there is none."""
+    materialization = getattr(event, "asset_materialization", None)
+    return dict(getattr(materialization, "tags", None) or {})
+
+
 # The release's age bands, and the birth years its Patients carry, are counted in calendar years
 # as of the year it is built in (deid.kanon): a release left as it was into a new year would
 # keep last year's bands, a patient of 89 among the 85-89 after turning 90. The automation

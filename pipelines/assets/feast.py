@@ -21,7 +21,7 @@ from dagster import (
 
 from deid.leakscan import LeakScanResult
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
-from pipelines.assets.deid import FOLLOWS_THE_VIEWS, RELEASE_INPUT
+from pipelines.assets.deid import FOLLOWS_THE_VIEWS, RELEASE_INPUT, built_from_upstream
 from pipelines.assets.features import FEATURE_ASSET_KEYS
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.cohort import released_cohort
@@ -52,6 +52,7 @@ def feast_registry(
         f"{report.features} features in {report.seconds:.1f}s"
     )
     return MaterializeResult(
+        tags=built_from_upstream(context, context.asset_key),
         metadata={
             "entities": report.entities,
             "feature_views": report.feature_views,
@@ -61,7 +62,7 @@ def feast_registry(
             "applied": report.applied,
             "reason": report.reason,
             "digest": report.digest[:12],
-        }
+        },
     )
 
 
@@ -128,6 +129,7 @@ def online_store_results(
     online = max(report.entities_online.values(), default=0)
     yield MaterializeResult(
         asset_key=ONLINE_STORE,
+        tags=built_from_upstream(context, ONLINE_STORE),
         metadata={
             "end": report.end.isoformat(),
             "seconds": report.seconds,

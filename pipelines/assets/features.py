@@ -23,7 +23,12 @@ from feast import FeatureStore
 from deid.leakscan import LeakScanResult
 from deid.release import merged_scans
 from pipelines.assets.checks import RELEASE_CANARIES, column_metadata, leak_scan_result
-from pipelines.assets.deid import FOLLOWS_THE_VIEWS, RELEASE_INPUT, k_anonymity_settings
+from pipelines.assets.deid import (
+    FOLLOWS_THE_VIEWS,
+    RELEASE_INPUT,
+    built_from_upstream,
+    k_anonymity_settings,
+)
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import image_metadata
 from pipelines.features.checks import (
@@ -195,6 +200,7 @@ def feature_tables(
         shape, nulls, plot = stats if stats is not None else (TableShape(0, 0, []), {}, None)
         yield MaterializeResult(
             asset_key=key,
+            tags=built_from_upstream(context, key),
             metadata={
                 "dagster/row_count": shape.rows if standing else 0,
                 "published": standing and name not in held_back,

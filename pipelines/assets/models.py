@@ -20,7 +20,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from pipelines.assets.deid import FOLLOWS_THE_VIEWS, RELEASE_INPUT
+from pipelines.assets.deid import FOLLOWS_THE_VIEWS, RELEASE_INPUT, built_from_upstream
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.assets.plots import card_metadata, image_metadata
 from pipelines.features.cohort import release_known_by
@@ -74,7 +74,7 @@ def censor_margin_days(settings: DeidSettings) -> int:
     automation_condition=FOLLOWS_THE_VIEWS,
 )
 def readmission_labels(
-    warehouse: WarehouseResource, deid_settings: DeidSettings
+    context: AssetExecutionContext, warehouse: WarehouseResource, deid_settings: DeidSettings
 ) -> MaterializeResult:
     """30-day inpatient readmission label per eligible discharge (censored, died, opted-out
     excluded)."""
@@ -87,6 +87,7 @@ def readmission_labels(
     finally:
         con.close()
     return MaterializeResult(
+        tags=built_from_upstream(context, context.asset_key),
         metadata={
             "dagster/row_count": counts.labelled,
             "rows": counts.labelled,
@@ -102,7 +103,7 @@ def readmission_labels(
             "censor_margin_days": margin,
             "table": f"models.{LABELS_TABLE}",
             "parquet": MetadataValue.path(str(path)),
-        }
+        },
     )
 
 
@@ -120,13 +121,17 @@ TRAINING_SET_SPEC = AssetSpec(
 )
 
 
-def training_set_result(refresh: TrainingSetRefresh, workdir: str) -> MaterializeResult:
-    """The training set's materialisation: counts, the feature columns and what is missing."""
+def training_set_result(
+    refresh: TrainingSetRefresh, workdir: str, tags: dict[str, str] | None = None
+) -> MaterializeResult:
+    """The training set's materialisation: counts, the feature columns and what is missing
+    (``tags``: :func:`built_from_upstream`)."""
     training = refresh.frame
     path = parquet_path(workdir, TRAINING_SET_TABLE)
     features = [c for c in training.columns if c not in ("patient_id", "event_timestamp", "label")]
     return MaterializeResult(
         asset_key=TRAINING_SET,
+        tags=tags,
         metadata={
             "dagster/row_count": len(training),
             "rows": len(training),
@@ -235,6 +240,7 @@ def readmission_model(
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """30-day readmission model trained on a patient split, with evaluation, plots and card;
     kept as it is when the training set barely changed (`pipelines.models.retrain`)."""
+    built_from = built_from_upstream(context, context.asset_key)
     training = pd.read_parquet(parquet_path(warehouse.workdir, TRAINING_SET_TABLE))
     con = warehouse.connect(read_only=True)
     try:
@@ -248,7 +254,7 @@ def readmission_model(
     if not decision.retrain:
         context.log.info(f"readmission model kept: {decision.reason}")
         kept = load_model_report(out_dir)
-        yield MaterializeResult(metadata={**model_metadata(kept), **refresh})
+        yield MaterializeResult(metadata={**model_metadata(kept), **refresh}, tags=built_from)
         yield auroc_check(kept)
         return
     try:
@@ -260,12 +266,13 @@ def readmission_model(
         card = withdraw_model(out_dir, str(exc))
         context.log.warning(f"readmission model not trained, any earlier one withdrawn: {exc}")
         yield MaterializeResult(
+            tags=built_from,
             metadata={
                 "trained": False,
                 "reason": str(exc),
                 "rows": len(training),
                 "model_card": MetadataValue.md(card.read_text()),
-            }
+            },
         )
         yield AssetCheckResult(
             check_name="auroc_beats_chance",
@@ -278,5 +285,5 @@ def readmission_model(
         f"readmission model retrained ({decision.reason}): AUROC {report.auroc}, "
         f"{report.n_train} train / {report.n_test} test rows"
     )
-    yield MaterializeResult(metadata={**model_metadata(report), **refresh})
+    yield MaterializeResult(metadata={**model_metadata(report), **refresh}, tags=built_from)
     yield auroc_check(report)

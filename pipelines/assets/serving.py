@@ -17,6 +17,7 @@ from typing import Any
 import duckdb
 from dagster import AssetCheckResult, AssetExecutionContext, MaterializeResult, multi_asset
 
+from pipelines.assets.deid import built_from_upstream
 from pipelines.assets.feast import (
     ONLINE_STORE,
     ONLINE_STORE_SCAN,
@@ -72,6 +73,8 @@ def online_store_and_training_set(
             if isinstance(refresh, OnlineStoreRefresh):
                 yield from online_store_results(context, refresh)
             else:
-                yield training_set_result(refresh, workdir)
+                yield training_set_result(
+                    refresh, workdir, built_from_upstream(context, TRAINING_SET)
+                )
     finally:
         con.close()

@@ -22,6 +22,7 @@ from dagster._core.loader import LoadingContextForTest
 from fhirlake.synthetic.generator import generate
 from pipelines.assets.deid import RELEASE_INPUT
 from pipelines.assets.feast import ONLINE_STORE
+from pipelines.assets.features import FEATURE_ASSET_KEYS
 from pipelines.assets.models import TRAINING_SET
 from pipelines.bench.release import release_digests
 from pipelines.definitions import batch_assets, build_resources, defs, release_assets
@@ -254,3 +255,37 @@ def test_a_batch_published_while_another_has_failed_leaves_the_whole_release_sta
         _run(instance, resources, "late")
         assert ticks.requested() == set()
         assert set(_stale(instance).values()) == {StaleStatus.STALE}
+
+
+def test_an_asset_after_the_views_built_alone_before_them_stays_stale(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """After a batch, the feature tables, the Feast registry and online store, the labels, the
+    training set and the model each materialised alone (the asset page's "Materialize"), in
+    that order, while the views have not caught up: each is built from an upstream without
+    the batch, so none may show fresh. Each used to be recorded against the new release input
+    and showed fresh without the batch. The release run then brings them all up to date."""
+    landing = _landing(tmp_path)
+    resources = build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1)
+    after_the_views = [
+        FEATURE_ASSET_KEYS,
+        [AssetKey("feast_registry")],
+        [AssetKey("readmission_labels")],
+        [ONLINE_STORE],
+        [TRAINING_SET],
+        [AssetKey("readmission_model")],
+    ]
+    with DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("batches", ["base", "late"])
+        _run(instance, resources, "base")
+        _run(instance, resources, None)
+        _run(instance, resources, "late")
+        for keys in after_the_views:
+            assert materialize(
+                release_assets, selection=keys, instance=instance, resources=resources
+            ).success
+            stale = _stale(instance)
+            fresh = {k.to_user_string() for k, s in stale.items() if s != StaleStatus.STALE}
+            assert fresh == set(), [k.to_user_string() for k in keys]
+        _run(instance, resources, None)
+        assert set(_stale(instance).values()) == {StaleStatus.FRESH}

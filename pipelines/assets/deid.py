@@ -93,16 +93,21 @@ def built_from_upstream(context: AssetExecutionContext, key: AssetKey) -> dict[s
     views are stale) holds no more than that upstream, and shows stale until it is built again
     after it. Dagster records the current version otherwise, and the asset showed fresh
     without the new batch. Empty when every upstream is as new as the release input (the
-    release run, in which the upstream steps ran first)."""
-    instance = context.instance
-    current = instance.get_latest_materialization_event(RELEASE_INPUT)
-    version = _recorded_tags(current).get(DATA_VERSION_TAG)
+    release run, in which the upstream steps ran first). One read of Dagster's asset records
+    (the latest materialization of the release input and of every upstream asset)."""
+    deps = sorted(
+        (dep for dep in context.assets_def.asset_deps[key] if dep != RELEASE_INPUT),
+        key=lambda k: k.to_user_string(),
+    )
+    latest = {
+        record.asset_entry.asset_key: _recorded_tags(record.asset_entry.last_materialization)
+        for record in context.instance.get_asset_records([RELEASE_INPUT, *deps])
+    }
+    version = latest.get(RELEASE_INPUT, {}).get(DATA_VERSION_TAG)
     if version is None:
         return {}
-    for dep in sorted(context.assets_def.asset_deps[key], key=lambda k: k.to_user_string()):
-        if dep == RELEASE_INPUT:
-            continue
-        tags = _recorded_tags(instance.get_latest_materialization_event(dep))
+    for dep in deps:
+        tags = latest.get(dep, {})
         built_from = tags.get(BUILT_FROM_TAG)
         if built_from is not None and built_from != version:
             return {

@@ -37,21 +37,31 @@ def purge_released_parquet_resources(
     view's row: ``id`` the resource key, ``patient_id`` NULL) without it; returns the number
     of rows removed."""
     for key in resource_keys:
-        check_pseudonym(key)  # resource keys have the same shape; inlined below
+        check_pseudonym(key)  # resource keys have the same shape
     if not resource_keys:
         return 0
-    keys = ", ".join(f"'{key}'" for key in resource_keys)
+    # looked up in a table rather than written into the statements: a re-run of an erasure
+    # passes every resource the first run erased, hundreds for one patient
     return _purge_parquet_rows(
-        folders, ("patient_id", "id"), f"patient_id IS NULL AND CAST(id AS VARCHAR) IN ({keys})"
+        folders,
+        ("patient_id", "id"),
+        "patient_id IS NULL AND CAST(id AS VARCHAR) IN (SELECT k FROM _erased_resources)",
+        resource_keys,
     )
 
 
-def _purge_parquet_rows(folders: tuple[Path, ...], needs: tuple[str, ...], erased: str) -> int:
+def _purge_parquet_rows(
+    folders: tuple[Path, ...], needs: tuple[str, ...], erased: str, keys: tuple[str, ...] = ()
+) -> int:
     """Rewrite every Parquet file of ``folders`` that has the columns ``needs`` and rows where
-    ``erased`` holds (an SQL condition over them) without those rows; returns how many."""
+    ``erased`` holds (an SQL condition over them, which may read ``keys`` from the table
+    ``_erased_resources (k)``) without those rows; returns how many."""
     removed = 0
     con = duckdb.connect()
     try:
+        con.execute(
+            "CREATE TEMP TABLE _erased_resources AS SELECT unnest(?::VARCHAR[]) AS k", [list(keys)]
+        )
         for folder in folders:
             for path in sorted(Path(folder).glob("*.parquet")):
                 source = "read_parquet('" + str(path).replace("'", "''") + "')"

@@ -63,7 +63,9 @@ class ErasurePlace(Protocol):
     returns how many records it removed. It must be idempotent: a failed erasure is re-run.
     A place that keeps resources of no patient too (released views) may also have
     ``purge_resources(resource_keys) -> int``, called with the keys of the shared resources
-    erased with the patient (:attr:`ErasurePlan.shared_resources`).
+    erased with the patient (:attr:`ErasurePlan.shared_resources`) and, when the erasure is
+    run again after an interruption, of every resource its earlier run erased (it must then
+    touch only released rows of no patient, ``patient_id`` NULL, whose key is one of them).
     """
 
     @property
@@ -630,11 +632,21 @@ def same_person(con: duckdb.DuckDBPyConnection, pseudonym: str) -> list[str]:
 
 def _erase_in_warehouse(
     con: duckdb.DuckDBPyConnection, report: ErasureReport, now: datetime, plan: ErasurePlan
-) -> None:
+) -> tuple[str, ...]:
+    """The erasure's transaction; returns the keys of the resources of no patient whose
+    released copies the places must purge: the shared resources of the plan, and every
+    resource an earlier, interrupted run of this erasure already erased (its shared ones are
+    no longer in the vault for the caller to find by their text)."""
     p = report.pseudonym
     con.begin()
     try:
         report.same_person = same_person(con, p)
+        erased_before = [
+            str(k)
+            for (k,) in con.execute(
+                _ERASED_BEFORE, {"subjects": [p, *report.same_person]}
+            ).fetchall()
+        ]
         named = {
             "subjects": [p, *report.same_person],
             "shared": list(plan.shared_resources),
@@ -694,8 +706,18 @@ def _erase_in_warehouse(
         con.rollback()
         raise
     report.found = bool(live or dead or any(report.rows_deleted.values()))
+    return tuple(dict.fromkeys((*plan.shared_resources, *erased_before)))
 
 
+# The resources an earlier run of the erasure of these patients ($subjects) erased: its
+# resource tombstones carry the erased_at of the patients' own tombstones (one transaction).
+# A run interrupted after its commit leaves their released copies in the places; the shared
+# ones among them can no longer be found by their text, so a re-run purges them by these keys.
+_ERASED_BEFORE = f"""
+SELECT DISTINCT r.subject_key FROM erased_subjects r
+JOIN erased_subjects s ON s.kind = 'patient' AND s.subject_key IN ({_SUBJECTS})
+WHERE r.kind = 'resource' AND r.erased_at = s.erased_at
+"""
 # The resources erased ($erased: every resource key of the rows _ERASED_ROWS deletes).
 _ERASED = "SELECT unnest($erased::VARCHAR[])"
 # Ledger rows of records no table holds any more (what this erasure, and any before it, removed):
@@ -785,17 +807,18 @@ def _tombstone(
     )
 
 
-def _purge_places(report: ErasureReport, plan: ErasurePlan) -> None:
-    """Every place purged of each patient erased, and of the shared resources erased with them
-    (by a place that keeps released resources by their key: ``purge_resources``)."""
+def _purge_places(report: ErasureReport, plan: ErasurePlan, shared: tuple[str, ...]) -> None:
+    """Every place purged of each patient erased, and of the resources of no patient erased
+    with them, ``shared`` (by a place that keeps released resources by their key:
+    ``purge_resources``)."""
     for place in plan.places:
         try:
             removed = sum(
                 int(place.purge(subject)) for subject in (report.pseudonym, *report.same_person)
             )
             purge_resources = getattr(place, "purge_resources", None)
-            if plan.shared_resources and purge_resources is not None:
-                removed += int(purge_resources(plan.shared_resources))
+            if shared and purge_resources is not None:
+                removed += int(purge_resources(shared))
             report.places[place.name] = removed
         except Exception as exc:  # one failing place must not stop the others
             logger.warning(
@@ -863,8 +886,8 @@ def forget_pseudonym(
     """
     intent = _announce_forget(pseudonym, audit, reason, actor)
     report = ErasureReport(pseudonym)
-    _erase_in_warehouse(con, report, _aware(clock), plan)
-    _purge_places(report, plan)
+    shared = _erase_in_warehouse(con, report, _aware(clock), plan)
+    _purge_places(report, plan, shared)
     return _finish_forget(report, audit, intent)
 
 
@@ -886,11 +909,11 @@ def forget_in_warehouse(
     report = ErasureReport(pseudonym)
     con = warehouse.connect_when_free(warehouse_path)
     try:
-        _erase_in_warehouse(con, report, _aware(clock), plan)
+        shared = _erase_in_warehouse(con, report, _aware(clock), plan)
         con.execute("CHECKPOINT")
     finally:
         con.close()
-    _purge_places(report, plan)
+    _purge_places(report, plan, shared)
     _rewrite_after_erasure(warehouse_path, report.pseudonym)
     return _finish_forget(report, audit, intent)
 

@@ -255,6 +255,42 @@ def test_forget_erases_the_shared_records_that_name_the_patient(person: dict[str
     assert report["rows_deleted"]["phi_vault_shared"] == expected
 
 
+class _Killed(BaseException):
+    """The process stops here, as under SIGKILL: nothing after it runs, no handler sees it."""
+
+
+def test_an_erasure_interrupted_after_its_commit_run_again_purges_the_shared_records(
+    person: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ehr forget`` stopped after its warehouse transaction, before the released files were
+    purged, is run again: the re-run can no longer read the shared records naming her (the
+    first run deleted them from the vault), yet their released copies leave the Parquet files
+    too, not only her own rows."""
+    key = person["pseudo"].resource_key
+    external = key("Observation", "external")  # of no patient: patient_id NULL when released
+    assert external in _parquet_ids(person)
+
+    import pipelines.erasure
+
+    workdir, key_file = person["workdir"], person["key_file"]
+    common = ["--workdir", str(workdir.root), "--key-file", str(key_file)]
+    with monkeypatch.context() as stop:
+
+        def killed(*args: Any, **kwargs: Any) -> int:
+            raise _Killed
+
+        stop.setattr(pipelines.erasure, "purge_released_parquet", killed)
+        with pytest.raises(_Killed):
+            CliRunner().invoke(forget, ["pz", "--reason", "ticket 4711", *common])
+    assert external not in _released_ids(person)  # committed in the warehouse
+    assert external in _parquet_ids(person)  # not yet purged from the files
+
+    _forget(person, "pz")
+
+    assert external not in _parquet_ids(person)
+    assert key("Observation", "anonymous") in _parquet_ids(person)  # naming no one: kept
+
+
 def test_forget_erases_the_other_patient_records_of_the_same_person(
     person: dict[str, Any],
 ) -> None:

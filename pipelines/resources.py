@@ -94,6 +94,8 @@ class WarehouseResource(ConfigurableResource):
             # moment: the run waits its turn rather than failing its first step
             self._held = warehouse.connect_when_free(self.path)
             return self._held.cursor()
+        if self._in_run:  # a step that only reads waits its turn the same way
+            return warehouse.connect_when_free(self.path, read_only=True)
         return warehouse.connect(self.path, read_only=read_only)
 
     def setup_for_execution(self, context: InitResourceContext) -> None:

@@ -27,7 +27,7 @@ from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.features.valuesets import release_terminology
 from pipelines.partitions import batch_partitions
 from pipelines.resources import DeidSettings, WarehouseResource
-from pipelines.sensors import done_in_ledger, ingested_batches
+from pipelines.sensors import LedgerEntry, done_in_ledger, ingested_batches
 from pipelines.workdir import Workdir
 from vault import warehouse
 from vault.catalog import has_table
@@ -61,17 +61,29 @@ def _recorded_reports(con: Any, batch_id: str, report: dict[str, Any]) -> dict[s
     return {"phi_vault": {"ingest_report": report}, "phi_vault:records_reconcile": rec}
 
 
+def _batch_ledger(workdir: Workdir) -> dict[str, LedgerEntry]:
+    """The batch ledger as the landing sensor reads it; while another process has the
+    warehouse open (an erasure, another run), read once it is free, as the run's steps wait
+    their turn: a ledger read as empty would ingest every batch of the folder again."""
+    resource = WarehouseResource(workdir=str(workdir.root))
+    ledger = ingested_batches(resource)
+    if ledger is None:
+        warehouse.connect_when_free(workdir.warehouse, read_only=True).close()
+        ledger = ingested_batches(resource)
+    return ledger or {}
+
+
 def settled_batches(
     workdir: Workdir, batches: list[BatchSource], profile: str
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """The batches a run need not touch again (see the module), with their recorded reports:
     done as the landing sensor judges it, and de-identified under today's settings."""
-    ledger = ingested_batches(WarehouseResource(workdir=str(workdir.root))) or {}
+    ledger = _batch_ledger(workdir)
     fresh = [b.key for b in batches if done_in_ledger(b, ledger)]
     if not fresh:
         return {}
     settings = settings_digest(Policy.shipped(profile), terminology=release_terminology())
-    con = warehouse.connect(workdir.warehouse, read_only=True)
+    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
     try:
         done = deidentified_batches(con, settings)
         reports = dict(
@@ -92,7 +104,7 @@ def _warehouse_totals(workdir: Workdir) -> dict[str, Any]:
     warehouse: a first batch whose run failed before its ingest wrote anything)."""
     if not workdir.warehouse.exists():
         return {"vault_resources_current": 0, "vault_patients": 0, "release": {}}
-    con = warehouse.connect(workdir.warehouse, read_only=True)
+    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
     try:
         current, patients = vault_totals(con)
         released = release_totals(con) if has_table(con, "deid_resources") else {}

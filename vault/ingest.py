@@ -1214,7 +1214,8 @@ def ingest_batch(
     workers = workers if workers is not None else (os.cpu_count() or 1)
     server_base = server_base if server_base is not None else os.environ.get(FHIR_BASE_ENV)
     files, skipped = list_batch_files(source, nested=nested)
-    con = warehouse.connect(warehouse_path)
+    # another process (an erasure, a CLI command) may have the file open: wait its turn
+    con = warehouse.connect_when_free(warehouse_path)
     # No batch-wide transaction: DuckDB holds uncommitted rows in memory, so memory would grow
     # with the batch. Each flush commits; a failed batch is re-run, and start() first removes
     # whatever that batch wrote, so the retry lands on a clean slate.

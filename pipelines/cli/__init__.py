@@ -82,11 +82,16 @@ def _failure(run: dict[str, Any]) -> str:
 def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -> None:
     """Materialise the whole asset graph for an input folder and write run_summary.json."""
     from pipelines.run import run_pipeline
+    from vault.warehouse import WarehouseBusyError
 
     try:
         summary = run_pipeline(input_dir, workdir, key_file=key_file, workers=workers)
     except (DeidError, VaultError) as exc:
         raise click.ClickException(str(exc)) from exc
+    except WarehouseBusyError as exc:  # open in another process for longer than a run waits
+        raise click.ClickException(
+            f"{exc}: stop the other command or run (ehr forget, the Dagster UI) and run again"
+        ) from exc
     ingest = summary["stages"]["ingest"]
     click.echo(
         f"ingest: {ingest['records_in']} records in, {ingest['accepted']} accepted, "

@@ -224,3 +224,41 @@ def test_a_keyring_others_may_read_is_refused_before_a_warehouse_is_made(
     assert not (workdir / "warehouse.duckdb").exists()
     assert key_file.read_bytes() == before
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o644
+
+
+def test_a_run_waits_while_another_process_has_the_warehouse_open(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Another process (an erasure, another command) has the warehouse open when ``ehr run``
+    starts and when its batch is ingested: the run waits its turn, as its steps that write do,
+    instead of failing the batch's ingest or stopping with DuckDB's lock error."""
+    import subprocess
+    import sys
+
+    generate(tmp_path / "landing" / "b1", 3, seed=2)
+    workdir = tmp_path / "work"
+    workdir.mkdir(mode=0o700)
+    warehouse.connect(workdir / "warehouse.duckdb").close()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import duckdb, sys, time; c = duckdb.connect(sys.argv[1]); "
+            "print('ok', flush=True); time.sleep(float(sys.argv[2])); c.close()",
+            str(workdir / "warehouse.duckdb"),
+            "6",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "ok"
+        args = ["--input", str(tmp_path / "landing"), "--workdir", str(workdir), "--workers", "1"]
+        result = CliRunner().invoke(main, ["run", *args])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 0, result.output
+    assert "  batch b1: reconciled=True" in result.output.splitlines()
+    summary = json.loads((workdir / "run_summary.json").read_text())
+    assert [(r["batch"], r["success"]) for r in summary["runs"]] == [("b1", True), (None, True)]

@@ -304,14 +304,23 @@ class OnlineStore:
         return purge_online_store(self.path, pseudonym)
 
 
-def purge_model_training_record(models_folder: Path, pseudonym: str) -> int:
+def purge_model_training_record(
+    models_folder: Path, pseudonym: str, warehouse: Path | None = None
+) -> int:
     """Delete the record of what a model was trained on (``trained_on.parquet`` and its JSON)
     wherever it names the patient: the model is then trained again, without them, by the next
     release refresh (:mod:`pipelines.models.retrain`). Returns the rows the record held for the
-    patient."""
+    patient.
+
+    A model being fitted holds ``warehouse`` open until its files are published
+    (``pipelines.assets.models``): the purge waits for it first, so that a fit which read the
+    patient's rows before the erasure cannot publish its record after the purge."""
     from pipelines.models.training import TRAINED_ON_ROWS_FILE, forget_trained_on
 
     check_pseudonym(pseudonym)
+    if warehouse is not None and Path(warehouse).exists():
+        # for writing: DuckDB lets readers in beside the fit's read-only connection
+        connect_when_free(warehouse).close()
     removed = 0
     seen: set[Path] = set()
     con = duckdb.connect()
@@ -344,6 +353,8 @@ class ModelTrainingRecord:
 
     folder: Path
     name: str = "model_training_record"
+    # the warehouse a model being fitted holds open until it is published (waited for)
+    warehouse: Path | None = None
 
     def purge(self, pseudonym: str) -> int:
-        return purge_model_training_record(self.folder, pseudonym)
+        return purge_model_training_record(self.folder, pseudonym, self.warehouse)

@@ -125,6 +125,6 @@ class Workdir:
                 ReleasedParquet(self.released_folders),
                 ReleasedReferences(self.warehouse, self.released_folders),
                 OnlineStore(self.online_store),
-                ModelTrainingRecord(self.models),
+                ModelTrainingRecord(self.models, warehouse=self.warehouse),
             ),
         )

@@ -5,6 +5,7 @@ feature service ``readmission_v2``, and the trained model with its evaluation an
 import json
 from collections.abc import Iterator
 
+import duckdb
 import pandas as pd
 from dagster import (
     AssetCheckResult,
@@ -240,13 +241,28 @@ def readmission_model(
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """30-day readmission model trained on a patient split, with evaluation, plots and card;
     kept as it is when the training set barely changed (`pipelines.models.retrain`)."""
-    built_from = built_from_upstream(context, context.asset_key)
-    training = pd.read_parquet(parquet_path(warehouse.workdir, TRAINING_SET_TABLE))
+    # The warehouse stays open from before the training set is read until the model's files
+    # are published. An erasure needs it for writing, so it waits for the fit, and purges
+    # the record of the rows the published model was trained on (``ehr forget``'s
+    # ``model_training_record``) after it: a fit that read the patient's rows before the
+    # erasure can no longer publish its record once the erasure has purged the last one.
     con = warehouse.connect(read_only=True)
     try:
-        training = with_audit_attributes(con, training)
+        results = list(_refresh_model(context, warehouse, config, con))
     finally:
         con.close()
+    yield from results
+
+
+def _refresh_model(
+    context: AssetExecutionContext,
+    warehouse: WarehouseResource,
+    config: ModelRefreshConfig,
+    con: duckdb.DuckDBPyConnection,
+) -> Iterator[MaterializeResult | AssetCheckResult]:
+    built_from = built_from_upstream(context, context.asset_key)
+    training = pd.read_parquet(parquet_path(warehouse.workdir, TRAINING_SET_TABLE))
+    training = with_audit_attributes(con, training)
     out_dir = models_dir(warehouse.workdir) / MODEL_DIR
     threshold = config.retrain_min_changed_share
     decision = retrain_decision(training, out_dir, threshold, exclude=AUDIT_COLUMNS)

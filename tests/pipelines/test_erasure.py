@@ -190,3 +190,63 @@ def test_parquet_purge_is_durable_before_it_returns(
         ("rename", str(path)),
         ("fsync", str(tmp_path)),
     ]
+
+
+# A model fit as the readmission model's step runs it: the warehouse open (read only) from
+# before its rows are read until its files, the record of its rows among them, are published.
+_FIT_HOLDING_THE_WAREHOUSE = """
+import sys, time
+from pathlib import Path
+import pandas as pd
+from pipelines.models.training import write_trained_on
+from pipelines.publish import publish_folder
+from vault import warehouse
+con = warehouse.connect(sys.argv[1], read_only=True)
+print("reading", flush=True)
+time.sleep(1.5)  # fitting
+frame = pd.DataFrame({"patient_id": [sys.argv[3]], "x": [1.0]})
+publish_folder(Path(sys.argv[2]), lambda folder: write_trained_on(frame, ["x"], folder))
+con.close()
+"""
+
+
+def test_the_training_record_purge_waits_for_a_fit_that_read_the_patient(
+    tmp_path: Path,
+) -> None:
+    """A model refresh read the patient's rows before the erasure and publishes its files
+    during it: the erasure's purge of the training record waits for the fit, which holds the
+    warehouse open until it has published, and then deletes the record it published, so no
+    record naming the patient outlives the erasure."""
+    import subprocess
+    import sys
+
+    workdir = Workdir(tmp_path / "work")
+    workdir.root.mkdir(mode=0o700)
+    from vault import warehouse
+
+    warehouse.connect(workdir.warehouse).close()
+    pseudonym = "a" * PSEUDONYM_HEX_CHARS
+    (place,) = [p for p in workdir.erasure_plan().places if p.name == "model_training_record"]
+    fit = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _FIT_HOLDING_THE_WAREHOUSE,
+            str(workdir.warehouse),
+            str(workdir.models / "readmission"),
+            pseudonym,
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fit.stdout is not None and fit.stdout.readline().strip() == "reading"
+        place.purge(pseudonym)
+        assert fit.wait(timeout=60) == 0
+    finally:
+        fit.kill()
+        fit.wait()
+    records = list(workdir.models.glob("*/trained_on.parquet"))
+    assert [
+        r for r in records if pseudonym in pq.read_table(r).column("patient_id").to_pylist()
+    ] == []

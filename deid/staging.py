@@ -46,7 +46,7 @@ from deid.released_table import DEID_DDL, ensure_resource_digests, resource_dige
 from deid.terminology import UPPER_CASE_SYSTEMS, Terminology
 from deid.workers import INGEST_RESOLVED_KINDS
 from vault.catalog import has_table
-from vault.ingest import FHIR_BASE_ENV
+from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
 from vault.keys import KeyProvider
 from vault.warehouse import BATCH_DIGEST_SQL, NEWEST_VERSION_FIRST
 
@@ -57,6 +57,18 @@ LEDGER_DDL = f"""
         vault_digest UBIGINT NOT NULL,
         settings VARCHAR NOT NULL,
         published_at TIMESTAMPTZ NOT NULL
+    )"""
+
+# What each published batch's conditional references resolved to when it was de-identified:
+# the criteria key and a digest of the one resource holding it (NULL: none or several did). A
+# later batch can add a holder (or an erasure remove one), which changes what the same
+# references name. A digest, not the holder's key: an erased holder's key stays nowhere.
+TARGETS_TABLE = "deid_conditional_targets"
+TARGETS_DDL = f"""
+    CREATE TABLE IF NOT EXISTS {TARGETS_TABLE} (
+        batch_id VARCHAR NOT NULL,
+        criteria_key VARCHAR NOT NULL,
+        holder_digest UBIGINT
     )"""
 
 
@@ -153,6 +165,10 @@ def settings_digest(
         # a unit written in words is read as the unit it names (97 "months" is no 90 years);
         # an observation's component coded as an age is capped as an age observation is
         "age_cap": "age_typed_and_integer_units_in_words_components",
+        # what each batch's conditional references resolved to is recorded, and a batch whose
+        # references resolve otherwise since is de-identified again (_unsettle_changed_targets):
+        # batches released before recorded nothing, and are de-identified again by the next run
+        "conditional_targets": "recorded",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -221,6 +237,45 @@ def _unsettle_older_holders(con: duckdb.DuckDBPyConnection, batch_id: str, stage
     )
 
 
+def _record_conditional_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
+    """The batch's conditional references as they resolve now, as its release wrote them
+    (``deid.release._reference_targets``; within the caller's transaction)."""
+    con.execute(f"DELETE FROM {TARGETS_TABLE} WHERE batch_id = ?", [batch_id])
+    if not has_table(con, "resource_references"):
+        return
+    referenced = (
+        "SELECT target_key FROM resource_references WHERE batch_id = $b AND kind = 'conditional'"
+    )
+    con.execute(
+        f"""
+        INSERT INTO {TARGETS_TABLE}
+        SELECT DISTINCT $b, r.target_key, hash(h.resource_key)
+        FROM resource_references r
+        LEFT JOIN ({criteria_holders_sql(referenced)}) h ON h.criteria_key = r.target_key
+        WHERE r.batch_id = $b AND r.kind = 'conditional'
+        """,
+        {"b": batch_id},
+    )
+
+
+def _unsettle_changed_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
+    """Other batches whose conditional references no longer resolve as their release wrote
+    them (a batch added a second holder of an identifier, or the first one, or an erasure
+    removed one): taken out of the ledger and de-identified again by the next run, so that a
+    batch's release does not depend on the order the batches came in (within the caller's
+    transaction)."""
+    holders = criteria_holders_sql(f"SELECT criteria_key FROM {TARGETS_TABLE} WHERE batch_id <> $b")
+    con.execute(
+        f"""
+        DELETE FROM {LEDGER_TABLE} WHERE batch_id IN (
+            SELECT t.batch_id FROM {TARGETS_TABLE} t
+            LEFT JOIN ({holders}) h ON h.criteria_key = t.criteria_key
+            WHERE t.batch_id <> $b AND t.holder_digest IS DISTINCT FROM hash(h.resource_key))
+        """,
+        {"b": batch_id},
+    )
+
+
 def _swap_batch(
     con: duckdb.DuckDBPyConnection, batch_id: str, stage: str, errors: str, settings: str
 ) -> None:
@@ -231,10 +286,13 @@ def _swap_batch(
     con.execute(DEID_ERRORS_DDL)
     con.execute(QUASI_DDL)
     con.execute(LEDGER_DDL)
+    con.execute(TARGETS_DDL)
     con.execute("BEGIN TRANSACTION")
     try:
         _strip_staged_patients(con, batch_id, stage)
         _unsettle_older_holders(con, batch_id, stage)
+        _record_conditional_targets(con, batch_id)
+        _unsettle_changed_targets(con, batch_id)
         for target, source in (("deid_resources", stage), ("deid_errors", errors)):
             con.execute(f"DELETE FROM {target} WHERE batch_id = ?", [batch_id])
             con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {source}")

@@ -159,13 +159,17 @@ def run_pipeline(
                 continue
             run_batch(batch.key)
         # a batch ingested again can hand a vault row over to a settled batch that recorded
-        # the same content as a repeat (vault.ingest): that batch's ledger changed, and it is
-        # run again here, so that the release holds the resource in this run already
+        # the same content as a repeat (vault.ingest), and a later batch can change what an
+        # earlier one's conditional references name (deid.staging._unsettle_changed_targets):
+        # that batch's ledger changed, and it is run again here, so that the release holds
+        # what the vault holds now in this run already
         if runs:
-            unsettled = set(settled) - set(settled_batches(workdir, batches, deid_settings.profile))
+            published = {key for key, reports in batch_reports.items() if _published(reports)}
+            current = set(settled_batches(workdir, batches, deid_settings.profile))
+            unsettled = (set(settled) | published) - current
             for batch in batches:
                 if batch.key in unsettled:
-                    settled.pop(batch.key)
+                    settled.pop(batch.key, None)
                     run_batch(batch.key)
         # whole-release assets once, after every batch (a blocked batch blocks the release)
         if all(r["success"] for r in runs):
@@ -253,6 +257,12 @@ def _plain(value: Any) -> Any:
 def _plain_all(metadata: dict[str, Any]) -> dict[str, Any]:
     plain = {key: _plain(value) for key, value in metadata.items()}
     return {key: value for key, value in plain.items() if value is not None}
+
+
+def _published(reports: dict[str, dict[str, Any]]) -> bool:
+    """Whether a batch run's reports show its batch published (a batch whose leak scan failed
+    is not, and is not run again in the same ``ehr run``)."""
+    return bool(reports.get("deid_resources", {}).get("published"))
 
 
 def stage_reports(result: Any) -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ import pytest
 
 from deid.policy import Policy
 from deid.release import scan_released_batch
-from deid.staging import publish_batch
+from deid.staging import deidentified_batches, publish_batch
 from pipelines.views.tables import load_views, run_view_over_release
 from vault import warehouse
 from vault.ingest import IngestReport, ingest_batch
@@ -204,3 +204,35 @@ def test_the_leak_scan_catches_the_identifier_of_a_logical_reference(
     finally:
         con.close()
     assert not scan.passed and {h.row for h in scan.hits} == {"x"}
+
+
+def test_a_batch_whose_reference_a_later_batch_made_ambiguous_is_released_again(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A conditional reference names the one resource holding the identifier when its batch is
+    de-identified: a later batch bringing a second holder left the earlier batch's release
+    naming the first, so the release depended on the order the batches came in. The earlier
+    batch now leaves the ledger, and de-identified again it names no one, as a batch
+    de-identified after both holders came does; a batch whose references did not change stays."""
+    _ingest(
+        tmp_path,
+        "b1",
+        [_patient("p1"), _encounter("e-conditional", "2020-01-21", CONDITIONAL)],
+        key_provider,
+    )
+    _ingest(tmp_path, "b0", [_patient("p0", mrn="777")], key_provider)
+    assert _publish(tmp_path, key_provider, "b1", "b0")["e-conditional"]["subject"]
+    _ingest(tmp_path, "b2", [_patient("p2")], key_provider)  # the same MRN as p1
+    _publish(tmp_path, key_provider, "b2")
+    con = warehouse.connect(tmp_path / "w.duckdb")
+    try:
+        assert deidentified_batches(con) == {"b0", "b2"}
+    finally:
+        con.close()
+    released = _publish(tmp_path, key_provider, "b1")["e-conditional"]
+    assert "subject" not in released
+    con = warehouse.connect(tmp_path / "w.duckdb")
+    try:
+        assert deidentified_batches(con) == {"b0", "b1", "b2"}
+    finally:
+        con.close()

@@ -262,3 +262,50 @@ def test_a_run_waits_while_another_process_has_the_warehouse_open(
     assert "  batch b1: reconciled=True" in result.output.splitlines()
     summary = json.loads((workdir / "run_summary.json").read_text())
     assert [(r["batch"], r["success"]) for r in summary["runs"]] == [("b1", True), (None, True)]
+
+
+def test_one_run_releases_a_batch_as_the_batches_after_it_leave_its_references(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """b1 holds Patient p1 and an Encounter naming its patient by MRN; b2, run after it, holds
+    p2 with the same MRN. With two holders the reference names no one: one ``ehr run`` of both
+    folders releases b1 again after b2 (its ledger changed), and the Encounter names no patient,
+    as a release of b1 after b2 gives; every batch ends settled."""
+    system, mrn = "http://hospital.example.org/mrn", "12345"
+
+    def patient(pid: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Patient",
+            "id": pid,
+            "identifier": [{"system": system, "value": mrn}],
+        }
+
+    encounter = {
+        "resourceType": "Encounter",
+        "id": "e1",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient?identifier={system}|{mrn}"},
+        "period": {"start": "2020-01-01", "end": "2020-01-01"},
+    }
+    land = tmp_path / "landing"
+    for batch, records in (("b1", [patient("p1"), encounter]), ("b2", [patient("p2")])):
+        (land / batch).mkdir(parents=True)
+        (land / batch / "data.ndjson").write_bytes(
+            b"".join(orjson.dumps(r) + b"\n" for r in records)
+        )
+    workdir = tmp_path / "work"
+    summary = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    assert all(run["success"] for run in summary["runs"])
+    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
+    try:
+        ((text,),) = con.execute(
+            "SELECT resource FROM deid_resources WHERE resource_type = 'Encounter'"
+        ).fetchall()
+        settled = {b for (b,) in con.execute("SELECT batch_id FROM deid_batches").fetchall()}
+    finally:
+        con.close()
+    assert "subject" not in orjson.loads(text)
+    assert settled == {"b1", "b2"}
+    again = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    assert again["stages"]["ingest"]["batches_already_done"] == ["b1", "b2"]

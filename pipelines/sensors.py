@@ -344,14 +344,15 @@ def _orphaned_partitions(
     orphans = []
     kept = [key for key in missing if key in ledger and not ledger[key].published]
     for key in missing:
-        if key in ledger:
-            continue
-        going = context.instance.get_runs(
-            filters=RunsFilter(tags={BATCH_TAG: key}, statuses=NOT_FINISHED_STATUSES), limit=1
-        )
-        if not going:
+        if key not in ledger and not _has_run_going(context, {BATCH_TAG: key}):
             orphans.append(key)
     return orphans, kept
+
+
+def _has_run_going(context: SensorEvaluationContext, tags: dict[str, str]) -> bool:
+    """Whether a run with ``tags`` is queued or running."""
+    filters = RunsFilter(tags=tags, statuses=NOT_FINISHED_STATUSES)
+    return bool(context.instance.get_runs(filters=filters, limit=1))
 
 
 def _unmaterialized_partitions(context: SensorEvaluationContext, keys: list[str]) -> list[str]:
@@ -369,16 +370,11 @@ def _unmaterialized_partitions(context: SensorEvaluationContext, keys: list[str]
     if not candidates:
         return []
     materialized = context.instance.get_materialized_partitions(DEID_RESOURCES)
-    missing = []
-    for key in candidates:
-        if key in materialized:
-            continue
-        going = context.instance.get_runs(
-            filters=RunsFilter(tags={PARTITION_TAG: key}, statuses=NOT_FINISHED_STATUSES), limit=1
-        )
-        if not going:
-            missing.append(key)
-    return missing
+    return [
+        key
+        for key in candidates
+        if key not in materialized and not _has_run_going(context, {PARTITION_TAG: key})
+    ]
 
 
 def evaluate_landing(

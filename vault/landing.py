@@ -16,6 +16,7 @@ special files are never followed: they are listed as skipped.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -45,9 +46,23 @@ class BatchKeyCollisionError(ValueError):
 
 
 class BatchFolderNotReadableError(RuntimeError):
-    """A batch's folder, or a folder it nests, could not be listed (permissions, I/O). The
-    message names the batch key and the folder's depth, never its name or path: folder names
-    below the batch's own are the exporter's, and can be patient names."""
+    """A batch's folder, or a folder it nests, could not be listed (permissions, I/O), or a
+    data file it lists could not be inspected. The message names the batch key and the
+    folder's depth, never a folder's or a file's name or path: the names below the batch's
+    own folder are the exporter's, and can be patient names."""
+
+
+class FileNotInspectableError(RuntimeError):
+    """A data file of a batch was listed but could not be inspected (its size and time, for
+    the batch's fingerprint). Named by the error's type and errno name only: the underlying
+    error's text holds the file's path, which can carry a patient's name."""
+
+    def __init__(self, cause: OSError) -> None:
+        self.error_type = type(cause).__name__
+        self.errno_name = errno.errorcode.get(cause.errno or 0, str(cause.errno))
+        super().__init__(
+            f"a data file could not be inspected ({self.error_type}, {self.errno_name})"
+        )
 
 
 @dataclass(frozen=True)
@@ -87,9 +102,19 @@ def batch_key(name: str) -> str:
 
 
 def _fingerprint(folder: Path, files: list[Path]) -> str:
+    """A digest of ``files``' names, sizes and modification times. A file gone between the
+    folder's listing and its ``lstat`` (renamed or removed meanwhile, as an exporter or rsync
+    does) is left out: the folder no longer holds it. Any other failure raises
+    :class:`FileNotInspectableError`, which names no path: file names can carry patient
+    names, and the error of a run or a sensor tick is kept in Dagster's storage."""
     digest = hashlib.sha256()
     for path in files:
-        stat = path.lstat()
+        try:
+            stat = path.lstat()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise FileNotInspectableError(exc) from None
         name = path.relative_to(folder).as_posix()  # a file's name for one directly in it
         digest.update(os.fsencode(name) + f"\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
@@ -111,7 +136,11 @@ def _batch(key: str, folder: Path, landing: Landing) -> BatchSource | None:
     )
     if not fingerprinted:
         return None
-    return BatchSource(key, folder, _fingerprint(folder, fingerprinted), nested)
+    try:
+        fingerprint = _fingerprint(folder, fingerprinted)
+    except FileNotInspectableError as exc:
+        raise BatchFolderNotReadableError(f"batch {key}: {exc}") from None
+    return BatchSource(key, folder, fingerprint, nested)
 
 
 def scan_landing(landing_dir: Path) -> Landing:

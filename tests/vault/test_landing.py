@@ -286,3 +286,69 @@ def test_a_folder_that_cannot_be_listed_fails_its_batch_naming_no_folder(
         walk_batch(landing / "2024-05-01", nested=True)
     assert listed.value.depth == 1 and "Quillfeather" not in str(listed.value)
     assert listed.value.__suppress_context__
+
+
+def _listing_then(monkeypatch: pytest.MonkeyPatch, act: Any) -> None:
+    """Run ``act`` on each batch folder's listing just after it is taken and before its files
+    are fingerprinted: what an exporter moving files in the landing folder does meanwhile."""
+    import vault.landing as landing_module
+
+    real_walk = landing_module.walk_batch
+
+    def walk_then_act(folder: Path, nested: bool = True) -> Any:
+        listing = real_walk(folder, nested=nested)
+        act(listing)
+        return listing
+
+    monkeypatch.setattr(landing_module, "walk_batch", walk_then_act)
+
+
+def test_a_file_removed_while_its_batch_is_listed_is_left_out_naming_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data file removed (or renamed) between the folder's listing and its fingerprint is
+    not the batch's any more: the batch reads as the folder now holds it, and no error quotes
+    the file's path (Dagster keeps a failed step's error, a patient's name in a file name
+    with it, in its storage)."""
+    landing = tmp_path / "landing"
+    _drop(landing / "2024-05-01")
+    gone = landing / "2024-05-01" / "Quillfeather_Marisol_MRN77123.ndjson"
+    expected = batch_source(landing, "2024-05-01").fingerprint
+    _drop(gone.parent, gone.name)
+
+    def remove(listing: Any) -> None:
+        if any(f.path.name == gone.name for f in listing.files):  # listed: now it goes
+            gone.unlink()
+
+    _listing_then(monkeypatch, remove)
+    for call in (lambda: discover_batches(landing)[0], lambda: batch_source(landing, "2024-05-01")):
+        gone.write_bytes(PATIENT)
+        assert call().fingerprint == expected
+
+
+def test_a_listed_file_that_cannot_be_inspected_fails_its_batch_naming_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vault.landing import BatchFolderNotReadableError
+
+    landing = tmp_path / "landing"
+    _drop(landing / "2024-05-01")
+    secret = landing / "2024-05-01" / "Quillfeather_Marisol_MRN77123.ndjson"
+    _drop(secret.parent, secret.name)
+    real_lstat = Path.lstat
+
+    def refusing_lstat(self: Path) -> os.stat_result:
+        if self.name == secret.name:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        return real_lstat(self)
+
+    def refuse_from_now(listing: Any) -> None:
+        if listing.files:  # the batch's own listing (the landing folder's loose files are none)
+            monkeypatch.setattr(Path, "lstat", refusing_lstat)
+
+    _listing_then(monkeypatch, refuse_from_now)
+    with pytest.raises(BatchFolderNotReadableError) as caught:
+        batch_source(landing, "2024-05-01")
+    text = str(caught.value)
+    assert text == "batch 2024-05-01: a data file could not be inspected (PermissionError, EACCES)"
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__

@@ -79,11 +79,22 @@ def landing_batch(context: AssetExecutionContext, landing: LandingResource) -> M
             "files": len(files),
             "skipped_files": len(skipped),
             "skipped_reasons": _count_table(skipped_reasons),
-            "bytes": sum(f.path.lstat().st_size for f in files),
+            "bytes": sum(_listed_size(f.path) for f in files),
             "files_by_kind": MetadataValue.json(kinds),
             "fingerprint": source.fingerprint,
         }
     )
+
+
+def _listed_size(path: Path) -> int:
+    """A listed data file's size; 0 when it is gone since the listing (moved or removed by
+    whoever fills the folder: the ingest's fingerprint check fails the batch, naming no file)
+    or cannot be looked at. Never an error quoting the path, which Dagster would keep in its
+    storage: file names can carry patient names."""
+    try:
+        return path.lstat().st_size
+    except OSError:
+        return 0
 
 
 def _count_table(counts: dict[str, int]) -> MetadataValue:

@@ -220,3 +220,39 @@ def test_a_batch_changed_since_the_sensor_requested_it_is_not_ingested(
     assert current.success
     vault = current.asset_materializations_for_node("ingest")[0].metadata
     assert vault["accepted"].value == 3
+
+
+def test_a_file_gone_since_its_batch_was_listed_fails_nothing_naming_it(
+    tmp_path: Path, key_file: Path, monkeypatch: Any
+) -> None:
+    """A data file moved or removed from the folder between the batch's listing and the
+    inventory of its sizes (an exporter still filling the folder) is counted with no bytes:
+    no step fails with an error quoting its path, which Dagster would keep in its storage (the
+    file's name can be a patient's); the ingest's fingerprint check then fails the batch,
+    naming no file."""
+    from vault.landing import BatchSource
+
+    landing = _landing(tmp_path)
+    secret = landing / "export-1" / "Quillfeather_Marisol_MRN77123.ndjson"
+    secret.write_bytes(orjson.dumps({"resourceType": "Patient", "id": "p9"}) + b"\n")
+    real_listing = BatchSource.listing
+
+    def listing_then_gone(self: BatchSource) -> Any:
+        listed = real_listing(self)
+        secret.unlink(missing_ok=True)
+        return listed
+
+    monkeypatch.setattr(BatchSource, "listing", listing_then_gone)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    result = materialize(
+        batch_assets,
+        partition_key="export-1",
+        instance=instance,
+        resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
+        raise_on_error=False,
+    )
+    inventory = result.asset_materializations_for_node("landing_batch")
+    assert inventory and inventory[0].metadata["files"].value == 2
+    events = " ".join(str(e) for e in instance.all_logs(result.run_id))
+    assert "Quillfeather" not in events and "MRN77123" not in events

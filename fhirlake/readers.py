@@ -212,6 +212,13 @@ def _open(path: Path, state: _ReadState | None = None) -> IO[bytes]:
     return handle
 
 
+def error_type_and_errno(cause: OSError) -> tuple[str, str]:
+    """How an error of the file system is named where its text may not be shown (its text
+    holds the path, and file and folder names can carry patient names): its type and errno
+    name (``PermissionError``, ``EACCES``)."""
+    return type(cause).__name__, errno.errorcode.get(cause.errno or 0, str(cause.errno))
+
+
 class FolderNotReadableError(Exception):
     """A folder of a batch (its own, or one it nests) that could not be listed: permissions, an
     I/O error. Nothing of the batch can be known whole, so it is not read (as a data file the
@@ -221,8 +228,7 @@ class FolderNotReadableError(Exception):
 
     def __init__(self, depth: int, cause: OSError) -> None:
         self.depth = depth
-        self.error_type = type(cause).__name__
-        self.errno_name = errno.errorcode.get(cause.errno or 0, str(cause.errno))
+        self.error_type, self.errno_name = error_type_and_errno(cause)
         where = (
             "the batch's folder"
             if depth == 0
@@ -442,8 +448,7 @@ class FileNotReadableError(Exception):
 
     def __init__(self, file_index: int, cause: OSError) -> None:
         self.file_index = file_index
-        self.error_type = type(cause).__name__
-        self.errno_name = errno.errorcode.get(cause.errno or 0, str(cause.errno))
+        self.error_type, self.errno_name = error_type_and_errno(cause)
         super().__init__(
             f"data file {file_index} of the batch could not be read "
             f"({self.error_type}, {self.errno_name})"

@@ -16,7 +16,6 @@ special files are never followed: they are listed as skipped.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import re
@@ -27,6 +26,7 @@ from fhirlake.readers import (
     BatchListing,
     FolderNotReadableError,
     SkippedFile,
+    error_type_and_errno,
     file_kind,
     not_regular,
     walk_batch,
@@ -58,8 +58,7 @@ class FileNotInspectableError(RuntimeError):
     error's text holds the file's path, which can carry a patient's name."""
 
     def __init__(self, cause: OSError) -> None:
-        self.error_type = type(cause).__name__
-        self.errno_name = errno.errorcode.get(cause.errno or 0, str(cause.errno))
+        self.error_type, self.errno_name = error_type_and_errno(cause)
         super().__init__(
             f"a data file could not be inspected ({self.error_type}, {self.errno_name})"
         )

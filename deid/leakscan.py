@@ -389,8 +389,10 @@ class CanarySet:
         self._changed()
 
     def add_patient(self, patient: dict[str, Any], pseudonym: str | None = None) -> None:
-        """Every direct identifier of a Patient resource and of its contacts; with
-        ``pseudonym``, the birth date is searched in that patient's rows only."""
+        """Every direct identifier of a Patient resource and of its contacts, and its own id
+        (:meth:`add_source_id`); with ``pseudonym``, the birth date is searched in that
+        patient's rows only."""
+        self.add_source_id(patient.get("id"))
         for name in patient.get("name") or []:
             self.add_name(name)
         self.add_contact_points(patient)

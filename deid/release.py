@@ -297,7 +297,6 @@ def batch_canaries(
         con, provider, resource_type="Patient", patients_of_batch=batch_id
     ):
         canaries.add_patient(patient.resource, patient.resource_key)
-        canaries.add_source_id(patient.resource.get("id"))
         patients.add(patient.resource_key)
     _add_relatives(canaries, con, provider, patients)
     return canaries
@@ -396,7 +395,6 @@ def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> C
     canaries = CanarySet()
     for patient in iter_every_version(con, provider, resource_type="Patient"):
         canaries.add_patient(patient.resource, patient.resource_key)
-        canaries.add_source_id(patient.resource.get("id"))
     _add_relatives(canaries, con, provider, None)
     return canaries
 

@@ -147,6 +147,8 @@ _SEPARATOR = re.compile(r"[ ().\-/]+")
 _WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
 # what is no letter or digit, in any script (a batch key made safe keeps ASCII ones only)
 _SEPARATORS = re.compile(r"[\W_]+")
+# what a batch key made safe writes as "-" (vault.landing.batch_key), in case-folded text
+_NOT_KEY_CHARACTERS = re.compile(r"[^0-9a-z]+")
 _HEX_PREFIX = re.compile(r"[0-9a-fA-F]*")
 _DIGIT_KINDS = {"phone", "ssn", "identifier"}
 MEMO_LIMIT = 200_000  # strings whose findings a canary set remembers
@@ -275,6 +277,21 @@ def as_compared(text: str) -> str:
     compatibility characters (an SSN in full-width digits, U+FF10 to U+FF19) is found as the
     same characters in ASCII would be. ASCII text is its own form (and the usual case)."""
     return text if text.isascii() else unicodedata.normalize("NFKC", text)
+
+
+def _key_forms(folded: str) -> set[str]:
+    """A case-folded canary as a batch key made safe shows it, separators as spaces: every
+    letter outside ASCII a separator too (``müller`` is ``m ller``), whether the folder's name
+    was written composed or decomposed (macOS: ``u`` and a combining diaeresis, ``mu ller``),
+    and an ``ß`` that case folding wrote ``ss`` (``straße``, folded ``strasse``, is
+    ``stra e``). Empty for ASCII text without ``ss``, which the other forms cover."""
+    if folded.isascii() and "ss" not in folded:
+        return set()
+    forms = set()
+    for text in {folded, folded.replace("ss", "ß")}:
+        for normal in ("NFC", "NFD"):
+            forms.add(" ".join(_NOT_KEY_CHARACTERS.split(unicodedata.normalize(normal, text))))
+    return {form.strip() for form in forms}
 
 
 class CanarySet:
@@ -428,17 +445,18 @@ class CanarySet:
     def spaced(self) -> CanarySet:
         """The text canaries with every run of characters other than letters and digits
         written as one space (``zquix@example.org`` as ``zquix example org``, ``MRN-ZQ/99173``
-        as ``mrn zq 99173``), beside the digit canaries: for text whose punctuation was
-        rewritten, as a batch key made safe is (``@`` and ``/`` become ``-``) and compared
-        with its separators as spaces. Not for released rows, where a canary's words apart
-        are ordinary words."""
+        as ``mrn zq 99173``), and, for text with letters outside ASCII, as a batch key shows
+        it (:func:`_key_forms`: ``müller`` as ``m ller``), beside the digit canaries: for
+        text whose punctuation was rewritten, as a batch key made safe is (``@`` and ``/``
+        become ``-``) and compared with its separators as spaces. Not for released rows, where
+        a canary's words apart are ordinary words."""
         if self._spaced is None:
             spaced = CanarySet()
             spaced._digits = self._digits
             for text, kind in self._kinds.items():
-                words = " ".join(_SEPARATORS.split(text)).strip()
-                if len(words) >= MIN_TEXT:
-                    spaced._kinds.setdefault(words, kind)
+                for words in {" ".join(_SEPARATORS.split(text)).strip(), *_key_forms(text)}:
+                    if len(words) >= MIN_TEXT:
+                        spaced._kinds.setdefault(words, kind)
             self._spaced = spaced
         return self._spaced
 

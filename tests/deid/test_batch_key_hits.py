@@ -5,6 +5,7 @@ searched (a date-named export folder would match a newborn's birth date by chanc
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,12 @@ PATIENTS = [
     },
     {"resourceType": "Patient", "id": "p2", "name": [{"family": "Wang", "given": ["Li"]}]},
     {"resourceType": "Patient", "id": "pat-zq4471", "gender": "unknown"},
+    {
+        "resourceType": "Patient",
+        "id": "p4",
+        "name": [{"family": "Müller", "given": ["Jürgen"]}, {"family": "Strauß", "given": ["Ida"]}],
+        "address": [{"line": ["Lindenstraße 5"], "city": "Köln"}],
+    },
 ]
 
 
@@ -71,10 +78,34 @@ def canaries() -> CanarySet:
         ("larkspurs", []),  # inside a longer word
         ("synthetic", []),
         ("b1", []),
+        # letters outside ASCII, which a key made safe writes as "-" (see the test below)
+        (batch_key("Müller"), ["name"]),
+        (batch_key("Jürgen Müller"), ["full_name", "name"]),
+        (batch_key(unicodedata.normalize("NFD", "Müller")), ["name"]),  # as macOS writes it
+        (batch_key("Strauß"), ["name"]),
+        (batch_key("Lindenstraße 5"), ["address"]),
+        (batch_key("Mahler"), []),
+        (batch_key("Müllerin"), []),
     ],
 )
 def test_batch_key_hits(canaries: CanarySet, batch_key: str, kinds: list[str]) -> None:
     assert batch_key_hits(canaries, batch_key) == kinds
+
+
+@pytest.mark.parametrize(
+    ("folder", "shown"),
+    [
+        ("Müller", "M-ller"),
+        ("Jürgen Müller", "J-rgen-M-ller"),
+        (unicodedata.normalize("NFD", "Müller"), "Mu-ller"),
+        ("Strauß", "Strau"),
+        ("Lindenstraße 5", "Lindenstra-e-5"),
+    ],
+)
+def test_a_key_made_safe_still_shows_the_name(folder: str, shown: str) -> None:
+    """Why the keys above must be found: the key Dagster shows keeps every ASCII letter of
+    the folder's name, so the name stays readable in it."""
+    assert batch_key(folder).startswith(shown + "-")
 
 
 def test_batch_canaries_hold_the_patients_source_ids(

@@ -94,6 +94,54 @@ def test_refresh_after_each_change_equals_a_build_from_scratch(tmp_path: Path) -
     ]
 
 
+def _hba1c_at(con: duckdb.DuckDBPyConnection, pid: str, at: Any) -> Any:
+    """The published ``hba1c_latest`` of ``pid`` at ``at``: the latest row at or before it."""
+    found = con.execute(
+        "SELECT hba1c_latest FROM features.patient_labs_vitals "
+        "WHERE patient_id = ? AND event_timestamp <= ? ORDER BY event_timestamp DESC LIMIT 1",
+        [pid, at],
+    ).fetchall()
+    return found[0][0] if found else None
+
+
+def test_rows_sent_twice_are_computed_again(tmp_path: Path) -> None:
+    """Two results of one content sent as two resources give two equal view rows (the
+    observation view's columns the features read hold no resource id). Both arriving in a
+    later batch, or both corrected alike, change the patient's features; a digest that
+    cancelled equal rows (an exclusive or of their hashes) left the patient as they were."""
+    rows = crafted_rows()
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    out = tmp_path / "features"
+    write_views(con, rows)
+    refresh_feature_tables(con, out)
+    result = {
+        "patient_id": D,
+        "status": "final",
+        "code": "4548-4",
+        "component_code": None,
+        "value_quantity": 9.5,
+        "value_unit": "%",
+        "effective_date_time": ts(2024, 5, 1),
+        "issued": ts(2024, 5, 1),
+    }
+    # D had no HbA1c; the same result arrives twice, inside the release's time line
+    rows["observation"] += [{**result, "id": "r1"}, {**result, "id": "r2"}]
+    write_views(con, rows)
+    refresh = refresh_feature_tables(con, out)
+    assert (refresh.mode, refresh.patients_changed) == ("incremental", 1)
+    assert _hba1c_at(con, D, ts(2024, 6, 1)) == 9.5
+    assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp_path, rows)
+    # both corrected to the same value: one pair of equal rows replaced by another
+    for row in rows["observation"]:
+        if row.get("id") in ("r1", "r2"):
+            row.update(status="corrected", value_quantity=8.1)
+    write_views(con, rows)
+    refresh = refresh_feature_tables(con, out)
+    assert (refresh.mode, refresh.patients_changed) == ("incremental", 1)
+    assert _hba1c_at(con, D, ts(2024, 6, 1)) == 8.1
+    assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp_path, rows)
+
+
 def test_a_crash_before_the_bookkeeping_redoes_the_same_patients(tmp_path: Path) -> None:
     rows = crafted_rows()
     con = duckdb.connect(str(tmp_path / "w.duckdb"))

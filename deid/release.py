@@ -42,7 +42,7 @@ from deid.workers import (
     WorkerSetup,
     deidentify_items,
 )
-from vault.catalog import has_table
+from vault.catalog import has_table, multiset_digest_sql
 from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
 from vault.keys import KeyProvider, key_fingerprint
 from vault.read import iter_current_records, iter_every_version
@@ -694,7 +694,7 @@ def release_version(con: duckdb.DuckDBPyConnection) -> str:
     """A version of the de-identified resources as they are now: their count and an
     order-independent digest of their content (pseudonymous ids and released JSON only)."""
     ((count, digest),) = con.execute(
-        "SELECT count(*), coalesce(bit_xor(hash(resource_type, id, resource)), 0) "
+        f"SELECT count(*), coalesce({multiset_digest_sql('hash(resource_type, id, resource)')}, 0) "
         "FROM deid_resources"
     ).fetchall()
     return f"{int(count)}-{int(digest):016x}"

@@ -4,7 +4,7 @@ release tables) and compared with the digests of its inputs now.
 
 The feature tables (digests of the view rows their SQL reads) and the training set (digests of
 the label and feature rows) keep one :class:`PatientDigests` each, each patient's digest taken
-by :func:`patient_digest_sql`."""
+by :func:`vault.catalog.multiset_digest_sql`."""
 
 from __future__ import annotations
 
@@ -13,19 +13,6 @@ from dataclasses import dataclass
 import duckdb
 
 from pipelines.workdir import RELEASE_STATE_SCHEMA
-
-# 2**64: the digests are sums of 64-bit row hashes, kept to 64 bits
-_DIGEST_MODULUS = 18446744073709551616
-
-
-def patient_digest_sql(row_hash: str) -> str:
-    """SQL aggregate: one patient's digest of the rows whose ``row_hash`` (a UBIGINT
-    expression) it groups, independent of their order: the sum of the hashes modulo 2**64.
-    A row present twice counts twice: an exclusive or cancels a pair of equal hashes, so two
-    equal rows (two results of one content, sent as two resources; a view row carries no
-    resource id) added to a patient left the digest as it was, and the patient was not computed
-    again."""
-    return f"(sum({row_hash}) % {_DIGEST_MODULUS})::UBIGINT"
 
 
 @dataclass(frozen=True)

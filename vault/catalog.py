@@ -26,6 +26,20 @@ def table_columns(con: duckdb.DuckDBPyConnection, name: str, schema: str = "main
     return {column for (column,) in rows}
 
 
+# 2**64: a multiset digest is a sum of 64-bit hashes, kept to 64 bits
+_DIGEST_MODULUS = 1 << 64
+
+
+def multiset_digest_sql(row_hash: str) -> str:
+    """SQL aggregate: a digest of the rows it groups, independent of their order, from
+    ``row_hash`` (a trusted UBIGINT expression of a row, such as ``hash(t)``): the sum of the
+    hashes modulo 2**64 (NULL over no rows). A row present twice counts twice: an exclusive or
+    of the hashes cancels a pair of equal rows, so two equal rows added (two results of one
+    content sent as two resources are two equal view rows), or a pair replaced by another
+    pair, left it as it was."""
+    return f"(sum({row_hash}) % {_DIGEST_MODULUS})::UBIGINT"
+
+
 def quote_identifier(name: str) -> str:
     """``name`` as a double-quoted SQL identifier (DuckDB and SQLite), inner quotes doubled."""
     return '"' + name.replace('"', '""') + '"'

@@ -52,6 +52,7 @@ from pipelines.definitions import batch_assets, build_resources, release_assets
 from pipelines.partitions import batch_partitions
 from pipelines.run import local_instance
 from pipelines.workdir import Workdir
+from vault.catalog import multiset_digest_sql
 from vault.keys import init_keyring
 
 _PARTITIONS = batch_partitions.name or "batches"
@@ -152,7 +153,7 @@ def release_digests(warehouse: Path) -> dict[str, str]:
                 if name not in _BUILD_TIME_COLUMNS
             ]
             ((digest,),) = con.execute(
-                f"SELECT count(*) || ':' || coalesce(bit_xor(hash(t)), 0) "
+                f"SELECT count(*) || ':' || coalesce({multiset_digest_sql('hash(t)')}, 0) "
                 f"FROM (SELECT {', '.join(columns)} FROM {schema}.{table}) t"
             ).fetchall()
             digests[f"{schema}.{table}"] = str(digest)

@@ -53,7 +53,7 @@ from pipelines.features.tables import (
 )
 from pipelines.features.valuesets import ValueSet, load_valuesets, register_code_table
 from pipelines.parallel import on_cursors
-from pipelines.patient_digests import PatientDigests, patient_digest_sql
+from pipelines.patient_digests import PatientDigests
 from pipelines.publish import (
     CheckOutcome,
     PublishCheck,
@@ -62,6 +62,7 @@ from pipelines.publish import (
     transaction,
 )
 from pipelines.workdir import RELEASE_STATE_SCHEMA
+from vault.catalog import multiset_digest_sql
 from vault.keys import fsync_dir
 
 # the schema the erasure plan purges by patient_id (pipelines.workdir)
@@ -135,7 +136,7 @@ def _ensure_state(con: duckdb.DuckDBPyConnection) -> None:
 def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
     """``CURRENT``: per patient, an order-independent digest of every view row the feature SQL
     reads (the ``src_*`` views over everyone), each row counted as often as it is there
-    (:func:`pipelines.patient_digests.patient_digest_sql`)."""
+    (:func:`vault.catalog.multiset_digest_sql`)."""
     parts = [
         f"SELECT {'id' if view == 'patient' else 'patient_id'} AS patient_id, hash(s) AS h "
         f"FROM src_{view} s"
@@ -143,7 +144,7 @@ def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
     ]
     con.execute(
         f"CREATE OR REPLACE TABLE {CURRENT} AS SELECT patient_id, "
-        f"{patient_digest_sql('hash(h, ?)')} AS digest "
+        f"{multiset_digest_sql('hash(h, ?)')} AS digest "
         f"FROM ({' UNION ALL '.join(parts)}) WHERE patient_id IS NOT NULL GROUP BY patient_id",
         [FEATURES_VERSION],
     )

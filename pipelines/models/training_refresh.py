@@ -40,10 +40,10 @@ from pipelines.models.training_set import (
     readmission_training_rows,
     readmission_training_set,
 )
-from pipelines.patient_digests import PatientDigests, patient_digest_sql
+from pipelines.patient_digests import PatientDigests
 from pipelines.publish import TableChange, publish_in_place, transaction
 from pipelines.workdir import RELEASE_STATE_SCHEMA
-from vault.catalog import has_table
+from vault.catalog import has_table, multiset_digest_sql
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -84,7 +84,7 @@ def _stage_patient_digests(con: duckdb.DuckDBPyConnection) -> None:
     ]
     con.execute(
         f"CREATE OR REPLACE TABLE {CURRENT} AS SELECT patient_id, "
-        f"{patient_digest_sql('hash(h, ?)')} AS digest "
+        f"{multiset_digest_sql('hash(h, ?)')} AS digest "
         f"FROM ({' UNION ALL '.join(parts)}) GROUP BY patient_id",
         [TRAINING_SET_VERSION],
     )

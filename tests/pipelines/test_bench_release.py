@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import duckdb
 import pytest
 
+from deid.release import release_version
 from pipelines.bench import release as bench
-from pipelines.bench.release import ReleaseRun, Timed, steal_share
+from pipelines.bench.release import ReleaseRun, Timed, release_digests, steal_share
 
 
 def test_release_runs_take_turns_and_each_starts_from_the_same_state(
@@ -68,3 +70,26 @@ def test_a_small_bench_runs_and_its_late_release_equals_the_full_one(
     assert out["late_platform_s"] + out["late_dagster_s"] == pytest.approx(out["late_release_s"])
     assert 0 < out["without_dagster_ratio"]
     assert out["steal_share"] is None or 0 <= out["steal_share"] <= 1
+
+
+def test_the_release_version_and_the_bench_digests_see_a_pair_replaced(tmp_path: Path) -> None:
+    """Two equal released rows replaced by two other equal rows: a new release version (the
+    data version Dagster compares) and a table digest of its own in the bench's comparison."""
+    paths = [tmp_path / "before.duckdb", tmp_path / "after.duckdb"]
+    versions, digests = [], []
+    for path, pair in zip(paths, ("b", "c"), strict=True):
+        con = duckdb.connect(str(path))
+        con.execute(
+            "CREATE TABLE deid_resources (resource_type VARCHAR, id VARCHAR, resource JSON)"
+        )
+        con.execute("INSERT INTO deid_resources VALUES ('Observation', 'a', '{}')")
+        for _ in range(2):
+            con.execute("INSERT INTO deid_resources VALUES ('Observation', ?, '{}')", [pair])
+        con.execute("CREATE SCHEMA views")
+        con.execute("CREATE TABLE views.observation AS SELECT id FROM deid_resources")
+        versions.append(release_version(con))
+        con.close()
+        digests.append(release_digests(path)["views.observation"])
+    assert versions[0] != versions[1]
+    assert digests[0] != digests[1]
+    assert [d.split(":")[0] for d in digests] == ["3", "3"]

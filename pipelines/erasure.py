@@ -16,6 +16,7 @@ import orjson
 from deid.release import erased_subjects
 from deid.released_table import ensure_resource_digests, resource_digest_sql
 from pipelines.features.online_scan import delete_online_entities, online_entity_key
+from pipelines.publish import unfinished_temporaries
 from vault.catalog import has_table, quote_identifier
 from vault.keys import fsync_dir, fsync_file
 from vault.lifecycle import check_pseudonym
@@ -28,6 +29,32 @@ def purge_released_parquet(folders: tuple[Path, ...], pseudonym: str) -> int:
     the number of rows removed."""
     check_pseudonym(pseudonym)  # inlined into COPY statements below: its own alphabet only
     return _purge_parquet_rows(folders, ("patient_id",), f"patient_id = '{pseudonym}'")
+
+
+def remove_unfinished_publishes(folders: tuple[Path, ...], warehouse: Path | None = None) -> int:
+    """Delete the temporary files that publishes killed before their rename left in ``folders``
+    (:func:`pipelines.publish.unfinished_temporaries`): each holds every row its table had
+    then, the erased patient's among them, and the purge of the published files does not read
+    them. Holds ``warehouse`` open for writing meanwhile, so that no other process is writing
+    one (every publish writes its temporary file with the warehouse open); returns how many
+    files were deleted."""
+    con = None
+    if warehouse is not None and Path(warehouse).exists():
+        con = connect_when_free(warehouse)
+    try:
+        removed = 0
+        for folder in folders:
+            for entry in unfinished_temporaries(folder):
+                entry.unlink(missing_ok=True)
+                removed += 1
+        if removed:
+            for folder in folders:
+                if Path(folder).is_dir():
+                    fsync_dir(Path(folder))
+    finally:
+        if con is not None:
+            con.close()
+    return removed
 
 
 def purge_released_parquet_resources(
@@ -281,12 +308,16 @@ class ReleasedReferences:
 
 @dataclass(frozen=True)
 class ReleasedParquet:
-    """The released Parquet files of a workdir (views, features, models)."""
+    """The released Parquet files of a workdir (views, features, models), and the temporary
+    files of publishes into them that a killed process left behind."""
 
     folders: tuple[Path, ...]
     name: str = "released_parquet"
+    # the warehouse every publish holds open while it writes a temporary file (waited for)
+    warehouse: Path | None = None
 
     def purge(self, pseudonym: str) -> int:
+        remove_unfinished_publishes(self.folders, self.warehouse)
         return purge_released_parquet(self.folders, pseudonym)
 
     def purge_resources(self, resource_keys: tuple[str, ...]) -> int:

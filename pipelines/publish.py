@@ -4,9 +4,11 @@ sees the old rows or the new ones and never a half-written table or file.
 The DuckDB side swaps a fully built staging table in within one transaction; the Parquet side
 is written to a temporary file beside the target, flushed to disk, then renamed over it (a rename
 within one folder is atomic). A failure before the swap leaves the old table, the old file and
-no temporary file behind. A folder of files that belong together (a model with its metrics,
-card and plots) is published as one set through a symlink switched by one rename
-(:func:`publish_folder`).
+no temporary file behind; a process killed in between leaves its temporary file, with every row
+of the table it was publishing, and the next publish of the same target removes it
+(:func:`unfinished_temporaries`; an erasure removes them all). A folder of files that belong
+together (a model with its metrics, card and plots) is published as one set through a symlink
+switched by one rename (:func:`publish_folder`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,45 @@ import duckdb
 from vault.keys import exclusive_lock, fsync_dir, fsync_file
 
 STAGING_SUFFIX = "__staging"
+# A publish's temporary Parquet file: ``.<target name>.<8 of tempfile's characters>.tmp``
+TEMPORARY_SUFFIX = ".tmp"
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
+
+
+def _new_temporary(target: Path) -> Path:
+    """A new, empty temporary file beside ``target``, under a unique hidden name: two writers
+    never share it, and globs for ``*.parquet`` never see it."""
+    fd, name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX, dir=target.parent
+    )
+    os.close(fd)
+    return Path(name)
+
+
+def unfinished_temporaries(folder: Path, target: str | None = None) -> list[Path]:
+    """The temporary files of publishes into ``folder`` (of the target named ``target`` only,
+    when given) that were never renamed into place. A publish that fails removes its own; a
+    process killed between writing one and renaming it (SIGKILL, a power loss) leaves it
+    there, holding every row the table had then: patients erased or withheld since included.
+    Nothing reads them. Only a process that holds the warehouse open for writing may remove
+    them: every publish writes its temporary file with the warehouse open, so no other
+    process is writing one meanwhile."""
+    if not Path(folder).is_dir():
+        return []
+    found = []
+    for entry in sorted(Path(folder).iterdir()):
+        match = _TEMPORARY.fullmatch(entry.name)
+        if match is None or (target is not None and match["target"] != target):
+            continue
+        if entry.is_file() and not entry.is_symlink():
+            found.append(entry)
+    return found
+
+
+def _remove_unfinished_temporaries(target: Path) -> None:
+    """Remove what killed publishes of ``target`` left (:func:`unfinished_temporaries`)."""
+    for entry in unfinished_temporaries(target.parent, target.name):
+        entry.unlink(missing_ok=True)
 
 
 def _sql_string(value: str) -> str:
@@ -287,10 +328,8 @@ def _publish(
     target.parent.mkdir(parents=True, exist_ok=True)
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     staging = f"{schema}.{name}{STAGING_SUFFIX}"
-    # a unique hidden name: two writers never share it, and globs for *.parquet never see it
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    _remove_unfinished_temporaries(target)
+    tmp = _new_temporary(target)
     result: CheckT | None = None
     try:
         _stage(con, staging, source)
@@ -361,15 +400,13 @@ def publish_in_place(
         for change in changes:
             target = Path(change.parquet)
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(
-                prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-            )
-            os.close(fd)
-            temporaries.append((Path(tmp_name), target))
+            _remove_unfinished_temporaries(target)
+            tmp = _new_temporary(target)
+            temporaries.append((tmp, target))
             source = change.table
             if change.order_by:
                 source = f"(SELECT * FROM {change.table} ORDER BY {change.order_by})"
-            _copy_parquet(con, source, Path(tmp_name), change.compression)
+            _copy_parquet(con, source, tmp, change.compression)
         for tmp, target in temporaries:
             os.replace(tmp, target)
         con.execute("COMMIT")

@@ -122,7 +122,7 @@ class Workdir:
             tables=RELEASED_TABLES,
             places=(
                 # the patient's own rows go first: the references left are other patients'
-                ReleasedParquet(self.released_folders),
+                ReleasedParquet(self.released_folders, warehouse=self.warehouse),
                 ReleasedReferences(self.warehouse, self.released_folders),
                 OnlineStore(self.online_store),
                 ModelTrainingRecord(self.models, warehouse=self.warehouse),

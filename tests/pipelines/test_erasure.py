@@ -192,6 +192,72 @@ def test_parquet_purge_is_durable_before_it_returns(
     ]
 
 
+# A feature table's publish as a run makes it, killed (os._exit: no handler runs, as under
+# SIGKILL) after its temporary Parquet file is written and before the rename.
+_PUBLISH_KILLED_BEFORE_ITS_RENAME = """
+import os, sys
+from pathlib import Path
+from pipelines import publish
+from vault import warehouse
+real_copy = publish._copy_parquet
+def copy_then_die(con, table, path, compression):
+    real_copy(con, table, path, compression)
+    os._exit(9)
+publish._copy_parquet = copy_then_die
+con = warehouse.connect(sys.argv[1])
+publish.publish_table(con, "features.t", Path(sys.argv[2]), "SELECT * FROM features.t")
+"""
+
+
+def test_forget_removes_what_a_killed_publish_left(tmp_path: Path) -> None:
+    """A run killed while publishing a feature table leaves its temporary Parquet file beside
+    the published one, with every row of the table, until that table is published again; the
+    erasure's purge of the released files removes it, so no file of the workdir keeps the
+    patient's rows."""
+    import subprocess
+    import sys
+
+    from pipelines.publish import publish_table
+    from vault import warehouse
+
+    workdir = Workdir(tmp_path / "work")
+    workdir.root.mkdir(mode=0o700)
+    forgotten, kept = "a" * PSEUDONYM_HEX_CHARS, "b" * PSEUDONYM_HEX_CHARS
+    target = workdir.features / "t.parquet"
+    con = warehouse.connect(workdir.warehouse)
+    publish_table(
+        con, "features.t", target, f"SELECT unnest(['{forgotten}', '{kept}']) AS patient_id"
+    )
+    con.close()
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _PUBLISH_KILLED_BEFORE_ITS_RENAME,
+            str(workdir.warehouse),
+            str(target),
+        ],
+        check=False,
+    )
+    assert killed.returncode == 9
+    (left,) = workdir.features.glob(".t.parquet.*.tmp")
+    assert forgotten in pq.read_table(left).column("patient_id").to_pylist()
+
+    (place,) = [p for p in workdir.erasure_plan().places if p.name == "released_parquet"]
+    assert place.purge(forgotten) == 1
+    assert sorted(p.name for p in workdir.features.iterdir()) == ["t.parquet"]
+    assert pq.read_table(target).column("patient_id").to_pylist() == [kept]
+    assert _holding(workdir.root, forgotten) == ["warehouse.duckdb"]  # the table's own rows
+    con = warehouse.connect(workdir.warehouse, read_only=True)
+    try:
+        ((rows,),) = con.execute(
+            "SELECT count(*) FROM features.t WHERE patient_id = ?", [forgotten]
+        ).fetchall()
+    finally:
+        con.close()
+    assert rows == 1  # the warehouse tables are the erasure transaction's, not this place's
+
+
 # A model fit as the readmission model's step runs it: the warehouse open (read only) from
 # before its rows are read until its files, the record of its rows among them, are published.
 _FIT_HOLDING_THE_WAREHOUSE = """

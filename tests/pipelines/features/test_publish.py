@@ -175,3 +175,85 @@ def test_a_failed_replacing_write_keeps_the_old_file_and_leaves_no_temporary_one
     publish.write_replacing(target, lambda path: path.write_bytes(b"new"))
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plot.png"]
+
+
+# A publish killed after writing its temporary Parquet file, before the rename: os._exit runs
+# no handler and no cleanup, as under SIGKILL or a power loss.
+_KILLED_PUBLISH = """
+import os, sys
+from pathlib import Path
+import duckdb
+from pipelines import publish
+real_copy = publish._copy_parquet
+def copy_then_die(con, table, path, compression):
+    real_copy(con, table, path, compression)
+    os._exit(9)
+publish._copy_parquet = copy_then_die
+con = duckdb.connect(sys.argv[1])
+if sys.argv[2] == "in_place":
+    change = publish.TableChange("s.t", Path(sys.argv[3]), ("INSERT INTO s.t VALUES ('new')",))
+    publish.publish_in_place(con, [change])
+else:
+    publish.publish_table(con, "s.t", Path(sys.argv[3]), "SELECT 'killed' AS patient_id")
+"""
+
+
+def _killed_publish(database: Path, how: str, target: Path) -> list[Path]:
+    """Run a publish of ``target`` in a child killed before its rename; the temporary files
+    left beside ``target``."""
+    import subprocess
+    import sys
+
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_PUBLISH, str(database), how, str(target)], check=False
+    )
+    assert child.returncode == 9
+    return sorted(target.parent.glob(f".{target.name}.*.tmp"))
+
+
+@pytest.mark.parametrize("how", ["table", "in_place"])
+def test_the_next_publish_removes_what_a_killed_one_left(tmp_path: Path, how: str) -> None:
+    """A publish killed between writing its temporary file and renaming it leaves that file,
+    with every row the table had (patients withheld or erased since among them); the next
+    publish of the same target removes it, and leaves another target's to that one."""
+    database, out = tmp_path / "w.duckdb", tmp_path / "out"
+    con = duckdb.connect(str(database))
+    publish_table(con, "s.t", out / "t.parquet", "SELECT 'old' AS patient_id")
+    publish_table(con, "s.u", out / "u.parquet", "SELECT 'old' AS patient_id")
+    con.close()
+    (left,) = _killed_publish(database, how, out / "t.parquet")
+    (other,) = _killed_publish(database, how, out / "u.parquet")
+    assert sorted(out.glob(".*.tmp")) == sorted([left, other])
+    assert pq.read_table(left).num_rows >= 1  # a whole file, never renamed into place
+
+    con = duckdb.connect(str(database))
+    publish_table(con, "s.t", out / "t.parquet", "SELECT 'next' AS patient_id")
+    assert sorted(out.glob(".*.tmp")) == [other]
+    publish.publish_in_place(
+        con, [publish.TableChange("s.u", out / "u.parquet", ("DELETE FROM s.u",))]
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["t.parquet", "u.parquet"]
+
+
+def test_unfinished_temporaries_are_the_publishes_own_names_only(tmp_path: Path) -> None:
+    """What a killed publish leaves, found by target; never a published file, another
+    program's file or a folder."""
+    names = [
+        ".t.parquet.ab1_x9zq.tmp",  # tempfile's eight characters
+        ".u.parquet.0123abcd.tmp",
+        "t.parquet",
+        ".t.parquet.tmp",  # not a publish's name
+        ".t.parquet.erasing",
+        "notes.tmp",
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / ".v.parquet.zzzzzzzz.tmp").mkdir()
+    assert [p.name for p in publish.unfinished_temporaries(tmp_path)] == [
+        ".t.parquet.ab1_x9zq.tmp",
+        ".u.parquet.0123abcd.tmp",
+    ]
+    assert [p.name for p in publish.unfinished_temporaries(tmp_path, "u.parquet")] == [
+        ".u.parquet.0123abcd.tmp"
+    ]
+    assert publish.unfinished_temporaries(tmp_path / "absent") == []

@@ -345,17 +345,36 @@ def purge_model_training_record(
 
     A model being fitted holds ``warehouse`` open until its files are published
     (``pipelines.assets.models``): the purge waits for it first, so that a fit which read the
-    patient's rows before the erasure cannot publish its record after the purge."""
+    patient's rows before the erasure cannot publish its record after the purge, and holds the
+    warehouse until it is done, so that no fit is writing meanwhile. The record a fit killed
+    while writing it left in the folder of its unfinished publish (the temporary file of
+    :func:`pipelines.publish.write_replacing`, the patients of that fit) is deleted too."""
     from pipelines.models.training import TRAINED_ON_ROWS_FILE, forget_trained_on
+    from pipelines.publish import replacing_temporary
 
     check_pseudonym(pseudonym)
+    holding = None
     if warehouse is not None and Path(warehouse).exists():
         # for writing: DuckDB lets readers in beside the fit's read-only connection
-        connect_when_free(warehouse).close()
+        holding = connect_when_free(warehouse)
     removed = 0
     seen: set[Path] = set()
     con = duckdb.connect()
     try:
+        # no fit is running (the warehouse is held): every such temporary file is a killed fit's
+        unfinished = replacing_temporary(Path(TRAINED_ON_ROWS_FILE)).name
+        for path in sorted(Path(models_folder).glob(f"*/{unfinished}")):
+            if path.is_symlink() or not path.is_file():
+                continue
+            try:
+                ((found,),) = con.execute(
+                    "SELECT count(*) FROM read_parquet(?) WHERE patient_id = ?",
+                    [str(path), pseudonym],
+                ).fetchall()
+            except duckdb.Error:  # cut short by the kill, or no patient column: nothing reads it
+                found = 0
+            path.unlink(missing_ok=True)
+            removed += int(found)
         # a model's folder is a symlink to the hidden folder of its current set, which the glob
         # lists too (as it lists the folder of a publish a crash left unfinished): each once
         for path in sorted(Path(models_folder).glob(f"*/{TRAINED_ON_ROWS_FILE}")):
@@ -375,6 +394,8 @@ def purge_model_training_record(
                 removed += int(found)
     finally:
         con.close()
+        if holding is not None:
+            holding.close()
     return removed
 
 

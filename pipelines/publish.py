@@ -93,11 +93,17 @@ def _copy_parquet(
     fsync_file(path)
 
 
+def replacing_temporary(path: Path) -> Path:
+    """The temporary file :func:`write_replacing` writes ``path`` through; a process killed
+    before its rename leaves it there."""
+    return Path(path).with_name(f".{Path(path).name}{TEMPORARY_SUFFIX}")
+
+
 def write_replacing(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` through a temporary file beside it (``write`` writes the file it is
     given), so a reader sees the old or the new file, never half of one. A write that fails
     leaves the old file and no temporary one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = replacing_temporary(path)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -316,3 +316,54 @@ def test_the_training_record_purge_waits_for_a_fit_that_read_the_patient(
     assert [
         r for r in records if pseudonym in pq.read_table(r).column("patient_id").to_pylist()
     ] == []
+
+
+# A model fit killed (os._exit: as under SIGKILL) while it writes the record of its rows, the
+# last file of its set: the folder of the unfinished publish keeps the record's temporary file.
+_FIT_KILLED_WRITING_ITS_RECORD = """
+import os, sys
+from pathlib import Path
+import pandas as pd
+from pipelines.models.training import write_trained_on
+from pipelines.publish import publish_folder
+real = pd.DataFrame.to_parquet
+def then_die(self, path, *args, **kwargs):
+    real(self, path, *args, **kwargs)
+    if sys.argv[3] == "kill":
+        os._exit(9)
+pd.DataFrame.to_parquet = then_die
+frame = pd.DataFrame({"patient_id": sys.argv[2].split(","), "x": 1.0})
+publish_folder(Path(sys.argv[1]), lambda folder: write_trained_on(frame, ["x"], folder))
+"""
+
+
+def test_the_training_record_purge_reaches_a_fit_killed_while_writing_it(
+    tmp_path: Path,
+) -> None:
+    """The published model was trained without her; a later fit with her rows was killed while
+    writing its record, before its set was published. Until another fit is published (none
+    need be: the model on disk was not trained with her), its folder keeps that temporary file,
+    her pseudonym among its rows. The erasure deletes it."""
+    import subprocess
+    import sys
+
+    workdir = Workdir(tmp_path / "work")
+    workdir.root.mkdir(mode=0o700)
+    from vault import warehouse
+
+    warehouse.connect(workdir.warehouse).close()
+    forgotten, other = "a" * PSEUDONYM_HEX_CHARS, "b" * PSEUDONYM_HEX_CHARS
+    model = workdir.models / "readmission"
+    for patients, how in ((other, "publish"), (f"{other},{forgotten}", "kill")):
+        fit = subprocess.run(
+            [sys.executable, "-c", _FIT_KILLED_WRITING_ITS_RECORD, str(model), patients, how],
+            check=False,
+        )
+        assert fit.returncode == (9 if how == "kill" else 0)
+    assert _holding(workdir.root, forgotten) != []
+
+    (place,) = [p for p in workdir.erasure_plan().places if p.name == "model_training_record"]
+    assert place.purge(forgotten) == 1
+    assert _holding(workdir.root, forgotten) == []
+    # the published model's record names only the other patient: it stays
+    assert pq.read_table(model / "trained_on.parquet").column("patient_id").to_pylist() == [other]

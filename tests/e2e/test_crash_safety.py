@@ -17,6 +17,7 @@ import duckdb
 import pytest
 
 from fhirlake.synthetic import generate
+from pipelines.publish import unfinished_temporaries
 
 pytestmark = pytest.mark.e2e
 
@@ -174,4 +175,7 @@ def test_killed_runs_then_a_rerun_equal_an_uninterrupted_run(
     assert got["tables"] == expected["tables"], killed
     assert got["parquet"] == expected["parquet"], killed
     assert got["online"] == expected["online"], killed
+    # nor a temporary file of a killed publish (every row of its table then) beside them
+    left = [p for f in ("views", "features") for p in unfinished_temporaries(crashed / f)]
+    assert not left, (killed, [p.name for p in left])
     print(f"killed during: {', '.join(killed)}")

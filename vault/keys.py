@@ -418,11 +418,30 @@ def read_keyring_document(path: Path) -> dict[str, Any]:
 @contextlib.contextmanager
 def keyring_lock(key_file: Path) -> Iterator[None]:
     """One writer of a keyring at a time (an flock on ``<key file>.lock``): registration by
-    ingest and a rotation must not overwrite each other's keyring."""
+    ingest and a rotation must not overwrite each other's keyring.
+
+    Every writer of the keyring holds this lock, so once it is taken no temporary file of the
+    keyring is being written: any there (:func:`keyring_temporaries`) was left by a writer
+    killed (or a power cut) before its rename, and is removed. Such a file is a whole keyring,
+    KEKs in the clear: left there, it would keep a KEK that a rotation retired and ``ehr keys
+    purge-retired`` dropped, and with it every data key a backup holds under that KEK, an
+    erased patient's among them."""
     lock_path = key_file.with_name(key_file.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with exclusive_lock(lock_path):
+        for stale in keyring_temporaries(key_file):
+            stale.unlink(missing_ok=True)
         yield
+
+
+def keyring_temporaries(key_file: Path) -> list[Path]:
+    """The temporary files :func:`write_keyring` writes the keyring at ``key_file`` through
+    (``.<name>.<16 hex digits>.tmp``, :func:`replace_private_file`) that are in its folder."""
+    folder = key_file.parent
+    if not folder.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{key_file.name}.") + r"[0-9a-f]{16}\.tmp")
+    return sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
 
 
 @contextlib.contextmanager
@@ -491,7 +510,8 @@ def replace_private_file(path: Path, text: str) -> None:
 def write_keyring(path: Path, document: Mapping[str, Any]) -> None:
     """The only writer of keyring files: atomic, durable and mode 0600. Durability matters to
     rotation, which must never commit data keys wrapped under a KEK that a power cut could take
-    out of the keyring again."""
+    out of the keyring again. Callers hold :func:`keyring_lock`, which removes the temporary
+    file a writer killed before its rename left."""
     replace_private_file(path, json.dumps(document, indent=2) + "\n")
 
 

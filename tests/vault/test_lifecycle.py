@@ -2,7 +2,10 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -288,6 +291,60 @@ def test_a_crash_before_the_old_kek_is_dropped_is_harmless(
         assert FileKeyProvider.load(world.key_file).live_kek_ids == [report.new_kek_id]
     finally:
         con.close()
+
+
+# a rotation in another process, killed (SIGKILL) as it renames its first keyring write into
+# place: the temporary file it leaves is a whole keyring, the KEK about to retire in the clear
+_ROTATE_KILLED_AT_RENAME = """
+import os, signal, sys
+from pathlib import Path
+import duckdb
+from vault import keys
+from vault.audit import AuditLog
+from vault.keys import FileKeyProvider
+from vault.lifecycle import rotate_kek
+
+def killed(src, dst):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+key_file, wh, log = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+keys.os.replace = killed
+audit = AuditLog.for_provider(log, FileKeyProvider.load(key_file))
+rotate_kek(key_file, duckdb.connect(wh), audit)
+"""
+
+
+def test_a_rotation_killed_at_its_keyring_write_leaves_no_retired_kek_behind_a_purge(
+    world: World,
+) -> None:
+    """An erased patient's data key in a backup from before the erasure stays unreadable after
+    a rotation and a purge, even when a rotation was killed while writing the keyring."""
+    old_id = world.provider.active_kek_id()
+    old_b64 = json.loads(world.key_file.read_text())["keks"][old_id]["key"]
+    arguments = [str(world.key_file), str(world.wh), str(world.audit.path)]
+    killed = subprocess.run(
+        [sys.executable, "-c", _ROTATE_KILLED_AT_RENAME, *arguments],
+        capture_output=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    left = [p for p in world.key_file.parent.iterdir() if p.suffix == ".tmp"]
+    assert left and old_b64 in left[0].read_text()  # what the killed write left
+    con = world.connect()
+    try:
+        report = rotate_kek(world.key_file, con, world.audit)
+    finally:
+        con.close()
+    assert report.retired_kek_ids == [old_id]
+    assert lifecycle.purge_retired_keks(world.key_file, world.audit) == [old_id]
+    old_kek = base64.b64decode(old_b64)
+    for path in world.key_file.parent.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert old_b64.encode() not in data and old_kek not in data, path
+            assert old_kek.hex().encode() not in data, path
+    assert [p.name for p in world.key_file.parent.iterdir() if p.suffix == ".tmp"] == []
 
 
 def test_environment_keys_are_not_rotated_here(

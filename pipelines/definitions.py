@@ -34,6 +34,7 @@ from pipelines.resources import (
     default_workdir,
 )
 from pipelines.sensors import landing_sensor
+from vault.keys import refuse_key_shaped_path
 
 # Feast's DuckDB offline store goes through ibis, which calls a DuckDB method DuckDB deprecated:
 # nothing this project can act on, printed once per retrieval in every run. Every process that
@@ -49,7 +50,13 @@ def build_resources(
     key_file: str | None = None,
     workers: int = 0,
 ) -> dict[str, object]:
-    """Resources for a workdir and landing folder; defaults come from EHR_* variables."""
+    """Resources for a workdir and landing folder; defaults come from EHR_* variables.
+
+    A ``key_file`` becomes the key resource's config, which Dagster stores with every run (the
+    job's snapshot): one that looks like a key (pasted into ``ehr run --key-file``) is refused
+    here, before any run is made (:func:`vault.keys.refuse_key_shaped_path`)."""
+    if key_file is not None:
+        refuse_key_shaped_path(key_file, "the key file given (--key-file)")
     return {
         "warehouse": WarehouseResource(workdir=workdir or default_workdir()),
         "landing": LandingResource(path=landing or default_landing()),

@@ -113,6 +113,18 @@ def shown(value: object, what: str, *, path: bool = False) -> str:
     return f"[{what} is not a key id (kek-<16 hex digits>) and may be key material; not shown]"
 
 
+def refuse_key_shaped_path(path: str | Path, what: str) -> None:
+    """Refuse a key file path that looks like key material (:func:`_looks_like_key_material`),
+    naming it by ``what`` (the option or setting it was given as), without it: a value that
+    is kept as configuration (a Dagster resource's config, stored with every run) must not be
+    a key pasted where the keyring's path belongs."""
+    if _looks_like_key_material(str(path)):
+        raise KeyMaterialError(
+            f"{what} is not a file path and looks like key material (not shown): give the "
+            "keyring file's path, or the keys as variables"
+        )
+
+
 def shown_key_file(path: str | Path) -> str:
     """The key file's path as a message may show it (:func:`shown`), said to be the value of
     ``EHR_KEY_FILE`` when it was taken from there."""

@@ -6,8 +6,11 @@ shown."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import secrets
+import sqlite3
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -311,3 +314,56 @@ def test_a_hand_edited_keyring_is_named_by_its_path(
     for key in keys:
         assert key not in result.output
         assert key[:16] not in result.output
+
+
+def _stored_text(root: Path) -> bytes:
+    """Every file under ``root``, and every cell of its SQLite files (Dagster's run storage),
+    zlib-compressed ones (job snapshots) decompressed."""
+    texts: list[bytes] = []
+    for path in root.rglob("*"):
+        if not path.is_file():
+            continue
+        texts.append(path.read_bytes())
+        if path.suffix != ".db":
+            continue
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            listed = con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            tables = [table for (table,) in listed.fetchall()]
+            for table in tables:
+                for row in con.execute(f'SELECT * FROM "{table}"'):
+                    for cell in row:
+                        if isinstance(cell, str):
+                            texts.append(cell.encode())
+                        elif isinstance(cell, bytes):
+                            texts.append(cell)
+                            with contextlib.suppress(zlib.error):
+                                texts.append(zlib.decompress(cell))
+        finally:
+            con.close()
+    return b"\n".join(texts)
+
+
+def test_a_key_given_as_the_key_file_of_a_run_is_stored_nowhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: tuple[bytes, str]
+) -> None:
+    """`ehr run --key-file <a key>`: the key file becomes the key resource's config, which
+    Dagster stores with the run (the job's snapshot). It is refused before any run is made,
+    naming the option; an ordinary path is still taken."""
+    key, text = planted
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EHR_KEK", raising=False)
+    landing = tmp_path / "landing" / "b1"
+    landing.mkdir(parents=True)
+    (landing / "p.ndjson").write_text('{"resourceType": "Patient", "id": "p1"}\n')
+    work = tmp_path / "work"
+    result = CliRunner().invoke(
+        main, ["run", "--input", str(landing.parent), "--workdir", str(work), "--key-file", text]
+    )
+    assert result.exit_code != 0
+    stored = _stored_text(tmp_path)
+    assert key not in stored
+    assert_no_key(stored.decode("utf-8", "replace"), key)
+    output = result.output + result.stderr
+    assert_no_key(output, key)
+    assert "--key-file" in output and "looks like key material" in output

@@ -272,7 +272,7 @@ def _registered_warehouses(
             raise KeyRotationError(
                 "cannot reach every warehouse registered with this keyring, nothing was "
                 f"rotated: {'; '.join(unreachable)}. Make them reachable (and stop their "
-                "pipeline runs), or remove a deleted one with `ehr keys forget-warehouse`"
+                "pipeline runs), or remove a deleted one with `ehr keys forget-warehouse ID`"
             )
         yield cons
     finally:
@@ -450,11 +450,36 @@ def purge_retired_keks(
 
 
 def forget_warehouse(key_file: Path, warehouse_id: str) -> bool:
-    """Remove a warehouse that no longer exists from the keyring's registry."""
+    """Remove a warehouse that no longer exists from the keyring's registry (``ehr keys
+    forget-warehouse``), so that rotation and ``purge-retired`` no longer wait for it.
+
+    Refused while the file it was last seen at still holds that warehouse, or cannot be read
+    (open in a running process): a rotation that skipped a living warehouse would leave its
+    data keys under a KEK that ``purge-retired`` then drops. Returns False when the keyring
+    does not list it."""
     with keyring_lock(Path(key_file)):
         document = _read_keyring(Path(key_file))
-        if warehouse_id not in document.get("warehouses", {}):
+        entry = document.get("warehouses", {}).get(warehouse_id)
+        if entry is None:
             return False
+        path = Path(str(entry.get("path", "")) if isinstance(entry, dict) else "")
+        if path.is_file():
+            try:
+                con = warehouse.connect(path, read_only=True)
+            except duckdb.Error as exc:
+                raise KeyRotationError(
+                    f"warehouse {warehouse_id} was last seen at {path}, which cannot be read "
+                    "(open in a running pipeline?); it is kept in the registry"
+                ) from exc
+            try:
+                found = warehouse.warehouse_id(con)
+            finally:
+                con.close()
+            if found == warehouse_id:
+                raise KeyRotationError(
+                    f"warehouse {warehouse_id} still exists at {path}; only a warehouse deleted "
+                    "for good is removed from the registry"
+                )
         del document["warehouses"][warehouse_id]
         write_keyring(Path(key_file), document)
     return True

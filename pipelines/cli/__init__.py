@@ -137,6 +137,7 @@ def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -
 keys.add_command(cli_privacy.keys_rotate)
 keys.add_command(cli_privacy.keys_purge_retired)
 keys.add_command(cli_privacy.keys_migrate_audit_key)
+keys.add_command(cli_privacy.keys_forget_warehouse)
 main.add_command(cli_privacy.forget)
 main.add_command(cli_privacy.reidentify)
 main.add_command(cli_privacy.audit)

@@ -380,6 +380,26 @@ def keys_purge_retired(key_file: Path | None, workdir: Workdir) -> None:
     click.echo(f"purged {', '.join(purged)}" if purged else "no retired KEK material to purge")
 
 
+@click.command("forget-warehouse")
+@click.argument("warehouse_id")
+@_key_file_option
+def keys_forget_warehouse(warehouse_id: str, key_file: Path | None) -> None:
+    """Remove a deleted warehouse (by its id, as `ehr keys rotate` names it) from the keyring's
+    registry, so that rotation and purge-retired no longer wait for it. Refused while the file
+    it was last seen at still holds it."""
+    from vault.lifecycle import forget_warehouse
+
+    path = key_file or default_key_file()
+    _provider(path)  # a valid keyring, or its precise error
+    try:
+        removed = forget_warehouse(path, warehouse_id)
+    except VaultError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not removed:
+        raise click.ClickException(f"no warehouse {warehouse_id} is registered with this keyring")
+    click.echo(f"removed warehouse {warehouse_id} from the keyring's registry")
+
+
 @click.command("migrate-audit-key")
 @_key_file_option
 def keys_migrate_audit_key(key_file: Path | None) -> None:
@@ -593,6 +613,7 @@ __all__ = [
     "audit",
     "audit_log_for",
     "forget",
+    "keys_forget_warehouse",
     "keys_migrate_audit_key",
     "keys_purge_retired",
     "keys_rotate",

@@ -28,6 +28,7 @@ from deid.leakscan import CanarySet
 from deid.policy import Policy
 from deid.release import deidentify_batch
 from pipelines.assets.deid import RELEASE_INPUT
+from pipelines.cli import main
 from pipelines.cli.privacy import audit_log_for, forget
 from pipelines.views.refresh import refresh_view
 from pipelines.views.tables import load_views
@@ -377,6 +378,40 @@ def test_rotation_refuses_when_a_registered_warehouse_is_unreachable(
     assert str(other.warehouse.resolve()) in str(info.value)
     assert key_file.read_text() == before  # nothing changed
     assert "Umber" not in str(info.value)
+
+
+def test_a_deleted_warehouse_is_forgotten_by_the_command_rotation_names(
+    world: dict[str, Any], key_file: Path, tmp_path: Path
+) -> None:
+    """Rotation refuses while a registered warehouse is gone and says to run `ehr keys
+    forget-warehouse`: that command exists, refuses a warehouse that still exists, and once
+    the deleted one is removed the rotation goes through."""
+    workdir, provider = world["workdir"], world["provider"]
+    other = _second_warehouse(tmp_path, provider)
+    con = warehouse.connect(other.warehouse, read_only=True)
+    try:
+        other_id = warehouse.warehouse_id(con)
+    finally:
+        con.close()
+    assert other_id is not None
+    forget = ["keys", "forget-warehouse", other_id, "--key-file", str(key_file)]
+    kept = CliRunner().invoke(main, forget)
+    assert kept.exit_code != 0 and "still exists" in kept.output
+    assert other_id in json.loads(key_file.read_text())["warehouses"]
+    other.warehouse.unlink()
+    con = warehouse.connect(workdir.warehouse)
+    try:
+        own_id = warehouse.warehouse_id(con)
+        audit = audit_log_for(workdir, provider, own_id)
+        with pytest.raises(KeyRotationError, match="`ehr keys forget-warehouse ID`"):
+            rotate_kek(key_file, con, audit)
+        removed = CliRunner().invoke(main, forget)
+        assert removed.exit_code == 0, removed.output
+        assert other_id not in json.loads(key_file.read_text())["warehouses"]
+        report = rotate_kek(key_file, con, audit)
+    finally:
+        con.close()
+    assert report.warehouses == [own_id]
 
 
 # -- SIGKILL at random points ------------------------------------------------------------------

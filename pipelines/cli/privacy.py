@@ -332,6 +332,36 @@ def _erasure_inputs(
         return _ErasureInputs(patient, wid, unattributed, shared, keys)
 
 
+def _anchors_of_others_registered_here(
+    workdir: Workdir, provider: KeyProvider, own_id: str | None
+) -> list[str]:
+    """The log checked against the outside anchor of every other warehouse id the keyring's
+    registry holds at this warehouse's path: the id is read from the warehouse file, which
+    the work directory's owner can change, and an anchor is found by it. A log deleted (or
+    rolled back) along with a new id written into the warehouse would otherwise meet no
+    anchor and verify as a new, empty log. A warehouse deleted for good and made again at
+    the same path is told apart by its operator: `ehr keys forget-warehouse OLD-ID`."""
+    from vault.audit import anchor_path
+
+    location = str(workdir.warehouse.resolve())
+    others = sorted(
+        wid for wid, path in _registry(provider).items() if path == location and wid != own_id
+    )
+    problems: list[str] = []
+    for other in others:
+        if not anchor_path(provider, other).exists():
+            continue
+        shown_own = own_id or "none"
+        for problem in audit_log_for(workdir, provider, other).verify().problems:
+            if problem.startswith("outside anchor"):
+                problems.append(
+                    f"{problem}: the anchor of warehouse {other}, registered at this "
+                    f"warehouse's path, which now holds id {shown_own} (if {other} was "
+                    f"deleted for good, remove it: `ehr keys forget-warehouse {other}`)"
+                )
+    return problems
+
+
 @click.command("rotate")
 @_key_file_option
 @workdir_option
@@ -581,11 +611,13 @@ def audit_verify(workdir: Workdir, key_file: Path | None) -> None:
     tampering, 2 when acts were announced but never completed."""
     provider = _provider(key_file)
     _warn_legacy_audit_key(provider)
-    result = audit_log_for(workdir, provider).verify()
-    if not result.ok:
+    own_id = _known_warehouse_id(workdir, provider)
+    result = audit_log_for(workdir, provider, own_id).verify()
+    problems = result.problems + _anchors_of_others_registered_here(workdir, provider, own_id)
+    if problems:
         click.echo(f"audit log FAILED verification ({result.entries} entries):", err=True)
-        click.echo(f"  first problem: {result.problems[0]}", err=True)
-        for problem in result.problems[1:]:
+        click.echo(f"  first problem: {problems[0]}", err=True)
+        for problem in problems[1:]:
             click.echo(f"  {problem}", err=True)
         sys.exit(1)
     if result.incomplete:

@@ -414,6 +414,40 @@ def test_a_deleted_warehouse_is_forgotten_by_the_command_rotation_names(
     assert report.warehouses == [own_id]
 
 
+def test_a_deleted_audit_log_is_detected_after_the_warehouse_id_was_changed(
+    world: dict[str, Any], key_file: Path
+) -> None:
+    """The outside anchor is found by the warehouse's id, which the warehouse file holds and
+    whoever can write the work directory can change: the log and its head deleted and a new
+    id written into the warehouse verified as a new, empty log. The keyring's registry (kept
+    with the keys) still holds the old id at this path, and its anchor says the log went
+    further."""
+    workdir, provider = world["workdir"], world["provider"]
+    con = warehouse.connect(workdir.warehouse, read_only=True)
+    try:
+        old_id = warehouse.warehouse_id(con)
+    finally:
+        con.close()
+    audit = audit_log_for(workdir, provider, old_id)
+    for n in range(3):
+        audit.append("reidentify", world["p1"], f"ticket {n}")
+    verify = ["audit", "verify", "--workdir", str(workdir.root), "--key-file", str(key_file)]
+    assert CliRunner().invoke(main, verify).exit_code == 0
+    workdir.audit_log.unlink()
+    workdir.audit_log.with_name(workdir.audit_log.name + ".head").unlink()
+    con = warehouse.connect(workdir.warehouse)
+    try:
+        con.execute(
+            "UPDATE warehouse_meta SET value = 'wh-0123456789abcdef0123456789abcdef' "
+            "WHERE key = 'warehouse_id'"
+        )
+    finally:
+        con.close()
+    result = CliRunner().invoke(main, verify)
+    assert result.exit_code == 1, result.output
+    assert "anchor says 2" in result.stderr and old_id in result.stderr
+
+
 # -- SIGKILL at random points ------------------------------------------------------------------
 
 _CHILD = """

@@ -397,6 +397,27 @@ def rotate_kek(
     return report
 
 
+def _purge_finished_but_unrecorded(document: dict[str, Any], audit: AuditLog) -> list[str]:
+    """A purge that wrote the keyring (every KEK it announced has no material left) before its
+    completion was written, the process killed in between: its completion is written now and
+    its KEK ids returned, so that running it again closes the announced act, as ``ehr audit
+    verify`` says to. An empty list when there is no such purge."""
+    pending = [
+        entry
+        for entry in open_intents(audit.entries())
+        if entry.get("action") == "purge_retired_keks"
+    ]
+    if not pending:
+        return []
+    details = pending[-1].get("details", {})
+    kek_ids = [str(k) for k in details.get("kek_ids", [])] if isinstance(details, dict) else []
+    retired = document.get("retired_keks", {})
+    if any(not isinstance(retired.get(k), dict) or retired[k].get("wrapped") for k in kek_ids):
+        return []  # not what that purge left: the next purge settles it
+    audit.complete(pending[-1], {"kek_ids": kek_ids, "recorded_after_interruption": True})
+    return kek_ids
+
+
 def purge_retired_keks(
     key_file: Path,
     audit: AuditLog,
@@ -415,7 +436,7 @@ def purge_retired_keks(
         document = _read_keyring(key_file)
         held = [k for k, v in document.get("retired_keks", {}).items() if v.get("wrapped")]
         if not held:
-            return []
+            return _purge_finished_but_unrecorded(document, audit)
         still_used: dict[str, list[str]] = {}
         for wid, entry in sorted(document.get("warehouses", {}).items()):
             path = Path(str(entry.get("path", "")))

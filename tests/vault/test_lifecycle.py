@@ -347,6 +347,37 @@ def test_a_rotation_killed_at_its_keyring_write_leaves_no_retired_kek_behind_a_p
     assert [p.name for p in world.key_file.parent.iterdir() if p.suffix == ".tmp"] == []
 
 
+def test_a_purge_killed_before_its_completion_is_closed_by_running_it_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keyring written, the process killed before the completion entry: `ehr audit
+    verify` says to run the purge again, and running it again writes the completion (it
+    found no material left to purge and wrote nothing, so the act stayed announced)."""
+    con = world.connect()
+    try:
+        report = rotate_kek(world.key_file, con, world.audit)
+    finally:
+        con.close()
+    old_id = report.retired_kek_ids[0]
+
+    def killed(self: AuditLog, intent: dict[str, Any], details: dict[str, Any]) -> None:
+        raise KeyboardInterrupt  # the process ends here, as under SIGKILL
+
+    real_complete = AuditLog.complete
+    monkeypatch.setattr(AuditLog, "complete", killed)
+    with pytest.raises(KeyboardInterrupt):
+        lifecycle.purge_retired_keks(world.key_file, world.audit)
+    monkeypatch.setattr(AuditLog, "complete", real_complete)
+    assert FileKeyProvider.load(world.key_file).retired_kek_ids() == []  # purged
+    assert len(world.audit.verify().incomplete) == 1
+    assert lifecycle.purge_retired_keks(world.key_file, world.audit) == [old_id]
+    verified = world.audit.verify()
+    assert verified.ok and verified.incomplete == []
+    last = world.audit.entries()[-1]
+    assert last["details"]["recorded_after_interruption"] is True
+    assert lifecycle.purge_retired_keks(world.key_file, world.audit) == []  # nothing more
+
+
 def test_environment_keys_are_not_rotated_here(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

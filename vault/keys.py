@@ -114,11 +114,12 @@ def shown(value: object, what: str, *, path: bool = False) -> str:
 
 
 def refuse_key_shaped_path(path: str | Path, what: str) -> None:
-    """Refuse a key file path that looks like key material (:func:`_looks_like_key_material`),
-    naming it by ``what`` (the option or setting it was given as), without it: a value that
-    is kept as configuration (a Dagster resource's config, stored with every run) must not be
-    a key pasted where the keyring's path belongs."""
-    if _looks_like_key_material(str(path)):
+    """Refuse a key file path that looks like key material (:func:`_looks_like_key_material`)
+    and names no file, naming it by ``what`` (the option or setting it was given as), without
+    it: a value that is kept as configuration (a Dagster resource's config, stored with every
+    run) must not be a key pasted where the keyring's path belongs. A file there makes it a
+    path (``/srv/Keys/ehr2026/keyring`` is shaped like base64 too)."""
+    if _looks_like_key_material(str(path)) and not Path(path).exists():
         raise KeyMaterialError(
             f"{what} is not a file path and looks like key material (not shown): give the "
             "keyring file's path, or the keys as variables"

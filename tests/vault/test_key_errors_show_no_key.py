@@ -25,6 +25,7 @@ from vault.keys import (
     FileKeyProvider,
     WrappedKey,
     init_keyring,
+    refuse_key_shaped_path,
     wrap_retired_kek,
     write_keyring,
 )
@@ -367,3 +368,17 @@ def test_a_key_given_as_the_key_file_of_a_run_is_stored_nowhere(
     output = result.output + result.stderr
     assert_no_key(output, key)
     assert "--key-file" in output and "looks like key material" in output
+
+
+def test_a_key_shaped_path_that_names_a_file_is_a_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A path of base64 characters alone that mixes upper-case letters, lower-case letters and
+    digits is shaped like a key too: where a file is there, it is taken as the path it is."""
+    monkeypatch.chdir(tmp_path)
+    keyring = Path("KeysFolder/ehr2026/keyring")
+    with pytest.raises(KeyMaterialError, match="looks like key material"):
+        refuse_key_shaped_path(keyring, "the key file given (--key-file)")
+    keyring.parent.mkdir(parents=True)
+    keyring.write_text("{}")
+    refuse_key_shaped_path(keyring, "the key file given (--key-file)")

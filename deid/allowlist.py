@@ -22,7 +22,9 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   alone, as the literal reference to what ingest resolved it to);
 - ``Quantity`` and its kinds: value, comparator, system, code (and unit when it is the code);
   an age of 90 years or more (a UCUM time unit, a FHIR ``Age`` in any unit, or any quantity of
-  an age LOINC observation) becomes 90 years, as does an age observation's integer value;
+  an age observation: an age LOINC or SNOMED CT code) becomes 90 years, as does an age
+  observation's integer value; days, weeks, hours and minutes are read with the fewest days
+  90 years span (:data:`deid.terminology.AGE_DAYS_PER_YEAR`);
 - strings, markdown, uri, base64Binary, narrative, identifiers: only where a path names them
   with ``keep``; extensions only those the profile lists by URL, in their fixed shape;
 - ``contained`` (where a path names it): each contained resource of a type of
@@ -45,12 +47,11 @@ from typing import Any
 from deid import methods
 from deid.errors import DeidError
 from deid.terminology import (
-    AGE_LOINC,
+    AGE_CODES,
     AGE_UNIT_WORDS_PER_YEAR,
     AGE_UNITS_PER_YEAR,
     ANY_CODE,
     CONSENT_PROVISION_LEVELS,
-    LOINC,
     OMB,
     REQUIRED_BINDINGS,
     UCUM,
@@ -342,12 +343,12 @@ def _releasable_contained(item: dict[str, Any], profile: ReleaseProfile) -> bool
 
 
 def _is_age_observation(resource: dict[str, Any]) -> bool:
-    """Whether an observation (or one of its components) is coded as an age (:data:`AGE_LOINC`)."""
+    """Whether an observation (or one of its components) is coded as an age (:data:`AGE_CODES`:
+    an age LOINC code, or SNOMED CT's age at onset)."""
     code = resource.get("code")
     codings = code.get("coding") if isinstance(code, dict) else None
     return any(
-        isinstance(c, dict) and c.get("system") == LOINC and c.get("code") in AGE_LOINC
-        for c in codings or []
+        isinstance(c, dict) and (c.get("system"), c.get("code")) in AGE_CODES for c in codings or []
     )
 
 

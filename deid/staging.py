@@ -163,8 +163,12 @@ def settings_digest(
         # integer value (deid.allowlist._cap_age, _scalar): batches released before hold such
         # ages as written (onsetAge 97 "years"), and are de-identified again by the next run;
         # a unit written in words is read as the unit it names (97 "months" is no 90 years);
-        # an observation's component coded as an age is capped as an age observation is
-        "age_cap": "age_typed_and_integer_units_in_words_components",
+        # an observation's component coded as an age is capped as an age observation is;
+        # an age in days, weeks, hours or minutes is read with the fewest days 90 years span
+        # (32,872 days, a 90th birthday, was 89.9986 years), and an observation coded 30972-4
+        # or by a SNOMED CT age code is an age observation: batches released before hold such ages
+        # as written, and are de-identified again by the next run
+        "age_cap": "age_typed_and_integer_units_in_words_components_fewest_days_more_codes",
         # what each batch's conditional references resolved to is recorded, and a batch whose
         # references resolve otherwise since is de-identified again (_unsettle_changed_targets):
         # batches released before recorded nothing, and are de-identified again by the next run

@@ -19,6 +19,7 @@ from typing import Any
 
 UCUM = "http://unitsofmeasure.org"
 LOINC = "http://loinc.org"
+SNOMED = "http://snomed.info/sct"
 OMB = "urn:oid:2.16.840.1.113883.6.238"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 ICD10 = "http://hl7.org/fhir/sid/icd-10"
@@ -237,28 +238,53 @@ UPPER_CASE_SYSTEMS: frozenset[str] = frozenset({ICD10CM, ICD10, LOINC})
 # any other system: one token, no spaces, so a sentence or a full name cannot pass as a code
 ANY_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+<>=-]{0,63}$")
 
+# An age counted in days (or weeks, hours, minutes) is read with the fewest days 90 years can
+# span: 90 years of 365 days and 21 leap days (a 90-year span holds 22 or 23 years divisible by
+# 4, and at most one century year that is no leap year, such as 1900 or 2100). Read with the mean
+# year of 365.25 days, a patient on their 90th birthday (born 6 December 1936: 32,872 days old on
+# 6 December 2026) was 89.9986 years old, and the age was released as written.
+AGE_DAYS_PER_YEAR = (90 * 365 + 21) / 90
 # UCUM time units -> how many make a year (an age in them is capped at 90 years)
 AGE_UNITS_PER_YEAR: dict[str, float] = {
     "a": 1.0,
     "mo": 12.0,
-    "wk": 52.1775,
-    "d": 365.25,
-    "h": 8766.0,
-    "min": 525960.0,
+    "wk": AGE_DAYS_PER_YEAR / 7,
+    "d": AGE_DAYS_PER_YEAR,
+    "h": AGE_DAYS_PER_YEAR * 24,
+    "min": AGE_DAYS_PER_YEAR * 24 * 60,
 }
 # the same units as an age is often written without UCUM (a FHIR Age's ``unit`` text, a local
 # code): read, lower-cased and without a plural ``s``, before an age falls back to years
 AGE_UNIT_WORDS_PER_YEAR: dict[str, float] = {
     **{word: 1.0 for word in ("a", "y", "yr", "year", "annum")},
     **{word: 12.0 for word in ("mo", "month")},
-    **{word: 52.1775 for word in ("wk", "week")},
-    **{word: 365.25 for word in ("d", "day")},
-    **{word: 8766.0 for word in ("h", "hr", "hour")},
-    **{word: 525960.0 for word in ("min", "minute")},
+    **{word: AGE_UNITS_PER_YEAR["wk"] for word in ("wk", "week")},
+    **{word: AGE_UNITS_PER_YEAR["d"] for word in ("d", "day")},
+    **{word: AGE_UNITS_PER_YEAR["h"] for word in ("h", "hr", "hour")},
+    **{word: AGE_UNITS_PER_YEAR["min"] for word in ("min", "minute")},
 }
-# LOINC codes whose value is the patient's age (age, reported age, age at diagnosis/death...)
+# LOINC codes whose value is the patient's age (age, reported age, age at diagnosis/death, age
+# at onset of an adverse event: 30972-4, in HL7's LOINCObservationActContextAgeType)
 AGE_LOINC = frozenset(
-    {"30525-0", "21612-7", "29553-5", "21611-9", "39016-1", "63900-5", "46096-3", "35659-2"}
+    {
+        "30525-0",
+        "21612-7",
+        "29553-5",
+        "21611-9",
+        "30972-4",
+        "39016-1",
+        "63900-5",
+        "46096-3",
+        "35659-2",
+    }
+)
+# SNOMED CT codes of the same, each seen as an Observation's code: 424144002 |Current
+# chronological age|, 397669002 |Age| and 445518008 |Age at onset of clinical finding| (the code
+# of C-CDA's Age Observation, which documents converted to FHIR carry)
+AGE_SNOMED = frozenset({"424144002", "397669002", "445518008"})
+# (system, code) of every observation code whose value is an age
+AGE_CODES: frozenset[tuple[str, str]] = frozenset(
+    {(LOINC, code) for code in AGE_LOINC} | {(SNOMED, code) for code in AGE_SNOMED}
 )
 
 # the OMB race and ethnicity categories of US Core: the released value set for its extensions

@@ -437,6 +437,80 @@ def test_an_age_written_in_a_unit_of_words_is_capped_by_its_years(
         assert released["onsetAge"] == {"value": age["value"]}
 
 
+# days from birth to the 90th birthday: 22 leap days between (born 6 December 1936), and 21 when
+# the span holds 1900, no leap year (born 1 March 1896)
+NINETIETH_BIRTHDAYS = [
+    (date(2026, 12, 6) - date(1936, 12, 6)).days,
+    (date(1986, 3, 1) - date(1896, 3, 1)).days,
+]
+
+
+def _onset(age: dict[str, Any]) -> dict[str, Any]:
+    return {**AGES_WITHOUT_A_UCUM_TIME_UNIT[0], "onsetAge": age}
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+@pytest.mark.parametrize("days", NINETIETH_BIRTHDAYS)
+def test_an_age_of_90_counted_in_days_hours_or_minutes_is_released_as_90(
+    profile: str, days: int
+) -> None:
+    """A patient on their 90th birthday is 32,872 days old (32,871 across 1900): read with the
+    mean year of 365.25 days that was 89.9986 years, and the age was released as written, in
+    days, hours and minutes alike, in both profiles. A day younger, it stays."""
+    assert days in (32872, 32871)
+    capped = {"value": 90, "system": UCUM, "code": "a", "unit": "a"}
+    ages = [
+        {"value": days, "system": UCUM, "code": "d", "unit": "d"},
+        {"value": days * 24, "system": UCUM, "code": "h"},
+        {"value": days * 24 * 60, "system": UCUM, "code": "min"},
+        {"value": days, "unit": "days"},
+    ]
+    released = _release(profile, [_onset(age) for age in ages])
+    assert [r["onsetAge"] for r in released] == [capped] * len(ages)
+    younger = {"value": 32870, "system": UCUM, "code": "d", "unit": "d"}
+    (kept,) = _release(profile, [_onset(younger)])
+    assert kept["onsetAge"] == younger
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+@pytest.mark.parametrize(
+    ("system", "code"),
+    [
+        (LOINC, "30972-4"),  # age at onset of adverse event (HL7's age-type LOINC value set)
+        ("http://snomed.info/sct", "424144002"),  # current chronological age
+        ("http://snomed.info/sct", "397669002"),  # age
+        ("http://snomed.info/sct", "445518008"),  # age at onset: C-CDA's Age Observation
+    ],
+)
+def test_an_observation_coded_as_an_age_by_other_codes_is_capped(
+    profile: str, system: str, code: str
+) -> None:
+    """An age observation coded 30972-4, or by SNOMED CT (current chronological age, age, or age
+    at onset, the code of C-CDA's Age Observation), was no age observation: its integer 97
+    and its quantity of 96 "years" (no UCUM system, so released as the bare number 96) were
+    released as written in both profiles."""
+    base = {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [{"system": system, "code": code}]},
+        "subject": {"reference": PATIENT},
+    }
+    integer = {**base, "id": "integer", "valueInteger": 97}
+    quantity = {**base, "id": "quantity", "valueQuantity": {"value": 96, "unit": "years"}}
+    young = {**base, "id": "young", "valueInteger": 45}
+    released_integer, released_quantity, released_young = _release(
+        profile, [integer, quantity, young]
+    )
+    assert released_integer["valueInteger"] == 90
+    assert released_quantity["valueQuantity"] == {
+        "value": 90,
+        "system": UCUM,
+        "code": "a",
+        "unit": "a",
+    }
+    assert released_young["valueInteger"] == 45
+
+
 @pytest.mark.parametrize("profile", ["research", "safe_harbor"])
 def test_an_observation_dated_by_effective_instant_keeps_its_date(profile: str) -> None:
     """``effectiveInstant`` was dropped by both profiles, so such a result had no time and was

@@ -22,6 +22,8 @@ from vault.clock import Clock, RandomBytes, utcnow
 AGE_LIMIT = 89  # HIPAA: ages over 89 are aggregated into "90 or older"
 DEFAULT_DATE_SHIFT_DAYS = 50
 _DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?$")
+# a US ZIP (or ZIP+4) written without its leading zero: four digits, then optionally four more
+_ZIP_WITHOUT_LEADING_ZERO = re.compile(r"^\d{4}(?:[- ]?\d{4})?$", re.ASCII)
 _DATETIME = re.compile(
     r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(\.\d+)?)?(Z|[+-]\d{2}:\d{2})?$"
 )
@@ -59,8 +61,17 @@ def redact_date_partially(value: str, today: date) -> str | None:
 
 def redact_zip_partially(value: str, restricted_zip3: frozenset[str]) -> str:
     """ZIP to its first three digits ("12345" → "12300"); restricted three-digit areas (fewer
-    than 20,000 people, per HIPAA) become "00000"."""
-    digits = re.sub(r"\D", "", value)
+    than 20,000 people, per HIPAA) become "00000".
+
+    A ZIP of four digits (or a ZIP+4 of four and four) is a five-digit ZIP whose leading zero was
+    lost, as spreadsheets drop it (New England, New Jersey, Puerto Rico): it is read with the zero
+    put back. Its first three digits were the ZIP's first four: "2139" (02139) gave "2130", and
+    "6390" (06390, in the restricted area 063) "6390", which the release's ZIP3 read as 639: beside
+    the state (NY has no ZIP3 639), four digits of a ZIP in a restricted area."""
+    text = value.strip()
+    if _ZIP_WITHOUT_LEADING_ZERO.match(text):
+        text = "0" + text
+    digits = re.sub(r"\D", "", text)
     if len(digits) < 3:
         return "0" * len(value)
     zip3 = digits[:3]

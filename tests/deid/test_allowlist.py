@@ -306,6 +306,22 @@ def test_zip3_and_restricted_areas() -> None:
     assert released["address"] == [{"postalCode": "00000"}, {"postalCode": "02100"}]
 
 
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_a_zip_written_without_its_leading_zero_is_released_as_its_zip3(profile: str) -> None:
+    """06390 (Fishers Island, in the restricted area 063) written 6390 was released as 6390, and
+    02139 written 2139 as 2130: four digits of the ZIP (the release's ZIP3 read them as 639 and
+    213, beside states whose ZIPs start with 0), and no restricted area recognised."""
+    policy = Policy.shipped(profile)
+    engine = Deidentifier(policy, DeidSecrets.derive(b"\x01" * 32, policy), today=TODAY)
+    patient = {
+        "resourceType": "Patient",
+        "id": "p",
+        "address": [{"postalCode": "6390"}, {"postalCode": "2139"}, {"postalCode": "2139-4307"}],
+    }
+    released = engine.apply(patient, patient_scope="p").resource
+    assert [a["postalCode"] for a in released["address"]] == ["00000", "02100", "02100"]
+
+
 def test_references_are_pseudonymised_or_dropped() -> None:
     obs = _obs(
         hasMember=[{"reference": "MolecularSequence/s", "display": "a name"}],

@@ -54,6 +54,23 @@ def test_partial_zip(value: str, expected: str) -> None:
     assert redact_zip_partially(value, RESTRICTED) == expected
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("2139", "02100"),  # 02139: its first three digits gave 2130, four digits of the ZIP
+        ("2139-4307", "02100"),
+        ("21394307", "02100"),
+        ("3601", "00000"),  # 03601, in the restricted area 036: its first three gave 3600
+        ("6390", "06300"),  # 06390: its first three digits gave 6390, the ZIP as written
+        (" 5901 ", "00000"),  # 05901, in the restricted area 059
+    ],
+)
+def test_a_zip_without_its_leading_zero_is_read_with_it(value: str, expected: str) -> None:
+    """Spreadsheets drop a ZIP's leading zero (New England, New Jersey, Puerto Rico): a ZIP of
+    four digits is a five-digit ZIP without it, and its ZIP3 starts with the zero."""
+    assert redact_zip_partially(value, RESTRICTED) == expected
+
+
 def test_date_shift_offsets_are_secret_stable_and_in_range() -> None:
     offsets = {date_shift_days(b"k" * 32, f"patient-{i}") for i in range(2000)}
     assert 0 not in offsets

@@ -51,6 +51,7 @@ from deid.terminology import (
     AGE_UNIT_WORDS_PER_YEAR,
     AGE_UNITS_PER_YEAR,
     ANY_CODE,
+    BIRTH_DATE_CODES,
     CONSENT_PROVISION_LEVELS,
     OMB,
     REQUIRED_BINDINGS,
@@ -343,13 +344,19 @@ def _releasable_contained(item: dict[str, Any], profile: ReleaseProfile) -> bool
 
 
 def _is_age_observation(resource: dict[str, Any]) -> bool:
-    """Whether an observation (or one of its components) is coded as an age (:data:`AGE_CODES`:
-    an age LOINC code, or SNOMED CT's age at onset)."""
+    """Whether an observation (or one of its components) tells the patient's age: coded as an
+    age (:data:`AGE_CODES`: an age LOINC code, or SNOMED CT's age at onset) or as their birth
+    date (:data:`BIRTH_DATE_CODES`). Its ages are capped at 90, and its dates more than 89
+    years ago are a birth date's (:func:`_date`)."""
     code = resource.get("code")
     codings = code.get("coding") if isinstance(code, dict) else None
     return any(
-        isinstance(c, dict) and (c.get("system"), c.get("code")) in AGE_CODES for c in codings or []
+        isinstance(c, dict) and (c.get("system"), c.get("code")) in _AGE_TELLING
+        for c in codings or []
     )
+
+
+_AGE_TELLING = AGE_CODES | BIRTH_DATE_CODES
 
 
 def _apply(value: Any, node: Node, ctx: ReleaseContext) -> Any:
@@ -619,7 +626,10 @@ def _date(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     if ctx.profile.date_rule == "year" or node.kind == "year":
         return _year_only(value, ctx)
     year, month, day = parts
-    if node.name == "birthDate" and methods.is_over_age_limit(value, ctx.today):
+    # a birth date, or a date of an observation telling the age (its birth date, the start of
+    # a calculated age's period) that is more than 89 years ago: only a birth date is
+    birth = node.name == "birthDate" or ctx.age_context
+    if birth and methods.is_over_age_limit(value, ctx.today):
         # HIPAA's "90 or older": the year that makes the patient 90 today
         ctx.labels.add("ABSTRED")
         return f"{ctx.today.year - methods.AGE_LIMIT - 1:04d}"

@@ -167,8 +167,9 @@ def settings_digest(
         # an age in days, weeks, hours or minutes is read with the fewest days 90 years span
         # (32,872 days, a 90th birthday, was 89.9986 years), and an observation coded 30972-4
         # or by a SNOMED CT age code is an age observation: batches released before hold such ages
-        # as written, and are de-identified again by the next run
-        "age_cap": "age_typed_and_integer_units_in_words_components_fewest_days_more_codes",
+        # as written, and are de-identified again by the next run; a date more than 89 years ago
+        # in an observation coded as a birth date or an age is a birth date (the year of 90)
+        "age_cap": "age_typed_and_integer_units_in_words_components_fewest_days_more_codes_births",
         # what each batch's conditional references resolved to is recorded, and a batch whose
         # references resolve otherwise since is de-identified again (_unsettle_changed_targets):
         # batches released before recorded nothing, and are de-identified again by the next run

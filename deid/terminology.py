@@ -286,6 +286,11 @@ AGE_SNOMED = frozenset({"424144002", "397669002", "445518008"})
 AGE_CODES: frozenset[tuple[str, str]] = frozenset(
     {(LOINC, code) for code in AGE_LOINC} | {(SNOMED, code) for code in AGE_SNOMED}
 )
+# (system, code) of the observation codes whose value is the patient's birth date: LOINC
+# 21112-8 |Birth date| and SNOMED CT 184099003 |Date of birth|
+BIRTH_DATE_CODES: frozenset[tuple[str, str]] = frozenset(
+    {(LOINC, "21112-8"), (SNOMED, "184099003")}
+)
 
 # the OMB race and ethnicity categories of US Core: the released value set for its extensions
 OMB_DISPLAYS: dict[tuple[str, str], str] = {

@@ -700,3 +700,52 @@ def test_text_in_any_string_element_of_a_released_type_never_survives(profile: s
             )
             checked += 1
     assert checked > 100  # every released type has some
+
+
+SNOMED = "http://snomed.info/sct"
+# born 10 March 1930: 96 on TODAY; the year that makes a patient 90 on TODAY is 1936
+OVER_89 = "1930-03-10"
+YEAR_OF_90 = f"{TODAY.year - 90:04d}"
+
+
+def _observation(code: dict[str, str], **value: Any) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"coding": [code]},
+        "subject": {"reference": PATIENT},
+        **value,
+    }
+
+
+def test_a_birth_date_over_89_years_ago_in_an_observation_is_its_year_of_90() -> None:
+    """Research: ``Patient.birthDate`` over 89 years ago becomes the year that makes the patient
+    90, but the same birth date recorded by an observation (LOINC 21112-8 "Birth date", SNOMED
+    CT 184099003 "Date of birth", a panel's birth-date row, the start of a calculated age's
+    period) was only shifted: a full date within the shift's window of the true one. A younger
+    patient's birth date, and the period's end (the age's own date), are shifted as before."""
+    birth_loinc = {"system": LOINC, "code": "21112-8"}
+    released = _release(
+        "research",
+        [
+            _observation(birth_loinc, valueDateTime=OVER_89),
+            _observation({"system": SNOMED, "code": "184099003"}, valueDateTime=OVER_89),
+            _observation(
+                {"system": LOINC, "code": "8716-3"},
+                component=[{"code": {"coding": [birth_loinc]}, "valueDateTime": OVER_89}],
+            ),
+            _observation(
+                {"system": LOINC, "code": "30525-0"},
+                valuePeriod={"start": OVER_89, "end": "2026-01-05"},
+            ),
+            _observation(birth_loinc, valueDateTime="2000-05-01"),
+        ],
+    )
+    loinc, snomed, panel, period, young = released
+    assert loinc["valueDateTime"] == snomed["valueDateTime"] == YEAR_OF_90
+    assert panel["component"][0]["valueDateTime"] == YEAR_OF_90
+    assert period["valuePeriod"]["start"] == YEAR_OF_90
+    # shifted, to a day: not the year of 90
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", period["valuePeriod"]["end"])
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", young["valueDateTime"])
+    assert young["valueDateTime"] != "2000-05-01"

@@ -158,7 +158,7 @@ class KeyProviderResource(ConfigurableResource):
 
     def looked_in(self) -> str:
         """Where ``provider`` takes the key material from, as an operator would check it."""
-        if os.environ.get(ENV_KEK):
+        if os.environ.get(ENV_KEK) or os.environ.get(ENV_PSEUDONYM_KEY):
             return f"environment variables {ENV_KEK} and {ENV_PSEUDONYM_KEY}"
         return f"key file {shown_key_file(self.key_file or default_key_file())}"
 

@@ -579,7 +579,8 @@ def migrate_audit_key(path: Path, *, random_bytes: RandomBytes = os.urandom) -> 
 
 def load_key_provider(key_file: str | Path | None = None) -> KeyProvider:
     """Environment keys win when set; otherwise the key file (explicit, ``EHR_KEY_FILE``, or
-    ``~/.ehr/keyring.json``)."""
-    if os.environ.get(ENV_KEK):
+    ``~/.ehr/keyring.json``). Either variable of the pair set alone is refused: a pseudonym
+    key set without its KEK would otherwise be ignored for the key file's, silently."""
+    if os.environ.get(ENV_KEK) or os.environ.get(ENV_PSEUDONYM_KEY):
         return EnvKeyProvider.from_environ()
     return FileKeyProvider.load(Path(key_file) if key_file else default_key_file())

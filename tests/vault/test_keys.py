@@ -107,6 +107,24 @@ def test_env_provider_rejects_bad_material(env: dict[str, str], message: str) ->
         EnvKeyProvider.from_environ(env)
 
 
+def test_a_pseudonym_key_alone_in_the_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``EHR_PSEUDONYM_KEY`` set without ``EHR_KEK`` (half of the pair): the keys were taken
+    from the key file, and the variable silently ignored. ``EHR_KEK`` alone is refused; so is
+    this, naming both variables and no key."""
+    key_file = tmp_path / "keyring.json"
+    init_keyring(key_file)
+    pseudonym_key = base64.b64encode(b"p" * 32).decode()
+    monkeypatch.delenv("EHR_KEK", raising=False)
+    monkeypatch.setenv("EHR_PSEUDONYM_KEY", pseudonym_key)
+    with pytest.raises(KeyMaterialError, match="must both be set") as info:
+        load_key_provider(key_file)
+    assert pseudonym_key not in str(info.value)
+    monkeypatch.delenv("EHR_PSEUDONYM_KEY")
+    assert isinstance(load_key_provider(key_file), FileKeyProvider)
+
+
 def test_missing_key_file_says_how_to_fix(tmp_path: Path) -> None:
     with pytest.raises(KeyMaterialError, match="ehr keys init"):
         FileKeyProvider.load(tmp_path / "absent.json")

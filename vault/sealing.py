@@ -169,7 +169,9 @@ class DataKeyStore:
                     f"{shown(kek_id, 'a KEK id in data_keys')}, which the key provider cannot "
                     f"unwrap (its active KEK is {active}): a data key added under it would "
                     "leave the vault readable under neither KEK, so nothing was written; use "
-                    "the warehouse's KEK, or rotate to a new one with `ehr keys rotate`"
+                    "the warehouse's KEK, or rotate to a new one with `ehr keys rotate` (when "
+                    "a rotation finished after this process read its keys, run it again: it "
+                    "reads the rotated keyring)"
                 ) from exc
 
     def for_owner(self, owner: str) -> DataKey:

@@ -808,7 +808,8 @@ def register_lab_codes(con: duckdb.DuckDBPyConnection) -> None:
 
 # A result's status, by how far it stands: at one instant a corrected or amended result
 # replaces the final one, and a final one the preliminary one, even when a source sent them as
-# separate resources (two ids); a registered result is not yet a result.
+# separate resources (two ids); a registered result (rank 0) is not yet a result, even alone at
+# its instant: it is never a latest value or part of a mean.
 RESULT_STATUS_RANK = {"corrected": 3, "amended": 3, "final": 2, "preliminary": 1, "registered": 0}
 
 
@@ -879,10 +880,11 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     return f"""
     WITH results AS (
         -- in the measure's unit (a result in a unit it does not read is left out), with the
-        -- furthest status among the results of its instant
+        -- furthest status among the results of its instant; a registered result is not yet a
+        -- result, with another result of its instant or alone
         SELECT *, max(status_rank) OVER (
             PARTITION BY patient_id, measure, effective_date_time_latest) AS instant_rank
-        FROM ({lab_results_sql()}) WHERE unit_read
+        FROM ({lab_results_sql()}) WHERE unit_read AND status_rank > 0
     ),
     obs AS (
         -- one value per patient, measure and instant measured: the mean of the results that

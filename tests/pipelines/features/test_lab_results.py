@@ -6,6 +6,8 @@
 - Results of one instant sent as separate resources (two ids) with different statuses: a
   corrected or amended one replaces the final one, a final one the preliminary one, and a
   registered one is not yet a result; results of the same standing are averaged, as before.
+- A registered result is not a result on its own either: alone at its instant, it is no
+  latest value, no measurement time and no part of the mean.
 
 FHIR resources go through the shipped ViewDefinitions and the feature SQL; the expected values
 are written here from the resources, and read from the published rows by a point-in-time lookup
@@ -42,6 +44,10 @@ STANDS = {
 }
 
 
+# a registered HbA1c with no other result of its instant, after every other HbA1c
+REGISTERED_ALONE = "2024-07-10T08:00:00Z"
+
+
 def _at(text: str) -> datetime:
     return datetime.fromisoformat(text)
 
@@ -68,6 +74,7 @@ def _resources() -> list[dict[str, Any]]:
         lab_result("egfr", EGFR_2021, {"value": 45.0}, "2024-05-10T08:00:00Z"),
         lab_result("ldl", LDL_CALCULATED, {"value": 130.0}, "2024-05-10T08:00:00Z"),
         _panel("panel", HBA1C, 7.5, "2024-06-10T08:00:00Z"),
+        {**lab_result("alone", HBA1C, {"value": 5.1}, REGISTERED_ALONE), "status": "registered"},
     ]
 
 
@@ -95,3 +102,22 @@ def test_the_mean_counts_each_instant_once_at_its_standing_value(con: Any) -> No
 def test_other_codes_of_one_quantity_are_read(con: Any, column: str, value: float) -> None:
     at = _at("2024-06-11T00:00:00Z")
     assert value_at(con, "patient_labs_vitals", column, at, "p1") == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    "column,expected",
+    [
+        ("hba1c_latest", 7.5),
+        ("hba1c_mean_365d", mean([*STANDS.values(), 7.5])),
+    ],
+)
+def test_a_registered_result_alone_at_its_instant_is_no_result(
+    con: Any, column: str, expected: float
+) -> None:
+    got = value_at(con, "patient_labs_vitals", column, _at("2024-07-11T00:00:00Z"), "p1")
+    assert got == pytest.approx(expected)
+
+
+def test_a_registered_result_alone_at_its_instant_is_no_measurement(con: Any) -> None:
+    got = value_at(con, "patient_labs_vitals", "hba1c_measured_at", _at(REGISTERED_ALONE), "p1")
+    assert got == _at("2024-06-10T08:00:00Z")

@@ -58,6 +58,7 @@ from deid.terminology import (
     UCUM,
     Terminology,
     binding_code,
+    code_is_well_formed,
     system_code,
 )
 from fhirlake.references import logical_reference
@@ -528,7 +529,7 @@ def _quantity(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     if comparator in REQUIRED_BINDINGS["Quantity.comparator"]:
         out["comparator"] = comparator
     system, code = value.get("system"), value.get("code")
-    if system == UCUM and isinstance(code, str) and ANY_CODE.match(code):
+    if system == UCUM and isinstance(code, str) and code_is_well_formed(UCUM, code):
         out["system"], out["code"] = system, code
         if value.get("unit") == code:
             out["unit"] = code

@@ -215,6 +215,13 @@ REQUIRED_BINDINGS: dict[str, frozenset[str]] = {
 # full-width digits (an SSN, U+FF10 to U+FF19) looked like a code and was released
 # ICD-10 (WHO) and ICD-10-CM: a chapter letter, two characters, then an optional dot and up to four
 _ICD10_SYNTAX = r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"
+# UCUM (case-sensitive c/s syntax): atoms, prefixes and exponents of letters and digits, the
+# operators ``.`` and ``/`` (also leading: ``/min``), ``(...)``, ``[...]`` atoms (``mm[Hg]``),
+# ``%``, ``10*3`` and ``10^3``, ``'``, and annotations ``{...}`` (``{beats}/min``,
+# ``mL/min/{1.73_m2}``) whose text is one token of letters, digits and ``._+-``: no spaces, so
+# an annotation holds no more than a code of another system may. Up to 64 characters, no line
+# break (``\Z``, not ``$``, which also matches before a final newline).
+_UCUM_SYNTAX = r"^(?=[^{}]*(?:\{[A-Za-z0-9._+-]*\}[^{}]*)*\Z)[A-Za-z0-9%./()\[\]{}*^'_+-]{1,64}\Z"
 CODE_SYNTAX: dict[str, re.Pattern[str]] = {
     system: re.compile(pattern, re.ASCII)
     for system, pattern in {
@@ -225,6 +232,7 @@ CODE_SYNTAX: dict[str, re.Pattern[str]] = {
         ICD10: _ICD10_SYNTAX,
         "http://hl7.org/fhir/sid/cvx": r"^\d{1,3}$",
         OMB: r"^\d{4}-\d$",
+        UCUM: _UCUM_SYNTAX,
     }.items()
 }
 # Code systems whose codes do not depend on case: an ICD-10 or ICD-10-CM code is a chapter letter,

@@ -290,6 +290,29 @@ def test_ages_of_90_or_more_in_time_units_are_capped(
     assert released["value"] == expected
 
 
+@pytest.mark.parametrize(
+    "code",
+    ["%", "mm[Hg]", "/min", "{beats}/min", "mL/min/{1.73_m2}", "10*3/uL", "kg/m2", "mg/dL", "1"],
+)
+def test_ucum_units_are_released_in_ucum_syntax(code: str) -> None:
+    """UCUM writes units with ``%``, ``[...]``, ``{...}``, ``*`` and a leading ``/``: an HbA1c
+    in ``%``, a blood pressure in ``mm[Hg]``, a heart rate in ``/min`` lost their unit, and the
+    features read them as results stating none."""
+    quantity = {"value": 7.1, "system": UCUM, "code": code, "unit": code}
+    released = _apply(_obs(valueQuantity=quantity)).resource["valueQuantity"]
+    assert released == quantity
+
+
+@pytest.mark.parametrize(
+    "code",
+    ["mg dL", "{John Smith}/min", "\u00b5mol/L", "{a{b}}", "mg/dL\n", "x" * 65, "{", ""],
+)
+def test_a_unit_not_in_ucum_syntax_is_withheld(code: str) -> None:
+    quantity = {"value": 7.1, "system": UCUM, "code": code, "unit": code}
+    released = _apply(_obs(valueQuantity=quantity)).resource["valueQuantity"]
+    assert released == {"value": 7.1}
+
+
 def test_age_observation_without_ucum_is_read_as_years() -> None:
     age = _obs(code={"coding": [{"system": LOINC, "code": "21612-7"}]})
     age["valueQuantity"] = {"value": 101, "unit": "years"}

@@ -153,7 +153,10 @@ def settings_digest(
         # codes are read in ASCII only (deid.terminology.CODE_SYNTAX): batches released before
         # may hold a "code" in other scripts' digits (an SSN in full-width digits), and are
         # de-identified again by the next `ehr run`
-        "code_syntax": "ascii",
+        # ... and whole: a code followed by a line break was released with it (``$`` matched
+        # before it); a UCUM unit in UCUM's own syntax (``%``, ``mm[Hg]``, ``/min``,
+        # ``{beats}/min``) is released, where it was withheld
+        "code_syntax": "ascii_whole_ucum",
         # the release takes the targets of these references from ingest's resolution
         # (deid.workers.INGEST_RESOLVED_KINDS): batches released before dropped an absolute
         # reference naming a Bundle entry by its fullUrl (a request released with no patient),

@@ -210,11 +210,12 @@ REQUIRED_BINDINGS: dict[str, frozenset[str]] = {
 }
 
 # Code syntax of the code systems the platform's sources use: a code from one of them that does
-# not look like one of its codes is text, not a code
+# not look like one of its codes is text, not a code. Each pattern ends with ``\Z``: ``$`` also
+# matches before a final newline, and a code with one was released with it
 # ASCII only: Python's \d also matches other scripts' digits, and a "SNOMED code" written in
 # full-width digits (an SSN, U+FF10 to U+FF19) looked like a code and was released
 # ICD-10 (WHO) and ICD-10-CM: a chapter letter, two characters, then an optional dot and up to four
-_ICD10_SYNTAX = r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?$"
+_ICD10_SYNTAX = r"^[A-Z]\d[0-9A-Z](\.?[0-9A-Z]{1,4})?\Z"
 # UCUM (case-sensitive c/s syntax): atoms, prefixes and exponents of letters and digits, the
 # operators ``.`` and ``/`` (also leading: ``/min``), ``(...)``, ``[...]`` atoms (``mm[Hg]``),
 # ``%``, ``10*3`` and ``10^3``, ``'``, and annotations ``{...}`` (``{beats}/min``,
@@ -225,13 +226,13 @@ _UCUM_SYNTAX = r"^(?=[^{}]*(?:\{[A-Za-z0-9._+-]*\}[^{}]*)*\Z)[A-Za-z0-9%./()\[\]
 CODE_SYNTAX: dict[str, re.Pattern[str]] = {
     system: re.compile(pattern, re.ASCII)
     for system, pattern in {
-        LOINC: r"^(\d{1,7}-\d|LA\d{1,7}-\d|LP\d{1,7}-\d)$",
-        "http://snomed.info/sct": r"^\d{6,18}$",
-        "http://www.nlm.nih.gov/research/umls/rxnorm": r"^\d{1,12}$",
+        LOINC: r"^(\d{1,7}-\d|LA\d{1,7}-\d|LP\d{1,7}-\d)\Z",
+        "http://snomed.info/sct": r"^\d{6,18}\Z",
+        "http://www.nlm.nih.gov/research/umls/rxnorm": r"^\d{1,12}\Z",
         ICD10CM: _ICD10_SYNTAX,
         ICD10: _ICD10_SYNTAX,
-        "http://hl7.org/fhir/sid/cvx": r"^\d{1,3}$",
-        OMB: r"^\d{4}-\d$",
+        "http://hl7.org/fhir/sid/cvx": r"^\d{1,3}\Z",
+        OMB: r"^\d{4}-\d\Z",
         UCUM: _UCUM_SYNTAX,
     }.items()
 }
@@ -244,7 +245,7 @@ CODE_SYNTAX: dict[str, re.Pattern[str]] = {
 # without a syntax here may tell codes apart by case alone.
 UPPER_CASE_SYSTEMS: frozenset[str] = frozenset({ICD10CM, ICD10, LOINC})
 # any other system: one token, no spaces, so a sentence or a full name cannot pass as a code
-ANY_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+<>=-]{0,63}$")
+ANY_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+<>=-]{0,63}\Z")
 
 # An age counted in days (or weeks, hours, minutes) is read with the fewest days 90 years can
 # span: 90 years of 365 days and 21 leap days (a 90-year span holds 22 or 23 years divisible by

@@ -222,6 +222,22 @@ def test_a_code_is_upper_cased_only_in_a_system_whose_codes_do_not_depend_on_cas
     assert system_code(system, code) == expected
 
 
+@pytest.mark.parametrize(
+    ("system", "code"),
+    [
+        (SNOMED, "84114007\n"),
+        (LOINC, "2345-7\n"),
+        (ICD10CM, "i50.9\n"),
+        (UCUM, "mg/dL\n"),
+        ("urn:oid:1.2.840.99999.1", "local-7\n"),
+        (None, "abc\n"),
+    ],
+)
+def test_a_code_with_a_line_break_after_it_is_no_code(system: str | None, code: str) -> None:
+    """``$`` also matches before a final newline: such a code was released with its newline."""
+    assert system_code(system, code) is None
+
+
 def test_a_lower_case_icd10_code_is_released_upper_cased_and_counted() -> None:
     condition = {
         "resourceType": "Condition",

@@ -96,15 +96,24 @@ def _dump_cursor(states: dict[str, BatchState]) -> str:
     return json.dumps({k: asdict(v) for k, v in sorted(states.items())}, sort_keys=True)
 
 
+def changed_at(info: os.stat_result) -> float:
+    """When a file last changed: the later of its modification time and its inode's change
+    time. A copy that keeps the source's times (``cp -p``, ``cp -a``, ``rsync -a``, ``tar``,
+    ``unzip``) sets each file's modification time back to when it was written at the source,
+    but its change time is when it was written here, and no program can set it back: a marker
+    copied before the rest of the folder, its time kept, is not taken for one written last."""
+    return max(info.st_mtime, info.st_ctime)
+
+
 def _tree_times(folder: Path, depth: int) -> list[float]:
-    """Modification times of everything in ``folder`` and its sub-folders, ``depth`` levels
-    down; symbolic links are not followed."""
+    """When everything in ``folder`` and its sub-folders, ``depth`` levels down, last changed
+    (:func:`changed_at`); symbolic links are not followed."""
     times = []
     with contextlib.suppress(OSError), os.scandir(folder) as entries:
         for entry in entries:
             with contextlib.suppress(OSError):  # gone since it was listed
                 info = entry.stat(follow_symlinks=False)
-                times.append(info.st_mtime)
+                times.append(changed_at(info))
                 if depth > 1 and stat.S_ISDIR(info.st_mode):
                     times += _tree_times(Path(entry.path), depth - 1)
     return times
@@ -113,8 +122,8 @@ def _tree_times(folder: Path, depth: int) -> list[float]:
 def newest_change(
     batch: BatchSource, listing: BatchListing | None = None, but: frozenset[Path] = frozenset()
 ) -> float:
-    """Latest modification time of any file of the batch (``listing``, when the caller has
-    walked it already), in its sub-folders too (data or not: a copy in progress may write a
+    """When any file of the batch last changed (:func:`changed_at`; ``listing``, when the caller
+    has walked it already), in its sub-folders too (data or not: a copy in progress may write a
     temporary name first, in a hidden or ``_`` sub-folder too, such as rsync's
     ``--temp-dir``, which are walked down to ``MAX_FOLDER_DEPTH`` levels, links not
     followed), and of its folders (a file removed or renamed changes its folder's own time;
@@ -128,7 +137,7 @@ def newest_change(
             continue
         with contextlib.suppress(OSError):  # gone since it was listed: the next tick sees it
             info = path.lstat()
-            times.append(info.st_mtime)
+            times.append(changed_at(info))
             if batch.nested and stat.S_ISDIR(info.st_mode) and path not in listing.folders:
                 times += _tree_times(path, MAX_FOLDER_DEPTH)  # a folder the batch does not read
     return max(times, default=0.0)
@@ -137,10 +146,11 @@ def newest_change(
 def waiting_reason(batch: BatchSource, landing: LandingResource, now: float) -> str | None:
     """Why the batch is not complete yet, or None when it is: it holds the marker, written at
     or after the last change of everything else in its folder, or nothing in it changed for
-    the quiet period."""
+    the quiet period. Changes are judged by :func:`changed_at`, not by modification times
+    alone, which a copy keeping the source's times sets back."""
     marker = batch.path / landing.ready_marker
     try:
-        marked: float | None = marker.lstat().st_mtime
+        marked: float | None = changed_at(marker.lstat())
     except OSError:
         marked = None
     # the marker is judged against what the folder holds, not the folder's own time: writing

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import pytest
 from dagster import (
@@ -19,6 +21,7 @@ from dagster import (
 from dagster._core.storage.dagster_run import DagsterRun
 
 from deid.staging import LEDGER_DDL
+from pipelines import sensors
 from pipelines.definitions import build_resources
 from pipelines.resources import LandingResource
 from pipelines.run import settled_batches
@@ -50,16 +53,26 @@ def _landing(tmp_path: Path, ready: bool = True) -> Path:
 
 
 def _tick(
-    tmp_path: Path, instance: DagsterInstance, cursor: str | None = None, **landing: object
+    tmp_path: Path,
+    instance: DagsterInstance,
+    cursor: str | None = None,
+    later: float = 0.0,
+    **landing: object,
 ) -> SensorResult:
+    """One tick of the sensor; ``later``: seconds from now the tick runs at (a file's change
+    time cannot be set back, so a quiet period is passed by moving the sensor's clock on)."""
     resources = build_resources(str(tmp_path / "work"), str(tmp_path / "landing"))
     landing_resource = LandingResource(path=str(tmp_path / "landing"), **landing)  # type: ignore[arg-type]
+    clock = SimpleNamespace(time=lambda: time.time() + later)
     # the warehouse resource has a run's set-up and tear-down: a context manager
-    with build_sensor_context(
-        instance=instance,
-        cursor=cursor,
-        resources={"landing": landing_resource, "warehouse": resources["warehouse"]},
-    ) as context:
+    with (
+        build_sensor_context(
+            instance=instance,
+            cursor=cursor,
+            resources={"landing": landing_resource, "warehouse": resources["warehouse"]},
+        ) as context,
+        mock.patch.object(sensors, "time", clock),
+    ):
         result = landing_sensor(context)
     assert isinstance(result, SensorResult)
     return result
@@ -93,8 +106,9 @@ def test_incomplete_folder_waits_for_marker_or_quiet_period(
     assert "waiting for _READY" in (waiting.skip_reason.skip_message or "")  # type: ignore[union-attr]
     past = time.time() - 120
     for path in [landing / "export-1", landing / "export-1" / "data.ndjson"]:
-        os.utime(path, (past, past))
-    quiet = _tick(tmp_path, instance, quiet_seconds=60)
+        os.utime(path, (past, past))  # a copy keeping older times: not quiet yet
+    assert _tick(tmp_path, instance, quiet_seconds=60).run_requests == []
+    quiet = _tick(tmp_path, instance, later=120, quiet_seconds=60)
     assert [r.partition_key for r in quiet.run_requests] == ["export-1"]
 
 
@@ -137,7 +151,7 @@ def test_batch_in_the_ledger_is_not_ingested_again(
     past = time.time() - 3600
     for path in (nested / "more.ndjson", nested, nested.parent):
         os.utime(path, (past, past))
-    again = _tick(tmp_path, instance)
+    again = _tick(tmp_path, instance, later=120)  # after the quiet period
     assert [r.partition_key for r in again.run_requests] == ["export-1"]
 
 
@@ -167,7 +181,14 @@ def test_a_batch_whose_files_changed_with_older_times_is_ingested_again(
     times = [p.stat().st_mtime for p in (batch.path, *batch.path.iterdir())]
     assert max(times) < ingested_at  # by time, nothing changed since
 
-    changed = _tick(tmp_path, instance, settled.cursor)
+    # the marker of the first delivery, older than the file copied since: the batch waits for
+    # the copy to be quiet, as the copy may still be going
+    copying = _tick(tmp_path, instance, settled.cursor)
+    assert copying.run_requests == []
+    assert "_READY is older than a file changed since" in (
+        copying.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    )
+    changed = _tick(tmp_path, instance, settled.cursor, later=120)
     assert [r.partition_key for r in changed.run_requests] == ["export-1"]
     assert settled_batches(Workdir(tmp_path / "work"), [batch], "research") == {}
     assert materialize_batch(landing, "export-1").success
@@ -243,8 +264,7 @@ def test_a_file_still_arriving_in_a_sub_folder_keeps_the_batch_waiting(
     waiting = _tick(tmp_path, instance, quiet_seconds=60)
     assert waiting.run_requests == []
     assert "waiting for _READY" in (waiting.skip_reason.skip_message or "")  # type: ignore[union-attr]
-    os.utime(batch / "fhir" / "Patient.ndjson", (past, past))
-    quiet = _tick(tmp_path, instance, quiet_seconds=60)
+    quiet = _tick(tmp_path, instance, later=120, quiet_seconds=60)
     assert [r.partition_key for r in quiet.run_requests] == ["export-2"]
 
     result = materialize_batch(tmp_path / "landing", "export-2")
@@ -350,6 +370,7 @@ def test_a_marker_older_than_a_file_changed_since_does_not_count(
     marker = landing / "export-1" / "_READY"
     past = time.time() - 3600
     os.utime(marker, (past, past))
+    time.sleep(0.05)  # file times are taken from a clock of a few milliseconds' steps
     os.utime(landing / "export-1" / "data.ndjson")  # still being written
     waiting = _tick(tmp_path, instance, quiet_seconds=60)
     assert waiting.run_requests == []
@@ -380,6 +401,36 @@ def test_a_marker_renamed_into_place_counts_at_once(
     assert [r.partition_key for r in ready.run_requests] == ["export-1"]
 
 
+def test_a_marker_copied_with_its_time_before_the_rest_of_the_folder_does_not_count(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """``cp -a``, ``rsync -a`` (which copies ``_READY`` before lower-case names such as
+    ``practitioners.json``), ``tar`` and ``unzip`` keep each file's time from the source, where
+    the marker was written last: by modification times, a marker copied early is newer than
+    every file copied after it. The times a copy cannot set back say the files came later."""
+    batch = tmp_path / "landing" / "export-1"
+    batch.mkdir(parents=True)
+    written = time.time() - 3600  # when the export was written at the source
+    (batch / "data.ndjson").write_bytes(PATIENT)
+    os.utime(batch / "data.ndjson", (written, written))
+    (batch / "_READY").write_bytes(b"")
+    os.utime(batch / "_READY", (written + 60, written + 60))  # written last at the source
+    time.sleep(0.05)  # file times are taken from a clock of a few milliseconds' steps
+    (batch / "practitioners.json").write_bytes(b'{"resourceType": "Bundle", "type": "batch"}')
+    os.utime(batch / "practitioners.json", (written + 30, written + 30))  # copied after it
+    waiting = _tick(tmp_path, instance, quiet_seconds=60)
+    assert waiting.run_requests == []
+    assert "_READY is older than a file changed since" in (
+        waiting.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    )
+    # once the copy is over: the quiet period, or the marker touched
+    quiet = _tick(tmp_path, instance, later=120, quiet_seconds=60)
+    assert [r.partition_key for r in quiet.run_requests] == ["export-1"]
+    os.utime(batch / "_READY")
+    ready = _tick(tmp_path, instance, quiet_seconds=60)
+    assert [r.partition_key for r in ready.run_requests] == ["export-1"]
+
+
 @pytest.mark.parametrize("folder", [".tmp", "_staging", ".tmp/part"])
 def test_a_file_written_in_a_hidden_or_underscore_sub_folder_keeps_the_batch_waiting(
     tmp_path: Path, instance: DagsterInstance, folder: str
@@ -397,8 +448,7 @@ def test_a_file_written_in_a_hidden_or_underscore_sub_folder_keeps_the_batch_wai
     waiting = _tick(tmp_path, instance, quiet_seconds=60)
     assert waiting.run_requests == []
     assert "waiting for _READY" in (waiting.skip_reason.skip_message or "")  # type: ignore[union-attr]
-    os.utime(batch / folder / "big.ndjson", (past, past))
-    quiet = _tick(tmp_path, instance, quiet_seconds=60)
+    quiet = _tick(tmp_path, instance, later=120, quiet_seconds=60)
     assert [r.partition_key for r in quiet.run_requests] == ["export-1"]
 
 

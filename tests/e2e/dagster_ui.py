@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +47,7 @@ class DagsterUI:
     release_run: dict[str, Any] | None = None
     seconds_to_release: float = 0.0
     reference: subprocess.Popen[bytes] | None = None  # `ehr run` of the same input
+    process_group: int = 0  # of `dagster dev` and everything it started
 
     @property
     def reference_workdir(self) -> Path:
@@ -202,21 +202,27 @@ def start_reference_run(ui: DagsterUI) -> subprocess.Popen[bytes]:
 
 
 @contextlib.contextmanager
-def dagster_dev(tmp: Path) -> Iterator[DagsterUI]:
+def dagster_dev(
+    tmp: Path, settings: Callable[[str], str] | None = None, again: bool = False
+) -> Iterator[DagsterUI]:
     """`dagster dev` on a free loopback port, with a temporary DAGSTER_HOME holding the
-    repository's instance settings, its own landing folder, work directory and keyring; up and
-    loaded when the block starts, its whole process group stopped when it ends."""
+    repository's instance settings (changed by ``settings``, given their text), its own landing
+    folder, work directory and keyring; up and loaded when the block starts, its whole process
+    group stopped when it ends. ``again``: started once more over what an earlier one in ``tmp``
+    left (its instance, folders and keyring), as after a reboot."""
     home, landing = tmp / "dagster_home", tmp / "landing"
-    home.mkdir()
-    landing.mkdir()
-    shutil.copy(REPO_ROOT / ".dagster_home" / "dagster.yaml", home / "dagster.yaml")
     key_file = tmp / "keys" / "keyring.json"
-    init_keyring(key_file)
+    if not again:
+        home.mkdir()
+        landing.mkdir()
+        text = (REPO_ROOT / ".dagster_home" / "dagster.yaml").read_text()
+        (home / "dagster.yaml").write_text(settings(text) if settings else text)
+        init_keyring(key_file)
     port = free_port()
     ui = DagsterUI(
         f"http://127.0.0.1:{port}", home, tmp / "work", landing, key_file, tmp / "dagster_dev.log"
     )
-    with ui.log.open("wb") as log:
+    with ui.log.open("ab" if again else "wb") as log:
         process = subprocess.Popen(
             [
                 str(BIN / "dagster"),
@@ -234,13 +240,15 @@ def dagster_dev(tmp: Path) -> Iterator[DagsterUI]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    ui.process_group = process.pid
     try:
         wait_until_up(ui, process)
         yield ui
     finally:
         if ui.reference is not None and ui.reference.poll() is None:
             ui.reference.kill()
-        os.killpg(process.pid, signal.SIGTERM)  # the group this fixture started
+        with contextlib.suppress(ProcessLookupError):  # a test may have killed it already
+            os.killpg(process.pid, signal.SIGTERM)  # the group this fixture started
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -34,8 +34,8 @@ def _release_runs(ui: DagsterUI) -> list[dict[str, Any]]:
     return [r for r in ui.runs() if _tag(r, "ehr/batch") is None]
 
 
-def _kill_the_first_release_run(ui: DagsterUI) -> dict[str, Any]:
-    """Wait for the automation's release run to start a step, then SIGKILL its process."""
+def _first_release_run_stepping(ui: DagsterUI) -> dict[str, Any]:
+    """The automation's release run, once it has started a step, with its process id."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline:
         for run in _release_runs(ui):
@@ -46,10 +46,16 @@ def _kill_the_first_release_run(ui: DagsterUI) -> dict[str, Any]:
             pids = [m for m in (_PID.search(x) for x in messages if "process for run" in x) if m]
             stepped = any(e["__typename"] == "ExecutionStepStartEvent" for e in events)
             if pids and stepped:
-                os.kill(int(pids[0].group(1)), signal.SIGKILL)
-                return run
+                return {**run, "pid": int(pids[0].group(1))}
         time.sleep(0.5)
     raise AssertionError(f"no release run started within {TIMEOUT}s: {ui.runs()}")
+
+
+def _kill_the_first_release_run(ui: DagsterUI) -> dict[str, Any]:
+    """Wait for the automation's release run to start a step, then SIGKILL its process."""
+    run = _first_release_run_stepping(ui)
+    os.kill(run["pid"], signal.SIGKILL)
+    return run
 
 
 def _wait_for_the_retry(ui: DagsterUI, killed: dict[str, Any]) -> dict[str, Any]:
@@ -93,3 +99,33 @@ def test_a_killed_release_run_is_run_again_and_the_release_is_whole(tmp_path: Pa
             )
             > 0
         )
+
+
+# the daemon's run-time limit in this test's instance: past it, a run is failed and run again
+MAX_RUNTIME = 60
+
+
+def _with_max_runtime(settings: str) -> str:
+    shipped = "max_runtime_seconds: 14400"
+    assert shipped in settings  # the repository's instance settings limit a run's time
+    return settings.replace(shipped, f"max_runtime_seconds: {MAX_RUNTIME}")
+
+
+def test_a_release_run_left_started_by_a_dead_dagster_dev_is_run_again(tmp_path: Path) -> None:
+    """The whole of `dagster dev` killed while a release run is going (a reboot): started again,
+    the default run launcher cannot ask whether that run's process is alive, so the run stayed
+    STARTED for good and every later run queued behind it. The daemon fails a run past the
+    instance's `max_runtime_seconds` (a minute here, 4 hours as shipped), the retry runs it
+    again, and the release it leaves is whole."""
+    with dagster_dev(tmp_path, settings=_with_max_runtime) as ui:
+        assert ui.start_sensor("landing_sensor") == "RUNNING"
+        drop_batch(ui, tmp_path)
+        killed = _first_release_run_stepping(ui)
+        os.killpg(ui.process_group, signal.SIGKILL)
+    with dagster_dev(tmp_path, again=True) as ui:
+        retry = _wait_for_the_retry(ui, killed)
+        assert _tag(retry, "dagster/retry_number") == "1"
+        warehouse = ui.workdir / "warehouse.duckdb"
+        released = _count(warehouse, "SELECT count(*) FROM released_patients")
+        assert released == PATIENTS
+        assert _count(warehouse, "SELECT count(*) FROM views.patient") == released

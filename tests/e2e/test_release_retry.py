@@ -80,25 +80,26 @@ def _count(warehouse: Path, sql: str) -> int:
         con.close()
 
 
+def _assert_retried_and_whole(ui: DagsterUI, killed: dict[str, Any]) -> None:
+    """The killed run was run again, and every patient of the batch is released (k = 1 here),
+    viewed and in the features."""
+    retry = _wait_for_the_retry(ui, killed)
+    assert _tag(retry, "dagster/retry_number") == "1"
+    warehouse = ui.workdir / "warehouse.duckdb"
+    released = _count(warehouse, "SELECT count(*) FROM released_patients")
+    assert released == PATIENTS
+    assert _count(warehouse, "SELECT count(*) FROM views.patient") == released
+    features = "SELECT count(DISTINCT patient_id) FROM features.patient_demographics"
+    assert _count(warehouse, features) > 0
+
+
 def test_a_killed_release_run_is_run_again_and_the_release_is_whole(tmp_path: Path) -> None:
     with dagster_dev(tmp_path) as ui:
         assert ui.start_sensor("landing_sensor") == "RUNNING"
         drop_batch(ui, tmp_path)
         killed = _kill_the_first_release_run(ui)
         assert _tag(killed, "dagster/max_retries") == "2"
-        retry = _wait_for_the_retry(ui, killed)
-        assert _tag(retry, "dagster/retry_number") == "1"
-        warehouse = ui.workdir / "warehouse.duckdb"
-        # every patient of the batch released (k = 1 here), viewed and in the features
-        released = _count(warehouse, "SELECT count(*) FROM released_patients")
-        assert released == PATIENTS
-        assert _count(warehouse, "SELECT count(*) FROM views.patient") == released
-        assert (
-            _count(
-                warehouse, "SELECT count(DISTINCT patient_id) FROM features.patient_demographics"
-            )
-            > 0
-        )
+        _assert_retried_and_whole(ui, killed)
 
 
 # the daemon's run-time limit in this test's instance: past it, a run is failed and run again
@@ -123,9 +124,4 @@ def test_a_release_run_left_started_by_a_dead_dagster_dev_is_run_again(tmp_path:
         killed = _first_release_run_stepping(ui)
         os.killpg(ui.process_group, signal.SIGKILL)
     with dagster_dev(tmp_path, again=True) as ui:
-        retry = _wait_for_the_retry(ui, killed)
-        assert _tag(retry, "dagster/retry_number") == "1"
-        warehouse = ui.workdir / "warehouse.duckdb"
-        released = _count(warehouse, "SELECT count(*) FROM released_patients")
-        assert released == PATIENTS
-        assert _count(warehouse, "SELECT count(*) FROM views.patient") == released
+        _assert_retried_and_whole(ui, killed)

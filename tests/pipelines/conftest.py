@@ -25,12 +25,24 @@ def _small_cohort_k(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def materialize_batch(tmp_path: Path, key_file: Path) -> Callable[..., Any]:
     """Run the batch assets of one landing folder's batch (work directory ``tmp_path/work``,
-    one ingest worker) on ``instance``, an ephemeral one by default; the result."""
+    one ingest worker) on ``instance``, an ephemeral one by default; the result (a failed step
+    raises, unless ``raise_on_error`` is false)."""
 
-    def run(landing: Path, key: str, instance: DagsterInstance | None = None) -> Any:
+    def run(
+        landing: Path,
+        key: str,
+        instance: DagsterInstance | None = None,
+        raise_on_error: bool = True,
+    ) -> Any:
         instance = instance or DagsterInstance.ephemeral()
         instance.add_dynamic_partitions("batches", [key])
         resources = build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1)
-        return materialize(batch_assets, partition_key=key, instance=instance, resources=resources)
+        return materialize(
+            batch_assets,
+            partition_key=key,
+            instance=instance,
+            resources=resources,
+            raise_on_error=raise_on_error,
+        )
 
     return run

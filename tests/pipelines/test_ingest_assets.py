@@ -144,7 +144,7 @@ def test_the_release_finds_a_batch_key_naming_a_patient_of_another_batch(
 
 
 def test_a_first_batch_whose_leak_scan_fails_is_reported_not_published(
-    tmp_path: Path, key_file: Path
+    tmp_path: Path, materialize_batch: Callable[..., Any]
 ) -> None:
     """The very first batch of a warehouse fails its leak scan (a patient's MRN sent as a local
     code): nothing is published, and the step says so (its materialisation, its failed check)
@@ -167,15 +167,7 @@ def test_a_first_batch_whose_leak_scan_fails_is_reported_not_published(
     batch = tmp_path / "landing" / "b1"
     batch.mkdir(parents=True)
     (batch / "data.ndjson").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in records))
-    instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("batches", ["b1"])
-    result = materialize(
-        batch_assets,
-        partition_key="b1",
-        instance=instance,
-        resources=build_resources(str(tmp_path / "work"), str(batch.parent), str(key_file), 1),
-        raise_on_error=False,
-    )
+    result = materialize_batch(batch.parent, "b1", raise_on_error=False)
     failures = [e for e in result.all_events if e.is_step_failure]
     assert all("CatalogException" not in str(e.event_specific_data) for e in failures)
     deid = result.asset_materializations_for_node("deid_resources")[0].metadata
@@ -223,7 +215,7 @@ def test_a_batch_changed_since_the_sensor_requested_it_is_not_ingested(
 
 
 def test_a_file_gone_since_its_batch_was_listed_fails_nothing_naming_it(
-    tmp_path: Path, key_file: Path, monkeypatch: Any
+    tmp_path: Path, materialize_batch: Callable[..., Any], monkeypatch: Any
 ) -> None:
     """A data file moved or removed from the folder between the batch's listing and the
     inventory of its sizes (an exporter still filling the folder) is counted with no bytes:
@@ -244,14 +236,7 @@ def test_a_file_gone_since_its_batch_was_listed_fails_nothing_naming_it(
 
     monkeypatch.setattr(BatchSource, "listing", listing_then_gone)
     instance = DagsterInstance.ephemeral()
-    instance.add_dynamic_partitions("batches", ["export-1"])
-    result = materialize(
-        batch_assets,
-        partition_key="export-1",
-        instance=instance,
-        resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
-        raise_on_error=False,
-    )
+    result = materialize_batch(landing, "export-1", instance, raise_on_error=False)
     inventory = result.asset_materializations_for_node("landing_batch")
     assert inventory and inventory[0].metadata["files"].value == 2
     events = " ".join(str(e) for e in instance.all_logs(result.run_id))

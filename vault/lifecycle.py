@@ -337,17 +337,26 @@ def _finished_but_unrecorded(document: dict[str, Any], audit: AuditLog) -> Rotat
     active = document.get("active_kek")
     if "rotation" in document or not active:
         return None
+    intent = _last_open_intent(audit, "rotate_keys", subject=str(active))
+    if intent is None:
+        return None
+    warehouses = list(intent.get("details", {}).get("warehouses", []))
+    report = RotationReport(str(active), [], 0, 0, [], warehouses)
+    audit.complete(intent, {**report.to_dict(), "recorded_after_interruption": True})
+    return report
+
+
+def _last_open_intent(
+    audit: AuditLog, action: str, subject: str | None = None
+) -> dict[str, Any] | None:
+    """The latest act of ``action`` (on ``subject``, when given) the audit log announced and
+    never completed: a process killed between its work and its completion entry."""
     pending = [
         entry
         for entry in open_intents(audit.entries())
-        if entry.get("action") == "rotate_keys" and entry.get("subject") == active
+        if entry.get("action") == action and (subject is None or entry.get("subject") == subject)
     ]
-    if not pending:
-        return None
-    warehouses = list(pending[-1].get("details", {}).get("warehouses", []))
-    report = RotationReport(str(active), [], 0, 0, [], warehouses)
-    audit.complete(pending[-1], {**report.to_dict(), "recorded_after_interruption": True})
-    return report
+    return pending[-1] if pending else None
 
 
 def rotate_kek(
@@ -402,19 +411,15 @@ def _purge_finished_but_unrecorded(document: dict[str, Any], audit: AuditLog) ->
     completion was written, the process killed in between: its completion is written now and
     its KEK ids returned, so that running it again closes the announced act, as ``ehr audit
     verify`` says to. An empty list when there is no such purge."""
-    pending = [
-        entry
-        for entry in open_intents(audit.entries())
-        if entry.get("action") == "purge_retired_keks"
-    ]
-    if not pending:
+    intent = _last_open_intent(audit, "purge_retired_keks")
+    if intent is None:
         return []
-    details = pending[-1].get("details", {})
+    details = intent.get("details", {})
     kek_ids = [str(k) for k in details.get("kek_ids", [])] if isinstance(details, dict) else []
     retired = document.get("retired_keks", {})
     if any(not isinstance(retired.get(k), dict) or retired[k].get("wrapped") for k in kek_ids):
         return []  # not what that purge left: the next purge settles it
-    audit.complete(pending[-1], {"kek_ids": kek_ids, "recorded_after_interruption": True})
+    audit.complete(intent, {"kek_ids": kek_ids, "recorded_after_interruption": True})
     return kek_ids
 
 

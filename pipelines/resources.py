@@ -24,6 +24,7 @@ from vault.keys import (
     KeyMaterialError,
     KeyProvider,
     default_key_file,
+    environment_keys_given,
     load_key_provider,
     shown_key_file,
 )
@@ -158,7 +159,7 @@ class KeyProviderResource(ConfigurableResource):
 
     def looked_in(self) -> str:
         """Where ``provider`` takes the key material from, as an operator would check it."""
-        if os.environ.get(ENV_KEK) or os.environ.get(ENV_PSEUDONYM_KEY):
+        if environment_keys_given():
             return f"environment variables {ENV_KEK} and {ENV_PSEUDONYM_KEY}"
         return f"key file {shown_key_file(self.key_file or default_key_file())}"
 

@@ -577,10 +577,16 @@ def migrate_audit_key(path: Path, *, random_bytes: RandomBytes = os.urandom) -> 
     return True
 
 
+def environment_keys_given() -> bool:
+    """Whether the keys are to come from the environment: either variable of the pair is set
+    (the other one missing is :class:`EnvKeyProvider`'s error)."""
+    return bool(os.environ.get(ENV_KEK) or os.environ.get(ENV_PSEUDONYM_KEY))
+
+
 def load_key_provider(key_file: str | Path | None = None) -> KeyProvider:
     """Environment keys win when set; otherwise the key file (explicit, ``EHR_KEY_FILE``, or
     ``~/.ehr/keyring.json``). Either variable of the pair set alone is refused: a pseudonym
     key set without its KEK would otherwise be ignored for the key file's, silently."""
-    if os.environ.get(ENV_KEK) or os.environ.get(ENV_PSEUDONYM_KEY):
+    if environment_keys_given():
         return EnvKeyProvider.from_environ()
     return FileKeyProvider.load(Path(key_file) if key_file else default_key_file())

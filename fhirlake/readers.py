@@ -709,7 +709,8 @@ def _entry_values(handle: IO[bytes], occurrence: int) -> Iterator[Any]:
 def _streamed_bundle_records(source: SourceFile, state: _ReadState) -> Iterator[RawRecord]:
     """A large Bundle, entry by entry, with memory bounded by the largest entry, accounted as
     :func:`bundle_records` accounts a Bundle read whole. A Bundle whose ``entry`` is missing,
-    empty or no array holds no entries to stream: it is read whole, as a small one is."""
+    empty or no array holds no entries to stream, and a document whose last ``resourceType``
+    is not ``Bundle`` is no Bundle: either is read whole, as a small one is."""
     try:
         with _open_unbommed(source.path) as handle:
             outline = _bundle_outline(handle)
@@ -717,7 +718,10 @@ def _streamed_bundle_records(source: SourceFile, state: _ReadState) -> Iterator[
         # ijson's message can quote input; report the position-free fact only
         yield RawRecord(source.index, 1, None, ("invalid_json", "not valid JSON (streamed)"))
         return
-    if not outline.entry_is_list or not outline.entries:
+    # a document naming ``resourceType`` more than once is what its last one says, as for a
+    # whole read: one whose first says Bundle may be no Bundle at all
+    is_bundle = outline.shell.get("resourceType") == "Bundle"
+    if not is_bundle or not outline.entry_is_list or not outline.entries:
         yield from _json_records(source, state)
         return
     shell_error = _bundle_shell_error(outline.shell, outline.entry_problem)
@@ -1007,12 +1011,13 @@ def _dumps(value: Any) -> bytes | None:
 
 def bundle_records(file_index: int, bundle: dict[str, Any]) -> Iterator[RawRecord]:
     """One record per Bundle entry. Bundle-level defects are reported on every entry, so that
-    each record that came in is accounted for."""
+    each record that came in is accounted for. A Bundle with no entry to report them on (its
+    ``entry`` no array, or an empty one) is the file's one record: with its shell's defect, or
+    checked as a resource, as a Bundle without ``entry`` is (an empty array breaks ele-1)."""
     entries = bundle.get("entry")
     shell_error = _bundle_shell_error(bundle, _first_entry_problem(entries))
     if not isinstance(entries, list) or not entries:
-        if shell_error is not None:
-            yield RawRecord(file_index, 1, _dumps(bundle), shell_error)
+        yield RawRecord(file_index, 1, _dumps(bundle), shell_error)
         return
     urls = _FullUrls()
     for position, entry in enumerate(entries, start=1):

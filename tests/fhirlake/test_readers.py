@@ -422,6 +422,13 @@ _STREAM_CASES = {
     "entry_is_object": {"resourceType": "Bundle", "type": "collection", "entry": {"resource": _P}},
     "no_entry": {"resourceType": "Bundle", "type": "collection", "identifier": {"value": "x"}},
     "empty_entry_bad_type": {"resourceType": "Bundle", "type": "nonsense", "entry": []},
+    "empty_entry": {"resourceType": "Bundle", "type": "searchset", "total": 0, "entry": []},
+    # written below with a second ``resourceType`` after its entries: the last one stands
+    "resource_type_twice": {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": _P}, {"resource": dict(_P, id="p2")}],
+    },
     "entry_null": {"resourceType": "Bundle", "type": "collection", "entry": None},
     "duplicate_full_url": {
         "resourceType": "Bundle",
@@ -471,6 +478,8 @@ def test_a_streamed_bundle_is_accounted_as_one_read_whole(
     if name == "entry_twice":
         earlier = b'"entry":[{"resource":{"resourceType":"Patient","id":"p0"}},{}],'
         data = data.replace(b'"entry":', earlier + b'"entry":')
+    if name == "resource_type_twice":
+        data = data[:-1] + b',"resourceType":"Patient"}'
     path = tmp_path / ("a.json.gz" if packed else "a.json")
     path.write_bytes(_gz(data) if packed else data)
     source = SourceFile(0, path, "json")
@@ -484,6 +493,40 @@ def test_a_streamed_bundle_is_accounted_as_one_read_whole(
     whole = seen(None)
     assert whole  # every case holds at least one record
     assert seen(0) == whole
+
+
+def test_a_bundle_with_no_entry_to_report_on_is_one_record(tmp_path: Path) -> None:
+    """A Bundle whose ``entry`` is an empty array came in as one record, as one without
+    ``entry`` does: it is checked as the resource it is, and fails ele-1, never dropped
+    unaccounted. A document whose last ``resourceType`` is not Bundle is one record too, read
+    whole or streamed."""
+    (tmp_path / "empty.json").write_bytes(
+        orjson.dumps({"resourceType": "Bundle", "type": "searchset", "entry": []})
+    )
+    (tmp_path / "none.json").write_bytes(
+        orjson.dumps({"resourceType": "Bundle", "type": "searchset", "total": 0})
+    )
+    (tmp_path / "twice.json").write_bytes(
+        b'{"resourceType":"Bundle","type":"collection","entry":[{"resource":'
+        + orjson.dumps(_P)
+        + b'}],"resourceType":"Patient"}'
+    )
+    files, _ = list_batch_files(tmp_path)
+    for stream_above in (None, 0):
+        records = {f.path.name: list(iter_records(f, stream_above)) for f in files}
+        assert {name: len(found) for name, found in records.items()} == {
+            "empty.json": 1,
+            "none.json": 1,
+            "twice.json": 1,
+        }
+        empty = records["empty.json"][0]
+        assert empty.error is None and empty.raw is not None
+        checked = check_record(empty.raw)
+        assert checked.code == "schema_violation"
+        assert checked.message == "Bundle.entry: empty element (ele-1)"
+        assert check_record(records["none.json"][0].raw or b"").code is None
+        twice = records["twice.json"][0]
+        assert twice.error is None and check_record(twice.raw or b"").code == "schema_violation"
 
 
 # Bundles whose numbers orjson cannot write: an integer beyond 64 bits (a double to orjson),

@@ -592,6 +592,21 @@ def test_a_streamed_bundle_whose_entry_is_no_list_counts_one_record(
     assert _quarantine_rows(wh, "b1")[0][0] == "invalid_bundle"
 
 
+def test_a_bundle_with_an_empty_entry_array_is_one_record_quarantined(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A search that found nothing, exported with ``"entry": []``: the file came in, so it is
+    one record in, quarantined for ele-1 with its bytes, never a file of no record at all."""
+    land = tmp_path / "land"
+    _write(land, "a.json", {"resourceType": "Bundle", "type": "searchset", "entry": []})
+    wh = tmp_path / "w.duckdb"
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert (report.records_in, report.accepted, report.quarantined) == (1, 0, 1)
+    assert _quarantine_rows(wh, "b1") == [
+        ("schema_violation", "Bundle.entry: empty element (ele-1)", 1)
+    ]
+
+
 def _vault_rows(wh: Path) -> dict[str, int]:
     con = warehouse.connect(wh, read_only=True)
     try:

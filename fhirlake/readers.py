@@ -796,6 +796,7 @@ def _ndjson_records(
     with _open(source.path, state) as handle:
         lines = _LineReader(handle)
         lineno = 0
+        wide = b""  # the first line of a UTF-16 or UTF-32 file, which is one record whole
         try:
             while line := lines.readline(max_line_bytes + 1):
                 lineno += 1
@@ -807,12 +808,18 @@ def _ndjson_records(
                 if lineno == 1 and line.startswith(BOM):
                     line = line[len(BOM) :]
                 elif lineno == 1 and line.startswith(_WIDE_BOMS):
+                    wide = line
                     yield _wide_text_record(source, line, lines, max_line_bytes)
                     return
                 line = line.strip(_JSON_WHITESPACE)
                 if line:
                     yield RawRecord(source.index, lineno, line)
         except _READ_ERRORS:
+            if wide:
+                # the file's one record, cut: all of it that was read, as a whole one is kept
+                read = wide + lines.pending
+                state.pending, state.next_position = read if len(read) <= max_line_bytes else b"", 1
+                raise
             # the line being read when it failed: the one after the last line read
             state.pending, state.next_position = lines.pending, lineno + 1
             raise

@@ -632,6 +632,27 @@ def test_a_utf16_ndjson_file_is_one_record(tmp_path: Path) -> None:
     assert [(r.position, r.raw) for r in too_long] == [(1, None)]
 
 
+def test_a_utf16_ndjson_file_cut_short_is_its_one_record_with_every_byte_read(
+    tmp_path: Path,
+) -> None:
+    """A gzip of a UTF-16 NDJSON file, cut inside its data: the file is one record, so the
+    record for the rest of it is that record (position 1), holding every byte decompressed,
+    its first line included (which the first 0x0a byte of its first newline ends)."""
+    from fhirlake.readers import SourceFile
+
+    data = "".join(line + "\n" for line in _lines(40).decode().split("\n")).encode("utf-16")
+    packed = _gz(data)
+    path = tmp_path / "a.ndjson.gz"
+    path.write_bytes(packed[: len(packed) // 2])
+    records = list(iter_records(SourceFile(0, path, "ndjson")))
+    assert len(records) == 1
+    (record,) = records
+    assert record.error and record.error[0] == "unreadable_file"
+    assert record.position == 1
+    assert record.raw and len(record.raw) > data.index(b"\n\x00") + 2
+    assert data.startswith(record.raw)
+
+
 def test_a_file_the_process_may_not_read_fails_naming_its_index_not_quarantined(
     tmp_path: Path, refuse_reading: Any
 ) -> None:

@@ -796,7 +796,7 @@ def _ndjson_records(
     with _open(source.path, state) as handle:
         lines = _LineReader(handle)
         lineno = 0
-        wide = b""  # the first line of a UTF-16 or UTF-32 file, which is one record whole
+        wide = b""  # the first line of a file that is one record whole (UTF-16, gzip data)
         try:
             while line := lines.readline(max_line_bytes + 1):
                 lineno += 1
@@ -807,9 +807,9 @@ def _ndjson_records(
                     continue
                 if lineno == 1 and line.startswith(BOM):
                     line = line[len(BOM) :]
-                elif lineno == 1 and line.startswith(_WIDE_BOMS):
+                elif lineno == 1 and line.startswith((*_WIDE_BOMS, _GZIP_MAGIC)):
                     wide = line
-                    yield _wide_text_record(source, line, lines, max_line_bytes)
+                    yield _whole_file_record(source, line, lines, max_line_bytes)
                     return
                 line = line.strip(_JSON_WHITESPACE)
                 if line:
@@ -825,17 +825,25 @@ def _ndjson_records(
             raise
 
 
-def _wide_text_record(
+_GZIP_DATA = "gzip data (compressed but not named .gz, or compressed twice)"
+
+
+def _whole_file_record(
     source: SourceFile, first: bytes, lines: _LineReader, max_line_bytes: int
 ) -> RawRecord:
-    """A UTF-16 or UTF-32 NDJSON file is one record, not read as lines (its newlines are not
-    single bytes): the whole file, kept when it is no longer than a line may be."""
+    """A UTF-16 or UTF-32 NDJSON file, or one of gzip data, is one record, not read as lines
+    (its newlines are not single bytes; compressed bytes hold 0x0a bytes anywhere, and no
+    line): the whole file, kept when it is no longer than a line may be."""
     rest = lines.read(max_line_bytes + 1 - len(first)) if len(first) <= max_line_bytes else b""
     data = first + rest
     kept = len(data) <= max_line_bytes and not lines.read(1)
-    message = (
-        "UTF-16 or UTF-32 text (byte-order mark): NDJSON must be UTF-8; the file is one record"
-        + ("" if kept else f", longer than {max_line_bytes} bytes and not kept")
+    what = (
+        f"{_GZIP_DATA}: NDJSON must be text"
+        if first.startswith(_GZIP_MAGIC)
+        else "UTF-16 or UTF-32 text (byte-order mark): NDJSON must be UTF-8"
+    )
+    message = f"{what}; the file is one record" + (
+        "" if kept else f", longer than {max_line_bytes} bytes and not kept"
     )
     return RawRecord(source.index, 1, data if kept else None, ("invalid_json", message))
 
@@ -856,9 +864,8 @@ def _json_records(source: SourceFile, state: _ReadState) -> Iterator[RawRecord]:
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        yield RawRecord(
-            source.index, 1, data, ("invalid_json", f"not valid JSON ({exc.msg} at char {exc.pos})")
-        )
+        why = _GZIP_DATA if data.startswith(_GZIP_MAGIC) else f"{exc.msg} at char {exc.pos}"
+        yield RawRecord(source.index, 1, data, ("invalid_json", f"not valid JSON ({why})"))
         return
     if isinstance(obj, dict) and obj.get("resourceType") == "Bundle" and "entry" in obj:
         yield from bundle_records(source.index, obj)

@@ -632,6 +632,27 @@ def test_a_utf16_ndjson_file_is_one_record(tmp_path: Path) -> None:
     assert [(r.position, r.raw) for r in too_long] == [(1, None)]
 
 
+def test_gzip_data_in_a_file_read_as_text_is_one_record_saying_so(tmp_path: Path) -> None:
+    """Compressed bytes in a file not named .gz, or a .gz file compressed twice: its 0x0a
+    bytes end no line, so it is one record (as a UTF-16 file is), whose reason names gzip, not
+    as many records as the compressed bytes hold 0x0a bytes, each with a UTF-8 error."""
+    from fhirlake.readers import SourceFile
+
+    text = b"".join(_lines(200).split(b"\n")[i] + b"\n" for i in range(200))
+    packed = gzip.compress(text, mtime=0)
+    assert packed.count(b"\n") > 1  # read as lines, it would be several records
+    (tmp_path / "named_plain.ndjson").write_bytes(packed)
+    (tmp_path / "twice.ndjson.gz").write_bytes(gzip.compress(packed, mtime=0))
+    (tmp_path / "named_plain.json").write_bytes(packed)
+    files, _ = list_batch_files(tmp_path)
+    for source in files:
+        records = list(iter_records(SourceFile(source.index, source.path, source.kind)))
+        assert [(r.position, r.raw) for r in records] == [(1, packed)], source.name
+        (record,) = records
+        assert record.error and record.error[0] == "invalid_json"
+        assert "gzip data" in record.error[1] and MARK not in record.error[1]
+
+
 def test_a_utf16_ndjson_file_cut_short_is_its_one_record_with_every_byte_read(
     tmp_path: Path,
 ) -> None:

@@ -6,7 +6,8 @@ day-first numeric forms, compact, with the month's name: ``birth_date_forms``) o
 batch touches. Phones, SSNs and identifiers that are mostly digits are also matched as digits,
 against the digit runs of released text normalised the same way, so punctuation does not hide
 them. A name part under four letters matches inside ordinary words, so it counts only as a
-whole word next to another name part of the same person.
+whole word next to another name part of the same person. A canary of several words is also
+found with punctuation for its spaces (``709-Michele-Prairie``), as a code token writes it.
 
 A phone, an SSN or a mostly-digit identifier of seven digits or more (``MIN_DIGITS``) is a digit
 canary. It matches whole digit groups of a run, never digits inside a longer group (MRN 55190377
@@ -136,6 +137,16 @@ def _whole_number(value: float) -> str | None:
     return digits if len(digits) >= MIN_DIGITS else None
 
 
+# What the scan finds beyond the canaries as written, for the de-identification settings'
+# digest (deid.staging.settings_digest): a batch published before a rule was added may hold what
+# it finds, and is scanned again by the next `ehr run`
+SCAN_RULES: tuple[str, ...] = (
+    # a birth date with its month's name between dashes, dots or slashes or none (19-FEB-1946,
+    # 19FEB1946), and the compact form or one with the month's name glued to letters (DOB19460219)
+    "birth_date_named_month_separators_glued",
+    # a canary of several words written with punctuation for its spaces (709-Michele-Prairie)
+    "words_punctuated",
+)
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
     "july", "august", "september", "october", "november", "december",
@@ -169,7 +180,8 @@ def _birth_parts(iso_date: str) -> tuple[int, int, int] | None:
 def birth_date_forms(iso_date: str) -> tuple[str, ...]:
     """A full ISO birth date as people write it, case-folded: year first (ISO, also with
     slashes or dots), month first (US) and day first, each with slashes, dashes or dots and
-    with and without leading zeros, compact, and with the month's name.
+    with and without leading zeros, compact, and with the month's name (also between dashes,
+    dots or slashes or none: ``19-feb-1946``, ``19feb1946``, as Oracle and SAS write dates).
 
     Every form holds the four-digit year: a patient's rows are searched for these only in
     strings that hold it (``_birth_hits``, ``deid.release``), and year, month and day together
@@ -192,9 +204,18 @@ def birth_date_forms(iso_date: str) -> tuple[str, ...]:
                 {f"{first:02d}{sep}{second:02d}{sep}{year}", f"{first}{sep}{second}{sep}{year}"}
             )
     for name in (full, short):
-        forms.update({f"{name} {day} {year}", f"{name} {day}, {year}", f"{day} {name} {year}"})
-        forms.update({f"{name} {day:02d} {year}", f"{name}. {day}, {year}"})
+        forms.update({f"{name} {day} {year}", f"{name} {day}, {year}", f"{name}. {day}, {year}"})
+        # with spaces, dashes, dots or slashes between the parts, or none: Oracle's DD-MON-YYYY
+        # (19-feb-1946), SAS's DATE9. (19feb1946), and the month first or the year first
+        for sep in _NAMED_MONTH_SEPARATORS:
+            for dd in (f"{day}", f"{day:02d}"):
+                forms.update({f"{dd}{sep}{name}{sep}{year}", f"{year}{sep}{name}{sep}{dd}"})
+                if sep:  # feb191946 would also read as the 1st of February, 91946
+                    forms.add(f"{name}{sep}{dd}{sep}{year}")
     return tuple(sorted(forms))
+
+
+_NAMED_MONTH_SEPARATORS = (" ", "-", ".", "/", "")
 
 
 def reason_birth_date_forms(iso_date: str) -> tuple[str, ...]:
@@ -303,6 +324,7 @@ class CanarySet:
         self._digits: dict[str, str] = {}
         self._automaton: Any = None
         self._digit_automaton: Any = None
+        self._words_automaton: Any = None  # see _compiled_words
         self._births: dict[str, tuple[str, ...]] = {}
         self._birth_years: dict[str, tuple[str, ...]] = {}
         self._spaced: CanarySet | None = None
@@ -330,7 +352,7 @@ class CanarySet:
 
     def _changed(self) -> None:
         """A canary was added: the automatons are built again and nothing found is remembered."""
-        self._automaton = self._digit_automaton = None
+        self._automaton = self._digit_automaton = self._words_automaton = None
         self._spaced = None
         self._memo = {}
 
@@ -488,6 +510,7 @@ class CanarySet:
         ``find``, so threads can share it."""
         self._compiled()
         self._compiled_digits()
+        self._compiled_words()
 
     def _compiled(self) -> Any:
         if self._automaton is None:
@@ -508,7 +531,23 @@ class CanarySet:
         if not self._kinds:
             return found
         folded = text.casefold()
-        for end, (kind, length) in self._compiled().iter(folded):
+        found.extend(self._whole_words(self._compiled(), folded, terminology))
+        words = " ".join(_SEPARATORS.split(folded))
+        if words != folded:
+            # a canary of several words written with punctuation for its spaces, as a code or
+            # a URL's segment must be (709-Michele-Prairie, zquix42.example.org): counted once
+            # for a kind the text as written did not already show
+            spaced = self._whole_words(self._compiled_words(), words, terminology)
+            found.extend(dict.fromkeys(kind for kind in spaced if kind not in found))
+        return found
+
+    @staticmethod
+    def _whole_words(automaton: Any, folded: str, terminology: bool) -> list[str]:
+        """Kinds of the canaries of ``automaton`` in ``folded`` as whole tokens."""
+        found: list[str] = []
+        if not len(automaton):  # no canary of this kind: nothing to look for
+            return found
+        for end, (kind, length) in automaton.iter(folded):
             start = end - length + 1
             before = folded[start - 1] if start > 0 else " "
             after = folded[end + 1] if end + 1 < len(folded) else " "
@@ -516,6 +555,20 @@ class CanarySet:
                 if not (terminology and kind == "name"):
                     found.append(kind)
         return found
+
+    def _compiled_words(self) -> Any:
+        """The text canaries of several words (an address line, a city with its ZIP, a full
+        name, an email, an identifier with punctuation), each with every run of characters
+        other than letters and digits written as one space, for text read the same way. Phones
+        and SSNs are matched as digits however they are punctuated."""
+        if self._words_automaton is None:
+            words: dict[str, str] = {}
+            for text, kind in self._kinds.items():
+                spaced = " ".join(_SEPARATORS.split(text)).strip()
+                if " " in spaced and kind not in ("phone", "ssn"):
+                    words.setdefault(spaced, kind)
+            self._words_automaton = _automaton(words)
+        return self._words_automaton
 
     def _find_digits(self, text: str) -> list[str]:
         """Digit canaries in the digit runs of ``text``, whole groups only: a phone written
@@ -585,9 +638,54 @@ class CanarySet:
     ) -> list[str]:
         if not any(year in folded for year in years):  # every written form holds its year
             return []
-        return ["birth_date"] if any(self._has_token(folded, b) for b in births) else []
+        return ["birth_date"] if any(_birth_date_in(folded, b) for b in births) else []
 
 
+def _birth_date_in(text: str, form: str) -> bool:
+    """Whether ``text`` holds the birth date written as ``form``, not inside a longer number
+    (``119-feb-1946``, ``194602190``) or word (``xfeb-19-1946``). The compact form and a form
+    with the month's name count glued to letters at a digit of theirs (``dob19460219``,
+    ``dob19-feb-1946``), as a digit canary does, unless all the letters and digits they are
+    glued to are hex digits (a pseudonym or a digest, whose digit runs are chance). A numeric
+    form with separators does not: ``1977-07-27T00:00:00Z`` is a date-time of that day."""
+    may_glue = form.isdigit() or _has_letter(form)
+    start = text.find(form)
+    while start >= 0:
+        end = start + len(form)
+        before = text[start - 1] if start > 0 else " "
+        after = text[end] if end < len(text) else " "
+        edges = ((before, form[0]), (after, form[-1]))
+        if all(_may_touch(ch, edge, may_glue) for ch, edge in edges) and not (
+            (before.isalnum() or after.isalnum()) and _in_hex_word(text, start, end)
+        ):
+            return True
+        start = text.find(form, start + 1)
+    return False
+
+
+def _has_letter(text: str) -> bool:
+    return any(ch.isalpha() for ch in text)
+
+
+def _may_touch(neighbour: str, edge: str, may_glue: bool) -> bool:
+    """Whether a birth date form whose first (last) character is ``edge`` stands whole next to
+    ``neighbour``: anything but a letter or a digit, or a letter next to a digit of a form
+    that may be glued."""
+    if not neighbour.isalnum():
+        return True
+    return may_glue and neighbour.isalpha() and edge.isdigit()
+
+
+def _in_hex_word(text: str, start: int, end: int) -> bool:
+    """Whether ``text[start:end]`` and the letters and digits glued to it are all hex digits."""
+    while start > 0 and text[start - 1].isalnum():
+        start -= 1
+    while end < len(text) and text[end].isalnum():
+        end += 1
+    return all(ch in _HEX_DIGITS for ch in text[start:end] if ch.isalnum())
+
+
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
 _MAIDEN_NAME = "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"
 _SSN_SYSTEMS = ("http://hl7.org/fhir/sid/us-ssn",)
 

@@ -433,3 +433,69 @@ def test_identifiers_and_names_in_full_width_characters_are_found() -> None:
     assert c.find(ssn) == ["identifier"] and "name" in c.find(name)
     rows = [("p1", {"resourceType": "Observation", "code": {"coding": [{"code": ssn}]}})]
     assert not scan_rows(c, rows).passed
+
+
+def _local_coding_row(code: str, patient: str = "p1") -> tuple[str, dict[str, object], str]:
+    """A released Observation whose only coding is a local one: the code, the version and the
+    system's last segment are kept as written (a token of letters, digits and ``._:/+<>=-``)."""
+    coding = {"system": "http://hospital.example.org/lab", "version": code, "code": code}
+    return ("r", {"resourceType": "Observation", "code": {"coding": [coding]}}, patient)
+
+
+def test_a_birth_date_with_its_month_abbreviated_between_dashes_or_glued_is_found() -> None:
+    """Oracle writes a date 19-FEB-1946 (DD-MON-YYYY), SAS 19FEB1946 (DATE9.), and exports
+    glue the compact form to a label (DOB19460219): each is a code token the release keeps,
+    and each was released as the patient's birth date. Found in the patient's rows only, not
+    glued to other digits, and not inside a hex word (a pseudonym or a digest)."""
+    c = CanarySet()
+    c.add_patient({"birthDate": "1946-02-19"}, "p1")
+    for code in (
+        "19-FEB-1946",
+        "19FEB1946",
+        "19.Feb.1946",
+        "19/feb/1946",
+        "19-February-1946",
+        "Feb-19-1946",
+        "1946-FEB-19",
+        "1946FEB19",
+        "DOB19460219",
+        "dob19-feb-1946",
+        "19460219x",
+    ):
+        assert scan_rows(c, [_local_coding_row(code)]).by_kind() == {"birth_date": 2}, code
+        assert scan_rows(c, [_local_coding_row(code, "p2")]).passed, code
+    for code in ("119-FEB-1946", "19FEB19461", "ab19460219cd", "x19-feb-19467", "19FEB1947"):
+        assert scan_rows(c, [_local_coding_row(code)]).passed, code
+    # a form starting or ending with a letter is not found inside a longer word
+    assert scan_rows(c, [_local_coding_row("XFeb-19-1946")]).passed
+
+
+def test_an_address_and_an_email_written_with_punctuation_for_spaces_are_found() -> None:
+    """A code, a version or a system URL's last segment cannot hold a space, so a local code
+    system writes an address line 709-Michele-Prairie, a city with its ZIP
+    New-Donaldton-MA-01984, an email zquix42.example.org: each was released as written."""
+    c = CanarySet()
+    c.add_patient(
+        {
+            "address": [
+                {
+                    "line": ["709 Michele Prairie"],
+                    "city": "New Donaldton",
+                    "state": "MA",
+                    "postalCode": "01984",
+                }
+            ],
+            "telecom": [{"system": "email", "value": "zquix42@example.org"}],
+        }
+    )
+    for code, kind in (
+        ("709-Michele-Prairie", "address"),
+        ("709.michele.prairie", "address"),
+        ("709_Michele_Prairie", "address"),
+        ("New-Donaldton-MA-01984", "city_zip"),
+        ("zquix42.example.org", "email"),
+    ):
+        assert scan_rows(c, [_local_coding_row(code)]).by_kind() == {kind: 2}, code
+    # whole words only: the same words inside longer ones are not the address
+    for code in ("1709-Michele-Prairies", "X709-Michele-Prairie", "Michele-Prairie"):
+        assert scan_rows(c, [_local_coding_row(code)]).passed, code

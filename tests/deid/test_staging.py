@@ -479,3 +479,14 @@ def test_the_references_resolved_by_ingest_are_part_of_the_settings_digest(
     now = staging.settings_digest(research, TODAY)
     monkeypatch.setattr(staging, "INGEST_RESOLVED_KINDS", ("urn", "conditional"))
     assert staging.settings_digest(research, TODAY) != now
+
+
+def test_the_leak_scan_rules_are_part_of_the_settings_digest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch published before the scan found a birth date written 19-FEB-1946 or an address
+    written 709-Michele-Prairie is de-identified and scanned again."""
+    research = Policy.shipped("research")
+    now = staging.settings_digest(research, TODAY)
+    monkeypatch.setattr(staging, "SCAN_RULES", ())
+    assert staging.settings_digest(research, TODAY) != now

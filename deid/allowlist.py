@@ -309,6 +309,32 @@ def release_resource(resource: dict[str, Any], ctx: ReleaseContext) -> dict[str,
     return {"resourceType": ctx.resource_type, **released}
 
 
+def released_modifier_urls(resource: dict[str, Any], profile: ReleaseProfile) -> list[Any]:
+    """The URLs of the modifierExtensions on ``resource`` and on every element its plan
+    releases (a backbone element such as a dosage or a Consent's provision at any level it is
+    kept, a contained resource released under its own type's paths). A modifier changes the
+    meaning of the element holding it, so one the release cannot keep must withhold the
+    resource rather than be dropped from it; a modifier on an element the release drops goes
+    with that element."""
+    urls: list[Any] = []
+    stack: list[tuple[Any, Node]] = [(resource, profile.plan(str(resource.get("resourceType"))))]
+    while stack:
+        value, node = stack.pop()
+        if not isinstance(value, dict):
+            continue
+        for modifier in value.get("modifierExtension") or []:
+            urls.append(modifier.get("url") if isinstance(modifier, dict) else None)
+        for key, child in node.children.items():
+            items = value.get(key)
+            for item in items if isinstance(items, list) else [items]:
+                if child.kind == "object":
+                    stack.append((item, child))
+                elif child.kind == "contained" and isinstance(item, dict):
+                    if _releasable_contained(item, profile):
+                        stack.append((item, profile.plan(str(item["resourceType"]))))
+    return urls
+
+
 def _provision_depth(resource: dict[str, Any]) -> int:
     """How many levels of provisions a Consent nests (the top one is level 1)."""
     depth, level = 0, [resource.get("provision")]

@@ -26,7 +26,12 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from deid import methods
-from deid.allowlist import ProfileError, ReleaseContext, release_resource
+from deid.allowlist import (
+    ProfileError,
+    ReleaseContext,
+    release_resource,
+    released_modifier_urls,
+)
 from deid.errors import DeidError
 from deid.policy import Policy, Rule
 from deid.terminology import Terminology
@@ -314,15 +319,26 @@ class Deidentifier:
         return outcome
 
     def _check_modifiers(self, resource: dict[str, Any], rtype: str) -> None:
-        """A modifierExtension changes the meaning of its resource: one off the allow-list
-        withholds the resource rather than release it with its meaning silently changed."""
+        """A modifierExtension changes the meaning of the resource or element holding it: one
+        off the allow-list, at the top or on an element the release keeps (a dosage, a
+        Consent's provision, a contained Medication: :func:`released_modifier_urls`), withholds
+        the resource rather than release it with its meaning silently changed."""
         allowed = self.policy.parameters.extension_allow_list
         if allowed is None:
             return
-        for mod in resource.get("modifierExtension") or []:
-            if not isinstance(mod, dict) or mod.get("url") not in allowed:
-                message = f"{rtype}: modifierExtension not on the allow-list"
-                raise ProcessingError("unknown_modifier_extension", message)
+        urls: list[Any] = [
+            mod.get("url") if isinstance(mod, dict) else None
+            for mod in resource.get("modifierExtension") or []
+        ]
+        profile = self.policy.release
+        if profile is not None:
+            try:
+                urls += released_modifier_urls(resource, profile)
+            except ProfileError:  # not an R4 resource type: withheld as such by the caller
+                pass
+        if any(url not in allowed for url in urls):
+            message = f"{rtype}: modifierExtension not on the allow-list"
+            raise ProcessingError("unknown_modifier_extension", message)
 
     def _process(
         self,

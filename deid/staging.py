@@ -183,6 +183,11 @@ def settings_digest(
         # digits (2139 as 2130, 6390 in the restricted area 063 as written), and are
         # de-identified again by the next run
         "zip_leading_zero": "restored",
+        # a modifierExtension off the allow-list on an element the release keeps (a dosage, a
+        # Consent's provision, a contained Medication) withholds the resource
+        # (deid.allowlist.released_modifier_urls): batches released before hold such resources
+        # with the modifier dropped, and are de-identified again by the next run
+        "modifier_extensions": "top_and_released_elements",
         # the leak scan finds a birth date written 19-FEB-1946, 19FEB1946 or DOB19460219 and an
         # address written 709-Michele-Prairie (deid.leakscan.SCAN_RULES): batches published
         # before were scanned without them, and are de-identified and scanned again by the next

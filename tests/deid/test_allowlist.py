@@ -490,3 +490,63 @@ def test_a_code_in_full_width_digits_is_no_code_of_its_system(system: str) -> No
     written = _full_width("731559012") if system != LOINC else _full_width("8302-2")
     out = _apply(_obs(code={"coding": [{"system": system, "code": written}]}))
     assert "code" not in out.resource and out.release_counts["code_malformed"] == 1
+
+
+NOT_GIVEN = {"url": "http://hospital.example.org/fhir/StructureDefinition/not-given"}
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_a_modifier_extension_on_an_element_the_release_keeps_withholds_the_resource(
+    profile: str,
+) -> None:
+    """A modifierExtension changes the meaning of the element holding it: on a dosage, a
+    Consent's provision (nested or not) or a contained Medication it was dropped, and the
+    element released as if it meant what it says (a deny its modifier negates, a dose not
+    given). Such a resource is withheld, as one with the modifier at its top is; one on an
+    element the release drops (a Patient's contact) changes nothing released."""
+    rxnorm = "http://www.nlm.nih.gov/research/umls/rxnorm"
+    modifier = {**NOT_GIVEN, "valueBoolean": True}
+    request = {
+        "resourceType": "MedicationRequest",
+        "id": "r",
+        "status": "active",
+        "intent": "order",
+        "subject": {"reference": "Patient/p"},
+        "medicationCodeableConcept": {"coding": [{"system": rxnorm, "code": "860975"}]},
+        "dosageInstruction": [{"sequence": 1, "modifierExtension": [modifier]}],
+    }
+    contained = {
+        **{k: v for k, v in request.items() if k not in ("dosageInstruction",)},
+        "contained": [
+            {
+                "resourceType": "Medication",
+                "id": "m",
+                "code": {"coding": [{"system": rxnorm, "code": "860975"}]},
+                "modifierExtension": [modifier],
+            }
+        ],
+        "medicationReference": {"reference": "#m"},
+    }
+    deny = {"type": "deny", "modifierExtension": [modifier]}
+    consent = {
+        "resourceType": "Consent",
+        "id": "c",
+        "status": "active",
+        "scope": {"coding": [{"code": "research"}]},
+        "category": [{"coding": [{"system": LOINC, "code": "59284-0"}]}],
+        "patient": {"reference": "Patient/p"},
+        "provision": deny,
+    }
+    nested = {**consent, "provision": {"type": "permit", "provision": [deny]}}
+    for resource in (request, contained, consent, nested):
+        with pytest.raises(ProcessingError) as raised:
+            _apply(copy.deepcopy(resource), profile)
+        assert raised.value.code == "unknown_modifier_extension"
+        assert "not-given" not in str(raised.value)  # the message names no URL
+    patient = {
+        "resourceType": "Patient",
+        "id": "p",
+        "gender": "female",
+        "contact": [{"modifierExtension": [modifier], "gender": "male"}],
+    }
+    assert _apply(patient, profile).resource["gender"] == "female"

@@ -8,6 +8,7 @@ import duckdb
 import pandas as pd
 
 from pipelines.publish import publish_table
+from vault.catalog import quote_identifier
 
 MODELS_SCHEMA = "models"
 LABELS_TABLE = "readmission_labels"
@@ -31,7 +32,21 @@ def write_table(
 
     The Parquet file is written from the DuckDB table, so the two hold the same column types;
     pandas' nullable and string dtypes read back as their NumPy counterparts, which the trainer
-    reads by kind (:func:`pipelines.models.frame.feature_columns`)."""
+    reads by kind (:func:`pipelines.models.frame.feature_columns`).
+
+    A column DuckDB reads no type from (an object column of no rows: the training set of a
+    first release without a label row) is written as VARCHAR, the type its strings take once
+    there are rows; typed NULL, the table refused every row a later refresh inserted."""
     path = parquet_path(workdir, table)
-    publish_table(con, f"{MODELS_SCHEMA}.{table}", path, con.from_df(frame))
+    rows = con.from_df(frame)
+    if any(str(kind) == '"NULL"' for kind in rows.types):
+        rows = rows.project(
+            ", ".join(
+                f"CAST({quote_identifier(name)} AS VARCHAR) AS {quote_identifier(name)}"
+                if str(kind) == '"NULL"'
+                else quote_identifier(name)
+                for name, kind in zip(rows.columns, rows.types, strict=True)
+            )
+        )
+    publish_table(con, f"{MODELS_SCHEMA}.{table}", path, rows)
     return path

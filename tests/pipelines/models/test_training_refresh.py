@@ -119,3 +119,30 @@ def test_refresh_equals_a_full_join_after_each_change(tmp_path: Path) -> None:
     assert (third.mode, third.patients_changed, third.patients_removed) == ("incremental", 0, 1)
     pd.testing.assert_frame_equal(_canonical(third.frame), _oracle(store, labels, work))
     assert set(third.frame["patient_id"]) == {"b", "c"}
+
+
+def test_a_first_training_set_of_no_rows_takes_the_first_labelled_patient(
+    tmp_path: Path,
+) -> None:
+    """A first release with no label row (no discharge yet, or every labelled patient withheld
+    by k-anonymity) builds an empty training set; the patient labelled by a later release (a
+    batch, a patient no longer withheld) is joined into it. The empty table's patient_id was
+    typed NULL (an empty object column), and every later refresh that inserted a row failed
+    the serving step."""
+    store = _store(tmp_path)
+    work = tmp_path / "work"
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    features, labels = _frame(FEATURES), _frame(LABELS)
+    _publish(con, work, features, labels.iloc[0:0])
+    first = refresh_training_set(con, store, work)
+    assert (first.mode, len(first.frame)) == ("full", 0)
+    ((kind,),) = con.execute(
+        "SELECT data_type FROM duckdb_columns() WHERE schema_name = 'models' "
+        f"AND table_name = '{TRAINING_SET_TABLE}' AND column_name = 'patient_id'"
+    ).fetchall()
+    assert kind == "VARCHAR"
+
+    _publish(con, work, features, labels)
+    second = refresh_training_set(con, store, work)
+    assert (second.mode, second.patients_changed) == ("incremental", 2)
+    pd.testing.assert_frame_equal(_canonical(second.frame), _oracle(store, labels, work))

@@ -239,6 +239,21 @@ def _drop_superseded(con: duckdb.DuckDBPyConnection, batch_id: str, stage: str) 
     )
 
 
+def _drop_erased(con: duckdb.DuckDBPyConnection) -> None:
+    """Released rows of a patient or resource tombstoned since they were published: an ingest
+    that refused a Patient as an erased person (her Patient under a new id, with one of her
+    identifiers) erased from the vault what earlier batches had stored for that id
+    (:func:`vault.lifecycle.erase_earlier_compartments`), and the release must not keep
+    what an earlier batch published of it (within the caller's transaction)."""
+    if not has_table(con, "erased_subjects"):
+        return  # a release without its vault (tests of de-identification)
+    con.execute(
+        "DELETE FROM deid_resources WHERE patient_id IN (SELECT subject_key FROM "
+        "erased_subjects WHERE kind = 'patient') OR id IN (SELECT subject_key FROM "
+        "erased_subjects WHERE kind = 'resource')"
+    )
+
+
 def _unsettle_older_holders(con: duckdb.DuckDBPyConnection, batch_id: str, stage: str) -> None:
     """Batches holding an older version of a resource this batch released before and releases
     no more (its export, ingested again, dropped the resource): their released row of it was
@@ -321,6 +336,7 @@ def _swap_batch(
             con.execute(f"DELETE FROM {target} WHERE batch_id = ?", [batch_id])
             con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {source}")
         _drop_superseded(con, batch_id, stage)
+        _drop_erased(con)
         _record_published(con, batch_id, settings)
         con.execute("COMMIT")
     except BaseException:

@@ -46,7 +46,7 @@ from vault.clock import utcnow
 from vault.clustered import sync_clustered
 from vault.errors import SourceFileNotReadableError
 from vault.keys import KeyProvider
-from vault.lifecycle import tombstone
+from vault.lifecycle import erase_earlier_compartments, tombstone
 from vault.pseudonym import Pseudonymizer, stored_version_id
 from vault.read import bind_pseudonym_key
 from vault.sealing import SHARED_OWNER, DataKeyStore, seal
@@ -138,6 +138,10 @@ class IngestReport:
     # files read to their end whose gzip trailer check failed (CRC or length) with nothing after
     # it: their records stand, unverified by the check; message -> files
     file_warnings: dict[str, int] = field(default_factory=dict)
+    # records earlier batches stored for a Patient id this batch refused as an erased person
+    # (her Patient sent under a new id after records naming that id alone): removed from the
+    # vault, with the data key they were sealed under, and the warehouse rewritten
+    erased_from_earlier_batches: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -542,6 +546,8 @@ class BatchIngestor:
         } | self.keys.destroyed_owners
         # Patients of this batch refused as an erased person (under a new id, by an identifier)
         self.erased_in_batch: set[str] = set()
+        # a data key or records of an earlier batch were erased: the file is rewritten after
+        self.needs_rewrite = False
         # Patients this pass accepted: the new data keys of any other patient are written only
         # at the end of the batch (:meth:`_awaits_its_patient`)
         self.patients_read: set[str] = set()
@@ -1100,12 +1106,23 @@ class BatchIngestor:
         if rows:
             self._unstore_erased([(int(f), int(p)) for f, p in rows])
         self.con.execute(_REFUSE_ERASED_QUARANTINE, [ERASED_SUBJECT, self.batch_id, patients])
-        self.con.execute(
-            "UPDATE data_keys SET wrapped = NULL, destroyed_at = ? WHERE destroyed_at IS NULL "
-            "AND owner IN (SELECT unnest(?::VARCHAR[]))",
-            [self.now, patients],
-        )
-        tombstone(self.con, patients, self.now, kind="patient")
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            ((destroyed,),) = self.con.execute(
+                "UPDATE data_keys SET wrapped = NULL, destroyed_at = ? WHERE destroyed_at IS NULL "
+                "AND owner IN (SELECT unnest(?::VARCHAR[]))",
+                [self.now, patients],
+            ).fetchall()
+            tombstone(self.con, patients, self.now, kind="patient")
+            # what earlier batches stored for the same ids is hers too: erased with them
+            earlier = erase_earlier_compartments(self.con, patients, self.batch_id, self.now)
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+        self.report.erased_from_earlier_batches = earlier
+        # a key written before this batch reached the file: its freed page keeps it
+        self.needs_rewrite = self.needs_rewrite or bool(destroyed or earlier)
 
     def _apply_owners(self, rows: list[tuple[int, int, str, bytes]]) -> None:
         columns = list(zip(*rows, strict=True))
@@ -1241,6 +1258,10 @@ def ingest_batch(
         )
     finally:
         con.close()
+    if ingestor.needs_rewrite:
+        # the data keys of compartments refused as an erased person, written by an earlier
+        # batch, and the ciphertexts they opened, stay in freed pages until the file is new
+        warehouse.rewrite(warehouse_path)
     return report
 
 

@@ -791,6 +791,12 @@ _LEDGER_ERASED = f"""
 UPDATE record_ledger l SET status = 'erased', outcome = 'erased', resource_type = NULL,
     resource_key = NULL
 WHERE {_HELD_NOWHERE}"""
+# The same, in the batches other than $b (:func:`erase_earlier_compartments`; their resources
+# are tombstoned by then).
+_LEDGER_ERASED_ELSEWHERE = f"""
+UPDATE record_ledger l SET status = 'erased', outcome = 'erased', resource_type = NULL,
+    resource_key = NULL
+WHERE l.batch_id <> $b AND ({_HELD_NOWHERE})"""
 _REFERENCES_TO_ERASED = """
 DELETE FROM resource_references WHERE target_key IN (
     SELECT subject_key FROM erased_subjects WHERE kind IN ('patient', 'resource'))"""
@@ -818,6 +824,53 @@ def tombstone(
             "SELECT unnest($keys::VARCHAR[]), $kind, $now ON CONFLICT DO NOTHING",
             {"keys": keys, "now": now, "kind": kind},
         )
+
+
+def erase_earlier_compartments(
+    con: duckdb.DuckDBPyConnection, patients: list[str], batch_id: str, now: datetime
+) -> int:
+    """The records other batches than ``batch_id`` stored in the compartments of ``patients``
+    (Patients ingest has just refused as an erased person: a later batch sent her Patient
+    under a new id with one of her identifiers, after an earlier one had sent records naming
+    that id alone), removed from the vault as an erasure removes them: their vault rows and
+    clustered copies, the quarantined records sealed under their key, their rows of the
+    reference graph and the identifier index, references to them from other resources;
+    their resources tombstoned, and the ledger rows of those batches emptied (status
+    ``erased``), so every batch still reconciles. The caller has destroyed their data keys
+    (which makes these rows unreadable) and tombstoned the patients; the released copies
+    are dropped by the next de-identification (:func:`deid.staging.publish_batch`), and the
+    file must be rewritten (:func:`vault.warehouse.rewrite`): the destroyed wrapped keys and
+    the ciphertexts stay in its freed pages. Returns how many vault rows were removed. Within
+    the caller's transaction."""
+    named = {"subjects": patients, "b": batch_id}
+    rows = con.execute(
+        f"SELECT DISTINCT resource_key FROM phi_vault WHERE batch_id <> $b "
+        f"AND patient_key IN ({_SUBJECTS})",
+        named,
+    ).fetchall()
+    erased = sorted(str(k) for (k,) in rows)
+    if not erased:
+        return 0
+    tombstone(con, erased, now)
+    keys = {"erased": erased}
+    for table in ("resource_references", "identifier_index"):
+        con.execute(f"DELETE FROM {table} WHERE resource_key IN ({_ERASED})", keys)
+    con.execute(
+        f"DELETE FROM {CLUSTERED_TABLE} WHERE batch_id <> $b AND patient_key IN ({_SUBJECTS})",
+        named,
+    )
+    removed = _count(
+        con,
+        f"DELETE FROM phi_vault WHERE batch_id <> $b AND patient_key IN ({_SUBJECTS})",
+        named,
+    )
+    con.execute(
+        f"DELETE FROM quarantine WHERE batch_id <> $b AND patient_key IN ({_SUBJECTS})", named
+    )
+    # the refusing batch's own ledger is settled after this (its records are quarantined)
+    con.execute(_LEDGER_ERASED_ELSEWHERE, {"b": batch_id})
+    con.execute(_REFERENCES_TO_ERASED)
+    return removed
 
 
 _DELETE_UNATTRIBUTED = (

@@ -490,3 +490,55 @@ def test_the_leak_scan_rules_are_part_of_the_settings_digest(
     now = staging.settings_digest(research, TODAY)
     monkeypatch.setattr(staging, "SCAN_RULES", ())
     assert staging.settings_digest(research, TODAY) != now
+
+
+def test_a_batch_drops_what_was_released_of_a_compartment_refused_as_an_erased_person(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """Records naming a new Patient id, released from one batch; a later batch brings that
+    Patient with an erased person's identifier, and ingest refuses it and erases what the
+    earlier batch stored for the id (vault.lifecycle.erase_earlier_compartments): publishing
+    the later batch drops the earlier batch's released rows of her."""
+    from vault.audit import AuditLog
+    from vault.lifecycle import forget_in_warehouse
+    from vault.pseudonym import Pseudonymizer
+
+    patient = {
+        "resourceType": "Patient",
+        "id": "p1",
+        "identifier": [{"system": "urn:mrn", "value": "MRN-1"}],
+        "name": [{"family": "Fennimore"}],
+    }
+    hers = {**_HBA1C_V1, "id": "o-early", "subject": {"reference": "Patient/p1-new"}}
+    other = {"resourceType": "Patient", "id": "p2", "gender": "male"}
+    wh = tmp_path / "w.duckdb"
+    for batch, resources in (("b0", [patient]), ("b1", [hers, other])):
+        land = tmp_path / batch
+        land.mkdir()
+        bundle = {"resourceType": "Bundle", "type": "collection"}
+        bundle["entry"] = [{"resource": r} for r in resources]
+        (land / "export.json").write_bytes(orjson.dumps(bundle))
+        ingest_batch(wh, batch, land, key_provider, workers=1)
+    pseudo = Pseudonymizer(key_provider.pseudonym_key())
+    audit = AuditLog.for_provider(tmp_path / "audit.log", key_provider)
+    forget_in_warehouse(wh, pseudo.resource_key("Patient", "p1"), audit, "erasure request")
+    research = Policy.shipped("research")
+    con = warehouse.connect(wh)
+    try:
+        assert publish_batch(con, key_provider, "b1", research, today=TODAY).published
+        assert {i for i, _ in _release(con)} == {
+            pseudo.resource_key("Observation", "o-early"),
+            pseudo.resource_key("Patient", "p2"),
+        }
+    finally:
+        con.close()
+    land = tmp_path / "b2"
+    land.mkdir()
+    (land / "Patient.ndjson").write_bytes(orjson.dumps({**patient, "id": "p1-new"}) + b"\n")
+    ingest_batch(wh, "b2", land, key_provider, workers=1)
+    con = warehouse.connect(wh)
+    try:
+        assert publish_batch(con, key_provider, "b2", research, today=TODAY).published
+        assert {i for i, _ in _release(con)} == {pseudo.resource_key("Patient", "p2")}
+    finally:
+        con.close()

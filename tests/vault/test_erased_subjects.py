@@ -161,3 +161,65 @@ def test_the_key_of_a_compartment_refused_as_hers_never_reaches_the_file(
         ).fetchall() == [(0,)]
     finally:
         con.close()
+
+
+def test_records_an_earlier_batch_stored_for_her_new_id_leave_with_their_key(
+    erased: Path, tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery split in two (a Bulk Data export's Condition.ndjson in one landing folder,
+    its Patient.ndjson in the next): the first batch stores records naming a new Patient id,
+    which nothing yet tells is hers, under a data key made for that id; the second brings
+    the Patient under that id with her identifier, and is refused. Those earlier records are
+    hers: they leave the vault (and the release, at the next de-identification) with the key
+    they were sealed under, and the file is rewritten so that no freed page keeps the key,
+    which the keyring would unwrap and which opens them."""
+    wrapped: list[tuple[bytes, bytes]] = []
+    wrap = key_provider.wrap
+
+    def recording(data_key: bytes, context: bytes) -> Any:
+        found = wrap(data_key, context)
+        wrapped.append((context, found.blob))
+        return found
+
+    monkeypatch.setattr(key_provider, "wrap", recording)
+    condition = {
+        "resourceType": "Condition",
+        "id": "c-early",
+        "subject": {"reference": "Patient/p1-new"},
+        "code": {"text": "gout"},
+    }
+    other = {"resourceType": "Patient", "id": "p2", "name": [{"family": "Other"}]}
+    first = ingest_batch(
+        erased, "b1", _write(tmp_path / "b1", [condition, other]), key_provider, workers=1
+    )
+    assert (first.accepted, first.quarantined) == (2, 0)  # nothing tells whose p1-new is yet
+    batch = _write(tmp_path / "b2", [{**PATIENT, "id": "p1-new"}])
+    second = ingest_batch(erased, "b2", batch, key_provider, workers=1)
+    assert second.quarantine_reasons == {ERASED_SUBJECT: 1}
+
+    pseudo = Pseudonymizer(key_provider.pseudonym_key())
+    owner = pseudo.resource_key("Patient", "p1-new")
+    hers = [blob for context, blob in wrapped if owner.encode() in context]
+    assert hers, "the first batch wrote a data key for p1-new"
+    files = [path for path in erased.parent.glob(erased.name + "*") if path.is_file()]
+    raw = b"".join(path.read_bytes() for path in files)
+    assert not [blob for blob in hers if blob in raw]
+    con = warehouse.connect(erased, read_only=True)
+    try:
+        assert con.execute(
+            "SELECT resource_type FROM phi_vault WHERE batch_id = 'b1'"
+        ).fetchall() == [("Patient",)]  # p2 stays
+        condition_key = pseudo.resource_key("Condition", "c-early")
+        assert con.execute(
+            "SELECT kind FROM erased_subjects WHERE subject_key = ?", [condition_key]
+        ).fetchall() == [("resource",)]
+        for table in ("resource_references", "identifier_index"):
+            assert con.execute(
+                f"SELECT count(*) FROM {table} WHERE resource_key = ?", [condition_key]
+            ).fetchall() == [(0,)]
+        b1 = reconcile_batch(con, "b1")
+        assert b1.passed and b1.erased == 1
+        assert reconcile_batch(con, "b2").passed
+    finally:
+        con.close()
+    assert second.erased_from_earlier_batches == 1

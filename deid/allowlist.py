@@ -24,7 +24,8 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   an age of 90 years or more (a UCUM time unit, a FHIR ``Age`` in any unit, or any quantity of
   an age observation: an age LOINC or SNOMED CT code) becomes 90 years, as does an age
   observation's integer value; days, weeks, hours and minutes are read with the fewest days
-  90 years span (:data:`deid.terminology.AGE_DAYS_PER_YEAR`);
+  90 years span (:data:`deid.terminology.AGE_DAYS_PER_YEAR`); under the ``year`` date rule an
+  age is released in whole years (:func:`_age_in_whole_years`);
 - strings, markdown, uri, base64Binary, narrative, identifiers: only where a path names them
   with ``keep``; extensions only those the profile lists by URL, in their fixed shape;
 - ``contained`` (where a path names it): each contained resource of a type of
@@ -36,6 +37,7 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -560,7 +562,20 @@ def _quantity(value: Any, node: Node, ctx: ReleaseContext) -> Any:
         if value.get("unit") == code:
             out["unit"] = code
     _cap_age(out, value, node, ctx)
+    _age_in_whole_years(out, value, node, ctx)
     return out if "value" in out else _DROP
+
+
+def _age_units_per_year(
+    quantity: dict[str, Any], written: dict[str, Any], node: Node, ctx: ReleaseContext
+) -> float | None:
+    """How many of a quantity's unit make a year when it may be an age: a UCUM time unit
+    (any quantity), else, for a FHIR Age or a quantity of an age observation, the unit it is
+    ``written`` in (:func:`_per_year_as_written`); None for any other quantity."""
+    per_year = AGE_UNITS_PER_YEAR.get(quantity.get("code", "")) if "system" in quantity else None
+    if per_year is None and (ctx.age_context or node.age):
+        per_year = _per_year_as_written(written)
+    return per_year
 
 
 def _cap_age(
@@ -571,14 +586,41 @@ def _cap_age(
     observation without one is an age in the unit it is ``written`` in when that reads as a
     time unit (``months``, ``yrs``: :func:`_per_year_as_written`), else in years: a unit the
     release cannot read must not let an age pass."""
-    per_year = AGE_UNITS_PER_YEAR.get(quantity.get("code", "")) if "system" in quantity else None
-    if per_year is None and (ctx.age_context or node.age):
-        per_year = _per_year_as_written(written)
+    per_year = _age_units_per_year(quantity, written, node, ctx)
     if per_year is None or "value" not in quantity:
         return
     if _over_age_cap(quantity["value"] / per_year, ctx):
         quantity.update(value=AGE_CAP_YEARS, system=UCUM, code="a", unit="a")
         quantity.pop("comparator", None)
+
+
+def _age_in_whole_years(
+    quantity: dict[str, Any], written: dict[str, Any], node: Node, ctx: ReleaseContext
+) -> None:
+    """Under the ``year`` date rule (Safe Harbor), an age (a FHIR Age, or a quantity of an age
+    observation) is released in whole years, ``{value, system: UCUM, code: "a", unit: "a"}``:
+    completed years (the ceiling for ``<`` and ``<=``, so the comparison stays true), counted
+    as ``age_in_years``. The rule keeps a date's year and nothing finer, and an age in days,
+    weeks or months, or in years with a fraction, is finer: with the year of its event it
+    narrows the birth date (and the event's date) to less than a year, and two such ages of
+    one patient give the days between their events (32,000 days in 2024 and 32,001 in 2025
+    leave one birth date). An age already in whole years is left as written."""
+    if ctx.profile.date_rule != "year" or not (node.age or ctx.age_context):
+        return
+    per_year = _age_units_per_year(quantity, written, node, ctx)
+    if per_year is None or "value" not in quantity:
+        return
+    years = quantity["value"] / per_year
+    comparator = quantity.get("comparator")
+    whole = math.ceil(years) if comparator in ("<", "<=") else math.floor(years)
+    if per_year == 1.0 and whole == quantity["value"]:
+        return
+    quantity.clear()
+    quantity.update(value=whole, system=UCUM, code="a", unit="a")
+    if comparator is not None:
+        quantity["comparator"] = comparator
+    ctx.counts["age_in_years"] += 1
+    ctx.labels.add("GENERALIZED")
 
 
 def _per_year_as_written(written: dict[str, Any]) -> float:

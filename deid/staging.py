@@ -174,6 +174,11 @@ def settings_digest(
         # as written, and are de-identified again by the next run; a date more than 89 years ago
         # in an observation coded as a birth date or an age is a birth date (the year of 90)
         "age_cap": "age_typed_and_integer_units_in_words_components_fewest_days_more_codes_births",
+        # under the year date rule (safe_harbor) an age is released in whole years
+        # (deid.allowlist._age_in_whole_years): batches released before hold ages in days, weeks
+        # or months, which with their events' years narrow a birth date to a day, and are
+        # de-identified again by the next run
+        "age_in_years": "year_rule",
         # what each batch's conditional references resolved to is recorded, and a batch whose
         # references resolve otherwise since is de-identified again (_unsettle_changed_targets):
         # batches released before recorded nothing, and are de-identified again by the next run

@@ -25,7 +25,8 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   an age observation: an age LOINC or SNOMED CT code) becomes 90 years, as does an age
   observation's integer value; days, weeks, hours and minutes are read with the fewest days
   90 years span (:data:`deid.terminology.AGE_DAYS_PER_YEAR`); under the ``year`` date rule an
-  age is released in whole years (:func:`_age_in_whole_years`);
+  age is released in whole years (:func:`_age_in_whole_years`), and withheld when with its
+  resource's dates it puts the birth more than 89 years ago (:func:`_tells_age_over_limit`);
 - strings, markdown, uri, base64Binary, narrative, identifiers: only where a path names them
   with ``keep``; extensions only those the profile lists by URL, in their fixed shape;
 - ``contained`` (where a path names it): each contained resource of a type of
@@ -123,6 +124,9 @@ class ReleaseContext:
     resolve: Callable[[str], tuple[str, str] | None]
     terminology: Terminology
     age_context: bool = False
+    # the latest year among the resource's own dates: an age it holds was counted at or before
+    # it (the year date rule withholds an age that puts the birth 90 or more years ago)
+    dates_until: int | None = None
     # a contained resource's local id -> the id it is released under (its place)
     contained_ids: dict[str, str] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
@@ -300,6 +304,7 @@ def release_resource(resource: dict[str, Any], ctx: ReleaseContext) -> dict[str,
     changed)."""
     plan = ctx.profile.plan(ctx.resource_type)
     ctx.age_context = ctx.resource_type == "Observation" and _is_age_observation(resource)
+    ctx.dates_until = _latest_year(resource)
     if "contained" in plan.children:
         ctx.contained_ids = _contained_ids(resource, ctx.profile)
     if ctx.resource_type == "Consent" and _provision_depth(resource) > CONSENT_PROVISION_LEVELS:
@@ -372,6 +377,19 @@ def _releasable_contained(item: dict[str, Any], profile: ReleaseProfile) -> bool
     return rtype in CONTAINED_TYPES and profile.lists(str(rtype))
 
 
+def _latest_year(resource: dict[str, Any]) -> int | None:
+    """The latest year among a resource's own dates (its top-level dates and periods:
+    ``effectiveDateTime``, ``effectivePeriod``, ``issued``, ``recordedDate``, ``date``, ...),
+    None when it has none."""
+    years = []
+    for value in resource.values():
+        for text in (value.get("start"), value.get("end")) if isinstance(value, dict) else [value]:
+            match = _DATE.match(text) if isinstance(text, str) else None
+            if match is not None and MIN_YEAR <= int(match.group(1)) <= MAX_YEAR:
+                years.append(int(match.group(1)))
+    return max(years, default=None)
+
+
 def _is_age_observation(resource: dict[str, Any]) -> bool:
     """Whether an observation (or one of its components) tells the patient's age: coded as an
     age (:data:`AGE_CODES`: an age LOINC code, or SNOMED CT's age at onset) or as their birth
@@ -434,8 +452,11 @@ def _children(value: dict[str, Any], node: Node, ctx: ReleaseContext) -> Any:
 def _scalar(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     if not isinstance(value, bool | int | float):
         return _DROP
-    if _is_age_integer(value, node, ctx) and _over_age_cap(value, ctx):
-        return AGE_CAP_YEARS
+    if _is_age_integer(value, node, ctx):
+        if _over_age_cap(value, ctx):
+            return AGE_CAP_YEARS
+        if _tells_age_over_limit(value, ctx):
+            return _DROP
     return value
 
 
@@ -613,6 +634,9 @@ def _age_in_whole_years(
     years = quantity["value"] / per_year
     comparator = quantity.get("comparator")
     whole = math.ceil(years) if comparator in ("<", "<=") else math.floor(years)
+    if _tells_age_over_limit(whole, ctx):
+        quantity.clear()
+        return
     if per_year == 1.0 and whole == quantity["value"]:
         return
     quantity.clear()
@@ -621,6 +645,22 @@ def _age_in_whole_years(
         quantity["comparator"] = comparator
     ctx.counts["age_in_years"] += 1
     ctx.labels.add("GENERALIZED")
+
+
+def _tells_age_over_limit(years: float, ctx: ReleaseContext) -> bool:
+    """Under the ``year`` date rule, whether an age of ``years`` (under 90) with the latest
+    year of its resource's dates puts the birth year 90 or more years before this year (an
+    age of 85 in 2015, today: born in 1930 at the latest, so 96 or older now), as the rule
+    reads a birth date given by its year alone (:func:`deid.methods.is_over_age_limit`): HIPAA
+    removes every element of a date indicative of an age over 89, and the patient's birth date
+    is withheld; the age would give it back. Withheld and counted (``age_withheld``)."""
+    if ctx.profile.date_rule != "year" or ctx.dates_until is None or years >= AGE_CAP_YEARS:
+        return False  # 90 or more: "90 or older" already, the category HIPAA allows
+    if ctx.today.year - (ctx.dates_until - years) <= methods.AGE_LIMIT:
+        return False
+    ctx.counts["age_withheld"] += 1
+    ctx.labels.add("REDACTED")
+    return True
 
 
 def _per_year_as_written(written: dict[str, Any]) -> float:

@@ -190,3 +190,54 @@ def test_an_encounter_length_does_not_pin_its_dates() -> None:
 
     (research,) = _release("research", [encounter])
     assert research.resource["length"] == {"value": 58, "unit": "h", "system": UCUM, "code": "h"}
+
+
+def _age_in_years_at(born: date, on: date) -> int:
+    return on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+
+
+@pytest.mark.parametrize("written", ["quantity", "integer", "onset"])
+def test_an_age_under_90_that_dates_a_birth_over_89_years_ago_is_withheld(written: str) -> None:
+    """A patient born 3 March 1930, 96 years old today: the release withholds their birth date,
+    but their age of 85 in 2015 was released with its year, and 2015 - 85 puts the birth in
+    1930 at the latest: 95 or older today, a year indicative of an age over 89."""
+    born, on = date(1930, 3, 3), date(2015, 6, 1)
+    age = _age_in_years_at(born, on)
+    assert (age, _age_in_years_at(born, TODAY)) == (85, 96)
+    resource: dict[str, Any]
+    if written == "onset":
+        resource = {
+            "resourceType": "Condition",
+            "id": "onset",
+            "subject": {"reference": PATIENT},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+            "recordedDate": on.isoformat(),
+            "onsetAge": {"value": age, "system": UCUM, "code": "a", "unit": "a"},
+        }
+        key = "onsetAge"
+    else:
+        resource = _age_observation(0, on, {"value": age, "system": UCUM, "code": "a"})
+        if written == "integer":
+            resource["valueInteger"] = resource.pop("valueQuantity")["value"]
+        key = "valueQuantity" if written == "quantity" else "valueInteger"
+    patient = {"resourceType": "Patient", "id": "p1", "birthDate": born.isoformat()}
+    released, released_patient = _release("safe_harbor", [resource, patient])
+    assert "birthDate" not in released_patient.resource
+    assert key not in released.resource
+    assert released.release_counts["age_withheld"] == 1
+    # the research profile shifts the dates, and keeps the age
+    (research,) = _release("research", [resource])
+    assert key in research.resource
+
+
+@pytest.mark.parametrize(("age", "kept"), [(88, True), (89, False)])
+def test_an_age_is_withheld_as_a_birth_year_is(age: int, kept: bool) -> None:
+    """An age in 2025 gives the birth year 2025 - age at the latest; the year rule withholds a
+    birth year 90 or more years before this one (2026 - 1936 = 90) and keeps a later one."""
+    latest_birth_year = 2025 - age
+    assert (TODAY.year - latest_birth_year <= 89) is kept
+    observation = _age_observation(0, date(2025, 6, 1), {"value": age, "system": UCUM, "code": "a"})
+    patient = {"resourceType": "Patient", "id": "p1", "birthDate": f"{latest_birth_year}"}
+    released, released_patient = _release("safe_harbor", [observation, patient])
+    assert ("valueQuantity" in released.resource) is kept
+    assert ("birthDate" in released_patient.resource) is kept

@@ -111,12 +111,32 @@ class WarehouseResource(ConfigurableResource):
         held, self._held = self._held, None
         try:
             if held is not None:
+                # an erasure or an ingest's refusal of an erased person, killed before its
+                # rewrite, left the file owing one (warehouse.owe_rewrite): done here, once
+                # the run's connection is closed
+                owed = warehouse.rewrite_owed(held)
                 held.close()
+                if owed:
+                    _rewrite_owed(self.path, context)
         finally:
             gc.unfreeze()
             if self._switch_interval is not None:
                 sys.setswitchinterval(self._switch_interval)
                 self._switch_interval = None
+
+
+def _rewrite_owed(path: Path, context: InitResourceContext) -> None:
+    """The rewrite the warehouse owes (:func:`vault.warehouse.rewrite_if_owed`); when another
+    process keeps the file open for the whole wait, a warning: the record stays, and the next
+    writer does it."""
+    try:
+        warehouse.rewrite_if_owed(path)
+    except duckdb.IOException as exc:
+        if context.log is not None:
+            context.log.warning(
+                f"the warehouse owes a rewrite (an erasure's freed pages) that could not be "
+                f"done now ({type(exc).__name__}); the next ingest, run or erasure does it"
+            )
 
 
 def _read_only_cursor(held: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:

@@ -1116,6 +1116,10 @@ class BatchIngestor:
             tombstone(self.con, patients, self.now, kind="patient")
             # what earlier batches stored for the same ids is hers too: erased with them
             earlier = erase_earlier_compartments(self.con, patients, self.batch_id, self.now)
+            if destroyed or earlier:
+                # durable with the destruction: a process killed before the rewrite at the
+                # end of the batch leaves it to the next writer (warehouse.rewrite_if_owed)
+                warehouse.owe_rewrite(self.con, "an ingest refused an erased person")
         except BaseException:
             self.con.execute("ROLLBACK")
             raise
@@ -1256,11 +1260,13 @@ def ingest_batch(
             "WHERE batch_id = ?",
             [utcnow(), orjson.dumps(report.to_dict()).decode(), fingerprint, batch_id],
         )
+        # this batch's refusals, or an earlier process's erasure or refusal killed before its
+        # rewrite (warehouse.owe_rewrite): the destroyed data keys, written by an earlier
+        # batch, and the ciphertexts they opened, stay in freed pages until the file is new
+        owed = ingestor.needs_rewrite or warehouse.rewrite_owed(con)
     finally:
         con.close()
-    if ingestor.needs_rewrite:
-        # the data keys of compartments refused as an erased person, written by an earlier
-        # batch, and the ciphertexts they opened, stay in freed pages until the file is new
+    if owed:
         warehouse.rewrite(warehouse_path)
     return report
 

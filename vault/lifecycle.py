@@ -718,6 +718,9 @@ def _erase_in_warehouse(
             "UPDATE data_keys SET wrapped = NULL, destroyed_at = $now "
             f"WHERE owner IN ({_SUBJECTS}) AND destroyed_at IS NULL"
         )
+        # durable with the destruction: the rewrite that wipes the freed pages is owed until it
+        # is done, by this erasure or by the next writer (warehouse.rewrite_if_owed)
+        warehouse.owe_rewrite(con, "an erasure")
         # Index rows first: which resources were erased is known from the vault.
         used = warehouse.used_parameters(named, _ERASED_RESOURCES)
         rows = con.execute(_ERASED_RESOURCES, used).fetchall()

@@ -205,6 +205,9 @@ BATCH_TABLES = (
 WAREHOUSE_ID_KEY = "warehouse_id"
 # the id (vault.keys.key_fingerprint, not secret) of the pseudonym key the vault is written under
 PSEUDONYM_KEY_ID_KEY = "pseudonym_key_id"
+# present while the file owes a rewrite (:func:`owe_rewrite`): written in the transaction that
+# destroys a data key or deletes an erased person's rows, removed by the rewrite itself
+REWRITE_OWED_KEY = "rewrite_owed"
 
 # A batch's state in the ``batches`` ledger as one value: its position, when its ingest completed
 # and its report. A batch ingested again (other content at the same positions) has another; one
@@ -343,6 +346,26 @@ def record_pseudonym_key_id(con: duckdb.DuckDBPyConnection, key_id: str) -> None
     )
 
 
+def owe_rewrite(con: duckdb.DuckDBPyConnection, why: str) -> None:
+    """Record that the file owes a rewrite (:func:`rewrite`): call it in the transaction that
+    destroys a data key or deletes rows an erasure removes, so that the record is durable
+    exactly when what it promises to wipe is. Until the rewrite, those rows stay in freed
+    pages; a process killed before its rewrite leaves the record, and the next writer that
+    checks it (:func:`rewrite_if_owed`: ingest, every pipeline step that wrote, an erasure)
+    rewrites the file. ``why`` says what was removed (never a key, pseudonym or value)."""
+    con.execute(WAREHOUSE_META_DDL)
+    con.execute(
+        "INSERT INTO warehouse_meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT DO UPDATE SET value = excluded.value",
+        [REWRITE_OWED_KEY, why],
+    )
+
+
+def rewrite_owed(con: duckdb.DuckDBPyConnection) -> bool:
+    """The file records that it owes a rewrite (:func:`owe_rewrite`)."""
+    return _meta_value(con, REWRITE_OWED_KEY) is not None
+
+
 def pseudonym_key_mismatch(given: str, why: str) -> PseudonymKeyMismatchError:
     """The error for a pseudonym key that is not the warehouse's: key ids only, never a key."""
     return PseudonymKeyMismatchError(
@@ -469,13 +492,17 @@ def rewrite(
     memory_limit: str = DEFAULT_MEMORY_LIMIT,
     *,
     wait_seconds: float | None = None,
-) -> None:
-    """Copy the warehouse into a fresh file and atomically put it in the old one's place.
+    only_if_owed: bool = False,
+) -> bool:
+    """Copy the warehouse into a fresh file and atomically put it in the old one's place;
+    returns whether it was rewritten.
 
     DuckDB reuses freed pages but does not wipe them: rows deleted by an erasure (wrapped data
     keys, ciphertexts, released rows) stay readable in the file until overwritten. The copy
-    holds live rows only. A crash leaves either the old file or the new one (and a stale
-    temporary folder, removed by the next rewrite).
+    holds live rows only, without the record that the file owes a rewrite
+    (:func:`owe_rewrite`). A crash leaves either the old file, record included, or the new
+    one (and a stale temporary folder, removed by the next rewrite). ``only_if_owed``: only
+    when the file holds that record (:func:`rewrite_if_owed`).
 
     One rewrite at a time in the warehouse's folder (an flock, :data:`REWRITE_LOCK`): a second
     one waits, and only the one holding the lock removes stale temporary folders, never a live
@@ -484,11 +511,15 @@ def rewrite(
     not hold); while another process has it open, the rewrite waits for it
     (:func:`connect_when_free`)."""
     path = Path(path)
+    if only_if_owed and not path.exists():
+        return False
     with exclusive_lock(path.parent / REWRITE_LOCK):
         for stale in path.parent.glob(".warehouse-*"):
             shutil.rmtree(stale, ignore_errors=True)
         source = connect_when_free(path, wait_seconds=wait_seconds, memory_limit=memory_limit)
         try:
+            if only_if_owed and not rewrite_owed(source):
+                return False
             source.execute("CHECKPOINT")  # the WAL into the file
             tmpdir = _private_tempdir(path.parent)
             try:
@@ -502,6 +533,15 @@ def rewrite(
             # closed after the new file is in place: a process opening the path meanwhile
             # found the old file locked, and now finds the new one
             source.close()
+    return True
+
+
+def rewrite_if_owed(path: Path, *, wait_seconds: float | None = None) -> bool:
+    """:func:`rewrite` when the file records that it owes one (:func:`owe_rewrite`: an
+    erasure, or an ingest refusing an erased person, committed and was killed before its own
+    rewrite); returns whether it was rewritten. Call it with no connection of this process
+    open on the file."""
+    return rewrite(path, wait_seconds=wait_seconds, only_if_owed=True)
 
 
 def _copy_live_rows(source: duckdb.DuckDBPyConnection, fresh: Path) -> None:
@@ -510,6 +550,8 @@ def _copy_live_rows(source: duckdb.DuckDBPyConnection, fresh: Path) -> None:
     source.execute("ATTACH ? AS rewrite_dst", [str(fresh)])
     try:
         source.execute(f'COPY FROM DATABASE "{name}" TO rewrite_dst')
+        # the new file owes nothing: its freed pages hold none of the old file's rows
+        source.execute("DELETE FROM rewrite_dst.warehouse_meta WHERE key = ?", [REWRITE_OWED_KEY])
     finally:
         source.execute("DETACH rewrite_dst")
     os.chmod(fresh, stat.S_IRUSR | stat.S_IWUSR)

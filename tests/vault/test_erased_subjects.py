@@ -4,6 +4,9 @@ however it arrives."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -223,3 +226,99 @@ def test_records_an_earlier_batch_stored_for_her_new_id_leave_with_their_key(
     finally:
         con.close()
     assert second.erased_from_earlier_batches == 1
+
+
+# the refusing batch ingested in another process, killed (SIGKILL) as its rewrite starts: the
+# key destruction is committed, the file not yet rewritten
+_INGEST_KILLED_AT_REWRITE = """
+import os, signal, sys
+from pathlib import Path
+from vault import warehouse
+from vault.ingest import ingest_batch
+from vault.keys import FileKeyProvider
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+wh, folder, key_file = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+warehouse.rewrite = killed
+ingest_batch(wh, "b2", folder, FileKeyProvider.load(key_file), workers=1)
+"""
+
+
+def _killed_refusal(erased: Path, tmp_path: Path, key_file: Path) -> Path:
+    batch = _write(tmp_path / "b2", [{**PATIENT, "id": "p1-new"}])
+    killed = subprocess.run(
+        [sys.executable, "-c", _INGEST_KILLED_AT_REWRITE, str(erased), str(batch), str(key_file)],
+        capture_output=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    return batch
+
+
+def _early_records(
+    erased: Path, tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> list[bytes]:
+    """Batch b1: a Condition naming Patient/p1-new alone; the wrapped data keys made for
+    p1-new while it was ingested."""
+    wrapped: list[tuple[bytes, bytes]] = []
+    wrap = key_provider.wrap
+
+    def recording(data_key: bytes, context: bytes) -> Any:
+        found = wrap(data_key, context)
+        wrapped.append((context, found.blob))
+        return found
+
+    monkeypatch.setattr(key_provider, "wrap", recording)
+    condition = {
+        "resourceType": "Condition",
+        "id": "c-early",
+        "subject": {"reference": "Patient/p1-new"},
+        "code": {"text": "gout"},
+    }
+    ingest_batch(erased, "b1", _write(tmp_path / "b1", [condition]), key_provider, workers=1)
+    owner = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "p1-new")
+    hers = [blob for context, blob in wrapped if owner.encode() in context]
+    assert hers, "the first batch wrote a data key for p1-new"
+    return hers
+
+
+def _in_files(wh: Path, blobs: list[bytes]) -> list[bytes]:
+    files = [path for path in wh.parent.glob(wh.name + "*") if path.is_file()]
+    raw = b"".join(path.read_bytes() for path in files)
+    return [blob for blob in blobs if blob in raw]
+
+
+@pytest.mark.parametrize("then", ["same batch again", "another batch", "an erasure"])
+def test_a_refusal_killed_before_its_rewrite_is_rewritten_by_the_next_writer(
+    erased: Path,
+    tmp_path: Path,
+    key_file: Path,
+    key_provider: FileKeyProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    then: str,
+) -> None:
+    """The process ingesting the refusing batch dies between the commit that destroyed the
+    data key and the rewrite: the destroyed wrapped key stays in a freed page. The warehouse
+    records that it owes a rewrite, and the next writer performs it: the batch run again
+    (which finds nothing left to destroy), another batch, or an erasure of someone else."""
+    hers = _early_records(erased, tmp_path, key_provider, monkeypatch)
+    batch = _killed_refusal(erased, tmp_path, key_file)
+    assert _in_files(erased, hers), "the killed run left the destroyed key in the file"
+    if then == "same batch again":
+        ingest_batch(erased, "b2", batch, key_provider, workers=1)
+    elif then == "another batch":
+        other = {"resourceType": "Patient", "id": "p3", "name": [{"family": "Third"}]}
+        ingest_batch(erased, "b3", _write(tmp_path / "b3", [other]), key_provider, workers=1)
+    else:
+        audit = AuditLog.for_provider(tmp_path / "audit.log", key_provider)
+        someone = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "nobody")
+        forget_in_warehouse(erased, someone, audit, "erasure request 2")
+    assert not _in_files(erased, hers)
+    con = warehouse.connect(erased, read_only=True)
+    try:
+        assert not warehouse.rewrite_owed(con)
+    finally:
+        con.close()

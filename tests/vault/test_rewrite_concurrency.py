@@ -13,6 +13,7 @@ from its raw bytes, freed pages included, against byte strings written here."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -156,3 +157,54 @@ def test_an_error_other_than_a_lock_is_not_waited_for(tmp_path: Path) -> None:
         warehouse.connect_when_free(path, wait_seconds=30)
     assert not isinstance(raised.value, warehouse.WarehouseBusyError)
     assert time.monotonic() - started < 10
+
+
+# a rewrite in another process, killed (SIGKILL) as it puts the new file in the old one's place
+_REWRITE_KILLED_AT_REPLACE = """
+import os, signal, sys
+from vault import warehouse
+
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+warehouse.os.replace = killed
+warehouse.rewrite_if_owed(sys.argv[1])
+"""
+
+
+def test_a_rewrite_killed_before_its_file_is_in_place_is_owed_still(tmp_path: Path) -> None:
+    """The record that the file owes a rewrite leaves only with the rewritten file: a rewrite
+    killed before it is in place leaves the old file, record and freed pages, and the next
+    :func:`warehouse.rewrite_if_owed` completes it; then nothing is owed."""
+    secret = b"wrapped-key-" + bytes(range(40))
+    path = tmp_path / "w" / "warehouse.duckdb"
+    con = warehouse.connect(path)
+    try:
+        con.execute("CREATE TABLE keys_t (v BLOB)")
+        con.execute(
+            "INSERT INTO keys_t SELECT ?::BLOB || range::VARCHAR FROM range(2000)", [secret]
+        )
+        con.execute("CHECKPOINT")
+        con.begin()
+        con.execute("DELETE FROM keys_t")
+        warehouse.owe_rewrite(con, "an erasure")
+        con.commit()
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    killed = subprocess.run(
+        [sys.executable, "-c", _REWRITE_KILLED_AT_REPLACE, str(path)],
+        capture_output=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert secret in path.read_bytes()
+    assert warehouse.rewrite_if_owed(path)
+    assert secret not in path.read_bytes()
+    assert not warehouse.rewrite_if_owed(path)  # nothing owed any more: left alone
+    con = warehouse.connect(path, read_only=True)
+    try:
+        assert not warehouse.rewrite_owed(con)
+    finally:
+        con.close()

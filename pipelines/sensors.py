@@ -18,7 +18,11 @@ Safe to turn on at any time:
   folder went away after its ingest keeps its partition: the vault holds its rows;
 - a batch done whose partition shows no de-identification (its materializations wiped in the
   UI) is run again: automation waits while any batch's partition is missing, so the release
-  would be held back for good while every tick said nothing was new.
+  would be held back for good while every tick said nothing was new;
+- a batch done that another batch's run took out of the de-identification ledger (a row handed
+  over by its ingest, a conditional reference that names another resource now) is run again,
+  whoever ran that other batch (this sensor, a backfill, a launch from the UI): the ledger is
+  read again whenever a batch was de-identified since it was last read.
 """
 
 from __future__ import annotations
@@ -83,8 +87,14 @@ class BatchState:
     failed_at: float = 0.0
 
 
+# The cursor's entry (beside one per batch) holding the storage id of the latest
+# de-identification the ledger was read after: "~" is in no batch key (vault.landing.batch_key)
+LEDGER_READ_KEY = "~ledger_read_after"
+
+
 def _load_cursor(cursor: str | None) -> dict[str, BatchState]:
     raw = json.loads(cursor) if cursor else {}
+    raw.pop(LEDGER_READ_KEY, None)
     # an older cursor mapped key -> fingerprint: treat those batches as not yet confirmed
     return {
         key: BatchState(**value) if isinstance(value, dict) else BatchState(fingerprint=value)
@@ -92,8 +102,27 @@ def _load_cursor(cursor: str | None) -> dict[str, BatchState]:
     }
 
 
-def _dump_cursor(states: dict[str, BatchState]) -> str:
-    return json.dumps({k: asdict(v) for k, v in sorted(states.items())}, sort_keys=True)
+def _ledger_read_after(cursor: str | None) -> int:
+    """The storage id of the latest de-identification of a batch the ledger was read after (0:
+    none yet, or a cursor written before it was kept)."""
+    raw = json.loads(cursor) if cursor else {}
+    return int(raw.get(LEDGER_READ_KEY, 0))
+
+
+def _dump_cursor(states: dict[str, BatchState], ledger_read_after: int = 0) -> str:
+    raw: dict[str, object] = {k: asdict(v) for k, v in sorted(states.items())}
+    if ledger_read_after:
+        raw[LEDGER_READ_KEY] = ledger_read_after
+    return json.dumps(raw, sort_keys=True)
+
+
+def _latest_deid(context: SensorEvaluationContext) -> int:
+    """The storage id of the latest materialization of ``deid_resources`` (any partition,
+    whoever ran it), 0 when there is none. Dagster's records only."""
+    records = context.instance.get_asset_records([DEID_RESOURCES])
+    if not records:
+        return 0
+    return int(records[0].asset_entry.last_materialization_storage_id or 0)
 
 
 def changed_at(info: os.stat_result) -> float:
@@ -328,6 +357,8 @@ class Tick:
     removed: list[str]
     reasons: list[str]
     states: dict[str, BatchState]
+    # the storage id of the latest de-identification the ledger was read after (the cursor's)
+    ledger_read_after: int = 0
 
 
 def _orphaned_partitions(
@@ -428,9 +459,15 @@ def evaluate_landing(
             continue
         states[batch.key] = BatchState(batch.fingerprint, attempt=1)
         requests.append(_request(batch.key, states[batch.key]))
-    if finished:
-        # a batch ingested again may have handed vault rows over to batches done before it
-        # (vault.ingest): their ledger changed, and they are run again to release them
+    # a batch's run (this sensor's, a backfill's, a launch from the UI) may have taken batches
+    # done before it out of the de-identification ledger: its ingest handed vault rows over to
+    # them (vault.ingest), or its publication changed what their conditional references name
+    # (deid.staging): they are run again to release what the vault holds now. Read when a batch
+    # was de-identified since the ledger was last read, batches finished this tick included
+    # (two runs ended between two ticks: the later one may have taken the earlier one out).
+    read_after = _ledger_read_after(context.cursor)
+    latest_deid = _latest_deid(context)
+    if finished or latest_deid > read_after:
         ledger = ledger if ledger is not None else ingested_batches(warehouse)
         if ledger is None:
             for key in finished:  # followed again at the next tick, the ledger readable then
@@ -438,14 +475,18 @@ def evaluate_landing(
                 done -= 1
             reasons.append("warehouse busy, ledger not readable this tick")
         else:
+            read_after = max(read_after, latest_deid)
             for batch in batches:
                 state = states.get(batch.key)
                 if (
-                    batch.key in finished
-                    or state is None
+                    state is None
                     or not state.done
                     or state.fingerprint != batch.fingerprint
                     or done_in_ledger(batch, ledger)
+                    # one whose own run succeeded this tick: only when the ledger shows it
+                    # ingested and taken out of the de-identification ledger since
+                    or (batch.key in finished and batch.key not in ledger)
+                    or _has_run_going(context, {PARTITION_TAG: batch.key})
                 ):
                     continue
                 states[batch.key] = BatchState(batch.fingerprint, attempt=1, rerun=state.rerun + 1)
@@ -453,7 +494,7 @@ def evaluate_landing(
                 done -= 1
                 reasons.append(
                     f"batch {batch.key}: its ledger changed when another batch was ingested "
-                    "again; run again"
+                    "or de-identified; run again"
                 )
     requested = {r.partition_key for r in requests}
     settled = [
@@ -488,7 +529,7 @@ def evaluate_landing(
         )
     if done:
         reasons.append(f"{done} batch{'es' if done > 1 else ''} already ingested, nothing new")
-    return Tick(requests, removed, reasons, states)
+    return Tick(requests, removed, reasons, states, read_after)
 
 
 @sensor(
@@ -513,7 +554,7 @@ def landing_sensor(
     return SensorResult(
         run_requests=tick.requests,
         dynamic_partitions_requests=changes,
-        cursor=_dump_cursor(tick.states),
+        cursor=_dump_cursor(tick.states, tick.ledger_read_after),
         skip_reason=None
         if tick.requests
         else SkipReason("; ".join(tick.reasons) or "no batches in the landing folder"),

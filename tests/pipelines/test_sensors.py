@@ -648,3 +648,82 @@ def test_a_done_batch_with_no_partition_here_is_not_run_again(
     _record_run(instance, tags, DagsterRunStatus.SUCCESS)
     done = _tick(tmp_path, instance, first.cursor)
     assert _tick(tmp_path, instance, done.cursor).run_requests == []
+
+
+def _two_batches_ingested(tmp_path: Path, key_provider: FileKeyProvider) -> Path:
+    """Batches a and b in the landing folder, both ingested; the warehouse's path."""
+    land = tmp_path / "landing"
+    for name, patient in (("a", PATIENT), ("b", PATIENT.replace(b"p1", b"p2"))):
+        (land / name).mkdir(parents=True)
+        (land / name / "data.ndjson").write_bytes(patient)
+        (land / name / "_READY").write_bytes(b"")
+    wh = tmp_path / "work" / "warehouse.duckdb"
+    wh.parent.mkdir(parents=True)
+    for source in discover_batches(land):
+        ingest_batch(
+            wh, source.key, source.path, key_provider, workers=1, fingerprint=source.fingerprint
+        )
+    return wh
+
+
+def _unsettle(wh: Path, key: str) -> None:
+    """The ledger as a later batch's de-identification leaves it when it changed what the
+    batch's conditional references name (deid.staging._unsettle_changed_targets): the batch
+    is no longer published from the vault's state of it."""
+    _publish_all(wh)
+    con = warehouse.connect(wh)
+    try:
+        con.execute("DELETE FROM deid_batches WHERE batch_id = ?", [key])
+    finally:
+        con.close()
+
+
+def test_a_batch_taken_out_of_the_ledger_by_a_batch_finished_in_the_same_tick_is_run_again(
+    tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
+) -> None:
+    """Two batches dropped together, both runs ended between two ticks, and b's publication
+    took a out of the de-identification ledger (b changed what a's conditional references
+    name): a is run again, as `ehr run` does in the same run, or the release kept a's
+    references resolved as they were before b came. It was not: only the batches finished in
+    an earlier tick were looked at."""
+    wh = _two_batches_ingested(tmp_path, key_provider)
+    first = _tick(tmp_path, instance)
+    assert sorted(r.partition_key for r in first.run_requests) == ["a", "b"]
+    _unsettle(wh, "a")
+    for request in first.run_requests:
+        _record_run(instance, request.tags, DagsterRunStatus.SUCCESS)
+        _record_deid(instance, str(request.partition_key))
+    after = _tick(tmp_path, instance, first.cursor)
+    assert [r.partition_key for r in after.run_requests] == ["a"]
+    assert _load_cursor(after.cursor)["a"].rerun == 1
+    _publish_all(wh)  # a's run published it again
+    _record_run(instance, after.run_requests[0].tags, DagsterRunStatus.SUCCESS)
+    _record_deid(instance, "a")
+    settled = _tick(tmp_path, instance, _tick(tmp_path, instance, after.cursor).cursor)
+    assert settled.run_requests == []
+    assert all(s.done for s in _load_cursor(settled.cursor).values())
+
+
+def test_a_batch_taken_out_of_the_ledger_by_a_backfill_is_run_again(
+    tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
+) -> None:
+    """Batches done in the sensor's cursor are run again by runs it did not request (a
+    backfill of every partition, a partition launched from the UI): when one of those took a
+    batch out of the de-identification ledger, the next tick runs that batch again. Nothing
+    is requested while no batch was de-identified since the ledger was last read."""
+    wh = _two_batches_ingested(tmp_path, key_provider)
+    _publish_all(wh)
+    settled = _tick(tmp_path, instance)  # empty cursor: the ledger says both are done
+    assert settled.run_requests == []
+    idle = _tick(tmp_path, instance, settled.cursor)
+    assert idle.run_requests == []
+    _unsettle(wh, "a")  # the backfill's run of b took a out of the ledger
+    for key in ("a", "b"):
+        _record_deid(instance, key)
+    after = _tick(tmp_path, instance, idle.cursor)
+    assert [r.partition_key for r in after.run_requests] == ["a"]
+    _publish_all(wh)
+    _record_run(instance, after.run_requests[0].tags, DagsterRunStatus.SUCCESS)
+    _record_deid(instance, "a")
+    settled_again = _tick(tmp_path, instance, _tick(tmp_path, instance, after.cursor).cursor)
+    assert settled_again.run_requests == []

@@ -8,11 +8,12 @@ record. Memory is bounded by the in-flight window, never by the batch size.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -224,7 +225,7 @@ class _Buffers:
 
 def _checked_stream(
     records: Iterator[RawRecord], workers: int
-) -> Iterator[tuple[RawRecord, Checked | None]]:
+) -> Generator[tuple[RawRecord, Checked | None], None, None]:
     """Pair every record with its check, in order; checks run in a process pool once the batch
     proves large enough, with a bounded number of chunks in flight."""
     pool: ProcessPoolExecutor | None = None
@@ -1246,8 +1247,13 @@ def ingest_batch(
         ingestor.register_files(files, skipped)
         notes: list[FileNote] = []
         records = (rec for f in files for rec in iter_records(f, notes=notes))
+        # closed when the consumer stops (a run terminated, a write that fails): its pool of
+        # workers is shut down then, not when the generator is collected, which a kept
+        # traceback delays; a run process (a multiprocessing child) joined the idle workers
+        # at its exit and waited for them for good
         try:
-            ingestor.consume(_checked_stream(records, workers))
+            with contextlib.closing(_checked_stream(records, workers)) as checked:
+                ingestor.consume(checked)
         except FileNotReadableError as exc:
             raise _not_readable(ingestor, exc) from None
         ingestor.report.file_warnings = dict(Counter(note.message for note in notes))

@@ -14,7 +14,7 @@ import pytest
 
 from vault import warehouse
 from vault.audit import AuditLog
-from vault.ingest import ERASED_SUBJECT, ingest_batch, reconcile_batch
+from vault.ingest import ERASED_SUBJECT, IngestReport, ingest_batch, reconcile_batch
 from vault.keys import FileKeyProvider
 from vault.lifecycle import forget_in_warehouse
 from vault.pseudonym import Pseudonymizer
@@ -176,37 +176,15 @@ def test_records_an_earlier_batch_stored_for_her_new_id_leave_with_their_key(
     hers: they leave the vault (and the release, at the next de-identification) with the key
     they were sealed under, and the file is rewritten so that no freed page keeps the key,
     which the keyring would unwrap and which opens them."""
-    wrapped: list[tuple[bytes, bytes]] = []
-    wrap = key_provider.wrap
-
-    def recording(data_key: bytes, context: bytes) -> Any:
-        found = wrap(data_key, context)
-        wrapped.append((context, found.blob))
-        return found
-
-    monkeypatch.setattr(key_provider, "wrap", recording)
-    condition = {
-        "resourceType": "Condition",
-        "id": "c-early",
-        "subject": {"reference": "Patient/p1-new"},
-        "code": {"text": "gout"},
-    }
     other = {"resourceType": "Patient", "id": "p2", "name": [{"family": "Other"}]}
-    first = ingest_batch(
-        erased, "b1", _write(tmp_path / "b1", [condition, other]), key_provider, workers=1
-    )
+    hers, first = _early_records(erased, tmp_path, key_provider, monkeypatch, also=[other])
     assert (first.accepted, first.quarantined) == (2, 0)  # nothing tells whose p1-new is yet
     batch = _write(tmp_path / "b2", [{**PATIENT, "id": "p1-new"}])
     second = ingest_batch(erased, "b2", batch, key_provider, workers=1)
     assert second.quarantine_reasons == {ERASED_SUBJECT: 1}
 
     pseudo = Pseudonymizer(key_provider.pseudonym_key())
-    owner = pseudo.resource_key("Patient", "p1-new")
-    hers = [blob for context, blob in wrapped if owner.encode() in context]
-    assert hers, "the first batch wrote a data key for p1-new"
-    files = [path for path in erased.parent.glob(erased.name + "*") if path.is_file()]
-    raw = b"".join(path.read_bytes() for path in files)
-    assert not [blob for blob in hers if blob in raw]
+    assert not _in_files(erased, hers)
     con = warehouse.connect(erased, read_only=True)
     try:
         assert con.execute(
@@ -259,10 +237,14 @@ def _killed_refusal(erased: Path, tmp_path: Path, key_file: Path) -> Path:
 
 
 def _early_records(
-    erased: Path, tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
-) -> list[bytes]:
-    """Batch b1: a Condition naming Patient/p1-new alone; the wrapped data keys made for
-    p1-new while it was ingested."""
+    erased: Path,
+    tmp_path: Path,
+    key_provider: FileKeyProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    also: list[dict[str, Any]] | None = None,
+) -> tuple[list[bytes], IngestReport]:
+    """Batch b1: a Condition naming Patient/p1-new alone (and the resources ``also``); the
+    wrapped data keys made for p1-new while it was ingested, and the batch's report."""
     wrapped: list[tuple[bytes, bytes]] = []
     wrap = key_provider.wrap
 
@@ -278,11 +260,12 @@ def _early_records(
         "subject": {"reference": "Patient/p1-new"},
         "code": {"text": "gout"},
     }
-    ingest_batch(erased, "b1", _write(tmp_path / "b1", [condition]), key_provider, workers=1)
+    resources = [condition, *(also or [])]
+    report = ingest_batch(erased, "b1", _write(tmp_path / "b1", resources), key_provider, workers=1)
     owner = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "p1-new")
     hers = [blob for context, blob in wrapped if owner.encode() in context]
     assert hers, "the first batch wrote a data key for p1-new"
-    return hers
+    return hers, report
 
 
 def _in_files(wh: Path, blobs: list[bytes]) -> list[bytes]:
@@ -304,7 +287,7 @@ def test_a_refusal_killed_before_its_rewrite_is_rewritten_by_the_next_writer(
     data key and the rewrite: the destroyed wrapped key stays in a freed page. The warehouse
     records that it owes a rewrite, and the next writer performs it: the batch run again
     (which finds nothing left to destroy), another batch, or an erasure of someone else."""
-    hers = _early_records(erased, tmp_path, key_provider, monkeypatch)
+    hers, _ = _early_records(erased, tmp_path, key_provider, monkeypatch)
     batch = _killed_refusal(erased, tmp_path, key_file)
     assert _in_files(erased, hers), "the killed run left the destroyed key in the file"
     if then == "same batch again":

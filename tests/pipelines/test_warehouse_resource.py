@@ -13,6 +13,7 @@ import pytest
 from dagster import asset, materialize
 
 from pipelines.resources import RUN_SWITCH_INTERVAL, WarehouseResource
+from tests.owed_rewrite import SECRET, warehouse_owing_a_rewrite
 from vault import warehouse as warehouse_module
 
 
@@ -128,25 +129,10 @@ def test_a_run_performs_the_rewrite_the_warehouse_owes(tmp_path: Path) -> None:
     """An erasure (or an ingest refusing an erased person) killed between its commit and its
     rewrite leaves the deleted rows in freed pages and the record that the file owes a
     rewrite: the next run that writes rewrites the file when it releases it."""
-    secret = b"wrapped-key-" + bytes(range(40))
     path = tmp_path / "work" / "warehouse.duckdb"
-    con = warehouse_module.connect(path)
-    try:
-        con.execute("CREATE TABLE keys_t (v BLOB)")
-        con.execute(
-            "INSERT INTO keys_t SELECT ?::BLOB || range::VARCHAR FROM range(2000)", [secret]
-        )
-        con.execute("CHECKPOINT")
-        con.begin()
-        con.execute("DELETE FROM keys_t")
-        warehouse_module.owe_rewrite(con, "an erasure")
-        con.commit()
-        con.execute("CHECKPOINT")
-    finally:
-        con.close()
-    assert secret in path.read_bytes()  # the freed pages keep it
+    warehouse_owing_a_rewrite(path)
     resource, _ = _run(tmp_path)
-    assert secret not in path.read_bytes()
+    assert SECRET not in path.read_bytes()
     con = warehouse_module.connect(resource.path, read_only=True)
     try:
         assert not warehouse_module.rewrite_owed(con)

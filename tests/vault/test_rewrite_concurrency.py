@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from tests.owed_rewrite import SECRET, warehouse_owing_a_rewrite
 from tests.vault.processes import hold_open
 from vault import warehouse
 from vault.keys import exclusive_lock
@@ -176,22 +177,8 @@ def test_a_rewrite_killed_before_its_file_is_in_place_is_owed_still(tmp_path: Pa
     """The record that the file owes a rewrite leaves only with the rewritten file: a rewrite
     killed before it is in place leaves the old file, record and freed pages, and the next
     :func:`warehouse.rewrite_if_owed` completes it; then nothing is owed."""
-    secret = b"wrapped-key-" + bytes(range(40))
     path = tmp_path / "w" / "warehouse.duckdb"
-    con = warehouse.connect(path)
-    try:
-        con.execute("CREATE TABLE keys_t (v BLOB)")
-        con.execute(
-            "INSERT INTO keys_t SELECT ?::BLOB || range::VARCHAR FROM range(2000)", [secret]
-        )
-        con.execute("CHECKPOINT")
-        con.begin()
-        con.execute("DELETE FROM keys_t")
-        warehouse.owe_rewrite(con, "an erasure")
-        con.commit()
-        con.execute("CHECKPOINT")
-    finally:
-        con.close()
+    warehouse_owing_a_rewrite(path)
     killed = subprocess.run(
         [sys.executable, "-c", _REWRITE_KILLED_AT_REPLACE, str(path)],
         capture_output=True,
@@ -199,9 +186,9 @@ def test_a_rewrite_killed_before_its_file_is_in_place_is_owed_still(tmp_path: Pa
         cwd=Path(__file__).resolve().parents[2],
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert secret in path.read_bytes()
+    assert SECRET in path.read_bytes()
     assert warehouse.rewrite_if_owed(path)
-    assert secret not in path.read_bytes()
+    assert SECRET not in path.read_bytes()
     assert not warehouse.rewrite_if_owed(path)  # nothing owed any more: left alone
     con = warehouse.connect(path, read_only=True)
     try:

@@ -25,8 +25,9 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   an age observation: an age LOINC or SNOMED CT code) becomes 90 years, as does an age
   observation's integer value; days, weeks, hours and minutes are read with the fewest days
   90 years span (:data:`deid.terminology.AGE_DAYS_PER_YEAR`); under the ``year`` date rule an
-  age is released in whole years (:func:`_age_in_whole_years`), and withheld when with its
-  resource's dates it puts the birth more than 89 years ago (:func:`_tells_age_over_limit`);
+  age is released in whole years (:func:`_age_in_whole_years`); under either rule an age is
+  withheld when with its resource's dates it puts the birth more than 89 years ago
+  (:func:`_tells_age_over_limit`);
 - strings, markdown, uri, base64Binary, narrative, identifiers: only where a path names them
   with ``keep``; extensions only those the profile lists by URL, in their fixed shape;
 - ``contained`` (where a path names it): each contained resource of a type of
@@ -584,6 +585,7 @@ def _quantity(value: Any, node: Node, ctx: ReleaseContext) -> Any:
             out["unit"] = code
     _cap_age(out, value, node, ctx)
     _age_in_whole_years(out, value, node, ctx)
+    _withhold_age_over_limit(out, value, node, ctx)
     return out if "value" in out else _DROP
 
 
@@ -647,14 +649,36 @@ def _age_in_whole_years(
     ctx.labels.add("GENERALIZED")
 
 
+def _withhold_age_over_limit(
+    quantity: dict[str, Any], written: dict[str, Any], node: Node, ctx: ReleaseContext
+) -> None:
+    """Under a date rule that keeps an age in its unit (research's ``shift``), an age (a FHIR
+    Age, or a quantity of an age observation) under 90 whose resource's dates put the birth
+    more than 89 years ago (:func:`_tells_age_over_limit`) is withheld, as under the ``year``
+    rule (:func:`_age_in_whole_years`): the profile makes such a birth date the year of 90,
+    and an age of 85 with its event's year gives it back."""
+    if ctx.profile.date_rule == "year" or not (node.age or ctx.age_context):
+        return
+    per_year = _age_units_per_year(quantity, written, node, ctx)
+    if per_year is None or "value" not in quantity:
+        return
+    years = quantity["value"] / per_year
+    comparator = quantity.get("comparator")
+    whole = math.ceil(years) if comparator in ("<", "<=") else math.floor(years)
+    if _tells_age_over_limit(whole, ctx):
+        quantity.clear()
+
+
 def _tells_age_over_limit(years: float, ctx: ReleaseContext) -> bool:
-    """Under the ``year`` date rule, whether an age of ``years`` (under 90) with the latest
-    year of its resource's dates puts the birth year 90 or more years before this year (an
-    age of 85 in 2015, today: born in 1930 at the latest, so 96 or older now), as the rule
-    reads a birth date given by its year alone (:func:`deid.methods.is_over_age_limit`): HIPAA
-    removes every element of a date indicative of an age over 89, and the patient's birth date
-    is withheld; the age would give it back. Withheld and counted (``age_withheld``)."""
-    if ctx.profile.date_rule != "year" or ctx.dates_until is None or years >= AGE_CAP_YEARS:
+    """Whether an age of ``years`` (under 90) with the latest year of its resource's dates
+    puts the birth year 90 or more years before this year (an age of 85 in 2015, today: born
+    in 1930 at the latest, so 96 or older now), as the ``year`` rule reads a birth date given
+    by its year alone (:func:`deid.methods.is_over_age_limit`): HIPAA removes every element of
+    a date indicative of an age over 89, and both profiles withhold the patient's true birth
+    year (``year`` withholds the date, ``shift`` makes it the year of 90); the age would give
+    it back. The resource's own dates as sent (before any shift). Withheld and counted
+    (``age_withheld``)."""
+    if ctx.dates_until is None or years >= AGE_CAP_YEARS:
         return False  # 90 or more: "90 or older" already, the category HIPAA allows
     if ctx.today.year - (ctx.dates_until - years) <= methods.AGE_LIMIT:
         return False

@@ -178,8 +178,9 @@ def settings_digest(
         # (deid.allowlist._age_in_whole_years): batches released before hold ages in days, weeks
         # or months, which with their events' years narrow a birth date to a day, and are
         # de-identified again by the next run; an age whose resource's latest year puts the
-        # birth 90 or more years ago (85 in 2015) is withheld (_tells_age_over_limit)
-        "age_in_years": "year_rule_birth_over_89_withheld",
+        # birth 90 or more years ago (85 in 2015) is withheld (_tells_age_over_limit), under
+        # the shift rule (research) too, which makes such a birth date the year of 90
+        "age_in_years": "year_rule_birth_over_89_withheld_both_rules",
         # what each batch's conditional references resolved to is recorded, and a batch whose
         # references resolve otherwise since is de-identified again (_unsettle_changed_targets):
         # batches released before recorded nothing, and are de-identified again by the next run

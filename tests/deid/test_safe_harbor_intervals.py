@@ -7,6 +7,7 @@ that must be a span of about a year, never a day."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -225,9 +226,15 @@ def test_an_age_under_90_that_dates_a_birth_over_89_years_ago_is_withheld(writte
     assert "birthDate" not in released_patient.resource
     assert key not in released.resource
     assert released.release_counts["age_withheld"] == 1
-    # the research profile shifts the dates, and keeps the age
-    (research,) = _release("research", [resource])
-    assert key in research.resource
+    # the research profile makes that birth date the year of 90 (1936), and withholds the age
+    # that would give 1930 back; an age of one born ten years later (86 today) is kept
+    research, research_patient = _release("research", [resource, patient])
+    assert research_patient.resource["birthDate"] == str(TODAY.year - 90)
+    assert key not in research.resource
+    assert research.release_counts["age_withheld"] == 1
+    younger = json.loads(json.dumps(resource).replace(str(age), str(age - 10)))
+    (kept,) = _release("research", [younger])
+    assert key in kept.resource
 
 
 @pytest.mark.parametrize(("age", "kept"), [(88, True), (89, False)])

@@ -585,7 +585,6 @@ def _quantity(value: Any, node: Node, ctx: ReleaseContext) -> Any:
             out["unit"] = code
     _cap_age(out, value, node, ctx)
     _age_in_whole_years(out, value, node, ctx)
-    _withhold_age_over_limit(out, value, node, ctx)
     return out if "value" in out else _DROP
 
 
@@ -620,26 +619,32 @@ def _cap_age(
 def _age_in_whole_years(
     quantity: dict[str, Any], written: dict[str, Any], node: Node, ctx: ReleaseContext
 ) -> None:
-    """Under the ``year`` date rule (Safe Harbor), an age (a FHIR Age, or a quantity of an age
-    observation) is released in whole years, ``{value, system: UCUM, code: "a", unit: "a"}``:
-    completed years (the ceiling for ``<`` and ``<=``, so the comparison stays true), counted
-    as ``age_in_years``. The rule keeps a date's year and nothing finer, and an age in days,
-    weeks or months, or in years with a fraction, is finer: with the year of its event it
-    narrows the birth date (and the event's date) to less than a year, and two such ages of
-    one patient give the days between their events (32,000 days in 2024 and 32,001 in 2025
-    leave one birth date). An age already in whole years is left as written."""
-    if ctx.profile.date_rule != "year" or not (node.age or ctx.age_context):
+    """An age (a FHIR Age, or a quantity of an age observation) read in completed years (the
+    ceiling for ``<`` and ``<=``, so the comparison stays true). Under either date rule, an
+    age under 90 whose resource's dates put the birth more than 89 years ago is withheld
+    (:func:`_tells_age_over_limit`): Safe Harbor withholds such a birth date and research
+    makes it the year of 90, and an age of 85 with its event's year gives it back.
+
+    Under the ``year`` date rule (Safe Harbor) the age is then released in whole years,
+    ``{value, system: UCUM, code: "a", unit: "a"}``, counted as ``age_in_years``. The rule
+    keeps a date's year and nothing finer, and an age in days, weeks or months, or in years
+    with a fraction, is finer: with the year of its event it narrows the birth date (and the
+    event's date) to less than a year, and two such ages of one patient give the days between
+    their events (32,000 days in 2024 and 32,001 in 2025 leave one birth date). An age already
+    in whole years is left as written. Research keeps an age in its unit: its shifted dates
+    keep a patient's intervals anyway."""
+    if not (node.age or ctx.age_context):
         return
     per_year = _age_units_per_year(quantity, written, node, ctx)
     if per_year is None or "value" not in quantity:
         return
-    years = quantity["value"] / per_year
     comparator = quantity.get("comparator")
+    years = quantity["value"] / per_year
     whole = math.ceil(years) if comparator in ("<", "<=") else math.floor(years)
     if _tells_age_over_limit(whole, ctx):
         quantity.clear()
         return
-    if per_year == 1.0 and whole == quantity["value"]:
+    if ctx.profile.date_rule != "year" or (per_year == 1.0 and whole == quantity["value"]):
         return
     quantity.clear()
     quantity.update(value=whole, system=UCUM, code="a", unit="a")
@@ -647,26 +652,6 @@ def _age_in_whole_years(
         quantity["comparator"] = comparator
     ctx.counts["age_in_years"] += 1
     ctx.labels.add("GENERALIZED")
-
-
-def _withhold_age_over_limit(
-    quantity: dict[str, Any], written: dict[str, Any], node: Node, ctx: ReleaseContext
-) -> None:
-    """Under a date rule that keeps an age in its unit (research's ``shift``), an age (a FHIR
-    Age, or a quantity of an age observation) under 90 whose resource's dates put the birth
-    more than 89 years ago (:func:`_tells_age_over_limit`) is withheld, as under the ``year``
-    rule (:func:`_age_in_whole_years`): the profile makes such a birth date the year of 90,
-    and an age of 85 with its event's year gives it back."""
-    if ctx.profile.date_rule == "year" or not (node.age or ctx.age_context):
-        return
-    per_year = _age_units_per_year(quantity, written, node, ctx)
-    if per_year is None or "value" not in quantity:
-        return
-    years = quantity["value"] / per_year
-    comparator = quantity.get("comparator")
-    whole = math.ceil(years) if comparator in ("<", "<=") else math.floor(years)
-    if _tells_age_over_limit(whole, ctx):
-        quantity.clear()
 
 
 def _tells_age_over_limit(years: float, ctx: ReleaseContext) -> bool:

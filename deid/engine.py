@@ -332,8 +332,8 @@ class Deidentifier:
         ]
         profile = self.policy.release
         if profile is not None:
-            try:
-                urls += released_modifier_urls(resource, profile)
+            try:  # the top's and those of every element the release keeps
+                urls = released_modifier_urls(resource, profile)
             except ProfileError:  # not an R4 resource type: withheld as such by the caller
                 pass
         if any(url not in allowed for url in urls):

@@ -19,6 +19,7 @@ from pipelines.features.resources import FeastStoreResource
 from pipelines.jobs import (
     BATCH_ASSETS,
     RELEASE_ASSETS,
+    RELEASE_AUTOMATION,
     RELEASE_RUN_TAGS,
     RELEASE_SELECTION,
     batch_job,
@@ -79,7 +80,7 @@ all_assets: list[AssetsDefinition] = batch_assets + release_assets
 # the release back instead of publishing a partial one. One tick requests the whole stale chain
 # as one run, executed in-process like release_job.
 release_automation = AutomationConditionSensorDefinition(
-    "release_automation",
+    RELEASE_AUTOMATION,
     target=RELEASE_SELECTION,
     default_status=DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=15,

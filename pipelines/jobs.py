@@ -46,6 +46,9 @@ batch_job = define_asset_job(
 # Batch runs are retried by the landing sensor instead (with back-off), so only release runs
 # carry the tag.
 RELEASE_RUN_TAGS = {"dagster/max_retries": "2"}
+# The automation sensor that brings the release up to date after every batch (see
+# pipelines.definitions); the landing sensor reads whether an operator stopped it
+RELEASE_AUTOMATION = "release_automation"
 
 release_job = define_asset_job(
     "release_job",

@@ -22,7 +22,15 @@ Safe to turn on at any time:
 - a batch done that another batch's run took out of the de-identification ledger (a row handed
   over by its ingest, a conditional reference that names another resource now) is run again,
   whoever ran that other batch (this sensor, a backfill, a launch from the UI): the ledger is
-  read again whenever a batch was de-identified since it was last read.
+  read again whenever a batch was de-identified since it was last read;
+- a release left behind with nothing requested to rebuild it is rebuilt: when the latest
+  de-identification of a batch is newer than a release asset, a minute old, every batch
+  partition de-identified and no run queued or going, ``release_job`` is requested, once per
+  de-identification; not when an operator stopped the automation sensor or terminated a run
+  since. The automation sensor's eager condition can miss it: a release run and a batch run
+  both ending between two of its ticks count the release's own update as having handled the
+  batch; and a release run whose retries are spent, or one the daemon did not run again, is not
+  requested again until the next batch.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import os
 import stat
 import time
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
@@ -49,12 +58,13 @@ from dagster import (
     SkipReason,
     sensor,
 )
+from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 
 from deid.staging import deidentified_batches
 from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
 from pipelines.assets.ingest import FINGERPRINT_TAG
-from pipelines.jobs import batch_job
+from pipelines.jobs import RELEASE_ASSETS, RELEASE_AUTOMATION, batch_job, release_job
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource, WarehouseResource
 from vault.landing import BatchSource, discover_batches
@@ -64,6 +74,12 @@ PARTITION_TAG = "dagster/partition"
 # the batch asset every release asset that reads all batches depends on: a partition of it
 # missing holds the release back (automation's eager condition)
 DEID_RESOURCES = AssetKey("deid_resources")
+# the release is behind the batches while one of its assets' latest materialization is older
+# than deid_resources' latest (every release run materialises each asset it runs)
+RELEASE_KEYS = [key for assets in RELEASE_ASSETS for key in assets.keys]
+# automation ticks every 15 seconds and requests the release at the first tick after a batch:
+# a release still behind this long after the batch, with no run queued or going, was missed
+RELEASE_GRACE_SECONDS = 60.0
 RERUN_TAG = "ehr/rerun"
 ATTEMPT_TAG = "ehr/attempt"
 _FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
@@ -90,11 +106,17 @@ class BatchState:
 # The cursor's entry (beside one per batch) holding the storage id of the latest
 # de-identification the ledger was read after: "~" is in no batch key (vault.landing.batch_key)
 LEDGER_READ_KEY = "~ledger_read_after"
+# The cursor's entry holding the storage id of the de-identification a release_job run was last
+# requested after: one request per de-identification, so a release that fails is not requested
+# again and again (its run's own retries are Dagster's, RELEASE_RUN_TAGS)
+RELEASE_REQUESTED_KEY = "~release_requested_after"
+_CURSOR_ENTRIES = (LEDGER_READ_KEY, RELEASE_REQUESTED_KEY)
 
 
 def _load_cursor(cursor: str | None) -> dict[str, BatchState]:
     raw = json.loads(cursor) if cursor else {}
-    raw.pop(LEDGER_READ_KEY, None)
+    for entry in _CURSOR_ENTRIES:
+        raw.pop(entry, None)
     # an older cursor mapped key -> fingerprint: treat those batches as not yet confirmed
     return {
         key: BatchState(**value) if isinstance(value, dict) else BatchState(fingerprint=value)
@@ -102,17 +124,28 @@ def _load_cursor(cursor: str | None) -> dict[str, BatchState]:
     }
 
 
-def _ledger_read_after(cursor: str | None) -> int:
-    """The storage id of the latest de-identification of a batch the ledger was read after (0:
-    none yet, or a cursor written before it was kept)."""
+def _cursor_entry(cursor: str | None, entry: str) -> int:
+    """A storage id the cursor keeps beside the batches' states (``_CURSOR_ENTRIES``; 0: none
+    yet, or a cursor written before it was kept)."""
     raw = json.loads(cursor) if cursor else {}
-    return int(raw.get(LEDGER_READ_KEY, 0))
+    return int(raw.get(entry, 0))
 
 
-def _dump_cursor(states: dict[str, BatchState], ledger_read_after: int = 0) -> str:
+def _ledger_read_after(cursor: str | None) -> int:
+    """The storage id of the latest de-identification of a batch the ledger was read after."""
+    return _cursor_entry(cursor, LEDGER_READ_KEY)
+
+
+def _dump_cursor(
+    states: dict[str, BatchState], ledger_read_after: int = 0, release_requested_after: int = 0
+) -> str:
     raw: dict[str, object] = {k: asdict(v) for k, v in sorted(states.items())}
-    if ledger_read_after:
-        raw[LEDGER_READ_KEY] = ledger_read_after
+    for entry, value in (
+        (LEDGER_READ_KEY, ledger_read_after),
+        (RELEASE_REQUESTED_KEY, release_requested_after),
+    ):
+        if value:
+            raw[entry] = value
     return json.dumps(raw, sort_keys=True)
 
 
@@ -294,7 +327,9 @@ def _request(key: str, state: BatchState) -> RunRequest:
     run_key = f"{key}:{state.fingerprint}:{state.attempt}"
     if state.rerun:
         run_key += f":rerun{state.rerun}"
-    return RunRequest(partition_key=key, run_key=run_key, tags=_run_tags(key, state))
+    return RunRequest(
+        job_name=batch_job.name, partition_key=key, run_key=run_key, tags=_run_tags(key, state)
+    )
 
 
 def _marked_since(batch: BatchSource, landing: LandingResource, since: float) -> bool:
@@ -532,18 +567,99 @@ def evaluate_landing(
     return Tick(requests, removed, reasons, states, read_after)
 
 
+def _automation_stopped(context: SensorEvaluationContext) -> bool:
+    """Whether an operator stopped the automation sensor (a state stored as stopped; a sensor
+    never switched keeps its default, on; an instance storing no sensor states has none)."""
+    if context.instance.schedule_storage is None:
+        return False
+    states = context.instance.all_instigator_state(instigator_type=InstigatorType.SENSOR)
+    return any(
+        state.instigator_name == RELEASE_AUTOMATION and state.status == InstigatorStatus.STOPPED
+        for state in states
+    )
+
+
+def _all_partitions_deidentified(context: SensorEvaluationContext) -> bool:
+    """Whether every batch partition shows a de-identification: automation holds the release
+    back while one is missing (a batch failed, or not run yet), and so does this sensor."""
+    partitions = set(context.instance.get_dynamic_partitions(batch_partitions.name or "batches"))
+    return partitions <= set(context.instance.get_materialized_partitions(DEID_RESOURCES))
+
+
+def _release_behind(context: SensorEvaluationContext) -> tuple[int, float] | None:
+    """The storage id and time of the latest de-identification of a batch when a release asset's
+    latest materialization is older (or missing), None when every one is newer."""
+    keys = [DEID_RESOURCES, *RELEASE_KEYS]
+    records = context.instance.get_asset_records(keys)
+    entries = {record.asset_entry.asset_key: record.asset_entry for record in records}
+    deid = entries.get(DEID_RESOURCES)
+    if deid is None or deid.last_materialization is None:
+        return None
+    deid_id = int(deid.last_materialization_storage_id or 0)
+    oldest = min(
+        int(entry.last_materialization_storage_id or 0) if entry else 0
+        for entry in (entries.get(key) for key in RELEASE_KEYS)
+    )
+    return (deid_id, deid.last_materialization.timestamp) if oldest < deid_id else None
+
+
+def _canceled_since(context: SensorEvaluationContext, since: float) -> bool:
+    """Whether a run was canceled (terminated by an operator) after ``since``, to the second
+    (a run's update time is stored in whole seconds)."""
+    after = datetime.fromtimestamp(int(since) - 1, UTC)
+    filters = RunsFilter(statuses=[DagsterRunStatus.CANCELED], updated_after=after)
+    return bool(context.instance.get_runs(filters=filters, limit=1))
+
+
+def missed_release(
+    context: SensorEvaluationContext, requested_after: int, now: float
+) -> tuple[RunRequest | None, str | None, int]:
+    """A ``release_job`` run when the release was left behind the batches with nothing
+    requested to rebuild it (the module's docstring), with the reason; and the storage id of
+    the de-identification it follows (``requested_after``, the cursor's, when none). Not after
+    a run an operator terminated since that de-identification: the release is theirs to
+    finish. Dagster's records only: the warehouse is not opened."""
+    behind = _release_behind(context)
+    if behind is None:
+        return None, None, requested_after
+    deid_id, deid_at = behind
+    if (
+        deid_id <= requested_after
+        or now - deid_at < RELEASE_GRACE_SECONDS
+        or _has_run_going(context, {})
+        or not _all_partitions_deidentified(context)
+        or _canceled_since(context, deid_at)
+        or _automation_stopped(context)
+    ):
+        return None, None, requested_after
+    request = RunRequest(job_name=release_job.name, run_key=f"release-after-{deid_id}")
+    reason = (
+        f"the release is older than the latest de-identification of a batch "
+        f"({now - deid_at:.0f}s ago) and no run was requested to rebuild it: "
+        f"{release_job.name} requested"
+    )
+    return request, reason, deid_id
+
+
 @sensor(
-    job=batch_job,
+    jobs=[batch_job, release_job],
     minimum_interval_seconds=15,
     default_status=DefaultSensorStatus.STOPPED,
-    description="Runs each complete new or changed landing batch; retries failed runs.",
+    description="Runs each complete new or changed landing batch; retries failed runs; "
+    "rebuilds a release the automation left behind.",
 )
 def landing_sensor(
     context: SensorEvaluationContext, landing: LandingResource, warehouse: WarehouseResource
 ) -> SensorResult:
     """Register one dynamic partition per batch it runs and request that batch's run; remove
     the partitions of batches whose folder went away before they were ingested."""
-    tick = evaluate_landing(context, landing, warehouse, time.time())
+    now = time.time()
+    tick = evaluate_landing(context, landing, warehouse, now)
+    requested_after = _cursor_entry(context.cursor, RELEASE_REQUESTED_KEY)
+    if not tick.requests:
+        release, reason, requested_after = missed_release(context, requested_after, now)
+        tick.requests += [release] if release else []
+        tick.reasons += [reason] if reason else []
     for reason in tick.reasons:
         context.log.info(reason)
     keys = sorted({r.partition_key for r in tick.requests if r.partition_key})
@@ -554,7 +670,7 @@ def landing_sensor(
     return SensorResult(
         run_requests=tick.requests,
         dynamic_partitions_requests=changes,
-        cursor=_dump_cursor(tick.states, tick.ledger_read_after),
+        cursor=_dump_cursor(tick.states, tick.ledger_read_after, requested_after),
         skip_reason=None
         if tick.requests
         else SkipReason("; ".join(tick.reasons) or "no batches in the landing folder"),

@@ -727,3 +727,23 @@ def test_a_batch_taken_out_of_the_ledger_by_a_backfill_is_run_again(
     _record_deid(instance, "a")
     settled_again = _tick(tmp_path, instance, _tick(tmp_path, instance, after.cursor).cursor)
     assert settled_again.run_requests == []
+
+
+def test_a_release_left_behind_is_requested_by_the_sensor_once(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """The landing sensor's own tick requests release_job beside its batches' runs (the
+    condition itself: tests/pipelines/test_missed_release.py)."""
+    _landing(tmp_path)
+    first = _tick(tmp_path, instance)
+    tags = dict(first.run_requests[0].tags)
+    assert first.run_requests[0].job_name == "ingest_batch_job"
+    _record_run(instance, tags, DagsterRunStatus.SUCCESS)
+    _record_deid(instance, "export-1")
+    # no release run came (the automation sensor's tick missed it): a minute on, one is asked
+    assert _tick(tmp_path, instance, first.cursor).run_requests == []
+    done = _tick(tmp_path, instance, first.cursor, later=sensors.RELEASE_GRACE_SECONDS)
+    (release,) = done.run_requests
+    assert release.job_name == "release_job" and release.partition_key is None
+    assert sensors.RELEASE_REQUESTED_KEY in (done.cursor or "")
+    assert _tick(tmp_path, instance, done.cursor, later=120).run_requests == []

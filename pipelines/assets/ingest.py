@@ -44,19 +44,22 @@ class BatchChangedError(RuntimeError):
     """The batch's folder is not the one its run was requested for."""
 
 
-def check_requested_folder(tags: Mapping[str, str], source: BatchSource, when: str) -> None:
+def check_requested_folder(
+    tags: Mapping[str, str], source: BatchSource, when: str, outcome: str = "not ingested"
+) -> None:
     """Refuse a batch whose folder changed since the landing sensor requested its run: a new
     delivery into the same folder, still being copied while the run waited in the queue (or
     during its read), would be ingested and released half-copied. The run fails; the sensor
     requests the batch again once the new delivery is complete. Runs not requested by the
     sensor (``ehr run``, a launch or re-execution from the UI) carry no such tag or are
-    re-executions, and read the folder as it is."""
+    re-executions, and read the folder as it is. ``outcome``: what became of the batch (a
+    folder that changed during the read was written to the vault as read, and not published)."""
     requested = tags.get(FINGERPRINT_TAG)
     if requested is None or PARENT_RUN_TAG in tags or requested == source.fingerprint:
         return
     raise BatchChangedError(
         f"batch {source.key}: its folder changed {when} (fingerprint {source.fingerprint}, "
-        f"requested for {requested}): a new delivery may still be copying; not ingested, the "
+        f"requested for {requested}): a new delivery may still be copying; {outcome}, the "
         "landing sensor requests it again once it is complete"
     )
 
@@ -199,7 +202,12 @@ def ingest(
             nested=source.nested,
         )
     after = batch_source(Path(landing.path), context.partition_key)
-    check_requested_folder({FINGERPRINT_TAG: source.fingerprint}, after, "while it was read")
+    check_requested_folder(
+        {FINGERPRINT_TAG: source.fingerprint},
+        after,
+        "while it was read",
+        "what was read is in the vault but not de-identified or released",
+    )
     context.log.info(
         f"batch {report.batch_id}: {report.records_in} records, {report.accepted} accepted, "
         f"{report.quarantined} quarantined in {report.seconds:.1f}s"

@@ -4,6 +4,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import orjson
 from dagster import AssetCheckSeverity, DagsterInstance, materialize
 
@@ -212,6 +213,49 @@ def test_a_batch_changed_since_the_sensor_requested_it_is_not_ingested(
     assert current.success
     vault = current.asset_materializations_for_node("ingest")[0].metadata
     assert vault["accepted"].value == 3
+
+
+def test_a_batch_changed_during_its_read_fails_saying_its_read_is_in_the_vault(
+    tmp_path: Path, key_file: Path, monkeypatch: Any
+) -> None:
+    """A new delivery into the folder while the ingest reads it: the run fails after the read,
+    whose records are in the vault (the ledger counts them), and nothing is de-identified; the
+    error says so rather than that nothing was ingested."""
+    from pipelines.assets import ingest as ingest_assets
+
+    landing = _landing(tmp_path)
+    requested = batch_source(landing, "export-1").fingerprint
+    real_ingest = ingest_assets.ingest_batch
+
+    def ingest_then_delivered(*args: Any, **kwargs: Any) -> Any:
+        report = real_ingest(*args, **kwargs)
+        patient = orjson.dumps({"resourceType": "Patient", "id": "p2", "gender": "male"})
+        (landing / "export-1" / "more.ndjson").write_bytes(patient + b"\n")
+        return report
+
+    monkeypatch.setattr(ingest_assets, "ingest_batch", ingest_then_delivered)
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    resources = build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1)
+    result = materialize(
+        batch_assets,
+        partition_key="export-1",
+        instance=instance,
+        resources=resources,
+        tags={FINGERPRINT_TAG: requested},
+        raise_on_error=False,
+    )
+    assert not result.success
+    assert not result.asset_materializations_for_node("deid_resources")
+    failure = str(result.get_step_failure_events()[0].event_specific_data)
+    assert "BatchChangedError" in failure and "while it was read" in failure
+    assert "not ingested" not in failure and "in the vault but not de-identified" in failure
+    con = duckdb.connect(str(tmp_path / "work" / "warehouse.duckdb"), read_only=True)
+    try:
+        (vault_rows,) = con.execute("SELECT count(*) FROM phi_vault").fetchone() or (0,)
+    finally:
+        con.close()
+    assert vault_rows == 2  # the two records read before the new delivery
 
 
 def test_a_file_gone_since_its_batch_was_listed_fails_nothing_naming_it(

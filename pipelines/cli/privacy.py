@@ -130,19 +130,37 @@ def _patient_versions(
     """Every version the vault holds of the patient's Patient resource, and those of their
     Patient records the quarantine holds (:func:`_quarantined_patients`), to know what names
     them (a name changed since still does; never shown) and which identifiers keep them out
-    once erased; none when there are none or they can no longer be read (an erasure cut
-    short)."""
+    once erased; none when there are none or their data key was destroyed (an erasure cut
+    short). A version that does not open while the key lives (its blob names a data key the
+    warehouse never held: a tampered row) is an error, not a version to pass over: an erasure
+    that went on without it searched the shared records and the reason for none of the
+    person's names, and left a Practitioner carrying her name readable under the shared key."""
     from vault.errors import KeyDestroyedError
     from vault.read import iter_every_version
 
-    try:
-        records = list(
-            iter_every_version(con, provider, resource_type="Patient", resource_key=pseudonym)
-        )
-        quarantined = _quarantined_patients(con, provider, pseudonym)
-    except KeyDestroyedError:
+    if _data_key_destroyed(con, pseudonym):
         return []
+    records = list(
+        iter_every_version(con, provider, resource_type="Patient", resource_key=pseudonym)
+    )
+    try:
+        quarantined = _quarantined_patients(con, provider, pseudonym)
+    except KeyDestroyedError:  # sealed under a key the pass that died before writing it made
+        quarantined = []
     return [*(record.resource for record in records), *quarantined]
+
+
+def _data_key_destroyed(con: duckdb.DuckDBPyConnection, pseudonym: str) -> bool:
+    """Whether the patient's data key was destroyed by an erasure."""
+    from vault.catalog import has_table
+
+    if not has_table(con, "data_keys"):
+        return False
+    row = con.execute(
+        "SELECT count(*) FROM data_keys WHERE owner = ? AND destroyed_at IS NOT NULL",
+        [pseudonym],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 # a patient's own quarantined Patient records (sealed under their key)

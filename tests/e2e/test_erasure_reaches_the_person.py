@@ -456,3 +456,60 @@ def test_a_new_record_linked_to_her_after_the_erasure_is_refused(
     second = ingest_batch(person["workdir"].warehouse, "b2", landing, person["provider"], workers=1)
     assert second.quarantine_reasons == {ERASED_SUBJECT: 2}
     assert second.accepted == 0
+
+
+def _flip_data_key_id(person: dict[str, Any], resource_key: str) -> None:
+    """Flip a bit of the data key id in the header of the resource's sealed blobs (its vault
+    row and its clustered copy): the blob now names a data key the warehouse never held."""
+    con = duckdb.connect(str(person["workdir"].warehouse))
+    try:
+        for table in ("phi_vault", "phi_vault_clustered"):
+            rows = con.execute(
+                f"SELECT ingest_seq, sealed FROM {table} WHERE resource_key = ?", [resource_key]
+            ).fetchall()
+            for seq, sealed in rows:
+                blob = bytes(sealed)
+                tampered = blob[:5] + bytes([blob[5] ^ 1]) + blob[6:]
+                con.execute(f"UPDATE {table} SET sealed = ? WHERE ingest_seq = ?", [tampered, seq])
+    finally:
+        con.close()
+
+
+def test_a_patient_version_tampered_to_name_no_data_key_stops_the_erasure(
+    person: dict[str, Any],
+) -> None:
+    """A Patient version whose blob names a data key the warehouse never held is a tampered
+    row, not an erasure cut short (the patient's key lives): the erasure stops, naming the
+    missing key and nothing of hers, and destroys nothing. Passed over, it left the shared
+    records naming her unsearched, and the Practitioner carrying her name readable for good
+    under the shared key, while the erasure reported success."""
+    key = person["pseudo"].resource_key
+    _flip_data_key_id(person, key("Patient", "pz"))
+    workdir, key_file = person["workdir"], person["key_file"]
+    common = ["--workdir", str(workdir.root), "--key-file", str(key_file)]
+    result = CliRunner().invoke(forget, ["pz", "--reason", "ticket 4711", *common])
+    assert result.exit_code == 1, result.output
+    assert "does not exist" in result.output
+    assert not any(c.casefold() in result.output.casefold() for c in CANARIES[:-1])
+    readable = _readable_shared(person)
+    assert any(_naming_her(text) for text in readable)  # nothing was erased
+    con = duckdb.connect(str(workdir.warehouse), read_only=True)
+    try:
+        destroyed = con.execute(
+            "SELECT count(*) FROM data_keys WHERE destroyed_at IS NOT NULL"
+        ).fetchone()
+    finally:
+        con.close()
+    assert destroyed == (0,)
+
+
+def _readable_shared(person: dict[str, Any]) -> list[str]:
+    """The text of every version of every vault row of no patient, decrypted with the keys."""
+    con = warehouse.connect(person["workdir"].warehouse, read_only=True)
+    try:
+        return [
+            orjson.dumps(r.resource).decode()
+            for r in iter_every_version(con, person["provider"], shared_only=True)
+        ]
+    finally:
+        con.close()

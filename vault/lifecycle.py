@@ -1075,14 +1075,22 @@ def _identifiers(patient: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def data_key_destroyed(con: duckdb.DuckDBPyConnection, pseudonym: str) -> bool:
+    """Whether an erasure destroyed the data key of the patient ``pseudonym``."""
+    if not has_table(con, "data_keys"):
+        return False
+    return bool(
+        _count(
+            con,
+            "SELECT count(*) FROM data_keys WHERE owner = ? AND destroyed_at IS NOT NULL",
+            [pseudonym],
+        )
+    )
+
+
 def _absent(con: duckdb.DuckDBPyConnection, pseudonym: str) -> tuple[str, None, VaultError]:
     """Why the vault holds no Patient under ``pseudonym``: erased, or never there."""
-    destroyed = _count(
-        con,
-        "SELECT count(*) FROM data_keys WHERE owner = ? AND destroyed_at IS NOT NULL",
-        [pseudonym],
-    )
-    if destroyed:
+    if data_key_destroyed(con, pseudonym):
         return (
             "erased",
             None,

@@ -136,9 +136,10 @@ def _patient_versions(
     that went on without it searched the shared records and the reason for none of the
     person's names, and left a Practitioner carrying her name readable under the shared key."""
     from vault.errors import KeyDestroyedError
+    from vault.lifecycle import data_key_destroyed
     from vault.read import iter_every_version
 
-    if _data_key_destroyed(con, pseudonym):
+    if data_key_destroyed(con, pseudonym):
         return []
     records = list(
         iter_every_version(con, provider, resource_type="Patient", resource_key=pseudonym)
@@ -148,19 +149,6 @@ def _patient_versions(
     except KeyDestroyedError:  # sealed under a key the pass that died before writing it made
         quarantined = []
     return [*(record.resource for record in records), *quarantined]
-
-
-def _data_key_destroyed(con: duckdb.DuckDBPyConnection, pseudonym: str) -> bool:
-    """Whether the patient's data key was destroyed by an erasure."""
-    from vault.catalog import has_table
-
-    if not has_table(con, "data_keys"):
-        return False
-    row = con.execute(
-        "SELECT count(*) FROM data_keys WHERE owner = ? AND destroyed_at IS NOT NULL",
-        [pseudonym],
-    ).fetchone()
-    return bool(row and row[0])
 
 
 # a patient's own quarantined Patient records (sealed under their key)

@@ -18,6 +18,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
+from fhirlake.content import content_digest
 from fhirlake.references import (
     compartment_elements,
     identifier_criteria,
@@ -337,17 +338,6 @@ def _contained_patient_identifiers(obj: dict[str, Any]) -> tuple[str, ...]:
         if isinstance(inner, dict) and inner.get("resourceType") == "Patient"
         for criteria in identifier_criteria(inner)
     )
-
-
-def content_digest(obj: dict[str, Any]) -> bytes:
-    """The digest ingest compares content by: of the parsed record written again with its keys
-    sorted and no spaces, so that the same JSON value written compactly or with spaces, with
-    its keys in another order, alone on an NDJSON line or inside a Bundle, is one content (the
-    bytes as received made each of those a conflict within a batch and a new version across
-    batches). Strings compare after their escapes are read; numbers by the value orjson
-    parses (``1.50`` and ``1.5`` are one number, as in JSON). Any other difference, however
-    small, is another content."""
-    return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).digest()
 
 
 def check_chunk(raws: list[bytes]) -> list[Checked]:

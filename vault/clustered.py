@@ -10,8 +10,10 @@ patient's key shreds both), appended batch by batch, so they fill a few blocks o
 
 The copies only speed reads up; they never decide what is read. A reader takes a copy only when
 it matches the vault's row at the same position (resource, type, patient, batch and content
-MAC); any other position is read from ``phi_vault`` itself. A copy left behind by a crash, a
-warehouse from before the table, or a copy altered by hand therefore changes nothing but speed.
+MAC); any other position is read from ``phi_vault`` itself. A copy left behind by a crash, or a
+warehouse from before the table, therefore changes nothing but speed; a copy whose ciphertext
+was altered by hand is refused by the reader's checks (:mod:`vault.read`), the content MAC
+among them, as a row of ``phi_vault`` altered so is.
 Ingest brings the copies up to date at the end of each batch (:func:`sync_clustered`); erasure
 deletes the patient's copies with their vault rows.
 """
@@ -61,7 +63,8 @@ SELECT {_NARROW}, sealed, aad FROM phi_vault WHERE {AT_POSITIONS} ORDER BY inges
 # reading: the copies of the wanted positions that match the vault's row there (the copies'
 # range given again, so that only their blocks in it are read)
 _COPIED_ROWS_AT_POSITIONS = f"""
-SELECT c.ingest_seq, c.resource_key, c.resource_type, c.patient_key, c.batch_id, c.sealed, c.aad
+SELECT c.ingest_seq, c.resource_key, c.resource_type, c.patient_key, c.batch_id, c.sealed, c.aad,
+    c.content_mac
 FROM {CLUSTERED_TABLE} c
 JOIN (SELECT {_NARROW} FROM phi_vault WHERE {AT_POSITIONS}) v ON {_MATCHES}
 WHERE c.ingest_seq BETWEEN ? AND ?

@@ -3,12 +3,16 @@
 Every row is decrypted, authenticated, and checked to be the resource its row claims to be:
 the AAD binds a ciphertext to its ``resource_key``, but a ciphertext moved together with its
 AAD to another row of the same patient (same data key) still authenticates, so the decrypted
-``resourceType``/``id`` are compared with the row too. Only code holding the keys can read the
-vault; views and features never do.
+``resourceType``/``id`` are compared with the row too; and the content with the row's content
+MAC (keyed by the pseudonym key), which ingest wrote beside it: an older version's ciphertext
+put into a newer version's row (or into its clustered copy) names the same resource under the
+same key, and only its content tells it apart. Only code holding the keys can read the vault;
+views and features never do.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +20,7 @@ from typing import Any
 import duckdb
 import orjson
 
+from fhirlake.content import content_digest
 from vault.catalog import has_table
 from vault.clustered import copied_rows, has_copies
 from vault.errors import InvalidCiphertext
@@ -34,7 +39,7 @@ from vault.warehouse import (
 
 CHUNK_ROWS = 2_000
 
-_ROW_COLUMNS = "resource_key, resource_type, patient_key, batch_id, sealed, aad"
+_ROW_COLUMNS = "resource_key, resource_type, patient_key, batch_id, sealed, aad, content_mac"
 
 # Only narrow (position) rows are ranked and sorted; the ciphertexts are then fetched a chunk of
 # positions at a time, so memory stays bounded under the warehouse cap whatever the vault size.
@@ -93,18 +98,23 @@ class VaultReader:
     def record(self, row: Sequence[Any]) -> VaultRecord:
         """A row of :data:`_ROW_COLUMNS`, decrypted; InvalidCiphertext when it fails to
         authenticate, is sealed under another owner's data key than the row's patient (or
-        ``_shared``), or holds another resource than the row names (the message names the
-        row's pseudonym only)."""
-        resource_key, resource_type, patient_key, batch_id, _, _ = row
-        resource = self._opened(row)
+        ``_shared``), holds another resource than the row names, or other content than the
+        row's content MAC records (the message names the row's pseudonym only)."""
+        resource_key, resource_type, patient_key, batch_id, _, _, content_mac = row
+        plaintext, resource = self._opened(row)
         if not self._names_row(resource, resource_key, resource_type):
             raise InvalidCiphertext(f"vault row {resource_key} holds a different resource")
+        if not self._holds_content(plaintext, resource, str(content_mac)):
+            raise InvalidCiphertext(
+                f"vault row {resource_key} holds other content than its row records (another "
+                "version's ciphertext, or a copy altered)"
+            )
         return VaultRecord(resource_key, resource_type, patient_key, batch_id, resource)
 
-    def _opened(self, row: Sequence[Any]) -> Any:
+    def _opened(self, row: Sequence[Any]) -> tuple[bytes, Any]:
         """The row's ciphertext decrypted, authenticated and parsed, not yet checked to be the
-        resource the row names."""
-        resource_key, _, patient_key, _, sealed, aad = row
+        resource the row names: its plaintext and the parsed value."""
+        resource_key, _, patient_key, _, sealed, aad, _ = row
         try:
             plaintext = self._keys.open_owned(
                 bytes(sealed), bytes(aad), patient_key or SHARED_OWNER
@@ -112,15 +122,24 @@ class VaultReader:
         except InvalidCiphertext as exc:
             raise InvalidCiphertext(f"vault row {resource_key}: {exc}") from exc
         try:
-            return orjson.loads(plaintext)
+            return plaintext, orjson.loads(plaintext)
         except orjson.JSONDecodeError as exc:
             raise InvalidCiphertext(f"vault row {resource_key} does not hold JSON") from exc
+
+    def _holds_content(self, plaintext: bytes, resource: dict[str, Any], content_mac: str) -> bool:
+        """Whether the decrypted record is the content its row's MAC was made of: the parsed
+        record's digest (:func:`fhirlake.content.content_digest`), or, in a row written
+        before ingest compared content as JSON, the digest of the bytes as received."""
+        for digest in (content_digest(resource), hashlib.sha256(plaintext).digest()):
+            if self._pseudo.token("content", digest.hex(), memoise=False) == content_mac:
+                return True
+        return False
 
     def names_its_row(self, row: Sequence[Any]) -> bool:
         """Whether the row's ciphertext, which authenticates, holds the resource its row
         names under this reader's pseudonym key (InvalidCiphertext when it does not
         authenticate)."""
-        return self._names_row(self._opened(row), str(row[0]), str(row[1]))
+        return self._names_row(self._opened(row)[1], str(row[0]), str(row[1]))
 
     def _names_row(self, resource: Any, resource_key: str, resource_type: str) -> bool:
         if not isinstance(resource, dict):

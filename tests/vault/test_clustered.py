@@ -4,6 +4,8 @@ a read to differ from one of ``phi_vault`` alone."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from pathlib import Path
 from typing import Any
@@ -216,3 +218,74 @@ def test_erasure_deletes_the_patients_copies(
         for r in iter_current_records(con, key_provider, resource_type="Patient")
     ]
     assert "Birchell" not in names and len(names) == 5
+
+
+def _content_mac(provider: FileKeyProvider, data: bytes) -> str:
+    """A content MAC computed here, from its definition: HMAC-SHA256 under the pseudonym key of
+    ``content``, NUL and the hex SHA-256 of the content, cut to 128 bits."""
+    message = b"content\x00" + hashlib.sha256(data).hexdigest().encode()
+    return hmac.new(provider.pseudonym_key(), message, hashlib.sha256).hexdigest()[:32]
+
+
+def _versions(con: duckdb.DuckDBPyConnection, table: str) -> list[tuple[Any, ...]]:
+    """The two versions of pt-0's Patient in ``table``: (ingest_seq, sealed, aad), oldest
+    first (the batch b1 wrote its first, b2 its renamed second)."""
+    rows = con.execute(
+        f"SELECT ingest_seq, sealed, aad, batch_id FROM {table} WHERE resource_key IN "
+        f"(SELECT resource_key FROM {table} GROUP BY resource_key HAVING count(*) = 2) "
+        "ORDER BY ingest_seq"
+    ).fetchall()
+    assert [row[3] for row in rows] == ["b1", "b2"]
+    return [row[:3] for row in rows]
+
+
+@pytest.mark.parametrize("tables", [("phi_vault", CLUSTERED_TABLE), (CLUSTERED_TABLE,)])
+def test_an_older_versions_ciphertext_in_the_newer_versions_row_is_refused(
+    con: duckdb.DuckDBPyConnection, key_provider: FileKeyProvider, tables: tuple[str, ...]
+) -> None:
+    """The older version's ciphertext put into the newer version's row (same resource, same
+    data key: it authenticates and names its row), in the vault and its copy, or in the copy
+    alone: read back as the current Patient, the release's canaries would miss her new name.
+    The row's content MAC tells them apart."""
+    for table in tables:
+        (_, old_sealed, old_aad), (new_seq, _, _) = _versions(con, table)
+        con.execute(
+            f"UPDATE {table} SET sealed = ?, aad = ? WHERE ingest_seq = ?",
+            [old_sealed, old_aad, new_seq],
+        )
+    with pytest.raises(InvalidCiphertext, match="other content") as raised:
+        list(iter_current_records(con, key_provider, resource_type="Patient"))
+    with pytest.raises(InvalidCiphertext, match="other content"):
+        release_canaries(con, key_provider)
+    for phi in (*FAMILIES, *GIVEN, "Renamed", "pt-"):
+        assert phi not in str(raised.value)
+
+
+def test_each_rows_content_mac_is_that_of_its_content(
+    con: duckdb.DuckDBPyConnection, key_provider: FileKeyProvider
+) -> None:
+    """Every row's content MAC, computed here from the record read back (its keys sorted, no
+    spaces); a row written before content was compared as JSON (its MAC of the bytes as
+    received) still reads."""
+    records = {
+        r.resource_key: r.resource
+        for r in iter_current_records(con, key_provider, resource_type="Patient")
+    }
+    macs = dict(
+        con.execute(
+            "SELECT resource_key, content_mac FROM phi_vault_current WHERE resource_type = 'Patient'"
+        ).fetchall()
+    )
+    for key, resource in records.items():
+        canonical = json.dumps(resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert macs[key] == _content_mac(key_provider, canonical.encode())
+    # pt-3 as its file held it (one resource, as json.dumps wrote it): the MAC of those bytes
+    (key,) = [k for k, r in records.items() if r["id"] == "pt-3"]
+    as_received = json.dumps(PATIENTS[3]).encode()
+    con.execute(
+        "UPDATE phi_vault SET content_mac = ? WHERE resource_key = ?",
+        [_content_mac(key_provider, as_received), key],
+    )
+    con.execute(f"DELETE FROM {CLUSTERED_TABLE} WHERE resource_key = ?", [key])
+    reread = list(iter_current_records(con, key_provider, resource_type="Patient"))
+    assert {r.resource_key: r.resource for r in reread} == records

@@ -273,7 +273,8 @@ def test_each_rows_content_mac_is_that_of_its_content(
     }
     macs = dict(
         con.execute(
-            "SELECT resource_key, content_mac FROM phi_vault_current WHERE resource_type = 'Patient'"
+            "SELECT resource_key, content_mac FROM phi_vault_current "
+            "WHERE resource_type = 'Patient'"
         ).fetchall()
     )
     for key, resource in records.items():

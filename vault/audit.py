@@ -86,6 +86,14 @@ def default_actor() -> str:
         return f"uid-{os.getuid()}"
 
 
+def _lines(text: str) -> list[str]:
+    """The log's lines, split at ``\\n`` alone, as they are written. ``str.splitlines`` also
+    splits at U+2028, U+2029 and U+0085, which ``json.dumps(ensure_ascii=False)`` leaves
+    unescaped: a reason holding one read as two corrupted entries, and no entry could be
+    appended after it (an erasure committed, its completion refused)."""
+    return [line for line in text.split("\n") if line.strip()]
+
+
 def _canonical(value: Any) -> bytes:
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -244,7 +252,7 @@ class AuditLog:
             raise AuditLogError(
                 "audit log ends with an incomplete line; run `ehr audit verify` before writing"
             )
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = _lines(text)
         tail: list[dict[str, Any]] = []
         for line in lines[-2:]:
             try:
@@ -398,7 +406,7 @@ class AuditLog:
         with self._locked(exclusive=False) as handle:
             text = self._read_all(handle)
         entries = []
-        for position, line in enumerate(ln for ln in text.splitlines() if ln.strip()):
+        for position, line in enumerate(_lines(text)):
             try:
                 entry = json.loads(line)
             except ValueError as exc:
@@ -421,7 +429,7 @@ class AuditLog:
         problems: list[str] = []
         if text and not text.endswith("\n"):
             problems.append("end of log: incomplete last line (interrupted write or truncated)")
-        lines = [line for line in text.splitlines() if line.strip()]
+        lines = _lines(text)
         entries, last = self._verify_entries(lines, problems)
         for label, head_problem, head_doc in heads:
             for problem in self._verify_head(head_problem, head_doc, lines, last):

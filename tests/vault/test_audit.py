@@ -384,3 +384,16 @@ def test_bad_arguments(tmp_path: Path) -> None:
         naive.append("forget", "f" * 32)
     assert not audit.path.exists() or audit.entries() == []
     assert issubclass(AuditLogError, VaultError)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_a_reason_holding_a_unicode_line_separator_is_one_entry(
+    tmp_path: Path, separator: str
+) -> None:
+    # json.dumps(ensure_ascii=False) writes these raw; str.splitlines split the entry in two
+    audit = make_log(tmp_path)
+    audit.append("forget", "a" * 32, f"ticket{separator}7", actor="officer")
+    audit.append("forget", "a" * 32, "ticket 8", actor="officer")
+    result = audit.verify()
+    assert (result.ok, result.entries, result.problems) == (True, 2, [])
+    assert [entry["reason"] for entry in audit.entries()] == [f"ticket{separator}7", "ticket 8"]

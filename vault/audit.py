@@ -165,14 +165,25 @@ class AuditLog:
     def _entry_ok(self, entry: dict[str, Any]) -> bool:
         """The entry's MAC verifies under the audit key (or, for entries written before a
         keyring got its own audit key, under the legacy derived one)."""
+        return self._mac_key(entry) is not None
+
+    def _mac_key(self, entry: dict[str, Any]) -> str | None:
+        """Which key the entry's MAC verifies under: ``"audit"``, ``"legacy"`` (the key derived
+        from the pseudonym key, of entries written before the keyring got an audit key of its
+        own) or None."""
         mac = str(entry.get("mac", ""))
         if hmac.compare_digest(mac, self._entry_mac(entry)):
-            return True
+            return "audit"
         if self._legacy_key is None:
-            return False
+            return None
         body = {k: v for k, v in entry.items() if k != "mac"}
         legacy = hmac.new(self._legacy_key, _canonical(body), hashlib.sha256).hexdigest()
-        return hmac.compare_digest(mac, legacy)
+        return "legacy" if hmac.compare_digest(mac, legacy) else None
+
+    def _legacy_after_audit_key(self, before: dict[str, Any], entry: dict[str, Any]) -> bool:
+        """An entry under the legacy key after one under the audit key: written after the
+        migration by someone holding only the pseudonym key (every pipeline process does)."""
+        return self._mac_key(before) == "audit" and self._mac_key(entry) == "legacy"
 
     def _head_mac(self, seq: int, mac: str) -> str:
         message = _canonical({"format": HEAD_FORMAT, "seq": seq, "mac": mac})
@@ -266,6 +277,11 @@ class AuditLog:
             raise AuditLogError(
                 f"audit entry {tail[-1]['seq']} does not verify under this key "
                 "(edited entry or a different key); run `ehr audit verify`"
+            )
+        if len(tail) == 2 and self._legacy_after_audit_key(tail[0], tail[1]):
+            raise AuditLogError(
+                f"audit entry {tail[-1]['seq']} is under the legacy audit key after an entry "
+                "under the audit key (written with the pseudonym key); run `ehr audit verify`"
             )
         self._check_anchor(tail)
         return tail
@@ -442,6 +458,7 @@ class AuditLog:
         """Check each line in order (problems appended); returns the entries and the last."""
         prev: str | None = GENESIS
         last: dict[str, Any] | None = None
+        keyed = False  # an entry under the audit key was seen: no legacy entry may follow
         entries: list[dict[str, Any]] = []
         for position, line in enumerate(lines):
             try:
@@ -466,8 +483,15 @@ class AuditLog:
                     f"entry {position}: chain broken, prev does not match the entry before "
                     "(removed or reordered)"
                 )
-            if not self._entry_ok(entry):
+            key = self._mac_key(entry)
+            if key is None:
                 problems.append(f"entry {position}: mac mismatch (edited)")
+            elif key == "legacy" and keyed:
+                problems.append(
+                    f"entry {position}: under the legacy audit key after entries under the "
+                    "audit key (written with the pseudonym key)"
+                )
+            keyed = keyed or key == "audit"
             prev, last = str(entry.get("mac", "")), entry
             entries.append(entry)
         return entries, last

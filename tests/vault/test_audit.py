@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import gc
+import hashlib
+import hmac
 import json
 import multiprocessing
 import stat
@@ -397,3 +399,35 @@ def test_a_reason_holding_a_unicode_line_separator_is_one_entry(
     result = audit.verify()
     assert (result.ok, result.entries, result.problems) == (True, 2, [])
     assert [entry["reason"] for entry in audit.entries()] == [f"ticket{separator}7", "ticket 8"]
+
+
+def test_after_the_migration_an_entry_under_the_legacy_key_is_refused(
+    key_file: Path, tmp_path: Path
+) -> None:
+    # a pipeline process holds the pseudonym key, hence the legacy key: its forged entry
+    # appended after the migration was taken for an interrupted append and anchored over
+    document = json.loads(key_file.read_text())
+    del document["audit_key"]
+    write_keyring(key_file, document)
+    log_path = tmp_path / "w" / "audit.log"
+    old = FileKeyProvider.load(key_file)
+    AuditLog.for_provider(log_path, old).append("reidentify", "a" * 32, "before", actor="o")
+    migrate_audit_key(key_file)
+    new = FileKeyProvider.load(key_file)
+    log = AuditLog.for_provider(log_path, new)
+    last = log.append("reidentify", "b" * 32, "after", actor="o")
+    body = {**last, "seq": last["seq"] + 1, "reason": "forged", "prev": last["mac"]}
+    del body["mac"]
+    message = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    legacy = audit_key(new.pseudonym_key())
+    mac = hmac.new(legacy, message.encode("utf-8"), hashlib.sha256).hexdigest()
+    with log_path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps({**body, "mac": mac}) + "\n")
+    result = log.verify()
+    assert not result.ok
+    assert result.problems[0] == (
+        "entry 2: under the legacy audit key after entries under the audit key "
+        "(written with the pseudonym key)"
+    )
+    with pytest.raises(AuditLogError, match="under the legacy audit key"):
+        log.append("reidentify", "c" * 32, "next", actor="o")

@@ -179,13 +179,30 @@ def _quarantined_patients(
     return found
 
 
-def _refuse_a_reason_naming_the_patient(subject: SubjectCanaries, reason: str) -> None:
+# the reason of a refusal's audit entry: the refused text is not kept
+REFUSED_REASON = "(withheld: it named the patient)"
+
+
+def _refuse_a_reason_naming_the_patient(
+    subject: SubjectCanaries, reason: str, audit: AuditLog, action: str, pseudonym: str
+) -> None:
     """Refuse a reason that names its patient. The audit log keeps every reason as written, for
     good (its chain cannot lose an entry), an erased patient's included; an erased one's ids
     (those the operator typed) are still compared. The birth date counts in every form people
-    write it, with a two-digit year too (``SubjectCanaries.reason_hits``)."""
+    write it, with a two-digit year too (``SubjectCanaries.reason_hits``).
+
+    The refusal is audited before it is shown (the kinds found, never the text): it confirms
+    what the reason guessed about the patient, so unaudited, a log made unwritable (one byte
+    without its newline) turned the check into a look-up of names, birth dates and
+    identifiers that left no entry."""
     hits = subject.reason_hits(reason)
     if hits:
+        try:
+            audit.append(
+                action, pseudonym, REFUSED_REASON, {"outcome": "reason_refused", "names": hits}
+            )
+        except VaultError as exc:
+            raise click.ClickException(str(exc)) from exc
         raise click.ClickException(
             f"the reason names the patient ({', '.join(hits)}): the audit log keeps every reason "
             "as written, for good, an erased patient's too; give a reference instead (a ticket "
@@ -316,13 +333,16 @@ def _erasure_inputs(
             if not is_pseudonym:
                 typed = (patient,)
                 patient = pseudo.resource_key("Patient", patient)
+            wid = warehouse.claim_id(con, _registry(provider))
+            audit = audit_log_for(workdir, provider, wid)
+            audit.check_appendable()  # before anything of the patient is read
             versions = [
                 version
                 for one in (patient, *same_person(con, patient))
                 for version in _patient_versions(con, provider, one)
             ]
             subject = SubjectCanaries(versions, *typed)
-            _refuse_a_reason_naming_the_patient(subject, reason)
+            _refuse_a_reason_naming_the_patient(subject, reason, audit, "forget", patient)
             unattributed = _unattributed_quarantine_naming(con, provider, subject)
             shared = _shared_resources_naming(con, provider, subject)
             keys = tuple(
@@ -334,7 +354,6 @@ def _erasure_inputs(
             )
         except (VaultError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
-        wid = warehouse.claim_id(con, _registry(provider))
         return _ErasureInputs(patient, wid, unattributed, shared, keys)
 
 
@@ -589,14 +608,17 @@ def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | N
     """Print the original identifiers behind a patient PSEUDONYM (audited before printing)."""
     from deid.release import SubjectCanaries
     from vault import warehouse
+    from vault.lifecycle import check_pseudonym
     from vault.lifecycle import reidentify as run_reidentify
 
     provider = _provider(key_file)
     try:
+        check_pseudonym(pseudonym)
         with _warehouse(workdir, read_only=True) as con:
-            subject = SubjectCanaries(_patient_versions(con, provider, pseudonym))
-            _refuse_a_reason_naming_the_patient(subject, reason)
             audit = audit_log_for(workdir, provider, warehouse.warehouse_id(con))
+            audit.check_appendable()  # before anything of the patient is read
+            subject = SubjectCanaries(_patient_versions(con, provider, pseudonym))
+            _refuse_a_reason_naming_the_patient(subject, reason, audit, "reidentify", pseudonym)
             found = run_reidentify(con, provider, pseudonym, audit, reason)
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc

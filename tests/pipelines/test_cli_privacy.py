@@ -11,7 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from pipelines.cli import quarantine_list
-from pipelines.cli.privacy import audit, audit_log_for, forget, keys_rotate, reidentify
+from pipelines.cli.privacy import (
+    REFUSED_REASON,
+    audit,
+    audit_log_for,
+    forget,
+    keys_rotate,
+    reidentify,
+)
 from tests.vault.processes import hold_open
 from vault import warehouse
 from vault.ingest import ingest_batch
@@ -265,11 +272,12 @@ def test_forget_under_another_pseudonym_key_is_refused(
         ("reidentify", "p7", "id"),  # the Patient's own id, read from the vault
     ],
 )
-def test_a_reason_naming_the_patient_is_refused_before_anything_is_written(
+def test_a_reason_naming_the_patient_is_refused_and_the_refusal_audited_without_it(
     work: Path, key_file: Path, command: str, reason: str, kinds: str
 ) -> None:
     """The audit log keeps every reason as written, for good: an erased patient's name in it
-    would outlive the erasure. Nothing is written, shown or erased; a reference is accepted."""
+    would outlive the erasure. Nothing is shown or erased, and the reason is not kept: the
+    refusal is audited by the kinds it found; a reference is accepted."""
     runner = CliRunner()
     common = ["--workdir", str(work), "--key-file", str(key_file)]
     p7 = _pseudonym(key_file, "p7")
@@ -287,7 +295,11 @@ def test_a_reason_naming_the_patient_is_refused_before_anything_is_written(
     assert f"the reason names the patient ({kinds})" in refused.output
     for phi in ("Zedwick", "Ola", '"p7"'):
         assert phi not in refused.output
-    assert (log.read_bytes() if log.exists() else b"") == before  # no intent, no entry
+    written = log.read_bytes()
+    assert written.startswith(before) and reason.encode() not in written
+    (entry,) = audit_log_for(work, FileKeyProvider.load(key_file)).entries()
+    assert (entry["subject"], entry["reason"]) == (p7, REFUSED_REASON)
+    assert entry["details"] == {"outcome": "reason_refused", "names": kinds.split(", ")}
     con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
     try:
         assert read_resource(con, FileKeyProvider.load(key_file), "Patient", "p7") == PATIENTS[0]
@@ -297,7 +309,32 @@ def test_a_reason_naming_the_patient_is_refused_before_anything_is_written(
     accepted = runner.invoke(cmd, [*target, "--reason", "ticket 4711", *common])
     assert accepted.exit_code == 0, accepted.output
     reasons = [e["reason"] for e in audit_log_for(work, FileKeyProvider.load(key_file)).entries()]
-    assert reasons and set(reasons) == {"ticket 4711"}
+    assert reasons[0] == REFUSED_REASON and set(reasons[1:]) == {"ticket 4711"}
+
+
+def test_a_reason_is_not_checked_against_the_patient_when_the_log_cannot_be_written(
+    work: Path, key_file: Path
+) -> None:
+    """Refused or not, the answer is the audit log's error: before, a log made unwritable (a
+    byte without its newline, removed afterwards) turned the reason check into a look-up that
+    left no entry (`the reason names the patient (full_name, name)` confirmed a guessed name),
+    one guess or many at a time."""
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    p7 = _pseudonym(key_file, "p7")
+    runner = CliRunner()
+    assert runner.invoke(reidentify, [p7, "--reason", "ticket 1", *common]).exit_code == 0
+    log = work / "audit" / "audit.log"
+    with log.open("a", encoding="utf-8") as handle:
+        handle.write("x")
+    answers = set()
+    for cmd, target in ((reidentify, [p7]), (forget, ["p7"])):
+        for guess in ("Ola Zedwick", "Ann Smith"):
+            result = runner.invoke(cmd, [*target, "--reason", guess, *common])
+            assert result.exit_code == 1
+            answers.add(result.output)
+    assert answers == {
+        "Error: audit log ends with an incomplete line; run `ehr audit verify` before writing\n"
+    }
 
 
 def _quarantined_texts(work: Path, key_file: Path) -> list[str]:
@@ -433,7 +470,7 @@ def test_a_reason_holding_the_birth_date_written_day_first_or_with_a_short_year_
         accepted = runner.invoke(reidentify, [p5, "--reason", reason, *common])
         assert accepted.exit_code == 0, accepted.output
     reasons = [e["reason"] for e in audit_log_for(work, FileKeyProvider.load(key_file)).entries()]
-    assert set(reasons) == {"REQ-2024-0317", "ticket 4471 of 07/03/1947"}
+    assert set(reasons) == {REFUSED_REASON, "REQ-2024-0317", "ticket 4471 of 07/03/1947"}
     written = log.read_text(encoding="utf-8")  # reasons as written
     assert "REQ-2024-0317" in written and "REQ-40" not in written
 

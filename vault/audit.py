@@ -8,7 +8,13 @@ removing or reordering entries breaks the chain, and writing a consistent forged
 the key. The head of the log (last ``seq`` and ``mac``, itself authenticated) is kept in a side
 file ``<log>.head`` and in an anchor outside the work directory (next to the keyring, or in
 ``EHR_AUDIT_ANCHOR``), so cutting entries off the end, deleting the log, or restoring an older
-copy of the log and its head are detected too.
+copy of the log and its head are detected too. The head names the warehouse its log belongs to
+and whether an outside anchor was written beside it (both under its MAC): another warehouse's
+log, head and anchor copied in under this warehouse's id do not verify, and an outside anchor
+deleted after a log was anchored is not adopted again from the side file (an older copy of the
+log and head restored with it says the log was anchored). Deleting the log, its head and its
+outside anchor together leaves what a warehouse without audited acts has: keep the anchors on a
+volume the work directory's writers cannot change (``EHR_AUDIT_ANCHOR``).
 
 Irreversible acts write an intent entry (``details.phase = "intent"``) before they start and a
 completion entry (``"done"``) after; an intent that no later completion of the same act and
@@ -43,7 +49,10 @@ from vault.keys import KeyProvider, legacy_audit_key, replace_private_file
 
 GENESIS = "0" * 64
 AUDIT_KEY_BYTES = 32
-HEAD_FORMAT = "ehr-audit-head/1"
+HEAD_FORMAT = "ehr-audit-head/2"
+# heads written before they named their warehouse and their outside anchor: still verified
+# (the next append writes the current format)
+HEAD_FORMAT_1 = "ehr-audit-head/1"
 ENTRY_FIELDS = ("seq", "at", "actor", "action", "subject", "reason", "details", "prev", "mac")
 ENV_AUDIT_ANCHOR = "EHR_AUDIT_ANCHOR"
 PHASE_INTENT = "intent"
@@ -115,6 +124,8 @@ class AuditVerification:
 class _Head:
     seq: int
     mac: str
+    # written with an outside anchor beside it (False in heads of the first format)
+    outside: bool = False
 
 
 class AuditLog:
@@ -128,6 +139,7 @@ class AuditLog:
         clock: Clock = utcnow,
         anchor: Path | None = None,
         legacy_key: bytes | None = None,
+        warehouse_id: str | None = None,
     ) -> None:
         if len(key) < 32:
             raise ValueError(f"audit key must be at least 32 bytes, got {len(key)}")
@@ -136,6 +148,8 @@ class AuditLog:
         # the anchor outside the work directory: deleting or restoring the workdir's log and
         # head together does not move it
         self.anchor_path = Path(anchor) if anchor is not None else None
+        # the warehouse the log belongs to, named in its heads ("" when not known)
+        self._warehouse_id = warehouse_id or ""
         self._key = key
         self._legacy_key = legacy_key
         self._clock = clock
@@ -155,7 +169,14 @@ class AuditLog:
         if getattr(provider, "accepts_legacy_audit", False):
             legacy = legacy_audit_key(provider.pseudonym_key())
         anchor = anchor_path(provider, warehouse_id) if warehouse_id else None
-        return cls(path, provider.audit_key(), clock=clock, anchor=anchor, legacy_key=legacy)
+        return cls(
+            path,
+            provider.audit_key(),
+            clock=clock,
+            anchor=anchor,
+            legacy_key=legacy,
+            warehouse_id=warehouse_id,
+        )
 
     # -- MACs -----------------------------------------------------------------------------
     def _entry_mac(self, entry: dict[str, Any]) -> str:
@@ -185,9 +206,19 @@ class AuditLog:
         migration by someone holding only the pseudonym key (every pipeline process does)."""
         return self._mac_key(before) == "audit" and self._mac_key(entry) == "legacy"
 
-    def _head_mac(self, seq: int, mac: str) -> str:
-        message = _canonical({"format": HEAD_FORMAT, "seq": seq, "mac": mac})
-        return hmac.new(self._key, message, hashlib.sha256).hexdigest()
+    def _head_body(self, seq: int, mac: str, outside: bool) -> dict[str, Any]:
+        """What a head's MAC covers: the last entry, this log's warehouse, and whether an
+        outside anchor is written beside the side file."""
+        return {
+            "format": HEAD_FORMAT,
+            "seq": seq,
+            "mac": mac,
+            "warehouse": self._warehouse_id,
+            "outside": outside,
+        }
+
+    def _head_mac(self, body: dict[str, Any], key: bytes | None = None) -> str:
+        return hmac.new(key or self._key, _canonical(body), hashlib.sha256).hexdigest()
 
     # -- files and locks ------------------------------------------------------------------
     @contextlib.contextmanager
@@ -233,26 +264,30 @@ class AuditLog:
         return head
 
     def _authentic_head(self, head: dict[str, Any]) -> _Head | None:
+        """The head a document holds, when its MAC verifies under this log's key (or the
+        legacy one) and it names this log's warehouse; None otherwise."""
         seq, mac, anchor_mac = head.get("seq"), head.get("mac"), head.get("anchor_mac")
         if not isinstance(seq, int) or not isinstance(mac, str) or not isinstance(anchor_mac, str):
             return None
-        if hmac.compare_digest(anchor_mac, self._head_mac(seq, mac)):
-            return _Head(seq, mac)
-        if self._legacy_key is not None:  # written before the keyring got its audit key
-            message = _canonical({"format": HEAD_FORMAT, "seq": seq, "mac": mac})
-            legacy = hmac.new(self._legacy_key, message, hashlib.sha256).hexdigest()
-            if hmac.compare_digest(anchor_mac, legacy):
-                return _Head(seq, mac)
+        if head.get("format") == HEAD_FORMAT:
+            outside = head.get("outside")
+            if not isinstance(outside, bool) or head.get("warehouse") != self._warehouse_id:
+                return None  # another warehouse's head, copied in under this one's id
+            body: dict[str, Any] = self._head_body(seq, mac, outside)
+        else:  # the first format: no warehouse, no outside flag
+            body, outside = {"format": HEAD_FORMAT_1, "seq": seq, "mac": mac}, False
+        for key in (self._key, self._legacy_key):  # legacy: before the keyring's audit key
+            if key is not None and hmac.compare_digest(anchor_mac, self._head_mac(body, key)):
+                return _Head(seq, mac, outside)
         return None
 
     def _write_head(self, seq: int, mac: str) -> None:
-        document = {
-            "format": HEAD_FORMAT,
-            "seq": seq,
-            "mac": mac,
-            "anchor_mac": self._head_mac(seq, mac),
-        }
-        for _, path in self._anchors():
+        """The head written to the outside anchor first, then to the side file: a side file
+        saying an outside anchor was written beside it is never ahead of that anchor, so an
+        outside anchor found missing then was deleted, not left unwritten by a crash."""
+        body = self._head_body(seq, mac, self.anchor_path is not None)
+        document = {**body, "anchor_mac": self._head_mac(body)}
+        for _, path in reversed(self._anchors()):
             replace_private_file(path, json.dumps(document) + "\n")
 
     # -- appending ------------------------------------------------------------------------
@@ -287,33 +322,43 @@ class AuditLog:
         return tail
 
     def _check_anchor(self, tail: list[dict[str, Any]]) -> None:
+        side: _Head | None = None  # the side file's head, read first
         for label, path in self._anchors():
             document = self._read_head(path)
             if document is None:
+                # the first entry written, no side file after it (one naming it says the
+                # append finished: an older copy of the log and side file restored)
                 first_append_interrupted = (
-                    len(tail) == 1 and tail[0]["seq"] == 0 and tail[0].get("prev") == GENESIS
+                    len(tail) == 1
+                    and tail[0]["seq"] == 0
+                    and tail[0].get("prev") == GENESIS
+                    and side is None
                 )
-                # A missing outside anchor is adopted from an intact side file: logs written
-                # before anchoring existed get theirs at their next entry.
-                adoptable = path != self.head_path and self.head_path.exists()
+                # A missing outside anchor is adopted from an intact side file that was
+                # written without one: logs written before anchoring existed get theirs at
+                # their next entry. One the side file says was written is not: deleted.
+                adoptable = path != self.head_path and side is not None and not side.outside
                 if tail and not first_append_interrupted and not adoptable:
                     raise AuditLogError(f"audit {label} is missing; run `ehr audit verify`")
                 continue
-            self._check_one_anchor(label, document, tail)
+            head = self._check_one_anchor(label, document, tail)
+            side = head if path == self.head_path else side
 
     def _check_one_anchor(
         self, label: str, document: dict[str, Any], tail: list[dict[str, Any]]
-    ) -> None:
+    ) -> _Head:
         head = self._authentic_head(document)
         if head is None:
-            raise AuditLogError(f"audit {label} does not verify under this key")
+            raise AuditLogError(
+                f"audit {label} does not verify under this key or names another warehouse"
+            )
         if not tail:
             raise AuditLogError(
                 f"audit log is empty but its {label} says seq {head.seq} (deleted or truncated)"
             )
         last = tail[-1]
         if head.seq == last["seq"] and hmac.compare_digest(head.mac, str(last["mac"])):
-            return
+            return head
         # An append interrupted between the line and its anchor: the line is authentic
         # (its MAC verified above) and chains onto the anchored entry. The next anchor
         # write repairs it.
@@ -323,7 +368,7 @@ class AuditLog:
             and hmac.compare_digest(head.mac, str(tail[0].get("mac", "")))
             and last.get("prev") == head.mac
         ):
-            return
+            return head
         raise AuditLogError(
             f"audit log ends at seq {last['seq']} but its {label} says {head.seq} "
             "(deleted, truncated or rolled back); run `ehr audit verify`"
@@ -519,7 +564,10 @@ class AuditLog:
         # an empty log with a valid anchor saying otherwise: the log was deleted
         head = self._authentic_head(document)
         if head is None:
-            return ["head anchor: does not verify under this key (edited, or a different key)"]
+            return [
+                "head anchor: does not verify under this key (edited, a different key, or "
+                "another warehouse's)"
+            ]
         if not lines:
             return [f"head anchor: log is empty, anchor says {head.seq} (truncated)"]
         if last is None:

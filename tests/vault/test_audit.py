@@ -175,7 +175,8 @@ def test_anchor_tampering_and_removal_are_detected(tmp_path: Path) -> None:
     audit.head_path.write_text(json.dumps({**head, "seq": 2, "mac": entries[2]["mac"]}))
     result = audit.verify()
     assert result.problems == [
-        "head anchor: does not verify under this key (edited, or a different key)"
+        "head anchor: does not verify under this key (edited, a different key, or "
+        "another warehouse's)"
     ]
     audit.head_path.unlink()
     assert audit.verify().problems == ["head anchor: missing (log replaced, or anchor deleted)"]
@@ -190,9 +191,10 @@ def test_wrong_key_fails_every_mac(tmp_path: Path) -> None:
     assert [p for p in result.problems if "mac mismatch" in p] == [
         f"entry {i}: mac mismatch (edited)" for i in range(4)
     ]
-    assert "head anchor: does not verify under this key (edited, or a different key)" in (
-        result.problems
-    )
+    assert (
+        "head anchor: does not verify under this key (edited, a different key, or "
+        "another warehouse's)"
+    ) in (result.problems)
 
 
 def test_a_damaged_log_is_not_appended_to(tmp_path: Path) -> None:
@@ -310,8 +312,89 @@ def test_an_old_keyring_migrates_to_an_audit_key_and_old_entries_still_verify(
         forged.append("reidentify", "c" * 32, "forged", actor="o")
 
 
-def anchored(folder: Path, anchors: Path) -> AuditLog:
-    return AuditLog(folder / "audit.log", KEY, clock=FixedClock(), anchor=anchors / "wh-test.json")
+def anchored(folder: Path, anchors: Path, warehouse: str = "wh-test") -> AuditLog:
+    return AuditLog(
+        folder / "audit.log",
+        KEY,
+        clock=FixedClock(),
+        anchor=anchors / f"{warehouse}.json",
+        warehouse_id=warehouse,
+    )
+
+
+def _head_mac_by_hand(document: dict[str, object]) -> str:
+    """A head's MAC computed here from its definition: HMAC-SHA256 under the audit key of the
+    canonical JSON (sorted keys, no spaces) of every field but ``anchor_mac``."""
+    body = {k: v for k, v in document.items() if k != "anchor_mac"}
+    message = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hmac.new(KEY, message.encode(), hashlib.sha256).hexdigest()
+
+
+def test_a_head_names_its_warehouse_and_its_outside_anchor(tmp_path: Path) -> None:
+    audit = anchored(tmp_path / "work", tmp_path / "anchors")
+    entry = audit.append("forget", "a" * 32, "r1", actor="o")
+    for path in (audit.head_path, tmp_path / "anchors" / "wh-test.json"):
+        document = json.loads(path.read_text())
+        assert document == {
+            "format": "ehr-audit-head/2",
+            "seq": 0,
+            "mac": entry["mac"],
+            "warehouse": "wh-test",
+            "outside": True,
+            "anchor_mac": _head_mac_by_hand(document),
+        }
+
+
+def test_an_outside_anchor_deleted_after_the_log_was_anchored_is_not_adopted(
+    tmp_path: Path,
+) -> None:
+    """The log and its side file rolled back to an older copy, the outside anchor deleted: the
+    next append re-created the anchor from the side file and verify then passed, the entries
+    after the copy gone. The side file says an outside anchor was written beside it."""
+    work, anchors = tmp_path / "work", tmp_path / "anchors"
+    audit = anchored(work, anchors)
+    audit.append("forget", "a" * 32, "r1", actor="o")
+    saved_log, saved_head = audit.path.read_bytes(), audit.head_path.read_bytes()
+    audit.append("reidentify", "b" * 32, "r2", actor="o")
+    audit.path.write_bytes(saved_log)
+    audit.head_path.write_bytes(saved_head)
+    (anchors / "wh-test.json").unlink()
+    with pytest.raises(AuditLogError, match="outside anchor is missing"):
+        anchored(work, anchors).append("forget", "c" * 32, "after the attack", actor="o")
+    assert not (anchors / "wh-test.json").exists()
+    assert not anchored(work, anchors).verify().ok
+
+
+def test_another_warehouses_log_head_and_anchor_copied_in_do_not_verify(tmp_path: Path) -> None:
+    other = anchored(tmp_path / "other", tmp_path / "anchors", "wh-other")
+    other.append("forget", "a" * 32, "r1", actor="o")
+    audit = anchored(tmp_path / "work", tmp_path / "anchors")
+    audit.append("reidentify", "b" * 32, "r2", actor="o")
+    audit.append("reidentify", "c" * 32, "r3", actor="o")
+    for source, target in (
+        (other.path, audit.path),
+        (other.head_path, audit.head_path),
+        (tmp_path / "anchors" / "wh-other.json", tmp_path / "anchors" / "wh-test.json"),
+    ):
+        target.write_bytes(source.read_bytes())
+    result = anchored(tmp_path / "work", tmp_path / "anchors").verify()
+    assert not result.ok
+    assert {p.split(":")[0] for p in result.problems} == {"head anchor", "outside anchor"}
+    with pytest.raises(AuditLogError, match="names another warehouse"):
+        anchored(tmp_path / "work", tmp_path / "anchors").append("forget", "d" * 32, "x")
+
+
+def test_a_head_of_the_first_format_still_verifies_and_is_adopted(tmp_path: Path) -> None:
+    """Heads written before they named their warehouse: verified as they are, a missing
+    outside anchor adopted from such a side file, and the next append writes both anew."""
+    audit = anchored(tmp_path / "work", tmp_path / "anchors")
+    entry = audit.append("forget", "a" * 32, "r1", actor="o")
+    first = {"format": "ehr-audit-head/1", "seq": 0, "mac": entry["mac"]}
+    audit.head_path.write_text(json.dumps({**first, "anchor_mac": _head_mac_by_hand(first)}))
+    (tmp_path / "anchors" / "wh-test.json").unlink()
+    audit.append("reidentify", "b" * 32, "r2", actor="o")
+    assert audit.verify().ok
+    assert json.loads(audit.head_path.read_text())["format"] == "ehr-audit-head/2"
 
 
 @pytest.mark.parametrize("attack", ["delete", "rollback", "truncate", "edit"])
@@ -431,3 +514,28 @@ def test_after_the_migration_an_entry_under_the_legacy_key_is_refused(
     )
     with pytest.raises(AuditLogError, match="under the legacy audit key"):
         log.append("reidentify", "c" * 32, "next", actor="o")
+
+
+def test_an_append_cut_between_its_two_heads_is_repaired_by_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outside anchor is written first: a crash before the side file leaves the side
+    file one entry behind, which the next append accepts (its entry chains on) and repairs."""
+    from vault import audit as audit_module
+
+    audit = anchored(tmp_path / "work", tmp_path / "anchors")
+    audit.append("forget", "a" * 32, "r1", actor="o")
+    real = audit_module.replace_private_file
+
+    def crash_at_the_side_file(path: Path, text: str) -> None:
+        if path == audit.head_path:
+            raise OSError("killed")
+        real(path, text)
+
+    monkeypatch.setattr(audit_module, "replace_private_file", crash_at_the_side_file)
+    with pytest.raises(OSError):
+        audit.append("reidentify", "b" * 32, "r2", actor="o")
+    monkeypatch.setattr(audit_module, "replace_private_file", real)
+    assert json.loads((tmp_path / "anchors" / "wh-test.json").read_text())["seq"] == 1
+    audit.append("reidentify", "c" * 32, "r3", actor="o")
+    assert anchored(tmp_path / "work", tmp_path / "anchors").verify().ok

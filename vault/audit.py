@@ -55,6 +55,7 @@ HEAD_FORMAT = "ehr-audit-head/2"
 HEAD_FORMAT_1 = "ehr-audit-head/1"
 ENTRY_FIELDS = ("seq", "at", "actor", "action", "subject", "reason", "details", "prev", "mac")
 ENV_AUDIT_ANCHOR = "EHR_AUDIT_ANCHOR"
+OUTSIDE_ANCHOR = "outside anchor"  # the label of the anchor outside the work directory
 PHASE_INTENT = "intent"
 PHASE_DONE = "done"
 
@@ -126,6 +127,8 @@ class _Head:
     mac: str
     # written with an outside anchor beside it (False in heads of the first format)
     outside: bool = False
+    # the warehouse whose log it was written for ("" in heads of the first format)
+    warehouse: str = ""
 
 
 class AuditLog:
@@ -206,14 +209,14 @@ class AuditLog:
         migration by someone holding only the pseudonym key (every pipeline process does)."""
         return self._mac_key(before) == "audit" and self._mac_key(entry) == "legacy"
 
-    def _head_body(self, seq: int, mac: str, outside: bool) -> dict[str, Any]:
-        """What a head's MAC covers: the last entry, this log's warehouse, and whether an
+    def _head_body(self, seq: int, mac: str, outside: bool, warehouse: str) -> dict[str, Any]:
+        """What a head's MAC covers: the last entry, the log's warehouse, and whether an
         outside anchor is written beside the side file."""
         return {
             "format": HEAD_FORMAT,
             "seq": seq,
             "mac": mac,
-            "warehouse": self._warehouse_id,
+            "warehouse": warehouse,
             "outside": outside,
         }
 
@@ -243,7 +246,7 @@ class AuditLog:
         """(label, file) of every head anchor: the side file, and the outside one if any."""
         found = [("head anchor", self.head_path)]
         if self.anchor_path is not None:
-            found.append(("outside anchor", self.anchor_path))
+            found.append((OUTSIDE_ANCHOR, self.anchor_path))
         return found
 
     @staticmethod
@@ -263,29 +266,34 @@ class AuditLog:
             raise AuditLogError("audit head anchor is not a JSON object")
         return head
 
-    def _authentic_head(self, head: dict[str, Any]) -> _Head | None:
+    def _authentic_head(self, head: dict[str, Any], outside_anchor: bool) -> _Head | None:
         """The head a document holds, when its MAC verifies under this log's key (or the
-        legacy one) and it names this log's warehouse; None otherwise."""
+        legacy one); None otherwise. An outside anchor must name this log's warehouse (it is
+        found by that id: another warehouse's, copied in under it, is refused); a side file
+        may name another (a copy of a work directory, whose id was renewed)."""
         seq, mac, anchor_mac = head.get("seq"), head.get("mac"), head.get("anchor_mac")
         if not isinstance(seq, int) or not isinstance(mac, str) or not isinstance(anchor_mac, str):
             return None
+        outside, warehouse = head.get("outside", False), head.get("warehouse", "")
+        if not isinstance(outside, bool) or not isinstance(warehouse, str):
+            return None
         if head.get("format") == HEAD_FORMAT:
-            outside = head.get("outside")
-            if not isinstance(outside, bool) or head.get("warehouse") != self._warehouse_id:
-                return None  # another warehouse's head, copied in under this one's id
-            body: dict[str, Any] = self._head_body(seq, mac, outside)
+            body: dict[str, Any] = self._head_body(seq, mac, outside, warehouse)
+            if outside_anchor and warehouse != self._warehouse_id:
+                return None
         else:  # the first format: no warehouse, no outside flag
-            body, outside = {"format": HEAD_FORMAT_1, "seq": seq, "mac": mac}, False
+            body = {"format": HEAD_FORMAT_1, "seq": seq, "mac": mac}
+            outside, warehouse = False, ""
         for key in (self._key, self._legacy_key):  # legacy: before the keyring's audit key
             if key is not None and hmac.compare_digest(anchor_mac, self._head_mac(body, key)):
-                return _Head(seq, mac, outside)
+                return _Head(seq, mac, outside, warehouse)
         return None
 
     def _write_head(self, seq: int, mac: str) -> None:
         """The head written to the outside anchor first, then to the side file: a side file
         saying an outside anchor was written beside it is never ahead of that anchor, so an
         outside anchor found missing then was deleted, not left unwritten by a crash."""
-        body = self._head_body(seq, mac, self.anchor_path is not None)
+        body = self._head_body(seq, mac, self.anchor_path is not None, self._warehouse_id)
         document = {**body, "anchor_mac": self._head_mac(body)}
         for _, path in reversed(self._anchors()):
             replace_private_file(path, json.dumps(document) + "\n")
@@ -334,20 +342,25 @@ class AuditLog:
                     and tail[0].get("prev") == GENESIS
                     and side is None
                 )
-                # A missing outside anchor is adopted from an intact side file that was
-                # written without one: logs written before anchoring existed get theirs at
-                # their next entry. One the side file says was written is not: deleted.
-                adoptable = path != self.head_path and side is not None and not side.outside
+                # A missing outside anchor is adopted from an intact side file written
+                # without one (logs from before anchoring get theirs at their next entry) or
+                # for another warehouse (a copy of a work directory, its id renewed). One the
+                # side file of this warehouse says was written is not: deleted.
+                adoptable = (
+                    path != self.head_path
+                    and side is not None
+                    and (not side.outside or side.warehouse != self._warehouse_id)
+                )
                 if tail and not first_append_interrupted and not adoptable:
                     raise AuditLogError(f"audit {label} is missing; run `ehr audit verify`")
                 continue
-            head = self._check_one_anchor(label, document, tail)
+            head = self._check_one_anchor(label, document, tail, path != self.head_path)
             side = head if path == self.head_path else side
 
     def _check_one_anchor(
-        self, label: str, document: dict[str, Any], tail: list[dict[str, Any]]
+        self, label: str, document: dict[str, Any], tail: list[dict[str, Any]], outside: bool
     ) -> _Head:
-        head = self._authentic_head(document)
+        head = self._authentic_head(document, outside)
         if head is None:
             raise AuditLogError(
                 f"audit {label} does not verify under this key or names another warehouse"
@@ -493,7 +506,8 @@ class AuditLog:
         lines = _lines(text)
         entries, last = self._verify_entries(lines, problems)
         for label, head_problem, head_doc in heads:
-            for problem in self._verify_head(head_problem, head_doc, lines, last):
+            outside = label == OUTSIDE_ANCHOR
+            for problem in self._verify_head(head_problem, head_doc, lines, last, outside):
                 problems.append(problem.replace("head anchor", label, 1))
         return AuditVerification(not problems, len(lines), problems, incomplete_acts(entries))
 
@@ -556,13 +570,14 @@ class AuditLog:
         document: dict[str, Any] | None,
         lines: list[str],
         last: dict[str, Any] | None,
+        outside: bool,
     ) -> list[str]:
         if head_problem is not None:
             return [head_problem]
         if document is None:
             return ["head anchor: missing (log replaced, or anchor deleted)"] if lines else []
         # an empty log with a valid anchor saying otherwise: the log was deleted
-        head = self._authentic_head(document)
+        head = self._authentic_head(document, outside)
         if head is None:
             return [
                 "head anchor: does not verify under this key (edited, a different key, or "

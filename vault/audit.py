@@ -104,6 +104,11 @@ def _lines(text: str) -> list[str]:
     return [line for line in text.split("\n") if line.strip()]
 
 
+def _why(exc: OSError) -> str:
+    """An OS error's reason, without the paths it names (the caller names the log)."""
+    return exc.strerror or type(exc).__name__
+
+
 def _canonical(value: Any) -> bytes:
     return json.dumps(
         value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
@@ -228,8 +233,12 @@ class AuditLog:
     def _locked(self, exclusive: bool) -> Iterator[IO[str]]:
         """The log file opened for append and read, under an flock: exclusive for writers,
         shared for readers, so a reader never sees half an append (line without anchor)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, stat.S_IRUSR | stat.S_IWUSR)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            flags = os.O_RDWR | os.O_APPEND | os.O_CREAT
+            fd = os.open(self.path, flags, stat.S_IRUSR | stat.S_IWUSR)
+        except OSError as exc:
+            raise AuditLogError(f"audit log {self.path} cannot be opened: {_why(exc)}") from exc
         with os.fdopen(fd, "a+", encoding="utf-8", newline="\n") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             try:
@@ -438,12 +447,31 @@ class AuditLog:
                 body["seq"] = tail[-1]["seq"] + 1
                 body["prev"] = str(tail[-1]["mac"])
             entry = {**body, "mac": self._entry_mac(body)}
-            handle.seek(0, os.SEEK_END)
-            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-            self._write_head(entry["seq"], entry["mac"])
+            self._write_line(handle, json.dumps(entry, ensure_ascii=False) + "\n")
+            try:
+                self._write_head(entry["seq"], entry["mac"])
+            except OSError as exc:  # the line is durable: the next append repairs the heads
+                raise AuditLogError(
+                    f"audit entry {entry['seq']} written, its head anchors not: {_why(exc)}"
+                ) from exc
         return entry
+
+    def _write_line(self, handle: IO[str], line: str) -> None:
+        """Append one line durably; on a failure (a full disk, an I/O error) the log is cut
+        back to where it ended, so no partial line blocks the next append."""
+        fd = handle.fileno()
+        size = os.fstat(fd).st_size
+        data = line.encode("utf-8")
+        try:
+            # written on the descriptor (the file is opened O_APPEND), not through the text
+            # wrapper, whose buffer would write the rest again when it is closed
+            while data:
+                data = data[os.write(fd, data) :]
+            os.fsync(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise AuditLogError(f"audit log {self.path} could not be written: {_why(exc)}") from exc
 
     def intend(
         self,

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import hmac
 import json
 import multiprocessing
+import os
 import shutil
 import stat
 from collections.abc import Callable
@@ -534,7 +536,7 @@ def test_an_append_cut_between_its_two_heads_is_repaired_by_the_next(
         real(path, text)
 
     monkeypatch.setattr(audit_module, "replace_private_file", crash_at_the_side_file)
-    with pytest.raises(OSError):
+    with pytest.raises(AuditLogError, match="written, its head anchors not: OSError"):
         audit.append("reidentify", "b" * 32, "r2", actor="o")
     monkeypatch.setattr(audit_module, "replace_private_file", real)
     assert json.loads((tmp_path / "anchors" / "wh-test.json").read_text())["seq"] == 1
@@ -553,3 +555,37 @@ def test_a_copied_work_directory_under_a_new_id_anchors_its_log_anew(tmp_path: P
     copy.append("reidentify", "b" * 32, "r2", actor="o")
     assert copy.verify().ok and json.loads(copy.head_path.read_text())["warehouse"] == "wh-copy"
     assert anchored(tmp_path / "work", tmp_path / "anchors").verify().ok
+
+
+def test_a_line_that_could_not_be_written_is_cut_back_and_said_precisely(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk in the middle of a line: the log is cut back to its last entry (a partial
+    line refused every later append until cut by hand), and the error is an audit error that
+    names the log and the reason, not a traceback."""
+    from vault import audit as audit_module
+
+    audit = anchored(tmp_path / "work", tmp_path / "anchors")
+    audit.append("forget", "a" * 32, "r1", actor="o")
+    before = audit.path.read_bytes()
+    real_write = os.write
+
+    def disk_full_after_ten_bytes(fd: int, data: bytes) -> int:
+        if len(data) > 10:
+            return real_write(fd, data[:10])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(audit_module.os, "write", disk_full_after_ten_bytes)
+    with pytest.raises(AuditLogError, match="could not be written: No space left on device"):
+        audit.append("reidentify", "b" * 32, "r2", actor="o")
+    monkeypatch.setattr(audit_module.os, "write", real_write)
+    assert audit.path.read_bytes() == before
+    audit.append("reidentify", "c" * 32, "r3", actor="o")
+    assert audit.verify().ok and [e["reason"] for e in audit.entries()] == ["r1", "r3"]
+
+
+def test_a_folder_in_place_of_the_log_is_an_audit_error(tmp_path: Path) -> None:
+    audit = make_log(tmp_path)
+    audit.path.mkdir(parents=True)
+    with pytest.raises(AuditLogError, match="cannot be opened"):
+        audit.append("forget", "a" * 32, "r1", actor="o")

@@ -107,6 +107,19 @@ def _wrap_context(owner: str, key_id: bytes) -> bytes:
     return b"ehr-dek/1|" + owner.encode() + b"|" + key_id
 
 
+def _same_key_other_source(wrapped_under: str, active: str) -> str:
+    """A hint when the two KEK ids differ only in their source (``kek-`` for a keyring's KEK,
+    ``env-`` for ``EHR_KEK``): the same key, whose id is bound into every key it wrapped."""
+    prefixes = {wrapped_under[:4], active[:4]}
+    if prefixes == {"kek-", "env-"} and wrapped_under[4:] == active[4:]:
+        return (
+            "; the two ids name the same key given another way (a keyring's KEK, or EHR_KEK): "
+            "a data key is bound to the id of the KEK that wrapped it, so give the key the way "
+            "the warehouse was written with"
+        )
+    return ""
+
+
 class DataKeyStore:
     """Per-owner data keys, persisted wrapped in the ``data_keys`` table of a DuckDB warehouse.
 
@@ -163,7 +176,8 @@ class DataKeyStore:
             try:
                 self.by_id(bytes(key_id))
             except (KeyMaterialError, InvalidCiphertext) as exc:
-                active = shown(self._provider.active_kek_id(), "the provider's active KEK id")
+                active_id = self._provider.active_kek_id()
+                active = shown(active_id, "the provider's active KEK id")
                 raise KeyMaterialError(
                     f"this warehouse's data keys are wrapped under KEK "
                     f"{shown(kek_id, 'a KEK id in data_keys')}, which the key provider cannot "
@@ -171,7 +185,7 @@ class DataKeyStore:
                     "leave the vault readable under neither KEK, so nothing was written; use "
                     "the warehouse's KEK, or rotate to a new one with `ehr keys rotate` (when "
                     "a rotation finished after this process read its keys, run it again: it "
-                    "reads the rotated keyring)"
+                    "reads the rotated keyring)" + _same_key_other_source(str(kek_id), active_id)
                 ) from exc
 
     def for_owner(self, owner: str) -> DataKey:

@@ -23,7 +23,7 @@ from vault import warehouse
 from vault.audit import AuditLog
 from vault.errors import KeyMaterialError, PseudonymKeyMismatchError
 from vault.ingest import ingest_batch
-from vault.keys import EnvKeyProvider
+from vault.keys import EnvKeyProvider, FileKeyProvider
 from vault.lifecycle import forget_patient
 from vault.read import iter_current_resources, read_resource
 
@@ -201,3 +201,24 @@ def test_an_ingest_under_another_kek_is_refused_before_it_writes(wh: Path, tmp_p
     finally:
         con.close()
     assert ids == ["cond-1", "pt-larkspur", "pt-quince"]
+
+
+def test_the_keyrings_kek_given_as_ehr_kek_is_refused_saying_it_is_the_same_key(
+    tmp_path: Path, landing: Path, key_file: Path
+) -> None:
+    """A warehouse written with a keyring, then its KEK and pseudonym key given as environment
+    variables: the id of a KEK given as EHR_KEK is env-…, bound into no key of the warehouse,
+    so it is refused; the message says the two ids name one key given two ways."""
+    document = json.loads(key_file.read_text())
+    kek = base64.b64decode(document["keks"][document["active_kek"]]["key"])
+    pseudonym_key = base64.b64decode(document["pseudonym_key"])
+    wh = tmp_path / "kr.duckdb"
+    ingest_batch(wh, "b1", landing, FileKeyProvider.load(key_file), workers=1)
+    newcomer = tmp_path / "newcomer"
+    newcomer.mkdir()
+    (newcomer / "p.json").write_text(json.dumps({"resourceType": "Patient", "id": "pt-new"}))
+    with pytest.raises(KeyMaterialError, match="name the same key given another way") as caught:
+        ingest_batch(wh, "b2", newcomer, provider(pseudonym_key, kek), workers=1)
+    text = str(caught.value)
+    assert f"kek-{key_id(kek)}" in text and f"env-{key_id(kek)}" in text
+    assert base64.b64encode(kek).decode() not in text

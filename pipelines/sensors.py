@@ -23,14 +23,17 @@ Safe to turn on at any time:
   over by its ingest, a conditional reference that names another resource now) is run again,
   whoever ran that other batch (this sensor, a backfill, a launch from the UI): the ledger is
   read again whenever a batch was de-identified since it was last read;
-- a release left behind with nothing requested to rebuild it is rebuilt: when the latest
-  de-identification of a batch is newer than a release asset, a minute old, every batch
-  partition de-identified and no run queued or going, ``release_job`` is requested, once per
-  de-identification; not when an operator stopped the automation sensor or terminated a run
-  since. The automation sensor's eager condition can miss it: a release run and a batch run
-  both ending between two of its ticks count the release's own update as having handled the
-  batch; and a release run whose retries are spent, or one the daemon did not run again, is not
-  requested again until the next batch.
+- a release left behind with nothing requested to rebuild it is rebuilt: when a release asset
+  is older than what it is built from (a batch's de-identification, an earlier release asset),
+  that materialization a minute old, every batch partition de-identified, no run queued or
+  going and none about to be run again by the daemon, ``release_job`` is requested, once per
+  such materialization; not when an operator stopped the automation sensor or terminated a run
+  since, nor when a release run of this sensor's failed since. The automation sensor's eager
+  condition can miss it: a release run and a batch run both ending between two of its ticks
+  count the release's own update as having handled the batch; the automation sensor started
+  again beside this sensor's release ran part of the release after it; and a release run whose
+  retries are spent, or one the daemon did not run again, is not requested again until the next
+  batch.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from dagster import (
 )
 from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
+from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, SENSOR_NAME_TAG, WILL_RETRY_TAG
 
 from deid.staging import deidentified_batches
 from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
@@ -74,12 +78,22 @@ PARTITION_TAG = "dagster/partition"
 # the batch asset every release asset that reads all batches depends on: a partition of it
 # missing holds the release back (automation's eager condition)
 DEID_RESOURCES = AssetKey("deid_resources")
-# the release is behind the batches while one of its assets' latest materialization is older
-# than deid_resources' latest (every release run materialises each asset it runs)
+# the release is behind while one of its assets' latest materialization is older than that of
+# what it is built from: deid_resources or an earlier release asset (every release run
+# materialises each asset it runs, in order)
 RELEASE_KEYS = [key for assets in RELEASE_ASSETS for key in assets.keys]
+RELEASE_DEPS = {
+    key: {dep for dep in assets.asset_deps[key] if dep == DEID_RESOURCES or dep in RELEASE_KEYS}
+    for assets in RELEASE_ASSETS
+    for key in assets.keys
+}
 # automation ticks every 15 seconds and requests the release at the first tick after a batch:
 # a release still behind this long after the batch, with no run queued or going, was missed
 RELEASE_GRACE_SECONDS = 60.0
+# a failed release run the daemon will run again is its to rebuild for this long (the daemon
+# looks every few seconds)
+RETRY_PENDING_SECONDS = 120.0
+LANDING_SENSOR = "landing_sensor"
 RERUN_TAG = "ehr/rerun"
 ATTEMPT_TAG = "ehr/attempt"
 _FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
@@ -587,20 +601,57 @@ def _all_partitions_deidentified(context: SensorEvaluationContext) -> bool:
 
 
 def _release_behind(context: SensorEvaluationContext) -> tuple[int, float] | None:
-    """The storage id and time of the latest de-identification of a batch when a release asset's
-    latest materialization is older (or missing), None when every one is newer."""
-    keys = [DEID_RESOURCES, *RELEASE_KEYS]
-    records = context.instance.get_asset_records(keys)
-    entries = {record.asset_entry.asset_key: record.asset_entry for record in records}
-    deid = entries.get(DEID_RESOURCES)
-    if deid is None or deid.last_materialization is None:
+    """When a release asset's latest materialization is older than one of what it is built
+    from (``deid_resources`` or an earlier release asset; or it has none): the storage id and
+    time of the newest such materialization, which it has not followed. None when every one is
+    newer than all it is built from. Dagster's records only."""
+    records = context.instance.get_asset_records([DEID_RESOURCES, *RELEASE_KEYS])
+    latest = {
+        record.asset_entry.asset_key: (
+            int(record.asset_entry.last_materialization_storage_id or 0),
+            record.asset_entry.last_materialization.timestamp
+            if record.asset_entry.last_materialization
+            else 0.0,
+        )
+        for record in records
+    }
+    if latest.get(DEID_RESOURCES, (0, 0.0))[0] == 0:
         return None
-    deid_id = int(deid.last_materialization_storage_id or 0)
-    oldest = min(
-        int(entry.last_materialization_storage_id or 0) if entry else 0
-        for entry in (entries.get(key) for key in RELEASE_KEYS)
+    behind = [
+        latest[dep]
+        for key, deps in RELEASE_DEPS.items()
+        for dep in deps
+        if dep in latest and latest[dep][0] > latest.get(key, (0, 0.0))[0]
+    ]
+    return max(behind) if behind else None
+
+
+def _retry_pending(context: SensorEvaluationContext, now: float) -> bool:
+    """Whether a run failed in the last ``RETRY_PENDING_SECONDS`` that the daemon will run again
+    (``dagster/will_retry``) and has not yet (no ``dagster/auto_retry_run_id``): its retry
+    rebuilds the release. Bounded, so a retry the daemon never makes does not hold the release
+    back for good."""
+    filters = RunsFilter(
+        statuses=[DagsterRunStatus.FAILURE],
+        tags={WILL_RETRY_TAG: "true"},
+        updated_after=datetime.fromtimestamp(now - RETRY_PENDING_SECONDS, UTC),
     )
-    return (deid_id, deid.last_materialization.timestamp) if oldest < deid_id else None
+    return any(
+        AUTO_RETRY_RUN_ID_TAG not in run.tags for run in context.instance.get_runs(filters=filters)
+    )
+
+
+def _own_release_failed_since(context: SensorEvaluationContext, since: float) -> bool:
+    """Whether a release run this sensor requested (or the daemon's retry of one) failed after
+    ``since``: a release that fails is not requested again and again; its run's failure is
+    shown, and the next batch, or an operator, starts the next one."""
+    filters = RunsFilter(
+        job_name=release_job.name,
+        statuses=[DagsterRunStatus.FAILURE],
+        tags={SENSOR_NAME_TAG: LANDING_SENSOR},
+        updated_after=datetime.fromtimestamp(int(since) - 1, UTC),
+    )
+    return bool(context.instance.get_runs(filters=filters, limit=1))
 
 
 def _canceled_since(context: SensorEvaluationContext, since: float) -> bool:
@@ -614,31 +665,35 @@ def _canceled_since(context: SensorEvaluationContext, since: float) -> bool:
 def missed_release(
     context: SensorEvaluationContext, requested_after: int, now: float
 ) -> tuple[RunRequest | None, str | None, int]:
-    """A ``release_job`` run when the release was left behind the batches with nothing
-    requested to rebuild it (the module's docstring), with the reason; and the storage id of
-    the de-identification it follows (``requested_after``, the cursor's, when none). Not after
-    a run an operator terminated since that de-identification: the release is theirs to
-    finish. Dagster's records only: the warehouse is not opened."""
+    """A ``release_job`` run when the release was left behind with nothing requested to
+    rebuild it (the module's docstring), with the reason; and the storage id of the
+    materialization it follows (``requested_after``, the cursor's, when none). Not while a run
+    is queued or going or the daemon is about to run a failed one again, not after a run an
+    operator terminated or a release run of this sensor's failed since that materialization
+    (the release is then the operator's to finish), and not while the automation sensor is
+    stopped. Dagster's records only: the warehouse is not opened."""
     behind = _release_behind(context)
     if behind is None:
         return None, None, requested_after
-    deid_id, deid_at = behind
+    trigger_id, trigger_at = behind
     if (
-        deid_id <= requested_after
-        or now - deid_at < RELEASE_GRACE_SECONDS
+        trigger_id <= requested_after
+        or now - trigger_at < RELEASE_GRACE_SECONDS
         or _has_run_going(context, {})
+        or _retry_pending(context, now)
         or not _all_partitions_deidentified(context)
-        or _canceled_since(context, deid_at)
+        or _canceled_since(context, trigger_at)
+        or _own_release_failed_since(context, trigger_at)
         or _automation_stopped(context)
     ):
         return None, None, requested_after
-    request = RunRequest(job_name=release_job.name, run_key=f"release-after-{deid_id}")
+    request = RunRequest(job_name=release_job.name, run_key=f"release-after-{trigger_id}")
     reason = (
-        f"the release is older than the latest de-identification of a batch "
-        f"({now - deid_at:.0f}s ago) and no run was requested to rebuild it: "
+        f"a release asset is older than what it is built from, materialised "
+        f"{now - trigger_at:.0f}s ago, and no run was requested to rebuild it: "
         f"{release_job.name} requested"
     )
-    return request, reason, deid_id
+    return request, reason, trigger_id
 
 
 @sensor(
@@ -647,6 +702,7 @@ def missed_release(
     default_status=DefaultSensorStatus.STOPPED,
     description="Runs each complete new or changed landing batch; retries failed runs; "
     "rebuilds a release the automation left behind.",
+    name=LANDING_SENSOR,
 )
 def landing_sensor(
     context: SensorEvaluationContext, landing: LandingResource, warehouse: WarehouseResource

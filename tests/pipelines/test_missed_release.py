@@ -24,6 +24,7 @@ from dagster._core.remote_origin import (
 )
 from dagster._core.scheduler.instigation import InstigatorState, InstigatorStatus, InstigatorType
 from dagster._core.storage.dagster_run import DagsterRun
+from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, SENSOR_NAME_TAG, WILL_RETRY_TAG
 from dagster._core.test_utils import instance_for_test
 
 from pipelines.assets.deid import RELEASE_INPUT
@@ -178,4 +179,46 @@ def test_a_release_run_that_stopped_half_way_is_rebuilt_unless_an_operator_termi
     assert request is not None and request.run_key == f"release-after-{after}"
     # the same, but an operator terminated a run since the batch: left to them
     instance.add_run(DagsterRun(job_name="release_job", status=DagsterRunStatus.CANCELED))
+    assert _missed(instance, later=RELEASE_GRACE_SECONDS)[0] is None
+
+
+def test_release_assets_out_of_step_among_themselves_are_rebuilt(
+    instance: DagsterInstance,
+) -> None:
+    """The automation sensor started again while this sensor's release ran: its own run came
+    after, rebuilding released_patients and some views only (seen live), and every asset was
+    newer than the batch, the rest older than released_patients. Rebuilt too."""
+    instance.add_dynamic_partitions("batches", ["b1"])
+    _batch_published(instance, "b1")
+    _released(instance)
+    _report(instance, RELEASED)
+    for name in ("allergy_intolerance", "condition"):
+        _report(instance, AssetKey(["views", name]))
+    request, _, after = _missed(instance, later=RELEASE_GRACE_SECONDS)
+    assert request is not None
+    (latest,) = instance.fetch_materializations(AssetKey(["views", "condition"]), limit=1).records
+    assert after == latest.storage_id
+    _released(instance)
+    assert _missed(instance, later=RELEASE_GRACE_SECONDS)[0] is None
+
+
+def test_a_failed_release_the_daemon_will_retry_or_one_of_its_own_is_left_alone(
+    instance: DagsterInstance,
+) -> None:
+    instance.add_dynamic_partitions("batches", ["b1"])
+    _batch_published(instance, "b1")
+    _released(instance)
+    _batch_published(instance, "b1")
+    # a release run failed, the daemon's retry not made yet: the retry rebuilds it
+    failed = DagsterRun(
+        job_name="release_job", status=DagsterRunStatus.FAILURE, tags={WILL_RETRY_TAG: "true"}
+    )
+    instance.add_run(failed)
+    assert _missed(instance, later=RELEASE_GRACE_SECONDS)[0] is None
+    # the retry made (and ended): no longer pending
+    instance.add_run_tags(failed.run_id, {AUTO_RETRY_RUN_ID_TAG: "0" * 36})
+    assert _missed(instance, later=RELEASE_GRACE_SECONDS)[0] is not None
+    # a release run this sensor requested failed since: not requested again and again
+    mine = {SENSOR_NAME_TAG: "landing_sensor"}
+    instance.add_run(DagsterRun(job_name="release_job", status=DagsterRunStatus.FAILURE, tags=mine))
     assert _missed(instance, later=RELEASE_GRACE_SECONDS)[0] is None

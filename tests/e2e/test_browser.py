@@ -100,8 +100,11 @@ def test_model_page_shows_its_metadata_and_checks(
     dom = visit(
         f"{ui_release.url}/assets/readmission_model", SCREENSHOTS / "model.png", chromium_profile
     )
-    for text in ("readmission_model", "sklearn", "release_automation", "eager", "Metadata"):
+    for text in ("readmission_model", "sklearn", "release_job", "eager", "Metadata"):
         assert text in dom, f"{text!r} not on the model page"
+    # the sensors that can launch it: release_automation, and landing_sensor, which requests
+    # release_job for a release left behind (the page names one, or counts two)
+    assert "2 sensors" in dom or "release_automation" in dom
     if "/logs/ehr_plots/" in dom:  # trained: the plots are images on the page itself
         assert '<img src="/logs/ehr_plots/' in dom and "roc_curve" in dom
     else:  # too small a release to train on: the page says why

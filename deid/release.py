@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from functools import partial
+from itertools import islice
 from typing import Any
 
 import duckdb
@@ -85,13 +86,20 @@ def erased_subjects(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
     return frozenset(str(k) for (k,) in rows)
 
 
-def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[str, Targets]:
-    """resource key → keyed reference text → (target type, target pseudonym), for urn:uuid,
-    conditional and absolute references (:data:`deid.workers.INGEST_RESOLVED_KINDS`), resolved
-    through the identifier index where needed (to the one resource holding the identifier:
-    ``vault.ingest.criteria_holders_sql``). A reference to an erased patient (or through an
-    erased patient's identifier) resolves to nothing, so the release drops it instead of
-    naming the erased patient's pseudonym."""
+# the batch's resolved references while it is de-identified: a temporary table of the
+# connection, so DuckDB holds them (spilling beyond its memory limit), not a Python dict of
+# every reference of the batch (three per resource in a Synthea-shaped export)
+_TARGETS_TABLE = "deid_reference_targets"
+
+
+def _stage_reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
+    """The batch's urn:uuid, conditional and absolute references
+    (:data:`deid.workers.INGEST_RESOLVED_KINDS`) with their targets, into the temporary table
+    :data:`_TARGETS_TABLE` (resource key, keyed reference text, target type, target
+    pseudonym), resolved through the identifier index where needed (to the one resource
+    holding the identifier: ``vault.ingest.criteria_holders_sql``). A reference to an erased
+    patient (or through an erased patient's identifier) resolves to nothing, so the release
+    drops it instead of naming the erased patient's pseudonym."""
     erased = (
         "SELECT subject_key FROM erased_subjects"
         if has_table(con, "erased_subjects")
@@ -101,24 +109,35 @@ def _reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> dict[st
         "SELECT target_key FROM resource_references WHERE batch_id = $b AND kind = 'conditional'"
     )
     kinds = ", ".join(f"'{kind}'" for kind in INGEST_RESOLVED_KINDS)
-    rows = con.execute(
+    con.execute(
         f"""
+        CREATE OR REPLACE TEMP TABLE {_TARGETS_TABLE} AS
         WITH holders AS ({criteria_holders_sql(conditional)})
-        SELECT r.resource_key, r.ref_mac, r.target_type,
-               CASE WHEN r.kind = 'conditional' THEN h.resource_key
-                    ELSE r.target_key END AS target
-        FROM resource_references r
-        LEFT JOIN holders h ON r.kind = 'conditional' AND h.criteria_key = r.target_key
-        WHERE r.batch_id = $b AND r.kind IN ({kinds}) AND r.ref_mac IS NOT NULL
-          AND r.target_key NOT IN ({erased})
+        SELECT * FROM (
+            SELECT r.resource_key, r.ref_mac, r.target_type,
+                   CASE WHEN r.kind = 'conditional' THEN h.resource_key
+                        ELSE r.target_key END AS target
+            FROM resource_references r
+            LEFT JOIN holders h ON r.kind = 'conditional' AND h.criteria_key = r.target_key
+            WHERE r.batch_id = $b AND r.kind IN ({kinds}) AND r.ref_mac IS NOT NULL
+              AND r.target_key NOT IN ({erased}))
+        WHERE target IS NOT NULL AND target NOT IN ({erased})
         """,
         {"b": batch_id},
+    )
+
+
+def _reference_targets(con: duckdb.DuckDBPyConnection, keys: list[str]) -> dict[str, Targets]:
+    """resource key → keyed reference text → (target type, target pseudonym), for the
+    resources ``keys`` names, from :data:`_TARGETS_TABLE`."""
+    rows = con.execute(
+        f"SELECT resource_key, ref_mac, target_type, target FROM {_TARGETS_TABLE} "
+        "WHERE resource_key IN (SELECT unnest(?))",
+        [keys],
     ).fetchall()
-    gone = {str(k) for (k,) in con.execute(erased).fetchall()}
     targets: dict[str, Targets] = {}
     for rk, mac, tt, tk in rows:
-        if tk is not None and tk not in gone:
-            targets.setdefault(rk, {})[mac] = (tt, tk)
+        targets.setdefault(rk, {})[mac] = (tt, tk)
     return targets
 
 
@@ -165,13 +184,17 @@ def _vault_items(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, batch_id: str
 ) -> Iterator[Item]:
     """The batch's records with their own resolved references (each resource carries its
-    share, so no worker is sent the whole batch's)."""
-    targets = _reference_targets(con, batch_id)
+    share, so no worker is sent the whole batch's), read a chunk at a time: the references of
+    a chunk's resources are looked up in :data:`_TARGETS_TABLE` (staged by the caller) when
+    the chunk is, so memory does not grow with the batch."""
     # vault.read decrypts a chunk of ciphertexts at a time and checks each row's resource
-    for record in iter_current_records(con, provider, batch_id=batch_id, chunk_rows=_DEID_CHUNK):
-        raw = orjson.dumps(record.resource)
-        own = targets.pop(record.resource_key, None)
-        yield record.resource_key, record.resource_type, record.patient_key, raw, own
+    records = iter_current_records(con, provider, batch_id=batch_id, chunk_rows=_DEID_CHUNK)
+    while chunk := list(islice(records, _DEID_CHUNK)):
+        targets = _reference_targets(con, [record.resource_key for record in chunk])
+        for record in chunk:
+            raw = orjson.dumps(record.resource)
+            own = targets.get(record.resource_key)
+            yield record.resource_key, record.resource_type, record.patient_key, raw, own
 
 
 def _flush(con: duckdb.DuckDBPyConnection, run: _BatchRun) -> None:
@@ -255,13 +278,20 @@ def deidentify_batch(
     (expected,) = con.execute(
         "SELECT count(*) FROM phi_vault WHERE batch_id = ?", [batch_id]
     ).fetchone() or (0,)
-    deidentify_items(
-        _vault_items(con, provider, batch_id),
-        setup,
-        partial(_take_chunk, con, run),
-        workers=workers,
-        expected=int(expected),
-    )
+    _stage_reference_targets(con, batch_id)
+    try:
+        deidentify_items(
+            _vault_items(con, provider, batch_id),
+            setup,
+            partial(_take_chunk, con, run),
+            workers=workers,
+            expected=int(expected),
+        )
+    finally:
+        # a temporary table ends with the connection anyway: an error dropping it (the
+        # caller's transaction failed) must not hide the one that ended the loop
+        with contextlib.suppress(duckdb.Error):
+            con.execute(f"DROP TABLE IF EXISTS {_TARGETS_TABLE}")
     _flush(con, run)
     return _report(run, policy, started)
 

@@ -285,7 +285,7 @@ def _unsettle_older_holders(con: duckdb.DuckDBPyConnection, batch_id: str, stage
 
 def _record_conditional_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
     """The batch's conditional references as they resolve now, as its release wrote them
-    (``deid.release._reference_targets``; within the caller's transaction)."""
+    (``deid.release._stage_reference_targets``; within the caller's transaction)."""
     con.execute(f"DELETE FROM {TARGETS_TABLE} WHERE batch_id = ?", [batch_id])
     if not has_table(con, "resource_references"):
         return

@@ -84,6 +84,14 @@ def _missed(instance: DagsterInstance, requested_after: int = 0, later: float = 
         return missed_release(context, requested_after, time.time() + later)
 
 
+def _released_then_published_again(instance: DagsterInstance) -> None:
+    """Batch b1 published and released, then published again (run again, say)."""
+    instance.add_dynamic_partitions("batches", ["b1"])
+    _batch_published(instance, "b1")
+    _released(instance)
+    _batch_published(instance, "b1")
+
+
 def _left_behind(instance: DagsterInstance) -> _AutomationTicks:
     """A batch released, then a release run's update of released_patients and another batch's
     de-identification between two automation ticks."""
@@ -168,10 +176,7 @@ def test_no_release_while_a_run_goes_a_partition_waits_or_the_automation_is_stop
 def test_a_release_run_that_stopped_half_way_is_rebuilt_unless_an_operator_terminated_it(
     instance: DagsterInstance,
 ) -> None:
-    instance.add_dynamic_partitions("batches", ["b1"])
-    _batch_published(instance, "b1")
-    _released(instance)
-    _batch_published(instance, "b1")
+    _released_then_published_again(instance)
     # a release run whose retries are spent (or never came) after its first step: the views
     # and everything after them are older than the batch
     _report(instance, RELEASED)
@@ -205,10 +210,7 @@ def test_release_assets_out_of_step_among_themselves_are_rebuilt(
 def test_a_failed_release_the_daemon_will_retry_or_one_of_its_own_is_left_alone(
     instance: DagsterInstance,
 ) -> None:
-    instance.add_dynamic_partitions("batches", ["b1"])
-    _batch_published(instance, "b1")
-    _released(instance)
-    _batch_published(instance, "b1")
+    _released_then_published_again(instance)
     # a release run failed, the daemon's retry not made yet: the retry rebuilds it
     failed = DagsterRun(
         job_name="release_job", status=DagsterRunStatus.FAILURE, tags={WILL_RETRY_TAG: "true"}

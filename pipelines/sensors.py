@@ -88,7 +88,8 @@ RELEASE_DEPS = {
     for key in assets.keys
 }
 # automation ticks every 15 seconds and requests the release at the first tick after a batch:
-# a release still behind this long after the batch, with no run queued or going, was missed
+# a release still behind this long after what it did not follow, with no run queued or going,
+# was missed
 RELEASE_GRACE_SECONDS = 60.0
 # a failed release run the daemon will run again is its to rebuild for this long (the daemon
 # looks every few seconds)
@@ -120,9 +121,9 @@ class BatchState:
 # The cursor's entry (beside one per batch) holding the storage id of the latest
 # de-identification the ledger was read after: "~" is in no batch key (vault.landing.batch_key)
 LEDGER_READ_KEY = "~ledger_read_after"
-# The cursor's entry holding the storage id of the de-identification a release_job run was last
-# requested after: one request per de-identification, so a release that fails is not requested
-# again and again (its run's own retries are Dagster's, RELEASE_RUN_TAGS)
+# The cursor's entry holding the storage id of the materialization (a batch's de-identification,
+# or a release asset's) a release_job run was last requested after: one request per
+# materialization left unfollowed (its run's own retries are Dagster's, RELEASE_RUN_TAGS)
 RELEASE_REQUESTED_KEY = "~release_requested_after"
 _CURSOR_ENTRIES = (LEDGER_READ_KEY, RELEASE_REQUESTED_KEY)
 

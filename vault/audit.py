@@ -134,6 +134,9 @@ class _Head:
     outside: bool = False
     # the warehouse whose log it was written for ("" in heads of the first format)
     warehouse: str = ""
+    # verified under the legacy key (written before the keyring got its audit key): it may
+    # only name an entry under that key too (see AuditLog._forged_with_legacy_key)
+    legacy: bool = False
 
 
 class AuditLog:
@@ -293,10 +296,19 @@ class AuditLog:
         else:  # the first format: no warehouse, no outside flag
             body = {"format": HEAD_FORMAT_1, "seq": seq, "mac": mac}
             outside, warehouse = False, ""
-        for key in (self._key, self._legacy_key):  # legacy: before the keyring's audit key
-            if key is not None and hmac.compare_digest(anchor_mac, self._head_mac(body, key)):
-                return _Head(seq, mac, outside, warehouse)
+        if hmac.compare_digest(anchor_mac, self._head_mac(body)):
+            return _Head(seq, mac, outside, warehouse)
+        if self._legacy_key is not None and hmac.compare_digest(
+            anchor_mac, self._head_mac(body, self._legacy_key)
+        ):  # written before the keyring got its audit key
+            return _Head(seq, mac, outside, warehouse, legacy=True)
         return None
+
+    def _forged_with_legacy_key(self, head: _Head, entry: dict[str, Any]) -> bool:
+        """A head under the legacy key naming an entry under the audit key: written after the
+        migration by someone holding only the pseudonym key (every pipeline process does),
+        to anchor a log cut short at that entry."""
+        return head.legacy and self._mac_key(entry) == "audit"
 
     def _write_head(self, seq: int, mac: str) -> None:
         """The head written to the outside anchor first, then to the side file: a side file
@@ -379,6 +391,12 @@ class AuditLog:
                 f"audit log is empty but its {label} says seq {head.seq} (deleted or truncated)"
             )
         last = tail[-1]
+        named = next((entry for entry in tail if entry["seq"] == head.seq), None)
+        if named is not None and self._forged_with_legacy_key(head, named):
+            raise AuditLogError(
+                f"audit {label} is under the legacy audit key but names an entry under the "
+                "audit key (written with the pseudonym key); run `ehr audit verify`"
+            )
         if head.seq == last["seq"] and hmac.compare_digest(head.mac, str(last["mac"])):
             return head
         # An append interrupted between the line and its anchor: the line is authentic
@@ -627,6 +645,11 @@ class AuditLog:
             ]
         if not hmac.compare_digest(head.mac, str(last.get("mac", ""))):
             return [f"head anchor: entry {last_seq} is not the anchored one (replaced)"]
+        if self._forged_with_legacy_key(head, last):
+            return [
+                "head anchor: under the legacy audit key but names an entry under the audit "
+                "key (written with the pseudonym key)"
+            ]
         return []
 
 

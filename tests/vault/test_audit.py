@@ -589,3 +589,37 @@ def test_a_folder_in_place_of_the_log_is_an_audit_error(tmp_path: Path) -> None:
     audit.path.mkdir(parents=True)
     with pytest.raises(AuditLogError, match="cannot be opened"):
         audit.append("forget", "a" * 32, "r1", actor="o")
+
+
+def test_after_the_migration_a_head_under_the_legacy_key_cannot_anchor_a_cut_log(
+    key_file: Path, tmp_path: Path
+) -> None:
+    """Someone holding only the pseudonym key (so the legacy key) cuts the log's last entry off
+    and writes a head naming the entry before it, MACed under the legacy key: before, both
+    anchors verified and the cut went unseen. A legacy head may only name a legacy entry."""
+    document = json.loads(key_file.read_text())
+    del document["audit_key"]
+    write_keyring(key_file, document)
+    log_path = tmp_path / "w" / "audit.log"
+    old = FileKeyProvider.load(key_file)
+    AuditLog.for_provider(log_path, old).append("reidentify", "a" * 32, "before", actor="o")
+    migrate_audit_key(key_file)
+    new = FileKeyProvider.load(key_file)
+    log = AuditLog.for_provider(log_path, new)
+    kept = log.append("reidentify", "b" * 32, "after", actor="o")
+    log.append("forget", "c" * 32, "to be cut", actor="o")
+    rewrite(log, lines(log)[:-1])
+    body = {"format": "ehr-audit-head/2", "seq": kept["seq"], "mac": kept["mac"]}
+    body |= {"warehouse": "", "outside": False}
+    message = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    legacy = audit_key(new.pseudonym_key())
+    forged = hmac.new(legacy, message.encode("utf-8"), hashlib.sha256).hexdigest()
+    log.head_path.write_text(json.dumps({**body, "anchor_mac": forged}) + "\n")
+    result = log.verify()
+    assert not result.ok and any("under the legacy audit key" in p for p in result.problems)
+    with pytest.raises(AuditLogError, match="under the legacy audit key"):
+        log.append("reidentify", "d" * 32, "next", actor="o")
+    # a head written before the migration, naming a legacy entry, still verifies
+    pre = AuditLog(tmp_path / "x" / "audit.log", audit_key(new.pseudonym_key()))
+    pre.append("reidentify", "e" * 32, "before", actor="o")
+    assert AuditLog.for_provider(pre.path, new).verify().ok

@@ -300,7 +300,9 @@ def _names_the_person(kinds: list[str]) -> bool:
 @dataclass(frozen=True)
 class _ErasureInputs:
     pseudonym: str
-    warehouse_id: str
+    # the warehouse's audit log, anchored under its id, checked writable before the patient
+    # was read
+    audit: AuditLog
     unattributed: tuple[tuple[str, int, int], ...]
     shared: tuple[str, ...]
     identifier_keys: tuple[str, ...]
@@ -316,8 +318,9 @@ def _erasure_inputs(
     and of the other Patient resources of the same person, which the erasure takes too), the
     unreadable quarantined records and the shared vault resources naming them, the keyed
     identifiers of those Patient versions (tombstoned, loose forms included), and the
-    warehouse's id (given now to one that has none, or to a copy of another registered
-    warehouse)."""
+    warehouse's audit log, anchored under its id (given now to one that has none, or to a copy
+    of another registered warehouse) and checked writable before anything of the patient is
+    read."""
     from deid.release import SubjectCanaries
     from fhirlake.references import identifier_criteria
     from vault import warehouse
@@ -354,7 +357,7 @@ def _erasure_inputs(
             )
         except (VaultError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
-        return _ErasureInputs(patient, wid, unattributed, shared, keys)
+        return _ErasureInputs(patient, audit, unattributed, shared, keys)
 
 
 def _anchors_of_others_registered_here(
@@ -515,9 +518,10 @@ def forget(
         shared_resources=inputs.shared,
         identifier_keys=inputs.identifier_keys,
     )
-    audit = audit_log_for(workdir, provider, inputs.warehouse_id)
     try:
-        report = forget_in_warehouse(workdir.warehouse, inputs.pseudonym, audit, reason, plan=plan)
+        report = forget_in_warehouse(
+            workdir.warehouse, inputs.pseudonym, inputs.audit, reason, plan=plan
+        )
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     except duckdb.IOException as exc:  # announced, not done: the audit log lists it

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -487,27 +488,37 @@ def test_a_reason_holding_a_unicode_line_separator_is_one_entry(
     assert [entry["reason"] for entry in audit.entries()] == [f"ticket{separator}7", "ticket 8"]
 
 
+def _migrated_log(key_file: Path, log_path: Path) -> tuple[AuditLog, FileKeyProvider]:
+    """A log with one entry under the legacy key (a keyring from before the audit key), then
+    the keyring migrated: the log and the provider as they are after the migration."""
+    document = json.loads(key_file.read_text())
+    del document["audit_key"]
+    write_keyring(key_file, document)
+    old = FileKeyProvider.load(key_file)
+    AuditLog.for_provider(log_path, old).append("reidentify", "a" * 32, "before", actor="o")
+    migrate_audit_key(key_file)
+    new = FileKeyProvider.load(key_file)
+    return AuditLog.for_provider(log_path, new), new
+
+
+def _legacy_mac(provider: FileKeyProvider, body: dict[str, Any]) -> str:
+    """A MAC under the legacy audit key (derived from the pseudonym key), computed here."""
+    message = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    legacy = audit_key(provider.pseudonym_key())
+    return hmac.new(legacy, message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 def test_after_the_migration_an_entry_under_the_legacy_key_is_refused(
     key_file: Path, tmp_path: Path
 ) -> None:
     # a pipeline process holds the pseudonym key, hence the legacy key: its forged entry
     # appended after the migration was taken for an interrupted append and anchored over
-    document = json.loads(key_file.read_text())
-    del document["audit_key"]
-    write_keyring(key_file, document)
-    log_path = tmp_path / "w" / "audit.log"
-    old = FileKeyProvider.load(key_file)
-    AuditLog.for_provider(log_path, old).append("reidentify", "a" * 32, "before", actor="o")
-    migrate_audit_key(key_file)
-    new = FileKeyProvider.load(key_file)
-    log = AuditLog.for_provider(log_path, new)
+    log, new = _migrated_log(key_file, tmp_path / "w" / "audit.log")
     last = log.append("reidentify", "b" * 32, "after", actor="o")
     body = {**last, "seq": last["seq"] + 1, "reason": "forged", "prev": last["mac"]}
     del body["mac"]
-    message = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    legacy = audit_key(new.pseudonym_key())
-    mac = hmac.new(legacy, message.encode("utf-8"), hashlib.sha256).hexdigest()
-    with log_path.open("a", encoding="utf-8") as handle:
+    mac = _legacy_mac(new, body)
+    with log.path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps({**body, "mac": mac}) + "\n")
     result = log.verify()
     assert not result.ok
@@ -597,23 +608,13 @@ def test_after_the_migration_a_head_under_the_legacy_key_cannot_anchor_a_cut_log
     """Someone holding only the pseudonym key (so the legacy key) cuts the log's last entry off
     and writes a head naming the entry before it, MACed under the legacy key: before, both
     anchors verified and the cut went unseen. A legacy head may only name a legacy entry."""
-    document = json.loads(key_file.read_text())
-    del document["audit_key"]
-    write_keyring(key_file, document)
-    log_path = tmp_path / "w" / "audit.log"
-    old = FileKeyProvider.load(key_file)
-    AuditLog.for_provider(log_path, old).append("reidentify", "a" * 32, "before", actor="o")
-    migrate_audit_key(key_file)
-    new = FileKeyProvider.load(key_file)
-    log = AuditLog.for_provider(log_path, new)
+    log, new = _migrated_log(key_file, tmp_path / "w" / "audit.log")
     kept = log.append("reidentify", "b" * 32, "after", actor="o")
     log.append("forget", "c" * 32, "to be cut", actor="o")
     rewrite(log, lines(log)[:-1])
     body = {"format": "ehr-audit-head/2", "seq": kept["seq"], "mac": kept["mac"]}
     body |= {"warehouse": "", "outside": False}
-    message = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    legacy = audit_key(new.pseudonym_key())
-    forged = hmac.new(legacy, message.encode("utf-8"), hashlib.sha256).hexdigest()
+    forged = _legacy_mac(new, body)
     log.head_path.write_text(json.dumps({**body, "anchor_mac": forged}) + "\n")
     result = log.verify()
     assert not result.ok and any("under the legacy audit key" in p for p in result.problems)

@@ -120,15 +120,7 @@ def test_the_key_of_a_compartment_refused_as_hers_never_reaches_the_file(
     were it, a checkpoint during the batch (DuckDB makes one whenever its log grows past
     ``checkpoint_threshold``) would put it into the file, where the erasure of the compartment
     leaves it in a freed page that the keyring unwraps, with her records' ciphertexts beside."""
-    wrapped: dict[bytes, list[bytes]] = {}
-    wrap = key_provider.wrap
-
-    def recording(data_key: bytes, context: bytes) -> Any:
-        found = wrap(data_key, context)
-        wrapped.setdefault(context, []).append(found.blob)
-        return found
-
-    monkeypatch.setattr(key_provider, "wrap", recording)
+    wrapped = _recording_wraps(key_provider, monkeypatch)
     connect = warehouse.connect
 
     def checkpointing(*args: Any, **kwargs: Any) -> Any:
@@ -149,13 +141,9 @@ def test_the_key_of_a_compartment_refused_as_hers_never_reaches_the_file(
     assert (report.accepted, report.quarantine_reasons) == (1, {ERASED_SUBJECT: 2})
 
     owner = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "p1-new")
-    hers = [
-        blob for context, blobs in wrapped.items() if owner.encode() in context for blob in blobs
-    ]
+    hers = _wrapped_for(wrapped, owner)
     assert hers, "a data key was made for the compartment before its Patient was read"
-    files = [path for path in erased.parent.glob(erased.name + "*") if path.is_file()]
-    raw = b"".join(path.read_bytes() for path in files)
-    assert not [blob for blob in hers if blob in raw]
+    assert not _in_files(erased, hers)
     con = warehouse.connect(erased, read_only=True)
     try:
         assert reconcile_batch(con, "b1").passed
@@ -245,15 +233,7 @@ def _early_records(
 ) -> tuple[list[bytes], IngestReport]:
     """Batch b1: a Condition naming Patient/p1-new alone (and the resources ``also``); the
     wrapped data keys made for p1-new while it was ingested, and the batch's report."""
-    wrapped: list[tuple[bytes, bytes]] = []
-    wrap = key_provider.wrap
-
-    def recording(data_key: bytes, context: bytes) -> Any:
-        found = wrap(data_key, context)
-        wrapped.append((context, found.blob))
-        return found
-
-    monkeypatch.setattr(key_provider, "wrap", recording)
+    wrapped = _recording_wraps(key_provider, monkeypatch)
     condition = {
         "resourceType": "Condition",
         "id": "c-early",
@@ -263,9 +243,30 @@ def _early_records(
     resources = [condition, *(also or [])]
     report = ingest_batch(erased, "b1", _write(tmp_path / "b1", resources), key_provider, workers=1)
     owner = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "p1-new")
-    hers = [blob for context, blob in wrapped if owner.encode() in context]
+    hers = _wrapped_for(wrapped, owner)
     assert hers, "the first batch wrote a data key for p1-new"
     return hers, report
+
+
+def _recording_wraps(
+    key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> list[tuple[bytes, bytes]]:
+    """Every data key the provider wraps from now on: (its wrap context, the wrapped blob)."""
+    wrapped: list[tuple[bytes, bytes]] = []
+    wrap = key_provider.wrap
+
+    def recording(data_key: bytes, context: bytes) -> Any:
+        found = wrap(data_key, context)
+        wrapped.append((context, found.blob))
+        return found
+
+    monkeypatch.setattr(key_provider, "wrap", recording)
+    return wrapped
+
+
+def _wrapped_for(wrapped: list[tuple[bytes, bytes]], owner: str) -> list[bytes]:
+    """The wrapped data keys of ``owner`` (a patient pseudonym, bound into the wrap context)."""
+    return [blob for context, blob in wrapped if owner.encode() in context]
 
 
 def _in_files(wh: Path, blobs: list[bytes]) -> list[bytes]:

@@ -19,6 +19,18 @@ ONLINE_STORE = AssetKey("feast_online_store")
 UPSTREAM: list[AssetKey] = [AssetKey("deid_resources"), *FEATURE_ASSET_KEYS]
 
 
+# Evaluated again whenever a batch or a feature table changes, so a stale store shows up as a
+# warning until the release catches up; but not after a run that evaluated the check itself
+# after changing them (a release run does): that would be a run of its own after every release
+# for an answer the release run already gave.
+CHECKED_WHEN_AN_INPUT_CHANGES = (
+    AutomationCondition.any_deps_updated().since(
+        AutomationCondition.newly_requested() | AutomationCondition.newly_updated()
+    )
+    & ~AutomationCondition.any_deps_in_progress()
+)
+
+
 def _last_materialized(instance: DagsterInstance, key: AssetKey) -> float | None:
     event = instance.get_latest_materialization_event(key)
     return event.timestamp if event else None
@@ -30,10 +42,7 @@ def _last_materialized(instance: DagsterInstance, key: AssetKey) -> float | None
     blocking=False,
     description="The online store was materialised after the latest de-identified batch and "
     "after every feature table, so it serves the current release.",
-    # evaluated again whenever a batch or a feature table changes: a stale store shows up as a
-    # warning until the release catches up
-    automation_condition=AutomationCondition.any_deps_updated()
-    & ~AutomationCondition.any_deps_in_progress(),
+    automation_condition=CHECKED_WHEN_AN_INPUT_CHANGES,
 )
 def online_store_freshness(context: AssetCheckExecutionContext) -> AssetCheckResult:
     store = _last_materialized(context.instance, ONLINE_STORE)

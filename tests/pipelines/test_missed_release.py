@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckKey,
     AssetKey,
     AssetMaterialization,
     DagsterInstance,
@@ -28,11 +30,13 @@ from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, SENSOR_NAME_TAG, W
 from dagster._core.test_utils import instance_for_test
 
 from pipelines.assets.deid import RELEASE_INPUT
+from pipelines.assets.freshness import online_store_freshness
 from pipelines.definitions import defs, release_assets
 from pipelines.jobs import RELEASE_AUTOMATION
 from pipelines.sensors import RELEASE_GRACE_SECONDS, missed_release
 
 RELEASE_KEYS = [key for assets in release_assets for key in assets.keys]
+(FRESHNESS,) = online_store_freshness.check_keys
 DEID = AssetKey("deid_resources")
 RELEASED = AssetKey("released_patients")
 
@@ -61,14 +65,19 @@ class _AutomationTicks:
     def __init__(self, instance: DagsterInstance) -> None:
         self.instance = instance
         self.cursor: object = None
+        self.checks: set[AssetCheckKey] = set()
 
     def requested(self) -> set[AssetKey]:
+        """The release assets the tick requests; the checks it requests go to ``checks``."""
         result = evaluate_automation_conditions(
             defs=defs,
             instance=self.instance,
             cursor=self.cursor,  # type: ignore[arg-type]
         )
         self.cursor = result.cursor
+        self.checks = {
+            r.key for r in result.results if isinstance(r.key, AssetCheckKey) and r.true_subset.size
+        }
         return {key for key in RELEASE_KEYS if result.get_num_requested(key)}
 
 
@@ -224,3 +233,30 @@ def test_a_failed_release_the_daemon_will_retry_or_one_of_its_own_is_left_alone(
     mine = {SENSOR_NAME_TAG: "landing_sensor"}
     instance.add_run(DagsterRun(job_name="release_job", status=DagsterRunStatus.FAILURE, tags=mine))
     assert _missed(instance, later=RELEASE_GRACE_SECONDS)[0] is None
+
+
+def _freshness_checked(instance: DagsterInstance) -> None:
+    """What a release run records after the online store: the freshness check's result."""
+    instance.report_runless_asset_event(
+        AssetCheckEvaluation(asset_key=FRESHNESS.asset_key, check_name=FRESHNESS.name, passed=True)
+    )
+
+
+def test_the_freshness_check_runs_in_the_release_not_in_a_run_of_its_own_after_it(
+    instance: DagsterInstance,
+) -> None:
+    instance.add_dynamic_partitions("batches", ["b1"])
+    ticks = _AutomationTicks(instance)
+    ticks.requested()
+    _batch_published(instance, "b1")
+    # the batch: the release and the check, one request
+    assert ticks.requested() == set(RELEASE_KEYS) and ticks.checks == {FRESHNESS}
+    # the release run evaluated the check after the store: nothing more to ask for (the
+    # check used to be requested again, a run of its own after every release)
+    _released(instance)
+    _freshness_checked(instance)
+    assert ticks.requested() == set() and ticks.checks == set()
+    # a feature table rebuilt after the store, by hand: the check is asked again, and warns
+    _report(instance, AssetKey(["features", "patient_demographics"]))
+    ticks.requested()
+    assert ticks.checks == {FRESHNESS}

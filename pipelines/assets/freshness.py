@@ -21,13 +21,12 @@ UPSTREAM: list[AssetKey] = [AssetKey("deid_resources"), *FEATURE_ASSET_KEYS]
 
 # Evaluated again whenever a batch or a feature table changes, so a stale store shows up as a
 # warning until the release catches up; but not after a run that evaluated the check itself
-# after changing them (a release run does): that would be a run of its own after every release
-# for an answer the release run already gave.
+# after changing them (a release run does), nor while such a run is going: that would be a run
+# of its own after every release for an answer the release run gives.
 CHECKED_WHEN_AN_INPUT_CHANGES = (
-    AutomationCondition.any_deps_updated().since(
-        AutomationCondition.newly_requested() | AutomationCondition.newly_updated()
-    )
+    AutomationCondition.any_deps_updated().since_last_handled()
     & ~AutomationCondition.any_deps_in_progress()
+    & ~AutomationCondition.in_progress()
 )
 
 

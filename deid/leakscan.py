@@ -164,6 +164,7 @@ _HEX_PREFIX = re.compile(r"[0-9a-fA-F]*")
 _DIGIT_KINDS = {"phone", "ssn", "identifier"}
 MEMO_LIMIT = 200_000  # strings whose findings a canary set remembers
 MIN_SHORT = 2  # one-letter initials carry too little to count
+BIRTH_FORMS_LIMIT = 1_000  # patients whose birth dates' written forms a canary set remembers
 
 
 def _birth_parts(iso_date: str) -> tuple[int, int, int] | None:
@@ -315,27 +316,96 @@ def _key_forms(folded: str) -> set[str]:
     return {form.strip() for form in forms}
 
 
-class CanarySet:
-    """Canaries of a set of patients, compiled into two automatons: one over case-folded text,
-    one over digit runs (phones, SSNs and identifiers match however they are punctuated)."""
+# Where a text canary's kind is kept in its automaton's value (see ``_TextStore``): the kind
+# it has as written, with punctuation as spaces (``_WORDS``: several words only), and in the
+# spaced set (``CanarySet.spaced``: as written and as a batch key shows it, and of those the
+# ones of several words); the canary's length last.
+_AS_WRITTEN, _WORDS, _SPACED, _SPACED_WORDS, _LENGTH = range(5)
+
+
+class _TextStore:
+    """The canaries of a set, held in their automatons only: no dict of the strings beside
+    them. One automaton over case-folded text holds every text canary in every form a pass
+    searches (as written, punctuation as spaces, as a batch key shows it), its value the kind
+    of each pass that has it (None for the others) and its length; one holds the digit
+    canaries. A value is a tuple shared by every canary with the same kinds and length."""
 
     def __init__(self) -> None:
-        self._kinds: dict[str, str] = {}
-        self._digits: dict[str, str] = {}
-        self._automaton: Any = None
-        self._digit_automaton: Any = None
-        self._words_automaton: Any = None  # see _compiled_words
-        self._births: dict[str, tuple[str, ...]] = {}
-        self._birth_years: dict[str, tuple[str, ...]] = {}
+        self.text: Any = ahocorasick.Automaton()
+        self.digits: Any = ahocorasick.Automaton()
+        self.counts = [0, 0, 0, 0]  # canaries of each pass (_AS_WRITTEN ... _SPACED_WORDS)
+        self.digit_count = 0
+        self.built = True  # both automatons hold what was added (none empty and not built)
+        self._values: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+
+    def _value(self, value: tuple[Any, ...]) -> tuple[Any, ...]:
+        return self._values.setdefault(value, value)
+
+    def add_text(self, text: str, kind: str) -> None:
+        """A text canary as written, unless it is one already (the first kind stays); the
+        forms the other passes search it in, each keeping the kind it was first given."""
+        if not self._set(text, _AS_WRITTEN, kind):
+            return
+        spaced = " ".join(_SEPARATORS.split(text)).strip()
+        if " " in spaced and kind not in ("phone", "ssn"):
+            self._set(spaced, _WORDS, kind)
+        for words in {spaced, *_key_forms(text)}:
+            if len(words) >= MIN_TEXT and self._set(words, _SPACED, kind):
+                # a spaced form is its own form with punctuation as spaces
+                if " " in words and kind not in ("phone", "ssn"):
+                    self._set(words, _SPACED_WORDS, kind)
+
+    def _set(self, text: str, slot: int, kind: str) -> bool:
+        """``kind`` for ``text`` in the pass ``slot`` unless that pass has it already."""
+        before = self.text.get(text, None)
+        if before is not None and before[slot] is not None:
+            return False
+        value = list(before) if before is not None else [None, None, None, None, len(text)]
+        value[slot] = kind
+        self.text.add_word(text, self._value(tuple(value)))
+        self.counts[slot] += 1
+        self.built = False
+        return True
+
+    def add_digits(self, digits: str, kind: str) -> None:
+        if digits not in self.digits:
+            self.digits.add_word(digits, self._value((kind, len(digits))))
+            self.digit_count += 1
+            self.built = False
+
+    def build(self) -> None:
+        if not self.built:
+            for automaton in (self.text, self.digits):
+                if len(automaton) and automaton.kind != ahocorasick.AHOCORASICK:
+                    automaton.make_automaton()
+            self.built = True
+
+
+class CanarySet:
+    """Canaries of a set of patients, compiled into two automatons: one over case-folded text,
+    one over digit runs (phones, SSNs and identifiers match however they are punctuated).
+
+    The automatons are the only copy of the canaries (``_TextStore``); a patient's birth dates
+    are kept as their ISO dates, and their written forms made when a string holds the year."""
+
+    def __init__(self, store: _TextStore | None = None, spaced: bool = False) -> None:
+        self._store = store if store is not None else _TextStore()
+        # the passes this set searches text in: as written and punctuation as spaces, or the
+        # spaced set's (see ``spaced``), which shares the automatons of the set it is made from
+        self._slots = (_SPACED, _SPACED_WORDS) if spaced else (_AS_WRITTEN, _WORDS)
+        self._read_only = spaced
+        self._births: dict[str, tuple[str, ...]] = {}  # pseudonym -> ISO birth dates
+        self._forms: dict[tuple[str, ...], tuple[str, ...]] = {}  # see _birth_forms
         self._spaced: CanarySet | None = None
         self._ids: set[str] = set()  # the patients' own resource ids: see add_source_id
         # (text, terminology) -> (kinds found, decoded base64 runs case-folded)
         self._memo: dict[tuple[str, bool], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def __len__(self) -> int:
-        return len(self._kinds) + len(self._digits) + len(self._births)
+        return self._store.counts[self._slots[0]] + self._store.digit_count + len(self._births)
 
     def add(self, kind: str, text: str) -> None:
+        self._writable()
         folded = " ".join(text.casefold().split())
         if kind in _DIGIT_KINDS:
             digits = _DIGITS.sub("", folded)
@@ -344,22 +414,25 @@ class CanarySet:
                 kind != "identifier" or len(digits) * 2 > len(folded)
             ):
                 for form in _phone_forms(digits) if kind == "phone" else (digits,):
-                    self._digits.setdefault(form, kind)
+                    self._store.add_digits(form, kind)
                 self._changed()
         if len(folded) >= MIN_TEXT:
-            self._kinds.setdefault(folded, kind)
+            self._store.add_text(folded, kind)
             self._changed()
+
+    def _writable(self) -> None:
+        if self._read_only:
+            raise TypeError("the spaced set is read only: add canaries to the set it is made from")
 
     def _changed(self) -> None:
         """A canary was added: the automatons are built again and nothing found is remembered."""
-        self._automaton = self._digit_automaton = self._words_automaton = None
-        self._spaced = None
         self._memo = {}
 
     def add_person(self, parts: list[str]) -> None:
         """The name parts of one person: a long part alone, a short part (a name under four
         letters matches inside ordinary words and prose) only beside another part of the
         same person, in either order."""
+        self._writable()
         words = list(dict.fromkeys(p.casefold() for p in parts if len(p) >= MIN_SHORT))
         for word in words:
             if len(word) >= MIN_TEXT:
@@ -367,7 +440,7 @@ class CanarySet:
         for short in (w for w in words if len(w) < MIN_TEXT):
             for other in (w for w in words if w != short):
                 for phrase in (f"{short} {other}", f"{other} {short}", f"{other}, {short}"):
-                    self._kinds.setdefault(phrase, "full_name")
+                    self._store.add_text(phrase, "full_name")
         self._changed()
 
     def add_name(self, name: Any) -> None:
@@ -414,17 +487,17 @@ class CanarySet:
             self.add("city_zip", place)
 
     def add_birth_date(self, birth: Any, pseudonym: str | None) -> None:
+        self._writable()
         if not (isinstance(birth, str) and len(birth) == 10):
             return
-        forms = birth_date_forms(birth)
         if pseudonym is not None:
             # every birth date a patient's versions gave (a corrected one is still on old papers)
-            before, years = self._births.get(pseudonym, ()), self._birth_years.get(pseudonym, ())
-            self._births[pseudonym] = tuple(dict.fromkeys((*before, *forms)))
-            self._birth_years[pseudonym] = tuple(dict.fromkeys((*years, birth[:4])))
+            self._births[pseudonym] = tuple(
+                dict.fromkeys((*self._births.get(pseudonym, ()), birth))
+            )
             return
-        for form in forms:
-            self._kinds.setdefault(form, "birth_date")
+        for form in birth_date_forms(birth):
+            self._store.add_text(form, "birth_date")
         self._changed()
 
     def add_patient(self, patient: dict[str, Any], pseudonym: str | None = None) -> None:
@@ -471,15 +544,12 @@ class CanarySet:
         it (:func:`_key_forms`: ``müller`` as ``m ller``), beside the digit canaries: for
         text whose punctuation was rewritten, as a batch key made safe is (``@`` and ``/``
         become ``-``) and compared with its separators as spaces. Not for released rows, where
-        a canary's words apart are ordinary words."""
+        a canary's words apart are ordinary words. It shares this set's automatons (each
+        canary's value names its kind in the spaced set too) and is read only."""
+        if self._read_only:
+            return self  # a spaced form is its own form with punctuation as spaces
         if self._spaced is None:
-            spaced = CanarySet()
-            spaced._digits = self._digits
-            for text, kind in self._kinds.items():
-                for words in {" ".join(_SEPARATORS.split(text)).strip(), *_key_forms(text)}:
-                    if len(words) >= MIN_TEXT:
-                        spaced._kinds.setdefault(words, kind)
-            self._spaced = spaced
+            self._spaced = CanarySet(self._store, spaced=True)
         return self._spaced
 
     def birth_dates_only(self) -> CanarySet:
@@ -487,11 +557,23 @@ class CanarySet:
         text was already scanned)."""
         births = CanarySet()
         births._births = dict(self._births)
-        births._birth_years = dict(self._birth_years)
         return births
 
     def birth_dates_of(self, pseudonym: str | None) -> tuple[str, ...]:
-        return self._births.get(pseudonym, ()) if pseudonym is not None else ()
+        """Every written form (:func:`birth_date_forms`) of the birth dates of ``pseudonym``."""
+        dates = self._births.get(pseudonym, ()) if pseudonym is not None else ()
+        return self._birth_forms(dates)
+
+    def _birth_forms(self, dates: tuple[str, ...]) -> tuple[str, ...]:
+        """The written forms of ``dates`` (:func:`birth_date_forms`), remembered for the last
+        ``BIRTH_FORMS_LIMIT`` patients whose rows held their year: made when needed, not kept
+        for every patient (with the set, never beyond it: they are PHI)."""
+        forms = self._forms.get(dates)
+        if forms is None:
+            if len(self._forms) >= BIRTH_FORMS_LIMIT:
+                self._forms.clear()
+            forms = self._forms[dates] = _forms_of_dates(dates)
+        return forms
 
     @staticmethod
     def _has_token(text: str, token: str) -> bool:
@@ -508,67 +590,47 @@ class CanarySet:
     def compile(self) -> None:
         """Build the automatons now: a compiled set that gets no new canary is only read by
         ``find``, so threads can share it."""
-        self._compiled()
-        self._compiled_digits()
-        self._compiled_words()
-
-    def _compiled(self) -> Any:
-        if self._automaton is None:
-            self._automaton = _automaton(self._kinds)
-        return self._automaton
-
-    def _compiled_digits(self) -> Any:
-        if self._digit_automaton is None:
-            self._digit_automaton = _automaton(self._digits)
-        return self._digit_automaton
+        self._store.build()
 
     def find(self, text: str, terminology: bool = False) -> list[str]:
         """Kinds of the canaries found in ``text`` as whole tokens (not inside longer words);
         in terminology text, single name parts are not counted. ``text`` is compared in its
         compatibility form (:func:`as_compared`)."""
+        store, (as_written, in_words) = self._store, self._slots
+        store.build()
         text = as_compared(text)
-        found = self._find_digits(text) if self._digits else []
-        if not self._kinds:
+        found = self._find_digits(text) if store.digit_count else []
+        if not store.counts[as_written]:
             return found
         folded = text.casefold()
-        found.extend(self._whole_words(self._compiled(), folded, terminology))
+        found.extend(self._whole_words(as_written, folded, terminology))
         words = " ".join(_SEPARATORS.split(folded))
-        if words != folded:
+        if words != folded and store.counts[in_words]:
             # a canary of several words written with punctuation for its spaces, as a code or
             # a URL's segment must be (709-Michele-Prairie, zquix42.example.org): counted once
             # for a kind the text as written did not already show
-            spaced = self._whole_words(self._compiled_words(), words, terminology)
+            spaced = self._whole_words(in_words, words, terminology)
             found.extend(dict.fromkeys(kind for kind in spaced if kind not in found))
         return found
 
-    @staticmethod
-    def _whole_words(automaton: Any, folded: str, terminology: bool) -> list[str]:
-        """Kinds of the canaries of ``automaton`` in ``folded`` as whole tokens."""
+    def _whole_words(self, slot: int, folded: str, terminology: bool) -> list[str]:
+        """Kinds of the text canaries of the pass ``slot`` in ``folded`` as whole tokens. The
+        text canaries of several words (an address line, a city with its ZIP, a full name, an
+        email, an identifier with punctuation) are searched with every run of characters
+        other than letters and digits written as one space too (``_WORDS``), in text read the
+        same way; phones and SSNs are matched as digits however they are punctuated."""
         found: list[str] = []
-        if not len(automaton):  # no canary of this kind: nothing to look for
-            return found
-        for end, (kind, length) in automaton.iter(folded):
-            start = end - length + 1
+        for end, value in self._store.text.iter(folded):
+            kind = value[slot]
+            if kind is None:
+                continue  # a form of another pass
+            start = end - value[_LENGTH] + 1
             before = folded[start - 1] if start > 0 else " "
             after = folded[end + 1] if end + 1 < len(folded) else " "
             if not before.isalnum() and not after.isalnum():
                 if not (terminology and kind == "name"):
                     found.append(kind)
         return found
-
-    def _compiled_words(self) -> Any:
-        """The text canaries of several words (an address line, a city with its ZIP, a full
-        name, an email, an identifier with punctuation), each with every run of characters
-        other than letters and digits written as one space, for text read the same way. Phones
-        and SSNs are matched as digits however they are punctuated."""
-        if self._words_automaton is None:
-            words: dict[str, str] = {}
-            for text, kind in self._kinds.items():
-                spaced = " ".join(_SEPARATORS.split(text)).strip()
-                if " " in spaced and kind not in ("phone", "ssn"):
-                    words.setdefault(spaced, kind)
-            self._words_automaton = _automaton(words)
-        return self._words_automaton
 
     def _find_digits(self, text: str) -> list[str]:
         """Digit canaries in the digit runs of ``text``, whole groups only: a phone written
@@ -593,7 +655,7 @@ class CanarySet:
                     continue  # hex digests and pseudonyms hold digit runs by chance
             digits, bounds = _digit_groups(run)
             seen: set[tuple[int, str]] = set()  # a phone with and without its country code
-            for last, (kind, length) in self._compiled_digits().iter(digits):
+            for last, (kind, length) in self._store.digits.iter(digits):
                 if last + 1 - length in bounds and last + 1 in bounds and (last, kind) not in seen:
                     seen.add((last, kind))
                     found.append(kind)
@@ -606,15 +668,17 @@ class CanarySet:
         ``patient`` (a pseudonym) in this value."""
         kinds: list[str] = []
         provider = isinstance(value, dict) and value.get("resourceType") in _PROVIDER_TYPES
-        births = self.birth_dates_of(patient)
-        years = self._birth_years.get(patient, ()) if births and patient is not None else ()
+        dates = self._births.get(patient, ()) if patient is not None else ()
+        years = tuple(dict.fromkeys(date[:4] for date in dates))
+        births: tuple[str, ...] | None = None  # their written forms, made when a year is found
         for written, terminology in _strings(value, provider):
             text = as_compared(written)
             found, decoded = self._findings(text, terminology)
             kinds.extend(found)
-            if births:
-                for folded in (*decoded, text.casefold()):
-                    kinds.extend(self._birth_hits(folded, births, years))
+            for folded in (*decoded, text.casefold()) if years else ():
+                if any(year in folded for year in years):  # every written form holds its year
+                    births = self._birth_forms(dates) if births is None else births
+                    kinds.extend(self._birth_hits(folded, births))
         return kinds
 
     def _findings(self, text: str, terminology: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -714,13 +778,11 @@ _ADDERS: dict[str, Callable[[CanarySet, dict[str, Any], str | None], None]] = {
 }
 
 
-def _automaton(words: dict[str, str]) -> Any:
-    automaton = ahocorasick.Automaton()
-    for text, kind in words.items():
-        automaton.add_word(text, (kind, len(text)))
-    if words:
-        automaton.make_automaton()
-    return automaton
+def _forms_of_dates(dates: tuple[str, ...]) -> tuple[str, ...]:
+    """The written forms of a patient's birth dates, each once, in order."""
+    if len(dates) == 1:
+        return birth_date_forms(dates[0])
+    return tuple(dict.fromkeys(form for date in dates for form in birth_date_forms(date)))
 
 
 def _base64_texts(text: str) -> Iterable[str]:

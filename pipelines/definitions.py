@@ -72,6 +72,9 @@ def build_resources(
 batch_assets: list[AssetsDefinition] = BATCH_ASSETS
 release_assets: list[AssetsDefinition] = RELEASE_ASSETS
 all_assets: list[AssetsDefinition] = batch_assets + release_assets
+# what one release run executes, launched by Dagster (release_job, the automation) or by `ehr
+# run`, `ehr forget` and the bench: the release assets, then the online store's freshness check
+release_run: list[AssetsDefinition] = [*release_assets, online_store_freshness]
 
 # The release follows the batches through declarative automation: every release asset is eager
 # (updated once any dependency was, when none is missing or in progress), and this sensor is on

@@ -23,7 +23,7 @@ from deid.staging import deidentified_batches, settings_digest
 from pipelines.assets.checks import RELEASE_CANARIES
 from pipelines.assets.ingest import reconciliation_metadata
 from pipelines.dagster_storage import storage_overrides
-from pipelines.definitions import batch_assets, build_resources, release_assets
+from pipelines.definitions import batch_assets, build_resources, release_run
 from pipelines.features.valuesets import release_terminology
 from pipelines.partitions import batch_partitions
 from pipelines.resources import DeidSettings, WarehouseResource
@@ -191,10 +191,11 @@ _RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
 def _materialize_release(instance: DagsterInstance, resources: dict[str, Any], entry: str) -> Any:
-    """One run of the release assets (every asset over the whole release), tagged with the
-    command that asked for it; its result, failed or not."""
+    """One run of the release assets (every asset over the whole release) and of the online
+    store's freshness check after them, as a release run Dagster launches has them, tagged
+    with the command that asked for it; its result, failed or not."""
     return materialize(
-        release_assets,
+        release_run,
         instance=instance,
         resources=resources,
         raise_on_error=False,

@@ -74,11 +74,21 @@ def views_run(view_file: Path, input_path: Path, out_file: Path) -> None:
     help="write the official SQL-on-FHIR test report JSON here",
 )
 def views_test(suite_dir: Path, report_file: Path | None) -> None:
-    """Run an SQL-on-FHIR conformance folder (SUITE_DIR/*.json); print passed/total. Exits
-    non-zero when a case not tagged experimental fails."""
+    """Run an SQL-on-FHIR conformance folder (SUITE_DIR/*.json, or SUITE_DIR/tests/*.json
+    when SUITE_DIR is a copy of the suite's repository); print passed/total. Exits non-zero
+    when a case not tagged experimental fails, or when no case was found."""
     from fhirlake.viewdef_conformance import run_conformance_cases
 
     report, results = run_conformance_cases(suite_dir)
+    if not results and (suite_dir / "tests").is_dir():
+        # the suite's repository keeps its cases in tests/, beside its schema
+        suite_dir = suite_dir / "tests"
+        report, results = run_conformance_cases(suite_dir)
+    if not results:
+        raise click.ClickException(
+            f"no test case found in {suite_dir} (each file of the suite is a JSON object with "
+            "a 'tests' list)"
+        )
     if report_file:
         report_file.parent.mkdir(parents=True, exist_ok=True)
         report_file.write_text(json.dumps(report, indent=2), encoding="utf-8")

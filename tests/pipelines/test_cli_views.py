@@ -153,3 +153,40 @@ def test_views_test_fails_on_a_shareable_failure(tmp_path: Path) -> None:
     result = CliRunner().invoke(views, ["test", str(suite)])
     assert result.exit_code == 1
     assert "shareable 0/1" in result.output
+
+
+def test_views_test_reads_the_suite_repository_s_tests_folder_and_fails_on_no_case(
+    tmp_path: Path,
+) -> None:
+    """A copy of the suite's repository keeps its cases in tests/ beside its schema: read from
+    there. A folder with no case at all fails, instead of passing 0/0."""
+    suite = tmp_path / "sql-on-fhir"
+    (suite / "tests").mkdir(parents=True)
+    (suite / "tests.schema.json").write_text(json.dumps({"type": "object"}))
+    (suite / "tests" / "mini.json").write_text(
+        json.dumps(
+            {
+                "title": "mini",
+                "resources": [{"resourceType": "Patient", "id": "p1", "gender": "female"}],
+                "tests": [
+                    {
+                        "title": "gender",
+                        "view": {
+                            "resource": "Patient",
+                            "select": [{"column": [{"name": "g", "path": "gender"}]}],
+                        },
+                        "expect": [{"g": "female"}],
+                    }
+                ],
+            }
+        )
+    )
+    result = CliRunner().invoke(views, ["test", str(suite)])
+    assert result.exit_code == 0, result.output
+    assert "passed 1/1" in result.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.json").write_text(json.dumps({"title": "no tests here"}))
+    result = CliRunner().invoke(views, ["test", str(empty)])
+    assert result.exit_code != 0
+    assert "no test case found" in result.output

@@ -111,10 +111,16 @@ def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -
     stages = summary["stages"]
     deid = stages.get("deid") or {}
     if deid:
+        # no release run after a failed batch: the table is as the last release left it
+        patients = deid.get("released_patients")
+        table = (
+            f"{patients} patients in the k-anonymous table"
+            if patients is not None
+            else "the k-anonymous table not rebuilt (no release run)"
+        )
         click.echo(
             f"deid: {deid.get('released', 0)} resources released, "
-            f"{sum((deid.get('withheld') or {}).values())} withheld; "
-            f"{deid.get('released_patients', 0)} patients in the k-anonymous table"
+            f"{sum((deid.get('withheld') or {}).values())} withheld; {table}"
         )
     for stage in ("views", "features"):
         if stages.get(stage):

@@ -89,6 +89,9 @@ def test_a_failed_batch_after_a_good_one(
     failed = summary["runs"][1]
     assert "  batch b1: reconciled=True" in lines
     assert f"  batch b2: run {failed['run_id']} failed at ingest (IngestBrokeError)" in lines
+    # no release run: the k-anonymous table is not said to hold 0 patients
+    (deid,) = [line for line in lines if line.startswith("deid: ")]
+    assert deid.endswith("the k-anonymous table not rebuilt (no release run)"), deid
 
 
 def _resources_in(folder: Path) -> int:

@@ -303,11 +303,26 @@ def bench_release_cmd(
     the same data; and whether both give the same released tables."""
     import tempfile
 
+    from dagster._core.errors import DagsterAssetCheckFailedError
+
     from pipelines.bench.release import bench_release, print_release_bench
 
     with tempfile.TemporaryDirectory(prefix="ehr-bench-release-") as tmp:
         root = keep or Path(tmp)
-        print_release_bench(bench_release(root, patients, share, seed, repeat))
+        try:
+            result = bench_release(root, patients, share, seed, repeat)
+        except DagsterAssetCheckFailedError as exc:
+            # a small generated cohort may not be k-anonymous within the withheld share the
+            # release allows: the release is then not published, and there is nothing to time
+            hint = (
+                f"; {patients} generated patients may be too few to be k-anonymous within the "
+                "share the release may withhold: try --patients 300 or more (or EHR_DEID_K, "
+                "EHR_MAX_WITHHELD_SHARE)"
+                if "k_anonymity" in str(exc)
+                else ""
+            )
+            raise click.ClickException(f"a release run failed a blocking check{hint}") from exc
+        print_release_bench(result)
 
 
 @bench.command("features")

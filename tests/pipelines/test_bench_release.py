@@ -93,3 +93,22 @@ def test_the_release_version_and_the_bench_digests_see_a_pair_replaced(tmp_path:
     assert versions[0] != versions[1]
     assert digests[0] != digests[1]
     assert [d.split(":")[0] for d in digests] == ["3", "3"]
+
+
+def test_a_cohort_too_small_for_k_anonymity_is_an_error_that_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """40 generated patients cannot be 5-anonymous within the share the release may withhold:
+    the release is not published, and the bench says why instead of ending in a traceback."""
+    from click.testing import CliRunner
+
+    from pipelines.cli import main
+
+    monkeypatch.delenv("EHR_DEID_K", raising=False)
+    monkeypatch.delenv("EHR_MAX_WITHHELD_SHARE", raising=False)
+    result = CliRunner().invoke(
+        main, ["bench", "release", "--patients", "40", "--repeat", "1", "--keep", str(tmp_path)]
+    )
+    assert result.exit_code == 1, result.output
+    assert "too few to be k-anonymous" in result.output
+    assert "Traceback" not in result.output

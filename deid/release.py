@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
 from functools import partial
-from itertools import islice
 from typing import Any
 
 import duckdb
@@ -46,7 +45,7 @@ from deid.workers import (
 from vault.catalog import has_table, multiset_digest_sql
 from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
 from vault.keys import KeyProvider, key_fingerprint
-from vault.read import iter_current_records, iter_every_version
+from vault.read import current_rows_sql, iter_current_chunks, iter_every_version
 from vault.warehouse import database_path
 
 DEID_ERRORS_DDL = """
@@ -88,18 +87,26 @@ def erased_subjects(con: duckdb.DuckDBPyConnection) -> frozenset[str]:
 
 # the batch's resolved references while it is de-identified: a temporary table of the
 # connection, so DuckDB holds them (spilling beyond its memory limit), not a Python dict of
-# every reference of the batch (three per resource in a Synthea-shaped export)
+# every reference of the batch (three per resource in a Synthea-shaped export). Each row holds
+# the position of the vault row it is read with and the table is sorted by it, so a chunk of
+# records (a run of positions) finds its references in a range DuckDB's zone maps skip to:
+# looked up by key instead, every chunk scanned the whole table, and the stage's time grew
+# with the square of the batch
 _TARGETS_TABLE = "deid_reference_targets"
 
 
 def _stage_reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
     """The batch's urn:uuid, conditional and absolute references
     (:data:`deid.workers.INGEST_RESOLVED_KINDS`) with their targets, into the temporary table
-    :data:`_TARGETS_TABLE` (resource key, keyed reference text, target type, target
+    :data:`_TARGETS_TABLE` (position, resource key, keyed reference text, target type, target
     pseudonym), resolved through the identifier index where needed (to the one resource
     holding the identifier: ``vault.ingest.criteria_holders_sql``). A reference to an erased
     patient (or through an erased patient's identifier) resolves to nothing, so the release
-    drops it instead of naming the erased patient's pseudonym."""
+    drops it instead of naming the erased patient's pseudonym.
+
+    Only the references of the resources the batch's release reads are kept (those whose
+    newest version the batch wrote: ``vault.read.current_rows_sql``), each with the position
+    of that version's vault row, sorted by it."""
     erased = (
         "SELECT subject_key FROM erased_subjects"
         if has_table(con, "erased_subjects")
@@ -112,28 +119,33 @@ def _stage_reference_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> N
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE {_TARGETS_TABLE} AS
-        WITH holders AS ({criteria_holders_sql(conditional)})
+        WITH holders AS ({criteria_holders_sql(conditional)}),
+             current AS ({current_rows_sql("$b")})
         SELECT * FROM (
-            SELECT r.resource_key, r.ref_mac, r.target_type,
+            SELECT c.ingest_seq AS position, r.resource_key, r.ref_mac, r.target_type,
                    CASE WHEN r.kind = 'conditional' THEN h.resource_key
                         ELSE r.target_key END AS target
             FROM resource_references r
+            JOIN current c ON c.resource_key = r.resource_key
             LEFT JOIN holders h ON r.kind = 'conditional' AND h.criteria_key = r.target_key
             WHERE r.batch_id = $b AND r.kind IN ({kinds}) AND r.ref_mac IS NOT NULL
               AND r.target_key NOT IN ({erased}))
         WHERE target IS NOT NULL AND target NOT IN ({erased})
+        ORDER BY position
         """,
         {"b": batch_id},
     )
 
 
-def _reference_targets(con: duckdb.DuckDBPyConnection, keys: list[str]) -> dict[str, Targets]:
+def _reference_targets(con: duckdb.DuckDBPyConnection, positions: list[int]) -> dict[str, Targets]:
     """resource key → keyed reference text → (target type, target pseudonym), for the
-    resources ``keys`` names, from :data:`_TARGETS_TABLE`."""
+    resources of a chunk of records, from :data:`_TARGETS_TABLE`. ``positions`` are the
+    chunk's (ascending, a run of the batch's: ``vault.read.iter_current_chunks``), so the
+    staged rows between its first and last are exactly its resources' references."""
     rows = con.execute(
         f"SELECT resource_key, ref_mac, target_type, target FROM {_TARGETS_TABLE} "
-        "WHERE resource_key IN (SELECT unnest(?))",
-        [keys],
+        "WHERE position BETWEEN ? AND ?",
+        [positions[0], positions[-1]],
     ).fetchall()
     targets: dict[str, Targets] = {}
     for rk, mac, tt, tk in rows:
@@ -185,13 +197,14 @@ def _vault_items(
 ) -> Iterator[Item]:
     """The batch's records with their own resolved references (each resource carries its
     share, so no worker is sent the whole batch's), read a chunk at a time: the references of
-    a chunk's resources are looked up in :data:`_TARGETS_TABLE` (staged by the caller) when
-    the chunk is, so memory does not grow with the batch."""
+    a chunk's resources are looked up in :data:`_TARGETS_TABLE` (staged by the caller) by the
+    chunk's positions when the chunk is read, so neither memory nor a look-up's time grows
+    with the batch."""
     # vault.read decrypts a chunk of ciphertexts at a time and checks each row's resource
-    records = iter_current_records(con, provider, batch_id=batch_id, chunk_rows=_DEID_CHUNK)
-    while chunk := list(islice(records, _DEID_CHUNK)):
-        targets = _reference_targets(con, [record.resource_key for record in chunk])
-        for record in chunk:
+    chunks = iter_current_chunks(con, provider, batch_id=batch_id, chunk_rows=_DEID_CHUNK)
+    for positions, records in chunks:
+        targets = _reference_targets(con, positions)
+        for record in records:
             raw = orjson.dumps(record.resource)
             own = targets.get(record.resource_key)
             yield record.resource_key, record.resource_type, record.patient_key, raw, own

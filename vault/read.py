@@ -41,16 +41,17 @@ CHUNK_ROWS = 2_000
 
 _ROW_COLUMNS = "resource_key, resource_type, patient_key, batch_id, sealed, aad, content_mac"
 
-# Only narrow (position) rows are ranked and sorted; the ciphertexts are then fetched a chunk of
-# positions at a time, so memory stays bounded under the warehouse cap whatever the vault size.
-# A filter that holds for every version of a resource alike (its type, its own key) is applied
-# before the ranking, so only those resources are ranked; one on the batch that wrote the newest
-# version applies after it.
-_CURRENT_POSITIONS = (
-    "SELECT ingest_seq FROM (SELECT ingest_seq, batch_id, row_number() OVER ("
-    f"PARTITION BY resource_key ORDER BY {NEWEST_VERSION_FIRST}) AS rn "
-    "FROM phi_vault {before}) WHERE rn = 1 {after} ORDER BY ingest_seq"
+# The key and position of each resource's newest version. Only narrow (position) rows are ranked
+# and sorted; the ciphertexts are then fetched a chunk of positions at a time, so memory stays
+# bounded under the warehouse cap whatever the vault size. A filter that holds for every version
+# of a resource alike (its type, its own key) is applied before the ranking, so only those
+# resources are ranked; one on the batch that wrote the newest version applies after it.
+_CURRENT_ROWS = (
+    "SELECT resource_key, ingest_seq FROM (SELECT resource_key, ingest_seq, batch_id, "
+    f"row_number() OVER (PARTITION BY resource_key ORDER BY {NEWEST_VERSION_FIRST}) AS rn "
+    "FROM phi_vault {before}) WHERE rn = 1 {after}"
 )
+_CURRENT_POSITIONS = f"SELECT ingest_seq FROM ({_CURRENT_ROWS}) ORDER BY ingest_seq"
 # every version, current or not: no ranking
 _VERSION_POSITIONS = "SELECT ingest_seq FROM phi_vault {before} ORDER BY ingest_seq"
 _ROWS_AT_POSITIONS = (
@@ -184,6 +185,32 @@ def _resource_filters(
     ]
 
 
+def current_rows_sql(batch: str) -> str:
+    """SQL of ``(resource_key, ingest_seq)``: the key and position of the newest version of
+    each resource whose newest version the batch ``batch`` (trusted SQL: a parameter such as
+    ``$batch``) wrote. These are the rows :func:`iter_current_records` and
+    :func:`iter_current_chunks` read with that ``batch_id``, by the same rule."""
+    return _CURRENT_ROWS.format(before="", after=f" AND batch_id = {batch}")
+
+
+def _chunks_at(
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    positions: list[int],
+    resource_type: str | None,
+    chunk_rows: int,
+) -> Iterator[tuple[list[int], Iterator[VaultRecord]]]:
+    """The rows at ``positions`` (sorted) a chunk at a time: the chunk's positions, and its
+    rows (fetched whole) decrypted and verified as they are taken."""
+    reader = VaultReader(con, provider)
+    clustered = has_copies(con, resource_type)
+    for start in range(0, len(positions), chunk_rows):
+        window = positions[start : start + chunk_rows]
+        rows = _rows_at(con, window, clustered)
+        reader.prefetch_keys(rows)
+        yield window, map(reader.record, rows)
+
+
 def _records_at(
     con: duckdb.DuckDBPyConnection,
     provider: KeyProvider,
@@ -193,13 +220,8 @@ def _records_at(
 ) -> Iterator[VaultRecord]:
     """The rows at ``positions`` (sorted), decrypted and verified, a chunk fetched whole at a
     time."""
-    reader = VaultReader(con, provider)
-    clustered = has_copies(con, resource_type)
-    for start in range(0, len(positions), chunk_rows):
-        rows = _rows_at(con, positions[start : start + chunk_rows], clustered)
-        reader.prefetch_keys(rows)
-        for row in rows:
-            yield reader.record(row)
+    for _, records in _chunks_at(con, provider, positions, resource_type, chunk_rows):
+        yield from records
 
 
 def _rows_at(
@@ -235,6 +257,23 @@ def iter_current_records(
     after = [("batch_id = ?", batch_id)] if batch_id is not None else []
     positions = _current_positions(con, before, after)
     yield from _records_at(con, provider, positions, resource_type, chunk_rows)
+
+
+def iter_current_chunks(
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    *,
+    batch_id: str | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> Iterator[tuple[list[int], Iterator[VaultRecord]]]:
+    """:func:`iter_current_records` (filtered by ``batch_id`` alone) a chunk at a time: each
+    chunk's positions (``ingest_seq`` of its rows, ascending) with its records in that order,
+    decrypted and verified as they are taken. A caller that keeps something per row, staged
+    with the row's position (:func:`current_rows_sql`), finds a chunk's share of it between
+    the chunk's first and last positions, without sending its keys."""
+    after = [("batch_id = ?", batch_id)] if batch_id is not None else []
+    positions = _current_positions(con, [], after)
+    yield from _chunks_at(con, provider, positions, None, chunk_rows)
 
 
 def iter_every_version(

@@ -323,6 +323,13 @@ def _key_forms(folded: str) -> set[str]:
 _AS_WRITTEN, _WORDS, _SPACED, _SPACED_WORDS, _LENGTH = range(5)
 
 
+def _searched_as_words(spaced: str, kind: str) -> bool:
+    """Whether a canary, its punctuation written as spaces (``spaced``), is also searched in
+    text read the same way: one of several words, not a phone or an SSN (those are matched as
+    digits however they are punctuated)."""
+    return " " in spaced and kind not in ("phone", "ssn")
+
+
 class _TextStore:
     """The canaries of a set, held in their automatons only: no dict of the strings beside
     them. One automaton over case-folded text holds every text canary in every form a pass
@@ -347,12 +354,12 @@ class _TextStore:
         if not self._set(text, _AS_WRITTEN, kind):
             return
         spaced = " ".join(_SEPARATORS.split(text)).strip()
-        if " " in spaced and kind not in ("phone", "ssn"):
+        if _searched_as_words(spaced, kind):
             self._set(spaced, _WORDS, kind)
         for words in {spaced, *_key_forms(text)}:
             if len(words) >= MIN_TEXT and self._set(words, _SPACED, kind):
                 # a spaced form is its own form with punctuation as spaces
-                if " " in words and kind not in ("phone", "ssn"):
+                if _searched_as_words(words, kind):
                     self._set(words, _SPACED_WORDS, kind)
 
     def _set(self, text: str, slot: int, kind: str) -> bool:
@@ -425,8 +432,10 @@ class CanarySet:
             raise TypeError("the spaced set is read only: add canaries to the set it is made from")
 
     def _changed(self) -> None:
-        """A canary was added: the automatons are built again and nothing found is remembered."""
+        """A canary was added: the automatons are built again and nothing found is remembered
+        (the spaced view, which remembers its own, is made again when next asked for)."""
         self._memo = {}
+        self._spaced = None
 
     def add_person(self, parts: list[str]) -> None:
         """The name parts of one person: a long part alone, a short part (a name under four

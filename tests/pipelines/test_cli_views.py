@@ -129,27 +129,32 @@ def test_views_run_reads_a_single_bundle_file(tmp_path: Path) -> None:
     assert sorted(str(r["birth_date"]) for r in table) == ["1970-01-01", "1980-05-01"]
 
 
-def test_views_test_fails_on_a_shareable_failure(tmp_path: Path) -> None:
-    suite = tmp_path / "suite"
-    suite.mkdir()
-    (suite / "bad.json").write_text(
+def _gender_case_file(path: Path, expected: str) -> None:
+    """A suite file of one case: a female Patient's gender, expected to be ``expected``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
         json.dumps(
             {
-                "title": "bad",
+                "title": path.stem,
                 "resources": [{"resourceType": "Patient", "id": "p1", "gender": "female"}],
                 "tests": [
                     {
-                        "title": "wrong",
+                        "title": f"gender {expected}",
                         "view": {
                             "resource": "Patient",
                             "select": [{"column": [{"name": "g", "path": "gender"}]}],
                         },
-                        "expect": [{"g": "male"}],
+                        "expect": [{"g": expected}],
                     }
                 ],
             }
         )
     )
+
+
+def test_views_test_fails_on_a_shareable_failure(tmp_path: Path) -> None:
+    suite = tmp_path / "suite"
+    _gender_case_file(suite / "bad.json", "male")
     result = CliRunner().invoke(views, ["test", str(suite)])
     assert result.exit_code == 1
     assert "shareable 0/1" in result.output
@@ -161,26 +166,8 @@ def test_views_test_reads_the_suite_repository_s_tests_folder_and_fails_on_no_ca
     """A copy of the suite's repository keeps its cases in tests/ beside its schema: read from
     there. A folder with no case at all fails, instead of passing 0/0."""
     suite = tmp_path / "sql-on-fhir"
-    (suite / "tests").mkdir(parents=True)
+    _gender_case_file(suite / "tests" / "mini.json", "female")
     (suite / "tests.schema.json").write_text(json.dumps({"type": "object"}))
-    (suite / "tests" / "mini.json").write_text(
-        json.dumps(
-            {
-                "title": "mini",
-                "resources": [{"resourceType": "Patient", "id": "p1", "gender": "female"}],
-                "tests": [
-                    {
-                        "title": "gender",
-                        "view": {
-                            "resource": "Patient",
-                            "select": [{"column": [{"name": "g", "path": "gender"}]}],
-                        },
-                        "expect": [{"g": "female"}],
-                    }
-                ],
-            }
-        )
-    )
     result = CliRunner().invoke(views, ["test", str(suite)])
     assert result.exit_code == 0, result.output
     assert "passed 1/1" in result.output

@@ -24,6 +24,7 @@ install: $(STAMP)
 
 lint: install
 	$(BIN)/ruff check pipelines fhirlake vault deid tests
+	$(BIN)/ruff format --check pipelines fhirlake vault deid tests feature_repo
 	$(BIN)/lint-imports
 	$(BIN)/mypy
 

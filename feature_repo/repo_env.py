@@ -32,7 +32,7 @@ def feast_data_dir() -> Path:
         raise FeastDataNotSetError(
             f"{FEAST_DATA_ENV}={value!r} is relative: Feast resolves it against the feature "
             f"repo folder, not the working directory. Fix: export "
-            f"{FEAST_DATA_ENV}=\"$(realpath {value})\"."
+            f'{FEAST_DATA_ENV}="$(realpath {value})".'
         )
     return Path(value)
 

@@ -11,7 +11,9 @@ Safe to turn on at any time:
   changed for ``LandingResource.quiet_seconds``;
 - a batch is marked done only when its run succeeded; a failed run is retried up to
   ``LandingResource.max_retries`` times with doubling back-off; once they are spent, writing
-  or touching the marker again starts a new round of retries;
+  or touching the marker again starts a new round of retries; one whose run failed and that
+  another run (a launch or a backfill from the UI) de-identified since is done when the ledger
+  shows it so, neither retried nor said to have failed;
 - every tick that requests nothing says why (the skip reason on the tick, and the log);
 - a batch whose folder went away (renamed, deleted) before it was ingested has its partition
   removed: a partition never materialised would hold back the release for good. One whose
@@ -43,6 +45,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +54,7 @@ import duckdb
 from dagster import (
     AddDynamicPartitionsRequest,
     AssetKey,
+    AssetRecordsFilter,
     DagsterRunStatus,
     DefaultSensorStatus,
     DeleteDynamicPartitionsRequest,
@@ -354,16 +358,30 @@ def _marked_since(batch: BatchSource, landing: LandingResource, since: float) ->
     return False
 
 
+def _deidentified_after(context: SensorEvaluationContext, key: str, since: float) -> bool:
+    """Whether the batch's partition of ``deid_resources`` was materialised after ``since``
+    (by any run: a launch or a backfill from the UI carries none of this sensor's tags).
+    Dagster's records only."""
+    records = context.instance.fetch_materializations(
+        AssetRecordsFilter(asset_key=DEID_RESOURCES, asset_partitions=[key]), limit=1
+    ).records
+    return bool(records) and records[0].timestamp > since
+
+
 def _follow_run(
     context: SensorEvaluationContext,
     landing: LandingResource,
     batch: BatchSource,
     state: BatchState,
     now: float,
+    done_in_warehouse: Callable[[BatchSource], bool] = lambda _: False,
 ) -> tuple[RunRequest | None, str | None]:
     """A batch whose run was requested: done on success, retried (bounded) on failure; once
     the retries are spent, a marker written or touched after the last failure starts a new
-    round of them."""
+    round of them. A batch whose run failed but which another run (a launch or a backfill from
+    the UI, as the skip reason suggests) de-identified since is done when the warehouse's
+    ledger (``done_in_warehouse``, read only then) shows it so, as its folder is now: neither
+    retried nor said to have failed."""
     key = batch.key
     status, ended = _latest_run(context, key, state)
     if status == DagsterRunStatus.SUCCESS:
@@ -373,6 +391,14 @@ def _follow_run(
         return None, f"batch {key}: run {state.attempt} is {status.value if status else 'queued'}"
     if not state.failed_at:
         state.failed_at = ended or now
+    if _deidentified_after(context, key, state.failed_at) and done_in_warehouse(batch):
+        state.done = True
+        state.retry_at = 0.0
+        state.failed_at = 0.0
+        return None, (
+            f"batch {key}: its run {state.attempt} failed, but another run ingested and "
+            "de-identified it since: already ingested (warehouse ledger)"
+        )
     if state.attempt - state.round_start > landing.max_retries:
         if not _marked_since(batch, landing, state.failed_at):
             return None, (
@@ -484,12 +510,20 @@ def evaluate_landing(
     finished: list[str] = []
     batches = discover_batches(Path(landing.path))
     done = 0
+
+    def done_in_warehouse(batch: BatchSource) -> bool:
+        nonlocal ledger
+        ledger = ledger if ledger is not None else ingested_batches(warehouse)
+        return ledger is not None and done_in_ledger(batch, ledger)
+
     for batch in batches:
         present.add(batch.key)
         state = states.get(batch.key)
         if state is not None and state.fingerprint == batch.fingerprint:
             if not state.done:
-                request, reason = _follow_run(context, landing, batch, state, now)
+                request, reason = _follow_run(
+                    context, landing, batch, state, now, done_in_warehouse
+                )
                 requests += [request] if request else []
                 reasons += [reason] if reason else []
                 finished += [batch.key] if state.done else []

@@ -747,3 +747,53 @@ def test_a_release_left_behind_is_requested_by_the_sensor_once(
     assert release.job_name == "release_job" and release.partition_key is None
     assert sensors.RELEASE_REQUESTED_KEY in (done.cursor or "")
     assert _tick(tmp_path, instance, done.cursor, later=120).run_requests == []
+
+
+def _ledger_shows_published(tmp_path: Path, fingerprint: str) -> None:
+    """The warehouse's ledgers as a successful run of the batch leaves them: ingested from the
+    folder with ``fingerprint``, then de-identified from that ingest."""
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
+    try:
+        con.execute(
+            "INSERT INTO batches (batch_id, seq, ingested_at, report, source_fingerprint) "
+            "VALUES ('export-1', 1, now(), '{}', ?)",
+            [fingerprint],
+        )
+    finally:
+        con.close()
+    _publish_all(tmp_path / "work" / "warehouse.duckdb")
+
+
+@pytest.mark.parametrize("spent", [True, False])
+def test_a_failed_batch_run_again_from_the_ui_is_done_and_not_ingested_twice(
+    tmp_path: Path, instance: DagsterInstance, spent: bool
+) -> None:
+    """A batch whose run failed, fixed and run again by the operator from the UI (the partition
+    launched, or backfilled: no sensor tags) while its retries were spent (the skip reason
+    says to do so) or while it waited for its next retry: the ledger shows it done, so the
+    sensor neither keeps saying it failed nor ingests it again (on a touched marker, or when
+    the back-off ends)."""
+    landing = _landing(tmp_path)
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    first = _tick(tmp_path, instance)
+    fingerprint = _load_cursor(first.cursor)["export-1"].fingerprint
+    tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: fingerprint, ATTEMPT_TAG: "1"}
+    _record_run(instance, tags, DagsterRunStatus.FAILURE)
+    limits: dict[str, int] = {"max_retries": 0} if spent else {"retry_backoff_seconds": 3600}
+    failed = _tick(tmp_path, instance, first.cursor, **limits)
+    message = failed.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    assert failed.run_requests == []
+    assert ("not retried again" if spent else "retry in") in message
+    # the operator's run from the UI: ingested and de-identified, no sensor tags
+    _ledger_shows_published(tmp_path, fingerprint)
+    _record_deid(instance, "export-1")
+    after = _tick(tmp_path, instance, failed.cursor, **limits)
+    message = after.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    assert after.run_requests == []
+    assert "not retried again" not in message and "retry in" not in message
+    assert "already ingested (warehouse ledger)" in message
+    assert "1 batch already ingested" in message
+    assert _load_cursor(after.cursor)["export-1"].done
+    # neither the marker touched (as the old skip reason said) nor the back-off ended runs it
+    os.utime(landing / "export-1" / "_READY")
+    assert _tick(tmp_path, instance, after.cursor, retry_backoff_seconds=0).run_requests == []

@@ -210,11 +210,39 @@ def publish_folder(path: Path, write: Callable[[Path], T]) -> T:
             shutil.rmtree(version, ignore_errors=True)
             raise
         fsync_dir(path.parent)
-        pattern = folder_version_pattern(path)
-        for entry in path.parent.iterdir():
-            if entry.name != version.name and pattern.fullmatch(entry.name):
-                _remove_entry(entry)
+        _remove_versions_but(path, version.name)
     return result
+
+
+def _remove_versions_but(path: Path, kept: str | None) -> int:
+    """Remove the hidden versions of ``path`` (and symlinks about to be renamed) other than
+    ``kept``; how many (the caller holds the folder's lock)."""
+    pattern = folder_version_pattern(path)
+    removed = 0
+    for entry in path.parent.iterdir():
+        if entry.name != kept and pattern.fullmatch(entry.name):
+            _remove_entry(entry)
+            removed += 1
+    return removed
+
+
+def remove_unpublished_versions(path: Path) -> int:
+    """Remove what a publish of ``path`` (:func:`publish_folder`) killed after its rename left
+    beside it: the previous version, which that publish would have removed next, and the
+    folder of a publish killed before it. Such a publish leaves ``path`` whole; its leftovers
+    would wait for the next publish, which may be many releases away for a model that is kept.
+    Returns how many were removed; nothing is removed while ``path`` is not a symlink to a
+    version (a plain folder of an older publish, or none)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return 0
+    with _folder_lock(path):
+        if not path.is_symlink():
+            return 0
+        current = (path.parent / os.readlink(path)).resolve()
+        if current.parent != path.parent.resolve():  # not a version beside it: left alone
+            return 0
+        return _remove_versions_but(path, current.name)
 
 
 def _swap_in(con: duckdb.DuckDBPyConnection, staging: str, target: str) -> None:

@@ -48,6 +48,7 @@ from pipelines.models.training_set import (
     FEATURE_SERVICE,
     with_audit_attributes,
 )
+from pipelines.publish import remove_unpublished_versions
 from pipelines.resources import DeidSettings, WarehouseResource
 
 GROUP = "models"
@@ -269,6 +270,9 @@ def _refresh_model(
     refresh = decision.as_metadata(threshold)
     if not decision.retrain:
         context.log.info(f"readmission model kept: {decision.reason}")
+        # what a publish killed after its switch left beside the model (an older training
+        # record among it) goes now, not at the next retraining
+        remove_unpublished_versions(out_dir)
         kept = load_model_report(out_dir)
         yield MaterializeResult(metadata={**model_metadata(kept), **refresh}, tags=built_from)
         yield auroc_check(kept)

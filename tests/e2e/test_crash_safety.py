@@ -5,6 +5,8 @@ every released Parquet file and the Feast online store)."""
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -179,3 +181,91 @@ def test_killed_runs_then_a_rerun_equal_an_uninterrupted_run(
     left = [p for f in ("views", "features") for p in unfinished_temporaries(crashed / f)]
     assert not left, (killed, [p.name for p in left])
     print(f"killed during: {', '.join(killed)}")
+
+
+# the kill points of tests/e2e/kill_points/sitecustomize.py, in the order a release reaches them
+RELEASE_KILL_POINTS = ("view_parquet_replaced", "features_computed", "online_rows_written")
+KILL_HOOK = Path(__file__).parent / "kill_points"
+
+
+def _online_values(workdir: Path) -> dict[str, set[tuple[object, ...]]]:
+    """Every online-store row: entity, feature, value and event time (not the time written)."""
+    con = sqlite3.connect(workdir / "feast" / "online_store.db")
+    try:
+        names = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        return {
+            n: set(con.execute(f'SELECT entity_key, feature_name, value, event_ts FROM "{n}"'))
+            for n in names
+        }
+    finally:
+        con.close()
+
+
+def _run_killed_at(landing: Path, workdir: Path, key_file: Path, point: str) -> str:
+    """`ehr run`, killed (its process group, SIGKILL) where ``point`` is first reached; the
+    point the kill landed at ("" when the run finished first)."""
+    mark = workdir.parent / "killed_at"
+    mark.unlink(missing_ok=True)
+    env = _env(key_file)
+    env.update(
+        EHR_KILL_AT=point,
+        EHR_KILL_MARK=str(mark),
+        PYTHONPATH=os.pathsep.join([str(KILL_HOOK), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    )
+    subprocess.run(
+        [EHR, "run", "--input", str(landing), "--workdir", str(workdir)],
+        env=env,
+        capture_output=True,
+        timeout=RUN_TIMEOUT,
+        start_new_session=True,  # the kill takes the run's own process group, not this one
+    )
+    return mark.read_text() if mark.exists() else ""
+
+
+def _late_batch(landing: Path, patients: int) -> None:
+    """Move the ``patients`` patient files whose newest date is the oldest from ``batch-a`` to
+    ``batch-b``: their batch leaves the release's data end where it was, so the release after
+    it changes the feature tables in place (a later data end rebuilds them in full)."""
+    files = sorted((landing / "batch-a").glob("[0-9]*.json"))
+    newest = {p: max(re.findall(r'"(\d{4}-\d{2}-\d{2})', p.read_text())) for p in files}
+    (landing / "batch-b").mkdir()
+    for path in sorted(files, key=lambda p: newest[p])[:patients]:
+        shutil.move(path, landing / "batch-b" / path.name)
+
+
+def test_an_incremental_release_killed_in_each_step_then_run_again_equals_one_never_killed(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """The release after a second batch changes the views, the feature tables, the online store
+    and the training set in place: killed where a view's new Parquet file is in place and its
+    transaction not committed, then (in the run that follows) where the feature rows of the
+    changed patients are computed and not published, then where one feature view's rows are
+    in the online store and the others' and the snapshot are not, and run once more, it equals
+    the same release never killed, online-store values included."""
+    full = tmp_path / "landing_full"
+    generate(full / "batch-a", 30, seed=21)
+    _late_batch(full, 4)
+    first = tmp_path / "landing_first"
+    shutil.copytree(full / "batch-a", first / "batch-a")
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    for work in (reference, crashed):
+        _run(first, work, key_file)
+    done = subprocess.run(
+        [EHR, "run", "--input", str(full), "--workdir", str(reference)],
+        env=_env(key_file),
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    log = done.stdout + done.stderr
+    assert "features (incremental)" in log and "view observation (incremental)" in log, log[-3000:]
+    killed = [_run_killed_at(full, crashed, key_file, p) for p in RELEASE_KILL_POINTS]
+    assert killed == list(RELEASE_KILL_POINTS)
+    _run(full, crashed, key_file)
+    expected, got = released(reference), released(crashed)
+    assert got["tables"] == expected["tables"]
+    assert got["parquet"] == expected["parquet"]
+    assert _online_values(crashed) == _online_values(reference)
+    left = [p for f in ("views", "features") for p in unfinished_temporaries(crashed / f)]
+    assert not left, [p.name for p in left]

@@ -1327,6 +1327,16 @@ def vault_totals(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
     return int(row[0]), int(row[1])
 
 
+def quarantine_counts(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int]]:
+    """Each batch of the record ledger as it stands (a batch run again counts as its last
+    pass): the records read and how many of them were quarantined."""
+    rows = con.execute(
+        "SELECT batch_id, count(*), count(*) FILTER (WHERE status = 'quarantined') "
+        "FROM record_ledger GROUP BY batch_id"
+    ).fetchall()
+    return {str(batch): (int(records), int(quarantined)) for batch, records, quarantined in rows}
+
+
 def reconcile_batch(con: duckdb.DuckDBPyConnection, batch_id: str) -> Reconciliation:
     """Count a batch from three independent places: the files' record counts taken while
     reading, the ledger, and the vault and quarantine tables."""

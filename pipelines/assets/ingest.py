@@ -27,6 +27,7 @@ from vault.ingest import (
     IngestReport,
     Reconciliation,
     ingest_batch,
+    quarantine_counts,
     reconcile_batch,
     vault_totals,
 )
@@ -128,20 +129,42 @@ def reconcile_check(report: IngestReport, rec: Reconciliation) -> AssetCheckResu
     )
 
 
-def quarantine_rate_result(records_in: int, quarantined: int, limit: float) -> AssetCheckResult:
-    """Warn when a batch quarantined more than ``limit`` of its records, or read none at all."""
+def quarantine_rate_result(
+    records_in: int,
+    quarantined: int,
+    limit: float,
+    others: Mapping[str, tuple[int, int]] | None = None,
+) -> AssetCheckResult:
+    """Warn when the batch quarantined more than ``limit`` of its records, or read none at all,
+    and while any other batch of the warehouse (``others``: batch key -> records read and
+    quarantined, as the ledger holds them now) does: Dagster keeps one status per check, not
+    one per partition, so a later batch that passes would otherwise clear the warning before
+    anyone saw it. The batches over the limit are named (partition keys, which the UI shows)."""
     rate = quarantined / records_in if records_in else 1.0
+    over = {
+        key: round(q / n if n else 1.0, 4)
+        for key, (n, q) in sorted((others or {}).items())
+        if not n or q / n > limit
+    }
+    passed = records_in > 0 and rate <= limit
+    described = ", ".join(f"{key} ({share:.0%})" for key, share in over.items())
     return AssetCheckResult(
         check_name="quarantine_rate",
         asset_key="quarantine",
-        passed=records_in > 0 and rate <= limit,
+        passed=passed and not over,
         severity=AssetCheckSeverity.WARN,
         metadata={
             "records_in": records_in,
             "quarantined": quarantined,
             "rate": round(rate, 4),
             "max_rate": limit,
+            "other_batches_over_max_rate": MetadataValue.json(over),
         },
+        description=None
+        if not over
+        else f"{len(over)} other batch(es) of the warehouse quarantined more than {limit:.0%} "
+        f"of their records or read none: {described}. The warning stays until each is run "
+        "again with fewer records rejected (its folder dropped again, fixed).",
     )
 
 
@@ -173,8 +196,9 @@ def quarantine_rate_result(records_in: int, quarantined: int, limit: float) -> A
             "quarantine_rate",
             asset="quarantine",
             blocking=False,
-            description="The batch quarantined at most IngestSettings.max_quarantine_rate of its "
-            "records (warning: a mostly rejected export is a broken export, not a success).",
+            description="The batch, and every other batch of the warehouse, quarantined at most "
+            "IngestSettings.max_quarantine_rate of its records (warning: a mostly rejected export "
+            "is a broken export, not a success; the batches over it are named).",
         ),
     ],
     partitions_def=batch_partitions,
@@ -238,8 +262,10 @@ def ingest(
     try:  # one read of the warehouse after the pass: the vault's totals and the reconciliation
         current, patients = vault_totals(con)
         rec = reconcile_batch(con, context.partition_key)
+        others = quarantine_counts(con)
     finally:
         con.close()
+    others.pop(context.partition_key, None)
     vault_meta["dagster/row_count"] = current
     vault_meta["vault_patients"] = patients
     vault_meta["ingest_report"] = MetadataValue.json(report.to_dict())
@@ -252,6 +278,6 @@ def ingest(
         },
     )
     yield quarantine_rate_result(
-        report.records_in, report.quarantined, ingest_settings.max_quarantine_rate
+        report.records_in, report.quarantined, ingest_settings.max_quarantine_rate, others
     )
     yield reconcile_check(report, rec)

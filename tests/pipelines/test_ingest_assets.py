@@ -285,3 +285,58 @@ def test_a_file_gone_since_its_batch_was_listed_fails_nothing_naming_it(
     assert inventory and inventory[0].metadata["files"].value == 2
     events = " ".join(str(e) for e in instance.all_logs(result.run_id))
     assert "Quillfeather" not in events and "MRN77123" not in events
+
+
+def _batch(landing: Path, key: str, good: bool) -> None:
+    """A batch of two records: a Patient and a Condition when ``good``, two lines of broken
+    JSON otherwise (every record quarantined)."""
+    folder = landing / key
+    folder.mkdir(parents=True, exist_ok=True)
+    patient = f"p-{key}"
+    lines = (
+        [
+            orjson.dumps({"resourceType": "Patient", "id": patient, "gender": "female"}),
+            orjson.dumps(
+                {
+                    "resourceType": "Condition",
+                    "id": f"c-{key}",
+                    "subject": {"reference": f"Patient/{patient}"},
+                    "code": {"text": "x"},
+                }
+            ),
+        ]
+        if good
+        else [b'{"resourceType": "Patient", "id": ', b'{"resourceType": ']
+    )
+    (folder / "data.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+
+
+def _quarantine_rate(result: Any) -> Any:
+    checks = result.get_asset_check_evaluations()
+    (check,) = [c for c in checks if c.check_name == "quarantine_rate"]
+    return check
+
+
+def test_a_rejected_batch_keeps_the_warning_until_it_is_run_again_fixed(
+    tmp_path: Path, materialize_batch: Callable[..., Any]
+) -> None:
+    """Dagster keeps one status per check, not per partition: a good batch after a rejected one
+    still warns, naming the rejected batch, until that batch is run again with its records
+    accepted."""
+    landing = tmp_path / "landing"
+    instance = DagsterInstance.ephemeral()
+    _batch(landing, "broken", good=False)
+    first = _quarantine_rate(materialize_batch(landing, "broken", instance))
+    assert not first.passed and first.severity == AssetCheckSeverity.WARN
+    _batch(landing, "fine", good=True)
+    second = _quarantine_rate(materialize_batch(landing, "fine", instance))
+    assert not second.passed
+    assert second.metadata["rate"].value == 0.0  # the batch itself is fine
+    assert second.metadata["other_batches_over_max_rate"].value == {"broken": 1.0}
+    assert "broken (100%)" in (second.description or "")
+    # the broken export sent again, fixed: its run passes, and so does the next batch's
+    _batch(landing, "broken", good=True)
+    assert _quarantine_rate(materialize_batch(landing, "broken", instance)).passed
+    _batch(landing, "later", good=True)
+    third = _quarantine_rate(materialize_batch(landing, "later", instance))
+    assert third.passed and third.metadata["other_batches_over_max_rate"].value == {}

@@ -1329,10 +1329,13 @@ def vault_totals(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
 
 def quarantine_counts(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int]]:
     """Each batch of the record ledger as it stands (a batch run again counts as its last
-    pass): the records read and how many of them were quarantined."""
+    pass): the records read and how many of them were quarantined. A batch ingested that read
+    no record has no row in the record ledger: it is listed too, with (0, 0)."""
     rows = con.execute(
-        "SELECT batch_id, count(*), count(*) FILTER (WHERE status = 'quarantined') "
-        "FROM record_ledger GROUP BY batch_id"
+        "SELECT k.batch_id, count(l.status), count(l.status) FILTER (WHERE l.status = "
+        "'quarantined') FROM (SELECT batch_id FROM batches WHERE ingested_at IS NOT NULL "
+        "UNION SELECT batch_id FROM record_ledger) k "
+        "LEFT JOIN record_ledger l ON l.batch_id = k.batch_id GROUP BY k.batch_id"
     ).fetchall()
     return {str(batch): (int(records), int(quarantined)) for batch, records, quarantined in rows}
 

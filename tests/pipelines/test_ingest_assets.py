@@ -340,3 +340,21 @@ def test_a_rejected_batch_keeps_the_warning_until_it_is_run_again_fixed(
     _batch(landing, "later", good=True)
     third = _quarantine_rate(materialize_batch(landing, "later", instance))
     assert third.passed and third.metadata["other_batches_over_max_rate"].value == {}
+
+
+def test_a_batch_that_read_no_record_keeps_the_warning_in_later_batches(
+    tmp_path: Path, materialize_batch: Callable[..., Any]
+) -> None:
+    """A batch ingested that read nothing (no record in the ledger) is over the rate too: a
+    later good batch's check keeps warning and names it, until it is sent again with records."""
+    landing = tmp_path / "landing"
+    instance = DagsterInstance.ephemeral()
+    (landing / "empty").mkdir(parents=True)
+    (landing / "empty" / "data.ndjson").write_bytes(b"")
+    assert not _quarantine_rate(materialize_batch(landing, "empty", instance)).passed
+    _batch(landing, "fine", good=True)
+    second = _quarantine_rate(materialize_batch(landing, "fine", instance))
+    assert not second.passed
+    assert second.metadata["other_batches_over_max_rate"].value == {"empty": 1.0}
+    _batch(landing, "empty", good=True)
+    assert _quarantine_rate(materialize_batch(landing, "empty", instance)).passed

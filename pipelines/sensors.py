@@ -374,14 +374,14 @@ def _follow_run(
     batch: BatchSource,
     state: BatchState,
     now: float,
-    done_in_warehouse: Callable[[BatchSource], bool] = lambda _: False,
+    done_in_warehouse: Callable[[BatchSource], bool | None] = lambda _: False,
 ) -> tuple[RunRequest | None, str | None]:
     """A batch whose run was requested: done on success, retried (bounded) on failure; once
     the retries are spent, a marker written or touched after the last failure starts a new
     round of them. A batch whose run failed but which another run (a launch or a backfill from
     the UI, as the skip reason suggests) de-identified since is done when the warehouse's
-    ledger (``done_in_warehouse``, read only then) shows it so, as its folder is now: neither
-    retried nor said to have failed."""
+    ledger (``done_in_warehouse``, read only then; None while it is not readable, and the batch
+    waits) shows it so, as its folder is now: neither retried nor said to have failed."""
     key = batch.key
     status, ended = _latest_run(context, key, state)
     if status == DagsterRunStatus.SUCCESS:
@@ -391,7 +391,15 @@ def _follow_run(
         return None, f"batch {key}: run {state.attempt} is {status.value if status else 'queued'}"
     if not state.failed_at:
         state.failed_at = ended or now
-    if _deidentified_after(context, key, state.failed_at) and done_in_warehouse(batch):
+    in_warehouse = (
+        done_in_warehouse(batch) if _deidentified_after(context, key, state.failed_at) else False
+    )
+    if in_warehouse is None:  # not retried, nor said to have failed, before the ledger is read
+        return None, (
+            f"batch {key}: its run {state.attempt} failed, but another run de-identified it "
+            "since: warehouse busy, ledger not readable this tick"
+        )
+    if in_warehouse:
         state.done = True
         state.retry_at = 0.0
         state.failed_at = 0.0
@@ -511,10 +519,10 @@ def evaluate_landing(
     batches = discover_batches(Path(landing.path))
     done = 0
 
-    def done_in_warehouse(batch: BatchSource) -> bool:
+    def done_in_warehouse(batch: BatchSource) -> bool | None:
         nonlocal ledger
         ledger = ledger if ledger is not None else ingested_batches(warehouse)
-        return ledger is not None and done_in_ledger(batch, ledger)
+        return None if ledger is None else done_in_ledger(batch, ledger)
 
     for batch in batches:
         present.add(batch.key)

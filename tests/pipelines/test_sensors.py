@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -797,3 +799,45 @@ def test_a_failed_batch_run_again_from_the_ui_is_done_and_not_ingested_twice(
     # neither the marker touched (as the old skip reason said) nor the back-off ended runs it
     os.utime(landing / "export-1" / "_READY")
     assert _tick(tmp_path, instance, after.cursor, retry_backoff_seconds=0).run_requests == []
+
+
+def test_a_failed_batch_de_identified_from_the_ui_waits_while_the_warehouse_is_busy(
+    tmp_path: Path, instance: DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tick after a run from the UI de-identified a batch whose own run failed meets the
+    warehouse open for writing in another process (the release that de-identification started):
+    the ledger cannot be read, so the batch waits for the next tick rather than being retried
+    (ingested again) once its back-off is over."""
+    _landing(tmp_path)
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    first = _tick(tmp_path, instance)
+    fingerprint = _load_cursor(first.cursor)["export-1"].fingerprint
+    tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: fingerprint, ATTEMPT_TAG: "1"}
+    _record_run(instance, tags, DagsterRunStatus.FAILURE)
+    failed = _tick(tmp_path, instance, first.cursor, retry_backoff_seconds=60)
+    assert "retry in" in (failed.skip_reason.skip_message or "")  # type: ignore[union-attr]
+    _ledger_shows_published(tmp_path, fingerprint)
+    _record_deid(instance, "export-1")
+    monkeypatch.setattr(warehouse, "BUSY_WAIT_SECONDS", 0.5)
+    path = str(tmp_path / "work" / "warehouse.duckdb")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import duckdb, sys; c = duckdb.connect({path!r}); "
+            "print('open', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        busy = _tick(tmp_path, instance, failed.cursor, later=61, retry_backoff_seconds=60)
+    finally:
+        holder.communicate("", timeout=30)
+    assert [r for r in busy.run_requests if r.partition_key == "export-1"] == []
+    assert not _load_cursor(busy.cursor)["export-1"].done
+    free = _tick(tmp_path, instance, busy.cursor, later=62, retry_backoff_seconds=60)
+    assert [r for r in free.run_requests if r.partition_key == "export-1"] == []
+    assert _load_cursor(free.cursor)["export-1"].done

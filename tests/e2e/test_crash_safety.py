@@ -20,6 +20,7 @@ import pytest
 
 from fhirlake.synthetic import generate
 from pipelines.publish import unfinished_temporaries
+from tests.feast_stores import stored_rows
 
 pytestmark = pytest.mark.e2e
 
@@ -188,19 +189,6 @@ RELEASE_KILL_POINTS = ("view_parquet_replaced", "features_computed", "online_row
 KILL_HOOK = Path(__file__).parent / "kill_points"
 
 
-def _online_values(workdir: Path) -> dict[str, set[tuple[object, ...]]]:
-    """Every online-store row: entity, feature, value and event time (not the time written)."""
-    con = sqlite3.connect(workdir / "feast" / "online_store.db")
-    try:
-        names = [n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        return {
-            n: set(con.execute(f'SELECT entity_key, feature_name, value, event_ts FROM "{n}"'))
-            for n in names
-        }
-    finally:
-        con.close()
-
-
 def _run_killed_at(landing: Path, workdir: Path, key_file: Path, point: str) -> str:
     """`ehr run`, killed (its process group, SIGKILL) where ``point`` is first reached; the
     point the kill landed at ("" when the run finished first)."""
@@ -266,6 +254,7 @@ def test_an_incremental_release_killed_in_each_step_then_run_again_equals_one_ne
     expected, got = released(reference), released(crashed)
     assert got["tables"] == expected["tables"]
     assert got["parquet"] == expected["parquet"]
-    assert _online_values(crashed) == _online_values(reference)
+    online = Path("feast") / "online_store.db"
+    assert stored_rows(crashed / online) == stored_rows(reference / online)
     left = [p for f in ("views", "features") for p in unfinished_temporaries(crashed / f)]
     assert not left, [p.name for p in left]

@@ -5,7 +5,6 @@ scratch, in a fresh folder, over the same feature tables."""
 from __future__ import annotations
 
 import copy
-import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +26,7 @@ from pipelines.features.online_scan import online_entity_key, scan_online_store
 from pipelines.features.online_sync import OnlineSyncReport, sync_online_store
 from pipelines.features.resources import FeastStoreResource
 from pipelines.features.tables import build_feature_tables
+from tests.feast_stores import stored_rows
 from tests.pipelines.features.crafted import A, B, C, D, crafted_rows, write_views
 
 # near now, as in test_feast_store: the latest rows are recent, so online reads return values
@@ -134,20 +134,6 @@ def online_answers(data: Path, features: Path) -> dict[str, list[Any]]:
         features=feature_refs(data, features), entity_rows=[{"patient_id": p} for p in PATIENTS]
     )
     return dict(response.to_dict(include_event_timestamps=True))
-
-
-def stored_rows(db: Path) -> dict[str, set[tuple[Any, ...]]]:
-    """What the SQLite store holds per table (the value bytes and event time of each feature;
-    created_ts, the build time of the feature tables, is not served)."""
-    con = sqlite3.connect(db)
-    try:
-        tables = [t for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")]
-        return {
-            t: set(con.execute(f'SELECT entity_key, feature_name, value, event_ts FROM "{t}"'))
-            for t in tables
-        }
-    finally:
-        con.close()
 
 
 def assert_equals_fresh_materialisation(release: Release, fresh: Path) -> None:

@@ -214,16 +214,29 @@ def publish_folder(path: Path, write: Callable[[Path], T]) -> T:
     return result
 
 
-def _remove_versions_but(path: Path, kept: str | None) -> int:
+def _remove_versions_but(path: Path, *kept: str) -> int:
     """Remove the hidden versions of ``path`` (and symlinks about to be renamed) other than
-    ``kept``; how many (the caller holds the folder's lock)."""
+    those named ``kept``; how many (the caller holds the folder's lock)."""
     pattern = folder_version_pattern(path)
     removed = 0
     for entry in path.parent.iterdir():
-        if entry.name != kept and pattern.fullmatch(entry.name):
+        if entry.name not in kept and pattern.fullmatch(entry.name):
             _remove_entry(entry)
             removed += 1
     return removed
+
+
+def _link_chain(path: Path) -> list[str] | None:
+    """The names of the entries beside ``path`` that its link leads through, to the folder it
+    finally names (one, as :func:`publish_folder` makes it); None when it leads anywhere else."""
+    beside, entry = path.parent.resolve(), path
+    names: list[str] = []
+    while entry.is_symlink() and len(names) < 40:
+        entry = entry.parent / os.readlink(entry)  # an absolute target replaces the parent
+        if entry.parent.resolve() != beside:
+            return None
+        names.append(entry.name)
+    return names or None
 
 
 def remove_unpublished_versions(path: Path) -> int:
@@ -239,10 +252,8 @@ def remove_unpublished_versions(path: Path) -> int:
     with _folder_lock(path):
         if not path.is_symlink():
             return 0
-        current = (path.parent / os.readlink(path)).resolve()
-        if current.parent != path.parent.resolve():  # not a version beside it: left alone
-            return 0
-        return _remove_versions_but(path, current.name)
+        kept = _link_chain(path)
+        return 0 if kept is None else _remove_versions_but(path, *kept)
 
 
 def _swap_in(con: duckdb.DuckDBPyConnection, staging: str, target: str) -> None:

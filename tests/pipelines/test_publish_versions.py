@@ -57,3 +57,20 @@ def test_a_folder_not_published_as_a_version_is_left_alone(tmp_path: Path) -> No
     folder.symlink_to(elsewhere)
     assert remove_unpublished_versions(folder) == 0
     assert stray.is_dir()
+
+
+def test_every_entry_the_link_leads_through_is_kept(tmp_path: Path) -> None:
+    """A version that is itself a link to another (never made by a publish): both stay, and the
+    model still reads; only a true leftover goes. An absolute link reads the same."""
+    folder = tmp_path / "models" / "readmission"
+    _publish(folder, "first")
+    (real,) = _hidden(folder)
+    alias = folder.with_name(".readmission-fedcba9876543210")
+    alias.symlink_to(real)
+    leftover = folder.with_name(".readmission-0123456789abcdef")
+    leftover.mkdir()
+    folder.unlink()
+    folder.symlink_to(alias)  # absolute, to the alias
+    assert remove_unpublished_versions(folder) == 1
+    assert _hidden(folder) == sorted([alias.name, real])
+    assert (folder / "model.txt").read_text() == "first"

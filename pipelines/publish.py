@@ -250,9 +250,7 @@ def remove_unpublished_versions(path: Path) -> int:
     if not path.parent.is_dir():
         return 0
     with _folder_lock(path):
-        if not path.is_symlink():
-            return 0
-        kept = _link_chain(path)
+        kept = _link_chain(path)  # None for a plain folder, no folder, or a link elsewhere
         return 0 if kept is None else _remove_versions_but(path, *kept)
 
 

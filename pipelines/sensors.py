@@ -519,10 +519,15 @@ def evaluate_landing(
     batches = discover_batches(Path(landing.path))
     done = 0
 
-    def done_in_warehouse(batch: BatchSource) -> bool | None:
+    def read_ledger() -> dict[str, LedgerEntry] | None:
+        """The warehouse's ledger, read at most once a tick (again while it is not readable)."""
         nonlocal ledger
         ledger = ledger if ledger is not None else ingested_batches(warehouse)
-        return None if ledger is None else done_in_ledger(batch, ledger)
+        return ledger
+
+    def done_in_warehouse(batch: BatchSource) -> bool | None:
+        read = read_ledger()
+        return None if read is None else done_in_ledger(batch, read)
 
     for batch in batches:
         present.add(batch.key)
@@ -541,7 +546,7 @@ def evaluate_landing(
         if reason:
             reasons.append(reason)
             continue
-        ledger = ledger if ledger is not None else ingested_batches(warehouse)
+        ledger = read_ledger()
         if ledger is None:
             reasons.append(f"batch {batch.key}: warehouse busy, ledger not readable this tick")
             continue
@@ -560,7 +565,7 @@ def evaluate_landing(
     read_after = _ledger_read_after(context.cursor)
     latest_deid = _latest_deid(context)
     if finished or latest_deid > read_after:
-        ledger = ledger if ledger is not None else ingested_batches(warehouse)
+        ledger = read_ledger()
         if ledger is None:
             for key in finished:  # followed again at the next tick, the ledger readable then
                 states[key].done = False

@@ -39,6 +39,7 @@ _SUFFIXES: dict[str, FileKind] = {
     ".json.gz": "json",
     ".ndjson.gz": "ndjson",
 }
+DATA_SUFFIXES = tuple(_SUFFIXES)  # what a data file's name ends with, to say so in messages
 # Files an export carries beside its data: the Bulk Data status log, our generator's summary.
 _NOT_DATA = {"log.ndjson", "log.ndjson.gz"}
 STREAM_JSON_BYTES = 64 * 1024 * 1024

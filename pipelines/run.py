@@ -20,6 +20,7 @@ from dagster import DagsterInstance, materialize
 from deid.policy import Policy
 from deid.release import release_totals
 from deid.staging import deidentified_batches, settings_digest
+from fhirlake.readers import DATA_SUFFIXES
 from pipelines.assets.checks import RELEASE_CANARIES
 from pipelines.assets.ingest import reconciliation_metadata
 from pipelines.dagster_storage import storage_overrides
@@ -32,7 +33,7 @@ from pipelines.workdir import Workdir
 from vault import warehouse
 from vault.catalog import has_table
 from vault.ingest import reconcile_batch, vault_totals
-from vault.landing import BatchSource, discover_batches
+from vault.landing import BatchSource, discover_landing
 
 
 def open_instance(workdir: Workdir) -> DagsterInstance:
@@ -123,9 +124,13 @@ def run_pipeline(
     the release; write and return the run summary (counts only)."""
     started = time.perf_counter()
     workdir = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
-    batches = discover_batches(input_dir)
+    found = discover_landing(input_dir)
+    batches = found.batches
     if not batches:
-        raise FileNotFoundError("no FHIR data files (.json, .ndjson, .gz) in the input folder")
+        idle = "".join(f"; {folder.describe()}" for folder in found.idle)
+        raise FileNotFoundError(
+            f"no FHIR data files ({', '.join(DATA_SUFFIXES)}) in the input folder{idle}"
+        )
     warehouse.private_folder(workdir.root)
     resources = build_resources(str(workdir.root), str(input_dir), key_file, workers)
     runs = []

@@ -15,6 +15,8 @@ Safe to turn on at any time:
   another run (a launch or a backfill from the UI) de-identified since is done when the ledger
   shows it so, neither retried nor said to have failed;
 - every tick that requests nothing says why (the skip reason on the tick, and the log);
+- a folder that is no batch (no FHIR data file in it: empty, the marker alone, FHIR XML) is
+  named on every tick, with what it holds by reason and count;
 - a batch whose folder went away (renamed, deleted) before it was ingested has its partition
   removed: a partition never materialised would hold back the release for good. One whose
   folder went away after its ingest keeps its partition: the vault holds its rows;
@@ -75,7 +77,7 @@ from pipelines.assets.ingest import FINGERPRINT_TAG
 from pipelines.jobs import RELEASE_ASSETS, RELEASE_AUTOMATION, batch_job, release_job
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource, WarehouseResource
-from vault.landing import BatchSource, discover_batches
+from vault.landing import BatchSource, discover_landing
 
 BATCH_TAG = "ehr/batch"
 PARTITION_TAG = "dagster/partition"
@@ -516,7 +518,9 @@ def evaluate_landing(
     ledger: dict[str, LedgerEntry] | None = None
     present: set[str] = set()
     finished: list[str] = []
-    batches = discover_batches(Path(landing.path))
+    found = discover_landing(Path(landing.path))
+    batches = found.batches
+    reasons += [folder.describe() for folder in found.idle]
     done = 0
 
     def read_ledger() -> dict[str, LedgerEntry] | None:

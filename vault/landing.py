@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from fhirlake.readers import (
+    DATA_SUFFIXES,
     BatchListing,
     FolderNotReadableError,
     SkippedFile,
@@ -81,13 +83,37 @@ class BatchSource:
         return walk_batch(self.path, nested=self.nested)
 
 
+@dataclass(frozen=True)
+class IdleFolder:
+    """A folder of the landing folder that is no batch: it holds no FHIR data file, in it or in
+    its sub-folders (empty, the marker alone, files of other kinds). ``key`` is the batch key
+    its name would have (``root`` for the landing folder's loose entries); ``not_read`` counts
+    what it holds by the reason it is not read."""
+
+    key: str
+    not_read: dict[str, int]
+
+    def describe(self) -> str:
+        """Why it is no batch, and what it holds by reason: counts, never names (those inside
+        are the exporter's, and can be patient names)."""
+        where = f"folder {self.key}"
+        if self.key == ROOT_BATCH:
+            where = "the landing folder's loose entries"
+        held = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.not_read.items()))
+        found = f"(not read: {held})" if held else "(no file in it)"
+        suffixes = ", ".join(DATA_SUFFIXES)
+        return f"{where}: no FHIR data file ({suffixes}) to read, not a batch {found}"
+
+
 @dataclass
 class Landing:
-    """What the landing folder holds: its batches, and what was not read (with the reason)."""
+    """What the landing folder holds: its batches, its folders that are none (``idle``), and
+    what was not read (with the reason)."""
 
     batches: list[BatchSource] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
     collisions: dict[str, int] = field(default_factory=dict)  # key → folders sharing it
+    idle: list[IdleFolder] = field(default_factory=list)
 
 
 def batch_key(name: str) -> str:
@@ -134,6 +160,10 @@ def _batch(key: str, folder: Path, landing: Landing) -> BatchSource | None:
         + [s.path for s in listing.skipped if not_regular(s.path) is None and file_kind(s.path)]
     )
     if not fingerprinted:
+        # the landing folder's own loose entries only when there are some: its sub-folders
+        # are batches of their own, and a landing folder holding only them is the usual one
+        if nested or listing.skipped:
+            landing.idle.append(IdleFolder(key, dict(Counter(s.reason for s in listing.skipped))))
         return None
     try:
         fingerprint = _fingerprint(folder, fingerprinted)
@@ -167,6 +197,12 @@ def scan_landing(landing_dir: Path) -> Landing:
 def discover_batches(landing: Path) -> list[BatchSource]:
     """Batches in ``landing``; refuses (:class:`BatchKeyCollisionError`) when two folders
     would share a key, since one of them would silently never be ingested."""
+    return discover_landing(landing).batches
+
+
+def discover_landing(landing: Path) -> Landing:
+    """What ``landing`` holds (:func:`scan_landing`); refuses as :func:`discover_batches`
+    does when two folders would share a key."""
     found = scan_landing(landing)
     if found.collisions:
         # keys only: folder names can carry whatever the sender typed, patient names included
@@ -176,7 +212,7 @@ def discover_batches(landing: Path) -> list[BatchSource]:
             f"{folders} landing folders share the batch key(s) {shared}: rename them so each "
             "folder has a key of its own"
         )
-    return found.batches
+    return found
 
 
 def batch_source(landing: Path, key: str) -> BatchSource:

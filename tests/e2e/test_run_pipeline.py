@@ -139,3 +139,16 @@ def test_synthea_sample_leaves_no_phi(tmp_path: Path, key_file: Path, shared_dat
     chance = ciphertexts_spelling_canaries(Workdir(tmp_path / "work").warehouse, key_file, canaries)
     assert scan_for_canaries(tmp_path / "work", canaries, set(births.values()), chance) == {}
     assert released_birth_date_leaks(tmp_path / "work", key_file, births) == []
+
+
+def test_run_pipeline_over_a_folder_without_data_names_what_it_found(tmp_path: Path) -> None:
+    (tmp_path / "in" / "export").mkdir(parents=True)
+    (tmp_path / "in" / "export" / "Patient.xml").write_bytes(b"<Patient/>")
+    with pytest.raises(FileNotFoundError) as raised:
+        run_pipeline(tmp_path / "in", tmp_path / "work")
+    assert str(raised.value) == (
+        "no FHIR data files (.json, .ndjson, .json.gz, .ndjson.gz) in the input folder; folder "
+        "export: no FHIR data file (.json, .ndjson, .json.gz, .ndjson.gz) to read, not a batch "
+        "(not read: not a FHIR data file extension: 1)"
+    )
+    assert not (tmp_path / "work").exists()

@@ -841,3 +841,30 @@ def test_a_failed_batch_de_identified_from_the_ui_waits_while_the_warehouse_is_b
     free = _tick(tmp_path, instance, busy.cursor, later=62, retry_backoff_seconds=60)
     assert [r for r in free.run_requests if r.partition_key == "export-1"] == []
     assert _load_cursor(free.cursor)["export-1"].done
+
+
+def test_folders_that_are_no_batch_are_named_in_the_tick_until_they_hold_data(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    landing = tmp_path / "landing"
+    for folder in ("empty", "marker-only", "fhir-xml"):
+        (landing / folder).mkdir(parents=True)
+    (landing / "marker-only" / "_READY").write_bytes(b"")
+    (landing / "fhir-xml" / "Patient.xml").write_bytes(b"<Patient/>")
+    (landing / "fhir-xml" / "_READY").write_bytes(b"")
+    tick = _tick(tmp_path, instance)
+    assert tick.run_requests == []
+    said = (tick.skip_reason.skip_message or "").split("; ")  # type: ignore[union-attr]
+    suffixes = "(.json, .ndjson, .json.gz, .ndjson.gz)"
+    assert said == [
+        f"folder empty: no FHIR data file {suffixes} to read, not a batch (no file in it)",
+        f"folder fhir-xml: no FHIR data file {suffixes} to read, not a batch (not read: "
+        "not a FHIR data file extension: 1, not a data file (export metadata): 1)",
+        f"folder marker-only: no FHIR data file {suffixes} to read, not a batch (not read: "
+        "not a data file (export metadata): 1)",
+    ]
+    # the export's data arrives, the marker written last: the folder is a batch
+    (landing / "marker-only" / "data.ndjson").write_bytes(PATIENT)
+    os.utime(landing / "marker-only" / "_READY")
+    later = _tick(tmp_path, instance, tick.cursor)
+    assert [r.partition_key for r in later.run_requests] == ["marker-only"]

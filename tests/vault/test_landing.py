@@ -352,3 +352,32 @@ def test_a_listed_file_that_cannot_be_inspected_fails_its_batch_naming_no_file(
     text = str(caught.value)
     assert text == "batch 2024-05-01: a data file could not be inspected (PermissionError, EACCES)"
     assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def test_folders_holding_no_data_file_are_listed_as_idle_by_what_they_hold(
+    tmp_path: Path,
+) -> None:
+    land = tmp_path / "land"
+    _drop(land / "batch")
+    (land / "empty" / "export" / "fhir").mkdir(parents=True)
+    _drop(land / "csv", "Patient.csv", b"id\np1\n")
+    _drop(land / "marker", "_READY", b"")
+    _drop(land / ".partial", "x.xml", b"<x/>")  # hidden: neither batch nor idle, as before
+    found = scan_landing(land)
+    assert [b.key for b in found.batches] == ["batch"]
+    idle = {folder.key: folder.not_read for folder in found.idle}
+    assert idle == {
+        "csv": {"not a FHIR data file extension": 1},
+        "empty": {},
+        "marker": {"not a data file (export metadata)": 1},
+    }  # no root: the landing folder holds no loose entry
+    _drop(land, "notes.txt", b"the names inside are the exporter's")
+    (land / "linked").symlink_to(land / "batch", target_is_directory=True)
+    root = {f.key: f for f in scan_landing(land).idle}[ROOT_BATCH]
+    assert root.not_read == {
+        "not a FHIR data file extension": 1,
+        "symbolic link (not followed)": 1,
+    }
+    said = root.describe()
+    assert said.startswith("the landing folder's loose entries: no FHIR data file (.json")
+    assert "notes" not in said and "linked" not in said  # counts, never names

@@ -1329,13 +1329,16 @@ def vault_totals(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
 
 def quarantine_counts(con: duckdb.DuckDBPyConnection) -> dict[str, tuple[int, int]]:
     """Each batch of the record ledger as it stands (a batch run again counts as its last
-    pass): the records read and how many of them were quarantined. A batch ingested that read
-    no record has no row in the record ledger: it is listed too, with (0, 0)."""
+    pass): the records read and how many of them were quarantined, those whose patient was
+    erased since included (an erasure does not hide a batch's rejected records). A batch
+    ingested that read no record has no row in the record ledger: it is listed too, with
+    (0, 0)."""
     rows = con.execute(
         "SELECT k.batch_id, count(l.status), count(l.status) FILTER (WHERE l.status = "
-        "'quarantined') FROM (SELECT batch_id FROM batches WHERE ingested_at IS NOT NULL "
-        "UNION SELECT batch_id FROM record_ledger) k "
-        "LEFT JOIN record_ledger l ON l.batch_id = k.batch_id GROUP BY k.batch_id"
+        "'quarantined' OR l.outcome = ?) FROM (SELECT batch_id FROM batches WHERE ingested_at "
+        "IS NOT NULL UNION SELECT batch_id FROM record_ledger) k "
+        "LEFT JOIN record_ledger l ON l.batch_id = k.batch_id GROUP BY k.batch_id",
+        [warehouse.ERASED_FROM_QUARANTINE],
     ).fetchall()
     return {str(batch): (int(records), int(quarantined)) for batch, records, quarantined in rows}
 

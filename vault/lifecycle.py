@@ -790,14 +790,18 @@ _HELD_NOWHERE = """
         SELECT 1 FROM quarantine q WHERE q.batch_id = l.batch_id
         AND q.file_index = l.file_index AND q.position = l.position))
 """
+_ERASED_OUTCOME = (
+    f"CASE WHEN l.status = 'quarantined' THEN '{warehouse.ERASED_FROM_QUARANTINE}' "
+    "ELSE 'erased' END"
+)
 _LEDGER_ERASED = f"""
-UPDATE record_ledger l SET status = 'erased', outcome = 'erased', resource_type = NULL,
+UPDATE record_ledger l SET status = 'erased', outcome = {_ERASED_OUTCOME}, resource_type = NULL,
     resource_key = NULL
 WHERE {_HELD_NOWHERE}"""
 # The same, in the batches other than $b (:func:`erase_earlier_compartments`; their resources
 # are tombstoned by then).
 _LEDGER_ERASED_ELSEWHERE = f"""
-UPDATE record_ledger l SET status = 'erased', outcome = 'erased', resource_type = NULL,
+UPDATE record_ledger l SET status = 'erased', outcome = {_ERASED_OUTCOME}, resource_type = NULL,
     resource_key = NULL
 WHERE l.batch_id <> $b AND ({_HELD_NOWHERE})"""
 _REFERENCES_TO_ERASED = """

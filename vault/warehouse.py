@@ -52,6 +52,12 @@ def at_positions(window: Sequence[int]) -> list[Any]:
     return [window[0], window[-1], list(window)]
 
 
+# The outcome of a record_ledger row (status 'erased') whose record was quarantined when its
+# patient was erased: a batch's quarantine rate counts it still, so an erasure does not hide a
+# batch's rejected records (the rows of accepted records erased have the outcome 'erased').
+ERASED_FROM_QUARANTINE = "erased_from_quarantine"
+
+
 SCHEMA = [
     DATA_KEYS_DDL,
     """

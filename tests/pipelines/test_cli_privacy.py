@@ -21,7 +21,7 @@ from pipelines.cli.privacy import (
 )
 from tests.vault.processes import hold_open
 from vault import warehouse
-from vault.ingest import ingest_batch
+from vault.ingest import ingest_batch, quarantine_counts, reconcile_batch
 from vault.keys import FileKeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.read import read_resource
@@ -566,3 +566,33 @@ def test_quarantine_list_says_how_many_it_does_not_show(tmp_path: Path, key_file
     assert some.stderr.strip() == "2 of 3 quarantined records shown; --limit 3 shows them all"
     every = runner.invoke(quarantine_list, ["--workdir", str(work)])
     assert len(every.stdout.splitlines()) == 3 and every.stderr == ""
+
+
+def test_an_erasure_keeps_a_batchs_quarantined_records_in_its_quarantine_rate(
+    work: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """The quarantine rate check warns while a batch rejected too many records; erasing the
+    patient of a rejected record took it out of the count (its ledger row became 'erased'),
+    which lowered the rate and could clear the warning with the batch still as it was."""
+    land = tmp_path / "land-r"
+    land.mkdir()
+    valid = {"resourceType": "Patient", "id": "p-ok", "gender": "male"}
+    invalid = {"resourceType": "Patient", "id": "pq", "telecom": []}  # empty array: refused
+    (land / "p.ndjson").write_text(f"{json.dumps(valid)}\n{json.dumps(invalid)}\n")
+    provider = FileKeyProvider.load(key_file)
+    report = ingest_batch(work / "warehouse.duckdb", "br", land, provider, workers=1)
+    assert (report.accepted, report.quarantine_reasons) == (1, {"schema_violation": 1})
+    with warehouse.connect(work / "warehouse.duckdb") as con:
+        assert quarantine_counts(con)["br"] == (2, 1)
+
+    common = ["--workdir", str(work), "--key-file", str(key_file), "--no-release"]
+    forgot = CliRunner().invoke(forget, ["pq", "--reason", "ticket 4721", *common])
+    assert forgot.exit_code == 0, forgot.output
+    with warehouse.connect(work / "warehouse.duckdb") as con:
+        # two records read, one of them rejected: as many as before the erasure
+        assert quarantine_counts(con)["br"] == (2, 1)
+        statuses = con.execute(
+            "SELECT status, count(*) FROM record_ledger WHERE batch_id = 'br' GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+        assert statuses == [("accepted", 1), ("erased", 1)]  # the erased record holds nothing
+        assert reconcile_batch(con, "br").passed

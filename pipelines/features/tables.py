@@ -439,7 +439,9 @@ def feature_encounters_sql() -> str:
     label: a prior stay from its discharge, though no visit in the windows counted from starts."""
     return f"""
         SELECT e.patient_id, e.class_code,
-            e.period_start_latest AS period_start, e.period_end_latest AS period_end
+            e.period_start_latest AS period_start, e.period_end_latest AS period_end,
+            -- the dates as released (a date alone at its first instant), for the stay's length
+            e.period_start AS start_dated, e.period_end AS end_dated
         FROM src_encounter e SEMI JOIN feature_patients p ON p.patient_id = e.patient_id
         WHERE coalesce(e.period_start_latest, e.period_end_latest) IS NOT NULL
           AND {encounter_held_sql("e.status")}
@@ -647,14 +649,16 @@ def utilisation_sql(created: datetime, edges: bool = True) -> str:
         WINDOW {windows}
     ),
     stays AS (
-        SELECT patient_id, period_start, period_end FROM feature_encounters
-        WHERE {inpatient_sql()} AND period_end IS NOT NULL
+        SELECT patient_id, period_start, period_end, start_dated, end_dated
+        FROM feature_encounters WHERE {inpatient_sql()} AND period_end IS NOT NULL
     ),
     snap AS (SELECT * FROM w WHERE is_spine)
     SELECT snap.patient_id AS patient_id, snap.ts AS event_timestamp,
         {timestamptz_sql(created)} AS created, {names},
         {served_instant_sql("s.period_end")} AS prior_discharge_at,
-        date_diff('day', s.period_start, s.period_end)::BIGINT AS prior_stay_length_days
+        -- from the admission's date to the discharge's: the latest instant of a date alone
+        -- (the end of its day at UTC-12) made a same-day stay with a timed discharge -1 day long
+        date_diff('day', s.start_dated, s.end_dated)::BIGINT AS prior_stay_length_days
     FROM snap ASOF LEFT JOIN stays s
         ON snap.patient_id = s.patient_id AND snap.ts > s.period_end
     ORDER BY patient_id, event_timestamp

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ahocorasick
+from anyascii import anyascii
 
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{24,}={0,2}")
 _DIGITS = re.compile(r"\D+")
@@ -146,6 +147,11 @@ SCAN_RULES: tuple[str, ...] = (
     "birth_date_named_month_separators_glued",
     # a canary of several words written with punctuation for its spaces (709-Michele-Prairie)
     "words_punctuated",
+    # canaries compared in their compatibility form (an SSN in full-width digits); names also
+    # in ASCII and as a code writes them (BRONTEWALD, OQUARRIGAN, PEMBERLY of Pemberly-Quasht,
+    # IvoZanderquist of a name given as text); a Coverage's member number and an Account's
+    # number; the Patient records the quarantine holds; every batch against every patient
+    "ascii_code_forms_other_records_every_patient",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -155,7 +161,13 @@ _MONTHS = (
 _DIGIT_RUN = re.compile(r"\d(?:[ ().\-/]{0,2}\d)*")
 _DATE_RUN = re.compile(r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[/-]\d{1,2}[/-]\d{2,4}")
 _SEPARATOR = re.compile(r"[ ().\-/]+")
-_WORD = re.compile(r"[^\W\d_]+(?:['-][^\W\d_]+)*")
+_WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
+# what joins the parts of one name into a word: O'Brien (or its typographic apostrophe, U+2019),
+# Pemberly-Quasht
+_NAME_JOINERS = re.compile(r"['\u2019-]")
+# what a code (ASCII letters and digits, deid.terminology) leaves out of a name written in it
+_NOT_CODE_CHARACTERS = re.compile(r"[^0-9a-z]+")
+_NAME_KINDS = ("name", "full_name")
 # what is no letter or digit, in any script (a batch key made safe keeps ASCII ones only)
 _SEPARATORS = re.compile(r"[\W_]+")
 # what a batch key made safe writes as "-" (vault.landing.batch_key), in case-folded text
@@ -301,6 +313,23 @@ def as_compared(text: str) -> str:
     return text if text.isascii() else unicodedata.normalize("NFKC", text)
 
 
+def ascii_forms(folded: str, kind: str) -> tuple[str, ...]:
+    """The forms a case-folded text canary takes in text written in ASCII only, as a local
+    code or an identifier is: transliterated when it has letters outside ASCII (``brontëwald``
+    as ``brontewald``, ``øyangrud`` as ``oyangrud``, ``иван`` as ``ivan``: anyascii), and, for
+    a name, with only its letters and digits (``o'quarrigan`` as ``oquarrigan``, a full name
+    as one word: ``renée brontëwald`` as ``reneebrontewald``). Empty for a canary that is its
+    own form (an ASCII name of letters alone, any other ASCII canary)."""
+    forms: list[str] = []
+    written = folded
+    if not folded.isascii():
+        written = " ".join(anyascii(folded).casefold().split())
+        forms.append(written)
+    if kind in _NAME_KINDS:
+        forms.append(_NOT_CODE_CHARACTERS.sub("", written))
+    return tuple(f for f in dict.fromkeys(forms) if f != folded and len(f) >= MIN_TEXT)
+
+
 def _key_forms(folded: str) -> set[str]:
     """A case-folded canary as a batch key made safe shows it, separators as spaces: every
     letter outside ASCII a separator too (``müller`` is ``m ller``), whether the folder's name
@@ -412,8 +441,11 @@ class CanarySet:
         return self._store.counts[self._slots[0]] + self._store.digit_count + len(self._births)
 
     def add(self, kind: str, text: str) -> None:
+        """A canary of ``kind``, case-folded in its compatibility form (an SSN in full-width
+        digits is these digits in ASCII, as released text is compared: :func:`as_compared`),
+        with the forms it takes in ASCII text (:func:`ascii_forms`)."""
         self._writable()
-        folded = " ".join(text.casefold().split())
+        folded = " ".join(as_compared(text).casefold().split())
         if kind in _DIGIT_KINDS:
             digits = _DIGITS.sub("", folded)
             # identifiers are digit canaries only when mostly digits ("MRN-778812" stays text)
@@ -425,6 +457,8 @@ class CanarySet:
                 self._changed()
         if len(folded) >= MIN_TEXT:
             self._store.add_text(folded, kind)
+            for form in ascii_forms(folded, kind):
+                self._store.add_text(form, kind)
             self._changed()
 
     def _writable(self) -> None:
@@ -440,9 +474,14 @@ class CanarySet:
     def add_person(self, parts: list[str]) -> None:
         """The name parts of one person: a long part alone, a short part (a name under four
         letters matches inside ordinary words and prose) only beside another part of the
-        same person, in either order."""
+        same person, in either order. The parts of a double name, or of one with an apostrophe,
+        are parts of their own too."""
         self._writable()
         words = list(dict.fromkeys(p.casefold() for p in parts if len(p) >= MIN_SHORT))
+        # each part of a double name, or of one with an apostrophe, is a part too: a code
+        # holds PEMBERLY of Pemberly-Quasht, QUARRIGAN of O'Quarrigan
+        pieces = [piece for w in words for piece in _NAME_JOINERS.split(w) if piece != w]
+        words = list(dict.fromkeys([*words, *(p for p in pieces if len(p) >= MIN_SHORT)]))
         for word in words:
             if len(word) >= MIN_TEXT:
                 self.add("name", word)
@@ -453,18 +492,31 @@ class CanarySet:
         self._changed()
 
     def add_name(self, name: Any) -> None:
-        """A HumanName or a name string: its parts, and given + family as a full name (also
-        glued into one word, either way round)."""
+        """A HumanName or a name string: its parts; a given name or a family name written with
+        punctuation or spaces (``O'Quarrigan``, ``Mary Ann``) as a name of its own too; and
+        given + family as a full name (also glued into one word, either way round), or, for a
+        name given as text alone, its first and last words."""
         self.add_person(_name_parts(name))
+        text = name if isinstance(name, str) else None
+        pairs: list[tuple[str, str]] = []
         if isinstance(name, dict):
             given = [g for g in name.get("given") or [] if isinstance(g, str)]
             family = name.get("family")
+            for whole in (*given, family):
+                if isinstance(whole, str) and not _WORD.fullmatch(whole.strip()):
+                    self.add("name", whole)
             if given and isinstance(family, str):
-                self.add("full_name", f"{given[0]} {family}")
-                # written as one token, as local code systems and URLs do: CourtneyBarajas
-                for glued in (f"{given[0]}{family}", f"{family}{given[0]}"):
-                    if not any(c.isspace() for c in glued):
-                        self.add("full_name", glued)
+                pairs.append((given[0], family))
+            text = name.get("text") if isinstance(name.get("text"), str) else None
+        words = _WORD.findall(text) if text else []
+        if len(words) >= 2:
+            pairs.append((words[0], words[-1]))
+        for first, last in dict.fromkeys(pairs):
+            self.add("full_name", f"{first} {last}")
+            # written as one token, as local code systems and URLs do: CourtneyBarajas
+            for glued in (f"{first}{last}", f"{last}{first}"):
+                if not any(c.isspace() for c in glued):
+                    self.add("full_name", glued)
 
     def add_contact_points(self, resource: dict[str, Any]) -> None:
         """Telecom, address (lines, city with ZIP) and identifiers of a person or contact."""
@@ -778,13 +830,31 @@ def _add_relative(canaries: CanarySet, resource: dict[str, Any], _: str | None) 
     canaries.add_contact_points(resource)
 
 
-# Which resources carry whose identifiers: the patient's own, or a relative's (RelatedPerson,
-# and FamilyMemberHistory.name, a relative's name in free text).
+def _add_identifiers(canaries: CanarySet, resource: dict[str, Any], _: str | None) -> None:
+    """The identifiers a record of the patient's holds: a health plan's member number
+    (``Coverage.subscriberId``, a string in R4, an Identifier in R5), an account number."""
+    subscriber = resource.get("subscriberId")
+    if isinstance(subscriber, dict):
+        subscriber = subscriber.get("value")
+    if isinstance(subscriber, str):
+        canaries.add("identifier", subscriber)
+    for ident in resource.get("identifier") or []:
+        value = ident.get("value") if isinstance(ident, dict) else None
+        if isinstance(value, str):
+            canaries.add(_identifier_kind(ident), value)
+
+
+# Which resources carry whose identifiers: the patient's own, a relative's (RelatedPerson, and
+# FamilyMemberHistory.name, a relative's name in free text), or the patient's in another record
+# of theirs (a Coverage's member number, an Account's number).
 _ADDERS: dict[str, Callable[[CanarySet, dict[str, Any], str | None], None]] = {
     "Patient": lambda c, r, p: c.add_patient(r, p),
     "RelatedPerson": _add_relative,
     "FamilyMemberHistory": _add_relative,
+    "Coverage": _add_identifiers,
+    "Account": _add_identifiers,
 }
+CANARY_RESOURCE_TYPES = tuple(_ADDERS)  # the resources a patient's canaries are read from
 
 
 def _forms_of_dates(dates: tuple[str, ...]) -> tuple[str, ...]:

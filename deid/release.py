@@ -25,7 +25,13 @@ from deid.kanon import (
     KAnonymousRelease,
     build_k_anonymous_release,
 )
-from deid.leakscan import CanarySet, LeakScanResult, reason_birth_date_forms, scan_rows
+from deid.leakscan import (
+    CANARY_RESOURCE_TYPES,
+    CanarySet,
+    LeakScanResult,
+    reason_birth_date_forms,
+    scan_rows,
+)
 from deid.policy import Policy
 from deid.released_table import (
     DEID_DDL,
@@ -45,7 +51,12 @@ from deid.workers import (
 from vault.catalog import has_table, multiset_digest_sql
 from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
 from vault.keys import KeyProvider, key_fingerprint
-from vault.read import current_rows_sql, iter_current_chunks, iter_every_version
+from vault.read import (
+    current_rows_sql,
+    iter_current_chunks,
+    iter_every_version,
+    iter_quarantined_records,
+)
 from vault.warehouse import database_path
 
 DEID_ERRORS_DDL = """
@@ -313,18 +324,26 @@ def deidentify_batch(
 RELATIVE_TYPES = ("RelatedPerson", "FamilyMemberHistory")
 
 
-def _add_relatives(
+def _add_other_records(
     canaries: CanarySet,
     con: duckdb.DuckDBPyConnection,
     provider: KeyProvider,
     patients: set[str] | None,
 ) -> None:
-    """Canaries of the relatives of ``patients`` (every patient when None), from every version
-    the vault holds."""
-    for rtype in RELATIVE_TYPES:
+    """Canaries of ``patients`` (every patient when None) beyond their Patient resources in
+    the vault: their relatives and their other identifying records (every version the vault
+    holds), and those records and their Patient records as the quarantine holds them (refused
+    by validation, while their other records may be released)."""
+    for rtype in (t for t in CANARY_RESOURCE_TYPES if t != "Patient"):
         for record in iter_every_version(con, provider, resource_type=rtype):
             if patients is None or record.patient_key in patients:
                 canaries.add_resource(record.resource, record.patient_key)
+    quarantined = iter_quarantined_records(
+        con, provider, CANARY_RESOURCE_TYPES, skip_destroyed=True
+    )
+    for owner, resource in quarantined:
+        if patients is None or owner in patients:
+            canaries.add_resource(resource, owner)
 
 
 def batch_canaries(
@@ -332,8 +351,8 @@ def batch_canaries(
 ) -> CanarySet:
     """Canaries of every patient this batch touches, from every version the vault holds of
     their Patient resources (names, contacts, identifiers, phones, emails, addresses, birth
-    dates: a name changed since still names them) and of their relatives' resources
-    (RelatedPerson, FamilyMemberHistory names)."""
+    dates: a name changed since still names them), and their other records
+    (:func:`_add_other_records`)."""
     canaries = CanarySet()
     patients: set[str] = set()
     for patient in iter_every_version(
@@ -341,7 +360,7 @@ def batch_canaries(
     ):
         canaries.add_patient(patient.resource, patient.resource_key)
         patients.add(patient.resource_key)
-    _add_relatives(canaries, con, provider, patients)
+    _add_other_records(canaries, con, provider, patients)
     return canaries
 
 
@@ -433,22 +452,24 @@ _KEY_SEPARATORS = re.compile(r"[^0-9A-Za-z]+")
 
 
 def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> CanarySet:
-    """Canaries of every patient in the vault, from every version of their Patient and
-    relatives' resources (for tables built over the whole release)."""
+    """Canaries of every patient in the vault, from every version of their Patient resources
+    and their other records (:func:`_add_other_records`): for tables built over the whole
+    release, and for each batch's rows, which can name a patient of another batch."""
     canaries = CanarySet()
     for patient in iter_every_version(con, provider, resource_type="Patient"):
         canaries.add_patient(patient.resource, patient.resource_key)
-    _add_relatives(canaries, con, provider, None)
+    _add_other_records(canaries, con, provider, None)
     return canaries
 
 
-_VaultState = tuple[str, int, int | None, int | None, str, str]
+_VaultState = tuple[str, int, int | None, int | None, int, int | None, str, str]
 
 
 def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _VaultState | None:
     """What the release canaries depend on, without decrypting anything: the warehouse file,
-    the vault's rows (count, highest ingest position, a digest of which versions it holds) and
-    the keys. None for an in-memory warehouse, which has no name to tell it apart by."""
+    the vault's rows (count, highest ingest position, a digest of which versions it holds),
+    the quarantined records of those types (count, digest) and the keys. None for an in-memory
+    warehouse, which has no name to tell it apart by."""
     path = database_path(con)
     if path is None:
         return None
@@ -456,11 +477,19 @@ def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _Vault
         "SELECT count(*), max(ingest_seq), sum(hash(resource_key, ingest_seq, content_mac)) "
         "FROM phi_vault"
     ).fetchone() or (0, None, None)
+    # the quarantined records canaries are read from too (:func:`_add_other_records`)
+    quarantined = con.execute(
+        "SELECT count(*), sum(hash(batch_id, file_index, position, sealed)) FROM quarantine "
+        "WHERE list_contains(?, resource_type)",
+        [list(CANARY_RESOURCE_TYPES)],
+    ).fetchone() or (0, None)
     return (
         str(path.resolve()),
         int(rows),
         None if last_seq is None else int(last_seq),
         None if digest is None else int(digest),
+        int(quarantined[0]),
+        None if quarantined[1] is None else int(quarantined[1]),
         key_fingerprint(provider.pseudonym_key()),
         provider.active_kek_id(),
     )

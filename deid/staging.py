@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -31,7 +32,7 @@ import orjson
 import pyarrow as pa
 
 from deid.kanon import QUASI_DDL, QUASI_TABLE, generalised_patient, record_quasi_identifiers
-from deid.leakscan import SCAN_RULES, LeakScanResult
+from deid.leakscan import SCAN_RULES, CanarySet, LeakScanResult
 from deid.methods import today_utc
 from deid.policy import Policy
 from deid.release import (
@@ -40,6 +41,7 @@ from deid.release import (
     batch_canaries,
     batch_key_hits,
     deidentify_batch,
+    release_canaries,
     scan_released_batch,
 )
 from deid.released_table import DEID_DDL, ensure_resource_digests, resource_digest_sql
@@ -358,10 +360,13 @@ def publish_batch(
     policy: Policy,
     *,
     today: date | None = None,
+    canaries: Callable[[duckdb.DuckDBPyConnection], CanarySet] | None = None,
     **options: Any,
 ) -> BatchRelease:
-    """De-identify a batch into staging, scan it, and publish it only when the scan passes.
-    ``options`` go to :func:`deid.release.deidentify_batch` as they are."""
+    """De-identify a batch into staging, scan it against the canaries of every patient of the
+    vault (``canaries(con)`` when given, which can hold them loaded already), and publish it
+    only when the scan passes. ``options`` go to :func:`deid.release.deidentify_batch` as
+    they are."""
     stage, errors = staging_tables(batch_id)
     today = today or today_utc()
     settings = settings_digest(policy, today, options.get("terminology"))
@@ -376,13 +381,15 @@ def publish_batch(
             errors_target=errors,
             **options,
         )
-        canaries = batch_canaries(con, provider, batch_id)
-        scan = scan_released_batch(con, provider, batch_id, table=stage, canaries=canaries)
+        # every patient's: a batch's rows can name a patient of another batch
+        every = canaries(con) if canaries is not None else release_canaries(con, provider)
+        scan = scan_released_batch(con, provider, batch_id, table=stage, canaries=every)
         if scan.passed:
             _swap_batch(con, batch_id, stage, errors, settings)
         else:
             _forget_published(con, batch_id)
-        return BatchRelease(report, scan, scan.passed, tuple(batch_key_hits(canaries, batch_id)))
+        key_hits = batch_key_hits(batch_canaries(con, provider, batch_id), batch_id)
+        return BatchRelease(report, scan, scan.passed, tuple(key_hits))
     finally:
         for table in (stage, errors):
             con.execute(f"DROP TABLE IF EXISTS {table}")

@@ -23,7 +23,7 @@ import orjson
 from fhirlake.content import content_digest
 from vault.catalog import has_table
 from vault.clustered import copied_rows, has_copies
-from vault.errors import InvalidCiphertext
+from vault.errors import InvalidCiphertext, KeyDestroyedError
 from vault.keys import KeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.sealing import SHARED_OWNER, DataKeyStore, sealed_key_id
@@ -371,3 +371,45 @@ def bind_pseudonym_key(
     if record:
         record_pseudonym_key_id(con, checked.key_id)
     return checked.pseudonymizer
+
+
+# Records refused by validation (a schema violation), sealed under their patient's key
+_QUARANTINED_OWNED = (
+    "SELECT patient_key, resource_type, sealed, aad FROM quarantine "
+    "WHERE list_contains(?, resource_type) AND patient_key IS NOT NULL "
+    "AND octet_length(sealed) > 0 {only} ORDER BY batch_id, file_index, position"
+)
+
+
+def iter_quarantined_records(
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    resource_types: Sequence[str],
+    patient_key: str | None = None,
+    *,
+    skip_destroyed: bool = False,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The records of ``resource_types`` the quarantine holds under a patient's key (refused by
+    validation: no vault row holds them), of one patient or of all, with their patient's
+    pseudonym, decrypted: the identifiers they hold are the person's all the same, and the
+    patient's other records may be in the vault and released. A record that is no JSON object
+    of one of those types is passed over. A record sealed under a destroyed key (an erasure
+    cut short) raises :class:`vault.errors.KeyDestroyedError`, or is passed over with
+    ``skip_destroyed``: its patient is erased."""
+    if not has_table(con, "quarantine"):
+        return
+    store = DataKeyStore(con, provider)
+    only = "" if patient_key is None else "AND patient_key = ?"
+    params: list[Any] = [list(resource_types), *([] if patient_key is None else [patient_key])]
+    rows = con.execute(_QUARANTINED_OWNED.format(only=only), params).fetchall()
+    for owner, rtype, sealed, aad in rows:
+        try:
+            record = orjson.loads(store.open_owned(bytes(sealed), bytes(aad), str(owner)))
+        except orjson.JSONDecodeError:
+            continue
+        except KeyDestroyedError:
+            if skip_destroyed:
+                continue
+            raise
+        if isinstance(record, dict) and record.get("resourceType") == rtype:
+            yield str(owner), record

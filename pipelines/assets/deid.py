@@ -182,10 +182,12 @@ def _table(rows: dict[str, int], head: str) -> MetadataValue:
             "phi_leak_scan",
             asset="deid_resources",
             blocking=True,
-            description="No name (the patient's, a contact's, a relative's), identifier, SSN "
-            "or phone (however punctuated), email, address, city with ZIP, or the patient's own "
-            "birth date (ISO or US formats) of the batch's patients appears in the staged rows "
-            "(case-folded, base64 decoded); the batch is published only when none does.",
+            description="No name (the patient's, a contact's, a relative's), identifier (a "
+            "health plan's member number, an account number), SSN or phone (however "
+            "punctuated), email, address, city with ZIP, or the patient's own birth date (ISO "
+            "or US formats) of any patient of the vault appears in the batch's staged rows "
+            "(case-folded, base64 decoded, names also as ASCII and as a code writes them); the "
+            "batch is published only when none does.",
         ),
         AssetCheckSpec(
             BATCH_KEY_CHECK,
@@ -214,7 +216,13 @@ def deid_resources(
     try:
         with keys.naming_source():  # keys that are not the warehouse's own: say whose they were
             batch = publish_batch(
-                con, provider, context.partition_key, policy, terminology=release_terminology()
+                con,
+                provider,
+                context.partition_key,
+                policy,
+                terminology=release_terminology(),
+                # held for the release's scans too while the vault stays as it is (ehr run)
+                canaries=lambda c: RELEASE_CANARIES.get(c, provider, context.run.run_id),
             )
         table = release_totals(con)
         version = release_version(con) if batch.published else None

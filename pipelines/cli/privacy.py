@@ -128,16 +128,17 @@ def _patient_versions(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
 ) -> list[dict[str, Any]]:
     """Every version the vault holds of the patient's Patient resource, and those of their
-    Patient records the quarantine holds (:func:`_quarantined_patients`), to know what names
-    them (a name changed since still does; never shown) and which identifiers keep them out
-    once erased; none when there are none or their data key was destroyed (an erasure cut
-    short). A version that does not open while the key lives (its blob names a data key the
-    warehouse never held: a tampered row) is an error, not a version to pass over: an erasure
-    that went on without it searched the shared records and the reason for none of the
-    person's names, and left a Practitioner carrying her name readable under the shared key."""
+    Patient records the quarantine holds (:func:`vault.read.iter_quarantined_records`), to
+    know what names them (a name changed since still does; never shown) and which identifiers
+    keep them out once erased; none when there are none or their data key was destroyed (an
+    erasure cut short). A version that does not open while the key lives (its blob names a
+    data key the warehouse never held: a tampered row) is an error, not a version to pass
+    over: an erasure that went on without it searched the shared records and the reason for
+    none of the person's names, and left a Practitioner carrying her name readable under the
+    shared key."""
     from vault.errors import KeyDestroyedError
     from vault.lifecycle import data_key_destroyed
-    from vault.read import iter_every_version
+    from vault.read import iter_every_version, iter_quarantined_records
 
     if data_key_destroyed(con, pseudonym):
         return []
@@ -145,38 +146,12 @@ def _patient_versions(
         iter_every_version(con, provider, resource_type="Patient", resource_key=pseudonym)
     )
     try:
-        quarantined = _quarantined_patients(con, provider, pseudonym)
+        quarantined = [
+            r for _, r in iter_quarantined_records(con, provider, ["Patient"], pseudonym)
+        ]
     except KeyDestroyedError:  # sealed under a key the pass that died before writing it made
         quarantined = []
     return [*(record.resource for record in records), *quarantined]
-
-
-# a patient's own quarantined Patient records (sealed under their key)
-_QUARANTINED_PATIENTS = (
-    "SELECT sealed, aad FROM quarantine WHERE patient_key = ? AND resource_type = 'Patient' "
-    "AND octet_length(sealed) > 0 ORDER BY batch_id, file_index, position"
-)
-
-
-def _quarantined_patients(
-    con: duckdb.DuckDBPyConnection, provider: KeyProvider, pseudonym: str
-) -> list[dict[str, Any]]:
-    """The patient's Patient records refused by validation (a schema violation), which no vault
-    row holds: their identifiers are the person's all the same, and the same person sent again
-    under a new id with one of them is refused only when the erasure tombstones them.
-    Decrypted here, never shown; a record that is no JSON object of a Patient is passed over."""
-    from vault.sealing import DataKeyStore
-
-    store = DataKeyStore(con, provider)
-    found: list[dict[str, Any]] = []
-    for sealed, aad in con.execute(_QUARANTINED_PATIENTS, [pseudonym]).fetchall():
-        try:
-            record = orjson.loads(store.open_owned(bytes(sealed), bytes(aad), pseudonym))
-        except orjson.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("resourceType") == "Patient":
-            found.append(record)
-    return found
 
 
 # the reason of a refusal's audit entry: the refused text is not kept

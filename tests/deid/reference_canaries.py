@@ -15,6 +15,7 @@ import ahocorasick
 from deid.leakscan import (
     _DIGIT_KINDS,
     _DIGITS,
+    _NAME_JOINERS,
     _PROVIDER_TYPES,
     _SEPARATORS,
     MIN_DIGITS,
@@ -25,6 +26,7 @@ from deid.leakscan import (
     _phone_forms,
     _strings,
     as_compared,
+    ascii_forms,
     birth_date_forms,
 )
 
@@ -51,7 +53,7 @@ class ReferenceCanarySet(CanarySet):
         return len(self._kinds) + len(self._digits) + len(self._births)
 
     def add(self, kind: str, text: str) -> None:
-        folded = " ".join(text.casefold().split())
+        folded = " ".join(as_compared(text).casefold().split())
         if kind in _DIGIT_KINDS:
             digits = _DIGITS.sub("", folded)
             # identifiers are digit canaries only when mostly digits ("MRN-778812" stays text)
@@ -62,7 +64,8 @@ class ReferenceCanarySet(CanarySet):
                     self._digits.setdefault(form, kind)
                 self._changed()
         if len(folded) >= MIN_TEXT:
-            self._kinds.setdefault(folded, kind)
+            for form in (folded, *ascii_forms(folded, kind)):
+                self._kinds.setdefault(form, kind)
             self._changed()
 
     def _changed(self) -> None:
@@ -76,6 +79,8 @@ class ReferenceCanarySet(CanarySet):
         letters matches inside ordinary words and prose) only beside another part of the
         same person, in either order."""
         words = list(dict.fromkeys(p.casefold() for p in parts if len(p) >= MIN_SHORT))
+        pieces = [piece for w in words for piece in _NAME_JOINERS.split(w) if piece != w]
+        words = list(dict.fromkeys([*words, *(p for p in pieces if len(p) >= MIN_SHORT)]))
         for word in words:
             if len(word) >= MIN_TEXT:
                 self.add("name", word)

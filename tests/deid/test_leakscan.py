@@ -4,6 +4,8 @@ import base64
 import random
 from datetime import date
 
+import pytest
+
 from deid.leakscan import CanarySet, scan_rows
 
 PATIENT = {
@@ -499,3 +501,83 @@ def test_an_address_and_an_email_written_with_punctuation_for_spaces_are_found()
     # whole words only: the same words inside longer ones are not the address
     for code in ("1709-Michele-Prairies", "X709-Michele-Prairie", "Michele-Prairie"):
         assert scan_rows(c, [_local_coding_row(code)]).passed, code
+
+
+# A patient's name as a code writes it (ASCII letters and digits only): every form written
+# out by hand here, with the kind it must be found as, and near misses that must not be.
+_NAMES_IN_CODES = [
+    # an apostrophe a code cannot hold, and the part after it alone
+    ({"given": ["Siobhan"], "family": "O'Quarrigan"}, "OQUARRIGAN", "name"),
+    ({"given": ["Siobhan"], "family": "O'Quarrigan"}, "QUARRIGAN", "name"),
+    ({"given": ["Siobhan"], "family": "O\u2019Quarrigan"}, "OQUARRIGAN", "name"),
+    ({"given": ["Siobhan"], "family": "O'Quarrigan"}, "SiobhanOQuarrigan", "full_name"),
+    # accents a code cannot hold, and letters with no accent to drop (ø, æ)
+    ({"given": ["Renée"], "family": "Brontëwald"}, "BRONTEWALD", "name"),
+    ({"given": ["Renée"], "family": "Brontëwald"}, "RENEEBRONTEWALD", "full_name"),
+    ({"given": ["Søren"], "family": "Øyangrud"}, "OYANGRUD", "name"),
+    ({"given": ["Ærwen"], "family": "Dalby"}, "AERWENDALBY", "full_name"),
+    # another script, in one romanization (BGN/PCGN; another one, Petrovskii, is not found)
+    ({"given": ["Иван"], "family": "Петровский"}, "PETROVSKIY", "name"),
+    # each part of a double surname, and the surname as one word
+    ({"given": ["Anouk"], "family": "Pemberly-Quasht"}, "PEMBERLY", "name"),
+    ({"given": ["Anouk"], "family": "Pemberly-Quasht"}, "QUASHT", "name"),
+    ({"given": ["Anouk"], "family": "Pemberly-Quasht"}, "PEMBERLYQUASHT", "name"),
+    ({"given": ["Anouk"], "family": "Pemberly-Quasht"}, "AnoukPemberlyQuasht", "full_name"),
+    # a given name of two words as one
+    ({"given": ["Mary Zelda"], "family": "Quist"}, "MARYZELDA", "name"),
+    # a name given as text alone: its first and last words, glued either way round
+    ({"text": "Ivo Zanderquist"}, "IvoZanderquist", "full_name"),
+    ({"text": "Ivo B. Zanderquist"}, "ZANDERQUISTIVO", "full_name"),
+]
+
+
+@pytest.mark.parametrize(("name", "code", "kind"), _NAMES_IN_CODES)
+def test_a_name_written_as_a_code_writes_it_is_found(
+    name: dict[str, object], code: str, kind: str
+) -> None:
+    c = CanarySet()
+    c.add_patient({"resourceType": "Patient", "id": "p1", "name": [name]}, "p1")
+    rows = [_local_coding_row(code)]
+    assert set(scan_rows(c, rows).by_kind()) == {kind}, code
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "OQUARRIGANS",  # inside a longer word
+        "BRONTE",  # a prefix
+        "PEMBERLYX",
+        "IVO",  # a short part alone
+        "SIOBHANO",
+    ],
+)
+def test_near_misses_of_names_written_as_codes_are_not_found(code: str) -> None:
+    c = CanarySet()
+    for name in (
+        {"given": ["Siobhan"], "family": "O'Quarrigan"},
+        {"given": ["Renée"], "family": "Brontëwald"},
+        {"given": ["Anouk"], "family": "Pemberly-Quasht"},
+        {"text": "Ivo Zanderquist"},
+    ):
+        c.add_patient({"resourceType": "Patient", "id": "p1", "name": [name]}, "p1")
+    assert scan_rows(c, [_local_coding_row(code)]).passed, code
+
+
+def test_an_ssn_the_source_wrote_in_full_width_digits_is_found_in_ascii() -> None:
+    """Released text is compared in its compatibility form: the canary is made the same way,
+    or a full-width SSN in the source was never found where a code wrote it in ASCII."""
+    c = CanarySet()
+    ssn = {"system": "http://hl7.org/fhir/sid/us-ssn", "value": _full_width("999-41-7733")}
+    c.add_patient({"resourceType": "Patient", "id": "p1", "identifier": [ssn]}, "p1")
+    for written in ("SSN999417733", "999-41-7733", _full_width("999417733")):
+        assert set(scan_rows(c, [_local_coding_row(written)]).by_kind()) == {"ssn"}, written
+
+
+def test_a_member_number_and_an_account_number_are_canaries() -> None:
+    c = CanarySet()
+    c.add_resource(
+        {"resourceType": "Coverage", "subscriberId": "ZQW88127734", "identifier": []}, "p1"
+    )
+    c.add_resource({"resourceType": "Account", "identifier": [{"value": "ACCT-7731-0452"}]}, "p1")
+    for code in ("ZQW88127734", "ACCT77310452"):
+        assert set(scan_rows(c, [_local_coding_row(code)]).by_kind()) == {"identifier"}, code

@@ -203,3 +203,28 @@ def test_the_canaries_hold_what_every_version_said(
         assert batch_key_hits(batch_canaries(con, key_provider, "b2"), "zedwick_2024") == ["name"]
     finally:
         con.close()
+
+
+def test_a_patient_refused_by_validation_is_a_canary_and_changes_the_vault_state(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """A Patient the quarantine holds (a birth date written day first) names its patient, whose
+    other records can be released: its names are release canaries, and a batch that brings
+    only such a record loads the canaries afresh."""
+    load = CountingLoad()
+    cache = ReleaseCanaryCache(load)
+    before = _canaries(cache, vault_with_batch, key_provider)
+    refused = {
+        "resourceType": "Patient",
+        "id": "pq",
+        "birthDate": "23/07/1961",
+        "name": [{"given": ["Ottoline"], "family": "Vexbridge"}],
+    }
+    (tmp_path / "b2").mkdir()
+    (tmp_path / "b2" / "pq.json").write_text(json.dumps(refused))
+    report = ingest_batch(vault_with_batch, "b2", tmp_path / "b2", key_provider, workers=1)
+    assert (report.accepted, sum(report.quarantine_reasons.values())) == (0, 1)
+    after = _canaries(cache, vault_with_batch, key_provider)
+    assert load.calls == 2 and after is not before
+    assert before.find("vexbridge") == []
+    assert after.find("VEXBRIDGE") == ["name"] and after.find("OttolineVexbridge") == ["full_name"]

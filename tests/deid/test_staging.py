@@ -542,3 +542,41 @@ def test_a_batch_drops_what_was_released_of_a_compartment_refused_as_an_erased_p
         assert {i for i, _ in _release(con)} == {pseudo.resource_key("Patient", "p2")}
     finally:
         con.close()
+
+
+def test_a_batch_naming_a_patient_of_an_earlier_batch_is_not_published(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A batch's rows are scanned against every patient of the vault, not only its own: a code
+    in another patient's record naming a patient of an earlier batch was published (the views'
+    scan found it later, with the release's canaries, and the release failed)."""
+    earlier = {
+        "resourceType": "Patient",
+        "id": "pa",
+        "name": [{"given": ["Hollis"], "family": "Quenbyrd"}],
+    }
+    other = {"resourceType": "Patient", "id": "pb", "gender": "male"}
+    coded = {
+        "resourceType": "Observation",
+        "id": "ob",
+        "status": "final",
+        "code": {"coding": [{"system": "http://hospital.example/local", "code": "QUENBYRD"}]},
+        "subject": {"reference": "Patient/pb"},
+    }
+    wh = tmp_path / "w.duckdb"
+    for batch, resources in (("b1", [earlier]), ("b2", [other, coded])):
+        (tmp_path / batch).mkdir()
+        for resource in resources:
+            (tmp_path / batch / f"{resource['id']}.json").write_bytes(orjson.dumps(resource))
+        ingest_batch(wh, batch, tmp_path / batch, key_provider, workers=1)
+    research = Policy.shipped("research")
+    con = warehouse.connect(wh)
+    try:
+        assert publish_batch(con, key_provider, "b1", research, today=TODAY).published
+        second = publish_batch(con, key_provider, "b2", research, today=TODAY)
+        assert not second.published and second.scan.by_kind() == {"name": 1}
+        assert "b2" not in {
+            b for (b,) in con.execute("SELECT batch_id FROM deid_resources").fetchall()
+        }
+    finally:
+        con.close()

@@ -494,10 +494,18 @@ def _prepare_patients(
     # once, with the count of the times left out of it, in one pass over every fact time: as
     # a view, every statement that reads it would take it again.
     # A pinned data end reads no fact time (the count is then taken when asked for).
+    # Never after ``known_by``: a fact dated before it can be known only later (a year alone
+    # of the arrival's year, known from the year's end on the patient's line), and moved the
+    # data end there, 13 months on, with every patient's latest row, the one the online store
+    # serves (ages a year older, 30-day counts run down to 0); such a fact is in no row yet.
     if data_end is None:
+        latest = f"max(ts) FILTER (WHERE NOT ({known}))"
+        if known_by is not None:
+            latest = f"least({latest}, {timestamptz_sql(known_by)})"  # least() skips a NULL
         bounds = (
-            f"SELECT max(ts) FILTER (WHERE NOT ({known})) AS data_end, "
-            f"count(*) FILTER (WHERE {known}) AS dated_after_arrival FROM feature_event_times"
+            f"SELECT CASE WHEN count(*) FILTER (WHERE NOT ({known})) > 0 THEN {latest} END "
+            f"AS data_end, count(*) FILTER (WHERE {known}) AS dated_after_arrival "
+            "FROM feature_event_times"
         )
     else:
         bounds = (

@@ -167,13 +167,14 @@ def test_a_date_shifted_forward_within_the_range_still_counts(tmp_path: Path) ->
 
 def test_a_year_alone_of_the_arrival_year_still_counts(tmp_path: Path) -> None:
     """A date known only to its year (Safe Harbor keeps years) stands for the whole year: the
-    current year is not in the future, even though its last instant is."""
+    current year is not in the future, even though its last instant is. It is not left out as
+    a fact dated after the arrival; known only from the year's end, it moves the data end no
+    further than the release's bound (``release_known_by``)."""
     diagnosis = dict(MISTAKEN[2], id="c8", recordedDate=str(ARRIVED.year))
     con, left_out = _build([*BASE, diagnosis], tmp_path / "year", KNOWN_BY)
     assert left_out == 0
     ((end,),) = con.execute("SELECT data_end FROM feature_data_end").fetchall()
-    # the year's last instant, in the latest time zone: beyond the bound, and still counted
-    assert KNOWN_BY < end < datetime(ARRIVED.year + 1, 1, 2, tzinfo=UTC)
+    assert end == KNOWN_BY
 
 
 def test_facts_dated_after_arrival_move_no_label(tmp_path: Path) -> None:
@@ -267,3 +268,24 @@ def test_the_feature_asset_leaves_out_what_is_dated_after_the_arrival(
     finally:
         con.close()
     assert latest < datetime.now(UTC)
+
+
+def test_a_year_alone_of_the_arrival_year_runs_no_patient_past_the_bound(tmp_path: Path) -> None:
+    """The same diagnosis under the research profile's shift: known, on the patient's line, only
+    from the year's end plus the shift (20 February 2027). It moved the data end there, 13
+    months after the arrival, and every patient's rows with it: p1 (born 1 May 1960, 65 at the
+    arrival and at the bound) had a latest row, the one the online store serves, aged 66 from
+    May 2026, and p2 a yearly repeat in December 2026. No fact of the release can stand for an
+    instant after the bound (:func:`release_known_by`)."""
+    diagnosis = dict(MISTAKEN[2], id="c8", recordedDate=str(ARRIVED.year))
+    con = _views([*BASE, diagnosis])
+    build_feature_tables_report(con, tmp_path, known_by=KNOWN_BY, shift_days=SHIFT_DAYS)
+    for name in FEATURE_TABLES:
+        ((latest,),) = con.execute(f"SELECT max(event_timestamp) FROM features.{name}").fetchall()
+        assert latest <= KNOWN_BY, name
+    ((age,),) = con.execute(
+        "SELECT age_years FROM features.patient_demographics d "
+        "JOIN views.patient p ON p.id = d.patient_id WHERE p.birth_date = DATE '1960-05-01' "
+        "ORDER BY event_timestamp DESC LIMIT 1"
+    ).fetchall()
+    assert age == 65

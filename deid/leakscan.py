@@ -168,6 +168,9 @@ _NAME_JOINERS = re.compile(r"['\u2019-]")
 # what a code (ASCII letters and digits, deid.terminology) leaves out of a name written in it
 _NOT_CODE_CHARACTERS = re.compile(r"[^0-9a-z]+")
 _NAME_KINDS = ("name", "full_name")
+# a source id that is a canary in released text (see CanarySet.add_source_id): six characters
+# or more, a letter and a digit among them
+_LINKING_ID = re.compile(r"(?=.*[A-Za-z])(?=.*[0-9])[A-Za-z0-9\-.]{6,64}")
 # what is no letter or digit, in any script (a batch key made safe keeps ASCII ones only)
 _SEPARATORS = re.compile(r"[\W_]+")
 # what a batch key made safe writes as "-" (vault.landing.batch_key), in case-folded text
@@ -586,10 +589,15 @@ class CanarySet:
 
     def add_source_id(self, resource_id: Any) -> None:
         """A patient's resource id in the source (``Patient/<id>``), of ``MIN_TEXT`` characters
-        or more: looked for in a batch key (``source_id_in``) and nowhere else. Released rows
-        hold pseudonyms in its place, and a short id (``1001``) equals ordinary values."""
+        or more: looked for in a batch key (``source_id_in``). An id of letters and digits
+        both, of six characters or more (``pt-55190377``, a UUID), is a text canary too, kind
+        ``id``: it links a released row to the source's record, where released rows hold a
+        pseudonym in its place. A shorter id, or one of digits or of letters alone (``1001``,
+        ``example``), equals ordinary values and words, and is looked for in batch keys only."""
         if isinstance(resource_id, str) and len(resource_id) >= MIN_TEXT:
             self._ids.add(resource_id.casefold())
+            if _LINKING_ID.fullmatch(resource_id):
+                self.add("id", resource_id)
 
     def source_id_in(self, text: str) -> bool:
         """Whether ``text`` holds one of the source ids as a whole token (``Patient-p4471x9``

@@ -581,3 +581,27 @@ def test_a_member_number_and_an_account_number_are_canaries() -> None:
     c.add_resource({"resourceType": "Account", "identifier": [{"value": "ACCT-7731-0452"}]}, "p1")
     for code in ("ZQW88127734", "ACCT77310452"):
         assert set(scan_rows(c, [_local_coding_row(code)]).by_kind()) == {"identifier"}, code
+
+
+@pytest.mark.parametrize(
+    ("patient_id", "text", "found"),
+    [
+        ("pt-55190377", "pt-55190377", True),  # as a local code
+        ("pt-55190377", "http://hospital.example/Patient/pt-55190377", True),
+        ("pt-55190377", "PT-55190377", True),
+        ("f47ac10b-58cc-4372-a567-0e02b2c3d479", "f47ac10b-58cc-4372-a567-0e02b2c3d479", True),
+        ("pt-55190377", "xpt-55190377", False),  # inside a longer token
+        ("1001", "1001", False),  # digits alone: an ordinary number
+        ("example", "example", False),  # letters alone: an ordinary word
+        ("p7x", "p7x", False),  # shorter than six characters
+    ],
+)
+def test_a_patients_source_id_in_released_text_is_found_when_it_links(
+    patient_id: str, text: str, found: bool
+) -> None:
+    """The source's id of a Patient links a row to the hospital's record; released rows hold a
+    pseudonym in its place. An id of letters and digits both, six characters or more, is
+    looked for as a whole token; others equal ordinary numbers and words."""
+    c = CanarySet()
+    c.add_patient({"resourceType": "Patient", "id": patient_id}, "p1")
+    assert (set(scan_rows(c, [_local_coding_row(text)]).by_kind()) == {"id"}) == found, text

@@ -65,6 +65,8 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         "SSN999417733",
     ),
     "name_as_text": ({"name": [{"text": "Ivo Zanderquist"}]}, "IvoZanderquist"),
+    # the source's id of the Patient, which released rows hold a pseudonym in place of
+    "source_id": ({"id": "pt-55190377"}, "pt-55190377"),
     # the Patient is quarantined (a birth date written day first): its other records come in
     "patient_quarantined": (
         {**_named("Ottoline", "Vexbridge"), "birthDate": "23/07/1961"},
@@ -107,7 +109,7 @@ def test_a_name_or_number_written_as_a_code_holds_the_batch_back(
     generate(landing / "cohort", 12, seed=21)
     records: list[dict[str, Any]] = []
     for case, (fields, code) in CASES.items():
-        pid = f"pt-{case.replace('_', '-')}"
+        pid = str(fields.get("id") or f"pt-{case.replace('_', '-')}")
         records += [_patient(pid, **fields), _observation(pid, code)]
     for case, (record, code) in OWN_RECORDS.items():
         pid = f"pt-{case.replace('_', '-')}"

@@ -150,8 +150,9 @@ SCAN_RULES: tuple[str, ...] = (
     # canaries compared in their compatibility form (an SSN in full-width digits); names also
     # in ASCII and as a code writes them (BRONTEWALD, OQUARRIGAN, PEMBERLY of Pemberly-Quasht,
     # IvoZanderquist of a name given as text); a Coverage's member number and an Account's
-    # number; the Patient records the quarantine holds; every batch against every patient
-    "ascii_code_forms_other_records_every_patient",
+    # number; the records the quarantine holds; a Patient's source id of letters and digits;
+    # every batch against every patient
+    "ascii_code_forms_other_records_source_ids_every_patient",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

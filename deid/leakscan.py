@@ -168,7 +168,9 @@ _WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
 _NAME_JOINERS = re.compile(r"['\u2019-]")
 # what a code (ASCII letters and digits, deid.terminology) leaves out of a name written in it
 _NOT_CODE_CHARACTERS = re.compile(r"[^0-9a-z]+")
-_NAME_KINDS = ("name", "full_name")
+# the kinds a code can hold glued (letters and digits only): names, an address line
+# (9QUIMBYROW), an email (ZQUIXEXAMPLEORG)
+_GLUED_KINDS = ("name", "full_name", "address", "email")
 # a source id that is a canary in released text (see CanarySet.add_source_id): six characters
 # or more, a letter and a digit among them
 _LINKING_ID = re.compile(r"(?=.*[A-Za-z])(?=.*[0-9])[A-Za-z0-9\-.]{6,64}")
@@ -321,15 +323,16 @@ def ascii_forms(folded: str, kind: str) -> tuple[str, ...]:
     """The forms a case-folded text canary takes in text written in ASCII only, as a local
     code or an identifier is: transliterated when it has letters outside ASCII (``brontëwald``
     as ``brontewald``, ``øyangrud`` as ``oyangrud``, ``иван`` as ``ivan``: anyascii), and, for
-    a name, with only its letters and digits (``o'quarrigan`` as ``oquarrigan``, a full name
-    as one word: ``renée brontëwald`` as ``reneebrontewald``). Empty for a canary that is its
-    own form (an ASCII name of letters alone, any other ASCII canary)."""
+    a name, an address line or an email, with only its letters and digits (``o'quarrigan`` as
+    ``oquarrigan``, a full name as one word: ``renée brontëwald`` as ``reneebrontewald``,
+    ``9 quimby row`` as ``9quimbyrow``). Empty for a canary that is its own form (an ASCII
+    name of letters alone, any other ASCII canary)."""
     forms: list[str] = []
     written = folded
     if not folded.isascii():
         written = " ".join(anyascii(folded).casefold().split())
         forms.append(written)
-    if kind in _NAME_KINDS:
+    if kind in _GLUED_KINDS:
         forms.append(_NOT_CODE_CHARACTERS.sub("", written))
     return tuple(f for f in dict.fromkeys(forms) if f != folded and len(f) >= MIN_TEXT)
 

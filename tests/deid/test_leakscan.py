@@ -605,3 +605,18 @@ def test_a_patients_source_id_in_released_text_is_found_when_it_links(
     c = CanarySet()
     c.add_patient({"resourceType": "Patient", "id": patient_id}, "p1")
     assert (set(scan_rows(c, [_local_coding_row(text)]).by_kind()) == {"id"}) == found, text
+
+
+def test_an_address_line_and_an_email_glued_as_a_code_writes_them_are_found() -> None:
+    c = CanarySet()
+    patient = {
+        "resourceType": "Patient",
+        "id": "p1",
+        "address": [{"line": ["9 Quimby Row"], "city": "Dunmere", "postalCode": "01984"}],
+        "telecom": [{"system": "email", "value": "zquix42@example.org"}],
+    }
+    c.add_patient(patient, "p1")
+    for code, kind in (("9QUIMBYROW", "address"), ("ZQUIX42EXAMPLEORG", "email")):
+        assert set(scan_rows(c, [_local_coding_row(code)]).by_kind()) == {kind}, code
+    for near in ("9QUIMBY", "QUIMBYROW", "ZQUIX42"):  # a part alone is no finding
+        assert scan_rows(c, [_local_coding_row(near)]).passed, near

@@ -4,6 +4,7 @@ every released Parquet file and the Feast online store)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ import pytest
 from fhirlake.synthetic import generate
 from pipelines.publish import unfinished_temporaries
 from tests.feast_stores import stored_rows
+from vault.keys import FileKeyProvider
+from vault.pseudonym import Pseudonymizer
 
 pytestmark = pytest.mark.e2e
 
@@ -258,3 +261,67 @@ def test_an_incremental_release_killed_in_each_step_then_run_again_equals_one_ne
     assert stored_rows(crashed / online) == stored_rows(reference / online)
     left = [p for f in ("views", "features") for p in unfinished_temporaries(crashed / f)]
     assert not left, [p.name for p in left]
+
+
+def _opt_out_batch(landing: Path, batch: str) -> str:
+    """A batch ``batch`` holding the Consent of the first patient of ``batch-a`` who permits
+    research, sent again (same id) as a research opt-out naming the patient as ``Patient/<id>``;
+    returns that patient's source id."""
+    for path in sorted((landing / "batch-a").glob("[0-9]*.json")):
+        resources = [e["resource"] for e in json.loads(path.read_text())["entry"]]
+        (patient,) = [r for r in resources if r["resourceType"] == "Patient"]
+        (consent,) = [r for r in resources if r["resourceType"] == "Consent"]
+        if consent["provision"]["type"] != "permit":
+            continue
+        reference = {"reference": f"Patient/{patient['id']}"}
+        consent.update(patient=reference, performer=[reference])
+        consent.pop("organization", None)
+        consent["policyRule"]["coding"][0].update(code="OPTOUT", display="opt-out")
+        consent["provision"]["type"] = "deny"
+        (landing / batch).mkdir()
+        (landing / batch / "opt-out.ndjson").write_text(json.dumps(consent) + "\n")
+        return str(patient["id"])
+    raise AssertionError("no patient permits research")
+
+
+def _online_patients(db: Path, pseudonyms: set[str]) -> set[str]:
+    """Which of ``pseudonyms`` the online store holds a row of (the entity key holds the
+    pseudonym's text)."""
+    keys = {key for rows in stored_rows(db).values() for (key, *_) in rows}
+    return {p for p in pseudonyms if any(p.encode() in key for key in keys)}
+
+
+def test_a_run_killed_while_feast_rewrites_its_registry_then_run_again_equals_one_never_killed(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Feast rewrites its file registry in place (``open(path, "wb")``, then the bytes) each
+    time a materialisation records its interval, as the first release's full load of the online
+    store does. A run killed between the two leaves an empty registry beside the record of a
+    successful apply: run again, the release must still equal one never killed, and a later
+    research opt-out must leave the online store."""
+    landing = tmp_path / "landing"
+    generate(landing / "batch-a", 30, seed=21)
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    _run(landing, reference, key_file)
+    assert _run_killed_at(landing, crashed, key_file, "registry_truncated") == "registry_truncated"
+    again = subprocess.run(
+        [EHR, "run", "--input", str(landing), "--workdir", str(crashed)],
+        env=_env(key_file),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+    )
+    assert again.returncode == 0, (again.stdout + again.stderr)[-1500:]
+    expected, got = released(reference), released(crashed)
+    assert got["tables"] == expected["tables"]
+    assert got["parquet"] == expected["parquet"]
+    online = Path("feast") / "online_store.db"
+    assert stored_rows(crashed / online) == stored_rows(reference / online)
+
+    # a later batch opts one patient out of research: no online row of theirs stays served
+    source_id = _opt_out_batch(landing, "batch-b")
+    pseudonyms = Pseudonymizer(FileKeyProvider.load(key_file).pseudonym_key())
+    opted_out = {pseudonyms.resource_key("Patient", source_id)}
+    assert _online_patients(crashed / online, opted_out) == opted_out
+    _run(landing, crashed, key_file)
+    assert _online_patients(crashed / online, opted_out) == set()

@@ -7,7 +7,10 @@ knows the kill landed there). The points wrap functions when their module is fir
   publish (``pipelines.publish``), its DuckDB transaction not yet committed;
 - ``features_computed``: the changed patients' feature rows computed, nothing of them published;
 - ``online_rows_written``: the first feature view's changed rows written to the online store, the
-  other views and the snapshot not.
+  other views and the snapshot not;
+- ``registry_truncated``: Feast's file registry opened for writing (``open(path, "wb")``, which
+  empties it) and not yet written, in the run's own process (a materialisation recording its
+  interval), not in the ``feast apply`` child.
 """
 
 from __future__ import annotations
@@ -62,12 +65,27 @@ def _publish(module: types.ModuleType) -> None:
     module.os = proxy  # type: ignore[attr-defined]
 
 
+def _registry(module: types.ModuleType) -> None:
+    store = module.FileRegistryStore
+    original = store._write_registry
+
+    @functools.wraps(original)
+    def write(self: Any, registry_proto: Any) -> None:
+        if _POINT == "registry_truncated" and sys.argv[:1] != ["-c"]:  # not the feast CLI child
+            open(self._filepath, "wb").close()  # what Feast's own open does first
+            _reached("registry_truncated")
+        original(self, registry_proto)
+
+    store._write_registry = write
+
+
 _PATCHES: dict[str, Callable[[types.ModuleType], None]] = {
     "pipelines.publish": _publish,
     "pipelines.features.refresh": lambda m: _after(
         m, "_compute_changed_patients", "features_computed"
     ),
     "pipelines.features.online_sync": lambda m: _after(m, "_write_rows", "online_rows_written"),
+    "feast.infra.registry.file": _registry,
 }
 
 

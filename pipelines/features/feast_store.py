@@ -244,7 +244,13 @@ def apply_repo(
     reason = _apply_reason(registry, digest)
     if registry is not None and registry.exists():
         store = feature_store(repo, data_dir, features_dir)
-        if foreign_online_stores(store):
+        if not _registry_readable(store):
+            # Feast rewrites its registry in place (``open(path, "wb")``, then the bytes) at
+            # every apply and materialisation: a process killed in between leaves it empty (or
+            # cut short), which would pass for an applied repo of no feature view
+            registry.unlink()
+            reason = "registry empty or unreadable"
+        elif foreign_online_stores(store):
             # a registry copied with its work directory lists the online tables of the directory
             # it was copied from, and feast apply drops the tables its registry lists and the
             # new config does not: that directory's online store would be emptied. A new
@@ -275,6 +281,15 @@ def apply_repo(
         reason=reason or "registry applied from the same repo, environment and feast version",
         digest=digest,
     )
+
+
+def _registry_readable(store: FeatureStore) -> bool:
+    """Whether the store's registry can be read and lists a feature view (the repo declares
+    several: a registry of none is one whose write was cut short)."""
+    try:
+        return bool(store.list_feature_views())
+    except Exception:  # a registry cut short mid-message: protobuf's DecodeError, or worse
+        return False
 
 
 def registry_generation(store: FeatureStore) -> str | None:

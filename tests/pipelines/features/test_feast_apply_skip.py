@@ -99,6 +99,29 @@ def test_apply_skipped_until_something_it_reads_changes(tmp_path: Path) -> None:
     assert apply_repo(repo, data, moved).reason == "no registry"
 
 
+def test_a_registry_emptied_or_cut_short_by_a_killed_write_is_applied_again(
+    tmp_path: Path,
+) -> None:
+    """Feast rewrites its registry in place (``open(path, "wb")``, then the bytes) at every apply
+    and materialisation: a process killed in between leaves it empty beside the record of a
+    successful apply, and a registry of no feature view must not pass for the applied repo."""
+    repo = repo_copy(tmp_path)
+    features, data = tmp_path / "features", tmp_path / "feast"
+    con = duckdb.connect()
+    write_views(con, crafted_rows())
+    build_feature_tables(con, features)
+    first = apply_repo(repo, data, features)
+    registry = data / "registry.db"
+    whole = registry.read_bytes()
+
+    for left in (b"", whole[: len(whole) // 2], b"\xff" * 64):
+        registry.write_bytes(left)
+        again = apply_repo(repo, data, features)
+        assert (again.applied, again.reason) == (True, "registry empty or unreadable")
+        assert (again.feature_views, again.features) == (first.feature_views, first.features)
+        assert not apply_repo(repo, data, features).applied
+
+
 def test_a_copied_work_directory_leaves_the_original_online_store_alone(tmp_path: Path) -> None:
     """``feast apply`` drops the online tables its registry lists and the config does not: a
     registry copied with its directory lists the original's, which must keep theirs."""

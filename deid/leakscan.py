@@ -327,6 +327,8 @@ def ascii_forms(folded: str, kind: str) -> tuple[str, ...]:
     ``oquarrigan``, a full name as one word: ``renée brontëwald`` as ``reneebrontewald``,
     ``9 quimby row`` as ``9quimbyrow``). Empty for a canary that is its own form (an ASCII
     name of letters alone, any other ASCII canary)."""
+    if folded.isascii() and (kind not in _GLUED_KINDS or folded.isalnum()):
+        return ()  # the usual canary: no form but itself
     forms: list[str] = []
     written = folded
     if not folded.isascii():
@@ -334,6 +336,8 @@ def ascii_forms(folded: str, kind: str) -> tuple[str, ...]:
         forms.append(written)
     if kind in _GLUED_KINDS:
         forms.append(_NOT_CODE_CHARACTERS.sub("", written))
+        if written is not folded:  # and glued as written (a URL's segment: RenéeBrontëwald)
+            forms.append(_SEPARATORS.sub("", folded))
     return tuple(f for f in dict.fromkeys(forms) if f != folded and len(f) >= MIN_TEXT)
 
 
@@ -519,11 +523,11 @@ class CanarySet:
         if len(words) >= 2:
             pairs.append((words[0], words[-1]))
         for first, last in dict.fromkeys(pairs):
+            # its forms hold it glued, as local code systems and URLs write it (ascii_forms:
+            # CourtneyBarajas); glued the other way round too (BarajasCourtney)
             self.add("full_name", f"{first} {last}")
-            # written as one token, as local code systems and URLs do: CourtneyBarajas
-            for glued in (f"{first}{last}", f"{last}{first}"):
-                if not any(c.isspace() for c in glued):
-                    self.add("full_name", glued)
+            if not any(c.isspace() for c in f"{last}{first}"):
+                self.add("full_name", f"{last}{first}")
 
     def add_contact_points(self, resource: dict[str, Any]) -> None:
         """Telecom, address (lines, city with ZIP) and identifiers of a person or contact."""

@@ -514,6 +514,7 @@ _NAMES_IN_CODES = [
     # accents a code cannot hold, and letters with no accent to drop (ø, æ)
     ({"given": ["Renée"], "family": "Brontëwald"}, "BRONTEWALD", "name"),
     ({"given": ["Renée"], "family": "Brontëwald"}, "RENEEBRONTEWALD", "full_name"),
+    ({"given": ["Renée"], "family": "Brontëwald"}, "RenéeBrontëwald", "full_name"),
     ({"given": ["Søren"], "family": "Øyangrud"}, "OYANGRUD", "name"),
     ({"given": ["Ærwen"], "family": "Dalby"}, "AERWENDALBY", "full_name"),
     # another script, in one romanization (BGN/PCGN; another one, Petrovskii, is not found)

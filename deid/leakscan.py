@@ -153,6 +153,8 @@ SCAN_RULES: tuple[str, ...] = (
     # number; the records the quarantine holds; a Patient's source id of letters and digits;
     # every batch against every patient
     "ascii_code_forms_other_records_source_ids_every_patient",
+    # the ASCII forms of a canary shorter than MIN_TEXT as written (张小明 as zhangxiaoming)
+    "ascii_forms_of_short_canaries",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -466,10 +468,14 @@ class CanarySet:
                 for form in _phone_forms(digits) if kind == "phone" else (digits,):
                     self._store.add_digits(form, kind)
                 self._changed()
+        # a form is kept by its own length (ascii_forms): a canary under MIN_TEXT characters
+        # can have a longer one (a Chinese full name of three, 张小明, is zhangxiaoming)
+        forms = ascii_forms(folded, kind)
         if len(folded) >= MIN_TEXT:
             self._store.add_text(folded, kind)
-            for form in ascii_forms(folded, kind):
-                self._store.add_text(form, kind)
+        for form in forms:
+            self._store.add_text(form, kind)
+        if len(folded) >= MIN_TEXT or forms:
             self._changed()
 
     def _writable(self) -> None:

@@ -621,3 +621,20 @@ def test_an_address_line_and_an_email_glued_as_a_code_writes_them_are_found() ->
         assert set(scan_rows(c, [_local_coding_row(code)]).by_kind()) == {kind}, code
     for near in ("9QUIMBY", "QUIMBYROW", "ZQUIX42"):  # a part alone is no finding
         assert scan_rows(c, [_local_coding_row(near)]).passed, near
+
+
+def test_short_non_ascii_full_name_found_in_ascii_either_way_round():
+    """A Chinese full name of three characters (family 张, given 小明) is under MIN_TEXT as
+    written, but its ASCII forms are not: glued either way round, as a code writes it."""
+    canaries = CanarySet()
+    canaries.add_patient(
+        {"resourceType": "Patient", "id": "x", "name": [{"family": "张", "given": ["小明"]}]}
+    )
+    assert "full_name" in canaries.find("ZHANGXIAOMING")  # family first, as the name is said
+    assert "full_name" in canaries.find("XIAOMINGZHANG")
+    canaries = CanarySet()
+    canaries.add_patient(
+        {"resourceType": "Patient", "id": "y", "name": [{"family": "王", "given": ["芳"]}]}
+    )
+    assert "full_name" in canaries.find("code WANGFANG")
+    assert "full_name" in canaries.find("FANGWANG")

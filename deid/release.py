@@ -478,11 +478,13 @@ def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _Vault
         "FROM phi_vault"
     ).fetchone() or (0, None, None)
     # the quarantined records canaries are read from too (:func:`_add_other_records`)
-    quarantined = con.execute(
-        "SELECT count(*), sum(hash(batch_id, file_index, position, sealed)) FROM quarantine "
-        "WHERE list_contains(?, resource_type)",
-        [list(CANARY_RESOURCE_TYPES)],
-    ).fetchone() or (0, None)
+    quarantined: tuple[Any, ...] = (0, None)
+    if has_table(con, "quarantine"):
+        quarantined = con.execute(
+            "SELECT count(*), sum(hash(batch_id, file_index, position, sealed)) FROM quarantine "
+            "WHERE list_contains(?, resource_type)",
+            [list(CANARY_RESOURCE_TYPES)],
+        ).fetchone() or (0, None)
     return (
         str(path.resolve()),
         int(rows),

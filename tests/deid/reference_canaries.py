@@ -63,9 +63,10 @@ class ReferenceCanarySet(CanarySet):
                 for form in _phone_forms(digits) if kind == "phone" else (digits,):
                     self._digits.setdefault(form, kind)
                 self._changed()
-        if len(folded) >= MIN_TEXT:
-            for form in (folded, *ascii_forms(folded, kind)):
-                self._kinds.setdefault(form, kind)
+        forms = ascii_forms(folded, kind)  # each kept by its own length
+        for form in (folded, *forms) if len(folded) >= MIN_TEXT else forms:
+            self._kinds.setdefault(form, kind)
+        if len(folded) >= MIN_TEXT or forms:
             self._changed()
 
     def _changed(self) -> None:

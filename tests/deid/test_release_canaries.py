@@ -228,3 +228,19 @@ def test_a_patient_refused_by_validation_is_a_canary_and_changes_the_vault_state
     assert load.calls == 2 and after is not before
     assert before.find("vexbridge") == []
     assert after.find("VEXBRIDGE") == ["name"] and after.find("OttolineVexbridge") == ["full_name"]
+
+
+def test_the_vault_state_of_a_vault_without_a_quarantine_table(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A warehouse file set up outside the platform's schema, with a vault and no quarantine
+    table: its state is read (no quarantined record), not an error."""
+    con = duckdb.connect(str(tmp_path / "bare.duckdb"))
+    try:
+        con.execute(
+            "CREATE TABLE phi_vault (resource_key VARCHAR, ingest_seq BIGINT, content_mac BLOB)"
+        )
+        state = vault_state(con, key_provider)
+        assert state is not None and state[1:6] == (0, None, None, 0, None)
+    finally:
+        con.close()

@@ -40,12 +40,17 @@ def _env(key_file: Path) -> dict[str, str]:
     return env
 
 
-def _run(landing: Path, workdir: Path, key_file: Path) -> None:
-    subprocess.run(
+def _run(
+    landing: Path, workdir: Path, key_file: Path, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """``ehr run`` of ``landing`` into ``workdir``, its output kept (a failure raises, unless
+    ``check`` is off)."""
+    return subprocess.run(
         [EHR, "run", "--input", str(landing), "--workdir", str(workdir)],
         env=_env(key_file),
-        check=True,
+        check=check,
         capture_output=True,
+        text=True,
         timeout=RUN_TIMEOUT,
     )
 
@@ -241,14 +246,7 @@ def test_an_incremental_release_killed_in_each_step_then_run_again_equals_one_ne
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     for work in (reference, crashed):
         _run(first, work, key_file)
-    done = subprocess.run(
-        [EHR, "run", "--input", str(full), "--workdir", str(reference)],
-        env=_env(key_file),
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
+    done = _run(full, reference, key_file)
     log = done.stdout + done.stderr
     assert "features (incremental)" in log and "view observation (incremental)" in log, log[-3000:]
     killed = [_run_killed_at(full, crashed, key_file, p) for p in RELEASE_KILL_POINTS]
@@ -304,13 +302,7 @@ def test_a_run_killed_while_feast_rewrites_its_registry_then_run_again_equals_on
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     _run(landing, reference, key_file)
     assert _run_killed_at(landing, crashed, key_file, "registry_truncated") == "registry_truncated"
-    again = subprocess.run(
-        [EHR, "run", "--input", str(landing), "--workdir", str(crashed)],
-        env=_env(key_file),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-    )
+    again = _run(landing, crashed, key_file, check=False)
     assert again.returncode == 0, (again.stdout + again.stderr)[-1500:]
     expected, got = released(reference), released(crashed)
     assert got["tables"] == expected["tables"]

@@ -17,6 +17,7 @@ import pytest
 from pipelines.features.feast_store import (
     FEAST_DATA_ENV,
     FEATURES_DIR_ENV,
+    ApplyReport,
     apply_digest,
     apply_repo,
     read_apply_record,
@@ -63,14 +64,19 @@ def test_digest_covers_files_and_variables_but_not_bytecode(tmp_path: Path) -> N
     assert apply_digest(repo) != first
 
 
-def test_apply_skipped_until_something_it_reads_changes(tmp_path: Path) -> None:
+def _applied(tmp_path: Path) -> tuple[Path, Path, Path, ApplyReport]:
+    """A copy of the repo applied once over feature tables built from crafted views: the
+    repo, its data folder, the features folder and the first apply's result."""
     repo = repo_copy(tmp_path)
     features, data = tmp_path / "features", tmp_path / "feast"
     con = duckdb.connect()
     write_views(con, crafted_rows())
     build_feature_tables(con, features)
+    return repo, data, features, apply_repo(repo, data, features)
 
-    first = apply_repo(repo, data, features)
+
+def test_apply_skipped_until_something_it_reads_changes(tmp_path: Path) -> None:
+    repo, data, features, first = _applied(tmp_path)
     assert (first.applied, first.reason) == (True, "no registry")
     generation = read_apply_record(data / "registry.db")["generation"]
 
@@ -105,12 +111,7 @@ def test_a_registry_emptied_or_cut_short_by_a_killed_write_is_applied_again(
     """Feast rewrites its registry in place (``open(path, "wb")``, then the bytes) at every apply
     and materialisation: a process killed in between leaves it empty beside the record of a
     successful apply, and a registry of no feature view must not pass for the applied repo."""
-    repo = repo_copy(tmp_path)
-    features, data = tmp_path / "features", tmp_path / "feast"
-    con = duckdb.connect()
-    write_views(con, crafted_rows())
-    build_feature_tables(con, features)
-    first = apply_repo(repo, data, features)
+    repo, data, features, first = _applied(tmp_path)
     registry = data / "registry.db"
     whole = registry.read_bytes()
 

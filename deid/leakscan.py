@@ -545,6 +545,10 @@ class CanarySet:
         for addr in addresses if isinstance(addresses, list) else [addresses]:
             if isinstance(addr, dict):
                 self._add_address(addr)
+        self.add_identifiers(resource)
+
+    def add_identifiers(self, resource: dict[str, Any]) -> None:
+        """The values of a resource's ``identifier`` list, each of its kind (an SSN or not)."""
         for ident in resource.get("identifier") or []:
             value = ident.get("value") if isinstance(ident, dict) else None
             if isinstance(value, str):
@@ -860,10 +864,7 @@ def _add_identifiers(canaries: CanarySet, resource: dict[str, Any], _: str | Non
         subscriber = subscriber.get("value")
     if isinstance(subscriber, str):
         canaries.add("identifier", subscriber)
-    for ident in resource.get("identifier") or []:
-        value = ident.get("value") if isinstance(ident, dict) else None
-        if isinstance(value, str):
-            canaries.add(_identifier_kind(ident), value)
+    canaries.add_identifiers(resource)
 
 
 # Which resources carry whose identifiers: the patient's own, a relative's (RelatedPerson, and

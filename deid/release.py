@@ -320,10 +320,6 @@ def deidentify_batch(
     return _report(run, policy, started)
 
 
-# Resources naming a patient's relatives: their names are canaries of that patient too.
-RELATIVE_TYPES = ("RelatedPerson", "FamilyMemberHistory")
-
-
 def _add_other_records(
     canaries: CanarySet,
     con: duckdb.DuckDBPyConnection,

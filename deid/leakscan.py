@@ -453,6 +453,13 @@ class CanarySet:
     def __len__(self) -> int:
         return self._store.counts[self._slots[0]] + self._store.digit_count + len(self._births)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a pickled set keeps (a sealed copy, :class:`deid.release.ReleaseCanaryCache`):
+        its canaries, not what it found in the texts searched so far nor its spaced view."""
+        state = dict(self.__dict__)
+        state["_memo"], state["_spaced"] = {}, None
+        return state
+
     def add(self, kind: str, text: str) -> None:
         """A canary of ``kind``, case-folded in its compatibility form (an SSN in full-width
         digits is these digits in ASCII, as released text is compared: :func:`as_compared`),

@@ -4,21 +4,28 @@ leak scan over what was released, and the released patient table with its k-anon
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.metadata
+import logging
 import os
+import pickle
 import re
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import date
-from functools import partial
+from functools import cache, partial
+from pathlib import Path
 from typing import Any
 
 import duckdb
 import orjson
 import pyarrow as pa
 
+from deid import leakscan
 from deid.kanon import (
     DEFAULT_MAX_WITHHELD,
     QUASI_IDENTIFIERS,
@@ -49,6 +56,7 @@ from deid.workers import (
     deidentify_items,
 )
 from vault.catalog import has_table, multiset_digest_sql
+from vault.errors import InvalidCiphertext
 from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
 from vault.keys import KeyProvider, key_fingerprint
 from vault.read import (
@@ -57,7 +65,10 @@ from vault.read import (
     iter_every_version,
     iter_quarantined_records,
 )
+from vault.sealed_cache import read_entry, write_entry
 from vault.warehouse import database_path
+
+_log = logging.getLogger(__name__)
 
 DEID_ERRORS_DDL = """
 CREATE TABLE IF NOT EXISTS deid_errors (
@@ -493,13 +504,47 @@ def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _Vault
     )
 
 
+# the sealed cache's entry of the release canaries (:mod:`vault.sealed_cache`)
+SEALED_CANARIES = "release_canaries"
+# the largest pickled set sealed: about 12 MB a thousand patients, so some 80,000 patients;
+# one blob is written whole at each new vault state and held twice in memory while it is
+MAX_SEALED_CANARY_BYTES = 1 << 30
+
+
+@cache
+def _canary_code() -> bytes:
+    """What the canaries' forms and their pickled layout depend on besides the vault: the code
+    that makes them (this module and :mod:`deid.leakscan`, as files) and the versions of the
+    libraries in them. A sealed set made by other code is made again."""
+    digest = hashlib.sha256()
+    for source in (Path(__file__), Path(leakscan.__file__)):
+        digest.update(source.read_bytes())
+    for distribution in ("anyascii", "pyahocorasick"):
+        digest.update(f"|{distribution}={importlib.metadata.version(distribution)}".encode())
+    digest.update(f"|python={sys.version_info[:2]}".encode())
+    return digest.digest()
+
+
+def sealed_state(state: _VaultState) -> str:
+    """The state a sealed canary set is stored under: the vault's state but for the warehouse's
+    path (a work directory moved or copied keeps its set), and the code that made the set."""
+    return hashlib.sha256(repr(state[1:]).encode() + _canary_code()).hexdigest()
+
+
 class ReleaseCanaryCache:
     """The release canaries, decrypted once per vault state rather than once per released table
-    (every view, the feature tables and the online store are scanned against them).
+    (every view, the feature tables and the online store are scanned against them), and, with
+    ``sealed``, kept between run processes in the warehouse, compiled and sealed
+    (:mod:`vault.sealed_cache`): a release run started after its batch's run takes the set that
+    run made instead of decrypting every patient again.
 
     An entry is reused only while :func:`vault_state` is unchanged, so a newly ingested batch,
-    an erasure or other keys load them afresh. Canaries are PHI: one entry at most, in memory
-    only, dropped before its replacement is loaded.
+    an erasure or other keys load them afresh. Canaries are PHI: one entry at most in memory,
+    dropped before its replacement is loaded; the sealed one is bound to its state
+    (:func:`sealed_state`) and deleted by every erasure. It is unpickled only once AES-GCM
+    has authenticated it under the vault's shared data key, which only the key provider
+    unwraps: a blob not sealed by the platform is never unpickled. One that fails
+    authentication is logged (no content) and made again from the vault.
 
     Within one run (``run_id``) the vault cannot change: the run holds the warehouse's one
     writable connection from its first step to its end (DuckDB locks the file against every
@@ -510,8 +555,11 @@ class ReleaseCanaryCache:
     def __init__(
         self,
         load: Callable[[duckdb.DuckDBPyConnection, KeyProvider], CanarySet] = release_canaries,
+        *,
+        sealed: bool = True,
     ) -> None:
         self._load = load
+        self._sealed = sealed
         self._lock = threading.RLock()
         self._state: _VaultState | None = None
         self._canaries: CanarySet | None = None
@@ -529,12 +577,41 @@ class ReleaseCanaryCache:
                 return self._load(con, provider)
             if self._canaries is None or state != self._state:
                 self.clear()
-                self._canaries = self._load(con, provider)
+                self._canaries = self._sealed_or_loaded(con, provider, state)
                 self._state = state
             self._run_id = run_id
             return self._canaries
 
+    def _sealed_or_loaded(
+        self, con: duckdb.DuckDBPyConnection, provider: KeyProvider, state: _VaultState
+    ) -> CanarySet:
+        """The sealed set of this state when the warehouse holds one; else the set loaded from
+        the vault, compiled, and sealed in its place."""
+        if not self._sealed:
+            return self._load(con, provider)
+        stored_as = sealed_state(state)
+        try:
+            value = read_entry(con, provider, SEALED_CANARIES, stored_as)
+        except InvalidCiphertext:
+            _log.warning(
+                "the sealed release canaries failed authentication (a changed blob or state): "
+                "loaded from the vault again and sealed anew"
+            )
+            value = None
+        if value is not None:
+            canaries: CanarySet = pickle.loads(value)  # authenticated above: sealed here
+            return canaries
+        canaries = self._load(con, provider)
+        canaries.compile()
+        value = pickle.dumps(canaries, 5)
+        if len(value) <= MAX_SEALED_CANARY_BYTES:
+            write_entry(con, provider, SEALED_CANARIES, stored_as, value)
+        else:  # each release run loads them from the vault, as without sealing
+            _log.info("release canaries of %d MB: not sealed", len(value) >> 20)
+        return canaries
+
     def clear(self) -> None:
+        """Drop the set held in memory (the sealed one stays in the warehouse)."""
         with self._lock:
             self._state, self._canaries, self._run_id = None, None, None
 

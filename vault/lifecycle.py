@@ -51,6 +51,7 @@ from vault.keys import (
 )
 from vault.pseudonym import PSEUDONYM_HEX_CHARS
 from vault.read import bind_pseudonym_key, read_current
+from vault.sealed_cache import drop_entries
 from vault.sealing import LIVE_DATA_KEY, _wrap_context
 
 logger = logging.getLogger(__name__)
@@ -739,6 +740,9 @@ def _erase_in_warehouse(
         report.rows_deleted["quarantine"] = run(
             f"DELETE FROM quarantine WHERE patient_key IN ({_SUBJECTS})"
         )
+        # values derived from the vault (the leak scan's canaries) hold the patient's PHI
+        # under the shared key, which no erasure destroys: deleted, the rewrite wipes them
+        report.rows_deleted["sealed_cache"] = drop_entries(con)
         if plan.unattributed_quarantine:
             report.rows_deleted["quarantine_unattributed"] = sum(
                 _count(con, _DELETE_UNATTRIBUTED, list(row)) for row in plan.unattributed_quarantine
@@ -877,6 +881,7 @@ def erase_earlier_compartments(
     # the refusing batch's own ledger is settled after this (its records are quarantined)
     con.execute(_LEDGER_ERASED_ELSEWHERE, {"b": batch_id})
     con.execute(_REFERENCES_TO_ERASED)
+    drop_entries(con)  # values derived from what was removed, the canaries among them
     return removed
 
 

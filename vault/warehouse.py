@@ -26,6 +26,7 @@ from vault.clock import RandomBytes
 from vault.errors import PseudonymKeyMismatchError
 from vault.keys import KeyProvider, exclusive_lock, fsync_dir, key_fingerprint
 from vault.pseudonym import Pseudonymizer
+from vault.sealed_cache import SEALED_CACHE_DDL
 from vault.sealing import DATA_KEYS_DDL
 
 WAREHOUSE_META_DDL = """
@@ -60,6 +61,7 @@ ERASED_FROM_QUARANTINE = "erased_from_quarantine"
 
 SCHEMA = [
     DATA_KEYS_DDL,
+    SEALED_CACHE_DDL,
     """
     CREATE TABLE IF NOT EXISTS batches (
         batch_id VARCHAR PRIMARY KEY,

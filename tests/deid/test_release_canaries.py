@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import duckdb
@@ -140,8 +141,9 @@ def test_one_run_reads_the_vault_state_once(
     try:
         after = cache.get(con, key_provider, "run-3")
         assert after is not first and load.calls == 2 and len(after) > len(first)
-        cache.clear()
-        assert cache.get(con, key_provider, "run-3") is not after and load.calls == 3
+        cache.clear()  # as a new run process: the set sealed for this state is taken
+        again = cache.get(con, key_provider, "run-3")
+        assert again is not after and load.calls == 2 and len(again) == len(after)
     finally:
         con.close()
 
@@ -244,3 +246,134 @@ def test_the_vault_state_of_a_vault_without_a_quarantine_table(
         assert state is not None and state[1:6] == (0, None, None, 0, None)
     finally:
         con.close()
+
+
+def _generated_patients(folder: Path) -> dict[str, tuple[str, str]]:
+    """Each generated Patient's id: its family name and the text of its own file, read from
+    the batch's files themselves (not through the vault)."""
+    patients: dict[str, tuple[str, str]] = {}
+    for path in sorted(folder.glob("0*.json")):
+        text = path.read_text()
+        for entry in json.loads(text)["entry"]:
+            resource = entry["resource"]
+            if resource["resourceType"] == "Patient":
+                patients[resource["id"]] = (resource["name"][0]["family"], text)
+    return patients
+
+
+_ADMITTED = "seen by the night team: {} was admitted overnight"
+
+
+def test_a_new_run_process_takes_the_sealed_canaries_without_decrypting_the_vault(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """The batch's run loads and seals the canaries; the release's run, a new process with a
+    cache of its own, takes them sealed, and they find what a set made from the vault finds."""
+    made, taken = CountingLoad(), CountingLoad()
+    _canaries(ReleaseCanaryCache(made), vault_with_batch, key_provider)
+    canaries = _canaries(ReleaseCanaryCache(taken), vault_with_batch, key_provider)
+    assert (made.calls, taken.calls) == (1, 0)
+    families = [family for family, _ in _generated_patients(tmp_path / "b1").values()]
+    assert len(families) == 4
+    con = warehouse.connect(vault_with_batch)
+    try:
+        fresh = release_canaries(con, key_provider)
+    finally:
+        con.close()
+    texts = [_ADMITTED.format(family) for family in families] + [_ADMITTED.format("someone")]
+    assert [canaries.find(t) for t in texts] == [fresh.find(t) for t in texts]
+    assert all("name" in canaries.find(t) for t in texts[:-1]) and not canaries.find(texts[-1])
+    assert len(canaries) == len(fresh)
+
+
+def test_the_sealed_canaries_follow_the_vault_and_the_code(
+    tmp_path: Path,
+    vault_with_batch: Path,
+    key_provider: FileKeyProvider,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import deid.release
+
+    _canaries(ReleaseCanaryCache(CountingLoad()), vault_with_batch, key_provider)
+    generate(tmp_path / "b2", 2, seed=34)
+    ingest_batch(vault_with_batch, "b2", tmp_path / "b2", key_provider, workers=1)
+    after_batch = CountingLoad()
+    canaries = _canaries(ReleaseCanaryCache(after_batch), vault_with_batch, key_provider)
+    assert after_batch.calls == 1  # another vault state: made again, and sealed for it
+    for family, _ in _generated_patients(tmp_path / "b2").values():
+        assert "name" in canaries.find(_ADMITTED.format(family)), family
+    monkeypatch.setattr(deid.release, "_canary_code", lambda: b"the code of another version")
+    other_code = CountingLoad()
+    _canaries(ReleaseCanaryCache(other_code), vault_with_batch, key_provider)
+    assert other_code.calls == 1
+
+
+def test_sealed_canaries_that_fail_authentication_are_made_again(
+    tmp_path: Path,
+    vault_with_batch: Path,
+    key_provider: FileKeyProvider,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _canaries(ReleaseCanaryCache(CountingLoad()), vault_with_batch, key_provider)
+    con = warehouse.connect(vault_with_batch)
+    try:
+        ((blob,),) = con.execute("SELECT sealed FROM sealed_cache").fetchall()
+        changed = bytearray(blob)
+        changed[len(changed) // 3] ^= 0x40
+        con.execute("UPDATE sealed_cache SET sealed = ?", [bytes(changed)])
+    finally:
+        con.close()
+    load = CountingLoad()
+    with caplog.at_level(logging.WARNING, logger="deid.release"):
+        _canaries(ReleaseCanaryCache(load), vault_with_batch, key_provider)
+    assert load.calls == 1 and "failed authentication" in caplog.text
+    for family, _ in _generated_patients(tmp_path / "b1").values():
+        assert family.casefold() not in caplog.text.casefold()
+    sealed_anew = CountingLoad()
+    _canaries(ReleaseCanaryCache(sealed_anew), vault_with_batch, key_provider)
+    assert sealed_anew.calls == 0
+
+
+def test_canaries_not_sealed_are_not_kept(
+    vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    load = CountingLoad()
+    _canaries(ReleaseCanaryCache(load, sealed=False), vault_with_batch, key_provider)
+    _canaries(ReleaseCanaryCache(load, sealed=False), vault_with_batch, key_provider)
+    con = warehouse.connect(vault_with_batch)
+    try:
+        assert con.execute("SELECT count(*) FROM sealed_cache").fetchone() == (0,)
+    finally:
+        con.close()
+    assert load.calls == 2
+
+
+def test_after_an_erasure_no_sealed_canary_names_the_patient(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """The canaries sealed before an erasure name the patient; the erasure deletes them, and
+    the set made afterwards from the vault names the others only."""
+    from vault.audit import AuditLog
+    from vault.lifecycle import forget_in_warehouse
+    from vault.pseudonym import Pseudonymizer
+
+    before = _canaries(ReleaseCanaryCache(CountingLoad()), vault_with_batch, key_provider)
+    patients = _generated_patients(tmp_path / "b1")
+    # the erased patient's family name, when no other patient's file holds it
+    erased, (family, _) = next(
+        (pid, (family, text))
+        for pid, (family, text) in patients.items()
+        if not any(family in other for p, (_, other) in patients.items() if p != pid)
+    )
+    assert "name" in before.find(_ADMITTED.format(family))
+    audit = AuditLog.for_provider(tmp_path / "audit.log", key_provider)
+    pseudonym = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", erased)
+    report = forget_in_warehouse(vault_with_batch, pseudonym, audit, "erasure request")
+    assert report.rows_deleted["sealed_cache"] == 1
+    load = CountingLoad()
+    after = _canaries(ReleaseCanaryCache(load), vault_with_batch, key_provider)
+    assert load.calls == 1
+    assert not after.find(_ADMITTED.format(family))
+    for pid, (other, _) in patients.items():
+        if pid != erased:
+            assert "name" in after.find(_ADMITTED.format(other)), other

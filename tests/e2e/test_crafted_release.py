@@ -19,7 +19,7 @@ from tests.deid.test_allowlist_crafted import CANARIES, CRAFTED, canary
 pytestmark = pytest.mark.e2e
 
 # the vault's own tables hold ciphertexts (and pseudonymous ledgers), not released text
-VAULT_TABLES = {"phi_vault", "phi_vault_clustered", "quarantine", "data_keys"}
+VAULT_TABLES = {"phi_vault", "phi_vault_clustered", "quarantine", "data_keys", "sealed_cache"}
 
 
 def _released_text(workdir: Workdir) -> str:

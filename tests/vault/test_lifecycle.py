@@ -466,6 +466,7 @@ def test_forget_shreds_one_patient_everywhere(world: World) -> None:
             "phi_vault": 3,  # Patient, Condition, Encounter
             "phi_vault_clustered": 1,  # the Patient's copy (vault.clustered)
             "quarantine": 1,  # the Observation
+            "sealed_cache": 0,  # no value derived from the vault was kept (vault.sealed_cache)
             "deid_patient": 1,
             "features.daily": 1,
         }

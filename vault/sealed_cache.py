@@ -1,0 +1,99 @@
+"""Values derived from the vault's PHI, kept between runs sealed: computed once per vault state
+instead of once per run process (the leak scan's canaries, :mod:`deid.release`).
+
+An entry is one blob under a name, sealed with AES-256-GCM under the shared data key (the key
+of the vault's resources of no patient) and bound, as associated data, to its name and to the
+state it was computed from; the state is stored beside it in the clear (a digest, no PHI). A
+reader asks for the state it is in and gets nothing back when the entry was made in another.
+
+An entry holds PHI of every patient it was made from, as the vault does, and is kept as the
+vault's shared resources are: sealed at rest, and deleted by every erasure in the erasure's own
+transaction (:func:`drop_entries`), whose rewrite of the file then wipes the freed pages
+(:func:`vault.warehouse.rewrite`). No data key of a patient is needed to open it, so a
+patient's erasure cannot rely on destroying one: the deletion is what removes them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import duckdb
+
+from vault.catalog import has_table
+from vault.clock import RandomBytes
+from vault.keys import KeyProvider
+from vault.sealing import SHARED_OWNER, DataKeyStore, seal
+
+SEALED_CACHE_TABLE = "sealed_cache"
+SEALED_CACHE_DDL = f"""
+CREATE TABLE IF NOT EXISTS {SEALED_CACHE_TABLE} (
+    name VARCHAR PRIMARY KEY,
+    state VARCHAR NOT NULL,
+    sealed BLOB NOT NULL
+)
+"""
+_AAD_PREFIX = b"ehr-sealed-cache/1|"
+
+
+def _aad(name: str, state: str) -> bytes:
+    return _AAD_PREFIX + name.encode() + b"|" + state.encode()
+
+
+def read_entry(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, name: str, state: str
+) -> bytes | None:
+    """The entry ``name`` made in ``state``, opened; None when there is none, or only one made
+    in another state. :class:`vault.errors.InvalidCiphertext` when the blob, its name or its
+    state was changed, or it is sealed under another key than the shared one."""
+    if not has_table(con, SEALED_CACHE_TABLE):
+        return None
+    rows = con.execute(
+        f"SELECT state, sealed FROM {SEALED_CACHE_TABLE} WHERE name = ?", [name]
+    ).fetchall()
+    if not rows or rows[0][0] != state:
+        return None
+    store = DataKeyStore(con, provider)
+    return store.open_owned(bytes(rows[0][1]), _aad(name, state), SHARED_OWNER)
+
+
+def write_entry(
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    name: str,
+    state: str,
+    value: bytes,
+    *,
+    random_bytes: RandomBytes = os.urandom,
+) -> None:
+    """Seal ``value`` under the shared data key (made and written first when the vault has
+    none yet) as the entry ``name`` of ``state``, replacing the one before, in one transaction
+    on a cursor of its own (the caller's connection may be in a transaction of its own)."""
+    cursor = con.cursor()
+    try:
+        store = DataKeyStore(cursor, provider, random_bytes=random_bytes)
+        store.require_every_kek()  # a shared key made here is wrapped as the others are
+        key = store.for_owner(SHARED_OWNER)
+        blob = seal(key, value, _aad(name, state), random_bytes)
+        if not has_table(cursor, SEALED_CACHE_TABLE):  # a warehouse made before the table was
+            cursor.execute(SEALED_CACHE_DDL)
+        cursor.begin()
+        try:
+            store.flush()
+            cursor.execute(
+                f"INSERT OR REPLACE INTO {SEALED_CACHE_TABLE} VALUES (?, ?, ?)",
+                [name, state, blob],
+            )
+            cursor.commit()
+        except BaseException:
+            cursor.rollback()
+            raise
+    finally:
+        cursor.close()
+
+
+def drop_entries(con: duckdb.DuckDBPyConnection) -> int:
+    """Delete every entry (within the caller's transaction: an erasure's); returns how many."""
+    if not has_table(con, SEALED_CACHE_TABLE):
+        return 0
+    found = con.execute(f"DELETE FROM {SEALED_CACHE_TABLE}").fetchall()
+    return int(found[0][0]) if found else 0

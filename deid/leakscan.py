@@ -155,6 +155,9 @@ SCAN_RULES: tuple[str, ...] = (
     "ascii_code_forms_other_records_source_ids_every_patient",
     # the ASCII forms of a canary shorter than MIN_TEXT as written (张小明 as zhangxiaoming)
     "ascii_forms_of_short_canaries",
+    # the ASCII forms of other conventions too: umlauts and Nordic letters as two letters
+    # (MUELLER, GROENLUND, AASHILD), Cyrillic as ICAO Doc 9303 writes it (PETROVSKII)
+    "ascii_forms_other_conventions",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -324,23 +327,47 @@ def as_compared(text: str) -> str:
 def ascii_forms(folded: str, kind: str) -> tuple[str, ...]:
     """The forms a case-folded text canary takes in text written in ASCII only, as a local
     code or an identifier is: transliterated when it has letters outside ASCII (``brontëwald``
-    as ``brontewald``, ``øyangrud`` as ``oyangrud``, ``иван`` as ``ivan``: anyascii), and, for
+    as ``brontewald``, ``øyangrud`` as ``oyangrud``, ``иван`` as ``ivan``: anyascii; and by the
+    other conventions of :data:`_OTHER_CONVENTIONS`, ``müller`` also as ``mueller``), and, for
     a name, an address line or an email, with only its letters and digits (``o'quarrigan`` as
     ``oquarrigan``, a full name as one word: ``renée brontëwald`` as ``reneebrontewald``,
     ``9 quimby row`` as ``9quimbyrow``). Empty for a canary that is its own form (an ASCII
     name of letters alone, any other ASCII canary)."""
     if folded.isascii() and (kind not in _GLUED_KINDS or folded.isalnum()):
         return ()  # the usual canary: no form but itself
-    forms: list[str] = []
-    written = folded
-    if not folded.isascii():
-        written = " ".join(anyascii(folded).casefold().split())
-        forms.append(written)
+    written = [folded] if folded.isascii() else _transliterations(folded)
+    forms = list(written)
     if kind in _GLUED_KINDS:
-        forms.append(_NOT_CODE_CHARACTERS.sub("", written))
-        if written is not folded:  # and glued as written (a URL's segment: RenéeBrontëwald)
+        forms += [_NOT_CODE_CHARACTERS.sub("", form) for form in written]
+        if not folded.isascii():  # and glued as written (a URL's segment: RenéeBrontëwald)
             forms.append(_SEPARATORS.sub("", folded))
     return tuple(f for f in dict.fromkeys(forms) if f != folded and len(f) >= MIN_TEXT)
+
+
+# Other ways than anyascii's of writing letters outside ASCII, each in common use for names:
+# German and Nordic letters as two (Müller as mueller, Grønlund as groenlund, Åshild as aashild,
+# where anyascii writes muller, gronlund, ashild), and Cyrillic as ICAO Doc 9303 writes it in
+# machine-readable passports (Петровский as petrovskii, Юлия as iuliia, Хрущёв as khrushchev;
+# anyascii writes petrovskiy, yuliya). Applied to a case-folded canary; anyascii then writes
+# whatever is left.
+_CYRILLIC = "абвгдеёжзийклмнопрстуфхцчшщъыэюяіїєґ"
+_ICAO_9303 = "a b v g d e e zh z i i k l m n o p r s t u f kh ts ch sh shch ie y e iu ia i i ie g"
+_OTHER_CONVENTIONS: tuple[dict[int, str], ...] = (
+    str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue", "ø": "oe", "å": "aa", "æ": "ae"}),
+    # ь (the soft sign) is not written
+    str.maketrans(dict(zip(_CYRILLIC, _ICAO_9303.split(), strict=True)) | {"ь": ""}),
+)
+
+
+def _transliterations(folded: str) -> list[str]:
+    """A case-folded canary with letters outside ASCII written in ASCII: by anyascii, and by
+    each other convention that writes it otherwise (:data:`_OTHER_CONVENTIONS`)."""
+    forms = []
+    for table in (None, *_OTHER_CONVENTIONS):
+        converted = folded if table is None else folded.translate(table)
+        if table is None or converted != folded:
+            forms.append(" ".join(anyascii(converted).casefold().split()))
+    return list(dict.fromkeys(forms))
 
 
 def _key_forms(folded: str) -> set[str]:

@@ -6,7 +6,7 @@ from datetime import date
 
 import pytest
 
-from deid.leakscan import CanarySet, scan_rows
+from deid.leakscan import CanarySet, ascii_forms, scan_rows
 
 PATIENT = {
     "resourceType": "Patient",
@@ -517,8 +517,19 @@ _NAMES_IN_CODES = [
     ({"given": ["Renée"], "family": "Brontëwald"}, "RenéeBrontëwald", "full_name"),
     ({"given": ["Søren"], "family": "Øyangrud"}, "OYANGRUD", "name"),
     ({"given": ["Ærwen"], "family": "Dalby"}, "AERWENDALBY", "full_name"),
-    # another script, in one romanization (BGN/PCGN; another one, Petrovskii, is not found)
+    # another script, in anyascii's romanization and in ICAO Doc 9303's (passports)
     ({"given": ["Иван"], "family": "Петровский"}, "PETROVSKIY", "name"),
+    ({"given": ["Иван"], "family": "Петровский"}, "PETROVSKII", "name"),
+    ({"given": ["Юлия"], "family": "Хрущёва"}, "IULIIA", "name"),
+    ({"given": ["Юлия"], "family": "Хрущёва"}, "KHRUSHCHEVA", "name"),
+    ({"given": ["Юлия"], "family": "Хрущёва"}, "IuliiaKhrushcheva", "full_name"),
+    ({"given": ["Дарья"], "family": "Ильина"}, "ILINA", "name"),  # the soft sign unwritten
+    # umlauts and Nordic letters as two letters, as German and Nordic registers write them
+    ({"given": ["Jürgen"], "family": "Müller"}, "MUELLER", "name"),
+    ({"given": ["Jürgen"], "family": "Müller"}, "MULLER", "name"),
+    ({"given": ["Jürgen"], "family": "Müller"}, "JUERGENMUELLER", "full_name"),
+    ({"given": ["Søren"], "family": "Grønlund"}, "GROENLUND", "name"),
+    ({"given": ["Åshild"], "family": "Dalby"}, "AASHILD", "name"),
     # each part of a double surname, and the surname as one word
     ({"given": ["Anouk"], "family": "Pemberly-Quasht"}, "PEMBERLY", "name"),
     ({"given": ["Anouk"], "family": "Pemberly-Quasht"}, "QUASHT", "name"),
@@ -550,6 +561,9 @@ def test_a_name_written_as_a_code_writes_it_is_found(
         "PEMBERLYX",
         "IVO",  # a short part alone
         "SIOBHANO",
+        "MUELLERS",  # the other conventions' forms are whole words too
+        "PETROVSKI",
+        "GROENLUNDX",
     ],
 )
 def test_near_misses_of_names_written_as_codes_are_not_found(code: str) -> None:
@@ -559,9 +573,20 @@ def test_near_misses_of_names_written_as_codes_are_not_found(code: str) -> None:
         {"given": ["Renée"], "family": "Brontëwald"},
         {"given": ["Anouk"], "family": "Pemberly-Quasht"},
         {"text": "Ivo Zanderquist"},
+        {"given": ["Jürgen"], "family": "Müller"},
+        {"given": ["Иван"], "family": "Петровский"},
+        {"given": ["Søren"], "family": "Grønlund"},
     ):
         c.add_patient({"resourceType": "Patient", "id": "p1", "name": [name]}, "p1")
     assert scan_rows(c, [_local_coding_row(code)]).passed, code
+
+
+def test_an_ascii_name_has_no_other_conventions_form() -> None:
+    """The other conventions rewrite letters outside ASCII only: an ASCII name, or one that
+    casefolds to ASCII (Straße), gains no form."""
+    assert ascii_forms("mueller", "name") == ()
+    assert ascii_forms("strasse", "name") == ()
+    assert ascii_forms("müller", "name") == ("muller", "mueller")
 
 
 def test_an_ssn_the_source_wrote_in_full_width_digits_is_found_in_ascii() -> None:

@@ -566,8 +566,15 @@ class ReleaseCanaryCache:
         self._run_id: str | None = None
 
     def get(
-        self, con: duckdb.DuckDBPyConnection, provider: KeyProvider, run_id: str | None = None
+        self,
+        con: duckdb.DuckDBPyConnection,
+        provider: KeyProvider,
+        run_id: str | None = None,
+        *,
+        sealed: bool | None = None,
     ) -> CanarySet:
+        """The canaries of the vault as ``con`` sees it; ``sealed`` (the cache's own setting
+        when None) whether a sealed set is taken and kept."""
         with self._lock:
             if run_id is not None and run_id == self._run_id and self._canaries is not None:
                 return self._canaries
@@ -577,17 +584,22 @@ class ReleaseCanaryCache:
                 return self._load(con, provider)
             if self._canaries is None or state != self._state:
                 self.clear()
-                self._canaries = self._sealed_or_loaded(con, provider, state)
+                keep = self._sealed if sealed is None else sealed
+                self._canaries = self._sealed_or_loaded(con, provider, state, keep)
                 self._state = state
             self._run_id = run_id
             return self._canaries
 
     def _sealed_or_loaded(
-        self, con: duckdb.DuckDBPyConnection, provider: KeyProvider, state: _VaultState
+        self,
+        con: duckdb.DuckDBPyConnection,
+        provider: KeyProvider,
+        state: _VaultState,
+        sealed: bool,
     ) -> CanarySet:
-        """The sealed set of this state when the warehouse holds one; else the set loaded from
-        the vault, compiled, and sealed in its place."""
-        if not self._sealed:
+        """With ``sealed``, the sealed set of this state when the warehouse holds one, else the
+        set loaded from the vault, compiled, and sealed in its place; without, the set loaded."""
+        if not sealed:
             return self._load(con, provider)
         stored_as = sealed_state(state)
         try:

@@ -163,6 +163,10 @@ class KeyProviderResource(ConfigurableResource):
     ``EHR_KEY_FILE``, or ``~/.ehr/keyring.json``). A KMS provider plugs in here."""
 
     key_file: str | None = None
+    # the leak scan's canaries kept between runs, compiled and sealed under the vault's shared
+    # data key (docs/privacy.md, "The canaries kept between runs"); False: each run process
+    # decrypts the vault for them and keeps nothing
+    seal_canaries: bool = True
 
     def provider(self) -> KeyProvider:
         with self.naming_source():

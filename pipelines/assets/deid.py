@@ -222,7 +222,9 @@ def deid_resources(
                 policy,
                 terminology=release_terminology(),
                 # held for the release's scans too while the vault stays as it is (ehr run)
-                canaries=lambda c: RELEASE_CANARIES.get(c, provider, context.run.run_id),
+                canaries=lambda c: RELEASE_CANARIES.get(
+                    c, provider, context.run.run_id, sealed=keys.seal_canaries
+                ),
             )
         table = release_totals(con)
         version = release_version(con) if batch.published else None
@@ -330,7 +332,10 @@ def released_patients(
         with (
             keys.naming_source(),
             in_background(
-                con, lambda cursor: RELEASE_CANARIES.get(cursor, provider, context.run.run_id)
+                con,
+                lambda cursor: RELEASE_CANARIES.get(
+                    cursor, provider, context.run.run_id, sealed=keys.seal_canaries
+                ),
             ) as loaded,
         ):
             report = build_released_patients(con, k, max_withheld=max_withheld, canaries=loaded)

@@ -103,13 +103,14 @@ def refresh_online_store(
     feast_store: FeastStoreResource,
     provider: KeyProvider,
     run_id: str | None = None,
+    sealed: bool = True,
 ) -> OnlineStoreRefresh:
     """Sync the online store with the feature tables and scan the rows it wrote (every row
     after a full load); unchanged rows were scanned when they were written, and every value they
     hold is in a feature table scanned this release. ``con`` is the warehouse, opened for
     writing: it keeps the snapshot of what is online and the canaries' vault."""
     report = feast_store.sync_online(con, workdir)
-    canaries = RELEASE_CANARIES.get(con, provider, run_id)
+    canaries = RELEASE_CANARIES.get(con, provider, run_id, sealed=sealed)
     cohort = len(released_cohort(con))
     online_db = Path(feast_store.data(workdir)) / "online_store.db"
     scan = scan_online_store(online_db, canaries, only=report.written)

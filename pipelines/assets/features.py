@@ -129,7 +129,9 @@ def feature_tables(
     k, _ = k_anonymity_settings(deid_settings)
     con = warehouse.connect()
     try:
-        canaries = RELEASE_CANARIES.get(con, keys.provider(), context.run.run_id)
+        canaries = RELEASE_CANARIES.get(
+            con, keys.provider(), context.run.run_id, sealed=keys.seal_canaries
+        )
         canaries.compile()
         refresh = refresh_feature_tables(
             con,

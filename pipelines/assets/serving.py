@@ -60,8 +60,11 @@ def online_store_and_training_set(
     if ONLINE_STORE in selected:
         provider = keys.provider()
         run_id = context.run.run_id
+        sealed = keys.seal_canaries
         pieces.append(
-            lambda cursor: refresh_online_store(cursor, workdir, feast_store, provider, run_id)
+            lambda cursor: refresh_online_store(
+                cursor, workdir, feast_store, provider, run_id, sealed
+            )
         )
     if TRAINING_SET in selected:
         # made here, not in the thread: making a store sets Feast's variables in os.environ

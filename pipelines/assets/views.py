@@ -110,7 +110,9 @@ def build_views_asset(views_dir: Path = VIEWS_DIR) -> AssetsDefinition:
         selected = context.selected_asset_keys
         con = warehouse.connect()
         try:
-            canaries = RELEASE_CANARIES.get(con, keys.provider(), context.run.run_id)
+            canaries = RELEASE_CANARIES.get(
+                con, keys.provider(), context.run.run_id, sealed=keys.seal_canaries
+            )
             chosen = [view for view, _ in views if view_asset_key(view.name) in selected]
             workdir = Path(warehouse.workdir)
             for view, refresh in refresh_views(con, chosen, workdir, canaries):

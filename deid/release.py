@@ -56,7 +56,7 @@ from deid.workers import (
     deidentify_items,
 )
 from vault.catalog import has_table, multiset_digest_sql
-from vault.errors import InvalidCiphertext
+from vault.errors import InvalidCiphertext, KeyDestroyedError
 from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
 from vault.keys import KeyProvider, key_fingerprint
 from vault.read import (
@@ -604,10 +604,10 @@ class ReleaseCanaryCache:
         stored_as = sealed_state(state)
         try:
             value = read_entry(con, provider, SEALED_CANARIES, stored_as)
-        except InvalidCiphertext:
+        except (InvalidCiphertext, KeyDestroyedError):
             _log.warning(
-                "the sealed release canaries failed authentication (a changed blob or state): "
-                "loaded from the vault again and sealed anew"
+                "the sealed release canaries failed authentication (a changed blob or state, "
+                "or a key that does not exist): loaded from the vault again and sealed anew"
             )
             value = None
         if value is not None:

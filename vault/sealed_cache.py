@@ -44,7 +44,8 @@ def read_entry(
 ) -> bytes | None:
     """The entry ``name`` made in ``state``, opened; None when there is none, or only one made
     in another state. :class:`vault.errors.InvalidCiphertext` when the blob, its name or its
-    state was changed, or it is sealed under another key than the shared one."""
+    state was changed, or it is sealed under another key than the shared one;
+    :class:`vault.errors.KeyDestroyedError` when it names a key the warehouse does not hold."""
     if not has_table(con, SEALED_CACHE_TABLE):
         return None
     rows = con.execute(

@@ -327,6 +327,17 @@ def test_sealed_canaries_that_fail_authentication_are_made_again(
     with caplog.at_level(logging.WARNING, logger="deid.release"):
         _canaries(ReleaseCanaryCache(load), vault_with_batch, key_provider)
     assert load.calls == 1 and "failed authentication" in caplog.text
+    con = warehouse.connect(vault_with_batch)
+    try:  # a blob naming a data key the warehouse does not hold (its format byte, a key id)
+        ((blob,),) = con.execute("SELECT sealed FROM sealed_cache").fetchall()
+        unknown = b"\x01" + bytes(16) + bytes(blob)[17:]
+        con.execute("UPDATE sealed_cache SET sealed = ?", [unknown])
+    finally:
+        con.close()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="deid.release"):
+        _canaries(ReleaseCanaryCache(load), vault_with_batch, key_provider)
+    assert load.calls == 2 and "failed authentication" in caplog.text
     for family, _ in _generated_patients(tmp_path / "b1").values():
         assert family.casefold() not in caplog.text.casefold()
     sealed_anew = CountingLoad()

@@ -158,6 +158,8 @@ SCAN_RULES: tuple[str, ...] = (
     # the ASCII forms of other conventions too: umlauts and Nordic letters as two letters
     # (MUELLER, GROENLUND, AASHILD), Cyrillic as ICAO Doc 9303 writes it (PETROVSKII)
     "ascii_forms_other_conventions",
+    # an Encounter's and a Claim's identifiers (a visit number, a claim number)
+    "encounter_claim_identifiers",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -892,7 +894,8 @@ def _add_relative(canaries: CanarySet, resource: dict[str, Any], _: str | None) 
 
 def _add_identifiers(canaries: CanarySet, resource: dict[str, Any], _: str | None) -> None:
     """The identifiers a record of the patient's holds: a health plan's member number
-    (``Coverage.subscriberId``, a string in R4, an Identifier in R5), an account number."""
+    (``Coverage.subscriberId``, a string in R4, an Identifier in R5), an account number, a
+    visit or a claim number."""
     subscriber = resource.get("subscriberId")
     if isinstance(subscriber, dict):
         subscriber = subscriber.get("value")
@@ -903,15 +906,21 @@ def _add_identifiers(canaries: CanarySet, resource: dict[str, Any], _: str | Non
 
 # Which resources carry whose identifiers: the patient's own, a relative's (RelatedPerson, and
 # FamilyMemberHistory.name, a relative's name in free text), or the patient's in another record
-# of theirs (a Coverage's member number, an Account's number).
+# of theirs (a Coverage's member number, an Account's number, an Encounter's visit number, a
+# Claim's number).
 _ADDERS: dict[str, Callable[[CanarySet, dict[str, Any], str | None], None]] = {
     "Patient": lambda c, r, p: c.add_patient(r, p),
     "RelatedPerson": _add_relative,
     "FamilyMemberHistory": _add_relative,
     "Coverage": _add_identifiers,
     "Account": _add_identifiers,
+    "Encounter": _add_identifiers,
+    "Claim": _add_identifiers,
 }
 CANARY_RESOURCE_TYPES = tuple(_ADDERS)  # the resources a patient's canaries are read from
+# Of those, the types read only where a record holds an identifier (the vault's identifier
+# index lists it): tens of them a patient, most without one, where a patient has one Patient
+IDENTIFIED_ONLY_TYPES = ("Encounter", "Claim")
 
 
 def _forms_of_dates(dates: tuple[str, ...]) -> tuple[str, ...]:

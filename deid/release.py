@@ -34,6 +34,7 @@ from deid.kanon import (
 )
 from deid.leakscan import (
     CANARY_RESOURCE_TYPES,
+    IDENTIFIED_ONLY_TYPES,
     CanarySet,
     LeakScanResult,
     reason_birth_date_forms,
@@ -342,7 +343,9 @@ def _add_other_records(
     holds), and those records and their Patient records as the quarantine holds them (refused
     by validation, while their other records may be released)."""
     for rtype in (t for t in CANARY_RESOURCE_TYPES if t != "Patient"):
-        for record in iter_every_version(con, provider, resource_type=rtype):
+        identified = rtype in IDENTIFIED_ONLY_TYPES
+        records = iter_every_version(con, provider, resource_type=rtype, identified_only=identified)
+        for record in records:
             if patients is None or record.patient_key in patients:
                 canaries.add_resource(record.resource, record.patient_key)
     quarantined = iter_quarantined_records(

@@ -60,6 +60,9 @@ _ROWS_AT_POSITIONS = (
 _CURRENT_ROW_BY_KEY = f"SELECT {_ROW_COLUMNS} FROM phi_vault_current WHERE resource_key = ?"
 # rows of no patient, sealed under the shared key (a condition without a parameter)
 _SHARED_ROW = "patient_key IS NULL"
+# resources any version of which held an identifier: the identifier index lists them (one row
+# per identifier and batch, vault.ingest), without decrypting anything
+_IDENTIFIED = "resource_key IN (SELECT resource_key FROM identifier_index)"
 # Patients whose compartment a batch wrote to (any version, current or not).
 _PATIENTS_OF_BATCH = (
     "resource_key IN (SELECT DISTINCT patient_key FROM phi_vault "
@@ -284,17 +287,23 @@ def iter_every_version(
     patients_of_batch: str | None = None,
     resource_key: str | None = None,
     shared_only: bool = False,
+    identified_only: bool = False,
     chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[VaultRecord]:
     """Every version the vault holds of every resource (the current one and those it
     replaced), in ingest order, decrypted and verified: what once named a patient (a name
     before a marriage, a corrected phone) still names them. Filters as
-    :func:`iter_current_records`, ``resource_key`` one resource, and ``shared_only`` the rows
-    of no patient (sealed under the shared key)."""
+    :func:`iter_current_records`, ``resource_key`` one resource, ``shared_only`` the rows
+    of no patient (sealed under the shared key), and ``identified_only`` the resources the
+    identifier index lists (a version of which held an identifier)."""
     before = _resource_filters(resource_type, patients_of_batch, resource_key)
     params = [p for _, p in before]
     if shared_only:
         before.append((_SHARED_ROW, None))  # no parameter
+    if identified_only:
+        if not has_table(con, "identifier_index"):
+            return
+        before.append((_IDENTIFIED, None))
     sql = _VERSION_POSITIONS.format(before=_where(before))
     positions = [int(seq) for (seq,) in con.execute(sql, params).fetchall()]
     yield from _records_at(con, provider, positions, resource_type, chunk_rows)

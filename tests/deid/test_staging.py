@@ -580,3 +580,76 @@ def test_a_batch_naming_a_patient_of_an_earlier_batch_is_not_published(
         }
     finally:
         con.close()
+
+
+def _visit(eid: str, patient: str, number: str | None) -> dict[str, Any]:
+    visit: dict[str, Any] = {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient/{patient}"},
+    }
+    if number is not None:
+        visit["identifier"] = [{"system": "http://hospital.example/visit", "value": number}]
+    return visit
+
+
+@pytest.mark.parametrize(
+    ("code", "found"),
+    [
+        ("VN88213377", True),  # the visit number, as a code writes it
+        ("VN-88213377", True),
+        ("CLM55103321", True),  # the claim number
+        ("VN88213378", False),  # another number
+    ],
+)
+def test_a_visit_or_claim_number_written_as_a_code_is_not_published(
+    tmp_path: Path, key_provider: FileKeyProvider, code: str, found: bool
+) -> None:
+    """An Encounter's and a Claim's identifiers are the patient's canaries (a visit number, a
+    claim number), read from the records that hold one."""
+    claim = {
+        "resourceType": "Claim",
+        "id": "c1",
+        "status": "active",
+        "use": "claim",
+        "created": "2025-03-02",
+        "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/claim-type",
+                             "code": "institutional"}]},
+        "patient": {"reference": "Patient/pa"},
+        "provider": {"display": "Clinic"},
+        "priority": {"coding": [{"code": "normal"}]},
+        "insurance": [{"sequence": 1, "focal": True, "coverage": {"display": "Plan"}}],
+        "identifier": [{"system": "http://hospital.example/claim", "value": "CLM-55103321"}],
+    }  # fmt: skip
+    coded = {
+        "resourceType": "Observation",
+        "id": "ob",
+        "status": "final",
+        "code": {"coding": [{"system": "http://hospital.example/local", "code": code}]},
+        "subject": {"reference": "Patient/pb"},
+    }
+    batches = (
+        ("b1", [{"resourceType": "Patient", "id": "pa"}, _visit("e1", "pa", "VN-88213377"),
+                _visit("e2", "pa", None), claim]),
+        ("b2", [{"resourceType": "Patient", "id": "pb"}, coded]),
+    )  # fmt: skip
+    wh = tmp_path / "w.duckdb"
+    for batch, resources in batches:
+        (tmp_path / batch).mkdir()
+        for resource in resources:
+            (tmp_path / batch / f"{resource['id']}.json").write_bytes(orjson.dumps(resource))
+        assert ingest_batch(wh, batch, tmp_path / batch, key_provider, workers=1).accepted == len(
+            resources
+        )
+    research = Policy.shipped("research")
+    con = warehouse.connect(wh)
+    try:
+        assert publish_batch(con, key_provider, "b1", research, today=TODAY).published
+        second = publish_batch(con, key_provider, "b2", research, today=TODAY)
+        assert second.published is not found
+        if found:
+            assert set(second.scan.by_kind()) == {"identifier"}
+    finally:
+        con.close()

@@ -342,3 +342,48 @@ def test_the_newest_version_is_the_latest_instant_in_any_zone(
         current = [r["gender"] for r in iter_current_resources(con, key_provider)]
         assert current == [latest[1]]
         assert [r[5] for r in _newest_versions(con).values()] == [latest[0]]
+
+
+def test_identified_only_reads_the_resources_with_an_identifier(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """``identified_only``: every version of the resources one version of which held an
+    identifier, and nothing of the others (an Encounter without a visit number is not
+    decrypted for the canaries)."""
+
+    def visit(eid: str, version: str, identifier: list[dict[str, str]]) -> dict[str, Any]:
+        return {
+            "resourceType": "Encounter",
+            "id": eid,
+            "meta": {"versionId": version},
+            "status": "finished",
+            "class": {"code": "AMB"},
+            "subject": {"reference": "Patient/p1"},
+            **({"identifier": identifier} if identifier else {}),
+        }
+
+    numbered = [{"system": "http://hospital.example/visit", "value": "VN-88213377"}]
+    batches = {
+        "b1": [{"resourceType": "Patient", "id": "p1"}, visit("e1", "1", numbered),
+               visit("e2", "1", [])],
+        "b2": [visit("e1", "2", []), visit("e3", "1", [])],  # e1's number dropped since
+    }  # fmt: skip
+    wh = tmp_path / "w.duckdb"
+    for batch, resources in batches.items():
+        folder = tmp_path / batch
+        folder.mkdir()
+        (folder / "data.ndjson").write_text("".join(json.dumps(r) + "\n" for r in resources))
+        assert ingest_batch(wh, batch, folder, key_provider, workers=1).accepted == len(resources)
+    con = warehouse.connect(wh)
+    try:
+        read = [
+            (r.resource["id"], r.resource["meta"]["versionId"])
+            for r in iter_every_version(
+                con, key_provider, resource_type="Encounter", identified_only=True
+            )
+        ]
+        everything = iter_every_version(con, key_provider, resource_type="Encounter")
+        assert len(list(everything)) == 4
+    finally:
+        con.close()
+    assert read == [("e1", "1"), ("e1", "2")]

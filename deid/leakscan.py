@@ -160,6 +160,9 @@ SCAN_RULES: tuple[str, ...] = (
     "ascii_forms_other_conventions",
     # an Encounter's and a Claim's identifiers (a visit number, a claim number)
     "encounter_claim_identifiers",
+    # a short name part outside ASCII by its ASCII forms (XIAOMING), and a full name family
+    # name first (Zhang Xiaoming)
+    "short_parts_ascii_family_first",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -536,7 +539,9 @@ class CanarySet:
         pieces = [piece for w in words for piece in _NAME_JOINERS.split(w) if piece != w]
         words = list(dict.fromkeys([*words, *(p for p in pieces if len(p) >= MIN_SHORT)]))
         for word in words:
-            if len(word) >= MIN_TEXT:
+            # a short part outside ASCII is a name by its ASCII forms of MIN_TEXT or more
+            # (小明 as xiaoming; ascii_forms keeps each form by its own length)
+            if len(word) >= MIN_TEXT or not word.isascii():
                 self.add("name", word)
         for short in (w for w in words if len(w) < MIN_TEXT):
             for other in (w for w in words if w != short):
@@ -570,6 +575,9 @@ class CanarySet:
             self.add("full_name", f"{first} {last}")
             if not any(c.isspace() for c in f"{last}{first}"):
                 self.add("full_name", f"{last}{first}")
+                # family name first and spaced, as a Chinese, Japanese or Korean name is said
+                # and romanized (张小明 as zhang xiaoming), and a list writes any (Quist, Ivo)
+                self.add("full_name", f"{last} {first}")
 
     def add_contact_points(self, resource: dict[str, Any]) -> None:
         """Telecom, address (lines, city with ZIP) and identifiers of a person or contact."""

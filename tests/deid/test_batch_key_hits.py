@@ -56,7 +56,7 @@ def canaries() -> CanarySet:
 @pytest.mark.parametrize(
     ("batch_key", "kinds"),
     [
-        ("Larkspur_Odalys", ["name"]),
+        ("Larkspur_Odalys", ["full_name", "name"]),  # family name first, as lists write it
         ("odalys.larkspur", ["full_name", "name"]),
         ("li_wang", ["full_name", "name"]),  # a short given name counts beside the family name
         ("Wang-Li-3f9a2c1b0d", ["full_name", "name"]),  # a slugged key keeps the name's text

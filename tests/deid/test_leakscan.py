@@ -663,3 +663,23 @@ def test_short_non_ascii_full_name_found_in_ascii_either_way_round():
     )
     assert "full_name" in canaries.find("code WANGFANG")
     assert "full_name" in canaries.find("FANGWANG")
+
+
+def test_a_chinese_name_is_found_spaced_family_name_first_and_by_its_given_name():
+    """Romanized as it is said (family name first, spaced) and by the given name alone, whose
+    ASCII form is long though it is two characters; a one-character part's form (wang, li)
+    stays a part only."""
+    canaries = CanarySet()
+    canaries.add_patient(
+        {"resourceType": "Patient", "id": "x", "name": [{"family": "张", "given": ["小明"]}]}
+    )
+    assert "full_name" in canaries.find("seen with Zhang Xiaoming today")
+    assert "full_name" in canaries.find("ZHANG, XIAOMING")
+    assert "name" in canaries.find("code XIAOMING")
+    assert canaries.find("zhang and ming") == [] and canaries.find("xiaomingx") == []
+    canaries = CanarySet()
+    canaries.add_patient(
+        {"resourceType": "Patient", "id": "y", "name": [{"family": "王", "given": ["芳"]}]}
+    )
+    assert "full_name" in canaries.find("Wang Fang")
+    assert canaries.find("wang") == [] and canaries.find("fang") == []

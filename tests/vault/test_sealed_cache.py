@@ -19,7 +19,13 @@ from vault.ingest import ingest_batch
 from vault.keys import FileKeyProvider
 from vault.lifecycle import forget_in_warehouse
 from vault.pseudonym import Pseudonymizer
-from vault.sealed_cache import SEALED_CACHE_TABLE, drop_entries, read_entry, write_entry
+from vault.sealed_cache import (
+    PART_BYTES,
+    SEALED_CACHE_TABLE,
+    drop_entries,
+    read_entry,
+    write_entry,
+)
 from vault.sealing import DataKeyStore, seal
 
 VALUE = b"canaries of every patient \x00\xff" * 40
@@ -180,5 +186,48 @@ def test_an_erasure_deletes_every_entry_down_to_the_files_bytes(
     con = warehouse.connect(wh)
     try:
         assert con.execute("SELECT count(*) FROM sealed_cache").fetchone() == (0,)
+    finally:
+        con.close()
+
+
+def test_an_entry_larger_than_the_warehouses_memory_allows_in_one_value(
+    wh: Path, key_provider: FileKeyProvider
+) -> None:
+    """The canaries of 3,000 patients are 36 MB: inserted as one value, DuckDB ran out of the
+    warehouse's memory limit (256 MB). Stored in parts, 80 MB is written and read back whole,
+    and a part missing or moved is refused."""
+    value = bytes(range(256)) * (80 * 4096)  # 80 MiB
+    con = warehouse.connect(wh)
+    try:
+        write_entry(con, key_provider, "things", "s1", value)
+        ((parts,),) = con.execute("SELECT count(*) FROM sealed_cache").fetchall()
+        assert parts == len(value) // PART_BYTES + 1  # the blob is a little longer
+        assert read_entry(con, key_provider, "things", "s1") == value
+        con.execute("UPDATE sealed_cache SET part = 1000 WHERE part = 3")  # moved to the end
+        with pytest.raises(InvalidCiphertext):
+            read_entry(con, key_provider, "things", "s1")
+        con.execute("DELETE FROM sealed_cache WHERE part = 1000")  # missing
+        with pytest.raises(InvalidCiphertext):
+            read_entry(con, key_provider, "things", "s1")
+    finally:
+        con.close()
+
+
+def test_a_table_of_one_blob_a_row_is_made_again_in_parts(
+    wh: Path, key_provider: FileKeyProvider
+) -> None:
+    """The table as it was first made (no parts) reads as no entry, and the next write makes
+    it again: it is a cache."""
+    con = warehouse.connect(wh)
+    try:
+        con.execute(f"DROP TABLE {SEALED_CACHE_TABLE}")
+        con.execute(
+            f"CREATE TABLE {SEALED_CACHE_TABLE} "
+            "(name VARCHAR PRIMARY KEY, state VARCHAR NOT NULL, sealed BLOB NOT NULL)"
+        )
+        con.execute(f"INSERT INTO {SEALED_CACHE_TABLE} VALUES ('things', 's1', 'x'::BLOB)")
+        assert read_entry(con, key_provider, "things", "s1") is None
+        write_entry(con, key_provider, "things", "s1", VALUE)
+        assert read_entry(con, key_provider, "things", "s1") == VALUE
     finally:
         con.close()

@@ -317,3 +317,36 @@ def test_a_run_killed_while_feast_rewrites_its_registry_then_run_again_equals_on
     assert _online_patients(crashed / online, opted_out) == opted_out
     _run(landing, crashed, key_file)
     assert _online_patients(crashed / online, opted_out) == set()
+
+
+def test_a_run_killed_once_it_sealed_its_canaries_then_run_again_equals_one_never_killed(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Killed just after the batch's de-identification sealed the canaries (its scan not run,
+    nothing published), the run again takes that sealed set, for the same vault state, and
+    its release equals an uninterrupted run's."""
+    landing = tmp_path / "landing"
+    generate(landing / "batch-a", 30, seed=21)
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    _run(landing, reference, key_file)
+    point = "sealed_canaries_written"
+    assert _run_killed_at(landing, crashed, key_file, point) == point
+    sealed = _sealed_parts(crashed)
+    assert sealed
+    again = _run(landing, crashed, key_file, check=False)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-1500:]
+    # the set the killed run sealed was taken, not made again (a new seal has a new nonce)
+    assert _sealed_parts(crashed) == sealed
+    expected, got = released(reference), released(crashed)
+    assert got["tables"] == expected["tables"]
+    assert got["parquet"] == expected["parquet"]
+    assert got["online"] == expected["online"]
+
+
+def _sealed_parts(workdir: Path) -> list[tuple[str, int, bytes]]:
+    con = duckdb.connect(str(workdir / "warehouse.duckdb"), read_only=True)
+    try:
+        rows = con.execute("SELECT state, part, sealed FROM sealed_cache ORDER BY part").fetchall()
+    finally:
+        con.close()
+    return [(str(state), int(part), bytes(blob)) for state, part, blob in rows]

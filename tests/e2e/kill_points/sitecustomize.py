@@ -10,7 +10,9 @@ knows the kill landed there). The points wrap functions when their module is fir
   other views and the snapshot not;
 - ``registry_truncated``: Feast's file registry opened for writing (``open(path, "wb")``, which
   empties it) and not yet written, in the run's own process (a materialisation recording its
-  interval), not in the ``feast apply`` child.
+  interval), not in the ``feast apply`` child;
+- ``sealed_canaries_written``: the release canaries sealed and committed in the warehouse by a
+  batch's de-identification (``vault.sealed_cache.write_entry``), the batch's scan not yet run.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ _PATCHES: dict[str, Callable[[types.ModuleType], None]] = {
     ),
     "pipelines.features.online_sync": lambda m: _after(m, "_write_rows", "online_rows_written"),
     "feast.infra.registry.file": _registry,
+    "vault.sealed_cache": lambda m: _after(m, "write_entry", "sealed_canaries_written"),
 }
 
 

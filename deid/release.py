@@ -536,8 +536,8 @@ def sealed_state(state: _VaultState) -> str:
 
 class ReleaseCanaryCache:
     """The release canaries, decrypted once per vault state rather than once per released table
-    (every view, the feature tables and the online store are scanned against them), and, with
-    ``sealed``, kept between run processes in the warehouse, compiled and sealed
+    (every view, the feature tables and the online store are scanned against them), and, asked
+    with ``sealed``, kept between run processes in the warehouse, compiled and sealed
     (:mod:`vault.sealed_cache`): a release run started after its batch's run takes the set that
     run made instead of decrypting every patient again.
 
@@ -558,11 +558,8 @@ class ReleaseCanaryCache:
     def __init__(
         self,
         load: Callable[[duckdb.DuckDBPyConnection, KeyProvider], CanarySet] = release_canaries,
-        *,
-        sealed: bool = True,
     ) -> None:
         self._load = load
-        self._sealed = sealed
         self._lock = threading.RLock()
         self._state: _VaultState | None = None
         self._canaries: CanarySet | None = None
@@ -574,10 +571,10 @@ class ReleaseCanaryCache:
         provider: KeyProvider,
         run_id: str | None = None,
         *,
-        sealed: bool | None = None,
+        sealed: bool = True,
     ) -> CanarySet:
-        """The canaries of the vault as ``con`` sees it; ``sealed`` (the cache's own setting
-        when None) whether a sealed set is taken and kept."""
+        """The canaries of the vault as ``con`` sees it; ``sealed``: whether a sealed set is
+        taken and kept (``KeyProviderResource.seal_canaries``)."""
         with self._lock:
             if run_id is not None and run_id == self._run_id and self._canaries is not None:
                 return self._canaries
@@ -587,8 +584,7 @@ class ReleaseCanaryCache:
                 return self._load(con, provider)
             if self._canaries is None or state != self._state:
                 self.clear()
-                keep = self._sealed if sealed is None else sealed
-                self._canaries = self._sealed_or_loaded(con, provider, state, keep)
+                self._canaries = self._sealed_or_loaded(con, provider, state, sealed)
                 self._state = state
             self._run_id = run_id
             return self._canaries

@@ -36,10 +36,12 @@ def vault_with_batch(tmp_path: Path, key_provider: FileKeyProvider) -> Path:
     return wh
 
 
-def _canaries(cache: ReleaseCanaryCache, wh: Path, provider: KeyProvider) -> CanarySet:
+def _canaries(
+    cache: ReleaseCanaryCache, wh: Path, provider: KeyProvider, sealed: bool = True
+) -> CanarySet:
     con = warehouse.connect(wh)  # a connection of its own, as each asset opens one
     try:
-        return cache.get(con, provider)
+        return cache.get(con, provider, sealed=sealed)
     finally:
         con.close()
 
@@ -349,8 +351,8 @@ def test_canaries_not_sealed_are_not_kept(
     vault_with_batch: Path, key_provider: FileKeyProvider
 ) -> None:
     load = CountingLoad()
-    _canaries(ReleaseCanaryCache(load, sealed=False), vault_with_batch, key_provider)
-    _canaries(ReleaseCanaryCache(load, sealed=False), vault_with_batch, key_provider)
+    _canaries(ReleaseCanaryCache(load), vault_with_batch, key_provider, sealed=False)
+    _canaries(ReleaseCanaryCache(load), vault_with_batch, key_provider, sealed=False)
     con = warehouse.connect(vault_with_batch)
     try:
         assert con.execute("SELECT count(*) FROM sealed_cache").fetchone() == (0,)

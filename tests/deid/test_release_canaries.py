@@ -12,6 +12,7 @@ import pytest
 from deid.leakscan import CanarySet
 from deid.release import ReleaseCanaryCache, release_canaries, vault_state
 from fhirlake.synthetic import generate
+from tests.sealed_blobs import flip_a_sealed_byte
 from vault import warehouse
 from vault.ingest import ingest_batch
 from vault.keys import FileKeyProvider, KeyProvider, init_keyring
@@ -319,10 +320,7 @@ def test_sealed_canaries_that_fail_authentication_are_made_again(
     _canaries(ReleaseCanaryCache(CountingLoad()), vault_with_batch, key_provider)
     con = warehouse.connect(vault_with_batch)
     try:
-        ((blob,),) = con.execute("SELECT sealed FROM sealed_cache").fetchall()
-        changed = bytearray(blob)
-        changed[len(changed) // 3] ^= 0x40
-        con.execute("UPDATE sealed_cache SET sealed = ?", [bytes(changed)])
+        flip_a_sealed_byte(con, share=1 / 3)
     finally:
         con.close()
     load = CountingLoad()

@@ -12,6 +12,7 @@ import duckdb
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from tests.sealed_blobs import flip_a_sealed_byte
 from vault import warehouse
 from vault.audit import AuditLog
 from vault.errors import InvalidCiphertext
@@ -112,17 +113,10 @@ def test_a_warehouse_from_before_the_table_reads_nothing_and_writes_it(
         con.close()
 
 
-def _flip_a_byte(con: duckdb.DuckDBPyConnection) -> None:
-    ((blob,),) = con.execute("SELECT sealed FROM sealed_cache").fetchall()
-    changed = bytearray(blob)
-    changed[len(changed) // 2] ^= 0x01
-    con.execute("UPDATE sealed_cache SET sealed = ?", [bytes(changed)])
-
-
 @pytest.mark.parametrize(
     ("tamper", "asked"),
     [
-        (_flip_a_byte, ("things", "s1")),
+        (flip_a_sealed_byte, ("things", "s1")),
         # a blob of one state relabelled as another's: the state is authenticated
         (lambda con: con.execute("UPDATE sealed_cache SET state = 's2'"), ("things", "s2")),
         # a blob of one name under another

@@ -411,6 +411,7 @@ class SubjectCanaries:
     more (``reason_hits``): the birth date with a two-digit year too."""
 
     def __init__(self, versions: Iterable[dict[str, Any]], *ids: str) -> None:
+        versions = list(versions)
         self._canaries = CanarySet()
         self._reason_births = CanarySet()  # forms searched in a reason only
         for patient in versions:
@@ -426,6 +427,10 @@ class SubjectCanaries:
             if tokens
             else None
         )
+        self._compact = {
+            **_compact_forms("identifier", _identifier_values(versions)),
+            **_compact_forms("id", ids),
+        }
 
     @property
     def empty(self) -> bool:
@@ -440,12 +445,49 @@ class SubjectCanaries:
         return sorted(found)
 
     def reason_hits(self, text: str) -> list[str]:
-        """Kinds found in a reason: ``hits``, and the birth date with a two-digit year (3/7/46,
-        07/03/46). Those short forms are looked for in a reason only, a few words an operator
-        typed, where a false refusal costs a rewording; in the records an erasure searches they
-        would match other dates, doses and ratios (see ``reason_birth_date_forms``)."""
+        """Kinds found in a reason: ``hits``, the birth date with a two-digit year (3/7/46,
+        07/03/46), and an identifier or id of eight letters and digits or more, with a digit,
+        written with other separators or none (a UUID without its dashes, ``MRN778812``): the
+        reason's letters and digits are compared with theirs, glued. Those forms are looked for
+        in a reason only, a few words an operator typed, where a false refusal costs a
+        rewording; in the records an erasure searches they would match other dates, doses and
+        ratios (see ``reason_birth_date_forms``), and codes glued to other text."""
         found = set(self.hits(text)) | set(self._reason_births.find(text))
+        compact = _compacted(text)
+        found |= {kind for form, kind in self._compact.items() if form in compact}
         return sorted(found)
+
+
+# an identifier or id compared in a reason by its letters and digits alone: at least this long,
+# with a digit (a digit run alone is found whatever separates it already, and words glued
+# together could spell a name-like id of letters)
+MIN_COMPACT_ID = 8
+
+
+def _compacted(text: str) -> str:
+    """``text``'s letters and digits, case-folded, with nothing between them."""
+    return "".join(ch for ch in text.casefold() if ch.isascii() and ch.isalnum())
+
+
+def _identifier_values(versions: Iterable[dict[str, Any]]) -> list[str]:
+    """The values of the Patient versions' identifiers."""
+    return [
+        str(identifier["value"])
+        for patient in versions
+        for identifier in patient.get("identifier") or []
+        if isinstance(identifier, dict) and isinstance(identifier.get("value"), str)
+    ]
+
+
+def _compact_forms(kind: str, values: Iterable[str]) -> dict[str, str]:
+    """Each value's compacted form (:func:`_compacted`) long enough to look for, to ``kind``:
+    a UUID written without its dashes, an MRN with its letters glued to its digits."""
+    forms = (_compacted(value) for value in values)
+    return {
+        form: kind
+        for form in forms
+        if len(form) >= MIN_COMPACT_ID and any(ch.isdigit() for ch in form)
+    }
 
 
 def _hits_as_written_and_spaced(canaries: CanarySet, text: str) -> list[str]:

@@ -141,3 +141,39 @@ def test_two_digit_years_are_looked_for_in_a_reason_only() -> None:
     subject = SubjectCanaries([_birth_patient(born)])
     assert subject.hits(f"seen {born:%m/%d/%y}") == []
     assert subject.hits(f"seen {born:%d.%m.%Y}") == ["birth_date"]
+
+
+@pytest.mark.parametrize(
+    ("reason", "kinds"),
+    [
+        # the Patient's own id, a UUID, without its dashes or with spaces for them
+        ("resource 7d0c5a1e9b2f4c1d8e3a5f6b7c8d9e0f", ["id"]),
+        ("7D0C 5A1E 9B2F 4C1D 8E3A 5F6B 7C8D 9E0F asked", ["id"]),
+        # the MRN with its letters glued to its digits, or split elsewhere
+        ("MRN778812", ["identifier"]),
+        ("ticket for mrn/7788 12", ["identifier"]),
+        # near misses: another UUID (its last digit), a shorter number, a ticket
+        ("resource 7d0c5a1e9b2f4c1d8e3a5f6b7c8d9e0e", []),
+        ("MRN77881", []),
+        ("REQ-2024-0317", []),
+        ("erasure request under GDPR article 17", []),
+    ],
+)
+def test_a_reason_holding_an_identifier_with_other_separators_or_none_is_refused(
+    reason: str, kinds: list[str]
+) -> None:
+    """The audit log keeps a reason for good: an identifier written without its punctuation
+    names the patient as surely as with it. Compared in a reason only (``hits``, which an
+    erasure uses on records, does not)."""
+    subject = SubjectCanaries([PATIENT], TYPED_ID)
+    assert subject.reason_hits(reason) == kinds
+    assert "id" not in subject.hits(reason) and "identifier" not in subject.hits(reason)
+
+
+def test_a_short_id_or_one_without_a_digit_is_not_compared_glued() -> None:
+    """Under eight letters and digits, or without a digit, an id glued into other words could
+    be spelt by them: ``pt778`` is only found as a whole token, as before."""
+    subject = SubjectCanaries([], "pt-778", "ab-cd-ef-gh-ij")
+    assert subject.reason_hits("ticket pt778") == []
+    assert subject.reason_hits("lab cd efgh ij") == []
+    assert subject.reason_hits("pt-778 asked") == ["id"]

@@ -35,6 +35,7 @@ from vault.errors import (
     KeyDestroyedError,
     KeyRotationError,
     PatientNotFoundError,
+    PseudonymKeyMismatchError,
     VaultError,
 )
 from vault.keys import (
@@ -43,6 +44,7 @@ from vault.keys import (
     KeyProvider,
     WrappedKey,
     _new_kek_entry,
+    key_fingerprint,
     keyring_lock,
     read_keyring_document,
     shown,
@@ -282,6 +284,24 @@ def _registered_warehouses(
                 other.close()
 
 
+def _require_the_warehouses_pseudonym_key(
+    key_file: Path, cons: dict[str, duckdb.DuckDBPyConnection], act: str
+) -> None:
+    """Refuse, before anything changes, a keyring whose pseudonym key is not the one a
+    registered warehouse records it was built with (key ids only, never a key): ``act``
+    (rotation, purge) writes the keyring again, and would make a damaged or another keyring's
+    pseudonym key the one kept, where a backup of the right one may still exist."""
+    given = key_fingerprint(FileKeyProvider.load(key_file).pseudonym_key())
+    for wid, con in sorted(cons.items()):
+        recorded = warehouse.recorded_pseudonym_key_id(con)
+        if recorded is not None and recorded != given:
+            raise PseudonymKeyMismatchError(
+                f"the keyring's pseudonym key (key id {given}) is not the one warehouse {wid} "
+                f"was built with (key id {recorded}): nothing was {act}. The keyring is damaged "
+                "or is another's; restore the keyring file from a backup"
+            )
+
+
 def _activate_new_kek(
     key_file: Path, document: dict[str, Any], random_bytes: RandomBytes, clock: Clock
 ) -> tuple[str, list[str]]:
@@ -391,6 +411,7 @@ def rotate_kek(
             return finished
         own_id = _register_in_document(document, con, clock)
         with _registered_warehouses(document, own_id, con) as cons:
+            _require_the_warehouses_pseudonym_key(key_file, cons, "rotated")
             new_id, old_ids = _activate_new_kek(key_file, document, random_bytes, clock)
             intent = audit.intend(
                 "rotate_keys", new_id, reason, {"warehouses": sorted(cons)}, actor
@@ -455,6 +476,7 @@ def purge_retired_keks(
                     f"cannot reach warehouse {wid} (last seen at {path}); nothing was purged"
                 )
             try:
+                _require_the_warehouses_pseudonym_key(key_file, {wid: con}, "purged")
                 in_use = {str(k) for (k,) in con.execute(_KEK_IDS_IN_USE).fetchall()}
             finally:
                 con.close()

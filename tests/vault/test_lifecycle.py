@@ -25,6 +25,7 @@ from vault.errors import (
     KeyMaterialError,
     KeyRotationError,
     PatientNotFoundError,
+    PseudonymKeyMismatchError,
     VaultError,
 )
 from vault.ingest import ingest_batch
@@ -404,6 +405,50 @@ def test_rotation_refuses_to_run_unaudited(world: World) -> None:
     finally:
         con.close()
     assert world.key_file.read_text() == before
+
+
+def test_a_keyring_whose_pseudonym_key_changed_is_neither_rotated_nor_purged(
+    world: World,
+) -> None:
+    """Rotation and purge write the keyring again: with a pseudonym key that is not the one
+    the warehouse records (a damaged keyring, or another's), they would make it the one kept.
+    Both refuse before writing anything, naming key ids only; the right keyring still rotates."""
+    con = world.connect()
+    try:
+        rotate_kek(world.key_file, con, world.audit)  # a retired KEK for the purge to drop
+    finally:
+        con.close()
+    good = world.key_file.read_bytes()
+    document = json.loads(good)
+    right_key = base64.b64decode(document["pseudonym_key"])
+    other_key = bytes([right_key[0] ^ 0x01]) + right_key[1:]  # one bit changed
+    document["pseudonym_key"] = base64.b64encode(other_key).decode()
+    world.key_file.write_text(json.dumps(document))
+    damaged = world.key_file.read_bytes()
+    entries = len(world.audit.entries())
+    con = world.connect()
+    try:
+        kek_ids = con.execute("SELECT DISTINCT kek_id FROM data_keys").fetchall()
+        with pytest.raises(PseudonymKeyMismatchError, match="nothing was rotated") as rotated:
+            rotate_kek(world.key_file, con, world.audit)
+        assert con.execute("SELECT DISTINCT kek_id FROM data_keys").fetchall() == kek_ids
+    finally:
+        con.close()
+    with pytest.raises(PseudonymKeyMismatchError, match="nothing was purged") as purged:
+        lifecycle.purge_retired_keks(world.key_file, world.audit)
+    for refused in (rotated, purged):
+        message = str(refused.value)
+        assert key_fingerprint(other_key) in message and key_fingerprint(right_key) in message
+        assert document["pseudonym_key"] not in message
+    assert world.key_file.read_bytes() == damaged and len(world.audit.entries()) == entries
+
+    world.key_file.write_bytes(good)  # the keyring restored from its backup
+    con = world.connect()
+    try:
+        assert rotate_kek(world.key_file, con, world.audit).rewrapped == 3
+    finally:
+        con.close()
+    assert len(lifecycle.purge_retired_keks(world.key_file, world.audit)) == 2
 
 
 # -- erasure ----------------------------------------------------------------------------------

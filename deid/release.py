@@ -408,7 +408,8 @@ class SubjectCanaries:
     emails, addresses and birth date (in the forms people write it) of every version of the
     Patient resource (``versions``: a name changed since still names them), and ``ids``, the
     resource ids it is known by (``"id"``). Compiled once for many texts. A reason is held to
-    more (``reason_hits``): the birth date with a two-digit year too."""
+    more (``reason_hits``): the birth date with a two-digit year too, and identifiers and ids
+    written with other separators or none."""
 
     def __init__(self, versions: Iterable[dict[str, Any]], *ids: str) -> None:
         versions = list(versions)

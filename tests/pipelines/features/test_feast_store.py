@@ -4,6 +4,7 @@ incremental materialisation and online reads."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -271,3 +272,35 @@ def test_feast_apply_fails_loudly_without_feast_data(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode != 0 and "EHR_FEAST_DATA is not set" in done.stderr
     assert not (REPO / "${EHR_FEAST_DATA}").exists()
+
+
+@pytest.mark.parametrize("command", [["feature-services", "list"], ["registry-dump"]])
+def test_every_feast_command_fails_loudly_without_feast_data(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Commands that import none of the repo's modules (``feast apply`` does) open the registry
+    through ``DataFolderFileRegistryStore``: without ``EHR_FEAST_DATA`` they stop with the fix,
+    where they created a folder literally named ``${EHR_FEAST_DATA}`` and listed an empty
+    registry. With it set, the same command runs."""
+    repo = tmp_path / "feature_repo"
+    shutil.copytree(REPO, repo)
+    feast = Path(sys.executable).with_name("feast")
+    env = {k: v for k, v in os.environ.items() if k != FEAST_DATA_ENV}
+    done = subprocess.run(
+        [str(feast), *command], cwd=repo, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode != 0 and "EHR_FEAST_DATA is not set" in done.stderr
+    assert not (repo / "${EHR_FEAST_DATA}").exists() and not list(repo.rglob("registry.db"))
+
+    data = tmp_path / "feast"
+    data.mkdir()
+    done = subprocess.run(
+        [str(feast), *command],
+        cwd=repo,
+        env={**env, FEAST_DATA_ENV: str(data)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "EHR_FEAST_DATA is not set" not in done.stderr
+    assert not (repo / "${EHR_FEAST_DATA}").exists()

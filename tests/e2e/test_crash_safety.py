@@ -19,11 +19,13 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from deid.release import SEALED_CANARIES, sealed_state, vault_state
 from fhirlake.synthetic import generate
 from pipelines.publish import unfinished_temporaries
 from tests.feast_stores import stored_rows
 from vault.keys import FileKeyProvider
 from vault.pseudonym import Pseudonymizer
+from vault.sealed_cache import SEALED_CACHE_TABLE, read_entry
 
 pytestmark = pytest.mark.e2e
 
@@ -350,3 +352,48 @@ def _sealed_parts(workdir: Path) -> list[tuple[str, int, bytes]]:
     finally:
         con.close()
     return [(str(state), int(part), bytes(blob)) for state, part, blob in rows]
+
+
+def test_a_run_killed_before_its_sealed_canaries_commit_then_run_again_equals_one_never_killed(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Killed inside the transaction that seals the canaries (the entry's parts deleted and
+    inserted, not committed), the warehouse holds no part of that entry, and the run again
+    seals a whole one and releases what an uninterrupted run does."""
+    landing = tmp_path / "landing"
+    generate(landing / "batch-a", 30, seed=21)
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    _run(landing, reference, key_file)
+    point = "sealed_canaries_uncommitted"
+    assert _run_killed_at(landing, crashed, key_file, point) == point
+    # the first write of the entry was not committed: nothing of it is there
+    assert not _holds_sealed_canaries(crashed, key_file)
+    assert _sealed_parts(crashed) == []
+    again = _run(landing, crashed, key_file, check=False)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-1500:]
+    assert _holds_sealed_canaries(crashed, key_file)  # sealed whole by the run again
+    expected, got = released(reference), released(crashed)
+    assert got["tables"] == expected["tables"]
+    assert got["parquet"] == expected["parquet"]
+    assert got["online"] == expected["online"]
+
+
+def _holds_sealed_canaries(workdir: Path, key_file: Path) -> bool:
+    """Whether the warehouse holds the sealed canaries of its vault state, opened whole
+    (:func:`read_entry` raises for a part changed, missing or moved); every entry's parts are
+    numbered 0 to n-1, none missing, in one state. The canaries are not returned: an assertion
+    that failed on them would print PHI."""
+    con = duckdb.connect(str(workdir / "warehouse.duckdb"), read_only=True)
+    try:
+        rows = con.execute(
+            f"SELECT name, list(DISTINCT state), list(part ORDER BY part) "
+            f"FROM {SEALED_CACHE_TABLE} GROUP BY name"
+        ).fetchall()
+        for name, states, parts in rows:
+            assert len(states) == 1 and parts == list(range(len(parts))), (name, states, parts)
+        provider = FileKeyProvider.load(key_file)
+        state = vault_state(con, provider)
+        assert state is not None
+        return read_entry(con, provider, SEALED_CANARIES, sealed_state(state)) is not None
+    finally:
+        con.close()

@@ -12,7 +12,10 @@ knows the kill landed there). The points wrap functions when their module is fir
   empties it) and not yet written, in the run's own process (a materialisation recording its
   interval), not in the ``feast apply`` child;
 - ``sealed_canaries_written``: the release canaries sealed and committed in the warehouse by a
-  batch's de-identification (``vault.sealed_cache.write_entry``), the batch's scan not yet run.
+  batch's de-identification (``vault.sealed_cache.write_entry``), the batch's scan not yet run;
+- ``sealed_canaries_uncommitted``: the same write with the entry's parts deleted and inserted in
+  its transaction, the transaction not yet committed (the cursor ``write_entry`` takes from its
+  connection is wrapped, only when this point is named, so that its ``commit()`` kills first).
 """
 
 from __future__ import annotations
@@ -48,6 +51,40 @@ def _after(module: types.ModuleType, name: str, point: str) -> None:
         return result
 
     setattr(module, name, wrapper)
+
+
+class _Forwarding:
+    """Forwards every attribute but those defined on it to ``inner`` (a DuckDB connection or
+    cursor, whose methods cannot be replaced on the object itself)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class _KillingCursor(_Forwarding):
+    def commit(self) -> Any:
+        _reached("sealed_canaries_uncommitted")
+        return self._inner.commit()
+
+
+class _KillingConnection(_Forwarding):
+    def cursor(self) -> _KillingCursor:
+        return _KillingCursor(self._inner.cursor())
+
+
+def _sealed_cache(module: types.ModuleType) -> None:
+    if _POINT == "sealed_canaries_uncommitted":  # other points keep the real cursor
+        original = module.write_entry
+
+        @functools.wraps(original)
+        def write_entry(con: Any, *args: Any, **kwargs: Any) -> Any:
+            return original(_KillingConnection(con), *args, **kwargs)
+
+        setattr(module, "write_entry", write_entry)
+    _after(module, "write_entry", "sealed_canaries_written")
 
 
 def _publish(module: types.ModuleType) -> None:
@@ -88,7 +125,7 @@ _PATCHES: dict[str, Callable[[types.ModuleType], None]] = {
     ),
     "pipelines.features.online_sync": lambda m: _after(m, "_write_rows", "online_rows_written"),
     "feast.infra.registry.file": _registry,
-    "vault.sealed_cache": lambda m: _after(m, "write_entry", "sealed_canaries_written"),
+    "vault.sealed_cache": _sealed_cache,
 }
 
 

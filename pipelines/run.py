@@ -121,11 +121,15 @@ def run_pipeline(
     workers: int = 0,
 ) -> dict[str, Any]:
     """Materialise every asset for every batch found in ``input_dir`` that is not done yet, then
-    the release; write and return the run summary (counts only)."""
+    the release; write and return the run summary (counts only). A batch whose folder cannot be
+    read is left for the next run and named in the summary (``batches_not_read``), which then
+    does not succeed; the other batches and the release run as without it."""
     started = time.perf_counter()
     workdir = workdir if isinstance(workdir, Workdir) else Workdir(Path(workdir))
     found = discover_landing(input_dir)
     batches = found.batches
+    if not batches and found.unreadable:
+        raise next(iter(found.unreadable.values()))
     if not batches:
         idle = "".join(f"; {folder.describe()}" for folder in found.idle)
         raise FileNotFoundError(
@@ -186,6 +190,11 @@ def run_pipeline(
         batch_reports, release, runs, _warehouse_totals(workdir), _model_summary(workdir)
     )
     summary["stages"]["ingest"]["batches_already_done"] = sorted(settled)
+    # a batch whose folder could not be read waits (the others ran) and fails the run
+    summary["stages"]["ingest"]["batches_not_read"] = {
+        key: str(error) for key, error in sorted(found.unreadable.items())
+    }
+    summary["success"] = summary["success"] and not found.unreadable
     summary["seconds"] = round(time.perf_counter() - started, 2)
     workdir.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary

@@ -521,6 +521,13 @@ def evaluate_landing(
     found = discover_landing(Path(landing.path))
     batches = found.batches
     reasons += [folder.describe() for folder in found.idle]
+    # a batch whose folder cannot be read waits, its partition kept (its folder is there); the
+    # others are followed as usual, and it is read again at the next tick
+    present |= set(found.unreadable)
+    reasons += [
+        f"{error} (the other batches are read; this one is tried again at every tick)"
+        for error in found.unreadable.values()
+    ]
     done = 0
 
     def read_ledger() -> dict[str, LedgerEntry] | None:

@@ -92,3 +92,35 @@ def refuse_reading(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], Callable
         return allow
 
     return refuse
+
+
+@pytest.fixture
+def refuse_listing(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Make a folder one the process may not list (chmod 000; for root, which lists it anyway,
+    ``os.listdir`` of that path raises EACCES, as it does for a service user); returns what
+    makes it listable again."""
+    refused: set[str] = set()
+    changed: list[Path] = []
+    real_listdir = os.listdir
+
+    def guarded_listdir(path: Any = ".") -> list[str]:
+        if os.fspath(path) in refused:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return real_listdir(path)
+
+    def refuse(path: Path) -> Callable[[], None]:
+        path.chmod(0)
+        changed.append(path)
+        if os.access(path, os.R_OK):
+            refused.add(os.fspath(path))
+            monkeypatch.setattr(os, "listdir", guarded_listdir)
+
+        def allow() -> None:
+            path.chmod(0o755)
+            refused.discard(os.fspath(path))
+
+        return allow
+
+    yield refuse
+    for path in changed:  # listable again, so that the temporary folder can be removed
+        path.chmod(0o755)

@@ -107,13 +107,16 @@ class IdleFolder:
 
 @dataclass
 class Landing:
-    """What the landing folder holds: its batches, its folders that are none (``idle``), and
-    what was not read (with the reason)."""
+    """What the landing folder holds: its batches, its folders that are none (``idle``), the
+    batches whose folder could not be listed or a data file of it inspected (``unreadable``:
+    each batch key's error, which names the key and the folder's depth, never a name below
+    it), and what was not read (with the reason)."""
 
     batches: list[BatchSource] = field(default_factory=list)
     skipped: list[SkippedFile] = field(default_factory=list)
     collisions: dict[str, int] = field(default_factory=dict)  # key → folders sharing it
     idle: list[IdleFolder] = field(default_factory=list)
+    unreadable: dict[str, BatchFolderNotReadableError] = field(default_factory=dict)
 
 
 def batch_key(name: str) -> str:
@@ -174,21 +177,29 @@ def _batch(key: str, folder: Path, landing: Landing) -> BatchSource | None:
 
 def scan_landing(landing_dir: Path) -> Landing:
     """Batches in ``landing_dir``: ``root`` for loose files, then each sub-folder, sorted by
-    name; links and special files listed as skipped; keys shared by two folders counted."""
+    name; links and special files listed as skipped; keys shared by two folders counted; a
+    batch whose folder cannot be listed (or a data file of it inspected) set aside with its
+    error, so that one folder an exporter left unreadable holds back no other batch. A landing
+    folder that cannot itself be listed raises ``OSError``."""
     landing = Landing()
     if not landing_dir.is_dir():
         return landing
-    root = _batch(ROOT_BATCH, landing_dir, landing)
-    found = [root] if root is not None else []
-    for entry in sorted(landing_dir.iterdir()):
-        if entry.name.startswith(".") or not_regular(entry) != "":
-            continue  # files were listed with the root batch; links and the like skipped there
-        batch = _batch(batch_key(entry.name), entry, landing)
+    folders = [(ROOT_BATCH, landing_dir)] + [
+        (batch_key(entry.name), entry)
+        for entry in sorted(landing_dir.iterdir())
+        # files were listed with the root batch; links and the like skipped there
+        if not entry.name.startswith(".") and not_regular(entry) == ""
+    ]
+    found = []
+    for key, folder in folders:
+        try:
+            batch = _batch(key, folder, landing)
+        except BatchFolderNotReadableError as exc:  # that batch alone waits: the others are read
+            landing.unreadable[key] = exc
+            continue
         if batch is not None:
             found.append(batch)
-    counts: dict[str, int] = {}
-    for batch in found:
-        counts[batch.key] = counts.get(batch.key, 0) + 1
+    counts = Counter([batch.key for batch in found] + list(landing.unreadable))
     landing.collisions = {key: n for key, n in counts.items() if n > 1}
     landing.batches = [b for b in found if b.key not in landing.collisions]
     return landing
@@ -196,8 +207,13 @@ def scan_landing(landing_dir: Path) -> Landing:
 
 def discover_batches(landing: Path) -> list[BatchSource]:
     """Batches in ``landing``; refuses (:class:`BatchKeyCollisionError`) when two folders
-    would share a key, since one of them would silently never be ingested."""
-    return discover_landing(landing).batches
+    would share a key, since one of them would silently never be ingested, and raises the
+    first unreadable batch's :class:`BatchFolderNotReadableError` (every batch or none; see
+    :func:`discover_landing` for the batches that could be read)."""
+    found = discover_landing(landing)
+    for error in found.unreadable.values():
+        raise error
+    return found.batches
 
 
 def discover_landing(landing: Path) -> Landing:
@@ -223,6 +239,8 @@ def batch_source(landing: Path, key: str) -> BatchSource:
         raise BatchKeyCollisionError(
             f"{found.collisions[key]} landing folders share the batch key {key}: rename them"
         )
+    if key in found.unreadable:
+        raise found.unreadable[key]
     for batch in found.batches:
         if batch.key == key:
             return batch

@@ -82,11 +82,12 @@ def _failure(run: dict[str, Any]) -> str:
 def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -> None:
     """Materialise the whole asset graph for an input folder and write run_summary.json."""
     from pipelines.run import run_pipeline
+    from vault.landing import BatchFolderNotReadableError
     from vault.warehouse import WarehouseBusyError
 
     try:
         summary = run_pipeline(input_dir, workdir, key_file=key_file, workers=workers)
-    except (DeidError, VaultError) as exc:
+    except (DeidError, VaultError, BatchFolderNotReadableError) as exc:
         raise click.ClickException(str(exc)) from exc
     except WarehouseBusyError as exc:  # open in another process for longer than a run waits
         raise click.ClickException(
@@ -108,6 +109,8 @@ def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -
         passed = batch["reconciliation"].get("passed", "not checked")
         note = " (already ingested and de-identified: not run again)" if key in done else ""
         click.echo(f"  batch {key}: reconciled={passed}{note}")
+    for reason in ingest.get("batches_not_read", {}).values():
+        click.echo(f"  {reason}: not read, left for the next run (the other batches ran)")
     stages = summary["stages"]
     deid = stages.get("deid") or {}
     if deid:

@@ -312,3 +312,37 @@ def test_one_run_releases_a_batch_as_the_batches_after_it_leave_its_references(
     assert settled == {"b1", "b2"}
     again = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
     assert again["stages"]["ingest"]["batches_already_done"] == ["b1", "b2"]
+
+
+def test_a_batch_that_cannot_be_listed_is_left_for_the_next_run_and_the_others_run(
+    tmp_path: Path, key_file: Path, refuse_listing: Any
+) -> None:
+    """A batch folder holding a sub-folder the process may not list stopped `ehr run` for every
+    batch. Now the others run, the release follows them, and the command names that batch by
+    its key (no name below it) and exits 1; once it can be read, the next run takes it."""
+    landing = tmp_path / "landing"
+    generate(landing / "b1", 3, seed=2)
+    secret = landing / "b2" / "Quillfeather_Marisol"
+    generate(secret, 3, seed=3)
+    allow = refuse_listing(secret)
+    workdir = tmp_path / "work"
+    result, summary, lines = _ehr_run(landing, workdir)
+    assert [(r["batch"], r["success"]) for r in summary["runs"]] == [("b1", True), (None, True)]
+    assert not summary["success"]
+    (reason,) = summary["stages"]["ingest"]["batches_not_read"].values()
+    assert reason.startswith("batch b2: a folder 1 level down in the batch could not be listed")
+    assert f"  {reason}: not read, left for the next run (the other batches ran)" in lines
+    assert "  batch b1: reconciled=True" in lines
+    for text in (result.output, (workdir / "run_summary.json").read_text()):
+        assert "Quillfeather" not in text, text
+
+    allow()
+    again = CliRunner().invoke(
+        main, ["run", "--input", str(landing), "--workdir", str(workdir), "--workers", "1"]
+    )
+    assert again.exit_code == 0, again.output
+    summary = json.loads((workdir / "run_summary.json").read_text())
+    runs = [(r["batch"], r["success"]) for r in summary["runs"]]
+    # b1 may run again after it: b2's references can change what b1's name (documented)
+    assert runs[0] == ("b2", True) and runs[-1] == (None, True) and all(ok for _, ok in runs)
+    assert summary["stages"]["ingest"]["batches_not_read"] == {}

@@ -868,3 +868,43 @@ def test_folders_that_are_no_batch_are_named_in_the_tick_until_they_hold_data(
     os.utime(landing / "marker-only" / "_READY")
     later = _tick(tmp_path, instance, tick.cursor)
     assert [r.partition_key for r in later.run_requests] == ["marker-only"]
+
+
+def test_a_batch_that_cannot_be_listed_waits_and_the_others_are_requested(
+    tmp_path: Path, instance: DagsterInstance, refuse_listing: Any
+) -> None:
+    """One folder an exporter left unreadable (a per-patient sub-folder with other
+    permissions) stopped every tick, so no batch was ingested while it stayed. It now waits
+    alone: the others are requested, the tick names it by its key (no name below it), its
+    partition is kept, and once it can be read it is requested like any new batch."""
+    landing = _landing(tmp_path)  # export-1, complete
+    late = landing / "export-2"
+    secret = late / "Quillfeather_Marisol"
+    secret.mkdir(parents=True)
+    (secret / "data.ndjson").write_bytes(PATIENT)
+    (late / "_READY").write_bytes(b"")
+    instance.add_dynamic_partitions("batches", ["export-2"])  # registered by an earlier tick
+    allow = refuse_listing(secret)
+    ticks: list[Any] = []
+    real_evaluate = sensors.evaluate_landing
+
+    def evaluate(*args: Any) -> Any:
+        ticks.append(real_evaluate(*args))
+        return ticks[-1]
+
+    with mock.patch.object(sensors, "evaluate_landing", evaluate):
+        result = _tick(tmp_path, instance)
+        assert [r.partition_key for r in result.run_requests] == ["export-1"]
+        assert _removed(result) == []
+        (reason,) = [r for r in ticks[-1].reasons if "export-2" in r]
+        assert reason.startswith("batch export-2: a folder 1 level down in the batch")
+        assert reason.endswith(
+            "(the other batches are read; this one is tried again at every tick)"
+        )
+        assert "Quillfeather" not in reason and str(tmp_path) not in reason
+        assert "export-2" not in _load_cursor(result.cursor)
+
+        allow()  # the permissions mended, and the marker written again after it
+        (late / "_READY").write_bytes(b"")
+        later = _tick(tmp_path, instance, result.cursor)
+    assert [r.partition_key for r in later.run_requests] == ["export-2"]

@@ -236,29 +236,6 @@ def test_a_batch_fingerprint_is_the_digest_of_its_files_names_sizes_and_times(
     assert batch_source(tmp_path / "land", "b").fingerprint == digest.hexdigest()[:16]
 
 
-@pytest.fixture
-def refuse_listing(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Make a folder one the process may not list (chmod 000; for root, which lists it anyway,
-    ``os.listdir`` of that path raises EACCES, as it does for a service user)."""
-    refused: set[str] = set()
-    real_listdir = os.listdir
-
-    def guarded_listdir(path: Any = ".") -> list[str]:
-        if os.fspath(path) in refused:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
-        return real_listdir(path)
-
-    def refuse(path: Path) -> None:
-        path.chmod(0)
-        if os.access(path, os.R_OK):
-            refused.add(os.fspath(path))
-            monkeypatch.setattr(os, "listdir", guarded_listdir)
-
-    yield refuse
-    for path in refused:
-        Path(path).chmod(0o755)
-
-
 def test_a_folder_that_cannot_be_listed_fails_its_batch_naming_no_folder(
     tmp_path: Path, refuse_listing: Any
 ) -> None:
@@ -286,6 +263,37 @@ def test_a_folder_that_cannot_be_listed_fails_its_batch_naming_no_folder(
         walk_batch(landing / "2024-05-01", nested=True)
     assert listed.value.depth == 1 and "Quillfeather" not in str(listed.value)
     assert listed.value.__suppress_context__
+
+
+def test_a_batch_that_cannot_be_listed_holds_back_no_other_batch(
+    tmp_path: Path, refuse_listing: Any
+) -> None:
+    """One folder an exporter left unreadable is set aside with its error (the batch key and
+    the depth, no name below it); every other batch is found and read as without it. Only
+    what asks for every batch (``discover_batches``) or for that one (``batch_source``) fails."""
+    from vault.landing import BatchFolderNotReadableError, discover_landing
+
+    landing = tmp_path / "landing"
+    _drop(landing / "2024-05-01")
+    _drop(landing / "2024-05-02")
+    secret = landing / "2024-05-02" / "Quillfeather_Marisol"
+    _drop(secret, "Observation.ndjson")
+    _drop(landing / "2024-05-03")
+    readable = {key: batch_source(landing, key).fingerprint for key in ("2024-05-01", "2024-05-03")}
+    refuse_listing(secret)
+
+    found = discover_landing(landing)
+    assert {b.key: b.fingerprint for b in found.batches} == readable
+    assert list(found.unreadable) == ["2024-05-02"]
+    text = str(found.unreadable["2024-05-02"])
+    assert text.startswith("batch 2024-05-02: a folder 1 level down in the batch")
+    assert "Quillfeather" not in text and str(tmp_path) not in text
+    for key, fingerprint in readable.items():
+        assert batch_source(landing, key).fingerprint == fingerprint
+    with pytest.raises(BatchFolderNotReadableError, match=r"^batch 2024-05-02: "):
+        batch_source(landing, "2024-05-02")
+    with pytest.raises(BatchFolderNotReadableError, match=r"^batch 2024-05-02: "):
+        discover_batches(landing)
 
 
 def _listing_then(monkeypatch: pytest.MonkeyPatch, act: Any) -> None:

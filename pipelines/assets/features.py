@@ -174,7 +174,8 @@ def feature_tables(
         con.close()
     context.log.info(
         f"features ({refresh.mode}): {sum(build.rows.values())} rows in {len(build.rows)} "
-        f"tables, {refresh.patients_changed} patients computed again, "
+        f"tables, {refresh.patients_changed} patients computed again "
+        f"({refresh.patients_data_end_moved} of them for the moved data end), "
         f"{refresh.patients_removed} removed, {build.opted_out} opted-out patients excluded, "
         f"{build.seconds:.1f}s"
     )
@@ -219,6 +220,7 @@ def feature_tables(
                 "build_seconds": build.seconds,
                 "refresh": refresh.mode,
                 "patients_changed": refresh.patients_changed,
+                "patients_data_end_moved": refresh.patients_data_end_moved,
                 "patients_removed": refresh.patients_removed,
                 "null_rate": MetadataValue.json(nulls if standing else {}),
                 **({"distributions": image_metadata(plot)} if standing and plot else {}),

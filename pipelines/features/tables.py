@@ -515,6 +515,7 @@ def _prepare_patients(
     con.execute(
         f"CREATE OR REPLACE TEMP VIEW feature_data_end AS SELECT data_end FROM {_TIME_BOUNDS}"
     )
+    extend_rows_end(con, 0)
     # Where a patient's rows start (counts at 0): their first data. Rows from birth would add
     # a yearly heartbeat row per year of life before it (see with_heartbeats).
     con.execute(
@@ -540,8 +541,21 @@ def _edge_rows(relation: str, days: tuple[int, ...], edges: bool) -> str:
     )
 
 
+def extend_rows_end(con: duckdb.DuckDBPyConnection, days: int) -> None:
+    """Compute rows up to ``days`` after the data end (``feature_rows_end``; 0, the data end
+    itself, is what :func:`prepare_sources` sets). A row's values never depend on where the
+    rows end, only whether it is written (its time at or before the end): so the rows of an
+    end ``days`` later, cut at the data end, are the rows of the data end, and those after it
+    say when a patient's rows next change as the data end moves (``pipelines.features.refresh``).
+    """
+    con.execute(
+        "CREATE OR REPLACE TEMP VIEW feature_rows_end AS "
+        f"SELECT data_end + to_days({int(days)}) AS rows_end FROM feature_data_end"
+    )
+
+
 def _before_data_end(alias: str = "s") -> str:
-    return f"{alias}.ts <= (SELECT data_end FROM feature_data_end)"
+    return f"{alias}.ts <= (SELECT rows_end FROM feature_rows_end)"
 
 
 def demographics_sql(created: datetime, edges: bool = True) -> str:
@@ -948,7 +962,7 @@ def with_heartbeats(body: str) -> str:
         SELECT *,
             coalesce(
                 lead(event_timestamp) OVER (PARTITION BY patient_id ORDER BY event_timestamp),
-                (SELECT data_end FROM feature_data_end) + {AFTER}
+                (SELECT rows_end FROM feature_rows_end) + {AFTER}
             ) AS next_ts
         FROM t
     ),
@@ -995,17 +1009,22 @@ def build_feature_tables_report(
     check: PublishCheck[CheckOutcome] | None = None,
     known_by: datetime | None = None,
     shift_days: int = 0,
+    horizon_days: int = 0,
 ) -> FeatureBuild:
     """Build ``features.<table>`` and ``out_dir/<table>.parquet`` for each feature table. With
     ``check`` (run over each table's staged rows), a table is published only when its check
     passes; one that fails leaves the published table and file as they were. ``known_by`` and
-    ``shift_days``: see :func:`prepare_sources`."""
+    ``shift_days``: see :func:`prepare_sources`. With ``horizon_days``, each table's rows are
+    computed that many days past the data end into the temporary table
+    :func:`horizon_table` (kept for the caller: when each patient's rows next change), and
+    published cut at the data end (:func:`extend_rows_end`)."""
     started = time.perf_counter()
     created = created or datetime.now(UTC)
     valuesets = load_valuesets(valuesets_dir) if valuesets_dir else load_valuesets()
     con.execute("SET TimeZone = 'UTC'")  # day boundaries and ages in UTC, as the views store
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {FEATURES_SCHEMA}")
     prepare_sources(con, known_by=known_by, shift_days=shift_days)
+    extend_rows_end(con, horizon_days)
     register_code_table(con, valuesets)
     register_lab_codes(con)
     out_dir = Path(out_dir)
@@ -1016,6 +1035,9 @@ def build_feature_tables_report(
     for name in tables or tuple(FEATURE_TABLES):
         table = f"{FEATURES_SCHEMA}.{name}"
         path, sql = parquet_path(out_dir, name), table_sql(name, created, valuesets, edges)
+        if horizon_days:
+            con.execute(f"CREATE OR REPLACE TEMP TABLE {horizon_table(name)} AS {sql}")
+            sql = up_to_data_end(horizon_table(name))
         # readers (Feast, the checks) never see a half-written table or file
         if check is None:
             rows[name] = publish_table(con, table, path, sql, compression="zstd")
@@ -1030,6 +1052,21 @@ def build_feature_tables_report(
     ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
     seconds = round(time.perf_counter() - started, 3)
     return feature_build(con, rows, patients, int(opted_out), seconds, checks)
+
+
+def horizon_table(name: str) -> str:
+    """The temporary table a build with ``horizon_days`` leaves each table's rows in, computed
+    past the data end (see :func:`build_feature_tables_report`)."""
+    return f"feature_horizon__{name}"
+
+
+def up_to_data_end(rows: str) -> str:
+    """The rows of ``rows`` (a feature table's rows computed past the data end) that the table
+    holds: those at or before the data end, in the table's order."""
+    return (
+        f"SELECT * FROM {rows} WHERE event_timestamp <= (SELECT data_end FROM feature_data_end) "
+        "ORDER BY patient_id, event_timestamp"
+    )
 
 
 def feature_build(

@@ -2,23 +2,27 @@
 
 The oracle is ``build_feature_tables_report`` over the same view rows in a second, fresh
 warehouse (every patient computed, no bookkeeping); the refresh must also say what it did:
-only the changed patients computed again while the data end and the definitions stay, in full
-when the data end moves."""
+only the changed patients computed again while the definitions stay (with, when the data end
+moves, the patients it moves past), in full when a definition changes."""
 
 from __future__ import annotations
 
 import copy
 import os
+import random
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import pytest
 
 from pipelines.features.refresh import refresh_feature_tables
 from pipelines.features.tables import FEATURE_TABLES, build_feature_tables_report
 from tests.pipelines.features.crafted import A, B, D, crafted_rows, ts, write_views
+from tests.pipelines.features.test_point_in_time_property import random_views
 
 
 def _table_rows(con: duckdb.DuckDBPyConnection, name: str) -> list[tuple[Any, ...]]:
@@ -80,7 +84,8 @@ def test_refresh_after_each_change_equals_a_build_from_scratch(tmp_path: Path) -
     rows = {view: [r for r in rs if B not in r.values()] for view, rs in rows.items()}
     refresh_and_compare()
     refresh_and_compare()
-    # A's visit after the data end: every patient's tail rows move with it
+    # A's visit after the data end: the data end moves, and with it the rows of A alone (the
+    # others have no window edge, birthday or heartbeat before the new end)
     rows = copy.deepcopy(rows)
     rows["encounter"].append(_encounter(A, 2, ts(2025, 9, 1)))
     refresh_and_compare()
@@ -90,7 +95,45 @@ def test_refresh_after_each_change_equals_a_build_from_scratch(tmp_path: Path) -
         ("incremental", 1, 0),
         ("incremental", 0, 1),
         ("unchanged", 0, 0),
-        ("full", 3, 0),
+        ("incremental", 1, 0),
+    ]
+
+
+def test_a_moved_data_end_computes_again_the_patients_it_moves_past_and_no_other(
+    tmp_path: Path,
+) -> None:
+    """The data end moves with each new latest fact (D's visits here). The patients whose rows
+    change with it are computed again with D: those with a row (window edge, birthday,
+    heartbeat) between the two ends, or all of them when it moves past the horizon their next
+    change was known to, or those with a row after it when it moves back. After every step
+    the tables equal a build from scratch in a fresh warehouse. The crafted record's data end
+    is 2025-01-05; A's rows next change on 2025-03-01, B's on 2025-05-01 (C opted out)."""
+    rows = crafted_rows()
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    out = tmp_path / "features"
+    steps: list[tuple[str, int, int]] = []
+
+    def refresh_and_compare() -> None:
+        write_views(con, rows)
+        refresh = refresh_feature_tables(con, out)
+        steps.append((refresh.mode, refresh.patients_changed, refresh.patients_data_end_moved))
+        assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp_path, rows)
+
+    refresh_and_compare()
+    rows["encounter"].append(_encounter(D, 11, ts(2025, 2, 10)))  # past no one's next change
+    refresh_and_compare()
+    rows["encounter"].append(_encounter(D, 12, ts(2025, 3, 10)))  # past A's (2025-03-01)
+    refresh_and_compare()
+    rows["encounter"].append(_encounter(D, 13, ts(2026, 6, 1)))  # past every horizon
+    refresh_and_compare()
+    rows["encounter"] = [e for e in rows["encounter"] if e["id"] != "x13"]  # back to 2025-03-10
+    refresh_and_compare()
+    assert steps == [
+        ("full", 4, 0),
+        ("incremental", 1, 0),  # D
+        ("incremental", 2, 1),  # D, and A
+        ("incremental", 4, 3),  # D, and A, B and C (C opted out: computed, no rows)
+        ("incremental", 3, 2),  # D, and A and B: rows after 2025-03-10 taken away
     ]
 
 
@@ -180,3 +223,57 @@ def test_the_definitions_digest_is_the_same_in_every_process() -> None:
         for seed in ("1", "2", "3")
     }
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize("seed", [3, 8])
+def test_random_batches_moving_the_data_end_refresh_as_a_build_from_scratch(
+    tmp_path: Path, seed: int
+) -> None:
+    """Forty random patients (the point-in-time property test's), then batches of new visits
+    and results for a few of them, each moving the data end on by a day to a few months (once
+    by more than the horizon), and one taken back. After every batch the refreshed tables
+    equal a build from scratch in a fresh warehouse, and the refresh computed fewer patients
+    again than the cohort holds."""
+    rng = random.Random(seed)
+    rows = copy.deepcopy(random_views(seed))
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    out = tmp_path / "features"
+    patients = [p["id"] for p in rows["patient"]]
+    write_views(con, rows)
+    assert refresh_feature_tables(con, out).mode == "full"
+    ((recorded,),) = con.execute(
+        "SELECT value FROM release_state.feature_builds WHERE key = 'data_end'"
+    ).fetchall()
+    end = datetime.fromisoformat(recorded)  # a condition recorded years after its onset
+    moved: list[int] = []
+    for step, days in enumerate([1, 1, 3, 17, 45, 2, 420, 1]):
+        end += timedelta(days=days)
+        for who in rng.sample(patients, 2):
+            rows["encounter"].append(
+                _encounter(who, 100 + step, end - timedelta(hours=rng.randint(0, 30)))
+            )
+            rows["observation"].append(
+                {
+                    "id": f"o-new-{step}-{who[-4:]}",
+                    "patient_id": who,
+                    "status": "final",
+                    "code": "4548-4",
+                    "value_quantity": round(rng.uniform(4, 12), 1),
+                    "effective_date_time": end - timedelta(days=rng.randint(0, 40)),
+                }
+            )
+        write_views(con, rows)
+        refresh = refresh_feature_tables(con, out)
+        assert refresh.mode == "incremental"
+        moved.append(refresh.patients_data_end_moved)
+        assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp_path, rows), step
+    # the latest batch taken back (its patients erased from it): the data end moves back
+    rows["encounter"] = [e for e in rows["encounter"] if e["id"] != f"x{100 + step}"]
+    rows["observation"] = [
+        o for o in rows["observation"] if not o["id"].startswith(f"o-new-{step}-")
+    ]
+    write_views(con, rows)
+    refresh_feature_tables(con, out)
+    assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp_path, rows)
+    # a day's move recomputes a few patients; the move past the horizon, nearly all of them
+    assert min(moved) < len(patients) // 2 and max(moved) > len(patients) // 2, moved

@@ -11,6 +11,14 @@ one keyring (the same pseudonyms and date shifts), each with its own Dagster ins
   (Dagster's own run and event bookkeeping, reading the release to find what changed);
 - *full*: both batches, then one release over everything: a full release.
 
+Then a day of a live feed (:func:`_bench_next_day`): a batch of one visit for each of as many
+patients as the late batch holds, dated the day after the release's data end on each one's
+shifted time line, so that it moves the data end by a day, as nearly every batch of a live feed
+does (the late batch, whole patients from the same years as the others, moves it rarely). Its
+release is timed in the incremental directory (``--repeat`` runs), set against the same full
+release, with the patients the moved data end made the features compute again; both
+directories run the batch, and their released tables are compared.
+
 The release after the late batch and the full release are each run ``--repeat`` times (3 by
 default) from the same state (the work directory copied aside and put back), each as a new run
 process starts (a fresh instance, no canaries in memory). The two take turns (late, full, late,
@@ -35,11 +43,13 @@ column, the build time, is left out, and floating-point values are compared to 9
 from __future__ import annotations
 
 import gc
+import json
 import os
 import resource
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +64,8 @@ from pipelines.partitions import batch_partitions
 from pipelines.run import local_instance
 from pipelines.workdir import Workdir
 from vault.catalog import multiset_digest_sql
-from vault.keys import init_keyring
+from vault.keys import FileKeyProvider, init_keyring
+from vault.pseudonym import Pseudonymizer
 
 _PARTITIONS = batch_partitions.name or "batches"
 # columns that differ between two correct builds: when they were built
@@ -129,6 +140,17 @@ def refresh_modes(result: Any) -> dict[str, str]:
     return modes
 
 
+def patients_data_end_moved(result: Any) -> int:
+    """How many patients the feature refresh computed again because the data end moved."""
+    for event in result.get_asset_materialization_events():
+        moved = event.step_materialization_data.materialization.metadata.get(
+            "patients_data_end_moved"
+        )
+        if moved is not None:
+            return int(moved.value)
+    return 0
+
+
 def _workdir_run(root: Path, landing: Path, key_file: Path) -> tuple[dict[str, Any], Any]:
     init_keyring(key_file)
     resources = build_resources(str(root), str(landing), str(key_file))
@@ -176,6 +198,8 @@ class ReleaseRun:
     # CPU seconds of the run's main thread outside the assets' code: Dagster's own work (the
     # run, its planned events, steps, outputs, materialisations, check results)
     dagster_cpu_seconds: float = 0.0
+    # patients whose features were computed again only because the data end moved
+    data_end_moved: int = 0
 
     @property
     def dagster_seconds(self) -> float:
@@ -213,6 +237,7 @@ def _release_run(work: Path, landing: Path, key_file: Path) -> ReleaseRun:
             refresh_modes(result),
             clock.seconds,
             main_cpu - clock.cpu_seconds,
+            patients_data_end_moved(result),
         )
 
 
@@ -331,7 +356,99 @@ def bench_release(
     b = release_digests(Workdir(full).warehouse)
     out["tables_compared"] = len(b)
     out["tables_differing"] = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    out.update(_bench_next_day(root, landing, key_file, repeat, max(1, round(patients * share))))
+    out["next_day_ratio"] = out["next_day_release_s"] / out["full_release_s"]
     return out
+
+
+def _bench_next_day(
+    root: Path, landing: Path, key_file: Path, repeat: int, count: int
+) -> dict[str, Any]:
+    """A day of a live feed: a batch of one visit for each of ``count`` patients, dated the day
+    after the release's data end on each one's time line, so that it moves the data end by a
+    day. Both work directories run it; the release after it is timed in the incremental one
+    (``repeat`` runs from the same state), the full one releases once, and their released
+    tables are compared."""
+    incremental, full = root / "incremental", root / "full"
+    key = write_next_day_batch(landing, Workdir(incremental).warehouse, key_file, count)
+    out: dict[str, Any] = {"next_day_patients": count}
+    out["next_day_batch_s"] = _batches(incremental, landing, key_file, [key], release=False)
+    _batches(full, landing, key_file, [key], release=False)
+    (runs,) = _release_runs([incremental], landing, key_file, repeat)
+    _release_run(full, landing, key_file)
+    run = _median_run(runs)
+    out["next_day_release_runs_s"] = [r.timed.seconds for r in runs]
+    out["next_day_release_s"] = run.timed.seconds
+    out["next_day_release_steps"] = run.steps
+    out["next_day_data_end_moved"] = run.data_end_moved
+    out["next_day_refresh"] = run.refresh
+    a = release_digests(Workdir(incremental).warehouse)
+    b = release_digests(Workdir(full).warehouse)
+    out["next_day_tables_differing"] = sorted(
+        k for k in a.keys() | b.keys() if a.get(k) != b.get(k)
+    )
+    return out
+
+
+NEXT_DAY_BATCH = "next-day"
+
+
+def write_next_day_batch(landing: Path, warehouse: Path, key_file: Path, count: int) -> str:
+    """Write the batch :func:`_bench_next_day` runs: for each of the first ``count`` patients of
+    the base batch, one ambulatory visit dated the day after the release's data end on that
+    patient's time line (the research profile shifts each patient's dates by a secret number of
+    days: read here, as an operator holding the keys could, from one of the patient's visits as
+    the views hold it). Returns its batch key."""
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        ((end,),) = con.execute(
+            "SELECT value FROM release_state.feature_builds WHERE key = 'data_end'"
+        ).fetchall()
+        day_after = datetime.fromisoformat(end).date() + timedelta(days=1)
+        pseudonyms = Pseudonymizer(FileKeyProvider.load(key_file).pseudonym_key())
+        visits: list[dict[str, Any]] = []
+        for path in sorted((landing / "base").glob("[0-9]*.json")):
+            patient_id, visit_id, start = _a_patient_and_visit(path)
+            # a patient in the features (released, not opted out), with the visit in the views
+            shifted = con.execute(
+                "SELECT e.period_start FROM views.encounter e "
+                "SEMI JOIN features.patient_demographics f ON f.patient_id = e.patient_id "
+                "WHERE e.id = ? AND e.period_start IS NOT NULL",
+                [pseudonyms.resource_key("Encounter", visit_id)],
+            ).fetchall()
+            if not shifted:
+                continue
+            shift = shifted[0][0].date() - start.date()
+            at = datetime.combine(day_after - shift, datetime.min.time(), UTC) + timedelta(hours=9)
+            visits.append(_visit(patient_id, f"next-day-{len(visits)}", at))
+            if len(visits) == count:
+                break
+    finally:
+        con.close()
+    folder = landing / NEXT_DAY_BATCH
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Encounter.ndjson").write_text("".join(json.dumps(v) + "\n" for v in visits))
+    return NEXT_DAY_BATCH
+
+
+def _a_patient_and_visit(path: Path) -> tuple[str, str, datetime]:
+    """A generated patient file's Patient id, and the id and start of its first visit."""
+    entries = [e["resource"] for e in json.loads(path.read_text())["entry"]]
+    patient = next(r for r in entries if r["resourceType"] == "Patient")
+    visit = next(r for r in entries if r["resourceType"] == "Encounter" and "period" in r)
+    return patient["id"], visit["id"], datetime.fromisoformat(visit["period"]["start"])
+
+
+def _visit(patient_id: str, visit_id: str, at: datetime) -> dict[str, Any]:
+    return {
+        "resourceType": "Encounter",
+        "id": visit_id,
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient/{patient_id}"},
+        "period": {"start": at.isoformat(), "end": (at + timedelta(minutes=30)).isoformat()},
+    }
 
 
 def _runs(out: dict[str, Any], which: str) -> str:
@@ -386,4 +503,22 @@ def print_release_bench(out: dict[str, Any]) -> None:
         f"released tables equal to the full release: "
         f"{out['tables_compared'] - len(differing)}/{out['tables_compared']}"
         + (f" (differ: {', '.join(differing)})" if differing else "")
+    )
+    print(
+        f"a day's visits ({out['next_day_patients']} patients, the data end a day later): "
+        f"batch run {out['next_day_batch_s']:.1f} s, release after it "
+        f"{out['next_day_release_s']:.1f} s{_runs(out, 'next_day')}"
+    )
+    print(
+        f"  release after a day's visits / full release: {out['next_day_ratio']:.3f}; "
+        f"patients computed again for the moved data end: {out['next_day_data_end_moved']}"
+    )
+    print(
+        "  release steps, seconds: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in out["next_day_release_steps"].items())
+    )
+    moved_differing = out["next_day_tables_differing"]
+    print(
+        "  released tables equal to a full release of the same batches: "
+        + ("all" if not moved_differing else f"no (differ: {', '.join(moved_differing)})")
     )

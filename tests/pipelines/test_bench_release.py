@@ -3,6 +3,7 @@ cohort's late release equals its full release."""
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -70,6 +71,41 @@ def test_a_small_bench_runs_and_its_late_release_equals_the_full_one(
     assert out["late_platform_s"] + out["late_dagster_s"] == pytest.approx(out["late_release_s"])
     assert 0 < out["without_dagster_ratio"]
     assert out["steal_share"] is None or 0 <= out["steal_share"] <= 1
+    # a day's visits move the data end a day: the features are refreshed, not rebuilt, and
+    # the release equals a full release of the same batches
+    assert out["next_day_patients"] == 2 and len(out["next_day_release_runs_s"]) == 2
+    features = {k: v for k, v in out["next_day_refresh"].items() if k.startswith("features/")}
+    assert features and set(features.values()) == {"incremental"}, features
+    assert out["next_day_tables_differing"] == []
+    assert 0 < out["next_day_ratio"]
+
+
+def test_a_day_after_batch_moves_the_data_end_by_a_day(tmp_path: Path) -> None:
+    """The next day's visits land the day after the data end on each patient's own time line:
+    after their release, the data end is one day later."""
+    landing, key_file = tmp_path / "landing", tmp_path / "keys.json"
+    work = tmp_path / "work"
+    bench.split_cohort(tmp_path, 30, 0.1, 5)
+    bench._batches(work, landing, key_file, ["base"], release=True)
+    warehouse = work / "warehouse.duckdb"
+    before = _data_end(warehouse)
+    key = bench.write_next_day_batch(landing, warehouse, key_file, 3)
+    visits = (landing / key / "Encounter.ndjson").read_text().splitlines()
+    assert len(visits) == 3
+    bench._batches(work, landing, key_file, [key], release=False)
+    bench._release_run(work, landing, key_file)
+    assert _data_end(warehouse).date() - before.date() == timedelta(days=1)
+
+
+def _data_end(warehouse: Path) -> datetime:
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        ((end,),) = con.execute(
+            "SELECT value FROM release_state.feature_builds WHERE key = 'data_end'"
+        ).fetchall()
+    finally:
+        con.close()
+    return datetime.fromisoformat(end)
 
 
 def test_the_release_version_and_the_bench_digests_see_a_pair_replaced(tmp_path: Path) -> None:

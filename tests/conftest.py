@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,63 +64,59 @@ def key_provider(key_file: Path) -> FileKeyProvider:
     return FileKeyProvider.load(key_file)
 
 
-@pytest.fixture
-def refuse_reading(monkeypatch: pytest.MonkeyPatch) -> Callable[[Path], Callable[[], None]]:
-    """Make a file one the process may not read; returns what makes it readable again.
+class _Refusing:
+    """Paths made ones the process may not use: chmod 000, and, as root with
+    CAP_DAC_OVERRIDE (a container's usual root) uses them anyway, ``os.<function>`` of those
+    paths raising PermissionError (EACCES), what the OS raises for a service user. Each
+    refusal returns what undoes it; ``restore`` undoes them all."""
 
-    The file is chmod 000. Root with CAP_DAC_OVERRIDE (a container's usual root) reads it
-    anyway, so when ``os.access`` says it is still readable, opening that one path raises
-    PermissionError (EACCES), what the OS raises for a service user without read permission."""
-    refused: set[str] = set()
-    real_open = os.open
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, function: str, mode: int) -> None:
+        self._monkeypatch, self._function, self._mode = monkeypatch, function, mode
+        self._real = getattr(os, function)
+        self._refused: set[str] = set()
+        self._changed: list[Path] = []
 
-    def guarded_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if os.fspath(path) in refused:
+    def _guarded(self, path: Any = ".", *args: Any, **kwargs: Any) -> Any:
+        if os.fspath(path) in self._refused:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
-        return real_open(path, flags, *args, **kwargs)
+        return self._real(path, *args, **kwargs)
 
-    def refuse(path: Path) -> Callable[[], None]:
+    def __call__(self, path: Path) -> Callable[[], None]:
         path.chmod(0)
+        self._changed.append(path)
         if os.access(path, os.R_OK):
-            refused.add(os.fspath(path))
-            monkeypatch.setattr(os, "open", guarded_open)
+            self._refused.add(os.fspath(path))
+            self._monkeypatch.setattr(os, self._function, self._guarded)
 
         def allow() -> None:
-            path.chmod(0o644)
-            refused.discard(os.fspath(path))
+            path.chmod(self._mode)
+            self._refused.discard(os.fspath(path))
 
         return allow
 
-    return refuse
+    def restore(self) -> None:
+        for path in self._changed:
+            path.chmod(self._mode)
 
 
 @pytest.fixture
-def refuse_listing(monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Make a folder one the process may not list (chmod 000; for root, which lists it anyway,
-    ``os.listdir`` of that path raises EACCES, as it does for a service user); returns what
-    makes it listable again."""
-    refused: set[str] = set()
-    changed: list[Path] = []
-    real_listdir = os.listdir
+def refuse_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[Path], Callable[[], None]]]:
+    """Make a file one the process may not read (``os.open``); returns what makes it readable
+    again."""
+    refusing = _Refusing(monkeypatch, "open", 0o644)
+    yield refusing
+    refusing.restore()
 
-    def guarded_listdir(path: Any = ".") -> list[str]:
-        if os.fspath(path) in refused:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
-        return real_listdir(path)
 
-    def refuse(path: Path) -> Callable[[], None]:
-        path.chmod(0)
-        changed.append(path)
-        if os.access(path, os.R_OK):
-            refused.add(os.fspath(path))
-            monkeypatch.setattr(os, "listdir", guarded_listdir)
-
-        def allow() -> None:
-            path.chmod(0o755)
-            refused.discard(os.fspath(path))
-
-        return allow
-
-    yield refuse
-    for path in changed:  # listable again, so that the temporary folder can be removed
-        path.chmod(0o755)
+@pytest.fixture
+def refuse_listing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[[Path], Callable[[], None]]]:
+    """Make a folder one the process may not list (``os.listdir``); returns what makes it
+    listable again. Every folder is listable again afterwards, so that the temporary folder can
+    be removed."""
+    refusing = _Refusing(monkeypatch, "listdir", 0o755)
+    yield refusing
+    refusing.restore()

@@ -327,12 +327,9 @@ def test_a_run_killed_once_it_sealed_its_canaries_then_run_again_equals_one_neve
     """Killed just after the batch's de-identification sealed the canaries (its scan not run,
     nothing published), the run again takes that sealed set, for the same vault state, and
     its release equals an uninterrupted run's."""
-    landing = tmp_path / "landing"
-    generate(landing / "batch-a", 30, seed=21)
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    _run(landing, reference, key_file)
-    point = "sealed_canaries_written"
-    assert _run_killed_at(landing, crashed, key_file, point) == point
+    landing, reference, crashed = _killed_beside_a_reference(
+        tmp_path, key_file, "sealed_canaries_written"
+    )
     sealed = _sealed_parts(crashed)
     assert sealed
     again = _run(landing, crashed, key_file, check=False)
@@ -343,6 +340,20 @@ def test_a_run_killed_once_it_sealed_its_canaries_then_run_again_equals_one_neve
     assert got["tables"] == expected["tables"]
     assert got["parquet"] == expected["parquet"]
     assert got["online"] == expected["online"]
+
+
+def _killed_beside_a_reference(
+    tmp_path: Path, key_file: Path, point: str
+) -> tuple[Path, Path, Path]:
+    """A generated batch run to its end in one work directory (the reference) and killed at
+    ``point`` in another (the kill checked to have landed there): the landing folder and the
+    two work directories."""
+    landing = tmp_path / "landing"
+    generate(landing / "batch-a", 30, seed=21)
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    _run(landing, reference, key_file)
+    assert _run_killed_at(landing, crashed, key_file, point) == point
+    return landing, reference, crashed
 
 
 def _sealed_parts(workdir: Path) -> list[tuple[str, int, bytes]]:
@@ -360,12 +371,9 @@ def test_a_run_killed_before_its_sealed_canaries_commit_then_run_again_equals_on
     """Killed inside the transaction that seals the canaries (the entry's parts deleted and
     inserted, not committed), the warehouse holds no part of that entry, and the run again
     seals a whole one and releases what an uninterrupted run does."""
-    landing = tmp_path / "landing"
-    generate(landing / "batch-a", 30, seed=21)
-    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    _run(landing, reference, key_file)
-    point = "sealed_canaries_uncommitted"
-    assert _run_killed_at(landing, crashed, key_file, point) == point
+    landing, reference, crashed = _killed_beside_a_reference(
+        tmp_path, key_file, "sealed_canaries_uncommitted"
+    )
     # the first write of the entry was not committed: nothing of it is there
     assert not _holds_sealed_canaries(crashed, key_file)
     assert _sealed_parts(crashed) == []

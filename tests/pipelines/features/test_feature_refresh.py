@@ -19,7 +19,7 @@ from typing import Any
 import duckdb
 import pytest
 
-from pipelines.features.refresh import refresh_feature_tables
+from pipelines.features.refresh import FeatureRefresh, refresh_feature_tables
 from pipelines.features.tables import FEATURE_TABLES, build_feature_tables_report
 from tests.pipelines.features.crafted import A, B, D, crafted_rows, ts, write_views
 from tests.pipelines.features.test_point_in_time_property import random_views
@@ -58,6 +58,17 @@ def _encounter(pid: str, n: int, start: Any) -> dict[str, Any]:
     }
 
 
+def _refreshed_as_from_scratch(
+    con: duckdb.DuckDBPyConnection, out: Path, tmp: Path, rows: dict[str, list[dict[str, Any]]]
+) -> FeatureRefresh:
+    """The views written from ``rows`` and the feature tables refreshed; they must equal the
+    tables a build from scratch gives over the same rows (:func:`_oracle`)."""
+    write_views(con, rows)
+    refresh = refresh_feature_tables(con, out)
+    assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp, rows)
+    return refresh
+
+
 def test_refresh_after_each_change_equals_a_build_from_scratch(tmp_path: Path) -> None:
     rows = crafted_rows()
     con = duckdb.connect(str(tmp_path / "w.duckdb"))
@@ -65,10 +76,8 @@ def test_refresh_after_each_change_equals_a_build_from_scratch(tmp_path: Path) -
     steps: list[tuple[str, int, int]] = []
 
     def refresh_and_compare() -> None:
-        write_views(con, rows)
-        refresh = refresh_feature_tables(con, out)
+        refresh = _refreshed_as_from_scratch(con, out, tmp_path, rows)
         steps.append((refresh.mode, refresh.patients_changed, refresh.patients_removed))
-        assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp_path, rows)
         for name in FEATURE_TABLES:
             parquet = con.execute(f"SELECT count(*) FROM '{out / name}.parquet'").fetchone()
             assert parquet == (refresh.build.rows[name],)
@@ -114,10 +123,8 @@ def test_a_moved_data_end_computes_again_the_patients_it_moves_past_and_no_other
     steps: list[tuple[str, int, int]] = []
 
     def refresh_and_compare() -> None:
-        write_views(con, rows)
-        refresh = refresh_feature_tables(con, out)
+        refresh = _refreshed_as_from_scratch(con, out, tmp_path, rows)
         steps.append((refresh.mode, refresh.patients_changed, refresh.patients_data_end_moved))
-        assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp_path, rows)
 
     refresh_and_compare()
     rows["encounter"].append(_encounter(D, 11, ts(2025, 2, 10)))  # past no one's next change
@@ -262,18 +269,14 @@ def test_random_batches_moving_the_data_end_refresh_as_a_build_from_scratch(
                     "effective_date_time": end - timedelta(days=rng.randint(0, 40)),
                 }
             )
-        write_views(con, rows)
-        refresh = refresh_feature_tables(con, out)
+        refresh = _refreshed_as_from_scratch(con, out, tmp_path, rows)
         assert refresh.mode == "incremental"
         moved.append(refresh.patients_data_end_moved)
-        assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp_path, rows), step
     # the latest batch taken back (its patients erased from it): the data end moves back
     rows["encounter"] = [e for e in rows["encounter"] if e["id"] != f"x{100 + step}"]
     rows["observation"] = [
         o for o in rows["observation"] if not o["id"].startswith(f"o-new-{step}-")
     ]
-    write_views(con, rows)
-    refresh_feature_tables(con, out)
-    assert {n: _table_rows(con, n) for n in FEATURE_TABLES} == _oracle(tmp_path, rows)
+    _refreshed_as_from_scratch(con, out, tmp_path, rows)
     # a day's move recomputes a few patients; the move past the horizon, nearly all of them
     assert min(moved) < len(patients) // 2 and max(moved) > len(patients) // 2, moved

@@ -12,6 +12,7 @@ import pytest
 from deid.release import release_version
 from pipelines.bench import release as bench
 from pipelines.bench.release import ReleaseRun, Timed, release_digests, steal_share
+from tests.feast_stores import stored_rows
 
 
 def test_release_runs_take_turns_and_each_starts_from_the_same_state(
@@ -78,6 +79,11 @@ def test_a_small_bench_runs_and_its_late_release_equals_the_full_one(
     assert features and set(features.values()) == {"incremental"}, features
     assert out["next_day_tables_differing"] == []
     assert 0 < out["next_day_ratio"]
+    # and the online store serves the same values, event times included
+    served = [
+        stored_rows(tmp_path / w / "feast" / "online_store.db") for w in ("incremental", "full")
+    ]
+    assert served[0] == served[1] and any(served[0].values())
 
 
 def test_a_day_after_batch_moves_the_data_end_by_a_day(tmp_path: Path) -> None:

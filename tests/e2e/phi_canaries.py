@@ -11,9 +11,11 @@ from typing import Any
 import duckdb
 import orjson
 
+from vault.catalog import has_table
 from vault.errors import VaultError
 from vault.keys import FileKeyProvider
 from vault.pseudonym import Pseudonymizer
+from vault.sealed_cache import SEALED_CACHE_TABLE, read_entry
 from vault.sealing import DataKeyStore
 
 MIN_LEN = 5  # shorter strings (e.g. "Ann", a ZIP) appear by chance in binary files
@@ -133,8 +135,9 @@ _STORED_CIPHERTEXTS = (
 def ciphertexts_spelling_canaries(
     warehouse: Path, key_file: Path, canaries: set[str]
 ) -> set[bytes]:
-    """The vault's stored ciphertexts (sealed records, wrapped data keys) whose bytes happen to
-    spell a canary, each proven a ciphertext by opening it with the keyring.
+    """The vault's stored ciphertexts (sealed records, wrapped data keys, the parts of sealed
+    cache entries) whose bytes happen to spell a canary, each proven a ciphertext by opening it
+    with the keyring (a sealed cache entry as a whole).
 
     AES-GCM output is random bytes, and some 12 MB of it spells a five-letter name now and then.
     A plaintext kept where a ciphertext belongs does not open, so it is never among these."""
@@ -144,7 +147,8 @@ def ciphertexts_spelling_canaries(
     proven: set[bytes] = set()
     con = duckdb.connect(str(warehouse), read_only=True)
     try:
-        keys = DataKeyStore(con, FileKeyProvider.load(key_file))
+        provider = FileKeyProvider.load(key_file)
+        keys = DataKeyStore(con, provider)
         for query, prove in _STORED_CIPHERTEXTS:
             for blob, needed in con.execute(query).fetchall():
                 if not pattern.search(_as_text(blob)):
@@ -154,9 +158,93 @@ def ciphertexts_spelling_canaries(
                 except VaultError:  # not a ciphertext of this vault: its hits stand
                     continue
                 proven.add(bytes(blob))
+        proven |= _sealed_entries_spelling(con, provider, pattern)
     finally:
         con.close()
     return proven
+
+
+def _sealed_entries_spelling(
+    con: duckdb.DuckDBPyConnection, provider: FileKeyProvider, pattern: re.Pattern[str]
+) -> set[bytes]:
+    """The parts of each sealed cache entry one of whose parts spells a canary, when the entry
+    opens whole (:func:`vault.sealed_cache.read_entry`)."""
+    if not has_table(con, SEALED_CACHE_TABLE):
+        return set()
+    proven: set[bytes] = set()
+    entries = con.execute(f"SELECT DISTINCT name, state FROM {SEALED_CACHE_TABLE}").fetchall()
+    for name, state in entries:
+        parts = [
+            bytes(blob)
+            for (blob,) in con.execute(
+                f"SELECT sealed FROM {SEALED_CACHE_TABLE} WHERE name = ? AND state = ? "
+                "ORDER BY part",
+                [name, state],
+            ).fetchall()
+        ]
+        if not any(pattern.search(_as_text(part)) for part in parts):
+            continue
+        try:
+            opened = read_entry(con, provider, str(name), str(state))
+        except VaultError:
+            continue
+        if opened is not None:
+            proven.update(parts)
+    return proven
+
+
+# where DuckDB's blocks start in its file: a file header and two database headers before them
+_DUCKDB_HEADERS = 3 * 4096
+# ciphertexts are blanked in pieces: DuckDB splits a large value across blocks
+_BLANKED_PIECE = 1024
+
+
+def _blanked(data: bytes, ciphertexts: Collection[bytes]) -> bytes:
+    for blob in ciphertexts:
+        for start in range(0, len(blob), _BLANKED_PIECE):
+            piece = blob[start : start + _BLANKED_PIECE]
+            data = data.replace(piece, bytes(len(piece)))
+    return data
+
+
+def _encoded_by_chance(warehouse: Path, data: bytes, found: list[str]) -> set[str]:
+    """Of ``found`` (canaries in the warehouse file's bytes), those that no live value holds,
+    not even inside a longer word, and every occurrence of which lies in a block of live table
+    storage: there they are letters that encoded data (compressed strings' codes, packed
+    numbers) spells by chance. A block no live segment uses (freed pages) is never excused, and
+    a live value that holds a canary is found by the query itself."""
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        ((block_size,),) = con.execute("SELECT block_size FROM pragma_database_size()").fetchall()
+        tables = con.execute("SELECT schema_name, table_name FROM duckdb_tables()").fetchall()
+        live: set[int] = set()
+        for schema, table in tables:
+            live |= {
+                int(block)
+                for (block,) in con.execute(
+                    "SELECT DISTINCT block_id FROM pragma_storage_info(?) WHERE block_id >= 0",
+                    [f"{schema}.{table}"],
+                ).fetchall()
+            }
+        excused: set[str] = set()
+        for word in found:
+            held = any(
+                con.execute(
+                    f'SELECT count(*) FROM "{schema}"."{table}" x '
+                    "WHERE lower(CAST(x AS VARCHAR)) LIKE ?",
+                    [f"%{word}%"],
+                ).fetchall()[0][0]
+                for schema, table in tables
+            )
+            where = [
+                (m.start() - _DUCKDB_HEADERS) // block_size
+                for m in re.finditer(re.escape(word.encode()), data, re.IGNORECASE)
+            ]
+            if not held and where and set(where) <= live:
+                excused.add(word)
+        return excused
+    finally:
+        con.close()
 
 
 def scan_for_canaries(
@@ -176,15 +264,16 @@ def scan_for_canaries(
     for path in root.rglob("*"):
         if not path.is_file():
             continue
-        data = path.read_bytes()
-        for blob in ciphertexts:
-            data = data.replace(blob, bytes(len(blob)))
+        data = _blanked(path.read_bytes(), ciphertexts)
         text = _as_text(data)
         released = path.suffix in (".duckdb", ".wal", ".parquet")
         pattern = everywhere if released else with_dates
         if pattern is None:
             continue
         found = sorted({m.group(0) for m in pattern.finditer(text)})
+        if found and path.suffix == ".duckdb":
+            chance = _encoded_by_chance(path, data, found)
+            found = [word for word in found if word not in chance]
         if found:
             hits[str(path.relative_to(root))] = found[:5]
     return hits

@@ -90,3 +90,75 @@ def test_a_ciphertext_that_does_not_open_is_not_discounted(tmp_path: Path, key_f
 
     assert ciphertexts_spelling_canaries(path, key_file, {by_chance}) == set()
     assert scan_for_canaries(root, {by_chance}) == {"warehouse.duckdb": [by_chance]}
+
+
+def test_letters_encoded_data_spells_in_live_storage_are_chance_a_freed_page_is_not(
+    tmp_path: Path,
+) -> None:
+    """A name spelt by the bytes of an encoded value (here an integer stored uncompressed,
+    elsewhere a compressed string's codes) in a block of live table storage, while no live
+    value holds it, is chance. A name a live value holds is found, and so is one left in a
+    page a dropped table freed: no live value holds it, and no live segment uses its block."""
+    root = tmp_path / "work"
+    root.mkdir()
+    con = duckdb.connect(str(root / "warehouse.duckdb"))
+    con.execute("PRAGMA force_compression='uncompressed'")
+    spelt = int.from_bytes(b"\x00zquix\x00\x00", "little")
+    con.execute(
+        "CREATE TABLE packed AS SELECT CASE WHEN i = 500 THEN ?::BIGINT ELSE i END AS n "
+        "FROM range(1000) r(i)",
+        [spelt],
+    )
+    con.execute("CREATE TABLE notes AS SELECT 'seen by Ashdown today' AS note")
+    con.execute("CREATE TABLE dropped AS SELECT 'Quennell ' || repeat('x', 300000) AS t")
+    con.execute("CHECKPOINT")
+    con.execute("DROP TABLE dropped")
+    con.execute("CHECKPOINT")
+    con.close()
+    data = (root / "warehouse.duckdb").read_bytes().lower()
+    assert b"zquix" in data and b"quennell" in data  # all three are in the file's bytes
+    assert scan_for_canaries(root, {"Zquix", "Ashdown", "Quennell"}) == {
+        "warehouse.duckdb": ["ashdown", "quennell"]
+    }
+
+
+def test_a_sealed_cache_entry_spelling_a_name_is_discounted_when_it_opens_whole(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """The sealed cache's parts are ciphertexts too (the release canaries, sealed between
+    runs): a name their bytes spell is discounted once the entry opens with the keyring, and
+    still counts when it does not (its state relabelled)."""
+    from vault.sealed_cache import write_entry
+
+    root = tmp_path / "work"
+    con = warehouse.connect(root / "warehouse.duckdb")
+    provider = FileKeyProvider.load(key_file)
+    for counter in range(10_000):
+        nonce = counter.to_bytes(NONCE_BYTES, "big")
+        write_entry(
+            con,
+            provider,
+            "things",
+            "s1",
+            b"x" * 1000,
+            random_bytes=lambda n, v=nonce: v if n == NONCE_BYTES else bytes(n),
+        )
+        ((part,),) = con.execute("SELECT sealed FROM sealed_cache").fetchall()
+        header = len(SEALED_FORMAT) + KEY_ID_BYTES + NONCE_BYTES
+        words = [
+            w for w in _words(bytes(part)[header:]) if w not in _words(bytes(part)[: header + 8])
+        ]
+        if words:
+            break
+    else:
+        raise AssertionError("no nonce gave a sealed entry holding a word")
+    con.close()
+    word = words[0]
+    assert scan_for_canaries(root, {word}) == {"warehouse.duckdb": [word]}
+    proven = ciphertexts_spelling_canaries(root / "warehouse.duckdb", key_file, {word})
+    assert proven == {bytes(part)}
+    assert scan_for_canaries(root, {word}, ciphertexts=proven) == {}
+    con = warehouse.connect(root / "warehouse.duckdb")
+    con.execute("UPDATE sealed_cache SET state = 's2'")  # relabelled: it no longer opens
+    con.close()
+    assert ciphertexts_spelling_canaries(root / "warehouse.duckdb", key_file, {word}) == set()

@@ -195,12 +195,14 @@ def _recorded(con: duckdb.DuckDBPyConnection) -> dict[str, str]:
 
 
 def _needs_full_build(
-    con: duckdb.DuckDBPyConnection, out_dir: Path, shared: dict[str, str]
+    con: duckdb.DuckDBPyConnection,
+    out_dir: Path,
+    shared: dict[str, str],
+    recorded: dict[str, str],
 ) -> bool:
-    """A table or its file is missing, a definition changed (or the record of the last build is
-    of another kind), or there is no data end, then or now. A moved data end alone is not a
-    reason (see the module doc)."""
-    recorded = _recorded(con)
+    """A table or its file is missing, a definition changed since the ``recorded`` build (or
+    its record is of another kind), or there is no data end, then or now. A moved data end
+    alone is not a reason (see the module doc)."""
     tables = {
         name
         for (name,) in con.execute(
@@ -449,14 +451,15 @@ def refresh_feature_tables(
     prepare_sources(con, known_by=known_by, shift_days=shift_days)
     shared = _shared_inputs(con, valuesets, shift_days)
     _stage_patient_digests(con)
+    recorded = _recorded(con)
     try:
-        if _needs_full_build(con, Path(out_dir), shared):
+        if _needs_full_build(con, Path(out_dir), shared, recorded):
             return _full_build(con, Path(out_dir), shared, created, check, known_by, shift_days)
         ((opted_out,),) = con.execute("SELECT count(*) FROM feature_opted_out").fetchall()
         changed, gone = DIGESTS.stage_changed(con)
         moved = _add_patients_the_data_end_moves(
             con,
-            datetime.fromisoformat(_recorded(con)["data_end"]),
+            datetime.fromisoformat(recorded["data_end"]),
             datetime.fromisoformat(shared["data_end"]),
         )
         mode, checks = "unchanged", {}
@@ -465,7 +468,7 @@ def refresh_feature_tables(
                 con, Path(out_dir), created, valuesets, shared, check, shift_days
             )
             mode = "incremental"
-        elif _recorded(con) != shared:  # a data end moved past no patient's next change
+        elif recorded != shared:  # a data end moved past no patient's next change
             with transaction(con):
                 _write_shared(con, shared)
         rows, patients = _counts(con)

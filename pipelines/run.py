@@ -26,9 +26,9 @@ from pipelines.assets.ingest import reconciliation_metadata
 from pipelines.dagster_storage import storage_overrides
 from pipelines.definitions import batch_assets, build_resources, release_run
 from pipelines.features.valuesets import release_terminology
+from pipelines.landing_ledger import LedgerEntry, done_in_ledger, ingested_batches
 from pipelines.partitions import batch_partitions
 from pipelines.resources import DeidSettings, WarehouseResource
-from pipelines.sensors import LedgerEntry, done_in_ledger, ingested_batches
 from pipelines.workdir import Workdir
 from vault import warehouse
 from vault.catalog import has_table

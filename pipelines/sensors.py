@@ -44,17 +44,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import stat
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import duckdb
 from dagster import (
     AddDynamicPartitionsRequest,
+    AssetCheckEvaluation,
     AssetKey,
     AssetRecordsFilter,
     DagsterRunStatus,
@@ -71,13 +69,19 @@ from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, SENSOR_NAME_TAG, WILL_RETRY_TAG
 
-from deid.staging import deidentified_batches
-from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
+from pipelines.assets.deid import landed_batches_cleared, landed_batches_failing
 from pipelines.assets.ingest import FINGERPRINT_TAG
 from pipelines.jobs import RELEASE_ASSETS, RELEASE_AUTOMATION, batch_job, release_job
+from pipelines.landing_ledger import (
+    LedgerEntry,
+    done_in_ledger,
+    ingested_batches,
+    landed_backlog,
+    waiting_reason,
+)
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource, WarehouseResource
-from vault.landing import BatchSource, discover_landing
+from vault.landing import BatchSource, Landing, discover_landing
 
 BATCH_TAG = "ehr/batch"
 PARTITION_TAG = "dagster/partition"
@@ -131,7 +135,10 @@ LEDGER_READ_KEY = "~ledger_read_after"
 # or a release asset's) a release_job run was last requested after: one request per
 # materialization left unfollowed (its run's own retries are Dagster's, RELEASE_RUN_TAGS)
 RELEASE_REQUESTED_KEY = "~release_requested_after"
-_CURSOR_ENTRIES = (LEDGER_READ_KEY, RELEASE_REQUESTED_KEY)
+# The cursor's entry holding what the landed batches check was last reported failing for: each
+# batch key with its failed runs (0: its folder cannot be read)
+LANDED_REPORTED_KEY = "~landed_batches_reported"
+_CURSOR_ENTRIES = (LEDGER_READ_KEY, RELEASE_REQUESTED_KEY, LANDED_REPORTED_KEY)
 
 
 def _load_cursor(cursor: str | None) -> dict[str, BatchState]:
@@ -157,13 +164,23 @@ def _ledger_read_after(cursor: str | None) -> int:
     return _cursor_entry(cursor, LEDGER_READ_KEY)
 
 
+def _landed_reported(cursor: str | None) -> dict[str, int]:
+    """What the landed batches check was last reported failing for (``LANDED_REPORTED_KEY``)."""
+    raw = json.loads(cursor) if cursor else {}
+    return {str(k): int(v) for k, v in dict(raw.get(LANDED_REPORTED_KEY, {})).items()}
+
+
 def _dump_cursor(
-    states: dict[str, BatchState], ledger_read_after: int = 0, release_requested_after: int = 0
+    states: dict[str, BatchState],
+    ledger_read_after: int = 0,
+    release_requested_after: int = 0,
+    landed_reported: dict[str, int] | None = None,
 ) -> str:
     raw: dict[str, object] = {k: asdict(v) for k, v in sorted(states.items())}
     for entry, value in (
         (LEDGER_READ_KEY, ledger_read_after),
         (RELEASE_REQUESTED_KEY, release_requested_after),
+        (LANDED_REPORTED_KEY, landed_reported),
     ):
         if value:
             raw[entry] = value
@@ -177,151 +194,6 @@ def _latest_deid(context: SensorEvaluationContext) -> int:
     if not records:
         return 0
     return int(records[0].asset_entry.last_materialization_storage_id or 0)
-
-
-def changed_at(info: os.stat_result) -> float:
-    """When a file last changed: the later of its modification time and its inode's change
-    time. A copy that keeps the source's times (``cp -p``, ``cp -a``, ``rsync -a``, ``tar``,
-    ``unzip``) sets each file's modification time back to when it was written at the source,
-    but its change time is when it was written here, and no program can set it back: a marker
-    copied before the rest of the folder, its time kept, is not taken for one written last."""
-    return max(info.st_mtime, info.st_ctime)
-
-
-def _tree_times(folder: Path, depth: int) -> list[float]:
-    """When everything in ``folder`` and its sub-folders, ``depth`` levels down, last changed
-    (:func:`changed_at`); symbolic links are not followed."""
-    times = []
-    with contextlib.suppress(OSError), os.scandir(folder) as entries:
-        for entry in entries:
-            with contextlib.suppress(OSError):  # gone since it was listed
-                info = entry.stat(follow_symlinks=False)
-                times.append(changed_at(info))
-                if depth > 1 and stat.S_ISDIR(info.st_mode):
-                    times += _tree_times(Path(entry.path), depth - 1)
-    return times
-
-
-def newest_change(
-    batch: BatchSource, listing: BatchListing | None = None, but: frozenset[Path] = frozenset()
-) -> float:
-    """When any file of the batch last changed (:func:`changed_at`; ``listing``, when the caller
-    has walked it already), in its sub-folders too (data or not: a copy in progress may write a
-    temporary name first, in a hidden or ``_`` sub-folder too, such as rsync's
-    ``--temp-dir``, which are walked down to ``MAX_FOLDER_DEPTH`` levels, links not
-    followed), and of its folders (a file removed or renamed changes its folder's own time;
-    not the landing folder's, for ``root``). ``but``: entries left out."""
-    listing = listing or batch.listing()
-    paths = [f.path for f in listing.files] + [s.path for s in listing.skipped]
-    paths += listing.folders if batch.nested else []
-    times = []
-    for path in paths:
-        if path in but:
-            continue
-        with contextlib.suppress(OSError):  # gone since it was listed: the next tick sees it
-            info = path.lstat()
-            times.append(changed_at(info))
-            if batch.nested and stat.S_ISDIR(info.st_mode) and path not in listing.folders:
-                times += _tree_times(path, MAX_FOLDER_DEPTH)  # a folder the batch does not read
-    return max(times, default=0.0)
-
-
-def waiting_reason(batch: BatchSource, landing: LandingResource, now: float) -> str | None:
-    """Why the batch is not complete yet, or None when it is: it holds the marker, written at
-    or after the last change of everything else in its folder, or nothing in it changed for
-    the quiet period. Changes are judged by :func:`changed_at`, not by modification times
-    alone, which a copy keeping the source's times sets back."""
-    marker = batch.path / landing.ready_marker
-    try:
-        marked: float | None = changed_at(marker.lstat())
-    except OSError:
-        marked = None
-    # the marker is judged against what the folder holds, not the folder's own time: writing
-    # the marker (created in place, or renamed into place as an atomic writer does) changes the
-    # folder's time at or after the marker's own
-    if marked is not None and marked >= newest_change(batch, but=frozenset({marker, batch.path})):
-        return None
-    quiet = now - newest_change(batch)
-    if quiet >= landing.quiet_seconds:
-        return None
-    if marked is not None:
-        return (
-            f"batch {batch.key}: {landing.ready_marker} is older than a file changed since "
-            f"(write it last, or touch it again after a new delivery); waiting for that or "
-            f"{landing.quiet_seconds}s without changes ({quiet:.0f}s so far)"
-        )
-    return (
-        f"batch {batch.key}: waiting for {landing.ready_marker} or "
-        f"{landing.quiet_seconds}s without changes ({quiet:.0f}s so far)"
-    )
-
-
-_BATCH_COLUMNS = (
-    "SELECT column_name FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = 'batches'"
-)
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """A batch the warehouse shows ingested: when its ingest completed, the fingerprint its
-    folder had when it was read (None for batches ingested before fingerprints were recorded),
-    how many data files it read, and whether it was then de-identified from that ingest
-    (``published``: a batch whose run stopped between the two is not done)."""
-
-    ingested_at: float
-    fingerprint: str | None
-    files: int = 0
-    published: bool = True
-
-
-def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | None:
-    """Batch key -> its ledger entry, for the batches the warehouse's batch ledger shows
-    ingested, each marked published when de-identified from that ingest; None when another
-    process holds the warehouse (DuckDB admits one writer and no reader beside it)."""
-    if not warehouse.path.exists():
-        return {}
-    try:
-        con = warehouse.connect(read_only=True)
-    except duckdb.Error:
-        return None
-    try:
-        # a warehouse not opened for writing since the column was added has none
-        recorded = "source_fingerprint" in {
-            name for (name,) in con.execute(_BATCH_COLUMNS).fetchall()
-        }
-        fingerprint = "source_fingerprint" if recorded else "NULL"
-        rows = con.execute(
-            f"SELECT batch_id, epoch(ingested_at), {fingerprint}, "
-            "(SELECT count(*) FROM source_files f WHERE f.batch_id = b.batch_id) "
-            "FROM batches b WHERE ingested_at IS NOT NULL"
-        ).fetchall()
-        published = deidentified_batches(con)
-    except duckdb.CatalogException:
-        return {}  # a warehouse created before any batch
-    finally:
-        con.close()
-    return {
-        str(key): LedgerEntry(
-            float(at), None if seen is None else str(seen), int(files), key in published
-        )
-        for key, at, seen, files in rows
-    }
-
-
-def done_in_ledger(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
-    """Whether ``ledger`` (:func:`ingested_batches`) shows the batch done as its folder is now:
-    the fingerprint recorded when it was read equals the folder's (names, sizes and modification
-    times of its files: a file replaced by one carrying an older time, as ``cp -p``, ``tar`` and
-    ``unzip`` write them, changes it). A batch ingested before fingerprints were recorded is done
-    when its ingest completed after its files last changed and it read as many data files as
-    its folder holds now (a sub-folder's files, read since, count)."""
-    entry = ledger.get(batch.key)
-    if entry is None or not entry.published:
-        return False
-    if entry.fingerprint is not None:
-        return entry.fingerprint == batch.fingerprint
-    listing = batch.listing()
-    return entry.files == len(listing.files) and entry.ingested_at >= newest_change(batch, listing)
 
 
 def _run_tags(key: str, state: BatchState) -> dict[str, str]:
@@ -445,6 +317,9 @@ class Tick:
     states: dict[str, BatchState]
     # the storage id of the latest de-identification the ledger was read after (the cursor's)
     ledger_read_after: int = 0
+    # batches not done whose runs failed (each one's failed runs), and those whose folder
+    # cannot be read (0): the landed batches check reports them
+    failing: dict[str, int] = field(default_factory=dict)
 
 
 def _orphaned_partitions(
@@ -637,7 +512,55 @@ def evaluate_landing(
         )
     if done:
         reasons.append(f"{done} batch{'es' if done > 1 else ''} already ingested, nothing new")
-    return Tick(requests, removed, reasons, states, read_after)
+    return Tick(requests, removed, reasons, states, read_after, _failing(batches, states, found))
+
+
+def _failing(
+    batches: list[BatchSource], states: dict[str, BatchState], found: Landing
+) -> dict[str, int]:
+    """Each batch not done, as its folder is now, with a failed run (how many of its runs
+    failed: a retry requested or going counts the failures before it), and each batch whose
+    folder cannot be read (0)."""
+    failing = dict.fromkeys(found.unreadable, 0)
+    for batch in batches:
+        state = states.get(batch.key)
+        if state is None or state.done or state.fingerprint != batch.fingerprint:
+            continue
+        failed = state.attempt if state.failed_at else state.attempt - 1
+        if failed > 0:
+            failing[batch.key] = failed
+    return failing
+
+
+def landed_batches_events(
+    context: SensorEvaluationContext,
+    tick: Tick,
+    landing: LandingResource,
+    warehouse: WarehouseResource,
+    now: float,
+) -> tuple[list[AssetCheckEvaluation], dict[str, int]]:
+    """The landed batches check's evaluations this tick reports, without a run, and what it
+    has then reported failing (the cursor's). Failing, once for each change of the batches
+    whose runs failed or whose folders cannot be read: no release runs for them, and every
+    release asset would otherwise look fresh. Passing once none is left, when the release holds
+    every landed batch and no run is queued or going; otherwise the next release run evaluates
+    it (a batch run again after its failure, and then released)."""
+    reported = _landed_reported(context.cursor)
+    if tick.failing:
+        if tick.failing == reported:
+            return [], reported
+        failed = {key: n for key, n in tick.failing.items() if n}
+        not_readable = [key for key, n in tick.failing.items() if not n]
+        return [landed_batches_failing(failed, not_readable)], dict(tick.failing)
+    if not reported:
+        return [], {}
+    ledger = ingested_batches(warehouse)
+    if ledger is None:  # tried again at the next tick
+        return [], reported
+    backlog = landed_backlog(landing, ledger, now)
+    if backlog.keys or _release_behind(context) is not None or _has_run_going(context, {}):
+        return [], {}
+    return [landed_batches_cleared(backlog)], {}
 
 
 def _automation_stopped(context: SensorEvaluationContext) -> bool:
@@ -771,6 +694,7 @@ def landing_sensor(
     now = time.time()
     tick = evaluate_landing(context, landing, warehouse, now)
     requested_after = _cursor_entry(context.cursor, RELEASE_REQUESTED_KEY)
+    events, landed_reported = landed_batches_events(context, tick, landing, warehouse, now)
     if not tick.requests:
         release, reason, requested_after = missed_release(context, requested_after, now)
         tick.requests += [release] if release else []
@@ -785,7 +709,8 @@ def landing_sensor(
     return SensorResult(
         run_requests=tick.requests,
         dynamic_partitions_requests=changes,
-        cursor=_dump_cursor(tick.states, tick.ledger_read_after, requested_after),
+        cursor=_dump_cursor(tick.states, tick.ledger_read_after, requested_after, landed_reported),
+        asset_events=events,
         skip_reason=None
         if tick.requests
         else SkipReason("; ".join(tick.reasons) or "no batches in the landing folder"),

@@ -4,10 +4,12 @@ failed blocking check leaves the previous release as it was (see :mod:`deid.stag
 :mod:`deid.kanon`)."""
 
 import os
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 
 from dagster import (
+    AssetCheckEvaluation,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
@@ -26,6 +28,7 @@ from dagster._core.definitions.data_version import (
     get_input_data_version_tag,
     get_input_event_pointer_tag,
 )
+from dagster._core.definitions.metadata import RawMetadataValue
 
 from deid.policy import Policy
 from deid.release import (
@@ -39,9 +42,15 @@ from deid.terminology import CONSENT_PROVISION_LEVELS
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.valuesets import release_terminology
+from pipelines.landing_ledger import LandedBacklog, ingested_batches, landed_backlog
 from pipelines.parallel import in_background
 from pipelines.partitions import batch_partitions
-from pipelines.resources import DeidSettings, KeyProviderResource, WarehouseResource
+from pipelines.resources import (
+    DeidSettings,
+    KeyProviderResource,
+    LandingResource,
+    WarehouseResource,
+)
 
 # Run-time overrides of DeidSettings (a deployment's environment, or a test over a cohort far
 # too small for the production k): the k of the release and the withheld share allowed.
@@ -144,6 +153,12 @@ BUILT_THIS_YEAR = FreshnessPolicy.cron(
 
 BATCH_KEY_CHECK = "batch_key_holds_no_identifier"
 RELEASE_BATCH_KEYS_CHECK = "batch_keys_hold_no_identifier"
+# A warning on the release's first asset while a complete landed batch is not in it: every
+# release run evaluates it, and the landing sensor reports it failing as soon as a batch's run
+# fails or its folder cannot be read, when no release runs (the release follows de-identified
+# batches only, so a failed batch otherwise left every release asset looking fresh)
+LANDED_BATCHES_CHECK = "landed_batches_released"
+RELEASED_PATIENTS = AssetKey("released_patients")
 
 
 def _batch_key_result(hits: tuple[str, ...]) -> AssetCheckResult:
@@ -304,6 +319,16 @@ def deid_resources(
             "patient appears in the staged table; it is published only when none does.",
         ),
         AssetCheckSpec(
+            LANDED_BATCHES_CHECK,
+            asset="released_patients",
+            blocking=False,
+            description="Every complete batch in the landing folder is in the release as its "
+            "folder is now. A warning naming the batch keys that are not, and why (not "
+            "ingested: waiting for its run, or its run failed; changed since its ingest; a "
+            "folder that cannot be read); the landing sensor reports it as soon as a batch's "
+            "run fails, and the next release run evaluates it again.",
+        ),
+        AssetCheckSpec(
             RELEASE_BATCH_KEYS_CHECK,
             asset="released_patients",
             blocking=False,
@@ -320,6 +345,7 @@ def released_patients(
     warehouse: WarehouseResource,
     keys: KeyProviderResource,
     deid_settings: DeidSettings,
+    landing: LandingResource,
 ) -> Iterator[MaterializeResult | AssetCheckResult]:
     """Quasi-identifiers of every released patient, generalised up to k over the whole release;
     patients still below k withheld (views and features leave them out); the Patient resources
@@ -366,6 +392,110 @@ def released_patients(
         metadata={k: v for k, v in summary.items() if isinstance(v, int | float | bool)},
     )
     yield _release_batch_keys_result(key_hits)
+    yield _landed_batches_result(landing, warehouse)
+
+
+def _landed_batches_result(
+    landing: LandingResource, warehouse: WarehouseResource
+) -> AssetCheckResult:
+    """The release's landed batches check, over the landing folder and the batch ledger as they
+    are now (the release reads every batch the ledger shows de-identified)."""
+    ledger = ingested_batches(warehouse)
+    try:
+        backlog = None if ledger is None else landed_backlog(landing, ledger, time.time())
+    except OSError as exc:  # the landing folder itself: its type only (the path is config)
+        return landed_batches_unknown(
+            f"the landing folder could not be listed ({type(exc).__name__})"
+        )
+    if backlog is None:
+        return landed_batches_unknown("the warehouse's batch ledger could not be read")
+    passed, metadata, description = _backlog_outcome(backlog)
+    return AssetCheckResult(
+        asset_key=RELEASED_PATIENTS,
+        check_name=LANDED_BATCHES_CHECK,
+        passed=passed,
+        severity=AssetCheckSeverity.WARN,
+        metadata=metadata,
+        description=description,
+    )
+
+
+def landed_batches_unknown(why: str) -> AssetCheckResult:
+    return AssetCheckResult(
+        asset_key=RELEASED_PATIENTS,
+        check_name=LANDED_BATCHES_CHECK,
+        passed=False,
+        severity=AssetCheckSeverity.WARN,
+        metadata={"reason": why},
+        description=f"not known whether every landed batch is in the release: {why}",
+    )
+
+
+def _backlog_outcome(
+    backlog: LandedBacklog,
+) -> tuple[bool, dict[str, RawMetadataValue], str | None]:
+    keys = backlog.keys
+    metadata: dict[str, RawMetadataValue] = {
+        "batches_not_released": len(keys),
+        "not_ingested": MetadataValue.json(backlog.not_ingested),
+        "changed_since_ingest": MetadataValue.json(backlog.changed),
+        "not_readable": MetadataValue.json(backlog.not_readable),
+        "waiting_to_complete": backlog.waiting,
+    }
+    if not keys:
+        return True, metadata, None
+    why = (
+        [f"{key} (not ingested)" for key in backlog.not_ingested]
+        + [f"{key} (changed since its ingest)" for key in backlog.changed]
+        + [f"{key} (its folder cannot be read)" for key in backlog.not_readable]
+    )
+    return (
+        False,
+        metadata,
+        f"{len(keys)} complete landed batch{'es' if len(keys) > 1 else ''} not in this release: "
+        f"{', '.join(why)}. A batch's failed run shows on its partition and the landing "
+        "sensor's ticks; the release follows each batch once it is de-identified",
+    )
+
+
+def landed_batches_failing(failed: dict[str, int], not_readable: list[str]) -> AssetCheckEvaluation:
+    """The landed batches check as the landing sensor reports it, without a run, when batches'
+    runs failed (``failed``: each key's failed attempts) or their folders cannot be read."""
+    keys = sorted({*failed, *not_readable})
+    why = [
+        f"{key} (its run failed {n} time{'s' if n > 1 else ''})"
+        for key, n in sorted(failed.items())
+    ]
+    why += [f"{key} (its folder cannot be read)" for key in not_readable if key not in failed]
+    return AssetCheckEvaluation(
+        asset_key=RELEASED_PATIENTS,
+        check_name=LANDED_BATCHES_CHECK,
+        passed=False,
+        severity=AssetCheckSeverity.WARN,
+        metadata={
+            "batches_not_released": len(keys),
+            "runs_failed": MetadataValue.json(dict(sorted(failed.items()))),
+            "not_readable": MetadataValue.json(sorted(not_readable)),
+            "reported_by": "landing_sensor",
+        },
+        description=f"{len(keys)} landed batch{'es' if len(keys) > 1 else ''} not in the "
+        f"release: {', '.join(why)}. The release shows what it held before; it follows each "
+        "batch once its run succeeds",
+    )
+
+
+def landed_batches_cleared(backlog: LandedBacklog) -> AssetCheckEvaluation:
+    """The landed batches check passing, as the landing sensor reports it when the batches it
+    reported failing are gone and the release holds every landed batch."""
+    passed, metadata, _ = _backlog_outcome(backlog)
+    assert passed
+    return AssetCheckEvaluation(
+        asset_key=RELEASED_PATIENTS,
+        check_name=LANDED_BATCHES_CHECK,
+        passed=True,
+        severity=AssetCheckSeverity.WARN,
+        metadata={**metadata, "reported_by": "landing_sensor"},
+    )
 
 
 def _release_batch_keys_result(hits: dict[str, list[str]]) -> AssetCheckResult:

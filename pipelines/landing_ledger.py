@@ -1,0 +1,206 @@
+"""Which landed batches the warehouse holds as their folders are now: the batch ledger (the
+folder's fingerprint when it was read, and whether the batch was de-identified from that ingest)
+and when a landed folder counts as complete. Read by the landing sensor (what to run), ``ehr
+run`` (what to skip) and the release (which landed batches it does not hold yet)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from deid.staging import deidentified_batches
+from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
+from pipelines.resources import LandingResource, WarehouseResource
+from vault.landing import BatchSource, scan_landing
+
+
+def changed_at(info: os.stat_result) -> float:
+    """When a file last changed: the later of its modification time and its inode's change
+    time. A copy that keeps the source's times (``cp -p``, ``cp -a``, ``rsync -a``, ``tar``,
+    ``unzip``) sets each file's modification time back to when it was written at the source,
+    but its change time is when it was written here, and no program can set it back: a marker
+    copied before the rest of the folder, its time kept, is not taken for one written last."""
+    return max(info.st_mtime, info.st_ctime)
+
+
+def _tree_times(folder: Path, depth: int) -> list[float]:
+    """When everything in ``folder`` and its sub-folders, ``depth`` levels down, last changed
+    (:func:`changed_at`); symbolic links are not followed."""
+    times = []
+    with contextlib.suppress(OSError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(OSError):  # gone since it was listed
+                info = entry.stat(follow_symlinks=False)
+                times.append(changed_at(info))
+                if depth > 1 and stat.S_ISDIR(info.st_mode):
+                    times += _tree_times(Path(entry.path), depth - 1)
+    return times
+
+
+def newest_change(
+    batch: BatchSource, listing: BatchListing | None = None, but: frozenset[Path] = frozenset()
+) -> float:
+    """When any file of the batch last changed (:func:`changed_at`; ``listing``, when the caller
+    has walked it already), in its sub-folders too (data or not: a copy in progress may write a
+    temporary name first, in a hidden or ``_`` sub-folder too, such as rsync's
+    ``--temp-dir``, which are walked down to ``MAX_FOLDER_DEPTH`` levels, links not
+    followed), and of its folders (a file removed or renamed changes its folder's own time;
+    not the landing folder's, for ``root``). ``but``: entries left out."""
+    listing = listing or batch.listing()
+    paths = [f.path for f in listing.files] + [s.path for s in listing.skipped]
+    paths += listing.folders if batch.nested else []
+    times = []
+    for path in paths:
+        if path in but:
+            continue
+        with contextlib.suppress(OSError):  # gone since it was listed: the next tick sees it
+            info = path.lstat()
+            times.append(changed_at(info))
+            if batch.nested and stat.S_ISDIR(info.st_mode) and path not in listing.folders:
+                times += _tree_times(path, MAX_FOLDER_DEPTH)  # a folder the batch does not read
+    return max(times, default=0.0)
+
+
+def waiting_reason(batch: BatchSource, landing: LandingResource, now: float) -> str | None:
+    """Why the batch is not complete yet, or None when it is: it holds the marker, written at
+    or after the last change of everything else in its folder, or nothing in it changed for
+    the quiet period. Changes are judged by :func:`changed_at`, not by modification times
+    alone, which a copy keeping the source's times sets back."""
+    marker = batch.path / landing.ready_marker
+    try:
+        marked: float | None = changed_at(marker.lstat())
+    except OSError:
+        marked = None
+    # the marker is judged against what the folder holds, not the folder's own time: writing
+    # the marker (created in place, or renamed into place as an atomic writer does) changes the
+    # folder's time at or after the marker's own
+    if marked is not None and marked >= newest_change(batch, but=frozenset({marker, batch.path})):
+        return None
+    quiet = now - newest_change(batch)
+    if quiet >= landing.quiet_seconds:
+        return None
+    if marked is not None:
+        return (
+            f"batch {batch.key}: {landing.ready_marker} is older than a file changed since "
+            f"(write it last, or touch it again after a new delivery); waiting for that or "
+            f"{landing.quiet_seconds}s without changes ({quiet:.0f}s so far)"
+        )
+    return (
+        f"batch {batch.key}: waiting for {landing.ready_marker} or "
+        f"{landing.quiet_seconds}s without changes ({quiet:.0f}s so far)"
+    )
+
+
+_BATCH_COLUMNS = (
+    "SELECT column_name FROM duckdb_columns() WHERE schema_name = 'main' AND table_name = 'batches'"
+)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A batch the warehouse shows ingested: when its ingest completed, the fingerprint its
+    folder had when it was read (None for batches ingested before fingerprints were recorded),
+    how many data files it read, and whether it was then de-identified from that ingest
+    (``published``: a batch whose run stopped between the two is not done)."""
+
+    ingested_at: float
+    fingerprint: str | None
+    files: int = 0
+    published: bool = True
+
+
+def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | None:
+    """Batch key -> its ledger entry, for the batches the warehouse's batch ledger shows
+    ingested, each marked published when de-identified from that ingest; None when another
+    process holds the warehouse (DuckDB admits one writer and no reader beside it)."""
+    if not warehouse.path.exists():
+        return {}
+    try:
+        con = warehouse.connect(read_only=True)
+    except duckdb.Error:
+        return None
+    try:
+        # a warehouse not opened for writing since the column was added has none
+        recorded = "source_fingerprint" in {
+            name for (name,) in con.execute(_BATCH_COLUMNS).fetchall()
+        }
+        fingerprint = "source_fingerprint" if recorded else "NULL"
+        rows = con.execute(
+            f"SELECT batch_id, epoch(ingested_at), {fingerprint}, "
+            "(SELECT count(*) FROM source_files f WHERE f.batch_id = b.batch_id) "
+            "FROM batches b WHERE ingested_at IS NOT NULL"
+        ).fetchall()
+        published = deidentified_batches(con)
+    except duckdb.CatalogException:
+        return {}  # a warehouse created before any batch
+    finally:
+        con.close()
+    return {
+        str(key): LedgerEntry(
+            float(at), None if seen is None else str(seen), int(files), key in published
+        )
+        for key, at, seen, files in rows
+    }
+
+
+def done_in_ledger(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
+    """Whether ``ledger`` (:func:`ingested_batches`) shows the batch done as its folder is now:
+    the fingerprint recorded when it was read equals the folder's (names, sizes and modification
+    times of its files: a file replaced by one carrying an older time, as ``cp -p``, ``tar`` and
+    ``unzip`` write them, changes it). A batch ingested before fingerprints were recorded is done
+    when its ingest completed after its files last changed and it read as many data files as
+    its folder holds now (a sub-folder's files, read since, count)."""
+    entry = ledger.get(batch.key)
+    if entry is None or not entry.published:
+        return False
+    if entry.fingerprint is not None:
+        return entry.fingerprint == batch.fingerprint
+    listing = batch.listing()
+    return entry.files == len(listing.files) and entry.ingested_at >= newest_change(batch, listing)
+
+
+@dataclass(frozen=True)
+class LandedBacklog:
+    """The complete batches of the landing folder that the release input does not hold as their
+    folders are now, by why: never de-identified (not ingested yet, its run failed, or it
+    stopped between ingest and de-identification), de-identified from an earlier version of its
+    folder, or a folder that cannot be read (not listable, or its key shared with another
+    folder). Batch keys only, which the UI shows as partition keys already; and how many
+    folders not in it are not complete yet (no marker, and changed within the quiet period)."""
+
+    not_ingested: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    not_readable: list[str] = field(default_factory=list)
+    waiting: int = 0
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted([*self.not_ingested, *self.changed, *self.not_readable])
+
+
+def landed_backlog(
+    landing: LandingResource, ledger: dict[str, LedgerEntry], now: float
+) -> LandedBacklog:
+    """The landed batches ``ledger`` (:func:`ingested_batches`) does not show de-identified as
+    their folders are now (:class:`LandedBacklog`). A landing folder that cannot itself be
+    listed raises ``OSError``."""
+    found = scan_landing(Path(landing.path))
+    not_ingested: list[str] = []
+    changed: list[str] = []
+    waiting = 0
+    for batch in found.batches:
+        if done_in_ledger(batch, ledger):
+            continue
+        if waiting_reason(batch, landing, now) is not None:
+            waiting += 1
+            continue
+        entry = ledger.get(batch.key)
+        (changed if entry is not None and entry.published else not_ingested).append(batch.key)
+    return LandedBacklog(
+        not_ingested, changed, sorted({*found.unreadable, *found.collisions}), waiting
+    )

@@ -1,0 +1,170 @@
+"""The release's landed batches check: a complete landed batch the release does not hold (not
+ingested, its run failed, changed since its ingest, a folder that cannot be read) is a warning on
+``released_patients``, evaluated by every release run and reported by the landing sensor when a
+batch's run fails, since no release runs then."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from dagster import (
+    AssetCheckEvaluation,
+    AssetCheckSeverity,
+    DagsterInstance,
+    DagsterRunStatus,
+    materialize,
+)
+
+from pipelines.definitions import build_resources, release_assets
+from pipelines.landing_ledger import LandedBacklog, LedgerEntry, landed_backlog
+from pipelines.resources import LandingResource
+from pipelines.sensors import ATTEMPT_TAG, BATCH_TAG, FINGERPRINT_TAG, _load_cursor
+from tests.pipelines.test_sensors import PATIENT, _record_run, _tick
+from vault.landing import scan_landing
+
+CHECK = "landed_batches_released"
+
+
+def _batch(landing: Path, key: str, ready: bool = True, patient: bytes = PATIENT) -> Path:
+    folder = landing / key
+    folder.mkdir(parents=True)
+    (folder / "data.ndjson").write_bytes(patient)
+    if ready:
+        (folder / "_READY").write_bytes(b"")
+    return folder
+
+
+def test_the_backlog_names_each_landed_batch_the_ledger_does_not_hold_as_it_is_now(
+    tmp_path: Path, refuse_listing: Any
+) -> None:
+    landing = tmp_path / "landing"
+    for key in ("done", "new", "stopped", "changed", "locked"):
+        _batch(landing, key)
+    _batch(landing, "arriving", ready=False)  # no marker, written just now
+    (landing / "locked" / "sub").mkdir()
+    fingerprints = {b.key: b.fingerprint for b in scan_landing(landing).batches}
+    ledger = {
+        "done": LedgerEntry(time.time(), fingerprints["done"]),
+        # ingested, its run stopped before its de-identification
+        "stopped": LedgerEntry(time.time(), fingerprints["stopped"], published=False),
+        # de-identified from an earlier version of its folder
+        "changed": LedgerEntry(time.time(), "an earlier fingerprint"),
+        # ingested and de-identified, but gone from the landing folder since: not counted
+        "gone": LedgerEntry(time.time(), "whatever"),
+    }
+    allow = refuse_listing(landing / "locked" / "sub")
+    try:
+        backlog = landed_backlog(LandingResource(path=str(landing)), ledger, time.time())
+    finally:
+        allow()
+    assert backlog == LandedBacklog(
+        not_ingested=["new", "stopped"], changed=["changed"], not_readable=["locked"], waiting=1
+    )
+    assert backlog.keys == ["changed", "locked", "new", "stopped"]
+    # once complete (quiet for the period) the folder arriving is a batch not held, and so is
+    # the folder that can be read again
+    later = landed_backlog(LandingResource(path=str(landing)), ledger, time.time() + 120)
+    assert later.not_ingested == ["arriving", "locked", "new", "stopped"]
+    assert later.waiting == 0 and later.not_readable == []
+
+
+def _release(tmp_path: Path, landing: Path, key_file: Path, instance: DagsterInstance) -> Any:
+    result = materialize(
+        release_assets,
+        selection=["released_patients"],
+        instance=instance,
+        resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
+    )
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == CHECK]
+    return check
+
+
+def test_every_release_run_warns_of_the_landed_batches_it_does_not_hold(
+    tmp_path: Path, key_file: Path, materialize_batch: Callable[..., Any]
+) -> None:
+    landing = tmp_path / "landing"
+    instance = DagsterInstance.ephemeral()
+    patient = {"resourceType": "Patient", "id": "p1", "gender": "female"}
+    first = _batch(landing, "export-1", patient=orjson.dumps(patient) + b"\n")
+    materialize_batch(landing, "export-1", instance)
+    _batch(landing, "export-2", patient=orjson.dumps({**patient, "id": "p2"}) + b"\n")
+    _batch(landing, "export-3", ready=False)  # still arriving: not counted, only said
+
+    check = _release(tmp_path, landing, key_file, instance)
+    assert not check.passed and check.severity == AssetCheckSeverity.WARN
+    assert check.metadata["batches_not_released"].value == 1
+    assert check.metadata["not_ingested"].value == ["export-2"]
+    assert check.metadata["waiting_to_complete"].value == 1
+    assert check.description and "export-2 (not ingested)" in check.description
+
+    # export-2 ingested; export-1 given a file more (a new delivery, its marker written again)
+    materialize_batch(landing, "export-2", instance)
+    (first / "more.ndjson").write_bytes(orjson.dumps({**patient, "id": "p3"}) + b"\n")
+    os.utime(first / "_READY")
+    check = _release(tmp_path, landing, key_file, instance)
+    assert not check.passed
+    assert check.metadata["changed_since_ingest"].value == ["export-1"]
+    assert check.metadata["not_ingested"].value == []
+
+    materialize_batch(landing, "export-1", instance)
+    shutil.rmtree(landing / "export-3")
+    check = _release(tmp_path, landing, key_file, instance)
+    assert check.passed and check.metadata["batches_not_released"].value == 0
+
+
+def _events(result: Any) -> list[AssetCheckEvaluation]:
+    return [e for e in result.asset_events if isinstance(e, AssetCheckEvaluation)]
+
+
+def test_the_sensor_reports_a_failed_batch_at_once_and_clears_it_when_the_folder_is_gone(
+    tmp_path: Path,
+) -> None:
+    """No release runs after a failed batch run: the sensor reports the warning, once per
+    change, and clears it once the batch is gone and the release holds every landed batch."""
+    instance = DagsterInstance.ephemeral()
+    landing = tmp_path / "landing"
+    _batch(landing, "export-1")
+    first = _tick(tmp_path, instance)
+    assert _events(first) == []  # requested, not failed
+    cursor = first.cursor
+    fingerprint = _load_cursor(cursor)["export-1"].fingerprint
+    for attempt in (1, 2):
+        tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: fingerprint, ATTEMPT_TAG: str(attempt)}
+        _record_run(instance, tags, DagsterRunStatus.FAILURE)
+        retry = _tick(tmp_path, instance, cursor, retry_backoff_seconds=0)
+        assert [r.tags[ATTEMPT_TAG] for r in retry.run_requests] == [str(attempt + 1)]
+        (event,) = _events(retry)
+        assert event.asset_key.path == ["released_patients"] and event.check_name == CHECK
+        assert not event.passed and event.severity == AssetCheckSeverity.WARN
+        assert event.metadata["runs_failed"].value == {"export-1": attempt}
+        assert event.description and f"export-1 (its run failed {attempt} time" in event.description
+        # the same failures are reported once: not again while the retry is queued
+        assert _events(_tick(tmp_path, instance, retry.cursor)) == []
+        cursor = retry.cursor
+
+    shutil.rmtree(landing / "export-1")  # the operator gives up on it
+    gone = _tick(tmp_path, instance, cursor)
+    (cleared,) = _events(gone)
+    assert cleared.passed and cleared.metadata["batches_not_released"].value == 0
+    assert _events(_tick(tmp_path, instance, gone.cursor)) == []
+
+
+def test_the_sensor_reports_a_folder_it_cannot_read(tmp_path: Path, refuse_listing: Any) -> None:
+    instance = DagsterInstance.ephemeral()
+    landing = tmp_path / "landing"
+    locked = _batch(landing, "export-1") / "sub"
+    locked.mkdir()
+    allow = refuse_listing(locked)
+    try:
+        result = _tick(tmp_path, instance)
+    finally:
+        allow()
+    (event,) = _events(result)
+    assert not event.passed and event.metadata["not_readable"].value == ["export-1"]
+    assert event.description and "export-1 (its folder cannot be read)" in event.description

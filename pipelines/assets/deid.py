@@ -404,11 +404,11 @@ def _landed_batches_result(
     try:
         backlog = None if ledger is None else landed_backlog(landing, ledger, time.time())
     except OSError as exc:  # the landing folder itself: its type only (the path is config)
-        return landed_batches_unknown(
+        return _landed_batches_unknown(
             f"the landing folder could not be listed ({type(exc).__name__})"
         )
     if backlog is None:
-        return landed_batches_unknown("the warehouse's batch ledger could not be read")
+        return _landed_batches_unknown("the warehouse's batch ledger could not be read")
     passed, metadata, description = _backlog_outcome(backlog)
     return AssetCheckResult(
         asset_key=RELEASED_PATIENTS,
@@ -420,7 +420,8 @@ def _landed_batches_result(
     )
 
 
-def landed_batches_unknown(why: str) -> AssetCheckResult:
+def _landed_batches_unknown(why: str) -> AssetCheckResult:
+    """The landed batches check failing because what it compares could not be read."""
     return AssetCheckResult(
         asset_key=RELEASED_PATIENTS,
         check_name=LANDED_BATCHES_CHECK,

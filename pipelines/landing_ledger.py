@@ -125,6 +125,14 @@ def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | N
     except duckdb.Error:
         return None
     try:
+        return read_ledger(con)
+    finally:
+        con.close()
+
+
+def read_ledger(con: duckdb.DuckDBPyConnection) -> dict[str, LedgerEntry]:
+    """:func:`ingested_batches`, over a connection the caller holds."""
+    try:
         # a warehouse not opened for writing since the column was added has none
         recorded = "source_fingerprint" in {
             name for (name,) in con.execute(_BATCH_COLUMNS).fetchall()
@@ -138,8 +146,6 @@ def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | N
         published = deidentified_batches(con)
     except duckdb.CatalogException:
         return {}  # a warehouse created before any batch
-    finally:
-        con.close()
     return {
         str(key): LedgerEntry(
             float(at), None if seen is None else str(seen), int(files), key in published

@@ -6,8 +6,10 @@ failed blocking check leaves the previous release as it was (see :mod:`deid.stag
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import duckdb
 from dagster import (
     AssetCheckEvaluation,
     AssetCheckResult,
@@ -42,7 +44,7 @@ from deid.terminology import CONSENT_PROVISION_LEVELS
 from pipelines.assets.checks import RELEASE_CANARIES, leak_scan_result
 from pipelines.assets.ingest import WAREHOUSE_POOL
 from pipelines.features.valuesets import release_terminology
-from pipelines.landing_ledger import LandedBacklog, ingested_batches, landed_backlog
+from pipelines.landing_ledger import LandedBacklog, landed_backlog, read_ledger
 from pipelines.parallel import in_background
 from pipelines.partitions import batch_partitions
 from pipelines.resources import (
@@ -354,8 +356,10 @@ def released_patients(
     try:
         k, max_withheld = k_anonymity_settings(deid_settings)
         provider = keys.provider()
-        # the canaries (the vault's PHI, decrypted: Python) load while k-anonymity runs (DuckDB)
+        # the canaries (the vault's PHI, decrypted: Python) load while k-anonymity runs (DuckDB),
+        # and the landing folder is listed (files' times and sizes: the disk) meanwhile
         with (
+            ThreadPoolExecutor(1, thread_name_prefix="landing") as landing_pool,
             keys.naming_source(),
             in_background(
                 con,
@@ -364,8 +368,10 @@ def released_patients(
                 ),
             ) as loaded,
         ):
+            landed = landing_pool.submit(_landed_batches_result, landing, con.cursor())
             report = build_released_patients(con, k, max_withheld=max_withheld, canaries=loaded)
             key_hits = release_batch_key_hits(con, loaded())
+            landed_result = landed.result()
     finally:
         con.close()
     summary = report.to_dict()
@@ -392,23 +398,23 @@ def released_patients(
         metadata={k: v for k, v in summary.items() if isinstance(v, int | float | bool)},
     )
     yield _release_batch_keys_result(key_hits)
-    yield _landed_batches_result(landing, warehouse)
+    yield landed_result
 
 
 def _landed_batches_result(
-    landing: LandingResource, warehouse: WarehouseResource
+    landing: LandingResource, cursor: duckdb.DuckDBPyConnection
 ) -> AssetCheckResult:
     """The release's landed batches check, over the landing folder and the batch ledger as they
-    are now (the release reads every batch the ledger shows de-identified)."""
-    ledger = ingested_batches(warehouse)
+    are now (the release reads every batch the ledger shows de-identified); ``cursor``, of the
+    step's connection, is closed after."""
     try:
-        backlog = None if ledger is None else landed_backlog(landing, ledger, time.time())
+        backlog = landed_backlog(landing, read_ledger(cursor), time.time())
     except OSError as exc:  # the landing folder itself: its type only (the path is config)
         return _landed_batches_unknown(
             f"the landing folder could not be listed ({type(exc).__name__})"
         )
-    if backlog is None:
-        return _landed_batches_unknown("the warehouse's batch ledger could not be read")
+    finally:
+        cursor.close()
     passed, metadata, description = _backlog_outcome(backlog)
     return AssetCheckResult(
         asset_key=RELEASED_PATIENTS,
@@ -421,7 +427,7 @@ def _landed_batches_result(
 
 
 def _landed_batches_unknown(why: str) -> AssetCheckResult:
-    """The landed batches check failing because what it compares could not be read."""
+    """The landed batches check failing because the landing folder could not be listed."""
     return AssetCheckResult(
         asset_key=RELEASED_PATIENTS,
         check_name=LANDED_BATCHES_CHECK,

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import orjson
 from dagster import (
     AssetCheckEvaluation,
@@ -21,6 +22,7 @@ from dagster import (
     materialize,
 )
 
+from pipelines.assets.deid import _landed_batches_result
 from pipelines.definitions import build_resources, release_assets
 from pipelines.landing_ledger import LandedBacklog, LedgerEntry, landed_backlog
 from pipelines.resources import LandingResource
@@ -168,3 +170,23 @@ def test_the_sensor_reports_a_folder_it_cannot_read(tmp_path: Path, refuse_listi
     (event,) = _events(result)
     assert not event.passed and event.metadata["not_readable"].value == ["export-1"]
     assert event.description and "export-1 (its folder cannot be read)" in event.description
+
+
+def test_a_landing_folder_that_cannot_be_listed_is_a_warning_naming_no_path(
+    tmp_path: Path, refuse_listing: Any
+) -> None:
+    landing = tmp_path / "landing_Quillfeather"
+    _batch(landing, "export-1")
+    allow = refuse_listing(landing)
+    try:
+        result = _landed_batches_result(
+            LandingResource(path=str(landing)), duckdb.connect(":memory:")
+        )
+    finally:
+        allow()
+    assert not result.passed and result.severity == AssetCheckSeverity.WARN
+    assert result.description == (
+        "not known whether every landed batch is in the release: the landing folder could not "
+        "be listed (PermissionError)"
+    )
+    assert "Quillfeather" not in str(result.metadata)

@@ -83,20 +83,40 @@ def feast_data_from_env() -> Path:
     return Path(value)
 
 
+class FeastRegistryNotFoundError(FileNotFoundError):
+    """The data folder given to :func:`feature_store` holds no Feast registry: the release
+    never applied the repo there (a path mistyped, or relative to another folder)."""
+
+
 def feature_store(
     repo_dir: Path | str | None = None,
     data_dir: Path | str | None = None,
     features_dir: Path | str | None = None,
+    *,
+    create: bool = False,
 ) -> FeatureStore:
     """A FeatureStore over ``repo_dir`` with its registry and online store in ``data_dir``
     (default: ``EHR_FEAST_DATA``, which must then be set and absolute).
 
-    Sets the variables in this process's environment first: Feast expands them when it reads
-    feature_store.yaml (here) and again whenever it reloads the config."""
+    The registry must be there already (:class:`FeastRegistryNotFoundError` otherwise, naming
+    the folder it looked in), unless ``create``: the platform's own steps, which apply the repo
+    there. Feast would otherwise make the folder and an empty registry, and every feature
+    service would read as unknown. Sets the variables in this process's environment first:
+    Feast expands them when it reads feature_store.yaml (here) and again whenever it reloads
+    the config."""
     env = feast_env(data_dir if data_dir is not None else feast_data_from_env(), features_dir)
+    repo = resolve_repo(repo_dir)
     os.environ.update(env)
+    registry = _config_path(repo, "registry")
+    if not create and registry is not None and not registry.is_file():
+        raise FeastRegistryNotFoundError(
+            f"no Feast registry in {env[FEAST_DATA_ENV]}: the release has not applied the feature "
+            "repo there. Fix: give the work directory's feast folder (data/work/feast after "
+            "`make demo`; a relative path is read from the current directory, "
+            f"{Path.cwd()}), or run the release first."
+        )
     Path(env[FEAST_DATA_ENV]).mkdir(parents=True, exist_ok=True)
-    return FeatureStore(repo_path=str(resolve_repo(repo_dir)))
+    return FeatureStore(repo_path=str(repo))
 
 
 @dataclass
@@ -243,7 +263,7 @@ def apply_repo(
     registry = _config_path(repo, "registry")
     reason = _apply_reason(registry, digest)
     if registry is not None and registry.exists():
-        store = feature_store(repo, data_dir, features_dir)
+        store = feature_store(repo, data_dir, features_dir, create=True)
         if not _registry_readable(store):
             # Feast rewrites its registry in place (``open(path, "wb")``, then the bytes) at
             # every apply and materialisation: a process killed in between leaves it empty (or
@@ -268,7 +288,7 @@ def apply_repo(
         _feast(["apply"], repo, env)
         if registry is not None:
             _write_apply_record(registry, digest)
-    store = feature_store(repo, data_dir, features_dir)
+    store = feature_store(repo, data_dir, features_dir, create=True)
     store.refresh_registry()
     views = store.list_feature_views()
     return ApplyReport(

@@ -57,7 +57,7 @@ class FeastStoreResource(ConfigurableResource):
         return self._workdir(workdir) / "features"
 
     def store(self, workdir: str | Path | None = None) -> FeatureStore:
-        return feature_store(self.repo, self.data(workdir), self.features(workdir))
+        return feature_store(self.repo, self.data(workdir), self.features(workdir), create=True)
 
     def apply(self, workdir: str | Path | None = None, *, force: bool = False) -> ApplyReport:
         """``feast apply``, skipped when the registry holds what it would write."""

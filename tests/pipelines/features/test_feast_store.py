@@ -25,6 +25,7 @@ from pipelines.features.feast_store import (
     FEATURES_DIR_ENV,
     ApplyReport,
     FeastDataNotSetError,
+    FeastRegistryNotFoundError,
     UnknownEntityError,
     apply_repo,
     declared_types,
@@ -262,6 +263,28 @@ def test_feast_data_must_be_set_and_absolute(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(FEAST_DATA_ENV, "data/work/feast")
     with pytest.raises(FeastDataNotSetError, match="relative"):
         feast_data_from_env()
+
+
+def test_a_data_folder_without_a_registry_is_refused_and_not_created(
+    applied: Applied, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model builder's folder mistyped, or relative to another directory: Feast made the
+    folder and an empty registry, and then said the feature service does not exist."""
+    monkeypatch.setenv(FEAST_DATA_ENV, os.environ[FEAST_DATA_ENV])  # restored after the test
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FeastRegistryNotFoundError) as raised:
+        feature_store(None, "data/work/feast")
+    message = str(raised.value)
+    assert f"no Feast registry in {tmp_path / 'data' / 'work' / 'feast'}:" in message
+    assert f"read from the current directory, {tmp_path})" in message
+    assert not (tmp_path / "data").exists()
+    # the folder the release applied the repo in, relative to where it is: the same store
+    monkeypatch.chdir(applied.data_dir.parent)
+    store = feature_store(None, applied.data_dir.name, applied.features_dir)
+    assert store.get_feature_service("readmission_v2").tags["version"] == "2"
+    # the platform's own steps make the folder before their first apply
+    assert feature_store(None, tmp_path / "new", create=True) is not None
+    assert (tmp_path / "new").is_dir()
 
 
 def test_feast_apply_fails_loudly_without_feast_data(tmp_path: Path) -> None:

@@ -23,15 +23,12 @@ WORKDIR_OPTION = workdir_option
 
 
 def _store(workdir: Workdir) -> Any:
-    from pipelines.features.feast_store import feature_store
+    from pipelines.features.feast_store import FeastRegistryNotFoundError, feature_store
 
-    registry = workdir.feast / "registry.db"
-    if not registry.exists():
-        raise click.ClickException(
-            f"no Feast registry at {registry}: run the pipeline (ehr run) or the feast_registry "
-            "asset first"
-        )
-    return feature_store(None, workdir.feast, workdir.features)
+    try:
+        return feature_store(None, workdir.feast, workdir.features)
+    except FeastRegistryNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def feature_rows(store: Any) -> list[dict[str, Any]]:

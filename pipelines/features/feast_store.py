@@ -113,7 +113,7 @@ def feature_store(
             f"no Feast registry in {env[FEAST_DATA_ENV]}: the release has not applied the feature "
             "repo there. Fix: give the work directory's feast folder (data/work/feast after "
             "`make demo`; a relative path is read from the current directory, "
-            f"{Path.cwd()}), or run the release first."
+            f"{Path.cwd()}), or run the release first (ehr run, or the feast_registry asset)."
         )
     Path(env[FEAST_DATA_ENV]).mkdir(parents=True, exist_ok=True)
     return FeatureStore(repo_path=str(repo))

@@ -390,7 +390,7 @@ def purge_model_training_record(
                 f"SELECT count(*) FROM {source} WHERE patient_id = ?", [pseudonym]
             ).fetchall()
             if found:
-                forget_trained_on(path.parent)
+                forget_trained_on(path.parent, erased=True)
                 removed += int(found)
     finally:
         con.close()

@@ -34,6 +34,7 @@ from pipelines.models.training import (
     METRICS_FILE,
     MODEL_CARD_FILE,
     MODEL_FILE,
+    TRAINED_ON_ERASED_FILE,
     TRAINED_ON_FILE,
     TRAINED_ON_ROWS_FILE,
     InsufficientTrainingDataError,
@@ -118,6 +119,11 @@ def retrain_decision(
         return retrain(f"no trained model on disk (missing {', '.join(missing)})")
     record = _read_record(out_dir)
     if record is None:
+        if (out_dir / TRAINED_ON_ERASED_FILE).is_file():
+            return retrain(
+                "a patient the model was trained on was erased (ehr forget deleted the record "
+                "of its training rows, which named them): trained again without them"
+            )
         return retrain("no record of the rows the model was trained on")
     document, digests_at_fit, patients_at_fit = record
     rows_at_fit = len(digests_at_fit)

@@ -70,6 +70,9 @@ MODEL_CARD_FILE = "model_card.md"
 # with the training code's version; published with the model's files, as one set.
 TRAINED_ON_ROWS_FILE = "trained_on.parquet"
 TRAINED_ON_FILE = "trained_on.json"
+# Left where an erasure deleted that record (it names the erased patient's rows), so that the
+# retrain says why the record is gone; empty, and gone with the set the next fit replaces
+TRAINED_ON_ERASED_FILE = "trained_on.erased"
 # Raise when a change to this module (or to how the model asset calls it) changes what a fit on
 # the same rows produces: a model trained by another version is retrained.
 TRAINING_VERSION = 2  # 2: the patient split is stratified by label
@@ -575,9 +578,12 @@ def training_environment() -> dict[str, Any]:
     return {"training_version": TRAINING_VERSION, "sklearn": metadata.version("scikit-learn")}
 
 
-def forget_trained_on(out_dir: Path) -> None:
-    """Remove the record of what the model in ``out_dir`` was trained on (an erasure of a patient
-    it names: the retrain rule then trains again)."""
+def forget_trained_on(out_dir: Path, *, erased: bool = False) -> None:
+    """Remove the record of what the model in ``out_dir`` was trained on (the retrain rule then
+    trains again); ``erased``: an erasure of a patient it names, which leaves an empty marker
+    saying so."""
+    if erased:
+        (Path(out_dir) / TRAINED_ON_ERASED_FILE).touch()
     (Path(out_dir) / TRAINED_ON_FILE).unlink(missing_ok=True)
     (Path(out_dir) / TRAINED_ON_ROWS_FILE).unlink(missing_ok=True)
 

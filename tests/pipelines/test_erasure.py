@@ -367,3 +367,27 @@ def test_the_training_record_purge_reaches_a_fit_killed_while_writing_it(
     assert _holding(workdir.root, forgotten) == []
     # the published model's record names only the other patient: it stays
     assert pq.read_table(model / "trained_on.parquet").column("patient_id").to_pylist() == [other]
+
+
+def test_the_training_record_purge_leaves_the_reason_the_model_is_trained_again(
+    tmp_path: Path,
+) -> None:
+    """The record names her: it goes, and the marker it leaves makes the retrain say why."""
+    import pandas as pd
+
+    from pipelines.models.training import TRAINED_ON_ERASED_FILE, write_trained_on
+    from pipelines.publish import publish_folder
+    from vault import warehouse
+
+    workdir = Workdir(tmp_path / "work")
+    workdir.root.mkdir(mode=0o700)
+    warehouse.connect(workdir.warehouse).close()
+    forgotten, other = "a" * PSEUDONYM_HEX_CHARS, "b" * PSEUDONYM_HEX_CHARS
+    model = workdir.models / "readmission"
+    frame = pd.DataFrame({"patient_id": [other, forgotten], "x": 1.0})
+    publish_folder(model, lambda folder: write_trained_on(frame, ["x"], folder))
+    (place,) = [p for p in workdir.erasure_plan().places if p.name == "model_training_record"]
+    assert place.purge(forgotten) == 1
+    assert not (model / "trained_on.parquet").exists()
+    assert (model / TRAINED_ON_ERASED_FILE).is_file()
+    assert (model / TRAINED_ON_ERASED_FILE).read_bytes() == b""  # names no one

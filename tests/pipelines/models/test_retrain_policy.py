@@ -20,9 +20,11 @@ from pipelines.models.storage import MODEL_DIR, TRAINING_SET_TABLE, models_dir, 
 from pipelines.models.training import (
     METRICS_FILE,
     MODEL_FILE,
+    TRAINED_ON_ERASED_FILE,
     TRAINED_ON_FILE,
     TRAINED_ON_ROWS_FILE,
     InsufficientTrainingDataError,
+    forget_trained_on,
     load_model_report,
     train_readmission_model,
 )
@@ -337,3 +339,24 @@ def test_a_model_that_cannot_be_trained_again_is_withdrawn_whole(tmp_path: Path)
     assert [name for name in left if name.endswith(("metrics.json", ".png"))] == []
     card = (folder / MODEL_DIR / "model_card.md").read_text()
     assert "No model is published" in card and "No model is published" in not_trained["model_card"]
+
+
+def test_an_erasure_that_deleted_the_record_is_the_reason_given(
+    trained: tuple[pd.DataFrame, Path], tmp_path: Path
+) -> None:
+    frame, out_dir = trained
+    copy = shutil.copytree(out_dir, tmp_path / "model")
+    forget_trained_on(copy, erased=True)
+    assert not (copy / TRAINED_ON_FILE).exists() and not (copy / TRAINED_ON_ROWS_FILE).exists()
+    decision = retrain_decision(frame, copy, THRESHOLD)
+    assert decision.retrain and decision.reason.startswith(
+        "a patient the model was trained on was erased"
+    )
+    # the record missing for another reason (a copy without it) says only that
+    (copy / TRAINED_ON_ERASED_FILE).unlink()
+    decision = retrain_decision(frame, copy, THRESHOLD)
+    assert decision.reason == "no record of the rows the model was trained on"
+    # the next fit publishes a set of its own: no marker in it
+    train_readmission_model(frame, out_dir=tmp_path / "refit")
+    assert not (tmp_path / "refit" / TRAINED_ON_ERASED_FILE).exists()
+    assert not retrain_decision(frame, tmp_path / "refit", THRESHOLD).retrain

@@ -475,6 +475,15 @@ def purge_retired_keks(
                 raise KeyRotationError(
                     f"cannot reach warehouse {wid} (last seen at {path}); nothing was purged"
                 )
+            if warehouse.warehouse_id(con) != wid:
+                # as rotation: the keys in use there are another warehouse's, and the one
+                # registered may still need a retired KEK wherever it is now
+                con.close()
+                raise KeyRotationError(
+                    f"cannot reach warehouse {wid}: {path} holds another warehouse now; nothing "
+                    "was purged. Make it reachable there, or remove a deleted one with `ehr keys "
+                    "forget-warehouse ID`"
+                )
             try:
                 _require_the_warehouses_pseudonym_key(key_file, {wid: con}, "purged")
                 in_use = {str(k) for (k,) in con.execute(_KEK_IDS_IN_USE).fetchall()}

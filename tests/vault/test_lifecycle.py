@@ -451,6 +451,30 @@ def test_a_keyring_whose_pseudonym_key_changed_is_neither_rotated_nor_purged(
     assert len(lifecycle.purge_retired_keks(world.key_file, world.audit)) == 2
 
 
+def test_a_purge_refuses_a_registered_path_that_holds_another_warehouse(world: World) -> None:
+    """Rotation refused such a path; the purge read the KEK ids in use there as the registered
+    warehouse's, and dropped a retired KEK the registered one (moved elsewhere) could need."""
+    con = world.connect()
+    try:
+        rotate_kek(world.key_file, con, world.audit)  # a retired KEK for the purge to drop
+    finally:
+        con.close()
+    moved = world.wh.with_name("moved.duckdb")
+    world.wh.rename(moved)
+    other = warehouse.connect(world.wh)  # another warehouse, made at the registered path
+    try:
+        warehouse.ensure_warehouse_id(other)
+    finally:
+        other.close()
+    before = world.key_file.read_bytes()
+    with pytest.raises(KeyRotationError, match="holds another warehouse now; nothing was purged"):
+        lifecycle.purge_retired_keks(world.key_file, world.audit)
+    assert world.key_file.read_bytes() == before
+    world.wh.unlink()
+    moved.rename(world.wh)  # back where it is registered: purged
+    assert len(lifecycle.purge_retired_keks(world.key_file, world.audit)) == 1
+
+
 # -- erasure ----------------------------------------------------------------------------------
 
 

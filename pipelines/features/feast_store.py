@@ -540,7 +540,11 @@ def entity_timestamps(entity_df: pd.DataFrame, column: str = "event_timestamp") 
     microseconds (``pd.to_datetime(seconds, unit="s")`` gives them) with an ``ArrowInvalid``
     ("would lose data"). Such an instant is floored to the microsecond before it: the feature
     tables are stamped to the microsecond, so no feature row lies between the two and the
-    point-in-time answer (the latest row at or before T, within the TTL) is the same."""
+    point-in-time answer (the latest row at or before T, within the TTL) is the same.
+
+    A row without a timestamp (``None``, ``NaT``, an empty string) raises
+    :class:`MissingEntityTimestampError`, naming how many and the first row labels: Feast
+    answers such a row with nulls, which a training set would take for values."""
     out = entity_df.copy()
     values = out[column]
     if isinstance(values.dtype, pd.ArrowDtype) or not pd.api.types.is_datetime64_any_dtype(values):
@@ -555,8 +559,20 @@ def entity_timestamps(entity_df: pd.DataFrame, column: str = "event_timestamp") 
         values = values.dt.tz_localize("UTC")
     else:
         values = values.dt.tz_convert("UTC")
+    missing = values.isna()
+    if missing.any():
+        labels = ", ".join(str(label) for label in out.index[missing.to_numpy()][:5])
+        raise MissingEntityTimestampError(
+            f"{int(missing.sum())} entity rows have no {column} (rows {labels}"
+            f"{', ...' if missing.sum() > 5 else ''}): Feast would answer them with nulls. Drop "
+            "them, or give each row the instant its features are wanted at."
+        )
     out[column] = values.dt.floor("us").astype("datetime64[us, UTC]")
     return out
+
+
+class MissingEntityTimestampError(ValueError):
+    """Entity rows without a timestamp, which Feast answers with nulls (row labels only)."""
 
 
 # pandas dtypes that keep a Feast type with missing values (NumPy would give float/object)

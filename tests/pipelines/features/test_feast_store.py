@@ -26,6 +26,7 @@ from pipelines.features.feast_store import (
     ApplyReport,
     FeastDataNotSetError,
     FeastRegistryNotFoundError,
+    MissingEntityTimestampError,
     UnknownEntityError,
     apply_repo,
     declared_types,
@@ -239,6 +240,38 @@ def test_entity_timestamps_gives_feast_every_form_of_entity_timestamp(applied: A
         normal = entity_timestamps(given)
         assert str(normal["event_timestamp"].dtype) == "datetime64[us, UTC]"
         assert hba1c(normal) == expected
+
+
+def test_an_entity_row_without_a_timestamp_is_refused_not_answered_with_nulls(
+    applied: Applied,
+) -> None:
+    given = pd.DataFrame(
+        {
+            "patient_id": [A, A, D],
+            "event_timestamp": [PLANTED_AT - DAY, None, PLANTED_AT - DAY],
+        },
+        index=[10, 11, 12],
+    )
+    # what Feast does with it: the row's features are null, as if nothing were known
+    answered = applied.store.get_historical_features(
+        entity_df=given.assign(event_timestamp=pd.to_datetime(given["event_timestamp"], utc=True)),
+        features=["patient_utilisation:prior_stay_length_days"],
+    ).to_df()
+    by_time = {
+        (row["patient_id"], str(row["event_timestamp"])): row["prior_stay_length_days"]
+        for row in answered.to_dict("records")
+    }
+    assert by_time[(A, str(PLANTED_AT - DAY))] == 5 and pd.isna(by_time[(A, "NaT")])
+    for blank in (None, pd.NaT, ""):
+        with pytest.raises(
+            MissingEntityTimestampError,
+            match=r"^1 entity rows have no "
+            r"event_timestamp \(rows 11\)",
+        ):
+            entity_timestamps(given.assign(event_timestamp=[PLANTED_AT - DAY, blank, PLANTED_AT]))
+    as_text = given.assign(event_timestamp=[(PLANTED_AT - DAY).isoformat(), "", None])
+    with pytest.raises(MissingEntityTimestampError, match=r"^2 entity rows .*rows 11, 12\)"):
+        entity_timestamps(as_text)
 
 
 def test_declared_types_survive_retrieval(applied: Applied) -> None:

@@ -544,9 +544,18 @@ def entity_timestamps(entity_df: pd.DataFrame, column: str = "event_timestamp") 
 
     A row without a timestamp (``None``, ``NaT``, an empty string) raises
     :class:`MissingEntityTimestampError`, naming how many and the first row labels: Feast
-    answers such a row with nulls, which a training set would take for values."""
+    answers such a row with nulls, which a training set would take for values. A column of
+    numbers raises :class:`EntityTimestampError`: pandas would read epoch seconds as
+    nanoseconds."""
     out = entity_df.copy()
     values = out[column]
+    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+        # pandas reads a number as nanoseconds since 1970: epoch seconds would become instants
+        # in January 1970, and every answer null
+        raise EntityTimestampError(
+            f"{column} holds numbers ({values.dtype}), not instants: convert them first, e.g. "
+            f'pd.to_datetime(entity_df["{column}"], unit="s", utc=True) for epoch seconds.'
+        )
     if isinstance(values.dtype, pd.ArrowDtype) or not pd.api.types.is_datetime64_any_dtype(values):
         values = pd.to_datetime(
             values,
@@ -571,7 +580,11 @@ def entity_timestamps(entity_df: pd.DataFrame, column: str = "event_timestamp") 
     return out
 
 
-class MissingEntityTimestampError(ValueError):
+class EntityTimestampError(ValueError):
+    """An entity frame's timestamps that :func:`entity_timestamps` cannot read as instants."""
+
+
+class MissingEntityTimestampError(EntityTimestampError):
     """Entity rows without a timestamp, which Feast answers with nulls (row labels only)."""
 
 

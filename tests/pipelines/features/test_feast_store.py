@@ -24,6 +24,7 @@ from pipelines.features.feast_store import (
     FEAST_DATA_ENV,
     FEATURES_DIR_ENV,
     ApplyReport,
+    EntityTimestampError,
     FeastDataNotSetError,
     FeastRegistryNotFoundError,
     MissingEntityTimestampError,
@@ -269,6 +270,9 @@ def test_an_entity_row_without_a_timestamp_is_refused_not_answered_with_nulls(
             r"event_timestamp \(rows 11\)",
         ):
             entity_timestamps(given.assign(event_timestamp=[PLANTED_AT - DAY, blank, PLANTED_AT]))
+    epoch = given.assign(event_timestamp=[int(PLANTED_AT.timestamp())] * 3)
+    with pytest.raises(EntityTimestampError, match=r'unit="s"'):
+        entity_timestamps(epoch)
     as_text = given.assign(event_timestamp=[(PLANTED_AT - DAY).isoformat(), "", None])
     with pytest.raises(MissingEntityTimestampError, match=r"^2 entity rows .*rows 11, 12\)"):
         entity_timestamps(as_text)

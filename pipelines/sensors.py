@@ -15,6 +15,11 @@ Safe to turn on at any time:
   another run (a launch or a backfill from the UI) de-identified since is done when the ledger
   shows it so, neither retried nor said to have failed;
 - every tick that requests nothing says why (the skip reason on the tick, and the log);
+- a batch whose run failed, or whose folder cannot be read, is reported on the release as the
+  failing warning check ``landed_batches_released`` of ``released_patients``, without a run
+  (no release runs for it, and every release asset would otherwise look fresh), once per
+  change of those batches, and reported passing once they are gone and the release holds every
+  landed batch (:func:`landed_batches_events`);
 - a folder that is no batch (no FHIR data file in it: empty, the marker alone, FHIR XML) is
   named on every tick, with what it holds by reason and count;
 - a batch whose folder went away (renamed, deleted) before it was ingested has its partition

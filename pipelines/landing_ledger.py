@@ -172,41 +172,63 @@ def done_in_ledger(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
 
 @dataclass(frozen=True)
 class LandedBacklog:
-    """The complete batches of the landing folder that the release input does not hold as their
-    folders are now, by why: never de-identified (not ingested yet, its run failed, or it
-    stopped between ingest and de-identification), de-identified from an earlier version of its
-    folder, or a folder that cannot be read (not listable, or its key shared with another
-    folder). Batch keys only, which the UI shows as partition keys already; and how many
-    folders not in it are not complete yet (no marker, and changed within the quiet period)."""
+    """The batches the release input does not hold as their folders are now, by why: a complete
+    landed batch never ingested (its run queued, going or failed), one ingested but not
+    de-identified from that ingest (its run failed or stopped in between: its folder may be gone
+    since, and its partition then holds the release back), one de-identified from an earlier
+    version of its folder, a folder that cannot be read, and a key two folders share. Batch keys
+    only, which the UI shows as partition keys already; and how many folders not in it are not
+    complete yet (no marker, and changed within the quiet period)."""
 
     not_ingested: list[str] = field(default_factory=list)
+    not_deidentified: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     not_readable: list[str] = field(default_factory=list)
+    key_shared: list[str] = field(default_factory=list)
     waiting: int = 0
 
     @property
     def keys(self) -> list[str]:
-        return sorted([*self.not_ingested, *self.changed, *self.not_readable])
+        return sorted(
+            {
+                *self.not_ingested,
+                *self.not_deidentified,
+                *self.changed,
+                *self.not_readable,
+                *self.key_shared,
+            }
+        )
 
 
 def landed_backlog(
     landing: LandingResource, ledger: dict[str, LedgerEntry], now: float
 ) -> LandedBacklog:
-    """The landed batches ``ledger`` (:func:`ingested_batches`) does not show de-identified as
-    their folders are now (:class:`LandedBacklog`). A landing folder that cannot itself be
-    listed raises ``OSError``."""
+    """The batches ``ledger`` (:func:`ingested_batches`) does not show de-identified as their
+    landed folders are now, and those it shows ingested and not de-identified, landed or not
+    (:class:`LandedBacklog`). A landing folder that cannot itself be listed raises ``OSError``."""
     found = scan_landing(Path(landing.path))
     not_ingested: list[str] = []
     changed: list[str] = []
-    waiting = 0
+    arriving: set[str] = set()
     for batch in found.batches:
         if done_in_ledger(batch, ledger):
             continue
         if waiting_reason(batch, landing, now) is not None:
-            waiting += 1
+            arriving.add(batch.key)
             continue
         entry = ledger.get(batch.key)
-        (changed if entry is not None and entry.published else not_ingested).append(batch.key)
+        if entry is None:
+            not_ingested.append(batch.key)
+        elif entry.published:
+            changed.append(batch.key)
+    not_deidentified = sorted(
+        key for key, entry in ledger.items() if not entry.published and key not in arriving
+    )
     return LandedBacklog(
-        not_ingested, changed, sorted({*found.unreadable, *found.collisions}), waiting
+        not_ingested,
+        not_deidentified,
+        changed,
+        sorted(found.unreadable),
+        sorted(found.collisions),
+        len(arriving),
     )

@@ -523,13 +523,13 @@ def evaluate_landing(
 def _failing(
     batches: list[BatchSource], states: dict[str, BatchState], found: Landing
 ) -> dict[str, int]:
-    """Each batch not done, as its folder is now, with a failed run (how many of its runs
-    failed: a retry requested or going counts the failures before it), and each batch whose
-    folder cannot be read (0)."""
+    """Each batch not done with a failed run (how many of its runs failed: a retry requested
+    or going counts the failures before it; a new delivery into its folder, not yet requested,
+    leaves it failing), and each batch whose folder cannot be read (0)."""
     failing = dict.fromkeys(found.unreadable, 0)
     for batch in batches:
         state = states.get(batch.key)
-        if state is None or state.done or state.fingerprint != batch.fingerprint:
+        if state is None or state.done:
             continue
         failed = state.attempt if state.failed_at else state.attempt - 1
         if failed > 0:
@@ -548,8 +548,9 @@ def landed_batches_events(
     has then reported failing (the cursor's). Failing, once for each change of the batches
     whose runs failed or whose folders cannot be read: no release runs for them, and every
     release asset would otherwise look fresh. Passing once none is left, when the release holds
-    every landed batch and no run is queued or going; otherwise the next release run evaluates
-    it (a batch run again after its failure, and then released)."""
+    every landed batch, every batch partition shows a de-identification (one ingested whose
+    folder went away holds the release back) and no run is queued or going; otherwise the next
+    release run evaluates it (a batch run again after its failure, and then released)."""
     reported = _landed_reported(context.cursor)
     if tick.failing:
         if tick.failing == reported:
@@ -563,7 +564,12 @@ def landed_batches_events(
     if ledger is None:  # tried again at the next tick
         return [], reported
     backlog = landed_backlog(landing, ledger, now)
-    if backlog.keys or _release_behind(context) is not None or _has_run_going(context, {}):
+    if (
+        backlog.keys
+        or not _all_partitions_deidentified(context)
+        or _release_behind(context) is not None
+        or _has_run_going(context, {})
+    ):
         return [], {}
     return [landed_batches_cleared(backlog)], {}
 

@@ -374,6 +374,9 @@ def released_patients(
             landed_result = landed.result()
     finally:
         con.close()
+    if not report.published:
+        # the release kept what it published before: it holds no batch de-identified since
+        landed_result = _landed_batches_unknown("this release was not published (k_anonymity)")
     summary = report.to_dict()
     context.log.info(
         f"k={report.after.k}: smallest group {report.before.min_group} → "
@@ -427,7 +430,8 @@ def _landed_batches_result(
 
 
 def _landed_batches_unknown(why: str) -> AssetCheckResult:
-    """The landed batches check failing because the landing folder could not be listed."""
+    """The landed batches check failing because it cannot tell: the landing folder could not
+    be listed, or the release was not published."""
     return AssetCheckResult(
         asset_key=RELEASED_PATIENTS,
         check_name=LANDED_BATCHES_CHECK,
@@ -445,16 +449,20 @@ def _backlog_outcome(
     metadata: dict[str, RawMetadataValue] = {
         "batches_not_released": len(keys),
         "not_ingested": MetadataValue.json(backlog.not_ingested),
+        "not_deidentified": MetadataValue.json(backlog.not_deidentified),
         "changed_since_ingest": MetadataValue.json(backlog.changed),
         "not_readable": MetadataValue.json(backlog.not_readable),
+        "key_shared": MetadataValue.json(backlog.key_shared),
         "waiting_to_complete": backlog.waiting,
     }
     if not keys:
         return True, metadata, None
     why = (
         [f"{key} (not ingested)" for key in backlog.not_ingested]
+        + [f"{key} (ingested, not de-identified)" for key in backlog.not_deidentified]
         + [f"{key} (changed since its ingest)" for key in backlog.changed]
         + [f"{key} (its folder cannot be read)" for key in backlog.not_readable]
+        + [f"{key} (a key two folders share: rename one)" for key in backlog.key_shared]
     )
     return (
         False,
@@ -487,7 +495,8 @@ def landed_batches_failing(failed: dict[str, int], not_readable: list[str]) -> A
         },
         description=f"{len(keys)} landed batch{'es' if len(keys) > 1 else ''} not in the "
         f"release: {', '.join(why)}. The release shows what it held before; it follows each "
-        "batch once its run succeeds",
+        "batch once its run succeeds. A batch whose retries are spent waits: fix the cause, then "
+        "touch _READY in its folder (or launch its partition again)",
     )
 
 

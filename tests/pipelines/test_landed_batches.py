@@ -14,6 +14,7 @@ from typing import Any
 
 import duckdb
 import orjson
+import pytest
 from dagster import (
     AssetCheckEvaluation,
     AssetCheckSeverity,
@@ -27,8 +28,8 @@ from pipelines.definitions import build_resources, release_assets
 from pipelines.landing_ledger import LandedBacklog, LedgerEntry, landed_backlog
 from pipelines.resources import LandingResource
 from pipelines.sensors import ATTEMPT_TAG, BATCH_TAG, FINGERPRINT_TAG, _load_cursor
-from tests.pipelines.test_sensors import PATIENT, _record_run, _tick
-from vault.landing import scan_landing
+from tests.pipelines.test_sensors import PATIENT, _ingested, _record_run, _removed, _tick
+from vault.landing import batch_key, scan_landing
 
 CHECK = "landed_batches_released"
 
@@ -46,7 +47,7 @@ def test_the_backlog_names_each_landed_batch_the_ledger_does_not_hold_as_it_is_n
     tmp_path: Path, refuse_listing: Any
 ) -> None:
     landing = tmp_path / "landing"
-    for key in ("done", "new", "stopped", "changed", "locked"):
+    for key in ("done", "new", "stopped", "changed", "locked", "x y", batch_key("x y")):
         _batch(landing, key)
     _batch(landing, "arriving", ready=False)  # no marker, written just now
     (landing / "locked" / "sub").mkdir()
@@ -59,20 +60,28 @@ def test_the_backlog_names_each_landed_batch_the_ledger_does_not_hold_as_it_is_n
         "changed": LedgerEntry(time.time(), "an earlier fingerprint"),
         # ingested and de-identified, but gone from the landing folder since: not counted
         "gone": LedgerEntry(time.time(), "whatever"),
+        # ingested, not de-identified, its folder gone since: its partition holds the release
+        "gone-stopped": LedgerEntry(time.time(), "whatever", published=False),
     }
     allow = refuse_listing(landing / "locked" / "sub")
     try:
         backlog = landed_backlog(LandingResource(path=str(landing)), ledger, time.time())
     finally:
         allow()
+    shared = batch_key("x y")
     assert backlog == LandedBacklog(
-        not_ingested=["new", "stopped"], changed=["changed"], not_readable=["locked"], waiting=1
+        not_ingested=["new"],
+        not_deidentified=["gone-stopped", "stopped"],
+        changed=["changed"],
+        not_readable=["locked"],
+        key_shared=[shared],
+        waiting=1,
     )
-    assert backlog.keys == ["changed", "locked", "new", "stopped"]
+    assert backlog.keys == sorted(["changed", "gone-stopped", "locked", "new", "stopped", shared])
     # once complete (quiet for the period) the folder arriving is a batch not held, and so is
     # the folder that can be read again
     later = landed_backlog(LandingResource(path=str(landing)), ledger, time.time() + 120)
-    assert later.not_ingested == ["arriving", "locked", "new", "stopped"]
+    assert later.not_ingested == ["arriving", "locked", "new"]
     assert later.waiting == 0 and later.not_readable == []
 
 
@@ -190,3 +199,75 @@ def test_a_landing_folder_that_cannot_be_listed_is_a_warning_naming_no_path(
         "be listed (PermissionError)"
     )
     assert "Quillfeather" not in str(result.metadata)
+
+
+def _failed_once(tmp_path: Path, instance: DagsterInstance, key: str) -> Any:
+    """The batch ``key`` landed, its first run failed, the failure reported (a retry an hour
+    away); the tick."""
+    first = _tick(tmp_path, instance)
+    fingerprint = _load_cursor(first.cursor)[key].fingerprint
+    tags = {BATCH_TAG: key, FINGERPRINT_TAG: fingerprint, ATTEMPT_TAG: "1"}
+    _record_run(instance, tags, DagsterRunStatus.FAILURE)
+    failed = _tick(tmp_path, instance, first.cursor, retry_backoff_seconds=3600)
+    (event,) = _events(failed)
+    assert not event.passed
+    return failed
+
+
+def test_a_failed_batch_delivered_again_stays_failing_until_it_is_run(tmp_path: Path) -> None:
+    """A new file copied into the failed batch's folder, its marker not touched: the folder is
+    incomplete (the quiet period), and its partition still holds the release back. The warning
+    flipped to passing there, and back to failing once the new delivery failed too."""
+    instance = DagsterInstance.ephemeral()
+    folder = _batch(tmp_path / "landing", "export-1")
+    failed = _failed_once(tmp_path, instance, "export-1")
+    (folder / "more.ndjson").write_bytes(PATIENT)
+    again = _tick(tmp_path, instance, failed.cursor, retry_backoff_seconds=3600)
+    assert _events(again) == []  # still the failure reported: nothing new to say
+
+
+def test_the_warning_is_not_cleared_while_a_batch_partition_holds_the_release_back(
+    tmp_path: Path,
+) -> None:
+    """The failed batch was ingested, its de-identification failed, and its folder was removed:
+    its partition is kept (the vault holds its rows), and the release waits for it for good.
+    The sensor said passing there."""
+    instance = DagsterInstance.ephemeral()
+    landing = tmp_path / "landing"
+    _batch(landing, "export-1")
+    instance.add_dynamic_partitions("batches", ["export-1"])
+    failed = _failed_once(tmp_path, instance, "export-1")
+    _ingested(tmp_path, "export-1", published=False)
+    shutil.rmtree(landing / "export-1")
+    gone = _tick(tmp_path, instance, failed.cursor)
+    assert _removed(gone) == []  # kept
+    assert _events(gone) == []  # the warning stands
+    assert _events(_tick(tmp_path, instance, gone.cursor)) == []
+
+
+def test_a_release_not_published_does_not_say_it_holds_every_batch(
+    tmp_path: Path,
+    key_file: Path,
+    materialize_batch: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    landing = tmp_path / "landing"
+    instance = DagsterInstance.ephemeral()
+    patient = {"resourceType": "Patient", "id": "p1", "gender": "female"}
+    _batch(landing, "export-1", patient=orjson.dumps(patient) + b"\n")
+    materialize_batch(landing, "export-1", instance)
+    monkeypatch.setenv("EHR_DEID_K", "5")  # one patient: below k, nothing published
+    monkeypatch.setenv("EHR_MAX_WITHHELD_SHARE", "0")
+    result = materialize(
+        release_assets,
+        selection=["released_patients"],
+        instance=instance,
+        resources=build_resources(str(tmp_path / "work"), str(landing), str(key_file), 1),
+        raise_on_error=False,
+    )
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["k_anonymity"].passed
+    assert not checks[CHECK].passed and checks[CHECK].description == (
+        "not known whether every landed batch is in the release: this release was not "
+        "published (k_anonymity)"
+    )

@@ -5,9 +5,10 @@ failed blocking check leaves the previous release as it was (see :mod:`deid.stag
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import TypeVar
 
 import duckdb
 from dagster import (
@@ -161,6 +162,8 @@ RELEASE_BATCH_KEYS_CHECK = "batch_keys_hold_no_identifier"
 # batches only, so a failed batch otherwise left every release asset looking fresh)
 LANDED_BATCHES_CHECK = "landed_batches_released"
 RELEASED_PATIENTS = AssetKey("released_patients")
+# what that check's outcome is built as: in a release run, or reported by the landing sensor
+CheckT = TypeVar("CheckT", AssetCheckResult, AssetCheckEvaluation)
 
 
 def _batch_key_result(hits: tuple[str, ...]) -> AssetCheckResult:
@@ -418,27 +421,35 @@ def _landed_batches_result(
         )
     finally:
         cursor.close()
-    passed, metadata, description = _backlog_outcome(backlog)
-    return AssetCheckResult(
+    return _landed_check(AssetCheckResult, *_backlog_outcome(backlog))
+
+
+def _landed_batches_unknown(why: str) -> AssetCheckResult:
+    """The landed batches check failing because it cannot tell: the landing folder could not
+    be listed, or the release was not published."""
+    return _landed_check(
+        AssetCheckResult,
+        False,
+        {"reason": why},
+        f"not known whether every landed batch is in the release: {why}",
+    )
+
+
+def _landed_check(
+    make: Callable[..., CheckT],
+    passed: bool,
+    metadata: Mapping[str, RawMetadataValue],
+    description: str | None = None,
+) -> CheckT:
+    """The landed batches check's outcome as ``make`` builds it: a result of the release run
+    (``AssetCheckResult``) or an evaluation the landing sensor reports without a run."""
+    return make(
         asset_key=RELEASED_PATIENTS,
         check_name=LANDED_BATCHES_CHECK,
         passed=passed,
         severity=AssetCheckSeverity.WARN,
         metadata=metadata,
         description=description,
-    )
-
-
-def _landed_batches_unknown(why: str) -> AssetCheckResult:
-    """The landed batches check failing because it cannot tell: the landing folder could not
-    be listed, or the release was not published."""
-    return AssetCheckResult(
-        asset_key=RELEASED_PATIENTS,
-        check_name=LANDED_BATCHES_CHECK,
-        passed=False,
-        severity=AssetCheckSeverity.WARN,
-        metadata={"reason": why},
-        description=f"not known whether every landed batch is in the release: {why}",
     )
 
 
@@ -482,18 +493,16 @@ def landed_batches_failing(failed: dict[str, int], not_readable: list[str]) -> A
         for key, n in sorted(failed.items())
     ]
     why += [f"{key} (its folder cannot be read)" for key in not_readable if key not in failed]
-    return AssetCheckEvaluation(
-        asset_key=RELEASED_PATIENTS,
-        check_name=LANDED_BATCHES_CHECK,
-        passed=False,
-        severity=AssetCheckSeverity.WARN,
-        metadata={
+    return _landed_check(
+        AssetCheckEvaluation,
+        False,
+        {
             "batches_not_released": len(keys),
             "runs_failed": MetadataValue.json(dict(sorted(failed.items()))),
             "not_readable": MetadataValue.json(sorted(not_readable)),
             "reported_by": "landing_sensor",
         },
-        description=f"{len(keys)} landed batch{'es' if len(keys) > 1 else ''} not in the "
+        f"{len(keys)} landed batch{'es' if len(keys) > 1 else ''} not in the "
         f"release: {', '.join(why)}. The release shows what it held before; it follows each "
         "batch once its run succeeds. A batch whose retries are spent waits: fix the cause, then "
         "touch _READY in its folder (or launch its partition again)",
@@ -505,13 +514,7 @@ def landed_batches_cleared(backlog: LandedBacklog) -> AssetCheckEvaluation:
     reported failing are gone and the release holds every landed batch."""
     passed, metadata, _ = _backlog_outcome(backlog)
     assert passed
-    return AssetCheckEvaluation(
-        asset_key=RELEASED_PATIENTS,
-        check_name=LANDED_BATCHES_CHECK,
-        passed=True,
-        severity=AssetCheckSeverity.WARN,
-        metadata={**metadata, "reported_by": "landing_sensor"},
-    )
+    return _landed_check(AssetCheckEvaluation, True, {**metadata, "reported_by": "landing_sensor"})
 
 
 def _release_batch_keys_result(hits: dict[str, list[str]]) -> AssetCheckResult:

@@ -107,8 +107,9 @@ def feature_store(
     env = feast_env(data_dir if data_dir is not None else feast_data_from_env(), features_dir)
     repo = resolve_repo(repo_dir)
     os.environ.update(env)
-    registry = _config_path(repo, "registry")
-    if not create and registry is not None and not registry.is_file():
+    # read only for a caller that may not create: the platform's steps open a store per step
+    registry = None if create else _config_path(repo, "registry")
+    if registry is not None and not registry.is_file():
         raise FeastRegistryNotFoundError(
             f"no Feast registry in {env[FEAST_DATA_ENV]}: the release has not applied the feature "
             "repo there. Fix: give the work directory's feast folder (data/work/feast after "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import pickle
@@ -66,7 +67,7 @@ from vault.read import (
     iter_every_version,
     iter_quarantined_records,
 )
-from vault.sealed_cache import read_entry, write_entry
+from vault.sealed_cache import entry_state, read_entry, write_entry
 from vault.warehouse import database_path
 
 _log = logging.getLogger(__name__)
@@ -337,23 +338,37 @@ def _add_other_records(
     con: duckdb.DuckDBPyConnection,
     provider: KeyProvider,
     patients: set[str] | None,
-) -> None:
+    written_after: int | None = None,
+) -> int:
     """Canaries of ``patients`` (every patient when None) beyond their Patient resources in
     the vault: their relatives and their other identifying records (every version the vault
     holds), and those records and their Patient records as the quarantine holds them (refused
-    by validation, while their other records may be released)."""
+    by validation, while their other records may be released). With ``written_after``, the
+    vault's records of the resources with a version written after that position only, and no
+    quarantined record. The vault's records read."""
+    read = 0
     for rtype in (t for t in CANARY_RESOURCE_TYPES if t != "Patient"):
         identified = rtype in IDENTIFIED_ONLY_TYPES
-        records = iter_every_version(con, provider, resource_type=rtype, identified_only=identified)
+        records = iter_every_version(
+            con,
+            provider,
+            resource_type=rtype,
+            identified_only=identified,
+            written_after=written_after,
+        )
         for record in records:
+            read += 1
             if patients is None or record.patient_key in patients:
                 canaries.add_resource(record.resource, record.patient_key)
+    if written_after is not None:
+        return read
     quarantined = iter_quarantined_records(
         con, provider, CANARY_RESOURCE_TYPES, skip_destroyed=True
     )
     for owner, resource in quarantined:
         if patients is None or owner in patients:
             canaries.add_resource(resource, owner)
+    return read
 
 
 def batch_canaries(
@@ -509,13 +524,45 @@ def release_canaries(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> C
     and their other records (:func:`_add_other_records`): for tables built over the whole
     release, and for each batch's rows, which can name a patient of another batch."""
     canaries = CanarySet()
-    for patient in iter_every_version(con, provider, resource_type="Patient"):
-        canaries.add_patient(patient.resource, patient.resource_key)
-    _add_other_records(canaries, con, provider, None)
+    _add_release_records(canaries, con, provider, None)
     return canaries
 
 
+def add_canaries_written_after(
+    canaries: CanarySet, con: duckdb.DuckDBPyConnection, provider: KeyProvider, position: int
+) -> int:
+    """Add to ``canaries``, the release canaries of this vault as it was up to the ingest
+    ``position`` (with its quarantine as it is now), those of every resource with a version
+    written after it, every version of each: the canaries :func:`release_canaries` reads from
+    the vault now, without decrypting the rest. A canary is added once whatever reads it again,
+    so a text that is a canary of two kinds may keep the kind it was first read as. The vault's
+    records read."""
+    return _add_release_records(canaries, con, provider, position)
+
+
+def _add_release_records(
+    canaries: CanarySet,
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    written_after: int | None,
+) -> int:
+    read = 0
+    patients = iter_every_version(
+        con, provider, resource_type="Patient", written_after=written_after
+    )
+    for patient in patients:
+        read += 1
+        canaries.add_patient(patient.resource, patient.resource_key)
+    return read + _add_other_records(canaries, con, provider, None, written_after)
+
+
 _VaultState = tuple[str, int, int | None, int | None, int, int | None, str, str]
+# the vault's rows as the canaries depend on them: their count, highest ingest position, and a
+# digest of which versions it holds (each row's key, position and MAC)
+_VAULT_ROWS = (
+    "SELECT count(*), max(ingest_seq), sum(hash(resource_key, ingest_seq, content_mac)) "
+    "FROM phi_vault {where}"
+)
 
 
 def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _VaultState | None:
@@ -526,10 +573,11 @@ def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _Vault
     path = database_path(con)
     if path is None:
         return None
-    rows, last_seq, digest = con.execute(
-        "SELECT count(*), max(ingest_seq), sum(hash(resource_key, ingest_seq, content_mac)) "
-        "FROM phi_vault"
-    ).fetchone() or (0, None, None)
+    rows, last_seq, digest = con.execute(_VAULT_ROWS.format(where="")).fetchone() or (
+        0,
+        None,
+        None,
+    )
     # the quarantined records canaries are read from too (:func:`_add_other_records`)
     quarantined: tuple[Any, ...] = (0, None)
     if has_table(con, "quarantine"):
@@ -577,12 +625,90 @@ def sealed_state(state: _VaultState) -> str:
     return hashlib.sha256(repr(state[1:]).encode() + _canary_code()).hexdigest()
 
 
+# A sealed set's blob: this line, then the vault state it was made from but for the path
+# (counts, positions, digests, a key's fingerprint and id: no PHI) as a JSON line, then the
+# pickled set. The state lets a later vault state that only appended rows extend it.
+_SEALED_HEADER = b"ehr-release-canaries/2\n"
+_EarlierState = tuple[int, int | None, int | None, int, int | None, str, str]
+
+
+def _sealed_value(state: _VaultState, canaries: CanarySet) -> bytes:
+    earlier = json.dumps(list(state[1:])).encode()
+    return _SEALED_HEADER + earlier + b"\n" + pickle.dumps(canaries, 5)
+
+
+def _open_sealed(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, stored_as: str
+) -> tuple[_EarlierState, bytes] | None:
+    """The sealed set of the state ``stored_as``, opened: the state it was made from (without
+    its path) and the pickled set; None when there is none, or when it fails authentication
+    (logged, without content)."""
+    try:
+        value = read_entry(con, provider, SEALED_CANARIES, stored_as)
+    except (InvalidCiphertext, KeyDestroyedError):
+        _log.warning(
+            "the sealed release canaries failed authentication (a changed blob or state, "
+            "or a key that does not exist): loaded from the vault again and sealed anew"
+        )
+        return None
+    if value is None or not value.startswith(_SEALED_HEADER):
+        return None
+    line, _, pickled = value[len(_SEALED_HEADER) :].partition(b"\n")
+    return tuple(json.loads(line)), pickled
+
+
+def _extended(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, state: _VaultState, stored_as: str
+) -> CanarySet | None:
+    """The set sealed for an earlier state of this vault, with the canaries of every resource
+    written since added (:func:`add_canaries_written_after`), when the vault has only had rows
+    appended since (:func:`_only_appended`) and the same code made it; None otherwise (and
+    for a vault that was empty then). A batch ingested after the last seal decrypts its own
+    resources, not every patient's: the set of 100,000 patients took some 25 s to load."""
+    before = entry_state(con, SEALED_CANARIES)
+    if before is None or before == stored_as:  # none, or this state's, which failed to open
+        return None
+    opened = _open_sealed(con, provider, before)
+    if opened is None:
+        return None
+    earlier, pickled = opened
+    if sealed_state((state[0], *earlier)) != before or not _only_appended(con, earlier, state):
+        return None
+    last_seq = earlier[1]
+    if last_seq is None:
+        return None
+    canaries: CanarySet = pickle.loads(pickled)  # authenticated above: sealed here
+    read = add_canaries_written_after(canaries, con, provider, last_seq)
+    _log.info("release canaries: the sealed set extended with %d records written since", read)
+    return canaries
+
+
+def _only_appended(
+    con: duckdb.DuckDBPyConnection, earlier: _EarlierState, state: _VaultState
+) -> bool:
+    """Whether the vault of ``state`` is the one of ``earlier`` with rows appended: the same
+    rows up to its highest ingest position (none changed or deleted: an erasure, a batch taken
+    back), rows after it, the same quarantined records and the same keys."""
+    rows, last_seq, digest, *quarantined_and_keys = earlier
+    now_last = state[2]
+    if last_seq is None or now_last is None or now_last <= last_seq:
+        return False
+    if tuple(quarantined_and_keys) != state[4:]:
+        return False
+    found = con.execute(_VAULT_ROWS.format(where="WHERE ingest_seq <= ?"), [last_seq]).fetchone()
+    if found is None:
+        return False
+    count, _, sums = found
+    return (int(count), None if sums is None else int(sums)) == (rows, digest)
+
+
 class ReleaseCanaryCache:
     """The release canaries, decrypted once per vault state rather than once per released table
     (every view, the feature tables and the online store are scanned against them), and, asked
     with ``sealed``, kept between run processes in the warehouse, compiled and sealed
     (:mod:`vault.sealed_cache`): a release run started after its batch's run takes the set that
-    run made instead of decrypting every patient again.
+    run made instead of decrypting every patient again, and a batch's run takes the set sealed
+    before its batch was ingested and adds that batch's resources to it (:func:`_extended`).
 
     An entry is reused only while :func:`vault_state` is unchanged, so a newly ingested batch,
     an erasure or other keys load them afresh. Canaries are PHI: one entry at most in memory,
@@ -640,24 +766,19 @@ class ReleaseCanaryCache:
         sealed: bool,
     ) -> CanarySet:
         """With ``sealed``, the sealed set of this state when the warehouse holds one, else the
-        set loaded from the vault, compiled, and sealed in its place; without, the set loaded."""
+        sealed set of an earlier state extended (:meth:`_extended`) or the set loaded from the
+        vault, compiled, and sealed in its place; without, the set loaded."""
         if not sealed:
             return self._load(con, provider)
         stored_as = sealed_state(state)
-        try:
-            value = read_entry(con, provider, SEALED_CANARIES, stored_as)
-        except (InvalidCiphertext, KeyDestroyedError):
-            _log.warning(
-                "the sealed release canaries failed authentication (a changed blob or state, "
-                "or a key that does not exist): loaded from the vault again and sealed anew"
-            )
-            value = None
-        if value is not None:
-            canaries: CanarySet = pickle.loads(value)  # authenticated above: sealed here
+        opened = _open_sealed(con, provider, stored_as)
+        if opened is not None:
+            canaries: CanarySet = pickle.loads(opened[1])  # authenticated: sealed here
             return canaries
-        canaries = self._load(con, provider)
+        extended = _extended(con, provider, state, stored_as)
+        canaries = extended if extended is not None else self._load(con, provider)
         canaries.compile()
-        value = pickle.dumps(canaries, 5)
+        value = _sealed_value(state, canaries)
         if len(value) <= MAX_SEALED_CANARY_BYTES:
             write_entry(con, provider, SEALED_CANARIES, stored_as, value)
         else:  # each release run loads them from the vault, as without sealing

@@ -63,6 +63,8 @@ _SHARED_ROW = "patient_key IS NULL"
 # resources any version of which held an identifier: the identifier index lists them (one row
 # per identifier and batch, vault.ingest), without decrypting anything
 _IDENTIFIED = "resource_key IN (SELECT resource_key FROM identifier_index)"
+# resources with a version written after an ingest position
+_WRITTEN_AFTER = "resource_key IN (SELECT resource_key FROM phi_vault WHERE ingest_seq > ?)"
 # Patients whose compartment a batch wrote to (any version, current or not).
 _PATIENTS_OF_BATCH = (
     "resource_key IN (SELECT DISTINCT patient_key FROM phi_vault "
@@ -288,15 +290,20 @@ def iter_every_version(
     resource_key: str | None = None,
     shared_only: bool = False,
     identified_only: bool = False,
+    written_after: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[VaultRecord]:
     """Every version the vault holds of every resource (the current one and those it
     replaced), in ingest order, decrypted and verified: what once named a patient (a name
     before a marriage, a corrected phone) still names them. Filters as
     :func:`iter_current_records`, ``resource_key`` one resource, ``shared_only`` the rows
-    of no patient (sealed under the shared key), and ``identified_only`` the resources the
-    identifier index lists (a version of which held an identifier)."""
+    of no patient (sealed under the shared key), ``identified_only`` the resources the
+    identifier index lists (a version of which held an identifier), and ``written_after``
+    the resources with a version written after that ingest position (every version of
+    each, those before it too)."""
     before = _resource_filters(resource_type, patients_of_batch, resource_key)
+    if written_after is not None:
+        before.append((_WRITTEN_AFTER, written_after))
     params = [p for _, p in before]
     if shared_only:
         before.append((_SHARED_ROW, None))  # no parameter

@@ -77,6 +77,18 @@ def read_entry(
     return store.open_owned(blob, _aad(name, state), SHARED_OWNER)
 
 
+def entry_state(con: duckdb.DuckDBPyConnection, name: str) -> str | None:
+    """The state the entry ``name`` was made in, as stored beside it; None when there is none.
+    Not authenticated here: :func:`read_entry` of that state opens the entry only when its
+    blob was sealed for it."""
+    if "part" not in table_columns(con, SEALED_CACHE_TABLE):
+        return None
+    rows = con.execute(
+        f"SELECT DISTINCT state FROM {SEALED_CACHE_TABLE} WHERE name = ?", [name]
+    ).fetchall()
+    return str(rows[0][0]) if len(rows) == 1 else None
+
+
 def write_entry(
     con: duckdb.DuckDBPyConnection,
     provider: KeyProvider,

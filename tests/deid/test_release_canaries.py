@@ -29,6 +29,27 @@ class CountingLoad:
         return release_canaries(con, provider)
 
 
+def _contents(canaries: CanarySet) -> tuple[object, ...]:
+    """Everything a set holds, compared whole: each text canary with the kind and length each
+    pass keeps for it, each digit canary with its kind, the patients' birth dates (in the
+    order their versions gave them) and the source ids."""
+    store = canaries._store
+    return (
+        sorted(store.text.items()),
+        sorted(store.digits.items()),
+        canaries._births,
+        sorted(canaries._ids),
+    )
+
+
+def _fresh(wh: Path, provider: KeyProvider) -> CanarySet:
+    con = warehouse.connect(wh)
+    try:
+        return release_canaries(con, provider)
+    finally:
+        con.close()
+
+
 @pytest.fixture
 def vault_with_batch(tmp_path: Path, key_provider: FileKeyProvider) -> Path:
     generate(tmp_path / "b1", 4, seed=31)
@@ -60,14 +81,17 @@ def test_same_vault_state_decrypts_once(
 def test_a_new_batch_invalidates_the_canaries(
     tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
 ) -> None:
+    """A new vault state gets a set of its own: the sealed set of the state before, with the
+    new batch's canaries added (not decrypted from the whole vault again)."""
     load = CountingLoad()
     cache = ReleaseCanaryCache(load)
     before = _canaries(cache, vault_with_batch, key_provider)
     generate(tmp_path / "b2", 3, seed=32)
     ingest_batch(vault_with_batch, "b2", tmp_path / "b2", key_provider, workers=1)
     after = _canaries(cache, vault_with_batch, key_provider)
-    assert load.calls == 2 and after is not before and len(after) > len(before)
-    assert _canaries(cache, vault_with_batch, key_provider) is after and load.calls == 2
+    assert load.calls == 1 and after is not before and len(after) > len(before)
+    assert _canaries(cache, vault_with_batch, key_provider) is after and load.calls == 1
+    assert _contents(after) == _contents(_fresh(vault_with_batch, key_provider))
 
 
 def test_removed_vault_rows_and_other_keys_invalidate_the_canaries(
@@ -142,11 +166,11 @@ def test_one_run_reads_the_vault_state_once(
     ingest_batch(vault_with_batch, "b2", tmp_path / "b2", key_provider, workers=1)
     con = warehouse.connect(vault_with_batch)
     try:
-        after = cache.get(con, key_provider, "run-3")
-        assert after is not first and load.calls == 2 and len(after) > len(first)
+        after = cache.get(con, key_provider, "run-3")  # the set before, extended
+        assert after is not first and load.calls == 1 and len(after) > len(first)
         cache.clear()  # as a new run process: the set sealed for this state is taken
         again = cache.get(con, key_provider, "run-3")
-        assert again is not after and load.calls == 2 and len(again) == len(after)
+        assert again is not after and load.calls == 1 and len(again) == len(after)
     finally:
         con.close()
 
@@ -302,7 +326,8 @@ def test_the_sealed_canaries_follow_the_vault_and_the_code(
     ingest_batch(vault_with_batch, "b2", tmp_path / "b2", key_provider, workers=1)
     after_batch = CountingLoad()
     canaries = _canaries(ReleaseCanaryCache(after_batch), vault_with_batch, key_provider)
-    assert after_batch.calls == 1  # another vault state: made again, and sealed for it
+    # another vault state: the set sealed before extended with the new batch, sealed for it
+    assert after_batch.calls == 0
     for family, _ in _generated_patients(tmp_path / "b2").values():
         assert "name" in canaries.find(_ADMITTED.format(family)), family
     monkeypatch.setattr(deid.release, "_canary_code", lambda: b"the code of another version")
@@ -388,3 +413,97 @@ def test_after_an_erasure_no_sealed_canary_names_the_patient(
     for pid, (other, _) in patients.items():
         if pid != erased:
             assert "name" in after.find(_ADMITTED.format(other)), other
+
+
+def _a_patient_of(folder: Path) -> dict[str, object]:
+    """The first Patient resource of a generated batch, read from its files."""
+    for path in sorted(folder.glob("0*.json")):
+        for entry in json.loads(path.read_text())["entry"]:
+            if entry["resource"]["resourceType"] == "Patient":
+                return dict(entry["resource"])
+    raise AssertionError("no Patient in the batch")
+
+
+def test_the_set_extended_after_a_batch_is_the_set_the_whole_vault_gives(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """The batch run after a new batch takes the set sealed before it and adds the records
+    written since: new patients, and a new version of a patient already there (a new family
+    name, and a mother named for the first time). What it holds is what a set read from every
+    version in the vault holds, canary for canary; the vault is not decrypted whole."""
+    made = CountingLoad()
+    before = _canaries(ReleaseCanaryCache(made), vault_with_batch, key_provider)
+    renamed = _a_patient_of(tmp_path / "b1")
+    old_family = renamed["name"][0]["family"]  # type: ignore[index]
+    renamed["name"] = [{"family": "Quillfeather", "given": ["Ysolde"]}]
+    renamed["contact"] = [{"name": {"family": "Marrowdean", "given": ["Edith"]}}]
+    generate(tmp_path / "b2", 3, seed=32)
+    (tmp_path / "b2" / "renamed.json").write_text(json.dumps(renamed))
+    ingest_batch(vault_with_batch, "b2", tmp_path / "b2", key_provider, workers=1)
+
+    extended = CountingLoad()
+    after = _canaries(ReleaseCanaryCache(extended), vault_with_batch, key_provider)
+    assert (made.calls, extended.calls) == (1, 0)
+    fresh = _fresh(vault_with_batch, key_provider)
+    assert _contents(after) == _contents(fresh) and _contents(after) != _contents(before)
+    new_families = [family for family, _ in _generated_patients(tmp_path / "b2").values()]
+    for family in (*new_families, old_family, "Quillfeather", "Marrowdean"):
+        assert "name" in after.find(_ADMITTED.format(family)), family
+    assert before.find(_ADMITTED.format("Quillfeather")) == []
+    # the set sealed for this state is the extended one: a new process takes it as it is
+    taken = CountingLoad()
+    again = _canaries(ReleaseCanaryCache(taken), vault_with_batch, key_provider)
+    assert taken.calls == 0 and _contents(again) == _contents(fresh)
+
+
+def _delete_a_patient(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(
+        "DELETE FROM phi_vault WHERE resource_key = "
+        "(SELECT min(resource_key) FROM phi_vault WHERE resource_type = 'Patient')"
+    )
+
+
+def _refused_patient(folder: Path) -> None:
+    refused = {
+        "resourceType": "Patient",
+        "id": "pq",
+        "birthDate": "23/07/1961",
+        "name": [{"given": ["Ottoline"], "family": "Vexbridge"}],
+    }
+    (folder / "pq.json").write_text(json.dumps(refused))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["a patient's rows deleted", "a patient refused by validation", "a tampered sealed set"],
+)
+def test_a_vault_changed_other_than_by_new_rows_is_read_whole(
+    tmp_path: Path,
+    vault_with_batch: Path,
+    key_provider: FileKeyProvider,
+    change: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The set sealed before is extended only when the vault kept every row it held then and
+    only rows were added: rows deleted (as an erasure or a batch taken back), a quarantined
+    Patient (quarantined records are read whole), or a sealed set that fails authentication,
+    each beside a new batch, read every patient again, and the set is the whole vault's."""
+    _canaries(ReleaseCanaryCache(CountingLoad()), vault_with_batch, key_provider)
+    con = warehouse.connect(vault_with_batch)
+    try:
+        if change == "a patient's rows deleted":
+            _delete_a_patient(con)
+        elif change == "a tampered sealed set":
+            flip_a_sealed_byte(con, share=2 / 3)
+    finally:
+        con.close()
+    generate(tmp_path / "b2", 2, seed=35)
+    if change == "a patient refused by validation":
+        _refused_patient(tmp_path / "b2")
+    ingest_batch(vault_with_batch, "b2", tmp_path / "b2", key_provider, workers=1)
+    load = CountingLoad()
+    with caplog.at_level(logging.WARNING, logger="deid.release"):
+        after = _canaries(ReleaseCanaryCache(load), vault_with_batch, key_provider)
+    assert load.calls == 1
+    assert _contents(after) == _contents(_fresh(vault_with_batch, key_provider))
+    assert ("failed authentication" in caplog.text) == (change == "a tampered sealed set")

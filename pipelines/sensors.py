@@ -557,7 +557,8 @@ def landed_batches_events(
             return [], reported
         failed = {key: n for key, n in tick.failing.items() if n}
         not_readable = [key for key, n in tick.failing.items() if not n]
-        return [landed_batches_failing(failed, not_readable)], dict(tick.failing)
+        latest = {key: run for key in failed if (run := _latest_failed_run(context, key))}
+        return [landed_batches_failing(failed, not_readable, latest)], dict(tick.failing)
     if not reported:
         return [], {}
     ledger = ingested_batches(warehouse)
@@ -572,6 +573,14 @@ def landed_batches_events(
     ):
         return [], {}
     return [landed_batches_cleared(backlog)], {}
+
+
+def _latest_failed_run(context: SensorEvaluationContext, key: str) -> str | None:
+    """The id of the batch's latest failed or canceled run (this sensor's, or its partition's
+    launched from the UI), None when it has none."""
+    filters = RunsFilter(tags={PARTITION_TAG: key}, statuses=list(_FAILED))
+    runs = context.instance.get_runs(filters=filters, limit=1)
+    return runs[0].run_id if runs else None
 
 
 def _automation_stopped(context: SensorEvaluationContext) -> bool:

@@ -484,14 +484,24 @@ def _backlog_outcome(
     )
 
 
-def landed_batches_failing(failed: dict[str, int], not_readable: list[str]) -> AssetCheckEvaluation:
+def landed_batches_failing(
+    failed: dict[str, int], not_readable: list[str], latest_failed: dict[str, str] | None = None
+) -> AssetCheckEvaluation:
     """The landed batches check as the landing sensor reports it, without a run, when batches'
-    runs failed (``failed``: each key's failed attempts) or their folders cannot be read."""
+    runs failed (``failed``: each key's failed attempts) or their folders cannot be read;
+    ``latest_failed``: each failed batch's latest failed run, linked from the check (its logs
+    say why)."""
+    latest_failed = latest_failed or {}
     keys = sorted({*failed, *not_readable})
     why = [
-        f"{key} (its run failed {n} time{'s' if n > 1 else ''})"
+        f"{key} (its run failed {n} time{'s' if n > 1 else ''}"
+        + (f"; latest {latest_failed[key][:8]})" if key in latest_failed else ")")
         for key, n in sorted(failed.items())
     ]
+    runs = {
+        f"latest_failed_run {key}": MetadataValue.dagster_run(run_id)
+        for key, run_id in sorted(latest_failed.items())
+    }
     why += [f"{key} (its folder cannot be read)" for key in not_readable if key not in failed]
     return _landed_check(
         AssetCheckEvaluation,
@@ -500,6 +510,7 @@ def landed_batches_failing(failed: dict[str, int], not_readable: list[str]) -> A
             "batches_not_released": len(keys),
             "runs_failed": MetadataValue.json(dict(sorted(failed.items()))),
             "not_readable": MetadataValue.json(sorted(not_readable)),
+            **runs,
             "reported_by": "landing_sensor",
         },
         f"{len(keys)} landed batch{'es' if len(keys) > 1 else ''} not in the "

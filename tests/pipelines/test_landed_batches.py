@@ -19,6 +19,7 @@ from dagster import (
     AssetCheckEvaluation,
     AssetCheckSeverity,
     DagsterInstance,
+    DagsterRunMetadataValue,
     DagsterRunStatus,
     materialize,
 )
@@ -27,7 +28,7 @@ from pipelines.assets.deid import _landed_batches_result
 from pipelines.definitions import build_resources, release_assets
 from pipelines.landing_ledger import LandedBacklog, LedgerEntry, landed_backlog
 from pipelines.resources import LandingResource
-from pipelines.sensors import ATTEMPT_TAG, BATCH_TAG, FINGERPRINT_TAG, _load_cursor
+from pipelines.sensors import ATTEMPT_TAG, BATCH_TAG, FINGERPRINT_TAG, PARTITION_TAG, _load_cursor
 from tests.pipelines.test_sensors import PATIENT, _ingested, _record_run, _removed, _tick
 from vault.landing import batch_key, scan_landing
 
@@ -147,14 +148,25 @@ def test_the_sensor_reports_a_failed_batch_at_once_and_clears_it_when_the_folder
     fingerprint = _load_cursor(cursor)["export-1"].fingerprint
     for attempt in (1, 2):
         tags = {BATCH_TAG: "export-1", FINGERPRINT_TAG: fingerprint, ATTEMPT_TAG: str(attempt)}
-        _record_run(instance, tags, DagsterRunStatus.FAILURE)
+        _record_run(instance, {**tags, PARTITION_TAG: "export-1"}, DagsterRunStatus.FAILURE)
+        failed_run = instance.get_runs(limit=1)[0].run_id
         retry = _tick(tmp_path, instance, cursor, retry_backoff_seconds=0)
         assert [r.tags[ATTEMPT_TAG] for r in retry.run_requests] == [str(attempt + 1)]
         (event,) = _events(retry)
         assert event.asset_key.path == ["released_patients"] and event.check_name == CHECK
         assert not event.passed and event.severity == AssetCheckSeverity.WARN
         assert event.metadata["runs_failed"].value == {"export-1": attempt}
-        assert event.description and f"export-1 (its run failed {attempt} time" in event.description
+        # the latest failed run, linked (the UI opens its logs), and named by its id's start
+        link = event.metadata["latest_failed_run export-1"]
+        assert isinstance(link, DagsterRunMetadataValue) and link.run_id == failed_run
+        assert (
+            event.description
+            and (
+                f"export-1 (its run failed {attempt} time{'s' if attempt > 1 else ''}; "
+                f"latest {failed_run[:8]})"
+            )
+            in event.description
+        )
         # the same failures are reported once: not again while the retry is queued
         assert _events(_tick(tmp_path, instance, retry.cursor)) == []
         cursor = retry.cursor

@@ -58,6 +58,7 @@ from pathlib import Path
 from dagster import (
     AddDynamicPartitionsRequest,
     AssetCheckEvaluation,
+    AssetCheckKey,
     AssetKey,
     AssetRecordsFilter,
     DagsterRunStatus,
@@ -74,7 +75,13 @@ from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, SENSOR_NAME_TAG, WILL_RETRY_TAG
 
-from pipelines.assets.deid import landed_batches_cleared, landed_batches_failing
+from pipelines.assets.deid import (
+    LANDED_BATCHES_CHECK,
+    RELEASED_PATIENTS,
+    landed_batches_cleared,
+    landed_batches_failing,
+    landed_batches_not_listed,
+)
 from pipelines.assets.ingest import FINGERPRINT_TAG
 from pipelines.jobs import RELEASE_ASSETS, RELEASE_AUTOMATION, batch_job, release_job
 from pipelines.landing_ledger import (
@@ -86,7 +93,7 @@ from pipelines.landing_ledger import (
 )
 from pipelines.partitions import batch_partitions
 from pipelines.resources import LandingResource, WarehouseResource
-from vault.landing import BatchSource, Landing, discover_landing
+from vault.landing import BatchKeyCollisionError, BatchSource, Landing, discover_landing
 
 BATCH_TAG = "ehr/batch"
 PARTITION_TAG = "dagster/partition"
@@ -143,6 +150,8 @@ RELEASE_REQUESTED_KEY = "~release_requested_after"
 # The cursor's entry holding what the landed batches check was last reported failing for: each
 # batch key with its failed runs (0: its folder cannot be read)
 LANDED_REPORTED_KEY = "~landed_batches_reported"
+# what stands for the landing folder itself among what the check was reported failing for
+LANDING_NOT_READ = "~landing"
 _CURSOR_ENTRIES = (LEDGER_READ_KEY, RELEASE_REQUESTED_KEY, LANDED_REPORTED_KEY)
 
 
@@ -311,6 +320,15 @@ def _next_attempt(key: str, state: BatchState) -> RunRequest:
     return _request(key, state)
 
 
+class LandingNotReadError(RuntimeError):
+    """The landing folder could not be read as a whole this tick: the folder itself cannot be
+    listed, or two folders share a batch key (``cause``). The tick fails with it."""
+
+    def __init__(self, cause: OSError | BatchKeyCollisionError) -> None:
+        super().__init__(f"the landing folder could not be read: {cause}")
+        self.cause = cause
+
+
 @dataclass
 class Tick:
     """What one evaluation decided: the runs to request, the batch partitions to remove, why
@@ -398,7 +416,10 @@ def evaluate_landing(
     ledger: dict[str, LedgerEntry] | None = None
     present: set[str] = set()
     finished: list[str] = []
-    found = discover_landing(Path(landing.path))
+    try:
+        found = discover_landing(Path(landing.path))
+    except (OSError, BatchKeyCollisionError) as error:
+        raise LandingNotReadError(error) from error
     batches = found.batches
     reasons += [folder.describe() for folder in found.idle]
     # a batch whose folder cannot be read waits, its partition kept (its folder is there); the
@@ -552,6 +573,8 @@ def landed_batches_events(
     folder went away holds the release back) and no run is queued or going; otherwise the next
     release run evaluates it (a batch run again after its failure, and then released)."""
     reported = _landed_reported(context.cursor)
+    if not reported and _reported_landing_not_read(context):
+        reported = {LANDING_NOT_READ: 0}  # cleared as a failed batch is, once all is released
     if tick.failing:
         if tick.failing == reported:
             return [], reported
@@ -573,6 +596,29 @@ def landed_batches_events(
     ):
         return [], {}
     return [landed_batches_cleared(backlog)], {}
+
+
+def _latest_landed_evaluation(context: SensorEvaluationContext) -> AssetCheckEvaluation | None:
+    """The landed batches check's latest evaluation (a release run's or this sensor's), None
+    when it has none. Dagster's records only."""
+    check = AssetCheckKey(RELEASED_PATIENTS, LANDED_BATCHES_CHECK)
+    storage = context.instance.event_log_storage
+    record = storage.get_latest_asset_check_execution_by_key([check]).get(check)
+    event = record.event if record is not None else None
+    data = event.dagster_event.event_specific_data if event and event.dagster_event else None
+    return data if isinstance(data, AssetCheckEvaluation) else None
+
+
+def _reported_landing_not_read(context: SensorEvaluationContext) -> bool:
+    """Whether the check's latest evaluation is this sensor's failure to read the landing
+    folder (:class:`LandingNotReadError`), which no cursor of a failed tick remembers."""
+    latest = _latest_landed_evaluation(context)
+    return (
+        latest is not None
+        and not latest.passed
+        and "reason" in latest.metadata
+        and "reported_by" in latest.metadata
+    )
 
 
 def _latest_failed_run(context: SensorEvaluationContext, key: str) -> str | None:
@@ -712,7 +758,16 @@ def landing_sensor(
     """Register one dynamic partition per batch it runs and request that batch's run; remove
     the partitions of batches whose folder went away before they were ingested."""
     now = time.time()
-    tick = evaluate_landing(context, landing, warehouse, now)
+    try:
+        tick = evaluate_landing(context, landing, warehouse, now)
+    except LandingNotReadError as error:
+        # the tick fails, as it must; the release's check says why (once, not every tick), so
+        # that it does not keep an evaluation of batches the sensor can no longer see
+        evaluation = landed_batches_not_listed(error.cause)
+        latest = _latest_landed_evaluation(context)
+        if latest is None or latest.description != evaluation.description:
+            context.instance.report_runless_asset_event(evaluation)
+        raise
     requested_after = _cursor_entry(context.cursor, RELEASE_REQUESTED_KEY)
     events, landed_reported = landed_batches_events(context, tick, landing, warehouse, now)
     if not tick.requests:

@@ -54,6 +54,7 @@ from pipelines.resources import (
     LandingResource,
     WarehouseResource,
 )
+from vault.landing import BatchKeyCollisionError
 
 # Run-time overrides of DeidSettings (a deployment's environment, or a test over a cohort far
 # too small for the production k): the k of the release and the withheld share allowed.
@@ -427,11 +428,26 @@ def _landed_batches_result(
 def _landed_batches_unknown(why: str) -> AssetCheckResult:
     """The landed batches check failing because it cannot tell: the landing folder could not
     be listed, or the release was not published."""
+    return _landed_check(AssetCheckResult, False, *_unknown_outcome(why))
+
+
+def _unknown_outcome(why: str) -> tuple[dict[str, RawMetadataValue], str]:
+    return {"reason": why}, f"not known whether every landed batch is in the release: {why}"
+
+
+def landed_batches_not_listed(error: Exception) -> AssetCheckEvaluation:
+    """The landed batches check as the landing sensor reports it, without a run, when its tick
+    cannot read the landing folder as a whole: the folder itself cannot be listed (its error's
+    type only: the path is configuration), or two folders share a batch key (the error names
+    the keys, which the UI shows as partitions, never the folders)."""
+    why = (
+        str(error)
+        if isinstance(error, BatchKeyCollisionError)
+        else f"the landing folder could not be listed ({type(error).__name__})"
+    )
+    metadata, description = _unknown_outcome(why)
     return _landed_check(
-        AssetCheckResult,
-        False,
-        {"reason": why},
-        f"not known whether every landed batch is in the release: {why}",
+        AssetCheckEvaluation, False, {**metadata, "reported_by": "landing_sensor"}, description
     )
 
 

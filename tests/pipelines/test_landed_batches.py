@@ -17,7 +17,9 @@ import orjson
 import pytest
 from dagster import (
     AssetCheckEvaluation,
+    AssetCheckKey,
     AssetCheckSeverity,
+    AssetKey,
     DagsterInstance,
     DagsterRunMetadataValue,
     DagsterRunStatus,
@@ -28,7 +30,14 @@ from pipelines.assets.deid import _landed_batches_result
 from pipelines.definitions import build_resources, release_assets
 from pipelines.landing_ledger import LandedBacklog, LedgerEntry, landed_backlog
 from pipelines.resources import LandingResource
-from pipelines.sensors import ATTEMPT_TAG, BATCH_TAG, FINGERPRINT_TAG, PARTITION_TAG, _load_cursor
+from pipelines.sensors import (
+    ATTEMPT_TAG,
+    BATCH_TAG,
+    FINGERPRINT_TAG,
+    PARTITION_TAG,
+    LandingNotReadError,
+    _load_cursor,
+)
 from tests.pipelines.test_sensors import PATIENT, _ingested, _record_run, _removed, _tick
 from vault.landing import batch_key, scan_landing
 
@@ -283,3 +292,61 @@ def test_a_release_not_published_does_not_say_it_holds_every_batch(
         "not known whether every landed batch is in the release: this release was not "
         "published (k_anonymity)"
     )
+
+
+def _check_history(instance: DagsterInstance) -> list[AssetCheckEvaluation]:
+    """The landed batches check's evaluations, newest first."""
+    key = AssetCheckKey(AssetKey("released_patients"), CHECK)
+    records = instance.event_log_storage.get_asset_check_execution_history(key, limit=20)
+    found = []
+    for record in records:
+        assert record.event is not None and record.event.dagster_event is not None
+        found.append(record.event.dagster_event.event_specific_data)
+    return found
+
+
+@pytest.mark.parametrize("cause", ["not listable", "a key shared"])
+def test_a_landing_folder_the_sensor_cannot_read_fails_its_tick_and_the_check_says_why(
+    tmp_path: Path, refuse_listing: Any, cause: str
+) -> None:
+    """The tick fails (Dagster shows the sensor's error), and the release's check, which
+    would otherwise keep what it last said of batches the sensor can no longer see, says the
+    landing folder could not be read: once, not at every failing tick, naming no path (the
+    error's type) or the keys two folders share (never the folders). Cleared once the folder
+    can be read and the release holds every landed batch."""
+    instance = DagsterInstance.ephemeral()
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    assert _events(_tick(tmp_path, instance)) == []
+    shared = batch_key("x y")  # a folder literally named like the other's key
+    if cause == "not listable":
+        allow = refuse_listing(landing)
+        why = "the landing folder could not be listed (PermissionError)"
+    else:
+        _batch(landing, "x y")
+        _batch(landing, shared)
+
+        def allow() -> None:
+            for name in ("x y", shared):
+                shutil.rmtree(landing / name)
+
+        why = f"2 landing folders share the batch key(s) {shared}: rename them"
+    try:
+        for _ in range(2):
+            with pytest.raises(LandingNotReadError):
+                _tick(tmp_path, instance)
+    finally:
+        allow()
+    (reported,) = _check_history(instance)
+    assert not reported.passed and reported.severity == AssetCheckSeverity.WARN
+    assert reported.description and reported.description.startswith(
+        f"not known whether every landed batch is in the release: {why}"
+    )
+    shown = f"{reported.description} {reported.metadata}"
+    assert str(tmp_path) not in shown and "x y" not in shown
+    cleared = _tick(tmp_path, instance)
+    (event,) = _events(cleared)
+    assert event.passed and event.metadata["batches_not_released"].value == 0
+    instance.report_runless_asset_event(event)  # as the daemon records a tick's events
+    assert _events(_tick(tmp_path, instance, cleared.cursor)) == []
+    assert [e.passed for e in _check_history(instance)] == [True, False]

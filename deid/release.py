@@ -664,7 +664,8 @@ def _extended(
     written since added (:func:`add_canaries_written_after`), when the vault has only had rows
     appended since (:func:`_only_appended`) and the same code made it; None otherwise (and
     for a vault that was empty then). A batch ingested after the last seal decrypts its own
-    resources, not every patient's: the set of 100,000 patients took some 25 s to load."""
+    resources, not every patient's (0.48 s of decryption at 1,000 patients, growing with them,
+    up to the largest set sealed, ``MAX_SEALED_CANARY_BYTES``)."""
     before = entry_state(con, SEALED_CANARIES)
     if before is None or before == stored_as:  # none, or this state's, which failed to open
         return None

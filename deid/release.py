@@ -673,10 +673,12 @@ def _extended(
     if opened is None:
         return None
     earlier, pickled = opened
-    if sealed_state((state[0], *earlier)) != before or not _only_appended(con, earlier, state):
-        return None
     last_seq = earlier[1]
-    if last_seq is None:
+    if (
+        last_seq is None
+        or sealed_state((state[0], *earlier)) != before
+        or not _only_appended(con, earlier, state)
+    ):
         return None
     canaries: CanarySet = pickle.loads(pickled)  # authenticated above: sealed here
     read = add_canaries_written_after(canaries, con, provider, last_seq)

@@ -16,7 +16,7 @@ import duckdb
 from deid.staging import deidentified_batches
 from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
 from pipelines.resources import LandingResource, WarehouseResource
-from vault.landing import BatchSource, scan_landing
+from vault.landing import BatchSource, Landing, scan_landing
 
 
 def changed_at(info: os.stat_result) -> float:
@@ -201,12 +201,16 @@ class LandedBacklog:
 
 
 def landed_backlog(
-    landing: LandingResource, ledger: dict[str, LedgerEntry], now: float
+    landing: LandingResource,
+    ledger: dict[str, LedgerEntry],
+    now: float,
+    found: Landing | None = None,
 ) -> LandedBacklog:
     """The batches ``ledger`` (:func:`ingested_batches`) does not show de-identified as their
     landed folders are now, and those it shows ingested and not de-identified, landed or not
-    (:class:`LandedBacklog`). A landing folder that cannot itself be listed raises ``OSError``."""
-    found = scan_landing(Path(landing.path))
+    (:class:`LandedBacklog`); ``found``: the landing folder as the caller has just listed it
+    (listed here otherwise). A landing folder that cannot itself be listed raises ``OSError``."""
+    found = found if found is not None else scan_landing(Path(landing.path))
     not_ingested: list[str] = []
     changed: list[str] = []
     arriving: set[str] = set()

@@ -343,6 +343,10 @@ class Tick:
     # batches not done whose runs failed (each one's failed runs), and those whose folder
     # cannot be read (0): the landed batches check reports them
     failing: dict[str, int] = field(default_factory=dict)
+    # what the tick read: the landing folder, and the warehouse's ledger (None when it did not
+    # read it, or could not)
+    found: Landing | None = None
+    ledger: dict[str, LedgerEntry] | None = None
 
 
 def _orphaned_partitions(
@@ -538,7 +542,8 @@ def evaluate_landing(
         )
     if done:
         reasons.append(f"{done} batch{'es' if done > 1 else ''} already ingested, nothing new")
-    return Tick(requests, removed, reasons, states, read_after, _failing(batches, states, found))
+    failing = _failing(batches, states, found)
+    return Tick(requests, removed, reasons, states, read_after, failing, found, ledger)
 
 
 def _failing(
@@ -584,10 +589,10 @@ def landed_batches_events(
         return [landed_batches_failing(failed, not_readable, latest)], dict(tick.failing)
     if not reported:
         return [], {}
-    ledger = ingested_batches(warehouse)
+    ledger = tick.ledger if tick.ledger is not None else ingested_batches(warehouse)
     if ledger is None:  # tried again at the next tick
         return [], reported
-    backlog = landed_backlog(landing, ledger, now)
+    backlog = landed_backlog(landing, ledger, now, tick.found)
     if (
         backlog.keys
         or not _all_partitions_deidentified(context)

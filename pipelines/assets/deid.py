@@ -416,10 +416,8 @@ def _landed_batches_result(
     step's connection, is closed after."""
     try:
         backlog = landed_backlog(landing, read_ledger(cursor), time.time())
-    except OSError as exc:  # the landing folder itself: its type only (the path is config)
-        return _landed_batches_unknown(
-            f"the landing folder could not be listed ({type(exc).__name__})"
-        )
+    except OSError as exc:  # the landing folder itself
+        return _landed_batches_unknown(_not_listed(exc))
     finally:
         cursor.close()
     return _landed_check(AssetCheckResult, *_backlog_outcome(backlog))
@@ -435,16 +433,18 @@ def _unknown_outcome(why: str) -> tuple[dict[str, RawMetadataValue], str]:
     return {"reason": why}, f"not known whether every landed batch is in the release: {why}"
 
 
-def landed_batches_not_listed(error: Exception) -> AssetCheckEvaluation:
+def _not_listed(error: OSError) -> str:
+    """Why, when the landing folder itself could not be listed: its error's type only (the
+    error's text names the path, which is configuration)."""
+    return f"the landing folder could not be listed ({type(error).__name__})"
+
+
+def landed_batches_not_listed(error: OSError | BatchKeyCollisionError) -> AssetCheckEvaluation:
     """The landed batches check as the landing sensor reports it, without a run, when its tick
-    cannot read the landing folder as a whole: the folder itself cannot be listed (its error's
-    type only: the path is configuration), or two folders share a batch key (the error names
-    the keys, which the UI shows as partitions, never the folders)."""
-    why = (
-        str(error)
-        if isinstance(error, BatchKeyCollisionError)
-        else f"the landing folder could not be listed ({type(error).__name__})"
-    )
+    cannot read the landing folder as a whole: the folder itself cannot be listed
+    (:func:`_not_listed`), or two folders share a batch key (the error names the keys, which
+    the UI shows as partitions, never the folders)."""
+    why = str(error) if isinstance(error, BatchKeyCollisionError) else _not_listed(error)
     metadata, description = _unknown_outcome(why)
     return _landed_check(
         AssetCheckEvaluation, False, {**metadata, "reported_by": "landing_sensor"}, description

@@ -163,6 +163,8 @@ SCAN_RULES: tuple[str, ...] = (
     # a short name part outside ASCII by its ASCII forms (XIAOMING), and a full name family
     # name first (Zhang Xiaoming)
     "short_parts_ascii_family_first",
+    # a text canary glued to digits as a local code or a user name writes it (BARAJAS01)
+    "glued_to_digits",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -749,7 +751,8 @@ class CanarySet:
         text canaries of several words (an address line, a city with its ZIP, a full name, an
         email, an identifier with punctuation) are searched with every run of characters
         other than letters and digits written as one space too (``_WORDS``), in text read the
-        same way; phones and SSNs are matched as digits however they are punctuated."""
+        same way; phones and SSNs are matched as digits however they are punctuated. A token
+        is also whole with digits glued to it (:func:`_glued_to_digits`)."""
         found: list[str] = []
         for end, value in self._store.text.iter(folded):
             kind = value[slot]
@@ -758,7 +761,10 @@ class CanarySet:
             start = end - value[_LENGTH] + 1
             before = folded[start - 1] if start > 0 else " "
             after = folded[end + 1] if end + 1 < len(folded) else " "
-            if not before.isalnum() and not after.isalnum():
+            whole = not before.isalnum() and not after.isalnum()
+            if whole or (
+                (before.isdigit() or after.isdigit()) and _glued_to_digits(folded, start, end + 1)
+            ):
                 if not (terminology and kind == "name"):
                     found.append(kind)
         return found
@@ -869,6 +875,30 @@ def _may_touch(neighbour: str, edge: str, may_glue: bool) -> bool:
     if not neighbour.isalnum():
         return True
     return may_glue and neighbour.isalpha() and edge.isdigit()
+
+
+def _glued_to_digits(folded: str, start: int, end: int) -> bool:
+    """Whether the text canary at ``folded[start:end]`` stands as a word with digits glued to
+    it, as a local code or a user name writes one (``barajas01``, ``2019smith``): on each side
+    that touches digits, the canary's first (last) MIN_TEXT characters are letters, and past
+    the digits is no letter or digit. Not inside a longer word (``xbarajas01``), nor a canary
+    ending in a digit or a short word before digits (``quimby row 95`` is another address,
+    ``al li2`` no name: short parts are common text), nor a word of hex digits only (a
+    pseudonym or a digest holds letters and digits by chance: ``ebba1234``)."""
+    left, right = start, end
+    while left > 0 and folded[left - 1].isdigit():
+        left -= 1
+    while right < len(folded) and folded[right].isdigit():
+        right += 1
+    if (left > 0 and folded[left - 1].isalnum()) or (
+        right < len(folded) and folded[right].isalnum()
+    ):
+        return False
+    if (left < start and not folded[start : start + MIN_TEXT].isalpha()) or (
+        right > end and not folded[max(start, end - MIN_TEXT) : end].isalpha()
+    ):
+        return False
+    return not all(ch in _HEX_DIGITS for ch in folded[left:right])
 
 
 def _in_hex_word(text: str, start: int, end: int) -> bool:

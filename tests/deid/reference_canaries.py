@@ -8,6 +8,7 @@ text is reported as, and keeps its own storage and matching: what the differenti
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import ahocorasick
@@ -182,7 +183,8 @@ class ReferenceCanarySet(CanarySet):
             start = end - length + 1
             before = folded[start - 1] if start > 0 else " "
             after = folded[end + 1] if end + 1 < len(folded) else " "
-            if not before.isalnum() and not after.isalnum():
+            whole = not before.isalnum() and not after.isalnum()
+            if whole or _digits_glued(folded, start, end + 1):
                 if not (terminology and kind == "name"):
                     found.append(kind)
         return found
@@ -227,3 +229,24 @@ def _automaton(words: dict[str, str]) -> Any:
     if words:
         automaton.make_automaton()
     return automaton
+
+
+def _digits_glued(folded: str, start: int, end: int) -> bool:
+    """The canary at ``folded[start:end]`` with digits glued to it and nothing else: its word
+    is digits, the canary, digits; the canary's four characters on a glued side are letters;
+    the word is not all hex digits (read by regular expressions, apart from the set's own
+    character loop)."""
+    head = re.search(r"\d*\Z", folded[:start])
+    tail = re.match(r"\d*", folded[end:])
+    before, after = (head.group() if head else ""), (tail.group() if tail else "")
+    if not before and not after:
+        return False
+    outside = folded[: start - len(before)][-1:] + folded[end + len(after) :][:1]
+    if re.search(r"[^\W_]", outside):
+        return False
+    canary = folded[start:end]
+    if before and not re.match(r"[^\W\d_]{4}", canary):
+        return False
+    if after and not re.search(r"[^\W\d_]{4}\Z", canary):
+        return False
+    return not re.fullmatch(r"[0-9a-f]+", before + canary + after)

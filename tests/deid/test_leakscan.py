@@ -403,6 +403,51 @@ def test_identifiers_typed_as_numbers_are_found() -> None:
     assert set(scan_rows(c, [("r", {"value": "19460219"}, "p1")]).by_kind()) == {"birth_date"}
 
 
+def test_a_name_glued_to_digits_is_found_as_a_code_or_a_user_name_writes_it() -> None:
+    """A local code or a user name glues digits to a name (``BARAJAS01``, ``2019Courtney``;
+    ``cbarajas7`` is not one: its letters are another word). Only digits may be glued, to a
+    canary whose four characters on that side are letters, and past them the word must end; a
+    word of hex digits only is a pseudonym or a digest whose letters are chance
+    (``ebba1234``, ``1234ebba``)."""
+    c = CanarySet()
+    c.add_name({"given": ["Courtney"], "family": "Barajas"})
+    c.add_name({"given": ["Ebba"], "family": "Quimbleton"})
+    c.add_contact_points({"address": [{"line": ["9 Quimby Crescent"], "city": "Zanderford"}]})
+    for text, found in (
+        ("BARAJAS01", True),
+        ("barajas-01", True),  # found before as well: the dash stands between them
+        ("2019Courtney", True),
+        ("01Barajas99", True),
+        ("PT/BARAJAS01/2", True),
+        ("QUIMBLETON7 and more", True),
+        ("Zanderford2024", False),  # a city alone is no canary
+        ("cbarajas7", False),  # glued to letters: another word
+        ("BARAJAS01X", False),  # past the digits, letters: another word
+        ("X01BARAJAS", False),
+        ("ebba1234", False),  # hex digits only: a pseudonym's or a digest's run
+        ("1234ebba", False),
+        ("ebba1234g", False),
+        ("9 QUIMBY CRESCENT7", True),  # a line of several words, digits glued to its end
+        ("89 quimby crescent", False),  # another house number: digits glued at a digit
+        ("flat 2, 9 quimby crescent", True),
+    ):
+        assert bool(scan_rows(c, [("r", {"code": text})]).hits) == found, text
+    # a line ending in a digit, glued to more digits, is a longer number; one ending in a short
+    # word is glued to digits as common text is ("row7")
+    d = CanarySet()
+    d.add_contact_points({"address": [{"line": ["Quimby Row 9", "12 Quimby Row"]}]})
+    for text, found in (
+        ("quimby row 9", True),
+        ("quimby row 95", False),
+        ("12 quimby row", True),
+        ("12 quimby row7", False),
+    ):
+        assert bool(scan_rows(d, [("r", {"code": text})]).hits) == found, text
+    # single name parts stay unsearched in terminology text, glued or not
+    assert not c.find("BARAJAS01", terminology=True)
+    assert c.find("BARAJAS01") == ["name"]
+
+
 def test_a_full_name_written_as_one_word_is_found() -> None:
     """Local code systems and URLs glue a name into one token: ``CourtneyBarajas`` as a code,
     ``.../pt/CourtneyBarajas`` as a system, ``BarajasCourtney`` as a version. Whole tokens

@@ -825,6 +825,20 @@ _HELD_NOWHERE = """
         SELECT 1 FROM quarantine q WHERE q.batch_id = l.batch_id
         AND q.file_index = l.file_index AND q.position = l.position))
 """
+# A record an ingest killed part-way left staged (its batch unfinished: the next pass replaces
+# its rows) whose resource is erased: tombstoned, the vault row at its position gone with it.
+# Emptied too, or the ledger would go on listing the person's resources, and the next pass of
+# the batch would count them as no longer in its files (``_previous_keys`` in vault.ingest)
+# when they are still there, refused as erased. Not every staged row without its vault row: a
+# kill between a flush's two inserts leaves one of a resource nobody erased.
+_STAGED_ERASED = """
+(l.status = 'staged' AND l.resource_key IN (SELECT subject_key FROM erased_subjects)
+   AND NOT EXISTS (
+        SELECT 1 FROM phi_vault v WHERE v.batch_id = l.batch_id
+        AND v.file_index = l.file_index AND v.position = l.position))
+"""
+# The ledger rows an erasure empties.
+_LEDGER_ROWS_ERASED = f"(({_HELD_NOWHERE}) OR {_STAGED_ERASED})"
 _ERASED_OUTCOME = (
     f"CASE WHEN l.status = 'quarantined' THEN '{warehouse.ERASED_FROM_QUARANTINE}' "
     "ELSE 'erased' END"
@@ -832,13 +846,13 @@ _ERASED_OUTCOME = (
 _LEDGER_ERASED = f"""
 UPDATE record_ledger l SET status = 'erased', outcome = {_ERASED_OUTCOME}, resource_type = NULL,
     resource_key = NULL
-WHERE {_HELD_NOWHERE}"""
+WHERE {_LEDGER_ROWS_ERASED}"""
 # The same, in the batches other than $b (:func:`erase_earlier_compartments`; their resources
 # are tombstoned by then).
 _LEDGER_ERASED_ELSEWHERE = f"""
 UPDATE record_ledger l SET status = 'erased', outcome = {_ERASED_OUTCOME}, resource_type = NULL,
     resource_key = NULL
-WHERE l.batch_id <> $b AND ({_HELD_NOWHERE})"""
+WHERE l.batch_id <> $b AND {_LEDGER_ROWS_ERASED}"""
 _REFERENCES_TO_ERASED = """
 DELETE FROM resource_references WHERE target_key IN (
     SELECT subject_key FROM erased_subjects WHERE kind IN ('patient', 'resource'))"""

@@ -3,6 +3,9 @@ from __future__ import annotations
 import gc
 import json
 import multiprocessing
+import signal
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -11,10 +14,14 @@ import duckdb
 import orjson
 import pytest
 
+from fhirlake.synthetic import generate
 from vault import warehouse
+from vault.audit import AuditLog
 from vault.errors import InvalidCiphertext, KeyMaterialError, PseudonymKeyMismatchError
-from vault.ingest import BatchIngestor, ingest_batch, reconcile_batch
+from vault.ingest import ERASED_SUBJECT, BatchIngestor, ingest_batch, reconcile_batch
 from vault.keys import FileKeyProvider
+from vault.lifecycle import ErasureReport, forget_in_warehouse
+from vault.pseudonym import Pseudonymizer
 from vault.read import iter_current_resources, read_resource
 
 
@@ -550,6 +557,140 @@ def test_a_batch_ingested_again_counts_what_its_folder_no_longer_holds(
         assert reconcile_batch(con, "b1").passed
     finally:
         con.close()
+
+
+# A synthetic batch of two patients, one Bundle file each (000000.json, 000001.json), with the
+# shared Organizations and Practitioners in files of their own.
+def _synthetic_batch(folder: Path) -> dict[str, list[dict[str, Any]]]:
+    """The batch's data files and the resources of each, as read here from the files."""
+    generate(folder, 2, seed=5)
+    (folder / "_generation.json").unlink()  # export metadata: not a data file
+    return {
+        path.name: [entry["resource"] for entry in orjson.loads(path.read_bytes())["entry"]]
+        for path in sorted(folder.glob("*.json"))
+    }
+
+
+def _erase_patient_of(
+    wh: Path, tmp_path: Path, key_provider: FileKeyProvider, file: list[dict[str, Any]]
+) -> ErasureReport:
+    """``ehr forget`` of the Patient in ``file`` (its resources)."""
+    (patient_id,) = [r["id"] for r in file if r["resourceType"] == "Patient"]
+    pseudonym = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", patient_id)
+    audit = AuditLog.for_provider(tmp_path / "audit.log", key_provider)
+    return forget_in_warehouse(wh, pseudonym, audit, "erasure request")
+
+
+def test_a_batch_ingested_again_after_an_erasure_counts_no_erased_resource_as_gone(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A patient of the batch erased, then the same folder ingested again: her records are
+    still in its files, refused as erased (quarantined unstored), not "no longer in batch",
+    and every record is accounted for. Files removed afterwards count their resources, hers
+    excepted: the erasure took them, not the folder."""
+    land = tmp_path / "land"
+    files = _synthetic_batch(land)
+    records = sum(len(resources) for resources in files.values())
+    hers, his = files["000000.json"], files["000001.json"]
+    wh = tmp_path / "w.duckdb"
+    first = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert first.accepted == records and first.no_longer_in_batch == 0
+    assert _erase_patient_of(wh, tmp_path, key_provider, hers).ledger_rows_erased == len(hers)
+
+    again = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert again.no_longer_in_batch == 0
+    assert again.records_in == records and again.accepted == records - len(hers)
+    assert again.quarantine_reasons == {ERASED_SUBJECT: len(hers)}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert reconcile_batch(con, "b1").passed
+    finally:
+        con.close()
+
+    (land / "000000.json").unlink()
+    (land / "000001.json").unlink()
+    emptied = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert emptied.no_longer_in_batch == len(his)
+    assert emptied.records_in == emptied.accepted == records - len(hers) - len(his)
+
+
+# an ingest in another process, killed (SIGKILL) once it has written its second flush of rows
+# (a few records of the first file staged in the vault and the ledger, the batch unfinished)
+_INGEST_KILLED_PART_WAY = """
+import os, signal, sys
+from pathlib import Path
+from vault import ingest
+from vault.keys import FileKeyProvider
+
+ingest.FLUSH_ROWS = 40
+flush = ingest._Buffers.flush
+flushes = []
+
+def killed(self, con):
+    flush(self, con)
+    flushes.append(1)
+    if len(flushes) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ingest._Buffers.flush = killed
+wh, folder, key_file = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+ingest.ingest_batch(wh, "b1", folder, FileKeyProvider.load(key_file), workers=1)
+"""
+
+
+def test_an_erasure_after_a_killed_ingest_leaves_its_staged_records_out_of_the_count(
+    tmp_path: Path, key_provider: FileKeyProvider, key_file: Path
+) -> None:
+    """An ingest killed part-way leaves records of the first patient staged (in the vault,
+    the ledger rows keyed); she is erased before the batch is ingested again. The erasure
+    empties those ledger rows as it does a finished batch's, so the re-ingest counts none of
+    her resources as no longer in the batch: they are still in its files, refused as erased.
+    A file removed afterwards is still counted."""
+    land = tmp_path / "land"
+    files = _synthetic_batch(land)
+    records = sum(len(resources) for resources in files.values())
+    hers, his = files["000000.json"], files["000001.json"]
+    wh = tmp_path / "w.duckdb"
+    killed = subprocess.run(
+        [sys.executable, "-c", _INGEST_KILLED_PART_WAY, str(wh), str(land), str(key_file)],
+        capture_output=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        ((staged, keyed, other_files),) = con.execute(
+            "SELECT count(*) FILTER (WHERE status = 'staged'), count(resource_key), "
+            "count(*) FILTER (WHERE file_index <> 0) FROM record_ledger"
+        ).fetchall()
+    finally:
+        con.close()
+    # her file's first records only, every one staged with its resource key
+    assert 0 < staged == keyed < len(hers) and other_files == 0
+
+    report = _erase_patient_of(wh, tmp_path, key_provider, hers)
+    assert report.ledger_rows_erased == staged
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert con.execute(
+            "SELECT status, count(*), count(resource_key) FROM record_ledger GROUP BY 1"
+        ).fetchall() == [("erased", staged, 0)]
+    finally:
+        con.close()
+
+    again = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert again.no_longer_in_batch == 0
+    assert again.records_in == records and again.accepted == records - len(hers)
+    assert again.quarantine_reasons == {ERASED_SUBJECT: len(hers)}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert reconcile_batch(con, "b1").passed
+    finally:
+        con.close()
+
+    (land / "000001.json").unlink()
+    assert ingest_batch(wh, "b1", land, key_provider, workers=1).no_longer_in_batch == len(his)
 
 
 def test_a_bad_gzip_trailer_keeps_the_last_record_in_the_vault(

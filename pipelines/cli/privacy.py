@@ -185,6 +185,29 @@ def _refuse_a_reason_naming_the_patient(
         )
 
 
+# the reason of an audit entry about a patient erased already: their Patient versions went with
+# their data key, so nothing is left to check a reason against, and the log would keep one that
+# names them beside their pseudonym for good
+ERASED_SUBJECT_REASON = "(withheld: the patient is erased; it could not be checked)"
+
+
+def _reason_to_log(con: duckdb.DuckDBPyConnection, pseudonym: str, reason: str) -> str:
+    """``reason`` as the audit log records it: as given, unless the patient is erased (their
+    data key destroyed), when it is withheld (:data:`ERASED_SUBJECT_REASON`) and the operator
+    is told why. A look-up of an erased pseudonym finds nothing, and an erasure run again
+    finishes what the first one left; both are still audited, without the text."""
+    from vault.lifecycle import data_key_destroyed
+
+    if not data_key_destroyed(con, pseudonym):
+        return reason
+    click.echo(
+        "the patient is erased: nothing names them any more to check the reason against, so "
+        "the audit log records this act without it",
+        err=True,
+    )
+    return ERASED_SUBJECT_REASON
+
+
 # an erased subject's records sent again hold nothing sealed (vault.ingest): passed over
 _UNATTRIBUTED_QUARANTINE = (
     "SELECT batch_id, file_index, position, sealed, aad FROM quarantine "
@@ -281,6 +304,8 @@ class _ErasureInputs:
     unattributed: tuple[tuple[str, int, int], ...]
     shared: tuple[str, ...]
     identifier_keys: tuple[str, ...]
+    # the reason as the audit log records it (:func:`_reason_to_log`)
+    reason: str
 
 
 def _erasure_inputs(
@@ -321,6 +346,7 @@ def _erasure_inputs(
             ]
             subject = SubjectCanaries(versions, *typed)
             _refuse_a_reason_naming_the_patient(subject, reason, audit, "forget", patient)
+            reason = _reason_to_log(con, patient, reason)
             unattributed = _unattributed_quarantine_naming(con, provider, subject)
             shared = _shared_resources_naming(con, provider, subject)
             keys = tuple(
@@ -332,7 +358,7 @@ def _erasure_inputs(
             )
         except (VaultError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
-        return _ErasureInputs(patient, audit, unattributed, shared, keys)
+        return _ErasureInputs(patient, audit, unattributed, shared, keys, reason)
 
 
 def _anchors_of_others_registered_here(
@@ -495,7 +521,7 @@ def forget(
     )
     try:
         report = forget_in_warehouse(
-            workdir.warehouse, inputs.pseudonym, inputs.audit, reason, plan=plan
+            workdir.warehouse, inputs.pseudonym, inputs.audit, inputs.reason, plan=plan
         )
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
@@ -598,7 +624,8 @@ def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | N
             audit.check_appendable()  # before anything of the patient is read
             subject = SubjectCanaries(_patient_versions(con, provider, pseudonym))
             _refuse_a_reason_naming_the_patient(subject, reason, audit, "reidentify", pseudonym)
-            found = run_reidentify(con, provider, pseudonym, audit, reason)
+            logged = _reason_to_log(con, pseudonym, reason)
+            found = run_reidentify(con, provider, pseudonym, audit, logged)
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(found, indent=2, ensure_ascii=False))

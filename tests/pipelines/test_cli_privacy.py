@@ -12,6 +12,7 @@ from click.testing import CliRunner
 
 from pipelines.cli import quarantine_list
 from pipelines.cli.privacy import (
+    ERASED_SUBJECT_REASON,
     REFUSED_REASON,
     audit,
     audit_log_for,
@@ -312,20 +313,15 @@ def test_a_reason_naming_the_patient_is_refused_and_the_refusal_audited_without_
     assert reasons[0] == REFUSED_REASON and set(reasons[1:]) == {"ticket 4711"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: once erased, nothing left in the warehouse says what names the patient "
-    "(the tombstone holds keyed identifier criteria only), so a reason naming them is no longer "
-    "refused and the audit log keeps it beside their pseudonym for good",
-)
-@pytest.mark.parametrize("command", ["reidentify", "forget-by-pseudonym"])
-def test_a_reason_naming_an_erased_patient_is_still_refused(
+@pytest.mark.parametrize("command", ["reidentify", "forget-by-pseudonym", "forget-by-id"])
+def test_a_reason_about_an_erased_patient_is_withheld_from_the_audit_log(
     work: Path, key_file: Path, command: str
 ) -> None:
-    """The promise holds before the erasure (the test above). After it, a look-up of the
-    erased pseudonym or an erasure run again (to finish a rewrite) wrote a reason holding the
-    patient's full name into the log, which no erasure can reach: the name of the one person
-    who asked to be forgotten, beside their pseudonym, for good."""
+    """Once erased, nothing in the warehouse names the patient (their Patient versions went
+    with their data key), so a reason can no longer be checked against them: a look-up of the
+    erased pseudonym, or an erasure run again (to finish a rewrite), is audited with the reason
+    withheld, whatever it says, where it wrote a reason holding their full name beside their
+    pseudonym, for good. The erasure's own entries keep the reason it was given."""
     runner = CliRunner()
     common = ["--workdir", str(work), "--key-file", str(key_file)]
     p7 = _pseudonym(key_file, "p7")
@@ -334,11 +330,26 @@ def test_a_reason_naming_an_erased_patient_is_still_refused(
     cmd, target = {
         "reidentify": (reidentify, [p7]),
         "forget-by-pseudonym": (forget, [p7, "--pseudonym", "--no-release"]),
+        "forget-by-id": (forget, ["p7", "--no-release"]),
     }[command]
+    log = work / "audit" / "audit.log"
+    before = len(audit_log_for(work, FileKeyProvider.load(key_file)).entries())
 
-    runner.invoke(cmd, [*target, "--reason", "request from Ola Zedwick", *common])
+    for reason in ("request from Ola Zedwick", "ticket 4712"):
+        done = runner.invoke(cmd, [*target, "--reason", reason, *common])
+        assert "the patient is erased" in done.output
+        # a look-up is audited, then refused: the key that opened the patient's rows is gone
+        if command == "reidentify":
+            assert done.exit_code == 1 and "was erased" in done.output
+        else:
+            assert done.exit_code == 0, done.output
 
-    assert b"Zedwick" not in (work / "audit" / "audit.log").read_bytes()
+    assert b"Zedwick" not in log.read_bytes() and b"4712" not in log.read_bytes()
+    entries = audit_log_for(work, FileKeyProvider.load(key_file)).entries()
+    assert {e["reason"] for e in entries[:before]} == {"ticket 1"}
+    later = entries[before:]
+    assert later and {e["subject"] for e in later} == {p7}
+    assert {e["reason"] for e in later} == {ERASED_SUBJECT_REASON}
 
 
 def test_a_reason_is_not_checked_against_the_patient_when_the_log_cannot_be_written(

@@ -547,6 +547,11 @@ class BatchIngestor:
         } | self.keys.destroyed_owners
         # Patients of this batch refused as an erased person (under a new id, by an identifier)
         self.erased_in_batch: set[str] = set()
+        # the keyed identifier criteria of those Patients: tombstoned at the end of the batch
+        self.erased_criteria_in_batch: set[str] = set()
+        # resources this pass refused as an erased person's: still in the batch's files, so not
+        # "no longer in batch" when a killed pass left them staged (count_no_longer_in_batch)
+        self.refused_as_erased: set[str] = set()
         # a data key or records of an earlier batch were erased: the file is rewritten after
         self.needs_rewrite = False
         # Patients this pass accepted: the new data keys of any other patient are written only
@@ -822,8 +827,8 @@ class BatchIngestor:
             or (owner is None and self._conditionally_names_erased(checked))
         ):
             if rtype == "Patient":  # under a new id: its compartment is refused too
-                self.erased_in_batch.add(resource_key)
-                self.erased.add(resource_key)
+                self._refuse_patient(resource_key, checked)
+            self.refused_as_erased.add(resource_key)
             self._quarantine_erased(record, rtype)
             return
         if rtype == "Patient":
@@ -883,6 +888,20 @@ class BatchIngestor:
             aad=aad,
         )
         self._ledger(record, "staged", "staged", rtype, resource_key, content_mac)
+
+    def _refuse_patient(self, resource_key: str, checked: Checked) -> None:
+        """A Patient refused as an erased person: its compartment is refused with it, and so
+        are the records naming it by one of its identifiers alone (a logical or conditional
+        reference): after it in the batch as they come, before it when the batch settles them
+        (:meth:`_settle_conditional_owners`), in later batches by the tombstone
+        (:meth:`_refuse_erased_compartments`). An erasure of a Patient the vault never held (a
+        pass killed before reading it) tombstones its id alone, knowing none of its
+        identifiers: before this, such records stayed under the shared key, readable."""
+        self.erased_in_batch.add(resource_key)
+        self.erased.add(resource_key)
+        criteria = identifier_keys(self.pseudo, "Patient", checked.identifiers)
+        self.erased_criteria_in_batch.update(criteria)
+        self.erased.update(criteria)
 
     def _index(
         self,
@@ -968,11 +987,14 @@ class BatchIngestor:
 
     # -- batch-level resolution -------------------------------------------------------------
     def count_no_longer_in_batch(self) -> None:
-        """How many resources the batch's previous ingest held that this pass does not."""
+        """How many resources the batch's previous ingest held that this pass does not. Those
+        it refused as an erased person's are still in its files: a pass killed before it read
+        their Patient left them staged, keyed, and this pass's ledger rows hold no key."""
         ((count,),) = self.con.execute(
             "SELECT count(*) FROM _previous_keys p WHERE NOT EXISTS (SELECT 1 FROM record_ledger "
-            "l WHERE l.batch_id = ? AND l.resource_key = p.resource_key)",
-            [self.batch_id],
+            "l WHERE l.batch_id = ? AND l.resource_key = p.resource_key) "
+            "AND p.resource_key NOT IN (SELECT unnest(?::VARCHAR[]))",
+            [self.batch_id, sorted(self.refused_as_erased)],
         ).fetchall()
         self.report.no_longer_in_batch = int(count)
         self.con.execute("DROP TABLE IF EXISTS _previous_keys")
@@ -1087,6 +1109,12 @@ class BatchIngestor:
                 self._apply_owners(resealed)
         cur.close()
         if erased:
+            # sealed under the shared key, which no erasure destroys, and committed by a flush
+            # (or by a killed pass of this batch, whose rows start() deleted): a checkpoint may
+            # have put their ciphertexts in the file, where a freed page keeps them readable.
+            # Owed before they leave, so a pass killed in between still has the file rewritten.
+            warehouse.owe_rewrite(self.con, "an ingest refused an erased person's records")
+            self.needs_rewrite = True
             self._unstore_erased(erased)
         self.con.execute("DELETE FROM pending_patient_refs WHERE batch_id = ?", [self.batch_id])
 
@@ -1115,6 +1143,8 @@ class BatchIngestor:
                 [self.now, patients],
             ).fetchall()
             tombstone(self.con, patients, self.now, kind="patient")
+            # their identifiers are hers: a later record naming her by one alone is refused
+            tombstone(self.con, sorted(self.erased_criteria_in_batch), self.now, kind="criteria")
             # what earlier batches stored for the same ids is hers too: erased with them
             earlier = erase_earlier_compartments(self.con, patients, self.batch_id, self.now)
             if destroyed or earlier:
@@ -1157,6 +1187,14 @@ class BatchIngestor:
         params = {"b": self.batch_id, "now": self.now, "code": ERASED_SUBJECT}
         self.con.register("_erased", table)
         try:
+            self.refused_as_erased.update(
+                str(key)
+                for (key,) in self.con.execute(
+                    "SELECT v.resource_key FROM phi_vault v JOIN _erased e ON "
+                    "e.file_index = v.file_index AND e.position = v.position WHERE v.batch_id = ?",
+                    [self.batch_id],
+                ).fetchall()
+            )
             for sql in _UNSTORE_ERASED:  # DuckDB refuses a parameter a statement does not use
                 self.con.execute(sql, warehouse.used_parameters(params, sql))
         finally:

@@ -18,6 +18,7 @@ from vault.ingest import ERASED_SUBJECT, IngestReport, ingest_batch, reconcile_b
 from vault.keys import FileKeyProvider
 from vault.lifecycle import forget_in_warehouse
 from vault.pseudonym import Pseudonymizer
+from vault.read import iter_every_version
 
 PATIENT = {
     "resourceType": "Patient",
@@ -306,3 +307,114 @@ def test_a_refusal_killed_before_its_rewrite_is_rewritten_by_the_next_writer(
         assert not warehouse.rewrite_owed(con)
     finally:
         con.close()
+
+
+# Her records naming her by identifier alone come before her Patient in the batch; the pass is
+# killed (SIGKILL) once they are written (one flush per record), before it reads the Patient.
+HER_MRN = "MRN-7731"
+HERS = {
+    "resourceType": "Patient",
+    "id": "p7",
+    "identifier": [{"system": "urn:mrn", "value": HER_MRN}],
+    "name": [{"family": "Quarrington"}],
+}
+BY_IDENTIFIER = [
+    {  # a logical reference: the identifier alone
+        "resourceType": "Condition",
+        "id": "c-logical",
+        "subject": {"identifier": {"system": "urn:mrn", "value": HER_MRN}},
+        "code": {"text": "gout"},
+    },
+    {  # its conditional form
+        "resourceType": "Condition",
+        "id": "c-conditional",
+        "subject": {"reference": f"Patient?identifier=urn:mrn|{HER_MRN}"},
+        "code": {"text": "gout"},
+    },
+]
+_INGEST_KILLED_BEFORE_HER_PATIENT = """
+import os, signal, sys
+from pathlib import Path
+from vault import ingest
+from vault.keys import FileKeyProvider
+
+ingest.FLUSH_ROWS = 1
+flush = ingest.BatchIngestor.flush
+
+def killed(self):
+    flush(self)
+    if self.report.records_in == int(sys.argv[4]):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ingest.BatchIngestor.flush = killed
+wh, folder, key_file = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+ingest.ingest_batch(wh, "b1", folder, FileKeyProvider.load(key_file), workers=1)
+"""
+
+
+def _sealed(wh: Path) -> list[bytes]:
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        return [bytes(s) for (s,) in con.execute("SELECT sealed FROM phi_vault").fetchall()]
+    finally:
+        con.close()
+
+
+def _readable_naming(wh: Path, key_provider: FileKeyProvider, value: str) -> list[str]:
+    """The ids of the vault's versions, decrypted with the keys, that hold ``value``."""
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        return [
+            str(record.resource["id"])
+            for record in iter_every_version(con, key_provider)
+            if value in json.dumps(record.resource)
+        ]
+    finally:
+        con.close()
+
+
+def test_records_naming_her_by_identifier_before_her_patient_leave_with_it(
+    tmp_path: Path, key_file: Path, key_provider: FileKeyProvider
+) -> None:
+    """A pass killed after her records naming her by identifier alone (sealed under the shared
+    key until the end of the batch resolves them) and before her Patient: she is erased then,
+    by id, and the vault holds nothing that says which identifiers are hers, so the erasure
+    finds nothing. Her Patient, read by the batch's next pass, is refused as hers, and so are
+    those records: not stored, her identifiers tombstoned (a later record naming her by one
+    is refused too), and the file rewritten, since the shared key that sealed them lives and
+    the killed pass's ciphertexts were in the file."""
+    wh = tmp_path / "warehouse.duckdb"
+    batch = _write(tmp_path / "b1", [*BY_IDENTIFIER, HERS])
+    script = _INGEST_KILLED_BEFORE_HER_PATIENT
+    killed = subprocess.run(
+        [sys.executable, "-c", script, str(wh), str(batch), str(key_file), str(len(BY_IDENTIFIER))],
+        capture_output=True,
+        check=False,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    staged = _sealed(wh)
+    assert len(staged) == len(BY_IDENTIFIER)
+    assert _readable_naming(wh, key_provider, HER_MRN) == ["c-logical", "c-conditional"]
+
+    pseudonym = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "p7")
+    audit = AuditLog.for_provider(tmp_path / "audit.log", key_provider)
+    assert not forget_in_warehouse(wh, pseudonym, audit, "erasure request").found
+
+    again = ingest_batch(wh, "b1", batch, key_provider, workers=1)
+    assert again.quarantine_reasons == {ERASED_SUBJECT: len(BY_IDENTIFIER) + 1}
+    assert again.accepted == again.no_longer_in_batch == 0
+    assert _readable_naming(wh, key_provider, HER_MRN) == []
+    assert _sealed(wh) == []
+    assert _in_files(wh, staged) == []
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert reconcile_batch(con, "b1").passed
+        assert not warehouse.rewrite_owed(con)
+    finally:
+        con.close()
+
+    later = _write(tmp_path / "b2", [{**BY_IDENTIFIER[0], "id": "c-later"}])
+    report = ingest_batch(wh, "b2", later, key_provider, workers=1)
+    assert report.quarantine_reasons == {ERASED_SUBJECT: 1}
+    assert _readable_naming(wh, key_provider, HER_MRN) == []

@@ -165,15 +165,26 @@ SCAN_RULES: tuple[str, ...] = (
     "short_parts_ascii_family_first",
     # a text canary glued to digits as a local code or a user name writes it (BARAJAS01)
     "glued_to_digits",
+    # digit groups joined by the other characters a code keeps (617:555:0193, 8473+6251), a
+    # time of day with its zone not read as a run
+    "digits_joined_by_code_characters",
+    # a numeric birth date with separators glued to letters before it (DOB1946-02-19)
+    "birth_date_numeric_glued_before",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
     "july", "august", "september", "october", "november", "december",
 )  # fmt: skip
-# a run of digits with at most two separators between digits: "(555) 867-5309", "999 12 3456"
-_DIGIT_RUN = re.compile(r"\d(?:[ ().\-/]{0,2}\d)*")
+# a run of digits with at most two separators between digits: "(555) 867-5309", "999 12 3456";
+# also the other characters a released code or version keeps between digits (`:+<>=`,
+# deid.terminology.ANY_CODE): a phone or an MRN written 617:555:0193 or 8473+6251 is a code
+# token the release keeps, and its digit groups were read as runs too short to be a canary
+_DIGIT_RUN = re.compile(r"\d(?:[ ().\-/:+<>=]{0,2}\d)*")
 _DATE_RUN = re.compile(r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[/-]\d{1,2}[/-]\d{2,4}")
-_SEPARATOR = re.compile(r"[ ().\-/]+")
+# a time of day with its zone (10:15:30, 00:00:00+05:30, 00:00:00.000-04:00): a date-time's
+# time, whose digit groups ':' and '+' now join, is no identifier
+_TIME_RUN = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[+-]\d{2}:\d{2})?")
+_SEPARATOR = re.compile(r"[ ().\-/:+<>=]+")
 _WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
 # what joins the parts of one name into a word: O'Brien (or its typographic apostrophe, U+2019),
 # Pemberly-Quasht
@@ -780,8 +791,8 @@ class CanarySet:
         for match in _DIGIT_RUN.finditer(text):
             run = match.group(0)
             start, end = match.span()
-            if len(run) < MIN_DIGITS or _DATE_RUN.fullmatch(run):
-                continue  # dates are searched as birth dates, per patient
+            if len(run) < MIN_DIGITS or _DATE_RUN.fullmatch(run) or _TIME_RUN.fullmatch(run):
+                continue  # dates are searched as birth dates, per patient; times are none
             if (start > 0 and text[start - 1].isalnum()) or (
                 end < len(text) and text[end].isalnum()
             ):
@@ -848,17 +859,18 @@ def _birth_date_in(text: str, form: str) -> bool:
     with the month's name count glued to letters at a digit of theirs (``dob19460219``,
     ``dob19-feb-1946``), as a digit canary does, unless all the letters and digits they are
     glued to are hex digits (a pseudonym or a digest, whose digit runs are chance). A numeric
-    form with separators does not: ``1977-07-27T00:00:00Z`` is a date-time of that day."""
-    may_glue = form.isdigit() or _has_letter(form)
+    form with separators counts glued to letters before it only (``dob1946-02-19``,
+    ``dob02/19/1946``: a local code, a version, a UCUM annotation keep it so), not after it:
+    ``1977-07-27T00:00:00Z`` is a date-time of that day, and nothing precedes its year."""
+    may_glue_after = form.isdigit() or _has_letter(form)
     start = text.find(form)
     while start >= 0:
         end = start + len(form)
         before = text[start - 1] if start > 0 else " "
         after = text[end] if end < len(text) else " "
-        edges = ((before, form[0]), (after, form[-1]))
-        if all(_may_touch(ch, edge, may_glue) for ch, edge in edges) and not (
-            (before.isalnum() or after.isalnum()) and _in_hex_word(text, start, end)
-        ):
+        if (
+            _may_touch(before, form[0], True) and _may_touch(after, form[-1], may_glue_after)
+        ) and not ((before.isalnum() or after.isalnum()) and _in_hex_word(text, start, end)):
             return True
         start = text.find(form, start + 1)
     return False

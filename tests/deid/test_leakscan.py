@@ -728,3 +728,48 @@ def test_a_chinese_name_is_found_spaced_family_name_first_and_by_its_given_name(
     )
     assert "full_name" in canaries.find("Wang Fang")
     assert canaries.find("wang") == [] and canaries.find("fang") == []
+
+
+def test_digits_joined_by_the_other_characters_a_code_keeps_are_found() -> None:
+    """A released code or version keeps ``:+<>=`` between digits (deid.terminology.ANY_CODE):
+    an MRN written 8473:6251 or 8473+6251 and a phone written 617:555:0193 reached
+    deid_resources and views.observation.code, their digit groups read as runs too short to be
+    a canary. A time of day with its zone, whose groups ':' and '+' now join, is no
+    identifier."""
+    c = CanarySet()
+    c.add_patient(
+        {
+            "telecom": [{"system": "phone", "value": "(617) 555-0193"}],
+            "identifier": [{"value": "84736251"}, {"value": "0000530"}],
+        }
+    )
+    for code, kinds in (
+        ("8473:6251", {"identifier": 2}),
+        ("8473+6251", {"identifier": 2}),
+        ("MRN=8473<6251>", {"identifier": 2}),
+        ("617:555:0193", {"phone": 2}),
+    ):
+        assert scan_rows(c, [_local_coding_row(code)]).by_kind() == kinds, code
+    for text in (
+        "2020-03-01T00:00:00+05:30",  # a zero-padded identifier is not in the time's groups
+        "2020-03-01T10:15:30.000-04:00",
+        "00:00:00+05:30",
+        "1:8473:62519",  # not whole groups
+    ):
+        assert scan_rows(c, [("r", {"effectiveDateTime": text})]).passed, text
+
+
+def test_a_numeric_birth_date_glued_to_letters_before_it_is_found() -> None:
+    """A local code, a version or a UCUM annotation ({DOB1961-07-23}) keeps a birth date
+    written with separators glued to a label before it; it was released in the patient's rows
+    (deid_resources, views.observation.code and value_unit). Glued after it, a date is a
+    date-time's day; glued to a hex word, it is a pseudonym's digits."""
+    c = CanarySet()
+    c.add_patient({"birthDate": "1961-07-23"}, "p1")
+    for code in ("DOB1961-07-23", "DOB07/23/1961", "dob7-23-1961", "geb23.07.1961", "v1961.07.23"):
+        assert scan_rows(c, [_local_coding_row(code)]).by_kind() == {"birth_date": 2}, code
+        assert scan_rows(c, [_local_coding_row(code, "p2")]).passed, code
+    quantity = {"value": 1, "system": "http://unitsofmeasure.org", "code": "{DOB1961-07-23}"}
+    assert not scan_rows(c, [("r", {"valueQuantity": quantity}, "p1")]).passed
+    for code in ("1961-07-23T00:00:00Z", "ab1961-07-23", "x11961-07-23", "DOB1961-07-231"):
+        assert scan_rows(c, [_local_coding_row(code)]).passed, code

@@ -68,11 +68,16 @@ RESEARCH_PURPOSES = (
 
 # View columns added after views were first built, and their types. A view built before one of
 # them (its changed definition rebuilds it at the next refresh) reads it as NULL, what it would
-# have held then: an encounter part of no other; a consent whose top provision's type and policy
-# rule count, as they did, with no nested denial; a request naming no Medication resource (its
-# drug counted from its own code, as it was).
+# have held then: an encounter part of no other, its dates as written read as the UTC dates of
+# its instants (a stay's length as it was counted); a consent whose top provision's type and
+# policy rule count, as they did, with no nested denial; a request naming no Medication resource
+# (its drug counted from its own code, as it was).
 ADDED_VIEW_COLUMNS: dict[str, dict[str, str]] = {
-    "encounter": {"part_of_id": "VARCHAR"},
+    "encounter": {
+        "part_of_id": "VARCHAR",
+        "period_start_date": "DATE",
+        "period_end_date": "DATE",
+    },
     "medication_request": {"medication_id": "VARCHAR"},
     "consent": {"deny_at_any_level": "BOOLEAN", "deny_purpose_codes": "VARCHAR[]"},
 }

@@ -103,6 +103,9 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "period_end": "TIMESTAMPTZ",
         "period_start_latest": "TIMESTAMPTZ",
         "period_end_latest": "TIMESTAMPTZ",
+        # the dates as written, in the zone of each (views built before them read NULL)
+        "period_start_date": "DATE",
+        "period_end_date": "DATE",
     },
     "condition": {
         "patient_id": "VARCHAR",
@@ -440,8 +443,10 @@ def feature_encounters_sql() -> str:
     return f"""
         SELECT e.patient_id, e.class_code,
             e.period_start_latest AS period_start, e.period_end_latest AS period_end,
-            -- the dates as released (a date alone at its first instant), for the stay's length
-            e.period_start AS start_dated, e.period_end AS end_dated
+            -- the dates as released, in the zones they are written in, for the stay's length
+            -- (a view built before those columns: the date of the value's first instant in UTC)
+            coalesce(e.period_start_date, e.period_start::DATE) AS start_dated,
+            coalesce(e.period_end_date, e.period_end::DATE) AS end_dated
         FROM src_encounter e SEMI JOIN feature_patients p ON p.patient_id = e.patient_id
         WHERE coalesce(e.period_start_latest, e.period_end_latest) IS NOT NULL
           AND {encounter_held_sql("e.status")}
@@ -678,8 +683,9 @@ def utilisation_sql(created: datetime, edges: bool = True) -> str:
     SELECT snap.patient_id AS patient_id, snap.ts AS event_timestamp,
         {timestamptz_sql(created)} AS created, {names},
         {served_instant_sql("s.period_end")} AS prior_discharge_at,
-        -- from the admission's date to the discharge's: the latest instant of a date alone
-        -- (the end of its day at UTC-12) made a same-day stay with a timed discharge -1 day long
+        -- from the admission's date to the discharge's, each as written: the latest instant of
+        -- a date alone (the end of its day at UTC-12) made a same-day stay with a timed
+        -- discharge -1 day long, and so did the UTC date of a discharge written at +02:00
         date_diff('day', s.start_dated, s.end_dated)::BIGINT AS prior_stay_length_days
     FROM snap ASOF LEFT JOIN stays s
         ON snap.patient_id = s.patient_id AND snap.ts > s.period_end

@@ -10,12 +10,14 @@ from the dates as sent."""
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipelines.features.tables import build_feature_tables
+from tests.pipelines.features.crafted import released_records
 from tests.pipelines.features.test_future_dates import _views
 
 P1 = {"reference": "Patient/p1"}
@@ -56,3 +58,54 @@ def test_stay_length_from_a_day_dated_admission(
         "ORDER BY event_timestamp DESC LIMIT 1"
     ).fetchall()
     assert length == days
+
+
+@pytest.mark.parametrize(
+    ("start", "end", "days"),
+    [
+        # a discharge in a zone ahead of UTC early in the day lies on the day before in UTC:
+        # a same-day stay was -1 day long
+        ("2025-06-01", "2025-06-01T01:30:00+02:00", 0),
+        ("2025-06-01T00:30:00+02:00", "2025-06-03", 2),  # was 3: the admission on 31 May UTC
+        ("2025-06-01T22:00:00-05:00", "2025-06-03T10:00:00Z", 2),  # was 1: 2 June in UTC
+        ("2025-06-01T00:00:00+14:00", "2025-06-05T00:00:00-11:00", 4),  # was 5
+    ],
+)
+def test_stay_length_counts_the_dates_in_the_zones_they_were_written_in(
+    tmp_path: Path, start: str, end: str, days: int
+) -> None:
+    con = _views(
+        [
+            {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1960-05-01"},
+            _stay("e1", start, end),
+            _stay("e2", "2025-08-01T08:00:00Z", "2025-08-01T09:00:00Z", "AMB"),  # the data end
+        ]
+    )
+    build_feature_tables(con, tmp_path)
+    ((length,),) = con.execute(
+        "SELECT prior_stay_length_days FROM features.patient_utilisation "
+        "ORDER BY event_timestamp DESC LIMIT 1"
+    ).fetchall()
+    assert length == days
+
+
+def test_a_released_same_day_stay_in_a_zone_ahead_of_utc_lasts_no_days(tmp_path: Path) -> None:
+    """The research release keeps a discharge's zone and sets its time to midnight: a stay of
+    one day in Berlin, admitted on a day and discharged at 15:00+02:00, is released as a day
+    and that day's midnight at +02:00, 22:00 UTC the day before."""
+    records = [
+        {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1960-05-01"},
+        _stay("e1", "2025-06-01", "2025-06-01T15:00:00+02:00"),
+        _stay("e2", "2025-08-01T08:00:00Z", "2025-08-01T09:00:00Z", "AMB"),
+    ]
+    released = released_records({"p1": records}, bytes(32), date(2026, 1, 1))["p1"]
+    (stay,) = [r for r in released if r.get("class", {}).get("code") == "IMP"]
+    assert stay["period"]["end"].endswith("T00:00:00+02:00")
+    assert stay["period"]["start"] == stay["period"]["end"][:10]
+    con = _views(released)
+    build_feature_tables(con, tmp_path)
+    ((length,),) = con.execute(
+        "SELECT prior_stay_length_days FROM features.patient_utilisation "
+        "ORDER BY event_timestamp DESC LIMIT 1"
+    ).fetchall()
+    assert length == 0

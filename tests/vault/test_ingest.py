@@ -581,6 +581,22 @@ def _erase_patient_of(
     return forget_in_warehouse(wh, pseudonym, audit, "erasure request")
 
 
+def _ingest_again_refusing_hers(
+    wh: Path, land: Path, key_provider: FileKeyProvider, records: int, hers: int
+) -> None:
+    """Batch b1 ingested again with her records still in its files: every record in, hers
+    refused as erased, none counted as no longer in the batch, the batch reconciled."""
+    again = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert again.no_longer_in_batch == 0
+    assert again.records_in == records and again.accepted == records - hers
+    assert again.quarantine_reasons == {ERASED_SUBJECT: hers}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert reconcile_batch(con, "b1").passed
+    finally:
+        con.close()
+
+
 def test_a_batch_ingested_again_after_an_erasure_counts_no_erased_resource_as_gone(
     tmp_path: Path, key_provider: FileKeyProvider
 ) -> None:
@@ -597,15 +613,7 @@ def test_a_batch_ingested_again_after_an_erasure_counts_no_erased_resource_as_go
     assert first.accepted == records and first.no_longer_in_batch == 0
     assert _erase_patient_of(wh, tmp_path, key_provider, hers).ledger_rows_erased == len(hers)
 
-    again = ingest_batch(wh, "b1", land, key_provider, workers=1)
-    assert again.no_longer_in_batch == 0
-    assert again.records_in == records and again.accepted == records - len(hers)
-    assert again.quarantine_reasons == {ERASED_SUBJECT: len(hers)}
-    con = warehouse.connect(wh, read_only=True)
-    try:
-        assert reconcile_batch(con, "b1").passed
-    finally:
-        con.close()
+    _ingest_again_refusing_hers(wh, land, key_provider, records, len(hers))
 
     (land / "000000.json").unlink()
     (land / "000001.json").unlink()
@@ -679,15 +687,7 @@ def test_an_erasure_after_a_killed_ingest_leaves_its_staged_records_out_of_the_c
     finally:
         con.close()
 
-    again = ingest_batch(wh, "b1", land, key_provider, workers=1)
-    assert again.no_longer_in_batch == 0
-    assert again.records_in == records and again.accepted == records - len(hers)
-    assert again.quarantine_reasons == {ERASED_SUBJECT: len(hers)}
-    con = warehouse.connect(wh, read_only=True)
-    try:
-        assert reconcile_batch(con, "b1").passed
-    finally:
-        con.close()
+    _ingest_again_refusing_hers(wh, land, key_provider, records, len(hers))
 
     (land / "000001.json").unlink()
     assert ingest_batch(wh, "b1", land, key_provider, workers=1).no_longer_in_batch == len(his)

@@ -801,15 +801,32 @@ def _scanned_columns(
     cursor: duckdb.DuckDBPyConnection, table: str
 ) -> tuple[list[tuple[str, str]], set[str]]:
     """Each column the scan reads (every one that can hold text: timestamps are event times,
-    not birth dates), with the SQL that gives its value as the text scanned
-    (:func:`_as_scanned_text`); and the names of all the table's columns."""
+    not birth dates, and so is the date of one, :func:`_event_dates`), with the SQL that gives
+    its value as the text scanned (:func:`_as_scanned_text`); and the names of all the table's
+    columns."""
     described = cursor.execute(f"DESCRIBE {table}").fetchall()
+    events = _event_dates([(str(name), str(type_)) for name, type_, *_ in described])
     scanned = [
         (name, _as_scanned_text(name, str(type_)))
         for name, type_, *_ in described
-        if not str(type_).startswith(_NOT_TEXT)
+        if not str(type_).startswith(_NOT_TEXT) and name not in events
     ]
     return scanned, {name for name, *_ in described}
+
+
+def _event_dates(columns: list[tuple[str, str]]) -> set[str]:
+    """The DATE columns ``<x>_date`` of a table that has a timestamp column ``<x>``: the date
+    of an event time the same row releases, as written in its own zone
+    (``views.encounter.period_start_date`` of ``period_start``). It says no more than the
+    timestamp, which is not searched; searched as a date, an encounter whose released date
+    fell on the patient's own birth date (by the date shift, or a visit on the day of birth)
+    withheld the whole view from publication."""
+    timestamps = {name for name, type_ in columns if type_.startswith("TIMESTAMP")}
+    return {
+        name
+        for name, type_ in columns
+        if type_ == "DATE" and name.endswith("_date") and name.removesuffix("_date") in timestamps
+    }
 
 
 def _as_scanned_text(name: str, type_: str) -> str:

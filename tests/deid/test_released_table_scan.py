@@ -63,3 +63,27 @@ def test_a_date_on_1_january_is_scanned_as_its_year() -> None:
         values = scan_column_values(con, canaries, "patient")
     assert [(hit.row, hit.kind) for hit in rows.hits] == [("r2", "birth_date")]
     assert values.passed  # a birth date is searched in its own patient's rows only
+
+
+def test_the_date_of_an_event_time_the_row_releases_is_not_searched_as_a_birth_date() -> None:
+    """``views.encounter.period_start_date`` is the date of ``period_start`` as written in its
+    own zone: an event's date, which says no more than the timestamp beside it (not searched).
+    An encounter whose released date fell on the patient's own birth date (a visit on the day of
+    birth, or the date shift) held the whole view back. A DATE column of no such timestamp, or
+    of a timestamp of another name, is still searched."""
+    canaries = CanarySet()
+    canaries.add_patient({"birthDate": "2019-06-02"}, "p1")
+    with duckdb.connect() as con:
+        con.execute(
+            "CREATE TABLE encounter (id VARCHAR, patient_id VARCHAR, period_start TIMESTAMPTZ, "
+            "period_start_date DATE, period_end_date DATE, recorded_date DATE)"
+        )
+        con.execute(
+            "INSERT INTO encounter VALUES ('e1', 'p1', '2019-06-01 22:30:00+00', "
+            "'2019-06-02', NULL, NULL), ('e2', 'p1', NULL, NULL, '2019-06-02', NULL), "
+            "('e3', 'p1', NULL, NULL, NULL, '2019-06-02')"
+        )
+        rows = scan_released_table(con, canaries, "encounter")
+    # e1's date is its event time's; e2's period_end_date has no period_end beside it, and e3's
+    # recorded_date no recorded timestamp: both are dates of their own, searched
+    assert sorted(hit.row for hit in rows.hits) == ["e2", "e3"]

@@ -68,6 +68,20 @@ MIN_TEXT = 4  # shorter names match inside ordinary words
 MIN_DIGITS = 7
 
 
+def repeated(value: Any) -> list[Any]:
+    """A repeating element's items, whatever shape it came in: the canaries are also read from
+    records the quarantine holds, which validation refused, so an element may be a lone object
+    or string where FHIR has a list (its one item), or a number (none)."""
+    if isinstance(value, list):
+        return value
+    return [value] if isinstance(value, dict | str) else []
+
+
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else an empty one (a refused record's shape)."""
+    return value if isinstance(value, dict) else {}
+
+
 @dataclass(frozen=True)
 class LeakHit:
     kind: str
@@ -288,7 +302,7 @@ def _name_parts(name: Any) -> list[str]:
     if isinstance(name, str):
         texts.append(name)
     elif isinstance(name, dict):
-        texts.extend(g for g in name.get("given") or [] if isinstance(g, str))
+        texts.extend(g for g in repeated(name.get("given")) if isinstance(g, str))
         texts.extend(t for t in (name.get("family"), name.get("text")) if isinstance(t, str))
     return [w for text in texts for w in _WORD.findall(text)]
 
@@ -571,7 +585,7 @@ class CanarySet:
         text = name if isinstance(name, str) else None
         pairs: list[tuple[str, str]] = []
         if isinstance(name, dict):
-            given = [g for g in name.get("given") or [] if isinstance(g, str)]
+            given = [g for g in repeated(name.get("given")) if isinstance(g, str)]
             family = name.get("family")
             for whole in (*given, family):
                 if isinstance(whole, str) and not _WORD.fullmatch(whole.strip()):
@@ -594,25 +608,26 @@ class CanarySet:
 
     def add_contact_points(self, resource: dict[str, Any]) -> None:
         """Telecom, address (lines, city with ZIP) and identifiers of a person or contact."""
-        for telecom in resource.get("telecom") or []:
+        for telecom in repeated(resource.get("telecom")):
             value = telecom.get("value") if isinstance(telecom, dict) else None
             if isinstance(value, str):
                 self.add("email" if telecom.get("system") == "email" else "phone", value)
-        addresses = resource.get("address") or []
-        for addr in addresses if isinstance(addresses, list) else [addresses]:
+        for addr in repeated(resource.get("address")):
             if isinstance(addr, dict):
                 self._add_address(addr)
+            elif isinstance(addr, str):  # a refused record's address written as its text
+                self.add("address", addr)
         self.add_identifiers(resource)
 
     def add_identifiers(self, resource: dict[str, Any]) -> None:
         """The values of a resource's ``identifier`` list, each of its kind (an SSN or not)."""
-        for ident in resource.get("identifier") or []:
+        for ident in repeated(resource.get("identifier")):
             value = ident.get("value") if isinstance(ident, dict) else None
             if isinstance(value, str):
                 self.add(_identifier_kind(ident), value)
 
     def _add_address(self, addr: dict[str, Any]) -> None:
-        for line in addr.get("line") or []:
+        for line in repeated(addr.get("line")):
             if isinstance(line, str):
                 self.add("address", line)
         city, state, zip_ = (addr.get(k) for k in ("city", "state", "postalCode"))
@@ -644,14 +659,14 @@ class CanarySet:
         (:meth:`add_source_id`); with ``pseudonym``, the birth date is searched in that
         patient's rows only."""
         self.add_source_id(patient.get("id"))
-        for name in patient.get("name") or []:
+        for name in repeated(patient.get("name")):
             self.add_name(name)
         self.add_contact_points(patient)
-        for contact in patient.get("contact") or []:
+        for contact in repeated(patient.get("contact")):
             if isinstance(contact, dict):
                 self.add_name(contact.get("name"))
                 self.add_contact_points(contact)
-        for ext in patient.get("extension") or []:
+        for ext in repeated(patient.get("extension")):
             if isinstance(ext, dict) and ext.get("url") == _MAIDEN_NAME:
                 self.add_name(ext.get("valueString"))
         self.add_birth_date(patient.get("birthDate"), pseudonym)
@@ -928,7 +943,7 @@ _SSN_SYSTEMS = ("http://hl7.org/fhir/sid/us-ssn",)
 
 
 def _identifier_kind(ident: dict[str, Any]) -> str:
-    coding = ((ident.get("type") or {}).get("coding") or [{}]) if isinstance(ident, dict) else [{}]
+    coding = repeated(_object(ident.get("type")).get("coding"))
     is_ssn = ident.get("system") in _SSN_SYSTEMS or any(
         isinstance(c, dict) and c.get("code") == "SS" for c in coding
     )

@@ -490,7 +490,7 @@ def _identifier_values(versions: Iterable[dict[str, Any]]) -> list[str]:
     return [
         str(identifier["value"])
         for patient in versions
-        for identifier in patient.get("identifier") or []
+        for identifier in leakscan.repeated(patient.get("identifier"))
         if isinstance(identifier, dict) and isinstance(identifier.get("value"), str)
     ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -507,3 +508,40 @@ def test_a_vault_changed_other_than_by_new_rows_is_read_whole(
     assert load.calls == 1
     assert _contents(after) == _contents(_fresh(vault_with_batch, key_provider))
     assert ("failed authentication" in caplog.text) == (change == "a tampered sealed set")
+
+
+# Patients validation refused for their shape: an element where FHIR has a list given as an
+# object, a string or a number, an object given as a string. Each still names its patient.
+MISSHAPEN_PATIENTS: list[dict[str, Any]] = [
+    {"identifier": [{"type": "MRN-TQ-55190", "value": "MRN-TQ-55190"}]},
+    {"identifier": {"value": "MRN-TQ-55191", "type": {"coding": {"code": "MR"}}}},
+    {"identifier": 5519377, "name": "Ottoline Vexbridge"},
+    {"name": [{"given": "Ottoline", "family": "Vexbridge"}], "contact": 7},
+    {"address": [{"line": "42 Quillfeather Lane"}], "telecom": {"value": "555-867-5309"}},
+    {"address": "9 Brackenholt Row", "telecom": 5, "extension": "x"},
+]
+
+
+def test_a_patient_refused_for_its_shape_is_read_for_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """The canaries are read from the records the quarantine holds, refused by validation, so
+    of any shape: a Patient whose identifier's type is a string once stopped the canaries'
+    load with an AttributeError, and with it the de-identification of every batch and the
+    release (and ``ehr forget`` of that patient). Each record's identifiers still count."""
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    lines = [
+        json.dumps({"resourceType": "Patient", "id": f"pm{i}", **shape})
+        for i, shape in enumerate(MISSHAPEN_PATIENTS)
+    ]
+    (batch / "refused.ndjson").write_text("\n".join(lines) + "\n")
+    report = ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    assert report.quarantine_reasons == {"schema_violation": len(MISSHAPEN_PATIENTS)}
+    canaries = _fresh(vault_with_batch, key_provider)
+    assert canaries.find("MRN-TQ-55190") == ["identifier"]
+    assert canaries.find("MRN-TQ-55191") == ["identifier"]
+    assert sorted(canaries.find("Ottoline Vexbridge")) == ["full_name", "name", "name"]
+    assert canaries.find("42 Quillfeather Lane") == ["address"]
+    assert canaries.find("9 Brackenholt Row") == ["address"]
+    assert canaries.find("5558675309") == ["phone"]

@@ -6,6 +6,7 @@ each as a whole token. The kinds each text must give are written out here."""
 from __future__ import annotations
 
 from datetime import date, timedelta
+from typing import Any
 
 import pytest
 
@@ -177,3 +178,22 @@ def test_a_short_id_or_one_without_a_digit_is_not_compared_glued() -> None:
     assert subject.reason_hits("ticket pt778") == []
     assert subject.reason_hits("lab cd efgh ij") == []
     assert subject.reason_hits("pt-778 asked") == ["id"]
+
+
+def test_versions_the_quarantine_refused_for_their_shape_still_name_the_patient() -> None:
+    """An erasure reads the patient's Patient records the quarantine holds, of any shape: an
+    identifier whose type is a string, or identifiers given as a number, once stopped
+    ``ehr forget`` of that patient with an AttributeError or a TypeError."""
+    refused: list[dict[str, Any]] = [
+        {"resourceType": "Patient", "id": "pt-778", "identifier": [{"type": "MRN-778812"}]},
+        {
+            "resourceType": "Patient",
+            "id": "pt-778",
+            "identifier": 778812,
+            "name": "Odalys Larkspur",
+        },
+        {"resourceType": "Patient", "id": "pt-778", "identifier": {"value": "MRN-778812"}},
+    ]
+    subject = SubjectCanaries(refused, TYPED_ID)
+    assert subject.reason_hits("MRN778812") == ["identifier"]
+    assert sorted(subject.hits("Odalys Larkspur called")) == ["full_name", "name"]

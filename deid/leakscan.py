@@ -431,16 +431,26 @@ def _searched_as_words(spaced: str, kind: str) -> bool:
     return " " in spaced and kind not in ("phone", "ssn")
 
 
+# The longest canary an automaton holds. pyahocorasick frees its trie recursively, a C stack
+# frame per character: a word of some 500,000 characters (a name or an address line padded to
+# a megabyte in one NDJSON line, valid or refused) overflowed the stack and killed the process
+# when the set was freed, and with it every run that loaded the canaries.
+MAX_AUTOMATON_WORD = 1024
+
+
 class _TextStore:
     """The canaries of a set, held in their automatons only: no dict of the strings beside
     them. One automaton over case-folded text holds every text canary in every form a pass
     searches (as written, punctuation as spaces, as a batch key shows it), its value the kind
     of each pass that has it (None for the others) and its length; one holds the digit
-    canaries. A value is a tuple shared by every canary with the same kinds and length."""
+    canaries. A value is a tuple shared by every canary with the same kinds and length. A
+    text canary longer than ``MAX_AUTOMATON_WORD`` is kept beside them (``long_text``) and
+    searched in text at least as long; a digit canary that long is searched as text only."""
 
     def __init__(self) -> None:
         self.text: Any = ahocorasick.Automaton()
         self.digits: Any = ahocorasick.Automaton()
+        self.long_text: dict[str, tuple[Any, ...]] = {}
         self.counts = [0, 0, 0, 0]  # canaries of each pass (_AS_WRITTEN ... _SPACED_WORDS)
         self.digit_count = 0
         self.built = True  # both automatons hold what was added (none empty and not built)
@@ -465,18 +475,22 @@ class _TextStore:
 
     def _set(self, text: str, slot: int, kind: str) -> bool:
         """``kind`` for ``text`` in the pass ``slot`` unless that pass has it already."""
-        before = self.text.get(text, None)
+        long = len(text) > MAX_AUTOMATON_WORD
+        before = self.long_text.get(text) if long else self.text.get(text, None)
         if before is not None and before[slot] is not None:
             return False
         value = list(before) if before is not None else [None, None, None, None, len(text)]
         value[slot] = kind
-        self.text.add_word(text, self._value(tuple(value)))
+        if long:
+            self.long_text[text] = self._value(tuple(value))
+        else:
+            self.text.add_word(text, self._value(tuple(value)))
         self.counts[slot] += 1
         self.built = False
         return True
 
     def add_digits(self, digits: str, kind: str) -> None:
-        if digits not in self.digits:
+        if len(digits) <= MAX_AUTOMATON_WORD and digits not in self.digits:
             self.digits.add_word(digits, self._value((kind, len(digits))))
             self.digit_count += 1
             self.built = False
@@ -487,6 +501,16 @@ class _TextStore:
                 if len(automaton) and automaton.kind != ahocorasick.AHOCORASICK:
                     automaton.make_automaton()
             self.built = True
+
+    def text_matches(self, folded: str) -> Iterable[tuple[int, tuple[Any, ...]]]:
+        """(index of the last character, value) of every text canary in ``folded``."""
+        if len(self.text):
+            yield from self.text.iter(folded)
+        for text, value in self.long_text.items() if len(folded) > MAX_AUTOMATON_WORD else ():
+            start = folded.find(text)
+            while start >= 0:
+                yield start + len(text) - 1, value
+                start = folded.find(text, start + 1)
 
 
 class CanarySet:
@@ -780,7 +804,7 @@ class CanarySet:
         same way; phones and SSNs are matched as digits however they are punctuated. A token
         is also whole with digits glued to it (:func:`_glued_to_digits`)."""
         found: list[str] = []
-        for end, value in self._store.text.iter(folded):
+        for end, value in self._store.text_matches(folded):
             kind = value[slot]
             if kind is None:
                 continue  # a form of another pass

@@ -545,3 +545,20 @@ def test_a_patient_refused_for_its_shape_is_read_for_canaries(
     assert canaries.find("42 Quillfeather Lane") == ["address"]
     assert canaries.find("9 Brackenholt Row") == ["address"]
     assert canaries.find("5558675309") == ["phone"]
+
+
+def test_a_canary_of_a_megabyte_is_found_and_freed_safely() -> None:
+    """A name of a megabyte (an export's padding, in one NDJSON line: a valid Patient, or a
+    refused one) is kept beside the automatons, whose tries are freed one C frame per
+    character: held in one, it overflowed the stack when the set was freed, killing the run's
+    process. It is still found whole, and only whole."""
+    padded = "Vexbridge" + "e" * 1_000_000
+    canaries = CanarySet()
+    canaries.add("name", padded)
+    canaries.add("identifier", "1" * 1_000_000)
+    canaries.add("address", "42 Quillfeather Lane")
+    assert canaries.find(f"seen: {padded.upper()}.") == ["name"]
+    assert canaries.find(padded + "x") == [] and canaries.find("vexbridge") == []
+    assert canaries.find("1" * 1_000_000) == ["identifier"]
+    assert canaries.find("42 Quillfeather Lane") == ["address"]
+    del canaries  # freed here: a C stack overflow, before

@@ -324,6 +324,28 @@ def _unsettle_changed_targets(con: duckdb.DuckDBPyConnection, batch_id: str) -> 
     )
 
 
+def refiled_batches(con: duckdb.DuckDBPyConnection) -> set[str]:
+    """Batches with a conditional (or logical) reference to a Patient that resolves otherwise
+    than when they were released: ingest filed records under the one Patient such a reference
+    named (``vault.ingest``), so these batches are ingested again, not only de-identified
+    again. A batch whose changed references name other resources (a Practitioner's NPI a
+    later cohort holds too) keeps its vault rows as they are: its release changes alone."""
+    if not has_table(con, TARGETS_TABLE) or not has_table(con, "resource_references"):
+        return set()
+    holders = criteria_holders_sql(f"SELECT criteria_key FROM {TARGETS_TABLE}")
+    rows = con.execute(
+        f"""
+        SELECT DISTINCT t.batch_id FROM {TARGETS_TABLE} t
+        LEFT JOIN ({holders}) h ON h.criteria_key = t.criteria_key
+        WHERE t.holder_digest IS DISTINCT FROM hash(h.resource_key) AND EXISTS (
+            SELECT 1 FROM resource_references r WHERE r.batch_id = t.batch_id
+            AND r.kind = 'conditional' AND r.target_type = 'Patient'
+            AND r.target_key = t.criteria_key)
+        """
+    ).fetchall()
+    return {str(batch_id) for (batch_id,) in rows}
+
+
 def _swap_batch(
     con: duckdb.DuckDBPyConnection, batch_id: str, stage: str, errors: str, settings: str
 ) -> None:

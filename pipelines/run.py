@@ -3,8 +3,10 @@
 A batch already done is not run again: ingested after its files last changed (the warehouse's
 batch ledger, as the landing sensor reads it) and de-identified from that ingest under today's
 settings (the de-identification ledger, :func:`deid.staging.deidentified_batches`). Its figures
-in the summary are the ones the warehouse recorded. The release then runs as after any batch:
-incrementally, and with nothing to do when nothing changed.
+in the summary are the ones the warehouse recorded. A batch a later one took out of the
+de-identification ledger during the run is de-identified again, and ingested again only when
+that would change its vault rows (:func:`ingest_again`). The release then runs as after any
+batch: incrementally, and with nothing to do when nothing changed.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from dagster import DagsterInstance, materialize
+from dagster import AssetsDefinition, DagsterInstance, materialize
 
 from deid.policy import Policy
 from deid.release import release_totals
-from deid.staging import deidentified_batches, settings_digest
+from deid.staging import deidentified_batches, refiled_batches, settings_digest
 from fhirlake.readers import DATA_SUFFIXES
 from pipelines.assets.checks import RELEASE_CANARIES
+from pipelines.assets.deid import deid_resources
 from pipelines.assets.ingest import reconciliation_metadata
 from pipelines.dagster_storage import storage_overrides
 from pipelines.definitions import batch_assets, build_resources, release_run
@@ -100,6 +104,27 @@ def settled_batches(
         con.close()
 
 
+def ingest_again(workdir: Workdir, batches: list[BatchSource]) -> set[str]:
+    """Of ``batches``, taken out of the de-identification ledger by a later batch, the ones to
+    ingest again too: not held in the vault as their folder is now, or with a conditional
+    Patient reference naming another patient (or none) since, by which ingest filed records
+    (:func:`deid.staging.refiled_batches`). The vault rows of the others are what a new ingest
+    would write (the release, not ingest, resolves a reference to a Practitioner; a row handed
+    over to them is theirs already): they are de-identified again only."""
+    ledger = _batch_ledger(workdir)
+    as_is = {
+        b.key
+        for b in batches
+        if b.key in ledger and done_in_ledger(b, {b.key: replace(ledger[b.key], published=True)})
+    }
+    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
+    try:
+        refiled = refiled_batches(con)
+    finally:
+        con.close()
+    return {b.key for b in batches} - (as_is - refiled)
+
+
 def _warehouse_totals(workdir: Workdir) -> dict[str, Any]:
     """The vault's and the release's totals after the run (none when no run made the
     warehouse: a first batch whose run failed before its ingest wrote anything)."""
@@ -138,6 +163,7 @@ def run_pipeline(
     warehouse.private_folder(workdir.root)
     resources = build_resources(str(workdir.root), str(input_dir), key_file, workers)
     runs = []
+    deidentified_again: list[str] = []
     batch_reports: dict[str, dict[str, dict[str, Any]]] = {}
     release: dict[str, dict[str, Any]] = {}
     deid_settings = resources["deid_settings"]
@@ -149,9 +175,10 @@ def run_pipeline(
         if new:
             instance.add_dynamic_partitions(batch_partitions.name or "batches", new)
 
-        def run_batch(key: str) -> None:
+        def run_batch(key: str, selection: list[AssetsDefinition] | None = None) -> None:
             result = materialize(
                 batch_assets,
+                selection=selection,
                 partition_key=key,
                 instance=instance,
                 resources=resources,
@@ -160,7 +187,8 @@ def run_pipeline(
                 run_config=_RUN_CONFIG,
             )
             runs.append(_run_record(key, result))
-            batch_reports[key] = stage_reports(result)
+            # a batch de-identified again only keeps the ingest figures it had
+            batch_reports[key] = {**batch_reports.get(key, {}), **stage_reports(result)}
 
         for batch in batches:
             if batch.key in settled:
@@ -171,15 +199,17 @@ def run_pipeline(
         # the same content as a repeat (vault.ingest), and a later batch can change what an
         # earlier one's conditional references name (deid.staging._unsettle_changed_targets):
         # that batch's ledger changed, and it is run again here, so that the release holds
-        # what the vault holds now in this run already
+        # what the vault holds now in this run already: de-identified again, and ingested
+        # again only when that changes its vault rows (ingest_again)
         if runs:
             published = {key for key, reports in batch_reports.items() if _published(reports)}
             current = set(settled_batches(workdir, batches, deid_settings.profile))
-            unsettled = (set(settled) | published) - current
-            for batch in batches:
-                if batch.key in unsettled:
-                    settled.pop(batch.key, None)
-                    run_batch(batch.key)
+            unsettled = [b for b in batches if b.key in (set(settled) | published) - current]
+            ingest = ingest_again(workdir, unsettled) if unsettled else set()
+            for batch in unsettled:
+                settled.pop(batch.key, None)
+                run_batch(batch.key, None if batch.key in ingest else [deid_resources])
+                deidentified_again += [] if batch.key in ingest else [batch.key]
         # whole-release assets once, after every batch (a blocked batch blocks the release)
         if all(r["success"] for r in runs):
             result = _materialize_release(instance, resources, "ehr run")
@@ -190,6 +220,7 @@ def run_pipeline(
         batch_reports, release, runs, _warehouse_totals(workdir), _model_summary(workdir)
     )
     summary["stages"]["ingest"]["batches_already_done"] = sorted(settled)
+    summary["stages"]["ingest"]["batches_deidentified_again"] = deidentified_again
     # a batch whose folder could not be read waits (the others ran) and fails the run
     summary["stages"]["ingest"]["batches_not_read"] = {
         key: str(error) for key, error in sorted(found.unreadable.items())

@@ -152,3 +152,65 @@ def test_run_pipeline_over_a_folder_without_data_names_what_it_found(tmp_path: P
         "(not read: not a FHIR data file extension: 1)"
     )
     assert not (tmp_path / "work").exists()
+
+
+def _release_tables(warehouse: Path) -> dict[str, str]:
+    """A content digest of every table of the release: the released and withheld resources,
+    the released and withheld patients, the views, features and model tables."""
+    digests = release_digests(warehouse)
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        for table in ("deid_resources", "deid_errors", "withheld_patients"):
+            ((digest,),) = con.execute(
+                f"SELECT count(*) || ':' || coalesce(sum(hash(t)), 0) FROM {table} t"
+            ).fetchall()
+            digests[table] = str(digest)
+    finally:
+        con.close()
+    return digests
+
+
+def _ingested_at(warehouse: Path) -> dict[str, object]:
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        return dict(con.execute("SELECT batch_id, ingested_at FROM batches").fetchall())
+    finally:
+        con.close()
+
+
+def _released_rows(warehouse: Path, batch: str) -> set[tuple[str, str]]:
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        rows = con.execute(
+            "SELECT id, resource::VARCHAR FROM deid_resources WHERE batch_id = ?", [batch]
+        ).fetchall()
+        return {(str(key), str(resource)) for key, resource in rows}
+    finally:
+        con.close()
+
+
+def test_a_batch_a_later_cohort_leaves_without_practitioners_is_only_deidentified_again(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Two cohorts generated apart number their Practitioners' NPIs alike: b2 makes the NPIs
+    b1's references name ambiguous, so b1's release changes (its references name no one). Its
+    vault rows do not (an ingest files records by Patient references only): b1 is de-identified
+    again, not ingested again, and the release equals one of both batches run at once."""
+    landing, work = tmp_path / "landing", tmp_path / "work"
+    generate(landing / "b1", 5, seed=3)
+    assert run_pipeline(landing, work, workers=1)["success"]
+    before = _ingested_at(Workdir(work).warehouse)
+    b1_released = _released_rows(Workdir(work).warehouse, "b1")
+    generate(landing / "b2", 2, seed=4)
+    second = run_pipeline(landing, work, workers=1)
+    assert second["success"] and [r["batch"] for r in second["runs"]] == ["b2", "b1", None]
+    assert _ingested_at(Workdir(work).warehouse)["b1"] == before["b1"]
+    assert second["stages"]["ingest"]["batches_deidentified_again"] == ["b1"]
+    assert second["stages"]["ingest"]["batches"][0]["records_in"] > 0  # as recorded
+    changed = b1_released - _released_rows(Workdir(work).warehouse, "b1")
+    assert changed and all("Practitioner" in resource for _, resource in changed)
+    released = _release_tables(Workdir(work).warehouse)
+
+    at_once = tmp_path / "at_once"
+    assert run_pipeline(landing, at_once, workers=1)["success"]
+    assert _release_tables(Workdir(at_once).warehouse) == released

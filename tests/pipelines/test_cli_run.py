@@ -273,7 +273,8 @@ def test_one_run_releases_a_batch_as_the_batches_after_it_leave_its_references(
     """b1 holds Patient p1 and an Encounter naming its patient by MRN; b2, run after it, holds
     p2 with the same MRN. With two holders the reference names no one: one ``ehr run`` of both
     folders releases b1 again after b2 (its ledger changed), and the Encounter names no patient,
-    as a release of b1 after b2 gives; every batch ends settled."""
+    as a release of b1 after b2 gives; every batch ends settled. Ingest filed the Encounter
+    under p1 by that reference: b1 is ingested again too, and the Encounter is no one's."""
     system, mrn = "http://hospital.example.org/mrn", "12345"
 
     def patient(pid: str) -> dict[str, Any]:
@@ -302,13 +303,15 @@ def test_one_run_releases_a_batch_as_the_batches_after_it_leave_its_references(
     assert all(run["success"] for run in summary["runs"])
     con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
     try:
-        ((text,),) = con.execute(
-            "SELECT resource FROM deid_resources WHERE resource_type = 'Encounter'"
+        ((text, owner),) = con.execute(
+            "SELECT resource, patient_id FROM deid_resources WHERE resource_type = 'Encounter'"
         ).fetchall()
         settled = {b for (b,) in con.execute("SELECT batch_id FROM deid_batches").fetchall()}
     finally:
         con.close()
-    assert "subject" not in orjson.loads(text)
+    assert "subject" not in orjson.loads(text) and owner is None
+    assert [run["batch"] for run in summary["runs"]] == ["b1", "b2", "b1", None]
+    assert summary["stages"]["ingest"]["batches_deidentified_again"] == []
     assert settled == {"b1", "b2"}
     again = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
     assert again["stages"]["ingest"]["batches_already_done"] == ["b1", "b2"]

@@ -24,7 +24,11 @@ Safe to turn on at any time:
   named on every tick, with what it holds by reason and count;
 - a batch whose folder went away (renamed, deleted) before it was ingested has its partition
   removed: a partition never materialised would hold back the release for good. One whose
-  folder went away after its ingest keeps its partition: the vault holds its rows;
+  folder went away after its ingest keeps its partition: the vault holds its rows. When it went
+  before the batch's de-identification succeeded (renamed or deleted under its run once the
+  ingest had read it), that partition would hold the release back for good, and the same files
+  dropped under a new name are recorded as repeats of those rows: its de-identification alone
+  (from the vault) is requested, once per ingest;
 - a batch done whose partition shows no de-identification (its materializations wiped in the
   UI) is run again: automation waits while any batch's partition is missing, so the release
   would be held back for good while every tick said nothing was new;
@@ -119,6 +123,9 @@ RETRY_PENDING_SECONDS = 120.0
 LANDING_SENSOR = "landing_sensor"
 RERUN_TAG = "ehr/rerun"
 ATTEMPT_TAG = "ehr/attempt"
+# on the de-identification run of a batch whose folder went away after its ingest: the ingest
+# (its time in the ledger) it de-identifies
+DEID_OF_INGEST_TAG = "ehr/deid_of_ingest"
 _FAILED = {DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED}
 
 
@@ -354,28 +361,60 @@ def _orphaned_partitions(
     present: set[str],
     ledger: dict[str, LedgerEntry] | None,
     warehouse: WarehouseResource,
-) -> tuple[list[str], list[str]]:
+) -> tuple[list[str], dict[str, LedgerEntry]]:
     """Batch partitions whose folder is gone (renamed, deleted) and that were never
     ingested, with no run of theirs still going: nothing of them is in the vault, and a
     partition never materialised holds back every release asset that reads all batches
     (``released_patients``, the views) for good. Second, those whose folder is gone after
-    their ingest but before their de-identification succeeded: kept, as the vault holds their
-    rows. The ledger is read only when some partition has no folder (``ledger``, when the tick
-    read it already): opening the warehouse at every tick could meet a run opening it to
-    write. None removed while it is not readable."""
+    their ingest but before their de-identification succeeded, with their ledger entries:
+    kept, as the vault holds their rows (:func:`_deidentify_kept`). The ledger is read only
+    when some partition has no folder (``ledger``, when the tick read it already): opening the
+    warehouse at every tick could meet a run opening it to write. None removed while it is not
+    readable."""
     partitions = context.instance.get_dynamic_partitions(batch_partitions.name or "batches")
     missing = sorted(set(partitions) - present)
     if not missing:
-        return [], []
+        return [], {}
     ledger = ledger if ledger is not None else ingested_batches(warehouse)
     if ledger is None:
-        return [], []
+        return [], {}
     orphans = []
-    kept = [key for key in missing if key in ledger and not ledger[key].published]
+    kept = {key: ledger[key] for key in missing if key in ledger and not ledger[key].published}
     for key in missing:
         if key not in ledger and not _has_run_going(context, {BATCH_TAG: key}):
             orphans.append(key)
     return orphans, kept
+
+
+def _deidentify_kept(
+    context: SensorEvaluationContext, key: str, entry: LedgerEntry
+) -> tuple[RunRequest | None, str]:
+    """A batch whose folder went away after its ingest, before its de-identification succeeded
+    (its run failed once the folder was renamed or deleted under it, or in de-identification):
+    its partition is kept, and it holds every release asset that reads all batches back, while
+    the same files dropped under a new name are recorded as repeats of its vault rows, released
+    by it alone. Its de-identification (``deid_resources`` of its partition, from the vault; its
+    folder is not read) is requested once per ingest (``DEID_OF_INGEST_TAG``), with no run of
+    its partition going; one that failed is the operator's to launch again."""
+    tags = {BATCH_TAG: key, DEID_OF_INGEST_TAG: f"{entry.ingested_at:.6f}"}
+    gone = f"batch {key}: folder gone after its ingest (its vault rows stay; its partition is kept)"
+    runs = context.instance.get_runs(filters=RunsFilter(tags=tags), limit=1)
+    if runs and runs[0].status not in NOT_FINISHED_STATUSES:
+        return None, (
+            f"{gone}; its de-identification run ended {runs[0].status.value} without publishing "
+            "it: materialise deid_resources of its partition from the UI once the cause is "
+            "fixed, as the release waits for it"
+        )
+    if runs or _has_run_going(context, {PARTITION_TAG: key}):
+        return None, f"{gone}; waiting for its run"
+    request = RunRequest(
+        job_name=batch_job.name,
+        partition_key=key,
+        asset_selection=[DEID_RESOURCES],
+        run_key=f"{key}:deid:{tags[DEID_OF_INGEST_TAG]}",
+        tags=tags,
+    )
+    return request, f"{gone}; its de-identification requested, as the release waits for it"
 
 
 def _has_run_going(context: SensorEvaluationContext, tags: dict[str, str]) -> bool:
@@ -535,11 +574,10 @@ def evaluate_landing(
             f"batch {key}: folder gone before it was ingested, its partition removed "
             "(drop it again to ingest it)"
         )
-    for key in kept:
-        reasons.append(
-            f"batch {key}: folder gone after its ingest (its vault rows stay; its partition is "
-            "kept so its release can finish)"
-        )
+    for key, entry in kept.items():
+        request, reason = _deidentify_kept(context, key, entry)
+        requests += [request] if request else []
+        reasons.append(reason)
     if done:
         reasons.append(f"{done} batch{'es' if done > 1 else ''} already ingested, nothing new")
     failing = _failing(batches, states, found)

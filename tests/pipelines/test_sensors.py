@@ -343,24 +343,36 @@ def _removed(result: SensorResult) -> list[str]:
     ]
 
 
-def test_a_batch_gone_after_its_ingest_but_before_its_release_keeps_its_partition(
+def test_a_batch_gone_after_its_ingest_but_before_its_release_is_de_identified_once(
     tmp_path: Path, instance: DagsterInstance
 ) -> None:
-    """A folder deleted after its run ingested it and then failed in de-identification: the
-    vault holds its rows, so its partition stays, and the tick says it went after its ingest,
-    not before."""
+    """A folder renamed or deleted under its run once the ingest had read it (or after its
+    de-identification failed): the vault holds its rows, so its partition stays, and the tick
+    says it went after its ingest, not before. That partition holds the release back, and the
+    same files dropped under a new name are recorded as repeats of those rows: its
+    de-identification alone (its folder is not read) is requested, once for that ingest."""
     (tmp_path / "landing").mkdir()
     _ingested(tmp_path, "ingested-not-published", published=False)
     instance.add_dynamic_partitions("batches", ["ingested-not-published", "never-ingested"])
     result = _tick(tmp_path, instance)
     assert _removed(result) == ["never-ingested"]
-    message = result.skip_reason.skip_message or ""  # type: ignore[union-attr]
-    assert "batch never-ingested: folder gone before it was ingested" in message
-    assert (
-        "batch ingested-not-published: folder gone after its ingest (its vault rows stay; "
-        "its partition is kept so its release can finish)"
-    ) in message
+    (request,) = result.run_requests
+    assert request.partition_key == "ingested-not-published"
+    assert request.asset_selection == [AssetKey("deid_resources")]
+    # its run queued: not requested again; then failed: the operator's, and the tick says so
+    _record_run(instance, dict(request.tags), DagsterRunStatus.STARTED)
+    waiting = _tick(tmp_path, instance, result.cursor)
+    message = waiting.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    assert waiting.run_requests == []
+    assert "batch ingested-not-published: folder gone after its ingest" in message
     assert "ingested-not-published: folder gone before" not in message
+    (run,) = instance.get_runs()
+    instance.report_run_failed(run)
+    failed = _tick(tmp_path, instance, waiting.cursor)
+    assert failed.run_requests == []
+    assert "materialise deid_resources of its partition" in (
+        failed.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    )
 
 
 def test_a_marker_older_than_a_file_changed_since_does_not_count(

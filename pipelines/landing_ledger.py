@@ -8,12 +8,12 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import duckdb
 
-from deid.staging import deidentified_batches
+from deid.staging import deidentified_batches, refiled_batches
 from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
 from pipelines.resources import LandingResource, WarehouseResource
 from vault.landing import BatchSource, Landing, scan_landing
@@ -105,13 +105,17 @@ _BATCH_COLUMNS = (
 class LedgerEntry:
     """A batch the warehouse shows ingested: when its ingest completed, the fingerprint its
     folder had when it was read (None for batches ingested before fingerprints were recorded),
-    how many data files it read, and whether it was then de-identified from that ingest
-    (``published``: a batch whose run stopped between the two is not done)."""
+    how many data files it read, whether it was then de-identified from that ingest
+    (``published``: a batch whose run stopped between the two is not done), and, for one that
+    is not, whether a reference of it by which ingest filed records (a conditional or logical
+    reference to a Patient) names another patient, or none, since its release (``refiled``,
+    :func:`deid.staging.refiled_batches`)."""
 
     ingested_at: float
     fingerprint: str | None
     files: int = 0
     published: bool = True
+    refiled: bool = False
 
 
 def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | None:
@@ -144,11 +148,17 @@ def read_ledger(con: duckdb.DuckDBPyConnection) -> dict[str, LedgerEntry]:
             "FROM batches b WHERE ingested_at IS NOT NULL"
         ).fetchall()
         published = deidentified_batches(con)
+        # read only when some batch waits for its de-identification: the others are done
+        refiled = refiled_batches(con) if any(r[0] not in published for r in rows) else set()
     except duckdb.CatalogException:
         return {}  # a warehouse created before any batch
     return {
         str(key): LedgerEntry(
-            float(at), None if seen is None else str(seen), int(files), key in published
+            float(at),
+            None if seen is None else str(seen),
+            int(files),
+            key in published,
+            key not in published and key in refiled,
         )
         for key, at, seen, files in rows
     }
@@ -168,6 +178,21 @@ def done_in_ledger(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
         return entry.fingerprint == batch.fingerprint
     listing = batch.listing()
     return entry.files == len(listing.files) and entry.ingested_at >= newest_change(batch, listing)
+
+
+def deidentification_alone(batch: BatchSource, ledger: dict[str, LedgerEntry]) -> bool:
+    """Whether the batch's de-identification alone (``deid_resources`` of its partition, from
+    the vault) brings it up to date, not a new ingest: the ledger holds its ingest as its folder
+    is now, and no reference of it by which ingest filed records names another patient since
+    (``refiled``). So it is for a batch a later one took out of the de-identification ledger
+    by changing what its Practitioner references name (cohorts that number their NPIs alike,
+    ``deid.staging``) or by handing it a vault row (``vault.ingest``): its vault rows are what
+    a new ingest would write, the release resolves the rest. Read by ``ehr run`` and the
+    landing sensor."""
+    entry = ledger.get(batch.key)
+    if entry is None or entry.refiled:
+        return False
+    return done_in_ledger(batch, {batch.key: replace(entry, published=True)})
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from dagster import AssetsDefinition, DagsterInstance, materialize
 
 from deid.policy import Policy
 from deid.release import release_totals
-from deid.staging import deidentified_batches, refiled_batches, settings_digest
+from deid.staging import deidentified_batches, settings_digest
 from fhirlake.readers import DATA_SUFFIXES
 from pipelines.assets.checks import RELEASE_CANARIES
 from pipelines.assets.deid import deid_resources
@@ -30,7 +29,12 @@ from pipelines.assets.ingest import reconciliation_metadata
 from pipelines.dagster_storage import storage_overrides
 from pipelines.definitions import batch_assets, build_resources, release_run
 from pipelines.features.valuesets import release_terminology
-from pipelines.landing_ledger import LedgerEntry, done_in_ledger, ingested_batches
+from pipelines.landing_ledger import (
+    LedgerEntry,
+    deidentification_alone,
+    done_in_ledger,
+    ingested_batches,
+)
 from pipelines.partitions import batch_partitions
 from pipelines.resources import DeidSettings, WarehouseResource
 from pipelines.workdir import Workdir
@@ -106,23 +110,10 @@ def settled_batches(
 
 def ingest_again(workdir: Workdir, batches: list[BatchSource]) -> set[str]:
     """Of ``batches``, taken out of the de-identification ledger by a later batch, the ones to
-    ingest again too: not held in the vault as their folder is now, or with a conditional
-    Patient reference naming another patient (or none) since, by which ingest filed records
-    (:func:`deid.staging.refiled_batches`). The vault rows of the others are what a new ingest
-    would write (the release, not ingest, resolves a reference to a Practitioner; a row handed
-    over to them is theirs already): they are de-identified again only."""
+    ingest again too, not de-identify again only
+    (:func:`pipelines.landing_ledger.deidentification_alone`)."""
     ledger = _batch_ledger(workdir)
-    as_is = {
-        b.key
-        for b in batches
-        if b.key in ledger and done_in_ledger(b, {b.key: replace(ledger[b.key], published=True)})
-    }
-    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
-    try:
-        refiled = refiled_batches(con)
-    finally:
-        con.close()
-    return {b.key for b in batches} - (as_is - refiled)
+    return {b.key for b in batches if not deidentification_alone(b, ledger)}
 
 
 def _warehouse_totals(workdir: Workdir) -> dict[str, Any]:

@@ -35,7 +35,9 @@ Safe to turn on at any time:
 - a batch done that another batch's run took out of the de-identification ledger (a row handed
   over by its ingest, a conditional reference that names another resource now) is run again,
   whoever ran that other batch (this sensor, a backfill, a launch from the UI): the ledger is
-  read again whenever a batch was de-identified since it was last read;
+  read again whenever a batch was de-identified since it was last read. Its de-identification
+  alone is run where its vault rows stand (its folder as ingested, no Patient reference by
+  which ingest filed its records changed: ``deidentification_alone``), as ``ehr run`` does;
 - a release left behind with nothing requested to rebuild it is rebuilt: when a release asset
   is older than what it is built from (a batch's de-identification, an earlier release asset),
   that materialization a minute old, every batch partition de-identified, no run queued or
@@ -90,6 +92,7 @@ from pipelines.assets.ingest import FINGERPRINT_TAG
 from pipelines.jobs import RELEASE_ASSETS, RELEASE_AUTOMATION, batch_job, release_job
 from pipelines.landing_ledger import (
     LedgerEntry,
+    deidentification_alone,
     done_in_ledger,
     ingested_batches,
     landed_backlog,
@@ -237,12 +240,18 @@ def _latest_run(
     return records[0].dagster_run.status, records[0].end_time
 
 
-def _request(key: str, state: BatchState) -> RunRequest:
+def _request(key: str, state: BatchState, deidentify_only: bool = False) -> RunRequest:
+    """The batch's run: its whole job, or with ``deidentify_only`` its de-identification
+    alone (:func:`pipelines.landing_ledger.deidentification_alone`)."""
     run_key = f"{key}:{state.fingerprint}:{state.attempt}"
     if state.rerun:
         run_key += f":rerun{state.rerun}"
     return RunRequest(
-        job_name=batch_job.name, partition_key=key, run_key=run_key, tags=_run_tags(key, state)
+        job_name=batch_job.name,
+        partition_key=key,
+        run_key=run_key,
+        tags=_run_tags(key, state),
+        asset_selection=[DEID_RESOURCES] if deidentify_only else None,
     )
 
 
@@ -514,7 +523,8 @@ def evaluate_landing(
     # a batch's run (this sensor's, a backfill's, a launch from the UI) may have taken batches
     # done before it out of the de-identification ledger: its ingest handed vault rows over to
     # them (vault.ingest), or its publication changed what their conditional references name
-    # (deid.staging): they are run again to release what the vault holds now. Read when a batch
+    # (deid.staging): they are run again to release what the vault holds now (de-identified
+    # alone where their vault rows stand, as `ehr run` does them). Read when a batch
     # was de-identified since the ledger was last read, batches finished this tick included
     # (two runs ended between two ticks: the later one may have taken the earlier one out).
     read_after = _ledger_read_after(context.cursor)
@@ -542,11 +552,13 @@ def evaluate_landing(
                 ):
                     continue
                 states[batch.key] = BatchState(batch.fingerprint, attempt=1, rerun=state.rerun + 1)
-                requests.append(_request(batch.key, states[batch.key]))
+                alone = deidentification_alone(batch, ledger)
+                requests.append(_request(batch.key, states[batch.key], alone))
                 done -= 1
                 reasons.append(
                     f"batch {batch.key}: its ledger changed when another batch was ingested "
-                    "or de-identified; run again"
+                    "or de-identified; "
+                    + ("de-identified again (its vault rows stand)" if alone else "run again")
                 )
     requested = {r.partition_key for r in requests}
     settled = [

@@ -30,6 +30,7 @@ from pipelines.run import settled_batches
 from pipelines.sensors import (
     ATTEMPT_TAG,
     BATCH_TAG,
+    DEID_RESOURCES,
     FINGERPRINT_TAG,
     _load_cursor,
     landing_sensor,
@@ -710,12 +711,37 @@ def test_a_batch_taken_out_of_the_ledger_by_a_batch_finished_in_the_same_tick_is
     after = _tick(tmp_path, instance, first.cursor)
     assert [r.partition_key for r in after.run_requests] == ["a"]
     assert _load_cursor(after.cursor)["a"].rerun == 1
+    # its folder as ingested, its vault rows stand: de-identified again, not ingested again
+    assert after.run_requests[0].asset_selection == [DEID_RESOURCES]
     _publish_all(wh)  # a's run published it again
     _record_run(instance, after.run_requests[0].tags, DagsterRunStatus.SUCCESS)
     _record_deid(instance, "a")
     settled = _tick(tmp_path, instance, _tick(tmp_path, instance, after.cursor).cursor)
     assert settled.run_requests == []
     assert all(s.done for s in _load_cursor(settled.cursor).values())
+
+
+def test_a_batch_whose_patient_reference_names_another_patient_since_is_ingested_again(
+    tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
+) -> None:
+    """A batch taken out of the de-identification ledger whose conditional reference to a
+    Patient names another patient since (deid.staging.refiled_batches, read with the ledger)
+    runs its whole job: ingest filed its records under the Patient the reference named. One
+    whose vault rows stand is de-identified alone; a retry after a failed run of either is the
+    whole job."""
+    wh = _two_batches_ingested(tmp_path, key_provider)
+    _publish_all(wh)
+    settled = _tick(tmp_path, instance)
+    _unsettle(wh, "a")
+    _record_deid(instance, "b")
+    with mock.patch("pipelines.landing_ledger.refiled_batches", return_value={"a"}):
+        refiled = _tick(tmp_path, instance, settled.cursor)
+    assert [(r.partition_key, r.asset_selection) for r in refiled.run_requests] == [("a", None)]
+    _record_run(instance, refiled.run_requests[0].tags, DagsterRunStatus.FAILURE)
+    failed = _tick(tmp_path, instance, refiled.cursor)  # its back-off starts
+    retried = _tick(tmp_path, instance, failed.cursor, later=3600)
+    batch_runs = [r for r in retried.run_requests if r.partition_key is not None]
+    assert [(r.partition_key, r.asset_selection) for r in batch_runs] == [("a", None)]
 
 
 def test_a_batch_taken_out_of_the_ledger_by_a_backfill_is_run_again(

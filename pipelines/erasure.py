@@ -6,6 +6,8 @@ the patient is left in any file the platform publishes."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,17 +33,33 @@ def purge_released_parquet(folders: tuple[Path, ...], pseudonym: str) -> int:
     return _purge_parquet_rows(folders, ("patient_id",), f"patient_id = '{pseudonym}'")
 
 
-def remove_unfinished_publishes(folders: tuple[Path, ...], warehouse: Path | None = None) -> int:
-    """Delete the temporary files that publishes killed before their rename left in ``folders``
-    (:func:`pipelines.publish.unfinished_temporaries`): each holds every row its table had
-    then, the erased patient's among them, and the purge of the published files does not read
-    them. Holds ``warehouse`` open for writing meanwhile, so that no other process is writing
-    one (every publish writes its temporary file with the warehouse open); returns how many
-    files were deleted."""
+@contextmanager
+def holding_warehouse(warehouse: Path | None) -> Iterator[None]:
+    """The warehouse held open for writing for the length of the block, when it exists
+    (waiting while another process has it, :func:`vault.warehouse.connect_when_free`). Every
+    process that writes a released file holds it meanwhile (a run's publish, another erasure's
+    purge), so one released file is rewritten by one of them at a time: two rewrites at once
+    each start from the file as it was, and the later rename puts back the rows the other one
+    removed (another erased patient's, or a run's withheld ones)."""
     con = None
     if warehouse is not None and Path(warehouse).exists():
         con = connect_when_free(warehouse)
     try:
+        yield
+    finally:
+        if con is not None:
+            con.close()
+
+
+def remove_unfinished_publishes(folders: tuple[Path, ...], warehouse: Path | None = None) -> int:
+    """Delete the temporary files that publishes killed before their rename left in ``folders``
+    (:func:`pipelines.publish.unfinished_temporaries`): each holds every row its table had
+    then, the erased patient's among them, and the purge of the published files does not read
+    them. Holds ``warehouse`` open for writing meanwhile (:func:`holding_warehouse`; the caller
+    may hold it instead and pass None), so that no other process is writing one (every
+    publish writes its temporary file with the warehouse open); returns how many files were
+    deleted."""
+    with holding_warehouse(warehouse):
         removed = 0
         for folder in folders:
             for entry in unfinished_temporaries(folder):
@@ -51,9 +69,6 @@ def remove_unfinished_publishes(folders: tuple[Path, ...], warehouse: Path | Non
             for folder in folders:
                 if Path(folder).is_dir():
                     fsync_dir(Path(folder))
-    finally:
-        if con is not None:
-            con.close()
     return removed
 
 
@@ -194,9 +209,12 @@ def purge_released_references(
         removed = _purge_resource_references(con, keys)
         removed += _null_key_columns(con)
         con.execute("CHECKPOINT")
+        # with the warehouse still held: no other process rewrites a released file meanwhile
+        # (holding_warehouse)
+        removed += _null_parquet_key_columns(folders, keys)
     finally:
         con.close()
-    return removed + _null_parquet_key_columns(folders, keys)
+    return removed
 
 
 def _purge_resource_references(con: duckdb.DuckDBPyConnection, keys: frozenset[str]) -> int:
@@ -309,19 +327,24 @@ class ReleasedReferences:
 @dataclass(frozen=True)
 class ReleasedParquet:
     """The released Parquet files of a workdir (views, features, models), and the temporary
-    files of publishes into them that a killed process left behind."""
+    files of publishes into them that a killed process left behind. Each purge holds the
+    warehouse open for writing from before it reads a file until its rewrite is in place
+    (:func:`holding_warehouse`), as every publish does: another erasure's purge, or a run's
+    publish, of the same file waits for it."""
 
     folders: tuple[Path, ...]
     name: str = "released_parquet"
-    # the warehouse every publish holds open while it writes a temporary file (waited for)
+    # the warehouse every publish and purge holds open while it writes a file (waited for)
     warehouse: Path | None = None
 
     def purge(self, pseudonym: str) -> int:
-        remove_unfinished_publishes(self.folders, self.warehouse)
-        return purge_released_parquet(self.folders, pseudonym)
+        with holding_warehouse(self.warehouse):
+            remove_unfinished_publishes(self.folders)
+            return purge_released_parquet(self.folders, pseudonym)
 
     def purge_resources(self, resource_keys: tuple[str, ...]) -> int:
-        return purge_released_parquet_resources(self.folders, resource_keys)
+        with holding_warehouse(self.warehouse):
+            return purge_released_parquet_resources(self.folders, resource_keys)
 
 
 @dataclass(frozen=True)

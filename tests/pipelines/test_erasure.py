@@ -3,9 +3,11 @@ released Parquet files or the Feast online store."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import duckdb
@@ -391,3 +393,85 @@ def test_the_training_record_purge_leaves_the_reason_the_model_is_trained_again(
     assert not (model / "trained_on.parquet").exists()
     assert (model / TRAINED_ON_ERASED_FILE).is_file()
     assert (model / TRAINED_ON_ERASED_FILE).read_bytes() == b""  # names no one
+
+
+# One erasure's purge of the released Parquet files as ``ehr forget`` runs it, paused once it
+# has written a file's rewrite and before it puts it in the file's place, until the test says go
+# (a file) or a few seconds have passed.
+_PARQUET_PURGE_PAUSED_BEFORE_ITS_RENAME = """
+import sys, time
+from pathlib import Path
+from pipelines import erasure
+from pipelines.workdir import Workdir
+real = erasure._replace_durably
+def paused(new, path):
+    Path(sys.argv[3]).touch()
+    deadline = time.monotonic() + 5
+    while not Path(sys.argv[4]).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    real(new, path)
+erasure._replace_durably = paused
+(place,) = [p for p in Workdir(Path(sys.argv[1])).erasure_plan().places
+            if p.name == "released_parquet"]
+print(place.purge(sys.argv[2]), flush=True)
+"""
+
+
+def test_two_erasures_purging_the_released_files_together_both_stick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two ``ehr forget`` processes purge the same released Parquet file at once: the second
+    one read the file before the first had put its rewrite in place. Neither patient's rows
+    are in the file afterwards, and both purges succeed. Before, both wrote the same temporary
+    file: the first renamed the second's rewrite, which still held the first patient's rows,
+    into place and reported success, and the second failed."""
+    import subprocess
+    import sys
+
+    from pipelines import erasure
+    from vault import warehouse
+
+    workdir = Workdir(tmp_path / "work")
+    workdir.root.mkdir(mode=0o700)
+    warehouse.connect(workdir.warehouse).close()
+    first, second, kept = (c * PSEUDONYM_HEX_CHARS for c in "abc")
+    workdir.views.mkdir()
+    path = workdir.views / "observation.parquet"
+    pq.write_table(pa.table({"patient_id": [first, second, kept], "x": [1, 2, 3]}), path)
+    paused, go = tmp_path / "paused", tmp_path / "go"
+    purge = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            _PARQUET_PURGE_PAUSED_BEFORE_ITS_RENAME,
+            str(workdir.root),
+            first,
+            str(paused),
+            str(go),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not paused.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        real = erasure._replace_durably
+
+        def after_the_first(new: Path, target: Path) -> None:
+            go.touch()
+            purge.wait(timeout=60)
+            real(new, target)
+
+        monkeypatch.setattr(erasure, "_replace_durably", after_the_first)
+        (place,) = [p for p in workdir.erasure_plan().places if p.name == "released_parquet"]
+        second_removed = None
+        # before: the second's rewrite was gone, renamed into place by the first
+        with contextlib.suppress(FileNotFoundError):
+            second_removed = place.purge(second)
+        out, _ = purge.communicate(timeout=60)
+    finally:
+        purge.kill()
+        purge.wait()
+    assert pq.read_table(path).column("patient_id").to_pylist() == [kept]
+    assert (purge.returncode, out.strip(), second_removed) == (0, "1", 1)

@@ -506,7 +506,9 @@ def forget(
     online store; then the warehouse is rewritten into a fresh file so no freed page keeps any
     of it. Then the release runs (unless --no-release): the patient's k-anonymity group may
     now hold fewer than k people, who are withheld from every table it publishes, and the
-    model trained with the patient is retrained without them. Stop pipeline runs first."""
+    model trained with the patient is retrained without them. A pipeline run holding the
+    warehouse is waited for, five minutes at most at each step; then the command stops and
+    says so, and is run again once the warehouse is free."""
     from vault.lifecycle import forget_in_warehouse
 
     provider = _provider(key_file)

@@ -317,6 +317,76 @@ def test_one_run_releases_a_batch_as_the_batches_after_it_leave_its_references(
     assert again["stages"]["ingest"]["batches_already_done"] == ["b1", "b2"]
 
 
+def test_an_opt_out_by_identifier_applies_once_a_later_batch_brings_her_patient(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """b1 holds a research deny whose patient is given by MRN alone, and no Patient holds the
+    MRN: it is filed under no patient. b2, run later, brings her Patient (and another
+    patient's): the next ``ehr run`` ingests b1 again, the Consent is filed under her, and she
+    is in no feature table, while the other patient is."""
+    system, mrn = "http://hospital.example.org/mrn", "LATE778899"
+    consent = {
+        "resourceType": "Consent",
+        "id": "c1",
+        "status": "active",
+        "scope": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/consentscope", "code": "research"}
+            ]
+        },
+        "category": [{"coding": [{"system": "http://loinc.org", "code": "59284-0"}]}],
+        "patient": {"identifier": {"system": system, "value": mrn}},
+        "provision": {"type": "deny"},
+    }
+
+    def patient(pid: str, identifier: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Patient",
+            "id": pid,
+            "gender": "female",
+            "birthDate": "1960-05-05",
+            "identifier": [{"system": system, "value": identifier}],
+        }
+
+    def visit(pid: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Encounter",
+            "id": f"e-{pid}",
+            "status": "finished",
+            "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+            "subject": {"reference": f"Patient/{pid}"},
+            "period": {"start": "2020-01-01", "end": "2020-01-01"},
+        }
+
+    land, workdir = tmp_path / "landing", tmp_path / "work"
+    (land / "b1").mkdir(parents=True)
+    (land / "b1" / "consent.ndjson").write_bytes(orjson.dumps(consent) + b"\n")
+    assert all(r["success"] for r in run_pipeline(land, workdir, str(key_file), 1)["runs"])
+    (land / "b2").mkdir()
+    records = [patient("p9", mrn), patient("p8", "OTHER1234"), visit("p9"), visit("p8")]
+    data = b"".join(orjson.dumps(r) + b"\n" for r in records)
+    (land / "b2" / "patients.ndjson").write_bytes(data)
+    summary = run_pipeline(land, workdir, str(key_file), 1)
+    assert [r["batch"] for r in summary["runs"]] == ["b2", "b1", None]
+    assert all(r["success"] for r in summary["runs"])
+    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
+    try:
+        ((hers,),) = con.execute(
+            "SELECT patient_id FROM deid_resources WHERE resource_type = 'Consent'"
+        ).fetchall()
+        patients = {p for (p,) in con.execute("SELECT patient_id FROM views.patient").fetchall()}
+        featured = {
+            p
+            for (p,) in con.execute(
+                "SELECT patient_id FROM features.patient_demographics"
+            ).fetchall()
+        }
+    finally:
+        con.close()
+    assert hers in patients and len(patients) == 2
+    assert featured == patients - {hers}
+
+
 def test_a_batch_that_cannot_be_listed_is_left_for_the_next_run_and_the_others_run(
     tmp_path: Path, key_file: Path, refuse_listing: Any
 ) -> None:

@@ -81,6 +81,11 @@ Definition (one row per index discharge):
   consent scoped to research, or with no scope code the release carries, that denies at any
   level of its provisions or names ``OPTOUT``, or an active consent of any scope with a deny
   for a research purpose at any level; codes compared without regard to case).
+* Patients absent from ``views.patient`` (when the view is present): every discharge of a
+  patient the release holds no Patient for is dropped, as the feature tables leave them out. A
+  patient withheld by k-anonymity has no rows in any view already; one whose encounters came
+  before their Patient resource (or without one) is in no k-anonymity group yet, and their
+  discharges reached the training set and the model, with every feature null.
 * Dates known only to a month or a year (``views.encounter``'s ``*_latest`` columns more than
   two days after the start they are read as; Safe Harbor releases only years): a discharge so
   dated has no 30-day window, and one that an admission so dated may have followed within 30
@@ -194,12 +199,21 @@ def _death_at_stay_sql() -> str:
     ))"""
 
 
+def _released_patient_sql(patient_cols: set[str]) -> str:
+    """The condition on ``patient_id`` that keeps the patients ``views.patient`` releases, as
+    the feature tables do: a patient absent from it (withheld by k-anonymity, or whose Patient
+    the release does not hold, so no k-anonymity group was ever counted for them) has no label.
+    Always true when there is no patient view."""
+    return "patient_id IN (SELECT id FROM views.patient)" if "id" in patient_cols else "TRUE"
+
+
 def _discharges_sql(
     con: duckdb.DuckDBPyConnection, censor_margin_days: int, known_by: datetime | None
 ) -> str:
     """Every index discharge with its label and the exclusion flags, as a SQL query."""
     patient_cols = table_columns(con, "patient", "views")
     has_deaths = {"id", "deceased_date_time"} <= patient_cols
+    released = _released_patient_sql(patient_cols)
     death_join = "LEFT JOIN views.patient p ON p.id = d.patient_id" if has_deaths else ""
     death_at_stay = _death_at_stay_sql() if has_deaths else "FALSE"
     expired = sql_list(EXPIRED_DISPOSITIONS)
@@ -220,7 +234,7 @@ def _discharges_sql(
             {start_latest} AS start_latest, {end_latest} AS end_latest,
             {_dated_to_the_day("period_start", start_latest)} AS start_dated,
             {_dated_to_the_day("period_end", end_latest)} AS end_dated
-        FROM enc e WHERE {inpatient_sql()} AND patient_id IS NOT NULL
+        FROM enc e WHERE {inpatient_sql()} AND patient_id IS NOT NULL AND {released}
           -- an ICU or ward segment of a stay in the data is no stay of its own
           AND {own_encounter_sql("enc", "e")}
     ),

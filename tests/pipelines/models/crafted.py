@@ -90,6 +90,9 @@ def crafted_views(con: duckdb.DuckDBPyConnection, with_patient: bool = False) ->
             "('noreadmit', 'female', TRUE, CAST('2024-05-06 00:00:00+00' AS TIMESTAMPTZ)), "
             "('readmit', 'male', FALSE, NULL)"
         )
+        # every other patient of the encounters is released too: the label keeps only those
+        others = sorted({pid for _, pid, *_ in ENCOUNTERS} - {"noreadmit", "readmit"})
+        con.executemany("INSERT INTO views.patient (id) VALUES (?)", [[p] for p in others])
 
 
 def planted_frame(n_patients: int = 600, seed: int = 3) -> pd.DataFrame:

@@ -60,6 +60,19 @@ def test_death_recorded_on_patient_excludes_that_stay() -> None:
     assert counts.died == 2
 
 
+def test_a_patient_absent_from_the_patient_view_has_no_label() -> None:
+    """A patient the release holds no Patient for (withheld, or their encounters came without
+    their Patient resource: in no k-anonymity group) is in no feature table; their discharges
+    gave training rows all the same, with every feature null, and the model was fitted to them."""
+    con = duckdb.connect()
+    crafted_views(con, with_patient=True)
+    assert "readmit" in set(readmission_labels(con)["patient_id"])
+    con.execute("DELETE FROM views.patient WHERE id = 'readmit'")
+    labels = readmission_labels(con)
+    assert "readmit" not in set(labels["patient_id"])
+    assert "noreadmit" in set(labels["patient_id"])
+
+
 def test_same_day_discharges_collapse_to_one_row() -> None:
     con = duckdb.connect()
     crafted_views(con)

@@ -381,6 +381,22 @@ class FileKeyProvider(_LocalKekProvider):
         self._document = document
         return True
 
+    def require_current(self) -> None:
+        """Refuse (KeyMaterialError, key ids only) when the keyring file's active KEK is no
+        longer the one this provider read: a rotation finished since. A data key wrapped under
+        the KEK it retired would land beside keys the rotation re-wrapped, in a warehouse it may
+        not have known of yet, and ``ehr keys purge-retired`` would then drop the only KEK that
+        unwraps it. Writers call this before they store a data key."""
+        active = read_keyring_document(self.path).get("active_kek")
+        if active != self._active:
+            now = shown(active, "the keyring's 'active_kek'")
+            held = shown(self._active, "the active KEK this process read")
+            raise KeyMaterialError(
+                f"key file {shown_key_file(self.path)} was rotated after this process read it "
+                f"(its active KEK is now {now}, this process holds {held}): no data key was "
+                "stored; run again, it reads the rotated keyring"
+            )
+
     @classmethod
     def load(cls, path: Path) -> FileKeyProvider:
         """The keyring at ``path``. An error about its content (a KEK removed, a key that is

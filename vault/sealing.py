@@ -150,6 +150,7 @@ class DataKeyStore:
         self._owners: dict[bytes, str] = {}
         self._pending: list[tuple[bytes, str, WrappedKey]] = []
         self._registered = False
+        self._current_kek_checked = False
         # Owners whose key was destroyed are remembered: an erased patient never gets a fresh
         # key, so nothing of theirs can be sealed (and so kept) again.
         self.destroyed_owners: set[str] = set()
@@ -266,6 +267,7 @@ class DataKeyStore:
         if not writing:
             return 0
         self._register_warehouse()
+        self._require_current_kek()
         now = self._clock()
         table = pa.table(
             {
@@ -303,6 +305,18 @@ class DataKeyStore:
                 del self._by_owner[owner]
         self.destroyed_owners |= gone
         return len(dropped)
+
+    def _require_current_kek(self) -> None:
+        """Before the first data key is stored, the keyring must still have the KEK it is
+        wrapped under as its active one (:meth:`FileKeyProvider.require_current`): this
+        process read the keyring before a rotation (and a purge of the KEK it retired) that
+        did not know this warehouse, or could not reach it while it was closed. Registered
+        (and held open for writing) from here on, the warehouse is in every later rotation."""
+        require = getattr(self._provider, "require_current", None)
+        if self._current_kek_checked or require is None:
+            return
+        require()
+        self._current_kek_checked = True
 
     def _register_warehouse(self) -> None:
         """Before the first data key lands here, the keyring learns that this warehouse

@@ -475,6 +475,40 @@ def test_a_purge_refuses_a_registered_path_that_holds_another_warehouse(world: W
     assert len(lifecycle.purge_retired_keks(world.key_file, world.audit)) == 1
 
 
+def test_a_data_key_is_not_stored_under_a_kek_a_rotation_retired_after_it_was_read(
+    world: World, tmp_path: Path
+) -> None:
+    """A writer that read the keyring before a rotation and a purge, in a warehouse neither
+    knew of yet (its first ingest), stored its data keys under the purged KEK: readable by no
+    keyring once the process ended. It is refused before storing any, and runs again."""
+    stale = FileKeyProvider.load(world.key_file)  # a run step read the keyring here
+    con = world.connect()
+    try:
+        retired = rotate_kek(world.key_file, con, world.audit).retired_kek_ids
+    finally:
+        con.close()
+    assert lifecycle.purge_retired_keks(world.key_file, world.audit) == retired
+    land = tmp_path / "land2"
+    land.mkdir()
+    (land / "p2.json").write_text(json.dumps(_bundle("p2")))
+    new_wh = tmp_path / "new" / "w.duckdb"
+    with pytest.raises(KeyMaterialError, match="was rotated after this process read it") as info:
+        ingest_batch(new_wh, "b1", land, stale, workers=1)
+    assert json.loads(world.key_file.read_text())["pseudonym_key"] not in str(info.value)
+    fresh = FileKeyProvider.load(world.key_file)
+    con = warehouse.connect(new_wh, read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM data_keys").fetchall() == [(0,)]
+    finally:
+        con.close()
+    assert ingest_batch(new_wh, "b1", land, fresh, workers=1).accepted == 3
+    con = warehouse.connect(new_wh, read_only=True)
+    try:
+        assert read_resource(con, fresh, "Patient", "p2") == PATIENTS["p2"]
+    finally:
+        con.close()
+
+
 # -- erasure ----------------------------------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ from vault.keys import (
     keyring_lock,
     read_keyring_document,
     shown,
+    shown_key_file,
     wrap_retired_kek,
     write_keyring,
 )
@@ -302,6 +303,30 @@ def _require_the_warehouses_pseudonym_key(
             )
 
 
+def _require_every_kek_in_use(
+    key_file: Path, cons: dict[str, duckdb.DuckDBPyConnection], act: str
+) -> None:
+    """Refuse, before anything changes, a keyring that lacks a KEK live data keys of a
+    registered warehouse are wrapped under (KEK ids only): an older copy restored after a
+    rotation, or another's. ``act`` (rotation, purge) would write it again as the one kept:
+    a rotation gave it a new KEK and an announced act that never completes, while the keyring
+    that holds the missing KEK (and a backup of it) may still exist."""
+    held = set(FileKeyProvider.load(key_file).kek_ids())
+    missing: list[str] = []
+    for wid, con in sorted(cons.items()):
+        absent = sorted({str(k) for (k,) in con.execute(_KEK_IDS_IN_USE).fetchall()} - held)
+        if absent:
+            names = ", ".join(shown(k, "a KEK id in data_keys") for k in absent)
+            missing.append(f"{wid}: {names}")
+    if missing:
+        raise KeyRotationError(
+            f"key file {shown_key_file(key_file)} does not hold the KEKs that wrap live data "
+            f"keys of registered warehouses ({'; '.join(missing)}): nothing was {act}. The "
+            "keyring is older than those warehouses (a backup restored after a rotation?) or "
+            "is another's; restore the keyring file that holds them"
+        )
+
+
 def _activate_new_kek(
     key_file: Path, document: dict[str, Any], random_bytes: RandomBytes, clock: Clock
 ) -> tuple[str, list[str]]:
@@ -412,6 +437,7 @@ def rotate_kek(
         own_id = _register_in_document(document, con, clock)
         with _registered_warehouses(document, own_id, con) as cons:
             _require_the_warehouses_pseudonym_key(key_file, cons, "rotated")
+            _require_every_kek_in_use(key_file, cons, "rotated")
             new_id, old_ids = _activate_new_kek(key_file, document, random_bytes, clock)
             intent = audit.intend(
                 "rotate_keys", new_id, reason, {"warehouses": sorted(cons)}, actor
@@ -486,6 +512,7 @@ def purge_retired_keks(
                 )
             try:
                 _require_the_warehouses_pseudonym_key(key_file, {wid: con}, "purged")
+                _require_every_kek_in_use(key_file, {wid: con}, "purged")
                 in_use = {str(k) for (k,) in con.execute(_KEK_IDS_IN_USE).fetchall()}
             finally:
                 con.close()

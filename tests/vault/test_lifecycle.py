@@ -236,9 +236,9 @@ def test_a_failed_rewrap_leaves_a_keyring_that_reads_everything(world: World) ->
     old_id = world.provider.active_kek_id()
     con = world.connect()
     try:
-        con.execute(
-            "INSERT INTO data_keys VALUES (?, 'someone', 'kek-elsewhere', ?, now(), NULL)",
-            [b"\x07" * 16, b"\x00" * 60],
+        con.execute(  # under the keyring's KEK, but not a key it wrapped
+            "INSERT INTO data_keys VALUES (?, 'someone', ?, ?, now(), NULL)",
+            [b"\x07" * 16, old_id, b"\x00" * 60],
         )
         before = con.execute("SELECT key_id, kek_id, wrapped FROM data_keys ORDER BY 1").fetchall()
         with pytest.raises(KeyRotationError, match="cannot be unwrapped"):
@@ -473,6 +473,49 @@ def test_a_purge_refuses_a_registered_path_that_holds_another_warehouse(world: W
     world.wh.unlink()
     moved.rename(world.wh)  # back where it is registered: purged
     assert len(lifecycle.purge_retired_keks(world.key_file, world.audit)) == 1
+
+
+def test_an_older_keyring_restored_after_a_rotation_is_neither_rotated_nor_purged(
+    world: World,
+) -> None:
+    """A keyring backup from before a rotation lacks the KEK the data keys are under now. A
+    rotation gave it a new KEK (and an intent never completed) before the re-wrap failed, so
+    the older copy was written again as the one kept. Both refuse before writing anything,
+    naming the file and KEK ids only; the newer keyring still rotates and purges."""
+    con = world.connect()
+    try:
+        rotate_kek(world.key_file, con, world.audit)
+        older = world.key_file.read_bytes()  # a backup, with a retired KEK for a purge to drop
+        current = rotate_kek(world.key_file, con, world.audit).new_kek_id
+    finally:
+        con.close()
+    newer = world.key_file.read_bytes()
+    world.key_file.write_bytes(older)  # the backup restored over it
+    entries = len(world.audit.entries())
+    con = world.connect()
+    try:
+        with pytest.raises(KeyRotationError, match="nothing was rotated") as rotated:
+            rotate_kek(world.key_file, con, world.audit)
+    finally:
+        con.close()
+    with pytest.raises(KeyRotationError, match="nothing was purged") as purged:
+        lifecycle.purge_retired_keks(world.key_file, world.audit)
+    for refused in (rotated, purged):
+        message = str(refused.value)
+        assert str(world.key_file) in message and repr(current) in message
+        for key in json.loads(newer)["keks"].values():
+            assert key["key"] not in message
+    assert world.key_file.read_bytes() == older
+    assert len(world.audit.entries()) == entries
+    world.key_file.write_bytes(newer)
+    con = world.connect()
+    try:
+        assert rotate_kek(world.key_file, con, world.audit).rewrapped == 3
+        _all_readable(con, FileKeyProvider.load(world.key_file))
+    finally:
+        con.close()
+    assert len(lifecycle.purge_retired_keks(world.key_file, world.audit)) == 3
+    assert world.audit.verify().incomplete == []
 
 
 def test_a_data_key_is_not_stored_under_a_kek_a_rotation_retired_after_it_was_read(

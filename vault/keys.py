@@ -381,6 +381,28 @@ class FileKeyProvider(_LocalKekProvider):
         self._document = document
         return True
 
+    def unwrap(self, wrapped: WrappedKey, context: bytes) -> bytes:
+        """As :meth:`_LocalKekProvider.unwrap`; a KEK this keyring does not hold is named with
+        the key file and why it may be missing (key ids only, never a key)."""
+        try:
+            return super().unwrap(wrapped, context)
+        except KeyMaterialError as exc:
+            raise KeyMaterialError(
+                f"key file {shown_key_file(self.path)}: {exc}: {self._why_a_kek_is_missing()}"
+            ) from exc
+
+    def _why_a_kek_is_missing(self) -> str:
+        try:
+            active = read_keyring_document(self.path).get("active_kek")
+        except KeyMaterialError:
+            active = self._active  # the file cannot say more now; its own error says why
+        if active != self._active:
+            return "the keyring was rotated after this process read it; run again"
+        return (
+            "the keyring does not hold it (a copy older than the warehouse, restored after a "
+            "rotation, or another's); use the keyring file that holds it"
+        )
+
     def require_current(self) -> None:
         """Refuse (KeyMaterialError, key ids only) when the keyring file's active KEK is no
         longer the one this provider read: a rotation finished since. A data key wrapped under

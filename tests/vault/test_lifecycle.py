@@ -518,6 +518,32 @@ def test_an_older_keyring_restored_after_a_rotation_is_neither_rotated_nor_purge
     assert world.audit.verify().incomplete == []
 
 
+def test_a_kek_the_keyring_does_not_hold_is_named_with_the_key_file_and_why(
+    world: World,
+) -> None:
+    """Reading with a keyring read before a rotation, or with an older copy of the keyring
+    restored after it, said only that a KEK 'is not available to this provider': not which
+    file, nor what to do. Key ids and the path only, never a key."""
+    older = world.key_file.read_bytes()
+    stale = FileKeyProvider.load(world.key_file)
+    con = world.connect()
+    try:
+        rotate_kek(world.key_file, con, world.audit)
+        with pytest.raises(KeyMaterialError, match="not available") as rotated:
+            read_resource(con, stale, "Patient", "p1")
+        world.key_file.write_bytes(older)  # a backup restored over it
+        with pytest.raises(KeyMaterialError, match="not available") as restored:
+            read_resource(con, FileKeyProvider.load(world.key_file), "Patient", "p1")
+    finally:
+        con.close()
+    assert "rotated after this process read it; run again" in str(rotated.value)
+    assert "does not hold it (a copy older than the warehouse" in str(restored.value)
+    for refused in (rotated, restored):
+        assert f"key file {world.key_file}: KEK " in str(refused.value)
+        for entry in json.loads(older)["keks"].values():
+            assert entry["key"] not in str(refused.value)
+
+
 def test_a_data_key_is_not_stored_under_a_kek_a_rotation_retired_after_it_was_read(
     world: World, tmp_path: Path
 ) -> None:

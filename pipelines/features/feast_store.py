@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import sqlite3
 import subprocess
@@ -536,21 +537,22 @@ def entity_timestamps(entity_df: pd.DataFrame, column: str = "event_timestamp") 
     the form Feast's ``get_historical_features`` takes whatever a model builder started from.
 
     Naive datetimes and strings without an offset are read as UTC, an aware column in any zone
-    is converted, ISO strings may mix precisions, and a pyarrow-backed column is taken; Feast
-    0.67 refuses the last two, and a nanosecond column holding an instant between two
-    microseconds (``pd.to_datetime(seconds, unit="s")`` gives them) with an ``ArrowInvalid``
-    ("would lose data"). Such an instant is floored to the microsecond before it: the feature
-    tables are stamped to the microsecond, so no feature row lies between the two and the
-    point-in-time answer (the latest row at or before T, within the TTL) is the same.
+    is converted, ISO strings (of any backend) may mix precisions and offsets, and a
+    pyarrow-backed column is taken; Feast 0.67 refuses the last two, and a nanosecond column
+    holding an instant between two microseconds (``pd.to_datetime(seconds, unit="s")`` gives
+    them) with an ``ArrowInvalid`` ("would lose data"). Such an instant is floored to the
+    microsecond before it: the feature tables are stamped to the microsecond, so no feature row
+    lies between the two and the point-in-time answer (the latest row at or before T, within
+    the TTL) is the same.
 
     A row without a timestamp (``None``, ``NaT``, an empty string) raises
     :class:`MissingEntityTimestampError`, naming how many and the first row labels: Feast
     answers such a row with nulls, which a training set would take for values. A column of
-    numbers raises :class:`EntityTimestampError`: pandas would read epoch seconds as
-    nanoseconds."""
+    numbers, or an object column with a number among its values, raises
+    :class:`EntityTimestampError`: pandas would read epoch seconds as nanoseconds."""
     out = entity_df.copy()
     values = out[column]
-    if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
+    if _holds_numbers(values):
         # pandas reads a number as nanoseconds since 1970: epoch seconds would become instants
         # in January 1970, and every answer null
         raise EntityTimestampError(
@@ -558,13 +560,9 @@ def entity_timestamps(entity_df: pd.DataFrame, column: str = "event_timestamp") 
             f'pd.to_datetime(entity_df["{column}"], unit="s", utc=True) for epoch seconds.'
         )
     if isinstance(values.dtype, pd.ArrowDtype) or not pd.api.types.is_datetime64_any_dtype(values):
-        values = pd.to_datetime(
-            values,
-            utc=True,
-            format="ISO8601"
-            if pd.api.types.is_string_dtype(values) and not isinstance(values.dtype, pd.ArrowDtype)
-            else None,
-        )
+        # text of any backend (object, string, pyarrow) may mix precisions and offsets
+        text = pd.api.types.is_string_dtype(values)
+        values = pd.to_datetime(values, utc=True, format="ISO8601" if text else None)
     elif values.dt.tz is None:
         values = values.dt.tz_localize("UTC")
     else:
@@ -579,6 +577,21 @@ def entity_timestamps(entity_df: pd.DataFrame, column: str = "event_timestamp") 
         )
     out[column] = values.dt.floor("us").astype("datetime64[us, UTC]")
     return out
+
+
+def _holds_numbers(values: pd.Series) -> bool:
+    """Whether a column holds numbers: a numeric one, or an object one with a number among its
+    values (epoch seconds read from JSON, or put in a list beside instants)."""
+    if pd.api.types.is_bool_dtype(values):
+        return False
+    if pd.api.types.is_numeric_dtype(values):
+        return True
+    return values.dtype == object and bool(values.map(_is_number).any())
+
+
+def _is_number(value: object) -> bool:
+    """A number that is not a bool and not missing (NaN is a missing timestamp)."""
+    return isinstance(value, numbers.Number) and not isinstance(value, bool) and not pd.isna(value)
 
 
 class EntityTimestampError(ValueError):

@@ -278,6 +278,24 @@ def test_an_entity_row_without_a_timestamp_is_refused_not_answered_with_nulls(
         entity_timestamps(as_text)
 
 
+def test_entity_timestamps_reads_pyarrow_text_and_refuses_numbers_in_an_object_column() -> None:
+    at = pd.Timestamp("2024-03-10T00:00:00Z")
+    text = ["2024-03-10T00:00:00Z", "2024-03-09T23:59:59.999999Z", "2024-03-09T19:00:00-05:00"]
+    # read_parquet(dtype_backend="pyarrow") of isoformat() text: mixed precision and zones
+    as_arrow = pd.DataFrame(
+        {"patient_id": [A] * 3, "event_timestamp": pd.array(text, dtype=pd.ArrowDtype(pa.string()))}
+    )
+    read = entity_timestamps(as_arrow)["event_timestamp"].tolist()
+    assert read == [at, at - pd.Timedelta(microseconds=1), at]
+    # epoch seconds in an object column (JSON, a mixed list): pandas read them as nanoseconds
+    for numbers in ([int(at.timestamp())] * 3, [at, float(at.timestamp()), at]):
+        given = pd.DataFrame(
+            {"patient_id": [A] * 3, "event_timestamp": pd.Series(numbers, dtype=object)}
+        )
+        with pytest.raises(EntityTimestampError, match=r'unit="s"'):
+            entity_timestamps(given)
+
+
 def test_declared_types_survive_retrieval(applied: Applied) -> None:
     types = declared_types(applied.store)
     assert types["charlson_index"] == "Int64" and types["has_diabetes"] == "Bool"

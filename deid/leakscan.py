@@ -975,8 +975,7 @@ def _identifier_kind(ident: dict[str, Any]) -> str:
 
 
 def _add_relative(canaries: CanarySet, resource: dict[str, Any], _: str | None) -> None:
-    names = resource.get("name")
-    for name in names if isinstance(names, list) else [names]:
+    for name in repeated(resource.get("name")):
         canaries.add_name(name)
     canaries.add_contact_points(resource)
 

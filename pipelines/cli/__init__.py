@@ -14,7 +14,7 @@ from deid.errors import DeidError
 from pipelines.cli import features as cli_features
 from pipelines.cli import privacy as cli_privacy
 from pipelines.cli import views as cli_views
-from pipelines.cli.options import workdir_option
+from pipelines.cli.options import existing_warehouse, workdir_option
 from pipelines.workdir import Workdir
 from vault.errors import KeyMaterialError, VaultError
 from vault.keys import default_key_file, init_keyring, shown_key_file
@@ -159,22 +159,17 @@ def quarantine() -> None:
 
 @quarantine.command("list")
 @workdir_option
-@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--limit", type=click.IntRange(min=0), default=50, show_default=True)
 def quarantine_list(workdir: Workdir, limit: int) -> None:
     """Quarantined records: batch, file pseudonym, position, reason (one JSON object a line;
     when there are more than ``--limit``, standard error says how many are not shown)."""
-    from vault import warehouse
-
-    con = warehouse.connect(workdir.warehouse, read_only=True)
-    try:
+    with existing_warehouse(workdir, read_only=True) as con:
         rows = con.execute(
             "SELECT batch_id, file_id, position, reason_code, message FROM quarantine "
             "ORDER BY batch_id, file_index, position LIMIT ?",
             [limit],
         ).fetchall()
         ((total,),) = con.execute("SELECT count(*) FROM quarantine").fetchall()
-    finally:
-        con.close()
     for row in rows:
         click.echo(json.dumps(dict(zip(["batch", "file", "position", "reason", "message"], row))))
     if total > len(rows):

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from pipelines.cli.options import workdir_option
+from pipelines.cli.options import existing_warehouse, workdir_option
 from pipelines.workdir import Workdir
 
 WORKDIR_OPTION = workdir_option
@@ -100,13 +100,9 @@ def features_describe(workdir: Workdir, name: str) -> None:
 def features_entities(workdir: Workdir, count: bool) -> None:
     """Patient pseudonyms of the release who did not opt out of research, one a line."""
     from pipelines.features.cohort import released_cohort
-    from vault import warehouse
 
-    con = warehouse.connect(workdir.warehouse, read_only=True)
-    try:
+    with existing_warehouse(workdir, read_only=True) as con:
         patients = released_cohort(con)
-    finally:
-        con.close()
     if count:
         click.echo(str(len(patients)))
         return

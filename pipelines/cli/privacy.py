@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager, redirect_stdout
+from contextlib import redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +19,7 @@ import duckdb
 import orjson
 
 from deid.errors import DeidError
-from pipelines.cli.options import workdir_option
+from pipelines.cli.options import IN_USE, existing_warehouse, workdir_option
 from pipelines.workdir import Workdir
 from vault.audit import AuditLog
 from vault.errors import VaultError
@@ -87,36 +86,6 @@ def _warn_legacy_audit_key(provider: KeyProvider) -> None:
             "pseudonym key every pipeline holds): run `ehr keys migrate-audit-key`",
             err=True,
         )
-
-
-_IN_USE = (
-    "the warehouse at {path} is in use by another process: stop pipeline runs and the "
-    "Dagster UI, then run the command again"
-)
-
-
-@contextmanager
-def _warehouse(
-    workdir: Workdir, *, read_only: bool, wait: bool = False
-) -> Iterator[duckdb.DuckDBPyConnection]:
-    """An existing warehouse only: these commands never create an empty one. With ``wait``,
-    waits while another process has it open (:func:`vault.warehouse.connect_when_free`)."""
-    from vault import warehouse
-
-    path = workdir.warehouse
-    if not path.exists():
-        raise click.ClickException(f"no warehouse at {path}")
-    try:
-        if wait:
-            con = warehouse.connect_when_free(path, read_only=read_only)
-        else:
-            con = warehouse.connect(path, read_only=read_only)
-    except duckdb.IOException as exc:
-        raise click.ClickException(_IN_USE.format(path=path)) from exc
-    try:
-        yield con
-    finally:
-        con.close()
 
 
 def _registry(provider: KeyProvider) -> dict[str, str]:
@@ -329,7 +298,7 @@ def _erasure_inputs(
     from vault.read import bind_pseudonym_key
 
     # another erasure's steps, or a run, may have it open: an erasure waits its turn
-    with _warehouse(workdir, read_only=False, wait=True) as con:
+    with existing_warehouse(workdir, read_only=False, wait=True) as con:
         try:
             pseudo = bind_pseudonym_key(con, provider)
             typed: tuple[str, ...] = ()  # the original id the operator typed
@@ -409,7 +378,7 @@ def keys_rotate(key_file: Path | None, workdir: Workdir) -> None:
     _warn_legacy_audit_key(provider)
     try:
         refuse_environment_keys()  # before anything else asks the environment for keys
-        with _warehouse(workdir, read_only=False) as con:
+        with existing_warehouse(workdir, read_only=False) as con:
             own_id = warehouse.claim_id(con, _registry(provider))
             report = rotate_kek(path, con, audit_log_for(workdir, provider, own_id))
     except (DeidError, VaultError) as exc:
@@ -528,7 +497,7 @@ def forget(
     except (DeidError, VaultError, ValueError) as exc:
         raise click.ClickException(str(exc)) from exc
     except duckdb.IOException as exc:  # announced, not done: the audit log lists it
-        raise click.ClickException(_IN_USE.format(path=workdir.warehouse)) from exc
+        raise click.ClickException(IN_USE.format(path=workdir.warehouse)) from exc
     click.echo(json.dumps(report.to_dict(), indent=2))
     if not report.found:
         click.echo(
@@ -565,7 +534,7 @@ def _release_after_erasure(workdir: Workdir, key_file: Path | None) -> None:
             "people left in the patient's k-anonymity group stay published until a release "
             "run succeeds (ehr run)"
         )
-    with _warehouse(workdir, read_only=True, wait=True) as con:
+    with existing_warehouse(workdir, read_only=True, wait=True) as con:
         if not has_table(con, "released_patients"):
             return
         ((released,),) = con.execute("SELECT count(*) FROM released_patients").fetchall()
@@ -588,7 +557,7 @@ def _report_release_changed(workdir: Workdir) -> bool:
     from pipelines.run import open_instance
     from vault.catalog import has_table
 
-    with _warehouse(workdir, read_only=True, wait=True) as con:
+    with existing_warehouse(workdir, read_only=True, wait=True) as con:
         if not has_table(con, "deid_resources"):
             return False  # nothing was ever released from this warehouse
         version = release_version(con)
@@ -621,7 +590,7 @@ def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | N
     provider = _provider(key_file)
     try:
         check_pseudonym(pseudonym)
-        with _warehouse(workdir, read_only=True) as con:
+        with existing_warehouse(workdir, read_only=True) as con:
             audit = audit_log_for(workdir, provider, warehouse.warehouse_id(con))
             audit.check_appendable()  # before anything of the patient is read
             subject = SubjectCanaries(_patient_versions(con, provider, pseudonym))

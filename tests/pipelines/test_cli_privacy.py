@@ -608,6 +608,45 @@ def test_quarantine_list_says_how_many_it_does_not_show(tmp_path: Path, key_file
     assert len(every.stdout.splitlines()) == 3 and every.stderr == ""
 
 
+def test_quarantine_list_refuses_a_negative_limit(tmp_path: Path, key_file: Path) -> None:
+    """``--limit -1`` reached DuckDB and ended in its traceback (LIMIT cannot be negative)."""
+    land = tmp_path / "land"
+    land.mkdir()
+    (land / "bad.ndjson").write_bytes(b"not json\n")
+    work = tmp_path / "work"
+    ingest_batch(work / "warehouse.duckdb", "b", land, FileKeyProvider.load(key_file), workers=1)
+    result = CliRunner().invoke(quarantine_list, ["--workdir", str(work), "--limit", "-1"])
+    assert result.exit_code == 2, result.output  # click's usage error, naming the option
+    assert "Invalid value for '--limit'" in result.output
+
+
+def test_quarantine_list_names_a_missing_warehouse(tmp_path: Path) -> None:
+    """A work directory with no warehouse (a mistyped --workdir) ended in DuckDB's traceback;
+    it is named, as the other commands that read the warehouse name it, and nothing is
+    created there."""
+    result = CliRunner().invoke(quarantine_list, ["--workdir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert f"no warehouse at {tmp_path / 'warehouse.duckdb'}" in result.output
+    assert not (tmp_path / "warehouse.duckdb").exists()
+
+
+def test_quarantine_list_says_when_the_warehouse_is_in_use(tmp_path: Path, key_file: Path) -> None:
+    land = tmp_path / "land"
+    land.mkdir()
+    (land / "bad.ndjson").write_bytes(b"not json\n")
+    work = tmp_path / "work"
+    ingest_batch(work / "warehouse.duckdb", "b", land, FileKeyProvider.load(key_file), workers=1)
+    holder = hold_open(work / "warehouse.duckdb", 60)
+    try:
+        result = CliRunner().invoke(quarantine_list, ["--workdir", str(work)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "in use by another process" in result.output
+
+
 def test_an_erasure_keeps_a_batchs_quarantined_records_in_its_quarantine_rate(
     work: Path, key_file: Path, tmp_path: Path
 ) -> None:

@@ -74,3 +74,10 @@ def test_entities_are_released_and_not_opted_out(workdir: Path) -> None:
 def test_missing_registry_says_what_to_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["features", "list", "--workdir", str(tmp_path)])
     assert result.exit_code != 0 and "ehr run" in result.output
+
+
+def test_entities_name_a_missing_warehouse(tmp_path: Path) -> None:
+    """Without a warehouse (a mistyped --workdir) the command ended in DuckDB's traceback."""
+    result = CliRunner().invoke(main, ["features", "entities", "--workdir", str(tmp_path)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert f"no warehouse at {tmp_path / 'warehouse.duckdb'}" in result.output

@@ -44,6 +44,11 @@ from vault.ingest import reconcile_batch, vault_totals
 from vault.landing import BatchSource, discover_landing
 
 
+class NoBatchError(FileNotFoundError):
+    """The input folder holds no batch: no FHIR data file in it or its folders (the message
+    says what it holds, by reason and count, never a name)."""
+
+
 def open_instance(workdir: Workdir) -> DagsterInstance:
     """The instance in ``DAGSTER_HOME`` when set (so the UI shows these runs), otherwise a
     persistent one inside the workdir."""
@@ -148,7 +153,7 @@ def run_pipeline(
         raise next(iter(found.unreadable.values()))
     if not batches:
         idle = "".join(f"; {folder.describe()}" for folder in found.idle)
-        raise FileNotFoundError(
+        raise NoBatchError(
             f"no FHIR data files ({', '.join(DATA_SUFFIXES)}) in the input folder{idle}"
         )
     warehouse.private_folder(workdir.root)

@@ -81,13 +81,13 @@ def _failure(run: dict[str, Any]) -> str:
 @click.option("--workers", type=int, default=0, help="validation processes (0 = one per core)")
 def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -> None:
     """Materialise the whole asset graph for an input folder and write run_summary.json."""
-    from pipelines.run import run_pipeline
+    from pipelines.run import NoBatchError, run_pipeline
     from vault.landing import BatchFolderNotReadableError
     from vault.warehouse import WarehouseBusyError
 
     try:
         summary = run_pipeline(input_dir, workdir, key_file=key_file, workers=workers)
-    except (DeidError, VaultError, BatchFolderNotReadableError) as exc:
+    except (DeidError, VaultError, BatchFolderNotReadableError, NoBatchError) as exc:
         raise click.ClickException(str(exc)) from exc
     except WarehouseBusyError as exc:  # open in another process for longer than a run waits
         raise click.ClickException(

@@ -229,6 +229,23 @@ def test_a_keyring_others_may_read_is_refused_before_a_warehouse_is_made(
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o644
 
 
+def test_an_input_with_no_batch_is_named_without_a_traceback(tmp_path: Path) -> None:
+    """`ehr run` over a folder holding no FHIR data file ended in a traceback of the
+    FileNotFoundError; it is a usage error naming what the folder holds (never a file name),
+    and no work directory is made."""
+    (tmp_path / "in" / "export").mkdir(parents=True)
+    (tmp_path / "in" / "export" / "Patient-Zedwick.xml").write_bytes(b"<Patient/>")
+    workdir = tmp_path / "work"
+    result = CliRunner().invoke(
+        main, ["run", "--input", str(tmp_path / "in"), "--workdir", str(workdir)]
+    )
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Error: no FHIR data files (.json, .ndjson, .json.gz, .ndjson.gz)" in result.output
+    assert "not a FHIR data file extension: 1" in result.output
+    assert "Traceback" not in result.output and "Zedwick" not in result.output
+    assert not workdir.exists()
+
+
 def test_a_run_waits_while_another_process_has_the_warehouse_open(
     tmp_path: Path, key_file: Path
 ) -> None:

@@ -20,19 +20,28 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from pipelines.features.cohort import encounter_held_sql, inpatient_sql, own_encounter_sql
 from pipelines.features.feast_store import feature_store, online_features
 
 
 def discharges(warehouse: Path, limit: int | None = None) -> pd.DataFrame:
     """Entity rows: each inpatient discharge (patient pseudonym, discharge time) of the
-    patients the feature tables hold (those who opted out of research are not there)."""
+    patients the feature tables hold (those who opted out of research are not there), by the
+    rules of the readmission label: an inpatient class (IMP, ACUTE, NONAC), a hospitalisation
+    once (not its ICU or ward segments, ``Encounter.partOf``), no encounter that did not take
+    place, at the latest instant the discharge can stand for (the end of its day when it has
+    no time), where the features first know the stay ended."""
     con = duckdb.connect(str(warehouse), read_only=True)
     try:
-        sql = (
-            "SELECT patient_id, period_end AS event_timestamp FROM views.encounter "
-            "WHERE class_code = 'IMP' AND period_end IS NOT NULL AND patient_id IN "
-            "(SELECT patient_id FROM features.patient_demographics) ORDER BY period_end"
-        )
+        sql = f"""
+            SELECT e.patient_id, e.period_end_latest AS event_timestamp
+            FROM views.encounter e
+            WHERE {inpatient_sql("e.class_code")} AND {encounter_held_sql("e.status")}
+              AND {own_encounter_sql("views.encounter", "e")}
+              AND e.period_end_latest IS NOT NULL
+              AND e.patient_id IN (SELECT patient_id FROM features.patient_demographics)
+            ORDER BY e.period_end_latest, e.patient_id
+        """
         if limit:
             sql += f" LIMIT {int(limit)}"
         return con.execute(sql).df()

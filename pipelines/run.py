@@ -351,7 +351,10 @@ def build_summary(
     }
     deid = dict(warehouse_totals["release"])
     if "released_patients" in release:
-        deid["released_patients"] = release["released_patients"].get("dagster/row_count", 0)
+        patients = release["released_patients"]
+        deid["released_patients"] = patients.get("dagster/row_count", 0)
+        # the patients of groups still below k, withheld from everything the release publishes
+        deid["withheld_patients"] = patients.get("withheld", 0)
     return {
         "success": all(r["success"] for r in runs),
         "runs": runs,

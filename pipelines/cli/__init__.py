@@ -116,8 +116,10 @@ def run(input_dir: Path, workdir: Workdir, key_file: str | None, workers: int) -
     if deid:
         # no release run after a failed batch: the table is as the last release left it
         patients = deid.get("released_patients")
+        withheld = deid.get("withheld_patients")
+        below_k = f", {withheld} withheld below k" if withheld is not None else ""
         table = (
-            f"{patients} patients in the k-anonymous table"
+            f"{patients} patients in the k-anonymous table{below_k}"
             if patients is not None
             else "the k-anonymous table not rebuilt (no release run)"
         )

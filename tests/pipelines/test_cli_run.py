@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 import pipelines.assets.ingest as ingest_assets
 from fhirlake.synthetic import generate
 from pipelines.cli import main
-from pipelines.run import run_pipeline
+from pipelines.run import build_summary, run_pipeline
 from vault import warehouse
 from vault.ingest import reconcile_batch
 
@@ -227,6 +227,36 @@ def test_a_keyring_others_may_read_is_refused_before_a_warehouse_is_made(
     assert not (workdir / "warehouse.duckdb").exists()
     assert key_file.read_bytes() == before
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o644
+
+
+def test_the_summary_counts_the_patients_withheld_below_k(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The summary's deid stage gave the released resources and the k-anonymous table's size,
+    and `ehr run` printed "0 withheld" (resources the de-identification withheld) while 3 of
+    120 patients were withheld below k: the count is in the summary and on that line."""
+    release = {"released_patients": {"dagster/row_count": 117, "withheld": 3, "patients": 120}}
+    totals = {
+        "release": {"released": 10, "released_by_type": {"Patient": 10}, "withheld": {}},
+        "vault_resources_current": 10,
+        "vault_patients": 120,
+    }
+    summary = build_summary({}, release, [], totals, {})
+    deid = summary["stages"]["deid"]
+    assert (deid["released_patients"], deid["withheld_patients"]) == (117, 3)
+    assert "withheld_patients" not in build_summary({}, {}, [], totals, {})["stages"]["deid"]
+
+    summary["success"] = True
+    monkeypatch.setattr("pipelines.run.run_pipeline", lambda *args, **kwargs: summary)
+    (tmp_path / "in").mkdir()
+    result = CliRunner().invoke(
+        main, ["run", "--input", str(tmp_path / "in"), "--workdir", str(tmp_path / "w")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "deid: 10 resources released, 0 withheld; 117 patients in the k-anonymous table, "
+        "3 withheld below k" in result.output
+    )
 
 
 def test_an_input_with_no_batch_is_named_without_a_traceback(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ The commands are registered on the main group by :mod:`pipelines.cli`. They work
 from __future__ import annotations
 
 import json
+import re
 import sys
 from contextlib import redirect_stdout
 from dataclasses import dataclass, replace
@@ -85,6 +86,17 @@ def _warn_legacy_audit_key(provider: KeyProvider) -> None:
             "this keyring has no audit key of its own (the audit key is derived from the "
             "pseudonym key every pipeline holds): run `ehr keys migrate-audit-key`",
             err=True,
+        )
+
+
+def _check_pseudonym_argument(value: str, hint: str) -> None:
+    """A usage error in the command's own terms when ``value`` has no pseudonym's shape (the
+    value is never repeated: an original id typed by mistake must not reach a log)."""
+    from vault.pseudonym import PSEUDONYM_HEX_CHARS
+
+    if not re.fullmatch(f"[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}", value):
+        raise click.ClickException(
+            f"a patient pseudonym is {PSEUDONYM_HEX_CHARS} lowercase hex characters; {hint}"
         )
 
 
@@ -480,6 +492,10 @@ def forget(
     says so, and is run again once the warehouse is free."""
     from vault.lifecycle import forget_in_warehouse
 
+    if is_pseudonym:
+        _check_pseudonym_argument(
+            patient, "without --pseudonym, PATIENT is an original Patient resource id"
+        )
     provider = _provider(key_file)
     if not is_pseudonym and not patient.strip():
         raise click.ClickException("PATIENT must be a non-empty Patient resource id")
@@ -587,6 +603,9 @@ def reidentify(pseudonym: str, reason: str, workdir: Workdir, key_file: Path | N
     from vault.lifecycle import check_pseudonym
     from vault.lifecycle import reidentify as run_reidentify
 
+    _check_pseudonym_argument(
+        pseudonym, "ehr features entities lists the released patients' pseudonyms"
+    )
     provider = _provider(key_file)
     try:
         check_pseudonym(pseudonym)

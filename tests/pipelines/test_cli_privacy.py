@@ -7,6 +7,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -606,6 +607,27 @@ def test_quarantine_list_says_how_many_it_does_not_show(tmp_path: Path, key_file
     assert some.stderr.strip() == "2 of 3 quarantined records shown; --limit 3 shows them all"
     every = runner.invoke(quarantine_list, ["--workdir", str(work)])
     assert len(every.stdout.splitlines()) == 3 and every.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "hint"),
+    [
+        (reidentify, [], "ehr features entities lists the released patients' pseudonyms"),
+        (forget, ["--pseudonym", "--no-release"], "without --pseudonym, PATIENT is an original"),
+    ],
+)
+def test_a_malformed_pseudonym_is_named_in_the_commands_terms(
+    work: Path, key_file: Path, command: click.Command, args: list[str], hint: str
+) -> None:
+    """A value that is no pseudonym was refused with a hint to call forget_patient, a Python
+    function, from either command (and ``ehr reidentify`` takes no original id at all); the
+    value itself is never repeated."""
+    common = ["--workdir", str(work), "--key-file", str(key_file), "--reason", "ticket 5"]
+    result = CliRunner().invoke(command, ["Zedwick-p7", *args, *common])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "a patient pseudonym is 32 lowercase hex characters" in result.output
+    assert hint in result.output
+    assert "forget_patient" not in result.output and "Zedwick" not in result.output
 
 
 def test_quarantine_list_refuses_a_negative_limit(tmp_path: Path, key_file: Path) -> None:

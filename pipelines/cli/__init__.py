@@ -58,7 +58,8 @@ def keys() -> None:
 def keys_init(key_file: Path | None) -> None:
     """Create local key material (default ~/.ehr/keyring.json, mode 0600) unless it exists."""
     path = key_file or default_key_file()
-    repo_root = Path(__file__).resolve().parent.parent
+    # pipelines/cli/__init__.py: the repository (or, installed, site-packages) is three up
+    repo_root = Path(__file__).resolve().parents[2]
     if path.resolve().is_relative_to(repo_root):
         raise click.UsageError("key material must live outside the repository")
     try:

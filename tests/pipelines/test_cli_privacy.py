@@ -630,6 +630,29 @@ def test_a_malformed_pseudonym_is_named_in_the_commands_terms(
     assert "forget_patient" not in result.output and "Zedwick" not in result.output
 
 
+@pytest.mark.parametrize("inside", ["build/keys", "pipelines"])
+def test_keys_init_refuses_a_key_file_inside_the_repository(inside: str) -> None:
+    """The check compared the key file with the ``pipelines`` package's folder, so a keyring
+    made in the repository's ``data/`` or ``build/`` (beside the code, and copied with it) was
+    created; any folder of the repository is refused, before anything is written."""
+    from pipelines.cli import keys_init
+
+    root = Path(__file__).resolve().parents[2]
+    target = root / inside / "refused-keyring.json"
+    made = [folder for folder in target.parents if not folder.exists()]
+    try:
+        result = CliRunner().invoke(keys_init, ["--key-file", str(target)])
+        assert result.exit_code == 2, result.output
+        assert "key material must live outside the repository" in result.output
+        assert not target.exists()
+    finally:
+        target.unlink(missing_ok=True)
+        target.with_name(target.name + ".lock").unlink(missing_ok=True)
+        for folder in made:  # deepest first
+            if folder.exists():
+                folder.rmdir()
+
+
 def test_quarantine_list_refuses_a_negative_limit(tmp_path: Path, key_file: Path) -> None:
     """``--limit -1`` reached DuckDB and ended in its traceback (LIMIT cannot be negative)."""
     land = tmp_path / "land"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -483,10 +484,13 @@ def write_view_table(
     return rows
 
 
-def iter_fhir_resources(path: Path) -> Iterator[dict[str, Any]]:
+def iter_fhir_resources(
+    path: Path, skipped: Counter[str] | None = None
+) -> Iterator[dict[str, Any]]:
     """Resources of a FHIR file (Bundle entries or a single resource; JSON, NDJSON, .gz) or of
     every such file in a folder and its subfolders, streamed. Records that are not JSON
-    objects are skipped here: this reads files for one-off view runs, not for ingest."""
+    objects are skipped here (this reads files for one-off view runs, not for ingest), and
+    counted in ``skipped`` when given (``skipped["not_json_object"]``)."""
     from fhirlake.readers import iter_records, list_batch_files
 
     folders = [path]
@@ -499,6 +503,8 @@ def iter_fhir_resources(path: Path) -> Iterator[dict[str, Any]]:
                 try:
                     obj = orjson.loads(record.raw or b"")
                 except orjson.JSONDecodeError:
-                    continue
+                    obj = None
                 if isinstance(obj, dict):
                     yield obj
+                elif skipped is not None:
+                    skipped["not_json_object"] += 1

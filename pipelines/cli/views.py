@@ -11,6 +11,7 @@ and every failure is still listed and recorded in the report.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -49,11 +50,13 @@ def views_run(view_file: Path, input_path: Path, out_file: Path) -> None:
         view = load_view(view_file)
     except ViewDefinitionError as exc:
         raise click.ClickException(f"invalid ViewDefinition: {exc}") from exc
+    skipped: Counter[str] = Counter()
     con = duckdb.connect()
     try:
         con.execute("SET TimeZone = 'UTC'")
         try:
-            rows = write_view_table(con, view, iter_fhir_resources(input_path), "view_rows")
+            resources = iter_fhir_resources(input_path, skipped)
+            rows = write_view_table(con, view, resources, "view_rows")
         except ViewDefinitionError as exc:
             raise click.ClickException(str(exc)) from exc
         out_file.parent.mkdir(parents=True, exist_ok=True)
@@ -63,6 +66,8 @@ def views_run(view_file: Path, input_path: Path, out_file: Path) -> None:
     finally:
         con.close()
     click.echo(f"{view.name}: {rows} rows -> {out_file}")
+    if skipped["not_json_object"]:
+        click.echo(f"{skipped['not_json_object']} records skipped: not JSON objects", err=True)
 
 
 @views.command("test")

@@ -177,3 +177,27 @@ def test_views_test_reads_the_suite_repository_s_tests_folder_and_fails_on_no_ca
     result = CliRunner().invoke(views, ["test", str(empty)])
     assert result.exit_code != 0
     assert "no test case found" in result.output
+
+
+def test_views_run_says_how_many_records_it_could_not_read(tmp_path: Path) -> None:
+    """A line that is not JSON, or JSON that is not an object, was passed over in silence: the
+    command printed its row count as if the input had been read whole. They are counted on
+    standard error (never shown: a line may hold PHI)."""
+    data = tmp_path / "in"
+    data.mkdir()
+    patient = {"resourceType": "Patient", "id": "p1", "gender": "female"}
+    lines = [json.dumps(patient), '{"resourceType": "Patient", "id": "Zedwick', "[1, 2]"]
+    (data / "p.ndjson").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "p.csv"
+    result = CliRunner().invoke(
+        views, ["run", str(VIEWS / "patient.json"), str(data), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"patient: 1 rows -> {out}"
+    assert result.stderr.strip() == "2 records skipped: not JSON objects"
+    assert "Zedwick" not in result.output
+    (data / "p.ndjson").write_text(json.dumps(patient) + "\n")
+    clean = CliRunner().invoke(
+        views, ["run", str(VIEWS / "patient.json"), str(data), "--out", str(out)]
+    )
+    assert clean.exit_code == 0 and clean.stderr == ""

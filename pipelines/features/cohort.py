@@ -79,6 +79,7 @@ ADDED_VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "period_end_date": "DATE",
     },
     "medication_request": {"medication_id": "VARCHAR"},
+    "condition": {"onset_end_date_time": "TIMESTAMPTZ"},
     "consent": {"deny_at_any_level": "BOOLEAN", "deny_purpose_codes": "VARCHAR[]"},
 }
 

@@ -113,6 +113,8 @@ VIEW_COLUMNS: dict[str, dict[str, str]] = {
         "onset_date_time": "TIMESTAMPTZ",
         "recorded_date": "TIMESTAMPTZ",
         "onset_date_time_latest": "TIMESTAMPTZ",
+        # the first instant of the date onset_date_time_latest ends (views built before it: NULL)
+        "onset_end_date_time": "TIMESTAMPTZ",
         "recorded_date_latest": "TIMESTAMPTZ",
         "code_system": "VARCHAR",
         "code": "VARCHAR",
@@ -403,23 +405,38 @@ def _source_column(view: str, column: str, type_: str, built: set[str], shift_da
     (:func:`known_on_time_line_sql`)."""
     if column not in built and column in ADDED_VIEW_COLUMNS.get(view, {}):
         return f'NULL::{type_} AS "{column}"'
-    value = column.removesuffix("_latest")
+    value = LATEST_FIRST_INSTANT.get((view, column), column.removesuffix("_latest"))
     if column != value and value in VIEW_COLUMNS[view]:
-        known = known_on_time_line_sql(f'"{value}"::{type_}', f'"{column}"::{type_}', shift_days)
+        # a view built before its first-instant column: NULL, read as a year (the most slack)
+        first = f'"{value}"::{type_}' if value in built else f"NULL::{type_}"
+        known = known_on_time_line_sql(first, f'"{column}"::{type_}', shift_days)
         return f'{known} AS "{column}"'
     return f'"{column}"::{type_} AS "{column}"'
 
 
+# The column holding the first instant of the date a ``*_latest`` column is the last instant of,
+# where it is not the column of the same name without ``_latest``: a condition's onset value is
+# the period's start, its latest instant the period's end's, and the span from a start to an end
+# does not tell a day from a month or a year (:func:`known_on_time_line_sql`).
+LATEST_FIRST_INSTANT = {("condition", "onset_date_time_latest"): "onset_end_date_time"}
+
+
 def known_on_time_line_sql(value: str, latest: str, shift_days: int) -> str:
     """The last instant a view's released date can stand for on the patient's own time line,
-    from its ``latest`` column (the last instant of the date as released; ``value`` the first)
-    when the release moved dates by up to ``shift_days`` either way: ``latest`` itself for an
-    instant or a day (a day moves whole), later for a month or a year
-    (:data:`MONTH_SHIFT_SLACK_DAYS`). A month or a year is told by its end, FHIRPath's
-    ``highBoundary()``: 11:59:59.999 UTC on the first of a month (the end of the period at
-    UTC-12), more than 48 hours after its first instant (a day's end lies 36 hours after it);
-    a year spans more than 40 days. A date-only onset period whose end is a month's last day
-    reads as a month (its value is the period's start): known later, never earlier."""
+    from its ``latest`` column (the last instant of the date as released; ``value`` the first
+    instant of that same date, :data:`LATEST_FIRST_INSTANT`) when the release moved dates by up
+    to ``shift_days`` either way: ``latest`` itself for an instant or a day (a day moves whole),
+    later for a month or a year (:data:`MONTH_SHIFT_SLACK_DAYS`). A month or a year is told by
+    its end, FHIRPath's ``highBoundary()``: 11:59:59.999 UTC on the first of a month (the end of
+    the period at UTC-12), more than 48 hours after its first instant (a day's end lies 36 hours
+    after it); a year spans more than 40 days. Without a first instant (a view built before the
+    column) the date reads as a year: known later, never earlier.
+
+    The span must be taken from the date's own first instant: taken from an onset period's
+    start, a start the release moved past the end of the month released as the end (a day
+    moves whole, a month with its 15th day) read the month as a day, and a start within 40
+    days of a year released as the end read the year as a month, so the diagnosis counted up
+    to the whole shift before the patient's own period was over."""
     if shift_days == 0:
         return latest
     month = min(shift_days, MONTH_SHIFT_SLACK_DAYS)

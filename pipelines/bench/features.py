@@ -134,7 +134,7 @@ def synthetic_views(con: duckdb.DuckDBPyConnection, patients: int, seed: int = 7
         SELECT md5(e.id || c.code) AS id, e.patient_id, e.id AS encounter_id,
             'active' AS clinical_status, 'confirmed' AS verification_status,
             NULL::VARCHAR AS category_code, e.period_start AS onset_date_time,
-            e.period_start AS onset_date_time_latest,
+            e.period_start AS onset_date_time_latest, e.period_start AS onset_end_date_time,
             NULL::TIMESTAMPTZ AS abatement_date_time, e.period_start AS recorded_date,
             e.period_start AS recorded_date_latest,
             c.code_system, c.code, NULL::VARCHAR AS code_display

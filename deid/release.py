@@ -68,7 +68,7 @@ from vault.read import (
     iter_quarantined_records,
 )
 from vault.sealed_cache import entry_state, read_entry, write_entry
-from vault.warehouse import database_path
+from vault.warehouse import ERASED_BATCH_KEYS_TABLE, database_path
 
 _log = logging.getLogger(__name__)
 
@@ -408,11 +408,20 @@ def release_batch_key_hits(
     vault), each key that holds one with the kinds found (:func:`batch_key_hits`). A batch's
     own check knows the patients it is filed under when it is de-identified only: a folder
     named after a patient of another batch, or one whose Patient came in a later batch, is
-    found here."""
+    found here. So is a key an erasure found naming the person it erased
+    (``ERASED_BATCH_KEYS_TABLE``), with the kinds it found: the key still names her, and the
+    vault no longer does."""
     if not has_table(con, "batches"):
         return {}
     keys = [str(k) for (k,) in con.execute("SELECT batch_id FROM batches ORDER BY 1").fetchall()]
-    hits = {key: batch_key_hits(canaries, key) for key in keys}
+    # the keys an erasure found naming the person it erased: the vault no longer does
+    erased: dict[str, set[str]] = {}
+    if has_table(con, ERASED_BATCH_KEYS_TABLE):
+        for key, kind in con.execute(
+            f"SELECT batch_id, kind FROM {ERASED_BATCH_KEYS_TABLE}"
+        ).fetchall():
+            erased.setdefault(str(key), set()).add(str(kind))
+    hits = {key: sorted({*batch_key_hits(canaries, key), *erased.get(key, ())}) for key in keys}
     return {key: found for key, found in hits.items() if found}
 
 
@@ -447,6 +456,14 @@ class SubjectCanaries:
             **_compact_forms("identifier", _identifier_values(versions)),
             **_compact_forms("id", ids),
         }
+
+    def batch_key_hits(self, batch_key: str) -> list[str]:
+        """Kinds of the person's identifiers found in a batch key, as the release's check
+        reads one (:func:`batch_key_hits`: not the birth date)."""
+        found = set(batch_key_hits(self._canaries, batch_key))
+        if self._ids is not None and self._ids.search(batch_key):
+            found.add("id")
+        return sorted(found)
 
     @property
     def empty(self) -> bool:

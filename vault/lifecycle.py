@@ -107,6 +107,11 @@ class ErasurePlan:
     # vault.ingest.identifier_keys) of the Patient versions the caller read, for Patients
     # indexed before loose forms existed
     identifier_keys: tuple[str, ...] = ()
+    # batch keys (landing folder names, which the batch tables, run_summary.json and Dagster
+    # keep) holding an identifier of the person, with each kind found: (batch key, kind) each,
+    # found by a caller who knows what names the person, and recorded with the tombstone so
+    # that every later release still flags those keys (``warehouse.ERASED_BATCH_KEYS_TABLE``)
+    batch_key_kinds: tuple[tuple[str, str], ...] = ()
 
 
 _PSEUDONYM_RE = re.compile(rf"[0-9a-f]{{{PSEUDONYM_HEX_CHARS}}}")
@@ -589,6 +594,8 @@ class ErasureReport:
     same_person: list[str] = field(default_factory=list)
     # record_ledger rows of the erased records, kept without their resource (status 'erased')
     ledger_rows_erased: int = 0
+    # batch keys found holding an identifier of the person (ErasurePlan.batch_key_kinds)
+    batch_keys_naming_the_person: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -811,6 +818,12 @@ def _erase_in_warehouse(
         # other resources' references to any erased patient or resource (another patient's
         # Observation naming one of their Encounters): the index keeps no erased pseudonym
         report.rows_deleted["resource_references_to_erased"] = run(_REFERENCES_TO_ERASED)
+        if plan.batch_key_kinds:
+            con.executemany(
+                f"INSERT OR IGNORE INTO {warehouse.ERASED_BATCH_KEYS_TABLE} VALUES (?, ?)",
+                [list(found) for found in plan.batch_key_kinds],
+            )
+        report.batch_keys_naming_the_person = len({key for key, _ in plan.batch_key_kinds})
         for label, qualified, column, has_id in _released_tables(con, plan):
             # a patient's released rows, and the released copies of the shared resources
             shared = f" OR (patient_id IS NULL AND id IN ({_SHARED}))" if has_id else ""

@@ -59,6 +59,9 @@ def at_positions(window: Sequence[int]) -> list[Any]:
 ERASED_FROM_QUARANTINE = "erased_from_quarantine"
 
 
+# batch keys found naming an erased person, and the kinds found (see SCHEMA)
+ERASED_BATCH_KEYS_TABLE = "erased_batch_key_kinds"
+
 SCHEMA = [
     DATA_KEYS_DDL,
     SEALED_CACHE_DDL,
@@ -94,6 +97,15 @@ SCHEMA = [
     # the patient whose erasure took this one with it (another Patient resource of the same
     # person: it shared one of their identifiers), so that an erasure run again finds it
     "ALTER TABLE erased_subjects ADD COLUMN IF NOT EXISTS erased_with VARCHAR",
+    # Batch keys (landing folder names) holding an identifier of an erased person, with the
+    # kinds found: recorded by the erasure, the last step that knows the person's names, so
+    # that every release's batch key check keeps flagging them (the vault no longer names her)
+    f"""
+    CREATE TABLE IF NOT EXISTS {ERASED_BATCH_KEYS_TABLE} (
+        batch_id VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL,
+        PRIMARY KEY (batch_id, kind)
+    )""",
     # Records whose patient reference is conditional, waiting for the end of their batch to
     # learn their patient (the identifier may arrive later in the same batch).
     """

@@ -287,6 +287,8 @@ class _ErasureInputs:
     identifier_keys: tuple[str, ...]
     # the reason as the audit log records it (:func:`_reason_to_log`)
     reason: str
+    # (batch key, kind) of every batch key holding an identifier of the person
+    batch_key_kinds: tuple[tuple[str, str], ...] = ()
 
 
 def _erasure_inputs(
@@ -330,6 +332,7 @@ def _erasure_inputs(
             reason = _reason_to_log(con, patient, reason)
             unattributed = _unattributed_quarantine_naming(con, provider, subject)
             shared = _shared_resources_naming(con, provider, subject)
+            batch_key_kinds = _batch_keys_naming(con, subject)
             keys = tuple(
                 dict.fromkeys(
                     key
@@ -339,7 +342,22 @@ def _erasure_inputs(
             )
         except (VaultError, ValueError) as exc:
             raise click.ClickException(str(exc)) from exc
-        return _ErasureInputs(patient, audit, unattributed, shared, keys, reason)
+        return _ErasureInputs(patient, audit, unattributed, shared, keys, reason, batch_key_kinds)
+
+
+def _batch_keys_naming(
+    con: duckdb.DuckDBPyConnection, subject: SubjectCanaries
+) -> tuple[tuple[str, str], ...]:
+    """(batch key, kind) of each identifier of the person found in a batch key: a landing
+    folder named after them. The key stays in the batch tables, run_summary.json and Dagster;
+    once the person is erased nothing in the vault names them, so this is the last moment the
+    release's batch key check can be told."""
+    from vault.catalog import has_table
+
+    if not has_table(con, "batches"):
+        return ()
+    keys = [str(k) for (k,) in con.execute("SELECT batch_id FROM batches ORDER BY 1").fetchall()]
+    return tuple((key, kind) for key in keys for kind in subject.batch_key_hits(key))
 
 
 def _anchors_of_others_registered_here(
@@ -505,6 +523,7 @@ def forget(
         unattributed_quarantine=inputs.unattributed,
         shared_resources=inputs.shared,
         identifier_keys=inputs.identifier_keys,
+        batch_key_kinds=inputs.batch_key_kinds,
     )
     try:
         report = forget_in_warehouse(
@@ -515,6 +534,7 @@ def forget(
     except duckdb.IOException as exc:  # announced, not done: the audit log lists it
         raise click.ClickException(IN_USE.format(path=workdir.warehouse)) from exc
     click.echo(json.dumps(report.to_dict(), indent=2))
+    _warn_batch_keys_naming(inputs.batch_key_kinds)
     if not report.found:
         click.echo(
             "nothing of this patient was found; its tombstone keeps it out of later runs",
@@ -531,6 +551,25 @@ def forget(
         ) from exc
     if changed and not skip_release:
         _release_after_erasure(workdir, key_file)
+
+
+def _warn_batch_keys_naming(batch_key_kinds: tuple[tuple[str, str], ...]) -> None:
+    """Say on standard error which batch keys hold an identifier of the erased person (the
+    keys are the partition keys every run shows; the kinds found, never what matched)."""
+    from pipelines.assets.deid import RELEASE_BATCH_KEYS_CHECK
+
+    kinds: dict[str, list[str]] = {}
+    for key, kind in batch_key_kinds:
+        kinds.setdefault(key, []).append(kind)
+    for key, found in kinds.items():
+        click.echo(
+            f"batch key {key} holds an identifier of the erased person ({', '.join(found)}): "
+            "the landing folder's name, which the warehouse's batch tables, run_summary.json "
+            "and Dagster's runs and partition under that key keep; every release flags it "
+            f"({RELEASE_BATCH_KEYS_CHECK}): rename the folder at the source and delete those "
+            "runs",
+            err=True,
+        )
 
 
 def _release_after_erasure(workdir: Workdir, key_file: Path | None) -> None:

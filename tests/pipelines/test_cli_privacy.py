@@ -720,3 +720,40 @@ def test_an_erasure_keeps_a_batchs_quarantined_records_in_its_quarantine_rate(
         ).fetchall()
         assert statuses == [("accepted", 1), ("erased", 1)]  # the erased record holds nothing
         assert reconcile_batch(con, "br").passed
+
+
+def test_a_batch_key_naming_the_erased_person_is_still_flagged_after_the_erasure(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """A landing folder named after the patient gives her name as its batch key, which the
+    warehouse's batch tables, run_summary.json and Dagster keep. Once she is erased nothing in
+    the vault names her, so no release could find the key any more: the erasure, the last
+    step that knows her names, says which keys hold them and records it for every release's
+    batch key check."""
+    from deid.leakscan import CanarySet
+    from deid.release import release_batch_key_hits
+
+    land = tmp_path / "land"
+    land.mkdir()
+    for patient in PATIENTS:
+        (land / f"{patient['id']}.json").write_text(json.dumps(patient))
+    work = tmp_path / "work"
+    provider = FileKeyProvider.load(key_file)
+    key = "Ola-Zedwick-5f0c2a91d3"  # the key of a folder named "Ola Zedwick"
+    ingest_batch(work / "warehouse.duckdb", key, land, provider, workers=1)
+    ingest_batch(work / "warehouse.duckdb", "2024-05-01", land, provider, workers=1)
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+
+    forgot = CliRunner().invoke(forget, ["p7", "--reason", "ticket 12", "--no-release", *common])
+
+    assert forgot.exit_code == 0, forgot.output
+    assert key in forgot.stderr and "full_name" in forgot.stderr
+    assert "2024-05-01" not in forgot.stderr
+    assert json.loads(forgot.stdout)["batch_keys_naming_the_person"] == 1
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:
+        # an empty canary set: the vault no longer names her, the record does
+        flagged = release_batch_key_hits(con, CanarySet())
+    finally:
+        con.close()
+    assert list(flagged) == [key] and "full_name" in flagged[key]

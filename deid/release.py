@@ -401,6 +401,18 @@ def batch_key_hits(canaries: CanarySet, batch_key: str) -> list[str]:
     return sorted({*found, "id"}) if canaries.source_id_in(batch_key) else found
 
 
+def erased_batch_key_kinds(con: duckdb.DuckDBPyConnection) -> dict[str, set[str]]:
+    """The batch keys an erasure found holding an identifier of the person it erased, with the
+    kinds it found (``ERASED_BATCH_KEYS_TABLE``): the key still names them, the vault no
+    longer does, so both batch key checks add these to what they find."""
+    erased: dict[str, set[str]] = {}
+    if has_table(con, ERASED_BATCH_KEYS_TABLE):
+        rows = con.execute(f"SELECT batch_id, kind FROM {ERASED_BATCH_KEYS_TABLE}").fetchall()
+        for key, kind in rows:
+            erased.setdefault(str(key), set()).add(str(kind))
+    return erased
+
+
 def release_batch_key_hits(
     con: duckdb.DuckDBPyConnection, canaries: CanarySet
 ) -> dict[str, list[str]]:
@@ -414,13 +426,7 @@ def release_batch_key_hits(
     if not has_table(con, "batches"):
         return {}
     keys = [str(k) for (k,) in con.execute("SELECT batch_id FROM batches ORDER BY 1").fetchall()]
-    # the keys an erasure found naming the person it erased: the vault no longer does
-    erased: dict[str, set[str]] = {}
-    if has_table(con, ERASED_BATCH_KEYS_TABLE):
-        for key, kind in con.execute(
-            f"SELECT batch_id, kind FROM {ERASED_BATCH_KEYS_TABLE}"
-        ).fetchall():
-            erased.setdefault(str(key), set()).add(str(kind))
+    erased = erased_batch_key_kinds(con)
     hits = {key: sorted({*batch_key_hits(canaries, key), *erased.get(key, ())}) for key in keys}
     return {key: found for key, found in hits.items() if found}
 

@@ -41,6 +41,7 @@ from deid.release import (
     batch_canaries,
     batch_key_hits,
     deidentify_batch,
+    erased_batch_key_kinds,
     release_canaries,
     scan_released_batch,
 )
@@ -410,7 +411,12 @@ def publish_batch(
             _swap_batch(con, batch_id, stage, errors, settings)
         else:
             _forget_published(con, batch_id)
-        key_hits = batch_key_hits(batch_canaries(con, provider, batch_id), batch_id)
+        key_hits = sorted(
+            {
+                *batch_key_hits(batch_canaries(con, provider, batch_id), batch_id),
+                *erased_batch_key_kinds(con).get(batch_id, ()),
+            }
+        )
         return BatchRelease(report, scan, scan.passed, tuple(key_hits))
     finally:
         for table in (stage, errors):

@@ -731,7 +731,9 @@ def test_a_batch_key_naming_the_erased_person_is_still_flagged_after_the_erasure
     step that knows her names, says which keys hold them and records it for every release's
     batch key check."""
     from deid.leakscan import CanarySet
+    from deid.policy import Policy
     from deid.release import release_batch_key_hits
+    from deid.staging import publish_batch
 
     land = tmp_path / "land"
     land.mkdir()
@@ -757,3 +759,12 @@ def test_a_batch_key_naming_the_erased_person_is_still_flagged_after_the_erasure
     finally:
         con.close()
     assert list(flagged) == [key] and "full_name" in flagged[key]
+
+    # the batch's own check, when it is de-identified again, says so too
+    con = warehouse.connect(work / "warehouse.duckdb")
+    try:
+        released = publish_batch(con, provider, key, Policy.shipped("research"))
+        other = publish_batch(con, provider, "2024-05-01", Policy.shipped("research"))
+    finally:
+        con.close()
+    assert "full_name" in released.batch_key_hits and other.batch_key_hits == ()

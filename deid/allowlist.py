@@ -132,6 +132,13 @@ class ReleaseContext:
     contained_ids: dict[str, str] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
     labels: set[str] = field(default_factory=set)
+    # the first day after ``today`` on which the release could differ (deid.methods.DayHorizon)
+    horizon: methods.DayHorizon | None = None
+
+    def changes_on(self, day: date | None) -> None:
+        """Note a day on which what is being released comes out otherwise."""
+        if self.horizon is not None:
+            self.horizon.note(day)
 
 
 # -- model introspection --------------------------------------------------------------------
@@ -666,6 +673,9 @@ def _tells_age_over_limit(years: float, ctx: ReleaseContext) -> bool:
     if ctx.dates_until is None or years >= AGE_CAP_YEARS:
         return False  # 90 or more: "90 or older" already, the category HIPAA allows
     if ctx.today.year - (ctx.dates_until - years) <= methods.AGE_LIMIT:
+        # withheld from the first year that puts the birth 90 or more years back
+        first = math.floor(ctx.dates_until - years) + methods.AGE_LIMIT + 1
+        ctx.changes_on(date(first, 1, 1) if first <= date.max.year else None)
         return False
     ctx.counts["age_withheld"] += 1
     ctx.labels.add("REDACTED")
@@ -747,8 +757,11 @@ def _date(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     # a birth date, or a date of an observation telling the age (its birth date, the start of
     # a calculated age's period) that is more than 89 years ago: only a birth date is
     birth = node.name == "birthDate" or ctx.age_context
+    if birth:
+        ctx.changes_on(methods.age_limit_day(value))
     if birth and methods.is_over_age_limit(value, ctx.today):
-        # HIPAA's "90 or older": the year that makes the patient 90 today
+        # HIPAA's "90 or older": the year that makes the patient 90 today (next year's another)
+        ctx.changes_on(methods.next_new_year(ctx.today))
         ctx.labels.add("ABSTRED")
         return f"{ctx.today.year - methods.AGE_LIMIT - 1:04d}"
     ctx.labels.add("PERTURBED")
@@ -766,6 +779,7 @@ def _date(value: Any, node: Node, ctx: ReleaseContext) -> Any:
 
 def _year_only(value: str, ctx: ReleaseContext) -> Any:
     year = methods.redact_date_partially(value, ctx.today)
+    ctx.changes_on(methods.age_limit_day(value))
     if year is None:
         ctx.counts["date_withheld"] += 1
         ctx.labels.add("REDACTED")

@@ -191,6 +191,8 @@ class Deidentifier:
         self.policy = policy
         self.secrets = secrets
         self.today = today or methods.today_utc()
+        # the first day after today on which what this engine released could differ
+        self.horizon = methods.DayHorizon(self.today)
         self.rng = rng or random.Random()
         self.random_bytes = random_bytes
         self.terminology = terminology or Terminology()
@@ -303,6 +305,7 @@ class Deidentifier:
             self.secrets.pseudonymizer.resource_key,
             resolver,
             self.terminology,
+            horizon=self.horizon,
         )
         released = release_resource(resource, ctx)
         if not profile.lists(rtype):  # released as its pseudonym alone
@@ -453,6 +456,7 @@ def _redact(call: _Call) -> _Change | None:
     params, leaf, value = call.engine.policy.parameters, call.leaf, call.leaf.value
     if params.partial_dates and isinstance(value, str) and _DATEISH.match(value):
         partial = methods.redact_date_partially(value, call.engine.today)
+        call.engine.horizon.note(methods.age_limit_day(value))
         return _Change(partial if partial is not None else _REMOVED)
     if params.partial_zip_codes and leaf.name == "postalCode" and isinstance(value, str):
         return _Change(methods.redact_zip_partially(value, params.restricted_zip3), "ABSTRED")
@@ -466,8 +470,11 @@ def _dateshift(call: _Call) -> _Change | None:
     value, today = call.leaf.value, call.engine.today
     if not (isinstance(value, str) and _DATEISH.match(value)):
         return _Change(value)
+    if call.leaf.name == "birthDate":
+        call.engine.horizon.note(methods.age_limit_day(value))
     if call.leaf.name == "birthDate" and methods.is_over_age_limit(value, today):
-        # HIPAA's "90 or older": the year that makes the patient 90 today
+        # HIPAA's "90 or older": the year that makes the patient 90 today (next year's another)
+        call.engine.horizon.note(methods.next_new_year(today))
         return _Change(f"{today.year - methods.AGE_LIMIT - 1:04d}", "ABSTRED")
     shifted = methods.shift_date(value, call.shift)
     return None if shifted == value else _Change(shifted)

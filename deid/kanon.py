@@ -45,7 +45,7 @@ from deid.risk import (
     measure_k,
 )
 from vault.catalog import has_table
-from vault.clock import Clock, utcnow
+from vault.clock import Clock
 from vault.lifecycle import person_keys
 
 QUASI_TABLE = "release_quasi_identifiers"
@@ -521,7 +521,7 @@ def build_k_anonymous_release(
     max_withheld: float = DEFAULT_MAX_WITHHELD,
     ladder: list[GeneralisationStep] | None = None,
     check: Callable[[duckdb.DuckDBPyConnection, str], Any] | None = None,
-    clock: Clock = utcnow,
+    clock: Clock | None = None,
 ) -> KAnonymousRelease:
     """Generalise the release's quasi-identifiers and withhold the patients still below k;
     publish ``released_patients``, ``withheld_patients`` and the rewritten Patient rows only

@@ -51,6 +51,56 @@ def is_over_age_limit(value: str, today: date) -> bool:
     return _years_between(born, today) > AGE_LIMIT
 
 
+def age_limit_day(value: str) -> date | None:
+    """The first day on which a (birth) date lies more than 89 years back
+    (:func:`is_over_age_limit`): its 90th anniversary, 1 March for 29 February. None when it
+    is not a date or that day is past the calendar's end."""
+    parts = _parse_partial(value)
+    if parts is None:
+        return None
+    year, month, day = parts
+    try:
+        date(year, month or 1, day or 1)  # a day that does not exist is no date
+        return date(year + AGE_LIMIT + 1, month or 1, day or 1)
+    except ValueError:
+        if (month, day) == (2, 29) and year + AGE_LIMIT + 1 <= date.max.year:
+            return date(year + AGE_LIMIT + 1, 3, 1)
+        return None
+
+
+def next_new_year(today: date) -> date | None:
+    """1 January after ``today`` (None past the calendar's end)."""
+    return date(today.year + 1, 1, 1) if today.year < date.max.year else None
+
+
+class DayHorizon:
+    """The first day after ``today`` on which what is de-identified today could come out
+    otherwise: a date crossing the age limit (:func:`age_limit_day`), or a new year for a
+    value counted in calendar years (a birth date over the limit released as the year of 90,
+    an age whose birth year nears the limit). Each rule that reads the day notes when its
+    outcome changes next; a release made today holds until the earliest of them (None: no
+    value of it depends on the day)."""
+
+    def __init__(self, today: date) -> None:
+        self.today = today
+        self.until: date | None = None
+
+    def note(self, day: date | None) -> None:
+        if day is not None and day > self.today and (self.until is None or day < self.until):
+            self.until = day
+
+    def take(self) -> date | None:
+        """The earliest day noted since the last take, forgotten after."""
+        until, self.until = self.until, None
+        return until
+
+
+def earliest(*days: date | None) -> date | None:
+    """The earliest of ``days`` that are known (None when none is)."""
+    known = [day for day in days if day is not None]
+    return min(known, default=None)
+
+
 def redact_date_partially(value: str, today: date) -> str | None:
     """Keep the year only; nothing at all when the date is more than 89 years ago."""
     parts = _parse_partial(value)
@@ -158,8 +208,9 @@ def perturb_number(
     return round(noisy, round_to) if round_to > 0 else float(round(noisy))
 
 
-def today_utc(clock: Clock = utcnow) -> date:
+def today_utc(clock: Clock | None = None) -> date:
     """Today's date in UTC, the day the release's age limit and age bands are counted from:
     the server's local date would move them by a day around midnight, and by a year around
-    New Year, against the UTC schedule that rebuilds the release each year."""
-    return clock().astimezone(UTC).date()
+    New Year, against the UTC schedule that rebuilds the release each year. ``clock``: by
+    default :func:`utcnow`, looked up when called (the one seam every stage's day follows)."""
+    return (clock or utcnow)().astimezone(UTC).date()

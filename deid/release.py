@@ -41,6 +41,7 @@ from deid.leakscan import (
     reason_birth_date_forms,
     scan_rows,
 )
+from deid.methods import earliest
 from deid.policy import Policy
 from deid.released_table import (
     DEID_DDL,
@@ -95,6 +96,9 @@ class DeidReport:
     seconds: float = 0.0
     # inside released resources: what the allow-list withheld or generalised, by kind
     release_counts: dict[str, int] = field(default_factory=dict)
+    # the first day (ISO) after the day of this release on which a resource of it would be
+    # released otherwise (a date crossing the age limit, a new year): it holds until then
+    stable_until: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -198,6 +202,7 @@ class _BatchRun:
     labels: Counter[str] = field(default_factory=Counter)
     withheld: Counter[str] = field(default_factory=Counter)
     release_counts: Counter[str] = field(default_factory=Counter)
+    stable_until: date | None = None
     target: str = "deid_resources"
     errors_target: str = "deid_errors"
 
@@ -212,6 +217,7 @@ def _take_chunk(con: duckdb.DuckDBPyConnection, run: _BatchRun, result: ChunkRes
     run.labels.update(result.labels)
     run.withheld.update(result.reasons)
     run.release_counts.update(result.release_counts)
+    run.stable_until = earliest(run.stable_until, result.stable_until)
     if len(run.released) >= _FLUSH_ROWS:
         _flush(con, run)
 
@@ -277,6 +283,7 @@ def _report(run: _BatchRun, policy: Policy, started: float) -> DeidReport:
         labels=dict(run.labels),
         seconds=round(time.perf_counter() - started, 3),
         release_counts=dict(run.release_counts),
+        stable_until=None if run.stable_until is None else run.stable_until.isoformat(),
     )
 
 

@@ -12,10 +12,14 @@ The batch's Patient resources go in without their quasi-identifiers, which are k
 
 ``deid_batches`` is the ledger of published batches, written in the same transaction as the
 swap: which state of the vault batch (``vault.warehouse.BATCH_DIGEST_SQL``) was de-identified,
-and a digest of everything else the rows depend on (:func:`settings_digest`: the policy, the
-day, the release terminology, the FHIR base). A batch whose row matches both now needs no second
-pass (:func:`deidentified_batches`); a failed scan removes the batch's row. The ledger holds
-batch ids and digests, never a patient's id.
+a digest of everything else the rows depend on but the day (:func:`settings_digest`: the policy,
+the release terminology, the FHIR base), and the first day on which its rows would come out
+otherwise (``stable_until``: a date of it crossing the age limit, or a new year for a birth date
+over the limit; :class:`deid.methods.DayHorizon`). A batch whose row matches both digests now,
+the day before that one, needs no second pass (:func:`deidentified_batches`); one past it needs
+its de-identification alone, from the vault (:func:`day_changed_batches`). A failed scan
+removes the batch's row. The ledger holds batch ids, digests and that day, never a patient's
+id.
 """
 
 from __future__ import annotations
@@ -59,8 +63,11 @@ LEDGER_DDL = f"""
         batch_id VARCHAR PRIMARY KEY,
         vault_digest UBIGINT NOT NULL,
         settings VARCHAR NOT NULL,
-        published_at TIMESTAMPTZ NOT NULL
+        published_at TIMESTAMPTZ NOT NULL,
+        stable_until DATE
     )"""
+# added to ledgers created before it (their rows, under older settings, are current on no day)
+LEDGER_MIGRATION = f"ALTER TABLE {LEDGER_TABLE} ADD COLUMN IF NOT EXISTS stable_until DATE"
 
 # What each published batch's conditional references resolved to when it was de-identified:
 # the criteria key and a digest of the one resource holding it (NULL: none or several did). A
@@ -119,11 +126,10 @@ def _strip_staged_patients(con: duckdb.DuckDBPyConnection, batch_id: str, stage:
         con.unregister("stripped_patients")
 
 
-def settings_digest(
-    policy: Policy, today: date | None = None, terminology: Terminology | None = None
-) -> str:
-    """A digest of what a batch's de-identified rows depend on besides its vault records: the
-    policy (name and document), the day (dates over the age limit depend on it), the displays
+def settings_digest(policy: Policy, terminology: Terminology | None = None) -> str:
+    """A digest of what a batch's de-identified rows depend on besides its vault records and
+    the day (which the ledger's ``stable_until`` follows, per batch): the policy (name and
+    document), the displays
     the release may carry, the FHIR base that makes references local, and the rule that picks
     a resource's newest version among those the vault holds (the batch releases the resources
     whose newest version it wrote, and its swap drops other batches' rows of them), and the
@@ -138,7 +144,11 @@ def settings_digest(
     document = {
         "policy": policy.name,
         "source": policy.source,
-        "today": (today or today_utc()).isoformat(),
+        # the day is no part of the digest: each batch records the first day its rows would
+        # come out otherwise (stable_until), and only a batch past it is de-identified again
+        # (from the vault, not ingested again); batches released before recorded none, and are
+        # de-identified again by the next run
+        "day": "stable_until_per_batch",
         "displays": displays,
         "fhir_base": os.environ.get(FHIR_BASE_ENV),
         "newest_version": NEWEST_VERSION_FIRST,
@@ -209,32 +219,71 @@ def settings_digest(
 
 def _forget_published(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
     con.execute(LEDGER_DDL)
+    con.execute(LEDGER_MIGRATION)
     con.execute(f"DELETE FROM {LEDGER_TABLE} WHERE batch_id = ?", [batch_id])
 
 
-def _record_published(con: duckdb.DuckDBPyConnection, batch_id: str, settings: str) -> None:
-    """The batch's ledger row: the vault state and settings it was de-identified from."""
+def _record_published(
+    con: duckdb.DuckDBPyConnection, batch_id: str, settings: str, stable_until: str | None
+) -> None:
+    """The batch's ledger row: the vault state and settings it was de-identified from, and the
+    first day its rows would come out otherwise (None: on no day)."""
     _forget_published(con, batch_id)
     if has_table(con, "batches"):  # a release without its vault ledger (tests of de-identification)
         con.execute(
-            f"INSERT INTO {LEDGER_TABLE} SELECT batch_id, {BATCH_DIGEST_SQL}, ?, now() "
+            f"INSERT INTO {LEDGER_TABLE} (batch_id, vault_digest, settings, published_at, "
+            f"stable_until) SELECT batch_id, {BATCH_DIGEST_SQL}, ?, now(), ?::DATE "
             "FROM batches WHERE batch_id = ? AND ingested_at IS NOT NULL",
-            [settings, batch_id],
+            [settings, stable_until, batch_id],
         )
 
 
-def deidentified_batches(con: duckdb.DuckDBPyConnection, settings: str | None = None) -> set[str]:
+def _published_rows(
+    con: duckdb.DuckDBPyConnection, settings: str | None, today: date | None, current: bool
+) -> set[str]:
     """Batches published from the vault's current state of them (under ``settings``, when
-    given): nothing for a second pass to change."""
+    given) whose rows hold on ``today`` (``current``) or not any more (the day reaching their
+    ``stable_until``)."""
     if not has_table(con, "batches") or not has_table(con, LEDGER_TABLE):
         return set()  # no batch ingested, or none published yet
+    columns = {
+        name
+        for (name,) in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE schema_name = 'main' "
+            "AND table_name = ?",
+            [LEDGER_TABLE],
+        ).fetchall()
+    }
+    # a ledger written before the column (read only: not migrated yet) follows no day
+    until = "d.stable_until" if "stable_until" in columns else "NULL::DATE"
+    holds = f"({until} IS NULL OR {until} > $today)"
     rows = con.execute(
         f"SELECT d.batch_id FROM {LEDGER_TABLE} d JOIN batches b USING (batch_id) "
         f"WHERE b.ingested_at IS NOT NULL AND d.vault_digest = {BATCH_DIGEST_SQL} "
-        "AND (d.settings = $settings OR $settings IS NULL)",
-        {"settings": settings},
+        f"AND (d.settings = $settings OR $settings IS NULL) AND "
+        + (holds if current else f"NOT {holds}"),
+        {"settings": settings, "today": today or today_utc()},
     ).fetchall()
     return {str(batch_id) for (batch_id,) in rows}
+
+
+def deidentified_batches(
+    con: duckdb.DuckDBPyConnection, settings: str | None = None, today: date | None = None
+) -> set[str]:
+    """Batches published from the vault's current state of them (under ``settings``, when
+    given) whose rows hold on ``today`` (by default today in UTC): nothing for a second pass to
+    change. The one rule ``ehr run`` and the landing sensor judge a batch done by."""
+    return _published_rows(con, settings, today, current=True)
+
+
+def day_changed_batches(
+    con: duckdb.DuckDBPyConnection, settings: str | None = None, today: date | None = None
+) -> set[str]:
+    """Batches published from the vault's current state of them (under ``settings``, when
+    given) whose rows ``today`` changes (a date of theirs crossed the age limit since, or a
+    new year came): their de-identification alone, from the vault, brings them up to date;
+    their ingest holds (it never depends on the day)."""
+    return _published_rows(con, settings, today, current=False)
 
 
 def _drop_superseded(con: duckdb.DuckDBPyConnection, batch_id: str, stage: str) -> None:
@@ -348,7 +397,12 @@ def refiled_batches(con: duckdb.DuckDBPyConnection) -> set[str]:
 
 
 def _swap_batch(
-    con: duckdb.DuckDBPyConnection, batch_id: str, stage: str, errors: str, settings: str
+    con: duckdb.DuckDBPyConnection,
+    batch_id: str,
+    stage: str,
+    errors: str,
+    settings: str,
+    stable_until: str | None = None,
 ) -> None:
     """Replace the batch's released and withheld rows with the staged ones, and record it in
     the ledger, atomically."""
@@ -357,6 +411,7 @@ def _swap_batch(
     con.execute(DEID_ERRORS_DDL)
     con.execute(QUASI_DDL)
     con.execute(LEDGER_DDL)
+    con.execute(LEDGER_MIGRATION)
     con.execute(TARGETS_DDL)
     con.execute("BEGIN TRANSACTION")
     try:
@@ -369,7 +424,7 @@ def _swap_batch(
             con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {source}")
         _drop_superseded(con, batch_id, stage)
         _drop_erased(con)
-        _record_published(con, batch_id, settings)
+        _record_published(con, batch_id, settings, stable_until)
         con.execute("COMMIT")
     except BaseException:
         con.execute("ROLLBACK")
@@ -392,7 +447,7 @@ def publish_batch(
     they are."""
     stage, errors = staging_tables(batch_id)
     today = today or today_utc()
-    settings = settings_digest(policy, today, options.get("terminology"))
+    settings = settings_digest(policy, options.get("terminology"))
     try:
         report = deidentify_batch(
             con,
@@ -408,7 +463,7 @@ def publish_batch(
         every = canaries(con) if canaries is not None else release_canaries(con, provider)
         scan = scan_released_batch(con, provider, batch_id, table=stage, canaries=every)
         if scan.passed:
-            _swap_batch(con, batch_id, stage, errors, settings)
+            _swap_batch(con, batch_id, stage, errors, settings, report.stable_until)
         else:
             _forget_published(con, batch_id)
         key_hits = sorted(

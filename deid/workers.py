@@ -50,6 +50,9 @@ class ChunkResult:
     labels: Counter[str] = field(default_factory=Counter)
     reasons: Counter[str] = field(default_factory=Counter)
     release_counts: Counter[str] = field(default_factory=Counter)
+    # the first day after the release's day on which a resource of the chunk could come out
+    # otherwise (deid.methods.DayHorizon), None when none depends on the day
+    stable_until: date | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,7 @@ class _Worker:
             result.release_counts.update(outcome.release_counts)
             released = orjson.dumps(outcome.resource).decode()
             result.released.append((rtype, resource_key, patient_key, released))
+        result.stable_until = self.engine.horizon.take()
         return result
 
 

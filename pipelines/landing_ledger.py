@@ -13,7 +13,7 @@ from pathlib import Path
 
 import duckdb
 
-from deid.staging import deidentified_batches, refiled_batches
+from deid.staging import day_changed_batches, deidentified_batches, refiled_batches
 from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
 from pipelines.resources import LandingResource, WarehouseResource
 from vault.landing import BatchSource, Landing, scan_landing
@@ -109,13 +109,16 @@ class LedgerEntry:
     (``published``: a batch whose run stopped between the two is not done), and, for one that
     is not, whether a reference of it by which ingest filed records (a conditional or logical
     reference to a Patient) names another patient, or none, since its release (``refiled``,
-    :func:`deid.staging.refiled_batches`)."""
+    :func:`deid.staging.refiled_batches`), and whether it is not for the day alone: a value of
+    it is released otherwise today (``day_changed``, :func:`deid.staging.day_changed_batches`),
+    which its de-identification alone, from the vault, brings up to date."""
 
     ingested_at: float
     fingerprint: str | None
     files: int = 0
     published: bool = True
     refiled: bool = False
+    day_changed: bool = False
 
 
 def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | None:
@@ -149,7 +152,9 @@ def read_ledger(con: duckdb.DuckDBPyConnection) -> dict[str, LedgerEntry]:
         ).fetchall()
         published = deidentified_batches(con)
         # read only when some batch waits for its de-identification: the others are done
-        refiled = refiled_batches(con) if any(r[0] not in published for r in rows) else set()
+        waiting = any(r[0] not in published for r in rows)
+        refiled = refiled_batches(con) if waiting else set()
+        day_changed = day_changed_batches(con) if waiting else set()
     except duckdb.CatalogException:
         return {}  # a warehouse created before any batch
     return {
@@ -159,6 +164,7 @@ def read_ledger(con: duckdb.DuckDBPyConnection) -> dict[str, LedgerEntry]:
             int(files),
             key in published,
             key not in published and key in refiled,
+            key not in published and key in day_changed,
         )
         for key, at, seen, files in rows
     }

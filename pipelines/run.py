@@ -1,9 +1,12 @@
 """Run the whole asset graph for an input folder in-process, as real Dagster runs.
 
 A batch already done is not run again: ingested after its files last changed (the warehouse's
-batch ledger, as the landing sensor reads it) and de-identified from that ingest under today's
-settings (the de-identification ledger, :func:`deid.staging.deidentified_batches`). Its figures
-in the summary are the ones the warehouse recorded. A batch a later one took out of the
+batch ledger, as the landing sensor reads it) and de-identified from that ingest under the
+current settings, its rows holding today (the de-identification ledger,
+:func:`deid.staging.deidentified_batches`). Its figures in the summary are the ones the warehouse
+recorded. A batch done but for the day (a date of it crossed the age limit since, or a new year
+came: :func:`deid.staging.day_changed_batches`) is de-identified again from the vault, not
+ingested again. A batch a later one took out of the
 de-identification ledger during the run is de-identified again, and ingested again only when
 that would change its vault rows (:func:`ingest_again`). The release then runs as after any
 batch: incrementally, and with nothing to do when nothing changed.
@@ -21,7 +24,7 @@ from dagster import AssetsDefinition, DagsterInstance, materialize
 
 from deid.policy import Policy
 from deid.release import release_totals
-from deid.staging import deidentified_batches, settings_digest
+from deid.staging import day_changed_batches, deidentified_batches, settings_digest
 from fhirlake.readers import DATA_SUFFIXES
 from pipelines.assets.checks import RELEASE_CANARIES
 from pipelines.assets.deid import deid_resources
@@ -87,16 +90,20 @@ def _batch_ledger(workdir: Workdir) -> dict[str, LedgerEntry]:
     return ledger or {}
 
 
+def _settings(profile: str) -> str:
+    return settings_digest(Policy.shipped(profile), terminology=release_terminology())
+
+
 def settled_batches(
     workdir: Workdir, batches: list[BatchSource], profile: str
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """The batches a run need not touch again (see the module), with their recorded reports:
-    done as the landing sensor judges it, and de-identified under today's settings."""
+    done as the landing sensor judges it, and de-identified under the current settings."""
     ledger = _batch_ledger(workdir)
     fresh = [b.key for b in batches if done_in_ledger(b, ledger)]
     if not fresh:
         return {}
-    settings = settings_digest(Policy.shipped(profile), terminology=release_terminology())
+    settings = _settings(profile)
     con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
     try:
         done = deidentified_batches(con, settings)
@@ -109,6 +116,29 @@ def settled_batches(
         return {
             key: _recorded_reports(con, key, json.loads(report)) for key, report in reports.items()
         }
+    finally:
+        con.close()
+
+
+def changed_by_the_day(
+    workdir: Workdir, batches: list[BatchSource], profile: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The batches done but for the day: ingested as their folders are now, de-identified from
+    that ingest under the current settings, and holding a value that today releases otherwise
+    (:func:`deid.staging.day_changed_batches`). Their de-identification alone, from the vault,
+    brings them up to date (:func:`pipelines.landing_ledger.deidentification_alone`): ingest
+    never depends on the day. With their recorded reports, as :func:`settled_batches`."""
+    if not workdir.warehouse.exists():
+        return {}
+    ledger = _batch_ledger(workdir)
+    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
+    try:
+        changed = day_changed_batches(con, _settings(profile))
+        keys = [b.key for b in batches if b.key in changed and deidentification_alone(b, ledger)]
+        reports = con.execute(
+            "SELECT batch_id, report FROM batches WHERE batch_id IN (SELECT unnest(?))", [keys]
+        ).fetchall()
+        return {key: _recorded_reports(con, key, json.loads(report)) for key, report in reports}
     finally:
         con.close()
 
@@ -165,6 +195,8 @@ def run_pipeline(
     deid_settings = resources["deid_settings"]
     assert isinstance(deid_settings, DeidSettings)
     settled = settled_batches(workdir, batches, deid_settings.profile)
+    # done but for the day: de-identified again from the vault, not ingested again
+    by_the_day = changed_by_the_day(workdir, batches, deid_settings.profile)
     with open_instance(workdir) as instance:
         existing = set(instance.get_dynamic_partitions(batch_partitions.name or "batches"))
         new = [b.key for b in batches if b.key not in existing]
@@ -189,6 +221,11 @@ def run_pipeline(
         for batch in batches:
             if batch.key in settled:
                 batch_reports[batch.key] = settled[batch.key]
+                continue
+            if batch.key in by_the_day:
+                batch_reports[batch.key] = by_the_day[batch.key]  # its ingest's figures
+                run_batch(batch.key, [deid_resources])
+                deidentified_again.append(batch.key)
                 continue
             run_batch(batch.key)
         # a batch ingested again can hand a vault row over to a settled batch that recorded

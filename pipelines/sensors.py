@@ -38,6 +38,10 @@ Safe to turn on at any time:
   read again whenever a batch was de-identified since it was last read. Its de-identification
   alone is run where its vault rows stand (its folder as ingested, no Patient reference by
   which ingest filed its records changed: ``deidentification_alone``), as ``ehr run`` does;
+- a batch done that a new UTC day releases otherwise (a date of it crossed the age limit since
+  its de-identification, or a new year moved a birth date over it:
+  ``deid.staging.day_changed_batches``) is de-identified again alone, from the vault, as ``ehr
+  run`` does it: the ledger is read again on the first tick of each day;
 - a release left behind with nothing requested to rebuild it is rebuilt: when a release asset
   is older than what it is built from (a batch's de-identification, an earlier release asset),
   that materialization a minute old, every batch partition de-identified, no run queued or
@@ -81,6 +85,7 @@ from dagster._core.scheduler.instigation import InstigatorStatus, InstigatorType
 from dagster._core.storage.dagster_run import NOT_FINISHED_STATUSES
 from dagster._core.storage.tags import AUTO_RETRY_RUN_ID_TAG, SENSOR_NAME_TAG, WILL_RETRY_TAG
 
+from deid.methods import today_utc
 from pipelines.assets.deid import (
     LANDED_BATCHES_CHECK,
     RELEASED_PATIENTS,
@@ -153,6 +158,11 @@ class BatchState:
 # The cursor's entry (beside one per batch) holding the storage id of the latest
 # de-identification the ledger was read after: "~" is in no batch key (vault.landing.batch_key)
 LEDGER_READ_KEY = "~ledger_read_after"
+# The cursor's entry holding the UTC day (its ordinal) the ledger was last read on: a new day can
+# take a batch out of the de-identification ledger (a date of it crossed the age limit:
+# deid.staging.day_changed_batches) with no run of any batch, so the ledger is read again once
+# a day
+LEDGER_DAY_KEY = "~ledger_read_on"
 # The cursor's entry holding the storage id of the materialization (a batch's de-identification,
 # or a release asset's) a release_job run was last requested after: one request per
 # materialization left unfollowed (its run's own retries are Dagster's, RELEASE_RUN_TAGS)
@@ -162,7 +172,7 @@ RELEASE_REQUESTED_KEY = "~release_requested_after"
 LANDED_REPORTED_KEY = "~landed_batches_reported"
 # what stands for the landing folder itself among what the check was reported failing for
 LANDING_NOT_READ = "~landing"
-_CURSOR_ENTRIES = (LEDGER_READ_KEY, RELEASE_REQUESTED_KEY, LANDED_REPORTED_KEY)
+_CURSOR_ENTRIES = (LEDGER_READ_KEY, RELEASE_REQUESTED_KEY, LANDED_REPORTED_KEY, LEDGER_DAY_KEY)
 
 
 def _load_cursor(cursor: str | None) -> dict[str, BatchState]:
@@ -199,10 +209,12 @@ def _dump_cursor(
     ledger_read_after: int = 0,
     release_requested_after: int = 0,
     landed_reported: dict[str, int] | None = None,
+    ledger_read_on: int = 0,
 ) -> str:
     raw: dict[str, object] = {k: asdict(v) for k, v in sorted(states.items())}
     for entry, value in (
         (LEDGER_READ_KEY, ledger_read_after),
+        (LEDGER_DAY_KEY, ledger_read_on),
         (RELEASE_REQUESTED_KEY, release_requested_after),
         (LANDED_REPORTED_KEY, landed_reported),
     ):
@@ -363,6 +375,8 @@ class Tick:
     # read it, or could not)
     found: Landing | None = None
     ledger: dict[str, LedgerEntry] | None = None
+    # the UTC day (its ordinal) the ledger was last read on (the cursor's)
+    ledger_read_on: int = 0
 
 
 def _orphaned_partitions(
@@ -519,7 +533,11 @@ def evaluate_landing(
             reasons.append(f"batch {batch.key}: already ingested (warehouse ledger)")
             continue
         states[batch.key] = BatchState(batch.fingerprint, attempt=1)
-        requests.append(_request(batch.key, states[batch.key]))
+        # done but for the day (a value of it released otherwise today): not ingested again
+        entry = ledger.get(batch.key)
+        by_the_day = entry is not None and entry.day_changed
+        alone = by_the_day and deidentification_alone(batch, ledger)
+        requests.append(_request(batch.key, states[batch.key], alone))
     # a batch's run (this sensor's, a backfill's, a launch from the UI) may have taken batches
     # done before it out of the de-identification ledger: its ingest handed vault rows over to
     # them (vault.ingest), or its publication changed what their conditional references name
@@ -527,9 +545,15 @@ def evaluate_landing(
     # alone where their vault rows stand, as `ehr run` does them). Read when a batch
     # was de-identified since the ledger was last read, batches finished this tick included
     # (two runs ended between two ticks: the later one may have taken the earlier one out).
+    # A new UTC day may have done so too, with no run at all: a batch holding a date that
+    # crossed the age limit since its de-identification (or a birth date over it, at a new
+    # year) is de-identified again from the vault (deid.staging.day_changed_batches), as `ehr
+    # run` does it; the ledger is read again once a day for it.
     read_after = _ledger_read_after(context.cursor)
     latest_deid = _latest_deid(context)
-    if finished or latest_deid > read_after:
+    read_on = _cursor_entry(context.cursor, LEDGER_DAY_KEY)
+    today = today_utc().toordinal()
+    if finished or latest_deid > read_after or read_on != today:
         ledger = read_ledger()
         if ledger is None:
             for key in finished:  # followed again at the next tick, the ledger readable then
@@ -538,6 +562,7 @@ def evaluate_landing(
             reasons.append("warehouse busy, ledger not readable this tick")
         else:
             read_after = max(read_after, latest_deid)
+            read_on = today
             for batch in batches:
                 state = states.get(batch.key)
                 if (
@@ -555,9 +580,15 @@ def evaluate_landing(
                 alone = deidentification_alone(batch, ledger)
                 requests.append(_request(batch.key, states[batch.key], alone))
                 done -= 1
+                entry = ledger.get(batch.key)
                 reasons.append(
-                    f"batch {batch.key}: its ledger changed when another batch was ingested "
-                    "or de-identified; "
+                    f"batch {batch.key}: "
+                    + (
+                        "a value of it is released otherwise from today (a date crossed the "
+                        "age limit, or a new year came); "
+                        if entry is not None and entry.day_changed
+                        else "its ledger changed when another batch was ingested or de-identified; "
+                    )
                     + ("de-identified again (its vault rows stand)" if alone else "run again")
                 )
     requested = {r.partition_key for r in requests}
@@ -593,7 +624,7 @@ def evaluate_landing(
     if done:
         reasons.append(f"{done} batch{'es' if done > 1 else ''} already ingested, nothing new")
     failing = _failing(batches, states, found)
-    return Tick(requests, removed, reasons, states, read_after, failing, found, ledger)
+    return Tick(requests, removed, reasons, states, read_after, failing, found, ledger, read_on)
 
 
 def _failing(
@@ -839,7 +870,13 @@ def landing_sensor(
     return SensorResult(
         run_requests=tick.requests,
         dynamic_partitions_requests=changes,
-        cursor=_dump_cursor(tick.states, tick.ledger_read_after, requested_after, landed_reported),
+        cursor=_dump_cursor(
+            tick.states,
+            tick.ledger_read_after,
+            requested_after,
+            landed_reported,
+            tick.ledger_read_on,
+        ),
         asset_events=events,
         skip_reason=None
         if tick.requests

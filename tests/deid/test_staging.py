@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -115,8 +115,25 @@ def test_failed_first_release_publishes_nothing(
         con.close()
 
 
+def _first_day_changed(con: Any, provider: FileKeyProvider) -> date | None:
+    """Counted from the vault: the first day after TODAY on which a birth date of the batch
+    crosses the age limit, or, for one over it (released as the year of 90), 1 January."""
+    days = []
+    for resource in iter_current_resources(con, provider):
+        born = resource.get("birthDate") if resource["resourceType"] == "Patient" else None
+        if not born:
+            continue
+        year, month, day = (int(part) for part in born[:10].split("-"))
+        try:
+            ninetieth = date(year + 90, month, day)
+        except ValueError:  # born on 29 February
+            ninetieth = date(year + 90, 3, 1)
+        days.append(ninetieth if ninetieth > TODAY else date(TODAY.year + 1, 1, 1))
+    return min(days, default=None)
+
+
 def _settled(con: Any, policy: Policy, today: date = TODAY) -> set[str]:
-    return staging.deidentified_batches(con, staging.settings_digest(policy, today))
+    return staging.deidentified_batches(con, staging.settings_digest(policy), today)
 
 
 def test_the_ledger_names_a_batch_published_from_its_vault_state_under_the_same_settings(
@@ -131,18 +148,25 @@ def test_the_ledger_names_a_batch_published_from_its_vault_state_under_the_same_
         assert _settled(con, research) == set()  # ingested, never de-identified
         assert publish_batch(con, key_provider, "b", research, today=TODAY).published
         assert _settled(con, research) == {"b"}
-        # what else the rows depend on: another day, policy or terminology needs a new pass
-        assert _settled(con, research, date(2026, 11, 29)) == set()
+        # what else the rows depend on: another policy or terminology needs a new pass; another
+        # day only from the first day a date of the batch crosses the age limit (or a new year
+        # for a birth date over it)
+        until = _first_day_changed(con, key_provider)
+        assert until is not None and until > TODAY
+        assert _settled(con, research, until - timedelta(days=1)) == {"b"}
+        assert _settled(con, research, until) == set()
+        assert staging.day_changed_batches(con, None, until) == {"b"}
+        assert staging.day_changed_batches(con, None, until - timedelta(days=1)) == set()
         assert _settled(con, safe_harbor) == set()
         other_terms = Terminology(displays={("http://loinc.org", "1-8"): "a display"})
         assert (
-            staging.deidentified_batches(con, staging.settings_digest(research, TODAY, other_terms))
+            staging.deidentified_batches(con, staging.settings_digest(research, other_terms))
             == set()
         )
         # bookkeeping only: batch ids and digests, no patient's id
         info = con.execute("SELECT name FROM pragma_table_info('deid_batches')").fetchall()
         columns = {c for (c,) in info}
-        assert columns == {"batch_id", "vault_digest", "settings", "published_at"}
+        assert columns == {"batch_id", "vault_digest", "settings", "published_at", "stable_until"}
     finally:
         con.close()
 
@@ -465,9 +489,9 @@ def test_the_systems_released_upper_cased_are_part_of_the_settings_digest(
 ) -> None:
     """A batch released while a lower-case ICD-10-CM code was withheld is de-identified again."""
     research = Policy.shipped("research")
-    now = staging.settings_digest(research, TODAY)
+    now = staging.settings_digest(research)
     monkeypatch.setattr(staging, "UPPER_CASE_SYSTEMS", frozenset())
-    assert staging.settings_digest(research, TODAY) != now
+    assert staging.settings_digest(research) != now
 
 
 def test_the_references_resolved_by_ingest_are_part_of_the_settings_digest(
@@ -476,9 +500,9 @@ def test_the_references_resolved_by_ingest_are_part_of_the_settings_digest(
     """A batch released while absolute references to Bundle entries were dropped is
     de-identified again."""
     research = Policy.shipped("research")
-    now = staging.settings_digest(research, TODAY)
+    now = staging.settings_digest(research)
     monkeypatch.setattr(staging, "INGEST_RESOLVED_KINDS", ("urn", "conditional"))
-    assert staging.settings_digest(research, TODAY) != now
+    assert staging.settings_digest(research) != now
 
 
 def test_the_leak_scan_rules_are_part_of_the_settings_digest(
@@ -487,9 +511,9 @@ def test_the_leak_scan_rules_are_part_of_the_settings_digest(
     """A batch published before the scan found a birth date written 19-FEB-1946 or an address
     written 709-Michele-Prairie is de-identified and scanned again."""
     research = Policy.shipped("research")
-    now = staging.settings_digest(research, TODAY)
+    now = staging.settings_digest(research)
     monkeypatch.setattr(staging, "SCAN_RULES", ())
-    assert staging.settings_digest(research, TODAY) != now
+    assert staging.settings_digest(research) != now
 
 
 def test_a_batch_drops_what_was_released_of_a_compartment_refused_as_an_erased_person(

@@ -8,6 +8,7 @@ import base64
 import json
 import shutil
 import stat
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import orjson
 import pytest
 from click.testing import CliRunner, Result
 
+import deid.methods as deid_methods
 import pipelines.assets.ingest as ingest_assets
 from fhirlake.synthetic import generate
 from pipelines.cli import main
@@ -466,3 +468,107 @@ def test_a_batch_that_cannot_be_listed_is_left_for_the_next_run_and_the_others_r
     # b1 may run again after it: b2's references can change what b1's name (documented)
     assert runs[0] == ("b2", True) and runs[-1] == (None, True) and all(ok for _, ok in runs)
     assert summary["stages"]["ingest"]["batches_not_read"] == {}
+
+
+def _released(workdir: Path) -> dict[str, list[tuple[Any, ...]]]:
+    """The released tables, in a fixed order."""
+    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
+    try:
+        return {
+            "deid_resources": con.execute(
+                "SELECT resource_type, id, patient_id, resource::VARCHAR FROM deid_resources "
+                "ORDER BY ALL"
+            ).fetchall(),
+            "released_patients": con.execute(
+                "SELECT * EXCLUDE (patient_id) FROM released_patients ORDER BY ALL"
+            ).fetchall(),
+            "quasi": con.execute(
+                "SELECT patient_id, birth_year FROM release_quasi_identifiers ORDER BY ALL"
+            ).fetchall(),
+        }
+    finally:
+        con.close()
+
+
+def _birth_observations(released: dict[str, list[tuple[Any, ...]]]) -> list[str]:
+    return sorted(
+        orjson.loads(row[3])["valueDateTime"]
+        for row in released["deid_resources"]
+        if row[0] == "Observation"
+    )
+
+
+def _on_day(monkeypatch: pytest.MonkeyPatch, day: date) -> None:
+    """Today, in UTC, for every stage of the run (deid.methods.today_utc's clock)."""
+    moment = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+    monkeypatch.setattr(deid_methods, "utcnow", lambda: moment)
+
+
+def test_a_new_day_ingests_nothing_and_deidentifies_again_only_a_batch_it_changes(
+    tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b1 holds a patient who turns 90 on 8 December 2026, with an observation of her birth
+    date; b2 a patient of 46. The run of 7 December releases both; the next day's run ingests
+    nothing and de-identifies b1 alone again, from the vault (her birth date is now one over
+    the age limit: the year of 90), and its release equals a first run on 8 December's; the
+    run after, on 9 December, changes nothing. The first run of each day ingested and
+    de-identified every batch again."""
+    birth_date = {"system": "http://loinc.org", "code": "21112-8"}
+
+    def patient(pid: str, born: str) -> dict[str, Any]:
+        return {"resourceType": "Patient", "id": pid, "gender": "female", "birthDate": born}
+
+    def born_on(pid: str, born: str) -> dict[str, Any]:
+        return {
+            "resourceType": "Observation",
+            "id": f"o-{pid}",
+            "status": "final",
+            "code": {"coding": [birth_date]},
+            "subject": {"reference": f"Patient/{pid}"},
+            "valueDateTime": born,
+        }
+
+    land = tmp_path / "landing"
+    batches = {
+        "b1": [patient("p1", "1936-12-08"), born_on("p1", "1936-12-08")],
+        "b2": [patient("p2", "1980-03-14"), born_on("p2", "1980-03-14")],
+    }
+    for batch, records in batches.items():
+        (land / batch).mkdir(parents=True)
+        (land / batch / "data.ndjson").write_bytes(
+            b"".join(orjson.dumps(r) + b"\n" for r in records)
+        )
+    workdir = tmp_path / "work"
+
+    _on_day(monkeypatch, date(2026, 12, 7))
+    first = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    assert first["success"], first["runs"]
+    before = _released(workdir)
+
+    _on_day(monkeypatch, date(2026, 12, 8))
+    summary = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    assert summary["success"], summary["runs"]
+    ingest = summary["stages"]["ingest"]
+    assert ingest["batches_already_done"] == ["b2"]
+    assert ingest["batches_deidentified_again"] == ["b1"]
+    # b1's de-identification alone, then the release: no ingest ran
+    assert [run["batch"] for run in summary["runs"]] == ["b1", None]
+    assert "phi_vault" not in "".join(summary["runs"][0]["checks"])
+    assert [b["batch"] for b in ingest["batches"]] == ["b1", "b2"]
+    assert all(b["records_in"] == 2 for b in ingest["batches"])  # the ingest's own figures
+    after = _released(workdir)
+    assert after != before  # her birth date crossed the age limit
+    # the release a first run on that day gives
+    fresh = tmp_path / "fresh"
+    assert run_pipeline(land, fresh, key_file=str(key_file), workers=1)["success"]
+    assert after == _released(fresh)
+    # her birth date observation: the shifted date of someone of 89, then the year of 90
+    (hers, his), (hers_after, his_after) = _birth_observations(before), _birth_observations(after)
+    assert len(hers) == len("1936-12-08") and hers_after == "1936" and his_after == his
+
+    _on_day(monkeypatch, date(2026, 12, 9))
+    again = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    assert again["stages"]["ingest"]["batches_already_done"] == ["b1", "b2"]
+    assert again["stages"]["ingest"]["batches_deidentified_again"] == []
+    assert [run["batch"] for run in again["runs"]] == [None]
+    assert _released(workdir) == after

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, date, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -22,6 +23,7 @@ from dagster import (
 )
 from dagster._core.storage.dagster_run import DagsterRun
 
+import deid.methods as deid_methods
 from deid.staging import LEDGER_DDL
 from pipelines import sensors
 from pipelines.definitions import build_resources
@@ -136,7 +138,9 @@ def test_batch_in_the_ledger_is_not_ingested_again(
     try:
         con.execute(LEDGER_DDL)
         con.execute(
-            f"INSERT INTO deid_batches SELECT batch_id, {BATCH_DIGEST_SQL}, 'settings', now() "
+            "INSERT INTO deid_batches BY NAME SELECT batch_id, "
+            f"{BATCH_DIGEST_SQL} AS vault_digest, "
+            "'settings' AS settings, now() AS published_at "
             "FROM batches"
         )
     finally:
@@ -289,7 +293,9 @@ def _ingested(tmp_path: Path, key: str, published: bool = True) -> None:
         if not published:
             return
         con.execute(
-            f"INSERT INTO deid_batches SELECT batch_id, {BATCH_DIGEST_SQL}, 'settings', now() "
+            "INSERT INTO deid_batches BY NAME SELECT batch_id, "
+            f"{BATCH_DIGEST_SQL} AS vault_digest, "
+            "'settings' AS settings, now() AS published_at "
             "FROM batches WHERE batch_id = ?",
             [key],
         )
@@ -546,7 +552,9 @@ def _publish_all(wh: Path) -> None:
         con.execute(LEDGER_DDL)
         con.execute("DELETE FROM deid_batches")
         con.execute(
-            f"INSERT INTO deid_batches SELECT batch_id, {BATCH_DIGEST_SQL}, 'settings', now() "
+            "INSERT INTO deid_batches BY NAME SELECT batch_id, "
+            f"{BATCH_DIGEST_SQL} AS vault_digest, "
+            "'settings' AS settings, now() AS published_at "
             "FROM batches WHERE ingested_at IS NOT NULL"
         )
     finally:
@@ -612,7 +620,9 @@ def _publish_all_but(wh: Path, left: str) -> None:
     try:
         con.execute("DELETE FROM deid_batches WHERE batch_id <> ?", [left])
         con.execute(
-            f"INSERT INTO deid_batches SELECT batch_id, {BATCH_DIGEST_SQL}, 'settings', now() "
+            "INSERT INTO deid_batches BY NAME SELECT batch_id, "
+            f"{BATCH_DIGEST_SQL} AS vault_digest, "
+            "'settings' AS settings, now() AS published_at "
             "FROM batches WHERE batch_id <> ?",
             [left],
         )
@@ -946,3 +956,41 @@ def test_a_batch_that_cannot_be_listed_waits_and_the_others_are_requested(
         (late / "_READY").write_bytes(b"")
         later = _tick(tmp_path, instance, result.cursor)
     assert [r.partition_key for r in later.run_requests] == ["export-2"]
+
+
+def test_a_batch_a_new_day_releases_otherwise_is_de_identified_again_alone(
+    tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
+) -> None:
+    """Batch a holds a date crossing the age limit on 8 December (its ledger row's
+    stable_until), b none. Ticks on 7 December request nothing; the first tick of 8 December
+    reads the ledger again, with no run of any batch since, and requests a's
+    de-identification alone (its ingest holds: the day never changes it), b nothing; once a
+    is published again the next ticks, and the next day's, request nothing. The
+    sensor never read the ledger for a new day: a was released as of 7 December for good."""
+    wh = _two_batches_ingested(tmp_path, key_provider)
+    _publish_all(wh)
+    con = warehouse.connect(wh)
+    try:
+        con.execute("UPDATE deid_batches SET stable_until = DATE '2026-12-08' WHERE batch_id = 'a'")
+    finally:
+        con.close()
+
+    def tick(day: date, cursor: str | None = None) -> SensorResult:
+        moment = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+        with mock.patch.object(deid_methods, "utcnow", lambda: moment):
+            return _tick(tmp_path, instance, cursor)
+
+    settled = tick(date(2026, 12, 7))
+    assert settled.run_requests == []
+    assert tick(date(2026, 12, 7), settled.cursor).run_requests == []
+    new_day = tick(date(2026, 12, 8), settled.cursor)
+    assert [(r.partition_key, r.asset_selection) for r in new_day.run_requests] == [
+        ("a", [DEID_RESOURCES])
+    ]
+    _publish_all(wh)  # a's run published it again, its rows now holding on no day
+    _record_run(instance, new_day.run_requests[0].tags, DagsterRunStatus.SUCCESS)
+    _record_deid(instance, "a")
+    done = tick(date(2026, 12, 8), tick(date(2026, 12, 8), new_day.cursor).cursor)
+    assert done.run_requests == []
+    assert all(state.done for state in _load_cursor(done.cursor).values())
+    assert tick(date(2026, 12, 9), done.cursor).run_requests == []

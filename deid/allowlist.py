@@ -26,8 +26,9 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
   observation's integer value; days, weeks, hours and minutes are read with the fewest days
   90 years span (:data:`deid.terminology.AGE_DAYS_PER_YEAR`); under the ``year`` date rule an
   age is released in whole years (:func:`_age_in_whole_years`); under either rule an age is
-  withheld when with its resource's dates it puts the birth more than 89 years ago
-  (:func:`_tells_age_over_limit`);
+  withheld when with its resource's dates it puts the birth year over the age limit (90 or
+  more years before this one: :func:`deid.methods.is_year_over_age_limit`,
+  :func:`_tells_age_over_limit`);
 - strings, markdown, uri, base64Binary, narrative, identifiers: only where a path names them
   with ``keep``; extensions only those the profile lists by URL, in their fixed shape;
 - ``contained`` (where a path names it): each contained resource of a type of
@@ -401,8 +402,8 @@ def _latest_year(resource: dict[str, Any]) -> int | None:
 def _is_age_observation(resource: dict[str, Any]) -> bool:
     """Whether an observation (or one of its components) tells the patient's age: coded as an
     age (:data:`AGE_CODES`: an age LOINC code, or SNOMED CT's age at onset) or as their birth
-    date (:data:`BIRTH_DATE_CODES`). Its ages are capped at 90, and its dates more than 89
-    years ago are a birth date's (:func:`_date`)."""
+    date (:data:`BIRTH_DATE_CODES`). Its ages are capped at 90, and its dates over the age
+    limit are a birth date's (:func:`_date`)."""
     code = resource.get("code")
     codings = code.get("coding") if isinstance(code, dict) else None
     return any(
@@ -672,10 +673,11 @@ def _tells_age_over_limit(years: float, ctx: ReleaseContext) -> bool:
     (``age_withheld``)."""
     if ctx.dates_until is None or years >= AGE_CAP_YEARS:
         return False  # 90 or more: "90 or older" already, the category HIPAA allows
-    if ctx.today.year - (ctx.dates_until - years) <= methods.AGE_LIMIT:
-        # withheld from the first year that puts the birth 90 or more years back
-        first = math.floor(ctx.dates_until - years) + methods.AGE_LIMIT + 1
-        ctx.changes_on(date(first, 1, 1) if first <= date.max.year else None)
+    # the latest birth year the age allows, read by the age limit's one rule
+    born_by = math.floor(ctx.dates_until - years)
+    if not methods.is_year_over_age_limit(born_by, ctx.today):
+        # withheld from the first year that puts that birth year over the limit
+        ctx.changes_on(methods.age_limit_new_year(born_by))
         return False
     ctx.counts["age_withheld"] += 1
     ctx.labels.add("REDACTED")
@@ -755,15 +757,16 @@ def _date(value: Any, node: Node, ctx: ReleaseContext) -> Any:
         return _year_only(value, ctx)
     year, month, day = parts
     # a birth date, or a date of an observation telling the age (its birth date, the start of
-    # a calculated age's period) that is more than 89 years ago: only a birth date is
+    # a calculated age's period) over the age limit (its year 90 or more years before this
+    # one, from 1 January of the year of its 90th anniversary): only a birth date is
     birth = node.name == "birthDate" or ctx.age_context
     if birth:
         ctx.changes_on(methods.age_limit_day(value))
     if birth and methods.is_over_age_limit(value, ctx.today):
-        # HIPAA's "90 or older": the year that makes the patient 90 today (next year's another)
+        # HIPAA's "90 or older": the year that makes the patient 90 this year (next year's another)
         ctx.changes_on(methods.next_new_year(ctx.today))
         ctx.labels.add("ABSTRED")
-        return f"{ctx.today.year - methods.AGE_LIMIT - 1:04d}"
+        return f"{methods.aggregated_birth_year(ctx.today.year):04d}"
     ctx.labels.add("PERTURBED")
     if day is not None:
         try:

@@ -473,9 +473,9 @@ def _dateshift(call: _Call) -> _Change | None:
     if call.leaf.name == "birthDate":
         call.engine.horizon.note(methods.age_limit_day(value))
     if call.leaf.name == "birthDate" and methods.is_over_age_limit(value, today):
-        # HIPAA's "90 or older": the year that makes the patient 90 today (next year's another)
+        # HIPAA's "90 or older": the year that makes the patient 90 this year (next year's another)
         call.engine.horizon.note(methods.next_new_year(today))
-        return _Change(f"{today.year - methods.AGE_LIMIT - 1:04d}", "ABSTRED")
+        return _Change(f"{methods.aggregated_birth_year(today.year):04d}", "ABSTRED")
     shifted = methods.shift_date(value, call.shift)
     return None if shifted == value else _Change(shifted)
 

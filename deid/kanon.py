@@ -34,7 +34,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from deid.methods import today_utc
+from deid.methods import AGE_LIMIT, aggregated_birth_year, today_utc
 from deid.released_table import ensure_resource_digests, resource_digest_sql
 from deid.risk import (
     SUPPRESSED,
@@ -231,7 +231,8 @@ def _stage_patients(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -
         SELECT q.patient_id, coalesce(pp.person_key, q.patient_id) AS {PERSON},
             coalesce(q.sex, '{UNKNOWN}') AS sex,
             CASE WHEN q.birth_year IS NULL THEN '{UNKNOWN}'
-                 WHEN {as_of.year} - q.birth_year >= 90 THEN '90+'
+                 -- the age limit's rule (deid.methods.is_year_over_age_limit), in SQL
+                 WHEN {as_of.year} - q.birth_year > {AGE_LIMIT} THEN '90+'
                  ELSE (greatest({as_of.year} - q.birth_year, 0) // 5 * 5)::VARCHAR || '-' ||
                       (greatest({as_of.year} - q.birth_year, 0) // 5 * 5 + 4)::VARCHAR
             END AS age_band,
@@ -326,7 +327,7 @@ def representative_birth_year(age_band: str, as_of_year: int) -> int | None:
     """The birth year a generalised Patient carries: the middle of its age band (90 for 90+),
     the same for everybody in the band, so the resource says no more than the band."""
     if age_band == "90+":
-        return as_of_year - 90
+        return aggregated_birth_year(as_of_year)
     low, _, high = age_band.partition("-")
     if low.isdigit() and high.isdigit():
         return as_of_year - (int(low) + int(high)) // 2

@@ -29,10 +29,6 @@ _DATETIME = re.compile(
 )
 
 
-def _years_between(born: date, today: date) -> int:
-    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
-
-
 def _parse_partial(value: str) -> tuple[int, int | None, int | None] | None:
     match = _DATE.match(value) or _DATETIME.match(value)
     if match is None:
@@ -41,31 +37,57 @@ def _parse_partial(value: str) -> tuple[int, int | None, int | None] | None:
     return int(year), int(month) if month else None, int(day) if day else None
 
 
-def is_over_age_limit(value: str, today: date) -> bool:
-    """True when a (birth) date lies more than 89 years before ``today``."""
+def _year_of(value: str) -> int | None:
+    """The year of a (partial) date, date-time or instant; None when it is not one. A day that
+    does not exist (2020-02-30) raises ValueError: it is no date."""
     parts = _parse_partial(value)
     if parts is None:
-        return False
+        return None
     year, month, day = parts
-    born = date(year, month or 1, day or 1)
-    return _years_between(born, today) > AGE_LIMIT
+    date(year, month or 1, day or 1)
+    return year
+
+
+def is_year_over_age_limit(year: int, today: date) -> bool:
+    """The age limit, counted in calendar years as the release's age bands are: a birth in
+    ``year`` is over it from 1 January of the year of its 90th anniversary (``today.year -
+    year >= 90``), every day of that year alike. It aggregates up to a year before the
+    birthday, never after it (the safe side of HIPAA's "over 89"), and it reads the year
+    alone: the rules of the release change on 1 January only, so what a batch records of when
+    it next changes (``deid_batches.stable_until``, in clear) tells a year, never a birthday.
+    The one rule every date and age rule of the release follows."""
+    return today.year - year > AGE_LIMIT
+
+
+def is_over_age_limit(value: str, today: date) -> bool:
+    """True when a (birth) date lies in a year 90 or more years before ``today``'s
+    (:func:`is_year_over_age_limit`): 1936-12-31 is over the limit from 1 January 2026."""
+    year = _year_of(value)
+    return year is not None and is_year_over_age_limit(year, today)
+
+
+def aggregated_birth_year(this_year: int) -> int:
+    """The year a birth date over the age limit is released as (HIPAA's "90 or older"): the
+    year that makes a patient 90 this year, the birth year of the age bands' "90+" too."""
+    return this_year - AGE_LIMIT - 1
+
+
+def age_limit_new_year(year: int) -> date | None:
+    """1 January of the year from which a birth in ``year`` is over the age limit
+    (:func:`is_year_over_age_limit`); None past the calendar's end."""
+    first = year + AGE_LIMIT + 1
+    return date(first, 1, 1) if first <= date.max.year else None
 
 
 def age_limit_day(value: str) -> date | None:
-    """The first day on which a (birth) date lies more than 89 years back
-    (:func:`is_over_age_limit`): its 90th anniversary, 1 March for 29 February. None when it
-    is not a date or that day is past the calendar's end."""
-    parts = _parse_partial(value)
-    if parts is None:
-        return None
-    year, month, day = parts
+    """The first day on which a (birth) date is over the age limit (:func:`is_over_age_limit`):
+    1 January of the year of its 90th anniversary, whatever its month and day. None when it is
+    not a date or that day is past the calendar's end."""
     try:
-        date(year, month or 1, day or 1)  # a day that does not exist is no date
-        return date(year + AGE_LIMIT + 1, month or 1, day or 1)
+        year = _year_of(value)
     except ValueError:
-        if (month, day) == (2, 29) and year + AGE_LIMIT + 1 <= date.max.year:
-            return date(year + AGE_LIMIT + 1, 3, 1)
         return None
+    return None if year is None else age_limit_new_year(year)
 
 
 def next_new_year(today: date) -> date | None:
@@ -79,13 +101,20 @@ class DayHorizon:
     value counted in calendar years (a birth date over the limit released as the year of 90,
     an age whose birth year nears the limit). Each rule that reads the day notes when its
     outcome changes next; a release made today holds until the earliest of them (None: no
-    value of it depends on the day)."""
+    value of it depends on the day).
+
+    Every such day is a 1 January (the age limit counts calendar years:
+    :func:`is_year_over_age_limit`), and any other is refused: the day is recorded in clear
+    beside the batch (``deid_batches.stable_until``), where a 90th birthday would be a birth
+    date."""
 
     def __init__(self, today: date) -> None:
         self.today = today
         self.until: date | None = None
 
     def note(self, day: date | None) -> None:
+        if day is not None and (day.month, day.day) != (1, 1):
+            raise ValueError("a day-horizon is a 1 January")  # the day itself not repeated
         if day is not None and day > self.today and (self.until is None or day < self.until):
             self.until = day
 
@@ -102,7 +131,8 @@ def earliest(*days: date | None) -> date | None:
 
 
 def redact_date_partially(value: str, today: date) -> str | None:
-    """Keep the year only; nothing at all when the date is more than 89 years ago."""
+    """Keep the year only; nothing at all when the date is over the age limit (its year 90 or
+    more years before today's: :func:`is_over_age_limit`)."""
     parts = _parse_partial(value)
     if parts is None or is_over_age_limit(value, today):
         return None

@@ -14,11 +14,12 @@ The batch's Patient resources go in without their quasi-identifiers, which are k
 swap: which state of the vault batch (``vault.warehouse.BATCH_DIGEST_SQL``) was de-identified,
 a digest of everything else the rows depend on but the day (:func:`settings_digest`: the policy,
 the release terminology, the FHIR base), and the first day on which its rows would come out
-otherwise (``stable_until``: a date of it crossing the age limit, or a new year for a birth date
-over the limit; :class:`deid.methods.DayHorizon`). A batch whose row matches both digests now,
-the day before that one, needs no second pass (:func:`deidentified_batches`); one past it needs
-its de-identification alone, from the vault (:func:`day_changed_batches`). A failed scan
-removes the batch's row. The ledger holds batch ids, digests and that day, never a patient's
+otherwise (``stable_until``: the new year a date of it crosses the age limit on, or the next one
+for a birth date over the limit; :class:`deid.methods.DayHorizon`). A batch whose row matches
+both digests now, the day before that one, needs no second pass (:func:`deidentified_batches`);
+one past it needs its de-identification alone, from the vault (:func:`day_changed_batches`). A
+failed scan removes the batch's row. The ledger holds batch ids, digests and that day, always a
+1 January (the age limit counts calendar years: a year, never a birthday), never a patient's
 id.
 """
 
@@ -68,6 +69,21 @@ LEDGER_DDL = f"""
     )"""
 # added to ledgers created before it (their rows, under older settings, are current on no day)
 LEDGER_MIGRATION = f"ALTER TABLE {LEDGER_TABLE} ADD COLUMN IF NOT EXISTS stable_until DATE"
+# a stable_until is a 1 January (deid.methods.DayHorizon); one recorded when the age limit was
+# counted to the day could be a patient's 90th birthday, and is brought back to 1 January of
+# its year: the year alone stays, and the batch is due no later (its settings are outdated
+# anyway, so it is de-identified again by the next run)
+LEDGER_SCRUB = (
+    f"UPDATE {LEDGER_TABLE} SET stable_until = date_trunc('year', stable_until)::DATE "
+    "WHERE stable_until <> date_trunc('year', stable_until)::DATE"
+)
+
+
+def _migrate_ledger(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(LEDGER_DDL)
+    con.execute(LEDGER_MIGRATION)
+    con.execute(LEDGER_SCRUB)
+
 
 # What each published batch's conditional references resolved to when it was de-identified:
 # the criteria key and a digest of the one resource holding it (NULL: none or several did). A
@@ -149,6 +165,12 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # (from the vault, not ingested again); batches released before recorded none, and are
         # de-identified again by the next run
         "day": "stable_until_per_batch",
+        # the age limit counts calendar years (deid.methods.is_year_over_age_limit): a date is
+        # over it from 1 January of the year of its 90th anniversary. Batches released before
+        # kept a birth date of that year as a shifted full date (or, under safe_harbor, a date
+        # of that year as its year) until the anniversary itself, and are de-identified again
+        # by the next run
+        "age_limit": "calendar_years",
         "displays": displays,
         "fhir_base": os.environ.get(FHIR_BASE_ENV),
         "newest_version": NEWEST_VERSION_FIRST,
@@ -218,8 +240,7 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
 
 
 def _forget_published(con: duckdb.DuckDBPyConnection, batch_id: str) -> None:
-    con.execute(LEDGER_DDL)
-    con.execute(LEDGER_MIGRATION)
+    _migrate_ledger(con)
     con.execute(f"DELETE FROM {LEDGER_TABLE} WHERE batch_id = ?", [batch_id])
 
 
@@ -410,8 +431,7 @@ def _swap_batch(
     ensure_resource_digests(con)
     con.execute(DEID_ERRORS_DDL)
     con.execute(QUASI_DDL)
-    con.execute(LEDGER_DDL)
-    con.execute(LEDGER_MIGRATION)
+    _migrate_ledger(con)
     con.execute(TARGETS_DDL)
     con.execute("BEGIN TRANSACTION")
     try:

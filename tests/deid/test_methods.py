@@ -36,8 +36,11 @@ def test_crypto_hash_known_answer() -> None:
     [
         ("2000-01-01", "2000"),
         ("2000-01", "2000"),
-        ("1936-11-29", "1936"),  # 89 today: kept as a year
+        ("1937-01-01", "1937"),  # 90 next year: kept as a year
+        ("1936-12-31", None),  # 89 today, 90 this year: over the limit since 1 January
         ("1936-11-28", None),  # 90 today: nothing left
+        ("1936-01", None),
+        ("1936", None),
         ("1930-05-01", None),
         ("2010-03-04T10:00:00Z", "2010"),
     ],

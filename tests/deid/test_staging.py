@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import shutil
 from datetime import date, timedelta
 from pathlib import Path
@@ -117,19 +118,81 @@ def test_failed_first_release_publishes_nothing(
 
 def _first_day_changed(con: Any, provider: FileKeyProvider) -> date | None:
     """Counted from the vault: the first day after TODAY on which a birth date of the batch
-    crosses the age limit, or, for one over it (released as the year of 90), 1 January."""
+    crosses the age limit (1 January of the year it is 90 years before: the limit counts
+    calendar years), or, for one over it (released as the year of 90), the next 1 January."""
     days = []
     for resource in iter_current_resources(con, provider):
         born = resource.get("birthDate") if resource["resourceType"] == "Patient" else None
-        if not born:
-            continue
-        year, month, day = (int(part) for part in born[:10].split("-"))
-        try:
-            ninetieth = date(year + 90, month, day)
-        except ValueError:  # born on 29 February
-            ninetieth = date(year + 90, 3, 1)
-        days.append(ninetieth if ninetieth > TODAY else date(TODAY.year + 1, 1, 1))
+        if born:
+            days.append(_reference_until(born))
     return min(days, default=None)
+
+
+def _reference_until(born: str, today: date = TODAY) -> date:
+    """Research: 1 January of the year of a birth date's 90th anniversary, or, when that year
+    has come, the next 1 January (the year of 90 it is released as moves on)."""
+    ninety = date(int(born[:4]) + 90, 1, 1)
+    return ninety if ninety > today else date(today.year + 1, 1, 1)
+
+
+def test_a_batch_records_a_new_year_never_a_birthday(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """One-patient batches of random birth dates (near the age limit, most of them): each
+    ledger row's stable_until, stored in clear beside the batch, is a 1 January, the one the
+    plain reference gives: a year, where it was the patient's 90th birthday."""
+    rng = random.Random(20261207)
+    births = [date(1930, 1, 1) + timedelta(days=rng.randrange(12 * 366)) for _ in range(10)]
+    births += [date(1936, 12, 8), date(1937, 2, 28), date(1940, 2, 29), date(1937, 12, 31)]
+    wh = tmp_path / "w.duckdb"
+    research = Policy.shipped("research")
+    for n, born in enumerate(births):
+        land = tmp_path / f"export{n}"
+        land.mkdir()
+        patient = {"resourceType": "Patient", "id": f"p{n}", "birthDate": born.isoformat()}
+        (land / "data.ndjson").write_bytes(orjson.dumps(patient) + b"\n")
+        ingest_batch(wh, f"b{n}", land, key_provider, workers=1)
+    con = warehouse.connect(wh)
+    try:
+        for n in range(len(births)):
+            assert publish_batch(con, key_provider, f"b{n}", research, today=TODAY).published
+        recorded = dict(con.execute("SELECT batch_id, stable_until FROM deid_batches").fetchall())
+    finally:
+        con.close()
+    assert recorded == {
+        f"b{n}": _reference_until(born.isoformat()) for n, born in enumerate(births)
+    }
+    assert {(day.month, day.day) for day in recorded.values()} == {(1, 1)}
+
+
+def test_a_stable_until_recorded_to_the_day_is_brought_back_to_its_new_year(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A ledger written when the age limit was counted to the day may hold a 90th birthday:
+    the next publication keeps its year alone (1 January, so the batch is due no later)."""
+    generate(tmp_path / "landing", 1, seed=3)
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "b", tmp_path / "landing", key_provider, workers=1)
+    con = warehouse.connect(wh)
+    try:
+        con.execute(staging.LEDGER_DDL)
+        con.execute(
+            "INSERT INTO deid_batches VALUES "
+            "('old', 1, 'older settings', now(), DATE '2027-03-14'), "
+            "('older', 1, 'older settings', now(), DATE '2028-01-01'), "
+            "('none', 1, 'older settings', now(), NULL)"
+        )
+        assert publish_batch(
+            con, key_provider, "b", Policy.shipped("research"), today=TODAY
+        ).published
+        rows = dict(
+            con.execute(
+                "SELECT batch_id, stable_until FROM deid_batches WHERE batch_id <> 'b'"
+            ).fetchall()
+        )
+    finally:
+        con.close()
+    assert rows == {"old": date(2027, 1, 1), "older": date(2028, 1, 1), "none": None}
 
 
 def _settled(con: Any, policy: Policy, today: date = TODAY) -> set[str]:

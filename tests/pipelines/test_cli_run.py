@@ -8,7 +8,7 @@ import base64
 import json
 import shutil
 import stat
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -504,15 +504,29 @@ def _on_day(monkeypatch: pytest.MonkeyPatch, day: date) -> None:
     monkeypatch.setattr(deid_methods, "utcnow", lambda: moment)
 
 
+BORN = "1937-06-15"  # 90 on 15 June 2027
+
+
+def _stable_until(workdir: Path) -> dict[str, date | None]:
+    """The ledger's stable_until of each batch (in clear beside it)."""
+    con = warehouse.connect(workdir / "warehouse.duckdb", read_only=True)
+    try:
+        return dict(con.execute("SELECT batch_id, stable_until FROM deid_batches").fetchall())
+    finally:
+        con.close()
+
+
 def test_a_new_day_ingests_nothing_and_deidentifies_again_only_a_batch_it_changes(
     tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """b1 holds a patient who turns 90 on 8 December 2026, with an observation of her birth
-    date; b2 a patient of 46. The run of 7 December releases both; the next day's run ingests
+    """b1 holds a patient who turns 90 on 15 June 2027, with an observation of her birth date;
+    b2 a patient of 46. The age limit counts calendar years: her birth date is over it from
+    1 January 2027. The run of 31 December 2026 releases both; the next day's run ingests
     nothing and de-identifies b1 alone again, from the vault (her birth date is now one over
-    the age limit: the year of 90), and its release equals a first run on 8 December's; the
-    run after, on 9 December, changes nothing. The first run of each day ingested and
-    de-identified every batch again."""
+    the age limit: the year of 90), and its release equals a first run on that day's; the run
+    after, on 2 January, changes nothing. Each batch's stable_until, in clear in the ledger,
+    is a 1 January. Before, the first run of each day ingested and de-identified every batch
+    again; then, the age limit counted to the day, the ledger held her 90th birthday."""
     birth_date = {"system": "http://loinc.org", "code": "21112-8"}
 
     def patient(pid: str, born: str) -> dict[str, Any]:
@@ -530,7 +544,7 @@ def test_a_new_day_ingests_nothing_and_deidentifies_again_only_a_batch_it_change
 
     land = tmp_path / "landing"
     batches = {
-        "b1": [patient("p1", "1936-12-08"), born_on("p1", "1936-12-08")],
+        "b1": [patient("p1", BORN), born_on("p1", BORN)],
         "b2": [patient("p2", "1980-03-14"), born_on("p2", "1980-03-14")],
     }
     for batch, records in batches.items():
@@ -539,13 +553,16 @@ def test_a_new_day_ingests_nothing_and_deidentifies_again_only_a_batch_it_change
             b"".join(orjson.dumps(r) + b"\n" for r in records)
         )
     workdir = tmp_path / "work"
+    # the reference: over the limit from 1 January of the year her birth is 90 years before
+    over_from = date(int(BORN[:4]) + 90, 1, 1)
 
-    _on_day(monkeypatch, date(2026, 12, 7))
+    _on_day(monkeypatch, over_from - timedelta(days=1))
     first = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
     assert first["success"], first["runs"]
     before = _released(workdir)
+    assert _stable_until(workdir) == {"b1": over_from, "b2": date(1980 + 90, 1, 1)}
 
-    _on_day(monkeypatch, date(2026, 12, 8))
+    _on_day(monkeypatch, over_from)
     summary = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
     assert summary["success"], summary["runs"]
     ingest = summary["stages"]["ingest"]
@@ -564,9 +581,11 @@ def test_a_new_day_ingests_nothing_and_deidentifies_again_only_a_batch_it_change
     assert after == _released(fresh)
     # her birth date observation: the shifted date of someone of 89, then the year of 90
     (hers, his), (hers_after, his_after) = _birth_observations(before), _birth_observations(after)
-    assert len(hers) == len("1936-12-08") and hers_after == "1936" and his_after == his
+    assert len(hers) == len(BORN) and hers_after == BORN[:4] and his_after == his
+    # over the limit, the year of 90 moves on the next 1 January
+    assert _stable_until(workdir) == {"b1": date(over_from.year + 1, 1, 1), "b2": date(2070, 1, 1)}
 
-    _on_day(monkeypatch, date(2026, 12, 9))
+    _on_day(monkeypatch, over_from + timedelta(days=1))
     again = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
     assert again["stages"]["ingest"]["batches_already_done"] == ["b1", "b2"]
     assert again["stages"]["ingest"]["batches_deidentified_again"] == []

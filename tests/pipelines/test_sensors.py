@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -961,17 +961,19 @@ def test_a_batch_that_cannot_be_listed_waits_and_the_others_are_requested(
 def test_a_batch_a_new_day_releases_otherwise_is_de_identified_again_alone(
     tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
 ) -> None:
-    """Batch a holds a date crossing the age limit on 8 December (its ledger row's
-    stable_until), b none. Ticks on 7 December request nothing; the first tick of 8 December
-    reads the ledger again, with no run of any batch since, and requests a's
-    de-identification alone (its ingest holds: the day never changes it), b nothing; once a
-    is published again the next ticks, and the next day's, request nothing. The
-    sensor never read the ledger for a new day: a was released as of 7 December for good."""
+    """Batch a holds a birth date of 1937, over the age limit from 1 January 2027 (the limit
+    counts calendar years: its ledger row's stable_until), b none. Ticks on 31 December request
+    nothing; the first tick of 1 January reads the ledger again, with no run of any batch
+    since, and requests a's de-identification alone (its ingest holds: the day never changes
+    it), b nothing; once a is published again the next ticks, and the next day's, request
+    nothing. The sensor never read the ledger for a new day: a was released as of 31 December
+    for good."""
     wh = _two_batches_ingested(tmp_path, key_provider)
     _publish_all(wh)
+    over_from = date(1937 + 90, 1, 1)  # the reference: the year of her 90th birthday
     con = warehouse.connect(wh)
     try:
-        con.execute("UPDATE deid_batches SET stable_until = DATE '2026-12-08' WHERE batch_id = 'a'")
+        con.execute("UPDATE deid_batches SET stable_until = ? WHERE batch_id = 'a'", [over_from])
     finally:
         con.close()
 
@@ -980,17 +982,18 @@ def test_a_batch_a_new_day_releases_otherwise_is_de_identified_again_alone(
         with mock.patch.object(deid_methods, "utcnow", lambda: moment):
             return _tick(tmp_path, instance, cursor)
 
-    settled = tick(date(2026, 12, 7))
+    eve = over_from - timedelta(days=1)
+    settled = tick(eve)
     assert settled.run_requests == []
-    assert tick(date(2026, 12, 7), settled.cursor).run_requests == []
-    new_day = tick(date(2026, 12, 8), settled.cursor)
+    assert tick(eve, settled.cursor).run_requests == []
+    new_day = tick(over_from, settled.cursor)
     assert [(r.partition_key, r.asset_selection) for r in new_day.run_requests] == [
         ("a", [DEID_RESOURCES])
     ]
     _publish_all(wh)  # a's run published it again, its rows now holding on no day
     _record_run(instance, new_day.run_requests[0].tags, DagsterRunStatus.SUCCESS)
     _record_deid(instance, "a")
-    done = tick(date(2026, 12, 8), tick(date(2026, 12, 8), new_day.cursor).cursor)
+    done = tick(over_from, tick(over_from, new_day.cursor).cursor)
     assert done.run_requests == []
     assert all(state.done for state in _load_cursor(done.cursor).values())
-    assert tick(date(2026, 12, 9), done.cursor).run_requests == []
+    assert tick(over_from + timedelta(days=1), done.cursor).run_requests == []

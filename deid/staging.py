@@ -69,20 +69,9 @@ LEDGER_DDL = f"""
     )"""
 # added to ledgers created before it (their rows, under older settings, are current on no day)
 LEDGER_MIGRATION = f"ALTER TABLE {LEDGER_TABLE} ADD COLUMN IF NOT EXISTS stable_until DATE"
-# a stable_until is a 1 January (deid.methods.DayHorizon); one recorded when the age limit was
-# counted to the day could be a patient's 90th birthday, and is brought back to 1 January of
-# its year: the year alone stays, and the batch is due no later (its settings are outdated
-# anyway, so it is de-identified again by the next run)
-LEDGER_SCRUB = (
-    f"UPDATE {LEDGER_TABLE} SET stable_until = date_trunc('year', stable_until)::DATE "
-    "WHERE stable_until <> date_trunc('year', stable_until)::DATE"
-)
-
-
 def _migrate_ledger(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(LEDGER_DDL)
     con.execute(LEDGER_MIGRATION)
-    con.execute(LEDGER_SCRUB)
 
 
 # What each published batch's conditional references resolved to when it was de-identified:

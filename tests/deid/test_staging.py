@@ -165,36 +165,6 @@ def test_a_batch_records_a_new_year_never_a_birthday(
     assert {(day.month, day.day) for day in recorded.values()} == {(1, 1)}
 
 
-def test_a_stable_until_recorded_to_the_day_is_brought_back_to_its_new_year(
-    tmp_path: Path, key_provider: FileKeyProvider
-) -> None:
-    """A ledger written when the age limit was counted to the day may hold a 90th birthday:
-    the next publication keeps its year alone (1 January, so the batch is due no later)."""
-    generate(tmp_path / "landing", 1, seed=3)
-    wh = tmp_path / "w.duckdb"
-    ingest_batch(wh, "b", tmp_path / "landing", key_provider, workers=1)
-    con = warehouse.connect(wh)
-    try:
-        con.execute(staging.LEDGER_DDL)
-        con.execute(
-            "INSERT INTO deid_batches VALUES "
-            "('old', 1, 'older settings', now(), DATE '2027-03-14'), "
-            "('older', 1, 'older settings', now(), DATE '2028-01-01'), "
-            "('none', 1, 'older settings', now(), NULL)"
-        )
-        assert publish_batch(
-            con, key_provider, "b", Policy.shipped("research"), today=TODAY
-        ).published
-        rows = dict(
-            con.execute(
-                "SELECT batch_id, stable_until FROM deid_batches WHERE batch_id <> 'b'"
-            ).fetchall()
-        )
-    finally:
-        con.close()
-    assert rows == {"old": date(2027, 1, 1), "older": date(2028, 1, 1), "none": None}
-
-
 def _settled(con: Any, policy: Policy, today: date = TODAY) -> set[str]:
     return staging.deidentified_batches(con, staging.settings_digest(policy), today)
 

@@ -526,7 +526,7 @@ def test_a_new_day_ingests_nothing_and_deidentifies_again_only_a_batch_it_change
     the age limit: the year of 90), and its release equals a first run on that day's; the run
     after, on 2 January, changes nothing. Each batch's stable_until, in clear in the ledger,
     is a 1 January. Before, the first run of each day ingested and de-identified every batch
-    again; then, the age limit counted to the day, the ledger held her 90th birthday."""
+    again."""
     birth_date = {"system": "http://loinc.org", "code": "21112-8"}
 
     def patient(pid: str, born: str) -> dict[str, Any]:

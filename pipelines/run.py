@@ -4,12 +4,15 @@ A batch already done is not run again: ingested after its files last changed (th
 batch ledger, as the landing sensor reads it) and de-identified from that ingest under the
 current settings, its rows holding today (the de-identification ledger,
 :func:`deid.staging.deidentified_batches`). Its figures in the summary are the ones the warehouse
-recorded. A batch done but for the day (a date of it crossed the age limit since, or a new year
-came: :func:`deid.staging.day_changed_batches`) is de-identified again from the vault, not
-ingested again. A batch a later one took out of the
-de-identification ledger during the run is de-identified again, and ingested again only when
-that would change its vault rows (:func:`ingest_again`). The release then runs as after any
-batch: incrementally, and with nothing to do when nothing changed.
+recorded. A batch ingested from its folder as it is now but not published from that ingest
+under the current settings, or published but changed by the day (an earlier version of the
+platform, a date of it crossing the age limit since or a new year:
+:func:`deid.staging.day_changed_batches`, a run stopped before its de-identification) is
+de-identified again from its vault rows, not ingested again (:func:`released_otherwise`). A
+batch a later one took out of the de-identification ledger during the run is de-identified
+again, and ingested again only when that would change its vault rows (:func:`ingest_again`).
+The release then runs as after any batch: incrementally, and with nothing to do when nothing
+changed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dagster import AssetsDefinition, DagsterInstance, materialize
 
 from deid.policy import Policy
 from deid.release import release_totals
-from deid.staging import day_changed_batches, deidentified_batches, settings_digest
+from deid.staging import deidentified_batches, settings_digest
 from fhirlake.readers import DATA_SUFFIXES
 from pipelines.assets.checks import RELEASE_CANARIES
 from pipelines.assets.deid import deid_resources
@@ -107,38 +110,38 @@ def settled_batches(
     con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
     try:
         done = deidentified_batches(con, settings)
-        reports = dict(
-            con.execute(
-                "SELECT batch_id, report FROM batches WHERE batch_id IN (SELECT unnest(?))",
-                [[key for key in fresh if key in done]],
-            ).fetchall()
-        )
-        return {
-            key: _recorded_reports(con, key, json.loads(report)) for key, report in reports.items()
-        }
+        return _recorded(con, [key for key in fresh if key in done])
     finally:
         con.close()
 
 
-def changed_by_the_day(
-    workdir: Workdir, batches: list[BatchSource], profile: str
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """The batches done but for the day: ingested as their folders are now, de-identified from
-    that ingest under the current settings, and holding a value that today releases otherwise
-    (:func:`deid.staging.day_changed_batches`). Their de-identification alone, from the vault,
-    brings them up to date (:func:`pipelines.landing_ledger.deidentification_alone`): ingest
-    never depends on the day. With their recorded reports, as :func:`settled_batches`."""
-    if not workdir.warehouse.exists():
-        return {}
-    ledger = _batch_ledger(workdir)
-    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
-    try:
-        changed = day_changed_batches(con, _settings(profile))
-        keys = [b.key for b in batches if b.key in changed and deidentification_alone(b, ledger)]
-        reports = con.execute(
+def _recorded(con: Any, keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """The recorded reports of the batches ``keys`` (:func:`_recorded_reports`)."""
+    reports = dict(
+        con.execute(
             "SELECT batch_id, report FROM batches WHERE batch_id IN (SELECT unnest(?))", [keys]
         ).fetchall()
-        return {key: _recorded_reports(con, key, json.loads(report)) for key, report in reports}
+    )
+    return {key: _recorded_reports(con, key, json.loads(report)) for key, report in reports.items()}
+
+
+def released_otherwise(
+    workdir: Workdir, batches: list[BatchSource], settled: set[str]
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Of ``batches`` not ``settled``, the ones whose de-identification alone brings them up to
+    date (:func:`pipelines.landing_ledger.deidentification_alone`), with their recorded
+    reports: published from their ingest under other settings (an earlier version of the
+    platform, whose leak scan or release rules differ: ``settings_digest``) or with a value the
+    day now releases otherwise (``stable_until``), or not published from it yet. Their vault rows are what a new ingest of their folder would
+    write; ingesting them again would seal the whole vault again (at an upgrade, and each
+    day), and refuse an erased patient's records once more as quarantined ones."""
+    ledger = _batch_ledger(workdir)
+    alone = [b.key for b in batches if b.key not in settled and deidentification_alone(b, ledger)]
+    if not alone:
+        return {}
+    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
+    try:
+        return _recorded(con, alone)
     finally:
         con.close()
 
@@ -195,8 +198,7 @@ def run_pipeline(
     deid_settings = resources["deid_settings"]
     assert isinstance(deid_settings, DeidSettings)
     settled = settled_batches(workdir, batches, deid_settings.profile)
-    # done but for the day: de-identified again from the vault, not ingested again
-    by_the_day = changed_by_the_day(workdir, batches, deid_settings.profile)
+    recorded = released_otherwise(workdir, batches, set(settled))
     with open_instance(workdir) as instance:
         existing = set(instance.get_dynamic_partitions(batch_partitions.name or "batches"))
         new = [b.key for b in batches if b.key not in existing]
@@ -222,8 +224,8 @@ def run_pipeline(
             if batch.key in settled:
                 batch_reports[batch.key] = settled[batch.key]
                 continue
-            if batch.key in by_the_day:
-                batch_reports[batch.key] = by_the_day[batch.key]  # its ingest's figures
+            if batch.key in recorded:  # its ingest stands: de-identified again from it
+                batch_reports[batch.key] = recorded[batch.key]
                 run_batch(batch.key, [deid_resources])
                 deidentified_again.append(batch.key)
                 continue

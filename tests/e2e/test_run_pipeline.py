@@ -11,6 +11,7 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from click.testing import CliRunner
 from phi_canaries import (
     ciphertexts_spelling_canaries,
     patient_birth_dates,
@@ -21,6 +22,7 @@ from phi_canaries import (
 
 from fhirlake.synthetic import generate
 from pipelines.bench.release import release_digests
+from pipelines.cli import main
 from pipelines.run import run_pipeline
 from pipelines.workdir import Workdir
 
@@ -214,3 +216,58 @@ def test_a_batch_a_later_cohort_leaves_without_practitioners_is_only_deidentifie
     at_once = tmp_path / "at_once"
     assert run_pipeline(landing, at_once, workers=1)["success"]
     assert _release_tables(Workdir(at_once).warehouse) == released
+
+
+def test_a_batch_released_under_other_settings_is_deidentified_again_not_ingested_again(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """A batch published under other de-identification settings (an earlier day, or an earlier
+    version of the platform whose leak scan had fewer rules) is de-identified again from its
+    vault rows as they stand: its folder is as it was ingested, so a new ingest would write the
+    same rows (the whole vault sealed again, at an upgrade or on the next day). After an
+    erasure, that ingest refused the erased patient's records once more, and the batch counted
+    them as quarantined, over the quarantine rate, where a fresh build counts none."""
+    landing, work = tmp_path / "landing", tmp_path / "work"
+    gen = generate(landing / "a", 6, seed=3)
+    assert run_pipeline(landing, work, workers=1)["success"]
+    warehouse = Workdir(work).warehouse
+    con = duckdb.connect(str(warehouse))
+    try:
+        ((erased,),) = con.execute(
+            "SELECT patient_key FROM phi_vault WHERE resource_type = 'Patient' LIMIT 1"
+        ).fetchall()
+    finally:
+        con.close()
+    assert gen.patients == 6
+    result = CliRunner().invoke(
+        main,
+        ["forget", str(erased), "--pseudonym", "--reason", "REQ-1", "--workdir", str(work)],
+    )
+    assert result.exit_code == 0, result.output
+    first = run_pipeline(landing, work, workers=1)
+    assert first["success"] and [r["batch"] for r in first["runs"]] == [None]
+    before = _ingested_at(warehouse)
+    released = _release_tables(warehouse)
+
+    con = duckdb.connect(str(warehouse))
+    try:
+        con.execute("UPDATE deid_batches SET settings = 'settings of an earlier release'")
+        quarantined = con.execute("SELECT count(*) FROM quarantine").fetchone()
+    finally:
+        con.close()
+
+    second = run_pipeline(landing, work, workers=1)
+    assert second["success"] and [r["batch"] for r in second["runs"]] == ["a", None]
+    assert second["stages"]["ingest"]["batches_deidentified_again"] == ["a"]
+    assert _ingested_at(warehouse) == before
+    assert second["stages"]["ingest"]["batches"] == first["stages"]["ingest"]["batches"]
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM quarantine").fetchone() == quarantined
+    finally:
+        con.close()
+    assert _release_tables(warehouse) == released
+
+    third = run_pipeline(landing, work, workers=1)
+    assert third["success"] and [r["batch"] for r in third["runs"]] == [None]
+    assert third["stages"]["ingest"]["batches_already_done"] == ["a"]

@@ -244,7 +244,8 @@ def run_pipeline(
             for batch in unsettled:
                 settled.pop(batch.key, None)
                 run_batch(batch.key, None if batch.key in ingest else [deid_resources])
-                deidentified_again += [] if batch.key in ingest else [batch.key]
+                if batch.key not in ingest and batch.key not in deidentified_again:
+                    deidentified_again.append(batch.key)
         # whole-release assets once, after every batch (a blocked batch blocks the release)
         if all(r["success"] for r in runs):
             result = _materialize_release(instance, resources, "ehr run")

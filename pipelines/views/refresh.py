@@ -20,9 +20,12 @@ Patient resource in a vault batch ingested (or ingested again) since the view wa
 that patient's birth date as the vault holds it now, even when none of the view's own resources
 changed. The view records which batch runs its scan covered
 (``release_state.view_batches``: a batch id and a digest of the batch's position, ingest time
-and report; no patient, no PHI): a batch ingested again keeps its records' vault positions, so
-the highest position seen would not tell it apart. A view without that record (built before it
-existed) has every patient's kept rows searched for their birth date once.
+and report, and of the settings it was de-identified under; no patient, no PHI): a batch
+ingested again keeps its records' vault positions, so the highest position seen would not tell
+it apart, and a batch de-identified again under other leak-scan rules (an upgrade's) has its
+patients' kept rows searched under those rules too, as a new ingest of it would. A view
+without that record (built before it existed) has every patient's kept rows searched for their
+birth date once.
 
 The table and its Parquet file are published atomically (:mod:`pipelines.publish`). A refresh
 changes the table in place (the rows of changed and gone resources deleted, the new ones
@@ -54,6 +57,7 @@ from deid.kanon import withheld_filter
 from deid.leakscan import CanarySet, LeakScanResult
 from deid.release import merged_scans, scan_column_values, scan_released_table
 from deid.released_table import ensure_resource_digests
+from deid.staging import LEDGER_TABLE
 from fhirlake.viewdef import ViewDefinition, write_view_table
 from pipelines.parallel import on_cursors
 from pipelines.publish import TableChange, publish_in_place, transaction
@@ -187,14 +191,19 @@ def _stage_current_sources(
 def _stage_vault_batches(con: duckdb.DuckDBPyConnection, scratch: _Scratch) -> None:
     """Table ``scratch.batches``: each batch of the vault now, with a digest of its position,
     ingest time and report (a batch ingested again, with other content at the same positions,
-    has another); read from the small ``batches`` table, nothing decrypted."""
+    has another) and of the settings it was last de-identified under (``deid_batches``: a
+    batch de-identified again under other leak-scan rules, an upgrade's, without a new ingest,
+    has another too); read from the small ``batches`` and ``deid_batches`` tables, nothing
+    decrypted."""
     # a release without its vault (tests of the views alone)
     if not has_table(con, "batches"):
         con.execute(f"CREATE OR REPLACE TABLE {scratch.batches} (batch_id VARCHAR, digest UBIGINT)")
         return
+    settings = "d.settings" if has_table(con, LEDGER_TABLE) else "NULL"
+    ledger = f"LEFT JOIN {LEDGER_TABLE} d USING (batch_id)" if settings != "NULL" else ""
     con.execute(
         f"CREATE OR REPLACE TABLE {scratch.batches} AS "
-        f"SELECT batch_id, {BATCH_DIGEST_SQL} AS digest FROM batches"
+        f"SELECT batch_id, hash({BATCH_DIGEST_SQL}, {settings}) AS digest FROM batches {ledger}"
     )
 
 

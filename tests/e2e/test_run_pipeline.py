@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import duckdb
@@ -20,6 +21,7 @@ from phi_canaries import (
     scan_for_canaries,
 )
 
+from deid.methods import today_utc
 from fhirlake.synthetic import generate
 from pipelines.bench.release import release_digests
 from pipelines.cli import main
@@ -180,6 +182,19 @@ def _ingested_at(warehouse: Path) -> dict[str, object]:
         con.close()
 
 
+def _view_batches(warehouse: Path) -> dict[str, set[tuple[str, int]]]:
+    """Per view, the batches (and their digests) its last leak scan covered."""
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        rows = con.execute("SELECT view, batch_id, digest FROM release_state.view_batches")
+        scanned: dict[str, set[tuple[str, int]]] = {}
+        for view, batch, digest in rows.fetchall():
+            scanned.setdefault(str(view), set()).add((str(batch), int(digest)))
+        return scanned
+    finally:
+        con.close()
+
+
 def _released_rows(warehouse: Path, batch: str) -> set[tuple[str, str]]:
     con = duckdb.connect(str(warehouse), read_only=True)
     try:
@@ -219,7 +234,7 @@ def test_a_batch_a_later_cohort_leaves_without_practitioners_is_only_deidentifie
 
 
 def test_a_batch_released_under_other_settings_is_deidentified_again_not_ingested_again(
-    tmp_path: Path, key_file: Path
+    tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A batch published under other de-identification settings (an earlier day, or an earlier
     version of the platform whose leak scan had fewer rules) is de-identified again from its
@@ -248,13 +263,17 @@ def test_a_batch_released_under_other_settings_is_deidentified_again_not_ingeste
     assert first["success"] and [r["batch"] for r in first["runs"]] == [None]
     before = _ingested_at(warehouse)
     released = _release_tables(warehouse)
+    scanned = _view_batches(warehouse)
 
-    con = duckdb.connect(str(warehouse))
+    con = duckdb.connect(str(warehouse), read_only=True)
     try:
-        con.execute("UPDATE deid_batches SET settings = 'settings of an earlier release'")
         quarantined = con.execute("SELECT count(*) FROM quarantine").fetchone()
     finally:
         con.close()
+    # the next day: the day is among the settings (dates over the age limit move with it), as
+    # an upgrade's leak-scan rules are
+    tomorrow = today_utc() + timedelta(days=1)
+    monkeypatch.setattr("deid.staging.today_utc", lambda: tomorrow)
 
     second = run_pipeline(landing, work, workers=1)
     assert second["success"] and [r["batch"] for r in second["runs"]] == ["a", None]
@@ -267,6 +286,12 @@ def test_a_batch_released_under_other_settings_is_deidentified_again_not_ingeste
     finally:
         con.close()
     assert _release_tables(warehouse) == released
+    # the views searched the batch's patients' kept rows for their birth dates again, as after
+    # a new ingest: the leak scan's rules are among the settings, which changed
+    rescanned = _view_batches(warehouse)
+    assert rescanned.keys() == scanned.keys() and all(
+        rescanned[view] != scanned[view] for view in scanned
+    )
 
     third = run_pipeline(landing, work, workers=1)
     assert third["success"] and [r["batch"] for r in third["runs"]] == [None]

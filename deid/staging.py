@@ -69,6 +69,8 @@ LEDGER_DDL = f"""
     )"""
 # added to ledgers created before it (their rows, under older settings, are current on no day)
 LEDGER_MIGRATION = f"ALTER TABLE {LEDGER_TABLE} ADD COLUMN IF NOT EXISTS stable_until DATE"
+
+
 def _migrate_ledger(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(LEDGER_DDL)
     con.execute(LEDGER_MIGRATION)

@@ -131,10 +131,11 @@ def released_otherwise(
     """Of ``batches`` not ``settled``, the ones whose de-identification alone brings them up to
     date (:func:`pipelines.landing_ledger.deidentification_alone`), with their recorded
     reports: published from their ingest under other settings (an earlier version of the
-    platform, whose leak scan or release rules differ: ``settings_digest``) or with a value the
-    day now releases otherwise (``stable_until``), or not published from it yet. Their vault rows are what a new ingest of their folder would
-    write; ingesting them again would seal the whole vault again (at an upgrade, and each
-    day), and refuse an erased patient's records once more as quarantined ones."""
+    platform, whose leak scan or release rules differ: ``settings_digest``) or with a value
+    the day now releases otherwise (``stable_until``), or not published from it yet. Their
+    vault rows are what a new ingest of their folder would write; ingesting them again would
+    seal the whole vault again, and refuse an erased patient's records once more as
+    quarantined ones."""
     ledger = _batch_ledger(workdir)
     alone = [b.key for b in batches if b.key not in settled and deidentification_alone(b, ledger)]
     if not alone:

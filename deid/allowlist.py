@@ -54,7 +54,6 @@ from deid.errors import DeidError
 from deid.terminology import (
     AGE_CODES,
     AGE_UNIT_WORDS_PER_YEAR,
-    AGE_UNITS_PER_YEAR,
     ANY_CODE,
     BIRTH_DATE_CODES,
     CONSENT_PROVISION_LEVELS,
@@ -65,6 +64,7 @@ from deid.terminology import (
     binding_code,
     code_is_well_formed,
     system_code,
+    ucum_units_per_year,
 )
 from fhirlake.references import logical_reference
 
@@ -602,7 +602,7 @@ def _age_units_per_year(
     """How many of a quantity's unit make a year when it may be an age: a UCUM time unit
     (any quantity), else, for a FHIR Age or a quantity of an age observation, the unit it is
     ``written`` in (:func:`_per_year_as_written`); None for any other quantity."""
-    per_year = AGE_UNITS_PER_YEAR.get(quantity.get("code", "")) if "system" in quantity else None
+    per_year = ucum_units_per_year(quantity.get("code", "")) if "system" in quantity else None
     if per_year is None and (ctx.age_context or node.age):
         per_year = _per_year_as_written(written)
     return per_year
@@ -686,14 +686,17 @@ def _tells_age_over_limit(years: float, ctx: ReleaseContext) -> bool:
 
 def _per_year_as_written(written: dict[str, Any]) -> float:
     """How many of the unit an age is written in make a year: its ``unit`` text, else its
-    ``code``, read as a time unit (:data:`AGE_UNIT_WORDS_PER_YEAR`); 1 (years) when neither
-    reads as one."""
+    ``code``, read as a UCUM time unit (:func:`deid.terminology.ucum_units_per_year`: ``mo_j``,
+    ``a{age}``) or as a time unit in words (:data:`AGE_UNIT_WORDS_PER_YEAR`); 1 (years) when
+    neither reads as one."""
     for element in ("unit", "code"):
         text = written.get(element)
         if isinstance(text, str):
             word = text.strip().lower()
-            per_year = AGE_UNIT_WORDS_PER_YEAR.get(word) or AGE_UNIT_WORDS_PER_YEAR.get(
-                word.removesuffix("s")
+            per_year = (
+                ucum_units_per_year(text.strip())
+                or AGE_UNIT_WORDS_PER_YEAR.get(word)
+                or AGE_UNIT_WORDS_PER_YEAR.get(word.removesuffix("s"))
             )
             if per_year is not None:
                 return per_year

@@ -253,7 +253,12 @@ ANY_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+<>=-]{0,63}\Z")
 # year of 365.25 days, a patient on their 90th birthday (born 6 December 1936: 32,872 days old on
 # 6 December 2026) was 89.9986 years old, and the age was released as written.
 AGE_DAYS_PER_YEAR = (90 * 365 + 21) / 90
-# UCUM time units -> how many make a year (an age in them is capped at 90 years)
+# UCUM time units -> how many make a year (an age in them is capped at 90 years): the calendar
+# year and month, and the units UCUM defines by their days, read with the fewest days 90 years
+# span as days are: the tropical, mean Julian and mean Gregorian year, the synodal, mean Julian
+# and mean Gregorian month, and the second. Only ``a`` and ``mo`` were read: 93 ``a_j`` in an
+# observation not coded as an age was released as written, and 30 ``mo_j`` (two and a half
+# years) in a condition's onset age was read as 30 years.
 AGE_UNITS_PER_YEAR: dict[str, float] = {
     "a": 1.0,
     "mo": 12.0,
@@ -261,7 +266,24 @@ AGE_UNITS_PER_YEAR: dict[str, float] = {
     "d": AGE_DAYS_PER_YEAR,
     "h": AGE_DAYS_PER_YEAR * 24,
     "min": AGE_DAYS_PER_YEAR * 24 * 60,
+    "s": AGE_DAYS_PER_YEAR * 24 * 60 * 60,
+    "a_t": AGE_DAYS_PER_YEAR / 365.24219,
+    "a_j": AGE_DAYS_PER_YEAR / 365.25,
+    "a_g": AGE_DAYS_PER_YEAR / 365.2425,
+    "mo_s": AGE_DAYS_PER_YEAR / 29.53059,
+    "mo_j": AGE_DAYS_PER_YEAR / (365.25 / 12),
+    "mo_g": AGE_DAYS_PER_YEAR / (365.2425 / 12),
 }
+# a UCUM unit with annotations (``a{age}``, ``{corrected}mo``) is the unit they annotate
+_UCUM_ANNOTATION = re.compile(r"\{[^{}]*\}")
+
+
+def ucum_units_per_year(code: str) -> float | None:
+    """How many of the UCUM unit ``code`` make a year when it is a time unit (its annotations
+    set aside: ``a{age}`` is a year), else None."""
+    return AGE_UNITS_PER_YEAR.get(_UCUM_ANNOTATION.sub("", code))
+
+
 # the same units as an age is often written without UCUM (a FHIR Age's ``unit`` text, a local
 # code): read, lower-cased and without a plural ``s``, before an age falls back to years
 AGE_UNIT_WORDS_PER_YEAR: dict[str, float] = {

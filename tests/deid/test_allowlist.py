@@ -329,6 +329,60 @@ def test_a_unit_not_in_ucum_syntax_is_withheld(code: str) -> None:
     assert released == {"value": 7.1}
 
 
+@pytest.mark.parametrize(
+    ("code", "value"),
+    [
+        ("a_j", 93),  # the mean Julian year
+        ("a_g", 94),  # the mean Gregorian year
+        ("a_t", 95),  # the tropical year
+        ("mo_j", 1130),  # 94 years in mean Julian months
+        ("mo_g", 1130),
+        ("mo_s", 1150),  # 93 years in synodal months
+        ("s", 3_000_000_000),  # 95 years in seconds
+        ("a{age}", 93),  # a year with an annotation
+        ("mo{corrected}", 1130),
+    ],
+)
+def test_an_age_in_any_ucum_time_unit_is_capped(code: str, value: float) -> None:
+    """UCUM names years and months several ways (the Julian, Gregorian and tropical year, the
+    synodal, Julian and Gregorian month), and a unit may carry an annotation: an observation
+    not coded as an age with 93 ``a_j`` was released as written, and reached
+    ``views.observation`` (value 93, unit a_j), where 93 ``a`` became 90."""
+    quantity = {"value": value, "system": UCUM, "code": code, "unit": code}
+    component = {"code": {"coding": [{"system": LOINC, "code": "8302-2"}]}}
+    local = _obs(
+        code={"coding": [{"system": "http://hospital.example.org/obs", "code": "AGEYRS"}]},
+        valueQuantity=quantity,
+        component=[{**component, "valueQuantity": quantity}],
+    )
+    for profile in ("research", "safe_harbor"):
+        outcome = _apply(copy.deepcopy(local), profile)
+        capped = {"value": 90, "system": UCUM, "code": "a", "unit": "a"}
+        assert outcome.resource["valueQuantity"] == capped
+        assert outcome.resource["component"][0]["valueQuantity"] == capped
+        assert outcome.release_counts["age_capped"] == 2
+
+
+@pytest.mark.parametrize(
+    ("code", "value", "years"),
+    [("mo_j", 30, 2), ("mo_g", 1000, 83), ("a_j", 45.5, 45), ("mo{corrected}", 14, 1)],
+)
+def test_an_age_in_a_ucum_time_unit_is_read_in_that_unit(
+    code: str, value: float, years: int
+) -> None:
+    """A condition's onset at 30 ``mo_j`` (two and a half years) was read as 30 years, and
+    Safe Harbor released it as 30 years; 1,000 ``mo_g`` (83 years) was capped at 90."""
+    condition = {
+        "resourceType": "Condition",
+        "id": "c",
+        "subject": {"reference": "Patient/p"},
+        "recordedDate": "2024-05-06",
+        "onsetAge": {"value": value, "system": UCUM, "code": code, "unit": code},
+    }
+    released = _apply(condition, "safe_harbor").resource["onsetAge"]
+    assert released == {"value": years, "system": UCUM, "code": "a", "unit": "a"}
+
+
 def test_age_observation_without_ucum_is_read_as_years() -> None:
     age = _obs(code={"coding": [{"system": LOINC, "code": "21612-7"}]})
     age["valueQuantity"] = {"value": 101, "unit": "years"}

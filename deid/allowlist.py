@@ -52,10 +52,9 @@ from typing import Any
 from deid import methods
 from deid.errors import DeidError
 from deid.terminology import (
-    AGE_CODES,
+    AGE_TELLING_CODES,
     AGE_UNIT_WORDS_PER_YEAR,
     ANY_CODE,
-    BIRTH_DATE_CODES,
     CONSENT_PROVISION_LEVELS,
     OMB,
     REQUIRED_BINDINGS,
@@ -401,18 +400,13 @@ def _latest_year(resource: dict[str, Any]) -> int | None:
 
 def _is_age_observation(resource: dict[str, Any]) -> bool:
     """Whether an observation (or one of its components) tells the patient's age: coded as an
-    age (:data:`AGE_CODES`: an age LOINC code, or SNOMED CT's age at onset) or as their birth
-    date (:data:`BIRTH_DATE_CODES`). Its ages are capped at 90, and its dates over the age
-    limit are a birth date's (:func:`_date`)."""
+    age (:data:`deid.terminology.AGE_CODES`: an age LOINC code, or SNOMED CT's age at onset) or
+    as their birth date (:data:`deid.terminology.BIRTH_DATE_CODES`), under whatever system its
+    coding names, or none (:data:`AGE_TELLING_CODES`). Its ages are capped at 90, and its dates
+    over the age limit are a birth date's (:func:`_date`)."""
     code = resource.get("code")
     codings = code.get("coding") if isinstance(code, dict) else None
-    return any(
-        isinstance(c, dict) and (c.get("system"), c.get("code")) in _AGE_TELLING
-        for c in codings or []
-    )
-
-
-_AGE_TELLING = AGE_CODES | BIRTH_DATE_CODES
+    return any(isinstance(c, dict) and c.get("code") in AGE_TELLING_CODES for c in codings or [])
 
 
 def _apply(value: Any, node: Node, ctx: ReleaseContext) -> Any:

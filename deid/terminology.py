@@ -322,6 +322,12 @@ AGE_CODES: frozenset[tuple[str, str]] = frozenset(
 BIRTH_DATE_CODES: frozenset[tuple[str, str]] = frozenset(
     {(LOINC, "21112-8"), (SNOMED, "184099003")}
 )
+# the codes of both, read whatever system a coding names: LOINC and SNOMED CT are written under
+# other names too (their OIDs, HL7 v2's ``LN`` and ``SCT``, a URL with a slash after it) or under
+# none, and the views read a coding without a system as the observation's code. Read under
+# LOINC's and SNOMED CT's URLs only, an observation coded 30525-0 without a system released an
+# age of 95 as written, and one coded 21112-8 a birth date 95 years ago, shifted only.
+AGE_TELLING_CODES: frozenset[str] = frozenset(code for _, code in AGE_CODES | BIRTH_DATE_CODES)
 
 # the OMB race and ethnicity categories of US Core: the released value set for its extensions
 OMB_DISPLAYS: dict[tuple[str, str], str] = {

@@ -383,6 +383,40 @@ def test_an_age_in_a_ucum_time_unit_is_read_in_that_unit(
     assert released == {"value": years, "system": UCUM, "code": "a", "unit": "a"}
 
 
+@pytest.mark.parametrize(
+    "system",
+    [
+        None,
+        "urn:oid:2.16.840.1.113883.6.1",
+        "http://loinc.org/",
+        "LN",
+        "http://hospital.example.org",
+    ],
+)
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_an_age_code_under_another_system_or_none_is_an_age_observation(
+    system: str | None, profile: str
+) -> None:
+    """An observation coded 30525-0 (Age) without LOINC's URL (none at all, LOINC's OID, a URL
+    with a slash after it, HL7 v2's ``LN``) released 95 as written, and one coded 21112-8
+    (Birth date) released a birth date 95 years ago shifted (research: ``1931-01-02`` for
+    1931-02-03): the views read a coding without a system as the observation's code, so
+    ``views.observation`` showed code 30525-0 with 95."""
+    coding = {"code": "30525-0"} if system is None else {"system": system, "code": "30525-0"}
+    age = _obs(code={"coding": [coding]}, effectiveDateTime="2025-01-02", valueInteger=95)
+    assert _apply(copy.deepcopy(age), profile).resource["valueInteger"] == 90
+    age = _obs(code={"coding": [coding]}, valueQuantity={"value": 93, "unit": "years"})
+    assert _apply(copy.deepcopy(age), profile).resource["valueQuantity"]["value"] == 90
+    birth = {**coding, "code": "21112-8"}
+    born = _obs(code={"coding": [birth]}, effectiveDateTime="2025-01-02")
+    born["valueDateTime"] = "1931-02-03"
+    released = _apply(born, profile).resource.get("valueDateTime")
+    assert released == ("1936" if profile == "research" else None)
+    snomed = {**coding, "code": "424144002"}
+    age = _obs(code={"coding": [snomed]}, valueQuantity={"value": 97, "unit": "yrs"})
+    assert _apply(age, profile).resource["valueQuantity"]["value"] == 90
+
+
 def test_age_observation_without_ucum_is_read_as_years() -> None:
     age = _obs(code={"coding": [{"system": LOINC, "code": "21612-7"}]})
     age["valueQuantity"] = {"value": 101, "unit": "years"}

@@ -53,7 +53,6 @@ from deid import methods
 from deid.errors import DeidError
 from deid.terminology import (
     AGE_TELLING_CODES,
-    AGE_UNIT_WORDS_PER_YEAR,
     ANY_CODE,
     CONSENT_PROVISION_LEVELS,
     OMB,
@@ -63,7 +62,7 @@ from deid.terminology import (
     binding_code,
     code_is_well_formed,
     system_code,
-    ucum_units_per_year,
+    time_units_per_year,
 )
 from fhirlake.references import logical_reference
 
@@ -593,10 +592,12 @@ def _quantity(value: Any, node: Node, ctx: ReleaseContext) -> Any:
 def _age_units_per_year(
     quantity: dict[str, Any], written: dict[str, Any], node: Node, ctx: ReleaseContext
 ) -> float | None:
-    """How many of a quantity's unit make a year when it may be an age: a UCUM time unit
-    (any quantity), else, for a FHIR Age or a quantity of an age observation, the unit it is
-    ``written`` in (:func:`_per_year_as_written`); None for any other quantity."""
-    per_year = ucum_units_per_year(quantity.get("code", "")) if "system" in quantity else None
+    """How many of a quantity's unit make a year when it may be an age: the time unit its
+    released UCUM code names (any quantity: ``a``, ``a_j``, and ``yr`` or ``years``, which
+    sources write under UCUM's system), else, for a FHIR Age or a quantity of an age
+    observation, the unit it is ``written`` in (:func:`_per_year_as_written`); None for any
+    other quantity."""
+    per_year = time_units_per_year(quantity.get("code", "")) if "system" in quantity else None
     if per_year is None and (ctx.age_context or node.age):
         per_year = _per_year_as_written(written)
     return per_year
@@ -680,18 +681,12 @@ def _tells_age_over_limit(years: float, ctx: ReleaseContext) -> bool:
 
 def _per_year_as_written(written: dict[str, Any]) -> float:
     """How many of the unit an age is written in make a year: its ``unit`` text, else its
-    ``code``, read as a UCUM time unit (:func:`deid.terminology.ucum_units_per_year`: ``mo_j``,
-    ``a{age}``) or as a time unit in words (:data:`AGE_UNIT_WORDS_PER_YEAR`); 1 (years) when
-    neither reads as one."""
+    ``code``, read as a time unit (:func:`deid.terminology.time_units_per_year`: ``mo_j``,
+    ``a{age}``, ``months``, ``yrs``); 1 (years) when neither reads as one."""
     for element in ("unit", "code"):
         text = written.get(element)
         if isinstance(text, str):
-            word = text.strip().lower()
-            per_year = (
-                ucum_units_per_year(text.strip())
-                or AGE_UNIT_WORDS_PER_YEAR.get(word)
-                or AGE_UNIT_WORDS_PER_YEAR.get(word.removesuffix("s"))
-            )
+            per_year = time_units_per_year(text)
             if per_year is not None:
                 return per_year
     return 1.0

@@ -294,6 +294,25 @@ AGE_UNIT_WORDS_PER_YEAR: dict[str, float] = {
     **{word: AGE_UNITS_PER_YEAR["h"] for word in ("h", "hr", "hour")},
     **{word: AGE_UNITS_PER_YEAR["min"] for word in ("min", "minute")},
 }
+
+
+def time_units_per_year(text: str) -> float | None:
+    """How many of the unit ``text`` names make a year when it names a time unit: a UCUM time
+    unit (:func:`ucum_units_per_year`), else a time unit in words (``yr``, ``years``, ``Days``:
+    :data:`AGE_UNIT_WORDS_PER_YEAR`, lower-cased, a plural ``s`` read off words of three
+    letters or more, so that UCUM's ``ds`` and ``as``, a decisecond and an attosecond, are no
+    days or years); None otherwise. Sources write years as ``yr`` or ``years`` under UCUM's
+    system too: the code passes UCUM's syntax, and 95 ``yr`` was released as written."""
+    text = text.strip()
+    per_year = ucum_units_per_year(text)
+    if per_year is None:
+        word = text.lower()
+        per_year = AGE_UNIT_WORDS_PER_YEAR.get(word)
+        if per_year is None and len(word) > 2:
+            per_year = AGE_UNIT_WORDS_PER_YEAR.get(word.removesuffix("s"))
+    return per_year
+
+
 # LOINC codes whose value is the patient's age (age, reported age, age at diagnosis/death, age
 # at onset of an adverse event: 30972-4, in HL7's LOINCObservationActContextAgeType)
 AGE_LOINC = frozenset(

@@ -364,6 +364,37 @@ def test_an_age_in_any_ucum_time_unit_is_capped(code: str, value: float) -> None
 
 
 @pytest.mark.parametrize(
+    ("code", "value"),
+    [("yr", 95), ("yrs", 93), ("years", 91), ("Year", 90), ("month", 1100), ("days", 33000)],
+)
+def test_an_age_in_a_time_unit_written_in_words_under_ucums_system_is_capped(
+    code: str, value: float
+) -> None:
+    """Sources write years as ``yr`` or ``years`` under UCUM's system (UCUM's year is ``a``):
+    the code passes UCUM's syntax and was released with its value, 95 ``yr`` in an observation
+    not coded as an age reaching ``views.observation`` as written, where 95 ``a`` became 90."""
+    quantity = {"value": value, "system": UCUM, "code": code, "unit": code}
+    local = _obs(
+        code={"coding": [{"system": "http://hospital.example.org/obs", "code": "AGEYRS"}]},
+        valueQuantity=quantity,
+    )
+    for profile in ("research", "safe_harbor"):
+        released = _apply(copy.deepcopy(local), profile).resource["valueQuantity"]
+        assert released == {"value": 90, "system": UCUM, "code": "a", "unit": "a"}
+
+
+@pytest.mark.parametrize(("code", "value"), [("ds", 40000), ("as", 95), ("ms", 40000)])
+def test_a_ucum_unit_that_is_no_time_unit_in_words_is_not_read_as_one(
+    code: str, value: float
+) -> None:
+    """Deciseconds, attoseconds and milliseconds are no days or years: a plural ``s`` is read
+    off words of three letters or more only."""
+    quantity = {"value": value, "system": UCUM, "code": code, "unit": code}
+    released = _apply(_obs(valueQuantity=quantity)).resource["valueQuantity"]
+    assert released == quantity
+
+
+@pytest.mark.parametrize(
     ("code", "value", "years"),
     [("mo_j", 30, 2), ("mo_g", 1000, 83), ("a_j", 45.5, 45), ("mo{corrected}", 14, 1)],
 )

@@ -7,7 +7,8 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
 
 - dates (date, dateTime, instant, partial or not) follow the profile's date rule: ``shift``
   (the patient's secret offset; a year-month moves with its 15th day, a year alone stays a
-  year) or ``year``; out-of-range or unreadable dates are withheld and counted;
+  year; a date more than 89 years ago is withheld, a birth date's made the year of 90) or
+  ``year``; out-of-range or unreadable dates are withheld and counted;
 - ``code`` elements (and the codes of bound codings and of the birth-sex extension) are
   released only when the value is in the element's required binding
   (:data:`deid.terminology.REQUIRED_BINDINGS`), or equals exactly one of its codes without
@@ -749,16 +750,24 @@ def _date(value: Any, node: Node, ctx: ReleaseContext) -> Any:
         return _year_only(value, ctx)
     year, month, day = parts
     # a birth date, or a date of an observation telling the age (its birth date, the start of
-    # a calculated age's period) over the age limit (its year 90 or more years before this
-    # one, from 1 January of the year of its 90th anniversary): only a birth date is
+    # a calculated age's period)
     birth = node.name == "birthDate" or ctx.age_context
-    if birth:
-        ctx.changes_on(methods.age_limit_day(value))
-    if birth and methods.is_over_age_limit(value, ctx.today):
-        # HIPAA's "90 or older": the year that makes the patient 90 this year (next year's another)
-        ctx.changes_on(methods.next_new_year(ctx.today))
-        ctx.labels.add("ABSTRED")
-        return f"{methods.aggregated_birth_year(ctx.today.year):04d}"
+    # every date's outcome changes when it crosses the age limit (its year 90 or more years
+    # before this one, from 1 January of the year of its 90th anniversary): a birth date's
+    # becomes the year of 90, any other's is withheld
+    ctx.changes_on(methods.age_limit_day(value))
+    if methods.is_over_age_limit(value, ctx.today):
+        if birth:
+            # HIPAA's "90 or older": the year that makes the patient 90 this year (next year's
+            # another)
+            ctx.changes_on(methods.next_new_year(ctx.today))
+            ctx.labels.add("ABSTRED")
+            return f"{methods.aggregated_birth_year(ctx.today.year):04d}"
+        # any other date over the age limit dates the birth earlier still (an onset in 1933
+        # beside a birth date made the year of 90): withheld, as the year rule does
+        ctx.counts["date_withheld"] += 1
+        ctx.labels.add("REDACTED")
+        return _DROP
     ctx.labels.add("PERTURBED")
     if day is not None:
         try:

@@ -212,7 +212,9 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # de-identified again by the next run; an age whose resource's latest year puts the
         # birth 90 or more years ago (85 in 2015) is withheld (_tells_age_over_limit), under
         # the shift rule (research) too, which makes such a birth date the year of 90
-        "age_in_years": "year_rule_birth_over_89_withheld_both_rules",
+        # a date more than 89 years ago that is no birth date is withheld under the shift
+        # rule too (deid.allowlist._date): batches released before hold it shifted
+        "age_in_years": "year_rule_birth_over_89_withheld_both_rules_old_dates_withheld",
         # what each batch's conditional references resolved to is recorded, and a batch whose
         # references resolve otherwise since is de-identified again (_unsettle_changed_targets):
         # batches released before recorded nothing, and are de-identified again by the next run

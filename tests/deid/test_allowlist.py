@@ -71,6 +71,38 @@ def test_partial_dates_follow_the_date_rule() -> None:
     assert safe.resource["effectiveDateTime"] == "2020"
 
 
+@pytest.mark.parametrize(
+    ("element", "value"),
+    [
+        ("onsetDateTime", "1933-06-07"),
+        ("onsetDateTime", "1933-06"),
+        ("onsetDateTime", "1933"),
+        ("recordedDate", "1936-11-20T10:00:00Z"),
+    ],
+)
+def test_an_event_date_more_than_89_years_ago_is_withheld_by_the_shift_rule(
+    element: str, value: str
+) -> None:
+    """A patient's event more than 89 years ago dates their birth earlier still: research
+    released a condition's onset of 7 June 1933 shifted (``1933-07-25``) beside the birth date
+    it made the year of 90 (``1936``), which told an age of 93 or more, as an age of 85 in
+    2015 would (withheld: ``age_withheld``). Safe Harbor withholds such a date too."""
+    condition = {
+        "resourceType": "Condition",
+        "id": "c",
+        "subject": {"reference": "Patient/p"},
+        "code": {"coding": [{"system": SNOMED, "code": "38341003"}]},
+        element: value,
+    }
+    for profile in ("research", "safe_harbor"):
+        outcome = _apply(copy.deepcopy(condition), profile)
+        assert element not in outcome.resource
+        assert outcome.release_counts["date_withheld"] == 1
+    recent = {**condition, element: "1937-01-02"}  # 89 years ago: shifted as any date is
+    assert _apply(recent).resource[element] != "1937-01-02"
+    assert _apply(recent).release_counts["date_withheld"] == 0
+
+
 def test_a_conditions_onset_period_is_released_with_its_dates_shifted() -> None:
     """The feature tables date a diagnosis without a recorded date by its onset period: both
     ends leave the release, moved as every other date of the patient."""

@@ -7,8 +7,9 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
 
 - dates (date, dateTime, instant, partial or not) follow the profile's date rule: ``shift``
   (the patient's secret offset; a year-month moves with its 15th day, a year alone stays a
-  year; a date more than 89 years ago is withheld, a birth date's made the year of 90) or
-  ``year``; out-of-range or unreadable dates are withheld and counted;
+  year; a date more than 89 years ago is withheld, a birth date's made the year of 90; the
+  dates of a resource of no patient are withheld under a per-patient shift) or ``year``;
+  out-of-range or unreadable dates are withheld and counted;
 - ``code`` elements (and the codes of bound codings and of the birth-sex extension) are
   released only when the value is in the element's required binding
   (:data:`deid.terminology.REQUIRED_BINDINGS`), or equals exactly one of its codes without
@@ -119,7 +120,11 @@ class ReleaseContext:
 
     profile: ReleaseProfile
     resource_type: str
-    shift_days: int
+    # the patient's offset; None for a resource of no patient under a per-patient shift, whose
+    # dates the shift rule withholds (an offset drawn for the resource alone, beside the
+    # patient's records its references name, narrows the patient's: forty such pairs gave it
+    # back within days)
+    shift_days: int | None
     today: date
     pseudonymise_id: Callable[[str, str], str]
     resolve: Callable[[str], tuple[str, str] | None]
@@ -766,6 +771,12 @@ def _date(value: Any, node: Node, ctx: ReleaseContext) -> Any:
         # any other date over the age limit dates the birth earlier still (an onset in 1933
         # beside a birth date made the year of 90): withheld, as the year rule does
         ctx.counts["date_withheld"] += 1
+        ctx.labels.add("REDACTED")
+        return _DROP
+    if ctx.shift_days is None:
+        if month is None:
+            return value[:4]  # a year alone: no shift moves it
+        ctx.counts["date_no_patient"] += 1
         ctx.labels.add("REDACTED")
         return _DROP
     ctx.labels.add("PERTURBED")

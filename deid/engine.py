@@ -297,10 +297,14 @@ class Deidentifier:
             profile.plan(rtype)
         except ProfileError as exc:  # not an R4 resource type: nothing to release it as
             raise ProcessingError("unknown_resource_type", f"{rtype}: {exc}") from exc
+        # a date of a resource of no patient is not shifted by an offset of its own under the
+        # per-patient scope: linked by its references to the patient's records, such offsets
+        # give the patient's back (ReleaseContext.shift_days)
+        unfiled = self.policy.parameters.date_shift_scope == "patient" and not patient_scope
         ctx = ReleaseContext(
             profile,
             rtype,
-            self._shift_days(resource, patient_scope),
+            None if unfiled else self._shift_days(resource, patient_scope),
             self.today,
             self.secrets.pseudonymizer.resource_key,
             resolver,

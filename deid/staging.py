@@ -215,6 +215,10 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # a date more than 89 years ago that is no birth date is withheld under the shift
         # rule too (deid.allowlist._date): batches released before hold it shifted
         "age_in_years": "year_rule_birth_over_89_withheld_both_rules_old_dates_withheld",
+        # the dates of a resource of no patient are withheld under the per-patient shift
+        # (deid.engine, ReleaseContext.shift_days): batches released before hold them shifted
+        # by an offset of their own, which gives the patient's back
+        "unfiled_dates": "withheld",
         # what each batch's conditional references resolved to is recorded, and a batch whose
         # references resolve otherwise since is de-identified again (_unsettle_changed_targets):
         # batches released before recorded nothing, and are de-identified again by the next run

@@ -103,6 +103,37 @@ def test_an_event_date_more_than_89_years_ago_is_withheld_by_the_shift_rule(
     assert _apply(recent).release_counts["date_withheld"] == 0
 
 
+def test_the_dates_of_a_resource_of_no_patient_are_withheld_by_the_per_patient_shift() -> None:
+    """A resource filed under no patient (a Provenance whose target is the patient's
+    observation, an observation without a subject that names the patient's encounter) was
+    shifted by an offset of its own, drawn for it alone: linked by its reference to a record
+    shifted by the patient's offset, each such pair narrowed that offset, and forty of them
+    gave it back within days, and with it every true date of the patient. Its dates are
+    withheld (``date_no_patient``); a year alone, which no shift moves, stays."""
+    engine = _engine()
+    observation = _obs(effectiveDateTime="2024-03-10T08:00:00Z")
+    provenance = {
+        "resourceType": "Provenance",
+        "id": "prov",
+        "target": [{"reference": "Observation/o"}],
+        "recorded": "2024-03-10T08:00:00Z",
+    }
+    released = engine.apply(provenance, patient_scope=None)
+    assert "recorded" not in released.resource
+    assert released.resource["target"]  # still joins the observation it is about
+    assert released.release_counts["date_no_patient"] == 1
+    unfiled = {**observation, "id": "o2", "issued": "2024", "effectivePeriod": {"end": "2024-03"}}
+    unfiled.pop("effectiveDateTime")
+    out = engine.apply(unfiled, patient_scope=None).resource
+    assert out["issued"] == "2024" and "effectivePeriod" not in out
+    # the patient's own records, and the research profile's shift under the year rule, as before
+    assert engine.apply(observation, patient_scope="p").resource["effectiveDateTime"] != (
+        "2024-03-10T08:00:00Z"
+    )
+    safe = _engine("safe_harbor").apply(provenance, patient_scope=None)
+    assert safe.resource["recorded"] == "2024"
+
+
 def test_a_conditions_onset_period_is_released_with_its_dates_shifted() -> None:
     """The feature tables date a diagnosis without a recorded date by its onset period: both
     ends leave the release, moved as every other date of the patient."""

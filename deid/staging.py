@@ -200,12 +200,13 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # as written, and are de-identified again by the next run; a date more than 89 years ago
         # in an observation coded as a birth date or an age is a birth date (the year of 90);
         # every UCUM time unit is read as one (a_j, a_g, a_t, mo_s, mo_j, mo_g, s, and a unit
-        # with annotations: a{age}), and so is one in words under UCUM's system (yr, years):
+        # with annotations: a{age}), and so is one in words under UCUM's system (yr, years,
+        # {yr}):
         # batches released before hold 93 a_j and 95 yr as written; an age or
         # birth-date code is read under any system or none (an age of 95 coded 30525-0
         # without a system was released as written)
         "age_cap": "age_typed_and_integer_units_in_words_components_fewest_days_more_codes_births"
-        "_every_ucum_time_unit_codes_under_any_system_words_under_ucum",
+        "_every_ucum_time_unit_codes_under_any_system_words_under_ucum_annotations",
         # under the year date rule (safe_harbor) an age is released in whole years
         # (deid.allowlist._age_in_whole_years): batches released before hold ages in days, weeks
         # or months, which with their events' years narrow a birth date to a day, and are

@@ -276,6 +276,7 @@ AGE_UNITS_PER_YEAR: dict[str, float] = {
 }
 # a UCUM unit with annotations (``a{age}``, ``{corrected}mo``) is the unit they annotate
 _UCUM_ANNOTATION = re.compile(r"\{[^{}]*\}")
+_ANNOTATION_ALONE = re.compile(r"\{([^{}]*)\}")
 
 
 def ucum_units_per_year(code: str) -> float | None:
@@ -302,9 +303,13 @@ def time_units_per_year(text: str) -> float | None:
     :data:`AGE_UNIT_WORDS_PER_YEAR`, lower-cased, a plural ``s`` read off words of three
     letters or more, so that UCUM's ``ds`` and ``as``, a decisecond and an attosecond, are no
     days or years); None otherwise. Sources write years as ``yr`` or ``years`` under UCUM's
-    system too: the code passes UCUM's syntax, and 95 ``yr`` was released as written."""
+    system too: the code passes UCUM's syntax, and 95 ``yr`` was released as written. An
+    annotation alone (``{yr}``, ``{years}``: UCUM's unity) is read by its text."""
     text = text.strip()
     per_year = ucum_units_per_year(text)
+    annotation = _ANNOTATION_ALONE.fullmatch(text)
+    if annotation is not None:
+        text = annotation.group(1)
     if per_year is None:
         word = text.lower()
         per_year = AGE_UNIT_WORDS_PER_YEAR.get(word)

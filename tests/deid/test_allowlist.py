@@ -428,14 +428,24 @@ def test_an_age_in_any_ucum_time_unit_is_capped(code: str, value: float) -> None
 
 @pytest.mark.parametrize(
     ("code", "value"),
-    [("yr", 95), ("yrs", 93), ("years", 91), ("Year", 90), ("month", 1100), ("days", 33000)],
+    [
+        ("yr", 95),
+        ("yrs", 93),
+        ("years", 91),
+        ("Year", 90),
+        ("month", 1100),
+        ("days", 33000),
+        ("{yr}", 95),  # an annotation alone: UCUM's unity, written for years
+        ("{Years}", 94),
+    ],
 )
 def test_an_age_in_a_time_unit_written_in_words_under_ucums_system_is_capped(
     code: str, value: float
 ) -> None:
-    """Sources write years as ``yr`` or ``years`` under UCUM's system (UCUM's year is ``a``):
-    the code passes UCUM's syntax and was released with its value, 95 ``yr`` in an observation
-    not coded as an age reaching ``views.observation`` as written, where 95 ``a`` became 90."""
+    """Sources write years as ``yr``, ``years`` or ``{yr}`` under UCUM's system (UCUM's year
+    is ``a``): the code passes UCUM's syntax and was released with its value, 95 ``yr`` in an
+    observation not coded as an age reaching ``views.observation`` as written, where 95 ``a``
+    became 90."""
     quantity = {"value": value, "system": UCUM, "code": code, "unit": code}
     local = _obs(
         code={"coding": [{"system": "http://hospital.example.org/obs", "code": "AGEYRS"}]},

@@ -7,7 +7,7 @@ names: no FHIRPath, no copy of the input. What each kind of element becomes:
 
 - dates (date, dateTime, instant, partial or not) follow the profile's date rule: ``shift``
   (the patient's secret offset; a year-month moves with its 15th day, a year alone stays a
-  year; a date more than 89 years ago is withheld, a birth date's made the year of 90; the
+  year; a date over the age limit is withheld, a birth date's made the year of 90; the
   dates of a resource of no patient are withheld under a per-patient shift) or ``year``;
   out-of-range or unreadable dates are withheld and counted;
 - ``code`` elements (and the codes of bound codings and of the birth-sex extension) are
@@ -630,7 +630,7 @@ def _age_in_whole_years(
 ) -> None:
     """An age (a FHIR Age, or a quantity of an age observation) read in completed years (the
     ceiling for ``<`` and ``<=``, so the comparison stays true). Under either date rule, an
-    age under 90 whose resource's dates put the birth more than 89 years ago is withheld
+    age under 90 whose resource's dates put the birth over the age limit is withheld
     (:func:`_tells_age_over_limit`): Safe Harbor withholds such a birth date and research
     makes it the year of 90, and an age of 85 with its event's year gives it back.
 

@@ -197,7 +197,7 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # an age in days, weeks, hours or minutes is read with the fewest days 90 years span
         # (32,872 days, a 90th birthday, was 89.9986 years), and an observation coded 30972-4
         # or by a SNOMED CT age code is an age observation: batches released before hold such ages
-        # as written, and are de-identified again by the next run; a date more than 89 years ago
+        # as written, and are de-identified again by the next run; a date over the age limit
         # in an observation coded as a birth date or an age is a birth date (the year of 90);
         # every UCUM time unit is read as one (a_j, a_g, a_t, mo_s, mo_j, mo_g, s, and a unit
         # with annotations: a{age}), and so is one in words under UCUM's system (yr, years,
@@ -213,7 +213,7 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # de-identified again by the next run; an age whose resource's latest year puts the
         # birth 90 or more years ago (85 in 2015) is withheld (_tells_age_over_limit), under
         # the shift rule (research) too, which makes such a birth date the year of 90
-        # a date more than 89 years ago that is no birth date is withheld under the shift
+        # a date over the age limit that is no birth date is withheld under the shift
         # rule too (deid.allowlist._date): batches released before hold it shifted
         "age_in_years": "year_rule_birth_over_89_withheld_both_rules_old_dates_withheld",
         # the dates of a resource of no patient are withheld under the per-patient shift

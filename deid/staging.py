@@ -311,6 +311,19 @@ def day_changed_batches(
     return _published_rows(con, settings, today, current=False)
 
 
+def outdated_batches(
+    con: duckdb.DuckDBPyConnection, settings: str | None = None, today: date | None = None
+) -> set[str]:
+    """Batches published from the vault's current state of them whose rows are out of date:
+    published under settings other than ``settings`` (an earlier version of the platform,
+    whose leak scan or release rules differ, or another profile), or changed by ``today``
+    (:func:`day_changed_batches`). Their de-identification alone, from the vault, brings them
+    up to date: their ingest holds."""
+    released = _published_rows(con, None, today, current=True)
+    released |= _published_rows(con, None, today, current=False)
+    return released - _published_rows(con, settings, today, current=True)
+
+
 def _drop_superseded(con: duckdb.DuckDBPyConnection, batch_id: str, stage: str) -> None:
     """Another batch's released rows of the resources this batch releases: a batch releases
     a resource only when it wrote its newest version, so a row of it published by an earlier

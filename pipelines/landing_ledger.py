@@ -9,11 +9,13 @@ import contextlib
 import os
 import stat
 from dataclasses import dataclass, field, replace
+from functools import cache
 from pathlib import Path
 
 import duckdb
 
-from deid.staging import day_changed_batches, deidentified_batches, refiled_batches
+from deid.policy import Policy
+from deid.staging import deidentified_batches, outdated_batches, refiled_batches, settings_digest
 from fhirlake.readers import MAX_FOLDER_DEPTH, BatchListing
 from pipelines.resources import LandingResource, WarehouseResource
 from vault.landing import BatchSource, Landing, scan_landing
@@ -109,21 +111,35 @@ class LedgerEntry:
     (``published``: a batch whose run stopped between the two is not done), and, for one that
     is not, whether a reference of it by which ingest filed records (a conditional or logical
     reference to a Patient) names another patient, or none, since its release (``refiled``,
-    :func:`deid.staging.refiled_batches`), and whether it is not for the day alone: a value of
-    it is released otherwise today (``day_changed``, :func:`deid.staging.day_changed_batches`),
-    which its de-identification alone, from the vault, brings up to date."""
+    :func:`deid.staging.refiled_batches`), and whether it was published from that ingest but is
+    out of date (``outdated``, :func:`deid.staging.outdated_batches`): under other settings (an
+    earlier version's leak-scan or release rules, another profile) or with a value released
+    otherwise today, which its de-identification alone, from the vault, brings up to date."""
 
     ingested_at: float
     fingerprint: str | None
     files: int = 0
     published: bool = True
     refiled: bool = False
-    day_changed: bool = False
+    outdated: bool = False
 
 
-def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | None:
+@cache
+def current_settings(profile: str) -> str:
+    """The digest of the de-identification settings a batch is published under today
+    (:func:`deid.staging.settings_digest`) for ``profile``: what ``ehr run`` and the landing
+    sensor compare each batch's ledger row with."""
+    from pipelines.features.valuesets import release_terminology
+
+    return settings_digest(Policy.shipped(profile), terminology=release_terminology())
+
+
+def ingested_batches(
+    warehouse: WarehouseResource, settings: str | None = None
+) -> dict[str, LedgerEntry] | None:
     """Batch key -> its ledger entry, for the batches the warehouse's batch ledger shows
-    ingested, each marked published when de-identified from that ingest; None when another
+    ingested, each marked published when de-identified from that ingest (under ``settings``,
+    :func:`current_settings`, when given: under any settings otherwise); None when another
     process holds the warehouse (DuckDB admits one writer and no reader beside it)."""
     if not warehouse.path.exists():
         return {}
@@ -132,12 +148,14 @@ def ingested_batches(warehouse: WarehouseResource) -> dict[str, LedgerEntry] | N
     except duckdb.Error:
         return None
     try:
-        return read_ledger(con)
+        return read_ledger(con, settings)
     finally:
         con.close()
 
 
-def read_ledger(con: duckdb.DuckDBPyConnection) -> dict[str, LedgerEntry]:
+def read_ledger(
+    con: duckdb.DuckDBPyConnection, settings: str | None = None
+) -> dict[str, LedgerEntry]:
     """:func:`ingested_batches`, over a connection the caller holds."""
     try:
         # a warehouse not opened for writing since the column was added has none
@@ -150,11 +168,11 @@ def read_ledger(con: duckdb.DuckDBPyConnection) -> dict[str, LedgerEntry]:
             "(SELECT count(*) FROM source_files f WHERE f.batch_id = b.batch_id) "
             "FROM batches b WHERE ingested_at IS NOT NULL"
         ).fetchall()
-        published = deidentified_batches(con)
+        published = deidentified_batches(con, settings)
         # read only when some batch waits for its de-identification: the others are done
         waiting = any(r[0] not in published for r in rows)
         refiled = refiled_batches(con) if waiting else set()
-        day_changed = day_changed_batches(con) if waiting else set()
+        outdated = outdated_batches(con, settings) if waiting else set()
     except duckdb.CatalogException:
         return {}  # a warehouse created before any batch
     return {
@@ -164,7 +182,7 @@ def read_ledger(con: duckdb.DuckDBPyConnection) -> dict[str, LedgerEntry]:
             int(files),
             key in published,
             key not in published and key in refiled,
-            key not in published and key in day_changed,
+            key not in published and key in outdated,
         )
         for key, at, seen, files in rows
     }

@@ -25,18 +25,17 @@ from typing import Any
 
 from dagster import AssetsDefinition, DagsterInstance, materialize
 
-from deid.policy import Policy
 from deid.release import release_totals
-from deid.staging import deidentified_batches, settings_digest
+from deid.staging import deidentified_batches
 from fhirlake.readers import DATA_SUFFIXES
 from pipelines.assets.checks import RELEASE_CANARIES
 from pipelines.assets.deid import deid_resources
 from pipelines.assets.ingest import reconciliation_metadata
 from pipelines.dagster_storage import storage_overrides
 from pipelines.definitions import batch_assets, build_resources, release_run
-from pipelines.features.valuesets import release_terminology
 from pipelines.landing_ledger import (
     LedgerEntry,
+    current_settings,
     deidentification_alone,
     done_in_ledger,
     ingested_batches,
@@ -93,10 +92,6 @@ def _batch_ledger(workdir: Workdir) -> dict[str, LedgerEntry]:
     return ledger or {}
 
 
-def _settings(profile: str) -> str:
-    return settings_digest(Policy.shipped(profile), terminology=release_terminology())
-
-
 def settled_batches(
     workdir: Workdir, batches: list[BatchSource], profile: str
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -106,7 +101,7 @@ def settled_batches(
     fresh = [b.key for b in batches if done_in_ledger(b, ledger)]
     if not fresh:
         return {}
-    settings = _settings(profile)
+    settings = current_settings(profile)
     con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
     try:
         done = deidentified_batches(con, settings)

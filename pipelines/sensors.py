@@ -38,10 +38,12 @@ Safe to turn on at any time:
   read again whenever a batch was de-identified since it was last read. Its de-identification
   alone is run where its vault rows stand (its folder as ingested, no Patient reference by
   which ingest filed its records changed: ``deidentification_alone``), as ``ehr run`` does;
-- a batch done that a new UTC day releases otherwise (a date of it crossed the age limit since
-  its de-identification, or a new year moved a birth date over it:
-  ``deid.staging.day_changed_batches``) is de-identified again alone, from the vault, as ``ehr
-  run`` does it: the ledger is read again on the first tick of each day;
+- a batch done but out of date (``deid.staging.outdated_batches``: published under other
+  de-identification settings, an earlier version's leak-scan or release rules or another
+  profile, or released otherwise from a new UTC day, a date of it crossing the age limit since
+  its de-identification or a new year moving a birth date over it) is de-identified again
+  alone, from the vault, as ``ehr run`` does it: the ledger is read again on the first tick of
+  each day and on the first tick under new settings;
 - a release left behind with nothing requested to rebuild it is rebuilt: when a release asset
   is older than what it is built from (a batch's de-identification, an earlier release asset),
   that materialization a minute old, every batch partition de-identified, no run queued or
@@ -97,6 +99,7 @@ from pipelines.assets.ingest import FINGERPRINT_TAG
 from pipelines.jobs import RELEASE_ASSETS, RELEASE_AUTOMATION, batch_job, release_job
 from pipelines.landing_ledger import (
     LedgerEntry,
+    current_settings,
     deidentification_alone,
     done_in_ledger,
     ingested_batches,
@@ -104,7 +107,7 @@ from pipelines.landing_ledger import (
     waiting_reason,
 )
 from pipelines.partitions import batch_partitions
-from pipelines.resources import LandingResource, WarehouseResource
+from pipelines.resources import DeidSettings, LandingResource, WarehouseResource
 from vault.landing import BatchKeyCollisionError, BatchSource, Landing, discover_landing
 
 BATCH_TAG = "ehr/batch"
@@ -158,10 +161,11 @@ class BatchState:
 # The cursor's entry (beside one per batch) holding the storage id of the latest
 # de-identification the ledger was read after: "~" is in no batch key (vault.landing.batch_key)
 LEDGER_READ_KEY = "~ledger_read_after"
-# The cursor's entry holding the UTC day (its ordinal) the ledger was last read on: a new day can
-# take a batch out of the de-identification ledger (a date of it crossed the age limit:
-# deid.staging.day_changed_batches) with no run of any batch, so the ledger is read again once
-# a day
+# The cursor's entry holding the UTC day and the de-identification settings the ledger was last
+# read under (_ledger_read_on): a new day (a date crossed the age limit:
+# deid.staging.day_changed_batches) or new settings (an upgrade's leak-scan or release rules,
+# another profile) can take batches out of the de-identification ledger with no run of any
+# batch, so the ledger is read again once a day and whenever the settings change
 LEDGER_DAY_KEY = "~ledger_read_on"
 # The cursor's entry holding the storage id of the materialization (a batch's de-identification,
 # or a release asset's) a release_job run was last requested after: one request per
@@ -191,6 +195,12 @@ def _cursor_entry(cursor: str | None, entry: str) -> int:
     yet, or a cursor written before it was kept)."""
     raw = json.loads(cursor) if cursor else {}
     return int(raw.get(entry, 0))
+
+
+def _ledger_read_on(today: int, settings: str) -> int:
+    """The UTC day (its ordinal) and the settings digest (its first 48 bits) the ledger is read
+    under, as one number the cursor keeps (``LEDGER_DAY_KEY``)."""
+    return today << 48 | int(settings[:12], 16)
 
 
 def _ledger_read_after(cursor: str | None) -> int:
@@ -384,6 +394,7 @@ def _orphaned_partitions(
     present: set[str],
     ledger: dict[str, LedgerEntry] | None,
     warehouse: WarehouseResource,
+    settings: str | None = None,
 ) -> tuple[list[str], dict[str, LedgerEntry]]:
     """Batch partitions whose folder is gone (renamed, deleted) and that were never
     ingested, with no run of theirs still going: nothing of them is in the vault, and a
@@ -398,7 +409,7 @@ def _orphaned_partitions(
     missing = sorted(set(partitions) - present)
     if not missing:
         return [], {}
-    ledger = ledger if ledger is not None else ingested_batches(warehouse)
+    ledger = ledger if ledger is not None else ingested_batches(warehouse, settings)
     if ledger is None:
         return [], {}
     orphans = []
@@ -473,9 +484,13 @@ def evaluate_landing(
     landing: LandingResource,
     warehouse: WarehouseResource,
     now: float,
+    settings: str | None = None,
 ) -> Tick:
     """One tick: the run requests, the partitions of batches gone before they were ingested,
-    the reasons for every batch left waiting, the new state."""
+    the reasons for every batch left waiting, the new state. ``settings``: the de-identification
+    settings batches are published under now (:func:`pipelines.landing_ledger.current_settings`:
+    a batch published under others is de-identified again, alone); None takes any for
+    current."""
     states = _load_cursor(context.cursor)
     requests: list[RunRequest] = []
     reasons: list[str] = []
@@ -500,7 +515,7 @@ def evaluate_landing(
     def read_ledger() -> dict[str, LedgerEntry] | None:
         """The warehouse's ledger, read at most once a tick (again while it is not readable)."""
         nonlocal ledger
-        ledger = ledger if ledger is not None else ingested_batches(warehouse)
+        ledger = ledger if ledger is not None else ingested_batches(warehouse, settings)
         return ledger
 
     def done_in_warehouse(batch: BatchSource) -> bool | None:
@@ -533,10 +548,11 @@ def evaluate_landing(
             reasons.append(f"batch {batch.key}: already ingested (warehouse ledger)")
             continue
         states[batch.key] = BatchState(batch.fingerprint, attempt=1)
-        # done but for the day (a value of it released otherwise today): not ingested again
+        # done but out of date (other settings, or a value of it released otherwise today):
+        # not ingested again
         entry = ledger.get(batch.key)
-        by_the_day = entry is not None and entry.day_changed
-        alone = by_the_day and deidentification_alone(batch, ledger)
+        outdated = entry is not None and entry.outdated
+        alone = outdated and deidentification_alone(batch, ledger)
         requests.append(_request(batch.key, states[batch.key], alone))
     # a batch's run (this sensor's, a backfill's, a launch from the UI) may have taken batches
     # done before it out of the de-identification ledger: its ingest handed vault rows over to
@@ -552,7 +568,7 @@ def evaluate_landing(
     read_after = _ledger_read_after(context.cursor)
     latest_deid = _latest_deid(context)
     read_on = _cursor_entry(context.cursor, LEDGER_DAY_KEY)
-    today = today_utc().toordinal()
+    today = _ledger_read_on(today_utc().toordinal(), settings or "0" * 12)
     if finished or latest_deid > read_after or read_on != today:
         ledger = read_ledger()
         if ledger is None:
@@ -584,9 +600,9 @@ def evaluate_landing(
                 reasons.append(
                     f"batch {batch.key}: "
                     + (
-                        "a value of it is released otherwise from today (a date crossed the "
-                        "age limit, or a new year came); "
-                        if entry is not None and entry.day_changed
+                        "its release is out of date (published under other de-identification "
+                        "settings, or a date crossed the age limit, or a new year came); "
+                        if entry is not None and entry.outdated
                         else "its ledger changed when another batch was ingested or de-identified; "
                     )
                     + ("de-identified again (its vault rows stand)" if alone else "run again")
@@ -610,7 +626,7 @@ def evaluate_landing(
             f"batch {key}: ingested, but its partition shows no de-identification in Dagster "
             "(its materializations wiped): run again, as the release waits for every partition"
         )
-    removed, kept = _orphaned_partitions(context, present, ledger, warehouse)
+    removed, kept = _orphaned_partitions(context, present, ledger, warehouse, settings)
     for key in removed:
         states.pop(key, None)
         reasons.append(
@@ -839,13 +855,17 @@ def missed_release(
     name=LANDING_SENSOR,
 )
 def landing_sensor(
-    context: SensorEvaluationContext, landing: LandingResource, warehouse: WarehouseResource
+    context: SensorEvaluationContext,
+    landing: LandingResource,
+    warehouse: WarehouseResource,
+    deid_settings: DeidSettings,
 ) -> SensorResult:
     """Register one dynamic partition per batch it runs and request that batch's run; remove
     the partitions of batches whose folder went away before they were ingested."""
     now = time.time()
     try:
-        tick = evaluate_landing(context, landing, warehouse, now)
+        settings = current_settings(deid_settings.profile)
+        tick = evaluate_landing(context, landing, warehouse, now, settings)
     except LandingNotReadError as error:
         # the tick fails, as it must; the release's check says why (once, not every tick), so
         # that it does not keep an evaluation of batches the sensor can no longer see

@@ -190,6 +190,13 @@ def test_the_ledger_names_a_batch_published_from_its_vault_state_under_the_same_
         assert _settled(con, research, until) == set()
         assert staging.day_changed_batches(con, None, until) == {"b"}
         assert staging.day_changed_batches(con, None, until - timedelta(days=1)) == set()
+        # out of date: under other settings, or past its day; current: neither
+        settings = staging.settings_digest(research)
+        other = staging.settings_digest(safe_harbor)
+        eve = until - timedelta(days=1)
+        assert staging.outdated_batches(con, settings, eve) == set()
+        assert staging.outdated_batches(con, settings, until) == {"b"}
+        assert staging.outdated_batches(con, other, eve) == {"b"}
         assert _settled(con, safe_harbor) == set()
         other_terms = Terminology(displays={("http://loinc.org", "1-8"): "a display"})
         assert (

@@ -7,8 +7,8 @@ import json
 import os
 import shutil
 import time
-from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pytest
@@ -21,8 +21,9 @@ from phi_canaries import (
     scan_for_canaries,
 )
 
-from deid.methods import today_utc
+from deid import staging
 from fhirlake.synthetic import generate
+from pipelines import landing_ledger
 from pipelines.bench.release import release_digests
 from pipelines.cli import main
 from pipelines.run import run_pipeline
@@ -234,12 +235,15 @@ def test_a_batch_a_later_cohort_leaves_without_practitioners_is_only_deidentifie
 
 
 def test_a_batch_released_under_other_settings_is_deidentified_again_not_ingested_again(
-    tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    key_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """A batch published under other de-identification settings (an earlier day, or an earlier
-    version of the platform whose leak scan had fewer rules) is de-identified again from its
+    """A batch published under other de-identification settings (an earlier version of the
+    platform whose leak scan had fewer rules) is de-identified again from its
     vault rows as they stand: its folder is as it was ingested, so a new ingest would write the
-    same rows (the whole vault sealed again, at an upgrade or on the next day). After an
+    same rows (the whole vault sealed again at an upgrade). After an
     erasure, that ingest refused the erased patient's records once more, and the batch counted
     them as quarantined, over the quarantine rate, where a fresh build counts none."""
     landing, work = tmp_path / "landing", tmp_path / "work"
@@ -270,10 +274,16 @@ def test_a_batch_released_under_other_settings_is_deidentified_again_not_ingeste
         quarantined = con.execute("SELECT count(*) FROM quarantine").fetchone()
     finally:
         con.close()
-    # the next day: the day is among the settings (dates over the age limit move with it), as
-    # an upgrade's leak-scan rules are
-    tomorrow = today_utc() + timedelta(days=1)
-    monkeypatch.setattr("deid.staging.today_utc", lambda: tomorrow)
+    # an upgrade: other settings (a leak-scan rule added), as every reader of them sees them
+    digest = staging.settings_digest
+
+    def upgraded(*args: Any, **kwargs: Any) -> str:
+        return digest(*args, **kwargs) + "+upgraded"
+
+    monkeypatch.setattr(staging, "settings_digest", upgraded)
+    monkeypatch.setattr(landing_ledger, "settings_digest", upgraded)
+    landing_ledger.current_settings.cache_clear()
+    request.addfinalizer(landing_ledger.current_settings.cache_clear)
 
     second = run_pipeline(landing, work, workers=1)
     assert second["success"] and [r["batch"] for r in second["runs"]] == ["a", None]

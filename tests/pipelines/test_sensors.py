@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,6 +28,7 @@ import deid.methods as deid_methods
 from deid.staging import LEDGER_DDL
 from pipelines import sensors
 from pipelines.definitions import build_resources
+from pipelines.landing_ledger import current_settings
 from pipelines.resources import LandingResource
 from pipelines.run import settled_batches
 from pipelines.sensors import (
@@ -46,6 +48,8 @@ from vault.read import read_resource
 from vault.warehouse import BATCH_DIGEST_SQL
 
 PATIENT = b'{"resourceType": "Patient", "id": "p1", "gender": "female"}\n'
+# the settings a batch is published under today (the research profile, as the sensor's resource)
+SETTINGS = current_settings("research")
 
 
 def _landing(tmp_path: Path, ready: bool = True) -> Path:
@@ -74,7 +78,11 @@ def _tick(
         build_sensor_context(
             instance=instance,
             cursor=cursor,
-            resources={"landing": landing_resource, "warehouse": resources["warehouse"]},
+            resources={
+                "landing": landing_resource,
+                "warehouse": resources["warehouse"],
+                "deid_settings": resources["deid_settings"],
+            },
         ) as context,
         mock.patch.object(sensors, "time", clock),
     ):
@@ -140,8 +148,9 @@ def test_batch_in_the_ledger_is_not_ingested_again(
         con.execute(
             "INSERT INTO deid_batches BY NAME SELECT batch_id, "
             f"{BATCH_DIGEST_SQL} AS vault_digest, "
-            "'settings' AS settings, now() AS published_at "
-            "FROM batches"
+            "? AS settings, now() AS published_at "
+            "FROM batches",
+            [SETTINGS],
         )
     finally:
         con.close()
@@ -295,9 +304,9 @@ def _ingested(tmp_path: Path, key: str, published: bool = True) -> None:
         con.execute(
             "INSERT INTO deid_batches BY NAME SELECT batch_id, "
             f"{BATCH_DIGEST_SQL} AS vault_digest, "
-            "'settings' AS settings, now() AS published_at "
+            "? AS settings, now() AS published_at "
             "FROM batches WHERE batch_id = ?",
-            [key],
+            [SETTINGS, key],
         )
     finally:
         con.close()
@@ -554,8 +563,9 @@ def _publish_all(wh: Path) -> None:
         con.execute(
             "INSERT INTO deid_batches BY NAME SELECT batch_id, "
             f"{BATCH_DIGEST_SQL} AS vault_digest, "
-            "'settings' AS settings, now() AS published_at "
-            "FROM batches WHERE ingested_at IS NOT NULL"
+            "? AS settings, now() AS published_at "
+            "FROM batches WHERE ingested_at IS NOT NULL",
+            [SETTINGS],
         )
     finally:
         con.close()
@@ -622,9 +632,9 @@ def _publish_all_but(wh: Path, left: str) -> None:
         con.execute(
             "INSERT INTO deid_batches BY NAME SELECT batch_id, "
             f"{BATCH_DIGEST_SQL} AS vault_digest, "
-            "'settings' AS settings, now() AS published_at "
+            "? AS settings, now() AS published_at "
             "FROM batches WHERE batch_id <> ?",
-            [left],
+            [SETTINGS, left],
         )
     finally:
         con.close()
@@ -997,3 +1007,38 @@ def test_a_batch_a_new_day_releases_otherwise_is_de_identified_again_alone(
     assert done.run_requests == []
     assert all(state.done for state in _load_cursor(done.cursor).values())
     assert tick(over_from + timedelta(days=1), done.cursor).run_requests == []
+
+
+def test_a_batch_published_under_other_settings_is_de_identified_again_alone(
+    tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
+) -> None:
+    """Batch a was published under other settings (an earlier version's leak-scan or release
+    rules), b under today's. The sensor's first tick after the change, with the cursor of
+    ticks made before it, reads the ledger again and requests a's de-identification alone (its
+    ingest holds), b nothing; once a is published under today's settings, nothing more. The
+    sensor took a batch published under any settings for done: new rules never reached the
+    batches released before them in the UI path."""
+    wh = _two_batches_ingested(tmp_path, key_provider)
+    _publish_all(wh)
+    settled = _tick(tmp_path, instance)
+    assert settled.run_requests == []
+    con = warehouse.connect(wh)
+    try:
+        con.execute("UPDATE deid_batches SET settings = 'an earlier version' WHERE batch_id = 'a'")
+    finally:
+        con.close()
+    # the cursor was written under other settings: the ledger is read again at once
+    older = json.loads(settled.cursor or "{}")
+    older[sensors.LEDGER_DAY_KEY] = sensors._ledger_read_on(
+        sensors.today_utc().toordinal(), "0" * 64
+    )
+    changed = _tick(tmp_path, instance, json.dumps(older))
+    assert [(r.partition_key, r.asset_selection) for r in changed.run_requests] == [
+        ("a", [DEID_RESOURCES])
+    ]
+    _publish_all(wh)  # a's run published it under today's settings
+    _record_run(instance, changed.run_requests[0].tags, DagsterRunStatus.SUCCESS)
+    _record_deid(instance, "a")
+    done = _tick(tmp_path, instance, _tick(tmp_path, instance, changed.cursor).cursor)
+    assert done.run_requests == []
+    assert all(state.done for state in _load_cursor(done.cursor).values())

@@ -940,6 +940,8 @@ def _bundle_shell_error(
         Bundle.model_validate({k: v for k, v in bundle.items() if k != "entry"})
     except ValidationError as exc:
         return ("invalid_bundle", describe_validation_error("Bundle", exc))
+    except MemoryError:  # says nothing of the record: the pass fails, to run again
+        raise
     except Exception as exc:  # any validator failure is this file's reason
         return ("invalid_bundle", f"Bundle: {type(exc).__name__}")
     if entry_problem is not None:

@@ -212,10 +212,13 @@ def _logical_patient_refs(resource_type: str, obj: dict[str, Any]) -> list[tuple
 def check_record(raw: bytes) -> Checked:
     """Parse and validate one resource; extract ids, references and identifiers.
 
-    Never raises: whatever a validator throws becomes the record's reason code, with the
-    exception's type name only (its text may quote the input)."""
+    Raises only MemoryError, which says nothing of the record (quarantining it would keep a
+    valid record out of the vault for good): whatever else a validator throws becomes the
+    record's reason code, with the exception's type name only (its text may quote the input)."""
     try:
         return _check_record(raw)
+    except MemoryError:
+        raise
     except NestingTooDeepError:
         return Checked("schema_violation", f"objects and arrays nested deeper than {MAX_NESTING}")
     except RecursionError:

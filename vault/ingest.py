@@ -943,6 +943,8 @@ class BatchIngestor:
             mark = self.buffers.mark()
             try:
                 self._one(record, checked)
+            except MemoryError:  # says nothing of the record: the pass fails, to run again
+                raise
             except Exception as exc:  # one record must never stop the batch
                 # drop the rows this record had staged, then account for it in the quarantine;
                 # the exception's type only, as its text may quote the record

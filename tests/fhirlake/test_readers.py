@@ -105,6 +105,28 @@ def test_broken_bundle_accounts_for_every_entry(tmp_path: Path) -> None:
     ]
 
 
+def test_running_out_of_memory_checking_a_bundle_fails_the_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MemoryError while the Bundle's envelope was validated made every entry of the file an
+    ``invalid_bundle`` record, quarantined for good with its batch marked ingested. It says
+    nothing of the file: the read fails, and the batch with it, to be ingested again."""
+    from fhirlake import readers
+
+    def exhausted(*args: Any, **kwargs: Any) -> None:
+        raise MemoryError
+
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": {"resourceType": "Patient", "id": "1"}}],
+    }
+    (tmp_path / "b.json").write_bytes(orjson.dumps(bundle))
+    monkeypatch.setattr(readers.Bundle, "model_validate", exhausted)
+    with pytest.raises(MemoryError):
+        _records(tmp_path)
+
+
 def test_large_bundles_stream_to_the_same_records(shared_data: Path) -> None:
     from fhirlake.readers import SourceFile
 

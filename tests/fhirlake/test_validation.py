@@ -145,6 +145,23 @@ def test_validator_surprises_become_validation_error(monkeypatch: pytest.MonkeyP
     assert checked == validation.Checked("validation_error", "validation raised RuntimeError")
 
 
+def test_running_out_of_memory_fails_the_check_rather_than_the_record(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A MemoryError says nothing of the record: it was quarantined as a ``validation_error``
+    and its batch marked ingested, so a valid record stayed out of the vault for good (a run
+    again found the batch done). It leaves the check, and fails the pass that can be run
+    again."""
+    from fhirlake import validation
+
+    def exhausted(raw: bytes) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(validation, "_check_record", exhausted)
+    with pytest.raises(MemoryError):
+        check_record(orjson.dumps(PATIENT))
+
+
 @pytest.mark.parametrize(
     ("element", "value"),
     [

@@ -457,6 +457,32 @@ def test_surprise_exceptions_quarantine_one_record(
     assert refs == 0  # the Encounter's reference rows were rolled back with it
 
 
+def test_running_out_of_memory_fails_the_pass_rather_than_quarantining_the_record(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A MemoryError says nothing of the record it was raised by: it was quarantined as an
+    ``internal_error`` and the batch marked ingested, so a valid record stayed out of the vault
+    for good (a run again found the batch done). The pass fails instead, the batch is not
+    marked ingested, and ingesting it again accepts the record."""
+    from vault.ingest import BatchIngestor
+
+    original = BatchIngestor._index
+
+    def exhausted(self: BatchIngestor, checked: Any, *args: Any) -> None:
+        original(self, checked, *args)
+        if checked.resource_type == "Encounter":
+            raise MemoryError
+
+    monkeypatch.setattr(BatchIngestor, "_index", exhausted)
+    _write(tmp_path / "land", "p.json", _bundle([PATIENT, ENCOUNTER]))
+    wh = tmp_path / "w.duckdb"
+    with pytest.raises(MemoryError):
+        ingest_batch(wh, "b1", tmp_path / "land", key_provider, workers=1)
+    monkeypatch.setattr(BatchIngestor, "_index", original)
+    report = ingest_batch(wh, "b1", tmp_path / "land", key_provider, workers=1)
+    assert (report.records_in, report.accepted, report.quarantined) == (2, 2, 0)
+
+
 def test_other_servers_references_are_never_local(
     tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

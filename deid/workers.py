@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from deid.engine import Deidentifier, DeidSecrets, ProcessingError
+from deid.errors import DeidError
 from deid.policy import Policy
 from deid.terminology import Terminology
 from fhirlake.references import classify, local_target
@@ -37,6 +38,14 @@ Targets = dict[str, tuple[str, str]]
 INGEST_RESOLVED_KINDS = ("urn", "conditional", "absolute")
 # resource key, resource type, patient key, the resource as JSON, its resolved references
 Item = tuple[str, str, str | None, bytes, Targets | None]
+
+
+class RecordNotDeidentifiedError(DeidError):
+    """A record whose de-identification raised an exception the engine did not expect (a bug,
+    a value a library refuses): the batch fails, named by the resource's type, its key (a
+    pseudonym) and the exception's type alone. The exception's own text, which may quote the
+    record, is dropped where it is raised, in the worker, before anything carries it (the
+    traceback a worker process sends back, Dagster's event log, the command's output)."""
 
 
 @dataclass
@@ -119,6 +128,11 @@ class _Worker:
                 result.reasons[exc.code] += 1
                 result.withheld.append((rtype, patient_key, exc.code, str(exc)))
                 continue
+            except Exception as exc:
+                raise RecordNotDeidentifiedError(
+                    f"de-identifying the {rtype} resource {resource_key} (resource key) raised "
+                    f"{type(exc).__name__}; its message is not shown, as it may quote the record"
+                ) from None
             result.rules.update(outcome.rule_counts)
             result.labels.update(outcome.labels)
             result.release_counts.update(outcome.release_counts)

@@ -4,6 +4,8 @@ references, profiles that cannot compile, Microsoft rules on top, and workers.""
 from __future__ import annotations
 
 import copy
+import pickle
+import traceback
 from datetime import date, timedelta
 from typing import Any
 
@@ -765,3 +767,31 @@ def test_a_state_holding_the_patients_zip_or_city_is_not_released(profile: str, 
     }
     released = _apply(patient, profile).resource
     assert all(address.get("state") != state for address in released.get("address", []))
+
+
+def test_a_worker_error_names_the_resource_by_type_and_key_never_its_content(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An exception the engine did not expect (a bug, a value a library refuses) ended the
+    batch with its own text, which quoted the record (``... born 1946-02-19``): Dagster kept
+    it in its event log and `ehr run` printed it. The error names the resource's type, its
+    key (a pseudonym) and the exception's type only, with nothing chained that holds its
+    text, in one process and on worker processes alike."""
+    policy = Policy.shipped("research")
+    setup = workers.WorkerSetup(policy.source, policy.name, KEY, TODAY, {})
+    secret = "Barajas born 1946-02-19"
+
+    def broken(self: Deidentifier, resource: dict[str, Any], **_: Any) -> DeidOutcome:
+        raise ValueError(f"cannot parse name {secret}")
+
+    monkeypatch.setattr(Deidentifier, "apply", broken)
+    item = ("key1", "Patient", "p", orjson.dumps({"resourceType": "Patient", "id": "x"}), None)
+    with pytest.raises(workers.RecordNotDeidentifiedError) as raised:
+        workers.deidentify_items([item], setup, lambda _: None, workers=1)
+    shown = "".join(traceback.format_exception(raised.value))
+    assert secret not in shown and "cannot parse" not in shown
+    assert "Patient" in str(raised.value) and "key1" in str(raised.value)
+    assert "ValueError" in str(raised.value)
+    # what a worker process sends back: the error pickled, its context dropped
+    again = pickle.loads(pickle.dumps(raised.value))
+    assert str(again) == str(raised.value) and raised.value.__suppress_context__

@@ -6,8 +6,10 @@ saves)."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -28,6 +30,10 @@ from vault.pseudonym import Pseudonymizer
 CHUNK_RECORDS = 1_000
 PARALLEL_FROM = 4_000  # records seen before worker processes are worth starting
 _IN_FLIGHT_PER_WORKER = 4  # ~4 MB a chunk: enough to cover a worker's start
+# A chunk takes about a second: none back for this long means a worker stopped answering
+# (stopped, swapped out, stuck on one record), and the batch fails rather than wait for good.
+STALLED_AFTER_SECONDS = 900.0
+EXIT_GRACE_SECONDS = 30.0  # for idle workers to exit once every chunk came back
 
 # one resource's urn:uuid and conditional references as ingest resolved them: keyed reference
 # text -> (target type, target pseudonym); they travel with the resource, not to every worker
@@ -46,6 +52,10 @@ class RecordNotDeidentifiedError(DeidError):
     pseudonym) and the exception's type alone. The exception's own text, which may quote the
     record, is dropped where it is raised, in the worker, before anything carries it (the
     traceback a worker process sends back, Dagster's event log, the command's output)."""
+
+
+class WorkersStalledError(DeidError):
+    """No chunk came back from the worker processes for :data:`STALLED_AFTER_SECONDS`."""
 
 
 @dataclass
@@ -192,16 +202,50 @@ def _in_pool(
 ) -> None:
     # spawn: the caller holds a DuckDB connection and its threads, which a fork would copy
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         workers, mp_context=context, initializer=_init_worker, initargs=(setup,)
-    ) as pool:
+    )
+    try:
         pending: list[Future[ChunkResult]] = []
         for chunk in chunks:
             pending.append(pool.submit(_run_chunk, chunk))
             while len(pending) >= workers * _IN_FLIGHT_PER_WORKER:
-                consume(pending.pop(0).result())
-        for future in pending:
-            consume(future.result())
+                consume(_next_result(pending))
+        while pending:
+            consume(_next_result(pending))
+    except BaseException:
+        # the chunks still out are of no use: the workers are ended rather than waited for
+        # (one that stopped answering would hold the shutdown for good)
+        end_workers(pool)
+        raise
+    end_workers(pool, grace=EXIT_GRACE_SECONDS)
+
+
+def _next_result(pending: list[Future[ChunkResult]]) -> ChunkResult:
+    try:
+        return pending.pop(0).result(timeout=STALLED_AFTER_SECONDS)
+    except TimeoutError:
+        raise WorkersStalledError(
+            f"de-identification workers: no chunk came back for {STALLED_AFTER_SECONDS:g} s "
+            "(a worker process stopped answering); the batch is not published, and the "
+            "workers were ended"
+        ) from None
+
+
+def end_workers(pool: ProcessPoolExecutor, grace: float = 0.0) -> None:
+    """Shut the pool down, its worker processes given ``grace`` seconds to exit and killed
+    then: a shutdown that joins them waits for the chunks they hold, and for good for a
+    worker that stopped answering, whether it holds a chunk or not."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError):
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+                process.join(5)
+    pool.shutdown(wait=True)
 
 
 def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:

@@ -45,7 +45,7 @@ from fhirlake.viewdef import instant_sql
 from vault import warehouse
 from vault.clock import utcnow
 from vault.clustered import sync_clustered
-from vault.errors import SourceFileNotReadableError
+from vault.errors import SourceFileNotReadableError, VaultError
 from vault.keys import KeyProvider
 from vault.lifecycle import erase_earlier_compartments, tombstone
 from vault.pseudonym import Pseudonymizer, stored_version_id
@@ -107,7 +107,15 @@ FLUSH_ROWS = 20_000
 # workers (each importing the R4B models) takes about a second, while one process validates
 # about 3,000 records a second (1,516 records: 1.3-1.6 s with a pool, 0.5 s without).
 PARALLEL_AFTER = 5_000
+# A chunk takes a tenth of a second: none back for this long means a worker stopped answering
+# (stopped, swapped out, stuck on one record), and the pass fails rather than wait for good.
+STALLED_AFTER_SECONDS = 900.0
+EXIT_GRACE_SECONDS = 30.0  # for idle workers to exit once every chunk came back
 FHIR_BASE_ENV = "EHR_FHIR_BASE"
+
+
+class WorkersStalledError(VaultError):
+    """No chunk came back from the validation workers for :data:`STALLED_AFTER_SECONDS`."""
 
 
 @dataclass
@@ -237,7 +245,15 @@ def _checked_stream(
     def drain(limit: int) -> Iterator[tuple[RawRecord, Checked | None]]:
         while len(inflight) > limit:
             recs, fut = inflight.popleft()
-            yield from zip(recs, fut.result(), strict=True)
+            try:
+                checks = fut.result(timeout=STALLED_AFTER_SECONDS)
+            except TimeoutError:
+                raise WorkersStalledError(
+                    f"validation workers: no chunk came back for {STALLED_AFTER_SECONDS:g} s "
+                    "(a worker process stopped answering); the batch is not marked ingested, "
+                    "and the workers were ended"
+                ) from None
+            yield from zip(recs, checks, strict=True)
 
     def submit(batch: list[RawRecord]) -> Iterator[tuple[RawRecord, Checked | None]]:
         nonlocal pool
@@ -263,9 +279,34 @@ def _checked_stream(
         if chunk:
             yield from submit(chunk)
         yield from drain(0)
-    finally:
+    except BaseException:
+        # the chunks still out are of no use: the workers are ended rather than waited for
+        # (one that stopped answering would hold the shutdown for good)
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            end_workers(pool)
+            pool = None
+        raise
+    finally:
+        # closed early (GeneratorExit is raised at the yield) or done: idle workers given a
+        # moment to exit, then ended
+        if pool is not None:
+            end_workers(pool, grace=EXIT_GRACE_SECONDS)
+
+
+def end_workers(pool: ProcessPoolExecutor, grace: float = 0.0) -> None:
+    """Shut the pool down, its worker processes given ``grace`` seconds to exit and killed
+    then: a shutdown that joins them waits for the chunks they hold, and for good for a
+    worker that stopped answering, whether it holds a chunk or not."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        with contextlib.suppress(OSError, ValueError):
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.exitcode is None:
+                process.kill()
+                process.join(5)
+    pool.shutdown(wait=True)
 
 
 # -- the batch-level SQL steps of BatchIngestor.finalize, in order; $b is the batch id ----------

@@ -3,8 +3,13 @@ references, profiles that cannot compile, Microsoft rules on top, and workers.""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import multiprocessing
+import os
 import pickle
+import signal
+import threading
 import traceback
 from datetime import date, timedelta
 from typing import Any
@@ -795,3 +800,57 @@ def test_a_worker_error_names_the_resource_by_type_and_key_never_its_content(
     # what a worker process sends back: the error pickled, its context dropped
     again = pickle.loads(pickle.dumps(raised.value))
     assert str(again) == str(raised.value) and raised.value.__suppress_context__
+
+
+def _stop_the_workers(consume: Any) -> tuple[list[int], Any]:
+    """A consumer that stops the worker processes (SIGSTOP) once it is given the first chunk,
+    and the pids it stopped."""
+    stopped: list[int] = []
+
+    def take(result: workers.ChunkResult) -> None:
+        if not stopped:
+            for child in multiprocessing.active_children():
+                assert child.pid is not None
+                os.kill(child.pid, signal.SIGSTOP)
+                stopped.append(child.pid)
+        consume(result)
+
+    return stopped, take
+
+
+def test_a_stalled_worker_fails_the_batch_in_bounded_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Worker processes that stop answering (stopped, swapped out, stuck on a record) held the
+    caller for good: it waited on their chunks with no end, and on leaving, on the pool's
+    shutdown joining them. The batch fails once no chunk came back for
+    ``STALLED_AFTER_SECONDS``, naming that, with every worker process ended. (Run on a thread
+    the test gives a minute: a hang fails the test, its stopped worker killed.)"""
+    policy = Policy.shipped("research")
+    setup = workers.WorkerSetup(policy.source, policy.name, KEY, TODAY, {})
+    items = [
+        (f"k{i}", "Observation", "p", orjson.dumps(_obs(id=f"o{i}")), None) for i in range(400)
+    ]
+    monkeypatch.setattr(workers, "CHUNK_RECORDS", 5)
+    monkeypatch.setattr(workers, "PARALLEL_FROM", 5)
+    monkeypatch.setattr(workers, "STALLED_AFTER_SECONDS", 5.0, raising=False)
+    before = set(multiprocessing.active_children())
+    stopped, take = _stop_the_workers(lambda _: None)
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            workers.deidentify_items(items, setup, take, workers=2, expected=len(items))
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    hung = thread.is_alive()
+    for pid in stopped:  # nothing left stopped behind the test, whatever the outcome
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    assert not hung, "the caller still waited on the stopped worker after a minute"
+    assert len(raised) == 1 and isinstance(raised[0], workers.WorkersStalledError)
+    assert "no chunk came back" in str(raised[0])
+    assert set(multiprocessing.active_children()) - before == set()

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import multiprocessing
@@ -996,3 +997,62 @@ def test_a_pass_stopped_while_it_consumes_shuts_its_worker_pool_down(
         del raised
         gc.collect()  # the pool of a failing run, shut down by its generator's collection
     assert left == set()
+
+
+def test_stalled_validation_workers_fail_the_pass_in_bounded_time(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation workers that stop answering (stopped, swapped out, stuck on a record) held
+    the pass for good: it waited on their chunks with no end, and on leaving, on the pool's
+    shutdown joining them. The pass fails once no chunk came back for
+    ``STALLED_AFTER_SECONDS``, naming that, with every worker ended and the batch not marked
+    ingested; ingesting it again accounts for every record. (Run on a thread the test gives a
+    minute: a hang fails the test, its stopped workers killed.)"""
+    import os
+    import threading
+
+    from vault import ingest
+
+    land = tmp_path / "land"
+    land.mkdir()
+    patients = [{**PATIENT, "id": f"p{i}", "name": [{"family": f"F{i}"}]} for i in range(40)]
+    (land / "p.ndjson").write_bytes(b"\n".join(orjson.dumps(p) for p in patients))
+    monkeypatch.setattr(ingest, "PARALLEL_AFTER", 0)
+    monkeypatch.setattr(ingest, "CHUNK_RECORDS", 2)
+    monkeypatch.setattr(ingest, "STALLED_AFTER_SECONDS", 5.0, raising=False)
+    one = BatchIngestor._one
+    stopped: list[int] = []
+
+    def stopping(self: BatchIngestor, record: Any, checked: Any) -> None:
+        if not stopped:
+            for child in multiprocessing.active_children():
+                assert child.pid is not None
+                os.kill(child.pid, signal.SIGSTOP)
+                stopped.append(child.pid)
+        one(self, record, checked)
+
+    monkeypatch.setattr(BatchIngestor, "_one", stopping)
+    before = set(multiprocessing.active_children())
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            ingest_batch(tmp_path / "w.duckdb", "b1", land, key_provider, workers=2)
+        except BaseException as exc:
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    hung = thread.is_alive()
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    assert stopped and not hung, "the pass still waited on the stopped workers after a minute"
+    assert len(raised) == 1 and isinstance(raised[0], ingest.WorkersStalledError)
+    assert "no chunk came back" in str(raised[0])
+    assert set(multiprocessing.active_children()) - before == set()
+    monkeypatch.setattr(BatchIngestor, "_one", one)
+    report = ingest_batch(tmp_path / "w.duckdb", "b1", land, key_provider, workers=2)
+    assert (report.records_in, report.accepted, report.quarantined) == (40, 40, 0)

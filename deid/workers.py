@@ -58,6 +58,10 @@ class WorkersStalledError(DeidError):
     """No chunk came back from the worker processes for :data:`STALLED_AFTER_SECONDS`."""
 
 
+class ChunkNotAccountedError(DeidError):
+    """A chunk's result whose rows are not its records, one each, in order."""
+
+
 @dataclass
 class ChunkResult:
     """What one chunk gave: released rows (type, key, patient, JSON), withheld rows (type,
@@ -187,7 +191,7 @@ def deidentify_items(
     local = setup.build()
     seen = 0
     for chunk in chunks:
-        consume(local.run(chunk))
+        consume(_accounted(_keys(chunk), local.run(chunk)))
         seen += len(chunk)
         if workers > 1 and seen >= PARALLEL_FROM:
             _in_pool(chunks, setup, consume, workers)
@@ -206,9 +210,9 @@ def _in_pool(
         workers, mp_context=context, initializer=_init_worker, initargs=(setup,)
     )
     try:
-        pending: list[Future[ChunkResult]] = []
+        pending: list[tuple[list[str], Future[ChunkResult]]] = []
         for chunk in chunks:
-            pending.append(pool.submit(_run_chunk, chunk))
+            pending.append((_keys(chunk), pool.submit(_run_chunk, chunk)))
             while len(pending) >= workers * _IN_FLIGHT_PER_WORKER:
                 consume(_next_result(pending))
         while pending:
@@ -221,9 +225,10 @@ def _in_pool(
     end_workers(pool, grace=EXIT_GRACE_SECONDS)
 
 
-def _next_result(pending: list[Future[ChunkResult]]) -> ChunkResult:
+def _next_result(pending: list[tuple[list[str], Future[ChunkResult]]]) -> ChunkResult:
+    keys, future = pending.pop(0)
     try:
-        return pending.pop(0).result(timeout=STALLED_AFTER_SECONDS)
+        return _accounted(keys, future.result(timeout=STALLED_AFTER_SECONDS))
     except TimeoutError:
         raise WorkersStalledError(
             f"de-identification workers: no chunk came back for {STALLED_AFTER_SECONDS:g} s "
@@ -246,6 +251,26 @@ def end_workers(pool: ProcessPoolExecutor, grace: float = 0.0) -> None:
                 process.kill()
                 process.join(5)
     pool.shutdown(wait=True)
+
+
+def _keys(chunk: list[Item]) -> list[str]:
+    return [item[0] for item in chunk]
+
+
+def _accounted(keys: list[str], result: ChunkResult) -> ChunkResult:
+    """``result`` when it accounts for the chunk of resources ``keys``: one row each, released
+    or withheld, the released ones among the chunk's in its order; a worker's result that does
+    not (short of a record, naming a resource it was not sent) fails the batch, rather than
+    publish it without the record and its counts agreeing."""
+    rows = len(result.released) + len(result.withheld)
+    sent = iter(keys)
+    if rows != len(keys) or not all(row[1] in sent for row in result.released):
+        raise ChunkNotAccountedError(
+            f"a de-identified chunk of {len(keys)} records came back with {rows} rows "
+            f"({len(result.released)} released, {len(result.withheld)} withheld) that are not "
+            "its records, one each: the batch is not published"
+        )
+    return result
 
 
 def _chunks(items: Iterable[Item]) -> Iterator[list[Item]]:

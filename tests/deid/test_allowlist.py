@@ -854,3 +854,33 @@ def test_a_stalled_worker_fails_the_batch_in_bounded_time(monkeypatch: pytest.Mo
     assert len(raised) == 1 and isinstance(raised[0], workers.WorkersStalledError)
     assert "no chunk came back" in str(raised[0])
     assert set(multiprocessing.active_children()) - before == set()
+
+
+@pytest.mark.parametrize("garbage", ["dropped", "foreign"])
+def test_a_chunk_not_accounted_for_fails_the_batch(
+    monkeypatch: pytest.MonkeyPatch, garbage: str
+) -> None:
+    """What a worker sends back was counted as the batch's resources (``resources_in`` summed
+    the chunks' released and withheld rows): a chunk short of a record, or naming a resource
+    it was not sent, was published so, the record lost and the counts agreeing. Every chunk's
+    rows are its records, in order, one each, or the batch fails."""
+    policy = Policy.shipped("research")
+    setup = workers.WorkerSetup(policy.source, policy.name, KEY, TODAY, {})
+    items = [(f"k{i}", "Observation", "p", orjson.dumps(_obs(id=f"o{i}")), None) for i in range(9)]
+    run = workers._Worker.run
+
+    def bad(self: Any, chunk: list[workers.Item]) -> workers.ChunkResult:
+        result = run(self, chunk)
+        if garbage == "dropped":
+            result.released.pop()
+        else:
+            rtype, _, patient, text = result.released[0]
+            result.released[0] = (rtype, "elsewhere", patient, text)
+        return result
+
+    monkeypatch.setattr(workers._Worker, "run", bad)
+    monkeypatch.setattr(workers, "CHUNK_RECORDS", 4)
+    taken: list[workers.ChunkResult] = []
+    with pytest.raises(workers.ChunkNotAccountedError, match="4 records"):
+        workers.deidentify_items(items, setup, taken.append, workers=1)
+    assert taken == []

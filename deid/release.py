@@ -41,7 +41,7 @@ from deid.leakscan import (
     reason_birth_date_forms,
     scan_rows,
 )
-from deid.methods import earliest
+from deid.methods import earliest, today_utc
 from deid.policy import Policy
 from deid.released_table import (
     DEID_DDL,
@@ -314,7 +314,8 @@ def deidentify_batch(
         policy.source,
         policy.name,
         provider.pseudonym_key(),
-        today,
+        # read once, here: a worker reading it when it starts could count from another day
+        today or today_utc(),
         dict((terminology or Terminology()).displays),
         server_base=os.environ.get(FHIR_BASE_ENV),
         erased=erased_subjects(con),

@@ -51,3 +51,30 @@ def test_a_target_that_is_not_a_table_name_is_refused(
             )
     finally:
         con.close()
+
+
+def test_every_worker_counts_ages_from_the_day_the_caller_read(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Given no day, each worker process read today's date when it started (and the calling
+    process when it de-identified a batch's first chunks itself): across midnight UTC one
+    batch held ages and 90-or-older years counted from two days. The day is read once, by
+    the caller, and sent to every worker."""
+    from deid import release
+
+    generate(tmp_path / "landing", 2, seed=5)
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "b", tmp_path / "landing", key_provider, workers=1)
+    sent: list[date | None] = []
+
+    def capture(items: object, setup: release.WorkerSetup, *args: object, **kw: object) -> None:
+        sent.append(setup.today)
+
+    monkeypatch.setattr(release, "deidentify_items", capture)
+    monkeypatch.setattr(release, "today_utc", lambda: TODAY, raising=False)
+    con = warehouse.connect(wh)
+    try:
+        deidentify_batch(con, key_provider, "b", Policy.shipped("research"))
+    finally:
+        con.close()
+    assert sent == [TODAY]

@@ -318,9 +318,17 @@ def failed_steps(result: Any) -> dict[str, str]:
     return failed
 
 
+# the text of a worker process's traceback, which concurrent.futures chains to the error it
+# raises again in the caller: that error is the one to name
+_WORKER_TRACEBACK = "_RemoteTraceback"
+
+
 def _root_cause(error: Any) -> Any:
-    """The innermost error of a chain (Dagster wraps an asset's error in its own)."""
+    """The innermost error of a chain (Dagster wraps an asset's error in its own), or for an
+    error raised on a worker process, the error the worker raised."""
     while getattr(error, "cause", None) is not None:
+        if getattr(error.cause, "cls_name", None) == _WORKER_TRACEBACK:
+            break
         error = error.cause
     return error
 

@@ -591,3 +591,26 @@ def test_a_new_day_ingests_nothing_and_deidentifies_again_only_a_batch_it_change
     assert again["stages"]["ingest"]["batches_deidentified_again"] == []
     assert [run["batch"] for run in again["runs"]] == [None]
     assert _released(workdir) == after
+
+
+def test_a_step_failed_on_a_worker_process_is_named_by_the_error_the_worker_raised() -> None:
+    """An error raised on a worker process reaches the step as the caller's error caused by
+    ``_RemoteTraceback`` (the worker's traceback as text): the innermost error of the chain
+    named every such failure ``_RemoteTraceback``. It is named by the error it stands for."""
+    from types import SimpleNamespace
+
+    from dagster._utils.error import SerializableErrorInfo
+
+    from pipelines.run import failed_steps
+
+    remote = SerializableErrorInfo("Traceback ...", [], "_RemoteTraceback")
+    raised = SerializableErrorInfo("m", [], "RecordNotDeidentifiedError", cause=remote)
+    wrapped = SerializableErrorInfo("m", [], "DagsterExecutionStepExecutionError", cause=raised)
+    event = SimpleNamespace(
+        event_type_value="STEP_FAILURE",
+        step_key="deid_resources",
+        step_failure_data=SimpleNamespace(error=wrapped),
+    )
+    assert failed_steps(SimpleNamespace(all_events=[event])) == {
+        "deid_resources": "RecordNotDeidentifiedError"
+    }

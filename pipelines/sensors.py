@@ -10,7 +10,10 @@ Safe to turn on at any time:
   changed since does not count), or nothing in it (hidden and ``_`` sub-folders included)
   changed for ``LandingResource.quiet_seconds``;
 - a batch is marked done only when its run succeeded; a failed run is retried up to
-  ``LandingResource.max_retries`` times with doubling back-off; once they are spent, writing
+  ``LandingResource.max_retries`` times with doubling back-off (a retry is the batch's
+  de-identification alone where its ingest stands as its folder is now,
+  ``deidentification_alone``, as ``ehr run`` runs it again: a run killed during a
+  de-identification alone is not retried as a new ingest); once they are spent, writing
   or touching the marker again starts a new round of retries; one whose run failed and that
   another run (a launch or a backfill from the UI) de-identified since is done when the ledger
   shows it so, neither retried nor said to have failed;
@@ -43,7 +46,10 @@ Safe to turn on at any time:
   profile, or released otherwise from a new UTC day, a date of it crossing the age limit since
   its de-identification or a new year moving a birth date over it) is de-identified again
   alone, from the vault, as ``ehr run`` does it: the ledger is read again on the first tick of
-  each day and on the first tick under new settings;
+  each day and on the first tick under new settings; so is a batch the sensor meets with no
+  state of its own (a cursor reset, a new instance) that was ingested from its folder as it is
+  now but not published from that ingest (a run stopped between the two): one rule,
+  ``deidentification_alone``, for every request and retry, as for ``ehr run``;
 - a release left behind with nothing requested to rebuild it is rebuilt: when a release asset
   is older than what it is built from (a batch's de-identification, an earlier release asset),
   that materialization a minute old, every batch partition de-identified, no run queued or
@@ -301,10 +307,16 @@ def _follow_run(
     state: BatchState,
     now: float,
     done_in_warehouse: Callable[[BatchSource], bool | None] = lambda _: False,
+    alone_in_warehouse: Callable[[BatchSource], bool | None] = lambda _: False,
 ) -> tuple[RunRequest | None, str | None]:
     """A batch whose run was requested: done on success, retried (bounded) on failure; once
     the retries are spent, a marker written or touched after the last failure starts a new
-    round of them. A batch whose run failed but which another run (a launch or a backfill from
+    round of them. A retry is the batch's de-identification alone where the warehouse's
+    ledger shows its ingest standing as its folder is now (``alone_in_warehouse``, read only
+    then: :func:`pipelines.landing_ledger.deidentification_alone`; None while the ledger is
+    not readable, and the retry waits), as ``ehr run`` runs it again: a failed
+    de-identification alone is not retried as a new ingest. A batch whose run failed but
+    which another run (a launch or a backfill from
     the UI, as the skip reason suggests) de-identified since is done when the warehouse's
     ledger (``done_in_warehouse``, read only then; None while it is not readable, and the batch
     waits) shows it so, as its folder is now: neither retried nor said to have failed."""
@@ -340,22 +352,30 @@ def _follow_run(
                 f"touch {landing.ready_marker} in its folder to retry it, or re-run the "
                 "partition from the UI)"
             )
+    else:
+        if not state.retry_at:
+            state.retry_at = now + landing.retry_backoff_seconds * 2 ** (state.attempt - 1)
+        if now < state.retry_at:
+            wait = state.retry_at - now
+            return None, f"batch {key}: run {state.attempt} failed, retry in {wait:.0f}s"
+    alone = alone_in_warehouse(batch)
+    if alone is None:  # retried once the ledger says whether its ingest stands
+        return None, (
+            f"batch {key}: run {state.attempt} failed, retry waiting: warehouse busy, ledger "
+            "not readable this tick"
+        )
+    if state.attempt - state.round_start > landing.max_retries:
         state.round_start = state.attempt
-        return _next_attempt(key, state), None
-    if not state.retry_at:
-        state.retry_at = now + landing.retry_backoff_seconds * 2 ** (state.attempt - 1)
-    if now < state.retry_at:
-        wait = state.retry_at - now
-        return None, f"batch {key}: run {state.attempt} failed, retry in {wait:.0f}s"
-    return _next_attempt(key, state), None
+    return _next_attempt(key, state, alone), None
 
 
-def _next_attempt(key: str, state: BatchState) -> RunRequest:
-    """The request of the batch's next attempt (its back-off and failure time cleared)."""
+def _next_attempt(key: str, state: BatchState, deidentify_only: bool = False) -> RunRequest:
+    """The request of the batch's next attempt (its back-off and failure time cleared): its
+    de-identification alone with ``deidentify_only``."""
     state.attempt += 1
     state.retry_at = 0.0
     state.failed_at = 0.0
-    return _request(key, state)
+    return _request(key, state, deidentify_only)
 
 
 class LandingNotReadError(RuntimeError):
@@ -522,13 +542,17 @@ def evaluate_landing(
         read = read_ledger()
         return None if read is None else done_in_ledger(batch, read)
 
+    def alone_in_warehouse(batch: BatchSource) -> bool | None:
+        read = read_ledger()
+        return None if read is None else deidentification_alone(batch, read)
+
     for batch in batches:
         present.add(batch.key)
         state = states.get(batch.key)
         if state is not None and state.fingerprint == batch.fingerprint:
             if not state.done:
                 request, reason = _follow_run(
-                    context, landing, batch, state, now, done_in_warehouse
+                    context, landing, batch, state, now, done_in_warehouse, alone_in_warehouse
                 )
                 requests += [request] if request else []
                 reasons += [reason] if reason else []
@@ -548,11 +572,11 @@ def evaluate_landing(
             reasons.append(f"batch {batch.key}: already ingested (warehouse ledger)")
             continue
         states[batch.key] = BatchState(batch.fingerprint, attempt=1)
-        # done but out of date (other settings, or a value of it released otherwise today):
-        # not ingested again
-        entry = ledger.get(batch.key)
-        outdated = entry is not None and entry.outdated
-        alone = outdated and deidentification_alone(batch, ledger)
+        # ingested from its folder as it is now but not published from that ingest under
+        # today's settings with its rows holding today (out of date, or a run stopped between
+        # the two): de-identified alone from its vault rows, not ingested again, as `ehr run`
+        # does it (pipelines.run.released_otherwise)
+        alone = deidentification_alone(batch, ledger)
         requests.append(_request(batch.key, states[batch.key], alone))
     # a batch's run (this sensor's, a backfill's, a launch from the UI) may have taken batches
     # done before it out of the de-identification ledger: its ingest handed vault rows over to

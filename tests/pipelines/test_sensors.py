@@ -747,8 +747,8 @@ def test_a_batch_whose_patient_reference_names_another_patient_since_is_ingested
     """A batch taken out of the de-identification ledger whose conditional reference to a
     Patient names another patient since (deid.staging.refiled_batches, read with the ledger)
     runs its whole job: ingest filed its records under the Patient the reference named. One
-    whose vault rows stand is de-identified alone; a retry after a failed run of either is the
-    whole job."""
+    whose vault rows stand is de-identified alone; a retry after a failed run is judged as the
+    request was: the whole job while the reference names another patient."""
     wh = _two_batches_ingested(tmp_path, key_provider)
     _publish_all(wh)
     settled = _tick(tmp_path, instance)
@@ -758,8 +758,9 @@ def test_a_batch_whose_patient_reference_names_another_patient_since_is_ingested
         refiled = _tick(tmp_path, instance, settled.cursor)
     assert [(r.partition_key, r.asset_selection) for r in refiled.run_requests] == [("a", None)]
     _record_run(instance, refiled.run_requests[0].tags, DagsterRunStatus.FAILURE)
-    failed = _tick(tmp_path, instance, refiled.cursor)  # its back-off starts
-    retried = _tick(tmp_path, instance, failed.cursor, later=3600)
+    with mock.patch("pipelines.landing_ledger.refiled_batches", return_value={"a"}):
+        failed = _tick(tmp_path, instance, refiled.cursor)  # its back-off starts
+        retried = _tick(tmp_path, instance, failed.cursor, later=3600)
     batch_runs = [r for r in retried.run_requests if r.partition_key is not None]
     assert [(r.partition_key, r.asset_selection) for r in batch_runs] == [("a", None)]
 
@@ -1042,3 +1043,47 @@ def test_a_batch_published_under_other_settings_is_de_identified_again_alone(
     done = _tick(tmp_path, instance, _tick(tmp_path, instance, changed.cursor).cursor)
     assert done.run_requests == []
     assert all(state.done for state in _load_cursor(done.cursor).values())
+
+
+def test_a_fresh_cursor_de_identifies_alone_a_batch_ingested_as_its_folder_is_but_not_published(
+    tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
+) -> None:
+    """Batch a was ingested from its folder as it is now but not published from that ingest (a
+    run stopped between the two, or a later batch took it out of the de-identification
+    ledger), b is published. A tick with no cursor (the sensor's cursor reset, a new
+    instance) requests a's de-identification alone, from its vault rows, as ``ehr run`` does
+    it (``pipelines.run.released_otherwise``), and b nothing. It requested a's whole run: a
+    new ingest, which seals the whole vault again and counts an erased patient's records,
+    still in the folder, as quarantined again."""
+    wh = _two_batches_ingested(tmp_path, key_provider)
+    _unsettle(wh, "a")
+    fresh = _tick(tmp_path, instance)
+    assert [(r.partition_key, r.asset_selection) for r in fresh.run_requests] == [
+        ("a", [DEID_RESOURCES])
+    ]
+
+
+def test_a_failed_de_identification_alone_is_retried_alone(
+    tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
+) -> None:
+    """Batch a was published under other settings (an earlier version's rules): the sensor
+    requests its de-identification alone. That run fails (a worker killed, the warehouse
+    full): its retry is the de-identification alone again, from the vault rows that still
+    stand, not the batch's whole run. The retry ingested a again."""
+    wh = _two_batches_ingested(tmp_path, key_provider)
+    _publish_all(wh)
+    con = warehouse.connect(wh)
+    try:
+        con.execute("UPDATE deid_batches SET settings = 'an earlier version' WHERE batch_id = 'a'")
+    finally:
+        con.close()
+    first = _tick(tmp_path, instance)
+    assert [(r.partition_key, r.asset_selection) for r in first.run_requests] == [
+        ("a", [DEID_RESOURCES])
+    ]
+    _record_run(instance, first.run_requests[0].tags, DagsterRunStatus.FAILURE)
+    retry = _tick(tmp_path, instance, first.cursor, retry_backoff_seconds=0)
+    assert [(r.partition_key, r.asset_selection) for r in retry.run_requests] == [
+        ("a", [DEID_RESOURCES])
+    ]
+    assert retry.run_requests[0].tags[ATTEMPT_TAG] == "2"

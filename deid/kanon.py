@@ -34,7 +34,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
-from deid.methods import AGE_LIMIT, aggregated_birth_year, today_utc
+from deid.methods import aggregated_birth_year, today_utc, year_over_age_limit_sql
 from deid.released_table import ensure_resource_digests, resource_digest_sql
 from deid.risk import (
     SUPPRESSED,
@@ -231,8 +231,7 @@ def _stage_patients(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -
         SELECT q.patient_id, coalesce(pp.person_key, q.patient_id) AS {PERSON},
             coalesce(q.sex, '{UNKNOWN}') AS sex,
             CASE WHEN q.birth_year IS NULL THEN '{UNKNOWN}'
-                 -- the age limit's rule (deid.methods.is_year_over_age_limit), in SQL
-                 WHEN {as_of.year} - q.birth_year > {AGE_LIMIT} THEN '90+'
+                 WHEN {year_over_age_limit_sql("q.birth_year", as_of)} THEN '90+'
                  ELSE (greatest({as_of.year} - q.birth_year, 0) // 5 * 5)::VARCHAR || '-' ||
                       (greatest({as_of.year} - q.birth_year, 0) // 5 * 5 + 4)::VARCHAR
             END AS age_band,

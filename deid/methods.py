@@ -59,6 +59,13 @@ def is_year_over_age_limit(year: int, today: date) -> bool:
     return today.year - year > AGE_LIMIT
 
 
+def year_over_age_limit_sql(year: str, today: date) -> str:
+    """:func:`is_year_over_age_limit` as a SQL condition on the birth year ``year`` (a trusted
+    column or expression), for the release's age bands (``deid.kanon``): the one rule, not a
+    copy of it."""
+    return f"({today.year} - ({year}) > {AGE_LIMIT})"
+
+
 def is_over_age_limit(value: str, today: date) -> bool:
     """True when a (birth) date lies in a year 90 or more years before ``today``'s
     (:func:`is_year_over_age_limit`): 1936-12-31 is over the limit from 1 January 2026."""

@@ -200,3 +200,19 @@ def test_what_a_batch_of_random_birth_dates_holds_until_is_a_new_year(
     until = engine.horizon.take()
     assert until is None or (until.month, until.day) == (1, 1)
     assert until == _reference_until(written, today, profile)
+
+
+def test_the_age_bands_follow_the_age_limits_one_rule() -> None:
+    """The release's 90+ band (deid.kanon, in SQL) is the age limit's rule itself
+    (is_year_over_age_limit, read through year_over_age_limit_sql), on every side of it."""
+    import duckdb
+
+    from deid.methods import is_year_over_age_limit, year_over_age_limit_sql
+
+    con = duckdb.connect()
+    for today in (date(2026, 12, 31), date(2027, 1, 1)):
+        for year in range(today.year - 95, today.year - 84):
+            ((over,),) = con.execute(
+                f"SELECT {year_over_age_limit_sql('b', today)} FROM (SELECT ? AS b)", [year]
+            ).fetchall()
+            assert over == is_year_over_age_limit(year, today), (year, today)

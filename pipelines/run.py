@@ -11,6 +11,10 @@ platform, a date of it crossing the age limit since or a new year:
 de-identified again from its vault rows, not ingested again (:func:`released_otherwise`). A
 batch a later one took out of the de-identification ledger during the run is de-identified
 again, and ingested again only when that would change its vault rows (:func:`ingest_again`).
+A batch the warehouse holds whose folder is gone since its ingest (a landing folder cleaned
+once ingested) is de-identified again alone, from the vault, when it is out of date or not
+published from its ingest (:func:`kept_without_folder`): its rows follow the day as any
+other batch's.
 The release then runs as after any batch: incrementally, and with nothing to do when nothing
 changed.
 """
@@ -142,6 +146,40 @@ def released_otherwise(
         con.close()
 
 
+def kept_without_folder(
+    workdir: Workdir, found: set[str], profile: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The batches the warehouse holds ingested whose folder is no longer in the input
+    (``found``: the keys of the folders listed, readable or not) and that are not published
+    from their ingest under the current settings with their rows holding today (a new year,
+    another profile, an earlier version's rules, a run stopped before its de-identification),
+    with their recorded reports. A landing folder is often cleaned once ingested: the vault
+    holds the batch's rows, and its de-identification alone, from them, brings its release up
+    to date, as for a batch whose folder is as ingested (:func:`released_otherwise`). One
+    whose Patient references name another patient since (``refiled``) would need its folder
+    to be ingested again, and is left as it is."""
+    if not workdir.warehouse.exists():
+        return {}
+    resource = WarehouseResource(workdir=str(workdir.root))
+    settings = current_settings(profile)
+    ledger = ingested_batches(resource, settings)
+    if ledger is None:
+        warehouse.connect_when_free(workdir.warehouse, read_only=True).close()
+        ledger = ingested_batches(resource, settings) or {}
+    gone = sorted(
+        key
+        for key, entry in ledger.items()
+        if key not in found and not entry.published and not entry.refiled
+    )
+    if not gone:
+        return {}
+    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
+    try:
+        return _recorded(con, gone)
+    finally:
+        con.close()
+
+
 def ingest_again(workdir: Workdir, batches: list[BatchSource]) -> set[str]:
     """Of ``batches``, taken out of the de-identification ledger by a later batch, the ones to
     ingest again too, not de-identify again only
@@ -195,9 +233,11 @@ def run_pipeline(
     assert isinstance(deid_settings, DeidSettings)
     settled = settled_batches(workdir, batches, deid_settings.profile)
     recorded = released_otherwise(workdir, batches, set(settled))
+    listed = {b.key for b in batches} | set(found.unreadable)
+    kept = kept_without_folder(workdir, listed, deid_settings.profile)
     with open_instance(workdir) as instance:
         existing = set(instance.get_dynamic_partitions(batch_partitions.name or "batches"))
-        new = [b.key for b in batches if b.key not in existing]
+        new = [key for key in [*(b.key for b in batches), *kept] if key not in existing]
         if new:
             instance.add_dynamic_partitions(batch_partitions.name or "batches", new)
 
@@ -226,6 +266,11 @@ def run_pipeline(
                 deidentified_again.append(batch.key)
                 continue
             run_batch(batch.key)
+        # a batch whose folder is gone since its ingest: de-identified again from the vault
+        for key, reports in kept.items():
+            batch_reports[key] = reports
+            run_batch(key, [deid_resources])
+            deidentified_again.append(key)
         # a batch ingested again can hand a vault row over to a settled batch that recorded
         # the same content as a repeat (vault.ingest), and a later batch can change what an
         # earlier one's conditional references name (deid.staging._unsettle_changed_targets):

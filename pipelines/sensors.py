@@ -31,7 +31,9 @@ Safe to turn on at any time:
   before the batch's de-identification succeeded (renamed or deleted under its run once the
   ingest had read it), that partition would hold the release back for good, and the same files
   dropped under a new name are recorded as repeats of those rows: its de-identification alone
-  (from the vault) is requested, once per ingest;
+  (from the vault) is requested, once per ingest; and so it is, once per UTC day and settings,
+  for one published whose release is out of date since (a new year, another profile): a
+  landing folder cleaned once ingested does not leave its batch's rows as released for good;
 - a batch done whose partition shows no de-identification (its materializations wiped in the
   UI) is run again: automation waits while any batch's partition is missing, so the release
   would be held back for good while every tick said nothing was new;
@@ -420,8 +422,9 @@ def _orphaned_partitions(
     ingested, with no run of theirs still going: nothing of them is in the vault, and a
     partition never materialised holds back every release asset that reads all batches
     (``released_patients``, the views) for good. Second, those whose folder is gone after
-    their ingest but before their de-identification succeeded, with their ledger entries:
-    kept, as the vault holds their rows (:func:`_deidentify_kept`). The ledger is read only
+    their ingest but before their de-identification succeeded, or whose release is out of date
+    since (a new year, other settings), with their ledger entries: kept, as the vault holds
+    their rows (:func:`_deidentify_kept`). The ledger is read only
     when some partition has no folder (``ledger``, when the tick read it already): opening the
     warehouse at every tick could meet a run opening it to write. None removed while it is not
     readable."""
@@ -441,7 +444,7 @@ def _orphaned_partitions(
 
 
 def _deidentify_kept(
-    context: SensorEvaluationContext, key: str, entry: LedgerEntry
+    context: SensorEvaluationContext, key: str, entry: LedgerEntry, occasion: int = 0
 ) -> tuple[RunRequest | None, str]:
     """A batch whose folder went away after its ingest, before its de-identification succeeded
     (its run failed once the folder was renamed or deleted under it, or in de-identification):
@@ -449,8 +452,17 @@ def _deidentify_kept(
     the same files dropped under a new name are recorded as repeats of its vault rows, released
     by it alone. Its de-identification (``deid_resources`` of its partition, from the vault; its
     folder is not read) is requested once per ingest (``DEID_OF_INGEST_TAG``), with no run of
-    its partition going; one that failed is the operator's to launch again."""
-    tags = {BATCH_TAG: key, DEID_OF_INGEST_TAG: f"{entry.ingested_at:.6f}"}
+    its partition going; one that failed is the operator's to launch again. So is a batch
+    published from that ingest whose release is out of date since (``entry.outdated``: a new
+    year, other settings), once per occasion (``occasion``: the UTC day and the settings the
+    ledger was read under, ``_ledger_read_on``), as its de-identification of an earlier
+    occasion ran already: a landing folder cleaned once ingested leaves its batch's rows in
+    the vault, and the release must follow the day and the settings for them too."""
+    ingest = f"{entry.ingested_at:.6f}"
+    tags = {
+        BATCH_TAG: key,
+        DEID_OF_INGEST_TAG: f"{ingest}:{occasion}" if entry.outdated else ingest,
+    }
     gone = f"batch {key}: folder gone after its ingest (its vault rows stay; its partition is kept)"
     runs = context.instance.get_runs(filters=RunsFilter(tags=tags), limit=1)
     if runs and runs[0].status not in NOT_FINISHED_STATUSES:
@@ -658,7 +670,7 @@ def evaluate_landing(
             "(drop it again to ingest it)"
         )
     for key, entry in kept.items():
-        request, reason = _deidentify_kept(context, key, entry)
+        request, reason = _deidentify_kept(context, key, entry, today)
         requests += [request] if request else []
         reasons.append(reason)
     if done:

@@ -614,3 +614,60 @@ def test_a_step_failed_on_a_worker_process_is_named_by_the_error_the_worker_rais
     assert failed_steps(SimpleNamespace(all_events=[event])) == {
         "deid_resources": "RecordNotDeidentifiedError"
     }
+
+
+def test_a_new_year_deidentifies_again_a_batch_whose_folder_is_gone(
+    tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """b1 holds a patient who turns 90 in 2027, with an observation of her birth date and a
+    condition of the year she was born; b2 a patient of 46. Both are released on 31 December
+    2026, then b1's folder is removed (the landing folder cleaned once ingested: the vault
+    holds its rows). The run of 1 January 2027 de-identifies b1 again alone, from the vault:
+    her birth date is released as the year of 90 and the condition's date is withheld, as a
+    first run on that day from both folders releases them. The run took only the folders it
+    found: b1's rows stayed as released on 31 December for good, her shifted full birth date
+    and a date over the age limit among them."""
+    born = BORN
+    land = tmp_path / "landing"
+    records = {
+        "b1": [
+            {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": born},
+            {
+                "resourceType": "Observation",
+                "id": "o-p1",
+                "status": "final",
+                "code": {"coding": [{"system": "http://loinc.org", "code": "21112-8"}]},
+                "subject": {"reference": "Patient/p1"},
+                "valueDateTime": born,
+            },
+            {
+                "resourceType": "Condition",
+                "id": "c-p1",
+                "subject": {"reference": "Patient/p1"},
+                "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
+                "onsetDateTime": f"{born[:4]}-09-01",
+            },
+        ],
+        "b2": [
+            {"resourceType": "Patient", "id": "p2", "gender": "male", "birthDate": "1980-03-14"}
+        ],
+    }
+    for batch, rows in records.items():
+        (land / batch).mkdir(parents=True)
+        (land / batch / "data.ndjson").write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    original = tmp_path / "original"
+    shutil.copytree(land, original)
+    workdir = tmp_path / "work"
+    over_from = date(int(born[:4]) + 90, 1, 1)
+
+    _on_day(monkeypatch, over_from - timedelta(days=1))
+    assert run_pipeline(land, workdir, key_file=str(key_file), workers=1)["success"]
+    shutil.rmtree(land / "b1")
+    _on_day(monkeypatch, over_from)
+    summary = run_pipeline(land, workdir, key_file=str(key_file), workers=1)
+    assert summary["success"], summary["runs"]
+    assert summary["stages"]["ingest"]["batches_deidentified_again"] == ["b1"]
+    assert _stable_until(workdir)["b1"] == date(over_from.year + 1, 1, 1)
+    fresh = tmp_path / "fresh"
+    assert run_pipeline(original, fresh, key_file=str(key_file), workers=1)["success"]
+    assert _released(workdir) == _released(fresh)

@@ -1087,3 +1087,53 @@ def test_a_failed_de_identification_alone_is_retried_alone(
         ("a", [DEID_RESOURCES])
     ]
     assert retry.run_requests[0].tags[ATTEMPT_TAG] == "2"
+
+
+def test_a_batch_whose_folder_is_gone_is_de_identified_again_at_each_new_year(
+    tmp_path: Path, instance: DagsterInstance, key_provider: FileKeyProvider
+) -> None:
+    """Batch a was published, then its folder removed (the landing folder cleaned once
+    ingested: the vault holds its rows, its partition is kept). Its rows hold until 1 January
+    2027: that day's tick requests its de-identification alone, from the vault, and once it is
+    published again (holding until 1 January 2028) nothing more; the next new year's tick
+    requests it again. The second request was refused: a de-identification of that ingest had
+    run (successfully), and the tick said it had ended without publishing, a's rows of 2027
+    left as released for good."""
+    wh = _two_batches_ingested(tmp_path, key_provider)
+    instance.add_dynamic_partitions("batches", ["a", "b"])
+    _record_deid(instance, "a")
+    _record_deid(instance, "b")
+
+    def holds_until(year: int) -> None:
+        _publish_all(wh)
+        con = warehouse.connect(wh)
+        try:
+            con.execute(
+                "UPDATE deid_batches SET stable_until = ? WHERE batch_id = 'a'", [date(year, 1, 1)]
+            )
+        finally:
+            con.close()
+
+    def tick(day: date, cursor: str | None = None) -> SensorResult:
+        moment = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+        with mock.patch.object(deid_methods, "utcnow", lambda: moment):
+            return _tick(tmp_path, instance, cursor)
+
+    holds_until(2027)
+    import shutil
+
+    shutil.rmtree(tmp_path / "landing" / "a")
+    eve = tick(date(2026, 12, 31))
+    assert eve.run_requests == []
+    cursor = eve.cursor
+    for year in (2027, 2028):
+        new_year = tick(date(year, 1, 1), cursor)
+        assert [(r.partition_key, r.asset_selection) for r in new_year.run_requests] == [
+            ("a", [DEID_RESOURCES])
+        ], new_year.skip_reason
+        _record_run(instance, dict(new_year.run_requests[0].tags), DagsterRunStatus.SUCCESS)
+        _record_deid(instance, "a")
+        holds_until(year + 1)  # its run published it again
+        after = tick(date(year, 1, 2), new_year.cursor)
+        assert after.run_requests == []
+        cursor = after.cursor

@@ -6,10 +6,8 @@ saves)."""
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
 import os
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -25,15 +23,15 @@ from deid.errors import DeidError
 from deid.policy import Policy
 from deid.terminology import Terminology
 from fhirlake.references import classify, local_target
+from vault.ingest import EXIT_GRACE_SECONDS, STALLED_AFTER_SECONDS, end_workers
 from vault.pseudonym import Pseudonymizer
 
 CHUNK_RECORDS = 1_000
 PARALLEL_FROM = 4_000  # records seen before worker processes are worth starting
 _IN_FLIGHT_PER_WORKER = 4  # ~4 MB a chunk: enough to cover a worker's start
-# A chunk takes about a second: none back for this long means a worker stopped answering
-# (stopped, swapped out, stuck on one record), and the batch fails rather than wait for good.
-STALLED_AFTER_SECONDS = 900.0
-EXIT_GRACE_SECONDS = 30.0  # for idle workers to exit once every chunk came back
+# A chunk takes about a second: none back for vault.ingest.STALLED_AFTER_SECONDS (ingest's
+# own limit, and its end_workers) means a worker stopped answering, and the batch fails
+# rather than wait for good.
 
 # one resource's urn:uuid and conditional references as ingest resolved them: keyed reference
 # text -> (target type, target pseudonym); they travel with the resource, not to every worker
@@ -235,22 +233,6 @@ def _next_result(pending: list[tuple[list[str], Future[ChunkResult]]]) -> ChunkR
             "(a worker process stopped answering); the batch is not published, and the "
             "workers were ended"
         ) from None
-
-
-def end_workers(pool: ProcessPoolExecutor, grace: float = 0.0) -> None:
-    """Shut the pool down, its worker processes given ``grace`` seconds to exit and killed
-    then: a shutdown that joins them waits for the chunks they hold, and for good for a
-    worker that stopped answering, whether it holds a chunk or not."""
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    deadline = time.monotonic() + grace
-    for process in processes:
-        with contextlib.suppress(OSError, ValueError):
-            process.join(max(0.0, deadline - time.monotonic()))
-            if process.exitcode is None:
-                process.kill()
-                process.join(5)
-    pool.shutdown(wait=True)
 
 
 def _keys(chunk: list[Item]) -> list[str]:

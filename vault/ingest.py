@@ -107,8 +107,9 @@ FLUSH_ROWS = 20_000
 # workers (each importing the R4B models) takes about a second, while one process validates
 # about 3,000 records a second (1,516 records: 1.3-1.6 s with a pool, 0.5 s without).
 PARALLEL_AFTER = 5_000
-# A chunk takes a tenth of a second: none back for this long means a worker stopped answering
-# (stopped, swapped out, stuck on one record), and the pass fails rather than wait for good.
+# A chunk takes a tenth of a second (a de-identification chunk about a second): none back for
+# this long means a worker stopped answering (stopped, swapped out, stuck on one record), and
+# the pass fails rather than wait for good; deid.workers holds its pool to the same limit
 STALLED_AFTER_SECONDS = 900.0
 EXIT_GRACE_SECONDS = 30.0  # for idle workers to exit once every chunk came back
 FHIR_BASE_ENV = "EHR_FHIR_BASE"

@@ -264,14 +264,11 @@ def _record_published(
 
 
 def _published_rows(
-    con: duckdb.DuckDBPyConnection,
-    settings: str | None,
-    today: date | None,
-    current: bool | None,
+    con: duckdb.DuckDBPyConnection, settings: str | None, today: date | None, current: bool
 ) -> set[str]:
     """Batches published from the vault's current state of them (under ``settings``, when
-    given) whose rows hold on ``today`` (``current``), or not any more (the day reaching their
-    ``stable_until``), or either (``current`` None)."""
+    given) whose rows hold on ``today`` (``current``) or not any more (the day reaching their
+    ``stable_until``)."""
     if not has_table(con, "batches") or not has_table(con, LEDGER_TABLE):
         return set()  # no batch ingested, or none published yet
     columns = {
@@ -288,8 +285,8 @@ def _published_rows(
     rows = con.execute(
         f"SELECT d.batch_id FROM {LEDGER_TABLE} d JOIN batches b USING (batch_id) "
         f"WHERE b.ingested_at IS NOT NULL AND d.vault_digest = {BATCH_DIGEST_SQL} "
-        "AND (d.settings = $settings OR $settings IS NULL) AND "
-        + {True: holds, False: f"NOT {holds}", None: "TRUE"}[current],
+        f"AND (d.settings = $settings OR $settings IS NULL) AND "
+        + (holds if current else f"NOT {holds}"),
         {"settings": settings, "today": today or today_utc()},
     ).fetchall()
     return {str(batch_id) for (batch_id,) in rows}
@@ -322,7 +319,8 @@ def outdated_batches(
     whose leak scan or release rules differ, or another profile), or changed by ``today``
     (:func:`day_changed_batches`). Their de-identification alone, from the vault, brings them
     up to date: their ingest holds."""
-    released = _published_rows(con, None, today, current=None)
+    released = _published_rows(con, None, today, current=True)
+    released |= _published_rows(con, None, today, current=False)
     return released - _published_rows(con, settings, today, current=True)
 
 

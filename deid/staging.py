@@ -264,11 +264,14 @@ def _record_published(
 
 
 def _published_rows(
-    con: duckdb.DuckDBPyConnection, settings: str | None, today: date | None, current: bool
+    con: duckdb.DuckDBPyConnection,
+    settings: str | None,
+    today: date | None,
+    current: bool | None,
 ) -> set[str]:
     """Batches published from the vault's current state of them (under ``settings``, when
-    given) whose rows hold on ``today`` (``current``) or not any more (the day reaching their
-    ``stable_until``)."""
+    given) whose rows hold on ``today`` (``current``), or not any more (the day reaching their
+    ``stable_until``), or either (``current`` None)."""
     if not has_table(con, "batches") or not has_table(con, LEDGER_TABLE):
         return set()  # no batch ingested, or none published yet
     columns = {
@@ -282,12 +285,15 @@ def _published_rows(
     # a ledger written before the column (read only: not migrated yet) follows no day
     until = "d.stable_until" if "stable_until" in columns else "NULL::DATE"
     holds = f"({until} IS NULL OR {until} > $today)"
+    parameters: dict[str, object] = {"settings": settings}
+    if current is not None:  # DuckDB refuses a named parameter the statement does not use
+        parameters["today"] = today or today_utc()
     rows = con.execute(
         f"SELECT d.batch_id FROM {LEDGER_TABLE} d JOIN batches b USING (batch_id) "
         f"WHERE b.ingested_at IS NOT NULL AND d.vault_digest = {BATCH_DIGEST_SQL} "
-        f"AND (d.settings = $settings OR $settings IS NULL) AND "
-        + (holds if current else f"NOT {holds}"),
-        {"settings": settings, "today": today or today_utc()},
+        "AND (d.settings = $settings OR $settings IS NULL) AND "
+        + {True: holds, False: f"NOT {holds}", None: "TRUE"}[current],
+        parameters,
     ).fetchall()
     return {str(batch_id) for (batch_id,) in rows}
 
@@ -319,8 +325,7 @@ def outdated_batches(
     whose leak scan or release rules differ, or another profile), or changed by ``today``
     (:func:`day_changed_batches`). Their de-identification alone, from the vault, brings them
     up to date: their ingest holds."""
-    released = _published_rows(con, None, today, current=True)
-    released |= _published_rows(con, None, today, current=False)
+    released = _published_rows(con, None, today, current=None)
     return released - _published_rows(con, settings, today, current=True)
 
 

@@ -84,15 +84,16 @@ def _recorded_reports(con: Any, batch_id: str, report: dict[str, Any]) -> dict[s
     return {"phi_vault": {"ingest_report": report}, "phi_vault:records_reconcile": rec}
 
 
-def _batch_ledger(workdir: Workdir) -> dict[str, LedgerEntry]:
-    """The batch ledger as the landing sensor reads it; while another process has the
-    warehouse open (an erasure, another run), read once it is free, as the run's steps wait
-    their turn: a ledger read as empty would ingest every batch of the folder again."""
+def _batch_ledger(workdir: Workdir, settings: str | None = None) -> dict[str, LedgerEntry]:
+    """The batch ledger as the landing sensor reads it (published under ``settings``, when
+    given); while another process has the warehouse open (an erasure, another run), read once
+    it is free, as the run's steps wait their turn: a ledger read as empty would ingest every
+    batch of the folder again."""
     resource = WarehouseResource(workdir=str(workdir.root))
-    ledger = ingested_batches(resource)
+    ledger = ingested_batches(resource, settings)
     if ledger is None:
         warehouse.connect_when_free(workdir.warehouse, read_only=True).close()
-        ledger = ingested_batches(resource)
+        ledger = ingested_batches(resource, settings)
     return ledger or {}
 
 
@@ -160,12 +161,7 @@ def kept_without_folder(
     to be ingested again, and is left as it is."""
     if not workdir.warehouse.exists():
         return {}
-    resource = WarehouseResource(workdir=str(workdir.root))
-    settings = current_settings(profile)
-    ledger = ingested_batches(resource, settings)
-    if ledger is None:
-        warehouse.connect_when_free(workdir.warehouse, read_only=True).close()
-        ledger = ingested_batches(resource, settings) or {}
+    ledger = _batch_ledger(workdir, current_settings(profile))
     gone = sorted(
         key
         for key, entry in ledger.items()

@@ -50,7 +50,7 @@ from pipelines.workdir import Workdir
 from vault import warehouse
 from vault.catalog import has_table
 from vault.ingest import reconcile_batch, vault_totals
-from vault.landing import BatchSource, discover_landing
+from vault.landing import BatchSource, describe_idle, discover_landing
 
 
 class NoBatchError(FileNotFoundError):
@@ -215,7 +215,7 @@ def run_pipeline(
     if not batches and found.unreadable:
         raise next(iter(found.unreadable.values()))
     if not batches:
-        idle = "".join(f"; {folder.describe()}" for folder in found.idle)
+        idle = "".join(f"; {said}" for said in describe_idle(found.idle))
         raise NoBatchError(
             f"no FHIR data files ({', '.join(DATA_SUFFIXES)}) in the input folder{idle}"
         )

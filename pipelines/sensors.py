@@ -23,8 +23,9 @@ Safe to turn on at any time:
   (no release runs for it, and every release asset would otherwise look fresh), once per
   change of those batches, and reported passing once they are gone and the release holds every
   landed batch (:func:`landed_batches_events`);
-- a folder that is no batch (no FHIR data file in it: empty, the marker alone, FHIR XML) is
-  named on every tick, with what it holds by reason and count;
+- folders that are no batch (no FHIR data file in them: empty, the marker alone, FHIR XML) are
+  counted on every tick, with what they hold by reason and count, never named (a folder's name
+  can be a patient's, and a batch key's check does not see it: :func:`vault.landing.describe_idle`);
 - a batch whose folder went away (renamed, deleted) before it was ingested has its partition
   removed: a partition never materialised would hold back the release for good. One whose
   folder went away after its ingest keeps its partition: the vault holds its rows. When it went
@@ -116,7 +117,13 @@ from pipelines.landing_ledger import (
 )
 from pipelines.partitions import batch_partitions
 from pipelines.resources import DeidSettings, LandingResource, WarehouseResource
-from vault.landing import BatchKeyCollisionError, BatchSource, Landing, discover_landing
+from vault.landing import (
+    BatchKeyCollisionError,
+    BatchSource,
+    Landing,
+    describe_idle,
+    discover_landing,
+)
 
 BATCH_TAG = "ehr/batch"
 PARTITION_TAG = "dagster/partition"
@@ -534,7 +541,7 @@ def evaluate_landing(
     except (OSError, BatchKeyCollisionError) as error:
         raise LandingNotReadError(error) from error
     batches = found.batches
-    reasons += [folder.describe() for folder in found.idle]
+    reasons += describe_idle(found.idle)
     # a batch whose folder cannot be read waits, its partition kept (its folder is there); the
     # others are followed as usual, and it is read again at the next tick
     present |= set(found.unreadable)

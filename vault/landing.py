@@ -20,6 +20,7 @@ import hashlib
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,16 +94,41 @@ class IdleFolder:
     key: str
     not_read: dict[str, int]
 
-    def describe(self) -> str:
-        """Why it is no batch, and what it holds by reason: counts, never names (those inside
-        are the exporter's, and can be patient names)."""
-        where = f"folder {self.key}"
-        if self.key == ROOT_BATCH:
-            where = "the landing folder's loose entries"
-        held = ", ".join(f"{reason}: {n}" for reason, n in sorted(self.not_read.items()))
-        found = f"(not read: {held})" if held else "(no file in it)"
-        suffixes = ", ".join(DATA_SUFFIXES)
-        return f"{where}: no FHIR data file ({suffixes}) to read, not a batch {found}"
+
+def _held(not_read: dict[str, int], nothing: str) -> str:
+    held = ", ".join(f"{reason}: {n}" for reason, n in sorted(not_read.items()))
+    return f"(not read: {held})" if held else nothing
+
+
+def describe_idle(folders: Sequence[IdleFolder]) -> list[str]:
+    """Why the folders are no batch, and what they hold by reason: the landing folder's loose
+    entries, then the other folders together, by count. Never a name: the files inside are
+    the exporter's, and so is a folder's name, which can be a patient's (unlike a batch key,
+    which the release checks against the patients, an idle folder's name meets no check, and
+    the landing sensor would repeat it in every tick)."""
+    suffixes = ", ".join(DATA_SUFFIXES)
+    said = [
+        f"the landing folder's loose entries: no FHIR data file ({suffixes}) to read, not a "
+        f"batch {_held(folder.not_read, '(no file in it)')}"
+        for folder in folders
+        if folder.key == ROOT_BATCH
+    ]
+    others = [folder for folder in folders if folder.key != ROOT_BATCH]
+    if others:
+        held: Counter[str] = Counter()
+        for folder in others:
+            held.update(folder.not_read)
+        one = len(others) == 1
+        said.append(
+            (
+                "1 folder (its name not shown) holds"
+                if one
+                else f"{len(others)} folders (names not shown) hold"
+            )
+            + f" no FHIR data file ({suffixes}) to read, not a batch "
+            + _held(dict(held), "(no file in it)" if one else "(no file in them)")
+        )
+    return said
 
 
 @dataclass

@@ -152,9 +152,9 @@ def test_run_pipeline_over_a_folder_without_data_names_what_it_found(tmp_path: P
     with pytest.raises(FileNotFoundError) as raised:
         run_pipeline(tmp_path / "in", tmp_path / "work")
     assert str(raised.value) == (
-        "no FHIR data files (.json, .ndjson, .json.gz, .ndjson.gz) in the input folder; folder "
-        "export: no FHIR data file (.json, .ndjson, .json.gz, .ndjson.gz) to read, not a batch "
-        "(not read: not a FHIR data file extension: 1)"
+        "no FHIR data files (.json, .ndjson, .json.gz, .ndjson.gz) in the input folder; 1 folder "
+        "(its name not shown) holds no FHIR data file (.json, .ndjson, .json.gz, .ndjson.gz) to "
+        "read, not a batch (not read: not a FHIR data file extension: 1)"
     )
     assert not (tmp_path / "work").exists()
 

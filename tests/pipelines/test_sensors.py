@@ -902,26 +902,28 @@ def test_a_failed_batch_de_identified_from_the_ui_waits_while_the_warehouse_is_b
     assert _load_cursor(free.cursor)["export-1"].done
 
 
-def test_folders_that_are_no_batch_are_named_in_the_tick_until_they_hold_data(
+def test_folders_that_are_no_batch_are_counted_in_the_tick_until_they_hold_data(
     tmp_path: Path, instance: DagsterInstance
 ) -> None:
+    """Idle folders are counted by what they hold, never named: an exporter's folder named
+    after a patient (here holding only a PDF) would otherwise be written into every tick."""
     landing = tmp_path / "landing"
-    for folder in ("empty", "marker-only", "fhir-xml"):
+    for folder in ("empty", "marker-only", "fhir-xml", "Marblethorpe Quintavious"):
         (landing / folder).mkdir(parents=True)
     (landing / "marker-only" / "_READY").write_bytes(b"")
     (landing / "fhir-xml" / "Patient.xml").write_bytes(b"<Patient/>")
     (landing / "fhir-xml" / "_READY").write_bytes(b"")
+    (landing / "Marblethorpe Quintavious" / "letter.pdf").write_bytes(b"%PDF-1.4")
     tick = _tick(tmp_path, instance)
     assert tick.run_requests == []
     said = (tick.skip_reason.skip_message or "").split("; ")  # type: ignore[union-attr]
-    suffixes = "(.json, .ndjson, .json.gz, .ndjson.gz)"
     assert said == [
-        f"folder empty: no FHIR data file {suffixes} to read, not a batch (no file in it)",
-        f"folder fhir-xml: no FHIR data file {suffixes} to read, not a batch (not read: "
-        "not a FHIR data file extension: 1, not a data file (export metadata): 1)",
-        f"folder marker-only: no FHIR data file {suffixes} to read, not a batch (not read: "
-        "not a data file (export metadata): 1)",
+        "4 folders (names not shown) hold no FHIR data file (.json, .ndjson, .json.gz, "
+        ".ndjson.gz) to read, not a batch (not read: not a FHIR data file extension: 2, not a "
+        "data file (export metadata): 2)"
     ]
+    for name in ("Marblethorpe", "Quintavious", "marker-only", "fhir-xml", "empty"):
+        assert name not in (tick.skip_reason.skip_message or "")  # type: ignore[union-attr]
     # the export's data arrives, the marker written last: the folder is a batch
     (landing / "marker-only" / "data.ndjson").write_bytes(PATIENT)
     os.utime(landing / "marker-only" / "_READY")

@@ -20,6 +20,7 @@ from vault.landing import (
     BatchKeyCollisionError,
     batch_key,
     batch_source,
+    describe_idle,
     discover_batches,
     scan_landing,
 )
@@ -386,6 +387,12 @@ def test_folders_holding_no_data_file_are_listed_as_idle_by_what_they_hold(
         "not a FHIR data file extension": 1,
         "symbolic link (not followed)": 1,
     }
-    said = root.describe()
-    assert said.startswith("the landing folder's loose entries: no FHIR data file (.json")
-    assert "notes" not in said and "linked" not in said  # counts, never names
+    said = describe_idle(scan_landing(land).idle)
+    assert said[0].startswith("the landing folder's loose entries: no FHIR data file (.json")
+    assert said[1] == (
+        "3 folders (names not shown) hold no FHIR data file (.json, .ndjson, .json.gz, "
+        ".ndjson.gz) to read, not a batch (not read: not a FHIR data file extension: 1, not a "
+        "data file (export metadata): 1)"
+    )
+    for name in ("notes", "linked", "csv", "empty", "marker", "Patient"):
+        assert not any(name in line for line in said)  # counts, never names

@@ -63,13 +63,14 @@ from deid.terminology import (
     Terminology,
     binding_code,
     code_is_well_formed,
+    is_us_state,
     system_code,
     time_units_per_year,
 )
 from fhirlake.references import logical_reference
 
 DATE_RULES = ("shift", "year")
-PATH_METHODS = ("keep", "pseudonymize", "zip3", "year", "code-only")
+PATH_METHODS = ("keep", "pseudonymize", "zip3", "us-state", "year", "code-only")
 EXTENSION_SHAPES = ("omb", "code")
 DATE_TYPES = frozenset({"date", "dateTime", "instant"})
 SCALAR_TYPES = frozenset(
@@ -190,6 +191,10 @@ def _leaf(fhir_type: str, many: bool, method: str, binding_key: str, where: str)
     name = where.rsplit(".", 1)[-1]
     if method == "zip3":
         return Node("zip3", many, name=name)
+    if method == "us-state":
+        if fhir_type != "string":
+            raise ProfileError(f"{where}: 'us-state' applies to strings only")
+        return Node("us_state", many, name=name)
     if fhir_type in DATE_TYPES:
         return Node("year" if method == "year" else "date", many, name=name)
     if method == "year":
@@ -831,6 +836,16 @@ def _zip3(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     return methods.redact_zip_partially(value, ctx.profile.restricted_zip3)
 
 
+def _us_state(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    """A state as written when it is one (:func:`deid.terminology.is_us_state`); anything else
+    (a ZIP, a city, a county, a region of another country) withheld and counted."""
+    if isinstance(value, str) and is_us_state(value):
+        return value
+    ctx.counts["state_withheld"] += 1
+    ctx.labels.add("REDACTED")
+    return _DROP
+
+
 _KINDS: dict[str, Callable[[Any, Node, ReleaseContext], Any]] = {
     "object": _object,
     "scalar": _scalar,
@@ -845,4 +860,5 @@ _KINDS: dict[str, Callable[[Any, Node, ReleaseContext], Any]] = {
     "date": _date,
     "year": _date,
     "zip3": _zip3,
+    "us_state": _us_state,
 }

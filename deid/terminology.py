@@ -429,3 +429,37 @@ class Terminology:
                     if system and isinstance(code, str) and isinstance(display, str):
                         displays[(system, code)] = display
         return cls(displays)
+
+
+# The USPS codes and names of the states, the District of Columbia, the territories and the
+# armed forces' postal "states" (USPS Publication 28, appendix B): the values `address.state`
+# is released as. Free text there (a ZIP, a city, a county: sources put each of them there)
+# was released as written; Safe Harbor removes every place smaller than a state.
+US_STATES: dict[str, str] = {
+    "AL": "Alabama", "AK": "Alaska", "AZ": "Arizona", "AR": "Arkansas", "CA": "California",
+    "CO": "Colorado", "CT": "Connecticut", "DE": "Delaware", "FL": "Florida", "GA": "Georgia",
+    "HI": "Hawaii", "ID": "Idaho", "IL": "Illinois", "IN": "Indiana", "IA": "Iowa",
+    "KS": "Kansas", "KY": "Kentucky", "LA": "Louisiana", "ME": "Maine", "MD": "Maryland",
+    "MA": "Massachusetts", "MI": "Michigan", "MN": "Minnesota", "MS": "Mississippi",
+    "MO": "Missouri", "MT": "Montana", "NE": "Nebraska", "NV": "Nevada", "NH": "New Hampshire",
+    "NJ": "New Jersey", "NM": "New Mexico", "NY": "New York", "NC": "North Carolina",
+    "ND": "North Dakota", "OH": "Ohio", "OK": "Oklahoma", "OR": "Oregon", "PA": "Pennsylvania",
+    "RI": "Rhode Island", "SC": "South Carolina", "SD": "South Dakota", "TN": "Tennessee",
+    "TX": "Texas", "UT": "Utah", "VT": "Vermont", "VA": "Virginia", "WA": "Washington",
+    "WV": "West Virginia", "WI": "Wisconsin", "WY": "Wyoming",
+    "DC": "District of Columbia", "AS": "American Samoa", "GU": "Guam",
+    "MP": "Northern Mariana Islands", "PR": "Puerto Rico", "VI": "Virgin Islands",
+    "UM": "United States Minor Outlying Islands", "FM": "Federated States of Micronesia",
+    "MH": "Marshall Islands", "PW": "Palau",
+    "AA": "Armed Forces Americas", "AE": "Armed Forces Europe", "AP": "Armed Forces Pacific",
+}  # fmt: skip
+_STATE_FORMS: frozenset[str] = frozenset(
+    form.casefold() for code, name in US_STATES.items() for form in (code, name)
+) | frozenset({"u.s. virgin islands", "us virgin islands", "washington dc", "washington d.c."})
+
+
+def is_us_state(value: str) -> bool:
+    """Whether ``value`` names a state of :data:`US_STATES` by its USPS code or its name, in
+    any case, with runs of spaces as one (``ma``, ``New  York``, ``D.C.`` for DC)."""
+    form = " ".join(value.split()).casefold()
+    return form in _STATE_FORMS or form.replace(".", "") in _STATE_FORMS

@@ -21,7 +21,7 @@ from deid import workers
 from deid.allowlist import ProfileError, ReleaseProfile
 from deid.engine import Deidentifier, DeidOutcome, DeidSecrets, ProcessingError
 from deid.policy import Policy
-from deid.terminology import Terminology, binding_code, system_code
+from deid.terminology import US_STATES, Terminology, binding_code, system_code
 
 TODAY = date(2026, 11, 28)
 LOINC = "http://loinc.org"
@@ -751,27 +751,48 @@ def test_a_modifier_extension_on_an_element_the_release_keeps_withholds_the_reso
     assert _apply(patient, profile).resource["gender"] == "female"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="policy decision pending: address.state is kept as free text, and the leak scan "
-    "knows a city or a ZIP only together (city_zip); withholding a state that is not a state "
-    "(a USPS code or name) would drop every non-US region",
-)
 @pytest.mark.parametrize("profile", ["research", "safe_harbor"])
-@pytest.mark.parametrize("state", ["02035", "Foxborough"])
-def test_a_state_holding_the_patients_zip_or_city_is_not_released(profile: str, state: str) -> None:
+@pytest.mark.parametrize("state", ["02035", "Foxborough", "MA 03601", "Norfolk County", "Ontario"])
+@pytest.mark.parametrize("resource_type", ["Patient", "Location", "Organization"])
+def test_a_state_holding_the_patients_zip_or_city_is_not_released(
+    profile: str, state: str, resource_type: str
+) -> None:
     """A source that put the ZIP or the city in ``address.state`` released it as written, and
     ``ehr run`` published it in deid_resources, views.patient.state (and its Parquet),
     released_patients.state and release_quasi_identifiers.state: the full ZIP beside its
     ZIP3, and a place smaller than a state, which Safe Harbor removes. The leak scan does not
-    hold a city or a ZIP alone (common text), so nothing blocks it."""
-    patient = {
-        "resourceType": "Patient",
+    hold a city or a ZIP alone (common text), so nothing blocks it. A state is released only
+    when it is one (a USPS code or name); a region of another country is withheld too."""
+    resource = {
+        "resourceType": resource_type,
         "id": "p",
         "address": [{"city": "Foxborough", "state": state, "postalCode": "02035"}],
     }
-    released = _apply(patient, profile).resource
-    assert all(address.get("state") != state for address in released.get("address", []))
+    if resource_type != "Patient":
+        resource["address"] = resource["address"][0]  # Location has one address
+        if resource_type == "Organization":
+            resource["address"] = [resource["address"]]
+    released = _apply(resource, profile)
+    addresses = released.resource.get("address", [])
+    for address in addresses if isinstance(addresses, list) else [addresses]:
+        assert address.get("state") != state
+    assert released.release_counts["state_withheld"] == 1
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_a_state_written_as_its_code_or_name_is_released_as_written(profile: str) -> None:
+    """Every USPS code and name, in any case and spacing, against a plain list written here."""
+    plain = {"MA": "Massachusetts", "NY": "New York", "DC": "District of Columbia"}
+    plain |= {"PR": "Puerto Rico", "WV": "West Virginia", "AE": "Armed Forces Europe"}
+    written = [form for pair in plain.items() for form in pair]
+    written += ["ma", "new  york", "D.C.", "puerto rico", "Washington DC"]
+    for state in written:
+        patient = {"resourceType": "Patient", "id": "p", "address": [{"state": state}]}
+        released = _apply(patient, profile)
+        assert released.resource["address"] == [{"state": state}], state
+        assert released.release_counts.get("state_withheld", 0) == 0
+    # 50 states, DC, 9 territories and freely associated states, 3 armed forces codes
+    assert len(US_STATES) == 63 and all(len(code) == 2 for code in US_STATES)
 
 
 def test_a_worker_error_names_the_resource_by_type_and_key_never_its_content(

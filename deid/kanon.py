@@ -552,9 +552,18 @@ def build_k_anonymous_release(
     return report
 
 
-def withheld_filter(con: duckdb.DuckDBPyConnection, column: str = "patient_id") -> str:
-    """A SQL condition on ``column`` that leaves out withheld patients (always true while no
-    ``withheld_patients`` table exists). ``column`` must be a trusted identifier."""
-    if not has_table(con, WITHHELD_PATIENTS):
+def released_filter(con: duckdb.DuckDBPyConnection, column: str = "patient_id") -> str:
+    """A SQL condition on ``column`` that keeps rows of no patient (a Practitioner, an
+    Organization) and rows of the patients the k-anonymity step released: a withheld patient's
+    rows are left out, and so are those of a patient whose Patient resource has not arrived,
+    who is in no k-anonymity group (their quasi-identifiers were never measured), until it
+    does. Each list is read where it exists (always true while neither does: the views
+    alone). ``column`` must be a trusted identifier."""
+    rules = []
+    if has_table(con, RELEASED_PATIENTS):
+        rules.append(f"{column} IN (SELECT patient_id FROM {RELEASED_PATIENTS})")
+    if has_table(con, WITHHELD_PATIENTS):
+        rules.append(f"{column} NOT IN (SELECT patient_id FROM {WITHHELD_PATIENTS})")
+    if not rules:
         return "TRUE"
-    return f"({column} IS NULL OR {column} NOT IN (SELECT patient_id FROM {WITHHELD_PATIENTS}))"
+    return f"({column} IS NULL OR ({' AND '.join(rules)}))"

@@ -53,7 +53,7 @@ from pathlib import Path
 import duckdb
 import orjson
 
-from deid.kanon import withheld_filter
+from deid.kanon import released_filter
 from deid.leakscan import CanarySet, LeakScanResult
 from deid.release import merged_scans, scan_column_values, scan_released_table
 from deid.released_table import ensure_resource_digests
@@ -177,8 +177,8 @@ def _stage_current_sources(
     con: duckdb.DuckDBPyConnection, scratch: _Scratch, resource_type: str
 ) -> None:
     """Table ``scratch.current``: id, patient and digest of every released resource of the
-    view's type now (withheld patients' resources are not released)."""
-    released = withheld_filter(con)
+    view's type now (only released patients' resources: :func:`deid.kanon.released_filter`)."""
+    released = released_filter(con)
     con.execute(
         f"CREATE OR REPLACE TEMP TABLE {scratch.current} AS "
         # the digest each writer of the release keeps beside the text (deid.released_table)

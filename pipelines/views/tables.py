@@ -12,7 +12,7 @@ from typing import Any
 import duckdb
 import orjson
 
-from deid.kanon import withheld_filter
+from deid.kanon import released_filter
 from fhirlake.viewdef import (
     ViewDefinition,
     duckdb_type,
@@ -58,10 +58,10 @@ def released_resources(
     con: duckdb.DuckDBPyConnection, resource_type: str, only_ids: str | None = None
 ) -> Iterator[dict[str, Any]]:
     """De-identified resources of one type, streamed from the warehouse in chunks, without
-    those of withheld patients; with ``only_ids`` (a table with an ``id`` column, a trusted
-    name), only the resources it lists."""
-    # patients the k-anonymity step withheld are not released: none of their rows is read
-    released = withheld_filter(con)
+    those of patients not released (withheld, or with no Patient resource yet); with
+    ``only_ids`` (a table with an ``id`` column, a trusted name), only the resources it lists."""
+    # patients the k-anonymity step did not release: none of their rows is read
+    released = released_filter(con)
     only = f" AND id IN (SELECT id FROM {only_ids})" if only_ids else ""
     cursor = con.cursor()
     try:

@@ -17,7 +17,7 @@ from deid.kanon import (
     build_k_anonymous_release,
     record_quasi_identifiers,
     representative_birth_year,
-    withheld_filter,
+    released_filter,
 )
 from deid.release import DEID_DDL
 
@@ -130,7 +130,7 @@ def test_generalises_then_withholds_and_rewrites_every_released_copy(con) -> Non
         ]
     # the release stages read through the withheld list
     (left,) = con.execute(
-        f"SELECT count(*) FROM deid_resources WHERE {withheld_filter(con)}"
+        f"SELECT count(*) FROM deid_resources WHERE {released_filter(con)}"
     ).fetchone()
     assert left == 2 * (len(COHORT) - len(withheld))
 
@@ -162,7 +162,7 @@ def test_rerun_starts_from_the_recorded_values(con) -> None:
 
 def test_no_withheld_table_filters_nothing() -> None:
     con = duckdb.connect()
-    assert withheld_filter(con) == "TRUE"
+    assert released_filter(con) == "TRUE"
 
 
 def test_rare_races_merge_into_other_race_in_every_copy() -> None:

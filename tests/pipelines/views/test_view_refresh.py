@@ -69,15 +69,19 @@ def _full_build(con: duckdb.DuckDBPyConnection, tmp: Path, view: Any) -> list[tu
     (other / "w.duckdb").unlink(missing_ok=True)
     oracle = duckdb.connect(str(other / "w.duckdb"))
     oracle.execute(DEID_DDL)
-    for table in ("deid_resources", "withheld_patients"):
+    for table in ("deid_resources", "withheld_patients", "released_patients"):
+        if table == "released_patients" and not has_table(con, table):
+            continue
         rows = con.execute(
             f"SELECT * FROM {table}"
-            if table == "deid_resources"
+            if table != "withheld_patients"
             else "SELECT * FROM withheld_patients WHERE EXISTS (SELECT 1 FROM duckdb_tables() "
             "WHERE table_name = 'withheld_patients')"
         ).fetchall()
         if table == "withheld_patients":
             oracle.execute("CREATE TABLE withheld_patients (patient_id VARCHAR, reason VARCHAR)")
+        if table == "released_patients":
+            oracle.execute("CREATE TABLE released_patients (patient_id VARCHAR)")
         if rows:
             marks = ", ".join("?" * len(rows[0]))
             oracle.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
@@ -139,6 +143,51 @@ def test_random_changes_refresh_to_the_full_build(tmp_path: Path) -> None:
     assert modes[0] == "full" and "incremental" in modes
     again = refresh_view(con, OBSERVATION, tmp_path, canaries)
     assert again.mode == "unchanged" and again.resources_changed == 0
+
+
+def test_a_patient_with_no_patient_resource_is_left_out_until_it_arrives(tmp_path: Path) -> None:
+    """Observations of a patient whose Patient resource had not arrived (in no k-anonymity
+    group, so in neither ``released_patients`` nor ``withheld_patients``) stayed in the view
+    and its Parquet file, where the features and the label leave her out. A view holds the
+    rows of released patients and of no patient only, and takes a patient's rows in, or out,
+    as the release lists her; the expected ids are the test's own record of what it put."""
+    con = _warehouse(tmp_path)
+    con.execute("CREATE TABLE released_patients (patient_id VARCHAR)")
+    owners = {f"o{i}": f"p{i % 4}" for i in range(12)}
+    for rid, patient in owners.items():
+        _put(con, _observation(rid, patient, 100.0 + len(rid), 1), patient)
+    no_subject = _observation("o-shared", "p0", 90.0, 0)
+    del no_subject["subject"]
+    _put(con, no_subject, None)  # type: ignore[arg-type]
+    released: set[str] = set()
+
+    def release(patients: set[str]) -> None:
+        released.clear()
+        released.update(patients)
+        con.execute("DELETE FROM released_patients")
+        for patient in sorted(patients):
+            con.execute("INSERT INTO released_patients VALUES (?)", [patient])
+
+    def view_ids() -> set[str]:
+        return {rid for (rid,) in con.execute("SELECT id FROM views.observation").fetchall()}
+
+    def expected() -> set[str]:
+        return {rid for rid, patient in owners.items() if patient in released} | {"o-shared"}
+
+    canaries = CanarySet()
+    for patients, mode in (
+        ({"p0", "p1"}, "full"),  # p2 and p3 sent encounters and observations, no Patient yet
+        ({"p0", "p1", "p2"}, "incremental"),  # p2's Patient arrives
+        ({"p0", "p2"}, "incremental"),  # p1 leaves the release (withheld, erased)
+    ):
+        release(patients)
+        refresh = refresh_view(con, OBSERVATION, tmp_path, canaries)
+        assert refresh.mode == mode and refresh.result.published
+        assert view_ids() == expected()
+        rows = sorted(con.execute("SELECT * FROM views.observation").fetchall(), key=repr)
+        assert rows == _full_build(con, tmp_path, OBSERVATION)
+        parquet = pq.read_table(tmp_path / "views" / "observation.parquet").to_pylist()
+        assert {r["id"] for r in parquet} == expected()
 
 
 def test_only_changed_resources_are_rebuilt(tmp_path: Path) -> None:

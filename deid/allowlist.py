@@ -63,6 +63,7 @@ from deid.terminology import (
     Terminology,
     binding_code,
     code_is_well_formed,
+    is_country,
     is_us_state,
     system_code,
     time_units_per_year,
@@ -70,7 +71,7 @@ from deid.terminology import (
 from fhirlake.references import logical_reference
 
 DATE_RULES = ("shift", "year")
-PATH_METHODS = ("keep", "pseudonymize", "zip3", "us-state", "year", "code-only")
+PATH_METHODS = ("keep", "pseudonymize", "zip3", "us-state", "country", "year", "code-only")
 EXTENSION_SHAPES = ("omb", "code")
 DATE_TYPES = frozenset({"date", "dateTime", "instant"})
 SCALAR_TYPES = frozenset(
@@ -186,15 +187,19 @@ def _field(owner: str, key: str, where: str) -> tuple[str, bool]:
 # -- compiling --------------------------------------------------------------------------------
 
 
+# path methods that release a free-text place only when it names a place of a known list
+_PLACE_KINDS = {"us-state": "us_state", "country": "country"}
+
+
 def _leaf(fhir_type: str, many: bool, method: str, binding_key: str, where: str) -> Node:
     """The node of a named element, from its type and the profile's method."""
     name = where.rsplit(".", 1)[-1]
     if method == "zip3":
         return Node("zip3", many, name=name)
-    if method == "us-state":
+    if method in _PLACE_KINDS:
         if fhir_type != "string":
-            raise ProfileError(f"{where}: 'us-state' applies to strings only")
-        return Node("us_state", many, name=name)
+            raise ProfileError(f"{where}: {method!r} applies to strings only")
+        return Node(_PLACE_KINDS[method], many, name=name)
     if fhir_type in DATE_TYPES:
         return Node("year" if method == "year" else "date", many, name=name)
     if method == "year":
@@ -846,6 +851,16 @@ def _us_state(value: Any, node: Node, ctx: ReleaseContext) -> Any:
     return _DROP
 
 
+def _country(value: Any, node: Node, ctx: ReleaseContext) -> Any:
+    """A country as written when it is one (:func:`deid.terminology.is_country`); anything
+    else (a city, a street, a postcode) withheld and counted."""
+    if isinstance(value, str) and is_country(value):
+        return value
+    ctx.counts["country_withheld"] += 1
+    ctx.labels.add("REDACTED")
+    return _DROP
+
+
 _KINDS: dict[str, Callable[[Any, Node, ReleaseContext], Any]] = {
     "object": _object,
     "scalar": _scalar,
@@ -861,4 +876,5 @@ _KINDS: dict[str, Callable[[Any, Node, ReleaseContext], Any]] = {
     "year": _date,
     "zip3": _zip3,
     "us_state": _us_state,
+    "country": _country,
 }

@@ -15,7 +15,10 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any
+
+import pycountry
 
 UCUM = "http://unitsofmeasure.org"
 LOINC = "http://loinc.org"
@@ -463,3 +466,22 @@ def is_us_state(value: str) -> bool:
     any case, with runs of spaces as one (``ma``, ``New  York``, ``D.C.`` for DC)."""
     form = " ".join(value.split()).casefold()
     return form in _STATE_FORMS or form.replace(".", "") in _STATE_FORMS
+
+
+@cache
+def _country_forms() -> frozenset[str]:
+    """Every ISO 3166-1 country's alpha-2 and alpha-3 codes and its names (short, official,
+    common), case-folded (pycountry's database)."""
+    forms: set[str] = set()
+    for country in pycountry.countries:
+        for name in ("alpha_2", "alpha_3", "name", "official_name", "common_name"):
+            value = getattr(country, name, None)
+            if value:
+                forms.add(" ".join(value.split()).casefold())
+    return frozenset(forms)
+
+
+def is_country(value: str) -> bool:
+    """Whether ``value`` names an ISO 3166-1 country by its two- or three-letter code or a name
+    of it, in any case, with runs of spaces as one (``US``, ``usa``, ``United States``)."""
+    return " ".join(value.split()).casefold() in _country_forms()

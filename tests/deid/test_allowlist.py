@@ -795,6 +795,27 @@ def test_a_state_written_as_its_code_or_name_is_released_as_written(profile: str
     assert len(US_STATES) == 63 and all(len(code) == 2 for code in US_STATES)
 
 
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_a_country_is_released_only_when_it_is_one(profile: str) -> None:
+    """``address.country`` was released as written, as free text: a city, a street or a
+    postcode written there reached the release. Kept: ISO 3166-1 codes and names, in any case
+    (a plain list written here); withheld and counted: anything else."""
+    kept = ["US", "usa", "United States", "United States of America", "DE", "Germany", "fra"]
+    withheld = ["Foxborough", "02035", "12 Elm Street", "Mass.", "New England", "U.S.A."]
+    for country in kept + withheld:
+        patient = {"resourceType": "Patient", "id": "p", "address": [{"country": country}]}
+        released = _apply(patient, profile)
+        if country in kept:
+            assert released.resource["address"] == [{"country": country}], country
+            assert released.release_counts.get("country_withheld", 0) == 0
+        else:
+            assert "address" not in released.resource or released.resource["address"] in (
+                [],
+                [{}],
+            ), country
+            assert released.release_counts["country_withheld"] == 1
+
+
 def test_a_worker_error_names_the_resource_by_type_and_key_never_its_content(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

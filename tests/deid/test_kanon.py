@@ -16,8 +16,8 @@ from deid.kanon import (
     RACE_URL,
     build_k_anonymous_release,
     record_quasi_identifiers,
-    representative_birth_year,
     released_filter,
+    representative_birth_year,
 )
 from deid.release import DEID_DDL
 

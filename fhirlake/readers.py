@@ -14,6 +14,7 @@ import gzip
 import io
 import math
 import os
+import re
 import stat
 import uuid
 import zlib
@@ -565,7 +566,7 @@ def _streamable_bundle(path: Path) -> bool:
                     return bool(value == "Bundle")
                 if prefix == "" and event == "end_map":
                     return False
-    except ijson.JSONError:
+    except (ijson.JSONError, UnicodeDecodeError):
         return False
     return False
 
@@ -583,10 +584,82 @@ def _json_number(value: int | Decimal) -> int | float:
     value's precision only)."""
     if isinstance(value, int) and value in _ORJSON_INTEGERS:
         return value
-    number = float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal beyond a double's range (10**400)
+        number = math.inf
     if math.isinf(number):
         raise ijson.JSONError("number is infinity when parsed as double")
     return number
+
+
+# orjson (the read of a whole document) refuses a document nested deeper than this
+_MAX_JSON_DEPTH = 1024
+# a \u escape of a UTF-16 surrogate, when an odd run of backslashes ends at its ``\``
+# (after an even one, the backslashes are escaped ones, and the u is text)
+_SURROGATE_ESCAPE = re.compile(rb"\\u([dD][89a-fA-F][0-9a-fA-F]{2})")
+_HELD_BACK = 12  # a surrogate escape and the one after it may be cut by the end of a read
+
+
+def _escaped(buf: bytes, at: int) -> bool:
+    """True when the backslash at ``at`` is itself escaped: an odd number of them before it."""
+    start = at
+    while start > 0 and buf[start - 1] == 0x5C:
+        start -= 1
+    return (at - start) % 2 == 1
+
+
+def _carried_from(buf: bytes) -> int:
+    """Where the bytes left for the next read start: the last ones, where an escape may be cut,
+    from an even number of backslashes into a run of them (escaped backslashes, nothing to look
+    at), so that the rest of the run keeps its parity and what is carried stays short."""
+    cut = max(len(buf) - _HELD_BACK, 0)
+    run = cut
+    while run > 0 and buf[run - 1] == 0x5C:
+        run -= 1
+    return run + (cut - run) // 2 * 2
+
+
+class _SurrogateCheck:
+    """A handle read on unchanged, raising :class:`ijson.JSONError` at a ``\\u`` escape of a
+    UTF-16 surrogate that is not one half of a pair, which orjson refuses: ijson's C backend
+    read a lone high surrogate as ``?`` (the record was accepted, its text changed) and paired
+    one with whatever escape followed it. Only surrogate escapes are looked at, in C."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self._carry = b""
+        self._offset = 0  # the position in the document of ``_carry``'s first byte
+        self._low_at = -1  # where the low half of a high surrogate escape must start
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        if size != 0:  # a parser may ask for nothing, to learn what the handle gives
+            self._scan(self._carry + data, final=not data)
+        return data
+
+    def _scan(self, buf: bytes, final: bool) -> None:
+        cut = len(buf) if final else _carried_from(buf)
+        for match in _SURROGATE_ESCAPE.finditer(buf):
+            if match.start() >= cut:
+                break
+            if _escaped(buf, match.start()):
+                continue
+            self._surrogate(self._offset + match.start(), int(match[1], 16))
+            cut = max(cut, match.end())  # an escape is looked at once
+        if 0 <= self._low_at < self._offset + cut:
+            raise ijson.JSONError("lone surrogate in string")
+        self._carry, self._offset = buf[cut:], self._offset + cut
+
+    def _surrogate(self, start: int, unit: int) -> None:
+        if self._low_at >= 0:
+            if start != self._low_at or unit < 0xDC00:
+                raise ijson.JSONError("lone surrogate in string")
+            self._low_at = -1
+        elif unit >= 0xDC00:
+            raise ijson.JSONError("lone surrogate in string")
+        else:
+            self._low_at = start + 6
 
 
 @dataclass(slots=True)
@@ -617,12 +690,14 @@ def _bundle_outline(handle: IO[bytes]) -> _Outline:
     resource: dict[str, Any] | None = None
     resource_key: Any = None
     meta_key: Any = None
-    for event, value in ijson.basic_parse(handle):
+    for event, value in ijson.basic_parse(_SurrogateCheck(handle)):
         if event == "number":
             value = _json_number(value)
         opening = event in ("start_map", "start_array")
         if event in ("end_map", "end_array"):
             depth -= 1
+        if depth >= _MAX_JSON_DEPTH and opening:
+            raise ijson.JSONError("depth limit exceeded")
         if depth == 0:
             shell.event(event, value)
         elif depth == 1 and event == "map_key":
@@ -715,7 +790,7 @@ def _streamed_bundle_records(source: SourceFile, state: _ReadState) -> Iterator[
     try:
         with _open_unbommed(source.path) as handle:
             outline = _bundle_outline(handle)
-    except ijson.JSONError:
+    except (ijson.JSONError, UnicodeDecodeError):  # the C backend decodes surrogates itself
         # ijson's message can quote input; report the position-free fact only
         yield RawRecord(source.index, 1, None, ("invalid_json", "not valid JSON (streamed)"))
         return

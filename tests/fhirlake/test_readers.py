@@ -581,6 +581,14 @@ _NUMBER_CASES = {
     + b'{"resource":'
     + _OBS % (1, b"1e400")
     + b"}]}",
+    # an integer literal beyond a double's range: float() raises on it, where 1e400 is inf
+    "infinite_integer": b'{"resourceType":"Bundle","type":"collection","entry":['
+    + b'{"resource":'
+    + _OBS % (0, b"7")
+    + b"},"
+    + b'{"resource":'
+    + _OBS % (1, b"1" + b"0" * 400)
+    + b"}]}",
 }
 
 
@@ -765,3 +773,85 @@ def test_a_bundle_above_the_threshold_is_never_held_whole(tmp_path: Path, packed
     count, double_peak, _ = peak_reading(40_000)
     assert count == 40_000
     assert double_peak < peak + size // 8
+
+
+def _bundle_of(*values: bytes) -> bytes:
+    """A Bundle of Patients whose ``name[0].family`` are ``values`` (JSON string bodies)."""
+    entries = (
+        b'{"resource":{"resourceType":"Patient","id":"p%d","name":[{"family":"%b"}]}}' % (i, v)
+        for i, v in enumerate(values)
+    )
+    return b'{"resourceType":"Bundle","type":"collection","entry":[' + b",".join(entries) + b"]}"
+
+
+def _nested(depth: int) -> bytes:
+    """A Bundle whose first entry's extension nests arrays until the document is ``depth``
+    levels deep (the Bundle, entry, entry item, resource: four levels before it)."""
+    arrays = depth - 4
+    extension = b"[" * arrays + b"]" * arrays
+    return (
+        b'{"resourceType":"Bundle","type":"collection","entry":['
+        b'{"resource":{"resourceType":"Patient","id":"p0","extension":%b}},'
+        b'{"resource":{"resourceType":"Patient","id":"p1"}}]}' % extension
+    )
+
+
+# documents a whole read (orjson) refuses, and controls it takes
+_REFUSED_WHOLE = {
+    "lone_high_surrogate": _bundle_of(b"Ada\\ud800", b"Bo"),
+    "lone_low_surrogate": _bundle_of(b"Ada\\udc00", b"Bo"),
+    "high_then_no_low": _bundle_of(b"Ada\\ud800\\u0041", b"Bo"),
+    "high_then_high": _bundle_of(b"Ada\\ud800\\ud800", b"Bo"),
+    "high_at_end_of_string": _bundle_of(b"Ada\\ud83d", b"\\ude00"),
+    "surrogate_bytes": _bundle_of(b"Ada\xed\xa0\x80", b"Bo"),
+    "integer_beyond_double": _bundle_of(b"Ada", b"Bo").replace(
+        b'"id":"p1"', b'"id":"p1","multipleBirthInteger":1' + b"0" * 400
+    ),
+    "nested_too_deeply": _nested(1025),
+}
+_TAKEN_WHOLE = {
+    "surrogate_pair": _bundle_of(b"Ada\\ud83d\\ude00", b"Bo"),
+    "escaped_backslash_then_text": _bundle_of(b"Ada\\\\ud800", b"Bo\\\\\\udbff\\udfff"),
+    "nested_to_the_limit": _nested(1024),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_REFUSED_WHOLE) + sorted(_TAKEN_WHOLE))
+def test_a_streamed_bundle_refuses_what_a_whole_read_refuses(tmp_path: Path, name: str) -> None:
+    """A lone UTF-16 surrogate escape, surrogate bytes, an integer beyond a double's range and
+    nesting beyond 1,024 levels make a whole read one ``invalid_json`` record. Streamed, the
+    integer and the surrogate bytes raised out of the read (the batch's ingest failed, no
+    record accounted for), a lone high surrogate was read as ``?`` (the record accepted, its
+    text changed) and the nesting gave each entry a record: now the streamed read is one
+    ``invalid_json`` record too, and takes what a whole read takes, as it reads it."""
+    from fhirlake.readers import SourceFile
+
+    data = _REFUSED_WHOLE.get(name) or _TAKEN_WHOLE[name]
+    path = tmp_path / "a.json"
+    path.write_bytes(data)
+    source = SourceFile(0, path, "json")
+    whole = [(r.position, r.raw, r.error) for r in iter_records(source)]
+    streamed = [(r.position, r.raw, r.error) for r in iter_records(source, stream_above=0)]
+    if name in _REFUSED_WHOLE:
+        assert [(p, e and e[0]) for p, _, e in whole] == [(1, "invalid_json")]
+        assert [(p, e) for p, _, e in streamed] == [
+            (1, ("invalid_json", "not valid JSON (streamed)"))
+        ]
+    else:
+        assert streamed == whole and len(whole) == 2
+
+
+@pytest.mark.parametrize("shift", range(-7, 8))
+@pytest.mark.parametrize("pair", [True, False])
+def test_surrogate_escapes_across_a_read_boundary(tmp_path: Path, shift: int, pair: bool) -> None:
+    """The escapes are checked as the parser reads the file, 64 KiB at a time: a pair cut by
+    a read's end is still a pair, and a lone surrogate cut by it still refused."""
+    from fhirlake.readers import SourceFile
+
+    head = _bundle_of(b"", b"Bo").split(b'"family":"')[0] + b'"family":"'
+    escape = b"\\ud83d\\ude00" if pair else b"\\ud83d\\u0041"
+    pad = b"a" * (64 * 1024 - len(head) - 6 + shift)  # the boundary moves across the escape
+    path = tmp_path / "a.json"
+    path.write_bytes(_bundle_of(pad + escape, b"Bo"))
+    records = list(iter_records(SourceFile(0, path, "json"), stream_above=0))
+    assert [r.error and r.error[0] for r in records] == ([None, None] if pair else ["invalid_json"])

@@ -860,6 +860,24 @@ class _LineReader:
                 return
             self._buffer += piece
 
+    def skip_blank_line(self) -> bool:
+        """Drop the rest of the current line while it holds JSON whitespace alone, one piece at
+        a time: True when the line ended so (a blank line, however long), False at its first
+        other byte, which is left to read."""
+        while True:
+            rest = bytes(self._buffer).lstrip(b" \t\r")
+            del self._buffer[: len(self._buffer) - len(rest)]
+            if rest:
+                if rest.startswith(b"\n"):
+                    del self._buffer[:1]
+                    return True
+                return False
+            piece = self._handle.read(_DRAIN_BYTES)
+            if not piece:
+                self._eof = True
+                return True
+            self._buffer += piece
+
     def _cut(self, size: int) -> bytes:
         line = bytes(self._buffer[:size])
         del self._buffer[:size]
@@ -877,6 +895,9 @@ def _ndjson_records(
             while line := lines.readline(max_line_bytes + 1):
                 lineno += 1
                 if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                    body = line[len(BOM) :] if lineno == 1 and line.startswith(BOM) else line
+                    if not body.strip(_JSON_WHITESPACE) and lines.skip_blank_line():
+                        continue  # whitespace alone: blank, and uncounted, however long
                     message = f"NDJSON line longer than {max_line_bytes} bytes, not read"
                     yield RawRecord(source.index, lineno, None, ("record_too_large", message))
                     lines.skip_line()

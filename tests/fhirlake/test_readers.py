@@ -314,6 +314,28 @@ def test_an_overlong_ndjson_line_is_one_record_quarantined_unread(tmp_path: Path
     assert [r.error and r.error[0] for r in over] == ["record_too_large", "record_too_large"]
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_an_overlong_blank_ndjson_line_is_skipped_uncounted(tmp_path: Path, packed: bool) -> None:
+    """A line of JSON whitespace alone is blank however long it is: skipped and uncounted, as a
+    short one is. Longer than the line limit, it was one ``record_too_large`` record, a record
+    in that no record came in as; a long line with anything else in it still is one."""
+    from fhirlake.readers import BOM, SourceFile
+
+    small = orjson.dumps({"resourceType": "Patient", "id": "p1"})
+    blank = b" \t\r" * 3_000
+    body = b"\n".join(
+        [BOM + blank, small, blank + b"\r", blank + b"x", small, b"\t" * 5_000 + b"\r", blank]
+    )
+    path = tmp_path / ("a.ndjson.gz" if packed else "a.ndjson")
+    path.write_bytes(gzip.compress(body) if packed else body)
+    records = list(iter_records(SourceFile(0, path, "ndjson"), max_line_bytes=1_000))
+    assert [(r.position, r.raw, r.error and r.error[0]) for r in records] == [
+        (2, small, None),
+        (4, None, "record_too_large"),
+        (5, small, None),
+    ]
+
+
 def test_a_landing_batch_reads_its_sub_folders_and_says_what_it_passes_over(
     tmp_path: Path,
 ) -> None:

@@ -368,9 +368,13 @@ class _Gunzip(io.RawIOBase):
         self._in = self._in[end + 1 :]
 
     def _begin_member(self) -> bool:
-        """Read a member's header; False at the end of the file (or of its zero padding)."""
+        """Read a member's header; False at the end of the file (or of its zero padding) after
+        a member. An empty file holds none: it is no gzip (gzip never writes one; a write that
+        failed does), where it read as a file of no records."""
         while not (self._in.lstrip(b"\x00") if self._members else self._in):
             self._in = self._raw.read(_GZIP_CHUNK)
+            if not self._in and not self._members:
+                raise _GzipEndError("empty file, no gzip member")
             if not self._in:
                 return False
         if self._members:  # zero padding after a member is skipped, as gzip does

@@ -205,6 +205,25 @@ def test_files_that_fail_before_or_after_their_first_record(tmp_path: Path) -> N
             assert record.error is None or MARK not in record.error[1]
 
 
+@pytest.mark.parametrize("name", ["a.ndjson.gz", "a.json.gz"])
+def test_an_empty_gz_file_is_one_unreadable_record(tmp_path: Path, name: str) -> None:
+    """A ``.gz`` file of no bytes is no gzip (gzip writes 20 bytes for no data; an export that
+    failed writes none) and counts one ``unreadable_file`` record, as a gzip cut after its
+    first byte does. An empty ``.ndjson.gz`` counted no record at all, so the failed file went
+    unseen; a gzip of no data still holds no record."""
+    from fhirlake.readers import SourceFile
+
+    path = tmp_path / name
+    path.write_bytes(b"")
+    records = list(iter_records(SourceFile(0, path, "ndjson" if "ndjson" in name else "json")))
+    assert [(r.position, r.raw, r.error and r.error[0]) for r in records] == [
+        (1, None, "unreadable_file")
+    ]
+    path.write_bytes(_gz(b""))
+    empty_data = list(iter_records(SourceFile(0, path, "ndjson")))
+    assert empty_data == []
+
+
 def test_streamed_bundle_in_truncated_gzip(tmp_path: Path) -> None:
     from fhirlake.readers import SourceFile
 

@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 import yaml
 from feast import FeatureStore
+from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
 
 from pipelines.content import feature_repo_dir
 from vault.keys import without_key_material
@@ -314,11 +315,14 @@ def _registry_readable(store: FeatureStore) -> bool:
         return False
 
 
+def _registry_file(store: FeatureStore) -> Path:
+    path = store.config.registry.path
+    return Path(path) if Path(path).is_absolute() else Path(store.repo_path) / path
+
+
 def registry_generation(store: FeatureStore) -> str | None:
     """The generation of the store's last apply by :func:`apply_repo` (None: unknown)."""
-    path = store.config.registry.path
-    registry = Path(path) if Path(path).is_absolute() else Path(store.repo_path) / path
-    generation = read_apply_record(registry).get("generation")
+    generation = read_apply_record(_registry_file(store)).get("generation")
     return generation if isinstance(generation, str) else None
 
 
@@ -354,10 +358,21 @@ def _sqlite_tables(path: Path) -> set[str]:
 
 def foreign_online_stores(store: FeatureStore) -> set[Path]:
     """Online store files the registry's record of the infrastructure lists other than the
-    store's own (a registry copied from another work directory)."""
+    store's own (a registry copied or moved with its work directory).
+
+    The paths are read from the registry's bytes: Feast's own reading (``get_infra``) makes
+    each SQLite table object, which opens a connection to its file, and so failed for the
+    directory a work directory was moved from (every release after an ``mv`` stopped at the
+    registry), and opened the original's files from a copy."""
+    registry = _registry_file(store)
+    proto = RegistryProto()
+    proto.ParseFromString(registry.read_bytes())
+    paths = {
+        Path(o.sqlite_table.path)
+        for o in proto.infra.infra_objects
+        if o.WhichOneof("infra_object") == "sqlite_table" and o.sqlite_table.path
+    }
     own = online_store_path(store).resolve()
-    infra = store.registry.get_infra(store.project)
-    paths = {Path(p) for p in (getattr(o, "path", None) for o in infra.infra_objects) if p}
     return {p for p in paths if p.resolve() != own}
 
 

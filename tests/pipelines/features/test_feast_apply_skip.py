@@ -146,6 +146,29 @@ def test_a_copied_work_directory_leaves_the_original_online_store_alone(tmp_path
     assert not apply_repo(repo, copy / "feast", copy / "features").applied
 
 
+def test_a_moved_work_directory_applies_its_registry_again(tmp_path: Path) -> None:
+    """A work directory moved (``mv``): its registry lists the online store of a directory that
+    is gone. Read through Feast's ``get_infra``, which opens each listed SQLite file, it failed
+    with ``FileNotFoundError``, and every release after the move stopped at the registry."""
+    repo = repo_copy(tmp_path)
+    before, after = tmp_path / "before", tmp_path / "after"
+    con = duckdb.connect()
+    write_views(con, crafted_rows())
+    build_feature_tables(con, before / "features")
+    apply_repo(repo, before / "feast", before / "features")
+    tables = online_tables(before / "feast" / "online_store.db")
+    before.rename(after)
+
+    applied = apply_repo(repo, after / "feast", after / "features")
+    assert (applied.applied, applied.reason) == (
+        True,
+        "registry copied from another work directory",
+    )
+    assert online_tables(after / "feast" / "online_store.db") == tables
+    assert not before.exists()  # nothing made where the directory was
+    assert not apply_repo(repo, after / "feast", after / "features").applied
+
+
 def test_feast_apply_gets_no_key_material(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A run may hold its keys in variables; the ``feast apply`` child reads none, so it gets
     none. Seen from inside the real apply: it imports every module of the repo, one of which

@@ -4,7 +4,9 @@ NDJSON (``.ndjson``), and gzip of either. Every record keeps its file and positi
 NDJSON is read line by line, so memory stays flat whatever the file size. A ``.json`` file is
 one JSON document: below ``STREAM_JSON_BYTES`` it is parsed whole with orjson (fast, and what
 per-patient or per-page bundles need); above it a Bundle is streamed entry by entry with ijson
-(its C backend), in two passes: one collecting fullUrls, one yielding entries.
+(its C backend), in two passes: one collecting fullUrls, one yielding entries. Any other
+document longer than ``MAX_LINE_BYTES`` (what a record may be) is one ``record_too_large``
+record, never read whole.
 """
 
 from __future__ import annotations
@@ -480,7 +482,8 @@ def iter_records(
     before its first. A gzip member whose trailer check fails after all its data was read
     leaves no rest: its records stand, and a :class:`FileNote` goes to ``notes``. An NDJSON
     line longer than ``max_line_bytes`` (:data:`MAX_LINE_BYTES`) is one record with the reason
-    ``record_too_large``. A ``.json`` file larger than ``stream_above``
+    ``record_too_large``, and so is a ``.json`` document longer than it that is no Bundle to
+    stream (read no further than the limit). A ``.json`` Bundle larger than ``stream_above``
     (:data:`STREAM_JSON_BYTES`) is streamed. A file the process may not read (permissions, I/O:
     not its content) raises :class:`FileNotReadableError`: nothing of its records is known."""
     position = 0
@@ -526,9 +529,9 @@ def _file_records(
     if source.kind == "ndjson":
         yield from _ndjson_records(source, max_line_bytes, state)
     elif _longer_than(source.path, stream_above) and _streamable_bundle(source.path):
-        yield from _streamed_bundle_records(source, state)
+        yield from _streamed_bundle_records(source, state, max_line_bytes)
     else:
-        yield from _json_records(source, state)
+        yield from _json_records(source, state, max_line_bytes)
 
 
 def _longer_than(path: Path, size: int) -> bool:
@@ -568,7 +571,7 @@ def _streamable_bundle(path: Path) -> bool:
             for prefix, event, value in ijson.parse(handle):
                 if prefix == "resourceType" and event == "string":
                     return bool(value == "Bundle")
-                if prefix == "" and event == "end_map":
+                if prefix == "" and event not in ("start_map", "map_key"):  # its end, or no object
                     return False
     except (ijson.JSONError, UnicodeDecodeError):
         return False
@@ -786,11 +789,14 @@ def _entry_values(handle: IO[bytes], occurrence: int) -> Iterator[Any]:
             depth += 1
 
 
-def _streamed_bundle_records(source: SourceFile, state: _ReadState) -> Iterator[RawRecord]:
+def _streamed_bundle_records(
+    source: SourceFile, state: _ReadState, max_bytes: int
+) -> Iterator[RawRecord]:
     """A large Bundle, entry by entry, with memory bounded by the largest entry, accounted as
     :func:`bundle_records` accounts a Bundle read whole. A Bundle whose ``entry`` is missing,
     empty or no array holds no entries to stream, and a document whose last ``resourceType``
-    is not ``Bundle`` is no Bundle: either is read whole, as a small one is."""
+    is not ``Bundle`` is no Bundle: either is read whole, as a small one is, unless longer than
+    ``max_bytes`` (one ``record_too_large`` record then)."""
     try:
         with _open_unbommed(source.path) as handle:
             outline = _bundle_outline(handle)
@@ -802,7 +808,7 @@ def _streamed_bundle_records(source: SourceFile, state: _ReadState) -> Iterator[
     # whole read: one whose first says Bundle may be no Bundle at all
     is_bundle = outline.shell.get("resourceType") == "Bundle"
     if not is_bundle or not outline.entry_is_list or not outline.entries:
-        yield from _json_records(source, state)
+        yield from _json_records(source, state, max_bytes)
         return
     shell_error = _bundle_shell_error(outline.shell, outline.entry_problem)
     with _open_unbommed(source.path, state) as handle:
@@ -949,17 +955,32 @@ def _whole_file_record(
     return RawRecord(source.index, 1, data if kept else None, ("invalid_json", message))
 
 
-def _json_records(source: SourceFile, state: _ReadState) -> Iterator[RawRecord]:
+def _whole_document(source: SourceFile, state: _ReadState, max_bytes: int) -> bytes | None:
+    """A document's bytes, read in pieces; None as soon as it is longer than ``max_bytes`` (a
+    UTF-8 byte-order mark not counted), the rest left unread."""
     parts: list[bytes] = []
+    size = 0
     with _open(source.path, state) as handle:
         try:
             while piece := handle.read(_DRAIN_BYTES):
                 parts.append(piece)
+                size += len(piece)
+                if size > max_bytes + (len(BOM) if parts[0].startswith(BOM) else 0):
+                    return None
         except _READ_ERRORS:
             state.pending = b"".join(parts)
             raise
-    data = b"".join(parts)
-    del parts
+    return b"".join(parts)
+
+
+def _json_records(source: SourceFile, state: _ReadState, max_bytes: int) -> Iterator[RawRecord]:
+    """The records of a JSON document read whole: at most ``max_bytes`` of it are read, and a
+    longer one is one ``record_too_large`` record, not read on (nor kept)."""
+    data = _whole_document(source, state, max_bytes)
+    if data is None:
+        message = f"JSON document longer than {max_bytes} bytes and no Bundle to stream, not read"
+        yield RawRecord(source.index, 1, None, ("record_too_large", message))
+        return
     if data.startswith(BOM):
         data = data[len(BOM) :]
     try:

@@ -896,3 +896,47 @@ def test_surrogate_escapes_across_a_read_boundary(tmp_path: Path, shift: int, pa
     path.write_bytes(_bundle_of(pad + escape, b"Bo"))
     records = list(iter_records(SourceFile(0, path, "json"), stream_above=0))
     assert [r.error and r.error[0] for r in records] == ([None, None] if pair else ["invalid_json"])
+
+
+def test_a_json_document_longer_than_a_record_may_be_is_one_record_unread(
+    tmp_path: Path,
+) -> None:
+    """A ``.json`` document that is no Bundle to stream (one resource, a JSON array of
+    resources, a Bundle without entries, invalid JSON) and longer than ``max_line_bytes`` is
+    one ``record_too_large`` record, its bytes not kept: it was read and parsed whole, and
+    carried whole to validation and the quarantine, whatever its size. Reading stops at the
+    limit: the cut gzip below fails after it, and is still too large, not unreadable."""
+    from fhirlake.readers import SourceFile
+
+    note = "x" * 5_000
+    documents = {
+        "one.json": orjson.dumps({"resourceType": "Patient", "id": "p1", "note": note}),
+        "array.json": orjson.dumps(
+            [{"resourceType": "Patient", "id": f"p{i}"} for i in range(300)]
+        ),
+        "no_entry.json": orjson.dumps({"resourceType": "Bundle", "type": "collection", "x": note}),
+        "invalid.json": b'{"resourceType": "Patient", "note": "' + note.encode(),
+    }
+    cut = _gz(documents["one.json"] + b" " * 200_000)
+    for name, data in documents.items():
+        (tmp_path / name).write_bytes(data)
+        (tmp_path / f"{name}.gz").write_bytes(_gz(data))
+    (tmp_path / "cut.json.gz").write_bytes(cut[: len(cut) - 40])
+    files, _ = list_batch_files(tmp_path)
+    assert len(files) == 9
+    for stream_above in (None, 0):
+        for source in files:
+            records = list(iter_records(source, stream_above, max_line_bytes=1_000))
+            assert [(r.position, r.raw, r.error and r.error[0]) for r in records] == [
+                (1, None, "record_too_large")
+            ], source.path.name
+            assert records[0].error is not None and "x" * 10 not in records[0].error[1]
+    # a document of the limit is read whole, as before
+    small = tmp_path / "small" / "p.json"
+    small.parent.mkdir()
+    small.write_bytes(orjson.dumps({"resourceType": "Patient", "id": "p1"}))
+    at_limit = SourceFile(0, small, "json")
+    size = small.stat().st_size
+    assert [r.raw for r in iter_records(at_limit, max_line_bytes=size)] == [small.read_bytes()]
+    over = list(iter_records(at_limit, max_line_bytes=size - 1))
+    assert [r.error and r.error[0] for r in over] == ["record_too_large"]

@@ -429,6 +429,36 @@ def test_an_overlong_ndjson_line_is_quarantined_and_counted(
     assert all(MARK not in message for _, message, _ in rows)
 
 
+def test_a_json_document_over_the_record_limit_is_quarantined_unread_and_counted(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``.json`` file over the record limit that is no Bundle (here a JSON array of
+    resources) is one quarantined record whose bytes are not kept: it was read whole and
+    staged as one value, which at 254 MiB ran DuckDB out of memory and failed the batch."""
+    from fhirlake import readers
+
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 2_000)
+    land = tmp_path / "land"
+    land.mkdir()
+    many = [dict(PATIENT, id=f"p{i}", name=[{"family": MARK}]) for i in range(40)]
+    document = orjson.dumps(many)
+    (land / "a.json").write_bytes(document)
+    (land / "b.ndjson").write_bytes(orjson.dumps(PATIENT) + b"\n")
+    wh = tmp_path / "w.duckdb"
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert (report.records_in, report.accepted, report.quarantined) == (2, 1, 1)
+    assert report.quarantine_reasons == {"record_too_large": 1}
+    rows = _quarantine_rows(wh, "b1")
+    assert [(code, pos) for code, _, pos in rows] == [("record_too_large", 1)]
+    assert all(MARK not in message for _, message, _ in rows)
+    con = duckdb.connect(str(wh))
+    try:
+        ((sealed,),) = con.execute("SELECT max(octet_length(sealed)) FROM quarantine").fetchall()
+    finally:
+        con.close()
+    assert sealed < len(document) // 10  # nothing of the document kept
+
+
 def test_surprise_exceptions_quarantine_one_record(
     tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

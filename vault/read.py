@@ -12,7 +12,9 @@ views and features never do.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,10 +44,12 @@ CHUNK_ROWS = 2_000
 _ROW_COLUMNS = "resource_key, resource_type, patient_key, batch_id, sealed, aad, content_mac"
 
 # The key and position of each resource's newest version. Only narrow (position) rows are ranked
-# and sorted; the ciphertexts are then fetched a chunk of positions at a time, so memory stays
-# bounded under the warehouse cap whatever the vault size. A filter that holds for every version
-# of a resource alike (its type, its own key) is applied before the ranking, so only those
-# resources are ranked; one on the batch that wrote the newest version applies after it.
+# and sorted, into a temporary table read a chunk of positions at a time, and the ciphertexts are
+# fetched by those chunks, so memory stays bounded under the warehouse cap whatever the vault
+# size (the positions of a read, fetched whole, took 98 bytes of Python memory each). A filter
+# that holds for every version of a resource alike (its type, its own key) is applied before the
+# ranking, so only those resources are ranked; one on the batch that wrote the newest version
+# applies after it.
 _CURRENT_ROWS = (
     "SELECT resource_key, ingest_seq FROM (SELECT resource_key, ingest_seq, batch_id, "
     f"row_number() OVER (PARTITION BY resource_key ORDER BY {NEWEST_VERSION_FIRST}) AS rn "
@@ -165,14 +169,41 @@ def _current_positions(
     con: duckdb.DuckDBPyConnection,
     before: list[tuple[str, Any]],
     after: list[tuple[str, Any]],
-) -> list[int]:
-    """Positions of the newest versions; ``before`` and ``after`` are (condition, parameter)
-    pairs applied before and after the ranking."""
+    chunk_rows: int,
+) -> Iterator[list[int]]:
+    """Positions of the newest versions, ``chunk_rows`` at a time; ``before`` and ``after``
+    are (condition, parameter) pairs applied before and after the ranking."""
     sql = _CURRENT_POSITIONS.format(
         before=_where(before), after="".join(f" AND {c}" for c, _ in after)
     )
     params = [p for _, p in before] + [p for _, p in after]
-    return [int(seq) for (seq,) in con.execute(sql, params).fetchall()]
+    return _position_chunks(con, sql, params, chunk_rows)
+
+
+def _position_chunks(
+    con: duckdb.DuckDBPyConnection, sql: str, params: list[Any], chunk_rows: int
+) -> Iterator[list[int]]:
+    """The positions ``sql`` selects, ascending, ``chunk_rows`` at a time: staged, numbered,
+    in a temporary table of ``con`` when the read starts (what it reads is fixed then), and
+    fetched a chunk at a time, so no more than a chunk of them is ever held."""
+    table = f"_read_positions_{uuid.uuid4().hex}"
+    con.execute(
+        f"CREATE TEMP TABLE {table} AS SELECT ingest_seq, "
+        f"row_number() OVER (ORDER BY ingest_seq) AS n FROM ({sql}) ORDER BY n",
+        params,
+    )
+    try:
+        start = 0
+        while chunk := con.execute(
+            f"SELECT ingest_seq FROM {table} WHERE n > ? AND n <= ? ORDER BY n",
+            [start, start + chunk_rows],
+        ).fetchall():
+            start += chunk_rows
+            yield [int(seq) for (seq,) in chunk]
+    finally:
+        # a failed transaction of the caller's, or a closed connection, ends the table anyway
+        with contextlib.suppress(duckdb.Error):
+            con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 def _resource_filters(
@@ -201,16 +232,14 @@ def current_rows_sql(batch: str) -> str:
 def _chunks_at(
     con: duckdb.DuckDBPyConnection,
     provider: KeyProvider,
-    positions: list[int],
+    positions: Iterator[list[int]],
     resource_type: str | None,
-    chunk_rows: int,
 ) -> Iterator[tuple[list[int], Iterator[VaultRecord]]]:
-    """The rows at ``positions`` (sorted) a chunk at a time: the chunk's positions, and its
-    rows (fetched whole) decrypted and verified as they are taken."""
+    """The rows at each chunk of ``positions`` (sorted): the chunk's positions, and its rows
+    (fetched whole) decrypted and verified as they are taken."""
     reader = VaultReader(con, provider)
     clustered = has_copies(con, resource_type)
-    for start in range(0, len(positions), chunk_rows):
-        window = positions[start : start + chunk_rows]
+    for window in positions:
         rows = _rows_at(con, window, clustered)
         reader.prefetch_keys(rows)
         yield window, map(reader.record, rows)
@@ -219,13 +248,12 @@ def _chunks_at(
 def _records_at(
     con: duckdb.DuckDBPyConnection,
     provider: KeyProvider,
-    positions: list[int],
+    positions: Iterator[list[int]],
     resource_type: str | None,
-    chunk_rows: int,
 ) -> Iterator[VaultRecord]:
-    """The rows at ``positions`` (sorted), decrypted and verified, a chunk fetched whole at a
-    time."""
-    for _, records in _chunks_at(con, provider, positions, resource_type, chunk_rows):
+    """The rows at each chunk of ``positions`` (sorted), decrypted and verified, a chunk
+    fetched whole at a time."""
+    for _, records in _chunks_at(con, provider, positions, resource_type):
         yield from records
 
 
@@ -260,8 +288,8 @@ def iter_current_records(
     """
     before = _resource_filters(resource_type, patients_of_batch, None)
     after = [("batch_id = ?", batch_id)] if batch_id is not None else []
-    positions = _current_positions(con, before, after)
-    yield from _records_at(con, provider, positions, resource_type, chunk_rows)
+    positions = _current_positions(con, before, after, chunk_rows)
+    yield from _records_at(con, provider, positions, resource_type)
 
 
 def iter_current_chunks(
@@ -277,8 +305,8 @@ def iter_current_chunks(
     with the row's position (:func:`current_rows_sql`), finds a chunk's share of it between
     the chunk's first and last positions, without sending its keys."""
     after = [("batch_id = ?", batch_id)] if batch_id is not None else []
-    positions = _current_positions(con, [], after)
-    yield from _chunks_at(con, provider, positions, None, chunk_rows)
+    positions = _current_positions(con, [], after, chunk_rows)
+    yield from _chunks_at(con, provider, positions, None)
 
 
 def iter_every_version(
@@ -312,8 +340,8 @@ def iter_every_version(
             return
         before.append((_IDENTIFIED, None))
     sql = _VERSION_POSITIONS.format(before=_where(before))
-    positions = [int(seq) for (seq,) in con.execute(sql, params).fetchall()]
-    yield from _records_at(con, provider, positions, resource_type, chunk_rows)
+    positions = _position_chunks(con, sql, params, chunk_rows)
+    yield from _records_at(con, provider, positions, resource_type)
 
 
 def iter_current_resources(

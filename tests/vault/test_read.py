@@ -387,3 +387,60 @@ def test_identified_only_reads_the_resources_with_an_identifier(
     finally:
         con.close()
     assert read == [("e1", "1"), ("e1", "2")]
+
+
+class _CountingConnection:
+    """A connection that records how many rows of positions (rows of one integer) each
+    statement fetched."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+        self.position_fetches: list[int] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._con, name)
+
+    def execute(self, *args: Any) -> Any:
+        self._con.execute(*args)
+        return self
+
+    def fetchall(self) -> list[Any]:
+        rows = self._con.fetchall()
+        if rows and all(len(r) == 1 and isinstance(r[0], int) for r in rows):
+            self.position_fetches.append(len(rows))
+        return rows
+
+
+def test_a_read_fetches_its_positions_a_chunk_at_a_time(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """Every read of the vault holds one chunk of the positions it reads, never all of them:
+    a batch's (de-identification) or every version of a type (the release canaries) were
+    fetched whole into a list, 98 bytes of memory a resource, before the first chunk."""
+    from vault.read import iter_current_chunks
+
+    land = tmp_path / "land"
+    land.mkdir()
+    lines = [
+        {"resourceType": "Patient", "id": f"pt-{i}", "name": [{"family": f"Fam{i}"}]}
+        for i in range(11)
+    ]
+    (land / "p.ndjson").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    path = tmp_path / "w.duckdb"
+    ingest_batch(path, "b1", land, key_provider, workers=1)
+    con = warehouse.connect(path)
+    try:
+        counting = _CountingConnection(con)
+        reading: Any = counting
+        chunks = list(iter_current_chunks(reading, key_provider, batch_id="b1", chunk_rows=3))
+        assert [len(positions) for positions, _ in chunks] == [3, 3, 3, 2]
+        versions = iter_every_version(reading, key_provider, resource_type="Patient", chunk_rows=3)
+        assert len({r.resource_key for r in versions}) == 11
+        assert len(list(iter_current_records(reading, key_provider, chunk_rows=4))) == 11
+        assert counting.position_fetches and max(counting.position_fetches) <= 4
+        # the positions staged for each read are gone once it is read
+        assert not con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE table_name LIKE '_read_positions_%'"
+        ).fetchall()
+    finally:
+        con.close()

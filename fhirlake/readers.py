@@ -528,7 +528,10 @@ def _file_records(
 ) -> Iterator[RawRecord]:
     if source.kind == "ndjson":
         yield from _ndjson_records(source, max_line_bytes, state)
-    elif _longer_than(source.path, stream_above) and _streamable_bundle(source.path):
+    elif _longer_than(source.path, min(stream_above, max_line_bytes)) and _streamable_bundle(
+        source.path
+    ):
+        # a Bundle longer than a record may be is streamed whatever ``stream_above`` says
         yield from _streamed_bundle_records(source, state, max_line_bytes)
     else:
         yield from _json_records(source, state, max_line_bytes)
@@ -759,15 +762,27 @@ def _bundle_outline(handle: IO[bytes]) -> _Outline:
     return outline
 
 
-def _entry_values(handle: IO[bytes], occurrence: int) -> Iterator[Any]:
+# an entry of a streamed Bundle whose text was longer than a record may be: dropped as it was
+# built, not kept
+_TOO_LARGE = object()
+
+
+def _event_size(value: Any) -> int:
+    """About what a parser event stands for in the document: a string's or key's characters."""
+    return len(value) + 3 if isinstance(value, str) else 8
+
+
+def _entry_values(handle: IO[bytes], occurrence: int, max_bytes: int) -> Iterator[Any]:
     """The items of the array of the Bundle's ``occurrence``-th ``entry`` key, built one at a
     time from the parser's events by their depth: ijson's prefixes would also take the value
-    of a key named ``entry.item``, and the items of every ``entry`` key."""
+    of a key named ``entry.item``, and the items of every ``entry`` key. An item whose text
+    grows longer than ``max_bytes`` is dropped while it is built, and is :data:`_TOO_LARGE`."""
     depth = 0
     entry_keys = 0
     top_key: Any = None
     inside = False
     item: Any = None
+    size = 0
     for event, value in ijson.basic_parse(handle):
         if event == "number":
             value = _json_number(value)
@@ -781,10 +796,14 @@ def _entry_values(handle: IO[bytes], occurrence: int) -> Iterator[Any]:
             inside = opening and top_key == "entry" and entry_keys == occurrence
         elif inside:
             if depth == 2 and not event.startswith("end_"):
-                item = ijson.ObjectBuilder()
-            item.event(event, value)
+                item, size = ijson.ObjectBuilder(), 0
+            size += _event_size(value)
+            if item is not None and size > max_bytes:
+                item = None  # the rest of the item is read, not kept
+            if item is not None:
+                item.event(event, value)
             if depth == 2 and not opening:  # the item is complete
-                yield item.value
+                yield _TOO_LARGE if item is None else item.value
         if opening:
             depth += 1
 
@@ -792,7 +811,8 @@ def _entry_values(handle: IO[bytes], occurrence: int) -> Iterator[Any]:
 def _streamed_bundle_records(
     source: SourceFile, state: _ReadState, max_bytes: int
 ) -> Iterator[RawRecord]:
-    """A large Bundle, entry by entry, with memory bounded by the largest entry, accounted as
+    """A large Bundle, entry by entry, with memory bounded by the largest entry (one longer
+    than ``max_bytes`` is a ``record_too_large`` record, dropped as it is read), accounted as
     :func:`bundle_records` accounts a Bundle read whole. A Bundle whose ``entry`` is missing,
     empty or no array holds no entries to stream, and a document whose last ``resourceType``
     is not ``Bundle`` is no Bundle: either is read whole, as a small one is, unless longer than
@@ -811,10 +831,14 @@ def _streamed_bundle_records(
         yield from _json_records(source, state, max_bytes)
         return
     shell_error = _bundle_shell_error(outline.shell, outline.entry_problem)
+    too_large = f"Bundle entry longer than {max_bytes} bytes, not read"
     with _open_unbommed(source.path, state) as handle:
-        entries = _entry_values(handle, outline.entry_keys)
+        entries = _entry_values(handle, outline.entry_keys, max_bytes)
         for position, entry in enumerate(entries, 1):
-            yield _entry_record(source.index, position, entry, shell_error, outline.urls)
+            if entry is _TOO_LARGE:
+                yield RawRecord(source.index, position, None, ("record_too_large", too_large))
+            else:
+                yield _entry_record(source.index, position, entry, shell_error, outline.urls)
 
 
 class _LineReader:

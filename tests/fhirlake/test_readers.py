@@ -940,3 +940,38 @@ def test_a_json_document_longer_than_a_record_may_be_is_one_record_unread(
     assert [r.raw for r in iter_records(at_limit, max_line_bytes=size)] == [small.read_bytes()]
     over = list(iter_records(at_limit, max_line_bytes=size - 1))
     assert [r.error and r.error[0] for r in over] == ["record_too_large"]
+
+
+def test_a_bundle_entry_longer_than_a_record_may_be_is_one_record_unread(
+    tmp_path: Path,
+) -> None:
+    """An entry of a Bundle longer than ``max_bytes`` is a ``record_too_large`` record, its
+    bytes dropped as it is read, as an NDJSON line is: a streamed Bundle carried a 100 MB
+    entry whole to validation and the vault (874 MiB of memory, where the same resource on
+    an NDJSON line is refused at 322 MiB). The entries around it are read as usual, and a
+    Bundle longer than a record may be is streamed whatever ``stream_above`` says."""
+    from fhirlake.readers import SourceFile
+
+    big = {"resourceType": "Binary", "id": "b1", "contentType": "text/plain", "data": "x" * 5_000}
+    small = [{"resourceType": "Patient", "id": f"p{i}"} for i in range(2)]
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [{"resource": small[0]}, {"resource": big}, {"resource": small[1]}],
+    }
+    data = orjson.dumps(bundle)
+    (tmp_path / "a.json").write_bytes(data)
+    (tmp_path / "b.json.gz").write_bytes(_gz(data))
+    for name in ("a.json", "b.json.gz"):
+        for stream_above in (None, 0):
+            source = SourceFile(0, tmp_path / name, "json")
+            records = list(iter_records(source, stream_above, max_line_bytes=1_000))
+            assert [(r.position, r.raw, r.error and r.error[0]) for r in records] == [
+                (1, orjson.dumps(small[0]), None),
+                (2, None, "record_too_large"),
+                (3, orjson.dumps(small[1]), None),
+            ], (name, stream_above)
+            assert records[1].error is not None and "x" * 10 not in records[1].error[1]
+    # with the limit above the entry, it is read
+    records = list(iter_records(SourceFile(0, tmp_path / "a.json", "json"), 0))
+    assert [r.raw for r in records][1] == orjson.dumps(big)

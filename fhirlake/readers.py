@@ -767,23 +767,43 @@ def _bundle_outline(handle: IO[bytes]) -> _Outline:
 _TOO_LARGE = object()
 
 
-def _event_size(value: Any) -> int:
-    """About what a parser event stands for in the document: a string's or key's characters."""
-    return len(value) + 3 if isinstance(value, str) else 8
+class _CountedReads:
+    """A handle read on unchanged, counting the bytes it gave (``count``)."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self.count = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self.count += len(data)
+        return data
+
+
+def _parse_buffer(max_bytes: int) -> int:
+    """The parser's read size for a limit of ``max_bytes``: what an entry's measured length may
+    fall short of its text by, twice over (64 KiB at the 64 MiB limit, 1/1024 of it)."""
+    return max(16, min(64 * 1024, max_bytes // 1024))
 
 
 def _entry_values(handle: IO[bytes], occurrence: int, max_bytes: int) -> Iterator[Any]:
     """The items of the array of the Bundle's ``occurrence``-th ``entry`` key, built one at a
     time from the parser's events by their depth: ijson's prefixes would also take the value
     of a key named ``entry.item``, and the items of every ``entry`` key. An item whose text
-    grows longer than ``max_bytes`` is dropped while it is built, and is :data:`_TOO_LARGE`."""
+    grows longer than ``max_bytes`` is dropped while it is built, and is :data:`_TOO_LARGE`.
+
+    An item's length is the document's bytes read from its start less one read of the parser
+    (which reads ahead by at most one): never more than its text, its escapes, non-ASCII
+    characters and whitespace counted as bytes, as an NDJSON line's are."""
     depth = 0
     entry_keys = 0
     top_key: Any = None
     inside = False
     item: Any = None
-    size = 0
-    for event, value in ijson.basic_parse(handle):
+    started = 0
+    reads = _CountedReads(handle)
+    buffer = _parse_buffer(max_bytes)
+    for event, value in ijson.basic_parse(reads, buf_size=buffer):
         if event == "number":
             value = _json_number(value)
         opening = event in ("start_map", "start_array")
@@ -796,9 +816,8 @@ def _entry_values(handle: IO[bytes], occurrence: int, max_bytes: int) -> Iterato
             inside = opening and top_key == "entry" and entry_keys == occurrence
         elif inside:
             if depth == 2 and not event.startswith("end_"):
-                item, size = ijson.ObjectBuilder(), 0
-            size += _event_size(value)
-            if item is not None and size > max_bytes:
+                item, started = ijson.ObjectBuilder(), reads.count
+            if item is not None and reads.count - started - buffer > max_bytes:
                 item = None  # the rest of the item is read, not kept
             if item is not None:
                 item.event(event, value)

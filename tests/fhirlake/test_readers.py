@@ -975,3 +975,55 @@ def test_a_bundle_entry_longer_than_a_record_may_be_is_one_record_unread(
     # with the limit above the entry, it is read
     records = list(iter_records(SourceFile(0, tmp_path / "a.json", "json"), 0))
     assert [r.raw for r in records][1] == orjson.dumps(big)
+
+
+@pytest.mark.parametrize(
+    ("name", "resource"),
+    [
+        # under the limit in characters, over it in bytes: é is two bytes, 😀 four, \u00e9 six
+        ("two-byte", {"resourceType": "Basic", "id": "b", "code": {"text": "é" * 6_000}}),
+        ("four-byte", {"resourceType": "Basic", "id": "b", "code": {"text": "😀" * 3_000}}),
+        ("escaped", {"resourceType": "Basic", "id": "b", "code": {"text": "\u0001" * 2_000}}),
+        # under the limit in bytes: many short keys and objects, no more than their text
+        (
+            "structured",
+            {
+                "resourceType": "Basic",
+                "id": "b",
+                "code": {"coding": [{"system": "s", "code": str(i)} for i in range(170)]},
+                "extension": [{"url": "u", "valueInteger": 1} for _ in range(80)],
+            },
+        ),
+    ],
+)
+def test_a_streamed_bundle_entry_is_held_to_the_limit_an_ndjson_line_is(
+    tmp_path: Path, name: str, resource: dict[str, Any]
+) -> None:
+    """The same resource is refused as ``record_too_large`` in a streamed Bundle exactly when
+    it is on an NDJSON line: an entry was measured by its characters and 8 for every other
+    parser event, so non-ASCII text (and escapes) passed at up to 4 (6) times the limit in
+    bytes, while short keys and objects (FHIR's usual shape: 1.23 times its bytes over
+    Synthea's entries) were refused well below it."""
+    from fhirlake.readers import SourceFile
+
+    limit = 10_000
+    text = json.dumps(resource, ensure_ascii=name == "escaped")
+    line = text.encode()
+    (tmp_path / "r.ndjson").write_bytes(line + b"\n")
+    padding = {"resourceType": "Basic", "id": "pad"}
+    bundle = {"resourceType": "Bundle", "type": "collection"}
+    entries = [orjson.dumps({"resource": padding}), b'{"resource":' + line + b"}"]
+    data = orjson.dumps(bundle)[:-1] + b',"entry":[' + b",".join(entries) + b"]}"
+    (tmp_path / "b.json").write_bytes(data)
+    line_verdict = [
+        r.error and r.error[0]
+        for r in iter_records(SourceFile(0, tmp_path / "r.ndjson", "ndjson"), max_line_bytes=limit)
+    ]
+    entry_verdict = [
+        r.error and r.error[0]
+        for r in iter_records(SourceFile(0, tmp_path / "b.json", "json"), 0, limit)
+    ]
+    over = len(line) > limit
+    assert abs(len(line) - limit) > 1_000, len(line)  # clear of the measure's tolerance
+    assert line_verdict == ["record_too_large" if over else None]
+    assert entry_verdict == [None, line_verdict[0]], name

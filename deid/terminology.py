@@ -461,11 +461,26 @@ _STATE_FORMS: frozenset[str] = frozenset(
 ) | frozenset({"u.s. virgin islands", "us virgin islands", "washington dc", "washington d.c."})
 
 
+# a state written with abbreviation dots: letters each followed by one dot (``D.C.``, ``N.Y.``),
+# or a code ended by one (``MA.``)
+_DOTTED = re.compile(r"(?:[a-z]\. ?)+[a-z]?|[a-z]{2}\.")
+# longer than any state's name with room for padding (a fixed-width export's): anything longer
+# is text, however it reads once its spaces are folded
+_STATE_MAX_CHARS = 64
+
+
 def is_us_state(value: str) -> bool:
     """Whether ``value`` names a state of :data:`US_STATES` by its USPS code or its name, in
-    any case, with runs of spaces as one (``ma``, ``New  York``, ``D.C.`` for DC)."""
+    any case, with runs of spaces as one (``ma``, ``New  York``), or its code with
+    abbreviation dots (``D.C.`` for DC). Dots elsewhere (``M.A....``, ``Ma.ss``) and values
+    longer than 64 characters are not: a value is released as written, so no more than a
+    state's own forms may pass."""
+    if len(value) > _STATE_MAX_CHARS:
+        return False
     form = " ".join(value.split()).casefold()
-    return form in _STATE_FORMS or form.replace(".", "") in _STATE_FORMS
+    if form in _STATE_FORMS:
+        return True
+    return _DOTTED.fullmatch(form) is not None and form.replace(".", "") in _STATE_FORMS
 
 
 @cache

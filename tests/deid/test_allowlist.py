@@ -926,3 +926,22 @@ def test_a_chunk_not_accounted_for_fails_the_batch(
     with pytest.raises(workers.ChunkNotAccountedError, match="4 records"):
         workers.deidentify_items(items, setup, taken.append, workers=1)
     assert taken == []
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+@pytest.mark.parametrize(
+    "state", [".....M.A.....", "Ma" + "." * 5_000, "MA..", "MA" + " " * 100, "N.e.w Y.o.r.k"]
+)
+def test_a_state_padded_with_dots_or_spaces_past_its_own_forms_is_withheld(
+    profile: str, state: str
+) -> None:
+    """A state is released as written, so only a state's own forms may pass: dots folded away
+    anywhere let any run of them through (``Ma`` and 5,000 dots reached the release), and so
+    did whitespace of any length. Abbreviation dots and a fixed-width export's padding pass."""
+    patient = {"resourceType": "Patient", "id": "p", "address": [{"state": state}]}
+    released = _apply(patient, profile)
+    assert state not in str(released.resource)
+    assert released.release_counts["state_withheld"] == 1
+    for kept in ("D.C.", "N.Y.", "MA.", "m.a.", "Washington D.C.", "MA" + " " * 18):
+        patient = {"resourceType": "Patient", "id": "p", "address": [{"state": kept}]}
+        assert _apply(patient, profile).resource["address"] == [{"state": kept}], kept

@@ -240,10 +240,10 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # run, which fails (naming the leak scan) where such a value was released
         "leak_scan": list(SCAN_RULES),
         # a state is released in its own forms only (deid.terminology.is_us_state): dots as
-        # abbreviation dots, 64 characters at most; batches released before hold a state
-        # followed by any run of dots or spaces as written, and are de-identified again by the
-        # next run
-        "state_forms": "abbreviation_dots_64_chars",
+        # abbreviation dots, 64 characters at most, and a country in 96 at most (is_country);
+        # batches released before hold a state or a country followed by any run of dots or
+        # spaces as written, and are de-identified again by the next run
+        "state_forms": "abbreviation_dots_64_chars_country_96_chars",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

@@ -496,7 +496,14 @@ def _country_forms() -> frozenset[str]:
     return frozenset(forms)
 
 
+# longer than any country's name (52 characters) with room for padding: anything longer is text
+_COUNTRY_MAX_CHARS = 96
+
+
 def is_country(value: str) -> bool:
     """Whether ``value`` names an ISO 3166-1 country by its two- or three-letter code or a name
-    of it, in any case, with runs of spaces as one (``US``, ``usa``, ``United States``)."""
+    of it, in any case, with runs of spaces as one (``US``, ``usa``, ``United States``), in 96
+    characters at most: a value is released as written."""
+    if len(value) > _COUNTRY_MAX_CHARS:
+        return False
     return " ".join(value.split()).casefold() in _country_forms()

@@ -945,3 +945,17 @@ def test_a_state_padded_with_dots_or_spaces_past_its_own_forms_is_withheld(
     for kept in ("D.C.", "N.Y.", "MA.", "m.a.", "Washington D.C.", "MA" + " " * 18):
         patient = {"resourceType": "Patient", "id": "p", "address": [{"state": kept}]}
         assert _apply(patient, profile).resource["address"] == [{"state": kept}], kept
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_a_country_padded_past_any_countrys_name_is_withheld(profile: str) -> None:
+    """A country is released as written: ``US`` followed by 500 spaces passed as a country
+    (its spaces folded) and reached the release whole. Padding within 96 characters passes."""
+    padded = "US" + " " * 500
+    patient = {"resourceType": "Patient", "id": "p", "address": [{"country": padded}]}
+    released = _apply(patient, profile)
+    assert padded not in str(released.resource)
+    assert released.release_counts["country_withheld"] == 1
+    kept = "US" + " " * 18
+    patient = {"resourceType": "Patient", "id": "p", "address": [{"country": kept}]}
+    assert _apply(patient, profile).resource["address"] == [{"country": kept}]

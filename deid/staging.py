@@ -243,7 +243,7 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # abbreviation dots, 64 characters at most, and a country in 96 at most (is_country);
         # batches released before hold a state or a country followed by any run of dots or
         # spaces as written, and are de-identified again by the next run
-        "state_forms": "abbreviation_dots_64_chars_country_96_chars",
+        "state_forms": "abbreviation_dots_64_chars_country_96_chars_dotted_codes",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

@@ -502,8 +502,13 @@ _COUNTRY_MAX_CHARS = 96
 
 def is_country(value: str) -> bool:
     """Whether ``value`` names an ISO 3166-1 country by its two- or three-letter code or a name
-    of it, in any case, with runs of spaces as one (``US``, ``usa``, ``United States``), in 96
-    characters at most: a value is released as written."""
+    of it, in any case, with runs of spaces as one (``US``, ``usa``, ``United States``), or
+    its code with abbreviation dots (``U.S.A.``), in 96 characters at most: a value is
+    released as written."""
     if len(value) > _COUNTRY_MAX_CHARS:
         return False
-    return " ".join(value.split()).casefold() in _country_forms()
+    form = " ".join(value.split()).casefold()
+    if form in _country_forms():
+        return True
+    # a code with abbreviation dots (``U.S.``, ``U.S.A.``), as a state's
+    return _DOTTED.fullmatch(form) is not None and form.replace(".", "") in _country_forms()

@@ -801,7 +801,8 @@ def test_a_country_is_released_only_when_it_is_one(profile: str) -> None:
     postcode written there reached the release. Kept: ISO 3166-1 codes and names, in any case
     (a plain list written here); withheld and counted: anything else."""
     kept = ["US", "usa", "United States", "United States of America", "DE", "Germany", "fra"]
-    withheld = ["Foxborough", "02035", "12 Elm Street", "Mass.", "New England", "U.S.A."]
+    kept += ["U.S.A.", "U.S."]
+    withheld = ["Foxborough", "02035", "12 Elm Street", "Mass.", "New England", "U.S.A...x"]
     for country in kept + withheld:
         patient = {"resourceType": "Patient", "id": "p", "address": [{"country": country}]}
         released = _apply(patient, profile)

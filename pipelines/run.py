@@ -125,6 +125,17 @@ def _recorded(con: Any, keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]
     return {key: _recorded_reports(con, key, json.loads(report)) for key, report in reports.items()}
 
 
+def _recorded_when_free(workdir: Workdir, keys: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """:func:`_recorded`, read once the warehouse is free; nothing opened for no key."""
+    if not keys:
+        return {}
+    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
+    try:
+        return _recorded(con, keys)
+    finally:
+        con.close()
+
+
 def released_otherwise(
     workdir: Workdir, batches: list[BatchSource], settled: set[str]
 ) -> dict[str, dict[str, dict[str, Any]]]:
@@ -138,13 +149,7 @@ def released_otherwise(
     quarantined ones."""
     ledger = _batch_ledger(workdir)
     alone = [b.key for b in batches if b.key not in settled and deidentification_alone(b, ledger)]
-    if not alone:
-        return {}
-    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
-    try:
-        return _recorded(con, alone)
-    finally:
-        con.close()
+    return _recorded_when_free(workdir, alone)
 
 
 def kept_without_folder(
@@ -167,13 +172,7 @@ def kept_without_folder(
         for key, entry in ledger.items()
         if key not in found and not entry.published and not entry.refiled
     )
-    if not gone:
-        return {}
-    con = warehouse.connect_when_free(workdir.warehouse, read_only=True)
-    try:
-        return _recorded(con, gone)
-    finally:
-        con.close()
+    return _recorded_when_free(workdir, gone)
 
 
 def ingest_again(workdir: Workdir, batches: list[BatchSource]) -> set[str]:

@@ -91,6 +91,15 @@ def _tick(
     return result
 
 
+def _tick_on(
+    day: date, tmp_path: Path, instance: DagsterInstance, cursor: str | None = None
+) -> SensorResult:
+    """A tick at noon UTC of ``day``, as the sensor's clock and the day's rules read it."""
+    moment = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
+    with mock.patch.object(deid_methods, "utcnow", lambda: moment):
+        return _tick(tmp_path, instance, cursor)
+
+
 @pytest.fixture
 def instance() -> DagsterInstance:
     return DagsterInstance.ephemeral()
@@ -991,9 +1000,7 @@ def test_a_batch_a_new_day_releases_otherwise_is_de_identified_again_alone(
         con.close()
 
     def tick(day: date, cursor: str | None = None) -> SensorResult:
-        moment = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
-        with mock.patch.object(deid_methods, "utcnow", lambda: moment):
-            return _tick(tmp_path, instance, cursor)
+        return _tick_on(day, tmp_path, instance, cursor)
 
     eve = over_from - timedelta(days=1)
     settled = tick(eve)
@@ -1117,9 +1124,7 @@ def test_a_batch_whose_folder_is_gone_is_de_identified_again_at_each_new_year(
             con.close()
 
     def tick(day: date, cursor: str | None = None) -> SensorResult:
-        moment = datetime(day.year, day.month, day.day, 12, tzinfo=UTC)
-        with mock.patch.object(deid_methods, "utcnow", lambda: moment):
-            return _tick(tmp_path, instance, cursor)
+        return _tick_on(day, tmp_path, instance, cursor)
 
     holds_until(2027)
     import shutil

@@ -63,10 +63,10 @@ from deid.terminology import (
     Terminology,
     binding_code,
     code_is_well_formed,
-    is_country,
-    is_us_state,
+    country_code,
     system_code,
     time_units_per_year,
+    us_state_code,
 )
 from fhirlake.references import logical_reference
 
@@ -842,20 +842,24 @@ def _zip3(value: Any, node: Node, ctx: ReleaseContext) -> Any:
 
 
 def _us_state(value: Any, node: Node, ctx: ReleaseContext) -> Any:
-    """A state as written when it is one (:func:`deid.terminology.is_us_state`); anything else
-    (a ZIP, a city, a county, a region of another country) withheld and counted."""
-    if isinstance(value, str) and is_us_state(value):
-        return value
+    """A state as its USPS code when it is one (:func:`deid.terminology.us_state_code`);
+    anything else (a ZIP, a city, a county, a region of another country) withheld and
+    counted."""
+    code = us_state_code(value) if isinstance(value, str) else None
+    if code is not None:
+        return code
     ctx.counts["state_withheld"] += 1
     ctx.labels.add("REDACTED")
     return _DROP
 
 
 def _country(value: Any, node: Node, ctx: ReleaseContext) -> Any:
-    """A country as written when it is one (:func:`deid.terminology.is_country`); anything
-    else (a city, a street, a postcode) withheld and counted."""
-    if isinstance(value, str) and is_country(value):
-        return value
+    """A country as its ISO 3166-1 alpha-2 code when it is one
+    (:func:`deid.terminology.country_code`); anything else (a city, a street, a postcode)
+    withheld and counted."""
+    code = country_code(value) if isinstance(value, str) else None
+    if code is not None:
+        return code
     ctx.counts["country_withheld"] += 1
     ctx.labels.add("REDACTED")
     return _DROP

@@ -239,11 +239,11 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # before were scanned without them, and are de-identified and scanned again by the next
         # run, which fails (naming the leak scan) where such a value was released
         "leak_scan": list(SCAN_RULES),
-        # a state is released in its own forms only (deid.terminology.is_us_state): dots as
-        # abbreviation dots, 64 characters at most, and a country in 96 at most (is_country);
-        # batches released before hold a state or a country followed by any run of dots or
-        # spaces as written, and are de-identified again by the next run
-        "state_forms": "abbreviation_dots_64_chars_country_96_chars_dotted_codes",
+        # a state is released in its own forms only (deid.terminology.us_state_code): dots as
+        # abbreviation dots, 64 characters at most, and a country in 96 at most
+        # (country_code); each as its code (USPS, ISO 3166-1 alpha-2): batches released before
+        # hold them as written, and are de-identified again by the next run
+        "state_forms": "abbreviation_dots_64_chars_country_96_chars_dotted_codes_as_codes",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

@@ -13,6 +13,7 @@ names without an entry here is refused when the profile is compiled.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -456,12 +457,18 @@ US_STATES: dict[str, str] = {
     "MH": "Marshall Islands", "PW": "Palau",
     "AA": "Armed Forces Americas", "AE": "Armed Forces Europe", "AP": "Armed Forces Pacific",
 }  # fmt: skip
-_STATE_FORMS: frozenset[str] = frozenset(
-    form.casefold() for code, name in US_STATES.items() for form in (code, name)
-) | frozenset({"u.s. virgin islands", "us virgin islands", "washington dc", "washington d.c."})
+# every form a state is read in, case-folded, and its USPS code: what it is released as
+_STATE_CODES: dict[str, str] = {
+    form.casefold(): code for code, name in US_STATES.items() for form in (code, name)
+} | {
+    "u.s. virgin islands": "VI",
+    "us virgin islands": "VI",
+    "washington dc": "DC",
+    "washington d.c.": "DC",
+}
 
 
-# a state written with abbreviation dots: letters each followed by one dot (``D.C.``, ``N.Y.``),
+# a place written with abbreviation dots: letters each followed by one dot (``D.C.``, ``N.Y.``),
 # or a code ended by one (``MA.``)
 _DOTTED = re.compile(r"(?:[a-z]\. ?)+[a-z]?|[a-z]{2}\.")
 # longer than any state's name with room for padding (a fixed-width export's): anything longer
@@ -469,46 +476,66 @@ _DOTTED = re.compile(r"(?:[a-z]\. ?)+[a-z]?|[a-z]{2}\.")
 _STATE_MAX_CHARS = 64
 
 
-def is_us_state(value: str) -> bool:
-    """Whether ``value`` names a state of :data:`US_STATES` by its USPS code or its name, in
-    any case, with runs of spaces as one (``ma``, ``New  York``), or its code with
-    abbreviation dots (``D.C.`` for DC). Dots elsewhere (``M.A....``, ``Ma.ss``) and values
-    longer than 64 characters are not: a value is released as written, so no more than a
-    state's own forms may pass."""
-    if len(value) > _STATE_MAX_CHARS:
-        return False
+def _place_code(value: str, max_chars: int, codes: dict[str, str]) -> str | None:
+    """The code ``codes`` gives ``value`` in any case, with runs of spaces as one, or with
+    abbreviation dots; None for anything else, dots elsewhere, or over ``max_chars``."""
+    if len(value) > max_chars:
+        return None
     form = " ".join(value.split()).casefold()
-    if form in _STATE_FORMS:
-        return True
-    return _DOTTED.fullmatch(form) is not None and form.replace(".", "") in _STATE_FORMS
+    if form in codes:
+        return codes[form]
+    if _DOTTED.fullmatch(form) is None:
+        return None
+    return codes.get(form.replace(".", ""))
+
+
+def us_state_code(value: str) -> str | None:
+    """The USPS code of the state of :data:`US_STATES` that ``value`` names by its code or its
+    name, in any case, with runs of spaces as one (``ma``, ``New  York``), or by its code with
+    abbreviation dots (``D.C.`` for DC); None for anything else, dots elsewhere (``M.A....``,
+    ``Ma.ss``) and values longer than 64 characters. A state is released as its code, so that
+    how a source writes it (``Mass.``, ``ma``, ``Massachusetts``) neither tells sources apart
+    nor splits one state into several k-anonymity groups."""
+    return _place_code(value, _STATE_MAX_CHARS, _STATE_CODES)
+
+
+def is_us_state(value: str) -> bool:
+    """Whether ``value`` names a state (:func:`us_state_code`)."""
+    return us_state_code(value) is not None
+
+
+def _folded(text: str) -> str:
+    """``text`` without its accents (``Türkiye`` → ``Turkiye``), as an ASCII-only source
+    writes it."""
+    return "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
 
 
 @cache
-def _country_forms() -> frozenset[str]:
+def _country_codes() -> dict[str, str]:
     """Every ISO 3166-1 country's alpha-2 and alpha-3 codes and its names (short, official,
-    common), case-folded (pycountry's database)."""
-    forms: set[str] = set()
+    common, with and without accents), case-folded, each with its alpha-2 code (pycountry's
+    database)."""
+    codes: dict[str, str] = {}
     for country in pycountry.countries:
         for name in ("alpha_2", "alpha_3", "name", "official_name", "common_name"):
             value = getattr(country, name, None)
-            if value:
-                forms.add(" ".join(value.split()).casefold())
-    return frozenset(forms)
+            for form in {value, _folded(value)} if value else ():
+                codes[" ".join(form.split()).casefold()] = country.alpha_2
+    return codes
 
 
 # longer than any country's name (52 characters) with room for padding: anything longer is text
 _COUNTRY_MAX_CHARS = 96
 
 
+def country_code(value: str) -> str | None:
+    """The ISO 3166-1 alpha-2 code of the country ``value`` names by its two- or three-letter
+    code or a name of it, in any case, with runs of spaces as one (``US``, ``usa``,
+    ``United States``), or by its code with abbreviation dots (``U.S.A.``), in 96 characters
+    at most; None for anything else. A country is released as its code."""
+    return _place_code(value, _COUNTRY_MAX_CHARS, _country_codes())
+
+
 def is_country(value: str) -> bool:
-    """Whether ``value`` names an ISO 3166-1 country by its two- or three-letter code or a name
-    of it, in any case, with runs of spaces as one (``US``, ``usa``, ``United States``), or
-    its code with abbreviation dots (``U.S.A.``), in 96 characters at most: a value is
-    released as written."""
-    if len(value) > _COUNTRY_MAX_CHARS:
-        return False
-    form = " ".join(value.split()).casefold()
-    if form in _country_forms():
-        return True
-    # a code with abbreviation dots (``U.S.``, ``U.S.A.``), as a state's
-    return _DOTTED.fullmatch(form) is not None and form.replace(".", "") in _country_forms()
+    """Whether ``value`` names a country (:func:`country_code`)."""
+    return country_code(value) is not None

@@ -781,16 +781,19 @@ def test_a_state_holding_the_patients_zip_or_city_is_not_released(
 
 
 @pytest.mark.parametrize("profile", ["research", "safe_harbor"])
-def test_a_state_written_as_its_code_or_name_is_released_as_written(profile: str) -> None:
-    """Every USPS code and name, in any case and spacing, against a plain list written here."""
+def test_a_state_written_as_its_code_or_name_is_released_as_its_code(profile: str) -> None:
+    """Every USPS code and name, in any case and spacing, against a plain list written here,
+    is released as its code: a source's own writing (``Mass.``, ``ma``) was released as
+    written, telling sources apart and splitting one state into several k-anonymity groups."""
     plain = {"MA": "Massachusetts", "NY": "New York", "DC": "District of Columbia"}
     plain |= {"PR": "Puerto Rico", "WV": "West Virginia", "AE": "Armed Forces Europe"}
-    written = [form for pair in plain.items() for form in pair]
-    written += ["ma", "new  york", "D.C.", "puerto rico", "Washington DC"]
-    for state in written:
+    written = {form: code for code, name in plain.items() for form in (code, name)}
+    written |= {"ma": "MA", "new  york": "NY", "D.C.": "DC", "puerto rico": "PR"}
+    written |= {"Washington DC": "DC", "MA.": "MA", "n.y.": "NY", " West  Virginia ": "WV"}
+    for state, code in written.items():
         patient = {"resourceType": "Patient", "id": "p", "address": [{"state": state}]}
         released = _apply(patient, profile)
-        assert released.resource["address"] == [{"state": state}], state
+        assert released.resource["address"] == [{"state": code}], state
         assert released.release_counts.get("state_withheld", 0) == 0
     # 50 states, DC, 9 territories and freely associated states, 3 armed forces codes
     assert len(US_STATES) == 63 and all(len(code) == 2 for code in US_STATES)
@@ -801,14 +804,16 @@ def test_a_country_is_released_only_when_it_is_one(profile: str) -> None:
     """``address.country`` was released as written, as free text: a city, a street or a
     postcode written there reached the release. Kept: ISO 3166-1 codes and names, in any case
     (a plain list written here); withheld and counted: anything else."""
-    kept = ["US", "usa", "United States", "United States of America", "DE", "Germany", "fra"]
-    kept += ["U.S.A.", "U.S."]
+    kept = {"US": "US", "usa": "US", "United States": "US", "United States of America": "US"}
+    kept |= {"DE": "DE", "Germany": "DE", "fra": "FR", "U.S.A.": "US", "U.S.": "US"}
+    kept |= {"Türkiye": "TR", "Turkiye": "TR", "cote d'ivoire": "CI", "  new zealand": "NZ"}
     withheld = ["Foxborough", "02035", "12 Elm Street", "Mass.", "New England", "U.S.A...x"]
-    for country in kept + withheld:
+    for country in [*kept, *withheld]:
         patient = {"resourceType": "Patient", "id": "p", "address": [{"country": country}]}
         released = _apply(patient, profile)
         if country in kept:
-            assert released.resource["address"] == [{"country": country}], country
+            # released as its ISO 3166-1 alpha-2 code, as a state is as its USPS code
+            assert released.resource["address"] == [{"country": kept[country]}], country
             assert released.release_counts.get("country_withheld", 0) == 0
         else:
             assert "address" not in released.resource or released.resource["address"] in (
@@ -944,22 +949,26 @@ def test_a_chunk_not_accounted_for_fails_the_batch(
 def test_a_state_padded_with_dots_or_spaces_past_its_own_forms_is_withheld(
     profile: str, state: str
 ) -> None:
-    """A state is released as written, so only a state's own forms may pass: dots folded away
-    anywhere let any run of them through (``Ma`` and 5,000 dots reached the release), and so
-    did whitespace of any length. Abbreviation dots and a fixed-width export's padding pass."""
+    """Only a state's own forms may pass: dots folded away anywhere let any run of them
+    through (``Ma`` and 5,000 dots reached the release when a state was released as written),
+    and so did whitespace of any length. Abbreviation dots and a fixed-width export's padding
+    pass, released as the code."""
     patient = {"resourceType": "Patient", "id": "p", "address": [{"state": state}]}
     released = _apply(patient, profile)
     assert state not in str(released.resource)
     assert released.release_counts["state_withheld"] == 1
-    for kept in ("D.C.", "N.Y.", "MA.", "m.a.", "Washington D.C.", "MA" + " " * 18):
-        patient = {"resourceType": "Patient", "id": "p", "address": [{"state": kept}]}
-        assert _apply(patient, profile).resource["address"] == [{"state": kept}], kept
+    kept = {"D.C.": "DC", "N.Y.": "NY", "MA.": "MA", "m.a.": "MA", "Washington D.C.": "DC"}
+    kept["MA" + " " * 18] = "MA"
+    for written, code in kept.items():
+        patient = {"resourceType": "Patient", "id": "p", "address": [{"state": written}]}
+        assert _apply(patient, profile).resource["address"] == [{"state": code}], written
 
 
 @pytest.mark.parametrize("profile", ["research", "safe_harbor"])
 def test_a_country_padded_past_any_countrys_name_is_withheld(profile: str) -> None:
-    """A country is released as written: ``US`` followed by 500 spaces passed as a country
-    (its spaces folded) and reached the release whole. Padding within 96 characters passes."""
+    """``US`` followed by 500 spaces passed as a country (its spaces folded) and reached the
+    release whole when a country was released as written. Padding within 96 characters
+    passes, released as the code."""
     padded = "US" + " " * 500
     patient = {"resourceType": "Patient", "id": "p", "address": [{"country": padded}]}
     released = _apply(patient, profile)
@@ -967,4 +976,4 @@ def test_a_country_padded_past_any_countrys_name_is_withheld(profile: str) -> No
     assert released.release_counts["country_withheld"] == 1
     kept = "US" + " " * 18
     patient = {"resourceType": "Patient", "id": "p", "address": [{"country": kept}]}
-    assert _apply(patient, profile).resource["address"] == [{"country": kept}]
+    assert _apply(patient, profile).resource["address"] == [{"country": "US"}]

@@ -390,3 +390,30 @@ def test_ages_are_counted_in_the_utc_year(now: datetime, band_of_1937: str) -> N
         "SELECT age_band FROM released_patients WHERE patient_id = 'nye'"
     ).fetchall()
     assert released == band_of_1937
+
+
+def test_one_state_written_three_ways_is_one_group() -> None:
+    """A state is released as its USPS code, so a k-anonymity group counts everyone of a state
+    however their source wrote it. Released as written, ``MA``, ``ma`` and ``Massachusetts``
+    were three groups of one here, each below k = 3 and withheld (or the state removed for
+    everyone); the expected release is worked out by hand: one group of three, state MA."""
+    from deid.engine import Deidentifier, DeidSecrets
+    from deid.policy import Policy
+
+    policy = Policy.shipped("research")
+    engine = Deidentifier(policy, DeidSecrets.derive(b"\x02" * 32, policy), today=AS_OF)
+    con = duckdb.connect()
+    con.execute(DEID_DDL)
+    for pid, state in (("p1", "MA"), ("p2", "ma"), ("p3", "Massachusetts")):
+        raw = patient(pid, "female", "1980-05-17", "02139", WHITE)
+        raw["address"][0]["state"] = state
+        out = engine.apply(raw, patient_scope=pid)
+        con.execute(
+            "INSERT INTO deid_resources (resource_type, id, patient_id, batch_id, resource) "
+            "VALUES ('Patient', ?, ?, 'b', ?)",
+            [pid, pid, orjson.dumps(out.resource).decode()],
+        )
+    report = build_k_anonymous_release(con, 3, as_of=AS_OF, max_withheld=0.0)
+    assert report.passed and report.withheld == 0 and report.steps_applied == []
+    rows = con.execute("SELECT patient_id, state FROM released_patients ORDER BY 1").fetchall()
+    assert rows == [("p1", "MA"), ("p2", "MA"), ("p3", "MA")]

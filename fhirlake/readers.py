@@ -937,6 +937,16 @@ class _LineReader:
         return line
 
 
+def _line_overlong(line: bytes, max_line_bytes: int) -> bool:
+    """Whether ``line`` holds more than ``max_line_bytes`` before its end, LF or CRLF: a
+    line of the limit ended by CRLF was refused where the same line ended by LF was read."""
+    if line.endswith(b"\r\n"):
+        return len(line) - 2 > max_line_bytes
+    if line.endswith(b"\n"):
+        return len(line) - 1 > max_line_bytes
+    return len(line) > max_line_bytes
+
+
 def _ndjson_records(
     source: SourceFile, max_line_bytes: int, state: _ReadState
 ) -> Iterator[RawRecord]:
@@ -945,15 +955,18 @@ def _ndjson_records(
         lineno = 0
         wide = b""  # the first line of a file that is one record whole (UTF-16, gzip data)
         try:
-            while line := lines.readline(max_line_bytes + 1):
+            # the limit and a line's end, LF or CRLF
+            while line := lines.readline(max_line_bytes + 2):
                 lineno += 1
-                if len(line) > max_line_bytes and not line.endswith(b"\n"):
+                if _line_overlong(line, max_line_bytes):
+                    ended = line.endswith(b"\n")
                     body = line[len(BOM) :] if lineno == 1 and line.startswith(BOM) else line
-                    if not body.strip(_JSON_WHITESPACE) and lines.skip_blank_line():
+                    if not body.strip(_JSON_WHITESPACE) and (ended or lines.skip_blank_line()):
                         continue  # whitespace alone: blank, and uncounted, however long
                     message = f"NDJSON line longer than {max_line_bytes} bytes, not read"
                     yield RawRecord(source.index, lineno, None, ("record_too_large", message))
-                    lines.skip_line()
+                    if not ended:
+                        lines.skip_line()
                     continue
                 if lineno == 1 and line.startswith(BOM):
                     line = line[len(BOM) :]

@@ -331,6 +331,18 @@ def test_an_overlong_ndjson_line_is_one_record_quarantined_unread(tmp_path: Path
     assert [r.raw for r in at_limit] == [small, small]
     over = list(iter_records(SourceFile(2, exact, "ndjson"), max_line_bytes=len(small) - 1))
     assert [r.error and r.error[0] for r in over] == ["record_too_large", "record_too_large"]
+    # so is a line of the limit ended by CRLF (it was refused: its CR counted), and one byte
+    # more still is not
+    crlf = tmp_path / "d.ndjson"
+    crlf.write_bytes(small + b"\r\n" + small + b"\r\n" + b"\r\n" + small)
+    at_limit = list(iter_records(SourceFile(3, crlf, "ndjson"), max_line_bytes=len(small)))
+    assert [(r.position, r.raw) for r in at_limit] == [(1, small), (2, small), (4, small)]
+    over = list(iter_records(SourceFile(3, crlf, "ndjson"), max_line_bytes=len(small) - 1))
+    assert [(r.position, r.error and r.error[0]) for r in over] == [
+        (1, "record_too_large"),
+        (2, "record_too_large"),
+        (4, "record_too_large"),
+    ]
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -116,7 +116,8 @@ patient_utilisation = FeatureView(
         _field(
             "prior_stay_length_days",
             Int64,
-            "Length in days of the latest inpatient stay discharged strictly before T.",
+            "Length in days of the latest inpatient stay discharged strictly before T (of "
+            "stays discharged at the same instant, the longest).",
             "days",
         ),
     ],

@@ -649,7 +649,8 @@ def served_instant_sql(value: str) -> str:
 def utilisation_sql(created: datetime, edges: bool = True) -> str:
     """Encounters and emergency visits started in the last 30/180/365 days, inpatient stays
     discharged in the 30/180/365 days before T (the stay discharged at T excluded), and the
-    discharge time and length of the latest stay discharged before T."""
+    discharge time and length of the latest stay discharged before T (the longest of those
+    discharged at that instant)."""
     windows = ",\n".join(
         f"w{d} AS (PARTITION BY patient_id ORDER BY ts RANGE BETWEEN {_frame(d)})"
         for d in UTILISATION_WINDOWS
@@ -693,8 +694,13 @@ def utilisation_sql(created: datetime, edges: bool = True) -> str:
         WINDOW {windows}
     ),
     stays AS (
-        SELECT patient_id, period_start, period_end, start_dated, end_dated
+        -- one row per discharge instant: of stays discharged at one instant (the research
+        -- release dates both to a day) the longest counts; left to the ASOF join, the one met
+        -- first in storage did, so the same records in another order gave another length
+        SELECT patient_id, period_end,
+            max(date_diff('day', start_dated, end_dated)) AS length_days
         FROM feature_encounters WHERE {inpatient_sql()} AND period_end IS NOT NULL
+        GROUP BY patient_id, period_end
     ),
     snap AS (SELECT * FROM w WHERE is_spine)
     SELECT snap.patient_id AS patient_id, snap.ts AS event_timestamp,
@@ -703,7 +709,7 @@ def utilisation_sql(created: datetime, edges: bool = True) -> str:
         -- from the admission's date to the discharge's, each as written: the latest instant of
         -- a date alone (the end of its day at UTC-12) made a same-day stay with a timed
         -- discharge -1 day long, and so did the UTC date of a discharge written at +02:00
-        date_diff('day', s.start_dated, s.end_dated)::BIGINT AS prior_stay_length_days
+        s.length_days::BIGINT AS prior_stay_length_days
     FROM snap ASOF LEFT JOIN stays s
         ON snap.patient_id = s.patient_id AND snap.ts > s.period_end
     ORDER BY patient_id, event_timestamp

@@ -102,3 +102,34 @@ def test_a_released_same_day_stay_in_a_zone_ahead_of_utc_lasts_no_days(tmp_path:
         "ORDER BY event_timestamp DESC LIMIT 1"
     ).fetchall()
     assert length == 0
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (("2025-06-01", "2025-06-10"), ("2025-06-08", "2025-06-10")),  # one discharge day
+        (("2025-06-01T10:00:00Z", "2025-06-03T10:00:00Z"), ("2025-06-02", "2025-06-03T10:00Z")),
+    ],
+)
+def test_stays_discharged_at_one_instant_give_the_longest_whatever_their_order(
+    tmp_path: Path, first: tuple[str, str], second: tuple[str, str]
+) -> None:
+    """Two stays discharged at the same instant (the research release dates both to one day):
+    the prior stay's length is the longer one's, in whichever order the records come. It was
+    the one the ASOF join met first in storage, so the same records sent in another order gave
+    another length (9 days or 2)."""
+    expected = (date.fromisoformat(second[1][:10]) - date.fromisoformat(first[0][:10])).days
+    lengths = set()
+    for order in ((first, second), (second, first)):
+        patient = {"resourceType": "Patient", "id": "p1", "gender": "female"}
+        stays = [_stay(f"s{i}", start, end) for i, (start, end) in enumerate(order)]
+        con = _views([patient, *stays, _stay("e2", "2025-08-01", "2025-08-01", "AMB")])
+        build_feature_tables(con, tmp_path / str(len(lengths)))
+        lengths |= {
+            length
+            for (length,) in con.execute(
+                "SELECT prior_stay_length_days FROM features.patient_utilisation "
+                "WHERE prior_discharge_at IS NOT NULL"
+            ).fetchall()
+        }
+    assert lengths == {expected}

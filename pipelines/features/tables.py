@@ -32,7 +32,7 @@ until t + N days, where a row drops it. Change points per table:
   it has no end). An ``onsetAge`` alone dates nothing (it needs the birth date, which the
   release may generalise), so such a diagnosis never counts.
 - ``patient_medications``: the patient's start, each prescription and prescription + 90/180 days.
-- ``patient_labs_vitals``: each measurement time and measurement + 365 days.
+- ``patient_labs_vitals``: each time a result becomes known and 365 days after.
 
 A fact is known from the latest instant its date can stand for (the views' ``*_latest``
 columns: a date without a time of day is over only at its end in the latest time zone; a month
@@ -911,47 +911,73 @@ def lab_unit_counts(con: duckdb.DuckDBPyConnection) -> LabUnitCounts:
 MEAN_DIGITS = 9
 
 
+def _lab_instants_sql() -> str:
+    """SQL CTEs ending in ``obs``: one row per patient, measure, instant measured and time a
+    result of that instant was issued (``ts``, :data:`OBSERVATION_KNOWN_AT`), with the value
+    the instant stands for from then (the mean of its results issued by ``ts`` that stand
+    furthest: a correction replaces the final result, never averaged with it; a registered
+    result is not yet a result) and when the next such row replaces it (``next_ts``; never,
+    at the end of time). Taken over every result of the instant, whenever issued, a
+    preliminary result and its final one issued days later were one value known only when
+    the last was issued, and the features served an older sample's value until then."""
+    return f"""
+    results AS (
+        -- in the measure's unit (a result in a unit it does not read is left out)
+        SELECT *, {OBSERVATION_KNOWN_AT} AS known
+        FROM ({lab_results_sql()}) WHERE unit_read AND status_rank > 0
+    ),
+    issues AS (
+        SELECT DISTINCT patient_id, measure, effective_date_time_latest AS measured, known AS ts
+        FROM results
+    ),
+    issued AS (
+        SELECT i.patient_id, i.measure, i.measured, i.ts, r.value, r.status_rank,
+            max(r.status_rank) OVER (
+                PARTITION BY i.patient_id, i.measure, i.measured, i.ts) AS instant_rank
+        FROM issues i JOIN results r ON r.patient_id = i.patient_id
+            AND r.measure = i.measure AND r.effective_date_time_latest = i.measured
+            AND r.known <= i.ts
+    ),
+    stands AS (
+        SELECT patient_id, measure, measured, ts,
+            round(avg(value) FILTER (WHERE status_rank = instant_rank), {MEAN_DIGITS}) AS value
+        FROM issued GROUP BY patient_id, measure, measured, ts
+    ),
+    obs AS (
+        SELECT *, coalesce(
+            lead(ts) OVER (PARTITION BY patient_id, measure, measured ORDER BY ts),
+            'infinity'::TIMESTAMPTZ) AS next_ts
+        FROM stands
+    )"""
+
+
 def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     """Per measure: the latest value, when it was measured and the mean over 365 days, each
     result counted from when it became known (:data:`OBSERVATION_KNOWN_AT`). "Latest" is the
     result measured last among those known at T, not the one issued last: results are often
     issued out of order (a batch of old results loaded at once, a culture after a later
-    panel). Results measured at one instant count as one (their mean), known when the last of
-    them is; every other result counts once in the mean, whenever it was issued."""
+    panel). Results measured at one instant count as one: at T, the mean of those issued by T
+    that stand furthest, counted in the mean until 365 days after the last of them was issued
+    (:func:`_lab_instants_sql`); every other result counts once in the mean, whenever it was
+    issued."""
     parts = []
     finals = []
     for m in LAB_MEASURES:
         parts.append(
             f"arg_max(CASE WHEN measure = '{m}' THEN value END, "
-            f"CASE WHEN measure = '{m}' THEN measured END) OVER wall AS {m}_latest,\n"
+            f"CASE WHEN measure = '{m}' THEN {{'m': measured, 't': ts}} END) OVER wall "
+            f"AS {m}_latest,\n"
             f"max(CASE WHEN measure = '{m}' THEN measured END) OVER wall AS {m}_measured_at,\n"
-            f"round(avg(CASE WHEN measure = '{m}' THEN value END) OVER wmean, {MEAN_DIGITS}) "
-            f"AS {m}_mean_365d"
+            f"round(fsum(CASE WHEN measure = '{m}' THEN d_sum END) OVER wall\n"
+            f"  / nullif(sum(CASE WHEN measure = '{m}' THEN d_n END) OVER wall, 0), "
+            f"{MEAN_DIGITS})::DOUBLE AS {m}_mean_365d"
         )
         measured_at = served_instant_sql(f"{m}_measured_at")
         finals.append(f"{m}_latest, {m}_mean_365d, {measured_at} AS {m}_measured_at")
     window_columns = ",\n".join(parts)
     final_columns = ",\n".join(finals)
     return f"""
-    WITH results AS (
-        -- in the measure's unit (a result in a unit it does not read is left out), with the
-        -- furthest status among the results of its instant; a registered result is not yet a
-        -- result, with another result of its instant or alone
-        SELECT *, max(status_rank) OVER (
-            PARTITION BY patient_id, measure, effective_date_time_latest) AS instant_rank
-        FROM ({lab_results_sql()}) WHERE unit_read AND status_rank > 0
-    ),
-    obs AS (
-        -- one value per patient, measure and instant measured: the mean of the results that
-        -- stand furthest (a correction replaces the final result, never averaged with it),
-        -- known when the last of the instant's results is
-        SELECT o.patient_id, max({OBSERVATION_KNOWN_AT}) AS ts, o.measure,
-            round(avg(o.value) FILTER (WHERE o.status_rank = o.instant_rank), {MEAN_DIGITS})
-                AS value,
-            o.effective_date_time_latest AS measured
-        FROM results o
-        GROUP BY o.patient_id, o.measure, o.effective_date_time_latest
-    ),
+    WITH {_lab_instants_sql()},
     spine AS (
         SELECT s.patient_id, s.ts FROM (
             SELECT patient_id, ts FROM obs
@@ -960,19 +986,24 @@ def labs_vitals_sql(created: datetime, edges: bool = True) -> str:
     ),
     ev AS (
         SELECT patient_id, ts, NULL::VARCHAR AS measure, NULL::DOUBLE AS value,
-            NULL::TIMESTAMPTZ AS measured, true AS is_spine
+            NULL::TIMESTAMPTZ AS measured, NULL::DOUBLE AS d_sum,
+            NULL::BIGINT AS d_n, true AS is_spine
         FROM spine
         UNION ALL
-        SELECT patient_id, ts, measure, value, measured, false FROM obs
+        SELECT patient_id, ts, measure, value, measured, value, 1, false FROM obs
+        UNION ALL
+        -- an instant leaves the mean when its next value replaces it, or 365 days on (the
+        -- compensated sum gives the small values back after a huge one has left)
+        SELECT patient_id, least(next_ts, ts + INTERVAL {LAB_WINDOW_DAYS} DAY), measure,
+            NULL, NULL, -value, -1, false
+        FROM obs
     ),
     w AS (
         SELECT patient_id, ts, is_spine,
         {window_columns}
         FROM ev
         WINDOW wall AS (PARTITION BY patient_id ORDER BY ts
-                        RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW),
-               wmean AS (PARTITION BY patient_id ORDER BY ts
-                         RANGE BETWEEN {_frame(LAB_WINDOW_DAYS)})
+                        RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
     )
     SELECT patient_id, ts AS event_timestamp, {timestamptz_sql(created)} AS created,
         {final_columns}

@@ -17,7 +17,9 @@ Safe to turn on at any time:
   or touching the marker again starts a new round of retries; one whose run failed and that
   another run (a launch or a backfill from the UI) de-identified since is done when the ledger
   shows it so, neither retried nor said to have failed;
-- every tick that requests nothing says why (the skip reason on the tick, and the log);
+- every tick that requests nothing says why (the skip reason on the tick, and the log); every
+  request carries a run key no earlier run of its batch had (a folder back as it was at an
+  earlier run is requested again, not dropped by Dagster as a run it made already: ``_unused``);
 - a batch whose run failed, or whose folder cannot be read, is reported on the release as the
   failing warning check ``landed_batches_released`` of ``released_patients``, without a run
   (no release runs for it, and every release asset would otherwise look fresh), once per
@@ -148,6 +150,7 @@ RELEASE_GRACE_SECONDS = 60.0
 RETRY_PENDING_SECONDS = 120.0
 LANDING_SENSOR = "landing_sensor"
 RERUN_TAG = "ehr/rerun"
+DELIVERY_TAG = "ehr/delivery"
 ATTEMPT_TAG = "ehr/attempt"
 # on the de-identification run of a batch whose folder went away after its ingest: the ingest
 # (its time in the ledger) it de-identifies
@@ -171,6 +174,11 @@ class BatchState:
     # spent), and when the last failed attempt ended
     round_start: int = 0
     failed_at: float = 0.0
+    # requests made again under the fingerprint, attempt and rerun of an earlier run of the
+    # batch (its folder back as it was then: a file added and taken out again): part of the run
+    # key and tags, as Dagster drops a request whose run key the sensor used before, and that
+    # earlier run's end would stand for the folder as it is now (_unused)
+    delivery: int = 0
 
 
 # The cursor's entry (beside one per batch) holding the storage id of the latest
@@ -262,6 +270,8 @@ def _run_tags(key: str, state: BatchState) -> dict[str, str]:
     tags = {BATCH_TAG: key, FINGERPRINT_TAG: state.fingerprint, ATTEMPT_TAG: str(state.attempt)}
     if state.rerun:
         tags[RERUN_TAG] = str(state.rerun)
+    if state.delivery:
+        tags[DELIVERY_TAG] = str(state.delivery)
     return tags
 
 
@@ -277,12 +287,34 @@ def _latest_run(
     return records[0].dagster_run.status, records[0].end_time
 
 
-def _request(key: str, state: BatchState, deidentify_only: bool = False) -> RunRequest:
+def _unused(context: SensorEvaluationContext, key: str, state: BatchState) -> None:
+    """Move ``state.delivery`` past every run of the batch requested with its tags before (the
+    folder back as it was at an earlier run, or the cursor reset): Dagster would drop the
+    request as one it ran already (same run key), the tick would show a skip with no reason,
+    and that earlier run's success or failure would be taken for this request's.
+    Dagster's records only."""
+    runs = RunsFilter(tags={BATCH_TAG: key, FINGERPRINT_TAG: state.fingerprint})
+    used = {
+        (r.dagster_run.tags.get(ATTEMPT_TAG), r.dagster_run.tags.get(RERUN_TAG, "0"), delivery)
+        for r in context.instance.get_run_records(filters=runs)
+        for delivery in [r.dagster_run.tags.get(DELIVERY_TAG, "0")]
+    }
+    while (str(state.attempt), str(state.rerun), str(state.delivery)) in used:
+        state.delivery += 1
+
+
+def _request(
+    context: SensorEvaluationContext, key: str, state: BatchState, deidentify_only: bool = False
+) -> RunRequest:
     """The batch's run: its whole job, or with ``deidentify_only`` its de-identification
-    alone (:func:`pipelines.landing_ledger.deidentification_alone`)."""
+    alone (:func:`pipelines.landing_ledger.deidentification_alone`), under a run key no
+    earlier run of the batch had (:func:`_unused`)."""
+    _unused(context, key, state)
     run_key = f"{key}:{state.fingerprint}:{state.attempt}"
     if state.rerun:
         run_key += f":rerun{state.rerun}"
+    if state.delivery:
+        run_key += f":delivery{state.delivery}"
     return RunRequest(
         job_name=batch_job.name,
         partition_key=key,
@@ -375,16 +407,18 @@ def _follow_run(
         )
     if state.attempt - state.round_start > landing.max_retries:
         state.round_start = state.attempt
-    return _next_attempt(key, state, alone), None
+    return _next_attempt(context, key, state, alone), None
 
 
-def _next_attempt(key: str, state: BatchState, deidentify_only: bool = False) -> RunRequest:
+def _next_attempt(
+    context: SensorEvaluationContext, key: str, state: BatchState, deidentify_only: bool = False
+) -> RunRequest:
     """The request of the batch's next attempt (its back-off and failure time cleared): its
     de-identification alone with ``deidentify_only``."""
     state.attempt += 1
     state.retry_at = 0.0
     state.failed_at = 0.0
-    return _request(key, state, deidentify_only)
+    return _request(context, key, state, deidentify_only)
 
 
 class LandingNotReadError(RuntimeError):
@@ -596,7 +630,7 @@ def evaluate_landing(
         # the two): de-identified alone from its vault rows, not ingested again, as `ehr run`
         # does it (pipelines.run.released_otherwise)
         alone = deidentification_alone(batch, ledger)
-        requests.append(_request(batch.key, states[batch.key], alone))
+        requests.append(_request(context, batch.key, states[batch.key], alone))
     # a batch's run (this sensor's, a backfill's, a launch from the UI) may have taken batches
     # done before it out of the de-identification ledger: its ingest handed vault rows over to
     # them (vault.ingest), or its publication changed what their conditional references name
@@ -637,7 +671,7 @@ def evaluate_landing(
                     continue
                 states[batch.key] = BatchState(batch.fingerprint, attempt=1, rerun=state.rerun + 1)
                 alone = deidentification_alone(batch, ledger)
-                requests.append(_request(batch.key, states[batch.key], alone))
+                requests.append(_request(context, batch.key, states[batch.key], alone))
                 done -= 1
                 entry = ledger.get(batch.key)
                 reasons.append(
@@ -663,7 +697,7 @@ def evaluate_landing(
     for key in _unmaterialized_partitions(context, settled):
         state = states[key]
         states[key] = BatchState(state.fingerprint, attempt=1, rerun=state.rerun + 1)
-        requests.append(_request(key, states[key]))
+        requests.append(_request(context, key, states[key]))
         done -= 1
         reasons.append(
             f"batch {key}: ingested, but its partition shows no de-identification in Dagster "

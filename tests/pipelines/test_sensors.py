@@ -1144,3 +1144,31 @@ def test_a_batch_whose_folder_is_gone_is_de_identified_again_at_each_new_year(
         after = tick(date(year, 1, 2), new_year.cursor)
         assert after.run_requests == []
         cursor = after.cursor
+
+
+def test_a_folder_back_as_it_was_at_an_earlier_run_is_requested_under_a_new_run_key(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """A file added to a batch done, then taken out again: the folder's fingerprint is the one
+    of its first run. Dagster drops a request whose run key the sensor used before, and that
+    old run's success must not stand for the folder as it is now (the vault holds the later
+    delivery)."""
+    batch = _landing(tmp_path) / "export-1"
+    first = _tick(tmp_path, instance)
+    _record_run(instance, first.run_requests[0].tags, DagsterRunStatus.SUCCESS)
+    cursor = _tick(tmp_path, instance, first.cursor).cursor
+    (batch / "more.ndjson").write_bytes(PATIENT.replace(b"p1", b"p2"))
+    os.utime(batch / "_READY")
+    added = _tick(tmp_path, instance, cursor)
+    _record_run(instance, added.run_requests[0].tags, DagsterRunStatus.SUCCESS)
+    cursor = _tick(tmp_path, instance, added.cursor).cursor
+    (batch / "more.ndjson").unlink()
+    os.utime(batch / "_READY")
+    removed = _tick(tmp_path, instance, cursor)
+    assert [r.partition_key for r in removed.run_requests] == ["export-1"]
+    used = {first.run_requests[0].run_key, added.run_requests[0].run_key}
+    assert removed.run_requests[0].run_key not in used
+    # its run not recorded yet: it waits for it, the first run's success does not stand for it
+    waiting = _tick(tmp_path, instance, removed.cursor)
+    assert not _load_cursor(waiting.cursor)["export-1"].done
+    assert "queued" in (waiting.skip_reason.skip_message or "")  # type: ignore[union-attr]

@@ -1172,3 +1172,27 @@ def test_a_folder_back_as_it_was_at_an_earlier_run_is_requested_under_a_new_run_
     waiting = _tick(tmp_path, instance, removed.cursor)
     assert not _load_cursor(waiting.cursor)["export-1"].done
     assert "queued" in (waiting.skip_reason.skip_message or "")  # type: ignore[union-attr]
+
+
+def test_a_batch_dropped_again_as_it_was_when_its_run_failed_is_requested_at_once(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """A folder moved away while its run was queued (the run fails, the partition goes), then
+    moved back: its files as at that failed run. Its request is made under a new run key, and
+    the next tick waits for that run, rather than take the old failure for it (a retry after
+    the back-off, and a failure reported that the new drop never had)."""
+    landing = _landing(tmp_path)
+    first = _tick(tmp_path, instance)
+    _record_run(instance, first.run_requests[0].tags, DagsterRunStatus.FAILURE)
+    instance.add_dynamic_partitions("batches", ["export-1"])  # as the sensor's request does
+    (landing / "export-1").rename(tmp_path / "away")
+    gone = _tick(tmp_path, instance, first.cursor)
+    assert "export-1" not in _load_cursor(gone.cursor)
+    (tmp_path / "away").rename(landing / "export-1")
+    again = _tick(tmp_path, instance, gone.cursor)
+    assert [r.partition_key for r in again.run_requests] == ["export-1"]
+    assert again.run_requests[0].run_key != first.run_requests[0].run_key
+    waiting = _tick(tmp_path, instance, again.cursor, retry_backoff_seconds=3600)
+    message = waiting.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    assert "queued" in message and "failed" not in message
+    assert waiting.asset_events == []  # no failure of the landed batches check

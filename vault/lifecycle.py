@@ -815,6 +815,7 @@ def _erase_in_warehouse(
         # the ledger keeps a row for every record (the batch's counts), without its resource
         con.execute(_LEDGER_RESOURCES_GONE, {"now": now})
         report.ledger_rows_erased = run(_LEDGER_ERASED)
+        con.execute(_LEDGER_MACS_OF_ERASED)
         # other resources' references to any erased patient or resource (another patient's
         # Observation naming one of their Encounters): the index keeps no erased pseudonym
         report.rows_deleted["resource_references_to_erased"] = run(_REFERENCES_TO_ERASED)
@@ -850,8 +851,9 @@ WHERE r.kind = 'resource' AND r.erased_at = s.erased_at
 # The resources erased ($erased: every resource key of the rows _ERASED_ROWS deletes).
 _ERASED = "SELECT unnest($erased::VARCHAR[])"
 # Ledger rows of records no table holds any more (what this erasure, and any before it, removed):
-# status 'erased', without their resource key and type, so the ledger still accounts for every
-# record of its batch (reconciliation counts them) but no longer lists the person's resources.
+# status 'erased', without their resource key, type and content MAC, so the ledger still
+# accounts for every record of its batch (reconciliation counts them) but no longer lists the
+# person's resources.
 # An accepted new version is held by the vault row at its position; an accepted repeat by any
 # vault row of its resource; a quarantined record by the quarantine row at its position.
 _HELD_NOWHERE = """
@@ -885,14 +887,21 @@ _ERASED_OUTCOME = (
 )
 _LEDGER_ERASED = f"""
 UPDATE record_ledger l SET status = 'erased', outcome = {_ERASED_OUTCOME}, resource_type = NULL,
-    resource_key = NULL
+    resource_key = NULL, content_mac = NULL
 WHERE {_LEDGER_ROWS_ERASED}"""
 # The same, in the batches other than $b (:func:`erase_earlier_compartments`; their resources
 # are tombstoned by then).
 _LEDGER_ERASED_ELSEWHERE = f"""
 UPDATE record_ledger l SET status = 'erased', outcome = {_ERASED_OUTCOME}, resource_type = NULL,
-    resource_key = NULL
+    resource_key = NULL, content_mac = NULL
 WHERE l.batch_id <> $b AND {_LEDGER_ROWS_ERASED}"""
+# The content MAC of an erased record is a keyed digest of the record itself: whoever holds the
+# pseudonym key and a copy of the record (an export kept at the source) could confirm it was
+# here and where. Rows an erasure emptied before the MAC went with the rest lose it too.
+_LEDGER_MACS_OF_ERASED = (
+    "UPDATE record_ledger SET content_mac = NULL "
+    "WHERE status = 'erased' AND content_mac IS NOT NULL"
+)
 _REFERENCES_TO_ERASED = """
 DELETE FROM resource_references WHERE target_key IN (
     SELECT subject_key FROM erased_subjects WHERE kind IN ('patient', 'resource'))"""
@@ -965,6 +974,7 @@ def erase_earlier_compartments(
     )
     # the refusing batch's own ledger is settled after this (its records are quarantined)
     con.execute(_LEDGER_ERASED_ELSEWHERE, {"b": batch_id})
+    con.execute(_LEDGER_MACS_OF_ERASED)
     con.execute(_REFERENCES_TO_ERASED)
     drop_entries(con)  # values derived from what was removed, the canaries among them
     return removed

@@ -932,3 +932,32 @@ def test_an_erasure_whose_rewrite_cannot_wait_longer_says_it_is_committed(
     assert world.audit.verify().incomplete == []
     raw = world.wh.read_bytes()
     assert not any(b in raw for b in hers)
+
+
+def test_the_ledger_keeps_no_content_mac_of_an_erased_record(world: World) -> None:
+    """The content MAC of a record is a keyed digest of the record: an erasure leaves its
+    ledger row counted, without it; rows an older erasure emptied with it lose it too."""
+    con = world.connect()
+    try:
+        macs = {
+            str(mac)
+            for (mac,) in con.execute(
+                "SELECT content_mac FROM phi_vault WHERE patient_key IN (?, ?)",
+                [world.p1, world.p2],
+            ).fetchall()
+        }
+        assert len(macs) == 3 + 3
+        held = "SELECT count(*) FROM record_ledger WHERE content_mac IN (SELECT unnest(?))"
+        assert _count(con, held, [sorted(macs)]) == 6
+        forget_pseudonym(con, world.p1, world.audit, "request 1")
+        assert _count(con, held, [sorted(macs)]) == 3  # p2's records only
+        # an erasure from before this rule left the MACs of the rows it emptied
+        con.execute("UPDATE record_ledger SET content_mac = 'left' WHERE status = 'erased'")
+        forget_pseudonym(con, world.p2, world.audit, "request 2")
+        assert _count(con, held, [sorted(macs)]) == 0
+        erased = con.execute(
+            "SELECT count(*), count(content_mac) FROM record_ledger WHERE status = 'erased'"
+        ).fetchall()
+    finally:
+        con.close()
+    assert erased == [(8, 0)]  # both patients' records, still counted

@@ -269,6 +269,17 @@ def _contained_problem(resource_type: str, obj: dict[str, Any]) -> Checked | Non
     return None
 
 
+def _logical_link_refs(resource_type: str, obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(path, conditional form) of every logical reference in a Patient's ``link``: another
+    record of the same person named by an identifier alone (``link.other.identifier``). They
+    join the resource's references, so that ingest and the erasure read them as they read a
+    conditional link (``Patient?identifier=``); before, they were not read, and a Patient
+    linked this way to an erased one was stored and released."""
+    if resource_type != "Patient":
+        return []
+    return [(ref.path, ref.value) for ref in iter_logical_references(obj.get("link"), "link")]
+
+
 def _check_record(raw: bytes) -> Checked:
     parsed = _parse(raw)
     if isinstance(parsed, Checked):
@@ -322,7 +333,7 @@ def _check_record(raw: bytes) -> Checked:
         _str_or_none(meta.get("versionId")),
         _str_or_none(meta.get("lastUpdated")),
         content_digest(obj),
-        (*references, *logical_refs),
+        (*references, *logical_refs, *_logical_link_refs(resource_type, obj)),
         patient_refs,
         tuple(identifier_criteria(obj)),
         assigned_raw,

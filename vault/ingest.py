@@ -818,7 +818,8 @@ class BatchIngestor:
 
     def _links_erased_patient(self, record: RawRecord, checked: Checked) -> bool:
         """A Patient whose ``link`` names an erased patient (by id, or by one of their
-        identifiers): every link type says both records are one person, so this is the erased
+        identifiers, as a conditional reference or a logical one, exactly or written
+        differently): every link type says both records are one person, so this is the erased
         person under a new record, as an erasure's own rule reads it (``same_person``)."""
         if not self.erased or checked.resource_type != "Patient":
             return False
@@ -828,7 +829,18 @@ class BatchIngestor:
             target = self._target(record, value)
             if isinstance(target, tuple) and target[1] == "Patient" and target[2] in self.erased:
                 return True
+            if self._loosely_names_erased(value):
+                return True
         return False
+
+    def _loosely_names_erased(self, value: str) -> bool:
+        """A conditional reference (``Patient?identifier=``) whose identifier is an erased
+        patient's written differently (its loose form, same system)."""
+        cond = conditional_target(value) if classify(value) == "conditional" else None
+        if cond is None or cond[0] != "Patient":
+            return False
+        loose = loose_identifier_key(self.pseudo, "Patient", cond[1])
+        return loose is not None and loose in self.erased
 
     def _conditionally_names_erased(self, checked: Checked) -> bool:
         """A conditional patient reference (``Patient?identifier=``) whose identifier is an
@@ -836,13 +848,7 @@ class BatchIngestor:
         the reference itself still resolves through the exact token only."""
         if not self.erased:
             return False
-        for value in checked.patient_refs:
-            cond = conditional_target(value) if classify(value) == "conditional" else None
-            if cond is not None and cond[0] == "Patient":
-                loose = loose_identifier_key(self.pseudo, "Patient", cond[1])
-                if loose is not None and loose in self.erased:
-                    return True
-        return False
+        return any(self._loosely_names_erased(value) for value in checked.patient_refs)
 
     def _conditional_owner(self, record: RawRecord, checked: Checked) -> str | None:
         """The keyed criteria of a conditional patient reference (``Patient?identifier=``) of

@@ -112,6 +112,47 @@ def test_every_way_back_is_quarantined_unstored(
         con.close()
 
 
+def _linked(pid: str, other: dict[str, Any]) -> dict[str, Any]:
+    return {"resourceType": "Patient", "id": pid, "link": [{"other": other, "type": "seealso"}]}
+
+
+def test_a_patient_linked_to_her_by_an_identifier_alone_is_refused(
+    erased: Path, tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """``Patient.link`` may name the other record by its identifier alone (a logical
+    reference), or by a conditional reference with the identifier written differently: each
+    says this is her under a new record, as a link by id does."""
+    later = [
+        _linked("q1", {"identifier": {"system": "urn:mrn", "value": "MRN-1"}}),
+        _linked("q2", {"type": "Patient", "identifier": {"system": "urn:mrn", "value": "mrn 1"}}),
+        _linked("q3", {"reference": "Patient?identifier=urn:mrn|mrn-1"}),
+        _linked("q4", {"identifier": {"system": "urn:other", "value": "MRN-1"}}),  # not hers
+    ]
+    report = ingest_batch(erased, "b1", _write(tmp_path / "b1", later), key_provider, workers=1)
+    assert report.quarantine_reasons == {ERASED_SUBJECT: 3}
+    assert report.accepted == 1
+    pseudo = Pseudonymizer(key_provider.pseudonym_key())
+    con = warehouse.connect(erased, read_only=True)
+    try:
+        stored = con.execute("SELECT resource_key FROM phi_vault").fetchall()
+    finally:
+        con.close()
+    assert stored == [(pseudo.resource_key("Patient", "q4"),)]
+
+
+def test_a_patient_linked_by_an_identifier_alone_is_erased_with_her(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    wh = tmp_path / "warehouse.duckdb"
+    merged = _linked("q1", {"identifier": {"system": "urn:mrn", "value": "MRN-1"}})
+    ingest_batch(wh, "b0", _write(tmp_path / "b0", [PATIENT, merged]), key_provider, workers=1)
+    pseudo = Pseudonymizer(key_provider.pseudonym_key())
+    audit = AuditLog.for_provider(tmp_path / "audit.log", key_provider)
+    report = forget_in_warehouse(wh, pseudo.resource_key("Patient", "p1"), audit, "request 7")
+    assert report.same_person == [pseudo.resource_key("Patient", "q1")]
+    assert report.data_keys_destroyed == 2
+
+
 def test_the_key_of_a_compartment_refused_as_hers_never_reaches_the_file(
     erased: Path, tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -184,6 +184,8 @@ SCAN_RULES: tuple[str, ...] = (
     "digits_joined_by_code_characters",
     # a numeric birth date with separators glued to letters before it (DOB1946-02-19)
     "birth_date_numeric_glued_before",
+    # an address written as text (Address.text) and its parts holding a letter and a digit
+    "address_text",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -217,6 +219,8 @@ _SEPARATORS = re.compile(r"[\W_]+")
 _NOT_KEY_CHARACTERS = re.compile(r"[^0-9a-z]+")
 _HEX_PREFIX = re.compile(r"[0-9a-fA-F]*")
 _DIGIT_KINDS = {"phone", "ssn", "identifier"}
+# what separates the lines of an address written as text (Address.text)
+_ADDRESS_TEXT_PARTS = re.compile(r"[\n\r,;]+")
 MEMO_LIMIT = 200_000  # strings whose findings a canary set remembers
 MIN_SHORT = 2  # one-letter initials carry too little to count
 BIRTH_FORMS_LIMIT = 1_000  # patients whose birth dates' written forms a canary set remembers
@@ -654,6 +658,8 @@ class CanarySet:
         for line in repeated(addr.get("line")):
             if isinstance(line, str):
                 self.add("address", line)
+        if isinstance(addr.get("text"), str):
+            self._add_address_text(addr["text"])
         city, state, zip_ = (addr.get(k) for k in ("city", "state", "postalCode"))
         if not (isinstance(city, str) and isinstance(zip_, str) and len(zip_) >= 5):
             return
@@ -663,6 +669,16 @@ class CanarySet:
             places += [f"{city}, {state} {zip_}", f"{city} {state} {zip_}"]
         for place in places:
             self.add("city_zip", place)
+
+    def _add_address_text(self, text: str) -> None:
+        """An address written as text (``Address.text``, which a source may send without its
+        lines): the whole text, and each of its parts between line breaks, commas or
+        semicolons that holds a letter and a digit (a street with its number, a city with its
+        ZIP), as address lines; a part without a digit (a city, a state) is common text."""
+        self.add("address", text)
+        for part in _ADDRESS_TEXT_PARTS.split(text):
+            if _has_letter(part) and any(ch.isdigit() for ch in part):
+                self.add("address", part)
 
     def add_birth_date(self, birth: Any, pseudonym: str | None) -> None:
         self._writable()

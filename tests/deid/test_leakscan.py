@@ -773,3 +773,36 @@ def test_a_numeric_birth_date_glued_to_letters_before_it_is_found() -> None:
     assert not scan_rows(c, [("r", {"valueQuantity": quantity}, "p1")]).passed
     for code in ("1961-07-23T00:00:00Z", "ab1961-07-23", "x11961-07-23", "DOB1961-07-231"):
         assert scan_rows(c, [_local_coding_row(code)]).passed, code
+
+
+def test_an_address_given_as_text_alone_is_found() -> None:
+    """A source may send an address as ``Address.text`` alone, without its lines: the text,
+    and its street line with its number, were no canary, and a local code holding the street
+    (12-Kestrel-Wynd) reached deid_resources and views.condition. A part without a digit (a
+    city, a state) is common text, as a city alone is."""
+    c = CanarySet()
+    c.add_patient(
+        {
+            "resourceType": "Patient",
+            "id": "p1",
+            "address": [{"text": "12 Kestrel Wynd, Falconbury MA 02139", "state": "MA"}],
+        },
+        "p1",
+    )
+    for code in (
+        "12-Kestrel-Wynd",
+        "12KESTRELWYND",
+        "12-Kestrel-Wynd-Falconbury-MA-02139",
+        "Falconbury-MA-02139",
+    ):
+        assert set(scan_rows(c, [_local_coding_row(code)]).by_kind()) == {"address"}, code
+    for near in ("Falconbury", "Kestrel-Wynd", "12-Kestrel", "MA"):
+        assert scan_rows(c, [_local_coding_row(near)]).passed, near
+
+
+def test_an_address_text_of_lines_is_read_line_by_line() -> None:
+    c = CanarySet()
+    c.add_contact_points({"address": [{"text": "Flat 3\n88 Lotus Garden Road\nQuincy"}]})
+    for code in ("Flat-3", "88-Lotus-Garden-Road", "88LOTUSGARDENROAD"):
+        assert set(scan_rows(c, [_local_coding_row(code)]).by_kind()) == {"address"}, code
+    assert scan_rows(c, [_local_coding_row("Quincy")]).passed

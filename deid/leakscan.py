@@ -186,6 +186,9 @@ SCAN_RULES: tuple[str, ...] = (
     "birth_date_numeric_glued_before",
     # an address written as text (Address.text) and its parts holding a letter and a digit
     "address_text",
+    # the records the quarantine holds under no patient, read as JSON in Windows-1252 when
+    # they are no UTF-8 and with NaN as a number
+    "unattributed_quarantined_records",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

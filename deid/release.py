@@ -62,11 +62,13 @@ from vault.catalog import has_table, multiset_digest_sql
 from vault.errors import InvalidCiphertext, KeyDestroyedError
 from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
 from vault.keys import KeyProvider, key_fingerprint
+from vault.pseudonym import Pseudonymizer
 from vault.read import (
     current_rows_sql,
     iter_current_chunks,
     iter_every_version,
     iter_quarantined_records,
+    iter_unattributed_quarantined_records,
 )
 from vault.sealed_cache import entry_state, read_entry, write_entry
 from vault.warehouse import ERASED_BATCH_KEYS_TABLE, database_path
@@ -376,7 +378,29 @@ def _add_other_records(
     for owner, resource in quarantined:
         if patients is None or owner in patients:
             canaries.add_resource(resource, owner)
+    _add_unattributed_records(canaries, con, provider, patients)
     return read
+
+
+def _add_unattributed_records(
+    canaries: CanarySet,
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    patients: set[str] | None,
+) -> None:
+    """Canaries of the records the quarantine holds under no patient, refused before they
+    could be read as FHIR (:func:`vault.read.iter_unattributed_quarantined_records`): a Patient
+    written in Latin-1, or with a ``NaN``, is filed under no patient, while its Observations
+    are released under it. A Patient's birth date is searched in the rows of the patient its
+    id names."""
+    pseudo = Pseudonymizer(provider.pseudonym_key())
+    for resource in iter_unattributed_quarantined_records(con, provider, CANARY_RESOURCE_TYPES):
+        rid = resource.get("id")
+        owner = None
+        if resource.get("resourceType") == "Patient" and isinstance(rid, str):
+            owner = pseudo.resource_key("Patient", rid)
+        if patients is None or owner in patients:
+            canaries.add_resource(resource, owner)
 
 
 def batch_canaries(
@@ -614,7 +638,7 @@ def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _Vault
     if has_table(con, "quarantine"):
         quarantined = con.execute(
             "SELECT count(*), sum(hash(batch_id, file_index, position, sealed)) FROM quarantine "
-            "WHERE list_contains(?, resource_type)",
+            "WHERE list_contains(?, resource_type) OR patient_key IS NULL",
             [list(CANARY_RESOURCE_TYPES)],
         ).fetchone() or (0, None)
     return (

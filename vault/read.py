@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -423,6 +424,53 @@ _QUARANTINED_OWNED = (
     "WHERE list_contains(?, resource_type) AND patient_key IS NOT NULL "
     "AND octet_length(sealed) > 0 {only} ORDER BY batch_id, file_index, position"
 )
+
+
+# the records the quarantine holds of no patient (sealed under the shared key)
+_QUARANTINED_UNATTRIBUTED = (
+    "SELECT sealed, aad FROM quarantine WHERE patient_key IS NULL "
+    "AND octet_length(sealed) > 0 ORDER BY batch_id, file_index, position"
+)
+
+
+def quarantined_json(raw: bytes) -> Any:
+    """The JSON value a record the quarantine holds still reads as, read as its exporter wrote
+    it: text that is no UTF-8 in Windows-1252 (Latin-1 where Windows-1252 has no character:
+    an export in a legacy encoding, whose records with a letter outside ASCII, a Patient
+    named Brontëwald, are no UTF-8 while the others are), and ``NaN`` or ``Infinity`` (which
+    Python's json module writes for such a float) as numbers. None when it reads as no JSON
+    (a line cut short) or nests too deep to read."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        try:
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def iter_unattributed_quarantined_records(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, resource_types: Sequence[str]
+) -> Iterator[dict[str, Any]]:
+    """The records of ``resource_types`` among those the quarantine holds under no patient
+    (refused before they could be read as FHIR: no JSON, nested too deep), read as
+    :func:`quarantined_json` reads them, decrypted: a Patient refused so names its patient
+    while the patient's other records are accepted and released."""
+    if not has_table(con, "quarantine"):
+        return
+    store = DataKeyStore(con, provider)
+    for sealed, aad in con.execute(_QUARANTINED_UNATTRIBUTED).fetchall():
+        record = quarantined_json(store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER))
+        if isinstance(record, dict) and record.get("resourceType") in resource_types:
+            yield record
 
 
 def iter_quarantined_records(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -562,3 +564,97 @@ def test_a_canary_of_a_megabyte_is_found_and_freed_safely() -> None:
     assert canaries.find("1" * 1_000_000) == ["identifier"]
     assert canaries.find("42 Quillfeather Lane") == ["address"]
     del canaries  # freed here: a C stack overflow, before
+
+
+def _latin1(line: str) -> bytes:
+    return line.encode("latin-1")
+
+
+def _with_nan(line: str) -> bytes:
+    return (line[:-1] + ', "multipleBirthInteger": NaN}').encode()
+
+
+def _nested_too_deep(line: str) -> bytes:
+    deep: dict[str, Any] = {"url": "http://example.org/x", "valueString": "x"}
+    for _ in range(120):
+        deep = {"url": "http://example.org/x", "extension": [deep]}
+    return (line[:-1] + ', "_gender": {"extension": [' + json.dumps(deep) + "]}}").encode()
+
+
+@pytest.mark.parametrize(
+    ("written", "reason"),
+    [
+        (_latin1, "invalid_json"),
+        (_with_nan, "invalid_json"),
+        (_nested_too_deep, "schema_violation"),
+    ],
+)
+def test_a_patient_refused_before_it_reads_as_fhir_is_read_for_canaries(
+    tmp_path: Path,
+    vault_with_batch: Path,
+    key_provider: FileKeyProvider,
+    written: Callable[[str], bytes],
+    reason: str,
+) -> None:
+    """A Patient the quarantine holds under no patient, refused before it could be read as
+    FHIR (an export in Latin-1, whose Patient has a letter outside ASCII; a ``NaN``, as
+    Python's json module writes one; elements nested too deep), while its Observation is
+    accepted and released under it: the Patient gave no canary, and a local code holding its
+    surname, its MRN or its street reached ``deid_resources``. Its identifiers are canaries
+    now, its birth date in its own rows, and a batch that brings only such a record loads the
+    canaries afresh."""
+    from vault.pseudonym import Pseudonymizer
+
+    load = CountingLoad()
+    cache = ReleaseCanaryCache(load)
+    before = _canaries(cache, vault_with_batch, key_provider)
+    patient = {
+        "resourceType": "Patient",
+        "id": "pl1",
+        "name": [{"family": "Brontëwald", "given": ["Renée"]}],
+        "identifier": [{"system": "http://hospital.example.org/mrn", "value": "66120934"}],
+        "birthDate": "1961-07-23",
+        "address": [{"line": ["9 Quimby Row"], "city": "Dunmere", "postalCode": "01984"}],
+    }
+    observation = {
+        "resourceType": "Observation",
+        "id": "ol1",
+        "status": "final",
+        "code": {"coding": [{"system": "http://hospital.example/lab", "code": "BRONTEWALD"}]},
+        "subject": {"reference": "Patient/pl1"},
+    }
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    line = written(json.dumps(patient, ensure_ascii=False))
+    (batch / "export.ndjson").write_bytes(line + b"\n" + json.dumps(observation).encode() + b"\n")
+    report = ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    assert (report.accepted, report.quarantine_reasons) == (1, {reason: 1})
+    after = _canaries(cache, vault_with_batch, key_provider)
+    assert load.calls == 2 and after is not before
+    assert before.find("BRONTEWALD") == []
+    assert after.find("BRONTEWALD") == ["name"] and after.find("MRN66120934") == ["identifier"]
+    assert after.find("9-Quimby-Row") == ["address"]
+    owner = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "pl1")
+    row = {"code": {"coding": [{"code": "DOB19610723"}]}}
+    assert after.scan_value(row, owner) == ["birth_date"] and after.scan_value(row, "p2") == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ('{"name": "Brontëwald"}'.encode("cp1252"), {"name": "Brontëwald"}),
+        (b'{"name": "x\x81"}', {"name": "x\x81"}),  # no Windows-1252 character: Latin-1
+        (b'{"n": NaN, "m": -Infinity}', {"n": math.nan, "m": -math.inf}),
+        (b'{"name": "Renee"', None),  # cut short
+        (b"\xff\xfe{not json", None),
+        (b"[" * 5000 + b"]" * 5000, None),  # too deep for either reader
+    ],
+)
+def test_a_quarantined_record_is_read_as_its_exporter_wrote_it(raw: bytes, expected: Any) -> None:
+    from vault.read import quarantined_json
+
+    got = quarantined_json(raw)
+    if isinstance(expected, dict) and math.nan in expected.values():
+        assert math.isnan(got["n"]) and got["m"] == -math.inf
+    else:
+        assert got == expected

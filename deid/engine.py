@@ -33,9 +33,11 @@ from deid.allowlist import (
     released_modifier_urls,
 )
 from deid.errors import DeidError
+from deid.leakscan import CanarySet
 from deid.policy import Policy, Rule
 from deid.terminology import Terminology
 from fhirlake.fhirpath import FhirPathError, Node
+from fhirlake.references import compartment_elements
 from vault.clock import RandomBytes
 from vault.pseudonym import Pseudonymizer
 
@@ -312,6 +314,10 @@ class Deidentifier:
             horizon=self.horizon,
         )
         released = release_resource(resource, ctx)
+        if _names_a_contained_person(resource, released):
+            raise ProcessingError(
+                "contained_person_named", f"{rtype}: a value released names a person it contains"
+            )
         if not profile.lists(rtype):  # released as its pseudonym alone
             ctx.counts["type_not_in_profile"] += 1
         outcome = DeidOutcome(released, labels=ctx.labels, release_counts=ctx.counts)
@@ -562,6 +568,52 @@ _METHODS: dict[str, _Method] = {
     "generalize": _generalize,
     "pseudonymize": _pseudonymize,
 }
+
+
+# the contained resources that are a person whose identifiers a record can carry inside it
+_CONTAINED_PEOPLE = ("Patient", "RelatedPerson")
+_INSIDE = "inside"  # the pseudonym the people a record holds have their birth dates searched under
+
+
+def _names_a_contained_person(resource: dict[str, Any], released: dict[str, Any]) -> bool:
+    """Whether what is released of ``resource`` names a person known only inside it: a Patient
+    or a RelatedPerson it contains (a lab result whose subject is ``#p``, its patient inside
+    it), or the person a reference of its Patient compartment names by identifier or display
+    alone (no literal reference). The release drops them, but the leak scan reads its
+    canaries from the vault's Patient and relatives' records, where such a person is not,
+    and a local code holding their name or MRN was released (into ``views.observation`` too,
+    a record of no patient)."""
+    contained = _contained_people(resource)
+    references = [
+        ref
+        for element in compartment_elements(str(resource.get("resourceType")))
+        for ref in _logical_references(resource.get(element))
+    ]
+    if not contained and not references:
+        return False
+    canaries = CanarySet()
+    for person in contained:
+        canaries.add_resource(person, _INSIDE)
+    for ref in references:
+        canaries.add_identifiers({"identifier": [ref.get("identifier")]})
+        if isinstance(ref.get("display"), str):
+            canaries.add_name(ref["display"])
+    return bool(canaries.scan_value(released, _INSIDE))
+
+
+def _contained_people(resource: dict[str, Any]) -> list[dict[str, Any]]:
+    contained = resource.get("contained")
+    if not isinstance(contained, list):
+        return []
+    return [
+        c for c in contained if isinstance(c, dict) and c.get("resourceType") in _CONTAINED_PEOPLE
+    ]
+
+
+def _logical_references(value: Any) -> list[dict[str, Any]]:
+    """The References in ``value`` (one or a list) that have no literal reference."""
+    items = value if isinstance(value, list) else [value]
+    return [r for r in items if isinstance(r, dict) and not isinstance(r.get("reference"), str)]
 
 
 def _nested_resources(work: dict[str, Any]) -> list[tuple[dict[str, Any], bool]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 import re
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -752,3 +753,58 @@ def test_a_birth_date_over_89_years_ago_in_an_observation_is_its_year_of_90() ->
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", period["valuePeriod"]["end"])
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", young["valueDateTime"])
     assert young["valueDateTime"] != "2000-05-01"
+
+
+def _with_contained_patient(code: str) -> dict[str, Any]:
+    """A lab result carrying its patient inside it (subject ``#pt``), as a lab feed does for a
+    patient the hospital's records do not hold, coded locally with ``code``."""
+    return {
+        "resourceType": "Observation",
+        "id": "lab1",
+        "status": "final",
+        "contained": [
+            {
+                "resourceType": "Patient",
+                "id": "pt",
+                "name": [{"family": "Quillfeather", "given": ["Zephyrine"]}],
+                "identifier": [{"system": "http://hospital.example/mrn", "value": "73519264"}],
+            }
+        ],
+        "subject": {"reference": "#pt"},
+        "code": {"coding": [{"system": "http://hospital.example/lab", "code": code}]},
+    }
+
+
+def _with_patient_by_identifier(code: str) -> dict[str, Any]:
+    """A lab result naming its patient by identifier and display alone (no literal
+    reference), for a patient no Patient resource holds, coded locally with ``code``."""
+    record = _with_contained_patient(code)
+    del record["contained"]
+    record["subject"] = {
+        "identifier": {"system": "http://hospital.example/mrn", "value": "73519264"},
+        "display": "Zephyrine Quillfeather",
+    }
+    return record
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+@pytest.mark.parametrize("record", [_with_contained_patient, _with_patient_by_identifier])
+@pytest.mark.parametrize("code", ["MRN73519264", "QUILLFEATHER", "ZephyrineQuillfeather"])
+def test_a_record_naming_the_person_it_holds_is_withheld(
+    profile: str, record: Callable[[str], dict[str, Any]], code: str
+) -> None:
+    """A person known only inside a record (a Patient it contains, or one its subject names by
+    identifier and display alone) is dropped by the release, and is in no record the leak
+    scan reads its canaries from: a local code holding their MRN or name was released, into
+    views.observation too. Such a record is withheld (``contained_person_named``); one that
+    does not name them is released without them."""
+    policy = Policy.shipped(profile)
+    engine = Deidentifier(policy, DeidSecrets.derive(b"\x01" * 32, policy), today=TODAY)
+    with pytest.raises(ProcessingError) as raised:
+        engine.apply(record(code))
+    assert raised.value.code == "contained_person_named"
+    assert code.casefold() not in str(raised.value).casefold()
+    assert "73519264" not in str(raised.value)
+    released = engine.apply(record("GLU")).resource
+    assert released["code"]["coding"][0]["code"] == "GLU"
+    assert "contained" not in released and "subject" not in released

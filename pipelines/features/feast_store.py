@@ -268,9 +268,11 @@ def apply_repo(
     if registry is not None and registry.exists():
         store = feature_store(repo, data_dir, features_dir, create=True)
         if not _registry_readable(store):
-            # Feast rewrites its registry in place (``open(path, "wb")``, then the bytes) at
-            # every apply and materialisation: a process killed in between leaves it empty (or
-            # cut short), which would pass for an applied repo of no feature view
+            # Feast's own store rewrites its registry in place (``open(path, "wb")``, then the
+            # bytes): a process killed in between left it empty (or cut short), which would pass
+            # for an applied repo of no feature view. The platform's store replaces it whole
+            # (pipelines.features.registry_store); a registry written before that, or by
+            # another Feast, may still be such a file
             registry.unlink()
             reason = "registry empty or unreadable"
         elif foreign_online_stores(store):

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
 
 from deid.release import SEALED_CANARIES, sealed_state, vault_state
 from fhirlake.synthetic import generate
+from pipelines.features.tables import FEATURE_TABLES
 from pipelines.publish import unfinished_temporaries
 from tests.feast_stores import stored_rows
 from vault.keys import FileKeyProvider
@@ -291,19 +293,26 @@ def _online_patients(db: Path, pseudonyms: set[str]) -> set[str]:
     return {p for p in pseudonyms if any(p.encode() in key for key in keys)}
 
 
-def test_a_run_killed_while_feast_rewrites_its_registry_then_run_again_equals_one_never_killed(
+def test_a_run_killed_while_feast_writes_its_registry_then_run_again_equals_one_never_killed(
     tmp_path: Path, key_file: Path
 ) -> None:
-    """Feast rewrites its file registry in place (``open(path, "wb")``, then the bytes) each
-    time a materialisation records its interval, as the first release's full load of the online
-    store does. A run killed between the two leaves an empty registry beside the record of a
-    successful apply: run again, the release must still equal one never killed, and a later
-    research opt-out must leave the online store."""
+    """Feast writes its file registry each time a materialisation records its interval, as the
+    first release's full load of the online store does; Feast's own store rewrote it in place
+    (``open(path, "wb")``, then the bytes), so a run killed between the two left an empty
+    registry, which Feast reads as one of no feature view: a model builder's retrieval failed
+    until the next run. The platform's store writes a temporary file and renames it over the
+    registry: killed with the new bytes written and not renamed, the registry is still the one
+    applied, whole; run again, the release equals one never killed, and a later research
+    opt-out must leave the online store."""
     landing = tmp_path / "landing"
     generate(landing / "batch-a", 30, seed=21)
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     _run(landing, reference, key_file)
-    assert _run_killed_at(landing, crashed, key_file, "registry_truncated") == "registry_truncated"
+    point = "registry_temporary_written"
+    assert _run_killed_at(landing, crashed, key_file, point) == point
+    registry = RegistryProto()
+    registry.ParseFromString((crashed / "feast" / "registry.db").read_bytes())
+    assert len(registry.feature_views) == len(FEATURE_TABLES)
     again = _run(landing, crashed, key_file, check=False)
     assert again.returncode == 0, (again.stdout + again.stderr)[-1500:]
     expected, got = released(reference), released(crashed)

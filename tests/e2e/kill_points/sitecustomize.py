@@ -8,9 +8,10 @@ knows the kill landed there). The points wrap functions when their module is fir
 - ``features_computed``: the changed patients' feature rows computed, nothing of them published;
 - ``online_rows_written``: the first feature view's changed rows written to the online store, the
   other views and the snapshot not;
-- ``registry_truncated``: Feast's file registry opened for writing (``open(path, "wb")``, which
-  empties it) and not yet written, in the run's own process (a materialisation recording its
-  interval), not in the ``feast apply`` child;
+- ``registry_temporary_written``: Feast's file registry's new bytes written to the temporary file
+  beside it (``pipelines.features.registry_store.replace_registry_file``) and not yet renamed over
+  it, in the run's own process (a materialisation recording its interval), not in the ``feast
+  apply`` child;
 - ``sealed_canaries_written``: the release canaries sealed and committed in the warehouse by a
   batch's de-identification (``vault.sealed_cache.write_entry``), the batch's scan not yet run;
 - ``sealed_canaries_uncommitted``: the same write with the entry's parts deleted and inserted in
@@ -105,17 +106,18 @@ def _publish(module: types.ModuleType) -> None:
 
 
 def _registry(module: types.ModuleType) -> None:
-    store = module.FileRegistryStore
-    original = store._write_registry
+    original = module.replace_registry_file
 
     @functools.wraps(original)
-    def write(self: Any, registry_proto: Any) -> None:
-        if _POINT == "registry_truncated" and sys.argv[:1] != ["-c"]:  # not the feast CLI child
-            open(self._filepath, "wb").close()  # what Feast's own open does first
-            _reached("registry_truncated")
-        original(self, registry_proto)
+    def replace(path: Any, data: bytes) -> None:
+        if _POINT == "registry_temporary_written" and sys.argv[:1] != ["-c"]:  # not the CLI child
+            from pipelines.publish import replacing_temporary
 
-    store._write_registry = write
+            replacing_temporary(path).write_bytes(data)
+            _reached("registry_temporary_written")
+        original(path, data)
+
+    setattr(module, "replace_registry_file", replace)
 
 
 _PATCHES: dict[str, Callable[[types.ModuleType], None]] = {
@@ -124,7 +126,7 @@ _PATCHES: dict[str, Callable[[types.ModuleType], None]] = {
         m, "_compute_changed_patients", "features_computed"
     ),
     "pipelines.features.online_sync": lambda m: _after(m, "_write_rows", "online_rows_written"),
-    "feast.infra.registry.file": _registry,
+    "pipelines.features.registry_store": _registry,
     "vault.sealed_cache": _sealed_cache,
 }
 

@@ -219,10 +219,14 @@ def _sync_view(
     stop: datetime,
     report: OnlineSyncReport,
 ) -> None:
-    """One view of an incremental sync: write what changed or is missing, delete the rest."""
+    """One view of an incremental sync: delete the patients the release no longer has, then
+    write what changed or is missing. Deleted first, so that a sync killed between the two
+    leaves no withheld, erased or opted-out patient served beside the new rows (the next
+    sync writes what was missed)."""
     table = online_table(store, view.name)
     keys = _entity_keys(store, _stage_wanted(con, view, stop))
     online = online_keys(online_store_path(store), table)
+    report.rows_deleted += _delete_stale(store, view, keys, online)
     absent = [p for p, key in keys.items() if key not in online]
     rows = _changed_rows(con, view, absent)
     if rows.empty:
@@ -231,7 +235,6 @@ def _sync_view(
         written = list(dict.fromkeys(rows[JOIN_KEY].astype(str)))
     else:
         written = list(keys)  # the whole view was materialised
-    report.rows_deleted += _delete_stale(store, view, keys, online)
     report.rows_written += len(written)
     report.rows_unchanged += len(keys) - len(written)
     assert report.written is not None

@@ -21,6 +21,7 @@ from pipelines.features.feast_store import (
     apply_repo,
     feature_store,
     materialize_latest,
+    online_table,
 )
 from pipelines.features.online_scan import online_entity_key, scan_online_store
 from pipelines.features.online_sync import OnlineSyncReport, sync_online_store
@@ -206,6 +207,38 @@ def test_a_kill_before_the_snapshot_only_rewrites(
     release.rebuild()
     last = release.sync()
     assert last.rows_deleted == 5
+    assert_equals_fresh_materialisation(release, tmp_path / "fresh")
+
+
+def test_a_sync_killed_while_writing_has_deleted_the_patients_the_release_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync killed while it writes a view's changed rows: the patients the release no
+    longer has (erased, withheld, opted out) are gone from every view already, not served
+    beside the new rows until the next sync (they were deleted after the writes)."""
+    release = Release(tmp_path / "release")
+    release.sync()
+    assert holding(release, B) > 0 and holding(release, D) > 0
+    release.add_patient(E, like=A)  # rows to write in every view
+    release.remove_patient(B)
+    release.opt_out(D)
+    release.rebuild()
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(online_sync, "_write_rows", killed)
+        with pytest.raises(Killed):
+            release.sync()
+    # killed at the first view's write (E written nowhere yet): B and D are out of it
+    store = feature_store("feature_repo", release.data, release.features)
+    killed_in = online_table(store, store.list_feature_views()[0].name)
+    held = {table: {r[0] for r in rows} for table, rows in stored_rows(release.online_db).items()}
+    assert all(online_entity_key(E) not in keys for keys in held.values())
+    assert not {online_entity_key(B), online_entity_key(D)} & held[killed_in]
+    release.sync()
+    assert holding(release, B) == holding(release, D) == 0
     assert_equals_fresh_materialisation(release, tmp_path / "fresh")
 
 

@@ -45,6 +45,7 @@ from pipelines.landing_ledger import (
     ingested_batches,
 )
 from pipelines.partitions import batch_partitions
+from pipelines.publish import write_replacing
 from pipelines.resources import DeidSettings, WarehouseResource
 from pipelines.workdir import Workdir
 from vault import warehouse
@@ -299,8 +300,15 @@ def run_pipeline(
     }
     summary["success"] = summary["success"] and not found.unreadable
     summary["seconds"] = round(time.perf_counter() - started, 2)
-    workdir.summary.write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_summary(workdir, summary)
     return summary
+
+
+def write_summary(workdir: Workdir, summary: dict[str, Any]) -> None:
+    """``run_summary.json`` replaced whole (a temporary file renamed over it): written in place,
+    a run killed mid-write left a cut summary until the next run."""
+    text = json.dumps(summary, indent=2)
+    write_replacing(workdir.summary, lambda path: path.write_text(text, encoding="utf-8"))
 
 
 # the run's log lines at INFO on the console (Dagster's default is DEBUG: every event)

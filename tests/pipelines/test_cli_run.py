@@ -20,7 +20,8 @@ import deid.methods as deid_methods
 import pipelines.assets.ingest as ingest_assets
 from fhirlake.synthetic import generate
 from pipelines.cli import main
-from pipelines.run import build_summary, run_pipeline
+from pipelines.run import build_summary, run_pipeline, write_summary
+from pipelines.workdir import Workdir
 from vault import warehouse
 from vault.ingest import reconcile_batch
 
@@ -671,3 +672,24 @@ def test_a_new_year_deidentifies_again_a_batch_whose_folder_is_gone(
     fresh = tmp_path / "fresh"
     assert run_pipeline(original, fresh, key_file=str(key_file), workers=1)["success"]
     assert _released(workdir) == _released(fresh)
+
+
+def test_a_summary_write_that_dies_leaves_the_last_summary_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``run_summary.json`` was written in place: a run killed mid-write left a cut file. Now a
+    write that dies (here: after half its text) leaves the last summary as it was."""
+    workdir = Workdir(tmp_path)
+    write_summary(workdir, {"success": True, "run": 1})
+    real_write = Path.write_text
+
+    def dies_halfway(self: Path, text: str, **kwargs: Any) -> int:
+        real_write(self, text[: len(text) // 2], **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Path, "write_text", dies_halfway)
+        with pytest.raises(KeyboardInterrupt):
+            write_summary(workdir, {"success": False, "run": 2})
+    assert json.loads(workdir.summary.read_text()) == {"success": True, "run": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [workdir.summary.name]

@@ -571,29 +571,33 @@ _METHODS: dict[str, _Method] = {
 
 
 # the contained resources that are a person whose identifiers a record can carry inside it
-_CONTAINED_PEOPLE = ("Patient", "RelatedPerson")
+_CONTAINED_PEOPLE = ("Patient", "RelatedPerson", "Person")
 _INSIDE = "inside"  # the pseudonym the people a record holds have their birth dates searched under
 
 
 def _names_a_contained_person(resource: dict[str, Any], released: dict[str, Any]) -> bool:
-    """Whether what is released of ``resource`` names a person known only inside it: a Patient
-    or a RelatedPerson it contains (a lab result whose subject is ``#p``, its patient inside
-    it), or the person a reference of its Patient compartment names by identifier or display
-    alone (no literal reference). The release drops them, but the leak scan reads its
-    canaries from the vault's Patient and relatives' records, where such a person is not,
-    and a local code holding their name or MRN was released (into ``views.observation`` too,
-    a record of no patient)."""
+    """Whether what is released of ``resource`` names a person known only inside it: a Patient,
+    a RelatedPerson or a Person it contains (a lab result whose subject is ``#p``, its patient
+    inside it), the person a reference of its Patient compartment names by identifier or
+    display alone (no literal reference), or the one any other reference of it (a performer,
+    a focus, an encounter's participant) names by identifier alone, with its display. The
+    release drops them, but the leak scan reads its canaries from the vault's Patient and
+    relatives' records, where such a person is not, and a local code holding their name or
+    MRN was released (into ``views.observation`` too, a record of no patient)."""
     contained = _contained_people(resource)
     references = [
         ref
         for element in compartment_elements(str(resource.get("resourceType")))
         for ref in _logical_references(resource.get(element))
-    ]
+    ] + _identifier_references(resource)
     if not contained and not references:
         return False
     canaries = CanarySet()
     for person in contained:
-        canaries.add_resource(person, _INSIDE)
+        if person.get("resourceType") == "Person":  # no adder: read as a Patient is
+            canaries.add_patient(person, _INSIDE)
+        else:
+            canaries.add_resource(person, _INSIDE)
     for ref in references:
         canaries.add_identifiers({"identifier": [ref.get("identifier")]})
         if isinstance(ref.get("display"), str):
@@ -614,6 +618,22 @@ def _logical_references(value: Any) -> list[dict[str, Any]]:
     """The References in ``value`` (one or a list) that have no literal reference."""
     items = value if isinstance(value, list) else [value]
     return [r for r in items if isinstance(r, dict) and not isinstance(r.get("reference"), str)]
+
+
+def _identifier_references(value: Any) -> list[dict[str, Any]]:
+    """Every element of ``value``, at any depth outside ``contained``, that names what it refers
+    to by an ``identifier`` (one Identifier, as a Reference does) and has no literal
+    reference: a performer, a focus, an encounter's participant named by MRN."""
+    if isinstance(value, list):
+        return [ref for item in value for ref in _identifier_references(item)]
+    if not isinstance(value, dict):
+        return []
+    named = isinstance(value.get("identifier"), dict)
+    found = [value] if named and not isinstance(value.get("reference"), str) else []
+    for key, item in value.items():
+        if key != "contained":
+            found += _identifier_references(item)
+    return found
 
 
 def _nested_resources(work: dict[str, Any]) -> list[tuple[dict[str, Any], bool]]:

@@ -234,11 +234,12 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # (deid.allowlist.released_modifier_urls): batches released before hold such resources
         # with the modifier dropped, and are de-identified again by the next run
         "modifier_extensions": "top_and_released_elements",
-        # a record whose released values name a person known only inside it (a Patient or a
-        # RelatedPerson it contains, a patient reference by identifier or display alone) is
-        # withheld (deid.engine, contained_person_named): batches released before hold such
-        # records, and are de-identified again by the next run
-        "contained_people": "named_withheld_logical_references",
+        # a record whose released values name a person known only inside it (a Patient, a
+        # RelatedPerson or a Person it contains, a patient reference by identifier or display
+        # alone, any other reference by identifier alone) is withheld (deid.engine,
+        # contained_person_named): batches released before hold such records, and are
+        # de-identified again by the next run
+        "contained_people": "named_withheld_persons_identifier_references",
         # the leak scan finds a birth date written 19-FEB-1946, 19FEB1946 or DOB19460219 and an
         # address written 709-Michele-Prairie (deid.leakscan.SCAN_RULES): batches published
         # before were scanned without them, and are de-identified and scanned again by the next

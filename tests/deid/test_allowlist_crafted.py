@@ -808,3 +808,60 @@ def test_a_record_naming_the_person_it_holds_is_withheld(
     released = engine.apply(record("GLU")).resource
     assert released["code"]["coding"][0]["code"] == "GLU"
     assert "contained" not in released and "subject" not in released
+
+
+_MRN = {"system": "http://hospital.example/mrn", "value": "73519264"}
+
+
+def _with_contained_person(code: str) -> dict[str, Any]:
+    """A lab result carrying, as a Person it contains, the person it is about (its focus)."""
+    record = _with_contained_patient(code)
+    record["contained"][0]["resourceType"] = "Person"
+    del record["subject"]
+    record["focus"] = [{"reference": "#pt"}]
+    return record
+
+
+def _with_performer_by_identifier(code: str) -> dict[str, Any]:
+    """A lab result whose performer (a relative measuring at home) is named by identifier and
+    display alone, outside the Patient compartment's elements."""
+    record = _with_patient_by_identifier(code)
+    record["subject"] = {"reference": "Patient/p1"}
+    record["performer"] = [{"identifier": _MRN, "display": "Zephyrine Quillfeather"}]
+    return record
+
+
+def _with_participant_by_identifier(code: str) -> dict[str, Any]:
+    """An encounter whose participant, in a backbone element, is named by identifier and
+    display alone, coded locally with ``code``."""
+    return {
+        "resourceType": "Encounter",
+        "id": "enc1",
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "type": [{"coding": [{"system": "http://hospital.example/visit", "code": code}]}],
+        "subject": {"reference": "Patient/p1"},
+        "participant": [{"individual": {"identifier": _MRN, "display": "Zephyrine Quillfeather"}}],
+    }
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+@pytest.mark.parametrize(
+    "record",
+    [_with_contained_person, _with_performer_by_identifier, _with_participant_by_identifier],
+)
+@pytest.mark.parametrize("code", ["MRN73519264", "QUILLFEATHER"])
+def test_a_record_naming_a_person_it_refers_to_by_identifier_is_withheld(
+    profile: str, record: Callable[[str], dict[str, Any]], code: str
+) -> None:
+    """A contained Person, and a person any reference of a record names by identifier alone
+    (a performer, an encounter's participant), is known only inside the record as a contained
+    Patient is: a local code holding their MRN or name is withheld with the record."""
+    policy = Policy.shipped(profile)
+    engine = Deidentifier(policy, DeidSecrets.derive(b"\x01" * 32, policy), today=TODAY)
+    with pytest.raises(ProcessingError) as raised:
+        engine.apply(record(code))
+    assert raised.value.code == "contained_person_named"
+    assert "73519264" not in str(raised.value)
+    assert "quillfeather" not in str(raised.value).casefold()
+    engine.apply(record("GLU"))  # one that names no one is released

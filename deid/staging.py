@@ -250,6 +250,9 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # (country_code); each as its code (USPS, ISO 3166-1 alpha-2): batches released before
         # hold them as written, and are de-identified again by the next run
         "state_forms": "abbreviation_dots_64_chars_country_96_chars_dotted_codes_as_codes",
+        # a country name in either Unicode form, or with accents the database does not write
+        # (deid.terminology.country_code): batches released before withheld it
+        "country_forms": "nfc_and_unaccented",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

@@ -528,12 +528,27 @@ def _country_codes() -> dict[str, str]:
 _COUNTRY_MAX_CHARS = 96
 
 
+def _unaccented(text: str) -> str:
+    """``text`` without its accents, its other characters as written (``São Tomé`` → ``Sao
+    Tome``; a full-width letter stays full-width)."""
+    return "".join(c for c in unicodedata.normalize("NFD", text) if not unicodedata.combining(c))
+
+
 def country_code(value: str) -> str | None:
     """The ISO 3166-1 alpha-2 code of the country ``value`` names by its two- or three-letter
     code or a name of it, in any case, with runs of spaces as one (``US``, ``usa``,
     ``United States``), or by its code with abbreviation dots (``U.S.A.``), in 96 characters
-    at most; None for anything else. A country is released as its code."""
-    return _place_code(value, _COUNTRY_MAX_CHARS, _country_codes())
+    at most; None for anything else. A name is read with or without its accents, in either
+    Unicode form (``Türkiye`` composed or as ``u`` and a combining diaeresis, ``Turkiye``), and
+    with accents the database does not write (``São Tomé and Príncipe``). A country is
+    released as its code."""
+    codes = _country_codes()
+    code = _place_code(value, _COUNTRY_MAX_CHARS, codes)
+    if code is None and len(value) <= _COUNTRY_MAX_CHARS:
+        code = _place_code(unicodedata.normalize("NFC", value), _COUNTRY_MAX_CHARS, codes)
+    if code is None and len(value) <= _COUNTRY_MAX_CHARS:
+        code = _place_code(_unaccented(value), _COUNTRY_MAX_CHARS, codes)
+    return code
 
 
 def is_country(value: str) -> bool:

@@ -12,6 +12,7 @@ import signal
 import threading
 import time
 import traceback
+import unicodedata
 from datetime import date, timedelta
 from typing import Any
 
@@ -977,3 +978,26 @@ def test_a_country_padded_past_any_countrys_name_is_withheld(profile: str) -> No
     kept = "US" + " " * 18
     patient = {"resourceType": "Patient", "id": "p", "address": [{"country": kept}]}
     assert _apply(patient, profile).resource["address"] == [{"country": "US"}]
+
+
+@pytest.mark.parametrize("profile", ["research", "safe_harbor"])
+def test_a_country_name_in_either_unicode_form_or_with_accents_is_its_code(profile: str) -> None:
+    """A country name sent decomposed (``u`` and a combining diaeresis, as some exports write
+    text) or with accents pycountry does not write (``São Tomé and Príncipe``) was withheld,
+    where the same name composed, or without its accents, was released as its code. A
+    full-width or look-alike spelling is still withheld."""
+    kept = {
+        unicodedata.normalize("NFD", "Türkiye"): "TR",
+        unicodedata.normalize("NFD", "Réunion"): "RE",
+        "São Tomé and Príncipe": "ST",
+        "Sao Tome and Principe": "ST",
+    }
+    full_width = "".join(chr(ord(c) + 0xFEE0) for c in "Germany")
+    withheld = [full_width, "G\u0435rmany"]  # full-width letters; a Cyrillic e
+    for country in [*kept, *withheld]:
+        patient = {"resourceType": "Patient", "id": "p", "address": [{"country": country}]}
+        released = _apply(patient, profile)
+        if country in kept:
+            assert released.resource["address"] == [{"country": kept[country]}], country
+        else:
+            assert released.release_counts["country_withheld"] == 1, country

@@ -189,6 +189,8 @@ SCAN_RULES: tuple[str, ...] = (
     # the records the quarantine holds under no patient, read as JSON in Windows-1252 when
     # they are no UTF-8 and with NaN as a number
     "unattributed_quarantined_records",
+    # ... after the UTF-8 byte-order marks such a record starts with (NDJSON files joined)
+    "unattributed_quarantined_records_after_byte_order_marks",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

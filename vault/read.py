@@ -433,13 +433,20 @@ _QUARANTINED_UNATTRIBUTED = (
 )
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def quarantined_json(raw: bytes) -> Any:
     """The JSON value a record the quarantine holds still reads as, read as its exporter wrote
     it: text that is no UTF-8 in Windows-1252 (Latin-1 where Windows-1252 has no character:
     an export in a legacy encoding, whose records with a letter outside ASCII, a Patient
     named Brontëwald, are no UTF-8 while the others are), and ``NaN`` or ``Infinity`` (which
-    Python's json module writes for such a float) as numbers. None when it reads as no JSON
-    (a line cut short) or nests too deep to read."""
+    Python's json module writes for such a float) as numbers, after the UTF-8 byte-order marks
+    it starts with (a line of NDJSON files joined end to end, each with its mark: the reader
+    drops the first line's only). None when it reads as no JSON (a line cut short) or nests
+    too deep to read."""
+    while raw.startswith(_UTF8_BOM):
+        raw = raw[len(_UTF8_BOM) :]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

@@ -574,6 +574,11 @@ def _with_nan(line: str) -> bytes:
     return (line[:-1] + ', "multipleBirthInteger": NaN}').encode()
 
 
+def _bom_first(line: str) -> bytes:
+    # the export's second line: files joined end to end, each opening with a byte-order mark
+    return b"\n\xef\xbb\xbf" + line.encode()
+
+
 def _nested_too_deep(line: str) -> bytes:
     deep: dict[str, Any] = {"url": "http://example.org/x", "valueString": "x"}
     for _ in range(120):
@@ -586,6 +591,7 @@ def _nested_too_deep(line: str) -> bytes:
     [
         (_latin1, "invalid_json"),
         (_with_nan, "invalid_json"),
+        (_bom_first, "invalid_json"),
         (_nested_too_deep, "schema_violation"),
     ],
 )
@@ -647,6 +653,8 @@ def test_a_patient_refused_before_it_reads_as_fhir_is_read_for_canaries(
         (b'{"n": NaN, "m": -Infinity}', {"n": math.nan, "m": -math.inf}),
         (b'{"name": "Renee"', None),  # cut short
         (b"\xff\xfe{not json", None),
+        (b'\xef\xbb\xbf{"name": "Renee"}', {"name": "Renee"}),  # a mark first
+        (b'\xef\xbb\xbf\xef\xbb\xbf{"name": "Ren\xe9e"}', {"name": "Renée"}),
         (b"[" * 5000 + b"]" * 5000, None),  # too deep for either reader
     ],
 )

@@ -420,17 +420,41 @@ def bind_pseudonym_key(
 
 # Records refused by validation (a schema violation), sealed under their patient's key
 _QUARANTINED_OWNED = (
-    "SELECT patient_key, resource_type, sealed, aad FROM quarantine "
-    "WHERE list_contains(?, resource_type) AND patient_key IS NOT NULL "
-    "AND octet_length(sealed) > 0 {only} ORDER BY batch_id, file_index, position"
+    "list_contains(?, resource_type) AND patient_key IS NOT NULL AND octet_length(sealed) > 0 "
+    "{only}"
 )
 
 
 # the records the quarantine holds of no patient (sealed under the shared key)
-_QUARANTINED_UNATTRIBUTED = (
-    "SELECT sealed, aad FROM quarantine WHERE patient_key IS NULL "
-    "AND octet_length(sealed) > 0 ORDER BY batch_id, file_index, position"
-)
+_QUARANTINED_UNATTRIBUTED = "patient_key IS NULL AND octet_length(sealed) > 0"
+
+
+def _quarantine_chunks(
+    con: duckdb.DuckDBPyConnection, where: str, params: list[Any], chunk_rows: int
+) -> Iterator[list[tuple[Any, ...]]]:
+    """(patient key, resource type, sealed, aad) of the quarantine's rows ``where`` selects, in
+    their order in the batches, ``chunk_rows`` at a time: their row ids staged, numbered, in a
+    temporary table when the read starts, as the vault's positions are
+    (:func:`_position_chunks`), so that no more than a chunk of sealed records is held (a
+    whole export refused, or lines of no JSON, can fill the quarantine)."""
+    table = f"_read_quarantine_{uuid.uuid4().hex}"
+    con.execute(
+        f"CREATE TEMP TABLE {table} AS SELECT rowid AS rid, row_number() OVER "
+        f"(ORDER BY batch_id, file_index, position) AS n FROM quarantine WHERE {where}",
+        params,
+    )
+    try:
+        start = 0
+        while chunk := con.execute(
+            f"SELECT q.patient_key, q.resource_type, q.sealed, q.aad FROM {table} t "
+            f"JOIN quarantine q ON q.rowid = t.rid WHERE t.n > ? AND t.n <= ? ORDER BY t.n",
+            [start, start + chunk_rows],
+        ).fetchall():
+            start += chunk_rows
+            yield chunk
+    finally:
+        with contextlib.suppress(duckdb.Error):
+            con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
 _UTF8_BOM = b"\xef\xbb\xbf"
@@ -465,7 +489,10 @@ def quarantined_json(raw: bytes) -> Any:
 
 
 def iter_unattributed_quarantined_records(
-    con: duckdb.DuckDBPyConnection, provider: KeyProvider, resource_types: Sequence[str]
+    con: duckdb.DuckDBPyConnection,
+    provider: KeyProvider,
+    resource_types: Sequence[str],
+    chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[dict[str, Any]]:
     """The records of ``resource_types`` among those the quarantine holds under no patient
     (refused before they could be read as FHIR: no JSON, nested too deep), read as
@@ -474,10 +501,11 @@ def iter_unattributed_quarantined_records(
     if not has_table(con, "quarantine"):
         return
     store = DataKeyStore(con, provider)
-    for sealed, aad in con.execute(_QUARANTINED_UNATTRIBUTED).fetchall():
-        record = quarantined_json(store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER))
-        if isinstance(record, dict) and record.get("resourceType") in resource_types:
-            yield record
+    for chunk in _quarantine_chunks(con, _QUARANTINED_UNATTRIBUTED, [], chunk_rows):
+        for _, _, sealed, aad in chunk:
+            record = quarantined_json(store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER))
+            if isinstance(record, dict) and record.get("resourceType") in resource_types:
+                yield record
 
 
 def iter_quarantined_records(
@@ -487,6 +515,7 @@ def iter_quarantined_records(
     patient_key: str | None = None,
     *,
     skip_destroyed: bool = False,
+    chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The records of ``resource_types`` the quarantine holds under a patient's key (refused by
     validation: no vault row holds them), of one patient or of all, with their patient's
@@ -500,7 +529,8 @@ def iter_quarantined_records(
     store = DataKeyStore(con, provider)
     only = "" if patient_key is None else "AND patient_key = ?"
     params: list[Any] = [list(resource_types), *([] if patient_key is None else [patient_key])]
-    rows = con.execute(_QUARANTINED_OWNED.format(only=only), params).fetchall()
+    where = _QUARANTINED_OWNED.format(only=only)
+    rows = (row for chunk in _quarantine_chunks(con, where, params, chunk_rows) for row in chunk)
     for owner, rtype, sealed, aad in rows:
         try:
             record = orjson.loads(store.open_owned(bytes(sealed), bytes(aad), str(owner)))

@@ -444,3 +444,55 @@ def test_a_read_fetches_its_positions_a_chunk_at_a_time(
         ).fetchall()
     finally:
         con.close()
+
+
+class _RowFetches(_CountingConnection):
+    """Counts the rows each fetch of four columns (the quarantine's sealed records) returns."""
+
+    def fetchall(self) -> list[Any]:
+        rows = self._con.fetchall()
+        if rows and all(len(r) == 4 for r in rows):
+            self.position_fetches.append(len(rows))
+        return rows
+
+
+def test_the_quarantine_is_read_a_chunk_at_a_time(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """The quarantine's records (read for the release's canaries and for `ehr reidentify`)
+    were fetched whole, sealed, before the first was decrypted: a refused export fills the
+    quarantine. Now a chunk at a time, in their order, and what is read is what the test
+    wrote: Patients refused by validation under their patient, and Patients of no JSON
+    (Latin-1) under none."""
+    from vault.read import iter_quarantined_records, iter_unattributed_quarantined_records
+
+    land = tmp_path / "land"
+    land.mkdir()
+    refused = [
+        {"resourceType": "Patient", "id": f"pv-{i}", "birthDate": "23/07/1961",
+         "name": [{"family": f"Vex{i}"}]}
+        for i in range(7)
+    ]  # fmt: skip
+    latin = [
+        json.dumps({"resourceType": "Patient", "id": f"pl-{i}", "name": [{"family": f"Brontë{i}"}]},
+                   ensure_ascii=False).encode("latin-1")
+        for i in range(5)
+    ]  # fmt: skip
+    body = b"\n".join([*(json.dumps(r).encode() for r in refused), *latin, b"not json"]) + b"\n"
+    (land / "p.ndjson").write_bytes(body)
+    path = tmp_path / "w.duckdb"
+    ingest_batch(path, "b1", land, key_provider, workers=1)
+    con = warehouse.connect(path)
+    try:
+        counting = _RowFetches(con)
+        reading: Any = counting
+        owned = list(iter_quarantined_records(reading, key_provider, ["Patient"], chunk_rows=3))
+        assert [r["name"][0]["family"] for _, r in owned] == [f"Vex{i}" for i in range(7)]
+        loose = list(iter_unattributed_quarantined_records(reading, key_provider, ["Patient"], 2))
+        assert [r["name"][0]["family"] for r in loose] == [f"Brontë{i}" for i in range(5)]
+        assert counting.position_fetches and max(counting.position_fetches) <= 3
+        assert not con.execute(
+            "SELECT table_name FROM duckdb_tables() WHERE table_name LIKE '_read_quarantine_%'"
+        ).fetchall()
+    finally:
+        con.close()

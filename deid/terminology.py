@@ -494,7 +494,7 @@ def us_state_code(value: str) -> str | None:
     name, in any case, with runs of spaces as one (``ma``, ``New  York``), or by its code with
     abbreviation dots (``D.C.`` for DC); None for anything else, dots elsewhere (``M.A....``,
     ``Ma.ss``) and values longer than 64 characters. A state is released as its code, so that
-    how a source writes it (``Mass.``, ``ma``, ``Massachusetts``) neither tells sources apart
+    how a source writes it (``M.A.``, ``ma``, ``Massachusetts``) neither tells sources apart
     nor splits one state into several k-anonymity groups."""
     return _place_code(value, _STATE_MAX_CHARS, _STATE_CODES)
 

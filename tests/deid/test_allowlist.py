@@ -784,7 +784,7 @@ def test_a_state_holding_the_patients_zip_or_city_is_not_released(
 @pytest.mark.parametrize("profile", ["research", "safe_harbor"])
 def test_a_state_written_as_its_code_or_name_is_released_as_its_code(profile: str) -> None:
     """Every USPS code and name, in any case and spacing, against a plain list written here,
-    is released as its code: a source's own writing (``Mass.``, ``ma``) was released as
+    is released as its code: a source's own writing (``M.A.``, ``ma``) was released as
     written, telling sources apart and splitting one state into several k-anonymity groups."""
     plain = {"MA": "Massachusetts", "NY": "New York", "DC": "District of Columbia"}
     plain |= {"PR": "Puerto Rico", "WV": "West Virginia", "AE": "Armed Forces Europe"}

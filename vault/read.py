@@ -24,6 +24,7 @@ import duckdb
 import orjson
 
 from fhirlake.content import content_digest
+from fhirlake.readers import BOM
 from vault.catalog import has_table
 from vault.clustered import copied_rows, has_copies
 from vault.errors import InvalidCiphertext, KeyDestroyedError
@@ -457,9 +458,6 @@ def _quarantine_chunks(
             con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-_UTF8_BOM = b"\xef\xbb\xbf"
-
-
 def quarantined_json(raw: bytes) -> Any:
     """The JSON value a record the quarantine holds still reads as, read as its exporter wrote
     it: text that is no UTF-8 in Windows-1252 (Latin-1 where Windows-1252 has no character:
@@ -469,8 +467,8 @@ def quarantined_json(raw: bytes) -> Any:
     it starts with (a line of NDJSON files joined end to end, each with its mark: the reader
     drops the first line's only). None when it reads as no JSON (a line cut short) or nests
     too deep to read."""
-    while raw.startswith(_UTF8_BOM):
-        raw = raw[len(_UTF8_BOM) :]
+    while raw.startswith(BOM):
+        raw = raw[len(BOM) :]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:

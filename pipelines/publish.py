@@ -427,8 +427,10 @@ def publish_in_place(
     temporary Parquet file, and the files are renamed over their targets before the commit.
     A crash before the commit leaves the tables and the bookkeeping as they were (the next
     refresh redoes the same rows); a file renamed by then already holds what that refresh
-    writes again."""
+    writes again. A commit that fails (an I/O error, a conflict), as any other error, puts
+    every file back as it was: the tables and their files stay alike."""
     temporaries: list[tuple[Path, Path]] = []
+    previous: list[tuple[Path | None, Path]] = []
     con.execute("BEGIN TRANSACTION")
     try:
         for change in changes:
@@ -451,6 +453,7 @@ def publish_in_place(
                 source = f"(SELECT * FROM {change.table} ORDER BY {change.order_by})"
             _copy_parquet(con, source, tmp, change.compression)
         for tmp, target in temporaries:
+            previous.append((_second_name(target), target))
             os.replace(tmp, target)
         con.execute("COMMIT")
     except BaseException:
@@ -458,7 +461,34 @@ def publish_in_place(
             con.execute("ROLLBACK")
         for tmp, _ in temporaries:
             tmp.unlink(missing_ok=True)
+        _put_back(previous)
         raise
+    for kept, _ in previous:
+        if kept is not None:
+            kept.unlink(missing_ok=True)
     for directory in {target.parent for _, target in temporaries}:
         fsync_dir(directory)
     return result
+
+
+def _second_name(target: Path) -> Path | None:
+    """A second name (a hard link, named as a publish's temporary file) for the file at
+    ``target``, to put back if the transaction its replacement belongs to does not commit;
+    None when there is no file. A process killed before it is removed leaves it as it leaves
+    a temporary file: the next publish of ``target`` removes it (:func:`unfinished_temporaries`)."""
+    if not target.exists():
+        return None
+    kept = _new_temporary(target)
+    kept.unlink()
+    os.link(target, kept)
+    return kept
+
+
+def _put_back(previous: list[tuple[Path | None, Path]]) -> None:
+    """Each target as it was before its file was renamed over it (or no file, where there was
+    none): the transaction the new files belong to did not commit."""
+    for kept, target in previous:
+        if kept is None:
+            target.unlink(missing_ok=True)
+        else:
+            os.replace(kept, target)

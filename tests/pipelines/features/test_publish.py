@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pyarrow.parquet as pq
@@ -257,3 +258,35 @@ def test_unfinished_temporaries_are_the_publishes_own_names_only(tmp_path: Path)
         ".u.parquet.0123abcd.tmp"
     ]
     assert publish.unfinished_temporaries(tmp_path / "absent") == []
+
+
+class _CommitFails:
+    """A connection whose COMMIT fails, as one does on an I/O error: everything else is the
+    DuckDB connection's own."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self._con = con
+
+    def execute(self, sql: str, *args: Any) -> duckdb.DuckDBPyConnection:
+        if sql.strip().upper() == "COMMIT":
+            raise duckdb.IOException("IO Error: could not write the database file")
+        return self._con.execute(sql, *args)
+
+
+def test_in_place_a_commit_that_fails_puts_every_file_back(tmp_path: Path) -> None:
+    """The new files were renamed over the old ones before the COMMIT; when it failed, the
+    tables were rolled back and the files kept the rows never committed, until the next
+    refresh wrote them again. Now both stay as they were, and nothing is left beside them."""
+    con, changes = _in_place_setup(tmp_path)
+    changes.append(
+        publish.TableChange("s.log", tmp_path / "log.parquet", ("INSERT INTO s.log VALUES ('x')",))
+    )
+    before = {name: (tmp_path / f"{name}.parquet").read_bytes() for name in ("a", "b")}
+    with pytest.raises(duckdb.IOException):
+        publish.publish_in_place(_CommitFails(con), changes)  # type: ignore[arg-type]
+    for name in ("a", "b"):
+        assert _published(con, tmp_path, name) == ([0, 1, 2, 3], [0, 1, 2, 3])
+        assert (tmp_path / f"{name}.parquet").read_bytes() == before[name]
+    assert con.execute("SELECT count(*) FROM s.log").fetchall() == [(0,)]
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("w.duckdb"))
+    assert left == ["a.parquet", "b.parquet"]

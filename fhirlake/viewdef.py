@@ -396,15 +396,26 @@ def _date_sql(name: str, fhir_type: str) -> str:
     )
 
 
+# A leap second (R4's time and instant take ``:60``), which a TIMESTAMPTZ cannot hold: read as
+# the last microsecond of its minute, after every instant of the second before and on its own day
+_LEAP_SECOND = r"T(\d\d:\d\d):60(\.\d+)?"
+_IN_LEAP_SECOND = r"T\1:59.999999"
+
+
 def instant_sql(text: str) -> str:
     """SQL for the instant a FHIR dateTime or instant with a time (the SQL expression ``text``)
     stands for, as TIMESTAMPTZ; NULL when it is not one. Its offset is applied, so values
     written in other zones compare as the moments they are (as text, ``10:00:00+05:00`` sorts
     after ``06:00:00Z``, an hour later); one without an offset is read as UTC, never in the
-    server's time zone."""
+    server's time zone. A leap second (``23:59:60``) is the last microsecond before the next
+    minute (``23:59:59.999999``), not NULL: a version updated in it would rank as undated."""
+    read = (
+        f"CASE WHEN contains({text}, ':60') THEN regexp_replace({text}, '{_LEAP_SECOND}', "
+        f"'{_IN_LEAP_SECOND}') ELSE {text} END"
+    )
     return (
-        f"TRY_CAST(CASE WHEN regexp_matches({text}, '(Z|[+-]\\d\\d:\\d\\d)$') "
-        f"THEN {text} ELSE {text} || '+00:00' END AS TIMESTAMPTZ)"
+        f"TRY_CAST(({read}) || CASE WHEN regexp_matches({text}, '(Z|[+-]\\d\\d:\\d\\d)$') "
+        "THEN '' ELSE '+00:00' END AS TIMESTAMPTZ)"
     )
 
 

@@ -17,6 +17,7 @@ from fhirlake.viewdef import (
     ViewColumn,
     ViewDefinitionError,
     duckdb_type,
+    instant_sql,
     iter_fhir_resources,
     load_view,
     write_view_table,
@@ -160,6 +161,19 @@ def test_rows_union_components_and_reference_keys() -> None:
         "component",
         "value",
     ]
+
+
+def test_a_leap_second_is_an_instant_after_the_second_before_it() -> None:
+    """R4 instants take ``:60``, a leap second no TIMESTAMPTZ holds: it reads as the last
+    microsecond of its minute, on its own day, after the second before it, not as no instant."""
+    texts = ["2016-12-31T23:59:59.5Z", "2016-12-31T23:59:60Z", "2017-01-01T00:00:00Z"]
+    texts += ["2016-12-31T23:59:60.25+01:00", "2016-12-31T10:60:00Z"]
+    con = duckdb.connect()
+    read = [con.execute(f"SELECT {instant_sql('$1')}", [t]).fetchone()[0] for t in texts]  # type: ignore[index]
+    assert read[0] < read[1] < read[2]
+    assert read[1].isoformat() == "2016-12-31T23:59:59.999999+00:00"
+    assert read[3].isoformat() == "2016-12-31T22:59:59.999999+00:00"
+    assert read[4] is None  # a minute of 60 is no instant
 
 
 def test_declared_types_in_duckdb_and_parquet(tmp_path: Path) -> None:

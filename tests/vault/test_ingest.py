@@ -297,6 +297,34 @@ def test_within_a_batch_versions_told_apart_by_their_instant_are_kept_and_ordere
         con.close()
 
 
+def test_a_last_updated_in_a_leap_second_is_the_instant_it_names(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """R4's instant takes a leap second (``23:59:60``), and ingest accepts it. It is read as the
+    last instant of its minute, after ``23:59:59``: a version updated in it supersedes one
+    updated the second before, in a later batch and in the same one (two instants tell two
+    versions apart), and one without a lastUpdated still ranks below it."""
+    leap, before = "2016-12-31T23:59:60Z", "2016-12-31T23:59:59.5Z"
+    _write(tmp_path / "b1", "p.json", dict(PATIENT, gender="male", meta={"lastUpdated": before}))
+    _write(tmp_path / "b2", "p.json", dict(PATIENT, gender="female", meta={"lastUpdated": leap}))
+    _write(tmp_path / "b3", "e.json", dict(ENCOUNTER, meta={"lastUpdated": leap}))
+    _write(tmp_path / "b3", "f.json", dict(ENCOUNTER, status="cancelled"))
+    wh = tmp_path / "w.duckdb"
+    for name in ("b1", "b2"):
+        ingest_batch(wh, name, tmp_path / name, key_provider, workers=1)
+    third = ingest_batch(wh, "b3", tmp_path / "b3", key_provider, workers=1)
+    assert third.outcomes == {"new": 2} and third.quarantine_reasons == {}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        patient = read_resource(con, key_provider, "Patient", PID)
+        encounter = read_resource(con, key_provider, "Encounter", EID)
+        assert all(reconcile_batch(con, b).passed for b in ("b1", "b2", "b3"))
+    finally:
+        con.close()
+    assert patient is not None and patient["gender"] == "female"
+    assert encounter is not None and encounter["status"] == "finished"
+
+
 def test_tampered_vault_row_is_detected(tmp_path: Path, key_provider: FileKeyProvider) -> None:
     _write(tmp_path / "land", "p.json", PATIENT)
     wh = tmp_path / "w.duckdb"

@@ -393,7 +393,8 @@ _GIVE_BACK = (
 
 # Rank this batch's rows of one resource: identical content repeats are harmless; different
 # content under the same versionId, or without one under the same lastUpdated instant (or
-# neither), is a conflict nobody can settle here. Versions told apart by their versionId or,
+# neither), is a conflict nobody can settle here, and so is a repeat of a conflict (its content is
+# not kept: a repeat of it is no harmless one). Versions told apart by their versionId or,
 # without one, by their lastUpdated instant are all kept, and the newest is current (the rule
 # across batches: warehouse.NEWEST_VERSION_FIRST). Then compare with what earlier batches stored:
 # content an earlier version holds is a repeat (`unchanged`), unless this record is newer than
@@ -412,6 +413,13 @@ WITH ranked AS (
                                   't:' || CAST({instant_sql("s.last_updated")} AS VARCHAR), '')
                               ORDER BY s.file_index, s.position) AS version_rank
     FROM phi_vault s WHERE s.batch_id = $b
+),
+-- whether the first record of each content was itself a conflict (its repeats are then too)
+firsts AS (
+    SELECT *, first_value(version_rank) OVER (
+               PARTITION BY resource_key, content_mac ORDER BY file_index, position
+           ) > 1 AS repeats_conflict
+    FROM ranked
 ),
 earlier AS (
     SELECT resource_key, content_mac, version_id, last_updated, ingest_seq FROM phi_vault
@@ -443,7 +451,7 @@ sets_back AS (
 )
 SELECT r.file_index, r.position,
     CASE
-        WHEN r.content_rank > 1 THEN 'duplicate_identical'
+        WHEN r.content_rank > 1 AND NOT r.repeats_conflict THEN 'duplicate_identical'
         WHEN r.version_rank > 1 THEN 'duplicate_conflict'
         WHEN EXISTS (SELECT 1 FROM earlier e WHERE e.resource_key = r.resource_key
                      AND e.content_mac = r.content_mac)
@@ -453,7 +461,7 @@ SELECT r.file_index, r.position,
                      WHERE e.resource_key = r.resource_key) THEN 'updated'
         ELSE 'new'
     END AS outcome
-FROM ranked r
+FROM firsts r
 """
 
 # Conflicting repeats move, still sealed, to the quarantine ($now is the batch's time).

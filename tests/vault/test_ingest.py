@@ -268,6 +268,33 @@ def test_within_batch_duplicates_and_dangling_references(
     assert all("Quillfeather" not in m and "nowhere" not in m for m in messages)
 
 
+def test_a_repeat_of_a_conflicting_record_is_a_conflict_too(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """One Patient three ways in one export, no versionId or lastUpdated: the first is kept,
+    the second (other content) is a conflict, and so is the third, identical to the second:
+    it is no harmless repeat of a record the vault holds, and its content is not in the vault.
+    A repeat of the kept record is still a repeat."""
+    land = tmp_path / "land"
+    changed = dict(PATIENT, gender="other")
+    for n, record in enumerate((PATIENT, changed, changed, PATIENT)):
+        _write(land, f"{n}.json", record)
+    wh = tmp_path / "w.duckdb"
+    report = ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert report.records_in == 4
+    assert report.outcomes == {"new": 1, "duplicate_identical": 1}
+    assert report.quarantine_reasons == {"duplicate_conflict": 2}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        assert reconcile_batch(con, "b1").passed
+        ((quarantined,),) = con.execute("SELECT count(*) FROM quarantine").fetchall()
+        current = read_resource(con, key_provider, "Patient", PID)
+    finally:
+        con.close()
+    assert quarantined == 2
+    assert current is not None and "gender" not in current
+
+
 def test_within_a_batch_versions_told_apart_by_their_instant_are_kept_and_ordered(
     tmp_path: Path, key_provider: FileKeyProvider
 ) -> None:

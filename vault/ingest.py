@@ -400,7 +400,9 @@ _GIVE_BACK = (
 # content an earlier version holds is a repeat (`unchanged`), unless this record is newer than
 # every earlier version and the current one holds other content. That is a resource set back to
 # what it was (a consent active, then inactive, then active again, exported without versionId
-# or lastUpdated): the export's latest word, a version of its own that becomes current.
+# or lastUpdated): the export's latest word, a version of its own that becomes current. Not so
+# a batch whose files are another batch's (the same fingerprint: a folder renamed, or copied
+# with its times): the same delivery again, arriving late, is no later word.
 _RANK_STAGED_ROWS = f"""
 CREATE OR REPLACE TEMP TABLE _fate AS
 WITH ranked AS (
@@ -442,12 +444,13 @@ newest AS (
                               ORDER BY {warehouse.NEWEST_VERSION_FIRST}) AS newness
     FROM rivals
 ),
--- records newer than every earlier version whose current one holds other content
+-- records newer than every earlier version whose current one holds other content, in a batch
+-- that is no delivery again of another batch's files ($redelivered: vault.landing's fingerprint)
 sets_back AS (
     SELECT s.file_index, s.position FROM newest s
     JOIN newest c ON c.file_index = s.file_index AND c.position = s.position
     WHERE s.staged AND s.newness = 1 AND NOT c.staged AND c.newness = 2
-      AND c.content_mac <> s.content_mac
+      AND c.content_mac <> s.content_mac AND NOT $redelivered
 )
 SELECT r.file_index, r.position,
     CASE
@@ -581,11 +584,14 @@ class BatchIngestor:
         batch_id: str,
         workers: int,
         server_base: str | None = None,
+        fingerprint: str | None = None,
     ) -> None:
         self.con = con
         self.batch_id = batch_id
         self.workers = workers
         self.server_base = server_base
+        # the folder's fingerprint (vault.landing): another batch's is the same files again
+        self.fingerprint = fingerprint
         # refused before anything is written when the key is not the vault's own
         self.pseudo = bind_pseudonym_key(con, provider)
         self.keys = DataKeyStore(con, provider)
@@ -1071,7 +1077,7 @@ class BatchIngestor:
         self._settle_conditional_owners()
         self._refuse_erased_compartments()
         batch = {"b": self.batch_id}
-        self.con.execute(_RANK_STAGED_ROWS, batch)
+        self.con.execute(_RANK_STAGED_ROWS, self._ranking())
         ((handed,),) = self.con.execute("SELECT count(*) FROM _handover").fetchall()
         if handed:
             # the rows given back and this batch's ledger settle together: a pass dying
@@ -1090,6 +1096,15 @@ class BatchIngestor:
         sync_clustered(self.con)
         self._summarise()
 
+    def _ranking(self) -> dict[str, object]:
+        """The parameters of ``_RANK_STAGED_ROWS``: the batch, and whether its files are those
+        of another batch (the same folder fingerprint), whose records set nothing back."""
+        ((redelivered,),) = self.con.execute(
+            "SELECT count(*) > 0 FROM batches WHERE batch_id <> ? AND source_fingerprint = ?",
+            [self.batch_id, self.fingerprint],
+        ).fetchall()
+        return {"b": self.batch_id, "redelivered": bool(redelivered)}
+
     def _settle_fate(self) -> None:
         batch = {"b": self.batch_id}
         self.con.execute(_QUARANTINE_CONFLICTS, {**batch, "now": self.now})
@@ -1106,7 +1121,7 @@ class BatchIngestor:
             return
         for sql in _GIVE_BACK:
             self.con.execute(sql)
-        self.con.execute(_RANK_STAGED_ROWS, batch)  # now `new` or `updated`, as before
+        self.con.execute(_RANK_STAGED_ROWS, self._ranking())  # `new` or `updated`, as before
         # a batch that got every handed row back gets its report back as it was (the
         # de-identification ledger keys on it: nothing of that batch changed)
         self.con.execute(
@@ -1338,7 +1353,9 @@ def ingest_batch(
     # with the batch. Each flush commits; a failed batch is re-run, and start() first removes
     # whatever that batch wrote, so the retry lands on a clean slate.
     try:
-        ingestor = BatchIngestor(con, provider, batch_id, workers, server_base or None)
+        ingestor = BatchIngestor(
+            con, provider, batch_id, workers, server_base or None, fingerprint=fingerprint
+        )
         ingestor.start()
         ingestor.register_files(files, skipped)
         notes: list[FileNote] = []

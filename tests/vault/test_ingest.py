@@ -209,6 +209,41 @@ def test_a_resource_set_back_to_an_earlier_content_is_its_newest_version(
         con.close()
 
 
+def test_an_export_delivered_again_under_another_name_sets_nothing_back(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """An export, then a correction without versionId or lastUpdated (an encounter entered in
+    error), then the first export's folder renamed (or copied with its times): the same files,
+    the same fingerprint. Its records repeat what the vault holds; none of them is the latest
+    word, so the correction stays current. A later export with those contents in files of its
+    own (another fingerprint) still sets the encounter back, as any export may."""
+    first, correction = tmp_path / "first", tmp_path / "correction"
+    encounter = dict(ENCOUNTER, subject={"reference": f"Patient/{PID}"})
+    _write(first, "e.json", encounter)
+    _write(first, "p.json", PATIENT)
+    _write(correction, "e.json", dict(encounter, status="entered-in-error"))
+    wh = tmp_path / "w.duckdb"
+    ingest_batch(wh, "first", first, key_provider, workers=1, fingerprint="f-first")
+    ingest_batch(wh, "correction", correction, key_provider, workers=1, fingerprint="f-fix")
+    renamed = ingest_batch(wh, "renamed", first, key_provider, workers=1, fingerprint="f-first")
+    assert renamed.outcomes == {"unchanged": 2}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        current = read_resource(con, key_provider, "Encounter", EID)
+    finally:
+        con.close()
+    assert current is not None and current["status"] == "entered-in-error"
+    later = ingest_batch(wh, "later", first, key_provider, workers=1, fingerprint="f-later")
+    assert later.outcomes == {"updated": 1, "unchanged": 1}
+    con = warehouse.connect(wh, read_only=True)
+    try:
+        current = read_resource(con, key_provider, "Encounter", EID)
+        assert all(reconcile_batch(con, b).passed for b in ("first", "renamed", "later"))
+    finally:
+        con.close()
+    assert current is not None and current["status"] == "finished"
+
+
 def test_a_version_id_is_kept_in_plain_text_only_as_a_counter(
     tmp_path: Path, key_provider: FileKeyProvider
 ) -> None:

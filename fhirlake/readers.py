@@ -1080,26 +1080,29 @@ _METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH"}
 
 def _entry_shell_error(position: int, entry: Any) -> str | None:
     """Bundle.entry minus its resource, checked by hand: the R4B model costs as much per entry
-    as validating a small resource, and the resource itself is validated on its own."""
+    as validating a small resource, and the resource itself is validated on its own. The
+    message names the entry as FHIRPath and the schema's messages do, from 0 (``position``, the
+    record's place in the file, counts from 1)."""
+    at = f"Bundle.entry[{position - 1}]"
     if not isinstance(entry, dict):
-        return f"Bundle.entry[{position}]: not an object"
+        return f"{at}: not an object"
     if not entry.keys() <= _ENTRY_KEYS:
-        return f"Bundle.entry[{position}]: unknown element"
+        return f"{at}: unknown element"
     full_url = entry.get("fullUrl")
     if full_url is not None and (not isinstance(full_url, str) or not full_url.strip()):
-        return f"Bundle.entry[{position}].fullUrl: not a non-empty uri"
+        return f"{at}.fullUrl: not a non-empty uri"
     request = entry.get("request")
     if request is not None:
         method = request.get("method") if isinstance(request, dict) else None
         if not isinstance(method, str) or method not in _METHODS:
-            return f"Bundle.entry[{position}].request.method: missing or not an HTTP verb code"
+            return f"{at}.request.method: missing or not an HTTP verb code"
         if not isinstance(request.get("url"), str) or not request["url"].strip():
-            return f"Bundle.entry[{position}].request.url: missing"
+            return f"{at}.request.url: missing"
     response = entry.get("response")
     if response is not None and (
         not isinstance(response, dict) or not isinstance(response.get("status"), str)
     ):
-        return f"Bundle.entry[{position}].response.status: missing"
+        return f"{at}.response.status: missing"
     return None
 
 

@@ -154,6 +154,29 @@ def test_streamed_bundle_defects(tmp_path: Path) -> None:
     assert [r.error[0] for r in b if r.error] == ["invalid_json"]
 
 
+@pytest.mark.parametrize("stream_above", [None, 0])
+def test_a_bundle_entry_is_named_from_zero_as_fhirpath_names_it(
+    tmp_path: Path, stream_above: int | None
+) -> None:
+    """The second entry's fullUrl is empty: the message names ``Bundle.entry[1]``, as FHIRPath
+    and the schema's messages name the second element (it said ``Bundle.entry[2]``)."""
+    from fhirlake.readers import SourceFile
+
+    bundle = {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"fullUrl": "urn:uuid:1", "resource": {"resourceType": "Basic", "id": "a"}},
+            {"fullUrl": " ", "resource": {"resourceType": "Basic", "id": "b"}},
+        ],
+    }
+    (tmp_path / "a.json").write_bytes(orjson.dumps(bundle))
+    source = SourceFile(0, tmp_path / "a.json", "json")
+    kwargs = {} if stream_above is None else {"stream_above": stream_above}
+    messages = {r.error[1] for r in iter_records(source, **kwargs) if r.error}
+    assert messages == {"Bundle.entry[1].fullUrl: not a non-empty uri"}
+
+
 MARK = "Zq7MarkerValue"
 
 

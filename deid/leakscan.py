@@ -191,6 +191,9 @@ SCAN_RULES: tuple[str, ...] = (
     "unattributed_quarantined_records",
     # ... after the UTF-8 byte-order marks such a record starts with (NDJSON files joined)
     "unattributed_quarantined_records_after_byte_order_marks",
+    # ... in UTF-16 or UTF-32 (a whole file refused), line by line, a Bundle's entries, and
+    # nested deeper than orjson reads
+    "unattributed_quarantined_records_wide_lines_bundles_deep",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

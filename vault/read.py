@@ -12,6 +12,7 @@ views and features never do.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import duckdb
+import ijson
 import orjson
 
 from fhirlake.content import content_digest
@@ -458,32 +460,89 @@ def _quarantine_chunks(
             con.execute(f"DROP TABLE IF EXISTS {table}")
 
 
-def quarantined_json(raw: bytes) -> Any:
-    """The JSON value a record the quarantine holds still reads as, read as its exporter wrote
-    it: text that is no UTF-8 in Windows-1252 (Latin-1 where Windows-1252 has no character:
-    an export in a legacy encoding, whose records with a letter outside ASCII, a Patient
-    named Brontëwald, are no UTF-8 while the others are), and ``NaN`` or ``Infinity`` (which
-    Python's json module writes for such a float) as numbers, after the UTF-8 byte-order marks
-    it starts with (a line of NDJSON files joined end to end, each with its mark: the reader
-    drops the first line's only). None when it reads as no JSON (a line cut short) or nests
-    too deep to read."""
+# the byte-order marks of the wide Unicode forms, each with its codec (UTF-32's first: UTF-32 LE
+# opens with UTF-16 LE's mark): an export re-saved by a Windows tool (PowerShell's Out-File) is
+# UTF-16, and the reader refuses such a file whole, one record of no patient
+_WIDE_FORMS = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+
+
+def quarantined_text(raw: bytes) -> str:
+    """The text of a record the quarantine holds, read as its exporter wrote it: after the UTF-8
+    byte-order marks it starts with (a line of NDJSON files joined end to end, each with its
+    mark: the reader drops the first line's only), in UTF-16 or UTF-32 when it opens with
+    their mark, else in UTF-8, and text that is no UTF-8 in Windows-1252 (Latin-1 where
+    Windows-1252 has no character: an export in a legacy encoding, whose records with a letter
+    outside ASCII, a Patient named Brontëwald, are no UTF-8 while the others are)."""
     while raw.startswith(BOM):
         raw = raw[len(BOM) :]
+    for mark, codec in _WIDE_FORMS:
+        if raw.startswith(mark):
+            with contextlib.suppress(UnicodeDecodeError):
+                return raw.decode(codec)
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
         try:
-            text = raw.decode("cp1252")
+            return raw.decode("cp1252")
         except UnicodeDecodeError:
-            text = raw.decode("latin-1")
+            return raw.decode("latin-1")
+
+
+def _text_json(text: str) -> Any:
+    """The JSON value ``text`` reads as, ``NaN`` and ``Infinity`` as numbers, and nested deeper
+    than orjson and Python's json module read (ijson builds it without recursing); None when
+    it reads as none."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
         pass
     try:
         return json.loads(text)
-    except (ValueError, RecursionError):
+    except RecursionError:
+        pass
+    except ValueError:
         return None
+    try:
+        return next(ijson.items(text.encode("utf-8", "surrogatepass"), "", use_float=True), None)
+    except (ijson.JSONError, UnicodeEncodeError):
+        return None
+
+
+def quarantined_json(raw: bytes) -> Any:
+    """The JSON value a record the quarantine holds still reads as (its text as
+    :func:`quarantined_text` reads it), with ``NaN`` or ``Infinity`` (which Python's json
+    module writes for such a float) as numbers, nested however deep. None when it reads as no
+    JSON (a line cut short)."""
+    return _text_json(quarantined_text(raw))
+
+
+def quarantined_resources(raw: bytes) -> Iterator[dict[str, Any]]:
+    """The resources a record the quarantine holds still reads as: its JSON object
+    (:func:`quarantined_json`), or, when it is none, that of each of its lines (a whole NDJSON
+    file the reader refused as one record, in UTF-16), each Bundle among them as the resources
+    of its entries, at any depth (a Bundle line in Latin-1 carries its Patient)."""
+    text = quarantined_text(raw)
+    value = _text_json(text)
+    if value is None:
+        lines = (line.strip().lstrip("\ufeff") for line in text.splitlines())
+        values: list[Any] = [_text_json(line) for line in lines if line]
+    else:
+        values = [value]
+    pending = values[::-1]
+    while pending:
+        item = pending.pop()
+        if not isinstance(item, dict):
+            continue
+        if item.get("resourceType") == "Bundle" and isinstance(item.get("entry"), list):
+            entries = [e.get("resource") for e in item["entry"] if isinstance(e, dict)]
+            pending.extend(entries[::-1])
+        else:
+            yield item
 
 
 def iter_unattributed_quarantined_records(
@@ -493,17 +552,18 @@ def iter_unattributed_quarantined_records(
     chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[dict[str, Any]]:
     """The records of ``resource_types`` among those the quarantine holds under no patient
-    (refused before they could be read as FHIR: no JSON, nested too deep), read as
-    :func:`quarantined_json` reads them, decrypted: a Patient refused so names its patient
-    while the patient's other records are accepted and released."""
+    (refused before they could be read as FHIR: no JSON, nested too deep, a whole file in
+    UTF-16), read as :func:`quarantined_resources` reads them, decrypted: a Patient refused
+    so names its patient while the patient's other records are accepted and released."""
     if not has_table(con, "quarantine"):
         return
     store = DataKeyStore(con, provider)
     for chunk in _quarantine_chunks(con, _QUARANTINED_UNATTRIBUTED, [], chunk_rows):
         for _, _, sealed, aad in chunk:
-            record = quarantined_json(store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER))
-            if isinstance(record, dict) and record.get("resourceType") in resource_types:
-                yield record
+            raw = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
+            for record in quarantined_resources(raw):
+                if record.get("resourceType") in resource_types:
+                    yield record
 
 
 def iter_quarantined_records(

@@ -205,6 +205,7 @@ def _unattributed_quarantine_naming(
     appear: they are erased with the patient. Decrypted here, never shown. Another patient's
     record that names them (a surname they share) is erased too: an erasure errs toward
     leaving nothing."""
+    from vault.read import quarantined_text
     from vault.sealing import SHARED_OWNER, DataKeyStore
 
     if subject.empty:
@@ -215,7 +216,7 @@ def _unattributed_quarantine_naming(
         _UNATTRIBUTED_QUARANTINE
     ).fetchall():
         text = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
-        if subject.hits(text.decode("utf-8", "replace")):
+        if subject.hits(quarantined_text(text)):
             found.append((str(batch_id), int(file_index), int(position)))
     return tuple(found)
 

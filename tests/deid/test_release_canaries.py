@@ -655,7 +655,8 @@ def test_a_patient_refused_before_it_reads_as_fhir_is_read_for_canaries(
         (b"\xff\xfe{not json", None),
         (b'\xef\xbb\xbf{"name": "Renee"}', {"name": "Renee"}),  # a mark first
         (b'\xef\xbb\xbf\xef\xbb\xbf{"name": "Ren\xe9e"}', {"name": "Renée"}),
-        (b"[" * 5000 + b"]" * 5000, None),  # too deep for either reader
+        ('{"name": "Brontëwald"}'.encode("utf-16"), {"name": "Brontëwald"}),
+        ('{"name": "Brontëwald"}'.encode("utf-32"), {"name": "Brontëwald"}),
     ],
 )
 def test_a_quarantined_record_is_read_as_its_exporter_wrote_it(raw: bytes, expected: Any) -> None:
@@ -666,3 +667,53 @@ def test_a_quarantined_record_is_read_as_its_exporter_wrote_it(raw: bytes, expec
         assert math.isnan(got["n"]) and got["m"] == -math.inf
     else:
         assert got == expected
+
+
+def test_a_record_nested_deeper_than_orjson_reads_is_read() -> None:
+    from vault.read import quarantined_json
+
+    got = quarantined_json(b'{"name": "Renee", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    assert got["name"] == "Renee"
+
+
+def _patient(i: int, family: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Patient",
+        "id": f"pw{i}",
+        "name": [{"family": family, "given": ["Renée"]}],
+        "identifier": [{"system": "http://hospital.example.org/mrn", "value": f"7712{i:04d}"}],
+    }
+
+
+def test_patients_of_a_whole_file_or_bundle_refused_are_read_for_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """Patients the quarantine holds under no patient inside one record: an NDJSON file in
+    UTF-16 (as PowerShell's Out-File writes it), which the reader refuses whole; a Bundle line,
+    and a Bundle document, in Windows-1252; a Patient nested deeper than orjson reads. Their
+    Observations, in another file, are accepted and released under them: each Patient gave no
+    canary."""
+    families = {1: "Quorvexa", 2: "Pellowynd", 3: "Brontëfell", 4: "Zoëmarch", 5: "Tarrowick"}
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    wide = "".join(json.dumps(_patient(i, families[i])) + "\n" for i in (1, 2))
+    (batch / "patients.ndjson").write_bytes(wide.encode("utf-16"))
+    for i, name in ((3, "line.ndjson"), (4, "doc.json")):
+        bundle = {"resourceType": "Bundle", "type": "collection"}
+        bundle["entry"] = [{"resource": _patient(i, families[i])}]
+        (batch / name).write_bytes(json.dumps(bundle, ensure_ascii=False).encode("cp1252"))
+    deep = '{"extension": [' * 1100 + '{"url": "http://e.org/x"}' + "]}" * 1100
+    deep_line = json.dumps(_patient(5, families[5]))[:-1] + f', "_gender": {deep}}}'
+    (batch / "deep.ndjson").write_text(deep_line + "\n")
+    observations = [
+        {"resourceType": "Observation", "id": f"ow{i}", "status": "final"}
+        | {"code": {"text": "x"}, "subject": {"reference": f"Patient/pw{i}"}}
+        for i in families
+    ]
+    (batch / "obs.ndjson").write_text("".join(json.dumps(o) + "\n" for o in observations))
+    report = ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    assert (report.accepted, report.quarantine_reasons) == (5, {"invalid_json": 4})
+    canaries = _fresh(vault_with_batch, key_provider)
+    for i, family in families.items():
+        assert canaries.find(f"LAB-{family.upper()}") == ["name"], family
+        assert canaries.find(f"MRN7712{i:04d}") == ["identifier"], family

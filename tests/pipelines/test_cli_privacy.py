@@ -445,6 +445,23 @@ def test_forget_erases_the_unreadable_records_that_name_the_patient(
     assert _quarantined_texts(work, key_file) == []
 
 
+def test_forget_erases_an_unreadable_record_in_utf16_that_names_the_patient(
+    work: Path, key_file: Path, tmp_path: Path
+) -> None:
+    """A file in UTF-16 (as PowerShell's Out-File writes it) is refused whole, one record of no
+    patient: read as UTF-8, its text held no identifier of the patient, and the record naming
+    them stayed after the erasure."""
+    land = tmp_path / "land2"
+    land.mkdir()
+    line = '{"resourceType":"Observation","id":"o1","subject":{"reference":"Patient/p7"}}\n'
+    (land / "wide.ndjson").write_bytes(line.encode("utf-16"))
+    ingest_batch(work / "warehouse.duckdb", "b2", land, FileKeyProvider.load(key_file), workers=1)
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    forgot = CliRunner().invoke(forget, ["p7", "--reason", "ticket 4711", *common])
+    assert forgot.exit_code == 0, forgot.output
+    assert json.loads(forgot.stdout)["rows_deleted"]["quarantine_unattributed"] == 1
+
+
 def test_a_name_the_patient_had_before_still_names_them(
     work: Path, key_file: Path, tmp_path: Path
 ) -> None:

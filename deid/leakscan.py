@@ -194,6 +194,8 @@ SCAN_RULES: tuple[str, ...] = (
     # ... in UTF-16 or UTF-32 (a whole file refused), line by line, a Bundle's entries, and
     # nested deeper than orjson reads
     "unattributed_quarantined_records_wide_lines_bundles_deep",
+    # a name written as text: its first and last names past its titles and suffixes
+    "name_text_without_affixes",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -210,6 +212,11 @@ _DATE_RUN = re.compile(r"\d{4}-\d{1,2}-\d{1,2}|\d{1,2}[/-]\d{1,2}[/-]\d{2,4}")
 _TIME_RUN = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:[+-]\d{2}:\d{2})?")
 _SEPARATOR = re.compile(r"[ ().\-/:+<>=]+")
 _WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
+# titles, generations and degrees a name written as text carries around it (``Mrs. Zephyrine
+# Quillfeather``, ``Quillfeather, Zephyrine, Jr``): not its first or last name
+_NAME_AFFIXES = frozenset(
+    "mr mrs ms miss mx dr prof rev fr sir dame jr sr ii iii iv md phd rn dds esq".split()
+)
 # what joins the parts of one name into a word: O'Brien (or its typographic apostrophe, U+2019),
 # Pemberly-Quasht
 _NAME_JOINERS = re.compile(r"['\u2019-]")
@@ -616,7 +623,8 @@ class CanarySet:
         """A HumanName or a name string: its parts; a given name or a family name written with
         punctuation or spaces (``O'Quarrigan``, ``Mary Ann``) as a name of its own too; and
         given + family as a full name (also glued into one word, either way round), or, for a
-        name given as text alone, its first and last words."""
+        name given as text alone, its first and last words past its titles and suffixes
+        (``Zephyrine`` and ``Quillfeather`` of ``Mrs. Zephyrine Quillfeather, Jr``)."""
         self.add_person(_name_parts(name))
         text = name if isinstance(name, str) else None
         pairs: list[tuple[str, str]] = []
@@ -629,7 +637,9 @@ class CanarySet:
             if given and isinstance(family, str):
                 pairs.append((given[0], family))
             text = name.get("text") if isinstance(name.get("text"), str) else None
-        words = _WORD.findall(text) if text else []
+        words = (
+            [w for w in _WORD.findall(text) if w.casefold() not in _NAME_AFFIXES] if text else []
+        )
         if len(words) >= 2:
             pairs.append((words[0], words[-1]))
         for first, last in dict.fromkeys(pairs):

@@ -865,3 +865,16 @@ def test_a_record_naming_a_person_it_refers_to_by_identifier_is_withheld(
     assert "73519264" not in str(raised.value)
     assert "quillfeather" not in str(raised.value).casefold()
     engine.apply(record("GLU"))  # one that names no one is released
+
+
+@pytest.mark.parametrize("display", ["Mrs. Zephyrine Quillfeather", "Quillfeather, Zephyrine, Jr"])
+def test_a_record_naming_its_patient_by_a_titled_display_is_withheld(display: str) -> None:
+    """A patient named by ``display`` alone, with a title or a suffix: a local code holding
+    their full name glued was released, its full name read as ``Mrs Quillfeather``."""
+    policy = Policy.shipped("research")
+    engine = Deidentifier(policy, DeidSecrets.derive(b"\x01" * 32, policy), today=TODAY)
+    record = _with_patient_by_identifier("ZEPHYRINEQUILLFEATHER")
+    record["subject"] = {"display": display}
+    with pytest.raises(ProcessingError) as raised:
+        engine.apply(record)
+    assert raised.value.code == "contained_person_named"

@@ -806,3 +806,23 @@ def test_an_address_text_of_lines_is_read_line_by_line() -> None:
     for code in ("Flat-3", "88-Lotus-Garden-Road", "88LOTUSGARDENROAD"):
         assert set(scan_rows(c, [_local_coding_row(code)]).by_kind()) == {"address"}, code
     assert scan_rows(c, [_local_coding_row("Quincy")]).passed
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Mrs. Zephyrine Quillfeather",
+        "Zephyrine Quillfeather Jr.",
+        "Dr Zephyrine Quillfeather MD",
+        "Quillfeather, Zephyrine, Mrs",
+    ],
+)
+def test_a_name_written_as_text_with_a_title_gives_its_full_name(text: str) -> None:
+    """A name written as text alone (``HumanName.text``, a reference's ``display``) with a title
+    or a suffix: its full name was read from its first and last words, ``Mrs`` and
+    ``Quillfeather``, and a local code ``ZEPHYRINEQUILLFEATHER`` passed the scan."""
+    c = CanarySet()
+    c.add_patient({"resourceType": "Patient", "name": [{"text": text}]}, "p1")
+    for code in ("ZEPHYRINEQUILLFEATHER", "QuillfeatherZephyrine", "zephyrine-quillfeather"):
+        assert "full_name" in c.find(code), code
+    assert not scan_rows(c, [("r", {"code": "ZEPHYRINEQUILLFEATHER"}, "p2")]).passed

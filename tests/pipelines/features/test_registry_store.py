@@ -69,3 +69,60 @@ def test_a_registry_write_replaces_the_file_and_leaves_no_temporary_one(
         store.update_registry_proto(_registry("third"))
     assert [m.project for m in store.get_registry_proto().project_metadata] == ["second"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["registry.db"]
+
+
+def test_two_writers_at_once_leave_one_registry_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes writing the registry at once (``feast materialize-incremental`` beside a
+    run's materialisation): both wrote through one temporary file, so the second truncated the
+    first's, renamed it into place, and the first wrote the rest of its bytes into the registry
+    then in use, which no longer read as either."""
+    import threading
+
+    from pipelines.features import registry_store
+
+    real_write = registry_store._write_durably
+    half_written, second_done = threading.Event(), threading.Event()
+    first = _registry("first" * 2000)
+    failures: list[BaseException] = []
+
+    def interleaved(path: Path, data: bytes) -> None:
+        if threading.current_thread().name != "first":
+            real_write(path, data)
+            return
+        with open(path, "wb", buffering=0) as handle:
+            handle.write(data[: len(data) // 2])
+            half_written.set()
+            second_done.wait(30)
+            handle.write(data[len(data) // 2 :])
+
+    def write_first() -> None:
+        try:
+            _store(tmp_path, monkeypatch).update_registry_proto(first)
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    monkeypatch.setattr(registry_store, "_write_durably", interleaved)
+    thread = threading.Thread(target=write_first, name="first")
+    thread.start()
+    assert half_written.wait(30)
+    _store(tmp_path, monkeypatch).update_registry_proto(_registry("second"))
+    second_done.set()
+    thread.join(30)
+    assert failures == []
+    got = RegistryProto.FromString((tmp_path / "registry.db").read_bytes())
+    assert [m.project for m in got.project_metadata] in (["first" * 2000], ["second"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["registry.db"]
+
+
+def test_a_registry_write_keeps_the_registrys_mode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Feast rewrote the registry in place, keeping its mode; replaced through a new file, it
+    took the process's umask, and a registry an operator had restricted was readable again."""
+    store = _store(tmp_path, monkeypatch)
+    store.update_registry_proto(_registry("first"))
+    (tmp_path / "registry.db").chmod(0o640)
+    store.update_registry_proto(_registry("second"))
+    assert (tmp_path / "registry.db").stat().st_mode & 0o777 == 0o640

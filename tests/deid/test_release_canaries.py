@@ -566,6 +566,9 @@ def test_a_canary_of_a_megabyte_is_found_and_freed_safely() -> None:
     del canaries  # freed here: a C stack overflow, before
 
 
+_CP1252_ONLY = "O\u2019Quarrigan \u0152lund"  # a typographic apostrophe and an OE ligature
+
+
 def _latin1(line: str) -> bytes:
     return line.encode("latin-1")
 
@@ -649,6 +652,8 @@ def test_a_patient_refused_before_it_reads_as_fhir_is_read_for_canaries(
     ("raw", "expected"),
     [
         ('{"name": "Brontëwald"}'.encode("cp1252"), {"name": "Brontëwald"}),
+        # a letter Windows-1252 has where Latin-1 has a control character
+        (f'{{"name": "{_CP1252_ONLY}"}}'.encode("cp1252"), {"name": _CP1252_ONLY}),
         (b'{"name": "x\x81"}', {"name": "x\x81"}),  # no Windows-1252 character: Latin-1
         (b'{"n": NaN, "m": -Infinity}', {"n": math.nan, "m": -math.inf}),
         (b'{"name": "Renee"', None),  # cut short

@@ -194,6 +194,8 @@ SCAN_RULES: tuple[str, ...] = (
     # ... in UTF-16 or UTF-32 (a whole file refused), line by line, a Bundle's entries, and
     # nested deeper than orjson reads
     "unattributed_quarantined_records_wide_lines_bundles_deep",
+    # ... whose resourceType is written in another case or with spaces (" patient")
+    "unattributed_quarantined_records_type_in_any_case",
     # a name written as text: its first and last names past its titles and suffixes
     "name_text_without_affixes",
 )

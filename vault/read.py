@@ -553,17 +553,22 @@ def iter_unattributed_quarantined_records(
 ) -> Iterator[dict[str, Any]]:
     """The records of ``resource_types`` among those the quarantine holds under no patient
     (refused before they could be read as FHIR: no JSON, nested too deep, a whole file in
-    UTF-16), read as :func:`quarantined_resources` reads them, decrypted: a Patient refused
-    so names its patient while the patient's other records are accepted and released."""
+    UTF-16, a type written in another case: ``patient``, refused as no resource type), read
+    as :func:`quarantined_resources` reads them, decrypted, each under its type as FHIR
+    writes it: a Patient refused so names its patient while the patient's other records are
+    accepted and released."""
     if not has_table(con, "quarantine"):
         return
     store = DataKeyStore(con, provider)
+    types = {t.casefold(): t for t in resource_types}
     for chunk in _quarantine_chunks(con, _QUARANTINED_UNATTRIBUTED, [], chunk_rows):
         for _, _, sealed, aad in chunk:
             raw = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
             for record in quarantined_resources(raw):
-                if record.get("resourceType") in resource_types:
-                    yield record
+                named = record.get("resourceType")
+                rtype = types.get(named.strip().casefold()) if isinstance(named, str) else None
+                if rtype is not None:
+                    yield {**record, "resourceType": rtype}
 
 
 def iter_quarantined_records(

@@ -695,10 +695,11 @@ def test_patients_of_a_whole_file_or_bundle_refused_are_read_for_canaries(
 ) -> None:
     """Patients the quarantine holds under no patient inside one record: an NDJSON file in
     UTF-16 (as PowerShell's Out-File writes it), which the reader refuses whole; a Bundle line,
-    and a Bundle document, in Windows-1252; a Patient nested deeper than orjson reads. Their
-    Observations, in another file, are accepted and released under them: each Patient gave no
-    canary."""
+    and a Bundle document, in Windows-1252; a Patient nested deeper than orjson reads; one
+    whose type is written `` patient`` (refused as no resource type). Their Observations, in
+    another file, are accepted and released under them: each Patient gave no canary."""
     families = {1: "Quorvexa", 2: "Pellowynd", 3: "Brontëfell", 4: "Zoëmarch", 5: "Tarrowick"}
+    families[6] = "Ulvenbrook"
     batch = tmp_path / "b2"
     batch.mkdir()
     wide = "".join(json.dumps(_patient(i, families[i])) + "\n" for i in (1, 2))
@@ -710,6 +711,8 @@ def test_patients_of_a_whole_file_or_bundle_refused_are_read_for_canaries(
     deep = '{"extension": [' * 1100 + '{"url": "http://e.org/x"}' + "]}" * 1100
     deep_line = json.dumps(_patient(5, families[5]))[:-1] + f', "_gender": {deep}}}'
     (batch / "deep.ndjson").write_text(deep_line + "\n")
+    lower = _patient(6, families[6]) | {"resourceType": " patient"}
+    (batch / "lower.ndjson").write_text(json.dumps(lower) + "\n")
     observations = [
         {"resourceType": "Observation", "id": f"ow{i}", "status": "final"}
         | {"code": {"text": "x"}, "subject": {"reference": f"Patient/pw{i}"}}
@@ -717,7 +720,8 @@ def test_patients_of_a_whole_file_or_bundle_refused_are_read_for_canaries(
     ]
     (batch / "obs.ndjson").write_text("".join(json.dumps(o) + "\n" for o in observations))
     report = ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
-    assert (report.accepted, report.quarantine_reasons) == (5, {"invalid_json": 4})
+    reasons = {"invalid_json": 4, "unknown_resource_type": 1}
+    assert (report.accepted, report.quarantine_reasons) == (6, reasons)
     canaries = _fresh(vault_with_batch, key_provider)
     for i, family in families.items():
         assert canaries.find(f"LAB-{family.upper()}") == ["name"], family

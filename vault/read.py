@@ -475,15 +475,16 @@ def quarantined_text(raw: bytes) -> str:
     """The text of a record the quarantine holds, read as its exporter wrote it: after the UTF-8
     byte-order marks it starts with (a line of NDJSON files joined end to end, each with its
     mark: the reader drops the first line's only), in UTF-16 or UTF-32 when it opens with
-    their mark, else in UTF-8, and text that is no UTF-8 in Windows-1252 (Latin-1 where
-    Windows-1252 has no character: an export in a legacy encoding, whose records with a letter
-    outside ASCII, a Patient named Brontëwald, are no UTF-8 while the others are)."""
+    their mark (a character cut short dropped), else in UTF-8, and text that is no UTF-8 in
+    Windows-1252 (Latin-1 where Windows-1252 has no character: an export in a legacy
+    encoding, whose records with a letter outside ASCII, a Patient named Brontëwald, are no
+    UTF-8 while the others are)."""
     while raw.startswith(BOM):
         raw = raw[len(BOM) :]
     for mark, codec in _WIDE_FORMS:
         if raw.startswith(mark):
-            with contextlib.suppress(UnicodeDecodeError):
-                return raw.decode(codec)
+            # a file cut short (the reader keeps what it read of it) ends in half a character
+            return raw.decode(codec, "ignore")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:

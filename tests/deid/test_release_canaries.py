@@ -662,6 +662,8 @@ def test_a_patient_refused_before_it_reads_as_fhir_is_read_for_canaries(
         (b'\xef\xbb\xbf\xef\xbb\xbf{"name": "Ren\xe9e"}', {"name": "Renée"}),
         ('{"name": "Brontëwald"}'.encode("utf-16"), {"name": "Brontëwald"}),
         ('{"name": "Brontëwald"}'.encode("utf-32"), {"name": "Brontëwald"}),
+        # a UTF-16 file whose last character was cut short
+        ('{"name": "Brontëwald"}\n'.encode("utf-16") + b"\n", {"name": "Brontëwald"}),
     ],
 )
 def test_a_quarantined_record_is_read_as_its_exporter_wrote_it(raw: bytes, expected: Any) -> None:

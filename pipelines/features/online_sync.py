@@ -248,15 +248,25 @@ def _full_sync(
     stop: datetime,
     report: OnlineSyncReport,
 ) -> None:
-    """The full path: the latest row of every patient materialised by Feast, then the
-    patients the release no longer has deleted."""
+    """The full path: the patients the release no longer has deleted, the latest row of every
+    patient materialised by Feast, then any patient it wrote that the release does not have
+    deleted too. Deleted first, so that a sync killed while Feast materialises leaves no
+    withheld or opted-out patient served beside the new rows."""
     wanted = {v.name: (v, _stage_wanted(con, v, stop)) for v in store.list_feature_views()}
+    _delete_all_stale(store, wanted, report)
     materialize_latest(store, end)
+    _delete_all_stale(store, wanted, report)
+    report.rows_written += sum(len(patients) for _, patients in wanted.values())
+
+
+def _delete_all_stale(
+    store: FeatureStore, wanted: dict[str, tuple[FeatureView, list[str]]], report: OnlineSyncReport
+) -> None:
+    """Delete, from every view's online table, the patients the release does not want."""
     for view, patients in wanted.values():
         keys = _entity_keys(store, patients)
         online = online_keys(online_store_path(store), online_table(store, view.name))
         report.rows_deleted += _delete_stale(store, view, keys, online)
-        report.rows_written += len(patients)
 
 
 def _record_snapshot(

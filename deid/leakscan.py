@@ -198,6 +198,8 @@ SCAN_RULES: tuple[str, ...] = (
     "unattributed_quarantined_records_type_in_any_case",
     # a name written as text: its first and last names past its titles and suffixes
     "name_text_without_affixes",
+    # a name of given names and no family name: its first and last given names as a full name
+    "name_of_given_names_only",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -624,7 +626,8 @@ class CanarySet:
     def add_name(self, name: Any) -> None:
         """A HumanName or a name string: its parts; a given name or a family name written with
         punctuation or spaces (``O'Quarrigan``, ``Mary Ann``) as a name of its own too; and
-        given + family as a full name (also glued into one word, either way round), or, for a
+        given + family as a full name (also glued into one word, either way round; the first and
+        last given names of a name without a family name), or, for a
         name given as text alone, its first and last words past its titles and suffixes
         (``Zephyrine`` and ``Quillfeather`` of ``Mrs. Zephyrine Quillfeather, Jr``)."""
         self.add_person(_name_parts(name))
@@ -638,6 +641,8 @@ class CanarySet:
                     self.add("name", whole)
             if given and isinstance(family, str):
                 pairs.append((given[0], family))
+            elif len(given) >= 2 and family is None:  # the whole name given as given names
+                pairs.append((given[0], given[-1]))
             text = name.get("text") if isinstance(name.get("text"), str) else None
         words = (
             [w for w in _WORD.findall(text) if w.casefold() not in _NAME_AFFIXES] if text else []

@@ -826,3 +826,13 @@ def test_a_name_written_as_text_with_a_title_gives_its_full_name(text: str) -> N
     for code in ("ZEPHYRINEQUILLFEATHER", "QuillfeatherZephyrine", "zephyrine-quillfeather"):
         assert "full_name" in c.find(code), code
     assert not scan_rows(c, [("r", {"code": "ZEPHYRINEQUILLFEATHER"}, "p2")]).passed
+
+
+def test_a_name_of_given_names_alone_gives_its_full_name() -> None:
+    """A name whose source put it all in ``given`` (no family name): no full name was read from
+    it, and a local code ``ZEPHYRINEQUILLFEATHER`` passed the scan."""
+    c = CanarySet()
+    name = {"given": ["Zephyrine", "Ada", "Quillfeather"]}
+    c.add_patient({"resourceType": "Patient", "name": [name]}, "p1")
+    assert "full_name" in c.find("ZEPHYRINEQUILLFEATHER")
+    assert not scan_rows(c, [("r", {"code": "QuillfeatherZephyrine"}, "p2")]).passed

@@ -495,9 +495,9 @@ def quarantined_text(raw: bytes) -> str:
 
 
 def _text_json(text: str) -> Any:
-    """The JSON value ``text`` reads as, ``NaN`` and ``Infinity`` as numbers, and nested deeper
-    than orjson and Python's json module read (ijson builds it without recursing); None when
-    it reads as none."""
+    """The JSON value ``text`` reads as, ``NaN`` and ``Infinity`` as numbers; nested deeper
+    than orjson and Python's json module read, its values below :data:`_DEEPEST_KEPT` levels
+    dropped (:func:`_shallow_json`); None when it reads as none."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -509,9 +509,53 @@ def _text_json(text: str) -> Any:
     except ValueError:
         return None
     try:
-        return next(ijson.items(text.encode("utf-8", "surrogatepass"), "", use_float=True), None)
+        return _shallow_json(text.encode("utf-8", "surrogatepass"))
     except (ijson.JSONError, UnicodeEncodeError):
         return None
+
+
+# the levels of a record nested too deep for orjson that are read: a person's names and
+# identifiers lie within the first ten; built whole, a line of 64 MB of "[" took over 20 GB
+_DEEPEST_KEPT = 100
+_OPENING = ("start_map", "start_array")
+_CLOSING = ("end_map", "end_array")
+
+
+def _shallow_json(data: bytes) -> Any:
+    """The JSON value ``data`` reads as (from ijson's events, without recursing), each object
+    or array nested below :data:`_DEEPEST_KEPT` levels left out."""
+    stack: list[Any] = []
+    keys: list[Any] = []
+    skipped = 0  # the depth within a value being left out
+    for event, value in ijson.basic_parse(data, use_float=True):
+        if skipped:
+            skipped += (event in _OPENING) - (event in _CLOSING)
+        elif event == "map_key":
+            keys[-1] = value
+        elif event in _CLOSING:
+            node = stack.pop()
+            keys.pop()
+            if not stack:
+                return node
+        elif event in _OPENING and len(stack) >= _DEEPEST_KEPT:
+            skipped = 1
+        else:
+            node = ({} if event == "start_map" else []) if event in _OPENING else value
+            if not stack and event not in _OPENING:
+                return node
+            if stack:
+                _put(stack[-1], keys[-1], node)
+            if event in _OPENING:
+                stack.append(node)
+                keys.append(None)
+    return None
+
+
+def _put(parent: Any, key: Any, node: Any) -> None:
+    if isinstance(parent, dict):
+        parent[key] = node
+    else:
+        parent.append(node)
 
 
 def quarantined_json(raw: bytes) -> Any:

@@ -200,6 +200,8 @@ SCAN_RULES: tuple[str, ...] = (
     "name_text_without_affixes",
     # a name of given names and no family name: its first and last given names as a full name
     "name_of_given_names_only",
+    # ... and cut short, read as far as its last whole value
+    "unattributed_quarantined_records_cut_short",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

@@ -58,6 +58,7 @@ from deid.workers import (
     WorkerSetup,
     deidentify_items,
 )
+from vault import read as vault_read
 from vault.catalog import has_table, multiset_digest_sql
 from vault.errors import InvalidCiphertext, KeyDestroyedError
 from vault.ingest import FHIR_BASE_ENV, criteria_holders_sql
@@ -663,12 +664,13 @@ MAX_SEALED_CANARY_BYTES = 1 << 30
 @cache
 def _canary_code() -> bytes:
     """What the canaries' forms and their pickled layout depend on besides the vault: the code
-    that makes them (this module and :mod:`deid.leakscan`, as files) and the versions of the
-    libraries in them. A sealed set made by other code is made again."""
+    that makes them (this module, :mod:`deid.leakscan` and :mod:`vault.read`, which reads the
+    records they come from, as files) and the versions of the libraries in them. A sealed set
+    made by other code is made again."""
     digest = hashlib.sha256()
-    for source in (Path(__file__), Path(leakscan.__file__)):
+    for source in (Path(__file__), Path(leakscan.__file__), Path(vault_read.__file__)):
         digest.update(source.read_bytes())
-    for distribution in ("anyascii", "pyahocorasick"):
+    for distribution in ("anyascii", "pyahocorasick", "pydantic-core", "ijson"):
         digest.update(f"|{distribution}={importlib.metadata.version(distribution)}".encode())
     digest.update(f"|python={sys.version_info[:2]}".encode())
     return digest.digest()

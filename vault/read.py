@@ -24,6 +24,7 @@ from typing import Any
 import duckdb
 import ijson
 import orjson
+import pydantic_core
 
 from fhirlake.content import content_digest
 from fhirlake.readers import BOM
@@ -184,30 +185,40 @@ def _current_positions(
     return _position_chunks(con, sql, params, chunk_rows)
 
 
-def _position_chunks(
-    con: duckdb.DuckDBPyConnection, sql: str, params: list[Any], chunk_rows: int
-) -> Iterator[list[int]]:
-    """The positions ``sql`` selects, ascending, ``chunk_rows`` at a time: staged, numbered,
-    in a temporary table of ``con`` when the read starts (what it reads is fixed then), and
-    fetched a chunk at a time, so no more than a chunk of them is ever held."""
-    table = f"_read_positions_{uuid.uuid4().hex}"
-    con.execute(
-        f"CREATE TEMP TABLE {table} AS SELECT ingest_seq, "
-        f"row_number() OVER (ORDER BY ingest_seq) AS n FROM ({sql}) ORDER BY n",
-        params,
-    )
+def _staged_chunks(
+    con: duckdb.DuckDBPyConnection, select: str, params: list[Any], fetch: str, chunk_rows: int
+) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows ``fetch`` reads, ``chunk_rows`` at a time, of what ``select`` stages: a key
+    ``k`` and its place ``n`` (1, 2, ...) in a temporary table of ``con`` when the read starts
+    (what it reads is fixed then), ``fetch`` reading the table as ``{staged}`` with ``n``
+    between its two parameters; so that no more than a chunk is ever held."""
+    table = f"_read_staged_{uuid.uuid4().hex}"
+    con.execute(f"CREATE TEMP TABLE {table} AS {select}", params)
     try:
         start = 0
         while chunk := con.execute(
-            f"SELECT ingest_seq FROM {table} WHERE n > ? AND n <= ? ORDER BY n",
-            [start, start + chunk_rows],
+            fetch.format(staged=table), [start, start + chunk_rows]
         ).fetchall():
             start += chunk_rows
-            yield [int(seq) for (seq,) in chunk]
+            yield chunk
     finally:
         # a failed transaction of the caller's, or a closed connection, ends the table anyway
         with contextlib.suppress(duckdb.Error):
             con.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def _position_chunks(
+    con: duckdb.DuckDBPyConnection, sql: str, params: list[Any], chunk_rows: int
+) -> Iterator[list[int]]:
+    """The positions ``sql`` selects, ascending, ``chunk_rows`` at a time
+    (:func:`_staged_chunks`)."""
+    select = (
+        "SELECT ingest_seq AS k, row_number() OVER (ORDER BY ingest_seq) AS n "
+        f"FROM ({sql}) ORDER BY n"
+    )
+    fetch = "SELECT k FROM {staged} WHERE n > ? AND n <= ? ORDER BY n"
+    for chunk in _staged_chunks(con, select, params, fetch, chunk_rows):
+        yield [int(seq) for (seq,) in chunk]
 
 
 def _resource_filters(
@@ -433,31 +444,25 @@ _QUARANTINED_UNATTRIBUTED = "patient_key IS NULL AND octet_length(sealed) > 0"
 
 
 def _quarantine_chunks(
-    con: duckdb.DuckDBPyConnection, where: str, params: list[Any], chunk_rows: int
+    con: duckdb.DuckDBPyConnection,
+    columns: str,
+    where: str,
+    params: list[Any],
+    chunk_rows: int,
 ) -> Iterator[list[tuple[Any, ...]]]:
-    """(patient key, resource type, sealed, aad) of the quarantine's rows ``where`` selects, in
-    their order in the batches, ``chunk_rows`` at a time: their row ids staged, numbered, in a
-    temporary table when the read starts, as the vault's positions are
-    (:func:`_position_chunks`), so that no more than a chunk of sealed records is held (a
-    whole export refused, or lines of no JSON, can fill the quarantine)."""
-    table = f"_read_quarantine_{uuid.uuid4().hex}"
-    con.execute(
-        f"CREATE TEMP TABLE {table} AS SELECT rowid AS rid, row_number() OVER "
-        f"(ORDER BY batch_id, file_index, position) AS n FROM quarantine WHERE {where}",
-        params,
+    """``columns`` (of ``q``, the quarantine) of the rows ``where`` selects, in their order in
+    the batches, ``chunk_rows`` at a time: their row ids staged as the vault's positions are
+    (:func:`_staged_chunks`), so that no more than a chunk of sealed records is held (a whole
+    export refused, or lines of no JSON, can fill the quarantine)."""
+    select = (
+        "SELECT rowid AS k, row_number() OVER (ORDER BY batch_id, file_index, position) AS n "
+        f"FROM quarantine WHERE {where}"
     )
-    try:
-        start = 0
-        while chunk := con.execute(
-            f"SELECT q.patient_key, q.resource_type, q.sealed, q.aad FROM {table} t "
-            f"JOIN quarantine q ON q.rowid = t.rid WHERE t.n > ? AND t.n <= ? ORDER BY t.n",
-            [start, start + chunk_rows],
-        ).fetchall():
-            start += chunk_rows
-            yield chunk
-    finally:
-        with contextlib.suppress(duckdb.Error):
-            con.execute(f"DROP TABLE IF EXISTS {table}")
+    fetch = (
+        f"SELECT {columns} FROM {{staged}} t JOIN quarantine q ON q.rowid = t.k "
+        "WHERE t.n > ? AND t.n <= ? ORDER BY t.n"
+    )
+    return _staged_chunks(con, select, params, fetch, chunk_rows)
 
 
 # the byte-order marks of the wide Unicode forms, each with its codec (UTF-32's first: UTF-32 LE
@@ -558,24 +563,48 @@ def _put(parent: Any, key: Any, node: Any) -> None:
         parent.append(node)
 
 
+def json_read_so_far(text: str) -> Any:
+    """``text`` cut short (a line the exporter or a copy cut off: the quarantine keeps it as it
+    came) read as the value it had begun, holding each value complete before the cut
+    (pydantic-core's partial JSON mode: a string cut short is left out, never read as a
+    shorter word), ``NaN`` and ``Infinity`` as numbers. None when it reads as no JSON, or
+    nests deeper than that parser reads."""
+    try:
+        return pydantic_core.from_json(text, allow_inf_nan=True, allow_partial=True)
+    except ValueError:
+        return None
+
+
+def _line_json(text: str) -> Any:
+    """The JSON value ``text`` reads as (:func:`_text_json`), or, cut short, as far as its last
+    whole value (:func:`json_read_so_far`)."""
+    value = _text_json(text)
+    return json_read_so_far(text) if value is None else value
+
+
 def quarantined_json(raw: bytes) -> Any:
     """The JSON value a record the quarantine holds still reads as (its text as
     :func:`quarantined_text` reads it), with ``NaN`` or ``Infinity`` (which Python's json
-    module writes for such a float) as numbers, nested however deep. None when it reads as no
-    JSON (a line cut short)."""
-    return _text_json(quarantined_text(raw))
+    module writes for such a float) as numbers, nested however deep, and cut short as far as
+    its last whole value. None when it reads as no JSON."""
+    return _line_json(quarantined_text(raw))
 
 
 def quarantined_resources(raw: bytes) -> Iterator[dict[str, Any]]:
-    """The resources a record the quarantine holds still reads as: its JSON object
-    (:func:`quarantined_json`), or, when it is none, that of each of its lines (a whole NDJSON
-    file the reader refused as one record, in UTF-16), each Bundle among them as the resources
-    of its entries, at any depth (a Bundle line in Latin-1 carries its Patient)."""
-    text = quarantined_text(raw)
+    """The resources a record the quarantine holds still reads as (:func:`text_resources`)."""
+    return text_resources(quarantined_text(raw))
+
+
+def text_resources(text: str) -> Iterator[dict[str, Any]]:
+    """The resources a quarantined record's text still reads as: its JSON object, or, when it
+    is none, that of each of its lines (a whole NDJSON file the reader refused as one record,
+    in UTF-16), a line cut short as far as its last whole value (:func:`_line_json`), each
+    Bundle among them as the resources of its entries, at any depth (a Bundle line in Latin-1
+    carries its Patient)."""
     value = _text_json(text)
     if value is None:
         lines = (line.strip().lstrip("\ufeff") for line in text.splitlines())
-        values: list[Any] = [_text_json(line) for line in lines if line]
+        values: list[Any] = [_line_json(line) for line in lines if line]
     else:
         values = [value]
     pending = values[::-1]
@@ -606,14 +635,33 @@ def iter_unattributed_quarantined_records(
         return
     store = DataKeyStore(con, provider)
     types = {t.casefold(): t for t in resource_types}
-    for chunk in _quarantine_chunks(con, _QUARANTINED_UNATTRIBUTED, [], chunk_rows):
-        for _, _, sealed, aad in chunk:
+    for chunk in _quarantine_chunks(
+        con, "q.sealed, q.aad", _QUARANTINED_UNATTRIBUTED, [], chunk_rows
+    ):
+        for sealed, aad in chunk:
             raw = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
             for record in quarantined_resources(raw):
                 named = record.get("resourceType")
                 rtype = types.get(named.strip().casefold()) if isinstance(named, str) else None
                 if rtype is not None:
                     yield {**record, "resourceType": rtype}
+
+
+def iter_unattributed_quarantine_texts(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, chunk_rows: int = CHUNK_ROWS
+) -> Iterator[tuple[tuple[str, int, int], str]]:
+    """Every record the quarantine holds sealed under no patient, decrypted, with its place
+    (batch id, file index, position), as text read as its exporter wrote it
+    (:func:`quarantined_text`), a chunk at a time. An erased subject's record sent again holds
+    nothing sealed: passed over."""
+    if not has_table(con, "quarantine"):
+        return
+    store = DataKeyStore(con, provider)
+    columns = "q.batch_id, q.file_index, q.position, q.sealed, q.aad"
+    for chunk in _quarantine_chunks(con, columns, _QUARANTINED_UNATTRIBUTED, [], chunk_rows):
+        for batch_id, file_index, position, sealed, aad in chunk:
+            plaintext = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
+            yield (str(batch_id), int(file_index), int(position)), quarantined_text(plaintext)
 
 
 def iter_quarantined_records(
@@ -638,7 +686,9 @@ def iter_quarantined_records(
     only = "" if patient_key is None else "AND patient_key = ?"
     params: list[Any] = [list(resource_types), *([] if patient_key is None else [patient_key])]
     where = _QUARANTINED_OWNED.format(only=only)
-    rows = (row for chunk in _quarantine_chunks(con, where, params, chunk_rows) for row in chunk)
+    columns = "q.patient_key, q.resource_type, q.sealed, q.aad"
+    chunks = _quarantine_chunks(con, columns, where, params, chunk_rows)
+    rows = (row for chunk in chunks for row in chunk)
     for owner, rtype, sealed, aad in rows:
         try:
             record = orjson.loads(store.open_owned(bytes(sealed), bytes(aad), str(owner)))

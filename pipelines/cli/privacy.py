@@ -189,35 +189,25 @@ def _reason_to_log(con: duckdb.DuckDBPyConnection, pseudonym: str, reason: str) 
     return ERASED_SUBJECT_REASON
 
 
-# an erased subject's records sent again hold nothing sealed (vault.ingest): passed over
-_UNATTRIBUTED_QUARANTINE = (
-    "SELECT batch_id, file_index, position, sealed, aad FROM quarantine "
-    "WHERE patient_key IS NULL AND octet_length(sealed) > 0 "
-    "ORDER BY batch_id, file_index, position"
-)
-
-
 def _unattributed_quarantine_naming(
     con: duckdb.DuckDBPyConnection, provider: KeyProvider, subject: SubjectCanaries
 ) -> tuple[tuple[str, int, int], ...]:
     """Quarantined records of no patient (a line that is not JSON, a resource cut short: sealed
     under the shared key, which no erasure destroys) in which the patient's identifiers or ids
-    appear: they are erased with the patient. Decrypted here, never shown. Another patient's
-    record that names them (a surname they share) is erased too: an erasure errs toward
-    leaving nothing."""
-    from vault.read import quarantined_text
-    from vault.sealing import SHARED_OWNER, DataKeyStore
+    appear: they are erased with the patient. Each is searched as its exporter wrote it
+    (:func:`vault.read.quarantined_text`: a name in Windows-1252 or UTF-16 is her name) and,
+    where it reads as resources even cut short, with their values as written (``\\u00eb`` as
+    the letter it stands for), a chunk at a time. Decrypted here, never shown. Another
+    patient's record that names them (a surname they share) is erased too: an erasure errs
+    toward leaving nothing."""
+    from vault.read import iter_unattributed_quarantine_texts, text_resources
 
     if subject.empty:
         return ()
-    store = DataKeyStore(con, provider)
     found: list[tuple[str, int, int]] = []
-    for batch_id, file_index, position, sealed, aad in con.execute(
-        _UNATTRIBUTED_QUARANTINE
-    ).fetchall():
-        text = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
-        if subject.hits(quarantined_text(text)):
-            found.append((str(batch_id), int(file_index), int(position)))
+    for place, text in iter_unattributed_quarantine_texts(con, provider):
+        if subject.hits(text) or any(subject.hits(_as_text(r)) for r in text_resources(text)):
+            found.append(place)
     return tuple(found)
 
 

@@ -785,3 +785,34 @@ def test_a_batch_key_naming_the_erased_person_is_still_flagged_after_the_erasure
     finally:
         con.close()
     assert "full_name" in released.batch_key_hits and other.batch_key_hits == ()
+
+
+def test_records_of_no_patient_naming_her_as_their_exporter_wrote_them_are_erased(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """Her surname has a letter outside ASCII. Lines that name her reach the quarantine under
+    no patient: one from an export in Windows-1252 (no UTF-8), one in UTF-8 with her name
+    escaped as JSON writes it (``\\u00eb``) and cut short. Searched as UTF-8 with replacement
+    characters and as raw text, neither named her, and both stayed after her erasure; a line
+    naming someone else stays."""
+    land = tmp_path / "land"
+    land.mkdir()
+    patient = {"resourceType": "Patient", "id": "p4", "name": [{"family": "Brontëwald"}]}
+    (land / "p4.json").write_text(json.dumps(patient, ensure_ascii=False), encoding="utf-8")
+    legacy = '{"resourceType":"Communication","payload":[{"contentString":"Mrs Brontëwald rang"'
+    escaped = json.dumps({"resourceType": "Flag", "code": {"text": "Brontëwald, Mrs"}})[:-1]
+    other = '{"resourceType":"Communication","payload":[{"contentString":"Mr Quillon rang"'
+    (land / "cut.ndjson").write_bytes(
+        b"\n".join([legacy.encode("cp1252"), escaped.encode(), other.encode()]) + b"\n"
+    )
+    assert "\\u00eb" in escaped
+    work = tmp_path / "work"
+    provider = FileKeyProvider.load(key_file)
+    report = ingest_batch(work / "warehouse.duckdb", "b", land, provider, workers=1)
+    assert (report.accepted, sum(report.quarantine_reasons.values())) == (1, 3)
+
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    forgot = CliRunner().invoke(forget, ["p4", "--reason", "ticket 4713", *common])
+    assert forgot.exit_code == 0, forgot.output
+    assert json.loads(forgot.stdout)["rows_deleted"]["quarantine_unattributed"] == 2
+    assert _quarantined_texts(work, key_file) == [other]

@@ -186,13 +186,15 @@ def date_shift_days(key: bytes, scope: str, max_days: int = DEFAULT_DATE_SHIFT_D
 def shift_date(value: str, days: int) -> str:
     """Shift a date, dateTime or instant by ``days``. Partial dates (year, year-month) carry
     too little to shift and are kept; a time of day is dropped to midnight (as the Microsoft
-    anonymizer does) with its zone kept, since hours and minutes also identify an event."""
+    anonymizer does), since hours and minutes also identify an event, and so is its zone: the
+    shifted date as written is released at midnight UTC. A zone kept beside a shifted date
+    tells whether the true date was in summer time (-04:00 or -05:00 in New York), so a
+    patient's events around the clock changes gave their secret offset back within days."""
     match = _DATETIME.match(value)
     if match is not None:
         year, month, day = int(match.group(1)), int(match.group(2)), int(match.group(3))
         shifted = date(year, month, day) + timedelta(days=days)
-        zone = match.group(8) or ""
-        return f"{shifted.isoformat()}T00:00:00{zone}"
+        return f"{shifted.isoformat()}T00:00:00Z"
     zoned = re.match(r"^(\d{4}-\d{2}-\d{2})(?:Z|[+-]\d{2}:\d{2})$", value)
     if zoned is not None:  # a date with a zone but no time: the zone means nothing left
         return (date.fromisoformat(zoned.group(1)) + timedelta(days=days)).isoformat()

@@ -253,6 +253,10 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # a country name in either Unicode form, or with accents the database does not write
         # (deid.terminology.country_code): batches released before withheld it
         "country_forms": "nfc_and_unaccented",
+        # a shifted date-time is released at midnight UTC, its zone dropped
+        # (deid.methods.shift_date): batches released before kept the zone, whose summer-time
+        # offset narrowed each patient's date shift, and are de-identified again by the next run
+        "shifted_time_zone": "utc",
     }
     return hashlib.sha256(orjson.dumps(document, option=orjson.OPT_SORT_KEYS)).hexdigest()
 

@@ -75,7 +75,7 @@ def test_partial_dates_follow_the_date_rule() -> None:
     assert out.resource["issued"] == "2021"
     full = _apply(_obs(effectiveDateTime="2020-03-10T08:30:00+01:00"))
     expected = (date(2020, 3, 10) + timedelta(days=shift)).isoformat()
-    assert full.resource["effectiveDateTime"] == f"{expected}T00:00:00+01:00"
+    assert full.resource["effectiveDateTime"] == f"{expected}T00:00:00Z"
     safe = _apply(_obs(effectiveDateTime="2020-03-10T08:30:00+01:00"), "safe_harbor")
     assert safe.resource["effectiveDateTime"] == "2020"
 

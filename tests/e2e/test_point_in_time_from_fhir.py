@@ -7,13 +7,13 @@ day, a stay whose end comes before its start or is missing, and onset periods. T
 compared, at T one microsecond and one millisecond either side of every instant a fact becomes
 known and of every window edge, at year ends, before a patient's first fact and after the data
 end, with a computation written plainly here from the same records and the documented rules:
-the research release moves a day whole by the patient's shift and sets a time to midnight in
-its own zone, moves a month with its 15th day and keeps a year; a date is known at its last
-instant in the latest zone (UTC-12), a month 16 days and a year 50 days later on the shifted
-time line; windows are (T - N days, T], prior stays [T - N days, T); an age counts from the
-birth year the release carries. The shift is read from each patient's day-dated anchor visit as
-released. Entity timestamps are given in four forms (aware in UTC, ISO text in other zones,
-naive, nanoseconds): every form gets the same answers.
+the research release moves a day whole by the patient's shift and sets a time to midnight UTC
+of its date as written (the zone dropped), moves a month with its 15th day and keeps a year; a
+date is known at its last instant in the latest zone (UTC-12), a month 16 days and a year 50
+days later on the shifted time line; windows are (T - N days, T], prior stays [T - N days, T);
+an age counts from the birth year the release carries. The shift is read from each patient's
+day-dated anchor visit as released. Entity timestamps are given in four forms (aware in UTC,
+ISO text in other zones, naive, nanoseconds): every form gets the same answers.
 """
 
 from __future__ import annotations
@@ -181,13 +181,6 @@ def _fhir() -> list[dict[str, Any]]:
     return out
 
 
-def _zone(text: str) -> timezone:
-    if text.endswith("Z") or text[-6] not in "+-":
-        return UTC
-    sign = 1 if text[-6] == "+" else -1
-    return timezone(sign * timedelta(hours=int(text[-5:-3]), minutes=int(text[-2:])))
-
-
 def _month_after(first: date) -> date:
     return (first + timedelta(days=32)).replace(day=1)
 
@@ -196,9 +189,9 @@ def released(text: str, shift: int) -> tuple[datetime, date]:
     """When a FHIR date or dateTime is known on the shifted time line, and the date the release
     writes (a month or a year: its first day)."""
     end_of_day = time(11, 59, 59, 999000)  # 23:59:59.999 at UTC-12, the next day in UTC
-    if len(text) > 10:  # a time: the shifted day at midnight, in its own zone
+    if len(text) > 10:  # a time: the shifted day as written, at midnight UTC (no zone kept)
         day = date.fromisoformat(text[:10]) + timedelta(days=shift)
-        return datetime.combine(day, time(), _zone(text)), day
+        return datetime.combine(day, time(), UTC), day
     if len(text) == 10:
         day = date.fromisoformat(text) + timedelta(days=shift)
         return datetime.combine(day + timedelta(days=1), end_of_day, UTC), day

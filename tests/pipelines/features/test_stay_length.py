@@ -2,7 +2,7 @@
 the admission's date to the discharge's.
 
 A stay whose admission is dated to its day (no time) and whose discharge has a time (a source
-that stamps discharges only, or the research release, which keeps a zone with a time of day)
+that stamps discharges only, or the research release, which writes a time of day, midnight UTC)
 took its length from the admission's *latest* instant (the end of that day at UTC-12, the time
 the features first know of the admission) to the discharge itself: a same-day stay was -1 day
 long, a stay from 1 to 3 June one day. The expected lengths are counted here in calendar days
@@ -83,9 +83,10 @@ def test_stay_length_counts_the_dates_in_the_zones_they_were_written_in(
 
 
 def test_a_released_same_day_stay_in_a_zone_ahead_of_utc_lasts_no_days(tmp_path: Path) -> None:
-    """The research release keeps a discharge's zone and sets its time to midnight: a stay of
-    one day in Berlin, admitted on a day and discharged at 15:00+02:00, is released as a day
-    and that day's midnight at +02:00, 22:00 UTC the day before."""
+    """The research release sets a discharge's time to midnight UTC of its date as written: a
+    stay of one day in Berlin, admitted on a day and discharged at 15:00+02:00, is released as
+    a day and that day's midnight (when the release kept the zone, midnight at +02:00, 22:00
+    UTC the day before)."""
     records = [
         {"resourceType": "Patient", "id": "p1", "gender": "female", "birthDate": "1960-05-01"},
         _stay("e1", "2025-06-01", "2025-06-01T15:00:00+02:00"),
@@ -93,7 +94,7 @@ def test_a_released_same_day_stay_in_a_zone_ahead_of_utc_lasts_no_days(tmp_path:
     ]
     released = released_records({"p1": records}, bytes(32), date(2026, 1, 1))["p1"]
     (stay,) = [r for r in released if r.get("class", {}).get("code") == "IMP"]
-    assert stay["period"]["end"].endswith("T00:00:00+02:00")
+    assert stay["period"]["end"].endswith("T00:00:00Z")
     assert stay["period"]["start"] == stay["period"]["end"][:10]
     con = _views(released)
     build_feature_tables(con, tmp_path)

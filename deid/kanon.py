@@ -223,7 +223,8 @@ def _stage_patients(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -
     """Ungeneralised released patients: 5-year age bands (90+ together), the rest as released,
     and the person each one is (``PERSON``: Patients sharing an identifier are one person, the
     others each their own). Only patients whose Patient is still in ``deid_resources``
-    (erasure removes it there)."""
+    (erasure removes it there). In the order of their pseudonyms: the recorded table holds them
+    in the source's order, which a list of the population sorted the same way would follow."""
     _register_persons(con)
     con.execute(
         f"""
@@ -243,6 +244,7 @@ def _stage_patients(con: duckdb.DuckDBPyConnection, staging: str, as_of: date) -
         SEMI JOIN (SELECT id FROM deid_resources WHERE resource_type = 'Patient') d
             ON d.id = q.patient_id
         LEFT JOIN patient_persons pp ON pp.patient_id = q.patient_id
+        ORDER BY q.patient_id
         """
     )
     con.execute("DROP TABLE patient_persons")

@@ -62,6 +62,7 @@ from fhirlake.viewdef import ViewDefinition, write_view_table
 from pipelines.parallel import on_cursors
 from pipelines.publish import TableChange, publish_in_place, transaction
 from pipelines.views.tables import (
+    ROW_ORDER,
     VIEWS_SCHEMA,
     ViewRunResult,
     released_resources,
@@ -500,7 +501,8 @@ def _publish_changes(
         statements = (
             f"DELETE FROM {table} WHERE id IN (SELECT id FROM {scratch.changed} "
             f"UNION ALL SELECT id FROM {scratch.removed})",
-            f"INSERT INTO {table} BY NAME SELECT * FROM {new_rows}",
+            # appended in ROW_ORDER: the batch's own order is its source's
+            f"INSERT INTO {table} BY NAME SELECT * FROM {new_rows} ORDER BY {ROW_ORDER}",
         )
 
         scans: list[LeakScanResult] = []

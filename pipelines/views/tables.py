@@ -29,6 +29,11 @@ from pipelines.workdir import Workdir
 VIEWS_DIR = views_dir()
 VIEWS_SCHEMA = "views"
 _FETCH_ROWS = 2_000
+# The order a view's rows are written in: by their pseudonyms, which say nothing. Written in the
+# order deid_resources holds them (the source's: its files by name, which Synthea writes as the
+# patient's name, or an export's records by MRN), the rows of each k-anonymity group stood in
+# that order, and a list of the population sorted the same way paired each row with a person.
+ROW_ORDER = "patient_id, id"
 
 
 def view_files(views_dir: Path = VIEWS_DIR) -> list[Path]:
@@ -66,8 +71,8 @@ def released_resources(
     cursor = con.cursor()
     try:
         # in the table's order, unsorted: a streamed sort of every resource's text does not fit
-        # the warehouse's memory limit (256 MB) at 10,000 patients (620,000 Observations), and
-        # a view's rows have no order anyway (a refresh appends the rows it changes)
+        # the warehouse's memory limit (256 MB) at 10,000 patients (620,000 Observations); the
+        # view's rows, far narrower, are sorted instead (ROW_ORDER)
         cursor.execute(
             f"SELECT resource FROM deid_resources WHERE resource_type = ? AND {released}{only}",
             [resource_type],
@@ -97,11 +102,12 @@ def run_view_over_release(
     table = f"{VIEWS_SCHEMA}.{view.name}"
     parquet = Workdir(Path(workdir)).views / f"{view.name}.parquet"
     # the view is built under a scratch name, then published (DuckDB table + Parquet) in one
-    # atomic step, so a failed build leaves the previous release of the view in place
+    # atomic step, so a failed build leaves the previous release of the view in place; its
+    # rows in ROW_ORDER, never the source's
     scratch = f"{table}__rows"
     try:
         write_view_table(con, view, released_resources(con, view.resource), scratch)
-        source = f"SELECT * FROM {scratch}"
+        source = f"SELECT * FROM {scratch} ORDER BY {ROW_ORDER}"
         if check is None:
             rows, published, outcome = publish_table(con, table, parquet, source), True, None
         else:

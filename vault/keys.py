@@ -315,6 +315,19 @@ def _unwrap_retired(keks: dict[str, bytes], retired_doc: dict[str, Any]) -> None
             keks[old_id] = kek
 
 
+def _require_kek_matches_its_id(kek_id: str, kek: bytes) -> None:
+    """Refuse a KEK whose id has the form of the ids made here (``kek-`` or ``env-`` and the
+    16 hex digits of :func:`key_fingerprint`) but is not its key's fingerprint: the key was
+    changed in the file (a flipped bit, a hand edit, a key pasted under another's name). Left
+    to the first unwrap, every data key under it failed as if its wrapped form were tampered
+    with, and the key file went unnamed."""
+    if _KEY_ID.fullmatch(kek_id) and kek_id[4:] != key_fingerprint(kek):
+        raise KeyMaterialError(
+            f"KEK {shown(kek_id, 'a name in the keyring')} does not match its id: its key was "
+            "changed, so the keyring is damaged; restore the keyring file from a backup"
+        )
+
+
 class FileKeyProvider(_LocalKekProvider):
     """A JSON keyring file: the active KEK, retired KEKs (wrapped under a newer KEK until
     ``purge-retired``), the pseudonym key, the date-shift key, the audit key, and the registry
@@ -332,6 +345,7 @@ class FileKeyProvider(_LocalKekProvider):
             if not isinstance(entry, dict) or "key" not in entry:
                 raise KeyMaterialError(f"keyring entry {shown_id} has no 'key'")
             keks[str(kek_id)] = _b64decode_key(str(entry["key"]), f"KEK {shown_id}")
+            _require_kek_matches_its_id(str(kek_id), keks[str(kek_id)])
         self.live_kek_ids = sorted(keks)
         retired = document.get("retired_keks")
         _unwrap_retired(keks, retired if isinstance(retired, dict) else {})

@@ -134,8 +134,8 @@ class VaultReader:
             plaintext = self._keys.open_owned(
                 bytes(sealed), bytes(aad), patient_key or SHARED_OWNER
             )
-        except InvalidCiphertext as exc:
-            raise InvalidCiphertext(f"vault row {resource_key}: {exc}") from exc
+        except (InvalidCiphertext, KeyDestroyedError) as exc:
+            raise type(exc)(f"vault row {resource_key}: {exc}") from exc
         try:
             return plaintext, orjson.loads(plaintext)
         except orjson.JSONDecodeError as exc:
@@ -439,6 +439,8 @@ _QUARANTINED_OWNED = (
 )
 
 
+# a quarantined record's place, which names it in an error (:func:`open_quarantined`)
+_PLACE = "q.batch_id, q.file_index, q.position"
 # the records the quarantine holds of no patient (sealed under the shared key)
 _QUARANTINED_UNATTRIBUTED = "patient_key IS NULL AND octet_length(sealed) > 0"
 
@@ -463,6 +465,21 @@ def _quarantine_chunks(
         "WHERE t.n > ? AND t.n <= ? ORDER BY t.n"
     )
     return _staged_chunks(con, select, params, fetch, chunk_rows)
+
+
+def open_quarantined(
+    store: DataKeyStore, sealed: bytes, aad: bytes, owner: str, place: Sequence[Any]
+) -> bytes:
+    """A quarantined record's sealed blob, opened under ``owner``'s data key; a blob that does
+    not open (changed, moved, or under a key missing or destroyed) raises its error naming the
+    quarantine row by its ``place`` (batch, file index, position), never its content."""
+    try:
+        return store.open_owned(sealed, aad, owner)
+    except (InvalidCiphertext, KeyDestroyedError) as exc:
+        batch_id, file_index, position = place
+        raise type(exc)(
+            f"quarantine row of batch {batch_id!r}, file {file_index}, position {position}: {exc}"
+        ) from exc
 
 
 # the byte-order marks of the wide Unicode forms, each with its codec (UTF-32's first: UTF-32 LE
@@ -635,11 +652,10 @@ def iter_unattributed_quarantined_records(
         return
     store = DataKeyStore(con, provider)
     types = {t.casefold(): t for t in resource_types}
-    for chunk in _quarantine_chunks(
-        con, "q.sealed, q.aad", _QUARANTINED_UNATTRIBUTED, [], chunk_rows
-    ):
-        for sealed, aad in chunk:
-            raw = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
+    columns = "q.sealed, q.aad, " + _PLACE
+    for chunk in _quarantine_chunks(con, columns, _QUARANTINED_UNATTRIBUTED, [], chunk_rows):
+        for sealed, aad, *place in chunk:
+            raw = open_quarantined(store, bytes(sealed), bytes(aad), SHARED_OWNER, place)
             for record in quarantined_resources(raw):
                 named = record.get("resourceType")
                 rtype = types.get(named.strip().casefold()) if isinstance(named, str) else None
@@ -660,8 +676,9 @@ def iter_unattributed_quarantine_texts(
     columns = "q.batch_id, q.file_index, q.position, q.sealed, q.aad"
     for chunk in _quarantine_chunks(con, columns, _QUARANTINED_UNATTRIBUTED, [], chunk_rows):
         for batch_id, file_index, position, sealed, aad in chunk:
-            plaintext = store.open_owned(bytes(sealed), bytes(aad), SHARED_OWNER)
-            yield (str(batch_id), int(file_index), int(position)), quarantined_text(plaintext)
+            place = (str(batch_id), int(file_index), int(position))
+            plaintext = open_quarantined(store, bytes(sealed), bytes(aad), SHARED_OWNER, place)
+            yield place, quarantined_text(plaintext)
 
 
 def iter_quarantined_records(
@@ -686,12 +703,15 @@ def iter_quarantined_records(
     only = "" if patient_key is None else "AND patient_key = ?"
     params: list[Any] = [list(resource_types), *([] if patient_key is None else [patient_key])]
     where = _QUARANTINED_OWNED.format(only=only)
-    columns = "q.patient_key, q.resource_type, q.sealed, q.aad"
+    columns = (
+        "q.patient_key, q.resource_type, q.sealed, q.aad, q.batch_id, q.file_index, q.position"
+    )
     chunks = _quarantine_chunks(con, columns, where, params, chunk_rows)
     rows = (row for chunk in chunks for row in chunk)
-    for owner, rtype, sealed, aad in rows:
+    for owner, rtype, sealed, aad, *place in rows:
         try:
-            record = orjson.loads(store.open_owned(bytes(sealed), bytes(aad), str(owner)))
+            opened = open_quarantined(store, bytes(sealed), bytes(aad), str(owner), place)
+            record = orjson.loads(opened)
         except orjson.JSONDecodeError:
             continue
         except KeyDestroyedError:

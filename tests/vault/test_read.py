@@ -447,11 +447,12 @@ def test_a_read_fetches_its_positions_a_chunk_at_a_time(
 
 
 class _RowFetches(_CountingConnection):
-    """Counts the rows each fetch of four columns (the quarantine's sealed records) returns."""
+    """Counts the rows each fetch of seven columns (the quarantine's sealed records with their
+    place) returns."""
 
     def fetchall(self) -> list[Any]:
         rows = self._con.fetchall()
-        if rows and all(len(r) == 4 for r in rows):
+        if rows and all(len(r) == 7 for r in rows):
             self.position_fetches.append(len(rows))
         return rows
 

@@ -111,8 +111,9 @@ class WarehouseResource(ConfigurableResource):
         held, self._held = self._held, None
         try:
             if held is not None:
-                # an erasure or an ingest's refusal of an erased person, killed before its
-                # rewrite, left the file owing one (warehouse.owe_rewrite): done here, once
+                # an erasure, an ingest's refusal of an erased person or a key rotation,
+                # killed before its rewrite, left the file owing one (warehouse.owe_rewrite):
+                # done here, once
                 # the run's connection is closed
                 owed = warehouse.rewrite_owed(held)
                 held.close()

@@ -222,6 +222,9 @@ def _rewrap_all(con: duckdb.DuckDBPyConnection, provider: FileKeyProvider) -> tu
                 raise KeyRotationError(
                     f"re-wrap updated {updated} of {len(rows)} data keys; rolled back"
                 )
+            # the keys wrapped under the KEK being retired stay in freed pages until the file
+            # is rewritten: owed with the re-wrap, done after it (rewrite_rotated_warehouses)
+            warehouse.owe_rewrite(con, "a key rotation")
         con.commit()
     except BaseException:
         con.rollback()
@@ -456,7 +459,22 @@ def rotate_kek(
     report = RotationReport(new_id, retired, rewrapped, destroyed, [], sorted(cons))
     logger.info("rotated KEK: active %s, %d data keys re-wrapped", new_id, rewrapped)
     audit.complete(intent, report.to_dict())
+    _rewrite_rotated(document, own_id)
     return report
+
+
+def _rewrite_rotated(document: dict[str, Any], own_id: str) -> None:
+    """Every registered warehouse but the caller's own (``con``, still open: the caller
+    rewrites it once closed, :func:`vault.warehouse.rewrite_if_owed`) rewritten into a fresh
+    file, so that no freed page keeps a data key wrapped under the KEK the rotation retired:
+    whoever holds that KEK (the reason to rotate it) would unwrap them there, and with them
+    every record. One that cannot be rewritten now keeps the record that it owes it, and its
+    next writer rewrites it."""
+    for wid, entry in sorted(document.get("warehouses", {}).items()):
+        path = Path(str(entry.get("path", "")))
+        if wid != own_id and path.is_file():
+            with contextlib.suppress(duckdb.IOException):
+                warehouse.rewrite_if_owed(path, wait_seconds=0)
 
 
 def _purge_finished_but_unrecorded(document: dict[str, Any], audit: AuditLog) -> list[str]:

@@ -402,6 +402,7 @@ def keys_rotate(key_file: Path | None, workdir: Workdir) -> None:
         with existing_warehouse(workdir, read_only=False) as con:
             own_id = warehouse.claim_id(con, _registry(provider))
             report = rotate_kek(path, con, audit_log_for(workdir, provider, own_id))
+        _rewrite_after_rotation(workdir)
     except (DeidError, VaultError) as exc:
         raise click.ClickException(str(exc)) from exc
     retired = ", ".join(report.retired_kek_ids) or "none"
@@ -410,6 +411,25 @@ def keys_rotate(key_file: Path | None, workdir: Workdir) -> None:
         f"{len(report.warehouses)} warehouse(s); retired {retired} (kept wrapped until "
         "`ehr keys purge-retired`)"
     )
+
+
+def _rewrite_after_rotation(workdir: Workdir) -> None:
+    """The warehouse rewritten into a fresh file, as the rotation recorded it owes
+    (:func:`vault.warehouse.rewrite_if_owed`): no freed page keeps a data key wrapped under
+    the KEK it retired. When another process holds the file, the rotation stands and the
+    record stays, so the next writer rewrites it."""
+    import duckdb
+
+    from vault import warehouse
+
+    try:
+        warehouse.rewrite_if_owed(workdir.warehouse)
+    except duckdb.IOException as exc:
+        raise click.ClickException(
+            f"the rotation is complete, but {workdir.warehouse} could not be rewritten ({exc}): "
+            "its freed pages keep the data keys wrapped under the retired KEK until it is, "
+            "which its next ingest, run or erasure does (the warehouse records that it owes it)"
+        ) from exc
 
 
 @click.command("purge-retired")

@@ -325,6 +325,14 @@ def _second_warehouse(tmp_path: Path, provider: FileKeyProvider) -> Workdir:
     return other
 
 
+def _wrapped_keys(path: Path) -> list[bytes]:
+    c = warehouse.connect(path, read_only=True)
+    try:
+        return [bytes(w) for (w,) in c.execute("SELECT wrapped FROM data_keys").fetchall()]
+    finally:
+        c.close()
+
+
 def test_two_warehouses_on_one_keyring_rotate_together(
     world: dict[str, Any], key_file: Path, tmp_path: Path
 ) -> None:
@@ -333,13 +341,19 @@ def test_two_warehouses_on_one_keyring_rotate_together(
     registry = FileKeyProvider.load(key_file).warehouses()
     assert sorted(registry.values()) == sorted(str(w.warehouse.resolve()) for w in (workdir, other))
     old_kek = provider.active_kek_id()
+    old_wrapped = {w.warehouse: _wrapped_keys(w.warehouse) for w in (workdir, other)}
     con = warehouse.connect(workdir.warehouse)
     try:
         report = rotate_kek(
             key_file, con, audit_log_for(workdir, provider, warehouse.warehouse_id(con))
         )
+        assert warehouse.rewrite_owed(con)  # its own: the caller rewrites it once closed
     finally:
         con.close()
+    assert warehouse.rewrite_if_owed(workdir.warehouse)
+    for path, wrapped in old_wrapped.items():  # no key wrapped under the retired KEK is left
+        raw = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*") if p.is_file())
+        assert wrapped and sum(blob in raw for blob in wrapped) == 0, path
     assert sorted(report.warehouses) == sorted(registry)
     rotated = FileKeyProvider.load(key_file)
     for w in (workdir, other):

@@ -195,6 +195,41 @@ def test_deleting_or_rolling_back_the_log_is_detected_by_the_outside_anchor(
     assert refused.exit_code == 1 and "Zedwick" not in refused.output
 
 
+def _file_bytes(work: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in work.glob("warehouse.duckdb*") if p.is_file())
+
+
+def test_no_data_key_wrapped_under_the_retired_kek_stays_in_the_file(
+    work: Path, key_file: Path
+) -> None:
+    """A rotation re-wraps the data keys in place: DuckDB keeps the freed pages, which held
+    every key wrapped under the KEK it retired, in the file. Whoever holds that KEK (the reason
+    to rotate it) unwrapped them there, and with them every record, even after `ehr keys
+    purge-retired`. The file is now rewritten after the re-wrap."""
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:
+        old = [bytes(w) for (w,) in con.execute("SELECT wrapped FROM data_keys").fetchall()]
+    finally:
+        con.close()
+    assert len(old) == 3 and all(blob in _file_bytes(work) for blob in old)
+    common = ["--workdir", str(work), "--key-file", str(key_file)]
+    rotated = CliRunner().invoke(keys_rotate, common)
+    assert rotated.exit_code == 0, rotated.output
+    raw = _file_bytes(work)
+    assert sum(blob in raw for blob in old) == 0  # (counted: a failure names no blob)
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:
+        assert not warehouse.rewrite_owed(con)
+    finally:
+        con.close()
+    provider = FileKeyProvider.load(key_file)  # every record still opens, under the new KEK
+    con = warehouse.connect(work / "warehouse.duckdb", read_only=True)
+    try:
+        assert read_resource(con, provider, "Patient", "p9")["name"][0]["family"] == "Xanthe"
+    finally:
+        con.close()
+
+
 def test_an_interrupted_act_is_reported_until_it_is_run_again(work: Path, key_file: Path) -> None:
     runner = CliRunner()
     common = ["--workdir", str(work), "--key-file", str(key_file)]

@@ -329,17 +329,39 @@ class DataKeyStore:
         require()
         self._current_kek_checked = True
 
+    def _claim_id_alone(self) -> bool:
+        """For a provider without a registry (environment keys): the warehouse still gets its
+        id, by which its audit log is anchored outside the work directory (``EHR_AUDIT_ANCHOR``,
+        :func:`vault.audit.anchor_folder`). Without one, its log and side file deleted read as
+        a log with no entry. A read-only connection leaves it to the next writer; no registry
+        tells a copied work directory from its original here, so a copy shares the anchor."""
+        from vault import warehouse
+
+        if warehouse.warehouse_id(self._con) is not None:
+            return True
+        read_only = self._con.execute(
+            "SELECT readonly FROM duckdb_databases() WHERE database_name = current_database()"
+        ).fetchall()
+        if not read_only or read_only[0][0]:
+            return False
+        warehouse.ensure_warehouse_id(self._con, self._random_bytes)
+        return True
+
     def _register_warehouse(self) -> None:
         """Before the first data key lands here, the keyring learns that this warehouse
         depends on it, so a rotation cannot leave it behind (providers without a registry,
-        such as environment keys rotated by their owner, are skipped)."""
+        such as environment keys rotated by their owner, give the warehouse its id alone:
+        :meth:`_claim_id_alone`)."""
         register = getattr(self._provider, "register_warehouse", None)
-        if self._registered or register is None:
+        if self._registered:
             return
         from vault import warehouse  # warehouse imports this module for its DDL
 
         path = warehouse.database_path(self._con)
         if path is None:
+            return
+        if register is None:
+            self._registered = self._claim_id_alone()
             return
         registered: dict[str, str] = getattr(self._provider, "warehouses", dict)()
         try:

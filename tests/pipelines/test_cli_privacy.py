@@ -24,7 +24,7 @@ from pipelines.cli.privacy import (
 from tests.vault.processes import hold_open
 from vault import warehouse
 from vault.ingest import ingest_batch, quarantine_counts, reconcile_batch
-from vault.keys import FileKeyProvider
+from vault.keys import EnvKeyProvider, FileKeyProvider
 from vault.pseudonym import Pseudonymizer
 from vault.read import read_resource
 
@@ -228,6 +228,37 @@ def test_no_data_key_wrapped_under_the_retired_kek_stays_in_the_file(
         assert read_resource(con, provider, "Patient", "p9")["name"][0]["family"] == "Xanthe"
     finally:
         con.close()
+
+
+def test_with_environment_keys_the_log_is_anchored_in_ehr_audit_anchor(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A warehouse written with environment keys gets its id too, so its audit log is
+    anchored in ``EHR_AUDIT_ANCHOR``: before, it had no id (ids were given only on
+    registering with a keyring), no anchor was written anywhere, and the log and its side
+    file deleted verified as a log with no entry."""
+    keys = {name: base64.b64encode(bytes([i + 1]) * 32).decode() for i, name in enumerate(
+        ("EHR_KEK", "EHR_PSEUDONYM_KEY", "EHR_AUDIT_KEY"))}  # fmt: skip
+    for name, value in keys.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("EHR_KEY_FILE", raising=False)
+    monkeypatch.setenv("EHR_AUDIT_ANCHOR", str(tmp_path / "anchors"))
+    land = tmp_path / "land"
+    land.mkdir()
+    (land / "p7.json").write_text(json.dumps(PATIENTS[0]))
+    work = tmp_path / "work"
+    ingest_batch(work / "warehouse.duckdb", "b", land, EnvKeyProvider.from_environ(), workers=1)
+    p7 = Pseudonymizer(base64.b64decode(keys["EHR_PSEUDONYM_KEY"])).resource_key("Patient", "p7")
+    runner = CliRunner()
+    for ticket in ("ticket 1", "ticket 2"):
+        done = runner.invoke(reidentify, [p7, "--reason", ticket, "--workdir", str(work)])
+        assert done.exit_code == 0, done.output
+    assert len(list((tmp_path / "anchors").glob("wh-*.json"))) == 1
+    for path in (work / "audit").iterdir():  # the log and its head deleted
+        path.unlink()
+    deleted = runner.invoke(audit, ["verify", "--workdir", str(work)])
+    assert deleted.exit_code == 1, deleted.output
+    assert "outside anchor: log is empty, anchor says 3" in deleted.output
 
 
 def test_an_interrupted_act_is_reported_until_it_is_run_again(work: Path, key_file: Path) -> None:

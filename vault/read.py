@@ -134,8 +134,13 @@ class VaultReader:
             plaintext = self._keys.open_owned(
                 bytes(sealed), bytes(aad), patient_key or SHARED_OWNER
             )
-        except (InvalidCiphertext, KeyDestroyedError) as exc:
-            raise type(exc)(f"vault row {resource_key}: {exc}") from exc
+        except InvalidCiphertext as exc:
+            raise InvalidCiphertext(f"vault row {resource_key}: {exc}") from exc
+        except KeyDestroyedError as exc:
+            if self._keys.holds(sealed_key_id(bytes(sealed))):  # destroyed: an erasure
+                raise KeyDestroyedError(f"vault row {resource_key}: {exc}") from exc
+            # a key the warehouse never held: a changed blob, not an erased patient
+            raise InvalidCiphertext(f"vault row {resource_key}: {exc}") from exc
         try:
             return plaintext, orjson.loads(plaintext)
         except orjson.JSONDecodeError as exc:

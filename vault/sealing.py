@@ -222,6 +222,12 @@ class DataKeyStore:
             raise KeyDestroyedError(f"data key {key_id.hex()} was destroyed")
         return self._unwrap_row(rows[0])
 
+    def holds(self, key_id: bytes) -> bool:
+        """Whether ``data_keys`` has a row for this key id, live or destroyed (a blob naming
+        one it has not was changed, or sealed under a key never stored)."""
+        found = self._con.execute("SELECT 1 FROM data_keys WHERE key_id = ?", [key_id])
+        return bool(found.fetchall())
+
     def prefetch(self, key_ids: Iterable[bytes]) -> None:
         """Unwrap the live keys among ``key_ids`` not cached yet with one query: reading the
         vault a chunk at a time costs one lookup per chunk instead of one per patient. A key

@@ -12,9 +12,11 @@ import duckdb
 import pytest
 
 from vault import warehouse
+from vault.audit import AuditLog
 from vault.errors import InvalidCiphertext, KeyDestroyedError, KeyMaterialError
 from vault.ingest import ingest_batch
 from vault.keys import FileKeyProvider, write_keyring
+from vault.lifecycle import reidentify
 from vault.pseudonym import Pseudonymizer
 from vault.read import iter_current_records, iter_quarantined_records, read_current
 from vault.read import iter_unattributed_quarantined_records as unattributed
@@ -102,8 +104,10 @@ def test_a_changed_wrapped_data_key_names_the_key_and_the_row(
 
 
 def test_a_blob_naming_no_data_key_names_its_row(
-    wh: Path, key_provider: FileKeyProvider, key_file: Path
+    wh: Path, key_provider: FileKeyProvider, key_file: Path, tmp_path: Path
 ) -> None:
+    """A vault row whose blob names a data key the warehouse never held was changed: before,
+    it read as an erased patient's (KeyDestroyedError), and `ehr reidentify` audited it so."""
     key = Pseudonymizer(key_provider.pseudonym_key()).resource_key("Patient", "pt-wren")
     con = warehouse.connect(wh)
     try:
@@ -115,10 +119,16 @@ def test_a_blob_naming_no_data_key_names_its_row(
                     f"UPDATE {table} SET sealed = ? WHERE resource_key = ?",
                     [_flip(bytes(sealed), 3), key],
                 )
-        with pytest.raises(KeyDestroyedError) as caught:
+        with pytest.raises(InvalidCiphertext) as caught:
             read_current(con, key_provider, key)
+        assert not isinstance(caught.value, KeyDestroyedError)  # not an erased patient
         assert f"vault row {key}" in str(caught.value) and "does not exist" in str(caught.value)
         _no_content(str(caught.value), key_file)
+        audit = AuditLog.for_provider(tmp_path / "audit.log", key_provider)
+        with pytest.raises(InvalidCiphertext):
+            reidentify(con, key_provider, key, audit, "ticket 12")
+        # audited as a row that does not open, not as an erasure
+        assert audit.entries()[-1]["details"]["outcome"] == "unreadable"
     finally:
         con.close()
 

@@ -372,13 +372,21 @@ _WORKER_TRACEBACK = "_RemoteTraceback"
 
 
 def _root_cause(error: Any) -> Any:
-    """The innermost error of a chain (Dagster wraps an asset's error in its own), or for an
-    error raised on a worker process, the error the worker raised."""
-    while getattr(error, "cause", None) is not None:
+    """The error the step raised: Dagster's own errors wrapping it unwrapped, but not the
+    causes the platform chained to its own error (a tampered row's ``InvalidCiphertext``,
+    raised from cryptography's ``InvalidTag``, was named ``InvalidTag``); for an error raised
+    on a worker process, the error the worker raised."""
+    while getattr(error, "cause", None) is not None and _dagster_wrapper(error):
         if getattr(error.cause, "cls_name", None) == _WORKER_TRACEBACK:
             break
         error = error.cause
     return error
+
+
+def _dagster_wrapper(error: Any) -> bool:
+    """An error of Dagster's (``DagsterExecutionStepExecutionError``), which wraps the one an
+    asset raised."""
+    return str(getattr(error, "cls_name", "")).startswith("Dagster")
 
 
 def _plain(value: Any) -> Any:

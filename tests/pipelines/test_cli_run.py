@@ -617,6 +617,30 @@ def test_a_step_failed_on_a_worker_process_is_named_by_the_error_the_worker_rais
     }
 
 
+def test_a_step_failed_on_a_changed_row_is_named_by_the_platforms_error() -> None:
+    """A vault row that does not open fails its step with ``InvalidCiphertext``, raised from
+    cryptography's ``InvalidTag``: the innermost error of the chain named it ``InvalidTag``,
+    a class the platform's documentation never names. Dagster's wrapper is unwrapped, the
+    platform's error is not."""
+    from types import SimpleNamespace
+
+    from dagster._utils.error import SerializableErrorInfo
+
+    from pipelines.run import failed_steps
+
+    tag = SerializableErrorInfo("", [], "InvalidTag")
+    raised = SerializableErrorInfo("vault row 0a: failed", [], "InvalidCiphertext", cause=tag)
+    wrapped = SerializableErrorInfo("m", [], "DagsterExecutionStepExecutionError", cause=raised)
+    event = SimpleNamespace(
+        event_type_value="STEP_FAILURE",
+        step_key="deid_resources",
+        step_failure_data=SimpleNamespace(error=wrapped),
+    )
+    assert failed_steps(SimpleNamespace(all_events=[event])) == {
+        "deid_resources": "InvalidCiphertext"
+    }
+
+
 def test_a_new_year_deidentifies_again_a_batch_whose_folder_is_gone(
     tmp_path: Path, key_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -306,10 +306,10 @@ def identifier_match_form(criteria: str) -> str | None:
 
 
 def _system_match_form(system: str) -> str:
-    """An identifier system as a person is recognised by: without regard to case and without
-    a trailing slash. URI comparison reads only the scheme, the host and a URN's namespace
-    without regard to case (RFC 3986, 6.2.2); the path too here, since two systems that differ
-    only in the case of their path are the same hospital's register, written twice, far more
-    often than two registers. ``HTTP://HOSPITAL.EXAMPLE.ORG/MRN/`` is
-    ``http://hospital.example.org/mrn``."""
+    """An identifier system as a person is recognised by: without regard to case, without
+    spaces around it and without a trailing slash. URI comparison reads only the scheme, the
+    host and a URN's namespace without regard to case (RFC 3986, 6.2.2); the path too here,
+    since two systems that differ only in the case of their path are the same hospital's
+    register, written twice, far more often than two registers.
+    ``HTTP://HOSPITAL.EXAMPLE.ORG/MRN/`` is ``http://hospital.example.org/mrn``."""
     return system.strip().rstrip("/").casefold()

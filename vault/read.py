@@ -622,14 +622,37 @@ def text_resources(text: str) -> Iterator[dict[str, Any]]:
     is none, that of each of its lines (a whole NDJSON file the reader refused as one record,
     in UTF-16), a line cut short as far as its last whole value (:func:`_line_json`), each
     Bundle among them as the resources of its entries, at any depth (a Bundle line in Latin-1
-    carries its Patient)."""
+    carries its Patient). Its lines are read one at a time, each value let go once its
+    resources are yielded: a record of a million lines of ``[[[`` held a million nested
+    lists at once (gigabytes)."""
     value = _text_json(text)
-    if value is None:
-        lines = (line.strip().lstrip("\ufeff") for line in text.splitlines())
-        values: list[Any] = [_line_json(line) for line in lines if line]
-    else:
-        values = [value]
-    pending = values[::-1]
+    if value is not None:
+        yield from _resources_in(value)
+        return
+    whole = text.strip()
+    for line in _text_lines(text):
+        # a text of one line was read whole just above: read it only cut short
+        yield from _resources_in(json_read_so_far(line) if line == whole else _line_json(line))
+
+
+def _text_lines(text: str) -> Iterator[str]:
+    """The lines of ``text`` that hold anything (as :meth:`str.splitlines` splits them),
+    stripped of spaces and byte-order marks, one at a time: no list of a million lines."""
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end
+        for line in text[start:end].splitlines():
+            stripped = line.strip().lstrip("\ufeff")
+            if stripped:
+                yield stripped
+        start = end + 1
+
+
+def _resources_in(value: Any) -> Iterator[dict[str, Any]]:
+    """The resources ``value`` holds: itself when an object, each Bundle as the resources of
+    its entries, at any depth."""
+    pending = [value]
     while pending:
         item = pending.pop()
         if not isinstance(item, dict):

@@ -82,7 +82,9 @@ DEFINITIONS = f"{STATE_SCHEMA}.view_definitions"
 # ingest time and report) brings its Patients' birth dates to be searched in their kept rows
 BATCHES = f"{STATE_SCHEMA}.view_batches"
 # Bumped when the view runner changes what it writes for the same definition and resources.
-RUNNER_VERSION = "1"
+# 2: rows in the order of the pseudonyms (views.tables.ROW_ORDER); a view written before kept
+# its rows, in the source's order, through every incremental refresh
+RUNNER_VERSION = "2"
 
 
 @dataclass(frozen=True)

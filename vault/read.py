@@ -621,8 +621,8 @@ def text_resources(text: str) -> Iterator[dict[str, Any]]:
     """The resources a quarantined record's text still reads as: its JSON object, or, when it
     is none, that of each of its lines (a whole NDJSON file the reader refused as one record,
     in UTF-16), a line cut short as far as its last whole value (:func:`_line_json`), each
-    Bundle among them as the resources of its entries and each array as its items, at any
-    depth (a Bundle line in Latin-1 carries its Patient, and so does a JSON array). Its lines
+    Bundle among them as the resources of its entries, at any depth, and an array as its
+    objects (a Bundle line in Latin-1 carries its Patient, and so does a JSON array). Its lines
     are read one at a time, each value let go once its resources are yielded: a record of a
     million lines of ``[[[`` held a million nested lists at once (gigabytes)."""
     value = _text_json(text)
@@ -650,14 +650,12 @@ def _text_lines(text: str) -> Iterator[str]:
 
 
 def _resources_in(value: Any) -> Iterator[dict[str, Any]]:
-    """The resources ``value`` holds: itself when an object, each Bundle as the resources of
-    its entries, and an array as its items (a file written as a JSON array of resources,
-    refused whole as no resource), at any depth."""
-    pending = [value]
+    """The resources ``value`` holds: itself when an object, and when an array (a file written
+    as a JSON array of resources, refused whole as no resource) its objects, each Bundle as
+    the resources of its entries, at any depth. An array within the array is no resource."""
+    pending = value[::-1] if isinstance(value, list) else [value]
     while pending:
         item = pending.pop()
-        if isinstance(item, list):
-            pending.extend(item[::-1])
         if not isinstance(item, dict):
             continue
         if item.get("resourceType") == "Bundle" and isinstance(item.get("entry"), list):

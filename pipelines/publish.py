@@ -472,15 +472,19 @@ def publish_in_place(
 
 
 def _second_name(target: Path) -> Path | None:
-    """A second name (a hard link, named as a publish's temporary file) for the file at
-    ``target``, to put back if the transaction its replacement belongs to does not commit;
-    None when there is no file. A process killed before it is removed leaves it as it leaves
-    a temporary file: the next publish of ``target`` removes it (:func:`unfinished_temporaries`)."""
+    """A second name (a hard link, or a copy where the file system has none, named as a
+    publish's temporary file) for the file at ``target``, to put back if the transaction its
+    replacement belongs to does not commit; None when there is no file. A process killed
+    before it is removed leaves it as it leaves a temporary file: the next publish of
+    ``target`` removes it (:func:`unfinished_temporaries`)."""
     if not target.exists():
         return None
     kept = _new_temporary(target)
     kept.unlink()
-    os.link(target, kept)
+    try:
+        os.link(target, kept)
+    except OSError:  # a file system without hard links (FAT, some network shares): a copy
+        shutil.copy2(target, kept)
     return kept
 
 

@@ -290,3 +290,26 @@ def test_in_place_a_commit_that_fails_puts_every_file_back(tmp_path: Path) -> No
     assert con.execute("SELECT count(*) FROM s.log").fetchall() == [(0,)]
     left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("w.duckdb"))
     assert left == ["a.parquet", "b.parquet"]
+
+
+def test_in_place_without_hard_links_publishes_and_puts_files_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a file system without hard links (FAT, some network shares) the old files are kept
+    as copies: a publish there failed every time once it kept them by a second name."""
+
+    def no_links(*_: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(publish.os, "link", no_links)
+    con, changes = _in_place_setup(tmp_path)
+    before = {name: (tmp_path / f"{name}.parquet").read_bytes() for name in ("a", "b")}
+    with pytest.raises(duckdb.IOException):
+        publish.publish_in_place(_CommitFails(con), changes)  # type: ignore[arg-type]
+    for name in ("a", "b"):
+        assert (tmp_path / f"{name}.parquet").read_bytes() == before[name]
+    publish.publish_in_place(con, changes)
+    for name in ("a", "b"):
+        assert _published(con, tmp_path, name) == ([1, 3, 10, 12], [1, 3, 10, 12])
+    left = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("w.duckdb"))
+    assert left == ["a.parquet", "b.parquet"]

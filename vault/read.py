@@ -502,7 +502,8 @@ def quarantined_text(raw: bytes) -> str:
     """The text of a record the quarantine holds, read as its exporter wrote it: after the UTF-8
     byte-order marks it starts with (a line of NDJSON files joined end to end, each with its
     mark: the reader drops the first line's only), in UTF-16 or UTF-32 when it opens with
-    their mark (a character cut short dropped), else in UTF-8, and text that is no UTF-8 in
+    their mark (a character cut short dropped), else in UTF-8 (a character cut short dropped
+    too: read in Windows-1252, Zéphyrine was ZÃ©phyrine), and text that is no UTF-8 in
     Windows-1252 (Latin-1 where Windows-1252 has no character: an export in a legacy
     encoding, whose records with a letter outside ASCII, a Patient named Brontëwald, are no
     UTF-8 while the others are)."""
@@ -514,7 +515,10 @@ def quarantined_text(raw: bytes) -> str:
             return raw.decode(codec, "ignore")
     try:
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
+    except UnicodeDecodeError as exc:
+        if exc.end == len(raw) and exc.reason == "unexpected end of data":
+            # UTF-8 cut short within its last character: that half character dropped
+            return raw[: exc.start].decode("utf-8")
         try:
             return raw.decode("cp1252")
         except UnicodeDecodeError:

@@ -51,3 +51,22 @@ def test_lines_split_as_before(sep: str) -> None:
     line = json.dumps(PATIENT)
     text = f" \ufeff{line}{sep}{line[:20]}{sep}{sep}  {line}{sep}"
     assert list(text_resources(text)) == [PATIENT, {}, PATIENT]
+
+
+@pytest.mark.parametrize("letter", ["é", "€", "😀"])
+def test_a_utf8_line_cut_within_a_character_keeps_its_names(letter: str) -> None:
+    """A line cut short (by bytes: a size limit, ``head -c``) within its last character was no
+    UTF-8 and read in Windows-1252: every name with a letter outside ASCII before the cut
+    came out garbled (Zéphyrine as ZÃ©phyrine), so it gave no canary of hers."""
+    line = (
+        json.dumps(
+            {"resourceType": "Patient", "name": [{"given": ["Zéphyrine"], "family": "Brontëwald"}]},
+            ensure_ascii=False,
+        )[:-1]
+        + f', "address": [{{"city": "Montr{letter}al"'
+    )
+    raw = line.encode()
+    cut = raw[: raw.rindex(letter.encode()) + 1]  # the letter's first byte only
+    assert read.quarantined_text(cut) == line[: line.rindex(letter)]
+    (patient,) = text_resources(read.quarantined_text(cut))
+    assert patient["name"] == [{"given": ["Zéphyrine"], "family": "Brontëwald"}]

@@ -616,11 +616,6 @@ def quarantined_json(raw: bytes) -> Any:
     return _line_json(quarantined_text(raw))
 
 
-def quarantined_resources(raw: bytes) -> Iterator[dict[str, Any]]:
-    """The resources a record the quarantine holds still reads as (:func:`text_resources`)."""
-    return text_resources(quarantined_text(raw))
-
-
 def text_resources(text: str) -> Iterator[dict[str, Any]]:
     """The resources a quarantined record's text still reads as: its JSON object, or, when it
     is none, that of each of its lines (a whole NDJSON file the reader refused as one record,
@@ -677,23 +672,18 @@ def iter_unattributed_quarantined_records(
 ) -> Iterator[dict[str, Any]]:
     """The records of ``resource_types`` among those the quarantine holds under no patient
     (refused before they could be read as FHIR: no JSON, nested too deep, a whole file in
-    UTF-16, a type written in another case: ``patient``, refused as no resource type), read
-    as :func:`quarantined_resources` reads them, decrypted, each under its type as FHIR
-    writes it: a Patient refused so names its patient while the patient's other records are
-    accepted and released."""
-    if not has_table(con, "quarantine"):
-        return
-    store = DataKeyStore(con, provider)
+    UTF-16, a type written in another case: ``patient``, refused as no resource type),
+    decrypted and read as :func:`text_resources` reads their text
+    (:func:`iter_unattributed_quarantine_texts`), each under its type as FHIR writes it: a
+    Patient refused so names its patient while the patient's other records are accepted and
+    released."""
     types = {t.casefold(): t for t in resource_types}
-    columns = "q.sealed, q.aad, " + _PLACE
-    for chunk in _quarantine_chunks(con, columns, _QUARANTINED_UNATTRIBUTED, [], chunk_rows):
-        for sealed, aad, *place in chunk:
-            raw = open_quarantined(store, bytes(sealed), bytes(aad), SHARED_OWNER, place)
-            for record in quarantined_resources(raw):
-                named = record.get("resourceType")
-                rtype = types.get(named.strip().casefold()) if isinstance(named, str) else None
-                if rtype is not None:
-                    yield {**record, "resourceType": rtype}
+    for _, text in iter_unattributed_quarantine_texts(con, provider, chunk_rows):
+        for record in text_resources(text):
+            named = record.get("resourceType")
+            rtype = types.get(named.strip().casefold()) if isinstance(named, str) else None
+            if rtype is not None:
+                yield {**record, "resourceType": rtype}
 
 
 def iter_unattributed_quarantine_texts(
@@ -706,7 +696,7 @@ def iter_unattributed_quarantine_texts(
     if not has_table(con, "quarantine"):
         return
     store = DataKeyStore(con, provider)
-    columns = "q.batch_id, q.file_index, q.position, q.sealed, q.aad"
+    columns = _PLACE + ", q.sealed, q.aad"
     for chunk in _quarantine_chunks(con, columns, _QUARANTINED_UNATTRIBUTED, [], chunk_rows):
         for batch_id, file_index, position, sealed, aad in chunk:
             place = (str(batch_id), int(file_index), int(position))

@@ -373,7 +373,7 @@ def purge_model_training_record(
     while writing it left in the folder of its unfinished publish (the temporary file of
     :func:`pipelines.publish.write_replacing`, the patients of that fit) is deleted too."""
     from pipelines.models.training import TRAINED_ON_ROWS_FILE, forget_trained_on
-    from pipelines.publish import replacing_temporary
+    from pipelines.publish import unfinished_temporaries
 
     check_pseudonym(pseudonym)
     holding = None
@@ -385,10 +385,8 @@ def purge_model_training_record(
     con = duckdb.connect()
     try:
         # no fit is running (the warehouse is held): every such temporary file is a killed fit's
-        unfinished = replacing_temporary(Path(TRAINED_ON_ROWS_FILE)).name
-        for path in sorted(Path(models_folder).glob(f"*/{unfinished}")):
-            if path.is_symlink() or not path.is_file():
-                continue
+        fits = sorted(p for p in Path(models_folder).glob("*") if p.is_dir() and not p.is_symlink())
+        for path in (t for fit in fits for t in unfinished_temporaries(fit, TRAINED_ON_ROWS_FILE)):
             try:
                 ((found,),) = con.execute(
                     "SELECT count(*) FROM read_parquet(?) WHERE patient_id = ?",

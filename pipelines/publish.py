@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -34,13 +35,19 @@ TEMPORARY_SUFFIX = ".tmp"
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}" + re.escape(TEMPORARY_SUFFIX))
 
 
-def _new_temporary(target: Path) -> Path:
+def new_temporary(target: Path) -> Path:
     """A new, empty temporary file beside ``target``, under a unique hidden name: two writers
-    never share it, and globs for ``*.parquet`` never see it."""
+    never share it, globs for ``*.parquet`` never see it, and :func:`unfinished_temporaries`
+    finds it where a kill left it. Private (0600, as tempfile makes it) or, when ``target``
+    exists, with its mode: a file replaced keeps the mode it was given."""
     fd, name = tempfile.mkstemp(
         prefix=f".{target.name}.", suffix=TEMPORARY_SUFFIX, dir=target.parent
     )
-    os.close(fd)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.fchmod(fd, stat.S_IMODE(target.stat().st_mode))
+    finally:
+        os.close(fd)
     return Path(name)
 
 
@@ -93,17 +100,12 @@ def _copy_parquet(
     fsync_file(path)
 
 
-def replacing_temporary(path: Path) -> Path:
-    """The temporary file :func:`write_replacing` writes ``path`` through; a process killed
-    before its rename leaves it there."""
-    return Path(path).with_name(f".{Path(path).name}{TEMPORARY_SUFFIX}")
-
-
 def write_replacing(path: Path, write: Callable[[Path], object]) -> None:
     """Write ``path`` through a temporary file beside it (``write`` writes the file it is
     given), so a reader sees the old or the new file, never half of one. A write that fails
-    leaves the old file and no temporary one."""
-    tmp = replacing_temporary(path)
+    leaves the old file and no temporary one; a process killed before the rename leaves its
+    temporary file (:func:`new_temporary`) for :func:`unfinished_temporaries` to find."""
+    tmp = new_temporary(Path(path))
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -372,7 +374,7 @@ def _publish(
     con.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
     staging = f"{schema}.{name}{STAGING_SUFFIX}"
     _remove_unfinished_temporaries(target)
-    tmp = _new_temporary(target)
+    tmp = new_temporary(target)
     result: CheckT | None = None
     try:
         _stage(con, staging, source)
@@ -446,7 +448,7 @@ def publish_in_place(
             target = Path(change.parquet)
             target.parent.mkdir(parents=True, exist_ok=True)
             _remove_unfinished_temporaries(target)
-            tmp = _new_temporary(target)
+            tmp = new_temporary(target)
             temporaries.append((tmp, target))
             source = change.table
             if change.order_by:
@@ -479,7 +481,7 @@ def _second_name(target: Path) -> Path | None:
     ``target`` removes it (:func:`unfinished_temporaries`)."""
     if not target.exists():
         return None
-    kept = _new_temporary(target)
+    kept = new_temporary(target)
     kept.unlink()
     try:
         os.link(target, kept)

@@ -17,10 +17,7 @@ new one, never an empty or cut-short one.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import secrets
-import stat
 import uuid
 from pathlib import Path
 
@@ -30,6 +27,7 @@ from feast.repo_config import RegistryConfig
 from feast.utils import _utc_now
 
 from pipelines.features.feast_store import feast_data_from_env
+from pipelines.publish import new_temporary
 from vault.keys import fsync_dir
 
 
@@ -39,31 +37,14 @@ def _write_durably(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
-def _new_temporary(path: Path) -> Path:
-    """A new temporary file beside ``path``, under a name no other writer has (Feast's CLI
-    materialising beside a run wrote through the same temporary file, and truncated the
-    other's), with the mode ``path`` has, else the one a new file gets."""
-    while True:
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        break
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            os.fchmod(fd, stat.S_IMODE(path.stat().st_mode))
-    finally:
-        os.close(fd)
-    return tmp
-
-
 def replace_registry_file(path: Path, data: bytes) -> None:
     """Replace the registry file ``path`` with ``data`` through a temporary file of its own
-    beside it (:func:`_new_temporary`), flushed to disk before the rename and the rename made
+    beside it (:func:`pipelines.publish.new_temporary`: a name no other writer has, since Feast's
+    CLI materialising beside a run wrote through the same temporary file and truncated the
+    other's, and the registry's mode), flushed to disk before the rename and the rename made
     durable after it. A write that fails leaves the old file; two at once leave one whole."""
     path.parent.mkdir(exist_ok=True)
-    tmp = _new_temporary(path)
+    tmp = new_temporary(path)
     try:
         _write_durably(tmp, data)
         os.replace(tmp, path)

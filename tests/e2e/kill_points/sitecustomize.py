@@ -29,6 +29,7 @@ import signal
 import sys
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 _POINT = os.environ.get("EHR_KILL_AT", "")
@@ -111,9 +112,9 @@ def _registry(module: types.ModuleType) -> None:
     @functools.wraps(original)
     def replace(path: Any, data: bytes) -> None:
         if _POINT == "registry_temporary_written" and sys.argv[:1] != ["-c"]:  # not the CLI child
-            from pipelines.publish import replacing_temporary
+            from pipelines.publish import new_temporary
 
-            replacing_temporary(path).write_bytes(data)
+            new_temporary(Path(path)).write_bytes(data)
             _reached("registry_temporary_written")
         original(path, data)
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +237,59 @@ def test_the_next_publish_removes_what_a_killed_one_left(tmp_path: Path, how: st
         con, [publish.TableChange("s.u", out / "u.parquet", ("DELETE FROM s.u",))]
     )
     assert sorted(p.name for p in out.iterdir()) == ["t.parquet", "u.parquet"]
+
+
+def test_two_replacing_writes_at_once_leave_one_whole_file(tmp_path: Path) -> None:
+    """Each write has a temporary file of its own: a second writer finishing while the first
+    is half-way (a release's summary beside an erasure's) neither truncates the first's file
+    nor has its own renamed away; the last rename wins, whole."""
+    target = tmp_path / "run_summary.json"
+    target.write_text("old")
+
+    def first(path: Path) -> None:
+        path.write_text("first, ")
+        publish.write_replacing(target, lambda other: other.write_text("second"))
+        assert target.read_text() == "second"
+        with path.open("a") as handle:
+            handle.write("whole")
+
+    publish.write_replacing(target, first)
+    assert target.read_text() == "first, whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run_summary.json"]
+
+
+def test_a_replacing_write_keeps_the_files_mode_and_makes_a_new_file_private(
+    tmp_path: Path,
+) -> None:
+    kept, new = tmp_path / "kept.json", tmp_path / "new.json"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    for path in (kept, new):
+        publish.write_replacing(path, lambda p: p.write_text("new"))
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    assert stat.S_IMODE(new.stat().st_mode) == 0o600
+
+
+def test_a_replacing_write_killed_before_its_rename_leaves_what_the_cleanup_finds(
+    tmp_path: Path,
+) -> None:
+    """Killed (os._exit: as under SIGKILL) with its file written and not renamed, a write
+    leaves its temporary file under a name :func:`publish.unfinished_temporaries` finds, for
+    an erasure to delete: it holds what the file was to hold."""
+    target = tmp_path / "trained_on.parquet"
+    killed = (
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "from pipelines.publish import write_replacing\n"
+        "def die(path):\n"
+        "    path.write_bytes(b'rows')\n"
+        "    os._exit(9)\n"
+        "write_replacing(Path(sys.argv[1]), die)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", killed, str(target)], check=False)
+    assert run.returncode == 9
+    (left,) = publish.unfinished_temporaries(tmp_path, target.name)
+    assert left.read_bytes() == b"rows" and not target.exists()
 
 
 def test_unfinished_temporaries_are_the_publishes_own_names_only(tmp_path: Path) -> None:

@@ -137,49 +137,75 @@ def _bound_depth(node: Any, depth: int) -> None:
             stack.extend((v, level + 1) for v in item if isinstance(v, dict | list))
 
 
-def scan_resource(obj: dict[str, Any]) -> tuple[list[tuple[str, str]], str | None]:
-    """One walk over a resource: every ``reference`` string with its element path, and the path
-    of the first empty array, object or string (FHIR's ele-1 forbids them). Resources nested
+EMPTY_ELEMENT = "empty element (ele-1)"
+# FHIR's JSON format: "null values are not allowed", but in an array of primitives that has
+# its extensions beside it (``"given": ["Jo", null], "_given": [null, {...}]``)
+NULL_VALUE = "null value"
+
+
+def scan_resource(
+    obj: dict[str, Any],
+) -> tuple[list[tuple[str, str]], tuple[str, str] | None]:
+    """One walk over a resource: every ``reference`` string with its element path, and the
+    path of the first empty array, object or string (FHIR's ele-1 forbids them) or null value
+    (JSON's form forbids them), with which of the two it is. Resources nested
     in this one (contained, or carried by a Bundle or Parameters) resolve in their own context
     and are skipped. Paths are built only for hits: the walk runs on every record. Raises
     :class:`NestingTooDeepError` beyond ``MAX_NESTING`` levels."""
     refs: list[tuple[str, str]] = []
-    empty: list[str] = []
+    empty: list[tuple[str, str]] = []
     stack: list[str] = []
+
+    def found(what: str, *path: str) -> None:
+        if not empty:
+            empty.append((".".join([*stack, *path]), what))
 
     def walk(node: Any, depth: int = 0) -> None:
         if depth > MAX_NESTING:
             # deeper than any FHIR structure: stop before Python's recursion limit does
             raise NestingTooDeepError
         if isinstance(node, dict):
-            if not node and not empty:
-                empty.append(".".join(stack))
+            if not node:
+                found(EMPTY_ELEMENT)
             for key, value in node.items():
                 kind = type(value)
                 if kind is dict or kind is list:
                     if key == "contained" or (key == "resource" and "resourceType" in value):
                         _bound_depth(value, depth + 1)  # not walked, but validated later
                         continue
+                    if kind is list and None in value and not _may_hold_nulls(key, node):
+                        found(NULL_VALUE, key)
                     stack.append(key)
                     walk(value, depth + 1)
                     stack.pop()
                 elif kind is str:
                     if key == "reference":
                         refs.append((".".join(stack) or "reference", value))
-                    elif not value and not empty:
-                        empty.append(".".join([*stack, key]))
+                    elif not value:
+                        found(EMPTY_ELEMENT, key)
+                elif value is None:
+                    found(NULL_VALUE, key)
         elif isinstance(node, list):
-            if not node and not empty:
-                empty.append(".".join(stack))
+            if not node:
+                found(EMPTY_ELEMENT)
             for item in node:
                 kind = type(item)
                 if kind is dict or kind is list:
                     walk(item, depth + 1)
-                elif kind is str and not item and not empty:
-                    empty.append(".".join(stack))
+                elif kind is str and not item:
+                    found(EMPTY_ELEMENT)
 
     walk(obj)
-    return refs, (empty[0] or "(root)") if empty else None
+    if not empty:
+        return refs, None
+    path, what = empty[0]
+    return refs, (path or "(root)", what)
+
+
+def _may_hold_nulls(key: str, node: dict[str, Any]) -> bool:
+    """Whether the array ``node[key]`` may hold nulls: an array of a primitive's extensions
+    (``_given``) or the values they stand beside (``given`` beside ``_given``)."""
+    return key.startswith("_") or f"_{key}" in node
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -310,9 +336,10 @@ def _check_record(raw: bytes) -> Checked:
         return failed("invalid_id", f"{resource_type}.id is not a valid FHIR id")
     if empty is not None:
         # only the top element is named: a nested key may be an unknown one, i.e. input
-        top = empty.split(".")[0].split("[")[0]
+        path, what = empty
+        top = path.split(".")[0].split("[")[0]
         where = top if cls.model_fields.get(top) else "(element)"
-        return failed("schema_violation", f"{resource_type}.{where}: empty element (ele-1)")
+        return failed("schema_violation", f"{resource_type}.{where}: {what}")
     problem = _contained_problem(resource_type, obj)
     if problem is not None:
         return failed(problem.code or "unknown_resource_type", problem.message)

@@ -178,3 +178,31 @@ def test_extreme_and_partial_dates_are_accepted_at_ingest(element: str, value: s
     """Valid R4 dates: ingest keeps them; the release shifts, clamps or withholds them."""
     checked = check_record(orjson.dumps({"resourceType": "Patient", "id": "p1", element: value}))
     assert checked.code is None
+
+
+@pytest.mark.parametrize(
+    ("element", "value", "where"),
+    [
+        ("meta", {"lastUpdated": None}, "meta"),
+        ("meta", {"versionId": None}, "meta"),
+        ("gender", None, "gender"),
+        ("identifier", [{"system": None, "value": "MRN-778812"}], "identifier"),
+        ("name", [{"family": "Quist", "given": ["Odalys", None]}], "name"),
+        ("address", [None], "address"),
+    ],
+)
+def test_a_null_value_is_a_schema_violation(element: str, value: object, where: str) -> None:
+    """FHIR's JSON form allows no null (``"lastUpdated": null`` was read as no
+    ``lastUpdated``, so the record ranked as undated among its versions); the message names
+    the element, never the value beside it."""
+    checked = check_record(orjson.dumps({**PATIENT, element: value}))
+    assert (checked.code, checked.message) == ("schema_violation", f"Patient.{where}: null value")
+    assert "MRN" not in checked.message
+
+
+def test_a_null_beside_a_primitives_extensions_is_allowed() -> None:
+    """The one null the JSON form allows: a place held in an array of primitives whose
+    extensions stand beside it."""
+    extension = {"extension": [{"url": "http://example.org/x", "valueString": "y"}]}
+    name = {"family": "Quist", "given": ["Odalys", None], "_given": [None, extension]}
+    assert check_record(orjson.dumps({**PATIENT, "name": [name]})).code is None

@@ -5,7 +5,14 @@ A model builder's path on the platform, end to end:
 1. who can be asked about: ``ehr features entities`` (released, not opted out);
 2. what there is: ``ehr features list`` / ``ehr features describe NAME``;
 3. entity rows (patient, T) and labels from the views; here T is the end of every ambulatory
-   or emergency encounter, label 1 when an inpatient stay starts in (T, T + 90 days];
+   or emergency encounter, where the features first know it ended (``period_end_latest``: the
+   end of its day when it has no time), label 1 when an inpatient stay starts in the 90 days
+   after it and is not yet known to the features at T. The readmission label's rules hold
+   (``pipelines.features.cohort``): an encounter that did not take place is no visit, stay or
+   data time; a stay is any inpatient class, a hospitalisation once (not its ICU or ward
+   segments); the follow-up horizon is the latest encounter dated no later than the release can
+   know (a visit typed 2105 or a planned admission moves no one's horizon), less twice the
+   date-shift range (a patient's own data can end that much before the latest);
 4. features as of each T through Feast (``get_historical_features``), exact at any T;
 5. a patient split, a model, and its evaluation with bootstrap 95% intervals (the AUROC only
    from 20 test positives up, as on the readmission model card).
@@ -20,13 +27,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import duckdb
 import pandas as pd
 
-from pipelines.features.cohort import released_cohort
+from pipelines.assets.models import censor_margin_days
+from pipelines.features.cohort import (
+    encounter_held_sql,
+    inpatient_sql,
+    own_encounter_sql,
+    release_known_by,
+    released_cohort,
+    timestamptz_sql,
+)
 from pipelines.features.feast_store import feature_store, with_declared_types
 from pipelines.models.evaluation import overall_metrics
 from pipelines.models.frame import feature_columns
@@ -37,6 +53,7 @@ from pipelines.models.training import (
     split_by_patient,
 )
 from pipelines.models.training_set import with_days_since
+from pipelines.resources import DeidSettings
 
 HORIZON_DAYS = 90
 FEATURES = [
@@ -56,37 +73,55 @@ FEATURES = [
     "patient_labs_vitals:systolic_bp_latest",
 ]
 
-# Named steps of the label query: the visits that are prediction times, the horizon of the
-# data (a visit whose 90 days run past it is censored), and the outcome.
-LABEL_SQL = f"""
+
+def label_sql(known_by: datetime | None, margin_days: int) -> str:
+    """The label query, in named steps: the visits that are prediction times, the horizon of
+    the data (a visit whose 90 days run past it, less ``margin_days``, is censored,
+    :func:`censor_margin_days`) and the outcome; its one parameter is the cohort.
+    ``known_by`` bounds the encounter dates that set the horizon (:func:`release_known_by`)."""
+    held = f"{encounter_held_sql('e.status')} AND {own_encounter_sql('views.encounter', 'e')}"
+    known = "true" if known_by is None else f"ts <= {timestamptz_sql(known_by)}"
+    return f"""
 WITH visits AS (
-    SELECT patient_id, coalesce(period_end, period_start) AS event_timestamp
-    FROM views.encounter WHERE class_code IN ('AMB', 'EMER') AND period_start IS NOT NULL
+    SELECT patient_id, coalesce(period_end, period_start) AS ended,
+        coalesce(period_end_latest, period_start_latest) AS event_timestamp
+    FROM views.encounter e
+    WHERE class_code IN ('AMB', 'EMER') AND period_start IS NOT NULL AND {held}
 ),
-horizon AS (SELECT max(coalesce(period_end, period_start)) AS last_ts FROM views.encounter),
+times AS (
+    SELECT period_start AS ts FROM views.encounter e WHERE {held}
+    UNION ALL SELECT period_end FROM views.encounter e WHERE {held}
+),
+horizon AS (SELECT max(ts) AS last_ts FROM times WHERE {known}),
 admissions AS (
-    SELECT patient_id, period_start FROM views.encounter WHERE class_code = 'IMP'
+    SELECT patient_id, period_start, period_start_latest FROM views.encounter e
+    WHERE {inpatient_sql("e.class_code")} AND {held}
 )
 SELECT v.patient_id, v.event_timestamp,
     EXISTS (
         SELECT 1 FROM admissions a
-        WHERE a.patient_id = v.patient_id AND a.period_start > v.event_timestamp
-          AND a.period_start <= v.event_timestamp + INTERVAL {HORIZON_DAYS} DAY
+        WHERE a.patient_id = v.patient_id AND a.period_start > v.ended
+          -- not yet known to the features at T: never both a feature and the outcome
+          AND a.period_start_latest > v.event_timestamp
+          AND a.period_start <= v.ended + INTERVAL {HORIZON_DAYS} DAY
     )::INT AS label
 FROM visits v, horizon h
-WHERE v.event_timestamp + INTERVAL {HORIZON_DAYS} DAY <= h.last_ts
+WHERE v.ended + INTERVAL {HORIZON_DAYS} DAY <= h.last_ts - INTERVAL {int(margin_days)} DAY
   AND v.patient_id IN (SELECT unnest(?::VARCHAR[]))
 ORDER BY v.patient_id, v.event_timestamp
 """
 
 
-def admission_labels(warehouse: Path) -> pd.DataFrame:
-    """(patient_id, event_timestamp, label) for the released, not opted-out patients."""
+def admission_labels(warehouse: Path, profile: str = "research") -> pd.DataFrame:
+    """(patient_id, event_timestamp, label) for the released, not opted-out patients of a
+    release under ``profile``, whose date-shift range sets the horizon's margin."""
+    settings = DeidSettings(profile=profile)
     con = duckdb.connect(str(warehouse), read_only=True)
     try:
         con.execute("SET TimeZone = 'UTC'")
         cohort = released_cohort(con)
-        return con.execute(LABEL_SQL, [cohort]).df()
+        known_by = release_known_by(con, settings.date_shift_days())
+        return con.execute(label_sql(known_by, censor_margin_days(settings)), [cohort]).df()
     finally:
         con.close()
 

@@ -23,10 +23,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check pipelines fhirlake vault deid tests
-	$(BIN)/ruff format --check pipelines fhirlake vault deid tests feature_repo
+	$(BIN)/ruff check pipelines fhirlake vault deid tests examples feature_repo
+	$(BIN)/ruff format --check pipelines fhirlake vault deid tests feature_repo examples
 	$(BIN)/lint-imports
 	$(BIN)/mypy
+	$(BIN)/mypy examples feature_repo
 
 # The browser test drives Debian's chromium (never a downloaded browser): installed here when
 # missing and apt-get is usable; otherwise that one test skips and says why.

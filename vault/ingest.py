@@ -847,6 +847,23 @@ class BatchIngestor:
                 return True
         return False
 
+    def _points_at_erased(self, record: RawRecord, checked: Checked) -> bool:
+        """A record of no patient that points at an erased resource (an Observation with no
+        subject filed under her Encounter, a Provenance of her Observation): it is about the
+        erased person, as an erasure reads it (``vault.lifecycle.shared_records_about``), so
+        storing it under the shared key, which no erasure destroys, would bring her back."""
+        if not self.erased:
+            return False
+        for _path, value in checked.references:
+            target = self._target(record, value)
+            if (
+                isinstance(target, tuple)
+                and target[0] in ("urn", "relative", "absolute")
+                and target[2] in self.erased
+            ):
+                return True
+        return False
+
     def _loosely_names_erased(self, value: str) -> bool:
         """A conditional reference (``Patient?identifier=``) whose identifier is an erased
         patient's written differently (its loose form, same system)."""
@@ -887,6 +904,7 @@ class BatchIngestor:
             or self._names_erased_patient(checked)
             or self._links_erased_patient(record, checked)
             or (owner is None and self._conditionally_names_erased(checked))
+            or (owner is None and criteria is None and self._points_at_erased(record, checked))
         ):
             if rtype == "Patient":  # under a new id: its compartment is refused too
                 self._refuse_patient(resource_key, checked)

@@ -765,6 +765,42 @@ def same_person(con: duckdb.DuckDBPyConnection, pseudonym: str) -> list[str]:
     return sorted(found)
 
 
+# Vault resources of no patient with a resolved reference to one of the given resources (the
+# compartment's, or a record found this way): an Observation with no subject filed under her
+# Encounter, a Provenance of her Observation, a Provenance of that Observation.
+_SHARED_REFERRING = """
+SELECT DISTINCT r.resource_key FROM resource_references r
+JOIN phi_vault v ON v.resource_key = r.resource_key AND v.patient_key IS NULL
+WHERE r.kind IN ('urn', 'relative', 'absolute')
+  AND r.target_key IN (SELECT unnest($keys::VARCHAR[]))
+"""
+_COMPARTMENTS = (
+    f"SELECT DISTINCT resource_key FROM phi_vault "
+    f"WHERE patient_key IN ({_SUBJECTS}) OR resource_key IN ({_SUBJECTS})"
+)
+
+
+def shared_records_about(con: duckdb.DuckDBPyConnection, subjects: list[str]) -> list[str]:
+    """The vault resources of no patient that point at a record of the subjects' compartments,
+    directly or through another record found so: a record filed under no patient (FHIR makes
+    ``Observation.subject`` optional, a Provenance names its target alone) that belongs to
+    one of her Encounters or describes one of her records is hers, though it holds none of
+    her names or ids for the text search to find. Only references into her records are
+    followed, never out of them (the Practitioner her Encounter names is not hers). Sorted."""
+    if not has_table(con, "resource_references"):
+        return []
+    rows = con.execute(_COMPARTMENTS, {"subjects": subjects}).fetchall()
+    seen = {str(k) for (k,) in rows}
+    found: set[str] = set()
+    frontier = sorted(seen)
+    while frontier:
+        rows = con.execute(_SHARED_REFERRING, {"keys": frontier}).fetchall()
+        frontier = sorted({str(k) for (k,) in rows} - seen)
+        seen.update(frontier)
+        found.update(frontier)
+    return sorted(found)
+
+
 def _erase_in_warehouse(
     con: duckdb.DuckDBPyConnection, report: ErasureReport, now: datetime, plan: ErasurePlan
 ) -> tuple[str, ...]:

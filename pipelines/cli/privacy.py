@@ -299,7 +299,7 @@ def _erasure_inputs(
     from fhirlake.references import identifier_criteria
     from vault import warehouse
     from vault.ingest import identifier_keys
-    from vault.lifecycle import same_person
+    from vault.lifecycle import same_person, shared_records_about
     from vault.read import bind_pseudonym_key
 
     # another erasure's steps, or a run, may have it open: an erasure waits its turn
@@ -313,16 +313,22 @@ def _erasure_inputs(
             wid = warehouse.claim_id(con, _registry(provider))
             audit = audit_log_for(workdir, provider, wid)
             audit.check_appendable()  # before anything of the patient is read
+            subjects = [patient, *same_person(con, patient)]
             versions = [
-                version
-                for one in (patient, *same_person(con, patient))
-                for version in _patient_versions(con, provider, one)
+                version for one in subjects for version in _patient_versions(con, provider, one)
             ]
             subject = SubjectCanaries(versions, *typed)
             _refuse_a_reason_naming_the_patient(subject, reason, audit, "forget", patient)
             reason = _reason_to_log(con, patient, reason)
             unattributed = _unattributed_quarantine_naming(con, provider, subject)
-            shared = _shared_resources_naming(con, provider, subject)
+            shared = tuple(
+                dict.fromkeys(
+                    (
+                        *_shared_resources_naming(con, provider, subject),
+                        *shared_records_about(con, subjects),
+                    )
+                )
+            )
             batch_key_kinds = _batch_keys_naming(con, subject)
             keys = tuple(
                 dict.fromkeys(

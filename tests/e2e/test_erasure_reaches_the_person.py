@@ -513,3 +513,89 @@ def _readable_shared(person: dict[str, Any]) -> list[str]:
         ]
     finally:
         con.close()
+
+
+def _encounter(eid: str, patient: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Encounter",
+        "id": eid,
+        "status": "finished",
+        "class": {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "AMB"},
+        "subject": {"reference": f"Patient/{patient}"},
+    }
+
+
+def _filed_under(oid: str, encounter: str) -> dict[str, Any]:
+    """An Observation with no subject (FHIR makes it optional), filed under an Encounter."""
+    obs = _obs(oid, {})
+    del obs["subject"]
+    obs["encounter"] = {"reference": f"Encounter/{encounter}"}
+    return obs
+
+
+def _provenance(pid: str, target: str) -> dict[str, Any]:
+    return {
+        "resourceType": "Provenance",
+        "id": pid,
+        "target": [{"reference": target}],
+        "recorded": "2021-04-01T10:05:00Z",
+        "agent": [{"who": {"display": "ward clerk"}}],
+    }
+
+
+def test_records_of_no_patient_about_her_records_are_erased_and_refused_later(
+    person: dict[str, Any],
+) -> None:
+    """A record filed under no patient that points at one of her records (an Observation with
+    no subject under her Encounter, a Provenance of her Encounter, a Provenance of that
+    Observation) is hers, though it holds none of her names or ids: it is erased with her,
+    with its released copy, and one sent after the erasure is refused. The same records about
+    another patient's records stay."""
+    key = person["pseudo"].resource_key
+    workdir, provider = person["workdir"], person["provider"]
+    # ids that hold nothing of hers, as an export's UUIDs do: the text search finds none
+    about_her = [
+        _encounter("enc-a1c9", "pz"),
+        _filed_under("filed-b7e2", "enc-a1c9"),
+        _provenance("prov-of-her-visit", "Encounter/enc-a1c9"),
+        _provenance("prov-of-the-filed", "Observation/filed-b7e2"),
+    ]
+    about_other = [
+        _encounter("enc-other", "p-other"),
+        _filed_under("under-other-encounter", "enc-other"),
+        _provenance("prov-of-other-pulse", "Observation/other-pulse"),
+    ]
+    landing = workdir.root.parent / "landing" / "b2"
+    _write(landing, "more.ndjson", [*about_her, *about_other])
+    second = ingest_batch(workdir.warehouse, "b2", landing, provider, workers=1)
+    assert (second.accepted, second.quarantined) == (7, 0)
+    con = warehouse.connect(workdir.warehouse)
+    try:
+        deidentify_batch(con, provider, "b2", Policy.shipped("research"), workers=1)
+    finally:
+        con.close()
+    hers = {key(r["resourceType"], r["id"]) for r in about_her[1:]}
+    assert hers <= _released_ids(person)
+
+    report = _forget(person, "pz")
+
+    kept = {orjson.loads(text)["id"] for text in _readable_shared(person)}
+    assert kept & {r["id"] for r in about_her} == set()
+    assert {"under-other-encounter", "prov-of-other-pulse"} <= kept
+    assert hers & _released_ids(person) == set()
+    assert key("Observation", "under-other-encounter") in _released_ids(person)
+    assert report["rows_deleted"]["phi_vault_shared"] == len(NAMING_HER) + len(hers)
+
+    landing = workdir.root.parent / "landing" / "b3"
+    _write(
+        landing,
+        "again.ndjson",
+        [
+            _filed_under("again-under-her-encounter", "enc-a1c9"),
+            _provenance("again-prov-of-her-visit", "Encounter/enc-a1c9"),
+            _filed_under("again-under-other-encounter", "enc-other"),
+        ],
+    )
+    third = ingest_batch(workdir.warehouse, "b3", landing, provider, workers=1)
+    assert third.quarantine_reasons == {ERASED_SUBJECT: 2}
+    assert third.accepted == 1

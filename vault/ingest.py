@@ -613,6 +613,11 @@ class BatchIngestor:
         # Patients this pass accepted: the new data keys of any other patient are written only
         # at the end of the batch (:meth:`_awaits_its_patient`)
         self.patients_read: set[str] = set()
+        # for each Patient this pass accepted, the keys its ``link`` names (resource keys, and
+        # identifier criteria exact and loose) and its own identifier criteria: a Patient
+        # refused later in the batch takes the ones linked to it or sharing one of its
+        # identifiers with it (:meth:`_refuse_the_same_person`)
+        self.patient_ties: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
         self.buffers = _Buffers()
         self.report = IngestReport(batch_id=batch_id, workers=workers)
         self.now = utcnow()
@@ -864,6 +869,46 @@ class BatchIngestor:
                 return True
         return False
 
+    def _ties(self, record: RawRecord, checked: Checked) -> tuple[frozenset[str], frozenset[str]]:
+        """What makes an accepted Patient one person with another (the rule of
+        ``vault.lifecycle.same_person``): the keys its links name, and its identifier criteria."""
+        linked: set[str] = set()
+        for path, value in checked.references:
+            if path != "link.other":
+                continue
+            target = self._target(record, value)
+            if isinstance(target, tuple):
+                linked.add(target[2])
+            cond = conditional_target(value) if classify(value) == "conditional" else None
+            if cond is not None and cond[0] == "Patient":
+                loose = loose_identifier_key(self.pseudo, "Patient", cond[1])
+                if loose is not None:
+                    linked.add(loose)
+        own = identifier_keys(self.pseudo, "Patient", checked.identifiers)
+        return frozenset(linked), frozenset(own)
+
+    def _refuse_the_same_person(self) -> None:
+        """The Patients this batch accepted before it refused one as an erased person, that
+        are the same person as a refused one: linked to it (by id or by one of its
+        identifiers) or sharing an identifier with it, directly or through each other. They
+        are refused with their compartments, as the refused one is, before any key of theirs
+        is written (:meth:`finalize`). Before, a Patient linked to the refused one and read
+        first was stored and released: the erased person back under a new pseudonym."""
+        changed = bool(self.erased_in_batch)
+        while changed:
+            changed = False
+            for key, (linked, own) in self.patient_ties.items():
+                if key in self.erased_in_batch:
+                    continue
+                if linked & (self.erased_in_batch | self.erased_criteria_in_batch) or (
+                    own & self.erased_criteria_in_batch
+                ):
+                    self.erased_in_batch.add(key)
+                    self.erased.add(key)
+                    self.erased_criteria_in_batch.update(own)
+                    self.erased.update(own)
+                    changed = True
+
     def _loosely_names_erased(self, value: str) -> bool:
         """A conditional reference (``Patient?identifier=``) whose identifier is an erased
         patient's written differently (its loose form, same system)."""
@@ -913,6 +958,7 @@ class BatchIngestor:
             return
         if rtype == "Patient":
             self.patients_read.add(resource_key)
+            self.patient_ties[resource_key] = self._ties(record, checked)
         if owner_dangles:
             self._quarantine(
                 record,
@@ -1087,6 +1133,7 @@ class BatchIngestor:
         and copy the batch's Patients (and relatives) beside the others (vault.clustered).
         The data keys made for the Patients refused as an erased person are dropped unwritten,
         and every other key held back (:meth:`_awaits_its_patient`) is written."""
+        self._refuse_the_same_person()
         self.keys.discard(self.erased_in_batch)
         self.keys.flush()
         self.flush()

@@ -599,3 +599,47 @@ def test_records_of_no_patient_about_her_records_are_erased_and_refused_later(
     third = ingest_batch(workdir.warehouse, "b3", landing, provider, workers=1)
     assert third.quarantine_reasons == {ERASED_SUBJECT: 2}
     assert third.accepted == 1
+
+
+def test_patients_read_before_a_patient_refused_as_her_and_tied_to_it_are_refused(
+    person: dict[str, Any],
+) -> None:
+    """After her erasure a batch holds a new Patient whose ``link`` says it replaces hers, and
+    before it three more: one linked to that new Patient by id, one by its MRN, one sharing
+    its MRN. Each is the same person as the new Patient, so she, by the rule the erasure reads
+    people with (``same_person``): all four are refused with their records, and no data key is
+    written for any of them. Before, the three read first were stored and released."""
+    _forget(person, "pz")
+    workdir = person["workdir"]
+    con = duckdb.connect(str(workdir.warehouse), read_only=True)
+    try:
+        keys_before = con.execute("SELECT count(*) FROM data_keys").fetchone()
+    finally:
+        con.close()
+    hers = _patient("pt-new-1", [(MRN_SYSTEM, "77001")])
+    hers["link"] = [{"other": {"reference": "Patient/pz"}, "type": "replaces"}]
+    by_id = _patient("pt-new-2", [(MRN_SYSTEM, "77002")])
+    by_id["link"] = [{"other": {"reference": "Patient/pt-new-1"}, "type": "replaces"}]
+    by_mrn = _patient("pt-new-3", [(MRN_SYSTEM, "77003")])
+    by_mrn["link"] = [
+        {"other": {"identifier": {"system": MRN_SYSTEM, "value": "77001"}}, "type": "seealso"}
+    ]
+    same_mrn = _patient("pt-new-4", [(MRN_SYSTEM, "77001")])
+    records: list[dict[str, Any]] = []
+    for patient in (by_id, by_mrn, same_mrn, hers):
+        records += [
+            patient,
+            _obs(f"{patient['id']}-pulse", {"reference": f"Patient/{patient['id']}"}),
+        ]
+    landing = workdir.root.parent / "landing" / "b2"
+    _write(landing, "again.ndjson", records)
+    second = ingest_batch(workdir.warehouse, "b2", landing, person["provider"], workers=1)
+    assert second.quarantine_reasons == {ERASED_SUBJECT: 8}
+    assert second.accepted == 0
+    con = duckdb.connect(str(workdir.warehouse), read_only=True)
+    try:
+        assert con.execute("SELECT count(*) FROM data_keys").fetchone() == keys_before
+        stored = con.execute("SELECT count(*) FROM phi_vault WHERE batch_id = 'b2'").fetchone()
+    finally:
+        con.close()
+    assert stored == (0,)

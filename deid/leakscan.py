@@ -202,6 +202,8 @@ SCAN_RULES: tuple[str, ...] = (
     "name_of_given_names_only",
     # ... and cut short, read as far as its last whole value
     "unattributed_quarantined_records_cut_short",
+    # a birth date compact month first or day first (02191946, 19021946, 2191946 as a number)
+    "birth_date_compact_month_or_day_first",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -261,8 +263,10 @@ def _birth_parts(iso_date: str) -> tuple[int, int, int] | None:
 def birth_date_forms(iso_date: str) -> tuple[str, ...]:
     """A full ISO birth date as people write it, case-folded: year first (ISO, also with
     slashes or dots), month first (US) and day first, each with slashes, dashes or dots and
-    with and without leading zeros, compact, and with the month's name (also between dashes,
-    dots or slashes or none: ``19-feb-1946``, ``19feb1946``, as Oracle and SAS write dates).
+    with and without leading zeros, compact (year, month or day first: ``19460219``,
+    ``02191946``, ``19021946``, and ``2191946`` as a number drops its zero), and with the
+    month's name (also between dashes, dots or slashes or none: ``19-feb-1946``,
+    ``19feb1946``, as Oracle and SAS write dates).
 
     Every form holds the four-digit year: a patient's rows are searched for these only in
     strings that hold it (``_birth_hits``, ``deid.release``), and year, month and day together
@@ -276,8 +280,12 @@ def birth_date_forms(iso_date: str) -> tuple[str, ...]:
         return ()
     year, month, day = parts
     full, short = _MONTHS[month - 1], _MONTHS[month - 1][:3]
-    # the compact form of HL7 v2 and of many exports (19460219) too
+    # the compact form of HL7 v2 and of many exports (19460219) too, and compact month first
+    # (02191946, as US forms and file names write MMDDYYYY) and day first (19021946); a
+    # number loses the leading zero of either (2191946), as spreadsheets drop it
     forms = {iso_date, f"{year}{month:02d}{day:02d}"}
+    for first, second in ((month, day), (day, month)):
+        forms.update({f"{first:02d}{second:02d}{year}", f"{first}{second:02d}{year}"})
     for sep in "/-.":
         forms.update({f"{year}{sep}{month:02d}{sep}{day:02d}", f"{year}{sep}{month}{sep}{day}"})
         for first, second in ((month, day), (day, month)):

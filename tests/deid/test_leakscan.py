@@ -517,6 +517,24 @@ def test_a_birth_date_with_its_month_abbreviated_between_dashes_or_glued_is_foun
     assert scan_rows(c, [_local_coding_row("XFeb-19-1946")]).passed
 
 
+def test_a_birth_date_compact_month_or_day_first_is_found() -> None:
+    """US forms and exports write a birth date compact month first (MMDDYYYY: 02191946, a
+    local code DOB02191946), others day first (19021946), and a number drops the leading
+    zero (2191946): each was released as the patient's birth date in a local code or a lab
+    value. Found in the patient's rows only, not inside a longer number, and not another
+    date of the same year."""
+    c = CanarySet()
+    c.add_patient({"birthDate": "1946-02-19"}, "p1")
+    for code in ("02191946", "DOB02191946", "19021946", "dob-19021946"):
+        assert scan_rows(c, [_local_coding_row(code)]).by_kind() == {"birth_date": 2}, code
+        assert scan_rows(c, [_local_coding_row(code, "p2")]).passed, code
+    for code in ("021919461", "102191946", "02201946", "ab02191946cd"):
+        assert scan_rows(c, [_local_coding_row(code)]).passed, code
+    row = ("r", {"valueQuantity": {"value": 2191946, "unit": "%"}}, "p1")
+    assert scan_rows(c, [row]).by_kind() == {"birth_date": 1}
+    assert scan_rows(c, [("r", {"valueQuantity": {"value": 2191946}}, "p2")]).passed
+
+
 def test_an_address_and_an_email_written_with_punctuation_for_spaces_are_found() -> None:
     """A code, a version or a system URL's last segment cannot hold a space, so a local code
     system writes an address line 709-Michele-Prairie, a city with its ZIP

@@ -204,6 +204,9 @@ SCAN_RULES: tuple[str, ...] = (
     "unattributed_quarantined_records_cut_short",
     # a birth date compact month first or day first (02191946, 19021946, 2191946 as a number)
     "birth_date_compact_month_or_day_first",
+    # each given name with the family name, and all of them with it (JenniferBarajas,
+    # CourtneyJenniferBarajas), not the first given name only
+    "full_name_every_given_name",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -636,7 +639,8 @@ class CanarySet:
     def add_name(self, name: Any) -> None:
         """A HumanName or a name string: its parts; a given name or a family name written with
         punctuation or spaces (``O'Quarrigan``, ``Mary Ann``) as a name of its own too; and
-        given + family as a full name (also glued into one word, either way round; the first and
+        each given + family as a full name, and all given names + family (also glued into one
+        word, either way round; the first and
         last given names of a name without a family name), or, for a
         name given as text alone, its first and last words past its titles and suffixes
         (``Zephyrine`` and ``Quillfeather`` of ``Mrs. Zephyrine Quillfeather, Jr``)."""
@@ -650,7 +654,11 @@ class CanarySet:
                 if isinstance(whole, str) and not _WORD.fullmatch(whole.strip()):
                     self.add("name", whole)
             if given and isinstance(family, str):
-                pairs.append((given[0], family))
+                # every given name with the family name, not the first only: a middle name is
+                # the one some people go by, and a code writes it glued (JenniferBarajas)
+                pairs.extend((first, family) for first in given)
+                if len(given) > 1:  # the whole name glued too (CourtneyJenniferBarajas)
+                    self.add("full_name", " ".join((*given, family)))
             elif len(given) >= 2 and family is None:  # the whole name given as given names
                 pairs.append((given[0], given[-1]))
             text = name.get("text") if isinstance(name.get("text"), str) else None

@@ -466,6 +466,27 @@ def test_a_full_name_written_as_one_word_is_found() -> None:
     assert scan_rows(c, [("r", {"code": "CourtneyBarajas"})]).by_kind() == {"full_name": 1}
 
 
+def test_a_full_name_with_a_middle_name_written_as_one_word_is_found() -> None:
+    """A name of two given names glued as a code writes it: with the middle name, the one
+    some people go by (``JenniferBarajas``), or with every given name
+    (``CourtneyJenniferBarajas``). Only the first given name was glued with the family name,
+    and each of these was released as a local code. Whole tokens only."""
+    c = CanarySet()
+    c.add_name({"given": ["Courtney", "Jennifer"], "family": "Barajas"})
+    for text, found in (
+        ("JenniferBarajas", True),
+        ("BarajasJennifer", True),
+        ("CourtneyJenniferBarajas", True),
+        ("courtney-jennifer-barajas", True),
+        ("http://hospital.example.org/pt/JenniferBarajas", True),
+        ("XJenniferBarajasY", False),
+        ("CourtneyJenniferBarajasville", False),
+    ):
+        assert bool(scan_rows(c, [("r", {"code": text})]).hits) == found, text
+    for text in ("JenniferBarajas", "CourtneyJenniferBarajas"):
+        assert scan_rows(c, [("r", {"code": text})]).by_kind() == {"full_name": 1}, text
+
+
 def _full_width(text: str) -> str:
     """``text`` with its ASCII digits and letters in their full-width forms (U+FF10...)."""
     return "".join(chr(ord(c) + 0xFEE0) if c.isascii() and c.isalnum() else c for c in text)

@@ -204,9 +204,10 @@ def settings_digest(policy: Policy, terminology: Terminology | None = None) -> s
         # {yr}):
         # batches released before hold 93 a_j and 95 yr as written; an age or
         # birth-date code is read under any system or none (an age of 95 coded 30525-0
-        # without a system was released as written)
+        # without a system was released as written); years old (yo) is read as years: 95 YO
+        # was released as written
         "age_cap": "age_typed_and_integer_units_in_words_components_fewest_days_more_codes_births"
-        "_every_ucum_time_unit_codes_under_any_system_words_under_ucum_annotations",
+        "_every_ucum_time_unit_codes_under_any_system_words_under_ucum_annotations_years_old",
         # under the year date rule (safe_harbor) an age is released in whole years
         # (deid.allowlist._age_in_whole_years): batches released before hold ages in days, weeks
         # or months, which with their events' years narrow a birth date to a day, and are

@@ -292,7 +292,8 @@ def ucum_units_per_year(code: str) -> float | None:
 # the same units as an age is often written without UCUM (a FHIR Age's ``unit`` text, a local
 # code): read, lower-cased and without a plural ``s``, before an age falls back to years
 AGE_UNIT_WORDS_PER_YEAR: dict[str, float] = {
-    **{word: 1.0 for word in ("a", "y", "yr", "year", "annum")},
+    # "yo", years old, as clinical text and some feeds write an age (95 YO was released)
+    **{word: 1.0 for word in ("a", "y", "yr", "year", "annum", "yo")},
     **{word: 12.0 for word in ("mo", "month")},
     **{word: AGE_UNITS_PER_YEAR["wk"] for word in ("wk", "week")},
     **{word: AGE_UNITS_PER_YEAR["d"] for word in ("d", "day")},

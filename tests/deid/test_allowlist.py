@@ -465,6 +465,21 @@ def test_an_age_in_a_time_unit_written_in_words_under_ucums_system_is_capped(
         assert released == {"value": 90, "system": UCUM, "code": "a", "unit": "a"}
 
 
+@pytest.mark.parametrize("code", ["yo", "YO", "{yo}"])
+def test_an_age_in_years_old_under_ucums_system_is_capped(code: str) -> None:
+    """Clinical text and some feeds write an age as ``95 YO`` (years old): the code passes
+    UCUM's syntax, and in an observation not coded as an age it was released as written, 95
+    ``YO`` reaching ``views.observation`` where 95 ``yr`` became 90."""
+    quantity = {"value": 95, "system": UCUM, "code": code, "unit": code}
+    local = _obs(
+        code={"coding": [{"system": "http://hospital.example.org/obs", "code": "AGE"}]},
+        valueQuantity=quantity,
+    )
+    for profile in ("research", "safe_harbor"):
+        released = _apply(copy.deepcopy(local), profile).resource["valueQuantity"]
+        assert released == {"value": 90, "system": UCUM, "code": "a", "unit": "a"}
+
+
 @pytest.mark.parametrize(("code", "value"), [("ds", 40000), ("as", 95), ("ms", 40000)])
 def test_a_ucum_unit_that_is_no_time_unit_in_words_is_not_read_as_one(
     code: str, value: float

@@ -207,6 +207,8 @@ SCAN_RULES: tuple[str, ...] = (
     # each given name with the family name, and all of them with it (JenniferBarajas,
     # CourtneyJenniferBarajas), not the first given name only
     "full_name_every_given_name",
+    # a city with its ZIP glued as a code writes it (DUNMERE01984)
+    "city_zip_glued",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -234,8 +236,8 @@ _NAME_JOINERS = re.compile(r"['\u2019-]")
 # what a code (ASCII letters and digits, deid.terminology) leaves out of a name written in it
 _NOT_CODE_CHARACTERS = re.compile(r"[^0-9a-z]+")
 # the kinds a code can hold glued (letters and digits only): names, an address line
-# (9QUIMBYROW), an email (ZQUIXEXAMPLEORG)
-_GLUED_KINDS = ("name", "full_name", "address", "email")
+# (9QUIMBYROW), an email (ZQUIXEXAMPLEORG), a city with its ZIP (DUNMERE01984, DUNMEREMA01984)
+_GLUED_KINDS = ("name", "full_name", "address", "email", "city_zip")
 # a source id that is a canary in released text (see CanarySet.add_source_id): six characters
 # or more, a letter and a digit among them
 _LINKING_ID = re.compile(r"(?=.*[A-Za-z])(?=.*[0-9])[A-Za-z0-9\-.]{6,64}")

@@ -732,6 +732,25 @@ def test_an_address_line_and_an_email_glued_as_a_code_writes_them_are_found() ->
         assert scan_rows(c, [_local_coding_row(near)]).passed, near
 
 
+def test_a_city_with_its_zip_glued_as_a_code_writes_it_is_found() -> None:
+    """A local code glues a city to its ZIP (``NewDonaldton01984``, with the state
+    ``NEWDONALDTONMA01984``), as it glues an address line: each was released as written,
+    where ``New-Donaldton-01984`` was found. The city alone or the ZIP alone is common text."""
+    c = CanarySet()
+    c.add_patient(
+        {
+            "resourceType": "Patient",
+            "id": "p1",
+            "address": [{"city": "New Donaldton", "state": "MA", "postalCode": "01984"}],
+        },
+        "p1",
+    )
+    for code in ("NewDonaldton01984", "NEWDONALDTONMA01984", "New-Donaldton-01984"):
+        assert set(scan_rows(c, [_local_coding_row(code)]).by_kind()) == {"city_zip"}, code
+    for near in ("NewDonaldton", "01984", "XNewDonaldton01984", "NewDonaldton019845"):
+        assert scan_rows(c, [_local_coding_row(near)]).passed, near
+
+
 def test_short_non_ascii_full_name_found_in_ascii_either_way_round():
     """A Chinese full name of three characters (family 张, given 小明) is under MIN_TEXT as
     written, but its ASCII forms are not: glued either way round, as a code writes it."""

@@ -209,6 +209,8 @@ SCAN_RULES: tuple[str, ...] = (
     "full_name_every_given_name",
     # a city with its ZIP glued as a code writes it (DUNMERE01984)
     "city_zip_glued",
+    # a quarantined document of many lines cut short read whole (a Bundle written indented)
+    "unattributed_quarantined_documents_cut_short",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

@@ -601,6 +601,17 @@ def json_read_so_far(text: str) -> Any:
         return None
 
 
+def _one_value_cut_short(text: str) -> bool:
+    """Whether ``text`` ends within the one JSON value it begins, rather than holding values one
+    after another (NDJSON's lines: those are read a line at a time) or something that reads
+    as no JSON."""
+    try:
+        pydantic_core.from_json(text, allow_inf_nan=True)
+    except ValueError as exc:
+        return str(exc).startswith("EOF while parsing")
+    return False
+
+
 def _line_json(text: str) -> Any:
     """The JSON value ``text`` reads as (:func:`_text_json`), or, cut short, as far as its last
     whole value (:func:`json_read_so_far`)."""
@@ -625,6 +636,10 @@ def text_resources(text: str) -> Iterator[dict[str, Any]]:
     are read one at a time, each value let go once its resources are yielded: a record of a
     million lines of ``[[[`` held a million nested lists at once (gigabytes)."""
     value = _text_json(text)
+    if value is None and _one_value_cut_short(text):
+        # a document of many lines cut off (a Bundle written indented, as Synthea writes
+        # one): read line by line, no line of it is a resource, and its Patient gave none
+        value = json_read_so_far(text)
     if value is not None:
         yield from _resources_in(value)
         return

@@ -751,3 +751,27 @@ def test_patients_of_a_whole_file_or_bundle_refused_are_read_for_canaries(
     for i, family in families.items():
         assert canaries.find(f"LAB-{family.upper()}") == ["name"], family
         assert canaries.find(f"MRN7712{i:04d}") == ["identifier"], family
+
+
+def test_a_document_of_many_lines_cut_short_is_read_for_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """A Bundle written indented (as Synthea writes one) and cut off after its Patient, which
+    the reader refuses whole as one record of no patient: each of its lines was read alone, no
+    line of it is a resource, and its Patient gave no canary while its Observation, in another
+    file, was released."""
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    entries = [{"resource": _patient(1, "Pellowynd")}, {"resource": {"resourceType": "Basic"}}]
+    document = json.dumps(
+        {"resourceType": "Bundle", "type": "collection", "entry": entries}, indent=2
+    )
+    (batch / "doc.json").write_text(document[: document.index('"Basic"') + 4])
+    observation = {"resourceType": "Observation", "id": "ow1", "status": "final"}
+    observation |= {"code": {"text": "x"}, "subject": {"reference": "Patient/pw1"}}
+    (batch / "obs.ndjson").write_text(json.dumps(observation) + "\n")
+    report = ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    assert (report.accepted, report.quarantine_reasons) == (1, {"invalid_json": 1})
+    canaries = _fresh(vault_with_batch, key_provider)
+    assert canaries.find("LAB-PELLOWYND") == ["name"]
+    assert canaries.find("MRN77120001") == ["identifier"]

@@ -211,6 +211,8 @@ SCAN_RULES: tuple[str, ...] = (
     "city_zip_glued",
     # a quarantined document of many lines cut short read whole (a Bundle written indented)
     "unattributed_quarantined_documents_cut_short",
+    # ... its lines ended at line feeds and carriage returns only, not at U+2028 in a string
+    "unattributed_quarantined_lines_at_line_ends",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

@@ -16,6 +16,7 @@ import codecs
 import contextlib
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -649,14 +650,20 @@ def text_resources(text: str) -> Iterator[dict[str, Any]]:
         yield from _resources_in(json_read_so_far(line) if line == whole else _line_json(line))
 
 
+# the breaks :meth:`str.splitlines` knows that JSON holds only escaped (control characters), not
+# U+0085, U+2028 and U+2029, which a JSON string may hold as they are (a narrative's text): a
+# line cut there lost the Patient's name after it, and the name gave no canary
+_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c-\x1e]")
+
+
 def _text_lines(text: str) -> Iterator[str]:
-    """The lines of ``text`` that hold anything (as :meth:`str.splitlines` splits them),
-    stripped of spaces and byte-order marks, one at a time: no list of a million lines."""
+    """The lines of ``text`` that hold anything (split at :data:`_LINE_BREAKS`), stripped of
+    spaces and byte-order marks, one at a time: no list of a million lines."""
     start = 0
     while start < len(text):
         end = text.find("\n", start)
         end = len(text) if end < 0 else end
-        for line in text[start:end].splitlines():
+        for line in _LINE_BREAKS.split(text[start:end]):
             stripped = line.strip().lstrip("\ufeff")
             if stripped:
                 yield stripped

@@ -46,11 +46,22 @@ def test_a_record_of_one_line_cut_short_is_read_whole_once(
     assert calls == [len(text)]
 
 
-@pytest.mark.parametrize("sep", ["\n", "\r\n", "\r", "\u2028", "\x0c"])
+@pytest.mark.parametrize("sep", ["\n", "\r\n", "\r", "\x0c", "\x1e"])
 def test_lines_split_as_before(sep: str) -> None:
     line = json.dumps(PATIENT)
     text = f" \ufeff{line}{sep}{line[:20]}{sep}{sep}  {line}{sep}"
     assert list(text_resources(text)) == [PATIENT, {}, PATIENT]
+
+
+@pytest.mark.parametrize("brk", ["\u2028", "\u2029", "\x85"])
+def test_a_line_break_a_json_string_may_hold_does_not_cut_its_line(brk: str) -> None:
+    """U+2028, U+2029 and U+0085 may stand unescaped in a JSON string (a narrative's text,
+    before the name in a Patient as Synthea writes one): a line cut there lost the name."""
+    patient = {"resourceType": "Patient", "text": {"div": f"<div>a{brk}b</div>"}} | PATIENT
+    lines = [json.dumps(patient, ensure_ascii=False), json.dumps(PATIENT)[:20]]
+    # a whole file of lines (UTF-16, refused whole), one of them cut short: read line by line
+    for text in ("\n".join(lines), "\n".join(lines).encode("utf-16").decode("utf-16")):
+        assert list(text_resources(text)) == [patient, {}]
 
 
 @pytest.mark.parametrize("letter", ["é", "€", "😀"])

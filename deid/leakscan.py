@@ -213,6 +213,9 @@ SCAN_RULES: tuple[str, ...] = (
     "unattributed_quarantined_documents_cut_short",
     # ... its lines ended at line feeds and carriage returns only, not at U+2028 in a string
     "unattributed_quarantined_lines_at_line_ends",
+    # a name written as text: past degrees written with dots (M.D.), generations written with
+    # digits (3rd) and remarks in brackets or quotes
+    "name_text_without_dotted_affixes_or_remarks",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -233,10 +236,30 @@ _WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
 # Quillfeather``, ``Quillfeather, Zephyrine, Jr``): not its first or last name
 _NAME_AFFIXES = frozenset(
     "mr mrs ms miss mx dr prof rev fr sir dame jr sr ii iii iv md phd rn dds esq".split()
+    + "bsn msn mba mph pharmd dnp lpn aprn facs".split()
 )
+# a remark in brackets or quotes a name written as text carries (``(deceased)``, a nickname):
+# no first or last name
+_NAME_REMARK = re.compile(r"\([^)]*\)|\[[^\]]*\]|\"[^\"]*\"|\u201c[^\u201d]*\u201d")
+_NAME_TOKEN_BREAK = re.compile(r"[\s,;]+")
 # what joins the parts of one name into a word: O'Brien (or its typographic apostrophe, U+2019),
 # Pemberly-Quasht
 _NAME_JOINERS = re.compile(r"['\u2019-]")
+
+
+def _name_words(text: str) -> list[str]:
+    """The words of a name written as text that may be its first or last name: past its
+    titles, generations and degrees, written with dots or without (``M.D.`` as ``MD``: split
+    at its dots, ``Zephyrine Quillfeather, M.D.`` gave the full name ``Zephyrine D``), past
+    tokens holding a digit (``3rd``) and remarks in brackets or quotes (``(deceased)``)."""
+    words: list[str] = []
+    for token in _NAME_TOKEN_BREAK.split(_NAME_REMARK.sub(" ", text)):
+        if token.replace(".", "").casefold() in _NAME_AFFIXES or any(c.isdigit() for c in token):
+            continue
+        words.extend(_WORD.findall(token))
+    return words
+
+
 # what a code (ASCII letters and digits, deid.terminology) leaves out of a name written in it
 _NOT_CODE_CHARACTERS = re.compile(r"[^0-9a-z]+")
 # the kinds a code can hold glued (letters and digits only): names, an address line
@@ -668,9 +691,7 @@ class CanarySet:
             elif len(given) >= 2 and family is None:  # the whole name given as given names
                 pairs.append((given[0], given[-1]))
             text = name.get("text") if isinstance(name.get("text"), str) else None
-        words = (
-            [w for w in _WORD.findall(text) if w.casefold() not in _NAME_AFFIXES] if text else []
-        )
+        words = _name_words(text) if text else []
         if len(words) >= 2:
             pairs.append((words[0], words[-1]))
         for first, last in dict.fromkeys(pairs):

@@ -886,6 +886,30 @@ def test_a_name_written_as_text_with_a_title_gives_its_full_name(text: str) -> N
     assert not scan_rows(c, [("r", {"code": "ZEPHYRINEQUILLFEATHER"}, "p2")]).passed
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Zephyrine Quillfeather, M.D.",
+        "Dr. Zephyrine Quillfeather Ph.D.",
+        "Zephyrine Quillfeather (deceased)",
+        "Zephyrine Quillfeather 3rd",
+        "ZEPHYRINE QUILLFEATHER, RN, BSN",
+    ],
+)
+def test_a_name_written_as_text_with_a_dotted_degree_or_a_remark_gives_its_full_name(
+    text: str,
+) -> None:
+    """A degree written with dots was split at them (``M.D.`` as ``M`` and ``D``), a generation
+    written with digits read as ``rd``, and a remark in brackets read as the last name: the
+    full name was ``Zephyrine D`` or ``Zephyrine deceased``, and a local code
+    ``ZEPHYRINEQUILLFEATHER`` passed the scan."""
+    c = CanarySet()
+    c.add_patient({"resourceType": "Patient", "name": [{"text": text}]}, "p1")
+    for code in ("ZEPHYRINEQUILLFEATHER", "QuillfeatherZephyrine"):
+        assert "full_name" in c.find(code), code
+    assert not scan_rows(c, [("r", {"code": "ZEPHYRINEQUILLFEATHER"}, "p2")]).passed
+
+
 def test_a_name_of_given_names_alone_gives_its_full_name() -> None:
     """A name whose source put it all in ``given`` (no family name): no full name was read from
     it, and a local code ``ZEPHYRINEQUILLFEATHER`` passed the scan."""

@@ -216,6 +216,9 @@ SCAN_RULES: tuple[str, ...] = (
     # a name written as text: past degrees written with dots (M.D.), generations written with
     # digits (3rd) and remarks in brackets or quotes
     "name_text_without_dotted_affixes_or_remarks",
+    # the records the quarantine holds under no patient: a Bundle written in another case
+    # ("bundle") read as its entries
+    "unattributed_quarantined_bundles_in_any_case",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

@@ -679,11 +679,18 @@ def _resources_in(value: Any) -> Iterator[dict[str, Any]]:
         item = pending.pop()
         if not isinstance(item, dict):
             continue
-        if item.get("resourceType") == "Bundle" and isinstance(item.get("entry"), list):
+        if _is_bundle(item.get("resourceType")) and isinstance(item.get("entry"), list):
             entries = [e.get("resource") for e in item["entry"] if isinstance(e, dict)]
             pending.extend(entries[::-1])
         else:
             yield item
+
+
+def _is_bundle(named: Any) -> bool:
+    """Whether a ``resourceType`` names a Bundle, in any case and with spaces around it, as
+    the Patients its entries hold are read (``bundle``: refused whole as no resource type, its
+    Patient gave no canary)."""
+    return isinstance(named, str) and named.strip().casefold() == "bundle"
 
 
 def iter_unattributed_quarantined_records(

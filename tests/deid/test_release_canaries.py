@@ -775,3 +775,24 @@ def test_a_document_of_many_lines_cut_short_is_read_for_canaries(
     canaries = _fresh(vault_with_batch, key_provider)
     assert canaries.find("LAB-PELLOWYND") == ["name"]
     assert canaries.find("MRN77120001") == ["identifier"]
+
+
+def test_a_bundle_whose_type_is_written_in_another_case_is_read_for_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """A Bundle written ``bundle`` is refused whole as no resource type, one record of no
+    patient: its entries were not read, and its Patient gave no canary while her Observation,
+    in another file, was released."""
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    bundle = {"resourceType": "bundle", "type": "collection"}
+    bundle["entry"] = [{"resource": _patient(1, "Zanderlee")}]
+    (batch / "doc.json").write_text(json.dumps(bundle))
+    observation = {"resourceType": "Observation", "id": "ow1", "status": "final"}
+    observation |= {"code": {"text": "x"}, "subject": {"reference": "Patient/pw1"}}
+    (batch / "obs.ndjson").write_text(json.dumps(observation) + "\n")
+    report = ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    assert (report.accepted, report.quarantine_reasons) == (1, {"unknown_resource_type": 1})
+    canaries = _fresh(vault_with_batch, key_provider)
+    assert canaries.find("LAB-ZANDERLEE") == ["name"]
+    assert canaries.find("MRN77120001") == ["identifier"]

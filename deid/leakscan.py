@@ -219,6 +219,8 @@ SCAN_RULES: tuple[str, ...] = (
     # the records the quarantine holds under no patient: a Bundle written in another case
     # ("bundle") read as its entries
     "unattributed_quarantined_bundles_in_any_case",
+    # ... each value of a line holding several ({...}{...}: NDJSON files joined)
+    "unattributed_quarantined_values_joined_on_a_line",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

@@ -646,8 +646,41 @@ def text_resources(text: str) -> Iterator[dict[str, Any]]:
         return
     whole = text.strip()
     for line in _text_lines(text):
-        # a text of one line was read whole just above: read it only cut short
-        yield from _resources_in(json_read_so_far(line) if line == whole else _line_json(line))
+        # a text of one line was read whole just above
+        for line_value in _line_values(line, read_whole=line == whole):
+            yield from _resources_in(line_value)
+
+
+# a JSON decoder reading one value at a position; what may stand between two values of a line
+_DECODER = json.JSONDecoder()
+_BETWEEN_VALUES = re.compile(r"[\s\ufeff]*")
+_JOINED_OBJECTS = re.compile(r"\}[\s\ufeff]*\{")
+
+
+def _line_values(line: str, read_whole: bool) -> Iterator[Any]:
+    """The JSON values ``line`` holds (:func:`_text_json`; not again when ``read_whole``), one
+    after another when it holds several (NDJSON files joined where one did not end in a line
+    feed: ``{...}{...}``, whose values after the first were not read), the last cut short as
+    far as its last whole value (:func:`json_read_so_far`). Each is yielded before the next
+    is read."""
+    value = None if read_whole else _text_json(line)
+    if value is not None:
+        yield value
+        return
+    at = 0
+    # only a line with an object closed before another opens holds values joined: no other is
+    # decoded a second time (a record of a million lines of nested brackets)
+    while at < len(line) and _JOINED_OBJECTS.search(line, at):
+        try:
+            value, end = _DECODER.raw_decode(line, at)
+        except (ValueError, RecursionError):
+            break
+        yield value
+        between = _BETWEEN_VALUES.match(line, end)
+        at = between.end() if between else end
+    rest = json_read_so_far(line[at:]) if at < len(line) else None
+    if rest is not None:
+        yield rest
 
 
 # the breaks :meth:`str.splitlines` knows that JSON holds only escaped (control characters), not

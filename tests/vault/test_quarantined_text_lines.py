@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 
 import pytest
 
@@ -16,13 +17,13 @@ def test_a_record_of_many_lines_yields_its_first_resource_before_reading_the_res
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     lines_read: list[str] = []
-    line_json = read._line_json
+    line_values = read._line_values
 
-    def counting(line: str) -> object:
+    def counting(line: str, read_whole: bool) -> Iterator[object]:
         lines_read.append(line)
-        return line_json(line)
+        return line_values(line, read_whole)
 
-    monkeypatch.setattr(read, "_line_json", counting)
+    monkeypatch.setattr(read, "_line_values", counting)
     # no JSON as a whole (its lines cut short): each line read alone, nested lists after it
     text = json.dumps(PATIENT)[:-1] + "\n" + "[[[[[[[[\n" * 10_000
     first = next(text_resources(text))
@@ -81,3 +82,21 @@ def test_a_utf8_line_cut_within_a_character_keeps_its_names(letter: str) -> None
     assert read.quarantined_text(cut) == line[: line.rindex(letter)]
     (patient,) = text_resources(read.quarantined_text(cut))
     assert patient["name"] == [{"given": ["Zéphyrine"], "family": "Brontëwald"}]
+
+
+def test_values_joined_on_one_line_are_each_read() -> None:
+    """NDJSON files joined where one did not end in a line feed (``cat``), with a byte-order
+    mark between them: the line ``{...}{...}`` was read as its first value only, and a
+    Patient after it gave no canary; the last value cut short is read as far as it goes."""
+    observation = {"resourceType": "Observation", "id": "o1", "status": "final"}
+    cut = json.dumps(PATIENT | {"id": "p2"})[:-8]
+    for text in (
+        json.dumps(observation) + json.dumps(PATIENT),
+        json.dumps(observation) + "\ufeff" + json.dumps(PATIENT) + " " + cut,
+        json.dumps(observation) + json.dumps(PATIENT) + "\n" + json.dumps(observation),
+    ):
+        resources = list(text_resources(text))
+        assert resources[:2] == [observation, PATIENT], text
+    assert resources[2] == observation
+    (*_, last) = text_resources(json.dumps(observation) + json.dumps(PATIENT) + " " + cut)
+    assert last == {"resourceType": "Patient", "id": "p2", "name": [{}]}

@@ -221,6 +221,8 @@ SCAN_RULES: tuple[str, ...] = (
     "unattributed_quarantined_bundles_in_any_case",
     # ... each value of a line holding several ({...}{...}: NDJSON files joined)
     "unattributed_quarantined_values_joined_on_a_line",
+    # ... in UTF-16 or UTF-32 without a byte-order mark
+    "unattributed_quarantined_records_wide_without_mark",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

@@ -796,3 +796,25 @@ def test_a_bundle_whose_type_is_written_in_another_case_is_read_for_canaries(
     canaries = _fresh(vault_with_batch, key_provider)
     assert canaries.find("LAB-ZANDERLEE") == ["name"]
     assert canaries.find("MRN77120001") == ["identifier"]
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le"])
+def test_a_file_in_utf16_or_utf32_without_a_byte_order_mark_is_read_for_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider, codec: str
+) -> None:
+    """An NDJSON file in UTF-16 or UTF-32 written without a byte-order mark (``bcp -w``,
+    ``iconv -t UTF-16LE``): the reader splits it at each line feed's first byte, one record
+    of no patient a line, read as UTF-8; its Patient gave no canary while her Observation, in
+    another file, was released."""
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    other = {"resourceType": "Basic", "id": "bw1", "code": {"text": "x"}}
+    lines = [json.dumps(other), json.dumps(_patient(1, "Ulvenbröok"), ensure_ascii=False)]
+    (batch / "wide.ndjson").write_bytes(("\n".join(lines) + "\n").encode(codec))
+    observation = {"resourceType": "Observation", "id": "ow1", "status": "final"}
+    observation |= {"code": {"text": "x"}, "subject": {"reference": "Patient/pw1"}}
+    (batch / "obs.ndjson").write_text(json.dumps(observation) + "\n")
+    ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    canaries = _fresh(vault_with_batch, key_provider)
+    assert canaries.find("LAB-ULVENBROOK") == ["name"]
+    assert canaries.find("MRN77120001") == ["identifier"]

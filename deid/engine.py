@@ -486,7 +486,10 @@ def _dateshift(call: _Call) -> _Change | None:
         # HIPAA's "90 or older": the year that makes the patient 90 this year (next year's another)
         call.engine.horizon.note(methods.next_new_year(today))
         return _Change(f"{methods.aggregated_birth_year(today.year):04d}", "ABSTRED")
-    shifted = methods.shift_date(value, call.shift)
+    try:
+        shifted = methods.shift_date(value, call.shift)
+    except ValueError:  # a day that does not exist, or a sentinel shifted past the calendar
+        return _Change(_REMOVED, "REDACTED")
     return None if shifted == value else _Change(shifted)
 
 

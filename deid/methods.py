@@ -189,7 +189,16 @@ def shift_date(value: str, days: int) -> str:
     anonymizer does), since hours and minutes also identify an event, and so is its zone: the
     shifted date as written is released at midnight UTC. A zone kept beside a shifted date
     tells whether the true date was in summer time (-04:00 or -05:00 in New York), so a
-    patient's events around the clock changes gave their secret offset back within days."""
+    patient's events around the clock changes gave their secret offset back within days.
+    Raises ValueError for a value that is no date, a day that does not exist, or one shifted
+    past the calendar's ends (a sentinel such as 9999-12-31 moved forward)."""
+    try:
+        return _shifted(value, days)
+    except OverflowError as exc:
+        raise ValueError("shifted past the ends of the calendar") from exc
+
+
+def _shifted(value: str, days: int) -> str:
     match = _DATETIME.match(value)
     if match is not None:
         year, month, day = int(match.group(1)), int(match.group(2)), int(match.group(3))

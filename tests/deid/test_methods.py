@@ -123,6 +123,43 @@ def test_shift_date_rejects_non_dates() -> None:
         shift_date("yesterday", 3)
 
 
+@pytest.mark.parametrize(
+    ("value", "days"),
+    [("9999-12-31", 30), ("9999-12-31T10:00:00Z", 1), ("0001-01-01", -30)],
+)
+def test_a_date_shifted_past_the_calendar_is_a_value_error(value: str, days: int) -> None:
+    """Sentinels moved past the calendar's ends raise what every caller handles (a value
+    withheld), not the OverflowError the date arithmetic raises."""
+    with pytest.raises(ValueError, match="ends of the calendar"):
+        shift_date(value, days)
+
+
+def test_a_rules_policy_removes_a_sentinel_date_it_cannot_shift() -> None:
+    """A policy of the Microsoft anonymizer's rules alone (no release profile) shifting
+    ``9999-12-31`` forward failed the whole batch with an OverflowError; the value is
+    removed, redacted, as the release profile withholds it."""
+    from deid.engine import Deidentifier, DeidSecrets
+    from deid.policy import Policy
+
+    removed = 0
+    for seed in range(8):  # offsets both ways: some move the sentinel forward
+        config = {
+            "fhirPathRules": [{"path": "nodesByType('date')", "method": "dateshift"}],
+            "parameters": {"dateShiftKey": f"key-{seed}", "dateShiftRange": 50},
+        }
+        policy = Policy.from_dict(config)
+        engine = Deidentifier(policy, DeidSecrets.derive(bytes([seed]) * 32, policy))
+        patient = {"resourceType": "Patient", "id": "p1", "birthDate": "9999-12-31"}
+        released = engine.apply(patient, patient_scope="p1").resource
+        if "birthDate" in released:
+            assert "9999-11-10" <= released["birthDate"] < "9999-12-31"
+        else:
+            removed += 1
+            codes = {label["code"] for label in released["meta"]["security"]}
+            assert "REDACTED" in codes
+    assert 0 < removed < 8
+
+
 def test_encrypt_is_authenticated() -> None:
     key = bytes(range(32))
     token = encrypt_value("MRN-778812", key, aad=b"Patient/1", random_bytes=lambda n: b"\0" * n)

@@ -100,3 +100,13 @@ def test_values_joined_on_one_line_are_each_read() -> None:
     assert resources[2] == observation
     (*_, last) = text_resources(json.dumps(observation) + json.dumps(PATIENT) + " " + cut)
     assert last == {"resourceType": "Patient", "id": "p2", "name": [{}]}
+
+
+def test_a_json_array_is_read_as_its_objects_and_bundles_not_its_nested_arrays() -> None:
+    """A file written as a JSON array of resources is read as its objects (a Bundle among
+    them as its entries); an array inside the array is no resource and is not walked: a
+    record of a million lines of ``[[[`` walked every level of every line."""
+    patient = {"resourceType": "Patient", "id": "p"}
+    bundle = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Person"}}]}
+    text = json.dumps([patient, [{"resourceType": "Observation"}], bundle, 7])
+    assert [r["resourceType"] for r in text_resources(text)] == ["Patient", "Person"]

@@ -641,6 +641,15 @@ class BatchIngestor:
             raise
         self.con.execute("COMMIT")
 
+    def withdraw(self) -> None:
+        """Take out what this pass wrote, for a pass that stops with nothing of the batch
+        accounted for (a file it may not read). Every flush commits, so the records read before
+        were in the vault: kept, they would stay there under a batch never marked ingested, and
+        so never de-identified, while a later batch holding the same records (its folder
+        renamed, dropped again) recorded them as repeats of those rows and released none of
+        them. The same removal as a re-run's start; the batch stays unfinished."""
+        self.start()
+
     def _start(self) -> None:
         # what the batch held before this pass replaces it: counted against the new pass at
         # the end (:meth:`count_no_longer_in_batch`)
@@ -1433,6 +1442,7 @@ def ingest_batch(
             with contextlib.closing(_checked_stream(records, workers)) as checked:
                 ingestor.consume(checked)
         except FileNotReadableError as exc:
+            ingestor.withdraw()
             raise _not_readable(ingestor, exc) from None
         ingestor.report.file_warnings = dict(Counter(note.message for note in notes))
         ingestor.finalize(files)

@@ -1080,6 +1080,49 @@ def test_a_file_the_process_may_not_read_fails_the_batch_until_it_can(
     assert any(fid in message for fid in file_ids)
 
 
+def test_a_file_not_readable_after_a_flush_leaves_nothing_of_the_pass_behind(
+    tmp_path: Path,
+    key_provider: FileKeyProvider,
+    refuse_reading: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every flush commits: the records read before the unreadable file were in the vault when
+    it failed. They are taken out again, or the batch, never marked ingested and so never
+    released, would hold them: the same file dropped again under another name (the folder
+    renamed) was recorded as repeats of those rows (``unchanged``), and no batch released
+    them."""
+    from vault import ingest as ingest_module
+    from vault.errors import SourceFileNotReadableError
+
+    monkeypatch.setattr(ingest_module, "FLUSH_ROWS", 1)
+    land, again = tmp_path / "land", tmp_path / "again"
+    land.mkdir()
+    again.mkdir()
+    # more records than the chunks read ahead of the writes, so that some were flushed
+    patients = [
+        dict(PATIENT, id=f"6f1b9d3c-0000-4000-8000-{n:012d}", name=[{"family": MARK}])
+        for n in range(1202)
+    ]
+    first = b"\n".join(orjson.dumps(p) for p in patients[:1200]) + b"\n"
+    (land / "a.ndjson").write_bytes(first)
+    (again / "a.ndjson").write_bytes(first)
+    secret = land / "b.ndjson"
+    secret.write_bytes(b"\n".join(orjson.dumps(p) for p in patients[1200:]) + b"\n")
+    refuse_reading(secret)
+    wh = tmp_path / "w.duckdb"
+    with pytest.raises(SourceFileNotReadableError):
+        ingest_batch(wh, "b1", land, key_provider, workers=1)
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        assert con.execute("SELECT ingested_at FROM batches").fetchall() == [(None,)]
+        for table in warehouse.BATCH_TABLES:
+            assert con.execute(f"SELECT count(*) FROM {table}").fetchall() == [(0,)], table
+    finally:
+        con.close()
+    report = ingest_batch(wh, "b2", again, key_provider, workers=1)
+    assert report.outcomes == {"new": 1200}
+
+
 class _Interrupted(BaseException):
     """What a run's step raises when it is terminated (Dagster's interrupt): no Exception."""
 

@@ -448,14 +448,22 @@ _ENVIRONMENT_ERRNOS = frozenset(
 )
 
 
+# A file listed with its batch and gone when it is opened or read: removed, or renamed with its
+# folder, since the batch was listed. The folder changed while it was read and what the file
+# held is not known: no record of it came in, so none is counted (it was one quarantined
+# `unreadable_file` record, and the batch, renamed under its run, was marked ingested half).
+_GONE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR})
+
+
 class FileNotReadableError(Exception):
     """A data file the process could not read for a reason of the environment (permissions,
-    I/O, resources: :data:`_ENVIRONMENT_ERRNOS`), not of its content. It names the file by its
-    index in the batch only (file names can hold PHI) and the error's type and errno name (its
-    text holds the path)."""
+    I/O, resources: :data:`_ENVIRONMENT_ERRNOS`; or gone since it was listed,
+    :data:`_GONE_ERRNOS`), not of its content. It names the file by its index in the batch only
+    (file names can hold PHI) and the error's type and errno name (its text holds the path)."""
 
     def __init__(self, file_index: int, cause: OSError) -> None:
         self.file_index = file_index
+        self.gone = cause.errno in _GONE_ERRNOS
         self.error_type, self.errno_name = error_type_and_errno(cause)
         super().__init__(
             f"data file {file_index} of the batch could not be read "
@@ -495,7 +503,7 @@ def iter_records(
             position = record.position
             yield record
     except OSError as exc:
-        if exc.errno not in _ENVIRONMENT_ERRNOS:
+        if exc.errno not in _ENVIRONMENT_ERRNOS | _GONE_ERRNOS:
             yield _unreadable_rest(source, exc, position, state)
             return
         raise FileNotReadableError(source.index, exc) from None

@@ -1468,13 +1468,19 @@ def ingest_batch(
 def _not_readable(ingestor: BatchIngestor, exc: FileNotReadableError) -> SourceFileNotReadableError:
     """The batch's error for a file it could not read: the file's pseudonym (``file_id``) and
     number in the batch, never its name or path (names can hold PHI)."""
+    cause = (
+        "gone since the batch was listed (removed, or its folder renamed, while the batch was "
+        "read), so none of its records can be accounted for; nothing of the batch is marked "
+        "ingested: drop the batch again once complete (the landing sensor requests it again)"
+        if exc.gone
+        else "an error of the environment (permissions, storage), not of the file's content, so "
+        "none of its records can be accounted for; nothing of the batch is marked ingested: make "
+        "the file readable and ingest the batch again (the landing sensor retries it)"
+    )
     return SourceFileNotReadableError(
         f"batch {ingestor.batch_id}: data file {ingestor.file_ids[exc.file_index]} (file_id; "
         f"file {exc.file_index + 1} of {ingestor.report.files}) could not be read "
-        f"({exc.error_type}, {exc.errno_name}): an error of the environment (permissions, "
-        "storage), not of the file's content, so none of its records can be accounted for; "
-        "nothing of the batch is marked ingested: make the file readable and ingest the batch "
-        "again (the landing sensor retries it)"
+        f"({exc.error_type}, {exc.errno_name}): {cause}"
     )
 
 

@@ -264,8 +264,8 @@ def test_a_file_gone_since_its_batch_was_listed_fails_nothing_naming_it(
     """A data file moved or removed from the folder between the batch's listing and the
     inventory of its sizes (an exporter still filling the folder) is counted with no bytes:
     no step fails with an error quoting its path, which Dagster would keep in its storage (the
-    file's name can be a patient's); the ingest's fingerprint check then fails the batch,
-    naming no file."""
+    file's name can be a patient's); the ingest then fails the batch, the file gone when its
+    read came to it, naming it by its pseudonym only."""
     from vault.landing import BatchSource
 
     landing = _landing(tmp_path)

@@ -1123,6 +1123,50 @@ def test_a_file_not_readable_after_a_flush_leaves_nothing_of_the_pass_behind(
     assert report.outcomes == {"new": 1200}
 
 
+def test_a_file_gone_since_the_batch_was_listed_is_no_record_and_fails_the_batch(
+    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's folder renamed (or a file of it removed) while its ingest reads it: the files
+    not opened yet are gone. Nothing of them came in, so they are no records: the ingest fails
+    with nothing of the batch kept or marked ingested, as for a file it may not read, and the
+    folder under its new name is ingested whole. Before, each such file was one quarantined
+    `unreadable_file` record with no bytes, and the batch was marked ingested with what was
+    read before the rename (136 such records in two batches renamed under their runs)."""
+    from vault import ingest as ingest_module
+    from vault.errors import SourceFileNotReadableError
+
+    land = tmp_path / "land"
+    land.mkdir()
+    patients = [
+        dict(PATIENT, id=f"6f1b9d3c-0000-4000-8000-0000000004{n:02d}", name=[{"family": MARK}])
+        for n in range(6)
+    ]
+    for name, part in (("a.ndjson", patients[:3]), ("b.ndjson", patients[3:])):
+        (land / name).write_bytes(b"\n".join(orjson.dumps(p) for p in part) + b"\n")
+    listed = ingest_module.list_batch_files
+
+    def listed_then_renamed(source: Path, nested: bool = False) -> Any:
+        files = listed(source, nested=nested)
+        land.rename(tmp_path / "renamed")
+        return files
+
+    monkeypatch.setattr(ingest_module, "list_batch_files", listed_then_renamed)
+    wh = tmp_path / "w.duckdb"
+    with pytest.raises(SourceFileNotReadableError) as caught:
+        ingest_batch(wh, "b1", land, key_provider, workers=1)
+    assert "ENOENT" in str(caught.value) and "gone since the batch was listed" in str(caught.value)
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        assert con.execute("SELECT ingested_at FROM batches").fetchall() == [(None,)]
+        for table in warehouse.BATCH_TABLES:
+            assert con.execute(f"SELECT count(*) FROM {table}").fetchall() == [(0,)], table
+    finally:
+        con.close()
+    monkeypatch.setattr(ingest_module, "list_batch_files", listed)
+    report = ingest_batch(wh, "b1r", tmp_path / "renamed", key_provider, workers=1)
+    assert (report.records_in, report.quarantined, report.outcomes) == (6, 0, {"new": 6})
+
+
 class _Interrupted(BaseException):
     """What a run's step raises when it is terminated (Dagster's interrupt): no Exception."""
 

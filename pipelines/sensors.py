@@ -35,7 +35,8 @@ Safe to turn on at any time:
   ingest had read it), that partition would hold the release back for good, and the same files
   dropped under a new name are recorded as repeats of those rows: its de-identification alone
   (from the vault) is requested, once per ingest; and so it is, once per UTC day and settings,
-  for one published whose release is out of date since (a new year, another profile): a
+  for one published whose release is out of date since (a new year, another profile), and
+  after each time another batch's run took it out of the de-identification ledger: a
   landing folder cleaned once ingested does not leave its batch's rows as released for good;
 - a batch done whose partition shows no de-identification (its materializations wiped in the
   UI) is run again: automation waits while any batch's partition is missing, so the release
@@ -493,7 +494,9 @@ def _deidentify_kept(
     the same files dropped under a new name are recorded as repeats of its vault rows, released
     by it alone. Its de-identification (``deid_resources`` of its partition, from the vault; its
     folder is not read) is requested once per ingest (``DEID_OF_INGEST_TAG``), with no run of
-    its partition going; one that failed is the operator's to launch again. So is a batch
+    its partition going, and again after each run of it that succeeded when another batch's run
+    took it out of the de-identification ledger since (as a batch whose folder is there is run
+    again); one that failed is the operator's to launch again. So is a batch
     published from that ingest whose release is out of date since (``entry.outdated``: a new
     year, other settings), once per occasion (``occasion``: the UTC day and the settings the
     ledger was read under, ``_ledger_read_on``), as its de-identification of an earlier
@@ -506,22 +509,34 @@ def _deidentify_kept(
     }
     gone = f"batch {key}: folder gone after its ingest (its vault rows stay; its partition is kept)"
     runs = context.instance.get_runs(filters=RunsFilter(tags=tags), limit=1)
-    if runs and runs[0].status not in NOT_FINISHED_STATUSES:
+    run_key = f"{key}:deid:{tags[DEID_OF_INGEST_TAG]}"
+    said = "its de-identification requested, as the release waits for it"
+    if runs and runs[0].status == DagsterRunStatus.SUCCESS:
+        # a run that succeeded published the batch (its leak scan is a blocking check): another
+        # batch's run took it out of the de-identification ledger since, as a folder's batch is
+        # taken out; requested again once per such run, as for those
+        run_key = f"{run_key}:after:{runs[0].run_id}"
+        said = "its ledger changed when another batch was ingested or de-identified; " + (
+            "de-identified again (its vault rows stand)"
+        )
+    elif runs and runs[0].status not in NOT_FINISHED_STATUSES:
         return None, (
             f"{gone}; its de-identification run ended {runs[0].status.value} without publishing "
             "it: materialise deid_resources of its partition from the UI once the cause is "
             "fixed, as the release waits for it"
         )
-    if runs or _has_run_going(context, {PARTITION_TAG: key}):
+    if (runs and runs[0].status != DagsterRunStatus.SUCCESS) or _has_run_going(
+        context, {PARTITION_TAG: key}
+    ):
         return None, f"{gone}; waiting for its run"
     request = RunRequest(
         job_name=batch_job.name,
         partition_key=key,
         asset_selection=[DEID_RESOURCES],
-        run_key=f"{key}:deid:{tags[DEID_OF_INGEST_TAG]}",
+        run_key=run_key,
         tags=tags,
     )
-    return request, f"{gone}; its de-identification requested, as the release waits for it"
+    return request, f"{gone}; {said}"
 
 
 def _has_run_going(context: SensorEvaluationContext, tags: dict[str, str]) -> bool:

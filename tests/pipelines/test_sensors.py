@@ -400,6 +400,45 @@ def test_a_batch_gone_after_its_ingest_but_before_its_release_is_de_identified_o
     )
 
 
+def test_a_batch_gone_after_its_release_that_another_run_takes_out_is_de_identified_again(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """A batch whose folder went away after its ingest, de-identified from the vault by the run
+    the sensor requested for it, then taken out of the de-identification ledger by another
+    batch's run (its publication changed what a conditional reference of it names): it is
+    de-identified again, as a batch whose folder is there is, and as `ehr run` does it. Before,
+    the request was made once per ingest: the tick said its run "ended SUCCESS without
+    publishing it" and asked for a launch from the UI, and its released rows kept what the
+    references named before."""
+    (tmp_path / "landing").mkdir()
+    _ingested(tmp_path, "cleaned", published=False)
+    instance.add_dynamic_partitions("batches", ["cleaned"])
+    first = _tick(tmp_path, instance)
+    (request,) = first.run_requests
+    _record_run(instance, dict(request.tags), DagsterRunStatus.SUCCESS)
+    con = warehouse.connect(tmp_path / "work" / "warehouse.duckdb")
+    try:
+        con.execute(
+            "INSERT INTO deid_batches BY NAME SELECT batch_id, "
+            f"{BATCH_DIGEST_SQL} AS vault_digest, ? AS settings, now() AS published_at "
+            "FROM batches WHERE batch_id = 'cleaned'",
+            [SETTINGS],
+        )
+        published = _tick(tmp_path, instance, first.cursor)
+        assert published.run_requests == []
+        con.execute("DELETE FROM deid_batches WHERE batch_id = 'cleaned'")  # taken out
+    finally:
+        con.close()
+    again = _tick(tmp_path, instance, published.cursor)
+    (second,) = again.run_requests
+    assert second.partition_key == "cleaned"
+    assert second.asset_selection == [AssetKey("deid_resources")]
+    assert second.run_key != request.run_key
+    # once per taking out: its run queued, nothing more is requested
+    _record_run(instance, dict(second.tags), DagsterRunStatus.STARTED)
+    assert _tick(tmp_path, instance, again.cursor).run_requests == []
+
+
 def test_a_marker_older_than_a_file_changed_since_does_not_count(
     tmp_path: Path, instance: DagsterInstance
 ) -> None:

@@ -22,12 +22,14 @@ from vault.landing import BatchSource, Landing, scan_landing
 
 
 def changed_at(info: os.stat_result) -> float:
-    """When a file last changed: the later of its modification time and its inode's change
-    time. A copy that keeps the source's times (``cp -p``, ``cp -a``, ``rsync -a``, ``tar``,
-    ``unzip``) sets each file's modification time back to when it was written at the source,
-    but its change time is when it was written here, and no program can set it back: a marker
-    copied before the rest of the folder, its time kept, is not taken for one written last."""
-    return max(info.st_mtime, info.st_ctime)
+    """When a file last changed here: its inode's change time, which every write and every
+    time set moves to the clock's now and no program can set otherwise. Not the modification
+    time: a copy that keeps the source's times (``cp -p``, ``cp -a``, ``rsync -a``, ``tar``,
+    ``unzip``) sets it to when the file was written at the source, earlier (a marker copied
+    before the rest of the folder would count as written last) or later than here (a source
+    whose clock runs ahead, a zip's local times from a zone east of here: the later of the two
+    times made such a marker, copied first, count over the files copied after it)."""
+    return info.st_ctime
 
 
 def _tree_times(folder: Path, depth: int) -> list[float]:

@@ -460,6 +460,33 @@ def test_a_marker_older_than_a_file_changed_since_does_not_count(
     assert [r.partition_key for r in ready.run_requests] == ["export-1"]
 
 
+def test_a_marker_dated_ahead_of_this_clock_does_not_count_over_files_copied_after_it(
+    tmp_path: Path, instance: DagsterInstance
+) -> None:
+    """A copy keeping the source's times (`rsync -a`, `cp -p`, `unzip`) from a host whose clock
+    runs ahead (or a zip's local times from a zone east of here) dates the marker, copied first,
+    after the files copied later: read by the later of the two times, it counted as written
+    last, and the batch was requested while it was still being copied (a 42-file copy at a
+    file every 1.5 s, the marker ten minutes ahead: three runs requested and failed before it
+    ended). A time set ahead by a program is no change here: the change time says when."""
+    landing = _landing(tmp_path)
+    marker = landing / "export-1" / "_READY"
+    ahead = time.time() + 600
+    os.utime(marker, (ahead, ahead))
+    time.sleep(0.05)  # file times are taken from a clock of a few milliseconds' steps
+    more = landing / "export-1" / "more.ndjson"
+    more.write_bytes(PATIENT)  # copied after the marker, keeping its source's time
+    os.utime(more, (ahead - 60, ahead - 60))
+    waiting = _tick(tmp_path, instance, quiet_seconds=60)
+    assert waiting.run_requests == []
+    assert "_READY is older than a file changed since" in (
+        waiting.skip_reason.skip_message or ""  # type: ignore[union-attr]
+    )
+    # the quiet period counts from when the files changed here, not from their times ahead
+    quiet = _tick(tmp_path, instance, later=61, quiet_seconds=60)
+    assert [r.partition_key for r in quiet.run_requests] == ["export-1"]
+
+
 def test_a_marker_renamed_into_place_counts_at_once(
     tmp_path: Path, instance: DagsterInstance
 ) -> None:

@@ -658,6 +658,7 @@ class BatchIngestor:
             "FROM record_ledger WHERE batch_id = ? AND resource_key IS NOT NULL",
             [self.batch_id],
         )
+        self._withdraw_unfinished_batches()
         batch = {"b": self.batch_id}
         self.con.execute(_HANDOVER, batch)
         # the receiving batches' reports as they were, restored when every row comes back
@@ -665,11 +666,7 @@ class BatchIngestor:
             "CREATE OR REPLACE TEMP TABLE _handover_reports AS SELECT batch_id, report "
             "FROM batches WHERE batch_id IN (SELECT batch_id FROM _handover)"
         )
-        for sql in _HAND_OVER_ROWS:
-            self.con.execute(sql, batch)
-        self._recount_receivers("SELECT DISTINCT batch_id FROM _handover")
-        for table in warehouse.BATCH_TABLES:
-            self.con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [self.batch_id])
+        self._remove_rows_of(self.batch_id)
         rows = self.con.execute(
             "SELECT seq FROM batches WHERE batch_id = ?", [self.batch_id]
         ).fetchall()
@@ -689,6 +686,30 @@ class BatchIngestor:
                 [self.batch_id],
             )
         self.seq_base = seq * 10**12
+
+    def _remove_rows_of(self, batch_id: str) -> None:
+        """Hand over the rows of ``batch_id`` that other batches hold again (``_HANDOVER``,
+        made for it just before), then delete what it wrote."""
+        for sql in _HAND_OVER_ROWS:
+            self.con.execute(sql, {"b": batch_id})
+        self._recount_receivers("SELECT DISTINCT batch_id FROM _handover")
+        for table in warehouse.BATCH_TABLES:
+            self.con.execute(f"DELETE FROM {table} WHERE batch_id = ?", [batch_id])
+
+    def _withdraw_unfinished_batches(self) -> None:
+        """Take out what the passes of other batches left unfinished wrote: a pass killed
+        (SIGKILL, a power cut) keeps the rows it flushed under a batch never marked ingested,
+        and so never released. Its folder renamed before its retry, the same records arrived
+        under another batch, which recorded them as repeats of those rows (``unchanged``) and
+        released none of them. No pass of theirs is running: a pass holds the warehouse open
+        for writing from its start to its end. A retry of theirs reads them again."""
+        unfinished = self.con.execute(
+            "SELECT batch_id FROM batches WHERE ingested_at IS NULL AND batch_id <> ? ORDER BY seq",
+            [self.batch_id],
+        ).fetchall()
+        for (batch_id,) in unfinished:
+            self.con.execute(_HANDOVER, {"b": batch_id})
+            self._remove_rows_of(batch_id)
 
     def register_files(self, files: list[SourceFile], skipped: list[SkippedFile]) -> None:
         self.report.files = len(files)

@@ -1123,6 +1123,60 @@ def test_a_file_not_readable_after_a_flush_leaves_nothing_of_the_pass_behind(
     assert report.outcomes == {"new": 1200}
 
 
+def test_a_pass_killed_after_a_flush_leaves_nothing_to_a_batch_of_the_same_records(
+    tmp_path: Path,
+    key_provider: FileKeyProvider,
+    refuse_reading: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A pass killed after some flushes (SIGKILL: it takes nothing out) keeps those rows under
+    a batch never marked ingested. Its folder renamed before its retry, the next batch's pass
+    takes them out first: it read the same records as repeats of them (``unchanged``), and no
+    batch released them. The killed batch's retry reads them again."""
+    from vault import ingest as ingest_module
+    from vault.errors import SourceFileNotReadableError
+
+    monkeypatch.setattr(ingest_module, "FLUSH_ROWS", 1)
+    land, again = tmp_path / "land", tmp_path / "again"
+    land.mkdir()
+    again.mkdir()
+    patients = [
+        dict(PATIENT, id=f"6f1b9d3c-0000-4000-8000-{n:012d}", name=[{"family": MARK}])
+        for n in range(1202)
+    ]
+    first = b"\n".join(orjson.dumps(p) for p in patients[:1200]) + b"\n"
+    (land / "a.ndjson").write_bytes(first)
+    (again / "a.ndjson").write_bytes(first)
+    stop = land / "b.ndjson"
+    stop.write_bytes(b"\n".join(orjson.dumps(p) for p in patients[1200:]) + b"\n")
+    refuse_reading(stop)
+    wh = tmp_path / "w.duckdb"
+    # killed where it stopped: nothing taken out
+    monkeypatch.setattr(ingest_module.BatchIngestor, "withdraw", lambda self: None)
+    with pytest.raises(SourceFileNotReadableError):
+        ingest_batch(wh, "b1", land, key_provider, workers=1)
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        (left,) = con.execute("SELECT count(*) FROM phi_vault WHERE batch_id = 'b1'").fetchone()
+    finally:
+        con.close()
+    assert left > 0
+
+    report = ingest_batch(wh, "b2", again, key_provider, workers=1)
+    assert report.outcomes == {"new": 1200}
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        for table in warehouse.BATCH_TABLES:
+            assert con.execute(
+                f"SELECT count(*) FROM {table} WHERE batch_id = 'b1'"
+            ).fetchall() == [(0,)], table
+        assert con.execute("SELECT batch_id FROM batches WHERE ingested_at IS NULL").fetchall() == [
+            ("b1",)
+        ]
+    finally:
+        con.close()
+
+
 def test_a_file_gone_since_the_batch_was_listed_is_no_record_and_fails_the_batch(
     tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -790,7 +790,7 @@ def medications_sql(created: datetime, valuesets: list[ValueSet], edges: bool = 
     and a flag per drug class with an active prescription."""
     classes = of_kind(valuesets, "medication")
     class_flags = ",\n".join(
-        f"coalesce(bool_or(a.is_active AND v.column_name = '{v.column}'), false) AS {v.column}"
+        f"coalesce(sum(d) FILTER (WHERE kind = 'class:{v.column}') OVER wall, 0) > 0 AS {v.column}"
         for v in classes
     )
     return f"""
@@ -809,31 +809,68 @@ def medications_sql(created: datetime, valuesets: list[ValueSet], edges: bool = 
             {_edge_rows("med", (ACTIVE_DAYS, RECENT_DAYS), edges)}
         ) s WHERE {_before_data_end()}
     ),
-    considered AS (
-        -- windows (T - N days, T]: a course authored at t is recent until t + N days
-        SELECT s.patient_id, s.ts, m.code, m.system,
-            (m.status IN ('active', 'on-hold')
-             OR m.ts > s.ts - INTERVAL {ACTIVE_DAYS} DAYS) AS is_active,
-            m.ts > s.ts - INTERVAL {RECENT_DAYS} DAYS AS is_recent
-        FROM spine s JOIN med m ON m.patient_id = s.patient_id AND m.ts <= s.ts
-        WHERE m.status IN ('active', 'on-hold') OR m.ts > s.ts - INTERVAL {RECENT_DAYS} DAYS
+    spans AS (
+        -- when each request counts, [from, until): active from its authoring for good while
+        -- its status is active or on-hold, else for ACTIVE_DAYS (windows (T - N days, T]);
+        -- recent for RECENT_DAYS; a drug class is active while one of its codes is. Counted
+        -- from these spans by running sums, so a patient's work grows with her requests, not
+        -- with her requests times her spine rows (a join of each spine row to every earlier
+        -- active request grew with the square of one patient's active requests)
+        SELECT patient_id, 'active' AS kind, code AS key, ts AS since,
+            CASE WHEN status NOT IN ('active', 'on-hold')
+                THEN ts + INTERVAL {ACTIVE_DAYS} DAYS END AS until
+        FROM med
+        UNION ALL
+        SELECT patient_id, 'recent', code, ts, ts + INTERVAL {RECENT_DAYS} DAYS FROM med
+        UNION ALL
+        SELECT m.patient_id, 'class:' || v.column_name, v.column_name, m.ts,
+            CASE WHEN m.status NOT IN ('active', 'on-hold')
+                THEN m.ts + INTERVAL {ACTIVE_DAYS} DAYS END
+        FROM med m JOIN valueset_codes v ON v.system = m.system AND v.code = m.code
+    ),
+    reach AS (
+        -- how far the earlier spans of the same key reach (NULL: for good)
+        SELECT *, max(coalesce(until, 'infinity'::TIMESTAMPTZ)) OVER (
+                PARTITION BY patient_id, kind, key ORDER BY since, until NULLS LAST
+                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS reached
+        FROM spans
+    ),
+    islands AS (
+        -- overlapping spans of one key joined into one, so a key counts once at a time
+        SELECT patient_id, kind, key, since,
+            sum(CASE WHEN reached IS NULL OR since > reached THEN 1 ELSE 0 END) OVER (
+                PARTITION BY patient_id, kind, key ORDER BY since, until NULLS LAST
+                ROWS UNBOUNDED PRECEDING) AS island,
+            coalesce(until, 'infinity'::TIMESTAMPTZ) AS until
+        FROM reach
+    ),
+    joined AS (
+        SELECT patient_id, kind, min(since) AS since, max(until) AS until
+        FROM islands GROUP BY patient_id, kind, key, island
+    ),
+    ev AS (
+        SELECT patient_id, ts, NULL::VARCHAR AS kind, 0 AS d, true AS is_spine FROM spine
+        UNION ALL
+        SELECT patient_id, since, kind, 1, false FROM joined
+        UNION ALL
+        SELECT patient_id, until, kind, -1, false FROM joined WHERE NOT isinf(until)
     ),
     counted AS (
-        SELECT s.patient_id, s.ts,
-            count(DISTINCT a.code) FILTER (WHERE a.is_active) AS active_medication_count,
-            count(DISTINCT a.code) FILTER (WHERE a.is_recent) AS medications_180d,
+        SELECT patient_id, ts, is_spine,
+            coalesce(sum(d) FILTER (WHERE kind = 'active') OVER wall, 0)
+                AS active_medication_count,
+            coalesce(sum(d) FILTER (WHERE kind = 'recent') OVER wall, 0) AS medications_180d,
             {class_flags}
-        FROM spine s
-        LEFT JOIN considered a ON a.patient_id = s.patient_id AND a.ts = s.ts
-        LEFT JOIN valueset_codes v ON v.system = a.system AND v.code = a.code
-        GROUP BY s.patient_id, s.ts
+        FROM ev
+        WINDOW wall AS (PARTITION BY patient_id ORDER BY ts
+                        RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
     )
     SELECT patient_id, ts AS event_timestamp, {timestamptz_sql(created)} AS created,
         active_medication_count::BIGINT AS active_medication_count,
         medications_180d::BIGINT AS medications_180d,
         active_medication_count >= {POLYPHARMACY_MIN} AS polypharmacy,
         {", ".join(v.column for v in classes)}
-    FROM counted
+    FROM counted WHERE is_spine
     ORDER BY patient_id, event_timestamp
     """
 

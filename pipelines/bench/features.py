@@ -87,7 +87,8 @@ def synthetic_views(con: duckdb.DuckDBPyConnection, patients: int, seed: int = 7
                 TIMESTAMPTZ '2020-01-01 00:00:00+00' + to_days((random() * 1825)::INT) AS start
             FROM views.patient p, range(20) t(n)
         )
-        SELECT md5(patient_id || n) AS id, patient_id, 'finished' AS status,
+        SELECT md5(patient_id || n) AS id, patient_id, NULL::VARCHAR AS part_of_id,
+            'finished' AS status,
             CASE WHEN r < 0.7 THEN 'AMB' WHEN r < 0.9 THEN 'EMER' ELSE 'IMP' END AS class_code,
             NULL::VARCHAR AS type_system, NULL::VARCHAR AS type_code,
             NULL::VARCHAR AS type_display, start AS period_start,

@@ -1080,19 +1080,13 @@ def test_a_file_the_process_may_not_read_fails_the_batch_until_it_can(
     assert any(fid in message for fid in file_ids)
 
 
-def test_a_file_not_readable_after_a_flush_leaves_nothing_of_the_pass_behind(
-    tmp_path: Path,
-    key_provider: FileKeyProvider,
-    refuse_reading: Any,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Every flush commits: the records read before the unreadable file were in the vault when
-    it failed. They are taken out again, or the batch, never marked ingested and so never
-    released, would hold them: the same file dropped again under another name (the folder
-    renamed) was recorded as repeats of those rows (``unchanged``), and no batch released
-    them."""
+def _stopped_after_a_flush(
+    tmp_path: Path, refuse_reading: Any, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, Path]:
+    """A landing folder whose pass stops at its second file, one flush a row so that the first
+    file's rows are in the vault by then, and a second folder of that first file alone (the
+    folder renamed, dropped again)."""
     from vault import ingest as ingest_module
-    from vault.errors import SourceFileNotReadableError
 
     monkeypatch.setattr(ingest_module, "FLUSH_ROWS", 1)
     land, again = tmp_path / "land", tmp_path / "again"
@@ -1106,9 +1100,26 @@ def test_a_file_not_readable_after_a_flush_leaves_nothing_of_the_pass_behind(
     first = b"\n".join(orjson.dumps(p) for p in patients[:1200]) + b"\n"
     (land / "a.ndjson").write_bytes(first)
     (again / "a.ndjson").write_bytes(first)
-    secret = land / "b.ndjson"
-    secret.write_bytes(b"\n".join(orjson.dumps(p) for p in patients[1200:]) + b"\n")
-    refuse_reading(secret)
+    stop = land / "b.ndjson"
+    stop.write_bytes(b"\n".join(orjson.dumps(p) for p in patients[1200:]) + b"\n")
+    refuse_reading(stop)
+    return land, again
+
+
+def test_a_file_not_readable_after_a_flush_leaves_nothing_of_the_pass_behind(
+    tmp_path: Path,
+    key_provider: FileKeyProvider,
+    refuse_reading: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every flush commits: the records read before the unreadable file were in the vault when
+    it failed. They are taken out again, or the batch, never marked ingested and so never
+    released, would hold them: the same file dropped again under another name (the folder
+    renamed) was recorded as repeats of those rows (``unchanged``), and no batch released
+    them."""
+    from vault.errors import SourceFileNotReadableError
+
+    land, again = _stopped_after_a_flush(tmp_path, refuse_reading, monkeypatch)
     wh = tmp_path / "w.duckdb"
     with pytest.raises(SourceFileNotReadableError):
         ingest_batch(wh, "b1", land, key_provider, workers=1)
@@ -1136,20 +1147,7 @@ def test_a_pass_killed_after_a_flush_leaves_nothing_to_a_batch_of_the_same_recor
     from vault import ingest as ingest_module
     from vault.errors import SourceFileNotReadableError
 
-    monkeypatch.setattr(ingest_module, "FLUSH_ROWS", 1)
-    land, again = tmp_path / "land", tmp_path / "again"
-    land.mkdir()
-    again.mkdir()
-    patients = [
-        dict(PATIENT, id=f"6f1b9d3c-0000-4000-8000-{n:012d}", name=[{"family": MARK}])
-        for n in range(1202)
-    ]
-    first = b"\n".join(orjson.dumps(p) for p in patients[:1200]) + b"\n"
-    (land / "a.ndjson").write_bytes(first)
-    (again / "a.ndjson").write_bytes(first)
-    stop = land / "b.ndjson"
-    stop.write_bytes(b"\n".join(orjson.dumps(p) for p in patients[1200:]) + b"\n")
-    refuse_reading(stop)
+    land, again = _stopped_after_a_flush(tmp_path, refuse_reading, monkeypatch)
     wh = tmp_path / "w.duckdb"
     # killed where it stopped: nothing taken out
     monkeypatch.setattr(ingest_module.BatchIngestor, "withdraw", lambda self: None)

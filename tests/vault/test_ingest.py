@@ -1080,6 +1080,17 @@ def test_a_file_the_process_may_not_read_fails_the_batch_until_it_can(
     assert any(fid in message for fid in file_ids)
 
 
+def _assert_nothing_of_the_batch_kept(wh: Path) -> None:
+    """The one batch of ``wh`` is not marked ingested, and no table holds a row of it."""
+    con = duckdb.connect(str(wh), read_only=True)
+    try:
+        assert con.execute("SELECT ingested_at FROM batches").fetchall() == [(None,)]
+        for table in warehouse.BATCH_TABLES:
+            assert con.execute(f"SELECT count(*) FROM {table}").fetchall() == [(0,)], table
+    finally:
+        con.close()
+
+
 def _stopped_after_a_flush(
     tmp_path: Path, refuse_reading: Any, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Path, Path]:
@@ -1123,13 +1134,7 @@ def test_a_file_not_readable_after_a_flush_leaves_nothing_of_the_pass_behind(
     wh = tmp_path / "w.duckdb"
     with pytest.raises(SourceFileNotReadableError):
         ingest_batch(wh, "b1", land, key_provider, workers=1)
-    con = duckdb.connect(str(wh), read_only=True)
-    try:
-        assert con.execute("SELECT ingested_at FROM batches").fetchall() == [(None,)]
-        for table in warehouse.BATCH_TABLES:
-            assert con.execute(f"SELECT count(*) FROM {table}").fetchall() == [(0,)], table
-    finally:
-        con.close()
+    _assert_nothing_of_the_batch_kept(wh)
     report = ingest_batch(wh, "b2", again, key_provider, workers=1)
     assert report.outcomes == {"new": 1200}
 
@@ -1207,13 +1212,7 @@ def test_a_file_gone_since_the_batch_was_listed_is_no_record_and_fails_the_batch
     with pytest.raises(SourceFileNotReadableError) as caught:
         ingest_batch(wh, "b1", land, key_provider, workers=1)
     assert "ENOENT" in str(caught.value) and "gone since the batch was listed" in str(caught.value)
-    con = duckdb.connect(str(wh), read_only=True)
-    try:
-        assert con.execute("SELECT ingested_at FROM batches").fetchall() == [(None,)]
-        for table in warehouse.BATCH_TABLES:
-            assert con.execute(f"SELECT count(*) FROM {table}").fetchall() == [(0,)], table
-    finally:
-        con.close()
+    _assert_nothing_of_the_batch_kept(wh)
     monkeypatch.setattr(ingest_module, "list_batch_files", listed)
     report = ingest_batch(wh, "b1r", tmp_path / "renamed", key_provider, workers=1)
     assert (report.records_in, report.quarantined, report.outcomes) == (6, 0, {"new": 6})

@@ -744,7 +744,13 @@ def _is_bundle(named: Any) -> bool:
     """Whether a ``resourceType`` names a Bundle, in any case and with spaces around it, as
     the Patients its entries hold are read (``bundle``: refused whole as no resource type, its
     Patient gave no canary)."""
-    return isinstance(named, str) and named.strip().casefold() == "bundle"
+    return _folded_type(named) == "bundle"
+
+
+def _folded_type(named: Any) -> str | None:
+    """A ``resourceType`` as it is matched whatever its case and spaces around it (``patient``,
+    `` Bundle``), or None when it is no string."""
+    return named.strip().casefold() if isinstance(named, str) else None
 
 
 def iter_unattributed_quarantined_records(
@@ -763,8 +769,7 @@ def iter_unattributed_quarantined_records(
     types = {t.casefold(): t for t in resource_types}
     for _, text in iter_unattributed_quarantine_texts(con, provider, chunk_rows):
         for record in text_resources(text):
-            named = record.get("resourceType")
-            rtype = types.get(named.strip().casefold()) if isinstance(named, str) else None
+            rtype = types.get(_folded_type(record.get("resourceType")) or "")
             if rtype is not None:
                 yield {**record, "resourceType": rtype}
 

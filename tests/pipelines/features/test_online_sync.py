@@ -5,6 +5,7 @@ scratch, in a fresh folder, over the same feature tables."""
 from __future__ import annotations
 
 import copy
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -348,3 +349,41 @@ def test_a_planted_value_in_a_changed_row_fails_the_scan(tmp_path: Path) -> None
 
 def _views(release: Release) -> list[Any]:
     return list(feature_store("feature_repo", release.data, release.features).list_feature_views())
+
+
+def test_a_patient_a_full_materialisation_writes_and_the_release_lacks_is_deleted_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full path deletes the patients the release does not want after Feast's
+    materialisation too: one that writes such a patient (it read the Parquet files as another
+    writer left them, or by a rule of its own) leaves none of them served."""
+    release = Release(tmp_path / "release")
+    release.sync()
+    served_b = {
+        table: {r for r in rows if r[0] == online_entity_key(B)}
+        for table, rows in stored_rows(release.online_db).items()
+    }
+    assert any(served_b.values())
+    release.remove_patient(B)
+    release.rebuild()
+    release.con.execute(f"DROP TABLE {online_sync.META}")  # the full path
+    real = online_sync.materialize_latest
+
+    def writes_b_too(store: Any, end: datetime) -> None:
+        real(store, end)
+        db = sqlite3.connect(release.online_db)
+        try:  # B's rows put back as an earlier materialisation wrote them
+            for table, rows in served_b.items():
+                db.executemany(
+                    f'INSERT INTO "{table}" (entity_key, feature_name, value, event_ts) '
+                    "VALUES (?, ?, ?, ?)",
+                    sorted(rows),
+                )
+            db.commit()
+        finally:
+            db.close()
+
+    monkeypatch.setattr(online_sync, "materialize_latest", writes_b_too)
+    report = release.sync()
+    assert report.mode == "full"
+    assert holding(release, B) == 0

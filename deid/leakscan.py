@@ -223,6 +223,8 @@ SCAN_RULES: tuple[str, ...] = (
     "unattributed_quarantined_values_joined_on_a_line",
     # ... in UTF-16 or UTF-32 without a byte-order mark
     "unattributed_quarantined_records_wide_without_mark",
+    # a name written as text: past titles of other languages (Herr, Sra., Dr. med., Mme)
+    "name_text_without_titles_of_other_languages",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -244,6 +246,10 @@ _WORD = re.compile(r"[^\W\d_]+(?:['\u2019-][^\W\d_]+)*")
 _NAME_AFFIXES = frozenset(
     "mr mrs ms miss mx dr prof rev fr sir dame jr sr ii iii iv md phd rn dds esq".split()
     + "bsn msn mba mph pharmd dnp lpn aprn facs".split()
+    # of other languages a hospital's records are written in: German (Herr, Frau, Dr. med.,
+    # Dipl.), Spanish and Portuguese (Sra., Srta., Dra., Lic.), French (Mme, Mlle), Italian
+    # (Sig.ra, Dott.ssa, Avv.), Dutch (Dhr., Mevr.); not Don or Dona, which are first names too
+    + "herr frau frl med dipl sra srta dra lic mme mlle sig sigra dott dottssa avv dhr mevr".split()
 )
 # a remark in brackets or quotes a name written as text carries (``(deceased)``, a nickname):
 # no first or last name

@@ -894,6 +894,13 @@ def test_a_name_written_as_text_with_a_title_gives_its_full_name(text: str) -> N
         "Zephyrine Quillfeather (deceased)",
         "Zephyrine Quillfeather 3rd",
         "ZEPHYRINE QUILLFEATHER, RN, BSN",
+        # titles of other languages
+        "Herr Zephyrine Quillfeather",
+        "Sra. Zephyrine Quillfeather",
+        "Dr. med. Zephyrine Quillfeather",
+        "Quillfeather, Zephyrine, Dott.ssa",
+        "Mme Zephyrine Quillfeather",
+        "Sig.ra Zephyrine Quillfeather",
     ],
 )
 def test_a_name_written_as_text_with_a_dotted_degree_or_a_remark_gives_its_full_name(

@@ -167,20 +167,59 @@ def _dated_to_the_day(value: str, latest: str) -> str:
     return f"coalesce({latest} < {value} + INTERVAL 2 DAY, TRUE)"
 
 
+# the days of the spans stays are paired by (:func:`_span_of`): a window's days after a
+# discharge and the discharge's own day
+_SPAN_DAYS = READMISSION_WINDOW_DAYS + 1
+
+
+def _span_of(value: str) -> str:
+    """SQL: the number of the span of :data:`_SPAN_DAYS` days (counted from 1970-01-01, UTC)
+    that holds ``value``'s day. An admission in a discharge's window starts on the discharge's
+    day or one of the 30 after it, so in the discharge's span or the next: matched on the
+    patient and the span, each discharge is paired with the stays of two spans, not with
+    every stay of its patient (whose number made the label's work its square: 8,000 stays of
+    one patient took 17 s)."""
+    days = f"date_diff('day', DATE '1970-01-01', CAST({value} AS DATE))"
+    return f"CAST(floor({days} / {_SPAN_DAYS}) AS BIGINT)"
+
+
+def _readmission_in(span: str, window: str) -> str:
+    """SQL: a readmission after the discharge ``d`` (see the module docstring) starting in the
+    span ``span`` (:func:`_span_of`)."""
+    return f"""EXISTS (
+            SELECT 1 FROM inpatient r
+            WHERE r.patient_id = d.patient_id AND r.start_span = {span}
+              AND r.id <> d.id AND r.start_dated
+              -- after the discharge: on a later day when either is a date (a same-day
+              -- admission is a transfer) ...
+              AND r.period_start > d.period_end
+              -- ... and not yet known to the features at the label's time: a date is known
+              -- at its latest instant, so an admission dated the next day counts
+              AND r.start_latest > d.end_latest
+              AND r.period_start <= d.period_end + {window}
+        )"""
+
+
 def _transferred_sql() -> str:
     """SQL: the stay ``d`` ended in a transfer (CMS hospital-wide readmission measure): its
     disposition is a transfer to another hospital and another inpatient stay starts on the
     discharge's calendar day or the next (UTC) and ends after it (the receiving stay)."""
     return f"""(
         coalesce(d.discharge_disposition_code IN ({sql_list(TRANSFER_DISPOSITIONS)}), FALSE)
-        AND EXISTS (
-            SELECT 1 FROM inpatient r
-            WHERE r.patient_id = d.patient_id AND r.id <> d.id AND r.start_dated
-              AND CAST(r.period_start AS DATE)
-                  BETWEEN CAST(d.period_end AS DATE) AND CAST(d.period_end AS DATE) + 1
-              AND coalesce(r.period_end > d.period_end, TRUE)
-        )
+        AND ({" OR ".join(_receiving_stay_on(day) for day in ("d.end_day", "d.end_day + 1"))})
     )"""
+
+
+def _receiving_stay_on(day: str) -> str:
+    """SQL: an inpatient stay ``r`` other than ``d`` starting on ``day`` (known to the day) and
+    ending after ``d``. Matched on the patient and the day, each patient's stays are paired
+    with those of one day only, not with every other stay of theirs."""
+    return f"""EXISTS (
+            SELECT 1 FROM inpatient r
+            WHERE r.patient_id = d.patient_id AND r.start_day = {day}
+              AND r.id <> d.id AND r.start_dated
+              AND coalesce(r.period_end > d.period_end, TRUE)
+        )"""
 
 
 def _death_at_stay_sql() -> str:
@@ -233,7 +272,9 @@ def _discharges_sql(
         SELECT id, patient_id, period_start, period_end, discharge_disposition_code,
             {start_latest} AS start_latest, {end_latest} AS end_latest,
             {_dated_to_the_day("period_start", start_latest)} AS start_dated,
-            {_dated_to_the_day("period_end", end_latest)} AS end_dated
+            {_dated_to_the_day("period_end", end_latest)} AS end_dated,
+            CAST(period_start AS DATE) AS start_day, CAST(period_end AS DATE) AS end_day,
+            {_span_of("period_start")} AS start_span, {_span_of("period_end")} AS end_span
         FROM enc e WHERE {inpatient_sql()} AND patient_id IS NOT NULL AND {released}
           -- an ICU or ward segment of a stay in the data is no stay of its own
           AND {own_encounter_sql("enc", "e")}
@@ -245,17 +286,8 @@ def _discharges_sql(
         -- feature tables first know the stay ended: the discharge itself when it has a time,
         -- the end of its day when it is a date (the features see that whole day)
         d.end_latest AS event_timestamp,
-        EXISTS (
-            SELECT 1 FROM inpatient r
-            WHERE r.patient_id = d.patient_id AND r.id <> d.id AND r.start_dated
-              -- after the discharge: on a later day when either is a date (a same-day
-              -- admission is a transfer) ...
-              AND r.period_start > d.period_end
-              -- ... and not yet known to the features at the label's time: a date is known
-              -- at its latest instant, so an admission dated the next day counts
-              AND r.start_latest > d.end_latest
-              AND r.period_start <= d.period_end + {window}
-        ) AS readmitted,
+        ({" OR ".join(_readmission_in(span, window) for span in ("d.end_span", "d.end_span + 1"))})
+            AS readmitted,
         NOT d.end_dated AS discharge_undated,
         -- an admission known only to its month or year that may have started in the window
         EXISTS (

@@ -225,6 +225,9 @@ SCAN_RULES: tuple[str, ...] = (
     "unattributed_quarantined_records_wide_without_mark",
     # a name written as text: past titles of other languages (Herr, Sra., Dr. med., Mme)
     "name_text_without_titles_of_other_languages",
+    # the records the quarantine holds under no patient: documents of many lines joined, and
+    # the resources a record carries (contained, a Parameters' values, an entry as an object)
+    "unattributed_quarantined_documents_joined_and_nested_resources",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

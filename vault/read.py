@@ -665,6 +665,11 @@ def text_resources(text: str) -> Iterator[dict[str, Any]]:
     if value is not None:
         yield from _resources_in(value)
         return
+    documents = _documents_of_many_lines(text)
+    if documents is not None:
+        for document in documents:
+            yield from _resources_in(document)
+        return
     whole = text.strip()
     for line in _text_lines(text):
         # a text of one line was read whole just above
@@ -675,6 +680,48 @@ def text_resources(text: str) -> Iterator[dict[str, Any]]:
 # a JSON decoder reading one value at a position; what may stand between two values of a line
 _DECODER = json.JSONDecoder()
 _BETWEEN_VALUES = re.compile(r"[\s\ufeff]*")
+
+
+def _documents_of_many_lines(text: str) -> Iterator[Any] | None:
+    """The JSON values ``text`` holds one after another when the first of them spans several
+    lines (documents written indented, joined in one file: two objects each over many lines,
+    which read as no value whole and as no resource line by line, so a Patient in them gave no
+    canary), the last cut short as far as its last whole value; None when the first value is
+    on one line (NDJSON, read a line at a time) or is no JSON."""
+    at = _after_spaces(text, 0)
+    try:
+        first, end = _DECODER.raw_decode(text, at)
+    except (ValueError, RecursionError):
+        return None
+    if "\n" not in text[at:end] and "\r" not in text[at:end]:
+        return None
+    return _values_from(text, first, end)
+
+
+def _after_spaces(text: str, at: int) -> int:
+    """Where the next value of ``text`` after ``at`` starts, past spaces and byte-order marks."""
+    between = _BETWEEN_VALUES.match(text, at)
+    return between.end() if between else at
+
+
+def _values_from(text: str, first: Any, end: int) -> Iterator[Any]:
+    """``first``, then each JSON value of ``text`` after ``end``; what no longer reads as one
+    read as far as its last whole value (:func:`json_read_so_far`)."""
+    value: Any = first
+    while True:
+        yield value
+        at = _after_spaces(text, end)
+        if at >= len(text):
+            return
+        try:
+            value, end = _DECODER.raw_decode(text, at)
+        except (ValueError, RecursionError):
+            rest = json_read_so_far(text[at:])
+            if rest is not None:
+                yield rest
+            return
+
+
 _JOINED_OBJECTS = re.compile(r"\}[\s\ufeff]*\{")
 
 
@@ -726,18 +773,43 @@ def _text_lines(text: str) -> Iterator[str]:
 
 def _resources_in(value: Any) -> Iterator[dict[str, Any]]:
     """The resources ``value`` holds: itself when an object, and when an array (a file written
-    as a JSON array of resources, refused whole as no resource) its objects, each Bundle as
-    the resources of its entries, at any depth. An array within the array is no resource."""
+    as a JSON array of resources, refused whole as no resource) its objects; each Bundle as
+    the resources of its entries, and every resource's nested ones (:func:`_nested_in`), at
+    any depth. An array within the array is no resource."""
     pending = value[::-1] if isinstance(value, list) else [value]
     while pending:
         item = pending.pop()
         if not isinstance(item, dict):
             continue
-        if _is_bundle(item.get("resourceType")) and isinstance(item.get("entry"), list):
-            entries = [e.get("resource") for e in item["entry"] if isinstance(e, dict)]
-            pending.extend(entries[::-1])
-        else:
+        if not _is_bundle(item.get("resourceType")):
             yield item
+        pending.extend(_nested_in(item)[::-1])
+
+
+def _nested_in(item: dict[str, Any]) -> list[Any]:
+    """The resources an object carries inside it: a Bundle's entries (one written as an object
+    instead of an array too), a Parameters' values and their parts', and contained resources.
+    Each was read as the object holding it alone: a Patient carried so in a refused record gave
+    no canary while her records in other files were released."""
+    found: list[Any] = []
+    kind = _folded_type(item.get("resourceType"))
+    if kind == "bundle":
+        entries = item.get("entry")
+        entries = [entries] if isinstance(entries, dict) else entries
+        if isinstance(entries, list):
+            found += [e.get("resource") for e in entries if isinstance(e, dict)]
+    if kind == "parameters":
+        parameters = item.get("parameter")
+        while isinstance(parameters, list) and parameters:
+            values = [p for p in parameters if isinstance(p, dict)]
+            found += [p.get("resource") for p in values]
+            parameters = [
+                part for p in values if isinstance(p.get("part"), list) for part in p["part"]
+            ]
+    contained = item.get("contained")
+    if isinstance(contained, list):
+        found += contained
+    return found
 
 
 def _is_bundle(named: Any) -> bool:

@@ -818,3 +818,39 @@ def test_a_file_in_utf16_or_utf32_without_a_byte_order_mark_is_read_for_canaries
     canaries = _fresh(vault_with_batch, key_provider)
     assert canaries.find("LAB-ULVENBROOK") == ["name"]
     assert canaries.find("MRN77120001") == ["identifier"]
+
+
+def test_patients_in_joined_documents_or_carried_inside_a_refused_record_give_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """Indented documents joined in one ``.json`` file (refused whole as no JSON), and a
+    Bundle written ``bundle`` whose one entry is an object holding a Parameters with a
+    Patient contained in its value: records of no patient, each read as no Patient, so
+    neither Patient gave a canary while their Observations, in another file, were
+    released."""
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    other = {"resourceType": "Basic", "id": "bw1", "code": {"text": "x"}}
+    joined = json.dumps(other, indent=2) + "\n" + json.dumps(_patient(1, "Quillmarsh"), indent=2)
+    (batch / "joined.json").write_text(joined)
+    carrier = {"resourceType": "Basic", "id": "bw2", "contained": [_patient(2, "Vantrelle")]}
+    parameters = {"resourceType": "Parameters", "parameter": [{"name": "x", "resource": carrier}]}
+    bundle = {"resourceType": "bundle", "entry": {"resource": parameters}}
+    (batch / "bundle.json").write_text(json.dumps(bundle))
+    observations = [
+        {
+            "resourceType": "Observation",
+            "id": f"ow{i}",
+            "status": "final",
+            "code": {"text": "x"},
+            "subject": {"reference": f"Patient/pw{i}"},
+        }
+        for i in (1, 2)
+    ]
+    (batch / "obs.ndjson").write_text("".join(json.dumps(o) + "\n" for o in observations))
+    report = ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    assert report.accepted == 2 and sum(report.quarantine_reasons.values()) == 2
+    canaries = _fresh(vault_with_batch, key_provider)
+    for family, mrn in (("QUILLMARSH", "MRN77120001"), ("VANTRELLE", "MRN77120002")):
+        assert canaries.find(f"LAB-{family}") == ["name"], family
+        assert canaries.find(mrn) == ["identifier"], mrn

@@ -110,3 +110,46 @@ def test_a_json_array_is_read_as_its_objects_and_bundles_not_its_nested_arrays()
     bundle = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Person"}}]}
     text = json.dumps([patient, [{"resourceType": "Observation"}], bundle, 7])
     assert [r["resourceType"] for r in text_resources(text)] == ["Patient", "Person"]
+
+
+def test_documents_written_indented_one_after_another_are_each_read() -> None:
+    """Two indented documents in one file (a Bundle and a Patient written by an exporter that
+    writes one document a resource, joined): read as no value whole and as no resource a line
+    at a time, its Patient gave no canary. The last one cut short is read as far as it goes."""
+    observation = {"resourceType": "Observation", "id": "o1", "status": "final"}
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": observation}]}
+    second = PATIENT | {"id": "p2"}
+    cut = json.dumps(second, indent=2)[:-8]  # its closing brackets lost
+    text = "\n".join(json.dumps(v, indent=2) for v in (bundle, PATIENT)) + "\n" + cut
+    assert list(text_resources(text)) == [observation, PATIENT, second]
+    ndjson = json.dumps(observation) + "\n" + json.dumps(PATIENT) + "\n{oops\n"
+    assert list(text_resources(ndjson)) == [observation, PATIENT]  # a line at a time, as before
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        # a Patient contained in the record it was sent with
+        {"resourceType": "Observation", "status": "?", "contained": [PATIENT]},
+        # a Patient as a Parameters' value, or a part of one
+        {"resourceType": "Parameters", "parameter": [{"name": "patient", "resource": PATIENT}]},
+        {
+            "resourceType": "Parameters",
+            "parameter": [{"name": "match", "part": [{"name": "p", "resource": PATIENT}]}],
+        },
+        # a Bundle whose one entry is written as an object, not an array
+        {"resourceType": "Bundle", "type": "searchset", "entry": {"resource": PATIENT}},
+        # ... contained in a Bundle's entry
+        {
+            "resourceType": "Bundle",
+            "entry": [{"resource": {"resourceType": "Encounter", "contained": [PATIENT]}}],
+        },
+    ],
+)
+def test_a_patient_carried_inside_a_refused_record_is_read(record: dict[str, object]) -> None:
+    """A Patient contained in a record, a Parameters' value or a Bundle entry written as an
+    object was read as the record holding it alone: refused, it gave no canary while her
+    records in other files were released, and the erasure's search of her resources missed
+    it."""
+    found = [r for r in text_resources(json.dumps(record)) if r.get("resourceType") == "Patient"]
+    assert found == [PATIENT]

@@ -490,13 +490,27 @@ def keyring_lock(key_file: Path) -> Iterator[None]:
     killed (or a power cut) before its rename, and is removed. Such a file is a whole keyring,
     KEKs in the clear: left there, it would keep a KEK that a rotation retired and ``ehr keys
     purge-retired`` dropped, and with it every data key a backup holds under that KEK, an
-    erased patient's among them."""
+    erased patient's among them.
+
+    The lock is taken beside the file a symlinked key file names (:func:`keyring_file`), so a
+    process given the link and one given the file itself wait for each other."""
+    key_file = keyring_file(key_file)
     lock_path = key_file.with_name(key_file.name + ".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with exclusive_lock(lock_path):
         for stale in keyring_temporaries(key_file):
             stale.unlink(missing_ok=True)
         yield
+
+
+def keyring_file(key_file: Path) -> Path:
+    """The file a keyring path names, through any symlinks: where the keyring is written.
+
+    A keyring is often reached through a link (a secret store's mount, a shared config folder).
+    Replacing the link itself with the new keyring would leave the file it pointed at as it
+    was: a rotation's retired KEK lying there bare for good (``ehr keys purge-retired`` writes
+    the link's new file only), and two keyrings, each read by whoever is given its path."""
+    return Path(os.path.realpath(key_file))
 
 
 def keyring_temporaries(key_file: Path) -> list[Path]:
@@ -576,8 +590,9 @@ def write_keyring(path: Path, document: Mapping[str, Any]) -> None:
     """The only writer of keyring files: atomic, durable and mode 0600. Durability matters to
     rotation, which must never commit data keys wrapped under a KEK that a power cut could take
     out of the keyring again. Callers hold :func:`keyring_lock`, which removes the temporary
-    file a writer killed before its rename left."""
-    replace_private_file(path, json.dumps(document, indent=2) + "\n")
+    file a writer killed before its rename left. A symlinked key file is written where it
+    points (:func:`keyring_file`), the link kept."""
+    replace_private_file(keyring_file(path), json.dumps(document, indent=2) + "\n")
 
 
 def init_keyring(

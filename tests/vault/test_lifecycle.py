@@ -348,6 +348,29 @@ def test_a_rotation_killed_at_its_keyring_write_leaves_no_retired_kek_behind_a_p
     assert [p.name for p in world.key_file.parent.iterdir() if p.suffix == ".tmp"] == []
 
 
+def test_a_keyring_reached_through_a_symlink_is_rotated_and_purged_where_it_lies(
+    world: World,
+) -> None:
+    """A key file given as a link (a secret store's mount) is written where it points: the
+    link stays a link, and the retired KEK is gone from the file itself after a purge."""
+    old_id = world.provider.active_kek_id()
+    old_b64 = json.loads(world.key_file.read_text())["keks"][old_id]["key"]
+    link = world.key_file.parent.parent / "linked" / "keyring.json"
+    link.parent.mkdir(mode=0o700)
+    link.symlink_to(world.key_file)
+    con = world.connect()
+    try:
+        report = rotate_kek(link, con, world.audit)
+    finally:
+        con.close()
+    assert lifecycle.purge_retired_keks(link, world.audit) == [old_id]
+    assert link.is_symlink() and link.resolve() == world.key_file.resolve()
+    assert FileKeyProvider.load(world.key_file).kek_ids() == [report.new_kek_id]
+    for path in [*world.key_file.parent.iterdir(), *link.parent.iterdir()]:
+        assert old_b64 not in path.read_text(), path
+    assert [p.name for p in link.parent.iterdir()] == ["keyring.json"]  # no lock of its own
+
+
 def test_a_purge_killed_before_its_completion_is_closed_by_running_it_again(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -66,30 +66,53 @@ def default_key_file() -> Path:
 _KEY_ID = re.compile(r"(?:kek|env)-[0-9a-f]{16}")
 _HEX_MATERIAL = re.compile(r"[0-9A-Fa-f]{32,}")  # 16 bytes or more, as hex
 _BASE64_MATERIAL = re.compile(r"(?:[A-Za-z0-9+/]{22,}|[A-Za-z0-9_-]{22,})={0,2}")  # 16+ bytes
+# a run of key characters with no character of a key or of a path on either side: the whole
+# value, or a part of it set off by quotes, spaces, '=', ':', ',' and the like, as a key is when
+# pasted with what surrounded it (`EHR_KEK=...`, a keyring's `"key": "...",` line). A run
+# that goes on with '.', '~' or another key character is part of a path (`.../keyring.json`)
+_BOUNDED_RUN = re.compile(r"(?<![A-Za-z0-9+/_.~-])[A-Za-z0-9+/_-]{22,}={0,2}(?![A-Za-z0-9+/_.~=-])")
+# within such a run, the stretches of each alphabet: a key after a prefix (`kek-`, `env-`) too
+_ONE_ALPHABET = (
+    _HEX_MATERIAL,
+    re.compile(r"[A-Za-z0-9+/]{22,}={0,2}"),
+    re.compile(r"[A-Za-z0-9_-]{22,}={0,2}"),
+)
 
 
-def _looks_like_key_material(text: str) -> bool:
-    """Whether a value is shaped like a key of 16 bytes or more, in hex or in base64 (standard
-    or URL-safe alphabet, padded or not).
+def _key_shaped(run: str) -> bool:
+    """Whether a run of one alphabet is shaped like a key of 16 bytes or more.
 
     Hex of 32 digits or more counts as a key. Base64 of 22 characters or more counts when it
     ends with padding ('=') or mixes upper-case letters, lower-case letters and digits, as a
     random key's base64 does: a 32-byte key lacks one of the three about once in 1,500 keys,
-    and then still has its '=' unless the padding was cut off. An ordinary path cannot be
-    taken for a key: a '.', '~', space, or '/' beside '-' or '_' is in neither alphabet
-    (``keys.json``, ``~/.ehr/keyring.json``, ``/run/secrets/ehr_keyring``), and a path made of
-    base64 characters alone is short or does not mix the three (``/etc/ehr/keyring``,
-    ``/Users/alice/ehr/keyring``). Only a path of 22 such characters or more that mixes all
-    three, say ``/srv/Keys/ehr2026/keyring``, is hidden, and its message still names where it
-    came from.
-    """
-    compact = text.strip()
-    if _HEX_MATERIAL.fullmatch(compact):
+    and then still has its '=' unless the padding was cut off."""
+    if _HEX_MATERIAL.fullmatch(run):
         return True
-    if not _BASE64_MATERIAL.fullmatch(compact):
+    if not _BASE64_MATERIAL.fullmatch(run):
         return False
-    return compact.endswith("=") or all(
-        any(test(c) for c in compact) for test in (str.isupper, str.islower, str.isdigit)
+    return run.endswith("=") or all(
+        any(test(c) for c in run) for test in (str.isupper, str.islower, str.isdigit)
+    )
+
+
+def _looks_like_key_material(text: str) -> bool:
+    """Whether a value holds something shaped like a key of 16 bytes or more, in hex or in
+    base64 (standard or URL-safe alphabet, padded or not): the whole value, or a part set off
+    by quotes, spaces, '=', ':' or ',' (a key pasted with its variable's name, its quotes or
+    its keyring line), after a prefix such as ``kek-`` too (:data:`_BOUNDED_RUN`).
+
+    An ordinary path cannot be taken for a key: a '.', '~', space, or '/' beside '-' or '_' is
+    in neither alphabet (``keys.json``, ``~/.ehr/keyring.json``, ``/run/secrets/ehr_keyring``),
+    and a path made of base64 characters alone is short or does not mix the three
+    (``/etc/ehr/keyring``, ``/Users/alice/ehr/keyring``). Only a path with no extension that
+    holds 22 characters or more of one alphabet mixing all three, say
+    ``/srv/Keys/ehr2026/keyring``, is hidden, and its message still names where it came from.
+    """
+    return any(
+        _key_shaped(part.group())
+        for run in _BOUNDED_RUN.finditer(text)
+        for alphabet in _ONE_ALPHABET
+        for part in alphabet.finditer(run.group())
     )
 
 

@@ -382,3 +382,47 @@ def test_a_key_shaped_path_that_names_a_file_is_a_path(
     keyring.parent.mkdir(parents=True)
     keyring.write_text("{}")
     refuse_key_shaped_path(keyring, "the key file given (--key-file)")
+
+
+WRAPPINGS = {
+    "variable line": "EHR_KEK={}",
+    "quoted": '"{}"',
+    "keyring line": '"key": "{}",',
+    "export": "export EHR_KEK='{}'",
+}
+
+
+@pytest.mark.parametrize("wrapping", sorted(WRAPPINGS))
+def test_a_key_pasted_with_what_surrounded_it_is_refused_and_shown_nowhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: tuple[bytes, str], wrapping: str
+) -> None:
+    """A key copied with its variable's name, its quotes or its keyring line and given as the
+    key file: `ehr keys init` made a keyring named after it and printed it, the other commands
+    printed it, and `ehr run` stored it with its run. Now each is refused, naming the option,
+    with nothing made; a KEK so named is refused when the keyring is loaded."""
+    key, text = planted
+    pasted = WRAPPINGS[wrapping].format(text)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EHR_KEK", raising=False)
+    made = CliRunner().invoke(main, ["keys", "init", "--key-file", pasted])
+    assert made.exit_code != 0
+    assert_no_key(made.output + made.stderr, key)
+    assert list(tmp_path.iterdir()) == []
+    landing = tmp_path / "landing" / "b1"
+    landing.mkdir(parents=True)
+    (landing / "p.ndjson").write_text('{"resourceType": "Patient", "id": "p1"}\n')
+    run = CliRunner().invoke(
+        main, ["run", "--input", str(landing.parent), "--workdir", "work", "--key-file", pasted]
+    )
+    assert run.exit_code != 0 and "looks like key material" in run.output + run.stderr
+    assert_no_key(run.output + run.stderr, key)
+    assert key not in _stored_text(tmp_path)
+    assert_no_key(_stored_text(tmp_path).decode("utf-8", "replace"), key)
+    assert_no_key(_load_error(Path(pasted)), key)
+
+    def named_after_the_key(document: dict) -> None:
+        name = "kek-" + text
+        document["keks"] = {name: document["keks"][document["active_kek"]]}
+        document["active_kek"] = name
+
+    assert "looks like key material" in _load_error(_keyring(tmp_path, named_after_the_key))

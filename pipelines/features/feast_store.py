@@ -33,7 +33,7 @@ from feast import FeatureStore
 from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
 
 from pipelines.content import feature_repo_dir
-from vault.keys import without_key_material
+from vault.keys import shown, without_key_material
 
 DEFAULT_REPO = feature_repo_dir()
 FEAST_DATA_ENV = "EHR_FEAST_DATA"
@@ -70,12 +70,20 @@ def feast_data_from_env() -> Path:
     """``EHR_FEAST_DATA`` as an absolute path, or a :class:`FeastDataNotSetError` with the fix.
 
     Feast leaves an unset variable literal (and creates a folder named ``${EHR_FEAST_DATA}``)
-    and resolves a relative one against the repo folder, not the working directory."""
+    and resolves a relative one against the repo folder, not the working directory. A value
+    shaped like a key (:func:`vault.keys.shown`) is refused without being shown."""
     value = os.environ.get(FEAST_DATA_ENV, "")
     if not value:
         raise FeastDataNotSetError(
             f"{FEAST_DATA_ENV} is not set. Fix: export {FEAST_DATA_ENV}=$PWD/data/work/feast, "
             "or call feature_store(repo, data_dir, features_dir) with the folders."
+        )
+    # a key pasted here would be echoed by the message below, and Feast would make folders
+    # named after it: refused, named by the variable alone
+    if shown(value, f"the value of {FEAST_DATA_ENV}", path=True) != value:
+        raise FeastDataNotSetError(
+            f"{FEAST_DATA_ENV} is not a folder path and looks like key material (not shown). "
+            f"Fix: export {FEAST_DATA_ENV}=$PWD/data/work/feast (an absolute path)."
         )
     if not Path(value).is_absolute():
         raise FeastDataNotSetError(

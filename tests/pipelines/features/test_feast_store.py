@@ -320,6 +320,27 @@ def test_feast_data_must_be_set_and_absolute(monkeypatch: pytest.MonkeyPatch) ->
         feast_data_from_env()
 
 
+@pytest.mark.parametrize("absolute", [False, True], ids=["as-is", "after-a-slash"])
+def test_a_key_in_feast_data_is_refused_and_not_shown(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, absolute: bool
+) -> None:
+    """A key pasted into EHR_FEAST_DATA: its error (``feast apply``'s and every store's)
+    printed it, and one starting with '/' made Feast create folders named after it."""
+    key = "kR3v9Q0xYz7+Lm2NpT5wUa8bCd1EfGhIjKl4MnOpQrs="
+    value = "/" + key if absolute else key
+    monkeypatch.setenv(FEAST_DATA_ENV, value)
+    with pytest.raises(FeastDataNotSetError, match="looks like key material") as raised:
+        feast_data_from_env()
+    assert key[:16] not in str(raised.value)
+    env = {**os.environ, FEAST_DATA_ENV: value, "PYTHONPATH": str(REPO.parent)}
+    done = subprocess.run(
+        [sys.executable, "-c", "import repo_env"],
+        cwd=REPO, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and "looks like key material" in done.stderr
+    assert key[:16] not in done.stdout + done.stderr
+
+
 def test_a_data_folder_without_a_registry_is_refused_and_not_created(
     applied: Applied, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

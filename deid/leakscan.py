@@ -50,6 +50,8 @@ from typing import Any
 import ahocorasick
 from anyascii import anyascii
 
+from fhirlake.nested import held_resources
+
 _BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{24,}={0,2}")
 _DIGITS = re.compile(r"\D+")
 _HEX_RUN = re.compile(r"[0-9a-fA-F]+")
@@ -225,9 +227,10 @@ SCAN_RULES: tuple[str, ...] = (
     "unattributed_quarantined_records_wide_without_mark",
     # a name written as text: past titles of other languages (Herr, Sra., Dr. med., Mme)
     "name_text_without_titles_of_other_languages",
-    # the records the quarantine holds under no patient: documents of many lines joined, and
-    # the resources a record carries (contained, a Parameters' values, an entry as an object)
-    "unattributed_quarantined_documents_joined_and_nested_resources",
+    # the persons a record holds inside it (a contained Patient of a refused record, a Patient
+    # sent as Parameters, in a Bundle inside a Bundle or one whose entry is one object), a
+    # Person resource, and quarantined documents written one after another
+    "held_resources_person_documents_one_after_another",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -798,10 +801,13 @@ class CanarySet:
         self.add_birth_date(patient.get("birthDate"), pseudonym)
 
     def add_resource(self, resource: dict[str, Any], pseudonym: str | None = None) -> None:
-        """The canaries of a resource about a patient or a relative (see ``_ADDERS``)."""
-        adder = _ADDERS.get(str(resource.get("resourceType")))
-        if adder is not None:
-            adder(self, resource, pseudonym)
+        """The canaries of a resource about a patient or a relative (see ``_ADDERS``), and of
+        each resource it holds inside it (:func:`fhirlake.nested.held_resources`: a Patient
+        sent as ``Parameters``, in a Bundle inside a Bundle, contained in a RelatedPerson)."""
+        for one in (resource, *held_resources(resource)):
+            adder = _ADDERS.get(str(one.get("resourceType")))
+            if adder is not None:
+                adder(self, one, pseudonym)
 
     def add_source_id(self, resource_id: Any) -> None:
         """A patient's resource id in the source (``Patient/<id>``), of ``MIN_TEXT`` characters
@@ -1100,6 +1106,9 @@ def _add_identifiers(canaries: CanarySet, resource: dict[str, Any], _: str | Non
 # Claim's number).
 _ADDERS: dict[str, Callable[[CanarySet, dict[str, Any], str | None], None]] = {
     "Patient": lambda c, r, p: c.add_patient(r, p),
+    # a person's demographics held apart from their Patient records (a master patient index's
+    # Person, linked to them): its name, telecom, address, identifiers and birth date
+    "Person": lambda c, r, p: c.add_patient(r, p),
     "RelatedPerson": _add_relative,
     "FamilyMemberHistory": _add_relative,
     "Coverage": _add_identifiers,
@@ -1107,7 +1116,11 @@ _ADDERS: dict[str, Callable[[CanarySet, dict[str, Any], str | None], None]] = {
     "Encounter": _add_identifiers,
     "Claim": _add_identifiers,
 }
-CANARY_RESOURCE_TYPES = tuple(_ADDERS)  # the resources a patient's canaries are read from
+# Records that hold whole resources rather than being about anyone (an operation's Parameters,
+# a Bundle sent as one resource): read for the persons they carry
+CARRIER_TYPES = ("Parameters", "Bundle")
+# the resources a patient's canaries are read from
+CANARY_RESOURCE_TYPES = (*_ADDERS, *CARRIER_TYPES)
 # Of those, the types read only where a record holds an identifier (the vault's identifier
 # index lists it): tens of them a patient, most without one, where a patient has one Patient
 IDENTIFIED_ONLY_TYPES = ("Encounter", "Claim")

@@ -58,6 +58,7 @@ from deid.workers import (
     WorkerSetup,
     deidentify_items,
 )
+from fhirlake import nested as fhirlake_nested
 from vault import read as vault_read
 from vault.catalog import has_table, multiset_digest_sql
 from vault.errors import InvalidCiphertext, KeyDestroyedError
@@ -374,7 +375,7 @@ def _add_other_records(
     if written_after is not None:
         return read
     quarantined = iter_quarantined_records(
-        con, provider, CANARY_RESOURCE_TYPES, skip_destroyed=True
+        con, provider, CANARY_RESOURCE_TYPES, skip_destroyed=True, with_held=True
     )
     for owner, resource in quarantined:
         if patients is None or owner in patients:
@@ -624,7 +625,7 @@ _VAULT_ROWS = (
 def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _VaultState | None:
     """What the release canaries depend on, without decrypting anything: the warehouse file,
     the vault's rows (count, highest ingest position, a digest of which versions it holds),
-    the quarantined records of those types (count, digest) and the keys. None for an in-memory
+    every quarantined record (count, digest) and the keys. None for an in-memory
     warehouse, which has no name to tell it apart by."""
     path = database_path(con)
     if path is None:
@@ -634,13 +635,12 @@ def vault_state(con: duckdb.DuckDBPyConnection, provider: KeyProvider) -> _Vault
         None,
         None,
     )
-    # the quarantined records canaries are read from too (:func:`_add_other_records`)
+    # the quarantined records canaries are read from too (:func:`_add_other_records`): every
+    # one, since a refused record of any type may hold a Patient inside it
     quarantined: tuple[Any, ...] = (0, None)
     if has_table(con, "quarantine"):
         quarantined = con.execute(
-            "SELECT count(*), sum(hash(batch_id, file_index, position, sealed)) FROM quarantine "
-            "WHERE list_contains(?, resource_type) OR patient_key IS NULL",
-            [list(CANARY_RESOURCE_TYPES)],
+            "SELECT count(*), sum(hash(batch_id, file_index, position, sealed)) FROM quarantine"
         ).fetchone() or (0, None)
     return (
         str(path.resolve()),
@@ -665,10 +665,12 @@ MAX_SEALED_CANARY_BYTES = 1 << 30
 def _canary_code() -> bytes:
     """What the canaries' forms and their pickled layout depend on besides the vault: the code
     that makes them (this module, :mod:`deid.leakscan` and :mod:`vault.read`, which reads the
-    records they come from, as files) and the versions of the libraries in them. A sealed set
-    made by other code is made again."""
+    records they come from, and :mod:`fhirlake.nested`, which finds the resources a record
+    holds, as files) and the versions of the libraries in them. A sealed set made by other
+    code is made again."""
     digest = hashlib.sha256()
-    for source in (Path(__file__), Path(leakscan.__file__), Path(vault_read.__file__)):
+    sources = (leakscan.__file__, vault_read.__file__, fhirlake_nested.__file__)
+    for source in (Path(__file__), *(Path(str(one)) for one in sources)):
         digest.update(source.read_bytes())
     for distribution in ("anyascii", "pyahocorasick", "pydantic-core", "ijson"):
         digest.update(f"|{distribution}={importlib.metadata.version(distribution)}".encode())

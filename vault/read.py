@@ -28,6 +28,7 @@ import orjson
 import pydantic_core
 
 from fhirlake.content import content_digest
+from fhirlake.nested import folded_type, held_resources
 from fhirlake.readers import BOM
 from vault.catalog import has_table
 from vault.clustered import copied_rows, has_copies
@@ -438,11 +439,9 @@ def bind_pseudonym_key(
     return checked.pseudonymizer
 
 
-# Records refused by validation (a schema violation), sealed under their patient's key
-_QUARANTINED_OWNED = (
-    "list_contains(?, resource_type) AND patient_key IS NOT NULL AND octet_length(sealed) > 0 "
-    "{only}"
-)
+# Records refused by validation (a schema violation), sealed under their patient's key; of
+# every type when the resources they hold are read (any may hold a contained Patient)
+_QUARANTINED_OWNED = "patient_key IS NOT NULL AND octet_length(sealed) > 0 {only}"
 
 
 # a quarantined record's place, which names it in an error (:func:`open_quarantined`)
@@ -665,10 +664,14 @@ def text_resources(text: str) -> Iterator[dict[str, Any]]:
     if value is not None:
         yield from _resources_in(value)
         return
-    documents = _documents_of_many_lines(text)
-    if documents is not None:
-        for document in documents:
-            yield from _resources_in(document)
+    at = 0
+    for value, at in _values_one_after_another(text):
+        yield from _resources_in(value)
+    if at:
+        # documents written one after another (two indented resources in one file, refused
+        # as invalid JSON): the first read whole, no line of them a resource, and no Patient
+        # of them gave a canary; what follows the last one read is read as any text is
+        yield from text_resources(text[at:])
         return
     whole = text.strip()
     for line in _text_lines(text):
@@ -680,49 +683,26 @@ def text_resources(text: str) -> Iterator[dict[str, Any]]:
 # a JSON decoder reading one value at a position; what may stand between two values of a line
 _DECODER = json.JSONDecoder()
 _BETWEEN_VALUES = re.compile(r"[\s\ufeff]*")
+_JOINED_OBJECTS = re.compile(r"\}[\s\ufeff]*\{")
 
 
-def _documents_of_many_lines(text: str) -> Iterator[Any] | None:
-    """The JSON values ``text`` holds one after another when the first of them spans several
-    lines (documents written indented, joined in one file: two objects each over many lines,
-    which read as no value whole and as no resource line by line, so a Patient in them gave no
-    canary), the last cut short as far as its last whole value; None when the first value is
-    on one line (NDJSON, read a line at a time) or is no JSON."""
-    at = _after_spaces(text, 0)
-    try:
-        first, end = _DECODER.raw_decode(text, at)
-    except (ValueError, RecursionError):
-        return None
-    if "\n" not in text[at:end] and "\r" not in text[at:end]:
-        return None
-    return _values_from(text, first, end)
-
-
-def _after_spaces(text: str, at: int) -> int:
-    """Where the next value of ``text`` after ``at`` starts, past spaces and byte-order marks."""
-    between = _BETWEEN_VALUES.match(text, at)
-    return between.end() if between else at
-
-
-def _values_from(text: str, first: Any, end: int) -> Iterator[Any]:
-    """``first``, then each JSON value of ``text`` after ``end``; what no longer reads as one
-    read as far as its last whole value (:func:`json_read_so_far`)."""
-    value: Any = first
-    while True:
-        yield value
-        at = _after_spaces(text, end)
-        if at >= len(text):
-            return
+def _values_one_after_another(text: str) -> Iterator[tuple[Any, int]]:
+    """Each JSON value ``text`` holds from its start while one follows another with only
+    spaces (line breaks too) between them, each with the position after it and the spaces
+    that follow, yielded before the next is read; none when ``text`` holds no closed object
+    followed by another (a record of a million lines of ``[[[`` is not decoded again)."""
+    if not _JOINED_OBJECTS.search(text):
+        return
+    between = _BETWEEN_VALUES.match(text)
+    at = between.end() if between else 0
+    while at < len(text):
         try:
             value, end = _DECODER.raw_decode(text, at)
         except (ValueError, RecursionError):
-            rest = json_read_so_far(text[at:])
-            if rest is not None:
-                yield rest
             return
-
-
-_JOINED_OBJECTS = re.compile(r"\}[\s\ufeff]*\{")
+        between = _BETWEEN_VALUES.match(text, end)
+        at = between.end() if between else end
+        yield value, at
 
 
 def _line_values(line: str, read_whole: bool) -> Iterator[Any]:
@@ -773,56 +753,25 @@ def _text_lines(text: str) -> Iterator[str]:
 
 def _resources_in(value: Any) -> Iterator[dict[str, Any]]:
     """The resources ``value`` holds: itself when an object, and when an array (a file written
-    as a JSON array of resources, refused whole as no resource) its objects; each Bundle as
-    the resources of its entries, and every resource's nested ones (:func:`_nested_in`), at
-    any depth. An array within the array is no resource."""
-    pending = value[::-1] if isinstance(value, list) else [value]
-    while pending:
-        item = pending.pop()
+    as a JSON array of resources, refused whole as no resource) its objects, each with every
+    resource it holds inside it (:func:`fhirlake.nested.held_resources`: its contained
+    resources, a Parameters' resources, a Bundle's entries' at any depth, its ``entry``
+    written as one object too), a Bundle as those alone. An array within the array is no
+    resource. Before, a Patient contained in a refused lab result, sent as ``Parameters`` or in
+    a Bundle whose ``entry`` is one object gave no canary."""
+    for item in value if isinstance(value, list) else [value]:
         if not isinstance(item, dict):
             continue
         if not _is_bundle(item.get("resourceType")):
             yield item
-        pending.extend(_nested_in(item)[::-1])
-
-
-def _nested_in(item: dict[str, Any]) -> list[Any]:
-    """The resources an object carries inside it: a Bundle's entries (one written as an object
-    instead of an array too), a Parameters' values and their parts', and contained resources.
-    Each was read as the object holding it alone: a Patient carried so in a refused record gave
-    no canary while her records in other files were released."""
-    found: list[Any] = []
-    kind = _folded_type(item.get("resourceType"))
-    if kind == "bundle":
-        entries = item.get("entry")
-        entries = [entries] if isinstance(entries, dict) else entries
-        if isinstance(entries, list):
-            found += [e.get("resource") for e in entries if isinstance(e, dict)]
-    if kind == "parameters":
-        parameters = item.get("parameter")
-        while isinstance(parameters, list) and parameters:
-            values = [p for p in parameters if isinstance(p, dict)]
-            found += [p.get("resource") for p in values]
-            parameters = [
-                part for p in values if isinstance(p.get("part"), list) for part in p["part"]
-            ]
-    contained = item.get("contained")
-    if isinstance(contained, list):
-        found += contained
-    return found
+        yield from held_resources(item)
 
 
 def _is_bundle(named: Any) -> bool:
     """Whether a ``resourceType`` names a Bundle, in any case and with spaces around it, as
     the Patients its entries hold are read (``bundle``: refused whole as no resource type, its
     Patient gave no canary)."""
-    return _folded_type(named) == "bundle"
-
-
-def _folded_type(named: Any) -> str | None:
-    """A ``resourceType`` as it is matched whatever its case and spaces around it (``patient``,
-    `` Bundle``), or None when it is no string."""
-    return named.strip().casefold() if isinstance(named, str) else None
+    return folded_type(named) == "bundle"
 
 
 def iter_unattributed_quarantined_records(
@@ -841,7 +790,7 @@ def iter_unattributed_quarantined_records(
     types = {t.casefold(): t for t in resource_types}
     for _, text in iter_unattributed_quarantine_texts(con, provider, chunk_rows):
         for record in text_resources(text):
-            rtype = types.get(_folded_type(record.get("resourceType")) or "")
+            rtype = types.get(folded_type(record.get("resourceType")) or "")
             if rtype is not None:
                 yield {**record, "resourceType": rtype}
 
@@ -871,20 +820,29 @@ def iter_quarantined_records(
     patient_key: str | None = None,
     *,
     skip_destroyed: bool = False,
+    with_held: bool = False,
     chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     """The records of ``resource_types`` the quarantine holds under a patient's key (refused by
     validation: no vault row holds them), of one patient or of all, with their patient's
     pseudonym, decrypted: the identifiers they hold are the person's all the same, and the
-    patient's other records may be in the vault and released. A record that is no JSON object
-    of one of those types is passed over. A record sealed under a destroyed key (an erasure
-    cut short) raises :class:`vault.errors.KeyDestroyedError`, or is passed over with
+    patient's other records may be in the vault and released. With ``with_held``, the
+    resources any refused record holds inside it are among them
+    (:func:`fhirlake.nested.held_resources`: a Patient contained in a refused lab result named
+    its patient and gave no canary); without, only the records themselves (an erasure reads
+    its patient's Patient records so, and a mother's Patient contained in her child's lab
+    result is not the child). A record that is no JSON object of the type its row names is
+    passed over. A record sealed under a destroyed key (an
+    erasure cut short) raises :class:`vault.errors.KeyDestroyedError`, or is passed over with
     ``skip_destroyed``: its patient is erased."""
     if not has_table(con, "quarantine"):
         return
     store = DataKeyStore(con, provider)
     only = "" if patient_key is None else "AND patient_key = ?"
-    params: list[Any] = [list(resource_types), *([] if patient_key is None else [patient_key])]
+    if not with_held:
+        only += " AND list_contains(?, resource_type)"
+    params: list[Any] = [] if patient_key is None else [patient_key]
+    params += [] if with_held else [list(resource_types)]
     where = _QUARANTINED_OWNED.format(only=only)
     columns = (
         "q.patient_key, q.resource_type, q.sealed, q.aad, q.batch_id, q.file_index, q.position"
@@ -901,5 +859,9 @@ def iter_quarantined_records(
             if skip_destroyed:
                 continue
             raise
-        if isinstance(record, dict) and record.get("resourceType") == rtype:
-            yield str(owner), record
+        if not isinstance(record, dict) or record.get("resourceType") != rtype:
+            continue
+        held = held_resources(record) if with_held else ()
+        for resource in (record, *held):
+            if resource.get("resourceType") in resource_types:
+                yield str(owner), resource

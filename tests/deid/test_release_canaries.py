@@ -854,3 +854,49 @@ def test_patients_in_joined_documents_or_carried_inside_a_refused_record_give_ca
     for family, mrn in (("QUILLMARSH", "MRN77120001"), ("VANTRELLE", "MRN77120002")):
         assert canaries.find(f"LAB-{family}") == ["name"], family
         assert canaries.find(mrn) == ["identifier"], mrn
+
+
+def _observation_of(i: int) -> dict[str, Any]:
+    observation = {"resourceType": "Observation", "id": f"ow{i}", "status": "final"}
+    return observation | {"code": {"text": "x"}, "subject": {"reference": f"Patient/pw{i}"}}
+
+
+def test_persons_held_inside_other_records_are_read_for_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """A person written inside another record rather than as a Patient of their own, while
+    their Observations, in another file, are accepted and released: two indented Patients in
+    one ``.json`` (refused as invalid JSON), a Patient sent as ``Parameters`` (refused for its
+    birth date, or accepted), a Bundle whose ``entry`` is one object (refused), a Patient
+    contained in a refused lab result (quarantined under its subject's key), a Bundle inside a
+    Bundle's entry (accepted as one resource) and a Person (accepted). Each gave no canary,
+    and a local code holding her surname or MRN was released."""
+    families = dict(enumerate(("Quorvexa", "Pellowynd", "Tarrowick", "Ulvenbrook"), 1))
+    families |= dict(enumerate(("Zanderlee", "Morvaine", "Kestovar", "Brastemund"), 5))
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    two = [json.dumps(_patient(i, families[i]), indent=2) for i in (1, 2)]
+    (batch / "two.json").write_text("\n".join(two) + "\n")
+    refused = _patient(3, families[3]) | {"birthDate": "13/02/1970"}
+    for name, patient in (("refused.json", refused), ("accepted.json", _patient(4, families[4]))):
+        parameters = {"resourceType": "Parameters", "parameter": [{"name": "patient"}]}
+        parameters["parameter"][0]["part"] = [{"name": "p", "resource": patient}]
+        (batch / name).write_text(json.dumps(parameters))
+    entry = {"resource": _patient(5, families[5])}
+    bundle = {"resourceType": "Bundle", "type": "collection", "entry": entry}
+    (batch / "entry.json").write_text(json.dumps(bundle))
+    lab = _observation_of(6) | {"status": "final", "effectiveDateTime": "2024-13-01"}
+    lab["contained"] = [_patient(6, families[6]) | {"id": "c1"}]
+    inner = {"resourceType": "Bundle", "type": "collection"}
+    inner["entry"] = [{"resource": _patient(7, families[7])}]
+    outer = {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": inner}]}
+    person = _patient(8, families[8]) | {"resourceType": "Person", "id": "per8"}
+    (batch / "more.ndjson").write_text("".join(json.dumps(r) + "\n" for r in (lab, outer, person)))
+    observations = [_observation_of(i) for i in families if i != 6]
+    (batch / "obs.ndjson").write_text("".join(json.dumps(o) + "\n" for o in observations))
+    report = ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    assert report.quarantined == 4
+    canaries = _fresh(vault_with_batch, key_provider)
+    for i, family in families.items():
+        assert canaries.find(f"LAB-{family.upper()}") == ["name"], family
+        assert canaries.find(f"MRN7712{i:04d}") == ["identifier"], family

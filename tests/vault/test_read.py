@@ -497,3 +497,37 @@ def test_the_quarantine_is_read_a_chunk_at_a_time(
         ).fetchall()
     finally:
         con.close()
+
+
+def test_a_patient_held_in_a_refused_record_is_read_only_when_asked(
+    tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """A child's refused lab result holding her mother's Patient (contained): the release's
+    canaries read the mother from it (``with_held``), but the child's own Patient records, which
+    an erasure of the child reads to know her identifiers and tombstone them, do not include
+    the mother's."""
+    from vault.read import iter_quarantined_records
+
+    land = tmp_path / "land"
+    land.mkdir()
+    mother = {"resourceType": "Patient", "id": "m1", "name": [{"family": "Quellmere"}]}
+    lab = {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"}}
+    lab |= {"subject": {"reference": "Patient/c1"}, "effectiveDateTime": "2024-13-01"}
+    lab["contained"] = [mother]
+    (land / "p.ndjson").write_text(json.dumps(lab) + "\n")
+    path = tmp_path / "w.duckdb"
+    ingest_batch(path, "b1", land, key_provider, workers=1)
+    con = warehouse.connect(path)
+    try:
+        child = key_provider_pseudonym(key_provider, "c1")
+        assert list(iter_quarantined_records(con, key_provider, ["Patient"], child)) == []
+        held = list(iter_quarantined_records(con, key_provider, ["Patient"], with_held=True))
+        assert held == [(child, mother)]
+    finally:
+        con.close()
+
+
+def key_provider_pseudonym(provider: FileKeyProvider, patient_id: str) -> str:
+    from vault.pseudonym import Pseudonymizer
+
+    return Pseudonymizer(provider.pseudonym_key()).resource_key("Patient", patient_id)

@@ -231,6 +231,9 @@ SCAN_RULES: tuple[str, ...] = (
     # sent as Parameters, in a Bundle inside a Bundle or one whose entry is one object), a
     # Person resource, and quarantined documents written one after another
     "held_resources_person_documents_one_after_another",
+    # a person's names, addresses, telecoms and identifiers in extensions on any element, and
+    # the identifier of the record a Patient links to
+    "person_extensions_link_identifiers",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -798,7 +801,25 @@ class CanarySet:
         for ext in repeated(patient.get("extension")):
             if isinstance(ext, dict) and ext.get("url") == _MAIDEN_NAME:
                 self.add_name(ext.get("valueString"))
+        self.add_person_extensions(patient)
+        # the identifier of the record this one replaced or duplicates is hers too
+        others = [_object(link).get("other") for link in repeated(patient.get("link"))]
+        self.add_identifiers({"identifier": [_object(o).get("identifier") for o in others]})
         self.add_birth_date(patient.get("birthDate"), pseudonym)
+
+    def add_person_extensions(self, resource: dict[str, Any]) -> None:
+        """The names, addresses, telecoms and identifiers a person's record holds in
+        extensions, at any depth and on any element (:func:`_person_extension_values`): an
+        alias as ``valueHumanName``, a former MRN as ``valueIdentifier``, a second phone as
+        ``valueContactPoint``, a place of birth with its street as ``valueAddress``. Before,
+        none was read, and a local code holding one was released."""
+        held: dict[str, list[Any]] = {"telecom": [], "address": [], "identifier": []}
+        for kind, value in _person_extension_values(resource):
+            if kind == "name":
+                self.add_name(value)
+            else:
+                held[kind].append(value)
+        self.add_contact_points(held)
 
     def add_resource(self, resource: dict[str, Any], pseudonym: str | None = None) -> None:
         """The canaries of a resource about a patient or a relative (see ``_ADDERS``), and of
@@ -1086,6 +1107,36 @@ def _add_relative(canaries: CanarySet, resource: dict[str, Any], _: str | None) 
     for name in repeated(resource.get("name")):
         canaries.add_name(name)
     canaries.add_contact_points(resource)
+    canaries.add_person_extensions(resource)
+
+
+# An extension's value of the datatypes that name a person, by the element a person's record
+# keeps them in. A valueString is any text (a race's ``text``, ``White``), so it is not read
+# (but for the mother's maiden name, read by its URL).
+_PERSON_VALUES = {
+    "valueHumanName": "name",
+    "valueAddress": "address",
+    "valueContactPoint": "telecom",
+    "valueIdentifier": "identifier",
+}
+
+
+def _person_extension_values(resource: dict[str, Any]) -> Iterable[tuple[str, Any]]:
+    """(element, value) of each extension of ``resource`` at any depth, nested extensions and
+    primitive ones (``_birthDate``) included, whose value is a name, an address, a telecom or
+    an identifier; not within its contained resources, which are read as resources of their
+    own. Walked without recursion."""
+    pending: list[Any] = [v for k, v in resource.items() if k != "contained"]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            if isinstance(node.get("url"), str):
+                for key, kind in _PERSON_VALUES.items():
+                    if key in node:
+                        yield kind, node[key]
+            pending.extend(node.values())
 
 
 def _add_identifiers(canaries: CanarySet, resource: dict[str, Any], _: str | None) -> None:

@@ -925,3 +925,50 @@ def test_a_name_of_given_names_alone_gives_its_full_name() -> None:
     c.add_patient({"resourceType": "Patient", "name": [name]}, "p1")
     assert "full_name" in c.find("ZEPHYRINEQUILLFEATHER")
     assert not scan_rows(c, [("r", {"code": "QuillfeatherZephyrine"}, "p2")]).passed
+
+
+def test_a_persons_values_in_extensions_and_linked_records_are_found() -> None:
+    """A name, address, telecom or identifier a Patient (or a relative) holds in an extension,
+    at any depth and on any element, and the identifier of the record a Patient links to: an
+    alias, a former MRN, a second phone, the street of a place of birth, an identifier's
+    prior value, a replaced record's MRN. None was read, and a local code holding one was
+    released into views.observation."""
+    c = CanarySet()
+
+    def ext(url: str, **value: object) -> dict[str, object]:
+        return {"url": f"http://hospital.example/ext/{url}", **value}
+
+    alias = ext("alias", valueHumanName={"family": "Thornquaid", "given": ["Osric"]})
+    legacy = ext("legacy-mrn", valueIdentifier={"value": "QL4471902"})
+    phone = ext("alt-phone", valueContactPoint={"system": "phone", "value": "617-555-0917"})
+    place = ext("birth-place", valueAddress={"line": ["41 Gallowmere Rise"], "city": "X"})
+    wrapped = ext("wrap", extension=[ext("ssn", valueIdentifier={"value": "QW5512093"})])
+    prior = ext("prior", valueIdentifier={"value": "QE7720481"})
+    c.add_patient(
+        {
+            "id": "p1",
+            "name": [{"family": "Grimbleton", "given": ["Osric"]}],
+            "extension": [alias, legacy, phone, wrapped],
+            "identifier": [{"value": "QX9000001", "extension": [prior]}],
+            "_birthDate": {"extension": [place]},
+            "link": [{"other": {"identifier": {"value": "QO5582013"}}, "type": "replaces"}],
+        },
+        "p1",
+    )
+    relative = ext("alias", valueHumanName={"family": "Vellancourt", "given": ["Ines"]})
+    c.add_resource({"resourceType": "RelatedPerson", "extension": [relative]})
+    found = {
+        "THORNQUAID": "name",
+        "QL4471902": "identifier",
+        "6175550917": "phone",
+        "41-GALLOWMERE-RISE": "address",
+        "QW5512093": "identifier",
+        "QE7720481": "identifier",
+        "QO5582013": "identifier",
+        "VELLANCOURT": "name",
+    }
+    for code, kind in found.items():
+        assert kind in scan_rows(c, [("r", {"code": code})]).by_kind(), code
+    # an extension's text is not a canary: a race's text is an ordinary word
+    c.add_patient({"extension": [ext("race", valueString="White")]}, "p2")
+    assert scan_rows(c, [("r", {"code": "WHITE"})]).passed

@@ -268,9 +268,12 @@ def compartment_elements(resource_type: str) -> tuple[str, ...]:
 
 
 def identifier_criteria(resource: dict[str, Any]) -> list[str]:
-    """``system|value`` for every identifier of a resource (what conditional refs match)."""
+    """``system|value`` for every identifier of a resource (what conditional refs match); a
+    refused record's ``identifier`` that is no array (one object, a number) is read as its
+    one item, or as none."""
     out = []
-    for ident in resource.get("identifier") or []:
+    idents = resource.get("identifier")
+    for ident in idents if isinstance(idents, list) else [idents]:
         criteria = _one_identifier_criteria(ident)
         if criteria is not None:
             out.append(criteria)

@@ -19,6 +19,7 @@ from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
 from fhirlake.content import content_digest
+from fhirlake.nested import held_resources
 from fhirlake.references import (
     compartment_elements,
     identifier_criteria,
@@ -330,7 +331,17 @@ def _check_record(raw: bytes) -> Checked:
     patient_refs = _patient_refs(resource_type, obj, logical_refs)
 
     def failed(code: str, message: str) -> Checked:
-        return Checked(code, message, resource_type, resource_id, patient_refs=patient_refs)
+        # who it names is read from a refused record too: one holding an erased person is
+        # not stored (its identifiers, and those of the Patients it holds)
+        return Checked(
+            code,
+            message,
+            resource_type,
+            resource_id,
+            patient_refs=patient_refs,
+            identifiers=tuple(identifier_criteria(obj)),
+            contained_patient_identifiers=_contained_patient_identifiers(obj),
+        )
 
     if resource_id is None or not _ID.fullmatch(resource_id):
         return failed("invalid_id", f"{resource_type}.id is not a valid FHIR id")
@@ -369,14 +380,13 @@ def _check_record(raw: bytes) -> Checked:
 
 
 def _contained_patient_identifiers(obj: dict[str, Any]) -> tuple[str, ...]:
-    """``system|value`` of every identifier of a Patient the resource contains."""
-    contained = obj.get("contained")
-    if not isinstance(contained, list):
-        return ()
+    """``system|value`` of every identifier of a Patient the resource holds inside it, at any
+    depth (:func:`fhirlake.nested.held_resources`: contained, a Parameters' resource, a
+    Bundle's entry): a record can carry its patient inside it."""
     return tuple(
         criteria
-        for inner in contained
-        if isinstance(inner, dict) and inner.get("resourceType") == "Patient"
+        for inner in held_resources(obj)
+        if inner.get("resourceType") == "Patient"
         for criteria in identifier_criteria(inner)
     )
 

@@ -24,6 +24,7 @@ import duckdb
 import orjson
 import pyarrow as pa
 
+from fhirlake.nested import folded_type
 from fhirlake.readers import (
     FileNote,
     FileNotReadableError,
@@ -36,6 +37,7 @@ from fhirlake.readers import (
 from fhirlake.references import (
     classify,
     conditional_target,
+    identifier_criteria,
     identifier_match_form,
     literal_target,
     local_target,
@@ -49,7 +51,7 @@ from vault.errors import SourceFileNotReadableError, VaultError
 from vault.keys import KeyProvider
 from vault.lifecycle import erase_earlier_compartments, tombstone
 from vault.pseudonym import Pseudonymizer, stored_version_id
-from vault.read import bind_pseudonym_key
+from vault.read import bind_pseudonym_key, quarantined_text, text_resources
 from vault.sealing import SHARED_OWNER, DataKeyStore, seal
 
 ERASED_SUBJECT = "erased_subject"
@@ -865,6 +867,26 @@ class BatchIngestor:
             key in self.erased for key in identifier_keys(self.pseudo, "Patient", identifiers)
         )
 
+    def _unreadable_names_erased(self, record: RawRecord) -> bool:
+        """A record refused before it could be read as FHIR (two documents in one file, a
+        Bundle whose ``entry`` is one object, text in Latin-1) holding a Patient of an erased
+        person, by her id or an identifier (exactly or written differently), read as the
+        release's canaries read such a record (:func:`vault.read.text_resources`). It is not
+        stored: sealed under the shared key, which no erasure destroys, a re-sent export put
+        her name and identifiers back into the warehouse."""
+        if not self.erased or not record.raw:
+            return False
+        for resource in text_resources(quarantined_text(record.raw)):
+            if folded_type(resource.get("resourceType")) != "patient":
+                continue
+            rid = resource.get("id")
+            if isinstance(rid, str) and self.pseudo.resource_key("Patient", rid) in self.erased:
+                return True
+            criteria = identifier_criteria(resource)
+            if any(k in self.erased for k in identifier_keys(self.pseudo, "Patient", criteria)):
+                return True
+        return False
+
     def _links_erased_patient(self, record: RawRecord, checked: Checked) -> bool:
         """A Patient whose ``link`` names an erased patient (by id, or by one of their
         identifiers, as a conditional reference or a logical one, exactly or written
@@ -1113,6 +1135,9 @@ class BatchIngestor:
 
     def _one(self, record: RawRecord, checked: Checked | None) -> None:
         if checked is None:
+            if self._unreadable_names_erased(record):
+                self._quarantine_erased(record, None)
+                return
             code, message = record.error or ("unreadable", "record could not be read")
             self._quarantine(record, code, message, None, None)
         elif checked.code is not None:
@@ -1121,7 +1146,12 @@ class BatchIngestor:
             if checked.resource_type and owner is None:
                 criteria = self._conditional_owner(record, checked)
                 loosely = self._conditionally_names_erased(checked)
-            if owner in self.erased or criteria in self.erased or loosely:
+            if (
+                owner in self.erased
+                or criteria in self.erased
+                or loosely
+                or self._names_erased_patient(checked)
+            ):
                 self._quarantine_erased(record, checked.resource_type)
                 return
             self._quarantine(record, checked.code, checked.message, checked.resource_type, owner)

@@ -459,3 +459,34 @@ def test_records_naming_her_by_identifier_before_her_patient_leave_with_it(
     report = ingest_batch(wh, "b2", later, key_provider, workers=1)
     assert report.quarantine_reasons == {ERASED_SUBJECT: 1}
     assert _readable_naming(wh, key_provider, HER_MRN) == []
+
+
+def test_a_refused_record_holding_her_patient_is_quarantined_unstored(
+    erased: Path, tmp_path: Path, key_provider: FileKeyProvider
+) -> None:
+    """An export sent again after her erasure, in which her Patient is inside a record that
+    validation or the reader refuses: a Patient under a new id with a birth date written day
+    first, the same inside Parameters, a lab result holding her contained, a Bundle whose
+    ``entry`` is one object, and two indented documents in one file. Each was sealed in the
+    quarantine under the shared key (or the new id's key), which no erasure destroys: her name
+    and MRN back in the warehouse, readable."""
+    hers = {**PATIENT, "id": "p1-new", "birthDate": "13/02/1970"}
+    parameters = {"resourceType": "Parameters", "parameter": [{"name": "p", "resource": hers}]}
+    lab = {"resourceType": "Observation", "id": "o1", "status": "final", "code": {"text": "x"}}
+    lab |= {"subject": {"reference": "#c"}, "effectiveDateTime": "2024-13-01"}
+    lab["contained"] = [{**PATIENT, "id": "c"}]
+    entry = {"resourceType": "Bundle", "type": "collection", "entry": {"resource": PATIENT}}
+    folder = _write(tmp_path / "b1", [hers, parameters, lab])
+    (folder / "entry.json").write_text(json.dumps(entry))
+    other = {"resourceType": "Basic", "id": "x", "code": {"text": "x"}}
+    two = json.dumps({**PATIENT, "id": "p1-again"}, indent=2) + "\n" + json.dumps(other, indent=2)
+    (folder / "two.json").write_text(two)
+    report = ingest_batch(erased, "b1", folder, key_provider, workers=1)
+    assert report.quarantine_reasons == {ERASED_SUBJECT: 5}
+    con = warehouse.connect(erased, read_only=True)
+    try:
+        assert reconcile_batch(con, "b1").passed
+        sealed = con.execute("SELECT sealed FROM quarantine WHERE batch_id = 'b1'").fetchall()
+        assert sealed == [(b"",)] * 5
+    finally:
+        con.close()

@@ -234,6 +234,8 @@ SCAN_RULES: tuple[str, ...] = (
     # a person's names, addresses, telecoms and identifiers in extensions on any element, and
     # the identifier of the record a Patient links to
     "person_extensions_link_identifiers",
+    # the persons contained in a vault record of any type (ingest marks such records)
+    "persons_contained_in_any_record",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

@@ -372,6 +372,13 @@ def _add_other_records(
             read += 1
             if patients is None or record.patient_key in patients:
                 canaries.add_resource(record.resource, record.patient_key)
+    # a record of any type holding a person inside it (a lab result whose subject is its
+    # contained Patient): that person is in no record of the types above
+    holders = iter_every_version(con, provider, holding_persons=True, written_after=written_after)
+    for record in holders:
+        read += 1
+        if patients is None or record.patient_key in patients:
+            canaries.add_resource(record.resource, record.patient_key)
     if written_after is not None:
         return read
     quarantined = iter_quarantined_records(

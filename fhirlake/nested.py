@@ -57,3 +57,13 @@ def held_resources(resource: dict[str, Any]) -> Iterator[dict[str, Any]]:
         if isinstance(item, dict):
             yield item
             pending.extend(reversed(list(_held_directly(item))))
+
+
+# the resources that describe a person by name, identifiers and contact details
+PERSON_TYPES = frozenset({"Patient", "RelatedPerson", "Person"})
+
+
+def holds_person(resource: dict[str, Any]) -> bool:
+    """Whether ``resource`` holds a person's resource inside it (a lab result whose subject is
+    ``#p``, its patient contained in it)."""
+    return any(held.get("resourceType") in PERSON_TYPES for held in held_resources(resource))

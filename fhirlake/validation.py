@@ -19,7 +19,7 @@ from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
 from fhirlake.content import content_digest
-from fhirlake.nested import held_resources
+from fhirlake.nested import held_resources, holds_person
 from fhirlake.references import (
     compartment_elements,
     identifier_criteria,
@@ -56,6 +56,8 @@ class Checked(NamedTuple):
     assigned_raw: bytes | None = None  # the record with a server-assigned id, when it had none
     # the identifiers of the Patients it contains: a record can carry its patient inside it
     contained_patient_identifiers: tuple[str, ...] = ()
+    # whether it holds a person's resource inside it (:func:`fhirlake.nested.holds_person`)
+    holds_person: bool = False
 
 
 @cache
@@ -376,6 +378,7 @@ def _check_record(raw: bytes) -> Checked:
         tuple(identifier_criteria(obj)),
         assigned_raw,
         _contained_patient_identifiers(obj),
+        holds_person(obj),
     )
 
 

@@ -1113,6 +1113,14 @@ class BatchIngestor:
                 resource_key=resource_key,
                 resource_type=rtype,
             )
+        if checked.holds_person:  # read for the release's canaries without reading every record
+            self.buffers.add(
+                "identifier_index",
+                batch_id=self.batch_id,
+                criteria_key=warehouse.HELD_PERSON,
+                resource_key=resource_key,
+                resource_type=warehouse.HELD_PERSON,
+            )
 
     def consume(self, stream: Iterable[tuple[RawRecord, Checked | None]]) -> None:
         for record, checked in stream:

@@ -38,6 +38,7 @@ from vault.pseudonym import Pseudonymizer
 from vault.sealing import SHARED_OWNER, DataKeyStore, sealed_key_id
 from vault.warehouse import (
     AT_POSITIONS,
+    HELD_PERSON,
     NEWEST_VERSION_FIRST,
     at_positions,
     check_pseudonym_key,
@@ -74,6 +75,11 @@ _SHARED_ROW = "patient_key IS NULL"
 # resources any version of which held an identifier: the identifier index lists them (one row
 # per identifier and batch, vault.ingest), without decrypting anything
 _IDENTIFIED = "resource_key IN (SELECT resource_key FROM identifier_index)"
+# resources holding a person inside them (a contained Patient), which ingest marks so
+_HOLDING_PERSONS = (
+    "resource_key IN (SELECT resource_key FROM identifier_index "
+    f"WHERE criteria_key = '{HELD_PERSON}')"
+)
 # resources with a version written after an ingest position
 _WRITTEN_AFTER = "resource_key IN (SELECT resource_key FROM phi_vault WHERE ingest_seq > ?)"
 # Patients whose compartment a batch wrote to (any version, current or not).
@@ -340,6 +346,7 @@ def iter_every_version(
     resource_key: str | None = None,
     shared_only: bool = False,
     identified_only: bool = False,
+    holding_persons: bool = False,
     written_after: int | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> Iterator[VaultRecord]:
@@ -348,7 +355,8 @@ def iter_every_version(
     before a marriage, a corrected phone) still names them. Filters as
     :func:`iter_current_records`, ``resource_key`` one resource, ``shared_only`` the rows
     of no patient (sealed under the shared key), ``identified_only`` the resources the
-    identifier index lists (a version of which held an identifier), and ``written_after``
+    identifier index lists (a version of which held an identifier), ``holding_persons`` those
+    it marks as holding a person inside them (``warehouse.HELD_PERSON``), and ``written_after``
     the resources with a version written after that ingest position (every version of
     each, those before it too)."""
     before = _resource_filters(resource_type, patients_of_batch, resource_key)
@@ -357,10 +365,10 @@ def iter_every_version(
     params = [p for _, p in before]
     if shared_only:
         before.append((_SHARED_ROW, None))  # no parameter
-    if identified_only:
+    if identified_only or holding_persons:
         if not has_table(con, "identifier_index"):
             return
-        before.append((_IDENTIFIED, None))
+        before.append((_HOLDING_PERSONS if holding_persons else _IDENTIFIED, None))
     sql = _VERSION_POSITIONS.format(before=_where(before))
     positions = _position_chunks(con, sql, params, chunk_rows)
     yield from _records_at(con, provider, positions, resource_type)

@@ -62,6 +62,12 @@ ERASED_FROM_QUARANTINE = "erased_from_quarantine"
 # batch keys found naming an erased person, and the kinds found (see SCHEMA)
 ERASED_BATCH_KEYS_TABLE = "erased_batch_key_kinds"
 
+# The identifier index's row marking a vault resource that holds a person inside it (a lab
+# result with its patient contained), as its criteria key and its type: no identifier's key
+# (a keyed token) and no resource type is this, so no reference resolves to it and no Patient
+# shares it. The release reads such resources for their canaries (deid.release).
+HELD_PERSON = "held-person"
+
 SCHEMA = [
     DATA_KEYS_DDL,
     SEALED_CACHE_DDL,

@@ -900,3 +900,35 @@ def test_persons_held_inside_other_records_are_read_for_canaries(
     for i, family in families.items():
         assert canaries.find(f"LAB-{family.upper()}") == ["name"], family
         assert canaries.find(f"MRN7712{i:04d}") == ["identifier"], family
+
+
+def test_a_patient_contained_in_an_accepted_record_is_read_for_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """A lab result holding its patient as a contained resource (subject ``#c``), and a visit
+    holding a relative, both accepted: the release withholds such a record when its own
+    released values name the person, but her surname or MRN as a local code in another record
+    was released, since the canaries are read from the vault's Patients and identifying
+    records only. Ingest now marks such records, and the canaries read them, first loaded and
+    extended after a batch alike."""
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    lab = _observation_of(1) | {"subject": {"reference": "#c"}}
+    lab["contained"] = [_patient(1, "Quorvexa") | {"id": "c"}]
+    visit = {"resourceType": "Encounter", "id": "e2", "status": "finished"}
+    visit |= {"class": {"code": "AMB"}, "subject": {"reference": "Patient/pw2"}}
+    relative = {"resourceType": "RelatedPerson", "id": "r", "patient": {"reference": "#p"}}
+    relative["name"] = [{"family": "Pellowynd"}]
+    visit["contained"] = [relative, {"resourceType": "Patient", "id": "p"}]
+    (batch / "more.ndjson").write_text(json.dumps(lab) + "\n" + json.dumps(visit) + "\n")
+    made = CountingLoad()
+    _canaries(ReleaseCanaryCache(made), vault_with_batch, key_provider)
+    report = ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    assert report.accepted == 2
+    extended = CountingLoad()
+    after = _canaries(ReleaseCanaryCache(extended), vault_with_batch, key_provider)
+    assert (made.calls, extended.calls) == (1, 0)
+    for canaries in (_fresh(vault_with_batch, key_provider), after):
+        assert canaries.find("LAB-QUORVEXA") == ["name"]
+        assert canaries.find("MRN77120001") == ["identifier"]
+        assert canaries.find("LAB-PELLOWYND") == ["name"]

@@ -620,6 +620,10 @@ class BatchIngestor:
         # refused later in the batch takes the ones linked to it or sharing one of its
         # identifiers with it (:meth:`_refuse_the_same_person`)
         self.patient_ties: dict[str, tuple[frozenset[str], frozenset[str]]] = {}
+        # what the ``link`` of a Patient refused as an erased person names (resource keys, and
+        # identifier criteria exact and loose): a link says both records are one person either
+        # way round (``same_person``), so a Patient of the batch it names is refused too
+        self.refused_links: set[str] = set()
         self.buffers = _Buffers()
         self.report = IngestReport(batch_id=batch_id, workers=workers)
         self.now = utcnow()
@@ -942,23 +946,27 @@ class BatchIngestor:
     def _refuse_the_same_person(self) -> None:
         """The Patients this batch accepted before it refused one as an erased person, that
         are the same person as a refused one: linked to it (by id or by one of its
-        identifiers) or sharing an identifier with it, directly or through each other. They
-        are refused with their compartments, as the refused one is, before any key of theirs
-        is written (:meth:`finalize`). Before, a Patient linked to the refused one and read
-        first was stored and released: the erased person back under a new pseudonym."""
+        identifiers), named by its link, or sharing an identifier with it, directly or through
+        each other. They are refused with their compartments, as the refused one is, before
+        any key of theirs is written (:meth:`finalize`). Before, a Patient linked to the
+        refused one and read first was stored and released: the erased person back under a
+        new pseudonym."""
         changed = bool(self.erased_in_batch)
         while changed:
             changed = False
             for key, (linked, own) in self.patient_ties.items():
                 if key in self.erased_in_batch:
                     continue
-                if linked & (self.erased_in_batch | self.erased_criteria_in_batch) or (
-                    own & self.erased_criteria_in_batch
+                if (
+                    key in self.refused_links
+                    or linked & (self.erased_in_batch | self.erased_criteria_in_batch)
+                    or own & (self.erased_criteria_in_batch | self.refused_links)
                 ):
                     self.erased_in_batch.add(key)
                     self.erased.add(key)
                     self.erased_criteria_in_batch.update(own)
                     self.erased.update(own)
+                    self.refused_links.update(linked)
                     changed = True
 
     def _loosely_names_erased(self, value: str) -> bool:
@@ -1002,9 +1010,10 @@ class BatchIngestor:
             or self._links_erased_patient(record, checked)
             or (owner is None and self._conditionally_names_erased(checked))
             or (owner is None and criteria is None and self._points_at_erased(record, checked))
+            or (rtype == "Patient" and self._linked_from_refused(resource_key, checked))
         ):
             if rtype == "Patient":  # under a new id: its compartment is refused too
-                self._refuse_patient(resource_key, checked)
+                self._refuse_patient(record, resource_key, checked)
             self.refused_as_erased.add(resource_key)
             self._quarantine_erased(record, rtype)
             return
@@ -1067,7 +1076,17 @@ class BatchIngestor:
         )
         self._ledger(record, "staged", "staged", rtype, resource_key, content_mac)
 
-    def _refuse_patient(self, resource_key: str, checked: Checked) -> None:
+    def _linked_from_refused(self, resource_key: str, checked: Checked) -> bool:
+        """A Patient that the ``link`` of a Patient refused earlier in the batch names, by id
+        or by one of its identifiers: the same person as the refused one."""
+        if not self.refused_links:
+            return False
+        if resource_key in self.refused_links:
+            return True
+        own = identifier_keys(self.pseudo, "Patient", checked.identifiers)
+        return any(key in self.refused_links for key in own)
+
+    def _refuse_patient(self, record: RawRecord, resource_key: str, checked: Checked) -> None:
         """A Patient refused as an erased person: its compartment is refused with it, and so
         are the records naming it by one of its identifiers alone (a logical or conditional
         reference): after it in the batch as they come, before it when the batch settles them
@@ -1077,6 +1096,7 @@ class BatchIngestor:
         identifiers: before this, such records stayed under the shared key, readable."""
         self.erased_in_batch.add(resource_key)
         self.erased.add(resource_key)
+        self.refused_links.update(self._ties(record, checked)[0])
         criteria = identifier_keys(self.pseudo, "Patient", checked.identifiers)
         self.erased_criteria_in_batch.update(criteria)
         self.erased.update(criteria)

@@ -643,3 +643,44 @@ def test_patients_read_before_a_patient_refused_as_her_and_tied_to_it_are_refuse
     finally:
         con.close()
     assert stored == (0,)
+
+
+def _stored_in(person: dict[str, Any], batch: str) -> int:
+    con = duckdb.connect(str(person["workdir"].warehouse), read_only=True)
+    try:
+        row = con.execute("SELECT count(*) FROM phi_vault WHERE batch_id = ?", [batch]).fetchone()
+    finally:
+        con.close()
+    assert row is not None
+    return int(row[0])
+
+
+def test_patients_a_patient_refused_as_her_links_to_are_refused(person: dict[str, Any]) -> None:
+    """A link says two records are one person whichever of them holds it (``same_person``
+    reads it either way round): the Patients that a new Patient refused as her names in its
+    ``link``, by id or by an identifier, read before it or after, are refused with their
+    records. Before, only Patients whose own link named the refused one were, so these two
+    were stored and released under new pseudonyms."""
+    _forget(person, "pz")
+    workdir = person["workdir"]
+    before = _patient("pt-before", [(MRN_SYSTEM, "66001")])
+    after = _patient("pt-after", [(MRN_SYSTEM, "66002")])
+    hers = _patient("pt-hers", [(MRN_SYSTEM, "66003")])
+    hers["link"] = [
+        {"other": {"reference": "Patient/pz"}, "type": "replaces"},
+        {"other": {"reference": "Patient/pt-before"}, "type": "seealso"},
+        {"other": {"reference": f"Patient?identifier={MRN_SYSTEM}|66002"}, "type": "seealso"},
+    ]
+    records = [
+        before,
+        _obs("before-pulse", {"reference": "Patient/pt-before"}),
+        hers,
+        after,
+        _obs("after-pulse", {"reference": "Patient/pt-after"}),
+    ]
+    landing = workdir.root.parent / "landing" / "b2"
+    _write(landing, "again.ndjson", records)
+    second = ingest_batch(workdir.warehouse, "b2", landing, person["provider"], workers=1)
+    assert second.quarantine_reasons == {ERASED_SUBJECT: 5}
+    assert second.accepted == 0
+    assert _stored_in(person, "b2") == 0

@@ -568,6 +568,14 @@ _UNSTORE_ERASED = (
 
 
 # Records of such a patient quarantined for another reason before it was read: unstored too.
+# Staged records of no patient of a batch with a resolved reference to one of the given
+# resources (records the batch refused as an erased person's): hers too.
+_STAGED_ABOUT_REFUSED = """
+SELECT DISTINCT v.file_index, v.position FROM phi_vault v
+JOIN resource_references r ON r.batch_id = v.batch_id AND r.resource_key = v.resource_key
+WHERE v.batch_id = ? AND v.patient_key IS NULL AND r.kind IN ('urn', 'relative', 'absolute')
+  AND r.target_key IN (SELECT unnest(?::VARCHAR[]))
+"""
 _REFUSE_ERASED_QUARANTINE = (
     "UPDATE quarantine SET reason_code = $1, patient_key = NULL, sealed = ''::BLOB, "
     "aad = ''::BLOB, message = coalesce(resource_type, 'record') || "
@@ -1229,6 +1237,7 @@ class BatchIngestor:
         self.flush()
         self._settle_conditional_owners()
         self._refuse_erased_compartments()
+        self._refuse_records_about_refused()
         batch = {"b": self.batch_id}
         self.con.execute(_RANK_STAGED_ROWS, self._ranking())
         ((handed,),) = self.con.execute("SELECT count(*) FROM _handover").fetchall()
@@ -1384,6 +1393,21 @@ class BatchIngestor:
         self.report.erased_from_earlier_batches = earlier
         # a key written before this batch reached the file: its freed page keeps it
         self.needs_rewrite = self.needs_rewrite or bool(destroyed or earlier)
+
+    def _refuse_records_about_refused(self) -> None:
+        """The records of no patient this batch staged that point at a record it refused as an
+        erased person's (an Observation with no subject filed under the Encounter of a Patient
+        refused as her, a Provenance of a record refused so), and those pointing at them in
+        turn, whichever came first: they are hers as :meth:`_points_at_erased` reads a record
+        pointing at a tombstone. Stored, they sat under the shared key pointing at a record
+        the vault never held, where no later erasure could find them."""
+        while self.refused_as_erased:
+            rows = self.con.execute(
+                _STAGED_ABOUT_REFUSED, [self.batch_id, sorted(self.refused_as_erased)]
+            ).fetchall()
+            if not rows:
+                return
+            self._unstore_erased([(int(f), int(p)) for f, p in rows])
 
     def _apply_owners(self, rows: list[tuple[int, int, str, bytes]]) -> None:
         columns = list(zip(*rows, strict=True))

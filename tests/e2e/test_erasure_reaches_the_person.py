@@ -684,3 +684,35 @@ def test_patients_a_patient_refused_as_her_links_to_are_refused(person: dict[str
     assert second.quarantine_reasons == {ERASED_SUBJECT: 5}
     assert second.accepted == 0
     assert _stored_in(person, "b2") == 0
+
+
+def test_records_of_no_patient_about_records_refused_as_hers_are_refused(
+    person: dict[str, Any],
+) -> None:
+    """After her erasure a batch sends her again under a new id with a new Encounter, and
+    records of no patient about it: an Observation with no subject filed under it and a
+    Provenance of it, before and after, and a Provenance of an Observation refused for being
+    filed under her erased Encounter. Each is about a record refused as hers, so it is refused
+    too, whichever came first. Before, the four were stored under the shared key, pointing at
+    records the vault never held, where no later erasure found them."""
+    workdir = person["workdir"]
+    landing = workdir.root.parent / "landing" / "b2"
+    _write(landing, "visit.ndjson", [_encounter("enc-a1c9", "pz")])
+    ingest_batch(workdir.warehouse, "b2", landing, person["provider"], workers=1)
+    _forget(person, "pz")
+    records = [
+        _filed_under("filed-before", "enc-new"),
+        _provenance("prov-before", "Encounter/enc-new"),
+        _provenance("prov-of-refused", "Observation/filed-under-erased"),
+        _patient("pt-new", [(MRN_SYSTEM, MRN)]),
+        _encounter("enc-new", "pt-new"),
+        _filed_under("filed-after", "enc-new"),
+        _filed_under("filed-under-erased", "enc-a1c9"),
+        _filed_under("not-hers", "enc-elsewhere"),
+    ]
+    landing = workdir.root.parent / "landing" / "b3"
+    _write(landing, "again.ndjson", records)
+    third = ingest_batch(workdir.warehouse, "b3", landing, person["provider"], workers=1)
+    assert third.quarantine_reasons == {ERASED_SUBJECT: 7}
+    assert third.accepted == 1
+    assert _stored_in(person, "b3") == 1

@@ -478,6 +478,26 @@ _JSON_WHITESPACE = b" \t\r\n"
 _WIDE_BOMS = (b"\xff\xfe", b"\xfe\xff", b"\x00\x00\xfe\xff")
 
 
+def unmarked_wide_form(raw: bytes) -> str | None:
+    """The codec of text in UTF-16 or UTF-32 written without a byte-order mark (SQL Server's
+    ``bcp -w``, ``iconv -t UTF-16LE``), told by where its first character's zero bytes stand,
+    as RFC 4627 tells JSON's encoding: UTF-8 JSON holds no zero byte; None for any other. An
+    NDJSON file so written is one record, as one with a mark is (:func:`_ndjson_records`), so
+    this reads its first bytes. A line of such a file, as the reader cut one before, starts
+    with the previous line feed's zero byte and reads as the other byte order, right for the
+    characters below U+0100 only."""
+    head = raw[:4]
+    if len(head) == 4 and head[:3] == b"\0\0\0" and head[3]:
+        return "utf-32-be"
+    if len(head) == 4 and head[0] and head[1:] == b"\0\0\0":
+        return "utf-32-le"
+    if len(head) >= 2 and not head[0] and head[1]:
+        return "utf-16-be"
+    if len(head) >= 2 and head[0] and not head[1]:
+        return "utf-16-le"
+    return None
+
+
 def iter_records(
     source: SourceFile,
     stream_above: int | None = None,
@@ -978,7 +998,13 @@ def _ndjson_records(
                     continue
                 if lineno == 1 and line.startswith(BOM):
                     line = line[len(BOM) :]
-                elif lineno == 1 and line.startswith((*_WIDE_BOMS, _GZIP_MAGIC)):
+                elif lineno == 1 and (
+                    line.startswith((*_WIDE_BOMS, _GZIP_MAGIC)) or unmarked_wide_form(line)
+                ):
+                    # read whole, not cut at 0x0a bytes: a wide form's line feed is two or four
+                    # bytes, so a cut there left every later line a byte off (Ōta read as LŴa,
+                    # a name past U+00FF gave no canary) and cut a name holding U+010A (Ċ),
+                    # U+040A (Њ) or U+4E0A (上) in two
                     wide = line
                     yield _whole_file_record(source, line, lines, max_line_bytes)
                     return
@@ -1008,10 +1034,11 @@ def _whole_file_record(
     rest = lines.read(max_line_bytes + 1 - len(first)) if len(first) <= max_line_bytes else b""
     data = first + rest
     kept = len(data) <= max_line_bytes and not lines.read(1)
+    marked = "byte-order mark" if first.startswith(_WIDE_BOMS) else "no byte-order mark"
     what = (
         f"{_GZIP_DATA}: NDJSON must be text"
         if first.startswith(_GZIP_MAGIC)
-        else "UTF-16 or UTF-32 text (byte-order mark): NDJSON must be UTF-8"
+        else f"UTF-16 or UTF-32 text ({marked}): NDJSON must be UTF-8"
     )
     message = f"{what}; the file is one record" + (
         "" if kept else f", longer than {max_line_bytes} bytes and not kept"

@@ -29,7 +29,7 @@ import pydantic_core
 
 from fhirlake.content import content_digest
 from fhirlake.nested import folded_type, held_resources
-from fhirlake.readers import BOM
+from fhirlake.readers import BOM, unmarked_wide_form
 from vault.catalog import has_table
 from vault.clustered import copied_rows, has_copies
 from vault.errors import InvalidCiphertext, KeyDestroyedError
@@ -506,24 +506,6 @@ _WIDE_FORMS = (
 )
 
 
-def _unmarked_wide_form(raw: bytes) -> str | None:
-    """The codec of a record in UTF-16 or UTF-32 written without a byte-order mark (SQL
-    Server's ``bcp -w``, ``iconv -t UTF-16LE``), told by where its first character's zero
-    bytes stand, as RFC 4627 tells JSON's encoding: UTF-8 JSON holds no zero byte. The reader
-    splits such a file at each line feed's first byte, so its later lines start with the
-    previous line feed's zero byte and read as the other byte order; None for any other."""
-    head = raw[:4]
-    if len(head) == 4 and head[:3] == b"\0\0\0" and head[3]:
-        return "utf-32-be"
-    if len(head) == 4 and head[0] and head[1:] == b"\0\0\0":
-        return "utf-32-le"
-    if len(head) >= 2 and not head[0] and head[1]:
-        return "utf-16-be"
-    if len(head) >= 2 and head[0] and not head[1]:
-        return "utf-16-le"
-    return None
-
-
 def quarantined_text(raw: bytes) -> str:
     """The text of a record the quarantine holds, read as its exporter wrote it: after the UTF-8
     byte-order marks it starts with (a line of NDJSON files joined end to end, each with its
@@ -539,7 +521,7 @@ def quarantined_text(raw: bytes) -> str:
         if raw.startswith(mark):
             # a file cut short (the reader keeps what it read of it) ends in half a character
             return raw.decode(codec, "ignore")
-    unmarked = _unmarked_wide_form(raw)
+    unmarked = unmarked_wide_form(raw)
     if unmarked is not None:
         return raw.decode(unmarked, "ignore")
     try:

@@ -932,3 +932,24 @@ def test_a_patient_contained_in_an_accepted_record_is_read_for_canaries(
         assert canaries.find("LAB-QUORVEXA") == ["name"]
         assert canaries.find("MRN77120001") == ["identifier"]
         assert canaries.find("LAB-PELLOWYND") == ["name"]
+
+
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le"])
+def test_a_name_past_latin1_in_a_file_without_a_byte_order_mark_is_read_for_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider, codec: str
+) -> None:
+    """Patients after the first line of an NDJSON file in UTF-16 or UTF-32 without a
+    byte-order mark, named with letters past U+00FF: cut at each 0x0a byte, a later line read
+    a byte off gave ``Ōta`` as ``LŴa`` (right only below U+0100), and a name holding U+040A
+    (``Њ``, a 0x0a byte in UTF-16) was cut in two; neither gave its canary."""
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    other = {"resourceType": "Basic", "id": "bw1", "code": {"text": "x"}}
+    patients = [_patient(1, "Łukowiak"), _patient(2, "Његошевић")]
+    lines = [json.dumps(other), *(json.dumps(p, ensure_ascii=False) for p in patients)]
+    (batch / "wide.ndjson").write_bytes(("\n".join(lines) + "\n").encode(codec))
+    ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    canaries = _fresh(vault_with_batch, key_provider)
+    assert canaries.find("LAB ŁUKOWIAK") == ["name"]
+    assert canaries.find("LAB ЊЕГОШЕВИЋ") == ["name"]
+    assert canaries.find("MRN77120002") == ["identifier"]

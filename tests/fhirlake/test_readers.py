@@ -738,6 +738,25 @@ def test_a_utf16_ndjson_file_is_one_record(tmp_path: Path) -> None:
     assert [(r.position, r.raw) for r in too_long] == [(1, None)]
 
 
+@pytest.mark.parametrize("codec", ["utf-16-le", "utf-16-be", "utf-32-le", "utf-32-be"])
+def test_a_utf16_or_utf32_ndjson_file_without_a_mark_is_one_record(
+    tmp_path: Path, codec: str
+) -> None:
+    """Without a byte-order mark too (``bcp -w``, ``iconv -t UTF-16LE``), told by its first
+    character's zero bytes: cut at each 0x0a byte, it was a record a line, every later line a
+    byte off, and a name holding U+040A (Њ, 0x0a in UTF-16) cut in two."""
+    from fhirlake.readers import SourceFile
+
+    text = "".join(line + "\n" for line in _lines(3).decode().split("\n"))
+    data = text.replace('"', '"Њ', 1).encode(codec)
+    path = tmp_path / "a.ndjson"
+    path.write_bytes(data)
+    records = list(iter_records(SourceFile(0, path, "ndjson")))
+    assert [(r.position, r.raw) for r in records] == [(1, data)]
+    assert records[0].error and records[0].error[0] == "invalid_json"
+    assert "no byte-order mark" in records[0].error[1]
+
+
 def test_gzip_data_in_a_file_read_as_text_is_one_record_saying_so(tmp_path: Path) -> None:
     """Compressed bytes in a file not named .gz, or a .gz file compressed twice: its 0x0a
     bytes end no line, so it is one record (as a UTF-16 file is), whose reason names gzip, not

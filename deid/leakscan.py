@@ -236,6 +236,8 @@ SCAN_RULES: tuple[str, ...] = (
     "person_extensions_link_identifiers",
     # the persons contained in a vault record of any type (ingest marks such records)
     "persons_contained_in_any_record",
+    # every given name with the family name glued family first too (BarajasCourtneyJennifer)
+    "full_name_every_given_name_family_first",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",
@@ -712,6 +714,9 @@ class CanarySet:
                 pairs.extend((first, family) for first in given)
                 if len(given) > 1:  # the whole name glued too (CourtneyJenniferBarajas)
                     self.add("full_name", " ".join((*given, family)))
+                    # family first as well, as a pair is (BarajasCourtneyJennifer: a record
+                    # system's LAST FIRST MIDDLE glued into a code)
+                    self.add("full_name", " ".join((family, *given)))
             elif len(given) >= 2 and family is None:  # the whole name given as given names
                 pairs.append((given[0], given[-1]))
             text = name.get("text") if isinstance(name.get("text"), str) else None

@@ -469,21 +469,23 @@ def test_a_full_name_written_as_one_word_is_found() -> None:
 def test_a_full_name_with_a_middle_name_written_as_one_word_is_found() -> None:
     """A name of two given names glued as a code writes it: with the middle name, the one
     some people go by (``JenniferBarajas``), or with every given name
-    (``CourtneyJenniferBarajas``). Only the first given name was glued with the family name,
-    and each of these was released as a local code. Whole tokens only."""
+    (``CourtneyJenniferBarajas``, or family first, ``BarajasCourtneyJennifer``). Only the
+    first given name was glued with the family name, and each of these was released as a local
+    code (the family-first whole name after that too). Whole tokens only."""
     c = CanarySet()
     c.add_name({"given": ["Courtney", "Jennifer"], "family": "Barajas"})
     for text, found in (
         ("JenniferBarajas", True),
         ("BarajasJennifer", True),
         ("CourtneyJenniferBarajas", True),
+        ("BarajasCourtneyJennifer", True),
         ("courtney-jennifer-barajas", True),
         ("http://hospital.example.org/pt/JenniferBarajas", True),
         ("XJenniferBarajasY", False),
         ("CourtneyJenniferBarajasville", False),
     ):
         assert bool(scan_rows(c, [("r", {"code": text})]).hits) == found, text
-    for text in ("JenniferBarajas", "CourtneyJenniferBarajas"):
+    for text in ("JenniferBarajas", "CourtneyJenniferBarajas", "BarajasCourtneyJennifer"):
         assert scan_rows(c, [("r", {"code": text})]).by_kind() == {"full_name": 1}, text
 
 

@@ -238,6 +238,9 @@ SCAN_RULES: tuple[str, ...] = (
     "persons_contained_in_any_record",
     # every given name with the family name glued family first too (BarajasCourtneyJennifer)
     "full_name_every_given_name_family_first",
+    # the records the quarantine holds under no patient: read without the zero bytes they end
+    # in (a file cut off by a crash, its unwritten blocks zeros)
+    "unattributed_quarantined_records_without_trailing_zeros",
 )
 _MONTHS = (
     "january", "february", "march", "april", "may", "june",

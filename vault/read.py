@@ -507,6 +507,14 @@ _WIDE_FORMS = (
 
 
 def quarantined_text(raw: bytes) -> str:
+    """The text of a record the quarantine holds (:func:`_decoded`), without the zero bytes it
+    ends in: a file cut off by a crash or copied while it was written ends in zeros where its
+    blocks were allocated and never written, and a document so cut read as no JSON rather than
+    cut short, so its Patient gave no canary (JSON allows no zero byte, so they hold nothing)."""
+    return _decoded(raw).rstrip("\0")
+
+
+def _decoded(raw: bytes) -> str:
     """The text of a record the quarantine holds, read as its exporter wrote it: after the UTF-8
     byte-order marks it starts with (a line of NDJSON files joined end to end, each with its
     mark: the reader drops the first line's only), in UTF-16 or UTF-32 when it opens with

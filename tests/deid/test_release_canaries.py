@@ -777,6 +777,30 @@ def test_a_document_of_many_lines_cut_short_is_read_for_canaries(
     assert canaries.find("MRN77120001") == ["identifier"]
 
 
+def test_a_document_cut_short_and_ending_in_zero_bytes_is_read_for_canaries(
+    tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
+) -> None:
+    """A file cut off by a crash, or copied while it was written, ends in zero bytes where its
+    blocks were allocated and never written: an indented Bundle cut after its Patient so
+    ending read as no JSON rather than cut short, and its Patient gave no canary while her
+    Observation, in another file, was released."""
+    batch = tmp_path / "b2"
+    batch.mkdir()
+    entries = [{"resource": _patient(1, "Pellowynd")}, {"resource": {"resourceType": "Basic"}}]
+    document = json.dumps(
+        {"resourceType": "Bundle", "type": "collection", "entry": entries}, indent=2
+    )
+    cut = document[: document.index('"Basic"') + 4]
+    (batch / "doc.json").write_bytes(cut.encode() + b"\0" * 4096)
+    observation = {"resourceType": "Observation", "id": "ow1", "status": "final"}
+    observation |= {"code": {"text": "x"}, "subject": {"reference": "Patient/pw1"}}
+    (batch / "obs.ndjson").write_text(json.dumps(observation) + "\n")
+    ingest_batch(vault_with_batch, "b2", batch, key_provider, workers=1)
+    canaries = _fresh(vault_with_batch, key_provider)
+    assert canaries.find("LAB-PELLOWYND") == ["name"]
+    assert canaries.find("MRN77120001") == ["identifier"]
+
+
 def test_a_bundle_whose_type_is_written_in_another_case_is_read_for_canaries(
     tmp_path: Path, vault_with_batch: Path, key_provider: FileKeyProvider
 ) -> None:

@@ -93,6 +93,7 @@ def test_values_joined_on_one_line_are_each_read() -> None:
     for text in (
         json.dumps(observation) + json.dumps(PATIENT),
         json.dumps(observation) + "\ufeff" + json.dumps(PATIENT) + " " + cut,
+        json.dumps(observation) + "\ufeff" + json.dumps(PATIENT),  # the mark alone between
         json.dumps(observation) + json.dumps(PATIENT) + "\n" + json.dumps(observation),
     ):
         resources = list(text_resources(text))

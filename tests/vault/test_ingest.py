@@ -1180,8 +1180,15 @@ def test_a_pass_killed_after_a_flush_leaves_nothing_to_a_batch_of_the_same_recor
         con.close()
 
 
+@pytest.mark.parametrize(
+    ("replaced_by_a_file", "errno_name"), [(False, "ENOENT"), (True, "ENOTDIR")]
+)
 def test_a_file_gone_since_the_batch_was_listed_is_no_record_and_fails_the_batch(
-    tmp_path: Path, key_provider: FileKeyProvider, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    key_provider: FileKeyProvider,
+    monkeypatch: pytest.MonkeyPatch,
+    replaced_by_a_file: bool,
+    errno_name: str,
 ) -> None:
     """A batch's folder renamed (or a file of it removed) while its ingest reads it: the files
     not opened yet are gone. Nothing of them came in, so they are no records: the ingest fails
@@ -1205,13 +1212,16 @@ def test_a_file_gone_since_the_batch_was_listed_is_no_record_and_fails_the_batch
     def listed_then_renamed(source: Path, nested: bool = False) -> Any:
         files = listed(source, nested=nested)
         land.rename(tmp_path / "renamed")
+        if replaced_by_a_file:  # a file where the folder was: its files' paths are no paths
+            land.write_text("moved")
         return files
 
     monkeypatch.setattr(ingest_module, "list_batch_files", listed_then_renamed)
     wh = tmp_path / "w.duckdb"
     with pytest.raises(SourceFileNotReadableError) as caught:
         ingest_batch(wh, "b1", land, key_provider, workers=1)
-    assert "ENOENT" in str(caught.value) and "gone since the batch was listed" in str(caught.value)
+    assert errno_name in str(caught.value)
+    assert "gone since the batch was listed" in str(caught.value)
     _assert_nothing_of_the_batch_kept(wh)
     monkeypatch.setattr(ingest_module, "list_batch_files", listed)
     report = ingest_batch(wh, "b1r", tmp_path / "renamed", key_provider, workers=1)

@@ -686,6 +686,41 @@ def test_patients_a_patient_refused_as_her_links_to_are_refused(person: dict[str
     assert _stored_in(person, "b2") == 0
 
 
+def test_patients_tied_to_her_through_each_other_or_a_loose_identifier_are_refused(
+    person: dict[str, Any],
+) -> None:
+    """After her erasure a batch holds, before a new Patient refused as her (its ``link``
+    replaces hers; MRN ``MX-88003``), a chain of two: the first linked to the second, the
+    second to her, each read before what it is linked to; and one whose ``link`` names her MRN
+    written another way (``mx 88003``, the same person by the loose form of an identifier). All
+    are refused with their records: the ties are followed until none is left (one pass left
+    the head of the chain), and a link's identifier is read in its loose form too."""
+    _forget(person, "pz")
+    workdir = person["workdir"]
+    head = _patient("pt-chain-1", [(MRN_SYSTEM, "88001")])
+    head["link"] = [{"other": {"reference": "Patient/pt-chain-2"}, "type": "seealso"}]
+    middle = _patient("pt-chain-2", [(MRN_SYSTEM, "88002")])
+    middle["link"] = [{"other": {"reference": "Patient/pt-hers"}, "type": "seealso"}]
+    loose = _patient("pt-loose", [(MRN_SYSTEM, "88004")])
+    loose["link"] = [
+        {"other": {"reference": f"Patient?identifier={MRN_SYSTEM}|mx 88003"}, "type": "seealso"}
+    ]
+    hers = _patient("pt-hers", [(MRN_SYSTEM, "MX-88003")])
+    hers["link"] = [{"other": {"reference": "Patient/pz"}, "type": "replaces"}]
+    records: list[dict[str, Any]] = []
+    for patient in (head, middle, loose, hers):
+        records += [
+            patient,
+            _obs(f"{patient['id']}-pulse", {"reference": f"Patient/{patient['id']}"}),
+        ]
+    landing = workdir.root.parent / "landing" / "b2"
+    _write(landing, "again.ndjson", records)
+    second = ingest_batch(workdir.warehouse, "b2", landing, person["provider"], workers=1)
+    assert second.quarantine_reasons == {ERASED_SUBJECT: 8}
+    assert second.accepted == 0
+    assert _stored_in(person, "b2") == 0
+
+
 def test_records_of_no_patient_about_records_refused_as_hers_are_refused(
     person: dict[str, Any],
 ) -> None:

@@ -230,12 +230,66 @@ def read_apply_record(registry: Path | None) -> dict[str, Any]:
     return record if isinstance(record, dict) else {}
 
 
+# What an apply decides in the registry, and the Feast class that reads each kind. A process
+# that writes the registry (a materialisation) serialises its own objects again, in a form of
+# its own (a view's source then names its class), so each definition is read into its class
+# and serialised again before it is compared. Each object's ``meta`` (and that of a view's
+# embedded source) is left out: Feast rewrites it at every materialisation (intervals, update
+# times), which changes no definition.
+def _definition_kinds() -> tuple[tuple[str, Any], ...]:
+    from feast import Entity, FeatureService, FeatureView
+    from feast.data_source import DataSource
+
+    return (
+        ("entities", Entity),
+        ("data_sources", DataSource),
+        ("feature_views", FeatureView),
+        ("feature_services", FeatureService),
+    )
+
+
+def _without_meta(message: Any) -> Any:
+    copy = type(message)()
+    copy.CopyFrom(message)
+    if "meta" in copy.DESCRIPTOR.fields_by_name:
+        copy.ClearField("meta")
+    spec = getattr(copy, "spec", None)
+    if spec is not None and "batch_source" in spec.DESCRIPTOR.fields_by_name:
+        spec.batch_source.ClearField("meta")
+    return copy
+
+
+def registry_definitions(registry: Path) -> str | None:
+    """sha256 of the definitions a registry file holds (entities, sources with their paths,
+    views, services) and of its record of the online tables, or None when it cannot be
+    read. The same after any materialisation; another after any apply that changed them."""
+    proto = RegistryProto()
+    try:
+        proto.ParseFromString(registry.read_bytes())
+    except Exception:  # absent, or cut short mid-message (protobuf's DecodeError)
+        return None
+    digest = hashlib.sha256()
+    for kind, cls in _definition_kinds():
+        # in no order Feast promises: sorted, so that a rewrite in another order is the same
+        items = sorted(
+            _without_meta(cls.from_proto(o).to_proto()).SerializeToString(deterministic=True)
+            for o in getattr(proto, kind)
+        )
+        for item in items:
+            digest.update(kind.encode() + b"\0" + item + b"\0")
+    digest.update(proto.infra.SerializeToString(deterministic=True))
+    return digest.hexdigest()
+
+
 def _write_apply_record(registry: Path, digest: str) -> None:
     """Written after a successful apply only, atomically: a crash leaves the old record (or
     none), so the next run applies again. ``generation`` is new at every apply: the online
-    store is reloaded in full after one (see pipelines.features.online_sync)."""
+    store is reloaded in full after one (see pipelines.features.online_sync). ``definitions``
+    is what the apply left in the registry, so that an apply by anything else (``feast
+    apply`` from a shell, with other paths) is noticed."""
     record = {
         "digest": digest,
+        "definitions": registry_definitions(registry),
         "generation": uuid.uuid4().hex,
         "applied_at": datetime.now(UTC).isoformat(),
     }
@@ -251,11 +305,17 @@ def _apply_reason(registry: Path | None, digest: str) -> str | None:
         return "registry path not in feature_store.yaml"
     if not registry.exists():
         return "no registry"
-    previous = read_apply_record(registry).get("digest")
+    record = read_apply_record(registry)
+    previous = record.get("digest")
     if previous is None:
         return "no record of the last apply"
     if previous != digest:
         return "repo, environment or feast version changed"
+    if record.get("definitions") != registry_definitions(registry):
+        # applied since by something else: a shell's `feast apply` with EHR_FEATURES_DIR unset
+        # or another folder's points every source there, and the releases' materialisations
+        # and the training sets would read those files
+        return "registry changed since the last apply"
     return None
 
 

@@ -18,9 +18,14 @@ from pipelines.features.feast_store import (
     FEAST_DATA_ENV,
     FEATURES_DIR_ENV,
     ApplyReport,
+    _feast,
     apply_digest,
     apply_repo,
+    feast_env,
+    feature_store,
+    materialize_latest,
     read_apply_record,
+    registry_definitions,
     resolve_repo,
 )
 from pipelines.features.tables import build_feature_tables
@@ -191,3 +196,51 @@ def test_feast_apply_gets_no_key_material(tmp_path: Path, monkeypatch: pytest.Mo
     names = set(seen.read_text().split("\n"))
     assert not names & set(KEY_ENV_VARS)
     assert {"EHR_NOT_A_KEY", FEAST_DATA_ENV, FEATURES_DIR_ENV, "PATH"} <= names
+
+
+def _source_paths(repo: Path, data: Path, features: Path) -> set[Path]:
+    store = feature_store(repo, data, features)
+    return {Path(v.batch_source.path).parent for v in store.list_feature_views()}
+
+
+def test_an_apply_from_a_shell_with_other_sources_is_applied_again(tmp_path: Path) -> None:
+    """``feast apply`` run by hand in the repo folder, with ``EHR_FEATURES_DIR`` naming another
+    folder (or unset, with another ``EHR_WORKDIR``), points every source of the registry there.
+    The apply record's digest of the repo and the run's own variables is unchanged, so the next
+    release skipped its apply and its online store and training set read the other folder."""
+    repo, data, features, _ = _applied(tmp_path)
+    generation = read_apply_record(data / "registry.db")["generation"]
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(features, elsewhere)
+    _feast(["apply"], repo, feast_env(data, elsewhere))
+    assert _source_paths(repo, data, features) == {elsewhere.resolve()}
+
+    again = apply_repo(repo, data, features)
+    assert (again.applied, again.reason) == (True, "registry changed since the last apply")
+    assert _source_paths(repo, data, features) == {features.resolve()}
+    assert read_apply_record(data / "registry.db")["generation"] != generation  # a full sync
+    assert not apply_repo(repo, data, features).applied
+
+
+def test_a_materialisation_changes_no_definition(tmp_path: Path) -> None:
+    repo, data, features, _ = _applied(tmp_path)
+    before = registry_definitions(data / "registry.db")
+    materialize_latest(feature_store(repo, data, features))
+    assert registry_definitions(data / "registry.db") == before
+    assert not apply_repo(repo, data, features).applied
+
+
+def test_views_written_again_by_another_process_change_no_definition(tmp_path: Path) -> None:
+    """A process that writes the registry (a release's materialisation) serialises the views
+    in its own form; the definitions must read the same, or every release would apply again
+    and reload the online store in full."""
+    repo, data, features, _ = _applied(tmp_path)
+    registry = data / "registry.db"
+    before = (registry.read_bytes(), registry_definitions(registry))
+    store = feature_store(repo, data, features)
+    for view in store.list_feature_views():
+        store.registry.apply_feature_view(view, store.project, commit=False)
+    store.registry.commit()
+    assert registry.read_bytes() != before[0]
+    assert registry_definitions(registry) == before[1]
+    assert not apply_repo(repo, data, features).applied

@@ -396,6 +396,20 @@ def registry_generation(store: FeatureStore) -> str | None:
     return generation if isinstance(generation, str) else None
 
 
+def registry_materialisations(store: FeatureStore) -> str:
+    """sha256 of every materialisation the store's registry records (feature view, start,
+    end), read from the file: Feast records each one there, whoever ran it (a release, or
+    ``feast materialize`` from a shell), and writes the online store with it."""
+    proto = RegistryProto()
+    proto.ParseFromString(_registry_file(store).read_bytes())
+    digest = hashlib.sha256()
+    for view in sorted(proto.feature_views, key=lambda v: v.spec.name):
+        digest.update(view.spec.name.encode() + b"\0")
+        for interval in view.meta.materialization_intervals:
+            digest.update(interval.SerializeToString(deterministic=True) + b"\0")
+    return digest.hexdigest()
+
+
 @dataclass
 class MaterializeReport:
     end: datetime

@@ -15,8 +15,10 @@ per feature view and patient; erased by patient_id like the rest of ``release_st
 
 A first run, a snapshot that cannot be read, a registry applied since the last sync (a new
 generation in the apply record, see :func:`pipelines.features.feast_store.apply_repo`; a
-missing online store is applied again, which recreates its tables) or another online store
-take the full path instead: Feast's full materialisation, the same deletions, a new snapshot.
+missing online store is applied again, which recreates its tables), another online store or a
+materialisation the sync did not make (``feast materialize`` from a shell, recorded in the
+registry, which writes the rows of its own end over the release's) take the full path
+instead: Feast's full materialisation, the same deletions, a new snapshot.
 
 A row's digest leaves ``created`` out: it is the feature tables' build time, new at every
 release, and Feast stores it as the row's created_ts but serves nothing derived from it.
@@ -43,6 +45,7 @@ from pipelines.features.feast_store import (
     online_store_path,
     online_table,
     registry_generation,
+    registry_materialisations,
 )
 from pipelines.features.online_scan import (
     JOIN_KEY,
@@ -92,7 +95,7 @@ def ensure_state_tables(con: duckdb.DuckDBPyConnection) -> None:
     )
     con.execute(
         f"CREATE TABLE IF NOT EXISTS {META} (online_store VARCHAR, generation VARCHAR, "
-        "version VARCHAR, data_end TIMESTAMPTZ, synced_at TIMESTAMPTZ)"
+        "version VARCHAR, data_end TIMESTAMPTZ, synced_at TIMESTAMPTZ, materialised VARCHAR)"
     )
 
 
@@ -107,13 +110,15 @@ def full_sync_reason(con: duckdb.DuckDBPyConnection, store: FeatureStore) -> str
     """Why this sync must reload the store in full, or None when the snapshot describes it."""
     path = online_store_path(store)
     try:
-        meta = con.execute(f"SELECT online_store, generation, version FROM {META}").fetchall()
+        meta = con.execute(
+            f"SELECT online_store, generation, version, materialised FROM {META}"
+        ).fetchall()
         con.execute(f"SELECT feature_view, patient_id, event_timestamp, digest FROM {ROWS} LIMIT 0")
     except duckdb.Error:
         return "snapshot unreadable"
     if len(meta) != 1:
         return "no snapshot" if not meta else "snapshot unreadable"
-    online_store, generation, version = meta[0]
+    online_store, generation, version, materialised = meta[0]
     if version != SYNC_VERSION:
         return "snapshot of another sync version"
     if online_store != str(path):
@@ -123,6 +128,8 @@ def full_sync_reason(con: duckdb.DuckDBPyConnection, store: FeatureStore) -> str
         return "registry not applied by apply_repo"
     if generation != current:
         return "registry applied since the last sync"
+    if materialised != registry_materialisations(store):
+        return "online store materialised outside the release"
     return None
 
 
@@ -293,13 +300,15 @@ def _record_snapshot(
         )
         con.execute(f"DELETE FROM {META}")
         con.execute(
-            f"INSERT INTO {META} VALUES (?, ?, ?, ?, ?)",
+            f"INSERT INTO {META} VALUES (?, ?, ?, ?, ?, ?)",
             [
                 str(online_store_path(store)),
                 registry_generation(store),
                 SYNC_VERSION,
                 end,
                 datetime.now(UTC),
+                # after this sync's own materialisations: only a later one differs
+                registry_materialisations(store),
             ],
         )
         con.commit()

@@ -19,6 +19,7 @@ from pipelines.features import online_sync
 from pipelines.features.feast_store import (
     FEAST_DATA_ENV,
     FEATURES_DIR_ENV,
+    HISTORY_START,
     apply_repo,
     feature_store,
     materialize_latest,
@@ -387,3 +388,22 @@ def test_a_patient_a_full_materialisation_writes_and_the_release_lacks_is_delete
     report = release.sync()
     assert report.mode == "full"
     assert holding(release, B) == 0
+
+
+def test_a_materialisation_from_a_shell_is_reloaded_by_the_next_sync(tmp_path: Path) -> None:
+    """``feast materialize 1900-01-01T00:00:00 <an earlier end>`` run by hand writes each
+    patient's latest row up to that end over the release's newer one. Nothing the snapshot
+    compares changed, so the next sync found it matching, wrote nothing, and the store kept
+    serving the older values; Feast records the materialisation in the registry."""
+    release = Release(tmp_path / "release")
+    release.sync()
+    synced = online_answers(release.data, release.features)
+    store = feature_store("feature_repo", release.data, release.features)
+    store.materialize(start_date=HISTORY_START, end_date=BASE + timedelta(days=60))
+    assert online_answers(release.data, release.features) != synced  # older values served
+
+    report = release.sync()
+    assert (report.mode, report.reason) == ("full", "online store materialised outside the release")
+    assert online_answers(release.data, release.features) == synced
+    assert_equals_fresh_materialisation(release, tmp_path / "fresh")
+    assert release.sync().mode == "incremental"

@@ -98,10 +98,13 @@ class ErasurePlan:
     # read them and knows what names the patient: (batch_id, file_index, position) each,
     # deleted with the patient's own rows
     unattributed_quarantine: tuple[tuple[str, int, int], ...] = ()
-    # vault resources of no patient (sealed under the shared key: a Practitioner, an
-    # Organization, a record naming the patient only by an identifier or an external URL) some
-    # version of which names this patient, found the same way: their resource keys. Every
-    # shared version of each is deleted with the patient's rows, and their released copies
+    # vault resources outside the patient's compartment some version of which names this
+    # patient, found the same way: of no patient (sealed under the shared key: a Practitioner,
+    # an Organization, a record naming the patient only by an identifier or an external URL),
+    # or another patient's record holding her inside it (her Patient contained in her child's
+    # lab result, which the release withholds and the vault cannot keep without her): their
+    # resource keys. Every version of each is deleted with the patient's rows, whoever's key
+    # it is sealed under, and their released copies
     shared_resources: tuple[str, ...] = ()
     # more tombstone keys: the keyed identifier criteria (exact and loose,
     # vault.ingest.identifier_keys) of the Patient versions the caller read, for Patients
@@ -667,16 +670,14 @@ def _count(con: duckdb.DuckDBPyConnection, sql: str, params: Any) -> int:
 _SUBJECTS = "SELECT unnest($subjects::VARCHAR[])"
 _SHARED = "SELECT unnest($shared::VARCHAR[])"
 # The vault rows an erasure deletes, one rule for phi_vault and its clustered copies: every row
-# of a subject's compartment and its Patient, and the shared rows of the resources found.
+# of a subject's compartment and its Patient, and every row of the resources found outside it.
 _ERASED_ROWS = (
     f"(patient_key IN ({_SUBJECTS}) OR resource_key IN ({_SUBJECTS}) "
-    f"OR (patient_key IS NULL AND resource_key IN ({_SHARED})))"
+    f"OR resource_key IN ({_SHARED}))"
 )
 # Which resources those rows are, for the index tables (known from the vault, so read first).
 _ERASED_RESOURCES = f"SELECT resource_key FROM phi_vault WHERE {_ERASED_ROWS}"
-_SHARED_ROWS = (
-    f"SELECT count(*) FROM phi_vault WHERE patient_key IS NULL AND resource_key IN ({_SHARED})"
-)
+_SHARED_ROWS = f"SELECT count(*) FROM phi_vault WHERE resource_key IN ({_SHARED})"
 # Patient resources sharing an identifier criteria key (exact or loose) with the given ones.
 _SHARING_AN_IDENTIFIER = """
 SELECT DISTINCT b.resource_key FROM identifier_index a
@@ -880,8 +881,9 @@ def _erase_in_warehouse(
             )
         report.batch_keys_naming_the_person = len({key for key, _ in plan.batch_key_kinds})
         for label, qualified, column, has_id in _released_tables(con, plan):
-            # a patient's released rows, and the released copies of the shared resources
-            shared = f" OR (patient_id IS NULL AND id IN ({_SHARED}))" if has_id else ""
+            # a patient's released rows, and the released copies of the resources found
+            # outside her compartment (another patient's among them)
+            shared = f" OR id IN ({_SHARED})" if has_id else ""
             report.rows_deleted[label] = run(
                 f"DELETE FROM {qualified} WHERE {column} IN ({_SUBJECTS}){shared}"
             )

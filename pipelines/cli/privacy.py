@@ -232,6 +232,32 @@ def _shared_resources_naming(
     return tuple(found)
 
 
+def _records_holding_the_person(
+    con: duckdb.DuckDBPyConnection, provider: KeyProvider, subject: SubjectCanaries
+) -> tuple[str, ...]:
+    """Vault resources, of any patient or none, holding inside them a resource that names the
+    patient (her Patient contained in her child's lab result, or sent in a Parameters), by the
+    test :func:`_shared_resources_naming` uses, read only among the records ingest marks as
+    holding a person (``vault.warehouse.HELD_PERSON``): their resource keys, every version of
+    each erased with her. Sealed under another patient's key, such a record outlived her
+    erasure, her name and identifiers readable by that patient's key; the release never
+    published it (it withholds a record naming a person known only inside it). Decrypted
+    here, never shown."""
+    from fhirlake.nested import held_resources
+    from vault.read import iter_every_version
+
+    if subject.empty:
+        return ()
+    found: dict[str, None] = {}
+    for record in iter_every_version(con, provider, holding_persons=True):
+        if record.resource_key in found:
+            continue
+        held = held_resources(record.resource)
+        if any(_names_the_person(subject.hits(_as_text(one))) for one in held):
+            found[record.resource_key] = None
+    return tuple(found)
+
+
 def _as_text(resource: dict[str, Any]) -> str:
     """The record as JSON text, and each HumanName in it written as people write a name
     (``Zephyrine Quorvalent``, each given name with the family name): in JSON its parts stand
@@ -325,6 +351,7 @@ def _erasure_inputs(
                 dict.fromkeys(
                     (
                         *_shared_resources_naming(con, provider, subject),
+                        *_records_holding_the_person(con, provider, subject),
                         *shared_records_about(con, subjects),
                     )
                 )

@@ -721,6 +721,35 @@ def test_patients_tied_to_her_through_each_other_or_a_loose_identifier_are_refus
     assert _stored_in(person, "b2") == 0
 
 
+def test_another_patients_record_holding_her_inside_it_is_erased_with_her(
+    person: dict[str, Any],
+) -> None:
+    """Her child's lab result holds her Patient as a contained resource (the sample's
+    performer), filed under the child's key. The erasure searched her compartment, records of
+    no patient and the quarantine: her name, MRN, SSN, phone and address stayed readable under
+    the child's key. Every version of that record is erased with her (the release never
+    published it); the child's other records stay."""
+    workdir = person["workdir"]
+    child = {"resourceType": "Patient", "id": "p-child", "name": [{"family": "Oddsock"}]}
+    held = dict(PZ, id="mother")
+    lab = _obs("child-lab", {"reference": "Patient/p-child"})
+    lab["contained"] = [held]
+    lab["performer"] = [{"reference": "#mother"}]
+    records = [child, _obs("child-pulse", {"reference": "Patient/p-child"}), lab]
+    landing = workdir.root.parent / "landing" / "b2"
+    _write(landing, "family.ndjson", records)
+    report = ingest_batch(workdir.warehouse, "b2", landing, person["provider"], workers=1)
+    assert report.accepted == 3
+    child_key = person["pseudo"].resource_key("Patient", "p-child")
+    assert any(owner == child_key and _naming_her(text) for _, owner, text in _readable(person))
+
+    _forget(person, "pz")
+    left = _readable(person)
+    assert [(kind, owner) for kind, owner, text in left if _naming_her(text)] == []
+    kept = {(kind, owner) for kind, owner, _ in left if owner == child_key}
+    assert kept == {("Patient", child_key), ("Observation", child_key)}
+
+
 def test_records_of_no_patient_about_records_refused_as_hers_are_refused(
     person: dict[str, Any],
 ) -> None:

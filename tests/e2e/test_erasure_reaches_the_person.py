@@ -655,6 +655,17 @@ def _stored_in(person: dict[str, Any], batch: str) -> int:
     return int(row[0])
 
 
+def _sent_again_all_refused(person: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """``records`` sent in a batch after her erasure: every one refused as hers, none stored."""
+    workdir = person["workdir"]
+    landing = workdir.root.parent / "landing" / "b2"
+    _write(landing, "again.ndjson", records)
+    second = ingest_batch(workdir.warehouse, "b2", landing, person["provider"], workers=1)
+    assert second.quarantine_reasons == {ERASED_SUBJECT: len(records)}
+    assert second.accepted == 0
+    assert _stored_in(person, "b2") == 0
+
+
 def test_patients_a_patient_refused_as_her_links_to_are_refused(person: dict[str, Any]) -> None:
     """A link says two records are one person whichever of them holds it (``same_person``
     reads it either way round): the Patients that a new Patient refused as her names in its
@@ -662,7 +673,6 @@ def test_patients_a_patient_refused_as_her_links_to_are_refused(person: dict[str
     records. Before, only Patients whose own link named the refused one were, so these two
     were stored and released under new pseudonyms."""
     _forget(person, "pz")
-    workdir = person["workdir"]
     before = _patient("pt-before", [(MRN_SYSTEM, "66001")])
     after = _patient("pt-after", [(MRN_SYSTEM, "66002")])
     hers = _patient("pt-hers", [(MRN_SYSTEM, "66003")])
@@ -678,12 +688,8 @@ def test_patients_a_patient_refused_as_her_links_to_are_refused(person: dict[str
         after,
         _obs("after-pulse", {"reference": "Patient/pt-after"}),
     ]
-    landing = workdir.root.parent / "landing" / "b2"
-    _write(landing, "again.ndjson", records)
-    second = ingest_batch(workdir.warehouse, "b2", landing, person["provider"], workers=1)
-    assert second.quarantine_reasons == {ERASED_SUBJECT: 5}
-    assert second.accepted == 0
-    assert _stored_in(person, "b2") == 0
+    assert len(records) == 5
+    _sent_again_all_refused(person, records)
 
 
 def test_patients_tied_to_her_through_each_other_or_a_loose_identifier_are_refused(
@@ -696,7 +702,6 @@ def test_patients_tied_to_her_through_each_other_or_a_loose_identifier_are_refus
     are refused with their records: the ties are followed until none is left (one pass left
     the head of the chain), and a link's identifier is read in its loose form too."""
     _forget(person, "pz")
-    workdir = person["workdir"]
     head = _patient("pt-chain-1", [(MRN_SYSTEM, "88001")])
     head["link"] = [{"other": {"reference": "Patient/pt-chain-2"}, "type": "seealso"}]
     middle = _patient("pt-chain-2", [(MRN_SYSTEM, "88002")])
@@ -713,12 +718,7 @@ def test_patients_tied_to_her_through_each_other_or_a_loose_identifier_are_refus
             patient,
             _obs(f"{patient['id']}-pulse", {"reference": f"Patient/{patient['id']}"}),
         ]
-    landing = workdir.root.parent / "landing" / "b2"
-    _write(landing, "again.ndjson", records)
-    second = ingest_batch(workdir.warehouse, "b2", landing, person["provider"], workers=1)
-    assert second.quarantine_reasons == {ERASED_SUBJECT: 8}
-    assert second.accepted == 0
-    assert _stored_in(person, "b2") == 0
+    _sent_again_all_refused(person, records)
 
 
 def test_another_patients_record_holding_her_inside_it_is_erased_with_her(

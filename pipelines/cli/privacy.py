@@ -239,10 +239,9 @@ def _records_holding_the_person(
     patient (her Patient contained in her child's lab result, or sent in a Parameters), by the
     test :func:`_shared_resources_naming` uses, read only among the records ingest marks as
     holding a person (``vault.warehouse.HELD_PERSON``): their resource keys, every version of
-    each erased with her. Sealed under another patient's key, such a record outlived her
-    erasure, her name and identifiers readable by that patient's key; the release never
-    published it (it withholds a record naming a person known only inside it). Decrypted
-    here, never shown."""
+    each erased with her, and their released copies. Sealed under another patient's key, such
+    a record outlived her erasure, her name and identifiers readable by that patient's key.
+    Decrypted here, never shown."""
     from fhirlake.nested import held_resources
     from vault.read import iter_every_version
 

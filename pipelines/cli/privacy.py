@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable, Iterable
 from contextlib import redirect_stdout
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,6 +29,7 @@ from vault.keys import KeyProvider, default_key_file, load_key_provider
 
 if TYPE_CHECKING:
     from deid.release import SubjectCanaries
+    from vault.read import VaultRecord
 
 _key_file_option = click.option(
     "--key-file",
@@ -223,13 +225,10 @@ def _shared_resources_naming(
 
     if subject.empty:
         return ()
-    found: dict[str, None] = {}
-    for record in iter_every_version(con, provider, shared_only=True):
-        if record.resource_key in found:
-            continue
-        if _names_the_person(subject.hits(_as_text(record.resource))):
-            found[record.resource_key] = None
-    return tuple(found)
+    return _keys_of_records_naming(
+        iter_every_version(con, provider, shared_only=True),
+        lambda resource: _names_the_person(subject.hits(_as_text(resource))),
+    )
 
 
 def _records_holding_the_person(
@@ -247,12 +246,22 @@ def _records_holding_the_person(
 
     if subject.empty:
         return ()
+    return _keys_of_records_naming(
+        iter_every_version(con, provider, holding_persons=True),
+        lambda resource: any(
+            _names_the_person(subject.hits(_as_text(one))) for one in held_resources(resource)
+        ),
+    )
+
+
+def _keys_of_records_naming(
+    records: Iterable[VaultRecord], names: Callable[[dict[str, Any]], bool]
+) -> tuple[str, ...]:
+    """The resource keys of ``records`` some version of which ``names`` the person, each once,
+    in the order met; a resource found is not tested again."""
     found: dict[str, None] = {}
-    for record in iter_every_version(con, provider, holding_persons=True):
-        if record.resource_key in found:
-            continue
-        held = held_resources(record.resource)
-        if any(_names_the_person(subject.hits(_as_text(one))) for one in held):
+    for record in records:
+        if record.resource_key not in found and names(record.resource):
             found[record.resource_key] = None
     return tuple(found)
 
